@@ -1,0 +1,86 @@
+"""Treadle: a durable workflow engine for Python.
+
+``from treadle import define_stage, WorkflowBuilder, StageContext, RetryPolicy`` to
+author pipelines; ``await Engine.open(url, workflows=[...])`` to run them on memory,
+SQLite or PostgreSQL; ``treadle.testing.TestEngine`` to run them under a virtual clock.
+Importing treadle has no side effects: no engines, connections or logging set-up.
+The public names load on first use (PEP 562), so importing the package (as the
+pytest plugin does before coverage starts) does not import the kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from treadle.engine import Engine
+    from treadle.kernel import (
+        Failed,
+        Kernel,
+        NotReady,
+        Ready,
+        RetryPolicy,
+        Run,
+        RunStatus,
+        StageContext,
+        StageRun,
+        StageStatus,
+        Suspend,
+        WorkflowBuilder,
+        WorkflowDefinition,
+        create_kernel,
+        define_batch_stage,
+        define_stage,
+    )
+    from treadle.kernel.errors import (
+        NonRetryableError,
+        TreadleError,
+        TreadleValidationError,
+    )
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "Failed",
+    "Kernel",
+    "NonRetryableError",
+    "NotReady",
+    "Ready",
+    "RetryPolicy",
+    "Run",
+    "RunStatus",
+    "StageContext",
+    "StageRun",
+    "StageStatus",
+    "Suspend",
+    "TreadleError",
+    "TreadleValidationError",
+    "WorkflowBuilder",
+    "WorkflowDefinition",
+    "__version__",
+    "create_kernel",
+    "define_batch_stage",
+    "define_stage",
+]
+
+_ERRORS = frozenset({"NonRetryableError", "TreadleError", "TreadleValidationError"})
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'treadle' has no attribute {name!r}")
+    if name == "Engine":
+        module = "treadle.engine"
+    elif name in _ERRORS:
+        module = "treadle.kernel.errors"
+    else:
+        module = "treadle.kernel"
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,10 @@
+"""The production Clock: UTC wall time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+class SystemClock:
+    def now(self) -> datetime:
+        return datetime.now(UTC)

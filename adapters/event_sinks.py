@@ -1,0 +1,43 @@
+"""Event sinks beyond the in-memory one: ``LogEventSink`` writes each event as a
+structlog line, the default sink of the SQL backends.
+
+With a SQL backend the outbox itself is the durable record (``Engine.events``
+reads it), so the sink's job is visibility: a log line per state change that an
+operator can grep by run id. ``CollectingEventSink`` is re-exported from
+``adapters.memory`` so every sink can be imported from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from treadle.adapters.logging import structlog_logger
+from treadle.adapters.memory.event_sink import CollectingEventSink
+from treadle.kernel.events import EventBase
+
+__all__ = ["CollectingEventSink", "LogEventSink"]
+
+_PAYLOAD_FIELDS = frozenset({"output", "payload", "attributes"})
+"""Fields that carry user data: left out of log lines unless asked for, because logs
+usually have weaker access control and retention rules than the database."""
+
+_HEADER_FIELDS = frozenset({"type", "workflow_run_id", "sequence"})
+
+
+class LogEventSink:
+    """Publishes each event as one structlog ``info`` line named after the event type
+    (``workflow:completed run_id=... sequence=3 ...``), through the ``treadle.events``
+    stdlib logger: the application's logging configuration decides where it goes."""
+
+    def __init__(self, logger: Any = None, *, include_payloads: bool = False) -> None:
+        self._log = logger if logger is not None else structlog_logger("treadle.events")
+        self._exclude = _HEADER_FIELDS if include_payloads else _HEADER_FIELDS | _PAYLOAD_FIELDS
+
+    async def publish(self, event: EventBase) -> None:
+        fields = event.model_dump(mode="json", exclude=set(self._exclude), exclude_none=True)
+        self._log.info(
+            getattr(event, "type", type(event).__name__),
+            run_id=event.workflow_run_id,
+            sequence=event.sequence,
+            **fields,
+        )

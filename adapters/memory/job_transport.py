@@ -1,0 +1,223 @@
+"""In-memory JobTransport: a priority queue with leases, inside the persistence's
+transactions.
+
+Jobs live in a dict; a ready heap ordered by (priority desc, available-at,
+enqueue sequence) gives O(log n) dequeues. Heap entries are validated lazily
+against the job's current state, and a rolled-back transaction simply marks
+the heaps for rebuilding, so the queue can never serve a job that did not commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from treadle.adapters.memory.persistence import InMemoryPersistence, InMemoryTransaction
+from treadle.kernel.errors import DuplicateError, JobNotFoundError, TreadleError
+from treadle.kernel.model import Job, JobStatus, evolve
+
+
+def _tx(tx: Any) -> InMemoryTransaction:
+    if not isinstance(tx, InMemoryTransaction):
+        raise TreadleError(
+            "InMemoryJobTransport needs a transaction from InMemoryPersistence, got "
+            f"{type(tx).__name__}"
+        )
+    return tx
+
+
+class InMemoryJobTransport:
+    """Pass the ``InMemoryPersistence`` it shares transactions with."""
+
+    def __init__(self, persistence: InMemoryPersistence | None = None) -> None:
+        self._lock = persistence.lock if persistence is not None else asyncio.Lock()
+        self.jobs: dict[str, Job] = {}
+        self._by_run: dict[str, set[str]] = {}
+        self._leased: set[str] = set()
+        self._heap: list[tuple[int, datetime, int, str]] = []
+        self._seq = 0
+        self._dirty = False
+
+    # -- helpers -------------------------------------------------------------------
+    def _store(self, tx: InMemoryTransaction, job: Job) -> None:
+        tx.set_item(self.jobs, job.id, job)
+        if job.status is JobStatus.LEASED:
+            self._leased.add(job.id)
+        else:
+            self._leased.discard(job.id)
+        if job.status is JobStatus.QUEUED:
+            heapq.heappush(self._heap, (-job.priority, job.next_poll_at, job.sequence, job.id))
+        tx.on_rollback(self._mark_dirty)
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+
+    def _rebuild(self) -> None:
+        self._heap = [
+            (-j.priority, j.next_poll_at, j.sequence, j.id)
+            for j in self.jobs.values()
+            if j.status is JobStatus.QUEUED
+        ]
+        heapq.heapify(self._heap)
+        self._leased = {j.id for j in self.jobs.values() if j.status is JobStatus.LEASED}
+        self._by_run = {}
+        for job in self.jobs.values():
+            self._by_run.setdefault(job.workflow_run_id, set()).add(job.id)
+        self._dirty = False
+
+    def _fresh(self) -> None:
+        """Indexes touched by a rolled-back transaction are rebuilt before use, so a
+        rolled-back enqueue leaves no phantom id in ``_by_run`` or ``_leased``."""
+        if self._dirty:
+            self._rebuild()
+
+    def _require(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+        return job
+
+    # -- transactional operations -------------------------------------------------------
+    async def enqueue(self, tx: Any, jobs: Sequence[Job]) -> None:
+        t = _tx(tx)
+        for job in jobs:
+            if job.id in self.jobs:
+                raise DuplicateError(f"job {job.id!r} already exists")
+            self._seq += 1
+            job = evolve(job, {"status": JobStatus.QUEUED, "sequence": self._seq})
+            self._by_run.setdefault(job.workflow_run_id, set()).add(job.id)
+            self._store(t, job)
+
+    async def get(self, tx: Any, job_id: str) -> Job | None:
+        _tx(tx)
+        return self.jobs.get(job_id)
+
+    async def complete(self, tx: Any, job_id: str) -> None:
+        job = self._require(job_id)
+        self._store(_tx(tx), evolve(job, {"status": JobStatus.COMPLETED, "worker_id": None}))
+
+    async def suspend(self, tx: Any, job_id: str, next_poll_at: datetime) -> None:
+        job = self._require(job_id)
+        self._store(
+            _tx(tx),
+            evolve(
+                job,
+                {
+                    "status": JobStatus.SUSPENDED,
+                    "next_poll_at": next_poll_at,
+                    "worker_id": None,
+                },
+            ),
+        )
+
+    async def requeue(
+        self, tx: Any, job_id: str, available_at: datetime, *, error: str | None = None
+    ) -> None:
+        job = self._require(job_id)
+        self._store(
+            _tx(tx),
+            evolve(
+                job,
+                {
+                    "status": JobStatus.QUEUED,
+                    "next_poll_at": available_at,
+                    "worker_id": None,
+                    "heartbeat_at": None,
+                    "last_error": error if error is not None else job.last_error,
+                },
+            ),
+        )
+
+    async def fail(self, tx: Any, job_id: str, error: str) -> None:
+        job = self._require(job_id)
+        self._store(
+            _tx(tx),
+            evolve(job, {"status": JobStatus.FAILED, "last_error": error, "worker_id": None}),
+        )
+
+    async def cancel_by_run(self, tx: Any, run_id: str) -> int:
+        t = _tx(tx)
+        self._fresh()
+        count = 0
+        for job_id in sorted(self._by_run.get(run_id, ())):
+            job = self.jobs[job_id]
+            if job.status.live:
+                self._store(t, evolve(job, {"status": JobStatus.CANCELLED, "worker_id": None}))
+                count += 1
+        return count
+
+    async def live_jobs(self, tx: Any, run_id: str) -> list[Job]:
+        _tx(tx)
+        self._fresh()
+        return [
+            self.jobs[j] for j in sorted(self._by_run.get(run_id, ())) if self.jobs[j].status.live
+        ]
+
+    async def stale_leases(self, tx: Any, older_than: datetime, *, limit: int = 100) -> list[Job]:
+        _tx(tx)
+        self._fresh()
+        stale = [
+            self.jobs[j]
+            for j in self._leased
+            if (self.jobs[j].heartbeat_at or older_than) < older_than
+        ]
+        stale.sort(key=lambda j: (j.heartbeat_at, j.sequence))
+        return stale[:limit]
+
+    # -- own-transaction operations -------------------------------------------------------
+    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+        async with self._lock:
+            if self._dirty:
+                self._rebuild()
+            leased: list[Job] = []
+            deferred: list[tuple[int, datetime, int, str]] = []
+            while self._heap and len(leased) < limit:
+                entry = heapq.heappop(self._heap)
+                _, available_at, seq, job_id = entry
+                job = self.jobs.get(job_id)
+                if (
+                    job is None
+                    or job.status is not JobStatus.QUEUED
+                    or job.next_poll_at != available_at
+                    or job.sequence != seq
+                ):
+                    continue  # stale entry
+                if available_at > now:
+                    deferred.append(entry)
+                    continue
+                job = evolve(
+                    job,
+                    {
+                        "status": JobStatus.LEASED,
+                        "worker_id": worker_id,
+                        "heartbeat_at": now,
+                        "attempts": job.attempts + 1,
+                    },
+                )
+                self.jobs[job_id] = job
+                self._leased.add(job_id)
+                leased.append(job)
+            for entry in deferred:
+                heapq.heappush(self._heap, entry)
+            return leased
+
+    async def extend_lease(self, job_id: str, worker_id: str, now: datetime) -> bool:
+        async with self._lock:
+            job = self.jobs.get(job_id)
+            if job is None or job.status is not JobStatus.LEASED or job.worker_id != worker_id:
+                return False
+            self.jobs[job_id] = evolve(job, {"heartbeat_at": now})
+            return True
+
+    def has_leased(self) -> bool:
+        """Whether any job is leased right now (a cheap check for test drivers)."""
+        return any(j.status is JobStatus.LEASED for j in self.jobs.values())
+
+    async def next_due_at(self) -> datetime | None:
+        return min(
+            (j.next_poll_at for j in self.jobs.values() if j.status is JobStatus.QUEUED),
+            default=None,
+        )

@@ -1,0 +1,388 @@
+"""In-memory Persistence: plain dictionaries behind one lock, with a real rollback.
+
+Every mutation inside a transaction records how to undo itself; an exception
+inside ``async with persistence.transaction()`` replays the undo log backwards,
+so a failed command leaves exactly the state it found. Transactions are
+serialised by an ``asyncio.Lock`` (like SQLite's single writer), which the
+in-memory job transport shares so it never sees uncommitted jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, cast
+
+from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
+from treadle.kernel.events import EventBase, OutboxRecord
+from treadle.kernel.model import (
+    Annotation,
+    IdempotencyRecord,
+    LogRecord,
+    Run,
+    RunFilter,
+    RunStatus,
+    StageRun,
+    StageStatus,
+    evolve,
+)
+
+_MISSING = object()
+
+
+class InMemoryTransaction:
+    """A unit of work over ``InMemoryPersistence``; see the module docstring."""
+
+    def __init__(self, store: InMemoryPersistence) -> None:
+        self._s = store
+        # (mapping, key, previous value) to restore, or (None, callback, None).
+        self._undo: list[tuple[Any, Any, Any]] = []
+        self.active = True
+
+    # -- undo bookkeeping ------------------------------------------------------
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        self._undo.append((None, fn, None))
+
+    def set_item(self, mapping: dict[Any, Any], key: Any, value: Any) -> None:
+        self._undo.append((mapping, key, mapping.get(key, _MISSING)))
+        mapping[key] = value
+
+    def del_item(self, mapping: dict[Any, Any], key: Any) -> None:
+        if key in mapping:
+            self._undo.append((mapping, key, mapping.pop(key)))
+
+    def rollback(self) -> None:
+        while self._undo:
+            mapping, key, previous = self._undo.pop()
+            if mapping is None:
+                key()
+            elif previous is _MISSING:
+                mapping.pop(key, None)
+            else:
+                mapping[key] = previous
+
+    def _check(self) -> None:
+        if not self.active:
+            raise TreadleError("transaction used after it ended")
+
+    # -- runs -------------------------------------------------------------------
+    async def insert_run(self, run: Run) -> None:
+        self._check()
+        s = self._s
+        if run.id in s.runs:
+            raise DuplicateError(f"run {run.id!r} already exists")
+        if run.idempotency_key is not None:
+            key = (run.workflow_id, run.idempotency_key)
+            if key in s.run_keys:
+                raise DuplicateError(
+                    f"a {run.workflow_id!r} run with key {run.idempotency_key!r} already exists"
+                )
+            self.set_item(s.run_keys, key, run.id)
+        self.set_item(s.runs, run.id, evolve(run, {"stages": []}))
+        self.set_item(s.stages, run.id, {})
+        self.set_item(s.event_seq, run.id, 0)
+
+    async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
+        return self._s.runs.get(run_id)
+
+    async def find_run_by_key(self, workflow_id: str, idempotency_key: str) -> Run | None:
+        run_id = self._s.run_keys.get((workflow_id, idempotency_key))
+        return self._s.runs.get(run_id) if run_id is not None else None
+
+    async def update_run(self, run: Run) -> Run:
+        self._check()
+        stored = self._s.runs.get(run.id)
+        if stored is None:
+            raise ConcurrencyError(f"run {run.id!r} does not exist")
+        if stored.version != run.version:
+            raise ConcurrencyError(
+                f"run {run.id!r} was updated concurrently (version {stored.version}, "
+                f"expected {run.version})"
+            )
+        new = evolve(run, {"version": run.version + 1, "stages": []})
+        self.set_item(self._s.runs, run.id, new)
+        return new
+
+    async def list_runs(self, filter: RunFilter) -> list[Run]:
+        runs = [r for r in self._s.runs.values() if _matches(r, filter)]
+        runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        return runs[filter.offset : filter.offset + filter.limit]
+
+    async def count_runs(self, group_by: str, filter: RunFilter) -> dict[str, int]:
+        if group_by not in ("status", "workflow_id"):
+            raise ValueError(f"cannot group runs by {group_by!r}")
+        counts: dict[str, int] = {}
+        for run in self._s.runs.values():
+            if _matches(run, filter):
+                key = str(getattr(run, group_by))
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    async def claim_pending_runs(self, limit: int) -> list[Run]:
+        pending = [r for r in self._s.runs.values() if r.status is RunStatus.PENDING]
+        pending.sort(key=lambda r: (-r.priority, r.created_at, r.id))
+        return pending[:limit]
+
+    async def runs_inactive_since(
+        self, status: RunStatus, cutoff: datetime, limit: int
+    ) -> list[Run]:
+        found = [r for r in self._s.runs.values() if r.status is status and r.updated_at < cutoff]
+        found.sort(key=lambda r: (r.updated_at, r.id))
+        return found[:limit]
+
+    # -- stages -----------------------------------------------------------------
+    async def insert_stages(self, stages: Sequence[StageRun]) -> None:
+        self._check()
+        for stage in stages:
+            per_run = self._s.stages.get(stage.workflow_run_id)
+            if per_run is None:
+                raise DuplicateError(f"run {stage.workflow_run_id!r} does not exist")
+            if stage.stage_id in per_run:
+                raise DuplicateError(
+                    f"stage {stage.stage_id!r} of run {stage.workflow_run_id!r} already exists"
+                )
+            self.set_item(per_run, stage.stage_id, stage)
+            self._index_suspended(stage)
+
+    async def get_stages(self, run_id: str) -> list[StageRun]:
+        # Inserted in group order by run.create; updates keep a key's position.
+        return list(self._s.stages.get(run_id, {}).values())
+
+    async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None:
+        return self._s.stages.get(run_id, {}).get(stage_id)
+
+    async def update_stage(self, stage: StageRun) -> StageRun:
+        self._check()
+        per_run = self._s.stages.get(stage.workflow_run_id, {})
+        stored = per_run.get(stage.stage_id)
+        if stored is None or stored.version != stage.version:
+            raise ConcurrencyError(
+                f"stage {stage.stage_id!r} of run {stage.workflow_run_id!r} was updated "
+                "concurrently"
+            )
+        new = evolve(stage, {"version": stage.version + 1})
+        self.set_item(per_run, stage.stage_id, new)
+        self._index_suspended(new)
+        return new
+
+    def _index_suspended(self, stage: StageRun) -> None:
+        key = (stage.workflow_run_id, stage.stage_id)
+        if stage.status is StageStatus.SUSPENDED:
+            self.set_item(self._s.suspended, key, None)
+        else:
+            self.del_item(self._s.suspended, key)
+
+    async def due_suspended_stages(self, now: datetime, limit: int) -> list[StageRun]:
+        due = []
+        for run_id, stage_id in self._s.suspended:
+            stage = self._s.stages[run_id][stage_id]
+            if stage.next_poll_at is not None and stage.next_poll_at <= now:
+                due.append(stage)
+        due.sort(key=lambda s: (s.next_poll_at or now, s.workflow_run_id, s.stage_id))
+        return due[:limit]
+
+    # -- outbox -----------------------------------------------------------------
+    async def append_events(self, events: Sequence[EventBase]) -> list[EventBase]:
+        self._check()
+        s = self._s
+        stored: list[EventBase] = []
+        for event in events:
+            seq = s.event_seq.get(event.workflow_run_id, 0) + 1
+            self.set_item(s.event_seq, event.workflow_run_id, seq)
+            event = evolve(event, {"sequence": seq})
+            s.next_outbox_id += 1
+            outbox_id = s.next_outbox_id
+            self.set_item(
+                s.outbox,
+                outbox_id,
+                OutboxRecord.model_construct(id=outbox_id, event=cast(Any, event)),
+            )
+            self.set_item(s.unpublished, outbox_id, None)
+            s.events_by_run.setdefault(event.workflow_run_id, []).append(event)
+            run_events = s.events_by_run[event.workflow_run_id]
+            self.on_rollback(functools.partial(_drop_last, run_events))
+            stored.append(event)
+        return stored
+
+    async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
+        out = []
+        for outbox_id in self._s.unpublished:
+            out.append(self._s.outbox[outbox_id])
+            if len(out) >= limit:
+                break
+        return out
+
+    async def mark_published(self, outbox_ids: Sequence[int]) -> None:
+        self._check()
+        for outbox_id in outbox_ids:
+            record = self._s.outbox[outbox_id]
+            if record.dead_lettered:
+                self.set_item(self._s.outbox, outbox_id, evolve(record, {"dead_lettered": False}))
+            # Published rows leave the outbox; ``unpublished`` and ``dead`` are its indexes.
+            self.del_item(self._s.outbox, outbox_id)
+            self.del_item(self._s.unpublished, outbox_id)
+            self.del_item(self._s.dead, outbox_id)
+
+    async def record_publish_failure(
+        self, outbox_id: int, error: str, *, dead_letter: bool
+    ) -> None:
+        self._check()
+        record = self._s.outbox[outbox_id]
+        self.set_item(
+            self._s.outbox,
+            outbox_id,
+            evolve(
+                record,
+                {
+                    "attempts": record.attempts + 1,
+                    "last_error": error,
+                    "dead_lettered": dead_letter,
+                },
+            ),
+        )
+        if dead_letter:
+            self.del_item(self._s.unpublished, outbox_id)
+            self.set_item(self._s.dead, outbox_id, None)
+
+    async def dead_lettered_events(self, limit: int) -> list[OutboxRecord]:
+        return [self._s.outbox[i] for i in sorted(self._s.dead)[:limit]]
+
+    async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
+        return [e for e in self._s.events_by_run.get(run_id, []) if e.sequence > after_sequence]
+
+    # -- idempotency ------------------------------------------------------------
+    async def get_idempotency(self, key: str, command_type: str) -> IdempotencyRecord | None:
+        return self._s.idempotency.get((key, command_type))
+
+    async def put_idempotency(self, record: IdempotencyRecord) -> None:
+        self._check()
+        self.set_item(self._s.idempotency, (record.key, record.command_type), record)
+
+    async def delete_idempotency(self, key: str, command_type: str) -> None:
+        self._check()
+        self.del_item(self._s.idempotency, (key, command_type))
+
+    # -- logs and annotations -----------------------------------------------------
+    async def append_logs(self, logs: Sequence[LogRecord]) -> None:
+        self._check()
+        for log in logs:
+            bucket = self._s.logs.setdefault(log.workflow_run_id, [])
+            bucket.append(log)
+            self.on_rollback(functools.partial(_drop_last, bucket))
+
+    async def get_logs(self, run_id: str) -> list[LogRecord]:
+        return list(self._s.logs.get(run_id, []))
+
+    async def insert_annotations(self, annotations: Sequence[Annotation]) -> None:
+        self._check()
+        for annotation in annotations:
+            bucket = self._s.annotations.setdefault(annotation.workflow_run_id, [])
+            if annotation.idempotency_key is not None and any(
+                a.idempotency_key == annotation.idempotency_key for a in bucket
+            ):
+                raise DuplicateError(
+                    f"annotation key {annotation.idempotency_key!r} already used on run "
+                    f"{annotation.workflow_run_id!r}"
+                )
+            bucket.append(annotation)
+            self.on_rollback(functools.partial(_drop_last, bucket))
+
+    async def find_annotation(self, run_id: str, idempotency_key: str) -> Annotation | None:
+        for annotation in self._s.annotations.get(run_id, []):
+            if annotation.idempotency_key == idempotency_key:
+                return annotation
+        return None
+
+    async def list_annotations(
+        self,
+        run_id: str,
+        *,
+        key: str | None = None,
+        key_prefix: str | None = None,
+        scope: str | None = None,
+        limit: int = 100,
+    ) -> list[Annotation]:
+        out = []
+        for annotation in self._s.annotations.get(run_id, []):
+            if key is not None and key not in annotation.attributes:
+                continue
+            if key_prefix is not None and not any(
+                k.startswith(key_prefix) for k in annotation.attributes
+            ):
+                continue
+            if scope is not None and annotation.scope != scope:
+                continue
+            out.append(annotation)
+        return out[:limit]
+
+
+def _drop_last(bucket: list[Any]) -> None:
+    bucket.pop()
+
+
+def _matches(run: Run, f: RunFilter) -> bool:
+    if f.status is not None and run.status is not f.status:
+        return False
+    if f.workflow_id is not None and run.workflow_id != f.workflow_id:
+        return False
+    if f.created_after is not None and run.created_at < f.created_after:
+        return False
+    if f.created_before is not None and run.created_at >= f.created_before:
+        return False
+    if f.parent_run_id is not None and run.parent_run_id != f.parent_run_id:
+        return False
+    return all(
+        k in run.search_attributes and run.search_attributes[k] == v
+        for k, v in f.attributes.items()
+    )
+
+
+class InMemoryPersistence:
+    """Complete in-memory Persistence; state is plain attributes tests may inspect."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.runs: dict[str, Run] = {}
+        self.run_keys: dict[tuple[str, str], str] = {}
+        self.stages: dict[str, dict[str, StageRun]] = {}
+        self.suspended: dict[tuple[str, str], None] = {}
+        self.event_seq: dict[str, int] = {}
+        self.outbox: dict[int, OutboxRecord] = {}
+        self.unpublished: dict[int, None] = {}
+        self.dead: dict[int, None] = {}
+        self.events_by_run: dict[str, list[EventBase]] = {}
+        self.next_outbox_id = 0
+        self.idempotency: dict[tuple[str, str], IdempotencyRecord] = {}
+        self.logs: dict[str, list[LogRecord]] = {}
+        self.annotations: dict[str, list[Annotation]] = {}
+        self.commits = 0
+        self.rollbacks = 0
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[InMemoryTransaction]:
+        async with self.lock:
+            tx = InMemoryTransaction(self)
+            try:
+                yield tx
+            except BaseException:
+                tx.rollback()
+                self.rollbacks += 1
+                raise
+            finally:
+                tx.active = False
+            self.commits += 1
+
+    async def close(self) -> None:
+        return None
+
+    def next_suspended_poll_at(self) -> datetime | None:
+        """Earliest ``next_poll_at`` among suspended stages (for the virtual clock)."""
+        times = [
+            self.stages[r][s].next_poll_at
+            for r, s in self.suspended
+            if self.stages[r][s].next_poll_at is not None
+        ]
+        return min((t for t in times if t is not None), default=None)

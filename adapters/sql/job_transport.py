@@ -1,0 +1,259 @@
+"""SQL JobTransport: the job queue as a table in the same database as the runs.
+
+Because jobs live next to runs and stages, enqueueing a job commits atomically
+with the state change that causes it (the caller's ``SqlTransaction`` supplies
+the connection). ``dequeue`` leases jobs in one short transaction of its own:
+
+* PostgreSQL: ``UPDATE jobs ... WHERE seq IN (SELECT seq ... ORDER BY priority
+  DESC, next_poll_at, seq LIMIT n FOR UPDATE SKIP LOCKED) RETURNING *``, so
+  concurrent workers never block on, or lease, the same job;
+* SQLite: the same statement under ``BEGIN IMMEDIATE`` (one writer at a time).
+
+After an enqueue on PostgreSQL the transaction also sends ``NOTIFY
+treadle_jobs``; PostgreSQL delivers it only on commit, so a listening worker
+wakes exactly when the job becomes visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+from treadle.adapters.sql import schema as t
+from treadle.adapters.sql.errors import translate
+from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
+from treadle.kernel.errors import DuplicateError, JobNotFoundError, TreadleError
+from treadle.kernel.model import Job, JobStatus
+from treadle.ports.persistence import Transaction
+
+NOTIFY_CHANNEL = "treadle_jobs"
+_LIVE = (JobStatus.QUEUED.value, JobStatus.LEASED.value, JobStatus.SUSPENDED.value)
+
+
+def _tx(tx: Transaction) -> SqlTransaction:
+    if not isinstance(tx, SqlTransaction):
+        raise TreadleError(
+            f"SqlJobTransport needs a transaction from SqlPersistence, got {type(tx).__name__}"
+        )
+    return tx
+
+
+def _job_from_row(row: sa.Row[Any]) -> Job:
+    return Job(
+        id=row.id,
+        workflow_run_id=row.run_id,
+        workflow_id=row.workflow_id,
+        stage_id=row.stage_id,
+        status=JobStatus(row.status),
+        priority=row.priority,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        next_poll_at=row.next_poll_at,
+        enqueued_at=row.enqueued_at,
+        worker_id=row.worker_id,
+        heartbeat_at=row.heartbeat_at,
+        last_error=row.last_error,
+        sequence=int(row.seq),
+    )
+
+
+class SqlJobTransport:
+    """The JobTransport port on the tables of the ``SqlPersistence`` it shares."""
+
+    def __init__(self, persistence: SqlPersistence) -> None:
+        self.persistence = persistence
+
+    # -- transactional operations -------------------------------------------------
+    async def enqueue(self, tx: Transaction, jobs: Sequence[Job]) -> None:
+        sql = _tx(tx)
+        if not jobs:
+            sql._check()
+            return
+        ids = [job.id for job in jobs]
+        seen: set[str] = set()
+        for job_id in ids:
+            if job_id in seen:
+                raise DuplicateError(f"job {job_id!r} already exists")
+            seen.add(job_id)
+        rows = [
+            {
+                "id": job.id,
+                "run_id": job.workflow_run_id,
+                "workflow_id": job.workflow_id,
+                "stage_id": job.stage_id,
+                "status": JobStatus.QUEUED.value,
+                "priority": job.priority,
+                "attempts": job.attempts,
+                "max_attempts": job.max_attempts,
+                "next_poll_at": job.next_poll_at,
+                "enqueued_at": job.enqueued_at,
+                "worker_id": job.worker_id,
+                "heartbeat_at": job.heartbeat_at,
+                "last_error": job.last_error,
+            }
+            for job in jobs
+        ]
+        # ON CONFLICT DO NOTHING + a count, so a duplicate does not abort a PostgreSQL
+        # transaction the caller may want to continue.
+        stmt = (
+            sql.insert(t.jobs)
+            .values(rows)
+            .on_conflict_do_nothing()
+            .execution_options(preserve_rowcount=True)  # INSERT rowcount is opt-in
+        )
+        result = await sql.execute(stmt, "enqueue jobs")
+        if result.rowcount != len(rows):
+            # The statement inserted some rows; the caller's rollback removes them.
+            taken = await sql.execute(sa.select(t.jobs.c.id).where(t.jobs.c.id.in_(ids)))
+            existing = {row.id for row in taken}
+            dup = next((i for i in ids if i in existing), ids[0])
+            raise DuplicateError(f"job {dup!r} already exists")
+        if sql.is_postgres:
+            await sql.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"), "notify")
+
+    async def get(self, tx: Transaction, job_id: str) -> Job | None:
+        row = (
+            await _tx(tx).execute(sa.select(t.jobs).where(t.jobs.c.id == job_id), "get job")
+        ).first()
+        return _job_from_row(row) if row is not None else None
+
+    async def _set(self, tx: Transaction, job_id: str, values: dict[str, Any]) -> None:
+        stmt = sa.update(t.jobs).where(t.jobs.c.id == job_id).values(values)
+        result = await _tx(tx).execute(stmt, "update job")
+        if result.rowcount == 0:
+            raise JobNotFoundError(f"no job with id {job_id!r}")
+
+    async def complete(self, tx: Transaction, job_id: str) -> None:
+        await self._set(tx, job_id, {"status": JobStatus.COMPLETED.value, "worker_id": None})
+
+    async def suspend(self, tx: Transaction, job_id: str, next_poll_at: datetime) -> None:
+        await self._set(
+            tx,
+            job_id,
+            {
+                "status": JobStatus.SUSPENDED.value,
+                "next_poll_at": next_poll_at,
+                "worker_id": None,
+            },
+        )
+
+    async def requeue(
+        self, tx: Transaction, job_id: str, available_at: datetime, *, error: str | None = None
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": JobStatus.QUEUED.value,
+            "next_poll_at": available_at,
+            "worker_id": None,
+            "heartbeat_at": None,
+        }
+        if error is not None:
+            values["last_error"] = error
+        await self._set(tx, job_id, values)
+
+    async def fail(self, tx: Transaction, job_id: str, error: str) -> None:
+        await self._set(
+            tx,
+            job_id,
+            {"status": JobStatus.FAILED.value, "last_error": error, "worker_id": None},
+        )
+
+    async def cancel_by_run(self, tx: Transaction, run_id: str) -> int:
+        stmt = (
+            sa.update(t.jobs)
+            .where(t.jobs.c.run_id == run_id, t.jobs.c.status.in_(_LIVE))
+            .values(status=JobStatus.CANCELLED.value, worker_id=None)
+        )
+        result = await _tx(tx).execute(stmt, "cancel jobs")
+        return int(result.rowcount)
+
+    async def live_jobs(self, tx: Transaction, run_id: str) -> list[Job]:
+        query = (
+            sa.select(t.jobs)
+            .where(t.jobs.c.run_id == run_id, t.jobs.c.status.in_(_LIVE))
+            .order_by(t.jobs.c.id)
+        )
+        jobs = [_job_from_row(row) for row in await _tx(tx).execute(query, "live jobs")]
+        jobs.sort(key=lambda job: job.id)  # code-point order, whatever the collation
+        return jobs
+
+    async def stale_leases(
+        self, tx: Transaction, older_than: datetime, *, limit: int = 100
+    ) -> list[Job]:
+        c = t.jobs.c
+        query = (
+            sa.select(t.jobs)
+            .where(
+                c.status == JobStatus.LEASED.value,
+                c.heartbeat_at.is_not(None),
+                c.heartbeat_at < older_than,
+            )
+            .order_by(c.heartbeat_at, c.seq)
+            .limit(limit)
+        )
+        return [_job_from_row(row) for row in await _tx(tx).execute(query, "stale leases")]
+
+    # -- own-transaction operations -------------------------------------------------
+    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+        if limit <= 0:
+            return []
+        c = t.jobs.c
+        candidates = (
+            sa.select(c.seq)
+            .where(c.status == JobStatus.QUEUED.value, c.next_poll_at <= now)
+            .order_by(c.priority.desc(), c.next_poll_at, c.seq)
+            .limit(limit)
+        )
+        if self.persistence.is_postgres:
+            candidates = candidates.with_for_update(skip_locked=True)
+        stmt = (
+            sa.update(t.jobs)
+            .where(c.seq.in_(candidates.scalar_subquery()))
+            .values(
+                status=JobStatus.LEASED.value,
+                attempts=c.attempts + 1,
+                worker_id=worker_id,
+                heartbeat_at=now,
+            )
+            .returning(*t.jobs.columns)
+        )
+        async with self.persistence.connect() as conn:
+            try:
+                rows = (await conn.execute(stmt)).all()
+            except sa_exc.SQLAlchemyError as exc:
+                raise translate(exc, "dequeue") from exc
+        jobs = [_job_from_row(row) for row in rows]
+        jobs.sort(key=lambda job: (-job.priority, job.next_poll_at, job.sequence))
+        return jobs
+
+    async def extend_lease(self, job_id: str, worker_id: str, now: datetime) -> bool:
+        c = t.jobs.c
+        stmt = (
+            sa.update(t.jobs)
+            .where(
+                c.id == job_id,
+                c.status == JobStatus.LEASED.value,
+                c.worker_id == worker_id,
+            )
+            .values(heartbeat_at=now)
+        )
+        async with self.persistence.connect() as conn:
+            try:
+                result = await conn.execute(stmt)
+            except sa_exc.SQLAlchemyError as exc:
+                raise translate(exc, "extend lease") from exc
+        return bool(result.rowcount)
+
+    async def next_due_at(self) -> datetime | None:
+        query = sa.select(sa.func.min(t.jobs.c.next_poll_at)).where(
+            t.jobs.c.status == JobStatus.QUEUED.value
+        )
+        async with self.persistence.connect(read_only=True) as conn:
+            try:
+                value: datetime | None = (await conn.execute(query)).scalar_one_or_none()
+            except sa_exc.SQLAlchemyError as exc:
+                raise translate(exc, "next due job") from exc
+        return value

@@ -1,0 +1,1 @@
+"""Alembic environment and revision scripts for the SQL adapters (run by ``migrate``)."""

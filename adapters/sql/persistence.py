@@ -1,0 +1,695 @@
+"""SQL Persistence on SQLAlchemy 2 Core (asyncio): PostgreSQL and SQLite.
+
+One ``SqlTransaction`` is one database transaction on one connection; the SQL
+job transport runs its statements on the same connection, so a state change
+and the jobs it creates commit together. Semantics follow the in-memory
+reference adapter exactly (the shared contract suites hold both to it):
+
+* optimistic concurrency: ``UPDATE ... WHERE version = :expected``; no row
+  updated means someone else won, a ``ConcurrencyError``;
+* inserts use ``ON CONFLICT DO NOTHING`` (or check first) and raise
+  ``DuplicateError`` themselves, so a caught duplicate does not poison the rest
+  of a PostgreSQL transaction;
+* per-run event sequences are allocated by an upsert on ``run_event_seq``
+  inside the transaction: the row lock serialises appenders per run and a
+  rollback gives the numbers back, so sequences stay gap-free;
+* every driver error is translated at this boundary (``errors.translate``) and
+  a failing transaction rolls back completely.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from treadle.adapters.sql import schema as t
+from treadle.adapters.sql.engine import READ_ONLY_OPTION, configure_sqlite, create_engine
+from treadle.adapters.sql.errors import translate
+from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
+from treadle.kernel.events import EventBase, OutboxRecord, parse_event
+from treadle.kernel.model import (
+    Annotation,
+    IdempotencyRecord,
+    IdempotencyState,
+    LogRecord,
+    Run,
+    RunFilter,
+    RunStatus,
+    StageRun,
+    StageStatus,
+    evolve,
+)
+
+_RUN_COLUMNS = tuple(c.name for c in t.runs.columns)
+_STAGE_FIELDS = tuple(name for name in StageRun.model_fields if name != "workflow_run_id")
+
+
+def _plain(value: Any) -> Any:
+    # Enums go in as their values: drivers differ on how they adapt Enum subclasses.
+    return value.value if isinstance(value, Enum) else value
+
+
+def _run_values(run: Run) -> dict[str, Any]:
+    values = run.__dict__
+    return {name: _plain(values[name]) for name in _RUN_COLUMNS}
+
+
+def _run_from_row(row: sa.Row[Any]) -> Run:
+    return Run.model_validate(dict(row._mapping))
+
+
+def _stage_values(stage: StageRun) -> dict[str, Any]:
+    values = stage.__dict__
+    out = {name: _plain(values[name]) for name in _STAGE_FIELDS}
+    out["run_id"] = stage.workflow_run_id
+    return out
+
+
+def _stage_from_row(row: sa.Row[Any]) -> StageRun:
+    data = dict(row._mapping)
+    data["workflow_run_id"] = data.pop("run_id")
+    data.pop("ordinal", None)
+    return StageRun.model_validate(data)
+
+
+def _outbox_record(row: sa.Row[Any]) -> OutboxRecord:
+    return OutboxRecord.model_construct(
+        id=int(row.id),
+        event=cast(Any, parse_event(row.event)),
+        attempts=int(row.attempts),
+        published=bool(row.published),
+        dead_lettered=bool(row.dead_lettered),
+        last_error=row.last_error,
+    )
+
+
+def _annotation_from_row(row: sa.Row[Any]) -> Annotation:
+    return Annotation(
+        id=row.id,
+        workflow_run_id=row.run_id,
+        attributes=row.attributes,
+        actor=row.actor,
+        scope=row.scope,
+        stage_id=row.stage_id,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+    )
+
+
+class SqlTransaction:
+    """A unit of work on one connection; see the module docstring for the rules."""
+
+    def __init__(self, connection: AsyncConnection, dialect_name: str) -> None:
+        self.connection = connection
+        self.dialect_name = dialect_name
+        self.active = True
+
+    # -- plumbing ----------------------------------------------------------------
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect_name == "postgresql"
+
+    def _check(self) -> None:
+        if not self.active:
+            raise TreadleError("transaction used after it ended")
+
+    async def execute(
+        self, statement: sa.Executable, what: str = "query"
+    ) -> sa.CursorResult[*tuple[Any, ...]]:
+        """Run ``statement`` on this transaction's connection, translating driver errors."""
+        self._check()
+        try:
+            return await self.connection.execute(statement)
+        except sa_exc.SQLAlchemyError as exc:
+            raise translate(exc, what) from exc
+
+    def insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT construct (it has ``on_conflict_do_*``)."""
+        if self.is_postgres:
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def _lock(self, query: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
+        # SQLite has no row locks: BEGIN IMMEDIATE already holds the database write lock.
+        if self.is_postgres:
+            return query.with_for_update(skip_locked=skip_locked)
+        return query
+
+    def _attribute_equals(self, column: sa.ColumnElement[Any], key: str, value: Any) -> Any:
+        """``column[key] == value`` for a JSON object column, with the key required."""
+        encoded = json.dumps(value)
+        if self.is_postgres:
+            return column.op("->")(sa.literal(key, sa.String())) == sa.cast(
+                sa.literal(encoded, sa.String()), postgresql.JSONB()
+            )
+        path = '$."' + key.replace('"', '\\"') + '"'
+        if value is None:
+            return sa.func.json_type(column, path) == "null"
+        return sa.and_(
+            sa.func.json_type(column, path).is_not(None),
+            sa.func.json_extract(column, path) == sa.func.json_extract(encoded, "$"),
+        )
+
+    # -- runs -------------------------------------------------------------------
+    async def insert_run(self, run: Run) -> None:
+        stmt = (
+            self.insert(t.runs)
+            .values(_run_values(run))
+            .on_conflict_do_nothing()
+            .execution_options(preserve_rowcount=True)  # INSERT rowcount is opt-in
+        )
+        result = await self.execute(stmt, "insert run")
+        if result.rowcount == 1:
+            return
+        exists = await self.execute(sa.select(t.runs.c.id).where(t.runs.c.id == run.id))
+        if exists.first() is not None:
+            raise DuplicateError(f"run {run.id!r} already exists")
+        raise DuplicateError(
+            f"a {run.workflow_id!r} run with key {run.idempotency_key!r} already exists"
+        )
+
+    async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
+        query = sa.select(t.runs).where(t.runs.c.id == run_id)
+        if for_update:
+            query = self._lock(query)
+        row = (await self.execute(query, "get run")).first()
+        return _run_from_row(row) if row is not None else None
+
+    async def find_run_by_key(self, workflow_id: str, idempotency_key: str) -> Run | None:
+        query = sa.select(t.runs).where(
+            t.runs.c.workflow_id == workflow_id, t.runs.c.idempotency_key == idempotency_key
+        )
+        row = (await self.execute(query, "find run by key")).first()
+        return _run_from_row(row) if row is not None else None
+
+    async def update_run(self, run: Run) -> Run:
+        new = evolve(run, {"version": run.version + 1, "stages": []})
+        values = _run_values(new)
+        del values["id"]
+        stmt = (
+            sa.update(t.runs)
+            .where(t.runs.c.id == run.id, t.runs.c.version == run.version)
+            .values(values)
+        )
+        result = await self.execute(stmt, "update run")
+        if result.rowcount == 1:
+            return new
+        stored = (
+            await self.execute(sa.select(t.runs.c.version).where(t.runs.c.id == run.id))
+        ).first()
+        if stored is None:
+            raise ConcurrencyError(f"run {run.id!r} does not exist")
+        raise ConcurrencyError(
+            f"run {run.id!r} was updated concurrently (version {stored.version}, "
+            f"expected {run.version})"
+        )
+
+    def _run_conditions(self, f: RunFilter) -> list[Any]:
+        c = t.runs.c
+        conditions: list[Any] = []
+        if f.status is not None:
+            conditions.append(c.status == f.status.value)
+        if f.workflow_id is not None:
+            conditions.append(c.workflow_id == f.workflow_id)
+        if f.created_after is not None:
+            conditions.append(c.created_at >= f.created_after)
+        if f.created_before is not None:
+            conditions.append(c.created_at < f.created_before)
+        if f.parent_run_id is not None:
+            conditions.append(c.parent_run_id == f.parent_run_id)
+        for key, value in f.attributes.items():
+            conditions.append(self._attribute_equals(c.search_attributes, key, value))
+        return conditions
+
+    async def list_runs(self, filter: RunFilter) -> list[Run]:
+        query = (
+            sa.select(t.runs)
+            .where(*self._run_conditions(filter))
+            .order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc())
+            .offset(filter.offset)
+            .limit(filter.limit)
+        )
+        return [_run_from_row(row) for row in await self.execute(query, "list runs")]
+
+    async def count_runs(self, group_by: str, filter: RunFilter) -> dict[str, int]:
+        if group_by not in ("status", "workflow_id"):
+            raise ValueError(f"cannot group runs by {group_by!r}")
+        column = t.runs.c[group_by]
+        query = (
+            sa.select(column, sa.func.count()).where(*self._run_conditions(filter)).group_by(column)
+        )
+        return {str(row[0]): int(row[1]) for row in await self.execute(query, "count runs")}
+
+    async def claim_pending_runs(self, limit: int) -> list[Run]:
+        query = (
+            sa.select(t.runs)
+            .where(t.runs.c.status == RunStatus.PENDING.value)
+            .order_by(t.runs.c.priority.desc(), t.runs.c.created_at, t.runs.c.id)
+            .limit(limit)
+        )
+        query = self._lock(query, skip_locked=True)
+        return [_run_from_row(row) for row in await self.execute(query, "claim pending runs")]
+
+    async def runs_inactive_since(
+        self, status: RunStatus, cutoff: datetime, limit: int
+    ) -> list[Run]:
+        query = (
+            sa.select(t.runs)
+            .where(t.runs.c.status == status.value, t.runs.c.updated_at < cutoff)
+            .order_by(t.runs.c.updated_at, t.runs.c.id)
+            .limit(limit)
+        )
+        return [_run_from_row(row) for row in await self.execute(query, "inactive runs")]
+
+    # -- stages -----------------------------------------------------------------
+    async def insert_stages(self, stages: Sequence[StageRun]) -> None:
+        if not stages:
+            self._check()
+            return
+        run_ids = list(dict.fromkeys(s.workflow_run_id for s in stages))
+        next_ordinal_sq = (
+            sa.select(sa.func.coalesce(sa.func.max(t.stages.c.ordinal), -1))
+            .where(t.stages.c.run_id == t.runs.c.id)
+            .scalar_subquery()
+        )
+        found = await self.execute(
+            sa.select(t.runs.c.id, next_ordinal_sq).where(t.runs.c.id.in_(run_ids)),
+            "insert stages",
+        )
+        next_ordinal = {str(row[0]): int(row[1]) + 1 for row in found}
+        existing = {
+            (row.run_id, row.stage_id)
+            for row in await self.execute(
+                sa.select(t.stages.c.run_id, t.stages.c.stage_id).where(
+                    t.stages.c.run_id.in_(run_ids),
+                    t.stages.c.stage_id.in_({s.stage_id for s in stages}),
+                ),
+                "insert stages",
+            )
+        }
+        rows: list[dict[str, Any]] = []
+        for stage in stages:
+            run_id = stage.workflow_run_id
+            if run_id not in next_ordinal:
+                raise DuplicateError(f"run {run_id!r} does not exist")
+            key = (run_id, stage.stage_id)
+            if key in existing:
+                raise DuplicateError(f"stage {stage.stage_id!r} of run {run_id!r} already exists")
+            existing.add(key)
+            values = _stage_values(stage)
+            values["ordinal"] = next_ordinal[run_id]
+            next_ordinal[run_id] += 1
+            rows.append(values)
+        await self.execute(sa.insert(t.stages).values(rows), "insert stages")
+
+    async def get_stages(self, run_id: str) -> list[StageRun]:
+        query = sa.select(t.stages).where(t.stages.c.run_id == run_id).order_by(t.stages.c.ordinal)
+        return [_stage_from_row(row) for row in await self.execute(query, "get stages")]
+
+    async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None:
+        query = sa.select(t.stages).where(
+            t.stages.c.run_id == run_id, t.stages.c.stage_id == stage_id
+        )
+        row = (await self.execute(query, "get stage")).first()
+        return _stage_from_row(row) if row is not None else None
+
+    async def update_stage(self, stage: StageRun) -> StageRun:
+        new = evolve(stage, {"version": stage.version + 1})
+        values = _stage_values(new)
+        del values["run_id"], values["stage_id"]
+        stmt = (
+            sa.update(t.stages)
+            .where(
+                t.stages.c.run_id == stage.workflow_run_id,
+                t.stages.c.stage_id == stage.stage_id,
+                t.stages.c.version == stage.version,
+            )
+            .values(values)
+        )
+        result = await self.execute(stmt, "update stage")
+        if result.rowcount != 1:
+            raise ConcurrencyError(
+                f"stage {stage.stage_id!r} of run {stage.workflow_run_id!r} was updated "
+                "concurrently"
+            )
+        return new
+
+    async def due_suspended_stages(self, now: datetime, limit: int) -> list[StageRun]:
+        c = t.stages.c
+        query = (
+            sa.select(t.stages)
+            .where(
+                c.status == StageStatus.SUSPENDED.value,
+                c.next_poll_at.is_not(None),
+                c.next_poll_at <= now,
+            )
+            .order_by(c.next_poll_at, c.run_id, c.stage_id)
+            .limit(limit)
+        )
+        return [_stage_from_row(row) for row in await self.execute(query, "due stages")]
+
+    # -- outbox -----------------------------------------------------------------
+    async def _allocate_sequences(self, run_id: str, count: int) -> int:
+        """Reserve ``count`` sequence numbers for ``run_id``; returns the first."""
+        seq = t.run_event_seq
+        stmt = (
+            self.insert(seq)
+            .values(run_id=run_id, last_sequence=count)
+            .on_conflict_do_update(
+                index_elements=[seq.c.run_id],
+                set_={"last_sequence": seq.c.last_sequence + count},
+            )
+            .returning(seq.c.last_sequence)
+        )
+        last = (await self.execute(stmt, "allocate event sequence")).scalar_one()
+        return int(last) - count + 1
+
+    async def append_events(self, events: Sequence[EventBase]) -> list[EventBase]:
+        self._check()
+        if not events:
+            return []
+        counts: dict[str, int] = {}
+        for event in events:
+            counts[event.workflow_run_id] = counts.get(event.workflow_run_id, 0) + 1
+        # Allocate in run-id order: two transactions appending for the same runs lock
+        # their counters in the same order and cannot deadlock on PostgreSQL.
+        next_seq = {
+            run_id: await self._allocate_sequences(run_id, counts[run_id])
+            for run_id in sorted(counts)
+        }
+        stored: list[EventBase] = []
+        rows: list[dict[str, Any]] = []
+        for event in events:
+            seq = next_seq[event.workflow_run_id]
+            next_seq[event.workflow_run_id] = seq + 1
+            event = evolve(event, {"sequence": seq})
+            stored.append(event)
+            rows.append(
+                {
+                    "run_id": event.workflow_run_id,
+                    "sequence": seq,
+                    "event_type": str(getattr(event, "type", type(event).__name__)),
+                    "event": event.model_dump(mode="json"),
+                    "created_at": event.timestamp,
+                    "published": False,
+                    "dead_lettered": False,
+                    "attempts": 0,
+                }
+            )
+        await self.execute(sa.insert(t.outbox).values(rows), "append events")
+        return stored
+
+    async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
+        query = (
+            sa.select(t.outbox)
+            .where(t.outbox.c.published.is_(False), t.outbox.c.dead_lettered.is_(False))
+            .order_by(t.outbox.c.id)
+            .limit(limit)
+        )
+        return [_outbox_record(row) for row in await self.execute(query, "unpublished events")]
+
+    async def mark_published(self, outbox_ids: Sequence[int]) -> None:
+        self._check()
+        if not outbox_ids:
+            return
+        stmt = (
+            sa.update(t.outbox)
+            .where(t.outbox.c.id.in_(list(outbox_ids)))
+            .values(published=True, dead_lettered=False, published_at=datetime.now(UTC))
+        )
+        await self.execute(stmt, "mark published")
+
+    async def record_publish_failure(
+        self, outbox_id: int, error: str, *, dead_letter: bool
+    ) -> None:
+        values: dict[str, Any] = {"attempts": t.outbox.c.attempts + 1, "last_error": error}
+        if dead_letter:
+            values["dead_lettered"] = True
+        stmt = sa.update(t.outbox).where(t.outbox.c.id == outbox_id).values(values)
+        await self.execute(stmt, "record publish failure")
+
+    async def dead_lettered_events(self, limit: int) -> list[OutboxRecord]:
+        query = (
+            sa.select(t.outbox)
+            .where(t.outbox.c.published.is_(False), t.outbox.c.dead_lettered.is_(True))
+            .order_by(t.outbox.c.id)
+            .limit(limit)
+        )
+        return [_outbox_record(row) for row in await self.execute(query, "dead letters")]
+
+    async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
+        query = (
+            sa.select(t.outbox.c.event)
+            .where(t.outbox.c.run_id == run_id, t.outbox.c.sequence > after_sequence)
+            .order_by(t.outbox.c.sequence)
+        )
+        return [parse_event(data) for (data,) in await self.execute(query, "events for run")]
+
+    # -- idempotency ------------------------------------------------------------
+    async def get_idempotency(self, key: str, command_type: str) -> IdempotencyRecord | None:
+        c = t.idempotency_keys.c
+        query = sa.select(t.idempotency_keys).where(c.key == key, c.command_type == command_type)
+        row = (await self.execute(query, "get idempotency")).first()
+        if row is None:
+            return None
+        return IdempotencyRecord(
+            key=row.key,
+            command_type=row.command_type,
+            state=IdempotencyState(row.state),
+            result=row.result,
+            started_at=row.started_at,
+        )
+
+    async def put_idempotency(self, record: IdempotencyRecord) -> None:
+        values = {
+            "key": record.key,
+            "command_type": record.command_type,
+            "state": record.state.value,
+            "result": record.result,
+            "started_at": record.started_at,
+        }
+        stmt = (
+            self.insert(t.idempotency_keys)
+            .values(values)
+            .on_conflict_do_update(
+                index_elements=["key", "command_type"],
+                set_={k: values[k] for k in ("state", "result", "started_at")},
+            )
+        )
+        await self.execute(stmt, "put idempotency")
+
+    async def delete_idempotency(self, key: str, command_type: str) -> None:
+        c = t.idempotency_keys.c
+        stmt = sa.delete(t.idempotency_keys).where(c.key == key, c.command_type == command_type)
+        await self.execute(stmt, "delete idempotency")
+
+    # -- logs and annotations -----------------------------------------------------
+    async def append_logs(self, logs: Sequence[LogRecord]) -> None:
+        self._check()
+        if not logs:
+            return
+        rows = [
+            {
+                "run_id": log.workflow_run_id,
+                "stage_id": log.stage_id,
+                "level": log.level,
+                "message": log.message,
+                "fields": log.fields,
+                "timestamp": log.timestamp,
+            }
+            for log in logs
+        ]
+        await self.execute(sa.insert(t.logs).values(rows), "append logs")
+
+    async def get_logs(self, run_id: str) -> list[LogRecord]:
+        query = sa.select(t.logs).where(t.logs.c.run_id == run_id).order_by(t.logs.c.id)
+        return [
+            LogRecord(
+                workflow_run_id=row.run_id,
+                stage_id=row.stage_id,
+                level=row.level,
+                message=row.message,
+                fields=row.fields,
+                timestamp=row.timestamp,
+            )
+            for row in await self.execute(query, "get logs")
+        ]
+
+    async def insert_annotations(self, annotations: Sequence[Annotation]) -> None:
+        self._check()
+        if not annotations:
+            return
+        keyed = [(a.workflow_run_id, a.idempotency_key) for a in annotations if a.idempotency_key]
+        taken: set[tuple[str, str]] = set()
+        if keyed:
+            c = t.annotations.c
+            query = sa.select(c.run_id, c.idempotency_key).where(
+                c.run_id.in_({r for r, _ in keyed}),
+                c.idempotency_key.in_({k for _, k in keyed}),
+            )
+            taken = {(row.run_id, row.idempotency_key) for row in await self.execute(query)}
+        rows: list[dict[str, Any]] = []
+        for annotation in annotations:
+            if annotation.idempotency_key is not None:
+                key = (annotation.workflow_run_id, annotation.idempotency_key)
+                if key in taken:
+                    raise DuplicateError(
+                        f"annotation key {annotation.idempotency_key!r} already used on run "
+                        f"{annotation.workflow_run_id!r}"
+                    )
+                taken.add(key)
+            rows.append(
+                {
+                    "id": annotation.id,
+                    "run_id": annotation.workflow_run_id,
+                    "attributes": annotation.attributes,
+                    "actor": annotation.actor,
+                    "scope": annotation.scope,
+                    "stage_id": annotation.stage_id,
+                    "idempotency_key": annotation.idempotency_key,
+                    "created_at": annotation.created_at,
+                }
+            )
+        await self.execute(sa.insert(t.annotations).values(rows), "insert annotations")
+
+    async def find_annotation(self, run_id: str, idempotency_key: str) -> Annotation | None:
+        c = t.annotations.c
+        query = sa.select(t.annotations).where(
+            c.run_id == run_id, c.idempotency_key == idempotency_key
+        )
+        row = (await self.execute(query, "find annotation")).first()
+        return _annotation_from_row(row) if row is not None else None
+
+    async def list_annotations(
+        self,
+        run_id: str,
+        *,
+        key: str | None = None,
+        key_prefix: str | None = None,
+        scope: str | None = None,
+        limit: int = 100,
+    ) -> list[Annotation]:
+        c = t.annotations.c
+        query = sa.select(t.annotations).where(c.run_id == run_id).order_by(c.seq)
+        if scope is not None:
+            query = query.where(c.scope == scope)
+        if key is None and key_prefix is None:
+            query = query.limit(limit)
+        out: list[Annotation] = []
+        # Key filters run here, not in SQL: exact, case-sensitive prefix semantics on both
+        # dialects (SQLite's LIKE ignores case), over one run's (few) annotations.
+        for row in await self.execute(query, "list annotations"):
+            attributes: Mapping[str, Any] = row.attributes
+            if key is not None and key not in attributes:
+                continue
+            if key_prefix is not None and not any(k.startswith(key_prefix) for k in attributes):
+                continue
+            out.append(_annotation_from_row(row))
+            if len(out) >= limit:
+                break
+        return out
+
+
+class SqlPersistence:
+    """The Persistence port on a SQL database (PostgreSQL or SQLite).
+
+    Build it from an ``AsyncEngine`` you own, or with ``await SqlPersistence.open(url)``,
+    which creates (and on ``close()`` disposes) the engine, and can migrate first.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False) -> None:
+        self.engine = engine
+        self.dialect_name = engine.dialect.name
+        self._owns_engine = owns_engine
+        if self.dialect_name == "sqlite":
+            configure_sqlite(engine)
+        elif self.dialect_name != "postgresql":
+            raise ValueError(f"unsupported SQL dialect {self.dialect_name!r}")
+
+    @classmethod
+    async def open(
+        cls, url: str | URL, *, migrate: bool = False, **engine_options: Any
+    ) -> SqlPersistence:
+        """Connect to ``url`` (``sqlite:///file.db``, ``postgresql://...``); with
+        ``migrate=True`` bring the schema to the latest revision first."""
+        engine = create_engine(url, **engine_options)
+        if migrate:
+            from treadle.adapters.sql.migrate import migrate_engine
+
+            try:
+                await migrate_engine(engine)
+            except sa_exc.SQLAlchemyError as exc:
+                await engine.dispose()
+                raise translate(exc, "migrate") from exc
+            except BaseException:
+                await engine.dispose()
+                raise
+        return cls(engine, owns_engine=True)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect_name == "postgresql"
+
+    @asynccontextmanager
+    async def transaction(self, *, read_only: bool = False) -> AsyncIterator[SqlTransaction]:
+        """``async with persistence.transaction() as tx:`` commits on exit, rolls back on
+        error. ``read_only`` lets a SQLite reader skip the write lock."""
+        async with self.connect(read_only=read_only) as conn:
+            tx = SqlTransaction(conn, self.dialect_name)
+            try:
+                yield tx
+            finally:
+                tx.active = False
+
+    @asynccontextmanager
+    async def connect(self, *, read_only: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A connection inside a begun transaction, with commit/rollback and error translation
+        (the job transport's own short transactions use it too)."""
+        try:
+            conn = await self.engine.connect()
+        except sa_exc.SQLAlchemyError as exc:
+            raise translate(exc, "connect") from exc
+        try:
+            try:
+                if read_only and self.dialect_name == "sqlite":
+                    await conn.execution_options(**{READ_ONLY_OPTION: True})
+                await conn.begin()
+            except sa_exc.SQLAlchemyError as exc:
+                raise translate(exc, "begin transaction") from exc
+            try:
+                yield conn
+            except BaseException:
+                with suppress(Exception):
+                    await conn.rollback()
+                raise
+            try:
+                await conn.commit()
+            except sa_exc.SQLAlchemyError as exc:
+                raise translate(exc, "commit") from exc
+        finally:
+            with suppress(Exception):
+                await conn.close()
+
+    async def next_suspended_poll_at(self) -> datetime | None:
+        """Earliest ``next_poll_at`` among suspended stages, for hosts that sleep until
+        work is due (async here; the in-memory adapter's is a plain method)."""
+        query = sa.select(sa.func.min(t.stages.c.next_poll_at)).where(
+            t.stages.c.status == StageStatus.SUSPENDED.value
+        )
+        async with self.transaction(read_only=True) as tx:
+            value: datetime | None = (await tx.execute(query, "next poll")).scalar_one_or_none()
+        return value
+
+    async def close(self) -> None:
+        if self._owns_engine:
+            await self.engine.dispose()

@@ -1,0 +1,278 @@
+"""The SQL schema, one ``MetaData`` for PostgreSQL and SQLite.
+
+This module describes the tables the adapters query; the Alembic migrations in
+``migrations/versions`` create them (and are checked against this description by
+the integration tests, so the two cannot drift). No foreign keys tie the outbox,
+jobs, logs or annotations to ``runs``: the ports let those rows exist for any run
+id, and retention deletes them per table. Stages do reference their run, as the
+port requires a run before its stages.
+
+(No ``from __future__ import annotations`` here: it would shadow the ``annotations``
+table name at type-check time.)
+"""
+
+import sqlalchemy as sa
+
+from treadle.adapters.sql.types import Duration, UtcDateTime, big_id_type, json_type, key_type
+
+VERSION_TABLE = "treadle_alembic_version"
+"""Alembic's bookkeeping table; prefixed so an application's own Alembic history can share
+the database."""
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", key_type(), primary_key=True),
+    sa.Column("workflow_id", key_type(), nullable=False),
+    sa.Column("workflow_version", sa.String(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("input", json_type(), nullable=True),
+    sa.Column("config", json_type(), nullable=False),
+    sa.Column("output", json_type(), nullable=True),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("priority", sa.Integer(), nullable=False),
+    sa.Column("idempotency_key", key_type(), nullable=True),
+    sa.Column("parent_run_id", key_type(), nullable=True),
+    sa.Column("search_attributes", json_type(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("started_at", UtcDateTime(), nullable=True),
+    sa.Column("completed_at", UtcDateTime(), nullable=True),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+    sa.Column("worker_id", sa.String(), nullable=True),
+    sa.Column("current_group", sa.Integer(), nullable=False),
+    sa.Column("version", sa.Integer(), nullable=False),
+    # One idempotent start per (workflow, key); NULL keys never collide on either dialect.
+    sa.UniqueConstraint("workflow_id", "idempotency_key"),
+    # claim_pending_runs: PENDING, priority desc, FIFO.
+    sa.Index("ix_runs_claim", "status", sa.desc("priority"), "created_at", "id"),
+    # runs_inactive_since (reapStuck).
+    sa.Index("ix_runs_status_updated_at", "status", "updated_at"),
+    # list_runs: newest first.
+    sa.Index("ix_runs_created_at", "created_at", "id"),
+    sa.Index("ix_runs_workflow_id_created_at", "workflow_id", "created_at"),
+    sa.Index("ix_runs_parent_run_id", "parent_run_id"),
+)
+
+run_event_seq = sa.Table(
+    "run_event_seq",
+    metadata,
+    # The last outbox sequence handed out per run. A row of its own (not a runs column)
+    # because events may be appended for a run id before or without its run row.
+    sa.Column("run_id", key_type(), primary_key=True),
+    sa.Column("last_sequence", sa.BigInteger(), nullable=False),
+)
+
+stages = sa.Table(
+    "stages",
+    metadata,
+    sa.Column(
+        "run_id",
+        key_type(),
+        sa.ForeignKey("runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("stage_id", key_type(), primary_key=True),
+    sa.Column("ordinal", sa.Integer(), nullable=False),
+    sa.Column("execution_group", sa.Integer(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempt", sa.Integer(), nullable=False),
+    sa.Column("output", json_type(), nullable=True),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("retryable", sa.Boolean(), nullable=True),
+    sa.Column("started_at", UtcDateTime(), nullable=True),
+    sa.Column("completed_at", UtcDateTime(), nullable=True),
+    sa.Column("suspended_state", json_type(), nullable=True),
+    sa.Column("next_poll_at", UtcDateTime(), nullable=True),
+    sa.Column("poll_interval", Duration(), nullable=True),
+    sa.Column("suspend_deadline", UtcDateTime(), nullable=True),
+    sa.Column("resume_state", json_type(), nullable=True),
+    sa.Column("job_id", key_type(), nullable=True),
+    sa.Column("version", sa.Integer(), nullable=False),
+    # due_suspended_stages: SUSPENDED by next_poll_at.
+    sa.Index("ix_stages_status_next_poll_at", "status", "next_poll_at"),
+)
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    # The enqueue order (Job.sequence) is the surrogate key: autoincrement on both dialects.
+    sa.Column("seq", big_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("id", key_type(), nullable=False, unique=True),
+    sa.Column("run_id", key_type(), nullable=False),
+    sa.Column("workflow_id", key_type(), nullable=False),
+    sa.Column("stage_id", key_type(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("max_attempts", sa.Integer(), nullable=False),
+    sa.Column("next_poll_at", UtcDateTime(), nullable=False),
+    sa.Column("enqueued_at", UtcDateTime(), nullable=False),
+    sa.Column("worker_id", sa.String(), nullable=True),
+    sa.Column("heartbeat_at", UtcDateTime(), nullable=True),
+    sa.Column("last_error", sa.Text(), nullable=True),
+    # dequeue: QUEUED, priority desc, due first, FIFO.
+    sa.Index("ix_jobs_dequeue", "status", sa.desc("priority"), "next_poll_at", "seq"),
+    # stale_leases: LEASED by heartbeat.
+    sa.Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
+    sa.Index("ix_jobs_run_id", "run_id"),
+    # Never reuse a deleted rowid: the sequence is an ordering guarantee.
+    sqlite_autoincrement=True,
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", big_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", key_type(), nullable=False),
+    sa.Column("sequence", sa.BigInteger(), nullable=False),
+    sa.Column("event_type", sa.String(64), nullable=False),
+    sa.Column("event", json_type(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("published", sa.Boolean(), nullable=False),
+    sa.Column("dead_lettered", sa.Boolean(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("last_error", sa.Text(), nullable=True),
+    sa.Column("published_at", UtcDateTime(), nullable=True),
+    # Per-run, gap-free order: also the read path of events_for_run.
+    sa.UniqueConstraint("run_id", "sequence"),
+    # unpublished_events / dead_lettered_events.
+    sa.Index("ix_outbox_pending", "published", "dead_lettered", "id"),
+    sqlite_autoincrement=True,
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("key", key_type(), primary_key=True),
+    sa.Column("command_type", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("result", json_type(), nullable=True),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+)
+
+logs = sa.Table(
+    "logs",
+    metadata,
+    sa.Column("id", big_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", key_type(), nullable=False),
+    sa.Column("stage_id", key_type(), nullable=True),
+    sa.Column("level", sa.String(16), nullable=False),
+    sa.Column("message", sa.Text(), nullable=False),
+    sa.Column("fields", json_type(), nullable=False),
+    sa.Column("timestamp", UtcDateTime(), nullable=False),
+    sa.Index("ix_logs_run_id_id", "run_id", "id"),
+)
+
+annotations = sa.Table(
+    "annotations",
+    metadata,
+    sa.Column("seq", big_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("id", key_type(), nullable=False, unique=True),
+    sa.Column("run_id", key_type(), nullable=False),
+    sa.Column("attributes", json_type(), nullable=False),
+    sa.Column("actor", sa.String(), nullable=True),
+    sa.Column("scope", sa.String(), nullable=True),
+    sa.Column("stage_id", key_type(), nullable=True),
+    sa.Column("idempotency_key", key_type(), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.UniqueConstraint("run_id", "idempotency_key"),
+    sa.Index("ix_annotations_run_id_seq", "run_id", "seq"),
+)
+
+blobs = sa.Table(
+    "blobs",
+    metadata,
+    sa.Column("key", key_type(), primary_key=True),
+    sa.Column("data", sa.LargeBinary(), nullable=False),
+    sa.Column("size", sa.BigInteger(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+# -- code workflows (used by the durable-execution layer) --------------------------
+
+journal = sa.Table(
+    "journal",
+    metadata,
+    # One row per durable boundary of a code workflow, keyed by (step name, occurrence);
+    # ``position`` is the order the body reached them, which replay checks for determinism.
+    sa.Column("id", big_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", key_type(), nullable=False),
+    sa.Column("position", sa.Integer(), nullable=False),
+    sa.Column("step_name", key_type(), nullable=False),
+    sa.Column("occurrence", sa.Integer(), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False),
+    sa.Column("input", json_type(), nullable=True),
+    sa.Column("result", json_type(), nullable=True),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("idempotency_key", key_type(), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("completed_at", UtcDateTime(), nullable=True),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.UniqueConstraint("run_id", "step_name", "occurrence"),
+    sa.UniqueConstraint("run_id", "position"),
+)
+
+signal_inbox = sa.Table(
+    "signal_inbox",
+    metadata,
+    # Signals and updates delivered to a run, consumed in arrival order by name.
+    sa.Column("id", big_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", key_type(), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("name", key_type(), nullable=False),
+    sa.Column("payload", json_type(), nullable=True),
+    sa.Column("update_id", key_type(), nullable=True),
+    sa.Column("reply", json_type(), nullable=True),
+    sa.Column("idempotency_key", key_type(), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("consumed_at", UtcDateTime(), nullable=True),
+    sa.Column("consumed_by_step", key_type(), nullable=True),
+    sa.UniqueConstraint("run_id", "idempotency_key"),
+    sa.Index("ix_signal_inbox_run_id_name_id", "run_id", "name", "id"),
+)
+
+timers = sa.Table(
+    "timers",
+    metadata,
+    # Durable sleeps and wait timeouts: the maintenance tick fires the due ones.
+    sa.Column("id", big_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", key_type(), nullable=False),
+    sa.Column("step_name", key_type(), nullable=False),
+    sa.Column("occurrence", sa.Integer(), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("fire_at", UtcDateTime(), nullable=False),
+    sa.Column("payload", json_type(), nullable=True),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("fired_at", UtcDateTime(), nullable=True),
+    sa.UniqueConstraint("run_id", "step_name", "occurrence"),
+    sa.Index("ix_timers_fired_at_fire_at", "fired_at", "fire_at"),
+)
+
+__all__ = [
+    "VERSION_TABLE",
+    "annotations",
+    "blobs",
+    "idempotency_keys",
+    "jobs",
+    "journal",
+    "logs",
+    "metadata",
+    "outbox",
+    "run_event_seq",
+    "runs",
+    "signal_inbox",
+    "stages",
+    "timers",
+]

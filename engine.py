@@ -1,0 +1,617 @@
+"""``Engine``: the client facade of DESIGN.md §3.3.
+
+A thin layer over the kernel and the ports ``open_backend`` picks for a URL.
+It adds what an application needs and the kernel deliberately lacks: argument
+checks that name the argument, waiting for a run's result, tailing a run's
+events, and an in-process worker that a ``start`` wakes at once. Every state
+change is still one kernel command, so a run started here is indistinguishable
+from one started by the CLI or another process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import ValidationError as PydanticValidationError
+
+from treadle.kernel import commands as c
+from treadle.kernel.annotations import validate_attributes
+from treadle.kernel.definitions import WorkflowDefinition
+from treadle.kernel.errors import (
+    NotSupportedError,
+    RunCancelledError,
+    RunFailedError,
+    TreadleError,
+    TreadleValidationError,
+)
+from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
+from treadle.kernel.model import Annotation, JsonValue, LogRecord, Run, RunFilter, RunStatus
+from treadle.runtime.backends import Backend, open_backend
+from treadle.runtime.worker import Worker
+
+if TYPE_CHECKING:
+    from treadle.kernel.events import EventBase
+    from treadle.ports import Clock, EventSink, IdGenerator, KernelPlugin
+
+__all__ = ["Engine", "RunHandle"]
+
+C = TypeVar("C", bound=c.CommandBase)
+
+_ARGUMENT_NAMES = {"workflow_run_id": "run_id", "from_stage_id": "stage_id"}
+"""Command fields whose facade argument has another name, so errors name the argument."""
+
+_RESULT_FIRST_POLL = 0.005
+_RESULT_MAX_POLL = 1.0
+
+
+def _invalid(argument: str, problem: str) -> TreadleValidationError:
+    return TreadleValidationError(f"{argument}: {problem}", [(argument, problem)])
+
+
+def _build(cls: type[C], method: str, **fields: Any) -> C:
+    """Construct a command, turning pydantic's error into one that names the argument."""
+    try:
+        return cls(**fields)
+    except PydanticValidationError as exc:
+        errors: list[tuple[str, str]] = []
+        for err in exc.errors():
+            loc = [str(part) for part in err.get("loc", ())]
+            if loc:
+                loc[0] = _ARGUMENT_NAMES.get(loc[0], loc[0])
+            errors.append((".".join(loc) or "<root>", str(err.get("msg", "invalid"))))
+        detail = "; ".join(f"{path}: {msg}" for path, msg in errors)
+        raise TreadleValidationError(
+            f"invalid argument to Engine.{method}: {detail}", errors
+        ) from None
+
+
+def _non_empty(value: Any, argument: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _invalid(argument, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _seconds(value: Any, argument: str, *, allow_zero: bool = True) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise _invalid(argument, f"must be seconds (a number) or a timedelta, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise _invalid(argument, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return seconds
+
+
+def _status(value: Any) -> RunStatus | None:
+    if value is None or isinstance(value, RunStatus):
+        return value
+    if isinstance(value, str):
+        try:
+            return RunStatus(value.upper())
+        except ValueError:
+            pass
+    allowed = ", ".join(s.value for s in RunStatus)
+    raise _invalid("status", f"must be one of {allowed}, got {value!r}")
+
+
+def _aware(value: Any, argument: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise _invalid(argument, f"must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        # Stored times are UTC-aware; a naive one cannot be compared without guessing.
+        raise _invalid(argument, "must be timezone-aware (e.g. datetime.now(UTC))")
+    return value
+
+
+def _count(value: Any, argument: str, *, minimum: int, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(argument, f"must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise _invalid(argument, f"must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _filter(
+    *,
+    status: Any,
+    workflow_id: Any,
+    created_after: Any,
+    created_before: Any,
+    attributes: Any,
+    limit: int = 50,
+    offset: int = 0,
+) -> RunFilter:
+    if workflow_id is not None:
+        _non_empty(workflow_id, "workflow_id")
+    attrs = dict(attributes) if isinstance(attributes, Mapping) else attributes
+    if attrs is not None:
+        validate_attributes(attrs, field="attributes")
+    return RunFilter(
+        status=_status(status),
+        workflow_id=workflow_id,
+        created_after=_aware(created_after, "created_after"),
+        created_before=_aware(created_before, "created_before"),
+        attributes=attrs or {},
+        limit=_count(limit, "limit", minimum=1, maximum=10_000),
+        offset=_count(offset, "offset", minimum=0, maximum=2**62),
+    )
+
+
+class RunHandle:
+    """A started run: ``run_id``, and ``await handle.result()`` for its output.
+
+    Holds no state beyond the id, so a handle made later (``engine.handle(run_id)``,
+    another process) behaves the same as the one ``start`` returned.
+    """
+
+    def __init__(self, engine: Engine, run_id: str) -> None:
+        self.engine = engine
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id!r})"
+
+    async def get(self) -> Run:
+        """The run as stored now, with its stages."""
+        return await self.engine.get_run(self.run_id)
+
+    async def cancel(self, reason: str | None = None) -> bool:
+        return await self.engine.cancel(self.run_id, reason=reason)
+
+    async def result(self, timeout: float | timedelta | None = None) -> Any:  # noqa: ASYNC109 - binding API name (DESIGN §3.3)
+        """Wait until the run is terminal: its output if COMPLETED, ``RunFailedError``
+        or ``RunCancelledError`` otherwise, ``TimeoutError`` once ``timeout`` seconds
+        pass first (the run keeps going).
+
+        Polls storage with a capped backoff, so it works whichever process or worker
+        executes the run; a short run answers within milliseconds.
+        """
+        limit = None if timeout is None else _seconds(timeout, "timeout")
+        deadline = None if limit is None else time.monotonic() + limit
+        delay = _RESULT_FIRST_POLL
+        while True:
+            run = await self.engine.get_run(self.run_id, with_stages=False)
+            if run.status is RunStatus.COMPLETED:
+                return run.output
+            if run.status is RunStatus.FAILED:
+                raise RunFailedError(run.id, run.error)
+            if run.status is RunStatus.CANCELLED:
+                raise RunCancelledError(run.id, run.error)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"run {run.id!r} is still {run.status.value} after {limit:g}s"
+                    )
+                delay = min(delay, remaining)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESULT_MAX_POLL)
+
+
+class Engine:
+    """The application's entry point: ``await Engine.open(url, workflows=[...])``.
+
+    Construct directly from a kernel (``Engine(kernel)``) to put the facade over ports
+    wired by hand; ``Engine.open`` builds the ports from a URL and owns them.
+    """
+
+    def __init__(self, kernel: Kernel, backend: Backend | None = None) -> None:
+        self.kernel = kernel
+        self.backend = backend
+        self._workers: weakref.WeakSet[Worker] = weakref.WeakSet()
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        workflows: Iterable[WorkflowDefinition] = (),
+        *,
+        auto_migrate: bool = False,
+        blob_root: str | os.PathLike[str] | None = None,
+        clock: Clock | None = None,
+        event_sink: EventSink | None = None,
+        ids: IdGenerator | None = None,
+        plugins: Iterable[KernelPlugin] = (),
+        settings: KernelSettings | None = None,
+        logger: Any = None,
+        **engine_options: Any,
+    ) -> Engine:
+        """Open the backend ``url`` names (``memory://``, ``sqlite:///file.db``,
+        ``postgresql+psycopg://...``) and register ``workflows``.
+
+        A SQLite file is created and migrated; a PostgreSQL schema must already be at
+        head (``treadle migrate``) unless ``auto_migrate=True``.
+        """
+        _non_empty(url, "url")
+        definitions = _definitions(workflows)
+        backend = await open_backend(
+            url,
+            blob_root=blob_root,
+            auto_migrate=auto_migrate,
+            clock=clock,
+            event_sink=event_sink,
+            **engine_options,
+        )
+        try:
+            if logger is None:
+                from treadle.adapters.logging import structlog_logger
+
+                logger = structlog_logger()
+            kernel = create_kernel(
+                persistence=backend.persistence,
+                job_transport=backend.job_transport,
+                blob_store=backend.blob_store,
+                event_sink=backend.event_sink,
+                scheduler=backend.scheduler,
+                clock=backend.clock,
+                registry=definitions,
+                ids=ids,
+                plugins=plugins,
+                settings=settings,
+                logger=logger,
+            )
+        except BaseException:
+            await backend.close()
+            raise
+        return cls(kernel, backend)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop in-process workers (draining their jobs) and release the backend.
+        Idempotent; an ``Engine(kernel)`` built by hand leaves the ports to its caller."""
+        if self._closed:
+            return
+        self._closed = True
+        workers = builtins.list(self._workers)
+        await asyncio.gather(*(w.stop() for w in workers))
+        if self.backend is not None:
+            await self.backend.close()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TreadleError("this Engine is closed")
+
+    def worker(self, concurrency: int = 8, **options: Any) -> Worker:
+        """An in-process ``Worker`` on this engine's kernel, for small apps and tests:
+        ``async with engine.worker(concurrency=4): ...``. Runs started through this
+        engine wake it at once. ``options`` are ``Worker``'s (``worker_id``,
+        ``orchestration_interval``, ``job_poll_interval``, ``stale_lease_threshold``, ...).
+        """
+        self._check_open()
+        _count(concurrency, "concurrency", minimum=1, maximum=10_000)
+        worker = Worker(self.kernel, concurrency=concurrency, **options)
+        self._workers.add(worker)
+        return worker
+
+    def _notify(self) -> None:
+        for worker in builtins.list(self._workers):
+            if worker.running:
+                worker.notify()
+
+    # -- starting and steering runs -------------------------------------------------------
+    async def start(
+        self,
+        workflow_id: str,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        priority: int = 5,
+        config: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        search_attributes: Mapping[str, Any] | None = None,
+    ) -> RunHandle:
+        """Create a run (PENDING); a worker claims it. With ``idempotency_key``, starting
+        again returns the first run instead of creating another. Invalid input or config
+        raises a ``TreadleValidationError`` naming the field, and nothing is written."""
+        self._check_open()
+        command = _build(
+            c.RunCreate,
+            "start",
+            workflow_id=_non_empty(workflow_id, "workflow_id"),
+            input=input,
+            idempotency_key=idempotency_key,
+            priority=_count(priority, "priority", minimum=0, maximum=100),
+            config=_mapping(config, "config"),
+            run_id=run_id,
+            search_attributes=_mapping(search_attributes, "search_attributes"),
+        )
+        result = await self.kernel.dispatch(command)
+        self._notify()
+        return RunHandle(self, result.workflow_run_id)
+
+    async def start_or_signal(
+        self,
+        workflow_id: str,
+        input: Any,
+        signal: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        priority: int = 5,
+        config: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        search_attributes: Mapping[str, Any] | None = None,
+    ) -> RunHandle:
+        """Signal-with-start: deliver ``signal`` to the run with this idempotency key,
+        starting it first if there is none (code workflows; pipelines refuse it)."""
+        self._check_open()
+        command = _build(
+            c.RunCreate,
+            "start_or_signal",
+            workflow_id=_non_empty(workflow_id, "workflow_id"),
+            input=input,
+            idempotency_key=idempotency_key,
+            priority=_count(priority, "priority", minimum=0, maximum=100),
+            config=_mapping(config, "config"),
+            run_id=run_id,
+            search_attributes=_mapping(search_attributes, "search_attributes"),
+            signal=c.SignalSpec(name=_non_empty(signal, "signal"), payload=payload),
+        )
+        result = await self.kernel.dispatch(command)
+        self._notify()
+        return RunHandle(self, result.workflow_run_id)
+
+    def handle(self, run_id: str) -> RunHandle:
+        """A handle for an existing run (checked when used, not here)."""
+        return RunHandle(self, _non_empty(run_id, "run_id"))
+
+    async def cancel(self, run_id: str, reason: str | None = None) -> bool:
+        """Cancel the run now; ``False`` if it had already finished."""
+        self._check_open()
+        command = _build(c.RunCancel, "cancel", workflow_run_id=run_id, reason=reason)
+        return (await self.kernel.dispatch(command)).cancelled
+
+    async def rerun_from(self, run_id: str, stage_id: str) -> c.RunRerunFromResult:
+        """Reset ``stage_id`` and every later stage of a finished run and run them again;
+        the result lists the reset stages. ``await engine.handle(run_id).result()``
+        waits for the new outcome."""
+        self._check_open()
+        command = _build(
+            c.RunRerunFrom, "rerun_from", workflow_run_id=run_id, from_stage_id=stage_id
+        )
+        result = await self.kernel.dispatch(command)
+        self._notify()
+        return result
+
+    async def signal(
+        self, run_id: str, name: str, payload: Any = None, *, idempotency_key: str | None = None
+    ) -> bool:
+        """Deliver a signal to a waiting code workflow; ``True`` once it is in the inbox."""
+        self._check_open()
+        command = _build(
+            c.RunSignal,
+            "signal",
+            workflow_run_id=run_id,
+            name=name,
+            payload=payload,
+            idempotency_key=idempotency_key,
+        )
+        result = await self.kernel.dispatch(command)
+        self._notify()
+        return result.delivered
+
+    async def update(
+        self, run_id: str, name: str, payload: Any = None, *, idempotency_key: str | None = None
+    ) -> JsonValue:
+        """Send an update to a code workflow and return its reply."""
+        self._check_open()
+        command = _build(
+            c.RunUpdate,
+            "update",
+            workflow_run_id=run_id,
+            name=name,
+            payload=payload,
+            idempotency_key=idempotency_key,
+        )
+        result = await self.kernel.dispatch(command)
+        self._notify()
+        return result.reply
+
+    async def decide_review(
+        self,
+        run_id: str,
+        review_id: str,
+        decision: Literal["approved", "rejected"],
+        *,
+        reviewer: str | None = None,
+        comment: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> bool:
+        """Record a reviewer's decision (``"approved"`` / ``"rejected"``) and wake the run."""
+        self._check_open()
+        command = _build(
+            c.ReviewDecide,
+            "decide_review",
+            workflow_run_id=run_id,
+            review_id=review_id,
+            decision=decision,
+            reviewer=reviewer,
+            comment=comment,
+            idempotency_key=idempotency_key,
+        )
+        result = await self.kernel.dispatch(command)
+        self._notify()
+        return result.recorded
+
+    async def query(self, run_id: str, name: str) -> JsonValue:
+        """Read state a code workflow published with ``ctx.publish``.
+
+        There is no kernel command for it yet, and stage pipelines publish no state, so
+        this answers ``NotSupportedError`` (after checking that the run exists)."""
+        _non_empty(name, "name")
+        run = await self.get_run(run_id, with_stages=False)
+        kind = self.kernel.deps.workflow(run.workflow_id).kind
+        if kind == "pipeline":
+            raise NotSupportedError(
+                f"query {name!r} is not supported for stage pipelines "
+                f"(workflow {run.workflow_id!r} is a pipeline)"
+            )
+        raise NotSupportedError(f"query {name!r}: queries on {kind} workflows are not available")
+
+    async def annotate(
+        self,
+        run_id: str,
+        attributes: Mapping[str, JsonValue],
+        *,
+        actor: str | None = None,
+        scope: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Annotation:
+        """Attach a provenance record; its attributes become search attributes that
+        ``list(attributes=...)`` filters on. A repeated ``idempotency_key`` is a no-op."""
+        self._check_open()
+        _non_empty(run_id, "run_id")
+        return await self.kernel.annotations.attach(
+            run_id, attributes, actor=actor, scope=scope, idempotency_key=idempotency_key
+        )
+
+    # -- reading ------------------------------------------------------------------------
+    async def get_run(self, run_id: str, *, with_stages: bool = True) -> Run:
+        """The run with its stages; ``RunNotFoundError`` if there is none."""
+        self._check_open()
+        return await self.kernel.get_run(_non_empty(run_id, "run_id"), with_stages=with_stages)
+
+    async def list(
+        self,
+        status: str | RunStatus | None = None,
+        workflow_id: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        attributes: Mapping[str, JsonValue] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> builtins.list[Run]:
+        """Runs matching every given filter, newest first (without stages).
+        ``created_after`` is inclusive, ``created_before`` exclusive."""
+        self._check_open()
+        query = _filter(
+            status=status,
+            workflow_id=workflow_id,
+            created_after=created_after,
+            created_before=created_before,
+            attributes=attributes,
+            limit=limit,
+            offset=offset,
+        )
+        return await self.kernel.list_runs(query)
+
+    async def aggregate(
+        self,
+        by: Literal["status", "workflow_id"] = "status",
+        *,
+        status: str | RunStatus | None = None,
+        workflow_id: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        attributes: Mapping[str, JsonValue] | None = None,
+    ) -> dict[str, int]:
+        """Run counts per status or per workflow id over the filtered runs; groups
+        with no runs are absent."""
+        self._check_open()
+        if by not in ("status", "workflow_id"):
+            raise _invalid("by", f"must be 'status' or 'workflow_id', got {by!r}")
+        query = _filter(
+            status=status,
+            workflow_id=workflow_id,
+            created_after=created_after,
+            created_before=created_before,
+            attributes=attributes,
+        )
+        async with self.kernel.deps.persistence.transaction() as tx:
+            counts = await tx.count_runs(by, query)
+        return dict(sorted(counts.items()))
+
+    async def events(
+        self,
+        run_id: str,
+        *,
+        follow: bool = False,
+        poll_interval: float | timedelta = 0.5,
+        after_sequence: int = 0,
+    ) -> AsyncIterator[EventBase]:
+        """The run's events in sequence order, as typed models.
+
+        With ``follow=True`` keep tailing until the run is terminal and every event it
+        recorded has been yielded. Reads the outbox, so events appear as soon as they
+        commit, whether or not they have been published to the sink yet.
+        """
+        self._check_open()
+        interval = _seconds(poll_interval, "poll_interval", allow_zero=False)
+        seen = _count(after_sequence, "after_sequence", minimum=0, maximum=2**62)
+        await self.get_run(run_id, with_stages=False)  # RunNotFoundError before iterating
+        while True:
+            # Status first: a terminal status read before the events guarantees that the
+            # read below sees every event committed up to and with that status.
+            run = await self.kernel.get_run(run_id, with_stages=False) if follow else None
+            for event in await self.kernel.events(run_id, seen):
+                seen = max(seen, event.sequence)
+                yield event
+            if run is None or run.status.terminal:
+                return
+            await asyncio.sleep(interval)
+
+    async def annotations(
+        self,
+        run_id: str,
+        *,
+        key: str | None = None,
+        key_prefix: str | None = None,
+        scope: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[Annotation]:
+        self._check_open()
+        return await self.kernel.annotations.list(
+            _non_empty(run_id, "run_id"), key=key, key_prefix=key_prefix, scope=scope, limit=limit
+        )
+
+    async def logs(self, run_id: str) -> builtins.list[LogRecord]:
+        """Log lines stages wrote with ``ctx.log``, in order."""
+        self._check_open()
+        async with self.kernel.deps.persistence.transaction() as tx:
+            return await tx.get_logs(_non_empty(run_id, "run_id"))
+
+
+def _mapping(value: Any, argument: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _invalid(argument, f"must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _definitions(workflows: Any) -> builtins.list[WorkflowDefinition]:
+    if isinstance(workflows, WorkflowDefinition):
+        workflows = [workflows]
+    if not isinstance(workflows, Iterable) or isinstance(workflows, str | bytes | Mapping):
+        raise _invalid("workflows", f"must be a list of workflow definitions, got {workflows!r}")
+    out = builtins.list(workflows)
+    for index, wf in enumerate(out):
+        if not isinstance(wf, WorkflowDefinition):
+            raise _invalid(
+                f"workflows[{index}]",
+                f"must be a built workflow (WorkflowBuilder(...).build()), got {wf!r}",
+            )
+    return out

@@ -1,0 +1,71 @@
+"""The pure command kernel: definitions, commands, events, handlers and errors.
+
+Imports only the standard library and pydantic; ports are referenced as types only.
+"""
+
+from treadle.kernel.commands import COMMAND_TYPES, Command, CommandBase, ResultBase
+from treadle.kernel.context import CancellationToken, StageContext
+from treadle.kernel.definitions import (
+    BatchStageDefinition,
+    Failed,
+    NotReady,
+    Ready,
+    StageDefinition,
+    Suspend,
+    WorkflowBuilder,
+    WorkflowDefinition,
+    define_batch_stage,
+    define_stage,
+)
+from treadle.kernel.events import Event, EventBase, parse_event
+from treadle.kernel.ids import SequentialIds, Uuid7Ids
+from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
+from treadle.kernel.model import (
+    Annotation,
+    Job,
+    JobStatus,
+    Run,
+    RunFilter,
+    RunStatus,
+    StageRun,
+    StageStatus,
+)
+from treadle.kernel.registry import Registry
+from treadle.kernel.retry import RetryPolicy
+
+__all__ = [
+    "COMMAND_TYPES",
+    "Annotation",
+    "BatchStageDefinition",
+    "CancellationToken",
+    "Command",
+    "CommandBase",
+    "Event",
+    "EventBase",
+    "Failed",
+    "Job",
+    "JobStatus",
+    "Kernel",
+    "KernelSettings",
+    "NotReady",
+    "Ready",
+    "Registry",
+    "ResultBase",
+    "RetryPolicy",
+    "Run",
+    "RunFilter",
+    "RunStatus",
+    "SequentialIds",
+    "StageContext",
+    "StageDefinition",
+    "StageRun",
+    "StageStatus",
+    "Suspend",
+    "Uuid7Ids",
+    "WorkflowBuilder",
+    "WorkflowDefinition",
+    "create_kernel",
+    "define_batch_stage",
+    "define_stage",
+    "parse_event",
+]

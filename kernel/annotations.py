@@ -1,0 +1,128 @@
+"""Annotations: provenance records on a run whose attributes are also its search
+attributes (what ``Engine.list(attributes=...)`` filters on)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from treadle.kernel.errors import TreadleValidationError
+from treadle.kernel.events import AnnotationCreated
+from treadle.kernel.handlers.common import load_run
+from treadle.kernel.model import Annotation, JsonValue, evolve
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Deps
+    from treadle.ports import Transaction
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def validate_attributes(attributes: object, *, field: str = "attributes") -> None:
+    """Attribute keys are non-empty strings; values are JSON scalars (indexable)."""
+    if not isinstance(attributes, Mapping):
+        raise TreadleValidationError(f"{field}: must be a mapping", [(field, "not a mapping")])
+    for key, value in attributes.items():
+        if not isinstance(key, str) or key == "":
+            raise TreadleValidationError(
+                f"{field}: keys must be non-empty strings, got {key!r}", [(field, "bad key")]
+            )
+        if not isinstance(value, _SCALARS):
+            raise TreadleValidationError(
+                f"{field}.{key}: value must be a string, number, boolean or null, "
+                f"got {type(value).__name__}",
+                [(f"{field}.{key}", "not a JSON scalar")],
+            )
+
+
+async def attach_in_tx(
+    deps: Deps,
+    tx: Transaction,
+    run_id: str,
+    attributes: Mapping[str, JsonValue],
+    *,
+    actor: str | None = None,
+    scope: str | None = None,
+    stage_id: str | None = None,
+    idempotency_key: str | None = None,
+    causation_id: str | None = None,
+) -> Annotation:
+    validate_attributes(attributes)
+    if idempotency_key is not None:
+        existing = await tx.find_annotation(run_id, idempotency_key)
+        if existing is not None:
+            return existing
+    run = await load_run(tx, run_id)
+    now = deps.clock.now()
+    annotation = Annotation(
+        id=deps.ids.new_id(),
+        workflow_run_id=run_id,
+        attributes=dict(attributes),
+        actor=actor,
+        scope=scope,
+        stage_id=stage_id,
+        idempotency_key=idempotency_key,
+        created_at=now,
+    )
+    await tx.insert_annotations([annotation])
+    await tx.update_run(
+        evolve(run, {"search_attributes": {**run.search_attributes, **annotation.attributes}})
+    )
+    await tx.append_events(
+        [
+            AnnotationCreated(
+                workflow_run_id=run_id,
+                timestamp=now,
+                causation_id=causation_id,
+                annotation_id=annotation.id,
+                attributes=annotation.attributes,
+                actor=actor,
+                scope=scope,
+                stage_id=stage_id,
+            )
+        ]
+    )
+    return annotation
+
+
+class Annotations:
+    """``kernel.annotations.attach(...)`` / ``.list(...)``."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+
+    async def attach(
+        self,
+        run_id: str,
+        attributes: Mapping[str, JsonValue],
+        *,
+        actor: str | None = None,
+        scope: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Annotation:
+        """Attach in one transaction; a repeated ``idempotency_key`` returns the first."""
+        validate_attributes(attributes)
+        async with self._deps.persistence.transaction() as tx:
+            return await attach_in_tx(
+                self._deps,
+                tx,
+                run_id,
+                attributes,
+                actor=actor,
+                scope=scope,
+                idempotency_key=idempotency_key,
+            )
+
+    async def list(
+        self,
+        run_id: str,
+        *,
+        key: str | None = None,
+        key_prefix: str | None = None,
+        scope: str | None = None,
+        limit: int = 100,
+    ) -> list[Annotation]:
+        async with self._deps.persistence.transaction() as tx:
+            return await tx.list_annotations(
+                run_id, key=key, key_prefix=key_prefix, scope=scope, limit=limit
+            )

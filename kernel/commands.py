@@ -1,0 +1,281 @@
+"""Commands (imperative requests to the kernel) and their typed results.
+
+Every command is a frozen pydantic model with a ``Literal`` ``type``; the union
+``Command`` lets ``Kernel.dispatch`` accept a plain mapping and validate it.
+Duration fields are ``timedelta``; a bare number means seconds.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from treadle.kernel.model import JsonValue, RunStatus
+
+
+class CommandBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+
+class ResultBase(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# -- run.create -------------------------------------------------------------
+class SignalSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(min_length=1)
+    payload: JsonValue = None
+
+
+class RunCreate(CommandBase):
+    type: Literal["run.create"] = "run.create"
+    workflow_id: str = Field(min_length=1)
+    input: JsonValue = None
+    config: dict[str, JsonValue] = Field(default_factory=dict)
+    priority: int = Field(default=5, ge=0, le=100)
+    run_id: str | None = Field(default=None, min_length=1, max_length=128)
+    search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
+    signal: SignalSpec | None = None
+    parent_run_id: str | None = None
+
+
+class RunCreateResult(ResultBase):
+    workflow_run_id: str
+    status: RunStatus
+    created: bool = True
+
+
+# -- run.claimPending -------------------------------------------------------
+class RunClaimPending(CommandBase):
+    type: Literal["run.claimPending"] = "run.claimPending"
+    worker_id: str = Field(min_length=1)
+    max_claims: int = Field(default=10, ge=1, le=1000)
+
+
+class ClaimedRun(ResultBase):
+    workflow_run_id: str
+    workflow_id: str
+    job_ids: list[str]
+
+
+class RunClaimPendingResult(ResultBase):
+    claimed: list[ClaimedRun]
+
+
+# -- run.transition ---------------------------------------------------------
+class RunTransition(CommandBase):
+    type: Literal["run.transition"] = "run.transition"
+    workflow_run_id: str = Field(min_length=1)
+
+
+class RunTransitionResult(ResultBase):
+    action: Literal["advanced", "completed", "failed", "noop"]
+    next_group: int | None = None
+
+
+# -- run.cancel -------------------------------------------------------------
+class RunCancel(CommandBase):
+    type: Literal["run.cancel"] = "run.cancel"
+    workflow_run_id: str = Field(min_length=1)
+    reason: str | None = None
+
+
+class RunCancelResult(ResultBase):
+    cancelled: bool
+
+
+# -- run.rerunFrom ----------------------------------------------------------
+class RunRerunFrom(CommandBase):
+    type: Literal["run.rerunFrom"] = "run.rerunFrom"
+    workflow_run_id: str = Field(min_length=1)
+    from_stage_id: str = Field(min_length=1)
+
+
+class RunRerunFromResult(ResultBase):
+    workflow_run_id: str
+    from_stage_id: str
+    deleted_stages: list[str]
+
+
+# -- job.execute ------------------------------------------------------------
+class JobExecute(CommandBase):
+    type: Literal["job.execute"] = "job.execute"
+    job_id: str = Field(min_length=1)
+    worker_id: str = Field(min_length=1)
+
+
+class JobExecuteResult(ResultBase):
+    outcome: Literal["completed", "suspended", "failed"]
+    workflow_run_id: str | None = None
+    stage_id: str | None = None
+    output: JsonValue = None
+    error: str | None = None
+    next_poll_at: datetime | None = None
+    ghost: bool = False
+    retryable: bool = False
+
+
+# -- stage.pollSuspended ----------------------------------------------------
+class StagePollSuspended(CommandBase):
+    type: Literal["stage.pollSuspended"] = "stage.pollSuspended"
+    max_checks: int = Field(default=50, ge=1, le=10_000)
+
+
+class StagePollSuspendedResult(ResultBase):
+    checked: int
+    resumed: int
+    failed: int
+    resumed_workflow_run_ids: list[str]
+
+
+# -- lease.reapStale --------------------------------------------------------
+class LeaseReapStale(CommandBase):
+    type: Literal["lease.reapStale"] = "lease.reapStale"
+    stale_threshold: timedelta = timedelta(seconds=60)
+
+
+class LeaseReapStaleResult(ResultBase):
+    released: int
+    failed: int = 0
+
+
+# -- run.reapStuck ----------------------------------------------------------
+class RunReapStuck(CommandBase):
+    type: Literal["run.reapStuck"] = "run.reapStuck"
+    stuck_threshold: timedelta = timedelta(minutes=30)
+    max_runs: int = Field(default=100, ge=1)
+
+
+class RunReapStuckResult(ResultBase):
+    transitioned: int
+    failed: int
+
+
+# -- outbox -----------------------------------------------------------------
+class OutboxFlush(CommandBase):
+    type: Literal["outbox.flush"] = "outbox.flush"
+    max_events: int = Field(default=100, ge=1, le=10_000)
+
+
+class OutboxFlushResult(ResultBase):
+    published: int
+    failed: int = 0
+    dead_lettered: int = 0
+
+
+class PluginReplayDLQ(CommandBase):
+    type: Literal["plugin.replayDLQ"] = "plugin.replayDLQ"
+    max_events: int = Field(default=100, ge=1, le=10_000)
+
+
+class PluginReplayDLQResult(ResultBase):
+    replayed: int
+
+
+# -- messages (code workflows) ----------------------------------------------
+class RunSignal(CommandBase):
+    type: Literal["run.signal"] = "run.signal"
+    workflow_run_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    payload: JsonValue = None
+
+
+class RunSignalResult(ResultBase):
+    delivered: bool
+
+
+class RunUpdate(CommandBase):
+    type: Literal["run.update"] = "run.update"
+    workflow_run_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    payload: JsonValue = None
+
+
+class RunUpdateResult(ResultBase):
+    update_id: str
+    reply: JsonValue = None
+
+
+class ReviewDecide(CommandBase):
+    type: Literal["review.decide"] = "review.decide"
+    workflow_run_id: str = Field(min_length=1)
+    review_id: str = Field(min_length=1)
+    decision: Literal["approved", "rejected"]
+    reviewer: str | None = None
+    comment: str | None = None
+
+
+class ReviewDecideResult(ResultBase):
+    recorded: bool
+
+
+Command = Annotated[
+    RunCreate
+    | RunClaimPending
+    | RunTransition
+    | RunCancel
+    | RunRerunFrom
+    | JobExecute
+    | StagePollSuspended
+    | LeaseReapStale
+    | RunReapStuck
+    | OutboxFlush
+    | PluginReplayDLQ
+    | RunSignal
+    | RunUpdate
+    | ReviewDecide,
+    Field(discriminator="type"),
+]
+
+COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
+
+COMMAND_TYPES: dict[str, type[CommandBase]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (
+        RunCreate,
+        RunClaimPending,
+        RunTransition,
+        RunCancel,
+        RunRerunFrom,
+        JobExecute,
+        StagePollSuspended,
+        LeaseReapStale,
+        RunReapStuck,
+        OutboxFlush,
+        PluginReplayDLQ,
+        RunSignal,
+        RunUpdate,
+        ReviewDecide,
+    )
+}
+
+RESULT_TYPES: dict[str, type[ResultBase]] = {
+    "run.create": RunCreateResult,
+    "run.claimPending": RunClaimPendingResult,
+    "run.transition": RunTransitionResult,
+    "run.cancel": RunCancelResult,
+    "run.rerunFrom": RunRerunFromResult,
+    "job.execute": JobExecuteResult,
+    "stage.pollSuspended": StagePollSuspendedResult,
+    "lease.reapStale": LeaseReapStaleResult,
+    "run.reapStuck": RunReapStuckResult,
+    "outbox.flush": OutboxFlushResult,
+    "plugin.replayDLQ": PluginReplayDLQResult,
+    "run.signal": RunSignalResult,
+    "run.update": RunUpdateResult,
+    "review.decide": ReviewDecideResult,
+}
+
+
+def command_type(data: Any) -> str | None:
+    if isinstance(data, CommandBase):
+        return str(data.type)  # type: ignore[attr-defined]
+    if isinstance(data, dict):
+        value = data.get("type")
+        return value if isinstance(value, str) else None
+    return None

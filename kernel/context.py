@@ -1,0 +1,198 @@
+"""``StageContext``: what a stage body sees while it runs.
+
+The context never touches storage directly. Logs and annotations are buffered
+and committed with the stage's outcome; progress and heartbeats are handed to a
+runtime hook that the kernel flushes in small transactions of their own, so a
+stage body (sync in a thread or async) never blocks on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from treadle.kernel.errors import TreadleError
+from treadle.kernel.model import JsonValue
+
+if TYPE_CHECKING:
+    from treadle.kernel.definitions import WorkflowDefinition
+
+InT = TypeVar("InT")
+ConfigT = TypeVar("ConfigT")
+
+
+class MissingOutputError(TreadleError):
+    """``ctx.require`` named a stage whose output is not available."""
+
+
+class StageRuntime(Protocol):
+    """Hooks the kernel gives a running stage (progress, heartbeats, blobs)."""
+
+    def report_progress(self, fraction: float, message: str | None) -> None: ...
+
+    def heartbeat(self) -> None: ...
+
+    async def put_blob(self, key: str, data: bytes) -> None: ...
+
+    async def get_blob(self, key: str) -> bytes: ...
+
+    async def has_blob(self, key: str) -> bool: ...
+
+    async def list_blobs(self, prefix: str) -> list[str]: ...
+
+
+class CancellationToken:
+    """Cooperative cancellation: stage bodies poll ``ctx.cancelled`` or await ``wait()``."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self.reason: str | None = None
+
+    def cancel(self, reason: str | None = None) -> None:
+        self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+def artifact_prefix(run_id: str, stage_id: str) -> str:
+    return f"runs/{run_id}/stages/{stage_id}/artifacts/"
+
+
+class Artifacts:
+    """Named blobs of one stage in one run (``ctx.artifacts.put("page.png", data)``).
+
+    Keys are scoped to the run and stage so ``run.rerunFrom`` can delete exactly
+    the artifacts of the stages it resets. Text is stored UTF-8 encoded.
+    """
+
+    def __init__(self, runtime: StageRuntime, run_id: str, stage_id: str) -> None:
+        self._runtime = runtime
+        self._prefix = artifact_prefix(run_id, stage_id)
+        self._run_prefix = f"runs/{run_id}/stages/"
+
+    def _key(self, name: str, stage_id: str | None = None) -> str:
+        if not name or ("/" in name and name.startswith("/")):
+            raise ValueError(f"artifact name {name!r} is not valid")
+        if stage_id is not None:
+            return f"{self._run_prefix}{stage_id}/artifacts/{name}"
+        return self._prefix + name
+
+    async def put(self, name: str, data: bytes | str) -> str:
+        key = self._key(name)
+        await self._runtime.put_blob(key, data.encode() if isinstance(data, str) else data)
+        return key
+
+    async def get(self, name: str, *, stage_id: str | None = None) -> bytes:
+        """Read this stage's artifact, or another stage's of the same run."""
+        return await self._runtime.get_blob(self._key(name, stage_id))
+
+    async def has(self, name: str, *, stage_id: str | None = None) -> bool:
+        return await self._runtime.has_blob(self._key(name, stage_id))
+
+    async def list(self) -> list[str]:
+        return [k[len(self._prefix) :] for k in await self._runtime.list_blobs(self._prefix)]
+
+
+class BufferedLog:
+    __slots__ = ("fields", "level", "message", "timestamp")
+
+    def __init__(
+        self, level: str, message: str, fields: dict[str, Any], timestamp: datetime
+    ) -> None:
+        self.level = level
+        self.message = message
+        self.fields = fields
+        self.timestamp = timestamp
+
+
+class StageContext(Generic[InT, ConfigT]):
+    """Everything a stage body may use. Typed by its input and config models."""
+
+    def __init__(
+        self,
+        *,
+        input: InT,
+        config: ConfigT,
+        run_id: str,
+        workflow_id: str,
+        stage_id: str,
+        attempt: int,
+        idempotency_key: str,
+        outputs: Mapping[str, JsonValue],
+        workflow: WorkflowDefinition,
+        runtime: StageRuntime,
+        now: Callable[[], datetime],
+        resume_state: JsonValue = None,
+        cancelled: CancellationToken | None = None,
+    ) -> None:
+        self.input = input
+        self.config = config
+        self.run_id = run_id
+        self.workflow_id = workflow_id
+        self.stage_id = stage_id
+        self.attempt = attempt
+        self.idempotency_key = idempotency_key
+        self.resume_state = resume_state
+        self.cancelled = cancelled or CancellationToken()
+        self.artifacts = Artifacts(runtime, run_id, stage_id)
+        self._outputs = outputs
+        self._workflow = workflow
+        self._runtime = runtime
+        self._now = now
+        self.logs: list[BufferedLog] = []
+        self.annotations: list[tuple[dict[str, JsonValue], str | None, str | None]] = []
+
+    def require(self, stage_id: str) -> Any:
+        """An earlier stage's output, parsed into its output model; raises if absent."""
+        if stage_id not in self._outputs or self._outputs[stage_id] is None:
+            raise MissingOutputError(
+                f"stage {self.stage_id!r} requires output of {stage_id!r}, which is not available"
+            )
+        return self._parse(stage_id)
+
+    def optional(self, stage_id: str) -> Any:
+        """An earlier stage's output, or ``None`` if it has none."""
+        if self._outputs.get(stage_id) is None:
+            return None
+        return self._parse(stage_id)
+
+    def _parse(self, stage_id: str) -> Any:
+        raw = self._outputs[stage_id]
+        stage = self._workflow.stage(stage_id)
+        if stage is None:
+            return raw
+        return stage.output_adapter.validate_python(raw)
+
+    def log(self, level: str, message: str, **fields: Any) -> None:
+        """Buffered; committed with this attempt's outcome and echoed to structlog."""
+        self.logs.append(BufferedLog(level.lower(), message, fields, self._now()))
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report progress in [0, 1]; published as ``stage:progress`` without blocking."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress fraction must be within [0, 1], got {fraction}")
+        self._runtime.report_progress(fraction, message)
+
+    def heartbeat(self) -> None:
+        """Tell the transport this stage is alive so its lease is not reaped."""
+        self._runtime.heartbeat()
+
+    def annotate(
+        self,
+        attributes: Mapping[str, JsonValue],
+        *,
+        actor: str | None = None,
+        scope: str | None = None,
+    ) -> None:
+        """Attach provenance attributes, committed with the stage's outcome."""
+        self.annotations.append((dict(attributes), actor, scope))

@@ -1,0 +1,397 @@
+"""Stage and workflow definitions: ``define_stage``, ``define_batch_stage``, ``WorkflowBuilder``.
+
+A definition is an immutable recipe. ``WorkflowBuilder.build()`` checks it once
+(unique ids, declared dependencies, schema fit between adjacent groups) so that
+mistakes surface at import time with the stage named, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
+from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
+from treadle.kernel.model import JsonValue
+from treadle.kernel.retry import DEFAULT_RETRY, RetryPolicy
+
+if TYPE_CHECKING:
+    from treadle.kernel.context import StageContext
+
+
+class Suspend(BaseModel):
+    """Returned by a batch stage body: park the stage and poll ``check_completion`` later."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: JsonValue = None
+    poll_interval: timedelta = timedelta(seconds=30)
+    max_wait: timedelta = timedelta(hours=24)
+
+
+class Ready(BaseModel):
+    """The awaited work is done. With ``output`` the stage completes with it; without,
+    the body runs again and reads ``ctx.resume_state``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    output: Any = None
+
+
+class NotReady(BaseModel):
+    """Not done yet; poll again after the stage's poll interval."""
+
+    model_config = ConfigDict(frozen=True)
+
+    poll_interval: timedelta | None = None
+
+
+class Failed(BaseModel):
+    """The awaited work failed for good."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message: str
+
+
+CheckResult = Ready | NotReady | Failed
+StageFn = Callable[["StageContext[Any, Any]"], Any]
+CheckFn = Callable[[Any, "StageContext[Any, Any]"], Awaitable[CheckResult] | CheckResult]
+
+_NO_INPUT = "none"
+
+
+def _is_async(fn: Any) -> bool:
+    """A coroutine function, or a callable object whose ``__call__`` is one (mocks)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+def _adapter(model: Any) -> TypeAdapter[Any] | None:
+    if model is None or model == _NO_INPUT:
+        return None
+    return TypeAdapter(model)
+
+
+@dataclass(frozen=True, eq=False)
+class StageDefinition:
+    """One stage: its function, schemas, retry policy and timeout."""
+
+    id: str
+    fn: StageFn
+    input_model: Any
+    output_model: Any
+    config_model: type[BaseModel] | None = None
+    name: str | None = None
+    retry: RetryPolicy = DEFAULT_RETRY
+    timeout: timedelta | None = None
+    requires: tuple[str, ...] = ()
+    is_async: bool = True
+    input_adapter: TypeAdapter[Any] | None = field(default=None, repr=False)
+    output_adapter: TypeAdapter[Any] = field(default=TypeAdapter(Any), repr=False)
+
+    @property
+    def is_batch(self) -> bool:
+        return False
+
+    @property
+    def reads_input(self) -> bool:
+        return self.input_adapter is not None
+
+    def validate_config(self, raw: Mapping[str, Any] | None) -> BaseModel | None:
+        if self.config_model is None:
+            if raw:
+                raise InvalidConfigError(
+                    f"config.{self.id}: stage {self.id!r} takes no config",
+                    [(f"config.{self.id}", "stage takes no config")],
+                )
+            return None
+        try:
+            return self.config_model.model_validate(dict(raw or {}))
+        except PydanticValidationError as exc:
+            raise InvalidConfigError.from_pydantic(
+                f"invalid config for stage {self.id!r}", exc, prefix=f"config.{self.id}"
+            ) from None
+
+    def with_fn(self, fn: StageFn) -> StageDefinition:
+        """A copy running ``fn`` instead (used by ``TestEngine.mock_stage``)."""
+        import dataclasses
+
+        return dataclasses.replace(self, fn=fn, is_async=_is_async(fn))
+
+
+@dataclass(frozen=True, eq=False)
+class BatchStageDefinition(StageDefinition):
+    """A stage whose body may return ``Suspend``; ``check_completion`` polls it."""
+
+    checks: list[CheckFn] = field(default_factory=list, repr=False)
+
+    @property
+    def is_batch(self) -> bool:
+        return True
+
+    @property
+    def check_fn(self) -> CheckFn | None:
+        return self.checks[0] if self.checks else None
+
+    def check_completion(self, fn: CheckFn) -> CheckFn:
+        """Decorator registering ``async def check(state, ctx) -> Ready | NotReady | Failed``."""
+        self.checks[:] = [fn]
+        return fn
+
+    def with_fn(self, fn: StageFn) -> StageDefinition:
+        import dataclasses
+
+        return dataclasses.replace(self, fn=fn, is_async=_is_async(fn), checks=self.checks)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _stage_kwargs(
+    fn: Callable[..., Any],
+    id: str,
+    input: Any,
+    output: Any,
+    config: type[BaseModel] | None,
+    name: str | None,
+    retry: RetryPolicy | None,
+    timeout: timedelta | float | None,
+    requires: Iterable[str],
+) -> dict[str, Any]:
+    if not id or not isinstance(id, str):
+        raise DefinitionError("define_stage: id must be a non-empty string")
+    if output is None:
+        raise DefinitionError(f"stage {id!r}: output model is required")
+    if isinstance(timeout, int | float):
+        timeout = timedelta(seconds=timeout)
+    return {
+        "id": id,
+        "fn": fn,
+        "input_model": input,
+        "output_model": output,
+        "config_model": config,
+        "name": name or id,
+        "retry": retry or DEFAULT_RETRY,
+        "timeout": timeout,
+        "requires": tuple(requires),
+        "is_async": _is_async(fn),
+        "input_adapter": _adapter(input),
+        "output_adapter": TypeAdapter(output),
+    }
+
+
+def define_stage(
+    *,
+    id: str,
+    input: Any,
+    output: Any,
+    config: type[BaseModel] | None = None,
+    name: str | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: timedelta | float | None = None,
+    requires: Iterable[str] = (),
+) -> Callable[[StageFn], StageDefinition]:
+    """Decorate a sync or async ``fn(ctx)`` as a stage. ``input="none"`` reads only
+    earlier outputs through ``ctx.require``."""
+
+    def wrap(fn: StageFn) -> StageDefinition:
+        return StageDefinition(
+            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires)
+        )
+
+    return wrap
+
+
+def define_batch_stage(
+    *,
+    id: str,
+    input: Any,
+    output: Any,
+    config: type[BaseModel] | None = None,
+    name: str | None = None,
+    retry: RetryPolicy | None = None,
+    timeout: timedelta | float | None = None,
+    requires: Iterable[str] = (),
+) -> Callable[[StageFn], BatchStageDefinition]:
+    """Like ``define_stage``; the body may return ``Suspend(...)`` and the stage's
+    ``.check_completion`` decorator registers the poll function."""
+
+    def wrap(fn: StageFn) -> BatchStageDefinition:
+        return BatchStageDefinition(
+            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires)
+        )
+
+    return wrap
+
+
+@dataclass(frozen=True, eq=False)
+class WorkflowDefinition:
+    """A built, validated workflow: ordered execution groups of stages."""
+
+    id: str
+    version: str
+    input_model: Any
+    groups: tuple[tuple[StageDefinition, ...], ...]
+    description: str | None = None
+    kind: Literal["pipeline", "code"] = "pipeline"
+    input_adapter: TypeAdapter[Any] = field(default=TypeAdapter(Any), repr=False)
+    stages: dict[str, StageDefinition] = field(default_factory=dict, repr=False)
+    group_of: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def stage(self, stage_id: str) -> StageDefinition | None:
+        return self.stages.get(stage_id)
+
+    def validate_input(self, data: Any) -> JsonValue:
+        """Validate run input; returns its JSON form. Raises ``InvalidInputError``."""
+        try:
+            value = self.input_adapter.validate_python(data)
+        except PydanticValidationError as exc:
+            raise InvalidInputError.from_pydantic(
+                f"invalid input for workflow {self.id!r}", exc, prefix="input"
+            ) from None
+        return self.input_adapter.dump_python(value, mode="json")
+
+    def validate_config(self, config: Mapping[str, Any] | None) -> dict[str, JsonValue]:
+        """Validate each stage's config, fill defaults; returns the JSON form per stage."""
+        config = dict(config or {})
+        unknown = sorted(set(config) - set(self.stages))
+        if unknown:
+            raise InvalidConfigError(
+                f"config names unknown stage(s) {unknown} of workflow {self.id!r}",
+                [(f"config.{name}", "no such stage") for name in unknown],
+            )
+        out: dict[str, JsonValue] = {}
+        for stage_id, stage in self.stages.items():
+            model = stage.validate_config(config.get(stage_id))
+            if model is not None:
+                out[stage_id] = model.model_dump(mode="json")
+        return out
+
+    def group_output(self, group: int, outputs: Mapping[str, JsonValue]) -> JsonValue:
+        """A group's output as the next group sees it: the single stage's output, or a
+        dict keyed by stage id for a parallel group."""
+        stages = self.groups[group]
+        if len(stages) == 1:
+            return outputs.get(stages[0].id)
+        return {s.id: outputs.get(s.id) for s in stages}
+
+
+def _required_fields(model: Any) -> set[str] | None:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return {name for name, f in model.model_fields.items() if f.is_required()}
+    return None
+
+
+def _field_names(model: Any) -> set[str] | None:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return set(model.model_fields)
+    return None
+
+
+class WorkflowBuilder:
+    """Fluent builder: ``WorkflowBuilder(id, input=Model).pipe(a).parallel([b, c]).build()``."""
+
+    def __init__(
+        self,
+        id: str,
+        *,
+        input: Any,
+        description: str | None = None,
+        version: str = "1",
+    ) -> None:
+        self._id = id
+        self._input = input
+        self._description = description
+        self._version = str(version)
+        self._groups: list[tuple[StageDefinition, ...]] = []
+
+    def pipe(self, stage: StageDefinition) -> WorkflowBuilder:
+        """Append a group of one stage."""
+        self._check_stage(stage)
+        self._groups.append((stage,))
+        return self
+
+    def parallel(self, stages: Sequence[StageDefinition]) -> WorkflowBuilder:
+        """Append a group whose stages run concurrently; the next group gets a dict."""
+        if not stages:
+            raise DefinitionError(f"workflow {self._id!r}: parallel() needs at least one stage")
+        for stage in stages:
+            self._check_stage(stage)
+        self._groups.append(tuple(stages))
+        return self
+
+    def _check_stage(self, stage: Any) -> None:
+        if not isinstance(stage, StageDefinition):
+            raise DefinitionError(
+                f"workflow {self._id!r}: {stage!r} is not a stage; decorate it with define_stage"
+            )
+
+    def build(self) -> WorkflowDefinition:
+        if not self._id:
+            raise DefinitionError("workflow id must be a non-empty string")
+        if not self._groups:
+            raise DefinitionError(f"workflow {self._id!r} has no stages")
+        stages: dict[str, StageDefinition] = {}
+        group_of: dict[str, int] = {}
+        for index, group in enumerate(self._groups):
+            for stage in group:
+                if stage.id in stages:
+                    raise DefinitionError(f"workflow {self._id!r}: duplicate stage id {stage.id!r}")
+                stages[stage.id] = stage
+                group_of[stage.id] = index
+        for stage_id, stage in stages.items():
+            for dep in stage.requires:
+                if dep not in stages:
+                    raise DefinitionError(
+                        f"workflow {self._id!r}: stage {stage_id!r} requires missing stage {dep!r}"
+                    )
+                if group_of[dep] >= group_of[stage_id]:
+                    raise DefinitionError(
+                        f"workflow {self._id!r}: stage {stage_id!r} requires {dep!r}, which runs "
+                        f"in group {group_of[dep]}, not before group {group_of[stage_id]}"
+                    )
+        self._check_schemas()
+        return WorkflowDefinition(
+            id=self._id,
+            version=self._version,
+            input_model=self._input,
+            groups=tuple(self._groups),
+            description=self._description,
+            input_adapter=TypeAdapter(self._input),
+            stages=stages,
+            group_of=group_of,
+        )
+
+    def _check_schemas(self) -> None:
+        """Where both sides are pydantic models, the next stage's required input fields
+        must exist in what the previous group produces."""
+        for index, group in enumerate(self._groups):
+            if index == 0:
+                provided = _field_names(self._input)
+                source = "the workflow input"
+            elif len(self._groups[index - 1]) == 1:
+                prev = self._groups[index - 1][0]
+                provided = _field_names(prev.output_model)
+                source = f"stage {prev.id!r}"
+            else:
+                provided = {s.id for s in self._groups[index - 1]}
+                source = f"parallel group {index - 1}"
+            if provided is None:
+                continue
+            for stage in group:
+                if not stage.reads_input:
+                    continue
+                required = _required_fields(stage.input_model)
+                missing = sorted((required or set()) - provided)
+                if missing:
+                    raise DefinitionError(
+                        f"workflow {self._id!r}: stage {stage.id!r} needs input field(s) "
+                        f"{missing} that {source} does not produce"
+                    )

@@ -1,0 +1,220 @@
+"""Every error Treadle raises, under one root.
+
+Callers catch by family, not by message. Each class carries a stable ``code``
+(its class name) and says on the type whether retrying can help.
+
+::
+
+    TreadleError
+    ├── TreadleValidationError            bad input; nothing was written
+    │   ├── InvalidCommandError           a command mapping or field is wrong
+    │   ├── InvalidInputError             run input does not match the workflow's model
+    │   ├── InvalidConfigError            stage config does not match its model
+    │   ├── InvalidPayloadError           signal / update / decision payload is wrong
+    │   └── OutputValidationError         a stage returned the wrong shape (never retried)
+    ├── DefinitionError                   a workflow or stage definition is inconsistent
+    ├── UnknownCommandError               no handler for a command type
+    ├── NotSupportedError                 the command does not apply to this kind of workflow
+    ├── NotFoundError
+    │   ├── WorkflowNotFoundError
+    │   ├── RunNotFoundError
+    │   ├── StageNotFoundError
+    │   └── JobNotFoundError
+    ├── ConflictError
+    │   ├── DuplicateError                a unique key already exists (both SQL dialects)
+    │   ├── ConcurrencyError              an optimistic ``version`` check lost a race (retryable)
+    │   ├── InvalidStateError             the run or stage is not in a state that allows this
+    │   └── IdempotencyInProgressError    the same key is executing right now (retryable)
+    ├── StageError                        raised *inside* stage bodies
+    │   ├── NonRetryableError             user code: fail this stage without retrying
+    │   ├── StageTimeoutError             a stage body ran past its timeout
+    │   └── SuspendTimeoutError           a suspended stage waited past ``max_wait``
+    ├── RunFailedError                    awaited a run's result; the run FAILED
+    ├── RunCancelledError                 awaited a run's result; the run was CANCELLED
+    ├── WorkflowError                     code-workflow replay problems
+    │   ├── NonDeterminismError
+    │   └── VersionMismatchError
+    └── StorageError                      a driver failure, translated at the adapter boundary
+        └── TransientStorageError         connection lost, serialization failure (retryable)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+
+class TreadleError(Exception):
+    """Root of every Treadle error; ``code`` is stable across releases."""
+
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def code(self) -> str:
+        return type(self).__name__
+
+
+class TreadleValidationError(TreadleError):
+    """Input was rejected; ``errors`` lists ``(field path, problem)`` pairs."""
+
+    def __init__(self, message: str, errors: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.errors: list[tuple[str, str]] = list(errors)
+
+    @classmethod
+    def from_pydantic(cls, what: str, exc: Any, prefix: str = "") -> TreadleValidationError:
+        """Build from a ``pydantic.ValidationError`` so the message names each field."""
+        errors: list[tuple[str, str]] = []
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in err.get("loc", ()))
+            path = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "<root>")
+            errors.append((path, str(err.get("msg", "invalid"))))
+        detail = "; ".join(f"{path}: {msg}" for path, msg in errors)
+        return cls(f"{what}: {detail}", errors)
+
+
+class InvalidCommandError(TreadleValidationError):
+    """A command mapping has an unknown shape or a bad field."""
+
+
+class InvalidInputError(TreadleValidationError):
+    """Run input does not match the workflow's input model."""
+
+
+class InvalidConfigError(TreadleValidationError):
+    """A stage's config does not match its config model, or names an unknown stage."""
+
+
+class InvalidPayloadError(TreadleValidationError):
+    """A signal, update or review payload is malformed."""
+
+
+class OutputValidationError(TreadleValidationError):
+    """A stage returned a value that does not match its output model."""
+
+
+class DefinitionError(TreadleError):
+    """A workflow or stage definition is inconsistent (raised at build time)."""
+
+
+class UnknownCommandError(TreadleError):
+    """The kernel has no handler for this command type."""
+
+
+class NotSupportedError(TreadleError):
+    """The command exists but does not apply to this workflow's kind."""
+
+
+class NotFoundError(TreadleError):
+    """Something named by id does not exist."""
+
+
+class WorkflowNotFoundError(NotFoundError):
+    """The registry has no workflow with this id (deploy lag, typo)."""
+
+    retryable = True
+
+
+class RunNotFoundError(NotFoundError):
+    """No run with this id."""
+
+
+class StageNotFoundError(NotFoundError):
+    """The workflow has no stage with this id."""
+
+
+class JobNotFoundError(NotFoundError):
+    """No job with this id in the transport."""
+
+
+class ConflictError(TreadleError):
+    """The request conflicts with the current stored state."""
+
+
+class DuplicateError(ConflictError):
+    """A row with the same unique key already exists."""
+
+
+class ConcurrencyError(ConflictError):
+    """An optimistic version check failed: someone else updated the row first."""
+
+    retryable = True
+
+
+class InvalidStateError(ConflictError):
+    """The run or stage is not in a state that allows the operation."""
+
+
+class IdempotencyInProgressError(ConflictError):
+    """A command with the same idempotency key is still executing."""
+
+    retryable = True
+
+
+class StageError(TreadleError):
+    """Errors meant to be raised from, or about, stage bodies."""
+
+
+class NonRetryableError(StageError):
+    """Raise from a stage body to fail the stage at once, ignoring the retry policy."""
+
+
+class StageTimeoutError(StageError):
+    """The stage body ran longer than its ``timeout``."""
+
+    retryable = True
+
+
+class SuspendTimeoutError(StageError):
+    """A suspended stage was not ready within its ``max_wait``."""
+
+
+class RunFailedError(TreadleError):
+    """``handle.result()`` on a run that FAILED; ``run_id`` and ``error`` say which and why."""
+
+    def __init__(self, run_id: str, error: str | None) -> None:
+        super().__init__(f"run {run_id!r} failed: {error}")
+        self.run_id = run_id
+        self.error = error
+
+
+class RunCancelledError(TreadleError):
+    """``handle.result()`` on a run that was CANCELLED."""
+
+    def __init__(self, run_id: str, reason: str | None) -> None:
+        super().__init__(f"run {run_id!r} was cancelled" + (f": {reason}" if reason else ""))
+        self.run_id = run_id
+        self.reason = reason
+
+
+class WorkflowError(TreadleError):
+    """Code-workflow replay problems."""
+
+
+class NonDeterminismError(WorkflowError):
+    """The workflow body reached a different step than its journal recorded."""
+
+
+class VersionMismatchError(WorkflowError):
+    """A run pinned to one version was resumed by code of another version."""
+
+
+class StorageError(TreadleError):
+    """A storage driver failed; the operation in flight did not commit."""
+
+
+class TransientStorageError(StorageError):
+    """Connection loss, serialization failure or injected chaos; retrying may succeed."""
+
+    retryable = True
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One line for an error column: ``Type: message``."""
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

@@ -1,0 +1,173 @@
+"""Domain events: past-tense facts appended to the outbox with each state change.
+
+Every event is a frozen pydantic model with a ``Literal`` ``type``; the union
+``Event`` parses stored JSON back into the same typed model (``parse_event``),
+so no adapter ever hands out raw dictionaries.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from treadle.kernel.model import JsonValue
+
+
+class EventBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workflow_run_id: str
+    sequence: int = 0
+    """Per-run, gap-free; assigned by persistence when the event is appended."""
+    causation_id: str | None = None
+    timestamp: datetime
+
+
+class WorkflowCreated(EventBase):
+    type: Literal["workflow:created"] = "workflow:created"
+    workflow_id: str
+    priority: int
+
+
+class WorkflowStarted(EventBase):
+    type: Literal["workflow:started"] = "workflow:started"
+    workflow_id: str
+    worker_id: str | None = None
+    rerun_from_stage_id: str | None = None
+
+
+class WorkflowSuspended(EventBase):
+    type: Literal["workflow:suspended"] = "workflow:suspended"
+
+
+class WorkflowCompleted(EventBase):
+    type: Literal["workflow:completed"] = "workflow:completed"
+    output: JsonValue = None
+    duration: timedelta | None = None
+
+
+class WorkflowFailed(EventBase):
+    type: Literal["workflow:failed"] = "workflow:failed"
+    error: str
+    stage_id: str | None = None
+    duration: timedelta | None = None
+
+
+class WorkflowCancelled(EventBase):
+    type: Literal["workflow:cancelled"] = "workflow:cancelled"
+    reason: str | None = None
+
+
+class StageStarted(EventBase):
+    type: Literal["stage:started"] = "stage:started"
+    stage_id: str
+    attempt: int
+    worker_id: str | None = None
+
+
+class StageProgress(EventBase):
+    type: Literal["stage:progress"] = "stage:progress"
+    stage_id: str
+    fraction: float
+    message: str | None = None
+
+
+class StageSuspended(EventBase):
+    type: Literal["stage:suspended"] = "stage:suspended"
+    stage_id: str
+    next_poll_at: datetime
+
+
+class StageCompleted(EventBase):
+    type: Literal["stage:completed"] = "stage:completed"
+    stage_id: str
+    attempt: int
+    output: JsonValue = None
+    duration: timedelta | None = None
+
+
+class StageFailed(EventBase):
+    type: Literal["stage:failed"] = "stage:failed"
+    stage_id: str
+    attempt: int
+    error: str
+    will_retry: bool = False
+    retry_at: datetime | None = None
+
+
+class SignalReceived(EventBase):
+    type: Literal["signal:received"] = "signal:received"
+    name: str
+    payload: JsonValue = None
+
+
+class ReviewRequested(EventBase):
+    type: Literal["review:requested"] = "review:requested"
+    review_id: str
+    review_type: str | None = None
+    reviewers: list[str] = Field(default_factory=list)
+
+
+class ReviewDecided(EventBase):
+    type: Literal["review:decided"] = "review:decided"
+    review_id: str
+    decision: str
+    reviewer: str | None = None
+
+
+class AnnotationCreated(EventBase):
+    type: Literal["annotation:created"] = "annotation:created"
+    annotation_id: str
+    attributes: dict[str, JsonValue]
+    actor: str | None = None
+    scope: str | None = None
+    stage_id: str | None = None
+
+
+Event = Annotated[
+    WorkflowCreated
+    | WorkflowStarted
+    | WorkflowSuspended
+    | WorkflowCompleted
+    | WorkflowFailed
+    | WorkflowCancelled
+    | StageStarted
+    | StageProgress
+    | StageSuspended
+    | StageCompleted
+    | StageFailed
+    | SignalReceived
+    | ReviewRequested
+    | ReviewDecided
+    | AnnotationCreated,
+    Field(discriminator="type"),
+]
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(data: Any) -> EventBase:
+    """Parse stored JSON (a mapping or a JSON string) into its typed event."""
+    if isinstance(data, str | bytes):
+        return EVENT_ADAPTER.validate_json(data)
+    return EVENT_ADAPTER.validate_python(data)
+
+
+def dump_event(event: EventBase) -> str:
+    """The JSON text adapters store; ``parse_event`` reverses it exactly."""
+    return event.model_dump_json()
+
+
+class OutboxRecord(BaseModel):
+    """An outbox row: the event plus its publication bookkeeping."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    event: Event
+    attempts: int = 0
+    published: bool = False
+    dead_lettered: bool = False
+    last_error: str | None = None

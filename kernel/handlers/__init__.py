@@ -1,0 +1,1 @@
+"""Command handlers, one module per concern; the table lives in ``kernel.kernel``."""

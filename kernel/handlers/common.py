@@ -1,0 +1,205 @@
+"""Pieces several handlers share: building jobs, loading a run, the transition table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
+
+from treadle.kernel.definitions import WorkflowDefinition
+from treadle.kernel.errors import RunNotFoundError
+from treadle.kernel.events import (
+    EventBase,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowSuspended,
+)
+from treadle.kernel.model import Job, JsonValue, Run, RunStatus, StageRun, StageStatus, evolve
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Deps
+    from treadle.ports import Transaction
+
+
+async def load_run(tx: Transaction, run_id: str, *, for_update: bool = True) -> Run:
+    run = await tx.get_run(run_id, for_update=for_update)
+    if run is None:
+        raise RunNotFoundError(f"no run with id {run_id!r}")
+    return run
+
+
+def outputs_of(stages: Sequence[StageRun]) -> dict[str, JsonValue]:
+    return {s.stage_id: s.output for s in stages if s.status is StageStatus.COMPLETED}
+
+
+def new_jobs(
+    deps: Deps, run: Run, wf: WorkflowDefinition, stage_ids: Sequence[str], now: datetime
+) -> list[Job]:
+    jobs = []
+    for stage_id in stage_ids:
+        stage = wf.stages[stage_id]
+        jobs.append(
+            Job(
+                id=deps.ids.new_id(),
+                workflow_run_id=run.id,
+                workflow_id=run.workflow_id,
+                stage_id=stage_id,
+                priority=run.priority,
+                max_attempts=stage.retry.max_attempts,
+                next_poll_at=now,
+                enqueued_at=now,
+            )
+        )
+    return jobs
+
+
+async def enqueue_stages(
+    deps: Deps,
+    tx: Transaction,
+    run: Run,
+    wf: WorkflowDefinition,
+    stages: Sequence[StageRun],
+    now: datetime,
+) -> list[str]:
+    """Create one job per stage in the same transaction as the caller's state change.
+    (The stage learns its job id when the job starts executing.) Returns the job ids."""
+    jobs = new_jobs(deps, run, wf, [s.stage_id for s in stages], now)
+    await deps.job_transport.enqueue(tx, jobs)
+    return [j.id for j in jobs]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["advanced", "completed", "failed", "noop", "suspend"]
+    next_group: int | None = None
+    failed_stage: StageRun | None = None
+
+
+def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Decision:
+    """The transition table. Only a stage FAILED *for good* fails the run: a stage
+    waiting to retry is PENDING, so a parallel sibling's retry is never cut short."""
+    if run.status not in (RunStatus.RUNNING, RunStatus.SUSPENDED) or run.current_group < 0:
+        return Decision("noop")
+    for stage in stages:
+        if stage.status in (StageStatus.FAILED, StageStatus.CANCELLED):
+            return Decision("failed", failed_stage=stage)
+    current = [s for s in stages if s.execution_group <= run.current_group]
+    if all(s.status.succeeded for s in current):
+        if run.current_group >= len(wf.groups) - 1:
+            return Decision("completed")
+        return Decision("advanced", next_group=run.current_group + 1)
+    waiting = [s for s in current if not s.status.succeeded]
+    if run.status is RunStatus.RUNNING and all(s.status is StageStatus.SUSPENDED for s in waiting):
+        return Decision("suspend")
+    return Decision("noop")
+
+
+async def apply_transition(
+    deps: Deps,
+    tx: Transaction,
+    run: Run,
+    stages: list[StageRun],
+    wf: WorkflowDefinition,
+    now: datetime,
+    causation_id: str | None,
+) -> tuple[Decision, Run]:
+    """Carry out ``decide`` inside ``tx``: enqueue the next group, complete, fail, or
+    mark the run suspended. Returns the decision and the updated run."""
+    decision = decide(wf, run, stages)
+    events: list[EventBase] = []
+    if decision.action == "advanced":
+        assert decision.next_group is not None
+        group = [s for s in stages if s.execution_group == decision.next_group]
+        run = await tx.update_run(
+            evolve(
+                run,
+                {
+                    "current_group": decision.next_group,
+                    "updated_at": now,
+                    "status": RunStatus.RUNNING,
+                },
+            )
+        )
+        await enqueue_stages(deps, tx, run, wf, group, now)
+    elif decision.action == "completed":
+        output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))
+        run = await tx.update_run(
+            evolve(
+                run,
+                {
+                    "status": RunStatus.COMPLETED,
+                    "output": output,
+                    "completed_at": now,
+                    "updated_at": now,
+                },
+            )
+        )
+        events.append(
+            WorkflowCompleted(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=causation_id,
+                output=output,
+                duration=run.duration,
+            )
+        )
+    elif decision.action == "failed":
+        failed = decision.failed_stage
+        assert failed is not None
+        error = f"stage {failed.stage_id!r} {failed.status.value.lower()}: {failed.error or ''}"
+        run = await fail_run(
+            deps, tx, run, stages, error.rstrip(": "), now, causation_id, stage_id=failed.stage_id
+        )
+    elif decision.action == "suspend":
+        run = await tx.update_run(evolve(run, {"status": RunStatus.SUSPENDED, "updated_at": now}))
+        events.append(
+            WorkflowSuspended(workflow_run_id=run.id, timestamp=now, causation_id=causation_id)
+        )
+    if events:
+        await tx.append_events(events)
+    return decision, run
+
+
+async def fail_run(
+    deps: Deps,
+    tx: Transaction,
+    run: Run,
+    stages: Sequence[StageRun],
+    error: str,
+    now: datetime,
+    causation_id: str | None,
+    *,
+    stage_id: str | None = None,
+) -> Run:
+    """Terminal failure: record the error on the run, cancel whatever is still live."""
+    for stage in stages:
+        if not stage.status.terminal:
+            await tx.update_stage(
+                evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
+            )
+    await deps.job_transport.cancel_by_run(tx, run.id)
+    run = await tx.update_run(
+        evolve(
+            run,
+            {
+                "status": RunStatus.FAILED,
+                "error": error,
+                "completed_at": now,
+                "updated_at": now,
+            },
+        )
+    )
+    await tx.append_events(
+        [
+            WorkflowFailed(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=causation_id,
+                error=error,
+                stage_id=stage_id,
+                duration=run.duration,
+            )
+        ]
+    )
+    return run

@@ -1,0 +1,616 @@
+"""``job.execute``: run one stage in three phases.
+
+1. commit: the stage is RUNNING, its attempt counted, ``stage:started`` appended;
+2. run the stage body outside any transaction (sync bodies in a thread);
+3. commit the outcome (result, suspension, or failure with retry/backoff) together
+   with the job's new state, the buffered logs and annotations, and the run's
+   transition, unless the run was cancelled or the job re-leased meanwhile: then
+   the result is a ghost and is discarded.
+
+A job that cannot even be started (workflow missing from this worker's registry,
+storage failure) is released with backoff or failed, never left leased forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import ValidationError as PydanticValidationError
+
+from treadle.kernel import commands as c
+from treadle.kernel.context import CancellationToken, StageContext
+from treadle.kernel.definitions import StageDefinition, Suspend, WorkflowDefinition
+from treadle.kernel.errors import (
+    InvalidInputError,
+    JobNotFoundError,
+    NonRetryableError,
+    OutputValidationError,
+    StageTimeoutError,
+    describe_exception,
+)
+from treadle.kernel.events import (
+    EventBase,
+    StageCompleted,
+    StageFailed,
+    StageProgress,
+    StageStarted,
+    StageSuspended,
+)
+from treadle.kernel.handlers.common import apply_transition, load_run, outputs_of
+from treadle.kernel.handlers.effects import commit_stage_extras
+from treadle.kernel.model import (
+    Job,
+    JobStatus,
+    JsonValue,
+    Run,
+    RunStatus,
+    StageRun,
+    StageStatus,
+    evolve,
+)
+from treadle.kernel.retry import DEFAULT_RETRY
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Deps, Scope
+    from treadle.ports import Transaction
+
+
+@dataclass
+class _Started:
+    job: Job
+    run: Run
+    stage: StageRun
+    wf: WorkflowDefinition
+    definition: StageDefinition
+    stages: list[StageRun]
+
+
+@dataclass
+class _Outcome:
+    kind: str  # "completed" | "suspended" | "failed"
+    output: JsonValue = None
+    suspend: Suspend | None = None
+    error: BaseException | None = None
+
+
+class _Runtime:
+    """Progress and heartbeats from a running stage, flushed off the body's path."""
+
+    def __init__(self, deps: Deps, started: _Started, worker_id: str) -> None:
+        self._deps = deps
+        self._started = started
+        self._worker_id = worker_id
+        self._loop = asyncio.get_running_loop()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._latest_progress: tuple[float, str | None] | None = None
+        self.lost_lease = False
+
+    def _spawn(self, coro_fn: Any) -> None:
+        def start() -> None:
+            task = self._loop.create_task(coro_fn())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            start()
+        else:  # called from a sync stage running in a worker thread
+            self._loop.call_soon_threadsafe(start)
+
+    def report_progress(self, fraction: float, message: str | None) -> None:
+        self._latest_progress = (fraction, message)
+        self._spawn(self._flush_progress)
+
+    async def _flush_progress(self) -> None:
+        progress, self._latest_progress = self._latest_progress, None
+        if progress is None:  # a newer report already flushed this one
+            return
+        s = self._started
+        try:
+            async with self._deps.persistence.transaction() as tx:
+                await tx.append_events(
+                    [
+                        StageProgress(
+                            workflow_run_id=s.run.id,
+                            stage_id=s.stage.stage_id,
+                            timestamp=self._deps.clock.now(),
+                            fraction=progress[0],
+                            message=progress[1],
+                        )
+                    ]
+                )
+        except Exception as exc:  # progress is advisory; never fail the stage for it
+            self._deps.logger.warning("stage.progress_failed", error=describe_exception(exc))
+
+    def heartbeat(self) -> None:
+        self._spawn(self._beat)
+
+    async def _beat(self) -> None:
+        ok = await self._deps.job_transport.extend_lease(
+            self._started.job.id, self._worker_id, self._deps.clock.now()
+        )
+        if not ok:
+            self.lost_lease = True
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def put_blob(self, key: str, data: bytes) -> None:
+        await self._deps.blob_store.put(key, data)
+
+    async def get_blob(self, key: str) -> bytes:
+        return await self._deps.blob_store.get(key)
+
+    async def has_blob(self, key: str) -> bool:
+        return await self._deps.blob_store.has(key)
+
+    async def list_blobs(self, prefix: str) -> list[str]:
+        return await self._deps.blob_store.list(prefix)
+
+
+async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteResult:
+    try:
+        started_or_result = await _phase_start(deps, cmd, scope)
+    except JobNotFoundError:
+        raise
+    except Exception as exc:
+        await _release_after_error(deps, cmd, exc)
+        raise
+    if isinstance(started_or_result, c.JobExecuteResult):
+        return started_or_result
+    started = started_or_result
+    token = CancellationToken()
+    runtime = _Runtime(deps, started, cmd.worker_id)
+    ctx, outcome = _build_context(deps, started, runtime, token)
+    if outcome is None:
+        outcome = await _run_body(started.definition, ctx)
+    await runtime.drain()
+    try:
+        result = await _phase_commit(deps, cmd, scope, started, ctx, outcome)
+    except Exception as exc:
+        await _release_after_error(deps, cmd, exc)
+        raise
+    _log_outcome(deps, cmd, started, result)
+    return result
+
+
+def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecuteResult) -> None:
+    log = deps.logger.bind(
+        run_id=s.run.id,
+        stage_id=s.stage.stage_id,
+        worker_id=cmd.worker_id,
+        job_id=cmd.job_id,
+        attempt=s.stage.attempt,
+    )
+    if result.ghost:
+        log.warning("stage.result_discarded", reason=result.error)
+    elif result.outcome == "failed":
+        log.warning("stage.failed", error=result.error, will_retry=result.retryable)
+    else:
+        log.info(f"stage.{result.outcome}")
+
+
+async def _phase_start(
+    deps: Deps, cmd: c.JobExecute, scope: Scope
+) -> _Started | c.JobExecuteResult:
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.JobExecuteResult", cached)
+        job = await deps.job_transport.get(tx, cmd.job_id)
+        if job is None:
+            raise JobNotFoundError(f"no job with id {cmd.job_id!r}")
+        if job.status is not JobStatus.LEASED or job.worker_id != cmd.worker_id:
+            result = c.JobExecuteResult(
+                outcome="failed",
+                workflow_run_id=job.workflow_run_id,
+                stage_id=job.stage_id,
+                ghost=True,
+                error=f"job is {job.status.value}, not leased by {cmd.worker_id!r}",
+            )
+            await scope.complete(tx, result)
+            return result
+        run = await tx.get_run(job.workflow_run_id, for_update=True)
+        stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
+        if run is None or stage is None or run.status.terminal or stage.status.terminal:
+            # Cancelled (or finished by another execution) before we started: nothing to do.
+            await deps.job_transport.complete(tx, job.id)
+            state = run.status.value if run is not None else "missing"
+            result = c.JobExecuteResult(
+                outcome="failed",
+                workflow_run_id=job.workflow_run_id,
+                stage_id=job.stage_id,
+                ghost=True,
+                error=f"run is {state}; stage not executed",
+            )
+            await scope.complete(tx, result)
+            return result
+        wf = deps.workflow(run.workflow_id)
+        definition = wf.stage(stage.stage_id)
+        if definition is None:
+            from treadle.kernel.errors import StageNotFoundError
+
+            raise StageNotFoundError(
+                f"workflow {wf.id!r} version {wf.version} has no stage {stage.stage_id!r}"
+            )
+        stage = await tx.update_stage(
+            evolve(
+                stage,
+                {
+                    "status": StageStatus.RUNNING,
+                    "attempt": stage.attempt + 1,
+                    "started_at": stage.started_at or now,
+                    "error": None,
+                    "retryable": None,
+                    "job_id": job.id,
+                },
+            )
+        )
+        events: list[EventBase] = [
+            StageStarted(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=scope.causation_id,
+                stage_id=stage.stage_id,
+                attempt=stage.attempt,
+                worker_id=cmd.worker_id,
+            )
+        ]
+        if run.status is RunStatus.SUSPENDED:
+            run = await tx.update_run(evolve(run, {"status": RunStatus.RUNNING, "updated_at": now}))
+        await tx.append_events(events)
+        stages = await tx.get_stages(run.id)
+    return _Started(job, run, stage, wf, definition, stages)
+
+
+def _build_context(
+    deps: Deps, s: _Started, runtime: _Runtime, token: CancellationToken
+) -> tuple[StageContext[Any, Any], _Outcome | None]:
+    """The stage's validated input and config; a bad input is a non-retryable failure."""
+    outputs = outputs_of(s.stages)
+    group = s.stage.execution_group
+    raw_input = s.run.input if group == 0 else s.wf.group_output(group - 1, outputs)
+    failure: _Outcome | None = None
+    value: Any = None
+    if s.definition.input_adapter is not None:
+        try:
+            value = s.definition.input_adapter.validate_python(raw_input)
+        except PydanticValidationError as exc:
+            err = InvalidInputError.from_pydantic(
+                f"stage {s.stage.stage_id!r} input does not match its model", exc, prefix="input"
+            )
+            failure = _Outcome("failed", error=err)
+    config = None
+    if s.definition.config_model is not None:
+        config = s.definition.config_model.model_validate(s.run.config.get(s.stage.stage_id, {}))
+    ctx: StageContext[Any, Any] = StageContext(
+        input=value,
+        config=config,
+        run_id=s.run.id,
+        workflow_id=s.run.workflow_id,
+        stage_id=s.stage.stage_id,
+        attempt=s.stage.attempt,
+        idempotency_key=f"{s.run.id}:{s.stage.stage_id}",
+        outputs=outputs,
+        workflow=s.wf,
+        runtime=runtime,
+        now=deps.clock.now,
+        resume_state=s.stage.resume_state,
+        cancelled=token,
+    )
+    return ctx, failure
+
+
+async def _run_body(definition: StageDefinition, ctx: StageContext[Any, Any]) -> _Outcome:
+    """Run the body; business failures become an ``_Outcome``, never an exception."""
+    try:
+        if definition.is_async:
+            pending: Any = definition.fn(ctx)
+        else:
+            pending = asyncio.to_thread(definition.fn, ctx)
+        if definition.timeout is not None:
+            value = await asyncio.wait_for(pending, definition.timeout.total_seconds())
+        else:
+            value = await pending
+    except TimeoutError:
+        err: Exception = StageTimeoutError(
+            f"stage {definition.id!r} exceeded its timeout of {definition.timeout}"
+        )
+        return _Outcome("failed", error=err)
+    except Exception as exc:
+        return _Outcome("failed", error=exc)
+    if isinstance(value, Suspend):
+        if not definition.is_batch:
+            err = NonRetryableError(
+                f"stage {definition.id!r} returned Suspend but is not a batch stage "
+                "(use define_batch_stage)"
+            )
+            return _Outcome("failed", error=err)
+        return _Outcome("suspended", suspend=value)
+    try:
+        return _Outcome("completed", output=validate_output(definition, value))
+    except OutputValidationError as exc:
+        return _Outcome("failed", error=exc)
+
+
+def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
+    """Check a stage's return value against its output model; returns its JSON form."""
+    try:
+        model = definition.output_adapter.validate_python(value)
+    except PydanticValidationError as exc:
+        raise OutputValidationError.from_pydantic(
+            f"stage {definition.id!r} returned output that does not match its model",
+            exc,
+            prefix="output",
+        ) from None
+    return definition.output_adapter.dump_python(model, mode="json")
+
+
+def _is_current(
+    job: Job | None, stage: StageRun | None, run: Run | None, s: _Started, worker_id: str
+) -> bool:
+    """Whether this execution still owns the stage (the duplicate-completion guard)."""
+    return (
+        job is not None
+        and stage is not None
+        and run is not None
+        and not run.status.terminal
+        and job.status is JobStatus.LEASED
+        and job.worker_id == worker_id
+        and job.attempts == s.job.attempts
+        and stage.status is StageStatus.RUNNING
+        and stage.attempt == s.stage.attempt
+    )
+
+
+async def _phase_commit(
+    deps: Deps,
+    cmd: c.JobExecute,
+    scope: Scope,
+    s: _Started,
+    ctx: StageContext[Any, Any],
+    outcome: _Outcome,
+) -> c.JobExecuteResult:
+    now = deps.clock.now()
+    run_id, stage_id = s.run.id, s.stage.stage_id
+    async with deps.persistence.transaction() as tx:
+        job = await deps.job_transport.get(tx, s.job.id)
+        run = await tx.get_run(run_id, for_update=True)
+        stage = await tx.get_stage(run_id, stage_id)
+        if not _is_current(job, stage, run, s, cmd.worker_id):
+            result = c.JobExecuteResult(
+                outcome=cast("Any", outcome.kind),
+                workflow_run_id=run_id,
+                stage_id=stage_id,
+                ghost=True,
+                error="result discarded: run cancelled or stage taken over by another attempt",
+            )
+            await scope.complete(tx, result)
+            return result
+        assert stage is not None
+        assert run is not None
+        if outcome.kind == "completed":
+            result = await _commit_completed(deps, tx, scope, s, stage, outcome.output, now)
+        elif outcome.kind == "suspended":
+            assert outcome.suspend is not None
+            result = await _commit_suspended(deps, tx, scope, s, stage, outcome.suspend, now)
+        else:
+            assert outcome.error is not None
+            result = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
+        await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
+        if ctx.annotations:  # annotations merged search attributes: the run has moved on
+            run = await load_run(tx, run_id)
+        stages = await tx.get_stages(run_id)
+        await apply_transition(deps, tx, run, stages, s.wf, now, scope.causation_id)
+        await scope.complete(tx, result)
+    return result
+
+
+async def _commit_completed(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    s: _Started,
+    stage: StageRun,
+    output: JsonValue,
+    now: datetime,
+) -> c.JobExecuteResult:
+    await tx.update_stage(
+        evolve(
+            stage,
+            {
+                "status": StageStatus.COMPLETED,
+                "output": output,
+                "completed_at": now,
+                "suspended_state": None,
+                "next_poll_at": None,
+            },
+        )
+    )
+    await deps.job_transport.complete(tx, s.job.id)
+    await tx.append_events(
+        [
+            StageCompleted(
+                workflow_run_id=stage.workflow_run_id,
+                timestamp=now,
+                causation_id=scope.causation_id,
+                stage_id=stage.stage_id,
+                attempt=stage.attempt,
+                output=output,
+                duration=now - stage.started_at if stage.started_at else None,
+            )
+        ]
+    )
+    return c.JobExecuteResult(
+        outcome="completed",
+        workflow_run_id=stage.workflow_run_id,
+        stage_id=stage.stage_id,
+        output=output,
+    )
+
+
+async def _commit_suspended(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    s: _Started,
+    stage: StageRun,
+    suspend: Suspend,
+    now: datetime,
+) -> c.JobExecuteResult:
+    next_poll = now + suspend.poll_interval
+    await tx.update_stage(
+        evolve(
+            stage,
+            {
+                "status": StageStatus.SUSPENDED,
+                "suspended_state": suspend.state,
+                "next_poll_at": next_poll,
+                "poll_interval": suspend.poll_interval,
+                "suspend_deadline": now + suspend.max_wait,
+            },
+        )
+    )
+    await deps.job_transport.suspend(tx, s.job.id, next_poll)
+    await tx.append_events(
+        [
+            StageSuspended(
+                workflow_run_id=stage.workflow_run_id,
+                timestamp=now,
+                causation_id=scope.causation_id,
+                stage_id=stage.stage_id,
+                next_poll_at=next_poll,
+            )
+        ]
+    )
+    return c.JobExecuteResult(
+        outcome="suspended",
+        workflow_run_id=stage.workflow_run_id,
+        stage_id=stage.stage_id,
+        next_poll_at=next_poll,
+    )
+
+
+async def _commit_failed(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    s: _Started,
+    stage: StageRun,
+    error: BaseException,
+    now: datetime,
+) -> c.JobExecuteResult:
+    policy = s.definition.retry
+    message = describe_exception(error)
+    retry = policy.allows_another(stage.attempt, error)
+    retry_at = now + policy.delay_for(
+        stage.attempt, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
+    )
+    if retry:
+        await tx.update_stage(
+            evolve(stage, {"status": StageStatus.PENDING, "error": message, "retryable": True})
+        )
+        await deps.job_transport.requeue(tx, s.job.id, retry_at, error=message)
+    else:
+        await tx.update_stage(
+            evolve(
+                stage,
+                {
+                    "status": StageStatus.FAILED,
+                    "error": message,
+                    "retryable": False,
+                    "completed_at": now,
+                },
+            )
+        )
+        await deps.job_transport.fail(tx, s.job.id, message)
+    await tx.append_events(
+        [
+            StageFailed(
+                workflow_run_id=stage.workflow_run_id,
+                timestamp=now,
+                causation_id=scope.causation_id,
+                stage_id=stage.stage_id,
+                attempt=stage.attempt,
+                error=message,
+                will_retry=retry,
+                retry_at=retry_at if retry else None,
+            )
+        ]
+    )
+    return c.JobExecuteResult(
+        outcome="failed",
+        workflow_run_id=stage.workflow_run_id,
+        stage_id=stage.stage_id,
+        error=message,
+        retryable=retry,
+        next_poll_at=retry_at if retry else None,
+    )
+
+
+async def _release_after_error(deps: Deps, cmd: c.JobExecute, exc: BaseException) -> None:
+    """Best effort after an unexpected error: requeue the job with backoff, or fail it
+    (and its stage) when attempts are exhausted. If storage is down too, the lease
+    expires and ``lease.reapStale`` does the same later."""
+    now = deps.clock.now()
+    message = describe_exception(exc)
+    try:
+        async with deps.persistence.transaction() as tx:
+            job = await deps.job_transport.get(tx, cmd.job_id)
+            if job is None or job.status is not JobStatus.LEASED or job.worker_id != cmd.worker_id:
+                return
+            wf = deps.registry.get_workflow(job.workflow_id)
+            definition = wf.stage(job.stage_id) if wf is not None else None
+            policy = definition.retry if definition is not None else DEFAULT_RETRY
+            stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
+            if job.attempts >= job.max_attempts:
+                await deps.job_transport.fail(tx, job.id, message)
+                if stage is not None and not stage.status.terminal:
+                    await tx.update_stage(
+                        evolve(
+                            stage,
+                            {
+                                "status": StageStatus.FAILED,
+                                "error": message,
+                                "retryable": False,
+                                "completed_at": now,
+                            },
+                        )
+                    )
+                    await tx.append_events(
+                        [
+                            StageFailed(
+                                workflow_run_id=job.workflow_run_id,
+                                timestamp=now,
+                                stage_id=job.stage_id,
+                                attempt=stage.attempt,
+                                error=message,
+                            )
+                        ]
+                    )
+                    run = await tx.get_run(job.workflow_run_id, for_update=True)
+                    if run is not None and wf is not None:
+                        stages = await tx.get_stages(run.id)
+                        await apply_transition(deps, tx, run, stages, wf, now, None)
+            else:
+                retry_at = now + policy.delay_for(job.attempts, seed=job.id)
+                await deps.job_transport.requeue(tx, job.id, retry_at, error=message)
+                if stage is not None and stage.status is StageStatus.RUNNING:
+                    await tx.update_stage(
+                        evolve(stage, {"status": StageStatus.PENDING, "error": message})
+                    )
+    except Exception as second:
+        deps.logger.error(
+            "job.release_failed",
+            job_id=cmd.job_id,
+            error=describe_exception(second),
+            cause=message,
+        )

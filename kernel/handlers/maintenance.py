@@ -1,0 +1,141 @@
+"""Recovery sweeps: release leases of dead workers, and repair or fail stuck runs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from treadle.kernel import commands as c
+from treadle.kernel.events import StageFailed
+from treadle.kernel.handlers.common import apply_transition, enqueue_stages, fail_run
+from treadle.kernel.model import RunStatus, StageStatus, evolve
+from treadle.kernel.retry import DEFAULT_RETRY
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Deps, Scope
+
+
+async def reap_stale(deps: Deps, cmd: c.LeaseReapStale, scope: Scope) -> c.LeaseReapStaleResult:
+    """A leased job whose worker stopped heartbeating for ``stale_threshold`` is released
+    with backoff, or failed (with its stage) once it has used ``max_attempts``."""
+    now = deps.clock.now()
+    released = failed = 0
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.LeaseReapStaleResult", cached)
+        for job in await deps.job_transport.stale_leases(tx, now - cmd.stale_threshold):
+            message = (
+                f"lease expired: worker {job.worker_id!r} stopped heartbeating "
+                f"(attempt {job.attempts} of {job.max_attempts})"
+            )
+            stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
+            wf = deps.registry.get_workflow(job.workflow_id)
+            definition = wf.stage(job.stage_id) if wf is not None else None
+            policy = definition.retry if definition is not None else DEFAULT_RETRY
+            exhausted = job.attempts >= job.max_attempts
+            retry_at = now + policy.delay_for(
+                job.attempts, seed=f"{job.workflow_run_id}:{job.stage_id}"
+            )
+            if exhausted:
+                await deps.job_transport.fail(tx, job.id, message)
+                failed += 1
+            else:
+                await deps.job_transport.requeue(tx, job.id, retry_at, error=message)
+                released += 1
+            # A RUNNING stage goes back to PENDING or fails. A stage whose attempt never
+            # committed (still PENDING) fails too once its job is exhausted: else the
+            # run would wait forever on a stage that has no live job.
+            if stage is None or stage.status.terminal:
+                continue
+            if stage.status is not StageStatus.RUNNING and not exhausted:
+                continue
+            await tx.update_stage(
+                evolve(
+                    stage,
+                    {
+                        "status": StageStatus.FAILED if exhausted else StageStatus.PENDING,
+                        "error": message,
+                        "retryable": not exhausted,
+                        "completed_at": now if exhausted else None,
+                    },
+                )
+            )
+            await tx.append_events(
+                [
+                    StageFailed(
+                        workflow_run_id=job.workflow_run_id,
+                        timestamp=now,
+                        causation_id=scope.causation_id,
+                        stage_id=job.stage_id,
+                        attempt=stage.attempt,
+                        error=message,
+                        will_retry=not exhausted,
+                        retry_at=None if exhausted else retry_at,
+                    )
+                ]
+            )
+            run = await tx.get_run(job.workflow_run_id, for_update=True)
+            if exhausted and run is not None and wf is not None:
+                stages = await tx.get_stages(run.id)
+                await apply_transition(deps, tx, run, stages, wf, now, scope.causation_id)
+        result = c.LeaseReapStaleResult(released=released, failed=failed)
+        await scope.complete(tx, result)
+    return result
+
+
+async def reap_stuck(deps: Deps, cmd: c.RunReapStuck, scope: Scope) -> c.RunReapStuckResult:
+    """For RUNNING runs idle past ``stuck_threshold``: apply a transition that was missed,
+    re-enqueue stages of the current group that have no live job (the sweep), and
+    fail runs that have nothing live and nothing to re-enqueue."""
+    now = deps.clock.now()
+    transitioned = failed = 0
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.RunReapStuckResult", cached)
+        idle = await tx.runs_inactive_since(
+            RunStatus.RUNNING, now - cmd.stuck_threshold, cmd.max_runs
+        )
+        for run in idle:
+            wf = deps.registry.get_workflow(run.workflow_id)
+            if wf is None:
+                continue
+            stages = await tx.get_stages(run.id)
+            decision, updated = await apply_transition(
+                deps, tx, run, stages, wf, now, scope.causation_id
+            )
+            if decision.action != "noop":
+                transitioned += 1
+                continue
+            live = {j.stage_id for j in await deps.job_transport.live_jobs(tx, run.id)}
+            orphans = [
+                s
+                for s in stages
+                if s.execution_group <= run.current_group
+                and s.status in (StageStatus.PENDING, StageStatus.RUNNING)
+                and s.stage_id not in live
+            ]
+            if orphans:
+                reset = [
+                    await tx.update_stage(evolve(s, {"status": StageStatus.PENDING}))
+                    for s in orphans
+                ]
+                await enqueue_stages(deps, tx, updated, wf, reset, now)
+                await tx.update_run(evolve(updated, {"updated_at": now}))
+                transitioned += 1
+            elif not live:
+                await fail_run(
+                    deps,
+                    tx,
+                    updated,
+                    stages,
+                    f"run stuck: no activity since {run.updated_at.isoformat()} and no live job",
+                    now,
+                    scope.causation_id,
+                )
+                failed += 1
+            else:
+                await tx.update_run(evolve(updated, {"updated_at": now}))
+        result = c.RunReapStuckResult(transitioned=transitioned, failed=failed)
+        await scope.complete(tx, result)
+    return result

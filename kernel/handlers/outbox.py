@@ -1,0 +1,96 @@
+"""``outbox.flush`` and ``plugin.replayDLQ``: publish committed events in per-run order.
+
+Events are read in one transaction, published outside it (a slow sink never
+holds a lock), and their fate recorded in a second. A run whose event fails stops
+publishing for this flush (fail-fast), so its consumers never see a later event
+before an earlier one; after ``outbox_max_attempts`` failures the event goes to
+the dead-letter queue and the run's later events flow again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from treadle.kernel import commands as c
+from treadle.kernel.errors import describe_exception
+from treadle.kernel.events import EventBase, OutboxRecord
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Deps, Scope
+
+
+async def _publish(deps: Deps, event: EventBase) -> None:
+    await deps.event_sink.publish(event)
+    for plugin in deps.plugins:
+        await plugin.on_event(event)
+
+
+async def flush(deps: Deps, cmd: c.OutboxFlush, scope: Scope) -> c.OutboxFlushResult:
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.OutboxFlushResult", cached)
+        batch = await tx.unpublished_events(cmd.max_events)
+    published: list[int] = []
+    failures: list[tuple[OutboxRecord, str, bool]] = []
+    blocked: set[str] = set()
+    for record in batch:
+        run_id = record.event.workflow_run_id
+        if run_id in blocked:
+            continue
+        try:
+            await _publish(deps, record.event)
+        except Exception as exc:
+            dead = record.attempts + 1 >= deps.settings.outbox_max_attempts
+            failures.append((record, describe_exception(exc), dead))
+            blocked.add(run_id)
+            deps.logger.warning(
+                "outbox.publish_failed",
+                run_id=run_id,
+                sequence=record.event.sequence,
+                attempts=record.attempts + 1,
+                dead_lettered=dead,
+                error=describe_exception(exc),
+            )
+        else:
+            published.append(record.id)
+    result = c.OutboxFlushResult(
+        published=len(published),
+        failed=len(failures),
+        dead_lettered=sum(1 for _, _, dead in failures if dead),
+    )
+    async with deps.persistence.transaction() as tx:
+        if published:
+            await tx.mark_published(published)
+        for record, error, dead in failures:
+            await tx.record_publish_failure(record.id, error, dead_letter=dead)
+        await scope.complete(tx, result)
+    return result
+
+
+async def replay_dlq(deps: Deps, cmd: c.PluginReplayDLQ, scope: Scope) -> c.PluginReplayDLQResult:
+    """Re-publish dead-lettered events (after the consumer is fixed), oldest first."""
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.PluginReplayDLQResult", cached)
+        batch = await tx.dead_lettered_events(cmd.max_events)
+    replayed: list[int] = []
+    for record in batch:
+        try:
+            await _publish(deps, record.event)
+        except Exception as exc:
+            deps.logger.warning(
+                "outbox.replay_failed",
+                run_id=record.event.workflow_run_id,
+                sequence=record.event.sequence,
+                error=describe_exception(exc),
+            )
+        else:
+            replayed.append(record.id)
+    result = c.PluginReplayDLQResult(replayed=len(replayed))
+    async with deps.persistence.transaction() as tx:
+        if replayed:
+            await tx.mark_published(replayed)
+        await scope.complete(tx, result)
+    return result

@@ -1,0 +1,273 @@
+"""Run lifecycle handlers: create, claim, transition, cancel, rerun from a stage."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
+from treadle.kernel import commands as c
+from treadle.kernel.context import artifact_prefix
+from treadle.kernel.errors import (
+    InvalidStateError,
+    NotSupportedError,
+    StageNotFoundError,
+)
+from treadle.kernel.events import WorkflowCancelled, WorkflowCreated, WorkflowStarted
+from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run
+from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Deps, Scope
+
+
+def _check_attributes(attributes: dict[str, Any]) -> None:
+    from treadle.kernel.annotations import validate_attributes
+
+    validate_attributes(attributes, field="search_attributes")
+
+
+async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResult:
+    """Validate input and config *before* opening a transaction, so bad input writes
+    nothing; then insert the run, its stages and ``workflow:created`` together."""
+    wf = deps.workflow(cmd.workflow_id)
+    input_json = wf.validate_input(cmd.input)
+    config_json = wf.validate_config(cmd.config)
+    _check_attributes(cmd.search_attributes)
+    if cmd.signal is not None:
+        raise NotSupportedError(f"signal-with-start is not supported for stage pipeline {wf.id!r}")
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.RunCreateResult", cached)
+        if cmd.idempotency_key is not None:
+            existing = await tx.find_run_by_key(wf.id, cmd.idempotency_key)
+            if existing is not None:
+                result = c.RunCreateResult(
+                    workflow_run_id=existing.id, status=existing.status, created=False
+                )
+                await scope.complete(tx, result)
+                return result
+        run = Run(
+            id=cmd.run_id or deps.ids.new_id(),
+            workflow_id=wf.id,
+            workflow_version=wf.version,
+            input=input_json,
+            config=config_json,
+            priority=cmd.priority,
+            idempotency_key=cmd.idempotency_key,
+            parent_run_id=cmd.parent_run_id,
+            search_attributes=dict(cmd.search_attributes),
+            created_at=now,
+            updated_at=now,
+        )
+        await tx.insert_run(run)
+        await tx.insert_stages(
+            [
+                StageRun(workflow_run_id=run.id, stage_id=stage.id, execution_group=index)
+                for index, group in enumerate(wf.groups)
+                for stage in group
+            ]
+        )
+        await tx.append_events(
+            [
+                WorkflowCreated(
+                    workflow_run_id=run.id,
+                    timestamp=now,
+                    causation_id=scope.causation_id,
+                    workflow_id=wf.id,
+                    priority=run.priority,
+                )
+            ]
+        )
+        result = c.RunCreateResult(workflow_run_id=run.id, status=run.status)
+        await scope.complete(tx, result)
+    return result
+
+
+async def claim_pending(
+    deps: Deps, cmd: c.RunClaimPending, scope: Scope
+) -> c.RunClaimPendingResult:
+    """Mark up to ``max_claims`` PENDING runs RUNNING and enqueue their group 0 jobs
+    in the same transaction, so a crash can neither orphan nor lose a job."""
+    now = deps.clock.now()
+    claimed: list[c.ClaimedRun] = []
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.RunClaimPendingResult", cached)
+        for run in await tx.claim_pending_runs(cmd.max_claims):
+            wf = deps.registry.get_workflow(run.workflow_id)
+            if wf is None:
+                # Left PENDING for a worker that has this workflow (rolling deploys).
+                deps.logger.warning(
+                    "claim.skipped_unknown_workflow", run_id=run.id, workflow_id=run.workflow_id
+                )
+                continue
+            run = await tx.update_run(
+                evolve(
+                    run,
+                    {
+                        "status": RunStatus.RUNNING,
+                        "started_at": now,
+                        "updated_at": now,
+                        "worker_id": cmd.worker_id,
+                        "current_group": 0,
+                    },
+                )
+            )
+            group0 = [s for s in await tx.get_stages(run.id) if s.execution_group == 0]
+            job_ids = await enqueue_stages(deps, tx, run, wf, group0, now)
+            await tx.append_events(
+                [
+                    WorkflowStarted(
+                        workflow_run_id=run.id,
+                        timestamp=now,
+                        causation_id=scope.causation_id,
+                        workflow_id=run.workflow_id,
+                        worker_id=cmd.worker_id,
+                    )
+                ]
+            )
+            claimed.append(
+                c.ClaimedRun(workflow_run_id=run.id, workflow_id=run.workflow_id, job_ids=job_ids)
+            )
+        result = c.RunClaimPendingResult(claimed=claimed)
+        await scope.complete(tx, result)
+    return result
+
+
+async def transition(deps: Deps, cmd: c.RunTransition, scope: Scope) -> c.RunTransitionResult:
+    """Advance, complete or fail the run per the transition table. ``job.execute``
+    already applies the same table inline, so this is usually a safe no-op."""
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.RunTransitionResult", cached)
+        run = await load_run(tx, cmd.workflow_run_id)
+        wf = deps.workflow(run.workflow_id)
+        stages = await tx.get_stages(run.id)
+        decision, _ = await apply_transition(deps, tx, run, stages, wf, now, scope.causation_id)
+        action = "noop" if decision.action == "suspend" else decision.action
+        result = c.RunTransitionResult(action=action, next_group=decision.next_group)
+        await scope.complete(tx, result)
+    return result
+
+
+async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResult:
+    """Authoritative: the run and every non-terminal stage become CANCELLED and their
+    jobs are cancelled now; a stage still executing becomes a ghost on commit."""
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.RunCancelResult", cached)
+        run = await load_run(tx, cmd.workflow_run_id)
+        if run.status.terminal:
+            result = c.RunCancelResult(cancelled=False)
+        else:
+            for stage in await tx.get_stages(run.id):
+                if not stage.status.terminal:
+                    await tx.update_stage(
+                        evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
+                    )
+            await deps.job_transport.cancel_by_run(tx, run.id)
+            await tx.update_run(
+                evolve(
+                    run,
+                    {
+                        "status": RunStatus.CANCELLED,
+                        "completed_at": now,
+                        "updated_at": now,
+                        "error": cmd.reason,
+                    },
+                )
+            )
+            await tx.append_events(
+                [
+                    WorkflowCancelled(
+                        workflow_run_id=run.id,
+                        timestamp=now,
+                        causation_id=scope.causation_id,
+                        reason=cmd.reason,
+                    )
+                ]
+            )
+            result = c.RunCancelResult(cancelled=True)
+        await scope.complete(tx, result)
+    return result
+
+
+async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunRerunFromResult:
+    """Reset ``from_stage_id``, its unfinished siblings and every later stage; remove their
+    outputs and artifacts; the run resumes from that stage's group."""
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.RunRerunFromResult", cached)
+        run = await load_run(tx, cmd.workflow_run_id)
+        wf = deps.workflow(run.workflow_id)
+        if cmd.from_stage_id not in wf.stages:
+            raise StageNotFoundError(f"workflow {wf.id!r} has no stage {cmd.from_stage_id!r}")
+        if not run.status.terminal:
+            raise InvalidStateError(
+                f"run {run.id!r} is {run.status.value}; rerun needs a COMPLETED, FAILED or "
+                "CANCELLED run (cancel it first)"
+            )
+        group = wf.group_of[cmd.from_stage_id]
+        reset: list[StageRun] = []
+        for stage in await tx.get_stages(run.id):
+            later = stage.execution_group > group
+            same_group = stage.execution_group == group and (
+                stage.stage_id == cmd.from_stage_id or not stage.status.succeeded
+            )
+            if later or same_group:
+                fresh = StageRun(
+                    workflow_run_id=run.id,
+                    stage_id=stage.stage_id,
+                    execution_group=stage.execution_group,
+                    version=stage.version,
+                )
+                reset.append(await tx.update_stage(fresh))
+        await deps.job_transport.cancel_by_run(tx, run.id)
+        run = await tx.update_run(
+            evolve(
+                run,
+                {
+                    "status": RunStatus.RUNNING,
+                    "output": None,
+                    "error": None,
+                    "completed_at": None,
+                    "updated_at": now,
+                    "current_group": group,
+                    "started_at": now,
+                },
+            )
+        )
+        await enqueue_stages(
+            deps, tx, run, wf, [s for s in reset if s.execution_group == group], now
+        )
+        await tx.append_events(
+            [
+                WorkflowStarted(
+                    workflow_run_id=run.id,
+                    timestamp=now,
+                    causation_id=scope.causation_id,
+                    workflow_id=run.workflow_id,
+                    rerun_from_stage_id=cmd.from_stage_id,
+                )
+            ]
+        )
+        result = c.RunRerunFromResult(
+            workflow_run_id=run.id,
+            from_stage_id=cmd.from_stage_id,
+            deleted_stages=[s.stage_id for s in reset],
+        )
+        await scope.complete(tx, result)
+    # Blob deletion cannot join the transaction; it runs after the commit so a rolled-back
+    # rerun never loses artifacts of stages that keep their outputs.
+    for stage_id in result.deleted_stages:
+        for key in await deps.blob_store.list(artifact_prefix(run.id, stage_id)):
+            await deps.blob_store.delete(key)
+    return result

@@ -1,0 +1,261 @@
+"""``stage.pollSuspended``: check due suspended stages and resume, reschedule or fail them.
+
+Completion checks call external systems, so they run outside any transaction;
+each stage's outcome then commits in its own short transaction, guarded by the
+stage's version so two pollers never both resume one stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from treadle.kernel import commands as c
+from treadle.kernel.context import StageContext
+from treadle.kernel.definitions import Failed, NotReady, Ready, WorkflowDefinition
+from treadle.kernel.errors import (
+    OutputValidationError,
+    SuspendTimeoutError,
+    describe_exception,
+)
+from treadle.kernel.events import EventBase, StageCompleted, StageFailed
+from treadle.kernel.handlers.common import apply_transition, outputs_of
+from treadle.kernel.handlers.jobs import validate_output
+from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Deps, Scope
+
+
+class _NoRuntime:
+    """Checks run outside a job: progress and heartbeats are no-ops, blobs still work."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+
+    def report_progress(self, fraction: float, message: str | None) -> None:
+        return None
+
+    def heartbeat(self) -> None:
+        return None
+
+    async def put_blob(self, key: str, data: bytes) -> None:
+        await self._deps.blob_store.put(key, data)
+
+    async def get_blob(self, key: str) -> bytes:
+        return await self._deps.blob_store.get(key)
+
+    async def has_blob(self, key: str) -> bool:
+        return await self._deps.blob_store.has(key)
+
+    async def list_blobs(self, prefix: str) -> list[str]:
+        return await self._deps.blob_store.list(prefix)
+
+
+async def poll_suspended(
+    deps: Deps, cmd: c.StagePollSuspended, scope: Scope
+) -> c.StagePollSuspendedResult:
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.StagePollSuspendedResult", cached)
+        due = await tx.due_suspended_stages(now, cmd.max_checks)
+        runs: dict[str, Run] = {}
+        stages_of: dict[str, list[StageRun]] = {}
+        for stage in due:
+            if stage.workflow_run_id not in runs:
+                run = await tx.get_run(stage.workflow_run_id)
+                if run is not None:
+                    runs[run.id] = run
+                    stages_of[run.id] = await tx.get_stages(run.id)
+    checked = resumed = failed = 0
+    resumed_ids: list[str] = []
+    for stage in due:
+        run = runs.get(stage.workflow_run_id)
+        wf = deps.registry.get_workflow(run.workflow_id) if run is not None else None
+        if run is None or wf is None:
+            continue
+        checked += 1
+        verdict = await _check(deps, wf, run, stage, stages_of[run.id], now)
+        outcome = await _commit(deps, scope, wf, stage, verdict, now)
+        if outcome == "resumed":
+            resumed += 1
+            if run.id not in resumed_ids:
+                resumed_ids.append(run.id)
+        elif outcome == "failed":
+            failed += 1
+    result = c.StagePollSuspendedResult(
+        checked=checked, resumed=resumed, failed=failed, resumed_workflow_run_ids=resumed_ids
+    )
+    async with deps.persistence.transaction() as tx:
+        await scope.complete(tx, result)
+    return result
+
+
+async def _check(
+    deps: Deps,
+    wf: WorkflowDefinition,
+    run: Run,
+    stage: StageRun,
+    stages: list[StageRun],
+    now: datetime,
+) -> Ready | NotReady | Failed:
+    if stage.suspend_deadline is not None and now >= stage.suspend_deadline:
+        err = SuspendTimeoutError(
+            f"stage {stage.stage_id!r} was not ready within its max_wait "
+            f"(deadline {stage.suspend_deadline.isoformat()})"
+        )
+        return Failed(message=describe_exception(err))
+    definition = wf.stage(stage.stage_id)
+    check = getattr(definition, "check_fn", None)
+    if definition is None or check is None:
+        return Failed(message=f"stage {stage.stage_id!r} has no check_completion function")
+    config = None
+    if definition.config_model is not None:
+        config = definition.config_model.model_validate(run.config.get(stage.stage_id, {}))
+    ctx: StageContext[Any, Any] = StageContext(
+        input=None,
+        config=config,
+        run_id=run.id,
+        workflow_id=run.workflow_id,
+        stage_id=stage.stage_id,
+        attempt=stage.attempt,
+        idempotency_key=f"{run.id}:{stage.stage_id}",
+        outputs=outputs_of(stages),
+        workflow=wf,
+        runtime=_NoRuntime(deps),
+        now=deps.clock.now,
+        resume_state=stage.suspended_state,
+    )
+    try:
+        # A copy: the check must not mutate stored state outside a transaction.
+        verdict = check(copy.deepcopy(stage.suspended_state), ctx)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+    except Exception as exc:
+        # A flaky status endpoint is not a failed batch: try again next interval.
+        deps.logger.warning(
+            "stage.check_failed",
+            run_id=run.id,
+            stage_id=stage.stage_id,
+            error=describe_exception(exc),
+        )
+        return NotReady()
+    if not isinstance(verdict, Ready | NotReady | Failed):
+        return Failed(
+            message=f"check_completion of {stage.stage_id!r} returned {verdict!r}, "
+            "expected Ready, NotReady or Failed"
+        )
+    if isinstance(verdict, Ready) and verdict.output is not None:
+        try:
+            return Ready(output=validate_output(definition, verdict.output))
+        except OutputValidationError as exc:
+            return Failed(message=describe_exception(exc))
+    return verdict
+
+
+async def _commit(
+    deps: Deps,
+    scope: Scope,
+    wf: WorkflowDefinition,
+    seen: StageRun,
+    verdict: Ready | NotReady | Failed,
+    now: datetime,
+) -> str:
+    async with deps.persistence.transaction() as tx:
+        stage = await tx.get_stage(seen.workflow_run_id, seen.stage_id)
+        run = await tx.get_run(seen.workflow_run_id, for_update=True)
+        if (
+            stage is None
+            or run is None
+            or run.status.terminal
+            or stage.status is not StageStatus.SUSPENDED
+            or stage.version != seen.version
+        ):
+            return "skipped"  # another poller or a cancel got there first
+        events: list[EventBase] = []
+        outcome = "resumed"
+        transport = deps.job_transport
+        if isinstance(verdict, NotReady):
+            interval = verdict.poll_interval or stage.poll_interval
+            next_poll = now + interval if interval is not None else now
+            await tx.update_stage(evolve(stage, {"next_poll_at": next_poll}))
+            if stage.job_id:
+                await transport.suspend(tx, stage.job_id, next_poll)
+            return "waiting"
+        if isinstance(verdict, Failed):
+            outcome = "failed"
+            await tx.update_stage(
+                evolve(
+                    stage,
+                    {
+                        "status": StageStatus.FAILED,
+                        "error": verdict.message,
+                        "retryable": False,
+                        "completed_at": now,
+                        "next_poll_at": None,
+                    },
+                )
+            )
+            if stage.job_id:
+                await transport.fail(tx, stage.job_id, verdict.message)
+            events.append(
+                StageFailed(
+                    workflow_run_id=run.id,
+                    timestamp=now,
+                    causation_id=scope.causation_id,
+                    stage_id=stage.stage_id,
+                    attempt=stage.attempt,
+                    error=verdict.message,
+                )
+            )
+        elif verdict.output is not None:
+            await tx.update_stage(
+                evolve(
+                    stage,
+                    {
+                        "status": StageStatus.COMPLETED,
+                        "output": verdict.output,
+                        "completed_at": now,
+                        "next_poll_at": None,
+                        "suspended_state": None,
+                    },
+                )
+            )
+            if stage.job_id:
+                await transport.complete(tx, stage.job_id)
+            events.append(
+                StageCompleted(
+                    workflow_run_id=run.id,
+                    timestamp=now,
+                    causation_id=scope.causation_id,
+                    stage_id=stage.stage_id,
+                    attempt=stage.attempt,
+                    output=verdict.output,
+                    duration=now - stage.started_at if stage.started_at else None,
+                )
+            )
+        else:
+            # Ready without output: run the body again; it reads ctx.resume_state.
+            await tx.update_stage(
+                evolve(
+                    stage,
+                    {
+                        "status": StageStatus.PENDING,
+                        "resume_state": stage.suspended_state,
+                        "next_poll_at": None,
+                    },
+                )
+            )
+            if stage.job_id:
+                await transport.requeue(tx, stage.job_id, now)
+        if run.status is RunStatus.SUSPENDED:
+            run = await tx.update_run(evolve(run, {"status": RunStatus.RUNNING, "updated_at": now}))
+        await tx.append_events(events)
+        await apply_transition(
+            deps, tx, run, await tx.get_stages(run.id), wf, now, scope.causation_id
+        )
+    return outcome

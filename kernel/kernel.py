@@ -1,0 +1,301 @@
+"""The command kernel: ``create_kernel(...)`` and ``Kernel.dispatch``.
+
+The kernel is a table from command type to handler, plus the idempotency
+wrapper every command shares. It owns no timers, threads or globals: time
+comes from the Clock port and ids from the id port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, cast, overload
+
+from pydantic import ValidationError as PydanticValidationError
+
+from treadle.kernel import commands as c
+from treadle.kernel.definitions import WorkflowDefinition
+from treadle.kernel.errors import (
+    DuplicateError,
+    IdempotencyInProgressError,
+    InvalidCommandError,
+    RunNotFoundError,
+    UnknownCommandError,
+    WorkflowNotFoundError,
+)
+from treadle.kernel.events import EventBase
+from treadle.kernel.ids import Uuid7Ids
+from treadle.kernel.logging import KernelLogger, StdlibLogger
+from treadle.kernel.model import (
+    IdempotencyRecord,
+    IdempotencyState,
+    Run,
+    RunFilter,
+    evolve,
+)
+from treadle.kernel.registry import Registry
+
+if TYPE_CHECKING:
+    from treadle.kernel.annotations import Annotations
+    from treadle.ports import (
+        BlobStore,
+        Clock,
+        EventSink,
+        IdGenerator,
+        JobTransport,
+        KernelPlugin,
+        Persistence,
+        Scheduler,
+        Transaction,
+        WorkflowRegistry,
+    )
+
+
+@dataclass
+class KernelSettings:
+    """Tunables with the defaults of the product contract."""
+
+    idempotency_reclaim_after: timedelta = timedelta(minutes=10)
+    outbox_max_attempts: int = 3
+    """Publication attempts before an event goes to the dead-letter queue."""
+
+
+@dataclass
+class Deps:
+    """The ports and settings every handler receives."""
+
+    persistence: Persistence
+    job_transport: JobTransport
+    blob_store: BlobStore
+    event_sink: EventSink
+    scheduler: Scheduler
+    clock: Clock
+    registry: WorkflowRegistry
+    ids: IdGenerator
+    plugins: tuple[KernelPlugin, ...] = ()
+    settings: KernelSettings = field(default_factory=KernelSettings)
+    logger: KernelLogger = field(default_factory=StdlibLogger)
+
+    def workflow(self, workflow_id: str) -> WorkflowDefinition:
+        wf = self.registry.get_workflow(workflow_id)
+        if wf is None:
+            raise WorkflowNotFoundError(f"workflow {workflow_id!r} is not registered")
+        return wf
+
+
+class Scope:
+    """Idempotency for one dispatch. Handlers call ``claim`` in their first transaction
+    and ``complete`` in their last, so a keyed command costs no extra commit."""
+
+    def __init__(self, deps: Deps, command: c.CommandBase, *, phased: bool) -> None:
+        self.key = command.idempotency_key
+        self.command_type: str = command.type  # type: ignore[attr-defined]
+        self.causation_id = self.key
+        self._deps = deps
+        self._phased = phased
+        self.claimed = False
+
+    async def claim(self, tx: Transaction) -> Any:
+        """Returns the cached result of a completed replay, else ``None`` (and, for
+        phased commands, marks the key in progress)."""
+        if self.key is None:
+            return None
+        record = await tx.get_idempotency(self.key, self.command_type)
+        now = self._deps.clock.now()
+        if record is not None:
+            if record.state is IdempotencyState.COMPLETED:
+                return c.RESULT_TYPES[self.command_type].model_validate(record.result)
+            if now - record.started_at < self._deps.settings.idempotency_reclaim_after:
+                raise IdempotencyInProgressError(
+                    f"{self.command_type} with idempotency key {self.key!r} is still executing"
+                )
+        if self._phased:
+            await tx.put_idempotency(
+                IdempotencyRecord.model_construct(
+                    key=self.key,
+                    command_type=self.command_type,
+                    state=IdempotencyState.IN_PROGRESS,
+                    started_at=now,
+                )
+            )
+            self.claimed = True
+        return None
+
+    async def complete(self, tx: Transaction, result: c.ResultBase) -> None:
+        if self.key is None:
+            return
+        await tx.put_idempotency(
+            IdempotencyRecord.model_construct(
+                key=self.key,
+                command_type=self.command_type,
+                state=IdempotencyState.COMPLETED,
+                result=result.model_dump(mode="json"),
+                started_at=self._deps.clock.now(),
+            )
+        )
+
+    async def abandon(self) -> None:
+        """The handler raised after an in-progress mark was committed: drop the mark so
+        a retry with the same key is not refused for ten minutes."""
+        if self.key is None or not self.claimed:
+            return
+        async with self._deps.persistence.transaction() as tx:
+            record = await tx.get_idempotency(self.key, self.command_type)
+            if record is not None and record.state is IdempotencyState.IN_PROGRESS:
+                await tx.delete_idempotency(self.key, self.command_type)
+
+
+Handler = Callable[[Deps, Any, Scope], Awaitable[Any]]
+
+
+def _handlers() -> dict[str, tuple[Handler, bool]]:
+    """The one handler table: command type -> (handler, phased)."""
+    from treadle.kernel.handlers import jobs, maintenance, messages, outbox, runs, suspended
+
+    return {
+        "run.create": (runs.create, False),
+        "run.claimPending": (runs.claim_pending, False),
+        "run.transition": (runs.transition, False),
+        "run.cancel": (runs.cancel, False),
+        "run.rerunFrom": (runs.rerun_from, False),
+        "job.execute": (jobs.execute, True),
+        "stage.pollSuspended": (suspended.poll_suspended, True),
+        "lease.reapStale": (maintenance.reap_stale, False),
+        "run.reapStuck": (maintenance.reap_stuck, False),
+        "outbox.flush": (outbox.flush, True),
+        "plugin.replayDLQ": (outbox.replay_dlq, True),
+        "run.signal": (messages.signal, False),
+        "run.update": (messages.update, False),
+        "review.decide": (messages.decide_review, False),
+    }
+
+
+class Kernel:
+    """Dispatches commands against injected ports. Create with ``create_kernel``."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self.handlers = _handlers()
+        from treadle.kernel.annotations import Annotations
+
+        self.annotations: Annotations = Annotations(deps)
+
+    # Typed overloads so callers get the precise result model back.
+    @overload
+    async def dispatch(self, command: c.RunCreate) -> c.RunCreateResult: ...
+    @overload
+    async def dispatch(self, command: c.RunClaimPending) -> c.RunClaimPendingResult: ...
+    @overload
+    async def dispatch(self, command: c.RunTransition) -> c.RunTransitionResult: ...
+    @overload
+    async def dispatch(self, command: c.RunCancel) -> c.RunCancelResult: ...
+    @overload
+    async def dispatch(self, command: c.RunRerunFrom) -> c.RunRerunFromResult: ...
+    @overload
+    async def dispatch(self, command: c.JobExecute) -> c.JobExecuteResult: ...
+    @overload
+    async def dispatch(self, command: c.StagePollSuspended) -> c.StagePollSuspendedResult: ...
+    @overload
+    async def dispatch(self, command: c.LeaseReapStale) -> c.LeaseReapStaleResult: ...
+    @overload
+    async def dispatch(self, command: c.RunReapStuck) -> c.RunReapStuckResult: ...
+    @overload
+    async def dispatch(self, command: c.OutboxFlush) -> c.OutboxFlushResult: ...
+    @overload
+    async def dispatch(self, command: c.PluginReplayDLQ) -> c.PluginReplayDLQResult: ...
+    @overload
+    async def dispatch(self, command: c.RunSignal) -> c.RunSignalResult: ...
+    @overload
+    async def dispatch(self, command: c.RunUpdate) -> c.RunUpdateResult: ...
+    @overload
+    async def dispatch(self, command: c.ReviewDecide) -> c.ReviewDecideResult: ...
+    @overload
+    async def dispatch(self, command: c.CommandBase | Mapping[str, Any]) -> c.ResultBase: ...
+
+    async def dispatch(self, command: c.CommandBase | Mapping[str, Any]) -> c.ResultBase:
+        """Validate (if a mapping), then run the command's handler under idempotency."""
+        cmd = self.parse(command)
+        handler, phased = self.handlers[cmd.type]  # type: ignore[attr-defined]
+        scope = Scope(self.deps, cmd, phased=phased)
+        try:
+            return cast("c.ResultBase", await handler(self.deps, cmd, scope))
+        except DuplicateError:
+            if scope.key is None or phased:
+                raise
+            # Two concurrent first deliveries of one key: the loser reads the winner's result.
+            return cast(
+                "c.ResultBase", await handler(self.deps, cmd, Scope(self.deps, cmd, phased=False))
+            )
+        except BaseException:
+            await scope.abandon()
+            raise
+
+    @staticmethod
+    def parse(command: c.CommandBase | Mapping[str, Any]) -> c.CommandBase:
+        if isinstance(command, c.CommandBase):
+            return command
+        if not isinstance(command, Mapping):
+            raise InvalidCommandError(f"a command must be a mapping, got {type(command).__name__}")
+        kind = command.get("type")
+        if kind not in c.COMMAND_TYPES:
+            raise UnknownCommandError(
+                f"unknown command type {kind!r}; known types: {sorted(c.COMMAND_TYPES)}"
+            )
+        try:
+            return cast("c.CommandBase", c.COMMAND_ADAPTER.validate_python(dict(command)))
+        except PydanticValidationError as exc:
+            raise InvalidCommandError.from_pydantic(f"invalid {kind} command", exc) from None
+
+    # -- read side ----------------------------------------------------------
+    async def get_run(self, run_id: str, *, with_stages: bool = True) -> Run:
+        """The run with its stages; ``RunNotFoundError`` if there is none."""
+        async with self.deps.persistence.transaction() as tx:
+            run = await tx.get_run(run_id)
+            if run is None:
+                raise RunNotFoundError(f"no run with id {run_id!r}")
+            if with_stages:
+                run = evolve(run, {"stages": await tx.get_stages(run_id)})
+        return run
+
+    async def list_runs(self, filter: RunFilter | None = None) -> list[Run]:
+        async with self.deps.persistence.transaction() as tx:
+            return await tx.list_runs(filter or RunFilter())
+
+    async def events(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
+        async with self.deps.persistence.transaction() as tx:
+            return await tx.events_for_run(run_id, after_sequence)
+
+
+def create_kernel(
+    *,
+    persistence: Persistence,
+    job_transport: JobTransport,
+    blob_store: BlobStore,
+    event_sink: EventSink,
+    scheduler: Scheduler,
+    clock: Clock,
+    registry: WorkflowRegistry | Iterable[WorkflowDefinition],
+    ids: IdGenerator | None = None,
+    plugins: Iterable[KernelPlugin] = (),
+    settings: KernelSettings | None = None,
+    logger: KernelLogger | None = None,
+) -> Kernel:
+    """Wire a kernel to its ports. ``registry`` may be a registry or an iterable of
+    definitions; ``ids`` defaults to uuid7 stamped by ``clock``."""
+    if not hasattr(registry, "get_workflow"):
+        registry = Registry(registry)
+    deps = Deps(
+        persistence=persistence,
+        job_transport=job_transport,
+        blob_store=blob_store,
+        event_sink=event_sink,
+        scheduler=scheduler,
+        clock=clock,
+        registry=cast("WorkflowRegistry", registry),
+        ids=ids or Uuid7Ids(clock.now),
+        plugins=tuple(plugins),
+        settings=settings or KernelSettings(),
+        logger=logger or StdlibLogger(),
+    )
+    return Kernel(deps)

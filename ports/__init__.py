@@ -1,0 +1,24 @@
+"""Ports: one ``typing.Protocol`` per dependency the kernel has on the outside world."""
+
+from treadle.ports.blob_store import BlobStore
+from treadle.ports.clock import Clock
+from treadle.ports.event_sink import EventSink
+from treadle.ports.ids import IdGenerator
+from treadle.ports.job_transport import JobTransport
+from treadle.ports.persistence import Persistence, Transaction
+from treadle.ports.plugin import KernelPlugin
+from treadle.ports.registry import WorkflowRegistry
+from treadle.ports.scheduler import Scheduler
+
+__all__ = [
+    "BlobStore",
+    "Clock",
+    "EventSink",
+    "IdGenerator",
+    "JobTransport",
+    "KernelPlugin",
+    "Persistence",
+    "Scheduler",
+    "Transaction",
+    "WorkflowRegistry",
+]

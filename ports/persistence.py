@@ -1,0 +1,125 @@
+"""The Persistence port: every durable read and write, inside ``transaction()``.
+
+A ``Transaction`` is a unit of work: everything done through it commits together
+or not at all (the in-memory adapter really rolls back). The job transport takes
+the same transaction, so a state change and the job it creates commit together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol
+
+from treadle.kernel.events import EventBase, OutboxRecord
+from treadle.kernel.model import (
+    Annotation,
+    IdempotencyRecord,
+    LogRecord,
+    Run,
+    RunFilter,
+    RunStatus,
+    StageRun,
+)
+
+
+class Transaction(Protocol):
+    """Operations visible only to this unit of work until it commits."""
+
+    # -- runs -------------------------------------------------------------
+    async def insert_run(self, run: Run) -> None:
+        """Insert a new run; ``DuplicateError`` if the id or (workflow, key) exists."""
+
+    async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
+        """The run without stages; ``for_update`` locks it until commit where supported."""
+
+    async def find_run_by_key(self, workflow_id: str, idempotency_key: str) -> Run | None:
+        """The run started with this idempotency key, if any."""
+
+    async def update_run(self, run: Run) -> Run:
+        """Store ``run`` if the stored version equals ``run.version``; returns it with the
+        version bumped. ``ConcurrencyError`` when someone else updated it first."""
+
+    async def list_runs(self, filter: RunFilter) -> list[Run]:
+        """Runs matching ``filter``, newest first."""
+
+    async def count_runs(self, group_by: str, filter: RunFilter) -> dict[str, int]:
+        """Counts per ``status`` or ``workflow_id`` over the filtered runs."""
+
+    async def claim_pending_runs(self, limit: int) -> list[Run]:
+        """Lock and return up to ``limit`` PENDING runs, priority desc then FIFO."""
+
+    async def runs_inactive_since(
+        self, status: RunStatus, cutoff: datetime, limit: int
+    ) -> list[Run]:
+        """Runs in ``status`` whose ``updated_at`` is older than ``cutoff``."""
+
+    # -- stages -----------------------------------------------------------
+    async def insert_stages(self, stages: Sequence[StageRun]) -> None: ...
+
+    async def get_stages(self, run_id: str) -> list[StageRun]:
+        """All stages of a run, ordered by execution group then definition order."""
+
+    async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None: ...
+
+    async def update_stage(self, stage: StageRun) -> StageRun:
+        """Optimistic update, as ``update_run``."""
+
+    async def due_suspended_stages(self, now: datetime, limit: int) -> list[StageRun]:
+        """SUSPENDED stages whose ``next_poll_at`` is at or before ``now``, oldest first."""
+
+    # -- outbox -----------------------------------------------------------
+    async def append_events(self, events: Sequence[EventBase]) -> list[EventBase]:
+        """Append to the outbox, assigning each run's next gap-free ``sequence``."""
+
+    async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
+        """Oldest unpublished, not dead-lettered rows; per-run sequence order preserved."""
+
+    async def mark_published(self, outbox_ids: Sequence[int]) -> None: ...
+
+    async def record_publish_failure(
+        self, outbox_id: int, error: str, *, dead_letter: bool
+    ) -> None: ...
+
+    async def dead_lettered_events(self, limit: int) -> list[OutboxRecord]: ...
+
+    async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
+        """The run's events in sequence order, as typed models."""
+
+    # -- idempotency ------------------------------------------------------
+    async def get_idempotency(self, key: str, command_type: str) -> IdempotencyRecord | None: ...
+
+    async def put_idempotency(self, record: IdempotencyRecord) -> None:
+        """Insert or replace the record for (key, command_type)."""
+
+    async def delete_idempotency(self, key: str, command_type: str) -> None: ...
+
+    # -- logs and annotations ----------------------------------------------
+    async def append_logs(self, logs: Sequence[LogRecord]) -> None: ...
+
+    async def get_logs(self, run_id: str) -> list[LogRecord]: ...
+
+    async def insert_annotations(self, annotations: Sequence[Annotation]) -> None: ...
+
+    async def find_annotation(self, run_id: str, idempotency_key: str) -> Annotation | None: ...
+
+    async def list_annotations(
+        self,
+        run_id: str,
+        *,
+        key: str | None = None,
+        key_prefix: str | None = None,
+        scope: str | None = None,
+        limit: int = 100,
+    ) -> list[Annotation]: ...
+
+
+class Persistence(Protocol):
+    """Opens units of work. Adapters translate driver errors to ``TreadleError``s."""
+
+    def transaction(self) -> AbstractAsyncContextManager[Transaction]:
+        """``async with persistence.transaction() as tx:`` commits on exit, rolls back on error."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,238 @@
+"""``open_backend(url)``: the composition root that turns a URL into a set of ports.
+
+Every host and the ``Engine`` start here, so ``memory://``, ``sqlite:///file.db``
+and ``postgresql://...`` mean the same thing everywhere. The SQL adapters are
+imported inside the function: ``import treadle`` must not import SQLAlchemy, and
+a memory-only install does not have it.
+
+Schema policy: a SQLite file is created and migrated on open (it is the
+zero-set-up embedded default, owned by one application); a PostgreSQL database
+is shared by many workers and deploys, so its schema is only checked, and a
+mismatch asks for ``treadle migrate`` unless ``auto_migrate=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from treadle.adapters.clock import SystemClock
+from treadle.adapters.event_sinks import LogEventSink
+from treadle.adapters.filesystem import FileSystemBlobStore
+from treadle.adapters.memory import (
+    CollectingEventSink,
+    InMemoryBlobStore,
+    InMemoryJobTransport,
+    InMemoryPersistence,
+    InMemoryScheduler,
+)
+from treadle.kernel.errors import StorageError, TreadleError
+
+if TYPE_CHECKING:
+    from treadle.ports import (
+        BlobStore,
+        Clock,
+        EventSink,
+        JobTransport,
+        Persistence,
+        Scheduler,
+    )
+
+BackendKind = Literal["memory", "sqlite", "postgresql"]
+
+_SQLITE_SCHEMES = ("sqlite", "sqlite+aiosqlite", "sqlite+pysqlite")
+_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+
+
+@dataclass
+class Backend:
+    """The ports for one URL. ``close()`` releases what ``open_backend`` opened."""
+
+    url: str
+    kind: BackendKind
+    persistence: Persistence
+    job_transport: JobTransport
+    blob_store: BlobStore
+    event_sink: EventSink
+    scheduler: Scheduler
+    clock: Clock
+
+    async def close(self) -> None:
+        await self.persistence.close()
+
+
+def backend_kind(url: str) -> BackendKind:
+    """Which backend a URL names; ``TreadleError`` listing the accepted forms otherwise."""
+    given: object = url  # checked at runtime: URLs come from CLI flags and env vars
+    if not isinstance(given, str) or "://" not in url:
+        raise TreadleError(
+            f"invalid database URL {url!r}: use memory://, sqlite:///path/to/file.db "
+            "or postgresql://user@host/db"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "memory":
+        return "memory"
+    if scheme in _SQLITE_SCHEMES:
+        return "sqlite"
+    if scheme in _POSTGRES_SCHEMES:
+        return "postgresql"
+    raise TreadleError(
+        f"unsupported database URL scheme {scheme!r} in {_redact(url)!r}: use memory://, "
+        "sqlite:///path/to/file.db or postgresql://user@host/db"
+    )
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for error messages."""
+    head, sep, rest = url.partition("://")
+    if "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{head}{sep}{user}:***@{host}" if ":" in creds else url
+    return url
+
+
+async def open_backend(
+    url: str,
+    *,
+    blob_root: str | os.PathLike[str] | None = None,
+    auto_migrate: bool = False,
+    clock: Clock | None = None,
+    event_sink: EventSink | None = None,
+    **engine_options: Any,
+) -> Backend:
+    """Open the ports ``url`` names.
+
+    - ``memory://``: in-memory adapters (one process, nothing survives it).
+    - ``sqlite:///path.db``: the SQL adapters on that file, created and migrated now;
+      blobs in ``<path.db>.blobs/`` beside it.
+    - ``postgresql://`` or ``postgresql+psycopg://``: the SQL adapters, blobs in the
+      database; the schema must be at head (``treadle migrate``) unless
+      ``auto_migrate=True``.
+
+    ``blob_root`` puts blobs in that directory instead; ``clock`` and ``event_sink``
+    replace the defaults (``SystemClock``; a ``CollectingEventSink`` in memory, a
+    ``LogEventSink`` on SQL). ``engine_options`` go to SQLAlchemy's engine.
+    """
+    kind = backend_kind(url)
+    clock = clock if clock is not None else SystemClock()
+    if kind == "memory":
+        if engine_options:
+            raise TreadleError(f"memory:// takes no engine options, got {sorted(engine_options)}")
+        persistence = InMemoryPersistence()
+        return Backend(
+            url=url,
+            kind=kind,
+            persistence=persistence,
+            job_transport=InMemoryJobTransport(persistence),
+            blob_store=FileSystemBlobStore(blob_root) if blob_root else InMemoryBlobStore(),
+            event_sink=event_sink if event_sink is not None else CollectingEventSink(),
+            scheduler=InMemoryScheduler(),
+            clock=clock,
+        )
+    return await _open_sql(
+        url,
+        kind,
+        blob_root=blob_root,
+        auto_migrate=auto_migrate,
+        clock=clock,
+        event_sink=event_sink,
+        engine_options=engine_options,
+    )
+
+
+def _sql_adapters() -> Any:
+    try:
+        import treadle.adapters.sql as sql
+    except ImportError as exc:
+        raise TreadleError(
+            f"SQL backends need the 'sql' extra (pip install 'treadle[sql]', or "
+            f"'treadle[postgres]' for PostgreSQL): {exc}"
+        ) from exc
+    return sql
+
+
+def _sqlite_path(url: str) -> Path:
+    """The database file of a SQLite URL (``sqlite:///rel.db``, ``sqlite:////abs.db``)."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        raise TreadleError(
+            f"{url!r} names no database file: use sqlite:///path/to/file.db "
+            "(or memory:// for an in-memory engine)"
+        )
+    path = Path(database).expanduser()
+    if not path.parent.is_dir():
+        raise TreadleError(
+            f"cannot create SQLite database {str(path)!r}: directory {str(path.parent)!r} "
+            "does not exist"
+        )
+    return path
+
+
+async def _open_sql(
+    url: str,
+    kind: BackendKind,
+    *,
+    blob_root: str | os.PathLike[str] | None,
+    auto_migrate: bool,
+    clock: Clock,
+    event_sink: EventSink | None,
+    engine_options: dict[str, Any],
+) -> Backend:
+    sql = _sql_adapters()
+    db_path = _sqlite_path(url) if kind == "sqlite" else None
+    if kind == "postgresql" and not auto_migrate:
+        await _check_schema(sql, url)
+    try:
+        persistence = await sql.SqlPersistence.open(
+            url, migrate=kind == "sqlite" or auto_migrate, **engine_options
+        )
+    except TreadleError:
+        raise
+    except Exception as exc:  # Alembic's CommandError (e.g. a database newer than us)
+        raise StorageError(f"could not open {_redact(url)!r}: {type(exc).__name__}: {exc}") from exc
+    blob_store: BlobStore
+    if blob_root is not None:
+        blob_store = FileSystemBlobStore(blob_root)
+    elif db_path is not None:
+        blob_store = FileSystemBlobStore(db_path.with_name(db_path.name + ".blobs"))
+    else:
+        blob_store = sql.SqlBlobStore(persistence)
+    return Backend(
+        url=url,
+        kind=kind,
+        persistence=persistence,
+        job_transport=sql.SqlJobTransport(persistence),
+        blob_store=blob_store,
+        event_sink=event_sink if event_sink is not None else LogEventSink(),
+        # Process-local until a SQL scheduler table exists: due timers are drained by
+        # this process's maintenance ticks.
+        scheduler=InMemoryScheduler(),
+        clock=clock,
+    )
+
+
+async def _check_schema(sql: Any, url: str) -> None:
+    """Refuse a PostgreSQL schema that is not at this release's head revision: running
+    new code on an old schema (or the reverse) corrupts work instead of failing fast."""
+    from sqlalchemy import exc as sa_exc
+
+    try:
+        current = await asyncio.to_thread(sql.current_revision, url)
+    except sa_exc.SQLAlchemyError as exc:
+        from treadle.adapters.sql.errors import translate
+
+        raise translate(exc, f"schema check of {_redact(url)!r}") from exc
+    head = sql.head_revision()
+    if current == head:
+        return
+    found = "no Treadle schema" if current is None else f"schema revision {current!r}"
+    raise TreadleError(
+        f"database {_redact(url)!r} has {found}, but this version of Treadle needs "
+        f"revision {head!r}: run `treadle migrate --db <url>` (or pass auto_migrate=True)"
+    )

@@ -1,0 +1,96 @@
+"""The one job path every host shares: execute a leased job while heartbeating it.
+
+The worker loop, the serverless ``handle_job`` and the Lambda SQS handler all
+run a dequeued job through ``execute_job``, so lease keeping, the per-attempt
+idempotency key and the recovery after a failed execution live in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from treadle.adapters.logging import structlog_logger
+from treadle.kernel import commands as c
+from treadle.kernel.errors import describe_exception
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Kernel
+    from treadle.kernel.model import Job
+
+DEFAULT_HEARTBEAT_INTERVAL = 15.0
+"""Seconds between lease extensions: a quarter of the default 60 s stale-lease threshold,
+so three beats can be lost before another worker takes the job over."""
+
+
+def job_idempotency_key(job: Job) -> str:
+    """The key of one delivery attempt: a redelivered message of the same attempt replays
+    the recorded result instead of running the stage twice, while the next attempt (after
+    a retry or a reaped lease) gets a fresh key and really runs."""
+    return f"job:{job.id}:{job.attempts}"
+
+
+async def _heartbeat(kernel: Kernel, job: Job, worker_id: str, interval: float, log: Any) -> None:
+    """Extend the lease until cancelled. Failures are logged, never raised: a missed beat
+    costs at worst a duplicate execution, which the kernel turns into a ghost result."""
+    transport = kernel.deps.job_transport
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            held = await transport.extend_lease(job.id, worker_id, kernel.deps.clock.now())
+        except Exception as exc:
+            log.warning("job.heartbeat_failed", error=describe_exception(exc))
+            continue
+        if not held:
+            # Someone else owns the job now (our lease was reaped). Keep running: the
+            # kernel discards our result on commit if the job moved on.
+            log.warning("job.lease_lost")
+
+
+async def execute_job(
+    kernel: Kernel,
+    job: Job,
+    *,
+    worker_id: str,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    logger: Any = None,
+) -> c.JobExecuteResult | None:
+    """Run ``job.execute`` for a job this worker leased, heartbeating meanwhile.
+
+    Returns the kernel's result, or ``None`` when the execution raised. Errors are logged
+    and swallowed so the calling loop survives: the kernel has already released the job
+    with backoff. After a raise, ``run.transition`` is dispatched as a safety net, because
+    the transition that ``job.execute`` applies in its commit may not have happened.
+    A successful execution already applied it, so it costs no second write transaction.
+    """
+    if heartbeat_interval <= 0:
+        raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval!r}")
+    log = (logger or structlog_logger("treadle.runtime")).bind(
+        run_id=job.workflow_run_id,
+        stage_id=job.stage_id,
+        worker_id=worker_id,
+        job_id=job.id,
+        attempt=job.attempts,
+    )
+    beat = asyncio.create_task(_heartbeat(kernel, job, worker_id, heartbeat_interval, log))
+    result: c.JobExecuteResult | None = None
+    try:
+        result = await kernel.dispatch(
+            c.JobExecute(
+                job_id=job.id, worker_id=worker_id, idempotency_key=job_idempotency_key(job)
+            )
+        )
+    except Exception as exc:
+        log.error("job.execute_failed", error=describe_exception(exc), exc_info=True)
+    finally:
+        beat.cancel()
+        # ``wait`` (not ``await beat``) so our own cancellation still propagates.
+        await asyncio.wait([beat])
+    if result is None:
+        try:
+            await kernel.dispatch(c.RunTransition(workflow_run_id=job.workflow_run_id))
+        except Exception as exc:
+            log.error("job.transition_failed", error=describe_exception(exc))
+    else:
+        log.debug("job.executed", outcome=result.outcome, ghost=result.ghost)
+    return result

@@ -1,0 +1,249 @@
+"""One maintenance tick: the orchestration work every host runs periodically.
+
+The worker's orchestration loop, the serverless ``run_maintenance_tick``, the
+Lambda schedule handler and ``treadle tick`` all call ``maintenance_tick``, so
+they do the same steps in the same order:
+
+1. ``claim``: claim PENDING runs (enqueues their first jobs);
+2. ``poll_suspended``: check due suspended stages, then transition the resumed runs;
+3. ``scheduled``: dispatch commands the Scheduler holds that are now due;
+4. ``reap_stale``: release leases of workers that stopped heartbeating;
+5. ``flush_outbox``: publish committed events to the EventSink;
+6. ``reap_stuck``: repair or fail RUNNING runs with no activity.
+
+Claiming first lets the same tick's flush publish ``workflow:started``; reaping
+stuck runs last gives every earlier step the chance to move a run before it is
+judged stuck. Each step is isolated: a failing step is recorded in the report
+and the next one still runs, so a broken event sink cannot stop claims.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from treadle.adapters.logging import structlog_logger
+from treadle.kernel import commands as c
+from treadle.kernel.errors import describe_exception
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Kernel
+
+STEP_ORDER = (
+    "claim",
+    "poll_suspended",
+    "scheduled",
+    "reap_stale",
+    "flush_outbox",
+    "reap_stuck",
+)
+"""The fixed order of a tick's steps (see the module docstring for why)."""
+
+
+class TickStep(BaseModel):
+    """What one step did: its result fields, or the error that stopped it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    duration: float = 0.0
+    """Wall-clock seconds the step took."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class TickReport(BaseModel):
+    """Per-step outcomes of one tick, in execution order; ``ok`` when no step failed.
+
+    Hosts turn it into an exit code (``treadle tick``), a Lambda response or a log line.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    worker_id: str
+    started_at: datetime
+    steps: dict[str, TickStep] = Field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(step.ok for step in self.steps.values())
+
+    @property
+    def errors(self) -> dict[str, str]:
+        return {name: step.error for name, step in self.steps.items() if step.error is not None}
+
+    @property
+    def all_failed(self) -> bool:
+        """Every step that reached storage failed: the backend is most likely unreachable,
+        and a worker should back off. A ``scheduled`` step with nothing due does not count:
+        the in-memory scheduler answers even when the database is down."""
+        relevant = [
+            step
+            for name, step in self.steps.items()
+            if not (name == "scheduled" and step.ok and not (step.result or {}).get("due"))
+        ]
+        return bool(relevant) and not any(step.ok for step in relevant)
+
+    def result(self, step: str) -> dict[str, Any]:
+        """A step's result fields, empty if it failed or did not run."""
+        found = self.steps.get(step)
+        return dict(found.result or {}) if found is not None else {}
+
+    @property
+    def claimed_runs(self) -> int:
+        return len(self.result("claim").get("claimed", ()))
+
+    @property
+    def new_work(self) -> bool:
+        """The tick made jobs available (claimed, resumed, released, re-enqueued runs), so
+        a job loop should look for work now rather than at its next poll."""
+        return bool(
+            self.claimed_runs
+            or self.result("poll_suspended").get("resumed")
+            or self.result("reap_stale").get("released")
+            or self.result("reap_stuck").get("transitioned")
+            or self.result("scheduled").get("dispatched")
+        )
+
+
+StepFn = Callable[[], Awaitable[dict[str, Any]]]
+
+
+async def _run_step(name: str, fn: StepFn, log: Any) -> TickStep:
+    started = time.monotonic()
+    try:
+        result = await fn()
+    except _PartialStepError as exc:
+        log.error("tick.step_failed", step=name, error=exc.message)
+        return TickStep(result=exc.result, error=exc.message, duration=time.monotonic() - started)
+    except Exception as exc:
+        error = describe_exception(exc)
+        log.error("tick.step_failed", step=name, error=error)
+        return TickStep(error=error, duration=time.monotonic() - started)
+    return TickStep(result=result, duration=time.monotonic() - started)
+
+
+async def claim_step(kernel: Kernel, *, worker_id: str, max_claims: int = 10) -> dict[str, Any]:
+    """``run.claimPending`` alone: what a worker runs when woken by a fresh start."""
+    result = await kernel.dispatch(c.RunClaimPending(worker_id=worker_id, max_claims=max_claims))
+    return result.model_dump(mode="json")
+
+
+async def _poll_step(kernel: Kernel, max_checks: int, log: Any) -> dict[str, Any]:
+    """Poll due suspended stages, then transition each resumed run. One transition failing
+    does not stop the others; the step reports the failures as its error."""
+    polled = await kernel.dispatch(c.StagePollSuspended(max_checks=max_checks))
+    result = polled.model_dump(mode="json")
+    failures: list[str] = []
+    transitioned = 0
+    for run_id in polled.resumed_workflow_run_ids:
+        try:
+            await kernel.dispatch(c.RunTransition(workflow_run_id=run_id))
+            transitioned += 1
+        except Exception as exc:
+            log.error("tick.transition_failed", run_id=run_id, error=describe_exception(exc))
+            failures.append(f"{run_id}: {describe_exception(exc)}")
+    result["transitioned"] = transitioned
+    if failures:
+        raise _PartialStepError(
+            f"run.transition failed for {len(failures)} run(s): {failures}", result
+        )
+    return result
+
+
+class _PartialStepError(Exception):
+    """A step that did part of its work: ``result`` is what it did, ``message`` what
+    failed. The report keeps both, so e.g. resumed runs still wake a job loop."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.result = result
+
+
+async def _scheduled_step(kernel: Kernel, limit: int, log: Any) -> dict[str, Any]:
+    """Dispatch due scheduled commands (timers). A command that fails is logged; the
+    Scheduler has already handed it over, so it is reported rather than retried here."""
+    due = await kernel.deps.scheduler.due(kernel.deps.clock.now(), limit=limit)
+    dispatched = 0
+    failures: list[str] = []
+    for command in due:
+        try:
+            await kernel.dispatch(command)
+            dispatched += 1
+        except Exception as exc:
+            kind = command.get("type")
+            log.error("tick.scheduled_failed", command=kind, error=describe_exception(exc))
+            failures.append(f"{kind}: {describe_exception(exc)}")
+    if failures:
+        raise _PartialStepError(
+            f"{len(failures)} of {len(due)} scheduled command(s) failed: {failures}",
+            {"due": len(due), "dispatched": dispatched},
+        )
+    return {"due": len(due), "dispatched": dispatched}
+
+
+async def maintenance_tick(
+    kernel: Kernel,
+    *,
+    worker_id: str,
+    stale_threshold: timedelta | float = timedelta(seconds=60),
+    stuck_threshold: timedelta | float = timedelta(minutes=30),
+    max_claims: int = 10,
+    max_checks: int = 50,
+    max_events: int = 100,
+    max_scheduled: int = 100,
+    logger: Any = None,
+) -> TickReport:
+    """Run the steps of one tick in ``STEP_ORDER`` and report what each did.
+
+    Never raises for a failing step (see ``TickReport.ok``); a number for a threshold
+    means seconds, as in the kernel's commands.
+    """
+    log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=worker_id)
+    stale = (
+        stale_threshold
+        if isinstance(stale_threshold, timedelta)
+        else timedelta(seconds=stale_threshold)
+    )
+    stuck = (
+        stuck_threshold
+        if isinstance(stuck_threshold, timedelta)
+        else timedelta(seconds=stuck_threshold)
+    )
+
+    async def reap_stale() -> dict[str, Any]:
+        result = await kernel.dispatch(c.LeaseReapStale(stale_threshold=stale))
+        return result.model_dump(mode="json")
+
+    async def flush() -> dict[str, Any]:
+        result = await kernel.dispatch(c.OutboxFlush(max_events=max_events))
+        return result.model_dump(mode="json")
+
+    async def reap_stuck() -> dict[str, Any]:
+        result = await kernel.dispatch(c.RunReapStuck(stuck_threshold=stuck))
+        return result.model_dump(mode="json")
+
+    steps: dict[str, StepFn] = {
+        "claim": lambda: claim_step(kernel, worker_id=worker_id, max_claims=max_claims),
+        "poll_suspended": lambda: _poll_step(kernel, max_checks, log),
+        "scheduled": lambda: _scheduled_step(kernel, max_scheduled, log),
+        "reap_stale": reap_stale,
+        "flush_outbox": flush,
+        "reap_stuck": reap_stuck,
+    }
+    started_at = kernel.deps.clock.now()
+    outcomes = {name: await _run_step(name, steps[name], log) for name in STEP_ORDER}
+    report = TickReport(worker_id=worker_id, started_at=started_at, steps=outcomes)
+    if report.ok:
+        log.debug("tick.done", claimed=report.claimed_runs)
+    else:
+        log.warning("tick.done_with_errors", errors=report.errors)
+    return report

@@ -1,0 +1,304 @@
+"""``Worker``: the long-running host loop, shared by ``treadle worker`` and the
+Engine's in-process worker.
+
+Two loops share one kernel. The orchestration loop runs ``maintenance_tick``
+every ``orchestration_interval`` (ticks never overlap); the job loop leases as
+many jobs as there are free slots and runs each through ``execute_job``, so at
+most ``concurrency`` stages execute at once. ``notify()`` wakes both loops: a
+run started in this process is claimed and executed at once instead of at the
+next tick. A loop whose iteration fails (database unreachable) backs off
+exponentially up to ``max_backoff`` and returns to its normal pace on the first
+success. Signal handling belongs to the process host, not here, so the same
+class runs inside an application's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from datetime import timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from treadle.adapters.logging import structlog_logger
+from treadle.kernel.errors import describe_exception
+from treadle.runtime.jobs import execute_job
+from treadle.runtime.tick import TickReport, TickStep, claim_step, maintenance_tick
+
+if TYPE_CHECKING:
+    from treadle.kernel.kernel import Kernel
+    from treadle.kernel.model import Job
+
+
+def default_worker_id() -> str:
+    """``host:pid:random``: unique per Worker, readable in logs and in ``runs.worker_id``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _seconds(value: timedelta | float, name: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return seconds
+
+
+class Backoff:
+    """Capped exponential delays: ``initial``, doubling, never above ``cap``."""
+
+    def __init__(self, initial: float, cap: float) -> None:
+        self.initial = initial
+        self.cap = max(cap, initial)
+        self.failures = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.initial * 2.0 ** min(self.failures, 32))
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Worker:
+    """Executes jobs and runs maintenance against ``kernel`` until stopped.
+
+    ``async with Worker(kernel):`` or ``await worker.start()`` / ``await worker.stop()``.
+    """
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        *,
+        worker_id: str | None = None,
+        concurrency: int = 8,
+        orchestration_interval: timedelta | float = 10.0,
+        job_poll_interval: timedelta | float = 1.0,
+        stale_lease_threshold: timedelta | float = 60.0,
+        stuck_threshold: timedelta | float = timedelta(minutes=30),
+        heartbeat_interval: timedelta | float | None = None,
+        max_claims: int = 10,
+        max_backoff: float = 30.0,
+        logger: Any = None,
+    ) -> None:
+        given: object = concurrency  # checked at runtime: callers pass CLI or config values
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+        self.kernel = kernel
+        self.worker_id = worker_id or default_worker_id()
+        self.concurrency = concurrency
+        self.orchestration_interval = _seconds(orchestration_interval, "orchestration_interval")
+        self.job_poll_interval = _seconds(job_poll_interval, "job_poll_interval")
+        self.stale_lease_threshold = _seconds(stale_lease_threshold, "stale_lease_threshold")
+        self.stuck_threshold = _seconds(stuck_threshold, "stuck_threshold")
+        # Several beats fit in one threshold, so a slow beat or two never loses the lease.
+        self.heartbeat_interval = (
+            _seconds(heartbeat_interval, "heartbeat_interval")
+            if heartbeat_interval is not None
+            else self.stale_lease_threshold / 4
+        )
+        self.max_claims = max_claims
+        self.max_backoff = _seconds(max_backoff, "max_backoff")
+        self.log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=self.worker_id)
+        self.last_tick: TickReport | None = None
+        self.ticks = 0
+        self._tick_lock = asyncio.Lock()
+        self._claim_wake = asyncio.Event()
+        self._job_wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
+        self._in_flight: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._started = False
+
+    # -- public surface ---------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stop_event.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs executing right now."""
+        return len(self._in_flight)
+
+    def notify(self) -> None:
+        """New work may exist (a run was started, rerun or resumed in this process): claim
+        and dequeue now instead of at the next interval. Cheap and safe to call often:
+        wake-ups coalesce."""
+        self._claim_wake.set()
+        self._job_wake.set()
+
+    async def start(self) -> None:
+        """Start both loops; returns at once. The first tick runs immediately."""
+        if self._started:
+            raise RuntimeError(f"worker {self.worker_id!r} was already started")
+        self._started = True
+        self.log.info("worker.started", concurrency=self.concurrency)
+        self._loops = [
+            asyncio.create_task(self._orchestration_loop(), name=f"{self.worker_id}:orchestration"),
+            asyncio.create_task(self._job_loop(), name=f"{self.worker_id}:jobs"),
+        ]
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop claiming and dequeuing, let in-flight jobs finish for up to
+        ``drain_timeout`` seconds, then cancel the rest (their leases expire and
+        another worker retries them). Idempotent."""
+        if not self._started or self._stop_event.is_set():
+            return
+        self._stop_event.set()
+        self._claim_wake.set()
+        self._job_wake.set()
+        deadline = time.monotonic() + max(drain_timeout, 0.0)
+        # The loops exit at their next wake-up; a tick in progress finishes first.
+        await self._wait_or_cancel(self._loops, deadline)
+        if self._in_flight:
+            self.log.info("worker.draining", jobs=len(self._in_flight))
+        await self._wait_or_cancel(list(self._in_flight), deadline)
+        self.log.info("worker.stopped")
+
+    async def _wait_or_cancel(self, tasks: list[asyncio.Task[Any]], deadline: float) -> None:
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.log.warning("worker.cancelled_tasks", count=len(pending))
+            await asyncio.wait(pending)
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def tick(self) -> TickReport:
+        """Run one full maintenance tick now (serialized with the loop's ticks)."""
+        async with self._tick_lock:
+            report = await maintenance_tick(
+                self.kernel,
+                worker_id=self.worker_id,
+                stale_threshold=self.stale_lease_threshold,
+                stuck_threshold=self.stuck_threshold,
+                max_claims=self.max_claims,
+                logger=self.log,
+            )
+        self.last_tick = report
+        self.ticks += 1
+        return report
+
+    # -- loops ------------------------------------------------------------------------
+    async def _claim_only(self) -> TickReport:
+        """A notify() wake-up claims without the rest of the tick: a burst of starts must
+        not turn into a burst of reaper scans."""
+        started = time.monotonic()
+        async with self._tick_lock:
+            try:
+                result = await claim_step(
+                    self.kernel, worker_id=self.worker_id, max_claims=self.max_claims
+                )
+                step = TickStep(result=result, duration=time.monotonic() - started)
+            except Exception as exc:
+                self.log.error("worker.claim_failed", error=describe_exception(exc))
+                step = TickStep(error=describe_exception(exc), duration=time.monotonic() - started)
+        return TickReport(
+            worker_id=self.worker_id,
+            started_at=self.kernel.deps.clock.now(),
+            steps={"claim": step},
+        )
+
+    async def _orchestration_loop(self) -> None:
+        backoff = Backoff(min(1.0, self.orchestration_interval), self.max_backoff)
+        next_full = time.monotonic()
+        while not self._stop_event.is_set():
+            self._claim_wake.clear()
+            full = time.monotonic() >= next_full
+            try:
+                report = await self.tick() if full else await self._claim_only()
+                failed = report.all_failed
+            except Exception as exc:  # maintenance_tick isolates steps; this is a bug guard
+                self.log.error("worker.tick_crashed", error=describe_exception(exc))
+                report, failed = None, True
+            if self._stop_event.is_set():
+                break
+            if failed:
+                # Probably the database is down: retry a full tick after a growing pause.
+                delay = backoff.next()
+                self.log.warning("worker.backing_off", loop="orchestration", delay=delay)
+                next_full = time.monotonic() + delay
+            else:
+                backoff.reset()
+                if full:
+                    next_full = time.monotonic() + self.orchestration_interval
+                if report is not None and report.new_work:
+                    self._job_wake.set()
+                if report is not None and report.claimed_runs >= self.max_claims:
+                    self._claim_wake.set()  # more PENDING runs are probably waiting
+            if failed:
+                await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
+            else:
+                await _wait(self._claim_wake, max(0.0, next_full - time.monotonic()))
+
+    async def _job_loop(self) -> None:
+        backoff = Backoff(min(1.0, self.job_poll_interval), self.max_backoff)
+        while not self._stop_event.is_set():
+            self._job_wake.clear()
+            free = self.concurrency - len(self._in_flight)
+            if free <= 0:
+                await self._job_wake.wait()  # set when a job finishes (or on stop)
+                continue
+            try:
+                jobs = await self.kernel.deps.job_transport.dequeue(
+                    self.worker_id, self.kernel.deps.clock.now(), limit=free
+                )
+            except Exception as exc:
+                delay = backoff.next()
+                self.log.error(
+                    "worker.dequeue_failed", error=describe_exception(exc), retry_in=delay
+                )
+                await _wait(self._stop_event, delay)
+                continue
+            backoff.reset()
+            for job in jobs:
+                self._spawn(job)
+            if self._stop_event.is_set():
+                break
+            if jobs and len(jobs) == free:
+                continue  # the queue may hold more; wait for a free slot above
+            await _wait(self._job_wake, self.job_poll_interval)
+
+    def _spawn(self, job: Job) -> None:
+        task = asyncio.create_task(
+            execute_job(
+                self.kernel,
+                job,
+                worker_id=self.worker_id,
+                heartbeat_interval=self.heartbeat_interval,
+                logger=self.log,
+            ),
+            name=f"job:{job.id}",
+        )
+        self._in_flight.add(task)
+        task.add_done_callback(self._job_done)
+
+    def _job_done(self, task: asyncio.Task[Any]) -> None:
+        self._in_flight.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:  # execute_job swallows errors; this guards against its bugs
+            self.log.error("worker.job_task_crashed", error=describe_exception(error))
+        # A finished job frees a slot, and its commit may have enqueued the next group.
+        self._job_wake.set()
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until ``event`` is set or ``seconds`` pass, whichever is first."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)

@@ -1,0 +1,316 @@
+"""``TestEngine``: the real kernel on in-memory adapters with a virtual clock.
+
+It drives the same commands a worker would (claim, execute, transition, poll
+suspended, flush the outbox) until nothing is left to do at the current virtual
+time; ``advance_time`` then jumps the clock from one due moment to the next, so
+a pipeline that backs off for an hour or waits a day finishes in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from treadle.adapters.logging import structlog_logger
+from treadle.adapters.memory import (
+    CollectingEventSink,
+    InMemoryBlobStore,
+    InMemoryJobTransport,
+    InMemoryPersistence,
+    InMemoryScheduler,
+)
+from treadle.kernel import commands as c
+from treadle.kernel.context import StageContext
+from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
+from treadle.kernel.errors import (
+    RunCancelledError,
+    RunFailedError,
+    StageNotFoundError,
+    TransientStorageError,
+    TreadleError,
+)
+from treadle.kernel.events import EventBase
+from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
+from treadle.kernel.model import LogRecord, Run, RunStatus
+from treadle.kernel.registry import Registry
+from treadle.testing.chaos import Chaos
+from treadle.testing.clock import DEFAULT_START, FakeClock
+
+
+class StageMock:
+    """Replacement body for a stage, recording every call's context."""
+
+    def __init__(self, stage_id: str, fn: Callable[..., Any] | Any) -> None:
+        self.stage_id = stage_id
+        self._fn = fn
+        self.calls: list[StageContext[Any, Any]] = []
+
+    @property
+    def call_count(self) -> int:
+        return len(self.calls)
+
+    async def __call__(self, ctx: StageContext[Any, Any]) -> Any:
+        self.calls.append(ctx)
+        if not callable(self._fn):
+            return self._fn
+        value = self._fn(ctx)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+
+class _MockingRegistry:
+    """Serves definitions with mocked stage bodies swapped in."""
+
+    def __init__(self, workflows: Iterable[WorkflowDefinition]) -> None:
+        self.inner = Registry(workflows)
+        self.mocks: dict[str, StageMock] = {}
+        self._cache: dict[str, WorkflowDefinition] = {}
+
+    def register(self, workflow: WorkflowDefinition) -> None:
+        self.inner.register(workflow)
+        self._cache.clear()
+
+    def get_workflow(self, workflow_id: str) -> WorkflowDefinition | None:
+        wf = self._cache.get(workflow_id)
+        if wf is None:
+            wf = self.inner.get_workflow(workflow_id)
+            if wf is None:
+                return None
+            if any(s in self.mocks for s in wf.stages):
+                wf = self._with_mocks(wf)
+            self._cache[workflow_id] = wf
+        return wf
+
+    def _with_mocks(self, wf: WorkflowDefinition) -> WorkflowDefinition:
+        def swap(stage: StageDefinition) -> StageDefinition:
+            mock = self.mocks.get(stage.id)
+            return stage.with_fn(mock) if mock is not None else stage
+
+        groups = tuple(tuple(swap(s) for s in group) for group in wf.groups)
+        stages = {s.id: s for group in groups for s in group}
+        return dataclasses.replace(wf, groups=groups, stages=stages)
+
+    def mock(self, stage_id: str, fn: Callable[..., Any] | Any) -> StageMock:
+        if not any(stage_id in wf.stages for wf in self.inner):
+            raise StageNotFoundError(f"no registered workflow has a stage {stage_id!r}")
+        self.mocks[stage_id] = StageMock(stage_id, fn)
+        self._cache.clear()
+        return self.mocks[stage_id]
+
+
+class RunHandle:
+    """A started run: ``run_id``, and ``await handle.result()`` to drive it to the end."""
+
+    def __init__(self, engine: TestEngine, run_id: str) -> None:
+        self._engine = engine
+        self.run_id = run_id
+
+    async def result(self) -> Any:
+        """Run until idle; the output if COMPLETED, else ``RunFailedError`` /
+        ``RunCancelledError``; a run still waiting raises ``TreadleError``."""
+        await self._engine.run_until_idle()
+        run = await self._engine.get_run(self.run_id)
+        if run.status is RunStatus.COMPLETED:
+            return run.output
+        if run.status is RunStatus.FAILED:
+            raise RunFailedError(run.id, run.error)
+        if run.status is RunStatus.CANCELLED:
+            raise RunCancelledError(run.id, run.error)
+        raise TreadleError(
+            f"run {run.id!r} is {run.status.value} at virtual time {self._engine.clock.now()}; "
+            "advance_time() to let it continue"
+        )
+
+
+class TestEngine:
+    """See the module docstring. Every part is public for tests to inspect."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        workflows: Iterable[WorkflowDefinition] = (),
+        *,
+        start: datetime = DEFAULT_START,
+        chaos: Chaos | None = None,
+        worker_id: str = "test-worker",
+        settings: KernelSettings | None = None,
+        plugins: Iterable[Any] = (),
+        ids: Any = None,
+    ) -> None:
+        self.clock = FakeClock(start)
+        self.persistence = InMemoryPersistence()
+        self.job_transport = InMemoryJobTransport(self.persistence)
+        self.blob_store = InMemoryBlobStore()
+        self.event_sink = CollectingEventSink()
+        self.scheduler = InMemoryScheduler()
+        self.registry = _MockingRegistry(workflows)
+        self.chaos = chaos
+        self.worker_id = worker_id
+        self.transient_failures = 0
+        self.kernel: Kernel = create_kernel(
+            persistence=chaos.wrap(self.persistence) if chaos else self.persistence,
+            job_transport=self.job_transport,
+            blob_store=self.blob_store,
+            event_sink=self.event_sink,
+            scheduler=self.scheduler,
+            clock=self.clock,
+            registry=self.registry,
+            ids=ids,
+            plugins=plugins,
+            settings=settings,
+            logger=structlog_logger(worker_id=worker_id),
+        )
+
+    # -- authoring helpers --------------------------------------------------------
+    def register(self, workflow: WorkflowDefinition) -> None:
+        self.registry.register(workflow)
+
+    def mock_stage(self, stage_id: str, fn: Callable[..., Any] | Any) -> StageMock:
+        """Replace a stage's body (a function of ``ctx``, or a constant output)."""
+        return self.registry.mock(stage_id, fn)
+
+    @property
+    def events(self) -> list[EventBase]:
+        """Events published through the outbox so far, in publication order."""
+        return self.event_sink.events
+
+    # -- client operations ------------------------------------------------------------
+    async def dispatch(self, command: c.CommandBase | Mapping[str, Any]) -> Any:
+        return await self.kernel.dispatch(command)
+
+    async def start(
+        self,
+        workflow_id: str,
+        input: Any = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        priority: int = 5,
+        idempotency_key: str | None = None,
+        run_id: str | None = None,
+        search_attributes: Mapping[str, Any] | None = None,
+    ) -> RunHandle:
+        result = await self.kernel.dispatch(
+            c.RunCreate(
+                workflow_id=workflow_id,
+                input=input,
+                config=dict(config or {}),
+                priority=priority,
+                idempotency_key=idempotency_key,
+                run_id=run_id,
+                search_attributes=dict(search_attributes or {}),
+            )
+        )
+        return RunHandle(self, result.workflow_run_id)
+
+    async def get_run(self, run_id: str) -> Run:
+        return await self.kernel.get_run(run_id)
+
+    async def cancel(self, run_id: str, reason: str | None = None) -> bool:
+        result = await self.kernel.dispatch(c.RunCancel(workflow_run_id=run_id, reason=reason))
+        return result.cancelled
+
+    async def logs(self, run_id: str) -> list[LogRecord]:
+        async with self.persistence.transaction() as tx:
+            return await tx.get_logs(run_id)
+
+    # -- driving ----------------------------------------------------------------------
+    async def _try(self, command: c.CommandBase) -> Any:
+        """Dispatch; a transient storage failure (chaos) counts and yields ``None``."""
+        try:
+            return await self.kernel.dispatch(command)
+        except TransientStorageError:
+            self.transient_failures += 1
+            return None
+
+    async def _step(self) -> bool:
+        """One round of everything a worker and a maintenance tick do; True if it moved."""
+        moved = False
+        claim = await self._try(c.RunClaimPending(worker_id=self.worker_id, max_claims=1000))
+        moved |= claim is None or bool(claim.claimed)
+        jobs = await self.job_transport.dequeue(self.worker_id, self.clock.now(), limit=1000)
+        if jobs:
+            moved = True
+            results = await asyncio.gather(
+                *(
+                    self._try(
+                        c.JobExecute(
+                            job_id=job.id,
+                            worker_id=self.worker_id,
+                            idempotency_key=f"job:{job.id}:{job.attempts}",
+                        )
+                    )
+                    for job in jobs
+                ),
+                return_exceptions=True,
+            )
+            unsettled: set[str] = set()
+            for job, outcome in zip(jobs, results, strict=True):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, TreadleError):
+                    raise outcome
+                if outcome is None or isinstance(outcome, BaseException):
+                    unsettled.add(job.workflow_run_id)
+            # job.execute applies the transition in its commit; only an execution that
+            # raised needs the run.transition safety net, as in the worker host.
+            for run_id in sorted(unsettled):
+                await self._try(c.RunTransition(workflow_run_id=run_id))
+        # Every execution has returned, so anything still leased lost its commit (and
+        # its release) to a failure: release it now, as lease.reapStale would once the
+        # lease expired. This runs every round, not only after a dequeue, so a reap
+        # that itself failed is retried instead of stranding the job LEASED forever.
+        if self.job_transport.has_leased():
+            reaped = await self._try(c.LeaseReapStale(stale_threshold=timedelta(seconds=-1)))
+            moved |= reaped is None or bool(reaped.released or reaped.failed)
+        polled = await self._try(c.StagePollSuspended(max_checks=1000))
+        if polled is None or polled.checked:
+            moved = True
+            for run_id in polled.resumed_workflow_run_ids if polled else ():
+                await self._try(c.RunTransition(workflow_run_id=run_id))
+        for command in await self.scheduler.due(self.clock.now()):
+            moved = True
+            try:
+                await self.kernel.dispatch(command)
+            except TransientStorageError:
+                self.transient_failures += 1
+        flushed = await self._try(c.OutboxFlush(max_events=10_000))
+        moved |= flushed is None or bool(flushed.published or flushed.failed)
+        return moved
+
+    async def run_until_idle(self, *, max_rounds: int = 10_000) -> None:
+        """Drive the engine at the current virtual time until nothing moves."""
+        for _ in range(max_rounds):
+            if not await self._step():
+                return
+        raise TreadleError(f"engine still busy after {max_rounds} rounds (livelock?)")
+
+    async def next_due_at(self) -> datetime | None:
+        candidates = [
+            await self.job_transport.next_due_at(),
+            self.persistence.next_suspended_poll_at(),
+            await self.scheduler.next_due_at(),
+        ]
+        return min((t for t in candidates if t is not None), default=None)
+
+    async def advance_time(self, delta: timedelta | float) -> None:
+        """Move the virtual clock forward, stopping at every due retry, poll and timer
+        on the way and running the engine until idle at each."""
+        if not isinstance(delta, timedelta):
+            delta = timedelta(seconds=delta)
+        target = self.clock.now() + delta
+        await self.run_until_idle()
+        for _ in range(100_000):
+            due = await self.next_due_at()
+            if due is None or due > target:
+                break
+            if due > self.clock.now():
+                self.clock.set(due)
+            await self.run_until_idle()
+        else:
+            raise TreadleError("advance_time: work keeps falling due without finishing")
+        self.clock.set(target)
+        await self.run_until_idle()

@@ -1,0 +1,166 @@
+"""The outbox: ordered per-run publication, per-run fail-fast, retries, the DLQ and
+plugin.replayDLQ, plus plugins as extra consumers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from treadle import WorkflowBuilder, define_stage
+from treadle.kernel import commands as c
+from treadle.kernel.events import EventBase
+from treadle.testing import TestEngine
+
+
+class In(BaseModel):
+    n: int
+
+
+@define_stage(id="a", input=In, output=In)
+async def a(ctx):  # type: ignore[no-untyped-def]
+    return ctx.input
+
+
+@define_stage(id="b", input=In, output=In)
+async def b(ctx):  # type: ignore[no-untyped-def]
+    return ctx.input
+
+
+WF = WorkflowBuilder("wf", input=In).pipe(a).pipe(b).build()
+EXPECTED = [
+    "workflow:created",
+    "workflow:started",
+    "stage:started",
+    "stage:completed",
+    "stage:started",
+    "stage:completed",
+    "workflow:completed",
+]
+
+
+def _seqs(events: list[EventBase], run_id: str) -> list[int]:
+    return [e.sequence for e in events if e.workflow_run_id == run_id]
+
+
+async def test_events_published_in_per_run_order_with_gap_free_sequences() -> None:
+    """Each run's events are published in order with sequences 1..n, none skipped."""
+    te = TestEngine([WF])
+    h1 = await te.start("wf", {"n": 1})
+    h2 = await te.start("wf", {"n": 2})
+    await te.run_until_idle()
+    for handle in (h1, h2):
+        assert te.event_sink.types(handle.run_id) == EXPECTED
+        assert _seqs(te.events, handle.run_id) == list(range(1, len(EXPECTED) + 1))
+        stored = await te.kernel.events(handle.run_id)
+        assert [e.sequence for e in stored] == _seqs(te.events, handle.run_id)
+    started = [e for e in te.events if e.type == "stage:started"]  # type: ignore[attr-defined]
+    assert all((e.causation_id or "").startswith("job:") for e in started)
+    assert (await te.dispatch(c.OutboxFlush())).published == 0
+
+
+async def test_events_are_not_published_before_flush() -> None:
+    """Events commit to the outbox with the state change and reach the sink on flush."""
+    te = TestEngine([WF])
+    handle = await te.start("wf", {"n": 1})
+    assert te.events == []
+    result = await te.dispatch(c.OutboxFlush(max_events=100))
+    assert result.published == 1
+    assert te.event_sink.types(handle.run_id) == ["workflow:created"]
+
+
+async def test_failing_run_blocks_only_itself_then_dead_letters_after_three_attempts() -> None:
+    """A failing event stops its run's later events (fail-fast) but not other runs';
+    after three failures it goes to the DLQ and the run's later events flow again."""
+    te = TestEngine([WF])
+    bad = await te.start("wf", {"n": 1})
+    good = await te.start("wf", {"n": 2})
+    poisoned = {"seq": 2}
+
+    def fail_when(event: EventBase) -> bool:
+        return event.workflow_run_id == bad.run_id and event.sequence == poisoned["seq"]
+
+    await te.dispatch(c.RunClaimPending(worker_id="w"))
+    await te.cancel(bad.run_id)  # bad run: created #1, started #2, cancelled #3
+    te.event_sink.fail_when = fail_when
+
+    first = await te.dispatch(c.OutboxFlush())
+    assert (first.published, first.failed, first.dead_lettered) == (3, 1, 0)
+    assert _seqs(te.events, bad.run_id) == [1]
+    assert _seqs(te.events, good.run_id) == [1, 2]
+    second = await te.dispatch(c.OutboxFlush())
+    assert (second.published, second.failed, second.dead_lettered) == (0, 1, 0)
+    third = await te.dispatch(c.OutboxFlush())
+    assert (third.published, third.failed, third.dead_lettered) == (0, 1, 1)
+    assert _seqs(te.events, bad.run_id) == [1]
+    fourth = await te.dispatch(c.OutboxFlush())
+    assert (fourth.published, fourth.failed) == (1, 0)
+    assert _seqs(te.events, bad.run_id) == [1, 3]
+    [dead] = await _dead(te)
+    assert (dead.event.sequence, dead.attempts, dead.dead_lettered) == (2, 3, True)
+    assert "ConnectionError" in (dead.last_error or "")
+
+    te.event_sink.fail_when = None
+    replay = await te.dispatch(c.PluginReplayDLQ())
+    assert replay.replayed == 1
+    assert _seqs(te.events, bad.run_id) == [1, 3, 2]
+    assert await _dead(te) == []
+    assert (await te.dispatch(c.PluginReplayDLQ())).replayed == 0
+
+
+async def _dead(te: TestEngine) -> list[Any]:
+    async with te.persistence.transaction() as tx:
+        return await tx.dead_lettered_events(100)
+
+
+async def test_replay_keeps_events_whose_publish_fails_again() -> None:
+    """A DLQ event that fails again during replay stays in the DLQ."""
+    te = TestEngine([WF])
+    await te.start("wf", {"n": 1})
+    te.event_sink.fail_when = lambda event: True
+    for _ in range(3):
+        await te.dispatch(c.OutboxFlush())
+    assert len(await _dead(te)) == 1
+    assert (await te.dispatch(c.PluginReplayDLQ())).replayed == 0
+    assert len(await _dead(te)) == 1
+
+
+async def test_flush_respects_max_events() -> None:
+    """outbox.flush publishes at most max_events per call, oldest first."""
+    te = TestEngine([WF])
+    handle = await te.start("wf", {"n": 1})
+    await te.dispatch(c.RunClaimPending(worker_id="w"))
+    assert (await te.dispatch(c.OutboxFlush(max_events=1))).published == 1
+    assert (await te.dispatch(c.OutboxFlush(max_events=1))).published == 1
+    assert _seqs(te.events, handle.run_id) == [1, 2]
+
+
+class Recorder:
+    """A kernel plugin that records events, optionally failing on one type."""
+
+    name = "recorder"
+
+    def __init__(self, fail_type: str | None = None) -> None:
+        self.fail_type = fail_type
+        self.seen: list[str] = []
+
+    async def on_event(self, event: EventBase) -> None:
+        kind = event.type  # type: ignore[attr-defined]
+        if kind == self.fail_type:
+            raise RuntimeError("plugin down")
+        self.seen.append(kind)
+
+
+async def test_plugins_receive_published_events_and_their_failures_retry() -> None:
+    """Plugins see every published event; a plugin failure counts as a publish failure."""
+    plugin = Recorder(fail_type="workflow:completed")
+    te = TestEngine([WF], plugins=[plugin])
+    handle = await te.start("wf", {"n": 1})
+    await te.run_until_idle()
+    assert plugin.seen == EXPECTED[:-1]
+    assert len(await _dead(te)) == 1
+    plugin.fail_type = None
+    assert (await te.dispatch(c.PluginReplayDLQ())).replayed == 1
+    assert plugin.seen[-1] == "workflow:completed"
+    # The sink got workflow:completed on each attempt: at-least-once delivery.
+    assert te.event_sink.types(handle.run_id).count("workflow:completed") == 4

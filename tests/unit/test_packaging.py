@@ -1,0 +1,34 @@
+"""`pip install .` ships every package and the typing marker."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SKIP = {"tests", "examples", "benchmarks", "docs", "build", "scripts"}
+
+
+def test_every_package_directory_is_listed_for_the_wheel() -> None:
+    """Each directory with an ``__init__.py`` is in ``[tool.setuptools] packages``."""
+    listed = set(CONFIG["tool"]["setuptools"]["packages"])
+    found = {"treadle"}
+    for init in ROOT.rglob("__init__.py"):
+        rel = init.parent.relative_to(ROOT)
+        if not rel.parts or rel.parts[0] in SKIP or rel.parts[0].startswith("."):
+            continue
+        found.add("treadle." + ".".join(rel.parts))
+    assert found - listed == set()
+
+
+def test_py_typed_ships() -> None:
+    """The PEP 561 marker exists and is declared as package data."""
+    assert (ROOT / "py.typed").exists()
+    assert "py.typed" in CONFIG["tool"]["setuptools"]["package-data"]["treadle"]
+
+
+def test_pytest_plugin_entry_point_is_declared() -> None:
+    """The pytest11 entry point points at the harness plugin module."""
+    entry = CONFIG["project"]["entry-points"]["pytest11"]["treadle"]
+    assert entry == "treadle.testing.plugin"
