@@ -148,8 +148,9 @@ class InMemoryTransaction:
             self._index_suspended(stage)
 
     async def get_stages(self, run_id: str) -> list[StageRun]:
-        # Inserted in group order by run.create; updates keep a key's position.
-        return list(self._s.stages.get(run_id, {}).values())
+        # Insertion (definition) order within a group; updates keep a key's position.
+        # The sort is stable and cheap: run.create inserts in group order already.
+        return sorted(self._s.stages.get(run_id, {}).values(), key=_execution_group)
 
     async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None:
         return self._s.stages.get(run_id, {}).get(stage_id)
@@ -319,6 +320,10 @@ class InMemoryTransaction:
         return out[:limit]
 
 
+def _execution_group(stage: StageRun) -> int:
+    return stage.execution_group
+
+
 def _drop_last(bucket: list[Any]) -> None:
     bucket.pop()
 
@@ -335,9 +340,23 @@ def _matches(run: Run, f: RunFilter) -> bool:
     if f.parent_run_id is not None and run.parent_run_id != f.parent_run_id:
         return False
     return all(
-        k in run.search_attributes and run.search_attributes[k] == v
+        k in run.search_attributes and _json_equal(run.search_attributes[k], v)
         for k, v in f.attributes.items()
     )
+
+
+def _json_equal(stored: Any, wanted: Any) -> bool:
+    """Equality of JSON values as the SQL adapters compare them: ``True`` is not ``1``
+    (Python says it is), numbers compare by value, objects by content."""
+    if isinstance(stored, bool) or isinstance(wanted, bool):
+        return type(stored) is type(wanted) and stored == wanted
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        return stored.keys() == wanted.keys() and all(
+            _json_equal(stored[k], wanted[k]) for k in stored
+        )
+    if isinstance(stored, list | tuple) and isinstance(wanted, list | tuple):
+        return len(stored) == len(wanted) and all(map(_json_equal, stored, wanted))
+    return bool(stored == wanted)
 
 
 class InMemoryPersistence:

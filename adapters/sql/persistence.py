@@ -106,6 +106,35 @@ def _annotation_from_row(row: sa.Row[Any]) -> Annotation:
     )
 
 
+def _sqlite_json_equals(column: sa.ColumnElement[Any], path: str, value: Any) -> Any:
+    """``column`` at JSON ``path`` equals ``value`` with JSONB's semantics on SQLite: types
+    must agree (``json_extract`` alone makes ``true`` equal ``1``) and objects compare by
+    content, not by the key order of their text."""
+    kind = sa.func.json_type(column, path)
+    if value is None:
+        return kind == "null"
+    if isinstance(value, bool):
+        return kind == ("true" if value else "false")
+    if isinstance(value, int | float):
+        return sa.and_(kind.in_(("integer", "real")), sa.func.json_extract(column, path) == value)
+    if isinstance(value, str):
+        return sa.and_(kind == "text", sa.func.json_extract(column, path) == value)
+    if isinstance(value, list | tuple):
+        items = [_sqlite_json_equals(column, f"{path}[{i}]", v) for i, v in enumerate(value)]
+        return sa.and_(
+            kind == "array", sa.func.json_array_length(column, path) == len(value), *items
+        )
+    if isinstance(value, dict):
+        members = sa.func.json_each(column, path).table_valued("key")
+        count = sa.select(sa.func.count()).select_from(members).scalar_subquery()
+        fields = [
+            _sqlite_json_equals(column, path + '."' + k.replace('"', '\\"') + '"', v)
+            for k, v in value.items()
+        ]
+        return sa.and_(kind == "object", count == len(value), *fields)
+    raise TypeError(f"cannot filter on a {type(value).__name__} attribute value")
+
+
 class SqlTransaction:
     """A unit of work on one connection; see the module docstring for the rules."""
 
@@ -152,13 +181,7 @@ class SqlTransaction:
             return column.op("->")(sa.literal(key, sa.String())) == sa.cast(
                 sa.literal(encoded, sa.String()), postgresql.JSONB()
             )
-        path = '$."' + key.replace('"', '\\"') + '"'
-        if value is None:
-            return sa.func.json_type(column, path) == "null"
-        return sa.and_(
-            sa.func.json_type(column, path).is_not(None),
-            sa.func.json_extract(column, path) == sa.func.json_extract(encoded, "$"),
-        )
+        return _sqlite_json_equals(column, '$."' + key.replace('"', '\\"') + '"', value)
 
     # -- runs -------------------------------------------------------------------
     async def insert_run(self, run: Run) -> None:
@@ -313,7 +336,11 @@ class SqlTransaction:
         await self.execute(sa.insert(t.stages).values(rows), "insert stages")
 
     async def get_stages(self, run_id: str) -> list[StageRun]:
-        query = sa.select(t.stages).where(t.stages.c.run_id == run_id).order_by(t.stages.c.ordinal)
+        query = (
+            sa.select(t.stages)
+            .where(t.stages.c.run_id == run_id)
+            .order_by(t.stages.c.execution_group, t.stages.c.ordinal)
+        )
         return [_stage_from_row(row) for row in await self.execute(query, "get stages")]
 
     async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None:
