@@ -1,0 +1,364 @@
+"""JobTransport contract: the leased queue behaves the same on memory, SQLite and PostgreSQL.
+
+``now`` is always passed in, so leases, backoff and staleness are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from treadle.kernel.errors import DuplicateError, JobNotFoundError
+from treadle.kernel.model import Job, JobStatus, Run
+
+T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def make_job(job_id: str, run_id: str = "r1", **fields: Any) -> Job:
+    fields.setdefault("next_poll_at", T0)
+    fields.setdefault("enqueued_at", T0)
+    return Job(id=job_id, workflow_run_id=run_id, workflow_id="wf", stage_id=job_id, **fields)
+
+
+class BoomError(Exception):
+    """Raised inside a transaction to force its rollback."""
+
+
+async def enqueue(backend: Any, *jobs: Job) -> None:
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.enqueue(tx, list(jobs))
+
+
+async def get(backend: Any, job_id: str) -> Job | None:
+    async with backend.persistence.transaction() as tx:
+        job: Job | None = await backend.job_transport.get(tx, job_id)
+    return job
+
+
+async def dequeue_ids(
+    backend: Any, now: datetime, *, limit: int = 10, worker: str = "w1"
+) -> list[str]:
+    return [j.id for j in await backend.job_transport.dequeue(worker, now, limit=limit)]
+
+
+async def test_enqueued_job_reads_back_queued(backend: Any) -> None:
+    """An enqueued job reads back with its fields, QUEUED, in exact UTC times."""
+    job = make_job("j1", priority=7, max_attempts=5, next_poll_at=at(1.5), enqueued_at=at(0.25))
+    await enqueue(backend, job)
+    got = await get(backend, "j1")
+    assert got is not None
+    expected = job.model_dump(exclude={"sequence"})
+    assert got.model_dump(exclude={"sequence"}) == expected
+    assert got.status is JobStatus.QUEUED
+    assert got.next_poll_at.utcoffset() == timedelta(0)
+    assert await get(backend, "missing") is None
+
+
+async def test_enqueue_joins_the_callers_transaction(backend: Any) -> None:
+    """A job enqueued in a transaction that rolls back never existed: it cannot be leased."""
+    p = backend.persistence
+
+    async def enqueue_then_fail() -> None:
+        async with p.transaction() as tx:
+            await backend.job_transport.enqueue(tx, [make_job("j1")])
+            await tx.insert_run(Run(id="r1", workflow_id="wf", created_at=T0, updated_at=T0))
+            assert await backend.job_transport.get(tx, "j1") is not None
+            raise BoomError
+
+    with pytest.raises(BoomError):
+        await enqueue_then_fail()
+    assert await get(backend, "j1") is None
+    assert await backend.job_transport.dequeue("w1", at(60), limit=10) == []
+    assert await backend.job_transport.next_due_at() is None
+    async with p.transaction() as tx:
+        assert await backend.job_transport.live_jobs(tx, "r1") == []
+        assert await backend.job_transport.cancel_by_run(tx, "r1") == 0
+
+
+async def test_duplicate_job_id_raises_duplicate_error(backend: Any) -> None:
+    """A job id is unique, also within one enqueue call."""
+    await enqueue(backend, make_job("j1"))
+    with pytest.raises(DuplicateError, match="j1"):
+        await enqueue(backend, make_job("j1"))
+    with pytest.raises(DuplicateError, match="j2"):
+        await enqueue(backend, make_job("j2"), make_job("j2"))
+    assert await get(backend, "j2") is None
+
+
+async def test_dequeue_leases_by_priority_then_fifo(backend: Any) -> None:
+    """Higher priority first; equal priority in enqueue order, across enqueue calls."""
+    await enqueue(backend, make_job("p1", priority=1), make_job("p9-a", priority=9))
+    await enqueue(backend, make_job("p5", priority=5), make_job("p9-b", priority=9))
+    await enqueue(backend, make_job("p5-b", priority=5))
+    assert await dequeue_ids(backend, T0) == ["p9-a", "p9-b", "p5", "p5-b", "p1"]
+
+
+async def test_dequeue_sets_the_lease(backend: Any) -> None:
+    """A leased job is LEASED to the worker, heartbeat ``now``, attempts incremented."""
+    await enqueue(backend, make_job("j1", attempts=2))
+    (leased,) = await backend.job_transport.dequeue("w7", at(3))
+    assert (leased.status, leased.worker_id, leased.heartbeat_at, leased.attempts) == (
+        JobStatus.LEASED,
+        "w7",
+        at(3),
+        3,
+    )
+    assert await get(backend, "j1") == leased
+
+
+async def test_dequeue_waits_for_next_poll_at(backend: Any) -> None:
+    """A job is not leased before its ``next_poll_at``, and is at that instant."""
+    await enqueue(backend, make_job("later", next_poll_at=at(10)), make_job("now"))
+    assert await dequeue_ids(backend, at(9.999999)) == ["now"]
+    assert await dequeue_ids(backend, at(10)) == ["later"]
+
+
+async def test_dequeue_honours_limit_and_never_leases_twice(backend: Any) -> None:
+    """``limit`` caps a batch; a leased job is not handed to anyone else."""
+    await enqueue(backend, *(make_job(f"j{i}") for i in range(5)))
+    assert await backend.job_transport.dequeue("w1", T0, limit=0) == []
+    first = await dequeue_ids(backend, T0, limit=2, worker="w1")
+    second = await dequeue_ids(backend, at(100), limit=10, worker="w2")
+    assert first == ["j0", "j1"]
+    assert second == ["j2", "j3", "j4"]
+    assert await dequeue_ids(backend, at(1000), worker="w3") == []
+
+
+async def test_complete_finishes_a_job(backend: Any) -> None:
+    """A completed job is no longer live and never leased again."""
+    await enqueue(backend, make_job("j1"))
+    await backend.job_transport.dequeue("w1", T0)
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.complete(tx, "j1")
+    got = await get(backend, "j1")
+    assert got is not None
+    assert (got.status, got.worker_id) == (JobStatus.COMPLETED, None)
+    assert await dequeue_ids(backend, at(100)) == []
+    async with backend.persistence.transaction() as tx:
+        assert await backend.job_transport.live_jobs(tx, "r1") == []
+
+
+async def test_suspend_parks_a_job(backend: Any) -> None:
+    """A suspended job keeps its poll time, stays live, and is not dequeued even when due."""
+    await enqueue(backend, make_job("j1"))
+    await backend.job_transport.dequeue("w1", T0)
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.suspend(tx, "j1", at(30))
+    got = await get(backend, "j1")
+    assert got is not None
+    assert (got.status, got.next_poll_at, got.worker_id) == (JobStatus.SUSPENDED, at(30), None)
+    assert await dequeue_ids(backend, at(1000)) == []
+    assert await backend.job_transport.next_due_at() is None
+    async with backend.persistence.transaction() as tx:
+        assert [j.id for j in await backend.job_transport.live_jobs(tx, "r1")] == ["j1"]
+
+
+async def test_requeue_honours_the_backoff(backend: Any) -> None:
+    """A requeued job drops its lease, records the error, and is leased again only from
+    ``available_at``, with attempts counting on."""
+    await enqueue(backend, make_job("j1"))
+    await backend.job_transport.dequeue("w1", T0)
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.requeue(tx, "j1", at(8), error="flaky")
+    got = await get(backend, "j1")
+    assert got is not None
+    assert (got.status, got.worker_id, got.heartbeat_at, got.last_error, got.attempts) == (
+        JobStatus.QUEUED,
+        None,
+        None,
+        "flaky",
+        1,
+    )
+    assert got.next_poll_at == at(8)
+    assert await backend.job_transport.next_due_at() == at(8)
+    assert await dequeue_ids(backend, at(7.999999)) == []
+    (again,) = await backend.job_transport.dequeue("w2", at(8))
+    assert (again.attempts, again.worker_id) == (2, "w2")
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.requeue(tx, "j1", at(9))
+    kept = await get(backend, "j1")
+    assert kept is not None
+    assert kept.last_error == "flaky"
+
+
+async def test_requeued_job_keeps_its_priority_place(backend: Any) -> None:
+    """After backoff a retried job competes by priority, and among equals the earlier due wins."""
+    await enqueue(backend, make_job("retry", priority=5), make_job("low", priority=1))
+    await backend.job_transport.dequeue("w1", T0, limit=1)
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.requeue(tx, "retry", at(5))
+    await enqueue(backend, make_job("fresh", priority=5, next_poll_at=at(6)))
+    assert await dequeue_ids(backend, at(10)) == ["retry", "fresh", "low"]
+
+
+async def test_fail_is_terminal(backend: Any) -> None:
+    """A failed job keeps its error and is never leased again."""
+    await enqueue(backend, make_job("j1"))
+    await backend.job_transport.dequeue("w1", T0)
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.fail(tx, "j1", "gave up")
+    got = await get(backend, "j1")
+    assert got is not None
+    assert (got.status, got.last_error, got.worker_id) == (JobStatus.FAILED, "gave up", None)
+    assert await dequeue_ids(backend, at(1000)) == []
+
+
+async def test_state_changes_of_a_missing_job_raise_job_not_found(backend: Any) -> None:
+    """complete, suspend, requeue and fail of an unknown job id raise ``JobNotFoundError``."""
+    transport = backend.job_transport
+    calls = [
+        lambda tx: transport.complete(tx, "nope"),
+        lambda tx: transport.suspend(tx, "nope", T0),
+        lambda tx: transport.requeue(tx, "nope", T0),
+        lambda tx: transport.fail(tx, "nope", "x"),
+    ]
+    for call in calls:
+        with pytest.raises(JobNotFoundError, match="nope"):
+            async with backend.persistence.transaction() as tx:
+                await call(tx)
+
+
+async def test_cancel_by_run_cancels_only_that_runs_live_jobs(backend: Any) -> None:
+    """QUEUED, LEASED and SUSPENDED jobs of the run are cancelled and counted; finished jobs
+    and other runs' jobs are untouched."""
+    await enqueue(
+        backend,
+        make_job("leased", priority=9),
+        make_job("suspended", priority=8),
+        make_job("done", priority=7),
+        make_job("queued", priority=1),
+        make_job("other", "r2"),
+    )
+    await backend.job_transport.dequeue("w1", T0, limit=3)
+    t = backend.job_transport
+    async with backend.persistence.transaction() as tx:
+        await t.suspend(tx, "suspended", at(10))
+        await t.complete(tx, "done")
+        assert await t.cancel_by_run(tx, "r1") == 3
+        assert await t.cancel_by_run(tx, "r1") == 0
+    statuses = {}
+    for job_id in ("leased", "suspended", "done", "queued", "other"):
+        job = await get(backend, job_id)
+        assert job is not None
+        statuses[job_id] = job.status
+    assert statuses == {
+        "leased": JobStatus.CANCELLED,
+        "suspended": JobStatus.CANCELLED,
+        "done": JobStatus.COMPLETED,
+        "queued": JobStatus.CANCELLED,
+        "other": JobStatus.QUEUED,
+    }
+    assert await dequeue_ids(backend, at(100)) == ["other"]
+    assert await t.extend_lease("leased", "w1", at(1)) is False
+
+
+async def test_live_jobs_lists_queued_leased_and_suspended_by_id(backend: Any) -> None:
+    """``live_jobs`` returns the run's unfinished jobs sorted by id."""
+    await enqueue(
+        backend,
+        make_job("c-queued", priority=1),
+        make_job("b-leased", priority=9),
+        make_job("a-suspended", priority=8),
+        make_job("d-failed", priority=7),
+        make_job("x", "r2"),
+    )
+    await backend.job_transport.dequeue("w1", T0, limit=3)
+    t = backend.job_transport
+    async with backend.persistence.transaction() as tx:
+        await t.suspend(tx, "a-suspended", at(10))
+        await t.fail(tx, "d-failed", "x")
+        live = await t.live_jobs(tx, "r1")
+        assert await t.live_jobs(tx, "none") == []
+    assert [(j.id, j.status) for j in live] == [
+        ("a-suspended", JobStatus.SUSPENDED),
+        ("b-leased", JobStatus.LEASED),
+        ("c-queued", JobStatus.QUEUED),
+    ]
+
+
+async def test_extend_lease_only_for_the_holder(backend: Any) -> None:
+    """Only the worker holding a live lease can extend it; the heartbeat moves to ``now``."""
+    await enqueue(backend, make_job("j1"), make_job("queued", next_poll_at=at(100)))
+    await backend.job_transport.dequeue("w1", T0)
+    t = backend.job_transport
+    assert await t.extend_lease("j1", "w2", at(5)) is False
+    assert await t.extend_lease("j1", "w1", at(5)) is True
+    assert await t.extend_lease("queued", "w1", at(5)) is False
+    assert await t.extend_lease("missing", "w1", at(5)) is False
+    got = await get(backend, "j1")
+    assert got is not None
+    assert (got.heartbeat_at, got.worker_id) == (at(5), "w1")
+    async with backend.persistence.transaction() as tx:
+        await t.complete(tx, "j1")
+    assert await t.extend_lease("j1", "w1", at(6)) is False
+
+
+async def test_stale_leases_are_those_without_a_recent_heartbeat(backend: Any) -> None:
+    """LEASED jobs whose heartbeat is before the cutoff (exclusive) come back oldest first, up
+    to ``limit``; a heartbeat makes a job fresh again."""
+    t = backend.job_transport
+    await enqueue(backend, make_job("a"), make_job("b"), make_job("c"), make_job("q", priority=0))
+    await t.dequeue("w1", at(1), limit=1)  # a
+    await t.dequeue("w2", at(0), limit=1)  # b
+    await t.dequeue("w3", at(10), limit=1)  # c
+    async with backend.persistence.transaction() as tx:
+        stale = [j.id for j in await t.stale_leases(tx, at(10))]
+        one = [j.id for j in await t.stale_leases(tx, at(10), limit=1)]
+    assert stale == ["b", "a"]
+    assert one == ["b"]
+    assert await t.extend_lease("b", "w2", at(20)) is True
+    async with backend.persistence.transaction() as tx:
+        assert [j.id for j in await t.stale_leases(tx, at(15))] == ["a", "c"]
+
+
+async def test_next_due_at_is_the_earliest_queued_job(backend: Any) -> None:
+    """Hosts sleep until the earliest QUEUED job is due; leased jobs do not count."""
+    t = backend.job_transport
+    assert await t.next_due_at() is None
+    await enqueue(
+        backend,
+        make_job("late", next_poll_at=at(30)),
+        make_job("soon", next_poll_at=at(5.5), priority=9),
+    )
+    assert await t.next_due_at() == at(5.5)
+    await t.dequeue("w1", at(6))
+    due = await t.next_due_at()
+    assert due == at(30)
+    assert due is not None
+    assert due.utcoffset() == timedelta(0)
+
+
+async def test_rolled_back_state_changes_leave_the_lease_as_it_was(backend: Any) -> None:
+    """complete, requeue, suspend, fail and cancel in a transaction that rolls back change
+    nothing: the job is still leased to its worker and is not handed out again."""
+    t = backend.job_transport
+    await enqueue(backend, make_job("j1"))
+    (leased,) = await t.dequeue("w1", T0)
+    changes = [
+        lambda tx: t.complete(tx, "j1"),
+        lambda tx: t.requeue(tx, "j1", T0, error="x"),
+        lambda tx: t.suspend(tx, "j1", T0),
+        lambda tx: t.fail(tx, "j1", "x"),
+        lambda tx: t.cancel_by_run(tx, "r1"),
+    ]
+    for change in changes:
+
+        async def change_then_fail(change: Any = change) -> None:
+            async with backend.persistence.transaction() as tx:
+                await change(tx)
+                raise BoomError
+
+        with pytest.raises(BoomError):
+            await change_then_fail()
+        assert await get(backend, "j1") == leased
+        assert await dequeue_ids(backend, at(100)) == []
+    assert await t.extend_lease("j1", "w1", at(1)) is True
+    async with backend.persistence.transaction() as tx:
+        assert [j.id for j in await t.stale_leases(tx, at(2))] == ["j1"]
+        assert [j.id for j in await t.live_jobs(tx, "r1")] == ["j1"]
