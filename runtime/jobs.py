@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from treadle.adapters.logging import structlog_logger
 from treadle.kernel import commands as c
 from treadle.kernel.errors import describe_exception
+from treadle.kernel.events import StageFailed
+from treadle.kernel.model import JobStatus, StageStatus, evolve
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Kernel
@@ -21,6 +23,10 @@ if TYPE_CHECKING:
 DEFAULT_HEARTBEAT_INTERVAL = 15.0
 """Seconds between lease extensions: a quarter of the default 60 s stale-lease threshold,
 so three beats can be lost before another worker takes the job over."""
+
+RELEASE_TIMEOUT = 10.0
+"""Seconds a cancelled execution may spend handing its job back before giving up: past
+that (storage down), the lease simply expires and ``lease.reapStale`` releases it."""
 
 
 def job_idempotency_key(job: Job) -> str:
@@ -54,6 +60,7 @@ async def execute_job(
     worker_id: str,
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     logger: Any = None,
+    release_on_cancel: bool = True,
 ) -> c.JobExecuteResult | None:
     """Run ``job.execute`` for a job this worker leased, heartbeating meanwhile.
 
@@ -62,6 +69,10 @@ async def execute_job(
     with backoff. After a raise, ``run.transition`` is dispatched as a safety net, because
     the transition that ``job.execute`` applies in its commit may not have happened.
     A successful execution already applied it, so it costs no second write transaction.
+
+    Cancelling the call (a worker's drain deadline, a Lambda running out of time) hands
+    the job back with ``release_job`` before the ``CancelledError`` propagates, so another
+    worker can take it at once instead of after the stale-lease threshold.
     """
     if heartbeat_interval <= 0:
         raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval!r}")
@@ -80,6 +91,11 @@ async def execute_job(
                 job_id=job.id, worker_id=worker_id, idempotency_key=job_idempotency_key(job)
             )
         )
+    except asyncio.CancelledError:
+        beat.cancel()
+        if release_on_cancel:
+            await _release_cancelled(kernel, job, worker_id, log)
+        raise
     except Exception as exc:
         log.error("job.execute_failed", error=describe_exception(exc), exc_info=True)
     finally:
@@ -94,3 +110,67 @@ async def execute_job(
     else:
         log.debug("job.executed", outcome=result.outcome, ghost=result.ghost)
     return result
+
+
+async def _release_cancelled(kernel: Kernel, job: Job, worker_id: str, log: Any) -> None:
+    """``release_job`` for an execution being cancelled: shielded, so a second cancel
+    (an impatient caller) leaves the release running, and bounded by ``RELEASE_TIMEOUT``."""
+    release = asyncio.ensure_future(
+        release_job(kernel, job, worker_id=worker_id, reason="execution cancelled")
+    )
+    try:
+        released = await asyncio.wait_for(asyncio.shield(release), RELEASE_TIMEOUT)
+    except asyncio.CancelledError:
+        log.warning("job.release_interrupted")
+        return
+    except Exception as exc:  # storage down: the lease expires and reapStale releases it
+        log.error("job.release_failed", error=describe_exception(exc))
+        return
+    log.info("job.released" if released else "job.release_skipped")
+
+
+async def release_job(
+    kernel: Kernel, job: Job, *, worker_id: str, reason: str = "worker shutting down"
+) -> bool:
+    """Hand a leased job back to the queue, available now, for another worker to run.
+
+    For a worker that gives a job up without a verdict (a drain that ran out of time, a
+    Lambda invocation near its end, a job dequeued as the worker stopped): no backoff,
+    since the stage did not fail. It acts only while ``worker_id`` still holds this
+    attempt's lease, so a job that committed or moved on meanwhile is left alone
+    (returns ``False``). A stage left RUNNING goes back to PENDING with a
+    ``stage:failed`` event (``will_retry=True``), as ``lease.reapStale`` records an
+    expired lease, so the run's history shows the interrupted attempt.
+    """
+    deps = kernel.deps
+    now = deps.clock.now()
+    message = f"released: worker {worker_id!r} stopped before the stage finished ({reason})"
+    async with deps.persistence.transaction() as tx:
+        current = await deps.job_transport.get(tx, job.id)
+        if (
+            current is None
+            or current.status is not JobStatus.LEASED
+            or current.worker_id != worker_id
+            or current.attempts != job.attempts
+        ):
+            return False
+        await deps.job_transport.requeue(tx, job.id, now, error=message)
+        stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
+        if stage is not None and stage.status is StageStatus.RUNNING:
+            await tx.update_stage(
+                evolve(stage, {"status": StageStatus.PENDING, "error": message, "retryable": True})
+            )
+            await tx.append_events(
+                [
+                    StageFailed(
+                        workflow_run_id=job.workflow_run_id,
+                        timestamp=now,
+                        stage_id=job.stage_id,
+                        attempt=stage.attempt,
+                        error=message,
+                        will_retry=True,
+                        retry_at=now,
+                    )
+                ]
+            )
+    return True
