@@ -302,6 +302,9 @@ class Engine:
         """
         self._check_open()
         _count(concurrency, "concurrency", minimum=1, maximum=10_000)
+        if self.backend is not None and self.backend.wake_source is not None:
+            # PostgreSQL: LISTEN/NOTIFY wakes it for jobs enqueued by other processes too.
+            options.setdefault("wake_source", self.backend.wake_source)
         worker = Worker(self.kernel, concurrency=concurrency, **options)
         self._workers.add(worker)
         return worker

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         Persistence,
         Scheduler,
     )
+    from treadle.ports.wake_source import WakeSource
 
 BackendKind = Literal["memory", "sqlite", "postgresql"]
 
@@ -59,8 +60,12 @@ class Backend:
     event_sink: EventSink
     scheduler: Scheduler
     clock: Clock
+    wake_source: WakeSource | None = None
+    """Pushes "jobs may be queued" to workers (PostgreSQL LISTEN/NOTIFY); None: poll only."""
 
     async def close(self) -> None:
+        if self.wake_source is not None:
+            await self.wake_source.aclose()
         await self.persistence.close()
 
 
@@ -214,6 +219,8 @@ async def _open_sql(
         # this process's maintenance ticks.
         scheduler=InMemoryScheduler(),
         clock=clock,
+        # Lazy: connects only when a worker subscribes, so a CLI holds no extra connection.
+        wake_source=sql.PgJobListener(url) if kind == "postgresql" else None,
     )
 
 

@@ -30,8 +30,11 @@ from treadle.runtime.jobs import execute_job
 from treadle.runtime.tick import TickReport, TickStep, claim_step, maintenance_tick
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from treadle.kernel.kernel import Kernel
     from treadle.kernel.model import Job
+    from treadle.ports.wake_source import WakeSource
 
 
 def default_worker_id() -> str:
@@ -83,6 +86,7 @@ class Worker:
         max_claims: int = 10,
         max_backoff: float = 30.0,
         logger: Any = None,
+        wake_source: WakeSource | None = None,
     ) -> None:
         given: object = concurrency  # checked at runtime: callers pass CLI or config values
         if isinstance(given, bool) or not isinstance(given, int) or given < 1:
@@ -112,6 +116,9 @@ class Worker:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._started = False
+        # Wake-source hook (LISTEN/NOTIFY on PostgreSQL): pushes notify(); polling stays.
+        self.wake_source = wake_source
+        self._unsubscribe_wake: Callable[[], None] | None = None
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -140,6 +147,8 @@ class Worker:
             asyncio.create_task(self._orchestration_loop(), name=f"{self.worker_id}:orchestration"),
             asyncio.create_task(self._job_loop(), name=f"{self.worker_id}:jobs"),
         ]
+        if self.wake_source is not None:
+            self._unsubscribe_wake = self.wake_source.subscribe(self.notify)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop claiming and dequeuing, let in-flight jobs finish for up to
@@ -148,6 +157,9 @@ class Worker:
         if not self._started or self._stop_event.is_set():
             return
         self._stop_event.set()
+        if self._unsubscribe_wake is not None:
+            self._unsubscribe_wake()
+            self._unsubscribe_wake = None
         self._claim_wake.set()
         self._job_wake.set()
         deadline = time.monotonic() + max(drain_timeout, 0.0)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from treadle.adapters.sql.blob_store import SqlBlobStore
 from treadle.adapters.sql.engine import async_url, create_engine, sync_url
 from treadle.adapters.sql.job_transport import SqlJobTransport
+from treadle.adapters.sql.listener import PgJobListener
 from treadle.adapters.sql.migrate import (
     current_revision,
     head_revision,
@@ -21,6 +22,7 @@ from treadle.adapters.sql.migrate import (
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
 
 __all__ = [
+    "PgJobListener",
     "SqlBlobStore",
     "SqlJobTransport",
     "SqlPersistence",
@@ -37,6 +39,7 @@ __all__ = [
 if TYPE_CHECKING:
     from treadle.adapters.filesystem import FileSystemBlobStore
     from treadle.ports import BlobStore, JobTransport, Persistence, Transaction
+    from treadle.ports.wake_source import WakeSource
 
     def _conforms(
         persistence: SqlPersistence,
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
         transport: SqlJobTransport,
         sql_blobs: SqlBlobStore,
         file_blobs: FileSystemBlobStore,
-    ) -> tuple[Persistence, Transaction, JobTransport, BlobStore, BlobStore]:
+        listener: PgJobListener,
+    ) -> tuple[Persistence, Transaction, JobTransport, BlobStore, BlobStore, WakeSource]:
         """mypy proves the adapters satisfy the port protocols."""
-        return persistence, tx, transport, sql_blobs, file_blobs
+        return persistence, tx, transport, sql_blobs, file_blobs, listener

@@ -21,6 +21,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
+NOTIFY_CHANNEL = "treadle_jobs"
+"""PostgreSQL channel notified (on commit) when a run is created or jobs are enqueued."""
 READ_ONLY_OPTION = "treadle_read_only"
 """Execution option: begin this SQLite transaction DEFERRED (no write lock)."""
 

@@ -24,13 +24,15 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from treadle.adapters.sql import schema as t
+from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
 from treadle.kernel.errors import DuplicateError, JobNotFoundError, TreadleError
 from treadle.kernel.model import Job, JobStatus
 from treadle.ports.persistence import Transaction
 
-NOTIFY_CHANNEL = "treadle_jobs"
+__all__ = ["NOTIFY_CHANNEL", "SqlJobTransport"]
+
 _LIVE = (JobStatus.QUEUED.value, JobStatus.LEASED.value, JobStatus.SUSPENDED.value)
 
 

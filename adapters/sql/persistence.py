@@ -33,7 +33,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from treadle.adapters.sql import schema as t
-from treadle.adapters.sql.engine import READ_ONLY_OPTION, configure_sqlite, create_engine
+from treadle.adapters.sql.engine import (
+    NOTIFY_CHANNEL,
+    READ_ONLY_OPTION,
+    configure_sqlite,
+    create_engine,
+)
 from treadle.adapters.sql.errors import translate
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
 from treadle.kernel.events import EventBase, OutboxRecord, parse_event
@@ -193,6 +198,9 @@ class SqlTransaction:
         )
         result = await self.execute(stmt, "insert run")
         if result.rowcount == 1:
+            if self.is_postgres:
+                # Wake listening workers on commit: a PENDING run is claimable work.
+                await self.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"), "notify")
             return
         exists = await self.execute(sa.select(t.runs.c.id).where(t.runs.c.id == run.id))
         if exists.first() is not None:

@@ -1,0 +1,130 @@
+"""LISTEN/NOTIFY on PostgreSQL: an idle worker wakes for work committed elsewhere.
+
+The worker under test polls every 30 s, so a pickup within a couple of seconds can
+only come from the notification. Events, not sleeps, synchronise: the stage body
+sets one when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from pydantic import BaseModel
+
+from treadle import Engine, WorkflowBuilder, define_stage
+from treadle.adapters.sql import PgJobListener, sync_url
+
+pytestmark = pytest.mark.postgres
+
+SLOW_POLL = 30.0
+
+
+class Num(BaseModel):
+    n: int
+
+
+ENTERED: dict[int, asyncio.Event] = {}
+
+
+@define_stage(id="mark", input=Num, output=Num)
+async def mark(ctx):  # type: ignore[no-untyped-def]
+    ENTERED[ctx.input.n].set()
+    return ctx.input
+
+
+WF = WorkflowBuilder("listen-wf", input=Num).pipe(mark).build()
+
+
+def _libpq(url: str) -> str:
+    return sync_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def test_listener_calls_subscribers_on_notify(postgres_url: str) -> None:
+    """A NOTIFY committed by another connection reaches every subscriber."""
+    listener = PgJobListener(postgres_url)
+    woke = asyncio.Event()
+    calls: list[str] = []
+
+    def on_wake() -> None:
+        calls.append("wake")
+        woke.set()
+
+    listener.subscribe(on_wake)
+    try:
+        await listener.wait_listening()
+        await asyncio.wait_for(woke.wait(), 5)  # the catch-up wake after connecting
+        woke.clear()
+        async with await psycopg.AsyncConnection.connect(
+            _libpq(postgres_url), autocommit=True
+        ) as other:
+            await other.execute("NOTIFY treadle_jobs")
+        await asyncio.wait_for(woke.wait(), 5)
+        assert listener.notifications >= 1
+    finally:
+        await listener.aclose()
+    assert not listener.listening
+
+
+async def test_listener_reconnects_after_connection_is_killed(
+    postgres_url: str, pg_admin_connect: Any
+) -> None:
+    """pg_terminate_backend on the listening connection: it reconnects, wakes subscribers
+    once (notifications may have been lost) and keeps delivering."""
+    listener = PgJobListener(postgres_url, initial_backoff=0.01)
+    reconnected = asyncio.Event()
+    notified = asyncio.Event()
+
+    def on_wake() -> None:
+        if listener.connections >= 2:
+            reconnected.set()
+        if listener.notifications:
+            notified.set()
+
+    listener.subscribe(on_wake)
+    try:
+        await listener.wait_listening()
+        pid = listener.backend_pid
+        assert pid is not None
+        with pg_admin_connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await asyncio.wait_for(reconnected.wait(), 10)
+        assert listener.backend_pid not in (None, pid)
+        async with await psycopg.AsyncConnection.connect(
+            _libpq(postgres_url), autocommit=True
+        ) as other:
+            await other.execute("NOTIFY treadle_jobs")
+        await asyncio.wait_for(notified.wait(), 10)
+    finally:
+        await listener.aclose()
+
+
+async def test_idle_worker_picks_up_run_started_by_another_engine(postgres_url: str) -> None:
+    """A worker polling every 30 s runs a job started through a different engine (its own
+    connection pool, as another process would have) well before the poll interval."""
+    worker_engine = await Engine.open(postgres_url, workflows=[WF], auto_migrate=True)
+    client = await Engine.open(postgres_url, workflows=[WF])
+    latencies: list[float] = []
+    try:
+        listener = worker_engine.backend.wake_source if worker_engine.backend else None
+        assert isinstance(listener, PgJobListener)
+        async with worker_engine.worker(
+            concurrency=2, job_poll_interval=SLOW_POLL, orchestration_interval=SLOW_POLL
+        ):
+            await listener.wait_listening()
+            for n in range(5):
+                ENTERED[n] = asyncio.Event()
+                started = time.monotonic()
+                handle = await client.start("listen-wf", {"n": n})
+                await asyncio.wait_for(ENTERED[n].wait(), SLOW_POLL / 3)
+                latencies.append(time.monotonic() - started)
+                assert await handle.result(timeout=10) == {"n": n}
+        assert listener.notifications >= 5
+    finally:
+        await client.close()
+        await worker_engine.close()
+    # Far below the 30 s poll: only the notification can explain it.
+    assert sorted(latencies)[len(latencies) // 2] < 1.0, latencies
