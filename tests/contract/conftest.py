@@ -160,3 +160,49 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterato
         yield made
     finally:
         await made.close()
+
+
+# -- blob stores ---------------------------------------------------------------------
+# The ``backend`` pairing covers memory, filesystem (beside SQLite) and the SQL table on
+# PostgreSQL; ``blob_store`` runs every BlobStore adapter, the SQL table on both dialects.
+
+
+async def _memory_blobs(tmp_path: Any) -> Backend:
+    return await memory_backend(tmp_path)
+
+
+async def _filesystem_blobs(tmp_path: Any) -> Backend:
+    from treadle.adapters.filesystem import FileSystemBlobStore
+
+    made = await memory_backend(tmp_path)
+    made.blob_store = FileSystemBlobStore(Path(tmp_path) / "blobs")
+    return made
+
+
+async def _sql_sqlite_blobs(tmp_path: Any) -> Backend:
+    from treadle.adapters.sql import SqlBlobStore
+
+    made = await sqlite_backend(tmp_path)
+    made.blob_store = SqlBlobStore(made.persistence)
+    return made
+
+
+async def _sql_postgres_blobs(tmp_path: Any) -> Backend:
+    return await postgres_backend(tmp_path)
+
+
+BLOB_STORES: dict[str, Callable[[Any], Awaitable[Backend]]] = {
+    "memory": _memory_blobs,
+    "filesystem": _filesystem_blobs,
+    "sql-sqlite": _sql_sqlite_blobs,
+    "sql-postgres": _sql_postgres_blobs,
+}
+
+
+@pytest.fixture(params=list(BLOB_STORES))
+async def blob_store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Any]:
+    made = await BLOB_STORES[request.param](tmp_path)
+    try:
+        yield made.blob_store
+    finally:
+        await made.close()
