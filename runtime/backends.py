@@ -215,9 +215,8 @@ async def _open_sql(
         job_transport=sql.SqlJobTransport(persistence),
         blob_store=blob_store,
         event_sink=event_sink if event_sink is not None else LogEventSink(),
-        # Process-local until a SQL scheduler table exists: due timers are drained by
-        # this process's maintenance ticks.
-        scheduler=InMemoryScheduler(),
+        # Durable and shared: any worker's maintenance tick drains the due commands.
+        scheduler=sql.SqlScheduler(persistence),
         clock=clock,
         # Lazy: connects only when a worker subscribes, so a CLI holds no extra connection.
         wake_source=sql.PgJobListener(url) if kind == "postgresql" else None,

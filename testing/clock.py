@@ -11,7 +11,7 @@ class FakeClock:
     def __init__(self, start: datetime = DEFAULT_START) -> None:
         if start.tzinfo is None:
             raise ValueError("FakeClock start must be timezone-aware")
-        self._now = start
+        self._now = start.astimezone(UTC)  # the Clock port promises UTC
 
     def now(self) -> datetime:
         return self._now
@@ -21,7 +21,7 @@ class FakeClock:
             raise ValueError("FakeClock.set needs a timezone-aware datetime")
         if when < self._now:
             raise ValueError(f"FakeClock cannot move backwards ({when} < {self._now})")
-        self._now = when
+        self._now = when.astimezone(UTC)
 
     def advance(self, delta: timedelta | float) -> datetime:
         if not isinstance(delta, timedelta):

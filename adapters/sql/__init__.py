@@ -1,10 +1,10 @@
 """SQL adapters (SQLAlchemy 2 Core, asyncio) for PostgreSQL and SQLite.
 
 ``SqlPersistence`` and ``SqlJobTransport`` share one database and one
-transaction per unit of work; ``SqlBlobStore`` keeps blobs in the same
-database; ``migrate(url)`` applies the shipped Alembic migrations. Importing
-this package needs the ``sql`` extra (SQLAlchemy, Alembic, aiosqlite) and opens
-nothing.
+transaction per unit of work; ``SqlBlobStore`` keeps blobs and ``SqlScheduler``
+scheduled commands in the same database; ``migrate(url)`` applies the shipped
+Alembic migrations. Importing this package needs the ``sql`` extra
+(SQLAlchemy, Alembic, aiosqlite) and opens nothing.
 """
 
 from typing import TYPE_CHECKING
@@ -20,12 +20,14 @@ from treadle.adapters.sql.migrate import (
     migrate_engine,
 )
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
+from treadle.adapters.sql.scheduler import SqlScheduler
 
 __all__ = [
     "PgJobListener",
     "SqlBlobStore",
     "SqlJobTransport",
     "SqlPersistence",
+    "SqlScheduler",
     "SqlTransaction",
     "async_url",
     "create_engine",
@@ -38,7 +40,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from treadle.adapters.filesystem import FileSystemBlobStore
-    from treadle.ports import BlobStore, JobTransport, Persistence, Transaction
+    from treadle.ports import BlobStore, JobTransport, Persistence, Scheduler, Transaction
     from treadle.ports.wake_source import WakeSource
 
     def _conforms(
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
         sql_blobs: SqlBlobStore,
         file_blobs: FileSystemBlobStore,
         listener: PgJobListener,
-    ) -> tuple[Persistence, Transaction, JobTransport, BlobStore, BlobStore, WakeSource]:
+        scheduler: SqlScheduler,
+    ) -> tuple[Persistence, Transaction, JobTransport, BlobStore, BlobStore, WakeSource, Scheduler]:
         """mypy proves the adapters satisfy the port protocols."""
-        return persistence, tx, transport, sql_blobs, file_blobs, listener
+        return persistence, tx, transport, sql_blobs, file_blobs, listener, scheduler

@@ -260,6 +260,19 @@ timers = sa.Table(
     sa.Index("ix_timers_fired_at_fire_at", "fired_at", "fire_at"),
 )
 
+# -- scheduler ---------------------------------------------------------------------
+
+scheduled_commands = sa.Table(
+    "scheduled_commands",
+    metadata,
+    # The Scheduler port: one pending command per key (scheduling a key again replaces it),
+    # drained by the maintenance tick in ``run_at`` order.
+    sa.Column("key", key_type(), primary_key=True),
+    sa.Column("command", json_type(), nullable=False),
+    sa.Column("run_at", UtcDateTime(), nullable=False),
+    sa.Index("ix_scheduled_commands_run_at_key", "run_at", "key"),
+)
+
 __all__ = [
     "VERSION_TABLE",
     "annotations",
@@ -272,6 +285,7 @@ __all__ = [
     "outbox",
     "run_event_seq",
     "runs",
+    "scheduled_commands",
     "signal_inbox",
     "stages",
     "timers",
