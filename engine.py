@@ -34,7 +34,7 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
 from treadle.kernel.model import Annotation, JsonValue, LogRecord, Run, RunFilter, RunStatus
-from treadle.runtime.backends import Backend, open_backend
+from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.worker import Worker
 
 if TYPE_CHECKING:
@@ -226,13 +226,16 @@ class Engine:
         plugins: Iterable[KernelPlugin] = (),
         settings: KernelSettings | None = None,
         logger: Any = None,
+        payload_max_bytes: int | None = DEFAULT_PAYLOAD_MAX_BYTES,
         **engine_options: Any,
     ) -> Engine:
         """Open the backend ``url`` names (``memory://``, ``sqlite:///file.db``,
         ``postgresql+psycopg://...``) and register ``workflows``.
 
         A SQLite file is created and migrated; a PostgreSQL schema must already be at
-        head (``treadle migrate``) unless ``auto_migrate=True``.
+        head (``treadle migrate``) unless ``auto_migrate=True``. JSON payloads larger
+        than ``payload_max_bytes`` are kept in the blob store, the row holding a
+        reference (``None``: always inline); see docs/storage.md.
         """
         _non_empty(url, "url")
         definitions = _definitions(workflows)
@@ -242,6 +245,7 @@ class Engine:
             auto_migrate=auto_migrate,
             clock=clock,
             event_sink=event_sink,
+            payload_max_bytes=payload_max_bytes,
             **engine_options,
         )
         try:

@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 BackendKind = Literal["memory", "sqlite", "postgresql"]
 
+DEFAULT_PAYLOAD_MAX_BYTES = 256 * 1024
+"""Payloads above 256 KiB of JSON go to the blob store (``adapters.sql.payloads``)."""
+
+
 _SQLITE_SCHEMES = ("sqlite", "sqlite+aiosqlite", "sqlite+pysqlite")
 _POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
@@ -107,6 +111,7 @@ async def open_backend(
     auto_migrate: bool = False,
     clock: Clock | None = None,
     event_sink: EventSink | None = None,
+    payload_max_bytes: int | None = DEFAULT_PAYLOAD_MAX_BYTES,
     **engine_options: Any,
 ) -> Backend:
     """Open the ports ``url`` names.
@@ -121,8 +126,14 @@ async def open_backend(
     ``blob_root`` puts blobs in that directory instead; ``clock`` and ``event_sink``
     replace the defaults (``SystemClock``; a ``CollectingEventSink`` in memory, a
     ``LogEventSink`` on SQL). ``engine_options`` go to SQLAlchemy's engine.
+
+    On SQL backends, JSON payloads (run input and output, stage output and state,
+    events) larger than ``payload_max_bytes`` bytes are stored in the blob store and
+    the row keeps a reference (``None``: always inline). The memory backend keeps
+    everything in memory whatever the threshold.
     """
     kind = backend_kind(url)
+    payload_max_bytes = _payload_threshold(payload_max_bytes)
     clock = clock if clock is not None else SystemClock()
     if kind == "memory":
         if engine_options:
@@ -145,8 +156,17 @@ async def open_backend(
         auto_migrate=auto_migrate,
         clock=clock,
         event_sink=event_sink,
+        payload_max_bytes=payload_max_bytes,
         engine_options=engine_options,
     )
+
+
+def _payload_threshold(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TreadleError(f"payload_max_bytes must be a positive integer or None, got {value!r}")
+    return value
 
 
 def _sql_adapters() -> Any:
@@ -187,6 +207,7 @@ async def _open_sql(
     auto_migrate: bool,
     clock: Clock,
     event_sink: EventSink | None,
+    payload_max_bytes: int | None,
     engine_options: dict[str, Any],
 ) -> Backend:
     sql = _sql_adapters()
@@ -208,6 +229,7 @@ async def _open_sql(
         blob_store = FileSystemBlobStore(db_path.with_name(db_path.name + ".blobs"))
     else:
         blob_store = sql.SqlBlobStore(persistence)
+    persistence.offload_payloads(blob_store, max_bytes=payload_max_bytes)
     return Backend(
         url=url,
         kind=kind,

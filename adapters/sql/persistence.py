@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -40,7 +40,8 @@ from treadle.adapters.sql.engine import (
     create_engine,
 )
 from treadle.adapters.sql.errors import translate
-from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
+from treadle.adapters.sql.payloads import PayloadOffload, is_ref
+from treadle.kernel.errors import ConcurrencyError, DuplicateError, StorageError, TreadleError
 from treadle.kernel.events import EventBase, OutboxRecord, parse_event
 from treadle.kernel.model import (
     Annotation,
@@ -54,8 +55,14 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
+from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
+
+if TYPE_CHECKING:
+    from treadle.ports import BlobStore
 
 _RUN_COLUMNS = tuple(c.name for c in t.runs.columns)
+_RUN_PAYLOADS = ("input", "output")
+_STAGE_PAYLOADS = ("output", "suspended_state", "resume_state")
 _STAGE_FIELDS = tuple(name for name in StageRun.model_fields if name != "workflow_run_id")
 
 
@@ -143,10 +150,19 @@ def _sqlite_json_equals(column: sa.ColumnElement[Any], path: str, value: Any) ->
 class SqlTransaction:
     """A unit of work on one connection; see the module docstring for the rules."""
 
-    def __init__(self, connection: AsyncConnection, dialect_name: str) -> None:
+    def __init__(
+        self,
+        connection: AsyncConnection,
+        dialect_name: str,
+        payloads: PayloadOffload | None = None,
+    ) -> None:
         self.connection = connection
         self.dialect_name = dialect_name
         self.active = True
+        self.payloads = payloads
+        self.created_blobs: list[str] = []
+        """Blob keys this transaction wrote to an external store (deleted on rollback)."""
+        self._offloaded: dict[int, tuple[Any, Any]] = {}
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -166,6 +182,80 @@ class SqlTransaction:
             return await self.connection.execute(statement)
         except sa_exc.SQLAlchemyError as exc:
             raise translate(exc, what) from exc
+
+    # -- payload offload (payloads.py): large JSON values live in the BlobStore -----
+    async def _put_payload(self, scope: str | None, value: Any) -> Any:
+        """What a JSON column stores for ``value``: itself, or a reference to a blob."""
+        if self.payloads is None or value is None:
+            return value
+        known = self._offloaded.get(id(value))
+        if known is not None and known[0] is value:  # read back from a blob in this tx
+            return known[1]
+        return await self.payloads.store_value(self, scope, value)
+
+    async def _get_payload(self, value: Any) -> Any:
+        if not is_ref(value):
+            return value
+        if self.payloads is None:
+            raise StorageError(
+                f"payload {value!r} was offloaded to a blob store, but this persistence has "
+                "none configured (SqlPersistence.offload_payloads)"
+            )
+        return await self.payloads.load_value(self, value)
+
+    async def _load_payloads(self, data: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+        """Replace references in ``data``; returns {column: reference} for what it loaded."""
+        refs: dict[str, Any] = {}
+        for column in columns:
+            if is_ref(data[column]):
+                refs[column] = data[column]
+                data[column] = await self._get_payload(data[column])
+        return refs
+
+    def _remember(self, model: Any, refs: dict[str, Any]) -> None:
+        for column, ref in refs.items():
+            value = getattr(model, column)
+            self._offloaded[id(value)] = (value, ref)
+
+    async def _run_from(self, row: sa.Row[Any]) -> Run:
+        data = dict(row._mapping)
+        refs = await self._load_payloads(data, _RUN_PAYLOADS)
+        run = Run.model_validate(data)
+        self._remember(run, refs)
+        return run
+
+    async def _run_row(self, run: Run) -> dict[str, Any]:
+        values = _run_values(run)
+        for column in _RUN_PAYLOADS:
+            values[column] = await self._put_payload(run.id, values[column])
+        return values
+
+    async def _stage_from(self, row: sa.Row[Any]) -> StageRun:
+        data = dict(row._mapping)
+        data["workflow_run_id"] = data.pop("run_id")
+        data.pop("ordinal", None)
+        refs = await self._load_payloads(data, _STAGE_PAYLOADS)
+        stage = StageRun.model_validate(data)
+        self._remember(stage, refs)
+        return stage
+
+    async def _stage_row(self, stage: StageRun) -> dict[str, Any]:
+        values = _stage_values(stage)
+        for column in _STAGE_PAYLOADS:
+            values[column] = await self._put_payload(stage.workflow_run_id, values[column])
+        return values
+
+    async def _outbox_from(self, row: sa.Row[Any]) -> OutboxRecord:
+        if not is_ref(row.event):
+            return _outbox_record(row)
+        return OutboxRecord.model_construct(
+            id=int(row.id),
+            event=cast(Any, parse_event(await self._get_payload(row.event))),
+            attempts=int(row.attempts),
+            published=bool(row.published),
+            dead_lettered=bool(row.dead_lettered),
+            last_error=row.last_error,
+        )
 
     def insert(self, table: sa.Table) -> Any:
         """The dialect's INSERT construct (it has ``on_conflict_do_*``)."""
@@ -192,7 +282,7 @@ class SqlTransaction:
     async def insert_run(self, run: Run) -> None:
         stmt = (
             self.insert(t.runs)
-            .values(_run_values(run))
+            .values(await self._run_row(run))
             .on_conflict_do_nothing()
             .execution_options(preserve_rowcount=True)  # INSERT rowcount is opt-in
         )
@@ -214,18 +304,18 @@ class SqlTransaction:
         if for_update:
             query = self._lock(query)
         row = (await self.execute(query, "get run")).first()
-        return _run_from_row(row) if row is not None else None
+        return await self._run_from(row) if row is not None else None
 
     async def find_run_by_key(self, workflow_id: str, idempotency_key: str) -> Run | None:
         query = sa.select(t.runs).where(
             t.runs.c.workflow_id == workflow_id, t.runs.c.idempotency_key == idempotency_key
         )
         row = (await self.execute(query, "find run by key")).first()
-        return _run_from_row(row) if row is not None else None
+        return await self._run_from(row) if row is not None else None
 
     async def update_run(self, run: Run) -> Run:
         new = evolve(run, {"version": run.version + 1, "stages": []})
-        values = _run_values(new)
+        values = await self._run_row(new)
         del values["id"]
         stmt = (
             sa.update(t.runs)
@@ -270,7 +360,7 @@ class SqlTransaction:
             .offset(filter.offset)
             .limit(filter.limit)
         )
-        return [_run_from_row(row) for row in await self.execute(query, "list runs")]
+        return [await self._run_from(row) for row in await self.execute(query, "list runs")]
 
     async def count_runs(self, group_by: str, filter: RunFilter) -> dict[str, int]:
         if group_by not in ("status", "workflow_id"):
@@ -289,7 +379,8 @@ class SqlTransaction:
             .limit(limit)
         )
         query = self._lock(query, skip_locked=True)
-        return [_run_from_row(row) for row in await self.execute(query, "claim pending runs")]
+        rows = await self.execute(query, "claim pending runs")
+        return [await self._run_from(row) for row in rows]
 
     async def runs_inactive_since(
         self, status: RunStatus, cutoff: datetime, limit: int
@@ -300,7 +391,7 @@ class SqlTransaction:
             .order_by(t.runs.c.updated_at, t.runs.c.id)
             .limit(limit)
         )
-        return [_run_from_row(row) for row in await self.execute(query, "inactive runs")]
+        return [await self._run_from(row) for row in await self.execute(query, "inactive runs")]
 
     # -- stages -----------------------------------------------------------------
     async def insert_stages(self, stages: Sequence[StageRun]) -> None:
@@ -337,7 +428,7 @@ class SqlTransaction:
             if key in existing:
                 raise DuplicateError(f"stage {stage.stage_id!r} of run {run_id!r} already exists")
             existing.add(key)
-            values = _stage_values(stage)
+            values = await self._stage_row(stage)
             values["ordinal"] = next_ordinal[run_id]
             next_ordinal[run_id] += 1
             rows.append(values)
@@ -349,18 +440,18 @@ class SqlTransaction:
             .where(t.stages.c.run_id == run_id)
             .order_by(t.stages.c.execution_group, t.stages.c.ordinal)
         )
-        return [_stage_from_row(row) for row in await self.execute(query, "get stages")]
+        return [await self._stage_from(row) for row in await self.execute(query, "get stages")]
 
     async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None:
         query = sa.select(t.stages).where(
             t.stages.c.run_id == run_id, t.stages.c.stage_id == stage_id
         )
         row = (await self.execute(query, "get stage")).first()
-        return _stage_from_row(row) if row is not None else None
+        return await self._stage_from(row) if row is not None else None
 
     async def update_stage(self, stage: StageRun) -> StageRun:
         new = evolve(stage, {"version": stage.version + 1})
-        values = _stage_values(new)
+        values = await self._stage_row(new)
         del values["run_id"], values["stage_id"]
         stmt = (
             sa.update(t.stages)
@@ -391,7 +482,7 @@ class SqlTransaction:
             .order_by(c.next_poll_at, c.run_id, c.stage_id)
             .limit(limit)
         )
-        return [_stage_from_row(row) for row in await self.execute(query, "due stages")]
+        return [await self._stage_from(row) for row in await self.execute(query, "due stages")]
 
     # -- outbox -----------------------------------------------------------------
     async def _allocate_sequences(self, run_id: str, count: int) -> int:
@@ -434,7 +525,9 @@ class SqlTransaction:
                     "run_id": event.workflow_run_id,
                     "sequence": seq,
                     "event_type": str(getattr(event, "type", type(event).__name__)),
-                    "event": event.model_dump(mode="json"),
+                    "event": await self._put_payload(
+                        event.workflow_run_id, event.model_dump(mode="json")
+                    ),
                     "created_at": event.timestamp,
                     "published": False,
                     "dead_lettered": False,
@@ -451,7 +544,8 @@ class SqlTransaction:
             .order_by(t.outbox.c.id)
             .limit(limit)
         )
-        return [_outbox_record(row) for row in await self.execute(query, "unpublished events")]
+        rows = await self.execute(query, "unpublished events")
+        return [await self._outbox_from(row) for row in rows]
 
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
         self._check()
@@ -480,7 +574,7 @@ class SqlTransaction:
             .order_by(t.outbox.c.id)
             .limit(limit)
         )
-        return [_outbox_record(row) for row in await self.execute(query, "dead letters")]
+        return [await self._outbox_from(row) for row in await self.execute(query, "dead letters")]
 
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         query = (
@@ -488,7 +582,8 @@ class SqlTransaction:
             .where(t.outbox.c.run_id == run_id, t.outbox.c.sequence > after_sequence)
             .order_by(t.outbox.c.sequence)
         )
-        return [parse_event(data) for (data,) in await self.execute(query, "events for run")]
+        rows = await self.execute(query, "events for run")
+        return [parse_event(await self._get_payload(data)) for (data,) in rows]
 
     # -- idempotency ------------------------------------------------------------
     async def get_idempotency(self, key: str, command_type: str) -> IdempotencyRecord | None:
@@ -501,7 +596,7 @@ class SqlTransaction:
             key=row.key,
             command_type=row.command_type,
             state=IdempotencyState(row.state),
-            result=row.result,
+            result=await self._get_payload(row.result),
             started_at=row.started_at,
         )
 
@@ -510,7 +605,7 @@ class SqlTransaction:
             "key": record.key,
             "command_type": record.command_type,
             "state": record.state.value,
-            "result": record.result,
+            "result": await self._put_payload(None, record.result),
             "started_at": record.started_at,
         }
         stmt = (
@@ -634,6 +729,253 @@ class SqlTransaction:
                 break
         return out
 
+    # -- code workflows: journal, signal inbox, timers ------------------------------------
+    # Inserts use ON CONFLICT DO NOTHING ... RETURNING (both dialects), so a duplicate is a
+    # DuplicateError that does not poison a PostgreSQL transaction; consuming a signal and
+    # firing a timer are conditional UPDATEs, so neither can happen twice.
+    async def get_journal(
+        self, run_id: str, *, status: JournalStatus | None = None
+    ) -> list[JournalEntry]:
+        c = t.journal.c
+        query = sa.select(t.journal).where(c.run_id == run_id).order_by(c.position)
+        if status is not None:
+            query = query.where(c.status == status.value)
+        return [_journal_from_row(row) for row in await self.execute(query, "get journal")]
+
+    async def get_journal_entry(
+        self, run_id: str, name: str, occurrence: int
+    ) -> JournalEntry | None:
+        c = t.journal.c
+        query = sa.select(t.journal).where(
+            c.run_id == run_id, c.step_name == name, c.occurrence == occurrence
+        )
+        row = (await self.execute(query, "get journal entry")).first()
+        return _journal_from_row(row) if row is not None else None
+
+    async def latest_journal_entry(self, run_id: str, name: str) -> JournalEntry | None:
+        c = t.journal.c
+        query = (
+            sa.select(t.journal)
+            .where(c.run_id == run_id, c.step_name == name)
+            .order_by(c.occurrence.desc())
+            .limit(1)
+        )
+        row = (await self.execute(query, "latest journal entry")).first()
+        return _journal_from_row(row) if row is not None else None
+
+    async def insert_journal_entry(self, entry: JournalEntry) -> JournalEntry:
+        values = _journal_values(entry)
+        values["version"] = 0
+        stmt = (
+            self.insert(t.journal).values(values).on_conflict_do_nothing().returning(t.journal.c.id)
+        )
+        row = (await self.execute(stmt, "insert journal entry")).first()
+        if row is None:
+            raise DuplicateError(
+                f"journal of run {entry.workflow_run_id!r} already has {entry.name!r} "
+                f"#{entry.occurrence} or position {entry.position}"
+            )
+        return evolve(entry, {"id": int(row[0]), "version": 0})
+
+    async def update_journal_entry(self, entry: JournalEntry) -> JournalEntry:
+        c = t.journal.c
+        values = _journal_values(entry)
+        values["version"] = entry.version + 1
+        stmt = (
+            sa.update(t.journal)
+            .where(
+                c.run_id == entry.workflow_run_id,
+                c.position == entry.position,
+                c.step_name == entry.name,
+                c.occurrence == entry.occurrence,
+                c.version == entry.version,
+            )
+            .values(values)
+            .returning(c.id)
+        )
+        row = (await self.execute(stmt, "update journal entry")).first()
+        if row is None:
+            raise ConcurrencyError(
+                f"journal entry {entry.name!r} #{entry.occurrence} of run "
+                f"{entry.workflow_run_id!r} was updated concurrently"
+            )
+        return evolve(entry, {"id": int(row[0]), "version": entry.version + 1})
+
+    async def insert_signal(self, message: InboxMessage) -> InboxMessage:
+        stmt = (
+            self.insert(t.signal_inbox)
+            .values(
+                run_id=message.workflow_run_id,
+                kind=message.kind,
+                name=message.name,
+                payload=message.payload,
+                update_id=message.update_id,
+                reply=message.reply,
+                idempotency_key=message.idempotency_key,
+                created_at=message.created_at,
+                consumed_at=message.consumed_at,
+                consumed_by_step=message.consumed_by,
+            )
+            .on_conflict_do_nothing()
+            .returning(t.signal_inbox.c.id)
+        )
+        row = (await self.execute(stmt, "insert signal")).first()
+        if row is None:
+            raise DuplicateError(
+                f"run {message.workflow_run_id!r} already received a message with key "
+                f"{message.idempotency_key!r}"
+            )
+        return evolve(message, {"id": int(row[0])})
+
+    async def next_signal(self, run_id: str, name: str) -> InboxMessage | None:
+        c = t.signal_inbox.c
+        query = (
+            sa.select(t.signal_inbox)
+            .where(
+                c.run_id == run_id,
+                c.name == name,
+                c.kind == "signal",
+                c.consumed_at.is_(None),
+            )
+            .order_by(c.id)
+            .limit(1)
+        )
+        row = (await self.execute(query, "next signal")).first()
+        return _inbox_from_row(row) if row is not None else None
+
+    async def consume_signal(
+        self, message_id: int, consumed_at: datetime, consumed_by: str
+    ) -> None:
+        c = t.signal_inbox.c
+        stmt = (
+            sa.update(t.signal_inbox)
+            .where(c.id == message_id, c.consumed_at.is_(None))
+            .values(consumed_at=consumed_at, consumed_by_step=consumed_by)
+        )
+        if (await self.execute(stmt, "consume signal")).rowcount != 1:
+            raise ConcurrencyError(f"inbox message {message_id} was consumed already")
+
+    async def list_signals(self, run_id: str) -> list[InboxMessage]:
+        c = t.signal_inbox.c
+        query = sa.select(t.signal_inbox).where(c.run_id == run_id).order_by(c.id)
+        return [_inbox_from_row(row) for row in await self.execute(query, "list signals")]
+
+    async def schedule_timer(self, timer: Timer) -> Timer:
+        c = t.timers.c
+        values = {
+            "run_id": timer.workflow_run_id,
+            "step_name": timer.name,
+            "occurrence": timer.occurrence,
+            "kind": timer.purpose,
+            "fire_at": timer.fire_at,
+            "payload": timer.payload,
+            "created_at": timer.created_at,
+            "fired_at": None,
+        }
+        replace = {k: values[k] for k in ("kind", "fire_at", "payload", "created_at", "fired_at")}
+        stmt = (
+            self.insert(t.timers)
+            .values(values)
+            .on_conflict_do_update(
+                index_elements=[c.run_id, c.step_name, c.occurrence], set_=replace
+            )
+            .returning(c.id)
+        )
+        row = (await self.execute(stmt, "schedule timer")).first()
+        assert row is not None
+        return evolve(timer, {"id": int(row[0]), "fired_at": None})
+
+    async def pending_timers(self, run_id: str) -> list[Timer]:
+        c = t.timers.c
+        query = (
+            sa.select(t.timers)
+            .where(c.run_id == run_id, c.fired_at.is_(None))
+            .order_by(c.fire_at, c.id)
+        )
+        return [_timer_from_row(row) for row in await self.execute(query, "pending timers")]
+
+    async def fire_timer(self, run_id: str, name: str, occurrence: int, fired_at: datetime) -> bool:
+        c = t.timers.c
+        stmt = (
+            sa.update(t.timers)
+            .where(
+                c.run_id == run_id,
+                c.step_name == name,
+                c.occurrence == occurrence,
+                c.fired_at.is_(None),
+            )
+            .values(fired_at=fired_at)
+        )
+        return bool((await self.execute(stmt, "fire timer")).rowcount == 1)
+
+
+def _journal_values(entry: JournalEntry) -> dict[str, Any]:
+    return {
+        "run_id": entry.workflow_run_id,
+        "position": entry.position,
+        "step_name": entry.name,
+        "occurrence": entry.occurrence,
+        "kind": entry.kind,
+        "status": entry.status.value,
+        "attempts": entry.attempts,
+        "input": entry.input,
+        "result": entry.result,
+        "error": entry.error,
+        "idempotency_key": entry.idempotency_key,
+        "created_at": entry.created_at,
+        "completed_at": entry.completed_at,
+    }
+
+
+def _journal_from_row(row: sa.Row[Any]) -> JournalEntry:
+    return JournalEntry(
+        id=int(row.id),
+        workflow_run_id=row.run_id,
+        position=row.position,
+        name=row.step_name,
+        occurrence=row.occurrence,
+        kind=row.kind,
+        status=JournalStatus(row.status),
+        attempts=row.attempts,
+        input=row.input,
+        result=row.result,
+        error=row.error,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+        version=row.version,
+    )
+
+
+def _inbox_from_row(row: sa.Row[Any]) -> InboxMessage:
+    return InboxMessage(
+        id=int(row.id),
+        workflow_run_id=row.run_id,
+        kind=row.kind,
+        name=row.name,
+        payload=row.payload,
+        update_id=row.update_id,
+        reply=row.reply,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        consumed_at=row.consumed_at,
+        consumed_by=row.consumed_by_step,
+    )
+
+
+def _timer_from_row(row: sa.Row[Any]) -> Timer:
+    return Timer(
+        id=int(row.id),
+        workflow_run_id=row.run_id,
+        name=row.step_name,
+        occurrence=row.occurrence,
+        purpose=row.kind,
+        fire_at=row.fire_at,
+        payload=row.payload,
+        created_at=row.created_at,
+        fired_at=row.fired_at,
+    )
+
 
 class SqlPersistence:
     """The Persistence port on a SQL database (PostgreSQL or SQLite).
@@ -646,6 +988,7 @@ class SqlPersistence:
         self.engine = engine
         self.dialect_name = engine.dialect.name
         self._owns_engine = owns_engine
+        self.payloads: PayloadOffload | None = None
         if self.dialect_name == "sqlite":
             configure_sqlite(engine)
         elif self.dialect_name != "postgresql":
@@ -675,16 +1018,30 @@ class SqlPersistence:
     def is_postgres(self) -> bool:
         return self.dialect_name == "postgresql"
 
+    def offload_payloads(self, store: BlobStore, *, max_bytes: int | None) -> None:
+        """Store JSON payloads larger than ``max_bytes`` in ``store`` (``None``: never, but
+        still read references written before). See ``payloads.py``."""
+        from treadle.adapters.sql.blob_store import SqlBlobStore
+
+        same_database = isinstance(store, SqlBlobStore) and store.persistence is self
+        self.payloads = PayloadOffload(store, max_bytes, same_database=same_database)
+
     @asynccontextmanager
     async def transaction(self, *, read_only: bool = False) -> AsyncIterator[SqlTransaction]:
         """``async with persistence.transaction() as tx:`` commits on exit, rolls back on
         error. ``read_only`` lets a SQLite reader skip the write lock."""
-        async with self.connect(read_only=read_only) as conn:
-            tx = SqlTransaction(conn, self.dialect_name)
-            try:
-                yield tx
-            finally:
-                tx.active = False
+        tx: SqlTransaction | None = None
+        try:
+            async with self.connect(read_only=read_only) as conn:
+                tx = SqlTransaction(conn, self.dialect_name, self.payloads)
+                try:
+                    yield tx
+                finally:
+                    tx.active = False
+        except BaseException:
+            if tx is not None and tx.created_blobs and self.payloads is not None:
+                await self.payloads.discard(tx.created_blobs)  # rolled back: nothing refers
+            raise
 
     @asynccontextmanager
     async def connect(self, *, read_only: bool = False) -> AsyncIterator[AsyncConnection]:

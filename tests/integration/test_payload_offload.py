@@ -1,0 +1,157 @@
+"""Payload offload on both dialects: large JSON values go to the BlobStore, the row keeps
+a reference, reads are transparent, and a rolled-back transaction leaves nothing behind."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pydantic import BaseModel
+
+from treadle import Engine, WorkflowBuilder, define_stage
+from treadle.adapters.sql import schema as t
+from treadle.adapters.sql.payloads import PAYLOAD_REF
+from treadle.kernel.errors import TreadleError
+from treadle.kernel.model import Run, RunStatus
+
+THRESHOLD = 4_096
+BIG = 20_000
+
+
+class Text(BaseModel):
+    text: str
+
+
+@define_stage(id="grow", input=Text, output=Text)
+async def grow(ctx):  # type: ignore[no-untyped-def]
+    return Text(text=ctx.input.text * (BIG // max(1, len(ctx.input.text)) + 1))
+
+
+@define_stage(id="shrink", input=Text, output=Text)
+async def shrink(ctx):  # type: ignore[no-untyped-def]
+    return Text(text=ctx.input.text[:10])
+
+
+WF = WorkflowBuilder("offload-wf", input=Text).pipe(grow).pipe(shrink).build()
+BIG_OUT = WorkflowBuilder("offload-big-out", input=Text).pipe(grow).build()
+
+
+async def _raw(engine: Engine, query: Any) -> list[Any]:
+    assert engine.backend is not None
+    async with engine.backend.persistence.engine.connect() as conn:  # type: ignore[attr-defined]
+        return list((await conn.execute(query)).all())
+
+
+async def _payload_blobs(engine: Engine) -> list[str]:
+    assert engine.backend is not None
+    return await engine.backend.blob_store.list("payloads/")
+
+
+async def test_large_outputs_round_trip_and_rows_hold_references(database_url: str) -> None:
+    """A stage output past the threshold is a reference in the stages, runs and outbox rows,
+    and the API returns the value itself."""
+    engine = await Engine.open(
+        database_url, workflows=[WF, BIG_OUT], auto_migrate=True, payload_max_bytes=THRESHOLD
+    )
+    try:
+        async with engine.worker(concurrency=2):
+            big_run = await engine.start("offload-big-out", {"text": "ab"})
+            small_run = await engine.start("offload-wf", {"text": "ab"})
+            output = await big_run.result(timeout=20)
+            assert await small_run.result(timeout=20) == {"text": "ababababab"}
+        assert len(output["text"]) > BIG
+        run = await engine.get_run(big_run.run_id)
+        assert run.output == output
+        assert run.stages[0].output == output
+
+        (run_output,) = await _raw(engine, sa.select(t.runs.c.output).where(t.runs.c.id == run.id))
+        assert set(run_output[0]) == {PAYLOAD_REF, "size"}
+        stage_rows = await _raw(
+            engine, sa.select(t.stages.c.stage_id, t.stages.c.output).order_by(t.stages.c.run_id)
+        )
+        by_stage = {(sid, str(out)[:40]) for sid, out in stage_rows}
+        assert any(PAYLOAD_REF in text for _, text in by_stage)
+        events = await _raw(
+            engine,
+            sa.select(t.outbox.c.event_type, t.outbox.c.event).where(t.outbox.c.run_id == run.id),
+        )
+        completed = [event for kind, event in events if kind == "stage:completed"]
+        assert completed and PAYLOAD_REF in completed[0]
+
+        # The small run's rows stay inline: only the grown output of its first stage is big.
+        small = await engine.get_run(small_run.run_id)
+        (small_output,) = await _raw(
+            engine, sa.select(t.runs.c.output).where(t.runs.c.id == small.id)
+        )
+        assert small_output[0] == {"text": "ababababab"}
+
+        typed = [e async for e in engine.events(run.id, follow=False)]
+        stage_done = [e for e in typed if e.type == "stage:completed"]
+        assert stage_done[0].output == output  # type: ignore[attr-defined]
+        assert await _payload_blobs(engine)  # the blobs really are in the store
+    finally:
+        await engine.close()
+
+
+async def test_raising_the_threshold_still_reads_old_references(database_url: str) -> None:
+    """Reopening with offload disabled reads the references written before."""
+    engine = await Engine.open(
+        database_url, workflows=[BIG_OUT], auto_migrate=True, payload_max_bytes=THRESHOLD
+    )
+    try:
+        async with engine.worker(concurrency=1):
+            handle = await engine.start("offload-big-out", {"text": "xyz"})
+            output = await handle.result(timeout=20)
+    finally:
+        await engine.close()
+    reopened = await Engine.open(database_url, workflows=[BIG_OUT], payload_max_bytes=None)
+    try:
+        assert (await reopened.get_run(handle.run_id)).output == output
+    finally:
+        await reopened.close()
+
+
+async def test_rollback_leaves_no_row_and_no_blob(database_url: str) -> None:
+    """A transaction that offloaded a payload and then failed leaves neither the run row nor
+    the blob behind."""
+    engine = await Engine.open(
+        database_url, workflows=[WF], auto_migrate=True, payload_max_bytes=THRESHOLD
+    )
+    assert engine.backend is not None
+    persistence = engine.backend.persistence
+    now = datetime.now(UTC)
+    run = Run(
+        id="run-rolled-back",
+        workflow_id="offload-wf",
+        workflow_version="1",
+        status=RunStatus.PENDING,
+        input={"text": "y" * BIG},
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with pytest.raises(RuntimeError, match="abort"):
+            async with persistence.transaction() as tx:
+                await tx.insert_run(run)
+                assert await tx.get_run(run.id) is not None  # visible inside, offloaded
+                raise RuntimeError("abort")
+        assert await engine.backend.blob_store.list("payloads/") == []
+        assert await _raw(engine, sa.select(t.runs.c.id)) == []
+        assert await _raw(engine, sa.select(t.blobs.c.key)) == []
+
+        async with persistence.transaction() as tx:  # the same write, committed, works
+            await tx.insert_run(run)
+        async with persistence.transaction() as tx:
+            stored = await tx.get_run(run.id)
+        assert stored is not None and stored.input == run.input
+        assert len(await engine.backend.blob_store.list("payloads/")) == 1
+    finally:
+        await engine.close()
+
+
+async def test_invalid_threshold_is_refused(sqlite_url: str) -> None:
+    """payload_max_bytes must be a positive integer or None."""
+    with pytest.raises(TreadleError, match="payload_max_bytes"):
+        await Engine.open(sqlite_url, workflows=[WF], payload_max_bytes=0)
