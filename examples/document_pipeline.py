@@ -4,13 +4,22 @@ extract-text -> [sentiment, keywords] (parallel; keywords fails once and is retr
 -> translate (a batch stage: submits a job, suspends, resumes when it is ready)
 -> aggregate (reads earlier outputs with ctx.require).
 
-Run it with ``bash scripts/demo.sh``: it drives three documents through the
-in-memory harness on a virtual clock and prints each run's stage timeline.
+Two ways to run it:
+
+- ``bash scripts/demo.sh`` (``treadle demo``): three documents on a real SQLite file
+  with an in-process worker and live progress bars, in a few seconds of real time;
+- ``python examples/document_pipeline.py``: the same app on the in-memory test
+  harness with a virtual clock, printing each run's stage timeline.
+
+Delays are short (a fraction of a second) so the demo finishes quickly in real
+time; ``SIMULATED_LATENCY`` stands in for the network calls a real app makes.
+As an app for the CLI: ``treadle --app treadle.examples.document_pipeline:pipeline``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -28,6 +37,9 @@ from treadle import (
     define_stage,
 )
 
+SIMULATED_LATENCY = 0.15
+"""Seconds each simulated remote call takes."""
+
 DOCUMENTS = {
     "https://example.com/launch": "Treadle launches today. Durable workflows are great and fast.",
     "https://example.com/outage": "The outage was bad. Customers were angry and the fix was slow.",
@@ -42,6 +54,7 @@ class UrlIn(BaseModel):
 class TextOut(BaseModel):
     text: str
     word_count: int
+    url: str = ""
 
 
 class ExtractConfig(BaseModel):
@@ -72,9 +85,12 @@ class Summary(BaseModel):
 @define_stage(id="extract-text", input=UrlIn, output=TextOut, config=ExtractConfig)
 async def extract_text(ctx: StageContext[UrlIn, ExtractConfig]) -> TextOut:
     text = DOCUMENTS.get(ctx.input.url, "")[: ctx.config.max_length]
-    ctx.progress(1.0, "extracted")
+    pages = 4
+    for page in range(1, pages + 1):
+        await asyncio.sleep(SIMULATED_LATENCY)  # fetching a page
+        ctx.progress(page / pages, f"page {page}/{pages}")
     await ctx.artifacts.put("raw.txt", text)
-    return TextOut(text=text, word_count=len(text.split()))
+    return TextOut(text=text, word_count=len(text.split()), url=ctx.input.url)
 
 
 POSITIVE = {"great", "fast", "launches", "durable"}
@@ -84,6 +100,7 @@ NEGATIVE = {"bad", "angry", "slow", "outage"}
 @define_stage(id="sentiment", input=TextOut, output=Sentiment)
 def sentiment(ctx: StageContext[TextOut, None]) -> Sentiment:
     """A sync stage: runs in a worker thread, off the event loop."""
+    time.sleep(2 * SIMULATED_LATENCY)  # a blocking model call
     words = [w.strip(".,").lower() for w in ctx.input.text.split()]
     score = sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
     label = "positive" if score > 0 else "negative" if score < 0 else "neutral"
@@ -97,11 +114,12 @@ _flaky_calls: Counter[str] = Counter()
     id="keywords",
     input=TextOut,
     output=Keywords,
-    retry=RetryPolicy(max_attempts=3, initial_delay=2.0, backoff=2.0),
+    retry=RetryPolicy(max_attempts=3, initial_delay=0.3, backoff=2.0),
 )
 async def keywords(ctx: StageContext[TextOut, None]) -> Keywords:
     """Fails on its first attempt per run to show retries with backoff."""
     _flaky_calls[ctx.run_id] += 1
+    await asyncio.sleep(SIMULATED_LATENCY)
     if ctx.attempt == 1:
         raise ConnectionError("keyword service timed out")
     words = sorted({w.strip(".,").lower() for w in ctx.input.text.split() if len(w) > 6})
@@ -109,7 +127,10 @@ async def keywords(ctx: StageContext[TextOut, None]) -> Keywords:
 
 
 class FakeBatchApi:
-    """Stands in for a remote batch service: a job is ready on its second status check."""
+    """Stands in for a remote batch service: a job is ready on its second status check.
+
+    A check in another process (``treadle tick``) learns the job from the suspended
+    state, so the example also works with separate worker and tick processes."""
 
     def __init__(self) -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -117,8 +138,8 @@ class FakeBatchApi:
     def submit(self, job_id: str, text: str) -> None:
         self.jobs.setdefault(job_id, {"text": text, "checks": 0})
 
-    def status(self, job_id: str) -> str | None:
-        job = self.jobs[job_id]
+    def status(self, job_id: str, text: str) -> str | None:
+        job = self.jobs.setdefault(job_id, {"text": text, "checks": 0})
         job["checks"] += 1
         return job["text"].upper() if job["checks"] >= 2 else None
 
@@ -130,17 +151,18 @@ batch_api = FakeBatchApi()
 async def translate(ctx: StageContext[Any, None]) -> Translation | Suspend:
     """Submits a translation job and suspends; the check below resumes it.
     The stable idempotency key makes a retried submission harmless."""
-    batch_api.submit(ctx.idempotency_key, ctx.require("extract-text").text)
+    text = ctx.require("extract-text").text
+    batch_api.submit(ctx.idempotency_key, text)
     return Suspend(
-        state={"job": ctx.idempotency_key},
-        poll_interval=timedelta(minutes=1),
-        max_wait=timedelta(hours=1),
+        state={"job": ctx.idempotency_key, "text": text},
+        poll_interval=timedelta(seconds=0.4),
+        max_wait=timedelta(minutes=10),
     )
 
 
 @translate.check_completion
 async def translate_ready(state: dict[str, Any], ctx: StageContext[Any, None]) -> Any:
-    text = batch_api.status(state["job"])
+    text = batch_api.status(state["job"], state["text"])
     if text is None:
         return NotReady()
     return Ready(output=Translation(language="fr", text=text))
@@ -149,7 +171,7 @@ async def translate_ready(state: dict[str, Any], ctx: StageContext[Any, None]) -
 @define_stage(id="aggregate", input="none", output=Summary)
 async def aggregate(ctx: StageContext[Any, None]) -> Summary:
     return Summary(
-        url=ctx.require("extract-text").text[:20],
+        url=ctx.require("extract-text").url,
         label=ctx.require("sentiment").label,
         keywords=ctx.require("keywords").keywords,
         translated=ctx.require("translate").text[:24],

@@ -1,0 +1,385 @@
+"""The operator commands: ``migrate``, ``worker``, ``tick``, ``start``, ``signal``,
+``cancel``, ``rerun`` and ``events``.
+
+Each one opens the engine the global options name, does one thing through the
+``Engine`` facade (or the shared maintenance tick), and renders the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from treadle.hosts.cli.common import (
+    EXIT_FAILURE,
+    console,
+    echo_json,
+    fail,
+    open_engine,
+    parse_json,
+    run_async,
+    state,
+)
+from treadle.kernel.errors import StorageError
+from treadle.kernel.model import RunStatus
+
+if TYPE_CHECKING:
+    from treadle.runtime.tick import TickReport
+
+
+# -- migrate --------------------------------------------------------------------------
+def migrate(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Option(help="Alembic revision to upgrade to.")] = "head",
+) -> None:
+    """Create or upgrade the database schema (run once per deploy on PostgreSQL)."""
+    cli = state(ctx)
+
+    async def go() -> tuple[str | None, str | None, str]:
+        from treadle.runtime.backends import backend_kind
+
+        if backend_kind(cli.db) == "memory":
+            fail("memory:// keeps no schema: nothing to migrate")
+        from sqlalchemy import exc as sa_exc
+
+        from treadle.adapters import sql
+        from treadle.adapters.sql.errors import translate
+
+        def upgrade() -> tuple[str | None, str | None, str]:
+            before = sql.current_revision(cli.db)
+            sql.migrate(cli.db, revision)
+            return before, sql.current_revision(cli.db), sql.head_revision()
+
+        try:
+            return await asyncio.to_thread(upgrade)
+        except sa_exc.SQLAlchemyError as exc:
+            raise translate(exc, "migrate") from exc
+        except StorageError:
+            raise
+        except Exception as exc:  # Alembic's CommandError: unknown revision, newer database
+            raise StorageError(f"migrate failed: {exc}") from exc
+
+    before, after, head = run_async(go)
+    if before == after:
+        typer.echo(f"schema already at revision {after} (head {head})")
+    else:
+        typer.echo(f"schema upgraded from {before or 'empty'} to {after} (head {head})")
+
+
+# -- worker ---------------------------------------------------------------------------
+def worker(
+    ctx: typer.Context,
+    worker_id: Annotated[
+        str | None, typer.Option(help="Name in logs and leases (default host:pid:random).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Stages executing at once.")] = 8,
+    drain_timeout: Annotated[
+        float, typer.Option(min=0, help="Seconds in-flight stages get to finish on SIGTERM.")
+    ] = 30.0,
+    orchestration_interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between maintenance ticks.")
+    ] = 10.0,
+    job_poll_interval: Annotated[
+        float, typer.Option(min=0.01, help="Seconds between job queue polls when idle.")
+    ] = 1.0,
+    stale_lease_threshold: Annotated[
+        float, typer.Option(min=0.01, help="Seconds without heartbeat before a job is reaped.")
+    ] = 60.0,
+) -> None:
+    """Run a long-lived worker until SIGTERM/SIGINT (graceful drain)."""
+    cli = state(ctx)
+    if cli.app is None:
+        _need_app()
+    try:
+        from treadle.hosts.worker import main as worker_main
+    except ImportError as exc:
+        typer.echo(f"error: the worker host is not available: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILURE) from None
+    code = worker_main(
+        app=cli.app,
+        db=cli.db,
+        worker_id=worker_id,
+        concurrency=concurrency,
+        drain_timeout=drain_timeout,
+        orchestration_interval=orchestration_interval,
+        job_poll_interval=job_poll_interval,
+        stale_lease_threshold=stale_lease_threshold,
+    )
+    raise typer.Exit(code)
+
+
+def _need_app() -> None:
+    typer.echo("error: this command needs the app: pass --app module:attr", err=True)
+    raise typer.Exit(EXIT_FAILURE)
+
+
+# -- tick -----------------------------------------------------------------------------
+def tick_failures(report: TickReport) -> dict[str, str]:
+    """Steps that failed: those that raised, and an outbox flush that could not publish
+    (the sink is broken even though the step itself completed)."""
+    failures = dict(report.errors)
+    flush = report.result("flush_outbox")
+    if "flush_outbox" not in failures and flush.get("failed"):
+        failures["flush_outbox"] = (
+            f"{flush['failed']} event(s) could not be published "
+            f"({flush.get('dead_lettered', 0)} dead-lettered)"
+        )
+    return failures
+
+
+def tick_json(report: TickReport, failures: dict[str, str]) -> dict[str, Any]:
+    return {
+        "ok": not failures,
+        "worker_id": report.worker_id,
+        "started_at": report.started_at.isoformat(),
+        "failed_steps": sorted(failures),
+        "steps": {
+            name: {
+                "ok": name not in failures,
+                "result": step.result,
+                "error": failures.get(name),
+                "duration": round(step.duration, 6),
+            }
+            for name, step in report.steps.items()
+        },
+    }
+
+
+def _summary(result: dict[str, Any] | None) -> str:
+    if not result:
+        return ""
+    parts = []
+    for key, value in result.items():
+        if isinstance(value, list):
+            value = len(value)
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def tick(
+    ctx: typer.Context,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the step results as JSON.")
+    ] = False,
+    worker_id: Annotated[str | None, typer.Option(help="Worker id that claims runs.")] = None,
+    stale_lease_threshold: Annotated[
+        float, typer.Option(min=0.01, help="Seconds without heartbeat before a lease is reaped.")
+    ] = 60.0,
+    stuck_threshold: Annotated[
+        float, typer.Option(min=0.01, help="Seconds without activity before a run is stuck.")
+    ] = 1800.0,
+) -> None:
+    """Run one maintenance tick (for cron); exit 1 naming any failed step."""
+    cli = state(ctx)
+
+    async def go() -> TickReport:
+        from treadle.runtime.tick import maintenance_tick
+        from treadle.runtime.worker import default_worker_id
+
+        async with open_engine(cli) as engine:
+            return await maintenance_tick(
+                engine.kernel,
+                worker_id=worker_id or f"tick:{default_worker_id()}",
+                stale_threshold=stale_lease_threshold,
+                stuck_threshold=stuck_threshold,
+            )
+
+    report = run_async(go)
+    failures = tick_failures(report)
+    if as_json:
+        echo_json(tick_json(report, failures))
+    else:
+        from rich.table import Table
+
+        table = Table(title="maintenance tick", title_justify="left")
+        for column in ("step", "ok", "result", "took"):
+            table.add_column(column)
+        for name, step in report.steps.items():
+            ok = "[red]FAILED[/red]" if name in failures else "[green]ok[/green]"
+            table.add_row(name, ok, _summary(step.result), f"{step.duration * 1000:.0f}ms")
+        console().print(table)
+    for name, message in failures.items():
+        typer.echo(f"tick failed: step {name}: {message}", err=True)
+    if failures:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+# -- start ----------------------------------------------------------------------------
+def start(
+    ctx: typer.Context,
+    workflow_id: Annotated[str, typer.Argument(help="The workflow to run.")],
+    input_json: Annotated[
+        str | None, typer.Argument(metavar="[INPUT]", help="Run input as JSON, or @file.json.")
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option(help="Per-stage config as JSON ({stage_id: {...}}), or @file.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Starting again with this key returns the same run.")
+    ] = None,
+    priority: Annotated[int, typer.Option(min=0, max=100, help="Higher runs first.")] = 5,
+    wait: Annotated[
+        bool, typer.Option(help="Show live stage progress until the run ends.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")
+    ] = None,
+    local_worker: Annotated[
+        bool, typer.Option(help="With --wait: execute the run in this process.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
+) -> None:
+    """Start a run; prints its id (with --wait: its progress and output)."""
+    cli = state(ctx)
+
+    async def go() -> tuple[str, Any]:
+        payload = parse_json(input_json, "INPUT")
+        stage_config = parse_json(config, "--config")
+        if stage_config is not None and not isinstance(stage_config, dict):
+            fail("--config must be a JSON object mapping stage id to config")
+        async with open_engine(cli, need_app=True) as engine:
+            handle = await engine.start(
+                workflow_id,
+                payload,
+                idempotency_key=idempotency_key,
+                priority=priority,
+                config=stage_config,
+            )
+            if not wait:
+                return handle.run_id, None
+            from treadle.hosts.cli.progress import watch_runs
+
+            out = console(stderr=as_json)
+            if not local_worker:
+                return handle.run_id, await watch_runs(
+                    engine, [handle.run_id], out, max_wait=timeout
+                )
+            async with engine.worker(orchestration_interval=0.5, job_poll_interval=0.1):
+                return handle.run_id, await watch_runs(
+                    engine, [handle.run_id], out, max_wait=timeout
+                )
+
+    run_id, runs = run_async(go)
+    if not wait:
+        if as_json:
+            echo_json({"run_id": run_id})
+        else:
+            typer.echo(run_id)
+        return
+    run = runs[0]
+    if as_json:
+        echo_json(run.model_dump(mode="json", exclude={"stages"}))
+    else:
+        typer.echo(f"run {run.id} {run.status.value}")
+        if run.status is RunStatus.COMPLETED:
+            typer.echo(f"output: {_compact(run.output)}")
+        elif run.error:
+            typer.echo(f"error: {run.error}", err=True)
+    if run.status is not RunStatus.COMPLETED:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _compact(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# -- signal / cancel / rerun ------------------------------------------------------------
+def signal(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run to signal.")],
+    name: Annotated[str, typer.Argument(help="Signal name.")],
+    payload_json: Annotated[
+        str | None, typer.Argument(metavar="[PAYLOAD]", help="Payload as JSON, or @file.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Sending again with this key is a no-op.")
+    ] = None,
+) -> None:
+    """Deliver a signal to a run waiting in ctx.wait_for_signal (code workflows)."""
+    cli = state(ctx)
+
+    async def go() -> bool:
+        payload = parse_json(payload_json, "PAYLOAD")
+        async with open_engine(cli) as engine:
+            return await engine.signal(run_id, name, payload, idempotency_key=idempotency_key)
+
+    delivered = run_async(go)
+    typer.echo(f"signal {name!r} {'delivered to' if delivered else 'not delivered to'} {run_id}")
+    if not delivered:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def cancel(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run to cancel.")],
+    reason: Annotated[str | None, typer.Option(help="Recorded on the run.")] = None,
+) -> None:
+    """Cancel a run and all its unfinished stages."""
+    cli = state(ctx)
+
+    async def go() -> bool:
+        async with open_engine(cli) as engine:
+            return await engine.cancel(run_id, reason=reason)
+
+    if run_async(go):
+        typer.echo(f"cancelled {run_id}")
+    else:
+        typer.echo(f"{run_id} had already finished; nothing to cancel")
+
+
+def rerun(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="A finished run.")],
+    stage_id: Annotated[str, typer.Argument(help="Reset this stage and every later one.")],
+) -> None:
+    """Re-run a finished run from a stage (its outputs and later ones are discarded)."""
+    cli = state(ctx)
+
+    async def go() -> list[str]:
+        async with open_engine(cli, need_app=True) as engine:
+            result = await engine.rerun_from(run_id, stage_id)
+            return list(result.deleted_stages)
+
+    reset = run_async(go)
+    typer.echo(f"rerunning {run_id} from {stage_id}: reset {', '.join(reset) or 'nothing'}")
+
+
+# -- events ---------------------------------------------------------------------------
+def events(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The run whose events to show.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep tailing until the run ends.")
+    ] = False,
+    after: Annotated[int, typer.Option(min=0, help="Only events after this sequence.")] = 0,
+    poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between reads.")] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Print a run's events in order (--follow tails them live)."""
+    cli = state(ctx)
+
+    async def go() -> None:
+        import json
+
+        from treadle.hosts.cli.render import event_line
+
+        out = console()
+        async with open_engine(cli) as engine:
+            async for event in engine.events(
+                run_id, follow=follow, poll_interval=poll_interval, after_sequence=after
+            ):
+                if as_json:
+                    typer.echo(json.dumps(event.model_dump(mode="json"), sort_keys=True))
+                else:
+                    out.print(event_line(event))
+
+    run_async(go)
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (migrate, worker, tick, start, signal, cancel, rerun, events):
+        app.command()(fn)

@@ -1,0 +1,221 @@
+"""Rich renderings of runs, stages and events: the ``runs`` tables, the stage timeline
+of ``runs show``, event lines for ``events``, and value truncation.
+
+Pure functions from kernel models to Rich renderables, so every command draws the
+same run the same way and tests can render without a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from treadle.kernel.events import EventBase
+from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus
+
+STATUS_STYLES = {
+    "PENDING": "dim",
+    "RUNNING": "cyan",
+    "SUSPENDED": "magenta",
+    "COMPLETED": "green",
+    "FAILED": "bold red",
+    "CANCELLED": "yellow",
+    "SKIPPED": "dim",
+}
+
+TIMELINE_WIDTH = 24
+
+
+def truncate(value: Any, limit: int = 80) -> str:
+    """``value`` as compact JSON, cut to ``limit`` characters with an ellipsis."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+def status_text(status: RunStatus | StageStatus | str) -> Text:
+    name = str(getattr(status, "value", status))
+    return Text(name, style=STATUS_STYLES.get(name, ""))
+
+
+def fmt_time(value: datetime | None) -> str:
+    """UTC ``YYYY-MM-DD HH:MM:SS`` (stored times are UTC-aware)."""
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+def fmt_duration(value: timedelta | float | None) -> str:
+    if value is None:
+        return "-"
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def elapsed(start: datetime | None, end: datetime | None) -> timedelta | None:
+    return end - start if start is not None and end is not None else None
+
+
+def runs_table(runs: Sequence[Run]) -> Table:
+    """One row per run, newest first as ``Engine.list`` returns them."""
+    table = Table(title=f"{len(runs)} run(s)", title_justify="left")
+    table.add_column("run id", no_wrap=True)
+    table.add_column("workflow", no_wrap=True)
+    table.add_column("status")
+    table.add_column("prio", justify="right")
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("duration", justify="right")
+    table.add_column("error", overflow="ellipsis")
+    for run in runs:
+        table.add_row(
+            run.id,
+            run.workflow_id,
+            status_text(run.status),
+            str(run.priority),
+            fmt_time(run.created_at),
+            fmt_duration(elapsed(run.started_at, run.completed_at)),
+            truncate(run.error, 60),
+        )
+    return table
+
+
+def _bar(stage: StageRun, origin: datetime | None, span: float) -> Text:
+    """The stage's place in the run: a bar from its start to its end (or now)."""
+    if origin is None or stage.started_at is None or span <= 0:
+        return Text("")
+    end = stage.completed_at or stage.started_at
+    first = (stage.started_at - origin).total_seconds() / span
+    last = (end - origin).total_seconds() / span
+    lo = min(max(int(first * TIMELINE_WIDTH), 0), TIMELINE_WIDTH - 1)
+    hi = min(max(int(last * TIMELINE_WIDTH), lo + 1), TIMELINE_WIDTH)
+    style = STATUS_STYLES.get(stage.status.value, "")
+    return Text(" " * lo + "█" * (hi - lo) + " " * (TIMELINE_WIDTH - hi), style=style)
+
+
+def _span(run: Run) -> tuple[datetime | None, float]:
+    starts: list[datetime] = []
+    ends: list[datetime] = []
+    for stage in run.stages:
+        if stage.started_at is not None:
+            starts.append(stage.started_at)
+            ends.append(stage.completed_at or stage.started_at)
+    origin = run.started_at or (min(starts) if starts else None)
+    if origin is None:
+        return None, 0.0
+    finish = max([*ends, run.completed_at or origin])
+    return origin, max((finish - origin).total_seconds(), 1e-6)
+
+
+def stage_timeline(run: Run, *, width: int = 60) -> Table:
+    """The stages in execution order with status, attempts, times and a timeline bar."""
+    origin, span = _span(run)
+    table = Table(title="stages", title_justify="left")
+    table.add_column("grp", justify="right")
+    table.add_column("stage", no_wrap=True)
+    table.add_column("status")
+    table.add_column("att", justify="right")
+    table.add_column("start", justify="right")
+    table.add_column("took", justify="right")
+    table.add_column("timeline", no_wrap=True)
+    table.add_column("output / error", overflow="fold")
+    for stage in run.stages:
+        offset = (
+            f"+{fmt_duration(stage.started_at - origin)}"
+            if origin is not None and stage.started_at is not None
+            else "-"
+        )
+        detail: Text | str = truncate(stage.output, width)
+        if stage.error:
+            detail = Text(truncate(stage.error, width), style="red")
+        elif stage.status is StageStatus.SUSPENDED and stage.next_poll_at is not None:
+            detail = f"next check {fmt_time(stage.next_poll_at)}"
+        table.add_row(
+            str(stage.execution_group),
+            stage.stage_id,
+            status_text(stage.status),
+            str(stage.attempt),
+            offset,
+            fmt_duration(elapsed(stage.started_at, stage.completed_at)),
+            _bar(stage, origin, span),
+            detail,
+        )
+    return table
+
+
+def attempts_table(events: Sequence[EventBase]) -> Table | None:
+    """Every stage attempt that failed, from the run's events (``None`` if none did)."""
+    failures = [e for e in events if getattr(e, "type", "") == "stage:failed"]
+    if not failures:
+        return None
+    table = Table(title="failed attempts", title_justify="left")
+    table.add_column("stage", no_wrap=True)
+    table.add_column("att", justify="right")
+    table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("retry")
+    table.add_column("error", overflow="fold")
+    for event in failures:
+        retry_at = getattr(event, "retry_at", None)
+        retry = f"at {fmt_time(retry_at)}" if getattr(event, "will_retry", False) else "no"
+        table.add_row(
+            str(getattr(event, "stage_id", "")),
+            str(getattr(event, "attempt", "")),
+            fmt_time(event.timestamp),
+            retry,
+            Text(truncate(getattr(event, "error", ""), 100), style="red"),
+        )
+    return table
+
+
+def run_detail(run: Run, events: Sequence[EventBase], *, width: int = 60) -> RenderableType:
+    """``runs show``: a header, the stage timeline, failed attempts and the output."""
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold")
+    header.add_column()
+    header.add_row("run", run.id)
+    header.add_row("workflow", f"{run.workflow_id} (version {run.workflow_version})")
+    header.add_row("status", status_text(run.status))
+    header.add_row("priority", str(run.priority))
+    header.add_row("created", fmt_time(run.created_at))
+    header.add_row("started", fmt_time(run.started_at))
+    header.add_row("completed", fmt_time(run.completed_at))
+    header.add_row("duration", fmt_duration(elapsed(run.started_at, run.completed_at)))
+    if run.idempotency_key:
+        header.add_row("idempotency key", run.idempotency_key)
+    header.add_row("input", truncate(run.input, width * 2))
+    if run.output is not None:
+        header.add_row("output", truncate(run.output, width * 2))
+    if run.error:
+        header.add_row("error", Text(truncate(run.error, width * 2), style="red"))
+    parts: list[RenderableType] = [header, stage_timeline(run, width=width)]
+    failed = attempts_table(events)
+    if failed is not None:
+        parts.append(failed)
+    return Group(*parts)
+
+
+def event_line(event: EventBase) -> Text:
+    """``#seq  time  type  fields`` for one event, its fields truncated."""
+    data = event.model_dump(
+        mode="json",
+        exclude={"type", "workflow_run_id", "sequence", "timestamp", "causation_id"},
+        exclude_none=True,
+    )
+    kind = str(getattr(event, "type", type(event).__name__))
+    style = "red" if kind.endswith(":failed") else "green" if kind.endswith(":completed") else ""
+    line = Text(f"#{event.sequence:<4} {fmt_time(event.timestamp)}  ")
+    line.append(f"{kind:<20}", style=style)
+    fields = "  ".join(f"{key}={truncate(value, 60)}" for key, value in data.items())
+    line.append(f" {fields}" if fields else "")
+    return line
