@@ -219,7 +219,9 @@ class InMemoryTransaction:
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
         self._check()
         for outbox_id in outbox_ids:
-            record = self._s.outbox[outbox_id]
+            record = self._s.outbox.get(outbox_id)
+            if record is None:
+                continue  # already published (published rows leave the outbox), as in SQL
             if record.dead_lettered:
                 self.set_item(self._s.outbox, outbox_id, evolve(record, {"dead_lettered": False}))
             # Published rows leave the outbox; ``unpublished`` and ``dead`` are its indexes.

@@ -8,7 +8,7 @@ round trip that truncates or drops the timezone is caught.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -126,6 +126,30 @@ async def test_inserted_run_reads_back_equal(backend: Any) -> None:
     assert got == run
     for moment in (got.created_at, got.started_at, got.completed_at, got.updated_at):
         assert_utc(moment)
+
+
+async def test_timestamps_keep_their_instant_across_zones_and_extremes(backend: Any) -> None:
+    """A time given in another zone, or at the ends of the datetime range, reads back as the
+    same instant, and filters and sorts by instant, not by wall-clock text."""
+    plus_two = datetime(2026, 1, 1, 12, 0, 0, 5, tzinfo=timezone(timedelta(hours=2)))  # 10:00Z
+    times = {
+        "zoned": plus_two,
+        "utc-later": datetime(2026, 1, 1, 11, tzinfo=UTC),
+        "ancient": datetime(1, 1, 2, tzinfo=UTC),
+        "far": datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC),
+    }
+    await seed(backend, *(make_run(k, created_at=v) for k, v in times.items()))
+    async with backend.persistence.transaction() as tx:
+        for run_id, moment in times.items():
+            got = await tx.get_run(run_id)
+            assert got is not None
+            assert got.created_at == moment
+        ordered = [r.id for r in await tx.list_runs(RunFilter())]
+        after = [r.id for r in await tx.list_runs(RunFilter(created_after=plus_two))]
+        before = [r.id for r in await tx.list_runs(RunFilter(created_before=plus_two))]
+    assert ordered == ["far", "utc-later", "zoned", "ancient"]
+    assert after == ["far", "utc-later", "zoned"]
+    assert before == ["ancient"]
 
 
 async def test_get_run_returns_the_run_without_stages(backend: Any) -> None:
@@ -616,6 +640,21 @@ async def test_mark_published_removes_events_from_the_outbox_only(backend: Any) 
         history = await tx.events_for_run("a")
     assert [r.id for r in left] == [records[2].id]
     assert [e.sequence for e in history] == [1, 2, 3]
+
+
+async def test_mark_published_is_idempotent(backend: Any) -> None:
+    """Marking rows published again, or ids that do not exist, is a no-op: two flushers that
+    race, or a replay of an already published event, do not fail."""
+    async with backend.persistence.transaction() as tx:
+        await tx.append_events([created("a"), created("a")])
+    async with backend.persistence.transaction() as tx:
+        first, second = await tx.unpublished_events(10)
+        await tx.mark_published([first.id])
+    async with backend.persistence.transaction() as tx:
+        await tx.mark_published([first.id, 999_999])
+    async with backend.persistence.transaction() as tx:
+        assert [r.id for r in await tx.unpublished_events(10)] == [second.id]
+        assert [e.sequence for e in await tx.events_for_run("a")] == [1, 2]
 
 
 async def test_publish_failures_count_then_dead_letter(backend: Any) -> None:
