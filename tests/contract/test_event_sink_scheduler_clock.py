@@ -3,6 +3,7 @@ the SQL table on SQLite and PostgreSQL) and Clock (system and fake)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -248,3 +249,13 @@ def test_fake_clock_reports_utc_whatever_zone_it_starts_in() -> None:
     clock = FakeClock(datetime(2026, 1, 1, 12, tzinfo=timezone(timedelta(hours=2))))
     assert clock.now() == datetime(2026, 1, 1, 10, tzinfo=UTC)
     assert clock.now().utcoffset() == timedelta(0)
+
+
+async def test_concurrent_drains_never_hand_out_a_command_twice(scheduler: Any) -> None:
+    """Ticks draining at once (several workers) share out the due commands without overlap."""
+    for n in range(12):
+        await scheduler.schedule(f"k{n:02}", command(n), at(n))
+    batches = await asyncio.gather(*(scheduler.due(at(100), limit=5) for _ in range(4)))
+    handed = [c["workflow_run_id"] for batch in batches for c in batch]
+    assert sorted(handed) == sorted(f"r{n}" for n in range(12))
+    assert await scheduler.next_due_at() is None

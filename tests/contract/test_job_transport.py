@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -362,3 +363,14 @@ async def test_rolled_back_state_changes_leave_the_lease_as_it_was(backend: Any)
     async with backend.persistence.transaction() as tx:
         assert [j.id for j in await t.stale_leases(tx, at(2))] == ["j1"]
         assert [j.id for j in await t.live_jobs(tx, "r1")] == ["j1"]
+
+
+async def test_concurrent_dequeues_share_jobs_without_overlap(backend: Any) -> None:
+    """Workers dequeuing at the same moment each get different jobs, and together all of them."""
+    await enqueue(backend, *(make_job(f"j{i:02}") for i in range(10)))
+    t = backend.job_transport
+    batches = await asyncio.gather(*(t.dequeue(f"w{n}", T0, limit=3) for n in range(4)))
+    leased = [job.id for batch in batches for job in batch]
+    assert sorted(leased) == [f"j{i:02}" for i in range(10)]
+    for n, batch in enumerate(batches):
+        assert all(job.worker_id == f"w{n}" for job in batch)
