@@ -19,6 +19,7 @@ from treadle.hosts.cli.common import (
     fail,
     open_engine,
     parse_json,
+    quiet_logger,
     run_async,
     state,
 )
@@ -256,7 +257,9 @@ def start(
                 return handle.run_id, await watch_runs(
                     engine, [handle.run_id], out, max_wait=timeout
                 )
-            async with engine.worker(orchestration_interval=0.5, job_poll_interval=0.1):
+            async with engine.worker(
+                orchestration_interval=0.5, job_poll_interval=0.1, logger=quiet_logger()
+            ):
                 return handle.run_id, await watch_runs(
                     engine, [handle.run_id], out, max_wait=timeout
                 )

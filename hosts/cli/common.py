@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ def state(ctx: typer.Context) -> CliState:
 
 def one_line(text: str) -> str:
     """Collapse a multi-line message (pydantic, SQLAlchemy) into one line."""
-    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or "(no message)"
+    joined = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return _drop_links(joined) or "(no message)"
 
 
 def error_line(exc: BaseException) -> str:
@@ -75,6 +77,12 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, TreadleError):
         return f"error: {exc.code}: {one_line(exc.message)}"
     return f"error: {type(exc).__name__}: {one_line(str(exc))}"
+
+
+def _drop_links(text: str) -> str:
+    """SQLAlchemy appends '(Background on this error at: https://...)' to its messages."""
+    head, sep, _ = text.partition("(Background on this error at:")
+    return head.rstrip() if sep else text
 
 
 def fail(message: str, exit_code: int = EXIT_FAILURE) -> NoReturn:
@@ -137,19 +145,40 @@ async def open_engine(cli: CliState, *, need_app: bool = False) -> AsyncIterator
     from treadle.engine import Engine
 
     workflows = load_app(cli.app, required=need_app)
-    engine = await Engine.open(cli.db, workflows=workflows)
+    engine = await Engine.open(cli.db, workflows=workflows, logger=quiet_logger())
     try:
         yield engine
     finally:
         await engine.close()
 
 
-def console(*, stderr: bool = False) -> Console:
+def console(*, stderr: bool = False, min_width: int = 120) -> Console:
     """A Rich console on the current stdout/stderr (looked up at call time, so test
-    runners that swap the streams see the output)."""
+    runners that swap the streams see the output). Written to a pipe or a log it is at
+    least ``min_width`` wide: nothing wraps there, and ids stay whole."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    out = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    if not out.is_terminal:
+        out.width = max(out.width, min_width)
+    return out
+
+
+def quiet_logger() -> Any:
+    """Errors only, on stderr. The kernel's warnings (a stage attempt failed and will be
+    retried) are expected events that the commands show in their own output."""
+    import logging
+
+    import structlog
+
+    return structlog.wrap_logger(
+        structlog.PrintLogger(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"]),
+        ],
+    )
 
 
 def echo_json(data: Any) -> None:

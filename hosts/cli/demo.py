@@ -12,8 +12,6 @@ back from the stored runs and events. Exit 0 only when every run completed.
 from __future__ import annotations
 
 import importlib
-import logging
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -25,7 +23,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from treadle.hosts.cli.common import EXIT_FAILURE, console, fail, run_async
+from treadle.hosts.cli.common import EXIT_FAILURE, console, fail, quiet_logger, run_async
 from treadle.hosts.cli.render import elapsed, fmt_duration, status_text, truncate
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import Run, RunStatus
@@ -45,18 +43,6 @@ def _example() -> Any:
         return importlib.import_module(EXAMPLE_MODULE)
     except ImportError as exc:
         fail(f"the demo needs the examples/ directory of a source checkout ({exc})")
-
-
-def _error_logger() -> Any:
-    """Errors only, on stderr: the demo's stage failures are expected and shown in the
-    results, so the kernel's warnings would only break up the progress bars."""
-    import structlog
-
-    return structlog.wrap_logger(
-        structlog.PrintLogger(file=sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
-        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer()],
-    )
 
 
 def _overlap(run: Run, a: str, b: str) -> bool:
@@ -135,7 +121,7 @@ async def run_demo(url: str, out: Console, *, max_wait: float) -> tuple[list[Run
     from treadle.hosts.cli.progress import watch_runs
 
     example = _example()
-    logger = _error_logger()
+    logger = quiet_logger()
     async with await Engine.open(url, workflows=[example.pipeline], logger=logger) as engine:
         async with engine.worker(logger=logger, **WORKER_OPTIONS):
             handles = [
@@ -160,8 +146,6 @@ def demo(
 ) -> None:
     """Run the example document pipeline on SQLite with live progress, then show results."""
     out = console()
-    if not out.is_terminal:
-        out.width = max(out.width, 110)  # logs and pipes: room for the results table
     with tempfile.TemporaryDirectory(prefix="treadle-demo-") as tmp:
         path = db_file if db_file is not None else Path(tmp) / "treadle-demo.db"
         url = f"sqlite:///{path.resolve()}"

@@ -106,7 +106,7 @@ async def watch_runs(
         SpinnerColumn(finished_text="✓"),
         TextColumn("{task.description}"),
         BarColumn(bar_width=24),
-        TextColumn("{task.completed:>4.1f}/{task.total:.0f} stages"),
+        TextColumn("{task.completed:>4.3g}/{task.total:g} stages"),
         TimeElapsedColumn(),
         TextColumn("{task.fields[activity]}"),
         console=console,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
@@ -70,14 +71,14 @@ def elapsed(start: datetime | None, end: datetime | None) -> timedelta | None:
 
 def runs_table(runs: Sequence[Run]) -> Table:
     """One row per run, newest first as ``Engine.list`` returns them."""
-    table = Table(title=f"{len(runs)} run(s)", title_justify="left")
-    table.add_column("run id", no_wrap=True)
-    table.add_column("workflow", no_wrap=True)
-    table.add_column("status")
-    table.add_column("prio", justify="right")
-    table.add_column("created (UTC)", no_wrap=True)
-    table.add_column("duration", justify="right")
-    table.add_column("error", overflow="ellipsis")
+    table = Table(title=f"{len(runs)} run(s)", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("run id", no_wrap=True, min_width=36)
+    table.add_column("workflow", overflow="fold")
+    table.add_column("status", no_wrap=True, min_width=9)
+    table.add_column("prio", justify="right", no_wrap=True)
+    table.add_column("created (UTC)", no_wrap=True, min_width=19)
+    table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("error", overflow="fold", ratio=1)
     for run in runs:
         table.add_row(
             run.id,

@@ -1,0 +1,103 @@
+"""Small workflows the CLI tests run: ``--app treadle.tests.cli.cliapp:workflows``.
+
+Fast on purpose (no sleeps, retry delays of a few milliseconds), so each test's
+real time is the CLI's own overhead.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from treadle import (
+    NotReady,
+    Ready,
+    RetryPolicy,
+    StageContext,
+    Suspend,
+    WorkflowBuilder,
+    WorkflowContext,
+    define_batch_stage,
+    define_stage,
+    workflow,
+)
+
+APP = "treadle.tests.cli.cliapp:workflows"
+
+
+class Name(BaseModel):
+    name: str
+
+
+class Greeting(BaseModel):
+    text: str
+
+
+class GreetConfig(BaseModel):
+    punctuation: str = "!"
+
+
+@define_stage(id="greet", input=Name, output=Greeting, config=GreetConfig)
+async def greet(ctx: StageContext[Name, GreetConfig]) -> Greeting:
+    return Greeting(text=f"hello {ctx.input.name}{ctx.config.punctuation}")
+
+
+@define_stage(
+    id="shout",
+    input=Greeting,
+    output=Greeting,
+    retry=RetryPolicy(max_attempts=3, initial_delay=0.01, backoff=1.0),
+)
+async def shout(ctx: StageContext[Greeting, None]) -> Greeting:
+    """Fails its first attempt, so every run shows one retry."""
+    if ctx.attempt == 1:
+        raise ConnectionError("upstream hiccup")
+    return Greeting(text=ctx.input.text.upper() + " " + "x" * 200)
+
+
+greeter = WorkflowBuilder("greeter", input=Name).pipe(greet).pipe(shout).build()
+
+
+@define_stage(id="explode", input=Name, output=Greeting, retry=RetryPolicy(max_attempts=1))
+async def explode(ctx: StageContext[Name, None]) -> Greeting:
+    raise ValueError(f"cannot process {ctx.input.name}")
+
+
+broken = WorkflowBuilder("broken", input=Name).pipe(explode).build()
+
+
+@define_batch_stage(id="wait-batch", input=Name, output=Greeting)
+async def wait_batch(ctx: StageContext[Name, None]) -> Greeting | Suspend:
+    return Suspend(
+        state={"name": ctx.input.name},
+        poll_interval=timedelta(milliseconds=10),
+        max_wait=timedelta(minutes=5),
+    )
+
+
+@wait_batch.check_completion
+async def wait_batch_ready(state: dict[str, Any], ctx: StageContext[Name, None]) -> Any:
+    if state["name"] == "never":
+        return NotReady()
+    return Ready(output=Greeting(text=f"batch done for {state['name']}"))
+
+
+batch = WorkflowBuilder("batch", input=Name).pipe(wait_batch).build()
+
+workflows: list[Any] = [greeter, broken, batch]
+
+
+class Approval(BaseModel):
+    approved: bool
+
+
+@workflow(id="approval", input=Name, output=Greeting)
+async def approval(ctx: WorkflowContext, req: Name) -> Greeting:
+    """A code workflow that waits for the ``approve`` signal."""
+    decision = await ctx.wait_for_signal("approve", Approval)
+    return Greeting(text=f"{req.name} {'approved' if decision.approved else 'rejected'}")
+
+
+workflows.append(approval)
