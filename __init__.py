@@ -28,13 +28,16 @@ if TYPE_CHECKING:
         StageStatus,
         Suspend,
         WorkflowBuilder,
+        WorkflowContext,
         WorkflowDefinition,
         create_kernel,
         define_batch_stage,
         define_stage,
+        workflow,
     )
     from treadle.kernel.errors import (
         NonRetryableError,
+        StepFailedError,
         TreadleError,
         TreadleValidationError,
     )
@@ -54,18 +57,23 @@ __all__ = [
     "StageContext",
     "StageRun",
     "StageStatus",
+    "StepFailedError",
     "Suspend",
     "TreadleError",
     "TreadleValidationError",
     "WorkflowBuilder",
+    "WorkflowContext",
     "WorkflowDefinition",
     "__version__",
     "create_kernel",
     "define_batch_stage",
     "define_stage",
+    "workflow",
 ]
 
-_ERRORS = frozenset({"NonRetryableError", "TreadleError", "TreadleValidationError"})
+_ERRORS = frozenset(
+    {"NonRetryableError", "StepFailedError", "TreadleError", "TreadleValidationError"}
+)
 
 
 def __getattr__(name: str) -> Any:

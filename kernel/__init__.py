@@ -32,12 +32,20 @@ from treadle.kernel.model import (
 )
 from treadle.kernel.registry import Registry
 from treadle.kernel.retry import RetryPolicy
+from treadle.kernel.workflows import (
+    CodeWorkflowDefinition,
+    JournalEntry,
+    StepInfo,
+    WorkflowContext,
+    workflow,
+)
 
 __all__ = [
     "COMMAND_TYPES",
     "Annotation",
     "BatchStageDefinition",
     "CancellationToken",
+    "CodeWorkflowDefinition",
     "Command",
     "CommandBase",
     "Event",
@@ -45,6 +53,7 @@ __all__ = [
     "Failed",
     "Job",
     "JobStatus",
+    "JournalEntry",
     "Kernel",
     "KernelSettings",
     "NotReady",
@@ -60,12 +69,15 @@ __all__ = [
     "StageDefinition",
     "StageRun",
     "StageStatus",
+    "StepInfo",
     "Suspend",
     "Uuid7Ids",
     "WorkflowBuilder",
+    "WorkflowContext",
     "WorkflowDefinition",
     "create_kernel",
     "define_batch_stage",
     "define_stage",
     "parse_event",
+    "workflow",
 ]

@@ -31,9 +31,13 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   └── SuspendTimeoutError           a suspended stage waited past ``max_wait``
     ├── RunFailedError                    awaited a run's result; the run FAILED
     ├── RunCancelledError                 awaited a run's result; the run was CANCELLED
-    ├── WorkflowError                     code-workflow replay problems
-    │   ├── NonDeterminismError
-    │   └── VersionMismatchError
+    ├── WorkflowError                     code workflows: replay problems, and errors raised
+    │   │                                 inside a workflow body that it may catch
+    │   ├── NonDeterminismError           the body reached another call than the journal recorded
+    │   ├── VersionMismatchError          a run pinned to one version met code of another
+    │   ├── StepFailedError               a step failed for good (retries exhausted)
+    │   ├── StepTimeoutError              one attempt of a step ran past its timeout (retryable)
+    │   └── WaitTimeoutError              a signal wait reached its timeout
     └── StorageError                      a driver failure, translated at the adapter boundary
         └── TransientStorageError         connection lost, serialization failure (retryable)
 """
@@ -201,6 +205,29 @@ class NonDeterminismError(WorkflowError):
 
 class VersionMismatchError(WorkflowError):
     """A run pinned to one version was resumed by code of another version."""
+
+
+class StepFailedError(WorkflowError):
+    """Raised inside a workflow body when a step has failed for good; the body may catch
+    it. ``step``, ``attempts`` and ``error`` (the last attempt's ``Type: message``) say
+    which and why. Replay raises it again from the journal, never re-running the step."""
+
+    def __init__(self, step: str, occurrence: int, attempts: int, error: str | None) -> None:
+        super().__init__(f"step {step!r} #{occurrence} failed after {attempts} attempt(s): {error}")
+        self.step = step
+        self.occurrence = occurrence
+        self.attempts = attempts
+        self.error = error
+
+
+class StepTimeoutError(WorkflowError):
+    """One attempt of a step ran longer than its ``timeout``; the retry policy decides."""
+
+    retryable = True
+
+
+class WaitTimeoutError(WorkflowError):
+    """Raised inside a workflow body when ``wait_for_signal`` reached its timeout."""
 
 
 class StorageError(TreadleError):

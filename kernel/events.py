@@ -103,6 +103,41 @@ class SignalReceived(EventBase):
     payload: JsonValue = None
 
 
+class StepCompleted(EventBase):
+    """A code workflow's step committed its result to the journal."""
+
+    type: Literal["step:completed"] = "step:completed"
+    step: str
+    occurrence: int
+    attempt: int
+    output: JsonValue = None
+    duration: timedelta | None = None
+
+
+class StepFailed(EventBase):
+    """One attempt of a code workflow's step failed; ``will_retry`` says whether another
+    attempt follows (at ``retry_at``)."""
+
+    type: Literal["step:failed"] = "step:failed"
+    step: str
+    occurrence: int
+    attempt: int
+    error: str
+    will_retry: bool = False
+    retry_at: datetime | None = None
+
+
+class TimerFired(EventBase):
+    """A durable timer of a code workflow fell due (``purpose``: sleep, signal_timeout,
+    retry)."""
+
+    type: Literal["timer:fired"] = "timer:fired"
+    step: str
+    occurrence: int
+    purpose: str
+    fire_at: datetime
+
+
 class ReviewRequested(EventBase):
     type: Literal["review:requested"] = "review:requested"
     review_id: str
@@ -139,6 +174,9 @@ Event = Annotated[
     | StageCompleted
     | StageFailed
     | SignalReceived
+    | StepCompleted
+    | StepFailed
+    | TimerFired
     | ReviewRequested
     | ReviewDecided
     | AnnotationCreated,

@@ -30,11 +30,13 @@ from treadle.kernel.logging import KernelLogger, StdlibLogger
 from treadle.kernel.model import (
     IdempotencyRecord,
     IdempotencyState,
+    JsonValue,
     Run,
     RunFilter,
     evolve,
 )
 from treadle.kernel.registry import Registry
+from treadle.kernel.workflows.model import InboxMessage, JournalEntry
 
 if TYPE_CHECKING:
     from treadle.kernel.annotations import Annotations
@@ -59,6 +61,10 @@ class KernelSettings:
     idempotency_reclaim_after: timedelta = timedelta(minutes=10)
     outbox_max_attempts: int = 3
     """Publication attempts before an event goes to the dead-letter queue."""
+    step_backoff_suspend_after: timedelta = timedelta(seconds=30)
+    """A code-workflow step whose retry delay is longer than this suspends the run on a
+    durable timer; a shorter delay re-queues the activation to start after it. Neither
+    holds a worker."""
 
 
 @dataclass
@@ -265,6 +271,31 @@ class Kernel:
     async def events(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         async with self.deps.persistence.transaction() as tx:
             return await tx.events_for_run(run_id, after_sequence)
+
+    # -- read side of code workflows ------------------------------------------------------
+    async def query(self, run_id: str, key: str) -> JsonValue:
+        """What a code workflow last published under ``key`` (``None`` if nothing yet).
+        Read-only: it never wakes or changes the run."""
+        from treadle.kernel.handlers.workflows import query
+
+        return await query(self.deps, run_id, key)
+
+    async def journal(self, run_id: str) -> list[JournalEntry]:
+        """A code workflow run's journal, in the order its body reached each call."""
+        async with self.deps.persistence.transaction() as tx:
+            await self._existing(tx, run_id)
+            return await tx.get_journal(run_id)
+
+    async def inbox(self, run_id: str) -> list[InboxMessage]:
+        """The signals delivered to a run, in arrival order, consumed or not."""
+        async with self.deps.persistence.transaction() as tx:
+            await self._existing(tx, run_id)
+            return await tx.list_signals(run_id)
+
+    @staticmethod
+    async def _existing(tx: Transaction, run_id: str) -> None:
+        if await tx.get_run(run_id) is None:
+            raise RunNotFoundError(f"no run with id {run_id!r}")
 
 
 def create_kernel(

@@ -22,6 +22,7 @@ from treadle.kernel.model import (
     RunStatus,
     StageRun,
 )
+from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 
 
 class Transaction(Protocol):
@@ -113,6 +114,52 @@ class Transaction(Protocol):
         scope: str | None = None,
         limit: int = 100,
     ) -> list[Annotation]: ...
+
+    # -- code workflows: journal, signal inbox, timers ------------------------------------
+    async def get_journal(
+        self, run_id: str, *, status: JournalStatus | None = None
+    ) -> list[JournalEntry]:
+        """The run's journal entries in position order (only those in ``status`` if given)."""
+
+    async def get_journal_entry(
+        self, run_id: str, name: str, occurrence: int
+    ) -> JournalEntry | None: ...
+
+    async def latest_journal_entry(self, run_id: str, name: str) -> JournalEntry | None:
+        """The entry named ``name`` with the highest occurrence (``query`` reads it)."""
+
+    async def insert_journal_entry(self, entry: JournalEntry) -> JournalEntry:
+        """Insert; returns the entry with its ``id``. ``DuplicateError`` if the run already
+        has (name, occurrence) or the position."""
+
+    async def update_journal_entry(self, entry: JournalEntry) -> JournalEntry:
+        """Optimistic update by ``version``, as ``update_run``; returns it version-bumped."""
+
+    async def insert_signal(self, message: InboxMessage) -> InboxMessage:
+        """Append to the run's inbox; returns it with its ``id`` (ids grow in arrival
+        order). ``DuplicateError`` if the run has a message with the same idempotency key."""
+
+    async def next_signal(self, run_id: str, name: str) -> InboxMessage | None:
+        """The run's oldest unconsumed signal called ``name``."""
+
+    async def consume_signal(
+        self, message_id: int, consumed_at: datetime, consumed_by: str
+    ) -> None:
+        """Mark a message consumed; ``ConcurrencyError`` if it was consumed already or is
+        missing, so no signal is ever delivered twice."""
+
+    async def list_signals(self, run_id: str) -> list[InboxMessage]:
+        """The run's inbox in arrival order, consumed or not."""
+
+    async def schedule_timer(self, timer: Timer) -> Timer:
+        """Insert or replace the timer of (run, name, occurrence), live (unfired); returns
+        it with its ``id``."""
+
+    async def pending_timers(self, run_id: str) -> list[Timer]:
+        """The run's unfired timers, earliest ``fire_at`` first."""
+
+    async def fire_timer(self, run_id: str, name: str, occurrence: int, fired_at: datetime) -> bool:
+        """Mark the live timer of (run, name, occurrence) fired; ``False`` if none is live."""
 
 
 class Persistence(Protocol):

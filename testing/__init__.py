@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     )
     from treadle.testing.chaos import Chaos, ChaosPersistence, with_chaos
     from treadle.testing.clock import FakeClock
-    from treadle.testing.engine import RunHandle, StageMock, TestEngine
+    from treadle.testing.engine import RunHandle, StageMock, StepMock, TestEngine
 
 _WHERE = {
     "Chaos": "treadle.testing.chaos",
@@ -33,6 +33,7 @@ _WHERE = {
     "InMemoryScheduler": "treadle.adapters.memory",
     "RunHandle": "treadle.testing.engine",
     "StageMock": "treadle.testing.engine",
+    "StepMock": "treadle.testing.engine",
     "TestEngine": "treadle.testing.engine",
     "with_chaos": "treadle.testing.chaos",
 }
@@ -48,6 +49,7 @@ __all__ = [
     "InMemoryScheduler",
     "RunHandle",
     "StageMock",
+    "StepMock",
     "TestEngine",
     "with_chaos",
 ]

@@ -37,6 +37,7 @@ from treadle.kernel.events import EventBase
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
 from treadle.kernel.model import LogRecord, Run, RunStatus
 from treadle.kernel.registry import Registry
+from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
 from treadle.testing.chaos import Chaos
 from treadle.testing.clock import DEFAULT_START, FakeClock
 
@@ -63,12 +64,54 @@ class StageMock:
         return value
 
 
+class StepCall:
+    """One call of a mocked code-workflow step: its arguments and attempt number."""
+
+    __slots__ = ("args", "attempt", "idempotency_key")
+
+    def __init__(self, args: tuple[Any, ...], attempt: int, idempotency_key: str) -> None:
+        self.args = args
+        self.attempt = attempt
+        self.idempotency_key = idempotency_key
+
+    def __repr__(self) -> str:
+        return f"StepCall(args={self.args!r}, attempt={self.attempt})"
+
+
+class StepMock:
+    """Replacement function for a code-workflow step, recording every call. A replayed
+    step is not called (its result comes from the journal), so ``calls`` counts real
+    executions, the number a crash test asserts on."""
+
+    def __init__(self, name: str, fn: Callable[..., Any] | Any) -> None:
+        self.name = name
+        self._fn = fn
+        self.calls: list[StepCall] = []
+
+    @property
+    def call_count(self) -> int:
+        return len(self.calls)
+
+    async def __call__(self, *args: Any) -> Any:
+        info = WorkflowContext.current_step()
+        self.calls.append(
+            StepCall(args, info.attempt if info else 0, info.idempotency_key if info else "")
+        )
+        if not callable(self._fn):
+            return self._fn
+        value = self._fn(*args)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+
 class _MockingRegistry:
     """Serves definitions with mocked stage bodies swapped in."""
 
     def __init__(self, workflows: Iterable[WorkflowDefinition]) -> None:
         self.inner = Registry(workflows)
         self.mocks: dict[str, StageMock] = {}
+        self.step_mocks: dict[str, StepMock] = {}
         self._cache: dict[str, WorkflowDefinition] = {}
 
     def register(self, workflow: WorkflowDefinition) -> None:
@@ -81,7 +124,10 @@ class _MockingRegistry:
             wf = self.inner.get_workflow(workflow_id)
             if wf is None:
                 return None
-            if any(s in self.mocks for s in wf.stages):
+            if isinstance(wf, CodeWorkflowDefinition):
+                # The live dict: a step mocked after the run started applies at once.
+                wf = wf.with_step_overrides(self.step_mocks)
+            elif any(s in self.mocks for s in wf.stages):
                 wf = self._with_mocks(wf)
             self._cache[workflow_id] = wf
         return wf
@@ -175,6 +221,13 @@ class TestEngine:
         """Replace a stage's body (a function of ``ctx``, or a constant output)."""
         return self.registry.mock(stage_id, fn)
 
+    def mock_step(self, name: str, fn: Callable[..., Any] | Any) -> StepMock:
+        """Replace a code-workflow step's function (called with the step's arguments), or
+        give a constant result; ``calls`` records each real execution."""
+        mock = StepMock(name, fn)
+        self.registry.step_mocks[name] = mock
+        return mock
+
     @property
     def events(self) -> list[EventBase]:
         """Events published through the outbox so far, in publication order."""
@@ -214,6 +267,22 @@ class TestEngine:
     async def cancel(self, run_id: str, reason: str | None = None) -> bool:
         result = await self.kernel.dispatch(c.RunCancel(workflow_run_id=run_id, reason=reason))
         return result.cancelled
+
+    async def signal(self, run_id: str, name: str, payload: Any = None) -> bool:
+        """Deliver a signal to a code workflow (``run.signal``); ``run_until_idle`` or
+        ``advance_time`` then lets a waiting body resume."""
+        result = await self.kernel.dispatch(
+            c.RunSignal(workflow_run_id=run_id, name=name, payload=payload)
+        )
+        return result.delivered
+
+    async def query(self, run_id: str, key: str) -> Any:
+        """What the run last published with ``ctx.publish(key, ...)``."""
+        return await self.kernel.query(run_id, key)
+
+    async def journal(self, run_id: str) -> list[JournalEntry]:
+        """The run's journal, in the order its body reached each call."""
+        return await self.kernel.journal(run_id)
 
     async def logs(self, run_id: str) -> list[LogRecord]:
         async with self.persistence.transaction() as tx:

@@ -29,6 +29,7 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
+from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 
 _MISSING = object()
 
@@ -321,6 +322,128 @@ class InMemoryTransaction:
             out.append(annotation)
         return out[:limit]
 
+    # -- code workflows: journal, signal inbox, timers ------------------------------------
+    # Same undo log as everything above, so a rolled-back transaction leaves no entry,
+    # message, consumption or timer behind.
+    async def get_journal(
+        self, run_id: str, *, status: JournalStatus | None = None
+    ) -> list[JournalEntry]:
+        entries = sorted(self._s.journal.get(run_id, {}).items())
+        return [e for _, e in entries if status is None or e.status is status]
+
+    async def get_journal_entry(
+        self, run_id: str, name: str, occurrence: int
+    ) -> JournalEntry | None:
+        position = self._s.journal_keys.get((run_id, name, occurrence))
+        return None if position is None else self._s.journal[run_id][position]
+
+    async def latest_journal_entry(self, run_id: str, name: str) -> JournalEntry | None:
+        found = [e for e in self._s.journal.get(run_id, {}).values() if e.name == name]
+        return max(found, key=lambda e: e.occurrence, default=None)
+
+    async def insert_journal_entry(self, entry: JournalEntry) -> JournalEntry:
+        self._check()
+        s = self._s
+        run_id = entry.workflow_run_id
+        key = (run_id, entry.name, entry.occurrence)
+        per_run = s.journal.get(run_id, {})
+        if key in s.journal_keys or entry.position in per_run:
+            raise DuplicateError(
+                f"journal of run {run_id!r} already has {entry.name!r} #{entry.occurrence} "
+                f"or position {entry.position}"
+            )
+        if run_id not in s.journal:
+            self.set_item(s.journal, run_id, per_run)
+        s.next_journal_id += 1
+        stored = evolve(entry, {"id": s.next_journal_id, "version": 0})
+        self.set_item(per_run, entry.position, stored)
+        self.set_item(s.journal_keys, key, entry.position)
+        return stored
+
+    async def update_journal_entry(self, entry: JournalEntry) -> JournalEntry:
+        self._check()
+        per_run = self._s.journal.get(entry.workflow_run_id, {})
+        stored = per_run.get(entry.position)
+        if (
+            stored is None
+            or stored.version != entry.version
+            or (stored.name, stored.occurrence) != (entry.name, entry.occurrence)
+        ):
+            raise ConcurrencyError(
+                f"journal entry {entry.name!r} #{entry.occurrence} of run "
+                f"{entry.workflow_run_id!r} was updated concurrently"
+            )
+        new = evolve(entry, {"version": entry.version + 1, "id": stored.id})
+        self.set_item(per_run, entry.position, new)
+        return new
+
+    async def insert_signal(self, message: InboxMessage) -> InboxMessage:
+        self._check()
+        s = self._s
+        run_id = message.workflow_run_id
+        if message.idempotency_key is not None:
+            key = (run_id, message.idempotency_key)
+            if key in s.inbox_keys:
+                raise DuplicateError(
+                    f"run {run_id!r} already received a message with key "
+                    f"{message.idempotency_key!r}"
+                )
+        s.next_inbox_id += 1
+        stored = evolve(message, {"id": s.next_inbox_id})
+        self.set_item(s.inbox, s.next_inbox_id, stored)
+        if message.idempotency_key is not None:
+            self.set_item(s.inbox_keys, (run_id, message.idempotency_key), s.next_inbox_id)
+        bucket = s.inbox_by_run.setdefault(run_id, [])
+        bucket.append(s.next_inbox_id)
+        self.on_rollback(functools.partial(_drop_last, bucket))
+        return stored
+
+    async def next_signal(self, run_id: str, name: str) -> InboxMessage | None:
+        for message_id in self._s.inbox_by_run.get(run_id, []):
+            message = self._s.inbox[message_id]
+            if message.kind == "signal" and message.name == name and message.consumed_at is None:
+                return message
+        return None
+
+    async def consume_signal(
+        self, message_id: int, consumed_at: datetime, consumed_by: str
+    ) -> None:
+        self._check()
+        message = self._s.inbox.get(message_id)
+        if message is None or message.consumed_at is not None:
+            raise ConcurrencyError(f"inbox message {message_id} was consumed already")
+        self.set_item(
+            self._s.inbox,
+            message_id,
+            evolve(message, {"consumed_at": consumed_at, "consumed_by": consumed_by}),
+        )
+
+    async def list_signals(self, run_id: str) -> list[InboxMessage]:
+        return [self._s.inbox[i] for i in self._s.inbox_by_run.get(run_id, [])]
+
+    async def schedule_timer(self, timer: Timer) -> Timer:
+        self._check()
+        s = self._s
+        s.next_timer_id += 1
+        stored = evolve(timer, {"id": s.next_timer_id, "fired_at": None})
+        self.set_item(s.timers, (timer.workflow_run_id, timer.name, timer.occurrence), stored)
+        return stored
+
+    async def pending_timers(self, run_id: str) -> list[Timer]:
+        live = [
+            t for t in self._s.timers.values() if t.workflow_run_id == run_id and t.fired_at is None
+        ]
+        return sorted(live, key=lambda t: (t.fire_at, t.id or 0))
+
+    async def fire_timer(self, run_id: str, name: str, occurrence: int, fired_at: datetime) -> bool:
+        self._check()
+        key = (run_id, name, occurrence)
+        timer = self._s.timers.get(key)
+        if timer is None or timer.fired_at is not None:
+            return False
+        self.set_item(self._s.timers, key, evolve(timer, {"fired_at": fired_at}))
+        return True
+
 
 def _execution_group(stage: StageRun) -> int:
     return stage.execution_group
@@ -381,6 +504,16 @@ class InMemoryPersistence:
         self.annotations: dict[str, list[Annotation]] = {}
         self.commits = 0
         self.rollbacks = 0
+        # -- code workflows (see the transaction's section of the same name) --
+        self.journal: dict[str, dict[int, JournalEntry]] = {}
+        self.journal_keys: dict[tuple[str, str, int], int] = {}
+        self.next_journal_id = 0
+        self.inbox: dict[int, InboxMessage] = {}
+        self.inbox_by_run: dict[str, list[int]] = {}
+        self.inbox_keys: dict[tuple[str, str], int] = {}
+        self.next_inbox_id = 0
+        self.timers: dict[tuple[str, str, int], Timer] = {}
+        self.next_timer_id = 0
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[InMemoryTransaction]:

@@ -55,6 +55,7 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
+from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 
 if TYPE_CHECKING:
     from treadle.ports import BlobStore
@@ -727,6 +728,253 @@ class SqlTransaction:
             if len(out) >= limit:
                 break
         return out
+
+    # -- code workflows: journal, signal inbox, timers ------------------------------------
+    # Inserts use ON CONFLICT DO NOTHING ... RETURNING (both dialects), so a duplicate is a
+    # DuplicateError that does not poison a PostgreSQL transaction; consuming a signal and
+    # firing a timer are conditional UPDATEs, so neither can happen twice.
+    async def get_journal(
+        self, run_id: str, *, status: JournalStatus | None = None
+    ) -> list[JournalEntry]:
+        c = t.journal.c
+        query = sa.select(t.journal).where(c.run_id == run_id).order_by(c.position)
+        if status is not None:
+            query = query.where(c.status == status.value)
+        return [_journal_from_row(row) for row in await self.execute(query, "get journal")]
+
+    async def get_journal_entry(
+        self, run_id: str, name: str, occurrence: int
+    ) -> JournalEntry | None:
+        c = t.journal.c
+        query = sa.select(t.journal).where(
+            c.run_id == run_id, c.step_name == name, c.occurrence == occurrence
+        )
+        row = (await self.execute(query, "get journal entry")).first()
+        return _journal_from_row(row) if row is not None else None
+
+    async def latest_journal_entry(self, run_id: str, name: str) -> JournalEntry | None:
+        c = t.journal.c
+        query = (
+            sa.select(t.journal)
+            .where(c.run_id == run_id, c.step_name == name)
+            .order_by(c.occurrence.desc())
+            .limit(1)
+        )
+        row = (await self.execute(query, "latest journal entry")).first()
+        return _journal_from_row(row) if row is not None else None
+
+    async def insert_journal_entry(self, entry: JournalEntry) -> JournalEntry:
+        values = _journal_values(entry)
+        values["version"] = 0
+        stmt = (
+            self.insert(t.journal).values(values).on_conflict_do_nothing().returning(t.journal.c.id)
+        )
+        row = (await self.execute(stmt, "insert journal entry")).first()
+        if row is None:
+            raise DuplicateError(
+                f"journal of run {entry.workflow_run_id!r} already has {entry.name!r} "
+                f"#{entry.occurrence} or position {entry.position}"
+            )
+        return evolve(entry, {"id": int(row[0]), "version": 0})
+
+    async def update_journal_entry(self, entry: JournalEntry) -> JournalEntry:
+        c = t.journal.c
+        values = _journal_values(entry)
+        values["version"] = entry.version + 1
+        stmt = (
+            sa.update(t.journal)
+            .where(
+                c.run_id == entry.workflow_run_id,
+                c.position == entry.position,
+                c.step_name == entry.name,
+                c.occurrence == entry.occurrence,
+                c.version == entry.version,
+            )
+            .values(values)
+            .returning(c.id)
+        )
+        row = (await self.execute(stmt, "update journal entry")).first()
+        if row is None:
+            raise ConcurrencyError(
+                f"journal entry {entry.name!r} #{entry.occurrence} of run "
+                f"{entry.workflow_run_id!r} was updated concurrently"
+            )
+        return evolve(entry, {"id": int(row[0]), "version": entry.version + 1})
+
+    async def insert_signal(self, message: InboxMessage) -> InboxMessage:
+        stmt = (
+            self.insert(t.signal_inbox)
+            .values(
+                run_id=message.workflow_run_id,
+                kind=message.kind,
+                name=message.name,
+                payload=message.payload,
+                update_id=message.update_id,
+                reply=message.reply,
+                idempotency_key=message.idempotency_key,
+                created_at=message.created_at,
+                consumed_at=message.consumed_at,
+                consumed_by_step=message.consumed_by,
+            )
+            .on_conflict_do_nothing()
+            .returning(t.signal_inbox.c.id)
+        )
+        row = (await self.execute(stmt, "insert signal")).first()
+        if row is None:
+            raise DuplicateError(
+                f"run {message.workflow_run_id!r} already received a message with key "
+                f"{message.idempotency_key!r}"
+            )
+        return evolve(message, {"id": int(row[0])})
+
+    async def next_signal(self, run_id: str, name: str) -> InboxMessage | None:
+        c = t.signal_inbox.c
+        query = (
+            sa.select(t.signal_inbox)
+            .where(
+                c.run_id == run_id,
+                c.name == name,
+                c.kind == "signal",
+                c.consumed_at.is_(None),
+            )
+            .order_by(c.id)
+            .limit(1)
+        )
+        row = (await self.execute(query, "next signal")).first()
+        return _inbox_from_row(row) if row is not None else None
+
+    async def consume_signal(
+        self, message_id: int, consumed_at: datetime, consumed_by: str
+    ) -> None:
+        c = t.signal_inbox.c
+        stmt = (
+            sa.update(t.signal_inbox)
+            .where(c.id == message_id, c.consumed_at.is_(None))
+            .values(consumed_at=consumed_at, consumed_by_step=consumed_by)
+        )
+        if (await self.execute(stmt, "consume signal")).rowcount != 1:
+            raise ConcurrencyError(f"inbox message {message_id} was consumed already")
+
+    async def list_signals(self, run_id: str) -> list[InboxMessage]:
+        c = t.signal_inbox.c
+        query = sa.select(t.signal_inbox).where(c.run_id == run_id).order_by(c.id)
+        return [_inbox_from_row(row) for row in await self.execute(query, "list signals")]
+
+    async def schedule_timer(self, timer: Timer) -> Timer:
+        c = t.timers.c
+        values = {
+            "run_id": timer.workflow_run_id,
+            "step_name": timer.name,
+            "occurrence": timer.occurrence,
+            "kind": timer.purpose,
+            "fire_at": timer.fire_at,
+            "payload": timer.payload,
+            "created_at": timer.created_at,
+            "fired_at": None,
+        }
+        replace = {k: values[k] for k in ("kind", "fire_at", "payload", "created_at", "fired_at")}
+        stmt = (
+            self.insert(t.timers)
+            .values(values)
+            .on_conflict_do_update(
+                index_elements=[c.run_id, c.step_name, c.occurrence], set_=replace
+            )
+            .returning(c.id)
+        )
+        row = (await self.execute(stmt, "schedule timer")).first()
+        assert row is not None
+        return evolve(timer, {"id": int(row[0]), "fired_at": None})
+
+    async def pending_timers(self, run_id: str) -> list[Timer]:
+        c = t.timers.c
+        query = (
+            sa.select(t.timers)
+            .where(c.run_id == run_id, c.fired_at.is_(None))
+            .order_by(c.fire_at, c.id)
+        )
+        return [_timer_from_row(row) for row in await self.execute(query, "pending timers")]
+
+    async def fire_timer(self, run_id: str, name: str, occurrence: int, fired_at: datetime) -> bool:
+        c = t.timers.c
+        stmt = (
+            sa.update(t.timers)
+            .where(
+                c.run_id == run_id,
+                c.step_name == name,
+                c.occurrence == occurrence,
+                c.fired_at.is_(None),
+            )
+            .values(fired_at=fired_at)
+        )
+        return bool((await self.execute(stmt, "fire timer")).rowcount == 1)
+
+
+def _journal_values(entry: JournalEntry) -> dict[str, Any]:
+    return {
+        "run_id": entry.workflow_run_id,
+        "position": entry.position,
+        "step_name": entry.name,
+        "occurrence": entry.occurrence,
+        "kind": entry.kind,
+        "status": entry.status.value,
+        "attempts": entry.attempts,
+        "input": entry.input,
+        "result": entry.result,
+        "error": entry.error,
+        "idempotency_key": entry.idempotency_key,
+        "created_at": entry.created_at,
+        "completed_at": entry.completed_at,
+    }
+
+
+def _journal_from_row(row: sa.Row[Any]) -> JournalEntry:
+    return JournalEntry(
+        id=int(row.id),
+        workflow_run_id=row.run_id,
+        position=row.position,
+        name=row.step_name,
+        occurrence=row.occurrence,
+        kind=row.kind,
+        status=JournalStatus(row.status),
+        attempts=row.attempts,
+        input=row.input,
+        result=row.result,
+        error=row.error,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        completed_at=row.completed_at,
+        version=row.version,
+    )
+
+
+def _inbox_from_row(row: sa.Row[Any]) -> InboxMessage:
+    return InboxMessage(
+        id=int(row.id),
+        workflow_run_id=row.run_id,
+        kind=row.kind,
+        name=row.name,
+        payload=row.payload,
+        update_id=row.update_id,
+        reply=row.reply,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+        consumed_at=row.consumed_at,
+        consumed_by=row.consumed_by_step,
+    )
+
+
+def _timer_from_row(row: sa.Row[Any]) -> Timer:
+    return Timer(
+        id=int(row.id),
+        workflow_run_id=row.run_id,
+        name=row.step_name,
+        occurrence=row.occurrence,
+        purpose=row.kind,
+        fire_at=row.fire_at,
+        payload=row.payload,
+        created_at=row.created_at,
+        fired_at=row.fired_at,
+    )
 
 
 class SqlPersistence:

@@ -166,6 +166,14 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     if isinstance(started_or_result, c.JobExecuteResult):
         return started_or_result
     started = started_or_result
+    if started.wf.kind == "code":
+        from treadle.kernel.workflows.executor import execute_activation
+
+        try:
+            return await execute_activation(deps, cmd, scope, started)
+        except Exception as exc:
+            await _release_after_error(deps, cmd, exc)
+            raise
     token = CancellationToken()
     runtime = _Runtime(deps, started, cmd.worker_id)
     ctx, outcome = _build_context(deps, started, runtime, token)

@@ -1,6 +1,6 @@
-"""Signals, updates and review decisions. They validate now; stage pipelines have no
-place to deliver them, so they answer ``NotSupportedError`` until code workflows
-(whose journal and inbox receive them) are registered."""
+"""Signals, updates and review decisions. Stage pipelines have no place to deliver
+them and answer ``NotSupportedError``; signals to code workflows go to their inbox
+(``handlers.workflows``). Updates and reviews are not built yet."""
 
 from __future__ import annotations
 
@@ -22,14 +22,17 @@ async def _target(deps: Deps, run_id: str, what: str) -> None:
             f"cannot deliver {what} to run {run_id!r}: it is {run.status.value}"
         )
     wf = deps.workflow(run.workflow_id)
+    if wf.kind == "code":
+        raise NotSupportedError(f"{what}: not available for code workflows yet ({wf.id!r})")
     raise NotSupportedError(
         f"{what} is not supported for stage pipelines (workflow {wf.id!r} is a {wf.kind})"
     )
 
 
 async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResult:
-    await _target(deps, cmd.workflow_run_id, f"signal {cmd.name!r}")
-    raise AssertionError("unreachable")  # pragma: no cover
+    from treadle.kernel.handlers import workflows
+
+    return await workflows.signal(deps, cmd, scope)
 
 
 async def update(deps: Deps, cmd: c.RunUpdate, scope: Scope) -> c.RunUpdateResult:

@@ -79,8 +79,13 @@ async def poll_suspended(
         if run is None or wf is None:
             continue
         checked += 1
-        verdict = await _check(deps, wf, run, stage, stages_of[run.id], now)
-        outcome = await _commit(deps, scope, wf, stage, verdict, now)
+        if wf.kind == "code":  # a suspended code workflow waits on timers, not a check
+            from treadle.kernel.handlers.workflows import fire_timers
+
+            outcome = await fire_timers(deps, scope, wf, stage, now)
+        else:
+            verdict = await _check(deps, wf, run, stage, stages_of[run.id], now)
+            outcome = await _commit(deps, scope, wf, stage, verdict, now)
         if outcome == "resumed":
             resumed += 1
             if run.id not in resumed_ids:

@@ -1,0 +1,204 @@
+"""Code-workflow commands: deliver a signal (``run.signal``), fire due timers (the
+code-workflow branch of ``stage.pollSuspended``), and read published state.
+
+A signal is appended to the run's inbox in arrival order. If the body is suspended
+waiting for that name, the same transaction hands the oldest such message to the
+waiting journal entry and wakes the run; otherwise it stays in the inbox until a
+``wait_for_signal`` consumes it. Consumption is guarded in storage, so a message is
+delivered at most once and, being committed with the journal entry, never lost.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import ValidationError as PydanticValidationError
+
+from treadle.kernel import commands as c
+from treadle.kernel.errors import InvalidPayloadError, InvalidStateError, NotSupportedError
+from treadle.kernel.events import EventBase, SignalReceived, TimerFired
+from treadle.kernel.handlers.common import load_run
+from treadle.kernel.model import JsonValue, Run, StageStatus
+from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
+from treadle.kernel.workflows.executor import signal_result, wake, write_entries
+from treadle.kernel.workflows.model import InboxMessage, JournalStatus, journal_key
+
+if TYPE_CHECKING:
+    from treadle.kernel.definitions import WorkflowDefinition
+    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.model import StageRun
+
+
+def code_workflow(wf: WorkflowDefinition, what: str) -> CodeWorkflowDefinition:
+    if wf.kind != "code" or not isinstance(wf, CodeWorkflowDefinition):
+        raise NotSupportedError(
+            f"{what} is not supported for stage pipelines (workflow {wf.id!r} is a {wf.kind})"
+        )
+    return wf
+
+
+def validate_signal(wf: CodeWorkflowDefinition, name: str, payload: Any) -> JsonValue:
+    """Check a payload against the signal's declared model (if the workflow declares its
+    signals); returns its JSON form. Raises ``InvalidPayloadError`` naming the field."""
+    if not wf.signals:
+        return payload
+    adapter = wf.signals.get(name)
+    if adapter is None:
+        raise InvalidPayloadError(
+            f"workflow {wf.id!r} declares no signal {name!r} (declared: {sorted(wf.signals)})",
+            [("name", "unknown signal")],
+        )
+    try:
+        value = adapter.validate_python(payload)
+    except PydanticValidationError as exc:
+        raise InvalidPayloadError.from_pydantic(
+            f"invalid payload for signal {name!r} of workflow {wf.id!r}", exc, prefix="payload"
+        ) from None
+    return adapter.dump_python(value, mode="json")
+
+
+def _check_live(run: Run, name: str) -> None:
+    if run.status.terminal:
+        raise InvalidStateError(
+            f"cannot deliver signal {name!r} to run {run.id!r}: it is {run.status.value}"
+        )
+
+
+async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResult:
+    """Validate before writing anything; then append, announce, and hand over if awaited."""
+    async with deps.persistence.transaction() as tx:
+        run = await load_run(tx, cmd.workflow_run_id, for_update=False)
+    _check_live(run, cmd.name)
+    wf = code_workflow(deps.workflow(run.workflow_id), f"signal {cmd.name!r}")
+    payload = validate_signal(wf, cmd.name, cmd.payload)
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.RunSignalResult", cached)
+        run = await load_run(tx, cmd.workflow_run_id)
+        _check_live(run, cmd.name)
+        message = await tx.insert_signal(
+            InboxMessage(
+                workflow_run_id=run.id,
+                name=cmd.name,
+                payload=payload,
+                idempotency_key=cmd.idempotency_key,
+                created_at=now,
+            )
+        )
+        await tx.append_events(
+            [
+                SignalReceived(
+                    workflow_run_id=run.id,
+                    timestamp=now,
+                    causation_id=scope.causation_id,
+                    name=cmd.name,
+                    payload=payload,
+                )
+            ]
+        )
+        stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
+        if stage is not None and stage.status is StageStatus.SUSPENDED:
+            await _hand_over(deps, tx, run.id, stage, message, wf, now)
+        result = c.RunSignalResult(delivered=True)
+        await scope.complete(tx, result)
+    return result
+
+
+async def _hand_over(
+    deps: Deps,
+    tx: Any,
+    run_id: str,
+    stage: StageRun,
+    message: InboxMessage,
+    wf: WorkflowDefinition,
+    now: datetime,
+) -> None:
+    """A suspended body waiting for this signal name takes the oldest such message."""
+    key = journal_key("signal", message.name)
+    waiting = [
+        e
+        for e in await tx.get_journal(run_id, status=JournalStatus.WAITING)
+        if e.kind == "signal" and e.name == key
+    ]
+    if not waiting:
+        return
+    entry = waiting[0]
+    oldest = await tx.next_signal(run_id, message.name)
+    assert oldest is not None
+    assert oldest.id is not None
+    done = entry.model_copy(
+        update={
+            "status": JournalStatus.COMPLETED,
+            "result": signal_result(oldest),
+            "completed_at": now,
+        }
+    )
+    await write_entries(tx, [done], now)
+    await tx.consume_signal(oldest.id, now, f"{entry.name}#{entry.occurrence}")
+    await wake(deps, tx, await load_run(tx, run_id), stage, wf, now)
+
+
+async def fire_timers(
+    deps: Deps, scope: Scope, wf: WorkflowDefinition, seen: StageRun, now: datetime
+) -> str:
+    """For a suspended code-workflow stage whose earliest timer is due: fire every due
+    timer (its wait completes in the journal, ``timer:fired`` is recorded) and wake the
+    run. Returns ``resumed``, ``waiting`` (nothing due after all) or ``skipped``."""
+    async with deps.persistence.transaction() as tx:
+        run = await tx.get_run(seen.workflow_run_id, for_update=True)
+        stage = await tx.get_stage(seen.workflow_run_id, seen.stage_id)
+        if (
+            run is None
+            or stage is None
+            or run.status.terminal
+            or stage.status is not StageStatus.SUSPENDED
+            or stage.version != seen.version
+        ):
+            return "skipped"  # another poller, a signal or a cancel got there first
+        timers = await tx.pending_timers(run.id)
+        due = [t for t in timers if t.fire_at <= now]
+        if not due:
+            later = timers[0].fire_at if timers else None
+            await tx.update_stage(stage.model_copy(update={"next_poll_at": later}))
+            return "waiting"
+        events: list[EventBase] = []
+        for timer in due:
+            await tx.fire_timer(run.id, timer.name, timer.occurrence, now)
+            entry = await tx.get_journal_entry(run.id, timer.name, timer.occurrence)
+            if entry is not None and entry.status is JournalStatus.WAITING:
+                result = {"timed_out": True} if timer.purpose == "signal_timeout" else None
+                done = entry.model_copy(
+                    update={
+                        "status": JournalStatus.COMPLETED,
+                        "result": result,
+                        "completed_at": now,
+                    }
+                )
+                await write_entries(tx, [done], now)
+            events.append(
+                TimerFired(
+                    workflow_run_id=run.id,
+                    timestamp=now,
+                    causation_id=scope.causation_id,
+                    step=timer.name,
+                    occurrence=timer.occurrence,
+                    purpose=timer.purpose,
+                    fire_at=timer.fire_at,
+                )
+            )
+        await tx.append_events(events)
+        await wake(deps, tx, run, stage, wf, now)
+    return "resumed"
+
+
+async def query(deps: Deps, run_id: str, key: str) -> JsonValue:
+    """The value the run last published under ``key`` (``None`` before its first
+    ``ctx.publish``). Reads only; never wakes the run."""
+    async with deps.persistence.transaction() as tx:
+        run = await load_run(tx, run_id, for_update=False)
+        code_workflow(deps.workflow(run.workflow_id), f"query {key!r}")
+        entry = await tx.latest_journal_entry(run.id, journal_key("publish", key))
+    return entry.result if entry is not None else None

@@ -1,0 +1,27 @@
+"""Durable code workflows (DESIGN §3.2): ``@workflow``, ``WorkflowContext`` and the
+journal model they replay. See ``docs/code-workflows.md``."""
+
+from treadle.kernel.workflows.context import StepInfo, WorkflowContext
+from treadle.kernel.workflows.definition import (
+    WORKFLOW_STAGE_ID,
+    CodeWorkflowDefinition,
+    workflow,
+)
+from treadle.kernel.workflows.model import (
+    InboxMessage,
+    JournalEntry,
+    JournalStatus,
+    Timer,
+)
+
+__all__ = [
+    "WORKFLOW_STAGE_ID",
+    "CodeWorkflowDefinition",
+    "InboxMessage",
+    "JournalEntry",
+    "JournalStatus",
+    "StepInfo",
+    "Timer",
+    "WorkflowContext",
+    "workflow",
+]

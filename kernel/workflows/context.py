@@ -1,0 +1,604 @@
+"""``WorkflowContext``: what a code workflow body sees, and the replay rules.
+
+Every ``ctx`` call is a durable boundary with a ``position`` (the order the body
+reached it) and a journal key ``(name, occurrence)``. On each activation the body
+runs again from the top: a call whose outcome the journal holds returns it without
+re-executing; the first call with nothing recorded runs (a step), or unwinds the
+body so the run suspends (a sleep, a signal not yet arrived, a retry backoff).
+Reaching a different call than the journal recorded at a position is a
+``NonDeterminismError``.
+
+The body unwinds through ``Interrupt``, a ``BaseException`` so that a body's
+``except Exception`` cannot swallow a suspension; the context also remembers the
+interrupt, so a body that swallows it anyway cannot get past its next ``ctx`` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from pydantic import TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
+from treadle.kernel.definitions import _is_async
+from treadle.kernel.errors import (
+    InvalidPayloadError,
+    NonDeterminismError,
+    OutputValidationError,
+    StepFailedError,
+    StepTimeoutError,
+    TreadleValidationError,
+    WaitTimeoutError,
+    describe_exception,
+)
+from treadle.kernel.events import EventBase, StepCompleted, StepFailed
+from treadle.kernel.model import JsonValue, evolve
+from treadle.kernel.retry import RetryPolicy
+from treadle.kernel.workflows.model import (
+    InboxMessage,
+    JournalEntry,
+    JournalStatus,
+    describe_call,
+    journal_key,
+)
+
+DEFAULT_STEP_RETRY = RetryPolicy()
+"""A step without ``retry=``: three attempts, 1 s then 2 s apart."""
+
+_ANY: TypeAdapter[Any] = TypeAdapter(Any)
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Why a body unwound to suspend: what it waits for, and until when."""
+
+    kind: Literal["sleep", "signal", "retry"]
+    position: int
+    name: str
+    occurrence: int
+    until: datetime | None
+    signal: str | None = None
+
+
+@dataclass(eq=False)
+class Interrupt(BaseException):
+    """Unwinds a body at a durable boundary. ``suspend``: wait for ``waits``; ``ghost``:
+    this execution lost the run (cancelled, lease taken over); ``fatal``: the run must
+    fail with ``error`` (non-determinism); ``crash``: storage failed, retry the activation."""
+
+    reason: Literal["suspend", "ghost", "fatal", "crash"]
+    waits: list[Wait] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """The step being executed, readable from inside its function as
+    ``WorkflowContext.current_step()``; ``idempotency_key`` is stable across its retries."""
+
+    name: str
+    occurrence: int
+    attempt: int
+    idempotency_key: str
+
+
+_CURRENT_STEP: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
+    "treadle_current_step", default=None
+)
+"""Task-local (not global) state: set around each step function call."""
+
+
+class JournalWriter(Protocol):
+    """How the context reaches storage; implemented by the executor, which checks on
+    every commit that this execution still owns the run."""
+
+    async def commit(
+        self,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase],
+        *,
+        consume: Sequence[tuple[int, str]] = (),
+    ) -> list[JournalEntry]: ...
+
+    async def peek_signal(self, name: str) -> InboxMessage | None: ...
+
+
+def _seconds(value: timedelta | float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return seconds
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} name must be a non-empty string, got {name!r}")
+    return name
+
+
+def _result_adapter(fn: Any) -> TypeAdapter[Any] | None:
+    """From the function's return annotation, so a first execution and a replay return
+    the same type (a model, not the dict it was journaled as)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        return None
+    if "return" not in hints:
+        return None
+    try:
+        return TypeAdapter(hints["return"])
+    except Exception:
+        return None
+
+
+def _encode(adapter: TypeAdapter[Any] | None, value: Any, name: str) -> JsonValue:
+    try:
+        if adapter is not None:
+            return adapter.dump_python(adapter.validate_python(value), mode="json")
+        return _ANY.dump_python(value, mode="json")
+    except PydanticValidationError as exc:
+        raise OutputValidationError.from_pydantic(
+            f"step {name!r} returned a value that does not match its return annotation",
+            exc,
+            prefix="result",
+        ) from None
+    except Exception as exc:
+        raise OutputValidationError(
+            f"step {name!r} returned a value that cannot be journaled as JSON: {exc}"
+        ) from None
+
+
+def _decode(adapter: TypeAdapter[Any] | None, raw: JsonValue) -> Any:
+    return adapter.validate_python(raw) if adapter is not None else raw
+
+
+async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo) -> Any:
+    token = _CURRENT_STEP.set(info)
+    try:
+        if _is_async(fn):
+            return await fn(*args)
+        # to_thread copies the context, so current_step() works in sync steps too.
+        return await asyncio.to_thread(fn, *args)
+    finally:
+        _CURRENT_STEP.reset(token)
+
+
+class WorkflowContext:
+    """The ``ctx`` of a code workflow body. See the module docstring for replay."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        workflow_id: str,
+        version: str,
+        journal: Sequence[JournalEntry],
+        writer: JournalWriter,
+        now: Callable[[], datetime],
+        new_id: Callable[[], str],
+        overrides: typing.Mapping[str, Callable[..., Any]] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.workflow_id = workflow_id
+        self.version = version
+        self.interrupt: Interrupt | None = None
+        self._writer = writer
+        self._now = now
+        self._new_id = new_id
+        self._overrides = dict(overrides or {})
+        self._by_position = {e.position: e for e in journal}
+        self._by_key = {(e.name, e.occurrence): e for e in journal}
+        self._last_recorded = max(self._by_position, default=-1)
+        self._next_position = 0
+        self._occurrences: dict[str, int] = {}
+        self._pending: list[JournalEntry] = []
+        self._pending_events: list[EventBase] = []
+
+    # -- introspection ------------------------------------------------------------------
+    @property
+    def is_replaying(self) -> bool:
+        """Whether the body is still re-reading recorded calls (use it to skip logging)."""
+        return self._next_position <= self._last_recorded
+
+    @staticmethod
+    def current_step() -> StepInfo | None:
+        """Inside a step function: its name, occurrence, attempt and idempotency key."""
+        return _CURRENT_STEP.get()
+
+    @property
+    def pending(self) -> list[JournalEntry]:
+        """Recorded calls (``now``, ``uuid``, ``publish``) not committed yet."""
+        return self._pending
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _stop(self, interrupt: Interrupt) -> Interrupt:
+        if self.interrupt is None:
+            self.interrupt = interrupt
+        elif self.interrupt.reason == "suspend" and interrupt.reason == "suspend":
+            self.interrupt.waits.extend(interrupt.waits)
+        return self.interrupt
+
+    def _reserve(self, kind: str, name: str) -> tuple[int, str, int, JournalEntry | None]:
+        """Give the call its position and occurrence; check them against the journal."""
+        if self.interrupt is not None:
+            raise self.interrupt
+        position = self._next_position
+        self._next_position += 1
+        key = journal_key(kind, name)
+        occurrence = self._occurrences.get(key, 0) + 1
+        self._occurrences[key] = occurrence
+        entry = self._by_position.get(position)
+        found = None
+        if entry is not None and (entry.name, entry.occurrence, entry.kind) != (
+            key,
+            occurrence,
+            kind,
+        ):
+            found = f"the journal recorded {entry.describe()} there"
+        elif entry is None and (key, occurrence) in self._by_key:
+            other = self._by_key[(key, occurrence)]
+            found = f"the journal recorded it at position {other.position}"
+        if found is not None:
+            error = NonDeterminismError(
+                f"workflow {self.workflow_id!r} run {self.run_id!r} is not deterministic: at "
+                f"position {position} the body reached {describe_call(kind, key, occurrence)}, "
+                f"but {found}"
+            )
+            raise self._stop(Interrupt("fatal", error=error))
+        return position, key, occurrence, entry
+
+    def _entry(
+        self, position: int, key: str, occurrence: int, kind: str, **fields: Any
+    ) -> JournalEntry:
+        existing = self._by_position.get(position)
+        if existing is not None:
+            return evolve(existing, fields)
+        return JournalEntry(
+            workflow_run_id=self.run_id,
+            position=position,
+            name=key,
+            occurrence=occurrence,
+            kind=kind,
+            created_at=self._now(),
+            **fields,
+        )
+
+    def _remember(self, entry: JournalEntry) -> None:
+        self._by_position[entry.position] = entry
+        self._by_key[(entry.name, entry.occurrence)] = entry
+
+    async def _commit(
+        self,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase] = (),
+        *,
+        consume: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        """Commit ``entries`` with the pending ones; a storage failure unwinds the body
+        (``crash``) instead of surfacing inside it, so a body cannot carry on past a step
+        whose result was not recorded."""
+        batch = [*self._pending, *entries]
+        try:
+            stored = await self._writer.commit(
+                batch, [*self._pending_events, *events], consume=consume
+            )
+        except Interrupt as interrupt:
+            raise self._stop(interrupt) from None
+        except Exception as exc:
+            raise self._stop(Interrupt("crash", error=exc)) from exc
+        self._pending.clear()
+        self._pending_events.clear()
+        for entry in stored:
+            self._remember(entry)
+
+    def _suspend(self, wait: Wait) -> Interrupt:
+        return self._stop(Interrupt("suspend", waits=[wait]))
+
+    # -- steps ----------------------------------------------------------------------------
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - binding API name (DESIGN §3.2)
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Run ``fn(*args)`` (sync or async) once, durably: its result is journaled and a
+        replay returns it without calling ``fn``. Failures retry per ``retry``; once they
+        are exhausted ``StepFailedError`` is raised here (the body may catch it)."""
+        _check_name(name, "step")
+        seconds = _seconds(timeout, "timeout")
+        position, key, occurrence, entry = self._reserve("step", name)
+        adapter = _result_adapter(fn)
+        if entry is not None:
+            if entry.status is JournalStatus.COMPLETED:
+                return _decode(adapter, entry.result)
+            if entry.status is JournalStatus.FAILED:
+                raise StepFailedError(name, occurrence, entry.attempts, entry.error)
+            until = entry.until
+            if until is not None and until > self._now():
+                raise self._suspend(Wait("retry", position, key, occurrence, until))
+        policy = retry or DEFAULT_STEP_RETRY
+        ikey = (
+            idempotency_key
+            or (entry.idempotency_key if entry is not None else None)
+            or f"{self.run_id}:{key}:{occurrence}"
+        )
+        call = self._overrides.get(name, fn)
+        attempts = entry.attempts if entry is not None else 0
+        while True:
+            attempt = attempts + 1
+            if self._pending:
+                await self._commit([])  # a step's side effects never precede what it saw
+            started = self._now()
+            info = StepInfo(name, occurrence, attempt, ikey)
+            try:
+                pending = _invoke(call, args, info)
+                if seconds is not None:
+                    try:
+                        value = await asyncio.wait_for(pending, seconds)
+                    except TimeoutError:
+                        raise StepTimeoutError(
+                            f"step {name!r} attempt {attempt} exceeded its timeout of {timeout}"
+                        ) from None
+                else:
+                    value = await pending
+                result = _encode(adapter, value, name)
+            except Exception as exc:
+                retry_at = await self._record_failure(
+                    exc, policy, position, key, occurrence, attempt, ikey
+                )
+                if retry_at is None:
+                    raise StepFailedError(
+                        name, occurrence, attempt, describe_exception(exc)
+                    ) from exc
+                if retry_at <= self._now():
+                    attempts = attempt
+                    continue
+                raise self._suspend(Wait("retry", position, key, occurrence, retry_at)) from None
+            now = self._now()
+            done = self._entry(
+                position,
+                key,
+                occurrence,
+                "step",
+                status=JournalStatus.COMPLETED,
+                attempts=attempt,
+                result=result,
+                error=None,
+                input=None,
+                idempotency_key=ikey,
+                completed_at=now,
+            )
+            event = StepCompleted(
+                workflow_run_id=self.run_id,
+                timestamp=now,
+                step=name,
+                occurrence=occurrence,
+                attempt=attempt,
+                output=result,
+                duration=now - started,
+            )
+            await self._commit([done], [event])
+            return _decode(adapter, result)
+
+    async def _record_failure(
+        self,
+        exc: Exception,
+        policy: RetryPolicy,
+        position: int,
+        key: str,
+        occurrence: int,
+        attempt: int,
+        ikey: str,
+    ) -> datetime | None:
+        """Journal a failed attempt; returns when the next attempt is due, or ``None``
+        when the step failed for good."""
+        now = self._now()
+        message = describe_exception(exc)
+        again = policy.allows_another(attempt, exc)
+        retry_at = now + policy.delay_for(attempt, seed=ikey) if again else None
+        entry = self._entry(
+            position,
+            key,
+            occurrence,
+            "step",
+            status=JournalStatus.RETRYING if again else JournalStatus.FAILED,
+            attempts=attempt,
+            error=message,
+            idempotency_key=ikey,
+            input={"until": retry_at.isoformat()} if retry_at is not None else None,
+            completed_at=None if again else now,
+        )
+        event = StepFailed(
+            workflow_run_id=self.run_id,
+            timestamp=now,
+            step=key,
+            occurrence=occurrence,
+            attempt=attempt,
+            error=message,
+            will_retry=again,
+            retry_at=retry_at,
+        )
+        await self._commit([entry], [event])
+        return retry_at
+
+    # -- time -----------------------------------------------------------------------------
+    async def sleep(self, duration: timedelta | float, *, name: str = "sleep") -> None:
+        """Suspend the run for ``duration`` (a number means seconds) without holding a
+        worker; a timer fired by the maintenance tick resumes it."""
+        seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+        position, key, occurrence, entry = self._reserve("sleep", _check_name(name, "sleep"))
+        until = entry.until if entry is not None else self._now() + timedelta(seconds=seconds)
+        await self._sleep_to(position, key, occurrence, entry, until)
+
+    async def sleep_until(self, when: datetime, *, name: str = "sleep") -> None:
+        """Suspend the run until ``when`` (timezone-aware); returns at once if it passed."""
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError("sleep_until needs a timezone-aware datetime")
+        position, key, occurrence, entry = self._reserve("sleep", _check_name(name, "sleep"))
+        until = entry.until if entry is not None else when
+        await self._sleep_to(position, key, occurrence, entry, until)
+
+    async def _sleep_to(
+        self,
+        position: int,
+        key: str,
+        occurrence: int,
+        entry: JournalEntry | None,
+        until: datetime | None,
+    ) -> None:
+        if entry is not None and entry.status is JournalStatus.COMPLETED:
+            return
+        now = self._now()
+        if until is None or until <= now:
+            if entry is not None:  # due, but woken by something else before its timer
+                self._pending.append(
+                    self._entry(
+                        position,
+                        key,
+                        occurrence,
+                        "sleep",
+                        status=JournalStatus.COMPLETED,
+                        completed_at=now,
+                    )
+                )
+            return
+        raise self._suspend(Wait("sleep", position, key, occurrence, until))
+
+    def now(self) -> datetime:
+        """The current time, journaled: a replay sees the value the first run saw."""
+        position, key, occurrence, entry = self._reserve("now", "")
+        if entry is not None:
+            return datetime.fromisoformat(str(entry.result))
+        value = self._now()
+        self._pending.append(
+            self._entry(
+                position,
+                key,
+                occurrence,
+                "now",
+                status=JournalStatus.COMPLETED,
+                result=value.isoformat(),
+                completed_at=value,
+            )
+        )
+        return value
+
+    def uuid(self) -> str:
+        """A new unique id (uuid7 by default, from the kernel's id port), journaled."""
+        position, key, occurrence, entry = self._reserve("uuid", "")
+        if entry is not None:
+            return str(entry.result)
+        value = self._new_id()
+        self._pending.append(
+            self._entry(
+                position,
+                key,
+                occurrence,
+                "uuid",
+                status=JournalStatus.COMPLETED,
+                result=value,
+                completed_at=self._now(),
+            )
+        )
+        return value
+
+    # -- messages -------------------------------------------------------------------------
+    def publish(self, key: str, value: Any) -> None:
+        """Make ``value`` readable by ``engine.query(run_id, key)``. Journaled, and
+        committed with the body's next durable boundary (before any later step runs)."""
+        position, jkey, occurrence, entry = self._reserve("publish", _check_name(key, "publish"))
+        if entry is not None:
+            return
+        encoded = _ANY.dump_python(value, mode="json")
+        self._pending.append(
+            self._entry(
+                position,
+                jkey,
+                occurrence,
+                "publish",
+                status=JournalStatus.COMPLETED,
+                result=encoded,
+                completed_at=self._now(),
+            )
+        )
+
+    async def wait_for_signal(
+        self,
+        name: str,
+        model: Any = None,
+        *,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - binding API name (DESIGN §3.2)
+    ) -> Any:
+        """The oldest signal ``name`` not yet consumed, validated by ``model``; suspends
+        the run until one arrives. ``WaitTimeoutError`` once ``timeout`` passes first."""
+        _check_name(name, "signal")
+        seconds = _seconds(timeout, "timeout")
+        position, key, occurrence, entry = self._reserve("signal", name)
+        adapter = TypeAdapter(model) if model is not None else None
+        if entry is not None and entry.status is JournalStatus.COMPLETED:
+            return _signal_value(entry, adapter, name)
+        now = self._now()
+        if entry is not None:
+            until = entry.until
+        else:
+            until = now + timedelta(seconds=seconds) if seconds is not None else None
+        wait_input = entry.input if entry is not None else None
+        try:
+            message = await self._writer.peek_signal(name)
+        except Exception as exc:
+            raise self._stop(Interrupt("crash", error=exc)) from exc
+        if message is not None:
+            assert message.id is not None
+            done = self._entry(
+                position,
+                key,
+                occurrence,
+                "signal",
+                status=JournalStatus.COMPLETED,
+                input=wait_input,
+                result={"payload": message.payload, "message_id": message.id},
+                completed_at=now,
+            )
+            await self._commit([done], consume=[(message.id, f"{key}#{occurrence}")])
+            return _signal_value(done, adapter, name)
+        if until is not None and until <= now:
+            done = self._entry(
+                position,
+                key,
+                occurrence,
+                "signal",
+                status=JournalStatus.COMPLETED,
+                input=wait_input,
+                result={"timed_out": True},
+                completed_at=now,
+            )
+            await self._commit([done])
+            return _signal_value(done, adapter, name)
+        raise self._suspend(Wait("signal", position, key, occurrence, until, signal=name))
+
+
+def _signal_value(entry: JournalEntry, adapter: TypeAdapter[Any] | None, name: str) -> Any:
+    result = entry.result if isinstance(entry.result, dict) else {}
+    if result.get("timed_out"):
+        raise WaitTimeoutError(f"signal {name!r} did not arrive before its timeout")
+    payload = result.get("payload")
+    if adapter is None:
+        return payload
+    try:
+        return adapter.validate_python(payload)
+    except PydanticValidationError as exc:
+        error: TreadleValidationError = InvalidPayloadError.from_pydantic(
+            f"signal {name!r} payload does not match its model", exc, prefix="payload"
+        )
+        raise error from None

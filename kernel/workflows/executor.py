@@ -1,0 +1,413 @@
+"""One activation of a code workflow: the code-workflow branch of ``job.execute``.
+
+``job.execute`` commits the orchestrating stage RUNNING as for any stage (phase 1);
+then, outside any transaction, the body runs from the top over the run's journal
+(phase 2), committing each new step result in a short transaction of its own that
+first checks this execution still owns the run (the job is leased by this worker
+for this attempt, the run is not cancelled): a ghost's step result is never
+recorded. Phase 3 commits how the activation ended:
+
+* the body returned: the stage and the run complete with its output;
+* the body raised (or was not deterministic): the run fails with that error;
+* the body waits (sleep, signal, retry backoff): the journal records the wait, a
+  timer is scheduled, the job completes and the stage is SUSPENDED with
+  ``next_poll_at`` at its earliest timer, so no worker is held; a short backoff
+  instead re-queues a new activation job that starts after the delay.
+
+Each activation gets a new job, so a job's attempts count crashes of one
+activation (``ACTIVATION_RETRY``), not the waits of a long-lived run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import ValidationError as PydanticValidationError
+
+from treadle.kernel import commands as c
+from treadle.kernel.errors import (
+    InvalidInputError,
+    OutputValidationError,
+    describe_exception,
+)
+from treadle.kernel.events import EventBase, StageCompleted, StageFailed
+from treadle.kernel.handlers.common import apply_transition, fail_run, new_jobs
+from treadle.kernel.handlers.jobs import _is_current, _Started, validate_output
+from treadle.kernel.model import JsonValue, Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext
+from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
+from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
+
+if TYPE_CHECKING:
+    from treadle.kernel.definitions import WorkflowDefinition
+    from treadle.kernel.kernel import Deps, Scope
+    from treadle.ports import Transaction
+
+
+# -- storage helpers shared with the message and timer handlers ------------------------------
+async def write_entries(
+    tx: Transaction, entries: Sequence[JournalEntry], now: datetime
+) -> list[JournalEntry]:
+    """Insert new entries, update stored ones; an entry that stopped waiting disarms its
+    timer, so a timer never wakes a run for a wait that is over."""
+    stored: list[JournalEntry] = []
+    for entry in entries:
+        if entry.id is None:
+            stored.append(await tx.insert_journal_entry(entry))
+            continue
+        stored.append(await tx.update_journal_entry(entry))
+        if entry.status in (JournalStatus.COMPLETED, JournalStatus.FAILED):
+            await tx.fire_timer(entry.workflow_run_id, entry.name, entry.occurrence, now)
+    return stored
+
+
+async def enqueue_activation(
+    deps: Deps, tx: Transaction, run: Run, wf: WorkflowDefinition, at: datetime, now: datetime
+) -> str:
+    """A new job for the next activation of the body, available from ``at``."""
+    job = evolve(new_jobs(deps, run, wf, [WORKFLOW_STAGE_ID], now)[0], {"next_poll_at": at})
+    await deps.job_transport.enqueue(tx, [job])
+    return job.id
+
+
+async def wake(
+    deps: Deps, tx: Transaction, run: Run, stage: StageRun, wf: WorkflowDefinition, now: datetime
+) -> None:
+    """Resume a suspended body: the stage is PENDING with a new job, the run RUNNING."""
+    await tx.update_stage(
+        evolve(stage, {"status": StageStatus.PENDING, "next_poll_at": None, "job_id": None})
+    )
+    await enqueue_activation(deps, tx, run, wf, now, now)
+    if run.status is RunStatus.SUSPENDED:
+        await tx.update_run(evolve(run, {"status": RunStatus.RUNNING, "updated_at": now}))
+
+
+def signal_result(message: InboxMessage) -> JsonValue:
+    return {"payload": message.payload, "message_id": message.id}
+
+
+# -- the activation -----------------------------------------------------------------------
+class _Writer:
+    """The ``JournalWriter`` of one activation: every commit re-checks ownership."""
+
+    def __init__(self, deps: Deps, scope: Scope, started: _Started, worker_id: str) -> None:
+        self._deps = deps
+        self._scope = scope
+        self._s = started
+        self._worker_id = worker_id
+
+    async def owner(self, tx: Transaction) -> tuple[Run, StageRun] | None:
+        """The run (locked) and stage if this execution still owns them, else ``None``.
+        The run row is locked first, as ``run.signal`` does, so the two serialise."""
+        run = await tx.get_run(self._s.run.id, for_update=True)
+        job = await self._deps.job_transport.get(tx, self._s.job.id)
+        stage = await tx.get_stage(self._s.run.id, WORKFLOW_STAGE_ID)
+        if not _is_current(job, stage, run, self._s, self._worker_id):
+            return None
+        assert run is not None
+        assert stage is not None
+        return run, stage
+
+    async def commit(
+        self,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase],
+        *,
+        consume: Sequence[tuple[int, str]] = (),
+    ) -> list[JournalEntry]:
+        now = self._deps.clock.now()
+        async with self._deps.persistence.transaction() as tx:
+            if await self.owner(tx) is None:
+                raise Interrupt("ghost")
+            stored = await write_entries(tx, entries, now)
+            for message_id, consumer in consume:
+                await tx.consume_signal(message_id, now, consumer)
+            if events:
+                causation = self._scope.causation_id
+                await tx.append_events([evolve(e, {"causation_id": causation}) for e in events])
+        return stored
+
+    async def peek_signal(self, name: str) -> InboxMessage | None:
+        async with self._deps.persistence.transaction() as tx:
+            return await tx.next_signal(self._s.run.id, name)
+
+
+async def execute_activation(
+    deps: Deps, cmd: c.JobExecute, scope: Scope, s: _Started
+) -> c.JobExecuteResult:
+    """Run the body once over the journal and commit how it ended (module docstring)."""
+    wf = cast("CodeWorkflowDefinition", s.wf)
+    async with deps.persistence.transaction() as tx:
+        journal = await tx.get_journal(s.run.id)
+    writer = _Writer(deps, scope, s, cmd.worker_id)
+    ctx = WorkflowContext(
+        run_id=s.run.id,
+        workflow_id=wf.id,
+        version=s.run.workflow_version,
+        journal=journal,
+        writer=writer,
+        now=deps.clock.now,
+        new_id=deps.ids.new_id,
+        overrides=wf.step_overrides,
+    )
+    output: JsonValue = None
+    error: BaseException | None = None
+    try:
+        value = wf.input_adapter.validate_python(s.run.input)
+    except PydanticValidationError as exc:
+        error = InvalidInputError.from_pydantic(
+            f"workflow {wf.id!r} input does not match its model", exc, prefix="input"
+        )
+    else:
+        try:
+            returned = await wf.body(ctx, value)
+        except Interrupt:
+            pass
+        except Exception as exc:
+            error = exc
+        else:
+            try:
+                output = validate_output(s.definition, returned)
+            except OutputValidationError as exc:
+                error = exc
+    interrupt = ctx.interrupt
+    if interrupt is not None and interrupt.reason == "crash":
+        assert interrupt.error is not None
+        raise interrupt.error  # job.execute releases the job with backoff; replay resumes
+    if interrupt is not None and interrupt.reason == "fatal":
+        error = interrupt.error
+    return await _finish(deps, scope, s, writer, ctx, output, error)
+
+
+async def _finish(
+    deps: Deps,
+    scope: Scope,
+    s: _Started,
+    writer: _Writer,
+    ctx: WorkflowContext,
+    output: JsonValue,
+    error: BaseException | None,
+) -> c.JobExecuteResult:
+    now = deps.clock.now()
+    interrupt = ctx.interrupt
+    async with deps.persistence.transaction() as tx:
+        owned = None
+        if interrupt is None or interrupt.reason != "ghost":
+            owned = await writer.owner(tx)
+        if owned is None:
+            result = c.JobExecuteResult(
+                outcome="failed",
+                workflow_run_id=s.run.id,
+                stage_id=WORKFLOW_STAGE_ID,
+                ghost=True,
+                error="result discarded: run cancelled or activation taken over by another",
+            )
+            await scope.complete(tx, result)
+            return result
+        run, stage = owned
+        await write_entries(tx, ctx.pending, now)
+        if error is not None:
+            result = await _commit_failed(deps, tx, scope, s, run, stage, error, now)
+        elif interrupt is not None:
+            result = await _commit_waits(deps, tx, scope, s, run, stage, interrupt.waits, now)
+        else:
+            result = await _commit_completed(deps, tx, scope, s, run, stage, output, now)
+        await scope.complete(tx, result)
+    return result
+
+
+async def _commit_completed(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    s: _Started,
+    run: Run,
+    stage: StageRun,
+    output: JsonValue,
+    now: datetime,
+) -> c.JobExecuteResult:
+    await tx.update_stage(
+        evolve(
+            stage,
+            {"status": StageStatus.COMPLETED, "output": output, "completed_at": now},
+        )
+    )
+    await deps.job_transport.complete(tx, s.job.id)
+    await tx.append_events(
+        [
+            StageCompleted(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=scope.causation_id,
+                stage_id=stage.stage_id,
+                attempt=stage.attempt,
+                output=output,
+                duration=now - stage.started_at if stage.started_at else None,
+            )
+        ]
+    )
+    await apply_transition(
+        deps, tx, run, await tx.get_stages(run.id), s.wf, now, scope.causation_id
+    )
+    return c.JobExecuteResult(
+        outcome="completed", workflow_run_id=run.id, stage_id=stage.stage_id, output=output
+    )
+
+
+async def _commit_failed(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    s: _Started,
+    run: Run,
+    stage: StageRun,
+    error: BaseException,
+    now: datetime,
+) -> c.JobExecuteResult:
+    """The body raised: the run fails with the body's own error (a workflow's logic
+    failing is not retried; its steps have retry policies for that)."""
+    message = describe_exception(error)
+    stage = await tx.update_stage(
+        evolve(
+            stage,
+            {
+                "status": StageStatus.FAILED,
+                "error": message,
+                "retryable": False,
+                "completed_at": now,
+            },
+        )
+    )
+    await deps.job_transport.fail(tx, s.job.id, message)
+    await tx.append_events(
+        [
+            StageFailed(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=scope.causation_id,
+                stage_id=stage.stage_id,
+                attempt=stage.attempt,
+                error=message,
+            )
+        ]
+    )
+    await fail_run(deps, tx, run, [stage], message, now, scope.causation_id)
+    return c.JobExecuteResult(
+        outcome="failed", workflow_run_id=run.id, stage_id=stage.stage_id, error=message
+    )
+
+
+async def _commit_waits(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    s: _Started,
+    run: Run,
+    stage: StageRun,
+    waits: Sequence[Wait],
+    now: datetime,
+) -> c.JobExecuteResult:
+    """Record each wait and its timer; then either suspend the stage until the earliest
+    timer, or (a signal arrived meanwhile, a short backoff) queue the next activation."""
+    resume_at: datetime | None = None
+    for wait in waits:
+        at = await _record_wait(deps, tx, run.id, wait, now)
+        if at is not None:
+            resume_at = at if resume_at is None else min(resume_at, at)
+    await deps.job_transport.complete(tx, s.job.id)
+    if resume_at is not None:
+        await tx.update_stage(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
+        await enqueue_activation(deps, tx, run, s.wf, resume_at, now)
+        return c.JobExecuteResult(
+            outcome="suspended",
+            workflow_run_id=run.id,
+            stage_id=stage.stage_id,
+            next_poll_at=resume_at,
+        )
+    timers = await tx.pending_timers(run.id)
+    next_poll = timers[0].fire_at if timers else None
+    stage = await tx.update_stage(
+        evolve(
+            stage,
+            {
+                "status": StageStatus.SUSPENDED,
+                "next_poll_at": next_poll,
+                "suspend_deadline": None,
+                "job_id": None,
+            },
+        )
+    )
+    await apply_transition(deps, tx, run, [stage], s.wf, now, scope.causation_id)
+    return c.JobExecuteResult(
+        outcome="suspended",
+        workflow_run_id=run.id,
+        stage_id=stage.stage_id,
+        next_poll_at=next_poll,
+    )
+
+
+async def _record_wait(
+    deps: Deps, tx: Transaction, run_id: str, wait: Wait, now: datetime
+) -> datetime | None:
+    """Journal one wait; returns when to run again without a timer, if so."""
+    entry = await tx.get_journal_entry(run_id, wait.name, wait.occurrence)
+    if wait.kind == "retry":
+        assert wait.until is not None
+        if wait.until - now <= deps.settings.step_backoff_suspend_after:
+            return wait.until
+        await _schedule(tx, run_id, wait, "retry", now)
+        return None
+    if wait.kind == "signal":
+        assert wait.signal is not None
+        message = await tx.next_signal(run_id, wait.signal)
+        if message is not None:  # arrived while the body was unwinding: take it now
+            assert message.id is not None
+            done = _waiting(run_id, wait, now, entry, JournalStatus.COMPLETED)
+            done = evolve(done, {"result": signal_result(message), "completed_at": now})
+            await write_entries(tx, [done], now)
+            await tx.consume_signal(message.id, now, f"{wait.name}#{wait.occurrence}")
+            return now
+    if entry is None:
+        await write_entries(tx, [_waiting(run_id, wait, now, None, JournalStatus.WAITING)], now)
+        if wait.until is not None:
+            purpose = "sleep" if wait.kind == "sleep" else "signal_timeout"
+            await _schedule(tx, run_id, wait, purpose, now)
+    return None
+
+
+def _waiting(
+    run_id: str, wait: Wait, now: datetime, entry: JournalEntry | None, status: JournalStatus
+) -> JournalEntry:
+    data: dict[str, Any] = {}
+    if wait.until is not None:
+        data["until"] = wait.until.isoformat()
+    if wait.signal is not None:
+        data["signal"] = wait.signal
+    if entry is not None:
+        return evolve(entry, {"status": status})
+    return JournalEntry(
+        workflow_run_id=run_id,
+        position=wait.position,
+        name=wait.name,
+        occurrence=wait.occurrence,
+        kind=wait.kind,
+        status=status,
+        input=data or None,
+        created_at=now,
+    )
+
+
+async def _schedule(tx: Transaction, run_id: str, wait: Wait, purpose: str, now: datetime) -> None:
+    assert wait.until is not None
+    await tx.schedule_timer(
+        Timer(
+            workflow_run_id=run_id,
+            name=wait.name,
+            occurrence=wait.occurrence,
+            purpose=purpose,
+            fire_at=wait.until,
+            created_at=now,
+        )
+    )
