@@ -21,6 +21,7 @@ from treadle.hosts.cli.common import (
     parse_json,
     quiet_logger,
     run_async,
+    run_guarded,
     state,
 )
 from treadle.kernel.errors import StorageError
@@ -70,6 +71,10 @@ def migrate(
 
 
 # -- worker ---------------------------------------------------------------------------
+EXIT_BAD_CONFIG = 2
+"""``treadle worker``'s code for a missing or bad app, as ``hosts.worker`` returns it."""
+
+
 def worker(
     ctx: typer.Context,
     worker_id: Annotated[
@@ -92,28 +97,26 @@ def worker(
     """Run a long-lived worker until SIGTERM/SIGINT (graceful drain)."""
     cli = state(ctx)
     if cli.app is None:
-        _need_app()
+        typer.echo("error: the worker needs the app: pass --app module:attr", err=True)
+        raise typer.Exit(EXIT_BAD_CONFIG)
     try:
         from treadle.hosts.worker import main as worker_main
     except ImportError as exc:
         typer.echo(f"error: the worker host is not available: {exc}", err=True)
         raise typer.Exit(EXIT_FAILURE) from None
-    code = worker_main(
-        app=cli.app,
-        db=cli.db,
-        worker_id=worker_id,
-        concurrency=concurrency,
-        drain_timeout=drain_timeout,
-        orchestration_interval=orchestration_interval,
-        job_poll_interval=job_poll_interval,
-        stale_lease_threshold=stale_lease_threshold,
+    code = run_guarded(
+        lambda: worker_main(
+            app=cli.app,
+            db=cli.db,
+            worker_id=worker_id,
+            concurrency=concurrency,
+            drain_timeout=drain_timeout,
+            orchestration_interval=orchestration_interval,
+            job_poll_interval=job_poll_interval,
+            stale_lease_threshold=stale_lease_threshold,
+        )
     )
     raise typer.Exit(code)
-
-
-def _need_app() -> None:
-    typer.echo("error: this command needs the app: pass --app module:attr", err=True)
-    raise typer.Exit(EXIT_FAILURE)
 
 
 # -- tick -----------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def tick(
     report = run_async(go)
     failures = tick_failures(report)
     if as_json:
-        echo_json(tick_json(report, failures))
+        echo_json(tick_json(report, failures), sort_keys=False)  # steps in STEP_ORDER
     else:
         from rich.table import Table
 

@@ -90,13 +90,18 @@ def fail(message: str, exit_code: int = EXIT_FAILURE) -> NoReturn:
 
 
 def run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a command's coroutine; any error becomes one stderr line and exit code 1.
+    """Run a command's coroutine under ``run_guarded``."""
+    return run_guarded(lambda: asyncio.run(fn()))
+
+
+def run_guarded(fn: Callable[[], T]) -> T:
+    """Call ``fn``; any error becomes one stderr line and exit code 1.
 
     ``typer.Exit`` passes through (a command's chosen exit code). ``TREADLE_DEBUG=1``
     re-raises unexpected exceptions so their traceback can be reported.
     """
     try:
-        return asyncio.run(fn())
+        return fn()
     except (typer.Exit, typer.Abort):
         raise
     except KeyboardInterrupt:
@@ -152,7 +157,7 @@ async def open_engine(cli: CliState, *, need_app: bool = False) -> AsyncIterator
         await engine.close()
 
 
-def console(*, stderr: bool = False, min_width: int = 120) -> Console:
+def console(*, stderr: bool = False, min_width: int = 160) -> Console:
     """A Rich console on the current stdout/stderr (looked up at call time, so test
     runners that swap the streams see the output). Written to a pipe or a log it is at
     least ``min_width`` wide: nothing wraps there, and ids stay whole."""
@@ -181,5 +186,5 @@ def quiet_logger() -> Any:
     )
 
 
-def echo_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+def echo_json(data: Any, *, sort_keys: bool = True) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=sort_keys, default=str))

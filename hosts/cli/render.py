@@ -78,7 +78,7 @@ def runs_table(runs: Sequence[Run]) -> Table:
     table.add_column("prio", justify="right", no_wrap=True)
     table.add_column("created (UTC)", no_wrap=True, min_width=19)
     table.add_column("took", justify="right", no_wrap=True)
-    table.add_column("error", overflow="fold", ratio=1)
+    table.add_column("error", overflow="fold", min_width=20)
     for run in runs:
         table.add_row(
             run.id,

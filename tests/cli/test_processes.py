@@ -1,0 +1,75 @@
+"""The real ``treadle`` console script in child processes: ``treadle demo`` end to end
+(the main job) and ``treadle worker`` serving runs until SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from treadle.tests.cli.cliapp import APP
+from treadle.tests.cli.helpers import Invoke, started, wait_terminal
+
+TREADLE = str(Path(sys.executable).with_name("treadle"))
+
+
+def test_demo_runs_the_example_pipeline_to_completion(tmp_path: Path, invoke: Invoke) -> None:
+    """`treadle demo` completes all three runs in under 30 s, prints their results and
+    the retry / suspension / parallelism it saw, and the stored runs agree."""
+    db = tmp_path / "demo.db"
+    done = subprocess.run(
+        [TREADLE, "demo", "--file", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "Traceback" not in done.stderr
+    took = re.search(r"3/3 runs completed in ([\d.]+)s", out)
+    assert took is not None, out
+    assert float(took.group(1)) < 30
+    for label in ("positive", "negative", "neutral", "keywords x2"):
+        assert label in out
+    assert "keywords failed its first attempt and succeeded after backoff in 3/3 runs" in out
+    assert "translate suspended 3x and resumed" in out
+    assert "overlapped in time in 3/3 runs" in out
+    listed = invoke("runs", "list", "--json", db=f"sqlite:///{db}", app=None)
+    runs = json.loads(listed.stdout)
+    assert [r["status"] for r in runs] == ["COMPLETED"] * 3
+    assert {r["output"]["label"] for r in runs} == {"positive", "negative", "neutral"}
+
+
+def test_worker_serves_runs_and_drains_on_sigterm(db_url: str, invoke: Invoke) -> None:
+    """`treadle worker` executes a run started by `treadle start`, then exits 0 after
+    SIGTERM."""
+    assert invoke("migrate", app=None).exit_code == 0
+    worker = subprocess.Popen(
+        [
+            TREADLE, "--db", db_url, "--app", APP, "worker",
+            "--orchestration-interval", "0.05", "--job-poll-interval", "0.02",
+            "--drain-timeout", "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        run_id = started(invoke("start", "greeter", '{"name": "w"}'))
+        output = wait_terminal(db_url, run_id)
+        assert output["text"].startswith("HELLO W!"), output
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    assert worker.returncode == 0, stderr
+
+
+def test_worker_without_an_app_exits_with_the_config_code(invoke: Invoke) -> None:
+    """`treadle worker` with no --app says so in one line and exits 2."""
+    result = invoke("worker", app=None)
+    assert result.exit_code == 2
+    assert "--app" in result.stderr
