@@ -26,7 +26,6 @@ from treadle.kernel import commands as c
 from treadle.kernel.annotations import validate_attributes
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import (
-    NotSupportedError,
     RunCancelledError,
     RunFailedError,
     TreadleError,
@@ -34,6 +33,7 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
 from treadle.kernel.model import Annotation, JsonValue, LogRecord, Run, RunFilter, RunStatus
+from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.worker import Worker
 
@@ -464,19 +464,18 @@ class Engine:
         return result.recorded
 
     async def query(self, run_id: str, name: str) -> JsonValue:
-        """Read state a code workflow published with ``ctx.publish``.
-
-        There is no kernel command for it yet, and stage pipelines publish no state, so
-        this answers ``NotSupportedError`` (after checking that the run exists)."""
+        """Read state a code workflow published with ``ctx.publish(name, value)``: the
+        latest value, or ``None`` before its first publish. Read-only: the run is never
+        woken. Stage pipelines publish no state (``NotSupportedError``)."""
+        self._check_open()
         _non_empty(name, "name")
-        run = await self.get_run(run_id, with_stages=False)
-        kind = self.kernel.deps.workflow(run.workflow_id).kind
-        if kind == "pipeline":
-            raise NotSupportedError(
-                f"query {name!r} is not supported for stage pipelines "
-                f"(workflow {run.workflow_id!r} is a pipeline)"
-            )
-        raise NotSupportedError(f"query {name!r}: queries on {kind} workflows are not available")
+        return await self.kernel.query(_non_empty(run_id, "run_id"), name)
+
+    async def journal(self, run_id: str) -> builtins.list[JournalEntry]:
+        """A code workflow run's journal: each durable ``ctx`` call in the order the body
+        reached it, with its status, attempts and recorded result."""
+        self._check_open()
+        return await self.kernel.journal(_non_empty(run_id, "run_id"))
 
     async def annotate(
         self,

@@ -1,0 +1,331 @@
+"""Code workflows end to end through ``Engine.open`` and an in-process worker on every
+backend: memory, a SQLite file, and PostgreSQL (a database per test). The clock is a
+``FakeClock`` handed to ``Engine.open``, so sleeps and backoffs of hours fire when the
+test moves the clock, and the worker's maintenance tick fires the timers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from treadle import Engine, RetryPolicy, RunStatus, StepFailedError, WorkflowContext, workflow
+from treadle.kernel import commands as c
+from treadle.kernel.errors import InvalidPayloadError
+from treadle.kernel.workflows import JournalStatus
+from treadle.testing import FakeClock
+
+POSTGRES_URL = os.environ.get(
+    "TREADLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+WAIT = 20.0
+"""Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
+
+
+class Order(BaseModel):
+    n: int
+
+
+class Approval(BaseModel):
+    approved: bool
+    by: str
+
+
+CALLS: dict[str, int] = {}
+
+
+def _count(name: str) -> None:
+    CALLS[name] = CALLS.get(name, 0) + 1
+
+
+async def double(n: int) -> int:
+    _count("double")
+    return n * 2
+
+
+def add_one(n: int) -> int:
+    _count("add_one")
+    return n + 1
+
+
+@workflow(id="sleepy", input=Order, output=list[int], version="1")
+async def sleepy(ctx: WorkflowContext, order: Order) -> list[int]:
+    a: int = await ctx.step("double", double, order.n)
+    ctx.publish("phase", "sleeping")
+    await ctx.sleep(timedelta(hours=6))
+    b: int = await ctx.step("add_one", add_one, a)
+    ctx.publish("phase", "done")
+    return [a, b]
+
+
+@workflow(id="approvals", input=Order, output=list[str], signals={"approve": Approval})
+async def approvals(ctx: WorkflowContext, order: Order) -> list[str]:
+    got: list[str] = []
+    for _ in range(order.n):
+        decision: Approval = await ctx.wait_for_signal("approve", Approval)
+        got.append(decision.by)
+        ctx.publish("count", len(got))
+    return got
+
+
+FLAKY: dict[str, int] = {}
+
+
+async def flaky_charge(n: int) -> int:
+    FLAKY["attempts"] = FLAKY.get("attempts", 0) + 1
+    if FLAKY["attempts"] < FLAKY.get("succeed_on", 99):
+        raise ConnectionError("gateway timeout")
+    return n
+
+
+@workflow(id="retries", input=Order, output=str)
+async def retries(ctx: WorkflowContext, order: Order) -> str:
+    policy = RetryPolicy(
+        max_attempts=3, initial_delay=timedelta(minutes=30), max_delay=timedelta(hours=2)
+    )
+    try:
+        value = await ctx.step("charge", flaky_charge, order.n, retry=policy)
+    except StepFailedError as exc:
+        return f"gave up after {exc.attempts}"
+    return f"charged {value}"
+
+
+class SimulatedCrash(BaseException):
+    """Escapes every ``except Exception``: the execution dies like a SIGKILLed worker."""
+
+
+CRASH: dict[str, int] = {}
+
+
+async def crashing_step(n: int) -> int:
+    CRASH["b"] = CRASH.get("b", 0) + 1
+    if CRASH["b"] == 1:
+        raise SimulatedCrash
+    return n + 100
+
+
+@workflow(id="crashy", input=Order, output=list[int])
+async def crashy(ctx: WorkflowContext, order: Order) -> list[int]:
+    a: int = await ctx.step("a", double, order.n)
+    b: int = await ctx.step("b", crashing_step, a)
+    c_: int = await ctx.step("c", add_one, b)
+    return [a, b, c_]
+
+
+WORKFLOWS = [sleepy, approvals, retries, crashy]
+
+
+# -- backends (PostgreSQL: one migrated template per module, a copy per test) ---------------
+def _pg_admin() -> Any:
+    import psycopg
+
+    from treadle.adapters.sql import sync_url
+
+    url = sync_url(POSTGRES_URL).set(drivername="postgresql")
+    try:
+        return psycopg.connect(
+            url.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
+        )
+    except psycopg.OperationalError as exc:
+        if os.environ.get("TREADLE_REQUIRE_POSTGRES", "") not in ("", "0", "false"):
+            pytest.fail(f"PostgreSQL is required (TREADLE_REQUIRE_POSTGRES=1): {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+
+
+def _pg_url(database: str) -> str:
+    from treadle.adapters.sql import async_url
+
+    return async_url(POSTGRES_URL).set(database=database).render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def _pg_database(template: str | None = None) -> Iterator[str]:
+    name = f"treadle_codewf_{uuid.uuid4().hex[:12]}"
+    with _pg_admin() as admin:
+        suffix = f' TEMPLATE "{template}"' if template else ""
+        admin.execute(f'CREATE DATABASE "{name}"{suffix}')
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(Exception), _pg_admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def pg_template() -> Iterator[str]:
+    from treadle.adapters.sql import migrate
+
+    with _pg_database() as name:
+        migrate(_pg_url(name))
+        yield name
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "memory":
+        yield "memory://"
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'treadle.db'}"
+    else:
+        template = request.getfixturevalue("pg_template")
+        with _pg_database(template) as name:
+            yield _pg_url(name)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def engine(url: str, clock: FakeClock) -> AsyncIterator[Engine]:
+    CALLS.clear()
+    FLAKY.clear()
+    CRASH.clear()
+    async with await Engine.open(url, workflows=WORKFLOWS, clock=clock) as opened:
+        yield opened
+
+
+def _worker(engine: Engine) -> Any:
+    return engine.worker(concurrency=4, orchestration_interval=0.02, job_poll_interval=0.02)
+
+
+async def _until_status(engine: Engine, run_id: str, *statuses: RunStatus) -> None:
+    """Poll storage until the run reaches one of ``statuses`` (fails after ``WAIT``)."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            if (await engine.get_run(run_id, with_stages=False)).status in statuses:
+                return
+            await asyncio.sleep(0.01)  # polling stored state, not waiting for time
+
+
+async def _until(condition: Any) -> None:
+    """Poll ``condition()`` until true (fails after ``WAIT``)."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)  # polling a counter the worker's steps update
+
+
+# -- tests -----------------------------------------------------------------------------------
+async def test_steps_sleep_and_timer_resume_on_every_backend(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """A run sleeps SUSPENDED (no worker held) until the clock passes its timer; the tick
+    fires it, the body replays without re-running the first step, and the run completes."""
+    async with _worker(engine):
+        handle = await engine.start("sleepy", {"n": 5})
+        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        assert await engine.query(handle.run_id, "phase") == "sleeping"
+        assert CALLS == {"double": 1}
+        clock.advance(timedelta(hours=6))
+        assert await handle.result(timeout=WAIT) == [10, 11]
+    assert CALLS == {"double": 1, "add_one": 1}
+    assert await engine.query(handle.run_id, "phase") == "done"
+    journal = await engine.journal(handle.run_id)
+    assert [(e.kind, e.name, e.status) for e in journal] == [
+        ("step", "double", JournalStatus.COMPLETED),
+        ("publish", "publish:phase", JournalStatus.COMPLETED),
+        ("sleep", "sleep:sleep", JournalStatus.COMPLETED),
+        ("step", "add_one", JournalStatus.COMPLETED),
+        ("publish", "publish:phase", JournalStatus.COMPLETED),
+    ]
+    types = [e.type async for e in engine.events(handle.run_id)]  # type: ignore[attr-defined]
+    assert types.count("step:completed") == 2
+    assert types.count("timer:fired") == 1
+    assert types[-1] == "workflow:completed"
+
+
+async def test_signals_are_kept_in_order_and_delivered_once_on_every_backend(
+    engine: Engine,
+) -> None:
+    """Signals sent before the run starts and while it waits are consumed in arrival
+    order, each exactly once; a bad payload is refused naming the field."""
+    handle = await engine.start("approvals", {"n": 3})
+    assert await engine.signal(handle.run_id, "approve", {"approved": True, "by": "ann"})
+    assert await engine.signal(handle.run_id, "approve", {"approved": True, "by": "bob"})
+    with pytest.raises(InvalidPayloadError, match=r"payload\.by"):
+        await engine.signal(handle.run_id, "approve", {"approved": True})
+    async with _worker(engine):
+        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        assert await engine.query(handle.run_id, "count") == 2
+        await engine.signal(handle.run_id, "approve", {"approved": False, "by": "cy"})
+        assert await handle.result(timeout=WAIT) == ["ann", "bob", "cy"]
+    inbox = await engine.kernel.inbox(handle.run_id)
+    assert [m.payload["by"] for m in inbox] == ["ann", "bob", "cy"]
+    assert all(m.consumed_at is not None for m in inbox)
+
+
+async def test_long_backoff_suspends_and_exhausted_retries_are_caught_on_every_backend(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """A step failing with a 30-minute backoff suspends the run between attempts; after the
+    last attempt the body catches StepFailedError and completes."""
+    async with _worker(engine):
+        handle = await engine.start("retries", {"n": 7})
+        for attempt in (1, 2):
+            await _until(lambda a=attempt: FLAKY.get("attempts") == a)  # type: ignore[misc]
+            await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+            clock.advance(timedelta(hours=2))
+        assert await handle.result(timeout=WAIT) == "gave up after 3"
+    failed = [e async for e in engine.events(handle.run_id) if e.type == "step:failed"]  # type: ignore[attr-defined]
+    assert [e.will_retry for e in failed] == [True, True, False]  # type: ignore[attr-defined]
+
+
+async def test_crash_between_steps_resumes_exactly_on_every_backend(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """An execution dying in step 'b' after step 'a' committed: once its lease is reaped
+    the run resumes with 'a' from the journal, 'b' runs once more, 'c' once."""
+    kernel = engine.kernel
+    handle = await engine.start("crashy", {"n": 1})
+    await kernel.dispatch(c.RunClaimPending(worker_id="w1"))
+    (job,) = await kernel.deps.job_transport.dequeue("w1", clock.now())
+    with pytest.raises(SimulatedCrash):
+        await kernel.dispatch(c.JobExecute(job_id=job.id, worker_id="w1"))
+    assert [e.name for e in await engine.journal(handle.run_id)] == ["a"]
+    clock.advance(timedelta(minutes=5))
+    reaped = await kernel.dispatch(c.LeaseReapStale(stale_threshold=timedelta(seconds=60)))
+    assert reaped.released == 1
+    clock.advance(timedelta(minutes=5))  # past the release backoff
+    (again,) = await kernel.deps.job_transport.dequeue("w2", clock.now())
+    result = await kernel.dispatch(c.JobExecute(job_id=again.id, worker_id="w2"))
+    assert result.outcome == "completed"
+    assert result.output == [2, 102, 103]
+    assert CALLS == {"double": 1, "add_one": 1}
+    assert CRASH == {"b": 2}
+    journal = await engine.journal(handle.run_id)
+    assert [(e.name, e.attempts) for e in journal] == [("a", 1), ("b", 1), ("c", 1)]
+    assert (await engine.get_run(handle.run_id)).status is RunStatus.COMPLETED
+
+
+async def test_cancel_a_sleeping_code_workflow_on_every_backend(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """Cancelling a sleeping run ends it CANCELLED; its timer never resumes it."""
+    async with _worker(engine):
+        handle = await engine.start("sleepy", {"n": 1})
+        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        assert await engine.cancel(handle.run_id, reason="changed mind")
+        clock.advance(timedelta(hours=7))
+        await _worker_ticks(engine)
+    run = await engine.get_run(handle.run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert CALLS == {"double": 1}
+
+
+async def _worker_ticks(engine: Engine) -> None:
+    """Run two maintenance ticks now, so any due timer had its chance to fire."""
+    from treadle.runtime.tick import maintenance_tick
+
+    for _ in range(2):
+        await maintenance_tick(engine.kernel, worker_id="test-tick")
