@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -26,8 +26,13 @@ T = TypeVar("T")
 _WorkItem = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
-class StageThreadPool(Executor):
-    """At most ``max_workers`` daemon threads, started on demand and reused."""
+class StageThreadPool(ThreadPoolExecutor):
+    """At most ``max_workers`` daemon threads, started on demand and reused.
+
+    A ``ThreadPoolExecutor`` only by type: ``loop.set_default_executor`` accepts nothing
+    else. It shares none of its machinery (whose exit hook joins every thread), so the
+    base initialiser is deliberately not called.
+    """
 
     _counter = itertools.count(1)
 

@@ -1,0 +1,307 @@
+"""The worker process host: ``main(...)`` runs a ``Worker`` until SIGTERM or SIGINT.
+
+``treadle worker`` calls ``main``; so can a ``python -m`` entry point or a test.
+Everything a long-running process needs beyond the shared ``runtime.Worker`` lives
+here, and only here, because it is process-wide state a library must not touch:
+
+- logging: a stderr handler on the ``treadle`` logger (level from
+  ``TREADLE_LOG_LEVEL``, default ``INFO``), installed by ``main`` and removed when it
+  returns, never at import;
+- the event loop and its default executor: sync stages run in a ``StageThreadPool``
+  of ``concurrency`` daemon threads (plus a few for blob I/O), so a sync stage that
+  outlives the drain cannot keep the process alive;
+- signals: the first SIGTERM/SIGINT drains (no new claims; in-flight stages get
+  ``drain_timeout`` seconds, then their jobs are released for another worker), a
+  second one cuts the drain short and exits at once.
+
+Exit codes: ``0`` after a drain (released jobs included: releasing is the designed
+outcome of a drain that ran out of time); ``1`` when the backend cannot be opened
+(unreachable, schema not at head); ``2`` for a bad ``app`` or option; ``128 + signum``
+when a second signal forced the exit (130 for SIGINT, 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from treadle.adapters.logging import structlog_logger
+from treadle.hosts.app import load_workflows
+from treadle.kernel.definitions import WorkflowDefinition
+from treadle.kernel.errors import TreadleError, describe_exception
+from treadle.kernel.kernel import create_kernel
+from treadle.runtime.backends import _redact, open_backend
+from treadle.runtime.threads import StageThreadPool
+from treadle.runtime.worker import Worker, default_worker_id
+
+__all__ = ["EXIT_BAD_CONFIG", "EXIT_OK", "EXIT_STARTUP_FAILED", "WorkerHost", "main"]
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 1
+EXIT_BAD_CONFIG = 2
+
+FORCED_EXIT_GRACE = 2.0
+"""Seconds a forced exit (second signal) spends releasing cancelled jobs and closing the
+backend before giving up; whatever is left is recovered by lease expiry."""
+
+EXTRA_THREADS = 4
+"""Threads beyond ``concurrency`` in the stage pool, for blob-store file I/O and the
+schema check, which share the loop's default executor with sync stages."""
+
+_LOG_LEVEL_ENV = "TREADLE_LOG_LEVEL"
+
+
+def main(
+    *,
+    app: str | None,
+    db: str,
+    worker_id: str | None = None,
+    concurrency: int = 8,
+    drain_timeout: float = 30.0,
+    orchestration_interval: float = 10.0,
+    job_poll_interval: float = 1.0,
+    stale_lease_threshold: float = 60.0,
+) -> int:
+    """Run a worker on ``db`` for the workflows ``app`` names until signalled; returns
+    the process exit code (see the module docstring). Blocks; owns its event loop."""
+    restore_logging = _configure_logging()
+    try:
+        try:
+            workflows = load_workflows(app)
+            host = WorkerHost(
+                workflows,
+                db=db,
+                worker_id=worker_id,
+                concurrency=concurrency,
+                drain_timeout=drain_timeout,
+                orchestration_interval=orchestration_interval,
+                job_poll_interval=job_poll_interval,
+                stale_lease_threshold=stale_lease_threshold,
+            )
+        except (TreadleError, ValueError) as exc:
+            _error_line(exc)
+            return EXIT_BAD_CONFIG
+        return host.run()
+    finally:
+        restore_logging()
+
+
+@dataclass
+class _Signals:
+    """What the signal handlers have seen; set only on the loop's thread."""
+
+    first: asyncio.Event
+    second: asyncio.Event
+    signum: int = 0
+
+
+class WorkerHost:
+    """One worker process: backend, kernel, ``Worker`` and signal handling.
+
+    ``run()`` blocks in a fresh event loop; ``serve()`` is the same inside a running
+    loop, with ``request_stop()`` standing in for the signals (tests, embedding).
+    """
+
+    def __init__(
+        self,
+        workflows: list[WorkflowDefinition],
+        *,
+        db: str,
+        worker_id: str | None = None,
+        concurrency: int = 8,
+        drain_timeout: float = 30.0,
+        orchestration_interval: float = 10.0,
+        job_poll_interval: float = 1.0,
+        stale_lease_threshold: float = 60.0,
+    ) -> None:
+        given: object = concurrency
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+        for name, value in (
+            ("orchestration_interval", orchestration_interval),
+            ("job_poll_interval", job_poll_interval),
+            ("stale_lease_threshold", stale_lease_threshold),
+        ):
+            _check_seconds(name, value, positive=True)
+        _check_seconds("drain_timeout", drain_timeout, positive=False)
+        if not isinstance(db, str) or not db:
+            raise ValueError(f"db must be a database URL, got {db!r}")
+        self.workflows = workflows
+        self.db = db
+        self.worker_id = worker_id or default_worker_id()
+        self.concurrency = concurrency
+        self.drain_timeout = float(drain_timeout)
+        self.orchestration_interval = float(orchestration_interval)
+        self.job_poll_interval = float(job_poll_interval)
+        self.stale_lease_threshold = float(stale_lease_threshold)
+        self.log = structlog_logger("treadle.hosts.worker", worker_id=self.worker_id)
+        self.worker: Worker | None = None
+        self._signals: _Signals | None = None
+
+    # -- entry points -------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve in a new event loop with SIGTERM/SIGINT handlers; the exit code."""
+        pool = StageThreadPool(self.concurrency + EXTRA_THREADS, join_timeout=1.0)
+        with asyncio.Runner() as runner:
+            runner.get_loop().set_default_executor(pool)
+            return runner.run(self.serve(install_signal_handlers=True))
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """What a signal does: the first call drains, the second forces the exit. Call it
+        on the loop's thread (signal handlers installed by ``run`` do)."""
+        signals = self._signals
+        if signals is None:
+            return
+        name = _signal_name(signum)
+        if not signals.first.is_set():
+            signals.signum = signum
+            self.log.info("worker.stopping", signal=name, drain_timeout=self.drain_timeout)
+            signals.first.set()
+        elif not signals.second.is_set():
+            signals.signum = signum
+            self.log.warning("worker.forced_stop", signal=name)
+            signals.second.set()
+
+    async def serve(self, *, install_signal_handlers: bool = False) -> int:
+        """Open the backend, run the worker until ``request_stop``, drain, close."""
+        loop = asyncio.get_running_loop()
+        self._signals = _Signals(asyncio.Event(), asyncio.Event())
+        installed: list[int] = []
+        if install_signal_handlers:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.request_stop, signum)
+                installed.append(signum)
+        try:
+            return await self._serve()
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+
+    # -- internals ----------------------------------------------------------------------
+    async def _serve(self) -> int:
+        assert self._signals is not None
+        signals = self._signals
+        try:
+            backend = await open_backend(self.db)
+        except TreadleError as exc:
+            _error_line(exc)
+            return EXIT_STARTUP_FAILED
+        try:
+            kernel = create_kernel(
+                persistence=backend.persistence,
+                job_transport=backend.job_transport,
+                blob_store=backend.blob_store,
+                event_sink=backend.event_sink,
+                scheduler=backend.scheduler,
+                clock=backend.clock,
+                registry=self.workflows,
+                logger=structlog_logger("treadle", worker_id=self.worker_id),
+            )
+            options: dict[str, Any] = {}
+            wake_source = getattr(backend, "wake_source", None)
+            if wake_source is not None:  # PostgreSQL LISTEN/NOTIFY
+                options["wake_source"] = wake_source
+            worker = Worker(
+                kernel,
+                worker_id=self.worker_id,
+                concurrency=self.concurrency,
+                orchestration_interval=self.orchestration_interval,
+                job_poll_interval=self.job_poll_interval,
+                stale_lease_threshold=self.stale_lease_threshold,
+                logger=self.log,
+                **options,
+            )
+            self.worker = worker
+            if signals.first.is_set():  # signalled while the backend was opening
+                return self._exit_code()
+            await worker.start()
+            self.log.info(
+                "worker.ready",
+                db=_redact(self.db),
+                backend=backend.kind,
+                workflows=sorted(wf.id for wf in self.workflows),
+                pid=os.getpid(),
+            )
+            await signals.first.wait()
+            await self._drain(worker, signals)
+            return self._exit_code()
+        finally:
+            await self._close(backend)
+
+    async def _drain(self, worker: Worker, signals: _Signals) -> None:
+        graceful = asyncio.ensure_future(worker.stop(self.drain_timeout))
+        forced = asyncio.ensure_future(signals.second.wait())
+        await asyncio.wait([graceful, forced], return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if graceful.done():
+            graceful.result()
+            return
+        # Second signal: cancel what runs now and release it, but do not wait long.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.stop(0), FORCED_EXIT_GRACE)
+        graceful.cancel()  # the stop itself is shielded; this only drops our wait
+        with contextlib.suppress(asyncio.CancelledError):
+            await graceful
+
+    def _exit_code(self) -> int:
+        assert self._signals is not None
+        if self._signals.second.is_set():
+            return 128 + self._signals.signum
+        return EXIT_OK
+
+    async def _close(self, backend: Any) -> None:
+        forced = self._signals is not None and self._signals.second.is_set()
+        try:
+            await asyncio.wait_for(backend.close(), FORCED_EXIT_GRACE if forced else 30.0)
+        except Exception as exc:  # closing is best effort on the way out
+            self.log.warning("worker.close_failed", error=describe_exception(exc))
+        self.log.info("worker.exited", code=self._exit_code())
+
+
+def _check_seconds(name: str, value: object, *, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} seconds, got {value!r}")
+
+
+def _error_line(exc: BaseException) -> None:
+    text = exc.message if isinstance(exc, TreadleError) else str(exc)
+    print(f"treadle worker: {' '.join(text.split())}", file=sys.stderr, flush=True)
+
+
+def _configure_logging() -> Any:
+    """A stderr handler for the ``treadle`` loggers, unless the process already gave them
+    one; returns the function that undoes it."""
+    logger = logging.getLogger("treadle")
+    if logger.handlers:
+        return lambda: None
+    level_name = os.environ.get(_LOG_LEVEL_ENV, "INFO").upper()
+    level = logging.getLevelName(level_name)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    previous = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level if isinstance(level, int) else logging.INFO)
+    logger.propagate = False
+
+    def restore() -> None:
+        handler.flush()
+        logger.removeHandler(handler)
+        logger.setLevel(previous[0])
+        logger.propagate = previous[1]
+
+    return restore
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
