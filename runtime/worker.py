@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from treadle.adapters.logging import structlog_logger
 from treadle.kernel.errors import describe_exception
-from treadle.runtime.jobs import execute_job
+from treadle.runtime.jobs import execute_job, release_job
 from treadle.runtime.tick import TickReport, TickStep, claim_step, maintenance_tick
 
 if TYPE_CHECKING:
@@ -119,6 +119,9 @@ class Worker:
         # Wake-source hook (LISTEN/NOTIFY on PostgreSQL): pushes notify(); polling stays.
         self.wake_source = wake_source
         self._unsubscribe_wake: Callable[[], None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._drain_deadline = 0.0
+        self._deadline_moved = asyncio.Event()
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -151,34 +154,52 @@ class Worker:
             self._unsubscribe_wake = self.wake_source.subscribe(self.notify)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop claiming and dequeuing, let in-flight jobs finish for up to
-        ``drain_timeout`` seconds, then cancel the rest (their leases expire and
-        another worker retries them). Idempotent."""
-        if not self._started or self._stop_event.is_set():
+        """Stop claiming and dequeuing, and return once in-flight work is over: running
+        jobs get up to ``drain_timeout`` seconds to finish, the rest are cancelled and
+        released (``release_job``) so another worker takes them at once, not after the
+        stale-lease threshold. A call while a stop is in progress waits for that stop and
+        can only shorten its deadline (``stop(0)`` after a second SIGTERM). Idempotent."""
+        if not self._started:
             return
-        self._stop_event.set()
-        if self._unsubscribe_wake is not None:
-            self._unsubscribe_wake()
-            self._unsubscribe_wake = None
-        self._claim_wake.set()
-        self._job_wake.set()
         deadline = time.monotonic() + max(drain_timeout, 0.0)
-        # The loops exit at their next wake-up; a tick in progress finishes first.
-        await self._wait_or_cancel(self._loops, deadline)
+        if self._stopping is None:
+            self._stop_event.set()
+            if self._unsubscribe_wake is not None:
+                self._unsubscribe_wake()
+                self._unsubscribe_wake = None
+            self._claim_wake.set()
+            self._job_wake.set()
+            self._drain_deadline = deadline
+            self._stopping = asyncio.create_task(self._shutdown(), name=f"{self.worker_id}:stop")
+        elif deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+            self._deadline_moved.set()
+        # Shielded: a caller that gives up waiting does not abandon jobs half-released.
+        await asyncio.shield(self._stopping)
+
+    async def _shutdown(self) -> None:
+        """Drain against ``_drain_deadline`` (which ``stop`` may move earlier), then
+        cancel what is left. The loops exit at their next wake-up, a tick in progress
+        finishes first; in-flight jobs run meanwhile, against the same deadline."""
         if self._in_flight:
             self.log.info("worker.draining", jobs=len(self._in_flight))
-        await self._wait_or_cancel(list(self._in_flight), deadline)
-        self.log.info("worker.stopped")
-
-    async def _wait_or_cancel(self, tasks: list[asyncio.Task[Any]], deadline: float) -> None:
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        while pending := [t for t in (*self._loops, *self._in_flight) if not t.done()]:
+            remaining = self._drain_deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._deadline_moved.clear()
+            moved = asyncio.ensure_future(self._deadline_moved.wait())
+            await asyncio.wait(
+                [*pending, moved], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            moved.cancel()
+        pending = [t for t in (*self._loops, *self._in_flight) if not t.done()]
         for task in pending:
-            task.cancel()
+            task.cancel()  # execute_job releases the job of a cancelled execution
         if pending:
             self.log.warning("worker.cancelled_tasks", count=len(pending))
             await asyncio.wait(pending)
+        self.log.info("worker.stopped")
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -279,10 +300,13 @@ class Worker:
                 await _wait(self._stop_event, delay)
                 continue
             backoff.reset()
+            if self._stop_event.is_set():
+                # Stopped while dequeuing: hand these back rather than start new work.
+                for job in jobs:
+                    await self._release_unstarted(job)
+                break
             for job in jobs:
                 self._spawn(job)
-            if self._stop_event.is_set():
-                break
             if jobs and len(jobs) == free:
                 continue  # the queue may hold more; wait for a free slot above
             await _wait(self._job_wake, self.job_poll_interval)
@@ -300,6 +324,12 @@ class Worker:
         )
         self._in_flight.add(task)
         task.add_done_callback(self._job_done)
+
+    async def _release_unstarted(self, job: Job) -> None:
+        try:
+            await release_job(self.kernel, job, worker_id=self.worker_id, reason="dequeued on stop")
+        except Exception as exc:  # its lease expires and lease.reapStale releases it
+            self.log.error("worker.release_failed", job_id=job.id, error=describe_exception(exc))
 
     def _job_done(self, task: asyncio.Task[Any]) -> None:
         self._in_flight.discard(task)

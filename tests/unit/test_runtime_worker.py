@@ -152,19 +152,97 @@ async def test_stop_drains_in_flight_jobs(backend: Backend) -> None:
     assert await _status(kernel, later) is RunStatus.PENDING  # not claimed while stopping
 
 
-async def test_stop_cancels_jobs_past_the_drain_timeout(backend: Backend) -> None:
-    """A stage still running at the drain deadline is cancelled; its job stays leased for
-    lease.reapStale to hand to another worker."""
+async def test_stop_releases_jobs_past_the_drain_timeout(backend: Backend) -> None:
+    """A stage still running at the drain deadline is cancelled and its job handed back at
+    once (QUEUED, stage PENDING, a stage:failed event saying it will retry), so a second
+    worker finishes the run without waiting for the stale-lease threshold."""
     kernel = _kernel(backend)
     run_id = await _start(kernel)
-    worker = Worker(kernel, job_poll_interval=0.01)
+    worker = Worker(kernel, job_poll_interval=0.01, stale_lease_threshold=3600)
     await worker.start()
     await _until_entered(1)
     await asyncio.wait_for(worker.stop(drain_timeout=0.05), 1.0)
     assert worker.in_flight == 0
     assert await _status(kernel, run_id) is RunStatus.RUNNING
     jobs = list(backend.job_transport.jobs.values())  # type: ignore[attr-defined]
-    assert [j.status for j in jobs] == [JobStatus.LEASED]
+    assert [j.status for j in jobs] == [JobStatus.QUEUED]
+    run = await kernel.get_run(run_id)
+    assert [s.status.value for s in run.stages] == ["PENDING"]
+    events = await _events(backend, run_id)
+    failed = [e for e in events if e.type == "stage:failed"]
+    assert len(failed) == 1
+    assert failed[0].will_retry  # type: ignore[attr-defined]
+    GATE["open"].set()
+    async with Worker(kernel, job_poll_interval=0.01, stale_lease_threshold=3600):
+        await asyncio.wait_for(_until_status(kernel, run_id, RunStatus.COMPLETED), 1.5)
+    kinds = [e.type for e in await _events(backend, run_id)]
+    assert kinds.count("stage:started") == 2
+    assert kinds.count("stage:completed") == 1
+
+
+async def test_second_stop_shortens_the_drain(backend: Backend) -> None:
+    """A stop already draining with a long timeout is cut short by stop(drain_timeout=0)
+    (the second SIGTERM), and both callers return once the job is released."""
+    kernel = _kernel(backend)
+    await _start(kernel)
+    worker = Worker(kernel, job_poll_interval=0.01)
+    await worker.start()
+    await _until_entered(1)
+    patient = asyncio.create_task(worker.stop(drain_timeout=30))
+    await asyncio.sleep(0)  # let the first stop begin draining
+    await asyncio.wait_for(worker.stop(drain_timeout=0), 1.0)
+    await asyncio.wait_for(patient, 1.0)
+    jobs = list(backend.job_transport.jobs.values())  # type: ignore[attr-defined]
+    assert [j.status for j in jobs] == [JobStatus.QUEUED]
+
+
+async def test_jobs_dequeued_while_stopping_are_released_not_run(backend: Backend) -> None:
+    """A dequeue that returns after stop() began hands its jobs straight back: no new
+    stage starts once the worker is stopping."""
+    transport = _StoppingTransport(backend.job_transport)
+    kernel = _kernel(backend, transport)
+    run_id = await _start(kernel)
+    worker = Worker(kernel, job_poll_interval=0.01)
+    transport.worker = worker
+    await worker.start()
+    await asyncio.wait_for(transport.dequeued.wait(), 1.5)
+    await asyncio.wait_for(worker.stop(drain_timeout=1.0), 1.5)
+    assert GATE["entered"] == []
+    jobs = list(backend.job_transport.jobs.values())  # type: ignore[attr-defined]
+    assert [j.status for j in jobs] == [JobStatus.QUEUED]
+    assert await _status(kernel, run_id) is RunStatus.RUNNING
+
+
+class _StoppingTransport:
+    """Starts the worker's stop while its dequeue is in progress (a SIGTERM at the worst
+    moment), then returns the leased jobs."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.worker: Worker | None = None
+        self.dequeued = asyncio.Event()
+        self.stop_task: asyncio.Task[None] | None = None
+
+    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+        jobs: list[Job] = await self.inner.dequeue(worker_id, now, limit=limit)
+        if jobs and self.worker is not None and self.stop_task is None:
+            self.stop_task = asyncio.create_task(self.worker.stop(drain_timeout=1.0))
+            await asyncio.sleep(0)  # the stop sets its flag before we return
+            self.dequeued.set()
+        return jobs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def _events(backend: Backend, run_id: str) -> list[Any]:
+    async with backend.persistence.transaction() as tx:
+        return list(await tx.events_for_run(run_id))
+
+
+async def _until_status(kernel: Kernel, run_id: str, status: RunStatus) -> None:
+    while await _status(kernel, run_id) is not status:
+        await asyncio.sleep(0.01)
 
 
 async def test_job_loop_backs_off_while_dequeue_fails_and_recovers(backend: Backend) -> None:
