@@ -174,7 +174,8 @@ async def test_stop_releases_jobs_past_the_drain_timeout(backend: Backend) -> No
     assert failed[0].will_retry  # type: ignore[attr-defined]
     GATE["open"].set()
     async with Worker(kernel, job_poll_interval=0.01, stale_lease_threshold=3600):
-        await asyncio.wait_for(_until_status(kernel, run_id, RunStatus.COMPLETED), 1.5)
+        await _until_entered(2)  # the stop on leaving the block drains the job
+    assert await _status(kernel, run_id) is RunStatus.COMPLETED
     kinds = [e.type for e in await _events(backend, run_id)]
     assert kinds.count("stage:started") == 2
     assert kinds.count("stage:completed") == 1
@@ -238,11 +239,6 @@ class _StoppingTransport:
 async def _events(backend: Backend, run_id: str) -> list[Any]:
     async with backend.persistence.transaction() as tx:
         return list(await tx.events_for_run(run_id))
-
-
-async def _until_status(kernel: Kernel, run_id: str, status: RunStatus) -> None:
-    while await _status(kernel, run_id) is not status:
-        await asyncio.sleep(0.01)
 
 
 async def test_job_loop_backs_off_while_dequeue_fails_and_recovers(backend: Backend) -> None:
