@@ -16,7 +16,11 @@ from treadle.kernel.handlers.common import apply_transition, enqueue_stages, loa
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
+    from treadle.kernel.definitions import WorkflowDefinition
     from treadle.kernel.kernel import Deps, Scope
+    from treadle.ports import Transaction
 
 
 def _check_attributes(attributes: dict[str, Any]) -> None:
@@ -32,21 +36,38 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
     input_json = wf.validate_input(cmd.input)
     config_json = wf.validate_config(cmd.config)
     _check_attributes(cmd.search_attributes)
+    signal_payload = None
     if cmd.signal is not None:
-        raise NotSupportedError(f"signal-with-start is not supported for stage pipeline {wf.id!r}")
+        if wf.kind != "code":
+            raise NotSupportedError(
+                f"signal-with-start is not supported for stage pipeline {wf.id!r}"
+            )
+        from treadle.kernel.handlers.workflows import code_workflow, validate_signal
+
+        signal_payload = validate_signal(
+            code_workflow(wf, "signal-with-start"), cmd.signal.name, cmd.signal.payload
+        )
     now = deps.clock.now()
     async with deps.persistence.transaction() as tx:
-        cached = await scope.claim(tx)
+        # Signal-with-start is not replayed from the idempotency cache: its key names the
+        # run to signal, and every call must deliver its signal.
+        cached = await scope.claim(tx) if cmd.signal is None else None
         if cached is not None:
             return cast("c.RunCreateResult", cached)
+        existing = None
         if cmd.idempotency_key is not None:
             existing = await tx.find_run_by_key(wf.id, cmd.idempotency_key)
-            if existing is not None:
-                result = c.RunCreateResult(
-                    workflow_run_id=existing.id, status=existing.status, created=False
-                )
+        if existing is None and cmd.signal is not None and cmd.run_id is not None:
+            existing = await tx.get_run(cmd.run_id)
+        if existing is not None:
+            if cmd.signal is not None:
+                await _deliver(deps, tx, await load_run(tx, existing.id), cmd, signal_payload, now)
+            result = c.RunCreateResult(
+                workflow_run_id=existing.id, status=existing.status, created=False
+            )
+            if cmd.signal is None:
                 await scope.complete(tx, result)
-                return result
+            return result
         run = Run(
             id=cmd.run_id or deps.ids.new_id(),
             workflow_id=wf.id,
@@ -79,9 +100,40 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
                 )
             ]
         )
+        if cmd.signal is not None:
+            await _deliver(deps, tx, run, cmd, signal_payload, now)
         result = c.RunCreateResult(workflow_run_id=run.id, status=run.status)
-        await scope.complete(tx, result)
+        if cmd.signal is None:
+            await scope.complete(tx, result)
     return result
+
+
+async def _deliver(
+    deps: Deps, tx: Transaction, run: Run, cmd: c.RunCreate, payload: Any, now: datetime
+) -> None:
+    """Signal-with-start: the signal joins the run's inbox in the same transaction."""
+    from treadle.kernel.handlers.workflows import deliver
+
+    assert cmd.signal is not None
+    await deliver(
+        deps,
+        tx,
+        run,
+        deps.workflow(run.workflow_id),
+        cmd.signal.name,
+        payload,
+        None,
+        now,
+        cmd.idempotency_key,
+    )
+
+
+def _refuse_code_workflow(wf: WorkflowDefinition) -> None:
+    if wf.kind == "code":
+        raise NotSupportedError(
+            f"rerun_from does not apply to code workflow {wf.id!r}: its body replays its "
+            "journal from the top"
+        )
 
 
 async def claim_pending(
@@ -208,6 +260,7 @@ async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunReru
             return cast("c.RunRerunFromResult", cached)
         run = await load_run(tx, cmd.workflow_run_id)
         wf = deps.workflow(run.workflow_id)
+        _refuse_code_workflow(wf)
         if cmd.from_stage_id not in wf.stages:
             raise StageNotFoundError(f"workflow {wf.id!r} has no stage {cmd.from_stage_id!r}")
         if not run.status.terminal:

@@ -78,33 +78,52 @@ async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResul
         if cached is not None:
             return cast("c.RunSignalResult", cached)
         run = await load_run(tx, cmd.workflow_run_id)
-        _check_live(run, cmd.name)
-        message = await tx.insert_signal(
-            InboxMessage(
-                workflow_run_id=run.id,
-                name=cmd.name,
-                payload=payload,
-                idempotency_key=cmd.idempotency_key,
-                created_at=now,
-            )
+        await deliver(
+            deps, tx, run, wf, cmd.name, payload, cmd.idempotency_key, now, scope.causation_id
         )
-        await tx.append_events(
-            [
-                SignalReceived(
-                    workflow_run_id=run.id,
-                    timestamp=now,
-                    causation_id=scope.causation_id,
-                    name=cmd.name,
-                    payload=payload,
-                )
-            ]
-        )
-        stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
-        if stage is not None and stage.status is StageStatus.SUSPENDED:
-            await _hand_over(deps, tx, run.id, stage, message, wf, now)
         result = c.RunSignalResult(delivered=True)
         await scope.complete(tx, result)
     return result
+
+
+async def deliver(
+    deps: Deps,
+    tx: Any,
+    run: Run,
+    wf: WorkflowDefinition,
+    name: str,
+    payload: JsonValue,
+    idempotency_key: str | None,
+    now: datetime,
+    causation_id: str | None,
+) -> None:
+    """Inside the caller's transaction, with ``run`` locked: append the signal to the
+    inbox, record ``signal:received``, and hand it to the body if it is waiting for it
+    (``run.signal`` and signal-with-start share this)."""
+    _check_live(run, name)
+    message = await tx.insert_signal(
+        InboxMessage(
+            workflow_run_id=run.id,
+            name=name,
+            payload=payload,
+            idempotency_key=idempotency_key,
+            created_at=now,
+        )
+    )
+    await tx.append_events(
+        [
+            SignalReceived(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=causation_id,
+                name=name,
+                payload=payload,
+            )
+        ]
+    )
+    stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
+    if stage is not None and stage.status is StageStatus.SUSPENDED:
+        await _hand_over(deps, tx, run.id, stage, message, wf, now)
 
 
 async def _hand_over(

@@ -591,3 +591,59 @@ async def test_chaos_commit_failures_never_corrupt_the_journal() -> None:
     steps = [(e.name, e.occurrence) for e in journal if e.kind == "step"]
     assert steps == [("add", i + 1) for i in range(9)]
     assert CALLS["charge"] >= 9
+
+
+# -- signal-with-start and the commands that do not apply ---------------------------------------
+async def test_start_or_signal_starts_once_then_signals_the_live_run() -> None:
+    """Signal-with-start creates the run with the signal in its inbox; the same key again
+    signals that run instead of starting another; every signal is delivered in order."""
+    from treadle.engine import Engine
+
+    te = TestEngine([approval_flow])
+    engine = Engine(te.kernel)
+    first = await engine.start_or_signal(
+        "approval", {"n": 2}, "approve", {"approved": True, "by": "a"}, idempotency_key="k1"
+    )
+    await te.run_until_idle()
+    second = await engine.start_or_signal(
+        "approval", {"n": 2}, "approve", {"approved": True, "by": "b"}, idempotency_key="k1"
+    )
+    assert second.run_id == first.run_id
+    assert len(te.persistence.runs) == 1
+    assert await te.start("approval", {"n": 2}, idempotency_key="k1") is not None
+    assert len(te.persistence.runs) == 1
+    await te.run_until_idle()
+    run = await te.get_run(first.run_id)
+    assert run.status is RunStatus.COMPLETED
+    assert run.output == ["a:True", "b:True"]
+
+
+async def test_start_or_signal_with_a_bad_payload_writes_nothing() -> None:
+    """Signal-with-start validates the signal payload before creating the run."""
+    from treadle.kernel import commands as c
+
+    te = TestEngine([approval_flow])
+    with pytest.raises(InvalidPayloadError, match=r"payload\.approved"):
+        await te.dispatch(
+            c.RunCreate(
+                workflow_id="approval",
+                input={"n": 1},
+                idempotency_key="k",
+                signal=c.SignalSpec(name="approve", payload={"approved": []}),
+            )
+        )
+    assert te.persistence.runs == {}
+
+
+async def test_rerun_from_is_refused_for_code_workflows() -> None:
+    """rerun_from resets pipeline stages; a code workflow replays its journal, so the
+    command is refused with NotSupportedError rather than silently doing nothing."""
+    from treadle.kernel import commands as c
+
+    te = TestEngine([checkout])
+    handle = await te.start("checkout", {"n": 1})
+    await handle.result()
+    with pytest.raises(NotSupportedError, match="code workflow"):
+        await te.dispatch(
+            c.RunRerunFrom(workflow_run_id=handle.run_id, from_stage_id=WORKFLOW_STAGE_ID)
+        )
