@@ -78,7 +78,8 @@ async def test_large_outputs_round_trip_and_rows_hold_references(database_url: s
             sa.select(t.outbox.c.event_type, t.outbox.c.event).where(t.outbox.c.run_id == run.id),
         )
         completed = [event for kind, event in events if kind == "stage:completed"]
-        assert completed and PAYLOAD_REF in completed[0]
+        assert completed
+        assert PAYLOAD_REF in completed[0]
 
         # The small run's rows stay inline: only the grown output of its first stage is big.
         small = await engine.get_run(small_run.run_id)
@@ -131,12 +132,16 @@ async def test_rollback_leaves_no_row_and_no_blob(database_url: str) -> None:
         created_at=now,
         updated_at=now,
     )
+
+    async def insert_then_fail() -> None:
+        async with persistence.transaction() as tx:
+            await tx.insert_run(run)
+            assert await tx.get_run(run.id) is not None  # visible inside, offloaded
+            raise RuntimeError("abort")
+
     try:
         with pytest.raises(RuntimeError, match="abort"):
-            async with persistence.transaction() as tx:
-                await tx.insert_run(run)
-                assert await tx.get_run(run.id) is not None  # visible inside, offloaded
-                raise RuntimeError("abort")
+            await insert_then_fail()
         assert await engine.backend.blob_store.list("payloads/") == []
         assert await _raw(engine, sa.select(t.runs.c.id)) == []
         assert await _raw(engine, sa.select(t.blobs.c.key)) == []
@@ -145,7 +150,8 @@ async def test_rollback_leaves_no_row_and_no_blob(database_url: str) -> None:
             await tx.insert_run(run)
         async with persistence.transaction() as tx:
             stored = await tx.get_run(run.id)
-        assert stored is not None and stored.input == run.input
+        assert stored is not None
+        assert stored.input == run.input
         assert len(await engine.backend.blob_store.list("payloads/")) == 1
     finally:
         await engine.close()
