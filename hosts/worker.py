@@ -130,7 +130,8 @@ class WorkerHost:
         ):
             _check_seconds(name, value, positive=True)
         _check_seconds("drain_timeout", drain_timeout, positive=False)
-        if not isinstance(db, str) or not db:
+        given_db: object = db
+        if not isinstance(given_db, str) or not given_db:
             raise ValueError(f"db must be a database URL, got {db!r}")
         self.workflows = workflows
         self.db = db
@@ -180,8 +181,8 @@ class WorkerHost:
         try:
             return await self._serve()
         finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
+            for installed_signum in installed:
+                loop.remove_signal_handler(installed_signum)
 
     # -- internals ----------------------------------------------------------------------
     async def _serve(self) -> int:

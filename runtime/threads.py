@@ -49,7 +49,7 @@ class StageThreadPool(ThreadPoolExecutor):
         self.join_timeout = join_timeout
         self._prefix = f"{thread_name_prefix}-{next(self._counter)}"
         self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._workers: list[threading.Thread] = []
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._shutdown = False
@@ -61,14 +61,14 @@ class StageThreadPool(ThreadPoolExecutor):
             future: Future[T] = Future()
             self._queue.put((future, fn, args, kwargs))
             # Reuse an idle thread if there is one, else start another up to the bound.
-            if not self._idle.acquire(blocking=False) and len(self._threads) < self.max_workers:
+            if not self._idle.acquire(blocking=False) and len(self._workers) < self.max_workers:
                 thread = threading.Thread(
                     target=self._work,
-                    name=f"{self._prefix}_{len(self._threads)}",
+                    name=f"{self._prefix}_{len(self._workers)}",
                     daemon=True,
                 )
                 thread.start()
-                self._threads.append(thread)
+                self._workers.append(thread)
             return future
 
     def _work(self) -> None:
@@ -96,9 +96,9 @@ class StageThreadPool(ThreadPoolExecutor):
                         break
                     if item is not None:
                         item[0].cancel()
-            for _ in self._threads:
+            for _ in self._workers:
                 self._queue.put(None)
         if wait:
             deadline = time.monotonic() + self.join_timeout
-            for thread in self._threads:
+            for thread in self._workers:
                 thread.join(max(0.0, deadline - time.monotonic()))
