@@ -26,6 +26,7 @@ from treadle.kernel import commands as c
 from treadle.kernel.annotations import validate_attributes
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import (
+    InvalidStateError,
     RunCancelledError,
     RunFailedError,
     TreadleError,
@@ -421,10 +422,20 @@ class Engine:
         return result.delivered
 
     async def update(
-        self, run_id: str, name: str, payload: Any = None, *, idempotency_key: str | None = None
+        self,
+        run_id: str,
+        name: str,
+        payload: Any = None,
+        *,
+        timeout: float | timedelta | None = None,  # noqa: ASYNC109 - binding API name (issue 5)
+        idempotency_key: str | None = None,
     ) -> JsonValue:
-        """Send an update to a code workflow and return its reply."""
+        """Send an update to a code workflow and return the reply its body gives through
+        ``wait_for_update(...).reply(value)``. ``TimeoutError`` once ``timeout`` seconds
+        pass first (the update stays delivered); ``InvalidStateError`` if the run ends
+        without answering. Retrying with the same ``idempotency_key`` never sends twice."""
         self._check_open()
+        limit = None if timeout is None else _seconds(timeout, "timeout")
         command = _build(
             c.RunUpdate,
             "update",
@@ -435,7 +446,26 @@ class Engine:
         )
         result = await self.kernel.dispatch(command)
         self._notify()
-        return result.reply
+        deadline = None if limit is None else time.monotonic() + limit
+        delay = _RESULT_FIRST_POLL
+        while True:
+            answered, reply = await self.kernel.update_reply(run_id, result.update_id)
+            if answered:
+                return reply
+            run = await self.kernel.get_run(run_id, with_stages=False)
+            if run.status.terminal:
+                raise InvalidStateError(
+                    f"run {run_id!r} ended {run.status.value} without answering update {name!r}"
+                )
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"update {name!r} of run {run_id!r} unanswered after {limit:g}s"
+                    )
+                delay = min(delay, remaining)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESULT_MAX_POLL)
 
     async def decide_review(
         self,

@@ -280,6 +280,14 @@ class Kernel:
 
         return await query(self.deps, run_id, key)
 
+    async def update_reply(self, run_id: str, update_id: str) -> tuple[bool, JsonValue]:
+        """``(answered, reply)`` of an update sent with ``run.update``."""
+        from treadle.kernel.handlers.workflows import update_reply_in
+
+        async with self.deps.persistence.transaction() as tx:
+            await self._existing(tx, run_id)
+            return await update_reply_in(tx, run_id, update_id)
+
     async def journal(self, run_id: str) -> list[JournalEntry]:
         """A code workflow run's journal, in the order its body reached each call."""
         async with self.deps.persistence.transaction() as tx:

@@ -16,6 +16,7 @@ from treadle.kernel.events import EventBase, OutboxRecord
 from treadle.kernel.model import (
     Annotation,
     IdempotencyRecord,
+    JsonValue,
     LogRecord,
     Run,
     RunFilter,
@@ -139,8 +140,10 @@ class Transaction(Protocol):
         """Append to the run's inbox; returns it with its ``id`` (ids grow in arrival
         order). ``DuplicateError`` if the run has a message with the same idempotency key."""
 
-    async def next_signal(self, run_id: str, name: str) -> InboxMessage | None:
-        """The run's oldest unconsumed signal called ``name``."""
+    async def next_signal(
+        self, run_id: str, name: str, *, kind: str = "signal"
+    ) -> InboxMessage | None:
+        """The run's oldest unconsumed message of ``kind`` (signal, update) called ``name``."""
 
     async def consume_signal(
         self, message_id: int, consumed_at: datetime, consumed_by: str
@@ -150,6 +153,12 @@ class Transaction(Protocol):
 
     async def list_signals(self, run_id: str) -> list[InboxMessage]:
         """The run's inbox in arrival order, consumed or not."""
+
+    async def find_update(self, run_id: str, update_id: str) -> InboxMessage | None:
+        """The update message with this ``update_id``, if the run received it."""
+
+    async def set_reply(self, message_id: int, reply: JsonValue) -> None:
+        """Store the workflow's reply to an update; ``ConcurrencyError`` if it already has one."""
 
     async def schedule_timer(self, timer: Timer) -> Timer:
         """Insert or replace the timer of (run, name, occurrence), live (unfired); returns

@@ -276,6 +276,21 @@ class TestEngine:
         )
         return result.delivered
 
+    async def update(self, run_id: str, name: str, payload: Any = None) -> Any:
+        """Send an update (``run.update``), run until idle, and return the body's reply;
+        ``TreadleError`` if the body has not answered at the current virtual time."""
+        result = await self.kernel.dispatch(
+            c.RunUpdate(workflow_run_id=run_id, name=name, payload=payload)
+        )
+        await self.run_until_idle()
+        answered, reply = await self.kernel.update_reply(run_id, result.update_id)
+        if not answered:
+            raise TreadleError(
+                f"update {name!r} of run {run_id!r} is unanswered at virtual time "
+                f"{self.clock.now()}"
+            )
+        return reply
+
     async def query(self, run_id: str, key: str) -> Any:
         """What the run last published with ``ctx.publish(key, ...)``."""
         return await self.kernel.query(run_id, key)

@@ -21,6 +21,7 @@ from treadle.kernel.events import EventBase, OutboxRecord
 from treadle.kernel.model import (
     Annotation,
     IdempotencyRecord,
+    JsonValue,
     LogRecord,
     Run,
     RunFilter,
@@ -398,10 +399,12 @@ class InMemoryTransaction:
         self.on_rollback(functools.partial(_drop_last, bucket))
         return stored
 
-    async def next_signal(self, run_id: str, name: str) -> InboxMessage | None:
+    async def next_signal(
+        self, run_id: str, name: str, *, kind: str = "signal"
+    ) -> InboxMessage | None:
         for message_id in self._s.inbox_by_run.get(run_id, []):
             message = self._s.inbox[message_id]
-            if message.kind == "signal" and message.name == name and message.consumed_at is None:
+            if message.kind == kind and message.name == name and message.consumed_at is None:
                 return message
         return None
 
@@ -420,6 +423,20 @@ class InMemoryTransaction:
 
     async def list_signals(self, run_id: str) -> list[InboxMessage]:
         return [self._s.inbox[i] for i in self._s.inbox_by_run.get(run_id, [])]
+
+    async def find_update(self, run_id: str, update_id: str) -> InboxMessage | None:
+        for message_id in self._s.inbox_by_run.get(run_id, []):
+            message = self._s.inbox[message_id]
+            if message.kind == "update" and message.update_id == update_id:
+                return message
+        return None
+
+    async def set_reply(self, message_id: int, reply: JsonValue) -> None:
+        self._check()
+        message = self._s.inbox.get(message_id)
+        if message is None or message.reply is not None:
+            raise ConcurrencyError(f"update message {message_id} was answered already")
+        self.set_item(self._s.inbox, message_id, evolve(message, {"reply": reply}))
 
     async def schedule_timer(self, timer: Timer) -> Timer:
         self._check()

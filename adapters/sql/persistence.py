@@ -47,6 +47,7 @@ from treadle.kernel.model import (
     Annotation,
     IdempotencyRecord,
     IdempotencyState,
+    JsonValue,
     LogRecord,
     Run,
     RunFilter,
@@ -827,14 +828,16 @@ class SqlTransaction:
             )
         return evolve(message, {"id": int(row[0])})
 
-    async def next_signal(self, run_id: str, name: str) -> InboxMessage | None:
+    async def next_signal(
+        self, run_id: str, name: str, *, kind: str = "signal"
+    ) -> InboxMessage | None:
         c = t.signal_inbox.c
         query = (
             sa.select(t.signal_inbox)
             .where(
                 c.run_id == run_id,
                 c.name == name,
-                c.kind == "signal",
+                c.kind == kind,
                 c.consumed_at.is_(None),
             )
             .order_by(c.id)
@@ -859,6 +862,24 @@ class SqlTransaction:
         c = t.signal_inbox.c
         query = sa.select(t.signal_inbox).where(c.run_id == run_id).order_by(c.id)
         return [_inbox_from_row(row) for row in await self.execute(query, "list signals")]
+
+    async def find_update(self, run_id: str, update_id: str) -> InboxMessage | None:
+        c = t.signal_inbox.c
+        query = sa.select(t.signal_inbox).where(
+            c.run_id == run_id, c.kind == "update", c.update_id == update_id
+        )
+        row = (await self.execute(query, "find update")).first()
+        return _inbox_from_row(row) if row is not None else None
+
+    async def set_reply(self, message_id: int, reply: JsonValue) -> None:
+        c = t.signal_inbox.c
+        stmt = (
+            sa.update(t.signal_inbox)
+            .where(c.id == message_id, c.reply.is_(None) | (sa.cast(c.reply, sa.Text) == "null"))
+            .values(reply=reply)
+        )
+        if (await self.execute(stmt, "set reply")).rowcount != 1:
+            raise ConcurrencyError(f"update message {message_id} was answered already")
 
     async def schedule_timer(self, timer: Timer) -> Timer:
         c = t.timers.c

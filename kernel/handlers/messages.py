@@ -1,6 +1,6 @@
 """Signals, updates and review decisions. Stage pipelines have no place to deliver
 them and answer ``NotSupportedError``; signals to code workflows go to their inbox
-(``handlers.workflows``). Updates and reviews are not built yet."""
+(``handlers.workflows``), and so do updates. Reviews are not built yet."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResul
 
 
 async def update(deps: Deps, cmd: c.RunUpdate, scope: Scope) -> c.RunUpdateResult:
-    await _target(deps, cmd.workflow_run_id, f"update {cmd.name!r}")
-    raise AssertionError("unreachable")  # pragma: no cover
+    from treadle.kernel.handlers import workflows
+
+    return await workflows.update(deps, cmd, scope)
 
 
 async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.ReviewDecideResult:

@@ -11,23 +11,30 @@ delivered at most once and, being committed with the journal entry, never lost.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel import commands as c
-from treadle.kernel.errors import InvalidPayloadError, InvalidStateError, NotSupportedError
+from treadle.kernel.errors import (
+    InvalidPayloadError,
+    InvalidStateError,
+    NotFoundError,
+    NotSupportedError,
+)
 from treadle.kernel.events import EventBase, SignalReceived, TimerFired
 from treadle.kernel.handlers.common import load_run
 from treadle.kernel.model import JsonValue, Run, StageStatus
+from treadle.kernel.workflows.context import message_result
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
-from treadle.kernel.workflows.executor import signal_result, wake, write_entries
+from treadle.kernel.workflows.executor import wake, write_entries
 from treadle.kernel.workflows.model import InboxMessage, JournalStatus, journal_key
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
     from treadle.kernel.kernel import Deps, Scope
     from treadle.kernel.model import StageRun
+    from treadle.ports import Transaction
 
 
 def code_workflow(wf: WorkflowDefinition, what: str) -> CodeWorkflowDefinition:
@@ -38,36 +45,42 @@ def code_workflow(wf: WorkflowDefinition, what: str) -> CodeWorkflowDefinition:
     return wf
 
 
-def validate_signal(wf: CodeWorkflowDefinition, name: str, payload: Any) -> JsonValue:
-    """Check a payload against the signal's declared model (if the workflow declares its
-    signals); returns its JSON form. Raises ``InvalidPayloadError`` naming the field."""
-    if not wf.signals:
+def validate_signal(
+    wf: CodeWorkflowDefinition, name: str, payload: Any, *, kind: str = "signal"
+) -> JsonValue:
+    """Check a payload against the declared model of the signal (or update), if the
+    workflow declares them; returns its JSON form. ``InvalidPayloadError`` names the field."""
+    declared = wf.signals if kind == "signal" else wf.updates
+    if not declared:
         return payload
-    adapter = wf.signals.get(name)
+    adapter = declared.get(name)
     if adapter is None:
         raise InvalidPayloadError(
-            f"workflow {wf.id!r} declares no signal {name!r} (declared: {sorted(wf.signals)})",
-            [("name", "unknown signal")],
+            f"workflow {wf.id!r} declares no {kind} {name!r} (declared: {sorted(declared)})",
+            [("name", f"unknown {kind}")],
         )
     try:
         value = adapter.validate_python(payload)
     except PydanticValidationError as exc:
         raise InvalidPayloadError.from_pydantic(
-            f"invalid payload for signal {name!r} of workflow {wf.id!r}", exc, prefix="payload"
+            f"invalid payload for {kind} {name!r} of workflow {wf.id!r}", exc, prefix="payload"
         ) from None
     return adapter.dump_python(value, mode="json")
 
 
-def _check_live(run: Run, name: str) -> None:
+def _check_live(run: Run, name: str, kind: str = "signal") -> None:
     if run.status.terminal:
         raise InvalidStateError(
-            f"cannot deliver signal {name!r} to run {run.id!r}: it is {run.status.value}"
+            f"cannot deliver {kind} {name!r} to run {run.id!r}: it is {run.status.value}"
         )
 
 
 async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResult:
     """Validate before writing anything; then append, announce, and hand over if awaited."""
     async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)  # a replay answers even after the run ended
+        if cached is not None:
+            return cast("c.RunSignalResult", cached)
         run = await load_run(tx, cmd.workflow_run_id, for_update=False)
     _check_live(run, cmd.name)
     wf = code_workflow(deps.workflow(run.workflow_id), f"signal {cmd.name!r}")
@@ -88,7 +101,7 @@ async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResul
 
 async def deliver(
     deps: Deps,
-    tx: Any,
+    tx: Transaction,
     run: Run,
     wf: WorkflowDefinition,
     name: str,
@@ -96,68 +109,134 @@ async def deliver(
     idempotency_key: str | None,
     now: datetime,
     causation_id: str | None,
-) -> None:
-    """Inside the caller's transaction, with ``run`` locked: append the signal to the
-    inbox, record ``signal:received``, and hand it to the body if it is waiting for it
-    (``run.signal`` and signal-with-start share this)."""
-    _check_live(run, name)
+    *,
+    kind: Literal["signal", "update"] = "signal",
+    update_id: str | None = None,
+) -> InboxMessage:
+    """Inside the caller's transaction, with ``run`` locked: append the message to the
+    inbox, record ``signal:received`` (for signals), and hand it to the body if it is
+    waiting for it (``run.signal``, signal-with-start and ``run.update`` share this)."""
+    _check_live(run, name, kind)
     message = await tx.insert_signal(
         InboxMessage(
             workflow_run_id=run.id,
+            kind=kind,
             name=name,
             payload=payload,
+            update_id=update_id,
             idempotency_key=idempotency_key,
             created_at=now,
         )
     )
-    await tx.append_events(
-        [
-            SignalReceived(
-                workflow_run_id=run.id,
-                timestamp=now,
-                causation_id=causation_id,
-                name=name,
-                payload=payload,
-            )
-        ]
-    )
+    if kind == "signal":
+        await tx.append_events(
+            [
+                SignalReceived(
+                    workflow_run_id=run.id,
+                    timestamp=now,
+                    causation_id=causation_id,
+                    name=name,
+                    payload=payload,
+                )
+            ]
+        )
     stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
     if stage is not None and stage.status is StageStatus.SUSPENDED:
         await _hand_over(deps, tx, run.id, stage, message, wf, now)
+    return message
 
 
 async def _hand_over(
     deps: Deps,
-    tx: Any,
+    tx: Transaction,
     run_id: str,
     stage: StageRun,
     message: InboxMessage,
     wf: WorkflowDefinition,
     now: datetime,
 ) -> None:
-    """A suspended body waiting for this signal name takes the oldest such message."""
-    key = journal_key("signal", message.name)
+    """A suspended body waiting for this message name takes the oldest such message."""
+    key = journal_key(message.kind, message.name)
     waiting = [
         e
         for e in await tx.get_journal(run_id, status=JournalStatus.WAITING)
-        if e.kind == "signal" and e.name == key
+        if e.kind == message.kind and e.name == key
     ]
     if not waiting:
         return
     entry = waiting[0]
-    oldest = await tx.next_signal(run_id, message.name)
+    oldest = await tx.next_signal(run_id, message.name, kind=message.kind)
     assert oldest is not None
     assert oldest.id is not None
     done = entry.model_copy(
         update={
             "status": JournalStatus.COMPLETED,
-            "result": signal_result(oldest),
+            "result": message_result(oldest),
             "completed_at": now,
         }
     )
     await write_entries(tx, [done], now)
     await tx.consume_signal(oldest.id, now, f"{entry.name}#{entry.occurrence}")
     await wake(deps, tx, await load_run(tx, run_id), stage, wf, now)
+
+
+async def update(deps: Deps, cmd: c.RunUpdate, scope: Scope) -> c.RunUpdateResult:
+    """Deliver an update to the inbox (waking a body waiting for it) and return its
+    ``update_id``; ``reply`` is set when the body has already answered (a replay of the
+    same idempotency key). ``engine.update`` waits for the reply."""
+    async with deps.persistence.transaction() as tx:
+        cached = await _cached_update(tx, scope, cmd)  # a replay answers after the run ended
+        if cached is not None:
+            return cached
+        run = await load_run(tx, cmd.workflow_run_id, for_update=False)
+    _check_live(run, cmd.name, "update")
+    wf = code_workflow(deps.workflow(run.workflow_id), f"update {cmd.name!r}")
+    payload = validate_signal(wf, cmd.name, cmd.payload, kind="update")
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await _cached_update(tx, scope, cmd)
+        if cached is not None:
+            return cached
+        run = await load_run(tx, cmd.workflow_run_id)
+        update_id = deps.ids.new_id()
+        await deliver(
+            deps,
+            tx,
+            run,
+            wf,
+            cmd.name,
+            payload,
+            cmd.idempotency_key,
+            now,
+            scope.causation_id,
+            kind="update",
+            update_id=update_id,
+        )
+        result = c.RunUpdateResult(update_id=update_id)
+        await scope.complete(tx, result)
+    return result
+
+
+async def _cached_update(
+    tx: Transaction, scope: Scope, cmd: c.RunUpdate
+) -> c.RunUpdateResult | None:
+    cached = await scope.claim(tx)
+    if cached is None:
+        return None
+    result = cast("c.RunUpdateResult", cached)
+    done, reply = await update_reply_in(tx, cmd.workflow_run_id, result.update_id)
+    return result.model_copy(update={"reply": reply}) if done else result
+
+
+async def update_reply_in(tx: Transaction, run_id: str, update_id: str) -> tuple[bool, JsonValue]:
+    """``(answered, reply)`` of an update."""
+    message = await tx.find_update(run_id, update_id)
+    if message is None:
+        raise NotFoundError(f"run {run_id!r} has no update {update_id!r}")
+    reply = message.reply if isinstance(message.reply, dict) else None
+    if reply is None or "value" not in reply:
+        return False, None
+    return True, reply["value"]
 
 
 async def fire_timers(
@@ -188,7 +267,7 @@ async def fire_timers(
             await tx.fire_timer(run.id, timer.name, timer.occurrence, now)
             entry = await tx.get_journal_entry(run.id, timer.name, timer.occurrence)
             if entry is not None and entry.status is JournalStatus.WAITING:
-                result = {"timed_out": True} if timer.purpose == "signal_timeout" else None
+                result = {"timed_out": True} if timer.purpose.endswith("_timeout") else None
                 done = entry.model_copy(
                     update={
                         "status": JournalStatus.COMPLETED,

@@ -58,7 +58,7 @@ _ANY: TypeAdapter[Any] = TypeAdapter(Any)
 class Wait:
     """Why a body unwound to suspend: what it waits for, and until when."""
 
-    kind: Literal["sleep", "signal", "retry"]
+    kind: Literal["sleep", "signal", "update", "retry"]
     position: int
     name: str
     occurrence: int
@@ -104,9 +104,10 @@ class JournalWriter(Protocol):
         events: Sequence[EventBase],
         *,
         consume: Sequence[tuple[int, str]] = (),
+        replies: Sequence[tuple[int, JsonValue]] = (),
     ) -> list[JournalEntry]: ...
 
-    async def peek_signal(self, name: str) -> InboxMessage | None: ...
+    async def peek_message(self, kind: str, name: str) -> InboxMessage | None: ...
 
 
 def _seconds(value: timedelta | float | None, what: str) -> float | None:
@@ -281,6 +282,7 @@ class WorkflowContext:
         events: Sequence[EventBase] = (),
         *,
         consume: Sequence[tuple[int, str]] = (),
+        replies: Sequence[tuple[int, JsonValue]] = (),
     ) -> None:
         """Commit ``entries`` with the pending ones; a storage failure unwinds the body
         (``crash``) instead of surfacing inside it, so a body cannot carry on past a step
@@ -288,7 +290,7 @@ class WorkflowContext:
         batch = [*self._pending, *entries]
         try:
             stored = await self._writer.commit(
-                batch, [*self._pending_events, *events], consume=consume
+                batch, [*self._pending_events, *events], consume=consume, replies=replies
             )
         except Interrupt as interrupt:
             raise self._stop(interrupt) from None
@@ -542,12 +544,37 @@ class WorkflowContext:
     ) -> Any:
         """The oldest signal ``name`` not yet consumed, validated by ``model``; suspends
         the run until one arrives. ``WaitTimeoutError`` once ``timeout`` passes first."""
-        _check_name(name, "signal")
-        seconds = _seconds(timeout, "timeout")
-        position, key, occurrence, entry = self._reserve("signal", name)
         adapter = TypeAdapter(model) if model is not None else None
+        entry = await self._wait_message("signal", name, timeout)
+        return _message_value(entry, adapter, "signal", name)
+
+    async def wait_for_update(
+        self,
+        name: str,
+        model: Any = None,
+        *,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - binding API name (DESIGN §3.2)
+    ) -> UpdateRequest:
+        """The oldest update ``name`` not yet taken: its validated ``payload``; the body
+        answers with ``await request.reply(value)``, which ``engine.update`` returns."""
+        adapter = TypeAdapter(model) if model is not None else None
+        entry = await self._wait_message("update", name, timeout)
+        payload = _message_value(entry, adapter, "update", name)
+        result = entry.result if isinstance(entry.result, dict) else {}
+        return UpdateRequest(
+            self, name, str(result.get("update_id")), int(result["message_id"]), payload
+        )
+
+    async def _wait_message(
+        self, kind: Literal["signal", "update"], name: str, limit: timedelta | float | None
+    ) -> JournalEntry:
+        """The journal entry of this wait, completed with a consumed message or a timeout;
+        unwinds the body (suspend) while neither has happened."""
+        _check_name(name, kind)
+        seconds = _seconds(limit, "timeout")
+        position, key, occurrence, entry = self._reserve(kind, name)
         if entry is not None and entry.status is JournalStatus.COMPLETED:
-            return _signal_value(entry, adapter, name)
+            return entry
         now = self._now()
         if entry is not None:
             until = entry.until
@@ -555,7 +582,7 @@ class WorkflowContext:
             until = now + timedelta(seconds=seconds) if seconds is not None else None
         wait_input = entry.input if entry is not None else None
         try:
-            message = await self._writer.peek_signal(name)
+            message = await self._writer.peek_message(kind, name)
         except Exception as exc:
             raise self._stop(Interrupt("crash", error=exc)) from exc
         if message is not None:
@@ -564,34 +591,78 @@ class WorkflowContext:
                 position,
                 key,
                 occurrence,
-                "signal",
+                kind,
                 status=JournalStatus.COMPLETED,
                 input=wait_input,
-                result={"payload": message.payload, "message_id": message.id},
+                result=message_result(message),
                 completed_at=now,
             )
             await self._commit([done], consume=[(message.id, f"{key}#{occurrence}")])
-            return _signal_value(done, adapter, name)
+            return self._by_position[position]
         if until is not None and until <= now:
             done = self._entry(
                 position,
                 key,
                 occurrence,
-                "signal",
+                kind,
                 status=JournalStatus.COMPLETED,
                 input=wait_input,
                 result={"timed_out": True},
                 completed_at=now,
             )
             await self._commit([done])
-            return _signal_value(done, adapter, name)
-        raise self._suspend(Wait("signal", position, key, occurrence, until, signal=name))
+            return self._by_position[position]
+        raise self._suspend(Wait(kind, position, key, occurrence, until, signal=name))
+
+    async def _reply(self, request: UpdateRequest, value: Any) -> None:
+        position, key, occurrence, entry = self._reserve("reply", request.name)
+        if entry is not None:
+            return
+        encoded = _ANY.dump_python(value, mode="json")
+        done = self._entry(
+            position,
+            key,
+            occurrence,
+            "reply",
+            status=JournalStatus.COMPLETED,
+            result={"update_id": request.update_id, "value": encoded},
+            completed_at=self._now(),
+        )
+        await self._commit([done], replies=[(request.message_id, {"value": encoded})])
 
 
-def _signal_value(entry: JournalEntry, adapter: TypeAdapter[Any] | None, name: str) -> Any:
+class UpdateRequest:
+    """An update taken by ``wait_for_update``: ``payload``, ``update_id``, and ``reply``."""
+
+    def __init__(
+        self, ctx: WorkflowContext, name: str, update_id: str, message_id: int, payload: Any
+    ) -> None:
+        self._ctx = ctx
+        self.name = name
+        self.update_id = update_id
+        self.message_id = message_id
+        self.payload = payload
+
+    async def reply(self, value: Any = None) -> None:
+        """Answer the caller of ``engine.update``; journaled, so a replay does not answer
+        twice."""
+        await self._ctx._reply(self, value)
+
+
+def message_result(message: InboxMessage) -> JsonValue:
+    """What a wait journals about the message it consumed."""
+    result: dict[str, JsonValue] = {"payload": message.payload, "message_id": message.id}
+    if message.update_id is not None:
+        result["update_id"] = message.update_id
+    return result
+
+
+def _message_value(
+    entry: JournalEntry, adapter: TypeAdapter[Any] | None, kind: str, name: str
+) -> Any:
     result = entry.result if isinstance(entry.result, dict) else {}
     if result.get("timed_out"):
-        raise WaitTimeoutError(f"signal {name!r} did not arrive before its timeout")
+        raise WaitTimeoutError(f"{kind} {name!r} did not arrive before its timeout")
     payload = result.get("payload")
     if adapter is None:
         return payload
@@ -599,6 +670,6 @@ def _signal_value(entry: JournalEntry, adapter: TypeAdapter[Any] | None, name: s
         return adapter.validate_python(payload)
     except PydanticValidationError as exc:
         error: TreadleValidationError = InvalidPayloadError.from_pydantic(
-            f"signal {name!r} payload does not match its model", exc, prefix="payload"
+            f"{kind} {name!r} payload does not match its model", exc, prefix="payload"
         )
         raise error from None

@@ -49,6 +49,8 @@ class CodeWorkflowDefinition(WorkflowDefinition):
     signals: Mapping[str, TypeAdapter[Any]] = field(default_factory=dict, repr=False)
     """Declared signal payload models: ``run.signal`` validates against them before
     anything is written."""
+    updates: Mapping[str, TypeAdapter[Any]] = field(default_factory=dict, repr=False)
+    """Declared update payload models, checked by ``run.update`` the same way."""
     step_overrides: Mapping[str, Callable[..., Any]] = field(default_factory=dict, repr=False)
     """Step name -> replacement function (``TestEngine.mock_step``)."""
 
@@ -71,10 +73,12 @@ def workflow(
     version: str | int = "1",
     description: str | None = None,
     signals: Mapping[str, Any] | None = None,
+    updates: Mapping[str, Any] | None = None,
 ) -> Callable[[WorkflowFn], CodeWorkflowDefinition]:
     """Decorate ``async def body(ctx: WorkflowContext, input) -> output`` as a code
     workflow. ``signals`` optionally maps signal names to payload models, so that
-    ``engine.signal`` rejects a bad payload (naming the field) before it is stored."""
+    ``engine.signal`` rejects a bad payload (naming the field) before it is stored;
+    ``updates`` does the same for ``engine.update``."""
     if not id or not isinstance(id, str):
         raise DefinitionError("workflow: id must be a non-empty string")
 
@@ -106,6 +110,7 @@ def workflow(
             fn=fn,
             output_model=output,
             signals={name: TypeAdapter(model) for name, model in (signals or {}).items()},
+            updates={name: TypeAdapter(model) for name, model in (updates or {}).items()},
         )
 
     return wrap

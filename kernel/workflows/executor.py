@@ -36,7 +36,7 @@ from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, fail_run, new_jobs
 from treadle.kernel.handlers.jobs import _is_current, _Started, validate_output
 from treadle.kernel.model import JsonValue, Run, RunStatus, StageRun, StageStatus, evolve
-from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext
+from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext, message_result
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 
@@ -84,10 +84,6 @@ async def wake(
         await tx.update_run(evolve(run, {"status": RunStatus.RUNNING, "updated_at": now}))
 
 
-def signal_result(message: InboxMessage) -> JsonValue:
-    return {"payload": message.payload, "message_id": message.id}
-
-
 # -- the activation -----------------------------------------------------------------------
 class _Writer:
     """The ``JournalWriter`` of one activation: every commit re-checks ownership."""
@@ -116,6 +112,7 @@ class _Writer:
         events: Sequence[EventBase],
         *,
         consume: Sequence[tuple[int, str]] = (),
+        replies: Sequence[tuple[int, JsonValue]] = (),
     ) -> list[JournalEntry]:
         now = self._deps.clock.now()
         async with self._deps.persistence.transaction() as tx:
@@ -124,14 +121,16 @@ class _Writer:
             stored = await write_entries(tx, entries, now)
             for message_id, consumer in consume:
                 await tx.consume_signal(message_id, now, consumer)
+            for message_id, reply in replies:
+                await tx.set_reply(message_id, reply)
             if events:
                 causation = self._scope.causation_id
                 await tx.append_events([evolve(e, {"causation_id": causation}) for e in events])
         return stored
 
-    async def peek_signal(self, name: str) -> InboxMessage | None:
+    async def peek_message(self, kind: str, name: str) -> InboxMessage | None:
         async with self._deps.persistence.transaction() as tx:
-            return await tx.next_signal(self._s.run.id, name)
+            return await tx.next_signal(self._s.run.id, name, kind=kind)
 
 
 async def execute_activation(
@@ -359,20 +358,20 @@ async def _record_wait(
             return wait.until
         await _schedule(tx, run_id, wait, "retry", now)
         return None
-    if wait.kind == "signal":
+    if wait.kind in ("signal", "update"):
         assert wait.signal is not None
-        message = await tx.next_signal(run_id, wait.signal)
+        message = await tx.next_signal(run_id, wait.signal, kind=wait.kind)
         if message is not None:  # arrived while the body was unwinding: take it now
             assert message.id is not None
             done = _waiting(run_id, wait, now, entry, JournalStatus.COMPLETED)
-            done = evolve(done, {"result": signal_result(message), "completed_at": now})
+            done = evolve(done, {"result": message_result(message), "completed_at": now})
             await write_entries(tx, [done], now)
             await tx.consume_signal(message.id, now, f"{wait.name}#{wait.occurrence}")
             return now
     if entry is None:
         await write_entries(tx, [_waiting(run_id, wait, now, None, JournalStatus.WAITING)], now)
         if wait.until is not None:
-            purpose = "sleep" if wait.kind == "sleep" else "signal_timeout"
+            purpose = "sleep" if wait.kind == "sleep" else f"{wait.kind}_timeout"
             await _schedule(tx, run_id, wait, purpose, now)
     return None
 

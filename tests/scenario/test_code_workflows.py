@@ -647,3 +647,73 @@ async def test_rerun_from_is_refused_for_code_workflows() -> None:
         await te.dispatch(
             c.RunRerunFrom(workflow_run_id=handle.run_id, from_stage_id=WORKFLOW_STAGE_ID)
         )
+
+
+# -- 6. updates ---------------------------------------------------------------------------------
+class Bump(BaseModel):
+    by: int
+
+
+@workflow(id="counter", input=Order, output=int, updates={"bump": Bump})
+async def counter(ctx: WorkflowContext, order: Order) -> int:
+    total = order.n
+    while total < 10:
+        request = await ctx.wait_for_update("bump", Bump, timeout=timedelta(days=1))
+        total += request.payload.by
+        ctx.publish("total", total)
+        await request.reply({"total": total})
+    return total
+
+
+async def test_update_returns_the_reply_of_the_waiting_body() -> None:
+    """engine.update delivers to a body waiting in wait_for_update and returns the value
+    it replies with; replies are journaled, so replays never answer twice."""
+    te = TestEngine([counter])
+    handle = await te.start("counter", {"n": 1})
+    await te.run_until_idle()
+    assert await te.update(handle.run_id, "bump", {"by": 4}) == {"total": 5}
+    assert await te.update(handle.run_id, "bump", {"by": 5}) == {"total": 10}
+    assert await handle.result() == 10
+    replies = [e for e in await te.journal(handle.run_id) if e.kind == "reply"]
+    assert [e.result["value"] for e in replies] == [{"total": 5}, {"total": 10}]
+
+
+async def test_update_through_the_engine_facade_waits_for_the_reply() -> None:
+    """Engine.update dispatches run.update, then waits (a worker runs the body) for the
+    reply; a retried call with the same idempotency key is not delivered twice."""
+    from treadle.engine import Engine
+
+    te = TestEngine([counter])
+    engine = Engine(te.kernel)
+    handle = await te.start("counter", {"n": 0})
+    await te.run_until_idle()
+
+    import asyncio
+
+    async def drive() -> None:
+        for _ in range(100):
+            await te.run_until_idle()
+            await asyncio.sleep(0)
+
+    reply, _ = await asyncio.gather(
+        engine.update(handle.run_id, "bump", {"by": 3}, timeout=5, idempotency_key="u1"), drive()
+    )
+    assert reply == {"total": 3}
+    again = await engine.update(handle.run_id, "bump", {"by": 3}, idempotency_key="u1")
+    assert again == {"total": 3}
+    inbox = await te.kernel.inbox(handle.run_id)
+    assert [m.kind for m in inbox] == ["update"]
+
+
+async def test_update_payload_is_validated_and_pipelines_refuse_updates() -> None:
+    """A bad update payload names the field and writes nothing; an unanswered update
+    times out in Engine.update."""
+    from treadle.engine import Engine
+
+    te = TestEngine([counter])
+    handle = await te.start("counter", {"n": 0})
+    with pytest.raises(InvalidPayloadError, match=r"payload\.by"):
+        await te.update(handle.run_id, "bump", {"by": "lots"})
+    assert await te.kernel.inbox(handle.run_id) == []
+    with pytest.raises(TimeoutError):
+        await Engine(te.kernel).update(handle.run_id, "bump", {"by": 1}, timeout=0.01)

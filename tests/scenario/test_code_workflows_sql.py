@@ -120,7 +120,21 @@ async def crashy(ctx: WorkflowContext, order: Order) -> list[int]:
     return [a, b, c_]
 
 
-WORKFLOWS = [sleepy, approvals, retries, crashy]
+class Bump(BaseModel):
+    by: int
+
+
+@workflow(id="counter", input=Order, output=int, updates={"bump": Bump})
+async def counter(ctx: WorkflowContext, order: Order) -> int:
+    total = order.n
+    while total < 10:
+        request = await ctx.wait_for_update("bump", Bump)
+        total += request.payload.by
+        await request.reply(total)
+    return total
+
+
+WORKFLOWS = [sleepy, approvals, retries, crashy, counter]
 
 
 # -- backends (PostgreSQL: one migrated template per module, a copy per test) ---------------
@@ -329,3 +343,21 @@ async def _worker_ticks(engine: Engine) -> None:
 
     for _ in range(2):
         await maintenance_tick(engine.kernel, worker_id="test-tick")
+
+
+async def test_update_returns_the_bodys_reply_on_every_backend(engine: Engine) -> None:
+    """engine.update wakes the waiting body through the worker and returns its reply; a
+    retry with the same idempotency key returns the same reply without a second delivery."""
+    async with _worker(engine):
+        handle = await engine.start("counter", {"n": 2})
+        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        assert await engine.update(handle.run_id, "bump", {"by": 3}, timeout=WAIT) == 5
+        assert (
+            await engine.update(
+                handle.run_id, "bump", {"by": 5}, timeout=WAIT, idempotency_key="second"
+            )
+            == 10
+        )
+        assert await engine.update(handle.run_id, "bump", {"by": 5}, idempotency_key="second") == 10
+        assert await handle.result(timeout=WAIT) == 10
+    assert len(await engine.kernel.inbox(handle.run_id)) == 2
