@@ -1,5 +1,5 @@
-"""The real ``treadle`` console script in child processes: ``treadle demo`` end to end
-(the main job) and ``treadle worker`` serving runs until SIGTERM."""
+"""``treadle demo`` end to end (the main job), and the real ``treadle`` console script
+in a child process: ``treadle worker`` serving runs until SIGTERM."""
 
 from __future__ import annotations
 
@@ -20,20 +20,13 @@ def test_demo_runs_the_example_pipeline_to_completion(tmp_path: Path, invoke: In
     """`treadle demo` completes all three runs in under 30 s, prints their results and
     the retry / suspension / parallelism it saw, and the stored runs agree."""
     db = tmp_path / "demo.db"
-    done = subprocess.run(
-        [TREADLE, "demo", "--file", str(db)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = invoke("demo", "--file", str(db), app=None)
+    assert done.exit_code == 0, done.output
     out = done.stdout
-    assert "Traceback" not in done.stderr
     took = re.search(r"3/3 runs completed in ([\d.]+)s", out)
     assert took is not None, out
     assert float(took.group(1)) < 30
-    for label in ("positive", "negative", "neutral", "keywords x2"):
+    for label in ("positive", "negative", "neutral", "keywords x2", "5/5 stages"):
         assert label in out
     assert "keywords failed its first attempt and succeeded after backoff in 3/3 runs" in out
     assert "translate suspended 3x and resumed" in out
@@ -42,6 +35,20 @@ def test_demo_runs_the_example_pipeline_to_completion(tmp_path: Path, invoke: In
     runs = json.loads(listed.stdout)
     assert [r["status"] for r in runs] == ["COMPLETED"] * 3
     assert {r["output"]["label"] for r in runs} == {"positive", "negative", "neutral"}
+
+
+def test_demo_fails_when_runs_do_not_finish_in_time(invoke: Invoke) -> None:
+    """A demo that cannot finish within --timeout exits 1 with one line, not a hang."""
+    result = invoke("demo", "--timeout", "1", app=None)
+    assert result.exit_code == 1
+    assert "timed out after 1s" in result.stderr
+
+
+def test_console_script_is_installed() -> None:
+    """The `treadle` console script runs the CLI (pyproject's entry point)."""
+    done = subprocess.run([TREADLE, "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "demo" in done.stdout
 
 
 def test_worker_serves_runs_and_drains_on_sigterm(db_url: str, invoke: Invoke) -> None:
