@@ -3,7 +3,10 @@ that runs ``treadle`` in-process through Typer's ``CliRunner``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +42,41 @@ def invoke(db_url: str) -> Invoke:
         return CliRunner().invoke(build_app(), [*argv, *args], **kw)
 
     return run
+
+
+POSTGRES_URL = os.environ.get(
+    "TREADLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _pg_admin() -> Any:
+    """An autocommit connection to the server's maintenance database; skips (or fails
+    under ``TREADLE_REQUIRE_POSTGRES=1``) where no server is reachable."""
+    import psycopg
+
+    from treadle.adapters.sql import sync_url
+
+    url = sync_url(POSTGRES_URL).set(drivername="postgresql")
+    try:
+        return psycopg.connect(
+            url.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
+        )
+    except psycopg.OperationalError as exc:
+        if os.environ.get("TREADLE_REQUIRE_POSTGRES", "") not in ("", "0", "false"):
+            pytest.fail(f"PostgreSQL is required (TREADLE_REQUIRE_POSTGRES=1): {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database for this test, dropped afterwards."""
+    name = f"treadle_cli_{uuid.uuid4().hex[:12]}"
+    with _pg_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        from treadle.adapters.sql import async_url
+
+        yield async_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with contextlib.suppress(Exception), _pg_admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
