@@ -35,7 +35,7 @@ to ``safety_buffer_ms``; from then on it takes no new work, and a job still runn
 is cancelled and released (back in the queue at once) so the next invocation runs
 it. Size the buffer to cover releasing a job and replying (a few seconds).
 
-With ``wakeup_queue_url`` (or ``TREADLE_WAKEUP_QUEUE_URL``) every job the function
+With ``wakeup_queue_url`` (or ``TREADLE_WAKE_QUEUE_URL``) every job the function
 commits (a run's next group, a retry) is announced on that SQS queue
 (``adapters.aws.SqsWakeups``), so work continues without waiting for the schedule.
 ``sqs_client`` is any object with ``send_message(QueueUrl=..., MessageBody=...)``;
@@ -64,7 +64,7 @@ __all__ = ["LambdaHandler", "TickFailedError", "make_handler"]
 
 DB_ENV = "TREADLE_DATABASE_URL"
 APP_ENV = "TREADLE_APP"
-WAKEUP_QUEUE_ENV = "TREADLE_WAKEUP_QUEUE_URL"
+WAKEUP_QUEUE_ENV = "TREADLE_WAKE_QUEUE_URL"
 DEFAULT_SAFETY_BUFFER_MS = 10_000
 
 
@@ -73,10 +73,10 @@ class TickFailedError(TreadleError):
 
 
 def make_handler(
+    workflows: Iterable[WorkflowDefinition] | None = None,
     *,
     app: str | None = None,
     db: str | None = None,
-    workflows: Iterable[WorkflowDefinition] | None = None,
     worker_id: str | None = None,
     concurrency: int = 1,
     safety_buffer_ms: int = DEFAULT_SAFETY_BUFFER_MS,
@@ -87,10 +87,10 @@ def make_handler(
 ) -> LambdaHandler:
     """The Lambda handler (see the module docstring). Builds nothing until invoked.
 
-    ``app`` (``"module:attr"``, default ``$TREADLE_APP``) or ``workflows`` name the
-    workflows; ``db`` defaults to ``$TREADLE_DATABASE_URL``. ``concurrency`` bounds the
-    jobs one ``process`` call runs at once (SQS records are handled one after another;
-    scale with the batch size and the function's concurrency instead).
+    ``workflows`` (``make_handler(workflows)``) or ``app`` (``"module:attr"``, default
+    ``$TREADLE_APP``) name the workflows; ``db`` defaults to ``$TREADLE_DATABASE_URL``.
+    ``concurrency`` bounds the jobs one ``process`` call runs at once (SQS records are
+    handled one after another; scale with the batch size and the function's concurrency).
     """
     if safety_buffer_ms < 0:
         raise ValueError(f"safety_buffer_ms must be >= 0, got {safety_buffer_ms!r}")

@@ -420,3 +420,18 @@ def test_retry_wakeup_is_delayed_by_the_backoff(handlers: list[LambdaHandler], d
     assert 29 <= message["DelaySeconds"] <= 30
     early = handler(sqs_event(message["MessageBody"]), FakeContext())
     assert early == {"batchItemFailures": []}  # not due yet: skipped, not retried
+
+
+def test_handler_reads_its_settings_from_the_environment(
+    handlers: list[LambdaHandler], db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make_handler(workflows)`` takes the database and the wake-up queue from
+    TREADLE_DATABASE_URL and TREADLE_WAKE_QUEUE_URL, as the deployment guide sets them."""
+    monkeypatch.setenv("TREADLE_DATABASE_URL", db)
+    monkeypatch.setenv("TREADLE_WAKE_QUEUE_URL", "https://sqs/env-queue")
+    sqs = FakeSqs()
+    _start(db)
+    handler = make_handler(WORKFLOWS, sqs_client=sqs)
+    handlers.append(handler)
+    assert handler(sqs_event("{}"), FakeContext()) == {"batchItemFailures": []}
+    assert {m["QueueUrl"] for m in sqs.sent} == {"https://sqs/env-queue"}
