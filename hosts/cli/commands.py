@@ -196,12 +196,13 @@ def tick(
         echo_json(tick_json(report, failures), sort_keys=False)  # steps in STEP_ORDER
     else:
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(title="maintenance tick", title_justify="left")
         for column in ("step", "ok", "result", "took"):
             table.add_column(column)
         for name, step in report.steps.items():
-            ok = "[red]FAILED[/red]" if name in failures else "[green]ok[/green]"
+            ok = Text("FAILED", style="red") if name in failures else Text("ok", style="green")
             table.add_row(name, ok, _summary(step.result), f"{step.duration * 1000:.0f}ms")
         console().print(table)
     for name, message in failures.items():

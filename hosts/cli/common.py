@@ -160,10 +160,12 @@ async def open_engine(cli: CliState, *, need_app: bool = False) -> AsyncIterator
 def console(*, stderr: bool = False, min_width: int = 160) -> Console:
     """A Rich console on the current stdout/stderr (looked up at call time, so test
     runners that swap the streams see the output). Written to a pipe or a log it is at
-    least ``min_width`` wide: nothing wraps there, and ids stay whole."""
+    least ``min_width`` wide: nothing wraps there, and ids stay whole. Markup is off:
+    outputs and errors are user data (``[true]`` is JSON, not a style), so styles are
+    given as ``Text`` objects."""
     from rich.console import Console
 
-    out = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    out = Console(stderr=stderr, highlight=False, soft_wrap=False, markup=False)
     if not out.is_terminal:
         out.width = max(out.width, min_width)
     return out
@@ -184,6 +186,15 @@ def quiet_logger() -> Any:
             structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"]),
         ],
     )
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for output."""
+    head, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{head}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
 def echo_json(data: Any, *, sort_keys: bool = True) -> None:

@@ -22,6 +22,7 @@ import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from treadle.hosts.cli.common import EXIT_FAILURE, console, fail, quiet_logger, run_async
 from treadle.hosts.cli.render import elapsed, fmt_duration, status_text, truncate
@@ -149,9 +150,11 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="treadle-demo-") as tmp:
         path = db_file if db_file is not None else Path(tmp) / "treadle-demo.db"
         url = f"sqlite:///{path.resolve()}"
-        out.print(f"[bold]Treadle demo[/bold]: the document pipeline on SQLite ({path})")
         out.print(
-            "extract-text → \\[sentiment ∥ keywords (fails once, retried)] → "
+            Text.assemble(("Treadle demo", "bold"), f": the document pipeline on SQLite ({path})")
+        )
+        out.print(
+            "extract-text → [sentiment ∥ keywords (fails once, retried)] → "
             "translate (batch: suspends, resumes) → aggregate\n"
         )
         started = time.monotonic()

@@ -32,6 +32,7 @@ from treadle.hosts.cli.common import (
     console,
     echo_json,
     error_line,
+    redact,
     run_async,
     state,
 )
@@ -289,12 +290,13 @@ def doctor(
         echo_json({"ok": not failed, "checks": [asdict(c) for c in checks]})
     else:
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=f"treadle doctor: {cli.db}", title_justify="left")
+        table = Table(title=f"treadle doctor: {redact(cli.db)}", title_justify="left")
         for column in ("check", "result", "detail"):
             table.add_column(column)
         for check in checks:
-            table.add_row(check.name, f"[{_STYLE[check.level]}]{check.level}[/]", check.detail)
+            table.add_row(check.name, Text(check.level, style=_STYLE[check.level]), check.detail)
         console().print(table)
     if failed:
         typer.echo(f"doctor: failed check(s): {', '.join(failed)}", err=True)

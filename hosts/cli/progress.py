@@ -15,18 +15,39 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from treadle.hosts.cli.common import fail
 from treadle.hosts.cli.render import elapsed, fmt_duration, truncate
 from treadle.kernel.model import Run, StageStatus
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    from rich.console import Console, RenderableType
 
     from treadle.engine import Engine
 
 _DONE = (StageStatus.COMPLETED, StageStatus.SKIPPED)
+_MARKS = {"COMPLETED": ("✓", "green"), "FAILED": ("✗", "red"), "CANCELLED": ("-", "yellow")}
+
+
+class OutcomeColumn(SpinnerColumn):
+    """A spinner while the run is live, then ✓ / ✗ / - for how it ended."""
+
+    def render(self, task: Task) -> RenderableType:
+        outcome = task.fields.get("outcome")
+        if outcome in _MARKS:
+            mark, style = _MARKS[outcome]
+            return Text(mark, style=style)
+        return super().render(task)
 
 
 @dataclass
@@ -84,6 +105,7 @@ async def _refresh(engine: Engine, watch: _Watch, progress: Progress) -> Run:
         total=max(len(run.stages), 1),
         completed=_completed(run, watch.fractions),
         activity=activity(run, watch.fractions, watch.retries),
+        outcome=run.status.value if run.status.terminal else None,
     )
     watch.run = run
     return run
@@ -103,12 +125,12 @@ async def watch_runs(
     Past ``max_wait`` seconds it stops with an error naming the unfinished runs (they
     keep going: a worker owns them, not this view)."""
     progress = Progress(
-        SpinnerColumn(finished_text="✓"),
-        TextColumn("{task.description}"),
+        OutcomeColumn(),
+        TextColumn("{task.description}", markup=False),
         BarColumn(bar_width=24),
         TextColumn("{task.completed:>4.3g}/{task.total:g} stages"),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[activity]}"),
+        TextColumn("{task.fields[activity]}", markup=False),
         console=console,
         refresh_per_second=10,
     )
@@ -117,7 +139,9 @@ async def watch_runs(
         watches = [
             _Watch(
                 run_id,
-                progress.add_task((labels or {}).get(run_id, run_id), total=1, activity=""),
+                progress.add_task(
+                    (labels or {}).get(run_id, run_id), total=1, activity="", outcome=None
+                ),
             )
             for run_id in run_ids
         ]

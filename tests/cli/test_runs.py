@@ -126,3 +126,16 @@ def test_runs_show_json_has_the_stages(invoke: Invoke, three_runs: dict[str, str
 def test_runs_show_of_an_unknown_run_is_one_line(invoke: Invoke) -> None:
     """show of a missing run id is RunNotFoundError in one line."""
     assert "RunNotFoundError" in one_error_line(invoke("runs", "show", "nope"))
+
+
+def test_user_data_that_looks_like_markup_is_printed_verbatim(db_url: str, invoke: Invoke) -> None:
+    """Errors and outputs are data: brackets in them are shown, not read as Rich styles."""
+    waited = invoke("start", "broken", '{"name": "[b]x"}', "--wait", "--local-worker")
+    assert waited.exit_code == 1
+    assert "✗" in waited.stdout
+    assert "cannot process [b]x" in waited.stdout  # the progress line shows the error
+    run_id = json.loads(invoke("runs", "list", "--json").stdout)[0]["id"]
+    for args in (("runs", "list"), ("runs", "show", run_id), ("events", run_id)):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert "cannot process [b]x" in result.stdout, args
