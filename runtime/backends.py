@@ -241,7 +241,11 @@ async def _open_sql(
         scheduler=sql.SqlScheduler(persistence),
         clock=clock,
         # Lazy: connects only when a worker subscribes, so a CLI holds no extra connection.
-        wake_source=sql.PgJobListener(url) if kind == "postgresql" else None,
+        wake_source=(
+            sql.PgJobListener(url, own_backends=sql.backend_pids(persistence.engine))
+            if kind == "postgresql"
+            else None
+        ),
     )
 
 

@@ -140,6 +140,14 @@ class Worker:
         self._claim_wake.set()
         self._job_wake.set()
 
+    def _on_wake(self, kind: str) -> None:
+        """Wake-source hook: queued jobs wake only the job loop (a claim would find
+        nothing new); a new run, or an unknown cause, wakes both loops."""
+        if kind == "jobs":
+            self._job_wake.set()
+        else:
+            self.notify()
+
     async def start(self) -> None:
         """Start both loops; returns at once. The first tick runs immediately."""
         if self._started:
@@ -151,7 +159,7 @@ class Worker:
             asyncio.create_task(self._job_loop(), name=f"{self.worker_id}:jobs"),
         ]
         if self.wake_source is not None:
-            self._unsubscribe_wake = self.wake_source.subscribe(self.notify)
+            self._unsubscribe_wake = self.wake_source.subscribe(self._on_wake)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop claiming and dequeuing, and return once in-flight work is over: running

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from treadle.adapters.sql.blob_store import SqlBlobStore
 from treadle.adapters.sql.engine import async_url, create_engine, sync_url
 from treadle.adapters.sql.job_transport import SqlJobTransport
-from treadle.adapters.sql.listener import PgJobListener
+from treadle.adapters.sql.listener import PgJobListener, backend_pids
 from treadle.adapters.sql.migrate import (
     current_revision,
     head_revision,
@@ -30,6 +30,7 @@ __all__ = [
     "SqlScheduler",
     "SqlTransaction",
     "async_url",
+    "backend_pids",
     "create_engine",
     "current_revision",
     "head_revision",

@@ -36,6 +36,10 @@ __all__ = ["NOTIFY_CHANNEL", "SqlJobTransport"]
 _LIVE = (JobStatus.QUEUED.value, JobStatus.LEASED.value, JobStatus.SUSPENDED.value)
 
 
+_GET_JOB = sa.select(t.jobs).where(t.jobs.c.id == sa.bindparam("job_id"))
+_UPDATE_JOB = sa.update(t.jobs).where(t.jobs.c.id == sa.bindparam("w_id"))
+
+
 def _tx(tx: Transaction) -> SqlTransaction:
     if not isinstance(tx, SqlTransaction):
         raise TreadleError(
@@ -61,6 +65,38 @@ def _job_from_row(row: sa.Row[Any]) -> Job:
         last_error=row.last_error,
         sequence=int(row.seq),
     )
+
+
+_DEQUEUE: dict[bool, Any] = {}
+
+
+def _dequeue_statement(postgres: bool) -> Any:
+    """The lease statement, built once per dialect (parameters: now, lim, worker_id)."""
+    stmt = _DEQUEUE.get(postgres)
+    if stmt is not None:
+        return stmt
+    c = t.jobs.c
+    now = sa.bindparam("now", type_=t.jobs.c.next_poll_at.type)
+    candidates = (
+        sa.select(c.seq)
+        .where(c.status == JobStatus.QUEUED.value, c.next_poll_at <= now)
+        .order_by(c.priority.desc(), c.next_poll_at, c.seq)
+        .limit(sa.bindparam("lim", type_=sa.Integer()))
+    )
+    if postgres:
+        candidates = candidates.with_for_update(skip_locked=True)
+    stmt = _DEQUEUE[postgres] = (
+        sa.update(t.jobs)
+        .where(c.seq.in_(candidates.scalar_subquery()))
+        .values(
+            status=JobStatus.LEASED.value,
+            attempts=c.attempts + 1,
+            worker_id=sa.bindparam("worker_id"),
+            heartbeat_at=now,
+        )
+        .returning(*t.jobs.columns)
+    )
+    return stmt
 
 
 class SqlJobTransport:
@@ -100,32 +136,29 @@ class SqlJobTransport:
             for job in jobs
         ]
         # ON CONFLICT DO NOTHING + a count, so a duplicate does not abort a PostgreSQL
-        # transaction the caller may want to continue.
-        stmt = (
-            sql.insert(t.jobs)
-            .values(rows)
-            .on_conflict_do_nothing()
-            .execution_options(preserve_rowcount=True)  # INSERT rowcount is opt-in
+        # transaction the caller may want to continue. A list of parameter sets keeps the
+        # statement cacheable; SQLAlchemy batches it into one INSERT ... RETURNING.
+        stmt = sql.prepared(
+            "enqueue_jobs",
+            lambda tx: tx.insert(t.jobs).on_conflict_do_nothing().returning(t.jobs.c.id),
         )
-        result = await sql.execute(stmt, "enqueue jobs")
-        if result.rowcount != len(rows):
+        inserted = (await sql.execute(stmt, "enqueue jobs", rows)).all()
+        if len(inserted) != len(rows):
             # The statement inserted some rows; the caller's rollback removes them.
             taken = await sql.execute(sa.select(t.jobs.c.id).where(t.jobs.c.id.in_(ids)))
             existing = {row.id for row in taken}
             dup = next((i for i in ids if i in existing), ids[0])
             raise DuplicateError(f"job {dup!r} already exists")
         if sql.is_postgres:
-            await sql.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"), "notify")
+            await sql.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}, 'jobs'"), "notify")
 
     async def get(self, tx: Transaction, job_id: str) -> Job | None:
-        row = (
-            await _tx(tx).execute(sa.select(t.jobs).where(t.jobs.c.id == job_id), "get job")
-        ).first()
+        row = (await _tx(tx).execute(_GET_JOB, "get job", {"job_id": job_id})).first()
         return _job_from_row(row) if row is not None else None
 
     async def _set(self, tx: Transaction, job_id: str, values: dict[str, Any]) -> None:
-        stmt = sa.update(t.jobs).where(t.jobs.c.id == job_id).values(values)
-        result = await _tx(tx).execute(stmt, "update job")
+        # Prebuilt statement: the SET clause follows the keys of the parameters.
+        result = await _tx(tx).execute(_UPDATE_JOB, "update job", {**values, "w_id": job_id})
         if result.rowcount == 0:
             raise JobNotFoundError(f"no job with id {job_id!r}")
 
@@ -202,29 +235,11 @@ class SqlJobTransport:
     async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
         if limit <= 0:
             return []
-        c = t.jobs.c
-        candidates = (
-            sa.select(c.seq)
-            .where(c.status == JobStatus.QUEUED.value, c.next_poll_at <= now)
-            .order_by(c.priority.desc(), c.next_poll_at, c.seq)
-            .limit(limit)
-        )
-        if self.persistence.is_postgres:
-            candidates = candidates.with_for_update(skip_locked=True)
-        stmt = (
-            sa.update(t.jobs)
-            .where(c.seq.in_(candidates.scalar_subquery()))
-            .values(
-                status=JobStatus.LEASED.value,
-                attempts=c.attempts + 1,
-                worker_id=worker_id,
-                heartbeat_at=now,
-            )
-            .returning(*t.jobs.columns)
-        )
+        stmt = _dequeue_statement(self.persistence.is_postgres)
+        params = {"now": now, "lim": limit, "worker_id": worker_id}
         async with self.persistence.connect() as conn:
             try:
-                rows = (await conn.execute(stmt)).all()
+                rows = (await conn.execute(stmt, params)).all()
             except sa_exc.SQLAlchemyError as exc:
                 raise translate(exc, "dequeue") from exc
         jobs = [_job_from_row(row) for row in rows]

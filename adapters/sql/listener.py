@@ -17,20 +17,57 @@ connection is noticed too.
 
 The connection is opened lazily, by the first ``subscribe``: a process that
 only starts runs (a CLI, a Lambda) never holds one.
+
+The payload says what happened: ``run`` (a run was created: claim it) or
+``jobs`` (jobs were queued: dequeue them); subscribers get it as ``kind``. A
+notification sent by one of ``own_backends`` (the server pids of this process's
+own connection pool, see ``backend_pids``) is dropped: this process's worker was
+already told in-process (a finished job or a claim wakes its job loop, a local
+``Engine.start`` calls ``notify``), and waking it again would only cost an empty
+dequeue or claim transaction per stage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from treadle.adapters.logging import structlog_logger
 from treadle.adapters.sql.engine import sync_url
 from treadle.adapters.sql.job_transport import NOTIFY_CHANNEL
+
+
+def backend_pids(engine: AsyncEngine) -> set[int]:
+    """A live set of the server pids of ``engine``'s pooled PostgreSQL connections.
+
+    Kept current by pool events: a pid is added when a connection is first checked out
+    and removed when it is closed or invalidated (the OS may reuse it)."""
+    pids: set[int] = set()
+    sync_engine = engine.sync_engine
+
+    def on_checkout(dbapi_connection: Any, record: Any, *args: Any) -> None:
+        # On checkout, not connect: the pool may already hold connections (migrations).
+        if "treadle_backend_pid" in record.info:
+            return
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        pid = getattr(getattr(driver, "info", None), "backend_pid", None)
+        if isinstance(pid, int):
+            record.info["treadle_backend_pid"] = pid
+            pids.add(pid)
+
+    def on_close(dbapi_connection: Any, record: Any, *args: Any) -> None:
+        pids.discard(record.info.pop("treadle_backend_pid", -1))
+
+    event.listen(sync_engine, "checkout", on_checkout)
+    for name in ("close", "invalidate", "soft_invalidate"):
+        event.listen(sync_engine, name, on_close)
+    return pids
 
 
 def _conninfo(url: str | URL) -> str:
@@ -50,6 +87,7 @@ class PgJobListener:
         initial_backoff: float = 0.1,
         max_backoff: float = 10.0,
         connect_timeout: float = 5.0,
+        own_backends: Collection[int] = (),
         logger: Any = None,
     ) -> None:
         if not channel.isidentifier():
@@ -60,19 +98,22 @@ class PgJobListener:
         self.initial_backoff = initial_backoff
         self.max_backoff = max(max_backoff, initial_backoff)
         self.connect_timeout = connect_timeout
+        self.own_backends = own_backends
         self.log = logger or structlog_logger("treadle.listener")
-        self._subscribers: list[Callable[[], None]] = []
+        self._subscribers: list[Callable[[str], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._closed = False
         self.connections = 0
         """Successful (re)connects so far; more than one means the connection dropped."""
         self.notifications = 0
+        self.ignored = 0
+        """Notifications dropped because this process's own pool sent them."""
         self.backend_pid: int | None = None
         """The server process of the current connection (tests terminate it)."""
 
     # -- WakeSource -------------------------------------------------------------------
-    def subscribe(self, callback: Callable[[], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
         if self._closed:
             raise RuntimeError("PgJobListener is closed")
         self._subscribers.append(callback)
@@ -108,10 +149,10 @@ class PgJobListener:
         await asyncio.wait_for(self._listening.wait(), timeout)
 
     # -- the connection loop -----------------------------------------------------------
-    def _wake(self) -> None:
+    def _wake(self, kind: str) -> None:
         for callback in list(self._subscribers):
             try:
-                callback()
+                callback(kind)
             except Exception as exc:  # one bad subscriber must not silence the others
                 self.log.error("listener.callback_failed", error=repr(exc))
 
@@ -143,11 +184,14 @@ class PgJobListener:
                 self._listening.set()
                 if self.connections > 1:
                     self.log.info("listener.reconnected", connections=self.connections)
-                self._wake()  # catch up on whatever was enqueued while we were not listening
+                self._wake("")  # catch up on whatever was enqueued while we were not listening
                 while True:
-                    async for _ in conn.notifies(timeout=self.health_interval):
+                    async for note in conn.notifies(timeout=self.health_interval):
+                        if note.pid in self.own_backends:
+                            self.ignored += 1
+                            continue
                         self.notifications += 1
-                        self._wake()
+                        self._wake(note.payload)
                     await conn.execute("SELECT 1")  # idle: prove the connection is alive
             except (psycopg.Error, OSError) as exc:
                 failures += 1

@@ -20,7 +20,7 @@ reference adapter exactly (the shared contract suites hold both to it):
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from enum import Enum
@@ -62,6 +62,8 @@ if TYPE_CHECKING:
     from treadle.ports import BlobStore
 
 _RUN_COLUMNS = tuple(c.name for c in t.runs.columns)
+_PREPARED: dict[tuple[str, str], Any] = {}
+"""Hot-path statements per (dialect, name): see ``SqlTransaction.prepared``."""
 _RUN_PAYLOADS = ("input", "output")
 _STAGE_PAYLOADS = ("output", "suspended_state", "resume_state")
 _STAGE_FIELDS = tuple(name for name in StageRun.model_fields if name != "workflow_run_id")
@@ -148,6 +150,30 @@ def _sqlite_json_equals(column: sa.ColumnElement[Any], path: str, value: Any) ->
     raise TypeError(f"cannot filter on a {type(value).__name__} attribute value")
 
 
+_GET_RUN = sa.select(t.runs).where(t.runs.c.id == sa.bindparam("run_id"))
+_UPDATE_RUN = sa.update(t.runs).where(
+    t.runs.c.id == sa.bindparam("w_id"), t.runs.c.version == sa.bindparam("w_version")
+)
+_GET_STAGES = (
+    sa.select(t.stages)
+    .where(t.stages.c.run_id == sa.bindparam("run_id"))
+    .order_by(t.stages.c.execution_group, t.stages.c.ordinal)
+)
+_GET_STAGE = sa.select(t.stages).where(
+    t.stages.c.run_id == sa.bindparam("run_id"), t.stages.c.stage_id == sa.bindparam("stage_id")
+)
+_UPDATE_STAGE = sa.update(t.stages).where(
+    t.stages.c.run_id == sa.bindparam("w_run_id"),
+    t.stages.c.stage_id == sa.bindparam("w_stage_id"),
+    t.stages.c.version == sa.bindparam("w_version"),
+)
+_INSERT_OUTBOX = sa.insert(t.outbox)
+_GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
+    t.idempotency_keys.c.key == sa.bindparam("key"),
+    t.idempotency_keys.c.command_type == sa.bindparam("command_type"),
+)
+
+
 class SqlTransaction:
     """A unit of work on one connection; see the module docstring for the rules."""
 
@@ -175,14 +201,28 @@ class SqlTransaction:
             raise TreadleError("transaction used after it ended")
 
     async def execute(
-        self, statement: sa.Executable, what: str = "query"
+        self, statement: sa.Executable, what: str = "query", parameters: Any = None
     ) -> sa.CursorResult[*tuple[Any, ...]]:
-        """Run ``statement`` on this transaction's connection, translating driver errors."""
+        """Run ``statement`` on this transaction's connection, translating driver errors.
+        ``parameters``: a dict, or a list of dicts for an executemany (batched INSERT)."""
         self._check()
         try:
-            return await self.connection.execute(statement)
+            return await self.connection.execute(statement, parameters)
         except sa_exc.SQLAlchemyError as exc:
             raise translate(exc, what) from exc
+
+    def prepared(self, name: str, build: Callable[[SqlTransaction], Any]) -> Any:
+        """The statement ``build(self)`` makes, built once per dialect and reused.
+
+        A statement object built per call costs SQLAlchemy a cache-key walk (about
+        100 us for a wide table) before its compiled form is found; the hot-path
+        statements are therefore built once with ``bindparam``s and executed with
+        parameters. ``build`` must depend on nothing but the dialect."""
+        key = (self.dialect_name, name)
+        statement = _PREPARED.get(key)
+        if statement is None:
+            statement = _PREPARED[key] = build(self)
+        return statement
 
     # -- payload offload (payloads.py): large JSON values live in the BlobStore -----
     async def _put_payload(self, scope: str | None, value: Any) -> Any:
@@ -291,7 +331,7 @@ class SqlTransaction:
         if result.rowcount == 1:
             if self.is_postgres:
                 # Wake listening workers on commit: a PENDING run is claimable work.
-                await self.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}"), "notify")
+                await self.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}, 'run'"), "notify")
             return
         exists = await self.execute(sa.select(t.runs.c.id).where(t.runs.c.id == run.id))
         if exists.first() is not None:
@@ -301,10 +341,10 @@ class SqlTransaction:
         )
 
     async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
-        query = sa.select(t.runs).where(t.runs.c.id == run_id)
+        query = _GET_RUN
         if for_update:
-            query = self._lock(query)
-        row = (await self.execute(query, "get run")).first()
+            query = self.prepared("get_run_for_update", lambda tx: tx._lock(_GET_RUN))
+        row = (await self.execute(query, "get run", {"run_id": run_id})).first()
         return await self._run_from(row) if row is not None else None
 
     async def find_run_by_key(self, workflow_id: str, idempotency_key: str) -> Run | None:
@@ -318,12 +358,8 @@ class SqlTransaction:
         new = evolve(run, {"version": run.version + 1, "stages": []})
         values = await self._run_row(new)
         del values["id"]
-        stmt = (
-            sa.update(t.runs)
-            .where(t.runs.c.id == run.id, t.runs.c.version == run.version)
-            .values(values)
-        )
-        result = await self.execute(stmt, "update run")
+        values["w_id"], values["w_version"] = run.id, run.version
+        result = await self.execute(_UPDATE_RUN, "update run", values)
         if result.rowcount == 1:
             return new
         stored = (
@@ -436,34 +472,21 @@ class SqlTransaction:
         await self.execute(sa.insert(t.stages).values(rows), "insert stages")
 
     async def get_stages(self, run_id: str) -> list[StageRun]:
-        query = (
-            sa.select(t.stages)
-            .where(t.stages.c.run_id == run_id)
-            .order_by(t.stages.c.execution_group, t.stages.c.ordinal)
-        )
-        return [await self._stage_from(row) for row in await self.execute(query, "get stages")]
+        rows = await self.execute(_GET_STAGES, "get stages", {"run_id": run_id})
+        return [await self._stage_from(row) for row in rows]
 
     async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None:
-        query = sa.select(t.stages).where(
-            t.stages.c.run_id == run_id, t.stages.c.stage_id == stage_id
-        )
-        row = (await self.execute(query, "get stage")).first()
+        params = {"run_id": run_id, "stage_id": stage_id}
+        row = (await self.execute(_GET_STAGE, "get stage", params)).first()
         return await self._stage_from(row) if row is not None else None
 
     async def update_stage(self, stage: StageRun) -> StageRun:
         new = evolve(stage, {"version": stage.version + 1})
         values = await self._stage_row(new)
         del values["run_id"], values["stage_id"]
-        stmt = (
-            sa.update(t.stages)
-            .where(
-                t.stages.c.run_id == stage.workflow_run_id,
-                t.stages.c.stage_id == stage.stage_id,
-                t.stages.c.version == stage.version,
-            )
-            .values(values)
-        )
-        result = await self.execute(stmt, "update stage")
+        values["w_run_id"], values["w_stage_id"] = stage.workflow_run_id, stage.stage_id
+        values["w_version"] = stage.version
+        result = await self.execute(_UPDATE_STAGE, "update stage", values)
         if result.rowcount != 1:
             raise ConcurrencyError(
                 f"stage {stage.stage_id!r} of run {stage.workflow_run_id!r} was updated "
@@ -489,16 +512,17 @@ class SqlTransaction:
     async def _allocate_sequences(self, run_id: str, count: int) -> int:
         """Reserve ``count`` sequence numbers for ``run_id``; returns the first."""
         seq = t.run_event_seq
-        stmt = (
-            self.insert(seq)
-            .values(run_id=run_id, last_sequence=count)
-            .on_conflict_do_update(
+
+        def build(tx: SqlTransaction) -> Any:
+            ins = tx.insert(seq)
+            return ins.on_conflict_do_update(
                 index_elements=[seq.c.run_id],
-                set_={"last_sequence": seq.c.last_sequence + count},
-            )
-            .returning(seq.c.last_sequence)
-        )
-        last = (await self.execute(stmt, "allocate event sequence")).scalar_one()
+                set_={"last_sequence": seq.c.last_sequence + ins.excluded.last_sequence},
+            ).returning(seq.c.last_sequence)
+
+        stmt = self.prepared("allocate_sequences", build)
+        params = {"run_id": run_id, "last_sequence": count}
+        last = (await self.execute(stmt, "allocate event sequence", params)).scalar_one()
         return int(last) - count + 1
 
     async def append_events(self, events: Sequence[EventBase]) -> list[EventBase]:
@@ -535,7 +559,8 @@ class SqlTransaction:
                     "attempts": 0,
                 }
             )
-        await self.execute(sa.insert(t.outbox).values(rows), "append events")
+        # A list of parameter sets: one cached statement, batched into one round trip.
+        await self.execute(_INSERT_OUTBOX, "append events", rows)
         return stored
 
     async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
@@ -588,9 +613,8 @@ class SqlTransaction:
 
     # -- idempotency ------------------------------------------------------------
     async def get_idempotency(self, key: str, command_type: str) -> IdempotencyRecord | None:
-        c = t.idempotency_keys.c
-        query = sa.select(t.idempotency_keys).where(c.key == key, c.command_type == command_type)
-        row = (await self.execute(query, "get idempotency")).first()
+        params = {"key": key, "command_type": command_type}
+        row = (await self.execute(_GET_IDEMPOTENCY, "get idempotency", params)).first()
         if row is None:
             return None
         return IdempotencyRecord(
@@ -609,15 +633,15 @@ class SqlTransaction:
             "result": await self._put_payload(None, record.result),
             "started_at": record.started_at,
         }
-        stmt = (
-            self.insert(t.idempotency_keys)
-            .values(values)
-            .on_conflict_do_update(
+
+        def build(tx: SqlTransaction) -> Any:
+            ins = tx.insert(t.idempotency_keys)
+            return ins.on_conflict_do_update(
                 index_elements=["key", "command_type"],
-                set_={k: values[k] for k in ("state", "result", "started_at")},
+                set_={k: ins.excluded[k] for k in ("state", "result", "started_at")},
             )
-        )
-        await self.execute(stmt, "put idempotency")
+
+        await self.execute(self.prepared("put_idempotency", build), "put idempotency", values)
 
     async def delete_idempotency(self, key: str, command_type: str) -> None:
         c = t.idempotency_keys.c

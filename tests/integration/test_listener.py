@@ -49,8 +49,8 @@ async def test_listener_calls_subscribers_on_notify(postgres_url: str) -> None:
     woke = asyncio.Event()
     calls: list[str] = []
 
-    def on_wake() -> None:
-        calls.append("wake")
+    def on_wake(kind: str) -> None:
+        calls.append(kind)
         woke.set()
 
     listener.subscribe(on_wake)
@@ -61,9 +61,10 @@ async def test_listener_calls_subscribers_on_notify(postgres_url: str) -> None:
         async with await psycopg.AsyncConnection.connect(
             _libpq(postgres_url), autocommit=True
         ) as other:
-            await other.execute("NOTIFY treadle_jobs")
+            await other.execute("NOTIFY treadle_jobs, 'jobs'")
         await asyncio.wait_for(woke.wait(), 5)
         assert listener.notifications >= 1
+        assert calls == ["", "jobs"]  # the catch-up wake after connecting, then the kind
     finally:
         await listener.aclose()
     assert not listener.listening
@@ -78,7 +79,7 @@ async def test_listener_reconnects_after_connection_is_killed(
     reconnected = asyncio.Event()
     notified = asyncio.Event()
 
-    def on_wake() -> None:
+    def on_wake(kind: str) -> None:
         if listener.connections >= 2:
             reconnected.set()
         if listener.notifications:
@@ -128,3 +129,33 @@ async def test_idle_worker_picks_up_run_started_by_another_engine(postgres_url: 
         await worker_engine.close()
     # Far below the 30 s poll: only the notification can explain it.
     assert sorted(latencies)[len(latencies) // 2] < 1.0, latencies
+
+
+async def test_notifications_from_the_listeners_own_pool_are_dropped(postgres_url: str) -> None:
+    """A run started through the worker's own engine wakes it in-process; the echo of that
+    engine's NOTIFY is ignored, while another engine's is delivered."""
+    engine = await Engine.open(postgres_url, workflows=[WF], auto_migrate=True)
+    other = await Engine.open(postgres_url, workflows=[WF])
+    try:
+        listener = engine.backend.wake_source if engine.backend else None
+        assert isinstance(listener, PgJobListener)
+        kinds: list[str] = []
+        seen = asyncio.Event()
+
+        def on_wake(kind: str) -> None:
+            kinds.append(kind)
+            if kind == "run":
+                seen.set()
+
+        listener.subscribe(on_wake)
+        await listener.wait_listening()
+        ENTERED[100] = asyncio.Event()
+        ENTERED[101] = asyncio.Event()
+        await engine.start("listen-wf", {"n": 100})  # own pool: dropped
+        await other.start("listen-wf", {"n": 101})  # another pool: delivered
+        await asyncio.wait_for(seen.wait(), 5)
+        assert listener.ignored >= 1
+        assert kinds.count("run") == 1
+    finally:
+        await other.close()
+        await engine.close()
