@@ -454,6 +454,10 @@ class Engine:
                 return reply
             run = await self.kernel.get_run(run_id, with_stages=False)
             if run.status.terminal:
+                # The reply commits before the run ends: re-read it once the run has ended.
+                answered, reply = await self.kernel.update_reply(run_id, result.update_id)
+                if answered:
+                    return reply
                 raise InvalidStateError(
                     f"run {run_id!r} ended {run.status.value} without answering update {name!r}"
                 )

@@ -1,6 +1,6 @@
 """Signals, updates and review decisions. Stage pipelines have no place to deliver
 them and answer ``NotSupportedError``; signals to code workflows go to their inbox
-(``handlers.workflows``), and so do updates. Reviews are not built yet."""
+(``handlers.workflows``), and so do updates and review decisions."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ async def _target(deps: Deps, run_id: str, what: str) -> None:
         )
     wf = deps.workflow(run.workflow_id)
     if wf.kind == "code":
-        raise NotSupportedError(f"{what}: not available for code workflows yet ({wf.id!r})")
+        return
     raise NotSupportedError(
         f"{what} is not supported for stage pipelines (workflow {wf.id!r} is a {wf.kind})"
     )
@@ -43,4 +43,6 @@ async def update(deps: Deps, cmd: c.RunUpdate, scope: Scope) -> c.RunUpdateResul
 
 async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.ReviewDecideResult:
     await _target(deps, cmd.workflow_run_id, f"review decision for {cmd.review_id!r}")
-    raise AssertionError("unreachable")  # pragma: no cover
+    from treadle.kernel.handlers import workflows
+
+    return await workflows.decide_review(deps, cmd, scope)

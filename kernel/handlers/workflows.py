@@ -22,7 +22,7 @@ from treadle.kernel.errors import (
     NotFoundError,
     NotSupportedError,
 )
-from treadle.kernel.events import EventBase, SignalReceived, TimerFired
+from treadle.kernel.events import EventBase, ReviewDecided, SignalReceived, TimerFired
 from treadle.kernel.handlers.common import load_run
 from treadle.kernel.model import JsonValue, Run, StageStatus
 from treadle.kernel.workflows.context import message_result
@@ -226,6 +226,64 @@ async def _cached_update(
     result = cast("c.RunUpdateResult", cached)
     done, reply = await update_reply_in(tx, cmd.workflow_run_id, result.update_id)
     return result.model_copy(update={"reply": reply}) if done else result
+
+
+async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.ReviewDecideResult:
+    """Record a reviewer's decision on a waiting ``ctx.review`` and wake the run. An
+    unknown review id is ``NotFoundError``; a second decision is ``InvalidStateError``."""
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.ReviewDecideResult", cached)
+        run = await load_run(tx, cmd.workflow_run_id)
+        wf = code_workflow(deps.workflow(run.workflow_id), f"review decision for {cmd.review_id!r}")
+        reviews = [
+            e
+            for e in await tx.get_journal(run.id)
+            if e.kind == "review" and (e.input or {}).get("review_id") == cmd.review_id
+        ]
+        if not reviews:
+            raise NotFoundError(f"run {run.id!r} has no review {cmd.review_id!r}")
+        entry = reviews[0]
+        if entry.status is not JournalStatus.WAITING:
+            decided = entry.result.get("decision") if isinstance(entry.result, dict) else None
+            raise InvalidStateError(
+                f"review {cmd.review_id!r} of run {run.id!r} was already decided "
+                f"({decided or 'timed_out'})"
+            )
+        _check_live(run, cmd.review_id, "review decision for")
+        done = entry.model_copy(
+            update={
+                "status": JournalStatus.COMPLETED,
+                "result": {
+                    "review_id": cmd.review_id,
+                    "decision": cmd.decision,
+                    "reviewer": cmd.reviewer,
+                    "comment": cmd.comment,
+                },
+                "completed_at": now,
+            }
+        )
+        await write_entries(tx, [done], now)
+        await tx.append_events(
+            [
+                ReviewDecided(
+                    workflow_run_id=run.id,
+                    timestamp=now,
+                    causation_id=scope.causation_id,
+                    review_id=cmd.review_id,
+                    decision=cmd.decision,
+                    reviewer=cmd.reviewer,
+                )
+            ]
+        )
+        stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
+        if stage is not None and stage.status is StageStatus.SUSPENDED:
+            await wake(deps, tx, run, stage, wf, now)
+        result = c.ReviewDecideResult(recorded=True)
+        await scope.complete(tx, result)
+    return result
 
 
 async def update_reply_in(tx: Transaction, run_id: str, update_id: str) -> tuple[bool, JsonValue]:

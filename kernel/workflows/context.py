@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-from pydantic import TypeAdapter
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel.definitions import _is_async
@@ -58,12 +58,14 @@ _ANY: TypeAdapter[Any] = TypeAdapter(Any)
 class Wait:
     """Why a body unwound to suspend: what it waits for, and until when."""
 
-    kind: Literal["sleep", "signal", "update", "retry"]
+    kind: Literal["sleep", "signal", "update", "review", "retry"]
     position: int
     name: str
     occurrence: int
     until: datetime | None
     signal: str | None = None
+    details: dict[str, JsonValue] | None = None
+    """Extra wait bookkeeping journaled with it (a review's id, type and reviewers)."""
 
 
 @dataclass(eq=False)
@@ -614,6 +616,51 @@ class WorkflowContext:
             return self._by_position[position]
         raise self._suspend(Wait(kind, position, key, occurrence, until, signal=name))
 
+    async def review(
+        self,
+        artifact: Any = None,
+        *,
+        review_type: str = "review",
+        reviewers: Sequence[str] = (),
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - binding API name (DESIGN §3.2)
+    ) -> ReviewDecision:
+        """Ask people for a decision on ``artifact``: records ``review:requested`` (with a
+        ``review_id``), suspends the run, and resumes with the decision given through
+        ``engine.decide_review``, or a ``timed_out`` one once ``timeout`` passes."""
+        seconds = _seconds(timeout, "timeout")
+        position, key, occurrence, entry = self._reserve(
+            "review", _check_name(review_type, "review")
+        )
+        if entry is not None and entry.status is JournalStatus.COMPLETED:
+            return _decision(entry)
+        now = self._now()
+        if entry is not None:
+            details = dict(entry.input or {})
+            until = entry.until
+        else:
+            details = {
+                "review_id": self._new_id(),
+                "review_type": review_type,
+                "reviewers": list(reviewers),
+                "artifact": _ANY.dump_python(artifact, mode="json"),
+            }
+            until = now + timedelta(seconds=seconds) if seconds is not None else None
+        if until is not None and until <= now:
+            done = self._entry(
+                position,
+                key,
+                occurrence,
+                "review",
+                status=JournalStatus.COMPLETED,
+                input=entry.input if entry is not None else None,
+                result={"decision": "timed_out", "review_id": details.get("review_id")},
+                completed_at=now,
+            )
+            await self._commit([done])
+            return _decision(self._by_position[position])
+        details.pop("until", None)
+        raise self._suspend(Wait("review", position, key, occurrence, until, details=details))
+
     async def _reply(self, request: UpdateRequest, value: Any) -> None:
         position, key, occurrence, entry = self._reserve("reply", request.name)
         if entry is not None:
@@ -629,6 +676,29 @@ class WorkflowContext:
             completed_at=self._now(),
         )
         await self._commit([done], replies=[(request.message_id, {"value": encoded})])
+
+
+class ReviewDecision(BaseModel):
+    """How a review ended: ``approved``, ``rejected`` or ``timed_out``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    review_id: str
+    decision: Literal["approved", "rejected", "timed_out"]
+    reviewer: str | None = None
+    comment: str | None = None
+
+    @property
+    def approved(self) -> bool:
+        return self.decision == "approved"
+
+
+def _decision(entry: JournalEntry) -> ReviewDecision:
+    result = dict(entry.result) if isinstance(entry.result, dict) else {}
+    result.setdefault("review_id", (entry.input or {}).get("review_id"))
+    if result.get("timed_out"):
+        result = {"review_id": result["review_id"], "decision": "timed_out"}
+    return ReviewDecision.model_validate(result)
 
 
 class UpdateRequest:

@@ -32,7 +32,7 @@ from treadle.kernel.errors import (
     OutputValidationError,
     describe_exception,
 )
-from treadle.kernel.events import EventBase, StageCompleted, StageFailed
+from treadle.kernel.events import EventBase, ReviewRequested, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, fail_run, new_jobs
 from treadle.kernel.handlers.jobs import _is_current, _Started, validate_output
 from treadle.kernel.model import JsonValue, Run, RunStatus, StageRun, StageStatus, evolve
@@ -312,7 +312,7 @@ async def _commit_waits(
     timer, or (a signal arrived meanwhile, a short backoff) queue the next activation."""
     resume_at: datetime | None = None
     for wait in waits:
-        at = await _record_wait(deps, tx, run.id, wait, now)
+        at = await _record_wait(deps, tx, run.id, wait, now, scope.causation_id)
         if at is not None:
             resume_at = at if resume_at is None else min(resume_at, at)
     await deps.job_transport.complete(tx, s.job.id)
@@ -348,7 +348,12 @@ async def _commit_waits(
 
 
 async def _record_wait(
-    deps: Deps, tx: Transaction, run_id: str, wait: Wait, now: datetime
+    deps: Deps,
+    tx: Transaction,
+    run_id: str,
+    wait: Wait,
+    now: datetime,
+    causation_id: str | None = None,
 ) -> datetime | None:
     """Journal one wait; returns when to run again without a timer, if so."""
     entry = await tx.get_journal_entry(run_id, wait.name, wait.occurrence)
@@ -373,6 +378,20 @@ async def _record_wait(
         if wait.until is not None:
             purpose = "sleep" if wait.kind == "sleep" else f"{wait.kind}_timeout"
             await _schedule(tx, run_id, wait, purpose, now)
+        if wait.kind == "review":
+            details = wait.details or {}
+            await tx.append_events(
+                [
+                    ReviewRequested(
+                        workflow_run_id=run_id,
+                        timestamp=now,
+                        causation_id=causation_id,
+                        review_id=str(details["review_id"]),
+                        review_type=details.get("review_type"),
+                        reviewers=list(details.get("reviewers") or []),
+                    )
+                ]
+            )
     return None
 
 
@@ -384,6 +403,7 @@ def _waiting(
         data["until"] = wait.until.isoformat()
     if wait.signal is not None:
         data["signal"] = wait.signal
+    data.update(wait.details or {})
     if entry is not None:
         return evolve(entry, {"status": status})
     return JournalEntry(

@@ -717,3 +717,89 @@ async def test_update_payload_is_validated_and_pipelines_refuse_updates() -> Non
     assert await te.kernel.inbox(handle.run_id) == []
     with pytest.raises(TimeoutError):
         await Engine(te.kernel).update(handle.run_id, "bump", {"by": 1}, timeout=0.01)
+
+
+# -- 6. human review --------------------------------------------------------------------------
+@workflow(id="publishing", input=Order, output=str)
+async def publishing(ctx: WorkflowContext, order: Order) -> str:
+    draft = await ctx.step("draft", charge, order.n)
+    decision = await ctx.review(
+        {"draft": draft}, review_type="editorial", reviewers=["ed"], timeout=timedelta(days=2)
+    )
+    if not decision.approved:
+        return f"{decision.decision} by {decision.reviewer}"
+    await ctx.step("publish", charge, draft)
+    return f"published ({decision.comment})"
+
+
+def _review_id(te: TestEngine) -> str:
+    requested = [e for e in te.events if e.type == "review:requested"]  # type: ignore[attr-defined]
+    assert len(requested) == 1
+    return str(requested[0].review_id)  # type: ignore[attr-defined]
+
+
+async def test_review_requests_suspends_and_resumes_with_the_decision() -> None:
+    """ctx.review records review:requested and suspends; decide_review records
+    review:decided and the body resumes with the decision; a second decision is refused."""
+    from treadle.engine import Engine
+
+    te = TestEngine([publishing])
+    engine = Engine(te.kernel)
+    handle = await te.start("publishing", {"n": 2})
+    await te.run_until_idle()
+    assert (await te.get_run(handle.run_id)).status is RunStatus.SUSPENDED
+    review_id = _review_id(te)
+    (entry,) = [e for e in await te.journal(handle.run_id) if e.kind == "review"]
+    assert entry.input is not None
+    assert entry.input["artifact"] == {"draft": 20}
+    assert entry.input["reviewers"] == ["ed"]
+    assert await engine.decide_review(
+        handle.run_id, review_id, "approved", reviewer="ed", comment="lovely"
+    )
+    assert await handle.result() == "published (lovely)"
+    with pytest.raises(InvalidStateError):
+        await engine.decide_review(handle.run_id, review_id, "rejected")
+    types = [e.type for e in te.events]  # type: ignore[attr-defined]
+    assert types.count("review:decided") == 1
+
+
+async def test_review_decisions_are_validated() -> None:
+    """An unknown review id is NotFoundError, a bad decision an InvalidCommandError naming
+    the field, a second decision InvalidStateError; a rejection resumes the body."""
+    from treadle.kernel import commands as c
+    from treadle.kernel.errors import InvalidCommandError, NotFoundError
+
+    te = TestEngine([publishing])
+    handle = await te.start("publishing", {"n": 1})
+    await te.run_until_idle()
+    review_id = _review_id(te)
+    with pytest.raises(NotFoundError, match="no review 'nope'"):
+        await te.dispatch(
+            c.ReviewDecide(workflow_run_id=handle.run_id, review_id="nope", decision="approved")
+        )
+    with pytest.raises(InvalidCommandError, match="decision"):
+        await te.dispatch(
+            {
+                "type": "review.decide",
+                "workflow_run_id": handle.run_id,
+                "review_id": review_id,
+                "decision": "maybe",
+            }
+        )
+    decide = c.ReviewDecide(
+        workflow_run_id=handle.run_id, review_id=review_id, decision="rejected", reviewer="ed"
+    )
+    await te.dispatch(decide)
+    with pytest.raises(InvalidStateError, match="already decided"):
+        await te.dispatch(decide)
+    assert await handle.result() == "rejected by ed"
+
+
+async def test_review_timeout_resumes_with_a_timed_out_decision() -> None:
+    """A review nobody decides resumes the body with decision 'timed_out' at its timeout."""
+    te = TestEngine([publishing])
+    handle = await te.start("publishing", {"n": 1})
+    await te.advance_time(timedelta(days=2))
+    assert await handle.result() == "timed_out by None"
+    fired = [e for e in te.events if e.type == "timer:fired"]  # type: ignore[attr-defined]
+    assert [e.purpose for e in fired] == ["review_timeout"]  # type: ignore[attr-defined]

@@ -134,7 +134,13 @@ async def counter(ctx: WorkflowContext, order: Order) -> int:
     return total
 
 
-WORKFLOWS = [sleepy, approvals, retries, crashy, counter]
+@workflow(id="reviewed", input=Order, output=str)
+async def reviewed(ctx: WorkflowContext, order: Order) -> str:
+    decision = await ctx.review({"n": order.n}, review_type="qa", reviewers=["qa-team"])
+    return f"{decision.decision}:{decision.reviewer}"
+
+
+WORKFLOWS = [sleepy, approvals, retries, crashy, counter, reviewed]
 
 
 # -- backends (PostgreSQL: one migrated template per module, a copy per test) ---------------
@@ -361,3 +367,23 @@ async def test_update_returns_the_bodys_reply_on_every_backend(engine: Engine) -
         assert await engine.update(handle.run_id, "bump", {"by": 5}, idempotency_key="second") == 10
         assert await handle.result(timeout=WAIT) == 10
     assert len(await engine.kernel.inbox(handle.run_id)) == 2
+
+
+async def test_review_decision_resumes_the_run_on_every_backend(engine: Engine) -> None:
+    """ctx.review suspends with review:requested; engine.decide_review wakes the worker's
+    run with the decision, and a duplicate decision is refused."""
+    from treadle.kernel.errors import InvalidStateError
+
+    async with _worker(engine):
+        handle = await engine.start("reviewed", {"n": 1})
+        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        requested = [
+            e
+            async for e in engine.events(handle.run_id)
+            if e.type == "review:requested"  # type: ignore[attr-defined]
+        ]
+        review_id = requested[0].review_id  # type: ignore[attr-defined]
+        assert await engine.decide_review(handle.run_id, review_id, "approved", reviewer="q")
+        assert await handle.result(timeout=WAIT) == "approved:q"
+    with pytest.raises(InvalidStateError):
+        await engine.decide_review(handle.run_id, review_id, "rejected")
