@@ -13,10 +13,13 @@ later can hit ``SQLITE_BUSY`` on the upgrade, which the busy timeout cannot retr
 
 from __future__ import annotations
 
+import select
+import time
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -69,8 +72,77 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
         engine = create_async_engine(target, **options)
         configure_sqlite(engine, busy_timeout_ms=busy_ms)
         return engine
+    # Liveness is checked on checkout without a round trip (see configure_postgres):
+    # SQLAlchemy's pre-ping would add a query, and a server transaction, per checkout.
+    checked = "pool_pre_ping" not in kwargs
+    options["pool_pre_ping"] = False
     options.update(kwargs)
-    return create_async_engine(target, **options)
+    engine = create_async_engine(target, **options)
+    if checked:
+        configure_postgres(engine)
+    return engine
+
+
+IDLE_PING_AFTER = 1.0
+"""Seconds a pooled PostgreSQL connection may sit idle before checkout pings it."""
+
+
+def _socket_closed(dbapi_connection: Any) -> bool:
+    """Whether an idle pooled psycopg connection was closed by the server: the socket of
+    an idle connection is readable only when the server sent something unasked, which
+    for a pooled connection (no LISTEN) means a FATAL error before closing it."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    pgconn = getattr(driver, "pgconn", None)
+    if pgconn is None:
+        return False
+    from psycopg import pq
+
+    if pgconn.status != pq.ConnStatus.OK:
+        return True
+    try:
+        fd = pgconn.socket
+    except Exception:  # the connection is closed: psycopg refuses to give a socket
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
+def configure_postgres(engine: AsyncEngine, *, idle_ping_after: float = IDLE_PING_AFTER) -> None:
+    """A cheap stand-in for ``pool_pre_ping`` on a PostgreSQL engine.
+
+    On checkout, a connection whose socket shows the server closed it is discarded
+    (``DisconnectionError`` makes the pool connect afresh), with no round trip; one
+    idle for more than ``idle_ping_after`` seconds is also pinged, so a connection
+    lost silently (a network cut, no FATAL message) is caught too. Busy workers
+    reuse connections within milliseconds and never pay for the ping.
+    """
+    sync_engine = engine.sync_engine
+    if getattr(sync_engine, "_treadle_pg_configured", False):
+        return
+    dialect = sync_engine.dialect
+
+    def on_checkin(dbapi_connection: Any, record: Any) -> None:
+        record.info["treadle_idle_since"] = time.monotonic()
+
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.pop("treadle_idle_since", None)
+        if since is None:  # a new connection
+            return
+        if _socket_closed(dbapi_connection):
+            raise sa_exc.DisconnectionError("connection closed by the server while pooled")
+        if time.monotonic() - since > idle_ping_after:
+            try:
+                dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise sa_exc.DisconnectionError(f"ping failed: {exc}") from exc
+
+    event.listen(sync_engine, "checkin", on_checkin)
+    event.listen(sync_engine, "checkout", on_checkout)
+    sync_engine._treadle_pg_configured = True  # type: ignore[attr-defined]
 
 
 def configure_sqlite(
