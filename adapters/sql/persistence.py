@@ -253,16 +253,20 @@ class SqlTransaction:
                 data[column] = await self._get_payload(data[column])
         return refs
 
-    def _remember(self, model: Any, refs: dict[str, Any]) -> None:
-        for column, ref in refs.items():
+    def _remember(self, model: Any, refs: dict[str, Any], columns: Sequence[str]) -> None:
+        """Note what each payload column of ``model`` is stored as, so writing the same
+        object back in this transaction (``update_run`` rewrites the input every time)
+        neither re-encodes nor re-measures it."""
+        for column in columns:
             value = getattr(model, column)
-            self._offloaded[id(value)] = (value, ref)
+            if value is not None:
+                self._offloaded[id(value)] = (value, refs.get(column, value))
 
     async def _run_from(self, row: sa.Row[Any]) -> Run:
         data = dict(row._mapping)
         refs = await self._load_payloads(data, _RUN_PAYLOADS)
         run = Run.model_validate(data)
-        self._remember(run, refs)
+        self._remember(run, refs, _RUN_PAYLOADS)
         return run
 
     async def _run_row(self, run: Run) -> dict[str, Any]:
@@ -277,7 +281,7 @@ class SqlTransaction:
         data.pop("ordinal", None)
         refs = await self._load_payloads(data, _STAGE_PAYLOADS)
         stage = StageRun.model_validate(data)
-        self._remember(stage, refs)
+        self._remember(stage, refs, _STAGE_PAYLOADS)
         return stage
 
     async def _stage_row(self, stage: StageRun) -> dict[str, Any]:

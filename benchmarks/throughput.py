@@ -1,0 +1,343 @@
+"""End-to-end throughput on SQLite and PostgreSQL (issue 3, requirement 9).
+
+N runs of a 3-stage no-op pipeline, executed by one worker process (one ``Worker``
+with K concurrent slots, the in-process worker of ``Engine.worker``). For each
+backend it prints:
+
+* burst throughput: all N runs are started first, then the worker drains them;
+  stages/s and runs/s over the drain, and p50/p99 of each run's created-to-completed
+  time (dominated by queueing in a burst);
+* unloaded latency: runs started one at a time against an idle, waiting worker,
+  p50/p99 of their stored created-to-completed time;
+* PostgreSQL only: commits per stage, from ``pg_stat_database.xact_commit`` deltas of
+  the benchmark's own fresh database over the drain (every committed transaction of
+  the worker counts, reads and maintenance included; the worker's connections are
+  closed before the second reading so their statistics are flushed, and the drain is
+  detected in-process so the benchmark adds no queries of its own);
+* PostgreSQL only: LISTEN/NOTIFY pickup latency, the median over ``--pickup-trials``
+  of the time from a run committed by another engine (its own connection pool) to
+  its stage body starting, with a worker that polls only every 30 s.
+
+``--profile`` prints the top functions of a cProfile of the PostgreSQL drain.
+
+    .venv/bin/python benchmarks/throughput.py [--runs 1000] [--concurrency 8]
+        [--backend both|sqlite|postgres] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
+        [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import os
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+
+from treadle import Engine, WorkflowBuilder, define_stage
+from treadle.adapters.sql import schema as t
+from treadle.adapters.sql import sync_url
+
+STAGES = 3
+PICKUP: dict[int, tuple[asyncio.Event, list[float]]] = {}
+
+
+class Payload(BaseModel):
+    n: int
+
+
+def _make_stage(index: int) -> Any:
+    @define_stage(id=f"s{index}", input=Payload, output=Payload)
+    async def noop(ctx):  # type: ignore[no-untyped-def]
+        if index == STAGES - 1 and DONE["target"] > 0:
+            DONE["count"] += 1
+            if DONE["count"] >= DONE["target"]:
+                DONE["event"].set()
+        return ctx.input
+
+    return noop
+
+
+def build_pipeline() -> Any:
+    builder = WorkflowBuilder("noop-3", input=Payload)
+    for i in range(STAGES):
+        builder = builder.pipe(_make_stage(i))
+    return builder.build()
+
+
+@define_stage(id="pickup", input=Payload, output=Payload)
+async def pickup_stage(ctx):  # type: ignore[no-untyped-def]
+    event, stamp = PICKUP[ctx.input.n]
+    stamp.append(time.perf_counter())
+    event.set()
+    return ctx.input
+
+
+PICKUP_WF = WorkflowBuilder("pickup-1", input=Payload).pipe(pickup_stage).build()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+# -- databases ---------------------------------------------------------------------------
+def _libpq(url: str) -> str:
+    return sync_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def fresh_postgres(base_url: str) -> Iterator[str]:
+    import psycopg
+
+    name = f"treadle_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(_libpq(base_url), autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = sync_url(base_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(_libpq(base_url), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def xact_commit(url: str) -> int:
+    """Committed transactions of this database so far (flushed statistics)."""
+    import psycopg
+
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# -- phases ---------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def profiled(enabled: bool, top: int) -> AsyncIterator[None]:
+    profiler = cProfile.Profile() if enabled else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        yield
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            out = io.StringIO()
+            stats = pstats.Stats(profiler, stream=out)
+            stats.sort_stats("tottime").print_stats(top)
+            stats.sort_stats("cumulative").print_stats(top)
+            print(out.getvalue())
+
+
+DONE: dict[str, Any] = {"count": 0, "target": -1, "event": None}
+
+
+async def _wait_for_all(worker: Any) -> None:
+    """Until the last stage of every run has run and its commit finished (in-process:
+    polling the database would add its own commits to the count)."""
+    await DONE["event"].wait()
+    while worker.in_flight:  # noqa: ASYNC110 - the Worker exposes a count, not an event
+        await asyncio.sleep(0.001)
+
+
+async def _read_runs(url: str, run_ids: set[str] | None = None) -> list[Any]:
+    engine = await Engine.open(url, workflows=[build_pipeline()])
+    try:
+        assert engine.backend is not None
+        async with engine.backend.persistence.engine.connect() as conn:  # type: ignore[attr-defined]
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        t.runs.c.id, t.runs.c.status, t.runs.c.created_at, t.runs.c.completed_at
+                    )
+                )
+            ).all()
+    finally:
+        await engine.close()
+    return [r for r in rows if run_ids is None or r.id in run_ids]
+
+
+async def burst(
+    url: str, runs: int, concurrency: int, *, profile: bool, top: int, pg: bool
+) -> dict[str, float]:
+    pipeline = build_pipeline()
+    producer = await Engine.open(url, workflows=[pipeline], auto_migrate=True)
+    try:
+        t0 = time.perf_counter()
+        run_ids = {(await producer.start("noop-3", {"n": i})).run_id for i in range(runs)}
+        start_rate = runs / (time.perf_counter() - t0)
+    finally:
+        await producer.close()  # its server processes exit and flush their statistics
+    engine = await Engine.open(url, workflows=[pipeline])
+    DONE.update(count=0, target=runs, event=asyncio.Event())
+    own_commits = [0]
+    assert engine.backend is not None
+    sa.event.listen(
+        engine.backend.persistence.engine.sync_engine,  # type: ignore[attr-defined]
+        "commit",
+        lambda conn: own_commits.__setitem__(0, own_commits[0] + 1),
+    )
+    try:
+        before = xact_commit(url) if pg else 0
+        worker = engine.worker(
+            concurrency=concurrency, orchestration_interval=1.0, job_poll_interval=0.05
+        )
+        async with profiled(profile, top):
+            started = time.perf_counter()
+            async with worker:
+                await _wait_for_all(worker)
+                elapsed = time.perf_counter() - started
+    finally:
+        await engine.close()  # flushes the worker's statistics too
+    DONE["target"] = -1
+    # The first probe's own two autocommit statements are counted; the second's are not.
+    commits = xact_commit(url) - before - 2 if pg else 0
+    rows = await _read_runs(url, run_ids)
+    failed = sum(1 for r in rows if r.status != "COMPLETED")
+    if failed or len(rows) != runs:
+        raise SystemExit(f"{failed} of {len(rows)} runs did not complete")
+    latencies = [(r.completed_at - r.created_at).total_seconds() for r in rows]
+    return {
+        "start_rate": start_rate,
+        "elapsed": elapsed,
+        "stages_per_s": runs * STAGES / elapsed,
+        "runs_per_s": runs / elapsed,
+        "p50": pct(latencies, 0.5),
+        "p99": pct(latencies, 0.99),
+        "commits": float(commits),
+        "worker_commits": float(own_commits[0]),
+    }
+
+
+async def unloaded_latency(url: str, samples: int, concurrency: int) -> dict[str, float]:
+    """One run at a time against an idle worker; created_at to completed_at as stored."""
+    pipeline = build_pipeline()
+    engine = await Engine.open(url, workflows=[pipeline], auto_migrate=True)
+    run_ids: set[str] = set()
+    try:
+        async with engine.worker(concurrency=concurrency, job_poll_interval=1.0):
+            for i in range(samples):
+                handle = await engine.start("noop-3", {"n": i})
+                await handle.result(timeout=30)
+                run_ids.add(handle.run_id)
+    finally:
+        await engine.close()
+    rows = await _read_runs(url, run_ids)
+    latencies = [(r.completed_at - r.created_at).total_seconds() for r in rows]
+    return {"p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99)}
+
+
+async def pickup_latency(url: str, trials: int) -> list[float]:
+    worker_engine = await Engine.open(url, workflows=[PICKUP_WF], auto_migrate=True)
+    client = await Engine.open(url, workflows=[PICKUP_WF])
+    samples: list[float] = []
+    try:
+        listener: Any = worker_engine.backend.wake_source if worker_engine.backend else None
+        async with worker_engine.worker(
+            concurrency=2, job_poll_interval=30.0, orchestration_interval=30.0
+        ):
+            await listener.wait_listening()
+            for n in range(trials):
+                event: asyncio.Event = asyncio.Event()
+                stamp: list[float] = []
+                PICKUP[n] = (event, stamp)
+                await client.start("pickup-1", {"n": n})
+                committed = time.perf_counter()
+                await asyncio.wait_for(event.wait(), 10)
+                samples.append(stamp[0] - committed)
+    finally:
+        await client.close()
+        await worker_engine.close()
+    return samples
+
+
+def report(
+    name: str, runs: int, concurrency: int, b: dict[str, float], u: dict[str, float]
+) -> None:
+    print(f"== {name}: {runs} runs x {STAGES} no-op stages, 1 process, concurrency {concurrency}")
+    print(f"   start (run.create) rate:     {b['start_rate']:8.0f} runs/s")
+    print(f"   drain:                       {b['elapsed']:8.2f} s")
+    print(f"   stages/s:                    {b['stages_per_s']:8.0f}")
+    print(f"   runs/s:                      {b['runs_per_s']:8.0f}")
+    print(
+        f"   burst latency created->done: p50 {b['p50'] * 1000:7.0f} ms  "
+        f"p99 {b['p99'] * 1000:7.0f} ms"
+    )
+    print(
+        f"   unloaded latency start->result: p50 {u['p50'] * 1000:5.1f} ms  "
+        f"p99 {u['p99'] * 1000:5.1f} ms"
+    )
+
+
+async def run_backend(name: str, url: str, args: argparse.Namespace) -> None:
+    pg = name == "postgres"
+    b = await burst(
+        url, args.runs, args.concurrency, profile=args.profile and pg, top=args.top, pg=pg
+    )
+    u = await unloaded_latency(url, args.latency_samples, args.concurrency)
+    report(name, args.runs, args.concurrency, b, u)
+    stages = args.runs * STAGES
+    print(
+        f"   worker transactions / stage: {b['worker_commits'] / stages:8.2f} "
+        "(COMMITs the worker's engine issued)"
+    )
+    if pg:
+        print(f"   xact_commit delta over drain: {b['commits']:7.0f}")
+        print(
+            f"   server commits per stage:    {b['commits'] / stages:8.2f} "
+            "(pg_stat_database; includes the listener backend's NOTIFY processing)"
+        )
+        samples = await pickup_latency(url, args.pickup_trials)
+        print(
+            f"   LISTEN/NOTIFY pickup ({len(samples)} trials, worker polling every 30 s): "
+            f"median {statistics.median(samples) * 1000:.1f} ms, "
+            f"max {max(samples) * 1000:.1f} ms"
+        )
+
+
+async def amain(args: argparse.Namespace) -> None:
+    print(
+        f"machine: {platform.machine()} cpus={os.cpu_count()} "
+        f"python={platform.python_version()} sqlalchemy={sa.__version__}"
+    )
+    if args.backend in ("both", "sqlite"):
+        with tempfile.TemporaryDirectory() as tmp:
+            await run_backend("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}", args)
+    if args.backend in ("both", "postgres"):
+        with fresh_postgres(args.pg_url) as url:
+            await run_backend("postgres", url, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--backend", choices=["both", "sqlite", "postgres"], default="both")
+    parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--latency-samples", type=int, default=50)
+    parser.add_argument("--pickup-trials", type=int, default=20)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    asyncio.run(amain(args))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
