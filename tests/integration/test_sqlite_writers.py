@@ -1,0 +1,44 @@
+"""SQLite: concurrent write transactions of one process queue in-process, not in SQLite's
+sleeping busy handler, and none fails with "database is locked"."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from treadle.adapters.sql import SqlPersistence
+from treadle.kernel.model import Run, RunFilter, RunStatus
+
+
+async def test_concurrent_writers_in_one_process_all_commit(sqlite_url: str) -> None:
+    """Twenty writers that each yield to the loop mid-transaction all commit, one at a
+    time (never two inside a write transaction at once)."""
+    persistence = await SqlPersistence.open(sqlite_url, migrate=True)
+    inside = 0
+    most = 0
+
+    async def writer(i: int) -> None:
+        nonlocal inside, most
+        now = datetime.now(UTC)
+        async with persistence.transaction() as tx:
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0)  # let every other writer try to get in
+            await tx.insert_run(
+                Run(
+                    id=f"r{i}",
+                    workflow_id="wf",
+                    status=RunStatus.PENDING,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            inside -= 1
+
+    try:
+        await asyncio.gather(*(writer(i) for i in range(20)))
+        async with persistence.transaction(read_only=True) as tx:
+            assert len(await tx.list_runs(RunFilter(limit=50))) == 20
+    finally:
+        await persistence.close()
+    assert most == 1
