@@ -14,6 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from treadle.adapters.sql.migrate import migrate
     from treadle.engine import Engine
     from treadle.kernel import (
         Failed,
@@ -68,6 +69,7 @@ __all__ = [
     "create_kernel",
     "define_batch_stage",
     "define_stage",
+    "migrate",
     "workflow",
 ]
 
@@ -81,6 +83,8 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'treadle' has no attribute {name!r}")
     if name == "Engine":
         module = "treadle.engine"
+    elif name == "migrate":  # ``treadle.migrate(url)``: needs the sql extra, loaded on use
+        module = "treadle.adapters.sql.migrate"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:

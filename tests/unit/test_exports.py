@@ -31,6 +31,7 @@ EXPECTED: dict[str, set[str]] = {
         "create_kernel",
         "define_batch_stage",
         "define_stage",
+        "migrate",
         "workflow",
     },
     "treadle.ports": {
