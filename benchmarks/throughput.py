@@ -280,7 +280,7 @@ def report(
         f"p99 {b['p99'] * 1000:7.0f} ms"
     )
     print(
-        f"   unloaded latency start->result: p50 {u['p50'] * 1000:5.1f} ms  "
+        f"   unloaded latency created->done: p50 {u['p50'] * 1000:5.1f} ms  "
         f"p99 {u['p99'] * 1000:5.1f} ms"
     )
 
