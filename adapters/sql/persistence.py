@@ -777,7 +777,8 @@ class SqlTransaction:
         query = sa.select(t.journal).where(c.run_id == run_id).order_by(c.position)
         if status is not None:
             query = query.where(c.status == status.value)
-        return [_journal_from_row(row) for row in await self.execute(query, "get journal")]
+        rows = await self.execute(query, "get journal")
+        return [await self._journal_from(row) for row in rows]
 
     async def get_journal_entry(
         self, run_id: str, name: str, occurrence: int
@@ -787,7 +788,7 @@ class SqlTransaction:
             c.run_id == run_id, c.step_name == name, c.occurrence == occurrence
         )
         row = (await self.execute(query, "get journal entry")).first()
-        return _journal_from_row(row) if row is not None else None
+        return await self._journal_from(row) if row is not None else None
 
     async def latest_journal_entry(self, run_id: str, name: str) -> JournalEntry | None:
         c = t.journal.c
@@ -798,10 +799,36 @@ class SqlTransaction:
             .limit(1)
         )
         row = (await self.execute(query, "latest journal entry")).first()
-        return _journal_from_row(row) if row is not None else None
+        return await self._journal_from(row) if row is not None else None
+
+    async def _journal_from(self, row: sa.Row[Any]) -> JournalEntry:
+        entry = _journal_from_row(row)
+        if is_ref(entry.input) or is_ref(entry.result):
+            loaded = {
+                "input": await self._get_payload(entry.input),
+                "result": await self._get_payload(entry.result),
+            }
+            entry = evolve(entry, loaded)
+        return entry
+
+    async def _journal_row(self, entry: JournalEntry) -> dict[str, Any]:
+        values = _journal_values(entry)
+        for column in ("input", "result"):
+            values[column] = await self._put_payload(entry.workflow_run_id, values[column])
+        return values
+
+    async def _inbox_from(self, row: sa.Row[Any]) -> InboxMessage:
+        message = _inbox_from_row(row)
+        if is_ref(message.payload) or is_ref(message.reply):
+            loaded = {
+                "payload": await self._get_payload(message.payload),
+                "reply": await self._get_payload(message.reply),
+            }
+            message = evolve(message, loaded)
+        return message
 
     async def insert_journal_entry(self, entry: JournalEntry) -> JournalEntry:
-        values = _journal_values(entry)
+        values = await self._journal_row(entry)
         values["version"] = 0
         stmt = (
             self.insert(t.journal).values(values).on_conflict_do_nothing().returning(t.journal.c.id)
@@ -816,7 +843,7 @@ class SqlTransaction:
 
     async def update_journal_entry(self, entry: JournalEntry) -> JournalEntry:
         c = t.journal.c
-        values = _journal_values(entry)
+        values = await self._journal_row(entry)
         values["version"] = entry.version + 1
         stmt = (
             sa.update(t.journal)
@@ -845,9 +872,9 @@ class SqlTransaction:
                 run_id=message.workflow_run_id,
                 kind=message.kind,
                 name=message.name,
-                payload=message.payload,
+                payload=await self._put_payload(message.workflow_run_id, message.payload),
                 update_id=message.update_id,
-                reply=message.reply,
+                reply=await self._put_payload(message.workflow_run_id, message.reply),
                 idempotency_key=message.idempotency_key,
                 created_at=message.created_at,
                 consumed_at=message.consumed_at,
@@ -880,7 +907,7 @@ class SqlTransaction:
             .limit(1)
         )
         row = (await self.execute(query, "next signal")).first()
-        return _inbox_from_row(row) if row is not None else None
+        return await self._inbox_from(row) if row is not None else None
 
     async def consume_signal(
         self, message_id: int, consumed_at: datetime, consumed_by: str
@@ -897,7 +924,8 @@ class SqlTransaction:
     async def list_signals(self, run_id: str) -> list[InboxMessage]:
         c = t.signal_inbox.c
         query = sa.select(t.signal_inbox).where(c.run_id == run_id).order_by(c.id)
-        return [_inbox_from_row(row) for row in await self.execute(query, "list signals")]
+        rows = await self.execute(query, "list signals")
+        return [await self._inbox_from(row) for row in rows]
 
     async def find_update(self, run_id: str, update_id: str) -> InboxMessage | None:
         c = t.signal_inbox.c
@@ -905,14 +933,14 @@ class SqlTransaction:
             c.run_id == run_id, c.kind == "update", c.update_id == update_id
         )
         row = (await self.execute(query, "find update")).first()
-        return _inbox_from_row(row) if row is not None else None
+        return await self._inbox_from(row) if row is not None else None
 
     async def set_reply(self, message_id: int, reply: JsonValue) -> None:
         c = t.signal_inbox.c
         stmt = (
             sa.update(t.signal_inbox)
             .where(c.id == message_id, c.reply.is_(None) | (sa.cast(c.reply, sa.Text) == "null"))
-            .values(reply=reply)
+            .values(reply=await self._put_payload(None, reply))
         )
         if (await self.execute(stmt, "set reply")).rowcount != 1:
             raise ConcurrencyError(f"update message {message_id} was answered already")

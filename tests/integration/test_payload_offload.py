@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
 
-from treadle import Engine, WorkflowBuilder, define_stage
+from treadle import Engine, WorkflowBuilder, WorkflowContext, define_stage, workflow
 from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.payloads import PAYLOAD_REF
 from treadle.kernel.errors import TreadleError
@@ -36,6 +36,17 @@ async def shrink(ctx):  # type: ignore[no-untyped-def]
 
 WF = WorkflowBuilder("offload-wf", input=Text).pipe(grow).pipe(shrink).build()
 BIG_OUT = WorkflowBuilder("offload-big-out", input=Text).pipe(grow).build()
+
+
+async def big_text(size: int) -> str:
+    return "z" * size
+
+
+@workflow(id="offload-code", input=Text, output=int, version="1")
+async def offload_code(ctx: WorkflowContext, start: Text) -> int:
+    text = await ctx.step("big", big_text, BIG)
+    more = await ctx.wait_for_signal("more", Text)
+    return len(text) + len(more.text)
 
 
 async def _raw(engine: Engine, query: Any) -> list[Any]:
@@ -161,3 +172,25 @@ async def test_invalid_threshold_is_refused(sqlite_url: str) -> None:
     """payload_max_bytes must be a positive integer or None."""
     with pytest.raises(TreadleError, match="payload_max_bytes"):
         await Engine.open(sqlite_url, workflows=[WF], payload_max_bytes=0)
+
+
+async def test_code_workflow_journal_and_signal_payloads_are_offloaded(database_url: str) -> None:
+    """A large step result and a large signal payload are references in the journal and
+    inbox rows; the workflow sees the values."""
+    engine = await Engine.open(
+        database_url, workflows=[offload_code], auto_migrate=True, payload_max_bytes=THRESHOLD
+    )
+    try:
+        async with engine.worker(concurrency=2):
+            handle = await engine.start("offload-code", {"text": "go"})
+            assert await engine.signal(handle.run_id, "more", {"text": "q" * BIG})
+            assert await handle.result(timeout=20) == 2 * BIG
+        results = await _raw(
+            engine, sa.select(t.journal.c.result).where(t.journal.c.step_name == "big")
+        )
+        assert results
+        assert PAYLOAD_REF in results[0][0]
+        (payload,) = await _raw(engine, sa.select(t.signal_inbox.c.payload))
+        assert PAYLOAD_REF in payload[0]
+    finally:
+        await engine.close()
