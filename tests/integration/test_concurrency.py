@@ -9,7 +9,8 @@ the processes' execution records that:
 * every stage result was committed exactly once (one ``stage:completed`` per stage);
 * every stage body ran exactly once, so no job ran on two workers at once (and, even
   if one had run twice, the intervals are checked for overlap);
-* both processes did work (the claims really raced).
+* both processes did work (the claims really raced);
+* every run's outbox sequence is gap-free.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ async def _facts(engine: Engine, run_ids: list[str]) -> dict[str, Any]:
             await conn.execute(sa.select(t.stages.c.status, t.stages.c.attempt, t.stages.c.output))
         ).all()
         jobs = (await conn.execute(sa.select(t.jobs.c.status, t.jobs.c.attempts))).all()
+        sequences = (await conn.execute(sa.select(t.outbox.c.run_id, t.outbox.c.sequence))).all()
         completed = (
             await conn.execute(
                 sa.select(t.outbox.c.run_id, t.outbox.c.event["stage_id"].as_string()).where(
@@ -112,6 +114,7 @@ async def _facts(engine: Engine, run_ids: list[str]) -> dict[str, Any]:
         "stages": stages,
         "jobs": jobs,
         "completed_events": Counter((run_id, stage_id) for run_id, stage_id in completed),
+        "sequences": sequences,
     }
 
 
@@ -121,6 +124,13 @@ def _check(facts: dict[str, Any], runs: int) -> None:
     assert {(status, attempt) for status, attempt, _ in facts["stages"]} == {("COMPLETED", 1)}
     assert len(facts["stages"]) == 3 * runs
     assert Counter(facts["jobs"]) == {("COMPLETED", 1): 3 * runs}
+
+    # Per-run outbox sequences are gap-free (1..n) although both processes appended.
+    per_run: dict[str, list[int]] = defaultdict(list)
+    for run_id, sequence in facts["sequences"]:
+        per_run[run_id].append(int(sequence))
+    assert len(per_run) == runs
+    assert all(sorted(seqs) == list(range(1, len(seqs) + 1)) for seqs in per_run.values())
 
     # Exactly one committed result per stage.
     events = facts["completed_events"]
