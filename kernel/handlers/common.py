@@ -11,6 +11,7 @@ from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import RunNotFoundError
 from treadle.kernel.events import (
     EventBase,
+    StageFailed,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowSuspended,
@@ -203,3 +204,41 @@ async def fail_run(
         ]
     )
     return run
+
+
+async def fail_stage_for_good(
+    deps: Deps,
+    tx: Transaction,
+    stage: StageRun,
+    job_id: str,
+    message: str,
+    now: datetime,
+    causation_id: str | None,
+) -> StageRun:
+    """A stage that will not be retried: FAILED with its error, its job failed, and a
+    ``stage:failed`` event. Pipelines and code workflows share this one path."""
+    stage = await tx.update_stage(
+        evolve(
+            stage,
+            {
+                "status": StageStatus.FAILED,
+                "error": message,
+                "retryable": False,
+                "completed_at": now,
+            },
+        )
+    )
+    await deps.job_transport.fail(tx, job_id, message)
+    await tx.append_events(
+        [
+            StageFailed(
+                workflow_run_id=stage.workflow_run_id,
+                timestamp=now,
+                causation_id=causation_id,
+                stage_id=stage.stage_id,
+                attempt=stage.attempt,
+                error=message,
+            )
+        ]
+    )
+    return stage

@@ -39,7 +39,12 @@ from treadle.kernel.events import (
     StageStarted,
     StageSuspended,
 )
-from treadle.kernel.handlers.common import apply_transition, load_run, outputs_of
+from treadle.kernel.handlers.common import (
+    apply_transition,
+    fail_stage_for_good,
+    load_run,
+    outputs_of,
+)
 from treadle.kernel.handlers.effects import commit_stage_extras
 from treadle.kernel.model import (
     Job,
@@ -527,33 +532,22 @@ async def _commit_failed(
             evolve(stage, {"status": StageStatus.PENDING, "error": message, "retryable": True})
         )
         await deps.job_transport.requeue(tx, s.job.id, retry_at, error=message)
-    else:
-        await tx.update_stage(
-            evolve(
-                stage,
-                {
-                    "status": StageStatus.FAILED,
-                    "error": message,
-                    "retryable": False,
-                    "completed_at": now,
-                },
-            )
+        await tx.append_events(
+            [
+                StageFailed(
+                    workflow_run_id=stage.workflow_run_id,
+                    timestamp=now,
+                    causation_id=scope.causation_id,
+                    stage_id=stage.stage_id,
+                    attempt=stage.attempt,
+                    error=message,
+                    will_retry=True,
+                    retry_at=retry_at,
+                )
+            ]
         )
-        await deps.job_transport.fail(tx, s.job.id, message)
-    await tx.append_events(
-        [
-            StageFailed(
-                workflow_run_id=stage.workflow_run_id,
-                timestamp=now,
-                causation_id=scope.causation_id,
-                stage_id=stage.stage_id,
-                attempt=stage.attempt,
-                error=message,
-                will_retry=retry,
-                retry_at=retry_at if retry else None,
-            )
-        ]
-    )
+    else:
+        await fail_stage_for_good(deps, tx, stage, s.job.id, message, now, scope.causation_id)
     return c.JobExecuteResult(
         outcome="failed",
         workflow_run_id=stage.workflow_run_id,

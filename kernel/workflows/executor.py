@@ -32,8 +32,13 @@ from treadle.kernel.errors import (
     OutputValidationError,
     describe_exception,
 )
-from treadle.kernel.events import EventBase, ReviewRequested, StageCompleted, StageFailed
-from treadle.kernel.handlers.common import apply_transition, fail_run, new_jobs
+from treadle.kernel.events import EventBase, ReviewRequested, StageCompleted
+from treadle.kernel.handlers.common import (
+    apply_transition,
+    fail_run,
+    fail_stage_for_good,
+    new_jobs,
+)
 from treadle.kernel.handlers.jobs import _is_current, _Started, validate_output
 from treadle.kernel.model import JsonValue, Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext, message_result
@@ -268,30 +273,7 @@ async def _commit_failed(
     """The body raised: the run fails with the body's own error (a workflow's logic
     failing is not retried; its steps have retry policies for that)."""
     message = describe_exception(error)
-    stage = await tx.update_stage(
-        evolve(
-            stage,
-            {
-                "status": StageStatus.FAILED,
-                "error": message,
-                "retryable": False,
-                "completed_at": now,
-            },
-        )
-    )
-    await deps.job_transport.fail(tx, s.job.id, message)
-    await tx.append_events(
-        [
-            StageFailed(
-                workflow_run_id=run.id,
-                timestamp=now,
-                causation_id=scope.causation_id,
-                stage_id=stage.stage_id,
-                attempt=stage.attempt,
-                error=message,
-            )
-        ]
-    )
+    stage = await fail_stage_for_good(deps, tx, stage, s.job.id, message, now, scope.causation_id)
     await fail_run(deps, tx, run, [stage], message, now, scope.causation_id)
     return c.JobExecuteResult(
         outcome="failed", workflow_run_id=run.id, stage_id=stage.stage_id, error=message
