@@ -19,6 +19,7 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── WorkflowNotFoundError
     │   ├── RunNotFoundError
     │   ├── StageNotFoundError
+    │   ├── StepNotFoundError             a code-workflow run's journal has no such step
     │   └── JobNotFoundError
     ├── ConflictError
     │   ├── DuplicateError                a unique key already exists (both SQL dialects)
@@ -129,6 +130,10 @@ class RunNotFoundError(NotFoundError):
 
 class StageNotFoundError(NotFoundError):
     """The workflow has no stage with this id."""
+
+
+class StepNotFoundError(NotFoundError):
+    """A code-workflow run's journal has no step of this name (and occurrence)."""
 
 
 class JobNotFoundError(NotFoundError):

@@ -29,6 +29,10 @@ class WorkflowCreated(EventBase):
     type: Literal["workflow:created"] = "workflow:created"
     workflow_id: str
     priority: int
+    forked_from: str | None = None
+    """For a run made by ``fork``: the run whose journal it reuses."""
+    forked_from_step: str | None = None
+    """For a fork: the step (``name#occurrence``) from which it runs afresh."""
 
 
 class WorkflowStarted(EventBase):

@@ -36,6 +36,7 @@ from treadle.kernel.model import (
     evolve,
 )
 from treadle.kernel.registry import Registry
+from treadle.kernel.workflows.fork import ForkResult
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry
 
 if TYPE_CHECKING:
@@ -293,6 +294,15 @@ class Kernel:
         async with self.deps.persistence.transaction() as tx:
             await self._existing(tx, run_id)
             return await tx.get_journal(run_id)
+
+    async def fork(self, run_id: str, from_step: str) -> ForkResult:
+        """A new run of a code workflow that reuses ``run_id``'s journal before the first
+        occurrence of step ``from_step`` (``"name#2"``: its second) and runs that step and
+        everything after it afresh (``kernel/workflows/fork.py``). Not a command: the
+        code-workflow counterpart of ``run.rerunFrom``, it writes in one transaction."""
+        from treadle.kernel.workflows.fork import fork_run
+
+        return await fork_run(self.deps, run_id, from_step)
 
     async def inbox(self, run_id: str) -> list[InboxMessage]:
         """The signals delivered to a run, in arrival order, consumed or not."""

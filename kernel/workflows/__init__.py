@@ -7,6 +7,7 @@ from treadle.kernel.workflows.definition import (
     CodeWorkflowDefinition,
     workflow,
 )
+from treadle.kernel.workflows.fork import ForkResult
 from treadle.kernel.workflows.model import (
     InboxMessage,
     JournalEntry,
@@ -17,6 +18,7 @@ from treadle.kernel.workflows.model import (
 __all__ = [
     "WORKFLOW_STAGE_ID",
     "CodeWorkflowDefinition",
+    "ForkResult",
     "InboxMessage",
     "JournalEntry",
     "JournalStatus",
