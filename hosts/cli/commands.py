@@ -1,5 +1,5 @@
 """The operator commands: ``migrate``, ``worker``, ``tick``, ``start``, ``signal``,
-``cancel``, ``rerun`` and ``events``.
+``cancel``, ``rerun``, ``fork`` and ``events``.
 
 Each one opens the engine the global options name, does one thing through the
 ``Engine`` facade (or the shared maintenance tick), and renders the answer.
@@ -355,6 +355,30 @@ def rerun(
     typer.echo(f"rerunning {run_id} from {stage_id}: reset {', '.join(reset) or 'nothing'}")
 
 
+def fork(
+    ctx: typer.Context,
+    run_id: Annotated[str, typer.Argument(help="The code-workflow run to fork.")],
+    from_step: Annotated[
+        str,
+        typer.Option(
+            "--from-step",
+            metavar="NAME",
+            help="Run this step (NAME, or NAME#N for its N-th occurrence) and all later "
+            "calls afresh; earlier journal entries are reused.",
+        ),
+    ],
+) -> None:
+    """Start a new run of a code workflow that reuses a run's journal up to a step;
+    prints the new run's id (the source run is left as it is)."""
+    cli = state(ctx)
+
+    async def go() -> str:
+        async with open_engine(cli, need_app=True) as engine:
+            return (await engine.fork(run_id, from_step)).run_id
+
+    typer.echo(run_async(go))
+
+
 # -- events ---------------------------------------------------------------------------
 def events(
     ctx: typer.Context,
@@ -388,5 +412,5 @@ def events(
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (migrate, worker, tick, start, signal, cancel, rerun, events):
+    for fn in (migrate, worker, tick, start, signal, cancel, rerun, fork, events):
         app.command()(fn)

@@ -101,3 +101,22 @@ async def approval(ctx: WorkflowContext, req: Name) -> Greeting:
 
 
 workflows.append(approval)
+
+
+def count_letters(name: str) -> int:
+    return len(name)
+
+
+def describe(letters: int) -> str:
+    return f"{letters} letters"
+
+
+@workflow(id="letters", input=Name, output=Greeting)
+async def letters(ctx: WorkflowContext, req: Name) -> Greeting:
+    """A code workflow of two steps (``treadle fork`` reruns the second)."""
+    count: int = await ctx.step("count", count_letters, req.name)
+    text: str = await ctx.step("describe", describe, count)
+    return Greeting(text=text)
+
+
+workflows.append(letters)

@@ -14,7 +14,7 @@ def test_help_lists_every_command(invoke: Invoke) -> None:
     result = invoke("--help", app=None)
     assert result.exit_code == 0
     for name in (
-        "migrate", "worker", "tick", "start", "signal", "cancel", "rerun",
+        "migrate", "worker", "tick", "start", "signal", "cancel", "rerun", "fork",
         "runs", "events", "doctor", "demo",
     ):  # fmt: skip
         assert name in result.stdout
@@ -128,6 +128,26 @@ def test_rerun_of_an_unknown_stage_is_one_line(db_url: str, invoke: Invoke) -> N
     drive(db_url, run_id, {"COMPLETED"})
     line = one_error_line(invoke("rerun", run_id, "no-such-stage"))
     assert "no-such-stage" in line
+
+
+def test_fork_starts_a_new_run_from_a_step(db_url: str, invoke: Invoke) -> None:
+    """fork prints the new run's id; it reuses the journal before the step and completes."""
+    run_id = started(invoke("start", "letters", '{"name": "ada"}'))
+    drive(db_url, run_id, {"COMPLETED"})
+    fork_id = started(invoke("fork", run_id, "--from-step", "describe"))
+    assert fork_id != run_id
+    run = drive(db_url, fork_id, {"COMPLETED", "FAILED"})
+    assert run["output"] == {"text": "3 letters"}
+    assert run["search_attributes"]["forked_from"] == run_id
+
+
+def test_fork_of_an_unknown_step_or_a_pipeline_is_one_line(db_url: str, invoke: Invoke) -> None:
+    """fork naming a step the journal lacks, or a pipeline run, fails with one line."""
+    run_id = started(invoke("start", "letters", '{"name": "ada"}'))
+    drive(db_url, run_id, {"COMPLETED"})
+    assert "no step 'shout'" in one_error_line(invoke("fork", run_id, "--from-step", "shout"))
+    piped = started(invoke("start", "greeter", '{"name": "r"}'))
+    assert "rerun_from" in one_error_line(invoke("fork", piped, "--from-step", "shout"))
 
 
 def test_signal_wakes_a_waiting_code_workflow(db_url: str, invoke: Invoke) -> None:
