@@ -70,3 +70,21 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def sqlite_db(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'crash.db'}"
+
+
+@pytest.fixture
+def crash_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The directory of marker files the app's stages and steps write."""
+    path = tmp_path / "markers"
+    path.mkdir()
+    monkeypatch.setenv("TREADLE_CRASH_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Any]]:
+    """Worker processes a test started; any still running are killed at its end."""
+    started: list[Any] = []
+    yield started
+    for worker in started:
+        worker.stop()

@@ -18,13 +18,9 @@ worker's own log lines, never on sleeps:
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,94 +28,12 @@ import pytest
 
 from treadle import Engine
 from treadle.engine import RunHandle
+from treadle.tests.reliability.processes import HERE, WAIT, WorkerProcess, wait_until
 
-HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import crash_app  # noqa: E402 - needs HERE on sys.path, as the worker processes have it
+import crash_app
 
 pytestmark = pytest.mark.slow
-
-WAIT = 30.0
-"""Upper bound on any single wait; each test takes a few seconds in practice."""
-
-
-class WorkerProcess:
-    """One ``hosts.worker.main`` process; its stderr (the structured log) goes to a file."""
-
-    def __init__(self, db: str, crash_dir: Path, name: str, **options: Any) -> None:
-        self.name = name
-        self.log_path = crash_dir / f"{name}.log"
-        kwargs = {
-            "db": db,
-            "worker_id": name,
-            "orchestration_interval": 0.1,
-            "job_poll_interval": 0.05,
-            **options,
-        }
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-            "TREADLE_CRASH_DIR": str(crash_dir),
-            "TREADLE_LOG_LEVEL": "INFO",
-        }
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(HERE / "run_worker.py"), json.dumps(kwargs)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, text: str) -> None:
-        wait_until(lambda: text in self.log(), f"{self.name} to log {text!r}", self)
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def exit_code(self, timeout: float = WAIT) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            pytest.fail(f"{self.name} did not exit within {timeout}s:\n{self.log()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def wait_until(predicate: Callable[[], bool], what: str, *workers: WorkerProcess) -> None:
-    """Poll ``predicate`` (a marker file, a log line) until it holds, or fail with the
-    workers' logs."""
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        for worker in workers:
-            if worker.proc.poll() is not None and not predicate():
-                pytest.fail(f"{worker.name} exited early waiting for {what}:\n{worker.log()}")
-        if time.monotonic() > deadline:
-            logs = "\n".join(w.log()[-3000:] for w in workers)
-            pytest.fail(f"timed out waiting for {what}\n{logs}")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def crash_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "markers"
-    path.mkdir()
-    monkeypatch.setenv("TREADLE_CRASH_DIR", str(path))
-    return path
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.stop()
 
 
 def _spawn(
