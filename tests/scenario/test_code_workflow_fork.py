@@ -110,6 +110,21 @@ async def priced(ctx: WorkflowContext, order: Order) -> int:
     return b
 
 
+class Doc(BaseModel):
+    text: str
+
+
+async def big(text: str) -> str:
+    _count("big")
+    return text + "7"
+
+
+@workflow(id="bulky", input=Doc, output=int)
+async def bulky(ctx: WorkflowContext, doc: Doc) -> int:
+    text: str = await ctx.step("big", big, doc.text)
+    return await ctx.step("measure", lambda value: len(value), text)
+
+
 class Num(BaseModel):
     n: int
 
@@ -121,7 +136,7 @@ async def inc(ctx: StageContext[Num, None]) -> Num:
 
 pipeline = WorkflowBuilder("inc-pipeline", input=Num).pipe(inc).build()
 
-WORKFLOWS = [etl, pages, approved_etl, priced, pipeline]
+WORKFLOWS = [etl, pages, approved_etl, priced, bulky, pipeline]
 
 
 @pytest.fixture(autouse=True)
@@ -337,3 +352,48 @@ async def test_fork_refuses_bad_requests_and_writes_nothing(engine: Engine) -> N
     with pytest.raises(TreadleValidationError, match="from_step"):
         await engine.fork(source.run_id, "")
     assert {r.id for r in await engine.list(limit=100)} == before
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_a_reused_offloaded_result_is_stored_anew_for_the_fork(
+    backend: str, tmp_path: Path
+) -> None:
+    """A run input and a step result above ``payload_max_bytes`` are copied into blobs of
+    the fork's own, so the fork never depends on the source run's payloads."""
+    import sqlalchemy as sa
+
+    from treadle.adapters.sql import schema as t
+
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            db = f"sqlite:///{tmp_path / 'treadle.db'}"
+        else:
+            db = stack.enter_context(_pg_database())
+        async with await Engine.open(db, workflows=WORKFLOWS, payload_max_bytes=128) as engine:
+            async with _worker(engine):
+                source = await engine.start("bulky", {"text": "x" * 400})
+                assert await source.result(timeout=WAIT) == 401
+                fork = await engine.fork(source.run_id, "measure")
+                assert await fork.result(timeout=WAIT) == 401
+            assert CALLS == {"big": 1}
+            (reused, _) = await engine.journal(fork.run_id)
+            assert reused.result == "x" * 400 + "7"
+            assert engine.backend is not None
+            async with engine.backend.persistence.engine.connect() as conn:  # type: ignore[attr-defined]
+                rows = (
+                    await conn.execute(
+                        sa.select(t.journal.c.run_id, t.journal.c.result).where(
+                            t.journal.c.step_name == "big"
+                        )
+                    )
+                ).all()
+                inputs = (await conn.execute(sa.select(t.runs.c.id, t.runs.c.input))).all()
+    for stored in (
+        {row.run_id: row.result["__treadle_blob__"] for row in rows},
+        {row.id: row.input["__treadle_blob__"] for row in inputs},
+    ):
+        assert set(stored) == {source.run_id, fork.run_id}
+        assert fork.run_id in stored[fork.run_id]
+        assert source.run_id not in stored[fork.run_id]
