@@ -25,6 +25,7 @@ from treadle import (
     workflow,
 )
 from treadle.kernel.errors import (
+    InvalidStateError,
     NotSupportedError,
     RunNotFoundError,
     StepNotFoundError,
@@ -235,6 +236,32 @@ async def test_fork_of_a_failed_run_reruns_the_failing_step() -> None:
     fork = await te.fork(source.run_id, "store")
     assert (await fork.result())["c"] == "saved 20"
     assert CALLS == {"fetch": 1, "transform": 1}
+
+
+async def test_fork_past_an_unfinished_wait_is_refused() -> None:
+    """A journal whose entry before the cut is still waiting cannot be reused (a body
+    reaches no step past a pending wait today; the entry is written by hand here)."""
+    te = TestEngine(WORKFLOWS)
+    source = await te.start("approved-etl", {"n": 1})
+    await te.run_until_idle()
+    (_, wait) = await te.journal(source.run_id)
+    assert wait.status is JournalStatus.WAITING
+    async with te.persistence.transaction() as tx:
+        await tx.insert_journal_entry(
+            wait.model_copy(
+                update={
+                    "id": None,
+                    "position": 2,
+                    "name": "transform",
+                    "kind": "step",
+                    "status": JournalStatus.COMPLETED,
+                }
+            )
+        )
+    runs = len(await te.kernel.list_runs())
+    with pytest.raises(InvalidStateError, match="signal 'approve' #1 before it is still WAITING"):
+        await te.fork(source.run_id, "transform")
+    assert len(await te.kernel.list_runs()) == runs
 
 
 # -- every backend ----------------------------------------------------------------------------
