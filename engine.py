@@ -404,16 +404,23 @@ class Engine:
         self._notify()
         return result
 
-    async def fork(self, run_id: str, from_step: str) -> RunHandle:
+    async def fork(
+        self, run_id: str, from_step: str, *, idempotency_key: str | None = None
+    ) -> RunHandle:
         """A new run of a code workflow that reuses ``run_id``'s journal before step
         ``from_step`` (its first occurrence; ``"name#2"`` names the second) and runs that
         step and everything after it afresh, under the version registered now. The
         code-workflow counterpart of ``rerun_from``: the source run is left as it is.
         Unknown run: ``RunNotFoundError``; a pipeline run: ``NotSupportedError``; a step
-        its journal does not hold: ``StepNotFoundError``. Nothing is written then."""
+        its journal does not hold: ``StepNotFoundError``. Nothing is written then. With
+        ``idempotency_key``, forking again returns the first fork instead of another."""
         self._check_open()
+        if idempotency_key is not None:
+            _non_empty(idempotency_key, "idempotency_key")
         result = await self.kernel.fork(
-            _non_empty(run_id, "run_id"), _non_empty(from_step, "from_step")
+            _non_empty(run_id, "run_id"),
+            _non_empty(from_step, "from_step"),
+            idempotency_key=idempotency_key,
         )
         self._notify()
         return RunHandle(self, result.workflow_run_id)

@@ -295,14 +295,17 @@ class Kernel:
             await self._existing(tx, run_id)
             return await tx.get_journal(run_id)
 
-    async def fork(self, run_id: str, from_step: str) -> ForkResult:
+    async def fork(
+        self, run_id: str, from_step: str, *, idempotency_key: str | None = None
+    ) -> ForkResult:
         """A new run of a code workflow that reuses ``run_id``'s journal before the first
         occurrence of step ``from_step`` (``"name#2"``: its second) and runs that step and
         everything after it afresh (``kernel/workflows/fork.py``). Not a command: the
-        code-workflow counterpart of ``run.rerunFrom``, it writes in one transaction."""
+        code-workflow counterpart of ``run.rerunFrom``, it writes in one transaction;
+        with ``idempotency_key`` a repeated call returns the first call's fork."""
         from treadle.kernel.workflows.fork import fork_run
 
-        return await fork_run(self.deps, run_id, from_step)
+        return await fork_run(self.deps, run_id, from_step, idempotency_key=idempotency_key)
 
     async def inbox(self, run_id: str) -> list[InboxMessage]:
         """The signals delivered to a run, in arrival order, consumed or not."""

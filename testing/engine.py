@@ -268,10 +268,12 @@ class TestEngine:
         result = await self.kernel.dispatch(c.RunCancel(workflow_run_id=run_id, reason=reason))
         return result.cancelled
 
-    async def fork(self, run_id: str, from_step: str) -> RunHandle:
+    async def fork(
+        self, run_id: str, from_step: str, *, idempotency_key: str | None = None
+    ) -> RunHandle:
         """A new run reusing ``run_id``'s journal before step ``from_step`` (as
         ``Engine.fork``); ``run_until_idle`` or ``result()`` then runs the rest."""
-        result = await self.kernel.fork(run_id, from_step)
+        result = await self.kernel.fork(run_id, from_step, idempotency_key=idempotency_key)
         return RunHandle(self, result.workflow_run_id)
 
     async def signal(self, run_id: str, name: str, payload: Any = None) -> bool:

@@ -367,6 +367,9 @@ def fork(
             "calls afresh; earlier journal entries are reused.",
         ),
     ],
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Forking again with this key returns the same run.")
+    ] = None,
 ) -> None:
     """Start a new run of a code workflow that reuses a run's journal up to a step;
     prints the new run's id (the source run is left as it is)."""
@@ -374,7 +377,8 @@ def fork(
 
     async def go() -> str:
         async with open_engine(cli, need_app=True) as engine:
-            return (await engine.fork(run_id, from_step)).run_id
+            handle = await engine.fork(run_id, from_step, idempotency_key=idempotency_key)
+            return handle.run_id
 
     typer.echo(run_async(go))
 

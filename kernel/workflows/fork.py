@@ -39,7 +39,14 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import WorkflowCreated
 from treadle.kernel.handlers.common import load_run
-from treadle.kernel.model import Run, RunStatus, StageRun, evolve
+from treadle.kernel.model import (
+    IdempotencyRecord,
+    IdempotencyState,
+    Run,
+    RunStatus,
+    StageRun,
+    evolve,
+)
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus
 
 if TYPE_CHECKING:
@@ -50,6 +57,10 @@ FORKED_FROM = "forked_from"
 """Search attribute of a fork: its source run's id (``Engine.list(attributes=...)``)."""
 FORKED_FROM_STEP = "forked_from_step"
 """Search attribute of a fork: ``name#occurrence`` of the step it runs afresh from."""
+
+FORK_OPERATION = "run.fork"
+"""The ``command_type`` under which a fork's idempotency key is recorded (``fork`` is a
+kernel operation, not one of the binding commands)."""
 
 _OCCURRENCE = re.compile(r"^(?P<name>.+)#(?P<occurrence>[1-9][0-9]*)$")
 _REUSABLE = (JournalStatus.COMPLETED, JournalStatus.FAILED)
@@ -101,14 +112,23 @@ def _cut(journal: list[JournalEntry], run: Run, from_step: str) -> JournalEntry:
     )
 
 
-async def fork_run(deps: Deps, run_id: str, from_step: str) -> ForkResult:
+async def fork_run(
+    deps: Deps, run_id: str, from_step: str, *, idempotency_key: str | None = None
+) -> ForkResult:
     """Create the fork of ``run_id`` from ``from_step`` (module docstring). Unknown run:
     ``RunNotFoundError``; a pipeline run: ``NotSupportedError`` (use ``rerun_from``);
-    a step the journal does not hold: ``StepNotFoundError``. Nothing is written then."""
+    a step the journal does not hold: ``StepNotFoundError``. Nothing is written then.
+    With ``idempotency_key``, a repeated call returns the first call's fork."""
     from_step = _check_step(from_step)
     now = deps.clock.now()
     async with deps.persistence.transaction() as tx:
-        source = await load_run(tx, run_id, for_update=False)
+        # Locking the source serialises its forks, so two calls with one key cannot both
+        # miss the other's record.
+        source = await load_run(tx, run_id)
+        if idempotency_key is not None:
+            record = await tx.get_idempotency(idempotency_key, FORK_OPERATION)
+            if record is not None and record.state is IdempotencyState.COMPLETED:
+                return ForkResult.model_validate(record.result)
         wf = deps.workflow(source.workflow_id)
         if wf.kind != "code":
             raise NotSupportedError(
@@ -163,13 +183,24 @@ async def fork_run(deps: Deps, run_id: str, from_step: str) -> ForkResult:
                 )
             ]
         )
-    return ForkResult(
-        workflow_run_id=run.id,
-        forked_from=source.id,
-        from_step=cut.name,
-        occurrence=cut.occurrence,
-        copied_entries=len(reused),
-    )
+        result = ForkResult(
+            workflow_run_id=run.id,
+            forked_from=source.id,
+            from_step=cut.name,
+            occurrence=cut.occurrence,
+            copied_entries=len(reused),
+        )
+        if idempotency_key is not None:
+            await tx.put_idempotency(
+                IdempotencyRecord(
+                    key=idempotency_key,
+                    command_type=FORK_OPERATION,
+                    state=IdempotencyState.COMPLETED,
+                    result=result.model_dump(mode="json"),
+                    started_at=now,
+                )
+            )
+    return result
 
 
 async def _copy_entries(

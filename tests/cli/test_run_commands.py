@@ -134,8 +134,10 @@ def test_fork_starts_a_new_run_from_a_step(db_url: str, invoke: Invoke) -> None:
     """fork prints the new run's id; it reuses the journal before the step and completes."""
     run_id = started(invoke("start", "letters", '{"name": "ada"}'))
     drive(db_url, run_id, {"COMPLETED"})
-    fork_id = started(invoke("fork", run_id, "--from-step", "describe"))
+    fork_id = started(invoke("fork", run_id, "--from-step", "describe", "--idempotency-key", "k"))
     assert fork_id != run_id
+    again = invoke("fork", run_id, "--from-step", "describe", "--idempotency-key", "k")
+    assert started(again) == fork_id
     run = drive(db_url, fork_id, {"COMPLETED", "FAILED"})
     assert run["output"] == {"text": "3 letters"}
     assert run["search_attributes"]["forked_from"] == run_id

@@ -361,6 +361,22 @@ async def test_fork_from_the_first_step_runs_every_step_again(engine: Engine) ->
     assert [e.kind for e in await engine.journal(fork.run_id)][:2] == ["uuid", "step"]
 
 
+async def test_forking_again_with_the_same_key_returns_the_first_fork(engine: Engine) -> None:
+    """``idempotency_key`` makes a retried fork (a client that timed out) a no-op."""
+    async with _worker(engine):
+        source = await engine.start("etl", {"n": 2})
+        await source.result(timeout=WAIT)
+        first = await engine.fork(source.run_id, "store", idempotency_key="fix-1")
+        again = await engine.fork(source.run_id, "store", idempotency_key="fix-1")
+        other = await engine.fork(source.run_id, "store", idempotency_key="fix-2")
+        await first.result(timeout=WAIT)
+        await other.result(timeout=WAIT)
+    assert again.run_id == first.run_id != other.run_id
+    forks = await engine.list(attributes={"forked_from": source.run_id})
+    assert sorted(r.id for r in forks) == sorted([first.run_id, other.run_id])
+    assert CALLS["store"] == 3
+
+
 async def test_fork_refuses_bad_requests_and_writes_nothing(engine: Engine) -> None:
     """An unknown run, a pipeline run and a step the journal lacks are refused with an
     error naming the argument; no run is created."""
