@@ -90,6 +90,22 @@ async def etl(ctx: WorkflowContext, order: Order) -> dict[str, Any]:
     return {"a": a, "b": b, "c": c, "stamp": stamp}
 
 
+def transform_v2(a: int) -> int:
+    _count("transform_v2")
+    return -a
+
+
+@workflow(id="etl", input=Order, output=dict[str, Any], version="2")
+async def etl_v2(ctx: WorkflowContext, order: Order) -> dict[str, Any]:
+    """The next deploy of ``etl``: the same calls, a fixed ``transform``."""
+    stamp = ctx.uuid()
+    a: int = await ctx.step("fetch", fetch, order.n)
+    b: int = await ctx.step("transform", transform_v2, a)
+    ctx.publish("phase", "transformed")
+    c: str = await ctx.step("store", store, b)
+    return {"a": a, "b": b, "c": c, "stamp": stamp}
+
+
 @workflow(id="pages", input=Order, output=list[int])
 async def pages(ctx: WorkflowContext, order: Order) -> list[int]:
     return [await ctx.step("page", page, i) for i in range(order.n)]
@@ -440,3 +456,20 @@ async def test_a_reused_offloaded_result_is_stored_anew_for_the_fork(
         assert set(stored) == {source.run_id, fork.run_id}
         assert fork.run_id in stored[fork.run_id]
         assert source.run_id not in stored[fork.run_id]
+
+
+async def test_the_fork_is_pinned_to_the_version_registered_now(tmp_path: Path) -> None:
+    """A run of version 1, forked after a deploy of version 2, runs the rest on the new
+    code and records version 2; the source keeps version 1."""
+    db = f"sqlite:///{tmp_path / 'treadle.db'}"
+    async with await Engine.open(db, workflows=WORKFLOWS) as engine, _worker(engine):
+        source = await engine.start("etl", {"n": 5})
+        await source.result(timeout=WAIT)
+    deployed = [etl_v2 if wf is etl else wf for wf in WORKFLOWS]
+    async with await Engine.open(db, workflows=deployed) as engine:
+        async with _worker(engine):
+            fork = await engine.fork(source.run_id, "transform")
+            assert (await fork.result(timeout=WAIT))["b"] == -50
+        assert (await engine.get_run(fork.run_id)).workflow_version == "2"
+        assert (await engine.get_run(source.run_id)).workflow_version == "1"
+    assert CALLS == {"fetch": 1, "transform": 1, "transform_v2": 1, "store": 2}
