@@ -131,6 +131,8 @@ class StagePollSuspendedResult(ResultBase):
     resumed: int
     failed: int
     resumed_workflow_run_ids: list[str]
+    timed_out_workflow_run_ids: list[str] = Field(default_factory=list)
+    """Runs this poll cancelled because their execution timeout passed."""
 
 
 # -- lease.reapStale --------------------------------------------------------

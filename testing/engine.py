@@ -38,6 +38,7 @@ from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
 from treadle.kernel.model import LogRecord, Run, RunStatus
 from treadle.kernel.registry import Registry
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
+from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
 from treadle.testing.chaos import Chaos
 from treadle.testing.clock import DEFAULT_START, FakeClock
 
@@ -351,7 +352,7 @@ class TestEngine:
             reaped = await self._try(c.LeaseReapStale(stale_threshold=timedelta(seconds=-1)))
             moved |= reaped is None or bool(reaped.released or reaped.failed)
         polled = await self._try(c.StagePollSuspended(max_checks=1000))
-        if polled is None or polled.checked:
+        if polled is None or polled.checked or polled.timed_out_workflow_run_ids:
             moved = True
             for run_id in polled.resumed_workflow_run_ids if polled else ():
                 await self._try(c.RunTransition(workflow_run_id=run_id))
@@ -376,6 +377,7 @@ class TestEngine:
         candidates = [
             await self.job_transport.next_due_at(),
             self.persistence.next_suspended_poll_at(),
+            self.persistence.next_timer_at(EXECUTION_TIMEOUT),
             await self.scheduler.next_due_at(),
         ]
         return min((t for t in candidates if t is not None), default=None)

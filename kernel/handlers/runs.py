@@ -14,6 +14,8 @@ from treadle.kernel.errors import (
 from treadle.kernel.events import WorkflowCancelled, WorkflowCreated, WorkflowStarted
 from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
+from treadle.kernel.workflows.saga import compensate_on_cancel
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -167,6 +169,7 @@ async def claim_pending(
                     },
                 )
             )
+            await arm_execution_timeout(tx, run, wf, now)
             group0 = [s for s in await tx.get_stages(run.id) if s.execution_group == 0]
             job_ids = await enqueue_stages(deps, tx, run, wf, group0, now)
             await tx.append_events(
@@ -224,6 +227,8 @@ async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResul
                         evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
                     )
             await deps.job_transport.cancel_by_run(tx, run.id)
+            # Sagas: a code workflow with compensations to run gets a compensating job.
+            await compensate_on_cancel(deps, tx, run, now)
             await tx.update_run(
                 evolve(
                     run,
@@ -247,6 +252,8 @@ async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResul
             )
             result = c.RunCancelResult(cancelled=True)
         await scope.complete(tx, result)
+    if result.cancelled:  # executions in this process see ctx.cancelled at once
+        deps.inflight.cancel_run(cmd.workflow_run_id, cmd.reason or "cancelled")
     return result
 
 

@@ -24,6 +24,7 @@ from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, outputs_of
 from treadle.kernel.handlers.jobs import validate_output
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.workflows.deadline import fire_due as fire_execution_timeouts
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps, Scope
@@ -62,6 +63,9 @@ async def poll_suspended(
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.StagePollSuspendedResult", cached)
+    # Execution timeouts first: a timed-out run is cancelled, not woken.
+    timed_out = await fire_execution_timeouts(deps, now, cmd.max_checks)
+    async with deps.persistence.transaction() as tx:
         due = await tx.due_suspended_stages(now, cmd.max_checks)
         runs: dict[str, Run] = {}
         stages_of: dict[str, list[StageRun]] = {}
@@ -93,7 +97,11 @@ async def poll_suspended(
         elif outcome == "failed":
             failed += 1
     result = c.StagePollSuspendedResult(
-        checked=checked, resumed=resumed, failed=failed, resumed_workflow_run_ids=resumed_ids
+        checked=checked,
+        resumed=resumed,
+        failed=failed,
+        resumed_workflow_run_ids=resumed_ids,
+        timed_out_workflow_run_ids=timed_out,
     )
     async with deps.persistence.transaction() as tx:
         await scope.complete(tx, result)

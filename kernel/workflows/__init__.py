@@ -13,6 +13,7 @@ from treadle.kernel.workflows.model import (
     JournalStatus,
     Timer,
 )
+from treadle.kernel.workflows.saga import Saga
 
 __all__ = [
     "WORKFLOW_STAGE_ID",
@@ -20,6 +21,7 @@ __all__ = [
     "InboxMessage",
     "JournalEntry",
     "JournalStatus",
+    "Saga",
     "StepInfo",
     "Timer",
     "WorkflowContext",
