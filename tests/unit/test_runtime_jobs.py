@@ -96,9 +96,7 @@ async def test_heartbeat_tells_a_running_step_its_run_was_cancelled_elsewhere() 
     created = await here.dispatch(c.RunCreate(workflow_id="cw", input={"n": 1}))
     await here.dispatch(c.RunClaimPending(worker_id="w1"))
     (job,) = await backend.job_transport.dequeue("w1", backend.clock.now())
-    running = asyncio.create_task(
-        execute_job(here, job, worker_id="w1", heartbeat_interval=0.01)
-    )
+    running = asyncio.create_task(execute_job(here, job, worker_id="w1", heartbeat_interval=0.01))
     async with asyncio.timeout(10):
         await started.wait()
         await elsewhere.dispatch(c.RunCancel(workflow_run_id=created.workflow_run_id))
