@@ -74,15 +74,20 @@ class InFlight:
     one kernel's ``Deps``: not a global."""
 
     def __init__(self) -> None:
-        self._tokens: dict[str, tuple[str, CancellationToken]] = {}
+        self._tokens: dict[str, tuple[str | None, CancellationToken]] = {}
 
     @contextlib.contextmanager
-    def track(self, job_id: str, run_id: str, token: CancellationToken) -> Iterator[None]:
-        self._tokens[job_id] = (run_id, token)
+    def track(
+        self, job_id: str, run_id: str, token: CancellationToken, *, by_run: bool = True
+    ) -> Iterator[None]:
+        """Register ``token`` while the execution of ``job_id`` runs. ``by_run=False``: a
+        cancel of the run does not apply (the execution that runs a cancelled run's
+        compensations); losing its job still does."""
+        self._tokens[job_id] = (run_id if by_run else None, token)
         try:
             yield
         finally:
-            if self._tokens.get(job_id, (None, None))[1] is token:
+            if job_id in self._tokens and self._tokens[job_id][1] is token:
                 del self._tokens[job_id]
 
     def cancel_run(self, run_id: str, reason: str | None = None) -> int:

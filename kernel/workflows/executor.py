@@ -163,7 +163,7 @@ async def execute_activation(
         cancelled=token,
         compensating=s.run.status is RunStatus.CANCELLED,
     )
-    with deps.inflight.track(s.job.id, s.run.id, token):
+    with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
         output, error, outcome = await _run(ctx, wf, s)
     interrupt = ctx.interrupt
     if interrupt is not None and interrupt.reason == "crash":

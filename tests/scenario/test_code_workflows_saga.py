@@ -431,3 +431,46 @@ async def test_a_cancel_landing_before_a_registration_was_committed_still_compen
     assert DONE == ["flight", "undo flight"]
     kinds = [e.kind for e in await te.journal(handle.run_id)]
     assert kinds == ["step", "compensation", "compensate"]
+
+
+async def test_cancel_while_failure_compensations_back_off_finishes_them_once() -> None:
+    """A run cancelled while its failure compensations wait out a retry backoff: the
+    compensating activation picks up where they stopped, none runs twice, and the run
+    ends CANCELLED with the outcome."""
+    tries: list[int] = []
+
+    def flaky_undo(what: str) -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            raise ConnectionError("busy")
+        DONE.append(f"undo {what}")
+
+    slow_retry = RetryPolicy(
+        max_attempts=3, initial_delay=timedelta(minutes=10), max_delay=timedelta(minutes=10)
+    )
+
+    @workflow(id="backoff", input=Trip, output=str)
+    async def backoff(ctx: WorkflowContext, order: Trip) -> str:
+        saga = ctx.saga()
+        await ctx.step("flight", book, "flight", order)
+        saga.add("cancel-flight", undo, "flight")
+        await ctx.step("hotel", book, "hotel", order)
+        saga.add("cancel-hotel", flaky_undo, "hotel", retry=slow_retry)
+        await ctx.step("car", book, "car", order, retry=ONCE)
+        return "booked"
+
+    te = TestEngine([backoff])
+    handle = await te.start("backoff", {"fail_at": "car"})
+    await te.run_until_idle()
+    assert (await te.get_run(handle.run_id)).status is RunStatus.SUSPENDED  # backing off
+    assert await te.cancel(handle.run_id, reason="stop")
+    await te.advance_time(timedelta(hours=1))
+    run = await te.get_run(handle.run_id)
+    assert (run.status, run.error) == (
+        RunStatus.CANCELLED,
+        "stop; compensated cancel-hotel, cancel-flight",
+    )
+    assert DONE == ["flight", "hotel", "undo hotel", "undo flight"]
+    assert len(tries) == 2
+    (event,) = _saga_events(te)
+    assert event.trigger == "cancelled"
