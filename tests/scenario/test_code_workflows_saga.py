@@ -474,3 +474,28 @@ async def test_cancel_while_failure_compensations_back_off_finishes_them_once() 
     assert len(tries) == 2
     (event,) = _saga_events(te)
     assert event.trigger == "cancelled"
+
+
+async def test_a_compensating_replay_that_diverges_cannot_compensate() -> None:
+    """If the cancelled run's body no longer replays its journal, nothing can be undone
+    safely: the run stays CANCELLED, its stage ends, and the reason says why."""
+    names = iter(["flight", "train"])
+
+    @workflow(id="drifting", input=Trip, output=str)
+    async def drifting(ctx: WorkflowContext, order: Trip) -> str:
+        what = next(names)
+        await ctx.step(what, book, what, order)
+        ctx.saga().add(f"cancel-{what}", undo, what)
+        await ctx.wait_for_signal("go")
+        return "done"
+
+    te = TestEngine([drifting])
+    handle = await te.start("drifting", {})
+    await te.run_until_idle()
+    assert await te.cancel(handle.run_id, reason="stop")
+    await te.run_until_idle()
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert (run.error or "").startswith("stop; not compensated: NonDeterminismError")
+    assert [s.status for s in run.stages] == [StageStatus.CANCELLED]
+    assert DONE == ["flight"]
