@@ -126,12 +126,13 @@ async def run_compensations(
     next activation picks up where this one stopped."""
     ctx.begin_compensation()
     outcome = SagaOutcome(trigger)
+    totals = Counter(comp.name for comp in ctx.compensations)
     seen: Counter[str] = Counter()
-    for compensation in reversed(ctx.compensations):
-        seen[compensation.name] += 1
-        label = compensation.name
-        if seen[label] > 1:
-            label = f"{label}#{seen[label]}"
+    labels = []  # a name registered more than once is told apart by its registration order
+    for comp in ctx.compensations:
+        seen[comp.name] += 1
+        labels.append(comp.name if totals[comp.name] == 1 else f"{comp.name}#{seen[comp.name]}")
+    for compensation, label in reversed(list(zip(ctx.compensations, labels, strict=True))):
         try:
             await ctx.durable_call(
                 "compensate",

@@ -499,3 +499,53 @@ async def test_a_compensating_replay_that_diverges_cannot_compensate() -> None:
     assert (run.error or "").startswith("stop; not compensated: NonDeterminismError")
     assert [s.status for s in run.stages] == [StageStatus.CANCELLED]
     assert DONE == ["flight"]
+
+
+async def test_a_compensation_registered_in_a_loop_is_told_apart_by_its_order() -> None:
+    """The same compensation name registered per item runs once per registration, newest
+    first, labelled name#k by registration order in the outcome."""
+
+    @workflow(id="rooms", input=Trip, output=str)
+    async def rooms(ctx: WorkflowContext, order: Trip) -> str:
+        saga = ctx.saga()
+        for room in ("101", "102"):
+            await ctx.step("reserve", book, room, order)
+            saga.add("release", undo, room, timeout=timedelta(seconds=30))
+        await ctx.step("pay", book, "pay", order, retry=ONCE)
+        return "paid"
+
+    te = TestEngine([rooms])
+    handle = await te.start("rooms", {"fail_at": "pay"})
+    await te.run_until_idle()
+    assert DONE == ["101", "102", "undo 102", "undo 101"]
+    (event,) = _saga_events(te)
+    assert event.compensated == ["release#2", "release#1"]
+    journal = await te.journal(handle.run_id)
+    assert [(e.name, e.occurrence) for e in journal if e.kind == "compensate"] == [
+        ("compensate:release", 1),
+        ("compensate:release", 2),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retry": 3}, "retry must be a RetryPolicy"),
+        ({"timeout": 0}, "timeout must be positive"),
+        ({"timeout": timedelta(seconds=-1)}, "timeout must be positive"),
+    ],
+)
+async def test_saga_add_rejects_bad_options(options: dict[str, Any], message: str) -> None:
+    """A bad retry or timeout given to saga.add fails the run naming the option."""
+
+    @workflow(id="badopts", input=Trip, output=str)
+    async def badopts(ctx: WorkflowContext, order: Trip) -> str:
+        ctx.saga().add("cancel-x", undo, "x", **options)
+        return "never"
+
+    te = TestEngine([badopts])
+    handle = await te.start("badopts", {})
+    await te.run_until_idle()
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.FAILED
+    assert f"saga.add('cancel-x'): {message}" in (run.error or "")
