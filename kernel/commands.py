@@ -42,6 +42,9 @@ class RunCreate(CommandBase):
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
     signal: SignalSpec | None = None
     parent_run_id: str | None = None
+    execution_timeout: timedelta | None = Field(default=None, gt=timedelta(0))
+    """Code workflows: this run's cap on wall-clock time from its start, overriding the
+    workflow's ``execution_timeout``."""
 
 
 class RunCreateResult(ResultBase):

@@ -248,7 +248,10 @@ class TestEngine:
         idempotency_key: str | None = None,
         run_id: str | None = None,
         search_attributes: Mapping[str, Any] | None = None,
+        execution_timeout: timedelta | float | None = None,
     ) -> RunHandle:
+        if execution_timeout is not None and not isinstance(execution_timeout, timedelta):
+            execution_timeout = timedelta(seconds=execution_timeout)
         result = await self.kernel.dispatch(
             c.RunCreate(
                 workflow_id=workflow_id,
@@ -258,6 +261,7 @@ class TestEngine:
                 idempotency_key=idempotency_key,
                 run_id=run_id,
                 search_attributes=dict(search_attributes or {}),
+                execution_timeout=execution_timeout,
             )
         )
         return RunHandle(self, result.workflow_run_id)

@@ -15,6 +15,7 @@ from treadle.kernel.events import WorkflowCancelled, WorkflowCreated, WorkflowSt
 from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
+from treadle.kernel.workflows.deadline import request as request_execution_timeout
 from treadle.kernel.workflows.saga import compensate_on_cancel
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
     """Validate input and config *before* opening a transaction, so bad input writes
     nothing; then insert the run, its stages and ``workflow:created`` together."""
     wf = deps.workflow(cmd.workflow_id)
+    if cmd.execution_timeout is not None and wf.kind != "code":
+        raise NotSupportedError(
+            f"execution_timeout is not supported for stage pipeline {wf.id!r} (code workflows only)"
+        )
     input_json = wf.validate_input(cmd.input)
     config_json = wf.validate_config(cmd.config)
     _check_attributes(cmd.search_attributes)
@@ -84,6 +89,8 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             updated_at=now,
         )
         await tx.insert_run(run)
+        if cmd.execution_timeout is not None:
+            await request_execution_timeout(tx, run, cmd.execution_timeout, now)
         await tx.insert_stages(
             [
                 StageRun(workflow_run_id=run.id, stage_id=stage.id, execution_group=index)

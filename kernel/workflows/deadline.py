@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 EXECUTION_TIMEOUT = "execution_timeout"
 """The ``purpose`` of an execution-timeout timer."""
 
+REQUESTED = "execution_timeout_requested"
+"""The ``purpose`` of a per-run ``run.create(execution_timeout=...)`` until the run
+starts: never due itself (its ``payload`` holds the seconds); ``arm`` turns it into the
+real deadline at ``started_at``."""
+
 TIMER_NAME = "execution-timeout"
 """Its name; occurrence 0, which no journal entry uses (they count from 1)."""
 
@@ -43,12 +48,35 @@ def execution_timeout_of(wf: WorkflowDefinition) -> timedelta | None:
 
 def forward_timers(timers: Sequence[Timer]) -> list[Timer]:
     """The timers that wake a suspended body (all but the execution timeout)."""
-    return [t for t in timers if t.purpose != EXECUTION_TIMEOUT]
+    return [t for t in timers if t.purpose not in (EXECUTION_TIMEOUT, REQUESTED)]
+
+
+async def request(tx: Transaction, run: Run, cap: timedelta, now: datetime) -> None:
+    """At ``run.create``: remember this run's own execution timeout until it starts."""
+    await tx.schedule_timer(
+        Timer(
+            workflow_run_id=run.id,
+            name=TIMER_NAME,
+            occurrence=0,
+            purpose=REQUESTED,
+            fire_at=now + cap,
+            payload={"seconds": cap.total_seconds()},
+            created_at=now,
+        )
+    )
 
 
 async def arm(tx: Transaction, run: Run, wf: WorkflowDefinition, now: datetime) -> None:
-    """At run start, in the claiming transaction: schedule the run's deadline."""
+    """At run start, in the claiming transaction: schedule the run's deadline, from the
+    run's own ``execution_timeout`` if it was created with one, else the workflow's."""
+    if wf.kind != "code":
+        return
     timeout = execution_timeout_of(wf)
+    for timer in await tx.pending_timers(run.id):
+        if timer.purpose == REQUESTED and isinstance(timer.payload, dict):
+            seconds = timer.payload.get("seconds")
+            if isinstance(seconds, int | float):
+                timeout = timedelta(seconds=seconds)
     if timeout is None:
         return
     await tx.schedule_timer(

@@ -549,3 +549,45 @@ async def test_saga_add_rejects_bad_options(options: dict[str, Any], message: st
     run = await te.get_run(handle.run_id)
     assert run.status is RunStatus.FAILED
     assert f"saga.add('cancel-x'): {message}" in (run.error or "")
+
+
+async def test_a_run_can_carry_its_own_execution_timeout_counted_from_its_start() -> None:
+    """engine.start(execution_timeout=...) caps that run (overriding the workflow), from
+    when it is claimed, not created; other runs of the workflow are not capped."""
+
+    @workflow(id="napper", input=Trip, output=str)
+    async def napper(ctx: WorkflowContext, order: Trip) -> str:
+        await ctx.sleep(timedelta(hours=3))
+        return "rested"
+
+    te = TestEngine([napper])
+    capped = await te.start("napper", {}, execution_timeout=timedelta(minutes=30))
+    free = await te.start("napper", {})
+    te.clock.advance(timedelta(minutes=10))  # queued, not started yet
+    await te.advance_time(timedelta(hours=4))
+    run = await te.get_run(capped.run_id)
+    assert (run.status, run.error) == (RunStatus.CANCELLED, "execution timeout")
+    assert run.started_at is not None
+    assert run.started_at - run.created_at == timedelta(minutes=10)
+    assert run.completed_at == run.started_at + timedelta(minutes=30)
+    assert await free.result() == "rested"
+
+
+async def test_a_bad_per_run_execution_timeout_is_refused_before_anything_is_written() -> None:
+    """Engine.start refuses a zero or negative execution_timeout naming the argument, and
+    a pipeline refuses the option; no run is created either way."""
+    from treadle import Engine, WorkflowBuilder, define_stage
+    from treadle.kernel.errors import NotSupportedError, TreadleValidationError
+
+    @define_stage(id="echo", input=Trip, output=Trip)
+    async def echo(ctx: Any) -> Trip:
+        return ctx.input  # type: ignore[no-any-return]
+
+    pipeline = WorkflowBuilder("pipe", input=Trip).pipe(echo).build()
+    async with await Engine.open("memory://", workflows=[trip, pipeline]) as engine:
+        for bad in (0, -1, timedelta(0)):
+            with pytest.raises(TreadleValidationError, match="execution_timeout"):
+                await engine.start("trip", {}, execution_timeout=bad)
+        with pytest.raises(NotSupportedError, match="execution_timeout"):
+            await engine.start("pipe", {}, execution_timeout=60)
+        assert await engine.list() == []

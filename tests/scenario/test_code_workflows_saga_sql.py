@@ -229,3 +229,24 @@ async def test_execution_timeout_cancels_and_compensates_on_every_backend(
     assert run.error == "execution timeout; compensated cancel-car, cancel-hotel, cancel-flight"
     again = await kernel.dispatch(c.StagePollSuspended())
     assert again.timed_out_workflow_run_ids == []  # the timer fired once
+
+
+async def test_per_run_execution_timeout_overrides_the_workflow_on_every_backend(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """A run started with its own execution_timeout is cancelled at its start plus that
+    timeout, before the workflow's own hour has passed."""
+    kernel = engine.kernel
+    handle = await engine.start("trip", {}, execution_timeout=timedelta(minutes=5))
+    clock.advance(timedelta(minutes=2))  # waits in the queue; the clock starts at claim
+    await kernel.dispatch(c.RunClaimPending(worker_id="w1"))
+    await _drain(engine, clock)
+    clock.advance(timedelta(minutes=4, seconds=59))
+    assert (await kernel.dispatch(c.StagePollSuspended())).timed_out_workflow_run_ids == []
+    clock.advance(timedelta(seconds=1))
+    polled = await kernel.dispatch(c.StagePollSuspended())
+    assert polled.timed_out_workflow_run_ids == [handle.run_id]
+    await _drain(engine, clock)
+    run = await engine.get_run(handle.run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert (run.error or "").startswith("execution timeout; compensated cancel-car")
