@@ -52,7 +52,10 @@ class CancellationToken:
         self.reason: str | None = None
 
     def cancel(self, reason: str | None = None) -> None:
-        self.reason = reason
+        """Set the token; the first reason given is kept (a cancel, then the heartbeat
+        noticing the lost job, still says why it was cancelled)."""
+        if not self._event.is_set():
+            self.reason = reason
         self._event.set()
 
     def is_set(self) -> bool:

@@ -161,6 +161,8 @@ async def test_cancellation_token() -> None:
     assert token
     assert token.is_set()
     assert token.reason == "stop"
+    token.cancel("later")
+    assert token.reason == "stop"  # the first reason is kept
 
 
 def test_command_type_helper() -> None:
