@@ -8,14 +8,17 @@ for this attempt, the run is not cancelled): a ghost's step result is never
 recorded. Phase 3 commits how the activation ended:
 
 * the body returned: the stage and the run complete with its output;
-* the body raised (or was not deterministic): the run fails with that error;
+* the body raised (or was not deterministic): the run fails with that error, after
+  the compensations it registered ran (``saga``);
 * the body waits (sleep, signal, retry backoff): the journal records the wait, a
   timer is scheduled, the job completes and the stage is SUSPENDED with
   ``next_poll_at`` at its earliest timer, so no worker is held; a short backoff
   instead re-queues a new activation job that starts after the delay.
 
 Each activation gets a new job, so a job's attempts count crashes of one
-activation (``ACTIVATION_RETRY``), not the waits of a long-lived run.
+activation (``ACTIVATION_RETRY``), not the waits of a long-lived run. A cancelled
+run's compensating activation (``saga.compensate_on_cancel``) only replays the body to
+re-register its compensations and runs them (``_finish_compensating``).
 """
 
 from __future__ import annotations
