@@ -24,7 +24,7 @@ from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, outputs_of
 from treadle.kernel.handlers.jobs import validate_output
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
-from treadle.kernel.workflows.deadline import fire_due as fire_execution_timeouts
+from treadle.kernel.workflows import deadline
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps, Scope
@@ -63,9 +63,7 @@ async def poll_suspended(
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.StagePollSuspendedResult", cached)
-    # Execution timeouts first: a timed-out run is cancelled, not woken.
-    timed_out = await fire_execution_timeouts(deps, now, cmd.max_checks)
-    async with deps.persistence.transaction() as tx:
+        timeouts = await deadline.due(tx, now, cmd.max_checks)
         due = await tx.due_suspended_stages(now, cmd.max_checks)
         runs: dict[str, Run] = {}
         stages_of: dict[str, list[StageRun]] = {}
@@ -75,6 +73,9 @@ async def poll_suspended(
                 if run is not None:
                     runs[run.id] = run
                     stages_of[run.id] = await tx.get_stages(run.id)
+    # Execution timeouts first: a timed-out run is cancelled, not woken (its due stage,
+    # if any, is then skipped as terminal).
+    timed_out = await deadline.fire(deps, timeouts, now) if timeouts else []
     checked = resumed = failed = 0
     resumed_ids: list[str] = []
     for stage in due:

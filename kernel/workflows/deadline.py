@@ -91,15 +91,18 @@ async def arm(tx: Transaction, run: Run, wf: WorkflowDefinition, now: datetime) 
     )
 
 
-async def fire_due(deps: Deps, now: datetime, limit: int) -> list[str]:
-    """Cancel every run whose execution timeout is due; returns the runs cancelled.
+async def due(tx: Transaction, now: datetime, limit: int) -> list[Timer]:
+    """The execution timeouts due at ``now`` (read in the poller's own transaction)."""
+    return await tx.due_timers(now, limit, purpose=EXECUTION_TIMEOUT)
+
+
+async def fire(deps: Deps, due: Sequence[Timer], now: datetime) -> list[str]:
+    """Cancel the runs of these due execution timeouts; returns the runs cancelled.
     The cancel commits before the timer is marked fired, so a crash in between only
     repeats a cancel, which a terminal run answers with ``cancelled=False``."""
     from treadle.kernel.handlers.runs import cancel
     from treadle.kernel.kernel import Scope
 
-    async with deps.persistence.transaction() as tx:
-        due = await tx.due_timers(now, limit, purpose=EXECUTION_TIMEOUT)
     cancelled: list[str] = []
     for timer in due:
         cmd = c.RunCancel(workflow_run_id=timer.workflow_run_id, reason=REASON)
