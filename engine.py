@@ -330,11 +330,18 @@ class Engine:
         config: Mapping[str, Any] | None = None,
         run_id: str | None = None,
         search_attributes: Mapping[str, Any] | None = None,
+        execution_timeout: timedelta | float | None = None,
     ) -> RunHandle:
         """Create a run (PENDING); a worker claims it. With ``idempotency_key``, starting
         again returns the first run instead of creating another. Invalid input or config
-        raises a ``TreadleValidationError`` naming the field, and nothing is written."""
+        raises a ``TreadleValidationError`` naming the field, and nothing is written.
+        ``execution_timeout`` (code workflows) caps this run's wall-clock time from its
+        start, overriding the workflow's."""
         self._check_open()
+        timeout = None
+        if execution_timeout is not None:
+            seconds = _seconds(execution_timeout, "execution_timeout", allow_zero=False)
+            timeout = timedelta(seconds=seconds)
         command = _build(
             c.RunCreate,
             "start",
@@ -345,6 +352,7 @@ class Engine:
             config=_mapping(config, "config"),
             run_id=run_id,
             search_attributes=_mapping(search_attributes, "search_attributes"),
+            execution_timeout=timeout,
         )
         result = await self.kernel.dispatch(command)
         self._notify()

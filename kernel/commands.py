@@ -42,6 +42,9 @@ class RunCreate(CommandBase):
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
     signal: SignalSpec | None = None
     parent_run_id: str | None = None
+    execution_timeout: timedelta | None = Field(default=None, gt=timedelta(0))
+    """Code workflows: this run's cap on wall-clock time from its start, overriding the
+    workflow's ``execution_timeout``."""
 
 
 class RunCreateResult(ResultBase):
@@ -131,6 +134,8 @@ class StagePollSuspendedResult(ResultBase):
     resumed: int
     failed: int
     resumed_workflow_run_ids: list[str]
+    timed_out_workflow_run_ids: list[str] = Field(default_factory=list)
+    """Runs this poll cancelled because their execution timeout passed."""
 
 
 # -- lease.reapStale --------------------------------------------------------

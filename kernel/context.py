@@ -9,7 +9,8 @@ stage body (sync in a thread or async) never blocks on the database.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -51,7 +52,10 @@ class CancellationToken:
         self.reason: str | None = None
 
     def cancel(self, reason: str | None = None) -> None:
-        self.reason = reason
+        """Set the token; the first reason given is kept (a cancel, then the heartbeat
+        noticing the lost job, still says why it was cancelled)."""
+        if not self._event.is_set():
+            self.reason = reason
         self._event.set()
 
     def is_set(self) -> bool:
@@ -62,6 +66,46 @@ class CancellationToken:
 
     async def wait(self) -> None:
         await self._event.wait()
+
+
+class InFlight:
+    """The cancellation tokens of the executions running in this process, by job id.
+
+    ``run.cancel`` and the execution-timeout timer set the tokens of a run's executions
+    here at once; an execution in another process learns it from its heartbeat, which
+    finds its job no longer leased (``runtime.jobs``) and calls ``cancel_job``. Owned by
+    one kernel's ``Deps``: not a global."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, tuple[str | None, CancellationToken]] = {}
+
+    @contextlib.contextmanager
+    def track(
+        self, job_id: str, run_id: str, token: CancellationToken, *, by_run: bool = True
+    ) -> Iterator[None]:
+        """Register ``token`` while the execution of ``job_id`` runs. ``by_run=False``: a
+        cancel of the run does not apply (the execution that runs a cancelled run's
+        compensations); losing its job still does."""
+        self._tokens[job_id] = (run_id if by_run else None, token)
+        try:
+            yield
+        finally:
+            if job_id in self._tokens and self._tokens[job_id][1] is token:
+                del self._tokens[job_id]
+
+    def cancel_run(self, run_id: str, reason: str | None = None) -> int:
+        """Set the token of every execution of ``run_id`` here; returns how many."""
+        hits = [token for owner, token in self._tokens.values() if owner == run_id]
+        for token in hits:
+            token.cancel(reason)
+        return len(hits)
+
+    def cancel_job(self, job_id: str, reason: str | None = None) -> bool:
+        found = self._tokens.get(job_id)
+        if found is None:
+            return False
+        found[1].cancel(reason)
+        return True
 
 
 def artifact_prefix(run_id: str, stage_id: str) -> str:
@@ -143,7 +187,8 @@ class StageContext(Generic[InT, ConfigT]):
         self.attempt = attempt
         self.idempotency_key = idempotency_key
         self.resume_state = resume_state
-        self.cancelled = cancelled or CancellationToken()
+        # not ``cancelled or ...``: an unset token is falsy
+        self.cancelled = cancelled if cancelled is not None else CancellationToken()
         self.artifacts = Artifacts(runtime, run_id, stage_id)
         self._outputs = outputs
         self._workflow = workflow

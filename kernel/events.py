@@ -142,6 +142,17 @@ class TimerFired(EventBase):
     fire_at: datetime
 
 
+class SagaCompensated(EventBase):
+    """A code workflow's saga ran its compensations, newest first, after the run failed
+    or was cancelled (``trigger``). ``compensated`` lists those that succeeded, in the
+    order they ran; ``failed`` maps each that failed for good to its error."""
+
+    type: Literal["saga:compensated"] = "saga:compensated"
+    trigger: Literal["failed", "cancelled"]
+    compensated: list[str] = Field(default_factory=list)
+    failed: dict[str, str] = Field(default_factory=dict)
+
+
 class ReviewRequested(EventBase):
     type: Literal["review:requested"] = "review:requested"
     review_id: str
@@ -181,6 +192,7 @@ Event = Annotated[
     | StepCompleted
     | StepFailed
     | TimerFired
+    | SagaCompensated
     | ReviewRequested
     | ReviewDecided
     | AnnotationCreated,

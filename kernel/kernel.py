@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel import commands as c
+from treadle.kernel.context import InFlight
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import (
     DuplicateError,
@@ -83,6 +84,8 @@ class Deps:
     plugins: tuple[KernelPlugin, ...] = ()
     settings: KernelSettings = field(default_factory=KernelSettings)
     logger: KernelLogger = field(default_factory=StdlibLogger)
+    inflight: InFlight = field(default_factory=InFlight)
+    """Cancellation tokens of the executions running in this process."""
 
     def workflow(self, workflow_id: str) -> WorkflowDefinition:
         wf = self.registry.get_workflow(workflow_id)

@@ -170,6 +170,10 @@ class Transaction(Protocol):
     async def fire_timer(self, run_id: str, name: str, occurrence: int, fired_at: datetime) -> bool:
         """Mark the live timer of (run, name, occurrence) fired; ``False`` if none is live."""
 
+    async def due_timers(self, now: datetime, limit: int, *, purpose: str) -> list[Timer]:
+        """Unfired timers of ``purpose`` due at ``now`` across all runs, earliest first
+        (execution timeouts, which fire whatever state the run is in)."""
+
 
 class Persistence(Protocol):
     """Opens units of work. Adapters translate driver errors to ``TreadleError``s."""

@@ -48,9 +48,11 @@ async def _heartbeat(kernel: Kernel, job: Job, worker_id: str, interval: float, 
             log.warning("job.heartbeat_failed", error=describe_exception(exc))
             continue
         if not held:
-            # Someone else owns the job now (our lease was reaped). Keep running: the
-            # kernel discards our result on commit if the job moved on.
+            # Someone else owns the job now (our lease was reaped), or the run was
+            # cancelled (its jobs with it). The body sees ``ctx.cancelled`` so it can stop
+            # early; the kernel discards its result on commit either way.
             log.warning("job.lease_lost")
+            kernel.deps.inflight.cancel_job(job.id, "job no longer leased (run cancelled?)")
 
 
 async def execute_job(

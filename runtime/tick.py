@@ -107,6 +107,7 @@ class TickReport(BaseModel):
         return bool(
             self.claimed_runs
             or self.result("poll_suspended").get("resumed")
+            or self.result("poll_suspended").get("timed_out_workflow_run_ids")
             or self.result("reap_stale").get("released")
             or self.result("reap_stuck").get("transitioned")
             or self.result("scheduled").get("dispatched")

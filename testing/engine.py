@@ -38,6 +38,7 @@ from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
 from treadle.kernel.model import LogRecord, Run, RunStatus
 from treadle.kernel.registry import Registry
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
+from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
 from treadle.testing.chaos import Chaos
 from treadle.testing.clock import DEFAULT_START, FakeClock
 
@@ -247,7 +248,10 @@ class TestEngine:
         idempotency_key: str | None = None,
         run_id: str | None = None,
         search_attributes: Mapping[str, Any] | None = None,
+        execution_timeout: timedelta | float | None = None,
     ) -> RunHandle:
+        if execution_timeout is not None and not isinstance(execution_timeout, timedelta):
+            execution_timeout = timedelta(seconds=execution_timeout)
         result = await self.kernel.dispatch(
             c.RunCreate(
                 workflow_id=workflow_id,
@@ -257,6 +261,7 @@ class TestEngine:
                 idempotency_key=idempotency_key,
                 run_id=run_id,
                 search_attributes=dict(search_attributes or {}),
+                execution_timeout=execution_timeout,
             )
         )
         return RunHandle(self, result.workflow_run_id)
@@ -359,7 +364,7 @@ class TestEngine:
             reaped = await self._try(c.LeaseReapStale(stale_threshold=timedelta(seconds=-1)))
             moved |= reaped is None or bool(reaped.released or reaped.failed)
         polled = await self._try(c.StagePollSuspended(max_checks=1000))
-        if polled is None or polled.checked:
+        if polled is None or polled.checked or polled.timed_out_workflow_run_ids:
             moved = True
             for run_id in polled.resumed_workflow_run_ids if polled else ():
                 await self._try(c.RunTransition(workflow_run_id=run_id))
@@ -384,6 +389,7 @@ class TestEngine:
         candidates = [
             await self.job_transport.next_due_at(),
             self.persistence.next_suspended_poll_at(),
+            self.persistence.next_timer_at(EXECUTION_TIMEOUT),
             await self.scheduler.next_due_at(),
         ]
         return min((t for t in candidates if t is not None), default=None)

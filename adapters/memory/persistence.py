@@ -452,6 +452,14 @@ class InMemoryTransaction:
         ]
         return sorted(live, key=lambda t: (t.fire_at, t.id or 0))
 
+    async def due_timers(self, now: datetime, limit: int, *, purpose: str) -> list[Timer]:
+        due = [
+            t
+            for t in self._s.timers.values()
+            if t.fired_at is None and t.purpose == purpose and t.fire_at <= now
+        ]
+        return sorted(due, key=lambda t: (t.fire_at, t.id or 0))[:limit]
+
     async def fire_timer(self, run_id: str, name: str, occurrence: int, fired_at: datetime) -> bool:
         self._check()
         key = (run_id, name, occurrence)
@@ -548,6 +556,13 @@ class InMemoryPersistence:
 
     async def close(self) -> None:
         return None
+
+    def next_timer_at(self, purpose: str) -> datetime | None:
+        """Earliest unfired timer of ``purpose`` (for the virtual clock)."""
+        times = [
+            t.fire_at for t in self.timers.values() if t.fired_at is None and t.purpose == purpose
+        ]
+        return min(times, default=None)
 
     def next_suspended_poll_at(self) -> datetime | None:
         """Earliest ``next_poll_at`` among suspended stages (for the virtual clock)."""

@@ -979,6 +979,16 @@ class SqlTransaction:
         )
         return [_timer_from_row(row) for row in await self.execute(query, "pending timers")]
 
+    async def due_timers(self, now: datetime, limit: int, *, purpose: str) -> list[Timer]:
+        c = t.timers.c
+        query = (
+            sa.select(t.timers)
+            .where(c.fired_at.is_(None), c.fire_at <= now, c.kind == purpose)
+            .order_by(c.fire_at, c.id)
+            .limit(limit)
+        )
+        return [_timer_from_row(row) for row in await self.execute(query, "due timers")]
+
     async def fire_timer(self, run_id: str, name: str, occurrence: int, fired_at: datetime) -> bool:
         c = t.timers.c
         stmt = (

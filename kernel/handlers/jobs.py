@@ -57,6 +57,7 @@ from treadle.kernel.model import (
     evolve,
 )
 from treadle.kernel.retry import DEFAULT_RETRY
+from treadle.kernel.workflows.saga import is_compensating
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps, Scope
@@ -183,7 +184,8 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     runtime = _Runtime(deps, started, cmd.worker_id)
     ctx, outcome = _build_context(deps, started, runtime, token)
     if outcome is None:
-        outcome = await _run_body(started.definition, ctx)
+        with deps.inflight.track(started.job.id, started.run.id, token):
+            outcome = await _run_body(started.definition, ctx)
     await runtime.drain()
     try:
         result = await _phase_commit(deps, cmd, scope, started, ctx, outcome)
@@ -233,7 +235,12 @@ async def _phase_start(
             return result
         run = await tx.get_run(job.workflow_run_id, for_update=True)
         stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
-        if run is None or stage is None or run.status.terminal or stage.status.terminal:
+        if (
+            run is None
+            or stage is None
+            or stage.status.terminal
+            or (run.status.terminal and not is_compensating(run, stage))
+        ):
             # Cancelled (or finished by another execution) before we started: nothing to do.
             await deps.job_transport.complete(tx, job.id)
             state = run.status.value if run is not None else "missing"
@@ -370,12 +377,13 @@ def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
 def _is_current(
     job: Job | None, stage: StageRun | None, run: Run | None, s: _Started, worker_id: str
 ) -> bool:
-    """Whether this execution still owns the stage (the duplicate-completion guard)."""
+    """Whether this execution still owns the stage (the duplicate-completion guard). A
+    cancelled run is owned only by the activation running its compensations."""
     return (
         job is not None
         and stage is not None
         and run is not None
-        and not run.status.terminal
+        and (not run.status.terminal or is_compensating(run, stage))
         and job.status is JobStatus.LEASED
         and job.worker_id == worker_id
         and job.attempts == s.job.attempts

@@ -14,6 +14,9 @@ from treadle.kernel.errors import (
 from treadle.kernel.events import WorkflowCancelled, WorkflowCreated, WorkflowStarted
 from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
+from treadle.kernel.workflows.deadline import request as request_execution_timeout
+from treadle.kernel.workflows.saga import compensate_on_cancel
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -33,6 +36,10 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
     """Validate input and config *before* opening a transaction, so bad input writes
     nothing; then insert the run, its stages and ``workflow:created`` together."""
     wf = deps.workflow(cmd.workflow_id)
+    if cmd.execution_timeout is not None and wf.kind != "code":
+        raise NotSupportedError(
+            f"execution_timeout is not supported for stage pipeline {wf.id!r} (code workflows only)"
+        )
     input_json = wf.validate_input(cmd.input)
     config_json = wf.validate_config(cmd.config)
     _check_attributes(cmd.search_attributes)
@@ -82,6 +89,8 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             updated_at=now,
         )
         await tx.insert_run(run)
+        if cmd.execution_timeout is not None:
+            await request_execution_timeout(tx, run, cmd.execution_timeout, now)
         await tx.insert_stages(
             [
                 StageRun(workflow_run_id=run.id, stage_id=stage.id, execution_group=index)
@@ -167,6 +176,7 @@ async def claim_pending(
                     },
                 )
             )
+            await arm_execution_timeout(tx, run, wf, now)
             group0 = [s for s in await tx.get_stages(run.id) if s.execution_group == 0]
             job_ids = await enqueue_stages(deps, tx, run, wf, group0, now)
             await tx.append_events(
@@ -224,6 +234,8 @@ async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResul
                         evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
                     )
             await deps.job_transport.cancel_by_run(tx, run.id)
+            # Sagas: a code workflow with compensations to run gets a compensating job.
+            await compensate_on_cancel(deps, tx, run, now)
             await tx.update_run(
                 evolve(
                     run,
@@ -247,6 +259,8 @@ async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResul
             )
             result = c.RunCancelResult(cancelled=True)
         await scope.complete(tx, result)
+    if result.cancelled:  # executions in this process see ctx.cancelled at once
+        deps.inflight.cancel_run(cmd.workflow_run_id, cmd.reason or "cancelled")
     return result
 
 

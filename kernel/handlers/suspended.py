@@ -24,6 +24,7 @@ from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, outputs_of
 from treadle.kernel.handlers.jobs import validate_output
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.workflows import deadline
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps, Scope
@@ -62,6 +63,7 @@ async def poll_suspended(
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.StagePollSuspendedResult", cached)
+        timeouts = await deadline.due(tx, now, cmd.max_checks)
         due = await tx.due_suspended_stages(now, cmd.max_checks)
         runs: dict[str, Run] = {}
         stages_of: dict[str, list[StageRun]] = {}
@@ -71,6 +73,9 @@ async def poll_suspended(
                 if run is not None:
                     runs[run.id] = run
                     stages_of[run.id] = await tx.get_stages(run.id)
+    # Execution timeouts first: a timed-out run is cancelled, not woken (its due stage,
+    # if any, is then skipped as terminal).
+    timed_out = await deadline.fire(deps, timeouts, now) if timeouts else []
     checked = resumed = failed = 0
     resumed_ids: list[str] = []
     for stage in due:
@@ -93,7 +98,11 @@ async def poll_suspended(
         elif outcome == "failed":
             failed += 1
     result = c.StagePollSuspendedResult(
-        checked=checked, resumed=resumed, failed=failed, resumed_workflow_run_ids=resumed_ids
+        checked=checked,
+        resumed=resumed,
+        failed=failed,
+        resumed_workflow_run_ids=resumed_ids,
+        timed_out_workflow_run_ids=timed_out,
     )
     async with deps.persistence.transaction() as tx:
         await scope.complete(tx, result)

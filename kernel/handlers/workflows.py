@@ -26,6 +26,7 @@ from treadle.kernel.events import EventBase, ReviewDecided, SignalReceived, Time
 from treadle.kernel.handlers.common import load_run
 from treadle.kernel.model import JsonValue, Run, StageStatus
 from treadle.kernel.workflows.context import message_result
+from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.executor import wake, write_entries
 from treadle.kernel.workflows.model import InboxMessage, JournalStatus, journal_key
@@ -314,7 +315,7 @@ async def fire_timers(
             or stage.version != seen.version
         ):
             return "skipped"  # another poller, a signal or a cancel got there first
-        timers = await tx.pending_timers(run.id)
+        timers = forward_timers(await tx.pending_timers(run.id))
         due = [t for t in timers if t.fire_at <= now]
         if not due:
             later = timers[0].fire_at if timers else None

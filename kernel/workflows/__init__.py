@@ -14,6 +14,7 @@ from treadle.kernel.workflows.model import (
     JournalStatus,
     Timer,
 )
+from treadle.kernel.workflows.saga import Saga
 
 __all__ = [
     "WORKFLOW_STAGE_ID",
@@ -22,6 +23,7 @@ __all__ = [
     "InboxMessage",
     "JournalEntry",
     "JournalStatus",
+    "Saga",
     "StepInfo",
     "Timer",
     "WorkflowContext",

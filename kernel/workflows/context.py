@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
+from treadle.kernel.context import CancellationToken
 from treadle.kernel.definitions import _is_async
 from treadle.kernel.errors import (
     InvalidPayloadError,
@@ -47,6 +48,10 @@ from treadle.kernel.workflows.model import (
     describe_call,
     journal_key,
 )
+
+_LOCAL_KINDS = frozenset({"now", "uuid", "publish", "compensation", "compensate"})
+"""Calls a compensating replay still makes: they record local facts (or run the
+compensations themselves) rather than move the cancelled run forward."""
 
 DEFAULT_STEP_RETRY = RetryPolicy()
 """A step without ``retry=``: three attempts, 1 s then 2 s apart."""
@@ -72,9 +77,11 @@ class Wait:
 class Interrupt(BaseException):
     """Unwinds a body at a durable boundary. ``suspend``: wait for ``waits``; ``ghost``:
     this execution lost the run (cancelled, lease taken over); ``fatal``: the run must
-    fail with ``error`` (non-determinism); ``crash``: storage failed, retry the activation."""
+    fail with ``error`` (non-determinism); ``crash``: storage failed, retry the activation;
+    ``cancelled``: the run was cancelled and the body replays only to re-register its
+    compensations (``kernel.workflows.saga``)."""
 
-    reason: Literal["suspend", "ghost", "fatal", "crash"]
+    reason: Literal["suspend", "ghost", "fatal", "crash", "cancelled"]
     waits: list[Wait] = field(default_factory=list)
     error: BaseException | None = None
 
@@ -88,6 +95,9 @@ class StepInfo:
     occurrence: int
     attempt: int
     idempotency_key: str
+    cancelled: CancellationToken = field(default_factory=CancellationToken, compare=False)
+    """Set when the run is cancelled (or its execution timeout passes) while the step
+    runs: a long step should poll it and stop; its result would be discarded anyway."""
 
 
 _CURRENT_STEP: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
@@ -188,6 +198,8 @@ class WorkflowContext:
         now: Callable[[], datetime],
         new_id: Callable[[], str],
         overrides: typing.Mapping[str, Callable[..., Any]] | None = None,
+        cancelled: CancellationToken | None = None,
+        compensating: bool = False,
     ) -> None:
         self.run_id = run_id
         self.workflow_id = workflow_id
@@ -204,6 +216,12 @@ class WorkflowContext:
         self._occurrences: dict[str, int] = {}
         self._pending: list[JournalEntry] = []
         self._pending_events: list[EventBase] = []
+        self._cancelled = cancelled if cancelled is not None else CancellationToken()
+        self.compensating = compensating
+        """Replaying a cancelled run only to re-register its compensations: the first call
+        whose outcome is not journaled unwinds the body (``Interrupt("cancelled")``)."""
+        self.compensations: list[Compensation] = []
+        """Compensations registered by ``saga.add`` so far in this activation, in order."""
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -215,6 +233,18 @@ class WorkflowContext:
     def current_step() -> StepInfo | None:
         """Inside a step function: its name, occurrence, attempt and idempotency key."""
         return _CURRENT_STEP.get()
+
+    @property
+    def cancelled(self) -> CancellationToken:
+        """Set when the run is cancelled or its execution timeout passes while this
+        activation runs (the same token as ``current_step().cancelled``)."""
+        return self._cancelled
+
+    def saga(self) -> Saga:
+        """A saga: ``saga.add(name, fn, *args)`` after each successful step registers its
+        compensation; if the run then fails or is cancelled, the compensations run newest
+        first, each as a durable step (``kernel.workflows.saga``)."""
+        return Saga(self)
 
     @property
     def pending(self) -> list[JournalEntry]:
@@ -249,6 +279,10 @@ class WorkflowContext:
         elif entry is None and (key, occurrence) in self._by_key:
             other = self._by_key[(key, occurrence)]
             found = f"the journal recorded it at position {other.position}"
+        if found is None and self.compensating and kind not in _LOCAL_KINDS:
+            final = (JournalStatus.COMPLETED, JournalStatus.FAILED)
+            if entry is None or entry.status not in final:
+                raise self._stop(Interrupt("cancelled"))
         if found is not None:
             error = NonDeterminismError(
                 f"workflow {self.workflow_id!r} run {self.run_id!r} is not deterministic: at "
@@ -319,15 +353,33 @@ class WorkflowContext:
         """Run ``fn(*args)`` (sync or async) once, durably: its result is journaled and a
         replay returns it without calling ``fn``. Failures retry per ``retry``; once they
         are exhausted ``StepFailedError`` is raised here (the body may catch it)."""
-        _check_name(name, "step")
+        return await self.durable_call(
+            "step", name, fn, args, retry=retry, timeout=timeout, idempotency_key=idempotency_key
+        )
+
+    async def durable_call(
+        self,
+        kind: Literal["step", "compensate"],
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - mirrors step()
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """``step`` for a journal ``kind``: ``compensate`` runs a saga's compensation."""
+        _check_name(name, kind)
         seconds = _seconds(timeout, "timeout")
-        position, key, occurrence, entry = self._reserve("step", name)
+        if self._cancelled:  # a lost run starts no new step
+            raise self._stop(Interrupt("ghost"))
+        position, key, occurrence, entry = self._reserve(kind, name)
         adapter = _result_adapter(fn)
         if entry is not None:
             if entry.status is JournalStatus.COMPLETED:
                 return _decode(adapter, entry.result)
             if entry.status is JournalStatus.FAILED:
-                raise StepFailedError(name, occurrence, entry.attempts, entry.error)
+                raise StepFailedError(key, occurrence, entry.attempts, entry.error)
             until = entry.until
             if until is not None and until > self._now():
                 raise self._suspend(Wait("retry", position, key, occurrence, until))
@@ -337,14 +389,14 @@ class WorkflowContext:
             or (entry.idempotency_key if entry is not None else None)
             or f"{self.run_id}:{key}:{occurrence}"
         )
-        call = self._overrides.get(name, fn)
+        call = self._overrides.get(key, fn)
         attempts = entry.attempts if entry is not None else 0
         while True:
             attempt = attempts + 1
             if self._pending:
                 await self._commit([])  # a step's side effects never precede what it saw
             started = self._now()
-            info = StepInfo(name, occurrence, attempt, ikey)
+            info = StepInfo(key, occurrence, attempt, ikey, self._cancelled)
             try:
                 pending = _invoke(call, args, info)
                 if seconds is not None:
@@ -359,11 +411,11 @@ class WorkflowContext:
                 result = _encode(adapter, value, name)
             except Exception as exc:
                 retry_at = await self._record_failure(
-                    exc, policy, position, key, occurrence, attempt, ikey
+                    exc, policy, position, key, occurrence, attempt, ikey, kind
                 )
                 if retry_at is None:
                     raise StepFailedError(
-                        name, occurrence, attempt, describe_exception(exc)
+                        key, occurrence, attempt, describe_exception(exc)
                     ) from exc
                 if retry_at <= self._now():
                     attempts = attempt
@@ -374,7 +426,7 @@ class WorkflowContext:
                 position,
                 key,
                 occurrence,
-                "step",
+                kind,
                 status=JournalStatus.COMPLETED,
                 attempts=attempt,
                 result=result,
@@ -386,7 +438,7 @@ class WorkflowContext:
             event = StepCompleted(
                 workflow_run_id=self.run_id,
                 timestamp=now,
-                step=name,
+                step=key,
                 occurrence=occurrence,
                 attempt=attempt,
                 output=result,
@@ -404,6 +456,7 @@ class WorkflowContext:
         occurrence: int,
         attempt: int,
         ikey: str,
+        kind: str = "step",
     ) -> datetime | None:
         """Journal a failed attempt; returns when the next attempt is due, or ``None``
         when the step failed for good."""
@@ -415,7 +468,7 @@ class WorkflowContext:
             position,
             key,
             occurrence,
-            "step",
+            kind,
             status=JournalStatus.RETRYING if again else JournalStatus.FAILED,
             attempts=attempt,
             error=message,
@@ -435,6 +488,34 @@ class WorkflowContext:
         )
         await self._commit([entry], [event])
         return retry_at
+
+    # -- sagas ----------------------------------------------------------------------------
+    def register_compensation(self, compensation: Compensation) -> None:
+        """``saga.add``: journal the registration (replay checks its order) and keep the
+        function for ``run_compensations``; functions are never stored."""
+        name = _check_name(compensation.name, "compensation")
+        position, key, occurrence, entry = self._reserve("compensation", name)
+        if entry is None:
+            self._pending.append(
+                self._entry(
+                    position,
+                    key,
+                    occurrence,
+                    "compensation",
+                    status=JournalStatus.COMPLETED,
+                    completed_at=self._now(),
+                )
+            )
+        self.compensations.append(compensation)
+
+    def begin_compensation(self) -> None:
+        """Let compensations run after the body stopped: a cancelled replay's or a
+        swallowed suspension's interrupt is dropped, and the compensations take the
+        positions after the body's last call, the same ones on every replay."""
+        if self.interrupt is not None and self.interrupt.reason in ("cancelled", "suspend"):
+            self.interrupt = None
+        forward = [p for p, e in self._by_position.items() if e.kind != "compensate"]
+        self._next_position = max(self._next_position, max(forward, default=-1) + 1)
 
     # -- time -----------------------------------------------------------------------------
     async def sleep(self, duration: timedelta | float, *, name: str = "sleep") -> None:
@@ -743,3 +824,6 @@ def _message_value(
             f"{kind} {name!r} payload does not match its model", exc, prefix="payload"
         )
         raise error from None
+
+
+from treadle.kernel.workflows.saga import Compensation, Saga  # noqa: E402 - saga builds on the context

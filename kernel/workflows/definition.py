@@ -53,6 +53,8 @@ class CodeWorkflowDefinition(WorkflowDefinition):
     """Declared update payload models, checked by ``run.update`` the same way."""
     step_overrides: Mapping[str, Callable[..., Any]] = field(default_factory=dict, repr=False)
     """Step name -> replacement function (``TestEngine.mock_step``)."""
+    execution_timeout: timedelta | None = None
+    """Cap on a run's wall-clock time from its start (``kernel.workflows.deadline``)."""
 
     @property
     def body(self) -> WorkflowFn:
@@ -74,13 +76,17 @@ def workflow(
     description: str | None = None,
     signals: Mapping[str, Any] | None = None,
     updates: Mapping[str, Any] | None = None,
+    execution_timeout: timedelta | float | None = None,
 ) -> Callable[[WorkflowFn], CodeWorkflowDefinition]:
     """Decorate ``async def body(ctx: WorkflowContext, input) -> output`` as a code
     workflow. ``signals`` optionally maps signal names to payload models, so that
     ``engine.signal`` rejects a bad payload (naming the field) before it is stored;
-    ``updates`` does the same for ``engine.update``."""
+    ``updates`` does the same for ``engine.update``. ``execution_timeout`` (a number
+    means seconds) caps each run's wall-clock time from its start: past it the run is
+    cancelled with the reason ``execution timeout``."""
     if not id or not isinstance(id, str):
         raise DefinitionError("workflow: id must be a non-empty string")
+    deadline = _positive_timedelta(id, "execution_timeout", execution_timeout)
 
     def wrap(fn: WorkflowFn) -> CodeWorkflowDefinition:
         if not inspect.iscoroutinefunction(fn):
@@ -111,6 +117,21 @@ def workflow(
             output_model=output,
             signals={name: TypeAdapter(model) for name, model in (signals or {}).items()},
             updates={name: TypeAdapter(model) for name, model in (updates or {}).items()},
+            execution_timeout=deadline,
         )
 
     return wrap
+
+
+def _positive_timedelta(workflow_id: str, what: str, value: Any) -> timedelta | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, timedelta | int | float):
+        raise DefinitionError(
+            f"workflow {workflow_id!r}: {what} must be a timedelta or a number of seconds, "
+            f"got {value!r}"
+        )
+    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
+    if delta <= timedelta(0):
+        raise DefinitionError(f"workflow {workflow_id!r}: {what} must be positive, got {value!r}")
+    return delta

@@ -8,14 +8,17 @@ for this attempt, the run is not cancelled): a ghost's step result is never
 recorded. Phase 3 commits how the activation ended:
 
 * the body returned: the stage and the run complete with its output;
-* the body raised (or was not deterministic): the run fails with that error;
+* the body raised (or was not deterministic): the run fails with that error, after
+  the compensations it registered ran (``saga``);
 * the body waits (sleep, signal, retry backoff): the journal records the wait, a
   timer is scheduled, the job completes and the stage is SUSPENDED with
   ``next_poll_at`` at its earliest timer, so no worker is held; a short backoff
   instead re-queues a new activation job that starts after the delay.
 
 Each activation gets a new job, so a job's attempts count crashes of one
-activation (``ACTIVATION_RETRY``), not the waits of a long-lived run.
+activation (``ACTIVATION_RETRY``), not the waits of a long-lived run. A cancelled
+run's compensating activation (``saga.compensate_on_cancel``) only replays the body to
+re-register its compensations and runs them (``_finish_compensating``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel import commands as c
+from treadle.kernel.context import CancellationToken
 from treadle.kernel.errors import (
     InvalidInputError,
     OutputValidationError,
@@ -42,8 +46,10 @@ from treadle.kernel.handlers.common import (
 from treadle.kernel.handlers.jobs import _is_current, _Started, validate_output
 from treadle.kernel.model import JsonValue, Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext, message_result
+from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
+from treadle.kernel.workflows.saga import SagaOutcome, adopt_registrations, run_compensations
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
@@ -141,11 +147,13 @@ class _Writer:
 async def execute_activation(
     deps: Deps, cmd: c.JobExecute, scope: Scope, s: _Started
 ) -> c.JobExecuteResult:
-    """Run the body once over the journal and commit how it ended (module docstring)."""
+    """Run the body once over the journal and commit how it ended (module docstring).
+    A cancelled run's activation (``saga.is_compensating``) only runs its compensations."""
     wf = cast("CodeWorkflowDefinition", s.wf)
     async with deps.persistence.transaction() as tx:
         journal = await tx.get_journal(s.run.id)
     writer = _Writer(deps, scope, s, cmd.worker_id)
+    token = CancellationToken()
     ctx = WorkflowContext(
         run_id=s.run.id,
         workflow_id=wf.id,
@@ -155,7 +163,28 @@ async def execute_activation(
         now=deps.clock.now,
         new_id=deps.ids.new_id,
         overrides=wf.step_overrides,
+        cancelled=token,
+        compensating=s.run.status is RunStatus.CANCELLED,
     )
+    with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
+        output, error, outcome = await _run(ctx, wf, s)
+    interrupt = ctx.interrupt
+    if interrupt is not None and interrupt.reason == "crash":
+        assert interrupt.error is not None
+        raise interrupt.error  # job.execute releases the job with backoff; replay resumes
+    if interrupt is not None and interrupt.reason == "fatal":
+        error = interrupt.error
+    if ctx.compensating:
+        return await _finish_compensating(deps, scope, s, writer, ctx, outcome, error)
+    return await _finish(deps, scope, s, writer, ctx, output, error, outcome)
+
+
+async def _run(
+    ctx: WorkflowContext, wf: CodeWorkflowDefinition, s: _Started
+) -> tuple[JsonValue, BaseException | None, SagaOutcome | None]:
+    """The body over the journal; then, if it raised out (or the run was cancelled), its
+    compensations. Returns the output, the error and the saga outcome (``None`` while
+    compensations are unfinished or none ran)."""
     output: JsonValue = None
     error: BaseException | None = None
     try:
@@ -176,13 +205,15 @@ async def execute_activation(
                 output = validate_output(s.definition, returned)
             except OutputValidationError as exc:
                 error = exc
-    interrupt = ctx.interrupt
-    if interrupt is not None and interrupt.reason == "crash":
-        assert interrupt.error is not None
-        raise interrupt.error  # job.execute releases the job with backoff; replay resumes
-    if interrupt is not None and interrupt.reason == "fatal":
-        error = interrupt.error
-    return await _finish(deps, scope, s, writer, ctx, output, error)
+    stopped = ctx.interrupt.reason if ctx.interrupt is not None else None
+    must_undo = ctx.compensating or (error is not None and bool(ctx.compensations))
+    if not must_undo or stopped in ("ghost", "fatal", "crash"):
+        return output, error, None
+    try:
+        outcome = await run_compensations(ctx, "cancelled" if ctx.compensating else "failed")
+    except Interrupt:
+        return output, error, None  # ctx.interrupt says why; the next activation goes on
+    return output, error, outcome
 
 
 async def _finish(
@@ -193,6 +224,7 @@ async def _finish(
     ctx: WorkflowContext,
     output: JsonValue,
     error: BaseException | None,
+    outcome: SagaOutcome | None = None,
 ) -> c.JobExecuteResult:
     now = deps.clock.now()
     interrupt = ctx.interrupt
@@ -201,23 +233,90 @@ async def _finish(
         if interrupt is None or interrupt.reason != "ghost":
             owned = await writer.owner(tx)
         if owned is None:
-            result = c.JobExecuteResult(
-                outcome="failed",
-                workflow_run_id=s.run.id,
-                stage_id=WORKFLOW_STAGE_ID,
-                ghost=True,
-                error="result discarded: run cancelled or activation taken over by another",
-            )
+            result = _ghost(s)
+            await adopt_registrations(deps, tx, s.run.id, ctx.pending, now)
             await scope.complete(tx, result)
             return result
         run, stage = owned
         await write_entries(tx, ctx.pending, now)
-        if error is not None:
-            result = await _commit_failed(deps, tx, scope, s, run, stage, error, now)
+        undoing = outcome is None and bool(ctx.compensations) and _suspended(interrupt)
+        if error is not None and not undoing:
+            result = await _commit_failed(deps, tx, scope, s, run, stage, error, now, outcome)
         elif interrupt is not None:
             result = await _commit_waits(deps, tx, scope, s, run, stage, interrupt.waits, now)
         else:
             result = await _commit_completed(deps, tx, scope, s, run, stage, output, now)
+        await scope.complete(tx, result)
+    return result
+
+
+def _suspended(interrupt: Interrupt | None) -> bool:
+    return interrupt is not None and interrupt.reason == "suspend"
+
+
+def _ghost(s: _Started) -> c.JobExecuteResult:
+    return c.JobExecuteResult(
+        outcome="failed",
+        workflow_run_id=s.run.id,
+        stage_id=WORKFLOW_STAGE_ID,
+        ghost=True,
+        error="result discarded: run cancelled or activation taken over by another",
+    )
+
+
+async def _finish_compensating(
+    deps: Deps,
+    scope: Scope,
+    s: _Started,
+    writer: _Writer,
+    ctx: WorkflowContext,
+    outcome: SagaOutcome | None,
+    error: BaseException | None,
+) -> c.JobExecuteResult:
+    """Commit a compensating activation of a cancelled run: a compensation waiting to
+    retry queues the next activation at its due time (a cancelled run never sleeps on
+    timers); else the stage becomes CANCELLED and the run's error records the outcome."""
+    now = deps.clock.now()
+    interrupt = ctx.interrupt
+    async with deps.persistence.transaction() as tx:
+        owned = None
+        if interrupt is None or interrupt.reason != "ghost":
+            owned = await writer.owner(tx)
+        if owned is None:
+            result = _ghost(s)
+            await scope.complete(tx, result)
+            return result
+        run, stage = owned
+        await write_entries(tx, ctx.pending, now)
+        await deps.job_transport.complete(tx, s.job.id)
+        if outcome is None and interrupt is not None and interrupt.reason == "suspend":
+            due = [w.until for w in interrupt.waits if w.until is not None]
+            at = min(due, default=now)
+            await tx.update_stage(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
+            await enqueue_activation(deps, tx, run, s.wf, at, now)
+            result = c.JobExecuteResult(
+                outcome="suspended",
+                workflow_run_id=run.id,
+                stage_id=stage.stage_id,
+                next_poll_at=at,
+            )
+        else:
+            if outcome is not None:
+                note = outcome.describe()
+                await tx.append_events([outcome.event(run.id, now, scope.causation_id)])
+            else:  # the replay itself failed (non-determinism): nothing can be undone
+                note = "not compensated: " + describe_exception(error or Exception("unknown"))
+            await tx.update_stage(
+                evolve(
+                    stage,
+                    {"status": StageStatus.CANCELLED, "completed_at": now, "job_id": None},
+                )
+            )
+            reason = f"{run.error}; {note}" if run.error else note
+            await tx.update_run(evolve(run, {"error": reason, "updated_at": now}))
+            result = c.JobExecuteResult(
+                outcome="failed", workflow_run_id=run.id, stage_id=stage.stage_id, error=reason
+            )
         await scope.complete(tx, result)
     return result
 
@@ -269,10 +368,15 @@ async def _commit_failed(
     stage: StageRun,
     error: BaseException,
     now: datetime,
+    outcome: SagaOutcome | None = None,
 ) -> c.JobExecuteResult:
     """The body raised: the run fails with the body's own error (a workflow's logic
-    failing is not retried; its steps have retry policies for that)."""
+    failing is not retried; its steps have retry policies for that), followed by what
+    its compensations did, if it had any."""
     message = describe_exception(error)
+    if outcome is not None:
+        message = f"{message}; {outcome.describe()}"
+        await tx.append_events([outcome.event(run.id, now, scope.causation_id)])
     stage = await fail_stage_for_good(deps, tx, stage, s.job.id, message, now, scope.causation_id)
     await fail_run(deps, tx, run, [stage], message, now, scope.causation_id)
     return c.JobExecuteResult(
@@ -307,7 +411,7 @@ async def _commit_waits(
             stage_id=stage.stage_id,
             next_poll_at=resume_at,
         )
-    timers = await tx.pending_timers(run.id)
+    timers = forward_timers(await tx.pending_timers(run.id))
     next_poll = timers[0].fire_at if timers else None
     stage = await tx.update_stage(
         evolve(

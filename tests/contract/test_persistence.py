@@ -19,6 +19,7 @@ from treadle.kernel.events import (
     EventBase,
     ReviewDecided,
     ReviewRequested,
+    SagaCompensated,
     SignalReceived,
     StageCompleted,
     StageFailed,
@@ -501,6 +502,43 @@ async def test_due_suspended_stages(backend: Any) -> None:
     assert after == ["due-now", "future", "late"]
 
 
+async def test_due_timers_of_one_purpose_across_runs(backend: Any) -> None:
+    """Unfired timers of the asked purpose due at ``now`` come back across runs, earliest
+    first and up to ``limit``; a fired timer or another purpose is never due."""
+    from treadle.kernel.workflows.model import Timer
+
+    await seed(backend, make_run("r1"), make_run("r2"))
+
+    def timer(run_id: str, name: str, seconds: float, purpose: str) -> Timer:
+        return Timer(
+            workflow_run_id=run_id,
+            name=name,
+            occurrence=0,
+            purpose=purpose,
+            fire_at=at(seconds),
+            created_at=T0,
+        )
+
+    async with backend.persistence.transaction() as tx:
+        await tx.schedule_timer(timer("r1", "deadline", 10, "execution_timeout"))
+        await tx.schedule_timer(timer("r2", "deadline", 5, "execution_timeout"))
+        await tx.schedule_timer(timer("r2", "later", 50, "execution_timeout"))
+        await tx.schedule_timer(timer("r1", "nap", 1, "sleep"))
+    async with backend.persistence.transaction() as tx:
+        due = await tx.due_timers(at(10), 10, purpose="execution_timeout")
+        first = await tx.due_timers(at(10), 1, purpose="execution_timeout")
+        assert await tx.fire_timer("r2", "deadline", 0, at(11))
+    assert [(t.workflow_run_id, t.name, t.fire_at) for t in due] == [
+        ("r2", "deadline", at(5)),
+        ("r1", "deadline", at(10)),
+    ]
+    assert [t.workflow_run_id for t in first] == ["r2"]
+    assert_utc(due[0].fire_at)
+    async with backend.persistence.transaction() as tx:
+        after = await tx.due_timers(at(100), 10, purpose="execution_timeout")
+    assert [(t.workflow_run_id, t.name) for t in after] == [("r1", "deadline"), ("r2", "later")]
+
+
 # -- outbox ---------------------------------------------------------------------------
 
 
@@ -553,6 +591,13 @@ def every_event(run_id: str) -> list[EventBase]:
             actor="me",
             scope="s",
             stage_id="s",
+        ),
+        SagaCompensated(
+            **base,
+            timestamp=at(15),
+            trigger="cancelled",
+            compensated=["refund", "release#2"],
+            failed={"notify": "ValueError: down"},
         ),
     ]
 

@@ -169,3 +169,30 @@ async def test_rerun_after_cancel_from_the_start() -> None:
     await te.dispatch(c.RunRerunFrom(workflow_run_id=handle.run_id, from_stage_id="first"))
     assert await handle.result() == {"n": 4}
     assert CALLS == ["first", "second"]
+
+
+async def test_a_running_stage_sees_ctx_cancelled_when_its_run_is_cancelled() -> None:
+    """Cooperative cancellation: a stage body waiting on ctx.cancelled wakes when the run
+    is cancelled, and whatever it returns is discarded as a ghost result."""
+    import asyncio
+
+    started = asyncio.Event()
+    reasons: list[str | None] = []
+
+    @define_stage(id="patient", input=In, output=In)
+    async def patient(ctx):  # type: ignore[no-untyped-def]
+        started.set()
+        await ctx.cancelled.wait()
+        reasons.append(ctx.cancelled.reason)
+        return ctx.input
+
+    te = TestEngine([WorkflowBuilder("patient-wf", input=In).pipe(patient).build()])
+    handle = await te.start("patient-wf", {"n": 1})
+    driver = asyncio.create_task(te.run_until_idle())
+    await started.wait()
+    assert await te.cancel(handle.run_id, reason="enough")
+    await driver
+    assert reasons == ["enough"]
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert run.stages[0].status is StageStatus.CANCELLED

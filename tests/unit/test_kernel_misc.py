@@ -161,6 +161,8 @@ async def test_cancellation_token() -> None:
     assert token
     assert token.is_set()
     assert token.reason == "stop"
+    token.cancel("later")
+    assert token.reason == "stop"  # the first reason is kept
 
 
 def test_command_type_helper() -> None:
@@ -178,3 +180,29 @@ def test_run_duration_needs_both_ends() -> None:
     assert run.duration is None
     done = run.model_copy(update={"started_at": now, "completed_at": now + timedelta(seconds=3)})
     assert done.duration == timedelta(seconds=3)
+
+
+def test_inflight_tokens_are_cancelled_by_run_or_by_job_while_tracked() -> None:
+    """run.cancel sets the tokens of a run's executions in this process (not those of the
+    compensating one), a lost job sets its own token, and nothing is kept afterwards."""
+    from treadle.kernel.context import InFlight
+
+    inflight = InFlight()
+    forward, other, undoing = CancellationToken(), CancellationToken(), CancellationToken()
+    with (
+        inflight.track("j1", "r1", forward),
+        inflight.track("j2", "r2", other),
+        inflight.track("j3", "r1", undoing, by_run=False),
+    ):
+        assert inflight.cancel_run("r1", "stop") == 1
+        assert (bool(forward), forward.reason, bool(other), bool(undoing)) == (
+            True,
+            "stop",
+            False,
+            False,
+        )
+        assert inflight.cancel_job("j3", "lease lost")
+        assert undoing.reason == "lease lost"
+    assert not inflight.cancel_job("j2")
+    assert inflight.cancel_run("r2") == 0
+    assert not other

@@ -3,6 +3,8 @@ committed or moved on meanwhile."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 
 from treadle import WorkflowBuilder, define_stage
@@ -53,4 +55,53 @@ async def test_release_only_acts_on_a_lease_the_worker_still_holds() -> None:
     await kernel.dispatch(c.JobExecute(job_id=again.id, worker_id="w1"))
     assert not await release_job(kernel, again, worker_id="w1")  # committed meanwhile
     assert transport.jobs[job.id].status is JobStatus.COMPLETED  # type: ignore[attr-defined]
+    await backend.close()
+
+
+async def test_heartbeat_tells_a_running_step_its_run_was_cancelled_elsewhere() -> None:
+    """Another process cancels the run: this worker's next heartbeat finds its job no
+    longer leased, the step in flight sees ctx.cancelled, and its result is discarded."""
+    import asyncio
+
+    from treadle import WorkflowContext, workflow
+    from treadle.runtime.jobs import execute_job
+
+    started = asyncio.Event()
+
+    async def slow(n: int) -> int:
+        info = WorkflowContext.current_step()
+        assert info is not None
+        started.set()
+        await info.cancelled.wait()
+        return n
+
+    @workflow(id="cw", input=Num, output=int)
+    async def cw(ctx: WorkflowContext, num: Num) -> int:
+        return int(await ctx.step("slow", slow, num.n))
+
+    backend = await open_backend("memory://")
+
+    def kernel_of_a_process() -> Any:
+        return create_kernel(
+            persistence=backend.persistence,
+            job_transport=backend.job_transport,
+            blob_store=backend.blob_store,
+            event_sink=backend.event_sink,
+            scheduler=backend.scheduler,
+            clock=backend.clock,
+            registry=[cw],
+        )
+
+    here, elsewhere = kernel_of_a_process(), kernel_of_a_process()
+    created = await here.dispatch(c.RunCreate(workflow_id="cw", input={"n": 1}))
+    await here.dispatch(c.RunClaimPending(worker_id="w1"))
+    (job,) = await backend.job_transport.dequeue("w1", backend.clock.now())
+    running = asyncio.create_task(execute_job(here, job, worker_id="w1", heartbeat_interval=0.01))
+    async with asyncio.timeout(10):
+        await started.wait()
+        await elsewhere.dispatch(c.RunCancel(workflow_run_id=created.workflow_run_id))
+        result = await running
+    assert result is not None
+    assert result.ghost
+    assert (await here.get_run(created.workflow_run_id)).status.value == "CANCELLED"
     await backend.close()
