@@ -397,9 +397,29 @@ class SqlTransaction:
             conditions.append(c.created_at < f.created_before)
         if f.parent_run_id is not None:
             conditions.append(c.parent_run_id == f.parent_run_id)
-        for key, value in f.attributes.items():
-            conditions.append(self._attribute_equals(c.search_attributes, key, value))
+        conditions.extend(self._attribute_filter(c.search_attributes, f.attributes))
         return conditions
+
+    def _attribute_filter(
+        self, column: sa.ColumnElement[Any], attributes: Mapping[str, Any]
+    ) -> list[Any]:
+        """Every ``column[key] == value``. On PostgreSQL one containment test
+        (``search_attributes @> '{...}'``) that the GIN index ``ix_runs_search_attributes``
+        serves; containment equals equality for scalars, and is implied by it for objects
+        and arrays, which therefore also get an exact comparison."""
+        if not attributes:
+            return []
+        if not self.is_postgres:
+            return [self._attribute_equals(column, k, v) for k, v in attributes.items()]
+        contains = column.op("@>")(
+            sa.cast(sa.literal(json.dumps(dict(attributes)), sa.String()), postgresql.JSONB())
+        )
+        exact = [
+            self._attribute_equals(column, k, v)
+            for k, v in attributes.items()
+            if isinstance(v, list | tuple | dict)
+        ]
+        return [contains, *exact]
 
     async def list_runs(self, filter: RunFilter) -> list[Run]:
         query = (

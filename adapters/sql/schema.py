@@ -61,6 +61,14 @@ runs = sa.Table(
     sa.Index("ix_runs_created_at", "created_at", "id"),
     sa.Index("ix_runs_workflow_id_created_at", "workflow_id", "created_at"),
     sa.Index("ix_runs_parent_run_id", "parent_run_id"),
+    # list_runs(attributes=...) on PostgreSQL: ``search_attributes @> '{...}'``. Migration
+    # 0003 creates it on PostgreSQL only (SQLite has no GIN; it scans the filtered rows).
+    sa.Index(
+        "ix_runs_search_attributes",
+        "search_attributes",
+        postgresql_using="gin",
+        postgresql_ops={"search_attributes": "jsonb_path_ops"},
+    ),
 )
 
 run_event_seq = sa.Table(

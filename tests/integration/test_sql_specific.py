@@ -53,6 +53,8 @@ async def open_migrated(url: str) -> SqlPersistence:
 
 # -- migrations ------------------------------------------------------------------------
 
+_PG_ONLY_INDEX = "ix_runs_search_attributes"
+
 
 def _schema_differences(url: str) -> list[Any]:
     engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
@@ -71,6 +73,8 @@ def _schema_differences(url: str) -> list[Any]:
         diffs = [
             d for d in diffs if not (d[0] in ("add_index", "remove_index") and d[1].name in noisy)
         ]
+        # The GIN index on runs.search_attributes is PostgreSQL-only (migration 0003).
+        diffs = [d for d in diffs if not (d[0] == "add_index" and d[1].name == _PG_ONLY_INDEX)]
     return list(diffs)
 
 
