@@ -107,6 +107,24 @@ class SignalReceived(EventBase):
     payload: JsonValue = None
 
 
+class UpdateReceived(EventBase):
+    """An update was delivered to a code workflow's inbox (``run.update``)."""
+
+    type: Literal["update:received"] = "update:received"
+    name: str
+    update_id: str
+    payload: JsonValue = None
+
+
+class UpdateReplied(EventBase):
+    """The body answered an update; ``engine.update`` returns ``reply``."""
+
+    type: Literal["update:replied"] = "update:replied"
+    name: str
+    update_id: str
+    reply: JsonValue = None
+
+
 class StepCompleted(EventBase):
     """A code workflow's step committed its result to the journal."""
 
@@ -153,6 +171,15 @@ class SagaCompensated(EventBase):
     failed: dict[str, str] = Field(default_factory=dict)
 
 
+class AttributeSet(EventBase):
+    """A code workflow's ``ctx.set_attribute`` committed a search attribute (``value``
+    ``None`` stores a JSON null; it does not delete the key)."""
+
+    type: Literal["attribute:set"] = "attribute:set"
+    key: str
+    value: JsonValue = None
+
+
 class ReviewRequested(EventBase):
     type: Literal["review:requested"] = "review:requested"
     review_id: str
@@ -189,10 +216,13 @@ Event = Annotated[
     | StageCompleted
     | StageFailed
     | SignalReceived
+    | UpdateReceived
+    | UpdateReplied
     | StepCompleted
     | StepFailed
     | TimerFired
     | SagaCompensated
+    | AttributeSet
     | ReviewRequested
     | ReviewDecided
     | AnnotationCreated,

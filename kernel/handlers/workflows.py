@@ -22,7 +22,13 @@ from treadle.kernel.errors import (
     NotFoundError,
     NotSupportedError,
 )
-from treadle.kernel.events import EventBase, ReviewDecided, SignalReceived, TimerFired
+from treadle.kernel.events import (
+    EventBase,
+    ReviewDecided,
+    SignalReceived,
+    TimerFired,
+    UpdateReceived,
+)
 from treadle.kernel.handlers.common import load_run
 from treadle.kernel.model import JsonValue, Run, StageStatus
 from treadle.kernel.workflows.context import message_result
@@ -115,7 +121,7 @@ async def deliver(
     update_id: str | None = None,
 ) -> InboxMessage:
     """Inside the caller's transaction, with ``run`` locked: append the message to the
-    inbox, record ``signal:received`` (for signals), and hand it to the body if it is
+    inbox, record ``signal:received`` (or ``update:received``), and hand it to the body if it is
     waiting for it (``run.signal``, signal-with-start and ``run.update`` share this)."""
     _check_live(run, name, kind)
     message = await tx.insert_signal(
@@ -129,18 +135,26 @@ async def deliver(
             created_at=now,
         )
     )
+    received: EventBase
     if kind == "signal":
-        await tx.append_events(
-            [
-                SignalReceived(
-                    workflow_run_id=run.id,
-                    timestamp=now,
-                    causation_id=causation_id,
-                    name=name,
-                    payload=payload,
-                )
-            ]
+        received = SignalReceived(
+            workflow_run_id=run.id,
+            timestamp=now,
+            causation_id=causation_id,
+            name=name,
+            payload=payload,
         )
+    else:
+        assert update_id is not None
+        received = UpdateReceived(
+            workflow_run_id=run.id,
+            timestamp=now,
+            causation_id=causation_id,
+            name=name,
+            update_id=update_id,
+            payload=payload,
+        )
+    await tx.append_events([received])
     stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
     if stage is not None and stage.status is StageStatus.SUSPENDED:
         await _hand_over(deps, tx, run.id, stage, message, wf, now)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,13 @@ from treadle.kernel.errors import (
     WaitTimeoutError,
     describe_exception,
 )
-from treadle.kernel.events import EventBase, StepCompleted, StepFailed
+from treadle.kernel.events import (
+    AttributeSet,
+    EventBase,
+    StepCompleted,
+    StepFailed,
+    UpdateReplied,
+)
 from treadle.kernel.model import JsonValue, evolve
 from treadle.kernel.retry import RetryPolicy
 from treadle.kernel.workflows.model import (
@@ -135,6 +142,23 @@ def _check_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what} name must be a non-empty string, got {name!r}")
     return name
+
+
+def _check_attribute(key: Any, value: Any) -> None:
+    """Search attributes are indexed and compared as JSON scalars on every adapter."""
+    if not isinstance(key, str) or not key:
+        raise TreadleValidationError(
+            f"set_attribute: key must be a non-empty string, got {key!r}",
+            [("key", "not a non-empty string")],
+        )
+    if not isinstance(value, str | int | float | bool | None) or (
+        isinstance(value, float) and not math.isfinite(value)
+    ):
+        raise TreadleValidationError(
+            f"set_attribute {key!r}: value must be a string, a finite number, a boolean or "
+            f"None, got {value!r}",
+            [("value", "not a JSON scalar")],
+        )
 
 
 def _result_adapter(fn: Any) -> TypeAdapter[Any] | None:
@@ -248,8 +272,14 @@ class WorkflowContext:
 
     @property
     def pending(self) -> list[JournalEntry]:
-        """Recorded calls (``now``, ``uuid``, ``publish``) not committed yet."""
+        """Recorded calls (``now``, ``uuid``, ``publish``, ``set_attribute``) not committed
+        yet."""
         return self._pending
+
+    @property
+    def pending_events(self) -> list[EventBase]:
+        """Events of the pending calls, committed with them."""
+        return self._pending_events
 
     # -- plumbing -------------------------------------------------------------------------
     def _stop(self, interrupt: Interrupt) -> Interrupt:
@@ -618,6 +648,31 @@ class WorkflowContext:
             )
         )
 
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Set the run's search attribute ``key`` (``engine.list(attributes={key: value})``
+        finds the run). Journaled like ``publish``: committed, with an ``attribute:set``
+        event, in the same transaction as the body's next durable boundary; a replay does
+        not write it again. ``value`` is a JSON scalar; ``None`` stores a null (the key stays)."""
+        _check_attribute(key, value)
+        position, jkey, occurrence, entry = self._reserve("attribute", key)
+        if entry is not None:
+            return
+        now = self._now()
+        self._pending.append(
+            self._entry(
+                position,
+                jkey,
+                occurrence,
+                "attribute",
+                status=JournalStatus.COMPLETED,
+                result=value,
+                completed_at=now,
+            )
+        )
+        self._pending_events.append(
+            AttributeSet(workflow_run_id=self.run_id, timestamp=now, key=key, value=value)
+        )
+
     async def wait_for_signal(
         self,
         name: str,
@@ -756,7 +811,14 @@ class WorkflowContext:
             result={"update_id": request.update_id, "value": encoded},
             completed_at=self._now(),
         )
-        await self._commit([done], replies=[(request.message_id, {"value": encoded})])
+        replied = UpdateReplied(
+            workflow_run_id=self.run_id,
+            timestamp=self._now(),
+            name=request.name,
+            update_id=request.update_id,
+            reply=encoded,
+        )
+        await self._commit([done], [replied], replies=[(request.message_id, {"value": encoded})])
 
 
 class ReviewDecision(BaseModel):

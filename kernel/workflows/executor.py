@@ -74,6 +74,22 @@ async def write_entries(
     return stored
 
 
+async def apply_attributes(
+    tx: Transaction, run: Run, entries: Sequence[JournalEntry], now: datetime
+) -> Run:
+    """Merge the search attributes that new ``set_attribute`` entries record into the run,
+    in the transaction that journals them; returns the run as stored."""
+    attributes = {
+        entry.name.split(":", 1)[1]: entry.result
+        for entry in sorted(entries, key=lambda e: e.position)
+        if entry.kind == "attribute" and entry.id is None
+    }
+    if not attributes:
+        return run
+    merged = {**run.search_attributes, **attributes}
+    return await tx.update_run(evolve(run, {"search_attributes": merged, "updated_at": now}))
+
+
 async def enqueue_activation(
     deps: Deps, tx: Transaction, run: Run, wf: WorkflowDefinition, at: datetime, now: datetime
 ) -> str:
@@ -127,8 +143,10 @@ class _Writer:
     ) -> list[JournalEntry]:
         now = self._deps.clock.now()
         async with self._deps.persistence.transaction() as tx:
-            if await self.owner(tx) is None:
+            owned = await self.owner(tx)
+            if owned is None:
                 raise Interrupt("ghost")
+            await apply_attributes(tx, owned[0], entries, now)
             stored = await write_entries(tx, entries, now)
             for message_id, consumer in consume:
                 await tx.consume_signal(message_id, now, consumer)
@@ -238,7 +256,7 @@ async def _finish(
             await scope.complete(tx, result)
             return result
         run, stage = owned
-        await write_entries(tx, ctx.pending, now)
+        run = await _commit_pending(tx, scope, run, ctx, now)
         undoing = outcome is None and bool(ctx.compensations) and _suspended(interrupt)
         if error is not None and not undoing:
             result = await _commit_failed(deps, tx, scope, s, run, stage, error, now, outcome)
@@ -264,6 +282,20 @@ def _ghost(s: _Started) -> c.JobExecuteResult:
     )
 
 
+async def _commit_pending(
+    tx: Transaction, scope: Scope, run: Run, ctx: WorkflowContext, now: datetime
+) -> Run:
+    """The recorded calls not committed yet (``now``, ``publish``, ``set_attribute``, ...),
+    their events and the search attributes they set; returns the run as stored."""
+    run = await apply_attributes(tx, run, ctx.pending, now)
+    await write_entries(tx, ctx.pending, now)
+    if ctx.pending_events:
+        await tx.append_events(
+            [evolve(e, {"causation_id": scope.causation_id}) for e in ctx.pending_events]
+        )
+    return run
+
+
 async def _finish_compensating(
     deps: Deps,
     scope: Scope,
@@ -287,7 +319,7 @@ async def _finish_compensating(
             await scope.complete(tx, result)
             return result
         run, stage = owned
-        await write_entries(tx, ctx.pending, now)
+        run = await _commit_pending(tx, scope, run, ctx, now)
         await deps.job_transport.complete(tx, s.job.id)
         if outcome is None and interrupt is not None and interrupt.reason == "suspend":
             due = [w.until for w in interrupt.waits if w.until is not None]

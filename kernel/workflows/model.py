@@ -33,7 +33,9 @@ class JournalStatus(StrEnum):
     """A step whose retries are exhausted; replay raises ``StepFailedError`` again."""
 
 
-JournalKind = Literal["step", "sleep", "signal", "update", "reply", "now", "uuid", "publish"]
+JournalKind = Literal[
+    "step", "sleep", "signal", "update", "reply", "review", "now", "uuid", "publish", "attribute"
+]
 
 
 def journal_key(kind: str, name: str) -> str:
