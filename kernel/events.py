@@ -180,6 +180,18 @@ class AttributeSet(EventBase):
     value: JsonValue = None
 
 
+class VersionMismatched(EventBase):
+    """A code workflow run could not resume: this worker lacks its pinned version. The run
+    is SUSPENDED with ``error``, not failed, and is re-checked until a worker with
+    ``pinned_version`` resumes it."""
+
+    type: Literal["version:mismatched"] = "version:mismatched"
+    workflow_id: str
+    pinned_version: str
+    registered_version: str
+    error: str
+
+
 class ReviewRequested(EventBase):
     type: Literal["review:requested"] = "review:requested"
     review_id: str
@@ -223,6 +235,7 @@ Event = Annotated[
     | TimerFired
     | SagaCompensated
     | AttributeSet
+    | VersionMismatched
     | ReviewRequested
     | ReviewDecided
     | AnnotationCreated,

@@ -63,6 +63,10 @@ class KernelSettings:
     idempotency_reclaim_after: timedelta = timedelta(minutes=10)
     outbox_max_attempts: int = 3
     """Publication attempts before an event goes to the dead-letter queue."""
+    version_recheck_interval: timedelta = timedelta(seconds=60)
+    """How often the maintenance tick re-checks a code-workflow run blocked by a
+    ``VersionMismatchError`` (its pinned version not registered here); once a worker
+    with that version polls it, the run resumes by itself."""
     step_backoff_suspend_after: timedelta = timedelta(seconds=30)
     """A code-workflow step whose retry delay is longer than this suspends the run on a
     durable timer; a shorter delay re-queues the activation to start after it. Neither
@@ -87,11 +91,27 @@ class Deps:
     inflight: InFlight = field(default_factory=InFlight)
     """Cancellation tokens of the executions running in this process."""
 
-    def workflow(self, workflow_id: str) -> WorkflowDefinition:
-        wf = self.registry.get_workflow(workflow_id)
+    def workflow(self, workflow_id: str, version: str | None = None) -> WorkflowDefinition:
+        """The definition for ``workflow_id``: ``version`` if the registry holds it (a run
+        resumes under the version it pinned), else the one new runs start under."""
+        wf = self.find_workflow(workflow_id, version)
         if wf is None:
             raise WorkflowNotFoundError(f"workflow {workflow_id!r} is not registered")
         return wf
+
+    def find_workflow(
+        self, workflow_id: str, version: str | None = None
+    ) -> WorkflowDefinition | None:
+        """As ``workflow``, ``None`` when the id is not registered. The result's version
+        differs from ``version`` when this registry lacks it (a ``VersionMismatchError``
+        for a code workflow run)."""
+        if version is not None:
+            exact = getattr(self.registry, "get_workflow_version", None)
+            if exact is not None:
+                found = exact(workflow_id, version)
+                if found is not None:
+                    return cast("WorkflowDefinition", found)
+        return self.registry.get_workflow(workflow_id)
 
 
 class Scope:

@@ -1,33 +1,79 @@
-"""An in-process workflow registry built from definitions."""
+"""An in-process workflow registry built from definitions.
+
+One id may be registered under several versions (a rolling deploy ships the old
+code beside the new): new runs start under the *newest* version, and a run resumes
+under the version pinned when it started (``get_workflow_version``). Versions
+compare naturally: ``"10"`` is newer than ``"9"``, ``"2.1"`` newer than ``"2"``.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import DefinitionError
 
 
+def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
+    """Natural order of version strings: digit runs compare as numbers."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.split(r"(\d+)", version)
+        if part
+    )
+
+
 class Registry:
-    """Maps workflow id to definition; duplicate ids are a definition error."""
+    """Maps workflow id (and version) to definition; registering one id and version
+    twice with different definitions is a definition error."""
 
     def __init__(self, workflows: Iterable[WorkflowDefinition] = ()) -> None:
-        self._workflows: dict[str, WorkflowDefinition] = {}
+        self._versions: dict[str, dict[str, WorkflowDefinition]] = {}
         for wf in workflows:
             self.register(wf)
 
     def register(self, workflow: WorkflowDefinition) -> None:
         if not isinstance(workflow, WorkflowDefinition):
             raise DefinitionError(f"{workflow!r} is not a built workflow definition")
-        if workflow.id in self._workflows and self._workflows[workflow.id] is not workflow:
-            raise DefinitionError(f"workflow id {workflow.id!r} is registered twice")
-        self._workflows[workflow.id] = workflow
+        versions = self._versions.setdefault(workflow.id, {})
+        known = versions.get(workflow.version)
+        if known is not None and known is not workflow:
+            raise DefinitionError(
+                f"workflow id {workflow.id!r} version {workflow.version!r} is registered twice"
+            )
+        versions[workflow.version] = workflow
+
+    def unregister(self, workflow_id: str, version: str | None = None) -> None:
+        """Forget one version of a workflow, or all of them (a deploy that drops code)."""
+        versions = self._versions.get(workflow_id, {})
+        if version is None:
+            versions.clear()
+        else:
+            versions.pop(version, None)
+        if not versions:
+            self._versions.pop(workflow_id, None)
 
     def get_workflow(self, workflow_id: str) -> WorkflowDefinition | None:
-        return self._workflows.get(workflow_id)
+        """The newest registered version: what a new run starts under."""
+        versions = self._versions.get(workflow_id)
+        if not versions:
+            return None
+        return versions[max(versions, key=version_key)]
+
+    def get_workflow_version(self, workflow_id: str, version: str) -> WorkflowDefinition | None:
+        """Exactly ``version`` of the workflow, if it is registered."""
+        return self._versions.get(workflow_id, {}).get(version)
+
+    def versions(self, workflow_id: str) -> list[str]:
+        """The registered versions of a workflow, oldest first."""
+        return sorted(self._versions.get(workflow_id, {}), key=version_key)
 
     def __iter__(self) -> Iterator[WorkflowDefinition]:
-        return iter(self._workflows.values())
+        """Every registered definition, each version of an id (oldest first)."""
+        for workflow_id in self._versions:
+            for version in self.versions(workflow_id):
+                yield self._versions[workflow_id][version]
 
     def ids(self) -> list[str]:
-        return sorted(self._workflows)
+        return sorted(self._versions)

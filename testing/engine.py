@@ -113,24 +113,35 @@ class _MockingRegistry:
         self.inner = Registry(workflows)
         self.mocks: dict[str, StageMock] = {}
         self.step_mocks: dict[str, StepMock] = {}
-        self._cache: dict[str, WorkflowDefinition] = {}
+        self._cache: dict[tuple[str, str], WorkflowDefinition] = {}
 
     def register(self, workflow: WorkflowDefinition) -> None:
         self.inner.register(workflow)
         self._cache.clear()
 
+    def unregister(self, workflow_id: str, version: str | None = None) -> None:
+        self.inner.unregister(workflow_id, version)
+        self._cache.clear()
+
     def get_workflow(self, workflow_id: str) -> WorkflowDefinition | None:
-        wf = self._cache.get(workflow_id)
+        return self._mocked(self.inner.get_workflow(workflow_id))
+
+    def get_workflow_version(self, workflow_id: str, version: str) -> WorkflowDefinition | None:
+        return self._mocked(self.inner.get_workflow_version(workflow_id, version))
+
+    def _mocked(self, found: WorkflowDefinition | None) -> WorkflowDefinition | None:
+        if found is None:
+            return None
+        key = (found.id, found.version)
+        wf = self._cache.get(key)
         if wf is None:
-            wf = self.inner.get_workflow(workflow_id)
-            if wf is None:
-                return None
+            wf = found
             if isinstance(wf, CodeWorkflowDefinition):
                 # The live dict: a step mocked after the run started applies at once.
                 wf = wf.with_step_overrides(self.step_mocks)
             elif any(s in self.mocks for s in wf.stages):
                 wf = self._with_mocks(wf)
-            self._cache[workflow_id] = wf
+            self._cache[key] = wf
         return wf
 
     def _with_mocks(self, wf: WorkflowDefinition) -> WorkflowDefinition:

@@ -253,7 +253,7 @@ async def _phase_start(
             )
             await scope.complete(tx, result)
             return result
-        wf = deps.workflow(run.workflow_id)
+        wf = deps.workflow(run.workflow_id, run.workflow_version)
         definition = wf.stage(stage.stage_id)
         if definition is None:
             from treadle.kernel.errors import StageNotFoundError
@@ -285,7 +285,9 @@ async def _phase_start(
             )
         ]
         if run.status is RunStatus.SUSPENDED:
-            run = await tx.update_run(evolve(run, {"status": RunStatus.RUNNING, "updated_at": now}))
+            run = await tx.update_run(
+                evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
+            )
         await tx.append_events(events)
         stages = await tx.get_stages(run.id)
     return _Started(job, run, stage, wf, definition, stages)

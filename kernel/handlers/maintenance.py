@@ -97,7 +97,7 @@ async def reap_stuck(deps: Deps, cmd: c.RunReapStuck, scope: Scope) -> c.RunReap
             RunStatus.RUNNING, now - cmd.stuck_threshold, cmd.max_runs
         )
         for run in idle:
-            wf = deps.registry.get_workflow(run.workflow_id)
+            wf = deps.find_workflow(run.workflow_id, run.workflow_version)
             if wf is None:
                 continue
             stages = await tx.get_stages(run.id)

@@ -21,7 +21,7 @@ async def _target(deps: Deps, run_id: str, what: str) -> None:
         raise InvalidStateError(
             f"cannot deliver {what} to run {run_id!r}: it is {run.status.value}"
         )
-    wf = deps.workflow(run.workflow_id)
+    wf = deps.workflow(run.workflow_id, run.workflow_version)
     if wf.kind == "code":
         return
     raise NotSupportedError(

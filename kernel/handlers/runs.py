@@ -128,7 +128,7 @@ async def _deliver(
         deps,
         tx,
         run,
-        deps.workflow(run.workflow_id),
+        deps.workflow(run.workflow_id, run.workflow_version),
         cmd.signal.name,
         payload,
         None,
@@ -157,7 +157,7 @@ async def claim_pending(
         if cached is not None:
             return cast("c.RunClaimPendingResult", cached)
         for run in await tx.claim_pending_runs(cmd.max_claims):
-            wf = deps.registry.get_workflow(run.workflow_id)
+            wf = deps.find_workflow(run.workflow_id, run.workflow_version)
             if wf is None:
                 # Left PENDING for a worker that has this workflow (rolling deploys).
                 deps.logger.warning(
@@ -207,7 +207,7 @@ async def transition(deps: Deps, cmd: c.RunTransition, scope: Scope) -> c.RunTra
         if cached is not None:
             return cast("c.RunTransitionResult", cached)
         run = await load_run(tx, cmd.workflow_run_id)
-        wf = deps.workflow(run.workflow_id)
+        wf = deps.workflow(run.workflow_id, run.workflow_version)
         stages = await tx.get_stages(run.id)
         decision, _ = await apply_transition(deps, tx, run, stages, wf, now, scope.causation_id)
         action = "noop" if decision.action == "suspend" else decision.action
@@ -273,7 +273,7 @@ async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunReru
         if cached is not None:
             return cast("c.RunRerunFromResult", cached)
         run = await load_run(tx, cmd.workflow_run_id)
-        wf = deps.workflow(run.workflow_id)
+        wf = deps.workflow(run.workflow_id, run.workflow_version)
         _refuse_code_workflow(wf)
         if cmd.from_stage_id not in wf.stages:
             raise StageNotFoundError(f"workflow {wf.id!r} has no stage {cmd.from_stage_id!r}")

@@ -80,7 +80,7 @@ async def poll_suspended(
     resumed_ids: list[str] = []
     for stage in due:
         run = runs.get(stage.workflow_run_id)
-        wf = deps.registry.get_workflow(run.workflow_id) if run is not None else None
+        wf = deps.find_workflow(run.workflow_id, run.workflow_version) if run is not None else None
         if run is None or wf is None:
             continue
         checked += 1

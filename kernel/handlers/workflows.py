@@ -36,6 +36,7 @@ from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.executor import wake, write_entries
 from treadle.kernel.workflows.model import InboxMessage, JournalStatus, journal_key
+from treadle.kernel.workflows.versions import block, is_blocked, version_mismatch
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
@@ -90,7 +91,7 @@ async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResul
             return cast("c.RunSignalResult", cached)
         run = await load_run(tx, cmd.workflow_run_id, for_update=False)
     _check_live(run, cmd.name)
-    wf = code_workflow(deps.workflow(run.workflow_id), f"signal {cmd.name!r}")
+    wf = code_workflow(deps.workflow(run.workflow_id, run.workflow_version), f"signal {cmd.name!r}")
     payload = validate_signal(wf, cmd.name, cmd.payload)
     now = deps.clock.now()
     async with deps.persistence.transaction() as tx:
@@ -205,7 +206,7 @@ async def update(deps: Deps, cmd: c.RunUpdate, scope: Scope) -> c.RunUpdateResul
             return cached
         run = await load_run(tx, cmd.workflow_run_id, for_update=False)
     _check_live(run, cmd.name, "update")
-    wf = code_workflow(deps.workflow(run.workflow_id), f"update {cmd.name!r}")
+    wf = code_workflow(deps.workflow(run.workflow_id, run.workflow_version), f"update {cmd.name!r}")
     payload = validate_signal(wf, cmd.name, cmd.payload, kind="update")
     now = deps.clock.now()
     async with deps.persistence.transaction() as tx:
@@ -252,7 +253,10 @@ async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.Revi
         if cached is not None:
             return cast("c.ReviewDecideResult", cached)
         run = await load_run(tx, cmd.workflow_run_id)
-        wf = code_workflow(deps.workflow(run.workflow_id), f"review decision for {cmd.review_id!r}")
+        wf = code_workflow(
+            deps.workflow(run.workflow_id, run.workflow_version),
+            f"review decision for {cmd.review_id!r}",
+        )
         reviews = [
             e
             for e in await tx.get_journal(run.id)
@@ -317,7 +321,9 @@ async def fire_timers(
 ) -> str:
     """For a suspended code-workflow stage whose earliest timer is due: fire every due
     timer (its wait completes in the journal, ``timer:fired`` is recorded) and wake the
-    run. Returns ``resumed``, ``waiting`` (nothing due after all) or ``skipped``."""
+    run. A run whose pinned version this worker lacks stays blocked and is re-checked
+    later; a blocked run this worker can serve is woken. Returns ``resumed``, ``waiting``
+    (nothing due after all, or still blocked) or ``skipped``."""
     async with deps.persistence.transaction() as tx:
         run = await tx.get_run(seen.workflow_run_id, for_update=True)
         stage = await tx.get_stage(seen.workflow_run_id, seen.stage_id)
@@ -329,6 +335,13 @@ async def fire_timers(
             or stage.version != seen.version
         ):
             return "skipped"  # another poller, a signal or a cancel got there first
+        mismatch = version_mismatch(run, wf)
+        if mismatch is not None:  # fire nothing: the journal stays as the pinned code left it
+            await block(deps, tx, run, stage, wf, mismatch, now, scope.causation_id)
+            return "waiting"
+        if is_blocked(stage):  # this worker has the pinned version: resume the body
+            await wake(deps, tx, run, stage, wf, now)
+            return "resumed"
         timers = forward_timers(await tx.pending_timers(run.id))
         due = [t for t in timers if t.fire_at <= now]
         if not due:
@@ -370,6 +383,6 @@ async def query(deps: Deps, run_id: str, key: str) -> JsonValue:
     ``ctx.publish``). Reads only; never wakes the run."""
     async with deps.persistence.transaction() as tx:
         run = await load_run(tx, run_id, for_update=False)
-        code_workflow(deps.workflow(run.workflow_id), f"query {key!r}")
+        code_workflow(deps.workflow(run.workflow_id, run.workflow_version), f"query {key!r}")
         entry = await tx.latest_journal_entry(run.id, journal_key("publish", key))
     return entry.result if entry is not None else None

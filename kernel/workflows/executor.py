@@ -34,6 +34,7 @@ from treadle.kernel.context import CancellationToken
 from treadle.kernel.errors import (
     InvalidInputError,
     OutputValidationError,
+    VersionMismatchError,
     describe_exception,
 )
 from treadle.kernel.events import EventBase, ReviewRequested, StageCompleted
@@ -50,6 +51,7 @@ from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 from treadle.kernel.workflows.saga import SagaOutcome, adopt_registrations, run_compensations
+from treadle.kernel.workflows.versions import block, mismatch_event, version_mismatch
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
@@ -104,11 +106,17 @@ async def wake(
 ) -> None:
     """Resume a suspended body: the stage is PENDING with a new job, the run RUNNING."""
     await tx.update_stage(
-        evolve(stage, {"status": StageStatus.PENDING, "next_poll_at": None, "job_id": None})
+        evolve(
+            stage,
+            {"status": StageStatus.PENDING, "next_poll_at": None, "job_id": None, "error": None},
+        )
     )
     await enqueue_activation(deps, tx, run, wf, now, now)
     if run.status is RunStatus.SUSPENDED:
-        await tx.update_run(evolve(run, {"status": RunStatus.RUNNING, "updated_at": now}))
+        # ``error`` of a live run is a version mismatch it was blocked by (versions.py).
+        await tx.update_run(
+            evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
+        )
 
 
 # -- the activation -----------------------------------------------------------------------
@@ -168,9 +176,12 @@ async def execute_activation(
     """Run the body once over the journal and commit how it ended (module docstring).
     A cancelled run's activation (``saga.is_compensating``) only runs its compensations."""
     wf = cast("CodeWorkflowDefinition", s.wf)
+    writer = _Writer(deps, scope, s, cmd.worker_id)
+    mismatch = version_mismatch(s.run, wf)
+    if mismatch is not None:
+        return await _commit_blocked(deps, scope, s, writer, mismatch)
     async with deps.persistence.transaction() as tx:
         journal = await tx.get_journal(s.run.id)
-    writer = _Writer(deps, scope, s, cmd.worker_id)
     token = CancellationToken()
     ctx = WorkflowContext(
         run_id=s.run.id,
@@ -232,6 +243,64 @@ async def _run(
     except Interrupt:
         return output, error, None  # ctx.interrupt says why; the next activation goes on
     return output, error, outcome
+
+
+async def _commit_blocked(
+    deps: Deps, scope: Scope, s: _Started, writer: _Writer, error: VersionMismatchError
+) -> c.JobExecuteResult:
+    """The pinned version is not registered here: the body does not run; the run is
+    blocked, not failed, until a worker with that version resumes it (versions.py)."""
+    now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        owned = await writer.owner(tx)
+        if owned is None:
+            result = c.JobExecuteResult(
+                outcome="failed",
+                workflow_run_id=s.run.id,
+                stage_id=WORKFLOW_STAGE_ID,
+                ghost=True,
+                error="result discarded: run cancelled or activation taken over by another",
+            )
+        else:
+            run, stage = owned
+            await deps.job_transport.complete(tx, s.job.id)
+            if run.status.terminal:  # cancelled, compensations pending: it stays CANCELLED
+                at = await _defer_compensations(deps, tx, scope, s, run, stage, error, now)
+            else:
+                stage = await block(deps, tx, run, stage, s.wf, error, now, scope.causation_id)
+                at = stage.next_poll_at
+            result = c.JobExecuteResult(
+                outcome="suspended",
+                workflow_run_id=run.id,
+                stage_id=stage.stage_id,
+                error=describe_exception(error),
+                next_poll_at=at,
+            )
+        await scope.complete(tx, result)
+    return result
+
+
+async def _defer_compensations(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    s: _Started,
+    run: Run,
+    stage: StageRun,
+    error: VersionMismatchError,
+    now: datetime,
+) -> datetime:
+    """A cancelled run's compensations must replay under the pinned version too: try the
+    compensating activation again later (a cancelled run has no timers to wake it)."""
+    message = describe_exception(error)
+    at = now + deps.settings.version_recheck_interval
+    await tx.update_stage(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
+    await enqueue_activation(deps, tx, run, s.wf, at, now)
+    if message not in (run.error or ""):
+        note = f"{run.error}; {message}" if run.error else message
+        await tx.update_run(evolve(run, {"error": note, "updated_at": now}))
+        await tx.append_events([mismatch_event(run, s.wf, message, now, scope.causation_id)])
+    return at
 
 
 async def _finish(

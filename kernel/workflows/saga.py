@@ -205,7 +205,7 @@ async def compensate_on_cancel(deps: Deps, tx: Transaction, run: Run, now: datet
     """Inside ``run.cancel``'s transaction, after the run's stages and jobs were cancelled:
     if the run is a code workflow with compensations registered and not yet run, put its
     orchestrating stage back to PENDING with a new (compensating) activation job."""
-    wf = deps.registry.get_workflow(run.workflow_id)
+    wf = deps.find_workflow(run.workflow_id, run.workflow_version)
     if wf is None or wf.kind != "code":
         return False
     if not has_pending_compensations(await tx.get_journal(run.id)):

@@ -278,8 +278,7 @@ async def test_job_for_unregistered_workflow_is_released_with_backoff_then_faile
     te = TestEngine([_wf(s)])
     handle = await te.start("wf", {"n": 1})
     await te.dispatch(c.RunClaimPending(worker_id="w"))
-    te.registry.inner._workflows.clear()
-    te.registry._cache.clear()
+    te.registry.unregister("wf")
     for attempt in (1, 2):
         [job] = await te.job_transport.dequeue("w", te.clock.now())
         with pytest.raises(WorkflowNotFoundError):
@@ -314,8 +313,8 @@ async def test_stage_missing_from_registered_version_releases_job() -> None:
     te = TestEngine([_wf(old)])
     await te.start("wf", {"n": 1})
     job = await _lease(te)
-    te.registry.inner._workflows["wf"] = _wf(new)
-    te.registry._cache.clear()
+    te.registry.unregister("wf")
+    te.registry.register(_wf(new))
     for _ in range(2):
         with pytest.raises(StageNotFoundError, match="has no stage 'old'"):
             await te.dispatch(c.JobExecute(job_id=job.id, worker_id="w"))
@@ -343,8 +342,7 @@ async def test_test_engine_recovers_job_when_workflow_comes_back() -> None:
     te = TestEngine([wf])
     handle = await te.start("wf", {"n": 1})
     await te.dispatch(c.RunClaimPending(worker_id=te.worker_id))
-    te.registry.inner._workflows.clear()
-    te.registry._cache.clear()
+    te.registry.unregister("wf")
     with pytest.raises(WorkflowNotFoundError):
         await te.run_until_idle()
     assert all(j.status is JobStatus.QUEUED for j in te.job_transport.jobs.values())

@@ -118,8 +118,7 @@ async def test_claim_skips_runs_of_unknown_workflows() -> None:
     """A PENDING run whose workflow this worker lacks stays PENDING for another worker."""
     te = TestEngine([LINEAR])
     handle = await te.start("linear", {"n": 1})
-    te.registry.inner._workflows.clear()
-    te.registry._cache.clear()
+    te.registry.unregister("linear")
     result = await te.dispatch(c.RunClaimPending(worker_id="w"))
     assert result.claimed == []
     assert (await te.get_run(handle.run_id)).status is RunStatus.PENDING

@@ -85,8 +85,7 @@ async def test_unknown_workflow_is_not_polled() -> None:
     te = TestEngine([WorkflowBuilder("b", input=In).pipe(_batch("b1", check)).build()])
     handle = await te.start("b", {"n": 5})
     await te.run_until_idle()
-    te.registry.inner._workflows.clear()
-    te.registry._cache.clear()
+    te.registry.unregister("b")
     te.clock.advance(POLL)
     result = await te.dispatch(c.StagePollSuspended())
     assert result.checked == 0

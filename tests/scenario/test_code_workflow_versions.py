@@ -1,0 +1,322 @@
+"""Version pinning of code workflows (issue 5, requirement 9): a run resumes only under
+the version it started with. Under another version the body does not run: the run is
+blocked (SUSPENDED, ``VersionMismatchError`` in ``error``, journal intact) and resumes
+by itself once a worker registering the pinned version polls it. On memory, a SQLite
+file and PostgreSQL; each "deploy" is a new ``Engine`` over the same storage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from treadle import Engine, RunStatus, WorkflowContext, workflow
+from treadle.kernel import create_kernel
+from treadle.kernel import events as ev
+from treadle.kernel.definitions import WorkflowDefinition
+from treadle.kernel.errors import DefinitionError, VersionMismatchError
+from treadle.kernel.model import StageStatus
+from treadle.kernel.registry import Registry
+from treadle.testing import FakeClock
+
+POSTGRES_URL = os.environ.get(
+    "TREADLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+WAIT = 20.0
+"""Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
+
+
+class Order(BaseModel):
+    n: int
+
+
+RAN: list[str] = []
+
+
+async def record(label: str) -> str:
+    RAN.append(label)
+    return label
+
+
+@workflow(id="deploy", input=Order, output=str, version="1")
+async def deploy_v1(ctx: WorkflowContext, order: Order) -> str:
+    await ctx.step("a", record, "v1:a")
+    await ctx.wait_for_signal("go")
+    await ctx.sleep(timedelta(hours=1))
+    return str(await ctx.step("b", record, "v1:b"))
+
+
+@workflow(id="deploy", input=Order, output=str, version="2")
+async def deploy_v2(ctx: WorkflowContext, order: Order) -> str:
+    """Reaches other calls than v1: replaying a v1 journal would not be deterministic."""
+    await ctx.step("a2", record, "v2:a2")
+    return "v2"
+
+
+# -- backends (as tests/scenario/test_code_workflows_sql.py) --------------------------------
+def _pg_admin() -> Any:
+    import psycopg
+
+    from treadle.adapters.sql import sync_url
+
+    url = sync_url(POSTGRES_URL).set(drivername="postgresql")
+    try:
+        return psycopg.connect(
+            url.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
+        )
+    except psycopg.OperationalError as exc:
+        if os.environ.get("TREADLE_REQUIRE_POSTGRES", "") not in ("", "0", "false"):
+            pytest.fail(f"PostgreSQL is required (TREADLE_REQUIRE_POSTGRES=1): {exc}")
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+
+
+def _pg_url(database: str) -> str:
+    from treadle.adapters.sql import async_url
+
+    return async_url(POSTGRES_URL).set(database=database).render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def _pg_database(template: str | None = None) -> Iterator[str]:
+    name = f"treadle_ver_{uuid.uuid4().hex[:12]}"
+    with _pg_admin() as admin:
+        suffix = f' TEMPLATE "{template}"' if template else ""
+        admin.execute(f'CREATE DATABASE "{name}"{suffix}')
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(Exception), _pg_admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def pg_template() -> Iterator[str]:
+    from treadle.adapters.sql import migrate
+
+    with _pg_database() as name:
+        migrate(_pg_url(name))
+        yield name
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "memory":
+        yield "memory://"
+    elif request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'treadle.db'}"
+    else:
+        template = request.getfixturevalue("pg_template")
+        with _pg_database(template) as name:
+            yield _pg_url(name)
+
+
+class Deployments:
+    """Opens one ``Engine`` per deploy over the same storage. ``memory://`` storage lives
+    in the first engine, so later deploys are kernels wired to its ports."""
+
+    def __init__(self, url: str, clock: FakeClock) -> None:
+        self.url = url
+        self.clock = clock
+        self._base: Engine | None = None
+
+    async def open(self, workflows: Sequence[WorkflowDefinition]) -> Engine:
+        if self.url != "memory://":
+            return await Engine.open(self.url, workflows=workflows, clock=self.clock)
+        if self._base is None:
+            self._base = await Engine.open(self.url, clock=self.clock)
+        d = self._base.kernel.deps
+        kernel = create_kernel(
+            persistence=d.persistence,
+            job_transport=d.job_transport,
+            blob_store=d.blob_store,
+            event_sink=d.event_sink,
+            scheduler=d.scheduler,
+            clock=d.clock,
+            registry=workflows,
+        )
+        return Engine(kernel)
+
+    async def close(self) -> None:
+        if self._base is not None:
+            await self._base.close()
+
+
+@pytest.fixture
+async def deployments(url: str) -> AsyncIterator[Deployments]:
+    RAN.clear()
+    opened = Deployments(url, FakeClock())
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def _worker(engine: Engine) -> Any:
+    return engine.worker(concurrency=2, orchestration_interval=0.02, job_poll_interval=0.02)
+
+
+async def _events(engine: Engine, run_id: str) -> list[ev.EventBase]:
+    return [e async for e in engine.events(run_id)]
+
+
+async def _until(engine: Engine, run_id: str, check: Any) -> None:
+    """Poll the run (and its events) until ``check(run, events)`` holds."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            if check(await engine.get_run(run_id), await _events(engine, run_id)):
+                return
+            await asyncio.sleep(0.01)  # polling stored state, not waiting for time
+
+
+def _mismatches(events: list[ev.EventBase]) -> list[ev.VersionMismatched]:
+    return [e for e in events if isinstance(e, ev.VersionMismatched)]
+
+
+async def test_resuming_under_another_version_blocks_the_run_until_the_pinned_one_returns(
+    deployments: Deployments,
+) -> None:
+    """Started under v1 and waiting; a deploy of only v2 delivers a signal: the body does
+    not run, the run is SUSPENDED (not failed) with the VersionMismatchError and its
+    journal as v1 left it, and is re-checked without more events. A deploy registering
+    v1 and v2 resumes it under v1 by itself; new runs start under v2."""
+    clock = deployments.clock
+    v1 = await deployments.open([deploy_v1])
+    async with _worker(v1):
+        handle = await v1.start("deploy", {"n": 1})
+        await _until(v1, handle.run_id, lambda run, _: run.status is RunStatus.SUSPENDED)
+    assert (await v1.get_run(handle.run_id)).workflow_version == "1"
+    await v1.close()
+
+    v2 = await deployments.open([deploy_v2])
+    async with _worker(v2):
+        await v2.signal(handle.run_id, "go", None)
+        await _until(v2, handle.run_id, lambda run, events: _mismatches(events))
+        blocked = await v2.get_run(handle.run_id)
+        assert blocked.status is RunStatus.SUSPENDED
+        assert blocked.error is not None
+        assert blocked.error.startswith("VersionMismatchError: ")
+        assert "pinned to version '1'" in blocked.error
+        assert "registers version '2' only" in blocked.error
+        (stage,) = blocked.stages
+        assert stage.status is StageStatus.SUSPENDED
+        assert stage.error == blocked.error
+        assert stage.next_poll_at == clock.now() + timedelta(seconds=60)
+        (mismatch,) = _mismatches(await _events(v2, handle.run_id))
+        assert (mismatch.pinned_version, mismatch.registered_version) == ("1", "2")
+        journal = [(e.kind, e.name, e.status.value) for e in await v2.journal(handle.run_id)]
+        assert journal == [("step", "a", "COMPLETED"), ("signal", "signal:go", "COMPLETED")]
+        assert RAN == ["v1:a"]  # v2's body never ran
+        clock.advance(timedelta(seconds=61))  # the re-check: still blocked, no new event
+        await _until(
+            v2,
+            handle.run_id,
+            lambda run, _: run.stages[0].next_poll_at == clock.now() + timedelta(seconds=60),
+        )
+    assert len(_mismatches(await _events(v2, handle.run_id))) == 1
+    assert (await v2.get_run(handle.run_id)).status is RunStatus.SUSPENDED
+    await v2.close()
+
+    both = await deployments.open([deploy_v1, deploy_v2])
+    async with _worker(both):
+        clock.advance(timedelta(seconds=61))  # the next re-check finds v1 registered
+        await _until(
+            both,
+            handle.run_id,
+            lambda run, _: run.status is RunStatus.SUSPENDED and run.error is None,
+        )  # resumed, replayed, and now in v1's one-hour sleep
+        clock.advance(timedelta(hours=1))
+        assert await both.handle(handle.run_id).result(timeout=WAIT) == "v1:b"
+        fresh = await both.start("deploy", {"n": 2})
+        assert await fresh.result(timeout=WAIT) == "v2"
+    assert (await both.get_run(fresh.run_id)).workflow_version == "2"
+    assert RAN == ["v1:a", "v1:b", "v2:a2"]
+    done = await both.get_run(handle.run_id)
+    assert (done.status, done.error, done.workflow_version) == (RunStatus.COMPLETED, None, "1")
+    await both.close()
+
+
+@workflow(id="napper", input=Order, output=str, version="1")
+async def napper_v1(ctx: WorkflowContext, order: Order) -> str:
+    await ctx.sleep(timedelta(hours=1))
+    return str(await ctx.step("after", record, "v1:after"))
+
+
+@workflow(id="napper", input=Order, output=str, version="2")
+async def napper_v2(ctx: WorkflowContext, order: Order) -> str:
+    return str(await ctx.step("other", record, "v2:other"))
+
+
+async def test_a_due_timer_under_another_version_is_not_fired(
+    deployments: Deployments,
+) -> None:
+    """The maintenance tick of a deploy without the pinned version blocks a sleeping run
+    instead of firing its timer (the journal still shows the sleep waiting); after the
+    pinned version is deployed again the body replays past the sleep and completes."""
+    clock = deployments.clock
+    v1 = await deployments.open([napper_v1])
+    async with _worker(v1):
+        handle = await v1.start("napper", {"n": 1})
+        await _until(v1, handle.run_id, lambda run, _: run.status is RunStatus.SUSPENDED)
+    await v1.close()
+
+    v2 = await deployments.open([napper_v2])
+    async with _worker(v2):
+        clock.advance(timedelta(hours=1))
+        await _until(v2, handle.run_id, lambda run, _: run.error is not None)
+    run = await v2.get_run(handle.run_id)
+    assert run.status is RunStatus.SUSPENDED
+    assert "VersionMismatchError" in str(run.error)
+    events = await _events(v2, handle.run_id)
+    assert not any(isinstance(e, ev.TimerFired) for e in events)
+    assert [type(e) for e in events][-1] is ev.VersionMismatched  # not a second suspend
+    journal = await v2.journal(handle.run_id)
+    assert [(e.kind, e.status.value) for e in journal] == [("sleep", "WAITING")]
+    assert RAN == []
+    await v2.close()
+
+    again = await deployments.open([napper_v1])
+    async with _worker(again):
+        clock.advance(timedelta(seconds=61))
+        assert await again.handle(handle.run_id).result(timeout=WAIT) == "v1:after"
+    assert RAN == ["v1:after"]
+    await again.close()
+
+
+def test_registry_holds_several_versions_and_starts_the_newest() -> None:
+    """One id may be registered under several versions; ``get_workflow`` is the newest in
+    natural order ("10" after "9"), each version stays reachable, and registering one id
+    and version twice with different definitions is refused."""
+
+    def build(version: str) -> WorkflowDefinition:
+        @workflow(id="multi", input=Order, version=version)
+        async def body(ctx: WorkflowContext, order: Order) -> None:
+            return None
+
+        return body
+
+    nine, ten, two = build("9"), build("10"), build("2")
+    registry = Registry([nine, ten, two])
+    assert registry.get_workflow("multi") is ten
+    assert registry.get_workflow_version("multi", "9") is nine
+    assert registry.get_workflow_version("multi", "3") is None
+    assert registry.versions("multi") == ["2", "9", "10"]
+    assert list(registry) == [two, nine, ten]
+    assert registry.ids() == ["multi"]
+    with pytest.raises(DefinitionError, match="version '9' is registered twice"):
+        registry.register(build("9"))
+
+
+def test_version_mismatch_error_is_a_workflow_error() -> None:
+    """``VersionMismatchError`` sits under ``WorkflowError`` with a stable code."""
+    from treadle.kernel.errors import WorkflowError
+
+    assert issubclass(VersionMismatchError, WorkflowError)
+    assert VersionMismatchError("x").code == "VersionMismatchError"
