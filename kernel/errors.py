@@ -35,7 +35,7 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     ├── WorkflowError                     code workflows: replay problems, and errors raised
     │   │                                 inside a workflow body that it may catch
     │   ├── NonDeterminismError           the body reached another call than the journal recorded
-    │   ├── VersionMismatchError          a run pinned to one version met code of another
+    │   ├── VersionMismatchError          a run's pinned version is not registered (run blocked)
     │   ├── StepFailedError               a step failed for good (retries exhausted)
     │   ├── StepTimeoutError              one attempt of a step ran past its timeout (retryable)
     │   └── WaitTimeoutError              a signal wait reached its timeout
@@ -209,7 +209,9 @@ class NonDeterminismError(WorkflowError):
 
 
 class VersionMismatchError(WorkflowError):
-    """A run pinned to one version was resumed by code of another version."""
+    """A run pinned to one version met a worker that does not register it. Recorded as the
+    blocked run's ``error`` (the run stays SUSPENDED, its journal intact) rather than
+    raised; the run resumes once a worker with the pinned version polls it."""
 
 
 class StepFailedError(WorkflowError):
