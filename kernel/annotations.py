@@ -19,13 +19,20 @@ _SCALARS = (str, int, float, bool, type(None))
 
 
 def validate_attributes(attributes: object, *, field: str = "attributes") -> None:
-    """Attribute keys are non-empty strings; values are JSON scalars (indexable)."""
+    """Attribute keys are non-empty strings without ``"``; values are JSON scalars
+    (indexable)."""
     if not isinstance(attributes, Mapping):
         raise TreadleValidationError(f"{field}: must be a mapping", [(field, "not a mapping")])
     for key, value in attributes.items():
         if not isinstance(key, str) or key == "":
             raise TreadleValidationError(
                 f"{field}: keys must be non-empty strings, got {key!r}", [(field, "bad key")]
+            )
+        if '"' in key:
+            # SQLite's JSON paths cannot address such a key: it would never match there.
+            raise TreadleValidationError(
+                f"{field}: keys must not contain a double quote, got {key!r}",
+                [(field, "bad key")],
             )
         if not isinstance(value, _SCALARS):
             raise TreadleValidationError(

@@ -13,6 +13,7 @@ later can hit ``SQLITE_BUSY`` on the upgrade, which the busy timeout cannot retr
 
 from __future__ import annotations
 
+import json
 import select
 import time
 from typing import Any
@@ -59,10 +60,17 @@ def sync_url(url: str | URL) -> URL:
     return parsed.set(drivername=_SYNC_DRIVERS[parsed.get_backend_name()])
 
 
+def dump_json(value: Any) -> str:
+    """JSON text for JSON columns, non-ASCII characters kept as they are: SQLite's JSON
+    paths compare object labels as stored, so ``$."café"`` would not find ``"caf\u00e9"``
+    (a search attribute key with an accent would never match)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     """An ``AsyncEngine`` for ``url``, configured for Treadle's access pattern."""
     target = async_url(url)
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    options: dict[str, Any] = {"pool_pre_ping": True, "json_serializer": dump_json}
     if target.get_backend_name() == "sqlite":
         busy_ms = int(kwargs.pop("busy_timeout_ms", DEFAULT_BUSY_TIMEOUT_MS))
         connect_args = dict(kwargs.pop("connect_args", {}))

@@ -146,10 +146,10 @@ def _check_name(name: Any, what: str) -> str:
 
 def _check_attribute(key: Any, value: Any) -> None:
     """Search attributes are indexed and compared as JSON scalars on every adapter."""
-    if not isinstance(key, str) or not key:
+    if not isinstance(key, str) or not key or '"' in key:
         raise TreadleValidationError(
-            f"set_attribute: key must be a non-empty string, got {key!r}",
-            [("key", "not a non-empty string")],
+            f"set_attribute: key must be a non-empty string without '\"', got {key!r}",
+            [("key", "not a non-empty string without a double quote")],
         )
     if not isinstance(value, str | int | float | bool | None) or (
         isinstance(value, float) and not math.isfinite(value)

@@ -318,6 +318,28 @@ async def test_list_runs_attribute_filters_compare_json_values_exactly(backend: 
     assert await _list_ids(backend, attributes={"v": 1.0}) == ["int"]
 
 
+async def test_list_runs_attribute_filters_combine_keys_and_odd_names(backend: Any) -> None:
+    """Several keys filter together (scalars and objects mixed, as PostgreSQL's containment
+    test plus exact comparison does it), stored floats match integral filters, and key
+    names with dots, spaces and non-ASCII letters are plain keys on every adapter (keys
+    with a double quote are refused before they reach persistence)."""
+    await seed(
+        backend,
+        make_run("a", search_attributes={"k.x": "1", "qé t": 2.0, "sp ace": {"a": [1]}}),
+        make_run("b", search_attributes={"k.x": "1", "qé t": 2, "sp ace": {"a": [1, 1]}}),
+        make_run("c", search_attributes={"k": {"x": "1"}, "qé t": 3}),
+    )
+    assert await _list_ids(backend, attributes={"k.x": "1"}) == ["b", "a"]
+    assert await _list_ids(backend, attributes={"qé t": 2}) == ["b", "a"]
+    assert await _list_ids(backend, attributes={"k.x": "1", "sp ace": {"a": [1]}}) == ["a"]
+    assert await _list_ids(backend, attributes={"qé t": 2, "sp ace": {"a": [1, 1]}}) == ["b"]
+    assert await _list_ids(backend, attributes={"k": {"x": "1"}, "qé t": 2}) == []
+    assert await _list_ids(backend, attributes={"k": {"x": "1"}}) == ["c"]
+    async with backend.persistence.transaction() as tx:
+        counts = await tx.count_runs("status", RunFilter(attributes={"k.x": "1", "qé t": 2.0}))
+    assert counts == {"PENDING": 2}
+
+
 async def test_list_runs_paginates_with_limit_and_offset(backend: Any) -> None:
     """``limit``/``offset`` walk the newest-first list in pages without overlap or gaps."""
     await seed(backend, *(make_run(f"r{i}", created_at=at(i)) for i in range(7)))

@@ -320,6 +320,7 @@ async def test_set_attribute_before_a_crash_with_no_boundary_is_not_written() ->
     [
         ("", "x", "key", "key must be a non-empty string"),
         (7, "x", "key", "key must be a non-empty string"),
+        ('say "hi"', "x", "key", "without"),
         ("tags", ["a"], "value", "value must be a string, a finite number"),
         ("nested", {"a": 1}, "value", "value must be a string, a finite number"),
         ("ratio", float("nan"), "value", "value must be a string, a finite number"),

@@ -135,6 +135,15 @@ async def test_invalid_search_attributes_write_nothing() -> None:
     _nothing_written(te)
 
 
+async def test_search_attribute_keys_with_a_double_quote_are_refused() -> None:
+    """A key SQLite's JSON paths cannot address is refused at start (nothing written),
+    so no backend silently fails to match it later."""
+    te = TestEngine([WF])
+    with pytest.raises(TreadleValidationError, match="must not contain a double quote"):
+        await te.start("calc", {"n": 1}, search_attributes={'say "hi"': 1})
+    _nothing_written(te)
+
+
 async def test_unknown_workflow_writes_nothing() -> None:
     """Creating a run of an unregistered workflow raises WorkflowNotFoundError."""
     te = TestEngine([WF])
