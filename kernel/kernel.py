@@ -63,14 +63,14 @@ class KernelSettings:
     idempotency_reclaim_after: timedelta = timedelta(minutes=10)
     outbox_max_attempts: int = 3
     """Publication attempts before an event goes to the dead-letter queue."""
-    version_recheck_interval: timedelta = timedelta(seconds=60)
-    """How often the maintenance tick re-checks a code-workflow run blocked by a
-    ``VersionMismatchError`` (its pinned version not registered here); once a worker
-    with that version polls it, the run resumes by itself."""
     step_backoff_suspend_after: timedelta = timedelta(seconds=30)
     """A code-workflow step whose retry delay is longer than this suspends the run on a
     durable timer; a shorter delay re-queues the activation to start after it. Neither
     holds a worker."""
+    version_recheck_interval: timedelta = timedelta(seconds=60)
+    """How often the maintenance tick re-checks a code-workflow run blocked by a
+    ``VersionMismatchError`` (its pinned version not registered here); once a worker
+    with that version polls it, the run resumes by itself."""
 
 
 @dataclass

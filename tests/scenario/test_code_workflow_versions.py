@@ -320,3 +320,31 @@ def test_version_mismatch_error_is_a_workflow_error() -> None:
 
     assert issubclass(VersionMismatchError, WorkflowError)
     assert VersionMismatchError("x").code == "VersionMismatchError"
+
+
+async def test_the_recheck_interval_is_a_kernel_setting() -> None:
+    """``KernelSettings.version_recheck_interval`` sets when a blocked run is looked at
+    again; each re-check under the wrong version only moves that time on."""
+    from treadle.kernel import KernelSettings
+    from treadle.testing import TestEngine
+
+    RAN.clear()
+    te = TestEngine(
+        [napper_v1], settings=KernelSettings(version_recheck_interval=timedelta(seconds=5))
+    )
+    handle = await te.start("napper", {"n": 1})
+    await te.run_until_idle()
+    te.registry.unregister("napper")
+    te.registry.register(napper_v2)  # a deploy of v2 only, over the same storage
+    await te.advance_time(timedelta(hours=1))
+    blocked = await te.get_run(handle.run_id)
+    assert blocked.status is RunStatus.SUSPENDED
+    assert blocked.stages[0].next_poll_at == te.clock.now() + timedelta(seconds=5)
+    await te.advance_time(timedelta(seconds=5))
+    again = await te.get_run(handle.run_id)
+    assert again.stages[0].next_poll_at == te.clock.now() + timedelta(seconds=5)
+    assert sum(isinstance(e, ev.VersionMismatched) for e in te.events) == 1
+    te.registry.register(napper_v1)  # v1 and v2 side by side
+    await te.advance_time(timedelta(seconds=5))
+    assert await handle.result() == "v1:after"
+    assert RAN == ["v1:after"]
