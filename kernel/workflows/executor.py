@@ -264,6 +264,7 @@ async def _commit_blocked(
         else:
             run, stage = owned
             await deps.job_transport.complete(tx, s.job.id)
+            at: datetime | None
             if run.status.terminal:  # cancelled, compensations pending: it stays CANCELLED
                 at = await _defer_compensations(deps, tx, scope, s, run, stage, error, now)
             else:

@@ -348,3 +348,58 @@ async def test_the_recheck_interval_is_a_kernel_setting() -> None:
     await te.advance_time(timedelta(seconds=5))
     assert await handle.result() == "v1:after"
     assert RAN == ["v1:after"]
+
+
+UNDONE: list[str] = []
+
+
+def undo(what: str) -> None:
+    UNDONE.append(what)
+
+
+@workflow(id="trip", input=Order, output=str, version="1")
+async def trip_v1(ctx: WorkflowContext, order: Order) -> str:
+    saga = ctx.saga()
+    await ctx.step("book", record, "v1:book")
+    saga.add("unbook", undo, "v1:book")
+    await ctx.wait_for_signal("go")
+    return "v1"
+
+
+@workflow(id="trip", input=Order, output=str, version="2")
+async def trip_v2(ctx: WorkflowContext, order: Order) -> str:
+    saga = ctx.saga()
+    saga.add("other", undo, "v2:other")
+    return "v2"
+
+
+async def test_a_cancelled_run_compensates_only_under_its_pinned_version() -> None:
+    """Cancelling a v1 run with compensations on a deploy of only v2 leaves it CANCELLED
+    (never revived as SUSPENDED) with the mismatch noted in its error, runs no
+    compensation, and retries after the re-check interval: under v1 they run once."""
+    from treadle.testing import TestEngine
+
+    RAN.clear()
+    UNDONE.clear()
+    te = TestEngine([trip_v1])
+    handle = await te.start("trip", {"n": 1})
+    await te.run_until_idle()
+    te.registry.unregister("trip")
+    te.registry.register(trip_v2)
+    assert await te.cancel(handle.run_id, reason="changed plans")
+    await te.run_until_idle()
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.CANCELLED
+    assert run.error is not None
+    assert run.error.startswith("changed plans; VersionMismatchError: ")
+    assert UNDONE == []
+    await te.advance_time(timedelta(seconds=60))  # re-checked, still the wrong version
+    assert (await te.get_run(handle.run_id)).error == run.error
+    assert sum(isinstance(e, ev.VersionMismatched) for e in te.events) == 1
+    te.registry.register(trip_v1)
+    await te.advance_time(timedelta(seconds=60))
+    assert UNDONE == ["v1:book"]
+    done = await te.get_run(handle.run_id)
+    assert done.status is RunStatus.CANCELLED
+    assert done.error is not None
+    assert done.error.endswith("compensated unbook")
