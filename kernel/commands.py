@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from treadle.kernel.model import JsonValue, RunStatus
+from treadle.kernel.model import Job, JsonValue, RunStatus
 
 
 class CommandBase(BaseModel):
@@ -110,6 +110,10 @@ class JobExecute(CommandBase):
     type: Literal["job.execute"] = "job.execute"
     job_id: str = Field(min_length=1)
     worker_id: str = Field(min_length=1)
+    chain: bool = False
+    """When the result's commit enqueues the run's next group, lease its first job to
+    ``worker_id`` and commit that stage's start in the same transaction; the result
+    returns it as ``chained_job``, which the caller must execute (or release) next."""
 
 
 class JobExecuteResult(ResultBase):
@@ -121,6 +125,9 @@ class JobExecuteResult(ResultBase):
     next_poll_at: datetime | None = None
     ghost: bool = False
     retryable: bool = False
+    chained_job: Job | None = None
+    """With ``chain=True``: the next stage's job, leased to this worker and already
+    started (stage RUNNING, ``stage:started`` committed); execute it with ``job.execute``."""
 
 
 # -- stage.pollSuspended ----------------------------------------------------

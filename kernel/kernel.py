@@ -90,6 +90,9 @@ class Deps:
     logger: KernelLogger = field(default_factory=StdlibLogger)
     inflight: InFlight = field(default_factory=InFlight)
     """Cancellation tokens of the executions running in this process."""
+    chained: dict[str, Any] = field(default_factory=dict)
+    """Stages a ``job.execute`` with ``chain=True`` started in its result's commit,
+    by job id, for the ``job.execute`` of that job that follows (handlers/jobs.py)."""
 
     def workflow(self, workflow_id: str, version: str | None = None) -> WorkflowDefinition:
         """The definition for ``workflow_id``: ``version`` if the registry holds it (a run

@@ -18,7 +18,10 @@ from treadle.ports.persistence import Transaction
 
 class JobTransport(Protocol):
     async def enqueue(self, tx: Transaction, jobs: Sequence[Job]) -> None:
-        """Make ``jobs`` available from their ``next_poll_at``."""
+        """Make ``jobs`` available from their ``next_poll_at``. A job given as LEASED
+        (``worker_id``, ``attempts`` and ``heartbeat_at`` set) is stored leased to that
+        worker instead, as ``dequeue`` would have left it: the enqueuing worker runs it
+        itself, so no other worker is woken for it. Any other status is stored QUEUED."""
 
     async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
         """Lease up to ``limit`` QUEUED jobs due at ``now``: priority desc, then FIFO.

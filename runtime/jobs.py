@@ -8,6 +8,7 @@ idempotency key and the recovery after a failed execution live in one place.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from treadle.adapters.logging import structlog_logger
@@ -63,6 +64,7 @@ async def execute_job(
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     logger: Any = None,
     release_on_cancel: bool = True,
+    chain: Callable[[], bool] | None = None,
 ) -> c.JobExecuteResult | None:
     """Run ``job.execute`` for a job this worker leased, heartbeating meanwhile.
 
@@ -75,10 +77,48 @@ async def execute_job(
     Cancelling the call (a worker's drain deadline, a Lambda running out of time) hands
     the job back with ``release_job`` before the ``CancelledError`` propagates, so another
     worker can take it at once instead of after the stale-lease threshold.
+
+    ``chain``: while it returns true, each execution asks the kernel to lease the run's
+    next stage to this worker in its result's commit (``JobExecute.chain``), and the
+    chained job runs next in this same call, with no dequeue in between; the result
+    returned is still ``job``'s own. A chained job that is not run (``chain`` turned
+    false: the worker is stopping) is released at once.
     """
     if heartbeat_interval <= 0:
         raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval!r}")
-    log = (logger or structlog_logger("treadle.runtime")).bind(
+    base = logger or structlog_logger("treadle.runtime")
+    first: c.JobExecuteResult | None = None
+    current: Job | None = job
+    while current is not None:
+        result = await _execute_one(
+            kernel,
+            current,
+            worker_id,
+            heartbeat_interval,
+            base,
+            release_on_cancel=release_on_cancel,
+            chain=chain is not None and chain(),
+        )
+        first = result if current is job else first
+        current = result.chained_job if result is not None else None
+        if current is not None and not (chain is not None and chain()):
+            log = base.bind(job_id=current.id, worker_id=worker_id)
+            await _release_cancelled(kernel, current, worker_id, log, reason="chain stopped")
+            current = None
+    return first
+
+
+async def _execute_one(
+    kernel: Kernel,
+    job: Job,
+    worker_id: str,
+    heartbeat_interval: float,
+    logger: Any,
+    *,
+    release_on_cancel: bool,
+    chain: bool,
+) -> c.JobExecuteResult | None:
+    log = logger.bind(
         run_id=job.workflow_run_id,
         stage_id=job.stage_id,
         worker_id=worker_id,
@@ -90,7 +130,10 @@ async def execute_job(
     try:
         result = await kernel.dispatch(
             c.JobExecute(
-                job_id=job.id, worker_id=worker_id, idempotency_key=job_idempotency_key(job)
+                job_id=job.id,
+                worker_id=worker_id,
+                idempotency_key=job_idempotency_key(job),
+                chain=chain,
             )
         )
     except asyncio.CancelledError:
@@ -102,8 +145,14 @@ async def execute_job(
         log.error("job.execute_failed", error=describe_exception(exc), exc_info=True)
     finally:
         beat.cancel()
-        # ``wait`` (not ``await beat``) so our own cancellation still propagates.
-        await asyncio.wait([beat])
+        try:
+            # ``wait`` (not ``await beat``) so our own cancellation still propagates.
+            await asyncio.wait([beat])
+        except asyncio.CancelledError:
+            chained = result.chained_job if result is not None else None
+            if chained is not None and release_on_cancel:  # leased to us, never to run
+                await _release_cancelled(kernel, chained, worker_id, log)
+            raise
     if result is None:
         try:
             await kernel.dispatch(c.RunTransition(workflow_run_id=job.workflow_run_id))
@@ -114,12 +163,12 @@ async def execute_job(
     return result
 
 
-async def _release_cancelled(kernel: Kernel, job: Job, worker_id: str, log: Any) -> None:
+async def _release_cancelled(
+    kernel: Kernel, job: Job, worker_id: str, log: Any, *, reason: str = "execution cancelled"
+) -> None:
     """``release_job`` for an execution being cancelled: shielded, so a second cancel
     (an impatient caller) leaves the release running, and bounded by ``RELEASE_TIMEOUT``."""
-    release = asyncio.ensure_future(
-        release_job(kernel, job, worker_id=worker_id, reason="execution cancelled")
-    )
+    release = asyncio.ensure_future(release_job(kernel, job, worker_id=worker_id, reason=reason))
     try:
         released = await asyncio.wait_for(asyncio.shield(release), RELEASE_TIMEOUT)
     except asyncio.CancelledError:
@@ -145,6 +194,7 @@ async def release_job(
     expired lease, so the run's history shows the interrupted attempt.
     """
     deps = kernel.deps
+    deps.chained.pop(job.id, None)  # a chained start handed to us that will not run now
     now = deps.clock.now()
     message = f"released: worker {worker_id!r} stopped before the stage finished ({reason})"
     async with deps.persistence.transaction() as tx:

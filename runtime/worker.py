@@ -327,11 +327,17 @@ class Worker:
                 worker_id=self.worker_id,
                 heartbeat_interval=self.heartbeat_interval,
                 logger=self.log,
+                chain=self._may_chain,
             ),
             name=f"job:{job.id}",
         )
         self._in_flight.add(task)
         task.add_done_callback(self._job_done)
+
+    def _may_chain(self) -> bool:
+        """A finished stage's slot takes its run's next stage directly (leased in the
+        result's commit, no dequeue round trip) until the worker stops."""
+        return not self._stop_event.is_set()
 
     async def _release_unstarted(self, job: Job) -> None:
         try:

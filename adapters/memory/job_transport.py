@@ -87,7 +87,9 @@ class InMemoryJobTransport:
             if job.id in self.jobs:
                 raise DuplicateError(f"job {job.id!r} already exists")
             self._seq += 1
-            job = evolve(job, {"status": JobStatus.QUEUED, "sequence": self._seq})
+            # LEASED: a job its enqueuing worker takes itself (a chained stage); else QUEUED.
+            status = JobStatus.LEASED if job.status is JobStatus.LEASED else JobStatus.QUEUED
+            job = evolve(job, {"status": status, "sequence": self._seq})
             self._by_run.setdefault(job.workflow_run_id, set()).add(job.id)
             self._store(t, job)
 

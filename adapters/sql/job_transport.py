@@ -9,9 +9,11 @@ the connection). ``dequeue`` leases jobs in one short transaction of its own:
   concurrent workers never block on, or lease, the same job;
 * SQLite: the same statement under ``BEGIN IMMEDIATE`` (one writer at a time).
 
-After an enqueue on PostgreSQL the transaction also sends ``NOTIFY
-treadle_jobs``; PostgreSQL delivers it only on commit, so a listening worker
-wakes exactly when the job becomes visible.
+After an enqueue of QUEUED jobs on PostgreSQL the transaction also sends ``NOTIFY
+treadle_jobs`` (once per transaction, see ``SqlTransaction.notify``); PostgreSQL
+delivers it only on commit, so a listening worker wakes exactly when the job
+becomes visible. A job enqueued already LEASED (the committing worker chains into
+the run's next stage) sends none: nobody else could take it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ def _tx(tx: Transaction) -> SqlTransaction:
             f"SqlJobTransport needs a transaction from SqlPersistence, got {type(tx).__name__}"
         )
     return tx
+
+
+def _enqueued_status(job: Job) -> str:
+    """LEASED for a job its enqueuing worker takes itself (see the port), else QUEUED."""
+    return (JobStatus.LEASED if job.status is JobStatus.LEASED else JobStatus.QUEUED).value
 
 
 def _job_from_row(row: sa.Row[Any]) -> Job:
@@ -123,7 +130,7 @@ class SqlJobTransport:
                 "run_id": job.workflow_run_id,
                 "workflow_id": job.workflow_id,
                 "stage_id": job.stage_id,
-                "status": JobStatus.QUEUED.value,
+                "status": _enqueued_status(job),
                 "priority": job.priority,
                 "attempts": job.attempts,
                 "max_attempts": job.max_attempts,
@@ -149,8 +156,8 @@ class SqlJobTransport:
             existing = {row.id for row in taken}
             dup = next((i for i in ids if i in existing), ids[0])
             raise DuplicateError(f"job {dup!r} already exists")
-        if sql.is_postgres:
-            await sql.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}, 'jobs'"), "notify")
+        if any(row["status"] == JobStatus.QUEUED.value for row in rows):
+            await sql.notify("jobs")  # none for a job its enqueuing worker took itself
 
     async def get(self, tx: Transaction, job_id: str) -> Job | None:
         row = (await _tx(tx).execute(_GET_JOB, "get job", {"job_id": job_id})).first()

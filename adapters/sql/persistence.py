@@ -176,6 +176,7 @@ _UPDATE_STAGE = sa.update(t.stages).where(
     t.stages.c.version == sa.bindparam("w_version"),
 )
 _INSERT_OUTBOX = sa.insert(t.outbox)
+_NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
 _GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
     t.idempotency_keys.c.key == sa.bindparam("key"),
     t.idempotency_keys.c.command_type == sa.bindparam("command_type"),
@@ -198,6 +199,7 @@ class SqlTransaction:
         self.created_blobs: list[str] = []
         """Blob keys this transaction wrote to an external store (deleted on rollback)."""
         self._offloaded: dict[int, tuple[Any, Any]] = {}
+        self._notified: set[str] = set()
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -218,6 +220,15 @@ class SqlTransaction:
             return await self.connection.execute(statement, parameters)
         except sa_exc.SQLAlchemyError as exc:
             raise translate(exc, what) from exc
+
+    async def notify(self, payload: str) -> None:
+        """``NOTIFY treadle_jobs, payload`` on PostgreSQL (delivered on commit), at most
+        once per payload and transaction: PostgreSQL would fold duplicates anyway, but
+        each statement is a round trip. A no-op on SQLite, whose workers poll."""
+        if not self.is_postgres or payload in self._notified:
+            return
+        self._notified.add(payload)
+        await self.execute(_NOTIFY[payload], "notify")
 
     def prepared(self, name: str, build: Callable[[SqlTransaction], Any]) -> Any:
         """The statement ``build(self)`` makes, built once per dialect and reused.
@@ -341,9 +352,7 @@ class SqlTransaction:
         )
         result = await self.execute(stmt, "insert run")
         if result.rowcount == 1:
-            if self.is_postgres:
-                # Wake listening workers on commit: a PENDING run is claimable work.
-                await self.execute(sa.text(f"NOTIFY {NOTIFY_CHANNEL}, 'run'"), "notify")
+            await self.notify("run")  # on commit: a PENDING run is claimable work
             return
         exists = await self.execute(sa.select(t.runs.c.id).where(t.runs.c.id == run.id))
         if exists.first() is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -16,7 +16,16 @@ from treadle.kernel.events import (
     WorkflowFailed,
     WorkflowSuspended,
 )
-from treadle.kernel.model import Job, JsonValue, Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.model import (
+    Job,
+    JobStatus,
+    JsonValue,
+    Run,
+    RunStatus,
+    StageRun,
+    StageStatus,
+    evolve,
+)
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps
@@ -35,23 +44,40 @@ def outputs_of(stages: Sequence[StageRun]) -> dict[str, JsonValue]:
 
 
 def new_jobs(
-    deps: Deps, run: Run, wf: WorkflowDefinition, stage_ids: Sequence[str], now: datetime
+    deps: Deps,
+    run: Run,
+    wf: WorkflowDefinition,
+    stage_ids: Sequence[str],
+    now: datetime,
+    *,
+    lease_to: str | None = None,
 ) -> list[Job]:
-    jobs = []
+    """One QUEUED job per stage; with ``lease_to``, the first is created already leased
+    to that worker (its first attempt counted), as ``dequeue`` would have leased it."""
+    jobs: list[Job] = []
     for stage_id in stage_ids:
         stage = wf.stages[stage_id]
-        jobs.append(
-            Job(
-                id=deps.ids.new_id(),
-                workflow_run_id=run.id,
-                workflow_id=run.workflow_id,
-                stage_id=stage_id,
-                priority=run.priority,
-                max_attempts=stage.retry.max_attempts,
-                next_poll_at=now,
-                enqueued_at=now,
-            )
+        job = Job(
+            id=deps.ids.new_id(),
+            workflow_run_id=run.id,
+            workflow_id=run.workflow_id,
+            stage_id=stage_id,
+            priority=run.priority,
+            max_attempts=stage.retry.max_attempts,
+            next_poll_at=now,
+            enqueued_at=now,
         )
+        if lease_to is not None and not jobs:
+            job = evolve(
+                job,
+                {
+                    "status": JobStatus.LEASED,
+                    "attempts": 1,
+                    "worker_id": lease_to,
+                    "heartbeat_at": now,
+                },
+            )
+        jobs.append(job)
     return jobs
 
 
@@ -62,12 +88,14 @@ async def enqueue_stages(
     wf: WorkflowDefinition,
     stages: Sequence[StageRun],
     now: datetime,
-) -> list[str]:
+    *,
+    lease_to: str | None = None,
+) -> list[Job]:
     """Create one job per stage in the same transaction as the caller's state change.
-    (The stage learns its job id when the job starts executing.) Returns the job ids."""
-    jobs = new_jobs(deps, run, wf, [s.stage_id for s in stages], now)
+    (The stage learns its job id when the job starts executing.) Returns the jobs."""
+    jobs = new_jobs(deps, run, wf, [s.stage_id for s in stages], now, lease_to=lease_to)
     await deps.job_transport.enqueue(tx, jobs)
-    return [j.id for j in jobs]
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -75,6 +103,8 @@ class Decision:
     action: Literal["advanced", "completed", "failed", "noop", "suspend"]
     next_group: int | None = None
     failed_stage: StageRun | None = None
+    leased: Job | None = None
+    """``advanced`` with ``lease_to``: the next group's job created leased to that worker."""
 
 
 def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Decision:
@@ -104,11 +134,17 @@ async def apply_transition(
     wf: WorkflowDefinition,
     now: datetime,
     causation_id: str | None,
+    *,
+    lease_to: str | None = None,
+    prior_events: Sequence[EventBase] = (),
 ) -> tuple[Decision, Run]:
     """Carry out ``decide`` inside ``tx``: enqueue the next group, complete, fail, or
-    mark the run suspended. Returns the decision and the updated run."""
+    mark the run suspended. Returns the decision and the updated run. ``lease_to``:
+    the next group's first job is leased to that worker (``Decision.leased``).
+    ``prior_events`` (the caller's, not yet appended) go first, in the same append as
+    the transition's own events: one sequence allocation and one insert, not two."""
     decision = decide(wf, run, stages)
-    events: list[EventBase] = []
+    events: list[EventBase] = list(prior_events)
     if decision.action == "advanced":
         assert decision.next_group is not None
         group = [s for s in stages if s.execution_group == decision.next_group]
@@ -122,7 +158,9 @@ async def apply_transition(
                 },
             )
         )
-        await enqueue_stages(deps, tx, run, wf, group, now)
+        jobs = await enqueue_stages(deps, tx, run, wf, group, now, lease_to=lease_to)
+        if lease_to is not None and jobs:
+            decision = replace(decision, leased=jobs[0])
     elif decision.action == "completed":
         output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))
         run = await tx.update_run(
@@ -149,6 +187,9 @@ async def apply_transition(
         failed = decision.failed_stage
         assert failed is not None
         error = f"stage {failed.stage_id!r} {failed.status.value.lower()}: {failed.error or ''}"
+        if events:  # fail_run appends its own events after the caller's
+            await tx.append_events(events)
+            events = []
         run = await fail_run(
             deps, tx, run, stages, error.rstrip(": "), now, causation_id, stage_id=failed.stage_id
         )

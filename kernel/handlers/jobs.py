@@ -41,6 +41,7 @@ from treadle.kernel.events import (
 )
 from treadle.kernel.handlers.common import (
     apply_transition,
+    decide,
     fail_stage_for_good,
     load_run,
     outputs_of,
@@ -161,14 +162,21 @@ class _Runtime:
         return await self._deps.blob_store.list(prefix)
 
 
+MAX_CHAINED = 1024
+"""Hand-offs kept at most (a caller that never executes its chained jobs leaks none:
+the oldest are dropped, and their execution falls back to reading the started stage)."""
+
+
 async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteResult:
-    try:
-        started_or_result = await _phase_start(deps, cmd, scope)
-    except JobNotFoundError:
-        raise
-    except Exception as exc:
-        await _release_after_error(deps, cmd, exc)
-        raise
+    started_or_result: _Started | c.JobExecuteResult | None = _take_chained(deps, cmd)
+    if started_or_result is None:
+        try:
+            started_or_result = await _phase_start(deps, cmd, scope)
+        except JobNotFoundError:
+            raise
+        except Exception as exc:
+            await _release_after_error(deps, cmd, exc)
+            raise
     if isinstance(started_or_result, c.JobExecuteResult):
         return started_or_result
     started = started_or_result
@@ -210,6 +218,29 @@ def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecut
         log.warning("stage.failed", error=result.error, will_retry=result.retryable)
     else:
         log.info(f"stage.{result.outcome}")
+
+
+def _take_chained(deps: Deps, cmd: c.JobExecute) -> _Started | None:
+    """The stage a chained commit already started for this job and worker, if this
+    kernel holds it: phase 1 committed with the previous stage's result, so there is
+    nothing to read or write before the body runs. Phase 3 re-checks ownership as
+    always, so a run cancelled (or a lease reaped) since then yields a ghost."""
+    started: _Started | None = deps.chained.pop(cmd.job_id, None)
+    if started is None or started.job.worker_id != cmd.worker_id:
+        return None
+    return started
+
+
+def _keep_chained(deps: Deps, started: _Started) -> None:
+    while len(deps.chained) >= MAX_CHAINED:
+        deps.chained.pop(next(iter(deps.chained)))
+    deps.chained[started.job.id] = started
+
+
+def _started_by_chain(job: Job, stage: StageRun) -> bool:
+    """Phase 1 of this very lease already committed with the previous stage's result
+    (``chain=True``), but this kernel holds no hand-off (another process, or dropped)."""
+    return stage.status is StageStatus.RUNNING and stage.job_id == job.id
 
 
 async def _phase_start(
@@ -261,36 +292,41 @@ async def _phase_start(
             raise StageNotFoundError(
                 f"workflow {wf.id!r} version {wf.version} has no stage {stage.stage_id!r}"
             )
-        stage = await tx.update_stage(
-            evolve(
-                stage,
-                {
-                    "status": StageStatus.RUNNING,
-                    "attempt": stage.attempt + 1,
-                    "started_at": stage.started_at or now,
-                    "error": None,
-                    "retryable": None,
-                    "job_id": job.id,
-                },
-            )
-        )
-        events: list[EventBase] = [
-            StageStarted(
-                workflow_run_id=run.id,
-                timestamp=now,
-                causation_id=scope.causation_id,
-                stage_id=stage.stage_id,
-                attempt=stage.attempt,
-                worker_id=cmd.worker_id,
-            )
-        ]
-        if run.status is RunStatus.SUSPENDED:
-            run = await tx.update_run(
-                evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
-            )
-        await tx.append_events(events)
+        if not _started_by_chain(job, stage):
+            stage = await tx.update_stage(_running(stage, job, now))
+            if run.status is RunStatus.SUSPENDED:
+                run = await tx.update_run(
+                    evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
+                )
+            await tx.append_events([_started_event(stage, cmd.worker_id, now, scope)])
         stages = await tx.get_stages(run.id)
     return _Started(job, run, stage, wf, definition, stages)
+
+
+def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
+    """The stage as phase 1 commits it: RUNNING, its attempt counted, tied to ``job``."""
+    return evolve(
+        stage,
+        {
+            "status": StageStatus.RUNNING,
+            "attempt": stage.attempt + 1,
+            "started_at": stage.started_at or now,
+            "error": None,
+            "retryable": None,
+            "job_id": job.id,
+        },
+    )
+
+
+def _started_event(stage: StageRun, worker_id: str, now: datetime, scope: Scope) -> StageStarted:
+    return StageStarted(
+        workflow_run_id=stage.workflow_run_id,
+        timestamp=now,
+        causation_id=scope.causation_id,
+        stage_id=stage.stage_id,
+        attempt=stage.attempt,
+        worker_id=worker_id,
+    )
 
 
 def _build_context(
@@ -404,6 +440,7 @@ async def _phase_commit(
 ) -> c.JobExecuteResult:
     now = deps.clock.now()
     run_id, stage_id = s.run.id, s.stage.stage_id
+    chained: _Started | None = None
     async with deps.persistence.transaction() as tx:
         job = await deps.job_transport.get(tx, s.job.id)
         run = await tx.get_run(run_id, for_update=True)
@@ -420,21 +457,69 @@ async def _phase_commit(
             return result
         assert stage is not None
         assert run is not None
+        pending: list[EventBase] = []  # appended together with the transition's events
         if outcome.kind == "completed":
-            result = await _commit_completed(deps, tx, scope, s, stage, outcome.output, now)
+            result = await _commit_completed(
+                deps, tx, scope, s, stage, outcome.output, now, pending
+            )
         elif outcome.kind == "suspended":
             assert outcome.suspend is not None
             result = await _commit_suspended(deps, tx, scope, s, stage, outcome.suspend, now)
         else:
             assert outcome.error is not None
             result = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
+        if pending and (ctx.logs or ctx.annotations):  # their events follow the outcome's
+            await tx.append_events(pending)
+            pending = []
         await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
         if ctx.annotations:  # annotations merged search attributes: the run has moved on
             run = await load_run(tx, run_id)
         stages = await tx.get_stages(run_id)
-        await apply_transition(deps, tx, run, stages, s.wf, now, scope.causation_id)
+        chain = cmd.chain and decide(s.wf, run, stages).action == "advanced"
+        decision, run = await apply_transition(
+            deps,
+            tx,
+            run,
+            stages,
+            s.wf,
+            now,
+            scope.causation_id,
+            lease_to=cmd.worker_id if chain else None,
+            prior_events=() if chain else pending,
+        )
+        if decision.leased is not None:
+            chained = await _start_chained(
+                deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
+            )
+            result = result.model_copy(update={"chained_job": decision.leased})
         await scope.complete(tx, result)
+    if chained is not None:  # only once its start has committed
+        _keep_chained(deps, chained)
     return result
+
+
+async def _start_chained(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    wf: WorkflowDefinition,
+    run: Run,
+    stages: list[StageRun],
+    job: Job,
+    now: datetime,
+    pending: list[EventBase],
+) -> _Started:
+    """Phase 1 of the next stage, in the transaction that enqueued its job leased to this
+    worker: what ``_phase_start`` would commit after a dequeue, without either round trip.
+    Its ``stage:started`` is appended in one go after the finished stage's ``pending``."""
+    assert job.worker_id is not None
+    index = next(i for i, st in enumerate(stages) if st.stage_id == job.stage_id)
+    definition = wf.stage(job.stage_id)
+    assert definition is not None  # the transition enqueued a stage of this workflow
+    stage = await tx.update_stage(_running(stages[index], job, now))
+    await tx.append_events([*pending, _started_event(stage, job.worker_id, now, scope)])
+    stages = [*stages[:index], stage, *stages[index + 1 :]]
+    return _Started(job, run, stage, wf, definition, stages)
 
 
 async def _commit_completed(
@@ -445,7 +530,10 @@ async def _commit_completed(
     stage: StageRun,
     output: JsonValue,
     now: datetime,
+    pending: list[EventBase],
 ) -> c.JobExecuteResult:
+    """The stage COMPLETED and its job done; ``stage:completed`` goes to ``pending``, for
+    the caller to append with whatever the transition adds."""
     await tx.update_stage(
         evolve(
             stage,
@@ -459,18 +547,16 @@ async def _commit_completed(
         )
     )
     await deps.job_transport.complete(tx, s.job.id)
-    await tx.append_events(
-        [
-            StageCompleted(
-                workflow_run_id=stage.workflow_run_id,
-                timestamp=now,
-                causation_id=scope.causation_id,
-                stage_id=stage.stage_id,
-                attempt=stage.attempt,
-                output=output,
-                duration=now - stage.started_at if stage.started_at else None,
-            )
-        ]
+    pending.append(
+        StageCompleted(
+            workflow_run_id=stage.workflow_run_id,
+            timestamp=now,
+            causation_id=scope.causation_id,
+            stage_id=stage.stage_id,
+            attempt=stage.attempt,
+            output=output,
+            duration=now - stage.started_at if stage.started_at else None,
+        )
     )
     return c.JobExecuteResult(
         outcome="completed",

@@ -178,7 +178,7 @@ async def claim_pending(
             )
             await arm_execution_timeout(tx, run, wf, now)
             group0 = [s for s in await tx.get_stages(run.id) if s.execution_group == 0]
-            job_ids = await enqueue_stages(deps, tx, run, wf, group0, now)
+            job_ids = [j.id for j in await enqueue_stages(deps, tx, run, wf, group0, now)]
             await tx.append_events(
                 [
                     WorkflowStarted(
