@@ -187,11 +187,16 @@ async def burst(
     engine = await Engine.open(url, workflows=[pipeline])
     DONE.update(count=0, target=runs, event=asyncio.Event())
     own_commits = [0]
+    statements = [0]
     assert engine.backend is not None
+    sync_engine = engine.backend.persistence.engine.sync_engine  # type: ignore[attr-defined]
     sa.event.listen(
-        engine.backend.persistence.engine.sync_engine,  # type: ignore[attr-defined]
-        "commit",
-        lambda conn: own_commits.__setitem__(0, own_commits[0] + 1),
+        sync_engine, "commit", lambda conn: own_commits.__setitem__(0, own_commits[0] + 1)
+    )
+    sa.event.listen(
+        sync_engine,
+        "before_cursor_execute",
+        lambda *args: statements.__setitem__(0, statements[0] + 1),
     )
     try:
         before = xact_commit(url) if pg else 0
@@ -199,10 +204,11 @@ async def burst(
             concurrency=concurrency, orchestration_interval=1.0, job_poll_interval=0.05
         )
         async with profiled(profile, top):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             async with worker:
                 await _wait_for_all(worker)
                 elapsed = time.perf_counter() - started
+                cpu = time.process_time() - cpu_started
     finally:
         await engine.close()  # flushes the worker's statistics too
     DONE["target"] = -1
@@ -222,6 +228,8 @@ async def burst(
         "p99": pct(latencies, 0.99),
         "commits": float(commits),
         "worker_commits": float(own_commits[0]),
+        "statements": float(statements[0]),
+        "cpu": cpu,
     }
 
 
@@ -296,6 +304,14 @@ async def run_backend(name: str, url: str, args: argparse.Namespace) -> None:
     print(
         f"   worker transactions / stage: {b['worker_commits'] / stages:8.2f} "
         "(COMMITs the worker's engine issued)"
+    )
+    print(
+        f"   worker CPU / stage:          {b['cpu'] / stages * 1000:8.2f} ms "
+        "(user + system time of this process over the drain; less noisy than wall time)"
+    )
+    print(
+        f"   worker statements / stage:   {b['statements'] / stages:8.2f} "
+        "(round trips besides BEGIN/COMMIT; an executemany counts once)"
     )
     if pg:
         print(f"   xact_commit delta over drain: {b['commits']:7.0f}")
