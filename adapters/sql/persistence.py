@@ -1184,7 +1184,11 @@ class SqlPersistence:
             return
         gate = self._sqlite_write_gate()
         try:
-            await asyncio.wait_for(gate.acquire(), DEFAULT_BUSY_TIMEOUT_MS / 1000)
+            # ``asyncio.timeout``, not ``wait_for``: Python 3.11's ``wait_for`` loses a
+            # cancellation that arrives as the lock is granted, so a cancelled heartbeat
+            # kept running and its job's ``execute_job`` never returned.
+            async with asyncio.timeout(DEFAULT_BUSY_TIMEOUT_MS / 1000):
+                await gate.acquire()
         except TimeoutError as exc:
             raise TransientStorageError(
                 "database is locked: another write transaction of this process held it for "

@@ -225,9 +225,10 @@ def _take_chained(deps: Deps, cmd: c.JobExecute) -> _Started | None:
     kernel holds it: phase 1 committed with the previous stage's result, so there is
     nothing to read or write before the body runs. Phase 3 re-checks ownership as
     always, so a run cancelled (or a lease reaped) since then yields a ghost."""
-    started: _Started | None = deps.chained.pop(cmd.job_id, None)
+    started: _Started | None = deps.chained.get(cmd.job_id)
     if started is None or started.job.worker_id != cmd.worker_id:
-        return None
+        return None  # another worker's call: phase 1 refuses it as usual
+    del deps.chained[cmd.job_id]
     return started
 
 

@@ -82,6 +82,32 @@ async def test_enqueue_joins_the_callers_transaction(backend: Any) -> None:
         assert await backend.job_transport.cancel_by_run(tx, "r1") == 0
 
 
+async def test_a_job_enqueued_leased_stays_with_its_worker(backend: Any) -> None:
+    """A job enqueued LEASED (a worker chaining into the next stage takes it itself) is
+    held by that worker as if dequeued: nobody else can lease it, its holder extends the
+    lease, and it goes stale when the heartbeats stop. Any other status enqueues QUEUED."""
+    leased = make_job("j1", status=JobStatus.LEASED, worker_id="w1", attempts=1, heartbeat_at=T0)
+    await enqueue(backend, leased, make_job("j2", status=JobStatus.COMPLETED))
+    got = await get(backend, "j1")
+    assert got is not None
+    assert (got.status, got.worker_id, got.attempts, got.heartbeat_at) == (
+        JobStatus.LEASED,
+        "w1",
+        1,
+        T0,
+    )
+    other = await get(backend, "j2")
+    assert other is not None
+    assert other.status is JobStatus.QUEUED
+    assert await dequeue_ids(backend, at(60), worker="w2") == ["j2"]
+    assert not await backend.job_transport.extend_lease("j1", "w2", at(10))
+    assert await backend.job_transport.extend_lease("j1", "w1", at(10))
+    async with backend.persistence.transaction() as tx:
+        assert await backend.job_transport.stale_leases(tx, at(10)) == []
+        stale = await backend.job_transport.stale_leases(tx, at(70))
+    assert [j.id for j in stale] == ["j1", "j2"]  # by last heartbeat: at(10), at(60)
+
+
 async def test_duplicate_job_id_raises_duplicate_error(backend: Any) -> None:
     """A job id is unique, also within one enqueue call."""
     await enqueue(backend, make_job("j1"))

@@ -159,3 +159,58 @@ async def test_notifications_from_the_listeners_own_pool_are_dropped(postgres_ur
     finally:
         await other.close()
         await engine.close()
+
+
+async def test_one_notify_per_transaction_and_none_for_a_job_taken_by_its_enqueuer(
+    postgres_url: str,
+) -> None:
+    """Two enqueues in one transaction send one ``NOTIFY`` (one round trip, one
+    notification); enqueuing only a job leased to the enqueuing worker sends none."""
+    from datetime import UTC, datetime
+
+    import sqlalchemy as sa
+
+    from treadle.adapters.sql import SqlJobTransport, SqlPersistence
+    from treadle.kernel.model import Job, JobStatus
+
+    persistence = await SqlPersistence.open(postgres_url, migrate=True)
+    transport = SqlJobTransport(persistence)
+    notifies: list[str] = []
+    sa.event.listen(
+        persistence.engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *rest: (
+            notifies.append(statement) if statement.startswith("NOTIFY") else None
+        ),
+    )
+    now = datetime.now(UTC)
+
+    def job(job_id: str, **fields: Any) -> Job:
+        return Job(
+            id=job_id,
+            workflow_run_id="r1",
+            workflow_id="wf",
+            stage_id=job_id,
+            next_poll_at=now,
+            enqueued_at=now,
+            **fields,
+        )
+
+    listening = await psycopg.AsyncConnection.connect(_libpq(postgres_url), autocommit=True)
+    try:
+        await listening.execute("LISTEN treadle_jobs")
+        async with persistence.transaction() as tx:
+            await transport.enqueue(tx, [job("a")])
+            await transport.enqueue(tx, [job("b")])
+        assert len(notifies) == 1
+        received = [n.payload async for n in listening.notifies(timeout=2.0)]
+        assert received == ["jobs"]
+        notifies.clear()
+        async with persistence.transaction() as tx:
+            leased = job("c", status=JobStatus.LEASED, worker_id="w1", attempts=1, heartbeat_at=now)
+            await transport.enqueue(tx, [leased])
+        assert notifies == []
+        assert [n async for n in listening.notifies(timeout=0.5)] == []
+    finally:
+        await listening.close()
+        await persistence.close()

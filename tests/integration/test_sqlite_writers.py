@@ -42,3 +42,27 @@ async def test_concurrent_writers_in_one_process_all_commit(sqlite_url: str) -> 
     finally:
         await persistence.close()
     assert most == 1
+
+
+async def test_a_writer_cancelled_while_queued_for_the_write_gate_stops(sqlite_url: str) -> None:
+    """A write transaction cancelled while it waits for the in-process write gate stops,
+    even when the cancellation arrives as the gate is granted (Python 3.11's ``wait_for``
+    swallowed it there, and a cancelled job heartbeat ran on forever)."""
+    persistence = await SqlPersistence.open(sqlite_url, migrate=True)
+
+    async def writer() -> None:
+        while True:
+            async with persistence.connect():
+                await asyncio.sleep(0)
+
+    try:
+        for attempt in range(150):
+            tasks = [asyncio.create_task(writer()) for _ in range(3)]
+            for _ in range(attempt % 9):  # cancel at every phase of the hand-over
+                await asyncio.sleep(0)
+            for task in tasks:
+                task.cancel()
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            assert not pending, "a cancelled writer kept running"
+    finally:
+        await persistence.close()
