@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel import commands as c
+from treadle.kernel.chains import Chains
 from treadle.kernel.context import InFlight
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import (
@@ -90,9 +91,8 @@ class Deps:
     logger: KernelLogger = field(default_factory=StdlibLogger)
     inflight: InFlight = field(default_factory=InFlight)
     """Cancellation tokens of the executions running in this process."""
-    chained: dict[str, Any] = field(default_factory=dict)
-    """Stages a ``job.execute`` with ``chain=True`` started in its result's commit,
-    by job id, for the ``job.execute`` of that job that follows (handlers/jobs.py)."""
+    chains: Chains = field(default_factory=Chains)
+    """Stages chained ``job.execute`` commits started, for the execution that follows."""
 
     def workflow(self, workflow_id: str, version: str | None = None) -> WorkflowDefinition:
         """The definition for ``workflow_id``: ``version`` if the registry holds it (a run

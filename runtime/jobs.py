@@ -194,7 +194,7 @@ async def release_job(
     expired lease, so the run's history shows the interrupted attempt.
     """
     deps = kernel.deps
-    deps.chained.pop(job.id, None)  # a chained start handed to us that will not run now
+    deps.chains.forget(job.id)  # a chained start handed to us that will not run now
     now = deps.clock.now()
     message = f"released: worker {worker_id!r} stopped before the stage finished ({reason})"
     async with deps.persistence.transaction() as tx:

@@ -172,6 +172,8 @@ class Worker:
         deadline = time.monotonic() + max(drain_timeout, 0.0)
         if self._stopping is None:
             self._stop_event.set()
+            # Stages finishing from now on chain nothing: a stopping worker starts no new work.
+            self.kernel.deps.chains.stop(self.worker_id)
             if self._unsubscribe_wake is not None:
                 self._unsubscribe_wake()
                 self._unsubscribe_wake = None

@@ -162,11 +162,6 @@ class _Runtime:
         return await self._deps.blob_store.list(prefix)
 
 
-MAX_CHAINED = 1024
-"""Hand-offs kept at most (a caller that never executes its chained jobs leaks none:
-the oldest are dropped, and their execution falls back to reading the started stage)."""
-
-
 async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteResult:
     started_or_result: _Started | c.JobExecuteResult | None = _take_chained(deps, cmd)
     if started_or_result is None:
@@ -225,17 +220,8 @@ def _take_chained(deps: Deps, cmd: c.JobExecute) -> _Started | None:
     kernel holds it: phase 1 committed with the previous stage's result, so there is
     nothing to read or write before the body runs. Phase 3 re-checks ownership as
     always, so a run cancelled (or a lease reaped) since then yields a ghost."""
-    started: _Started | None = deps.chained.get(cmd.job_id)
-    if started is None or started.job.worker_id != cmd.worker_id:
-        return None  # another worker's call: phase 1 refuses it as usual
-    del deps.chained[cmd.job_id]
-    return started
-
-
-def _keep_chained(deps: Deps, started: _Started) -> None:
-    while len(deps.chained) >= MAX_CHAINED:
-        deps.chained.pop(next(iter(deps.chained)))
-    deps.chained[started.job.id] = started
+    started: _Started | None = deps.chains.take(cmd.job_id, cmd.worker_id)
+    return started  # None for another worker's call: phase 1 refuses it as usual
 
 
 def _started_by_chain(job: Job, stage: StageRun) -> bool:
@@ -476,7 +462,11 @@ async def _phase_commit(
         if ctx.annotations:  # annotations merged search attributes: the run has moved on
             run = await load_run(tx, run_id)
         stages = await tx.get_stages(run_id)
-        chain = cmd.chain and decide(s.wf, run, stages).action == "advanced"
+        chain = (
+            cmd.chain
+            and deps.chains.allows(cmd.worker_id)
+            and decide(s.wf, run, stages).action == "advanced"
+        )
         decision, run = await apply_transition(
             deps,
             tx,
@@ -495,7 +485,7 @@ async def _phase_commit(
             result = result.model_copy(update={"chained_job": decision.leased})
         await scope.complete(tx, result)
     if chained is not None:  # only once its start has committed
-        _keep_chained(deps, chained)
+        deps.chains.keep(chained.job.id, cmd.worker_id, chained)
     return result
 
 

@@ -266,7 +266,7 @@ async def test_a_crash_after_the_chained_commit_leaves_the_job_to_the_reaper(
     run_id, job = await _first_job(engine)
     chained = (await _execute(engine, job)).chained_job
     assert chained is not None
-    engine.kernel.deps.chained.clear()  # the process that held the hand-off is gone
+    engine.kernel.deps.chains.clear()  # the process that held the hand-off is gone
     clock.advance(30)
     reaped = await engine.kernel.dispatch(c.LeaseReapStale(stale_threshold=60))
     assert reaped.released == 0  # heartbeat_at was set by the chained commit
@@ -318,7 +318,7 @@ async def test_a_chained_job_runs_without_its_hand_off(engine: Engine) -> None:
     run_id, job = await _first_job(engine)
     chained = (await _execute(engine, job)).chained_job
     assert chained is not None
-    engine.kernel.deps.chained.clear()
+    engine.kernel.deps.chains.clear()
     result = await _execute(engine, chained)
     assert result.outcome == "completed"
     assert not result.ghost
@@ -336,7 +336,7 @@ async def test_a_replayed_chained_execution_commits_nothing_twice(engine: Engine
     assert chained is not None
     foreign = await _execute(engine, chained, worker="w2", keyed=False)
     assert foreign.ghost  # not leased by w2: refused before its body runs
-    assert chained.id in engine.kernel.deps.chained  # and w1's hand-off is still there
+    assert chained.id in engine.kernel.deps.chains  # and w1's hand-off is still there
     first = await _execute(engine, chained)
     replay = await _execute(engine, chained)
     assert replay == first
@@ -382,10 +382,25 @@ async def test_execute_job_releases_a_chained_job_it_will_not_run(engine: Engine
     )
     assert result is not None
     assert result.chained_job is not None
-    assert engine.kernel.deps.chained == {}
+    assert len(engine.kernel.deps.chains) == 0
     stored = await _job(engine, result.chained_job.id)
     assert (stored.status, stored.worker_id) == (JobStatus.QUEUED, None)
     assert (await _stages(engine, run_id))["b"].status is StageStatus.PENDING
     (again,) = await _dequeue(engine)
     assert again.id == result.chained_job.id
     assert CALLS == ["a"]
+
+
+async def test_a_worker_that_stopped_chaining_leaves_the_next_stage_queued(
+    engine: Engine,
+) -> None:
+    """After ``chains.stop(worker)`` (the Worker calls it when it starts stopping) that
+    worker's commits chain nothing: the next stage is queued for another worker."""
+    run_id, job = await _first_job(engine)
+    engine.kernel.deps.chains.stop("w1")
+    result = await _execute(engine, job)
+    assert result.outcome == "completed"
+    assert result.chained_job is None
+    (queued,) = await _dequeue(engine)
+    assert queued.stage_id == "b"
+    assert (await _stages(engine, run_id))["b"].status is StageStatus.PENDING
