@@ -252,7 +252,10 @@ async def _phase_start(
             await scope.complete(tx, result)
             return result
         run = await tx.get_run(job.workflow_run_id, for_update=True)
-        stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
+        # All of the run's stages in one read (the context needs them), ours among them.
+        stages = await tx.get_stages(job.workflow_run_id) if run is not None else []
+        index = next((i for i, st in enumerate(stages) if st.stage_id == job.stage_id), -1)
+        stage = stages[index] if index >= 0 else None
         if (
             run is None
             or stage is None
@@ -286,7 +289,7 @@ async def _phase_start(
                     evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
                 )
             await tx.append_events([_started_event(stage, cmd.worker_id, now, scope)])
-        stages = await tx.get_stages(run.id)
+            stages = [*stages[:index], stage, *stages[index + 1 :]]
     return _Started(job, run, stage, wf, definition, stages)
 
 
@@ -431,7 +434,11 @@ async def _phase_commit(
     async with deps.persistence.transaction() as tx:
         job = await deps.job_transport.get(tx, s.job.id)
         run = await tx.get_run(run_id, for_update=True)
-        stage = await tx.get_stage(run_id, stage_id)
+        # One read of all stages, under the run's lock: ours for the ownership check, the
+        # rest for the transition (only this transaction changes ours from here on).
+        stages = await tx.get_stages(run_id) if run is not None else []
+        index = next((i for i, st in enumerate(stages) if st.stage_id == stage_id), -1)
+        stage = stages[index] if index >= 0 else None
         if not _is_current(job, stage, run, s, cmd.worker_id):
             result = c.JobExecuteResult(
                 outcome=cast("Any", outcome.kind),
@@ -446,22 +453,22 @@ async def _phase_commit(
         assert run is not None
         pending: list[EventBase] = []  # appended together with the transition's events
         if outcome.kind == "completed":
-            result = await _commit_completed(
+            result, stage = await _commit_completed(
                 deps, tx, scope, s, stage, outcome.output, now, pending
             )
         elif outcome.kind == "suspended":
             assert outcome.suspend is not None
-            result = await _commit_suspended(deps, tx, scope, s, stage, outcome.suspend, now)
+            result, stage = await _commit_suspended(deps, tx, scope, s, stage, outcome.suspend, now)
         else:
             assert outcome.error is not None
-            result = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
+            result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
+        stages = [*stages[:index], stage, *stages[index + 1 :]]
         if pending and (ctx.logs or ctx.annotations):  # their events follow the outcome's
             await tx.append_events(pending)
             pending = []
         await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
         if ctx.annotations:  # annotations merged search attributes: the run has moved on
             run = await load_run(tx, run_id)
-        stages = await tx.get_stages(run_id)
         chain = (
             cmd.chain
             and deps.chains.allows(cmd.worker_id)
@@ -522,10 +529,10 @@ async def _commit_completed(
     output: JsonValue,
     now: datetime,
     pending: list[EventBase],
-) -> c.JobExecuteResult:
+) -> tuple[c.JobExecuteResult, StageRun]:
     """The stage COMPLETED and its job done; ``stage:completed`` goes to ``pending``, for
     the caller to append with whatever the transition adds."""
-    await tx.update_stage(
+    stage = await tx.update_stage(
         evolve(
             stage,
             {
@@ -549,12 +556,13 @@ async def _commit_completed(
             duration=now - stage.started_at if stage.started_at else None,
         )
     )
-    return c.JobExecuteResult(
+    result = c.JobExecuteResult(
         outcome="completed",
         workflow_run_id=stage.workflow_run_id,
         stage_id=stage.stage_id,
         output=output,
     )
+    return result, stage
 
 
 async def _commit_suspended(
@@ -565,9 +573,9 @@ async def _commit_suspended(
     stage: StageRun,
     suspend: Suspend,
     now: datetime,
-) -> c.JobExecuteResult:
+) -> tuple[c.JobExecuteResult, StageRun]:
     next_poll = now + suspend.poll_interval
-    await tx.update_stage(
+    stage = await tx.update_stage(
         evolve(
             stage,
             {
@@ -591,12 +599,13 @@ async def _commit_suspended(
             )
         ]
     )
-    return c.JobExecuteResult(
+    result = c.JobExecuteResult(
         outcome="suspended",
         workflow_run_id=stage.workflow_run_id,
         stage_id=stage.stage_id,
         next_poll_at=next_poll,
     )
+    return result, stage
 
 
 async def _commit_failed(
@@ -607,7 +616,7 @@ async def _commit_failed(
     stage: StageRun,
     error: BaseException,
     now: datetime,
-) -> c.JobExecuteResult:
+) -> tuple[c.JobExecuteResult, StageRun]:
     policy = s.definition.retry
     message = describe_exception(error)
     retry = policy.allows_another(stage.attempt, error)
@@ -615,7 +624,7 @@ async def _commit_failed(
         stage.attempt, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
     )
     if retry:
-        await tx.update_stage(
+        stage = await tx.update_stage(
             evolve(stage, {"status": StageStatus.PENDING, "error": message, "retryable": True})
         )
         await deps.job_transport.requeue(tx, s.job.id, retry_at, error=message)
@@ -634,8 +643,10 @@ async def _commit_failed(
             ]
         )
     else:
-        await fail_stage_for_good(deps, tx, stage, s.job.id, message, now, scope.causation_id)
-    return c.JobExecuteResult(
+        stage = await fail_stage_for_good(
+            deps, tx, stage, s.job.id, message, now, scope.causation_id
+        )
+    result = c.JobExecuteResult(
         outcome="failed",
         workflow_run_id=stage.workflow_run_id,
         stage_id=stage.stage_id,
@@ -643,6 +654,7 @@ async def _commit_failed(
         retryable=retry,
         next_poll_at=retry_at if retry else None,
     )
+    return result, stage
 
 
 async def _release_after_error(deps: Deps, cmd: c.JobExecute, exc: BaseException) -> None:
