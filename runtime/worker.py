@@ -4,7 +4,9 @@ Engine's in-process worker.
 Two loops share one kernel. The orchestration loop runs ``maintenance_tick``
 every ``orchestration_interval`` (ticks never overlap); the job loop leases as
 many jobs as there are free slots and runs each through ``execute_job``, so at
-most ``concurrency`` stages execute at once. ``notify()`` wakes both loops: a
+most ``concurrency`` stages execute at once. A slot whose stage's commit advances
+the run keeps the run's next stage (``execute_job(chain=...)``: leased and started
+in that commit) until the worker stops. ``notify()`` wakes both loops: a
 run started in this process is claimed and executed at once instead of at the
 next tick. A loop whose iteration fails (database unreachable) backs off
 exponentially up to ``max_backoff`` and returns to its normal pace on the first
