@@ -48,23 +48,32 @@ class CancellationToken:
     """Cooperative cancellation: stage bodies poll ``ctx.cancelled`` or await ``wait()``."""
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
+        # The event is made only when a body awaits ``wait()``: most stages never do,
+        # and every stage gets a token.
+        self._event: asyncio.Event | None = None
+        self._set = False
         self.reason: str | None = None
 
     def cancel(self, reason: str | None = None) -> None:
         """Set the token; the first reason given is kept (a cancel, then the heartbeat
         noticing the lost job, still says why it was cancelled)."""
-        if not self._event.is_set():
+        if not self._set:
             self.reason = reason
-        self._event.set()
+        self._set = True
+        if self._event is not None:
+            self._event.set()
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._set
 
     def __bool__(self) -> bool:
-        return self._event.is_set()
+        return self._set
 
     async def wait(self) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self._set:
+                self._event.set()
         await self._event.wait()
 
 

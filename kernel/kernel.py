@@ -142,7 +142,7 @@ class Scope:
                 )
         if self._phased:
             await tx.put_idempotency(
-                IdempotencyRecord.model_construct(
+                IdempotencyRecord(
                     key=self.key,
                     command_type=self.command_type,
                     state=IdempotencyState.IN_PROGRESS,
@@ -156,7 +156,7 @@ class Scope:
         if self.key is None:
             return
         await tx.put_idempotency(
-            IdempotencyRecord.model_construct(
+            IdempotencyRecord(
                 key=self.key,
                 command_type=self.command_type,
                 state=IdempotencyState.COMPLETED,

@@ -35,7 +35,7 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import EventBase
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
-from treadle.kernel.model import LogRecord, Run, RunStatus
+from treadle.kernel.model import Job, LogRecord, Run, RunStatus
 from treadle.kernel.registry import Registry
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
 from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
@@ -336,6 +336,18 @@ class TestEngine:
             self.transient_failures += 1
             return None
 
+    async def _execute(self, job: Job) -> Any:
+        """``job.execute`` of one leased job, keyed per attempt as the worker host does.
+        The command is built when the task runs, not when a round schedules a thousand
+        of them, so it does not outlive its own execution."""
+        return await self._try(
+            c.JobExecute(
+                job_id=job.id,
+                worker_id=self.worker_id,
+                idempotency_key=f"job:{job.id}:{job.attempts}",
+            )
+        )
+
     async def _step(self) -> bool:
         """One round of everything a worker and a maintenance tick do; True if it moved."""
         moved = False
@@ -345,17 +357,7 @@ class TestEngine:
         if jobs:
             moved = True
             results = await asyncio.gather(
-                *(
-                    self._try(
-                        c.JobExecute(
-                            job_id=job.id,
-                            worker_id=self.worker_id,
-                            idempotency_key=f"job:{job.id}:{job.attempts}",
-                        )
-                    )
-                    for job in jobs
-                ),
-                return_exceptions=True,
+                *(self._execute(job) for job in jobs), return_exceptions=True
             )
             unsettled: set[str] = set()
             for job, outcome in zip(jobs, results, strict=True):

@@ -196,20 +196,27 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     return result
 
 
+_OUTCOME_EVENTS = {"completed": "stage.completed", "suspended": "stage.suspended"}
+
+
 def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecuteResult) -> None:
-    log = deps.logger.bind(
-        run_id=s.run.id,
-        stage_id=s.stage.stage_id,
-        worker_id=cmd.worker_id,
-        job_id=cmd.job_id,
-        attempt=s.stage.attempt,
-    )
+    # The fields go with the call rather than through ``bind``: binding builds a new
+    # logger per stage even when the level filters the line out.
+    fields = {
+        "run_id": s.run.id,
+        "stage_id": s.stage.stage_id,
+        "worker_id": cmd.worker_id,
+        "job_id": cmd.job_id,
+        "attempt": s.stage.attempt,
+    }
     if result.ghost:
-        log.warning("stage.result_discarded", reason=result.error)
+        deps.logger.warning("stage.result_discarded", reason=result.error, **fields)
     elif result.outcome == "failed":
-        log.warning("stage.failed", error=result.error, will_retry=result.retryable)
+        deps.logger.warning(
+            "stage.failed", error=result.error, will_retry=result.retryable, **fields
+        )
     else:
-        log.info(f"stage.{result.outcome}")
+        deps.logger.info(_OUTCOME_EVENTS[result.outcome], **fields)
 
 
 async def _phase_start(
