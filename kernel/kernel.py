@@ -249,7 +249,8 @@ class Kernel:
         handler, phased = self.handlers[cmd.type]  # type: ignore[attr-defined]
         scope = Scope(self.deps, cmd, phased=phased)
         try:
-            return cast("c.ResultBase", await handler(self.deps, cmd, scope))
+            result: c.ResultBase = await handler(self.deps, cmd, scope)
+            return result
         except DuplicateError:
             if scope.key is None or phased:
                 raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -207,15 +207,13 @@ _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
-def _all_fields(cls: type[BaseModel]) -> set[str] | None:
+def _remember_all_fields(cls: type[BaseModel]) -> set[str] | None:
     """One set of every field name per frozen model class (``None`` for a mutable one),
     kept on the class. Shared between instances, which only a frozen model allows:
     pydantic adds to the set on attribute assignment, and copies it in ``model_copy``."""
-    shared = cls.__dict__.get("__treadle_all_fields__", _UNSET)
-    if shared is _UNSET:
-        shared = set(cls.model_fields) if cls.model_config.get("frozen") else None
-        type.__setattr__(cls, "__treadle_all_fields__", shared)
-    return cast("set[str] | None", shared)
+    shared = set(cls.model_fields) if cls.model_config.get("frozen") else None
+    type.__setattr__(cls, "__treadle_all_fields__", shared)
+    return shared
 
 
 _UNSET = object()
@@ -235,7 +233,9 @@ def evolve(model: M, update: dict[str, Any]) -> M:
     values = model.__dict__.copy()
     values.update(update)
     _set_dict(new, values)
-    fields_set = _all_fields(cls)
+    fields_set = cls.__dict__.get("__treadle_all_fields__", _UNSET)
+    if fields_set is _UNSET:
+        fields_set = _remember_all_fields(cls)
     if fields_set is None:
         fields_set = model.__pydantic_fields_set__.union(update)
     _set_fields_set(new, fields_set)

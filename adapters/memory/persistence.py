@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from operator import attrgetter
-from typing import Any, cast
+from typing import Any
 
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
 from treadle.kernel.events import EventBase, OutboxRecord
@@ -182,11 +182,11 @@ class InMemoryTransaction:
         return new
 
     def _index_suspended(self, stage: StageRun) -> None:
-        key = (stage.workflow_run_id, stage.stage_id)
+        suspended = self._s.suspended
         if stage.status is StageStatus.SUSPENDED:
-            self.set_item(self._s.suspended, key, None)
-        else:
-            self.del_item(self._s.suspended, key)
+            self.set_item(suspended, (stage.workflow_run_id, stage.stage_id), None)
+        elif suspended:  # most updates: nothing suspended, no key to build
+            self.del_item(suspended, (stage.workflow_run_id, stage.stage_id))
 
     async def due_suspended_stages(self, now: datetime, limit: int) -> list[StageRun]:
         due = []
@@ -209,7 +209,7 @@ class InMemoryTransaction:
             event = evolve(event, {"sequence": seq})
             s.next_outbox_id += 1
             outbox_id = s.next_outbox_id
-            s.outbox[outbox_id] = OutboxRecord(id=outbox_id, event=cast(Any, event))
+            s.outbox[outbox_id] = OutboxRecord(id=outbox_id, event=event)
             s.unpublished[outbox_id] = None
             bucket = s.events_by_run.get(run_id)
             if bucket is None:

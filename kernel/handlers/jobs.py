@@ -169,7 +169,7 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     except Exception as exc:
         await _release_after_error(deps, cmd, exc)
         raise
-    if isinstance(started_or_result, c.JobExecuteResult):
+    if not isinstance(started_or_result, _Started):  # a replay or a ghost: already decided
         return started_or_result
     started = started_or_result
     if started.wf.kind == "code":
