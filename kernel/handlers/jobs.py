@@ -196,9 +196,6 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     return result
 
 
-_OUTCOME_EVENTS = {"completed": "stage.completed", "suspended": "stage.suspended"}
-
-
 def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecuteResult) -> None:
     # The fields go with the call rather than through ``bind``: binding builds a new
     # logger per stage even when the level filters the line out.
@@ -210,13 +207,13 @@ def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecut
         "attempt": s.stage.attempt,
     }
     if result.ghost:
-        deps.logger.warning("stage.result_discarded", reason=result.error, **fields)
+        deps.logger.warning("stage.result_discarded", **fields, reason=result.error)
     elif result.outcome == "failed":
         deps.logger.warning(
-            "stage.failed", error=result.error, will_retry=result.retryable, **fields
+            "stage.failed", **fields, error=result.error, will_retry=result.retryable
         )
     else:
-        deps.logger.info(_OUTCOME_EVENTS[result.outcome], **fields)
+        deps.logger.info(f"stage.{result.outcome}", **fields)
 
 
 async def _phase_start(
