@@ -155,12 +155,13 @@ class Scope:
     async def complete(self, tx: Transaction, result: c.ResultBase) -> None:
         if self.key is None:
             return
+        # ``model_dump(mode="json")`` without its keyword handling: this runs per stage.
         await tx.put_idempotency(
             IdempotencyRecord(
                 key=self.key,
                 command_type=self.command_type,
                 state=IdempotencyState.COMPLETED,
-                result=result.model_dump(mode="json"),
+                result=result.__pydantic_serializer__.to_python(result, mode="json"),
                 started_at=self._deps.clock.now(),
             )
         )

@@ -158,11 +158,24 @@ class InMemoryTransaction:
                 )
             self.set_item(per_run, stage.stage_id, stage)
             self._index_suspended(stage)
+        for run_id in {stage.workflow_run_id for stage in stages}:
+            self._keep_group_order(run_id)
+
+    def _keep_group_order(self, run_id: str) -> None:
+        """Keep a run's stages dict in (execution group, insertion) order, so reading
+        them needs no sort. run.create inserts in that order already; anything else gets
+        a re-ordered copy, whose replacement the undo log reverts like any write."""
+        per_run = self._s.stages[run_id]
+        groups = [stage.execution_group for stage in per_run.values()]
+        if any(a > b for a, b in zip(groups, groups[1:], strict=False)):
+            ordered = sorted(per_run.values(), key=_execution_group)  # stable
+            self.set_item(self._s.stages, run_id, {st.stage_id: st for st in ordered})
 
     async def get_stages(self, run_id: str) -> list[StageRun]:
-        # Insertion (definition) order within a group; updates keep a key's position.
-        # The sort is stable and cheap: run.create inserts in group order already.
-        return sorted(self._s.stages.get(run_id, {}).values(), key=_execution_group)
+        # Group order, insertion (definition) order within a group; an update keeps a
+        # key's position (see _keep_group_order).
+        per_run = self._s.stages.get(run_id)
+        return list(per_run.values()) if per_run else []
 
     async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None:
         return self._s.stages.get(run_id, {}).get(stage_id)
@@ -179,6 +192,8 @@ class InMemoryTransaction:
         new = evolve(stage, {"version": stage.version + 1})
         self.set_item(per_run, stage.stage_id, new)
         self._index_suspended(new)
+        if new.execution_group != stored.execution_group:
+            self._keep_group_order(new.workflow_run_id)
         return new
 
     def _index_suspended(self, stage: StageRun) -> None:

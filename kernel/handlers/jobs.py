@@ -144,6 +144,11 @@ class _Runtime:
         if not ok:
             self.lost_lease = True
 
+    @property
+    def busy(self) -> bool:
+        """Whether progress or heartbeat writes are still in flight."""
+        return bool(self._tasks)
+
     async def drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -186,7 +191,8 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     if outcome is None:
         with deps.inflight.track(started.job.id, started.run.id, token):
             outcome = await _run_body(started.definition, ctx)
-    await runtime.drain()
+    if runtime.busy:
+        await runtime.drain()
     try:
         result = await _phase_commit(deps, cmd, scope, started, ctx, outcome)
     except Exception as exc:
@@ -377,7 +383,8 @@ def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
             exc,
             prefix="output",
         ) from None
-    return definition.output_adapter.dump_python(model, mode="json")
+    # The serializer itself: ``dump_python``'s keyword handling costs as much as the dump.
+    return definition.output_adapter.serializer.to_python(model, mode="json")
 
 
 def _is_current(
@@ -432,7 +439,8 @@ async def _phase_commit(
         else:
             assert outcome.error is not None
             result = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
-        await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
+        if ctx.logs or ctx.annotations:
+            await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
         if ctx.annotations:  # annotations merged search attributes: the run has moved on
             run = await load_run(tx, run_id)
         stages = await tx.get_stages(run_id)

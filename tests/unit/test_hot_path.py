@@ -83,6 +83,35 @@ async def test_transaction_rolls_back_on_cancellation_and_releases_the_lock() ->
     assert p.commits == 1
 
 
+async def test_stages_inserted_out_of_group_order_roll_back_to_the_old_order() -> None:
+    """Stages are kept in group order without sorting on read; a rolled-back insert that
+    re-ordered them leaves the previous stages, in their previous order."""
+    p = InMemoryPersistence()
+    async with p.transaction() as tx:
+        await tx.insert_run(Run(id="r1", workflow_id="wf", created_at=NOW, updated_at=NOW))
+        await tx.insert_stages(
+            [
+                StageRun(workflow_run_id="r1", stage_id="b", execution_group=2),
+                StageRun(workflow_run_id="r1", stage_id="a", execution_group=0),
+            ]
+        )
+        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b"]
+
+    async def insert_then_fail() -> None:
+        async with p.transaction() as tx:
+            await tx.insert_stages(
+                [StageRun(workflow_run_id="r1", stage_id="m", execution_group=1)]
+            )
+            assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "m", "b"]
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        await insert_then_fail()
+    async with p.transaction() as tx:
+        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b"]
+    assert list(p.stages["r1"]) == ["a", "b"]
+
+
 async def test_has_leased_follows_leases_and_rollbacks() -> None:
     """has_leased (the harness's per-round check) is true exactly while a job is leased,
     also after a rolled-back completion."""
