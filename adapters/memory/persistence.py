@@ -167,7 +167,7 @@ class InMemoryTransaction:
         a re-ordered copy, whose replacement the undo log reverts like any write."""
         per_run = self._s.stages[run_id]
         groups = [stage.execution_group for stage in per_run.values()]
-        if any(a > b for a, b in zip(groups, groups[1:], strict=False)):
+        if groups != sorted(groups):
             ordered = sorted(per_run.values(), key=_execution_group)  # stable
             self.set_item(self._s.stages, run_id, {st.stage_id: st for st in ordered})
 
