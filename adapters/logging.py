@@ -14,12 +14,38 @@ from typing import Any
 
 import structlog
 
+_METHOD_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+class _LevelCheckedLogger(structlog.stdlib.BoundLogger):
+    """Asks the standard library logger whether the level is enabled before building the
+    event dict. ``filter_by_level`` would drop the record too, but only after copying the
+    bound context and raising ``DropEvent``: the kernel logs every stage's outcome at
+    info, which most deployments filter out."""
+
+    def _proxy_to_logger(
+        self, method_name: str, event: str | None = None, *event_args: str, **event_kw: Any
+    ) -> Any:
+        level = _METHOD_LEVELS.get(method_name)
+        if level is not None and not self._logger.isEnabledFor(level):
+            return None
+        return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
+
 
 def structlog_logger(name: str = "treadle", **bound: Any) -> Any:
     """A structlog ``BoundLogger`` over ``logging.getLogger(name)``; nothing global is set."""
     return structlog.wrap_logger(
         logging.getLogger(name),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=_LevelCheckedLogger,
         processors=[
             structlog.stdlib.filter_by_level,
             structlog.processors.add_log_level,

@@ -6,7 +6,20 @@ outbox flush). The figure is wall time divided by stages executed, so it is the
 engine's own cost: the stage bodies do nothing. Median of 5 repetitions, then a
 cProfile of one more repetition for the top costs.
 
+Wall time on a shared 2-core machine moves with whatever else runs, so the script
+also prints what does not: the load average around the measurement, the process's
+CPU time, the share spent in the cyclic garbage collector (which walks the in-memory
+store's growing heap), and the Python function calls per stage counted by the
+profiler, which are the same on every run.
+
     .venv/bin/python benchmarks/kernel_overhead.py [--runs 1000] [--reps 5]
+
+Instructions per stage, which no other process on the machine can change (valgrind;
+the 20-run process is subtracted from the 120-run one, leaving 1,000 stages)::
+
+    for r in 20 120; do PYTHONHASHSEED=0 valgrind --tool=cachegrind --cache-sim=no \
+        --cachegrind-out-file=/dev/null .venv/bin/python benchmarks/kernel_overhead.py \
+        --runs $r --reps 1 --no-profile 2>&1 | grep 'I *refs'; done
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import os
 import platform
@@ -48,17 +62,51 @@ def build_pipeline():  # type: ignore[no-untyped-def]
     return builder.build()
 
 
-async def one_rep(runs: int) -> float:
+class _GcTimer:
+    """Wall time spent in the cyclic garbage collector while ``on``."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seconds = 0.0
+        self.collections = 0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if not self.on:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.collections += 1
+
+
+async def one_rep(
+    runs: int, gc_timer: _GcTimer | None = None, profiler: cProfile.Profile | None = None
+) -> tuple[float, float, float]:
+    """(wall, CPU, GC) microseconds per stage of one repetition; ``profiler`` (if given)
+    covers the measured part only, not the set-up's ``run.create`` calls."""
     engine = TestEngine([build_pipeline()])
     for i in range(runs):
         await engine.start("noop-10", {"n": i})
-    started = time.perf_counter()
+    if gc_timer is not None:
+        gc_timer.seconds, gc_timer.on = 0.0, True
+    if profiler is not None:
+        profiler.enable()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await engine.run_until_idle()
-    elapsed = time.perf_counter() - started
+    if profiler is not None:
+        profiler.disable()
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    gc_seconds = 0.0
+    if gc_timer is not None:
+        gc_timer.on = False
+        gc_seconds = gc_timer.seconds
     completed = sum(1 for r in engine.persistence.runs.values() if r.status.value == "COMPLETED")
     if completed != runs:
         raise SystemExit(f"only {completed}/{runs} runs completed")
-    return elapsed / (runs * STAGES) * 1e6
+    stages = runs * STAGES
+    return elapsed / stages * 1e6, cpu / stages * 1e6, gc_seconds / stages * 1e6
 
 
 def main() -> None:
@@ -66,22 +114,42 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the profiled repetition (for valgrind)"
+    )
     args = parser.parse_args()
 
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} python={platform.python_version()}")
     print(
         f"workload: {args.runs} runs x {STAGES} no-op stages, in-memory adapters, {args.reps} reps"
     )
-    samples = [asyncio.run(one_rep(args.runs)) for _ in range(args.reps)]
-    print("per-stage overhead (us): " + ", ".join(f"{s:.1f}" for s in samples))
-    print(f"median: {statistics.median(samples):.1f} us/stage (target < 100)")
+    load_before = os.getloadavg()
+    gc_timer = _GcTimer()
+    gc.callbacks.append(gc_timer)
+    samples = [asyncio.run(one_rep(args.runs, gc_timer)) for _ in range(args.reps)]
+    gc.callbacks.remove(gc_timer)
+    load_after = os.getloadavg()
+    wall = [w for w, _, _ in samples]
+    print("per-stage overhead (us): " + ", ".join(f"{s:.1f}" for s in wall))
+    print(f"median: {statistics.median(wall):.1f} us/stage (target < 100)")
+    print(
+        f"median CPU time: {statistics.median(c for _, c, _ in samples):.1f} us/stage, "
+        f"of which in the garbage collector: {statistics.median(g for _, _, g in samples):.1f}"
+    )
+    print(
+        "load average (1 min) before/after: "
+        f"{load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cpus"
+    )
 
+    if args.no_profile:
+        return
     profiler = cProfile.Profile()
-    profiler.enable()
-    asyncio.run(one_rep(args.runs))
-    profiler.disable()
+    asyncio.run(one_rep(args.runs, profiler=profiler))
     out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.top)
+    stats = pstats.Stats(profiler, stream=out)
+    per_stage = stats.total_calls / (args.runs * STAGES)  # type: ignore[attr-defined]
+    print(f"function calls per stage (profiled rep, deterministic): {per_stage:.0f}")
+    stats.sort_stats("tottime").print_stats(args.top)
     print(f"top {args.top} functions by own time (profiled run, slower than unprofiled):")
     lines = out.getvalue().splitlines()
     start = next(i for i, line in enumerate(lines) if "ncalls" in line)

@@ -9,8 +9,7 @@ stage body (sync in a thread or async) never blocks on the database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -48,23 +47,32 @@ class CancellationToken:
     """Cooperative cancellation: stage bodies poll ``ctx.cancelled`` or await ``wait()``."""
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
+        # The event is made only when a body awaits ``wait()``: most stages never do,
+        # and every stage gets a token.
+        self._event: asyncio.Event | None = None
+        self._set = False
         self.reason: str | None = None
 
     def cancel(self, reason: str | None = None) -> None:
         """Set the token; the first reason given is kept (a cancel, then the heartbeat
         noticing the lost job, still says why it was cancelled)."""
-        if not self._event.is_set():
+        if not self._set:
             self.reason = reason
-        self._event.set()
+        self._set = True
+        if self._event is not None:
+            self._event.set()
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._set
 
     def __bool__(self) -> bool:
-        return self._event.is_set()
+        return self._set
 
     async def wait(self) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self._set:
+                self._event.set()
         await self._event.wait()
 
 
@@ -79,19 +87,13 @@ class InFlight:
     def __init__(self) -> None:
         self._tokens: dict[str, tuple[str | None, CancellationToken]] = {}
 
-    @contextlib.contextmanager
     def track(
         self, job_id: str, run_id: str, token: CancellationToken, *, by_run: bool = True
-    ) -> Iterator[None]:
-        """Register ``token`` while the execution of ``job_id`` runs. ``by_run=False``: a
-        cancel of the run does not apply (the execution that runs a cancelled run's
-        compensations); losing its job still does."""
-        self._tokens[job_id] = (run_id if by_run else None, token)
-        try:
-            yield
-        finally:
-            if job_id in self._tokens and self._tokens[job_id][1] is token:
-                del self._tokens[job_id]
+    ) -> _Tracking:
+        """Register ``token`` while the execution of ``job_id`` runs (``with
+        inflight.track(...)``). ``by_run=False``: a cancel of the run does not apply (the
+        execution that runs a cancelled run's compensations); losing its job still does."""
+        return _Tracking(self._tokens, job_id, run_id if by_run else None, token)
 
     def cancel_run(self, run_id: str, reason: str | None = None) -> int:
         """Set the token of every execution of ``run_id`` here; returns how many."""
@@ -106,6 +108,33 @@ class InFlight:
             return False
         found[1].cancel(reason)
         return True
+
+
+class _Tracking:
+    """``InFlight.track``'s context manager: a plain class rather than a
+    ``@contextmanager`` generator, as every stage execution enters one."""
+
+    __slots__ = ("_job_id", "_owner", "_token", "_tokens")
+
+    def __init__(
+        self,
+        tokens: dict[str, tuple[str | None, CancellationToken]],
+        job_id: str,
+        owner: str | None,
+        token: CancellationToken,
+    ) -> None:
+        self._tokens = tokens
+        self._job_id = job_id
+        self._owner = owner
+        self._token = token
+
+    def __enter__(self) -> None:
+        self._tokens[self._job_id] = (self._owner, self._token)
+
+    def __exit__(self, *exc_info: object) -> None:
+        found = self._tokens.get(self._job_id)
+        if found is not None and found[1] is self._token:
+            del self._tokens[self._job_id]
 
 
 def artifact_prefix(run_id: str, stage_id: str) -> str:

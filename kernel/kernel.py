@@ -145,7 +145,7 @@ class Scope:
                 )
         if self._phased:
             await tx.put_idempotency(
-                IdempotencyRecord.model_construct(
+                IdempotencyRecord(
                     key=self.key,
                     command_type=self.command_type,
                     state=IdempotencyState.IN_PROGRESS,
@@ -158,12 +158,13 @@ class Scope:
     async def complete(self, tx: Transaction, result: c.ResultBase) -> None:
         if self.key is None:
             return
+        # ``model_dump(mode="json")`` without its keyword handling: this runs per stage.
         await tx.put_idempotency(
-            IdempotencyRecord.model_construct(
+            IdempotencyRecord(
                 key=self.key,
                 command_type=self.command_type,
                 state=IdempotencyState.COMPLETED,
-                result=result.model_dump(mode="json"),
+                result=result.__pydantic_serializer__.to_python(result, mode="json"),
                 started_at=self._deps.clock.now(),
             )
         )
@@ -252,7 +253,8 @@ class Kernel:
         handler, phased = self.handlers[cmd.type]  # type: ignore[attr-defined]
         scope = Scope(self.deps, cmd, phased=phased)
         try:
-            return cast("c.ResultBase", await handler(self.deps, cmd, scope))
+            result: c.ResultBase = await handler(self.deps, cmd, scope)
+            return result
         except DuplicateError:
             if scope.key is None or phased:
                 raise

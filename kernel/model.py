@@ -198,22 +198,47 @@ class RunFilter(_Frozen):
 
 M = TypeVar("M", bound=BaseModel)
 
+# The slot setters of pydantic's BaseModel, looked up once: ``evolve`` runs about a dozen
+# times per stage and object.__setattr__ would find them by name each time.
+_new = object.__new__
+_set_dict = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+
+
+def _remember_all_fields(cls: type[BaseModel]) -> set[str] | None:
+    """One set of every field name per frozen model class (``None`` for a mutable one),
+    kept on the class. Shared between instances, which only a frozen model allows:
+    pydantic adds to the set on attribute assignment, and copies it in ``model_copy``."""
+    shared = set(cls.model_fields) if cls.model_config.get("frozen") else None
+    type.__setattr__(cls, "__treadle_all_fields__", shared)
+    return shared
+
+
+_UNSET = object()
+
 
 def evolve(model: M, update: dict[str, Any]) -> M:
     """A copy of a frozen model with ``update`` applied, without re-validation.
 
     Same contract as ``model.model_copy(update=...)`` (callers pass already-valid
     values), at about half the cost: state changes on the hot path of every stage
-    go through here.
+    go through here. The copy counts every field as explicitly set, as a row read
+    back from a SQL adapter does; sharing that one set per class instead of building a
+    new one per copy keeps the garbage collector's work down.
     """
-    new = object.__new__(type(model))
+    cls = type(model)
+    new = _new(cls)
     values = model.__dict__.copy()
     values.update(update)
-    object.__setattr__(new, "__dict__", values)
-    fields_set = model.__pydantic_fields_set__
-    if not fields_set.issuperset(update):
-        fields_set = fields_set.union(update)
-    object.__setattr__(new, "__pydantic_fields_set__", fields_set)
-    object.__setattr__(new, "__pydantic_extra__", None)
-    object.__setattr__(new, "__pydantic_private__", None)
+    _set_dict(new, values)
+    fields_set = cls.__dict__.get("__treadle_all_fields__", _UNSET)
+    if fields_set is _UNSET:
+        fields_set = _remember_all_fields(cls)
+    if fields_set is None:
+        fields_set = model.__pydantic_fields_set__.union(update)
+    _set_fields_set(new, fields_set)
+    _set_extra(new, None)
+    _set_private(new, None)
     return new

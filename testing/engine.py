@@ -336,33 +336,45 @@ class TestEngine:
             self.transient_failures += 1
             return None
 
+    async def _execute(self, job_id: str, attempts: int) -> bool | None:
+        """``job.execute`` of one leased job, keyed per attempt as the worker host does;
+        ``None`` after a transient failure. The command is built when the task runs and
+        the result is not kept, so neither outlives its own execution while a round of
+        a thousand jobs is gathered."""
+        result = await self._try(
+            c.JobExecute(
+                job_id=job_id,
+                worker_id=self.worker_id,
+                idempotency_key=f"job:{job_id}:{attempts}",
+            )
+        )
+        return None if result is None else True
+
     async def _step(self) -> bool:
         """One round of everything a worker and a maintenance tick do; True if it moved."""
         moved = False
         claim = await self._try(c.RunClaimPending(worker_id=self.worker_id, max_claims=1000))
         moved |= claim is None or bool(claim.claimed)
-        jobs = await self.job_transport.dequeue(self.worker_id, self.clock.now(), limit=1000)
-        if jobs:
+        # Only what the round needs of each leased job: the Job models themselves are
+        # replaced in the transport as the executions commit.
+        leased = [
+            (job.id, job.attempts, job.workflow_run_id)
+            for job in await self.job_transport.dequeue(
+                self.worker_id, self.clock.now(), limit=1000
+            )
+        ]
+        if leased:
             moved = True
             results = await asyncio.gather(
-                *(
-                    self._try(
-                        c.JobExecute(
-                            job_id=job.id,
-                            worker_id=self.worker_id,
-                            idempotency_key=f"job:{job.id}:{job.attempts}",
-                        )
-                    )
-                    for job in jobs
-                ),
+                *(self._execute(job_id, attempts) for job_id, attempts, _ in leased),
                 return_exceptions=True,
             )
             unsettled: set[str] = set()
-            for job, outcome in zip(jobs, results, strict=True):
+            for (_, _, run_id), outcome in zip(leased, results, strict=True):
                 if isinstance(outcome, BaseException) and not isinstance(outcome, TreadleError):
                     raise outcome
                 if outcome is None or isinstance(outcome, BaseException):
-                    unsettled.add(job.workflow_run_id)
+                    unsettled.add(run_id)
             # job.execute applies the transition in its commit; only an execution that
             # raised needs the run.transition safety net, as in the worker host.
             for run_id in sorted(unsettled):

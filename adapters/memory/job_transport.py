@@ -50,7 +50,7 @@ class InMemoryJobTransport:
             self._leased.discard(job.id)
         if job.status is JobStatus.QUEUED:
             heapq.heappush(self._heap, (-job.priority, job.next_poll_at, job.sequence, job.id))
-        tx.on_rollback(self._mark_dirty)
+        tx.on_rollback_once(self._mark_dirty)
 
     def _mark_dirty(self) -> None:
         self._dirty = True
@@ -216,7 +216,8 @@ class InMemoryJobTransport:
 
     def has_leased(self) -> bool:
         """Whether any job is leased right now (a cheap check for test drivers)."""
-        return any(j.status is JobStatus.LEASED for j in self.jobs.values())
+        self._fresh()
+        return bool(self._leased)
 
     async def next_due_at(self) -> datetime | None:
         return min(

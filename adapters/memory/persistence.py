@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, cast
+from operator import attrgetter
+from typing import Any
 
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
 from treadle.kernel.events import EventBase, OutboxRecord
@@ -42,10 +42,20 @@ class InMemoryTransaction:
         self._s = store
         # (mapping, key, previous value) to restore, or (None, callback, None).
         self._undo: list[tuple[Any, Any, Any]] = []
+        self._once: list[Callable[[], None]] | None = None
         self.active = True
 
     # -- undo bookkeeping ------------------------------------------------------
     def on_rollback(self, fn: Callable[[], None]) -> None:
+        self._undo.append((None, fn, None))
+
+    def on_rollback_once(self, fn: Callable[[], None]) -> None:
+        """``on_rollback`` unless ``fn`` (compared by equality) is registered already."""
+        if self._once is None:
+            self._once = []
+        elif fn in self._once:
+            return
+        self._once.append(fn)
         self._undo.append((None, fn, None))
 
     def set_item(self, mapping: dict[Any, Any], key: Any, value: Any) -> None:
@@ -148,11 +158,24 @@ class InMemoryTransaction:
                 )
             self.set_item(per_run, stage.stage_id, stage)
             self._index_suspended(stage)
+        for run_id in {stage.workflow_run_id for stage in stages}:
+            self._keep_group_order(run_id)
+
+    def _keep_group_order(self, run_id: str) -> None:
+        """Keep a run's stages dict in (execution group, insertion) order, so reading
+        them needs no sort. run.create inserts in that order already; anything else gets
+        a re-ordered copy, whose replacement the undo log reverts like any write."""
+        per_run = self._s.stages[run_id]
+        groups = [stage.execution_group for stage in per_run.values()]
+        if groups != sorted(groups):
+            ordered = sorted(per_run.values(), key=_execution_group)  # stable
+            self.set_item(self._s.stages, run_id, {st.stage_id: st for st in ordered})
 
     async def get_stages(self, run_id: str) -> list[StageRun]:
-        # Insertion (definition) order within a group; updates keep a key's position.
-        # The sort is stable and cheap: run.create inserts in group order already.
-        return sorted(self._s.stages.get(run_id, {}).values(), key=_execution_group)
+        # Group order, insertion (definition) order within a group; an update keeps a
+        # key's position (see _keep_group_order).
+        per_run = self._s.stages.get(run_id)
+        return list(per_run.values()) if per_run else []
 
     async def get_stage(self, run_id: str, stage_id: str) -> StageRun | None:
         return self._s.stages.get(run_id, {}).get(stage_id)
@@ -169,14 +192,16 @@ class InMemoryTransaction:
         new = evolve(stage, {"version": stage.version + 1})
         self.set_item(per_run, stage.stage_id, new)
         self._index_suspended(new)
+        if new.execution_group != stored.execution_group:
+            self._keep_group_order(new.workflow_run_id)
         return new
 
     def _index_suspended(self, stage: StageRun) -> None:
-        key = (stage.workflow_run_id, stage.stage_id)
+        suspended = self._s.suspended
         if stage.status is StageStatus.SUSPENDED:
-            self.set_item(self._s.suspended, key, None)
-        else:
-            self.del_item(self._s.suspended, key)
+            self.set_item(suspended, (stage.workflow_run_id, stage.stage_id), None)
+        elif suspended:  # most updates: nothing suspended, no key to build
+            self.del_item(suspended, (stage.workflow_run_id, stage.stage_id))
 
     async def due_suspended_stages(self, now: datetime, limit: int) -> list[StageRun]:
         due = []
@@ -193,20 +218,21 @@ class InMemoryTransaction:
         s = self._s
         stored: list[EventBase] = []
         for event in events:
-            seq = s.event_seq.get(event.workflow_run_id, 0) + 1
-            self.set_item(s.event_seq, event.workflow_run_id, seq)
+            run_id = event.workflow_run_id
+            seq = s.event_seq.get(run_id, 0) + 1
+            self.set_item(s.event_seq, run_id, seq)
             event = evolve(event, {"sequence": seq})
             s.next_outbox_id += 1
             outbox_id = s.next_outbox_id
-            self.set_item(
-                s.outbox,
-                outbox_id,
-                OutboxRecord.model_construct(id=outbox_id, event=cast(Any, event)),
-            )
-            self.set_item(s.unpublished, outbox_id, None)
-            s.events_by_run.setdefault(event.workflow_run_id, []).append(event)
-            run_events = s.events_by_run[event.workflow_run_id]
-            self.on_rollback(functools.partial(_drop_last, run_events))
+            s.outbox[outbox_id] = OutboxRecord(id=outbox_id, event=event)
+            s.unpublished[outbox_id] = None
+            bucket = s.events_by_run.get(run_id)
+            if bucket is None:
+                bucket = s.events_by_run[run_id] = []
+            bucket.append(event)
+            # One undo entry for the three writes: the outbox id is fresh, so undoing is
+            # removing it again.
+            self.on_rollback(functools.partial(_unappend_event, s, outbox_id, bucket))
             stored.append(event)
         return stored
 
@@ -220,16 +246,19 @@ class InMemoryTransaction:
 
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
         self._check()
+        outbox, unpublished, dead = self._s.outbox, self._s.unpublished, self._s.dead
         for outbox_id in outbox_ids:
-            record = self._s.outbox.get(outbox_id)
+            record = outbox.get(outbox_id)
             if record is None:
                 continue  # already published (published rows leave the outbox), as in SQL
             if record.dead_lettered:
-                self.set_item(self._s.outbox, outbox_id, evolve(record, {"dead_lettered": False}))
+                self.set_item(outbox, outbox_id, evolve(record, {"dead_lettered": False}))
             # Published rows leave the outbox; ``unpublished`` and ``dead`` are its indexes.
-            self.del_item(self._s.outbox, outbox_id)
-            self.del_item(self._s.unpublished, outbox_id)
-            self.del_item(self._s.dead, outbox_id)
+            self.del_item(outbox, outbox_id)
+            if outbox_id in unpublished:
+                self.del_item(unpublished, outbox_id)
+            if outbox_id in dead:
+                self.del_item(dead, outbox_id)
 
     async def record_publish_failure(
         self, outbox_id: int, error: str, *, dead_letter: bool
@@ -470,11 +499,49 @@ class InMemoryTransaction:
         return True
 
 
-def _execution_group(stage: StageRun) -> int:
-    return stage.execution_group
+class _TransactionScope:
+    """``async with persistence.transaction() as tx``: takes the lock, commits on a clean
+    exit, replays the undo log on an exception. A plain class rather than an
+    ``@asynccontextmanager`` generator: every command enters two or three of these."""
+
+    __slots__ = ("_store", "_tx")
+
+    def __init__(self, store: InMemoryPersistence) -> None:
+        self._store = store
+        self._tx: InMemoryTransaction | None = None
+
+    async def __aenter__(self) -> InMemoryTransaction:
+        await self._store.lock.acquire()
+        self._tx = InMemoryTransaction(self._store)
+        return self._tx
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        store, tx = self._store, self._tx
+        assert tx is not None
+        try:
+            tx.active = False
+            if exc_type is None:
+                store.commits += 1
+            else:
+                tx.rollback()
+                store.rollbacks += 1
+        finally:
+            self._tx = None
+            store.lock.release()
+
+
+_execution_group = attrgetter("execution_group")
 
 
 def _drop_last(bucket: list[Any]) -> None:
+    bucket.pop()
+
+
+def _unappend_event(store: InMemoryPersistence, outbox_id: int, bucket: list[Any]) -> None:
+    store.outbox.pop(outbox_id, None)
+    store.unpublished.pop(outbox_id, None)
     bucket.pop()
 
 
@@ -540,19 +607,8 @@ class InMemoryPersistence:
         self.timers: dict[tuple[str, str, int], Timer] = {}
         self.next_timer_id = 0
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[InMemoryTransaction]:
-        async with self.lock:
-            tx = InMemoryTransaction(self)
-            try:
-                yield tx
-            except BaseException:
-                tx.rollback()
-                self.rollbacks += 1
-                raise
-            finally:
-                tx.active = False
-            self.commits += 1
+    def transaction(self) -> _TransactionScope:
+        return _TransactionScope(self)
 
     async def close(self) -> None:
         return None

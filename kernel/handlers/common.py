@@ -107,23 +107,40 @@ class Decision:
     """``advanced`` with ``lease_to``: the next group's job created leased to that worker."""
 
 
+_LIVE_RUN = frozenset({RunStatus.RUNNING, RunStatus.SUSPENDED})
+_FAILED = frozenset({StageStatus.FAILED, StageStatus.CANCELLED})
+_SUCCEEDED = frozenset({StageStatus.COMPLETED, StageStatus.SKIPPED})
+_NOOP = Decision("noop")
+_COMPLETED = Decision("completed")
+_SUSPEND = Decision("suspend")
+
+
 def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Decision:
     """The transition table. Only a stage FAILED *for good* fails the run: a stage
     waiting to retry is PENDING, so a parallel sibling's retry is never cut short."""
-    if run.status not in (RunStatus.RUNNING, RunStatus.SUSPENDED) or run.current_group < 0:
-        return Decision("noop")
+    if run.status not in _LIVE_RUN or run.current_group < 0:
+        return _NOOP
+    # One pass (this runs in every stage's commit): a failed stage anywhere wins; else
+    # note whether every stage up to the current group succeeded, or all that have not
+    # are suspended.
+    current_group = run.current_group
+    all_succeeded = True
+    waiting_all_suspended = True
     for stage in stages:
-        if stage.status in (StageStatus.FAILED, StageStatus.CANCELLED):
+        status = stage.status
+        if status in _FAILED:
             return Decision("failed", failed_stage=stage)
-    current = [s for s in stages if s.execution_group <= run.current_group]
-    if all(s.status.succeeded for s in current):
-        if run.current_group >= len(wf.groups) - 1:
-            return Decision("completed")
-        return Decision("advanced", next_group=run.current_group + 1)
-    waiting = [s for s in current if not s.status.succeeded]
-    if run.status is RunStatus.RUNNING and all(s.status is StageStatus.SUSPENDED for s in waiting):
-        return Decision("suspend")
-    return Decision("noop")
+        if stage.execution_group <= current_group and status not in _SUCCEEDED:
+            all_succeeded = False
+            if status is not StageStatus.SUSPENDED:
+                waiting_all_suspended = False
+    if all_succeeded:
+        if current_group >= len(wf.groups) - 1:
+            return _COMPLETED
+        return Decision("advanced", next_group=current_group + 1)
+    if run.status is RunStatus.RUNNING and waiting_all_suspended:
+        return _SUSPEND
+    return _NOOP
 
 
 async def apply_transition(

@@ -145,6 +145,11 @@ class _Runtime:
         if not ok:
             self.lost_lease = True
 
+    @property
+    def busy(self) -> bool:
+        """Whether progress or heartbeat writes are still in flight."""
+        return bool(self._tasks)
+
     async def drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -189,7 +194,8 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     if outcome is None:
         with deps.inflight.track(started.job.id, started.run.id, token):
             outcome = await _run_body(started.definition, ctx)
-    await runtime.drain()
+    if runtime.busy:
+        await runtime.drain()
     try:
         result = await _phase_commit(deps, cmd, scope, started, ctx, outcome)
     except Exception as exc:
@@ -200,19 +206,23 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
 
 
 def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecuteResult) -> None:
-    log = deps.logger.bind(
-        run_id=s.run.id,
-        stage_id=s.stage.stage_id,
-        worker_id=cmd.worker_id,
-        job_id=cmd.job_id,
-        attempt=s.stage.attempt,
-    )
+    # The fields go with the call rather than through ``bind``: binding builds a new
+    # logger per stage even when the level filters the line out.
+    fields = {
+        "run_id": s.run.id,
+        "stage_id": s.stage.stage_id,
+        "worker_id": cmd.worker_id,
+        "job_id": cmd.job_id,
+        "attempt": s.stage.attempt,
+    }
     if result.ghost:
-        log.warning("stage.result_discarded", reason=result.error)
+        deps.logger.warning("stage.result_discarded", **fields, reason=result.error)
     elif result.outcome == "failed":
-        log.warning("stage.failed", error=result.error, will_retry=result.retryable)
+        deps.logger.warning(
+            "stage.failed", **fields, error=result.error, will_retry=result.retryable
+        )
     else:
-        log.info(f"stage.{result.outcome}")
+        deps.logger.info(f"stage.{result.outcome}", **fields)
 
 
 def _take_chained(deps: Deps, cmd: c.JobExecute) -> _Started | None:
@@ -399,7 +409,8 @@ def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
             exc,
             prefix="output",
         ) from None
-    return definition.output_adapter.dump_python(model, mode="json")
+    # The serializer itself: ``dump_python``'s keyword handling costs as much as the dump.
+    return definition.output_adapter.serializer.to_python(model, mode="json")
 
 
 def _is_current(
@@ -463,10 +474,11 @@ async def _phase_commit(
             assert outcome.error is not None
             result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
         stages = [*stages[:index], stage, *stages[index + 1 :]]
-        if pending and (ctx.logs or ctx.annotations):  # their events follow the outcome's
-            await tx.append_events(pending)
-            pending = []
-        await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
+        if ctx.logs or ctx.annotations:
+            if pending:  # their events follow the outcome's
+                await tx.append_events(pending)
+                pending = []
+            await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
         if ctx.annotations:  # annotations merged search attributes: the run has moved on
             run = await load_run(tx, run_id)
         chain = (

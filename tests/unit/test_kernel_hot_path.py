@@ -1,0 +1,203 @@
+"""The shortcuts taken on every stage's path keep the contracts of what they replace:
+shared field sets, the class-based in-memory transaction, the level check before
+structlog, the lazily made cancellation event, and uuid7 text built without ``uuid``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import BaseModel
+
+from treadle.adapters.logging import structlog_logger
+from treadle.kernel.context import CancellationToken
+from treadle.kernel.events import WorkflowCreated
+from treadle.kernel.ids import Uuid7Ids
+from treadle.kernel.model import Job, JobStatus, Run, StageRun, StageStatus, evolve
+from treadle.testing import FakeClock, InMemoryJobTransport, InMemoryPersistence
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_evolved_copies_share_one_field_set_without_leaking_changes() -> None:
+    """evolve shares one field set per frozen class; model_copy still copies it, so a
+    later update of one copy never shows on another."""
+    stage = StageRun(workflow_run_id="r", stage_id="s", execution_group=0)
+    running = evolve(stage, {"status": StageStatus.RUNNING, "attempt": 1})
+    done = evolve(running, {"status": StageStatus.COMPLETED})
+    assert running.model_fields_set is done.model_fields_set
+    assert running.model_fields_set == set(StageRun.model_fields)
+    copied = done.model_copy(update={"attempt": 7})
+    assert copied.attempt == 7
+    assert copied.model_fields_set is not done.model_fields_set
+    assert (running.attempt, done.attempt, done.status) == (1, 1, StageStatus.COMPLETED)
+    assert stage.status is StageStatus.PENDING
+    assert done == StageRun(
+        workflow_run_id="r", stage_id="s", execution_group=0, status="COMPLETED", attempt=1
+    )
+
+
+def test_evolve_of_a_mutable_model_gets_its_own_field_set() -> None:
+    """A mutable model may add to its field set on assignment, so it never shares one."""
+
+    class Mutable(BaseModel):
+        a: int = 0
+        b: int = 0
+
+    first = Mutable(a=1)
+    second = evolve(first, {"b": 2})
+    second.a = 5
+    assert second.model_fields_set == {"a", "b"}
+    assert first.model_fields_set == {"a"}
+    assert first.a == 1
+
+
+async def test_transaction_rolls_back_on_cancellation_and_releases_the_lock() -> None:
+    """A task cancelled inside a transaction rolls it back; the next one starts at once."""
+    p = InMemoryPersistence()
+    entered = asyncio.Event()
+
+    async def writer() -> None:
+        async with p.transaction() as tx:
+            await tx.insert_run(Run(id="r1", workflow_id="wf", created_at=NOW, updated_at=NOW))
+            entered.set()
+            await asyncio.Event().wait()  # cancelled here, mid-transaction
+
+    task = asyncio.create_task(writer())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (p.runs, p.rollbacks, p.commits) == ({}, 1, 0)
+    assert not p.lock.locked()
+    async with p.transaction() as tx:
+        await tx.insert_run(Run(id="r2", workflow_id="wf", created_at=NOW, updated_at=NOW))
+        [stored] = await tx.append_events(
+            [WorkflowCreated(workflow_run_id="r2", timestamp=NOW, workflow_id="wf", priority=5)]
+        )
+    assert stored.sequence == 1
+    assert list(p.runs) == ["r2"]
+    assert p.commits == 1
+
+
+async def test_stages_inserted_out_of_group_order_roll_back_to_the_old_order() -> None:
+    """Stages are kept in group order without sorting on read; a rolled-back insert that
+    re-ordered them leaves the previous stages, in their previous order."""
+    p = InMemoryPersistence()
+    async with p.transaction() as tx:
+        await tx.insert_run(Run(id="r1", workflow_id="wf", created_at=NOW, updated_at=NOW))
+        await tx.insert_stages(
+            [
+                StageRun(workflow_run_id="r1", stage_id="b", execution_group=2),
+                StageRun(workflow_run_id="r1", stage_id="a", execution_group=0),
+            ]
+        )
+        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b"]
+
+    async def insert_then_fail() -> None:
+        async with p.transaction() as tx:
+            await tx.insert_stages(
+                [StageRun(workflow_run_id="r1", stage_id="m", execution_group=1)]
+            )
+            assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "m", "b"]
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        await insert_then_fail()
+    async with p.transaction() as tx:
+        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b"]
+    assert list(p.stages["r1"]) == ["a", "b"]
+
+
+async def test_has_leased_follows_leases_and_rollbacks() -> None:
+    """has_leased (the harness's per-round check) is true exactly while a job is leased,
+    also after a rolled-back completion."""
+    p = InMemoryPersistence()
+    jobs = InMemoryJobTransport(p)
+    job = Job(
+        id="j1",
+        workflow_run_id="r1",
+        workflow_id="wf",
+        stage_id="s",
+        next_poll_at=NOW,
+        enqueued_at=NOW,
+    )
+    async with p.transaction() as tx:
+        await jobs.enqueue(tx, [job])
+    assert not jobs.has_leased()
+    await jobs.dequeue("w", NOW)
+    assert jobs.has_leased()
+
+    async def complete_then_fail() -> None:
+        async with p.transaction() as tx:
+            await jobs.complete(tx, "j1")
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        await complete_then_fail()
+    assert jobs.has_leased()
+    async with p.transaction() as tx:
+        await jobs.complete(tx, "j1")
+    assert not jobs.has_leased()
+    assert jobs.jobs["j1"].status is JobStatus.COMPLETED
+
+
+def test_structlog_logger_checks_the_level_first(caplog: pytest.LogCaptureFixture) -> None:
+    """Below the logger's level nothing is rendered; at or above it the line carries the
+    bound and the call's fields."""
+    log = structlog_logger("treadle.hotpath", worker_id="w1").bind(run_id="r1")
+    with caplog.at_level(logging.WARNING, logger="treadle.hotpath"):
+        log.info("stage.completed", stage_id="s")
+        log.debug("noise")
+        log.warning("stage.failed", stage_id="s", error="boom")
+    [record] = [r for r in caplog.records if r.name == "treadle.hotpath"]
+    line = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert "event='stage.failed'" in line
+    for field in ("run_id='r1'", "stage_id='s'", "worker_id='w1'", "error='boom'"):
+        assert field in line
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="treadle.hotpath"):
+        log.info("stage.completed", stage_id="s")
+    assert [r.levelno for r in caplog.records if r.name == "treadle.hotpath"] == [logging.INFO]
+
+
+async def test_cancellation_token_wakes_waiters_whenever_cancelled() -> None:
+    """The token's event is made on first wait: cancelling before or after that wakes
+    the waiter, and truthiness reflects the cancellation either way."""
+    early = CancellationToken()
+    early.cancel("stop")
+    assert early
+    assert early.is_set()
+    assert early.reason == "stop"
+    await asyncio.wait_for(early.wait(), 1)
+
+    late = CancellationToken()
+    assert not late
+    waiter = asyncio.create_task(late.wait())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    late.cancel()
+    await asyncio.wait_for(waiter, 1)
+    assert late.is_set()
+
+
+def test_uuid7_text_is_the_canonical_uuid_form() -> None:
+    """Ids are exactly what uuid.UUID prints: lower-case 8-4-4-4-12, version 7, RFC
+    variant, whether the millisecond is new or repeated."""
+    clock = FakeClock()
+    ids = Uuid7Ids(clock.now)
+    first_ms = int(clock.now().timestamp() * 1000)
+    made = [ids.new_id() for _ in range(50)]
+    clock.advance(1)
+    made.append(ids.new_id())
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 7
+        assert parsed.variant == uuid.RFC_4122
+    assert {uuid.UUID(t).int >> 80 for t in made[:-1]} == {first_ms}
+    assert uuid.UUID(made[-1]).int >> 80 == first_ms + 1000
