@@ -173,7 +173,9 @@ class RunHandle:
     async def result(self, timeout: float | timedelta | None = None) -> Any:  # noqa: ASYNC109 - binding API name (DESIGN §3.3)
         """Wait until the run is terminal: its output if COMPLETED, ``RunFailedError``
         or ``RunCancelledError`` otherwise, ``TimeoutError`` once ``timeout`` seconds
-        pass first (the run keeps going).
+        pass first (the run keeps going). A cancelled run whose saga compensations are
+        still running is not finished yet: the error comes once they are, and names
+        their outcome.
 
         Polls storage with a capped backoff, so it works whichever process or worker
         executes the run; a short run answers within milliseconds.
@@ -187,14 +189,19 @@ class RunHandle:
                 return run.output
             if run.status is RunStatus.FAILED:
                 raise RunFailedError(run.id, run.error)
+            compensating = False
             if run.status is RunStatus.CANCELLED:
-                raise RunCancelledError(run.id, run.error)
+                # A cancelled code workflow with a saga is CANCELLED at once, but its
+                # compensations still run: answer once they have, with their outcome.
+                run = await self.engine.get_run(self.run_id)
+                compensating = any(not stage.status.terminal for stage in run.stages)
+                if not compensating:
+                    raise RunCancelledError(run.id, run.error)
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"run {run.id!r} is still {run.status.value} after {limit:g}s"
-                    )
+                    state = "CANCELLED and compensating" if compensating else run.status.value
+                    raise TimeoutError(f"run {run.id!r} is still {state} after {limit:g}s")
                 delay = min(delay, remaining)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RESULT_MAX_POLL)

@@ -250,3 +250,21 @@ async def test_per_run_execution_timeout_overrides_the_workflow_on_every_backend
     run = await engine.get_run(handle.run_id)
     assert run.status is RunStatus.CANCELLED
     assert (run.error or "").startswith("execution timeout; compensated cancel-car")
+
+
+async def test_result_of_a_cancelled_run_waits_for_its_compensations_on_every_backend(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """handle.result() does not answer while a cancelled run is still compensating (the
+    run is CANCELLED but its orchestrating stage is live); once the compensations have
+    run it raises RunCancelledError naming their outcome."""
+    from treadle.kernel.errors import RunCancelledError
+
+    run_id = await _start(engine, clock)
+    assert await engine.cancel(run_id, reason="changed plans")
+    handle = engine.handle(run_id)
+    with pytest.raises(TimeoutError, match="CANCELLED and compensating"):
+        await handle.result(timeout=0.05)
+    assert await _drain(engine, clock) == 1
+    with pytest.raises(RunCancelledError, match="compensated cancel-car, cancel-hotel"):
+        await handle.result(timeout=5)
