@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         workflow,
     )
     from treadle.kernel.errors import (
+        ChildWorkflowFailedError,
         NonRetryableError,
         StepFailedError,
         TreadleError,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChildWorkflowFailedError",
     "Engine",
     "Failed",
     "Kernel",
@@ -74,7 +76,13 @@ __all__ = [
 ]
 
 _ERRORS = frozenset(
-    {"NonRetryableError", "StepFailedError", "TreadleError", "TreadleValidationError"}
+    {
+        "ChildWorkflowFailedError",
+        "NonRetryableError",
+        "StepFailedError",
+        "TreadleError",
+        "TreadleValidationError",
+    }
 )
 
 

@@ -579,9 +579,12 @@ class Engine:
         attributes: Mapping[str, JsonValue] | None = None,
         limit: int = 50,
         offset: int = 0,
+        *,
+        parent_run_id: str | None = None,
     ) -> builtins.list[Run]:
         """Runs matching every given filter, newest first (without stages).
-        ``created_after`` is inclusive, ``created_before`` exclusive."""
+        ``created_after`` is inclusive, ``created_before`` exclusive; ``parent_run_id``
+        selects the children a code workflow started with ``ctx.child``."""
         self._check_open()
         query = _filter(
             status=status,
@@ -592,6 +595,10 @@ class Engine:
             limit=limit,
             offset=offset,
         )
+        if parent_run_id is not None:
+            query = query.model_copy(
+                update={"parent_run_id": _non_empty(parent_run_id, "parent_run_id")}
+            )
         return await self.kernel.list_runs(query)
 
     async def aggregate(

@@ -38,7 +38,8 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── VersionMismatchError          a run's pinned version is not registered (run blocked)
     │   ├── StepFailedError               a step failed for good (retries exhausted)
     │   ├── StepTimeoutError              one attempt of a step ran past its timeout (retryable)
-    │   └── WaitTimeoutError              a signal wait reached its timeout
+    │   ├── WaitTimeoutError              a signal wait reached its timeout
+    │   └── ChildWorkflowFailedError      a child run (``ctx.child``) failed or was cancelled
     └── StorageError                      a driver failure, translated at the adapter boundary
         └── TransientStorageError         connection lost, serialization failure (retryable)
 """
@@ -235,6 +236,22 @@ class StepTimeoutError(WorkflowError):
 
 class WaitTimeoutError(WorkflowError):
     """Raised inside a workflow body when ``wait_for_signal`` reached its timeout."""
+
+
+class ChildWorkflowFailedError(WorkflowError):
+    """Raised inside a workflow body when the child run it awaits with ``ctx.child`` ended
+    FAILED or CANCELLED; the body may catch it. ``child_run_id``, ``workflow_id``,
+    ``status`` and ``error`` (the child's error or cancel reason) say which and why. Replay
+    raises it again from the journal."""
+
+    def __init__(self, child_run_id: str, workflow_id: str, status: str, error: str | None) -> None:
+        verb = "was cancelled" if status == "CANCELLED" else "failed"
+        detail = f": {error}" if error else ""
+        super().__init__(f"child workflow {workflow_id!r} run {child_run_id!r} {verb}{detail}")
+        self.child_run_id = child_run_id
+        self.workflow_id = workflow_id
+        self.status = status
+        self.error = error
 
 
 class StorageError(TreadleError):

@@ -206,6 +206,26 @@ class ReviewDecided(EventBase):
     reviewer: str | None = None
 
 
+class ChildStarted(EventBase):
+    """Recorded on the parent when ``ctx.child`` created a child run."""
+
+    type: Literal["child:started"] = "child:started"
+    child_run_id: str
+    child_workflow_id: str
+    occurrence: int
+
+
+class ChildFinished(EventBase):
+    """Recorded on the parent when a child run it awaits ended (``status``: COMPLETED,
+    FAILED or CANCELLED)."""
+
+    type: Literal["child:finished"] = "child:finished"
+    child_run_id: str
+    child_workflow_id: str
+    status: str
+    error: str | None = None
+
+
 class AnnotationCreated(EventBase):
     type: Literal["annotation:created"] = "annotation:created"
     annotation_id: str
@@ -238,6 +258,8 @@ Event = Annotated[
     | VersionMismatched
     | ReviewRequested
     | ReviewDecided
+    | ChildStarted
+    | ChildFinished
     | AnnotationCreated,
     Field(discriminator="type"),
 ]

@@ -200,6 +200,7 @@ async def apply_transition(
                 duration=run.duration,
             )
         )
+        await run_ended(deps, tx, run, now, causation_id)
     elif decision.action == "failed":
         failed = decision.failed_stage
         assert failed is not None
@@ -261,7 +262,18 @@ async def fail_run(
             )
         ]
     )
+    await run_ended(deps, tx, run, now, causation_id)
     return run
+
+
+async def run_ended(
+    deps: Deps, tx: Transaction, run: Run, now: datetime, causation_id: str | None
+) -> None:
+    """Hook for every transaction that makes a run terminal: a child run reports to its
+    parent, a parent's live children are cancelled (``kernel.workflows.children``)."""
+    from treadle.kernel.workflows.children import run_ended as children_run_ended
+
+    await children_run_ended(deps, tx, run, now, causation_id)
 
 
 async def fail_stage_for_good(

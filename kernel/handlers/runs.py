@@ -12,7 +12,7 @@ from treadle.kernel.errors import (
     StageNotFoundError,
 )
 from treadle.kernel.events import WorkflowCancelled, WorkflowCreated, WorkflowStarted
-from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run
+from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run, run_ended
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
 from treadle.kernel.workflows.deadline import request as request_execution_timeout
@@ -257,6 +257,7 @@ async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResul
                     )
                 ]
             )
+            await run_ended(deps, tx, await load_run(tx, run.id), now, scope.causation_id)
             result = c.RunCancelResult(cancelled=True)
         await scope.complete(tx, result)
     if result.cancelled:  # executions in this process see ctx.cancelled at once

@@ -8,6 +8,10 @@ body so the run suspends (a sleep, a signal not yet arrived, a retry backoff).
 Reaching a different call than the journal recorded at a position is a
 ``NonDeterminismError``.
 
+``ctx.all``, ``ctx.race`` and ``ctx.child`` live in ``composition``: each argument of a
+group runs as its own task with a ``Branch`` that records its one position and keeps
+its waits, so siblings reach their own boundaries before the body unwinds.
+
 The body unwinds through ``Interrupt``, a ``BaseException`` so that a body's
 ``except Exception`` cannot swallow a suspension; the context also remembers the
 interrupt, so a body that swallows it anyway cannot get past its next ``ctx`` call.
@@ -19,7 +23,7 @@ import asyncio
 import contextvars
 import math
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -28,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel.context import CancellationToken
-from treadle.kernel.definitions import _is_async
+from treadle.kernel.definitions import WorkflowDefinition, _is_async
 from treadle.kernel.errors import (
     InvalidPayloadError,
     NonDeterminismError,
@@ -49,6 +53,7 @@ from treadle.kernel.events import (
 from treadle.kernel.model import JsonValue, evolve
 from treadle.kernel.retry import RetryPolicy
 from treadle.kernel.workflows.model import (
+    ChildStart,
     InboxMessage,
     JournalEntry,
     JournalStatus,
@@ -70,7 +75,7 @@ _ANY: TypeAdapter[Any] = TypeAdapter(Any)
 class Wait:
     """Why a body unwound to suspend: what it waits for, and until when."""
 
-    kind: Literal["sleep", "signal", "update", "review", "retry"]
+    kind: Literal["sleep", "signal", "update", "review", "retry", "child"]
     position: int
     name: str
     occurrence: int
@@ -113,6 +118,32 @@ _CURRENT_STEP: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
 """Task-local (not global) state: set around each step function call."""
 
 
+@dataclass
+class Branch:
+    """One argument of ``ctx.all`` / ``ctx.race`` while it runs as its own task: the one
+    journal position it reserved, and the waits it unwound with (kept here rather than on
+    the context, so a sibling may still reach its own boundary and a race winner may let
+    the body carry on)."""
+
+    index: int
+    skip: bool = False
+    """A race replayed after its decision: reserve the loser's position, never run it."""
+    position: int | None = None
+    key: str | None = None
+    occurrence: int | None = None
+    waits: list[Wait] = field(default_factory=list)
+
+
+class SkippedBranch(BaseException):
+    """Unwinds a race loser right after it reserved its position on replay."""
+
+
+CURRENT_BRANCH: contextvars.ContextVar[Branch | None] = contextvars.ContextVar(
+    "treadle_current_branch", default=None
+)
+"""Task-local: set by ``ctx.all`` / ``ctx.race`` inside the task running one argument."""
+
+
 class JournalWriter(Protocol):
     """How the context reaches storage; implemented by the executor, which checks on
     every commit that this execution still owns the run."""
@@ -124,9 +155,15 @@ class JournalWriter(Protocol):
         *,
         consume: Sequence[tuple[int, str]] = (),
         replies: Sequence[tuple[int, JsonValue]] = (),
+        start_children: Sequence[ChildStart] = (),
+        cancel_children: Sequence[str] = (),
     ) -> list[JournalEntry]: ...
 
     async def peek_message(self, kind: str, name: str) -> InboxMessage | None: ...
+
+    def child_workflow(self, workflow_id: str) -> WorkflowDefinition:
+        """The registered definition of a child (``WorkflowNotFoundError`` if none)."""
+        ...
 
 
 def _seconds(value: timedelta | float | None, what: str) -> float | None:
@@ -246,6 +283,8 @@ class WorkflowContext:
         whose outcome is not journaled unwinds the body (``Interrupt("cancelled")``)."""
         self.compensations: list[Compensation] = []
         """Compensations registered by ``saga.add`` so far in this activation, in order."""
+        self._commit_lock = asyncio.Lock()
+        """Branches of ``ctx.all`` commit one at a time, each in its own transaction."""
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -283,6 +322,10 @@ class WorkflowContext:
 
     # -- plumbing -------------------------------------------------------------------------
     def _stop(self, interrupt: Interrupt) -> Interrupt:
+        branch = CURRENT_BRANCH.get()
+        if branch is not None and interrupt.reason == "suspend":
+            branch.waits.extend(interrupt.waits)  # the combinator decides what unwinds
+            return interrupt
         if self.interrupt is None:
             self.interrupt = interrupt
         elif self.interrupt.reason == "suspend" and interrupt.reason == "suspend":
@@ -309,10 +352,6 @@ class WorkflowContext:
         elif entry is None and (key, occurrence) in self._by_key:
             other = self._by_key[(key, occurrence)]
             found = f"the journal recorded it at position {other.position}"
-        if found is None and self.compensating and kind not in _LOCAL_KINDS:
-            final = (JournalStatus.COMPLETED, JournalStatus.FAILED)
-            if entry is None or entry.status not in final:
-                raise self._stop(Interrupt("cancelled"))
         if found is not None:
             error = NonDeterminismError(
                 f"workflow {self.workflow_id!r} run {self.run_id!r} is not deterministic: at "
@@ -320,6 +359,22 @@ class WorkflowContext:
                 f"but {found}"
             )
             raise self._stop(Interrupt("fatal", error=error))
+        branch = CURRENT_BRANCH.get()
+        if branch is not None:
+            if branch.position is not None:
+                misuse = ValueError(
+                    f"workflow {self.workflow_id!r}: each argument of ctx.all / ctx.race must be "
+                    f"one ctx call (ctx.step, ctx.child, ctx.sleep, ...); argument "
+                    f"{branch.index} reached a second one, {describe_call(kind, key, occurrence)}"
+                )
+                raise self._stop(Interrupt("fatal", error=misuse))
+            branch.position, branch.key, branch.occurrence = position, key, occurrence
+            if branch.skip:  # a decided race's loser: never runs, not even to compensate
+                raise SkippedBranch
+        if self.compensating and kind not in _LOCAL_KINDS:
+            final = (JournalStatus.COMPLETED, JournalStatus.FAILED)
+            if entry is None or entry.status not in final:
+                raise self._stop(Interrupt("cancelled"))
         return position, key, occurrence, entry
 
     def _entry(
@@ -349,14 +404,36 @@ class WorkflowContext:
         *,
         consume: Sequence[tuple[int, str]] = (),
         replies: Sequence[tuple[int, JsonValue]] = (),
+        start_children: Sequence[ChildStart] = (),
     ) -> None:
         """Commit ``entries`` with the pending ones; a storage failure unwinds the body
         (``crash``) instead of surfacing inside it, so a body cannot carry on past a step
         whose result was not recorded."""
+        async with self._commit_lock:
+            await self.commit_locked(
+                entries, events, consume=consume, replies=replies, start_children=start_children
+            )
+
+    async def commit_locked(
+        self,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase] = (),
+        *,
+        consume: Sequence[tuple[int, str]] = (),
+        replies: Sequence[tuple[int, JsonValue]] = (),
+        start_children: Sequence[ChildStart] = (),
+        cancel_children: Sequence[str] = (),
+    ) -> None:
+        """``_commit`` for a caller already holding ``commit_lock`` (a race deciding)."""
         batch = [*self._pending, *entries]
         try:
             stored = await self._writer.commit(
-                batch, [*self._pending_events, *events], consume=consume, replies=replies
+                batch,
+                [*self._pending_events, *events],
+                consume=consume,
+                replies=replies,
+                start_children=start_children,
+                cancel_children=cancel_children,
             )
         except Interrupt as interrupt:
             raise self._stop(interrupt) from None
@@ -546,6 +623,35 @@ class WorkflowContext:
             self.interrupt = None
         forward = [p for p, e in self._by_position.items() if e.kind != "compensate"]
         self._next_position = max(self._next_position, max(forward, default=-1) + 1)
+
+    # -- composition ----------------------------------------------------------------------
+    async def all(self, *calls: Awaitable[Any]) -> list[Any]:
+        """Run ``ctx`` calls (``ctx.step(...)``, ``ctx.child(...)``, ``ctx.sleep(...)``, a
+        signal wait, ...) concurrently; their results in argument order. Each is journaled
+        on its own. When all have settled, the first failure in argument order is raised;
+        while any still waits, the run suspends on all their waits together."""
+        from treadle.kernel.workflows.composition import gather_all
+
+        return await gather_all(self, calls)
+
+    async def race(self, *calls: Awaitable[Any], name: str = "race") -> tuple[int, Any]:
+        """Run ``ctx`` calls concurrently; ``(index, value)`` of the first to finish (its
+        error is raised if it failed). The others are cancelled and never journaled as
+        completed; the winner is journaled, so a replay returns the same one."""
+        from treadle.kernel.workflows.composition import race_first
+
+        return await race_first(self, calls, _check_name(name, "race"))
+
+    async def child(
+        self, workflow_id: str, input: Any = None, *, config: Mapping[str, Any] | None = None
+    ) -> Any:
+        """Start a child run of ``workflow_id`` (a code workflow or a pipeline; its own
+        record with ``parent_run_id`` set) and return its validated output; the run waits
+        without holding a worker until the child ends. ``ChildWorkflowFailedError`` if the
+        child failed or was cancelled. Cancelling this run cancels its children."""
+        from treadle.kernel.workflows.composition import await_child
+
+        return await await_child(self, workflow_id, input, config)
 
     # -- time -----------------------------------------------------------------------------
     async def sleep(self, duration: timedelta | float, *, name: str = "sleep") -> None:

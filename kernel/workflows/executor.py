@@ -49,7 +49,13 @@ from treadle.kernel.model import JsonValue, Run, RunStatus, StageRun, StageStatu
 from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext, message_result
 from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
-from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
+from treadle.kernel.workflows.model import (
+    ChildStart,
+    InboxMessage,
+    JournalEntry,
+    JournalStatus,
+    Timer,
+)
 from treadle.kernel.workflows.saga import SagaOutcome, adopt_registrations, run_compensations
 from treadle.kernel.workflows.versions import block, mismatch_event, version_mismatch
 
@@ -71,7 +77,7 @@ async def write_entries(
             stored.append(await tx.insert_journal_entry(entry))
             continue
         stored.append(await tx.update_journal_entry(entry))
-        if entry.status in (JournalStatus.COMPLETED, JournalStatus.FAILED):
+        if entry.status in (JournalStatus.COMPLETED, JournalStatus.FAILED, JournalStatus.CANCELLED):
             await tx.fire_timer(entry.workflow_run_id, entry.name, entry.occurrence, now)
     return stored
 
@@ -148,8 +154,11 @@ class _Writer:
         *,
         consume: Sequence[tuple[int, str]] = (),
         replies: Sequence[tuple[int, JsonValue]] = (),
+        start_children: Sequence[ChildStart] = (),
+        cancel_children: Sequence[str] = (),
     ) -> list[JournalEntry]:
         now = self._deps.clock.now()
+        causation = self._scope.causation_id
         async with self._deps.persistence.transaction() as tx:
             owned = await self.owner(tx)
             if owned is None:
@@ -161,9 +170,19 @@ class _Writer:
             for message_id, reply in replies:
                 await tx.set_reply(message_id, reply)
             if events:
-                causation = self._scope.causation_id
                 await tx.append_events([evolve(e, {"causation_id": causation}) for e in events])
+            if start_children or cancel_children:
+                from treadle.kernel.workflows import children  # imports this module
+            for spec in start_children:
+                await children.start_child(self._deps, tx, owned[0], spec, now, causation)
+            for run_id in cancel_children:
+                await children.cancel_run(
+                    self._deps, tx, run_id, "lost a race of its parent", now, causation
+                )
         return stored
+
+    def child_workflow(self, workflow_id: str) -> WorkflowDefinition:
+        return self._deps.workflow(workflow_id)
 
     async def peek_message(self, kind: str, name: str) -> InboxMessage | None:
         async with self._deps.persistence.transaction() as tx:
@@ -545,6 +564,9 @@ async def _record_wait(
 ) -> datetime | None:
     """Journal one wait; returns when to run again without a timer, if so."""
     entry = await tx.get_journal_entry(run_id, wait.name, wait.occurrence)
+    if wait.kind == "child":  # the child's end completes the entry and wakes the run
+        ended = entry is not None and entry.status is not JournalStatus.WAITING
+        return now if ended else None  # ... unless it ended while the body was unwinding
     if wait.kind == "retry":
         assert wait.until is not None
         if wait.until - now <= deps.settings.step_backoff_suspend_after:

@@ -63,7 +63,8 @@ FORK_OPERATION = "run.fork"
 kernel operation, not one of the binding commands)."""
 
 _OCCURRENCE = re.compile(r"^(?P<name>.+)#(?P<occurrence>[1-9][0-9]*)$")
-_REUSABLE = (JournalStatus.COMPLETED, JournalStatus.FAILED)
+_REUSABLE = (JournalStatus.COMPLETED, JournalStatus.FAILED, JournalStatus.CANCELLED)
+"""Finished entries; ``CANCELLED`` is a ``ctx.race`` loser, which a replay skips."""
 
 
 class ForkResult(BaseModel):

@@ -1,14 +1,15 @@
 """The stored shapes of code workflows: journal entries, inbox messages, timers.
 
 A code workflow's durable state is its journal: one entry per durable ``ctx`` call
-(a step, a sleep, a signal wait, ``now``, ``uuid``, ``publish``), keyed by
-``(name, occurrence)`` and ordered by ``position``, the order the body reached
-them. Signals wait in an inbox until a ``wait_for_signal`` consumes them; sleeps,
+(a step, a sleep, a signal wait, ``now``, ``uuid``, ``publish``, a child run, a race's
+decision), keyed by ``(name, occurrence)`` and ordered by ``position``, the order the
+body reached them. Signals wait in an inbox until a ``wait_for_signal`` consumes them; sleeps,
 wait timeouts and long retry backoffs are timers that the maintenance tick fires.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -31,10 +32,24 @@ class JournalStatus(StrEnum):
     """A step that failed and waits for its next attempt (``input["until"]``)."""
     FAILED = "FAILED"
     """A step whose retries are exhausted; replay raises ``StepFailedError`` again."""
+    CANCELLED = "CANCELLED"
+    """A branch that lost a ``ctx.race``: its outcome is discarded, its timer disarmed, and
+    replay never runs it again."""
 
 
 JournalKind = Literal[
-    "step", "sleep", "signal", "update", "reply", "review", "now", "uuid", "publish", "attribute"
+    "step",
+    "sleep",
+    "signal",
+    "update",
+    "reply",
+    "review",
+    "now",
+    "uuid",
+    "publish",
+    "attribute",
+    "child",
+    "race",
 ]
 
 
@@ -59,7 +74,7 @@ class JournalEntry(_Frozen):
     attempts: int = 0
     input: dict[str, JsonValue] | None = None
     """Wait bookkeeping: ``until`` (ISO time a sleep, timeout or retry is due),
-    ``signal`` (the awaited signal name)."""
+    ``signal`` (the awaited signal name), ``child_run_id`` and ``workflow_id`` (a child)."""
     result: JsonValue = None
     error: str | None = None
     idempotency_key: str | None = None
@@ -113,6 +128,16 @@ class Timer(_Frozen):
     created_at: datetime
     fired_at: datetime | None = None
     id: int | None = None
+
+
+@dataclass(frozen=True)
+class ChildStart:
+    """A child run to create in the same transaction as the parent's ``child`` entry."""
+
+    run_id: str
+    workflow_id: str
+    input: JsonValue
+    config: dict[str, JsonValue]
 
 
 def entry_values(entry: JournalEntry) -> dict[str, Any]:

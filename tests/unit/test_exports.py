@@ -8,6 +8,7 @@ import pytest
 
 EXPECTED: dict[str, set[str]] = {
     "treadle": {
+        "ChildWorkflowFailedError",
         "Engine",
         "Failed",
         "Kernel",
