@@ -16,6 +16,8 @@ import pytest
 from treadle.kernel.errors import ConcurrencyError, ConflictError, DuplicateError, TreadleError
 from treadle.kernel.events import (
     AnnotationCreated,
+    ChildFinished,
+    ChildStarted,
     EventBase,
     ReviewDecided,
     ReviewRequested,
@@ -620,6 +622,17 @@ def every_event(run_id: str) -> list[EventBase]:
             trigger="cancelled",
             compensated=["refund", "release#2"],
             failed={"notify": "ValueError: down"},
+        ),
+        ChildStarted(
+            **base, timestamp=at(16), child_run_id="r1.child-0", child_workflow_id="w", occurrence=1
+        ),
+        ChildFinished(
+            **base,
+            timestamp=at(17),
+            child_run_id="r1.child-0",
+            child_workflow_id="w",
+            status="FAILED",
+            error="boom",
         ),
     ]
 
