@@ -697,3 +697,31 @@ async def test_a_run_with_a_decided_race_and_a_child_can_be_forked_after_them() 
     assert await fork.result() == [1, 9]
     assert CALLS == {"double": 1, "triple": 3}  # the child's price step, then two "triple"
     assert await te.kernel.list_runs(RunFilter(parent_run_id=fork.run_id)) == []
+
+
+async def test_a_child_cancelled_with_its_parent_runs_its_saga_compensations() -> None:
+    """The cancel cascade cancels a child as run.cancel does: the child's registered
+    compensations still run, as durable steps."""
+
+    async def unbook(n: int) -> None:
+        _count("unbook")
+
+    @workflow(id="booking", input=Order)
+    async def booking(ctx: WorkflowContext, order: Order) -> None:
+        saga = ctx.saga()
+        await ctx.step("book", double, order.n)
+        saga.add("unbook", unbook, order.n)
+        await ctx.sleep(timedelta(days=1))
+
+    @workflow(id="trip", input=Order)
+    async def trip(ctx: WorkflowContext, order: Order) -> None:
+        await ctx.child("booking", order)
+
+    te = TestEngine([trip, booking])
+    handle = await te.start("trip", {"n": 1})
+    await te.run_until_idle()
+    (child,) = await te.kernel.list_runs(RunFilter(parent_run_id=handle.run_id))
+    assert await te.cancel(handle.run_id, reason="trip called off")
+    await te.run_until_idle()
+    assert (await te.get_run(child.id)).status is RunStatus.CANCELLED
+    assert CALLS == {"double": 1, "unbook": 1}
