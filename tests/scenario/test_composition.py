@@ -725,3 +725,26 @@ async def test_a_child_cancelled_with_its_parent_runs_its_saga_compensations() -
     await te.run_until_idle()
     assert (await te.get_run(child.id)).status is RunStatus.CANCELLED
     assert CALLS == {"double": 1, "unbook": 1}
+
+
+async def test_compensating_after_cancel_replays_past_a_decided_race() -> None:
+    """A cancelled run's compensating replay passes a decided race (its loser is skipped,
+    not taken for an unfinished call), so compensations registered after it still run."""
+
+    async def unbook(n: int) -> None:
+        _count("unbook")
+
+    @workflow(id="raced-saga", input=Order)
+    async def raced_saga(ctx: WorkflowContext, order: Order) -> None:
+        saga = ctx.saga()
+        await ctx.race(ctx.wait_for_signal("never"), ctx.step("double", double, order.n))
+        await ctx.step("book", triple, order.n)
+        saga.add("unbook", unbook, order.n)
+        await ctx.sleep(timedelta(days=1))
+
+    te = TestEngine([raced_saga])
+    handle = await te.start("raced-saga", {"n": 1})
+    await te.run_until_idle()
+    assert await te.cancel(handle.run_id, reason="stop")
+    await te.run_until_idle()
+    assert CALLS == {"double": 1, "triple": 1, "unbook": 1}
