@@ -100,7 +100,7 @@ async def run_ended(
     deps: Deps, tx: Transaction, run: Run, now: datetime, causation_id: str | None
 ) -> None:
     """Called with ``run`` just made terminal, inside that transaction (module docstring)."""
-    wf = deps.registry.get_workflow(run.workflow_id)
+    wf = deps.find_workflow(run.workflow_id, run.workflow_version)
     if wf is not None and wf.kind == "code":
         reason = f"parent run {run.id!r} ended {run.status.value}"
         for entry in await tx.get_journal(run.id, status=JournalStatus.WAITING):
@@ -197,4 +197,5 @@ async def _report_to_parent(
     )
     stage = await tx.get_stage(parent.id, WORKFLOW_STAGE_ID)
     if stage is not None and stage.status is StageStatus.SUSPENDED:
-        await wake(deps, tx, parent, stage, deps.workflow(parent.workflow_id), now)
+        wf = deps.workflow(parent.workflow_id, parent.workflow_version)
+        await wake(deps, tx, parent, stage, wf, now)
