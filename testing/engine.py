@@ -200,6 +200,7 @@ class TestEngine:
         settings: KernelSettings | None = None,
         plugins: Iterable[Any] = (),
         ids: Any = None,
+        chain: bool = True,
     ) -> None:
         self.clock = FakeClock(start)
         self.persistence = InMemoryPersistence()
@@ -210,6 +211,11 @@ class TestEngine:
         self.registry = _MockingRegistry(workflows)
         self.chaos = chaos
         self.worker_id = worker_id
+        # Chain stages as the production ``Worker`` does (``JobExecute.chain``): a commit
+        # that advances a run leases and starts the run's next stage, which the same task
+        # executes at once instead of a later round dequeuing it. ``chain=False`` makes
+        # every stage wait for the next round's dequeue (strict priority order).
+        self.chain = chain
         self.transient_failures = 0
         self.kernel: Kernel = create_kernel(
             persistence=chaos.wrap(self.persistence) if chaos else self.persistence,
@@ -337,18 +343,28 @@ class TestEngine:
             return None
 
     async def _execute(self, job_id: str, attempts: int) -> bool | None:
-        """``job.execute`` of one leased job, keyed per attempt as the worker host does;
-        ``None`` after a transient failure. The command is built when the task runs and
-        the result is not kept, so neither outlives its own execution while a round of
-        a thousand jobs is gathered."""
-        result = await self._try(
-            c.JobExecute(
-                job_id=job_id,
-                worker_id=self.worker_id,
-                idempotency_key=f"job:{job_id}:{attempts}",
+        """``job.execute`` of one leased job, keyed per attempt as the worker host does,
+        then of every job its commits chain (``chain``), as ``execute_job`` does in the
+        worker; ``None`` after a transient failure of any of them (the run then gets the
+        ``run.transition`` safety net, and a chained job left leased is released at the
+        end of the round). The commands are built when the task runs and no result is
+        kept, so neither outlives its own execution while a round of a thousand jobs is
+        gathered."""
+        while True:
+            result = await self._try(
+                c.JobExecute(
+                    job_id=job_id,
+                    worker_id=self.worker_id,
+                    idempotency_key=f"job:{job_id}:{attempts}",
+                    chain=self.chain,
+                )
             )
-        )
-        return None if result is None else True
+            if result is None:
+                return None
+            chained = result.chained_job
+            if chained is None:
+                return True
+            job_id, attempts = chained.id, chained.attempts
 
     async def _step(self) -> bool:
         """One round of everything a worker and a maintenance tick do; True if it moved."""
