@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from operator import attrgetter
@@ -21,6 +22,7 @@ from treadle.kernel.events import EventBase, OutboxRecord
 from treadle.kernel.model import (
     Annotation,
     IdempotencyRecord,
+    IdempotencyState,
     JsonValue,
     LogRecord,
     Run,
@@ -33,6 +35,29 @@ from treadle.kernel.model import (
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 
 _MISSING = object()
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _idempotency_record(
+    stored: IdempotencyRecord | tuple[str, str, datetime, str] | None,
+) -> IdempotencyRecord | None:
+    """The record as the port returns it. A completed record is kept compacted: a tuple
+    of strings and a datetime, its result as JSON text (as the SQL adapters keep it), so
+    the store holds no container the cyclic garbage collector has to walk for it (a
+    thousand runs leave tens of thousands of completed records behind). An in-progress
+    mark lives only until its command completes and stays a model."""
+    if stored is None or isinstance(stored, IdempotencyRecord):
+        return stored
+    key, command_type, started_at, result = stored
+    return IdempotencyRecord(
+        key=key,
+        command_type=command_type,
+        state=IdempotencyState.COMPLETED,
+        result=json.loads(result),
+        started_at=started_at,
+    )
 
 
 class InMemoryTransaction:
@@ -289,11 +314,14 @@ class InMemoryTransaction:
 
     # -- idempotency ------------------------------------------------------------
     async def get_idempotency(self, key: str, command_type: str) -> IdempotencyRecord | None:
-        return self._s.idempotency.get((key, command_type))
+        return _idempotency_record(self._s.idempotency.get((key, command_type)))
 
     async def put_idempotency(self, record: IdempotencyRecord) -> None:
         self._check()
-        self.set_item(self._s.idempotency, (record.key, record.command_type), record)
+        stored: IdempotencyRecord | tuple[str, str, datetime, str] = record
+        if record.state is IdempotencyState.COMPLETED:
+            stored = (record.key, record.command_type, record.started_at, _dumps(record.result))
+        self.set_item(self._s.idempotency, (record.key, record.command_type), stored)
 
     async def delete_idempotency(self, key: str, command_type: str) -> None:
         self._check()
@@ -591,7 +619,11 @@ class InMemoryPersistence:
         self.dead: dict[int, None] = {}
         self.events_by_run: dict[str, list[EventBase]] = {}
         self.next_outbox_id = 0
-        self.idempotency: dict[tuple[str, str], IdempotencyRecord] = {}
+        # Completed records compacted (see ``_idempotency_record``); read them through
+        # ``idempotency_record``.
+        self.idempotency: dict[
+            tuple[str, str], IdempotencyRecord | tuple[str, str, datetime, str]
+        ] = {}
         self.logs: dict[str, list[LogRecord]] = {}
         self.annotations: dict[str, list[Annotation]] = {}
         self.commits = 0
@@ -612,6 +644,10 @@ class InMemoryPersistence:
 
     async def close(self) -> None:
         return None
+
+    def idempotency_record(self, key: str, command_type: str) -> IdempotencyRecord | None:
+        """The stored record of ``(key, command_type)``, outside any transaction."""
+        return _idempotency_record(self.idempotency.get((key, command_type)))
 
     def next_timer_at(self, purpose: str) -> datetime | None:
         """Earliest unfired timer of ``purpose`` (for the virtual clock)."""

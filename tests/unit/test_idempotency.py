@@ -105,7 +105,8 @@ async def test_in_progress_key_refused_then_reclaimed_after_ten_minutes() -> Non
     te.clock.advance(timedelta(seconds=1))
     result = await te.dispatch(cmd)
     assert result.checked == 0
-    record = te.persistence.idempotency[("busy", "stage.pollSuspended")]
+    record = te.persistence.idempotency_record("busy", "stage.pollSuspended")
+    assert record is not None
     assert record.state is IdempotencyState.COMPLETED
 
 
