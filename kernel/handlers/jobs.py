@@ -501,7 +501,7 @@ async def _phase_commit(
             chained = await _start_chained(
                 deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
             )
-            result = result.model_copy(update={"chained_job": decision.leased})
+            result = evolve(result, {"chained_job": decision.leased})
         await scope.complete(tx, result)
     if chained is not None:  # only once its start has committed
         deps.chains.keep(chained.job.id, cmd.worker_id, chained)
