@@ -12,7 +12,9 @@ CPU time, the share spent in the cyclic garbage collector (which walks the in-me
 store's growing heap), and the Python function calls per stage counted by the
 profiler, which are the same on every run.
 
-    .venv/bin/python benchmarks/kernel_overhead.py [--runs 1000] [--reps 5]
+    .venv/bin/python benchmarks/kernel_overhead.py [--runs 1000] [--reps 5] [--no-chain]
+
+``TestEngine`` chains stages as the worker does (``--no-chain`` dequeues every stage).
 
 Instructions per stage, which no other process on the machine can change (valgrind;
 the 20-run process is subtracted from the 120-run one, leaving 1,000 stages)::
@@ -82,11 +84,15 @@ class _GcTimer:
 
 
 async def one_rep(
-    runs: int, gc_timer: _GcTimer | None = None, profiler: cProfile.Profile | None = None
+    runs: int,
+    gc_timer: _GcTimer | None = None,
+    profiler: cProfile.Profile | None = None,
+    *,
+    chain: bool = True,
 ) -> tuple[float, float, float]:
     """(wall, CPU, GC) microseconds per stage of one repetition; ``profiler`` (if given)
     covers the measured part only, not the set-up's ``run.create`` calls."""
-    engine = TestEngine([build_pipeline()])
+    engine = TestEngine([build_pipeline()], chain=chain)
     for i in range(runs):
         await engine.start("noop-10", {"n": i})
     if gc_timer is not None:
@@ -117,16 +123,23 @@ def main() -> None:
     parser.add_argument(
         "--no-profile", action="store_true", help="skip the profiled repetition (for valgrind)"
     )
+    parser.add_argument(
+        "--no-chain",
+        action="store_true",
+        help="TestEngine(chain=False): every stage dequeued, as before chained stages",
+    )
     args = parser.parse_args()
+    chain = not args.no_chain
 
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} python={platform.python_version()}")
     print(
         f"workload: {args.runs} runs x {STAGES} no-op stages, in-memory adapters, {args.reps} reps"
+        f", chained stages {'on' if chain else 'off'}"
     )
     load_before = os.getloadavg()
     gc_timer = _GcTimer()
     gc.callbacks.append(gc_timer)
-    samples = [asyncio.run(one_rep(args.runs, gc_timer)) for _ in range(args.reps)]
+    samples = [asyncio.run(one_rep(args.runs, gc_timer, chain=chain)) for _ in range(args.reps)]
     gc.callbacks.remove(gc_timer)
     load_after = os.getloadavg()
     wall = [w for w, _, _ in samples]
@@ -144,7 +157,7 @@ def main() -> None:
     if args.no_profile:
         return
     profiler = cProfile.Profile()
-    asyncio.run(one_rep(args.runs, profiler=profiler))
+    asyncio.run(one_rep(args.runs, profiler=profiler, chain=chain))
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     per_stage = stats.total_calls / (args.runs * STAGES)  # type: ignore[attr-defined]

@@ -272,10 +272,11 @@ class InMemoryTransaction:
         self._check()
         outbox, unpublished, dead = self._s.outbox, self._s.unpublished, self._s.dead
         for outbox_id in outbox_ids:
-            record = self._s.outbox_record(outbox_id) if outbox_id in outbox else None
+            record = outbox.get(outbox_id)
             if record is None:
                 continue  # already published (published rows leave the outbox), as in SQL
-            if record.dead_lettered:
+            # A bare event is a row without bookkeeping: never dead-lettered.
+            if isinstance(record, OutboxRecord) and record.dead_lettered:
                 self.set_item(outbox, outbox_id, evolve(record, {"dead_lettered": False}))
             # Published rows leave the outbox; ``unpublished`` and ``dead`` are its indexes.
             self.del_item(outbox, outbox_id)
@@ -319,7 +320,8 @@ class InMemoryTransaction:
         self._check()
         stored: IdempotencyRecord | tuple[str, str, datetime, bytes] = record
         if record.state is IdempotencyState.COMPLETED:
-            stored = (record.key, record.command_type, record.started_at, marshal.dumps(record.result))
+            result = marshal.dumps(record.result)
+            stored = (record.key, record.command_type, record.started_at, result)
         self.set_item(self._s.idempotency, (record.key, record.command_type), stored)
 
     async def delete_idempotency(self, key: str, command_type: str) -> None:
