@@ -6,9 +6,7 @@ PostgreSQL (a database per test)."""
 from __future__ import annotations
 
 import contextlib
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +32,8 @@ from treadle.kernel.errors import (
 from treadle.kernel.events import WorkflowCreated
 from treadle.kernel.workflows import JournalStatus
 from treadle.testing import FakeClock, TestEngine
+from treadle.testing.databases import postgres_database, sqlite_database
 
-POSTGRES_URL = os.environ.get(
-    "TREADLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 WAIT = 20.0
 """Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
 
@@ -280,50 +276,6 @@ async def test_fork_past_an_unfinished_wait_is_refused() -> None:
     assert len(await te.kernel.list_runs()) == runs
 
 
-# -- every backend ----------------------------------------------------------------------------
-def _pg_admin() -> Any:
-    import psycopg
-
-    from treadle.adapters.sql import sync_url
-
-    url = sync_url(POSTGRES_URL).set(drivername="postgresql")
-    try:
-        return psycopg.connect(
-            url.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
-        )
-    except psycopg.OperationalError as exc:
-        if os.environ.get("TREADLE_REQUIRE_POSTGRES", "") not in ("", "0", "false"):
-            pytest.fail(f"PostgreSQL is required (TREADLE_REQUIRE_POSTGRES=1): {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-
-
-@contextlib.contextmanager
-def _pg_database() -> Iterator[str]:
-    from treadle.adapters.sql import async_url, migrate
-
-    name = f"treadle_fork_{uuid.uuid4().hex[:12]}"
-    with _pg_admin() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = async_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-        migrate(url)
-        yield url
-    finally:
-        with contextlib.suppress(Exception), _pg_admin() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "memory":
-        yield "memory://"
-    elif request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'treadle.db'}"
-    else:
-        with _pg_database() as pg_url:
-            yield pg_url
-
-
 @pytest.fixture
 async def engine(url: str) -> AsyncIterator[Engine]:
     async with await Engine.open(url, workflows=WORKFLOWS, clock=FakeClock()) as opened:
@@ -427,9 +379,9 @@ async def test_a_reused_offloaded_result_is_stored_anew_for_the_fork(
 
     with contextlib.ExitStack() as stack:
         if backend == "sqlite":
-            db = f"sqlite:///{tmp_path / 'treadle.db'}"
+            db = sqlite_database(tmp_path)
         else:
-            db = stack.enter_context(_pg_database())
+            db = stack.enter_context(postgres_database(migrate=True, prefix="treadle_fork"))
         async with await Engine.open(db, workflows=WORKFLOWS, payload_max_bytes=128) as engine:
             async with _worker(engine):
                 source = await engine.start("bulky", {"text": "x" * 400})

@@ -4,10 +4,7 @@ backend URL: ``memory://``, a SQLite file, and PostgreSQL where a server is reac
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,10 +24,7 @@ from treadle.kernel.errors import (
     TreadleValidationError,
 )
 from treadle.kernel.model import StageStatus
-
-POSTGRES_URL = os.environ.get(
-    "TREADLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+from treadle.testing.databases import postgres_database
 
 
 class Num(BaseModel):
@@ -74,65 +68,6 @@ CALC = WorkflowBuilder("calc", input=Num).pipe(add).pipe(double).build()
 FRAGILE = WorkflowBuilder("fragile", input=Num).pipe(add).pipe(flaky).build()
 SLOW = WorkflowBuilder("slow", input=Num).pipe(gated).build()
 WORKFLOWS = [CALC, FRAGILE, SLOW]
-
-
-# -- backends -----------------------------------------------------------------------
-def _pg_admin() -> Any:
-    import psycopg
-
-    from treadle.adapters.sql import sync_url
-
-    url = sync_url(POSTGRES_URL).set(drivername="postgresql")
-    try:
-        return psycopg.connect(
-            url.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
-        )
-    except psycopg.OperationalError as exc:
-        if os.environ.get("TREADLE_REQUIRE_POSTGRES", "") not in ("", "0", "false"):
-            pytest.fail(f"PostgreSQL is required (TREADLE_REQUIRE_POSTGRES=1): {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-
-
-def _pg_url(database: str) -> str:
-    from treadle.adapters.sql import async_url
-
-    return async_url(POSTGRES_URL).set(database=database).render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def _pg_database(template: str | None = None) -> Iterator[str]:
-    """A new database (copied from ``template`` if given), dropped afterwards."""
-    name = f"treadle_facade_{uuid.uuid4().hex[:12]}"
-    with _pg_admin() as admin:
-        suffix = f' TEMPLATE "{template}"' if template else ""
-        admin.execute(f'CREATE DATABASE "{name}"{suffix}')
-    try:
-        yield name
-    finally:
-        with contextlib.suppress(Exception), _pg_admin() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="module")
-def pg_template() -> Iterator[str]:
-    """One migrated database per module; each test gets a copy (fast, and isolated)."""
-    from treadle.adapters.sql import migrate
-
-    with _pg_database() as name:
-        migrate(_pg_url(name))
-        yield name
-
-
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "memory":
-        yield "memory://"
-    elif request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'treadle.db'}"
-    else:
-        template = request.getfixturevalue("pg_template")
-        with _pg_database(template) as name:
-            yield _pg_url(name)
 
 
 @pytest.fixture
@@ -419,8 +354,7 @@ async def test_bad_urls_and_workflows_are_rejected(tmp_path: Path) -> None:
 async def test_postgres_schema_must_be_migrated_unless_auto_migrate() -> None:
     """An unmigrated PostgreSQL database is refused with a pointer to `treadle migrate`;
     auto_migrate=True migrates it and the engine works."""
-    with _pg_database() as name:
-        url = _pg_url(name)
+    with postgres_database(prefix="treadle_facade") as url:
         with pytest.raises(TreadleError, match="treadle migrate"):
             await Engine.open(url, workflows=WORKFLOWS)
         engine = await Engine.open(url, workflows=WORKFLOWS, auto_migrate=True)
