@@ -32,7 +32,6 @@ import sqlite3
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from pydantic import BaseModel
 from treadle import Engine, WorkflowContext, workflow
 from treadle.adapters.sql import schema as t
 from treadle.adapters.sql import sync_url
+from treadle.testing.databases import postgres_database
 
 STEPS = 3
 DONE: dict[str, Any] = {"count": 0, "target": -1, "event": None}
@@ -78,24 +78,9 @@ def _libpq(url: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_postgres(base_url: str) -> Iterator[str]:
-    import psycopg
-
-    name = f"treadle_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_libpq(base_url), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = sync_url(base_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        with psycopg.connect(_libpq(base_url), autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
 def fresh_database(backend: str, pg_url: str) -> Iterator[str]:
     if backend == "postgres":
-        with fresh_postgres(pg_url) as url:
+        with postgres_database(server_url=pg_url, prefix="treadle_bench") as url:
             yield url
     else:
         with tempfile.TemporaryDirectory() as tmp:

@@ -39,8 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from pydantic import BaseModel
 from treadle import Engine, WorkflowBuilder, define_stage
 from treadle.adapters.sql import schema as t
 from treadle.adapters.sql import sync_url
+from treadle.testing.databases import postgres_database
 
 STAGES = 3
 PICKUP: dict[int, tuple[asyncio.Event, list[float]]] = {}
@@ -97,21 +97,6 @@ def pct(values: list[float], q: float) -> float:
 # -- databases ---------------------------------------------------------------------------
 def _libpq(url: str) -> str:
     return sync_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def fresh_postgres(base_url: str) -> Iterator[str]:
-    import psycopg
-
-    name = f"treadle_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_libpq(base_url), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = sync_url(base_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        with psycopg.connect(_libpq(base_url), autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def xact_commit(url: str) -> int:
@@ -336,7 +321,7 @@ async def amain(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             await run_backend("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}", args)
     if args.backend in ("both", "postgres"):
-        with fresh_postgres(args.pg_url) as url:
+        with postgres_database(server_url=args.pg_url, prefix="treadle_bench") as url:
             await run_backend("postgres", url, args)
 
 
