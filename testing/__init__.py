@@ -1,8 +1,10 @@
 """The test harness: ``TestEngine``, ``FakeClock``, the in-memory fakes and chaos.
 
 Also registered as a pytest plugin (``pytest11`` entry point) giving the
-``treadle_engine`` and ``fake_clock`` fixtures. Names load on first use, so the
-plugin's import (before coverage starts) does not import the kernel.
+``treadle_engine`` and ``fake_clock`` fixtures and the fresh-database fixtures of
+``treadle.testing.databases`` (``treadle_postgres_url``, ``treadle_sqlite_url``, ...).
+Names load on first use, so the plugin's import (before coverage starts) does not
+import the kernel.
 """
 
 from __future__ import annotations
