@@ -315,9 +315,11 @@ async def test_terminated_backend_fails_only_the_operation_in_flight(
             assert await tx.get_run("lost") is None  # the victim's transaction rolled back
 
         # An idle pooled connection killed behind the pool's back is replaced on checkout.
+        # The timeout makes pg_terminate_backend wait until the backend has exited (its
+        # socket closed): without it, under load, the checkout could race the kill.
         with pg_admin_connect() as admin:
             admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s",
                 (sa.make_url(postgres_url).database,),
             )
         async with persistence.transaction() as tx:
