@@ -6,12 +6,8 @@ of one activation and child runs reporting to their parent go through real stora
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,9 +25,6 @@ from treadle import (
 from treadle.kernel.workflows import JournalStatus
 from treadle.testing import FakeClock
 
-POSTGRES_URL = os.environ.get(
-    "TREADLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 WAIT = 20.0
 """Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
 
@@ -135,63 +128,6 @@ async def top(ctx: WorkflowContext, order: Order) -> None:
 
 
 WORKFLOWS = [fan_out, deadline, quote, shop, sleeper, middle, top]
-
-
-# -- backends (PostgreSQL: one migrated template per module, a copy per test) ---------------
-def _pg_admin() -> Any:
-    import psycopg
-
-    from treadle.adapters.sql import sync_url
-
-    url = sync_url(POSTGRES_URL).set(drivername="postgresql")
-    try:
-        return psycopg.connect(
-            url.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
-        )
-    except psycopg.OperationalError as exc:
-        if os.environ.get("TREADLE_REQUIRE_POSTGRES", "") not in ("", "0", "false"):
-            pytest.fail(f"PostgreSQL is required (TREADLE_REQUIRE_POSTGRES=1): {exc}")
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-
-
-def _pg_url(database: str) -> str:
-    from treadle.adapters.sql import async_url
-
-    return async_url(POSTGRES_URL).set(database=database).render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def _pg_database(template: str | None = None) -> Iterator[str]:
-    name = f"treadle_compose_{uuid.uuid4().hex[:12]}"
-    with _pg_admin() as admin:
-        suffix = f' TEMPLATE "{template}"' if template else ""
-        admin.execute(f'CREATE DATABASE "{name}"{suffix}')
-    try:
-        yield name
-    finally:
-        with contextlib.suppress(Exception), _pg_admin() as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture(scope="module")
-def pg_template() -> Iterator[str]:
-    from treadle.adapters.sql import migrate
-
-    with _pg_database() as name:
-        migrate(_pg_url(name))
-        yield name
-
-
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "memory":
-        yield "memory://"
-    elif request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'treadle.db'}"
-    else:
-        template = request.getfixturevalue("pg_template")
-        with _pg_database(template) as name:
-            yield _pg_url(name)
 
 
 @pytest.fixture
