@@ -14,6 +14,7 @@ storage failure) is released with backoff or failed, never left leased forever.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -517,7 +518,7 @@ async def start_leased(
     stages: list[StageRun],
     job: Job,
     now: datetime,
-    pending: list[EventBase],
+    pending: Sequence[EventBase],
 ) -> _Started:
     """Phase 1 of ``job``'s stage, in the transaction that enqueued the job leased to its
     worker (a chained commit, or a chained ``run.claimPending``): what ``_phase_start``

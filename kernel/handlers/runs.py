@@ -199,8 +199,9 @@ async def claim_pending(
             )
             if lease_to is not None:
                 budget -= 1
+                events = [run_started]
                 started.append(
-                    await start_leased(deps, tx, scope, wf, run, stages, jobs[0], now, [run_started])
+                    await start_leased(deps, tx, scope, wf, run, stages, jobs[0], now, events)
                 )
             else:
                 await tx.append_events([run_started])
@@ -211,9 +212,7 @@ async def claim_pending(
                     job_ids=[j.id for j in jobs],
                 )
             )
-        result = c.RunClaimPendingResult(
-            claimed=claimed, chained_jobs=[s.job for s in started]
-        )
+        result = c.RunClaimPendingResult(claimed=claimed, chained_jobs=[s.job for s in started])
         await scope.complete(tx, result)
     for s in started:  # only once their start has committed
         deps.chains.keep(s.job.id, cmd.worker_id, s)

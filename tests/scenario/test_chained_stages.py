@@ -539,10 +539,9 @@ async def test_a_worker_runs_claimed_runs_in_chained_slots(engine: Engine) -> No
     transport.dequeue = spying_dequeue  # type: ignore[method-assign]
     try:
         async with worker, asyncio.timeout(30):
-            while [(await engine.get_run(r)).status for r in run_ids] != [
-                RunStatus.COMPLETED
-            ] * len(run_ids):
-                await asyncio.sleep(0.01)  # noqa: ASYNC110 - polling stored state
+            done = [RunStatus.COMPLETED] * len(run_ids)
+            while [(await engine.get_run(r)).status for r in run_ids] != done:  # noqa: ASYNC110 - polling stored state
+                await asyncio.sleep(0.01)
     finally:
         del transport.dequeue
     assert sorted(CALLS) == sorted(["a", "b", "c"] * 7)
