@@ -255,6 +255,7 @@ class Worker:
                 )
             finally:
                 self._reserved -= chain
+                self._job_wake.set()  # the slots it held and did not fill are free again
         self._claims_pending = report.claimed_runs >= self.max_claims
         self.last_tick = report
         self.ticks += 1
@@ -295,8 +296,7 @@ class Worker:
                 self._claims_pending = False
             finally:
                 self._reserved -= free
-            if not self._claims_pending:
-                self._job_wake.set()  # a slot held for this claim may be free: dequeue
+                self._job_wake.set()  # the slots it held and did not fill are free again
         return TickReport(
             worker_id=self.worker_id,
             started_at=self.kernel.deps.clock.now(),

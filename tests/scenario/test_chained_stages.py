@@ -551,3 +551,18 @@ async def test_a_worker_runs_claimed_runs_in_chained_slots(engine: Engine) -> No
     # Every claim (the first tick's, then one per freed slot) chained all it claimed, so
     # no job was ever queued: the dequeues found nothing.
     assert dequeued == []
+
+
+async def test_a_queued_job_runs_although_the_first_tick_claims_nothing(engine: Engine) -> None:
+    """The first tick holds every slot for the runs it may chain; claiming none, it frees
+    them and wakes the job loop, which dequeues a job queued before the worker started,
+    with poll and tick intervals far longer than the test (regression: on SQLite and
+    PostgreSQL the job loop slept on the held slots for a wake-up that never came)."""
+    from treadle.runtime.worker import Worker
+
+    run_id = (await engine.start("seq", {"n": 1})).run_id
+    await _claim(engine, chain=0, worker="another-worker")  # its first job is queued
+    worker = Worker(engine.kernel, worker_id="wk", orchestration_interval=60, job_poll_interval=60)
+    async with worker:
+        assert await engine.handle(run_id).result(timeout=10) == {"n": 4}
+    assert CALLS == ["a", "b", "c"]
