@@ -134,6 +134,7 @@ class Worker:
         # Until then (monotonic), the job queue counts as drained: the last dequeue came
         # back short and no wake-up announced new jobs since.
         self._queue_empty_until = 0.0
+        self._taken = 0  # chained jobs received from claims so far
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -242,6 +243,7 @@ class Worker:
         async with self._tick_lock:
             chain = min(self._free_slots(), self.max_claims)
             self._reserved += chain
+            taken = self._taken
             try:
                 report = await maintenance_tick(
                     self.kernel,
@@ -254,8 +256,7 @@ class Worker:
                     take=self._take_chained,
                 )
             finally:
-                self._reserved -= chain
-                self._job_wake.set()  # the slots it held and did not fill are free again
+                self._release_held(chain, taken)
         self._claims_pending = report.claimed_runs >= self.max_claims
         self.last_tick = report
         self.ticks += 1
@@ -280,6 +281,7 @@ class Worker:
                     steps={"claim": step},
                 )
             self._reserved += free
+            taken = self._taken
             try:
                 result = await claim_step(
                     self.kernel,
@@ -295,8 +297,7 @@ class Worker:
                 step = TickStep(error=describe_exception(exc), duration=time.monotonic() - started)
                 self._claims_pending = False
             finally:
-                self._reserved -= free
-                self._job_wake.set()  # the slots it held and did not fill are free again
+                self._release_held(free, taken)
         return TickReport(
             worker_id=self.worker_id,
             started_at=self.kernel.deps.clock.now(),
@@ -391,9 +392,18 @@ class Worker:
             return 0
         return max(0, self.concurrency - len(self._in_flight) - self._reserved)
 
+    def _release_held(self, held: int, taken: int) -> None:
+        """After a claim that held ``held`` slots: they are free again, and if the claim
+        filled fewer (``self._taken`` counts the chained jobs taken since ``taken``), the
+        job loop is woken to use the rest."""
+        self._reserved -= held
+        if self._taken - taken < held:
+            self._job_wake.set()
+
     def _take_chained(self, jobs: list[Job]) -> None:
         """The jobs a claim leased to this worker and started: each takes a slot now (the
         claim held them), or is released if the worker stopped meanwhile."""
+        self._taken += len(jobs)
         for job in jobs:
             if self._stop_event.is_set():
                 task = asyncio.create_task(self._release_unstarted(job), name=f"release:{job.id}")
