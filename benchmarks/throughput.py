@@ -22,7 +22,7 @@ backend it prints:
 
     .venv/bin/python benchmarks/throughput.py [--runs 1000] [--concurrency 8]
         [--backend both|sqlite|postgres] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
-        [--profile]
+        [--profile] [--job-poll-interval 0.05]
 """
 
 from __future__ import annotations
@@ -158,9 +158,38 @@ async def _read_runs(url: str, run_ids: set[str] | None = None) -> list[Any]:
     return [r for r in rows if run_ids is None or r.id in run_ids]
 
 
+def count_commands(engine: Engine, counts: dict[str, int]) -> None:
+    """Count the commands the worker dispatches, and its dequeues, by type."""
+    kernel = engine.kernel
+    dispatch = kernel.dispatch
+    assert engine.backend is not None
+    transport = engine.backend.job_transport
+    dequeue = transport.dequeue
+
+    async def counted_dispatch(cmd: Any, *args: Any, **kwargs: Any) -> Any:
+        counts[cmd.type] = counts.get(cmd.type, 0) + 1
+        return await dispatch(cmd, *args, **kwargs)
+
+    async def counted_dequeue(*args: Any, **kwargs: Any) -> Any:
+        jobs = await dequeue(*args, **kwargs)
+        key = "dequeue (empty)" if not jobs else "dequeue"
+        counts[key] = counts.get(key, 0) + 1
+        return jobs
+
+    kernel.dispatch = counted_dispatch  # type: ignore[method-assign]
+    transport.dequeue = counted_dequeue  # type: ignore[method-assign]
+
+
 async def burst(
-    url: str, runs: int, concurrency: int, *, profile: bool, top: int, pg: bool
-) -> dict[str, float]:
+    url: str,
+    runs: int,
+    concurrency: int,
+    *,
+    profile: bool,
+    top: int,
+    pg: bool,
+    job_poll_interval: float = 0.05,
+) -> dict[str, Any]:
     pipeline = build_pipeline()
     producer = await Engine.open(url, workflows=[pipeline], auto_migrate=True)
     try:
@@ -185,8 +214,12 @@ async def burst(
     )
     try:
         before = xact_commit(url) if pg else 0
+        counts: dict[str, int] = {}
+        count_commands(engine, counts)
         worker = engine.worker(
-            concurrency=concurrency, orchestration_interval=1.0, job_poll_interval=0.05
+            concurrency=concurrency,
+            orchestration_interval=1.0,
+            job_poll_interval=job_poll_interval,
         )
         async with profiled(profile, top):
             started, cpu_started = time.perf_counter(), time.process_time()
@@ -215,6 +248,7 @@ async def burst(
         "worker_commits": float(own_commits[0]),
         "statements": float(statements[0]),
         "cpu": cpu,
+        "counts": counts,
     }
 
 
@@ -260,9 +294,7 @@ async def pickup_latency(url: str, trials: int) -> list[float]:
     return samples
 
 
-def report(
-    name: str, runs: int, concurrency: int, b: dict[str, float], u: dict[str, float]
-) -> None:
+def report(name: str, runs: int, concurrency: int, b: dict[str, Any], u: dict[str, float]) -> None:
     print(f"== {name}: {runs} runs x {STAGES} no-op stages, 1 process, concurrency {concurrency}")
     print(f"   start (run.create) rate:     {b['start_rate']:8.0f} runs/s")
     print(f"   drain:                       {b['elapsed']:8.2f} s")
@@ -281,7 +313,13 @@ def report(
 async def run_backend(name: str, url: str, args: argparse.Namespace) -> None:
     pg = name == "postgres"
     b = await burst(
-        url, args.runs, args.concurrency, profile=args.profile and pg, top=args.top, pg=pg
+        url,
+        args.runs,
+        args.concurrency,
+        profile=args.profile and pg,
+        top=args.top,
+        pg=pg,
+        job_poll_interval=args.job_poll_interval,
     )
     u = await unloaded_latency(url, args.latency_samples, args.concurrency)
     report(name, args.runs, args.concurrency, b, u)
@@ -297,6 +335,10 @@ async def run_backend(name: str, url: str, args: argparse.Namespace) -> None:
     print(
         f"   worker statements / stage:   {b['statements'] / stages:8.2f} "
         "(round trips besides BEGIN/COMMIT; an executemany counts once)"
+    )
+    print(
+        "   worker calls / run:           "
+        + ", ".join(f"{k} {v / args.runs:.2f}" for k, v in sorted(b["counts"].items()))
     )
     if pg:
         print(f"   xact_commit delta over drain: {b['commits']:7.0f}")
@@ -334,6 +376,9 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=50)
     parser.add_argument("--pickup-trials", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--job-poll-interval", type=float, default=0.05, help="the burst worker's, in seconds"
+    )
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     asyncio.run(amain(args))

@@ -58,6 +58,11 @@ class RunClaimPending(CommandBase):
     type: Literal["run.claimPending"] = "run.claimPending"
     worker_id: str = Field(min_length=1)
     max_claims: int = Field(default=10, ge=1, le=1000)
+    chain: int = Field(default=0, ge=0, le=1000)
+    """Lease the first group-0 job of up to this many claimed runs to ``worker_id`` and
+    commit those stages' start in the claim's transaction; the result returns them as
+    ``chained_jobs``, which the caller must execute with ``job.execute`` (or release).
+    ``0`` (the default): every group-0 job is queued for any worker."""
 
 
 class ClaimedRun(ResultBase):
@@ -68,6 +73,9 @@ class ClaimedRun(ResultBase):
 
 class RunClaimPendingResult(ResultBase):
     claimed: list[ClaimedRun]
+    chained_jobs: list[Job] = Field(default_factory=list)
+    """With ``chain``: the jobs leased to ``worker_id`` whose stages already started
+    (stage RUNNING, ``stage:started`` committed); execute each with ``job.execute``."""
 
 
 # -- run.transition ---------------------------------------------------------

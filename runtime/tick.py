@@ -32,6 +32,7 @@ from treadle.kernel.errors import describe_exception
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Kernel
+    from treadle.kernel.model import Job
 
 STEP_ORDER = (
     "claim",
@@ -131,9 +132,26 @@ async def _run_step(name: str, fn: StepFn, log: Any) -> TickStep:
     return TickStep(result=result, duration=time.monotonic() - started)
 
 
-async def claim_step(kernel: Kernel, *, worker_id: str, max_claims: int = 10) -> dict[str, Any]:
-    """``run.claimPending`` alone: what a worker runs when woken by a fresh start."""
-    result = await kernel.dispatch(c.RunClaimPending(worker_id=worker_id, max_claims=max_claims))
+async def claim_step(
+    kernel: Kernel,
+    *,
+    worker_id: str,
+    max_claims: int = 10,
+    chain: int = 0,
+    take: Callable[[list[Job]], None] | None = None,
+) -> dict[str, Any]:
+    """``run.claimPending`` alone: what a worker runs when woken by a fresh start.
+
+    ``chain``: lease up to that many claimed runs' first stages to ``worker_id``, started
+    in the claim's commit (``RunClaimPending.chain``); ``take`` receives those jobs and
+    must execute or release each. Without ``take`` nothing is chained."""
+    result = await kernel.dispatch(
+        c.RunClaimPending(
+            worker_id=worker_id, max_claims=max_claims, chain=chain if take is not None else 0
+        )
+    )
+    if take is not None and result.chained_jobs:
+        take(result.chained_jobs)
     return result.model_dump(mode="json")
 
 
@@ -202,11 +220,14 @@ async def maintenance_tick(
     max_events: int = 100,
     max_scheduled: int = 100,
     logger: Any = None,
+    chain: int = 0,
+    take: Callable[[list[Job]], None] | None = None,
 ) -> TickReport:
     """Run the steps of one tick in ``STEP_ORDER`` and report what each did.
 
     Never raises for a failing step (see ``TickReport.ok``); a number for a threshold
-    means seconds, as in the kernel's commands.
+    means seconds, as in the kernel's commands. ``chain`` and ``take``: as for
+    ``claim_step``, for the claim step.
     """
     log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=worker_id)
     stale = (
@@ -233,7 +254,9 @@ async def maintenance_tick(
         return result.model_dump(mode="json")
 
     steps: dict[str, StepFn] = {
-        "claim": lambda: claim_step(kernel, worker_id=worker_id, max_claims=max_claims),
+        "claim": lambda: claim_step(
+            kernel, worker_id=worker_id, max_claims=max_claims, chain=chain, take=take
+        ),
         "poll_suspended": lambda: _poll_step(kernel, max_checks, log),
         "scheduled": lambda: _scheduled_step(kernel, max_scheduled, log),
         "reap_stale": reap_stale,

@@ -6,7 +6,10 @@ every ``orchestration_interval`` (ticks never overlap); the job loop leases as
 many jobs as there are free slots and runs each through ``execute_job``, so at
 most ``concurrency`` stages execute at once. A slot whose stage's commit advances
 the run keeps the run's next stage (``execute_job(chain=...)``: leased and started
-in that commit) until the worker stops. ``notify()`` wakes both loops: a
+in that commit) until the worker stops. A claim leases and starts the first stage of
+as many claimed runs as there are free slots (``RunClaimPending.chain``) and hands
+those jobs to the slots directly; once the queue was found empty, a freed slot goes
+to such a claim instead of a dequeue. ``notify()`` wakes both loops: a
 run started in this process is claimed and executed at once instead of at the
 next tick. A loop whose iteration fails (database unreachable) backs off
 exponentially up to ``max_backoff`` and returns to its normal pace on the first
@@ -124,6 +127,14 @@ class Worker:
         self._stopping: asyncio.Task[None] | None = None
         self._drain_deadline = 0.0
         self._deadline_moved = asyncio.Event()
+        # Slots held for the jobs a claim in progress may chain (not free to dequeue).
+        self._reserved = 0
+        # The last claim took all it asked for: more PENDING runs are probably waiting.
+        self._claims_pending = False
+        # Until then (monotonic), the job queue counts as drained: the last dequeue came
+        # back short and no wake-up announced new jobs since.
+        self._queue_empty_until = 0.0
+        self._taken = 0  # chained jobs received from claims so far
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -139,6 +150,7 @@ class Worker:
         """New work may exist (a run was started, rerun or resumed in this process): claim
         and dequeue now instead of at the next interval. Cheap and safe to call often:
         wake-ups coalesce."""
+        self._queue_empty_until = 0.0
         self._claim_wake.set()
         self._job_wake.set()
 
@@ -146,6 +158,7 @@ class Worker:
         """Wake-source hook: queued jobs wake only the job loop (a claim would find
         nothing new); a new run, or an unknown cause, wakes both loops."""
         if kind == "jobs":
+            self._queue_empty_until = 0.0
             self._job_wake.set()
         else:
             self.notify()
@@ -228,14 +241,23 @@ class Worker:
     async def tick(self) -> TickReport:
         """Run one full maintenance tick now (serialized with the loop's ticks)."""
         async with self._tick_lock:
-            report = await maintenance_tick(
-                self.kernel,
-                worker_id=self.worker_id,
-                stale_threshold=self.stale_lease_threshold,
-                stuck_threshold=self.stuck_threshold,
-                max_claims=self.max_claims,
-                logger=self.log,
-            )
+            chain = min(self._free_slots(), self.max_claims)
+            self._reserved += chain
+            taken = self._taken
+            try:
+                report = await maintenance_tick(
+                    self.kernel,
+                    worker_id=self.worker_id,
+                    stale_threshold=self.stale_lease_threshold,
+                    stuck_threshold=self.stuck_threshold,
+                    max_claims=self.max_claims,
+                    logger=self.log,
+                    chain=chain,
+                    take=self._take_chained,
+                )
+            finally:
+                self._release_held(chain, taken)
+        self._claims_pending = report.claimed_runs >= self.max_claims
         self.last_tick = report
         self.ticks += 1
         return report
@@ -246,14 +268,36 @@ class Worker:
         not turn into a burst of reaper scans."""
         started = time.monotonic()
         async with self._tick_lock:
+            free = min(self._free_slots(), self.max_claims)
+            if free == 0:
+                # Saturated: leave the runs PENDING (another worker may take them) until a
+                # slot frees, when they are claimed with their first stage chained to it;
+                # the full tick still claims every ``orchestration_interval``.
+                self._claims_pending = True
+                step = TickStep(result={"claimed": [], "chained_jobs": []}, duration=0.0)
+                return TickReport(
+                    worker_id=self.worker_id,
+                    started_at=self.kernel.deps.clock.now(),
+                    steps={"claim": step},
+                )
+            self._reserved += free
+            taken = self._taken
             try:
                 result = await claim_step(
-                    self.kernel, worker_id=self.worker_id, max_claims=self.max_claims
+                    self.kernel,
+                    worker_id=self.worker_id,
+                    max_claims=free,
+                    chain=free,
+                    take=self._take_chained,
                 )
                 step = TickStep(result=result, duration=time.monotonic() - started)
+                self._claims_pending = len(result.get("claimed", ())) >= free
             except Exception as exc:
                 self.log.error("worker.claim_failed", error=describe_exception(exc))
                 step = TickStep(error=describe_exception(exc), duration=time.monotonic() - started)
+                self._claims_pending = False
+            finally:
+                self._release_held(free, taken)
         return TickReport(
             worker_id=self.worker_id,
             started_at=self.kernel.deps.clock.now(),
@@ -285,7 +329,7 @@ class Worker:
                     next_full = time.monotonic() + self.orchestration_interval
                 if report is not None and report.new_work:
                     self._job_wake.set()
-                if report is not None and report.claimed_runs >= self.max_claims:
+                if self._claims_pending and self._free_slots() > 0:
                     self._claim_wake.set()  # more PENDING runs are probably waiting
             if failed:
                 await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
@@ -296,7 +340,7 @@ class Worker:
         backoff = Backoff(min(1.0, self.job_poll_interval), self.max_backoff)
         while not self._stop_event.is_set():
             self._job_wake.clear()
-            free = self.concurrency - len(self._in_flight)
+            free = self._free_slots()
             if free <= 0:
                 await self._job_wake.wait()  # set when a job finishes (or on stop)
                 continue
@@ -312,6 +356,10 @@ class Worker:
                 await _wait(self._stop_event, delay)
                 continue
             backoff.reset()
+            if len(jobs) < free:
+                self._queue_empty_until = time.monotonic() + self.job_poll_interval
+                if self._claims_pending:
+                    self._claim_wake.set()  # the slots left free go to a chained claim
             if self._stop_event.is_set():
                 # Stopped while dequeuing: hand these back rather than start new work.
                 for job in jobs:
@@ -338,6 +386,32 @@ class Worker:
         self._in_flight.add(task)
         task.add_done_callback(self._job_done)
 
+    def _free_slots(self) -> int:
+        """Slots neither executing nor held for a claim in progress (none once stopping)."""
+        if self._stop_event.is_set():
+            return 0
+        return max(0, self.concurrency - len(self._in_flight) - self._reserved)
+
+    def _release_held(self, held: int, taken: int) -> None:
+        """After a claim that held ``held`` slots: they are free again, and if the claim
+        filled fewer (``self._taken`` counts the chained jobs taken since ``taken``), the
+        job loop is woken to use the rest."""
+        self._reserved -= held
+        if self._taken - taken < held:
+            self._job_wake.set()
+
+    def _take_chained(self, jobs: list[Job]) -> None:
+        """The jobs a claim leased to this worker and started: each takes a slot now (the
+        claim held them), or is released if the worker stopped meanwhile."""
+        self._taken += len(jobs)
+        for job in jobs:
+            if self._stop_event.is_set():
+                task = asyncio.create_task(self._release_unstarted(job), name=f"release:{job.id}")
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+            else:
+                self._spawn(job)
+
     def _may_chain(self) -> bool:
         """A finished stage's slot takes its run's next stage directly (leased in the
         result's commit, no dequeue round trip) until the worker stops."""
@@ -355,7 +429,13 @@ class Worker:
         if error is not None:  # execute_job swallows errors; this guards against its bugs
             self.log.error("worker.job_task_crashed", error=describe_exception(error))
         # A finished job frees a slot, and its commit may have enqueued the next group.
-        self._job_wake.set()
+        # Once the queue was found drained, the slot goes to a claim of a PENDING run
+        # (started in the claim's commit) rather than to a dequeue that finds nothing;
+        # the drained state lasts one poll interval, so queued jobs wait at most that.
+        if self._claims_pending and time.monotonic() < self._queue_empty_until:
+            self._claim_wake.set()
+        else:
+            self._job_wake.set()
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -450,14 +450,18 @@ class SqlTransaction:
         return {str(row[0]): int(row[1]) for row in await self.execute(query, "count runs")}
 
     async def claim_pending_runs(self, limit: int) -> list[Run]:
-        query = (
-            sa.select(t.runs)
-            .where(t.runs.c.status == RunStatus.PENDING.value)
-            .order_by(t.runs.c.priority.desc(), t.runs.c.created_at, t.runs.c.id)
-            .limit(limit)
-        )
-        query = self._lock(query, skip_locked=True)
-        rows = await self.execute(query, "claim pending runs")
+        def build(tx: SqlTransaction) -> Any:
+            query = (
+                sa.select(t.runs)
+                .where(t.runs.c.status == RunStatus.PENDING.value)
+                .order_by(t.runs.c.priority.desc(), t.runs.c.created_at, t.runs.c.id)
+                .limit(sa.bindparam("limit", type_=sa.Integer()))
+            )
+            return tx._lock(query, skip_locked=True)
+
+        # Built once: a worker whose slots free one by one claims once per freed slot.
+        query = self.prepared("claim_pending_runs", build)
+        rows = await self.execute(query, "claim pending runs", {"limit": limit})
         return [await self._run_from(row) for row in rows]
 
     async def runs_inactive_since(

@@ -14,6 +14,7 @@ storage failure) is released with backoff or failed, never left leased forever.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -498,7 +499,7 @@ async def _phase_commit(
             prior_events=() if chain else pending,
         )
         if decision.leased is not None:
-            chained = await _start_chained(
+            chained = await start_leased(
                 deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
             )
             result = evolve(result, {"chained_job": decision.leased})
@@ -508,7 +509,7 @@ async def _phase_commit(
     return result
 
 
-async def _start_chained(
+async def start_leased(
     deps: Deps,
     tx: Transaction,
     scope: Scope,
@@ -517,11 +518,12 @@ async def _start_chained(
     stages: list[StageRun],
     job: Job,
     now: datetime,
-    pending: list[EventBase],
+    pending: Sequence[EventBase],
 ) -> _Started:
-    """Phase 1 of the next stage, in the transaction that enqueued its job leased to this
-    worker: what ``_phase_start`` would commit after a dequeue, without either round trip.
-    Its ``stage:started`` is appended in one go after the finished stage's ``pending``."""
+    """Phase 1 of ``job``'s stage, in the transaction that enqueued the job leased to its
+    worker (a chained commit, or a chained ``run.claimPending``): what ``_phase_start``
+    would commit after a dequeue, without either round trip. Its ``stage:started`` is
+    appended in one go after the caller's ``pending`` events."""
     assert job.worker_id is not None
     index = next(i for i, st in enumerate(stages) if st.stage_id == job.stage_id)
     definition = wf.stage(job.stage_id)

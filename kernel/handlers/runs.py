@@ -149,9 +149,18 @@ async def claim_pending(
     deps: Deps, cmd: c.RunClaimPending, scope: Scope
 ) -> c.RunClaimPendingResult:
     """Mark up to ``max_claims`` PENDING runs RUNNING and enqueue their group 0 jobs
-    in the same transaction, so a crash can neither orphan nor lose a job."""
+    in the same transaction, so a crash can neither orphan nor lose a job.
+
+    With ``chain`` (and a worker that has not stopped chaining), the first group-0 job of
+    up to ``chain`` runs is created leased to the claimer and its stage started here, as
+    a chained ``job.execute`` commit starts the next stage: the claimer's execution needs
+    no lease and no phase-1 transaction (the started state waits in ``deps.chains``)."""
+    from treadle.kernel.handlers.jobs import start_leased
+
     now = deps.clock.now()
     claimed: list[c.ClaimedRun] = []
+    started: list[Any] = []
+    budget = cmd.chain if deps.chains.allows(cmd.worker_id) else 0
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)
         if cached is not None:
@@ -177,24 +186,36 @@ async def claim_pending(
                 )
             )
             await arm_execution_timeout(tx, run, wf, now)
-            group0 = [s for s in await tx.get_stages(run.id) if s.execution_group == 0]
-            job_ids = [j.id for j in await enqueue_stages(deps, tx, run, wf, group0, now)]
-            await tx.append_events(
-                [
-                    WorkflowStarted(
-                        workflow_run_id=run.id,
-                        timestamp=now,
-                        causation_id=scope.causation_id,
-                        workflow_id=run.workflow_id,
-                        worker_id=cmd.worker_id,
-                    )
-                ]
+            stages = await tx.get_stages(run.id)
+            group0 = [s for s in stages if s.execution_group == 0]
+            lease_to = cmd.worker_id if budget > 0 and group0 else None
+            jobs = await enqueue_stages(deps, tx, run, wf, group0, now, lease_to=lease_to)
+            run_started = WorkflowStarted(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=scope.causation_id,
+                workflow_id=run.workflow_id,
+                worker_id=cmd.worker_id,
             )
+            if lease_to is not None:
+                budget -= 1
+                events = [run_started]
+                started.append(
+                    await start_leased(deps, tx, scope, wf, run, stages, jobs[0], now, events)
+                )
+            else:
+                await tx.append_events([run_started])
             claimed.append(
-                c.ClaimedRun(workflow_run_id=run.id, workflow_id=run.workflow_id, job_ids=job_ids)
+                c.ClaimedRun(
+                    workflow_run_id=run.id,
+                    workflow_id=run.workflow_id,
+                    job_ids=[j.id for j in jobs],
+                )
             )
-        result = c.RunClaimPendingResult(claimed=claimed)
+        result = c.RunClaimPendingResult(claimed=claimed, chained_jobs=[s.job for s in started])
         await scope.complete(tx, result)
+    for s in started:  # only once their start has committed
+        deps.chains.keep(s.job.id, cmd.worker_id, s)
     return result
 
 

@@ -340,3 +340,165 @@ async def test_a_worker_that_stopped_chaining_leaves_the_next_stage_queued(
     (queued,) = await _dequeue(engine)
     assert queued.stage_id == "b"
     assert (await _stages(engine, run_id))["b"].status is StageStatus.PENDING
+
+
+# -- chained claims (run.claimPending with chain) -----------------------------------------
+async def _claim(engine: Engine, *, chain: int, worker: str = "w1") -> c.RunClaimPendingResult:
+    return await engine.kernel.dispatch(
+        c.RunClaimPending(worker_id=worker, max_claims=10, chain=chain)
+    )
+
+
+async def test_a_chained_claim_leases_and_starts_the_first_stage_of_up_to_n_runs(
+    engine: Engine,
+) -> None:
+    """``chain=2`` over three PENDING runs: two first stages are leased to the claimer and
+    started in the claim's commit (RUNNING, ``stage:started`` after ``workflow:started``),
+    the third run's job is queued for any worker; each chained job then runs the run to
+    completion with every stage started and committed once."""
+    run_ids = [(await engine.start("seq", {"n": i})).run_id for i in range(3)]
+    claim = await _claim(engine, chain=2)
+    assert [r.workflow_run_id for r in claim.claimed] == run_ids
+    chained = claim.chained_jobs
+    assert [j.workflow_run_id for j in chained] == run_ids[:2]
+    for job in chained:
+        assert (job.stage_id, job.status, job.worker_id, job.attempts) == (
+            "a",
+            JobStatus.LEASED,
+            "w1",
+            1,
+        )
+        stored = await _job(engine, job.id)
+        assert (stored.status, stored.worker_id) == (JobStatus.LEASED, "w1")
+        a = (await _stages(engine, job.workflow_run_id))["a"]
+        assert (a.status, a.attempt, a.job_id) == (StageStatus.RUNNING, 1, job.id)
+        types = [e.type for e in await _events(engine, job.workflow_run_id)]
+        assert types == ["workflow:created", "workflow:started", "stage:started"]
+        assert job.id in engine.kernel.deps.chains
+    (queued,) = await _dequeue(engine)  # the unchained run's job, nobody else's
+    assert queued.workflow_run_id == run_ids[2]
+    assert (await _stages(engine, run_ids[2]))["a"].status is StageStatus.PENDING
+    for job in chained:
+        current: Job | None = job
+        while current is not None:
+            current = (await _execute(engine, current)).chained_job
+        run = await engine.get_run(job.workflow_run_id)
+        assert run.status is RunStatus.COMPLETED
+        assert {s.stage_id: s.attempt for s in run.stages} == {"a": 1, "b": 1, "c": 1}
+        started = [e.stage_id for e in await _events(engine, run.id) if e.type == "stage:started"]
+        assert started == ["a", "b", "c"]
+    assert len(engine.kernel.deps.chains) == 0
+
+
+async def test_a_claim_without_chain_queues_every_first_stage(engine: Engine) -> None:
+    """The default ``chain=0`` leases nothing: the first stages are queued for any worker."""
+    run_id = (await engine.start("seq", {"n": 1})).run_id
+    claim = await _claim(engine, chain=0)
+    assert claim.chained_jobs == []
+    (queued,) = await _dequeue(engine)
+    assert (queued.workflow_run_id, queued.worker_id) == (run_id, "w2")
+
+
+async def test_a_cancel_between_chained_claim_and_execution_makes_a_ghost(
+    engine: Engine,
+) -> None:
+    """A run cancelled after the chained claim: the first stage's result is discarded,
+    the stage stays CANCELLED and nothing is enqueued after it."""
+    run_id = (await engine.start("seq", {"n": 1})).run_id
+    (job,) = (await _claim(engine, chain=1)).chained_jobs
+    await engine.kernel.dispatch(c.RunCancel(workflow_run_id=run_id))
+    result = await _execute(engine, job)
+    assert result.ghost
+    assert result.chained_job is None
+    assert (await _stages(engine, run_id))["a"].status is StageStatus.CANCELLED
+    assert (await _job(engine, job.id)).status is JobStatus.CANCELLED
+    assert (await engine.get_run(run_id)).status is RunStatus.CANCELLED
+    assert await _dequeue(engine) == []
+
+
+async def test_a_crash_after_a_chained_claim_leaves_the_job_to_the_reaper(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """A claimer that dies after its chained claim leaves a lease that expires: the reaper
+    requeues the job, another worker runs the first stage as attempt 2 and the run
+    completes."""
+    run_id = (await engine.start("seq", {"n": 1})).run_id
+    (job,) = (await _claim(engine, chain=1)).chained_jobs
+    engine.kernel.deps.chains.clear()  # the process that held the hand-off is gone
+    clock.advance(61)
+    reaped = await engine.kernel.dispatch(c.LeaseReapStale(stale_threshold=60))
+    assert reaped.released == 1
+    assert (await _stages(engine, run_id))["a"].status is StageStatus.PENDING
+    clock.advance(60)  # past the retry backoff
+    (again,) = await _dequeue(engine)
+    assert (again.id, again.attempts) == (job.id, 2)
+    current: Job | None = again
+    while current is not None:
+        current = (await _execute(engine, current, worker="w2")).chained_job
+    run = await engine.get_run(run_id)
+    assert run.status is RunStatus.COMPLETED
+    assert {s.stage_id: s.attempt for s in run.stages} == {"a": 2, "b": 1, "c": 1}
+
+
+async def test_a_stopped_worker_claims_without_chaining(engine: Engine) -> None:
+    """After ``chains.stop(worker)`` a claim with ``chain`` leases nothing to that worker."""
+    await engine.start("seq", {"n": 1})
+    engine.kernel.deps.chains.stop("w1")
+    claim = await _claim(engine, chain=4)
+    assert len(claim.claimed) == 1
+    assert claim.chained_jobs == []
+    assert len(await _dequeue(engine)) == 1
+
+
+async def test_a_worker_runs_claimed_runs_in_chained_slots(engine: Engine) -> None:
+    """A ``Worker`` claims as many runs as it has free slots with their first stages
+    chained, so their jobs are never dequeued: every run completes with each stage run
+    once, the slots never exceed the concurrency, and with no ``notify()`` and a 60 s
+    tick interval, each freed slot claims the next PENDING run."""
+    from treadle.runtime.worker import Worker
+
+    run_ids = [(await engine.start("seq", {"n": i})).run_id for i in range(7)]
+    worker = Worker(
+        engine.kernel, worker_id="wk", concurrency=2, max_claims=2, orchestration_interval=60
+    )
+    dequeued: list[Job] = []
+    assert engine.backend is not None
+    transport = engine.backend.job_transport
+    original = transport.dequeue
+
+    async def spying_dequeue(*args: Any, **kwargs: Any) -> list[Job]:
+        assert worker.in_flight <= 2
+        jobs = await original(*args, **kwargs)
+        dequeued.extend(jobs)
+        return jobs
+
+    transport.dequeue = spying_dequeue  # type: ignore[method-assign]
+    try:
+        async with worker, asyncio.timeout(30):
+            done = [RunStatus.COMPLETED] * len(run_ids)
+            while [(await engine.get_run(r)).status for r in run_ids] != done:  # noqa: ASYNC110 - polling stored state
+                await asyncio.sleep(0.01)
+    finally:
+        del transport.dequeue
+    assert sorted(CALLS) == sorted(["a", "b", "c"] * 7)
+    for run_id in run_ids:
+        run = await engine.get_run(run_id)
+        assert {s.stage_id: s.attempt for s in run.stages} == {"a": 1, "b": 1, "c": 1}
+    # Every claim (the first tick's, then one per freed slot) chained all it claimed, so
+    # no job was ever queued: the dequeues found nothing.
+    assert dequeued == []
+
+
+async def test_a_queued_job_runs_although_the_first_tick_claims_nothing(engine: Engine) -> None:
+    """The first tick holds every slot for the runs it may chain; claiming none, it frees
+    them and wakes the job loop, which dequeues a job queued before the worker started,
+    with poll and tick intervals far longer than the test (regression: on SQLite and
+    PostgreSQL the job loop slept on the held slots for a wake-up that never came)."""
+    from treadle.runtime.worker import Worker
+
+    run_id = (await engine.start("seq", {"n": 1})).run_id
+    await _claim(engine, chain=0, worker="another-worker")  # its first job is queued
+    worker = Worker(engine.kernel, worker_id="wk", orchestration_interval=60, job_poll_interval=60)
+    async with worker:
+        assert await engine.handle(run_id).result(timeout=10) == {"n": 4}
+    assert CALLS == ["a", "b", "c"]

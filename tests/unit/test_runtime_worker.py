@@ -203,6 +203,9 @@ async def test_jobs_dequeued_while_stopping_are_released_not_run(backend: Backen
     transport = _StoppingTransport(backend.job_transport)
     kernel = _kernel(backend, transport)
     run_id = await _start(kernel)
+    # Claimed beforehand, so the job is queued for a dequeue (the worker's own claim would
+    # chain it into a slot without one).
+    await kernel.dispatch(c.RunClaimPending(worker_id="another-worker"))
     worker = Worker(kernel, job_poll_interval=0.01)
     transport.worker = worker
     await worker.start()
