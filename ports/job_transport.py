@@ -31,6 +31,13 @@ class JobTransport(Protocol):
 
     async def complete(self, tx: Transaction, job_id: str) -> None: ...
 
+    async def get_many(self, tx: Transaction, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs found, by id (missing ids are absent): ``get`` in one round trip."""
+
+    async def complete_many(self, tx: Transaction, job_ids: Sequence[str]) -> None:
+        """``complete`` for each; ``JobNotFoundError`` naming the missing ids if any is
+        missing, and then none is completed."""
+
     async def suspend(self, tx: Transaction, job_id: str, next_poll_at: datetime) -> None:
         """Park a job for a suspended stage; it is not dequeued while SUSPENDED."""
 

@@ -57,6 +57,20 @@ class Transaction(Protocol):
     ) -> list[Run]:
         """Runs in ``status`` whose ``updated_at`` is older than ``cutoff``."""
 
+    # -- set-oriented forms (group commit: several commands' writes in one transaction) --
+    # Each is the single-row method applied to many items in one round trip where the
+    # adapter can. A failing item raises before anything of the call is visible to a
+    # later, committed state: the memory adapter applies nothing of the call, the SQL
+    # adapters may have written the other items, so the caller must roll back.
+    async def get_runs(self, run_ids: Sequence[str], *, for_update: bool = False) -> dict[str, Run]:
+        """The runs found, by id (missing ids are absent), without stages. ``for_update``
+        locks them in id order, so two callers locking overlapping sets cannot deadlock."""
+
+    async def update_runs(self, runs: Sequence[Run]) -> list[Run]:
+        """``update_run`` for each, in order: returns them version-bumped with ``stages=[]``.
+        ``ConcurrencyError`` naming every stale or missing run; ``ValueError`` if a run id
+        occurs twice (its second update would always be stale)."""
+
     # -- stages -----------------------------------------------------------
     async def insert_stages(self, stages: Sequence[StageRun]) -> None: ...
 
@@ -67,6 +81,15 @@ class Transaction(Protocol):
 
     async def update_stage(self, stage: StageRun) -> StageRun:
         """Optimistic update, as ``update_run``."""
+
+    async def get_stages_of(self, run_ids: Sequence[str]) -> dict[str, list[StageRun]]:
+        """Every requested run id mapped to its stages in ``get_stages`` order (``[]`` for a
+        run without stages or a missing run)."""
+
+    async def update_stages(self, stages: Sequence[StageRun]) -> list[StageRun]:
+        """``update_stage`` for each, in order: each is stored iff its stored version equals
+        ``stage.version``; returns them version-bumped. ``ConcurrencyError`` naming every
+        stale or missing stage; ``ValueError`` if a (run id, stage id) occurs twice."""
 
     async def due_suspended_stages(self, now: datetime, limit: int) -> list[StageRun]:
         """SUSPENDED stages whose ``next_poll_at`` is at or before ``now``, oldest first."""
@@ -94,6 +117,9 @@ class Transaction(Protocol):
 
     async def put_idempotency(self, record: IdempotencyRecord) -> None:
         """Insert or replace the record for (key, command_type)."""
+
+    async def put_idempotency_many(self, records: Sequence[IdempotencyRecord]) -> None:
+        """``put_idempotency`` for each, in order (a later record of the same key wins)."""
 
     async def delete_idempotency(self, key: str, command_type: str) -> None: ...
 

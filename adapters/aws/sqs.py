@@ -158,6 +158,12 @@ class _JobTransport:
     async def complete(self, tx: Transaction, job_id: str) -> None:
         await self._inner.complete(tx, job_id)
 
+    async def get_many(self, tx: Transaction, job_ids: Sequence[str]) -> dict[str, Job]:
+        return await self._inner.get_many(tx, job_ids)
+
+    async def complete_many(self, tx: Transaction, job_ids: Sequence[str]) -> None:
+        await self._inner.complete_many(tx, job_ids)
+
     async def suspend(self, tx: Transaction, job_id: str, next_poll_at: datetime) -> None:
         await self._inner.suspend(tx, job_id, next_poll_at)
 

@@ -101,6 +101,19 @@ class InMemoryJobTransport:
         job = self._require(job_id)
         self._store(_tx(tx), evolve(job, {"status": JobStatus.COMPLETED, "worker_id": None}))
 
+    async def get_many(self, tx: Any, job_ids: Sequence[str]) -> dict[str, Job]:
+        _tx(tx)
+        jobs = self.jobs
+        return {job_id: jobs[job_id] for job_id in job_ids if job_id in jobs}
+
+    async def complete_many(self, tx: Any, job_ids: Sequence[str]) -> None:
+        # All checked first: a missing id completes none of them.
+        missing = [job_id for job_id in dict.fromkeys(job_ids) if job_id not in self.jobs]
+        if missing:
+            raise JobNotFoundError(f"no job with id(s) {', '.join(map(repr, missing))}")
+        for job_id in job_ids:
+            await self.complete(tx, job_id)
+
     async def suspend(self, tx: Any, job_id: str, next_poll_at: datetime) -> None:
         job = self._require(job_id)
         self._store(

@@ -142,6 +142,27 @@ class InMemoryTransaction:
         self.set_item(self._s.runs, run.id, new)
         return new
 
+    # -- set-oriented forms: every item is checked before any is written, so a failing
+    # call applies nothing even if the caller catches the error and goes on.
+    async def get_runs(self, run_ids: Sequence[str], *, for_update: bool = False) -> dict[str, Run]:
+        runs = self._s.runs
+        return {run_id: runs[run_id] for run_id in run_ids if run_id in runs}
+
+    async def update_runs(self, runs: Sequence[Run]) -> list[Run]:
+        self._check()
+        _reject_duplicates([run.id for run in runs], "run")
+        stored = self._s.runs
+        stale = [
+            repr(run.id)
+            for run in runs
+            if run.id not in stored or stored[run.id].version != run.version
+        ]
+        if stale:
+            raise ConcurrencyError(
+                f"run(s) {', '.join(stale)} were updated concurrently or do not exist"
+            )
+        return [await self.update_run(run) for run in runs]
+
     async def list_runs(self, filter: RunFilter) -> list[Run]:
         runs = [r for r in self._s.runs.values() if _matches(r, filter)]
         runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)
@@ -219,6 +240,24 @@ class InMemoryTransaction:
         if new.execution_group != stored.execution_group:
             self._keep_group_order(new.workflow_run_id)
         return new
+
+    async def get_stages_of(self, run_ids: Sequence[str]) -> dict[str, list[StageRun]]:
+        return {run_id: await self.get_stages(run_id) for run_id in run_ids}
+
+    async def update_stages(self, stages: Sequence[StageRun]) -> list[StageRun]:
+        self._check()
+        _reject_duplicates([(s.workflow_run_id, s.stage_id) for s in stages], "stage")
+        all_stages = self._s.stages
+        stale = []
+        for stage in stages:
+            stored = all_stages.get(stage.workflow_run_id, {}).get(stage.stage_id)
+            if stored is None or stored.version != stage.version:
+                stale.append(f"{stage.stage_id!r} of run {stage.workflow_run_id!r}")
+        if stale:
+            raise ConcurrencyError(
+                f"stage(s) {', '.join(stale)} were updated concurrently or do not exist"
+            )
+        return [await self.update_stage(stage) for stage in stages]
 
     def _index_suspended(self, stage: StageRun) -> None:
         suspended = self._s.suspended
@@ -323,6 +362,11 @@ class InMemoryTransaction:
             result = marshal.dumps(record.result)
             stored = (record.key, record.command_type, record.started_at, result)
         self.set_item(self._s.idempotency, (record.key, record.command_type), stored)
+
+    async def put_idempotency_many(self, records: Sequence[IdempotencyRecord]) -> None:
+        self._check()
+        for record in records:
+            await self.put_idempotency(record)
 
     async def delete_idempotency(self, key: str, command_type: str) -> None:
         self._check()
@@ -562,6 +606,16 @@ class _TransactionScope:
 
 
 _execution_group = attrgetter("execution_group")
+
+
+def _reject_duplicates(keys: Sequence[Any], what: str) -> None:
+    """``ValueError`` if a key occurs twice: the second update of one call would always
+    be stale, a caller's bug rather than a concurrent writer."""
+    seen: set[Any] = set()
+    for key in keys:
+        if key in seen:
+            raise ValueError(f"{what} {key!r} occurs more than once in one call")
+        seen.add(key)
 
 
 def _drop_last(bucket: list[Any]) -> None:

@@ -42,6 +42,32 @@ _GET_JOB = sa.select(t.jobs).where(t.jobs.c.id == sa.bindparam("job_id"))
 _UPDATE_JOB = sa.update(t.jobs).where(t.jobs.c.id == sa.bindparam("w_id"))
 
 
+_GET_JOBS = sa.select(t.jobs).where(t.jobs.c.id.in_(sa.bindparam("job_ids", expanding=True)))
+
+
+def _complete_jobs() -> Any:
+    """Complete the jobs ``job_ids`` (``n`` distinct ids) only if all ``n`` exist: the
+    guard makes a missing id complete none of them, in the same single statement."""
+    others = t.jobs.alias("present")
+    present = (
+        sa.select(sa.func.count())
+        .select_from(others)
+        .where(others.c.id.in_(sa.bindparam("job_ids", expanding=True)))
+        .scalar_subquery()
+    )
+    return (
+        sa.update(t.jobs)
+        .where(
+            t.jobs.c.id.in_(sa.bindparam("job_ids", expanding=True)),
+            present == sa.bindparam("n", type_=sa.Integer()),
+        )
+        .values(status=JobStatus.COMPLETED.value, worker_id=None)
+    )
+
+
+_COMPLETE_JOBS = _complete_jobs()
+
+
 def _tx(tx: Transaction) -> SqlTransaction:
     if not isinstance(tx, SqlTransaction):
         raise TreadleError(
@@ -171,6 +197,30 @@ class SqlJobTransport:
 
     async def complete(self, tx: Transaction, job_id: str) -> None:
         await self._set(tx, job_id, {"status": JobStatus.COMPLETED.value, "worker_id": None})
+
+    async def get_many(self, tx: Transaction, job_ids: Sequence[str]) -> dict[str, Job]:
+        sql = _tx(tx)
+        sql._check()
+        if not job_ids:
+            return {}
+        params = {"job_ids": list(dict.fromkeys(job_ids))}
+        rows = await sql.execute(_GET_JOBS, "get jobs", params)
+        return {row.id: _job_from_row(row) for row in rows}
+
+    async def complete_many(self, tx: Transaction, job_ids: Sequence[str]) -> None:
+        sql = _tx(tx)
+        sql._check()
+        ids = list(dict.fromkeys(job_ids))
+        if not ids:
+            return
+        params = {"job_ids": ids, "n": len(ids)}
+        result = await sql.execute(_COMPLETE_JOBS, "complete jobs", params)
+        if result.rowcount == len(ids):
+            return
+        found = await sql.execute(_GET_JOBS, "complete jobs", {"job_ids": ids})
+        present = {row.id for row in found}
+        missing = [job_id for job_id in ids if job_id not in present]
+        raise JobNotFoundError(f"no job with id(s) {', '.join(map(repr, missing))}")
 
     async def suspend(self, tx: Transaction, job_id: str, next_poll_at: datetime) -> None:
         await self._set(

@@ -175,6 +175,20 @@ _UPDATE_STAGE = sa.update(t.stages).where(
     t.stages.c.stage_id == sa.bindparam("w_stage_id"),
     t.stages.c.version == sa.bindparam("w_version"),
 )
+_GET_RUNS = (
+    sa.select(t.runs)
+    .where(t.runs.c.id.in_(sa.bindparam("run_ids", expanding=True)))
+    .order_by(t.runs.c.id)  # with FOR UPDATE: locks taken in id order (deadlock-free)
+)
+_GET_STAGES_OF = (
+    sa.select(t.stages)
+    .where(t.stages.c.run_id.in_(sa.bindparam("run_ids", expanding=True)))
+    .order_by(t.stages.c.run_id, t.stages.c.execution_group, t.stages.c.ordinal)
+)
+_FIND_STAGES = sa.select(t.stages).where(
+    t.stages.c.run_id.in_(sa.bindparam("run_ids", expanding=True)),
+    t.stages.c.stage_id.in_(sa.bindparam("stage_ids", expanding=True)),
+)
 _INSERT_OUTBOX = sa.insert(t.outbox)
 _NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
 _GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
@@ -393,6 +407,54 @@ class SqlTransaction:
             f"expected {run.version})"
         )
 
+    # -- set-oriented forms (see the port): one round trip each in the normal case.
+    async def get_runs(self, run_ids: Sequence[str], *, for_update: bool = False) -> dict[str, Run]:
+        self._check()
+        if not run_ids:
+            return {}
+        query = _GET_RUNS
+        if for_update:
+            query = self.prepared("get_runs_for_update", lambda tx: tx._lock(_GET_RUNS))
+        params = {"run_ids": list(dict.fromkeys(run_ids))}
+        rows = await self.execute(query, "get runs", params)
+        return {row.id: await self._run_from(row) for row in rows}
+
+    async def update_runs(self, runs: Sequence[Run]) -> list[Run]:
+        self._check()
+        if not runs:
+            return []
+        _reject_duplicates([run.id for run in runs], "run")
+        new = [evolve(run, {"version": run.version + 1, "stages": []}) for run in runs]
+        rows: list[dict[str, Any]] = []
+        for run, updated in zip(runs, new, strict=True):
+            values = await self._run_row(updated)
+            del values["id"]
+            values["w_id"], values["w_version"] = run.id, run.version
+            rows.append(values)
+        # One executemany: both drivers report the summed rowcount (SQLAlchemy's
+        # supports_sane_multi_rowcount), so a short count means a stale or missing run.
+        result = await self.execute(_UPDATE_RUN, "update runs", rows)
+        if result.rowcount != len(rows):
+            query = sa.select(t.runs).where(
+                t.runs.c.id.in_(sa.bindparam("run_ids", expanding=True))
+            )
+            stored = {
+                row.id: row._mapping
+                for row in await self.execute(
+                    query, "update runs", {"run_ids": [r.id for r in runs]}
+                )
+            }
+            stale = _not_written(
+                [
+                    (run.id, stored.get(run.id), values)
+                    for run, values in zip(runs, rows, strict=True)
+                ]
+            )
+            raise ConcurrencyError(
+                f"run(s) {', '.join(map(repr, stale))} were updated concurrently or do not exist"
+            )
+        return new
+
     def _run_conditions(self, f: RunFilter) -> list[Any]:
         c = t.runs.c
         conditions: list[Any] = []
@@ -539,6 +601,55 @@ class SqlTransaction:
             )
         return new
 
+    async def get_stages_of(self, run_ids: Sequence[str]) -> dict[str, list[StageRun]]:
+        self._check()
+        out: dict[str, list[StageRun]] = {run_id: [] for run_id in run_ids}
+        if not out:
+            return out
+        rows = await self.execute(_GET_STAGES_OF, "get stages", {"run_ids": list(out)})
+        for row in rows:
+            out[row.run_id].append(await self._stage_from(row))
+        return out
+
+    async def update_stages(self, stages: Sequence[StageRun]) -> list[StageRun]:
+        self._check()
+        if not stages:
+            return []
+        _reject_duplicates([(s.workflow_run_id, s.stage_id) for s in stages], "stage")
+        new = [evolve(stage, {"version": stage.version + 1}) for stage in stages]
+        rows: list[dict[str, Any]] = []
+        for stage, updated in zip(stages, new, strict=True):
+            values = await self._stage_row(updated)
+            del values["run_id"], values["stage_id"]
+            values["w_run_id"], values["w_stage_id"] = stage.workflow_run_id, stage.stage_id
+            values["w_version"] = stage.version
+            rows.append(values)
+        # One executemany; the summed rowcount is exact on both drivers (see update_runs).
+        result = await self.execute(_UPDATE_STAGE, "update stages", rows)
+        if result.rowcount != len(rows):
+            params = {
+                "run_ids": list({s.workflow_run_id for s in stages}),
+                "stage_ids": list({s.stage_id for s in stages}),
+            }
+            stored = {
+                (row.run_id, row.stage_id): row._mapping
+                for row in await self.execute(_FIND_STAGES, "update stages", params)
+            }
+            stale = _not_written(
+                [
+                    (
+                        f"{s.stage_id!r} of run {s.workflow_run_id!r}",
+                        stored.get((s.workflow_run_id, s.stage_id)),
+                        values,
+                    )
+                    for s, values in zip(stages, rows, strict=True)
+                ]
+            )
+            raise ConcurrencyError(
+                f"stage(s) {', '.join(stale)} were updated concurrently or do not exist"
+            )
+        return new
+
     async def due_suspended_stages(self, now: datetime, limit: int) -> list[StageRun]:
         c = t.stages.c
         query = (
@@ -678,15 +789,28 @@ class SqlTransaction:
             "result": await self._put_payload(None, record.result),
             "started_at": record.started_at,
         }
+        stmt = self.prepared("put_idempotency", _put_idempotency_statement)
+        await self.execute(stmt, "put idempotency", values)
 
-        def build(tx: SqlTransaction) -> Any:
-            ins = tx.insert(t.idempotency_keys)
-            return ins.on_conflict_do_update(
-                index_elements=["key", "command_type"],
-                set_={k: ins.excluded[k] for k in ("state", "result", "started_at")},
-            )
-
-        await self.execute(self.prepared("put_idempotency", build), "put idempotency", values)
+    async def put_idempotency_many(self, records: Sequence[IdempotencyRecord]) -> None:
+        self._check()
+        # The last record of a key wins, as with successive put_idempotency calls (and a
+        # multi-row upsert may not touch one row twice).
+        latest = {(r.key, r.command_type): r for r in records}
+        if not latest:
+            return
+        rows = [
+            {
+                "key": record.key,
+                "command_type": record.command_type,
+                "state": record.state.value,
+                "result": await self._put_payload(None, record.result),
+                "started_at": record.started_at,
+            }
+            for record in latest.values()
+        ]
+        stmt = self.prepared("put_idempotency", _put_idempotency_statement)
+        await self.execute(stmt, "put idempotency", rows)
 
     async def delete_idempotency(self, key: str, command_type: str) -> None:
         c = t.idempotency_keys.c
@@ -1035,6 +1159,46 @@ class SqlTransaction:
             .values(fired_at=fired_at)
         )
         return bool((await self.execute(stmt, "fire timer")).rowcount == 1)
+
+
+def _put_idempotency_statement(tx: SqlTransaction) -> Any:
+    ins = tx.insert(t.idempotency_keys)
+    return ins.on_conflict_do_update(
+        index_elements=["key", "command_type"],
+        set_={k: ins.excluded[k] for k in ("state", "result", "started_at")},
+    )
+
+
+def _reject_duplicates(keys: Sequence[Any], what: str) -> None:
+    """``ValueError`` if a key occurs twice in one set-oriented update: its second
+    update would always be stale, a caller's bug rather than a concurrent writer."""
+    seen: set[Any] = set()
+    for key in keys:
+        if key in seen:
+            raise ValueError(f"{what} {key!r} occurs more than once in one call")
+        seen.add(key)
+
+
+def _not_written(
+    items: Sequence[tuple[str, Any, Mapping[str, Any]]],
+) -> list[str]:
+    """After an executemany of optimistic updates updated fewer rows than it had: the
+    names of the items it did not write. Each item is (name, the stored row or None,
+    the parameters written). A version alone cannot tell: a concurrent writer that won
+    moved the row to the very version this call would have written. So a row counts as
+    written by the call iff it holds every value the call set (a concurrent writer
+    storing exactly the same values is indistinguishable, and harmless to leave out).
+    If nothing can be told apart, every item is named."""
+    stale = [
+        name
+        for name, stored, values in items
+        if stored is None
+        or any(
+            not key.startswith("w_") and key in stored and stored[key] != value
+            for key, value in values.items()
+        )
+    ]
+    return stale or [name for name, _, _ in items]
 
 
 def _journal_values(entry: JournalEntry) -> dict[str, Any]:

@@ -171,6 +171,49 @@ async def test_complete_finishes_a_job(backend: Any) -> None:
         assert await backend.job_transport.live_jobs(tx, "r1") == []
 
 
+async def test_get_many_returns_the_found_jobs_by_id(backend: Any) -> None:
+    """As ``get`` for each id in one call: missing ids absent, repeated ids harmless."""
+    await enqueue(backend, make_job("j1", priority=3), make_job("j2", "r2"))
+    async with backend.persistence.transaction() as tx:
+        single = {job_id: await backend.job_transport.get(tx, job_id) for job_id in ("j1", "j2")}
+        found = await backend.job_transport.get_many(tx, ["j2", "nope", "j1", "j2"])
+        assert await backend.job_transport.get_many(tx, []) == {}
+    assert found == single
+
+
+async def test_complete_many_completes_each_job(backend: Any) -> None:
+    """Every listed job is completed (a repeated id is harmless); others are untouched."""
+    await enqueue(backend, make_job("j1"), make_job("j2"), make_job("j3"))
+    await backend.job_transport.dequeue("w1", T0, limit=3)
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.complete_many(tx, ["j2", "j1", "j2"])
+        await backend.job_transport.complete_many(tx, [])
+    async with backend.persistence.transaction() as tx:
+        jobs = await backend.job_transport.get_many(tx, ["j1", "j2", "j3"])
+    assert [(j.status, j.worker_id) for j in (jobs["j1"], jobs["j2"])] == [
+        (JobStatus.COMPLETED, None),
+        (JobStatus.COMPLETED, None),
+    ]
+    assert (jobs["j3"].status, jobs["j3"].worker_id) == (JobStatus.LEASED, "w1")
+
+
+async def test_complete_many_with_a_missing_job_completes_none(backend: Any) -> None:
+    """A missing id is a ``JobNotFoundError`` naming every missing id, and none of the
+    call's jobs is completed, even if the caller goes on and commits."""
+    await enqueue(backend, make_job("j1"), make_job("j2"))
+    await backend.job_transport.dequeue("w1", T0, limit=2)
+    async with backend.persistence.transaction() as tx:
+        with pytest.raises(JobNotFoundError, match=r"'gone'.*'lost'") as raised:
+            await backend.job_transport.complete_many(tx, ["j1", "gone", "j2", "lost"])
+        assert "'j1'" not in str(raised.value)
+    with pytest.raises(JobNotFoundError, match="'gone'"):
+        async with backend.persistence.transaction() as tx:
+            await backend.job_transport.complete_many(tx, ["gone", "j2"])
+    async with backend.persistence.transaction() as tx:
+        jobs = await backend.job_transport.get_many(tx, ["j1", "j2"])
+    assert {j.status for j in jobs.values()} == {JobStatus.LEASED}
+
+
 async def test_suspend_parks_a_job(backend: Any) -> None:
     """A suspended job keeps its poll time, stays live, and is not dequeued even when due."""
     await enqueue(backend, make_job("j1"))

@@ -7,6 +7,7 @@ round trip that truncates or drops the timezone is caught.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -886,6 +887,200 @@ async def test_annotation_idempotency_key_is_unique_per_run(backend: Any) -> Non
     async with backend.persistence.transaction() as tx:
         await tx.insert_annotations([annotation("b1", run_id="r2", idempotency_key="k")])
         assert [a.id for a in await tx.list_annotations("r1")] == ["a1"]
+
+
+# -- set-oriented forms (group commit) -------------------------------------------------
+# Several commands' reads and writes in one transaction: each form equals the single-row
+# method applied to every item, and a failing item leaves nothing of the call behind once
+# the transaction has rolled back.
+
+
+async def test_get_runs_returns_the_found_runs_by_id(backend: Any) -> None:
+    """Missing ids are absent, repeated ids harmless; each run equals ``get_run``'s, locked
+    or not."""
+    await seed(backend, make_run("r1", priority=3), make_run("r2", input={"n": [1, 2]}))
+    async with backend.persistence.transaction() as tx:
+        single = {run_id: await tx.get_run(run_id) for run_id in ("r1", "r2")}
+        found = await tx.get_runs(["r2", "missing", "r1", "r2"])
+        locked = await tx.get_runs(["r1", "r2"], for_update=True)
+        assert await tx.get_runs([]) == {}
+        assert await tx.get_runs(["missing"], for_update=True) == {}
+    assert found == single
+    assert locked == single
+    assert all(run.stages == [] for run in found.values())
+
+
+async def test_get_runs_for_update_serialises_read_modify_write(backend: Any) -> None:
+    """Concurrent transactions that lock overlapping sets of runs (named in either order)
+    before updating them never see a stale version and never deadlock."""
+    await seed(backend, make_run("a", priority=0), make_run("b", priority=0))
+
+    async def bump(order: list[str]) -> None:
+        async with backend.persistence.transaction() as tx:
+            runs = await tx.get_runs(order, for_update=True)
+            await tx.update_runs(
+                [evolve(runs[i], {"priority": runs[i].priority + 1}) for i in order]
+            )
+
+    await asyncio.gather(*(bump(["a", "b"] if n % 2 else ["b", "a"]) for n in range(6)))
+    async with backend.persistence.transaction() as tx:
+        final = await tx.get_runs(["a", "b"])
+    assert [(r.priority, r.version) for r in (final["a"], final["b"])] == [(6, 6), (6, 6)]
+
+
+async def test_update_runs_stores_each_and_bumps_versions_in_order(backend: Any) -> None:
+    await seed(backend, make_run("r1"), make_run("r2"))
+    async with backend.persistence.transaction() as tx:
+        runs = await tx.get_runs(["r1", "r2"])
+        changed = [
+            evolve(runs["r2"], {"status": RunStatus.RUNNING, "updated_at": at(2)}),
+            evolve(runs["r1"], {"output": {"done": [1, None]}, "current_group": 3}),
+        ]
+        new = await tx.update_runs(changed)
+        assert await tx.update_runs([]) == []
+    assert new == [evolve(r, {"version": 1, "stages": []}) for r in changed]
+    async with backend.persistence.transaction() as tx:
+        assert await tx.get_runs(["r1", "r2"]) == {"r1": new[1], "r2": new[0]}
+
+
+async def test_update_runs_with_a_stale_or_missing_run_applies_nothing(backend: Any) -> None:
+    """One stale (or missing) run fails the call with a ``ConcurrencyError`` naming it, and
+    after the rollback none of the call's runs is changed; a run twice is a ``ValueError``."""
+    await seed(backend, make_run("r1"), make_run("r2"))
+    async with backend.persistence.transaction() as tx:
+        old = await tx.get_runs(["r1", "r2"])
+        winner = await tx.update_run(evolve(old["r2"], {"priority": 9, "updated_at": at(1)}))
+    fresh = old["r1"]
+    attempts = [
+        ([evolve(fresh, {"priority": 4}), evolve(old["r2"], {"priority": 1})], "'r2'"),
+        ([make_run("ghost"), evolve(fresh, {"priority": 4})], "'ghost'"),
+    ]
+    for runs, named in attempts:
+        with pytest.raises(ConcurrencyError, match=named) as raised:
+            async with backend.persistence.transaction() as tx:
+                await tx.update_runs(runs)
+        assert "'r1'" not in str(raised.value)
+    with pytest.raises(ValueError, match="r1"):
+        async with backend.persistence.transaction() as tx:
+            await tx.update_runs([fresh, evolve(fresh, {"priority": 2})])
+    async with backend.persistence.transaction() as tx:
+        assert await tx.get_runs(["r1", "r2", "ghost"]) == {"r1": fresh, "r2": winner}
+
+
+async def test_get_stages_of_maps_every_run_to_its_ordered_stages(backend: Any) -> None:
+    """Each requested run id maps to exactly ``get_stages(run_id)``: group order, then
+    insertion order; ``[]`` for a run without stages or a missing run."""
+    await seed(
+        backend,
+        make_run("r1"),
+        make_run("r2"),
+        make_run("bare"),
+        stages=(
+            make_stage("r1", "z-late", 2),
+            make_stage("r2", "only", 0, output={"x": 1}),
+            make_stage("r1", "m-first", 0),
+            make_stage("r1", "b-par", 1),
+            make_stage("r1", "a-par", 1),
+        ),
+    )
+    async with backend.persistence.transaction() as tx:
+        await tx.insert_stages([make_stage("r1", "c-par", 1)])
+    async with backend.persistence.transaction() as tx:
+        got = await tx.get_stages_of(["r2", "bare", "r1", "missing"])
+        expected = {run_id: await tx.get_stages(run_id) for run_id in got}
+        assert await tx.get_stages_of([]) == {}
+    assert got == expected
+    assert list(got) == ["r2", "bare", "r1", "missing"]
+    assert [s.stage_id for s in got["r1"]] == ["m-first", "b-par", "a-par", "c-par", "z-late"]
+    assert (got["bare"], got["missing"]) == ([], [])
+
+
+async def test_update_stages_stores_each_and_bumps_versions_in_order(backend: Any) -> None:
+    await seed(
+        backend,
+        make_run("r1"),
+        make_run("r2"),
+        stages=(make_stage("r1", "a"), make_stage("r1", "b"), make_stage("r2", "a")),
+    )
+    async with backend.persistence.transaction() as tx:
+        stages = await tx.get_stages_of(["r1", "r2"])
+        changed = [
+            evolve(stages["r2"][0], {"status": StageStatus.RUNNING, "started_at": at(1)}),
+            evolve(stages["r1"][1], {"status": StageStatus.COMPLETED, "output": {"k": [1]}}),
+            evolve(stages["r1"][0], {"attempt": 2, "poll_interval": timedelta(seconds=5)}),
+        ]
+        new = await tx.update_stages(changed)
+        assert await tx.update_stages([]) == []
+    assert new == [evolve(s, {"version": 1}) for s in changed]
+    async with backend.persistence.transaction() as tx:
+        got = await tx.get_stages_of(["r1", "r2"])
+    assert got == {"r1": [new[2], new[1]], "r2": [new[0]]}
+
+
+async def test_update_stages_with_a_stale_or_missing_stage_applies_nothing(backend: Any) -> None:
+    """One stale (or missing) stage fails the call with a ``ConcurrencyError`` naming it, and
+    after the rollback none of the call's stages is changed; a stage twice is a
+    ``ValueError``."""
+    await seed(backend, make_run("r1"), stages=(make_stage("r1", "a"), make_stage("r1", "b")))
+    async with backend.persistence.transaction() as tx:
+        old = {s.stage_id: s for s in await tx.get_stages("r1")}
+        winner = await tx.update_stage(evolve(old["b"], {"status": StageStatus.RUNNING}))
+    fresh = old["a"]
+    attempts = [
+        ([evolve(fresh, {"attempt": 3}), evolve(old["b"], {"attempt": 1})], "'b'"),
+        ([make_stage("r1", "ghost"), evolve(fresh, {"attempt": 3})], "'ghost'"),
+        ([evolve(fresh, {"attempt": 3}), make_stage("no-run", "a")], "'no-run'"),
+    ]
+    for stages, named in attempts:
+        with pytest.raises(ConcurrencyError, match=named) as raised:
+            async with backend.persistence.transaction() as tx:
+                await tx.update_stages(stages)
+        assert "'a' of run 'r1'" not in str(raised.value)
+    with pytest.raises(ValueError, match="'a'"):
+        async with backend.persistence.transaction() as tx:
+            await tx.update_stages([fresh, evolve(fresh, {"attempt": 5})])
+    async with backend.persistence.transaction() as tx:
+        assert await tx.get_stages("r1") == [fresh, winner]
+
+
+async def test_put_idempotency_many_upserts_every_record(backend: Any) -> None:
+    """As ``put_idempotency`` for each record in order: new keys inserted, existing ones
+    replaced, and a key given twice keeps its last record."""
+    base = IdempotencyRecord(
+        key="k1", command_type="job.execute", state=IdempotencyState.IN_PROGRESS, started_at=T0
+    )
+    async with backend.persistence.transaction() as tx:
+        await tx.put_idempotency(base)
+    done = base.model_copy(
+        update={"state": IdempotencyState.COMPLETED, "result": {"r": [1]}, "started_at": at(1)}
+    )
+    other = base.model_copy(update={"key": "k2", "result": "x"})
+    first = base.model_copy(update={"key": "k3"})
+    last = first.model_copy(update={"state": IdempotencyState.COMPLETED, "result": 3})
+    async with backend.persistence.transaction() as tx:
+        await tx.put_idempotency_many([done, other, first, last])
+        await tx.put_idempotency_many([])
+    async with backend.persistence.transaction() as tx:
+        got = [await tx.get_idempotency(k, "job.execute") for k in ("k1", "k2", "k3")]
+    assert got == [done, other, last]
+
+
+async def test_concurrent_appends_for_overlapping_runs_stay_gap_free(backend: Any) -> None:
+    """Transactions appending for several runs at once, listed in different orders, never
+    deadlock and leave every run numbered 1..n without a gap or a repeat."""
+
+    async def append(run_ids: list[str]) -> None:
+        async with backend.persistence.transaction() as tx:
+            await tx.append_events([created(run_id) for run_id in run_ids + run_ids[:1]])
+
+    orders = [["a", "b", "c"], ["c", "b", "a"], ["b", "c"], ["c", "a"]] * 2
+    await asyncio.gather(*(append(order) for order in orders))
+    async with backend.persistence.transaction() as tx:
+        counts = {r: [e.sequence for e in await tx.events_for_run(r)] for r in "abc"}
+    for run_id, sequences in counts.items():
+        assert sequences == list(range(1, len(sequences) + 1)), run_id
+    appended = [r for order in orders for r in order + order[:1]]
+    assert [len(counts[r]) for r in "abc"] == [appended.count(r) for r in "abc"]
 
 
 # -- rollback ---------------------------------------------------------------------------

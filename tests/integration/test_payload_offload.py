@@ -194,3 +194,60 @@ async def test_code_workflow_journal_and_signal_payloads_are_offloaded(database_
         assert PAYLOAD_REF in payload[0]
     finally:
         await engine.close()
+
+
+async def test_set_oriented_reads_and_updates_offload_like_the_single_row_ones(
+    database_url: str,
+) -> None:
+    """``get_runs``, ``get_stages_of``, ``update_runs`` and ``update_stages`` (the group-commit
+    forms) store big payloads as references and read them back as values, and a stale item
+    among offloaded ones is still told apart from those the call wrote."""
+    from treadle.kernel.errors import ConcurrencyError
+    from treadle.kernel.model import StageRun, StageStatus, evolve
+
+    engine = await Engine.open(
+        database_url, workflows=[WF], auto_migrate=True, payload_max_bytes=THRESHOLD
+    )
+    assert engine.backend is not None
+    persistence = engine.backend.persistence
+    now = datetime.now(UTC)
+    big = {"text": "q" * BIG}
+    runs = [
+        Run(id=f"r{i}", workflow_id="offload-wf", input=big, created_at=now, updated_at=now)
+        for i in range(2)
+    ]
+    try:
+        async with persistence.transaction() as tx:
+            for run in runs:
+                await tx.insert_run(run)
+            await tx.insert_stages(
+                [StageRun(workflow_run_id=r.id, stage_id="s", execution_group=0) for r in runs]
+            )
+        async with persistence.transaction() as tx:
+            got = await tx.get_runs(["r0", "r1"], for_update=True)
+            stages = await tx.get_stages_of(["r0", "r1"])
+            assert got["r0"].input == big
+            new_runs = await tx.update_runs([evolve(r, {"output": big}) for r in got.values()])
+            new_stages = await tx.update_stages(
+                [
+                    evolve(s[0], {"status": StageStatus.COMPLETED, "output": big})
+                    for s in stages.values()
+                ]
+            )
+        async with persistence.transaction() as tx:
+            assert list((await tx.get_runs(["r0", "r1"])).values()) == new_runs
+            assert [s[0] for s in (await tx.get_stages_of(["r0", "r1"])).values()] == new_stages
+        outputs = await _raw(engine, sa.select(t.stages.c.output).order_by(t.stages.c.run_id))
+        outputs += await _raw(engine, sa.select(t.runs.c.output))
+        assert all(PAYLOAD_REF in output[0] for output in outputs)
+
+        async with persistence.transaction() as tx:  # r1's stage moves on under the caller
+            await tx.update_stage(evolve(new_stages[1], {"attempt": 2}))
+        with pytest.raises(ConcurrencyError, match="'s' of run 'r1'") as raised:
+            async with persistence.transaction() as tx:
+                await tx.update_stages([evolve(s, {"error": "late"}) for s in new_stages])
+        assert "run 'r0'" not in str(raised.value)
+        async with persistence.transaction() as tx:
+            assert (await tx.get_stages_of(["r0"]))["r0"] == [new_stages[0]]
+    finally:
+        await engine.close()
