@@ -189,6 +189,35 @@ _FIND_STAGES = sa.select(t.stages).where(
     t.stages.c.run_id.in_(sa.bindparam("run_ids", expanding=True)),
     t.stages.c.stage_id.in_(sa.bindparam("stage_ids", expanding=True)),
 )
+_INSERT_STAGE = sa.insert(t.stages)
+
+
+def _stage_slots() -> sa.Select[Any]:
+    """For ``insert_stages``, one row per requested run that exists: (run id, its highest
+    ordinal or -1, the id of one of its stages among those requested, or NULL)."""
+    ordinals = t.stages.alias("ordinals")
+    taken = t.stages.alias("taken")
+    highest = (
+        sa.select(sa.func.coalesce(sa.func.max(ordinals.c.ordinal), -1))
+        .where(ordinals.c.run_id == t.runs.c.id)
+        .correlate(t.runs)
+        .scalar_subquery()
+    )
+    joined = t.runs.outerjoin(
+        taken,
+        sa.and_(
+            taken.c.run_id == t.runs.c.id,
+            taken.c.stage_id.in_(sa.bindparam("stage_ids", expanding=True)),
+        ),
+    )
+    return (
+        sa.select(t.runs.c.id, highest, taken.c.stage_id)
+        .select_from(joined)
+        .where(t.runs.c.id.in_(sa.bindparam("run_ids", expanding=True)))
+    )
+
+
+_STAGE_SLOTS = _stage_slots()
 _INSERT_OUTBOX = sa.insert(t.outbox)
 _NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
 _GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
@@ -539,30 +568,21 @@ class SqlTransaction:
 
     # -- stages -----------------------------------------------------------------
     async def insert_stages(self, stages: Sequence[StageRun]) -> None:
+        self._check()
         if not stages:
-            self._check()
             return
-        run_ids = list(dict.fromkeys(s.workflow_run_id for s in stages))
-        next_ordinal_sq = (
-            sa.select(sa.func.coalesce(sa.func.max(t.stages.c.ordinal), -1))
-            .where(t.stages.c.run_id == t.runs.c.id)
-            .scalar_subquery()
-        )
-        found = await self.execute(
-            sa.select(t.runs.c.id, next_ordinal_sq).where(t.runs.c.id.in_(run_ids)),
-            "insert stages",
-        )
-        next_ordinal = {str(row[0]): int(row[1]) + 1 for row in found}
-        existing = {
-            (row.run_id, row.stage_id)
-            for row in await self.execute(
-                sa.select(t.stages.c.run_id, t.stages.c.stage_id).where(
-                    t.stages.c.run_id.in_(run_ids),
-                    t.stages.c.stage_id.in_({s.stage_id for s in stages}),
-                ),
-                "insert stages",
-            )
+        # One read finds which runs exist, their next ordinal and which of the new stage
+        # ids they have already; then one executemany of a prebuilt INSERT.
+        params = {
+            "run_ids": list(dict.fromkeys(s.workflow_run_id for s in stages)),
+            "stage_ids": list(dict.fromkeys(s.stage_id for s in stages)),
         }
+        next_ordinal: dict[str, int] = {}
+        existing: set[tuple[str, str]] = set()
+        for run_id, highest, stage_id in await self.execute(_STAGE_SLOTS, "insert stages", params):
+            next_ordinal[run_id] = int(highest) + 1
+            if stage_id is not None:
+                existing.add((run_id, stage_id))
         rows: list[dict[str, Any]] = []
         for stage in stages:
             run_id = stage.workflow_run_id
@@ -576,7 +596,7 @@ class SqlTransaction:
             values["ordinal"] = next_ordinal[run_id]
             next_ordinal[run_id] += 1
             rows.append(values)
-        await self.execute(sa.insert(t.stages).values(rows), "insert stages")
+        await self.execute(_INSERT_STAGE, "insert stages", rows)
 
     async def get_stages(self, run_id: str) -> list[StageRun]:
         rows = await self.execute(_GET_STAGES, "get stages", {"run_id": run_id})
@@ -665,8 +685,13 @@ class SqlTransaction:
         return [await self._stage_from(row) for row in await self.execute(query, "due stages")]
 
     # -- outbox -----------------------------------------------------------------
-    async def _allocate_sequences(self, run_id: str, count: int) -> int:
-        """Reserve ``count`` sequence numbers for ``run_id``; returns the first."""
+    async def _allocate_sequences(self, counts: Mapping[str, int]) -> dict[str, int]:
+        """Reserve ``counts[run_id]`` sequence numbers per run; returns each run's first.
+
+        One multi-row upsert (an executemany with RETURNING, which SQLAlchemy sends as
+        one INSERT ... VALUES (...), (...) ... ON CONFLICT DO UPDATE ... RETURNING). Its
+        rows are in run-id order, so two transactions appending for the same runs lock
+        their counters in the same order and cannot deadlock on PostgreSQL."""
         seq = t.run_event_seq
 
         def build(tx: SqlTransaction) -> Any:
@@ -674,12 +699,15 @@ class SqlTransaction:
             return ins.on_conflict_do_update(
                 index_elements=[seq.c.run_id],
                 set_={"last_sequence": seq.c.last_sequence + ins.excluded.last_sequence},
-            ).returning(seq.c.last_sequence)
+            ).returning(seq.c.run_id, seq.c.last_sequence)
 
-        stmt = self.prepared("allocate_sequences", build)
-        params = {"run_id": run_id, "last_sequence": count}
-        last = (await self.execute(stmt, "allocate event sequence", params)).scalar_one()
-        return int(last) - count + 1
+        stmt = self.prepared("allocate_sequences_many", build)
+        params = [{"run_id": run_id, "last_sequence": counts[run_id]} for run_id in sorted(counts)]
+        rows = await self.execute(stmt, "allocate event sequence", params)
+        first = {str(run_id): int(last) - counts[run_id] + 1 for run_id, last in rows}
+        if first.keys() != counts.keys():
+            raise StorageError("allocating event sequences returned other runs than asked")
+        return first
 
     async def append_events(self, events: Sequence[EventBase]) -> list[EventBase]:
         self._check()
@@ -688,12 +716,7 @@ class SqlTransaction:
         counts: dict[str, int] = {}
         for event in events:
             counts[event.workflow_run_id] = counts.get(event.workflow_run_id, 0) + 1
-        # Allocate in run-id order: two transactions appending for the same runs lock
-        # their counters in the same order and cannot deadlock on PostgreSQL.
-        next_seq = {
-            run_id: await self._allocate_sequences(run_id, counts[run_id])
-            for run_id in sorted(counts)
-        }
+        next_seq = await self._allocate_sequences(counts)
         stored: list[EventBase] = []
         rows: list[dict[str, Any]] = []
         for event in events:
