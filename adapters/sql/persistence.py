@@ -464,14 +464,9 @@ class SqlTransaction:
         # supports_sane_multi_rowcount), so a short count means a stale or missing run.
         result = await self.execute(_UPDATE_RUN, "update runs", rows)
         if result.rowcount != len(rows):
-            query = sa.select(t.runs).where(
-                t.runs.c.id.in_(sa.bindparam("run_ids", expanding=True))
-            )
+            params = {"run_ids": [r.id for r in runs]}
             stored = {
-                row.id: row._mapping
-                for row in await self.execute(
-                    query, "update runs", {"run_ids": [r.id for r in runs]}
-                )
+                row.id: row._mapping for row in await self.execute(_GET_RUNS, "update runs", params)
             }
             stale = _not_written(
                 [

@@ -951,9 +951,17 @@ async def test_update_runs_with_a_stale_or_missing_run_applies_nothing(backend: 
         old = await tx.get_runs(["r1", "r2"])
         winner = await tx.update_run(evolve(old["r2"], {"priority": 9, "updated_at": at(1)}))
     fresh = old["r1"]
+    # The run the call could write carries every kind of value, so telling it apart from
+    # the stale one holds on every column type.
+    change = {
+        "status": RunStatus.RUNNING,
+        "output": {"n": [1, 2.5, None, True], "s": "é"},
+        "started_at": at(1.000001),
+        "updated_at": at(2),
+    }
     attempts = [
-        ([evolve(fresh, {"priority": 4}), evolve(old["r2"], {"priority": 1})], "'r2'"),
-        ([make_run("ghost"), evolve(fresh, {"priority": 4})], "'ghost'"),
+        ([evolve(fresh, change), evolve(old["r2"], {"priority": 1})], "'r2'"),
+        ([make_run("ghost"), evolve(fresh, change)], "'ghost'"),
     ]
     for runs, named in attempts:
         with pytest.raises(ConcurrencyError, match=named) as raised:
@@ -1026,10 +1034,21 @@ async def test_update_stages_with_a_stale_or_missing_stage_applies_nothing(backe
         old = {s.stage_id: s for s in await tx.get_stages("r1")}
         winner = await tx.update_stage(evolve(old["b"], {"status": StageStatus.RUNNING}))
     fresh = old["a"]
+    changed = evolve(  # every kind of value: see the update_runs test
+        fresh,
+        {
+            "status": StageStatus.SUSPENDED,
+            "attempt": 3,
+            "started_at": at(1.5),
+            "suspended_state": {"ids": [1, 2.5, None], "ok": False},
+            "next_poll_at": at(60.000001),
+            "poll_interval": timedelta(minutes=5, microseconds=7),
+        },
+    )
     attempts = [
-        ([evolve(fresh, {"attempt": 3}), evolve(old["b"], {"attempt": 1})], "'b'"),
-        ([make_stage("r1", "ghost"), evolve(fresh, {"attempt": 3})], "'ghost'"),
-        ([evolve(fresh, {"attempt": 3}), make_stage("no-run", "a")], "'no-run'"),
+        ([changed, evolve(old["b"], {"attempt": 1})], "'b'"),
+        ([make_stage("r1", "ghost"), changed], "'ghost'"),
+        ([changed, make_stage("no-run", "a")], "'no-run'"),
     ]
     for stages, named in attempts:
         with pytest.raises(ConcurrencyError, match=named) as raised:
