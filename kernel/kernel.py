@@ -27,6 +27,7 @@ from treadle.kernel.errors import (
     WorkflowNotFoundError,
 )
 from treadle.kernel.events import EventBase
+from treadle.kernel.group_commit import GroupCommit
 from treadle.kernel.ids import Uuid7Ids
 from treadle.kernel.logging import KernelLogger, StdlibLogger
 from treadle.kernel.model import (
@@ -68,6 +69,9 @@ class KernelSettings:
     """A code-workflow step whose retry delay is longer than this suspends the run on a
     durable timer; a shorter delay re-queues the activation to start after it. Neither
     holds a worker."""
+    group_commit: bool = True
+    """Commit stages that finish together in one transaction (``kernel/group_commit.py``):
+    what lets one worker process keep up with PostgreSQL. Off, each commits alone."""
     version_recheck_interval: timedelta = timedelta(seconds=60)
     """How often the maintenance tick re-checks a code-workflow run blocked by a
     ``VersionMismatchError`` (its pinned version not registered here); once a worker
@@ -93,6 +97,8 @@ class Deps:
     """Cancellation tokens of the executions running in this process."""
     chains: Chains = field(default_factory=Chains)
     """Stages chained ``job.execute`` commits started, for the execution that follows."""
+    commits: GroupCommit[Any, Any] = field(default_factory=GroupCommit)
+    """Where concurrent ``job.execute`` phase-3 commits of this kernel meet (one group)."""
 
     def workflow(self, workflow_id: str, version: str | None = None) -> WorkflowDefinition:
         """The definition for ``workflow_id``: ``version`` if the registry holds it (a run

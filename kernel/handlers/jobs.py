@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,6 +48,7 @@ from treadle.kernel.handlers.common import (
     outputs_of,
 )
 from treadle.kernel.handlers.effects import commit_stage_extras
+from treadle.kernel.handlers.write_buffer import WriteBuffer
 from treadle.kernel.model import (
     Job,
     JobStatus,
@@ -63,7 +64,7 @@ from treadle.kernel.workflows.saga import is_compensating
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps, Scope
-    from treadle.ports import Transaction
+    from treadle.ports import JobTransport, Transaction
 
 
 @dataclass
@@ -432,6 +433,17 @@ def _is_current(
     )
 
 
+@dataclass
+class _Commit:
+    """One finished execution waiting for its phase-3 commit."""
+
+    cmd: c.JobExecute
+    scope: Scope
+    started: _Started
+    ctx: StageContext[Any, Any]
+    outcome: _Outcome
+
+
 async def _phase_commit(
     deps: Deps,
     cmd: c.JobExecute,
@@ -440,73 +452,140 @@ async def _phase_commit(
     ctx: StageContext[Any, Any],
     outcome: _Outcome,
 ) -> c.JobExecuteResult:
+    item = _Commit(cmd, scope, s, ctx, outcome)
+    if deps.settings.group_commit and _groupable(item):
+        result = await deps.commits.submit(item, lambda group: _commit_group(deps, group))
+        return cast("c.JobExecuteResult", result)
+    return await _commit_alone(deps, item)
+
+
+def _groupable(item: _Commit) -> bool:
+    """Whether a group commit carries this outcome (``write_buffer``): a completed stage
+    with no buffered logs or annotations, the hot path. Everything else commits alone."""
+    return item.outcome.kind == "completed" and not item.ctx.logs and not item.ctx.annotations
+
+
+async def _commit_alone(deps: Deps, item: _Commit) -> c.JobExecuteResult:
     now = deps.clock.now()
+    async with deps.persistence.transaction() as tx:
+        result, chained = await _commit_in(deps, tx, item, now)
+    if chained is not None:  # only once its start has committed
+        deps.chains.keep(chained.job.id, item.cmd.worker_id, chained)
+    return result
+
+
+async def _commit_group(
+    deps: Deps, group: Sequence[_Commit]
+) -> list[c.JobExecuteResult | BaseException]:
+    """Commit ``group`` in one transaction; if that fails for any reason (an item the
+    buffer does not carry, a lost race, a deadlock), commit each item alone, so every
+    item ends exactly as it would have without the group."""
+    if len(group) > 1:
+        try:
+            return list(await _commit_together(deps, group))
+        except Exception as exc:
+            deps.logger.debug("job.group_commit_fallback", size=len(group), reason=repr(exc))
+    outcomes: list[c.JobExecuteResult | BaseException] = []
+    for item in group:
+        try:
+            outcomes.append(await _commit_alone(deps, item))
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+async def _commit_together(deps: Deps, group: Sequence[_Commit]) -> list[c.JobExecuteResult]:
+    now = deps.clock.now()
+    run_ids = sorted({item.started.run.id for item in group})
+    job_ids = [item.started.job.id for item in group]
+    results: list[c.JobExecuteResult] = []
+    chained: list[_Started | None] = []
+    async with deps.persistence.transaction() as tx:
+        found_jobs = await deps.job_transport.get_many(tx, job_ids)
+        runs = await tx.get_runs(run_ids, for_update=True)
+        stages = await tx.get_stages_of(run_ids)
+        buffer = WriteBuffer(tx, runs, stages, {i: found_jobs.get(i) for i in job_ids})
+        buffered = replace(deps, job_transport=cast("JobTransport", buffer.jobs))
+        for item in group:
+            result, started = await _commit_in(buffered, cast("Transaction", buffer), item, now)
+            results.append(result)
+            chained.append(started)
+        await buffer.flush(deps.job_transport)
+    for item, started in zip(group, chained, strict=True):
+        if started is not None:
+            deps.chains.keep(started.job.id, item.cmd.worker_id, started)
+    return results
+
+
+async def _commit_in(
+    deps: Deps, tx: Transaction, item: _Commit, now: datetime
+) -> tuple[c.JobExecuteResult, _Started | None]:
+    """Phase 3 inside ``tx``: the outcome, the transition, and (chaining) the start of
+    the next stage. Returns the result and the chained start, to hand off after commit."""
+    cmd, scope, s, ctx, outcome = item.cmd, item.scope, item.started, item.ctx, item.outcome
     run_id, stage_id = s.run.id, s.stage.stage_id
     chained: _Started | None = None
-    async with deps.persistence.transaction() as tx:
-        job = await deps.job_transport.get(tx, s.job.id)
-        run = await tx.get_run(run_id, for_update=True)
-        # One read of all stages, under the run's lock: ours for the ownership check, the
-        # rest for the transition (only this transaction changes ours from here on).
-        stages = await tx.get_stages(run_id) if run is not None else []
-        index = next((i for i, st in enumerate(stages) if st.stage_id == stage_id), -1)
-        stage = stages[index] if index >= 0 else None
-        if not _is_current(job, stage, run, s, cmd.worker_id):
-            result = c.JobExecuteResult(
-                outcome=cast("Any", outcome.kind),
-                workflow_run_id=run_id,
-                stage_id=stage_id,
-                ghost=True,
-                error="result discarded: run cancelled or stage taken over by another attempt",
-            )
-            await scope.complete(tx, result)
-            return result
-        assert stage is not None
-        assert run is not None
-        pending: list[EventBase] = []  # appended together with the transition's events
-        if outcome.kind == "completed":
-            result, stage = await _commit_completed(
-                deps, tx, scope, s, stage, outcome.output, now, pending
-            )
-        elif outcome.kind == "suspended":
-            assert outcome.suspend is not None
-            result, stage = await _commit_suspended(deps, tx, scope, s, stage, outcome.suspend, now)
-        else:
-            assert outcome.error is not None
-            result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
-        stages = [*stages[:index], stage, *stages[index + 1 :]]
-        if ctx.logs or ctx.annotations:
-            if pending:  # their events follow the outcome's
-                await tx.append_events(pending)
-                pending = []
-            await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
-        if ctx.annotations:  # annotations merged search attributes: the run has moved on
-            run = await load_run(tx, run_id)
-        chain = (
-            cmd.chain
-            and deps.chains.allows(cmd.worker_id)
-            and decide(s.wf, run, stages).action == "advanced"
+    job = await deps.job_transport.get(tx, s.job.id)
+    run = await tx.get_run(run_id, for_update=True)
+    # One read of all stages, under the run's lock: ours for the ownership check, the
+    # rest for the transition (only this transaction changes ours from here on).
+    stages = await tx.get_stages(run_id) if run is not None else []
+    index = next((i for i, st in enumerate(stages) if st.stage_id == stage_id), -1)
+    stage = stages[index] if index >= 0 else None
+    if not _is_current(job, stage, run, s, cmd.worker_id):
+        result = c.JobExecuteResult(
+            outcome=cast("Any", outcome.kind),
+            workflow_run_id=run_id,
+            stage_id=stage_id,
+            ghost=True,
+            error="result discarded: run cancelled or stage taken over by another attempt",
         )
-        decision, run = await apply_transition(
-            deps,
-            tx,
-            run,
-            stages,
-            s.wf,
-            now,
-            scope.causation_id,
-            lease_to=cmd.worker_id if chain else None,
-            prior_events=() if chain else pending,
-        )
-        if decision.leased is not None:
-            chained = await start_leased(
-                deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
-            )
-            result = evolve(result, {"chained_job": decision.leased})
         await scope.complete(tx, result)
-    if chained is not None:  # only once its start has committed
-        deps.chains.keep(chained.job.id, cmd.worker_id, chained)
-    return result
+        return result, None
+    assert stage is not None
+    assert run is not None
+    pending: list[EventBase] = []  # appended together with the transition's events
+    if outcome.kind == "completed":
+        result, stage = await _commit_completed(
+            deps, tx, scope, s, stage, outcome.output, now, pending
+        )
+    elif outcome.kind == "suspended":
+        assert outcome.suspend is not None
+        result, stage = await _commit_suspended(deps, tx, scope, s, stage, outcome.suspend, now)
+    else:
+        assert outcome.error is not None
+        result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
+    stages = [*stages[:index], stage, *stages[index + 1 :]]
+    if ctx.logs or ctx.annotations:
+        if pending:  # their events follow the outcome's
+            await tx.append_events(pending)
+            pending = []
+        await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
+    if ctx.annotations:  # annotations merged search attributes: the run has moved on
+        run = await load_run(tx, run_id)
+    chain = (
+        cmd.chain
+        and deps.chains.allows(cmd.worker_id)
+        and decide(s.wf, run, stages).action == "advanced"
+    )
+    decision, run = await apply_transition(
+        deps,
+        tx,
+        run,
+        stages,
+        s.wf,
+        now,
+        scope.causation_id,
+        lease_to=cmd.worker_id if chain else None,
+        prior_events=() if chain else pending,
+    )
+    if decision.leased is not None:
+        chained = await start_leased(
+            deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
+        )
+        result = evolve(result, {"chained_job": decision.leased})
+    await scope.complete(tx, result)
+    return result, chained
 
 
 async def start_leased(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from treadle.kernel import commands as c
@@ -13,6 +14,7 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import WorkflowCancelled, WorkflowCreated, WorkflowStarted
 from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run, run_ended
+from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
 from treadle.kernel.workflows.deadline import request as request_execution_timeout
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
     from treadle.kernel.definitions import WorkflowDefinition
     from treadle.kernel.kernel import Deps, Scope
-    from treadle.ports import Transaction
+    from treadle.ports import JobTransport, Transaction
 
 
 def _check_attributes(attributes: dict[str, Any]) -> None:
@@ -155,68 +157,107 @@ async def claim_pending(
     up to ``chain`` runs is created leased to the claimer and its stage started here, as
     a chained ``job.execute`` commit starts the next stage: the claimer's execution needs
     no lease and no phase-1 transaction (the started state waits in ``deps.chains``)."""
-    from treadle.kernel.handlers.jobs import start_leased
-
     now = deps.clock.now()
-    claimed: list[c.ClaimedRun] = []
-    started: list[Any] = []
     budget = cmd.chain if deps.chains.allows(cmd.worker_id) else 0
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.RunClaimPendingResult", cached)
-        for run in await tx.claim_pending_runs(cmd.max_claims):
-            wf = deps.find_workflow(run.workflow_id, run.workflow_version)
-            if wf is None:
-                # Left PENDING for a worker that has this workflow (rolling deploys).
-                deps.logger.warning(
-                    "claim.skipped_unknown_workflow", run_id=run.id, workflow_id=run.workflow_id
-                )
-                continue
-            run = await tx.update_run(
-                evolve(
-                    run,
-                    {
-                        "status": RunStatus.RUNNING,
-                        "started_at": now,
-                        "updated_at": now,
-                        "worker_id": cmd.worker_id,
-                        "current_group": 0,
-                    },
-                )
+        runs = await tx.claim_pending_runs(cmd.max_claims)
+        claimed: list[c.ClaimedRun] | None = None
+        if deps.settings.group_commit and len(runs) > 1:
+            # All runs' reads in one statement, their writes collected and flushed one
+            # statement per kind (``write_buffer``); a run the buffer cannot carry (a code
+            # workflow's timers) sends the whole claim down the plain path below, in the
+            # same transaction: the buffer has written nothing yet.
+            buffer = WriteBuffer(
+                tx,
+                {run.id: run for run in runs},
+                await tx.get_stages_of([run.id for run in runs]),
+                {},
             )
-            await arm_execution_timeout(tx, run, wf, now)
-            stages = await tx.get_stages(run.id)
-            group0 = [s for s in stages if s.execution_group == 0]
-            lease_to = cmd.worker_id if budget > 0 and group0 else None
-            jobs = await enqueue_stages(deps, tx, run, wf, group0, now, lease_to=lease_to)
-            run_started = WorkflowStarted(
-                workflow_run_id=run.id,
-                timestamp=now,
-                causation_id=scope.causation_id,
-                workflow_id=run.workflow_id,
-                worker_id=cmd.worker_id,
-            )
-            if lease_to is not None:
-                budget -= 1
-                events = [run_started]
-                started.append(
-                    await start_leased(deps, tx, scope, wf, run, stages, jobs[0], now, events)
+            buffered = replace(deps, job_transport=cast("JobTransport", buffer.jobs))
+            try:
+                claimed, started = await _claim_runs(
+                    buffered, cast("Transaction", buffer), cmd, scope, runs, budget, now
                 )
+            except NotBatchableError:
+                claimed = None
             else:
-                await tx.append_events([run_started])
-            claimed.append(
-                c.ClaimedRun(
-                    workflow_run_id=run.id,
-                    workflow_id=run.workflow_id,
-                    job_ids=[j.id for j in jobs],
-                )
-            )
+                await buffer.flush(deps.job_transport)
+        if claimed is None:
+            claimed, started = await _claim_runs(deps, tx, cmd, scope, runs, budget, now)
         result = c.RunClaimPendingResult(claimed=claimed, chained_jobs=[s.job for s in started])
         await scope.complete(tx, result)
     for s in started:  # only once their start has committed
         deps.chains.keep(s.job.id, cmd.worker_id, s)
     return result
+
+
+async def _claim_runs(
+    deps: Deps,
+    tx: Transaction,
+    cmd: c.RunClaimPending,
+    scope: Scope,
+    runs: list[Run],
+    budget: int,
+    now: datetime,
+) -> tuple[list[c.ClaimedRun], list[Any]]:
+    """Start each of ``runs`` inside ``tx``: RUNNING, group 0 enqueued (the first job of
+    up to ``budget`` runs leased to the claimer and started). Returns the claimed runs
+    and the started stages to hand off once ``tx`` commits."""
+    from treadle.kernel.handlers.jobs import start_leased
+
+    claimed: list[c.ClaimedRun] = []
+    started: list[Any] = []
+    for run in runs:
+        wf = deps.find_workflow(run.workflow_id, run.workflow_version)
+        if wf is None:
+            # Left PENDING for a worker that has this workflow (rolling deploys).
+            deps.logger.warning(
+                "claim.skipped_unknown_workflow", run_id=run.id, workflow_id=run.workflow_id
+            )
+            continue
+        run = await tx.update_run(
+            evolve(
+                run,
+                {
+                    "status": RunStatus.RUNNING,
+                    "started_at": now,
+                    "updated_at": now,
+                    "worker_id": cmd.worker_id,
+                    "current_group": 0,
+                },
+            )
+        )
+        await arm_execution_timeout(tx, run, wf, now)
+        stages = await tx.get_stages(run.id)
+        group0 = [s for s in stages if s.execution_group == 0]
+        lease_to = cmd.worker_id if budget > 0 and group0 else None
+        jobs = await enqueue_stages(deps, tx, run, wf, group0, now, lease_to=lease_to)
+        run_started = WorkflowStarted(
+            workflow_run_id=run.id,
+            timestamp=now,
+            causation_id=scope.causation_id,
+            workflow_id=run.workflow_id,
+            worker_id=cmd.worker_id,
+        )
+        if lease_to is not None:
+            budget -= 1
+            events = [run_started]
+            started.append(
+                await start_leased(deps, tx, scope, wf, run, stages, jobs[0], now, events)
+            )
+        else:
+            await tx.append_events([run_started])
+        claimed.append(
+            c.ClaimedRun(
+                workflow_run_id=run.id,
+                workflow_id=run.workflow_id,
+                job_ids=[j.id for j in jobs],
+            )
+        )
+    return claimed, started
 
 
 async def transition(deps: Deps, cmd: c.RunTransition, scope: Scope) -> c.RunTransitionResult:

@@ -1,0 +1,124 @@
+"""Group commit: concurrent commits of one process carried out in one transaction.
+
+A worker with K slots finishes stage bodies at nearly the same moment, and each finished
+stage then needs a short transaction of a dozen statements (``job.execute`` phase 3). On
+PostgreSQL the worker's client-side cost per statement, not the server, bounds
+throughput. ``GroupCommit`` lets those commits share one transaction whose reads and
+writes are set-oriented (``Transaction.get_runs``, ``update_stages``, ...): one statement
+for the whole group where there were one per stage.
+
+There is no timer and no background task. The first submitter becomes the *leader*: it
+takes everything queued (its own item included) and commits it as one group; commits
+submitted while it works queue up, and when it is done the leader hands the lead to the
+oldest of them, which commits that next group. Under load groups grow by themselves (a
+group's size is whatever finished during the previous commit); alone, a submitter
+commits at once, so an idle worker pays no latency for the batching.
+
+What a group commit means for each item is the caller's business (``commit_group``);
+this module only orders the submissions. Every item gets its own result, or its own
+exception, as if it had committed alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from treadle.kernel.errors import TransientStorageError
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+CommitGroup = Callable[[Sequence[Item]], Awaitable[Sequence["Result | BaseException"]]]
+
+_LEAD = object()
+"""Resolves a waiting submitter's future when the lead passes to it."""
+
+
+@dataclass(eq=False)
+class _Entry(Generic[Item]):
+    item: Item
+    future: asyncio.Future[object] = field(repr=False)
+
+
+class GroupCommit(Generic[Item, Result]):
+    """Orders submissions into groups; see the module docstring. One per kernel."""
+
+    def __init__(self, limit: int = 64) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        """The most items one group commits (the rest wait for the next group)."""
+        self._queue: list[_Entry[Item]] = []
+        self._leading = False
+        self.groups = 0
+        """Groups committed so far (for tests and benchmarks)."""
+        self.items = 0
+        """Items committed so far, in all groups."""
+
+    async def submit(self, item: Item, commit_group: CommitGroup[Item, Result]) -> Result:
+        """Commit ``item`` in the next group; returns its result or raises its error."""
+        entry: _Entry[Item] = _Entry(item, asyncio.get_running_loop().create_future())
+        self._queue.append(entry)
+        if self._leading:
+            try:
+                outcome = await entry.future
+            except asyncio.CancelledError:
+                self._withdraw(entry)
+                raise
+            if outcome is not _LEAD:
+                return self._unwrap(outcome)
+            # The lead passed to us; our entry is still first in the queue.
+        self._leading = True
+        batch = self._queue[: self.limit]
+        del self._queue[: len(batch)]
+        try:
+            outcomes = await commit_group([e.item for e in batch])
+        except BaseException as exc:  # cancelled mid-commit: the others must not hang
+            failure = TransientStorageError(f"group commit interrupted: {exc!r}")
+            for other in batch:
+                if other is not entry and not other.future.done():
+                    other.future.set_exception(failure)
+            self._pass_lead()
+            raise
+        self.groups += 1
+        self.items += len(batch)
+        own: object = None
+        for other, outcome in zip(batch, outcomes, strict=True):
+            if other is entry:
+                own = outcome
+            elif not other.future.done():  # a follower cancelled meanwhile gets nothing
+                other.future.set_result(outcome)
+        self._pass_lead()
+        return self._unwrap(own)
+
+    def _pass_lead(self) -> None:
+        """Hand the lead to the oldest waiting submitter, or give it up."""
+        while self._queue:
+            head = self._queue[0]
+            if not head.future.done():
+                head.future.set_result(_LEAD)
+                return
+            self._queue.pop(0)  # cancelled before its turn
+        self._leading = False
+
+    def _withdraw(self, entry: _Entry[Item]) -> None:
+        """A waiting submitter was cancelled: its item is not committed. If the lead had
+        just passed to it, pass it on."""
+        had_lead = entry.future.done() and not entry.future.cancelled()
+        if entry in self._queue:
+            self._queue.remove(entry)
+        if had_lead and entry.future.result() is _LEAD:
+            self._pass_lead()
+
+    @staticmethod
+    def _unwrap(outcome: object) -> Result:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        """Submissions waiting for a group."""
+        return len(self._queue)

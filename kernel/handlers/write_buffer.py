@@ -1,0 +1,150 @@
+"""``WriteBuffer``: one transaction's reads served from a prefetch, its writes collected.
+
+A group commit (``kernel/group_commit.py``) runs the ordinary per-stage commit logic of
+``job.execute`` once per item, against this buffer instead of the real transaction. The
+reads that logic makes (job, run, stages) were fetched for the whole group up front with
+one statement each; the writes it makes are collected and then flushed with one
+set-oriented statement per kind (``update_stages``, ``update_runs``, ``complete_many``,
+``enqueue``, ``append_events``, ``put_idempotency_many``). Items see each other's writes,
+as consecutive statements of one transaction would.
+
+The buffer carries only what the hot path does. Anything else (a failure with retry, a
+log line, a child run reporting to its parent, a row written twice in one group) raises
+``NotBatchableError``: the caller rolls the group back and commits each item alone, through
+the real transaction, so nothing changes meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from treadle.kernel.events import EventBase
+from treadle.kernel.model import IdempotencyRecord, Job, JobStatus, Run, StageRun, evolve
+
+if TYPE_CHECKING:
+    from treadle.ports import JobTransport, Transaction
+
+
+class NotBatchableError(Exception):
+    """The item needs an operation the buffer does not carry; commit it alone."""
+
+
+class WriteBuffer:
+    """Stands in for ``Transaction`` (and, through ``.jobs``, the ``JobTransport``)."""
+
+    def __init__(
+        self,
+        tx: Transaction,
+        runs: dict[str, Run],
+        stages: dict[str, list[StageRun]],
+        jobs: dict[str, Job | None],
+    ) -> None:
+        """``runs``/``stages``/``jobs``: the prefetch, by id; every id the group asked
+        for is a key of ``stages`` and ``jobs`` (``[]``/``None`` when not found)."""
+        self.tx = tx
+        self._runs = runs
+        self._stages = stages
+        self.job_rows = jobs
+        self.jobs = BufferedJobs(self)
+        self.run_writes: dict[str, Run] = {}
+        """Run id -> the run as written, with the version it expects to replace."""
+        self.stage_writes: dict[tuple[str, str], StageRun] = {}
+        self.events: list[EventBase] = []
+        self.idempotency: list[IdempotencyRecord] = []
+        self.completed_jobs: list[str] = []
+        self.new_jobs: list[Job] = []
+
+    # -- reads: from the prefetch ---------------------------------------------
+    async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
+        if run_id not in self._stages:  # not among the group's prefetched runs
+            raise NotBatchableError(f"run {run_id!r} was not prefetched")
+        return self._runs.get(run_id)
+
+    async def get_stages(self, run_id: str) -> list[StageRun]:
+        stages = self._stages.get(run_id)
+        if stages is None:
+            raise NotBatchableError(f"stages of run {run_id!r} were not prefetched")
+        return list(stages)
+
+    # -- writes: collected ----------------------------------------------------
+    async def update_run(self, run: Run) -> Run:
+        stored = self._runs.get(run.id)
+        if run.id in self.run_writes or stored is None or stored.version != run.version:
+            raise NotBatchableError(f"run {run.id!r} written twice or concurrently")
+        self.run_writes[run.id] = run
+        new = evolve(run, {"version": run.version + 1, "stages": []})
+        self._runs[run.id] = new
+        return new
+
+    async def update_stage(self, stage: StageRun) -> StageRun:
+        key = (stage.workflow_run_id, stage.stage_id)
+        stages = self._stages.get(stage.workflow_run_id)
+        index = next((i for i, st in enumerate(stages or ()) if st.stage_id == stage.stage_id), -1)
+        if key in self.stage_writes or stages is None or index < 0:
+            raise NotBatchableError(f"stage {key!r} written twice or not prefetched")
+        if stages[index].version != stage.version:
+            raise NotBatchableError(f"stage {key!r} was updated concurrently")
+        self.stage_writes[key] = stage
+        new = evolve(stage, {"version": stage.version + 1})
+        stages[index] = new
+        return new
+
+    async def append_events(self, events: Sequence[EventBase]) -> list[EventBase]:
+        # Sequences are assigned by the flush's one append; no caller reads them here.
+        self.events.extend(events)
+        return list(events)
+
+    async def put_idempotency(self, record: IdempotencyRecord) -> None:
+        self.idempotency.append(record)
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise NotBatchableError(f"Transaction.{name} is not carried by a group commit")
+
+    # -- the flush ----------------------------------------------------------------
+    async def flush(self, transport: JobTransport) -> None:
+        """Write everything collected, one statement per kind. New jobs go first (a
+        stage row names its job); the order is otherwise free inside one transaction."""
+        tx = self.tx
+        if self.new_jobs:
+            await transport.enqueue(tx, self.new_jobs)
+        if self.completed_jobs:
+            await transport.complete_many(tx, self.completed_jobs)
+        if self.run_writes:
+            await tx.update_runs(list(self.run_writes.values()))
+        if self.stage_writes:
+            await tx.update_stages(list(self.stage_writes.values()))
+        if self.events:
+            await tx.append_events(self.events)
+        if self.idempotency:
+            await tx.put_idempotency_many(self.idempotency)
+
+
+class BufferedJobs:
+    """The ``JobTransport`` calls of the hot path, served by a ``WriteBuffer``."""
+
+    def __init__(self, buffer: WriteBuffer) -> None:
+        self._buffer = buffer
+
+    async def get(self, tx: Any, job_id: str) -> Job | None:
+        jobs = self._buffer.job_rows
+        if job_id not in jobs:
+            raise NotBatchableError(f"job {job_id!r} was not prefetched")
+        return jobs[job_id]
+
+    async def complete(self, tx: Any, job_id: str) -> None:
+        job = self._buffer.job_rows.get(job_id)
+        if job is None or job_id in self._buffer.completed_jobs:
+            raise NotBatchableError(f"job {job_id!r} not prefetched or completed twice")
+        self._buffer.completed_jobs.append(job_id)
+        self._buffer.job_rows[job_id] = evolve(
+            job, {"status": JobStatus.COMPLETED, "worker_id": None}
+        )
+
+    async def enqueue(self, tx: Any, jobs: Sequence[Job]) -> None:
+        self._buffer.new_jobs.extend(jobs)
+        for job in jobs:
+            self._buffer.job_rows[job.id] = job
+
+    def __getattr__(self, name: str) -> NoReturn:
+        raise NotBatchableError(f"JobTransport.{name} is not carried by a group commit")

@@ -1,0 +1,170 @@
+"""``GroupCommit``: how concurrent submissions become groups, and that every submitter
+gets its own outcome whatever happens to the others."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from treadle.kernel.errors import TransientStorageError
+from treadle.kernel.group_commit import GroupCommit
+
+
+class Recorder:
+    """A ``commit_group`` that records each group and can be held at its start."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[str]] = []
+        self.entered = asyncio.Event()
+        self.gate: asyncio.Event | None = None
+        self.fail_items: set[str] = set()
+        self.on_return: Callable[[], object] | None = None
+
+    async def __call__(self, items: Sequence[str]) -> list[str | BaseException]:
+        self.groups.append(list(items))
+        self.entered.set()
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            await gate.wait()
+        if self.on_return is not None:
+            self.on_return()
+            self.on_return = None
+        return [
+            ValueError(f"bad {item}") if item in self.fail_items else f"done {item}"
+            for item in items
+        ]
+
+
+async def _submit_while_held(
+    commits: GroupCommit[str, str], recorder: Recorder, first: str, others: list[str]
+) -> tuple[asyncio.Task[str], list[asyncio.Task[str]], asyncio.Event]:
+    """Start ``first``'s commit and hold it; queue ``others`` behind it."""
+    gate = recorder.gate = asyncio.Event()
+    leader = asyncio.create_task(commits.submit(first, recorder))
+    await recorder.entered.wait()
+    followers = [asyncio.create_task(commits.submit(item, recorder)) for item in others]
+    await asyncio.sleep(0)  # each follower queues on its first step, all before we resume
+    assert len(commits) == len(others)
+    return leader, followers, gate
+
+
+async def test_a_lone_submission_commits_at_once_as_a_group_of_one() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    assert await commits.submit("a", recorder) == "done a"
+    assert await commits.submit("b", recorder) == "done b"
+    assert recorder.groups == [["a"], ["b"]]
+    assert (commits.groups, commits.items) == (2, 2)
+
+
+async def test_submissions_made_during_a_commit_form_the_next_group() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    leader, followers, gate = await _submit_while_held(commits, recorder, "a", ["b", "c", "d"])
+    gate.set()
+    assert await leader == "done a"
+    assert [await f for f in followers] == ["done b", "done c", "done d"]
+    assert recorder.groups == [["a"], ["b", "c", "d"]]
+    assert len(commits) == 0
+
+
+async def test_each_submitter_gets_its_own_error() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    recorder.fail_items = {"c"}
+    leader, followers, gate = await _submit_while_held(commits, recorder, "a", ["b", "c", "d"])
+    gate.set()
+    await leader
+    b, c, d = followers
+    assert await b == "done b"
+    with pytest.raises(ValueError, match="bad c"):
+        await c
+    assert await d == "done d"
+
+
+async def test_a_group_holds_at_most_limit_items() -> None:
+    commits: GroupCommit[str, str] = GroupCommit(limit=2)
+    recorder = Recorder()
+    leader, followers, gate = await _submit_while_held(commits, recorder, "a", ["b", "c", "d"])
+    gate.set()
+    await asyncio.gather(leader, *followers)
+    assert recorder.groups == [["a"], ["b", "c"], ["d"]]
+
+
+async def test_a_follower_cancelled_before_its_group_is_not_committed() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    leader, (b, c), gate = await _submit_while_held(commits, recorder, "a", ["b", "c"])
+    b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    gate.set()
+    assert await leader == "done a"
+    assert await c == "done c"
+    assert recorder.groups == [["a"], ["c"]]
+
+
+async def test_a_cancelled_leader_fails_its_group_and_gives_up_the_lead() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()  # never set: "a" is cancelled mid-commit
+    leader = asyncio.create_task(commits.submit("a", recorder))
+    await recorder.entered.wait()
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    # Nothing is left waiting for a lead that no one holds: the next submission commits.
+    assert await commits.submit("b", recorder) == "done b"
+    assert recorder.groups == [["a"], ["b"]]
+
+
+async def test_the_others_in_an_interrupted_group_get_a_retryable_error() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    first, (a, b), gate = await _submit_while_held(commits, recorder, "x", ["a", "b"])
+    recorder.entered.clear()
+    recorder.gate = asyncio.Event()  # never set: the group [a, b] is interrupted
+    gate.set()
+    assert await first == "done x"
+    await recorder.entered.wait()  # "a" took the lead and is committing [a, b]
+    assert recorder.groups[-1] == ["a", "b"]
+    a.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    with pytest.raises(TransientStorageError, match="interrupted"):
+        await b
+    assert await commits.submit("c", recorder) == "done c"
+
+
+async def test_the_lead_passes_on_when_its_receiver_is_cancelled() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    first, (a, b), gate = await _submit_while_held(commits, recorder, "x", ["a", "b"])
+    # Cancel "a" after "x" has handed it the lead but before "a" runs again.
+    recorder.on_return = lambda: asyncio.get_running_loop().call_soon(a.cancel)
+    gate.set()
+    assert await first == "done x"
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    assert await b == "done b"
+    assert recorder.groups == [["x"], ["b"]]
+
+
+async def test_a_follower_cancelled_before_the_lead_reaches_it_is_skipped() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    first, (a, b), gate = await _submit_while_held(commits, recorder, "x", ["a", "b"])
+    a.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    gate.set()
+    assert await first == "done x"
+    assert await b == "done b"
+    assert recorder.groups == [["x"], ["b"]]
+
+
+def test_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        GroupCommit(limit=0)
