@@ -18,7 +18,8 @@ backend it prints:
   of the time from a run committed by another engine (its own connection pool) to
   its stage body starting, with a worker that polls only every 30 s.
 
-``--profile`` prints the top functions of a cProfile of the PostgreSQL drain.
+``--profile`` prints the top functions of a cProfile of the PostgreSQL drain (and writes
+the raw statistics to ``$TREADLE_PROFILE_OUT`` if that is set).
 
     .venv/bin/python benchmarks/throughput.py [--runs 1000] [--concurrency 8]
         [--backend both|sqlite|postgres] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
@@ -128,6 +129,9 @@ async def profiled(enabled: bool, top: int) -> AsyncIterator[None]:
             stats.sort_stats("tottime").print_stats(top)
             stats.sort_stats("cumulative").print_stats(top)
             print(out.getvalue())
+            dump = os.environ.get("TREADLE_PROFILE_OUT")
+            if dump:  # for pstats / snakeviz
+                stats.dump_stats(dump)
 
 
 DONE: dict[str, Any] = {"count": 0, "target": -1, "event": None}
