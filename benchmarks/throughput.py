@@ -113,6 +113,29 @@ def xact_commit(url: str) -> int:
     return int(row[0])
 
 
+def server_cpu_seconds() -> float | None:
+    """User + system CPU of every ``postgres`` process on this machine so far (the
+    server is local here), from /proc; ``None`` where /proc is not there. Read while
+    the worker's connections are still open, so their backends' time is counted."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    ticks = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        name_end = stat.rindex(")")
+        if stat[stat.index("(") + 1 : name_end] != "postgres":
+            continue
+        fields = stat[name_end + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 # -- phases ---------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def profiled(enabled: bool, top: int) -> AsyncIterator[None]:
@@ -227,10 +250,12 @@ async def burst(
         )
         async with profiled(profile, top):
             started, cpu_started = time.perf_counter(), time.process_time()
+            server_started = server_cpu_seconds() if pg else None
             async with worker:
                 await _wait_for_all(worker)
                 elapsed = time.perf_counter() - started
                 cpu = time.process_time() - cpu_started
+                server_now = server_cpu_seconds() if pg else None
     finally:
         await engine.close()  # flushes the worker's statistics too
     DONE["target"] = -1
@@ -252,6 +277,11 @@ async def burst(
         "worker_commits": float(own_commits[0]),
         "statements": float(statements[0]),
         "cpu": cpu,
+        "server_cpu": (
+            server_now - server_started
+            if server_now is not None and server_started is not None
+            else None
+        ),
         "counts": counts,
     }
 
@@ -336,6 +366,11 @@ async def run_backend(name: str, url: str, args: argparse.Namespace) -> None:
         f"   worker CPU / stage:          {b['cpu'] / stages * 1000:8.2f} ms "
         "(user + system time of this process over the drain; less noisy than wall time)"
     )
+    if b.get("server_cpu") is not None:
+        print(
+            f"   server CPU / stage:          {b['server_cpu'] / stages * 1000:8.2f} ms "
+            "(every local postgres process over the drain, from /proc)"
+        )
     print(
         f"   worker statements / stage:   {b['statements'] / stages:8.2f} "
         "(round trips besides BEGIN/COMMIT; an executemany counts once)"

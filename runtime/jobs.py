@@ -37,6 +37,15 @@ def job_idempotency_key(job: Job) -> str:
     return f"job:{job.id}:{job.attempts}"
 
 
+def _delivery_key(kernel: Kernel, job: Job) -> str | None:
+    """``job_idempotency_key``, except for a job this process was handed by a chained
+    commit or claim (``kernel.deps.chains`` holds its started state): that attempt was
+    leased to us inside our own transaction and no message carries it, so nothing can
+    deliver it twice, and recording its result would be one more row per stage for a
+    replay that cannot happen. (If the hand-off was dropped, the job is keyed as usual.)"""
+    return None if job.id in kernel.deps.chains else job_idempotency_key(job)
+
+
 async def _heartbeat(kernel: Kernel, job: Job, worker_id: str, interval: float, log: Any) -> None:
     """Extend the lease until cancelled. Failures are logged, never raised: a missed beat
     costs at worst a duplicate execution, which the kernel turns into a ghost result."""
@@ -132,7 +141,7 @@ async def _execute_one(
             c.JobExecute(
                 job_id=job.id,
                 worker_id=worker_id,
-                idempotency_key=job_idempotency_key(job),
+                idempotency_key=_delivery_key(kernel, job),
                 chain=chain,
             )
         )

@@ -105,3 +105,41 @@ async def test_heartbeat_tells_a_running_step_its_run_was_cancelled_elsewhere() 
     assert result.ghost
     assert (await here.get_run(created.workflow_run_id)).status.value == "CANCELLED"
     await backend.close()
+
+
+async def test_a_dequeued_attempt_is_keyed_and_a_chained_one_is_not() -> None:
+    """A dequeued job's attempt may be delivered again (a redelivered message), so its
+    result is recorded under ``job_idempotency_key``; the stages a chained commit handed
+    to this process cannot be, so their executions record nothing."""
+    from treadle.runtime.jobs import execute_job, job_idempotency_key
+
+    @define_stage(id="t", input=Num, output=Num)
+    async def t(ctx):  # type: ignore[no-untyped-def]
+        return ctx.input
+
+    two = WorkflowBuilder("two", input=Num).pipe(s).pipe(t).build()
+    backend = await open_backend("memory://")
+    kernel = create_kernel(
+        persistence=backend.persistence,
+        job_transport=backend.job_transport,
+        blob_store=backend.blob_store,
+        event_sink=backend.event_sink,
+        scheduler=backend.scheduler,
+        clock=backend.clock,
+        registry=[two],
+    )
+    await kernel.dispatch(c.RunCreate(workflow_id="two", input={"n": 1}))
+    await kernel.dispatch(c.RunClaimPending(worker_id="w1"))
+    (job,) = await backend.job_transport.dequeue("w1", backend.clock.now())
+    result = await execute_job(kernel, job, worker_id="w1", chain=lambda: True)
+    assert result is not None
+    chained = result.chained_job
+    assert chained is not None  # stage "t" ran in the same call, handed over in memory
+    async with backend.persistence.transaction() as tx:
+        first = await tx.get_idempotency(job_idempotency_key(job), "job.execute")
+        second = await tx.get_idempotency(job_idempotency_key(chained), "job.execute")
+    assert first is not None
+    assert second is None
+    run = await kernel.get_run(job.workflow_run_id)
+    assert run.status.value == "COMPLETED"
+    await backend.close()
