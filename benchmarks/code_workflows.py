@@ -25,24 +25,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
 import sqlite3
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from _common import count_sql, fresh_database, pg_version, xact_commit
 from pydantic import BaseModel
 
 from treadle import Engine, WorkflowContext, workflow
 from treadle.adapters.sql import schema as t
-from treadle.adapters.sql import sync_url
-from treadle.testing.databases import postgres_database
 
 STEPS = 3
 DONE: dict[str, Any] = {"count": 0, "target": -1, "event": None}
@@ -72,54 +67,7 @@ async def three_steps(ctx: WorkflowContext, payload: Payload) -> int:
     return c
 
 
-# -- databases ---------------------------------------------------------------------------
-def _libpq(url: str) -> str:
-    return sync_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-@contextlib.contextmanager
-def fresh_database(backend: str, pg_url: str) -> Iterator[str]:
-    if backend == "postgres":
-        with postgres_database(server_url=pg_url, prefix="treadle_bench") as url:
-            yield url
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            yield f"sqlite:///{Path(tmp) / 'bench.db'}"
-
-
-def xact_commit(url: str) -> int:
-    """Committed transactions of this database so far (flushed statistics)."""
-    import psycopg
-
-    with psycopg.connect(_libpq(url), autocommit=True) as conn:
-        conn.execute("SELECT pg_stat_clear_snapshot()")
-        row = conn.execute(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def pg_version(url: str) -> str:
-    import psycopg
-
-    with psycopg.connect(_libpq(url), autocommit=True) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return str(row[0]) if row else "?"
-
-
 # -- measuring ----------------------------------------------------------------------------
-def _count_commits(engine: Engine) -> list[int]:
-    counter = [0]
-    assert engine.backend is not None
-    sa.event.listen(
-        engine.backend.persistence.engine.sync_engine,  # type: ignore[attr-defined]
-        "commit",
-        lambda conn: counter.__setitem__(0, counter[0] + 1),
-    )
-    return counter
-
-
 def _expect(target: int) -> asyncio.Event:
     event = asyncio.Event()
     DONE.update(count=0, target=target, event=event)
@@ -147,7 +95,7 @@ async def _check_completed(url: str, runs: int) -> None:
 
 async def sequential(url: str, runs: int, concurrency: int, pg: bool) -> dict[str, float]:
     engine = await Engine.open(url, workflows=[three_steps], auto_migrate=True)
-    commits = _count_commits(engine)
+    commits, _ = count_sql(engine)
     before = xact_commit(url) if pg else 0
     try:
         # Each start wakes the worker (notify), so it need not poll for work meanwhile.
@@ -180,7 +128,7 @@ async def concurrent(url: str, runs: int, concurrency: int, pg: bool) -> dict[st
     finally:
         await producer.close()  # its server processes exit and flush their statistics
     engine = await Engine.open(url, workflows=[three_steps])
-    commits = _count_commits(engine)
+    commits, _ = count_sql(engine)
     event = _expect(runs)
     try:
         before = xact_commit(url) if pg else 0

@@ -38,19 +38,16 @@ import platform
 import pstats
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from _common import count_sql, fresh_database, pct, server_cpu_seconds, xact_commit
 from pydantic import BaseModel
 
 from treadle import Engine, WorkflowBuilder, define_stage
 from treadle.adapters.sql import schema as t
-from treadle.adapters.sql import sync_url
-from treadle.testing.databases import postgres_database
 
 STAGES = 3
 PICKUP: dict[int, tuple[asyncio.Event, list[float]]] = {}
@@ -90,52 +87,7 @@ async def pickup_stage(ctx):  # type: ignore[no-untyped-def]
 PICKUP_WF = WorkflowBuilder("pickup-1", input=Payload).pipe(pickup_stage).build()
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
 # -- databases ---------------------------------------------------------------------------
-def _libpq(url: str) -> str:
-    return sync_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def xact_commit(url: str) -> int:
-    """Committed transactions of this database so far (flushed statistics)."""
-    import psycopg
-
-    with psycopg.connect(_libpq(url), autocommit=True) as conn:
-        conn.execute("SELECT pg_stat_clear_snapshot()")
-        row = conn.execute(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def server_cpu_seconds() -> float | None:
-    """User + system CPU of every ``postgres`` process on this machine so far (the
-    server is local here), from /proc; ``None`` where /proc is not there. Read while
-    the worker's connections are still open, so their backends' time is counted."""
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
-        return None
-    ticks = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        name_end = stat.rindex(")")
-        if stat[stat.index("(") + 1 : name_end] != "postgres":
-            continue
-        fields = stat[name_end + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 # -- phases ---------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def profiled(enabled: bool, top: int) -> AsyncIterator[None]:
@@ -227,18 +179,7 @@ async def burst(
         await producer.close()  # its server processes exit and flush their statistics
     engine = await Engine.open(url, workflows=[pipeline])
     DONE.update(count=0, target=runs, event=asyncio.Event())
-    own_commits = [0]
-    statements = [0]
-    assert engine.backend is not None
-    sync_engine = engine.backend.persistence.engine.sync_engine  # type: ignore[attr-defined]
-    sa.event.listen(
-        sync_engine, "commit", lambda conn: own_commits.__setitem__(0, own_commits[0] + 1)
-    )
-    sa.event.listen(
-        sync_engine,
-        "before_cursor_execute",
-        lambda *args: statements.__setitem__(0, statements[0] + 1),
-    )
+    own_commits, statements = count_sql(engine)
     try:
         before = xact_commit(url) if pg else 0
         counts: dict[str, int] = {}
@@ -398,12 +339,10 @@ async def amain(args: argparse.Namespace) -> None:
         f"machine: {platform.machine()} cpus={os.cpu_count()} "
         f"python={platform.python_version()} sqlalchemy={sa.__version__}"
     )
-    if args.backend in ("both", "sqlite"):
-        with tempfile.TemporaryDirectory() as tmp:
-            await run_backend("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}", args)
-    if args.backend in ("both", "postgres"):
-        with postgres_database(server_url=args.pg_url, prefix="treadle_bench") as url:
-            await run_backend("postgres", url, args)
+    for name in ("sqlite", "postgres"):
+        if args.backend in ("both", name):
+            with fresh_database(name, args.pg_url) as url:
+                await run_backend(name, url, args)
 
 
 def main() -> None:

@@ -1,0 +1,100 @@
+"""What the benchmark scripts share: fresh databases, PostgreSQL's own counters, and
+the counters the scripts attach to an engine. Not part of the package; the scripts run
+as ``.venv/bin/python benchmarks/<name>.py``, which puts this directory on the path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from treadle.adapters.sql import sync_url
+from treadle.testing.databases import postgres_database
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@contextlib.contextmanager
+def fresh_database(backend: str, pg_url: str) -> Iterator[str]:
+    """A URL of a new, empty database: a PostgreSQL database created on ``pg_url``'s
+    server (dropped afterwards), or a SQLite file in a temporary directory."""
+    if backend == "postgres":
+        with postgres_database(server_url=pg_url, prefix="treadle_bench") as url:
+            yield url
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield f"sqlite:///{Path(tmp) / 'bench.db'}"
+
+
+def _libpq(url: str) -> str:
+    return sync_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def xact_commit(url: str) -> int:
+    """Committed transactions of this database so far (flushed statistics). The probe's
+    own connection adds two of its own, counted by the next reading."""
+    import psycopg
+
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def pg_version(url: str) -> str:
+    import psycopg
+
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "?"
+
+
+def server_cpu_seconds() -> float | None:
+    """User + system CPU of every ``postgres`` process on this machine so far (the
+    server is local here), from /proc; ``None`` where /proc is not there. Read while
+    the engine's connections are still open, so their backends' time is counted."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    ticks = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        name_end = stat.rindex(")")
+        if stat[stat.index("(") + 1 : name_end] != "postgres":
+            continue
+        fields = stat[name_end + 2 :].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def count_sql(engine: Any) -> tuple[list[int], list[int]]:
+    """Counters of the COMMITs and the statements (besides BEGIN/COMMIT; an
+    executemany counts once) that ``engine`` (a ``treadle.Engine`` on SQL) runs from now
+    on, as one-element lists the caller reads at the end."""
+    commits, statements = [0], [0]
+    assert engine.backend is not None
+    sync_engine = engine.backend.persistence.engine.sync_engine
+    sa.event.listen(sync_engine, "commit", lambda conn: commits.__setitem__(0, commits[0] + 1))
+    sa.event.listen(
+        sync_engine,
+        "before_cursor_execute",
+        lambda *args: statements.__setitem__(0, statements[0] + 1),
+    )
+    return commits, statements
