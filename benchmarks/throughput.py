@@ -184,6 +184,8 @@ async def burst(
         before = xact_commit(url) if pg else 0
         counts: dict[str, int] = {}
         count_commands(engine, counts)
+        groups_before = engine.kernel.deps.commits.groups
+        items_before = engine.kernel.deps.commits.items
         worker = engine.worker(
             concurrency=concurrency,
             orchestration_interval=1.0,
@@ -224,6 +226,8 @@ async def burst(
             else None
         ),
         "counts": counts,
+        "groups": engine.kernel.deps.commits.groups - groups_before,
+        "grouped": engine.kernel.deps.commits.items - items_before,
     }
 
 
@@ -311,6 +315,11 @@ async def run_backend(name: str, url: str, args: argparse.Namespace) -> None:
         print(
             f"   server CPU / stage:          {b['server_cpu'] / stages * 1000:8.2f} ms "
             "(every local postgres process over the drain, from /proc)"
+        )
+    if b["groups"]:
+        print(
+            f"   group commits:               {b['groups']:8d} "
+            f"(of {b['grouped'] / b['groups']:.1f} stage commits on average)"
         )
     print(
         f"   worker statements / stage:   {b['statements'] / stages:8.2f} "

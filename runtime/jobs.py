@@ -46,18 +46,30 @@ def _delivery_key(kernel: Kernel, job: Job) -> str | None:
     return None if job.id in kernel.deps.chains else job_idempotency_key(job)
 
 
-async def _heartbeat(kernel: Kernel, job: Job, worker_id: str, interval: float, log: Any) -> None:
+class _Held:
+    """The job whose lease a chain's one heartbeat task extends: the one executing now
+    (a chained stage takes over from the stage before it in the same call)."""
+
+    __slots__ = ("job", "log")
+
+    def __init__(self, job: Job, log: Any) -> None:
+        self.job = job
+        self.log = log
+
+
+async def _heartbeat(kernel: Kernel, held: _Held, worker_id: str, interval: float) -> None:
     """Extend the lease until cancelled. Failures are logged, never raised: a missed beat
     costs at worst a duplicate execution, which the kernel turns into a ghost result."""
     transport = kernel.deps.job_transport
     while True:
         await asyncio.sleep(interval)
+        job, log = held.job, held.log
         try:
-            held = await transport.extend_lease(job.id, worker_id, kernel.deps.clock.now())
+            held_now = await transport.extend_lease(job.id, worker_id, kernel.deps.clock.now())
         except Exception as exc:
             log.warning("job.heartbeat_failed", error=describe_exception(exc))
             continue
-        if not held:
+        if not held_now:
             # Someone else owns the job now (our lease was reaped), or the run was
             # cancelled (its jobs with it). The body sees ``ctx.cancelled`` so it can stop
             # early; the kernel discards its result on commit either way.
@@ -98,43 +110,54 @@ async def execute_job(
     base = logger or structlog_logger("treadle.runtime")
     first: c.JobExecuteResult | None = None
     current: Job | None = job
-    while current is not None:
-        result = await _execute_one(
-            kernel,
-            current,
-            worker_id,
-            heartbeat_interval,
-            base,
-            release_on_cancel=release_on_cancel,
-            chain=chain is not None and chain(),
-        )
-        first = result if current is job else first
-        current = result.chained_job if result is not None else None
-        if current is not None and not (chain is not None and chain()):
-            log = base.bind(job_id=current.id, worker_id=worker_id)
-            await _release_cancelled(kernel, current, worker_id, log, reason="chain stopped")
-            current = None
+    # One heartbeat task for the whole chain, following the job that is executing: a
+    # task per stage would cost more than a no-op stage's own commit share.
+    held = _Held(job, base)
+    beat = asyncio.create_task(_heartbeat(kernel, held, worker_id, heartbeat_interval))
+    try:
+        while current is not None:
+            held.job = current
+            held.log = log = _job_log(base, current, worker_id)
+            result = await _execute_one(
+                kernel,
+                current,
+                worker_id,
+                log,
+                release_on_cancel=release_on_cancel,
+                chain=chain is not None and chain(),
+            )
+            first = result if current is job else first
+            current = result.chained_job if result is not None else None
+            if current is not None and not (chain is not None and chain()):
+                log = _job_log(base, current, worker_id)
+                await _release_cancelled(kernel, current, worker_id, log, reason="chain stopped")
+                current = None
+    finally:
+        beat.cancel()
+        # ``wait`` (not ``await beat``) so our own cancellation still propagates.
+        await asyncio.wait([beat])
     return first
 
 
-async def _execute_one(
-    kernel: Kernel,
-    job: Job,
-    worker_id: str,
-    heartbeat_interval: float,
-    logger: Any,
-    *,
-    release_on_cancel: bool,
-    chain: bool,
-) -> c.JobExecuteResult | None:
-    log = logger.bind(
+def _job_log(base: Any, job: Job, worker_id: str) -> Any:
+    return base.bind(
         run_id=job.workflow_run_id,
         stage_id=job.stage_id,
         worker_id=worker_id,
         job_id=job.id,
         attempt=job.attempts,
     )
-    beat = asyncio.create_task(_heartbeat(kernel, job, worker_id, heartbeat_interval, log))
+
+
+async def _execute_one(
+    kernel: Kernel,
+    job: Job,
+    worker_id: str,
+    log: Any,
+    *,
+    release_on_cancel: bool,
+    chain: bool,
+) -> c.JobExecuteResult | None:
     result: c.JobExecuteResult | None = None
     try:
         result = await kernel.dispatch(
@@ -146,22 +169,11 @@ async def _execute_one(
             )
         )
     except asyncio.CancelledError:
-        beat.cancel()
         if release_on_cancel:
             await _release_cancelled(kernel, job, worker_id, log)
         raise
     except Exception as exc:
         log.error("job.execute_failed", error=describe_exception(exc), exc_info=True)
-    finally:
-        beat.cancel()
-        try:
-            # ``wait`` (not ``await beat``) so our own cancellation still propagates.
-            await asyncio.wait([beat])
-        except asyncio.CancelledError:
-            chained = result.chained_job if result is not None else None
-            if chained is not None and release_on_cancel:  # leased to us, never to run
-                await _release_cancelled(kernel, chained, worker_id, log)
-            raise
     if result is None:
         try:
             await kernel.dispatch(c.RunTransition(workflow_run_id=job.workflow_run_id))
