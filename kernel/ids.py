@@ -3,42 +3,77 @@ inserts local on PostgreSQL; the timestamp comes from the injected Clock."""
 
 from __future__ import annotations
 
-import secrets
+import os
+import weakref
 from collections.abc import Callable
 from datetime import datetime
+
+_LOW62 = (1 << 62) - 1
+_LOW70 = (1 << 70) - 1
+
+
+_POOL_IDS = 256
+"""Ids' worth of system randomness drawn per ``os.urandom`` call (70 bits each)."""
+
+_POOLED: weakref.WeakSet[Uuid7Ids] = weakref.WeakSet()
+
+
+def _forget_pools() -> None:
+    """In a forked child: drop the randomness inherited from the parent, which the parent
+    goes on using, so the two processes never hand out the same bits."""
+    for ids in list(_POOLED):
+        ids._pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 class Uuid7Ids:
     """RFC 9562 version-7 UUIDs: 48-bit ms timestamp from the clock, 74 random bits,
-    and a per-millisecond counter so ids from one generator stay strictly ordered."""
+    and a per-millisecond counter so ids from one generator stay strictly ordered.
+
+    The random bits come from the system's CSPRNG (as RFC 9562 asks), drawn in blocks:
+    one ``os.urandom`` system call per 256 ids rather than the one per id that
+    ``secrets.randbits`` costs."""
 
     def __init__(self, now: Callable[[], datetime]) -> None:
         self._now = now
         self._last_ms = -1
         self._counter = 0
+        self._pool: list[int] = []
+        self._prefix = ""
+        _POOLED.add(self)
+
+    def _random70(self) -> int:
+        pool = self._pool
+        if not pool:
+            block = os.urandom(9 * _POOL_IDS)
+            pool.extend(int.from_bytes(block[i : i + 9]) & _LOW70 for i in range(0, len(block), 9))
+        return pool.pop()
 
     def new_id(self) -> str:
         ms = int(self._now().timestamp() * 1000)
+        bits = self._random70()
         if ms <= self._last_ms:
             ms = self._last_ms
             self._counter += 1
             if self._counter > 0xFFF:
                 ms += 1
                 self._counter = 0
-            rand = secrets.randbits(62)
+            rand = bits & _LOW62
         else:
-            # One draw from the system's randomness for both fields: it costs a syscall.
-            bits = secrets.randbits(70)
-            self._counter, rand = bits >> 62, bits & 0x3FFFFFFFFFFFFFFF
-        self._last_ms = ms
-        value = (ms & 0xFFFFFFFFFFFF) << 80
-        value |= 0x7 << 76
-        value |= (self._counter & 0xFFF) << 64
-        value |= 0b10 << 62
-        value |= rand
-        # The canonical 8-4-4-4-12 text of ``uuid.UUID(int=value)``, without building one.
-        h = f"{value:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+            # A fresh millisecond: the counter starts at a random value below 256.
+            self._counter, rand = bits >> 62, bits & _LOW62
+        if ms != self._last_ms:
+            self._last_ms = ms
+            # The first 12 hex digits (the 48-bit timestamp) change once per millisecond.
+            t = f"{ms & 0xFFFFFFFFFFFF:012x}"
+            self._prefix = f"{t[:8]}-{t[8:]}-7"
+        # The canonical 8-4-4-4-12 text of ``uuid.UUID(int=value)``, without building one:
+        # version 7, the 12-bit counter, the variant bits, 62 random bits.
+        r = f"{(0b10 << 62) | rand:016x}"
+        return f"{self._prefix}{self._counter & 0xFFF:03x}-{r[:4]}-{r[4:]}"
 
 
 class SequentialIds:
