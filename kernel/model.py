@@ -242,3 +242,55 @@ def evolve(model: M, update: dict[str, Any]) -> M:
     _set_extra(new, None)
     _set_private(new, None)
     return new
+
+
+_REQUIRED = object()
+
+
+def _remember_shape(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str]]:
+    """Per class, kept on it: every field in declaration order with its default (or a
+    marker for a required one), and the required names. Fields with a
+    ``default_factory`` are left out of ``construct``'s reach (it refuses the class)."""
+    template: dict[str, Any] = {}
+    required: set[str] = set()
+    for name, info in cls.model_fields.items():
+        if info.default_factory is not None:
+            raise TypeError(f"construct() does not fill {cls.__name__}.{name}'s default_factory")
+        if info.is_required():
+            template[name] = _REQUIRED
+            required.add(name)
+        else:
+            template[name] = info.default
+    shape = (template, frozenset(required))
+    type.__setattr__(cls, "__treadle_shape__", shape)
+    return shape
+
+
+def construct(cls: type[M], values: dict[str, Any]) -> M:
+    """A frozen model built from ``values`` the kernel made itself (its own ids, clock
+    readings, enum members), without pydantic's validation: about a third of the cost of
+    ``cls(**values)``, and faster than ``model_construct``, whose per-field loop runs in
+    Python. Missing fields take their (immutable) defaults; a missing required field or
+    an unknown one is still an error, so only types go unchecked, as in ``evolve``. For
+    values from outside (user input, stored JSON) call the class."""
+    shape = cls.__dict__.get("__treadle_shape__")
+    if shape is None:
+        shape = _remember_shape(cls)
+    template, required = shape
+    full = template.copy()  # declaration order, as validation would produce
+    full.update(values)
+    if len(full) != len(template) or _REQUIRED in full.values():
+        missing = sorted(required - values.keys())
+        unknown = sorted(values.keys() - template.keys())
+        raise TypeError(f"{cls.__name__}: missing {missing}, unknown {unknown}")
+    new = _new(cls)
+    _set_dict(new, full)
+    fields_set = cls.__dict__.get("__treadle_all_fields__", _UNSET)
+    if fields_set is _UNSET:
+        fields_set = _remember_all_fields(cls)
+    if fields_set is None:
+        fields_set = set(values)
+    _set_fields_set(new, fields_set)
+    _set_extra(new, None)
+    _set_private(new, None)
+    return new

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -24,6 +24,7 @@ from treadle.kernel.model import (
     RunStatus,
     StageRun,
     StageStatus,
+    construct,
     evolve,
 )
 
@@ -53,31 +54,27 @@ def new_jobs(
     lease_to: str | None = None,
 ) -> list[Job]:
     """One QUEUED job per stage; with ``lease_to``, the first is created already leased
-    to that worker (its first attempt counted), as ``dequeue`` would have leased it."""
+    to that worker (its first attempt counted), as ``dequeue`` would have leased it.
+    Built with ``construct``: every value is the kernel's own (a new id, the run's fields,
+    the clock's reading), and a job per stage is on every stage's path."""
     jobs: list[Job] = []
     for stage_id in stage_ids:
-        stage = wf.stages[stage_id]
-        job = Job(
-            id=deps.ids.new_id(),
-            workflow_run_id=run.id,
-            workflow_id=run.workflow_id,
-            stage_id=stage_id,
-            priority=run.priority,
-            max_attempts=stage.retry.max_attempts,
-            next_poll_at=now,
-            enqueued_at=now,
-        )
+        values = {
+            "id": deps.ids.new_id(),
+            "workflow_run_id": run.id,
+            "workflow_id": run.workflow_id,
+            "stage_id": stage_id,
+            "priority": run.priority,
+            "max_attempts": wf.stages[stage_id].retry.max_attempts,
+            "next_poll_at": now,
+            "enqueued_at": now,
+        }
         if lease_to is not None and not jobs:
-            job = evolve(
-                job,
-                {
-                    "status": JobStatus.LEASED,
-                    "attempts": 1,
-                    "worker_id": lease_to,
-                    "heartbeat_at": now,
-                },
-            )
-        jobs.append(job)
+            values["status"] = JobStatus.LEASED
+            values["attempts"] = 1
+            values["worker_id"] = lease_to
+            values["heartbeat_at"] = now
+        jobs.append(construct(Job, values))
     return jobs
 
 
@@ -154,13 +151,16 @@ async def apply_transition(
     *,
     lease_to: str | None = None,
     prior_events: Sequence[EventBase] = (),
+    decision: Decision | None = None,
 ) -> tuple[Decision, Run]:
     """Carry out ``decide`` inside ``tx``: enqueue the next group, complete, fail, or
     mark the run suspended. Returns the decision and the updated run. ``lease_to``:
     the next group's first job is leased to that worker (``Decision.leased``).
     ``prior_events`` (the caller's, not yet appended) go first, in the same append as
-    the transition's own events: one sequence allocation and one insert, not two."""
-    decision = decide(wf, run, stages)
+    the transition's own events: one sequence allocation and one insert, not two.
+    ``decision``: ``decide(wf, run, stages)`` if the caller has just computed it."""
+    if decision is None:
+        decision = decide(wf, run, stages)
     events: list[EventBase] = list(prior_events)
     if decision.action == "advanced":
         assert decision.next_group is not None
@@ -177,7 +177,7 @@ async def apply_transition(
         )
         jobs = await enqueue_stages(deps, tx, run, wf, group, now, lease_to=lease_to)
         if lease_to is not None and jobs:
-            decision = replace(decision, leased=jobs[0])
+            decision = Decision("advanced", next_group=decision.next_group, leased=jobs[0])
     elif decision.action == "completed":
         output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))
         run = await tx.update_run(

@@ -563,11 +563,8 @@ async def _commit_in(
         await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
     if ctx.annotations:  # annotations merged search attributes: the run has moved on
         run = await load_run(tx, run_id)
-    chain = (
-        cmd.chain
-        and deps.chains.allows(cmd.worker_id)
-        and decide(s.wf, run, stages).action == "advanced"
-    )
+    decided = decide(s.wf, run, stages)  # once: apply_transition takes it
+    chain = cmd.chain and deps.chains.allows(cmd.worker_id) and decided.action == "advanced"
     decision, run = await apply_transition(
         deps,
         tx,
@@ -578,6 +575,7 @@ async def _commit_in(
         scope.causation_id,
         lease_to=cmd.worker_id if chain else None,
         prior_events=() if chain else pending,
+        decision=decided,
     )
     if decision.leased is not None:
         chained = await start_leased(
