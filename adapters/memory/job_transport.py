@@ -40,17 +40,19 @@ class InMemoryJobTransport:
         self._heap: list[tuple[int, datetime, int, str]] = []
         self._seq = 0
         self._dirty = False
+        self._on_rollback = self._mark_dirty  # one bound method, recognised by identity
 
     # -- helpers -------------------------------------------------------------------
     def _store(self, tx: InMemoryTransaction, job: Job) -> None:
-        tx.set_item(self.jobs, job.id, job)
-        if job.status is JobStatus.LEASED:
-            self._leased.add(job.id)
+        jobs, job_id, status = self.jobs, job.id, job.status
+        tx.set_item(jobs, job_id, job)
+        if status is JobStatus.LEASED:
+            self._leased.add(job_id)
         else:
-            self._leased.discard(job.id)
-        if job.status is JobStatus.QUEUED:
-            heapq.heappush(self._heap, (-job.priority, job.next_poll_at, job.sequence, job.id))
-        tx.on_rollback_once(self._mark_dirty)
+            self._leased.discard(job_id)
+            if status is JobStatus.QUEUED:
+                heapq.heappush(self._heap, (-job.priority, job.next_poll_at, job.sequence, job_id))
+        tx.on_rollback_once(self._on_rollback)
 
     def _mark_dirty(self) -> None:
         self._dirty = True

@@ -77,7 +77,7 @@ class InMemoryTransaction:
         """``on_rollback`` unless ``fn`` (compared by equality) is registered already."""
         if self._once is None:
             self._once = []
-        elif fn in self._once:
+        elif fn in self._once:  # identity, then equality
             return
         self._once.append(fn)
         self._undo.append((None, fn, None))
@@ -139,7 +139,9 @@ class InMemoryTransaction:
                 f"expected {run.version})"
             )
         new = evolve(run, {"version": run.version + 1, "stages": []})
-        self.set_item(self._s.runs, run.id, new)
+        runs = self._s.runs
+        self._undo.append((runs, run.id, stored))  # set_item, inlined: once per stage
+        runs[run.id] = new
         return new
 
     # -- set-oriented forms: every item is checked before any is written, so a failing
@@ -235,8 +237,10 @@ class InMemoryTransaction:
                 "concurrently"
             )
         new = evolve(stage, {"version": stage.version + 1})
-        self.set_item(per_run, stage.stage_id, new)
-        self._index_suspended(new)
+        self._undo.append((per_run, stage.stage_id, stored))  # set_item, inlined
+        per_run[stage.stage_id] = new
+        if new.status is StageStatus.SUSPENDED or self._s.suspended:
+            self._index_suspended(new)
         if new.execution_group != stored.execution_group:
             self._keep_group_order(new.workflow_run_id)
         return new
@@ -278,51 +282,72 @@ class InMemoryTransaction:
     # -- outbox -----------------------------------------------------------------
     async def append_events(self, events: Sequence[EventBase]) -> list[EventBase]:
         self._check()
+        if not events:
+            return []
         s = self._s
+        seqs, outbox, unpublished, by_run = s.event_seq, s.outbox, s.unpublished, s.events_by_run
+        first_id = s.next_outbox_id + 1
+        outbox_id = s.next_outbox_id
+        # The sequences before this call, per run, for the undo entry.
+        previous: dict[str, int | None] = {}
+        buckets: list[list[EventBase]] = []
         stored: list[EventBase] = []
         for event in events:
             run_id = event.workflow_run_id
-            seq = s.event_seq.get(run_id, 0) + 1
-            self.set_item(s.event_seq, run_id, seq)
+            last = seqs.get(run_id)
+            if run_id not in previous:
+                previous[run_id] = last
+            seq = 1 if last is None else last + 1
+            seqs[run_id] = seq
             event = evolve(event, {"sequence": seq})
-            s.next_outbox_id += 1
-            outbox_id = s.next_outbox_id
-            s.outbox[outbox_id] = event  # the row's record is built when read
-            s.unpublished[outbox_id] = None
-            bucket = s.events_by_run.get(run_id)
+            outbox_id += 1
+            outbox[outbox_id] = event  # the row's record is built when read
+            unpublished[outbox_id] = None
+            bucket = by_run.get(run_id)
             if bucket is None:
-                bucket = s.events_by_run[run_id] = []
+                bucket = by_run[run_id] = []
             bucket.append(event)
-            # One undo entry for the three writes: the outbox id is fresh, so undoing is
-            # removing it again.
-            self.on_rollback(functools.partial(_unappend_event, s, outbox_id, bucket))
+            buckets.append(bucket)
             stored.append(event)
+        s.next_outbox_id = outbox_id
+        # One undo entry for the whole call: its outbox ids are fresh and consecutive, so
+        # undoing is removing them again and restoring each run's sequence.
+        self._undo.append(
+            (None, functools.partial(_unappend_events, s, first_id, buckets, previous), None)
+        )
         return stored
 
     async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
-        out = []
-        for outbox_id in self._s.unpublished:
-            out.append(self._s.outbox_record(outbox_id))
+        s = self._s
+        outbox = s.outbox
+        out: list[OutboxRecord] = []
+        if limit <= 0:
+            return out
+        for outbox_id in s.unpublished:
+            stored = outbox[outbox_id]
+            out.append(
+                stored if isinstance(stored, OutboxRecord) else s.record_of(outbox_id, stored)
+            )
             if len(out) >= limit:
                 break
         return out
 
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
         self._check()
-        outbox, unpublished, dead = self._s.outbox, self._s.unpublished, self._s.dead
+        s = self._s
+        outbox, unpublished, dead = s.outbox, s.unpublished, s.dead
+        # Published rows leave the outbox (``unpublished`` and ``dead`` are its indexes),
+        # with one undo entry for the batch rather than one per write.
+        removed: list[tuple[int, OutboxRecord | EventBase, bool, bool]] = []
         for outbox_id in outbox_ids:
-            record = outbox.get(outbox_id)
+            record = outbox.pop(outbox_id, None)
             if record is None:
                 continue  # already published (published rows leave the outbox), as in SQL
-            # A bare event is a row without bookkeeping: never dead-lettered.
-            if isinstance(record, OutboxRecord) and record.dead_lettered:
-                self.set_item(outbox, outbox_id, evolve(record, {"dead_lettered": False}))
-            # Published rows leave the outbox; ``unpublished`` and ``dead`` are its indexes.
-            self.del_item(outbox, outbox_id)
-            if outbox_id in unpublished:
-                self.del_item(unpublished, outbox_id)
-            if outbox_id in dead:
-                self.del_item(dead, outbox_id)
+            was_unpublished = unpublished.pop(outbox_id, _MISSING) is not _MISSING
+            was_dead = bool(dead) and dead.pop(outbox_id, _MISSING) is not _MISSING
+            removed.append((outbox_id, record, was_unpublished, was_dead))
+        if removed:
+            self._undo.append((None, functools.partial(_unpublish, s, removed), None))
 
     async def record_publish_failure(
         self, outbox_id: int, error: str, *, dead_letter: bool
@@ -361,7 +386,9 @@ class InMemoryTransaction:
         if record.state is IdempotencyState.COMPLETED:
             result = marshal.dumps(record.result)
             stored = (record.key, record.command_type, record.started_at, result)
-        self.set_item(self._s.idempotency, (record.key, record.command_type), stored)
+        idempotency, key = self._s.idempotency, (record.key, record.command_type)
+        self._undo.append((idempotency, key, idempotency.get(key, _MISSING)))  # set_item
+        idempotency[key] = stored
 
     async def put_idempotency_many(self, records: Sequence[IdempotencyRecord]) -> None:
         self._check()
@@ -622,10 +649,44 @@ def _drop_last(bucket: list[Any]) -> None:
     bucket.pop()
 
 
-def _unappend_event(store: InMemoryPersistence, outbox_id: int, bucket: list[Any]) -> None:
-    store.outbox.pop(outbox_id, None)
-    store.unpublished.pop(outbox_id, None)
-    bucket.pop()
+def _unappend_events(
+    store: InMemoryPersistence,
+    first_id: int,
+    buckets: list[list[Any]],
+    previous: dict[str, int | None],
+) -> None:
+    for outbox_id in range(first_id, first_id + len(buckets)):
+        store.outbox.pop(outbox_id, None)
+        store.unpublished.pop(outbox_id, None)
+    for bucket in reversed(buckets):
+        bucket.pop()
+    for run_id, seq in previous.items():
+        if seq is None:
+            store.event_seq.pop(run_id, None)
+        else:
+            store.event_seq[run_id] = seq
+
+
+def _unpublish(
+    store: InMemoryPersistence, removed: list[tuple[int, OutboxRecord | EventBase, bool, bool]]
+) -> None:
+    """Undo of ``mark_published``: the rows return, and each index is put back in outbox id
+    order (the order rows were appended in), so a run's events still publish in order."""
+    for outbox_id, record, was_unpublished, was_dead in removed:
+        store.outbox[outbox_id] = record
+        if was_unpublished:
+            store.unpublished[outbox_id] = None
+        if was_dead:
+            store.dead[outbox_id] = None
+    _in_id_order(store.outbox)
+    _in_id_order(store.unpublished)
+    _in_id_order(store.dead)
+
+
+def _in_id_order(index: dict[int, Any]) -> None:
+    ordered = sorted(index.items())
+    index.clear()
+    index.update(ordered)
 
 
 def _matches(run: Run, f: RunFilter) -> bool:
@@ -707,15 +768,19 @@ class InMemoryPersistence:
         """The outbox row ``outbox_id`` as ``OutboxRecord``. A row without publication
         bookkeeping yet is stored as its event alone (one object fewer per event for the
         garbage collector to walk while a round's events wait for ``outbox.flush``) and
-        its record is built here, as a copy of a validated record with the defaults:
-        the id and the event are the store's own, already valid."""
+        its record is built when read (``record_of``)."""
         stored = self.outbox[outbox_id]
         if isinstance(stored, OutboxRecord):
             return stored
+        return self.record_of(outbox_id, stored)
+
+    def record_of(self, outbox_id: int, event: EventBase) -> OutboxRecord:
+        """The record of a row stored as its bare ``event``: a copy of a validated record
+        with the defaults, as the id and the event are the store's own, already valid."""
         if self._outbox_proto is None:
-            self._outbox_proto = OutboxRecord(id=outbox_id, event=stored)
+            self._outbox_proto = OutboxRecord(id=outbox_id, event=event)
             return self._outbox_proto
-        return evolve(self._outbox_proto, {"id": outbox_id, "event": stored})
+        return evolve(self._outbox_proto, {"id": outbox_id, "event": event})
 
     def idempotency_record(self, key: str, command_type: str) -> IdempotencyRecord | None:
         """The stored record of ``(key, command_type)``, outside any transaction."""

@@ -121,6 +121,63 @@ async def test_transaction_rolls_back_every_write() -> None:
         assert await jobs.cancel_by_run(tx, "r1") == 0
 
 
+async def test_rolled_back_publication_keeps_the_outbox_in_order() -> None:
+    """A rolled-back ``mark_published`` puts its rows back where they were: the next
+    flush still reads each run's events oldest first. A rolled-back append of events of
+    two runs leaves both runs' sequences as they were."""
+    p = InMemoryPersistence()
+    async with p.transaction() as tx:
+        await tx.insert_run(_run())
+        await tx.insert_run(_run("r2"))
+        await tx.append_events(
+            [
+                WorkflowCreated(workflow_run_id=run_id, timestamp=NOW, workflow_id="wf", priority=5)
+                for run_id in ("r1", "r1", "r2", "r1")
+            ]
+        )
+        before = [
+            (r.id, r.event.workflow_run_id, r.event.sequence)
+            for r in await tx.unpublished_events(10)
+        ]
+    assert [seq for _, _, seq in before] == [1, 2, 1, 3]
+
+    async def publish_some(tx: Any) -> None:
+        await tx.mark_published([before[0][0], before[1][0], before[3][0]])
+        assert [r.id for r in await tx.unpublished_events(10)] == [before[2][0]]
+
+    with pytest.raises(BoomError):
+        await _fail_after(p, publish_some)
+    async with p.transaction() as tx:
+        again = [
+            (r.id, r.event.workflow_run_id, r.event.sequence)
+            for r in await tx.unpublished_events(10)
+        ]
+    assert again == before
+
+    async def append_more(tx: Any) -> None:
+        stored = await tx.append_events(
+            [
+                WorkflowCreated(workflow_run_id=run_id, timestamp=NOW, workflow_id="wf", priority=5)
+                for run_id in ("r2", "r1", "r2")
+            ]
+        )
+        assert [e.sequence for e in stored] == [2, 4, 3]
+
+    with pytest.raises(BoomError):
+        await _fail_after(p, append_more)
+    async with p.transaction() as tx:
+        assert [
+            (r.id, r.event.workflow_run_id, r.event.sequence)
+            for r in await tx.unpublished_events(10)
+        ] == before
+        assert [e.sequence for e in await tx.events_for_run("r1")] == [1, 2, 3]
+        assert [e.sequence for e in await tx.events_for_run("r2")] == [1]
+        stored = await tx.append_events(
+            [WorkflowCreated(workflow_run_id="r2", timestamp=NOW, workflow_id="wf", priority=5)]
+        )
+    assert [e.sequence for e in stored] == [2]
+
+
 async def test_rolled_back_lease_change_is_still_reapable() -> None:
     """A rolled-back release of a leased job leaves it leased and visible to reaping."""
     p = InMemoryPersistence()
