@@ -1,11 +1,13 @@
 """The shortcuts taken on every stage's path keep the contracts of what they replace:
 shared field sets, the class-based in-memory transaction, the level check before
-structlog, the lazily made cancellation event, and uuid7 text built without ``uuid``."""
+structlog, the lazily made cancellation event, uuid7 text built without ``uuid`` from
+blocks of randomness, and models built without validation (``construct``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from datetime import UTC, datetime
 
@@ -16,7 +18,7 @@ from treadle.adapters.logging import structlog_logger
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.events import WorkflowCreated
 from treadle.kernel.ids import Uuid7Ids
-from treadle.kernel.model import Job, JobStatus, Run, StageRun, StageStatus, evolve
+from treadle.kernel.model import Job, JobStatus, Run, StageRun, StageStatus, construct, evolve
 from treadle.testing import FakeClock, InMemoryJobTransport, InMemoryPersistence
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -201,3 +203,64 @@ def test_uuid7_text_is_the_canonical_uuid_form() -> None:
         assert parsed.variant == uuid.RFC_4122
     assert {uuid.UUID(t).int >> 80 for t in made[:-1]} == {first_ms}
     assert uuid.UUID(made[-1]).int >> 80 == first_ms + 1000
+
+
+def test_uuid7_ids_stay_unique_and_ordered_across_random_blocks() -> None:
+    """The random bits come in blocks of 256 ids: more than a block's worth, within one
+    millisecond and across the counter's wrap, are distinct and strictly increasing."""
+    clock = FakeClock()
+    ids = Uuid7Ids(clock.now)
+    made = [ids.new_id() for _ in range(5000)]  # > 4096: the counter wraps into the next ms
+    assert len(set(made)) == len(made)
+    assert made == sorted(made)
+    assert all(uuid.UUID(t).version == 7 for t in made)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_reuse_the_parents_random_bits() -> None:
+    clock = FakeClock()
+    ids = Uuid7Ids(clock.now)
+    ids.new_id()  # the parent holds a block of randomness now
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write_end, ids.new_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.close(write_end)
+    parent_id = ids.new_id()
+    # Same clock and counter, so only the random tail tells them apart.
+    assert child_id[:19] == parent_id[:19]
+    assert child_id[19:] != parent_id[19:]
+
+
+def test_construct_builds_what_validation_builds() -> None:
+    """``construct`` skips validation only: defaults, field order, equality, repr and
+    dumps match the validated model's, and a missing or unknown field still fails."""
+    values: dict[str, object] = {
+        "id": "j1",
+        "workflow_run_id": "r1",
+        "workflow_id": "wf",
+        "stage_id": "a",
+        "priority": 7,
+        "max_attempts": 3,
+        "next_poll_at": NOW,
+        "enqueued_at": NOW,
+        "status": JobStatus.LEASED,
+    }
+    built = construct(Job, values)
+    validated = Job.model_validate(values)
+    assert built == validated
+    assert repr(built) == repr(validated)
+    assert built.model_dump() == validated.model_dump()
+    assert list(built.__dict__) == list(Job.model_fields)
+    assert built.attempts == 0
+    assert built.worker_id is None
+    with pytest.raises(TypeError, match="missing \\['stage_id'\\]"):
+        construct(Job, {k: v for k, v in values.items() if k != "stage_id"})
+    with pytest.raises(TypeError, match="unknown \\['colour'\\]"):
+        construct(Job, {**values, "colour": "red"})
+    with pytest.raises(TypeError, match="default_factory"):
+        construct(Run, {"id": "r", "workflow_id": "wf", "created_at": NOW, "updated_at": NOW})
