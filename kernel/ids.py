@@ -4,7 +4,6 @@ inserts local on PostgreSQL; the timestamp comes from the injected Clock."""
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable
 from datetime import datetime
 
@@ -14,19 +13,6 @@ _LOW70 = (1 << 70) - 1
 
 _POOL_IDS = 256
 """Ids' worth of system randomness drawn per ``os.urandom`` call (70 bits each)."""
-
-_POOLED: weakref.WeakSet[Uuid7Ids] = weakref.WeakSet()
-
-
-def _forget_pools() -> None:
-    """In a forked child: drop the randomness inherited from the parent, which the parent
-    goes on using, so the two processes never hand out the same bits."""
-    for ids in list(_POOLED):
-        ids._pool.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools)
 
 
 class Uuid7Ids:
@@ -42,14 +28,18 @@ class Uuid7Ids:
         self._last_ms = -1
         self._counter = 0
         self._pool: list[int] = []
+        self._pool_pid = 0
         self._prefix = ""
-        _POOLED.add(self)
 
     def _random70(self) -> int:
         pool = self._pool
-        if not pool:
+        pid = os.getpid()
+        if not pool or pid != self._pool_pid:
+            # A forked child never uses what is left of the parent's block: the parent
+            # goes on using it, and the two would hand out the same bits.
             block = os.urandom(9 * _POOL_IDS)
-            pool.extend(int.from_bytes(block[i : i + 9]) & _LOW70 for i in range(0, len(block), 9))
+            pool[:] = [int.from_bytes(block[i : i + 9]) & _LOW70 for i in range(0, len(block), 9)]
+            self._pool_pid = pid
         return pool.pop()
 
     def new_id(self) -> str:

@@ -207,12 +207,18 @@ _set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
 _set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
+# Per-class facts ``evolve`` and ``construct`` need, keyed by the class itself: a dict
+# lookup by type is several times cheaper than reading the class's own ``__dict__``,
+# which goes through pydantic's metaclass ``__getattr__`` hook.
+_ALL_FIELDS: dict[type[BaseModel], set[str] | None] = {}
+
+
 def _remember_all_fields(cls: type[BaseModel]) -> set[str] | None:
-    """One set of every field name per frozen model class (``None`` for a mutable one),
-    kept on the class. Shared between instances, which only a frozen model allows:
-    pydantic adds to the set on attribute assignment, and copies it in ``model_copy``."""
+    """One set of every field name per frozen model class (``None`` for a mutable one).
+    Shared between instances, which only a frozen model allows: pydantic adds to the set
+    on attribute assignment, and copies it in ``model_copy``."""
     shared = set(cls.model_fields) if cls.model_config.get("frozen") else None
-    type.__setattr__(cls, "__treadle_all_fields__", shared)
+    _ALL_FIELDS[cls] = shared
     return shared
 
 
@@ -233,7 +239,7 @@ def evolve(model: M, update: dict[str, Any]) -> M:
     values = model.__dict__.copy()
     values.update(update)
     _set_dict(new, values)
-    fields_set = cls.__dict__.get("__treadle_all_fields__", _UNSET)
+    fields_set = _ALL_FIELDS.get(cls, _UNSET)
     if fields_set is _UNSET:
         fields_set = _remember_all_fields(cls)
     if fields_set is None:
@@ -247,8 +253,11 @@ def evolve(model: M, update: dict[str, Any]) -> M:
 _REQUIRED = object()
 
 
+_SHAPES: dict[type[BaseModel], tuple[dict[str, Any], frozenset[str]]] = {}
+
+
 def _remember_shape(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str]]:
-    """Per class, kept on it: every field in declaration order with its default (or a
+    """Per class: every field in declaration order with its default (or a
     marker for a required one), and the required names. Fields with a
     ``default_factory`` are left out of ``construct``'s reach (it refuses the class)."""
     template: dict[str, Any] = {}
@@ -262,7 +271,7 @@ def _remember_shape(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str
         else:
             template[name] = info.default
     shape = (template, frozenset(required))
-    type.__setattr__(cls, "__treadle_shape__", shape)
+    _SHAPES[cls] = shape
     return shape
 
 
@@ -273,7 +282,7 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
     Python. Missing fields take their (immutable) defaults; a missing required field or
     an unknown one is still an error, so only types go unchecked, as in ``evolve``. For
     values from outside (user input, stored JSON) call the class."""
-    shape = cls.__dict__.get("__treadle_shape__")
+    shape = _SHAPES.get(cls)
     if shape is None:
         shape = _remember_shape(cls)
     template, required = shape
@@ -285,7 +294,7 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
         raise TypeError(f"{cls.__name__}: missing {missing}, unknown {unknown}")
     new = _new(cls)
     _set_dict(new, full)
-    fields_set = cls.__dict__.get("__treadle_all_fields__", _UNSET)
+    fields_set = _ALL_FIELDS.get(cls, _UNSET)
     if fields_set is _UNSET:
         fields_set = _remember_all_fields(cls)
     if fields_set is None:

@@ -19,6 +19,11 @@ from treadle.adapters.memory.persistence import InMemoryPersistence, InMemoryTra
 from treadle.kernel.errors import DuplicateError, JobNotFoundError, TreadleError
 from treadle.kernel.model import Job, JobStatus, evolve
 
+# Bound once: an enum member read through its class costs several global reads.
+_LEASED = JobStatus.LEASED
+_QUEUED = JobStatus.QUEUED
+_COMPLETED = JobStatus.COMPLETED
+
 
 def _tx(tx: Any) -> InMemoryTransaction:
     if not isinstance(tx, InMemoryTransaction):
@@ -46,11 +51,11 @@ class InMemoryJobTransport:
     def _store(self, tx: InMemoryTransaction, job: Job) -> None:
         jobs, job_id, status = self.jobs, job.id, job.status
         tx.set_item(jobs, job_id, job)
-        if status is JobStatus.LEASED:
+        if status is _LEASED:
             self._leased.add(job_id)
         else:
             self._leased.discard(job_id)
-            if status is JobStatus.QUEUED:
+            if status is _QUEUED:
                 heapq.heappush(self._heap, (-job.priority, job.next_poll_at, job.sequence, job_id))
         tx.on_rollback_once(self._on_rollback)
 
@@ -90,7 +95,7 @@ class InMemoryJobTransport:
                 raise DuplicateError(f"job {job.id!r} already exists")
             self._seq += 1
             # LEASED: a job its enqueuing worker takes itself (a chained stage); else QUEUED.
-            status = JobStatus.LEASED if job.status is JobStatus.LEASED else JobStatus.QUEUED
+            status = _LEASED if job.status is _LEASED else _QUEUED
             job = evolve(job, {"status": status, "sequence": self._seq})
             self._by_run.setdefault(job.workflow_run_id, set()).add(job.id)
             self._store(t, job)
@@ -101,7 +106,7 @@ class InMemoryJobTransport:
 
     async def complete(self, tx: Any, job_id: str) -> None:
         job = self._require(job_id)
-        self._store(_tx(tx), evolve(job, {"status": JobStatus.COMPLETED, "worker_id": None}))
+        self._store(_tx(tx), evolve(job, {"status": _COMPLETED, "worker_id": None}))
 
     async def get_many(self, tx: Any, job_ids: Sequence[str]) -> dict[str, Job]:
         _tx(tx)

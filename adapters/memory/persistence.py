@@ -35,6 +35,9 @@ from treadle.kernel.model import (
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 
 _MISSING = object()
+# Bound once: an enum member read through its class costs several global reads.
+_SUSPENDED = StageStatus.SUSPENDED
+_IDEMPOTENCY_COMPLETED = IdempotencyState.COMPLETED
 
 
 def _idempotency_record(
@@ -239,7 +242,7 @@ class InMemoryTransaction:
         new = evolve(stage, {"version": stage.version + 1})
         self._undo.append((per_run, stage.stage_id, stored))  # set_item, inlined
         per_run[stage.stage_id] = new
-        if new.status is StageStatus.SUSPENDED or self._s.suspended:
+        if new.status is _SUSPENDED or self._s.suspended:
             self._index_suspended(new)
         if new.execution_group != stored.execution_group:
             self._keep_group_order(new.workflow_run_id)
@@ -265,7 +268,7 @@ class InMemoryTransaction:
 
     def _index_suspended(self, stage: StageRun) -> None:
         suspended = self._s.suspended
-        if stage.status is StageStatus.SUSPENDED:
+        if stage.status is _SUSPENDED:
             self.set_item(suspended, (stage.workflow_run_id, stage.stage_id), None)
         elif suspended:  # most updates: nothing suspended, no key to build
             self.del_item(suspended, (stage.workflow_run_id, stage.stage_id))
@@ -383,7 +386,7 @@ class InMemoryTransaction:
     async def put_idempotency(self, record: IdempotencyRecord) -> None:
         self._check()
         stored: IdempotencyRecord | tuple[str, str, datetime, bytes] = record
-        if record.state is IdempotencyState.COMPLETED:
+        if record.state is _IDEMPOTENCY_COMPLETED:
             result = marshal.dumps(record.result)
             stored = (record.key, record.command_type, record.started_at, result)
         idempotency, key = self._s.idempotency, (record.key, record.command_type)

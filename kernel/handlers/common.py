@@ -32,6 +32,13 @@ if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps
     from treadle.ports import Transaction
 
+# Enum members read on every stage's path, bound once: ``StageStatus.COMPLETED`` is an
+# attribute lookup through the enum metaclass (several times a global read).
+_STAGE_COMPLETED = StageStatus.COMPLETED
+_STAGE_SUSPENDED = StageStatus.SUSPENDED
+_RUN_RUNNING = RunStatus.RUNNING
+_JOB_LEASED = JobStatus.LEASED
+
 
 async def load_run(tx: Transaction, run_id: str, *, for_update: bool = True) -> Run:
     run = await tx.get_run(run_id, for_update=for_update)
@@ -41,7 +48,7 @@ async def load_run(tx: Transaction, run_id: str, *, for_update: bool = True) -> 
 
 
 def outputs_of(stages: Sequence[StageRun]) -> dict[str, JsonValue]:
-    return {s.stage_id: s.output for s in stages if s.status is StageStatus.COMPLETED}
+    return {s.stage_id: s.output for s in stages if s.status is _STAGE_COMPLETED}
 
 
 def new_jobs(
@@ -70,7 +77,7 @@ def new_jobs(
             "enqueued_at": now,
         }
         if lease_to is not None and not jobs:
-            values["status"] = JobStatus.LEASED
+            values["status"] = _JOB_LEASED
             values["attempts"] = 1
             values["worker_id"] = lease_to
             values["heartbeat_at"] = now
@@ -129,13 +136,13 @@ def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Deci
             return Decision("failed", failed_stage=stage)
         if stage.execution_group <= current_group and status not in _SUCCEEDED:
             all_succeeded = False
-            if status is not StageStatus.SUSPENDED:
+            if status is not _STAGE_SUSPENDED:
                 waiting_all_suspended = False
     if all_succeeded:
         if current_group >= len(wf.groups) - 1:
             return _COMPLETED
         return Decision("advanced", next_group=current_group + 1)
-    if run.status is RunStatus.RUNNING and waiting_all_suspended:
+    if run.status is _RUN_RUNNING and waiting_all_suspended:
         return _SUSPEND
     return _NOOP
 
@@ -171,7 +178,7 @@ async def apply_transition(
                 {
                     "current_group": decision.next_group,
                     "updated_at": now,
-                    "status": RunStatus.RUNNING,
+                    "status": _RUN_RUNNING,
                 },
             )
         )
