@@ -14,6 +14,7 @@ import functools
 import marshal
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from itertools import islice
 from operator import attrgetter
 from typing import Any
 
@@ -324,15 +325,15 @@ class InMemoryTransaction:
         s = self._s
         outbox = s.outbox
         out: list[OutboxRecord] = []
-        if limit <= 0:
+        if limit <= 0 or not s.unpublished:
             return out
-        for outbox_id in s.unpublished:
+        proto = s.outbox_proto(next(iter(s.unpublished)))
+        for outbox_id in islice(s.unpublished, limit):
             stored = outbox[outbox_id]
-            out.append(
-                stored if isinstance(stored, OutboxRecord) else s.record_of(outbox_id, stored)
-            )
-            if len(out) >= limit:
-                break
+            if isinstance(stored, OutboxRecord):
+                out.append(stored)
+            else:  # a bare event: its record with the defaults (see ``outbox_record``)
+                out.append(evolve(proto, {"id": outbox_id, "event": stored}))
         return out
 
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
@@ -780,10 +781,16 @@ class InMemoryPersistence:
     def record_of(self, outbox_id: int, event: EventBase) -> OutboxRecord:
         """The record of a row stored as its bare ``event``: a copy of a validated record
         with the defaults, as the id and the event are the store's own, already valid."""
+        return evolve(self.outbox_proto(outbox_id), {"id": outbox_id, "event": event})
+
+    def outbox_proto(self, outbox_id: int) -> OutboxRecord:
+        """A validated record with the defaults, built once from a stored row, for
+        ``record_of`` to copy."""
         if self._outbox_proto is None:
+            stored = self.outbox[outbox_id]
+            event = stored.event if isinstance(stored, OutboxRecord) else stored
             self._outbox_proto = OutboxRecord(id=outbox_id, event=event)
-            return self._outbox_proto
-        return evolve(self._outbox_proto, {"id": outbox_id, "event": event})
+        return self._outbox_proto
 
     def idempotency_record(self, key: str, command_type: str) -> IdempotencyRecord | None:
         """The stored record of ``(key, command_type)``, outside any transaction."""

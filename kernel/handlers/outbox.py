@@ -36,14 +36,15 @@ async def flush(deps: Deps, cmd: c.OutboxFlush, scope: Scope) -> c.OutboxFlushRe
     blocked: set[str] = set()
     sink, plugins = deps.event_sink, deps.plugins
     for record in batch:
-        run_id = record.event.workflow_run_id
+        event = record.event
+        run_id = event.workflow_run_id
         if run_id in blocked:
             continue
         try:
             if plugins:
-                await _publish(deps, record.event)
+                await _publish(deps, event)
             else:  # the common case, without a coroutine per event for the plugin loop
-                await sink.publish(record.event)
+                await sink.publish(event)
         except Exception as exc:
             dead = record.attempts + 1 >= deps.settings.outbox_max_attempts
             failures.append((record, describe_exception(exc), dead))
