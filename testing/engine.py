@@ -345,17 +345,20 @@ class TestEngine:
     async def _execute(self, job_id: str, attempts: int) -> bool | None:
         """``job.execute`` of one leased job, keyed per attempt as the worker host does,
         then of every job its commits chain (``chain``), as ``execute_job`` does in the
-        worker; ``None`` after a transient failure of any of them (the run then gets the
-        ``run.transition`` safety net, and a chained job left leased is released at the
-        end of the round). The commands are built when the task runs and no result is
-        kept, so neither outlives its own execution while a round of a thousand jobs is
-        gathered."""
+        worker, which sends those without a key: a job handed over by a chained commit
+        (``kernel.deps.chains`` holds it) reaches no other caller, so nothing can deliver
+        it twice and its result needs no idempotency record. ``None`` after a transient
+        failure of any of them (the run then gets the ``run.transition`` safety net, and
+        a chained job left leased is released at the end of the round). The commands are
+        built when the task runs and no result is kept, so neither outlives its own
+        execution while a round of a thousand jobs is gathered."""
+        chains = self.kernel.deps.chains
         while True:
             result = await self._try(
                 c.JobExecute(
                     job_id=job_id,
                     worker_id=self.worker_id,
-                    idempotency_key=f"job:{job_id}:{attempts}",
+                    idempotency_key=None if job_id in chains else f"job:{job_id}:{attempts}",
                     chain=self.chain,
                 )
             )

@@ -177,3 +177,33 @@ async def test_unknown_job_raises_not_found() -> None:
     with pytest.raises(JobNotFoundError, match="missing-job"):
         await te.dispatch(c.JobExecute(job_id="missing-job", worker_id="w", idempotency_key="k"))
     assert ("k", "job.execute") not in te.persistence.idempotency
+
+
+@define_stage(id="first", input=In, output=In)
+async def first(ctx):  # type: ignore[no-untyped-def]
+    return ctx.input
+
+
+@define_stage(id="second", input=In, output=In)
+async def second(ctx):  # type: ignore[no-untyped-def]
+    return ctx.input
+
+
+@define_stage(id="third", input=In, output=Out)
+async def third(ctx):  # type: ignore[no-untyped-def]
+    return Out(n=ctx.input.n + 1)
+
+
+@pytest.mark.parametrize("chain", [True, False])
+async def test_test_engine_keys_job_execute_as_the_worker_does(chain: bool) -> None:
+    """Like the worker's ``execute_job``: a job taken from the queue is executed under its
+    per-attempt key (one ``job.execute`` record), a job handed over by a chained commit
+    without one, since nothing else can deliver it."""
+    wf = WorkflowBuilder("three", input=In).pipe(first).pipe(second).pipe(third).build()
+    te = TestEngine([wf], chain=chain)
+    handle = await te.start("three", {"n": 1})
+    assert await handle.result() == {"n": 2}
+    recorded = sorted(key for key, kind in te.persistence.idempotency if kind == "job.execute")
+    jobs = {job.stage_id: job for job in te.job_transport.jobs.values()}
+    keyed = ["first"] if chain else ["first", "second", "third"]
+    assert recorded == sorted(f"job:{jobs[s].id}:{jobs[s].attempts}" for s in keyed)
