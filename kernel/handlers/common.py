@@ -117,6 +117,9 @@ _SUCCEEDED = frozenset({StageStatus.COMPLETED, StageStatus.SKIPPED})
 _NOOP = Decision("noop")
 _COMPLETED = Decision("completed")
 _SUSPEND = Decision("suspend")
+_ADVANCE_TO = tuple(Decision("advanced", next_group=group) for group in range(64))
+"""Shared ``advanced`` decisions by next group (a frozen dataclass costs an
+``object.__setattr__`` per field to build, and every stage's commit decides)."""
 
 
 def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Decision:
@@ -141,7 +144,10 @@ def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Deci
     if all_succeeded:
         if current_group >= len(wf.groups) - 1:
             return _COMPLETED
-        return Decision("advanced", next_group=current_group + 1)
+        next_group = current_group + 1
+        if next_group < len(_ADVANCE_TO):
+            return _ADVANCE_TO[next_group]
+        return Decision("advanced", next_group=next_group)
     if run.status is _RUN_RUNNING and waiting_all_suspended:
         return _SUSPEND
     return _NOOP
