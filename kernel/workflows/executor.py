@@ -273,29 +273,17 @@ async def _commit_blocked(
     async with deps.persistence.transaction() as tx:
         owned = await writer.owner(tx)
         if owned is None:
-            result = c.JobExecuteResult(
-                outcome="failed",
-                workflow_run_id=s.run.id,
-                stage_id=WORKFLOW_STAGE_ID,
-                ghost=True,
-                error="result discarded: run cancelled or activation taken over by another",
-            )
+            result = _ghost(s)
         else:
             run, stage = owned
             await deps.job_transport.complete(tx, s.job.id)
-            at: datetime | None
             if run.status.terminal:  # cancelled, compensations pending: it stays CANCELLED
-                at = await _defer_compensations(deps, tx, scope, s, run, stage, error, now)
+                result = await _defer_compensations(deps, tx, scope, s, run, stage, error, now)
             else:
                 stage = await block(deps, tx, run, stage, s.wf, error, now, scope.causation_id)
-                at = stage.next_poll_at
-            result = c.JobExecuteResult(
-                outcome="suspended",
-                workflow_run_id=run.id,
-                stage_id=stage.stage_id,
-                error=describe_exception(error),
-                next_poll_at=at,
-            )
+                result = _suspended_result(
+                    run, stage, stage.next_poll_at, describe_exception(error)
+                )
         await scope.complete(tx, result)
     return result
 
@@ -309,18 +297,17 @@ async def _defer_compensations(
     stage: StageRun,
     error: VersionMismatchError,
     now: datetime,
-) -> datetime:
+) -> c.JobExecuteResult:
     """A cancelled run's compensations must replay under the pinned version too: try the
     compensating activation again later (a cancelled run has no timers to wake it)."""
     message = describe_exception(error)
     at = now + deps.settings.version_recheck_interval
-    await tx.update_stage(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
-    await enqueue_activation(deps, tx, run, s.wf, at, now)
+    result = await _requeue(deps, tx, s, run, stage, at, now, error=message)
     if message not in (run.error or ""):
         note = f"{run.error}; {message}" if run.error else message
         await tx.update_run(evolve(run, {"error": note, "updated_at": now}))
         await tx.append_events([mismatch_event(run, s.wf, message, now, scope.causation_id)])
-    return at
+    return result
 
 
 async def _finish(
@@ -412,15 +399,7 @@ async def _finish_compensating(
         await deps.job_transport.complete(tx, s.job.id)
         if outcome is None and interrupt is not None and interrupt.reason == "suspend":
             due = [w.until for w in interrupt.waits if w.until is not None]
-            at = min(due, default=now)
-            await tx.update_stage(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
-            await enqueue_activation(deps, tx, run, s.wf, at, now)
-            result = c.JobExecuteResult(
-                outcome="suspended",
-                workflow_run_id=run.id,
-                stage_id=stage.stage_id,
-                next_poll_at=at,
-            )
+            result = await _requeue(deps, tx, s, run, stage, min(due, default=now), now)
         else:
             if outcome is not None:
                 note = outcome.describe()
@@ -524,14 +503,7 @@ async def _commit_waits(
             resume_at = at if resume_at is None else min(resume_at, at)
     await deps.job_transport.complete(tx, s.job.id)
     if resume_at is not None:
-        await tx.update_stage(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
-        await enqueue_activation(deps, tx, run, s.wf, resume_at, now)
-        return c.JobExecuteResult(
-            outcome="suspended",
-            workflow_run_id=run.id,
-            stage_id=stage.stage_id,
-            next_poll_at=resume_at,
-        )
+        return await _requeue(deps, tx, s, run, stage, resume_at, now)
     timers = forward_timers(await tx.pending_timers(run.id))
     next_poll = timers[0].fire_at if timers else None
     stage = await tx.update_stage(
@@ -546,11 +518,38 @@ async def _commit_waits(
         )
     )
     await apply_transition(deps, tx, run, [stage], s.wf, now, scope.causation_id)
+    return _suspended_result(run, stage, next_poll)
+
+
+async def _requeue(
+    deps: Deps,
+    tx: Transaction,
+    s: _Started,
+    run: Run,
+    stage: StageRun,
+    at: datetime,
+    now: datetime,
+    error: str | None = None,
+) -> c.JobExecuteResult:
+    """Hand the body to a new activation job available from ``at`` instead of timers: the
+    stage waits PENDING for it (a short backoff, a message that came while the body
+    unwound, a cancelled run's compensations to retry)."""
+    await tx.update_stage(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
+    await enqueue_activation(deps, tx, run, s.wf, at, now)
+    return _suspended_result(run, stage, at, error)
+
+
+def _suspended_result(
+    run: Run, stage: StageRun, at: datetime | None, error: str | None = None
+) -> c.JobExecuteResult:
+    """The result of an activation that ended waiting; ``at`` is when the run is next
+    looked at (its new job, its earliest timer), ``None`` while only a message wakes it."""
     return c.JobExecuteResult(
         outcome="suspended",
         workflow_run_id=run.id,
         stage_id=stage.stage_id,
-        next_poll_at=next_poll,
+        error=error,
+        next_poll_at=at,
     )
 
 

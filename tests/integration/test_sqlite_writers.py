@@ -4,6 +4,7 @@ sleeping busy handler, and none fails with "database is locked"."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime
 
 from treadle.adapters.sql import SqlPersistence
@@ -48,6 +49,7 @@ async def test_a_writer_cancelled_while_queued_for_the_write_gate_stops(sqlite_u
     """A write transaction cancelled while it waits for the in-process write gate stops,
     even when the cancellation arrives as the gate is granted (Python 3.11's ``wait_for``
     swallowed it there, and a cancelled job heartbeat ran on forever)."""
+    before = set(threading.enumerate())
     persistence = await SqlPersistence.open(sqlite_url, migrate=True)
 
     async def writer() -> None:
@@ -66,3 +68,24 @@ async def test_a_writer_cancelled_while_queued_for_the_write_gate_stops(sqlite_u
             assert not pending, "a cancelled writer kept running"
     finally:
         await persistence.close()
+        running = await _join_connection_threads(before)
+    assert not running, f"aiosqlite threads outlived the engine: {running}"
+
+
+async def _join_connection_threads(before: set[threading.Thread]) -> list[str]:
+    """Wait (5 s at most) for the aiosqlite connection threads started since ``before``;
+    the names of those still running.
+
+    A writer cancelled while the pool opens its connection leaves that connection's
+    thread to finish opening and closing it (aiosqlite stops it without waiting), and
+    the pool never sees the connection, so ``close()`` cannot wait for it. The thread
+    ends by handing its results to this loop: it must do so before the loop closes, or
+    it raises "Event loop is closed" into whichever test runs then."""
+    threads = [
+        t
+        for t in threading.enumerate()
+        if t not in before and t.name.endswith("(_connection_worker_thread)")
+    ]
+    for thread in threads:
+        await asyncio.to_thread(thread.join, 5.0)
+    return [t.name for t in threads if t.is_alive()]

@@ -7,7 +7,6 @@ PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -63,18 +62,14 @@ FAN = (
 )
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+WORKFLOWS = [SEQ, FAN]
 
 
-@pytest.fixture
-async def engine(url: str, clock: FakeClock) -> AsyncIterator[Engine]:
+@pytest.fixture(autouse=True)
+def _reset() -> None:
     CALLS.clear()
     HOLD.clear()
     ENTERED.clear()
-    async with await Engine.open(url, workflows=[SEQ, FAN], clock=clock) as opened:
-        yield opened
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ PostgreSQL (a database per test)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,9 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import WorkflowCreated
 from treadle.kernel.workflows import JournalStatus
-from treadle.testing import FakeClock, TestEngine
+from treadle.testing import TestEngine
 from treadle.testing.databases import postgres_database, sqlite_database
-
-WAIT = 20.0
-"""Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
+from treadle.tests.scenario.helpers import WAIT, worker
 
 
 class Order(BaseModel):
@@ -276,21 +273,11 @@ async def test_fork_past_an_unfinished_wait_is_refused() -> None:
     assert len(await te.kernel.list_runs()) == runs
 
 
-@pytest.fixture
-async def engine(url: str) -> AsyncIterator[Engine]:
-    async with await Engine.open(url, workflows=WORKFLOWS, clock=FakeClock()) as opened:
-        yield opened
-
-
-def _worker(engine: Engine) -> Any:
-    return engine.worker(concurrency=2, orchestration_interval=0.02, job_poll_interval=0.02)
-
-
 async def test_fork_from_a_middle_step_on_every_backend(engine: Engine) -> None:
     """The fork copies the journal before ``transform`` (uuid, fetch) in one go with the
     run, links to its source by search attribute and ``workflow:created``, and re-runs
     ``transform`` and ``store`` only."""
-    async with _worker(engine):
+    async with worker(engine):
         source = await engine.start("etl", {"n": 3})
         first = await source.result(timeout=WAIT)
         OFFSET["value"] = 7
@@ -319,7 +306,7 @@ async def test_fork_from_a_middle_step_on_every_backend(engine: Engine) -> None:
 
 async def test_fork_from_the_first_step_runs_every_step_again(engine: Engine) -> None:
     """Forking from the first step keeps only what came before it (the journaled uuid)."""
-    async with _worker(engine):
+    async with worker(engine):
         source = await engine.start("etl", {"n": 1})
         first = await source.result(timeout=WAIT)
         fork = await engine.fork(source.run_id, "fetch")
@@ -331,7 +318,7 @@ async def test_fork_from_the_first_step_runs_every_step_again(engine: Engine) ->
 
 async def test_forking_again_with_the_same_key_returns_the_first_fork(engine: Engine) -> None:
     """``idempotency_key`` makes a retried fork (a client that timed out) a no-op."""
-    async with _worker(engine):
+    async with worker(engine):
         source = await engine.start("etl", {"n": 2})
         await source.result(timeout=WAIT)
         first = await engine.fork(source.run_id, "store", idempotency_key="fix-1")
@@ -348,7 +335,7 @@ async def test_forking_again_with_the_same_key_returns_the_first_fork(engine: En
 async def test_fork_refuses_bad_requests_and_writes_nothing(engine: Engine) -> None:
     """An unknown run, a pipeline run and a step the journal lacks are refused with an
     error naming the argument; no run is created."""
-    async with _worker(engine):
+    async with worker(engine):
         source = await engine.start("etl", {"n": 1})
         await source.result(timeout=WAIT)
         piped = await engine.start("inc-pipeline", {"n": 1})
@@ -383,7 +370,7 @@ async def test_a_reused_offloaded_result_is_stored_anew_for_the_fork(
         else:
             db = stack.enter_context(postgres_database(migrate=True, prefix="treadle_fork"))
         async with await Engine.open(db, workflows=WORKFLOWS, payload_max_bytes=128) as engine:
-            async with _worker(engine):
+            async with worker(engine):
                 source = await engine.start("bulky", {"text": "x" * 400})
                 assert await source.result(timeout=WAIT) == 401
                 fork = await engine.fork(source.run_id, "measure")
@@ -414,12 +401,12 @@ async def test_the_fork_is_pinned_to_the_version_registered_now(tmp_path: Path) 
     """A run of version 1, forked after a deploy of version 2, runs the rest on the new
     code and records version 2; the source keeps version 1."""
     db = f"sqlite:///{tmp_path / 'treadle.db'}"
-    async with await Engine.open(db, workflows=WORKFLOWS) as engine, _worker(engine):
+    async with await Engine.open(db, workflows=WORKFLOWS) as engine, worker(engine):
         source = await engine.start("etl", {"n": 5})
         await source.result(timeout=WAIT)
     deployed = [etl_v2 if wf is etl else wf for wf in WORKFLOWS]
     async with await Engine.open(db, workflows=deployed) as engine:
-        async with _worker(engine):
+        async with worker(engine):
             fork = await engine.fork(source.run_id, "transform")
             assert (await fork.result(timeout=WAIT))["b"] == -50
         assert (await engine.get_run(fork.run_id)).workflow_version == "2"

@@ -6,7 +6,6 @@ file and PostgreSQL; each "deploy" is a new ``Engine`` over the same storage."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -22,9 +21,7 @@ from treadle.kernel.errors import DefinitionError, VersionMismatchError
 from treadle.kernel.model import StageStatus
 from treadle.kernel.registry import Registry
 from treadle.testing import FakeClock
-
-WAIT = 20.0
-"""Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
+from treadle.tests.scenario.helpers import WAIT, run_events, until, worker
 
 
 class Order(BaseModel):
@@ -95,21 +92,13 @@ async def deployments(url: str) -> AsyncIterator[Deployments]:
         await opened.close()
 
 
-def _worker(engine: Engine) -> Any:
-    return engine.worker(concurrency=2, orchestration_interval=0.02, job_poll_interval=0.02)
-
-
-async def _events(engine: Engine, run_id: str) -> list[ev.EventBase]:
-    return [e async for e in engine.events(run_id)]
-
-
 async def _until(engine: Engine, run_id: str, check: Any) -> None:
     """Poll the run (and its events) until ``check(run, events)`` holds."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            if check(await engine.get_run(run_id), await _events(engine, run_id)):
-                return
-            await asyncio.sleep(0.01)  # polling stored state, not waiting for time
+
+    async def holds() -> bool:
+        return bool(check(await engine.get_run(run_id), await run_events(engine, run_id)))
+
+    await until(holds)
 
 
 def _mismatches(events: list[ev.EventBase]) -> list[ev.VersionMismatched]:
@@ -125,14 +114,14 @@ async def test_resuming_under_another_version_blocks_the_run_until_the_pinned_on
     v1 and v2 resumes it under v1 by itself; new runs start under v2."""
     clock = deployments.clock
     v1 = await deployments.open([deploy_v1])
-    async with _worker(v1):
+    async with worker(v1):
         handle = await v1.start("deploy", {"n": 1})
         await _until(v1, handle.run_id, lambda run, _: run.status is RunStatus.SUSPENDED)
     assert (await v1.get_run(handle.run_id)).workflow_version == "1"
     await v1.close()
 
     v2 = await deployments.open([deploy_v2])
-    async with _worker(v2):
+    async with worker(v2):
         await v2.signal(handle.run_id, "go", None)
         await _until(v2, handle.run_id, lambda run, events: _mismatches(events))
         blocked = await v2.get_run(handle.run_id)
@@ -145,7 +134,7 @@ async def test_resuming_under_another_version_blocks_the_run_until_the_pinned_on
         assert stage.status is StageStatus.SUSPENDED
         assert stage.error == blocked.error
         assert stage.next_poll_at == clock.now() + timedelta(seconds=60)
-        (mismatch,) = _mismatches(await _events(v2, handle.run_id))
+        (mismatch,) = _mismatches(await run_events(v2, handle.run_id))
         assert (mismatch.pinned_version, mismatch.registered_version) == ("1", "2")
         journal = [(e.kind, e.name, e.status.value) for e in await v2.journal(handle.run_id)]
         assert journal == [("step", "a", "COMPLETED"), ("signal", "signal:go", "COMPLETED")]
@@ -156,12 +145,12 @@ async def test_resuming_under_another_version_blocks_the_run_until_the_pinned_on
             handle.run_id,
             lambda run, _: run.stages[0].next_poll_at == clock.now() + timedelta(seconds=60),
         )
-    assert len(_mismatches(await _events(v2, handle.run_id))) == 1
+    assert len(_mismatches(await run_events(v2, handle.run_id))) == 1
     assert (await v2.get_run(handle.run_id)).status is RunStatus.SUSPENDED
     await v2.close()
 
     both = await deployments.open([deploy_v1, deploy_v2])
-    async with _worker(both):
+    async with worker(both):
         clock.advance(timedelta(seconds=61))  # the next re-check finds v1 registered
         await _until(
             both,
@@ -198,19 +187,19 @@ async def test_a_due_timer_under_another_version_is_not_fired(
     pinned version is deployed again the body replays past the sleep and completes."""
     clock = deployments.clock
     v1 = await deployments.open([napper_v1])
-    async with _worker(v1):
+    async with worker(v1):
         handle = await v1.start("napper", {"n": 1})
         await _until(v1, handle.run_id, lambda run, _: run.status is RunStatus.SUSPENDED)
     await v1.close()
 
     v2 = await deployments.open([napper_v2])
-    async with _worker(v2):
+    async with worker(v2):
         clock.advance(timedelta(hours=1))
         await _until(v2, handle.run_id, lambda run, _: run.error is not None)
     run = await v2.get_run(handle.run_id)
     assert run.status is RunStatus.SUSPENDED
     assert "VersionMismatchError" in str(run.error)
-    events = await _events(v2, handle.run_id)
+    events = await run_events(v2, handle.run_id)
     assert not any(isinstance(e, ev.TimerFired) for e in events)
     assert [type(e) for e in events][-1] is ev.VersionMismatched  # not a second suspend
     journal = await v2.journal(handle.run_id)
@@ -219,7 +208,7 @@ async def test_a_due_timer_under_another_version_is_not_fired(
     await v2.close()
 
     again = await deployments.open([napper_v1])
-    async with _worker(again):
+    async with worker(again):
         clock.advance(timedelta(seconds=61))
         assert await again.handle(handle.run_id).result(timeout=WAIT) == "v1:after"
     assert RAN == ["v1:after"]

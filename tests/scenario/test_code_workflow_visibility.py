@@ -5,8 +5,6 @@ back as its typed model."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,9 +16,7 @@ from treadle.kernel import events as ev
 from treadle.kernel.errors import TreadleValidationError
 from treadle.kernel.model import RunFilter
 from treadle.testing import FakeClock, TestEngine
-
-WAIT = 20.0
-"""Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
+from treadle.tests.scenario.helpers import WAIT, run_events, until_event, until_status, worker
 
 
 class Order(BaseModel):
@@ -73,43 +69,9 @@ async def eventful(ctx: WorkflowContext, order: Order) -> str:
 WORKFLOWS = [tracked, eventful]
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def engine(url: str, clock: FakeClock) -> AsyncIterator[Engine]:
+@pytest.fixture(autouse=True)
+def _reset() -> None:
     FLAKY.clear()
-    async with await Engine.open(url, workflows=WORKFLOWS, clock=clock) as opened:
-        yield opened
-
-
-def _worker(engine: Engine) -> Any:
-    return engine.worker(concurrency=2, orchestration_interval=0.02, job_poll_interval=0.02)
-
-
-async def _until_status(engine: Engine, run_id: str, *statuses: RunStatus) -> None:
-    """Poll storage until the run reaches one of ``statuses`` (fails after ``WAIT``)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            if (await engine.get_run(run_id, with_stages=False)).status in statuses:
-                return
-            await asyncio.sleep(0.01)  # polling stored state, not waiting for time
-
-
-async def _events(engine: Engine, run_id: str) -> list[ev.EventBase]:
-    return [e async for e in engine.events(run_id)]
-
-
-async def _until_event(engine: Engine, run_id: str, kind: str, count: int = 1) -> ev.EventBase:
-    """Poll the outbox until the run has recorded ``count`` events of type ``kind``."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            found = [e for e in await _events(engine, run_id) if e.type == kind]  # type: ignore[attr-defined]
-            if len(found) >= count:
-                return found[-1]
-            await asyncio.sleep(0.01)  # polling stored state, not waiting for time
 
 
 async def _ids(engine: Engine, **attributes: Any) -> list[str]:
@@ -123,11 +85,11 @@ async def test_set_attribute_is_listable_on_every_backend_and_never_rewritten_on
     """Attributes set by the body are visible to ``engine.list`` once the body reaches its
     next durable boundary, merged with the start-time ones; the replay after the sleep
     re-reads them from the journal without writing or announcing them again."""
-    async with _worker(engine):
+    async with worker(engine):
         acme = await engine.start("tracked", {"customer": "acme"}, search_attributes={"env": "t"})
         zeta = await engine.start("tracked", {"customer": "zeta"})
-        await _until_status(engine, acme.run_id, RunStatus.SUSPENDED)
-        await _until_status(engine, zeta.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, acme.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, zeta.run_id, RunStatus.SUSPENDED)
         assert await _ids(engine, stage="sleeping") == sorted([acme.run_id, zeta.run_id])
         assert await _ids(engine, customer="acme", stage="sleeping") == [acme.run_id]
         assert await _ids(engine, customer="acme", env="t") == [acme.run_id]
@@ -140,7 +102,7 @@ async def test_set_attribute_is_listable_on_every_backend_and_never_rewritten_on
     assert await _ids(engine, stage="done", amount=42) == sorted([acme.run_id, zeta.run_id])
     assert await _ids(engine, customer="zeta", amount=42.0) == [zeta.run_id]
     assert await _ids(engine, amount="42") == []
-    events = await _events(engine, acme.run_id)
+    events = await run_events(engine, acme.run_id)
     sets = [(e.key, e.value) for e in events if isinstance(e, ev.AttributeSet)]
     assert sets == [
         ("customer", "acme"),
@@ -165,9 +127,9 @@ async def test_set_attribute_and_annotations_share_the_search_attributes(
 ) -> None:
     """An annotation attached while the run sleeps and the body's attributes merge into
     the same search attributes; later writes of one key win, other keys are kept."""
-    async with _worker(engine):
+    async with worker(engine):
         handle = await engine.start("tracked", {"customer": "acme"})
-        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
         await engine.annotate(handle.run_id, {"reviewed_by": "ann", "stage": "annotated"})
         assert await _ids(engine, reviewed_by="ann", customer="acme") == [handle.run_id]
         assert await _ids(engine, stage="annotated") == [handle.run_id]
@@ -298,23 +260,23 @@ async def test_code_workflow_events_go_through_the_outbox_as_typed_models(
     """A representative run (a step retried once, a sleep, a signal, an attribute, a
     review) records every event in the outbox, in order, and every backend reads them
     back as the same typed models."""
-    async with _worker(engine):
+    async with worker(engine):
         handle = await engine.start("eventful", {"customer": "acme"})
-        await _until_event(engine, handle.run_id, "step:failed")
+        await until_event(engine, handle.run_id, "step:failed")
         clock.advance(timedelta(seconds=2))  # past the 1 s retry backoff
-        await _until_event(engine, handle.run_id, "workflow:suspended")  # the cool-off sleep
+        await until_event(engine, handle.run_id, "workflow:suspended")  # the cool-off sleep
         clock.advance(timedelta(minutes=5))
-        await _until_event(engine, handle.run_id, "workflow:suspended", count=2)  # the signal
+        await until_event(engine, handle.run_id, "workflow:suspended", count=2)  # the signal
         await engine.signal(handle.run_id, "approve", {"approved": True})
-        requested = await _until_event(engine, handle.run_id, "review:requested")
-        await _until_event(engine, handle.run_id, "workflow:suspended", count=3)
+        requested = await until_event(engine, handle.run_id, "review:requested")
+        await until_event(engine, handle.run_id, "workflow:suspended", count=3)
         assert isinstance(requested, ev.ReviewRequested)
         await engine.decide_review(handle.run_id, requested.review_id, "approved", reviewer="qa")
-        await _until_event(engine, handle.run_id, "workflow:suspended", count=4)
+        await until_event(engine, handle.run_id, "workflow:suspended", count=4)
         reply = await engine.update(handle.run_id, "confirm", {"ok": 1}, timeout=WAIT)
         assert reply == {"decision": "approved"}
         assert await handle.result(timeout=WAIT) == "approved"
-    events = await _events(engine, handle.run_id)
+    events = await run_events(engine, handle.run_id)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     for event in events:
         assert type(event) is type(ev.parse_event(ev.dump_event(event)))

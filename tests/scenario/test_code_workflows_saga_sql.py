@@ -5,7 +5,6 @@ test decides exactly when a job runs, crashes or falls due."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -56,17 +55,13 @@ async def trip(ctx: WorkflowContext, order: Trip) -> str:
     return "booked"
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+WORKFLOWS = [trip]
 
 
-@pytest.fixture
-async def engine(url: str, clock: FakeClock) -> AsyncIterator[Engine]:
+@pytest.fixture(autouse=True)
+def _reset() -> None:
     DONE.clear()
     CRASHES.clear()
-    async with await Engine.open(url, workflows=[trip], clock=clock) as opened:
-        yield opened
 
 
 async def _drain(engine: Engine, clock: FakeClock, worker: str = "w1") -> int:

@@ -5,10 +5,7 @@ test moves the clock, and the worker's maintenance tick fires the timers."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -18,9 +15,7 @@ from treadle.kernel import commands as c
 from treadle.kernel.errors import InvalidPayloadError
 from treadle.kernel.workflows import JournalStatus
 from treadle.testing import FakeClock
-
-WAIT = 20.0
-"""Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
+from treadle.tests.scenario.helpers import WAIT, until, until_status, worker
 
 
 class Order(BaseModel):
@@ -136,40 +131,11 @@ async def reviewed(ctx: WorkflowContext, order: Order) -> str:
 WORKFLOWS = [sleepy, approvals, retries, crashy, counter, reviewed]
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def engine(url: str, clock: FakeClock) -> AsyncIterator[Engine]:
+@pytest.fixture(autouse=True)
+def _reset() -> None:
     CALLS.clear()
     FLAKY.clear()
     CRASH.clear()
-    async with await Engine.open(url, workflows=WORKFLOWS, clock=clock) as opened:
-        yield opened
-
-
-def _worker(engine: Engine) -> Any:
-    return engine.worker(concurrency=4, orchestration_interval=0.02, job_poll_interval=0.02)
-
-
-async def _until_status(engine: Engine, run_id: str, *statuses: RunStatus) -> None:
-    """Poll storage until the run reaches one of ``statuses`` (fails after ``WAIT``)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            if (await engine.get_run(run_id, with_stages=False)).status in statuses:
-                return
-            await asyncio.sleep(0.01)  # polling stored state, not waiting for time
-
-
-async def _until(condition: Any) -> None:
-    """Poll ``condition()`` until true (fails after ``WAIT``)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.01)  # polling a counter the worker's steps update
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -178,9 +144,9 @@ async def test_steps_sleep_and_timer_resume_on_every_backend(
 ) -> None:
     """A run sleeps SUSPENDED (no worker held) until the clock passes its timer; the tick
     fires it, the body replays without re-running the first step, and the run completes."""
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         handle = await engine.start("sleepy", {"n": 5})
-        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
         assert await engine.query(handle.run_id, "phase") == "sleeping"
         assert CALLS == {"double": 1}
         clock.advance(timedelta(hours=6))
@@ -211,8 +177,8 @@ async def test_signals_are_kept_in_order_and_delivered_once_on_every_backend(
     assert await engine.signal(handle.run_id, "approve", {"approved": True, "by": "bob"})
     with pytest.raises(InvalidPayloadError, match=r"payload\.by"):
         await engine.signal(handle.run_id, "approve", {"approved": True})
-    async with _worker(engine):
-        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+    async with worker(engine, concurrency=4):
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
         assert await engine.query(handle.run_id, "count") == 2
         await engine.signal(handle.run_id, "approve", {"approved": False, "by": "cy"})
         assert await handle.result(timeout=WAIT) == ["ann", "bob", "cy"]
@@ -226,11 +192,11 @@ async def test_long_backoff_suspends_and_exhausted_retries_are_caught_on_every_b
 ) -> None:
     """A step failing with a 30-minute backoff suspends the run between attempts; after the
     last attempt the body catches StepFailedError and completes."""
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         handle = await engine.start("retries", {"n": 7})
         for attempt in (1, 2):
-            await _until(lambda a=attempt: FLAKY.get("attempts") == a)  # type: ignore[misc]
-            await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+            await until(lambda a=attempt: FLAKY.get("attempts") == a)  # type: ignore[misc]
+            await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
             clock.advance(timedelta(hours=2))
         assert await handle.result(timeout=WAIT) == "gave up after 3"
     failed = [e async for e in engine.events(handle.run_id) if e.type == "step:failed"]  # type: ignore[attr-defined]
@@ -268,9 +234,9 @@ async def test_cancel_a_sleeping_code_workflow_on_every_backend(
     engine: Engine, clock: FakeClock
 ) -> None:
     """Cancelling a sleeping run ends it CANCELLED; its timer never resumes it."""
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         handle = await engine.start("sleepy", {"n": 1})
-        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
         assert await engine.cancel(handle.run_id, reason="changed mind")
         clock.advance(timedelta(hours=7))
         await _worker_ticks(engine)
@@ -290,9 +256,9 @@ async def _worker_ticks(engine: Engine) -> None:
 async def test_update_returns_the_bodys_reply_on_every_backend(engine: Engine) -> None:
     """engine.update wakes the waiting body through the worker and returns its reply; a
     retry with the same idempotency key returns the same reply without a second delivery."""
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         handle = await engine.start("counter", {"n": 2})
-        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
         assert await engine.update(handle.run_id, "bump", {"by": 3}, timeout=WAIT) == 5
         assert (
             await engine.update(
@@ -310,9 +276,9 @@ async def test_review_decision_resumes_the_run_on_every_backend(engine: Engine) 
     run with the decision, and a duplicate decision is refused."""
     from treadle.kernel.errors import InvalidStateError
 
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         handle = await engine.start("reviewed", {"n": 1})
-        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
         requested = [
             e
             async for e in engine.events(handle.run_id)

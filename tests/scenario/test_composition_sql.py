@@ -5,8 +5,6 @@ of one activation and child runs reporting to their parent go through real stora
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -24,9 +22,7 @@ from treadle import (
 )
 from treadle.kernel.workflows import JournalStatus
 from treadle.testing import FakeClock
-
-WAIT = 20.0
-"""Seconds a test waits for the worker before failing (never a synchronisation sleep)."""
+from treadle.tests.scenario.helpers import WAIT, until_status, worker
 
 
 class Order(BaseModel):
@@ -130,29 +126,9 @@ async def top(ctx: WorkflowContext, order: Order) -> None:
 WORKFLOWS = [fan_out, deadline, quote, shop, sleeper, middle, top]
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def engine(url: str, clock: FakeClock) -> AsyncIterator[Engine]:
+@pytest.fixture(autouse=True)
+def _reset() -> None:
     CALLS.clear()
-    async with await Engine.open(url, workflows=WORKFLOWS, clock=clock) as opened:
-        yield opened
-
-
-def _worker(engine: Engine) -> Any:
-    return engine.worker(concurrency=4, orchestration_interval=0.02, job_poll_interval=0.02)
-
-
-async def _until_status(engine: Engine, run_id: str, *statuses: RunStatus) -> None:
-    """Poll storage until the run reaches one of ``statuses`` (fails after ``WAIT``)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            if (await engine.get_run(run_id, with_stages=False)).status in statuses:
-                return
-            await asyncio.sleep(0.01)  # polling stored state, not waiting for time
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -161,9 +137,9 @@ async def test_all_commits_concurrent_branches_and_suspends_on_a_backoff_on_ever
 ) -> None:
     """Five branches of one activation commit concurrently without deadlock; the flaky one
     suspends the run on its backoff and is the only one to run again."""
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         handle = await engine.start("fan-out", {"n": 1})
-        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
         assert CALLS == {"flaky": 1, "double": 3, "triple": 1}
         clock.advance(timedelta(minutes=10))
         assert await handle.result(timeout=WAIT) == [2, 2, 4, 6, 3]
@@ -181,11 +157,11 @@ async def test_all_commits_concurrent_branches_and_suspends_on_a_backoff_on_ever
 async def test_race_deadline_and_winner_on_every_backend(engine: Engine, clock: FakeClock) -> None:
     """A signal arriving first wins the race; without it, the deadline's timer wins and the
     signal wait is cancelled (a later signal stays in the inbox, unconsumed)."""
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         answered = await engine.start("deadline", {"n": 1})
         late = await engine.start("deadline", {"n": 2})
-        await _until_status(engine, answered.run_id, RunStatus.SUSPENDED)
-        await _until_status(engine, late.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, answered.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, late.run_id, RunStatus.SUSPENDED)
         await engine.signal(answered.run_id, "answer", "yes")
         assert await answered.result(timeout=WAIT) == [0, "yes"]
         clock.advance(timedelta(hours=1))
@@ -201,7 +177,7 @@ async def test_race_deadline_and_winner_on_every_backend(engine: Engine, clock: 
 async def test_children_return_outputs_and_failures_on_every_backend(engine: Engine) -> None:
     """Two children started together return their typed outputs; a failing child raises
     ChildWorkflowFailedError in the parent; every child is linked to the parent."""
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         handle = await engine.start("shop", {"n": 2})
         assert await handle.result(timeout=WAIT) == [4, 6, "FAILED"]
     children = await engine.list(parent_run_id=handle.run_id)
@@ -217,13 +193,13 @@ async def test_cancelling_a_parent_cancels_its_descendants_on_every_backend(
 ) -> None:
     """engine.cancel on the top run cancels its child and grandchild in the same call; the
     grandchild's timer never resumes it."""
-    async with _worker(engine):
+    async with worker(engine, concurrency=4):
         handle = await engine.start("top", {"n": 1})
-        await _until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
         (child,) = await engine.list(parent_run_id=handle.run_id)
-        await _until_status(engine, child.id, RunStatus.SUSPENDED)  # its child exists now
+        await until_status(engine, child.id, RunStatus.SUSPENDED)  # its child exists now
         grandchildren = await engine.list(parent_run_id=child.id)
-        await _until_status(engine, grandchildren[0].id, RunStatus.SUSPENDED)
+        await until_status(engine, grandchildren[0].id, RunStatus.SUSPENDED)
         assert await engine.cancel(handle.run_id, reason="stop")
         for run_id in (handle.run_id, child.id, grandchildren[0].id):
             assert (await engine.get_run(run_id)).status is RunStatus.CANCELLED
