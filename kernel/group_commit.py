@@ -60,6 +60,8 @@ class GroupCommit(Generic[Item, Result]):
 
     async def submit(self, item: Item, commit_group: CommitGroup[Item, Result]) -> Result:
         """Commit ``item`` in the next group; returns its result or raises its error."""
+        if not self._leading and not self._queue:
+            return await self._alone(item, commit_group)
         entry: _Entry[Item] = _Entry(item, asyncio.get_running_loop().create_future())
         self._queue.append(entry)
         if self._leading:
@@ -93,6 +95,19 @@ class GroupCommit(Generic[Item, Result]):
                 other.future.set_result(outcome)
         self._pass_lead()
         return self._unwrap(own)
+
+    async def _alone(self, item: Item, commit_group: CommitGroup[Item, Result]) -> Result:
+        """Nobody leads and nobody waits: lead a group of one without queueing (no entry,
+        no future: the common case of a worker that is not busy). Submissions arriving
+        meanwhile queue as usual and get the lead afterwards."""
+        self._leading = True
+        try:
+            (outcome,) = await commit_group([item])
+        finally:
+            self._pass_lead()
+        self.groups += 1
+        self.items += 1
+        return self._unwrap(outcome)
 
     def _pass_lead(self) -> None:
         """Hand the lead to the oldest waiting submitter, or give it up."""
