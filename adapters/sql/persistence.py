@@ -202,7 +202,8 @@ _PG_STAGE_ROWS = pg_bulk.RecordSet(
 _PG_UPDATE_STAGES = pg_bulk.update_from(
     t.stages,
     _PG_STAGE_ROWS,
-    {"run_id": "w_run_id", "stage_id": "w_stage_id", "version": "w_version"},
+    {"run_id": "w_run_id", "stage_id": "w_stage_id"},
+    {"version": "w_version"},
     _STAGE_SET,
 )
 _RUN_SET = tuple(name for name in _RUN_COLUMNS if name != "id")
@@ -210,7 +211,7 @@ _PG_RUN_ROWS = pg_bulk.RecordSet(
     t.runs, {"w_id": "id", "w_version": "version"} | {name: name for name in _RUN_SET}
 )
 _PG_UPDATE_RUNS = pg_bulk.update_from(
-    t.runs, _PG_RUN_ROWS, {"id": "w_id", "version": "w_version"}, _RUN_SET
+    t.runs, _PG_RUN_ROWS, {"id": "w_id"}, {"version": "w_version"}, _RUN_SET
 )
 _PG_SEQ_ROWS = pg_bulk.RecordSet(t.run_event_seq, {"run_id": "run_id", "n": "last_sequence"})
 _PG_ALLOCATE_SEQUENCES = pg_bulk.insert_select(
@@ -519,7 +520,8 @@ class SqlTransaction:
         # supports_sane_multi_rowcount vouches for). A short count means a stale or
         # missing run.
         if self.is_postgres:
-            encoded = _PG_RUN_ROWS.encode(sorted(rows, key=_by_run_key))
+            encoded: dict[str, Any] = _PG_RUN_ROWS.encode(sorted(rows, key=_by_run_key))
+            encoded["keys"] = sorted(run.id for run in runs)
             result = await self.execute(_PG_UPDATE_RUNS, "update runs", encoded)
         else:
             result = await self.execute(_UPDATE_RUN, "update runs", rows)
@@ -701,7 +703,8 @@ class SqlTransaction:
             rows.append(values)
         # One statement on PostgreSQL, one executemany on SQLite (see update_runs).
         if self.is_postgres:
-            encoded = _PG_STAGE_ROWS.encode(sorted(rows, key=_by_stage_key))
+            encoded: dict[str, Any] = _PG_STAGE_ROWS.encode(sorted(rows, key=_by_stage_key))
+            encoded["keys"] = sorted({stage.workflow_run_id for stage in stages})
             result = await self.execute(_PG_UPDATE_STAGES, "update stages", encoded)
         else:
             result = await self.execute(_UPDATE_STAGE, "update stages", rows)

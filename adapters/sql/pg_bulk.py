@@ -7,7 +7,7 @@ as one JSON array, encoded once by the C JSON encoder, and the server unpacks it
 
     UPDATE stages AS t SET status = v.status, ...
     FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(w_run_id VARCHAR COLLATE "C", ...)
-    WHERE t.run_id = v.w_run_id AND ...
+    WHERE t.run_id = ANY(CAST(:keys AS TEXT[])) AND t.run_id = v.w_run_id AND ...
 
 so the per-row client work is building a dict. What the columns receive is what the
 per-row statements would have bound:
@@ -99,16 +99,28 @@ class RecordSet:
 def update_from(
     table: sa.Table,
     records: RecordSet,
-    match: Mapping[str, str],
+    keys: Mapping[str, str],
+    guards: Mapping[str, str],
     set_columns: Sequence[str],
 ) -> sa.TextClause:
-    """``UPDATE table SET col = v.col ... FROM <records> WHERE table.col = v.field ...``
-    (``match``: column -> field). Its rowcount is the number of rows it updated."""
+    """``UPDATE table SET col = v.col ... FROM <records> WHERE`` the row with key ``keys``
+    (column -> field) also has ``guards`` (the optimistic version). Its rowcount is the
+    number of rows it updated.
+
+    Besides ``rows`` it takes ``keys``: the values of the first key column (the leading
+    column of the primary key), as a list. ``= ANY(:keys)`` gives the planner a row
+    estimate it can trust; joined on ``v`` alone it takes ``jsonb_to_recordset`` for 100
+    rows and hashes them against a scan of the whole table, which it prefers up to tens
+    of thousands of rows (measured on 3,000 stages and 19 rows: 0.79 ms of server time
+    against 0.30 ms with the filter)."""
     assignments = ", ".join(f"{_quote(c)} = {records.value(c)}" for c in set_columns)
-    conditions = " AND ".join(f"t.{_quote(c)} = v.{_quote(f)}" for c, f in match.items())
+    conditions = " AND ".join(
+        f"t.{_quote(c)} = v.{_quote(f)}" for c, f in {**keys, **guards}.items()
+    )
+    lead = _quote(next(iter(keys)))
     return _text(
-        f"UPDATE {_quote(table.name)} AS t SET {assignments} "
-        f"FROM {records.source} WHERE {conditions}"
+        f"UPDATE {_quote(table.name)} AS t SET {assignments} FROM {records.source} "
+        f"WHERE t.{lead} = ANY(CAST(:keys AS TEXT[])) AND {conditions}"
     )
 
 
