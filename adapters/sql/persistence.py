@@ -33,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from treadle.adapters.sql import pg_bulk
 from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
@@ -190,6 +191,60 @@ _FIND_STAGES = sa.select(t.stages).where(
     t.stages.c.stage_id.in_(sa.bindparam("stage_ids", expanding=True)),
 )
 _INSERT_STAGE = sa.insert(t.stages)
+
+# PostgreSQL: the set-oriented writes as one statement of one parameter (pg_bulk.py).
+_STAGE_SET = tuple(name for name in _STAGE_FIELDS if name != "stage_id")
+_PG_STAGE_ROWS = pg_bulk.RecordSet(
+    t.stages,
+    {"w_run_id": "run_id", "w_stage_id": "stage_id", "w_version": "version"}
+    | {name: name for name in _STAGE_SET},
+)
+_PG_UPDATE_STAGES = pg_bulk.update_from(
+    t.stages,
+    _PG_STAGE_ROWS,
+    {"run_id": "w_run_id", "stage_id": "w_stage_id"},
+    {"version": "w_version"},
+    _STAGE_SET,
+)
+_RUN_SET = tuple(name for name in _RUN_COLUMNS if name != "id")
+_PG_RUN_ROWS = pg_bulk.RecordSet(
+    t.runs, {"w_id": "id", "w_version": "version"} | {name: name for name in _RUN_SET}
+)
+_PG_UPDATE_RUNS = pg_bulk.update_from(
+    t.runs, _PG_RUN_ROWS, {"id": "w_id"}, {"version": "w_version"}, _RUN_SET
+)
+_PG_SEQ_ROWS = pg_bulk.RecordSet(t.run_event_seq, {"run_id": "run_id", "n": "last_sequence"})
+_PG_ALLOCATE_SEQUENCES = pg_bulk.insert_select(
+    t.run_event_seq,
+    _PG_SEQ_ROWS,
+    {"run_id": _PG_SEQ_ROWS.value("run_id"), "last_sequence": _PG_SEQ_ROWS.value("n")},
+    order_by="run_id",  # locks the counters in run-id order: deadlock-free
+    suffix="ON CONFLICT (run_id) DO UPDATE SET last_sequence = "
+    "run_event_seq.last_sequence + excluded.last_sequence RETURNING run_id, last_sequence",
+)
+_OUTBOX_FIELDS = ("run_id", "sequence", "event_type", "event", "created_at")
+_PG_OUTBOX_ROWS = pg_bulk.RecordSet(
+    t.outbox, {name: name for name in _OUTBOX_FIELDS}, extra={"i": "INTEGER"}
+)
+_PG_INSERT_OUTBOX = pg_bulk.insert_select(
+    t.outbox,
+    _PG_OUTBOX_ROWS,
+    {name: _PG_OUTBOX_ROWS.value(name) for name in _OUTBOX_FIELDS}
+    | {"published": "false", "dead_lettered": "false", "attempts": "0"},
+    order_by="i",  # outbox ids in the order of the events
+)
+_IDEMPOTENCY_FIELDS = ("key", "command_type", "state", "result", "started_at")
+_PG_IDEMPOTENCY_ROWS = pg_bulk.RecordSet(
+    t.idempotency_keys, {name: name for name in _IDEMPOTENCY_FIELDS}
+)
+_PG_PUT_IDEMPOTENCY = pg_bulk.insert_select(
+    t.idempotency_keys,
+    _PG_IDEMPOTENCY_ROWS,
+    {name: _PG_IDEMPOTENCY_ROWS.value(name) for name in _IDEMPOTENCY_FIELDS},
+    order_by="key",
+    suffix="ON CONFLICT (key, command_type) DO UPDATE SET state = excluded.state, "
+    "result = excluded.result, started_at = excluded.started_at",
+)
 
 
 def _stage_slots() -> sa.Select[Any]:
@@ -460,9 +515,16 @@ class SqlTransaction:
             del values["id"]
             values["w_id"], values["w_version"] = run.id, run.version
             rows.append(values)
-        # One executemany: both drivers report the summed rowcount (SQLAlchemy's
-        # supports_sane_multi_rowcount), so a short count means a stale or missing run.
-        result = await self.execute(_UPDATE_RUN, "update runs", rows)
+        # One statement on PostgreSQL (UPDATE ... FROM: its rowcount counts the rows it
+        # updated); one executemany on SQLite (the summed rowcount, which SQLAlchemy's
+        # supports_sane_multi_rowcount vouches for). A short count means a stale or
+        # missing run.
+        if self.is_postgres:
+            encoded: dict[str, Any] = _PG_RUN_ROWS.encode(sorted(rows, key=_by_run_key))
+            encoded["keys"] = sorted(run.id for run in runs)
+            result = await self.execute(_PG_UPDATE_RUNS, "update runs", encoded)
+        else:
+            result = await self.execute(_UPDATE_RUN, "update runs", rows)
         if result.rowcount != len(rows):
             params = {"run_ids": [r.id for r in runs]}
             stored = {
@@ -639,8 +701,13 @@ class SqlTransaction:
             values["w_run_id"], values["w_stage_id"] = stage.workflow_run_id, stage.stage_id
             values["w_version"] = stage.version
             rows.append(values)
-        # One executemany; the summed rowcount is exact on both drivers (see update_runs).
-        result = await self.execute(_UPDATE_STAGE, "update stages", rows)
+        # One statement on PostgreSQL, one executemany on SQLite (see update_runs).
+        if self.is_postgres:
+            encoded: dict[str, Any] = _PG_STAGE_ROWS.encode(sorted(rows, key=_by_stage_key))
+            encoded["keys"] = sorted({stage.workflow_run_id for stage in stages})
+            result = await self.execute(_PG_UPDATE_STAGES, "update stages", encoded)
+        else:
+            result = await self.execute(_UPDATE_STAGE, "update stages", rows)
         if result.rowcount != len(rows):
             params = {
                 "run_ids": list({s.workflow_run_id for s in stages}),
@@ -696,8 +763,13 @@ class SqlTransaction:
                 set_={"last_sequence": seq.c.last_sequence + ins.excluded.last_sequence},
             ).returning(seq.c.run_id, seq.c.last_sequence)
 
-        stmt = self.prepared("allocate_sequences_many", build)
-        params = [{"run_id": run_id, "last_sequence": counts[run_id]} for run_id in sorted(counts)]
+        ordered = sorted(counts)
+        if self.is_postgres:
+            params: Any = _PG_SEQ_ROWS.encode({"run_id": r, "n": counts[r]} for r in ordered)
+            stmt = _PG_ALLOCATE_SEQUENCES
+        else:
+            params = [{"run_id": r, "last_sequence": counts[r]} for r in ordered]
+            stmt = self.prepared("allocate_sequences_many", build)
         rows = await self.execute(stmt, "allocate event sequence", params)
         first = {str(run_id): int(last) - counts[run_id] + 1 for run_id, last in rows}
         if first.keys() != counts.keys():
@@ -733,8 +805,13 @@ class SqlTransaction:
                     "attempts": 0,
                 }
             )
-        # A list of parameter sets: one cached statement, batched into one round trip.
-        await self.execute(_INSERT_OUTBOX, "append events", rows)
+        if self.is_postgres:
+            for i, row in enumerate(rows):
+                row["i"] = i
+            await self.execute(_PG_INSERT_OUTBOX, "append events", _PG_OUTBOX_ROWS.encode(rows))
+        else:
+            # A list of parameter sets: one cached statement, batched into one round trip.
+            await self.execute(_INSERT_OUTBOX, "append events", rows)
         return stored
 
     async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
@@ -827,6 +904,12 @@ class SqlTransaction:
             }
             for record in latest.values()
         ]
+        if self.is_postgres:
+            # In key order: two transactions upserting the same keys lock them alike.
+            rows.sort(key=lambda row: (row["key"], row["command_type"]))
+            params = _PG_IDEMPOTENCY_ROWS.encode(rows)
+            await self.execute(_PG_PUT_IDEMPOTENCY, "put idempotency", params)
+            return
         stmt = self.prepared("put_idempotency", _put_idempotency_statement)
         await self.execute(stmt, "put idempotency", rows)
 
@@ -1185,6 +1268,14 @@ def _put_idempotency_statement(tx: SqlTransaction) -> Any:
         index_elements=["key", "command_type"],
         set_={k: ins.excluded[k] for k in ("state", "result", "started_at")},
     )
+
+
+def _by_run_key(row: Mapping[str, Any]) -> str:
+    return str(row["w_id"])
+
+
+def _by_stage_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    return (row["w_run_id"], row["w_stage_id"])
 
 
 def _reject_duplicates(keys: Sequence[Any], what: str) -> None:

@@ -53,14 +53,29 @@ class Duration(sa.types.TypeDecorator[timedelta]):
     cache_ok = True
 
     def process_bind_param(self, value: timedelta | None, dialect: Dialect) -> int | None:
-        if value is None:
-            return None
-        return (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
+        return duration_micros(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> timedelta | None:
         if value is None:
             return None
         return timedelta(microseconds=int(value))
+
+
+def duration_micros(value: timedelta | None) -> int | None:
+    """What a ``Duration`` column stores for ``value``: whole microseconds, exactly."""
+    if value is None:
+        return None
+    return (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
+
+
+def utc_iso(value: datetime | None) -> str | None:
+    """ISO-8601 text with an offset for the moment a ``UtcDateTime`` column stores for
+    ``value`` (naive means UTC), for writes that pass timestamps inside JSON."""
+    if value is None:
+        return None
+    return (
+        value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    ).isoformat()
 
 
 def json_type() -> TypeEngine[Any]:

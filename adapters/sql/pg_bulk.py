@@ -1,0 +1,147 @@
+"""Set-oriented writes on PostgreSQL: N rows in ONE statement with ONE bound parameter.
+
+psycopg sends an executemany as a pipeline of one statement per row, and the client's
+cost per row (SQLAlchemy's parameter processing, psycopg's dumpers, one protocol
+exchange each) is what bounds a group commit's worker. Here the rows travel instead
+as one JSON array, encoded once by the C JSON encoder, and the server unpacks it:
+
+    UPDATE stages AS t SET status = v.status, ...
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(w_run_id VARCHAR COLLATE "C", ...)
+    WHERE t.run_id = ANY(CAST(:keys AS TEXT[])) AND t.run_id = v.w_run_id AND ...
+
+so the per-row client work is building a dict. What the columns receive is what the
+per-row statements would have bound:
+
+* timestamps as ISO-8601 text with an offset, converted to UTC first (``UtcDateTime``);
+* ``Duration``s as whole microseconds (``Duration``);
+* JSON column values wrapped in a one-element array and unwrapped with ``-> 0``:
+  ``jsonb_to_recordset`` turns a JSON ``null`` into SQL NULL, while the per-row path
+  stores Python ``None`` as the JSON ``null`` (SQLAlchemy's ``none_as_null=False``);
+* keys typed as their columns (``VARCHAR COLLATE "C"``), so comparisons use the
+  primary-key indexes' collation.
+
+A NUL character, which no PostgreSQL text or JSONB value can hold, fails the statement
+(``\\u0000`` cannot be converted to text) as the per-row path does, as a StorageError.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from treadle.adapters.sql.types import Duration, UtcDateTime, duration_micros, utc_iso
+
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]  # the class is untyped
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class RecordSet:
+    """Rows of JSON fields typed like columns of ``table``, sent as one parameter ``rows``.
+
+    ``fields`` maps each JSON field to the column whose type it takes (``w_version`` ->
+    ``version``); ``extra`` adds fields of a given SQL type that match no column."""
+
+    def __init__(
+        self, table: sa.Table, fields: Mapping[str, str], extra: Mapping[str, str] | None = None
+    ) -> None:
+        definitions: list[str] = []
+        times: list[str] = []
+        durations: list[str] = []
+        self.json_fields: tuple[str, ...] = ()
+        jsons: list[str] = []
+        for field, column_name in fields.items():
+            column = table.c[column_name]
+            if isinstance(column.type, sa.JSON):
+                jsons.append(field)
+                sql_type = "JSONB"
+            else:
+                sql_type = column.type.compile(dialect=_DIALECT)
+                if isinstance(column.type, UtcDateTime):
+                    times.append(field)
+                elif isinstance(column.type, Duration):
+                    durations.append(field)
+            definitions.append(f"{_quote(field)} {sql_type}")
+        definitions.extend(f"{_quote(f)} {sql_type}" for f, sql_type in (extra or {}).items())
+        self.times = tuple(times)
+        self.durations = tuple(durations)
+        self.json_fields = tuple(jsons)
+        self.source = f"jsonb_to_recordset(CAST(:rows AS JSONB)) AS v({', '.join(definitions)})"
+
+    def value(self, field: str) -> str:
+        """The SQL expression of ``field`` for the current row of ``v``."""
+        if field in self.json_fields:
+            return f"(v.{_quote(field)} -> 0)"
+        return f"v.{_quote(field)}"
+
+    def encode(self, rows: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+        """The statement's parameters for ``rows`` (dicts with at least every field)."""
+        out: list[dict[str, Any]] = []
+        times, durations, jsons = self.times, self.durations, self.json_fields
+        for row in rows:
+            values = dict(row)
+            for field in times:
+                values[field] = utc_iso(values[field])
+            for field in durations:
+                values[field] = duration_micros(values[field])
+            for field in jsons:
+                values[field] = [values[field]]
+            out.append(values)
+        return {"rows": json.dumps(out, ensure_ascii=False, separators=(",", ":"))}
+
+
+def update_from(
+    table: sa.Table,
+    records: RecordSet,
+    keys: Mapping[str, str],
+    guards: Mapping[str, str],
+    set_columns: Sequence[str],
+) -> sa.TextClause:
+    """``UPDATE table SET col = v.col ... FROM <records> WHERE`` the row with key ``keys``
+    (column -> field) also has ``guards`` (the optimistic version). Its rowcount is the
+    number of rows it updated.
+
+    Besides ``rows`` it takes ``keys``: the values of the first key column (the leading
+    column of the primary key), as a list. ``= ANY(:keys)`` gives the planner a row
+    estimate it can trust; joined on ``v`` alone it takes ``jsonb_to_recordset`` for 100
+    rows and hashes them against a scan of the whole table, which it prefers up to tens
+    of thousands of rows (measured on 3,000 stages and 19 rows: 0.79 ms of server time
+    against 0.30 ms with the filter)."""
+    assignments = ", ".join(f"{_quote(c)} = {records.value(c)}" for c in set_columns)
+    conditions = " AND ".join(
+        f"t.{_quote(c)} = v.{_quote(f)}" for c, f in {**keys, **guards}.items()
+    )
+    lead = _quote(next(iter(keys)))
+    return _text(
+        f"UPDATE {_quote(table.name)} AS t SET {assignments} FROM {records.source} "
+        f"WHERE t.{lead} = ANY(CAST(:keys AS TEXT[])) AND {conditions}"
+    )
+
+
+def insert_select(
+    table: sa.Table,
+    records: RecordSet,
+    columns: Mapping[str, str],
+    *,
+    order_by: str,
+    suffix: str = "",
+) -> sa.TextClause:
+    """``INSERT INTO table (columns) SELECT ... FROM <records> ORDER BY v.order_by suffix``;
+    ``columns`` maps each column to an SQL expression (``records.value(...)`` or a literal).
+    The ORDER BY fixes the order rows are inserted (and serial ids drawn) in."""
+    names = ", ".join(_quote(c) for c in columns)
+    exprs = ", ".join(columns.values())
+    return _text(
+        f"INSERT INTO {_quote(table.name)} ({names}) SELECT {exprs} FROM {records.source} "
+        f"ORDER BY v.{_quote(order_by)} {suffix}"
+    )
+
+
+def _text(sql: str) -> sa.TextClause:
+    return sa.text(sql).bindparams(sa.bindparam("rows", type_=sa.Text()))
