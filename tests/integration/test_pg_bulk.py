@@ -234,3 +234,24 @@ async def test_a_nul_character_fails_the_write_as_before(persistence: SqlPersist
                 await write(persistence, evolve(stage, change), bulk=bulk)
     async with persistence.transaction() as tx:
         assert await tx.get_stage("r1", "s") == stage
+
+
+async def test_every_connection_plans_each_statement_for_its_parameters(
+    postgres_url: str,
+) -> None:
+    """A generic plan made while a table was tiny would keep scanning it whole once it
+    has grown; the engine's connections always plan for the actual parameters. Options
+    the caller passes are kept beside it."""
+    from treadle.adapters.sql import create_engine
+
+    for extra in ({}, {"connect_args": {"options": "-c application_name=bench"}}):
+        engine = create_engine(postgres_url, **extra)
+        try:
+            async with engine.connect() as conn:
+                mode = (await conn.execute(sa.text("SHOW plan_cache_mode"))).scalar_one()
+                name = (await conn.execute(sa.text("SHOW application_name"))).scalar_one()
+        finally:
+            await engine.dispose()
+        assert mode == "force_custom_plan"
+        if extra:
+            assert name == "bench"
