@@ -85,7 +85,7 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     checked = "pool_pre_ping" not in kwargs
     options["pool_pre_ping"] = False
     connect_args = dict(kwargs.pop("connect_args", {}))
-    connect_args["options"] = f"{connect_args.get('options', '')} {CUSTOM_PLANS}".strip()
+    connect_args["options"] = f"{connect_args.get('options', '')} {SESSION_OPTIONS}".strip()
     options["connect_args"] = connect_args
     options.update(kwargs)
     engine = create_async_engine(target, **options)
@@ -94,9 +94,15 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     return engine
 
 
-CUSTOM_PLANS = "-c plan_cache_mode=force_custom_plan"
-"""Server setting of every connection ``create_engine`` opens to PostgreSQL (libpq
-``options``, no extra round trip). psycopg prepares a statement it has run five times,
+SESSION_OPTIONS = "-c plan_cache_mode=force_custom_plan -c TimeZone=UTC"
+"""Server settings of every connection ``create_engine`` opens to PostgreSQL (libpq
+``options``, no extra round trip).
+
+``TimeZone=UTC``: timestamps come back in UTC already (psycopg gives them
+``datetime.UTC``), so reading a row converts none of them; the values are the same
+instants whatever the server's default zone.
+
+``plan_cache_mode=force_custom_plan``: psycopg prepares a statement it has run five times,
 and the server may then switch it to a generic plan made from the statistics of that
 moment; the set-oriented writes (``pg_bulk.py``) join a ``jsonb_to_recordset`` of any
 size to the table, and a generic plan chosen while the table was tiny keeps scanning it

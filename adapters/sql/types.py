@@ -41,6 +41,8 @@ class UtcDateTime(sa.types.TypeDecorator[datetime]):
         if value is None:
             return None
         moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        if moment.tzinfo is UTC:  # PostgreSQL sessions run in UTC (engine.SESSION_OPTIONS)
+            return moment
         if moment.tzinfo is None:
             return moment.replace(tzinfo=UTC)
         return moment.astimezone(UTC)

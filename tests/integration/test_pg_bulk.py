@@ -236,12 +236,12 @@ async def test_a_nul_character_fails_the_write_as_before(persistence: SqlPersist
         assert await tx.get_stage("r1", "s") == stage
 
 
-async def test_every_connection_plans_each_statement_for_its_parameters(
+async def test_every_connection_plans_for_its_parameters_in_utc(
     postgres_url: str,
 ) -> None:
     """A generic plan made while a table was tiny would keep scanning it whole once it
-    has grown; the engine's connections always plan for the actual parameters. Options
-    the caller passes are kept beside it."""
+    has grown; the engine's connections always plan for the actual parameters, and run
+    in UTC. Options the caller passes are kept beside them."""
     from treadle.adapters.sql import create_engine
 
     for extra in ({}, {"connect_args": {"options": "-c application_name=bench"}}):
@@ -250,8 +250,12 @@ async def test_every_connection_plans_each_statement_for_its_parameters(
             async with engine.connect() as conn:
                 mode = (await conn.execute(sa.text("SHOW plan_cache_mode"))).scalar_one()
                 name = (await conn.execute(sa.text("SHOW application_name"))).scalar_one()
+                zone = (await conn.execute(sa.text("SHOW TimeZone"))).scalar_one()
+                now = (await conn.execute(sa.text("SELECT now()"))).scalar_one()
         finally:
             await engine.dispose()
         assert mode == "force_custom_plan"
+        assert zone == "UTC"
+        assert now.tzinfo is UTC  # read back without any conversion
         if extra:
             assert name == "bench"
