@@ -26,7 +26,7 @@ from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.schema import VERSION_TABLE, metadata
 from treadle.kernel.errors import DuplicateError, TransientStorageError
 from treadle.kernel.events import WorkflowCreated
-from treadle.kernel.model import Job, Run, RunStatus
+from treadle.kernel.model import Job, Run, RunStatus, StageRun
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -408,5 +408,39 @@ async def test_sqlite_readers_do_not_wait_for_a_writer(sqlite_url: str) -> None:
                 assert await reader.get_run("uncommitted") is None
         async with persistence.transaction(read_only=True) as reader:
             assert await reader.get_run("uncommitted") is not None
+    finally:
+        await persistence.close()
+
+
+def test_json_columns_decode_null_text_and_bytes_alike() -> None:
+    """The JSON loader both drivers use: JSON ``null`` is ``None`` without the parser,
+    bytes (psycopg) and text (SQLite) decode to the same values, non-ASCII included."""
+    from treadle.adapters.sql.engine import load_json
+
+    assert load_json(b"null") is None
+    assert load_json("null") is None
+    value = {"café": [1, 2.5, None, True, {"ü": "ß"}], "big": 2**70}
+    import json
+
+    text = json.dumps(value, ensure_ascii=False)
+    assert load_json(text) == value
+    assert load_json(text.encode()) == value
+    assert load_json(b'"null"') == "null"  # the string, not the JSON null
+
+
+async def test_a_stored_stage_with_an_unknown_status_is_refused(database_url: str) -> None:
+    """Stage rows are built without pydantic's validation (the column types give each
+    field its type); the status text is still checked."""
+    persistence = await SqlPersistence.open(database_url, migrate=True)
+    try:
+        async with persistence.transaction() as tx:
+            await tx.insert_run(make_run("r1"))
+            await tx.insert_stages(
+                [StageRun(workflow_run_id="r1", stage_id="s", execution_group=0)]
+            )
+            await tx.execute(sa.update(t.stages).values(status="EXPLODED"))
+        async with persistence.transaction() as tx:
+            with pytest.raises(ValueError, match="EXPLODED"):
+                await tx.get_stages("r1")
     finally:
         await persistence.close()
