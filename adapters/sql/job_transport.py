@@ -237,7 +237,10 @@ class SqlJobTransport:
         if not job_ids:
             return {}
         params = {"job_ids": list(dict.fromkeys(job_ids))}
-        rows = await sql.execute(_GET_JOBS, "get jobs", params)
+        query = sql.prepared(
+            "get_jobs", lambda tx: sa.select(t.jobs).where(tx.any_of(t.jobs.c.id, "job_ids"))
+        )
+        rows = await sql.execute(query, "get jobs", params)
         return {row.id: _job_from_row(row) for row in rows}
 
     async def complete_many(self, tx: Transaction, job_ids: Sequence[str]) -> None:

@@ -193,11 +193,6 @@ _GET_RUNS = (
     .where(t.runs.c.id.in_(sa.bindparam("run_ids", expanding=True)))
     .order_by(t.runs.c.id)  # with FOR UPDATE: locks taken in id order (deadlock-free)
 )
-_GET_STAGES_OF = (
-    sa.select(t.stages)
-    .where(t.stages.c.run_id.in_(sa.bindparam("run_ids", expanding=True)))
-    .order_by(t.stages.c.run_id, t.stages.c.execution_group, t.stages.c.ordinal)
-)
 _FIND_STAGES = sa.select(t.stages).where(
     t.stages.c.run_id.in_(sa.bindparam("run_ids", expanding=True)),
     t.stages.c.stage_id.in_(sa.bindparam("stage_ids", expanding=True)),
@@ -435,6 +430,17 @@ class SqlTransaction:
             return postgresql.insert(table)
         return sqlite.insert(table)
 
+    def any_of(self, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
+        """``column`` is one of the list bound as ``name``. On PostgreSQL one array
+        parameter (``= ANY(:name)``): the statement's text is the same for every length,
+        so psycopg converts it once and the server keeps one prepared statement, where an
+        expanding ``IN`` list makes a new statement of every length. SQLite has no
+        arrays: an expanding ``IN``."""
+        if self.is_postgres:
+            array = postgresql.ARRAY(column.type)
+            return column == sa.any_(sa.bindparam(name, type_=array))
+        return column.in_(sa.bindparam(name, expanding=True))
+
     def _lock(self, query: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
         # SQLite has no row locks: BEGIN IMMEDIATE already holds the database write lock.
         if self.is_postgres:
@@ -506,9 +512,16 @@ class SqlTransaction:
         self._check()
         if not run_ids:
             return {}
-        query = _GET_RUNS
-        if for_update:
-            query = self.prepared("get_runs_for_update", lambda tx: tx._lock(_GET_RUNS))
+
+        def build(tx: SqlTransaction) -> Any:
+            query = (
+                sa.select(t.runs)
+                .where(tx.any_of(t.runs.c.id, "run_ids"))
+                .order_by(t.runs.c.id)  # with FOR UPDATE: locks taken in id order
+            )
+            return tx._lock(query) if for_update else query
+
+        query = self.prepared(f"get_runs:{for_update}", build)
         params = {"run_ids": list(dict.fromkeys(run_ids))}
         rows = await self.execute(query, "get runs", params)
         return {row.id: await self._run_from(row) for row in rows}
@@ -693,7 +706,15 @@ class SqlTransaction:
         out: dict[str, list[StageRun]] = {run_id: [] for run_id in run_ids}
         if not out:
             return out
-        rows = await self.execute(_GET_STAGES_OF, "get stages", {"run_ids": list(out)})
+        query = self.prepared(
+            "get_stages_of",
+            lambda tx: (
+                sa.select(t.stages)
+                .where(tx.any_of(t.stages.c.run_id, "run_ids"))
+                .order_by(t.stages.c.run_id, t.stages.c.execution_group, t.stages.c.ordinal)
+            ),
+        )
+        rows = await self.execute(query, "get stages", {"run_ids": list(out)})
         for row in rows:
             out[row.run_id].append(await self._stage_from(row))
         return out
