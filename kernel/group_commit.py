@@ -53,6 +53,8 @@ class GroupCommit(Generic[Item, Result]):
         """The most items one group commits (the rest wait for the next group)."""
         self._queue: list[_Entry[Item]] = []
         self._leading = False
+        self._released: dict[asyncio.Task[object] | None, list[bool]] = {}
+        """Per leading task: whether its group gave up the lead early (``release``)."""
         self.groups = 0
         """Groups committed so far (for tests and benchmarks)."""
         self.items = 0
@@ -77,13 +79,12 @@ class GroupCommit(Generic[Item, Result]):
         batch = self._queue[: self.limit]
         del self._queue[: len(batch)]
         try:
-            outcomes = await commit_group([e.item for e in batch])
+            outcomes = await self._lead(commit_group, [e.item for e in batch])
         except BaseException as exc:  # cancelled mid-commit: the others must not hang
             failure = TransientStorageError(f"group commit interrupted: {exc!r}")
             for other in batch:
                 if other is not entry and not other.future.done():
                     other.future.set_exception(failure)
-            self._pass_lead()
             raise
         self.groups += 1
         self.items += len(batch)
@@ -93,7 +94,6 @@ class GroupCommit(Generic[Item, Result]):
                 own = outcome
             elif not other.future.done():  # a follower cancelled meanwhile gets nothing
                 other.future.set_result(outcome)
-        self._pass_lead()
         return self._unwrap(own)
 
     async def _alone(self, item: Item, commit_group: CommitGroup[Item, Result]) -> Result:
@@ -101,13 +101,33 @@ class GroupCommit(Generic[Item, Result]):
         no future: the common case of a worker that is not busy). Submissions arriving
         meanwhile queue as usual and get the lead afterwards."""
         self._leading = True
-        try:
-            (outcome,) = await commit_group([item])
-        finally:
-            self._pass_lead()
+        (outcome,) = await self._lead(commit_group, [item])
         self.groups += 1
         self.items += 1
         return self._unwrap(outcome)
+
+    async def _lead(
+        self, commit_group: CommitGroup[Item, Result], items: list[Item]
+    ) -> Sequence[Result | BaseException]:
+        """Run ``commit_group`` as the leader; the lead passes on when it returns or
+        raises, or earlier if it calls ``release``."""
+        task = asyncio.current_task()
+        cell = self._released[task] = [False]
+        try:
+            return await commit_group(items)
+        finally:
+            del self._released[task]
+            if not cell[0]:
+                self._pass_lead()
+
+    def release(self) -> None:
+        """Give up the lead before the group has finished, called by ``commit_group``
+        in the leader's task: the next group may start while this one finishes. A no-op
+        outside a leader, and after the first call."""
+        cell = self._released.get(asyncio.current_task())
+        if cell is not None and not cell[0]:
+            cell[0] = True
+            self._pass_lead()
 
     def _pass_lead(self) -> None:
         """Hand the lead to the oldest waiting submitter, or give it up."""

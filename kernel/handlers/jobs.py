@@ -511,6 +511,10 @@ async def _commit_together(deps: Deps, group: Sequence[_Commit]) -> list[c.JobEx
         found_jobs = await deps.job_transport.get_many(tx, job_ids)
         runs = await tx.get_runs(run_ids, for_update=True)
         stages = await tx.get_stages_of(run_ids)
+        # The group's rows are read and its runs locked: the next group may start its
+        # reads while this one writes and commits (it waits on the locks of any run the
+        # two share, taken in id order by both, so they cannot deadlock).
+        deps.commits.release()
         buffer = WriteBuffer(tx, runs, stages, {i: found_jobs.get(i) for i in job_ids})
         buffered = replace(deps, job_transport=cast("JobTransport", buffer.jobs))
         for item in group:

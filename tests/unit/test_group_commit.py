@@ -168,3 +168,66 @@ async def test_a_follower_cancelled_before_the_lead_reaches_it_is_skipped() -> N
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         GroupCommit(limit=0)
+
+
+async def test_a_group_that_releases_the_lead_lets_the_next_one_start() -> None:
+    """``release`` (called by the group once its rows are read and locked) hands the
+    lead on while the group is still finishing: the next submission commits at once,
+    before the first group is done."""
+    commits: GroupCommit[str, str] = GroupCommit()
+    done: list[str] = []
+    finish_a = asyncio.Event()
+
+    async def commit_group(items: Sequence[str]) -> list[str | BaseException]:
+        if items == ["a"]:
+            commits.release()
+            commits.release()  # a second call changes nothing
+            await finish_a.wait()
+        done.append(",".join(items))
+        return [f"done {item}" for item in items]
+
+    a = asyncio.create_task(commits.submit("a", commit_group))
+    await asyncio.sleep(0)  # "a" leads, releases and waits
+    # Not queued behind "a" (a wait_for, so a lead that never passes fails, not hangs).
+    assert await asyncio.wait_for(commits.submit("b", commit_group), 5) == "done b"
+    assert done == ["b"]
+    finish_a.set()
+    assert await a == "done a"
+    assert done == ["b", "a"]
+    # The lead was passed once: a later submission still commits straight away.
+    assert await commits.submit("c", commit_group) == "done c"
+
+
+async def test_release_hands_the_lead_to_the_oldest_waiting_submission() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    first, (b, c), gate = await _submit_while_held(commits, recorder, "x", ["b", "c"])
+    commits.release()  # outside the leader's task: a no-op
+    assert len(commits) == 2
+    gate.set()
+    assert (await first, await b, await c) == ("done x", "done b", "done c")
+    assert recorder.groups == [["x"], ["b", "c"]]
+
+
+async def test_a_group_that_fails_after_releasing_passes_the_lead_only_once() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    fail = asyncio.Event()
+    groups: list[list[str]] = []
+
+    async def commit_group(items: Sequence[str]) -> list[str | BaseException]:
+        groups.append(list(items))
+        if items == ["a"]:
+            commits.release()
+            await fail.wait()
+            raise RuntimeError("storage went away")
+        return [f"done {item}" for item in items]
+
+    a = asyncio.create_task(commits.submit("a", commit_group))
+    await asyncio.sleep(0)
+    b = await asyncio.wait_for(commits.submit("b", commit_group), 5)
+    fail.set()
+    with pytest.raises(RuntimeError, match="went away"):
+        await a
+    assert b == "done b"
+    assert await commits.submit("c", commit_group) == "done c"
+    assert groups == [["a"], ["b"], ["c"]]
