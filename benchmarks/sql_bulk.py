@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from treadle.adapters.sql import SqlJobTransport, SqlPersistence, SqlTransaction
+from treadle.adapters.sql import SqlBlobStore, SqlJobTransport, SqlPersistence, SqlTransaction
+from treadle.adapters.sql.payloads import DEFAULT_PAYLOAD_MAX_BYTES
 from treadle.kernel.events import StageCompleted
 from treadle.kernel.model import (
     IdempotencyRecord,
@@ -152,6 +153,8 @@ async def time_op(
 
 async def bench(url: str, reps: int, sizes: list[int]) -> None:
     persistence = await SqlPersistence.open(url)
+    # As Engine.open configures it: JSON values are measured for the payload offload.
+    persistence.offload_payloads(SqlBlobStore(persistence), max_bytes=DEFAULT_PAYLOAD_MAX_BYTES)
     transport = SqlJobTransport(persistence)
     print(f"{'operation':<26}{'N':>4}{'µs/call':>10}{'µs/row':>9}{'CPU µs/call':>13}")
     try:

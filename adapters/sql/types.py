@@ -75,9 +75,10 @@ def utc_iso(value: datetime | None) -> str | None:
     ``value`` (naive means UTC), for writes that pass timestamps inside JSON."""
     if value is None:
         return None
-    return (
-        value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    ).isoformat()
+    zone = value.tzinfo
+    if zone is UTC:  # the kernel's clock: no conversion
+        return value.isoformat()
+    return (value.replace(tzinfo=UTC) if zone is None else value.astimezone(UTC)).isoformat()
 
 
 def json_type() -> TypeEngine[Any]:
