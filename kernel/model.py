@@ -236,9 +236,7 @@ def evolve(model: M, update: dict[str, Any]) -> M:
     """
     cls = type(model)
     new = _new(cls)
-    values = model.__dict__.copy()
-    values.update(update)
-    _set_dict(new, values)
+    _set_dict(new, model.__dict__ | update)  # one new dict: the copy and the update at once
     fields_set = _ALL_FIELDS.get(cls, _UNSET)
     if fields_set is _UNSET:
         fields_set = _remember_all_fields(cls)
@@ -286,9 +284,10 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
     if shape is None:
         shape = _remember_shape(cls)
     template, required = shape
-    full = template.copy()  # declaration order, as validation would produce
-    full.update(values)
-    if len(full) != len(template) or _REQUIRED in full.values():
+    full = template | values  # declaration order, as validation would produce
+    # Key checks only: ``_REQUIRED in full.values()`` would compare the marker with every
+    # value (``datetime.__eq__`` and all) on each of the several models built per stage.
+    if len(full) != len(template) or not values.keys() >= required:
         missing = sorted(required - values.keys())
         unknown = sorted(values.keys() - template.keys())
         raise TypeError(f"{cls.__name__}: missing {missing}, unknown {unknown}")
