@@ -218,13 +218,21 @@ class StageContext(Generic[InT, ConfigT]):
         self.resume_state = resume_state
         # not ``cancelled or ...``: an unset token is falsy
         self.cancelled = cancelled if cancelled is not None else CancellationToken()
-        self.artifacts = Artifacts(runtime, run_id, stage_id)
+        self._artifacts: Artifacts | None = None
         self._outputs = outputs
         self._workflow = workflow
         self._runtime = runtime
         self._now = now
         self.logs: list[BufferedLog] = []
         self.annotations: list[tuple[dict[str, JsonValue], str | None, str | None]] = []
+
+    @property
+    def artifacts(self) -> Artifacts:
+        """This stage's named blobs, made on first use: most stages never store one, and
+        every stage gets a context."""
+        if self._artifacts is None:
+            self._artifacts = Artifacts(self._runtime, self.run_id, self.stage_id)
+        return self._artifacts
 
     def require(self, stage_id: str) -> Any:
         """An earlier stage's output, parsed into its output model; raises if absent."""

@@ -60,10 +60,18 @@ class GroupCommit(Generic[Item, Result]):
         self.items = 0
         """Items committed so far, in all groups."""
 
-    async def submit(self, item: Item, commit_group: CommitGroup[Item, Result]) -> Result:
-        """Commit ``item`` in the next group; returns its result or raises its error."""
+    async def submit(
+        self,
+        item: Item,
+        commit_group: CommitGroup[Item, Result],
+        commit_one: Callable[[Item], Awaitable[Result]] | None = None,
+    ) -> Result:
+        """Commit ``item`` in the next group; returns its result or raises its error.
+        ``commit_one`` (optional) commits a group of one: what ``commit_group([item])``
+        would do, without the list of one in and the list of one out, for the caller
+        that is alone (every stage of a sequential worker)."""
         if not self._leading and not self._queue:
-            return await self._alone(item, commit_group)
+            return await self._alone(item, commit_group, commit_one)
         entry: _Entry[Item] = _Entry(item, asyncio.get_running_loop().create_future())
         self._queue.append(entry)
         if self._leading:
@@ -96,12 +104,27 @@ class GroupCommit(Generic[Item, Result]):
                 other.future.set_result(outcome)
         return self._unwrap(own)
 
-    async def _alone(self, item: Item, commit_group: CommitGroup[Item, Result]) -> Result:
+    async def _alone(
+        self,
+        item: Item,
+        commit_group: CommitGroup[Item, Result],
+        commit_one: Callable[[Item], Awaitable[Result]] | None,
+    ) -> Result:
         """Nobody leads and nobody waits: lead a group of one without queueing (no entry,
         no future: the common case of a worker that is not busy). Submissions arriving
         meanwhile queue as usual and get the lead afterwards."""
         self._leading = True
-        (outcome,) = await self._lead(commit_group, [item])
+        if commit_one is None:
+            (outcome,) = await self._lead(commit_group, [item])
+        else:
+            # Alone to the end (``release`` is for groups: a no-op inside ``commit_one``),
+            # so no leader registration either.
+            try:
+                outcome = await commit_one(item)
+            except Exception as exc:  # the item's own error, as a group returns it
+                outcome = exc
+            finally:
+                self._pass_lead()
         self.groups += 1
         self.items += 1
         return self._unwrap(outcome)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
@@ -49,6 +49,51 @@ async def load_run(tx: Transaction, run_id: str, *, for_update: bool = True) -> 
 
 def outputs_of(stages: Sequence[StageRun]) -> dict[str, JsonValue]:
     return {s.stage_id: s.output for s in stages if s.status is _STAGE_COMPLETED}
+
+
+class LazyOutputs(Mapping[str, JsonValue]):
+    """``outputs_of(stages)``, built on first use: every stage's context gets one, and
+    most bodies never call ``ctx.require`` or ``ctx.optional``."""
+
+    __slots__ = ("_outputs", "_stages")
+
+    def __init__(self, stages: Sequence[StageRun]) -> None:
+        self._stages = stages
+        self._outputs: dict[str, JsonValue] | None = None
+
+    def _built(self) -> dict[str, JsonValue]:
+        if self._outputs is None:
+            self._outputs = outputs_of(self._stages)
+        return self._outputs
+
+    def __getitem__(self, stage_id: str) -> JsonValue:
+        return self._built()[stage_id]
+
+    def __contains__(self, stage_id: object) -> bool:
+        return stage_id in self._built()
+
+    def get(self, stage_id: str, default: JsonValue = None) -> JsonValue:
+        return self._built().get(stage_id, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+
+def group_input(wf: WorkflowDefinition, stages: Sequence[StageRun], group: int) -> JsonValue:
+    """``wf.group_output(group - 1, outputs_of(stages))``, the input of a stage of
+    ``group`` > 0, without building every stage's outputs for the common case of a
+    previous group of one stage: that stage's output if it completed, else ``None``."""
+    previous = wf.groups[group - 1]
+    if len(previous) != 1:
+        return wf.group_output(group - 1, outputs_of(stages))
+    wanted = previous[0].id
+    for stage in stages:
+        if stage.stage_id == wanted:
+            return stage.output if stage.status is _STAGE_COMPLETED else None
+    return None
 
 
 def new_jobs(

@@ -14,7 +14,7 @@ storage failure) is released with backoff or failed, never left leased forever.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -41,11 +41,12 @@ from treadle.kernel.events import (
     StageSuspended,
 )
 from treadle.kernel.handlers.common import (
+    LazyOutputs,
     apply_transition,
     decide,
     fail_stage_for_good,
+    group_input,
     load_run,
-    outputs_of,
 )
 from treadle.kernel.handlers.effects import commit_stage_extras
 from treadle.kernel.handlers.write_buffer import WriteBuffer
@@ -57,6 +58,7 @@ from treadle.kernel.model import (
     RunStatus,
     StageRun,
     StageStatus,
+    construct,
     evolve,
 )
 from treadle.kernel.retry import DEFAULT_RETRY
@@ -100,13 +102,16 @@ class _Runtime:
         self._started = started
         self._worker_id = worker_id
         self._loop = asyncio.get_running_loop()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Made by the first progress report or heartbeat: most stages send neither.
+        self._tasks: set[asyncio.Task[None]] | None = None
         self._latest_progress: tuple[float, str | None] | None = None
         self.lost_lease = False
 
     def _spawn(self, coro_fn: Any) -> None:
         def start() -> None:
             task = self._loop.create_task(coro_fn())
+            if self._tasks is None:
+                self._tasks = set()
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -161,7 +166,7 @@ class _Runtime:
 
     async def drain(self) -> None:
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def put_blob(self, key: str, data: bytes) -> None:
         await self._deps.blob_store.put(key, data)
@@ -217,21 +222,34 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
 def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecuteResult) -> None:
     # The fields go with the call rather than through ``bind``: binding builds a new
     # logger per stage even when the level filters the line out.
-    fields = {
-        "run_id": s.run.id,
-        "stage_id": s.stage.stage_id,
-        "worker_id": cmd.worker_id,
-        "job_id": cmd.job_id,
-        "attempt": s.stage.attempt,
-    }
-    if result.ghost:
-        deps.logger.warning("stage.result_discarded", **fields, reason=result.error)
-    elif result.outcome == "failed":
-        deps.logger.warning(
-            "stage.failed", **fields, error=result.error, will_retry=result.retryable
-        )
-    else:
-        deps.logger.info(f"stage.{result.outcome}", **fields)
+    stage = s.stage
+    if result.ghost or result.outcome == "failed":
+        fields = {
+            "run_id": s.run.id,
+            "stage_id": stage.stage_id,
+            "worker_id": cmd.worker_id,
+            "job_id": cmd.job_id,
+            "attempt": stage.attempt,
+        }
+        if result.ghost:
+            deps.logger.warning("stage.result_discarded", **fields, reason=result.error)
+        else:
+            deps.logger.warning(
+                "stage.failed", **fields, error=result.error, will_retry=result.retryable
+            )
+        return
+    # Every stage's line: keywords straight into the call, not a dict unpacked into it.
+    deps.logger.info(
+        _OUTCOME_EVENT[result.outcome],
+        run_id=s.run.id,
+        stage_id=stage.stage_id,
+        worker_id=cmd.worker_id,
+        job_id=cmd.job_id,
+        attempt=stage.attempt,
+    )
+
+
+_OUTCOME_EVENT = {"completed": "stage.completed", "suspended": "stage.suspended"}
 
 
 def _take_chained(deps: Deps, cmd: c.JobExecute) -> _Started | None:
@@ -273,7 +291,7 @@ async def _phase_start(
         run = await tx.get_run(job.workflow_run_id, for_update=True)
         # All of the run's stages in one read (the context needs them), ours among them.
         stages = await tx.get_stages(job.workflow_run_id) if run is not None else []
-        index = next((i for i, st in enumerate(stages) if st.stage_id == job.stage_id), -1)
+        index = _index_of(stages, job.stage_id)
         stage = stages[index] if index >= 0 else None
         if (
             run is None
@@ -308,7 +326,7 @@ async def _phase_start(
                     evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
                 )
             await tx.append_events([_started_event(stage, cmd.worker_id, now, scope)])
-            stages = [*stages[:index], stage, *stages[index + 1 :]]
+            stages = _replaced(stages, index, stage)
     return _Started(job, run, stage, wf, definition, stages)
 
 
@@ -328,23 +346,42 @@ def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
 
 
 def _started_event(stage: StageRun, worker_id: str, now: datetime, scope: Scope) -> StageStarted:
-    return StageStarted(
-        workflow_run_id=stage.workflow_run_id,
-        timestamp=now,
-        causation_id=scope.causation_id,
-        stage_id=stage.stage_id,
-        attempt=stage.attempt,
-        worker_id=worker_id,
+    # ``construct``: every value is the kernel's own (a stored stage's, the clock's).
+    return construct(
+        StageStarted,
+        {
+            "workflow_run_id": stage.workflow_run_id,
+            "timestamp": now,
+            "causation_id": scope.causation_id,
+            "stage_id": stage.stage_id,
+            "attempt": stage.attempt,
+            "worker_id": worker_id,
+        },
     )
+
+
+def _index_of(stages: Sequence[StageRun], stage_id: str) -> int:
+    """Position of ``stage_id`` in ``stages``, or -1 (a loop: ``next()`` over a generator
+    costs a generator object and a frame per stage)."""
+    for i, st in enumerate(stages):
+        if st.stage_id == stage_id:
+            return i
+    return -1
+
+
+def _replaced(stages: list[StageRun], index: int, stage: StageRun) -> list[StageRun]:
+    """A copy of ``stages`` with ``stage`` at ``index`` (one list, not three slices)."""
+    copy = stages.copy()
+    copy[index] = stage
+    return copy
 
 
 def _build_context(
     deps: Deps, s: _Started, runtime: _Runtime, token: CancellationToken
 ) -> tuple[StageContext[Any, Any], _Outcome | None]:
     """The stage's validated input and config; a bad input is a non-retryable failure."""
-    outputs = outputs_of(s.stages)
     group = s.stage.execution_group
-    raw_input = s.run.input if group == 0 else s.wf.group_output(group - 1, outputs)
+    raw_input = s.run.input if group == 0 else group_input(s.wf, s.stages, group)
     failure: _Outcome | None = None
     value: Any = None
     if s.definition.input_adapter is not None:
@@ -366,7 +403,7 @@ def _build_context(
         stage_id=s.stage.stage_id,
         attempt=s.stage.attempt,
         idempotency_key=f"{s.run.id}:{s.stage.stage_id}",
-        outputs=outputs,
+        outputs=LazyOutputs(s.stages),
         workflow=s.wf,
         runtime=runtime,
         now=deps.clock.now,
@@ -440,10 +477,11 @@ def _is_current(
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Commit:
     """One finished execution waiting for its phase-3 commit."""
 
+    deps: Deps
     cmd: c.JobExecute
     scope: Scope
     started: _Started
@@ -459,11 +497,22 @@ async def _phase_commit(
     ctx: StageContext[Any, Any],
     outcome: _Outcome,
 ) -> c.JobExecuteResult:
-    item = _Commit(cmd, scope, s, ctx, outcome)
+    item = _Commit(deps, cmd, scope, s, ctx, outcome)
     if deps.settings.group_commit and _groupable(item):
-        result = await deps.commits.submit(item, lambda group: _commit_group(deps, group))
+        result = await deps.commits.submit(item, _commit_items, _commit_item)
         return cast("c.JobExecuteResult", result)
     return await _commit_alone(deps, item)
+
+
+def _commit_items(group: Sequence[_Commit]) -> Awaitable[list[c.JobExecuteResult | BaseException]]:
+    """``GroupCommit``'s ``commit_group``: module-level (every item carries its ``deps``),
+    so a submission builds no closure."""
+    return _commit_group(group[0].deps, group)
+
+
+def _commit_item(item: _Commit) -> Awaitable[c.JobExecuteResult]:
+    """``GroupCommit``'s ``commit_one``: the group of one, committed alone."""
+    return _commit_alone(item.deps, item)
 
 
 def _groupable(item: _Commit) -> bool:
@@ -541,32 +590,31 @@ async def _commit_in(
     # One read of all stages, under the run's lock: ours for the ownership check, the
     # rest for the transition (only this transaction changes ours from here on).
     stages = await tx.get_stages(run_id) if run is not None else []
-    index = next((i for i, st in enumerate(stages) if st.stage_id == stage_id), -1)
+    index = _index_of(stages, stage_id)
     stage = stages[index] if index >= 0 else None
     if not _is_current(job, stage, run, s, cmd.worker_id):
-        result = c.JobExecuteResult(
+        ghost = c.JobExecuteResult(
             outcome=cast("Any", outcome.kind),
             workflow_run_id=run_id,
             stage_id=stage_id,
             ghost=True,
             error="result discarded: run cancelled or stage taken over by another attempt",
         )
-        await scope.complete(tx, result)
-        return result, None
+        await scope.complete(tx, ghost)
+        return ghost, None
     assert stage is not None
     assert run is not None
     pending: list[EventBase] = []  # appended together with the transition's events
+    result: c.JobExecuteResult | None = None  # completed: built last, with its chained job
     if outcome.kind == "completed":
-        result, stage = await _commit_completed(
-            deps, tx, scope, s, stage, outcome.output, now, pending
-        )
+        stage = await _commit_completed(deps, tx, scope, s, stage, outcome.output, now, pending)
     elif outcome.kind == "suspended":
         assert outcome.suspend is not None
         result, stage = await _commit_suspended(deps, tx, scope, s, stage, outcome.suspend, now)
     else:
         assert outcome.error is not None
         result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
-    stages = [*stages[:index], stage, *stages[index + 1 :]]
+    stages = _replaced(stages, index, stage)
     if ctx.logs or ctx.annotations:
         if pending:  # their events follow the outcome's
             await tx.append_events(pending)
@@ -592,6 +640,19 @@ async def _commit_in(
         chained = await start_leased(
             deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
         )
+    if result is None:
+        # ``construct``: the output was validated and dumped by ``validate_output``.
+        result = construct(
+            c.JobExecuteResult,
+            {
+                "outcome": "completed",
+                "workflow_run_id": run_id,
+                "stage_id": stage_id,
+                "output": outcome.output,
+                "chained_job": decision.leased,
+            },
+        )
+    elif decision.leased is not None:
         result = evolve(result, {"chained_job": decision.leased})
     await scope.complete(tx, result)
     return result, chained
@@ -613,12 +674,13 @@ async def start_leased(
     would commit after a dequeue, without either round trip. Its ``stage:started`` is
     appended in one go after the caller's ``pending`` events."""
     assert job.worker_id is not None
-    index = next(i for i, st in enumerate(stages) if st.stage_id == job.stage_id)
+    index = _index_of(stages, job.stage_id)
+    assert index >= 0  # the transition enqueued a stage of this run
     definition = wf.stage(job.stage_id)
     assert definition is not None  # the transition enqueued a stage of this workflow
     stage = await tx.update_stage(_running(stages[index], job, now))
     await tx.append_events([*pending, _started_event(stage, job.worker_id, now, scope)])
-    stages = [*stages[:index], stage, *stages[index + 1 :]]
+    stages = _replaced(stages, index, stage)
     return _Started(job, run, stage, wf, definition, stages)
 
 
@@ -631,9 +693,10 @@ async def _commit_completed(
     output: JsonValue,
     now: datetime,
     pending: list[EventBase],
-) -> tuple[c.JobExecuteResult, StageRun]:
+) -> StageRun:
     """The stage COMPLETED and its job done; ``stage:completed`` goes to ``pending``, for
-    the caller to append with whatever the transition adds."""
+    the caller to append with whatever the transition adds. The caller builds the result
+    once it knows the chained job, so the result is made once, not made and copied."""
     stage = await tx.update_stage(
         evolve(
             stage,
@@ -647,24 +710,22 @@ async def _commit_completed(
         )
     )
     await deps.job_transport.complete(tx, s.job.id)
+    started_at = stage.started_at
     pending.append(
-        StageCompleted(
-            workflow_run_id=stage.workflow_run_id,
-            timestamp=now,
-            causation_id=scope.causation_id,
-            stage_id=stage.stage_id,
-            attempt=stage.attempt,
-            output=output,
-            duration=now - stage.started_at if stage.started_at else None,
+        construct(  # the kernel's own values, as in ``_started_event``
+            StageCompleted,
+            {
+                "workflow_run_id": stage.workflow_run_id,
+                "timestamp": now,
+                "causation_id": scope.causation_id,
+                "stage_id": stage.stage_id,
+                "attempt": stage.attempt,
+                "output": output,
+                "duration": now - started_at if started_at else None,
+            },
         )
     )
-    result = c.JobExecuteResult(
-        outcome="completed",
-        workflow_run_id=stage.workflow_run_id,
-        stage_id=stage.stage_id,
-        output=output,
-    )
-    return result, stage
+    return stage
 
 
 async def _commit_suspended(
