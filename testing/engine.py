@@ -35,7 +35,7 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import EventBase
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
-from treadle.kernel.model import LogRecord, Run, RunStatus
+from treadle.kernel.model import LogRecord, Run, RunStatus, construct
 from treadle.kernel.registry import Registry
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
 from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
@@ -354,12 +354,19 @@ class TestEngine:
         execution while a round of a thousand jobs is gathered."""
         chains = self.kernel.deps.chains
         while True:
+            # ``construct``, not validation per stage: the job ids are the transport's, and
+            # each round's ``run.claimPending`` validated the worker id (same constraint).
             result = await self._try(
-                c.JobExecute(
-                    job_id=job_id,
-                    worker_id=self.worker_id,
-                    idempotency_key=None if job_id in chains else f"job:{job_id}:{attempts}",
-                    chain=self.chain,
+                construct(
+                    c.JobExecute,
+                    {
+                        "job_id": job_id,
+                        "worker_id": self.worker_id,
+                        "idempotency_key": (
+                            None if job_id in chains else f"job:{job_id}:{attempts}"
+                        ),
+                        "chain": self.chain,
+                    },
                 )
             )
             if result is None:

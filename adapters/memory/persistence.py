@@ -142,7 +142,12 @@ class InMemoryTransaction:
                 f"run {run.id!r} was updated concurrently (version {stored.version}, "
                 f"expected {run.version})"
             )
-        new = evolve(run, {"version": run.version + 1, "stages": []})
+        # A stored run keeps no stages; one read from here has its (empty) list already,
+        # and sharing that is what every copy of it does: no new list per update.
+        if run.stages:
+            new = evolve(run, {"version": run.version + 1, "stages": []})
+        else:
+            new = evolve(run, {"version": run.version + 1})
         runs = self._s.runs
         self._undo.append((runs, run.id, stored))  # set_item, inlined: once per stage
         runs[run.id] = new
