@@ -15,7 +15,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from treadle.adapters.memory.persistence import InMemoryPersistence, InMemoryTransaction
+from treadle.adapters.memory.persistence import (
+    _MISSING,
+    InMemoryPersistence,
+    InMemoryTransaction,
+)
 from treadle.kernel.errors import DuplicateError, JobNotFoundError, TreadleError
 from treadle.kernel.model import Job, JobStatus, evolve
 
@@ -50,14 +54,17 @@ class InMemoryJobTransport:
     # -- helpers -------------------------------------------------------------------
     def _store(self, tx: InMemoryTransaction, job: Job) -> None:
         jobs, job_id, status = self.jobs, job.id, job.status
-        tx.set_item(jobs, job_id, job)
+        tx._undo.append((jobs, job_id, jobs.get(job_id, _MISSING)))  # set_item, inlined
+        jobs[job_id] = job
         if status is _LEASED:
             self._leased.add(job_id)
         else:
             self._leased.discard(job_id)
             if status is _QUEUED:
                 heapq.heappush(self._heap, (-job.priority, job.next_poll_at, job.sequence, job_id))
-        tx.on_rollback_once(self._on_rollback)
+        once = tx._once
+        if once is None or self._on_rollback not in once:  # on_rollback_once's own test
+            tx.on_rollback_once(self._on_rollback)
 
     def _mark_dirty(self) -> None:
         self._dirty = True
