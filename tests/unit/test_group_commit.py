@@ -231,3 +231,48 @@ async def test_a_group_that_fails_after_releasing_passes_the_lead_only_once() ->
     assert b == "done b"
     assert await commits.submit("c", commit_group) == "done c"
     assert groups == [["a"], ["b"], ["c"]]
+
+
+async def test_a_lone_submission_with_commit_one_commits_it_alone() -> None:
+    """``commit_one`` is the group of one without the lists: it gets the item, its
+    result or its error is the submitter's, and the counters count it as a group."""
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    alone: list[str] = []
+
+    async def commit_one(item: str) -> str:
+        alone.append(item)
+        if item == "bad":
+            raise ValueError("bad item")
+        return f"alone {item}"
+
+    assert await commits.submit("a", recorder, commit_one) == "alone a"
+    with pytest.raises(ValueError, match="bad item"):
+        await commits.submit("bad", recorder, commit_one)
+    assert alone == ["a", "bad"]
+    assert recorder.groups == []
+    assert (commits.groups, commits.items) == (2, 2)
+    assert await commits.submit("b", recorder, commit_one) == "alone b"  # lead was given up
+
+
+async def test_submissions_made_while_one_commits_alone_still_group() -> None:
+    """A submitter committing alone holds the lead: what is submitted meanwhile queues
+    and commits as one group after it, through ``commit_group``."""
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def commit_one(item: str) -> str:
+        entered.set()
+        await gate.wait()
+        return f"alone {item}"
+
+    leader = asyncio.create_task(commits.submit("a", recorder, commit_one))
+    await entered.wait()
+    followers = [asyncio.create_task(commits.submit(i, recorder, commit_one)) for i in "bc"]
+    await asyncio.sleep(0)  # each follower queues on its first step
+    assert len(commits) == 2
+    gate.set()
+    assert await leader == "alone a"
+    assert [await f for f in followers] == ["done b", "done c"]
+    assert recorder.groups == [["b", "c"]]

@@ -1,7 +1,8 @@
 """The shortcuts taken on every stage's path keep the contracts of what they replace:
 shared field sets, the class-based in-memory transaction, the level check before
 structlog, the lazily made cancellation event, uuid7 text built without ``uuid`` from
-blocks of randomness, and models built without validation (``construct``)."""
+blocks of randomness, models built without validation (``construct``), and a stage's
+outputs and input read without building every stage's outputs."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import BaseModel
 
+from treadle import WorkflowBuilder, define_stage
 from treadle.adapters.logging import structlog_logger
+from treadle.kernel import commands as c
 from treadle.kernel.context import CancellationToken
-from treadle.kernel.events import WorkflowCreated
+from treadle.kernel.events import WorkflowCreated, parse_event
+from treadle.kernel.handlers.common import LazyOutputs, group_input, outputs_of
 from treadle.kernel.ids import Uuid7Ids
 from treadle.kernel.model import Job, JobStatus, Run, StageRun, StageStatus, construct, evolve
-from treadle.testing import FakeClock, InMemoryJobTransport, InMemoryPersistence
+from treadle.testing import FakeClock, InMemoryJobTransport, InMemoryPersistence, TestEngine
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -264,3 +268,101 @@ def test_construct_builds_what_validation_builds() -> None:
         construct(Job, {**values, "colour": "red"})
     with pytest.raises(TypeError, match="default_factory"):
         construct(Run, {"id": "r", "workflow_id": "wf", "created_at": NOW, "updated_at": NOW})
+
+
+class _N(BaseModel):
+    n: int
+
+
+class _BC(BaseModel):
+    b: _N
+    c: _N
+
+
+def _stage(stage_id: str, input: type[BaseModel] = _N):  # type: ignore[no-untyped-def]
+    @define_stage(id=stage_id, input=input, output=_N)
+    async def body(ctx):  # type: ignore[no-untyped-def]
+        return _N(n=ctx.input.n + 1) if isinstance(ctx.input, _N) else _N(n=0)
+
+    return body
+
+
+def _stage_run(stage_id: str, group: int, status: StageStatus, output: object) -> StageRun:
+    return StageRun(
+        workflow_run_id="r", stage_id=stage_id, execution_group=group, status=status, output=output
+    )
+
+
+def test_lazy_outputs_read_as_outputs_of_and_build_them_once() -> None:
+    stages = [
+        _stage_run("a", 0, StageStatus.COMPLETED, {"n": 1}),
+        _stage_run("b", 1, StageStatus.RUNNING, None),
+        _stage_run("c", 1, StageStatus.COMPLETED, None),
+    ]
+    lazy = LazyOutputs(stages)
+    assert dict(lazy) == outputs_of(stages) == {"a": {"n": 1}, "c": None}
+    assert lazy["a"] == {"n": 1}
+    assert lazy.get("b") is None
+    assert lazy.get("b", "default") == "default"
+    assert "c" in lazy
+    assert "b" not in lazy
+    assert len(lazy) == 2
+    with pytest.raises(KeyError):
+        lazy["b"]
+    assert lazy._built() is lazy._built()
+
+
+def test_group_input_is_the_previous_groups_output() -> None:
+    """``group_input`` reads what ``group_output`` over every stage's outputs gives: the
+    single previous stage's output (``None`` unless it completed), or a dict for a
+    parallel group."""
+    wf = (
+        WorkflowBuilder("gi", input=_N)
+        .pipe(_stage("a"))
+        .parallel([_stage("b"), _stage("c")])
+        .pipe(_stage("d", _BC))
+        .build()
+    )
+    done = [
+        _stage_run("a", 0, StageStatus.COMPLETED, {"n": 1}),
+        _stage_run("b", 1, StageStatus.COMPLETED, {"n": 2}),
+        _stage_run("c", 1, StageStatus.COMPLETED, {"n": 3}),
+        _stage_run("d", 2, StageStatus.PENDING, None),
+    ]
+    for group in (1, 2):
+        expected = wf.group_output(group - 1, outputs_of(done))
+        assert group_input(wf, done, group) == expected
+    assert group_input(wf, done, 1) == {"n": 1}
+    assert group_input(wf, done, 2) == {"b": {"n": 2}, "c": {"n": 3}}
+    failed_a = [evolve(done[0], {"status": StageStatus.FAILED}), *done[1:]]
+    assert group_input(wf, failed_a, 1) is None
+    assert group_input(wf, done[1:], 1) is None  # no such stage stored
+
+
+async def test_events_and_results_the_kernel_constructs_equal_validated_ones() -> None:
+    """``stage:started``, ``stage:completed`` and the ``job.execute`` results are built
+    without validation; each equals (and dumps like) what validating its data gives."""
+    wf = WorkflowBuilder("ev", input=_N).pipe(_stage("a")).pipe(_stage("b")).build()
+    engine = TestEngine([wf])
+    handle = await engine.start("ev", {"n": 1})
+    await engine.run_until_idle()
+    events = engine.events
+    types = [e.type for e in events]  # type: ignore[attr-defined]
+    assert types.count("stage:started") == 2
+    assert types.count("stage:completed") == 2
+    for event in events:
+        reparsed = parse_event(event.model_dump(mode="json"))
+        assert reparsed == event
+        assert list(reparsed.__dict__) == list(event.__dict__)
+        assert reparsed.model_dump(mode="json") == event.model_dump(mode="json")
+    run = await engine.get_run(handle.run_id)
+    assert run.output == {"n": 3}
+    first_result = engine.persistence.idempotency_record(
+        f"job:{run.stages[0].job_id}:1", "job.execute"
+    )
+    assert first_result is not None
+    result = c.JobExecuteResult.model_validate(first_result.result)
+    assert result.outcome == "completed"
+    assert result.output == {"n": 2}
+    assert result.chained_job is not None
+    assert result.chained_job.stage_id == "b"
