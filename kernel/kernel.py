@@ -255,7 +255,8 @@ class Kernel:
 
     async def dispatch(self, command: c.CommandBase | Mapping[str, Any]) -> c.ResultBase:
         """Validate (if a mapping), then run the command's handler under idempotency."""
-        cmd = self.parse(command)
+        # The isinstance test first: most commands arrive built, and this runs per stage.
+        cmd = command if isinstance(command, c.CommandBase) else self.parse(command)
         handler, phased = self.handlers[cmd.type]  # type: ignore[attr-defined]
         scope = Scope(self.deps, cmd, phased=phased)
         try:

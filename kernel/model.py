@@ -251,13 +251,15 @@ def evolve(model: M, update: dict[str, Any]) -> M:
 _REQUIRED = object()
 
 
-_SHAPES: dict[type[BaseModel], tuple[dict[str, Any], frozenset[str]]] = {}
+_Shape = tuple[dict[str, Any], frozenset[str], set[str] | None]
+_SHAPES: dict[type[BaseModel], _Shape] = {}
 
 
-def _remember_shape(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str]]:
+def _remember_shape(cls: type[BaseModel]) -> _Shape:
     """Per class: every field in declaration order with its default (or a
-    marker for a required one), and the required names. Fields with a
-    ``default_factory`` are left out of ``construct``'s reach (it refuses the class)."""
+    marker for a required one), the required names, and the shared field set of a frozen
+    class (``_ALL_FIELDS``), all in one lookup. Fields with a ``default_factory`` are left
+    out of ``construct``'s reach (it refuses the class)."""
     template: dict[str, Any] = {}
     required: set[str] = set()
     for name, info in cls.model_fields.items():
@@ -268,7 +270,8 @@ def _remember_shape(cls: type[BaseModel]) -> tuple[dict[str, Any], frozenset[str
             required.add(name)
         else:
             template[name] = info.default
-    shape = (template, frozenset(required))
+    fields_set = _ALL_FIELDS[cls] if cls in _ALL_FIELDS else _remember_all_fields(cls)
+    shape: _Shape = (template, frozenset(required), fields_set)
     _SHAPES[cls] = shape
     return shape
 
@@ -283,7 +286,7 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
     shape = _SHAPES.get(cls)
     if shape is None:
         shape = _remember_shape(cls)
-    template, required = shape
+    template, required, fields_set = shape
     full = template | values  # declaration order, as validation would produce
     # Key checks only: ``_REQUIRED in full.values()`` would compare the marker with every
     # value (``datetime.__eq__`` and all) on each of the several models built per stage.
@@ -293,12 +296,7 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
         raise TypeError(f"{cls.__name__}: missing {missing}, unknown {unknown}")
     new = _new(cls)
     _set_dict(new, full)
-    fields_set = _ALL_FIELDS.get(cls, _UNSET)
-    if fields_set is _UNSET:
-        fields_set = _remember_all_fields(cls)
-    if fields_set is None:
-        fields_set = set(values)
-    _set_fields_set(new, fields_set)
+    _set_fields_set(new, fields_set if fields_set is not None else set(values))
     _set_extra(new, None)
     _set_private(new, None)
     return new

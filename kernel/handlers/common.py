@@ -221,21 +221,15 @@ async def apply_transition(
         decision = decide(wf, run, stages)
     events: list[EventBase] = list(prior_events)
     if decision.action == "advanced":
-        assert decision.next_group is not None
-        group = [s for s in stages if s.execution_group == decision.next_group]
+        next_group = decision.next_group
+        assert next_group is not None
+        group = [s for s in stages if s.execution_group == next_group]
         run = await tx.update_run(
-            evolve(
-                run,
-                {
-                    "current_group": decision.next_group,
-                    "updated_at": now,
-                    "status": _RUN_RUNNING,
-                },
-            )
+            evolve(run, {"current_group": next_group, "updated_at": now, "status": _RUN_RUNNING})
         )
         jobs = await enqueue_stages(deps, tx, run, wf, group, now, lease_to=lease_to)
         if lease_to is not None and jobs:
-            decision = Decision("advanced", next_group=decision.next_group, leased=jobs[0])
+            decision = Decision("advanced", next_group=next_group, leased=jobs[0])
     elif decision.action == "completed":
         output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))
         run = await tx.update_run(

@@ -182,7 +182,10 @@ class _Runtime:
 
 
 async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteResult:
-    started_or_result: _Started | c.JobExecuteResult | None = _take_chained(deps, cmd)
+    # The hand-off a chained commit left for this job, if any (see the note below).
+    started_or_result: _Started | c.JobExecuteResult | None = deps.chains.take(
+        cmd.job_id, cmd.worker_id
+    )
     if started_or_result is None:
         try:
             started_or_result = await _phase_start(deps, cmd, scope)
@@ -252,13 +255,12 @@ def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecut
 _OUTCOME_EVENT = {"completed": "stage.completed", "suspended": "stage.suspended"}
 
 
-def _take_chained(deps: Deps, cmd: c.JobExecute) -> _Started | None:
-    """The stage a chained commit already started for this job and worker, if this
-    kernel holds it: phase 1 committed with the previous stage's result, so there is
-    nothing to read or write before the body runs. Phase 3 re-checks ownership as
-    always, so a run cancelled (or a lease reaped) since then yields a ghost."""
-    started: _Started | None = deps.chains.take(cmd.job_id, cmd.worker_id)
-    return started  # None for another worker's call: phase 1 refuses it as usual
+# The note: ``deps.chains.take(job_id, worker_id)`` in ``execute`` returns the stage a
+# chained commit already started for this job and worker, if this kernel holds it: phase
+# 1 committed with the previous stage's result, so there is nothing to read or write
+# before the body runs. Phase 3 re-checks ownership as always, so a run cancelled (or a
+# lease reaped) since then yields a ghost. ``None`` for another worker's call: phase 1
+# refuses it as usual.
 
 
 def _started_by_chain(job: Job, stage: StageRun) -> bool:
@@ -499,9 +501,9 @@ async def _phase_commit(
 ) -> c.JobExecuteResult:
     item = _Commit(deps, cmd, scope, s, ctx, outcome)
     if deps.settings.group_commit and _groupable(item):
-        result = await deps.commits.submit(item, _commit_items, _commit_item)
+        result = await deps.commits.submit(item, _commit_items, _commit_alone)
         return cast("c.JobExecuteResult", result)
-    return await _commit_alone(deps, item)
+    return await _commit_alone(item)
 
 
 def _commit_items(group: Sequence[_Commit]) -> Awaitable[list[c.JobExecuteResult | BaseException]]:
@@ -510,18 +512,15 @@ def _commit_items(group: Sequence[_Commit]) -> Awaitable[list[c.JobExecuteResult
     return _commit_group(group[0].deps, group)
 
 
-def _commit_item(item: _Commit) -> Awaitable[c.JobExecuteResult]:
-    """``GroupCommit``'s ``commit_one``: the group of one, committed alone."""
-    return _commit_alone(item.deps, item)
-
-
 def _groupable(item: _Commit) -> bool:
     """Whether a group commit carries this outcome (``write_buffer``): a completed stage
     with no buffered logs or annotations, the hot path. Everything else commits alone."""
     return item.outcome.kind == "completed" and not item.ctx.logs and not item.ctx.annotations
 
 
-async def _commit_alone(deps: Deps, item: _Commit) -> c.JobExecuteResult:
+async def _commit_alone(item: _Commit) -> c.JobExecuteResult:
+    """Phase 3 in a transaction of its own (also ``GroupCommit``'s ``commit_one``)."""
+    deps = item.deps
     now = deps.clock.now()
     async with deps.persistence.transaction() as tx:
         result, chained = await _commit_in(deps, tx, item, now)
@@ -544,7 +543,7 @@ async def _commit_group(
     outcomes: list[c.JobExecuteResult | BaseException] = []
     for item in group:
         try:
-            outcomes.append(await _commit_alone(deps, item))
+            outcomes.append(await _commit_alone(item))
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
@@ -654,7 +653,8 @@ async def _commit_in(
         )
     elif decision.leased is not None:
         result = evolve(result, {"chained_job": decision.leased})
-    await scope.complete(tx, result)
+    if scope.key is not None:  # a chained stage's command has no key: no coroutine to make
+        await scope.complete(tx, result)
     return result, chained
 
 
