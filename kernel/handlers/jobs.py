@@ -386,9 +386,12 @@ def _build_context(
     raw_input = s.run.input if group == 0 else group_input(s.wf, s.stages, group)
     failure: _Outcome | None = None
     value: Any = None
-    if s.definition.input_adapter is not None:
+    adapter = s.definition.input_adapter
+    if adapter is not None:
         try:
-            value = s.definition.input_adapter.validate_python(raw_input)
+            # The adapter's validator itself, as ``validate_output`` uses its serializer:
+            # ``TypeAdapter.validate_python`` only forwards its default keywords to it.
+            value = adapter.validator.validate_python(raw_input)
         except PydanticValidationError as exc:
             err = InvalidInputError.from_pydantic(
                 f"stage {s.stage.stage_id!r} input does not match its model", exc, prefix="input"
@@ -449,8 +452,9 @@ async def _run_body(definition: StageDefinition, ctx: StageContext[Any, Any]) ->
 
 def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
     """Check a stage's return value against its output model; returns its JSON form."""
+    adapter = definition.output_adapter
     try:
-        model = definition.output_adapter.validate_python(value)
+        model = adapter.validator.validate_python(value)  # as in ``_build_context``
     except PydanticValidationError as exc:
         raise OutputValidationError.from_pydantic(
             f"stage {definition.id!r} returned output that does not match its model",
@@ -458,7 +462,7 @@ def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
             prefix="output",
         ) from None
     # The serializer itself: ``dump_python``'s keyword handling costs as much as the dump.
-    return definition.output_adapter.serializer.to_python(model, mode="json")
+    return adapter.serializer.to_python(model, mode="json")
 
 
 def _is_current(
