@@ -104,7 +104,11 @@ class InMemoryJobTransport:
             # LEASED: a job its enqueuing worker takes itself (a chained stage); else QUEUED.
             status = _LEASED if job.status is _LEASED else _QUEUED
             job = evolve(job, {"status": status, "sequence": self._seq})
-            self._by_run.setdefault(job.workflow_run_id, set()).add(job.id)
+            # Not ``setdefault(..., set())``: that builds (and drops) a set per job.
+            of_run = self._by_run.get(job.workflow_run_id)
+            if of_run is None:
+                of_run = self._by_run[job.workflow_run_id] = set()
+            of_run.add(job.id)
             self._store(t, job)
 
     async def get(self, tx: Any, job_id: str) -> Job | None:
