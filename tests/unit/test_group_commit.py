@@ -276,3 +276,28 @@ async def test_submissions_made_while_one_commits_alone_still_group() -> None:
     assert await leader == "alone a"
     assert [await f for f in followers] == ["done b", "done c"]
     assert recorder.groups == [["b", "c"]]
+
+
+async def test_release_inside_commit_one_keeps_the_lead_to_the_end() -> None:
+    """``release`` is for groups: called while committing alone it hands nothing on, so
+    what queued meanwhile still waits for the lone commit to finish."""
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def commit_one(item: str) -> str:
+        entered.set()
+        await gate.wait()
+        commits.release()
+        await asyncio.sleep(0)  # a released lead would let the follower commit here
+        assert recorder.groups == []
+        return f"alone {item}"
+
+    leader = asyncio.create_task(commits.submit("a", recorder, commit_one))
+    await entered.wait()
+    follower = asyncio.create_task(commits.submit("b", recorder, commit_one))
+    await asyncio.sleep(0)  # the follower queues on its first step
+    gate.set()
+    assert await leader == "alone a"
+    assert await follower == "done b"
+    assert recorder.groups == [["b"]]
