@@ -265,10 +265,13 @@ class Worker:
     # -- loops ------------------------------------------------------------------------
     async def _claim_only(self) -> TickReport:
         """A notify() wake-up claims without the rest of the tick: a burst of starts must
-        not turn into a burst of reaper scans."""
+        not turn into a burst of reaper scans. It claims a run for every free slot, all
+        chained, whatever ``max_claims`` (the full tick's claim) is: the slots of a busy
+        worker free together, and one claim for all of them is one transaction instead
+        of one per ``max_claims`` runs."""
         started = time.monotonic()
         async with self._tick_lock:
-            free = min(self._free_slots(), self.max_claims)
+            free = self._free_slots()
             if free == 0:
                 # Saturated: leave the runs PENDING (another worker may take them) until a
                 # slot frees, when they are claimed with their first stage chained to it;

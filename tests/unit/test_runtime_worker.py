@@ -289,3 +289,33 @@ async def test_orchestration_backs_off_while_every_step_fails(backend: Backend) 
         proxy.down = False
         await asyncio.sleep(0.1)
         assert worker.last_tick.ok
+
+
+async def test_a_woken_worker_claims_as_many_runs_as_it_has_free_slots(backend: Backend) -> None:
+    """A claim made for free slots (``notify()``) takes a run for each of them in one
+    ``run.claimPending``, all chained, however small ``max_claims`` (the full tick's
+    size) is: a busy worker's slots that free together cost one claim, not one each."""
+    kernel = _kernel(backend)
+    GATE["open"].set()
+    claims: list[int] = []
+    dispatch = kernel.dispatch
+
+    async def counting(command: Any) -> Any:
+        result = await dispatch(command)
+        if getattr(command, "type", None) == "run.claimPending":
+            claims.append(len(result.claimed))
+        return result
+
+    kernel.dispatch = counting  # type: ignore[method-assign]
+    async with Worker(
+        kernel, concurrency=6, max_claims=1, orchestration_interval=60, job_poll_interval=60
+    ) as worker:
+        while worker.ticks == 0:  # noqa: ASYNC110 - the first tick exposes no event to await
+            await asyncio.sleep(0.005)
+        runs = [await _start(kernel, n) for n in range(6)]
+        worker.notify()
+        await _until_entered(6)
+        while worker.in_flight:  # noqa: ASYNC110 - the Worker exposes a count, not an event
+            await asyncio.sleep(0.005)
+    assert 6 in claims  # one claim for all six free slots
+    assert [await _status(kernel, r) for r in runs] == [RunStatus.COMPLETED] * 6
