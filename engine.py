@@ -32,7 +32,7 @@ from treadle.kernel.errors import (
     TreadleError,
     TreadleValidationError,
 )
-from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
+from treadle.kernel.kernel import Kernel, KernelSettings
 from treadle.kernel.model import Annotation, JsonValue, LogRecord, Run, RunFilter, RunStatus
 from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
@@ -261,14 +261,8 @@ class Engine:
                 from treadle.adapters.logging import structlog_logger
 
                 logger = structlog_logger()
-            kernel = create_kernel(
-                persistence=backend.persistence,
-                job_transport=backend.job_transport,
-                blob_store=backend.blob_store,
-                event_sink=backend.event_sink,
-                scheduler=backend.scheduler,
-                clock=backend.clock,
-                registry=definitions,
+            kernel = backend.kernel(
+                definitions,
                 ids=ids,
                 plugins=plugins,
                 settings=settings,

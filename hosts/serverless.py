@@ -40,7 +40,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from treadle.adapters.logging import structlog_logger
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
-from treadle.kernel.kernel import create_kernel
 from treadle.kernel.model import JobStatus
 from treadle.runtime.backends import Backend, open_backend
 from treadle.runtime.jobs import execute_job
@@ -216,15 +215,8 @@ class ServerlessHost:
         try:
             worker_id = options.get("worker_id") or default_worker_id()
             options["worker_id"] = worker_id
-            kernel = create_kernel(
-                persistence=opened.persistence,
-                job_transport=opened.job_transport,
-                blob_store=opened.blob_store,
-                event_sink=opened.event_sink,
-                scheduler=opened.scheduler,
-                clock=opened.clock,
-                registry=list(workflows),
-                logger=structlog_logger("treadle", worker_id=worker_id),
+            kernel = opened.kernel(
+                list(workflows), logger=structlog_logger("treadle", worker_id=worker_id)
             )
             return cls(kernel, backend=opened, **options)
         except BaseException:

@@ -35,7 +35,6 @@ from treadle.adapters.logging import structlog_logger
 from treadle.hosts.app import load_workflows
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
-from treadle.kernel.kernel import create_kernel
 from treadle.runtime.backends import _redact, open_backend
 from treadle.runtime.threads import StageThreadPool
 from treadle.runtime.worker import Worker, default_worker_id
@@ -194,15 +193,8 @@ class WorkerHost:
             _error_line(exc)
             return EXIT_STARTUP_FAILED
         try:
-            kernel = create_kernel(
-                persistence=backend.persistence,
-                job_transport=backend.job_transport,
-                blob_store=backend.blob_store,
-                event_sink=backend.event_sink,
-                scheduler=backend.scheduler,
-                clock=backend.clock,
-                registry=self.workflows,
-                logger=structlog_logger("treadle", worker_id=self.worker_id),
+            kernel = backend.kernel(
+                self.workflows, logger=structlog_logger("treadle", worker_id=self.worker_id)
             )
             options: dict[str, Any] = {}
             wake_source = getattr(backend, "wake_source", None)

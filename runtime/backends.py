@@ -30,6 +30,7 @@ from treadle.adapters.memory import (
     InMemoryScheduler,
 )
 from treadle.kernel.errors import StorageError, TreadleError
+from treadle.kernel.kernel import Kernel, create_kernel
 
 if TYPE_CHECKING:
     from treadle.ports import (
@@ -66,6 +67,21 @@ class Backend:
     clock: Clock
     wake_source: WakeSource | None = None
     """Pushes "jobs may be queued" to workers (PostgreSQL LISTEN/NOTIFY); None: poll only."""
+
+    def kernel(self, registry: Any, **options: Any) -> Kernel:
+        """``create_kernel`` on these ports, with ``registry`` (a registry or an iterable
+        of definitions) and any other ``create_kernel`` option (``logger``, ``ids``,
+        ``plugins``, ``settings``)."""
+        return create_kernel(
+            persistence=self.persistence,
+            job_transport=self.job_transport,
+            blob_store=self.blob_store,
+            event_sink=self.event_sink,
+            scheduler=self.scheduler,
+            clock=self.clock,
+            registry=registry,
+            **options,
+        )
 
     async def close(self) -> None:
         if self.wake_source is not None:

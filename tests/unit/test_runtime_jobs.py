@@ -31,15 +31,7 @@ async def test_release_only_acts_on_a_lease_the_worker_still_holds() -> None:
     """Another worker's lease and a completed job are left alone (False); a held lease
     goes back to QUEUED, due now (True), with no stage event since it never started."""
     backend = await open_backend("memory://")
-    kernel = create_kernel(
-        persistence=backend.persistence,
-        job_transport=backend.job_transport,
-        blob_store=backend.blob_store,
-        event_sink=backend.event_sink,
-        scheduler=backend.scheduler,
-        clock=backend.clock,
-        registry=[WF],
-    )
+    kernel = backend.kernel([WF])
     created = await kernel.dispatch(c.RunCreate(workflow_id="wf", input={"n": 1}))
     await kernel.dispatch(c.RunClaimPending(worker_id="w", max_claims=1))
     (job,) = await backend.job_transport.dequeue("w1", backend.clock.now())
@@ -119,15 +111,7 @@ async def test_a_dequeued_attempt_is_keyed_and_a_chained_one_is_not() -> None:
 
     two = WorkflowBuilder("two", input=Num).pipe(s).pipe(t).build()
     backend = await open_backend("memory://")
-    kernel = create_kernel(
-        persistence=backend.persistence,
-        job_transport=backend.job_transport,
-        blob_store=backend.blob_store,
-        event_sink=backend.event_sink,
-        scheduler=backend.scheduler,
-        clock=backend.clock,
-        registry=[two],
-    )
+    kernel = backend.kernel([two])
     await kernel.dispatch(c.RunCreate(workflow_id="two", input={"n": 1}))
     await kernel.dispatch(c.RunClaimPending(worker_id="w1"))
     (job,) = await backend.job_transport.dequeue("w1", backend.clock.now())
