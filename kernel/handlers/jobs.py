@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -66,7 +66,7 @@ from treadle.kernel.workflows.saga import is_compensating
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps, Scope
-    from treadle.ports import JobTransport, Transaction
+    from treadle.ports import Transaction
 
 
 # Bound once: reading a member through its Enum class goes through the metaclass on
@@ -568,9 +568,9 @@ async def _commit_together(deps: Deps, group: Sequence[_Commit]) -> list[c.JobEx
         # two share, taken in id order by both, so they cannot deadlock).
         deps.commits.release()
         buffer = WriteBuffer(tx, runs, stages, {i: found_jobs.get(i) for i in job_ids})
-        buffered = replace(deps, job_transport=cast("JobTransport", buffer.jobs))
+        buffered, buffered_tx = buffer.stand_in(deps)
         for item in group:
-            result, started = await _commit_in(buffered, cast("Transaction", buffer), item, now)
+            result, started = await _commit_in(buffered, buffered_tx, item, now)
             results.append(result)
             chained.append(started)
         await buffer.flush(deps.job_transport)

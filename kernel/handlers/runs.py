@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from treadle.kernel import commands as c
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 
     from treadle.kernel.definitions import WorkflowDefinition
     from treadle.kernel.kernel import Deps, Scope
-    from treadle.ports import JobTransport, Transaction
+    from treadle.ports import Transaction
 
 
 def _check_attributes(attributes: dict[str, Any]) -> None:
@@ -176,10 +175,10 @@ async def claim_pending(
                 await tx.get_stages_of([run.id for run in runs]),
                 {},
             )
-            buffered = replace(deps, job_transport=cast("JobTransport", buffer.jobs))
+            buffered, buffered_tx = buffer.stand_in(deps)
             try:
                 claimed, started = await _claim_runs(
-                    buffered, cast("Transaction", buffer), cmd, scope, runs, budget, now
+                    buffered, buffered_tx, cmd, scope, runs, budget, now
                 )
             except NotBatchableError:
                 claimed = None

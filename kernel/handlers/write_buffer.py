@@ -17,12 +17,14 @@ the real transaction, so nothing changes meaning.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import IdempotencyRecord, Job, JobStatus, Run, StageRun, evolve
 
 if TYPE_CHECKING:
+    from treadle.kernel.kernel import Deps
     from treadle.ports import JobTransport, Transaction
 
 
@@ -54,6 +56,13 @@ class WriteBuffer:
         self.idempotency: list[IdempotencyRecord] = []
         self.completed_jobs: list[str] = []
         self.new_jobs: list[Job] = []
+
+    def stand_in(self, deps: Deps) -> tuple[Deps, Transaction]:
+        """``deps`` with this buffer's job transport, and this buffer as the transaction:
+        what the per-item commit logic runs against instead of the real ones."""
+        return replace(deps, job_transport=cast("JobTransport", self.jobs)), cast(
+            "Transaction", self
+        )
 
     # -- reads: from the prefetch ---------------------------------------------
     async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
