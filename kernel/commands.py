@@ -138,6 +138,29 @@ class JobExecuteResult(ResultBase):
     started (stage RUNNING, ``stage:started`` committed); execute it with ``job.execute``."""
 
 
+# -- job.release ------------------------------------------------------------
+class JobRelease(CommandBase):
+    """Hand back a leased job without a verdict from its stage (see ``handlers/leases.py``).
+
+    ``reason``: ``interrupted`` when the host stops on purpose (the attempt is refunded
+    and the job is available at once); ``errored`` when ``job.execute`` raised (the
+    attempt counts: retry backoff, or the stage fails once ``max_attempts`` is used)."""
+
+    type: Literal["job.release"] = "job.release"
+    job_id: str = Field(min_length=1)
+    worker_id: str = Field(min_length=1)
+    attempt: int = Field(ge=1)
+    """The lease's ``Job.attempts``: a release meant for an earlier lease changes nothing."""
+    reason: Literal["interrupted", "errored"]
+    error: str | None = Field(default=None, max_length=10_000)
+
+
+class JobReleaseResult(ResultBase):
+    released: bool
+    """False when the lease was no longer this worker's (committed, reaped, re-leased)."""
+    outcome: Literal["requeued", "failed"] | None = None
+
+
 # -- stage.pollSuspended ----------------------------------------------------
 class StagePollSuspended(CommandBase):
     type: Literal["stage.pollSuspended"] = "stage.pollSuspended"
@@ -241,6 +264,7 @@ Command = Annotated[
     | RunCancel
     | RunRerunFrom
     | JobExecute
+    | JobRelease
     | StagePollSuspended
     | LeaseReapStale
     | RunReapStuck
@@ -263,6 +287,7 @@ COMMAND_TYPES: dict[str, type[CommandBase]] = {
         RunCancel,
         RunRerunFrom,
         JobExecute,
+        JobRelease,
         StagePollSuspended,
         LeaseReapStale,
         RunReapStuck,
@@ -281,6 +306,7 @@ RESULT_TYPES: dict[str, type[ResultBase]] = {
     "run.cancel": RunCancelResult,
     "run.rerunFrom": RunRerunFromResult,
     "job.execute": JobExecuteResult,
+    "job.release": JobReleaseResult,
     "stage.pollSuspended": StagePollSuspendedResult,
     "lease.reapStale": LeaseReapStaleResult,
     "run.reapStuck": RunReapStuckResult,

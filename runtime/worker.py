@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from treadle.adapters.logging import structlog_logger
 from treadle.kernel.errors import describe_exception
-from treadle.runtime.jobs import execute_job, release_job
+from treadle.runtime.backoff import Backoff
+from treadle.runtime.jobs import execute_job, release_command, release_job
+from treadle.runtime.releases import ReleaseRetries
 from treadle.runtime.tick import TickReport, TickStep, claim_step, maintenance_tick
 
 if TYPE_CHECKING:
@@ -54,21 +56,8 @@ def _seconds(value: timedelta | float, name: str) -> float:
     return seconds
 
 
-class Backoff:
-    """Capped exponential delays: ``initial``, doubling, never above ``cap``."""
-
-    def __init__(self, initial: float, cap: float) -> None:
-        self.initial = initial
-        self.cap = max(cap, initial)
-        self.failures = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.initial * 2.0 ** min(self.failures, 32))
-        self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
+RELEASE_GRACE = 2.0
+"""Seconds a stopping worker keeps retrying failed releases past its drain deadline."""
 
 
 class Worker:
@@ -135,6 +124,8 @@ class Worker:
         # back short and no wake-up announced new jobs since.
         self._queue_empty_until = 0.0
         self._taken = 0  # chained jobs received from claims so far
+        # Releases that failed (storage down), retried with backoff until it answers.
+        self._releases = ReleaseRetries(kernel, self.log)
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -224,6 +215,13 @@ class Worker:
         if pending:
             self.log.warning("worker.cancelled_tasks", count=len(pending))
             await asyncio.wait(pending)
+        if self._releases.pending:
+            # Jobs whose release failed: a last chance to hand them back before exiting
+            # (past it, their leases expire and lease.reapStale frees them).
+            grace = max(self._drain_deadline - time.monotonic(), RELEASE_GRACE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._releases.wait_idle(), grace)
+        await self._releases.aclose()
         self.log.info("worker.stopped")
 
     async def __aenter__(self) -> Worker:
@@ -383,6 +381,8 @@ class Worker:
                 heartbeat_interval=self.heartbeat_interval,
                 logger=self.log,
                 chain=self._may_chain,
+                stopping=self._stop_event.is_set,
+                retries=self._releases,
             ),
             name=f"job:{job.id}",
         )
@@ -421,10 +421,12 @@ class Worker:
         return not self._stop_event.is_set()
 
     async def _release_unstarted(self, job: Job) -> None:
+        reason = "dequeued on stop"
         try:
-            await release_job(self.kernel, job, worker_id=self.worker_id, reason="dequeued on stop")
-        except Exception as exc:  # its lease expires and lease.reapStale releases it
+            await release_job(self.kernel, job, worker_id=self.worker_id, reason=reason)
+        except Exception as exc:  # storage down: retried until it answers (or we exit)
             self.log.error("worker.release_failed", job_id=job.id, error=describe_exception(exc))
+            self._releases.add(release_command(job, self.worker_id, "interrupted", reason))
 
     def _job_done(self, task: asyncio.Task[Any]) -> None:
         self._in_flight.discard(task)

@@ -35,6 +35,7 @@ from treadle.kernel.errors import (
     InvalidInputError,
     OutputValidationError,
     VersionMismatchError,
+    as_body_failure,
     describe_exception,
 )
 from treadle.kernel.events import EventBase, ReviewRequested, StageCompleted
@@ -248,6 +249,11 @@ async def _run(
             pass
         except Exception as exc:
             error = exc
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit, its own CancelledError
+            failure = as_body_failure(exc, f"workflow {wf.id!r}")
+            if failure is None:
+                raise  # this task is being cancelled: the host is stopping
+            error = failure
         else:
             try:
                 output = validate_output(s.definition, returned)

@@ -57,6 +57,7 @@ EXPECTED: dict[str, set[str]] = {
         "InMemoryPersistence",
         "InMemoryScheduler",
         "RunHandle",
+        "SimulatedCrash",
         "StageMock",
         "StepMock",
         "TestEngine",
