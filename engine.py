@@ -36,6 +36,7 @@ from treadle.kernel.kernel import Kernel, KernelSettings
 from treadle.kernel.model import Annotation, JsonValue, LogRecord, Run, RunFilter, RunStatus
 from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
+from treadle.runtime.run_waiters import RunWaiters
 from treadle.runtime.worker import Worker
 
 if TYPE_CHECKING:
@@ -177,33 +178,42 @@ class RunHandle:
         still running is not finished yet: the error comes once they are, and names
         their outcome.
 
-        Polls storage with a capped backoff, so it works whichever process or worker
-        executes the run; a short run answers within milliseconds.
+        Wakes when the run ends: at once when it ends in this process (the storage
+        adapter tells the engine after the commit), through ``LISTEN/NOTIFY`` on
+        PostgreSQL when another process ends it. Polling storage with a capped backoff
+        (5 ms doubling to 1 s) is the fallback, so it works whichever process or worker
+        executes the run.
         """
         limit = None if timeout is None else _seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
         delay = _RESULT_FIRST_POLL
+        waiters = self.engine.run_waiters
         while True:
-            run = await self.engine.get_run(self.run_id, with_stages=False)
-            if run.status is RunStatus.COMPLETED:
-                return run.output
-            if run.status is RunStatus.FAILED:
-                raise RunFailedError(run.id, run.error)
-            compensating = False
-            if run.status is RunStatus.CANCELLED:
-                # A cancelled code workflow with a saga is CANCELLED at once, but its
-                # compensations still run: answer once they have, with their outcome.
-                run = await self.engine.get_run(self.run_id)
-                compensating = any(not stage.status.terminal for stage in run.stages)
-                if not compensating:
-                    raise RunCancelledError(run.id, run.error)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    state = "CANCELLED and compensating" if compensating else run.status.value
-                    raise TimeoutError(f"run {run.id!r} is still {state} after {limit:g}s")
-                delay = min(delay, remaining)
-            await asyncio.sleep(delay)
+            # Registered before the read, so an end committed in between still wakes us.
+            woken = waiters.waiter(self.run_id)
+            try:
+                run = await self.engine.get_run(self.run_id, with_stages=False)
+                if run.status is RunStatus.COMPLETED:
+                    return run.output
+                if run.status is RunStatus.FAILED:
+                    raise RunFailedError(run.id, run.error)
+                compensating = False
+                if run.status is RunStatus.CANCELLED:
+                    # A cancelled code workflow with a saga is CANCELLED at once, but its
+                    # compensations still run: answer once they have, with their outcome.
+                    run = await self.engine.get_run(self.run_id)
+                    compensating = any(not stage.status.terminal for stage in run.stages)
+                    if not compensating:
+                        raise RunCancelledError(run.id, run.error)
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        state = "CANCELLED and compensating" if compensating else run.status.value
+                        raise TimeoutError(f"run {run.id!r} is still {state} after {limit:g}s")
+                    delay = min(delay, remaining)
+                await asyncio.wait([woken], timeout=delay)
+            finally:
+                waiters.forget(self.run_id, woken)
             delay = min(delay * 2, _RESULT_MAX_POLL)
 
 
@@ -219,6 +229,10 @@ class Engine:
         self.backend = backend
         self._workers: weakref.WeakSet[Worker] = weakref.WeakSet()
         self._closed = False
+        self.run_waiters = RunWaiters(
+            kernel.deps.persistence, backend.wake_source if backend is not None else None
+        )
+        """Where ``RunHandle.result`` waits for its run to end (see ``runtime.run_waiters``)."""
 
     @classmethod
     async def open(
@@ -282,6 +296,7 @@ class Engine:
         self._closed = True
         workers = builtins.list(self._workers)
         await asyncio.gather(*(w.stop() for w in workers))
+        self.run_waiters.close()
         if self.backend is not None:
             await self.backend.close()
 

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from treadle.adapters.logging import structlog_logger
+from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.kernel.errors import describe_exception
 from treadle.runtime.backoff import Backoff
 from treadle.runtime.jobs import execute_job, release_command, release_job
@@ -151,7 +152,7 @@ class Worker:
         if kind == "jobs":
             self._queue_empty_until = 0.0
             self._job_wake.set()
-        else:
+        elif not kind.startswith(RUN_END_PREFIX):  # a finished run is for result waiters
             self.notify()
 
     async def start(self) -> None:

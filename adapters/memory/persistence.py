@@ -18,8 +18,9 @@ from itertools import islice
 from operator import attrgetter
 from typing import Any
 
+from treadle.adapters.run_ends import RunEndWatchers
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
-from treadle.kernel.events import EventBase, OutboxRecord
+from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord
 from treadle.kernel.model import (
     Annotation,
     IdempotencyRecord,
@@ -72,6 +73,8 @@ class InMemoryTransaction:
         self._undo: list[tuple[Any, Any, Any]] = []
         self._once: list[Callable[[], None]] | None = None
         self.active = True
+        self.ended_runs: list[str] | None = None
+        """Runs this transaction finished: told to ``run_ends`` once it commits."""
 
     # -- undo bookkeeping ------------------------------------------------------
     def on_rollback(self, fn: Callable[[], None]) -> None:
@@ -322,6 +325,11 @@ class InMemoryTransaction:
             buckets.append(bucket)
             stored.append(event)
         s.next_outbox_id = outbox_id
+        ended = [e.workflow_run_id for e in stored if e.type in RUN_END_EVENTS]  # type: ignore[attr-defined]
+        if ended:
+            if self.ended_runs is None:
+                self.ended_runs = []
+            self.ended_runs.extend(ended)
         # One undo entry for the whole call: its outbox ids are fresh and consecutive, so
         # undoing is removing them again and restoring each run's sequence.
         self._undo.append(
@@ -643,6 +651,8 @@ class _TransactionScope:
         finally:
             self._tx = None
             store.lock.release()
+        if exc_type is None and tx.ended_runs is not None:
+            store.run_ends.tell(tx.ended_runs)
 
 
 _execution_group = attrgetter("execution_group")
@@ -770,9 +780,15 @@ class InMemoryPersistence:
         self.next_inbox_id = 0
         self.timers: dict[tuple[str, str, int], Timer] = {}
         self.next_timer_id = 0
+        self.run_ends = RunEndWatchers()
 
     def transaction(self) -> _TransactionScope:
         return _TransactionScope(self)
+
+    def watch_run_ends(self, callback: Callable[[Sequence[str]], None]) -> Callable[[], None]:
+        """Call ``callback(run_ids)`` after each commit that finished runs (see
+        ``adapters.run_ends``); returns the function that stops it."""
+        return self.run_ends.watch(callback)
 
     async def close(self) -> None:
         return None

@@ -33,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from treadle.adapters.run_ends import RUN_END_PREFIX, RunEndWatchers
 from treadle.adapters.sql import pg_bulk
 from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import (
@@ -51,7 +52,7 @@ from treadle.kernel.errors import (
     TransientStorageError,
     TreadleError,
 )
-from treadle.kernel.events import EventBase, OutboxRecord, parse_event
+from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord, parse_event
 from treadle.kernel.model import (
     Annotation,
     IdempotencyRecord,
@@ -282,6 +283,7 @@ def _stage_slots() -> sa.Select[Any]:
 _STAGE_SLOTS = _stage_slots()
 _INSERT_OUTBOX = sa.insert(t.outbox)
 _NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
+_PG_NOTIFY_ENDED = sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :payload)")
 _GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
     t.idempotency_keys.c.key == sa.bindparam("key"),
     t.idempotency_keys.c.command_type == sa.bindparam("command_type"),
@@ -305,6 +307,9 @@ class SqlTransaction:
         """Blob keys this transaction wrote to an external store (deleted on rollback)."""
         self._offloaded: dict[int, tuple[Any, Any]] = {}
         self._notified: set[str] = set()
+        self.ended_runs: list[str] | None = None
+        """Runs this transaction finished (``RUN_END_EVENTS``): told to the persistence's
+        run-end watchers once it commits."""
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -836,13 +841,22 @@ class SqlTransaction:
                     "attempts": 0,
                 }
             )
+        ended = [row["run_id"] for row in rows if row["event_type"] in RUN_END_EVENTS]
         if self.is_postgres:
             for i, row in enumerate(rows):
                 row["i"] = i
             await self.execute(_PG_INSERT_OUTBOX, "append events", _PG_OUTBOX_ROWS.encode(rows))
+            if ended:
+                # Waiters in other processes (``RunHandle.result``) hear of it on commit.
+                payload = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
+                await self.execute(_PG_NOTIFY_ENDED, "notify run end", {"payload": payload})
         else:
             # A list of parameter sets: one cached statement, batched into one round trip.
             await self.execute(_INSERT_OUTBOX, "append events", rows)
+        if ended:
+            if self.ended_runs is None:
+                self.ended_runs = []
+            self.ended_runs.extend(ended)
         return stored
 
     async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
@@ -1422,6 +1436,7 @@ class SqlPersistence:
         self._owns_engine = owns_engine
         self.payloads: PayloadOffload | None = None
         self._write_gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self.run_ends = RunEndWatchers()
         if self.dialect_name == "sqlite":
             configure_sqlite(engine)
         elif self.dialect_name != "postgresql":
@@ -1475,6 +1490,13 @@ class SqlPersistence:
             if tx is not None and tx.created_blobs and self.payloads is not None:
                 await self.payloads.discard(tx.created_blobs)  # rolled back: nothing refers
             raise
+        if tx.ended_runs is not None:
+            self.run_ends.tell(tx.ended_runs)
+
+    def watch_run_ends(self, callback: Callable[[Sequence[str]], None]) -> Callable[[], None]:
+        """Call ``callback(run_ids)`` after each commit that finished runs in this process
+        (see ``RunEndWatchers``); returns the function that stops it."""
+        return self.run_ends.watch(callback)
 
     @asynccontextmanager
     async def connect(self, *, read_only: bool = False) -> AsyncIterator[AsyncConnection]:

@@ -149,7 +149,9 @@ async def test_backoff_follows_the_runs_pinned_version() -> None:
     """A run started under version 1 is retried with version 1's policy even after
     version 2 (another backoff) is registered: the lookup is by the pinned version."""
 
-    @define_stage(id="s", input=Num, output=Num, retry=RetryPolicy(initial_delay=500.0, max_delay=500.0))
+    @define_stage(
+        id="s", input=Num, output=Num, retry=RetryPolicy(initial_delay=500.0, max_delay=500.0)
+    )
     async def s_v2(ctx):  # type: ignore[no-untyped-def]
         return ctx.input
 

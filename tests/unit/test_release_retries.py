@@ -30,12 +30,12 @@ class Outage:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.down = False
-        self.refused = 0
+        self.refused = asyncio.Event()
 
     @asynccontextmanager
     async def transaction(self, **kw: Any) -> AsyncIterator[Any]:
         if self.down:
-            self.refused += 1
+            self.refused.set()
             raise TransientStorageError("the database system is shutting down")
         async with self.inner.transaction(**kw) as tx:
             yield tx
@@ -85,13 +85,8 @@ async def test_a_release_that_failed_during_an_outage_goes_through_when_storage_
     transport: Any = backend.job_transport
     assert transport.jobs[job.id].status is JobStatus.LEASED
     assert retries.pending == 1
-    refused = outage.refused
-
-    async def retried_while_down() -> None:
-        while outage.refused <= refused:
-            await asyncio.sleep(0.005)  # polling the outage's counter, not waiting for time
-
-    await asyncio.wait_for(retried_while_down(), 10)
+    outage.refused.clear()
+    await asyncio.wait_for(outage.refused.wait(), 10)  # a retry reached storage, still down
     assert transport.jobs[job.id].status is JobStatus.LEASED  # still down: nothing moved
     assert retries.pending == 1
     outage.down = False
