@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from treadle.adapters.logging import structlog_logger
@@ -87,6 +88,7 @@ async def execute_job(
     chain: Callable[[], bool] | None = None,
     stopping: Callable[[], bool] | None = None,
     retries: ReleaseRetries | None = None,
+    on_due: Callable[[datetime], None] | None = None,
 ) -> c.JobExecuteResult | None:
     """Run ``job.execute`` for a job this worker leased, heartbeating meanwhile.
 
@@ -103,7 +105,8 @@ async def execute_job(
     (``stopping`` absent or false) releases it as ``errored``: the attempt counts, so a
     job whose execution keeps being cancelled still ends after ``max_attempts``. An
     execution that raised is released as ``errored`` too. ``retries``: where releases
-    that fail (storage down) go to be retried with backoff.
+    that fail (storage down) go to be retried with backoff. ``on_due``: told the time
+    a result's retry or suspension falls due (``next_poll_at``), so the host wakes then.
 
     ``chain``: while it returns true, each execution asks the kernel to lease the run's
     next stage to this worker in its result's commit (``JobExecute.chain``), and the
@@ -134,6 +137,8 @@ async def execute_job(
                 stopping=stopping,
                 retries=retries,
             )
+            if on_due is not None and result is not None and result.next_poll_at is not None:
+                on_due(result.next_poll_at)  # a retry backoff or a suspension: due then
             first = result if current is job else first
             current = result.chained_job if result is not None else None
             if current is not None and not (chain is not None and chain()):

@@ -25,7 +25,7 @@ import os
 import socket
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +33,10 @@ from treadle.adapters.logging import structlog_logger
 from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.kernel.errors import describe_exception
 from treadle.runtime.backoff import Backoff
+from treadle.runtime.due import next_due_at
 from treadle.runtime.jobs import execute_job, release_command, release_job
 from treadle.runtime.releases import ReleaseRetries
-from treadle.runtime.tick import TickReport, TickStep, claim_step, maintenance_tick
+from treadle.runtime.tick import TickReport, TickStep, claim_step, due_steps, maintenance_tick
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -127,6 +128,9 @@ class Worker:
         self._taken = 0  # chained jobs received from claims so far
         # Releases that failed (storage down), retried with backoff until it answers.
         self._releases = ReleaseRetries(kernel, self.log)
+        # The earliest known time timed work falls due (kernel clock), see ``_due_step``.
+        self._due_at: datetime | None = None
+        self._noted: datetime | None = None  # noted while a refresh ran (``_refresh_due``)
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -259,6 +263,7 @@ class Worker:
         self._claims_pending = report.claimed_runs >= self.max_claims
         self.last_tick = report
         self.ticks += 1
+        await self._refresh_due()
         return report
 
     # -- loops ------------------------------------------------------------------------
@@ -313,7 +318,12 @@ class Worker:
             self._claim_wake.clear()
             full = time.monotonic() >= next_full
             try:
-                report = await self.tick() if full else await self._claim_only()
+                if full:
+                    report = await self.tick()
+                elif self._due_in() <= 0:
+                    report = await self._due_step()
+                else:
+                    report = await self._claim_only()
                 failed = report.all_failed
             except Exception as exc:  # maintenance_tick isolates steps; this is a bug guard
                 self.log.error("worker.tick_crashed", error=describe_exception(exc))
@@ -336,7 +346,50 @@ class Worker:
             if failed:
                 await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
             else:
-                await _wait(self._claim_wake, max(0.0, next_full - time.monotonic()))
+                # Until the next tick, or earlier when timed work falls due.
+                until_tick = max(0.0, next_full - time.monotonic())
+                await _wait(self._claim_wake, min(until_tick, max(0.0, self._due_in())))
+
+    # -- timed work -------------------------------------------------------------------
+    def note_due(self, when: datetime) -> None:
+        """Timed work falls due at ``when`` (kernel clock): a retry backoff or a suspension
+        this worker's execution just committed. Wakes the orchestration loop then."""
+        self._noted = when if self._noted is None else min(self._noted, when)
+        if self._due_at is None or when < self._due_at:
+            self._due_at = when
+            self._claim_wake.set()  # re-arm the loop's sleep for the earlier time
+
+    def _due_in(self) -> float:
+        """Seconds until the earliest known due time (``inf`` when none is known)."""
+        if self._due_at is None:
+            return float("inf")
+        return (self._due_at - self.kernel.deps.clock.now()).total_seconds()
+
+    async def _refresh_due(self) -> None:
+        """Ask storage for the next due time (after a tick or a due step: the work that
+        was due has been taken, and other processes may have added some)."""
+        # A note made while the query runs may come from a commit the query did not see:
+        # keep it (a note made before the query started is in what it reads).
+        self._noted = None
+        try:
+            found = await next_due_at(self.kernel)
+        except Exception as exc:  # the next tick tries again
+            self.log.warning("worker.next_due_failed", error=describe_exception(exc))
+            found = None
+        noted = self._noted
+        self._due_at = found if noted is None else noted if found is None else min(found, noted)
+
+    async def _due_step(self) -> TickReport:
+        """What falls due at a time: due suspended stages (batch checks, code-workflow
+        timers) and scheduled commands, then a dequeue for jobs whose backoff ended."""
+        started = self.kernel.deps.clock.now()
+        self._due_at = None
+        async with self._tick_lock:
+            steps = await due_steps(self.kernel, worker_id=self.worker_id, logger=self.log)
+        self._queue_empty_until = 0.0
+        self._job_wake.set()  # a retry's backoff may be what fell due
+        await self._refresh_due()
+        return TickReport(worker_id=self.worker_id, started_at=started, steps=steps)
 
     async def _job_loop(self) -> None:
         backoff = Backoff(min(1.0, self.job_poll_interval), self.max_backoff)
@@ -384,6 +437,7 @@ class Worker:
                 chain=self._may_chain,
                 stopping=self._stop_event.is_set,
                 retries=self._releases,
+                on_due=self.note_due,
             ),
             name=f"job:{job.id}",
         )
