@@ -130,7 +130,7 @@ class Worker:
         self._releases = ReleaseRetries(kernel, self.log)
         # The earliest known time timed work falls due (kernel clock), see ``_due_step``.
         self._due_at: datetime | None = None
-        self._noted: datetime | None = None  # noted while a refresh ran (``_refresh_due``)
+        self._notes: list[datetime] = []  # noted while a refresh ran (``_refresh_due``)
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -354,7 +354,7 @@ class Worker:
     def note_due(self, when: datetime) -> None:
         """Timed work falls due at ``when`` (kernel clock): a retry backoff or a suspension
         this worker's execution just committed. Wakes the orchestration loop then."""
-        self._noted = when if self._noted is None else min(self._noted, when)
+        self._notes.append(when)
         if self._due_at is None or when < self._due_at:
             self._due_at = when
             self._claim_wake.set()  # re-arm the loop's sleep for the earlier time
@@ -370,14 +370,14 @@ class Worker:
         was due has been taken, and other processes may have added some)."""
         # A note made while the query runs may come from a commit the query did not see:
         # keep it (a note made before the query started is in what it reads).
-        self._noted = None
+        self._notes.clear()
         try:
             found = await next_due_at(self.kernel)
         except Exception as exc:  # the next tick tries again
             self.log.warning("worker.next_due_failed", error=describe_exception(exc))
             found = None
-        noted = self._noted
-        self._due_at = found if noted is None else noted if found is None else min(found, noted)
+        self._due_at = min([*self._notes, *([found] if found is not None else [])], default=None)
+        self._notes.clear()
 
     async def _due_step(self) -> TickReport:
         """What falls due at a time: due suspended stages (batch checks, code-workflow
