@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from treadle import RetryPolicy, WorkflowBuilder, define_batch_stage, define_stage
 from treadle.kernel import Registry
@@ -134,6 +135,80 @@ def test_build_checks_parallel_group_keys() -> None:
     assert len(ok.groups) == 2
     with pytest.raises(DefinitionError, match=r"'j'.*\['z'\].*parallel group 0"):
         WorkflowBuilder("wf", input=In).parallel(par).pipe(_stage("j", input=Wrong)).build()
+
+
+class Plus(BaseModel):
+    """Reads a parallel group of stages ``plus-one`` and ``times-ten`` by alias."""
+
+    plus_one: Score = Field(alias="plus-one")
+    times_ten: Score = Field(validation_alias=AliasChoices("times-ten", "x10"))
+
+
+def _kebab_group() -> list[Any]:
+    return [_stage("plus-one", output=Score), _stage("times-ten", output=Score)]
+
+
+def test_build_matches_parallel_group_keys_by_alias() -> None:
+    """A field read by alias (or one of its AliasChoices) matches the stage id it names."""
+    wf = WorkflowBuilder("wf", input=In).parallel(_kebab_group()).pipe(_stage("j", input=Plus))
+    assert wf.build().group_of["j"] == 1
+
+    class Wrong(BaseModel):
+        plus_one: Score = Field(alias="plus-1")
+
+    with pytest.raises(DefinitionError, match=r"'j'.*\['plus-1'\].*parallel group 0"):
+        WorkflowBuilder("wf", input=In).parallel(_kebab_group()).pipe(
+            _stage("j", input=Wrong)
+        ).build()
+
+
+def test_build_reads_aliased_fields_by_name_only_with_populate_by_name() -> None:
+    """An aliased field matches its field name only where the model validates by name."""
+
+    class ByAlias(BaseModel):
+        plus_one: Score = Field(alias="plus-one")
+
+    class ByName(ByAlias):
+        model_config = ConfigDict(populate_by_name=True)
+
+    snake = [_stage("plus_one", output=Score), _stage("other", output=Score)]
+    ok = WorkflowBuilder("wf", input=In).parallel(snake).pipe(_stage("j", input=ByName)).build()
+    assert ok.group_of["j"] == 1
+    with pytest.raises(DefinitionError, match=r"'j'.*\['plus-one'\].*parallel group 0"):
+        WorkflowBuilder("wf", input=In).parallel(snake).pipe(_stage("j", input=ByAlias)).build()
+
+
+def test_build_checks_aliases_between_single_stages() -> None:
+    """After one stage the keys are its output's JSON keys (field names, or aliases with
+    serialize_by_alias): a field read only by alias must find its alias there."""
+
+    class Named(BaseModel):
+        plus_one: int
+
+    class Aliased(BaseModel):
+        model_config = ConfigDict(serialize_by_alias=True)
+        plus_one: int = Field(alias="plus-one")
+
+    class ReadsAlias(BaseModel):
+        plus_one: int = Field(alias="plus-one")
+
+    class ReadsEither(ReadsAlias):
+        model_config = ConfigDict(populate_by_name=True)
+
+    def wf(produces: type[BaseModel], reads: type[BaseModel]) -> WorkflowBuilder:
+        return (
+            WorkflowBuilder("wf", input=In)
+            .pipe(_stage("a", output=produces))
+            .pipe(_stage("b", input=reads))
+        )
+
+    wf(Aliased, ReadsAlias).build()
+    wf(Named, ReadsEither).build()
+    wf(Aliased, ReadsEither).build()
+    with pytest.raises(DefinitionError, match=r"'b'.*\['plus-one'\].*stage 'a'.*populate_by_name"):
+        wf(Named, ReadsAlias).build()
+    with pytest.raises(DefinitionError, match=r"'a'.*\['plus-one'\].*the workflow input"):
+        WorkflowBuilder("wf", input=Named).pipe(_stage("a", input=ReadsAlias)).build()
 
 
 def test_build_skips_schema_check_for_non_models() -> None:
