@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -36,27 +36,57 @@ class Suspend(BaseModel):
 
 class Ready(BaseModel):
     """The awaited work is done. With ``output`` the stage completes with it; without,
-    the body runs again and reads ``ctx.resume_state``."""
+    the body runs again and reads ``ctx.resume_state``. ``Ready(output)`` or
+    ``Ready(output=...)``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     output: Any = None
+
+    @overload
+    def __init__(self, output: Any, /) -> None: ...
+    @overload
+    def __init__(self, *, output: Any = None) -> None: ...
+    def __init__(self, *args: Any, **data: Any) -> None:
+        super().__init__(**_positional("Ready", "output", args, data))
 
 
 class NotReady(BaseModel):
     """Not done yet; poll again after the stage's poll interval."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     poll_interval: timedelta | None = None
 
 
 class Failed(BaseModel):
-    """The awaited work failed for good."""
+    """The awaited work failed for good. ``Failed(message)`` or ``Failed(message=...)``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     message: str
+
+    @overload
+    def __init__(self, message: str, /) -> None: ...
+    @overload
+    def __init__(self, *, message: str) -> None: ...
+    def __init__(self, *args: Any, **data: Any) -> None:
+        super().__init__(**_positional("Failed", "message", args, data))
+
+
+def _positional(
+    model: str, name: str, args: tuple[Any, ...], data: dict[str, Any]
+) -> dict[str, Any]:
+    """The keyword arguments with field ``name``, if given positionally, folded in."""
+    if not args:
+        return data
+    if len(args) > 1:
+        raise TypeError(
+            f"{model}() takes 1 positional argument ({name}) but {len(args)} were given"
+        )
+    if name in data:
+        raise TypeError(f"{model}() got {name!r} both positionally and by keyword")
+    return {name: args[0], **data}
 
 
 CheckResult = Ready | NotReady | Failed
@@ -64,6 +94,9 @@ StageFn = Callable[["StageContext[Any, Any]"], Any]
 CheckFn = Callable[[Any, "StageContext[Any, Any]"], Awaitable[CheckResult] | CheckResult]
 
 _NO_INPUT = "none"
+
+DEFAULT_MAX_CHECK_FAILURES = 5
+"""Completion checks in a row that may raise before the batch stage fails."""
 
 
 def _is_async(fn: Any) -> bool:
@@ -128,9 +161,11 @@ class StageDefinition:
 
 @dataclass(frozen=True, eq=False)
 class BatchStageDefinition(StageDefinition):
-    """A stage whose body may return ``Suspend``; ``check_completion`` polls it."""
+    """A stage whose body may return ``Suspend``; ``check_completion`` polls it.
+    ``max_check_failures`` checks in a row that raise fail the stage."""
 
     checks: list[CheckFn] = field(default_factory=list, repr=False)
+    max_check_failures: int = DEFAULT_MAX_CHECK_FAILURES
 
     @property
     def is_batch(self) -> bool:
@@ -219,13 +254,21 @@ def define_batch_stage(
     retry: RetryPolicy | None = None,
     timeout: timedelta | float | None = None,
     requires: Iterable[str] = (),
+    max_check_failures: int = DEFAULT_MAX_CHECK_FAILURES,
 ) -> Callable[[StageFn], BatchStageDefinition]:
     """Like ``define_stage``; the body may return ``Suspend(...)`` and the stage's
-    ``.check_completion`` decorator registers the poll function."""
+    ``.check_completion`` decorator registers the poll function. A check that raises is
+    tried again at the next poll; after ``max_check_failures`` such checks in a row (a
+    ``NotReady`` resets the count) the stage fails with the last error."""
+    if isinstance(max_check_failures, bool) or not isinstance(max_check_failures, int):
+        raise DefinitionError(f"stage {id!r}: max_check_failures must be an integer")
+    if max_check_failures < 1:
+        raise DefinitionError(f"stage {id!r}: max_check_failures must be at least 1")
 
     def wrap(fn: StageFn) -> BatchStageDefinition:
         return BatchStageDefinition(
-            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires)
+            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires),
+            max_check_failures=max_check_failures,
         )
 
     return wrap

@@ -92,6 +92,8 @@ class StageRun(_Frozen):
     suspend_deadline: datetime | None = None
     resume_state: JsonValue = None
     job_id: str | None = None
+    check_failures: int = 0
+    """Consecutive ``check_completion`` calls of this suspension that raised."""
     version: int = 0
 
 

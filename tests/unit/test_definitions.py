@@ -6,9 +6,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from treadle import RetryPolicy, WorkflowBuilder, define_batch_stage, define_stage
+from treadle import (
+    Failed,
+    Ready,
+    RetryPolicy,
+    WorkflowBuilder,
+    define_batch_stage,
+    define_stage,
+)
 from treadle.kernel import Registry
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
 
@@ -288,6 +295,44 @@ def test_batch_stage_check_completion_registration() -> None:
     assert swapped.is_batch
     assert swapped.check_fn is check
     assert swapped.is_async is False
+
+
+def test_ready_and_failed_take_their_field_positionally_or_by_keyword() -> None:
+    """Ready(output) and Failed(message) as DESIGN §3.1 writes them; keyword forms stay,
+    the field given twice or a misspelt keyword is an error, not a silent default."""
+    assert Ready({"total": 1}) == Ready(output={"total": 1})
+    assert Ready().output is None
+    assert Ready(None) == Ready()
+    assert Failed("rejected") == Failed(message="rejected")
+    assert Ready.model_validate({"output": 2}) == Ready(2)
+    with pytest.raises(TypeError, match="both positionally and by keyword"):
+        Ready(1, output=2)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="both positionally and by keyword"):
+        Failed("a", message="b")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="takes 1 positional argument"):
+        Ready(1, 2)  # type: ignore[call-overload]
+    with pytest.raises(ValidationError):
+        Ready(outptu=1)  # type: ignore[call-overload]
+    with pytest.raises(ValidationError):
+        Failed()  # type: ignore[call-overload]
+
+
+def test_define_batch_stage_bounds_check_failures() -> None:
+    """max_check_failures defaults to 5 and must be a positive integer."""
+    assert _batch().max_check_failures == 5
+    assert _batch(max_check_failures=2).max_check_failures == 2
+    assert _batch(max_check_failures=2).with_fn(lambda ctx: None).max_check_failures == 2  # type: ignore[attr-defined]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(DefinitionError, match="'batch': max_check_failures"):
+            _batch(max_check_failures=bad)
+
+
+def _batch(**options: Any) -> Any:
+    @define_batch_stage(id="batch", input=In, output=Text, **options)
+    async def batch(ctx):  # type: ignore[no-untyped-def]
+        return None
+
+    return batch
 
 
 def test_registry_rejects_duplicates_and_non_definitions() -> None:
