@@ -393,6 +393,24 @@ class InMemoryTransaction:
     async def dead_lettered_events(self, limit: int) -> list[OutboxRecord]:
         return [self._s.outbox_record(i) for i in sorted(self._s.dead)[:limit]]
 
+    async def requeue_dead_letters(self, outbox_ids: Sequence[int]) -> int:
+        self._check()
+        s = self._s
+        revived = [i for i in dict.fromkeys(outbox_ids) if i in s.dead]
+        for outbox_id in revived:
+            record = s.outbox_record(outbox_id)
+            self.set_item(
+                s.outbox, outbox_id, evolve(record, {"attempts": 0, "dead_lettered": False})
+            )
+            self.del_item(s.dead, outbox_id)
+            self.set_item(s.unpublished, outbox_id, None)
+        if revived:
+            # ``unpublished`` is read in insertion order: put the revived rows back at their
+            # place (outbox id order), before a run's later events still waiting there.
+            # Rolling back only removes them again, which keeps that order.
+            _in_id_order(s.unpublished)
+        return len(revived)
+
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         return [e for e in self._s.events_by_run.get(run_id, []) if e.sequence > after_sequence]
 

@@ -898,6 +898,23 @@ class SqlTransaction:
         )
         return [await self._outbox_from(row) for row in await self.execute(query, "dead letters")]
 
+    async def requeue_dead_letters(self, outbox_ids: Sequence[int]) -> int:
+        self._check()
+        if not outbox_ids:
+            return 0
+        stmt = (
+            sa.update(t.outbox)
+            .where(
+                t.outbox.c.id.in_(list(outbox_ids)),
+                t.outbox.c.published.is_(False),
+                t.outbox.c.dead_lettered.is_(True),
+            )
+            .values(dead_lettered=False, attempts=0)
+        )
+        # The condition is re-checked under the row lock: of two concurrent replays of a
+        # row, one counts it.
+        return int((await self.execute(stmt, "requeue dead letters")).rowcount)
+
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         query = (
             sa.select(t.outbox.c.event)
