@@ -37,7 +37,7 @@ from treadle.kernel.model import Annotation, JsonValue, LogRecord, Run, RunFilte
 from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.run_waiters import RunWaiters
-from treadle.runtime.worker import Worker
+from treadle.runtime.worker import SlotLoan, Worker
 
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase
@@ -370,9 +370,31 @@ class Engine:
             search_attributes=_mapping(search_attributes, "search_attributes"),
             execution_timeout=timeout,
         )
-        result = await self.kernel.dispatch(command)
-        self._notify()
+        loan = self._lend_slot()
+        if loan is None:
+            result = await self.kernel.dispatch(command)
+            self._notify()
+            return RunHandle(self, result.workflow_run_id)
+        # A worker of this engine has a free slot: the run is claimed for it in the start's
+        # own commit and its first stage runs there at once (no claim, no wake-up).
+        job = None
+        try:
+            result = await self.kernel.dispatch(
+                command.model_copy(update={"claim_for": loan.worker_id})
+            )
+            job = result.chained_job
+        finally:
+            loan.settle(job)
+        if job is None:
+            self._notify()  # not claimed here (an existing run, a stopping worker)
         return RunHandle(self, result.workflow_run_id)
+
+    def _lend_slot(self) -> SlotLoan | None:
+        for worker in builtins.list(self._workers):
+            loan = worker.lend_slot()
+            if loan is not None:
+                return loan
+        return None
 
     async def start_or_signal(
         self,

@@ -45,12 +45,19 @@ class RunCreate(CommandBase):
     execution_timeout: timedelta | None = Field(default=None, gt=timedelta(0))
     """Code workflows: this run's cap on wall-clock time from its start, overriding the
     workflow's ``execution_timeout``."""
+    claim_for: str | None = Field(default=None, min_length=1)
+    """A worker (in the caller's process) with a free slot: the new run is claimed for it
+    in the same transaction, its first stage leased to it and started, and returned as
+    ``chained_job`` for that worker to execute (a start then a claim in one commit)."""
 
 
 class RunCreateResult(ResultBase):
     workflow_run_id: str
     status: RunStatus
     created: bool = True
+    chained_job: Job | None = None
+    """With ``claim_for``: the first stage's job, leased to that worker and started;
+    execute it with ``job.execute`` (or release it). Never replayed from the cache."""
 
 
 # -- run.claimPending -------------------------------------------------------

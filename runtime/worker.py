@@ -470,6 +470,16 @@ class Worker:
             else:
                 self._spawn(job)
 
+    def lend_slot(self) -> SlotLoan | None:
+        """Hold a free slot for a run started in this process (``run.create`` with
+        ``claim_for``), or ``None`` when none is free (or the worker is not running).
+        ``SlotLoan.settle`` hands over the job the start leased to this worker (or
+        returns the slot)."""
+        if not self.running or self._free_slots() <= 0:
+            return None
+        self._reserved += 1
+        return SlotLoan(self, self._taken)
+
     def _may_chain(self) -> bool:
         """A finished stage's slot takes its run's next stage directly (leased in the
         result's commit, no dequeue round trip) until the worker stops."""
@@ -496,6 +506,28 @@ class Worker:
             self._claim_wake.set()
         else:
             self._job_wake.set()
+
+
+class SlotLoan:
+    """A worker slot held for one in-process start; see ``Worker.lend_slot``."""
+
+    __slots__ = ("_taken", "_worker")
+
+    def __init__(self, worker: Worker, taken: int) -> None:
+        self._worker = worker
+        self._taken = taken
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker.worker_id
+
+    def settle(self, job: Job | None) -> None:
+        """Run ``job`` (leased to this worker and started by the start's commit) in the
+        held slot; with ``None``, just give the slot back. Call exactly once."""
+        worker = self._worker
+        if job is not None:
+            worker._take_chained([job])
+        worker._release_held(1, self._taken)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
