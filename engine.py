@@ -153,13 +153,19 @@ def _filter(
 class RunHandle:
     """A started run: ``run_id``, and ``await handle.result()`` for its output.
 
-    Holds no state beyond the id, so a handle made later (``engine.handle(run_id)``,
-    another process) behaves the same as the one ``start`` returned.
+    Holds no state beyond the id (and whether ``start`` handed the run to a worker of
+    this engine, which only slows its fallback polling), so a handle made later
+    (``engine.handle(run_id)``, another process) behaves the same as the one ``start``
+    returned.
     """
 
-    def __init__(self, engine: Engine, run_id: str) -> None:
+    def __init__(self, engine: Engine, run_id: str, *, local: bool = False) -> None:
         self.engine = engine
         self.run_id = run_id
+        self._local = local
+        """The start handed the run to a worker of this engine: its end is heard here, so
+        ``result`` polls only as a slow fallback (the worker may stop and another process
+        finish the run)."""
 
     def __repr__(self) -> str:
         return f"RunHandle(run_id={self.run_id!r})"
@@ -186,7 +192,7 @@ class RunHandle:
         """
         limit = None if timeout is None else _seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
-        delay = _RESULT_FIRST_POLL
+        delay = _RESULT_MAX_POLL if self._local else _RESULT_FIRST_POLL
         waiters = self.engine.run_waiters
         while True:
             # Registered before the read, so an end committed in between still wakes us.
@@ -387,7 +393,7 @@ class Engine:
             loan.settle(job)
         if job is None:
             self._notify()  # not claimed here (an existing run, a stopping worker)
-        return RunHandle(self, result.workflow_run_id)
+        return RunHandle(self, result.workflow_run_id, local=job is not None)
 
     def _lend_slot(self) -> SlotLoan | None:
         for worker in builtins.list(self._workers):

@@ -39,6 +39,7 @@ WORKFLOWS = [WorkflowBuilder("held", input=N).pipe(held).build()]
 def no_polling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Poll once, then not again for a minute: longer than any test waits."""
     monkeypatch.setattr(engine_module, "_RESULT_FIRST_POLL", 60.0)
+    monkeypatch.setattr(engine_module, "_RESULT_MAX_POLL", 60.0)
 
 
 def _count_reads(
