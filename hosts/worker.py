@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from treadle.adapters.logging import structlog_logger
+from treadle.adapters.urls import redact_url, scrub
 from treadle.hosts.app import load_workflows
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
-from treadle.runtime.backends import _redact, open_backend
+from treadle.runtime.backends import open_backend
 from treadle.runtime.threads import StageThreadPool
 from treadle.runtime.worker import Worker, default_worker_id
 
@@ -84,7 +85,7 @@ def main(
                 stale_lease_threshold=stale_lease_threshold,
             )
         except (TreadleError, ValueError) as exc:
-            _error_line(exc)
+            _error_line(exc, db)
             return EXIT_BAD_CONFIG
         return host.run()
     finally:
@@ -190,7 +191,7 @@ class WorkerHost:
         try:
             backend = await open_backend(self.db)
         except TreadleError as exc:
-            _error_line(exc)
+            _error_line(exc, self.db)
             return EXIT_STARTUP_FAILED
         try:
             kernel = backend.kernel(
@@ -216,7 +217,7 @@ class WorkerHost:
             await worker.start()
             self.log.info(
                 "worker.ready",
-                db=_redact(self.db),
+                db=redact_url(self.db),
                 backend=backend.kind,
                 workflows=sorted(wf.id for wf in self.workflows),
                 pid=os.getpid(),
@@ -264,9 +265,11 @@ def _check_seconds(name: str, value: object, *, positive: bool) -> None:
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} seconds, got {value!r}")
 
 
-def _error_line(exc: BaseException) -> None:
+def _error_line(exc: BaseException, db: str) -> None:
+    """One stderr line for a failure to start; any credential of ``db`` that a driver's
+    message repeats is hidden."""
     text = exc.message if isinstance(exc, TreadleError) else str(exc)
-    print(f"treadle worker: {' '.join(text.split())}", file=sys.stderr, flush=True)
+    print(f"treadle worker: {' '.join(scrub(text, db).split())}", file=sys.stderr, flush=True)
 
 
 def _configure_logging() -> Any:

@@ -63,7 +63,7 @@ def migrate(
         except Exception as exc:  # Alembic's CommandError: unknown revision, newer database
             raise StorageError(f"migrate failed: {exc}") from exc
 
-    before, after, head = run_async(go)
+    before, after, head = run_async(go, db=cli.db)
     if before == after:
         typer.echo(f"schema already at revision {after} (head {head})")
     else:
@@ -114,7 +114,8 @@ def worker(
             orchestration_interval=orchestration_interval,
             job_poll_interval=job_poll_interval,
             stale_lease_threshold=stale_lease_threshold,
-        )
+        ),
+        db=cli.db,
     )
     raise typer.Exit(code)
 
@@ -190,7 +191,7 @@ def tick(
                 stuck_threshold=stuck_threshold,
             )
 
-    report = run_async(go)
+    report = run_async(go, db=cli.db)
     failures = tick_failures(report)
     if as_json:
         echo_json(tick_json(report, failures), sort_keys=False)  # steps in STEP_ORDER
@@ -268,7 +269,7 @@ def start(
                     engine, [handle.run_id], out, max_wait=timeout
                 )
 
-    run_id, runs = run_async(go)
+    run_id, runs = run_async(go, db=cli.db)
     if not wait:
         if as_json:
             echo_json({"run_id": run_id})
@@ -314,7 +315,7 @@ def signal(
         async with open_engine(cli) as engine:
             return await engine.signal(run_id, name, payload, idempotency_key=idempotency_key)
 
-    delivered = run_async(go)
+    delivered = run_async(go, db=cli.db)
     typer.echo(f"signal {name!r} {'delivered to' if delivered else 'not delivered to'} {run_id}")
     if not delivered:
         raise typer.Exit(EXIT_FAILURE)
@@ -332,7 +333,7 @@ def cancel(
         async with open_engine(cli) as engine:
             return await engine.cancel(run_id, reason=reason)
 
-    if run_async(go):
+    if run_async(go, db=cli.db):
         typer.echo(f"cancelled {run_id}")
     else:
         typer.echo(f"{run_id} had already finished; nothing to cancel")
@@ -351,7 +352,7 @@ def rerun(
             result = await engine.rerun_from(run_id, stage_id)
             return list(result.deleted_stages)
 
-    reset = run_async(go)
+    reset = run_async(go, db=cli.db)
     typer.echo(f"rerunning {run_id} from {stage_id}: reset {', '.join(reset) or 'nothing'}")
 
 
@@ -380,7 +381,7 @@ def fork(
             handle = await engine.fork(run_id, from_step, idempotency_key=idempotency_key)
             return handle.run_id
 
-    typer.echo(run_async(go))
+    typer.echo(run_async(go, db=cli.db))
 
 
 # -- events ---------------------------------------------------------------------------
@@ -412,7 +413,7 @@ def events(
                 else:
                     out.print(event_line(event))
 
-    run_async(go)
+    run_async(go, db=cli.db)
 
 
 def register(app: typer.Typer) -> None:

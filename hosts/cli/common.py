@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 
+from treadle.adapters.urls import scrub
 from treadle.kernel.errors import TreadleError
 
 if TYPE_CHECKING:
@@ -70,13 +71,16 @@ def one_line(text: str) -> str:
     return _drop_links(joined) or "(no message)"
 
 
-def error_line(exc: BaseException) -> str:
-    """The line shown for ``exc``: ``error: ...`` naming what went wrong."""
+def error_line(exc: BaseException, db: str | None = None) -> str:
+    """The line shown for ``exc``: ``error: ...`` naming what went wrong. With ``db``, a
+    credential of that URL repeated in the message (a driver's) is shown as ``***``."""
     if isinstance(exc, CliError):
-        return f"error: {one_line(exc.message)}"
-    if isinstance(exc, TreadleError):
-        return f"error: {exc.code}: {one_line(exc.message)}"
-    return f"error: {type(exc).__name__}: {one_line(str(exc))}"
+        line = f"error: {one_line(exc.message)}"
+    elif isinstance(exc, TreadleError):
+        line = f"error: {exc.code}: {one_line(exc.message)}"
+    else:
+        line = f"error: {type(exc).__name__}: {one_line(str(exc))}"
+    return scrub(line, db) if db else line
 
 
 def _drop_links(text: str) -> str:
@@ -89,16 +93,17 @@ def fail(message: str, exit_code: int = EXIT_FAILURE) -> NoReturn:
     raise CliError(message, exit_code)
 
 
-def run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+def run_async(fn: Callable[[], Coroutine[Any, Any, T]], *, db: str | None = None) -> T:
     """Run a command's coroutine under ``run_guarded``."""
-    return run_guarded(lambda: asyncio.run(fn()))
+    return run_guarded(lambda: asyncio.run(fn()), db=db)
 
 
-def run_guarded(fn: Callable[[], T]) -> T:
+def run_guarded(fn: Callable[[], T], *, db: str | None = None) -> T:
     """Call ``fn``; any error becomes one stderr line and exit code 1.
 
     ``typer.Exit`` passes through (a command's chosen exit code). ``TREADLE_DEBUG=1``
-    re-raises unexpected exceptions so their traceback can be reported.
+    re-raises unexpected exceptions so their traceback can be reported. ``db``, the
+    URL the command uses: its credentials never reach the line (``error_line``).
     """
     try:
         return fn()
@@ -111,7 +116,7 @@ def run_guarded(fn: Callable[[], T]) -> T:
         expected = isinstance(exc, CliError | TreadleError)
         if not expected and os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        typer.echo(error_line(exc), err=True)
+        typer.echo(error_line(exc, db), err=True)
         code = exc.exit_code if isinstance(exc, CliError) else EXIT_FAILURE
         raise typer.Exit(code) from None
 
@@ -186,15 +191,6 @@ def quiet_logger() -> Any:
             structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"]),
         ],
     )
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for output."""
-    head, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    return f"{head}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
 def echo_json(data: Any, *, sort_keys: bool = True) -> None:

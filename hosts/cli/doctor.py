@@ -26,13 +26,13 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from treadle.adapters.urls import redact_url
 from treadle.hosts.cli.common import (
     EXIT_FAILURE,
     CliState,
     console,
     echo_json,
     error_line,
-    redact,
     run_async,
     state,
 )
@@ -60,8 +60,8 @@ class Thresholds:
     overdue: float
 
 
-def _why(exc: BaseException) -> str:
-    return error_line(exc).removeprefix("error: ")
+def _why(exc: BaseException, db: str) -> str:
+    return error_line(exc, db).removeprefix("error: ")
 
 
 def _sample(ids: list[str]) -> str:
@@ -220,7 +220,7 @@ async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
     try:
         kind = backend_kind(cli.db)
     except Exception as exc:
-        return [Check("connectivity", "FAIL", _why(exc))]
+        return [Check("connectivity", "FAIL", _why(exc, cli.db))]
     checks: list[Check] = []
     if kind == "memory":
         checks += [
@@ -233,7 +233,7 @@ async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
             probe = await asyncio.to_thread(_sql_probe, cli.db)
         except Exception as exc:
             return [
-                Check("connectivity", "FAIL", _why(exc)),
+                Check("connectivity", "FAIL", _why(exc, cli.db)),
                 Check("schema", "skip", "database unreachable"),
             ]
         checks.append(Check("connectivity", "ok", f"{kind}, SELECT 1 in {probe['latency']:.3f}s"))
@@ -248,7 +248,7 @@ async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
     try:
         checks += await _storage_checks(cli, kind, limits)
     except Exception as exc:
-        checks.append(Check("storage", "FAIL", _why(exc)))
+        checks.append(Check("storage", "FAIL", _why(exc, cli.db)))
     return checks
 
 
@@ -284,7 +284,7 @@ def doctor(
     async def go() -> list[Check]:
         return await diagnose(cli, limits)
 
-    checks = run_async(go)
+    checks = run_async(go, db=cli.db)
     failed = [c.name for c in checks if c.level == "FAIL"]
     if as_json:
         echo_json({"ok": not failed, "checks": [asdict(c) for c in checks]})
@@ -292,7 +292,7 @@ def doctor(
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=f"treadle doctor: {redact(cli.db)}", title_justify="left")
+        table = Table(title=f"treadle doctor: {redact_url(cli.db)}", title_justify="left")
         for column in ("check", "result", "detail"):
             table.add_column(column)
         for check in checks:

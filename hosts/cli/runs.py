@@ -66,7 +66,7 @@ def list_runs(
             counts = await engine.aggregate("status", **filters)
         return runs, counts
 
-    runs, counts = run_async(go)
+    runs, counts = run_async(go, db=cli.db)
     if as_json:
         echo_json([run.model_dump(mode="json", exclude={"stages"}) for run in runs])
         return
@@ -95,7 +95,7 @@ def show_run(
             run = await engine.get_run(run_id)
             return run, list(await engine.kernel.events(run_id))
 
-    run, events = run_async(go)
+    run, events = run_async(go, db=cli.db)
     if as_json:
         echo_json(run.model_dump(mode="json"))
         return
