@@ -22,6 +22,7 @@ from treadle.hosts.cli.common import (
     quiet_logger,
     run_async,
     run_guarded,
+    seconds_option,
     state,
 )
 from treadle.kernel.errors import StorageError
@@ -82,16 +83,16 @@ def worker(
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Stages executing at once.")] = 8,
     drain_timeout: Annotated[
-        float, typer.Option(min=0, help="Seconds in-flight stages get to finish on SIGTERM.")
+        float, seconds_option("Seconds in-flight stages get to finish on SIGTERM.")
     ] = 30.0,
     orchestration_interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between maintenance ticks.")
+        float, seconds_option("Seconds between maintenance ticks.", at_least=0.01)
     ] = 10.0,
     job_poll_interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between job queue polls when idle.")
+        float, seconds_option("Seconds between job queue polls when idle.", at_least=0.01)
     ] = 1.0,
     stale_lease_threshold: Annotated[
-        float, typer.Option(min=0.01, help="Seconds without heartbeat before a job is reaped.")
+        float, seconds_option("Seconds without heartbeat before a job is reaped.", at_least=0.01)
     ] = 60.0,
 ) -> None:
     """Run a long-lived worker until SIGTERM/SIGINT (graceful drain)."""
@@ -170,10 +171,10 @@ def tick(
     ] = False,
     worker_id: Annotated[str | None, typer.Option(help="Worker id that claims runs.")] = None,
     stale_lease_threshold: Annotated[
-        float, typer.Option(min=0.01, help="Seconds without heartbeat before a lease is reaped.")
+        float, seconds_option("Seconds without heartbeat before a lease is reaped.", at_least=0.01)
     ] = 60.0,
     stuck_threshold: Annotated[
-        float, typer.Option(min=0.01, help="Seconds without activity before a run is stuck.")
+        float, seconds_option("Seconds without activity before a run is stuck.", at_least=0.01)
     ] = 1800.0,
 ) -> None:
     """Run one maintenance tick (for cron); exit 1 naming any failed step."""
@@ -230,7 +231,7 @@ def start(
         bool, typer.Option(help="Show live stage progress until the run ends.")
     ] = False,
     timeout: Annotated[
-        float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")
+        float | None, seconds_option("With --wait: give up after this many seconds.")
     ] = None,
     local_worker: Annotated[
         bool, typer.Option(help="With --wait: execute the run in this process.")
@@ -392,7 +393,7 @@ def events(
         bool, typer.Option("--follow", "-f", help="Keep tailing until the run ends.")
     ] = False,
     after: Annotated[int, typer.Option(min=0, help="Only events after this sequence.")] = 0,
-    poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between reads.")] = 0.5,
+    poll_interval: Annotated[float, seconds_option("Seconds between reads.", at_least=0.01)] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Print a run's events in order (--follow tails them live)."""

@@ -34,6 +34,7 @@ from treadle.hosts.cli.common import (
     echo_json,
     error_line,
     run_async,
+    seconds_option,
     state,
 )
 from treadle.kernel.model import RunStatus
@@ -255,19 +256,19 @@ async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
 def doctor(
     ctx: typer.Context,
     max_skew: Annotated[
-        float, typer.Option(min=0, help="Clock skew (seconds) above which the check fails.")
+        float, seconds_option("Clock skew (seconds) above which the check fails.")
     ] = 5.0,
     stuck_threshold: Annotated[
-        float, typer.Option(min=0, help="Seconds a RUNNING run may be idle.")
+        float, seconds_option("Seconds a RUNNING run may be idle.")
     ] = 1800.0,
     stale_lease_threshold: Annotated[
-        float, typer.Option(min=0, help="Seconds a leased job may go without heartbeat.")
+        float, seconds_option("Seconds a leased job may go without heartbeat.")
     ] = 60.0,
     pending_threshold: Annotated[
-        float, typer.Option(min=0, help="Seconds a run may stay PENDING before a warning.")
+        float, seconds_option("Seconds a run may stay PENDING before a warning.")
     ] = 300.0,
     overdue_threshold: Annotated[
-        float, typer.Option(min=0, help="Seconds a suspended stage's poll may be late.")
+        float, seconds_option("Seconds a suspended stage's poll may be late.")
     ] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
 ) -> None:

@@ -18,18 +18,22 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 
 def parse_when(text: str | None, option: str, now: datetime | None = None) -> datetime | None:
-    """An ISO 8601 time (naive means UTC) or an age like ``30m``, ``2h``, ``7d`` (ago)."""
+    """An ISO 8601 time (naive means UTC) or an age like ``30m``, ``2h``, ``7d`` (ago), in
+    UTC; one that falls outside the years 1 to 9999 fails naming ``option``."""
     if text is None:
         return None
     relative = _RELATIVE.match(text.strip().lower())
-    if relative:
-        amount, unit = relative.groups()
-        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
     try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError:
-        fail(f"{option}: {text!r} is neither an ISO 8601 time nor an age like 30m, 2h, 7d")
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        if relative:
+            amount, unit = relative.groups()
+            return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
+        try:
+            value = datetime.fromisoformat(text.strip())
+        except ValueError:
+            fail(f"{option}: {text!r} is neither an ISO 8601 time nor an age like 30m, 2h, 7d")
+        return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except OverflowError:
+        fail(f"{option}: {text!r} is out of range (times run from year 1 to 9999, in UTC)")
 
 
 @runs_app.command("list")
