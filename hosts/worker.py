@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -49,6 +50,11 @@ EXIT_BAD_CONFIG = 2
 FORCED_EXIT_GRACE = 2.0
 """Seconds a forced exit (second signal) spends releasing cancelled jobs and closing the
 backend before giving up; whatever is left is recovered by lease expiry."""
+
+MAX_SECONDS = 1e9
+"""The longest duration option (about 31 years; ``treadle worker``'s options have the
+same bound): a longer one, or ``inf``, would overflow the ``timedelta`` that the
+maintenance tick takes from today's date, and crash every tick."""
 
 EXTRA_THREADS = 4
 """Threads beyond ``concurrency`` in the stage pool, for blob-store file I/O and the
@@ -261,6 +267,10 @@ class WorkerHost:
 def _check_seconds(name: str, value: object, *, positive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value > MAX_SECONDS:
+        raise ValueError(
+            f"{name} must be a finite number of seconds up to {MAX_SECONDS:g}, got {value!r}"
+        )
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} seconds, got {value!r}")
 
