@@ -108,6 +108,22 @@ def test_unexpected_errors_are_one_line_too(
     assert line == "error: RuntimeError: surprise"
 
 
+def test_error_line_hides_credentials_a_message_repeats(
+    monkeypatch: pytest.MonkeyPatch, invoke: Invoke
+) -> None:
+    """An error whose text repeats a credential of --db (as a driver's might) shows it as
+    ***, the rest of the message intact."""
+    from treadle.engine import Engine
+
+    async def boom(self: Engine, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("login as u with Pw-1a2b failed (sslpassword Ssl/3c4d)")
+
+    monkeypatch.setattr(Engine, "list", boom)
+    url = "memory://u:Pw-1a2b@x/?sslpassword=Ssl%2F3c4d"
+    line = one_error_line(invoke("runs", "list", db=url, app=None))
+    assert line == "error: RuntimeError: login as u with *** failed (sslpassword ***)"
+
+
 # -- bad JSON and duration arguments: one line naming the argument, nothing written ----
 
 
