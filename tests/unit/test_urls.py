@@ -100,3 +100,15 @@ def test_scrub_removes_credentials_from_any_text() -> None:
     message = "FATAL: bad password 'hunter2' (sslpassword k3y!) for user u"
     assert scrub(message, url) == "FATAL: bad password '***' (sslpassword ***) for user u"
     assert scrub("nothing to hide", "sqlite:///t.db") == "nothing to hide"
+
+
+def test_listener_logs_driver_errors_without_credentials() -> None:
+    """The LISTEN connection's connect/lost warnings scrub the URL's credentials from the
+    driver's error (the listener connects with a full libpq URI of its own)."""
+    from treadle.adapters.sql import PgJobListener
+
+    listener = PgJobListener("postgresql+psycopg://u:Pw%2F1a@db/app?sslpassword=Ssl-2b")
+    error = RuntimeError('connection to "db" failed: bad "Pw/1a" or "Pw%2F1a" or "Ssl-2b"')
+    assert listener._describe(error) == (
+        'RuntimeError(\'connection to "db" failed: bad "***" or "***" or "***"\')'
+    )
