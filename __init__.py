@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from treadle.kernel.errors import (
         ChildWorkflowFailedError,
         NonRetryableError,
+        PayloadMissingError,
         StepFailedError,
         TreadleError,
         TreadleValidationError,
@@ -53,6 +54,7 @@ __all__ = [
     "Kernel",
     "NonRetryableError",
     "NotReady",
+    "PayloadMissingError",
     "Ready",
     "RetryPolicy",
     "Run",
@@ -79,6 +81,7 @@ _ERRORS = frozenset(
     {
         "ChildWorkflowFailedError",
         "NonRetryableError",
+        "PayloadMissingError",
         "StepFailedError",
         "TreadleError",
         "TreadleValidationError",

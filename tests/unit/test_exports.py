@@ -14,6 +14,7 @@ EXPECTED: dict[str, set[str]] = {
         "Kernel",
         "NonRetryableError",
         "NotReady",
+        "PayloadMissingError",
         "Ready",
         "RetryPolicy",
         "Run",
