@@ -40,7 +40,7 @@ cost for the ordinary value but one ``type(v) is dict`` and two key lookups; the
 reserved keys are documented (docs/storage.md). Nested objects are never
 interpreted, so only the top level is escaped. (Rows written before escaping
 existed cannot be told apart: a user object there of exactly the two keys of a
-reference is still read as one.)
+reference, naming a key under ``payloads/``, is still read as one.)
 
 A reference whose blob is gone raises ``PayloadMissingError`` (named, never
 retried). Reads of runs and stages, which serve claims, listings and group commits
@@ -74,12 +74,17 @@ DEFAULT_PAYLOAD_MAX_BYTES = 256 * 1024
 """Default threshold: 256 KiB of compact JSON. Smaller values stay inline (JSONB)."""
 
 _SCALARS = (bool, int, float)
+_KEY_PREFIX = "payloads/"
 
 
 def is_ref(value: Any) -> bool:
     """Whether a stored JSON value is an offload reference (a user value never is: see
-    ``escape``)."""
-    return type(value) is dict and PAYLOAD_REF in value and len(value) == 2
+    ``escape``). The key's prefix is checked too, for rows written before escaping: no
+    reference of ours names anything outside ``payloads/`` (an artifact, say)."""
+    if type(value) is not dict or len(value) != 2:
+        return False
+    key = value.get(PAYLOAD_REF)
+    return type(key) is str and key.startswith(_KEY_PREFIX)
 
 
 def is_encoded(value: Any) -> bool:
@@ -111,8 +116,10 @@ def reference_of(missing: MissingPayload) -> dict[str, Any]:
 
 def missing(ref: dict[str, Any], run_id: str | None) -> MissingPayload:
     """What a read returns for ``ref`` when its blob is gone."""
-    key, size = ref.get(PAYLOAD_REF), ref.get("size")
-    return MissingPayload(key=str(key), size=size if type(size) is int else None, run_id=run_id)
+    size = ref.get("size")
+    return MissingPayload(
+        key=ref[PAYLOAD_REF], size=size if type(size) is int else None, run_id=run_id
+    )
 
 
 def encode(value: Any) -> bytes:
@@ -143,7 +150,7 @@ class PayloadOffload:
         self.same_database = same_database
 
     def key_for(self, scope: str | None, data: bytes) -> str:
-        return f"payloads/{scope or '-'}/{hashlib.sha256(data).hexdigest()}"
+        return f"{_KEY_PREFIX}{scope or '-'}/{hashlib.sha256(data).hexdigest()}"
 
     async def store_value(self, tx: SqlTransaction, scope: str | None, value: Any) -> Any:
         """What the column stores for ``value``: the value itself or a reference."""
@@ -170,8 +177,6 @@ class PayloadOffload:
         offloaded); ``PayloadMissingError`` when its blob is gone. Other failures of the
         store (a connection, a permission) propagate: waiting may heal those."""
         key = ref[PAYLOAD_REF]
-        if type(key) is not str:  # not written by this module: no blob can match it
-            raise PayloadMissingError(run_id, str(key))
         if self.same_database:
             row = (
                 await tx.execute(sa.select(t.blobs.c.data).where(t.blobs.c.key == key), "load")

@@ -741,3 +741,34 @@ async def test_result_of_a_run_whose_output_blob_is_lost_raises_the_named_error(
         )
     finally:
         await engine.close()
+
+
+async def test_an_unescaped_row_naming_a_key_outside_payloads_is_not_a_reference(
+    database_url: str,
+) -> None:
+    """A row written before escaping existed, whose input names an artifact key (or no
+    string key at all), is user data: read verbatim, never as that blob."""
+    engine = await Engine.open(
+        database_url, workflows=[WF], auto_migrate=True, payload_max_bytes=THRESHOLD
+    )
+    assert engine.backend is not None
+    persistence = engine.backend.persistence
+    now = datetime.now(UTC)
+    artifact = "runs/victim/stages/grow/artifacts/out"
+    await engine.backend.blob_store.put(artifact, b'{"secret": 1}')
+    legacy = [{"__treadle_blob__": artifact, "size": 1}, {"__treadle_blob__": 7, "size": 1}]
+    try:
+        async with persistence.transaction() as tx:
+            for i in range(len(legacy)):
+                await tx.insert_run(
+                    Run(id=f"old{i}", workflow_id="offload-wf", created_at=now, updated_at=now)
+                )
+        async with persistence.engine.begin() as conn:  # as an older Treadle stored them
+            for i, value in enumerate(legacy):
+                stmt = sa.update(t.runs).where(t.runs.c.id == f"old{i}").values(input=value)
+                await conn.execute(stmt)
+        async with persistence.transaction() as tx:
+            got = await tx.get_runs([f"old{i}" for i in range(len(legacy))])
+        assert [got[f"old{i}"].input for i in range(len(legacy))] == legacy
+    finally:
+        await engine.close()
