@@ -33,7 +33,15 @@ from treadle.kernel.errors import (
     TreadleValidationError,
 )
 from treadle.kernel.kernel import Kernel, KernelSettings
-from treadle.kernel.model import Annotation, JsonValue, LogRecord, Run, RunFilter, RunStatus
+from treadle.kernel.model import (
+    Annotation,
+    JsonValue,
+    LogRecord,
+    MissingPayload,
+    Run,
+    RunFilter,
+    RunStatus,
+)
 from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.run_waiters import RunWaiters
@@ -200,6 +208,8 @@ class RunHandle:
             try:
                 run = await self.engine.get_run(self.run_id, with_stages=False)
                 if run.status is RunStatus.COMPLETED:
+                    if type(run.output) is MissingPayload:  # offloaded, and its blob is gone
+                        raise run.output.error()
                     return run.output
                 if run.status is RunStatus.FAILED:
                     raise RunFailedError(run.id, run.error)

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from treadle.kernel.errors import TreadleError
-from treadle.kernel.model import JsonValue
+from treadle.kernel.model import JsonValue, MissingPayload
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
@@ -250,6 +250,8 @@ class StageContext(Generic[InT, ConfigT]):
 
     def _parse(self, stage_id: str) -> Any:
         raw = self._outputs[stage_id]
+        if type(raw) is MissingPayload:  # offloaded, and its blob is gone: not retried
+            raise raw.error()
         stage = self._workflow.stage(stage_id)
         if stage is None:
             return raw

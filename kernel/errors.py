@@ -44,7 +44,8 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── WaitTimeoutError              a signal wait reached its timeout
     │   └── ChildWorkflowFailedError      a child run (``ctx.child``) failed or was cancelled
     └── StorageError                      a driver failure, translated at the adapter boundary
-        └── TransientStorageError         connection lost, serialization failure (retryable)
+        ├── TransientStorageError         connection lost, serialization failure (retryable)
+        └── PayloadMissingError           an offloaded value's blob is gone (fails its run only)
 """
 
 from __future__ import annotations
@@ -301,6 +302,19 @@ class TransientStorageError(StorageError):
     """Connection loss, serialization failure or injected chaos; retrying may succeed."""
 
     retryable = True
+
+
+class PayloadMissingError(StorageError):
+    """A stored value was offloaded to the blob store and its blob is gone (deleted by
+    hand, lost with a bucket). Never retried: the value will not come back. It fails the
+    run or stage that needs the value, never a claim, a listing or another run; ``run_id``
+    (``None`` for a value of no run) and ``key`` say which value."""
+
+    def __init__(self, run_id: str | None, key: str) -> None:
+        of_run = f" of run {run_id!r}" if run_id is not None else ""
+        super().__init__(f"offloaded payload {key!r}{of_run} is missing from the blob store")
+        self.run_id = run_id
+        self.key = key
 
 
 def describe_exception(exc: BaseException) -> str:

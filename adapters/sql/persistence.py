@@ -44,13 +44,23 @@ from treadle.adapters.sql.engine import (
     create_engine,
 )
 from treadle.adapters.sql.errors import translate
-from treadle.adapters.sql.payloads import PayloadOffload, is_ref
+from treadle.adapters.sql.payloads import (
+    PayloadOffload,
+    escape,
+    is_encoded,
+    is_ref,
+    missing,
+    reference_of,
+    unescape,
+)
 from treadle.kernel.errors import (
     ConcurrencyError,
     DuplicateError,
+    PayloadMissingError,
     StorageError,
     TransientStorageError,
     TreadleError,
+    describe_exception,
 )
 from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord, parse_event
 from treadle.kernel.model import (
@@ -59,6 +69,7 @@ from treadle.kernel.model import (
     IdempotencyState,
     JsonValue,
     LogRecord,
+    MissingPayload,
     Run,
     RunFilter,
     RunStatus,
@@ -353,33 +364,49 @@ class SqlTransaction:
             statement = _PREPARED[key] = build(self)
         return statement
 
-    # -- payload offload (payloads.py): large JSON values live in the BlobStore -----
+    # -- payload offload (payloads.py): large JSON values live in the BlobStore, and user
+    # values shaped like a reference are escaped, whether or not offload is configured.
     async def _put_payload(self, scope: str | None, value: Any) -> Any:
-        """What a JSON column stores for ``value``: itself, or a reference to a blob."""
-        if self.payloads is None or value is None:
+        """What a JSON column stores for ``value``: itself, escaped, or a reference."""
+        if value is None:
             return value
         known = self._offloaded.get(id(value))
-        if known is not None and known[0] is value:  # read back from a blob in this tx
+        if known is not None and known[0] is value:  # read back in this transaction
             return known[1]
+        if type(value) is MissingPayload:  # its blob is gone: the reference it was read from
+            return reference_of(value)
+        value = escape(value)
+        if self.payloads is None:
+            return value
         return await self.payloads.store_value(self, scope, value)
 
-    async def _get_payload(self, value: Any) -> Any:
-        if not is_ref(value):
-            return value
-        if self.payloads is None:
-            raise StorageError(
-                f"payload {value!r} was offloaded to a blob store, but this persistence has "
-                "none configured (SqlPersistence.offload_payloads)"
-            )
-        return await self.payloads.load_value(self, value)
+    async def _get_payload(self, value: Any, run_id: str | None) -> Any:
+        """The value a JSON column's stored ``value`` stands for; ``PayloadMissingError``
+        if it was offloaded and its blob is gone."""
+        if is_ref(value):
+            if self.payloads is None:
+                raise StorageError(
+                    f"payload {value!r} was offloaded to a blob store, but this persistence "
+                    "has none configured (SqlPersistence.offload_payloads)"
+                )
+            value = await self.payloads.load_value(self, value, run_id)
+        return unescape(value)
 
-    async def _load_payloads(self, data: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
-        """Replace references in ``data``; returns {column: reference} for what it loaded."""
+    async def _load_payloads(
+        self, data: dict[str, Any], columns: Sequence[str], run_id: str
+    ) -> dict[str, Any]:
+        """Decode the payload columns of ``data``, a run's or stage's row; returns {column:
+        stored form} for each it changed. A blob that is gone gives a ``MissingPayload``
+        rather than an error: one run's lost blob must not fail a read of many."""
         refs: dict[str, Any] = {}
         for column in columns:
-            if is_ref(data[column]):
-                refs[column] = data[column]
-                data[column] = await self._get_payload(data[column])
+            stored = data[column]
+            if is_encoded(stored):
+                refs[column] = stored
+                try:
+                    data[column] = await self._get_payload(stored, run_id)
+                except PayloadMissingError:
+                    data[column] = missing(stored, run_id)
         return refs
 
     def _remember(self, model: Any, refs: dict[str, Any], columns: Sequence[str]) -> None:
@@ -393,7 +420,7 @@ class SqlTransaction:
 
     async def _run_from(self, row: sa.Row[Any]) -> Run:
         data = dict(row._mapping)
-        refs = await self._load_payloads(data, _RUN_PAYLOADS)
+        refs = await self._load_payloads(data, _RUN_PAYLOADS, data["id"])
         run = Run.model_validate(data)
         self._remember(run, refs, _RUN_PAYLOADS)
         return run
@@ -406,7 +433,7 @@ class SqlTransaction:
 
     async def _stage_from(self, row: sa.Row[Any]) -> StageRun:
         data = dict(row._mapping)
-        refs = await self._load_payloads(data, _STAGE_PAYLOADS)
+        refs = await self._load_payloads(data, _STAGE_PAYLOADS, data["run_id"])
         stage = _stage_from_columns(data)
         self._remember(stage, refs, _STAGE_PAYLOADS)
         return stage
@@ -418,11 +445,12 @@ class SqlTransaction:
         return values
 
     async def _outbox_from(self, row: sa.Row[Any]) -> OutboxRecord:
-        if not is_ref(row.event):
+        """The record of an outbox row; ``PayloadMissingError`` if its event's blob is gone."""
+        if not is_encoded(row.event):
             return _outbox_record(row)
         return OutboxRecord.model_construct(
             id=int(row.id),
-            event=cast(Any, parse_event(await self._get_payload(row.event))),
+            event=cast(Any, parse_event(await self._get_payload(row.event, row.run_id))),
             attempts=int(row.attempts),
             published=bool(row.published),
             dead_lettered=bool(row.dead_lettered),
@@ -866,8 +894,16 @@ class SqlTransaction:
             .order_by(t.outbox.c.id)
             .limit(limit)
         )
-        rows = await self.execute(query, "unpublished events")
-        return [await self._outbox_from(row) for row in rows]
+        records: list[OutboxRecord] = []
+        for row in await self.execute(query, "unpublished events"):
+            try:
+                records.append(await self._outbox_from(row))
+            except PayloadMissingError as exc:
+                # An event whose blob is gone can never be published: dead-lettered now,
+                # with the reason, so it neither fails every run's flush nor comes back.
+                error = describe_exception(exc)
+                await self.record_publish_failure(row.id, error, dead_letter=True)
+        return records
 
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
         self._check()
@@ -896,7 +932,12 @@ class SqlTransaction:
             .order_by(t.outbox.c.id)
             .limit(limit)
         )
-        return [await self._outbox_from(row) for row in await self.execute(query, "dead letters")]
+        records: list[OutboxRecord] = []
+        for row in await self.execute(query, "dead letters"):
+            # One whose event's blob is gone cannot be replayed; its row keeps the reason.
+            with suppress(PayloadMissingError):
+                records.append(await self._outbox_from(row))
+        return records
 
     async def requeue_dead_letters(self, outbox_ids: Sequence[int]) -> int:
         self._check()
@@ -922,7 +963,7 @@ class SqlTransaction:
             .order_by(t.outbox.c.sequence)
         )
         rows = await self.execute(query, "events for run")
-        return [parse_event(await self._get_payload(data)) for (data,) in rows]
+        return [parse_event(await self._get_payload(data, run_id)) for (data,) in rows]
 
     # -- idempotency ------------------------------------------------------------
     async def get_idempotency(self, key: str, command_type: str) -> IdempotencyRecord | None:
@@ -934,7 +975,7 @@ class SqlTransaction:
             key=row.key,
             command_type=row.command_type,
             state=IdempotencyState(row.state),
-            result=await self._get_payload(row.result),
+            result=await self._get_payload(row.result, None),
             started_at=row.started_at,
         )
 
@@ -1123,10 +1164,11 @@ class SqlTransaction:
 
     async def _journal_from(self, row: sa.Row[Any]) -> JournalEntry:
         entry = _journal_from_row(row)
-        if is_ref(entry.input) or is_ref(entry.result):
+        if is_encoded(entry.input) or is_encoded(entry.result):
+            run_id = entry.workflow_run_id
             loaded = {
-                "input": await self._get_payload(entry.input),
-                "result": await self._get_payload(entry.result),
+                "input": await self._get_payload(entry.input, run_id),
+                "result": await self._get_payload(entry.result, run_id),
             }
             entry = evolve(entry, loaded)
         return entry
@@ -1139,10 +1181,11 @@ class SqlTransaction:
 
     async def _inbox_from(self, row: sa.Row[Any]) -> InboxMessage:
         message = _inbox_from_row(row)
-        if is_ref(message.payload) or is_ref(message.reply):
+        if is_encoded(message.payload) or is_encoded(message.reply):
+            run_id = message.workflow_run_id
             loaded = {
-                "payload": await self._get_payload(message.payload),
-                "reply": await self._get_payload(message.reply),
+                "payload": await self._get_payload(message.payload, run_id),
+                "reply": await self._get_payload(message.reply, run_id),
             }
             message = evolve(message, loaded)
         return message

@@ -48,6 +48,7 @@ from treadle.kernel.handlers.common import (
     fail_stage_for_good,
     group_input,
     load_run,
+    lost_input,
 )
 from treadle.kernel.handlers.effects import commit_stage_extras
 from treadle.kernel.handlers.leases import settle_lease
@@ -388,7 +389,10 @@ def _build_context(
     failure: _Outcome | None = None
     value: Any = None
     adapter = s.definition.input_adapter
-    if adapter is not None:
+    lost = lost_input(s.run, s.stages, s.stage)  # an offloaded input whose blob is gone
+    if lost is not None:
+        failure = _Outcome("failed", error=lost)
+    elif adapter is not None:
         try:
             # The adapter's validator itself, as ``validate_output`` uses its serializer:
             # ``TypeAdapter.validate_python`` only forwards its default keywords to it.

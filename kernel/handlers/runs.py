@@ -10,11 +10,18 @@ from treadle.kernel.errors import (
     InvalidStateError,
     NotSupportedError,
     StageNotFoundError,
+    describe_exception,
 )
 from treadle.kernel.events import EventBase, WorkflowCancelled, WorkflowCreated, WorkflowStarted
-from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run, run_ended
+from treadle.kernel.handlers.common import (
+    apply_transition,
+    enqueue_stages,
+    fail_run,
+    load_run,
+    run_ended,
+)
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
-from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.model import MissingPayload, Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
 from treadle.kernel.workflows.deadline import request as request_execution_timeout
 from treadle.kernel.workflows.saga import compensate_on_cancel
@@ -177,6 +184,8 @@ async def claim_pending(
         if cached is not None:
             return cast("c.RunClaimPendingResult", cached)
         runs = await tx.claim_pending_runs(cmd.max_claims)
+        if any(type(run.input) is MissingPayload for run in runs):
+            runs = await _fail_lost_inputs(deps, tx, runs, now, scope.causation_id)
         claimed: list[c.ClaimedRun] | None = None
         if deps.settings.group_commit and len(runs) > 1:
             # All runs' reads in one statement, their writes collected and flushed one
@@ -205,6 +214,23 @@ async def claim_pending(
     for s in started:  # only once their start has committed
         deps.chains.keep(s.job.id, cmd.worker_id, s)
     return result
+
+
+async def _fail_lost_inputs(
+    deps: Deps, tx: Transaction, runs: list[Run], now: datetime, causation_id: str | None
+) -> list[Run]:
+    """Fail, instead of starting, each run whose input was offloaded and its blob is gone
+    (storage read it as a ``MissingPayload``): its error names the run and the key. Returns
+    the runs left to claim, so the lost input of one run never stops the claim of others."""
+    kept: list[Run] = []
+    for run in runs:
+        if type(run.input) is not MissingPayload:
+            kept.append(run)
+            continue
+        error = describe_exception(run.input.error())
+        deps.logger.warning("claim.payload_missing", run_id=run.id, error=error)
+        await fail_run(deps, tx, run, await tx.get_stages(run.id), error, now, causation_id)
+    return kept
 
 
 async def _claim_runs(

@@ -35,7 +35,7 @@ from treadle.kernel.errors import (
 from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, outputs_of
 from treadle.kernel.handlers.jobs import validate_output
-from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.model import MissingPayload, Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows import deadline
 
 if TYPE_CHECKING:
@@ -157,6 +157,8 @@ async def _check(
     check = getattr(definition, "check_fn", None)
     if definition is None or check is None:
         return Failed(message=f"stage {stage.stage_id!r} has no check_completion function")
+    if type(stage.suspended_state) is MissingPayload:  # offloaded, and its blob is gone
+        return Failed(message=describe_exception(stage.suspended_state.error()))
     config = None
     if definition.config_model is not None:
         config = definition.config_model.model_validate(run.config.get(stage.stage_id, {}))

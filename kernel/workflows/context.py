@@ -37,6 +37,7 @@ from treadle.kernel.errors import (
     InvalidPayloadError,
     NonDeterminismError,
     OutputValidationError,
+    PayloadMissingError,
     StepFailedError,
     StepTimeoutError,
     TreadleValidationError,
@@ -845,6 +846,8 @@ class WorkflowContext:
         wait_input = entry.input if entry is not None else None
         try:
             message = await self._writer.peek_message(kind, name)
+        except PayloadMissingError as exc:  # its offloaded payload is gone: the run fails
+            raise self._stop(Interrupt("fatal", error=exc)) from exc
         except Exception as exc:
             raise self._stop(Interrupt("crash", error=exc)) from exc
         if message is not None:

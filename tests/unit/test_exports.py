@@ -29,6 +29,7 @@ EXPECTED: dict[str, set[str]] = {
         "Failed",
         "Kernel",
         "NotReady",
+        "PayloadMissingError",
         "Ready",
         "RetryPolicy",
         "Run",
