@@ -143,6 +143,9 @@ class JobExecuteResult(ResultBase):
     chained_job: Job | None = None
     """With ``chain=True``: the next stage's job, leased to this worker and already
     started (stage RUNNING, ``stage:started`` committed); execute it with ``job.execute``."""
+    queued_jobs: int = 0
+    """Jobs this commit queued for any worker to take now (a parallel group's stages
+    beyond the chained one): a host with free slots should dequeue at once."""
 
 
 # -- job.release ------------------------------------------------------------

@@ -89,6 +89,7 @@ async def execute_job(
     stopping: Callable[[], bool] | None = None,
     retries: ReleaseRetries | None = None,
     on_due: Callable[[datetime], None] | None = None,
+    on_queued: Callable[[], None] | None = None,
 ) -> c.JobExecuteResult | None:
     """Run ``job.execute`` for a job this worker leased, heartbeating meanwhile.
 
@@ -106,7 +107,9 @@ async def execute_job(
     job whose execution keeps being cancelled still ends after ``max_attempts``. An
     execution that raised is released as ``errored`` too. ``retries``: where releases
     that fail (storage down) go to be retried with backoff. ``on_due``: told the time
-    a result's retry or suspension falls due (``next_poll_at``), so the host wakes then.
+    a result's retry or suspension falls due (``next_poll_at``), so the host wakes then;
+    ``on_queued``: called when a commit queued jobs for any worker (``queued_jobs``), so
+    a host with free slots dequeues them now rather than at its next poll.
 
     ``chain``: while it returns true, each execution asks the kernel to lease the run's
     next stage to this worker in its result's commit (``JobExecute.chain``), and the
@@ -137,8 +140,11 @@ async def execute_job(
                 stopping=stopping,
                 retries=retries,
             )
-            if on_due is not None and result is not None and result.next_poll_at is not None:
-                on_due(result.next_poll_at)  # a retry backoff or a suspension: due then
+            if result is not None:
+                if on_due is not None and result.next_poll_at is not None:
+                    on_due(result.next_poll_at)  # a retry backoff or a suspension: due then
+                if on_queued is not None and result.queued_jobs:
+                    on_queued()  # a parallel group's other stages: take them now
             first = result if current is job else first
             current = result.chained_job if result is not None else None
             if current is not None and not (chain is not None and chain()):

@@ -438,6 +438,7 @@ class Worker:
                 stopping=self._stop_event.is_set,
                 retries=self._releases,
                 on_due=self.note_due,
+                on_queued=self._jobs_queued,
             ),
             name=f"job:{job.id}",
         )
@@ -479,6 +480,11 @@ class Worker:
             return None
         self._reserved += 1
         return SlotLoan(self, self._taken)
+
+    def _jobs_queued(self) -> None:
+        """This worker's commit queued jobs (a parallel group): dequeue them now."""
+        self._queue_empty_until = 0.0
+        self._job_wake.set()
 
     def _may_chain(self) -> bool:
         """A finished stage's slot takes its run's next stage directly (leased in the

@@ -663,6 +663,9 @@ async def _commit_in(
         chained = await start_leased(
             deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
         )
+    queued = 0
+    if decision.action == "advanced" and decision.next_group is not None:
+        queued = len(s.wf.groups[decision.next_group]) - (decision.leased is not None)
     if result is None:
         # ``construct``: the output was validated and dumped by ``validate_output``.
         result = construct(
@@ -673,10 +676,11 @@ async def _commit_in(
                 "stage_id": stage_id,
                 "output": outcome.output,
                 "chained_job": decision.leased,
+                "queued_jobs": queued,
             },
         )
-    elif decision.leased is not None:
-        result = evolve(result, {"chained_job": decision.leased})
+    elif decision.leased is not None or queued:
+        result = evolve(result, {"chained_job": decision.leased, "queued_jobs": queued})
     if scope.key is not None:  # a chained stage's command has no key: no coroutine to make
         await scope.complete(tx, result)
     return result, chained

@@ -5,6 +5,7 @@ job poll 10 s. On memory, SQLite and PostgreSQL, with the real clock."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -100,3 +101,43 @@ async def test_a_durable_sleep_ends_on_time(url: str) -> None:
     """A code workflow's ctx.sleep resumes about DUE later, not at the next tick."""
     took = await _took(url, "sleeper")
     assert DUE <= took < DUE + LATE
+
+
+STARTED: dict[str, Any] = {}
+
+
+@define_stage(id="split", input=N, output=N)
+async def split(ctx: StageContext[N, None]) -> N:
+    STARTED["left"] = asyncio.Event()
+    STARTED["right"] = asyncio.Event()
+    return ctx.input
+
+
+@define_stage(id="left", input=N, output=N)
+async def left(ctx: StageContext[N, None]) -> N:
+    STARTED["left"].set()
+    await asyncio.wait_for(STARTED["right"].wait(), 5)  # both run at once, or this fails
+    return ctx.input
+
+
+@define_stage(id="right", input=N, output=N)
+async def right(ctx: StageContext[N, None]) -> N:
+    STARTED["right"].set()
+    await asyncio.wait_for(STARTED["left"].wait(), 5)
+    return ctx.input
+
+
+WORKFLOWS.append(WorkflowBuilder("fan", input=N).pipe(split).parallel([left, right]).build())
+
+
+async def test_a_parallel_groups_other_stages_start_at_once(url: str) -> None:
+    """The commit that chains one stage of a parallel group to this worker also wakes
+    its job loop for the others: both stages run at the same time, though the job poll
+    is 10 s away."""
+    async with (
+        await Engine.open(url, workflows=WORKFLOWS) as engine,
+        engine.worker(orchestration_interval=30.0, job_poll_interval=10.0),
+    ):
+        handle = await engine.start("fan", {"n": 1})
+        output = await handle.result(timeout=WAIT)
+    assert output == {"left": {"n": 1}, "right": {"n": 1}}
