@@ -155,12 +155,13 @@ def test_sigterm_past_the_drain_timeout_releases_the_job(
     run, events = _finished_run(db, run_id)
     successor.signal(signal.SIGTERM)
     assert successor.exit_code() == 0
-    assert run.output == {"name": "doc-1", "attempt": 2}
+    # The shutdown refunded the attempt: the successor runs attempt 1 again.
+    assert run.output == {"name": "doc-1", "attempt": 1}
     assert _stage_events(events, stage) == [
         ("stage:started", 1),
         ("stage:failed", 1),
-        ("stage:started", 2),
-        ("stage:completed", 2),
+        ("stage:started", 1),
+        ("stage:completed", 1),
     ]
     (released,) = [e for e in events if e.type == "stage:failed"]
     assert released.error.startswith("released: worker 'w-released'")
@@ -186,4 +187,4 @@ def test_second_signal_exits_at_once(
     run, _ = _finished_run(sqlite_db, run_id)
     successor.signal(signal.SIGTERM)
     assert successor.exit_code() == 0
-    assert run.output == {"name": "doc-1", "attempt": 2}
+    assert run.output == {"name": "doc-1", "attempt": 1}  # the release refunded attempt 1
