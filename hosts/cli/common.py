@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import typer
 
 from treadle.kernel.errors import TreadleError
+from treadle.kernel.limits import MAX_DEPTH
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -131,6 +132,8 @@ def parse_json(text: str | None, what: str) -> Any:
         return json.loads(source)
     except json.JSONDecodeError as exc:
         fail(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    except RecursionError:
+        fail(f"{what} is nested too deeply: Treadle stores at most {MAX_DEPTH} levels")
 
 
 def load_app(app: str | None, *, required: bool) -> list[WorkflowDefinition]:

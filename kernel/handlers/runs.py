@@ -14,6 +14,7 @@ from treadle.kernel.errors import (
 from treadle.kernel.events import WorkflowCancelled, WorkflowCreated, WorkflowStarted
 from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run, run_ended
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
+from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
 from treadle.kernel.workflows.deadline import request as request_execution_timeout
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
 
 
 def _check_attributes(attributes: dict[str, Any]) -> None:
-    from treadle.kernel.annotations import validate_attributes
-
     validate_attributes(attributes, field="search_attributes")
 
 

@@ -104,3 +104,29 @@ def test_unexpected_errors_are_one_line_too(
     monkeypatch.setattr(Engine, "list", boom)
     line = one_error_line(invoke("runs", "list", app=None))
     assert line == "error: RuntimeError: surprise"
+
+
+@pytest.mark.parametrize("levels", [1_000, 100_000])
+def test_deeply_nested_input_is_one_line(invoke: Invoke, levels: int) -> None:
+    """JSON nested past what Treadle stores is one line naming INPUT and the limit, not a
+    RecursionError (json.loads) or a raw serialisation error."""
+    line = one_error_line(invoke("start", "greeter", "[" * levels + "]" * levels))
+    assert line.startswith("error: INPUT is nested too deeply")
+    assert "128 levels" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "problem"),
+    [
+        ('{"name": "a\\u0000b"}', "input.name", "contains a NUL character"),
+        ('{"name": "\\ud800"}', "input.name", "contains a lone surrogate"),
+        ('{"name": "x", "extra": NaN}', "input.extra", "nan is not a JSON number"),
+    ],
+)
+def test_unstorable_input_is_one_line_naming_the_field(
+    invoke: Invoke, text: str, field: str, problem: str
+) -> None:
+    """A NUL, a lone surrogate or NaN in INPUT: one validation line naming the field."""
+    line = one_error_line(invoke("start", "greeter", text))
+    assert f"{field}: {problem}" in line
+    assert "InvalidInputError" in line
