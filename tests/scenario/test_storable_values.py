@@ -15,6 +15,8 @@ from pydantic import BaseModel
 from treadle import (
     Engine,
     RetryPolicy,
+    RunStatus,
+    StageStatus,
     WorkflowBuilder,
     WorkflowContext,
     define_stage,
@@ -27,7 +29,7 @@ from treadle.kernel.errors import (
     TreadleValidationError,
 )
 from treadle.kernel.limits import MAX_DEPTH
-from treadle.tests.scenario.helpers import run_events, worker
+from treadle.tests.scenario.helpers import run_events, until_status, worker
 
 
 def nested(levels: int) -> Any:
@@ -156,3 +158,44 @@ async def test_signal_and_update_refuse_unstorable_payloads_on_every_backend(
         await engine.signal(handle.run_id, "go", signal)
         assert await engine.update(handle.run_id, "ask", ["\u2028"], timeout=20) == ["\u2028"]
         assert await handle.result(timeout=20) == {"signal": signal, "update": ["\u2028"]}
+
+
+async def test_an_unstorable_stage_output_fails_the_stage_once_naming_the_field(
+    engine: Engine,
+) -> None:
+    """A pipeline stage returning a NUL character fails at once (no retry: the same value
+    would come back), naming the output field, on every backend; nothing of it is stored."""
+    async with worker(engine):
+        handle = await engine.start("emit", {})
+        await until_status(engine, handle.run_id, RunStatus.FAILED)
+    run = await engine.get_run(handle.run_id)
+    assert CALLS == {"emit": 1}
+    (stage,) = run.stages
+    assert stage.status is StageStatus.FAILED
+    assert stage.attempt == 1
+    assert stage.output is None
+    assert "OutputValidationError" in (stage.error or "")
+    assert "output.text: contains a NUL character" in (run.error or "")
+
+
+async def test_an_unstorable_step_result_fails_the_step_under_its_policy(
+    engine: Engine,
+) -> None:
+    """Issue 10 item 6: a code-workflow step returning a NUL string fails as a step failure
+    (not as a storage crash retried ten times): once, naming the field, and the run FAILS."""
+    async with worker(engine):
+        handle = await engine.start("stepper", {})
+        await until_status(engine, handle.run_id, RunStatus.FAILED)
+    run = await engine.get_run(handle.run_id)
+    assert CALLS == {"nul_result": 1}
+    assert "StepFailedError" in (run.error or "")
+    assert "result: contains a NUL character" in (run.error or "")
+    (entry,) = await engine.journal(handle.run_id)
+    assert (entry.name, entry.status.value, entry.attempts, entry.result) == (
+        "nul",
+        "FAILED",
+        1,
+        None,
+    )
+    failed = [e for e in await run_events(engine, handle.run_id) if e.type == "step:failed"]  # type: ignore[attr-defined]
+    assert [e.will_retry for e in failed] == [False]  # type: ignore[attr-defined]
