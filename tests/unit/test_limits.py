@@ -151,3 +151,20 @@ def test_durations_within_the_bounds() -> None:
     assert to_duration(0, "t", least="zero") == timedelta(0)
     assert to_duration(-5, "t", least="any") == timedelta(seconds=-5)
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e15, timedelta.max])
+def test_definitions_refuse_durations_out_of_range(bad: Any) -> None:
+    """At definition time: a workflow's execution_timeout and a stage's timeout are a
+    DefinitionError naming the workflow or stage and the option; RetryPolicy's delays a
+    pydantic error naming the field (not a ValueError or OverflowError later)."""
+    from pydantic import ValidationError
+
+    from treadle import RetryPolicy, define_stage, workflow
+    from treadle.kernel.errors import DefinitionError
+
+    with pytest.raises(DefinitionError, match=r"workflow 'capped': execution_timeout must"):
+        workflow(id="capped", input=Any, execution_timeout=bad)
+    with pytest.raises(DefinitionError, match=r"stage 'slow': timeout must"):
+        define_stage(id="slow", input=Any, output=Any, timeout=bad)(lambda ctx: None)
+    with pytest.raises(ValidationError, match="max_delay"):
+        RetryPolicy(max_delay=bad)
