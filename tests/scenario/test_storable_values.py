@@ -199,3 +199,17 @@ async def test_an_unstorable_step_result_fails_the_step_under_its_policy(
     )
     failed = [e for e in await run_events(engine, handle.run_id) if e.type == "step:failed"]  # type: ignore[attr-defined]
     assert [e.will_retry for e in failed] == [False]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "cap", [float("nan"), float("inf"), 1e15, timedelta.max, timedelta(days=4000)]
+)
+async def test_an_out_of_range_execution_timeout_is_refused_at_start(
+    engine: Engine, cap: Any
+) -> None:
+    """NaN, infinity, 1e15 s and timedelta.max: a TreadleValidationError naming
+    execution_timeout (not ValueError or OverflowError), and no run."""
+    with pytest.raises(TreadleValidationError) as info:
+        await engine.start("stepper", {}, execution_timeout=cap)
+    assert info.value.errors[0][0] == "execution_timeout"
+    assert await engine.list() == []
