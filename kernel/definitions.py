@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
-from treadle.kernel.limits import Duration, dump_json, precheck, safe_text, to_duration, to_json
+from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to_json
 from treadle.kernel.model import JsonValue
 from treadle.kernel.retry import DEFAULT_RETRY, RetryPolicy
+from treadle.kernel.text import safe_text
 
 if TYPE_CHECKING:
     from treadle.kernel.context import StageContext

@@ -65,7 +65,7 @@ def _key(key: str) -> str:
     return f".{key}" if _IDENTIFIER.match(key) else f"[{key!r}]"
 
 
-_JSON_BASES = (str, int, float, dict, list, tuple)
+_JSON_BASES: tuple[type[Any], ...] = (str, int, float, dict, list, tuple)
 _PLAIN = frozenset({str, int, float, dict, list, tuple, bool, type(None)})
 
 
@@ -167,7 +167,8 @@ def _sequence(value: list[Any] | tuple[Any, ...], depth: int, strict: bool) -> b
 
 
 def _base(value: Any) -> Any:
-    for base in (bool, str, int, float, dict, list, tuple):
+    """A subclass's value as its JSON base type (``bool`` has no subclasses)."""
+    for base in _JSON_BASES:
         if isinstance(value, base):
             return base(value)
     return value  # pragma: no cover - the caller checked one of them

@@ -54,12 +54,12 @@ from treadle.kernel.limits import (
     check_json,
     dump_json,
     precheck,
-    text_problem,
     to_duration,
     to_json,
 )
 from treadle.kernel.model import JsonValue, evolve
 from treadle.kernel.retry import RetryPolicy
+from treadle.kernel.text import text_problem
 from treadle.kernel.workflows.model import (
     ChildStart,
     InboxMessage,

@@ -56,7 +56,5 @@ async def test_test_engine_start_refuses_what_engine_start_refuses(
     assert type(test_engine_error.value) is type(engine_error.value)
     assert test_engine_error.value.errors == engine_error.value.errors
     assert test_engine_error.value.errors[0][0] == field
-    assert str(test_engine_error.value).replace("TestEngine.", "Engine.") == str(
-        engine_error.value
-    )
+    assert str(test_engine_error.value).replace("TestEngine.", "Engine.") == str(engine_error.value)
     assert te.persistence.runs == {}
