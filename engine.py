@@ -37,10 +37,19 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.kernel import Kernel, KernelSettings
 from treadle.kernel.limits import validate_attributes
-from treadle.kernel.model import Annotation, JsonValue, LogRecord, Run, RunFilter, RunStatus
+from treadle.kernel.model import (
+    Annotation,
+    JsonValue,
+    LogRecord,
+    MissingPayload,
+    Run,
+    RunFilter,
+    RunStatus,
+)
 from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
-from treadle.runtime.worker import Worker
+from treadle.runtime.run_waiters import RunWaiters
+from treadle.runtime.worker import SlotLoan, Worker
 
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase
@@ -118,13 +127,19 @@ def _filter(
 class RunHandle:
     """A started run: ``run_id``, and ``await handle.result()`` for its output.
 
-    Holds no state beyond the id, so a handle made later (``engine.handle(run_id)``,
-    another process) behaves the same as the one ``start`` returned.
+    Holds no state beyond the id (and whether ``start`` handed the run to a worker of
+    this engine, which only slows its fallback polling), so a handle made later
+    (``engine.handle(run_id)``, another process) behaves the same as the one ``start``
+    returned.
     """
 
-    def __init__(self, engine: Engine, run_id: str) -> None:
+    def __init__(self, engine: Engine, run_id: str, *, local: bool = False) -> None:
         self.engine = engine
         self.run_id = run_id
+        self._local = local
+        """The start handed the run to a worker of this engine: its end is heard here, so
+        ``result`` polls only as a slow fallback (the worker may stop and another process
+        finish the run)."""
 
     def __repr__(self) -> str:
         return f"RunHandle(run_id={self.run_id!r})"
@@ -143,33 +158,44 @@ class RunHandle:
         still running is not finished yet: the error comes once they are, and names
         their outcome.
 
-        Polls storage with a capped backoff, so it works whichever process or worker
-        executes the run; a short run answers within milliseconds.
+        Wakes when the run ends: at once when it ends in this process (the storage
+        adapter tells the engine after the commit), through ``LISTEN/NOTIFY`` on
+        PostgreSQL when another process ends it. Polling storage with a capped backoff
+        (5 ms doubling to 1 s) is the fallback, so it works whichever process or worker
+        executes the run.
         """
         limit = None if timeout is None else _seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
-        delay = _RESULT_FIRST_POLL
+        delay = _RESULT_MAX_POLL if self._local else _RESULT_FIRST_POLL
+        waiters = self.engine.run_waiters
         while True:
-            run = await self.engine.get_run(self.run_id, with_stages=False)
-            if run.status is RunStatus.COMPLETED:
-                return run.output
-            if run.status is RunStatus.FAILED:
-                raise RunFailedError(run.id, run.error)
-            compensating = False
-            if run.status is RunStatus.CANCELLED:
-                # A cancelled code workflow with a saga is CANCELLED at once, but its
-                # compensations still run: answer once they have, with their outcome.
-                run = await self.engine.get_run(self.run_id)
-                compensating = any(not stage.status.terminal for stage in run.stages)
-                if not compensating:
-                    raise RunCancelledError(run.id, run.error)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    state = "CANCELLED and compensating" if compensating else run.status.value
-                    raise TimeoutError(f"run {run.id!r} is still {state} after {limit:g}s")
-                delay = min(delay, remaining)
-            await asyncio.sleep(delay)
+            # Registered before the read, so an end committed in between still wakes us.
+            woken = waiters.waiter(self.run_id)
+            try:
+                run = await self.engine.get_run(self.run_id, with_stages=False)
+                if run.status is RunStatus.COMPLETED:
+                    if type(run.output) is MissingPayload:  # offloaded, and its blob is gone
+                        raise run.output.error()
+                    return run.output
+                if run.status is RunStatus.FAILED:
+                    raise RunFailedError(run.id, run.error)
+                compensating = False
+                if run.status is RunStatus.CANCELLED:
+                    # A cancelled code workflow with a saga is CANCELLED at once, but its
+                    # compensations still run: answer once they have, with their outcome.
+                    run = await self.engine.get_run(self.run_id)
+                    compensating = any(not stage.status.terminal for stage in run.stages)
+                    if not compensating:
+                        raise RunCancelledError(run.id, run.error)
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        state = "CANCELLED and compensating" if compensating else run.status.value
+                        raise TimeoutError(f"run {run.id!r} is still {state} after {limit:g}s")
+                    delay = min(delay, remaining)
+                await asyncio.wait([woken], timeout=delay)
+            finally:
+                waiters.forget(self.run_id, woken)
             delay = min(delay * 2, _RESULT_MAX_POLL)
 
 
@@ -185,6 +211,10 @@ class Engine:
         self.backend = backend
         self._workers: weakref.WeakSet[Worker] = weakref.WeakSet()
         self._closed = False
+        self.run_waiters = RunWaiters(
+            kernel.deps.persistence, backend.wake_source if backend is not None else None
+        )
+        """Where ``RunHandle.result`` waits for its run to end (see ``runtime.run_waiters``)."""
 
     @classmethod
     async def open(
@@ -248,6 +278,7 @@ class Engine:
         self._closed = True
         workers = builtins.list(self._workers)
         await asyncio.gather(*(w.stop() for w in workers))
+        self.run_waiters.close()
         if self.backend is not None:
             await self.backend.close()
 
@@ -316,9 +347,31 @@ class Engine:
             search_attributes=search_attributes,
             execution_timeout=execution_timeout,
         )
-        result = await self.kernel.dispatch(command)
-        self._notify()
-        return RunHandle(self, result.workflow_run_id)
+        loan = self._lend_slot()
+        if loan is None:
+            result = await self.kernel.dispatch(command)
+            self._notify()
+            return RunHandle(self, result.workflow_run_id)
+        # A worker of this engine has a free slot: the run is claimed for it in the start's
+        # own commit and its first stage runs there at once (no claim, no wake-up).
+        job = None
+        try:
+            result = await self.kernel.dispatch(
+                command.model_copy(update={"claim_for": loan.worker_id})
+            )
+            job = result.chained_job
+        finally:
+            loan.settle(job)
+        if job is None:
+            self._notify()  # not claimed here (an existing run, a stopping worker)
+        return RunHandle(self, result.workflow_run_id, local=job is not None)
+
+    def _lend_slot(self) -> SlotLoan | None:
+        for worker in builtins.list(self._workers):
+            loan = worker.lend_slot()
+            if loan is not None:
+                return loan
+        return None
 
     async def start_or_signal(
         self,

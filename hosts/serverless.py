@@ -378,6 +378,7 @@ class ServerlessHost:
             "workflow_run_id": job.workflow_run_id,
             "stage_id": job.stage_id,
         }
+        cut_off = False  # set just before this host cancels the execution itself
         task = asyncio.ensure_future(
             execute_job(
                 self.kernel,
@@ -385,12 +386,14 @@ class ServerlessHost:
                 worker_id=self.worker_id,
                 heartbeat_interval=self.heartbeat_interval,
                 logger=self.log,
+                stopping=lambda: cut_off,
             )
         )
         timeout = None if until is None else max(0.0, until - time.monotonic())
         done, _ = await asyncio.wait([task], timeout=timeout)
         if not done:
-            task.cancel()  # execute_job releases the job before re-raising
+            cut_off = True
+            task.cancel()  # execute_job releases the job (attempt refunded) before re-raising
             await asyncio.wait([task])
             self.log.warning("serverless.job_released", job_id=job.id, reason="deadline")
             return JobOutcome(status="released", reason="deadline", **base)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -32,10 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from treadle.adapters.logging import structlog_logger
+from treadle.adapters.urls import redact_url, scrub
 from treadle.hosts.app import load_workflows
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
-from treadle.runtime.backends import _redact, open_backend
+from treadle.runtime.backends import open_backend
 from treadle.runtime.threads import StageThreadPool
 from treadle.runtime.worker import Worker, default_worker_id
 
@@ -48,6 +50,11 @@ EXIT_BAD_CONFIG = 2
 FORCED_EXIT_GRACE = 2.0
 """Seconds a forced exit (second signal) spends releasing cancelled jobs and closing the
 backend before giving up; whatever is left is recovered by lease expiry."""
+
+MAX_SECONDS = 1e9
+"""The longest duration option (about 31 years; ``treadle worker``'s options have the
+same bound): a longer one, or ``inf``, would overflow the ``timedelta`` that the
+maintenance tick takes from today's date, and crash every tick."""
 
 EXTRA_THREADS = 4
 """Threads beyond ``concurrency`` in the stage pool, for blob-store file I/O and the
@@ -84,7 +91,7 @@ def main(
                 stale_lease_threshold=stale_lease_threshold,
             )
         except (TreadleError, ValueError) as exc:
-            _error_line(exc)
+            _error_line(exc, db)
             return EXIT_BAD_CONFIG
         return host.run()
     finally:
@@ -190,7 +197,7 @@ class WorkerHost:
         try:
             backend = await open_backend(self.db)
         except TreadleError as exc:
-            _error_line(exc)
+            _error_line(exc, self.db)
             return EXIT_STARTUP_FAILED
         try:
             kernel = backend.kernel(
@@ -216,7 +223,7 @@ class WorkerHost:
             await worker.start()
             self.log.info(
                 "worker.ready",
-                db=_redact(self.db),
+                db=redact_url(self.db),
                 backend=backend.kind,
                 workflows=sorted(wf.id for wf in self.workflows),
                 pid=os.getpid(),
@@ -260,13 +267,19 @@ class WorkerHost:
 def _check_seconds(name: str, value: object, *, positive: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value > MAX_SECONDS:
+        raise ValueError(
+            f"{name} must be a finite number of seconds up to {MAX_SECONDS:g}, got {value!r}"
+        )
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} seconds, got {value!r}")
 
 
-def _error_line(exc: BaseException) -> None:
+def _error_line(exc: BaseException, db: str) -> None:
+    """One stderr line for a failure to start; any credential of ``db`` that a driver's
+    message repeats is hidden."""
     text = exc.message if isinstance(exc, TreadleError) else str(exc)
-    print(f"treadle worker: {' '.join(text.split())}", file=sys.stderr, flush=True)
+    print(f"treadle worker: {' '.join(scrub(text, db).split())}", file=sys.stderr, flush=True)
 
 
 def _configure_logging() -> Any:

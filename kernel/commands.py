@@ -46,12 +46,19 @@ class RunCreate(CommandBase):
     execution_timeout: Duration | None = Field(default=None, gt=timedelta(0))
     """Code workflows: this run's cap on wall-clock time from its start, overriding the
     workflow's ``execution_timeout``."""
+    claim_for: str | None = Field(default=None, min_length=1)
+    """A worker (in the caller's process) with a free slot: the new run is claimed for it
+    in the same transaction, its first stage leased to it and started, and returned as
+    ``chained_job`` for that worker to execute (a start then a claim in one commit)."""
 
 
 class RunCreateResult(ResultBase):
     workflow_run_id: str
     status: RunStatus
     created: bool = True
+    chained_job: Job | None = None
+    """With ``claim_for``: the first stage's job, leased to that worker and started;
+    execute it with ``job.execute`` (or release it). Never replayed from the cache."""
 
 
 # -- run.claimPending -------------------------------------------------------
@@ -137,6 +144,32 @@ class JobExecuteResult(ResultBase):
     chained_job: Job | None = None
     """With ``chain=True``: the next stage's job, leased to this worker and already
     started (stage RUNNING, ``stage:started`` committed); execute it with ``job.execute``."""
+    queued_jobs: int = 0
+    """Jobs this commit queued for any worker to take now (a parallel group's stages
+    beyond the chained one): a host with free slots should dequeue at once."""
+
+
+# -- job.release ------------------------------------------------------------
+class JobRelease(CommandBase):
+    """Hand back a leased job without a verdict from its stage (see ``handlers/leases.py``).
+
+    ``reason``: ``interrupted`` when the host stops on purpose (the attempt is refunded
+    and the job is available at once); ``errored`` when ``job.execute`` raised (the
+    attempt counts: retry backoff, or the stage fails once ``max_attempts`` is used)."""
+
+    type: Literal["job.release"] = "job.release"
+    job_id: str = Field(min_length=1)
+    worker_id: str = Field(min_length=1)
+    attempt: int = Field(ge=1)
+    """The lease's ``Job.attempts``: a release meant for an earlier lease changes nothing."""
+    reason: Literal["interrupted", "errored"]
+    error: str | None = Field(default=None, max_length=10_000)
+
+
+class JobReleaseResult(ResultBase):
+    released: bool
+    """False when the lease was no longer this worker's (committed, reaped, re-leased)."""
+    outcome: Literal["requeued", "failed"] | None = None
 
 
 # -- stage.pollSuspended ----------------------------------------------------
@@ -242,6 +275,7 @@ Command = Annotated[
     | RunCancel
     | RunRerunFrom
     | JobExecute
+    | JobRelease
     | StagePollSuspended
     | LeaseReapStale
     | RunReapStuck
@@ -264,6 +298,7 @@ COMMAND_TYPES: dict[str, type[CommandBase]] = {
         RunCancel,
         RunRerunFrom,
         JobExecute,
+        JobRelease,
         StagePollSuspended,
         LeaseReapStale,
         RunReapStuck,
@@ -282,6 +317,7 @@ RESULT_TYPES: dict[str, type[ResultBase]] = {
     "run.cancel": RunCancelResult,
     "run.rerunFrom": RunRerunFromResult,
     "job.execute": JobExecuteResult,
+    "job.release": JobReleaseResult,
     "stage.pollSuspended": StagePollSuspendedResult,
     "lease.reapStale": LeaseReapStaleResult,
     "run.reapStuck": RunReapStuckResult,

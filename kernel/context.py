@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from treadle.kernel.errors import TreadleError
 from treadle.kernel.limits import to_json, validate_attributes
-from treadle.kernel.model import JsonValue
+from treadle.kernel.model import JsonValue, MissingPayload
 from treadle.kernel.text import safe_text
 
 if TYPE_CHECKING:
@@ -252,6 +252,8 @@ class StageContext(Generic[InT, ConfigT]):
 
     def _parse(self, stage_id: str) -> Any:
         raw = self._outputs[stage_id]
+        if type(raw) is MissingPayload:  # offloaded, and its blob is gone: not retried
+            raise raw.error()
         stage = self._workflow.stage(stage_id)
         if stage is None:
             return raw

@@ -11,9 +11,9 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, field_validator
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
@@ -45,27 +45,42 @@ class Suspend(BaseModel):
 
 class Ready(BaseModel):
     """The awaited work is done. With ``output`` the stage completes with it; without,
-    the body runs again and reads ``ctx.resume_state``."""
+    the body runs again and reads ``ctx.resume_state``. ``Ready(output)`` or
+    ``Ready(output=...)``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     output: Any = None
+
+    @overload
+    def __init__(self, output: Any, /) -> None: ...
+    @overload
+    def __init__(self, *, output: Any = None) -> None: ...
+    def __init__(self, *args: Any, **data: Any) -> None:
+        super().__init__(**_positional("Ready", "output", args, data))
 
 
 class NotReady(BaseModel):
     """Not done yet; poll again after the stage's poll interval."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     poll_interval: Duration | None = None
 
 
 class Failed(BaseModel):
-    """The awaited work failed for good."""
+    """The awaited work failed for good. ``Failed(message)`` or ``Failed(message=...)``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     message: str
+
+    @overload
+    def __init__(self, message: str, /) -> None: ...
+    @overload
+    def __init__(self, *, message: str) -> None: ...
+    def __init__(self, *args: Any, **data: Any) -> None:
+        super().__init__(**_positional("Failed", "message", args, data))
 
     @field_validator("message")
     @classmethod
@@ -74,11 +89,29 @@ class Failed(BaseModel):
         return safe_text(message)
 
 
+def _positional(
+    model: str, name: str, args: tuple[Any, ...], data: dict[str, Any]
+) -> dict[str, Any]:
+    """The keyword arguments with field ``name``, if given positionally, folded in."""
+    if not args:
+        return data
+    if len(args) > 1:
+        raise TypeError(
+            f"{model}() takes 1 positional argument ({name}) but {len(args)} were given"
+        )
+    if name in data:
+        raise TypeError(f"{model}() got {name!r} both positionally and by keyword")
+    return {name: args[0], **data}
+
+
 CheckResult = Ready | NotReady | Failed
 StageFn = Callable[["StageContext[Any, Any]"], Any]
 CheckFn = Callable[[Any, "StageContext[Any, Any]"], Awaitable[CheckResult] | CheckResult]
 
 _NO_INPUT = "none"
+
+DEFAULT_MAX_CHECK_FAILURES = 5
+"""Completion checks in a row that may raise before the batch stage fails."""
 
 
 def _is_async(fn: Any) -> bool:
@@ -143,9 +176,11 @@ class StageDefinition:
 
 @dataclass(frozen=True, eq=False)
 class BatchStageDefinition(StageDefinition):
-    """A stage whose body may return ``Suspend``; ``check_completion`` polls it."""
+    """A stage whose body may return ``Suspend``; ``check_completion`` polls it.
+    ``max_check_failures`` checks in a row that raise fail the stage."""
 
     checks: list[CheckFn] = field(default_factory=list, repr=False)
+    max_check_failures: int = DEFAULT_MAX_CHECK_FAILURES
 
     @property
     def is_batch(self) -> bool:
@@ -237,13 +272,21 @@ def define_batch_stage(
     retry: RetryPolicy | None = None,
     timeout: timedelta | float | None = None,
     requires: Iterable[str] = (),
+    max_check_failures: int = DEFAULT_MAX_CHECK_FAILURES,
 ) -> Callable[[StageFn], BatchStageDefinition]:
     """Like ``define_stage``; the body may return ``Suspend(...)`` and the stage's
-    ``.check_completion`` decorator registers the poll function."""
+    ``.check_completion`` decorator registers the poll function. A check that raises is
+    tried again at the next poll; after ``max_check_failures`` such checks in a row (a
+    ``NotReady`` resets the count) the stage fails with the last error."""
+    if isinstance(max_check_failures, bool) or not isinstance(max_check_failures, int):
+        raise DefinitionError(f"stage {id!r}: max_check_failures must be an integer")
+    if max_check_failures < 1:
+        raise DefinitionError(f"stage {id!r}: max_check_failures must be at least 1")
 
     def wrap(fn: StageFn) -> BatchStageDefinition:
         return BatchStageDefinition(
-            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires)
+            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires),
+            max_check_failures=max_check_failures,
         )
 
     return wrap
@@ -312,16 +355,55 @@ class WorkflowDefinition:
         return {s.id: outputs.get(s.id) for s in stages}
 
 
-def _required_fields(model: Any) -> set[str] | None:
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return {name for name, f in model.model_fields.items() if f.is_required()}
-    return None
+def _alias_keys(alias: Any) -> list[str]:
+    """The top-level keys a validation alias reads: a plain alias, each choice of an
+    ``AliasChoices``, the first step of an ``AliasPath``."""
+    if isinstance(alias, str):
+        return [alias]
+    if isinstance(alias, AliasPath):
+        first = alias.path[0] if alias.path else None
+        return [first] if isinstance(first, str) else []
+    if isinstance(alias, AliasChoices):
+        return [key for choice in alias.choices for key in _alias_keys(choice)]
+    return []
 
 
-def _field_names(model: Any) -> set[str] | None:
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return set(model.model_fields)
-    return None
+def _required_keys(model: Any) -> dict[str, list[str]] | None:
+    """For each required field of a pydantic model, the top-level keys its validation
+    accepts, preferred first: its validation alias or alias, then its name where the
+    model validates by name (a field without alias, or ``populate_by_name`` /
+    ``validate_by_name`` set). ``None`` for anything else (not checked)."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    config = model.model_config
+    by_name = bool(config.get("populate_by_name") or config.get("validate_by_name"))
+    by_alias = config.get("validate_by_alias", True)
+    required: dict[str, list[str]] = {}
+    for name, info in model.model_fields.items():
+        if not info.is_required():
+            continue
+        alias = info.validation_alias if info.validation_alias is not None else info.alias
+        keys = _alias_keys(alias) if by_alias else []
+        if not keys or by_name:
+            keys.append(name)
+        required[name] = list(dict.fromkeys(keys))
+    return required
+
+
+def _dumped_keys(model: Any) -> set[str] | None:
+    """The top-level keys of a pydantic model's JSON form as the kernel stores it (by
+    alias only where the model serializes by alias); ``None`` for anything else."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None
+    by_alias = bool(model.model_config.get("serialize_by_alias"))
+    keys = {
+        (info.serialization_alias or info.alias or name) if by_alias else name
+        for name, info in model.model_fields.items()
+        if not info.exclude
+    }
+    for name, computed in model.model_computed_fields.items():
+        keys.add((computed.alias or name) if by_alias else name)
+    return keys
 
 
 class WorkflowBuilder:
@@ -399,28 +481,41 @@ class WorkflowBuilder:
         )
 
     def _check_schemas(self) -> None:
-        """Where both sides are pydantic models, the next stage's required input fields
-        must exist in what the previous group produces."""
+        """Where both sides are pydantic models, each required input field of the next
+        stage must be readable from what the previous group produces: its JSON keys, or
+        the stage ids of a parallel group. A field matches by the keys its validation
+        accepts (alias, ``AliasChoices``, name with ``populate_by_name``), as at run time."""
         for index, group in enumerate(self._groups):
             if index == 0:
-                provided = _field_names(self._input)
+                provided = _dumped_keys(self._input)
                 source = "the workflow input"
             elif len(self._groups[index - 1]) == 1:
                 prev = self._groups[index - 1][0]
-                provided = _field_names(prev.output_model)
+                provided = _dumped_keys(prev.output_model)
                 source = f"stage {prev.id!r}"
             else:
                 provided = {s.id for s in self._groups[index - 1]}
                 source = f"parallel group {index - 1}"
+            keyed_by_stage = index > 0 and len(self._groups[index - 1]) > 1
             if provided is None:
                 continue
             for stage in group:
                 if not stage.reads_input:
                     continue
-                required = _required_fields(stage.input_model)
-                missing = sorted((required or set()) - provided)
-                if missing:
+                required = _required_keys(stage.input_model) or {}
+                unmet = {n: keys for n, keys in required.items() if not provided & set(keys)}
+                if unmet:
+                    missing = sorted(keys[0] for keys in unmet.values())
+                    hint = ""
+                    if not keyed_by_stage and provided & set(
+                        unmet
+                    ):  # written by name, read by alias
+                        hint = (
+                            "; the producer writes field names: set populate_by_name=True "
+                            f"on {stage.id!r}'s input model, or serialize_by_alias=True on "
+                            "the producing model"
+                        )
                     raise DefinitionError(
                         f"workflow {self._id!r}: stage {stage.id!r} needs input field(s) "
-                        f"{missing} that {source} does not produce"
+                        f"{missing} that {source} does not produce{hint}"
                     )

@@ -29,6 +29,9 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     ├── StageError                        raised *inside* stage bodies
     │   ├── NonRetryableError             user code: fail this stage without retrying
     │   ├── StageTimeoutError             a stage body ran past its timeout
+    │   ├── BodyInterruptedError          a stage or step body raised a BaseException that is
+    │   │                                 no Exception (KeyboardInterrupt, SystemExit, its own
+    │   │                                 CancelledError): a failed attempt (retryable)
     │   └── SuspendTimeoutError           a suspended stage waited past ``max_wait``
     ├── RunFailedError                    awaited a run's result; the run FAILED
     ├── RunCancelledError                 awaited a run's result; the run was CANCELLED
@@ -41,11 +44,13 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── WaitTimeoutError              a signal wait reached its timeout
     │   └── ChildWorkflowFailedError      a child run (``ctx.child``) failed or was cancelled
     └── StorageError                      a driver failure, translated at the adapter boundary
-        └── TransientStorageError         connection lost, serialization failure (retryable)
+        ├── TransientStorageError         connection lost, serialization failure (retryable)
+        └── PayloadMissingError           an offloaded value's blob is gone (fails its run only)
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -181,6 +186,41 @@ class StageTimeoutError(StageError):
     retryable = True
 
 
+class BodyInterruptedError(StageError):
+    """A stage or step body raised a ``BaseException`` that is not an ``Exception``:
+    ``KeyboardInterrupt``, ``SystemExit``, or a ``CancelledError`` it raised itself
+    (not the worker cancelling it). Recorded as that attempt's failure, under the
+    retry policy, so it can neither kill the worker nor loop forever."""
+
+    retryable = True
+
+
+class SimulatedCrash(BaseException):
+    """Not an error: raise it from a stage or step (``treadle.testing`` exports it) to
+    stop the execution as a SIGKILL of the worker would, leaving its lease held and
+    nothing recorded. Every other ``BaseException`` from a body is a failed attempt
+    (``BodyInterruptedError``); this one is let through so tests can exercise crash
+    recovery in process."""
+
+
+def as_body_failure(exc: BaseException, where: str) -> BodyInterruptedError | None:
+    """What a ``BaseException`` out of a user body means: ``None`` when it must go on
+    up (our own task is being cancelled: the host stopping, a timeout firing), else the
+    failure to record. Told apart by who cancelled, not by the exception's type: a
+    ``CancelledError`` the body raised itself, or one from a task it awaited, arrives
+    while the running task has no cancellation pending. ``SimulatedCrash`` goes on up."""
+    if isinstance(exc, SimulatedCrash):
+        return None
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return None
+    text = str(exc)
+    return BodyInterruptedError(
+        f"{where} raised {type(exc).__name__}" + (f": {text}" if text else "")
+    )
+
+
 class SuspendTimeoutError(StageError):
     """A suspended stage was not ready within its ``max_wait``."""
 
@@ -264,6 +304,19 @@ class TransientStorageError(StorageError):
     """Connection loss, serialization failure or injected chaos; retrying may succeed."""
 
     retryable = True
+
+
+class PayloadMissingError(StorageError):
+    """A stored value was offloaded to the blob store and its blob is gone (deleted by
+    hand, lost with a bucket). Never retried: the value will not come back. It fails the
+    run or stage that needs the value, never a claim, a listing or another run; ``run_id``
+    (``None`` for a value of no run) and ``key`` say which value."""
+
+    def __init__(self, run_id: str | None, key: str) -> None:
+        of_run = f" of run {run_id!r}" if run_id is not None else ""
+        super().__init__(f"offloaded payload {key!r}{of_run} is missing from the blob store")
+        self.run_id = run_id
+        self.key = key
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -267,6 +267,14 @@ Event = Annotated[
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
+RUN_END_EVENTS = frozenset(
+    {"workflow:completed", "workflow:failed", "workflow:cancelled", "saga:compensated"}
+)
+"""Event types after which a run may be finished for a waiter (``RunHandle.result``):
+the run reached a terminal status, or a cancelled run's compensations are done.
+Adapters tell in-process watchers about them once their transaction commits."""
+
+
 def parse_event(data: Any) -> EventBase:
     """Parse stored JSON (a mapping or a JSON string) into its typed event."""
     if isinstance(data, str | bytes):

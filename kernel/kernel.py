@@ -191,7 +191,7 @@ Handler = Callable[[Deps, Any, Scope], Awaitable[Any]]
 
 def _handlers() -> dict[str, tuple[Handler, bool]]:
     """The one handler table: command type -> (handler, phased)."""
-    from treadle.kernel.handlers import jobs, maintenance, messages, outbox, runs, suspended
+    from treadle.kernel.handlers import jobs, leases, maintenance, messages, outbox, runs, suspended
 
     return {
         "run.create": (runs.create, False),
@@ -200,6 +200,7 @@ def _handlers() -> dict[str, tuple[Handler, bool]]:
         "run.cancel": (runs.cancel, False),
         "run.rerunFrom": (runs.rerun_from, False),
         "job.execute": (jobs.execute, True),
+        "job.release": (leases.release, False),
         "stage.pollSuspended": (suspended.poll_suspended, True),
         "lease.reapStale": (maintenance.reap_stale, False),
         "run.reapStuck": (maintenance.reap_stuck, False),
@@ -234,6 +235,8 @@ class Kernel:
     async def dispatch(self, command: c.RunRerunFrom) -> c.RunRerunFromResult: ...
     @overload
     async def dispatch(self, command: c.JobExecute) -> c.JobExecuteResult: ...
+    @overload
+    async def dispatch(self, command: c.JobRelease) -> c.JobReleaseResult: ...
     @overload
     async def dispatch(self, command: c.StagePollSuspended) -> c.StagePollSuspendedResult: ...
     @overload

@@ -7,14 +7,40 @@ same typed values. State changes produce new instances (``evolve``); the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from treadle.kernel.errors import PayloadMissingError
+
 JsonValue = Any
 """A value that survives ``json.dumps``/``json.loads`` unchanged."""
+
+
+@dataclass(frozen=True, slots=True)
+class MissingPayload:
+    """Stands in for a JSON value (a run's input or output, a stage's output or state)
+    that storage offloaded to the blob store and whose blob is gone.
+
+    A read that serves many runs (a claim, a listing, a group commit) returns it rather
+    than failing for every run; writing it back keeps the reference it was read from, so
+    cancelling or failing the run loses nothing. Whatever needs the value itself (the
+    claim of a run, a stage's input, ``ctx.require``, a check of a suspended stage)
+    fails that run or stage with ``error()``, a ``PayloadMissingError``."""
+
+    key: str
+    """The blob store key the value was offloaded to."""
+    size: int | None = None
+    run_id: str | None = None
+
+    def error(self) -> PayloadMissingError:
+        return PayloadMissingError(self.run_id, self.key)
+
+    def __str__(self) -> str:
+        return f"<payload missing: {self.key}>"
 
 
 class _Frozen(BaseModel):
@@ -92,6 +118,8 @@ class StageRun(_Frozen):
     suspend_deadline: datetime | None = None
     resume_state: JsonValue = None
     job_id: str | None = None
+    check_failures: int = 0
+    """Consecutive ``check_completion`` calls of this suspension that raised."""
     version: int = 0
 
 

@@ -42,9 +42,17 @@ class JobTransport(Protocol):
         """Park a job for a suspended stage; it is not dequeued while SUSPENDED."""
 
     async def requeue(
-        self, tx: Transaction, job_id: str, available_at: datetime, *, error: str | None = None
+        self,
+        tx: Transaction,
+        job_id: str,
+        available_at: datetime,
+        *,
+        error: str | None = None,
+        refund_attempt: bool = False,
     ) -> None:
-        """Back to QUEUED (lease dropped), available from ``available_at`` (retry backoff)."""
+        """Back to QUEUED (lease dropped), available from ``available_at`` (retry backoff).
+        ``refund_attempt``: ``attempts`` goes back one (never below 0), for a lease the
+        host gave up on purpose, which must not use up one of ``max_attempts``."""
 
     async def fail(self, tx: Transaction, job_id: str, error: str) -> None:
         """Terminal failure; the job is never dequeued again."""

@@ -109,6 +109,11 @@ class Transaction(Protocol):
 
     async def dead_lettered_events(self, limit: int) -> list[OutboxRecord]: ...
 
+    async def requeue_dead_letters(self, outbox_ids: Sequence[int]) -> int:
+        """Put the dead-lettered rows among ``outbox_ids`` back in the outbox with a
+        fresh retry budget (``attempts`` 0), so the next ``unpublished_events`` returns
+        them in outbox order; returns how many were dead-lettered (others are skipped)."""
+
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         """The run's events in sequence order, as typed models."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,6 +29,7 @@ from treadle.adapters.memory import (
     InMemoryPersistence,
     InMemoryScheduler,
 )
+from treadle.adapters.urls import redact_url, scrub
 from treadle.kernel.errors import StorageError, TreadleError
 from treadle.kernel.kernel import Kernel, create_kernel
 
@@ -57,7 +58,8 @@ _POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 class Backend:
     """The ports for one URL. ``close()`` releases what ``open_backend`` opened."""
 
-    url: str
+    url: str = field(repr=False)
+    """As given, credentials included: show ``redact_url(backend.url)``, never this."""
     kind: BackendKind
     persistence: Persistence
     job_transport: JobTransport
@@ -93,8 +95,9 @@ def backend_kind(url: str) -> BackendKind:
     """Which backend a URL names; ``TreadleError`` listing the accepted forms otherwise."""
     given: object = url  # checked at runtime: URLs come from CLI flags and env vars
     if not isinstance(given, str) or "://" not in url:
+        shown = repr(redact_url(url)) if isinstance(given, str) else repr(given)
         raise TreadleError(
-            f"invalid database URL {url!r}: use memory://, sqlite:///path/to/file.db "
+            f"invalid database URL {shown}: use memory://, sqlite:///path/to/file.db "
             "or postgresql://user@host/db"
         )
     scheme = url.split("://", 1)[0].lower()
@@ -105,19 +108,9 @@ def backend_kind(url: str) -> BackendKind:
     if scheme in _POSTGRES_SCHEMES:
         return "postgresql"
     raise TreadleError(
-        f"unsupported database URL scheme {scheme!r} in {_redact(url)!r}: use memory://, "
+        f"unsupported database URL scheme {scheme!r} in {redact_url(url)!r}: use memory://, "
         "sqlite:///path/to/file.db or postgresql://user@host/db"
     )
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for error messages."""
-    head, sep, rest = url.partition("://")
-    if "@" in rest:
-        creds, _, host = rest.rpartition("@")
-        user = creds.split(":", 1)[0]
-        return f"{head}{sep}{user}:***@{host}" if ":" in creds else url
-    return url
 
 
 async def open_backend(
@@ -203,7 +196,7 @@ def _sqlite_path(url: str) -> Path:
     database = make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
         raise TreadleError(
-            f"{url!r} names no database file: use sqlite:///path/to/file.db "
+            f"{redact_url(url)!r} names no database file: use sqlite:///path/to/file.db "
             "(or memory:// for an in-memory engine)"
         )
     path = Path(database).expanduser()
@@ -237,7 +230,9 @@ async def _open_sql(
     except TreadleError:
         raise
     except Exception as exc:  # Alembic's CommandError (e.g. a database newer than us)
-        raise StorageError(f"could not open {_redact(url)!r}: {type(exc).__name__}: {exc}") from exc
+        raise StorageError(
+            f"could not open {redact_url(url)!r}: {type(exc).__name__}: {scrub(str(exc), url)}"
+        ) from exc
     blob_store: BlobStore
     if blob_root is not None:
         blob_store = FileSystemBlobStore(blob_root)
@@ -275,12 +270,12 @@ async def _check_schema(sql: Any, url: str) -> None:
     except sa_exc.SQLAlchemyError as exc:
         from treadle.adapters.sql.errors import translate
 
-        raise translate(exc, f"schema check of {_redact(url)!r}") from exc
+        raise translate(exc, f"schema check of {redact_url(url)!r}") from exc
     head = sql.head_revision()
     if current == head:
         return
     found = "no Treadle schema" if current is None else f"schema revision {current!r}"
     raise TreadleError(
-        f"database {_redact(url)!r} has {found}, but this version of Treadle needs "
+        f"database {redact_url(url)!r} has {found}, but this version of Treadle needs "
         f"revision {head!r}: run `treadle migrate --db <url>` (or pass auto_migrate=True)"
     )

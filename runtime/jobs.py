@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 from treadle.adapters.logging import structlog_logger
 from treadle.kernel import commands as c
 from treadle.kernel.errors import describe_exception
-from treadle.kernel.events import StageFailed
-from treadle.kernel.model import JobStatus, StageStatus, evolve
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Kernel
     from treadle.kernel.model import Job
+    from treadle.runtime.releases import ReleaseRetries
 
 DEFAULT_HEARTBEAT_INTERVAL = 15.0
 """Seconds between lease extensions: a quarter of the default 60 s stale-lease threshold,
@@ -86,6 +86,10 @@ async def execute_job(
     logger: Any = None,
     release_on_cancel: bool = True,
     chain: Callable[[], bool] | None = None,
+    stopping: Callable[[], bool] | None = None,
+    retries: ReleaseRetries | None = None,
+    on_due: Callable[[datetime], None] | None = None,
+    on_queued: Callable[[], None] | None = None,
 ) -> c.JobExecuteResult | None:
     """Run ``job.execute`` for a job this worker leased, heartbeating meanwhile.
 
@@ -95,9 +99,17 @@ async def execute_job(
     the transition that ``job.execute`` applies in its commit may not have happened.
     A successful execution already applied it, so it costs no second write transaction.
 
-    Cancelling the call (a worker's drain deadline, a Lambda running out of time) hands
-    the job back with ``release_job`` before the ``CancelledError`` propagates, so another
-    worker can take it at once instead of after the stale-lease threshold.
+    Cancelling the call while ``stopping()`` is true (a worker's drain deadline, a Lambda
+    running out of time) hands the job back with ``job.release`` (``interrupted``: the
+    attempt is refunded) before the ``CancelledError`` propagates, so another worker can
+    take it at once instead of after the stale-lease threshold. Any other cancellation
+    (``stopping`` absent or false) releases it as ``errored``: the attempt counts, so a
+    job whose execution keeps being cancelled still ends after ``max_attempts``. An
+    execution that raised is released as ``errored`` too. ``retries``: where releases
+    that fail (storage down) go to be retried with backoff. ``on_due``: told the time
+    a result's retry or suspension falls due (``next_poll_at``), so the host wakes then;
+    ``on_queued``: called when a commit queued jobs for any worker (``queued_jobs``), so
+    a host with free slots dequeues them now rather than at its next poll.
 
     ``chain``: while it returns true, each execution asks the kernel to lease the run's
     next stage to this worker in its result's commit (``JobExecute.chain``), and the
@@ -125,12 +137,21 @@ async def execute_job(
                 log,
                 release_on_cancel=release_on_cancel,
                 chain=chain is not None and chain(),
+                stopping=stopping,
+                retries=retries,
             )
+            if result is not None:
+                if on_due is not None and result.next_poll_at is not None:
+                    on_due(result.next_poll_at)  # a retry backoff or a suspension: due then
+                if on_queued is not None and result.queued_jobs:
+                    on_queued()  # a parallel group's other stages: take them now
             first = result if current is job else first
             current = result.chained_job if result is not None else None
             if current is not None and not (chain is not None and chain()):
                 log = _job_log(base, current, worker_id)
-                await _release_cancelled(kernel, current, worker_id, log, reason="chain stopped")
+                await _release_cancelled(
+                    kernel, current, worker_id, log, error="chain stopped", retries=retries
+                )
                 current = None
     finally:
         beat.cancel()
@@ -157,6 +178,8 @@ async def _execute_one(
     *,
     release_on_cancel: bool,
     chain: bool,
+    stopping: Callable[[], bool] | None,
+    retries: ReleaseRetries | None,
 ) -> c.JobExecuteResult | None:
     result: c.JobExecuteResult | None = None
     try:
@@ -170,10 +193,31 @@ async def _execute_one(
         )
     except asyncio.CancelledError:
         if release_on_cancel:
-            await _release_cancelled(kernel, job, worker_id, log)
+            if stopping is not None and stopping():
+                await _release_cancelled(kernel, job, worker_id, log, retries=retries)
+            else:
+                # Not the host stopping: something else cancelled this execution. The
+                # attempt counts, so it cannot come round forever.
+                await _release_cancelled(
+                    kernel,
+                    job,
+                    worker_id,
+                    log,
+                    reason="errored",
+                    error="execution cancelled outside the worker's shutdown",
+                    retries=retries,
+                )
         raise
     except Exception as exc:
         log.error("job.execute_failed", error=describe_exception(exc), exc_info=True)
+        # The kernel released the job in its own error path, unless storage failed
+        # there too: this release is a no-op after the first, and retried if it fails.
+        await _release(
+            kernel,
+            release_command(job, worker_id, "errored", describe_exception(exc)),
+            log,
+            retries,
+        )
     if result is None:
         try:
             await kernel.dispatch(c.RunTransition(workflow_run_id=job.workflow_run_id))
@@ -184,21 +228,52 @@ async def _execute_one(
     return result
 
 
-async def _release_cancelled(
-    kernel: Kernel, job: Job, worker_id: str, log: Any, *, reason: str = "execution cancelled"
-) -> None:
-    """``release_job`` for an execution being cancelled: shielded, so a second cancel
-    (an impatient caller) leaves the release running, and bounded by ``RELEASE_TIMEOUT``."""
-    release = asyncio.ensure_future(release_job(kernel, job, worker_id=worker_id, reason=reason))
+def release_command(
+    job: Job, worker_id: str, reason: Literal["interrupted", "errored"], error: str | None
+) -> c.JobRelease:
+    """The ``job.release`` of ``job``'s current lease (its ``attempts``)."""
+    return c.JobRelease(
+        job_id=job.id, worker_id=worker_id, attempt=job.attempts, reason=reason, error=error
+    )
+
+
+async def _release(
+    kernel: Kernel, command: c.JobRelease, log: Any, retries: ReleaseRetries | None
+) -> bool:
+    """Dispatch ``command``; if storage refuses, hand it to ``retries`` (when given)."""
     try:
-        released = await asyncio.wait_for(asyncio.shield(release), RELEASE_TIMEOUT)
+        result = await kernel.dispatch(command)
+    except Exception as exc:
+        if retries is not None:
+            retries.add(command)
+            log.warning("job.release_failed", error=describe_exception(exc), will_retry=True)
+        else:  # storage down: the lease expires and lease.reapStale releases it
+            log.error("job.release_failed", error=describe_exception(exc), will_retry=False)
+        return False
+    log.info("job.released" if result.released else "job.release_skipped", reason=command.reason)
+    return result.released
+
+
+async def _release_cancelled(
+    kernel: Kernel,
+    job: Job,
+    worker_id: str,
+    log: Any,
+    *,
+    reason: Literal["interrupted", "errored"] = "interrupted",
+    error: str = "execution cancelled",
+    retries: ReleaseRetries | None = None,
+) -> None:
+    """``job.release`` for an execution being cancelled: shielded, so a second cancel
+    (an impatient caller) leaves the release running, and bounded by ``RELEASE_TIMEOUT``."""
+    command = release_command(job, worker_id, reason, error)
+    release = asyncio.ensure_future(_release(kernel, command, log, retries))
+    try:
+        await asyncio.wait_for(asyncio.shield(release), RELEASE_TIMEOUT)
     except asyncio.CancelledError:
         log.warning("job.release_interrupted")
-        return
-    except Exception as exc:  # storage down: the lease expires and reapStale releases it
-        log.error("job.release_failed", error=describe_exception(exc))
-        return
-    log.info("job.released" if released else "job.release_skipped")
+    except TimeoutError:  # storage hangs: the lease expires and reapStale releases it
+        log.error("job.release_failed", error="timed out", will_retry=False)
 
 
 async def release_job(
@@ -206,44 +281,13 @@ async def release_job(
 ) -> bool:
     """Hand a leased job back to the queue, available now, for another worker to run.
 
-    For a worker that gives a job up without a verdict (a drain that ran out of time, a
-    Lambda invocation near its end, a job dequeued as the worker stopped): no backoff,
-    since the stage did not fail. It acts only while ``worker_id`` still holds this
-    attempt's lease, so a job that committed or moved on meanwhile is left alone
-    (returns ``False``). A stage left RUNNING goes back to PENDING with a
-    ``stage:failed`` event (``will_retry=True``), as ``lease.reapStale`` records an
-    expired lease, so the run's history shows the interrupted attempt.
-    """
-    deps = kernel.deps
-    deps.chains.forget(job.id)  # a chained start handed to us that will not run now
-    now = deps.clock.now()
-    message = f"released: worker {worker_id!r} stopped before the stage finished ({reason})"
-    async with deps.persistence.transaction() as tx:
-        current = await deps.job_transport.get(tx, job.id)
-        if (
-            current is None
-            or current.status is not JobStatus.LEASED
-            or current.worker_id != worker_id
-            or current.attempts != job.attempts
-        ):
-            return False
-        await deps.job_transport.requeue(tx, job.id, now, error=message)
-        stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
-        if stage is not None and stage.status is StageStatus.RUNNING:
-            await tx.update_stage(
-                evolve(stage, {"status": StageStatus.PENDING, "error": message, "retryable": True})
-            )
-            await tx.append_events(
-                [
-                    StageFailed(
-                        workflow_run_id=job.workflow_run_id,
-                        timestamp=now,
-                        stage_id=job.stage_id,
-                        attempt=stage.attempt,
-                        error=message,
-                        will_retry=True,
-                        retry_at=now,
-                    )
-                ]
-            )
-    return True
+    For a host that gives a job up without a verdict (a drain that ran out of time, a
+    Lambda invocation near its end, a job dequeued as the worker stopped): the attempt
+    is refunded and there is no backoff, since the stage did not fail. It dispatches
+    ``job.release``, which acts only while ``worker_id`` still holds this attempt's
+    lease, so a job that committed or moved on meanwhile is left alone (returns
+    ``False``). A stage left RUNNING goes back to PENDING with a ``stage:failed`` event
+    (``will_retry=True``), so the run's history shows the interrupted attempt. Storage
+    errors propagate (``release_command`` builds the command to retry)."""
+    result = await kernel.dispatch(release_command(job, worker_id, "interrupted", reason))
+    return result.released

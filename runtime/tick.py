@@ -209,6 +209,27 @@ async def _scheduled_step(kernel: Kernel, limit: int, log: Any) -> dict[str, Any
     return {"due": len(due), "dispatched": dispatched}
 
 
+async def due_steps(
+    kernel: Kernel,
+    *,
+    worker_id: str,
+    max_checks: int = 50,
+    max_scheduled: int = 100,
+    logger: Any = None,
+) -> dict[str, TickStep]:
+    """The tick's time-driven steps alone (``poll_suspended``, ``scheduled``), for a
+    worker woken because timed work fell due between two full ticks."""
+    log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=worker_id)
+    return {
+        "poll_suspended": await _run_step(
+            "poll_suspended", lambda: _poll_step(kernel, max_checks, log), log
+        ),
+        "scheduled": await _run_step(
+            "scheduled", lambda: _scheduled_step(kernel, max_scheduled, log), log
+        ),
+    }
+
+
 async def maintenance_tick(
     kernel: Kernel,
     *,

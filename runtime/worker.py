@@ -25,14 +25,18 @@ import os
 import socket
 import time
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from treadle.adapters.logging import structlog_logger
+from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.kernel.errors import describe_exception
-from treadle.runtime.jobs import execute_job, release_job
-from treadle.runtime.tick import TickReport, TickStep, claim_step, maintenance_tick
+from treadle.runtime.backoff import Backoff
+from treadle.runtime.due import next_due_at
+from treadle.runtime.jobs import execute_job, release_command, release_job
+from treadle.runtime.releases import ReleaseRetries
+from treadle.runtime.tick import TickReport, TickStep, claim_step, due_steps, maintenance_tick
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,21 +58,8 @@ def _seconds(value: timedelta | float, name: str) -> float:
     return seconds
 
 
-class Backoff:
-    """Capped exponential delays: ``initial``, doubling, never above ``cap``."""
-
-    def __init__(self, initial: float, cap: float) -> None:
-        self.initial = initial
-        self.cap = max(cap, initial)
-        self.failures = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.initial * 2.0 ** min(self.failures, 32))
-        self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
+RELEASE_GRACE = 2.0
+"""Seconds a stopping worker keeps retrying failed releases past its drain deadline."""
 
 
 class Worker:
@@ -135,6 +126,11 @@ class Worker:
         # back short and no wake-up announced new jobs since.
         self._queue_empty_until = 0.0
         self._taken = 0  # chained jobs received from claims so far
+        # Releases that failed (storage down), retried with backoff until it answers.
+        self._releases = ReleaseRetries(kernel, self.log)
+        # The earliest known time timed work falls due (kernel clock), see ``_due_step``.
+        self._due_at: datetime | None = None
+        self._notes: list[datetime] = []  # noted while a refresh ran (``_refresh_due``)
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -160,7 +156,7 @@ class Worker:
         if kind == "jobs":
             self._queue_empty_until = 0.0
             self._job_wake.set()
-        else:
+        elif not kind.startswith(RUN_END_PREFIX):  # a finished run is for result waiters
             self.notify()
 
     async def start(self) -> None:
@@ -224,6 +220,13 @@ class Worker:
         if pending:
             self.log.warning("worker.cancelled_tasks", count=len(pending))
             await asyncio.wait(pending)
+        if self._releases.pending:
+            # Jobs whose release failed: a last chance to hand them back before exiting
+            # (past it, their leases expire and lease.reapStale frees them).
+            grace = max(self._drain_deadline - time.monotonic(), RELEASE_GRACE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._releases.wait_idle(), grace)
+        await self._releases.aclose()
         self.log.info("worker.stopped")
 
     async def __aenter__(self) -> Worker:
@@ -260,6 +263,7 @@ class Worker:
         self._claims_pending = report.claimed_runs >= self.max_claims
         self.last_tick = report
         self.ticks += 1
+        await self._refresh_due()
         return report
 
     # -- loops ------------------------------------------------------------------------
@@ -314,7 +318,12 @@ class Worker:
             self._claim_wake.clear()
             full = time.monotonic() >= next_full
             try:
-                report = await self.tick() if full else await self._claim_only()
+                if full:
+                    report = await self.tick()
+                elif self._due_in() <= 0:
+                    report = await self._due_step()
+                else:
+                    report = await self._claim_only()
                 failed = report.all_failed
             except Exception as exc:  # maintenance_tick isolates steps; this is a bug guard
                 self.log.error("worker.tick_crashed", error=describe_exception(exc))
@@ -337,7 +346,50 @@ class Worker:
             if failed:
                 await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
             else:
-                await _wait(self._claim_wake, max(0.0, next_full - time.monotonic()))
+                # Until the next tick, or earlier when timed work falls due.
+                until_tick = max(0.0, next_full - time.monotonic())
+                await _wait(self._claim_wake, min(until_tick, max(0.0, self._due_in())))
+
+    # -- timed work -------------------------------------------------------------------
+    def note_due(self, when: datetime) -> None:
+        """Timed work falls due at ``when`` (kernel clock): a retry backoff or a suspension
+        this worker's execution just committed. Wakes the orchestration loop then."""
+        self._notes.append(when)
+        if self._due_at is None or when < self._due_at:
+            self._due_at = when
+            self._claim_wake.set()  # re-arm the loop's sleep for the earlier time
+
+    def _due_in(self) -> float:
+        """Seconds until the earliest known due time (``inf`` when none is known)."""
+        if self._due_at is None:
+            return float("inf")
+        return (self._due_at - self.kernel.deps.clock.now()).total_seconds()
+
+    async def _refresh_due(self) -> None:
+        """Ask storage for the next due time (after a tick or a due step: the work that
+        was due has been taken, and other processes may have added some)."""
+        # A note made while the query runs may come from a commit the query did not see:
+        # keep it (a note made before the query started is in what it reads).
+        self._notes.clear()
+        try:
+            found = await next_due_at(self.kernel)
+        except Exception as exc:  # the next tick tries again
+            self.log.warning("worker.next_due_failed", error=describe_exception(exc))
+            found = None
+        self._due_at = min([*self._notes, *([found] if found is not None else [])], default=None)
+        self._notes.clear()
+
+    async def _due_step(self) -> TickReport:
+        """What falls due at a time: due suspended stages (batch checks, code-workflow
+        timers) and scheduled commands, then a dequeue for jobs whose backoff ended."""
+        started = self.kernel.deps.clock.now()
+        self._due_at = None
+        async with self._tick_lock:
+            steps = await due_steps(self.kernel, worker_id=self.worker_id, logger=self.log)
+        self._queue_empty_until = 0.0
+        self._job_wake.set()  # a retry's backoff may be what fell due
+        await self._refresh_due()
+        return TickReport(worker_id=self.worker_id, started_at=started, steps=steps)
 
     async def _job_loop(self) -> None:
         backoff = Backoff(min(1.0, self.job_poll_interval), self.max_backoff)
@@ -383,6 +435,10 @@ class Worker:
                 heartbeat_interval=self.heartbeat_interval,
                 logger=self.log,
                 chain=self._may_chain,
+                stopping=self._stop_event.is_set,
+                retries=self._releases,
+                on_due=self.note_due,
+                on_queued=self._jobs_queued,
             ),
             name=f"job:{job.id}",
         )
@@ -415,16 +471,33 @@ class Worker:
             else:
                 self._spawn(job)
 
+    def lend_slot(self) -> SlotLoan | None:
+        """Hold a free slot for a run started in this process (``run.create`` with
+        ``claim_for``), or ``None`` when none is free (or the worker is not running).
+        ``SlotLoan.settle`` hands over the job the start leased to this worker (or
+        returns the slot)."""
+        if not self.running or self._free_slots() <= 0:
+            return None
+        self._reserved += 1
+        return SlotLoan(self, self._taken)
+
+    def _jobs_queued(self) -> None:
+        """This worker's commit queued jobs (a parallel group): dequeue them now."""
+        self._queue_empty_until = 0.0
+        self._job_wake.set()
+
     def _may_chain(self) -> bool:
         """A finished stage's slot takes its run's next stage directly (leased in the
         result's commit, no dequeue round trip) until the worker stops."""
         return not self._stop_event.is_set()
 
     async def _release_unstarted(self, job: Job) -> None:
+        reason = "dequeued on stop"
         try:
-            await release_job(self.kernel, job, worker_id=self.worker_id, reason="dequeued on stop")
-        except Exception as exc:  # its lease expires and lease.reapStale releases it
+            await release_job(self.kernel, job, worker_id=self.worker_id, reason=reason)
+        except Exception as exc:  # storage down: retried until it answers (or we exit)
             self.log.error("worker.release_failed", job_id=job.id, error=describe_exception(exc))
+            self._releases.add(release_command(job, self.worker_id, "interrupted", reason))
 
     def _job_done(self, task: asyncio.Task[Any]) -> None:
         self._in_flight.discard(task)
@@ -439,6 +512,28 @@ class Worker:
             self._claim_wake.set()
         else:
             self._job_wake.set()
+
+
+class SlotLoan:
+    """A worker slot held for one in-process start; see ``Worker.lend_slot``."""
+
+    __slots__ = ("_taken", "_worker")
+
+    def __init__(self, worker: Worker, taken: int) -> None:
+        self._worker = worker
+        self._taken = taken
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker.worker_id
+
+    def settle(self, job: Job | None) -> None:
+        """Run ``job`` (leased to this worker and started by the start's commit) in the
+        held slot; with ``None``, just give the slot back. Call exactly once."""
+        worker = self._worker
+        if job is not None:
+            worker._take_chained([job])
+        worker._release_held(1, self._taken)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         InMemoryPersistence,
         InMemoryScheduler,
     )
+    from treadle.kernel.errors import SimulatedCrash
     from treadle.testing.chaos import Chaos, ChaosPersistence, with_chaos
     from treadle.testing.clock import FakeClock
     from treadle.testing.engine import RunHandle, StageMock, StepMock, TestEngine
@@ -34,6 +35,7 @@ _WHERE = {
     "InMemoryPersistence": "treadle.adapters.memory",
     "InMemoryScheduler": "treadle.adapters.memory",
     "RunHandle": "treadle.testing.engine",
+    "SimulatedCrash": "treadle.kernel.errors",
     "StageMock": "treadle.testing.engine",
     "StepMock": "treadle.testing.engine",
     "TestEngine": "treadle.testing.engine",
@@ -50,6 +52,7 @@ __all__ = [
     "InMemoryPersistence",
     "InMemoryScheduler",
     "RunHandle",
+    "SimulatedCrash",
     "StageMock",
     "StepMock",
     "TestEngine",

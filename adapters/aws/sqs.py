@@ -143,9 +143,17 @@ class _JobTransport:
         _note([(job.id, job.next_poll_at) for job in jobs])
 
     async def requeue(
-        self, tx: Transaction, job_id: str, available_at: datetime, *, error: str | None = None
+        self,
+        tx: Transaction,
+        job_id: str,
+        available_at: datetime,
+        *,
+        error: str | None = None,
+        refund_attempt: bool = False,
     ) -> None:
-        await self._inner.requeue(tx, job_id, available_at, error=error)
+        await self._inner.requeue(
+            tx, job_id, available_at, error=error, refund_attempt=refund_attempt
+        )
         _note([(job_id, available_at)])
 
     # -- plain delegation ---------------------------------------------------------------

@@ -147,7 +147,13 @@ class InMemoryJobTransport:
         )
 
     async def requeue(
-        self, tx: Any, job_id: str, available_at: datetime, *, error: str | None = None
+        self,
+        tx: Any,
+        job_id: str,
+        available_at: datetime,
+        *,
+        error: str | None = None,
+        refund_attempt: bool = False,
     ) -> None:
         job = self._require(job_id)
         self._store(
@@ -160,6 +166,7 @@ class InMemoryJobTransport:
                     "worker_id": None,
                     "heartbeat_at": None,
                     "last_error": error if error is not None else job.last_error,
+                    "attempts": max(job.attempts - 1, 0) if refund_attempt else job.attempts,
                 },
             ),
         )

@@ -18,8 +18,9 @@ from itertools import islice
 from operator import attrgetter
 from typing import Any
 
+from treadle.adapters.run_ends import RunEndWatchers
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
-from treadle.kernel.events import EventBase, OutboxRecord
+from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord
 from treadle.kernel.model import (
     Annotation,
     IdempotencyRecord,
@@ -72,6 +73,8 @@ class InMemoryTransaction:
         self._undo: list[tuple[Any, Any, Any]] = []
         self._once: list[Callable[[], None]] | None = None
         self.active = True
+        self.ended_runs: list[str] | None = None
+        """Runs this transaction finished: told to ``run_ends`` once it commits."""
 
     # -- undo bookkeeping ------------------------------------------------------
     def on_rollback(self, fn: Callable[[], None]) -> None:
@@ -322,6 +325,11 @@ class InMemoryTransaction:
             buckets.append(bucket)
             stored.append(event)
         s.next_outbox_id = outbox_id
+        ended = [e.workflow_run_id for e in stored if e.type in RUN_END_EVENTS]  # type: ignore[attr-defined]
+        if ended:
+            if self.ended_runs is None:
+                self.ended_runs = []
+            self.ended_runs.extend(ended)
         # One undo entry for the whole call: its outbox ids are fresh and consecutive, so
         # undoing is removing them again and restoring each run's sequence.
         self._undo.append(
@@ -384,6 +392,24 @@ class InMemoryTransaction:
 
     async def dead_lettered_events(self, limit: int) -> list[OutboxRecord]:
         return [self._s.outbox_record(i) for i in sorted(self._s.dead)[:limit]]
+
+    async def requeue_dead_letters(self, outbox_ids: Sequence[int]) -> int:
+        self._check()
+        s = self._s
+        revived = [i for i in dict.fromkeys(outbox_ids) if i in s.dead]
+        for outbox_id in revived:
+            record = s.outbox_record(outbox_id)
+            self.set_item(
+                s.outbox, outbox_id, evolve(record, {"attempts": 0, "dead_lettered": False})
+            )
+            self.del_item(s.dead, outbox_id)
+            self.set_item(s.unpublished, outbox_id, None)
+        if revived:
+            # ``unpublished`` is read in insertion order: put the revived rows back at their
+            # place (outbox id order), before a run's later events still waiting there.
+            # Rolling back only removes them again, which keeps that order.
+            _in_id_order(s.unpublished)
+        return len(revived)
 
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         return [e for e in self._s.events_by_run.get(run_id, []) if e.sequence > after_sequence]
@@ -643,6 +669,8 @@ class _TransactionScope:
         finally:
             self._tx = None
             store.lock.release()
+        if exc_type is None and tx.ended_runs is not None:
+            store.run_ends.tell(tx.ended_runs)
 
 
 _execution_group = attrgetter("execution_group")
@@ -770,9 +798,15 @@ class InMemoryPersistence:
         self.next_inbox_id = 0
         self.timers: dict[tuple[str, str, int], Timer] = {}
         self.next_timer_id = 0
+        self.run_ends = RunEndWatchers()
 
     def transaction(self) -> _TransactionScope:
         return _TransactionScope(self)
+
+    def watch_run_ends(self, callback: Callable[[Sequence[str]], None]) -> Callable[[], None]:
+        """Call ``callback(run_ids)`` after each commit that finished runs (see
+        ``adapters.run_ends``); returns the function that stops it."""
+        return self.run_ends.watch(callback)
 
     async def close(self) -> None:
         return None

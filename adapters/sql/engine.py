@@ -24,6 +24,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from treadle.adapters.urls import redact_url
 from treadle.kernel.limits import MAX_INT, MIN_INT
 
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
@@ -44,7 +45,7 @@ def _parse(url: str | URL) -> URL:
         backend = "postgresql"
     if backend not in _ASYNC_DRIVERS:
         raise ValueError(
-            f"unsupported database URL {parsed.render_as_string(hide_password=True)!r}: "
+            f"unsupported database URL {redact_url(parsed)!r}: "
             "use sqlite:///path.db or postgresql://user@host/db"
         )
     return parsed

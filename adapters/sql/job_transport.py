@@ -273,7 +273,13 @@ class SqlJobTransport:
         )
 
     async def requeue(
-        self, tx: Transaction, job_id: str, available_at: datetime, *, error: str | None = None
+        self,
+        tx: Transaction,
+        job_id: str,
+        available_at: datetime,
+        *,
+        error: str | None = None,
+        refund_attempt: bool = False,
     ) -> None:
         values: dict[str, Any] = {
             "status": JobStatus.QUEUED.value,
@@ -284,6 +290,14 @@ class SqlJobTransport:
         if error is not None:
             values["last_error"] = error
         await self._set(tx, job_id, values)
+        if refund_attempt:  # a rare path (a host giving jobs back): its own statement
+            attempts = t.jobs.c.attempts
+            refund = (
+                sa.update(t.jobs)
+                .where(t.jobs.c.id == job_id)
+                .values(attempts=sa.case((attempts > 0, attempts - 1), else_=0))
+            )
+            await _tx(tx).execute(refund, "refund attempt")
 
     async def fail(self, tx: Transaction, job_id: str, error: str) -> None:
         await self._set(

@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from treadle.adapters.logging import structlog_logger
 from treadle.adapters.sql.engine import sync_url
 from treadle.adapters.sql.job_transport import NOTIFY_CHANNEL
+from treadle.adapters.urls import scrub
 
 
 def backend_pids(engine: AsyncEngine) -> set[int]:
@@ -156,6 +157,10 @@ class PgJobListener:
             except Exception as exc:  # one bad subscriber must not silence the others
                 self.log.error("listener.callback_failed", error=repr(exc))
 
+    def _describe(self, exc: BaseException) -> str:
+        """``repr(exc)`` for the log, without the URL's credentials should libpq quote any."""
+        return scrub(repr(exc), self._conninfo)
+
     def _delay(self, failures: int) -> float:
         return float(min(self.max_backoff, self.initial_backoff * 2.0 ** min(failures - 1, 32)))
 
@@ -173,7 +178,9 @@ class PgJobListener:
             except (psycopg.Error, OSError) as exc:
                 failures += 1
                 delay = self._delay(failures)
-                self.log.warning("listener.connect_failed", error=repr(exc), retry_in=delay)
+                self.log.warning(
+                    "listener.connect_failed", error=self._describe(exc), retry_in=delay
+                )
                 await asyncio.sleep(delay)
                 continue
             try:
@@ -196,7 +203,9 @@ class PgJobListener:
             except (psycopg.Error, OSError) as exc:
                 failures += 1
                 delay = self._delay(failures)
-                self.log.warning("listener.connection_lost", error=repr(exc), retry_in=delay)
+                self.log.warning(
+                    "listener.connection_lost", error=self._describe(exc), retry_in=delay
+                )
             finally:
                 self._listening.clear()
                 self.backend_pid = None

@@ -25,6 +25,28 @@ Keys are content-addressed per run, so rewriting an unchanged value (every
 ``update_run`` writes the input again) reuses the blob instead of copying it;
 within one transaction a value read back from a reference is recognised by
 identity and not even re-encoded.
+
+Telling a reference from user data, the rule that keeps runs apart. A reference is
+a JSON object, and so is user data: a run input of ``{"__treadle_blob__": key,
+"size": 1}`` must come back as itself, never as another run's payload or artifact.
+So whether a stored value is a reference is never guessed from its shape. User
+values are escaped at this boundary, always (offload on or off): an object with
+either reserved key at its top level, ``__treadle_blob__`` or ``__treadle_value__``,
+is stored as ``{"__treadle_value__": value}`` and unwrapped on read (and that
+wrapper, if large, is what a blob holds). Only the adapter ever writes a top-level
+``__treadle_blob__`` then. Escaping rather than a flag column beside each JSON
+column: no migration of eight tables and the PostgreSQL set-oriented writes, and no
+cost for the ordinary value but one ``type(v) is dict`` and two key lookups; the
+reserved keys are documented (docs/storage.md). Nested objects are never
+interpreted, so only the top level is escaped. (Rows written before escaping
+existed cannot be told apart: a user object there of exactly the two keys of a
+reference, naming a key under ``payloads/``, is still read as one.)
+
+A reference whose blob is gone raises ``PayloadMissingError`` (named, never
+retried). Reads of runs and stages, which serve claims, listings and group commits
+of many runs, return a ``MissingPayload`` in the value's place instead; writing it
+back stores the reference it was read from. The kernel fails the run or stage
+that needs the value. An outbox event whose blob is gone is dead-lettered.
 """
 
 from __future__ import annotations
@@ -37,22 +59,67 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from treadle.adapters.sql import schema as t
-from treadle.kernel.errors import StorageError
+from treadle.kernel.errors import PayloadMissingError
+from treadle.kernel.model import MissingPayload
 
 if TYPE_CHECKING:
     from treadle.adapters.sql.persistence import SqlTransaction
     from treadle.ports import BlobStore
 
 PAYLOAD_REF = "__treadle_blob__"
+"""The key of a reference, ``{PAYLOAD_REF: key, "size": n}``."""
+ESCAPED = "__treadle_value__"
+"""The key of an escaped user value, ``{ESCAPED: value}``."""
 DEFAULT_PAYLOAD_MAX_BYTES = 256 * 1024
 """Default threshold: 256 KiB of compact JSON. Smaller values stay inline (JSONB)."""
 
 _SCALARS = (bool, int, float)
+_KEY_PREFIX = "payloads/"
 
 
 def is_ref(value: Any) -> bool:
-    """Whether a stored JSON value is an offload reference."""
-    return type(value) is dict and PAYLOAD_REF in value and len(value) == 2
+    """Whether a stored JSON value is an offload reference (a user value never is: see
+    ``escape``). The key's prefix is checked too, for rows written before escaping: no
+    reference of ours names anything outside ``payloads/`` (an artifact, say)."""
+    if type(value) is not dict or len(value) != 2:
+        return False
+    key = value.get(PAYLOAD_REF)
+    return type(key) is str and key.startswith(_KEY_PREFIX)
+
+
+def is_encoded(value: Any) -> bool:
+    """Whether a stored JSON value may be an encoding of this module (a reference or an
+    escaped user value) rather than the value itself: the cheap test before decoding."""
+    return type(value) is dict and (PAYLOAD_REF in value or ESCAPED in value)
+
+
+def escape(value: Any) -> Any:
+    """What a column stores for the user ``value`` before any offload: the value itself,
+    or ``{ESCAPED: value}`` for an object with a reserved key at its top level.
+    (``isinstance``: a dict subclass is stored as an object too.)"""
+    if isinstance(value, dict) and (PAYLOAD_REF in value or ESCAPED in value):
+        return {ESCAPED: value}
+    return value
+
+
+def unescape(value: Any) -> Any:
+    """The user value ``escape`` stored as ``value`` (a read value, never a reference)."""
+    if type(value) is dict and ESCAPED in value and len(value) == 1:
+        return value[ESCAPED]
+    return value
+
+
+def reference_of(missing: MissingPayload) -> dict[str, Any]:
+    """The reference a ``MissingPayload`` was read from, to store it again unchanged."""
+    return {PAYLOAD_REF: missing.key, "size": missing.size}
+
+
+def missing(ref: dict[str, Any], run_id: str | None) -> MissingPayload:
+    """What a read returns for ``ref`` when its blob is gone."""
+    size = ref.get("size")
+    return MissingPayload(
+        key=ref[PAYLOAD_REF], size=size if type(size) is int else None, run_id=run_id
+    )
 
 
 def encode(value: Any) -> bytes:
@@ -83,7 +150,7 @@ class PayloadOffload:
         self.same_database = same_database
 
     def key_for(self, scope: str | None, data: bytes) -> str:
-        return f"payloads/{scope or '-'}/{hashlib.sha256(data).hexdigest()}"
+        return f"{_KEY_PREFIX}{scope or '-'}/{hashlib.sha256(data).hexdigest()}"
 
     async def store_value(self, tx: SqlTransaction, scope: str | None, value: Any) -> Any:
         """What the column stores for ``value``: the value itself or a reference."""
@@ -105,23 +172,23 @@ class PayloadOffload:
             tx.created_blobs.append(key)
         return {PAYLOAD_REF: key, "size": len(data)}
 
-    async def load_value(self, tx: SqlTransaction, ref: dict[str, Any]) -> Any:
-        """The value a reference points to."""
+    async def load_value(self, tx: SqlTransaction, ref: dict[str, Any], run_id: str | None) -> Any:
+        """The stored value a reference of ``run_id``'s points to (still escaped, as it was
+        offloaded); ``PayloadMissingError`` when its blob is gone. Other failures of the
+        store (a connection, a permission) propagate: waiting may heal those."""
         key = ref[PAYLOAD_REF]
         if self.same_database:
             row = (
                 await tx.execute(sa.select(t.blobs.c.data).where(t.blobs.c.key == key), "load")
             ).first()
             if row is None:
-                raise StorageError(f"offloaded payload {key!r} is missing from the blobs table")
+                raise PayloadMissingError(run_id, key)
             data = bytes(row.data)
         else:
             try:
                 data = await self.store.get(key)
             except KeyError as exc:
-                raise StorageError(
-                    f"offloaded payload {key!r} is missing from the blob store"
-                ) from exc
+                raise PayloadMissingError(run_id, key) from exc
         return json.loads(data)
 
     async def discard(self, keys: list[str]) -> None:

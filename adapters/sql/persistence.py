@@ -33,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from treadle.adapters.run_ends import RUN_END_PREFIX, RunEndWatchers
 from treadle.adapters.sql import pg_bulk
 from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import (
@@ -43,21 +44,32 @@ from treadle.adapters.sql.engine import (
     create_engine,
 )
 from treadle.adapters.sql.errors import translate
-from treadle.adapters.sql.payloads import PayloadOffload, is_ref
+from treadle.adapters.sql.payloads import (
+    PayloadOffload,
+    escape,
+    is_encoded,
+    is_ref,
+    missing,
+    reference_of,
+    unescape,
+)
 from treadle.kernel.errors import (
     ConcurrencyError,
     DuplicateError,
+    PayloadMissingError,
     StorageError,
     TransientStorageError,
     TreadleError,
+    describe_exception,
 )
-from treadle.kernel.events import EventBase, OutboxRecord, parse_event
+from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord, parse_event
 from treadle.kernel.model import (
     Annotation,
     IdempotencyRecord,
     IdempotencyState,
     JsonValue,
     LogRecord,
+    MissingPayload,
     Run,
     RunFilter,
     RunStatus,
@@ -282,6 +294,7 @@ def _stage_slots() -> sa.Select[Any]:
 _STAGE_SLOTS = _stage_slots()
 _INSERT_OUTBOX = sa.insert(t.outbox)
 _NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
+_PG_NOTIFY_ENDED = sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :payload)")
 _GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
     t.idempotency_keys.c.key == sa.bindparam("key"),
     t.idempotency_keys.c.command_type == sa.bindparam("command_type"),
@@ -305,6 +318,9 @@ class SqlTransaction:
         """Blob keys this transaction wrote to an external store (deleted on rollback)."""
         self._offloaded: dict[int, tuple[Any, Any]] = {}
         self._notified: set[str] = set()
+        self.ended_runs: list[str] | None = None
+        """Runs this transaction finished (``RUN_END_EVENTS``): told to the persistence's
+        run-end watchers once it commits."""
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -348,33 +364,49 @@ class SqlTransaction:
             statement = _PREPARED[key] = build(self)
         return statement
 
-    # -- payload offload (payloads.py): large JSON values live in the BlobStore -----
+    # -- payload offload (payloads.py): large JSON values live in the BlobStore, and user
+    # values shaped like a reference are escaped, whether or not offload is configured.
     async def _put_payload(self, scope: str | None, value: Any) -> Any:
-        """What a JSON column stores for ``value``: itself, or a reference to a blob."""
-        if self.payloads is None or value is None:
+        """What a JSON column stores for ``value``: itself, escaped, or a reference."""
+        if value is None:
             return value
         known = self._offloaded.get(id(value))
-        if known is not None and known[0] is value:  # read back from a blob in this tx
+        if known is not None and known[0] is value:  # read back in this transaction
             return known[1]
+        if type(value) is MissingPayload:  # its blob is gone: the reference it was read from
+            return reference_of(value)
+        value = escape(value)
+        if self.payloads is None:
+            return value
         return await self.payloads.store_value(self, scope, value)
 
-    async def _get_payload(self, value: Any) -> Any:
-        if not is_ref(value):
-            return value
-        if self.payloads is None:
-            raise StorageError(
-                f"payload {value!r} was offloaded to a blob store, but this persistence has "
-                "none configured (SqlPersistence.offload_payloads)"
-            )
-        return await self.payloads.load_value(self, value)
+    async def _get_payload(self, value: Any, run_id: str | None) -> Any:
+        """The value a JSON column's stored ``value`` stands for; ``PayloadMissingError``
+        if it was offloaded and its blob is gone."""
+        if is_ref(value):
+            if self.payloads is None:
+                raise StorageError(
+                    f"payload {value!r} was offloaded to a blob store, but this persistence "
+                    "has none configured (SqlPersistence.offload_payloads)"
+                )
+            value = await self.payloads.load_value(self, value, run_id)
+        return unescape(value)
 
-    async def _load_payloads(self, data: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
-        """Replace references in ``data``; returns {column: reference} for what it loaded."""
+    async def _load_payloads(
+        self, data: dict[str, Any], columns: Sequence[str], run_id: str
+    ) -> dict[str, Any]:
+        """Decode the payload columns of ``data``, a run's or stage's row; returns {column:
+        stored form} for each it changed. A blob that is gone gives a ``MissingPayload``
+        rather than an error: one run's lost blob must not fail a read of many."""
         refs: dict[str, Any] = {}
         for column in columns:
-            if is_ref(data[column]):
-                refs[column] = data[column]
-                data[column] = await self._get_payload(data[column])
+            stored = data[column]
+            if is_encoded(stored):
+                refs[column] = stored
+                try:
+                    data[column] = await self._get_payload(stored, run_id)
+                except PayloadMissingError:
+                    data[column] = missing(stored, run_id)
         return refs
 
     def _remember(self, model: Any, refs: dict[str, Any], columns: Sequence[str]) -> None:
@@ -388,7 +420,7 @@ class SqlTransaction:
 
     async def _run_from(self, row: sa.Row[Any]) -> Run:
         data = dict(row._mapping)
-        refs = await self._load_payloads(data, _RUN_PAYLOADS)
+        refs = await self._load_payloads(data, _RUN_PAYLOADS, data["id"])
         run = Run.model_validate(data)
         self._remember(run, refs, _RUN_PAYLOADS)
         return run
@@ -401,7 +433,7 @@ class SqlTransaction:
 
     async def _stage_from(self, row: sa.Row[Any]) -> StageRun:
         data = dict(row._mapping)
-        refs = await self._load_payloads(data, _STAGE_PAYLOADS)
+        refs = await self._load_payloads(data, _STAGE_PAYLOADS, data["run_id"])
         stage = _stage_from_columns(data)
         self._remember(stage, refs, _STAGE_PAYLOADS)
         return stage
@@ -413,11 +445,12 @@ class SqlTransaction:
         return values
 
     async def _outbox_from(self, row: sa.Row[Any]) -> OutboxRecord:
-        if not is_ref(row.event):
+        """The record of an outbox row; ``PayloadMissingError`` if its event's blob is gone."""
+        if not is_encoded(row.event):
             return _outbox_record(row)
         return OutboxRecord.model_construct(
             id=int(row.id),
-            event=cast(Any, parse_event(await self._get_payload(row.event))),
+            event=cast(Any, parse_event(await self._get_payload(row.event, row.run_id))),
             attempts=int(row.attempts),
             published=bool(row.published),
             dead_lettered=bool(row.dead_lettered),
@@ -836,13 +869,22 @@ class SqlTransaction:
                     "attempts": 0,
                 }
             )
+        ended = [row["run_id"] for row in rows if row["event_type"] in RUN_END_EVENTS]
         if self.is_postgres:
             for i, row in enumerate(rows):
                 row["i"] = i
             await self.execute(_PG_INSERT_OUTBOX, "append events", _PG_OUTBOX_ROWS.encode(rows))
+            if ended:
+                # Waiters in other processes (``RunHandle.result``) hear of it on commit.
+                payload = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
+                await self.execute(_PG_NOTIFY_ENDED, "notify run end", {"payload": payload})
         else:
             # A list of parameter sets: one cached statement, batched into one round trip.
             await self.execute(_INSERT_OUTBOX, "append events", rows)
+        if ended:
+            if self.ended_runs is None:
+                self.ended_runs = []
+            self.ended_runs.extend(ended)
         return stored
 
     async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
@@ -852,8 +894,16 @@ class SqlTransaction:
             .order_by(t.outbox.c.id)
             .limit(limit)
         )
-        rows = await self.execute(query, "unpublished events")
-        return [await self._outbox_from(row) for row in rows]
+        records: list[OutboxRecord] = []
+        for row in await self.execute(query, "unpublished events"):
+            try:
+                records.append(await self._outbox_from(row))
+            except PayloadMissingError as exc:
+                # An event whose blob is gone can never be published: dead-lettered now,
+                # with the reason, so it neither fails every run's flush nor comes back.
+                error = describe_exception(exc)
+                await self.record_publish_failure(row.id, error, dead_letter=True)
+        return records
 
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
         self._check()
@@ -882,7 +932,29 @@ class SqlTransaction:
             .order_by(t.outbox.c.id)
             .limit(limit)
         )
-        return [await self._outbox_from(row) for row in await self.execute(query, "dead letters")]
+        records: list[OutboxRecord] = []
+        for row in await self.execute(query, "dead letters"):
+            # One whose event's blob is gone cannot be replayed; its row keeps the reason.
+            with suppress(PayloadMissingError):
+                records.append(await self._outbox_from(row))
+        return records
+
+    async def requeue_dead_letters(self, outbox_ids: Sequence[int]) -> int:
+        self._check()
+        if not outbox_ids:
+            return 0
+        stmt = (
+            sa.update(t.outbox)
+            .where(
+                t.outbox.c.id.in_(list(outbox_ids)),
+                t.outbox.c.published.is_(False),
+                t.outbox.c.dead_lettered.is_(True),
+            )
+            .values(dead_lettered=False, attempts=0)
+        )
+        # The condition is re-checked under the row lock: of two concurrent replays of a
+        # row, one counts it.
+        return int((await self.execute(stmt, "requeue dead letters")).rowcount)
 
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         query = (
@@ -891,7 +963,7 @@ class SqlTransaction:
             .order_by(t.outbox.c.sequence)
         )
         rows = await self.execute(query, "events for run")
-        return [parse_event(await self._get_payload(data)) for (data,) in rows]
+        return [parse_event(await self._get_payload(data, run_id)) for (data,) in rows]
 
     # -- idempotency ------------------------------------------------------------
     async def get_idempotency(self, key: str, command_type: str) -> IdempotencyRecord | None:
@@ -903,7 +975,7 @@ class SqlTransaction:
             key=row.key,
             command_type=row.command_type,
             state=IdempotencyState(row.state),
-            result=await self._get_payload(row.result),
+            result=await self._get_payload(row.result, None),
             started_at=row.started_at,
         )
 
@@ -1092,10 +1164,11 @@ class SqlTransaction:
 
     async def _journal_from(self, row: sa.Row[Any]) -> JournalEntry:
         entry = _journal_from_row(row)
-        if is_ref(entry.input) or is_ref(entry.result):
+        if is_encoded(entry.input) or is_encoded(entry.result):
+            run_id = entry.workflow_run_id
             loaded = {
-                "input": await self._get_payload(entry.input),
-                "result": await self._get_payload(entry.result),
+                "input": await self._get_payload(entry.input, run_id),
+                "result": await self._get_payload(entry.result, run_id),
             }
             entry = evolve(entry, loaded)
         return entry
@@ -1108,10 +1181,11 @@ class SqlTransaction:
 
     async def _inbox_from(self, row: sa.Row[Any]) -> InboxMessage:
         message = _inbox_from_row(row)
-        if is_ref(message.payload) or is_ref(message.reply):
+        if is_encoded(message.payload) or is_encoded(message.reply):
+            run_id = message.workflow_run_id
             loaded = {
-                "payload": await self._get_payload(message.payload),
-                "reply": await self._get_payload(message.reply),
+                "payload": await self._get_payload(message.payload, run_id),
+                "reply": await self._get_payload(message.reply, run_id),
             }
             message = evolve(message, loaded)
         return message
@@ -1422,6 +1496,7 @@ class SqlPersistence:
         self._owns_engine = owns_engine
         self.payloads: PayloadOffload | None = None
         self._write_gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self.run_ends = RunEndWatchers()
         if self.dialect_name == "sqlite":
             configure_sqlite(engine)
         elif self.dialect_name != "postgresql":
@@ -1475,6 +1550,13 @@ class SqlPersistence:
             if tx is not None and tx.created_blobs and self.payloads is not None:
                 await self.payloads.discard(tx.created_blobs)  # rolled back: nothing refers
             raise
+        if tx.ended_runs is not None:
+            self.run_ends.tell(tx.ended_runs)
+
+    def watch_run_ends(self, callback: Callable[[Sequence[str]], None]) -> Callable[[], None]:
+        """Call ``callback(run_ids)`` after each commit that finished runs in this process
+        (see ``RunEndWatchers``); returns the function that stops it."""
+        return self.run_ends.watch(callback)
 
     @asynccontextmanager
     async def connect(self, *, read_only: bool = False) -> AsyncIterator[AsyncConnection]:

@@ -22,6 +22,7 @@ from treadle.hosts.cli.common import (
     quiet_logger,
     run_async,
     run_guarded,
+    seconds_option,
     state,
 )
 from treadle.kernel.errors import StorageError
@@ -63,7 +64,7 @@ def migrate(
         except Exception as exc:  # Alembic's CommandError: unknown revision, newer database
             raise StorageError(f"migrate failed: {exc}") from exc
 
-    before, after, head = run_async(go)
+    before, after, head = run_async(go, db=cli.db)
     if before == after:
         typer.echo(f"schema already at revision {after} (head {head})")
     else:
@@ -82,16 +83,16 @@ def worker(
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Stages executing at once.")] = 8,
     drain_timeout: Annotated[
-        float, typer.Option(min=0, help="Seconds in-flight stages get to finish on SIGTERM.")
+        float, seconds_option("Seconds in-flight stages get to finish on SIGTERM.")
     ] = 30.0,
     orchestration_interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between maintenance ticks.")
+        float, seconds_option("Seconds between maintenance ticks.", at_least=0.01)
     ] = 10.0,
     job_poll_interval: Annotated[
-        float, typer.Option(min=0.01, help="Seconds between job queue polls when idle.")
+        float, seconds_option("Seconds between job queue polls when idle.", at_least=0.01)
     ] = 1.0,
     stale_lease_threshold: Annotated[
-        float, typer.Option(min=0.01, help="Seconds without heartbeat before a job is reaped.")
+        float, seconds_option("Seconds without heartbeat before a job is reaped.", at_least=0.01)
     ] = 60.0,
 ) -> None:
     """Run a long-lived worker until SIGTERM/SIGINT (graceful drain)."""
@@ -114,7 +115,8 @@ def worker(
             orchestration_interval=orchestration_interval,
             job_poll_interval=job_poll_interval,
             stale_lease_threshold=stale_lease_threshold,
-        )
+        ),
+        db=cli.db,
     )
     raise typer.Exit(code)
 
@@ -169,10 +171,10 @@ def tick(
     ] = False,
     worker_id: Annotated[str | None, typer.Option(help="Worker id that claims runs.")] = None,
     stale_lease_threshold: Annotated[
-        float, typer.Option(min=0.01, help="Seconds without heartbeat before a lease is reaped.")
+        float, seconds_option("Seconds without heartbeat before a lease is reaped.", at_least=0.01)
     ] = 60.0,
     stuck_threshold: Annotated[
-        float, typer.Option(min=0.01, help="Seconds without activity before a run is stuck.")
+        float, seconds_option("Seconds without activity before a run is stuck.", at_least=0.01)
     ] = 1800.0,
 ) -> None:
     """Run one maintenance tick (for cron); exit 1 naming any failed step."""
@@ -190,7 +192,7 @@ def tick(
                 stuck_threshold=stuck_threshold,
             )
 
-    report = run_async(go)
+    report = run_async(go, db=cli.db)
     failures = tick_failures(report)
     if as_json:
         echo_json(tick_json(report, failures), sort_keys=False)  # steps in STEP_ORDER
@@ -229,7 +231,7 @@ def start(
         bool, typer.Option(help="Show live stage progress until the run ends.")
     ] = False,
     timeout: Annotated[
-        float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")
+        float | None, seconds_option("With --wait: give up after this many seconds.")
     ] = None,
     local_worker: Annotated[
         bool, typer.Option(help="With --wait: execute the run in this process.")
@@ -268,7 +270,7 @@ def start(
                     engine, [handle.run_id], out, max_wait=timeout
                 )
 
-    run_id, runs = run_async(go)
+    run_id, runs = run_async(go, db=cli.db)
     if not wait:
         if as_json:
             echo_json({"run_id": run_id})
@@ -314,7 +316,7 @@ def signal(
         async with open_engine(cli) as engine:
             return await engine.signal(run_id, name, payload, idempotency_key=idempotency_key)
 
-    delivered = run_async(go)
+    delivered = run_async(go, db=cli.db)
     typer.echo(f"signal {name!r} {'delivered to' if delivered else 'not delivered to'} {run_id}")
     if not delivered:
         raise typer.Exit(EXIT_FAILURE)
@@ -332,7 +334,7 @@ def cancel(
         async with open_engine(cli) as engine:
             return await engine.cancel(run_id, reason=reason)
 
-    if run_async(go):
+    if run_async(go, db=cli.db):
         typer.echo(f"cancelled {run_id}")
     else:
         typer.echo(f"{run_id} had already finished; nothing to cancel")
@@ -351,7 +353,7 @@ def rerun(
             result = await engine.rerun_from(run_id, stage_id)
             return list(result.deleted_stages)
 
-    reset = run_async(go)
+    reset = run_async(go, db=cli.db)
     typer.echo(f"rerunning {run_id} from {stage_id}: reset {', '.join(reset) or 'nothing'}")
 
 
@@ -380,7 +382,7 @@ def fork(
             handle = await engine.fork(run_id, from_step, idempotency_key=idempotency_key)
             return handle.run_id
 
-    typer.echo(run_async(go))
+    typer.echo(run_async(go, db=cli.db))
 
 
 # -- events ---------------------------------------------------------------------------
@@ -391,7 +393,7 @@ def events(
         bool, typer.Option("--follow", "-f", help="Keep tailing until the run ends.")
     ] = False,
     after: Annotated[int, typer.Option(min=0, help="Only events after this sequence.")] = 0,
-    poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between reads.")] = 0.5,
+    poll_interval: Annotated[float, seconds_option("Seconds between reads.", at_least=0.01)] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Print a run's events in order (--follow tails them live)."""
@@ -412,7 +414,7 @@ def events(
                 else:
                     out.print(event_line(event))
 
-    run_async(go)
+    run_async(go, db=cli.db)
 
 
 def register(app: typer.Typer) -> None:

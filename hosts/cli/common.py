@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -20,8 +21,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 
+from treadle.adapters.urls import scrub
 from treadle.kernel.errors import TreadleError
-from treadle.kernel.limits import MAX_DEPTH
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -36,6 +37,10 @@ DB_ENV = "TREADLE_DATABASE_URL"
 APP_ENV = "TREADLE_APP"
 DEBUG_ENV = "TREADLE_DEBUG"
 """Set to 1 to let unexpected exceptions show their traceback (for bug reports)."""
+
+MAX_SECONDS = 1e9
+"""The most seconds any duration option takes (about 31 years): every threshold, interval
+and timeout stays a finite ``timedelta`` that can be taken from today's date."""
 
 EXIT_FAILURE = 1
 """A command that ran but failed: a run failed, a check failed, a tick step failed, an error."""
@@ -71,13 +76,16 @@ def one_line(text: str) -> str:
     return _drop_links(joined) or "(no message)"
 
 
-def error_line(exc: BaseException) -> str:
-    """The line shown for ``exc``: ``error: ...`` naming what went wrong."""
+def error_line(exc: BaseException, db: str | None = None) -> str:
+    """The line shown for ``exc``: ``error: ...`` naming what went wrong. With ``db``, a
+    credential of that URL repeated in the message (a driver's) is shown as ``***``."""
     if isinstance(exc, CliError):
-        return f"error: {one_line(exc.message)}"
-    if isinstance(exc, TreadleError):
-        return f"error: {exc.code}: {one_line(exc.message)}"
-    return f"error: {type(exc).__name__}: {one_line(str(exc))}"
+        line = f"error: {one_line(exc.message)}"
+    elif isinstance(exc, TreadleError):
+        line = f"error: {exc.code}: {one_line(exc.message)}"
+    else:
+        line = f"error: {type(exc).__name__}: {one_line(str(exc))}"
+    return scrub(line, db) if db else line
 
 
 def _drop_links(text: str) -> str:
@@ -86,20 +94,28 @@ def _drop_links(text: str) -> str:
     return head.rstrip() if sep else text
 
 
+def seconds_option(text: str, *, at_least: float = 0) -> Any:
+    """The ``typer.Option`` of a duration in seconds (``text`` is its help): from
+    ``at_least`` to ``MAX_SECONDS``, so ``inf`` or ``1e300`` is a usage error naming the
+    option (as ``nan`` and a negative number are) instead of an ``OverflowError`` later."""
+    return typer.Option(min=at_least, max=MAX_SECONDS, help=text)
+
+
 def fail(message: str, exit_code: int = EXIT_FAILURE) -> NoReturn:
     raise CliError(message, exit_code)
 
 
-def run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+def run_async(fn: Callable[[], Coroutine[Any, Any, T]], *, db: str | None = None) -> T:
     """Run a command's coroutine under ``run_guarded``."""
-    return run_guarded(lambda: asyncio.run(fn()))
+    return run_guarded(lambda: asyncio.run(fn()), db=db)
 
 
-def run_guarded(fn: Callable[[], T]) -> T:
+def run_guarded(fn: Callable[[], T], *, db: str | None = None) -> T:
     """Call ``fn``; any error becomes one stderr line and exit code 1.
 
     ``typer.Exit`` passes through (a command's chosen exit code). ``TREADLE_DEBUG=1``
-    re-raises unexpected exceptions so their traceback can be reported.
+    re-raises unexpected exceptions so their traceback can be reported. ``db``, the
+    URL the command uses: its credentials never reach the line (``error_line``).
     """
     try:
         return fn()
@@ -112,28 +128,79 @@ def run_guarded(fn: Callable[[], T]) -> T:
         expected = isinstance(exc, CliError | TreadleError)
         if not expected and os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        typer.echo(error_line(exc), err=True)
+        typer.echo(error_line(exc, db), err=True)
         code = exc.exit_code if isinstance(exc, CliError) else EXIT_FAILURE
         raise typer.Exit(code) from None
 
 
 def parse_json(text: str | None, what: str) -> Any:
-    """``text`` as JSON (``None`` stays ``None``); ``@path`` reads the JSON from a file."""
+    """``text`` as JSON (``None`` stays ``None``); ``@path`` reads the JSON from a file.
+
+    Anything that is not plain JSON fails as a ``CliError`` naming ``what``: a file that
+    is not UTF-8, a syntax error, Python's extensions (``NaN``, ``Infinity``, a number
+    too large for a float), an integer too long to convert, nesting deeper than
+    ``MAX_JSON_DEPTH``.
+    """
     if text is None:
         return None
     source = text
     if text.startswith("@"):
+        path = text[1:]
         try:
-            with open(text[1:], encoding="utf-8") as fh:
+            with open(path, encoding="utf-8") as fh:
                 source = fh.read()
         except OSError as exc:
-            fail(f"{what}: cannot read {text[1:]!r}: {exc.strerror or exc}")
+            fail(f"{what}: cannot read {path!r}: {exc.strerror or exc}")
+        except UnicodeDecodeError as exc:
+            fail(f"{what}: {path!r} is not UTF-8 text ({exc.reason} at byte {exc.start})")
     try:
-        return json.loads(source)
+        value = json.loads(source, parse_constant=_not_json, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         fail(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    except _NotJsonError as exc:
+        fail(f"{what} is not valid JSON: {exc}")
     except RecursionError:
-        fail(f"{what} is nested too deeply: Treadle stores at most {MAX_DEPTH} levels")
+        fail(f"{what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    except ValueError:  # int() refuses integers past sys.get_int_max_str_digits()
+        fail(f"{what}: an integer has more than {sys.get_int_max_str_digits()} digits")
+    if _nesting(value) > MAX_JSON_DEPTH:
+        fail(f"{what}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+MAX_JSON_DEPTH = 100
+"""How deep a JSON argument may nest. Real inputs stay far shallower; past ~255 levels the
+payload serializer gives up, past ~1,000 the parser itself (``RecursionError``)."""
+
+
+class _NotJsonError(ValueError):
+    """A value ``json.loads`` accepts but JSON has not (``NaN``, ``1e999``)."""
+
+
+def _not_json(constant: str) -> Any:
+    raise _NotJsonError(f"{constant} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise _NotJsonError(f"{text} is out of range for a number")
+    return number
+
+
+def _nesting(value: Any) -> int:
+    """How many arrays and objects deep ``value`` goes (iteratively: no recursion limit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def load_app(app: str | None, *, required: bool) -> list[WorkflowDefinition]:
@@ -189,15 +256,6 @@ def quiet_logger() -> Any:
             structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"]),
         ],
     )
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for output."""
-    head, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in creds:
-        return url
-    return f"{head}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
 def echo_json(data: Any, *, sort_keys: bool = True) -> None:

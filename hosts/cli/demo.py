@@ -24,7 +24,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from treadle.hosts.cli.common import EXIT_FAILURE, console, fail, quiet_logger, run_async
+from treadle.hosts.cli.common import (
+    EXIT_FAILURE,
+    console,
+    fail,
+    quiet_logger,
+    run_async,
+    seconds_option,
+)
 from treadle.hosts.cli.render import elapsed, fmt_duration, status_text, truncate
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import Run, RunStatus
@@ -143,7 +150,9 @@ def demo(
             "--file", help="Keep the demo's SQLite database here (default: a temporary file)."
         ),
     ] = None,
-    timeout: Annotated[float, typer.Option(min=1, help="Give up after this many seconds.")] = 25.0,
+    timeout: Annotated[
+        float, seconds_option("Give up after this many seconds.", at_least=1)
+    ] = 25.0,
 ) -> None:
     """Run the example document pipeline on SQLite with live progress, then show results."""
     out = console()

@@ -26,14 +26,15 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from treadle.adapters.urls import redact_url
 from treadle.hosts.cli.common import (
     EXIT_FAILURE,
     CliState,
     console,
     echo_json,
     error_line,
-    redact,
     run_async,
+    seconds_option,
     state,
 )
 from treadle.kernel.model import RunStatus
@@ -60,8 +61,8 @@ class Thresholds:
     overdue: float
 
 
-def _why(exc: BaseException) -> str:
-    return error_line(exc).removeprefix("error: ")
+def _why(exc: BaseException, db: str) -> str:
+    return error_line(exc, db).removeprefix("error: ")
 
 
 def _sample(ids: list[str]) -> str:
@@ -220,7 +221,7 @@ async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
     try:
         kind = backend_kind(cli.db)
     except Exception as exc:
-        return [Check("connectivity", "FAIL", _why(exc))]
+        return [Check("connectivity", "FAIL", _why(exc, cli.db))]
     checks: list[Check] = []
     if kind == "memory":
         checks += [
@@ -233,7 +234,7 @@ async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
             probe = await asyncio.to_thread(_sql_probe, cli.db)
         except Exception as exc:
             return [
-                Check("connectivity", "FAIL", _why(exc)),
+                Check("connectivity", "FAIL", _why(exc, cli.db)),
                 Check("schema", "skip", "database unreachable"),
             ]
         checks.append(Check("connectivity", "ok", f"{kind}, SELECT 1 in {probe['latency']:.3f}s"))
@@ -248,26 +249,26 @@ async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
     try:
         checks += await _storage_checks(cli, kind, limits)
     except Exception as exc:
-        checks.append(Check("storage", "FAIL", _why(exc)))
+        checks.append(Check("storage", "FAIL", _why(exc, cli.db)))
     return checks
 
 
 def doctor(
     ctx: typer.Context,
     max_skew: Annotated[
-        float, typer.Option(min=0, help="Clock skew (seconds) above which the check fails.")
+        float, seconds_option("Clock skew (seconds) above which the check fails.")
     ] = 5.0,
     stuck_threshold: Annotated[
-        float, typer.Option(min=0, help="Seconds a RUNNING run may be idle.")
+        float, seconds_option("Seconds a RUNNING run may be idle.")
     ] = 1800.0,
     stale_lease_threshold: Annotated[
-        float, typer.Option(min=0, help="Seconds a leased job may go without heartbeat.")
+        float, seconds_option("Seconds a leased job may go without heartbeat.")
     ] = 60.0,
     pending_threshold: Annotated[
-        float, typer.Option(min=0, help="Seconds a run may stay PENDING before a warning.")
+        float, seconds_option("Seconds a run may stay PENDING before a warning.")
     ] = 300.0,
     overdue_threshold: Annotated[
-        float, typer.Option(min=0, help="Seconds a suspended stage's poll may be late.")
+        float, seconds_option("Seconds a suspended stage's poll may be late.")
     ] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
 ) -> None:
@@ -284,7 +285,7 @@ def doctor(
     async def go() -> list[Check]:
         return await diagnose(cli, limits)
 
-    checks = run_async(go)
+    checks = run_async(go, db=cli.db)
     failed = [c.name for c in checks if c.level == "FAIL"]
     if as_json:
         echo_json({"ok": not failed, "checks": [asdict(c) for c in checks]})
@@ -292,7 +293,7 @@ def doctor(
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=f"treadle doctor: {redact(cli.db)}", title_justify="left")
+        table = Table(title=f"treadle doctor: {redact_url(cli.db)}", title_justify="left")
         for column in ("check", "result", "detail"):
             table.add_column(column)
         for check in checks:

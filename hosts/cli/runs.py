@@ -18,18 +18,22 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 
 def parse_when(text: str | None, option: str, now: datetime | None = None) -> datetime | None:
-    """An ISO 8601 time (naive means UTC) or an age like ``30m``, ``2h``, ``7d`` (ago)."""
+    """An ISO 8601 time (naive means UTC) or an age like ``30m``, ``2h``, ``7d`` (ago), in
+    UTC; one that falls outside the years 1 to 9999 fails naming ``option``."""
     if text is None:
         return None
     relative = _RELATIVE.match(text.strip().lower())
-    if relative:
-        amount, unit = relative.groups()
-        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
     try:
-        value = datetime.fromisoformat(text.strip())
-    except ValueError:
-        fail(f"{option}: {text!r} is neither an ISO 8601 time nor an age like 30m, 2h, 7d")
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        if relative:
+            amount, unit = relative.groups()
+            return (now or datetime.now(UTC)) - timedelta(**{_UNITS[unit]: float(amount)})
+        try:
+            value = datetime.fromisoformat(text.strip())
+        except ValueError:
+            fail(f"{option}: {text!r} is neither an ISO 8601 time nor an age like 30m, 2h, 7d")
+        return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    except OverflowError:
+        fail(f"{option}: {text!r} is out of range (times run from year 1 to 9999, in UTC)")
 
 
 @runs_app.command("list")
@@ -66,7 +70,7 @@ def list_runs(
             counts = await engine.aggregate("status", **filters)
         return runs, counts
 
-    runs, counts = run_async(go)
+    runs, counts = run_async(go, db=cli.db)
     if as_json:
         echo_json([run.model_dump(mode="json", exclude={"stages"}) for run in runs])
         return
@@ -95,7 +99,7 @@ def show_run(
             run = await engine.get_run(run_id)
             return run, list(await engine.kernel.events(run_id))
 
-    run, events = run_async(go)
+    run, events = run_async(go, db=cli.db)
     if as_json:
         echo_json(run.model_dump(mode="json"))
         return

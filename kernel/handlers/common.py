@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from treadle.kernel.definitions import WorkflowDefinition
-from treadle.kernel.errors import RunNotFoundError
+from treadle.kernel.errors import PayloadMissingError, RunNotFoundError
 from treadle.kernel.events import (
     EventBase,
     StageFailed,
@@ -20,6 +20,7 @@ from treadle.kernel.model import (
     Job,
     JobStatus,
     JsonValue,
+    MissingPayload,
     Run,
     RunStatus,
     StageRun,
@@ -93,6 +94,22 @@ def group_input(wf: WorkflowDefinition, stages: Sequence[StageRun], group: int) 
     for stage in stages:
         if stage.stage_id == wanted:
             return stage.output if stage.status is _STAGE_COMPLETED else None
+    return None
+
+
+def lost_input(run: Run, stages: Sequence[StageRun], stage: StageRun) -> PayloadMissingError | None:
+    """The error for ``stage`` when its input (the run's, or an output of the previous
+    group) or its resume state was offloaded and its blob is gone: storage read it as a
+    ``MissingPayload``. ``None`` when every one is there (the common case: no loop for
+    group 0, one pass over the run's stages otherwise)."""
+    group = stage.execution_group
+    if type(stage.resume_state) is MissingPayload:
+        return stage.resume_state.error()
+    if group == 0:
+        return run.input.error() if type(run.input) is MissingPayload else None
+    for other in stages:
+        if other.execution_group == group - 1 and type(other.output) is MissingPayload:
+            return other.output.error()
     return None
 
 

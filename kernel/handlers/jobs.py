@@ -30,6 +30,7 @@ from treadle.kernel.errors import (
     NonRetryableError,
     OutputValidationError,
     StageTimeoutError,
+    as_body_failure,
     describe_exception,
 )
 from treadle.kernel.events import (
@@ -47,8 +48,10 @@ from treadle.kernel.handlers.common import (
     fail_stage_for_good,
     group_input,
     load_run,
+    lost_input,
 )
 from treadle.kernel.handlers.effects import commit_stage_extras
+from treadle.kernel.handlers.leases import settle_lease
 from treadle.kernel.handlers.write_buffer import WriteBuffer
 from treadle.kernel.limits import dump_json, precheck
 from treadle.kernel.model import (
@@ -62,7 +65,6 @@ from treadle.kernel.model import (
     construct,
     evolve,
 )
-from treadle.kernel.retry import DEFAULT_RETRY
 from treadle.kernel.workflows.saga import is_compensating
 
 if TYPE_CHECKING:
@@ -388,7 +390,10 @@ def _build_context(
     failure: _Outcome | None = None
     value: Any = None
     adapter = s.definition.input_adapter
-    if adapter is not None:
+    lost = lost_input(s.run, s.stages, s.stage)  # an offloaded input whose blob is gone
+    if lost is not None:
+        failure = _Outcome("failed", error=lost)
+    elif adapter is not None:
         try:
             # The adapter's validator itself, as ``validate_output`` uses its serializer:
             # ``TypeAdapter.validate_python`` only forwards its default keywords to it.
@@ -420,23 +425,38 @@ def _build_context(
 
 
 async def _run_body(definition: StageDefinition, ctx: StageContext[Any, Any]) -> _Outcome:
-    """Run the body; business failures become an ``_Outcome``, never an exception."""
+    """Run the body; business failures become an ``_Outcome``, never an exception.
+
+    The body runs in this very task (``asyncio.timeout``, not ``wait_for``'s inner task),
+    so a ``KeyboardInterrupt`` or ``SystemExit`` it raises reaches the handler below
+    rather than the event loop, and ``as_body_failure`` can tell a cancellation of this
+    task (the host stopping: it goes on up) from one the body raised itself."""
+    limit = definition.timeout
     try:
         if definition.is_async:
             pending: Any = definition.fn(ctx)
         else:
             pending = asyncio.to_thread(definition.fn, ctx)
-        if definition.timeout is not None:
-            value = await asyncio.wait_for(pending, definition.timeout.total_seconds())
+        if limit is not None:
+            deadline = asyncio.timeout(limit.total_seconds())
+            try:
+                async with deadline:
+                    value = await pending
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # the body's own TimeoutError: an ordinary failure
+                raise StageTimeoutError(
+                    f"stage {definition.id!r} exceeded its timeout of {limit}"
+                ) from None
         else:
             value = await pending
-    except TimeoutError:
-        err: Exception = StageTimeoutError(
-            f"stage {definition.id!r} exceeded its timeout of {definition.timeout}"
-        )
-        return _Outcome("failed", error=err)
     except Exception as exc:
         return _Outcome("failed", error=exc)
+    except BaseException as exc:
+        failure = as_body_failure(exc, f"stage {definition.id!r}")
+        if failure is None:
+            raise
+        return _Outcome("failed", error=failure)
     if isinstance(value, Suspend):
         if not definition.is_batch:
             err = NonRetryableError(
@@ -647,6 +667,9 @@ async def _commit_in(
         chained = await start_leased(
             deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
         )
+    queued = 0
+    if decision.action == "advanced" and decision.next_group is not None:
+        queued = len(s.wf.groups[decision.next_group]) - (decision.leased is not None)
     if result is None:
         # ``construct``: the output was validated and dumped by ``validate_output``.
         result = construct(
@@ -657,10 +680,11 @@ async def _commit_in(
                 "stage_id": stage_id,
                 "output": outcome.output,
                 "chained_job": decision.leased,
+                "queued_jobs": queued,
             },
         )
-    elif decision.leased is not None:
-        result = evolve(result, {"chained_job": decision.leased})
+    elif decision.leased is not None or queued:
+        result = evolve(result, {"chained_job": decision.leased, "queued_jobs": queued})
     if scope.key is not None:  # a chained stage's command has no key: no coroutine to make
         await scope.complete(tx, result)
     return result, chained
@@ -829,56 +853,25 @@ async def _commit_failed(
 
 
 async def _release_after_error(deps: Deps, cmd: c.JobExecute, exc: BaseException) -> None:
-    """Best effort after an unexpected error: requeue the job with backoff, or fail it
-    (and its stage) when attempts are exhausted. If storage is down too, the lease
-    expires and ``lease.reapStale`` does the same later."""
-    now = deps.clock.now()
+    """Best effort after an unexpected error: ``settle_lease`` requeues the job with
+    backoff, or fails it (and its stage) when attempts are exhausted. If storage is down
+    too, the host's ``job.release`` (retried until storage answers) or, failing that,
+    ``lease.reapStale`` does the same later."""
     message = describe_exception(exc)
     try:
         async with deps.persistence.transaction() as tx:
             job = await deps.job_transport.get(tx, cmd.job_id)
             if job is None or job.status is not JobStatus.LEASED or job.worker_id != cmd.worker_id:
                 return
-            wf = deps.registry.get_workflow(job.workflow_id)
-            definition = wf.stage(job.stage_id) if wf is not None else None
-            policy = definition.retry if definition is not None else DEFAULT_RETRY
-            stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
-            if job.attempts >= job.max_attempts:
-                await deps.job_transport.fail(tx, job.id, message)
-                if stage is not None and not stage.status.terminal:
-                    await tx.update_stage(
-                        evolve(
-                            stage,
-                            {
-                                "status": StageStatus.FAILED,
-                                "error": message,
-                                "retryable": False,
-                                "completed_at": now,
-                            },
-                        )
-                    )
-                    await tx.append_events(
-                        [
-                            StageFailed(
-                                workflow_run_id=job.workflow_run_id,
-                                timestamp=now,
-                                stage_id=job.stage_id,
-                                attempt=stage.attempt,
-                                error=message,
-                            )
-                        ]
-                    )
-                    run = await tx.get_run(job.workflow_run_id, for_update=True)
-                    if run is not None and wf is not None:
-                        stages = await tx.get_stages(run.id)
-                        await apply_transition(deps, tx, run, stages, wf, now, None)
-            else:
-                retry_at = now + policy.delay_for(job.attempts, seed=job.id)
-                await deps.job_transport.requeue(tx, job.id, retry_at, error=message)
-                if stage is not None and stage.status is StageStatus.RUNNING:
-                    await tx.update_stage(
-                        evolve(stage, {"status": StageStatus.PENDING, "error": message})
-                    )
+            await settle_lease(
+                deps,
+                tx,
+                job,
+                end="errored",
+                message=message,
+                now=deps.clock.now(),
+                causation_id=None,
+            )
     except Exception as second:
         deps.logger.error(
             "job.release_failed",

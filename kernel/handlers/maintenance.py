@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 
 from treadle.kernel import commands as c
-from treadle.kernel.events import StageFailed
 from treadle.kernel.handlers.common import apply_transition, enqueue_stages, fail_run
+from treadle.kernel.handlers.leases import settle_lease
 from treadle.kernel.model import RunStatus, StageStatus, evolve
-from treadle.kernel.retry import DEFAULT_RETRY
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps, Scope
@@ -16,7 +15,8 @@ if TYPE_CHECKING:
 
 async def reap_stale(deps: Deps, cmd: c.LeaseReapStale, scope: Scope) -> c.LeaseReapStaleResult:
     """A leased job whose worker stopped heartbeating for ``stale_threshold`` is released
-    with backoff, or failed (with its stage) once it has used ``max_attempts``."""
+    with backoff, or failed (with its stage) once it has used ``max_attempts``
+    (``settle_lease``, the path every lease without a verdict takes)."""
     now = deps.clock.now()
     released = failed = 0
     async with deps.persistence.transaction() as tx:
@@ -28,56 +28,19 @@ async def reap_stale(deps: Deps, cmd: c.LeaseReapStale, scope: Scope) -> c.Lease
                 f"lease expired: worker {job.worker_id!r} stopped heartbeating "
                 f"(attempt {job.attempts} of {job.max_attempts})"
             )
-            stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
-            wf = deps.registry.get_workflow(job.workflow_id)
-            definition = wf.stage(job.stage_id) if wf is not None else None
-            policy = definition.retry if definition is not None else DEFAULT_RETRY
-            exhausted = job.attempts >= job.max_attempts
-            retry_at = now + policy.delay_for(
-                job.attempts, seed=f"{job.workflow_run_id}:{job.stage_id}"
+            settled = await settle_lease(
+                deps,
+                tx,
+                job,
+                end="expired",
+                message=message,
+                now=now,
+                causation_id=scope.causation_id,
             )
-            if exhausted:
-                await deps.job_transport.fail(tx, job.id, message)
+            if settled == "failed":
                 failed += 1
             else:
-                await deps.job_transport.requeue(tx, job.id, retry_at, error=message)
                 released += 1
-            # A RUNNING stage goes back to PENDING or fails. A stage whose attempt never
-            # committed (still PENDING) fails too once its job is exhausted: else the
-            # run would wait forever on a stage that has no live job.
-            if stage is None or stage.status.terminal:
-                continue
-            if stage.status is not StageStatus.RUNNING and not exhausted:
-                continue
-            await tx.update_stage(
-                evolve(
-                    stage,
-                    {
-                        "status": StageStatus.FAILED if exhausted else StageStatus.PENDING,
-                        "error": message,
-                        "retryable": not exhausted,
-                        "completed_at": now if exhausted else None,
-                    },
-                )
-            )
-            await tx.append_events(
-                [
-                    StageFailed(
-                        workflow_run_id=job.workflow_run_id,
-                        timestamp=now,
-                        causation_id=scope.causation_id,
-                        stage_id=job.stage_id,
-                        attempt=stage.attempt,
-                        error=message,
-                        will_retry=not exhausted,
-                        retry_at=None if exhausted else retry_at,
-                    )
-                ]
-            )
-            run = await tx.get_run(job.workflow_run_id, for_update=True)
-            if exhausted and run is not None and wf is not None:
-                stages = await tx.get_stages(run.id)
-                await apply_transition(deps, tx, run, stages, wf, now, scope.causation_id)
         result = c.LeaseReapStaleResult(released=released, failed=failed)
         await scope.complete(tx, result)
     return result

@@ -4,7 +4,8 @@ Events are read in one transaction, published outside it (a slow sink never
 holds a lock), and their fate recorded in a second. A run whose event fails stops
 publishing for this flush (fail-fast), so its consumers never see a later event
 before an earlier one; after ``outbox_max_attempts`` failures the event goes to
-the dead-letter queue and the run's later events flow again.
+the dead-letter queue and the run's later events flow again. ``plugin.replayDLQ``
+puts dead letters back in the outbox, for the next flush to publish.
 """
 
 from __future__ import annotations
@@ -74,28 +75,17 @@ async def flush(deps: Deps, cmd: c.OutboxFlush, scope: Scope) -> c.OutboxFlushRe
 
 
 async def replay_dlq(deps: Deps, cmd: c.PluginReplayDLQ, scope: Scope) -> c.PluginReplayDLQResult:
-    """Re-publish dead-lettered events (after the consumer is fixed), oldest first."""
+    """Put dead-lettered events (after the consumer is fixed), oldest first, back in the
+    outbox with a fresh retry budget. The next ``outbox.flush`` publishes them with each
+    run's other pending events, in per-run sequence order, as it publishes any event."""
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.PluginReplayDLQResult", cached)
         batch = await tx.dead_lettered_events(cmd.max_events)
-    replayed: list[int] = []
-    for record in batch:
-        try:
-            await _publish(deps, record.event)
-        except Exception as exc:
-            deps.logger.warning(
-                "outbox.replay_failed",
-                run_id=record.event.workflow_run_id,
-                sequence=record.event.sequence,
-                error=describe_exception(exc),
-            )
-        else:
-            replayed.append(record.id)
-    result = c.PluginReplayDLQResult(replayed=len(replayed))
-    async with deps.persistence.transaction() as tx:
-        if replayed:
-            await tx.mark_published(replayed)
+        replayed = await tx.requeue_dead_letters([record.id for record in batch])
+        result = c.PluginReplayDLQResult(replayed=replayed)
         await scope.complete(tx, result)
+    if replayed:
+        deps.logger.info("outbox.dlq_replayed", replayed=replayed)
     return result

@@ -10,12 +10,19 @@ from treadle.kernel.errors import (
     InvalidStateError,
     NotSupportedError,
     StageNotFoundError,
+    describe_exception,
 )
-from treadle.kernel.events import WorkflowCancelled, WorkflowCreated, WorkflowStarted
-from treadle.kernel.handlers.common import apply_transition, enqueue_stages, load_run, run_ended
+from treadle.kernel.events import EventBase, WorkflowCancelled, WorkflowCreated, WorkflowStarted
+from treadle.kernel.handlers.common import (
+    apply_transition,
+    enqueue_stages,
+    fail_run,
+    load_run,
+    run_ended,
+)
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
-from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.model import MissingPayload, Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
 from treadle.kernel.workflows.deadline import request as request_execution_timeout
 from treadle.kernel.workflows.saga import compensate_on_cancel
@@ -98,22 +105,36 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
                 for stage in group
             ]
         )
-        await tx.append_events(
-            [
-                WorkflowCreated(
-                    workflow_run_id=run.id,
-                    timestamp=now,
-                    causation_id=scope.causation_id,
-                    workflow_id=wf.id,
-                    priority=run.priority,
-                )
-            ]
+        created = WorkflowCreated(
+            workflow_run_id=run.id,
+            timestamp=now,
+            causation_id=scope.causation_id,
+            workflow_id=wf.id,
+            priority=run.priority,
         )
+        claim_for = cmd.claim_for if cmd.signal is None else None
+        if claim_for is not None and not deps.chains.allows(claim_for):
+            claim_for = None  # that worker is stopping: the run waits for a claim
+        started: list[Any] = []
+        if claim_for is not None:
+            # In-process start: claim the run for the caller's worker in this same
+            # commit and start its first stage there (no claim transaction, no wake-up).
+            _, started = await _claim_runs(
+                deps, tx, claim_for, scope, [run], 1, now, prior_events=[created]
+            )
+        else:
+            await tx.append_events([created])
         if cmd.signal is not None:
             await _deliver(deps, tx, run, cmd, signal_payload, now)
-        result = c.RunCreateResult(workflow_run_id=run.id, status=run.status)
+        status = RunStatus.RUNNING if claim_for is not None else run.status
+        result = c.RunCreateResult(workflow_run_id=run.id, status=status)
         if cmd.signal is None:
-            await scope.complete(tx, result)
+            await scope.complete(tx, result)  # cached without the hand-off below
+    if started:  # only once their start has committed
+        deps.chains.keep(started[0].job.id, claim_for or "", started[0])
+        result = c.RunCreateResult(
+            workflow_run_id=run.id, status=status, chained_job=started[0].job
+        )
     return result
 
 
@@ -162,6 +183,8 @@ async def claim_pending(
         if cached is not None:
             return cast("c.RunClaimPendingResult", cached)
         runs = await tx.claim_pending_runs(cmd.max_claims)
+        if any(type(run.input) is MissingPayload for run in runs):
+            runs = await _fail_lost_inputs(deps, tx, runs, now, scope.causation_id)
         claimed: list[c.ClaimedRun] | None = None
         if deps.settings.group_commit and len(runs) > 1:
             # All runs' reads in one statement, their writes collected and flushed one
@@ -177,14 +200,14 @@ async def claim_pending(
             buffered, buffered_tx = buffer.stand_in(deps)
             try:
                 claimed, started = await _claim_runs(
-                    buffered, buffered_tx, cmd, scope, runs, budget, now
+                    buffered, buffered_tx, cmd.worker_id, scope, runs, budget, now
                 )
             except NotBatchableError:
                 claimed = None
             else:
                 await buffer.flush(deps.job_transport)
         if claimed is None:
-            claimed, started = await _claim_runs(deps, tx, cmd, scope, runs, budget, now)
+            claimed, started = await _claim_runs(deps, tx, cmd.worker_id, scope, runs, budget, now)
         result = c.RunClaimPendingResult(claimed=claimed, chained_jobs=[s.job for s in started])
         await scope.complete(tx, result)
     for s in started:  # only once their start has committed
@@ -192,18 +215,39 @@ async def claim_pending(
     return result
 
 
+async def _fail_lost_inputs(
+    deps: Deps, tx: Transaction, runs: list[Run], now: datetime, causation_id: str | None
+) -> list[Run]:
+    """Fail, instead of starting, each run whose input was offloaded and its blob is gone
+    (storage read it as a ``MissingPayload``): its error names the run and the key. Returns
+    the runs left to claim, so the lost input of one run never stops the claim of others."""
+    kept: list[Run] = []
+    for run in runs:
+        if type(run.input) is not MissingPayload:
+            kept.append(run)
+            continue
+        error = describe_exception(run.input.error())
+        deps.logger.warning("claim.payload_missing", run_id=run.id, error=error)
+        await fail_run(deps, tx, run, await tx.get_stages(run.id), error, now, causation_id)
+    return kept
+
+
 async def _claim_runs(
     deps: Deps,
     tx: Transaction,
-    cmd: c.RunClaimPending,
+    worker_id: str,
     scope: Scope,
     runs: list[Run],
     budget: int,
     now: datetime,
+    *,
+    prior_events: list[EventBase] | None = None,
 ) -> tuple[list[c.ClaimedRun], list[Any]]:
     """Start each of ``runs`` inside ``tx``: RUNNING, group 0 enqueued (the first job of
-    up to ``budget`` runs leased to the claimer and started). Returns the claimed runs
-    and the started stages to hand off once ``tx`` commits."""
+    up to ``budget`` runs leased to the claimer, ``worker_id``, and started). Returns the
+    claimed runs and the started stages to hand off once ``tx`` commits.
+    ``prior_events``: appended with the first run's own (``run.create`` claiming the
+    run it just created commits one ``append_events``)."""
     from treadle.kernel.handlers.jobs import start_leased
 
     claimed: list[c.ClaimedRun] = []
@@ -223,7 +267,7 @@ async def _claim_runs(
                     "status": RunStatus.RUNNING,
                     "started_at": now,
                     "updated_at": now,
-                    "worker_id": cmd.worker_id,
+                    "worker_id": worker_id,
                     "current_group": 0,
                 },
             )
@@ -231,23 +275,24 @@ async def _claim_runs(
         await arm_execution_timeout(tx, run, wf, now)
         stages = await tx.get_stages(run.id)
         group0 = [s for s in stages if s.execution_group == 0]
-        lease_to = cmd.worker_id if budget > 0 and group0 else None
+        lease_to = worker_id if budget > 0 and group0 else None
         jobs = await enqueue_stages(deps, tx, run, wf, group0, now, lease_to=lease_to)
         run_started = WorkflowStarted(
             workflow_run_id=run.id,
             timestamp=now,
             causation_id=scope.causation_id,
             workflow_id=run.workflow_id,
-            worker_id=cmd.worker_id,
+            worker_id=worker_id,
         )
+        events: list[EventBase] = [*(prior_events or ()), run_started]
+        prior_events = None
         if lease_to is not None:
             budget -= 1
-            events = [run_started]
             started.append(
                 await start_leased(deps, tx, scope, wf, run, stages, jobs[0], now, events)
             )
         else:
-            await tx.append_events([run_started])
+            await tx.append_events(events)
         claimed.append(
             c.ClaimedRun(
                 workflow_run_id=run.id,

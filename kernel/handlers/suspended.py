@@ -2,20 +2,32 @@
 
 Completion checks call external systems, so they run outside any transaction;
 each stage's outcome then commits in its own short transaction, guarded by the
-stage's version so two pollers never both resume one stage.
+stage's version so two pollers never both resume one stage. A check that raises is
+tried again at the next poll, counted on the stage (``check_failures``, stored, so the
+bound holds across restarts); the stage's ``max_check_failures``-th in a row fails it.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from treadle.kernel import commands as c
 from treadle.kernel.context import StageContext
-from treadle.kernel.definitions import Failed, NotReady, Ready, WorkflowDefinition
+from treadle.kernel.definitions import (
+    DEFAULT_MAX_CHECK_FAILURES,
+    BatchStageDefinition,
+    Failed,
+    NotReady,
+    Ready,
+    StageDefinition,
+    WorkflowDefinition,
+)
 from treadle.kernel.errors import (
+    NonRetryableError,
     OutputValidationError,
     SuspendTimeoutError,
     describe_exception,
@@ -23,7 +35,7 @@ from treadle.kernel.errors import (
 from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, outputs_of
 from treadle.kernel.handlers.jobs import validate_output
-from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.model import MissingPayload, Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows import deadline
 
 if TYPE_CHECKING:
@@ -109,6 +121,24 @@ async def poll_suspended(
     return result
 
 
+@dataclass(frozen=True)
+class _Raised:
+    """The check raised ``error`` (``Type: message``); ``limit`` such checks in a row
+    fail the stage."""
+
+    error: str
+    limit: int
+
+
+_Verdict = Ready | NotReady | Failed | _Raised
+
+
+def _max_check_failures(definition: StageDefinition) -> int:
+    if isinstance(definition, BatchStageDefinition):
+        return definition.max_check_failures
+    return DEFAULT_MAX_CHECK_FAILURES
+
+
 async def _check(
     deps: Deps,
     wf: WorkflowDefinition,
@@ -116,7 +146,7 @@ async def _check(
     stage: StageRun,
     stages: list[StageRun],
     now: datetime,
-) -> Ready | NotReady | Failed:
+) -> _Verdict:
     if stage.suspend_deadline is not None and now >= stage.suspend_deadline:
         err = SuspendTimeoutError(
             f"stage {stage.stage_id!r} was not ready within its max_wait "
@@ -127,6 +157,8 @@ async def _check(
     check = getattr(definition, "check_fn", None)
     if definition is None or check is None:
         return Failed(message=f"stage {stage.stage_id!r} has no check_completion function")
+    if type(stage.suspended_state) is MissingPayload:  # offloaded, and its blob is gone
+        return Failed(message=describe_exception(stage.suspended_state.error()))
     config = None
     if definition.config_model is not None:
         config = definition.config_model.model_validate(run.config.get(stage.stage_id, {}))
@@ -149,15 +181,21 @@ async def _check(
         verdict = check(copy.deepcopy(stage.suspended_state), ctx)
         if inspect.isawaitable(verdict):
             verdict = await verdict
+    except NonRetryableError as exc:
+        return Failed(describe_exception(exc))
     except Exception as exc:
-        # A flaky status endpoint is not a failed batch: try again next interval.
+        # A flaky status endpoint is not a failed batch: try again next interval, up to
+        # the stage's bound on failed checks in a row (counted in ``_commit``).
+        limit = _max_check_failures(definition)
         deps.logger.warning(
             "stage.check_failed",
             run_id=run.id,
             stage_id=stage.stage_id,
             error=describe_exception(exc),
+            failures=stage.check_failures + 1,
+            max_check_failures=limit,
         )
-        return NotReady()
+        return _Raised(describe_exception(exc), limit)
     if not isinstance(verdict, Ready | NotReady | Failed):
         return Failed(
             message=f"check_completion of {stage.stage_id!r} returned {verdict!r}, "
@@ -176,7 +214,7 @@ async def _commit(
     scope: Scope,
     wf: WorkflowDefinition,
     seen: StageRun,
-    verdict: Ready | NotReady | Failed,
+    verdict: _Verdict,
     now: datetime,
 ) -> str:
     async with deps.persistence.transaction() as tx:
@@ -193,10 +231,22 @@ async def _commit(
         events: list[EventBase] = []
         outcome = "resumed"
         transport = deps.job_transport
-        if isinstance(verdict, NotReady):
-            interval = verdict.poll_interval or stage.poll_interval
+        failures = 0
+        if isinstance(verdict, _Raised):
+            failures = stage.check_failures + 1
+            if failures >= verdict.limit:
+                verdict = Failed(
+                    f"check_completion of stage {stage.stage_id!r} raised {failures} "
+                    f"time(s) in a row; the last: {verdict.error}"
+                )
+        if isinstance(verdict, NotReady | _Raised):
+            interval = (
+                verdict.poll_interval if isinstance(verdict, NotReady) else None
+            ) or stage.poll_interval
             next_poll = now + interval if interval is not None else now
-            await tx.update_stage(evolve(stage, {"next_poll_at": next_poll}))
+            await tx.update_stage(
+                evolve(stage, {"next_poll_at": next_poll, "check_failures": failures})
+            )
             if stage.job_id:
                 await transport.suspend(tx, stage.job_id, next_poll)
             return "waiting"
@@ -211,6 +261,7 @@ async def _commit(
                         "retryable": False,
                         "completed_at": now,
                         "next_poll_at": None,
+                        "check_failures": failures,
                     },
                 )
             )
@@ -261,6 +312,7 @@ async def _commit(
                         "status": StageStatus.PENDING,
                         "resume_state": stage.suspended_state,
                         "next_poll_at": None,
+                        "check_failures": 0,
                     },
                 )
             )

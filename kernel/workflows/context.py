@@ -37,10 +37,12 @@ from treadle.kernel.errors import (
     InvalidPayloadError,
     NonDeterminismError,
     OutputValidationError,
+    PayloadMissingError,
     StepFailedError,
     StepTimeoutError,
     TreadleValidationError,
     WaitTimeoutError,
+    as_body_failure,
     describe_exception,
 )
 from treadle.kernel.events import (
@@ -247,12 +249,24 @@ def _decode(adapter: TypeAdapter[Any] | None, raw: JsonValue) -> Any:
 
 
 async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo) -> Any:
+    """Call the step function. A ``BaseException`` it raises that is no ``Exception``
+    (``KeyboardInterrupt``, ``SystemExit``, a ``CancelledError`` of its own) becomes a
+    ``BodyInterruptedError``: a failed attempt under the step's retry policy, which can
+    neither kill the worker nor send the activation round forever. A cancellation of
+    this task (the host stopping) and the body's own ``Interrupt`` go on up."""
     token = _CURRENT_STEP.set(info)
     try:
         if _is_async(fn):
             return await fn(*args)
         # to_thread copies the context, so current_step() works in sync steps too.
         return await asyncio.to_thread(fn, *args)
+    except (Exception, Interrupt):
+        raise
+    except BaseException as exc:
+        failure = as_body_failure(exc, f"step {info.name!r}")
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         _CURRENT_STEP.reset(token)
 
@@ -519,9 +533,14 @@ class WorkflowContext:
             try:
                 pending = _invoke(call, args, info)
                 if seconds is not None:
+                    # In this task (not wait_for's own): see ``_invoke``.
+                    deadline = asyncio.timeout(seconds)
                     try:
-                        value = await asyncio.wait_for(pending, seconds)
+                        async with deadline:
+                            value = await pending
                     except TimeoutError:
+                        if not deadline.expired():
+                            raise
                         raise StepTimeoutError(
                             f"step {name!r} attempt {attempt} exceeded its timeout of {timeout}"
                         ) from None
@@ -839,6 +858,8 @@ class WorkflowContext:
         wait_input = entry.input if entry is not None else None
         try:
             message = await self._writer.peek_message(kind, name)
+        except PayloadMissingError as exc:  # its offloaded payload is gone: the run fails
+            raise self._stop(Interrupt("fatal", error=exc)) from exc
         except Exception as exc:
             raise self._stop(Interrupt("crash", error=exc)) from exc
         if message is not None:

@@ -34,7 +34,9 @@ from treadle.kernel.context import CancellationToken
 from treadle.kernel.errors import (
     InvalidInputError,
     OutputValidationError,
+    PayloadMissingError,
     VersionMismatchError,
+    as_body_failure,
     describe_exception,
 )
 from treadle.kernel.events import EventBase, ReviewRequested, StageCompleted
@@ -45,7 +47,15 @@ from treadle.kernel.handlers.common import (
     new_jobs,
 )
 from treadle.kernel.handlers.jobs import _is_current, _Started, validate_output
-from treadle.kernel.model import JsonValue, Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.model import (
+    JsonValue,
+    MissingPayload,
+    Run,
+    RunStatus,
+    StageRun,
+    StageStatus,
+    evolve,
+)
 from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext, message_result
 from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
@@ -199,8 +209,12 @@ async def execute_activation(
     mismatch = version_mismatch(s.run, wf)
     if mismatch is not None:
         return await _commit_blocked(deps, scope, s, writer, mismatch)
+    lost: PayloadMissingError | None = None
     async with deps.persistence.transaction() as tx:
-        journal = await tx.get_journal(s.run.id)
+        try:
+            journal = await tx.get_journal(s.run.id)
+        except PayloadMissingError as exc:  # a recorded value's blob is gone: no replay
+            journal, lost = [], exc
     token = CancellationToken()
     ctx = WorkflowContext(
         run_id=s.run.id,
@@ -214,8 +228,12 @@ async def execute_activation(
         cancelled=token,
         compensating=s.run.status is RunStatus.CANCELLED,
     )
-    with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
-        output, error, outcome = await _run(ctx, wf, s)
+    output: JsonValue = None
+    error: BaseException | None = lost  # the run fails with it, as if its body raised it
+    outcome: SagaOutcome | None = None
+    if lost is None:
+        with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
+            output, error, outcome = await _run(ctx, wf, s)
     interrupt = ctx.interrupt
     if interrupt is not None and interrupt.reason == "crash":
         assert interrupt.error is not None
@@ -236,7 +254,11 @@ async def _run(
     output: JsonValue = None
     error: BaseException | None = None
     try:
+        if type(s.run.input) is MissingPayload:  # offloaded, and its blob is gone
+            raise s.run.input.error()
         value = wf.input_adapter.validate_python(s.run.input)
+    except PayloadMissingError as exc:
+        error = exc
     except PydanticValidationError as exc:
         error = InvalidInputError.from_pydantic(
             f"workflow {wf.id!r} input does not match its model", exc, prefix="input"
@@ -248,6 +270,11 @@ async def _run(
             pass
         except Exception as exc:
             error = exc
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit, its own CancelledError
+            failure = as_body_failure(exc, f"workflow {wf.id!r}")
+            if failure is None:
+                raise  # this task is being cancelled: the host is stopping
+            error = failure
         else:
             try:
                 output = validate_output(s.definition, returned)

@@ -120,3 +120,32 @@ async def letters(ctx: WorkflowContext, req: Name) -> Greeting:
 
 
 workflows.append(letters)
+
+
+class Blow(BaseModel):
+    note: str = ""
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt("pressed in a stage")
+
+
+ONCE = RetryPolicy(max_attempts=1)
+
+
+@define_stage(id="interrupt-async", input=Blow, output=Greeting, retry=ONCE)
+async def interrupt_async(ctx: StageContext[Blow, None]) -> Greeting:
+    """Raises KeyboardInterrupt: a failed stage, never a dead worker."""
+    _interrupt()
+    return Greeting(text="unreachable")
+
+
+@define_stage(id="interrupt-sync", input=Blow, output=Greeting, retry=ONCE)
+def interrupt_sync(ctx: StageContext[Blow, None]) -> Greeting:
+    """The same from a sync body (run in a thread)."""
+    _interrupt()
+    return Greeting(text="unreachable")
+
+
+workflows.append(WorkflowBuilder("interrupter", input=Blow).pipe(interrupt_async).build())
+workflows.append(WorkflowBuilder("interrupter-sync", input=Blow).pipe(interrupt_sync).build())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,13 +108,156 @@ def test_unexpected_errors_are_one_line_too(
     assert line == "error: RuntimeError: surprise"
 
 
-@pytest.mark.parametrize("levels", [1_000, 100_000])
-def test_deeply_nested_input_is_one_line(invoke: Invoke, levels: int) -> None:
-    """JSON nested past what Treadle stores is one line naming INPUT and the limit, not a
-    RecursionError (json.loads) or a raw serialisation error."""
-    line = one_error_line(invoke("start", "greeter", "[" * levels + "]" * levels))
-    assert line.startswith("error: INPUT is nested too deeply")
-    assert "128 levels" in line
+def test_error_line_hides_credentials_a_message_repeats(
+    monkeypatch: pytest.MonkeyPatch, invoke: Invoke
+) -> None:
+    """An error whose text repeats a credential of --db (as a driver's might) shows it as
+    ***, the rest of the message intact."""
+    from treadle.engine import Engine
+
+    async def boom(self: Engine, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("login as u with Pw-1a2b failed (sslpassword Ssl/3c4d)")
+
+    monkeypatch.setattr(Engine, "list", boom)
+    url = "memory://u:Pw-1a2b@x/?sslpassword=Ssl%2F3c4d"
+    line = one_error_line(invoke("runs", "list", db=url, app=None))
+    assert line == "error: RuntimeError: login as u with *** failed (sslpassword ***)"
+
+
+# -- bad JSON and duration arguments: one line naming the argument, nothing written ----
+
+
+def _no_runs(invoke: Invoke) -> bool:
+    listed = invoke("runs", "list", "--json", app=None)
+    return listed.exit_code == 0 and listed.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("start", "greeter", "@{file}"), "INPUT"),
+        (("start", "greeter", '{"name": "x"}', "--config", "@{file}"), "--config"),
+        (("signal", "some-run", "approve", "@{file}"), "PAYLOAD"),
+    ],
+)
+def test_binary_json_file(
+    tmp_path: Path, invoke: Invoke, args: tuple[str, ...], field: str
+) -> None:
+    """@file that is not UTF-8 text is one line naming the argument and the file, not a
+    UnicodeDecodeError; nothing is written."""
+    binary = tmp_path / "data.json"
+    binary.write_bytes(b"\xff\xfe{\x00}\x00\x89PNG")
+    line = one_error_line(invoke(*(a.replace("{file}", str(binary)) for a in args)))
+    assert (
+        line == f"error: {field}: {str(binary)!r} is not UTF-8 text (invalid start byte at byte 0)"
+    )
+    assert _no_runs(invoke)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "JSON nested more than 100 levels deep"),
+        ('{"name": ' + "[" * 101 + "]" * 101 + "}", "JSON nested more than 100 levels deep"),
+        ('{"name": NaN}', "is not valid JSON: NaN is not a JSON value"),
+        ('{"name": -Infinity}', "is not valid JSON: -Infinity is not a JSON value"),
+        ('{"name": 1e999}', "is not valid JSON: 1e999 is out of range for a number"),
+        ('{"name": ' + "9" * 5000 + "}", "an integer has more than 4300 digits"),
+    ],
+)
+def test_json_that_python_accepts_but_treadle_cannot_store(
+    tmp_path: Path, invoke: Invoke, text: str, problem: str
+) -> None:
+    """Deep nesting (a RecursionError in the parser), NaN/Infinity and overlong numbers
+    are one line naming the argument, for INPUT, --config and PAYLOAD alike."""
+    source = tmp_path / "in.json"
+    source.write_text(text)
+    for args, field in (
+        (("start", "greeter", f"@{source}"), "INPUT"),
+        (("start", "greeter", '{"name": "x"}', "--config", f"@{source}"), "--config"),
+        (("signal", "some-run", "approve", f"@{source}"), "PAYLOAD"),
+    ):
+        line = one_error_line(invoke(*args))
+        assert line.startswith(f"error: {field}"), line
+        assert problem in line
+    assert _no_runs(invoke)
+
+
+def test_json_nesting_up_to_the_limit_is_accepted(invoke: Invoke) -> None:
+    """100 levels of nesting parse (and reach the workflow's own validation)."""
+    deep = '{"name": "x", "extra": ' + "[" * 99 + "]" * 99 + "}"
+    assert invoke("start", "greeter", deep).exit_code == 0
+
+
+@pytest.mark.parametrize("option", ["--created-after", "--created-before"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "99999999d",
+        "99999999999999999999s",
+        "0001-01-01T00:00:00+05:00",
+        "9999-12-31T23:59:59-05:00",
+    ],
+)
+def test_created_filters_out_of_range(invoke: Invoke, option: str, value: str) -> None:
+    """An age or time beyond the years 1-9999 is one line naming the option, not an
+    OverflowError."""
+    line = one_error_line(invoke("runs", "list", option, value, app=None))
+    assert (
+        line
+        == f"error: {option}: {value!r} is out of range (times run from year 1 to 9999, in UTC)"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tick", "--stale-lease-threshold", "inf"),
+        ("tick", "--stuck-threshold", "1e300"),
+        ("doctor", "--stuck-threshold", "inf"),
+        ("doctor", "--pending-threshold", "1e300"),
+        ("events", "some-run", "--poll-interval", "inf"),
+        ("start", "greeter", "{}", "--wait", "--timeout", "inf"),
+    ],
+)
+def test_durations_that_overflow_are_usage_errors(invoke: Invoke, args: tuple[str, ...]) -> None:
+    """inf or 1e300 seconds is rejected up front naming the option (exit 2), as nan and
+    negative values are, instead of an OverflowError from the tick or the doctor."""
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[-2]}'" in result.stderr
+
+
+def test_every_duration_option_is_bounded() -> None:
+    """Every float option of every command (its Annotated typer.Option) takes at most
+    MAX_SECONDS."""
+    import typing
+
+    import typer
+
+    from treadle.hosts.cli import build_app
+    from treadle.hosts.cli.common import MAX_SECONDS
+
+    def callbacks(app: typer.Typer) -> Iterator[Any]:
+        yield from (c.callback for c in app.registered_commands if c.callback)
+        for group in app.registered_groups:
+            assert group.typer_instance is not None
+            yield from callbacks(group.typer_instance)
+
+    checked, unbounded = [], []
+    for callback in callbacks(build_app()):
+        for name, hint in typing.get_type_hints(callback, include_extras=True).items():
+            if typing.get_origin(hint) is not typing.Annotated:
+                continue
+            base, *extras = typing.get_args(hint)
+            if float not in (base, *typing.get_args(base)):
+                continue
+            info = next(e for e in extras if isinstance(e, typer.models.OptionInfo))
+            checked.append(f"{callback.__name__}.{name}")
+            if info.max is None or info.max > MAX_SECONDS:
+                unbounded.append(f"{callback.__name__}.{name}")
+    assert len(checked) >= 14
+    assert unbounded == []
 
 
 @pytest.mark.parametrize(
@@ -120,13 +265,12 @@ def test_deeply_nested_input_is_one_line(invoke: Invoke, levels: int) -> None:
     [
         ('{"name": "a\\u0000b"}', "input.name", "contains a NUL character"),
         ('{"name": "\\ud800"}', "input.name", "contains a lone surrogate"),
-        ('{"name": "x", "extra": NaN}', "input.extra", "nan is not a JSON number"),
     ],
 )
 def test_unstorable_input_is_one_line_naming_the_field(
     invoke: Invoke, text: str, field: str, problem: str
 ) -> None:
-    """A NUL, a lone surrogate or NaN in INPUT: one validation line naming the field."""
+    """A NUL or a lone surrogate in INPUT: the kernel's one validation line naming the field."""
     line = one_error_line(invoke("start", "greeter", text))
     assert f"{field}: {problem}" in line
     assert "InvalidInputError" in line

@@ -75,6 +75,41 @@ def test_worker_serves_runs_and_drains_on_sigterm(db_url: str, invoke: Invoke) -
     assert worker.returncode == 0, stderr
 
 
+def test_a_stage_raising_keyboard_interrupt_fails_its_run_not_the_worker(
+    db_url: str, invoke: Invoke
+) -> None:
+    """KeyboardInterrupt from an async and a sync stage body fails that run with an error
+    naming it (and a log line naming the run and stage); the same `treadle worker` then
+    serves another run and still drains and exits 0 on SIGTERM."""
+    assert invoke("migrate", app=None).exit_code == 0
+    worker = subprocess.Popen(
+        [
+            TREADLE, "--db", db_url, "--app", APP, "worker",
+            "--orchestration-interval", "0.05", "--job-poll-interval", "0.02",
+            "--drain-timeout", "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        failed = []
+        for workflow_id in ("interrupter", "interrupter-sync"):
+            run_id = started(invoke("start", workflow_id, "{}"))
+            outcome = wait_terminal(db_url, run_id)
+            assert "KeyboardInterrupt" in str(outcome), outcome
+            failed.append(run_id)
+        ok = started(invoke("start", "greeter", '{"name": "after"}'))
+        assert wait_terminal(db_url, ok)["text"].startswith("HELLO AFTER!")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    assert worker.returncode == 0, stderr
+    for run_id in failed:
+        named = [line for line in stderr.splitlines() if run_id in line and "Interrupt" in line]
+        assert named, stderr
+
+
 def test_worker_without_an_app_exits_with_the_config_code(invoke: Invoke) -> None:
     """`treadle worker` with no --app says so in one line and exits 2."""
     result = invoke("worker", app=None)

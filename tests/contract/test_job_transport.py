@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -255,6 +256,29 @@ async def test_requeue_honours_the_backoff(backend: Any) -> None:
     kept = await get(backend, "j1")
     assert kept is not None
     assert kept.last_error == "flaky"
+
+
+async def test_requeue_can_refund_the_attempt(backend: Any) -> None:
+    """``refund_attempt=True`` (a host giving the job back on purpose) puts ``attempts``
+    back one, so the next lease is the same attempt again; a rolled-back refund leaves
+    the lease untouched."""
+    await enqueue(backend, make_job("j1"))
+    await backend.job_transport.dequeue("w1", T0)
+    await backend.job_transport.dequeue("w1", T0)  # nothing due: still attempt 1
+    with contextlib.suppress(RuntimeError):
+        async with backend.persistence.transaction() as tx:
+            await backend.job_transport.requeue(tx, "j1", T0, refund_attempt=True)
+            raise RuntimeError("roll back")
+    held = await get(backend, "j1")
+    assert held is not None
+    assert (held.status, held.attempts) == (JobStatus.LEASED, 1)
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.requeue(tx, "j1", T0, error="stopping", refund_attempt=True)
+    got = await get(backend, "j1")
+    assert got is not None
+    assert (got.status, got.attempts, got.worker_id) == (JobStatus.QUEUED, 0, None)
+    (again,) = await backend.job_transport.dequeue("w2", T0)
+    assert again.attempts == 1
 
 
 async def test_requeued_job_keeps_its_priority_place(backend: Any) -> None:

@@ -769,6 +769,48 @@ async def test_publish_failures_count_then_dead_letter(backend: Any) -> None:
         assert [r.id for r in await tx.unpublished_events(10)] == [a.id]
 
 
+async def test_requeued_dead_letters_are_pending_again_in_outbox_order(backend: Any) -> None:
+    """requeue_dead_letters puts dead rows back with attempts 0 (a fresh retry budget):
+    the next read of the outbox returns them in outbox order, before a run's later events
+    still waiting there. Rows not dead-lettered are skipped and not counted; a rollback
+    leaves them dead."""
+    async with backend.persistence.transaction() as tx:
+        await tx.append_events([created("a"), created("a"), created("b"), created("a")])
+    async with backend.persistence.transaction() as tx:
+        a1, a2, b1, a3 = await tx.unpublished_events(10)
+        await tx.mark_published([a1.id])
+        for _ in range(3):
+            await tx.record_publish_failure(a2.id, "sink down", dead_letter=False)
+        await tx.record_publish_failure(a2.id, "gave up", dead_letter=True)
+        await tx.record_publish_failure(b1.id, "gave up", dead_letter=True)
+
+    async def requeue_a2(tx: Any) -> None:
+        assert await tx.requeue_dead_letters([a2.id]) == 1
+
+    with pytest.raises(BoomError):
+        await fail_after(backend, requeue_a2)
+    async with backend.persistence.transaction() as tx:
+        assert [r.id for r in await tx.dead_lettered_events(10)] == [a2.id, b1.id]
+        assert [r.id for r in await tx.unpublished_events(10)] == [a3.id]
+        assert await tx.requeue_dead_letters([]) == 0
+        # a1 is published, a3 pending, 999_999 unknown: only the dead rows count.
+        assert await tx.requeue_dead_letters([b1.id, a1.id, a3.id, a2.id, 999_999]) == 2
+    async with backend.persistence.transaction() as tx:
+        pending = await tx.unpublished_events(10)
+        assert await tx.dead_lettered_events(10) == []
+        assert await tx.requeue_dead_letters([a2.id]) == 0  # pending again, not dead
+    assert [(r.id, r.attempts, r.dead_lettered, r.published) for r in pending] == [
+        (a2.id, 0, False, False),
+        (b1.id, 0, False, False),
+        (a3.id, 0, False, False),
+    ]
+    assert [(r.event.workflow_run_id, r.event.sequence) for r in pending] == [
+        ("a", 2),
+        ("b", 1),
+        ("a", 3),
+    ]
+
+
 # -- idempotency ------------------------------------------------------------------------
 
 

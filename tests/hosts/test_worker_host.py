@@ -110,6 +110,27 @@ def test_main_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert "drain_timeout must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option",
+    ["drain_timeout", "orchestration_interval", "job_poll_interval", "stale_lease_threshold"],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e300])
+def test_durations_that_are_not_finite_or_too_long_are_refused(option: str, value: float) -> None:
+    """inf, nan or 1e300 seconds is a ValueError naming the option (exit code 2 from
+    main), not a worker whose every tick crashes with an OverflowError."""
+    with pytest.raises(ValueError, match=f"^{option} must be a finite number of seconds up to"):
+        WorkerHost([ADD], db="memory://", **{option: value})
+
+
+def test_the_cli_and_the_worker_host_bound_durations_alike() -> None:
+    """`treadle worker`'s duration options stop where WorkerHost does."""
+    from treadle.hosts.cli.common import MAX_SECONDS as CLI_MAX
+    from treadle.hosts.worker import MAX_SECONDS
+
+    assert CLI_MAX == MAX_SECONDS
+    WorkerHost([], db="memory://", stale_lease_threshold=MAX_SECONDS, drain_timeout=MAX_SECONDS)
+
+
 def test_main_reports_an_unopenable_database(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -3,13 +3,23 @@ failed, max_wait timeout, and suspension of the run."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
-from treadle import Failed, NotReady, Ready, Suspend, WorkflowBuilder, define_batch_stage
+from treadle import (
+    Failed,
+    NonRetryableError,
+    NotReady,
+    Ready,
+    Suspend,
+    WorkflowBuilder,
+    define_batch_stage,
+)
 from treadle.kernel import commands as c
 from treadle.kernel.events import StageFailed, StageSuspended, WorkflowSuspended
 from treadle.kernel.model import JobStatus, RunStatus, StageStatus
@@ -28,8 +38,8 @@ POLL = timedelta(minutes=5)
 MAX_WAIT = timedelta(hours=1)
 
 
-def _engine(check: Callable[[Any, Any], Any], body_calls: list[Any]) -> TestEngine:
-    @define_batch_stage(id="batch", input=In, output=Out)
+def _engine(check: Callable[[Any, Any], Any], body_calls: list[Any], **options: Any) -> TestEngine:
+    @define_batch_stage(id="batch", input=In, output=Out, **options)
     async def batch(ctx):  # type: ignore[no-untyped-def]
         body_calls.append((ctx.attempt, ctx.resume_state))
         if ctx.resume_state is not None:
@@ -174,8 +184,126 @@ async def test_poll_command_reports_counts_and_resumed_runs() -> None:
     assert (await te.get_run(handle.run_id)).status is RunStatus.COMPLETED
 
 
+async def test_positional_ready_completes_and_positional_failed_fails() -> None:
+    """Ready(output) and Failed(message), written positionally as in DESIGN §3.1, act
+    as their keyword forms."""
+
+    async def ready(state, ctx):  # type: ignore[no-untyped-def]
+        return Ready({"total": state["submitted"] + 1})
+
+    te = _engine(ready, [])
+    handle = await te.start("batch-wf", {"n": 2})
+    await te.advance_time(POLL)
+    assert await handle.result() == {"total": 3}
+
+    async def failed(state, ctx):  # type: ignore[no-untyped-def]
+        return Failed("batch rejected")
+
+    te = _engine(failed, [])
+    handle = await te.start("batch-wf", {"n": 2})
+    await te.advance_time(POLL)
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.FAILED
+    assert run.stages[0].error == "batch rejected"
+
+
+async def test_a_check_that_keeps_raising_fails_the_stage_after_max_check_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each check that raises is logged and counted on the stage; the
+    max_check_failures-th in a row fails the stage with the error, then the run, with
+    stage:failed and workflow:failed, long before max_wait."""
+    checks: list[Any] = []
+
+    async def check(state, ctx):  # type: ignore[no-untyped-def]
+        checks.append(te.clock.now())
+        raise ConnectionError("status endpoint down")
+
+    te = _engine(check, [], max_check_failures=3)
+    handle = await te.start("batch-wf", {"n": 1})
+    with caplog.at_level(logging.WARNING, logger="treadle"):
+        for failures in (1, 2):
+            await te.advance_time(POLL)
+            stage = await _stage(te, handle.run_id)
+            assert (stage.status, stage.check_failures) == (StageStatus.SUSPENDED, failures)
+        await te.advance_time(POLL)
+    run = await te.get_run(handle.run_id)
+    stage = run.stages[0]
+    assert len(checks) == 3
+    assert (run.status, stage.status, stage.check_failures) == (
+        RunStatus.FAILED,
+        StageStatus.FAILED,
+        3,
+    )
+    assert "ConnectionError: status endpoint down" in (stage.error or "")
+    assert "3 time(s) in a row" in (stage.error or "")
+    assert "ConnectionError: status endpoint down" in (run.error or "")
+    [failed] = [e for e in te.events if isinstance(e, StageFailed)]
+    assert failed.error == stage.error
+    assert te.event_sink.types(handle.run_id)[-1] == "workflow:failed"
+    warned = [r.getMessage() for r in caplog.records if "stage.check_failed" in r.getMessage()]
+    assert len(warned) == 3
+    assert all(handle.run_id in line and "batch" in line for line in warned)
+    assert te.job_transport.jobs[stage.job_id].status is JobStatus.FAILED  # type: ignore[index]
+
+
+async def test_the_default_bound_is_five_failed_checks() -> None:
+    """Without max_check_failures a stage fails at the fifth failed check in a row."""
+
+    async def check(state, ctx):  # type: ignore[no-untyped-def]
+        raise TimeoutError("slow")
+
+    te = _engine(check, [])
+    handle = await te.start("batch-wf", {"n": 1})
+    await te.advance_time(POLL * 4)
+    assert (await _stage(te, handle.run_id)).check_failures == 4
+    await te.advance_time(POLL)
+    stage = await _stage(te, handle.run_id)
+    assert stage.status is StageStatus.FAILED
+    assert "TimeoutError: slow" in (stage.error or "")
+
+
+async def test_a_not_ready_check_resets_the_failure_count() -> None:
+    """Failures must be consecutive: a check answering NotReady starts the count again."""
+    answers: list[Any] = ["raise", "raise", NotReady(), "raise", "raise", Ready()]
+
+    async def check(state, ctx):  # type: ignore[no-untyped-def]
+        answer = answers.pop(0)
+        if answer == "raise":
+            raise ConnectionError("flaky")
+        return answer
+
+    calls: list[Any] = []
+    te = _engine(check, calls, max_check_failures=3)
+    handle = await te.start("batch-wf", {"n": 5})
+    await te.advance_time(POLL * 2)
+    assert (await _stage(te, handle.run_id)).check_failures == 2
+    await te.advance_time(POLL)
+    assert (await _stage(te, handle.run_id)).check_failures == 0
+    await te.advance_time(POLL * 2)
+    assert (await _stage(te, handle.run_id)).check_failures == 2
+    await te.advance_time(POLL)
+    assert await handle.result() == {"total": 10}
+    assert (await _stage(te, handle.run_id)).check_failures == 0
+
+
+async def test_a_check_raising_non_retryable_error_fails_at_once() -> None:
+    """NonRetryableError from a check fails the stage at the first poll, as from a body."""
+
+    async def check(state, ctx):  # type: ignore[no-untyped-def]
+        raise NonRetryableError("batch was deleted")
+
+    te = _engine(check, [])
+    handle = await te.start("batch-wf", {"n": 1})
+    await te.advance_time(POLL)
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.FAILED
+    assert run.stages[0].error == "NonRetryableError: batch was deleted"
+
+
 async def test_check_errors_retry_next_interval_and_bad_verdicts_fail() -> None:
-    """A check that raises is treated as NotReady; one returning a wrong type fails."""
+    """A check that raises is tried again at the next poll; one returning a wrong type
+    fails."""
     answers: list[Any] = ["raise", 42]
 
     async def check(state, ctx):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from treadle import Engine, RetryPolicy, RunStatus, WorkflowContext, workflow
 from treadle.kernel import events as ev
 from treadle.kernel.errors import TreadleValidationError
 from treadle.kernel.model import RunFilter
-from treadle.testing import FakeClock, TestEngine
+from treadle.testing import FakeClock, SimulatedCrash, TestEngine
 from treadle.tests.scenario.helpers import WAIT, run_events, until_event, until_status, worker
 
 
@@ -148,9 +148,6 @@ async def test_set_attribute_commits_with_the_checkpoint_not_before() -> None:
     """An attribute set before an execution dies is not visible (nothing was committed);
     the replay sets it again and it is then written and announced exactly once."""
 
-    class SimulatedCrash(BaseException):
-        """Kills the execution like SIGKILL."""
-
     crashes: list[int] = []
 
     def crash_once(customer: str) -> str:
@@ -184,9 +181,6 @@ async def test_set_attribute_commits_with_the_checkpoint_not_before() -> None:
 async def test_set_attribute_before_a_crash_with_no_boundary_is_not_written() -> None:
     """A body that sets an attribute and dies before its next durable boundary leaves no
     attribute and no journal entry behind; the replay writes it once."""
-
-    class SimulatedCrash(BaseException):
-        """Kills the execution like SIGKILL."""
 
     lives: list[int] = []
 

@@ -19,7 +19,7 @@ from treadle.kernel.errors import (
     WaitTimeoutError,
 )
 from treadle.kernel.workflows import WORKFLOW_STAGE_ID, CodeWorkflowDefinition, JournalStatus
-from treadle.testing import TestEngine, with_chaos
+from treadle.testing import SimulatedCrash, TestEngine, with_chaos
 
 
 class Order(BaseModel):
@@ -525,10 +525,6 @@ async def test_mock_step_replaces_the_function_and_records_calls() -> None:
     assert mock.calls[0].attempt == 1
     assert mock.calls[0].idempotency_key.endswith(":charge:1")
     assert CALLS == {"ship": 1}
-
-
-class SimulatedCrash(BaseException):
-    """Kills an execution the way SIGKILL would: nothing below it gets to clean up."""
 
 
 async def test_crash_between_two_steps_resumes_exactly() -> None:

@@ -18,7 +18,7 @@ from treadle.kernel.errors import DefinitionError, NonDeterminismError, RunCance
 from treadle.kernel.events import SagaCompensated
 from treadle.kernel.model import JobStatus, StageStatus
 from treadle.kernel.workflows import WORKFLOW_STAGE_ID, JournalStatus
-from treadle.testing import TestEngine
+from treadle.testing import SimulatedCrash, TestEngine
 
 ONCE = RetryPolicy(max_attempts=1)
 
@@ -196,10 +196,6 @@ async def test_a_compensation_failing_for_good_does_not_stop_the_others() -> Non
     (event,) = _saga_events(te)
     assert event.compensated == ["cancel-flight"]
     assert event.failed == {"cancel-hotel": "ConnectionError: cannot undo hotel"}
-
-
-class SimulatedCrash(BaseException):
-    """Kills an execution the way SIGKILL would: nothing below it gets to clean up."""
 
 
 async def test_crash_during_compensation_resumes_exactly() -> None:

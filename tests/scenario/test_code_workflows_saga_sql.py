@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from treadle import Engine, RetryPolicy, RunStatus, WorkflowContext, workflow
 from treadle.kernel import commands as c
 from treadle.kernel.model import StageStatus
-from treadle.testing import FakeClock
+from treadle.testing import FakeClock, SimulatedCrash
 
 ONCE = RetryPolicy(max_attempts=1)
 
@@ -25,10 +25,6 @@ class Trip(BaseModel):
 
 DONE: list[str] = []
 CRASHES: list[str] = []
-
-
-class SimulatedCrash(BaseException):
-    """Escapes every ``except Exception``: the execution dies like a SIGKILLed worker."""
 
 
 def book(what: str, trip: Trip) -> str:

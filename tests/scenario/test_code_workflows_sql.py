@@ -14,7 +14,7 @@ from treadle import Engine, RetryPolicy, RunStatus, StepFailedError, WorkflowCon
 from treadle.kernel import commands as c
 from treadle.kernel.errors import InvalidPayloadError
 from treadle.kernel.workflows import JournalStatus
-from treadle.testing import FakeClock
+from treadle.testing import FakeClock, SimulatedCrash
 from treadle.tests.scenario.helpers import WAIT, until, until_status, worker
 
 
@@ -84,10 +84,6 @@ async def retries(ctx: WorkflowContext, order: Order) -> str:
     except StepFailedError as exc:
         return f"gave up after {exc.attempts}"
     return f"charged {value}"
-
-
-class SimulatedCrash(BaseException):
-    """Escapes every ``except Exception``: the execution dies like a SIGKILLed worker."""
 
 
 CRASH: dict[str, int] = {}

@@ -25,7 +25,7 @@ from treadle.kernel import WorkflowBuilder
 from treadle.kernel.errors import InvalidInputError, RunFailedError, WorkflowNotFoundError
 from treadle.kernel.model import RunFilter
 from treadle.kernel.workflows import JournalStatus
-from treadle.testing import TestEngine, with_chaos
+from treadle.testing import SimulatedCrash, TestEngine, with_chaos
 
 
 class Order(BaseModel):
@@ -521,10 +521,6 @@ async def test_an_unknown_child_workflow_or_bad_input_fails_the_parent_and_creat
     assert await third.result() == "input.n"
     assert {r.workflow_id for r in await te.kernel.list_runs()} == {"typo", "bad-input", "catches"}
     assert WorkflowNotFoundError.__name__ in (await te.get_run(first.run_id)).error  # type: ignore[operator]
-
-
-class SimulatedCrash(BaseException):
-    """Kills an execution the way SIGKILL would: nothing below it gets to clean up."""
 
 
 async def test_a_crash_after_the_child_was_created_never_creates_a_second_child() -> None:

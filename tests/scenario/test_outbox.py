@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from treadle import WorkflowBuilder, define_stage
+from treadle import Engine, WorkflowBuilder, define_stage
 from treadle.kernel import commands as c
 from treadle.kernel.events import EventBase
-from treadle.testing import TestEngine
+from treadle.testing import CollectingEventSink, TestEngine
 
 
 class In(BaseModel):
@@ -103,9 +103,10 @@ async def test_failing_run_blocks_only_itself_then_dead_letters_after_three_atte
     te.event_sink.fail_when = None
     replay = await te.dispatch(c.PluginReplayDLQ())
     assert replay.replayed == 1
-    assert _seqs(te.events, bad.run_id) == [1, 3, 2]
     assert await _dead(te) == []
     assert (await te.dispatch(c.PluginReplayDLQ())).replayed == 0
+    assert (await te.dispatch(c.OutboxFlush())).published == 1
+    assert _seqs(te.events, bad.run_id) == [1, 3, 2]
 
 
 async def _dead(te: TestEngine) -> list[Any]:
@@ -113,16 +114,21 @@ async def _dead(te: TestEngine) -> list[Any]:
         return await tx.dead_lettered_events(100)
 
 
-async def test_replay_keeps_events_whose_publish_fails_again() -> None:
-    """A DLQ event that fails again during replay stays in the DLQ."""
+async def test_a_replayed_event_that_fails_again_gets_a_fresh_retry_budget() -> None:
+    """A replayed event whose publication fails again is retried by the next flushes
+    and only then dead-lettered again: replay resets its attempts."""
     te = TestEngine([WF])
     await te.start("wf", {"n": 1})
     te.event_sink.fail_when = lambda event: True
     for _ in range(3):
         await te.dispatch(c.OutboxFlush())
     assert len(await _dead(te)) == 1
-    assert (await te.dispatch(c.PluginReplayDLQ())).replayed == 0
-    assert len(await _dead(te)) == 1
+    assert (await te.dispatch(c.PluginReplayDLQ())).replayed == 1
+    for dead_lettered in (0, 0, 1):
+        flushed = await te.dispatch(c.OutboxFlush())
+        assert (flushed.failed, flushed.dead_lettered) == (1, dead_lettered)
+    [dead] = await _dead(te)
+    assert dead.attempts == 3
 
 
 async def test_flush_respects_max_events() -> None:
@@ -161,6 +167,41 @@ async def test_plugins_receive_published_events_and_their_failures_retry() -> No
     assert len(await _dead(te)) == 1
     plugin.fail_type = None
     assert (await te.dispatch(c.PluginReplayDLQ())).replayed == 1
+    assert (await te.dispatch(c.OutboxFlush())).published == 1
     assert plugin.seen[-1] == "workflow:completed"
     # The sink got workflow:completed on each attempt: at-least-once delivery.
     assert te.event_sink.types(handle.run_id).count("workflow:completed") == 4
+
+
+async def test_the_flush_after_a_replay_publishes_the_replayed_events_in_run_order(
+    url: str,
+) -> None:
+    """After plugin.replayDLQ reports replayed=N, the very next outbox.flush publishes
+    those N events with a fresh retry budget, each run's in sequence order (before the
+    run's later events still waiting); replay itself publishes nothing. On memory, a
+    SQLite file and PostgreSQL."""
+    sink = CollectingEventSink()
+    async with await Engine.open(url, workflows=[WF], event_sink=sink) as engine:
+        kernel = engine.kernel
+        bad = await engine.start("wf", {"n": 1})
+        other = await engine.start("wf", {"n": 2})
+        await kernel.dispatch(c.RunClaimPending(worker_id="w"))
+        await engine.cancel(bad.run_id)  # bad run: created #1, started #2, cancelled #3
+        await engine.cancel(other.run_id)  # the same for the other run
+        sink.fail_when = lambda e: e.sequence == 2  # both runs' #2, three times: the DLQ
+        for _ in range(3):
+            await kernel.dispatch(c.OutboxFlush())
+        assert _seqs(sink.events, bad.run_id) == _seqs(sink.events, other.run_id) == [1]
+        async with engine.backend.persistence.transaction() as tx:  # type: ignore[union-attr]
+            assert len(await tx.dead_lettered_events(10)) == 2
+        sink.fail_when = None
+
+        replay = await kernel.dispatch(c.PluginReplayDLQ())
+        assert replay.replayed == 2
+        assert _seqs(sink.events, bad.run_id) == [1]  # replay only puts them back
+        flushed = await kernel.dispatch(c.OutboxFlush())
+        assert (flushed.published, flushed.failed) == (4, 0)
+        assert _seqs(sink.events, bad.run_id) == _seqs(sink.events, other.run_id) == [1, 2, 3]
+        assert (await kernel.dispatch(c.OutboxFlush())).published == 0
+        async with engine.backend.persistence.transaction() as tx:  # type: ignore[union-attr]
+            assert await tx.dead_lettered_events(10) == []

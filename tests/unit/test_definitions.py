@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from treadle import RetryPolicy, WorkflowBuilder, define_batch_stage, define_stage
+from treadle import (
+    Failed,
+    Ready,
+    RetryPolicy,
+    WorkflowBuilder,
+    define_batch_stage,
+    define_stage,
+)
 from treadle.kernel import Registry
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
 
@@ -136,6 +144,80 @@ def test_build_checks_parallel_group_keys() -> None:
         WorkflowBuilder("wf", input=In).parallel(par).pipe(_stage("j", input=Wrong)).build()
 
 
+class Plus(BaseModel):
+    """Reads a parallel group of stages ``plus-one`` and ``times-ten`` by alias."""
+
+    plus_one: Score = Field(alias="plus-one")
+    times_ten: Score = Field(validation_alias=AliasChoices("times-ten", "x10"))
+
+
+def _kebab_group() -> list[Any]:
+    return [_stage("plus-one", output=Score), _stage("times-ten", output=Score)]
+
+
+def test_build_matches_parallel_group_keys_by_alias() -> None:
+    """A field read by alias (or one of its AliasChoices) matches the stage id it names."""
+    wf = WorkflowBuilder("wf", input=In).parallel(_kebab_group()).pipe(_stage("j", input=Plus))
+    assert wf.build().group_of["j"] == 1
+
+    class Wrong(BaseModel):
+        plus_one: Score = Field(alias="plus-1")
+
+    with pytest.raises(DefinitionError, match=r"'j'.*\['plus-1'\].*parallel group 0"):
+        WorkflowBuilder("wf", input=In).parallel(_kebab_group()).pipe(
+            _stage("j", input=Wrong)
+        ).build()
+
+
+def test_build_reads_aliased_fields_by_name_only_with_populate_by_name() -> None:
+    """An aliased field matches its field name only where the model validates by name."""
+
+    class ByAlias(BaseModel):
+        plus_one: Score = Field(alias="plus-one")
+
+    class ByName(ByAlias):
+        model_config = ConfigDict(populate_by_name=True)
+
+    snake = [_stage("plus_one", output=Score), _stage("other", output=Score)]
+    ok = WorkflowBuilder("wf", input=In).parallel(snake).pipe(_stage("j", input=ByName)).build()
+    assert ok.group_of["j"] == 1
+    with pytest.raises(DefinitionError, match=r"'j'.*\['plus-one'\].*parallel group 0"):
+        WorkflowBuilder("wf", input=In).parallel(snake).pipe(_stage("j", input=ByAlias)).build()
+
+
+def test_build_checks_aliases_between_single_stages() -> None:
+    """After one stage the keys are its output's JSON keys (field names, or aliases with
+    serialize_by_alias): a field read only by alias must find its alias there."""
+
+    class Named(BaseModel):
+        plus_one: int
+
+    class Aliased(BaseModel):
+        model_config = ConfigDict(serialize_by_alias=True)
+        plus_one: int = Field(alias="plus-one")
+
+    class ReadsAlias(BaseModel):
+        plus_one: int = Field(alias="plus-one")
+
+    class ReadsEither(ReadsAlias):
+        model_config = ConfigDict(populate_by_name=True)
+
+    def wf(produces: type[BaseModel], reads: type[BaseModel]) -> WorkflowBuilder:
+        return (
+            WorkflowBuilder("wf", input=In)
+            .pipe(_stage("a", output=produces))
+            .pipe(_stage("b", input=reads))
+        )
+
+    wf(Aliased, ReadsAlias).build()
+    wf(Named, ReadsEither).build()
+    wf(Aliased, ReadsEither).build()
+    with pytest.raises(DefinitionError, match=r"'b'.*\['plus-one'\].*stage 'a'.*populate_by_name"):
+        wf(Named, ReadsAlias).build()
+    with pytest.raises(DefinitionError, match=r"'a'.*\['plus-one'\].*the workflow input"):
+        WorkflowBuilder("wf", input=Named).pipe(_stage("a", input=ReadsAlias)).build()
+
+
 def test_build_skips_schema_check_for_non_models() -> None:
     """Where a side is not a pydantic model (dict input) the check is skipped."""
     wf = WorkflowBuilder("wf", input=dict).pipe(_stage("a", input=In)).build()
@@ -213,6 +295,44 @@ def test_batch_stage_check_completion_registration() -> None:
     assert swapped.is_batch
     assert swapped.check_fn is check
     assert swapped.is_async is False
+
+
+def test_ready_and_failed_take_their_field_positionally_or_by_keyword() -> None:
+    """Ready(output) and Failed(message) as DESIGN §3.1 writes them; keyword forms stay,
+    the field given twice or a misspelt keyword is an error, not a silent default."""
+    assert Ready({"total": 1}) == Ready(output={"total": 1})
+    assert Ready().output is None
+    assert Ready(None) == Ready()
+    assert Failed("rejected") == Failed(message="rejected")
+    assert Ready.model_validate({"output": 2}) == Ready(2)
+    with pytest.raises(TypeError, match="both positionally and by keyword"):
+        Ready(1, output=2)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="both positionally and by keyword"):
+        Failed("a", message="b")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="takes 1 positional argument"):
+        Ready(1, 2)  # type: ignore[call-overload]
+    with pytest.raises(ValidationError):
+        Ready(outptu=1)  # type: ignore[call-overload]
+    with pytest.raises(ValidationError):
+        Failed()  # type: ignore[call-overload]
+
+
+def test_define_batch_stage_bounds_check_failures() -> None:
+    """max_check_failures defaults to 5 and must be a positive integer."""
+    assert _batch().max_check_failures == 5
+    assert _batch(max_check_failures=2).max_check_failures == 2
+    assert _batch(max_check_failures=2).with_fn(lambda ctx: None).max_check_failures == 2  # type: ignore[attr-defined]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(DefinitionError, match="'batch': max_check_failures"):
+            _batch(max_check_failures=bad)
+
+
+def _batch(**options: Any) -> Any:
+    @define_batch_stage(id="batch", input=In, output=Text, **options)
+    async def batch(ctx):  # type: ignore[no-untyped-def]
+        return None
+
+    return batch
 
 
 def test_registry_rejects_duplicates_and_non_definitions() -> None:

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 
+from treadle.kernel import errors
+
+
+def _public_errors() -> set[str]:
+    """Every public error class ``kernel/errors.py`` defines: the whole tree under
+    ``TreadleError``, which any documented flow may raise."""
+    return {
+        name
+        for name, value in vars(errors).items()
+        if inspect.isclass(value)
+        and issubclass(value, errors.TreadleError)
+        and value.__module__ == errors.__name__
+        and not name.startswith("_")
+    }
+
+
 EXPECTED: dict[str, set[str]] = {
     "treadle": {
-        "ChildWorkflowFailedError",
         "Engine",
         "Failed",
         "Kernel",
-        "NonRetryableError",
         "NotReady",
+        "PayloadMissingError",
         "Ready",
         "RetryPolicy",
         "Run",
@@ -21,10 +37,7 @@ EXPECTED: dict[str, set[str]] = {
         "StageContext",
         "StageRun",
         "StageStatus",
-        "StepFailedError",
         "Suspend",
-        "TreadleError",
-        "TreadleValidationError",
         "WorkflowBuilder",
         "WorkflowContext",
         "WorkflowDefinition",
@@ -34,7 +47,8 @@ EXPECTED: dict[str, set[str]] = {
         "define_stage",
         "migrate",
         "workflow",
-    },
+    }
+    | _public_errors(),
     "treadle.ports": {
         "BlobStore",
         "Clock",
@@ -57,6 +71,7 @@ EXPECTED: dict[str, set[str]] = {
         "InMemoryPersistence",
         "InMemoryScheduler",
         "RunHandle",
+        "SimulatedCrash",
         "StageMock",
         "StepMock",
         "TestEngine",
@@ -87,3 +102,16 @@ def test_kernel_exports_resolve() -> None:
     kernel = importlib.import_module("treadle.kernel")
     for name in kernel.__all__:
         assert hasattr(kernel, name)
+
+
+def test_every_public_error_is_exported_from_treadle() -> None:
+    """``from treadle import X`` works for every error class in kernel/errors.py (a new
+    error joins ``treadle.__all__`` with its class), and is that very class."""
+    import treadle
+
+    public = _public_errors()
+    assert {"NonDeterminismError", "WaitTimeoutError", "TreadleError"} <= public
+    missing = sorted(public - set(treadle.__all__))
+    assert missing == [], f"errors missing from treadle.__all__: {missing}"
+    for name in sorted(public):
+        assert getattr(treadle, name) is getattr(errors, name)

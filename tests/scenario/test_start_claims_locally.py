@@ -1,0 +1,110 @@
+"""A start in a process whose worker has a free slot claims the run for that worker in
+the start's own commit: one transaction creates the run, starts it and starts its
+first stage, and the worker runs it without a claim or a wake-up."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel
+
+from treadle import Engine, RunStatus, StageContext, StageStatus, WorkflowBuilder, define_stage
+from treadle.tests.scenario.helpers import WAIT, run_events, worker
+
+
+class N(BaseModel):
+    n: int
+
+
+GATE: dict[str, asyncio.Event] = {}
+
+
+@define_stage(id="first", input=N, output=N)
+async def first(ctx: StageContext[N, None]) -> N:
+    gate = GATE.get("gate")
+    if gate is not None:
+        await gate.wait()
+    return ctx.input
+
+
+WORKFLOWS = [WorkflowBuilder("wf", input=N).pipe(first).build()]
+
+
+class _CountCommits:
+    """Counts the transactions the calling task opens on the engine's persistence (the
+    worker's own loops run concurrently and are not counted)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.count = 0
+        self._task = asyncio.current_task()
+        persistence: Any = engine.kernel.deps.persistence
+        original = persistence.transaction
+
+        def counted(**kw: Any) -> Any:
+            if asyncio.current_task() is self._task:
+                self.count += 1
+            return original(**kw)
+
+        persistence.transaction = counted
+        self.stop = lambda: setattr(persistence, "transaction", original)
+
+
+async def test_a_start_with_a_free_local_slot_is_claimed_in_its_own_commit(
+    engine: Engine,
+) -> None:
+    """engine.start commits once; when it returns the run is RUNNING with its first
+    stage started by the local worker, and the events created, started and
+    stage:started share the start's commit (one timestamp)."""
+    GATE["gate"] = gate = asyncio.Event()
+    try:
+        async with worker(engine, concurrency=2) as w:
+            commits = _CountCommits(engine)
+            handle = await engine.start("wf", {"n": 1})
+            assert commits.count == 1
+            commits.stop()
+            run = await engine.get_run(handle.run_id)
+            assert run.status is RunStatus.RUNNING
+            assert run.worker_id == w.worker_id
+            assert run.stages[0].status is StageStatus.RUNNING
+            types = [(e.type, e.timestamp) for e in await run_events(engine, handle.run_id)]  # type: ignore[attr-defined]
+            assert [t for t, _ in types] == [
+                "workflow:created",
+                "workflow:started",
+                "stage:started",
+            ]
+            assert len({at for _, at in types}) == 1
+            gate.set()
+            assert await handle.result(timeout=WAIT) == {"n": 1}
+    finally:
+        GATE.clear()
+
+
+async def test_without_a_free_slot_the_run_waits_for_a_claim(engine: Engine) -> None:
+    """With the worker's only slot busy the new run stays PENDING (nothing is held for
+    it), and is claimed and completed once the slot frees."""
+    GATE["gate"] = gate = asyncio.Event()
+    try:
+        async with worker(engine, concurrency=1):
+            busy = await engine.start("wf", {"n": 1})
+            waiting = await engine.start("wf", {"n": 2})
+            assert (await engine.get_run(waiting.run_id)).status is RunStatus.PENDING
+            gate.set()
+            assert await busy.result(timeout=WAIT) == {"n": 1}
+            assert await waiting.result(timeout=WAIT) == {"n": 2}
+    finally:
+        GATE.clear()
+
+
+async def test_an_idempotent_restart_hands_nothing_to_the_worker(engine: Engine) -> None:
+    """A second start with the same idempotency key returns the first run and leases
+    nothing: the run completes once, its stage ran once."""
+    async with worker(engine, concurrency=2):
+        one = await engine.start("wf", {"n": 3}, idempotency_key="k")
+        assert await one.result(timeout=WAIT) == {"n": 3}
+        two = await engine.start("wf", {"n": 3}, idempotency_key="k")
+        assert two.run_id == one.run_id
+    run = await engine.get_run(one.run_id)
+    assert run.stages[0].attempt == 1
+    started = [e for e in await run_events(engine, one.run_id) if e.type == "stage:started"]  # type: ignore[attr-defined]
+    assert len(started) == 1
