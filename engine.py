@@ -12,27 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import math
 import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import ValidationError as PydanticValidationError
-
+from treadle.kernel import arguments
 from treadle.kernel import commands as c
-from treadle.kernel.annotations import validate_attributes
+from treadle.kernel.arguments import build_command as _build
+from treadle.kernel.arguments import count as _count
+from treadle.kernel.arguments import invalid as _invalid
+from treadle.kernel.arguments import mapping as _mapping
+from treadle.kernel.arguments import non_empty as _non_empty
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import (
     InvalidStateError,
     RunCancelledError,
     RunFailedError,
     TreadleError,
-    TreadleValidationError,
 )
 from treadle.kernel.kernel import Kernel, KernelSettings
+from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
     Annotation,
     JsonValue,
@@ -53,40 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Engine", "RunHandle"]
 
-C = TypeVar("C", bound=c.CommandBase)
-
-_ARGUMENT_NAMES = {"workflow_run_id": "run_id", "from_stage_id": "stage_id"}
-"""Command fields whose facade argument has another name, so errors name the argument."""
-
 _RESULT_FIRST_POLL = 0.005
 _RESULT_MAX_POLL = 1.0
-
-
-def _invalid(argument: str, problem: str) -> TreadleValidationError:
-    return TreadleValidationError(f"{argument}: {problem}", [(argument, problem)])
-
-
-def _build(cls: type[C], method: str, **fields: Any) -> C:
-    """Construct a command, turning pydantic's error into one that names the argument."""
-    try:
-        return cls(**fields)
-    except PydanticValidationError as exc:
-        errors: list[tuple[str, str]] = []
-        for err in exc.errors():
-            loc = [str(part) for part in err.get("loc", ())]
-            if loc:
-                loc[0] = _ARGUMENT_NAMES.get(loc[0], loc[0])
-            errors.append((".".join(loc) or "<root>", str(err.get("msg", "invalid"))))
-        detail = "; ".join(f"{path}: {msg}" for path, msg in errors)
-        raise TreadleValidationError(
-            f"invalid argument to Engine.{method}: {detail}", errors
-        ) from None
-
-
-def _non_empty(value: Any, argument: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise _invalid(argument, f"must be a non-empty string, got {value!r}")
-    return value
 
 
 def _seconds(value: Any, argument: str, *, allow_zero: bool = True) -> float:
@@ -96,6 +68,8 @@ def _seconds(value: Any, argument: str, *, allow_zero: bool = True) -> float:
         seconds = float(value)
     else:
         raise _invalid(argument, f"must be seconds (a number) or a timedelta, got {value!r}")
+    if math.isnan(seconds):
+        raise _invalid(argument, "must be a number of seconds, got NaN")
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise _invalid(argument, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return seconds
@@ -121,14 +95,6 @@ def _aware(value: Any, argument: str) -> datetime | None:
     if value.tzinfo is None or value.utcoffset() is None:
         # Stored times are UTC-aware; a naive one cannot be compared without guessing.
         raise _invalid(argument, "must be timezone-aware (e.g. datetime.now(UTC))")
-    return value
-
-
-def _count(value: Any, argument: str, *, minimum: int, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(argument, f"must be an integer, got {value!r}")
-    if not minimum <= value <= maximum:
-        raise _invalid(argument, f"must be between {minimum} and {maximum}, got {value}")
     return value
 
 
@@ -370,21 +336,16 @@ class Engine:
         ``execution_timeout`` (code workflows) caps this run's wall-clock time from its
         start, overriding the workflow's."""
         self._check_open()
-        timeout = None
-        if execution_timeout is not None:
-            seconds = _seconds(execution_timeout, "execution_timeout", allow_zero=False)
-            timeout = timedelta(seconds=seconds)
-        command = _build(
-            c.RunCreate,
-            "start",
-            workflow_id=_non_empty(workflow_id, "workflow_id"),
-            input=input,
+        command = arguments.start_command(
+            "Engine",
+            workflow_id,
+            input,
             idempotency_key=idempotency_key,
-            priority=_count(priority, "priority", minimum=0, maximum=100),
-            config=_mapping(config, "config"),
+            priority=priority,
+            config=config,
             run_id=run_id,
-            search_attributes=_mapping(search_attributes, "search_attributes"),
-            execution_timeout=timeout,
+            search_attributes=search_attributes,
+            execution_timeout=execution_timeout,
         )
         loan = self._lend_slot()
         if loan is None:
@@ -722,14 +683,6 @@ class Engine:
         self._check_open()
         async with self.kernel.deps.persistence.transaction() as tx:
             return await tx.get_logs(_non_empty(run_id, "run_id"))
-
-
-def _mapping(value: Any, argument: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _invalid(argument, f"must be a mapping, got {type(value).__name__}")
-    return dict(value)
 
 
 def _definitions(workflows: Any) -> builtins.list[WorkflowDefinition]:

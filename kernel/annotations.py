@@ -6,40 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from treadle.kernel.errors import TreadleValidationError
 from treadle.kernel.events import AnnotationCreated
 from treadle.kernel.handlers.common import load_run
+from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import Annotation, JsonValue, evolve
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Deps
     from treadle.ports import Transaction
-
-_SCALARS = (str, int, float, bool, type(None))
-
-
-def validate_attributes(attributes: object, *, field: str = "attributes") -> None:
-    """Attribute keys are non-empty strings without ``"``; values are JSON scalars
-    (indexable)."""
-    if not isinstance(attributes, Mapping):
-        raise TreadleValidationError(f"{field}: must be a mapping", [(field, "not a mapping")])
-    for key, value in attributes.items():
-        if not isinstance(key, str) or key == "":
-            raise TreadleValidationError(
-                f"{field}: keys must be non-empty strings, got {key!r}", [(field, "bad key")]
-            )
-        if '"' in key:
-            # SQLite's JSON paths cannot address such a key: it would never match there.
-            raise TreadleValidationError(
-                f"{field}: keys must not contain a double quote, got {key!r}",
-                [(field, "bad key")],
-            )
-        if not isinstance(value, _SCALARS):
-            raise TreadleValidationError(
-                f"{field}.{key}: value must be a string, number, boolean or null, "
-                f"got {type(value).__name__}",
-                [(f"{field}.{key}", "not a JSON scalar")],
-            )
 
 
 async def attach_in_tx(

@@ -12,13 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from treadle.kernel.limits import Duration, Text
 from treadle.kernel.model import Job, JsonValue, RunStatus
 
 
 class CommandBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=255)
 
 
 class ResultBase(BaseModel):
@@ -28,21 +29,21 @@ class ResultBase(BaseModel):
 # -- run.create -------------------------------------------------------------
 class SignalSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str = Field(min_length=1)
+    name: Text = Field(min_length=1)
     payload: JsonValue = None
 
 
 class RunCreate(CommandBase):
     type: Literal["run.create"] = "run.create"
-    workflow_id: str = Field(min_length=1)
+    workflow_id: Text = Field(min_length=1)
     input: JsonValue = None
     config: dict[str, JsonValue] = Field(default_factory=dict)
     priority: int = Field(default=5, ge=0, le=100)
-    run_id: str | None = Field(default=None, min_length=1, max_length=128)
+    run_id: Text | None = Field(default=None, min_length=1, max_length=128)
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
     signal: SignalSpec | None = None
-    parent_run_id: str | None = None
-    execution_timeout: timedelta | None = Field(default=None, gt=timedelta(0))
+    parent_run_id: Text | None = None
+    execution_timeout: Duration | None = Field(default=None, gt=timedelta(0))
     """Code workflows: this run's cap on wall-clock time from its start, overriding the
     workflow's ``execution_timeout``."""
     claim_for: str | None = Field(default=None, min_length=1)
@@ -88,7 +89,7 @@ class RunClaimPendingResult(ResultBase):
 # -- run.transition ---------------------------------------------------------
 class RunTransition(CommandBase):
     type: Literal["run.transition"] = "run.transition"
-    workflow_run_id: str = Field(min_length=1)
+    workflow_run_id: Text = Field(min_length=1)
 
 
 class RunTransitionResult(ResultBase):
@@ -99,8 +100,8 @@ class RunTransitionResult(ResultBase):
 # -- run.cancel -------------------------------------------------------------
 class RunCancel(CommandBase):
     type: Literal["run.cancel"] = "run.cancel"
-    workflow_run_id: str = Field(min_length=1)
-    reason: str | None = None
+    workflow_run_id: Text = Field(min_length=1)
+    reason: Text | None = None
 
 
 class RunCancelResult(ResultBase):
@@ -110,8 +111,8 @@ class RunCancelResult(ResultBase):
 # -- run.rerunFrom ----------------------------------------------------------
 class RunRerunFrom(CommandBase):
     type: Literal["run.rerunFrom"] = "run.rerunFrom"
-    workflow_run_id: str = Field(min_length=1)
-    from_stage_id: str = Field(min_length=1)
+    workflow_run_id: Text = Field(min_length=1)
+    from_stage_id: Text = Field(min_length=1)
 
 
 class RunRerunFromResult(ResultBase):
@@ -189,7 +190,7 @@ class StagePollSuspendedResult(ResultBase):
 # -- lease.reapStale --------------------------------------------------------
 class LeaseReapStale(CommandBase):
     type: Literal["lease.reapStale"] = "lease.reapStale"
-    stale_threshold: timedelta = timedelta(seconds=60)
+    stale_threshold: Duration = timedelta(seconds=60)
 
 
 class LeaseReapStaleResult(ResultBase):
@@ -200,7 +201,7 @@ class LeaseReapStaleResult(ResultBase):
 # -- run.reapStuck ----------------------------------------------------------
 class RunReapStuck(CommandBase):
     type: Literal["run.reapStuck"] = "run.reapStuck"
-    stuck_threshold: timedelta = timedelta(minutes=30)
+    stuck_threshold: Duration = timedelta(minutes=30)
     max_runs: int = Field(default=100, ge=1)
 
 
@@ -233,8 +234,8 @@ class PluginReplayDLQResult(ResultBase):
 # -- messages (code workflows) ----------------------------------------------
 class RunSignal(CommandBase):
     type: Literal["run.signal"] = "run.signal"
-    workflow_run_id: str = Field(min_length=1)
-    name: str = Field(min_length=1)
+    workflow_run_id: Text = Field(min_length=1)
+    name: Text = Field(min_length=1)
     payload: JsonValue = None
 
 
@@ -244,8 +245,8 @@ class RunSignalResult(ResultBase):
 
 class RunUpdate(CommandBase):
     type: Literal["run.update"] = "run.update"
-    workflow_run_id: str = Field(min_length=1)
-    name: str = Field(min_length=1)
+    workflow_run_id: Text = Field(min_length=1)
+    name: Text = Field(min_length=1)
     payload: JsonValue = None
 
 
@@ -256,11 +257,11 @@ class RunUpdateResult(ResultBase):
 
 class ReviewDecide(CommandBase):
     type: Literal["review.decide"] = "review.decide"
-    workflow_run_id: str = Field(min_length=1)
-    review_id: str = Field(min_length=1)
+    workflow_run_id: Text = Field(min_length=1)
+    review_id: Text = Field(min_length=1)
     decision: Literal["approved", "rejected"]
-    reviewer: str | None = None
-    comment: str | None = None
+    reviewer: Text | None = None
+    comment: Text | None = None
 
 
 class ReviewDecideResult(ResultBase):

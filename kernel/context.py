@@ -14,7 +14,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from treadle.kernel.errors import TreadleError
+from treadle.kernel.limits import to_json, validate_attributes
 from treadle.kernel.model import JsonValue, MissingPayload
+from treadle.kernel.text import safe_text
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
@@ -258,14 +260,17 @@ class StageContext(Generic[InT, ConfigT]):
         return stage.output_adapter.validate_python(raw)
 
     def log(self, level: str, message: str, **fields: Any) -> None:
-        """Buffered; committed with this attempt's outcome and echoed to structlog."""
-        self.logs.append(BufferedLog(level.lower(), message, fields, self._now()))
+        """Buffered; committed with this attempt's outcome and echoed to structlog. The
+        message is stored with any NUL character or lone surrogate escaped; ``fields``
+        must be storable JSON (``kernel.limits``), else ``TreadleValidationError``."""
+        stored = to_json(fields, "fields", what=f"ctx.log({safe_text(message)!r})")
+        self.logs.append(BufferedLog(level.lower(), safe_text(message), stored, self._now()))
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         """Report progress in [0, 1]; published as ``stage:progress`` without blocking."""
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"progress fraction must be within [0, 1], got {fraction}")
-        self._runtime.report_progress(fraction, message)
+        self._runtime.report_progress(fraction, None if message is None else safe_text(message))
 
     def heartbeat(self) -> None:
         """Tell the transport this stage is alive so its lease is not reaped."""
@@ -278,5 +283,7 @@ class StageContext(Generic[InT, ConfigT]):
         actor: str | None = None,
         scope: str | None = None,
     ) -> None:
-        """Attach provenance attributes, committed with the stage's outcome."""
+        """Attach provenance attributes, committed with the stage's outcome; refused here
+        (``TreadleValidationError``) if they are not JSON scalars every backend stores."""
+        validate_attributes(attributes)
         self.annotations.append((dict(attributes), actor, scope))

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
+from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to_json
 from treadle.kernel.model import JsonValue
 from treadle.kernel.retry import DEFAULT_RETRY, RetryPolicy
+from treadle.kernel.text import safe_text
 
 if TYPE_CHECKING:
     from treadle.kernel.context import StageContext
@@ -30,8 +32,15 @@ class Suspend(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     state: JsonValue = None
-    poll_interval: timedelta = timedelta(seconds=30)
-    max_wait: timedelta = timedelta(hours=24)
+    poll_interval: Duration = timedelta(seconds=30)
+    max_wait: Duration = timedelta(hours=24)
+
+    @field_validator("state")
+    @classmethod
+    def _storable_state(cls, state: Any) -> JsonValue:
+        """Stored with the stage: its JSON form, refused (``TreadleValidationError``, which
+        fails the stage) when no backend could store it."""
+        return to_json(state, "state", what="Suspend")
 
 
 class Ready(BaseModel):
@@ -56,7 +65,7 @@ class NotReady(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    poll_interval: timedelta | None = None
+    poll_interval: Duration | None = None
 
 
 class Failed(BaseModel):
@@ -72,6 +81,12 @@ class Failed(BaseModel):
     def __init__(self, *, message: str) -> None: ...
     def __init__(self, *args: Any, **data: Any) -> None:
         super().__init__(**_positional("Failed", "message", args, data))
+
+    @field_validator("message")
+    @classmethod
+    def _storable_message(cls, message: str) -> str:
+        """It becomes the stage's error, which must store on every backend."""
+        return safe_text(message)
 
 
 def _positional(
@@ -204,8 +219,11 @@ def _stage_kwargs(
         raise DefinitionError("define_stage: id must be a non-empty string")
     if output is None:
         raise DefinitionError(f"stage {id!r}: output model is required")
-    if isinstance(timeout, int | float):
-        timeout = timedelta(seconds=timeout)
+    if timeout is not None:
+        try:
+            timeout = to_duration(timeout, "timeout")
+        except ValueError as exc:
+            raise DefinitionError(f"stage {id!r}: {exc}") from None
     return {
         "id": id,
         "fn": fn,
@@ -292,14 +310,16 @@ class WorkflowDefinition:
         return self.stages.get(stage_id)
 
     def validate_input(self, data: Any) -> JsonValue:
-        """Validate run input; returns its JSON form. Raises ``InvalidInputError``."""
+        """Validate run input; returns its JSON form, storable on every backend
+        (``kernel.limits``). Raises ``InvalidInputError`` naming the field."""
+        what = f"invalid input for workflow {self.id!r}"
+        precheck(data, "input", InvalidInputError, what=what)
         try:
             value = self.input_adapter.validate_python(data)
         except PydanticValidationError as exc:
-            raise InvalidInputError.from_pydantic(
-                f"invalid input for workflow {self.id!r}", exc, prefix="input"
-            ) from None
-        return self.input_adapter.dump_python(value, mode="json")
+            raise InvalidInputError.from_pydantic(what, exc, prefix="input") from None
+        serializer = self.input_adapter.serializer
+        return dump_json(serializer, value, "input", InvalidInputError, what=what)
 
     def validate_config(self, config: Mapping[str, Any] | None) -> dict[str, JsonValue]:
         """Validate each stage's config, fill defaults; returns the JSON form per stage."""
@@ -311,10 +331,19 @@ class WorkflowDefinition:
                 [(f"config.{name}", "no such stage") for name in unknown],
             )
         out: dict[str, JsonValue] = {}
+        what = f"invalid config for workflow {self.id!r}"
         for stage_id, stage in self.stages.items():
-            model = stage.validate_config(config.get(stage_id))
+            raw = config.get(stage_id)
+            precheck(raw, f"config.{stage_id}", InvalidConfigError, what=what)
+            model = stage.validate_config(raw)
             if model is not None:
-                out[stage_id] = model.model_dump(mode="json")
+                out[stage_id] = dump_json(
+                    model.__pydantic_serializer__,
+                    model,
+                    f"config.{stage_id}",
+                    InvalidConfigError,
+                    what=what,
+                )
         return out
 
     def group_output(self, group: int, outputs: Mapping[str, JsonValue]) -> JsonValue:

@@ -54,6 +54,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+from treadle.kernel.text import safe_text
+
 
 class TreadleError(Exception):
     """Root of every Treadle error; ``code`` is stable across releases."""
@@ -318,7 +320,8 @@ class PayloadMissingError(StorageError):
 
 
 def describe_exception(exc: BaseException) -> str:
-    """One line for an error column: ``Type: message``."""
-    text = str(exc)
+    """One line for an error column: ``Type: message``, with any NUL character or lone
+    surrogate escaped, so an error message never stops a failure from being stored."""
+    text = safe_text(str(exc))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from treadle.kernel.errors import NonRetryableError, TreadleError
+from treadle.kernel.limits import Duration
 
 
 class RetryPolicy(BaseModel):
@@ -21,9 +22,9 @@ class RetryPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     max_attempts: int = Field(default=3, ge=1)
-    initial_delay: timedelta = timedelta(seconds=1)
-    backoff: float = Field(default=2.0, ge=1.0)
-    max_delay: timedelta = timedelta(minutes=5)
+    initial_delay: Duration = timedelta(seconds=1)
+    backoff: float = Field(default=2.0, ge=1.0, allow_inf_nan=False)
+    max_delay: Duration = timedelta(minutes=5)
     jitter: float = Field(default=0.0, ge=0.0, le=1.0)
     non_retryable: tuple[type[BaseException], ...] = ()
 

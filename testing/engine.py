@@ -24,6 +24,7 @@ from treadle.adapters.memory import (
     InMemoryScheduler,
 )
 from treadle.kernel import commands as c
+from treadle.kernel.arguments import start_command
 from treadle.kernel.context import StageContext
 from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
 from treadle.kernel.errors import (
@@ -267,20 +268,20 @@ class TestEngine:
         search_attributes: Mapping[str, Any] | None = None,
         execution_timeout: timedelta | float | None = None,
     ) -> RunHandle:
-        if execution_timeout is not None and not isinstance(execution_timeout, timedelta):
-            execution_timeout = timedelta(seconds=execution_timeout)
-        result = await self.kernel.dispatch(
-            c.RunCreate(
-                workflow_id=workflow_id,
-                input=input,
-                config=dict(config or {}),
-                priority=priority,
-                idempotency_key=idempotency_key,
-                run_id=run_id,
-                search_attributes=dict(search_attributes or {}),
-                execution_timeout=execution_timeout,
-            )
+        """Create a run (``run.create``), checking the arguments as ``Engine.start`` does:
+        a bad one is the same ``TreadleValidationError`` naming it, and nothing is written."""
+        command = start_command(
+            "TestEngine",
+            workflow_id,
+            input,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            config=config,
+            run_id=run_id,
+            search_attributes=search_attributes,
+            execution_timeout=execution_timeout,
         )
+        result = await self.kernel.dispatch(command)
         return RunHandle(self, result.workflow_run_id)
 
     async def get_run(self, run_id: str) -> Run:

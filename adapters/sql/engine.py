@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from treadle.adapters.urls import redact_url
+from treadle.kernel.limits import MAX_INT, MIN_INT
 
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
 NOTIFY_CHANNEL = "treadle_jobs"
@@ -69,6 +70,15 @@ def dump_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _json_int(text: str) -> int | float:
+    """An integer in a JSON column. The kernel stores no integer past 64 bits
+    (``kernel.limits``), so a longer one was a float that PostgreSQL's jsonb (numeric)
+    printed without its exponent, ``9.3e+18`` as ``9300000000000000000``: it is read
+    back as that float, as the memory adapter and SQLite return it."""
+    value = int(text)
+    return value if MIN_INT <= value <= MAX_INT else float(text)
+
+
 def load_json(data: bytes | str) -> Any:
     """A JSON column's value from its text. ``null`` (what a JSON column holds for
     ``None``: most of a stage row's JSON columns, most of the time) is recognised
@@ -76,7 +86,7 @@ def load_json(data: bytes | str) -> Any:
     encoding detection: together most of the decoding cost of reading a row."""
     if data == b"null" or data == "null":
         return None
-    return json.loads(data.decode() if isinstance(data, bytes) else data)
+    return json.loads(data.decode() if isinstance(data, bytes) else data, parse_int=_json_int)
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:

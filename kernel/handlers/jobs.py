@@ -53,6 +53,7 @@ from treadle.kernel.handlers.common import (
 from treadle.kernel.handlers.effects import commit_stage_extras
 from treadle.kernel.handlers.leases import settle_lease
 from treadle.kernel.handlers.write_buffer import WriteBuffer
+from treadle.kernel.limits import dump_json, precheck
 from treadle.kernel.model import (
     Job,
     JobStatus,
@@ -471,8 +472,11 @@ async def _run_body(definition: StageDefinition, ctx: StageContext[Any, Any]) ->
 
 
 def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
-    """Check a stage's return value against its output model; returns its JSON form."""
+    """Check a stage's return value against its output model; returns its JSON form,
+    storable on every backend (``kernel.limits``)."""
     adapter = definition.output_adapter
+    what = f"stage {definition.id!r} returned output that cannot be stored"
+    precheck(value, "output", OutputValidationError, what=what)
     try:
         model = adapter.validator.validate_python(value)  # as in ``_build_context``
     except PydanticValidationError as exc:
@@ -482,7 +486,7 @@ def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
             prefix="output",
         ) from None
     # The serializer itself: ``dump_python``'s keyword handling costs as much as the dump.
-    return adapter.serializer.to_python(model, mode="json")
+    return dump_json(adapter.serializer, model, "output", OutputValidationError, what=what)
 
 
 def _is_current(

@@ -21,6 +21,7 @@ from treadle.kernel.handlers.common import (
     run_ended,
 )
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
+from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import MissingPayload, Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
 from treadle.kernel.workflows.deadline import request as request_execution_timeout
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 
 
 def _check_attributes(attributes: dict[str, Any]) -> None:
-    from treadle.kernel.annotations import validate_attributes
-
     validate_attributes(attributes, field="search_attributes")
 
 

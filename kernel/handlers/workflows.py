@@ -30,6 +30,7 @@ from treadle.kernel.events import (
     UpdateReceived,
 )
 from treadle.kernel.handlers.common import load_run
+from treadle.kernel.limits import dump_json, precheck, to_json
 from treadle.kernel.model import JsonValue, Run, StageStatus
 from treadle.kernel.workflows.context import message_result
 from treadle.kernel.workflows.deadline import forward_timers
@@ -57,23 +58,24 @@ def validate_signal(
     wf: CodeWorkflowDefinition, name: str, payload: Any, *, kind: str = "signal"
 ) -> JsonValue:
     """Check a payload against the declared model of the signal (or update), if the
-    workflow declares them; returns its JSON form. ``InvalidPayloadError`` names the field."""
+    workflow declares them; returns its JSON form, storable on every backend
+    (``kernel.limits``). ``InvalidPayloadError`` names the field."""
     declared = wf.signals if kind == "signal" else wf.updates
+    what = f"invalid payload for {kind} {name!r} of workflow {wf.id!r}"
     if not declared:
-        return payload
+        return to_json(payload, "payload", InvalidPayloadError, what=what)
     adapter = declared.get(name)
     if adapter is None:
         raise InvalidPayloadError(
             f"workflow {wf.id!r} declares no {kind} {name!r} (declared: {sorted(declared)})",
             [("name", f"unknown {kind}")],
         )
+    precheck(payload, "payload", InvalidPayloadError, what=what)
     try:
         value = adapter.validate_python(payload)
     except PydanticValidationError as exc:
-        raise InvalidPayloadError.from_pydantic(
-            f"invalid payload for {kind} {name!r} of workflow {wf.id!r}", exc, prefix="payload"
-        ) from None
-    return adapter.dump_python(value, mode="json")
+        raise InvalidPayloadError.from_pydantic(what, exc, prefix="payload") from None
+    return dump_json(adapter.serializer, value, "payload", InvalidPayloadError, what=what)
 
 
 def _check_live(run: Run, name: str, kind: str = "signal") -> None:

@@ -52,8 +52,16 @@ from treadle.kernel.events import (
     StepFailed,
     UpdateReplied,
 )
+from treadle.kernel.limits import (
+    check_json,
+    dump_json,
+    precheck,
+    to_duration,
+    to_json,
+)
 from treadle.kernel.model import JsonValue, evolve
 from treadle.kernel.retry import RetryPolicy
+from treadle.kernel.text import text_problem
 from treadle.kernel.workflows.model import (
     ChildStart,
     InboxMessage,
@@ -169,23 +177,24 @@ class JournalWriter(Protocol):
 
 
 def _seconds(value: timedelta | float | None, what: str) -> float | None:
+    """A timeout in seconds: positive, finite, at most ``limits.MAX_DURATION``."""
     if value is None:
         return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds <= 0:
-        raise ValueError(f"{what} must be positive, got {value!r}")
-    return seconds
+    return to_duration(value, what).total_seconds()
 
 
 def _check_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what} name must be a non-empty string, got {name!r}")
+    problem = text_problem(name)
+    if problem is not None:  # journaled: it must store on every backend
+        raise ValueError(f"{what} name {name!r} {problem}")
     return name
 
 
 def _check_attribute(key: Any, value: Any) -> None:
     """Search attributes are indexed and compared as JSON scalars on every adapter."""
-    if not isinstance(key, str) or not key or '"' in key:
+    if not isinstance(key, str) or not key or '"' in key or text_problem(key) is not None:
         raise TreadleValidationError(
             f"set_attribute: key must be a non-empty string without '\"', got {key!r}",
             [("key", "not a non-empty string without a double quote")],
@@ -198,6 +207,7 @@ def _check_attribute(key: Any, value: Any) -> None:
             f"None, got {value!r}",
             [("value", "not a JSON scalar")],
         )
+    check_json(value, "value", what=f"set_attribute {key!r}")
 
 
 def _result_adapter(fn: Any) -> TypeAdapter[Any] | None:
@@ -216,20 +226,22 @@ def _result_adapter(fn: Any) -> TypeAdapter[Any] | None:
 
 
 def _encode(adapter: TypeAdapter[Any] | None, value: Any, name: str) -> JsonValue:
+    """A step's result as the journal stores it: valid for its return annotation and
+    storable on every backend (``kernel.limits``), else ``OutputValidationError``, which
+    fails the step without a retry, as a stage's output that fails its model does."""
+    what = f"step {name!r} returned a value that cannot be journaled"
+    if adapter is None:
+        return to_json(value, "result", OutputValidationError, what=what)
+    precheck(value, "result", OutputValidationError, what=what)
     try:
-        if adapter is not None:
-            return adapter.dump_python(adapter.validate_python(value), mode="json")
-        return _ANY.dump_python(value, mode="json")
+        validated = adapter.validate_python(value)
     except PydanticValidationError as exc:
         raise OutputValidationError.from_pydantic(
             f"step {name!r} returned a value that does not match its return annotation",
             exc,
             prefix="result",
         ) from None
-    except Exception as exc:
-        raise OutputValidationError(
-            f"step {name!r} returned a value that cannot be journaled as JSON: {exc}"
-        ) from None
+    return dump_json(adapter.serializer, validated, "result", OutputValidationError, what=what)
 
 
 def _decode(adapter: TypeAdapter[Any] | None, raw: JsonValue) -> Any:
@@ -676,7 +688,7 @@ class WorkflowContext:
     async def sleep(self, duration: timedelta | float, *, name: str = "sleep") -> None:
         """Suspend the run for ``duration`` (a number means seconds) without holding a
         worker; a timer fired by the maintenance tick resumes it."""
-        seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+        seconds = to_duration(duration, "sleep duration", least="any").total_seconds()
         position, key, occurrence, entry = self._reserve("sleep", _check_name(name, "sleep"))
         until = entry.until if entry is not None else self._now() + timedelta(seconds=seconds)
         await self._sleep_to(position, key, occurrence, entry, until)
@@ -760,7 +772,7 @@ class WorkflowContext:
         position, jkey, occurrence, entry = self._reserve("publish", _check_name(key, "publish"))
         if entry is not None:
             return
-        encoded = _ANY.dump_python(value, mode="json")
+        encoded = to_json(value, "value", what=f"publish {key!r}")
         self._pending.append(
             self._entry(
                 position,
@@ -904,8 +916,8 @@ class WorkflowContext:
             details = {
                 "review_id": self._new_id(),
                 "review_type": review_type,
-                "reviewers": list(reviewers),
-                "artifact": _ANY.dump_python(artifact, mode="json"),
+                "reviewers": to_json(list(reviewers), "reviewers", what="review"),
+                "artifact": to_json(artifact, "artifact", what="review"),
             }
             until = now + timedelta(seconds=seconds) if seconds is not None else None
         if until is not None and until <= now:
@@ -928,7 +940,7 @@ class WorkflowContext:
         position, key, occurrence, entry = self._reserve("reply", request.name)
         if entry is not None:
             return
-        encoded = _ANY.dump_python(value, mode="json")
+        encoded = to_json(value, "reply", what=f"reply to update {request.name!r}")
         done = self._entry(
             position,
             key,

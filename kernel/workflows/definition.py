@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 
 from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
 from treadle.kernel.errors import DefinitionError, NotSupportedError
+from treadle.kernel.limits import to_duration
 from treadle.kernel.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -126,12 +127,7 @@ def workflow(
 def _positive_timedelta(workflow_id: str, what: str, value: Any) -> timedelta | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, timedelta | int | float):
-        raise DefinitionError(
-            f"workflow {workflow_id!r}: {what} must be a timedelta or a number of seconds, "
-            f"got {value!r}"
-        )
-    delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
-    if delta <= timedelta(0):
-        raise DefinitionError(f"workflow {workflow_id!r}: {what} must be positive, got {value!r}")
-    return delta
+    try:
+        return to_duration(value, what)
+    except ValueError as exc:
+        raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None

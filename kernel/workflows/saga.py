@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from treadle.kernel.errors import StepFailedError
 from treadle.kernel.events import SagaCompensated
+from treadle.kernel.limits import to_duration
 from treadle.kernel.model import RunStatus, StageStatus, evolve
 from treadle.kernel.retry import RetryPolicy
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID
@@ -82,9 +83,10 @@ class Saga:
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TypeError(f"saga.add({name!r}): retry must be a RetryPolicy, got {retry!r}")
         if timeout is not None:
-            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-            if seconds <= 0:
-                raise ValueError(f"saga.add({name!r}): timeout must be positive, got {timeout!r}")
+            try:
+                to_duration(timeout, "timeout")
+            except ValueError as exc:
+                raise ValueError(f"saga.add({name!r}): {exc}") from None
         self._ctx.register_compensation(Compensation(name, fn, tuple(args), retry, timeout))
 
 

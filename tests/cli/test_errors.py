@@ -258,3 +258,19 @@ def test_every_duration_option_is_bounded() -> None:
                 unbounded.append(f"{callback.__name__}.{name}")
     assert len(checked) >= 14
     assert unbounded == []
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "problem"),
+    [
+        ('{"name": "a\\u0000b"}', "input.name", "contains a NUL character"),
+        ('{"name": "\\ud800"}', "input.name", "contains a lone surrogate"),
+    ],
+)
+def test_unstorable_input_is_one_line_naming_the_field(
+    invoke: Invoke, text: str, field: str, problem: str
+) -> None:
+    """A NUL or a lone surrogate in INPUT: the kernel's one validation line naming the field."""
+    line = one_error_line(invoke("start", "greeter", text))
+    assert f"{field}: {problem}" in line
+    assert "InvalidInputError" in line
