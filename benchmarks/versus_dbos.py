@@ -226,7 +226,7 @@ def dbos_url(url: str) -> str:
 # -- one run at a time ---------------------------------------------------------------------
 class Sequential(NamedTuple):
     latencies: list[float]  # seconds from before the start call to the result in hand
-    stored: list[float]  # seconds from the run's stored creation to its stored completion
+    stored: list[float] | None  # seconds from stored creation to stored completion
     commits: float | None = None  # per stage, where counted
 
 
@@ -266,6 +266,8 @@ async def one_at_a_time(kind: str, url: str, runs: int, args: argparse.Namespace
             await handle.get_result(polling_interval_sec=args.dbos_result_poll)
 
         latencies = await _timed(start if kind == "dbos-start" else enqueue, runs)
+        if url.startswith("sqlite"):  # DBOS stores whole seconds there
+            return Sequential(latencies, None)
         statuses = await DBOS.list_workflows_async(load_input=False, load_output=False)
         ms = sorted((w.created_at, w.completed_at or w.updated_at) for w in statuses)
         stored = [(end - begin) / 1000 for begin, end in ms[len(ms) - runs :]]
@@ -403,6 +405,8 @@ class Table:
         def standing(other: float | str | None) -> str:
             if not isinstance(other, float) or not isinstance(treadle_value, float):
                 return "-"
+            if min(other, treadle_value) <= 0:
+                return "n/a"
             if other == treadle_value:
                 return "equal"
             if higher_is_better:
@@ -471,6 +475,10 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {load}] {message}", file=sys.stderr, flush=True)
 
 
+def _ms(seconds: list[float] | None, q: float) -> float | str:
+    return "n/a (whole s)" if seconds is None else pct(seconds, q) * 1000
+
+
 async def run_backend(backend: str, args: argparse.Namespace, table: Table) -> None:
     db = "pg" if backend == "postgres" else "sqlite"
     scenarios = args.scenarios
@@ -487,12 +495,11 @@ async def run_backend(backend: str, args: argparse.Namespace, table: Table) -> N
             if "latency" in scenarios:
                 for what, field in (("start->result", "latencies"), ("stored", "stored")):
                     for q in (0.5, 0.99):
+                        ms = [_ms(getattr(r, field), q) for r in (mine, start, queue)]
                         table.add(
                             f"p{round(q * 100)} ms {what}, {label}",
                             db,
-                            pct(getattr(mine, field), q) * 1000,
-                            pct(getattr(start, field), q) * 1000,
-                            pct(getattr(queue, field), q) * 1000,
+                            *ms,
                             higher_is_better=False,
                         )
             if commits:
@@ -567,20 +574,22 @@ async def amain(args: argparse.Namespace) -> None:
     if "pg" in args.backends:
         facts.append(f"postgresql: {pg_version(args.pg_url)} at {args.pg_url}")
     table = Table()
-    for backend in ("postgres", "sqlite"):
-        if ("pg" if backend == "postgres" else "sqlite") in args.backends:
-            await run_backend(backend, args, table)
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    facts.append(f"load average at the end: {load}")
-    facts.append(
-        f"runs: --runs {args.runs} (+{WARMUP} warm-up), --start-runs {args.start_runs}, "
-        f"--bulk {args.bulk}, --concurrency {args.concurrency}, "
-        f"DBOS queue poll {args.dbos_queue_poll}s, result poll {args.dbos_result_poll}s"
-    )
-    for fact in facts:
-        print(f"- {fact}")
-    print()
-    table.print()
+    try:
+        for backend in ("postgres", "sqlite"):
+            if ("pg" if backend == "postgres" else "sqlite") in args.backends:
+                await run_backend(backend, args, table)
+    finally:  # what was measured, even if a later scenario failed
+        load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+        facts.append(f"load average at the end: {load}")
+        facts.append(
+            f"runs: --runs {args.runs} (+{WARMUP} warm-up), --start-runs {args.start_runs}, "
+            f"--bulk {args.bulk}, --concurrency {args.concurrency}, "
+            f"DBOS queue poll {args.dbos_queue_poll}s, result poll {args.dbos_result_poll}s"
+        )
+        for fact in facts:
+            print(f"- {fact}")
+        print()
+        table.print()
 
 
 def main() -> None:
