@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ def fresh_database(backend: str, pg_url: str) -> Iterator[str]:
             yield f"sqlite:///{Path(tmp) / 'bench.db'}"
 
 
-def _libpq(url: str) -> str:
+def libpq_url(url: str) -> str:
+    """``url`` (any SQLAlchemy PostgreSQL URL) as a plain ``postgresql://`` URL."""
     return sync_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
@@ -44,7 +46,36 @@ def xact_commit(url: str) -> int:
     own connection adds two of its own, counted by the next reading."""
     import psycopg
 
-    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def settled_xact_commit(url: str, timeout: float = 10.0) -> int:
+    """Committed transactions of this database so far, read once every other session
+    of it has gone: an exiting backend flushes its statistics before it leaves
+    ``pg_stat_activity``, so a reading taken after an engine closed counts all of that
+    engine's work. The probe is one transaction however long it waits: it adds one
+    commit to the next reading."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(libpq_url(url)) as conn:
+        while True:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+            if row is not None and row[0] == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{row[0] if row else '?'} sessions still on {url}")
+            time.sleep(0.02)
         conn.execute("SELECT pg_stat_clear_snapshot()")
         row = conn.execute(
             "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
@@ -56,7 +87,7 @@ def xact_commit(url: str) -> int:
 def pg_version(url: str) -> str:
     import psycopg
 
-    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return str(row[0]) if row else "?"
 
