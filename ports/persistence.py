@@ -149,9 +149,15 @@ class Transaction(Protocol):
 
     # -- code workflows: journal, signal inbox, timers ------------------------------------
     async def get_journal(
-        self, run_id: str, *, status: JournalStatus | None = None
+        self,
+        run_id: str,
+        *,
+        status: JournalStatus | None = None,
+        from_position: int | None = None,
     ) -> list[JournalEntry]:
-        """The run's journal entries in position order (only those in ``status`` if given)."""
+        """The run's journal entries in position order (only those in ``status`` if given;
+        only those at ``from_position`` or later if given: a resumed body reads what is
+        new, at a cost that does not grow with the journal)."""
 
     async def get_journal_entry(
         self, run_id: str, name: str, occurrence: int

@@ -10,6 +10,7 @@ in-memory job transport shares so it never sees uncommitted jobs.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import marshal
 from collections.abc import Callable, Sequence
@@ -495,10 +496,20 @@ class InMemoryTransaction:
     # Same undo log as everything above, so a rolled-back transaction leaves no entry,
     # message, consumption or timer behind.
     async def get_journal(
-        self, run_id: str, *, status: JournalStatus | None = None
+        self,
+        run_id: str,
+        *,
+        status: JournalStatus | None = None,
+        from_position: int | None = None,
     ) -> list[JournalEntry]:
-        entries = sorted(self._s.journal.get(run_id, {}).items())
-        return [e for _, e in entries if status is None or e.status is status]
+        s = self._s
+        per_run = s.journal.get(run_id, {})
+        start = -1 if from_position is None else from_position
+        if status is not None:  # through the status index: a run waits on few entries
+            chosen = sorted(p for p in s.journal_by_status.get((run_id, status), ()) if p >= start)
+            return [per_run[p] for p in chosen]
+        order = s.journal_order.get(run_id, [])
+        return [per_run[p] for p in order[bisect.bisect_left(order, start) :]]
 
     async def get_journal_entry(
         self, run_id: str, name: str, occurrence: int
@@ -527,7 +538,29 @@ class InMemoryTransaction:
         stored = evolve(entry, {"id": s.next_journal_id, "version": 0})
         self.set_item(per_run, entry.position, stored)
         self.set_item(s.journal_keys, key, entry.position)
+        order = s.journal_order.setdefault(run_id, [])
+        bisect.insort(order, entry.position)
+        self.on_rollback(functools.partial(order.remove, entry.position))
+        self._index_status(run_id, entry.position, None, stored.status)
         return stored
+
+    def _index_status(
+        self,
+        run_id: str,
+        position: int,
+        old: JournalStatus | None,
+        new: JournalStatus,
+    ) -> None:
+        if old is new:
+            return
+        s = self._s
+        if old is not None:
+            self.del_item(s.journal_by_status[(run_id, old)], position)
+        bucket = s.journal_by_status.get((run_id, new))
+        if bucket is None:
+            bucket = {}
+            self.set_item(s.journal_by_status, (run_id, new), bucket)
+        self.set_item(bucket, position, None)
 
     async def update_journal_entry(self, entry: JournalEntry) -> JournalEntry:
         self._check()
@@ -544,6 +577,7 @@ class InMemoryTransaction:
             )
         new = evolve(entry, {"version": entry.version + 1, "id": stored.id})
         self.set_item(per_run, entry.position, new)
+        self._index_status(entry.workflow_run_id, entry.position, stored.status, new.status)
         return new
 
     async def insert_signal(self, message: InboxMessage) -> InboxMessage:
@@ -565,16 +599,16 @@ class InMemoryTransaction:
         bucket = s.inbox_by_run.setdefault(run_id, [])
         bucket.append(s.next_inbox_id)
         self.on_rollback(functools.partial(_drop_last, bucket))
+        if stored.consumed_at is None:
+            waiting = (run_id, stored.kind, stored.name)
+            self.set_item(s.unconsumed, waiting, (*s.unconsumed.get(waiting, ()), stored.id))
         return stored
 
     async def next_signal(
         self, run_id: str, name: str, *, kind: str = "signal"
     ) -> InboxMessage | None:
-        for message_id in self._s.inbox_by_run.get(run_id, []):
-            message = self._s.inbox[message_id]
-            if message.kind == kind and message.name == name and message.consumed_at is None:
-                return message
-        return None
+        ids = self._s.unconsumed.get((run_id, kind, name))
+        return self._s.inbox[ids[0]] if ids else None
 
     async def consume_signal(
         self, message_id: int, consumed_at: datetime, consumed_by: str
@@ -588,6 +622,12 @@ class InMemoryTransaction:
             message_id,
             evolve(message, {"consumed_at": consumed_at, "consumed_by": consumed_by}),
         )
+        waiting = (message.workflow_run_id, message.kind, message.name)
+        left = tuple(i for i in self._s.unconsumed.get(waiting, ()) if i != message_id)
+        if left:
+            self.set_item(self._s.unconsumed, waiting, left)
+        else:
+            self.del_item(self._s.unconsumed, waiting)
 
     async def list_signals(self, run_id: str) -> list[InboxMessage]:
         return [self._s.inbox[i] for i in self._s.inbox_by_run.get(run_id, [])]
@@ -611,13 +651,15 @@ class InMemoryTransaction:
         s = self._s
         s.next_timer_id += 1
         stored = evolve(timer, {"id": s.next_timer_id, "fired_at": None})
-        self.set_item(s.timers, (timer.workflow_run_id, timer.name, timer.occurrence), stored)
+        key = (timer.workflow_run_id, timer.name, timer.occurrence)
+        self.set_item(s.timers, key, stored)
+        live = s.live_timers.get(timer.workflow_run_id, ())
+        if key not in live:
+            self.set_item(s.live_timers, timer.workflow_run_id, (*live, key))
         return stored
 
     async def pending_timers(self, run_id: str) -> list[Timer]:
-        live = [
-            t for t in self._s.timers.values() if t.workflow_run_id == run_id and t.fired_at is None
-        ]
+        live = [self._s.timers[key] for key in self._s.live_timers.get(run_id, ())]
         return sorted(live, key=lambda t: (t.fire_at, t.id or 0))
 
     async def due_timers(self, now: datetime, limit: int, *, purpose: str) -> list[Timer]:
@@ -635,6 +677,11 @@ class InMemoryTransaction:
         if timer is None or timer.fired_at is not None:
             return False
         self.set_item(self._s.timers, key, evolve(timer, {"fired_at": fired_at}))
+        left = tuple(k for k in self._s.live_timers.get(run_id, ()) if k != key)
+        if left:
+            self.set_item(self._s.live_timers, run_id, left)
+        else:
+            self.del_item(self._s.live_timers, run_id)
         return True
 
 
@@ -791,12 +838,22 @@ class InMemoryPersistence:
         # -- code workflows (see the transaction's section of the same name) --
         self.journal: dict[str, dict[int, JournalEntry]] = {}
         self.journal_keys: dict[tuple[str, str, int], int] = {}
+        self.journal_order: dict[str, list[int]] = {}
+        """run id -> its journal positions in order: ``get_journal(from_position=...)``
+        bisects it instead of sorting the run's whole journal."""
+        self.journal_by_status: dict[tuple[str, JournalStatus], dict[int, None]] = {}
+        """(run id, status) -> positions of the run's entries in that status."""
         self.next_journal_id = 0
         self.inbox: dict[int, InboxMessage] = {}
         self.inbox_by_run: dict[str, list[int]] = {}
         self.inbox_keys: dict[tuple[str, str], int] = {}
+        self.unconsumed: dict[tuple[str, str, str], tuple[int, ...]] = {}
+        """(run id, kind, name) -> ids of the messages not consumed yet, oldest first: the
+        next one is found without walking the run's whole inbox."""
         self.next_inbox_id = 0
         self.timers: dict[tuple[str, str, int], Timer] = {}
+        self.live_timers: dict[str, tuple[tuple[str, str, int], ...]] = {}
+        """run id -> keys of its timers not fired yet (``pending_timers`` reads only those)."""
         self.next_timer_id = 0
         self.run_ends = RunEndWatchers()
 

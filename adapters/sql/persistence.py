@@ -1132,12 +1132,18 @@ class SqlTransaction:
     # DuplicateError that does not poison a PostgreSQL transaction; consuming a signal and
     # firing a timer are conditional UPDATEs, so neither can happen twice.
     async def get_journal(
-        self, run_id: str, *, status: JournalStatus | None = None
+        self,
+        run_id: str,
+        *,
+        status: JournalStatus | None = None,
+        from_position: int | None = None,
     ) -> list[JournalEntry]:
         c = t.journal.c
         query = sa.select(t.journal).where(c.run_id == run_id).order_by(c.position)
         if status is not None:
             query = query.where(c.status == status.value)
+        if from_position is not None:  # a range of the (run_id, position) unique index
+            query = query.where(c.position >= from_position)
         rows = await self.execute(query, "get journal")
         return [await self._journal_from(row) for row in rows]
 
