@@ -271,14 +271,16 @@ class Engine:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def close(self) -> None:
-        """Stop in-process workers (draining their jobs) and release the backend.
-        Idempotent; an ``Engine(kernel)`` built by hand leaves the ports to its caller."""
+        """Stop in-process workers (draining their jobs), drop the code-workflow bodies
+        the kernel keeps parked (``Kernel.close``) and release the backend. Idempotent;
+        an ``Engine(kernel)`` built by hand leaves the ports to its caller."""
         if self._closed:
             return
         self._closed = True
         workers = builtins.list(self._workers)
         await asyncio.gather(*(w.stop() for w in workers))
         self.run_waiters.close()
+        self.kernel.close()
         if self.backend is not None:
             await self.backend.close()
 

@@ -224,6 +224,7 @@ class ServerlessHost:
             raise
 
     async def aclose(self) -> None:
+        self.kernel.close()
         if self.backend is not None:
             backend, self.backend = self.backend, None
             await backend.close()

@@ -199,6 +199,7 @@ class WorkerHost:
         except TreadleError as exc:
             _error_line(exc, self.db)
             return EXIT_STARTUP_FAILED
+        kernel = None
         try:
             kernel = backend.kernel(
                 self.workflows, logger=structlog_logger("treadle", worker_id=self.worker_id)
@@ -232,6 +233,8 @@ class WorkerHost:
             await self._drain(worker, signals)
             return self._exit_code()
         finally:
+            if kernel is not None:
+                kernel.close()  # parked code-workflow bodies: closed before their storage
             await self._close(backend)
 
     async def _drain(self, worker: Worker, signals: _Signals) -> None:

@@ -41,6 +41,7 @@ from treadle.kernel.model import (
 from treadle.kernel.registry import Registry
 from treadle.kernel.workflows.fork import ForkResult
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry
+from treadle.kernel.workflows.sticky import StickyCache
 
 if TYPE_CHECKING:
     from treadle.kernel.annotations import Annotations
@@ -76,6 +77,14 @@ class KernelSettings:
     """How often the maintenance tick re-checks a code-workflow run blocked by a
     ``VersionMismatchError`` (its pinned version not registered here); once a worker
     with that version polls it, the run resumes by itself."""
+    sticky_execution: bool = True
+    """Keep the body of a code workflow that suspends alive in this kernel, so the run's
+    next activation here resumes it where it waits instead of replaying its journal
+    from the top: a wake-up then costs the same whatever the run's history
+    (``kernel/workflows/sticky.py``). Off, every activation replays."""
+    sticky_cache_size: int = 1000
+    """How many parked bodies this kernel keeps (least recently parked dropped first;
+    a dropped run replays on its next activation). 0 turns sticky execution off."""
 
 
 @dataclass
@@ -99,6 +108,8 @@ class Deps:
     """Stages chained ``job.execute`` commits started, for the execution that follows."""
     commits: GroupCommit[Any, Any] = field(default_factory=GroupCommit)
     """Where concurrent ``job.execute`` phase-3 commits of this kernel meet (one group)."""
+    sticky: StickyCache = field(default_factory=StickyCache)
+    """Code-workflow bodies parked between activations (sticky execution)."""
 
     def workflow(self, workflow_id: str, version: str | None = None) -> WorkflowDefinition:
         """The definition for ``workflow_id``: ``version`` if the registry holds it (a run
@@ -275,6 +286,12 @@ class Kernel:
         except BaseException:
             await scope.abandon()
             raise
+
+    def close(self) -> None:
+        """Drop what this kernel holds in memory between commands: the parked bodies of
+        sticky execution (their runs replay wherever they resume next). Idempotent; the
+        ports are the caller's to close."""
+        self.deps.sticky.clear()
 
     @staticmethod
     def parse(command: c.CommandBase | Mapping[str, Any]) -> c.CommandBase:

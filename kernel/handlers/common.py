@@ -339,9 +339,11 @@ async def run_ended(
     deps: Deps, tx: Transaction, run: Run, now: datetime, causation_id: str | None
 ) -> None:
     """Hook for every transaction that makes a run terminal: a child run reports to its
-    parent, a parent's live children are cancelled (``kernel.workflows.children``)."""
+    parent, a parent's live children are cancelled (``kernel.workflows.children``); a
+    body this kernel keeps parked for the run is dropped (sticky execution)."""
     from treadle.kernel.workflows.children import run_ended as children_run_ended
 
+    deps.sticky.evict(run.id)
     await children_run_ended(deps, tx, run, now, causation_id)
 
 

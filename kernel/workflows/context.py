@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import math
 import typing
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -176,6 +177,22 @@ class JournalWriter(Protocol):
         ...
 
 
+class _ClosedWriter:
+    """The writer of a dropped parked body (``WorkflowContext.close``): refuses all."""
+
+    async def commit(self, *args: Any, **kwargs: Any) -> list[JournalEntry]:
+        raise Interrupt("ghost")
+
+    async def peek_message(self, kind: str, name: str) -> InboxMessage | None:
+        raise Interrupt("ghost")
+
+    def child_workflow(self, workflow_id: str) -> WorkflowDefinition:
+        raise Interrupt("ghost")
+
+
+_CLOSED: JournalWriter = _ClosedWriter()
+
+
 def _seconds(value: timedelta | float | None, what: str) -> float | None:
     """A timeout in seconds: positive, finite, at most ``limits.MAX_DURATION``."""
     if value is None:
@@ -271,6 +288,54 @@ async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo)
         _CURRENT_STEP.reset(token)
 
 
+PARKED = object()
+"""What a parked body yields (``_Park``): ``kernel.workflows.sticky.Body``, the only driver
+of a body that may park, stops the activation there instead of handing it to the loop."""
+
+
+class _Park:
+    """``await _Park()``: park the body until the next activation resumes it (sticky
+    execution, ``kernel.workflows.sticky``); ``GeneratorExit`` if it is dropped instead."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        yield PARKED
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _resumable(
+    method: Callable[Concatenate[WorkflowContext, _P], Awaitable[_R]],
+) -> Callable[Concatenate[WorkflowContext, _P], Coroutine[Any, Any, _R]]:
+    """Sticky execution for a call the body makes itself (not a branch of ``all`` or
+    ``race``): when the call would unwind the body to suspend, the body parks in it
+    instead, and the next activation on this kernel makes the call again from the same
+    position, over what the journal holds by then. Without sticky execution (or with an
+    interrupt already pending) the call behaves as it always did."""
+
+    @functools.wraps(method)
+    async def call(self: WorkflowContext, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if (
+            not self.sticky
+            or self.interrupt is not None
+            or self.compensating
+            or CURRENT_BRANCH.get() is not None
+        ):
+            return await method(self, *args, **kwargs)
+        while True:
+            try:
+                return await method(self, *args, **kwargs)
+            except Interrupt as interrupt:
+                if not self._may_park(interrupt):
+                    raise
+            await self._park()
+
+    return call
+
+
 class WorkflowContext:
     """The ``ctx`` of a code workflow body. See the module docstring for replay."""
 
@@ -287,6 +352,7 @@ class WorkflowContext:
         overrides: typing.Mapping[str, Callable[..., Any]] | None = None,
         cancelled: CancellationToken | None = None,
         compensating: bool = False,
+        sticky: bool = False,
     ) -> None:
         self.run_id = run_id
         self.workflow_id = workflow_id
@@ -311,6 +377,15 @@ class WorkflowContext:
         """Compensations registered by ``saga.add`` so far in this activation, in order."""
         self._commit_lock = asyncio.Lock()
         """Branches of ``ctx.all`` commit one at a time, each in its own transaction."""
+        self.sticky = sticky and not compensating
+        """The body parks where it would unwind to suspend (``_resumable``); only a
+        ``kernel.workflows.sticky.Body`` may drive it then."""
+        self.parked_at: int | None = None
+        """While parked: the position of the call it parked in, from which the next
+        activation reads the journal again."""
+        self._kept_from = 0
+        """Entries before this position are dropped from memory: the body parked past
+        them, and nothing reads a passed position again."""
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -420,6 +495,8 @@ class WorkflowContext:
         )
 
     def _remember(self, entry: JournalEntry) -> None:
+        if entry.position < self._kept_from:
+            return
         self._by_position[entry.position] = entry
         self._by_key[(entry.name, entry.occurrence)] = entry
 
@@ -473,7 +550,68 @@ class WorkflowContext:
     def _suspend(self, wait: Wait) -> Interrupt:
         return self._stop(Interrupt("suspend", waits=[wait]))
 
+    # -- sticky execution (``kernel.workflows.sticky``) ------------------------------------
+    def _may_park(self, interrupt: Interrupt) -> bool:
+        """Whether the call that raised ``interrupt`` can park the body: it is this
+        context's suspension, of that one call, at the last position reserved."""
+        if interrupt is not self.interrupt or interrupt.reason != "suspend":
+            return False
+        if len(interrupt.waits) != 1:
+            return False
+        return interrupt.waits[0].position == self._next_position - 1
+
+    async def _park(self) -> None:
+        """Give the call's position back (it is made again on resume) and park; returns
+        once the next activation resumed the body (``resume``)."""
+        assert self.interrupt is not None
+        wait = self.interrupt.waits[0]
+        self._next_position = wait.position
+        self._occurrences[wait.name] = wait.occurrence - 1
+        self.parked_at = wait.position
+        for position in range(self._kept_from, wait.position):  # what it passed since
+            passed = self._by_position.pop(position, None)
+            if passed is not None:
+                self._by_key.pop((passed.name, passed.occurrence), None)
+        self._kept_from = wait.position
+        await _Park()
+        self.parked_at = None
+
+    def committed(self, stored: Sequence[JournalEntry]) -> None:
+        """The executor committed the pending calls (``stored``, as stored) with the end
+        of the activation: a parked body must not write them again."""
+        self._pending.clear()
+        self._pending_events.clear()
+        for entry in stored:
+            self._remember(entry)
+
+    def resume(
+        self,
+        writer: JournalWriter,
+        cancelled: CancellationToken,
+        overrides: typing.Mapping[str, Callable[..., Any]],
+        fresh: Sequence[JournalEntry],
+    ) -> None:
+        """Hand a parked body to a new activation: its writer (which checks *its* lease)
+        and cancellation token, the step mocks of now, and ``fresh``, the journal from the
+        parked position on (what the waits recorded and what woke it). Entries before
+        that position are final, so the context already holds them as stored."""
+        self._writer = writer
+        self._cancelled = cancelled
+        self._overrides = dict(overrides)
+        self.interrupt = None
+        for entry in fresh:
+            self._remember(entry)
+            self._last_recorded = max(self._last_recorded, entry.position)
+
+    def close(self) -> None:
+        """The parked body is dropped (evicted, or its run moved on elsewhere): from now
+        on every ``ctx`` call raises, so code that runs while the body unwinds
+        (``finally`` blocks) can neither journal nor run a step."""
+        self.interrupt = Interrupt("ghost")
+        self._writer = _CLOSED
+
     # -- steps ----------------------------------------------------------------------------
+    @_resumable
     async def step(
         self,
         name: str,
@@ -673,6 +811,7 @@ class WorkflowContext:
 
         return await race_first(self, calls, _check_name(name, "race"))
 
+    @_resumable
     async def child(
         self, workflow_id: str, input: Any = None, *, config: Mapping[str, Any] | None = None
     ) -> Any:
@@ -685,6 +824,7 @@ class WorkflowContext:
         return await await_child(self, workflow_id, input, config)
 
     # -- time -----------------------------------------------------------------------------
+    @_resumable
     async def sleep(self, duration: timedelta | float, *, name: str = "sleep") -> None:
         """Suspend the run for ``duration`` (a number means seconds) without holding a
         worker; a timer fired by the maintenance tick resumes it."""
@@ -693,6 +833,7 @@ class WorkflowContext:
         until = entry.until if entry is not None else self._now() + timedelta(seconds=seconds)
         await self._sleep_to(position, key, occurrence, entry, until)
 
+    @_resumable
     async def sleep_until(self, when: datetime, *, name: str = "sleep") -> None:
         """Suspend the run until ``when`` (timezone-aware); returns at once if it passed."""
         if when.tzinfo is None or when.utcoffset() is None:
@@ -810,6 +951,7 @@ class WorkflowContext:
             AttributeSet(workflow_run_id=self.run_id, timestamp=now, key=key, value=value)
         )
 
+    @_resumable
     async def wait_for_signal(
         self,
         name: str,
@@ -823,6 +965,7 @@ class WorkflowContext:
         entry = await self._wait_message("signal", name, timeout)
         return _message_value(entry, adapter, "signal", name)
 
+    @_resumable
     async def wait_for_update(
         self,
         name: str,
@@ -891,6 +1034,7 @@ class WorkflowContext:
             return self._by_position[position]
         raise self._suspend(Wait(kind, position, key, occurrence, until, signal=name))
 
+    @_resumable
     async def review(
         self,
         artifact: Any = None,

@@ -67,6 +67,7 @@ from treadle.kernel.workflows.model import (
     Timer,
 )
 from treadle.kernel.workflows.saga import SagaOutcome, adopt_registrations, run_compensations
+from treadle.kernel.workflows.sticky import Body, Parked, reusable
 from treadle.kernel.workflows.versions import block, mismatch_event, version_mismatch
 
 if TYPE_CHECKING:
@@ -203,46 +204,84 @@ async def execute_activation(
     deps: Deps, cmd: c.JobExecute, scope: Scope, s: _Started
 ) -> c.JobExecuteResult:
     """Run the body once over the journal and commit how it ended (module docstring).
-    A cancelled run's activation (``saga.is_compensating``) only runs its compensations."""
+    A cancelled run's activation (``saga.is_compensating``) only runs its compensations.
+    With sticky execution the body may instead resume where an earlier activation on
+    this kernel parked it, and park again (``kernel.workflows.sticky``)."""
     wf = cast("CodeWorkflowDefinition", s.wf)
     writer = _Writer(deps, scope, s, cmd.worker_id)
+    held = deps.sticky.take(s.run.id)  # from here on this activation puts it back or drops it
     mismatch = version_mismatch(s.run, wf)
     if mismatch is not None:
+        if held is not None:
+            deps.sticky.drop(held)
         return await _commit_blocked(deps, scope, s, writer, mismatch)
-    lost: PayloadMissingError | None = None
-    async with deps.persistence.transaction() as tx:
-        try:
-            journal = await tx.get_journal(s.run.id)
-        except PayloadMissingError as exc:  # a recorded value's blob is gone: no replay
-            journal, lost = [], exc
+    if held is not None:
+        stale = reusable(held, s.run, s.stage, wf)
+        if stale is not None:
+            deps.sticky.misses += 1
+            deps.sticky.drop(held)
+            deps.logger.debug("workflow.sticky_miss", run_id=s.run.id, reason=stale)
+            held = None
     token = CancellationToken()
-    ctx = WorkflowContext(
-        run_id=s.run.id,
-        workflow_id=wf.id,
-        version=s.run.workflow_version,
-        journal=journal,
-        writer=writer,
-        now=deps.clock.now,
-        new_id=deps.ids.new_id,
-        overrides=wf.step_overrides,
-        cancelled=token,
-        compensating=s.run.status is RunStatus.CANCELLED,
-    )
-    output: JsonValue = None
-    error: BaseException | None = lost  # the run fails with it, as if its body raised it
-    outcome: SagaOutcome | None = None
-    if lost is None:
-        with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
-            output, error, outcome = await _run(ctx, wf, s)
-    interrupt = ctx.interrupt
-    if interrupt is not None and interrupt.reason == "crash":
-        assert interrupt.error is not None
-        raise interrupt.error  # job.execute releases the job with backoff; replay resumes
-    if interrupt is not None and interrupt.reason == "fatal":
-        error = interrupt.error
-    if ctx.compensating:
-        return await _finish_compensating(deps, scope, s, writer, ctx, outcome, error)
-    return await _finish(deps, scope, s, writer, ctx, output, error, outcome)
+    lost: PayloadMissingError | None = None
+    try:
+        if held is not None:
+            ctx = held.ctx
+            async with deps.persistence.transaction() as tx:
+                try:
+                    fresh = await tx.get_journal(s.run.id, from_position=ctx.parked_at)
+                except PayloadMissingError as exc:  # as below: the run fails with it
+                    fresh, lost = [], exc
+            ctx.resume(writer, token, wf.step_overrides, fresh)
+            deps.sticky.hits += 1
+        else:
+            async with deps.persistence.transaction() as tx:
+                try:
+                    journal = await tx.get_journal(s.run.id)
+                except PayloadMissingError as exc:  # a recorded value's blob is gone: no replay
+                    journal, lost = [], exc
+            ctx = WorkflowContext(
+                run_id=s.run.id,
+                workflow_id=wf.id,
+                version=s.run.workflow_version,
+                journal=journal,
+                writer=writer,
+                now=deps.clock.now,
+                new_id=deps.ids.new_id,
+                overrides=wf.step_overrides,
+                cancelled=token,
+                compensating=s.run.status is RunStatus.CANCELLED,
+                sticky=deps.settings.sticky_execution and deps.settings.sticky_cache_size > 0,
+            )
+            if ctx.sticky and lost is None:
+                held = Parked(Body(_run(ctx, wf, s)), ctx, wf, s.stage.attempt)
+        output: JsonValue = None
+        error: BaseException | None = lost  # the run fails with it, as if its body raised it
+        outcome: SagaOutcome | None = None
+        if lost is None:
+            with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
+                if held is None:
+                    output, error, outcome = await _run(ctx, wf, s)
+                elif await held.body:
+                    output, error, outcome = held.body.result
+        interrupt = ctx.interrupt
+        if interrupt is not None and interrupt.reason == "crash":
+            assert interrupt.error is not None
+            raise interrupt.error  # job.execute releases the job with backoff; replay resumes
+        if interrupt is not None and interrupt.reason == "fatal":
+            error = interrupt.error
+        if ctx.compensating:
+            return await _finish_compensating(deps, scope, s, writer, ctx, outcome, error)
+        result = await _finish(deps, scope, s, writer, ctx, output, error, outcome)
+        if held is not None and held.body.parked and result.outcome == "suspended":
+            # Its waits are committed by an execution that still owned the run: keep it.
+            held.attempt = s.stage.attempt
+            deps.sticky.put(s.run.id, held, deps.settings.sticky_cache_size)
+            held = None
+        return result
+    finally:
+        if held is not None and held.body.parked:
+            deps.sticky.drop(held)
 
 
 async def _run(
@@ -270,6 +309,8 @@ async def _run(
             pass
         except Exception as exc:
             error = exc
+        except GeneratorExit:
+            raise  # a parked body being dropped (sticky execution): nothing to record
         except BaseException as exc:  # KeyboardInterrupt, SystemExit, its own CancelledError
             failure = as_body_failure(exc, f"workflow {wf.id!r}")
             if failure is None:
@@ -391,11 +432,12 @@ async def _commit_pending(
     """The recorded calls not committed yet (``now``, ``publish``, ``set_attribute``, ...),
     their events and the search attributes they set; returns the run as stored."""
     run = await apply_attributes(tx, run, ctx.pending, now)
-    await write_entries(tx, ctx.pending, now)
+    stored = await write_entries(tx, ctx.pending, now)
     if ctx.pending_events:
         await tx.append_events(
             [evolve(e, {"causation_id": scope.causation_id}) for e in ctx.pending_events]
         )
+    ctx.committed(stored)  # a parked body goes on from here (sticky execution)
     return run
 
 
