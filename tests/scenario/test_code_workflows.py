@@ -18,8 +18,15 @@ from treadle.kernel.errors import (
     RunFailedError,
     WaitTimeoutError,
 )
+from treadle.kernel.kernel import KernelSettings
 from treadle.kernel.workflows import WORKFLOW_STAGE_ID, CodeWorkflowDefinition, JournalStatus
 from treadle.testing import SimulatedCrash, TestEngine, with_chaos
+
+
+def replaying() -> KernelSettings:
+    """Sticky execution off: every activation replays the body from the top, which is
+    what the tests of replay itself (and of a changed body) look at."""
+    return KernelSettings(sticky_execution=False)
 
 
 class Order(BaseModel):
@@ -134,7 +141,7 @@ async def test_steps_are_journaled_and_replay_returns_recorded_results() -> None
         await ctx.sleep(timedelta(minutes=5))
         return Receipt(total=receipt.total + 1, note=receipt.note)
 
-    te = TestEngine([replay])
+    te = TestEngine([replay], settings=replaying())
     handle = await te.start("replay", {"n": 2})
     await te.run_until_idle()
     await te.advance_time(timedelta(minutes=5))
@@ -315,7 +322,7 @@ async def test_divergent_body_fails_with_non_determinism_naming_both_steps() -> 
             await ctx.step("refund", charge, 1)
         await ctx.sleep(timedelta(seconds=30))
 
-    te = TestEngine([shifty])
+    te = TestEngine([shifty], settings=replaying())
     handle = await te.start("shifty", {"n": 1})
     await te.run_until_idle()
     flip["first"] = False
@@ -338,7 +345,7 @@ async def test_non_determinism_cannot_be_swallowed_by_the_body() -> None:
         with contextlib.suppress(BaseException):  # the point of the test
             await ctx.step("x", charge, 1)
 
-    te = TestEngine([swallows])
+    te = TestEngine([swallows], settings=replaying())
     handle = await te.start("swallows", {"n": 1})
     await te.run_until_idle()
     flip["first"] = False
@@ -387,7 +394,7 @@ async def test_sleep_until_and_journaled_now_and_uuid_are_stable_across_replays(
         await ctx.sleep_until(stamp + timedelta(hours=2))
         await ctx.step("noop", charge, 0)
 
-    te = TestEngine([clocky])
+    te = TestEngine([clocky], settings=replaying())
     handle = await te.start("clocky", {"n": 1})
     await te.run_until_idle()
     await te.advance_time(timedelta(hours=2))

@@ -16,6 +16,7 @@ from treadle import RetryPolicy, RunStatus, StepFailedError, WorkflowContext, wo
 from treadle.kernel import commands as c
 from treadle.kernel.errors import DefinitionError, NonDeterminismError, RunCancelledError
 from treadle.kernel.events import SagaCompensated
+from treadle.kernel.kernel import KernelSettings
 from treadle.kernel.model import JobStatus, StageStatus
 from treadle.kernel.workflows import WORKFLOW_STAGE_ID, JournalStatus
 from treadle.testing import SimulatedCrash, TestEngine
@@ -272,7 +273,7 @@ async def test_registrations_are_checked_on_replay() -> None:
         await ctx.sleep(timedelta(minutes=1))
         return "done"
 
-    te = TestEngine([fickle])
+    te = TestEngine([fickle], settings=KernelSettings(sticky_execution=False))  # replays
     handle = await te.start("fickle", {})
     await te.advance_time(timedelta(minutes=2))
     run = await te.get_run(handle.run_id)
