@@ -383,6 +383,9 @@ class WorkflowContext:
         self.parked_at: int | None = None
         """While parked: the position of the call it parked in, from which the next
         activation reads the journal again."""
+        self.driver: asyncio.Task[Any] | None = None
+        """The task driving the body in this activation: a call made in another task (a
+        body wrapping a ``ctx`` call in ``asyncio.wait_for`` or ``gather``) cannot park."""
         self._kept_from = 0
         """Entries before this position are dropped from memory: the body parked past
         them, and nothing reads a passed position again."""
@@ -555,6 +558,8 @@ class WorkflowContext:
         """Whether the call that raised ``interrupt`` can park the body: it is this
         context's suspension, of that one call, at the last position reserved."""
         if interrupt is not self.interrupt or interrupt.reason != "suspend":
+            return False
+        if self.driver is None or asyncio.current_task() is not self.driver:
             return False
         if len(interrupt.waits) != 1:
             return False

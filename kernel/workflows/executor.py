@@ -23,6 +23,7 @@ re-register its compensations and runs them (``_finish_compensating``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -258,12 +259,16 @@ async def execute_activation(
         output: JsonValue = None
         error: BaseException | None = lost  # the run fails with it, as if its body raised it
         outcome: SagaOutcome | None = None
-        if lost is None:
-            with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
-                if held is None:
-                    output, error, outcome = await _run(ctx, wf, s)
-                elif await held.body:
-                    output, error, outcome = held.body.result
+        ctx.driver = asyncio.current_task()
+        try:
+            if lost is None:
+                with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
+                    if held is None:
+                        output, error, outcome = await _run(ctx, wf, s)
+                    elif await held.body:
+                        output, error, outcome = held.body.result
+        finally:
+            ctx.driver = None
         interrupt = ctx.interrupt
         if interrupt is not None and interrupt.reason == "crash":
             assert interrupt.error is not None

@@ -67,7 +67,8 @@ class Body(Generic[T]):
 
     @property
     def result(self) -> T:
-        assert self.finished and not self.parked
+        assert self.finished
+        assert not self.parked
         return self._result  # type: ignore[return-value]  # set when the coroutine returned
 
     def __await__(self) -> Generator[Any, Any, bool]:
@@ -108,7 +109,7 @@ class Body(Generic[T]):
         self.parked = False
         try:
             self._context.run(self._coro.close)
-        except BaseException as exc:  # a finally that awaited or raised: logged by the caller
+        except BaseException as exc:  # never into the caller (a cancel, a run's end)
             return exc
         return None
 
@@ -155,8 +156,8 @@ class StickyCache:
         self.evictions = 0
         """Parked bodies dropped unused: capacity, a cancel or end of their run, close."""
         self.close_errors: list[str] = []
-        """What closing dropped bodies raised instead of exiting (a ``finally`` that
-        awaited), the last ten."""
+        """The last ten exceptions closing a dropped body raised (rare: the executor
+        turns what a body raises while it unwinds into a failure nobody records)."""
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -10,6 +10,7 @@ memory and PostgreSQL; the others use the ``TestEngine``."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -378,6 +379,54 @@ async def test_a_waiting_ctx_all_unwinds_and_replays() -> None:
     await te.run_until_idle()
     assert await handle.result() == [1, 2, 3]
     assert ENTERED == {"fan-in": 2}
+
+
+async def test_a_ctx_call_awaited_in_another_task_unwinds_and_replays() -> None:
+    """Only the task driving the body can park it: a wait the body wraps in a task of its
+    own (``asyncio.wait_for``) unwinds as without sticky execution, and replays."""
+
+    @workflow(id="wrapped", input=int, output=int)
+    async def wrapped(ctx: WorkflowContext, n: int) -> int:
+        _enter("wrapped")
+        got: int = await asyncio.wait_for(ctx.wait_for_signal("go", int), timeout=60)
+        return got + await ctx.wait_for_signal("more", int)
+
+    te = TestEngine([wrapped])
+    handle = await te.start("wrapped", 0)
+    await te.run_until_idle()
+    assert handle.run_id not in cache(te)
+    await te.signal(handle.run_id, "go", 1)
+    await te.run_until_idle()
+    assert handle.run_id in cache(te)  # the second wait is the body's own: parked
+    await te.signal(handle.run_id, "more", 2)
+    await te.run_until_idle()
+    assert await handle.result() == 3
+    assert ENTERED == {"wrapped": 2}
+
+
+async def test_a_finally_that_awaits_cannot_finish_when_the_body_is_dropped() -> None:
+    """Closing a parked body whose ``finally`` awaits (not a ``ctx`` call) stops at that
+    await (a closing coroutine cannot wait); the eviction goes through and the run,
+    untouched, replays."""
+
+    @workflow(id="lingers", input=int, output=int)
+    async def lingers(ctx: WorkflowContext, n: int) -> int:
+        try:
+            return await ctx.wait_for_signal("go", int)
+        finally:
+            CLEANUP.append("started")
+            await asyncio.sleep(0)
+            CLEANUP.append("finished")
+
+    te = TestEngine([lingers])
+    handle = await te.start("lingers", 0)
+    await te.run_until_idle()
+    assert te.kernel.deps.sticky.evict(handle.run_id)
+    assert CLEANUP == ["started"]
+    await te.signal(handle.run_id, "go", 5)
+    await te.run_until_idle()
+    assert await handle.result() == 5
+    assert CLEANUP == ["started", "started", "finished"]
 
 
 # -- the same results with the cache on and off ------------------------------------------------
