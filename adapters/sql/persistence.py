@@ -1141,7 +1141,9 @@ class SqlTransaction:
         c = t.journal.c
         query = sa.select(t.journal).where(c.run_id == run_id).order_by(c.position)
         if status is not None:
-            query = query.where(c.status == status.value)
+            # Inline, not a parameter: a prepared statement's generic plan can then still
+            # prove ``status = 'WAITING'`` and use the partial index ix_journal_waiting.
+            query = query.where(c.status == sa.literal(status.value, literal_execute=True))
         if from_position is not None:  # a range of the (run_id, position) unique index
             query = query.where(c.position >= from_position)
         rows = await self.execute(query, "get journal")

@@ -231,6 +231,15 @@ journal = sa.Table(
     sa.Column("version", sa.Integer(), nullable=False),
     sa.UniqueConstraint("run_id", "step_name", "occurrence"),
     sa.UniqueConstraint("run_id", "position"),
+    # The entries a run waits on (a signal hand-over, a child's end look for them), without
+    # walking the run's history: partial, so it holds only the few live waits (0005).
+    sa.Index(
+        "ix_journal_waiting",
+        "run_id",
+        "position",
+        postgresql_where=sa.text("status = 'WAITING'"),
+        sqlite_where=sa.text("status = 'WAITING'"),
+    ),
 )
 
 signal_inbox = sa.Table(
@@ -250,6 +259,16 @@ signal_inbox = sa.Table(
     sa.Column("consumed_by_step", key_type(), nullable=True),
     sa.UniqueConstraint("run_id", "idempotency_key"),
     sa.Index("ix_signal_inbox_run_id_name_id", "run_id", "name", "id"),
+    # next_signal: the oldest unconsumed message of a name, however many were consumed
+    # before it (0005).
+    sa.Index(
+        "ix_signal_inbox_unconsumed",
+        "run_id",
+        "name",
+        "id",
+        postgresql_where=sa.text("consumed_at IS NULL"),
+        sqlite_where=sa.text("consumed_at IS NULL"),
+    ),
 )
 
 timers = sa.Table(
@@ -267,6 +286,14 @@ timers = sa.Table(
     sa.Column("fired_at", UtcDateTime(), nullable=True),
     sa.UniqueConstraint("run_id", "step_name", "occurrence"),
     sa.Index("ix_timers_fired_at_fire_at", "fired_at", "fire_at"),
+    # pending_timers: a run's live timers, not the fired ones of every sleep before (0005).
+    sa.Index(
+        "ix_timers_live",
+        "run_id",
+        "fire_at",
+        postgresql_where=sa.text("fired_at IS NULL"),
+        sqlite_where=sa.text("fired_at IS NULL"),
+    ),
 )
 
 # -- scheduler ---------------------------------------------------------------------
