@@ -201,6 +201,10 @@ class _Writer:
             return await tx.next_signal(self._s.run.id, name, kind=kind)
 
 
+_Ended = tuple[JsonValue, BaseException | None, SagaOutcome | None]
+"""How the body ended (``_run``): its output, its error, what its compensations did."""
+
+
 async def execute_activation(
     deps: Deps, cmd: c.JobExecute, scope: Scope, s: _Started
 ) -> c.JobExecuteResult:
@@ -210,65 +214,14 @@ async def execute_activation(
     this kernel parked it, and park again (``kernel.workflows.sticky``)."""
     wf = cast("CodeWorkflowDefinition", s.wf)
     writer = _Writer(deps, scope, s, cmd.worker_id)
-    held = deps.sticky.take(s.run.id)  # from here on this activation puts it back or drops it
+    held = _take_parked(deps, s, wf)  # from here on, put back or dropped
     mismatch = version_mismatch(s.run, wf)
-    if mismatch is not None:
-        if held is not None:
-            deps.sticky.drop(held)
+    if mismatch is not None:  # (a parked body would have been of another definition)
         return await _commit_blocked(deps, scope, s, writer, mismatch)
-    if held is not None:
-        stale = reusable(held, s.run, s.stage, wf)
-        if stale is not None:
-            deps.sticky.misses += 1
-            deps.sticky.drop(held)
-            deps.logger.debug("workflow.sticky_miss", run_id=s.run.id, reason=stale)
-            held = None
     token = CancellationToken()
-    lost: PayloadMissingError | None = None
     try:
-        if held is not None:
-            ctx = held.ctx
-            async with deps.persistence.transaction() as tx:
-                try:
-                    fresh = await tx.get_journal(s.run.id, from_position=ctx.parked_at)
-                except PayloadMissingError as exc:  # as below: the run fails with it
-                    fresh, lost = [], exc
-            ctx.resume(writer, token, wf.step_overrides, fresh)
-            deps.sticky.hits += 1
-        else:
-            async with deps.persistence.transaction() as tx:
-                try:
-                    journal = await tx.get_journal(s.run.id)
-                except PayloadMissingError as exc:  # a recorded value's blob is gone: no replay
-                    journal, lost = [], exc
-            ctx = WorkflowContext(
-                run_id=s.run.id,
-                workflow_id=wf.id,
-                version=s.run.workflow_version,
-                journal=journal,
-                writer=writer,
-                now=deps.clock.now,
-                new_id=deps.ids.new_id,
-                overrides=wf.step_overrides,
-                cancelled=token,
-                compensating=s.run.status is RunStatus.CANCELLED,
-                sticky=deps.settings.sticky_execution and deps.settings.sticky_cache_size > 0,
-            )
-            if ctx.sticky and lost is None:
-                held = Parked(Body(_run(ctx, wf, s)), ctx, wf, s.stage.attempt)
-        output: JsonValue = None
-        error: BaseException | None = lost  # the run fails with it, as if its body raised it
-        outcome: SagaOutcome | None = None
-        ctx.driver = asyncio.current_task()
-        try:
-            if lost is None:
-                with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
-                    if held is None:
-                        output, error, outcome = await _run(ctx, wf, s)
-                    elif await held.body:
-                        output, error, outcome = held.body.result
-        finally:
-            ctx.driver = None
+        ctx, held, lost = await _open(deps, s, wf, writer, token, held)
+        output, error, outcome = await _drive(deps, s, wf, ctx, held, token, lost)
         interrupt = ctx.interrupt
         if interrupt is not None and interrupt.reason == "crash":
             assert interrupt.error is not None
@@ -289,9 +242,93 @@ async def execute_activation(
             deps.sticky.drop(held)
 
 
-async def _run(
-    ctx: WorkflowContext, wf: CodeWorkflowDefinition, s: _Started
-) -> tuple[JsonValue, BaseException | None, SagaOutcome | None]:
+def _take_parked(deps: Deps, s: _Started, wf: CodeWorkflowDefinition) -> Parked | None:
+    """The body this kernel parked for the run, if it still describes the run
+    (``sticky.reusable``); a stale one is dropped and counted as a miss."""
+    held = deps.sticky.take(s.run.id)
+    if held is None:
+        return None
+    stale = reusable(held, s.run, s.stage, wf)
+    if stale is None:
+        return held
+    deps.sticky.misses += 1
+    deps.sticky.drop(held)
+    deps.logger.debug("workflow.sticky_miss", run_id=s.run.id, reason=stale)
+    return None
+
+
+async def _open(
+    deps: Deps,
+    s: _Started,
+    wf: CodeWorkflowDefinition,
+    writer: _Writer,
+    token: CancellationToken,
+    held: Parked | None,
+) -> tuple[WorkflowContext, Parked | None, PayloadMissingError | None]:
+    """This activation's context and the parked body to drive, if any: ``held``'s own,
+    handed this activation's writer and token and what the journal holds from its parked
+    position on; or a new context over the whole journal (with a new body to drive when
+    sticky execution is on). Third: a recorded value whose blob is gone, if one is."""
+    lost: PayloadMissingError | None = None
+    if held is not None:
+        async with deps.persistence.transaction() as tx:
+            try:
+                fresh = await tx.get_journal(s.run.id, from_position=held.ctx.parked_at)
+            except PayloadMissingError as exc:  # as below: the run fails with it
+                fresh, lost = [], exc
+        held.ctx.resume(writer, token, wf.step_overrides, fresh)
+        deps.sticky.hits += 1
+        return held.ctx, held, lost
+    async with deps.persistence.transaction() as tx:
+        try:
+            journal = await tx.get_journal(s.run.id)
+        except PayloadMissingError as exc:  # a recorded value's blob is gone: no replay
+            journal, lost = [], exc
+    ctx = WorkflowContext(
+        run_id=s.run.id,
+        workflow_id=wf.id,
+        version=s.run.workflow_version,
+        journal=journal,
+        writer=writer,
+        now=deps.clock.now,
+        new_id=deps.ids.new_id,
+        overrides=wf.step_overrides,
+        cancelled=token,
+        compensating=s.run.status is RunStatus.CANCELLED,
+        sticky=deps.settings.sticky_execution and deps.settings.sticky_cache_size > 0,
+    )
+    if ctx.sticky and lost is None:
+        held = Parked(Body(_run(ctx, wf, s)), ctx, wf, s.stage.attempt)
+    return ctx, held, lost
+
+
+async def _drive(
+    deps: Deps,
+    s: _Started,
+    wf: CodeWorkflowDefinition,
+    ctx: WorkflowContext,
+    held: Parked | None,
+    token: CancellationToken,
+    lost: PayloadMissingError | None,
+) -> _Ended:
+    """Run the body (``_run``), or the parked one until it returns or parks again
+    (then ``ctx.interrupt`` holds its wait); a lost payload fails the run instead, as if
+    the body raised it."""
+    if lost is not None:
+        return None, lost, None
+    ctx.driver = asyncio.current_task()
+    try:
+        with deps.inflight.track(s.job.id, s.run.id, token, by_run=not ctx.compensating):
+            if held is None:
+                return await _run(ctx, wf, s)
+            if await held.body:
+                return cast("_Ended", held.body.result)  # what ``_run`` returned
+            return None, None, None
+    finally:
+        ctx.driver = None
+
+
+async def _run(ctx: WorkflowContext, wf: CodeWorkflowDefinition, s: _Started) -> _Ended:
     """The body over the journal; then, if it raised out (or the run was cancelled), its
     compensations. Returns the output, the error and the saga outcome (``None`` while
     compensations are unfinished or none ran)."""
