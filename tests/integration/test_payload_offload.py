@@ -531,6 +531,9 @@ async def test_a_missing_step_result_fails_its_code_workflow_run(database_url: s
             ((result,),) = await _raw(engine, query.where(t.journal.c.step_name == "big"))
             assert engine.backend is not None
             await engine.backend.blob_store.delete(result[PAYLOAD_REF])
+            # The body parked here holds the step's result already: the activation that
+            # needs the lost value is a replay (a restart, another worker).
+            engine.kernel.close()
             assert await engine.signal(handle.run_id, "more", {"text": "q"})
             with pytest.raises(RunFailedError, match="PayloadMissingError") as failed:
                 await handle.result(timeout=SETTLE)
@@ -539,6 +542,30 @@ async def test_a_missing_step_result_fails_its_code_workflow_run(database_url: s
         assert result[PAYLOAD_REF] in str(failed.value)
         run = await engine.get_run(handle.run_id)
         assert run.stages[0].attempt == 2  # the first activation and the failed one
+    finally:
+        await engine.close()
+
+
+async def test_a_parked_body_does_not_read_a_lost_step_result_again(database_url: str) -> None:
+    """Sticky execution: the body parked on this worker took the step's result when the
+    step ran, so the next wake-up here, which reads only the journal from the parked
+    position on, completes the run although the result's blob is gone since."""
+    engine = await Engine.open(
+        database_url, workflows=[offload_code], auto_migrate=True, payload_max_bytes=THRESHOLD
+    )
+    try:
+        async with engine.worker(concurrency=2):
+            handle = await engine.start("offload-code", {"text": "go"})
+            async for event in engine.events(handle.run_id, follow=True, poll_interval=0.05):
+                if event.type == "workflow:suspended":
+                    break
+            query = sa.select(t.journal.c.result).where(t.journal.c.run_id == handle.run_id)
+            ((result,),) = await _raw(engine, query.where(t.journal.c.step_name == "big"))
+            assert engine.backend is not None
+            await engine.backend.blob_store.delete(result[PAYLOAD_REF])
+            assert await engine.signal(handle.run_id, "more", {"text": "q"})
+            assert await handle.result(timeout=SETTLE) == BIG + 1
+        assert engine.kernel.deps.sticky.hits == 1
     finally:
         await engine.close()
 
