@@ -7,7 +7,8 @@ entries. Each wake-up is driven by hand, with nothing else running: ``run.signal
 it queued and its ``job.execute`` (the body resumes, takes the signal, and suspends on
 the next wait). The figure per wake-up is the wall time of those three calls, and the
 process CPU time they used; a window of wake-ups around the 100th and the 2,000th gives
-the median of each (the machine is shared, so single samples are noisy).
+the median of each (the machine is shared, so single samples are noisy). On SQL it
+also counts the statements each wake-up ran, which do not depend on the machine's load.
 
 Run it with sticky execution on (the default) and off (``--sticky off``: every
 activation replays the body from the top over the whole journal, the fallback):
@@ -30,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from _common import fresh_database, pg_version
+from _common import count_sql, fresh_database, pg_version
 
 from treadle import Engine, WorkflowContext, workflow
 from treadle.kernel import commands as c
@@ -54,6 +55,8 @@ class Sample:
     wall: float
     cpu: float
     signal: float
+    statements: int
+    """SQL statements the wake-up ran (besides BEGIN/COMMIT); 0 on memory."""
 
 
 async def _execute_due(engine: Engine) -> int:
@@ -88,12 +91,14 @@ async def measure(url: str, wakeups: int, sticky: bool) -> list[Sample]:
         logger=StdlibLogger(),
     )
     samples: list[Sample] = []
+    statements = count_sql(engine)[1] if engine.backend.kind != "memory" else [0]  # type: ignore[union-attr]
     try:
         kernel = engine.kernel
         handle = await engine.start("ticker", wakeups)
         await kernel.dispatch(c.RunClaimPending(worker_id=WORKER))
         await _execute_due(engine)  # the first activation: suspends on the first wait
         for i in range(1, wakeups + 1):
+            statements[0] = 0
             wall0, cpu0 = time.perf_counter(), time.process_time()
             await engine.signal(handle.run_id, "tick", i)
             signalled = time.perf_counter()
@@ -104,6 +109,7 @@ async def measure(url: str, wakeups: int, sticky: bool) -> list[Sample]:
                     wall=time.perf_counter() - wall0,
                     cpu=time.process_time() - cpu0,
                     signal=signalled - wall0,
+                    statements=statements[0],
                 )
             )
         run = await engine.get_run(handle.run_id, with_stages=False)
@@ -132,9 +138,11 @@ def report(name: str, samples: list[Sample], window: int, sticky: bool) -> None:
         cpu = statistics.median(s.cpu for s in picked) * 1000
         sig = statistics.median(s.signal for s in picked) * 1000
         rows.append((at, wall, cpu, sig))
+        sql = statistics.median(s.statements for s in picked)
         print(
             f"   wake-up {at:>5} (median of {len(picked)} up to it): {wall:7.2f} ms wall "
             f"({sig:6.2f} ms run.signal, rest the activation), {cpu:7.2f} ms CPU"
+            + (f", {sql:.0f} SQL statements" if sql else "")
         )
     print(
         f"   ratio {late}th / {early}th: {rows[1][1] / rows[0][1]:.2f}x wall, "
