@@ -292,6 +292,24 @@ def _stage_slots() -> sa.Select[Any]:
 
 
 _STAGE_SLOTS = _stage_slots()
+_STAGE_COLUMNS = tuple(c.name for c in t.stages.columns)
+_PG_NEW_STAGE_ROWS = pg_bulk.RecordSet(t.stages, {name: name for name in _STAGE_COLUMNS})
+_PG_INSERT_STAGES = pg_bulk.insert_select(
+    t.stages,
+    _PG_NEW_STAGE_ROWS,
+    {name: _PG_NEW_STAGE_ROWS.value(name) for name in _STAGE_COLUMNS},
+    order_by="ordinal",
+)
+_PG_NEW_RUN_ROWS = pg_bulk.RecordSet(
+    t.runs, {name: name for name in _RUN_COLUMNS}, extra={"i": "INTEGER"}
+)
+_PG_INSERT_RUNS = pg_bulk.insert_select(
+    t.runs,
+    _PG_NEW_RUN_ROWS,
+    {name: _PG_NEW_RUN_ROWS.value(name) for name in _RUN_COLUMNS},
+    order_by="i",  # the order of the call, as a loop of insert_run would write them
+    suffix="ON CONFLICT DO NOTHING",
+).execution_options(preserve_rowcount=True)
 _INSERT_OUTBOX = sa.insert(t.outbox)
 _NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
 _PG_NOTIFY_ENDED = sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :payload)")
@@ -318,6 +336,9 @@ class SqlTransaction:
         """Blob keys this transaction wrote to an external store (deleted on rollback)."""
         self._offloaded: dict[int, tuple[Any, Any]] = {}
         self._notified: set[str] = set()
+        self._fresh: dict[str, set[str]] = {}
+        """Runs this transaction inserted, each with the stage ids it gave them: their
+        stages need no lookup of existing ones (see ``insert_stages``)."""
         self.ended_runs: list[str] | None = None
         """Runs this transaction finished (``RUN_END_EVENTS``): told to the persistence's
         run-end watchers once it commits."""
@@ -491,14 +512,10 @@ class SqlTransaction:
 
     # -- runs -------------------------------------------------------------------
     async def insert_run(self, run: Run) -> None:
-        stmt = (
-            self.insert(t.runs)
-            .values(await self._run_row(run))
-            .on_conflict_do_nothing()
-            .execution_options(preserve_rowcount=True)  # INSERT rowcount is opt-in
-        )
-        result = await self.execute(stmt, "insert run")
+        stmt = self.prepared("insert_run", _insert_run_statement)
+        result = await self.execute(stmt, "insert run", await self._run_row(run))
         if result.rowcount == 1:
+            self._fresh[run.id] = set()
             await self.notify("run")  # on commit: a PENDING run is claimable work
             return
         exists = await self.execute(sa.select(t.runs.c.id).where(t.runs.c.id == run.id))
@@ -507,6 +524,74 @@ class SqlTransaction:
         raise DuplicateError(
             f"a {run.workflow_id!r} run with key {run.idempotency_key!r} already exists"
         )
+
+    async def insert_runs(self, runs: Sequence[Run]) -> None:
+        self._check()
+        if not runs:
+            return
+        rows = [await self._run_row(run) for run in runs]
+        # PostgreSQL: one statement of one JSON parameter (pg_bulk.py); SQLite: one
+        # executemany of the prepared insert. Both skip a conflicting row (so the
+        # transaction stays usable) and count what they wrote.
+        if self.is_postgres:
+            for i, row in enumerate(rows):
+                row["i"] = i
+            params: Any = _PG_NEW_RUN_ROWS.encode(rows)
+            stmt = _PG_INSERT_RUNS
+        else:
+            params = rows
+            stmt = self.prepared("insert_run", _insert_run_statement)
+        result = await self.execute(stmt, "insert runs", params)
+        if result.rowcount != len(runs):
+            raise DuplicateError(
+                f"run(s) {', '.join(await self._not_inserted(runs, rows))} already exist "
+                "(the same id, or the same workflow and idempotency key)"
+            )
+        for run in runs:
+            self._fresh[run.id] = set()
+        await self.notify("run")
+
+    async def _not_inserted(self, runs: Sequence[Run], rows: list[dict[str, Any]]) -> list[str]:
+        """After ``insert_runs`` wrote fewer rows than it had: the ids of those it did not
+        write (a row stored under the id that differs from the one sent; see
+        ``_not_written``)."""
+        query = sa.select(t.runs).where(t.runs.c.id.in_([run.id for run in runs]))
+        stored = {row.id: row._mapping for row in await self.execute(query, "insert runs")}
+        seen: set[str] = set()
+        items = []
+        for run, values in zip(runs, rows, strict=True):
+            # The second occurrence of an id in the call is never the one written.
+            found = None if run.id in seen else stored.get(run.id)
+            seen.add(run.id)
+            items.append((repr(run.id), found, values))
+        return _not_written(items)
+
+    async def find_runs_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Run]:
+        self._check()
+        wanted = set(keys)
+        if not wanted:
+            return {}
+
+        def build(tx: SqlTransaction) -> Any:
+            c = t.runs.c
+            # Both columns of the unique index: a superset of the pairs, filtered below.
+            return sa.select(t.runs).where(
+                tx.any_of(c.workflow_id, "workflow_ids"), tx.any_of(c.idempotency_key, "keys")
+            )
+
+        params = {
+            "workflow_ids": sorted({w for w, _ in wanted}),
+            "keys": sorted({k for _, k in wanted}),
+        }
+        rows = await self.execute(self.prepared("find_runs_by_keys", build), "find runs", params)
+        found: dict[tuple[str, str], Run] = {}
+        for row in rows:
+            key = (row.workflow_id, row.idempotency_key)
+            if key in wanted:
+                found[key] = await self._run_from(row)
+        return found
 
     async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
         query = _GET_RUN
@@ -684,18 +769,26 @@ class SqlTransaction:
         self._check()
         if not stages:
             return
-        # One read finds which runs exist, their next ordinal and which of the new stage
-        # ids they have already; then one executemany of a prebuilt INSERT.
-        params = {
-            "run_ids": list(dict.fromkeys(s.workflow_run_id for s in stages)),
-            "stage_ids": list(dict.fromkeys(s.stage_id for s in stages)),
-        }
         next_ordinal: dict[str, int] = {}
         existing: set[tuple[str, str]] = set()
-        for run_id, highest, stage_id in await self.execute(_STAGE_SLOTS, "insert stages", params):
-            next_ordinal[run_id] = int(highest) + 1
-            if stage_id is not None:
-                existing.add((run_id, stage_id))
+        fresh = self._fresh
+        if all(s.workflow_run_id in fresh for s in stages):
+            # Runs this transaction inserted (``run.create``): it knows their stages.
+            for run_id in dict.fromkeys(s.workflow_run_id for s in stages):
+                next_ordinal[run_id] = len(fresh[run_id])
+                existing.update((run_id, stage_id) for stage_id in fresh[run_id])
+        else:
+            # One read finds which runs exist, their next ordinal and which of the new
+            # stage ids they have already.
+            params = {
+                "run_ids": list(dict.fromkeys(s.workflow_run_id for s in stages)),
+                "stage_ids": list(dict.fromkeys(s.stage_id for s in stages)),
+            }
+            slots = await self.execute(_STAGE_SLOTS, "insert stages", params)
+            for run_id, highest, stage_id in slots:
+                next_ordinal[run_id] = int(highest) + 1
+                if stage_id is not None:
+                    existing.add((run_id, stage_id))
         rows: list[dict[str, Any]] = []
         for stage in stages:
             run_id = stage.workflow_run_id
@@ -709,7 +802,15 @@ class SqlTransaction:
             values["ordinal"] = next_ordinal[run_id]
             next_ordinal[run_id] += 1
             rows.append(values)
-        await self.execute(_INSERT_STAGE, "insert stages", rows)
+        # Then one statement: of one JSON parameter on PostgreSQL (a psycopg executemany
+        # is a statement per row), an executemany of a prebuilt INSERT on SQLite.
+        if self.is_postgres:
+            await self.execute(_PG_INSERT_STAGES, "insert stages", _PG_NEW_STAGE_ROWS.encode(rows))
+        else:
+            await self.execute(_INSERT_STAGE, "insert stages", rows)
+        for stage in stages:
+            if stage.workflow_run_id in fresh:
+                fresh[stage.workflow_run_id].add(stage.stage_id)
 
     async def get_stages(self, run_id: str) -> list[StageRun]:
         rows = await self.execute(_GET_STAGES, "get stages", {"run_id": run_id})
@@ -1365,6 +1466,12 @@ class SqlTransaction:
             .values(fired_at=fired_at)
         )
         return bool((await self.execute(stmt, "fire timer")).rowcount == 1)
+
+
+def _insert_run_statement(tx: SqlTransaction) -> Any:
+    # ON CONFLICT DO NOTHING: a duplicate does not poison a PostgreSQL transaction; the
+    # caller reads the rowcount (which an INSERT reports only when asked to).
+    return tx.insert(t.runs).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
 
 
 def _put_idempotency_statement(tx: SqlTransaction) -> Any:
