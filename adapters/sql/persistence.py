@@ -307,7 +307,7 @@ _PG_INSERT_RUNS = pg_bulk.insert_select(
     t.runs,
     _PG_NEW_RUN_ROWS,
     {name: _PG_NEW_RUN_ROWS.value(name) for name in _RUN_COLUMNS},
-    order_by="i",  # the order of the call, as a loop of insert_run would write them
+    order_by="i",  # see insert_runs
     suffix="ON CONFLICT DO NOTHING",
 ).execution_options(preserve_rowcount=True)
 _INSERT_OUTBOX = sa.insert(t.outbox)
@@ -534,7 +534,9 @@ class SqlTransaction:
         # executemany of the prepared insert. Both skip a conflicting row (so the
         # transaction stays usable) and count what they wrote.
         if self.is_postgres:
-            for i, row in enumerate(rows):
+            # In key order: two transactions inserting overlapping keys (or ids) take
+            # them in the same order, so one waits for the other instead of deadlocking.
+            for i, row in enumerate(sorted(rows, key=_new_run_order)):
                 row["i"] = i
             params: Any = _PG_NEW_RUN_ROWS.encode(rows)
             stmt = _PG_INSERT_RUNS
@@ -1480,6 +1482,11 @@ def _put_idempotency_statement(tx: SqlTransaction) -> Any:
         index_elements=["key", "command_type"],
         set_={k: ins.excluded[k] for k in ("state", "result", "started_at")},
     )
+
+
+def _new_run_order(row: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The order ``insert_runs`` writes runs in on PostgreSQL: by the unique keys."""
+    return (row["workflow_id"], row["idempotency_key"] or "", row["id"])
 
 
 def _by_run_key(row: Mapping[str, Any]) -> str:

@@ -5,6 +5,7 @@ and the wake-up of workers."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -375,3 +376,24 @@ async def test_large_inputs_are_offloaded(url: str) -> None:
         async with worker(opened):
             assert await handles[0].result(timeout=WAIT) == {"n": 5_000}
             assert await handles[1].result(timeout=WAIT) == {"n": 0}
+
+
+async def test_concurrent_calls_with_shared_keys_make_one_run_per_key(engine: Engine) -> None:
+    """Two calls racing with overlapping keys in opposite orders (on PostgreSQL both look
+    their keys up before either commits, and insert at the same time) end with one run
+    per key, both calls' handles naming it, and no deadlock."""
+
+    def items(keys: range) -> list[dict[str, Any]]:
+        return [{"workflow_id": "one", "input": {"n": k}, "idempotency_key": f"k{k}"} for k in keys]
+
+    for round_ in range(3):
+        base = round_ * 10_000
+        left, right = await asyncio.gather(
+            engine.start_many(items(range(base, base + 1_500)), batch_size=1_500),
+            engine.start_many(items(range(base + 1_999, base + 499, -1)), batch_size=1_500),
+        )
+        # Keys 500..1499 of the round are in both calls.
+        assert [h.run_id for h in left[500:]] == [h.run_id for h in right[1_499:499:-1]]
+    runs = await stored_runs(engine)
+    assert len(runs) == 3 * 2_000
+    assert len({r.idempotency_key for r in runs}) == 3 * 2_000
