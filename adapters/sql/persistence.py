@@ -307,8 +307,9 @@ _PG_INSERT_RUNS = pg_bulk.insert_select(
     t.runs,
     _PG_NEW_RUN_ROWS,
     {name: _PG_NEW_RUN_ROWS.value(name) for name in _RUN_COLUMNS},
-    order_by="i",  # see insert_runs
+    order_by="i",  # see _write_runs
     suffix="ON CONFLICT DO NOTHING",
+    once=f"pg_notify('{NOTIFY_CHANNEL}', 'run')",
 ).execution_options(preserve_rowcount=True)
 _INSERT_OUTBOX = sa.insert(t.outbox)
 _NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
@@ -512,11 +513,8 @@ class SqlTransaction:
 
     # -- runs -------------------------------------------------------------------
     async def insert_run(self, run: Run) -> None:
-        stmt = self.prepared("insert_run", _insert_run_statement)
-        result = await self.execute(stmt, "insert run", await self._run_row(run))
-        if result.rowcount == 1:
-            self._fresh[run.id] = set()
-            await self.notify("run")  # on commit: a PENDING run is claimable work
+        written, _ = await self._write_runs([run], "insert run")
+        if written == 1:
             return
         exists = await self.execute(sa.select(t.runs.c.id).where(t.runs.c.id == run.id))
         if exists.first() is not None:
@@ -529,29 +527,36 @@ class SqlTransaction:
         self._check()
         if not runs:
             return
-        rows = [await self._run_row(run) for run in runs]
-        # PostgreSQL: one statement of one JSON parameter (pg_bulk.py); SQLite: one
-        # executemany of the prepared insert. Both skip a conflicting row (so the
-        # transaction stays usable) and count what they wrote.
-        if self.is_postgres:
-            # In key order: two transactions inserting overlapping keys (or ids) take
-            # them in the same order, so one waits for the other instead of deadlocking.
-            for i, row in enumerate(sorted(rows, key=_new_run_order)):
-                row["i"] = i
-            params: Any = _PG_NEW_RUN_ROWS.encode(rows)
-            stmt = _PG_INSERT_RUNS
-        else:
-            params = rows
-            stmt = self.prepared("insert_run", _insert_run_statement)
-        result = await self.execute(stmt, "insert runs", params)
-        if result.rowcount != len(runs):
+        written, rows = await self._write_runs(runs, "insert runs")
+        if written != len(runs):
             raise DuplicateError(
                 f"run(s) {', '.join(await self._not_inserted(runs, rows))} already exist "
                 "(the same id, or the same workflow and idempotency key)"
             )
-        for run in runs:
-            self._fresh[run.id] = set()
-        await self.notify("run")
+
+    async def _write_runs(self, runs: Sequence[Run], what: str) -> tuple[int, list[dict[str, Any]]]:
+        """Insert ``runs``, skipping any that conflict (so a duplicate does not poison a
+        PostgreSQL transaction); returns how many it wrote, and the rows it sent.
+
+        PostgreSQL: one statement of one JSON parameter (pg_bulk.py) that also sends
+        ``NOTIFY treadle_jobs, 'run'`` (delivered on commit: a PENDING run is claimable
+        work), so a ``run.create`` pays no round trip of its own for the wake-up. The rows
+        go in key order: two transactions inserting overlapping keys (or ids) take them
+        in the same order, so one waits for the other instead of deadlocking. SQLite:
+        the prebuilt insert, executed many times for many rows; its workers poll."""
+        rows = [await self._run_row(run) for run in runs]
+        if self.is_postgres:
+            for i, row in enumerate(sorted(rows, key=_new_run_order)):
+                row["i"] = i
+            result = await self.execute(_PG_INSERT_RUNS, what, _PG_NEW_RUN_ROWS.encode(rows))
+            self._notified.add("run")
+        else:
+            stmt = self.prepared("insert_run", _insert_run_statement)
+            result = await self.execute(stmt, what, rows[0] if len(rows) == 1 else rows)
+        if result.rowcount == len(runs):
+            for run in runs:
+                self._fresh[run.id] = set()
+        return int(result.rowcount), rows
 
     async def _not_inserted(self, runs: Sequence[Run], rows: list[dict[str, Any]]) -> list[str]:
         """After ``insert_runs`` wrote fewer rows than it had: the ids of those it did not

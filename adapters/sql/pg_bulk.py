@@ -131,14 +131,19 @@ def insert_select(
     *,
     order_by: str,
     suffix: str = "",
+    once: str | None = None,
 ) -> sa.TextClause:
     """``INSERT INTO table (columns) SELECT ... FROM <records> ORDER BY v.order_by suffix``;
     ``columns`` maps each column to an SQL expression (``records.value(...)`` or a literal).
-    The ORDER BY fixes the order rows are inserted (and serial ids drawn) in."""
+    The ORDER BY fixes the order rows are inserted (and serial ids drawn) in. ``once``: an
+    expression the statement evaluates once, whatever the number of rows (a one-row
+    subquery joined to them), for a side effect such as ``pg_notify(...)``: it saves the
+    round trip of a statement of its own."""
     names = ", ".join(_quote(c) for c in columns)
     exprs = ", ".join(columns.values())
+    source = records.source if once is None else f"(SELECT {once}) AS once, {records.source}"
     return _text(
-        f"INSERT INTO {_quote(table.name)} ({names}) SELECT {exprs} FROM {records.source} "
+        f"INSERT INTO {_quote(table.name)} ({names}) SELECT {exprs} FROM {source} "
         f"ORDER BY v.{_quote(order_by)} {suffix}"
     )
 
