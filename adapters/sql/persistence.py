@@ -300,6 +300,25 @@ _PG_INSERT_STAGES = pg_bulk.insert_select(
     {name: _PG_NEW_STAGE_ROWS.value(name) for name in _STAGE_COLUMNS},
     order_by="ordinal",
 )
+_STAGE_KEYS = ("run_id", "stage_id", "ordinal", "execution_group")
+_BLANK_STAGE = _stage_values(StageRun(workflow_run_id="", stage_id="", execution_group=0))
+"""A stage as ``run.create`` makes it: what every column but its keys holds."""
+_PG_BLANK_STAGE_ROWS = pg_bulk.RecordSet(t.stages, {name: name for name in _STAGE_KEYS})
+_PG_INSERT_BLANK_STAGES = pg_bulk.insert_select(
+    t.stages,
+    _PG_BLANK_STAGE_ROWS,
+    {name: _PG_BLANK_STAGE_ROWS.value(name) for name in _STAGE_KEYS}
+    | {
+        name: pg_bulk.literal(t.stages.c[name], _BLANK_STAGE[name])
+        for name in _STAGE_COLUMNS
+        if name not in _STAGE_KEYS
+    },
+    order_by="ordinal",
+)
+_CACHED_CHECKS_FROM = 64
+"""Stages from which ``insert_stages`` lets the server reuse its foreign key checks' plan."""
+_PLAN_CACHE_AUTO = sa.text("SET LOCAL plan_cache_mode = auto")
+_PLAN_CACHE_DEFAULT = sa.text("SET LOCAL plan_cache_mode TO DEFAULT")
 _PG_NEW_RUN_ROWS = pg_bulk.RecordSet(
     t.runs, {name: name for name in _RUN_COLUMNS}, extra={"i": "INTEGER"}
 )
@@ -776,17 +795,32 @@ class SqlTransaction:
         self._check()
         if not stages:
             return
+        ordinals = await self._ordinals_of_new(stages)
+        if self.is_postgres:
+            await self._insert_stages_pg(stages, ordinals)
+        else:
+            rows = []
+            for stage, ordinal in zip(stages, ordinals, strict=True):
+                values = await self._stage_row(stage)
+                values["ordinal"] = ordinal
+                rows.append(values)
+            await self.execute(_INSERT_STAGE, "insert stages", rows)
+        for stage in stages:
+            if stage.workflow_run_id in self._fresh:
+                self._fresh[stage.workflow_run_id].add(stage.stage_id)
+
+    async def _ordinals_of_new(self, stages: Sequence[StageRun]) -> list[int]:
+        """Each new stage's ordinal (its run's next); ``DuplicateError`` for a missing run
+        or a stage id the run has. Stages of runs this transaction inserted need no
+        read (``run.create``: it knows their stages); others take one."""
         next_ordinal: dict[str, int] = {}
         existing: set[tuple[str, str]] = set()
         fresh = self._fresh
         if all(s.workflow_run_id in fresh for s in stages):
-            # Runs this transaction inserted (``run.create``): it knows their stages.
             for run_id in dict.fromkeys(s.workflow_run_id for s in stages):
                 next_ordinal[run_id] = len(fresh[run_id])
                 existing.update((run_id, stage_id) for stage_id in fresh[run_id])
         else:
-            # One read finds which runs exist, their next ordinal and which of the new
-            # stage ids they have already.
             params = {
                 "run_ids": list(dict.fromkeys(s.workflow_run_id for s in stages)),
                 "stage_ids": list(dict.fromkeys(s.stage_id for s in stages)),
@@ -796,7 +830,7 @@ class SqlTransaction:
                 next_ordinal[run_id] = int(highest) + 1
                 if stage_id is not None:
                     existing.add((run_id, stage_id))
-        rows: list[dict[str, Any]] = []
+        ordinals: list[int] = []
         for stage in stages:
             run_id = stage.workflow_run_id
             if run_id not in next_ordinal:
@@ -805,19 +839,45 @@ class SqlTransaction:
             if key in existing:
                 raise DuplicateError(f"stage {stage.stage_id!r} of run {run_id!r} already exists")
             existing.add(key)
-            values = await self._stage_row(stage)
-            values["ordinal"] = next_ordinal[run_id]
+            ordinals.append(next_ordinal[run_id])
             next_ordinal[run_id] += 1
-            rows.append(values)
-        # Then one statement: of one JSON parameter on PostgreSQL (a psycopg executemany
-        # is a statement per row), an executemany of a prebuilt INSERT on SQLite.
-        if self.is_postgres:
-            await self.execute(_PG_INSERT_STAGES, "insert stages", _PG_NEW_STAGE_ROWS.encode(rows))
+        return ordinals
+
+    async def _insert_stages_pg(self, stages: Sequence[StageRun], ordinals: list[int]) -> None:
+        """One statement of one JSON parameter (a psycopg executemany is a statement per
+        row). Stages as ``run.create`` makes them (PENDING, nothing else set) send only
+        their keys; the statement fills in the rest.
+
+        Each row's foreign key check runs a query the server plans once per session and
+        reuses, unless ``plan_cache_mode`` is ``force_custom_plan``, which ``SESSION_OPTIONS``
+        sets for the set-oriented writes: then it plans it again for every row (measured,
+        3,000 stages on a loaded machine: 459 ms of checks against 83 ms). For a large
+        insert (``run.createMany``) the transaction switches to ``auto`` around it."""
+        if all(_is_blank(stage) for stage in stages):
+            statement, records = _PG_INSERT_BLANK_STAGES, _PG_BLANK_STAGE_ROWS
+            rows = [
+                {
+                    "run_id": stage.workflow_run_id,
+                    "stage_id": stage.stage_id,
+                    "ordinal": ordinal,
+                    "execution_group": stage.execution_group,
+                }
+                for stage, ordinal in zip(stages, ordinals, strict=True)
+            ]
         else:
-            await self.execute(_INSERT_STAGE, "insert stages", rows)
-        for stage in stages:
-            if stage.workflow_run_id in fresh:
-                fresh[stage.workflow_run_id].add(stage.stage_id)
+            statement, records = _PG_INSERT_STAGES, _PG_NEW_STAGE_ROWS
+            rows = []
+            for stage, ordinal in zip(stages, ordinals, strict=True):
+                values = await self._stage_row(stage)
+                values["ordinal"] = ordinal
+                rows.append(values)
+        params = records.encode(rows)
+        if len(rows) < _CACHED_CHECKS_FROM:
+            await self.execute(statement, "insert stages", params)
+            return
+        await self.execute(_PLAN_CACHE_AUTO, "insert stages")
+        await self.execute(statement, "insert stages", params)
+        await self.execute(_PLAN_CACHE_DEFAULT, "insert stages")
 
     async def get_stages(self, run_id: str) -> list[StageRun]:
         rows = await self.execute(_GET_STAGES, "get stages", {"run_id": run_id})
@@ -1492,6 +1552,16 @@ def _put_idempotency_statement(tx: SqlTransaction) -> Any:
 def _new_run_order(row: Mapping[str, Any]) -> tuple[str, str, str]:
     """The order ``insert_runs`` writes runs in on PostgreSQL: by the unique keys."""
     return (row["workflow_id"], row["idempotency_key"] or "", row["id"])
+
+
+def _is_blank(stage: StageRun) -> bool:
+    """Whether every column of ``stage`` but its keys holds what ``_BLANK_STAGE`` does."""
+    values = stage.__dict__
+    return all(
+        _plain(values[name]) == blank
+        for name, blank in _BLANK_STAGE.items()
+        if name not in _STAGE_KEYS and name in values
+    )
 
 
 def _by_run_key(row: Mapping[str, Any]) -> str:

@@ -148,5 +148,27 @@ def insert_select(
     )
 
 
+def literal(column: sa.Column[Any], value: Any) -> str:
+    """The SQL text of a constant ``value`` for ``column``, as the per-row statements
+    store it: ``None`` in a JSON column is the JSON ``null`` (see the module docstring),
+    elsewhere SQL ``NULL``; integers, booleans and strings as literals of the column's
+    type."""
+    if isinstance(column.type, sa.JSON):
+        return f"CAST({_sql_string(json.dumps(value))} AS JSONB)"
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return f"CAST({_sql_string(value)} AS {column.type.compile(dialect=_DIALECT)})"
+    raise TypeError(f"no SQL literal for {value!r} in column {column.name!r}")
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _text(sql: str) -> sa.TextClause:
     return sa.text(sql).bindparams(sa.bindparam("rows", type_=sa.Text()))

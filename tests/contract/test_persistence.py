@@ -308,7 +308,11 @@ async def test_stages_of_runs_inserted_in_the_same_transaction(backend: Any) -> 
         with pytest.raises(DuplicateError, match="'b'"):
             await tx.insert_stages([make_stage("r1", "b", 2)])
     async with backend.persistence.transaction() as tx:
-        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b", "c"]
+        assert await tx.get_stages("r1") == [
+            make_stage("r1", "a"),
+            make_stage("r1", "b", 1),
+            make_stage("r1", "c", 1),
+        ]
         assert [s.stage_id for s in await tx.get_stages("r2")] == ["a"]
         assert [s.stage_id for s in await tx.get_stages("r3")] == ["a"]
         await tx.insert_stages([make_stage("r1", "d", 1)])

@@ -122,7 +122,7 @@ async def test_one_transaction_and_a_fixed_number_of_statements_per_batch(
     engine: Engine, url: str
 ) -> None:
     """``start_many`` commits each batch of ``batch_size`` items in one transaction; on SQL
-    a batch of 200 runs sends as many statements as a batch of 2."""
+    a batch of 200 runs sends (almost) as many statements as a batch of 2."""
     items = [{"workflow_id": "calc", "input": {"n": i}} for i in range(250)]
     persistence: Any = engine.kernel.deps.persistence
     commits_before = getattr(persistence, "commits", 0)
@@ -139,7 +139,13 @@ async def test_one_transaction_and_a_fixed_number_of_statements_per_batch(
         async with counted_statements(engine) as large:
             await engine.start_many([{"workflow_id": "one", "input": {"n": i}} for i in range(200)])
     assert opened[0] == 2
-    assert small[0] == large[0] <= 6  # runs, stages, sequences, outbox (+ NOTIFY)
+    # Runs (with the NOTIFY on PostgreSQL), stages, event sequences, outbox (and SQLite's
+    # BEGIN IMMEDIATE); from 64 stages on, two more on PostgreSQL around the stages
+    # (``plan_cache_mode``, see ``insert_stages``).
+    if url.startswith("sqlite"):
+        assert small[0] == large[0] == 5
+    else:
+        assert small[0] + 2 == large[0] == 6
 
 
 async def test_idempotency_keys_are_honoured_across_and_within_batches(engine: Engine) -> None:
