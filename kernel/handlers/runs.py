@@ -207,8 +207,11 @@ def validate_items(deps: Deps, items: Sequence[c.RunCreateItem]) -> list[_Checke
     fields prefixed by ``items[i].`` (``Engine.start_many`` checks a call of several
     batches with it before the first is sent)."""
     checked: list[_Checked] = []
+    workflows: dict[str, WorkflowDefinition | None] = {}  # one registry lookup per id
     for index, item in enumerate(items):
-        wf = deps.find_workflow(item.workflow_id)
+        if item.workflow_id not in workflows:
+            workflows[item.workflow_id] = deps.find_workflow(item.workflow_id)
+        wf = workflows[item.workflow_id]
         if wf is None:
             raise WorkflowNotFoundError(
                 f"items[{index}].workflow_id: workflow {item.workflow_id!r} is not registered "
