@@ -396,8 +396,9 @@ class Engine:
         whatever its size, and one wake-up of the workers. An item whose idempotency key
         names an existing run, or an earlier item, gets that run's handle and creates
         nothing. Every item is validated before the first batch is written: a bad one
-        raises a ``TreadleValidationError`` naming it (``items[3].input.name: ...``) and
-        nothing is written. A batch is atomic; a later batch failing (the database, a
+        raises the error ``start`` would (a ``TreadleValidationError``, or
+        ``WorkflowNotFoundError``), naming it (``items[3].input.name: ...``), and nothing
+        is written. A batch is atomic; a later batch failing (the database, a
         duplicate ``run_id``) leaves the earlier ones started, and retrying the call with
         idempotency keys starts only what is missing."""
         self._check_open()
