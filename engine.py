@@ -35,6 +35,7 @@ from treadle.kernel.errors import (
     RunFailedError,
     TreadleError,
 )
+from treadle.kernel.handlers.runs import validate_items
 from treadle.kernel.kernel import Kernel, KernelSettings
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
@@ -55,7 +56,13 @@ if TYPE_CHECKING:
     from treadle.kernel.events import EventBase
     from treadle.ports import Clock, EventSink, IdGenerator, KernelPlugin
 
-__all__ = ["Engine", "RunHandle"]
+__all__ = ["Engine", "RunHandle", "StartItem"]
+
+StartItem = c.RunCreateItem
+"""One run for ``Engine.start_many`` (a mapping with the same keys does as well)."""
+
+START_MANY_BATCH = 1_000
+"""Items per ``run.createMany`` that ``Engine.start_many`` sends."""
 
 _RESULT_FIRST_POLL = 0.005
 _RESULT_MAX_POLL = 1.0
@@ -374,6 +381,51 @@ class Engine:
             if loan is not None:
                 return loan
         return None
+
+    async def start_many(
+        self,
+        items: Iterable[Mapping[str, Any] | StartItem],
+        *,
+        batch_size: int = START_MANY_BATCH,
+    ) -> builtins.list[RunHandle]:
+        """Start many runs: one handle per item, in order. Each item is a mapping (or a
+        ``StartItem``) with ``workflow_id`` and ``input``, and optionally
+        ``idempotency_key``, ``priority``, ``config``, ``run_id``, ``search_attributes``,
+        as ``start`` takes them.
+
+        Items go ``batch_size`` at a time (at most 10,000) to the kernel's
+        ``run.createMany``: one transaction and a fixed number of statements per batch,
+        whatever its size, and one wake-up of the workers. An item whose idempotency key
+        names an existing run, or an earlier item, gets that run's handle and creates
+        nothing. Every item is validated before the first batch is written: a bad one
+        raises the error ``start`` would (a ``TreadleValidationError``, or
+        ``WorkflowNotFoundError``), naming it (``items[3].input.name: ...``), and nothing
+        is written. A batch is atomic; a later batch failing (the database, a
+        duplicate ``run_id``) leaves the earlier ones started, and retrying the call with
+        idempotency keys starts only what is missing."""
+        self._check_open()
+        size = _count(batch_size, "batch_size", minimum=1, maximum=c.MAX_CREATE_MANY)
+        parsed = arguments.start_items("Engine", items)
+        if len(parsed) > size:
+            # Before the first batch commits: input and config of them all (the kernel
+            # checks each batch again, as it checks every command).
+            validate_items(self.kernel.deps, parsed)
+        handles: builtins.list[RunHandle] = []
+        for offset in range(0, len(parsed), size):
+            batch = parsed[offset : offset + size]
+            try:
+                result = await self.kernel.dispatch(c.RunCreateMany(items=batch))
+            except TreadleError as exc:
+                if offset:
+                    exc.add_note(
+                        f"Engine.start_many: in the batch of items[{offset}] to "
+                        f"items[{offset + len(batch) - 1}] (its indices count from its first "
+                        f"item); items[0] to items[{offset - 1}] were started"
+                    )
+                raise
+            self._notify()
+            handles.extend(RunHandle(self, run.workflow_run_id) for run in result.runs)
+        return handles
 
     async def start_or_signal(
         self,

@@ -4,7 +4,7 @@ nothing is written."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -99,3 +99,36 @@ def start_command(
             None if execution_timeout is None else duration(execution_timeout, "execution_timeout")
         ),
     )
+
+
+def start_items(facade: str, items: Any) -> list[c.RunCreateItem]:
+    """The items of ``{facade}.start_many(items)`` as ``run.createMany`` items; an error
+    names ``items[i].field``. ``None`` for ``config``, ``search_attributes`` or
+    ``priority`` means the default, as it does for ``start``."""
+    if isinstance(items, Mapping | str | bytes) or not isinstance(items, Iterable):
+        raise invalid("items", f"must be a list of mappings, got {type(items).__name__}")
+    return [_start_item(facade, item, index) for index, item in enumerate(items)]
+
+
+def _start_item(facade: str, item: Any, index: int) -> c.RunCreateItem:
+    if isinstance(item, c.RunCreateItem):
+        return item
+    where = f"items[{index}]"
+    if not isinstance(item, Mapping):
+        raise invalid(where, f"must be a mapping or a StartItem, got {type(item).__name__}")
+    fields = {
+        key: value
+        for key, value in item.items()
+        if value is not None or key not in ("config", "search_attributes", "priority")
+    }
+    try:
+        return c.RunCreateItem.model_validate(fields)
+    except PydanticValidationError as exc:
+        errors = [
+            (".".join([where, *(str(part) for part in err.get("loc", ()))]), err["msg"])
+            for err in exc.errors()
+        ]
+        detail = "; ".join(f"{path}: {msg}" for path, msg in errors)
+        raise TreadleValidationError(
+            f"invalid argument to {facade}.start_many: {detail}", errors
+        ) from None

@@ -61,6 +61,38 @@ class RunCreateResult(ResultBase):
     execute it with ``job.execute`` (or release it). Never replayed from the cache."""
 
 
+# -- run.createMany ---------------------------------------------------------
+MAX_CREATE_MANY = 10_000
+"""The most items one ``run.createMany`` takes (one transaction; ``Engine.start_many``
+sends batches of 1,000)."""
+
+
+class RunCreateItem(BaseModel):
+    """One run of a ``run.createMany``: the fields of ``run.create`` that a bulk start
+    needs (no signal-with-start, no per-run execution timeout or parent)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    workflow_id: Text = Field(min_length=1)
+    input: JsonValue = None
+    config: dict[str, JsonValue] = Field(default_factory=dict)
+    priority: int = Field(default=5, ge=0, le=100)
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=255)
+    """The run's key, unique per workflow: an item whose key names an existing run (or
+    an earlier item of the batch) returns that run with ``created=False``."""
+    run_id: Text | None = Field(default=None, min_length=1, max_length=128)
+    search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class RunCreateMany(CommandBase):
+    type: Literal["run.createMany"] = "run.createMany"
+    items: list[RunCreateItem] = Field(max_length=MAX_CREATE_MANY)
+
+
+class RunCreateManyResult(ResultBase):
+    runs: list[RunCreateResult]
+    """One per item, in the items' order."""
+
+
 # -- run.claimPending -------------------------------------------------------
 class RunClaimPending(CommandBase):
     type: Literal["run.claimPending"] = "run.claimPending"
@@ -270,6 +302,7 @@ class ReviewDecideResult(ResultBase):
 
 Command = Annotated[
     RunCreate
+    | RunCreateMany
     | RunClaimPending
     | RunTransition
     | RunCancel
@@ -293,6 +326,7 @@ COMMAND_TYPES: dict[str, type[CommandBase]] = {
     cls.model_fields["type"].default: cls
     for cls in (
         RunCreate,
+        RunCreateMany,
         RunClaimPending,
         RunTransition,
         RunCancel,
@@ -312,6 +346,7 @@ COMMAND_TYPES: dict[str, type[CommandBase]] = {
 
 RESULT_TYPES: dict[str, type[ResultBase]] = {
     "run.create": RunCreateResult,
+    "run.createMany": RunCreateManyResult,
     "run.claimPending": RunClaimPendingResult,
     "run.transition": RunTransitionResult,
     "run.cancel": RunCancelResult,

@@ -206,6 +206,7 @@ def _handlers() -> dict[str, tuple[Handler, bool]]:
 
     return {
         "run.create": (runs.create, False),
+        "run.createMany": (runs.create_many, False),
         "run.claimPending": (runs.claim_pending, False),
         "run.transition": (runs.transition, False),
         "run.cancel": (runs.cancel, False),
@@ -236,6 +237,8 @@ class Kernel:
     # Typed overloads so callers get the precise result model back.
     @overload
     async def dispatch(self, command: c.RunCreate) -> c.RunCreateResult: ...
+    @overload
+    async def dispatch(self, command: c.RunCreateMany) -> c.RunCreateManyResult: ...
     @overload
     async def dispatch(self, command: c.RunClaimPending) -> c.RunClaimPendingResult: ...
     @overload

@@ -71,6 +71,17 @@ class Transaction(Protocol):
         ``ConcurrencyError`` naming every stale or missing run; ``ValueError`` if a run id
         occurs twice (its second update would always be stale)."""
 
+    async def insert_runs(self, runs: Sequence[Run]) -> None:
+        """``insert_run`` for each (``run.createMany``): one statement where the adapter
+        can. ``DuplicateError`` if an id or a (workflow, idempotency key) exists already
+        or occurs twice in ``runs``."""
+
+    async def find_runs_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Run]:
+        """``find_run_by_key`` for each ``(workflow_id, idempotency_key)``, in one query:
+        the runs found, by key (keys without a run are absent)."""
+
     # -- stages -----------------------------------------------------------
     async def insert_stages(self, stages: Sequence[StageRun]) -> None: ...
 

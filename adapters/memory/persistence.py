@@ -179,6 +179,33 @@ class InMemoryTransaction:
             )
         return [await self.update_run(run) for run in runs]
 
+    async def insert_runs(self, runs: Sequence[Run]) -> None:
+        self._check()
+        s = self._s
+        ids: set[str] = set()
+        keys: set[tuple[str, str]] = set()
+        for run in runs:
+            if run.id in s.runs or run.id in ids:
+                raise DuplicateError(f"run {run.id!r} already exists")
+            ids.add(run.id)
+            if run.idempotency_key is not None:
+                key = (run.workflow_id, run.idempotency_key)
+                if key in s.run_keys or key in keys:
+                    raise DuplicateError(
+                        f"run {run.id!r}: a {run.workflow_id!r} run with key "
+                        f"{run.idempotency_key!r} already exists"
+                    )
+                keys.add(key)
+        for run in runs:
+            await self.insert_run(run)
+
+    async def find_runs_by_keys(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Run]:
+        s = self._s
+        found = {key: s.run_keys[key] for key in keys if key in s.run_keys}
+        return {key: s.runs[run_id] for key, run_id in found.items()}
+
     async def list_runs(self, filter: RunFilter) -> list[Run]:
         runs = [r for r in self._s.runs.values() if _matches(r, filter)]
         runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)

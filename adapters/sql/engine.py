@@ -135,7 +135,9 @@ size to the table, and a generic plan chosen while the table was tiny keeps scan
 whole after it has grown (measured: 20-40 ms instead of 3-5 ms per 32-row update on
 50,000 stages, until autovacuum's next ANALYZE). Planning each execution for its own
 parameters costs the server tens of microseconds per statement; a group commit runs
-about ten statements for tens of stages."""
+about ten statements for tens of stages. It also makes the server plan again the query
+of every foreign key check (one per stage row inserted), which a large
+``insert_stages`` avoids by switching to ``auto`` around its statement."""
 
 IDLE_PING_AFTER = 1.0
 """Seconds a pooled PostgreSQL connection may sit idle before checkout pings it."""

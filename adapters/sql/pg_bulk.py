@@ -131,16 +131,43 @@ def insert_select(
     *,
     order_by: str,
     suffix: str = "",
+    once: str | None = None,
 ) -> sa.TextClause:
     """``INSERT INTO table (columns) SELECT ... FROM <records> ORDER BY v.order_by suffix``;
     ``columns`` maps each column to an SQL expression (``records.value(...)`` or a literal).
-    The ORDER BY fixes the order rows are inserted (and serial ids drawn) in."""
+    The ORDER BY fixes the order rows are inserted (and serial ids drawn) in. ``once``: an
+    expression the statement evaluates once, whatever the number of rows (a one-row
+    subquery joined to them), for a side effect such as ``pg_notify(...)``: it saves the
+    round trip of a statement of its own."""
     names = ", ".join(_quote(c) for c in columns)
     exprs = ", ".join(columns.values())
+    source = records.source if once is None else f"(SELECT {once}) AS once, {records.source}"
     return _text(
-        f"INSERT INTO {_quote(table.name)} ({names}) SELECT {exprs} FROM {records.source} "
+        f"INSERT INTO {_quote(table.name)} ({names}) SELECT {exprs} FROM {source} "
         f"ORDER BY v.{_quote(order_by)} {suffix}"
     )
+
+
+def literal(column: sa.Column[Any], value: Any) -> str:
+    """The SQL text of a constant ``value`` for ``column``, as the per-row statements
+    store it: ``None`` in a JSON column is the JSON ``null`` (see the module docstring),
+    elsewhere SQL ``NULL``; integers, booleans and strings as literals of the column's
+    type."""
+    if isinstance(column.type, sa.JSON):
+        return f"CAST({_sql_string(json.dumps(value))} AS JSONB)"
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return f"CAST({_sql_string(value)} AS {column.type.compile(dialect=_DIALECT)})"
+    raise TypeError(f"no SQL literal for {value!r} in column {column.name!r}")
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _text(sql: str) -> sa.TextClause:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from treadle.kernel import commands as c
 from treadle.kernel.context import artifact_prefix
 from treadle.kernel.errors import (
+    DuplicateError,
     InvalidStateError,
     NotSupportedError,
     StageNotFoundError,
+    TreadleValidationError,
+    WorkflowNotFoundError,
     describe_exception,
 )
 from treadle.kernel.events import EventBase, WorkflowCancelled, WorkflowCreated, WorkflowStarted
@@ -22,7 +26,15 @@ from treadle.kernel.handlers.common import (
 )
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
-from treadle.kernel.model import MissingPayload, Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.model import (
+    JsonValue,
+    MissingPayload,
+    Run,
+    RunStatus,
+    StageRun,
+    StageStatus,
+    evolve,
+)
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
 from treadle.kernel.workflows.deadline import request as request_execution_timeout
 from treadle.kernel.workflows.saga import compensate_on_cancel
@@ -35,8 +47,61 @@ if TYPE_CHECKING:
     from treadle.ports import Transaction
 
 
-def _check_attributes(attributes: dict[str, Any]) -> None:
-    validate_attributes(attributes, field="search_attributes")
+def validate_run(
+    wf: WorkflowDefinition,
+    input: JsonValue,
+    config: Mapping[str, JsonValue],
+    search_attributes: Mapping[str, JsonValue],
+) -> tuple[JsonValue, dict[str, JsonValue]]:
+    """What ``run.create`` and ``run.createMany`` check of a new run of ``wf`` before they
+    write anything: input and config against the workflow's models (their JSON forms
+    are returned, defaults filled in) and the search attributes."""
+    input_json = wf.validate_input(input)
+    config_json = wf.validate_config(config)
+    validate_attributes(search_attributes, field="search_attributes")
+    return input_json, config_json
+
+
+def _new_run(
+    deps: Deps,
+    wf: WorkflowDefinition,
+    spec: c.RunCreate | c.RunCreateItem,
+    input_json: JsonValue,
+    config_json: dict[str, JsonValue],
+    now: datetime,
+) -> Run:
+    return Run(
+        id=spec.run_id or deps.ids.new_id(),
+        workflow_id=wf.id,
+        workflow_version=wf.version,
+        input=input_json,
+        config=config_json,
+        priority=spec.priority,
+        idempotency_key=spec.idempotency_key,
+        parent_run_id=spec.parent_run_id if isinstance(spec, c.RunCreate) else None,
+        search_attributes=dict(spec.search_attributes),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _new_stages(wf: WorkflowDefinition, run: Run) -> list[StageRun]:
+    """A new run's stages, PENDING, in group then definition order."""
+    return [
+        StageRun(workflow_run_id=run.id, stage_id=stage.id, execution_group=index)
+        for index, group in enumerate(wf.groups)
+        for stage in group
+    ]
+
+
+def _created(run: Run, causation_id: str | None, now: datetime) -> WorkflowCreated:
+    return WorkflowCreated(
+        workflow_run_id=run.id,
+        timestamp=now,
+        causation_id=causation_id,
+        workflow_id=run.workflow_id,
+        priority=run.priority,
+    )
 
 
 async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResult:
@@ -47,9 +112,7 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         raise NotSupportedError(
             f"execution_timeout is not supported for stage pipeline {wf.id!r} (code workflows only)"
         )
-    input_json = wf.validate_input(cmd.input)
-    config_json = wf.validate_config(cmd.config)
-    _check_attributes(cmd.search_attributes)
+    input_json, config_json = validate_run(wf, cmd.input, cmd.config, cmd.search_attributes)
     signal_payload = None
     if cmd.signal is not None:
         if wf.kind != "code":
@@ -82,36 +145,12 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             if cmd.signal is None:
                 await scope.complete(tx, result)
             return result
-        run = Run(
-            id=cmd.run_id or deps.ids.new_id(),
-            workflow_id=wf.id,
-            workflow_version=wf.version,
-            input=input_json,
-            config=config_json,
-            priority=cmd.priority,
-            idempotency_key=cmd.idempotency_key,
-            parent_run_id=cmd.parent_run_id,
-            search_attributes=dict(cmd.search_attributes),
-            created_at=now,
-            updated_at=now,
-        )
+        run = _new_run(deps, wf, cmd, input_json, config_json, now)
         await tx.insert_run(run)
         if cmd.execution_timeout is not None:
             await request_execution_timeout(tx, run, cmd.execution_timeout, now)
-        await tx.insert_stages(
-            [
-                StageRun(workflow_run_id=run.id, stage_id=stage.id, execution_group=index)
-                for index, group in enumerate(wf.groups)
-                for stage in group
-            ]
-        )
-        created = WorkflowCreated(
-            workflow_run_id=run.id,
-            timestamp=now,
-            causation_id=scope.causation_id,
-            workflow_id=wf.id,
-            priority=run.priority,
-        )
+        await tx.insert_stages(_new_stages(wf, run))
+        created = _created(run, scope.causation_id, now)
         claim_for = cmd.claim_for if cmd.signal is None else None
         if claim_for is not None and not deps.chains.allows(claim_for):
             claim_for = None  # that worker is stopping: the run waits for a claim
@@ -136,6 +175,128 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             workflow_run_id=run.id, status=status, chained_job=started[0].job
         )
     return result
+
+
+async def create_many(deps: Deps, cmd: c.RunCreateMany, scope: Scope) -> c.RunCreateManyResult:
+    """``run.create`` for a batch, in one transaction of set-oriented statements.
+
+    Every item is validated first; a bad one rejects the batch, naming its index, and
+    nothing is written. Then one lookup of the items' idempotency keys, one insert of
+    the new runs, one of their stages, one append of their ``workflow:created`` events.
+    An item whose key names an existing run, or an earlier item of the batch, gets that
+    run with ``created=False``, as ``run.create`` would one item at a time."""
+    if not cmd.items:
+        return c.RunCreateManyResult(runs=[])
+    checked = validate_items(deps, cmd.items)
+    now = deps.clock.now()
+    try:
+        return await _create_batch(deps, cmd, scope, checked, now)
+    except DuplicateError:
+        if not any(item.idempotency_key for item in cmd.items):
+            raise
+        # Another transaction inserted a run with one of these keys after the lookup (on
+        # PostgreSQL; SQLite and memory admit one writer): once more, it is found now.
+        return await _create_batch(deps, cmd, scope, checked, now)
+
+
+_Checked = tuple["WorkflowDefinition", JsonValue, dict[str, JsonValue]]
+
+
+def validate_items(deps: Deps, items: Sequence[c.RunCreateItem]) -> list[_Checked]:
+    """``validate_run`` for each item; the first bad one raises its error again with its
+    fields prefixed by ``items[i].`` (``Engine.start_many`` checks a call of several
+    batches with it before the first is sent)."""
+    checked: list[_Checked] = []
+    workflows: dict[str, WorkflowDefinition | None] = {}  # one registry lookup per id
+    for index, item in enumerate(items):
+        if item.workflow_id not in workflows:
+            workflows[item.workflow_id] = deps.find_workflow(item.workflow_id)
+        wf = workflows[item.workflow_id]
+        if wf is None:
+            raise WorkflowNotFoundError(
+                f"items[{index}].workflow_id: workflow {item.workflow_id!r} is not registered "
+                "(nothing was written)"
+            )
+        try:
+            input_json, config_json = validate_run(
+                wf, item.input, item.config, item.search_attributes
+            )
+        except TreadleValidationError as exc:
+            raise _item_error(index, exc) from None
+        checked.append((wf, input_json, config_json))
+    return checked
+
+
+def _item_error(index: int, exc: TreadleValidationError) -> TreadleValidationError:
+    """``exc`` (same class) for item ``index`` of a batch: ``items[3].input.name: ...``."""
+    prefix = f"items[{index}]"
+    errors = [(f"{prefix}.{path}", problem) for path, problem in exc.errors]
+    detail = "; ".join(f"{path}: {problem}" for path, problem in errors) or prefix
+    return type(exc)(f"{detail} ({exc.message}); nothing was written", errors)
+
+
+async def _create_batch(
+    deps: Deps,
+    cmd: c.RunCreateMany,
+    scope: Scope,
+    checked: list[_Checked],
+    now: datetime,
+) -> c.RunCreateManyResult:
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.RunCreateManyResult", cached)
+        keys = [
+            (wf.id, item.idempotency_key)
+            for item, (wf, _, _) in zip(cmd.items, checked, strict=True)
+            if item.idempotency_key is not None
+        ]
+        known = await tx.find_runs_by_keys(keys) if keys else {}
+        results, new = _plan(deps, cmd.items, checked, known, now)
+        if new:
+            await tx.insert_runs([run for run, _ in new])
+            await tx.insert_stages([stage for run, wf in new for stage in _new_stages(wf, run)])
+            await tx.append_events([_created(run, scope.causation_id, now) for run, _ in new])
+        result = c.RunCreateManyResult(runs=results)
+        await scope.complete(tx, result)
+    return result
+
+
+def _plan(
+    deps: Deps,
+    items: Sequence[c.RunCreateItem],
+    checked: list[_Checked],
+    known: dict[tuple[str, str], Run],
+    now: datetime,
+) -> tuple[list[c.RunCreateResult], list[tuple[Run, WorkflowDefinition]]]:
+    """Item by item, as ``run.create`` would go: a key that names a run (stored, or made
+    by an earlier item) gets that run; any other item makes a new one. Returns the
+    results in item order and the new runs with their workflows."""
+    known = dict(known)
+    results: list[c.RunCreateResult] = []
+    new: list[tuple[Run, WorkflowDefinition]] = []
+    taken: dict[str, int] = {}
+    for index, (item, (wf, input_json, config_json)) in enumerate(zip(items, checked, strict=True)):
+        key = (wf.id, item.idempotency_key or "")
+        found = known.get(key) if item.idempotency_key is not None else None
+        if found is not None:
+            results.append(
+                c.RunCreateResult(workflow_run_id=found.id, status=found.status, created=False)
+            )
+            continue
+        run = _new_run(deps, wf, item, input_json, config_json, now)
+        if run.id in taken:
+            raise TreadleValidationError(
+                f"items[{index}].run_id: {run.id!r} is the run id of items[{taken[run.id]}] "
+                "too (nothing was written)",
+                [(f"items[{index}].run_id", "repeats the run id of an earlier item")],
+            )
+        taken[run.id] = index
+        if item.idempotency_key is not None:
+            known[key] = run
+        new.append((run, wf))
+        results.append(c.RunCreateResult(workflow_run_id=run.id, status=run.status))
+    return results, new
 
 
 async def _deliver(

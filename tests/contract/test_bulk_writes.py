@@ -249,3 +249,64 @@ async def test_put_idempotency_many_of_many_records_keeps_every_value(backend: A
     async with backend.persistence.transaction() as tx:
         got = [await tx.get_idempotency(r.key, r.command_type) for r in records]
     assert got == [r.model_copy(update={"started_at": as_utc(r.started_at)}) for r in records]
+
+
+def edge_run(i: int) -> Run:
+    """A new run with every column set from the edge values (and NULLs), varied by ``i``."""
+    n = len(EDGE_JSON)
+    return Run(
+        id=f"r{i:04}-ü",
+        workflow_id=f"wf-{i % 3}",
+        workflow_version=f"v{i % 2}",
+        input=EDGE_JSON[i % n],
+        config={"c": EDGE_JSON[(i + 1) % n]},
+        priority=i % 10,
+        idempotency_key=None if i % 3 == 0 else f"key-{i}-é",
+        parent_run_id=None if i % 4 else "parent",
+        search_attributes={"a": EDGE_JSON[(i + 2) % n], "i": i},
+        created_at=MOMENTS[i % len(MOMENTS)],
+        updated_at=MOMENTS[(i + 1) % len(MOMENTS)],
+    )
+
+
+async def test_insert_runs_of_many_rows_keeps_every_value(backend: Any) -> None:
+    runs = [edge_run(i) for i in range(MANY)]
+    async with backend.persistence.transaction() as tx:
+        await tx.insert_runs(runs)
+    times = ("created_at", "started_at", "completed_at", "updated_at")
+    expected = [evolve(r, {k: as_utc(getattr(r, k)) for k in times}) for r in runs]
+    keyed = [r for r in expected if r.idempotency_key is not None]
+    async with backend.persistence.transaction() as tx:
+        got = await tx.get_runs([run.id for run in runs])
+        by_key = await tx.find_runs_by_keys([(r.workflow_id, r.idempotency_key) for r in keyed])
+    assert [got[run.id] for run in runs] == expected
+    assert by_key == {(r.workflow_id, r.idempotency_key): r for r in keyed}
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["runs-of-this-transaction", "stored-runs"])
+async def test_insert_stages_of_many_rows_keeps_every_value(backend: Any, fresh: bool) -> None:
+    """Inserted stages keep every value and their order, whether their runs were inserted
+    by the same transaction (no lookup of existing stages) or before."""
+    runs = [Run(id=f"r{i:03}", workflow_id="wf", created_at=T0, updated_at=T0) for i in range(50)]
+    stages = [
+        StageRun(
+            workflow_run_id=runs[i % 50].id,
+            stage_id=f"s{i:04}",
+            execution_group=i // 50,
+            check_failures=i % 3,
+            version=i % 5,
+            **edge_stage(runs[i % 50].id, i),
+        )
+        for i in range(MANY)
+    ]
+    async with backend.persistence.transaction() as tx:
+        await tx.insert_runs(runs)
+        if fresh:
+            await tx.insert_stages(stages)
+    if not fresh:
+        async with backend.persistence.transaction() as tx:
+            await tx.insert_stages(stages)
+    async with backend.persistence.transaction() as tx:
+        got = await tx.get_stages_of([run.id for run in runs])
+    for run in runs:
+        assert got[run.id] == [stored_stage(s) for s in stages if s.workflow_run_id == run.id]

@@ -231,6 +231,95 @@ async def test_a_caught_duplicate_leaves_the_transaction_usable(backend: Any) ->
         assert await tx.get_run("r2") is not None
 
 
+async def test_insert_runs_stores_each_and_finds_them_by_key(backend: Any) -> None:
+    """``insert_runs`` writes every run as ``insert_run`` would; ``find_runs_by_keys``
+    returns the runs of the (workflow, key) pairs it finds, in one call."""
+    runs = [
+        make_run(
+            f"r{i}",
+            workflow_id="wf" if i % 2 else "other",
+            idempotency_key=None if i == 3 else f"k{i // 2}",
+            input={"i": i, "nested": {"é": [i, None]}},
+            config={"s": {"n": i}},
+            priority=i,
+            search_attributes={"tier": i},
+            created_at=at(i + 0.000001),
+        )
+        for i in range(6)
+    ]
+    async with backend.persistence.transaction() as tx:
+        await tx.insert_runs(runs)
+        # Seen inside the transaction already, as later statements of run.createMany need.
+        inside = await tx.find_runs_by_keys([("wf", "k0")])
+    assert inside == {("wf", "k0"): runs[1]}
+    async with backend.persistence.transaction() as tx:
+        got = [await tx.get_run(run.id) for run in runs]
+        found = await tx.find_runs_by_keys(
+            [("other", "k0"), ("wf", "k2"), ("wf", "k1"), ("other", "k1"), ("nope", "k0")]
+        )
+        assert await tx.find_runs_by_keys([]) == {}
+        assert [r.id for r in await tx.claim_pending_runs(10)] == [
+            f"r{i}" for i in range(5, -1, -1)
+        ]
+    assert got == runs
+    # ("wf", "k1") belongs to r3, which has no key: not found.
+    assert found == {("other", "k0"): runs[0], ("wf", "k2"): runs[5], ("other", "k1"): runs[2]}
+
+
+@pytest.mark.parametrize(
+    "clash",
+    [
+        pytest.param(make_run("r1", idempotency_key="fresh"), id="stored-id"),
+        pytest.param(make_run("r9", idempotency_key="k"), id="stored-key"),
+        pytest.param(make_run("r2", idempotency_key="other"), id="repeated-id"),
+        pytest.param(make_run("r8", idempotency_key="k2"), id="repeated-key"),
+    ],
+)
+async def test_insert_runs_with_a_duplicate_raises_naming_it_and_rolls_back(
+    backend: Any, clash: Run
+) -> None:
+    """An id or a (workflow, key) that is stored already or repeats within the call raises
+    ``DuplicateError`` naming the run; the transaction then writes nothing of the call."""
+    await seed(backend, make_run("r1", idempotency_key="k"))
+    batch = [make_run("r2", idempotency_key="k2", priority=7), make_run("r3"), clash]
+    with pytest.raises(DuplicateError, match=repr(clash.id)):
+        async with backend.persistence.transaction() as tx:
+            await tx.insert_runs(batch)
+    async with backend.persistence.transaction() as tx:
+        assert await tx.get_run("r2") is None
+        assert await tx.get_run("r3") is None
+        assert await tx.find_runs_by_keys([("wf", "k2"), ("wf", "fresh")]) == {}
+        stored = await tx.get_run("r1")
+        assert [r.id for r in await tx.claim_pending_runs(10)] == ["r1"]
+    assert stored is not None
+    assert stored.idempotency_key == "k"
+
+
+async def test_stages_of_runs_inserted_in_the_same_transaction(backend: Any) -> None:
+    """Stages added to runs the same transaction inserted (as ``run.create`` does) keep
+    their order across calls, and a repeated stage id is still a duplicate."""
+    async with backend.persistence.transaction() as tx:
+        await tx.insert_runs([make_run("r1"), make_run("r2")])
+        await tx.insert_run(make_run("r3"))
+        await tx.insert_stages(
+            [make_stage("r1", "b", 1), make_stage("r2", "a"), make_stage("r1", "a")]
+        )
+        await tx.insert_stages([make_stage("r1", "c", 1), make_stage("r3", "a")])
+        with pytest.raises(DuplicateError, match="'b'"):
+            await tx.insert_stages([make_stage("r1", "b", 2)])
+    async with backend.persistence.transaction() as tx:
+        assert await tx.get_stages("r1") == [
+            make_stage("r1", "a"),
+            make_stage("r1", "b", 1),
+            make_stage("r1", "c", 1),
+        ]
+        assert [s.stage_id for s in await tx.get_stages("r2")] == ["a"]
+        assert [s.stage_id for s in await tx.get_stages("r3")] == ["a"]
+        await tx.insert_stages([make_stage("r1", "d", 1)])
+    async with backend.persistence.transaction() as tx:
+        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b", "c", "d"]
+
+
 async def test_update_run_bumps_the_version(backend: Any) -> None:
     """``update_run`` stores the change and returns the run with ``version + 1``."""
     await seed(backend, make_run("r1"))
@@ -1179,9 +1268,11 @@ async def test_a_failed_transaction_leaves_nothing_behind(backend: Any) -> None:
         await tx.update_run(evolve(run, {"status": RunStatus.RUNNING}))
         await tx.update_stage(evolve(stage, {"status": StageStatus.RUNNING}))
         await tx.insert_run(make_run("r2", idempotency_key="new"))
+        await tx.insert_runs([make_run("r3", idempotency_key="many"), make_run("r4")])
         await tx.insert_stages([make_stage("r2", "a"), make_stage("r2", "b", 1)])
+        await tx.insert_stages([make_stage("r3", "a"), make_stage("r4", "a")])
         await backend.job_transport.enqueue(tx, [make_job("j2", "r2")])
-        await tx.append_events([created("r1"), created("r2")])
+        await tx.append_events([created("r1"), created("r2"), created("r3")])
         await tx.put_idempotency(
             IdempotencyRecord(
                 key="new", command_type="run.create", state="IN_PROGRESS", started_at=T0
@@ -1206,6 +1297,10 @@ async def test_a_failed_transaction_leaves_nothing_behind(backend: Any) -> None:
         assert await tx.get_run("r2") is None
         assert await tx.find_run_by_key("wf", "new") is None
         assert await tx.get_stages("r2") == []
+        assert await tx.get_runs(["r3", "r4"]) == {}
+        assert await tx.find_runs_by_keys([("wf", "many")]) == {}
+        assert await tx.get_stages_of(["r3", "r4"]) == {"r3": [], "r4": []}
+        assert await tx.events_for_run("r3") == []
         assert await backend.job_transport.get(tx, "j2") is None
         assert await backend.job_transport.live_jobs(tx, "r2") == []
         assert await tx.events_for_run("r2") == []
@@ -1227,6 +1322,7 @@ async def test_a_failed_transaction_leaves_nothing_behind(backend: Any) -> None:
     async with p.transaction() as tx:
         # The rolled-back ids and keys are free again.
         await tx.insert_run(make_run("r2", idempotency_key="new"))
+        await tx.insert_runs([make_run("r3", idempotency_key="many"), make_run("r4")])
         await tx.insert_stages([make_stage("r2", "a")])
         await backend.job_transport.enqueue(tx, [make_job("j2", "r2")])
         assert [e.sequence for e in await tx.append_events([created("r2")])] == [1]
