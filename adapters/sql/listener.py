@@ -103,6 +103,9 @@ class PgJobListener:
         self.log = logger or structlog_logger("treadle.listener")
         self._subscribers: list[Callable[[str], None]] = []
         self._task: asyncio.Task[None] | None = None
+        # Tasks cancelled by the last unsubscribe, their connections still closing:
+        # ``aclose`` waits for them, so no session outlives the engine's close.
+        self._stopping: set[asyncio.Task[None]] = set()
         self._listening = asyncio.Event()
         self._closed = False
         self.connections = 0
@@ -127,8 +130,10 @@ class PgJobListener:
             with contextlib.suppress(ValueError):
                 self._subscribers.remove(callback)
             if not self._subscribers and self._task is not None:
-                self._task.cancel()  # its ``finally`` closes the connection
-                self._task = None
+                task, self._task = self._task, None
+                task.cancel()  # its ``finally`` closes the connection
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
 
         return unsubscribe
 
@@ -138,7 +143,9 @@ class PgJobListener:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            await asyncio.wait([task])
+            self._stopping.add(task)
+        if self._stopping:
+            await asyncio.wait(list(self._stopping))
 
     # -- observability ------------------------------------------------------------------
     @property

@@ -214,3 +214,34 @@ async def test_one_notify_per_transaction_and_none_for_a_job_taken_by_its_enqueu
     finally:
         await listening.close()
         await persistence.close()
+
+
+async def test_no_session_outlives_engine_close(postgres_url: str) -> None:
+    """After ``Engine.close()`` returns, the listener's connection is closed too, even
+    when its last subscriber (the worker, a result waiter) left before the engine closed:
+    a caller that then blocks the loop (a sync check, a benchmark's reading) must not
+    find a session still on the database."""
+    engine = await Engine.open(postgres_url, workflows=[WF], auto_migrate=True)
+    async with engine.worker(concurrency=1):
+        listener = engine.backend.wake_source if engine.backend else None
+        assert isinstance(listener, PgJobListener)
+        await listener.wait_listening()
+        pid = listener.backend_pid
+        ENTERED[7] = asyncio.Event()
+        handle = await engine.start("listen-wf", {"n": 7})
+        assert await handle.result(timeout=10) == {"n": 7}  # a run-end watcher too
+    await engine.close()
+    # No await between the close and the check: the loop gets no chance to finish it.
+    with psycopg.connect(_libpq(postgres_url), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+        count = row.fetchone()
+    assert count is not None
+    deadline = time.monotonic() + 5
+    while count[0] and time.monotonic() < deadline:  # the server reaps a closed backend
+        time.sleep(0.01)  # noqa: ASYNC251 - deliberately blocking: the loop must not help
+        with psycopg.connect(_libpq(postgres_url), autocommit=True) as conn:
+            count = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            assert count is not None
+    assert count[0] == 0
