@@ -179,28 +179,41 @@ class RunHandle:
             # Registered before the read, so an end committed in between still wakes us.
             woken = waiters.waiter(self.run_id)
             try:
-                run = await self.engine.get_run(self.run_id, with_stages=False)
-                if run.status is RunStatus.COMPLETED:
-                    if type(run.output) is MissingPayload:  # offloaded, and its blob is gone
-                        raise run.output.error()
-                    return run.output
-                if run.status is RunStatus.FAILED:
-                    raise RunFailedError(run.id, run.error)
+                # A run started here for a worker here brings its outcome when it ends
+                # (no read); until then there is nothing to read for.
+                run = waiters.outcome(self.run_id)
+                if (run is None and not waiters.expecting(self.run_id)) or (
+                    run is not None and run.status is RunStatus.CANCELLED
+                ):
+                    run = await self.engine.get_run(self.run_id, with_stages=False)
                 compensating = False
-                if run.status is RunStatus.CANCELLED:
-                    # A cancelled code workflow with a saga is CANCELLED at once, but its
-                    # compensations still run: answer once they have, with their outcome.
-                    run = await self.engine.get_run(self.run_id)
-                    compensating = any(not stage.status.terminal for stage in run.stages)
-                    if not compensating:
-                        raise RunCancelledError(run.id, run.error)
+                if run is not None:
+                    if run.status is RunStatus.COMPLETED:
+                        if type(run.output) is MissingPayload:  # offloaded, its blob gone
+                            raise run.output.error()
+                        return run.output
+                    if run.status is RunStatus.FAILED:
+                        raise RunFailedError(run.id, run.error)
+                    if run.status is RunStatus.CANCELLED:
+                        # A cancelled code workflow with a saga is CANCELLED at once, but
+                        # its compensations still run: answer once they have, with their
+                        # outcome.
+                        run = await self.engine.get_run(self.run_id)
+                        compensating = any(not stage.status.terminal for stage in run.stages)
+                        if not compensating:
+                            raise RunCancelledError(run.id, run.error)
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
+                        if run is None:  # read once more: the state for the message
+                            waiters.forget_expected(self.run_id)
+                            continue
                         state = "CANCELLED and compensating" if compensating else run.status.value
                         raise TimeoutError(f"run {run.id!r} is still {state} after {limit:g}s")
                     delay = min(delay, remaining)
                 await asyncio.wait([woken], timeout=delay)
+                if not woken.done():  # the fallback poll reads, whoever ends the run
+                    waiters.forget_expected(self.run_id)
             finally:
                 waiters.forget(self.run_id, woken)
             delay = min(delay * 2, _RESULT_MAX_POLL)
@@ -369,6 +382,8 @@ class Engine:
                 command.model_copy(update={"claim_for": loan.worker_id})
             )
             job = result.chained_job
+            if job is not None:  # before its first stage can run: no end is missed
+                self.run_waiters.expect(result.workflow_run_id)
         finally:
             loan.settle(job)
         if job is None:

@@ -11,12 +11,16 @@ the ``PgJobListener``. Polling stays the fallback everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+from treadle.kernel.model import Run
 
 RUN_END_PREFIX = "end:"
 """The NOTIFY payload prefix of finished runs (``end:<id>,<id>``)."""
 
-RunEndCallback = Callable[[Sequence[str]], None]
+RunEndCallback = Callable[[Sequence[str], Mapping[str, Run]], None]
+"""``callback(run_ids, outcomes)``: ``outcomes`` holds, by id, the finished runs as the
+commit wrote them (without stages), for the runs whose final write the transaction saw."""
 
 
 class RunEndWatchers:
@@ -28,8 +32,8 @@ class RunEndWatchers:
         self._callbacks: list[RunEndCallback] = []
 
     def watch(self, callback: RunEndCallback) -> Callable[[], None]:
-        """Call ``callback(run_ids)`` after each commit that ended runs; returns the
-        function that stops it (idempotent)."""
+        """Call ``callback(run_ids, outcomes)`` after each commit that ended runs;
+        returns the function that stops it (idempotent)."""
         self._callbacks.append(callback)
 
         def stop() -> None:
@@ -38,12 +42,13 @@ class RunEndWatchers:
 
         return stop
 
-    def tell(self, run_ids: Sequence[str]) -> None:
+    def tell(self, run_ids: Sequence[str], outcomes: Mapping[str, Run] | None = None) -> None:
         """Called by the adapter after a commit; a failing callback does not stop the
         others (and never fails the commit that already happened)."""
+        known: Mapping[str, Run] = outcomes or {}
         for callback in tuple(self._callbacks):
             try:
-                callback(run_ids)
+                callback(run_ids, known)
             except Exception:  # a waiter's bug must not surface in the committer
                 continue
 

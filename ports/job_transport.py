@@ -8,7 +8,7 @@ always passed in by the kernel (the Clock port is the only time source).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -34,9 +34,18 @@ class JobTransport(Protocol):
     async def get_many(self, tx: Transaction, job_ids: Sequence[str]) -> dict[str, Job]:
         """The jobs found, by id (missing ids are absent): ``get`` in one round trip."""
 
-    async def complete_many(self, tx: Transaction, job_ids: Sequence[str]) -> None:
+    async def complete_many(
+        self,
+        tx: Transaction,
+        job_ids: Sequence[str],
+        *,
+        leases: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
         """``complete`` for each; ``JobNotFoundError`` naming the missing ids if any is
-        missing, and then none is completed."""
+        missing, and then none is completed. With ``leases`` (job id -> worker id and
+        attempts), each job must still be LEASED to that worker at that attempt:
+        otherwise ``ConcurrencyError`` naming the others, and none is completed (a
+        commit that did not read its jobs back checks them so)."""
 
     async def suspend(self, tx: Transaction, job_id: str, next_poll_at: datetime) -> None:
         """Park a job for a suspended stage; it is not dequeued while SUSPENDED."""

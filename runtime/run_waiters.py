@@ -3,19 +3,27 @@
 A waiter registers a future for its run id; the persistence adapter tells
 ``RunWaiters.ended`` after each commit that finished runs in this process
 (``watch_run_ends``), and on PostgreSQL the listener delivers ``end:<ids>``
-notifications from other processes. Whatever wakes a waiter, it re-reads the run: a
-wake-up is a hint, never the answer. Polling with a capped backoff stays as the
-fallback (a SQLite run finished by another process, a lost notification).
+notifications from other processes. A wake-up from another process is a hint: the
+waiter re-reads the run. A run that ended in this process comes with its outcome, the
+run as the ending commit wrote it, which ``outcome`` hands to the waiter instead of a
+read. Polling with a capped backoff stays as the fallback (a SQLite run finished by
+another process, a lost notification).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from treadle.adapters.run_ends import ended_run_ids
+from treadle.kernel.model import Run
 from treadle.ports.wake_source import WakeSource
+
+EXPECTED_LIMIT = 10_000
+"""The most runs started here whose end ``RunWaiters`` keeps an eye on (the oldest are
+forgotten: their ``result`` then reads the run, as for any other)."""
 
 
 class RunWaiters:
@@ -26,6 +34,35 @@ class RunWaiters:
         self._wake_source = wake_source
         self._futures: dict[str, set[asyncio.Future[None]]] = {}
         self._stops: list[Callable[[], None]] | None = None
+        self._expected: OrderedDict[str, Run | None] = OrderedDict()
+        """Runs started here for a worker of this process (``expect``): ``None`` until
+        they end here, then their outcome, until ``outcome`` takes it."""
+
+    def expect(self, run_id: str) -> None:
+        """Keep the outcome of ``run_id`` when it ends in this process, for ``outcome``:
+        its ``result`` then needs no read at all."""
+        if self._stops is None:
+            self._attach()
+        self._expected[run_id] = None
+        if len(self._expected) > EXPECTED_LIMIT:
+            self._expected.popitem(last=False)
+
+    def expecting(self, run_id: str) -> bool:
+        """Whether ``run_id`` was started here and has not ended here yet."""
+        return run_id in self._expected and self._expected[run_id] is None
+
+    def forget_expected(self, run_id: str) -> None:
+        """Stop expecting ``run_id`` to end here (its waiter reads the run from now on:
+        the worker may have stopped, and another process finish the run)."""
+        if self._expected.get(run_id, 0) is None:
+            del self._expected[run_id]
+
+    def outcome(self, run_id: str) -> Run | None:
+        """The run as the commit that ended it here wrote it (no stages), once; or
+        ``None``."""
+        if self._expected.get(run_id) is None:
+            return None
+        return self._expected.pop(run_id)
 
     def waiter(self, run_id: str) -> asyncio.Future[None]:
         """A future resolved when ``run_id`` may have ended; ``forget`` it after use."""
@@ -42,8 +79,14 @@ class RunWaiters:
             if not waiting:
                 del self._futures[run_id]
 
-    def ended(self, run_ids: Sequence[str]) -> None:
-        """Wake the waiters of ``run_ids`` (called after the commit that ended them)."""
+    def ended(self, run_ids: Sequence[str], outcomes: Mapping[str, Run] | None = None) -> None:
+        """Wake the waiters of ``run_ids`` (called after the commit that ended them), and
+        keep the ``outcomes`` of the runs started here."""
+        if outcomes:
+            expected = self._expected
+            for run_id, run in outcomes.items():
+                if run_id in expected:
+                    expected[run_id] = run
         for run_id in run_ids:
             for future in self._futures.pop(run_id, ()):
                 if not future.done():
@@ -54,6 +97,7 @@ class RunWaiters:
         for stop in self._stops or ():
             stop()
         self._stops = []
+        self._expected.clear()
         self.ended(list(self._futures))
 
     def _attach(self) -> None:

@@ -22,7 +22,7 @@ import asyncio
 import contextvars
 import json
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -169,8 +169,14 @@ class _JobTransport:
     async def get_many(self, tx: Transaction, job_ids: Sequence[str]) -> dict[str, Job]:
         return await self._inner.get_many(tx, job_ids)
 
-    async def complete_many(self, tx: Transaction, job_ids: Sequence[str]) -> None:
-        await self._inner.complete_many(tx, job_ids)
+    async def complete_many(
+        self,
+        tx: Transaction,
+        job_ids: Sequence[str],
+        *,
+        leases: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
+        await self._inner.complete_many(tx, job_ids, leases=leases)
 
     async def suspend(self, tx: Transaction, job_id: str, next_poll_at: datetime) -> None:
         await self._inner.suspend(tx, job_id, next_poll_at)

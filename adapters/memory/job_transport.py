@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +20,7 @@ from treadle.adapters.memory.persistence import (
     InMemoryPersistence,
     InMemoryTransaction,
 )
-from treadle.kernel.errors import DuplicateError, JobNotFoundError, TreadleError
+from treadle.kernel.errors import ConcurrencyError, DuplicateError, JobNotFoundError, TreadleError
 from treadle.kernel.model import Job, JobStatus, evolve
 
 # Bound once: an enum member read through its class costs several global reads.
@@ -124,11 +124,28 @@ class InMemoryJobTransport:
         jobs = self.jobs
         return {job_id: jobs[job_id] for job_id in job_ids if job_id in jobs}
 
-    async def complete_many(self, tx: Any, job_ids: Sequence[str]) -> None:
-        # All checked first: a missing id completes none of them.
+    async def complete_many(
+        self,
+        tx: Any,
+        job_ids: Sequence[str],
+        *,
+        leases: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
+        # All checked first: a missing id (or a lease moved on) completes none of them.
         missing = [job_id for job_id in dict.fromkeys(job_ids) if job_id not in self.jobs]
         if missing:
             raise JobNotFoundError(f"no job with id(s) {', '.join(map(repr, missing))}")
+        if leases is not None:
+            moved = [
+                job_id
+                for job_id in dict.fromkeys(job_ids)
+                if (job := self.jobs[job_id]).status is not JobStatus.LEASED
+                or (job.worker_id, job.attempts) != leases.get(job_id)
+            ]
+            if moved:
+                raise ConcurrencyError(
+                    f"job(s) {', '.join(map(repr, moved))} are no longer leased as expected"
+                )
         for job_id in job_ids:
             await self.complete(tx, job_id)
 

@@ -19,7 +19,7 @@ from itertools import islice
 from operator import attrgetter
 from typing import Any
 
-from treadle.adapters.run_ends import RunEndWatchers
+from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
 from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord
 from treadle.kernel.model import (
@@ -76,6 +76,8 @@ class InMemoryTransaction:
         self.active = True
         self.ended_runs: list[str] | None = None
         """Runs this transaction finished: told to ``run_ends`` once it commits."""
+        self.final_runs: dict[str, Run] | None = None
+        """The terminal runs this transaction wrote, told along with ``ended_runs``."""
 
     # -- undo bookkeeping ------------------------------------------------------
     def on_rollback(self, fn: Callable[[], None]) -> None:
@@ -156,6 +158,10 @@ class InMemoryTransaction:
         runs = self._s.runs
         self._undo.append((runs, run.id, stored))  # set_item, inlined: once per stage
         runs[run.id] = new
+        if new.status.terminal:
+            if self.final_runs is None:
+                self.final_runs = {}
+            self.final_runs[run.id] = new
         return new
 
     # -- set-oriented forms: every item is checked before any is written, so a failing
@@ -744,7 +750,7 @@ class _TransactionScope:
             self._tx = None
             store.lock.release()
         if exc_type is None and tx.ended_runs is not None:
-            store.run_ends.tell(tx.ended_runs)
+            store.run_ends.tell(tx.ended_runs, tx.final_runs)
 
 
 _execution_group = attrgetter("execution_group")
@@ -887,8 +893,8 @@ class InMemoryPersistence:
     def transaction(self) -> _TransactionScope:
         return _TransactionScope(self)
 
-    def watch_run_ends(self, callback: Callable[[Sequence[str]], None]) -> Callable[[], None]:
-        """Call ``callback(run_ids)`` after each commit that finished runs (see
+    def watch_run_ends(self, callback: RunEndCallback) -> Callable[[], None]:
+        """Call ``callback(run_ids, outcomes)`` after each commit that finished runs (see
         ``adapters.run_ends``); returns the function that stops it."""
         return self.run_ends.watch(callback)
 

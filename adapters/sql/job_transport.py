@@ -18,7 +18,7 @@ the run's next stage) sends none: nobody else could take it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -30,7 +30,12 @@ from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
-from treadle.kernel.errors import DuplicateError, JobNotFoundError, TreadleError
+from treadle.kernel.errors import (
+    ConcurrencyError,
+    DuplicateError,
+    JobNotFoundError,
+    TreadleError,
+)
 from treadle.kernel.model import Job, JobStatus
 from treadle.ports.persistence import Transaction
 
@@ -67,6 +72,16 @@ def _complete_jobs() -> Any:
 
 
 _COMPLETE_JOBS = _complete_jobs()
+_COMPLETE_LEASED = (
+    sa.update(t.jobs)
+    .where(
+        t.jobs.c.id == sa.bindparam("w_id"),
+        t.jobs.c.status == JobStatus.LEASED.value,
+        t.jobs.c.worker_id == sa.bindparam("w_worker_id"),
+        t.jobs.c.attempts == sa.bindparam("w_attempts"),
+    )
+    .values(status=JobStatus.COMPLETED.value, worker_id=None)
+)
 
 _JOB_FIELDS = (
     "id",
@@ -243,11 +258,20 @@ class SqlJobTransport:
         rows = await sql.execute(query, "get jobs", params)
         return {row.id: _job_from_row(row) for row in rows}
 
-    async def complete_many(self, tx: Transaction, job_ids: Sequence[str]) -> None:
+    async def complete_many(
+        self,
+        tx: Transaction,
+        job_ids: Sequence[str],
+        *,
+        leases: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
         sql = _tx(tx)
         sql._check()
         ids = list(dict.fromkeys(job_ids))
         if not ids:
+            return
+        if leases is not None:
+            await self._complete_leased(sql, ids, leases)
             return
         params = {"job_ids": ids, "n": len(ids)}
         # Left as expanding IN lists on PostgreSQL too: one ``id = ANY(:ids)`` statement for
@@ -260,6 +284,30 @@ class SqlJobTransport:
         present = {row.id for row in found}
         missing = [job_id for job_id in ids if job_id not in present]
         raise JobNotFoundError(f"no job with id(s) {', '.join(map(repr, missing))}")
+
+    async def _complete_leased(
+        self, sql: SqlTransaction, ids: list[str], leases: Mapping[str, tuple[str, int]]
+    ) -> None:
+        """``complete_many`` with ``leases``: one guarded update per job (a commit that
+        did not read its jobs completes one or two), all or none."""
+        rows = []
+        for job_id in ids:
+            lease = leases.get(job_id)
+            if lease is None:
+                raise ConcurrencyError(f"job {job_id!r} has no expected lease")
+            rows.append({"w_id": job_id, "w_worker_id": lease[0], "w_attempts": lease[1]})
+        result = await sql.execute(_COMPLETE_LEASED, "complete jobs", rows)
+        if result.rowcount == len(rows):
+            return
+        found = {
+            row.id: row for row in await sql.execute(_GET_JOBS, "complete jobs", {"job_ids": ids})
+        }
+        missing = [job_id for job_id in ids if job_id not in found]
+        if missing:
+            raise JobNotFoundError(f"no job with id(s) {', '.join(map(repr, missing))}")
+        raise ConcurrencyError(
+            f"job(s) {', '.join(map(repr, ids))} are no longer all leased as expected"
+        )
 
     async def suspend(self, tx: Transaction, job_id: str, next_poll_at: datetime) -> None:
         await self._set(

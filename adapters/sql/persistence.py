@@ -33,7 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from treadle.adapters.run_ends import RUN_END_PREFIX, RunEndWatchers
+from treadle.adapters.run_ends import RUN_END_PREFIX, RunEndCallback, RunEndWatchers
 from treadle.adapters.sql import pg_bulk
 from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import (
@@ -252,6 +252,45 @@ _PG_INSERT_OUTBOX = pg_bulk.insert_select(
     | {"published": "false", "dead_lettered": "false", "attempts": "0"},
     order_by="i",  # outbox ids in the order of the events
 )
+
+
+def _pg_append_events(notify: bool) -> sa.TextClause:
+    """``append_events`` on PostgreSQL in ONE statement: reserve each run's sequence
+    numbers (the counters locked in run-id order, as ``_PG_ALLOCATE_SEQUENCES`` does),
+    number the events of each run in their order, write each number into its event's
+    JSON (``jsonb_set``) and insert the rows; with ``notify``, the run-end NOTIFY too.
+    RETURNING gives each inserted row's run and sequence, from which the caller derives
+    every event's number (consecutive per run, in the events' order). Not for events
+    offloaded to the blob store: their JSON is a reference, so the caller allocates
+    first and writes the numbers into the events itself (two statements)."""
+    rows = _PG_OUTBOX_ROWS
+    once = "(SELECT pg_notify(:channel, :payload)) AS once, " if notify else ""
+    sql = (
+        f"WITH v AS (SELECT * FROM {rows.source}), "
+        "n AS (SELECT v.run_id, count(*) AS n FROM v GROUP BY v.run_id), "
+        "s AS (INSERT INTO run_event_seq (run_id, last_sequence) "
+        "SELECT n.run_id, n.n FROM n ORDER BY n.run_id "
+        "ON CONFLICT (run_id) DO UPDATE SET last_sequence = "
+        "run_event_seq.last_sequence + excluded.last_sequence "
+        "RETURNING run_id, last_sequence), "
+        "q AS (SELECT v.i, v.run_id, v.event_type, v.event, v.created_at, "
+        "s.last_sequence - n.n + row_number() OVER (PARTITION BY v.run_id ORDER BY v.i) "
+        "AS sequence FROM v JOIN n ON n.run_id = v.run_id JOIN s ON s.run_id = v.run_id) "
+        "INSERT INTO outbox (run_id, sequence, event_type, event, created_at, published, "
+        "dead_lettered, attempts) "
+        "SELECT q.run_id, q.sequence, q.event_type, "
+        "jsonb_set(q.event -> 0, '{sequence}', to_jsonb(q.sequence)), q.created_at, "
+        f"false, false, 0 FROM {once}q ORDER BY q.i RETURNING run_id, sequence"
+    )
+    statement = sa.text(sql).bindparams(sa.bindparam("rows", type_=sa.Text()))
+    if notify:
+        statement = statement.bindparams(sa.bindparam("channel", value=NOTIFY_CHANNEL))
+    return statement
+
+
+_PG_APPEND_EVENTS = _pg_append_events(notify=False)
+_PG_APPEND_EVENTS_ENDED = _pg_append_events(notify=True)
+
 _IDEMPOTENCY_FIELDS = ("key", "command_type", "state", "result", "started_at")
 _PG_IDEMPOTENCY_ROWS = pg_bulk.RecordSet(
     t.idempotency_keys, {name: name for name in _IDEMPOTENCY_FIELDS}
@@ -362,6 +401,9 @@ class SqlTransaction:
         self.ended_runs: list[str] | None = None
         """Runs this transaction finished (``RUN_END_EVENTS``): told to the persistence's
         run-end watchers once it commits."""
+        self.final_runs: dict[str, Run] | None = None
+        """The terminal runs this transaction wrote, as written: told along with
+        ``ended_runs``, so a waiter in this process needs no read for the outcome."""
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -640,6 +682,8 @@ class SqlTransaction:
         values["w_id"], values["w_version"] = run.id, run.version
         result = await self.execute(_UPDATE_RUN, "update run", values)
         if result.rowcount == 1:
+            if new.status.terminal:
+                self._note_final(new)
             return new
         stored = (
             await self.execute(sa.select(t.runs.c.version).where(t.runs.c.id == run.id))
@@ -706,7 +750,15 @@ class SqlTransaction:
             raise ConcurrencyError(
                 f"run(s) {', '.join(map(repr, stale))} were updated concurrently or do not exist"
             )
+        for run in new:
+            if run.status.terminal:
+                self._note_final(run)
         return new
+
+    def _note_final(self, run: Run) -> None:
+        if self.final_runs is None:
+            self.final_runs = {}
+        self.final_runs[run.id] = run
 
     def _run_conditions(self, f: RunFilter) -> list[Any]:
         c = t.runs.c
@@ -1015,6 +1067,10 @@ class SqlTransaction:
         counts: dict[str, int] = {}
         for event in events:
             counts[event.workflow_run_id] = counts.get(event.workflow_run_id, 0) + 1
+        if self.is_postgres:
+            appended = await self._append_numbering_on_server(events, counts)
+            if appended is not None:
+                return appended
         next_seq = await self._allocate_sequences(counts)
         stored: list[EventBase] = []
         rows: list[dict[str, Any]] = []
@@ -1054,6 +1110,50 @@ class SqlTransaction:
                 self.ended_runs = []
             self.ended_runs.extend(ended)
         return stored
+
+    async def _append_numbering_on_server(
+        self, events: Sequence[EventBase], counts: Mapping[str, int]
+    ) -> list[EventBase] | None:
+        """``append_events`` in one statement (``_pg_append_events``), or ``None`` when
+        an event's JSON went to the blob store (the caller's two statements do it)."""
+        rows: list[dict[str, Any]] = []
+        for i, event in enumerate(events):
+            stored = await self._put_payload(event.workflow_run_id, event.model_dump(mode="json"))
+            if is_ref(stored):
+                return None
+            rows.append(
+                {
+                    "i": i,
+                    "run_id": event.workflow_run_id,
+                    "sequence": 0,  # numbered by the statement
+                    "event_type": str(getattr(event, "type", type(event).__name__)),
+                    "event": stored,
+                    "created_at": event.timestamp,
+                }
+            )
+        ended = [row["run_id"] for row in rows if row["event_type"] in RUN_END_EVENTS]
+        params: dict[str, Any] = _PG_OUTBOX_ROWS.encode(rows)
+        statement = _PG_APPEND_EVENTS
+        if ended:
+            # Waiters in other processes (``RunHandle.result``) hear of it on commit.
+            params["payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
+            statement = _PG_APPEND_EVENTS_ENDED
+        first: dict[str, int] = {}
+        for run_id, sequence in await self.execute(statement, "append events", params):
+            if run_id not in first or sequence < first[run_id]:
+                first[run_id] = int(sequence)
+        if first.keys() != counts.keys():
+            raise StorageError("appending events returned other runs than asked")
+        stored_events: list[EventBase] = []
+        for event in events:
+            seq = first[event.workflow_run_id]
+            first[event.workflow_run_id] = seq + 1
+            stored_events.append(evolve(event, {"sequence": seq}))
+        if ended:
+            if self.ended_runs is None:
+                self.ended_runs = []
+            self.ended_runs.extend(ended)
+        return stored_events
 
     async def unpublished_events(self, limit: int) -> list[OutboxRecord]:
         query = (
@@ -1748,11 +1848,11 @@ class SqlPersistence:
                 await self.payloads.discard(tx.created_blobs)  # rolled back: nothing refers
             raise
         if tx.ended_runs is not None:
-            self.run_ends.tell(tx.ended_runs)
+            self.run_ends.tell(tx.ended_runs, tx.final_runs)
 
-    def watch_run_ends(self, callback: Callable[[Sequence[str]], None]) -> Callable[[], None]:
-        """Call ``callback(run_ids)`` after each commit that finished runs in this process
-        (see ``RunEndWatchers``); returns the function that stops it."""
+    def watch_run_ends(self, callback: RunEndCallback) -> Callable[[], None]:
+        """Call ``callback(run_ids, outcomes)`` after each commit that finished runs in
+        this process (see ``RunEndWatchers``); returns the function that stops it."""
         return self.run_ends.watch(callback)
 
     @asynccontextmanager

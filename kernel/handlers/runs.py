@@ -149,7 +149,8 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         await tx.insert_run(run)
         if cmd.execution_timeout is not None:
             await request_execution_timeout(tx, run, cmd.execution_timeout, now)
-        await tx.insert_stages(_new_stages(wf, run))
+        stages = _new_stages(wf, run)
+        await tx.insert_stages(stages)
         created = _created(run, scope.causation_id, now)
         claim_for = cmd.claim_for if cmd.signal is None else None
         if claim_for is not None and not deps.chains.allows(claim_for):
@@ -158,8 +159,9 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         if claim_for is not None:
             # In-process start: claim the run for the caller's worker in this same
             # commit and start its first stage there (no claim transaction, no wake-up).
+            fresh = stages if cmd.execution_timeout is None else None  # else a timer to read
             _, started = await _claim_runs(
-                deps, tx, claim_for, scope, [run], 1, now, prior_events=[created]
+                deps, tx, claim_for, scope, [run], 1, now, prior_events=[created], fresh=fresh
             )
         else:
             await tx.append_events([created])
@@ -403,12 +405,15 @@ async def _claim_runs(
     now: datetime,
     *,
     prior_events: list[EventBase] | None = None,
+    fresh: list[StageRun] | None = None,
 ) -> tuple[list[c.ClaimedRun], list[Any]]:
     """Start each of ``runs`` inside ``tx``: RUNNING, group 0 enqueued (the first job of
     up to ``budget`` runs leased to the claimer, ``worker_id``, and started). Returns the
     claimed runs and the started stages to hand off once ``tx`` commits.
     ``prior_events``: appended with the first run's own (``run.create`` claiming the
-    run it just created commits one ``append_events``)."""
+    run it just created commits one ``append_events``). ``fresh``: the stages of the one
+    run, created by this transaction with no timers, so nothing of it needs reading (and
+    its first activation, for a code workflow, knows its journal is empty)."""
     from treadle.kernel.handlers.jobs import start_leased
 
     claimed: list[c.ClaimedRun] = []
@@ -433,8 +438,8 @@ async def _claim_runs(
                 },
             )
         )
-        await arm_execution_timeout(tx, run, wf, now)
-        stages = await tx.get_stages(run.id)
+        await arm_execution_timeout(tx, run, wf, now, pending=None if fresh is None else [])
+        stages = await tx.get_stages(run.id) if fresh is None else fresh
         group0 = [s for s in stages if s.execution_group == 0]
         lease_to = worker_id if budget > 0 and group0 else None
         jobs = await enqueue_stages(deps, tx, run, wf, group0, now, lease_to=lease_to)
@@ -450,7 +455,9 @@ async def _claim_runs(
         if lease_to is not None:
             budget -= 1
             started.append(
-                await start_leased(deps, tx, scope, wf, run, stages, jobs[0], now, events)
+                await start_leased(
+                    deps, tx, scope, wf, run, stages, jobs[0], now, events, fresh=fresh is not None
+                )
             )
         else:
             await tx.append_events(events)

@@ -55,7 +55,15 @@ class WriteBuffer:
         self.events: list[EventBase] = []
         self.idempotency: list[IdempotencyRecord] = []
         self.completed_jobs: list[str] = []
+        self.leases: dict[str, tuple[str, int]] | None = None
+        """With ``guard_jobs``: each completed job's lease as prefetched (worker,
+        attempts), which the flush's completion requires still to hold."""
         self.new_jobs: list[Job] = []
+
+    def guard_jobs(self) -> None:
+        """Complete jobs only if still leased as prefetched (a commit that takes its
+        prefetch from memory instead of reading it in this transaction)."""
+        self.leases = {}
 
     def stand_in(self, deps: Deps) -> tuple[Deps, Transaction]:
         """``deps`` with this buffer's job transport, and this buffer as the transaction:
@@ -112,15 +120,17 @@ class WriteBuffer:
 
     # -- the flush ----------------------------------------------------------------
     async def flush(self, transport: JobTransport) -> None:
-        """Write everything collected, one statement per kind. New jobs go first (a
-        stage row names its job); the order is otherwise free inside one transaction."""
+        """Write everything collected, one statement per kind. The runs go first: their
+        update takes (or, after a prefetch ``for_update``, already holds) each run's row
+        lock and checks its version, as every writer of a run does before touching its
+        jobs and stages. New jobs go before the stages (a stage row names its job)."""
         tx = self.tx
+        if self.run_writes:
+            await tx.update_runs(list(self.run_writes.values()))
         if self.new_jobs:
             await transport.enqueue(tx, self.new_jobs)
         if self.completed_jobs:
-            await transport.complete_many(tx, self.completed_jobs)
-        if self.run_writes:
-            await tx.update_runs(list(self.run_writes.values()))
+            await transport.complete_many(tx, self.completed_jobs, leases=self.leases)
         if self.stage_writes:
             await tx.update_stages(list(self.stage_writes.values()))
         if self.events:
@@ -145,6 +155,10 @@ class BufferedJobs:
         job = self._buffer.job_rows.get(job_id)
         if job is None or job_id in self._buffer.completed_jobs:
             raise NotBatchableError(f"job {job_id!r} not prefetched or completed twice")
+        if self._buffer.leases is not None:
+            if job.worker_id is None:
+                raise NotBatchableError(f"job {job_id!r} is not leased")
+            self._buffer.leases[job_id] = (job.worker_id, job.attempts)
         self._buffer.completed_jobs.append(job_id)
         self._buffer.job_rows[job_id] = evolve(
             job, {"status": JobStatus.COMPLETED, "worker_id": None}

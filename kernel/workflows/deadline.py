@@ -66,13 +66,22 @@ async def request(tx: Transaction, run: Run, cap: timedelta, now: datetime) -> N
     )
 
 
-async def arm(tx: Transaction, run: Run, wf: WorkflowDefinition, now: datetime) -> None:
+async def arm(
+    tx: Transaction,
+    run: Run,
+    wf: WorkflowDefinition,
+    now: datetime,
+    *,
+    pending: Sequence[Timer] | None = None,
+) -> None:
     """At run start, in the claiming transaction: schedule the run's deadline, from the
-    run's own ``execution_timeout`` if it was created with one, else the workflow's."""
+    run's own ``execution_timeout`` if it was created with one, else the workflow's.
+    ``pending``: the run's timers, when the caller knows them without a read (a run
+    created in this very transaction with no ``execution_timeout``: none)."""
     if wf.kind != "code":
         return
     timeout = execution_timeout_of(wf)
-    for timer in await tx.pending_timers(run.id):
+    for timer in await tx.pending_timers(run.id) if pending is None else pending:
         if timer.purpose == REQUESTED and isinstance(timer.payload, dict):
             seconds = timer.payload.get("seconds")
             if isinstance(seconds, int | float):

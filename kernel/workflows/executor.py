@@ -149,11 +149,18 @@ class _Writer:
 
     async def owner(self, tx: Transaction) -> tuple[Run, StageRun] | None:
         """The run (locked) and stage if this execution still owns them, else ``None``.
-        The run row is locked first, as ``run.signal`` does, so the two serialise."""
+        The run row is locked first, as ``run.signal`` does, so the two serialise.
+
+        The job is not read: its row changes hands only with the stage's (a lease
+        released or reaped puts a RUNNING stage back to PENDING or FAILED, the next
+        execution's phase 1 makes it RUNNING with the next attempt, a cancel ends the
+        run), so the stage still RUNNING this attempt under this job, in a live run, is
+        this execution's; ``_is_current`` checks the same of all three."""
         run = await tx.get_run(self._s.run.id, for_update=True)
-        job = await self._deps.job_transport.get(tx, self._s.job.id)
         stage = await tx.get_stage(self._s.run.id, WORKFLOW_STAGE_ID)
-        if not _is_current(job, stage, run, self._s, self._worker_id):
+        if not _is_current(self._s.job, stage, run, self._s, self._worker_id) or (
+            stage is not None and stage.job_id != self._s.job.id
+        ):
             return None
         assert run is not None
         assert stage is not None
@@ -279,11 +286,14 @@ async def _open(
         held.ctx.resume(writer, token, wf.step_overrides, fresh)
         deps.sticky.hits += 1
         return held.ctx, held, lost
-    async with deps.persistence.transaction() as tx:
-        try:
-            journal = await tx.get_journal(s.run.id)
-        except PayloadMissingError as exc:  # a recorded value's blob is gone: no replay
-            journal, lost = [], exc
+    if s.fresh:  # the run was created with this start: nothing journaled yet
+        journal: list[JournalEntry] = []
+    else:
+        async with deps.persistence.transaction() as tx:
+            try:
+                journal = await tx.get_journal(s.run.id)
+            except PayloadMissingError as exc:  # a recorded value's blob is gone
+                journal, lost = [], exc
     ctx = WorkflowContext(
         run_id=s.run.id,
         workflow_id=wf.id,
@@ -542,28 +552,27 @@ async def _commit_completed(
     output: JsonValue,
     now: datetime,
 ) -> c.JobExecuteResult:
-    await tx.update_stage(
+    stage = await tx.update_stage(
         evolve(
             stage,
             {"status": StageStatus.COMPLETED, "output": output, "completed_at": now},
         )
     )
     await deps.job_transport.complete(tx, s.job.id)
-    await tx.append_events(
-        [
-            StageCompleted(
-                workflow_run_id=run.id,
-                timestamp=now,
-                causation_id=scope.causation_id,
-                stage_id=stage.stage_id,
-                attempt=stage.attempt,
-                output=output,
-                duration=now - stage.started_at if stage.started_at else None,
-            )
-        ]
+    completed = StageCompleted(
+        workflow_run_id=run.id,
+        timestamp=now,
+        causation_id=scope.causation_id,
+        stage_id=stage.stage_id,
+        attempt=stage.attempt,
+        output=output,
+        duration=now - stage.started_at if stage.started_at else None,
     )
+    # A code workflow's run has this one stage: its stages are known without a read,
+    # and ``stage:completed`` goes in the transition's one append.
+    stages = [stage if st.stage_id == stage.stage_id else st for st in s.stages]
     await apply_transition(
-        deps, tx, run, await tx.get_stages(run.id), s.wf, now, scope.causation_id
+        deps, tx, run, stages, s.wf, now, scope.causation_id, prior_events=[completed]
     )
     return c.JobExecuteResult(
         outcome="completed", workflow_run_id=run.id, stage_id=stage.stage_id, output=output

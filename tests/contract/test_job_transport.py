@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from treadle.kernel.errors import DuplicateError, JobNotFoundError
+from treadle.kernel.errors import ConcurrencyError, DuplicateError, JobNotFoundError
 from treadle.kernel.model import Job, JobStatus, Run
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
@@ -213,6 +213,36 @@ async def test_complete_many_with_a_missing_job_completes_none(backend: Any) -> 
     async with backend.persistence.transaction() as tx:
         jobs = await backend.job_transport.get_many(tx, ["j1", "j2"])
     assert {j.status for j in jobs.values()} == {JobStatus.LEASED}
+
+
+async def test_complete_many_with_leases_completes_only_jobs_still_so_leased(
+    backend: Any,
+) -> None:
+    """With ``leases``, a job requeued, re-leased (another attempt) or leased to another
+    worker since is a ``ConcurrencyError`` naming it, and none of the call's jobs is
+    completed; jobs still leased as given are."""
+    await enqueue(backend, make_job("j1"), make_job("j2"), make_job("j3"))
+    await backend.job_transport.dequeue("w1", T0, limit=3)  # attempts 1 each
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.complete_many(tx, ["j1"], leases={"j1": ("w1", 1)})
+    for leases in ({"j2": ("w2", 1)}, {"j2": ("w1", 2)}):
+        with pytest.raises(ConcurrencyError, match="'j2'"):
+            async with backend.persistence.transaction() as tx:
+                await backend.job_transport.complete_many(
+                    tx, ["j3", "j2"], leases={"j3": ("w1", 1), **leases}
+                )
+    async with backend.persistence.transaction() as tx:
+        await backend.job_transport.requeue(tx, "j3", T0)
+    with pytest.raises(ConcurrencyError, match="'j3'"):
+        async with backend.persistence.transaction() as tx:
+            await backend.job_transport.complete_many(tx, ["j3"], leases={"j3": ("w1", 1)})
+    async with backend.persistence.transaction() as tx:
+        jobs = await backend.job_transport.get_many(tx, ["j1", "j2", "j3"])
+    assert [jobs[i].status for i in ("j1", "j2", "j3")] == [
+        JobStatus.COMPLETED,
+        JobStatus.LEASED,
+        JobStatus.QUEUED,
+    ]
 
 
 async def test_suspend_parks_a_job(backend: Any) -> None:
