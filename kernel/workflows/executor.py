@@ -149,18 +149,11 @@ class _Writer:
 
     async def owner(self, tx: Transaction) -> tuple[Run, StageRun] | None:
         """The run (locked) and stage if this execution still owns them, else ``None``.
-        The run row is locked first, as ``run.signal`` does, so the two serialise.
-
-        The job is not read: its row changes hands only with the stage's (a lease
-        released or reaped puts a RUNNING stage back to PENDING or FAILED, the next
-        execution's phase 1 makes it RUNNING with the next attempt, a cancel ends the
-        run), so the stage still RUNNING this attempt under this job, in a live run, is
-        this execution's; ``_is_current`` checks the same of all three."""
+        The run row is locked first, as ``run.signal`` does, so the two serialise."""
         run = await tx.get_run(self._s.run.id, for_update=True)
+        job = await self._deps.job_transport.get(tx, self._s.job.id)
         stage = await tx.get_stage(self._s.run.id, WORKFLOW_STAGE_ID)
-        if not _is_current(self._s.job, stage, run, self._s, self._worker_id) or (
-            stage is not None and stage.job_id != self._s.job.id
-        ):
+        if not _is_current(job, stage, run, self._s, self._worker_id):
             return None
         assert run is not None
         assert stage is not None
