@@ -7,7 +7,9 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -49,11 +51,14 @@ def test_program_runs_as_written(
     code = _code(example, request)
     monkeypatch.chdir(tmp_path)
     compiled = compile(code, example.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    namespace: dict[str, object] = {"__name__": "__main__"}
+    # A __main__ module of its own in sys.modules, as a script has: pydantic resolves a
+    # model's annotations through sys.modules[cls.__module__] (pytest's is put back after).
+    module = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     if compiled.co_flags & inspect.CO_COROUTINE:  # top-level await, as in python -m asyncio
-        asyncio.run(eval(compiled, namespace))
+        asyncio.run(eval(compiled, module.__dict__))
     else:
-        exec(compiled, namespace)
+        exec(compiled, module.__dict__)
 
 
 @pytest.mark.parametrize("example", _of("fragment"))
