@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
+import re
 import sys
 import textwrap
 import types
@@ -39,15 +40,21 @@ def _code(example: Example, request: pytest.FixtureRequest) -> str:
     return POSTGRES_URL.sub(url, example.code)
 
 
+# ``print(...)  # what it prints``: the comment a reader takes for the output.
+_PRINTED = re.compile(r"^\s*print\(.*\)\s+#\s?(?P<said>.*)$", re.M)
+
+
 @pytest.mark.parametrize("example", _of("program"))
 def test_program_runs_as_written(
     example: Example,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A complete program (or a page's sequence of blocks) runs to the end without error,
-    in a fresh directory (so ``sqlite:///x.db`` lands there)."""
+    in a fresh directory (so ``sqlite:///x.db`` lands there), and each ``print`` line's
+    comment starts with what it printed."""
     code = _code(example, request)
     monkeypatch.chdir(tmp_path)
     compiled = compile(code, example.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
@@ -59,6 +66,12 @@ def test_program_runs_as_written(
         asyncio.run(eval(compiled, module.__dict__))
     else:
         exec(compiled, module.__dict__)
+    said = [m["said"] for m in _PRINTED.finditer(code)]
+    if said and len(said) == code.count("print("):  # every print says what it prints
+        printed = capsys.readouterr().out.splitlines()
+        assert len(printed) == len(said), (printed, said)
+        for line, comment in zip(printed, said, strict=True):
+            assert comment.startswith(line), f"printed {line!r}, the doc says {comment!r}"
 
 
 @pytest.mark.parametrize("example", _of("fragment"))
