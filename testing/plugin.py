@@ -22,7 +22,7 @@ import asyncio
 import inspect
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import pytest
 
@@ -49,7 +49,7 @@ _FIXTURES = frozenset(
 )
 
 
-def _runs_under_asyncio(item: object) -> bool:
+def _runs_under_asyncio(item: object) -> TypeGuard[pytest.Function]:
     """An ``async def`` test using this plugin that no other async plugin was asked to run."""
     return (
         isinstance(item, pytest.Function)
@@ -77,7 +77,6 @@ def pytest_pycollect_makeitem(
         items = result if isinstance(result, list) else [result]
         for item in items:
             if _runs_under_asyncio(item):
-                assert isinstance(item, pytest.Function)
                 item.add_marker(pytest.mark.asyncio)
     return result
 
