@@ -195,7 +195,8 @@ class TestEngine:
         self,
         workflows: Iterable[WorkflowDefinition] = (),
         *,
-        start: datetime = DEFAULT_START,
+        start: datetime | None = None,
+        clock: FakeClock | None = None,
         chaos: Chaos | None = None,
         worker_id: str = "test-worker",
         settings: KernelSettings | None = None,
@@ -203,7 +204,12 @@ class TestEngine:
         ids: Any = None,
         chain: bool = True,
     ) -> None:
-        self.clock = FakeClock(start)
+        # ``clock`` lets a caller share one FakeClock with the engine (the pytest plugin's
+        # ``fake_clock`` is ``treadle_engine.clock``): a second clock would be a second
+        # "now" that advance_time never moves.
+        if clock is not None and start is not None:
+            raise ValueError("TestEngine takes start or clock, not both (clock has its own time)")
+        self.clock = clock if clock is not None else FakeClock(start or DEFAULT_START)
         self.persistence = InMemoryPersistence()
         self.job_transport = InMemoryJobTransport(self.persistence)
         self.blob_store = InMemoryBlobStore()
