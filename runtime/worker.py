@@ -130,6 +130,7 @@ class Worker:
         self._releases = ReleaseRetries(kernel, self.log)
         # The earliest known time timed work falls due (kernel clock), see ``_due_step``.
         self._due_at: datetime | None = None
+        self._saturated = False  # the job loop waits for a slot to free
         self._notes: list[datetime] = []  # noted while a refresh ran (``_refresh_due``)
 
     # -- public surface ---------------------------------------------------------------
@@ -397,7 +398,11 @@ class Worker:
             self._job_wake.clear()
             free = self._free_slots()
             if free <= 0:
-                await self._job_wake.wait()  # set when a job finishes (or on stop)
+                self._saturated = True
+                try:
+                    await self._job_wake.wait()  # set when a job finishes (or on stop)
+                finally:
+                    self._saturated = False
                 continue
             try:
                 jobs = await self.kernel.deps.job_transport.dequeue(
@@ -504,14 +509,17 @@ class Worker:
         error = None if task.cancelled() else task.exception()
         if error is not None:  # execute_job swallows errors; this guards against its bugs
             self.log.error("worker.job_task_crashed", error=describe_exception(error))
-        # A finished job frees a slot, and its commit may have enqueued the next group.
-        # Once the queue was found drained, the slot goes to a claim of a PENDING run
-        # (started in the claim's commit) rather than to a dequeue that finds nothing;
-        # the drained state lasts one poll interval, so queued jobs wait at most that.
-        if self._claims_pending and time.monotonic() < self._queue_empty_until:
-            self._claim_wake.set()
-        else:
+        # A finished job frees a slot. Once the queue was found drained, and nothing
+        # said otherwise since (a wake-up, this worker's own commit queuing jobs: both
+        # end the drained state), the slot goes to a claim of a PENDING run (started in
+        # the claim's commit) if one waits, and otherwise to nothing: a dequeue would
+        # find nothing (one wasted transaction per run finished, for a worker running
+        # runs one at a time). The drained state lasts one poll interval, so queued jobs
+        # wait at most that. A loop waiting for a free slot is always woken.
+        if self._saturated or time.monotonic() >= self._queue_empty_until:
             self._job_wake.set()
+        elif self._claims_pending:
+            self._claim_wake.set()
 
 
 class SlotLoan:
