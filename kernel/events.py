@@ -44,6 +44,11 @@ class WorkflowStarted(EventBase):
 
 class WorkflowSuspended(EventBase):
     type: Literal["workflow:suspended"] = "workflow:suspended"
+    waiting_for: str | None = None
+    """What the run waits for, in words: ``sleep until T``, ``signal NAME``, ``update
+    NAME``, ``review``, ``child RUN``, ``retry of step NAME at T``, ``batch poll at T``
+    (several joined by ``; ``), each wait with a timeout followed by ``(timeout at T)``.
+    ``None`` on events stored before it existed."""
 
 
 class WorkflowCompleted(EventBase):

@@ -57,7 +57,13 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
-from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext, message_result
+from treadle.kernel.workflows.context import (
+    Interrupt,
+    Wait,
+    WorkflowContext,
+    describe_waits,
+    message_result,
+)
 from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.model import (
@@ -630,7 +636,9 @@ async def _commit_waits(
             },
         )
     )
-    await apply_transition(deps, tx, run, [stage], s.wf, now, scope.causation_id)
+    await apply_transition(
+        deps, tx, run, [stage], s.wf, now, scope.causation_id, waiting_for=describe_waits(waits)
+    )
     return _suspended_result(run, stage, next_poll)
 
 
