@@ -104,6 +104,9 @@ class StageFailed(EventBase):
     error: str
     will_retry: bool = False
     retry_at: datetime | None = None
+    traceback: str | None = None
+    """Where the body raised ``error``, shortened to the user's frames (``None`` for an
+    error of Treadle's own, and on events stored before it existed)."""
 
 
 class SignalReceived(EventBase):
@@ -152,6 +155,8 @@ class StepFailed(EventBase):
     error: str
     will_retry: bool = False
     retry_at: datetime | None = None
+    traceback: str | None = None
+    """Where the step function raised ``error``, shortened to the user's frames."""
 
 
 class TimerFired(EventBase):

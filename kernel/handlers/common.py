@@ -374,15 +374,19 @@ async def fail_stage_for_good(
     message: str,
     now: datetime,
     causation_id: str | None,
+    *,
+    traceback: str | None = None,
 ) -> StageRun:
-    """A stage that will not be retried: FAILED with its error, its job failed, and a
-    ``stage:failed`` event. Pipelines and code workflows share this one path."""
+    """A stage that will not be retried: FAILED with its error (and ``traceback``, where
+    the body raised it), its job failed, and a ``stage:failed`` event. Pipelines and code
+    workflows share this one path."""
     stage = await tx.update_stage(
         evolve(
             stage,
             {
                 "status": StageStatus.FAILED,
                 "error": message,
+                "error_traceback": traceback,
                 "retryable": False,
                 "completed_at": now,
             },
@@ -398,6 +402,7 @@ async def fail_stage_for_good(
                 stage_id=stage.stage_id,
                 attempt=stage.attempt,
                 error=message,
+                traceback=traceback,
             )
         ]
     )

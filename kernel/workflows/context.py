@@ -45,6 +45,7 @@ from treadle.kernel.errors import (
     WaitTimeoutError,
     as_body_failure,
     describe_exception,
+    short_traceback,
 )
 from treadle.kernel.events import (
     AttributeSet,
@@ -787,6 +788,7 @@ class WorkflowContext:
             error=message,
             will_retry=again,
             retry_at=retry_at,
+            traceback=short_traceback(exc),
         )
         await self._commit([entry], [event])
         return retry_at
