@@ -24,10 +24,32 @@ usually have weaker access control and retention rules than the database."""
 _HEADER_FIELDS = frozenset({"type", "workflow_run_id", "sequence"})
 
 
+def log_level(event: EventBase) -> str:
+    """The logger method an event is logged with, so alerting on levels works: a failure
+    that ends something (a run, a stage or step with no retry left) is ``error``; an
+    attempt that will be retried, a run blocked on a version this worker lacks, or a
+    compensation that failed is ``warning``; every other state change is ``info``."""
+    kind = getattr(event, "type", "")
+    if kind == "workflow:failed":
+        return "error"
+    if kind in ("stage:failed", "step:failed"):
+        return "warning" if getattr(event, "will_retry", False) else "error"
+    if kind == "version:mismatched" or (
+        kind == "saga:compensated" and getattr(event, "failed", None)
+    ):
+        return "warning"
+    return "info"
+
+
 class LogEventSink:
-    """Publishes each event as one structlog ``info`` line named after the event type
+    """Publishes each event as one structlog line named after the event type
     (``workflow:completed run_id=... sequence=3 ...``), through the ``treadle.events``
-    stdlib logger: the application's logging configuration decides where it goes."""
+    stdlib logger: the application's logging configuration decides where it goes.
+
+    The level follows ``log_level`` (failures at ``warning`` / ``error``), and the line's
+    ``timestamp`` is the event's own time, not the time the outbox flush published it: a
+    flush runs after the commit, sometimes much later (a retry's ``stage:failed`` would
+    otherwise appear after its own ``retry_at``)."""
 
     def __init__(self, logger: Any = None, *, include_payloads: bool = False) -> None:
         self._log = logger if logger is not None else structlog_logger("treadle.events")
@@ -35,7 +57,7 @@ class LogEventSink:
 
     async def publish(self, event: EventBase) -> None:
         fields = event.model_dump(mode="json", exclude=set(self._exclude), exclude_none=True)
-        self._log.info(
+        getattr(self._log, log_level(event))(
             getattr(event, "type", type(event).__name__),
             run_id=event.workflow_run_id,
             sequence=event.sequence,

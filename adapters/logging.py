@@ -41,6 +41,18 @@ class _LevelCheckedLogger(structlog.stdlib.BoundLogger):
         return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
 
 
+_STAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+
+def _stamp_unless_given(logger: Any, method_name: str, event_dict: Any) -> Any:
+    """``TimeStamper``, except that a ``timestamp`` the caller passed is kept: an event's
+    log line (``LogEventSink``) carries the time the event happened, not the time it was
+    flushed from the outbox."""
+    if "timestamp" in event_dict:
+        return event_dict
+    return _STAMPER(logger, method_name, event_dict)
+
+
 def structlog_logger(name: str = "treadle", **bound: Any) -> Any:
     """A structlog ``BoundLogger`` over ``logging.getLogger(name)``; nothing global is set."""
     return structlog.wrap_logger(
@@ -49,7 +61,7 @@ def structlog_logger(name: str = "treadle", **bound: Any) -> Any:
         processors=[
             structlog.stdlib.filter_by_level,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _stamp_unless_given,
             structlog.processors.format_exc_info,
             structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"]),
         ],

@@ -16,7 +16,11 @@ One handler serves three kinds of invocation, told apart by the event's shape:
   raised, jobs released at the deadline, messages not reached in time and malformed
   bodies (which end in the dead-letter queue). Stage failures are *not* batch
   failures: the kernel already scheduled their retry. The event source mapping
-  needs ``FunctionResponseTypes: ["ReportBatchItemFailures"]``.
+  needs ``FunctionResponseTypes: ["ReportBatchItemFailures"]``. Then
+  (``process_on_message``) the function goes on with whatever became due, the stages
+  the messages' jobs enqueued included (``process_available_jobs``), until the queue
+  is idle or the time budget runs out: one message can carry a whole run, rather than
+  one stage per message with the rest waiting for the schedule.
 - **EventBridge schedules** (``"source": "aws.events"``, ``"detail-type": "Scheduled
   Event"``): one maintenance tick, then (``process_on_schedule``) the due jobs for the
   rest of the time budget, which is what runs retries whose backoff outlived their
@@ -82,6 +86,7 @@ def make_handler(
     safety_buffer_ms: int = DEFAULT_SAFETY_BUFFER_MS,
     stale_lease_threshold: float = 60.0,
     process_on_schedule: bool = True,
+    process_on_message: bool = True,
     wakeup_queue_url: str | None = None,
     sqs_client: SqsClient | Callable[[], SqsClient] | None = None,
 ) -> LambdaHandler:
@@ -91,6 +96,8 @@ def make_handler(
     ``$TREADLE_APP``) name the workflows; ``db`` defaults to ``$TREADLE_DATABASE_URL``.
     ``concurrency`` bounds the jobs one ``process`` call runs at once (SQS records are
     handled one after another; scale with the batch size and the function's concurrency).
+    ``process_on_message``: after an SQS batch, keep running due jobs until the queue is
+    idle or the budget is spent (``False``: each message runs its one job only).
     """
     if safety_buffer_ms < 0:
         raise ValueError(f"safety_buffer_ms must be >= 0, got {safety_buffer_ms!r}")
@@ -103,6 +110,7 @@ def make_handler(
         safety_buffer_ms=safety_buffer_ms,
         stale_lease_threshold=stale_lease_threshold,
         process_on_schedule=process_on_schedule,
+        process_on_message=process_on_message,
         wakeup_queue_url=wakeup_queue_url,
         sqs_client=sqs_client,
     )
@@ -125,6 +133,7 @@ class LambdaHandler:
         process_on_schedule: bool,
         wakeup_queue_url: str | None,
         sqs_client: SqsClient | Callable[[], SqsClient] | None,
+        process_on_message: bool = True,
     ) -> None:
         self._app = app
         self._db = db
@@ -134,6 +143,7 @@ class LambdaHandler:
         self.safety_buffer_ms = safety_buffer_ms
         self._stale = stale_lease_threshold
         self.process_on_schedule = process_on_schedule
+        self.process_on_message = process_on_message
         self._queue_url = wakeup_queue_url
         self._sqs_client = sqs_client
         self.host: ServerlessHost | None = None
@@ -213,7 +223,30 @@ class LambdaHandler:
                 job_id=outcome.job_id,
                 reason=outcome.reason,
             )
+        await self._carry_on(host, context)
         return {"batchItemFailures": [{"itemIdentifier": m} for m in failures]}
+
+    async def _carry_on(self, host: ServerlessHost, context: Any) -> None:
+        """After a batch's messages: run what is due now, the next stages their jobs
+        enqueued among it, until the queue is idle or the budget is spent. A wake-up
+        message is a hint that work exists, not a ration of one job; without this the
+        rest of a run would wait for the next schedule. A job cut off at the deadline is
+        released for the next invocation, as any other; what this part did is logged,
+        never reported as a batch failure (no message asked for it)."""
+        budget = self._budget(context)
+        if not self.process_on_message or (budget is not None and budget <= 0):
+            return
+        try:
+            report = await host.process_available_jobs(deadline=budget)
+        except Exception as exc:  # the messages are done; the schedule picks this up
+            self.log.error("lambda.carry_on_failed", error=describe_exception(exc))
+            return
+        self.log.info(
+            "lambda.carried_on",
+            processed=report.processed,
+            released=report.released,
+            stopped=report.stopped,
+        )
 
     async def _scheduled(self, host: ServerlessHost, context: Any) -> dict[str, Any]:
         report = await host.run_maintenance_tick()

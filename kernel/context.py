@@ -259,6 +259,14 @@ class StageContext(Generic[InT, ConfigT]):
             return raw
         return stage.output_adapter.validate_python(raw)
 
+    def now(self) -> datetime:
+        """The current time from the engine's ``Clock`` port (timezone-aware UTC), not the
+        system clock: under ``TestEngine`` it is the virtual clock, so a body or a
+        ``check_completion`` that compares times moves with ``advance_time``. Unlike a code
+        workflow's ``ctx.now()`` it is not journaled: every attempt and every check reads
+        the time afresh."""
+        return self._now()
+
     def log(self, level: str, message: str, **fields: Any) -> None:
         """Buffered; committed with this attempt's outcome and echoed to structlog. The
         message is stored with any NUL character or lone surrogate escaped; ``fields``

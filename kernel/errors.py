@@ -51,6 +51,10 @@ Callers catch by family, not by message. Each class carries a stable ``code``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
+import threading
+import traceback
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -216,9 +220,11 @@ def as_body_failure(exc: BaseException, where: str) -> BodyInterruptedError | No
         if task is not None and task.cancelling():
             return None
     text = str(exc)
-    return BodyInterruptedError(
+    failure = BodyInterruptedError(
         f"{where} raised {type(exc).__name__}" + (f": {text}" if text else "")
     )
+    failure.__cause__ = exc  # its traceback (``short_traceback``) shows where it came from
+    return failure
 
 
 class SuspendTimeoutError(StageError):
@@ -325,3 +331,76 @@ def describe_exception(exc: BaseException) -> str:
     text = safe_text(str(exc))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+MAX_TRACEBACK_CHARS = 8_000
+"""The most characters of a stored traceback (``short_traceback``): a stage row and its
+``stage:failed`` event stay small even for a deep recursion or a long chain."""
+
+MAX_TRACEBACK_FRAMES = 30
+"""The most frames kept per exception of a chain: the innermost, where it was raised."""
+
+_TREADLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENGINE_PREFIXES = (
+    *(
+        os.path.join(_TREADLE_ROOT, part) + os.sep
+        for part in ("kernel", "runtime", "adapters", "hosts", "testing")
+    ),
+    os.path.join(_TREADLE_ROOT, "engine.py"),
+    os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(concurrent.futures.__file__)) + os.sep,
+    os.path.abspath(threading.__file__),
+)
+"""Where the engine's own frames live: Treadle's layers, the event loop, the thread pool
+that runs sync stages. They sit around every user body and say nothing about the bug."""
+
+
+def _is_engine_frame(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_ENGINE_PREFIXES)
+
+
+def _shorten(te: traceback.TracebackException, seen: set[int]) -> None:
+    """Drop the engine's frames from ``te`` and every exception chained to it, keeping at
+    most ``MAX_TRACEBACK_FRAMES`` (the innermost) of each."""
+    if id(te) in seen:
+        return
+    seen.add(id(te))
+    frames = [frame for frame in te.stack if not _is_engine_frame(frame.filename)]
+    te.stack = traceback.StackSummary.from_list(frames[-MAX_TRACEBACK_FRAMES:])
+    for chained in (te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())):
+        if chained is not None:
+            _shorten(chained, seen)
+
+
+def short_traceback(exc: BaseException) -> str | None:
+    """``exc``'s traceback as Python prints it, shortened to the user's frames: the
+    frames of Treadle itself, asyncio and the stage thread pool are left out (chained
+    causes included), so what remains is the path through the stage or step body.
+    ``None`` when no user frame is left (an error Treadle raised on its own account,
+    such as a timeout or an output that does not match its model: its message says it
+    all). Bounded by ``MAX_TRACEBACK_CHARS``, keeping the end, where the error is.
+
+    Pure in the kernel's sense: it reads the exception object (and, as ``traceback``
+    always does, the source lines of its frames), never the clock or storage."""
+    try:
+        te = traceback.TracebackException.from_exception(exc, lookup_lines=False)
+        _shorten(te, set())
+        if not _has_frames(te, set()):
+            return None
+        text = safe_text("".join(te.format()))
+    except Exception:  # a traceback is a courtesy: never let it stop a failure's record
+        return None
+    if len(text) > MAX_TRACEBACK_CHARS:
+        cut = len(text) - MAX_TRACEBACK_CHARS
+        text = f"... ({cut} characters cut)\n" + text[cut:]
+    return text
+
+
+def _has_frames(te: traceback.TracebackException, seen: set[int]) -> bool:
+    if id(te) in seen:
+        return False
+    seen.add(id(te))
+    if te.stack:
+        return True
+    chained = (te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ()))
+    return any(c is not None and _has_frames(c, seen) for c in chained)

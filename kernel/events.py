@@ -44,6 +44,11 @@ class WorkflowStarted(EventBase):
 
 class WorkflowSuspended(EventBase):
     type: Literal["workflow:suspended"] = "workflow:suspended"
+    waiting_for: str | None = None
+    """What the run waits for, in words: ``sleep until T``, ``signal NAME``, ``update
+    NAME``, ``review``, ``child RUN``, ``retry of step NAME at T``, ``batch poll at T``
+    (several joined by ``; ``), each wait with a timeout followed by ``(timeout at T)``.
+    ``None`` on events stored before it existed."""
 
 
 class WorkflowCompleted(EventBase):
@@ -99,6 +104,9 @@ class StageFailed(EventBase):
     error: str
     will_retry: bool = False
     retry_at: datetime | None = None
+    traceback: str | None = None
+    """Where the body raised ``error``, shortened to the user's frames (``None`` for an
+    error of Treadle's own, and on events stored before it existed)."""
 
 
 class SignalReceived(EventBase):
@@ -147,6 +155,8 @@ class StepFailed(EventBase):
     error: str
     will_retry: bool = False
     retry_at: datetime | None = None
+    traceback: str | None = None
+    """Where the step function raised ``error``, shortened to the user's frames."""
 
 
 class TimerFired(EventBase):

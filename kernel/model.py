@@ -120,6 +120,10 @@ class StageRun(_Frozen):
     job_id: str | None = None
     check_failures: int = 0
     """Consecutive ``check_completion`` calls of this suspension that raised."""
+    error_traceback: str | None = None
+    """With ``error``: where the failing attempt raised it, shortened to the user's frames
+    (``kernel.errors.short_traceback``; at most ``MAX_TRACEBACK_CHARS``). ``None`` when the
+    error is Treadle's own (a timeout, a lost lease) or the stage has not failed."""
     version: int = 0
 
 

@@ -106,6 +106,8 @@ stages = sa.Table(
     sa.Column("resume_state", json_type(), nullable=True),
     sa.Column("job_id", key_type(), nullable=True),
     sa.Column("check_failures", sa.Integer(), nullable=False, server_default="0"),
+    # Where a failed attempt raised ``error`` (user frames only, bounded): migration 0006.
+    sa.Column("error_traceback", sa.Text(), nullable=True),
     sa.Column("version", sa.Integer(), nullable=False),
     # due_suspended_stages: SUSPENDED by next_poll_at.
     sa.Index("ix_stages_status_next_poll_at", "status", "next_poll_at"),

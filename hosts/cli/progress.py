@@ -2,7 +2,9 @@
 
 One bar per run, measured in stages (a running stage counts the fraction it last
 reported with ``ctx.progress``), with a line saying what is happening now: which
-stages run, which wait on a batch job, which are backing off before a retry.
+stages run, which wait for their batch job's next poll, which are backing off before
+a retry, and what a suspended code workflow waits for (a sleep, a signal, an update,
+a review, a child run: the ``waiting_for`` of its latest ``workflow:suspended``).
 It reads storage (the run and its new events) on a short poll, so it shows runs
 that any process executes.
 """
@@ -29,6 +31,7 @@ from rich.text import Text
 from treadle.hosts.cli.common import fail
 from treadle.hosts.cli.render import elapsed, fmt_duration, truncate
 from treadle.kernel.model import Run, StageStatus
+from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -57,11 +60,20 @@ class _Watch:
     seen: int = 0
     fractions: dict[str, float] = field(default_factory=dict)
     retries: dict[str, int] = field(default_factory=dict)
+    waiting_for: str | None = None
+    """The latest ``workflow:suspended``'s reason (``None`` before one, or on old events)."""
     run: Run | None = None
 
 
-def activity(run: Run, fractions: Mapping[str, float], retries: Mapping[str, int]) -> str:
-    """What the run is doing, in a few words, e.g. ``keywords retrying · translate waiting``."""
+def activity(
+    run: Run,
+    fractions: Mapping[str, float],
+    retries: Mapping[str, int],
+    waiting_for: str | None = None,
+) -> str:
+    """What the run is doing, in a few words, e.g. ``keywords retrying · translate batch
+    poll at 12:05:00`` or ``waiting for signal approval``. ``waiting_for``: what the run's
+    latest ``workflow:suspended`` said it waits for (a code workflow's sleep, signal...)."""
     if run.status.terminal:
         took = fmt_duration(elapsed(run.started_at, run.completed_at))
         suffix = f": {truncate(run.error, 60)}" if run.error else ""
@@ -71,8 +83,12 @@ def activity(run: Run, fractions: Mapping[str, float], retries: Mapping[str, int
         if stage.status is StageStatus.RUNNING:
             pct = fractions.get(stage.stage_id)
             parts.append(f"{stage.stage_id} running" + (f" {pct:.0%}" if pct else ""))
+        elif stage.status is StageStatus.SUSPENDED and stage.stage_id == WORKFLOW_STAGE_ID:
+            parts.append(f"waiting for {waiting_for}" if waiting_for else "waiting")
         elif stage.status is StageStatus.SUSPENDED:
-            parts.append(f"{stage.stage_id} waiting on batch job")
+            at = stage.next_poll_at
+            when = f" at {at.strftime('%H:%M:%S')}" if at is not None else ""
+            parts.append(f"{stage.stage_id} batch poll{when}")
         elif stage.status is StageStatus.PENDING and stage.error:
             parts.append(f"{stage.stage_id} retrying after attempt {stage.attempt} failed")
         elif stage.status is StageStatus.PENDING and stage.stage_id in retries:
@@ -100,11 +116,13 @@ async def _refresh(engine: Engine, watch: _Watch, progress: Progress) -> Run:
             watch.retries[stage_id] = watch.retries.get(stage_id, 0) + 1
         elif kind == "stage:started":
             watch.fractions.pop(stage_id, None)
+        elif kind == "workflow:suspended":
+            watch.waiting_for = getattr(event, "waiting_for", None)
     progress.update(
         watch.task,
         total=max(len(run.stages), 1),
         completed=_completed(run, watch.fractions),
-        activity=activity(run, watch.fractions, watch.retries),
+        activity=activity(run, watch.fractions, watch.retries, watch.waiting_for),
         outcome=run.status.value if run.status.terminal else None,
     )
     watch.run = run

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from textwrap import indent
 from typing import Any
 
 from rich import box
@@ -203,14 +204,26 @@ def run_detail(run: Run, events: Sequence[EventBase], *, width: int = 60) -> Ren
     failed = attempts_table(events)
     if failed is not None:
         parts.append(failed)
+    parts.extend(stage_tracebacks(run))
     return Group(*parts)
+
+
+def stage_tracebacks(run: Run) -> list[RenderableType]:
+    """Each stage's stored traceback (its last failed attempt's, user frames only), under
+    a title naming the stage, in full: a traceback cut short hides the line to fix."""
+    shown: list[RenderableType] = []
+    for stage in run.stages:
+        if stage.error_traceback:
+            shown.append(Text(f"traceback of stage {stage.stage_id!r} (attempt {stage.attempt})"))
+            shown.append(Text(indent(stage.error_traceback.rstrip(), "  "), style="red"))
+    return shown
 
 
 def event_line(event: EventBase) -> Text:
     """``#seq  time  type  fields`` for one event, its fields truncated."""
     data = event.model_dump(
         mode="json",
-        exclude={"type", "workflow_run_id", "sequence", "timestamp", "causation_id"},
+        exclude={"type", "workflow_run_id", "sequence", "timestamp", "causation_id", "traceback"},
         exclude_none=True,
     )
     kind = str(getattr(event, "type", type(event).__name__))
@@ -219,4 +232,7 @@ def event_line(event: EventBase) -> Text:
     line.append(f"{kind:<20}", style=style)
     fields = "  ".join(f"{key}={truncate(value, 60)}" for key, value in data.items())
     line.append(f" {fields}" if fields else "")
+    trace = getattr(event, "traceback", None)
+    if trace:  # a failure's traceback, in full, under its line
+        line.append("\n" + indent(str(trace).rstrip(), "      "), style="red")
     return line

@@ -227,13 +227,16 @@ async def apply_transition(
     lease_to: str | None = None,
     prior_events: Sequence[EventBase] = (),
     decision: Decision | None = None,
+    waiting_for: str | None = None,
 ) -> tuple[Decision, Run]:
     """Carry out ``decide`` inside ``tx``: enqueue the next group, complete, fail, or
     mark the run suspended. Returns the decision and the updated run. ``lease_to``:
     the next group's first job is leased to that worker (``Decision.leased``).
     ``prior_events`` (the caller's, not yet appended) go first, in the same append as
     the transition's own events: one sequence allocation and one insert, not two.
-    ``decision``: ``decide(wf, run, stages)`` if the caller has just computed it."""
+    ``decision``: ``decide(wf, run, stages)`` if the caller has just computed it.
+    ``waiting_for``: what a suspending run waits for (a code workflow's waits); by
+    default the batch polls of its suspended stages (``batch_waits``)."""
     if decision is None:
         decision = decide(wf, run, stages)
     events: list[EventBase] = list(prior_events)
@@ -283,11 +286,27 @@ async def apply_transition(
     elif decision.action == "suspend":
         run = await tx.update_run(evolve(run, {"status": RunStatus.SUSPENDED, "updated_at": now}))
         events.append(
-            WorkflowSuspended(workflow_run_id=run.id, timestamp=now, causation_id=causation_id)
+            WorkflowSuspended(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=causation_id,
+                waiting_for=waiting_for or batch_waits(stages, run.current_group),
+            )
         )
     if events:
         await tx.append_events(events)
     return decision, run
+
+
+def batch_waits(stages: Sequence[StageRun], group: int) -> str | None:
+    """What a pipeline suspended on its batch stages waits for: ``batch poll at T``, the
+    earliest ``next_poll_at`` of the group's suspended stages."""
+    due = [
+        s.next_poll_at
+        for s in stages
+        if s.execution_group == group and s.status is _STAGE_SUSPENDED and s.next_poll_at
+    ]
+    return f"batch poll at {min(due).isoformat(timespec='seconds')}" if due else None
 
 
 async def fail_run(
@@ -355,15 +374,19 @@ async def fail_stage_for_good(
     message: str,
     now: datetime,
     causation_id: str | None,
+    *,
+    traceback: str | None = None,
 ) -> StageRun:
-    """A stage that will not be retried: FAILED with its error, its job failed, and a
-    ``stage:failed`` event. Pipelines and code workflows share this one path."""
+    """A stage that will not be retried: FAILED with its error (and ``traceback``, where
+    the body raised it), its job failed, and a ``stage:failed`` event. Pipelines and code
+    workflows share this one path."""
     stage = await tx.update_stage(
         evolve(
             stage,
             {
                 "status": StageStatus.FAILED,
                 "error": message,
+                "error_traceback": traceback,
                 "retryable": False,
                 "completed_at": now,
             },
@@ -379,6 +402,7 @@ async def fail_stage_for_good(
                 stage_id=stage.stage_id,
                 attempt=stage.attempt,
                 error=message,
+                traceback=traceback,
             )
         ]
     )

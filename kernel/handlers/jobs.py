@@ -33,6 +33,7 @@ from treadle.kernel.errors import (
     StageTimeoutError,
     as_body_failure,
     describe_exception,
+    short_traceback,
 )
 from treadle.kernel.events import (
     EventBase,
@@ -348,6 +349,7 @@ def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
             "attempt": stage.attempt + 1,
             "started_at": stage.started_at or now,
             "error": None,
+            "error_traceback": None,
             "retryable": None,
             "job_id": job.id,
         },
@@ -860,13 +862,22 @@ async def _commit_failed(
 ) -> tuple[c.JobExecuteResult, StageRun]:
     policy = s.definition.retry
     message = describe_exception(error)
+    trace = short_traceback(error)
     retry = policy.allows_another(stage.attempt, error)
     retry_at = now + policy.delay_for(
         stage.attempt, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
     )
     if retry:
         stage = await tx.update_stage(
-            evolve(stage, {"status": StageStatus.PENDING, "error": message, "retryable": True})
+            evolve(
+                stage,
+                {
+                    "status": StageStatus.PENDING,
+                    "error": message,
+                    "error_traceback": trace,
+                    "retryable": True,
+                },
+            )
         )
         await deps.job_transport.requeue(tx, s.job.id, retry_at, error=message)
         await tx.append_events(
@@ -880,12 +891,13 @@ async def _commit_failed(
                     error=message,
                     will_retry=True,
                     retry_at=retry_at,
+                    traceback=trace,
                 )
             ]
         )
     else:
         stage = await fail_stage_for_good(
-            deps, tx, stage, s.job.id, message, now, scope.causation_id
+            deps, tx, stage, s.job.id, message, now, scope.causation_id, traceback=trace
         )
     result = c.JobExecuteResult(
         outcome="failed",

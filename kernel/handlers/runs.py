@@ -130,10 +130,17 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         # run to signal, and every call must deliver its signal.
         cached = await scope.claim(tx) if cmd.signal is None else None
         if cached is not None:
-            return cast("c.RunCreateResult", cached)
+            first = cast("c.RunCreateResult", cached)
+            if cmd.idempotency_key is not None:
+                found = await tx.get_run(first.workflow_run_id, for_update=False)
+                if found is not None:
+                    _warn_if_reused(deps, cmd.idempotency_key, found, input_json, config_json)
+            return first
         existing = None
         if cmd.idempotency_key is not None:
             existing = await tx.find_run_by_key(wf.id, cmd.idempotency_key)
+            if existing is not None:
+                _warn_if_reused(deps, cmd.idempotency_key, existing, input_json, config_json)
         if existing is None and cmd.signal is not None and cmd.run_id is not None:
             existing = await tx.get_run(cmd.run_id)
         if existing is not None:
@@ -177,6 +184,36 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             workflow_run_id=run.id, status=status, chained_job=started[0].job
         )
     return result
+
+
+def _warn_if_reused(
+    deps: Deps, key: str, run: Run, input_json: JsonValue, config_json: dict[str, JsonValue]
+) -> None:
+    """An idempotency key names an existing run, which the caller gets back unchanged
+    (documented: the first run wins). When this start asked for a different input or
+    config, that is almost always a bug in the caller (a key reused across orders), and
+    nothing else would tell them: log a warning naming the key and what differs. An
+    offloaded value whose blob is gone is not compared."""
+    differs = [
+        name
+        for name, stored, given in (
+            ("input", run.input, input_json),
+            ("config", run.config, config_json),
+        )
+        if type(stored) is not MissingPayload and stored != given
+    ]
+    if differs:
+        deps.logger.warning(
+            "run.idempotency_key_reused",
+            idempotency_key=key,
+            workflow_id=run.workflow_id,
+            run_id=run.id,
+            differs=",".join(differs),
+            message=(
+                f"idempotency key {key!r} already names run {run.id!r}, started with a "
+                f"different {' and '.join(differs)}; returning that run unchanged"
+            ),
+        )
 
 
 async def create_many(deps: Deps, cmd: c.RunCreateMany, scope: Scope) -> c.RunCreateManyResult:
@@ -282,6 +319,8 @@ def _plan(
         key = (wf.id, item.idempotency_key or "")
         found = known.get(key) if item.idempotency_key is not None else None
         if found is not None:
+            assert item.idempotency_key is not None
+            _warn_if_reused(deps, item.idempotency_key, found, input_json, config_json)
             results.append(
                 c.RunCreateResult(workflow_run_id=found.id, status=found.status, created=False)
             )

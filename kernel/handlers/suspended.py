@@ -31,6 +31,7 @@ from treadle.kernel.errors import (
     OutputValidationError,
     SuspendTimeoutError,
     describe_exception,
+    short_traceback,
 )
 from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, outputs_of
@@ -128,6 +129,8 @@ class _Raised:
 
     error: str
     limit: int
+    traceback: str | None = None
+    """Where the check raised it (user frames only), kept if the stage fails of it."""
 
 
 _Verdict = Ready | NotReady | Failed | _Raised
@@ -195,7 +198,7 @@ async def _check(
             failures=stage.check_failures + 1,
             max_check_failures=limit,
         )
-        return _Raised(describe_exception(exc), limit)
+        return _Raised(describe_exception(exc), limit, short_traceback(exc))
     if not isinstance(verdict, Ready | NotReady | Failed):
         return Failed(
             message=f"check_completion of {stage.stage_id!r} returned {verdict!r}, "
@@ -232,9 +235,11 @@ async def _commit(
         outcome = "resumed"
         transport = deps.job_transport
         failures = 0
+        trace: str | None = None
         if isinstance(verdict, _Raised):
             failures = stage.check_failures + 1
             if failures >= verdict.limit:
+                trace = verdict.traceback
                 verdict = Failed(
                     f"check_completion of stage {stage.stage_id!r} raised {failures} "
                     f"time(s) in a row; the last: {verdict.error}"
@@ -258,6 +263,7 @@ async def _commit(
                     {
                         "status": StageStatus.FAILED,
                         "error": verdict.message,
+                        "error_traceback": trace,
                         "retryable": False,
                         "completed_at": now,
                         "next_poll_at": None,
@@ -275,6 +281,7 @@ async def _commit(
                     stage_id=stage.stage_id,
                     attempt=stage.attempt,
                     error=verdict.message,
+                    traceback=trace,
                 )
             )
         elif verdict.output is not None:

@@ -38,6 +38,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel.errors import ChildWorkflowFailedError, OutputValidationError
 from treadle.kernel.events import ChildStarted
+from treadle.kernel.model import JsonValue
 from treadle.kernel.workflows.context import (
     CURRENT_BRANCH,
     Branch,
@@ -304,7 +305,8 @@ async def await_child(
         entry = ctx._by_position[position]
     run_id = str((entry.input or {}).get("child_run_id"))
     if entry.status is JournalStatus.WAITING:
-        raise ctx._suspend(Wait("child", position, key, occurrence, None))
+        child_wait: dict[str, JsonValue] = {"child_run_id": run_id}  # for ``waiting_for`` only
+        raise ctx._suspend(Wait("child", position, key, occurrence, None, details=child_wait))
     result = entry.result if isinstance(entry.result, dict) else {}
     status = str(result.get("status", "CANCELLED"))  # no result: a race loser
     if status != "COMPLETED":

@@ -45,6 +45,7 @@ from treadle.kernel.errors import (
     WaitTimeoutError,
     as_body_failure,
     describe_exception,
+    short_traceback,
 )
 from treadle.kernel.events import (
     AttributeSet,
@@ -93,7 +94,28 @@ class Wait:
     until: datetime | None
     signal: str | None = None
     details: dict[str, JsonValue] | None = None
-    """Extra wait bookkeeping journaled with it (a review's id, type and reviewers)."""
+    """Extra wait bookkeeping journaled with it (a review's id, type and reviewers; a
+    child's run id, which is not journaled)."""
+
+    def describe(self) -> str:
+        """This wait in words, for ``workflow:suspended``'s ``waiting_for`` and the CLI's
+        progress line: ``sleep until T``, ``signal NAME (timeout at T)``, ``child RUN``."""
+        until = self.until.isoformat(timespec="seconds") if self.until is not None else None
+        if self.kind == "sleep":
+            return f"sleep until {until}"
+        if self.kind == "retry":
+            return f"retry of step {self.name} at {until}"
+        if self.kind == "child":
+            child = (self.details or {}).get("child_run_id")
+            return f"child {child}" if child else f"child {self.name}"
+        text = f"{self.kind} {self.signal}" if self.kind in ("signal", "update") else "review"
+        return f"{text} (timeout at {until})" if until is not None else text
+
+
+def describe_waits(waits: Sequence[Wait]) -> str | None:
+    """Every wait of a suspension in words, joined by ``; `` (``ctx.all`` / ``ctx.race``
+    suspend on several at once); ``None`` for none."""
+    return "; ".join(wait.describe() for wait in waits) or None
 
 
 @dataclass(eq=False)
@@ -766,6 +788,7 @@ class WorkflowContext:
             error=message,
             will_retry=again,
             retry_at=retry_at,
+            traceback=short_traceback(exc),
         )
         await self._commit([entry], [event])
         return retry_at

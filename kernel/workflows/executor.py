@@ -39,6 +39,7 @@ from treadle.kernel.errors import (
     VersionMismatchError,
     as_body_failure,
     describe_exception,
+    short_traceback,
 )
 from treadle.kernel.events import EventBase, ReviewRequested, StageCompleted
 from treadle.kernel.handlers.common import (
@@ -57,7 +58,13 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
-from treadle.kernel.workflows.context import Interrupt, Wait, WorkflowContext, message_result
+from treadle.kernel.workflows.context import (
+    Interrupt,
+    Wait,
+    WorkflowContext,
+    describe_waits,
+    message_result,
+)
 from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.model import (
@@ -590,7 +597,16 @@ async def _commit_failed(
     if outcome is not None:
         message = f"{message}; {outcome.describe()}"
         await tx.append_events([outcome.event(run.id, now, scope.causation_id)])
-    stage = await fail_stage_for_good(deps, tx, stage, s.job.id, message, now, scope.causation_id)
+    stage = await fail_stage_for_good(
+        deps,
+        tx,
+        stage,
+        s.job.id,
+        message,
+        now,
+        scope.causation_id,
+        traceback=short_traceback(error),
+    )
     await fail_run(deps, tx, run, [stage], message, now, scope.causation_id)
     return c.JobExecuteResult(
         outcome="failed", workflow_run_id=run.id, stage_id=stage.stage_id, error=message
@@ -630,7 +646,9 @@ async def _commit_waits(
             },
         )
     )
-    await apply_transition(deps, tx, run, [stage], s.wf, now, scope.causation_id)
+    await apply_transition(
+        deps, tx, run, [stage], s.wf, now, scope.causation_id, waiting_for=describe_waits(waits)
+    )
     return _suspended_result(run, stage, next_poll)
 
 

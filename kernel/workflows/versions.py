@@ -93,7 +93,12 @@ async def block(
     events: list[EventBase] = [mismatch_event(run, wf, message, now, causation_id)]
     if run.status is not RunStatus.SUSPENDED:
         events.append(
-            WorkflowSuspended(workflow_run_id=run.id, timestamp=now, causation_id=causation_id)
+            WorkflowSuspended(
+                workflow_run_id=run.id,
+                timestamp=now,
+                causation_id=causation_id,
+                waiting_for=f"a worker with version {run.workflow_version!r}",
+            )
         )
     await tx.update_run(
         evolve(run, {"status": RunStatus.SUSPENDED, "error": message, "updated_at": now})

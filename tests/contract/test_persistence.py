@@ -14,7 +14,13 @@ from typing import Any
 
 import pytest
 
-from treadle.kernel.errors import ConcurrencyError, ConflictError, DuplicateError, TreadleError
+from treadle.kernel.errors import (
+    MAX_TRACEBACK_CHARS,
+    ConcurrencyError,
+    ConflictError,
+    DuplicateError,
+    TreadleError,
+)
 from treadle.kernel.events import (
     AnnotationCreated,
     ChildFinished,
@@ -51,6 +57,14 @@ from treadle.kernel.model import (
 )
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
+
+
+TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "/app/flows.py", line 12, in extract\n'
+    "    return parse(ctx.input.url)\n"
+    "ZeroDivisionError: division by zero — über\n"
+)
 
 
 def at(seconds: float) -> datetime:
@@ -518,6 +532,7 @@ async def test_stage_reads_back_equal(backend: Any) -> None:
         suspend_deadline=at(3600),
         resume_state={"ok": True},
         job_id="j1",
+        error_traceback=TRACEBACK,
         version=3,
     )
     await seed(backend, make_run("r1"), stages=(stage,))
@@ -528,6 +543,27 @@ async def test_stage_reads_back_equal(backend: Any) -> None:
     assert got == stage
     for moment in (got.started_at, got.completed_at, got.next_poll_at, got.suspend_deadline):
         assert_utc(moment)
+
+
+async def test_stage_traceback_is_stored_and_cleared_by_update(backend: Any) -> None:
+    """A failed attempt's ``error_traceback`` (multi-line, non-ASCII, at its size bound)
+    is written by ``update_stage`` and read back exactly; a later update clears it."""
+    await seed(backend, make_run("r1"), stages=(make_stage("r1", "s"),))
+    long = TRACEBACK + "x" * (MAX_TRACEBACK_CHARS - len(TRACEBACK))
+    async with backend.persistence.transaction() as tx:
+        stage = await tx.get_stage("r1", "s")
+        failed = await tx.update_stage(
+            stage.model_copy(
+                update={"status": StageStatus.FAILED, "error": "E", "error_traceback": long}
+            )
+        )
+    async with backend.persistence.transaction() as tx:
+        got = await tx.get_stage("r1", "s")
+        assert got == failed
+        assert got.error_traceback == long
+        await tx.update_stage(got.model_copy(update={"error_traceback": None}))
+    async with backend.persistence.transaction() as tx:
+        assert (await tx.get_stage("r1", "s")).error_traceback is None
 
 
 async def test_get_stages_orders_by_group_then_definition_order(backend: Any) -> None:
@@ -664,7 +700,7 @@ def every_event(run_id: str) -> list[EventBase]:
         WorkflowStarted(
             **base, timestamp=at(1), workflow_id="wf", worker_id="w", rerun_from_stage_id="s"
         ),
-        WorkflowSuspended(**base, timestamp=at(2)),
+        WorkflowSuspended(**base, timestamp=at(2), waiting_for="signal approval"),
         WorkflowCompleted(
             **base, timestamp=at(3), output={"a": [1, None]}, duration=timedelta(seconds=1.5)
         ),
@@ -691,6 +727,7 @@ def every_event(run_id: str) -> list[EventBase]:
             error="x",
             will_retry=True,
             retry_at=at(12.5),
+            traceback=TRACEBACK,
         ),
         SignalReceived(**base, timestamp=at(11), name="approval", payload={"ok": True}),
         ReviewRequested(

@@ -53,10 +53,16 @@ async def fails_once(ctx):  # type: ignore[no-untyped-def]
     return ctx.input
 
 
+@define_stage(id="c", input=Num, output=Num)
+async def stage_c(ctx):  # type: ignore[no-untyped-def]
+    return Num(n=ctx.input.n * 10)
+
+
 PIPE = WorkflowBuilder("pipe", input=Num).pipe(stage_a).pipe(stage_b).build()
+THREE = WorkflowBuilder("three", input=Num).pipe(stage_a).pipe(stage_b).pipe(stage_c).build()
 STUCK = WorkflowBuilder("stuck", input=Num).pipe(never_done).build()
 RETRY = WorkflowBuilder("retry", input=Num).pipe(fails_once).build()
-WORKFLOWS = [PIPE, STUCK, RETRY]
+WORKFLOWS = [PIPE, THREE, STUCK, RETRY]
 
 
 class FakeContext:
@@ -186,6 +192,13 @@ def _jobs(handler: LambdaHandler) -> list[Job]:
     return handler._loop.run_until_complete(go())
 
 
+def _queued_job_of(db: str, handler: LambdaHandler, run_id: str) -> str:
+    """Claim the pending runs (a tick) and return ``run_id``'s queued job."""
+    handler({"action": "tick"}, FakeContext())
+    [job] = [j for j in _jobs(handler) if j.workflow_run_id == run_id]
+    return job.id
+
+
 def _all_runs() -> RunFilter:
     return RunFilter(limit=100)
 
@@ -194,13 +207,47 @@ def test_sqs_batch_runs_each_message_and_reports_no_failures(
     handlers: list[LambdaHandler], db: str
 ) -> None:
     """Two "any work" messages run the two first-group jobs; every message succeeded, so
-    ``batchItemFailures`` is empty and SQS deletes the batch."""
+    ``batchItemFailures`` is empty and SQS deletes the batch. (With
+    ``process_on_message=False`` each message runs its one job and nothing more.)"""
     runs = _start(db, count=2)
-    handler = _handler(handlers, db)
+    handler = _handler(handlers, db, process_on_message=False)
     response = handler(sqs_event("{}", "{}"), FakeContext())
     assert response == {"batchItemFailures": []}
     stages = [s.status.value for run in _runs(db, *runs) for s in run.stages]
     assert stages == ["COMPLETED", "PENDING"] * 2  # each message ran one job
+
+
+def test_one_sqs_message_runs_a_whole_three_stage_run(
+    handlers: list[LambdaHandler], db: str
+) -> None:
+    """One wake-up message is enough for a run of three stages: after the message's own
+    job the function goes on with the stages each completed stage enqueued, within the
+    time budget, instead of leaving them for the EventBridge tick."""
+    (run_id,) = _start(db, "three")
+    handler = _handler(handlers, db)
+    assert handler(sqs_event("{}"), FakeContext()) == {"batchItemFailures": []}
+    run = _runs(db, run_id)[0]
+    assert [s.status.value for s in run.stages] == ["COMPLETED"] * 3
+    assert (run.status, run.output) == (RunStatus.COMPLETED, {"n": 200})
+
+
+def test_carrying_on_after_the_messages_stops_at_the_budget(
+    handlers: list[LambdaHandler], db: str
+) -> None:
+    """The work after the messages is bounded by the same safety buffer: a stage that
+    would outlive it is released for the next invocation, and since no message asked
+    for it, the batch still reports no failure."""
+    (done_id,) = _start(db)
+    (stuck_id,) = _start(db, "stuck")
+    handler = _handler(handlers, db, safety_buffer_ms=1_000, concurrency=2)
+    job_id = _queued_job_of(db, handler, done_id)
+    # The message names the quick run's first job; carrying on runs its second stage
+    # beside the stuck one, which the deadline cuts off.
+    response = handler(sqs_event(json.dumps({"job_id": job_id})), FakeContext(2_500))
+    assert response == {"batchItemFailures": []}
+    assert _runs(db, done_id)[0].status is RunStatus.COMPLETED
+    stuck_jobs = [j for j in _jobs(handler) if j.workflow_run_id == stuck_id]
+    assert [(j.status, j.worker_id) for j in stuck_jobs] == [(JobStatus.QUEUED, None)]
 
 
 def test_malformed_message_is_the_only_batch_failure(

@@ -86,3 +86,7 @@ async def test_failed_checks_are_counted_in_storage_and_fail_the_run_at_the_boun
     assert "ConnectionError: status endpoint down" in (run.error or "")
     kinds = [e.type for e in events]  # type: ignore[attr-defined]
     assert kinds[-2:] == ["stage:failed", "workflow:failed"]
+    # The last failed check's traceback, through the check function, is kept too.
+    assert stage.error_traceback is not None
+    assert 'raise ConnectionError("status endpoint down")' in stage.error_traceback
+    assert events[-2].traceback == stage.error_traceback  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ in-progress keys are refused until reclaimed after ten minutes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 
 import pytest
@@ -62,6 +63,59 @@ async def test_run_create_key_found_on_run_when_cache_missing() -> None:
     assert again.workflow_run_id == first.workflow_run_id
     assert again.created is False
     assert len(te.persistence.runs) == 1
+
+
+def _reuse_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "run.idempotency_key_reused" in r.getMessage()
+    ]
+
+
+@pytest.mark.parametrize("cache", ["cached", "cache-cleared"])
+async def test_key_reused_with_another_input_warns_naming_the_key(
+    caplog: pytest.LogCaptureFixture, cache: str
+) -> None:
+    """Starting again with the same key but a different input still returns the first
+    run (documented), and logs a warning that names the key and the run, whether the
+    replay is answered from the command cache or from the run's own key. The same input
+    again logs nothing."""
+    te = TestEngine([WF])
+    first = await te.start("echo-wf", {"n": 1}, idempotency_key="order-123")
+    if cache == "cache-cleared":
+        te.persistence.idempotency.clear()
+    with caplog.at_level(logging.WARNING, logger="treadle"):
+        same = await te.start("echo-wf", {"n": 1}, idempotency_key="order-123")
+        assert _reuse_warnings(caplog) == []
+        other = await te.start("echo-wf", {"n": 2}, idempotency_key="order-123")
+    assert same.run_id == other.run_id == first.run_id
+    assert len(te.persistence.runs) == 1
+    [warning] = _reuse_warnings(caplog)
+    assert "order-123" in warning
+    assert first.run_id in warning
+    assert "different input" in warning
+
+
+async def test_key_reused_in_start_many_with_another_input_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``run.createMany`` warns the same way for an item whose key names a stored run
+    with another input."""
+    te = TestEngine([WF])
+    await te.start("echo-wf", {"n": 1}, idempotency_key="batch-key")
+    with caplog.at_level(logging.WARNING, logger="treadle"):
+        await te.dispatch(
+            c.RunCreateMany(
+                items=[
+                    c.RunCreateItem(
+                        workflow_id="echo-wf", input={"n": 5}, idempotency_key="batch-key"
+                    )
+                ]
+            )
+        )
+    [warning] = _reuse_warnings(caplog)
+    assert "batch-key" in warning
 
 
 async def test_keys_are_scoped_by_command_type() -> None:
