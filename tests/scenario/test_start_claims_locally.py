@@ -108,3 +108,43 @@ async def test_an_idempotent_restart_hands_nothing_to_the_worker(engine: Engine)
     assert run.stages[0].attempt == 1
     started = [e for e in await run_events(engine, one.run_id) if e.type == "stage:started"]  # type: ignore[attr-defined]
     assert len(started) == 1
+
+
+async def test_runs_started_one_at_a_time_cost_the_worker_no_dequeue(engine: Engine) -> None:
+    """A worker whose queue was found drained does not dequeue when a run it was handed
+    finishes (nothing was queued meanwhile): ten runs, one after the other, and no
+    dequeue beyond the worker's first. A job queued by another start wakes it still."""
+    transport: Any = engine.kernel.deps.job_transport
+    original = transport.dequeue
+    dequeues: list[int] = []
+
+    async def counted(*args: Any, **kw: Any) -> Any:
+        jobs = await original(*args, **kw)
+        dequeues.append(len(jobs))
+        return jobs
+
+    transport.dequeue = counted
+    wake_source: Any = engine.backend.wake_source if engine.backend else None
+    if wake_source is not None:  # connected first: its catch-up wake-up comes before
+        engine.run_waiters.forget("-", engine.run_waiters.waiter("-"))  # subscribes
+        await wake_source.wait_listening()
+    try:
+        async with engine.worker(concurrency=2, job_poll_interval=60.0):
+            while not dequeues:  # the job loop's first dequeue: the queue is empty
+                await asyncio.sleep(0)
+            for i in range(10):
+                handle = await engine.start("wf", {"n": i})
+                assert await asyncio.wait_for(handle.result(), WAIT) == {"n": i}
+            assert dequeues == [0]
+            # A start that finds no free slot queues its run for any worker: its wake-up
+            # ends the drained state, and the worker dequeues and runs it.
+            GATE["gate"] = gate = asyncio.Event()
+            held = [await engine.start("wf", {"n": 100 + i}) for i in range(2)]
+            queued = await engine.start("wf", {"n": 200})
+            gate.set()
+            assert await asyncio.wait_for(queued.result(), WAIT) == {"n": 200}
+            for h in held:
+                await asyncio.wait_for(h.result(), WAIT)
+    finally:
+        transport.dequeue = original
+        GATE.clear()
