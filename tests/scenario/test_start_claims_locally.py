@@ -117,10 +117,12 @@ async def test_runs_started_one_at_a_time_cost_the_worker_no_dequeue(engine: Eng
     transport: Any = engine.kernel.deps.job_transport
     original = transport.dequeue
     dequeues: list[int] = []
+    first_dequeue = asyncio.Event()
 
     async def counted(*args: Any, **kw: Any) -> Any:
         jobs = await original(*args, **kw)
         dequeues.append(len(jobs))
+        first_dequeue.set()
         return jobs
 
     transport.dequeue = counted
@@ -130,8 +132,7 @@ async def test_runs_started_one_at_a_time_cost_the_worker_no_dequeue(engine: Eng
         await wake_source.wait_listening()
     try:
         async with engine.worker(concurrency=2, job_poll_interval=60.0):
-            while not dequeues:  # the job loop's first dequeue: the queue is empty
-                await asyncio.sleep(0)
+            await asyncio.wait_for(first_dequeue.wait(), WAIT)  # it finds the queue empty
             for i in range(10):
                 handle = await engine.start("wf", {"n": i})
                 assert await asyncio.wait_for(handle.result(), WAIT) == {"n": i}
