@@ -140,8 +140,12 @@ class Scope:
 
     def __init__(self, deps: Deps, command: c.CommandBase, *, phased: bool) -> None:
         self.key = command.idempotency_key
+        if self.key is not None and isinstance(command, c.RunCreate):
+            # A run's idempotency key is unique per workflow, not globally: the cached
+            # result of one workflow's start must not answer another's.
+            self.key = f"{command.workflow_id}\x1f{self.key}"
         self.command_type: str = command.type  # type: ignore[attr-defined]
-        self.causation_id = self.key
+        self.causation_id = command.idempotency_key
         self._deps = deps
         self._phased = phased
         self.claimed = False

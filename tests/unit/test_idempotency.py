@@ -65,6 +65,28 @@ async def test_run_create_key_found_on_run_when_cache_missing() -> None:
     assert len(te.persistence.runs) == 1
 
 
+async def test_run_create_keys_are_per_workflow() -> None:
+    """The same idempotency key on two workflows starts two runs (a run's key is unique
+    per workflow): the first workflow's cached result does not answer the second's, and
+    each replay returns its own workflow's run."""
+    other = WorkflowBuilder("other-wf", input=In).pipe(echo).build()
+    te = TestEngine([WF, other])
+    first = await te.dispatch(
+        c.RunCreate(workflow_id="echo-wf", input={"n": 1}, idempotency_key="order-1")
+    )
+    second = await te.dispatch(
+        c.RunCreate(workflow_id="other-wf", input={"n": 1}, idempotency_key="order-1")
+    )
+    assert second.workflow_run_id != first.workflow_run_id
+    assert second.created is True
+    assert {r.workflow_id for r in te.persistence.runs.values()} == {"echo-wf", "other-wf"}
+    for workflow_id, expected in (("echo-wf", first), ("other-wf", second)):
+        again = await te.dispatch(
+            c.RunCreate(workflow_id=workflow_id, input={"n": 1}, idempotency_key="order-1")
+        )
+        assert again.workflow_run_id == expected.workflow_run_id
+
+
 def _reuse_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
