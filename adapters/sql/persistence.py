@@ -369,6 +369,15 @@ _PG_INSERT_RUNS = pg_bulk.insert_select(
     suffix="ON CONFLICT DO NOTHING",
     once=f"pg_notify('{NOTIFY_CHANNEL}', 'run')",
 ).execution_options(preserve_rowcount=True)
+_PG_INSERT_CLAIMED_RUNS = pg_bulk.insert_select(
+    t.runs,
+    _PG_NEW_RUN_ROWS,
+    {name: _PG_NEW_RUN_ROWS.value(name) for name in _RUN_COLUMNS},
+    order_by="i",
+    suffix="ON CONFLICT DO NOTHING",
+).execution_options(preserve_rowcount=True)
+"""``_PG_INSERT_RUNS`` without the NOTIFY: runs inserted already claimed are no
+claimable work for other workers."""
 _INSERT_OUTBOX = sa.insert(t.outbox)
 _NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
 _PG_NOTIFY_ENDED = sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :payload)")
@@ -601,7 +610,8 @@ class SqlTransaction:
 
         PostgreSQL: one statement of one JSON parameter (pg_bulk.py) that also sends
         ``NOTIFY treadle_jobs, 'run'`` (delivered on commit: a PENDING run is claimable
-        work), so a ``run.create`` pays no round trip of its own for the wake-up. The rows
+        work; none for runs inserted already claimed), so a ``run.create`` pays no round
+        trip of its own for the wake-up. The rows
         go in key order: two transactions inserting overlapping keys (or ids) take them
         in the same order, so one waits for the other instead of deadlocking. SQLite:
         the prebuilt insert, executed many times for many rows; its workers poll."""
@@ -609,8 +619,12 @@ class SqlTransaction:
         if self.is_postgres:
             for i, row in enumerate(sorted(rows, key=_new_run_order)):
                 row["i"] = i
-            result = await self.execute(_PG_INSERT_RUNS, what, _PG_NEW_RUN_ROWS.encode(rows))
-            self._notified.add("run")
+            if any(run.status is RunStatus.PENDING for run in runs):
+                statement = _PG_INSERT_RUNS
+                self._notified.add("run")
+            else:
+                statement = _PG_INSERT_CLAIMED_RUNS
+            result = await self.execute(statement, what, _PG_NEW_RUN_ROWS.encode(rows))
         else:
             stmt = self.prepared("insert_run", _insert_run_statement)
             result = await self.execute(stmt, what, rows[0] if len(rows) == 1 else rows)

@@ -153,24 +153,26 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
                 await scope.complete(tx, result)
             return result
         run = _new_run(deps, wf, cmd, input_json, config_json, now)
-        await tx.insert_run(run)
-        if cmd.execution_timeout is not None:
-            await request_execution_timeout(tx, run, cmd.execution_timeout, now)
         stages = _new_stages(wf, run)
-        await tx.insert_stages(stages)
         created = _created(run, scope.causation_id, now)
         claim_for = cmd.claim_for if cmd.signal is None else None
         if claim_for is not None and not deps.chains.allows(claim_for):
             claim_for = None  # that worker is stopping: the run waits for a claim
         started: list[Any] = []
-        if claim_for is not None:
+        if claim_for is not None and cmd.execution_timeout is None:
+            started = await _insert_claimed(deps, tx, scope, run, stages, claim_for, created, now)
+        if started:
+            pass  # inserted as claimed and started, in four statements
+        elif claim_for is not None:
             # In-process start: claim the run for the caller's worker in this same
             # commit and start its first stage there (no claim transaction, no wake-up).
+            await _insert_new(tx, run, stages, cmd, now)
             fresh = stages if cmd.execution_timeout is None else None  # else a timer to read
             _, started = await _claim_runs(
                 deps, tx, claim_for, scope, [run], 1, now, prior_events=[created], fresh=fresh
             )
         else:
+            await _insert_new(tx, run, stages, cmd, now)
             await tx.append_events([created])
         if cmd.signal is not None:
             await _deliver(deps, tx, run, cmd, signal_payload, now)
@@ -214,6 +216,58 @@ def _warn_if_reused(
                 f"different {' and '.join(differs)}; returning that run unchanged"
             ),
         )
+
+
+async def _insert_new(
+    tx: Transaction, run: Run, stages: list[StageRun], cmd: c.RunCreate, now: datetime
+) -> None:
+    """The new run PENDING and its stages, as any ``run.create`` writes them."""
+    await tx.insert_run(run)
+    if cmd.execution_timeout is not None:
+        await request_execution_timeout(tx, run, cmd.execution_timeout, now)
+    await tx.insert_stages(stages)
+
+
+async def _insert_claimed(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    run: Run,
+    stages: list[StageRun],
+    worker_id: str,
+    created: EventBase,
+    now: datetime,
+) -> list[Any]:
+    """An in-process start (``claim_for``) of a run without timers, written as the claim
+    leaves it: the claim runs against a ``WriteBuffer`` holding the new run and stages
+    (nothing read, nothing written yet), and its result is inserted once, run RUNNING,
+    first job leased, first stage RUNNING, events: four statements instead of a PENDING
+    insert and the claim's updates (and no ``NOTIFY`` of a claimable run, which no other
+    worker could take). Returns the started stage to hand off, or ``[]`` when the claim
+    needs more than the buffer carries (a workflow's execution timeout: a timer): then
+    the caller inserts and claims as usual, nothing having been written."""
+    buffer = WriteBuffer(tx, {run.id: run}, {run.id: list(stages)}, {})
+    buffered, buffered_tx = buffer.stand_in(deps)
+    try:
+        _, started = await _claim_runs(
+            buffered,
+            buffered_tx,
+            worker_id,
+            scope,
+            [run],
+            1,
+            now,
+            prior_events=[created],
+            fresh=stages,
+        )
+    except NotBatchableError:
+        return []
+    claimed_run, claimed_stages = buffer.written_state(run.id)
+    await tx.insert_run(claimed_run)
+    await deps.job_transport.enqueue(tx, buffer.new_jobs)
+    await tx.insert_stages(claimed_stages)
+    await tx.append_events(buffer.events)
+    return started
 
 
 async def create_many(deps: Deps, cmd: c.RunCreateMany, scope: Scope) -> c.RunCreateManyResult:

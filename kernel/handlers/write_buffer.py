@@ -118,6 +118,13 @@ class WriteBuffer:
     def __getattr__(self, name: str) -> NoReturn:
         raise NotBatchableError(f"Transaction.{name} is not carried by a group commit")
 
+    def written_state(self, run_id: str) -> tuple[Run, list[StageRun]]:
+        """The run and its stages as the collected writes leave them (for rows not
+        stored yet, which the caller inserts in that state instead of updating)."""
+        run = self._runs[run_id]
+        stages = self._stages[run_id]
+        return run, list(stages)
+
     # -- the flush ----------------------------------------------------------------
     async def flush(self, transport: JobTransport) -> None:
         """Write everything collected, one statement per kind. The runs go first: their
