@@ -500,13 +500,22 @@ class Engine:
         command = _build(c.RunCancel, "cancel", workflow_run_id=run_id, reason=reason)
         return (await self.kernel.dispatch(command)).cancelled
 
-    async def rerun_from(self, run_id: str, stage_id: str) -> c.RunRerunFromResult:
+    async def rerun_from(
+        self, run_id: str, stage_id: str, *, config: Mapping[str, Any] | None = None
+    ) -> c.RunRerunFromResult:
         """Reset ``stage_id`` and every later stage of a finished run and run them again;
         the result lists the reset stages. ``await engine.handle(run_id).result()``
-        waits for the new outcome."""
+        waits for the new outcome. ``config`` (``{stage_id: {...}}``) replaces the config
+        of reset stages, validated like ``start``'s, so a run that failed on a bad config
+        can be fixed and re-run; naming a stage the rerun keeps is an
+        ``InvalidConfigError``."""
         self._check_open()
         command = _build(
-            c.RunRerunFrom, "rerun_from", workflow_run_id=run_id, from_stage_id=stage_id
+            c.RunRerunFrom,
+            "rerun_from",
+            workflow_run_id=run_id,
+            from_stage_id=stage_id,
+            config=None if config is None else _mapping(config, "config"),
         )
         result = await self.kernel.dispatch(command)
         self._notify()
