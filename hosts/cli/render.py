@@ -266,12 +266,13 @@ def timers_table(timers: Sequence[Timer]) -> Table:
 
 
 def attempts_table(events: Sequence[EventBase]) -> Table | None:
-    """Every stage attempt that failed, from the run's events (``None`` if none did)."""
-    failures = [e for e in events if getattr(e, "type", "") == "stage:failed"]
+    """Every stage attempt, or code-workflow step attempt, that failed, from the run's
+    events (``None`` if none did)."""
+    failures = [e for e in events if getattr(e, "type", "") in ("stage:failed", "step:failed")]
     if not failures:
         return None
     table = Table(title="failed attempts", title_justify="left")
-    table.add_column("stage", no_wrap=True)
+    table.add_column("stage / step", no_wrap=True)
     table.add_column("att", justify="right")
     table.add_column("at (UTC)", no_wrap=True)
     table.add_column("retry")
@@ -279,8 +280,10 @@ def attempts_table(events: Sequence[EventBase]) -> Table | None:
     for event in failures:
         retry_at = getattr(event, "retry_at", None)
         retry = f"at {fmt_time(retry_at)}" if getattr(event, "will_retry", False) else "no"
+        name = getattr(event, "stage_id", None) or getattr(event, "step", "")
+        occurrence = getattr(event, "occurrence", 1)
         table.add_row(
-            str(getattr(event, "stage_id", "")),
+            f"{name}#{occurrence}" if occurrence > 1 else str(name),
             str(getattr(event, "attempt", "")),
             fmt_time(event.timestamp),
             retry,

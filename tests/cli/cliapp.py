@@ -194,3 +194,19 @@ async def clip(ctx: StageContext[Greeting, ClipConfig]) -> Greeting:
 
 clipped = WorkflowBuilder("clipped", input=Name).pipe(greet).pipe(clip).build()
 workflows.append(clipped)
+
+
+def refuse(name: str) -> str:
+    raise ValueError(f"refusing {name}")
+
+
+@workflow(id="refuser", input=Name, output=Greeting)
+async def refuser(ctx: WorkflowContext, req: Name) -> Greeting:
+    """A step that fails both its attempts: runs show lists them and the failed entry."""
+    text: str = await ctx.step(
+        "refuse", refuse, req.name, retry=RetryPolicy(max_attempts=2, initial_delay=0.01)
+    )
+    return Greeting(text=text)
+
+
+workflows.append(refuser)

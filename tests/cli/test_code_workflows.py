@@ -160,3 +160,20 @@ def test_rerun_with_config_fixes_a_bad_config(db_url: str, invoke: Invoke) -> No
     assert run["status"] == "COMPLETED"
     assert run["output"] == {"text": "hello ada?"}
     assert run["config"] == {"greet": {"punctuation": "?"}, "clip": {"max_length": 50}}
+
+
+def test_runs_show_lists_failed_step_attempts(db_url: str, invoke: Invoke) -> None:
+    """A step that failed for good shows as FAILED with its attempts in the journal, and
+    each failed attempt is listed with its error and whether it was retried."""
+    run_id = started(invoke("start", "refuser", '{"name": "ada"}'))
+    drive(db_url, run_id, {"FAILED"})
+    text = invoke("runs", "show", run_id).stdout
+    journal, attempts = text.split("steps (journal)")[1].split("failed attempts")
+    step_line = next(line for line in journal.splitlines() if " refuse " in line)
+    assert "FAILED" in step_line
+    assert "│   2 │" in step_line  # attempts
+    failed = [line for line in attempts.splitlines() if " refuse " in line]
+    assert len(failed) == 2
+    assert "at " in failed[0]  # retried at a time
+    assert "│ no " in failed[1]
+    assert all("refusing ada" in line for line in failed)

@@ -152,3 +152,16 @@ def test_runs_list_filters_on_search_attributes(db_url: str, invoke: Invoke) -> 
     }
     line = one_error_line(invoke("runs", "list", "--attr", "tier"))
     assert "--attr: 'tier' is not key=value" in line
+
+
+@pytest.mark.postgres
+def test_migrate_db_after_the_command_on_postgresql(postgres_url: str) -> None:
+    """On an empty PostgreSQL database, commands refuse the schema and say to run
+    `treadle migrate --db <url>`; running exactly that works, and then they do."""
+    before = raw("runs", "list", "--db", postgres_url)
+    assert "treadle migrate --db <url>" in one_error_line(before)
+    migrated = raw("migrate", "--db", postgres_url)
+    assert migrated.exit_code == 0, migrated.output
+    after = raw("runs", "list", "--db", postgres_url, "--json")
+    assert after.exit_code == 0, after.output
+    assert json.loads(after.stdout) == []
