@@ -190,7 +190,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'treadle' has no attribute {name!r}")
     if name == "Engine":
         module = "treadle.engine"
-    elif name == "migrate":  # ``treadle.migrate(url)``: needs the sql extra, loaded on use
+    elif name == "migrate":  # ``treadle.migrate(url)``: SQLAlchemy loaded on use
         module = "treadle.adapters.sql.migrate"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"

@@ -105,6 +105,20 @@ def _aware(value: Any, argument: str) -> datetime | None:
     return value
 
 
+def _statuses(value: Any) -> tuple[RunStatus | None, frozenset[RunStatus]]:
+    """``status`` as ``RunFilter`` takes it: one status, or several (any of them)."""
+    if isinstance(value, list | tuple | set | frozenset):
+        if not value:
+            raise _invalid("status", "must name at least one status, got an empty collection")
+        if any(item is None for item in value):
+            raise _invalid("status", f"must list statuses, got None in {value!r}")
+        several = frozenset(s for s in map(_status, value) if s is not None)
+        if len(several) == 1:
+            return next(iter(several)), frozenset()
+        return None, several
+    return _status(value), frozenset()
+
+
 def _filter(
     *,
     status: Any,
@@ -120,8 +134,10 @@ def _filter(
     attrs = dict(attributes) if isinstance(attributes, Mapping) else attributes
     if attrs is not None:
         validate_attributes(attrs, field="attributes")
+    one, several = _statuses(status)
     return RunFilter(
-        status=_status(status),
+        status=one,
+        statuses=several,
         workflow_id=workflow_id,
         created_after=_aware(created_after, "created_after"),
         created_before=_aware(created_before, "created_before"),
@@ -484,13 +500,22 @@ class Engine:
         command = _build(c.RunCancel, "cancel", workflow_run_id=run_id, reason=reason)
         return (await self.kernel.dispatch(command)).cancelled
 
-    async def rerun_from(self, run_id: str, stage_id: str) -> c.RunRerunFromResult:
+    async def rerun_from(
+        self, run_id: str, stage_id: str, *, config: Mapping[str, Any] | None = None
+    ) -> c.RunRerunFromResult:
         """Reset ``stage_id`` and every later stage of a finished run and run them again;
         the result lists the reset stages. ``await engine.handle(run_id).result()``
-        waits for the new outcome."""
+        waits for the new outcome. ``config`` (``{stage_id: {...}}``) replaces the config
+        of reset stages, validated like ``start``'s, so a run that failed on a bad config
+        can be fixed and re-run; naming a stage the rerun keeps is an
+        ``InvalidConfigError``."""
         self._check_open()
         command = _build(
-            c.RunRerunFrom, "rerun_from", workflow_run_id=run_id, from_stage_id=stage_id
+            c.RunRerunFrom,
+            "rerun_from",
+            workflow_run_id=run_id,
+            from_stage_id=stage_id,
+            config=None if config is None else _mapping(config, "config"),
         )
         result = await self.kernel.dispatch(command)
         self._notify()
@@ -649,7 +674,7 @@ class Engine:
 
     async def list(
         self,
-        status: str | RunStatus | None = None,
+        status: str | RunStatus | Iterable[str | RunStatus] | None = None,
         workflow_id: str | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,
@@ -660,6 +685,7 @@ class Engine:
         parent_run_id: str | None = None,
     ) -> builtins.list[Run]:
         """Runs matching every given filter, newest first (without stages).
+        ``status`` is one status or a list of them (any one matches);
         ``created_after`` is inclusive, ``created_before`` exclusive; ``parent_run_id``
         selects the children a code workflow started with ``ctx.child``."""
         self._check_open()
@@ -682,7 +708,7 @@ class Engine:
         self,
         by: Literal["status", "workflow_id"] = "status",
         *,
-        status: str | RunStatus | None = None,
+        status: str | RunStatus | Iterable[str | RunStatus] | None = None,
         workflow_id: str | None = None,
         created_after: datetime | None = None,
         created_before: datetime | None = None,

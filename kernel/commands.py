@@ -145,6 +145,9 @@ class RunRerunFrom(CommandBase):
     type: Literal["run.rerunFrom"] = "run.rerunFrom"
     workflow_run_id: Text = Field(min_length=1)
     from_stage_id: Text = Field(min_length=1)
+    config: dict[str, JsonValue] | None = None
+    """New config of stages the rerun resets, ``{stage_id: {...}}``, validated as
+    ``run.create``'s; stages it does not name keep theirs. ``None``: no change."""
 
 
 class RunRerunFromResult(ResultBase):

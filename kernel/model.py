@@ -219,6 +219,8 @@ class RunFilter(_Frozen):
     """What ``list_runs`` selects; every field narrows the result."""
 
     status: RunStatus | None = None
+    statuses: frozenset[RunStatus] = frozenset()
+    """Any one of these statuses (empty: no constraint); ``Engine.list(status=[...])``."""
     workflow_id: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None

@@ -183,8 +183,8 @@ def _sql_adapters() -> Any:
         import treadle.adapters.sql as sql
     except ImportError as exc:
         raise TreadleError(
-            f"SQL backends need the 'sql' extra (pip install 'treadle[sql]', or "
-            f"'treadle[postgres]' for PostgreSQL): {exc}"
+            "SQL backends need SQLAlchemy, Alembic and aiosqlite, which `pip install treadle` "
+            f"installs ('treadle[postgres]' adds PostgreSQL's driver): {exc}"
         ) from exc
     return sql
 

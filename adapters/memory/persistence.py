@@ -813,6 +813,8 @@ def _in_id_order(index: dict[int, Any]) -> None:
 def _matches(run: Run, f: RunFilter) -> bool:
     if f.status is not None and run.status is not f.status:
         return False
+    if f.statuses and run.status not in f.statuses:
+        return False
     if f.workflow_id is not None and run.workflow_id != f.workflow_id:
         return False
     if f.created_after is not None and run.created_at < f.created_after:

@@ -779,6 +779,8 @@ class SqlTransaction:
         conditions: list[Any] = []
         if f.status is not None:
             conditions.append(c.status == f.status.value)
+        if f.statuses:
+            conditions.append(c.status.in_(sorted(s.value for s in f.statuses)))
         if f.workflow_id is not None:
             conditions.append(c.workflow_id == f.workflow_id)
         if f.created_after is not None:

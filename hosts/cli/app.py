@@ -1,8 +1,9 @@
 """The ``treadle`` Typer application: global options and command registration.
 
 ``--app module:attr`` names the workflows (``TREADLE_APP``), ``--db`` the database
-(``TREADLE_DATABASE_URL``, default ``sqlite:///treadle.db``). Commands live in
-``commands``, ``runs``, ``doctor`` and ``demo``; this module only wires them.
+(``TREADLE_DATABASE_URL``, default ``sqlite:///treadle.db``); each command takes them
+too (``common.DbOption``). Commands live in ``commands``, ``steer``, ``runs``,
+``doctor`` and ``demo``; this module only wires them.
 """
 
 from __future__ import annotations
@@ -11,11 +12,19 @@ from typing import Annotated
 
 import typer
 
-from treadle.hosts.cli import commands
+from treadle.hosts.cli import commands, steer
 from treadle.hosts.cli.common import APP_ENV, DB_ENV, DEFAULT_DB, CliState
 from treadle.hosts.cli.demo import demo
 from treadle.hosts.cli.doctor import doctor
 from treadle.hosts.cli.runs import runs_app
+
+
+def _version(value: bool) -> None:
+    if value:
+        from treadle import __version__
+
+        typer.echo(f"treadle {__version__}")
+        raise typer.Exit()
 
 
 def _root(
@@ -38,6 +47,15 @@ def _root(
             help="Database URL: sqlite:///file.db, postgresql+psycopg://..., memory://.",
         ),
     ] = DEFAULT_DB,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Treadle: run, watch and repair durable workflows."""
     ctx.obj = CliState(db=db, app=app)
@@ -54,6 +72,8 @@ def build_app() -> typer.Typer:
     )
     app.callback()(_root)
     commands.register(app)
+    for fn in (steer.query, steer.update, steer.review):
+        app.command()(fn)
     app.add_typer(runs_app, name="runs")
     app.command()(doctor)
     app.command()(demo)

@@ -14,6 +14,8 @@ import typer
 
 from treadle.hosts.cli.common import (
     EXIT_FAILURE,
+    AppOption,
+    DbOption,
     console,
     echo_json,
     fail,
@@ -25,10 +27,11 @@ from treadle.hosts.cli.common import (
     seconds_option,
     state,
 )
-from treadle.kernel.errors import StorageError
+from treadle.kernel.errors import NotSupportedError, StorageError
 from treadle.kernel.model import RunStatus
 
 if TYPE_CHECKING:
+    from treadle.engine import Engine
     from treadle.runtime.tick import TickReport
 
 
@@ -36,9 +39,11 @@ if TYPE_CHECKING:
 def migrate(
     ctx: typer.Context,
     revision: Annotated[str, typer.Option(help="Alembic revision to upgrade to.")] = "head",
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Create or upgrade the database schema (run once per deploy on PostgreSQL)."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> tuple[str | None, str | None, str]:
         from treadle.runtime.backends import backend_kind
@@ -94,9 +99,11 @@ def worker(
     stale_lease_threshold: Annotated[
         float, seconds_option("Seconds without heartbeat before a job is reaped.", at_least=0.01)
     ] = 60.0,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Run a long-lived worker until SIGTERM/SIGINT (graceful drain)."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
     if cli.app is None:
         typer.echo("error: the worker needs the app: pass --app module:attr", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG)
@@ -176,9 +183,11 @@ def tick(
     stuck_threshold: Annotated[
         float, seconds_option("Seconds without activity before a run is stuck.", at_least=0.01)
     ] = 1800.0,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Run one maintenance tick (for cron); exit 1 naming any failed step."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> TickReport:
         from treadle.runtime.tick import maintenance_tick
@@ -237,16 +246,18 @@ def start(
         bool, typer.Option(help="With --wait: execute the run in this process.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Start a run; prints its id (with --wait: its progress and output)."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> tuple[str, Any]:
         payload = parse_json(input_json, "INPUT")
         stage_config = parse_json(config, "--config")
         if stage_config is not None and not isinstance(stage_config, dict):
             fail("--config must be a JSON object mapping stage id to config")
-        async with open_engine(cli, need_app=True) as engine:
+        async with open_engine(cli, need_app=True, create=True) as engine:
             handle = await engine.start(
                 workflow_id,
                 payload,
@@ -307,9 +318,11 @@ def signal(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Sending again with this key is a no-op.")
     ] = None,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Deliver a signal to a run waiting in ctx.wait_for_signal (code workflows)."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> bool:
         payload = parse_json(payload_json, "PAYLOAD")
@@ -326,9 +339,11 @@ def cancel(
     ctx: typer.Context,
     run_id: Annotated[str, typer.Argument(help="The run to cancel.")],
     reason: Annotated[str | None, typer.Option(help="Recorded on the run.")] = None,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Cancel a run and all its unfinished stages."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> bool:
         async with open_engine(cli) as engine:
@@ -344,17 +359,50 @@ def rerun(
     ctx: typer.Context,
     run_id: Annotated[str, typer.Argument(help="A finished run.")],
     stage_id: Annotated[str, typer.Argument(help="Reset this stage and every later one.")],
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="New config of reset stages as JSON ({stage_id: {...}}), or @file; "
+            "stages it does not name keep theirs."
+        ),
+    ] = None,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
-    """Re-run a finished run from a stage (its outputs and later ones are discarded)."""
-    cli = state(ctx)
+    """Re-run a finished run from a stage (its outputs and later ones are discarded),
+    optionally with a corrected --config. Code workflows: use `treadle fork`."""
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> list[str]:
+        stage_config = parse_json(config, "--config")
+        if stage_config is not None and not isinstance(stage_config, dict):
+            fail("--config must be a JSON object mapping stage id to config")
         async with open_engine(cli, need_app=True) as engine:
-            result = await engine.rerun_from(run_id, stage_id)
+            try:
+                result = await engine.rerun_from(run_id, stage_id, config=stage_config)
+            except NotSupportedError:
+                await _suggest_fork(engine, run_id)
+                raise
             return list(result.deleted_stages)
 
     reset = run_async(go, db=cli.db)
     typer.echo(f"rerunning {run_id} from {stage_id}: reset {', '.join(reset) or 'nothing'}")
+
+
+async def _suggest_fork(engine: Engine, run_id: str) -> None:
+    """``rerun`` of a code workflow: say what to run instead, with the run's step names."""
+    from treadle.hosts.cli.runs import is_code_run
+
+    run = await engine.get_run(run_id)
+    if not is_code_run(run):
+        return
+    steps = list(dict.fromkeys(e.name for e in await engine.journal(run_id) if e.kind == "step"))
+    known = f" (its steps: {', '.join(steps)})" if steps else ""
+    fail(
+        f"run {run_id} is a code workflow ({run.workflow_id}): rerun resets pipeline stages; "
+        f"use `treadle fork {run_id} --from-step NAME` to run a step and everything after "
+        f"it again in a new run{known}"
+    )
 
 
 def fork(
@@ -372,10 +420,12 @@ def fork(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Forking again with this key returns the same run.")
     ] = None,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Start a new run of a code workflow that reuses a run's journal up to a step;
     prints the new run's id (the source run is left as it is)."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> str:
         async with open_engine(cli, need_app=True) as engine:
@@ -395,9 +445,11 @@ def events(
     after: Annotated[int, typer.Option(min=0, help="Only events after this sequence.")] = 0,
     poll_interval: Annotated[float, seconds_option("Seconds between reads.", at_least=0.01)] = 0.5,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Print a run's events in order (--follow tails them live)."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> None:
         import json

@@ -5,6 +5,11 @@ Commands are thin: parse arguments, open the engine the global ``--db`` / ``--ap
 name, call one ``Engine`` method, render. ``run_async`` is the one place where an
 exception becomes an exit code, so no command can leak a traceback for bad input,
 an unreachable database or a ``TreadleError``.
+
+``--db`` and ``--app`` are options of the root and of each command (``DbOption``,
+``AppOption``), because users type them on either side of the command name
+(``treadle migrate --db URL``); ``state(ctx, db=..., app=...)`` merges the two, the
+command's own value winning.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -63,11 +69,40 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def state(ctx: typer.Context) -> CliState:
-    """The global options of this invocation (defaults when a test calls a command alone)."""
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        metavar="URL",
+        show_default=False,
+        help=f"Database URL (as the global --db; default ${DB_ENV} or {DEFAULT_DB}).",
+    ),
+]
+"""A command's own ``--db``: given after the command name, it wins over the root's."""
+
+AppOption = Annotated[
+    str | None,
+    typer.Option(
+        "--app",
+        metavar="MODULE:ATTR",
+        show_default=False,
+        help=f"The workflows (as the global --app; default ${APP_ENV}).",
+    ),
+]
+"""A command's own ``--app``: given after the command name, it wins over the root's."""
+
+
+def state(ctx: typer.Context, *, db: str | None = None, app: str | None = None) -> CliState:
+    """The global options of this invocation (defaults when a test calls a command alone),
+    with the command's own ``--db`` / ``--app`` (``db``, ``app``) in place of the root's."""
     root = ctx.find_root()
     found = root.obj
-    return found if isinstance(found, CliState) else CliState()
+    cli = found if isinstance(found, CliState) else CliState()
+    if db is not None:
+        cli = replace(cli, db=db)
+    if app is not None:
+        cli = replace(cli, app=app)
+    return cli
 
 
 def one_line(text: str) -> str:
@@ -214,11 +249,38 @@ def load_app(app: str | None, *, required: bool) -> list[WorkflowDefinition]:
     return list(load_workflows(app))
 
 
+def require_database(url: str) -> None:
+    """Fail unless the SQLite file ``url`` names exists (other backends pass).
+
+    ``Engine.open`` creates a missing SQLite file, which is right for ``start`` and the
+    worker but wrong for a command that only reads or steers existing runs: a typo in
+    ``--db`` would create and migrate an empty database and answer ``0 run(s)``."""
+    from treadle.runtime.backends import backend_kind
+
+    if backend_kind(url) != "sqlite":
+        return
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return  # Engine.open names what is wrong with such a URL
+    if not Path(database).expanduser().is_file():
+        fail(
+            f"no SQLite database at {database!r}: the file does not exist (check --db or "
+            f"{DB_ENV}; `treadle migrate`, `start` and `worker` create one)"
+        )
+
+
 @asynccontextmanager
-async def open_engine(cli: CliState, *, need_app: bool = False) -> AsyncIterator[Engine]:
-    """An ``Engine`` on ``--db`` with the ``--app`` workflows, closed on exit."""
+async def open_engine(
+    cli: CliState, *, need_app: bool = False, create: bool = False
+) -> AsyncIterator[Engine]:
+    """An ``Engine`` on ``--db`` with the ``--app`` workflows, closed on exit. Without
+    ``create`` a SQLite file must already exist (``require_database``)."""
     from treadle.engine import Engine
 
+    if not create:
+        require_database(cli.db)
     workflows = load_app(cli.app, required=need_app)
     engine = await Engine.open(cli.db, workflows=workflows, logger=quiet_logger())
     try:

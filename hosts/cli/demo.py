@@ -1,12 +1,12 @@
 """``treadle demo``: the example document pipeline, for real, in a few seconds.
 
-Runs ``examples/document_pipeline.py`` on an embedded SQLite file with an
-in-process worker: three documents go through extract-text, a parallel group
-(sentiment and keywords; keywords fails its first attempt and is retried with
-backoff), a batch stage that suspends until its job is ready and resumes, and an
-aggregate. Live progress bars show each run; afterwards it prints each run's
-results and what the engine did (retries, suspensions, parallel stages), read
-back from the stored runs and events. Exit 0 only when every run completed.
+Runs ``treadle.examples.document_pipeline`` (``examples/document_pipeline.py``, shipped
+in the package) on an embedded SQLite file with an in-process worker: three documents
+go through extract-text, a parallel group (sentiment and keywords; keywords fails its
+first attempt and is retried with backoff), a batch stage that suspends until its job
+is ready and resumes, and an aggregate. Live progress bars show each run; afterwards it
+prints each run's results and what the engine did (retries, suspensions, parallel
+stages), read back from the stored runs and events. Exit 0 only when every run completed.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _example() -> Any:
     try:
         return importlib.import_module(EXAMPLE_MODULE)
     except ImportError as exc:
-        fail(f"the demo needs the examples/ directory of a source checkout ({exc})")
+        fail(f"the demo's workflow {EXAMPLE_MODULE} is missing from this install ({exc})")
 
 
 def _overlap(run: Run, a: str, b: str) -> bool:
@@ -159,8 +159,13 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="treadle-demo-") as tmp:
         path = db_file if db_file is not None else Path(tmp) / "treadle-demo.db"
         url = f"sqlite:///{path.resolve()}"
+        where = (
+            f"in {path}"
+            if db_file is not None
+            else "in a temporary file, deleted on exit (--file PATH keeps it)"
+        )
         out.print(
-            Text.assemble(("Treadle demo", "bold"), f": the document pipeline on SQLite ({path})")
+            Text.assemble(("Treadle demo", "bold"), f": the document pipeline on SQLite {where}")
         )
         out.print(
             "extract-text → [sentiment ∥ keywords (fails once, retried)] → "
@@ -179,6 +184,6 @@ def demo(
     done = sum(1 for run in runs if run.status is RunStatus.COMPLETED)
     out.print(f"\n{done}/{len(runs)} runs completed in {took:.1f}s")
     if db_file is not None:
-        out.print(f"inspect them: treadle --db {url} runs list")
+        out.print(f"the runs are kept in {path}; inspect them: treadle runs list --db {url}")
     if done != len(runs):
         raise typer.Exit(EXIT_FAILURE)

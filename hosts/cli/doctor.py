@@ -29,7 +29,9 @@ import typer
 from treadle.adapters.urls import redact_url
 from treadle.hosts.cli.common import (
     EXIT_FAILURE,
+    AppOption,
     CliState,
+    DbOption,
     console,
     echo_json,
     error_line,
@@ -271,9 +273,11 @@ def doctor(
         float, seconds_option("Seconds a suspended stage's poll may be late.")
     ] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Check connectivity, schema, clock skew, stuck work and the DLQ; exit 1 on a failure."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
     limits = Thresholds(
         max_skew=max_skew,
         stuck=stuck_threshold,

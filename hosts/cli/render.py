@@ -8,7 +8,7 @@ same run the same way and tests can render without a terminal.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from textwrap import indent
 from typing import Any
@@ -19,7 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from treadle.kernel.events import EventBase
-from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus
+from treadle.kernel.model import Run, RunStatus, StageStatus
+from treadle.kernel.workflows.model import JournalEntry, JournalStatus, Timer
 
 STATUS_STYLES = {
     "PENDING": "dim",
@@ -29,6 +30,8 @@ STATUS_STYLES = {
     "FAILED": "bold red",
     "CANCELLED": "yellow",
     "SKIPPED": "dim",
+    "WAITING": "magenta",
+    "RETRYING": "yellow",
 }
 
 TIMELINE_WIDTH = 24
@@ -93,31 +96,42 @@ def runs_table(runs: Sequence[Run]) -> Table:
     return table
 
 
-def _bar(stage: StageRun, origin: datetime | None, span: float) -> Text:
-    """The stage's place in the run: a bar from its start to its end (or now)."""
-    if origin is None or stage.started_at is None or span <= 0:
+def _bar(
+    start: datetime | None, end: datetime | None, status: str, origin: datetime | None, span: float
+) -> Text:
+    """A stage's or step's place in the run: a bar from its start to its end (or start)."""
+    if origin is None or start is None or span <= 0:
         return Text("")
-    end = stage.completed_at or stage.started_at
-    first = (stage.started_at - origin).total_seconds() / span
-    last = (end - origin).total_seconds() / span
+    first = (start - origin).total_seconds() / span
+    last = ((end or start) - origin).total_seconds() / span
     lo = min(max(int(first * TIMELINE_WIDTH), 0), TIMELINE_WIDTH - 1)
     hi = min(max(int(last * TIMELINE_WIDTH), lo + 1), TIMELINE_WIDTH)
-    style = STATUS_STYLES.get(stage.status.value, "")
+    style = STATUS_STYLES.get(status, "")
     return Text(" " * lo + "█" * (hi - lo) + " " * (TIMELINE_WIDTH - hi), style=style)
 
 
-def _span(run: Run) -> tuple[datetime | None, float]:
-    starts: list[datetime] = []
-    ends: list[datetime] = []
-    for stage in run.stages:
-        if stage.started_at is not None:
-            starts.append(stage.started_at)
-            ends.append(stage.completed_at or stage.started_at)
-    origin = run.started_at or (min(starts) if starts else None)
-    if origin is None:
+def _span(
+    run: Run, intervals: Sequence[tuple[datetime | None, datetime | None]] = ()
+) -> tuple[datetime | None, float]:
+    """The timeline's origin and length in seconds: from the earliest of the run's start
+    and every stage's (or journal entry's) start to the latest end.
+
+    The origin is the earliest start, not ``run.started_at`` alone: a rerun restarts the
+    run's clock while the stages it kept started before, and a negative offset
+    (``+-109108ms``) says nothing."""
+    spans = [(s.started_at, s.completed_at) for s in run.stages] + list(intervals)
+    starts = [start for start, _ in spans if start is not None]
+    ends = [end or start for start, end in spans if start is not None]
+    candidates = [*starts, *([run.started_at] if run.started_at is not None else [])]
+    if not candidates:
         return None, 0.0
+    origin = min(candidates)
     finish = max([*ends, run.completed_at or origin])
     return origin, max((finish - origin).total_seconds(), 1e-6)
+
+
+def _offset(start: datetime | None, origin: datetime | None) -> str:
+    return f"+{fmt_duration(start - origin)}" if origin is not None and start is not None else "-"
 
 
 def stage_timeline(run: Run, *, width: int = 60) -> Table:
@@ -133,11 +147,6 @@ def stage_timeline(run: Run, *, width: int = 60) -> Table:
     table.add_column("timeline", no_wrap=True)
     table.add_column("output / error", overflow="fold")
     for stage in run.stages:
-        offset = (
-            f"+{fmt_duration(stage.started_at - origin)}"
-            if origin is not None and stage.started_at is not None
-            else "-"
-        )
         detail: Text | str = truncate(stage.output, width)
         if stage.error:
             detail = Text(truncate(stage.error, width), style="red")
@@ -148,21 +157,122 @@ def stage_timeline(run: Run, *, width: int = 60) -> Table:
             stage.stage_id,
             status_text(stage.status),
             str(stage.attempt),
-            offset,
+            _offset(stage.started_at, origin),
             fmt_duration(elapsed(stage.started_at, stage.completed_at)),
-            _bar(stage, origin, span),
+            _bar(stage.started_at, stage.completed_at, stage.status.value, origin, span),
             detail,
         )
     return table
 
 
+def _entry_label(entry: JournalEntry) -> str:
+    """``charge-card``, ``charge-card#2``: a step by its own name; other calls by theirs
+    (the journal key without its ``kind:`` prefix)."""
+    name = entry.name.split(":", 1)[1] if entry.kind != "step" and ":" in entry.name else entry.name
+    return f"{name}#{entry.occurrence}" if entry.occurrence > 1 else name
+
+
+def _entry_detail(entry: JournalEntry, width: int) -> Text | str:
+    if entry.error:
+        return Text(truncate(entry.error, width), style="red")
+    details = entry.input or {}
+    if entry.status is JournalStatus.RETRYING and entry.until is not None:
+        return f"next attempt {fmt_time(entry.until)}"
+    if entry.status is JournalStatus.WAITING:
+        if entry.kind == "review":
+            return f"review id {details.get('review_id', '?')}"
+        if entry.kind == "child":
+            return f"child run {details.get('child_run_id', '?')}"
+        if entry.until is not None:
+            return f"until {fmt_time(entry.until)}"
+        return ""
+    return truncate(entry.result, width)
+
+
+def step_durations(events: Sequence[EventBase]) -> dict[tuple[str, int], timedelta]:
+    """How long each completed step ran, from its ``step:completed`` event: a journal
+    entry is written when its step ends, so its own times give no duration."""
+    found: dict[tuple[str, int], timedelta] = {}
+    for event in events:
+        duration = getattr(event, "duration", None)
+        if getattr(event, "type", "") == "step:completed" and isinstance(duration, timedelta):
+            found[(str(getattr(event, "step", "")), int(getattr(event, "occurrence", 1)))] = (
+                duration
+            )
+    return found
+
+
+def _entry_interval(
+    entry: JournalEntry, durations: Mapping[tuple[str, int], timedelta]
+) -> tuple[datetime, datetime | None]:
+    """When a journal entry started and ended: a completed step from its duration, a wait
+    from when the body reached it to when it was woken."""
+    took = durations.get((entry.name, entry.occurrence))
+    if entry.kind == "step" and took is not None and entry.completed_at is not None:
+        return entry.completed_at - took, entry.completed_at
+    end = entry.completed_at
+    return entry.created_at, max(end, entry.created_at) if end is not None else None
+
+
+def journal_table(
+    run: Run,
+    entries: Sequence[JournalEntry],
+    *,
+    width: int = 60,
+    durations: Mapping[tuple[str, int], timedelta] | None = None,
+) -> Table:
+    """A code workflow's journal: each durable ``ctx`` call in the order the body reached
+    it, with its status, attempts, start offset, duration and result or error."""
+    intervals = [_entry_interval(e, durations or {}) for e in entries]
+    origin, span = _span(run, intervals)
+    table = Table(title="steps (journal)", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("step", no_wrap=True)
+    table.add_column("status")
+    table.add_column("att", justify="right")
+    table.add_column("start", justify="right")
+    table.add_column("took", justify="right")
+    table.add_column("timeline", no_wrap=True)
+    table.add_column("result / error", overflow="fold")
+    for entry, (start, end) in zip(entries, intervals, strict=True):
+        table.add_row(
+            str(entry.position),
+            entry.kind,
+            _entry_label(entry),
+            status_text(entry.status.value),
+            str(entry.attempts) if entry.kind == "step" else "",
+            _offset(start, origin),
+            fmt_duration(elapsed(start, end)),
+            _bar(start, end, entry.status.value, origin, span),
+            _entry_detail(entry, width),
+        )
+    if not entries:
+        table.caption = "no durable call yet"
+    return table
+
+
+def timers_table(timers: Sequence[Timer]) -> Table:
+    """The run's live timers: what each wakes and when (UTC)."""
+    table = Table(title="timers", title_justify="left")
+    table.add_column("purpose", no_wrap=True)
+    table.add_column("for", no_wrap=True)
+    table.add_column("fires at (UTC)", no_wrap=True)
+    for timer in timers:
+        name = timer.name.split(":", 1)[-1]
+        label = f"{name}#{timer.occurrence}" if timer.occurrence > 1 else name
+        table.add_row(timer.purpose, label, fmt_time(timer.fire_at))
+    return table
+
+
 def attempts_table(events: Sequence[EventBase]) -> Table | None:
-    """Every stage attempt that failed, from the run's events (``None`` if none did)."""
-    failures = [e for e in events if getattr(e, "type", "") == "stage:failed"]
+    """Every stage attempt, or code-workflow step attempt, that failed, from the run's
+    events (``None`` if none did)."""
+    failures = [e for e in events if getattr(e, "type", "") in ("stage:failed", "step:failed")]
     if not failures:
         return None
     table = Table(title="failed attempts", title_justify="left")
-    table.add_column("stage", no_wrap=True)
+    table.add_column("stage / step", no_wrap=True)
     table.add_column("att", justify="right")
     table.add_column("at (UTC)", no_wrap=True)
     table.add_column("retry")
@@ -170,8 +280,10 @@ def attempts_table(events: Sequence[EventBase]) -> Table | None:
     for event in failures:
         retry_at = getattr(event, "retry_at", None)
         retry = f"at {fmt_time(retry_at)}" if getattr(event, "will_retry", False) else "no"
+        name = getattr(event, "stage_id", None) or getattr(event, "step", "")
+        occurrence = getattr(event, "occurrence", 1)
         table.add_row(
-            str(getattr(event, "stage_id", "")),
+            f"{name}#{occurrence}" if occurrence > 1 else str(name),
             str(getattr(event, "attempt", "")),
             fmt_time(event.timestamp),
             retry,
@@ -180,8 +292,16 @@ def attempts_table(events: Sequence[EventBase]) -> Table | None:
     return table
 
 
-def run_detail(run: Run, events: Sequence[EventBase], *, width: int = 60) -> RenderableType:
-    """``runs show``: a header, the stage timeline, failed attempts and the output."""
+def run_detail(
+    run: Run,
+    events: Sequence[EventBase],
+    *,
+    width: int = 60,
+    journal: Sequence[JournalEntry] | None = None,
+    timers: Sequence[Timer] = (),
+) -> RenderableType:
+    """``runs show``: a header, the stage timeline (with ``journal``, a code workflow's:
+    its steps and live timers instead), failed attempts and the output."""
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -200,7 +320,17 @@ def run_detail(run: Run, events: Sequence[EventBase], *, width: int = 60) -> Ren
         header.add_row("output", truncate(run.output, width * 2))
     if run.error:
         header.add_row("error", Text(truncate(run.error, width * 2), style="red"))
-    parts: list[RenderableType] = [header, stage_timeline(run, width=width)]
+    parts: list[RenderableType] = [header]
+    if journal is None:
+        parts.append(stage_timeline(run, width=width))
+    else:
+        body = run.stages[0] if run.stages else None
+        if body is not None:
+            header.add_row("body", f"{body.status.value}, activation {body.attempt}")
+        durations = step_durations(events)
+        parts.append(journal_table(run, journal, width=width, durations=durations))
+        if timers:
+            parts.append(timers_table(timers))
     failed = attempts_table(events)
     if failed is not None:
         parts.append(failed)

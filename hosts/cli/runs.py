@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from treadle.hosts.cli.common import console, echo_json, fail, open_engine, run_async, state
-from treadle.kernel.model import Run
+from treadle.hosts.cli.common import (
+    AppOption,
+    DbOption,
+    console,
+    echo_json,
+    fail,
+    open_engine,
+    run_async,
+    state,
+)
+from treadle.kernel.model import JsonValue, Run, RunStatus
+from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID
+
+if TYPE_CHECKING:
+    from treadle.engine import Engine
+    from treadle.kernel.workflows.model import JournalEntry, Timer
 
 runs_app = typer.Typer(help="List runs and show one run's stage timeline.", no_args_is_help=True)
 
@@ -36,11 +52,62 @@ def parse_when(text: str | None, option: str, now: datetime | None = None) -> da
         fail(f"{option}: {text!r} is out of range (times run from year 1 to 9999, in UTC)")
 
 
+def parse_statuses(values: list[str] | None) -> list[RunStatus] | None:
+    """``--status`` values, each one status or several separated by commas, any case."""
+    if not values:
+        return None
+    found: list[RunStatus] = []
+    for value in values:
+        for name in value.split(","):
+            try:
+                status = RunStatus(name.strip().upper())
+            except ValueError:
+                allowed = ", ".join(s.value for s in RunStatus)
+                fail(f"--status: {name.strip()!r} is not a run status (use {allowed})")
+            if status not in found:
+                found.append(status)
+    return found
+
+
+def _text(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")  # NaN, Infinity: taken as text
+
+
+def parse_attributes(values: list[str] | None) -> dict[str, JsonValue] | None:
+    """``--attr key=value`` pairs. The value is read as JSON when it is JSON (``n=3``,
+    ``vip=true``, ``tier="3"``), as plain text otherwise (``tier=gold``), so a search
+    attribute stored as a number or boolean is matched by the same literal."""
+    if not values:
+        return None
+    attributes: dict[str, JsonValue] = {}
+    for pair in values:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            fail(f"--attr: {pair!r} is not key=value")
+        try:
+            value: JsonValue = json.loads(raw, parse_constant=_text)
+        except ValueError:
+            value = raw
+        attributes[key.strip()] = value
+    return attributes
+
+
 @runs_app.command("list")
 def list_runs(
     ctx: typer.Context,
     status: Annotated[
-        str | None, typer.Option(help="PENDING, RUNNING, SUSPENDED, COMPLETED, FAILED, CANCELLED.")
+        list[str] | None,
+        typer.Option(
+            help="PENDING, RUNNING, SUSPENDED, COMPLETED, FAILED, CANCELLED; repeat the "
+            "option or separate with commas for any of several.",
+        ),
+    ] = None,
+    attr: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KEY=VALUE",
+            help="Search attribute equals VALUE (JSON, or text); repeat for several.",
+        ),
     ] = None,
     workflow: Annotated[str | None, typer.Option(help="Only runs of this workflow id.")] = None,
     created_after: Annotated[
@@ -52,20 +119,23 @@ def list_runs(
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many runs.")] = 50,
     offset: Annotated[int, typer.Option(min=0, help="Skip this many (paging).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
     """Runs matching every filter, newest first."""
-    cli = state(ctx)
+    cli = state(ctx, db=db, app=app)
 
     async def go() -> tuple[list[Run], dict[str, int]]:
         after = parse_when(created_after, "--created-after")
         before = parse_when(created_before, "--created-before")
+        filters: dict[str, Any] = {
+            "status": parse_statuses(status),
+            "workflow_id": workflow,
+            "created_after": after,
+            "created_before": before,
+            "attributes": parse_attributes(attr),
+        }
         async with open_engine(cli) as engine:
-            filters: dict[str, Any] = {
-                "status": status,
-                "workflow_id": workflow,
-                "created_after": after,
-                "created_before": before,
-            }
             runs = await engine.list(limit=limit, offset=offset, **filters)
             counts = await engine.aggregate("status", **filters)
         return runs, counts
@@ -90,19 +160,62 @@ def show_run(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the run and stages as JSON.")
     ] = False,
+    db: DbOption = None,
+    app: AppOption = None,
 ) -> None:
-    """A run's details: stage timeline, attempts, errors and truncated outputs."""
-    cli = state(ctx)
+    """A run's details: stage timeline (a code workflow's journal steps and timers),
+    attempts, errors and truncated outputs."""
+    cli = state(ctx, db=db, app=app)
 
-    async def go() -> tuple[Run, list[Any]]:
+    async def go() -> Shown:
         async with open_engine(cli) as engine:
-            run = await engine.get_run(run_id)
-            return run, list(await engine.kernel.events(run_id))
+            return await read_run(engine, run_id)
 
-    run, events = run_async(go, db=cli.db)
+    shown = run_async(go, db=cli.db)
     if as_json:
-        echo_json(run.model_dump(mode="json"))
+        data = shown.run.model_dump(mode="json")
+        if shown.code:
+            data["journal"] = [e.model_dump(mode="json") for e in shown.journal]
+            data["timers"] = [t.model_dump(mode="json") for t in shown.timers]
+        echo_json(data)
         return
     from treadle.hosts.cli.render import run_detail
 
-    console().print(run_detail(run, events, width=width))
+    console().print(
+        run_detail(
+            shown.run,
+            shown.events,
+            width=width,
+            journal=shown.journal if shown.code else None,
+            timers=shown.timers,
+        )
+    )
+
+
+@dataclass
+class Shown:
+    """What ``runs show`` reads of one run."""
+
+    run: Run
+    events: list[Any]
+    code: bool = False
+    """A code workflow run: its body is the one ``workflow`` stage, its steps the journal."""
+    journal: list[JournalEntry] = field(default_factory=list)
+    timers: list[Timer] = field(default_factory=list)
+
+
+def is_code_run(run: Run) -> bool:
+    """Whether ``run`` is a code workflow's: its only stage is the orchestrating body.
+    Read from the stored run, so ``runs show`` needs no ``--app``."""
+    return len(run.stages) == 1 and run.stages[0].stage_id == WORKFLOW_STAGE_ID
+
+
+async def read_run(engine: Engine, run_id: str) -> Shown:
+    run = await engine.get_run(run_id)
+    shown = Shown(run=run, events=list(await engine.kernel.events(run_id)))
+    if is_code_run(run):
+        shown.code = True
+        shown.journal = await engine.journal(run_id)
+        async with engine.kernel.deps.persistence.transaction() as tx:
+            shown.timers = await tx.pending_timers(run_id)
+    return shown

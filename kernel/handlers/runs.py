@@ -9,6 +9,7 @@ from treadle.kernel import commands as c
 from treadle.kernel.context import artifact_prefix
 from treadle.kernel.errors import (
     DuplicateError,
+    InvalidConfigError,
     InvalidStateError,
     NotSupportedError,
     StageNotFoundError,
@@ -418,7 +419,8 @@ def _refuse_code_workflow(wf: WorkflowDefinition) -> None:
     if wf.kind == "code":
         raise NotSupportedError(
             f"rerun_from does not apply to code workflow {wf.id!r}: its body replays its "
-            "journal from the top"
+            "journal from the top; fork the run from a step instead "
+            "(Engine.fork(run_id, from_step), `treadle fork RUN_ID --from-step NAME`)"
         )
 
 
@@ -631,6 +633,27 @@ async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResul
     return result
 
 
+def _rerun_config(
+    wf: WorkflowDefinition,
+    current: Mapping[str, JsonValue],
+    cmd: c.RunRerunFrom,
+    resettable: set[str],
+) -> dict[str, JsonValue]:
+    """The run's config after a rerun: ``cmd.config``'s stages replace theirs, validated as
+    ``run.create`` validates (defaults filled, errors name ``config.<stage>``). A stage
+    the rerun keeps cannot change config: its output was made under the old one."""
+    if cmd.config is None:
+        return dict(current)
+    kept = sorted(set(cmd.config) & set(wf.stages) - resettable)
+    if kept:
+        raise InvalidConfigError(
+            f"config names stage(s) {kept} that rerunning from {cmd.from_stage_id!r} keeps; "
+            "rerun from the earliest stage whose config changes",
+            [(f"config.{name}", "stage is not rerun") for name in kept],
+        )
+    return wf.validate_config({**current, **cmd.config})
+
+
 async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunRerunFromResult:
     """Reset ``from_stage_id``, its unfinished siblings and every later stage; remove their
     outputs and artifacts; the run resumes from that stage's group."""
@@ -650,20 +673,25 @@ async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunReru
                 "CANCELLED run (cancel it first)"
             )
         group = wf.group_of[cmd.from_stage_id]
-        reset: list[StageRun] = []
-        for stage in await tx.get_stages(run.id):
-            later = stage.execution_group > group
-            same_group = stage.execution_group == group and (
-                stage.stage_id == cmd.from_stage_id or not stage.status.succeeded
+        to_reset = [
+            stage
+            for stage in await tx.get_stages(run.id)
+            if stage.execution_group > group
+            or (
+                stage.execution_group == group
+                and (stage.stage_id == cmd.from_stage_id or not stage.status.succeeded)
             )
-            if later or same_group:
-                fresh = StageRun(
-                    workflow_run_id=run.id,
-                    stage_id=stage.stage_id,
-                    execution_group=stage.execution_group,
-                    version=stage.version,
-                )
-                reset.append(await tx.update_stage(fresh))
+        ]
+        config = _rerun_config(wf, run.config, cmd, {s.stage_id for s in to_reset})
+        reset: list[StageRun] = []
+        for stage in to_reset:
+            fresh = StageRun(
+                workflow_run_id=run.id,
+                stage_id=stage.stage_id,
+                execution_group=stage.execution_group,
+                version=stage.version,
+            )
+            reset.append(await tx.update_stage(fresh))
         await deps.job_transport.cancel_by_run(tx, run.id)
         run = await tx.update_run(
             evolve(
@@ -676,6 +704,7 @@ async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunReru
                     "updated_at": now,
                     "current_group": group,
                     "started_at": now,
+                    "config": config,
                 },
             )
         )

@@ -149,3 +149,64 @@ def interrupt_sync(ctx: StageContext[Blow, None]) -> Greeting:
 
 workflows.append(WorkflowBuilder("interrupter", input=Blow).pipe(interrupt_async).build())
 workflows.append(WorkflowBuilder("interrupter-sync", input=Blow).pipe(interrupt_sync).build())
+
+
+@workflow(id="steered", input=Name, output=Greeting)
+async def steered(ctx: WorkflowContext, req: Name) -> Greeting:
+    """Steered from the shell: publishes ``phase`` (``treadle query``), takes a ``rename``
+    update (``treadle update``), then waits for a review (``treadle review``)."""
+    letters: int = await ctx.step("count", count_letters, req.name)
+    ctx.publish("phase", {"waiting": "rename", "letters": letters})
+    request = await ctx.wait_for_update("rename", Name)
+    await request.reply(f"renamed to {request.payload.name}")
+    ctx.publish("phase", {"waiting": "review", "name": request.payload.name})
+    decision = await ctx.review({"name": request.payload.name}, reviewers=["ops"])
+    return Greeting(text=f"{request.payload.name} {decision.decision}")
+
+
+workflows.append(steered)
+
+
+@workflow(id="napper", input=Name, output=Greeting)
+async def napper(ctx: WorkflowContext, req: Name) -> Greeting:
+    """One step, then a long sleep: ``runs show`` lists the step and the sleep's timer."""
+    text: str = await ctx.step("describe", describe, len(req.name))
+    await ctx.sleep(timedelta(hours=6), name="nap")
+    return Greeting(text=text)
+
+
+workflows.append(napper)
+
+
+class ClipConfig(BaseModel):
+    max_length: int = 3
+
+
+@define_stage(
+    id="clip", input=Greeting, output=Greeting, config=ClipConfig, retry=RetryPolicy(max_attempts=1)
+)
+async def clip(ctx: StageContext[Greeting, ClipConfig]) -> Greeting:
+    """Fails when the config's ``max_length`` is too small: ``rerun --config`` fixes it."""
+    if len(ctx.input.text) > ctx.config.max_length:
+        raise ValueError(f"{ctx.input.text!r} is longer than max_length={ctx.config.max_length}")
+    return ctx.input
+
+
+clipped = WorkflowBuilder("clipped", input=Name).pipe(greet).pipe(clip).build()
+workflows.append(clipped)
+
+
+def refuse(name: str) -> str:
+    raise ValueError(f"refusing {name}")
+
+
+@workflow(id="refuser", input=Name, output=Greeting)
+async def refuser(ctx: WorkflowContext, req: Name) -> Greeting:
+    """A step that fails both its attempts: runs show lists them and the failed entry."""
+    text: str = await ctx.step(
+        "refuse", refuse, req.name, retry=RetryPolicy(max_attempts=2, initial_delay=0.01)
+    )
+    return Greeting(text=text)
+
+
+workflows.append(refuser)

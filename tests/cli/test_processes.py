@@ -31,6 +31,7 @@ def test_demo_runs_the_example_pipeline_to_completion(tmp_path: Path, invoke: In
     assert "keywords failed its first attempt and succeeded after backoff in 3/3 runs" in out
     assert "translate suspended 3x and resumed" in out
     assert "overlapped in time in 3/3 runs" in out
+    assert f"kept in {db}" in out  # --file: the database stays, and the demo says where
     listed = invoke("runs", "list", "--json", db=f"sqlite:///{db}", app=None)
     runs = json.loads(listed.stdout)
     assert [r["status"] for r in runs] == ["COMPLETED"] * 3
@@ -42,6 +43,17 @@ def test_demo_fails_when_runs_do_not_finish_in_time(invoke: Invoke) -> None:
     result = invoke("demo", "--timeout", "1", app=None)
     assert result.exit_code == 1
     assert "timed out after 1s" in result.stderr
+
+
+def test_demo_does_not_offer_a_temporary_database_to_inspect(invoke: Invoke) -> None:
+    """Without --file the demo's database is deleted on exit: the demo says so, and
+    prints no path or command to look at it afterwards."""
+    done = invoke("demo", app=None)
+    assert done.exit_code == 0, done.output
+    first = done.stdout.splitlines()[0]
+    assert "temporary file, deleted on exit (--file PATH keeps it)" in first
+    assert ".db" not in done.stdout
+    assert "runs list" not in done.stdout
 
 
 def test_console_script_is_installed() -> None:

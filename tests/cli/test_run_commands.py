@@ -15,7 +15,7 @@ def test_help_lists_every_command(invoke: Invoke) -> None:
     assert result.exit_code == 0
     for name in (
         "migrate", "worker", "tick", "start", "signal", "cancel", "rerun", "fork",
-        "runs", "events", "doctor", "demo",
+        "runs", "events", "doctor", "demo", "query", "update", "review",
     ):  # fmt: skip
         assert name in result.stdout
 
@@ -193,5 +193,6 @@ def test_events_lists_a_finished_run_in_order(db_url: str, invoke: Invoke) -> No
 
 def test_events_of_an_unknown_run_is_one_line(invoke: Invoke) -> None:
     """events for a run that does not exist fails with RunNotFoundError in one line."""
+    assert invoke("migrate", app=None).exit_code == 0
     line = one_error_line(invoke("events", "no-such-run"))
     assert "RunNotFoundError" in line

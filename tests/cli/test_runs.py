@@ -125,6 +125,7 @@ def test_runs_show_json_has_the_stages(invoke: Invoke, three_runs: dict[str, str
 
 def test_runs_show_of_an_unknown_run_is_one_line(invoke: Invoke) -> None:
     """show of a missing run id is RunNotFoundError in one line."""
+    assert invoke("migrate", app=None).exit_code == 0
     assert "RunNotFoundError" in one_error_line(invoke("runs", "show", "nope"))
 
 

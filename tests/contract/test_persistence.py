@@ -390,6 +390,10 @@ async def test_list_runs_filters_and_orders_newest_first(backend: Any) -> None:
     )
     assert await _list_ids(backend) == ["e", "d", "c", "b", "a"]
     assert await _list_ids(backend, status=RunStatus.COMPLETED) == ["d", "a"]
+    any_of = frozenset({RunStatus.COMPLETED, RunStatus.PENDING})
+    assert await _list_ids(backend, statuses=any_of) == ["e", "d", "c", "b", "a"]
+    assert await _list_ids(backend, statuses=frozenset({RunStatus.FAILED})) == []
+    assert await _list_ids(backend, statuses=any_of, workflow_id="other") == ["b"]
     assert await _list_ids(backend, workflow_id="other") == ["b"]
     assert await _list_ids(backend, created_after=at(10)) == ["e", "d", "c", "b"]
     assert await _list_ids(backend, created_before=at(20)) == ["c", "b", "a"]
@@ -467,11 +471,15 @@ async def test_count_runs_groups_by_status_or_workflow(backend: Any) -> None:
         by_workflow = await tx.count_runs("workflow_id", RunFilter())
         recent = await tx.count_runs("status", RunFilter(created_after=at(10)))
         empty = await tx.count_runs("status", RunFilter(workflow_id="none"))
+        settled = await tx.count_runs(
+            "status", RunFilter(statuses=frozenset({RunStatus.COMPLETED, RunStatus.FAILED}))
+        )
         with pytest.raises(ValueError, match="priority"):
             await tx.count_runs("priority", RunFilter())
     assert by_status == {"COMPLETED": 2, "FAILED": 1, "PENDING": 1}
     assert by_workflow == {"wf": 3, "other": 1}
     assert recent == {"FAILED": 1, "PENDING": 1}
+    assert settled == {"COMPLETED": 2, "FAILED": 1}
     assert empty == {}
 
 

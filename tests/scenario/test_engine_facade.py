@@ -133,6 +133,8 @@ async def test_arguments_are_validated_by_name(engine: Engine) -> None:
     """Every bad argument is a TreadleValidationError naming that argument."""
     cases: list[tuple[str, Any]] = [
         ("status", engine.list(status="bogus")),
+        ("status", engine.list(status=["pending", "bogus"])),
+        ("status", engine.list(status=[])),
         ("limit", engine.list(limit=0)),
         ("offset", engine.list(offset=-1)),
         ("created_after", engine.list(created_after=datetime(2026, 1, 1))),  # naive on purpose
@@ -173,6 +175,10 @@ async def test_list_filters_and_pagination(engine: Engine) -> None:
     keys = [(r.created_at, r.id) for r in everything]
     assert keys == sorted(keys, reverse=True)
     assert [r.id for r in await engine.list(status="cancelled")] == [ids[1]]
+    several = await engine.list(status=["cancelled", RunStatus.PENDING])
+    assert {r.id for r in several} == set(ids)
+    assert [r.id for r in await engine.list(status=("CANCELLED",))] == [ids[1]]
+    assert await engine.aggregate(status=["cancelled", "failed"]) == {"CANCELLED": 1}
     assert {r.id for r in await engine.list(status=RunStatus.PENDING, workflow_id="calc")} == {
         ids[0],
         ids[3],

@@ -10,7 +10,13 @@ from pydantic import BaseModel
 
 from treadle import RetryPolicy, WorkflowBuilder, define_stage
 from treadle.kernel import commands as c
-from treadle.kernel.errors import InvalidStateError, StageNotFoundError, TransientStorageError
+from treadle.kernel.errors import (
+    InvalidConfigError,
+    InvalidStateError,
+    NotSupportedError,
+    StageNotFoundError,
+    TransientStorageError,
+)
 from treadle.kernel.events import WorkflowCompleted, WorkflowFailed
 from treadle.kernel.handlers.common import decide
 from treadle.kernel.model import JobStatus, Run, RunStatus, StageRun, StageStatus, evolve
@@ -414,3 +420,78 @@ async def test_rerun_resets_unfinished_siblings_only() -> None:
     result = await te.dispatch(c.RunRerunFrom(workflow_run_id=handle.run_id, from_stage_id="boom"))
     assert result.deleted_stages == ["boom"]
     assert await handle.result() == {"a": {"n": 2}, "boom": {"n": 99}}
+
+
+class Limit(BaseModel):
+    most: int = 1
+
+
+@define_stage(id="first", input=In, output=Out, config=Limit)
+async def first(ctx):  # type: ignore[no-untyped-def]
+    return Out(n=ctx.input.n)
+
+
+@define_stage(id="capped", input=Out, output=Out, config=Limit, retry=RetryPolicy(max_attempts=1))
+async def capped(ctx):  # type: ignore[no-untyped-def]
+    if ctx.input.n > ctx.config.most:
+        raise ValueError(f"{ctx.input.n} is over most={ctx.config.most}")
+    return Out(n=ctx.input.n)
+
+
+CAPPED = WorkflowBuilder("capped", input=In).pipe(first).pipe(capped).build()
+
+
+async def test_rerun_with_config_replaces_reset_stages_config_only() -> None:
+    """A run that failed on a bad config re-runs with a corrected one: the reset stage's
+    config is replaced (defaults filled), the others keep theirs, and it completes."""
+    te = TestEngine([CAPPED])
+    handle = await te.start("capped", {"n": 5}, config={"first": {"most": 7}})
+    await te.run_until_idle()
+    assert (await te.get_run(handle.run_id)).status is RunStatus.FAILED
+    await te.dispatch(
+        c.RunRerunFrom(
+            workflow_run_id=handle.run_id, from_stage_id="capped", config={"capped": {"most": 9}}
+        )
+    )
+    assert await handle.result() == {"n": 5}
+    run = await te.get_run(handle.run_id)
+    assert run.config == {"first": {"most": 7}, "capped": {"most": 9}}
+
+
+async def test_rerun_with_a_bad_or_kept_stage_config_writes_nothing() -> None:
+    """An invalid value names config.<stage>.<field>; config for a stage the rerun keeps
+    names that stage; either way the run stays as it was."""
+    te = TestEngine([CAPPED])
+    handle = await te.start("capped", {"n": 5})
+    await te.run_until_idle()
+    before = await te.get_run(handle.run_id)
+    assert before.status is RunStatus.FAILED
+    for config, field in (
+        ({"capped": {"most": "many"}}, "config.capped.most"),
+        ({"first": {"most": 9}}, "config.first"),
+        ({"nope": {}}, "config.nope"),
+    ):
+        with pytest.raises(InvalidConfigError) as info:
+            await te.dispatch(
+                c.RunRerunFrom(workflow_run_id=handle.run_id, from_stage_id="capped", config=config)
+            )
+        assert next(path for path, _ in info.value.errors).startswith(field), info.value.errors
+    after = await te.get_run(handle.run_id)
+    assert after.status is RunStatus.FAILED
+    assert after.config == before.config
+    assert after.stages == before.stages
+
+
+async def test_rerun_of_a_code_workflow_points_to_fork() -> None:
+    """run.rerunFrom on a code workflow is NotSupportedError naming the fork alternative."""
+    from treadle import WorkflowContext, workflow
+
+    @workflow(id="coded", input=In, output=Out)
+    async def coded(ctx: WorkflowContext, req: In) -> Out:
+        return Out(n=req.n)
+
+    te = TestEngine([coded])
+    handle = await te.start("coded", {"n": 1})
+    assert await handle.result() == {"n": 1}
+    with pytest.raises(NotSupportedError, match=r"fork.*treadle fork"):
+        await te.dispatch(c.RunRerunFrom(workflow_run_id=handle.run_id, from_stage_id="workflow"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())
-SKIP = {"tests", "examples", "benchmarks", "docs", "build", "scripts"}
+SKIP = {"tests", "benchmarks", "docs", "build", "scripts"}
 
 
 def test_every_package_directory_is_listed_for_the_wheel() -> None:
