@@ -846,6 +846,10 @@ def _json_equal(stored: Any, wanted: Any) -> bool:
 class InMemoryPersistence:
     """Complete in-memory Persistence; state is plain attributes tests may inspect."""
 
+    local_reads = True
+    """Reads cost no round trip here: the kernel reads back what it writes on (see
+    ``jobs._commit_trusted``) rather than buffering to save reads it need not save."""
+
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.runs: dict[str, Run] = {}

@@ -556,7 +556,7 @@ async def _commit_alone(item: _Commit) -> c.JobExecuteResult:
     """Phase 3 in a transaction of its own (also ``GroupCommit``'s ``commit_one``)."""
     deps = item.deps
     now = deps.clock.now()
-    if _groupable(item):
+    if _groupable(item) and not getattr(deps.persistence, "local_reads", False):
         try:
             return await _commit_trusted(deps, item, now)
         except (NotBatchableError, ConcurrencyError) as exc:  # rolled back: read and retry
@@ -585,7 +585,8 @@ async def _commit_trusted(deps: Deps, item: _Commit, now: datetime) -> c.JobExec
     ``NotBatchableError``): the transaction rolls back, and the caller commits again with
     the reads, which decides as before (a ghost, most likely). So the result is the one
     the read path would commit, in a transaction of writes only: five statements where
-    there were ten."""
+    there were ten. A persistence whose reads cost no round trip (``local_reads``, the
+    in-memory adapter) commits through the reads: buffering would only add work there."""
     s = item.started
     buffer = WriteBuffer(
         cast("Transaction", None), {s.run.id: s.run}, {s.run.id: list(s.stages)}, {s.job.id: s.job}

@@ -33,7 +33,7 @@ class NotBatchableError(Exception):
 
 
 class WriteBuffer:
-    """Stands in for ``Transaction`` (and, through ``.jobs``, the ``JobTransport``)."""
+    """Stands in for ``Transaction`` (and, through ``BUFFERED_JOBS``, the ``JobTransport``)."""
 
     def __init__(
         self,
@@ -48,7 +48,6 @@ class WriteBuffer:
         self._runs = runs
         self._stages = stages
         self.job_rows = jobs
-        self.jobs = BufferedJobs(self)
         self.run_writes: dict[str, Run] = {}
         """Run id -> the run as written, with the version it expects to replace."""
         self.stage_writes: dict[tuple[str, str], StageRun] = {}
@@ -66,11 +65,16 @@ class WriteBuffer:
         self.leases = {}
 
     def stand_in(self, deps: Deps) -> tuple[Deps, Transaction]:
-        """``deps`` with this buffer's job transport, and this buffer as the transaction:
-        what the per-item commit logic runs against instead of the real ones."""
-        return replace(deps, job_transport=cast("JobTransport", self.jobs)), cast(
-            "Transaction", self
-        )
+        """``deps`` with the buffered job transport, and this buffer as the transaction:
+        what the per-item commit logic runs against instead of the real ones. The job
+        transport finds the buffer in the transaction it is handed, so one stand-in
+        ``Deps`` per kernel serves every buffer (made once, kept on ``deps``): a commit
+        allocates no ``Deps`` copy and no reference cycle for the collector."""
+        stand_in = deps.__dict__.get("_buffered_deps")
+        if stand_in is None:
+            stand_in = replace(deps, job_transport=cast("JobTransport", BUFFERED_JOBS))
+            deps.__dict__["_buffered_deps"] = stand_in
+        return stand_in, cast("Transaction", self)
 
     # -- reads: from the prefetch ---------------------------------------------
     async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
@@ -147,34 +151,41 @@ class WriteBuffer:
 
 
 class BufferedJobs:
-    """The ``JobTransport`` calls of the hot path, served by a ``WriteBuffer``."""
-
-    def __init__(self, buffer: WriteBuffer) -> None:
-        self._buffer = buffer
+    """The ``JobTransport`` calls of the hot path, served by the ``WriteBuffer`` each
+    call is handed as its transaction (stateless: one instance serves all buffers)."""
 
     async def get(self, tx: Any, job_id: str) -> Job | None:
-        jobs = self._buffer.job_rows
+        jobs = _buffer(tx).job_rows
         if job_id not in jobs:
             raise NotBatchableError(f"job {job_id!r} was not prefetched")
         return jobs[job_id]
 
     async def complete(self, tx: Any, job_id: str) -> None:
-        job = self._buffer.job_rows.get(job_id)
-        if job is None or job_id in self._buffer.completed_jobs:
+        buffer = _buffer(tx)
+        job = buffer.job_rows.get(job_id)
+        if job is None or job_id in buffer.completed_jobs:
             raise NotBatchableError(f"job {job_id!r} not prefetched or completed twice")
-        if self._buffer.leases is not None:
+        if buffer.leases is not None:
             if job.worker_id is None:
                 raise NotBatchableError(f"job {job_id!r} is not leased")
-            self._buffer.leases[job_id] = (job.worker_id, job.attempts)
-        self._buffer.completed_jobs.append(job_id)
-        self._buffer.job_rows[job_id] = evolve(
-            job, {"status": JobStatus.COMPLETED, "worker_id": None}
-        )
+            buffer.leases[job_id] = (job.worker_id, job.attempts)
+        buffer.completed_jobs.append(job_id)
+        buffer.job_rows[job_id] = evolve(job, {"status": JobStatus.COMPLETED, "worker_id": None})
 
     async def enqueue(self, tx: Any, jobs: Sequence[Job]) -> None:
-        self._buffer.new_jobs.extend(jobs)
+        buffer = _buffer(tx)
+        buffer.new_jobs.extend(jobs)
         for job in jobs:
-            self._buffer.job_rows[job.id] = job
+            buffer.job_rows[job.id] = job
 
     def __getattr__(self, name: str) -> NoReturn:
         raise NotBatchableError(f"JobTransport.{name} is not carried by a group commit")
+
+
+def _buffer(tx: Any) -> WriteBuffer:
+    if type(tx) is not WriteBuffer:
+        raise NotBatchableError("a buffered job call outside a WriteBuffer")
+    return cast("WriteBuffer", tx)
+
+
+BUFFERED_JOBS = BufferedJobs()
