@@ -183,9 +183,9 @@ class BufferedJobs:
 
 
 def _buffer(tx: Any) -> WriteBuffer:
-    if type(tx) is not WriteBuffer:
+    if not isinstance(tx, WriteBuffer):
         raise NotBatchableError("a buffered job call outside a WriteBuffer")
-    return cast("WriteBuffer", tx)
+    return tx
 
 
 BUFFERED_JOBS = BufferedJobs()
