@@ -36,7 +36,7 @@ from treadle.kernel.errors import (
     JobNotFoundError,
     TreadleError,
 )
-from treadle.kernel.model import Job, JobStatus
+from treadle.kernel.model import Job, JobStatus, Run, StageRun
 from treadle.ports.persistence import Transaction
 
 __all__ = ["NOTIFY_CHANNEL", "SqlJobTransport"]
@@ -121,7 +121,45 @@ def _enqueued_status(job: Job) -> str:
     return (JobStatus.LEASED if job.status is JobStatus.LEASED else JobStatus.QUEUED).value
 
 
-def _job_from_row(row: sa.Row[Any]) -> Job:
+def _owner_read(tx: SqlTransaction) -> Any:
+    """``get_owned``'s statement: the run (locked, as ``get_run(for_update=True)``), one
+    of its stages and a job, each table's columns labelled with its prefix."""
+    columns = [
+        *(c.label(f"r_{c.name}") for c in t.runs.c),
+        *(c.label(f"s_{c.name}") for c in t.stages.c),
+        *(c.label(f"j_{c.name}") for c in t.jobs.c),
+    ]
+    query = (
+        sa.select(*columns)
+        .select_from(
+            t.runs.outerjoin(
+                t.stages,
+                sa.and_(
+                    t.stages.c.run_id == t.runs.c.id,
+                    t.stages.c.stage_id == sa.bindparam("stage_id"),
+                ),
+            ).outerjoin(t.jobs, t.jobs.c.id == sa.bindparam("job_id"))
+        )
+        .where(t.runs.c.id == sa.bindparam("run_id"))
+    )
+    return query.with_for_update(of=t.runs) if tx.is_postgres else query
+
+
+def _part(row: sa.Row[Any], prefix: str) -> dict[str, Any] | None:
+    """The columns of one table of an ``_owner_read`` row, ``None`` if it joined none."""
+    data = {key[2:]: value for key, value in row._mapping.items() if key.startswith(prefix)}
+    key = "id" if prefix in ("r_", "j_") else "stage_id"
+    return data if data[key] is not None else None
+
+
+class _Columns:
+    """Attribute access over a dict of a row's columns (for ``_job_from_row``)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.__dict__.update(data)
+
+
+def _job_from_row(row: Any) -> Job:
     return Job(
         id=row.id,
         workflow_run_id=row.run_id,
@@ -245,6 +283,26 @@ class SqlJobTransport:
 
     async def complete(self, tx: Transaction, job_id: str) -> None:
         await self._set(tx, job_id, {"status": JobStatus.COMPLETED.value, "worker_id": None})
+
+    async def get_owned(
+        self, tx: Transaction, job_id: str, run_id: str, stage_id: str
+    ) -> tuple[Run | None, StageRun | None, Job | None]:
+        """The run (locked as ``get_run(for_update=True)`` locks it), its stage
+        ``stage_id`` and the job ``job_id``, in one round trip: what a code workflow's
+        activation reads at every commit to check it still owns the run (the kernel uses
+        it where the job transport offers it, else three reads)."""
+        sql = _tx(tx)
+        query = sql.prepared("get_owned", _owner_read)
+        params = {"run_id": run_id, "stage_id": stage_id, "job_id": job_id}
+        row = (await sql.execute(query, "get owned", params)).first()
+        if row is None:
+            return None, None, await self.get(tx, job_id)
+        run_data, stage_data, job_data = _part(row, "r_"), _part(row, "s_"), _part(row, "j_")
+        assert run_data is not None
+        run = await sql.run_from_columns(run_data)
+        stage = await sql.stage_from_columns(stage_data) if stage_data is not None else None
+        job = _job_from_row(_Columns(job_data)) if job_data is not None else None
+        return run, stage, job
 
     async def get_many(self, tx: Transaction, job_ids: Sequence[str]) -> dict[str, Job]:
         sql = _tx(tx)

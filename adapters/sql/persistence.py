@@ -511,7 +511,10 @@ class SqlTransaction:
                 self._offloaded[id(value)] = (value, refs.get(column, value))
 
     async def _run_from(self, row: sa.Row[Any]) -> Run:
-        data = dict(row._mapping)
+        return await self.run_from_columns(dict(row._mapping))
+
+    async def run_from_columns(self, data: dict[str, Any]) -> Run:
+        """The run of a ``runs`` row given as a dict of its columns (a joined read)."""
         refs = await self._load_payloads(data, _RUN_PAYLOADS, data["id"])
         run = Run.model_validate(data)
         self._remember(run, refs, _RUN_PAYLOADS)
@@ -524,7 +527,10 @@ class SqlTransaction:
         return values
 
     async def _stage_from(self, row: sa.Row[Any]) -> StageRun:
-        data = dict(row._mapping)
+        return await self.stage_from_columns(dict(row._mapping))
+
+    async def stage_from_columns(self, data: dict[str, Any]) -> StageRun:
+        """The stage of a ``stages`` row given as a dict of its columns (a joined read)."""
         refs = await self._load_payloads(data, _STAGE_PAYLOADS, data["run_id"])
         stage = _stage_from_columns(data)
         self._remember(stage, refs, _STAGE_PAYLOADS)

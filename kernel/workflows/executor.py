@@ -157,9 +157,13 @@ class _Writer:
     async def owner(self, tx: Transaction) -> tuple[Run, StageRun] | None:
         """The run (locked) and stage if this execution still owns them, else ``None``.
         The run row is locked first, as ``run.signal`` does, so the two serialise."""
-        run = await tx.get_run(self._s.run.id, for_update=True)
-        job = await self._deps.job_transport.get(tx, self._s.job.id)
-        stage = await tx.get_stage(self._s.run.id, WORKFLOW_STAGE_ID)
+        owned = getattr(self._deps.job_transport, "get_owned", None)
+        if owned is not None:  # the three reads below in one round trip (SQL)
+            run, stage, job = await owned(tx, self._s.job.id, self._s.run.id, WORKFLOW_STAGE_ID)
+        else:
+            run = await tx.get_run(self._s.run.id, for_update=True)
+            job = await self._deps.job_transport.get(tx, self._s.job.id)
+            stage = await tx.get_stage(self._s.run.id, WORKFLOW_STAGE_ID)
         if not _is_current(job, stage, run, self._s, self._worker_id):
             return None
         assert run is not None

@@ -497,3 +497,40 @@ async def test_concurrent_dequeues_share_jobs_without_overlap(backend: Any) -> N
     assert sorted(leased) == [f"j{i:02}" for i in range(10)]
     for n, batch in enumerate(batches):
         assert all(job.worker_id == f"w{n}" for job in batch)
+
+
+async def test_get_owned_agrees_with_the_three_reads(backend: Any) -> None:
+    """Where the job transport offers ``get_owned`` (the SQL one), it returns what
+    ``get_run``, ``get_stage`` and ``get`` return, payloads and missing rows included."""
+    owned = getattr(backend.job_transport, "get_owned", None)
+    if owned is None:  # an optional capability: the kernel makes the three reads instead
+        assert backend.name == "memory"
+        return
+    from treadle.kernel.model import StageRun
+
+    run = Run(
+        id="r1",
+        workflow_id="wf",
+        input={"__treadle_value__": "shaped like a marker", "big": "x" * 5000},
+        search_attributes={"k": "v"},
+        created_at=T0,
+        updated_at=T0,
+    )
+    stage = StageRun(workflow_run_id="r1", stage_id="workflow", execution_group=0)
+    async with backend.persistence.transaction() as tx:
+        await tx.insert_run(run)
+        await tx.insert_stages([stage])
+        stored = await tx.get_stage("r1", "workflow")
+        await tx.update_stage(stored.model_copy(update={"output": {"n": [1, 2]}}))
+    await enqueue(backend, make_job("j1"))
+    await backend.job_transport.dequeue("w1", T0)
+    async with backend.persistence.transaction() as tx:
+        expected = (
+            await tx.get_run("r1"),
+            await tx.get_stage("r1", "workflow"),
+            await backend.job_transport.get(tx, "j1"),
+        )
+        assert await owned(tx, "j1", "r1", "workflow") == expected
+        assert await owned(tx, "j1", "r1", "other") == (expected[0], None, expected[2])
+        assert await owned(tx, "gone", "r1", "workflow") == (*expected[:2], None)
+        assert await owned(tx, "j1", "gone", "workflow") == (None, None, expected[2])
