@@ -1,0 +1,348 @@
+"""Due-time precision (issue 11): how late timed work starts, with default Worker settings.
+
+Four kinds of work fall due at a time rather than on an event:
+
+* ``batch``: a batch stage's completion check, ``poll_interval`` after the body returned
+  ``Suspend``; due at the ``stage:suspended`` event's ``next_poll_at``, started when the
+  check function is entered;
+* ``sleep``: a code workflow's ``ctx.sleep``; due at the timer's ``fire_at``, started
+  when the body runs past the sleep;
+* ``retry``: a stage's second attempt after ``RetryPolicy(initial_delay=...)``; due at
+  the ``stage:failed`` event's ``retry_at``, started when the body is entered again;
+* ``scheduled``: a ``run.create`` command held by the Scheduler port; due at its
+  ``run_at``, started when the kernel dispatches it (the run's ``created_at``).
+
+lateness = started - due, with the real clock, p50/p99/max over ``--samples`` samples,
+taken one at a time so each one's due time is known to the worker only through the path
+measured. Each kind is measured twice:
+
+* ``local``: the due time is created in the worker's own engine (its own execution of
+  the stage, or its own ``scheduler.schedule``);
+* ``remote``: it is created by a second ``Engine.open`` on the same database, with its
+  own connection pool and listener, as another process would be: that engine leases
+  the run's first stage to itself (``run.create`` with ``claim_for``) and executes it
+  (``execute_job``), or calls its own Scheduler, and runs no worker of its own.
+
+The worker is ``engine.worker()`` with its defaults (``orchestration_interval`` 10 s,
+``job_poll_interval`` 1 s, concurrency 8). Last, ``idle-to-claim``: a run started by
+the second engine, to its stage body starting in the idle worker, timed from ``start``
+returning (the commit is done) and from ``start`` being called.
+
+SQLite has no NOTIFY: a due time created by another process is found at the worker's next
+tick there, so only ``local`` is measured on SQLite.
+
+    .venv/bin/python benchmarks/due_precision.py [--samples 20] [--due 0.3]
+        [--backend both|postgres|sqlite] [--kinds batch,sleep,retry,scheduled,claim]
+        [--origins local,remote] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from _common import fresh_database, pct, pg_version
+from pydantic import BaseModel
+
+from treadle import (
+    Engine,
+    Ready,
+    RetryPolicy,
+    StageContext,
+    Suspend,
+    WorkflowBuilder,
+    WorkflowContext,
+    define_batch_stage,
+    define_stage,
+    workflow,
+)
+from treadle.kernel import commands as c
+from treadle.kernel.events import StageFailed, StageSuspended, TimerFired
+from treadle.runtime.jobs import execute_job
+
+KINDS = ("batch", "sleep", "retry", "scheduled", "claim")
+ORIGINS = ("local", "remote")
+TIMEOUT = 15.0
+"""Seconds a sample may take before it counts as lost (the tick is 10 s)."""
+ORIGIN_WORKER = "due-bench-origin"
+"""The worker id the second engine leases its runs' first stages to."""
+
+DUE = {"seconds": 0.3}
+"""Seconds from creating the timed work to its due time (``--due``)."""
+
+
+class N(BaseModel):
+    n: int
+
+
+class Sample:
+    """Where one sample's start is recorded: wall-clock time (compared with due times)
+    and the performance counter (compared with the caller's)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.wall = 0.0
+        self.perf = 0.0
+
+    def hit(self) -> None:
+        if not self.event.is_set():
+            self.wall, self.perf = time.time(), time.perf_counter()
+            self.event.set()
+
+
+SAMPLES: dict[int, Sample] = {}
+
+
+def _hit(n: int) -> None:
+    sample = SAMPLES.get(n)
+    if sample is not None:
+        sample.hit()
+
+
+# -- the workloads ----------------------------------------------------------------------
+@define_batch_stage(id="batch", input=N, output=N)
+async def batch(ctx: StageContext[N, None]) -> Any:
+    return Suspend(state={"n": ctx.input.n}, poll_interval=timedelta(seconds=DUE["seconds"]))
+
+
+@batch.check_completion
+async def batch_check(state: Any, ctx: Any) -> Any:
+    _hit(state["n"])
+    return Ready(output={"n": state["n"]})
+
+
+@workflow(id="sleeper", input=N, output=N)
+async def sleeper(ctx: WorkflowContext, req: N) -> N:
+    await ctx.sleep(timedelta(seconds=DUE["seconds"]))
+    _hit(req.n)
+    return req
+
+
+def _flaky() -> Any:
+    @define_stage(
+        id="flaky",
+        input=N,
+        output=N,
+        retry=RetryPolicy(max_attempts=2, initial_delay=DUE["seconds"], backoff=1.0, jitter=0.0),
+    )
+    async def flaky(ctx: StageContext[N, None]) -> N:
+        if ctx.attempt == 1:
+            raise ConnectionError("the first attempt fails")
+        _hit(ctx.input.n)
+        return ctx.input
+
+    return flaky
+
+
+@define_stage(id="mark", input=N, output=N)
+async def mark(ctx: StageContext[N, None]) -> N:
+    _hit(ctx.input.n)
+    return ctx.input
+
+
+def workflows() -> list[Any]:
+    """Built after ``--due`` is read: the retry policy's delay is fixed at definition."""
+    return [
+        WorkflowBuilder("batch", input=N).pipe(batch).build(),
+        sleeper,
+        WorkflowBuilder("flaky", input=N).pipe(_flaky()).build(),
+        WorkflowBuilder("mark", input=N).pipe(mark).build(),
+    ]
+
+
+# -- creating timed work -------------------------------------------------------------------
+async def _events(engine: Engine, run_id: str) -> list[Any]:
+    async with engine.kernel.deps.persistence.transaction(read_only=True) as tx:
+        return list(await tx.events_for_run(run_id))
+
+
+async def _start_remote(origin: Engine, workflow_id: str, n: int) -> str:
+    """Create the run and execute its first stage in ``origin``, as another process
+    would: the stage is leased to ``origin`` in the start's own commit, so the worker
+    under test never sees it until the due time the execution commits."""
+    result = await origin.kernel.dispatch(
+        c.RunCreate(workflow_id=workflow_id, input={"n": n}, claim_for=ORIGIN_WORKER)
+    )
+    job = result.chained_job
+    assert job is not None, "run.create with claim_for leased no job"
+    await execute_job(origin.kernel, job, worker_id=ORIGIN_WORKER)
+    return result.workflow_run_id
+
+
+async def _due_of(engine: Engine, kind: str, run_id: str) -> datetime:
+    for event in await _events(engine, run_id):
+        if kind == "batch" and isinstance(event, StageSuspended):
+            return event.next_poll_at
+        if kind == "retry" and isinstance(event, StageFailed) and event.retry_at is not None:
+            return event.retry_at
+        if kind == "sleep" and isinstance(event, TimerFired):
+            return event.fire_at
+    raise RuntimeError(f"no due time in the events of {kind} run {run_id}")
+
+
+WORKFLOW_OF = {"batch": "batch", "sleep": "sleeper", "retry": "flaky"}
+
+
+async def one_sample(kind: str, worker_engine: Engine, origin: Engine, n: int) -> float:
+    """Create one piece of timed work through ``origin`` and return its lateness (s)."""
+    sample = SAMPLES[n] = Sample()
+    local = origin is worker_engine
+    try:
+        if kind == "scheduled":
+            run_id = uuid.uuid4().hex
+            due = datetime.now(UTC) + timedelta(seconds=DUE["seconds"])
+            command = {"type": "run.create", "workflow_id": "mark", "input": {"n": n}}
+            await origin.kernel.deps.scheduler.schedule(
+                f"due-bench-{n}", {**command, "run_id": run_id}, due
+            )
+            await asyncio.wait_for(sample.event.wait(), TIMEOUT)
+            run = await worker_engine.get_run(run_id, with_stages=False)
+            return (run.created_at - due).total_seconds()
+        workflow_id = WORKFLOW_OF[kind]
+        if local:
+            run_id = (await worker_engine.start(workflow_id, {"n": n})).run_id
+        else:
+            run_id = await _start_remote(origin, workflow_id, n)
+        await asyncio.wait_for(sample.event.wait(), TIMEOUT)
+        due = await _due_of(worker_engine, kind, run_id)
+        return sample.wall - due.timestamp()
+    finally:
+        SAMPLES.pop(n, None)
+
+
+async def claim_sample(origin: Engine, n: int) -> tuple[float, float]:
+    """Seconds from ``start`` returning, and from ``start`` called, to the body."""
+    sample = SAMPLES[n] = Sample()
+    try:
+        called = time.perf_counter()
+        await origin.start("mark", {"n": n})
+        returned = time.perf_counter()
+        await asyncio.wait_for(sample.event.wait(), TIMEOUT)
+        return sample.perf - returned, sample.perf - called
+    finally:
+        SAMPLES.pop(n, None)
+
+
+# -- scenarios -----------------------------------------------------------------------------
+class Figures(BaseModel):
+    name: str
+    samples: list[float]
+    lost: int = 0
+    extra: list[float] = []
+    """Idle-to-claim: the latencies from ``start`` called."""
+
+
+async def scenario(url: str, kind: str, origin_kind: str, samples: int, warmup: int) -> Figures:
+    defs = workflows()
+    worker_engine = await Engine.open(url, workflows=defs, auto_migrate=True)
+    origin = worker_engine if origin_kind == "local" else await Engine.open(url, workflows=defs)
+    values: list[float] = []
+    extra: list[float] = []
+    lost = 0
+    try:
+        async with worker_engine.worker():
+            backend = worker_engine.backend
+            listener: Any = backend.wake_source if backend is not None else None
+            if listener is not None:
+                await listener.wait_listening()
+            for n in range(warmup + samples):
+                try:
+                    if kind == "claim":
+                        after_return, after_call = await claim_sample(origin, n)
+                        value = after_return
+                    else:
+                        value = await one_sample(kind, worker_engine, origin, n)
+                except TimeoutError:
+                    lost += 1
+                    continue
+                if n >= warmup:
+                    values.append(value)
+                    if kind == "claim":
+                        extra.append(after_call)
+    finally:
+        if origin is not worker_engine:
+            await origin.close()
+        await worker_engine.close()
+    return Figures(name=f"{kind} ({origin_kind})", samples=values, lost=lost, extra=extra)
+
+
+def _ms(value: float) -> str:
+    return f"{value * 1000:8.1f}"
+
+
+def report(figures: Figures) -> None:
+    v = figures.samples
+    if not v:
+        print(f"   {figures.name:<22} no samples ({figures.lost} lost)")
+        return
+    lost = f"  ({figures.lost} lost past {TIMEOUT:g} s)" if figures.lost else ""
+    print(
+        f"   {figures.name:<22} p50 {_ms(pct(v, 0.5))}  p99 {_ms(pct(v, 0.99))}  "
+        f"max {_ms(max(v))}  min {_ms(min(v))}  n={len(v)}{lost}"
+    )
+    if figures.extra:
+        e = figures.extra
+        print(
+            f"   {'  from start called':<22} p50 {_ms(pct(e, 0.5))}  p99 {_ms(pct(e, 0.99))}  "
+            f"max {_ms(max(e))}  min {_ms(min(e))}"
+        )
+
+
+async def run_backend(
+    backend: str, pg_url: str, kinds: list[str], origins: list[str], samples: int, warmup: int
+) -> None:
+    print(f"== {backend}: lateness in ms (started - due; idle-to-claim: body - start)")
+    for kind in kinds:
+        for origin_kind in origins:
+            if backend == "sqlite" and origin_kind == "remote":
+                continue  # no NOTIFY: another process's due times are found at the tick
+            if kind == "claim" and origin_kind == "local":
+                continue  # a local start hands the run to the worker in its own commit
+            started = time.perf_counter()
+            with fresh_database(backend, pg_url) as url:
+                figures = await scenario(url, kind, origin_kind, samples, warmup)
+            report(figures)
+            print(f"   {'':<22} ({time.perf_counter() - started:.1f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=["both", "postgres", "sqlite"], default="both")
+    parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--due", type=float, default=0.3, help="seconds until due")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--origins", default=",".join(ORIGINS))
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("TREADLE_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    args = parser.parse_args()
+    DUE["seconds"] = args.due
+    kinds = [k for k in args.kinds.split(",") if k]
+    origins = [o for o in args.origins.split(",") if o]
+    unknown = sorted({*kinds} - {*KINDS}) + sorted({*origins} - {*ORIGINS})
+    if unknown:
+        parser.error(f"unknown kinds or origins: {', '.join(unknown)}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    print(
+        f"due_precision: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+        f"{os.cpu_count()} cores, load {' '.join(f'{x:.2f}' for x in load)}, "
+        f"Python {platform.python_version()}, due in {args.due:g} s, "
+        f"{args.samples} samples (+{args.warmup} warm-up) per scenario"
+    )
+    backends = ["postgres", "sqlite"] if args.backend == "both" else [args.backend]
+    if "postgres" in backends:
+        print(f"PostgreSQL {pg_version(args.pg_url)}")
+    for backend in backends:
+        asyncio.run(run_backend(backend, args.pg_url, kinds, origins, args.samples, args.warmup))
+
+
+if __name__ == "__main__":
+    main()
