@@ -155,10 +155,17 @@ async def claim_step(
     return result.model_dump(mode="json")
 
 
-async def _poll_step(kernel: Kernel, max_checks: int, log: Any) -> dict[str, Any]:
+async def _poll_step(
+    kernel: Kernel, max_checks: int, log: Any, on_resumed: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """Poll due suspended stages, then transition each resumed run. One transition failing
-    does not stop the others; the step reports the failures as its error."""
+    does not stop the others; the step reports the failures as its error. ``on_resumed``
+    is called as soon as the poll resumed a run, before the transitions: the resuming
+    commit already queued its next job (a code workflow's activation, a batch stage's
+    next group), and a job loop can take it while the transitions, a safety net, run."""
     polled = await kernel.dispatch(c.StagePollSuspended(max_checks=max_checks))
+    if on_resumed is not None and polled.resumed_workflow_run_ids:
+        on_resumed()
     result = polled.model_dump(mode="json")
     failures: list[str] = []
     transitioned = 0
@@ -216,18 +223,25 @@ async def due_steps(
     max_checks: int = 50,
     max_scheduled: int = 100,
     logger: Any = None,
+    poll: bool = True,
+    scheduled: bool = True,
+    on_resumed: Callable[[], None] | None = None,
 ) -> dict[str, TickStep]:
     """The tick's time-driven steps alone (``poll_suspended``, ``scheduled``), for a
-    worker woken because timed work fell due between two full ticks."""
+    worker woken because timed work fell due between two full ticks; ``poll`` and
+    ``scheduled`` say which fell due (a step with nothing due is one query for nothing).
+    ``on_resumed``: as for the poll step (see ``_poll_step``)."""
     log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=worker_id)
-    return {
-        "poll_suspended": await _run_step(
-            "poll_suspended", lambda: _poll_step(kernel, max_checks, log), log
-        ),
-        "scheduled": await _run_step(
+    steps: dict[str, TickStep] = {}
+    if poll:
+        steps["poll_suspended"] = await _run_step(
+            "poll_suspended", lambda: _poll_step(kernel, max_checks, log, on_resumed), log
+        )
+    if scheduled:
+        steps["scheduled"] = await _run_step(
             "scheduled", lambda: _scheduled_step(kernel, max_scheduled, log), log
-        ),
-    }
+        )
+    return steps
 
 
 async def maintenance_tick(

@@ -29,21 +29,29 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from treadle.adapters.due_times import DueKind, DueTimes, parse_due
 from treadle.adapters.logging import structlog_logger
 from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.kernel.errors import describe_exception
 from treadle.runtime.backoff import Backoff
-from treadle.runtime.due import next_due_at
+from treadle.runtime.due import DueSchedule, next_due_times
 from treadle.runtime.jobs import execute_job, release_command, release_job
 from treadle.runtime.releases import ReleaseRetries
 from treadle.runtime.tick import TickReport, TickStep, claim_step, due_steps, maintenance_tick
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from treadle.kernel.kernel import Kernel
     from treadle.kernel.model import Job
     from treadle.ports.wake_source import WakeSource
+
+
+_TICK_KINDS: tuple[DueKind, ...] = ("poll", "command")
+"""Timed work the orchestration loop takes (the tick's ``poll_suspended`` and
+``scheduled`` steps); ``job`` is the job loop's."""
+_ANY_KIND: tuple[DueKind, ...] = ("job", "poll")
+"""What an execution's ``next_poll_at`` may be: a job's backoff or a stage's next poll."""
 
 
 def default_worker_id() -> str:
@@ -106,8 +114,12 @@ class Worker:
         self.last_tick: TickReport | None = None
         self.ticks = 0
         self._tick_lock = asyncio.Lock()
+        # Each loop sleeps on one event; a flag says whether it was set for work (a claim,
+        # a dequeue) or only to re-arm the sleep for an earlier due time.
         self._claim_wake = asyncio.Event()
+        self._claim_asked = False
         self._job_wake = asyncio.Event()
+        self._job_asked = False
         self._stop_event = asyncio.Event()
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -128,10 +140,10 @@ class Worker:
         self._taken = 0  # chained jobs received from claims so far
         # Releases that failed (storage down), retried with backoff until it answers.
         self._releases = ReleaseRetries(kernel, self.log)
-        # The earliest known time timed work falls due (kernel clock), see ``_due_step``.
-        self._due_at: datetime | None = None
+        # Due times of timed work this worker knows (kernel clock), see ``runtime/due.py``.
+        self._due = DueSchedule()
+        self._unwatch_due: Callable[[], None] | None = None
         self._saturated = False  # the job loop waits for a slot to free
-        self._notes: list[datetime] = []  # noted while a refresh ran (``_refresh_due``)
 
     # -- public surface ---------------------------------------------------------------
     @property
@@ -148,15 +160,28 @@ class Worker:
         and dequeue now instead of at the next interval. Cheap and safe to call often:
         wake-ups coalesce."""
         self._queue_empty_until = 0.0
+        self._ask_claim()
+        self._ask_jobs()
+
+    def _ask_claim(self) -> None:
+        """The orchestration loop should claim (or tick, if one is due) now."""
+        self._claim_asked = True
         self._claim_wake.set()
+
+    def _ask_jobs(self) -> None:
+        """The job loop should dequeue now (if it has a free slot)."""
+        self._job_asked = True
         self._job_wake.set()
 
     def _on_wake(self, kind: str) -> None:
         """Wake-source hook: queued jobs wake only the job loop (a claim would find
-        nothing new); a new run, or an unknown cause, wakes both loops."""
+        nothing new); due times re-arm the loops' sleeps; a new run, or an unknown cause,
+        wakes both loops."""
         if kind == "jobs":
             self._queue_empty_until = 0.0
-            self._job_wake.set()
+            self._ask_jobs()
+        elif (due := parse_due(kind)) is not None:
+            self._note_times(due)
         elif not kind.startswith(RUN_END_PREFIX):  # a finished run is for result waiters
             self.notify()
 
@@ -172,6 +197,9 @@ class Worker:
         ]
         if self.wake_source is not None:
             self._unsubscribe_wake = self.wake_source.subscribe(self._on_wake)
+        watch = getattr(self.kernel.deps.persistence, "watch_due", None)
+        if watch is not None:  # this process's commits tell it of the timed work they write
+            self._unwatch_due = watch(self._note_times)
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop claiming and dequeuing, and return once in-flight work is over: running
@@ -189,6 +217,9 @@ class Worker:
             if self._unsubscribe_wake is not None:
                 self._unsubscribe_wake()
                 self._unsubscribe_wake = None
+            if self._unwatch_due is not None:
+                self._unwatch_due()
+                self._unwatch_due = None
             self._claim_wake.set()
             self._job_wake.set()
             self._drain_deadline = deadline
@@ -316,16 +347,21 @@ class Worker:
         backoff = Backoff(min(1.0, self.orchestration_interval), self.max_backoff)
         next_full = time.monotonic()
         while not self._stop_event.is_set():
+            asked, self._claim_asked = self._claim_asked, False
             self._claim_wake.clear()
             full = time.monotonic() >= next_full
+            # Taken off either way: a full tick polls and drains the scheduler too.
+            due = self._due.take_due(_TICK_KINDS, self.kernel.deps.clock.now())
             try:
                 if full:
-                    report = await self.tick()
-                elif self._due_in() <= 0:
-                    report = await self._due_step()
-                else:
+                    report: TickReport | None = await self.tick()
+                elif due:
+                    report = await self._due_step(due)
+                elif asked:
                     report = await self._claim_only()
-                failed = report.all_failed
+                else:
+                    report = None  # woken early (a timer's rounding): sleep on
+                failed = report is not None and report.all_failed
             except Exception as exc:  # maintenance_tick isolates steps; this is a bug guard
                 self.log.error("worker.tick_crashed", error=describe_exception(exc))
                 report, failed = None, True
@@ -341,61 +377,88 @@ class Worker:
                 if full:
                     next_full = time.monotonic() + self.orchestration_interval
                 if report is not None and report.new_work:
-                    self._job_wake.set()
+                    self._ask_jobs()
+                if report is not None and report.result("scheduled").get("dispatched"):
+                    self._ask_claim()  # a scheduled run.create left a PENDING run: claim it
                 if self._claims_pending and self._free_slots() > 0:
-                    self._claim_wake.set()  # more PENDING runs are probably waiting
+                    self._ask_claim()  # more PENDING runs are probably waiting
             if failed:
                 await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
             else:
-                # Until the next tick, or earlier when timed work falls due.
-                until_tick = max(0.0, next_full - time.monotonic())
-                await _wait(self._claim_wake, min(until_tick, max(0.0, self._due_in())))
+                await self._sleep_orchestration(next_full)
+
+    async def _sleep_orchestration(self, next_full: float) -> None:
+        """Until the next tick (``next_full``, monotonic), a claim is asked, or timed work
+        of the tick's kinds falls due. A due time noted meanwhile re-arms the sleep."""
+        while not self._claim_asked and not self._stop_event.is_set():
+            until_tick = max(0.0, next_full - time.monotonic())
+            if not await _wait(self._claim_wake, min(until_tick, self._due_in(_TICK_KINDS))):
+                return  # the tick, or a due time
+            self._claim_wake.clear()
 
     # -- timed work -------------------------------------------------------------------
-    def note_due(self, when: datetime) -> None:
-        """Timed work falls due at ``when`` (kernel clock): a retry backoff or a suspension
-        this worker's execution just committed. Wakes the orchestration loop then."""
-        self._notes.append(when)
-        if self._due_at is None or when < self._due_at:
-            self._due_at = when
-            self._claim_wake.set()  # re-arm the loop's sleep for the earlier time
+    def note_due(self, when: datetime, kind: DueKind | None = None) -> None:
+        """Timed work falls due at ``when`` (kernel clock). ``kind`` (``DueKind``) says
+        which loop takes it: ``job`` the job loop's dequeue, ``poll`` and ``command`` the
+        orchestration loop's due step. ``None`` (an execution's ``next_poll_at``: a retry
+        backoff or a suspension, the result does not say which) wakes both then."""
+        for k in (kind,) if kind is not None else _ANY_KIND:
+            if self._due.add(k, when):
+                # An earlier time than the loop sleeps until: re-arm its sleep (no work).
+                (self._job_wake if k == "job" else self._claim_wake).set()
 
-    def _due_in(self) -> float:
-        """Seconds until the earliest known due time (``inf`` when none is known)."""
-        if self._due_at is None:
+    def _note_times(self, due: DueTimes) -> None:
+        """A commit (this process's, or another's through NOTIFY) wrote timed work."""
+        for kind, when in due.items():
+            self.note_due(when, kind)
+
+    def _due_in(self, kinds: Iterable[DueKind]) -> float:
+        """Seconds until the earliest known due time of ``kinds`` (``inf`` when none)."""
+        when = self._due.earliest(kinds)
+        if when is None:
             return float("inf")
-        return (self._due_at - self.kernel.deps.clock.now()).total_seconds()
+        return max(0.0, (when - self.kernel.deps.clock.now()).total_seconds())
 
     async def _refresh_due(self) -> None:
-        """Ask storage for the next due time (after a tick or a due step: the work that
-        was due has been taken, and other processes may have added some)."""
-        # A note made while the query runs may come from a commit the query did not see:
-        # keep it (a note made before the query started is in what it reads).
-        self._notes.clear()
+        """Ask storage for the next due time of each kind (after a tick: other processes
+        may have added timed work this worker was not told of)."""
         try:
-            found = await next_due_at(self.kernel)
+            found = await next_due_times(self.kernel)
         except Exception as exc:  # the next tick tries again
             self.log.warning("worker.next_due_failed", error=describe_exception(exc))
-            found = None
-        self._due_at = min([*self._notes, *([found] if found is not None else [])], default=None)
-        self._notes.clear()
+            return
+        now = self.kernel.deps.clock.now()
+        # A time already past is left out: that work is due now, and the loops that take
+        # it (a free slot's dequeue, the tick) already run.
+        self._note_times({kind: when for kind, when in found.items() if when > now})
 
-    async def _due_step(self) -> TickReport:
-        """What falls due at a time: due suspended stages (batch checks, code-workflow
-        timers) and scheduled commands, then a dequeue for jobs whose backoff ended."""
+    async def _due_step(self, due: set[DueKind]) -> TickReport:
+        """What fell due: suspended stages (batch checks, code-workflow timers) for
+        ``poll``, scheduled commands for ``command``. A resumed run's job is dequeued as
+        soon as the poll returns (``on_resumed``), while its transition runs."""
         started = self.kernel.deps.clock.now()
-        self._due_at = None
         async with self._tick_lock:
-            steps = await due_steps(self.kernel, worker_id=self.worker_id, logger=self.log)
-        self._queue_empty_until = 0.0
-        self._job_wake.set()  # a retry's backoff may be what fell due
-        await self._refresh_due()
+            steps = await due_steps(
+                self.kernel,
+                worker_id=self.worker_id,
+                logger=self.log,
+                poll="poll" in due,
+                scheduled="command" in due,
+                on_resumed=self._jobs_queued,
+            )
+        if self._unwatch_due is None:
+            # No commit tells this worker of the timed work the step wrote (a check not
+            # ready yet, a timer rescheduled): ask storage.
+            await self._refresh_due()
         return TickReport(worker_id=self.worker_id, started_at=started, steps=steps)
 
     async def _job_loop(self) -> None:
         backoff = Backoff(min(1.0, self.job_poll_interval), self.max_backoff)
         while not self._stop_event.is_set():
             self._job_wake.clear()
+            self._job_asked = False
+            if self._due.take_due(("job",), self.kernel.deps.clock.now()):
+                self._queue_empty_until = 0.0  # a retry's backoff ended: dequeue it now
             free = self._free_slots()
             if free <= 0:
                 self._saturated = True
@@ -419,7 +482,7 @@ class Worker:
             if len(jobs) < free:
                 self._queue_empty_until = time.monotonic() + self.job_poll_interval
                 if self._claims_pending:
-                    self._claim_wake.set()  # the slots left free go to a chained claim
+                    self._ask_claim()  # the slots left free go to a chained claim
             if self._stop_event.is_set():
                 # Stopped while dequeuing: hand these back rather than start new work.
                 for job in jobs:
@@ -429,7 +492,15 @@ class Worker:
                 self._spawn(job)
             if jobs and len(jobs) == free:
                 continue  # the queue may hold more; wait for a free slot above
-            await _wait(self._job_wake, self.job_poll_interval)
+            await self._sleep_jobs()
+
+    async def _sleep_jobs(self) -> None:
+        """Until the next poll, a dequeue is asked, or a queued job's backoff ends. A due
+        time noted meanwhile re-arms the sleep."""
+        while not self._job_asked and not self._stop_event.is_set():
+            if not await _wait(self._job_wake, min(self.job_poll_interval, self._due_in(("job",)))):
+                return  # the poll, or a job's due time
+            self._job_wake.clear()
 
     def _spawn(self, job: Job) -> None:
         task = asyncio.create_task(
@@ -442,7 +513,8 @@ class Worker:
                 chain=self._may_chain,
                 stopping=self._stop_event.is_set,
                 retries=self._releases,
-                on_due=self.note_due,
+                # Without commit notes (``watch_due``), the result says when it is due.
+                on_due=self.note_due if self._unwatch_due is None else None,
                 on_queued=self._jobs_queued,
             ),
             name=f"job:{job.id}",
@@ -462,7 +534,7 @@ class Worker:
         job loop is woken to use the rest."""
         self._reserved -= held
         if self._taken - taken < held:
-            self._job_wake.set()
+            self._ask_jobs()
 
     def _take_chained(self, jobs: list[Job]) -> None:
         """The jobs a claim leased to this worker and started: each takes a slot now (the
@@ -489,7 +561,7 @@ class Worker:
     def _jobs_queued(self) -> None:
         """This worker's commit queued jobs (a parallel group): dequeue them now."""
         self._queue_empty_until = 0.0
-        self._job_wake.set()
+        self._ask_jobs()
 
     def _may_chain(self) -> bool:
         """A finished stage's slot takes its run's next stage directly (leased in the
@@ -517,9 +589,9 @@ class Worker:
         # runs one at a time). The drained state lasts one poll interval, so queued jobs
         # wait at most that. A loop waiting for a free slot is always woken.
         if self._saturated or time.monotonic() >= self._queue_empty_until:
-            self._job_wake.set()
+            self._ask_jobs()
         elif self._claims_pending:
-            self._claim_wake.set()
+            self._ask_claim()
 
 
 class SlotLoan:
@@ -544,7 +616,9 @@ class SlotLoan:
         worker._release_held(1, self._taken)
 
 
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    """Until ``event`` is set or ``seconds`` pass, whichever is first."""
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Until ``event`` is set or ``seconds`` pass, whichever is first; true if it was set."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+        return True
+    return False

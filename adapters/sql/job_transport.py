@@ -13,7 +13,10 @@ After an enqueue of QUEUED jobs on PostgreSQL the transaction also sends ``NOTIF
 treadle_jobs`` (once per transaction, see ``SqlTransaction.notify``); PostgreSQL
 delivers it only on commit, so a listening worker wakes exactly when the job
 becomes visible. A job enqueued already LEASED (the committing worker chains into
-the run's next stage) sends none: nobody else could take it.
+the run's next stage) sends none: nobody else could take it. A job that becomes
+available later (``requeue`` after a failure, an enqueue with a future
+``next_poll_at``) is noted as a due time instead (``SqlTransaction.note_due``), so
+workers wake when it becomes available, not at their next poll.
 """
 
 from __future__ import annotations
@@ -270,6 +273,9 @@ class SqlJobTransport:
             raise DuplicateError(f"job {dup!r} already exists")
         if any(row["status"] == JobStatus.QUEUED.value for row in rows):
             await sql.notify("jobs")  # none for a job its enqueuing worker took itself
+        for job in jobs:
+            if job.status is not JobStatus.LEASED and job.next_poll_at > job.enqueued_at:
+                sql.note_due("job", job.next_poll_at)  # available later (a delayed activation)
 
     async def get(self, tx: Transaction, job_id: str) -> Job | None:
         row = (await _tx(tx).execute(_GET_JOB, "get job", {"job_id": job_id})).first()
@@ -396,6 +402,9 @@ class SqlJobTransport:
         if error is not None:
             values["last_error"] = error
         await self._set(tx, job_id, values)
+        # A retry's backoff, or a job handed back (available now): either way the workers
+        # that dequeue it are told, here and in other processes.
+        _tx(tx).note_due("job", available_at)
         if refund_attempt:  # a rare path (a host giving jobs back): its own statement
             attempts = t.jobs.c.attempts
             refund = (

@@ -33,6 +33,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from treadle.adapters.due_times import (
+    DueCallback,
+    DueKind,
+    DueWatchers,
+    due_payload,
+    earliest,
+)
 from treadle.adapters.run_ends import RUN_END_PREFIX, RunEndCallback, RunEndWatchers
 from treadle.adapters.sql import pg_bulk
 from treadle.adapters.sql import schema as t
@@ -381,6 +388,7 @@ claimable work for other workers."""
 _INSERT_OUTBOX = sa.insert(t.outbox)
 _NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
 _PG_NOTIFY_ENDED = sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :payload)")
+_PG_NOTIFY_DUE = _PG_NOTIFY_ENDED  # the same statement, with a ``due:`` payload
 _GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
     t.idempotency_keys.c.key == sa.bindparam("key"),
     t.idempotency_keys.c.command_type == sa.bindparam("command_type"),
@@ -413,6 +421,9 @@ class SqlTransaction:
         self.final_runs: dict[str, Run] | None = None
         """The terminal runs this transaction wrote, as written: told along with
         ``ended_runs``, so a waiter in this process needs no read for the outcome."""
+        self.due: dict[DueKind, datetime] | None = None
+        """The earliest due time per kind this transaction wrote (``note_due``): sent as
+        one NOTIFY before it commits, told to the due watchers after."""
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -442,6 +453,14 @@ class SqlTransaction:
             return
         self._notified.add(payload)
         await self.execute(_NOTIFY[payload], "notify")
+
+    def note_due(self, kind: DueKind, when: datetime) -> None:
+        """This transaction writes timed work of ``kind`` due at ``when`` (see
+        ``adapters/due_times.py``). Only the earliest per kind is kept, so a transaction
+        sends at most one NOTIFY however much timed work it writes."""
+        if self.due is None:
+            self.due = {}
+        earliest(self.due, kind, when)
 
     def prepared(self, name: str, build: Callable[[SqlTransaction], Any]) -> Any:
         """The statement ``build(self)`` makes, built once per dialect and reused.
@@ -974,7 +993,13 @@ class SqlTransaction:
                 f"stage {stage.stage_id!r} of run {stage.workflow_run_id!r} was updated "
                 "concurrently"
             )
+        self._note_suspended(new)
         return new
+
+    def _note_suspended(self, stage: StageRun) -> None:
+        """A stage written SUSPENDED with a next check (or timer) is timed work."""
+        if stage.status is StageStatus.SUSPENDED and stage.next_poll_at is not None:
+            self.note_due("poll", stage.next_poll_at)
 
     async def get_stages_of(self, run_ids: Sequence[str]) -> dict[str, list[StageRun]]:
         self._check()
@@ -1036,6 +1061,8 @@ class SqlTransaction:
             raise ConcurrencyError(
                 f"stage(s) {', '.join(stale)} were updated concurrently or do not exist"
             )
+        for stage in new:
+            self._note_suspended(stage)
         return new
 
     async def due_suspended_stages(self, now: datetime, limit: int) -> list[StageRun]:
@@ -1816,6 +1843,7 @@ class SqlPersistence:
         self.payloads: PayloadOffload | None = None
         self._write_gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self.run_ends = RunEndWatchers()
+        self.due_watchers = DueWatchers()
         if self.dialect_name == "sqlite":
             configure_sqlite(engine)
         elif self.dialect_name != "postgresql":
@@ -1863,6 +1891,10 @@ class SqlPersistence:
                 tx = SqlTransaction(conn, self.dialect_name, self.payloads)
                 try:
                     yield tx
+                    if tx.due is not None and tx.is_postgres:
+                        # Other processes' workers hear of it on commit (``due_times.py``).
+                        payload = {"payload": due_payload(tx.due)}
+                        await tx.execute(_PG_NOTIFY_DUE, "notify due times", payload)
                 finally:
                     tx.active = False
         except BaseException:
@@ -1871,6 +1903,13 @@ class SqlPersistence:
             raise
         if tx.ended_runs is not None:
             self.run_ends.tell(tx.ended_runs, tx.final_runs)
+        if tx.due is not None:
+            self.due_watchers.tell(tx.due)
+
+    def watch_due(self, callback: DueCallback) -> Callable[[], None]:
+        """Call ``callback(due)`` after each commit of this process that wrote timed work
+        (see ``DueWatchers``); returns the function that stops it."""
+        return self.due_watchers.watch(callback)
 
     def watch_run_ends(self, callback: RunEndCallback) -> Callable[[], None]:
         """Call ``callback(run_ids, outcomes)`` after each commit that finished runs in

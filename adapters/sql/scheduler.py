@@ -1,7 +1,9 @@
 """SQL Scheduler: commands scheduled for later, in the ``scheduled_commands`` table.
 
 Timers survive restarts and are shared by every worker on the database: any
-process's maintenance tick drains the due ones. ``due`` removes what it returns in
+process's maintenance tick drains the due ones, and a worker that knows the
+earliest ``run_at`` wakes then (``schedule`` notes it as a due time, see
+``adapters/due_times.py``). ``due`` removes what it returns in
 the same short transaction (on PostgreSQL with ``FOR UPDATE SKIP LOCKED``), so two
 ticks never hand out the same command; as with the in-memory scheduler, a command
 is handed over once and the caller dispatches it.
@@ -39,6 +41,7 @@ class SqlScheduler:
                 )
             )
             await tx.execute(stmt, f"schedule {key!r}")
+            tx.note_due("command", run_at)  # workers wake at run_at, not at their next tick
 
     async def cancel(self, key: str) -> bool:
         table = t.scheduled_commands

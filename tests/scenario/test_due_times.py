@@ -6,9 +6,10 @@ job poll 10 s. On memory, SQLite and PostgreSQL, with the real clock."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from treadle import (
@@ -24,6 +25,8 @@ from treadle import (
     define_stage,
     workflow,
 )
+from treadle.kernel import commands as c
+from treadle.runtime.jobs import execute_job
 from treadle.tests.scenario.helpers import WAIT
 
 DUE = 0.3
@@ -141,3 +144,121 @@ async def test_a_parallel_groups_other_stages_start_at_once(url: str) -> None:
         handle = await engine.start("fan", {"n": 1})
         output = await handle.result(timeout=WAIT)
     assert output == {"left": {"n": 1}, "right": {"n": 1}}
+
+
+# -- timed work committed elsewhere ---------------------------------------------------------
+# Another process (here a second ``Engine.open``: its own connection pool and listener)
+# commits the timed work; the worker under test has its tick and job poll 60 s away and
+# was not running the work itself, so only the commit's notification can wake it in time.
+SLOW = 60.0
+OTHER = "other-process"
+REACHED: dict[int, asyncio.Event] = {}
+
+
+def _reached(n: int) -> None:
+    REACHED[n].set()
+
+
+@define_stage(
+    id="x-flaky",
+    input=N,
+    output=N,
+    retry=RetryPolicy(max_attempts=2, initial_delay=DUE, backoff=1.0, jitter=0.0),
+)
+async def x_flaky(ctx: StageContext[N, None]) -> N:
+    if ctx.attempt == 1:
+        raise ConnectionError("first attempt fails")
+    _reached(ctx.input.n)
+    return ctx.input
+
+
+@define_batch_stage(id="x-batch", input=N, output=N)
+async def x_batch(ctx: StageContext[N, None]) -> Any:
+    return Suspend(state={"n": ctx.input.n}, poll_interval=timedelta(seconds=DUE))
+
+
+@x_batch.check_completion
+async def x_batch_ready(state: Any, ctx: Any) -> Any:
+    _reached(state["n"])
+    return Ready(output={"n": state["n"]})
+
+
+@workflow(id="x-sleeper", input=N, output=N)
+async def x_sleeper(ctx: WorkflowContext, req: N) -> N:
+    await ctx.sleep(timedelta(seconds=DUE))
+    _reached(req.n)
+    return req
+
+
+@define_stage(id="x-mark", input=N, output=N)
+async def x_mark(ctx: StageContext[N, None]) -> N:
+    _reached(ctx.input.n)
+    return ctx.input
+
+
+ELSEWHERE = [
+    WorkflowBuilder("x-flaky", input=N).pipe(x_flaky).build(),
+    WorkflowBuilder("x-batch", input=N).pipe(x_batch).build(),
+    x_sleeper,
+    WorkflowBuilder("x-mark", input=N).pipe(x_mark).build(),
+]
+
+
+async def _commit_timed_work(origin: Engine, kind: str, n: int) -> None:
+    """Through ``origin``, as another process would: schedule a command, or lease a new
+    run's first stage to itself and execute it there, which commits the retry, the
+    suspension or the timer."""
+    if kind == "scheduled":
+        due = datetime.now(UTC) + timedelta(seconds=DUE)
+        command = {"type": "run.create", "workflow_id": "x-mark", "input": {"n": n}}
+        await origin.kernel.deps.scheduler.schedule(f"x-{n}", command, due)
+        return
+    created = await origin.kernel.dispatch(
+        c.RunCreate(workflow_id=f"x-{kind}", input={"n": n}, claim_for=OTHER)
+    )
+    assert created.chained_job is not None
+    await execute_job(origin.kernel, created.chained_job, worker_id=OTHER)
+
+
+async def _runs_in_time(worker_engine: Engine, origin: Engine, kind: str) -> None:
+    """Two pieces of timed work one after the other, each reaching its body within
+    ``LATE``. The second is committed after the worker's first tick (and the storage
+    query that follows it) is long over, so nothing but a notification tells of it."""
+    async with worker_engine.worker(orchestration_interval=SLOW, job_poll_interval=SLOW):
+        backend = worker_engine.backend
+        if backend is not None and backend.wake_source is not None:
+            await backend.wake_source.wait_listening()  # type: ignore[attr-defined]
+        for n in range(2):
+            REACHED[n] = asyncio.Event()
+            await _commit_timed_work(origin, kind, n)
+            await asyncio.wait_for(REACHED[n].wait(), LATE)
+
+
+KINDS = ["flaky", "batch", "sleeper", "scheduled"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", KINDS)
+async def test_timed_work_another_process_committed_runs_when_due(
+    treadle_postgres_url: str, kind: str
+) -> None:
+    """A retry backoff, a batch check, a durable sleep and a scheduled command committed
+    by another process run at their due time, though the worker's tick and job poll are
+    60 s away: the commit's NOTIFY (``due:...``) tells the worker when they fall due."""
+    worker_engine = await Engine.open(treadle_postgres_url, workflows=ELSEWHERE)
+    origin = await Engine.open(treadle_postgres_url, workflows=ELSEWHERE)
+    try:
+        await _runs_in_time(worker_engine, origin, kind)
+    finally:
+        await origin.close()
+        await worker_engine.close()
+
+
+async def test_a_command_scheduled_in_process_runs_when_due(url: str) -> None:
+    """A command scheduled through the worker's own engine (no execution's result tells
+    of it) runs at its due time, and the run it creates is claimed at once, not at the
+    next tick: the commit tells this process's workers."""
+    if url.startswith("memory"):
+        pytest.skip("the in-memory adapters tell no due watchers: found at the next tick")
+    async with await Engine.open(url, workflows=ELSEWHERE) as engine:
+        await _runs_in_time(engine, engine, "scheduled")
