@@ -19,8 +19,10 @@ class WakeSource(Protocol):
     def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(kind)`` (on the subscriber's event loop) on each wake-up until
         the returned function is called. ``kind`` is ``"jobs"`` (jobs were queued),
-        ``"run"`` (a run is waiting to be claimed) or ``""`` (anything may have changed,
-        e.g. after a reconnect). Must be called from a running event loop."""
+        ``"run"`` (a run is waiting to be claimed), ``"end:<ids>"`` (runs finished),
+        ``"due:<kind>=<time>,..."`` (timed work falls due then, see
+        ``adapters/due_times.py``) or ``""`` (anything may have changed, e.g. after a
+        reconnect). Must be called from a running event loop."""
         ...
 
     async def aclose(self) -> None:

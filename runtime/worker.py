@@ -175,11 +175,15 @@ class Worker:
 
     def _on_wake(self, kind: str) -> None:
         """Wake-source hook: queued jobs wake only the job loop (a claim would find
-        nothing new); due times re-arm the loops' sleeps; a new run, or an unknown cause,
-        wakes both loops."""
+        nothing new); a new run only the orchestration loop (its claim leases the run's
+        first stage to a free slot; a dequeue meanwhile would find nothing and compete
+        with it); due times re-arm the loops' sleeps; an unknown cause (a reconnect's
+        catch-up) wakes both loops."""
         if kind == "jobs":
             self._queue_empty_until = 0.0
             self._ask_jobs()
+        elif kind == "run":
+            self._ask_claim()
         elif (due := parse_due(kind)) is not None:
             self._note_times(due)
         elif not kind.startswith(RUN_END_PREFIX):  # a finished run is for result waiters
@@ -376,10 +380,19 @@ class Worker:
                 backoff.reset()
                 if full:
                     next_full = time.monotonic() + self.orchestration_interval
-                if report is not None and report.new_work:
+                # A due step asked for the jobs of the runs it resumed already, as its poll
+                # returned (a second ask would cost an empty dequeue).
+                resumed_asked = not full and bool(due)
+                if report is not None and report.new_work and not resumed_asked:
                     self._ask_jobs()
-                if report is not None and report.result("scheduled").get("dispatched"):
-                    self._ask_claim()  # a scheduled run.create left a PENDING run: claim it
+                if report is not None and (
+                    report.result("scheduled").get("dispatched")
+                    or report.result("poll_suspended").get("timed_out_workflow_run_ids")
+                ):
+                    # A scheduled command (a run.create, a signal) or a timed-out run may
+                    # have left a PENDING run or queued jobs: claim and dequeue now.
+                    self._ask_claim()
+                    self._ask_jobs()
                 if self._claims_pending and self._free_slots() > 0:
                     self._ask_claim()  # more PENDING runs are probably waiting
             if failed:

@@ -18,13 +18,15 @@ connection is noticed too.
 The connection is opened lazily, by the first ``subscribe``: a process that
 only starts runs (a CLI, a Lambda) never holds one.
 
-The payload says what happened: ``run`` (a run was created: claim it) or
-``jobs`` (jobs were queued: dequeue them); subscribers get it as ``kind``. A
-notification sent by one of ``own_backends`` (the server pids of this process's
-own connection pool, see ``backend_pids``) is dropped: this process's worker was
-already told in-process (a finished job or a claim wakes its job loop, a local
-``Engine.start`` calls ``notify``), and waking it again would only cost an empty
-dequeue or claim transaction per stage.
+The payload says what happened: ``run`` (a run was created: claim it), ``jobs``
+(jobs were queued: dequeue them), ``end:<ids>`` (runs finished: for result
+waiters) or ``due:<kind>=<time>,...`` (timed work was written that falls due then:
+see ``adapters/due_times.py``); subscribers get it as ``kind``. A notification
+sent by one of ``own_backends`` (the server pids of this process's own connection
+pool, see ``backend_pids``) is dropped: this process's worker was already told
+in-process (a finished job or a claim wakes its job loop, a local ``Engine.start``
+calls ``notify``, a commit's due times reach the persistence's due watchers), and
+waking it again would only cost an empty dequeue or claim transaction per stage.
 """
 
 from __future__ import annotations
