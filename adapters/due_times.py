@@ -45,7 +45,7 @@ def earliest(known: dict[DueKind, datetime], kind: DueKind, when: datetime) -> N
 
 def due_payload(due: DueTimes) -> str:
     """The NOTIFY payload of ``due`` (timezone-aware UTC times, ISO 8601 in full)."""
-    return DUE_PREFIX + ",".join(f"{kind}={_utc(when).isoformat()}" for kind, when in due.items())
+    return DUE_PREFIX + ",".join(f"{kind}={as_utc(when).isoformat()}" for kind, when in due.items())
 
 
 def parse_due(payload: str) -> dict[DueKind, datetime] | None:
@@ -63,12 +63,13 @@ def parse_due(payload: str) -> dict[DueKind, datetime] | None:
             when = datetime.fromisoformat(text)
         except ValueError:
             continue
-        earliest(out, kind, _utc(when))
+        earliest(out, kind, as_utc(when))
     return out
 
 
-def _utc(when: datetime) -> datetime:
-    """``when`` in UTC; a naive time is taken as UTC (SQLite hands some back naive)."""
+def as_utc(when: datetime) -> datetime:
+    """``when`` in UTC; a naive time is taken as UTC (SQLite hands some back naive, and
+    the SQL adapters store naive times as UTC)."""
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+from treadle.adapters.due_times import as_utc
 from treadle.adapters.sql import pg_bulk
 from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
@@ -122,6 +123,14 @@ def _tx(tx: Transaction) -> SqlTransaction:
 def _enqueued_status(job: Job) -> str:
     """LEASED for a job its enqueuing worker takes itself (see the port), else QUEUED."""
     return (JobStatus.LEASED if job.status is JobStatus.LEASED else JobStatus.QUEUED).value
+
+
+def _available_later(job: Job) -> bool:
+    """A QUEUED job that becomes available after it was enqueued: timed work. Most jobs
+    are available as enqueued, which one comparison tells."""
+    if job.next_poll_at == job.enqueued_at or job.status is JobStatus.LEASED:
+        return False
+    return as_utc(job.next_poll_at) > as_utc(job.enqueued_at)
 
 
 def _owner_read(tx: SqlTransaction) -> Any:
@@ -274,8 +283,8 @@ class SqlJobTransport:
         if any(row["status"] == JobStatus.QUEUED.value for row in rows):
             await sql.notify("jobs")  # none for a job its enqueuing worker took itself
         for job in jobs:
-            if job.status is not JobStatus.LEASED and job.next_poll_at > job.enqueued_at:
-                sql.note_due("job", job.next_poll_at)  # available later (a delayed activation)
+            if _available_later(job):
+                sql.note_due("job", job.next_poll_at)  # a delayed activation
 
     async def get(self, tx: Transaction, job_id: str) -> Job | None:
         row = (await _tx(tx).execute(_GET_JOB, "get job", {"job_id": job_id})).first()
