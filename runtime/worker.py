@@ -11,7 +11,9 @@ as many claimed runs as there are free slots (``RunClaimPending.chain``) and han
 those jobs to the slots directly; once the queue was found empty, a freed slot goes
 to such a claim instead of a dequeue. ``notify()`` wakes both loops: a
 run started in this process is claimed and executed at once instead of at the
-next tick. A loop whose iteration fails (database unreachable) backs off
+next tick. Timed work (a retry's backoff, a batch check, a durable sleep, a scheduled
+command) wakes the loop that takes it when it falls due, whichever process wrote it
+(``runtime/due.py``). A loop whose iteration fails (database unreachable) backs off
 exponentially up to ``max_backoff`` and returns to its normal pace on the first
 success. Signal handling belongs to the process host, not here, so the same
 class runs inside an application's own event loop.
@@ -395,6 +397,8 @@ class Worker:
                     self._ask_jobs()
                 if self._claims_pending and self._free_slots() > 0:
                     self._ask_claim()  # more PENDING runs are probably waiting
+                if asked and resumed_asked:
+                    self._ask_claim()  # asked while work fell due: the due step went first
             if failed:
                 await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
             else:
