@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -131,6 +131,20 @@ async def test_notify_claims_without_waiting_for_the_interval(backend: Backend) 
             await asyncio.sleep(0.005)
         await _start(kernel)
         worker.notify()
+        await _until_entered(1)
+
+
+async def test_a_claim_asked_as_timed_work_falls_due_is_not_lost(backend: Backend) -> None:
+    """A start's wake-up that coincides with a due time: the due step runs first, and
+    the claim still follows at once, not at the next tick (60 s away)."""
+    kernel = _kernel(backend)
+    GATE["open"].set()
+    async with Worker(kernel, orchestration_interval=60, job_poll_interval=60) as worker:
+        while worker.ticks == 0:  # noqa: ASYNC110 - the first tick exposes no event to await
+            await asyncio.sleep(0.005)
+        await _start(kernel)
+        worker.note_due(kernel.deps.clock.now() - timedelta(seconds=1), "poll")
+        worker.notify()  # both before the loop wakes: it sees a due time and a claim
         await _until_entered(1)
 
 
