@@ -1,14 +1,18 @@
 """Commands (imperative requests to the kernel) and their typed results.
 
-Every command is a frozen pydantic model with a ``Literal`` ``type``; the union
-``Command`` lets ``Kernel.dispatch`` accept a plain mapping and validate it.
+Every command is a frozen pydantic model with a ``Literal`` ``type``. ``COMMANDS``
+(at the end) is the registry that pairs each with its result; the union ``Command``,
+which lets ``Kernel.dispatch`` accept a plain mapping and validate it, derives from it.
 Duration fields are ``timedelta``; a bare number means seconds.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -303,68 +307,60 @@ class ReviewDecideResult(ResultBase):
     recorded: bool
 
 
-Command = Annotated[
-    RunCreate
-    | RunCreateMany
-    | RunClaimPending
-    | RunTransition
-    | RunCancel
-    | RunRerunFrom
-    | JobExecute
-    | JobRelease
-    | StagePollSuspended
-    | LeaseReapStale
-    | RunReapStuck
-    | OutboxFlush
-    | PluginReplayDLQ
-    | RunSignal
-    | RunUpdate
-    | ReviewDecide,
-    Field(discriminator="type"),
-]
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """One row of the command registry: a command model and the result model it returns.
+
+    ``COMMANDS`` is the one place the command list is stated: the ``Command`` union,
+    ``COMMAND_TYPES`` and ``RESULT_TYPES`` derive from it, and the unit tests check the
+    kernel's handler table, ``Kernel.dispatch``'s typed overloads and the reference
+    document against it (docs/architecture.md, "How to add a command")."""
+
+    command: type[CommandBase]
+    result: type[ResultBase]
+
+    @property
+    def type(self) -> str:
+        """The command's wire name, the default of its ``type`` literal."""
+        return str(self.command.model_fields["type"].default)
+
+
+COMMANDS: tuple[CommandSpec, ...] = (
+    CommandSpec(RunCreate, RunCreateResult),
+    CommandSpec(RunCreateMany, RunCreateManyResult),
+    CommandSpec(RunClaimPending, RunClaimPendingResult),
+    CommandSpec(RunTransition, RunTransitionResult),
+    CommandSpec(RunCancel, RunCancelResult),
+    CommandSpec(RunRerunFrom, RunRerunFromResult),
+    CommandSpec(JobExecute, JobExecuteResult),
+    CommandSpec(JobRelease, JobReleaseResult),
+    CommandSpec(StagePollSuspended, StagePollSuspendedResult),
+    CommandSpec(LeaseReapStale, LeaseReapStaleResult),
+    CommandSpec(RunReapStuck, RunReapStuckResult),
+    CommandSpec(OutboxFlush, OutboxFlushResult),
+    CommandSpec(PluginReplayDLQ, PluginReplayDLQResult),
+    CommandSpec(RunSignal, RunSignalResult),
+    CommandSpec(RunUpdate, RunUpdateResult),
+    CommandSpec(ReviewDecide, ReviewDecideResult),
+)
+"""The command registry, in the order the reference lists the commands."""
+
+COMMAND_TYPES: dict[str, type[CommandBase]] = {spec.type: spec.command for spec in COMMANDS}
+RESULT_TYPES: dict[str, type[ResultBase]] = {spec.type: spec.result for spec in COMMANDS}
+
+if TYPE_CHECKING:
+    # A type checker cannot build a union from data: statically a command is a
+    # ``CommandBase`` (``Kernel.dispatch``'s overloads give each model its result type).
+    Command: TypeAlias = CommandBase
+else:
+    # At run time, the discriminated union of the registry's models, which is what
+    # validates a plain mapping by its ``type``.
+    Command = Annotated[
+        functools.reduce(operator.or_, (spec.command for spec in COMMANDS)),
+        Field(discriminator="type"),
+    ]
 
 COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
-
-COMMAND_TYPES: dict[str, type[CommandBase]] = {
-    cls.model_fields["type"].default: cls
-    for cls in (
-        RunCreate,
-        RunCreateMany,
-        RunClaimPending,
-        RunTransition,
-        RunCancel,
-        RunRerunFrom,
-        JobExecute,
-        JobRelease,
-        StagePollSuspended,
-        LeaseReapStale,
-        RunReapStuck,
-        OutboxFlush,
-        PluginReplayDLQ,
-        RunSignal,
-        RunUpdate,
-        ReviewDecide,
-    )
-}
-
-RESULT_TYPES: dict[str, type[ResultBase]] = {
-    "run.create": RunCreateResult,
-    "run.createMany": RunCreateManyResult,
-    "run.claimPending": RunClaimPendingResult,
-    "run.transition": RunTransitionResult,
-    "run.cancel": RunCancelResult,
-    "run.rerunFrom": RunRerunFromResult,
-    "job.execute": JobExecuteResult,
-    "job.release": JobReleaseResult,
-    "stage.pollSuspended": StagePollSuspendedResult,
-    "lease.reapStale": LeaseReapStaleResult,
-    "run.reapStuck": RunReapStuckResult,
-    "outbox.flush": OutboxFlushResult,
-    "plugin.replayDLQ": PluginReplayDLQResult,
-    "run.signal": RunSignalResult,
-    "run.update": RunUpdateResult,
-    "review.decide": ReviewDecideResult,
-}
 
 
 def command_type(data: Any) -> str | None:

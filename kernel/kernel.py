@@ -205,10 +205,11 @@ Handler = Callable[[Deps, Any, Scope], Awaitable[Any]]
 
 
 def _handlers() -> dict[str, tuple[Handler, bool]]:
-    """The one handler table: command type -> (handler, phased)."""
+    """The one handler table: command type -> (handler, phased), checked against the
+    command registry (``commands.COMMANDS``) so a command cannot lack a handler."""
     from treadle.kernel.handlers import jobs, leases, maintenance, messages, outbox, runs, suspended
 
-    return {
+    table: dict[str, tuple[Handler, bool]] = {
         "run.create": (runs.create, False),
         "run.createMany": (runs.create_many, False),
         "run.claimPending": (runs.claim_pending, False),
@@ -226,6 +227,20 @@ def _handlers() -> dict[str, tuple[Handler, bool]]:
         "run.update": (messages.update, False),
         "review.decide": (messages.decide_review, False),
     }
+    _check_handlers(table)
+    return table
+
+
+def _check_handlers(table: Mapping[str, object]) -> None:
+    """Refuse a handler table that disagrees with the command registry: a registered
+    command without a handler would pass validation and then fail with a ``KeyError``."""
+    missing = sorted(c.COMMAND_TYPES.keys() - table.keys())
+    extra = sorted(table.keys() - c.COMMAND_TYPES.keys())
+    if missing or extra:
+        raise RuntimeError(
+            "the handler table disagrees with commands.COMMANDS: "
+            f"no handler for {missing}, handlers for unregistered {extra}"
+        )
 
 
 class Kernel:
@@ -312,7 +327,7 @@ class Kernel:
                 f"unknown command type {kind!r}; known types: {sorted(c.COMMAND_TYPES)}"
             )
         try:
-            return cast("c.CommandBase", c.COMMAND_ADAPTER.validate_python(dict(command)))
+            return c.COMMAND_ADAPTER.validate_python(dict(command))
         except PydanticValidationError as exc:
             raise InvalidCommandError.from_pydantic(f"invalid {kind} command", exc) from None
 

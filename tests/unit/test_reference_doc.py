@@ -20,6 +20,19 @@ def test_every_command_and_result_field_is_documented() -> None:
             assert f"`{name}" in DOC, f"{command_type}: field {name} undocumented"
 
 
+def _command_table_types() -> list[str]:
+    """The ``type`` column of the reference's command table, in its order."""
+    section = DOC.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [row.split("`", 2)[1] for row in rows]
+
+
+def test_the_command_table_has_one_row_per_registered_command() -> None:
+    """The command table lists exactly the registry's commands, once each and in the
+    registry's order: a new command needs its row, a removed one loses it."""
+    assert _command_table_types() == [spec.type for spec in c.COMMANDS]
+
+
 def test_every_event_type_is_documented() -> None:
     """Each event type of the union appears in the reference with its own fields."""
     for model in typing.get_args(typing.get_args(ev.Event)[0]):
