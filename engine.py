@@ -183,9 +183,10 @@ class RunHandle:
 
         Wakes when the run ends: at once when it ends in this process (the storage
         adapter tells the engine after the commit), through ``LISTEN/NOTIFY`` on
-        PostgreSQL when another process ends it. Polling storage with a capped backoff
-        (5 ms doubling to 1 s) is the fallback, so it works whichever process or worker
-        executes the run.
+        PostgreSQL when another process ends it. A run ``start`` handed to this engine's
+        worker costs no read at all: the commit that ends it brings its outcome
+        (``RunWaiters.expect``). Polling storage with a capped backoff (5 ms doubling to
+        1 s) is the fallback, so it works whichever process or worker executes the run.
         """
         limit = None if timeout is None else _seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
