@@ -152,6 +152,13 @@ class PayloadOffload:
     def key_for(self, scope: str | None, data: bytes) -> str:
         return f"{_KEY_PREFIX}{scope or '-'}/{hashlib.sha256(data).hexdigest()}"
 
+    def offloads(self, value: Any) -> bool:
+        """Whether ``store_value`` would put ``value`` in the blob store (no I/O): a caller
+        that must know before anything is stored (``append_events``) asks first."""
+        if self.max_bytes is None or value is None or isinstance(value, _SCALARS):
+            return False
+        return len(encode(value)) > self.max_bytes
+
     async def store_value(self, tx: SqlTransaction, scope: str | None, value: Any) -> Any:
         """What the column stores for ``value``: the value itself or a reference."""
         if self.max_bytes is None or value is None or isinstance(value, _SCALARS):

@@ -1142,7 +1142,7 @@ class SqlTransaction:
                     "attempts": 0,
                 }
             )
-        ended = [row["run_id"] for row in rows if row["event_type"] in RUN_END_EVENTS]
+        ended = self._note_ended(rows)
         if self.is_postgres:
             for i, row in enumerate(rows):
                 row["i"] = i
@@ -1154,11 +1154,17 @@ class SqlTransaction:
         else:
             # A list of parameter sets: one cached statement, batched into one round trip.
             await self.execute(_INSERT_OUTBOX, "append events", rows)
+        return stored
+
+    def _note_ended(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The runs whose end ``rows`` (outbox rows) record, noted for the run-end
+        watchers, who are told only once the transaction commits (``ended_runs``)."""
+        ended = [row["run_id"] for row in rows if row["event_type"] in RUN_END_EVENTS]
         if ended:
             if self.ended_runs is None:
                 self.ended_runs = []
             self.ended_runs.extend(ended)
-        return stored
+        return ended
 
     async def _append_numbering_on_server(
         self, events: Sequence[EventBase], counts: Mapping[str, int]
@@ -1167,8 +1173,10 @@ class SqlTransaction:
         an event's JSON went to the blob store (the caller's two statements do it)."""
         rows: list[dict[str, Any]] = []
         for i, event in enumerate(events):
-            stored = await self._put_payload(event.workflow_run_id, event.model_dump(mode="json"))
-            if is_ref(stored):
+            # Asked before anything is stored: an event for the blob store sends the whole
+            # append down the two-statement path, which stores it (once) with its number.
+            stored = escape(event.model_dump(mode="json"))
+            if self.payloads is not None and self.payloads.offloads(stored):
                 return None
             rows.append(
                 {
@@ -1180,8 +1188,8 @@ class SqlTransaction:
                     "created_at": event.timestamp,
                 }
             )
-        ended = [row["run_id"] for row in rows if row["event_type"] in RUN_END_EVENTS]
         params: dict[str, Any] = _PG_OUTBOX_ROWS.encode(rows)
+        ended = self._note_ended(rows)  # told to the watchers only once this commits
         statement = _PG_APPEND_EVENTS
         if ended:
             # Waiters in other processes (``RunHandle.result``) hear of it on commit.
@@ -1198,10 +1206,6 @@ class SqlTransaction:
             seq = first[event.workflow_run_id]
             first[event.workflow_run_id] = seq + 1
             stored_events.append(evolve(event, {"sequence": seq}))
-        if ended:
-            if self.ended_runs is None:
-                self.ended_runs = []
-            self.ended_runs.extend(ended)
         return stored_events
 
     async def unpublished_events(self, limit: int) -> list[OutboxRecord]:

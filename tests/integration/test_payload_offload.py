@@ -799,3 +799,31 @@ async def test_an_unescaped_row_naming_a_key_outside_payloads_is_not_a_reference
         assert [got[f"old{i}"].input for i in range(len(legacy))] == legacy
     finally:
         await engine.close()
+
+
+async def test_every_payload_blob_is_referenced_by_a_row(database_url: str) -> None:
+    """An event large enough for the blob store is stored once, with its sequence number:
+    on PostgreSQL the one-statement append steps aside before storing anything, so no
+    blob is left behind that no row refers to."""
+    engine = await Engine.open(
+        database_url, workflows=[BIG_OUT], auto_migrate=True, payload_max_bytes=THRESHOLD
+    )
+    try:
+        async with engine.worker(concurrency=1):
+            handle = await engine.start("offload-big-out", {"text": "ab"})
+            await handle.result(timeout=20)
+        referenced: set[str] = set()
+        for table, column in (
+            (t.runs, t.runs.c.output),
+            (t.stages, t.stages.c.output),
+            (t.outbox, t.outbox.c.event),
+        ):
+            for (value,) in await _raw(engine, sa.select(column).select_from(table)):
+                if isinstance(value, dict) and PAYLOAD_REF in value:
+                    referenced.add(value[PAYLOAD_REF])
+        events = [e async for e in engine.events(handle.run_id, follow=False)]
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert referenced
+        assert set(await _payload_blobs(engine)) == referenced
+    finally:
+        await engine.close()
