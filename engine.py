@@ -199,9 +199,7 @@ class RunHandle:
                 # A run started here for a worker here brings its outcome when it ends
                 # (no read); until then there is nothing to read for.
                 run = waiters.outcome(self.run_id)
-                if (run is None and not waiters.expecting(self.run_id)) or (
-                    run is not None and run.status is RunStatus.CANCELLED
-                ):
+                if run is None and not waiters.expecting(self.run_id):
                     run = await self.engine.get_run(self.run_id, with_stages=False)
                 compensating = False
                 if run is not None:

@@ -588,13 +588,10 @@ async def _commit_trusted(deps: Deps, item: _Commit, now: datetime) -> c.JobExec
     there were ten. A persistence whose reads cost no round trip (``local_reads``, the
     in-memory adapter) commits through the reads: buffering would only add work there."""
     s = item.started
-    buffer = WriteBuffer(
-        cast("Transaction", None), {s.run.id: s.run}, {s.run.id: list(s.stages)}, {s.job.id: s.job}
-    )
-    buffer.guard_jobs()
-    buffered, buffered_tx = buffer.stand_in(deps)
     async with deps.persistence.transaction() as tx:
-        buffer.tx = tx
+        buffer = WriteBuffer(tx, {s.run.id: s.run}, {s.run.id: list(s.stages)}, {s.job.id: s.job})
+        buffer.guard_jobs()
+        buffered, buffered_tx = buffer.stand_in(deps)
         result, chained = await _commit_in(buffered, buffered_tx, item, now)
         if not buffer.run_writes:  # nothing would lock the run or check its version
             raise NotBatchableError("the commit does not write the run")
