@@ -129,3 +129,50 @@ def count_sql(engine: Any) -> tuple[list[int], list[int]]:
         lambda *args: statements.__setitem__(0, statements[0] + 1),
     )
     return commits, statements
+
+
+class Finished:
+    """Counts the runs of a ``counting_pipeline`` that reached their last stage, and sets
+    ``event`` once ``target`` did (a target of -1 counts nothing: warm-up runs)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.target = -1
+        self.event: Any = None
+
+    def expect(self, target: int) -> None:
+        import asyncio
+
+        self.count, self.target, self.event = 0, target, asyncio.Event()
+
+    def hit(self) -> None:
+        if self.target > 0:
+            self.count += 1
+            if self.count >= self.target:
+                self.event.set()
+
+
+def counting_pipeline(workflow_id: str, stages: int, finished: Finished) -> Any:
+    """A pipeline of ``stages`` no-op stages whose last one reports to ``finished``: the
+    benchmarks wait on it in process rather than poll the database (which would add its
+    own commits to the figures)."""
+    from pydantic import BaseModel
+
+    from treadle import WorkflowBuilder, define_stage
+
+    class Payload(BaseModel):
+        n: int
+
+    def stage(index: int) -> Any:
+        @define_stage(id=f"s{index}", input=Payload, output=Payload)
+        async def noop(ctx):  # type: ignore[no-untyped-def]
+            if index == stages - 1:
+                finished.hit()
+            return ctx.input
+
+        return noop
+
+    builder = WorkflowBuilder(workflow_id, input=Payload)
+    for i in range(stages):
+        builder = builder.pipe(stage(i))
+    return builder.build()

@@ -30,43 +30,16 @@ import os
 import platform
 import sys
 import time
-from typing import Any
 
 import sqlalchemy as sa
-from _common import count_sql, fresh_database, pg_version
-from pydantic import BaseModel
+from _common import Finished, count_sql, counting_pipeline, fresh_database, pg_version
 
-from treadle import Engine, WorkflowBuilder, define_stage
+from treadle import Engine
 
 STAGES = 3
 WORKFLOW = "start-noop-3"
-DONE: dict[str, Any] = {"count": 0, "target": -1, "event": None}
-
-
-class Payload(BaseModel):
-    n: int
-
-
-def _stage(index: int) -> Any:
-    @define_stage(id=f"s{index}", input=Payload, output=Payload)
-    async def noop(ctx):  # type: ignore[no-untyped-def]
-        if index == STAGES - 1 and DONE["target"] > 0:
-            DONE["count"] += 1
-            if DONE["count"] >= DONE["target"]:
-                DONE["event"].set()
-        return ctx.input
-
-    return noop
-
-
-def build_pipeline() -> Any:
-    builder = WorkflowBuilder(WORKFLOW, input=Payload)
-    for i in range(STAGES):
-        builder = builder.pipe(_stage(i))
-    return builder.build()
-
-
-PIPELINE = build_pipeline()
+DONE = Finished()
+PIPELINE = counting_pipeline(WORKFLOW, STAGES, DONE)
 
 
 def load() -> str:
@@ -137,18 +110,18 @@ async def bulk(url: str, n: int, concurrency: int) -> dict[str, float]:
             [{"workflow_id": WORKFLOW, "input": {"n": i}} for i in range(n)], batch_size=1_000
         )
         started = time.perf_counter()
-        DONE.update(count=0, target=n, event=asyncio.Event())
+        DONE.expect(n)
         worker = engine.worker(
             concurrency=concurrency, orchestration_interval=1.0, job_poll_interval=0.05
         )
         cpu0 = time.process_time()
         async with worker:
-            await DONE["event"].wait()
+            await DONE.event.wait()
             while worker.in_flight:  # noqa: ASYNC110 - the Worker exposes a count, not an event
                 await asyncio.sleep(0.001)
             drained = time.perf_counter()
             cpu = time.process_time() - cpu0
-        DONE["target"] = -1
+        DONE.target = -1
         counts = await engine.aggregate()
     if counts != {"COMPLETED": n}:
         raise SystemExit(f"bulk: {counts}, expected {n} COMPLETED")

@@ -43,7 +43,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import sqlalchemy as sa
-from _common import count_sql, fresh_database, pct, server_cpu_seconds, xact_commit
+from _common import (
+    Finished,
+    count_sql,
+    counting_pipeline,
+    fresh_database,
+    pct,
+    server_cpu_seconds,
+    xact_commit,
+)
 from pydantic import BaseModel
 
 from treadle import Engine, WorkflowBuilder, define_stage
@@ -57,23 +65,11 @@ class Payload(BaseModel):
     n: int
 
 
-def _make_stage(index: int) -> Any:
-    @define_stage(id=f"s{index}", input=Payload, output=Payload)
-    async def noop(ctx):  # type: ignore[no-untyped-def]
-        if index == STAGES - 1 and DONE["target"] > 0:
-            DONE["count"] += 1
-            if DONE["count"] >= DONE["target"]:
-                DONE["event"].set()
-        return ctx.input
-
-    return noop
+DONE = Finished()
 
 
 def build_pipeline() -> Any:
-    builder = WorkflowBuilder("noop-3", input=Payload)
-    for i in range(STAGES):
-        builder = builder.pipe(_make_stage(i))
-    return builder.build()
+    return counting_pipeline("noop-3", STAGES, DONE)
 
 
 @define_stage(id="pickup", input=Payload, output=Payload)
@@ -109,13 +105,10 @@ async def profiled(enabled: bool, top: int) -> AsyncIterator[None]:
                 stats.dump_stats(dump)
 
 
-DONE: dict[str, Any] = {"count": 0, "target": -1, "event": None}
-
-
 async def _wait_for_all(worker: Any) -> None:
     """Until the last stage of every run has run and its commit finished (in-process:
     polling the database would add its own commits to the count)."""
-    await DONE["event"].wait()
+    await DONE.event.wait()
     while worker.in_flight:  # noqa: ASYNC110 - the Worker exposes a count, not an event
         await asyncio.sleep(0.001)
 
@@ -178,7 +171,7 @@ async def burst(
     finally:
         await producer.close()  # its server processes exit and flush their statistics
     engine = await Engine.open(url, workflows=[pipeline])
-    DONE.update(count=0, target=runs, event=asyncio.Event())
+    DONE.expect(runs)
     own_commits, statements = count_sql(engine)
     try:
         before = xact_commit(url) if pg else 0
@@ -201,7 +194,7 @@ async def burst(
                 server_now = server_cpu_seconds() if pg else None
     finally:
         await engine.close()  # flushes the worker's statistics too
-    DONE["target"] = -1
+    DONE.target = -1
     # The first probe's own two autocommit statements are counted; the second's are not.
     commits = xact_commit(url) - before - 2 if pg else 0
     rows = await _read_runs(url, run_ids)
