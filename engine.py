@@ -187,22 +187,31 @@ class RunHandle:
         worker costs no read at all: the commit that ends it brings its outcome
         (``RunWaiters.expect``). Polling storage with a capped backoff (5 ms doubling to
         1 s) is the fallback, so it works whichever process or worker executes the run.
+
+        A run that continued as new (``ctx.continue_as_new``) is followed: the answer is
+        the outcome of the last run of its chain, whichever run this handle names.
         """
+        run_id = self.run_id
         limit = None if timeout is None else _seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
         delay = _RESULT_MAX_POLL if self._local else _RESULT_FIRST_POLL
         waiters = self.engine.run_waiters
         while True:
             # Registered before the read, so an end committed in between still wakes us.
-            woken = waiters.waiter(self.run_id)
+            watched = run_id
+            woken = waiters.waiter(watched)
             try:
                 # A run started here for a worker here brings its outcome when it ends
                 # (no read); until then there is nothing to read for.
-                run = waiters.outcome(self.run_id)
-                if run is None and not waiters.expecting(self.run_id):
-                    run = await self.engine.get_run(self.run_id, with_stages=False)
+                run = waiters.outcome(run_id)
+                if run is None and not waiters.expecting(run_id):
+                    run = await self.engine.get_run(run_id, with_stages=False)
                 compensating = False
                 if run is not None:
+                    if run.status is RunStatus.COMPLETED and run.continued_as is not None:
+                        run_id = run.continued_as  # its chain goes on: wait for that run
+                        delay = _RESULT_FIRST_POLL
+                        continue
                     if run.status is RunStatus.COMPLETED:
                         if type(run.output) is MissingPayload:  # offloaded, its blob gone
                             raise run.output.error()
@@ -213,7 +222,7 @@ class RunHandle:
                         # A cancelled code workflow with a saga is CANCELLED at once, but
                         # its compensations still run: answer once they have, with their
                         # outcome.
-                        run = await self.engine.get_run(self.run_id)
+                        run = await self.engine.get_run(run_id)
                         compensating = any(not stage.status.terminal for stage in run.stages)
                         if not compensating:
                             raise RunCancelledError(run.id, run.error)
@@ -221,16 +230,16 @@ class RunHandle:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         if run is None:  # read once more: the state for the message
-                            waiters.forget_expected(self.run_id)
+                            waiters.forget_expected(run_id)
                             continue
                         state = "CANCELLED and compensating" if compensating else run.status.value
                         raise TimeoutError(f"run {run.id!r} is still {state} after {limit:g}s")
                     delay = min(delay, remaining)
                 await asyncio.wait([woken], timeout=delay)
                 if not woken.done():  # the fallback poll reads, whoever ends the run
-                    waiters.forget_expected(self.run_id)
+                    waiters.forget_expected(run_id)
             finally:
-                waiters.forget(self.run_id, woken)
+                waiters.forget(watched, woken)
             delay = min(delay * 2, _RESULT_MAX_POLL)
 
 
@@ -590,6 +599,8 @@ class Engine:
             if answered:
                 return reply
             run = await self.kernel.get_run(run_id, with_stages=False)
+            while run.continued_as is not None:  # forwarded along its chain: the newest
+                run = await self.kernel.get_run(run.continued_as, with_stages=False)
             if run.status.terminal:
                 # The reply commits before the run ends: re-read it once the run has ended.
                 answered, reply = await self.kernel.update_reply(run_id, result.update_id)

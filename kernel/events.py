@@ -57,6 +57,21 @@ class WorkflowCompleted(EventBase):
     duration: timedelta | None = None
 
 
+class WorkflowContinuedAsNew(EventBase):
+    """The run ended by ``ctx.continue_as_new``: it is COMPLETED without an output, and
+    the logical workflow goes on as run ``continued_as`` (its first event is
+    ``workflow:created``). Ends the run for waiters, as ``workflow:completed`` does."""
+
+    type: Literal["workflow:continuedAsNew"] = "workflow:continuedAsNew"
+    workflow_id: str
+    continued_as: str
+    """The id of the new run, which pins the workflow version registered when it was
+    created."""
+    workflow_version: str
+    """The version the new run pinned."""
+    duration: timedelta | None = None
+
+
 class WorkflowFailed(EventBase):
     type: Literal["workflow:failed"] = "workflow:failed"
     error: str
@@ -250,6 +265,7 @@ Event = Annotated[
     | WorkflowStarted
     | WorkflowSuspended
     | WorkflowCompleted
+    | WorkflowContinuedAsNew
     | WorkflowFailed
     | WorkflowCancelled
     | StageStarted
@@ -278,7 +294,13 @@ EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
 RUN_END_EVENTS = frozenset(
-    {"workflow:completed", "workflow:failed", "workflow:cancelled", "saga:compensated"}
+    {
+        "workflow:completed",
+        "workflow:continuedAsNew",
+        "workflow:failed",
+        "workflow:cancelled",
+        "saga:compensated",
+    }
 )
 """Event types after which a run may be finished for a waiter (``RunHandle.result``):
 the run reached a terminal status, or a cancelled run's compensations are done.

@@ -127,6 +127,14 @@ class StageRun(_Frozen):
     version: int = 0
 
 
+CONTINUED_FROM = "continued_from"
+"""Search attribute of a run made by ``ctx.continue_as_new``: the run it continues."""
+CONTINUED_AS = "continued_as"
+"""Search attribute of a run that continued as new: the run that continues it."""
+RESERVED_ATTRIBUTES = frozenset({CONTINUED_FROM, CONTINUED_AS})
+"""Search attributes only Treadle sets (``run.create`` and ``set_attribute`` refuse them)."""
+
+
 class Run(_Frozen):
     """One execution of a workflow. ``stages`` is filled by readers that ask for it."""
 
@@ -151,6 +159,21 @@ class Run(_Frozen):
     """Highest execution group whose jobs have been enqueued (-1: none yet)."""
     version: int = 0
     stages: list[StageRun] = Field(default_factory=list)
+
+    @property
+    def continued_from(self) -> str | None:
+        """The run this one continues (``ctx.continue_as_new``), if any: the search
+        attribute ``continued_from``, set by Treadle."""
+        value = self.search_attributes.get(CONTINUED_FROM)
+        return value if isinstance(value, str) else None
+
+    @property
+    def continued_as(self) -> str | None:
+        """The run that continues this one (``ctx.continue_as_new``), if it continued:
+        the search attribute ``continued_as``, set by Treadle. Such a run is COMPLETED
+        with no output of its own; the logical workflow's result is the chain's last."""
+        value = self.search_attributes.get(CONTINUED_AS)
+        return value if isinstance(value, str) else None
 
     @property
     def duration(self) -> timedelta | None:

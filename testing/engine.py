@@ -171,9 +171,12 @@ class RunHandle:
 
     async def result(self) -> Any:
         """Run until idle; the output if COMPLETED, else ``RunFailedError`` /
-        ``RunCancelledError``; a run still waiting raises ``TreadleError``."""
+        ``RunCancelledError``; a run still waiting raises ``TreadleError``. A run that
+        continued as new is followed to the last run of its chain."""
         await self._engine.run_until_idle()
         run = await self._engine.get_run(self.run_id)
+        while run.continued_as is not None:
+            run = await self._engine.get_run(run.continued_as)
         if run.status is RunStatus.COMPLETED:
             return run.output
         if run.status is RunStatus.FAILED:

@@ -134,6 +134,21 @@ class InMemoryTransaction:
     async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
         return self._s.runs.get(run_id)
 
+    def _rekey(self, stored: Run, run: Run) -> None:
+        """An update that changes the run's idempotency key (continue-as-new hands it to
+        the new run) moves the (workflow, key) index entry, as the SQL column would."""
+        s = self._s
+        if run.idempotency_key is not None:
+            key = (run.workflow_id, run.idempotency_key)
+            if s.run_keys.get(key, run.id) != run.id:
+                raise DuplicateError(
+                    f"a {run.workflow_id!r} run with key {run.idempotency_key!r} already exists"
+                )
+        if stored.idempotency_key is not None:
+            self.del_item(s.run_keys, (stored.workflow_id, stored.idempotency_key))
+        if run.idempotency_key is not None:
+            self.set_item(s.run_keys, (run.workflow_id, run.idempotency_key), run.id)
+
     async def find_run_by_key(self, workflow_id: str, idempotency_key: str) -> Run | None:
         run_id = self._s.run_keys.get((workflow_id, idempotency_key))
         return self._s.runs.get(run_id) if run_id is not None else None
@@ -149,6 +164,8 @@ class InMemoryTransaction:
                 f"run {run.id!r} was updated concurrently (version {stored.version}, "
                 f"expected {run.version})"
             )
+        if run.idempotency_key != stored.idempotency_key:
+            self._rekey(stored, run)
         # A stored run keeps no stages; one read from here has its (empty) list already,
         # and sharing that is what every copy of it does: no new list per update.
         if run.stages:

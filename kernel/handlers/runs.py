@@ -28,6 +28,7 @@ from treadle.kernel.handlers.common import (
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
+    RESERVED_ATTRIBUTES,
     JsonValue,
     MissingPayload,
     Run,
@@ -36,6 +37,7 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
+from treadle.kernel.workflows.continuation import current_run
 from treadle.kernel.workflows.deadline import arm as arm_execution_timeout
 from treadle.kernel.workflows.deadline import request as request_execution_timeout
 from treadle.kernel.workflows.saga import compensate_on_cancel
@@ -60,6 +62,12 @@ def validate_run(
     input_json = wf.validate_input(input)
     config_json = wf.validate_config(config)
     validate_attributes(search_attributes, field="search_attributes")
+    reserved = sorted(RESERVED_ATTRIBUTES.intersection(search_attributes))
+    if reserved:
+        raise TreadleValidationError(
+            f"search_attributes: {reserved[0]!r} is set by Treadle (continue-as-new links)",
+            [(f"search_attributes.{reserved[0]}", "reserved search attribute")],
+        )
     return input_json, config_json
 
 
@@ -145,8 +153,9 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         if existing is None and cmd.signal is not None and cmd.run_id is not None:
             existing = await tx.get_run(cmd.run_id)
         if existing is not None:
-            if cmd.signal is not None:
-                await _deliver(deps, tx, await load_run(tx, existing.id), cmd, signal_payload, now)
+            if cmd.signal is not None:  # to the chain's newest run (continue-as-new)
+                existing = await current_run(tx, await load_run(tx, existing.id), for_update=True)
+                await _deliver(deps, tx, existing, cmd, signal_payload, now)
             result = c.RunCreateResult(
                 workflow_run_id=existing.id, status=existing.status, created=False
             )

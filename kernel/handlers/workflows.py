@@ -31,8 +31,9 @@ from treadle.kernel.events import (
 )
 from treadle.kernel.handlers.common import load_run
 from treadle.kernel.limits import dump_json, precheck, to_json
-from treadle.kernel.model import JsonValue, Run, StageStatus
+from treadle.kernel.model import CONTINUED_AS, JsonValue, Run, StageStatus
 from treadle.kernel.workflows.context import message_result
+from treadle.kernel.workflows.continuation import MAX_FOLLOW, current_run
 from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.executor import wake, write_entries
@@ -91,7 +92,7 @@ async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResul
         cached = await scope.claim(tx)  # a replay answers even after the run ended
         if cached is not None:
             return cast("c.RunSignalResult", cached)
-        run = await load_run(tx, cmd.workflow_run_id, for_update=False)
+        run = await current_run(tx, await load_run(tx, cmd.workflow_run_id, for_update=False))
     _check_live(run, cmd.name)
     wf = code_workflow(deps.workflow(run.workflow_id, run.workflow_version), f"signal {cmd.name!r}")
     payload = validate_signal(wf, cmd.name, cmd.payload)
@@ -100,13 +101,33 @@ async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResul
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.RunSignalResult", cached)
-        run = await load_run(tx, cmd.workflow_run_id)
+        run, wf, payload = await _locked_target(deps, tx, run, wf, payload, cmd)
         await deliver(
             deps, tx, run, wf, cmd.name, payload, cmd.idempotency_key, now, scope.causation_id
         )
         result = c.RunSignalResult(delivered=True)
         await scope.complete(tx, result)
     return result
+
+
+async def _locked_target(
+    deps: Deps,
+    tx: Transaction,
+    seen: Run,
+    wf: CodeWorkflowDefinition,
+    payload: JsonValue,
+    cmd: c.RunSignal | c.RunUpdate,
+    kind: Literal["signal", "update"] = "signal",
+) -> tuple[Run, CodeWorkflowDefinition, JsonValue]:
+    """The run to deliver to, locked: the chain's newest run (a message sent to a run
+    that continued as new is forwarded, ``kernel.workflows.continuation``). When that is
+    not the run validated against (it continued meanwhile), the payload is checked again
+    against its definition."""
+    run = await current_run(tx, await load_run(tx, seen.id), for_update=True)
+    if run.id != seen.id and run.workflow_version != seen.workflow_version:
+        wf = code_workflow(deps.workflow(run.workflow_id, run.workflow_version), kind)
+        payload = validate_signal(wf, cmd.name, cmd.payload, kind=kind)
+    return run, wf, payload
 
 
 async def deliver(
@@ -206,7 +227,7 @@ async def update(deps: Deps, cmd: c.RunUpdate, scope: Scope) -> c.RunUpdateResul
         cached = await _cached_update(tx, scope, cmd)  # a replay answers after the run ended
         if cached is not None:
             return cached
-        run = await load_run(tx, cmd.workflow_run_id, for_update=False)
+        run = await current_run(tx, await load_run(tx, cmd.workflow_run_id, for_update=False))
     _check_live(run, cmd.name, "update")
     wf = code_workflow(deps.workflow(run.workflow_id, run.workflow_version), f"update {cmd.name!r}")
     payload = validate_signal(wf, cmd.name, cmd.payload, kind="update")
@@ -215,7 +236,7 @@ async def update(deps: Deps, cmd: c.RunUpdate, scope: Scope) -> c.RunUpdateResul
         cached = await _cached_update(tx, scope, cmd)
         if cached is not None:
             return cached
-        run = await load_run(tx, cmd.workflow_run_id)
+        run, wf, payload = await _locked_target(deps, tx, run, wf, payload, cmd, "update")
         update_id = deps.ids.new_id()
         await deliver(
             deps,
@@ -310,6 +331,14 @@ async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.Revi
 async def update_reply_in(tx: Transaction, run_id: str, update_id: str) -> tuple[bool, JsonValue]:
     """``(answered, reply)`` of an update."""
     message = await tx.find_update(run_id, update_id)
+    hops, at = 0, run_id
+    while message is None or (message.consumed_by or "").startswith(f"{CONTINUED_AS}:"):
+        # Forwarded to, or moved to, a later run of the chain (continue-as-new).
+        run = await tx.get_run(at)
+        if run is None or run.continued_as is None or hops >= MAX_FOLLOW:
+            break
+        at, hops = run.continued_as, hops + 1
+        message = await tx.find_update(at, update_id) or message
     if message is None:
         raise NotFoundError(f"run {run_id!r} has no update {update_id!r}")
     reply = message.reply if isinstance(message.reply, dict) else None

@@ -27,7 +27,7 @@ import typing
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Concatenate, Literal, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, Literal, NoReturn, ParamSpec, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -43,6 +43,7 @@ from treadle.kernel.errors import (
     StepTimeoutError,
     TreadleValidationError,
     WaitTimeoutError,
+    WorkflowError,
     as_body_failure,
     describe_exception,
     short_traceback,
@@ -61,7 +62,7 @@ from treadle.kernel.limits import (
     to_duration,
     to_json,
 )
-from treadle.kernel.model import JsonValue, evolve
+from treadle.kernel.model import RESERVED_ATTRIBUTES, JsonValue, evolve
 from treadle.kernel.retry import RetryPolicy
 from treadle.kernel.text import text_problem
 from treadle.kernel.workflows.model import (
@@ -124,11 +125,15 @@ class Interrupt(BaseException):
     this execution lost the run (cancelled, lease taken over); ``fatal``: the run must
     fail with ``error`` (non-determinism); ``crash``: storage failed, retry the activation;
     ``cancelled``: the run was cancelled and the body replays only to re-register its
-    compensations (``kernel.workflows.saga``)."""
+    compensations (``kernel.workflows.saga``); ``continue``: the body called
+    ``ctx.continue_as_new``, the run ends and a new run goes on with ``input`` (the JSON
+    form, validated against ``version``, the workflow's version for new runs)."""
 
-    reason: Literal["suspend", "ghost", "fatal", "crash", "cancelled"]
+    reason: Literal["suspend", "ghost", "fatal", "crash", "cancelled", "continue"]
     waits: list[Wait] = field(default_factory=list)
     error: BaseException | None = None
+    input: JsonValue = None
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,13 @@ def _check_name(name: Any, what: str) -> str:
 
 
 def _check_attribute(key: Any, value: Any) -> None:
-    """Search attributes are indexed and compared as JSON scalars on every adapter."""
+    """Search attributes are indexed and compared as JSON scalars on every adapter;
+    ``continued_from`` / ``continued_as`` are Treadle's own (continue-as-new links)."""
+    if key in RESERVED_ATTRIBUTES:
+        raise TreadleValidationError(
+            f"set_attribute: {key!r} is set by Treadle (continue-as-new links), not by a body",
+            [("key", "reserved search attribute")],
+        )
     if not isinstance(key, str) or not key or '"' in key or text_problem(key) is not None:
         raise TreadleValidationError(
             f"set_attribute: key must be a non-empty string without '\"', got {key!r}",
@@ -978,6 +989,33 @@ class WorkflowContext:
         self._pending_events.append(
             AttributeSet(workflow_run_id=self.run_id, timestamp=now, key=key, value=value)
         )
+
+    def continue_as_new(self, input: Any) -> NoReturn:
+        """End this run and continue the same logical workflow as a new run with ``input``
+        and an empty journal (``kernel.workflows.continuation``). Never returns: it
+        unwinds the body, like a return that hands over. The new run pins the version
+        registered for new runs now, keeps the search attributes, priority, config and
+        idempotency key, and receives the signals this run had not consumed.
+
+        ``input`` is validated against that version's input model first: a bad one
+        raises ``InvalidInputError`` naming the field, here, and nothing is written.
+        Call it from the body itself: inside a step, or as an argument of ``ctx.all`` /
+        ``ctx.race``, it fails the run with a ``WorkflowError`` naming the step."""
+        step = _CURRENT_STEP.get()
+        if step is not None or CURRENT_BRANCH.get() is not None:
+            where = f"inside step {step.name!r}" if step is not None else "in ctx.all / ctx.race"
+            misuse = WorkflowError(
+                f"workflow {self.workflow_id!r} run {self.run_id!r}: ctx.continue_as_new was "
+                f"called {where}; call it from the workflow body (the run can only end there)"
+            )
+            raise self._stop(Interrupt("fatal", error=misuse))
+        if self.interrupt is not None:
+            raise self.interrupt
+        if self.compensating:  # a cancelled run replays to its compensations, never onwards
+            raise self._stop(Interrupt("cancelled"))
+        wf = self._writer.child_workflow(self.workflow_id)
+        encoded = wf.validate_input(input)
+        raise self._stop(Interrupt("continue", input=encoded, version=wf.version))
 
     @_resumable
     async def wait_for_signal(

@@ -10,6 +10,8 @@ recorded. Phase 3 commits how the activation ended:
 * the body returned: the stage and the run complete with its output;
 * the body raised (or was not deterministic): the run fails with that error, after
   the compensations it registered ran (``saga``);
+* the body called ``ctx.continue_as_new``: the run completes and a new run of the
+  workflow goes on in the same transaction (``kernel.workflows.continuation``);
 * the body waits (sleep, signal, retry backoff): the journal records the wait, a
   timer is scheduled, the job completes and the stage is SUSPENDED with
   ``next_poll_at`` at its earliest timer, so no worker is held; a short backoff
@@ -65,6 +67,7 @@ from treadle.kernel.workflows.context import (
     describe_waits,
     message_result,
 )
+from treadle.kernel.workflows.continuation import continue_run
 from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
 from treadle.kernel.workflows.model import (
@@ -460,6 +463,10 @@ async def _finish(
         undoing = outcome is None and bool(ctx.compensations) and _suspended(interrupt)
         if error is not None and not undoing:
             result = await _commit_failed(deps, tx, scope, s, run, stage, error, now, outcome)
+        elif interrupt is not None and interrupt.reason == "continue":
+            result = await continue_run(
+                deps, tx, run, stage, s.job.id, interrupt, now, scope.causation_id
+            )
         elif interrupt is not None:
             result = await _commit_waits(deps, tx, scope, s, run, stage, interrupt.waits, now)
         else:

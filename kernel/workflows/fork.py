@@ -40,6 +40,7 @@ from treadle.kernel.errors import (
 from treadle.kernel.events import WorkflowCreated
 from treadle.kernel.handlers.common import load_run
 from treadle.kernel.model import (
+    RESERVED_ATTRIBUTES,
     IdempotencyRecord,
     IdempotencyState,
     Run,
@@ -156,7 +157,11 @@ async def fork_run(
             config=copy.deepcopy(source.config),
             priority=source.priority,
             search_attributes={
-                **source.search_attributes,
+                **{
+                    k: v
+                    for k, v in source.search_attributes.items()
+                    if k not in RESERVED_ATTRIBUTES  # a fork is no link of a chain
+                },
                 FORKED_FROM: source.id,
                 FORKED_FROM_STEP: label,
             },
