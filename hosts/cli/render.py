@@ -315,6 +315,10 @@ def run_detail(
     header.add_row("duration", fmt_duration(elapsed(run.started_at, run.completed_at)))
     if run.idempotency_key:
         header.add_row("idempotency key", run.idempotency_key)
+    if run.continued_from:
+        header.add_row("continued from", run.continued_from)
+    if run.continued_as:  # COMPLETED without an output of its own: where the chain goes on
+        header.add_row("continued as", f"{run.continued_as} (ctx.continue_as_new)")
     header.add_row("input", truncate(run.input, width * 2))
     if run.output is not None:
         header.add_row("output", truncate(run.output, width * 2))

@@ -174,6 +174,8 @@ def show_run(
     shown = run_async(go, db=cli.db)
     if as_json:
         data = shown.run.model_dump(mode="json")
+        data["continued_from"] = shown.run.continued_from
+        data["continued_as"] = shown.run.continued_as
         if shown.code:
             data["journal"] = [e.model_dump(mode="json") for e in shown.journal]
             data["timers"] = [t.model_dump(mode="json") for t in shown.timers]

@@ -210,3 +210,14 @@ async def refuser(ctx: WorkflowContext, req: Name) -> Greeting:
 
 
 workflows.append(refuser)
+
+
+@workflow(id="relay", input=Name, output=Greeting)
+async def relay(ctx: WorkflowContext, req: Name) -> Greeting:
+    """Continues as new once: ``runs show`` names both links of the chain."""
+    if req.name != "second":
+        ctx.continue_as_new(Name(name="second"))
+    return Greeting(text=f"hello {req.name}")
+
+
+workflows.append(relay)

@@ -177,3 +177,23 @@ def test_runs_show_lists_failed_step_attempts(db_url: str, invoke: Invoke) -> No
     assert "at " in failed[0]  # retried at a time
     assert "│ no " in failed[1]
     assert all("refusing ada" in line for line in failed)
+
+
+def test_runs_show_names_both_links_of_a_continue_as_new_chain(db_url: str, invoke: Invoke) -> None:
+    """A run that continued as new shows ``continued as`` (table and JSON); the new run
+    shows ``continued from``."""
+    first = started(invoke("start", "relay", '{"name": "first"}'))
+    drive(db_url, first, {"COMPLETED"})
+    data = show_json(invoke, first)
+    second = data["continued_as"]
+    assert second
+    assert data["output"] is None
+    drive(db_url, second, {"COMPLETED"})
+    assert show_json(invoke, second)["continued_from"] == first
+    table = invoke("runs", "show", first)
+    assert table.exit_code == 0, table.output
+    assert "continued as" in table.stdout
+    assert second in table.stdout
+    table = invoke("runs", "show", second)
+    assert "continued from" in table.stdout
+    assert first in table.stdout

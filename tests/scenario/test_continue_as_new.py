@@ -1,7 +1,7 @@
 """Continue-as-new (issue 14, section 6): ``ctx.continue_as_new(input)`` ends a code
 workflow run and continues the logical workflow as a new run with a fresh journal, in
 one transaction. On memory, a SQLite file and PostgreSQL through ``Engine.open`` and an
-in-process worker; the TestEngine cases are in ``tests/unit/test_continue_as_new.py``."""
+in-process worker; the TestEngine cases are in ``test_continue_as_new_harness.py``."""
 
 from __future__ import annotations
 
