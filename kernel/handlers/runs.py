@@ -205,7 +205,10 @@ def _warn_if_reused(
     (documented: the first run wins). When this start asked for a different input or
     config, that is almost always a bug in the caller (a key reused across orders), and
     nothing else would tell them: log a warning naming the key and what differs. An
-    offloaded value whose blob is gone is not compared."""
+    offloaded value whose blob is gone is not compared, nor a run that continues a chain
+    (``ctx.continue_as_new`` handed it the key with the input the body chose)."""
+    if run.continued_from is not None:
+        return
     differs = [
         name
         for name, stored, given in (
