@@ -15,6 +15,8 @@ which in that one transaction, after the ownership check every activation commit
 * moves the signals and updates the old run had not consumed to the new run's inbox, in
   arrival order (the old copies are marked consumed by ``continued_as:<new id>``), so no
   message is lost between the two runs;
+* gives the new run the old run's execution-timeout deadline, if it has one (the
+  timeout caps the logical workflow, as Temporal's execution timeout spans its chain);
 * re-points a parent's ``child`` wait at the new run, so the parent gets the chain's end.
 
 Both runs are written together or not at all: a crash never leaves neither or both
@@ -45,6 +47,7 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
+from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
 from treadle.kernel.workflows.model import JournalStatus
 
 if TYPE_CHECKING:
@@ -115,6 +118,7 @@ async def continue_run(
     await tx.insert_stages(stages)
     await enqueue_stages(deps, tx, new, wf, [s for s in stages if s.execution_group == 0], now)
     await _move_messages(tx, run.id, new.id, now)
+    await _carry_deadline(tx, run.id, new.id, now)
     await tx.append_events(
         [
             StageCompleted(
@@ -172,6 +176,17 @@ async def _move_messages(tx: Transaction, old_id: str, new_id: str, now: datetim
             continue
         await tx.insert_signal(evolve(message, {"workflow_run_id": new_id, "id": None}))
         await tx.consume_signal(message.id, now, f"{CONTINUED_AS}:{new_id}")
+
+
+async def _carry_deadline(tx: Transaction, old_id: str, new_id: str, now: datetime) -> None:
+    """An execution timeout caps the logical workflow, not one run of it: the new run
+    gets the old run's deadline (the old run's own timer is discarded when it falls due,
+    as for any run that ended first)."""
+    for timer in await tx.pending_timers(old_id):
+        if timer.purpose == EXECUTION_TIMEOUT:
+            await tx.schedule_timer(
+                evolve(timer, {"workflow_run_id": new_id, "created_at": now, "id": None})
+            )
 
 
 async def _repoint_parent(tx: Transaction, parent_id: str, old_id: str, new_id: str) -> None:

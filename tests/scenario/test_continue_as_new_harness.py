@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from treadle import RunStatus, WorkflowContext, workflow
 from treadle.adapters.memory.persistence import InMemoryTransaction
-from treadle.kernel.errors import TransientStorageError
+from treadle.kernel.errors import RunCancelledError, TransientStorageError
 from treadle.kernel.model import Run
 from treadle.testing import TestEngine
 
@@ -39,6 +39,12 @@ async def daily_v2(ctx: WorkflowContext, days: Days) -> int:
 async def parent(ctx: WorkflowContext, days: Days) -> int:
     result: int = await ctx.child("daily", days)
     return result
+
+
+@workflow(id="forever", input=Days, output=int, execution_timeout=timedelta(days=2, hours=12))
+async def forever(ctx: WorkflowContext, days: Days) -> int:
+    await ctx.sleep(timedelta(days=1))
+    ctx.continue_as_new(Days(left=days.left, slept=days.slept + 1))
 
 
 class Ask(BaseModel):
@@ -97,6 +103,19 @@ async def test_the_new_run_pins_the_version_registered_now() -> None:
     assert (first.workflow_version, second.workflow_version) == ("1", "2")
     ended = [e for e in te.events if e.type == "workflow:continuedAsNew"]  # type: ignore[attr-defined]
     assert ended[0].workflow_version == "2"  # type: ignore[attr-defined]
+
+
+async def test_the_execution_timeout_caps_the_whole_chain() -> None:
+    """The new run keeps the old run's deadline: a workflow that continues every day
+    under a 2.5-day execution timeout is cancelled during its third run."""
+    te = TestEngine(workflows=[forever])
+    handle = await te.start("forever", {"left": 0})
+    await te.run_until_idle()
+    await te.advance_time(timedelta(days=3))
+    with pytest.raises(RunCancelledError, match="execution timeout"):
+        await handle.result()
+    chain = await _chain(te, handle.run_id)
+    assert [r.status for r in chain] == [RunStatus.COMPLETED] * 2 + [RunStatus.CANCELLED]
 
 
 async def test_a_parent_awaits_its_child_to_the_end_of_the_chain() -> None:
