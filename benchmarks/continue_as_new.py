@@ -141,9 +141,8 @@ def report(name: str, out: Outcome, every: int, window: int, sticky: bool) -> No
     samples = out.samples
     total = sum(s.wall for s in samples)
     chain = f"continue-as-new every {every}" if every > 0 else "never continuing"
-    print(
-        f"== {name}: {len(samples)} signals, {chain}, sticky execution {sticky and 'on' or 'off'}"
-    )
+    mode = "on" if sticky else "off"
+    print(f"== {name}: {len(samples)} signals, {chain}, sticky execution {mode}")
     print(
         f"   all signals: {total:.2f} s wall; {out.runs} runs in the chain, the longest "
         f"journal {out.longest_journal} entries"
@@ -160,9 +159,8 @@ def report(name: str, out: Outcome, every: int, window: int, sticky: bool) -> No
             f"   {label:>5} {len(picked)} signals: {mean:7.3f} ms wall mean, {median:7.3f} ms "
             f"median, {cpu:7.3f} ms CPU mean" + (f", {sql:.1f} SQL statements mean" if sql else "")
         )
-    print(
-        f"   ratio last / first: {rows[1][0] / rows[0][0]:.2f}x wall, {rows[1][1] / rows[0][1]:.2f}x CPU"
-    )
+    wall, cpu = rows[1][0] / rows[0][0], rows[1][1] / rows[0][1]
+    print(f"   ratio last / first: {wall:.2f}x wall, {cpu:.2f}x CPU")
 
 
 def _reachable(pg_url: str) -> str | None:
