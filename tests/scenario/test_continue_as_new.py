@@ -72,7 +72,26 @@ async def bad_continue(ctx: WorkflowContext, hop: Hops) -> str:
     ctx.continue_as_new({"left": "many"})
 
 
-WORKFLOWS = [tally, hops, in_step, bad_continue]
+class Ask(BaseModel):
+    q: str
+
+
+@workflow(id="answerer", input=Hops, output=str, updates={"ask": Ask})
+async def answerer(ctx: WorkflowContext, hop: Hops) -> str:
+    request = await ctx.wait_for_update("ask", Ask)
+    await request.reply(f"run {hop.left} answers {request.payload.q}")
+    if hop.left:
+        ctx.continue_as_new({"left": hop.left - 1})
+    return "done"
+
+
+@workflow(id="hop-parent", input=Hops, output=str)
+async def hop_parent(ctx: WorkflowContext, hop: Hops) -> str:
+    result: str = await ctx.child("hops", hop)
+    return f"child {result}"
+
+
+WORKFLOWS = [tally, hops, in_step, bad_continue, answerer, hop_parent]
 
 
 @pytest.fixture(autouse=True)
@@ -176,3 +195,31 @@ async def test_the_links_are_reserved_search_attributes(engine: Engine) -> None:
     with pytest.raises(TreadleValidationError, match="continued_from"):
         await engine.start("hops", {"left": 0}, search_attributes={"continued_from": "x"})
     assert await engine.list(workflow_id="hops") == []
+
+
+async def test_an_update_to_an_old_run_id_is_forwarded_and_answered(engine: Engine) -> None:
+    """``engine.update`` to a run that continued reaches the newest run and returns its
+    reply."""
+    handle = await engine.start("answerer", {"left": 1})
+    async with worker(engine):
+        assert await engine.update(handle.run_id, "ask", {"q": "a"}, timeout=WAIT) == (
+            "run 1 answers a"
+        )
+
+        async def continued() -> bool:
+            return (await engine.get_run(handle.run_id, with_stages=False)).continued_as is not None
+
+        await until(continued)
+        reply = await engine.update(handle.run_id, "ask", {"q": "b"}, timeout=WAIT)
+        assert reply == "run 0 answers b"
+        assert await handle.result(timeout=WAIT) == "done"
+
+
+async def test_a_parent_gets_the_result_of_its_childs_chain(engine: Engine) -> None:
+    """A child that continues as new stays the parent's child to the chain's end."""
+    handle = await engine.start("hop-parent", {"left": 2})
+    async with worker(engine):
+        assert await handle.result(timeout=WAIT) == "child landed"
+    children = await engine.list(workflow_id="hops")
+    assert len(children) == 3
+    assert {r.parent_run_id for r in children} == {handle.run_id}
