@@ -598,13 +598,14 @@ async def transition(deps: Deps, cmd: c.RunTransition, scope: Scope) -> c.RunTra
 
 async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResult:
     """Authoritative: the run and every non-terminal stage become CANCELLED and their
-    jobs are cancelled now; a stage still executing becomes a ghost on commit."""
+    jobs are cancelled now; a stage still executing becomes a ghost on commit. A run
+    that continued as new stands for its chain: the chain's newest run is cancelled."""
     now = deps.clock.now()
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.RunCancelResult", cached)
-        run = await load_run(tx, cmd.workflow_run_id)
+        run = await current_run(tx, await load_run(tx, cmd.workflow_run_id), for_update=True)
         if run.status.terminal:
             result = c.RunCancelResult(cancelled=False)
         else:
@@ -641,7 +642,7 @@ async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResul
             result = c.RunCancelResult(cancelled=True)
         await scope.complete(tx, result)
     if result.cancelled:  # executions in this process see ctx.cancelled at once
-        deps.inflight.cancel_run(cmd.workflow_run_id, cmd.reason or "cancelled")
+        deps.inflight.cancel_run(run.id, cmd.reason or "cancelled")
     return result
 
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from treadle import Engine, RunStatus, WorkflowContext, workflow
 from treadle.kernel import events as ev
-from treadle.kernel.errors import RunFailedError, TreadleValidationError
+from treadle.kernel.errors import RunCancelledError, RunFailedError, TreadleValidationError
 from treadle.tests.scenario.helpers import WAIT, run_events, until, until_status, worker
 
 
@@ -223,3 +223,21 @@ async def test_a_parent_gets_the_result_of_its_childs_chain(engine: Engine) -> N
     children = await engine.list(workflow_id="hops")
     assert len(children) == 3
     assert {r.parent_run_id for r in children} == {handle.run_id}
+
+
+async def test_cancelling_an_old_run_id_cancels_the_chain(engine: Engine) -> None:
+    """``cancel`` with the first run's id cancels the chain's newest run; the first
+    handle then raises ``RunCancelledError``."""
+    handle = await engine.start("tally", {"remaining": 4, "per_run": 1})
+    await engine.signal(handle.run_id, "add", {"n": 1})
+    async with worker(engine):
+
+        async def continued() -> bool:
+            return len(await _chain(engine, handle.run_id)) == 2
+
+        await until(continued)
+        assert await engine.cancel(handle.run_id, reason="closed")
+        with pytest.raises(RunCancelledError, match="closed"):
+            await handle.result(timeout=WAIT)
+    first, second = [await engine.get_run(i) for i in await _chain(engine, handle.run_id)]
+    assert (first.status, second.status) == (RunStatus.COMPLETED, RunStatus.CANCELLED)
