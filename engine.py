@@ -49,6 +49,7 @@ from treadle.kernel.model import (
 )
 from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
+from treadle.runtime.options import WorkerOptions
 from treadle.runtime.run_waiters import RunWaiters
 from treadle.runtime.worker import SlotLoan, Worker
 
@@ -334,18 +335,22 @@ class Engine:
         if self._closed:
             raise TreadleError("this Engine is closed")
 
-    def worker(self, concurrency: int = 8, **options: Any) -> Worker:
+    def worker(
+        self, options: WorkerOptions | Mapping[str, Any] | None = None, /, **overrides: Any
+    ) -> Worker:
         """An in-process ``Worker`` on this engine's kernel, for small apps and tests:
         ``async with engine.worker(concurrency=4): ...``. Runs started through this
-        engine wake it at once. ``options`` are ``Worker``'s (``worker_id``,
-        ``orchestration_interval``, ``job_poll_interval``, ``stale_lease_threshold``, ...).
+        engine wake it at once. ``options`` (a ``WorkerOptions``) and ``overrides`` are
+        the worker's options (``worker_id``, ``concurrency``, ``orchestration_interval``,
+        ``job_poll_interval``, ``stale_lease_threshold``, ...), checked once by
+        ``WorkerOptions``; ``logger`` and ``wake_source`` may be given too.
         """
         self._check_open()
-        _count(concurrency, "concurrency", minimum=1, maximum=10_000)
+        extra = {k: overrides.pop(k) for k in ("logger", "wake_source") if k in overrides}
         if self.backend is not None and self.backend.wake_source is not None:
             # PostgreSQL: LISTEN/NOTIFY wakes it for jobs enqueued by other processes too.
-            options.setdefault("wake_source", self.backend.wake_source)
-        worker = Worker(self.kernel, concurrency=concurrency, **options)
+            extra.setdefault("wake_source", self.backend.wake_source)
+        worker = Worker(self.kernel, WorkerOptions.build(options, overrides), **extra)
         self._workers.add(worker)
         return worker
 

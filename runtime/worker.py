@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
-import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +35,12 @@ from treadle.kernel.errors import describe_exception
 from treadle.runtime.backoff import Backoff
 from treadle.runtime.due import DueSchedule, next_due_times
 from treadle.runtime.jobs import execute_job, release_command, release_job
+from treadle.runtime.options import WorkerOptions
 from treadle.runtime.releases import ReleaseRetries
 from treadle.runtime.tick import TickReport, TickStep, claim_step, due_steps, maintenance_tick
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
     from treadle.kernel.kernel import Kernel
     from treadle.kernel.model import Job
@@ -54,18 +52,6 @@ _TICK_KINDS: tuple[DueKind, ...] = ("poll", "command")
 ``scheduled`` steps); ``job`` is the job loop's."""
 _ANY_KIND: tuple[DueKind, ...] = ("job", "poll")
 """What an execution's ``next_poll_at`` may be: a job's backoff or a stage's next poll."""
-
-
-def default_worker_id() -> str:
-    """``host:pid:random``: unique per Worker, readable in logs and in ``runs.worker_id``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _seconds(value: timedelta | float, name: str) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return seconds
 
 
 RELEASE_GRACE = 2.0
@@ -81,37 +67,25 @@ class Worker:
     def __init__(
         self,
         kernel: Kernel,
+        options: WorkerOptions | Mapping[str, Any] | None = None,
         *,
-        worker_id: str | None = None,
-        concurrency: int = 8,
-        orchestration_interval: timedelta | float = 10.0,
-        job_poll_interval: timedelta | float = 1.0,
-        stale_lease_threshold: timedelta | float = 60.0,
-        stuck_threshold: timedelta | float = timedelta(minutes=30),
-        heartbeat_interval: timedelta | float | None = None,
-        max_claims: int = 10,
-        max_backoff: float = 30.0,
         logger: Any = None,
         wake_source: WakeSource | None = None,
+        **overrides: Any,
     ) -> None:
-        given: object = concurrency  # checked at runtime: callers pass CLI or config values
-        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
-            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+        """``options`` and ``overrides`` (``concurrency=8``, ...): see ``WorkerOptions``,
+        which checks them and names a bad one (``InvalidWorkerOptionsError``)."""
+        self.options = opts = WorkerOptions.build(options, overrides)
         self.kernel = kernel
-        self.worker_id = worker_id or default_worker_id()
-        self.concurrency = concurrency
-        self.orchestration_interval = _seconds(orchestration_interval, "orchestration_interval")
-        self.job_poll_interval = _seconds(job_poll_interval, "job_poll_interval")
-        self.stale_lease_threshold = _seconds(stale_lease_threshold, "stale_lease_threshold")
-        self.stuck_threshold = _seconds(stuck_threshold, "stuck_threshold")
-        # Several beats fit in one threshold, so a slow beat or two never loses the lease.
-        self.heartbeat_interval = (
-            _seconds(heartbeat_interval, "heartbeat_interval")
-            if heartbeat_interval is not None
-            else self.stale_lease_threshold / 4
-        )
-        self.max_claims = max_claims
-        self.max_backoff = _seconds(max_backoff, "max_backoff")
+        self.worker_id = opts.worker_id
+        self.concurrency = opts.concurrency
+        self.orchestration_interval = opts.orchestration_interval
+        self.job_poll_interval = opts.job_poll_interval
+        self.stale_lease_threshold = opts.stale_lease_threshold
+        self.stuck_threshold = opts.stuck_threshold
+        self.heartbeat_interval = opts.heartbeat
+        self.max_claims = opts.max_claims
+        self.max_backoff = opts.max_backoff
         self.log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=self.worker_id)
         self.last_tick: TickReport | None = None
         self.ticks = 0
@@ -207,7 +181,7 @@ class Worker:
         if watch is not None:  # this process's commits tell it of the timed work they write
             self._unwatch_due = watch(self._note_times)
 
-    async def stop(self, drain_timeout: float = 30.0) -> None:
+    async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop claiming and dequeuing, and return once in-flight work is over: running
         jobs get up to ``drain_timeout`` seconds to finish, the rest are cancelled and
         released (``release_job``) so another worker takes them at once, not after the
@@ -215,6 +189,8 @@ class Worker:
         can only shorten its deadline (``stop(0)`` after a second SIGTERM). Idempotent."""
         if not self._started:
             return
+        if drain_timeout is None:
+            drain_timeout = self.options.drain_timeout
         deadline = time.monotonic() + max(drain_timeout, 0.0)
         if self._stopping is None:
             self._stop_event.set()
