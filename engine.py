@@ -301,24 +301,30 @@ class Engine:
                 logger=logger,
             )
         except BaseException:
-            await backend.close()
+            await backend.aclose()
             raise
         return cls(kernel, backend)
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop in-process workers (draining their jobs), drop the code-workflow bodies
         the kernel keeps parked (``Kernel.close``) and release the backend. Idempotent;
-        an ``Engine(kernel)`` built by hand leaves the ports to its caller."""
+        an ``Engine(kernel)`` built by hand leaves the ports to its caller. Leaving
+        ``async with engine:`` calls it."""
         if self._closed:
             return
         self._closed = True
         workers = builtins.list(self._workers)
-        await asyncio.gather(*(w.stop() for w in workers))
-        self.run_waiters.close()
+        await asyncio.gather(*(w.aclose() for w in workers))
+        await self.run_waiters.aclose()
         self.kernel.close()
         if self.backend is not None:
-            await self.backend.close()
+            await self.backend.aclose()
+
+    async def close(self) -> None:
+        """``aclose()`` under the name DESIGN.md §3.3 gives it; kept as an alias: every
+        other closable object in Treadle says ``aclose``."""
+        await self.aclose()
 
     async def __aenter__(self) -> Engine:
         return self
@@ -329,7 +335,7 @@ class Engine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -218,14 +218,14 @@ class ServerlessHost:
             )
             return cls(kernel, opts, backend=opened, logger=logger)
         except BaseException:
-            await opened.close()
+            await opened.aclose()
             raise
 
     async def aclose(self) -> None:
         self.kernel.close()
         if self.backend is not None:
             backend, self.backend = self.backend, None
-            await backend.close()
+            await backend.aclose()
 
     async def __aenter__(self) -> ServerlessHost:
         return self

@@ -209,7 +209,7 @@ class WorkerHost:
             await self._close(backend)
 
     async def _drain(self, worker: Worker, signals: _Signals) -> None:
-        graceful = asyncio.ensure_future(worker.stop(self.drain_timeout))
+        graceful = asyncio.ensure_future(worker.aclose(self.drain_timeout))
         forced = asyncio.ensure_future(signals.second.wait())
         await asyncio.wait([graceful, forced], return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
@@ -218,7 +218,7 @@ class WorkerHost:
             return
         # Second signal: cancel what runs now and release it, but do not wait long.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(worker.stop(0), FORCED_EXIT_GRACE)
+            await asyncio.wait_for(worker.aclose(0), FORCED_EXIT_GRACE)
         graceful.cancel()  # the stop itself is shielded; this only drops our wait
         with contextlib.suppress(asyncio.CancelledError):
             await graceful
@@ -232,7 +232,7 @@ class WorkerHost:
     async def _close(self, backend: Any) -> None:
         forced = self._signals is not None and self._signals.second.is_set()
         try:
-            await asyncio.wait_for(backend.close(), FORCED_EXIT_GRACE if forced else 30.0)
+            await asyncio.wait_for(backend.aclose(), FORCED_EXIT_GRACE if forced else 30.0)
         except Exception as exc:  # closing is best effort on the way out
             self.log.warning("worker.close_failed", error=describe_exception(exc))
         self.log.info("worker.exited", code=self._exit_code())

@@ -85,10 +85,17 @@ class Backend:
             **options,
         )
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
+        """Close the wake source, then the storage. ``async with backend:`` does it too."""
         if self.wake_source is not None:
             await self.wake_source.aclose()
-        await self.persistence.close()
+        await self.persistence.aclose()
+
+    async def __aenter__(self) -> Backend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 def backend_kind(url: str) -> BackendKind:

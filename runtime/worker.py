@@ -61,7 +61,7 @@ RELEASE_GRACE = 2.0
 class Worker:
     """Executes jobs and runs maintenance against ``kernel`` until stopped.
 
-    ``async with Worker(kernel):`` or ``await worker.start()`` / ``await worker.stop()``.
+    ``async with Worker(kernel):`` or ``await worker.start()`` / ``await worker.aclose()``.
     """
 
     def __init__(
@@ -181,12 +181,13 @@ class Worker:
         if watch is not None:  # this process's commits tell it of the timed work they write
             self._unwatch_due = watch(self._note_times)
 
-    async def stop(self, drain_timeout: float | None = None) -> None:
+    async def aclose(self, drain_timeout: float | None = None) -> None:
         """Stop claiming and dequeuing, and return once in-flight work is over: running
         jobs get up to ``drain_timeout`` seconds to finish, the rest are cancelled and
         released (``release_job``) so another worker takes them at once, not after the
         stale-lease threshold. A call while a stop is in progress waits for that stop and
-        can only shorten its deadline (``stop(0)`` after a second SIGTERM). Idempotent."""
+        can only shorten its deadline (``aclose(0)`` after a second SIGTERM). Idempotent.
+        ``drain_timeout`` defaults to the worker's ``WorkerOptions.drain_timeout``."""
         if not self._started:
             return
         if drain_timeout is None:
@@ -213,7 +214,7 @@ class Worker:
         await asyncio.shield(self._stopping)
 
     async def _shutdown(self) -> None:
-        """Drain against ``_drain_deadline`` (which ``stop`` may move earlier), then
+        """Drain against ``_drain_deadline`` (which ``aclose`` may move earlier), then
         cancel what is left. The loops exit at their next wake-up, a tick in progress
         finishes first; in-flight jobs run meanwhile, against the same deadline."""
         if self._in_flight:
@@ -253,7 +254,7 @@ class Worker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
+        await self.aclose()
 
     async def tick(self) -> TickReport:
         """Run one full maintenance tick now (serialized with the loop's ticks)."""

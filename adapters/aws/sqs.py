@@ -124,8 +124,8 @@ class _Persistence:
         if pending:
             await self._wakeups.publish(pending)
 
-    async def close(self) -> None:
-        await self._inner.close()
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
     def __getattr__(self, name: str) -> Any:  # adapter extras (e.g. SQL ``engine``)
         return getattr(self._inner, name)

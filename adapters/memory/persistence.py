@@ -904,7 +904,7 @@ class InMemoryPersistence:
         ``adapters.run_ends``); returns the function that stops it."""
         return self.run_ends.watch(callback)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         return None
 
     def outbox_record(self, outbox_id: int) -> OutboxRecord:

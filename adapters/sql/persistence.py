@@ -1995,6 +1995,6 @@ class SqlPersistence:
             value: datetime | None = (await tx.execute(query, "next poll")).scalar_one_or_none()
         return value
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._owns_engine:
             await self.engine.dispose()

@@ -284,7 +284,7 @@ async def open_engine(
     try:
         yield engine
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 def console(*, stderr: bool = False, min_width: int = 160) -> Console:
