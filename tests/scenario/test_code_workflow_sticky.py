@@ -185,7 +185,7 @@ async def test_another_kernel_ran_the_run_meanwhile_so_the_parked_body_is_stale(
     run = await engine.get_run(handle.run_id)
     assert (run.status, run.output) == (RunStatus.COMPLETED, 6)
     assert CALLS == {"record": 3}
-    other.aclose()
+    other.close()
 
 
 @BACKENDS
