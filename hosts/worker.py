@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from treadle.adapters.urls import redact_url, scrub
 from treadle.hosts.app import load_workflows
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
+from treadle.kernel.queues import DEFAULT_QUEUE, check_queues
 from treadle.runtime.backends import open_backend
 from treadle.runtime.threads import StageThreadPool
 from treadle.runtime.worker import Worker, default_worker_id
@@ -73,6 +75,7 @@ def main(
     orchestration_interval: float = 10.0,
     job_poll_interval: float = 1.0,
     stale_lease_threshold: float = 60.0,
+    queues: Sequence[str] = (DEFAULT_QUEUE,),
 ) -> int:
     """Run a worker on ``db`` for the workflows ``app`` names until signalled; returns
     the process exit code (see the module docstring). Blocks; owns its event loop."""
@@ -89,6 +92,7 @@ def main(
                 orchestration_interval=orchestration_interval,
                 job_poll_interval=job_poll_interval,
                 stale_lease_threshold=stale_lease_threshold,
+                queues=queues,
             )
         except (TreadleError, ValueError) as exc:
             _error_line(exc, db)
@@ -125,6 +129,7 @@ class WorkerHost:
         orchestration_interval: float = 10.0,
         job_poll_interval: float = 1.0,
         stale_lease_threshold: float = 60.0,
+        queues: Sequence[str] = (DEFAULT_QUEUE,),
     ) -> None:
         given: object = concurrency
         if isinstance(given, bool) or not isinstance(given, int) or given < 1:
@@ -147,6 +152,7 @@ class WorkerHost:
         self.orchestration_interval = float(orchestration_interval)
         self.job_poll_interval = float(job_poll_interval)
         self.stale_lease_threshold = float(stale_lease_threshold)
+        self.queues = check_queues(queues, "queues")
         self.log = structlog_logger("treadle.hosts.worker", worker_id=self.worker_id)
         self.worker: Worker | None = None
         self._signals: _Signals | None = None
@@ -216,6 +222,8 @@ class WorkerHost:
                 job_poll_interval=self.job_poll_interval,
                 stale_lease_threshold=self.stale_lease_threshold,
                 logger=self.log,
+                queues=self.queues,
+                registry=backend.workers,
                 **options,
             )
             self.worker = worker
@@ -227,6 +235,7 @@ class WorkerHost:
                 db=redact_url(self.db),
                 backend=backend.kind,
                 workflows=sorted(wf.id for wf in self.workflows),
+                queues=list(self.queues),
                 pid=os.getpid(),
             )
             await signals.first.wait()

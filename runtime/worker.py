@@ -35,6 +35,8 @@ from treadle.adapters.due_times import DueKind, DueTimes, parse_due
 from treadle.adapters.logging import structlog_logger
 from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.kernel.errors import describe_exception
+from treadle.kernel.model import WorkerInfo
+from treadle.kernel.queues import DEFAULT_QUEUE, check_queues
 from treadle.runtime.backoff import Backoff
 from treadle.runtime.due import DueSchedule, next_due_times
 from treadle.runtime.jobs import execute_job, release_command, release_job
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from treadle.kernel.kernel import Kernel
     from treadle.kernel.model import Job
     from treadle.ports.wake_source import WakeSource
+    from treadle.ports.workers import WorkerRegistry
 
 
 _TICK_KINDS: tuple[DueKind, ...] = ("poll", "command")
@@ -93,6 +96,8 @@ class Worker:
         max_backoff: float = 30.0,
         logger: Any = None,
         wake_source: WakeSource | None = None,
+        queues: Iterable[str] = (DEFAULT_QUEUE,),
+        registry: WorkerRegistry | None = None,
     ) -> None:
         given: object = concurrency  # checked at runtime: callers pass CLI or config values
         if isinstance(given, bool) or not isinstance(given, int) or given < 1:
@@ -100,6 +105,9 @@ class Worker:
         self.kernel = kernel
         self.worker_id = worker_id or default_worker_id()
         self.concurrency = concurrency
+        self.queues = check_queues(queues, "worker queues")
+        self.registry = registry
+        self._started_at: datetime | None = None
         self.orchestration_interval = _seconds(orchestration_interval, "orchestration_interval")
         self.job_poll_interval = _seconds(job_poll_interval, "job_poll_interval")
         self.stale_lease_threshold = _seconds(stale_lease_threshold, "stale_lease_threshold")
@@ -196,7 +204,11 @@ class Worker:
         if self._started:
             raise RuntimeError(f"worker {self.worker_id!r} was already started")
         self._started = True
-        self.log.info("worker.started", concurrency=self.concurrency)
+        self._started_at = self.kernel.deps.clock.now()
+        # Commits of this worker lease it only jobs of its queues (``Chains.serves``).
+        self.kernel.deps.chains.serve(self.worker_id, self.queues)
+        await self._beat()  # registered before it takes work: doctor never sees it unlisted
+        self.log.info("worker.started", concurrency=self.concurrency, queues=list(self.queues))
         self._loops = [
             asyncio.create_task(self._orchestration_loop(), name=f"{self.worker_id}:orchestration"),
             asyncio.create_task(self._job_loop(), name=f"{self.worker_id}:jobs"),
@@ -265,6 +277,7 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._releases.wait_idle(), grace)
         await self._releases.aclose()
+        await self._leave()
         self.log.info("worker.stopped")
 
     async def __aenter__(self) -> Worker:
@@ -361,6 +374,7 @@ class Worker:
             try:
                 if full:
                     report: TickReport | None = await self.tick()
+                    await self._beat()
                 elif due:
                     report = await self._due_step(due)
                 elif asked:
@@ -403,6 +417,32 @@ class Worker:
                 await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
             else:
                 await self._sleep_orchestration(next_full)
+
+    async def _beat(self) -> None:
+        """Tell the worker registry this worker is alive and which queues it serves (on
+        every full tick). A failed beat only logs: liveness is for operators, not jobs."""
+        if self.registry is None or self._started_at is None:
+            return
+        info = WorkerInfo(
+            worker_id=self.worker_id,
+            queues=self.queues,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self._started_at,
+            heartbeat_at=self.kernel.deps.clock.now(),
+        )
+        try:
+            await self.registry.beat(info)
+        except Exception as exc:
+            self.log.warning("worker.beat_failed", error=describe_exception(exc))
+
+    async def _leave(self) -> None:
+        if self.registry is None:
+            return
+        try:
+            await self.registry.leave(self.worker_id)
+        except Exception as exc:  # it ages out of the registry instead
+            self.log.warning("worker.leave_failed", error=describe_exception(exc))
 
     async def _sleep_orchestration(self, next_full: float) -> None:
         """Until the next tick (``next_full``, monotonic), a claim is asked, or timed work
@@ -486,7 +526,7 @@ class Worker:
                 continue
             try:
                 jobs = await self.kernel.deps.job_transport.dequeue(
-                    self.worker_id, self.kernel.deps.clock.now(), limit=free
+                    self.worker_id, self.kernel.deps.clock.now(), limit=free, queues=self.queues
                 )
             except Exception as exc:
                 delay = backoff.next()

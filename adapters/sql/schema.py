@@ -131,8 +131,9 @@ jobs = sa.Table(
     sa.Column("worker_id", sa.String(), nullable=True),
     sa.Column("heartbeat_at", UtcDateTime(), nullable=True),
     sa.Column("last_error", sa.Text(), nullable=True),
-    # dequeue: QUEUED, priority desc, due first, FIFO.
-    sa.Index("ix_jobs_dequeue", "status", sa.desc("priority"), "next_poll_at", "seq"),
+    sa.Column("queue", sa.String(64), nullable=False, server_default="default"),
+    # dequeue: QUEUED on the worker's queue, priority desc, due first, FIFO.
+    sa.Index("ix_jobs_dequeue", "status", "queue", sa.desc("priority"), "next_poll_at", "seq"),
     # stale_leases: LEASED by heartbeat.
     sa.Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
     sa.Index("ix_jobs_run_id", "run_id"),
@@ -311,6 +312,21 @@ scheduled_commands = sa.Table(
     sa.Index("ix_scheduled_commands_run_at_key", "run_at", "key"),
 )
 
+# -- workers ---------------------------------------------------------------------------
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    # The WorkerRegistry port: one row per worker process, refreshed on every
+    # orchestration tick; doctor and engine.queues() read which queues have a live worker.
+    sa.Column("worker_id", key_type(), primary_key=True),
+    sa.Column("queues", json_type(), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer(), nullable=False),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("heartbeat_at", UtcDateTime(), nullable=False),
+)
+
 __all__ = [
     "VERSION_TABLE",
     "annotations",
@@ -327,4 +343,5 @@ __all__ = [
     "signal_inbox",
     "stages",
     "timers",
+    "workers",
 ]

@@ -29,6 +29,7 @@ from treadle.hosts.cli.common import (
 )
 from treadle.kernel.errors import NotSupportedError, StorageError
 from treadle.kernel.model import RunStatus
+from treadle.kernel.queues import DEFAULT_QUEUE
 
 if TYPE_CHECKING:
     from treadle.engine import Engine
@@ -99,6 +100,14 @@ def worker(
     stale_lease_threshold: Annotated[
         float, seconds_option("Seconds without heartbeat before a job is reaped.", at_least=0.01)
     ] = 60.0,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            "-q",
+            help="A named queue to serve (repeat for several); default: the 'default' queue.",
+        ),
+    ] = None,
     db: DbOption = None,
     app: AppOption = None,
 ) -> None:
@@ -122,6 +131,7 @@ def worker(
             orchestration_interval=orchestration_interval,
             job_poll_interval=job_poll_interval,
             stale_lease_threshold=stale_lease_threshold,
+            queues=queue or (DEFAULT_QUEUE,),
         ),
         db=cli.db,
     )

@@ -28,6 +28,7 @@ from treadle.kernel.handlers.common import (
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
+    JobStatus,
     JsonValue,
     MissingPayload,
     Run,
@@ -157,8 +158,13 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         stages = _new_stages(wf, run)
         created = _created(run, scope.causation_id, now)
         claim_for = cmd.claim_for if cmd.signal is None else None
-        if claim_for is not None and not deps.chains.allows(claim_for):
-            claim_for = None  # that worker is stopping: the run waits for a claim
+        if claim_for is not None and not (
+            deps.chains.allows(claim_for)
+            and deps.chains.serves(claim_for, wf.queue_of(wf.groups[0][0].id))
+        ):
+            # That worker is stopping, or does not serve the first stage's queue: the run
+            # waits PENDING for a claim, which queues the stage for its own workers.
+            claim_for = None
         started: list[Any] = []
         if claim_for is not None and cmd.execution_timeout is None:
             started = await _insert_claimed(deps, tx, scope, run, stages, claim_for, created, now)
@@ -547,7 +553,7 @@ async def _claim_runs(
         )
         events: list[EventBase] = [*(prior_events or ()), run_started]
         prior_events = None
-        if lease_to is not None:
+        if lease_to is not None and jobs[0].status is JobStatus.LEASED:
             budget -= 1
             started.append(
                 await start_leased(
