@@ -140,11 +140,11 @@ async def test_a_worker_is_listed_from_its_start_until_it_stops(engine: Engine) 
 
 def test_queue_names_are_checked_where_they_are_declared() -> None:
     """A bad queue name fails at definition time, naming the stage or workflow."""
-    with pytest.raises(DefinitionError, match="stage 'x'.*queue"):
+    with pytest.raises(DefinitionError, match=r"stage 'x'.*queue"):
         define_stage(id="x", input=N, output=N, queue="no spaces")
-    with pytest.raises(DefinitionError, match="workflow 'w'.*queue"):
+    with pytest.raises(DefinitionError, match=r"workflow 'w'.*queue"):
         WorkflowBuilder("w", input=N, queue="")
-    with pytest.raises(DefinitionError, match="workflow 'c'.*queue"):
+    with pytest.raises(DefinitionError, match=r"workflow 'c'.*queue"):
         workflow(id="c", input=N, queue="a/b")
 
 
