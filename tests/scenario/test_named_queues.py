@@ -153,4 +153,3 @@ async def test_worker_queues_are_checked(engine: Engine) -> None:
         engine.worker(queues=["ok", "not ok"])
     with pytest.raises(ValueError, match="name at least one queue"):
         engine.worker(queues=[])
-
