@@ -41,6 +41,7 @@ from treadle.adapters.logging import structlog_logger
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
 from treadle.kernel.model import JobStatus
+from treadle.kernel.queues import DEFAULT_QUEUE, check_queues
 from treadle.runtime.backends import Backend, open_backend
 from treadle.runtime.jobs import execute_job
 from treadle.runtime.tick import TickReport, claim_step, maintenance_tick
@@ -180,6 +181,7 @@ class ServerlessHost:
         max_claims: int = 10,
         backend: Backend | None = None,
         logger: Any = None,
+        queues: Iterable[str] = (DEFAULT_QUEUE,),
     ) -> None:
         given: object = concurrency
         if isinstance(given, bool) or not isinstance(given, int) or given < 1:
@@ -196,6 +198,9 @@ class ServerlessHost:
         self.stuck_threshold = stuck_threshold
         self.heartbeat_interval = heartbeat_interval or self.stale_lease_threshold / 4
         self.max_claims = max_claims
+        self.queues = check_queues(queues, "queues")
+        """The named queues whose jobs this host takes (``kernel/queues.py``)."""
+        kernel.deps.chains.serve(self.worker_id, self.queues)
         self.log = (logger or structlog_logger("treadle.hosts.serverless")).bind(
             worker_id=self.worker_id
         )
@@ -258,7 +263,9 @@ class ServerlessHost:
                     return JobOutcome(status="skipped", requested_job_id=requested, reason=skip)
             else:
                 await claim_step(self.kernel, worker_id=self.worker_id, max_claims=self.max_claims)
-            jobs = await deps.job_transport.dequeue(self.worker_id, deps.clock.now(), limit=1)
+            jobs = await deps.job_transport.dequeue(
+                self.worker_id, deps.clock.now(), limit=1, queues=self.queues
+            )
         except Exception as exc:
             self.log.error("serverless.dequeue_failed", error=describe_exception(exc))
             return JobOutcome(
@@ -305,7 +312,7 @@ class ServerlessHost:
             if free > 0:
                 try:
                     jobs = await deps.job_transport.dequeue(
-                        self.worker_id, deps.clock.now(), limit=free
+                        self.worker_id, deps.clock.now(), limit=free, queues=self.queues
                     )
                 except Exception as exc:
                     error = describe_exception(exc)

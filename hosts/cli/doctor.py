@@ -324,12 +324,16 @@ def doctor(
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=f"treadle doctor: {redact_url(cli.db)}", title_justify="left")
+        table = Table()
         for column in ("check", "result", "detail"):
             table.add_column(column)
         for check in checks:
             table.add_row(check.name, Text(check.level, style=_STYLE[check.level]), check.detail)
-        console().print(table)
+        out = console()
+        # The URL on a line of its own, never wrapped or cut to the table's width: it is
+        # what an operator copies to check which database was diagnosed.
+        out.print(f"treadle doctor: {redact_url(cli.db)}", soft_wrap=True)
+        out.print(table)
     if failed:
         typer.echo(f"doctor: failed check(s): {', '.join(failed)}", err=True)
         raise typer.Exit(EXIT_FAILURE)

@@ -59,6 +59,7 @@ EXPECTED: dict[str, set[str]] = {
         "Persistence",
         "Scheduler",
         "Transaction",
+        "WorkerRegistry",
         "WorkflowRegistry",
     },
     "treadle.testing": {
@@ -84,6 +85,7 @@ EXPECTED: dict[str, set[str]] = {
         "InMemoryPersistence",
         "InMemoryScheduler",
         "InMemoryTransaction",
+        "InMemoryWorkerRegistry",
     },
 }
 
