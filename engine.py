@@ -371,12 +371,14 @@ class Engine:
         run_id: str | None = None,
         search_attributes: Mapping[str, Any] | None = None,
         execution_timeout: timedelta | float | None = None,
+        concurrency_key: str | None = None,
     ) -> RunHandle:
         """Create a run (PENDING); a worker claims it. With ``idempotency_key``, starting
         again returns the first run instead of creating another. Invalid input or config
         raises a ``TreadleValidationError`` naming the field, and nothing is written.
         ``execution_timeout`` (code workflows) caps this run's wall-clock time from its
-        start, overriding the workflow's."""
+        start, overriding the workflow's. ``concurrency_key`` groups runs under the
+        workflow's per-key concurrency and rate limits (docs/flow-control.md)."""
         self._check_open()
         command = arguments.start_command(
             "Engine",
@@ -388,6 +390,7 @@ class Engine:
             run_id=run_id,
             search_attributes=search_attributes,
             execution_timeout=execution_timeout,
+            concurrency_key=concurrency_key,
         )
         loan = self._lend_slot()
         if loan is None:

@@ -17,6 +17,7 @@ from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
+from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to_json
 from treadle.kernel.model import JsonValue
 from treadle.kernel.queues import DEFAULT_QUEUE, check_queue
@@ -328,6 +329,12 @@ class WorkflowDefinition:
     queue: str = DEFAULT_QUEUE
     """The queue of the stages that name none (``WorkflowBuilder(queue=)``,
     ``@workflow(queue=)``)."""
+    concurrency: int | None = None
+    """At most this many runs of the workflow hold a slot at once (``kernel/flow_control.py``)."""
+    concurrency_per_key: int | None = None
+    """At most this many runs sharing a ``concurrency_key`` hold a slot at once."""
+    rate_limit: RateLimit | None = None
+    """At most ``starts`` runs started per ``per`` (per workflow, or per key)."""
 
     def stage(self, stage_id: str) -> StageDefinition | None:
         return self.stages.get(stage_id)
@@ -450,11 +457,18 @@ class WorkflowBuilder:
         description: str | None = None,
         version: str = "1",
         queue: str = DEFAULT_QUEUE,
+        concurrency: int | None = None,
+        concurrency_per_key: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         try:
             check_queue(queue, f"workflow {id!r}")
+            check_limits(f"workflow {id!r}", concurrency, concurrency_per_key, rate_limit)
         except ValueError as exc:
             raise DefinitionError(str(exc)) from None
+        self._concurrency = concurrency
+        self._concurrency_per_key = concurrency_per_key
+        self._rate_limit = rate_limit
         self._id = id
         self._input = input
         self._description = description
@@ -518,6 +532,9 @@ class WorkflowBuilder:
             stages=stages,
             group_of=group_of,
             queue=self._queue,
+            concurrency=self._concurrency,
+            concurrency_per_key=self._concurrency_per_key,
+            rate_limit=self._rate_limit,
         )
 
     def _check_schemas(self) -> None:

@@ -142,6 +142,8 @@ class Run(_Frozen):
     idempotency_key: str | None = None
     parent_run_id: str | None = None
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
+    concurrency_key: str | None = None
+    """Runs sharing it share their workflow's per-key concurrency and rate limits."""
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None

@@ -44,7 +44,7 @@ from treadle.runtime.releases import ReleaseRetries
 from treadle.runtime.tick import TickReport, TickStep, claim_step, due_steps, maintenance_tick
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
     from treadle.kernel.kernel import Kernel
     from treadle.kernel.model import Job
@@ -153,6 +153,11 @@ class Worker:
         # Due times of timed work this worker knows (kernel clock), see ``runtime/due.py``.
         self._due = DueSchedule()
         self._unwatch_due: Callable[[], None] | None = None
+        self._unwatch_ends: Callable[[], None] | None = None
+        # Flow control: the last claim passed runs over (a limit was full). A run's end
+        # may free a slot, so it asks for a claim; a rate window frees one at a known time.
+        self._limits_full = False
+        self._limits_timer: asyncio.TimerHandle | None = None
         self._saturated = False  # the job loop waits for a slot to free
 
     # -- public surface ---------------------------------------------------------------
@@ -178,6 +183,27 @@ class Worker:
         self._claim_asked = True
         self._claim_wake.set()
 
+    def _on_run_end(self) -> None:
+        """A run ended (here or, through NOTIFY, elsewhere): when the last claim passed
+        runs over for a full concurrency limit, the slot it freed may admit one."""
+        if self._limits_full and not self._stop_event.is_set():
+            self._ask_claim()
+
+    def _note_claim(self, claim: Mapping[str, Any] | None) -> None:
+        """Remember whether a claim passed runs over for a limit, and ask for a claim
+        when a rate window frees a start (``retry_at``)."""
+        if claim is None or "claimed" not in claim:
+            return  # the step failed: keep what the last claim said
+        self._limits_full = bool(claim.get("deferred"))
+        retry_at = claim.get("retry_at")
+        if retry_at is None or self._stop_event.is_set():
+            return
+        when = datetime.fromisoformat(retry_at) if isinstance(retry_at, str) else retry_at
+        delay = max(0.0, (when - self.kernel.deps.clock.now()).total_seconds())
+        if self._limits_timer is not None:
+            self._limits_timer.cancel()
+        self._limits_timer = asyncio.get_running_loop().call_later(delay, self._ask_claim)
+
     def _ask_jobs(self) -> None:
         """The job loop should dequeue now (if it has a free slot)."""
         self._job_asked = True
@@ -196,7 +222,9 @@ class Worker:
             self._ask_claim()
         elif (due := parse_due(kind)) is not None:
             self._note_times(due)
-        elif not kind.startswith(RUN_END_PREFIX):  # a finished run is for result waiters
+        elif kind.startswith(RUN_END_PREFIX):  # for result waiters, and freed slots
+            self._on_run_end()
+        else:
             self.notify()
 
     async def start(self) -> None:
@@ -218,6 +246,9 @@ class Worker:
         watch = getattr(self.kernel.deps.persistence, "watch_due", None)
         if watch is not None:  # this process's commits tell it of the timed work they write
             self._unwatch_due = watch(self._note_times)
+        watch_ends = getattr(self.kernel.deps.persistence, "watch_run_ends", None)
+        if watch_ends is not None:  # this process's commits that end runs
+            self._unwatch_ends = watch_ends(lambda _ids, _outcomes: self._on_run_end())
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
         """Stop claiming and dequeuing, and return once in-flight work is over: running
@@ -238,6 +269,11 @@ class Worker:
             if self._unwatch_due is not None:
                 self._unwatch_due()
                 self._unwatch_due = None
+            if self._unwatch_ends is not None:
+                self._unwatch_ends()
+                self._unwatch_ends = None
+            if self._limits_timer is not None:
+                self._limits_timer.cancel()
             self._claim_wake.set()
             self._job_wake.set()
             self._drain_deadline = deadline
@@ -312,6 +348,7 @@ class Worker:
             finally:
                 self._release_held(chain, taken)
         self._claims_pending = report.claimed_runs >= self.max_claims
+        self._note_claim(report.result("claim"))
         self.last_tick = report
         self.ticks += 1
         await self._refresh_due()
@@ -350,6 +387,7 @@ class Worker:
                 )
                 step = TickStep(result=result, duration=time.monotonic() - started)
                 self._claims_pending = len(result.get("claimed", ())) >= free
+                self._note_claim(result)
             except Exception as exc:
                 self.log.error("worker.claim_failed", error=describe_exception(exc))
                 step = TickStep(error=describe_exception(exc), duration=time.monotonic() - started)

@@ -51,6 +51,7 @@ runs = sa.Table(
     sa.Column("worker_id", sa.String(), nullable=True),
     sa.Column("current_group", sa.Integer(), nullable=False),
     sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("concurrency_key", key_type(), nullable=True),
     # One idempotent start per (workflow, key); NULL keys never collide on either dialect.
     sa.UniqueConstraint("workflow_id", "idempotency_key"),
     # claim_pending_runs: PENDING, priority desc, FIFO.
@@ -61,6 +62,10 @@ runs = sa.Table(
     sa.Index("ix_runs_created_at", "created_at", "id"),
     sa.Index("ix_runs_workflow_id_created_at", "workflow_id", "created_at"),
     sa.Index("ix_runs_parent_run_id", "parent_run_id"),
+    # Flow control (kernel/flow_control.py): runs holding a slot per workflow and key, and
+    # the starts within a rate window.
+    sa.Index("ix_runs_flow", "workflow_id", "status", "concurrency_key"),
+    sa.Index("ix_runs_workflow_id_started_at", "workflow_id", "started_at"),
     # list_runs(attributes=...) on PostgreSQL: ``search_attributes @> '{...}'``. Migration
     # 0003 creates it on PostgreSQL only (SQLite has no GIN; it scans the filtered rows).
     sa.Index(
