@@ -4,7 +4,7 @@ Like ``concurrency_worker.py``: one ``Worker`` with ``--concurrency`` slots on a
 database, ``ready`` once polling, working until ``--runs`` runs are terminal. Each stage
 execution is recorded (run, stage, concurrency key, pid, wall-clock start and end) and
 written as JSON lines to ``--out``, so the test can measure how many runs held a slot
-at once, per key and in all.
+at once, per key and in all; the rated workflow's runs show how many started per second.
 
     python tests/integration/limits_worker.py --url URL --runs N --out FILE
 """
@@ -17,16 +17,20 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from treadle import Engine, WorkflowBuilder, define_stage
+from treadle.kernel.flow_control import RateLimit
 
 WORKFLOW_ID = "limited"
 PER_KEY = 2
 TOTAL = 3
+RATED_ID = "rated"
+RATE = RateLimit(4, per=timedelta(seconds=1))
 RECORDS: list[dict[str, Any]] = []
 
 
@@ -60,6 +64,7 @@ PIPELINE = (
     .pipe(_stage("second"))
     .build()
 )
+RATED = WorkflowBuilder(RATED_ID, input=Job, rate_limit=RATE).pipe(_stage("only")).build()
 
 
 async def _terminal(engine: Engine) -> int:
@@ -68,7 +73,7 @@ async def _terminal(engine: Engine) -> int:
 
 
 async def main(url: str, runs: int, out: str, concurrency: int, deadline: float) -> int:
-    engine = await Engine.open(url, workflows=[PIPELINE])
+    engine = await Engine.open(url, workflows=[PIPELINE, RATED])
     try:
         async with engine.worker(
             concurrency=concurrency, orchestration_interval=0.2, job_poll_interval=0.05

@@ -1,11 +1,13 @@
 """Concurrency limits hold across worker processes (issue 14, section 2), on PostgreSQL.
 
 Three worker processes (``limits_worker.py``, four slots each: twelve slots against
-limits of three runs in all and two per key) share one database. Every stage execution
+limits of three runs in all and two per key, and four starts per second for a rated
+workflow) share one database. Every stage execution
 is recorded with its wall-clock interval; a run holds its slot from its first stage's
 start to its last stage's end, so the test sweeps those intervals and checks the most
 runs ever inside them at once, per key and in all, never passes the limits. The limits
-must also have bound (the slots outnumber them) and every run must complete.
+must also have bound (the slots outnumber them) and every run must complete. The rated
+runs' stored start times must never put more than four starts in one second.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from treadle import Engine
 SCRIPT = Path(__file__).with_name("limits_worker.py")
 PROCESSES = 3
 RUNS = {"a": 10, "b": 8}
+RATED_RUNS = 12
 
 
 def _module() -> Any:
@@ -52,8 +55,8 @@ async def test_three_processes_never_run_more_than_the_limits(
     treadle_postgres_url: str, tmp_path: Path
 ) -> None:
     module = _module()
-    total = sum(RUNS.values())
-    engine = await Engine.open(treadle_postgres_url, workflows=[module.PIPELINE])
+    total = sum(RUNS.values()) + RATED_RUNS
+    engine = await Engine.open(treadle_postgres_url, workflows=[module.PIPELINE, module.RATED])
     outs = [tmp_path / f"records-{i}.jsonl" for i in range(PROCESSES)]
     procs = [
         await asyncio.create_subprocess_exec(
@@ -81,7 +84,7 @@ async def test_three_processes_never_run_more_than_the_limits(
             {"workflow_id": module.WORKFLOW_ID, "input": {"key": key}, "concurrency_key": key}
             for key, count in RUNS.items()
             for _ in range(count)
-        ]
+        ] + [{"workflow_id": module.RATED_ID, "input": {"key": "r"}}] * RATED_RUNS
         await engine.start_many(items)
         results = await asyncio.wait_for(
             asyncio.gather(*(proc.communicate() for proc in procs)), 100
@@ -89,6 +92,7 @@ async def test_three_processes_never_run_more_than_the_limits(
         for proc, (_, err) in zip(procs, results, strict=True):
             assert proc.returncode == 0, err.decode()[-3000:]
         counts = await engine.aggregate("status")
+        rated = await engine.list(workflow_id=module.RATED_ID, limit=100)
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -97,7 +101,13 @@ async def test_three_processes_never_run_more_than_the_limits(
         await engine.close()
     assert counts == {"COMPLETED": total}
     records = [json.loads(line) for out in outs for line in out.read_text().splitlines()]
-    assert len(records) == 2 * total  # two stages per run, each ran once
+    # The rate limit: no window of ``per`` (one second) holds more than ``starts`` starts.
+    starts = sorted(run.started_at for run in rated if run.started_at is not None)
+    assert len(starts) == RATED_RUNS
+    per, most = module.RATE.per, module.RATE.starts
+    assert max(sum(1 for s in starts if t - per < s <= t) for t in starts) == most
+    records = [r for r in records if r["stage_id"] != "only"]
+    assert len(records) == 2 * (total - RATED_RUNS)  # two stages per run, each ran once
     spans: dict[str, list[float]] = {}
     keys: dict[str, str] = {}
     for record in records:
