@@ -246,6 +246,10 @@ def start(
         str | None, typer.Option(help="Starting again with this key returns the same run.")
     ] = None,
     priority: Annotated[int, typer.Option(min=0, max=100, help="Higher runs first.")] = 5,
+    concurrency_key: Annotated[
+        str | None,
+        typer.Option(help="Share the workflow's per-key concurrency and rate limits."),
+    ] = None,
     wait: Annotated[
         bool, typer.Option(help="Show live stage progress until the run ends.")
     ] = False,
@@ -274,6 +278,7 @@ def start(
                 idempotency_key=idempotency_key,
                 priority=priority,
                 config=stage_config,
+                concurrency_key=concurrency_key,
             )
             if not wait:
                 return handle.run_id, None
