@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError as PydanticValidationError
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.errors import TreadleValidationError
 from treadle.kernel.limits import to_duration
 

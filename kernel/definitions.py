@@ -7,6 +7,7 @@ mistakes surface at import time with the stage named, not hours into a run.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,8 +175,6 @@ class StageDefinition:
 
     def with_fn(self, fn: StageFn) -> StageDefinition:
         """A copy running ``fn`` instead (used by ``TestEngine.mock_stage``)."""
-        import dataclasses
-
         return dataclasses.replace(self, fn=fn, is_async=_is_async(fn))
 
 
@@ -201,8 +200,6 @@ class BatchStageDefinition(StageDefinition):
         return fn
 
     def with_fn(self, fn: StageFn) -> StageDefinition:
-        import dataclasses
-
         return dataclasses.replace(self, fn=fn, is_async=_is_async(fn), checks=self.checks)
 
 

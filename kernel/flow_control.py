@@ -18,15 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from treadle.kernel.limits import to_duration
-
-if TYPE_CHECKING:
-    from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.model import Run
+from treadle.kernel.model import Run
 
 FlowKey = tuple[str, str | None]
 """``(workflow_id, concurrency_key)``; a ``None`` key counts every run of the workflow."""
@@ -49,6 +46,23 @@ class RateLimit(BaseModel):
     @classmethod
     def _duration(cls, value: object) -> timedelta:
         return to_duration(value, "per")
+
+
+class LimitedWorkflow(Protocol):
+    """What the decision reads of a workflow definition (``kernel.definitions`` imports
+    this module, so it names the definition by the fields it uses)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def concurrency(self) -> int | None: ...
+
+    @property
+    def concurrency_per_key(self) -> int | None: ...
+
+    @property
+    def rate_limit(self) -> RateLimit | None: ...
 
 
 @dataclass(frozen=True)
@@ -96,7 +110,7 @@ def keys_of_run(workflow_id: str, concurrency_key: str | None) -> list[FlowKey]:
     return [(workflow_id, None), (workflow_id, concurrency_key)]
 
 
-def limited(wf: WorkflowDefinition) -> bool:
+def limited(wf: LimitedWorkflow) -> bool:
     return (
         wf.concurrency is not None
         or wf.concurrency_per_key is not None
@@ -104,7 +118,7 @@ def limited(wf: WorkflowDefinition) -> bool:
     )
 
 
-def keys_of(wf: WorkflowDefinition, run: Run) -> list[FlowKey]:
+def keys_of(wf: LimitedWorkflow, run: Run) -> list[FlowKey]:
     """The keys whose usage decides whether ``run`` may start."""
     keys: list[FlowKey] = []
     if wf.concurrency is not None or (wf.rate_limit is not None and not wf.rate_limit.per_key):
@@ -118,7 +132,7 @@ def keys_of(wf: WorkflowDefinition, run: Run) -> list[FlowKey]:
 
 
 def windows(
-    workflows: Mapping[str, WorkflowDefinition], keys: Iterable[FlowKey], now: datetime
+    workflows: Mapping[str, LimitedWorkflow], keys: Iterable[FlowKey], now: datetime
 ) -> dict[FlowKey, datetime]:
     """For each key under a rate limit, the start of its window at ``now``."""
     out: dict[FlowKey, datetime] = {}
@@ -130,7 +144,7 @@ def windows(
 
 
 def admit(
-    candidates: Sequence[tuple[Run, WorkflowDefinition | None]],
+    candidates: Sequence[tuple[Run, LimitedWorkflow | None]],
     usage: Mapping[FlowKey, Usage],
     room: int,
 ) -> Admission:
@@ -164,7 +178,7 @@ def admit(
 
 
 def _room(
-    wf: WorkflowDefinition,
+    wf: LimitedWorkflow,
     key: FlowKey,
     active: Mapping[FlowKey, int],
     started: Mapping[FlowKey, int],
@@ -177,9 +191,7 @@ def _room(
     return not (rate is not None and rate.per_key == per_key and started.get(key, 0) >= rate.starts)
 
 
-def _note_retry(
-    verdict: Admission, wf: WorkflowDefinition, key: FlowKey, usage: Usage | None
-) -> None:
+def _note_retry(verdict: Admission, wf: LimitedWorkflow, key: FlowKey, usage: Usage | None) -> None:
     """A rate-limited key frees a start when its oldest start leaves the window."""
     rate = wf.rate_limit
     if rate is None or usage is None or usage.oldest_start is None:

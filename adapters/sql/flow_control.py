@@ -11,16 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from treadle.adapters.sql import schema as t
+import treadle.adapters.sql.schema as t
 from treadle.kernel.flow_control import FlowKey, Usage, keys_of_run
 from treadle.kernel.model import RunStatus
 
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence import SqlTransaction
+
+class Statements(Protocol):
+    """What this concern uses of a ``SqlTransaction`` (which imports this module)."""
+
+    @property
+    def is_postgres(self) -> bool: ...
+
+    async def execute(self, statement: Any, what: str = ..., parameters: Any = None) -> Any: ...
+
 
 _HOLDING = (RunStatus.RUNNING.value, RunStatus.SUSPENDED.value)
 _LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
@@ -33,7 +40,7 @@ def _lock_name(key: FlowKey) -> str:
 
 
 class SqlFlowControl:
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: Statements) -> None:
         self.tx = tx
 
     async def lock(self, keys: Sequence[FlowKey]) -> None:

@@ -28,9 +28,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+import treadle.adapters.sql.pg_bulk as pg_bulk
+import treadle.adapters.sql.schema as t
 from treadle.adapters.due_times import as_utc
-from treadle.adapters.sql import pg_bulk
-from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction

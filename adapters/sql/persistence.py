@@ -33,6 +33,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+import treadle.adapters.sql.pg_bulk as pg_bulk
+import treadle.adapters.sql.schema as t
 from treadle.adapters.due_times import (
     DueCallback,
     DueKind,
@@ -41,8 +43,6 @@ from treadle.adapters.due_times import (
     earliest,
 )
 from treadle.adapters.run_ends import RUN_END_PREFIX, RunEndCallback, RunEndWatchers
-from treadle.adapters.sql import pg_bulk
-from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
     NOTIFY_CHANNEL,
@@ -1922,9 +1922,9 @@ class SqlPersistence:
     def offload_payloads(self, store: BlobStore, *, max_bytes: int | None) -> None:
         """Store JSON payloads larger than ``max_bytes`` in ``store`` (``None``: never, but
         still read references written before). See ``payloads.py``."""
-        from treadle.adapters.sql.blob_store import SqlBlobStore
-
-        same_database = isinstance(store, SqlBlobStore) and store.persistence is self
+        # A ``SqlBlobStore`` on this persistence (``blob_store.py``, which imports this
+        # module): its blob rows are written in the transaction that refers to them.
+        same_database = getattr(store, "persistence", None) is self
         self.payloads = PayloadOffload(store, max_bytes, same_database=same_database)
 
     @asynccontextmanager

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
-from treadle.adapters.sql import schema as t
+import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.persistence import SqlPersistence
 from treadle.kernel.model import JobStatus, QueueDepth, WorkerInfo

@@ -14,12 +14,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from treadle.kernel import flow_control as flow
+import treadle.kernel.flow_control as flow
 from treadle.kernel.model import Run
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.ports import Transaction
 
 MAX_PASSES = 3

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from treadle.kernel import commands as c
-from treadle.kernel import flow_control as flow
+import treadle.kernel.commands as c
+import treadle.kernel.flow_control as flow
 from treadle.kernel.context import artifact_prefix
 from treadle.kernel.errors import (
     DuplicateError,
@@ -20,13 +20,10 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import EventBase, WorkflowCancelled, WorkflowCreated, WorkflowStarted
 from treadle.kernel.handlers.admission import admit_runs, any_limited
-from treadle.kernel.handlers.common import (
-    apply_transition,
-    enqueue_stages,
-    fail_run,
-    load_run,
-    run_ended,
-)
+from treadle.kernel.handlers.basics import enqueue_stages, load_run
+from treadle.kernel.handlers.common import apply_transition, fail_run, run_ended
+from treadle.kernel.handlers.jobs import start_leased
+from treadle.kernel.handlers.workflows import code_workflow, deliver, validate_signal
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
@@ -47,7 +44,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
     from treadle.ports import Transaction
 
 
@@ -124,8 +121,6 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             raise NotSupportedError(
                 f"signal-with-start is not supported for stage pipeline {wf.id!r}"
             )
-        from treadle.kernel.handlers.workflows import code_workflow, validate_signal
-
         signal_payload = validate_signal(
             code_workflow(wf, "signal-with-start"), cmd.signal.name, cmd.signal.payload
         )
@@ -410,8 +405,6 @@ async def _deliver(
     deps: Deps, tx: Transaction, run: Run, cmd: c.RunCreate, payload: Any, now: datetime
 ) -> None:
     """Signal-with-start: the signal joins the run's inbox in the same transaction."""
-    from treadle.kernel.handlers.workflows import deliver
-
     assert cmd.signal is not None
     await deliver(
         deps,
@@ -529,8 +522,6 @@ async def _claim_runs(
     run it just created commits one ``append_events``). ``fresh``: the stages of the one
     run, created by this transaction with no timers, so nothing of it needs reading (and
     its first activation, for a code workflow, knows its journal is empty)."""
-    from treadle.kernel.handlers.jobs import start_leased
-
     claimed: list[c.ClaimedRun] = []
     started: list[Any] = []
     for run in runs:
