@@ -193,6 +193,9 @@ class ServerlessHost:
         self.stuck_threshold = opts.stuck_threshold
         self.heartbeat_interval = opts.heartbeat
         self.max_claims = opts.max_claims
+        self.queues = opts.queues
+        """The named queues whose jobs this host takes (``kernel/queues.py``)."""
+        kernel.deps.chains.serve(self.worker_id, self.queues)
         self.log = (logger or structlog_logger("treadle.hosts.serverless")).bind(
             worker_id=self.worker_id
         )
@@ -256,7 +259,9 @@ class ServerlessHost:
                     return JobOutcome(status="skipped", requested_job_id=requested, reason=skip)
             else:
                 await claim_step(self.kernel, worker_id=self.worker_id, max_claims=self.max_claims)
-            jobs = await deps.job_transport.dequeue(self.worker_id, deps.clock.now(), limit=1)
+            jobs = await deps.job_transport.dequeue(
+                self.worker_id, deps.clock.now(), limit=1, queues=self.queues
+            )
         except Exception as exc:
             self.log.error("serverless.dequeue_failed", error=describe_exception(exc))
             return JobOutcome(
@@ -303,7 +308,7 @@ class ServerlessHost:
             if free > 0:
                 try:
                     jobs = await deps.job_transport.dequeue(
-                        self.worker_id, deps.clock.now(), limit=free
+                        self.worker_id, deps.clock.now(), limit=free, queues=self.queues
                     )
                 except Exception as exc:
                     error = describe_exception(exc)

@@ -188,7 +188,9 @@ class WorkerHost:
             wake_source = getattr(backend, "wake_source", None)
             if wake_source is not None:  # PostgreSQL LISTEN/NOTIFY
                 options["wake_source"] = wake_source
-            worker = Worker(kernel, self.options, logger=self.log, **options)
+            worker = Worker(
+                kernel, self.options, logger=self.log, registry=backend.workers, **options
+            )
             self.worker = worker
             if signals.first.is_set():  # signalled while the backend was opening
                 return self._exit_code()
@@ -198,6 +200,7 @@ class WorkerHost:
                 db=redact_url(self.db),
                 backend=backend.kind,
                 workflows=sorted(wf.id for wf in self.workflows),
+                queues=list(self.options.queues),
                 pid=os.getpid(),
             )
             await signals.first.wait()

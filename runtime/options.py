@@ -18,13 +18,14 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from treadle.kernel.errors import TreadleValidationError
+from treadle.kernel.queues import DEFAULT_QUEUE, check_queues
 
 MAX_SECONDS = 1e9
 """The longest duration option (about 31 years): a longer one, or ``inf``, would overflow
@@ -92,6 +93,10 @@ class WorkerOptions(BaseModel):
     drain_timeout: float = Field(
         default=30.0, description="Seconds in-flight stages get to finish on stop (SIGTERM)."
     )
+    queues: tuple[str, ...] = Field(
+        default=(DEFAULT_QUEUE,),
+        description="Named queues whose jobs the worker takes (docs/queues.md).",
+    )
 
     _POSITIVE: ClassVar[tuple[str, ...]] = (
         "orchestration_interval",
@@ -133,6 +138,13 @@ class WorkerOptions(BaseModel):
         if value is None and info.field_name == "heartbeat_interval":
             return None
         return _seconds(info.field_name, value, positive=True)
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _queues(cls, value: Any) -> tuple[str, ...]:
+        if value is None or isinstance(value, str | bytes) or not isinstance(value, Iterable):
+            raise ValueError(f"queues must be a list of queue names, got {value!r}")
+        return check_queues(value, "queues")
 
     @field_validator("drain_timeout", mode="before")
     @classmethod

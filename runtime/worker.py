@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import time
 from datetime import datetime
 from types import TracebackType
@@ -32,6 +34,7 @@ from treadle.adapters.due_times import DueKind, DueTimes, parse_due
 from treadle.adapters.logging import structlog_logger
 from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.kernel.errors import describe_exception
+from treadle.kernel.model import WorkerInfo
 from treadle.runtime.backoff import Backoff
 from treadle.runtime.due import DueSchedule, next_due_times
 from treadle.runtime.jobs import execute_job, release_command, release_job
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from treadle.kernel.kernel import Kernel
     from treadle.kernel.model import Job
     from treadle.ports.wake_source import WakeSource
+    from treadle.ports.workers import WorkerRegistry
 
 
 _TICK_KINDS: tuple[DueKind, ...] = ("poll", "command")
@@ -71,6 +75,7 @@ class Worker:
         *,
         logger: Any = None,
         wake_source: WakeSource | None = None,
+        registry: WorkerRegistry | None = None,
         **overrides: Any,
     ) -> None:
         """``options`` and ``overrides`` (``concurrency=8``, ...): see ``WorkerOptions``,
@@ -86,6 +91,9 @@ class Worker:
         self.heartbeat_interval = opts.heartbeat
         self.max_claims = opts.max_claims
         self.max_backoff = opts.max_backoff
+        self.queues = opts.queues
+        self.registry = registry
+        self._started_at: datetime | None = None
         self.log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=self.worker_id)
         self.last_tick: TickReport | None = None
         self.ticks = 0
@@ -119,6 +127,11 @@ class Worker:
         # Due times of timed work this worker knows (kernel clock), see ``runtime/due.py``.
         self._due = DueSchedule()
         self._unwatch_due: Callable[[], None] | None = None
+        self._unwatch_ends: Callable[[], None] | None = None
+        # Flow control: the last claim passed runs over (a limit was full). A run's end
+        # may free a slot, so it asks for a claim; a rate window frees one at a known time.
+        self._limits_full = False
+        self._limits_timer: asyncio.TimerHandle | None = None
         self._saturated = False  # the job loop waits for a slot to free
 
     # -- public surface ---------------------------------------------------------------
@@ -144,6 +157,27 @@ class Worker:
         self._claim_asked = True
         self._claim_wake.set()
 
+    def _on_run_end(self) -> None:
+        """A run ended (here or, through NOTIFY, elsewhere): when the last claim passed
+        runs over for a full concurrency limit, the slot it freed may admit one."""
+        if self._limits_full and not self._stop_event.is_set():
+            self._ask_claim()
+
+    def _note_claim(self, claim: Mapping[str, Any] | None) -> None:
+        """Remember whether a claim passed runs over for a limit, and ask for a claim
+        when a rate window frees a start (``retry_at``)."""
+        if claim is None or "claimed" not in claim:
+            return  # the step failed: keep what the last claim said
+        self._limits_full = bool(claim.get("deferred"))
+        retry_at = claim.get("retry_at")
+        if retry_at is None or self._stop_event.is_set():
+            return
+        when = datetime.fromisoformat(retry_at) if isinstance(retry_at, str) else retry_at
+        delay = max(0.0, (when - self.kernel.deps.clock.now()).total_seconds())
+        if self._limits_timer is not None:
+            self._limits_timer.cancel()
+        self._limits_timer = asyncio.get_running_loop().call_later(delay, self._ask_claim)
+
     def _ask_jobs(self) -> None:
         """The job loop should dequeue now (if it has a free slot)."""
         self._job_asked = True
@@ -162,7 +196,9 @@ class Worker:
             self._ask_claim()
         elif (due := parse_due(kind)) is not None:
             self._note_times(due)
-        elif not kind.startswith(RUN_END_PREFIX):  # a finished run is for result waiters
+        elif kind.startswith(RUN_END_PREFIX):  # for result waiters, and freed slots
+            self._on_run_end()
+        else:
             self.notify()
 
     async def start(self) -> None:
@@ -170,7 +206,11 @@ class Worker:
         if self._started:
             raise RuntimeError(f"worker {self.worker_id!r} was already started")
         self._started = True
-        self.log.info("worker.started", concurrency=self.concurrency)
+        self._started_at = self.kernel.deps.clock.now()
+        # Commits of this worker lease it only jobs of its queues (``Chains.serves``).
+        self.kernel.deps.chains.serve(self.worker_id, self.queues)
+        await self._beat()  # registered before it takes work: doctor never sees it unlisted
+        self.log.info("worker.started", concurrency=self.concurrency, queues=list(self.queues))
         self._loops = [
             asyncio.create_task(self._orchestration_loop(), name=f"{self.worker_id}:orchestration"),
             asyncio.create_task(self._job_loop(), name=f"{self.worker_id}:jobs"),
@@ -180,6 +220,9 @@ class Worker:
         watch = getattr(self.kernel.deps.persistence, "watch_due", None)
         if watch is not None:  # this process's commits tell it of the timed work they write
             self._unwatch_due = watch(self._note_times)
+        watch_ends = getattr(self.kernel.deps.persistence, "watch_run_ends", None)
+        if watch_ends is not None:  # this process's commits that end runs
+            self._unwatch_ends = watch_ends(lambda _ids, _outcomes: self._on_run_end())
 
     async def aclose(self, drain_timeout: float | None = None) -> None:
         """Stop claiming and dequeuing, and return once in-flight work is over: running
@@ -203,6 +246,11 @@ class Worker:
             if self._unwatch_due is not None:
                 self._unwatch_due()
                 self._unwatch_due = None
+            if self._unwatch_ends is not None:
+                self._unwatch_ends()
+                self._unwatch_ends = None
+            if self._limits_timer is not None:
+                self._limits_timer.cancel()
             self._claim_wake.set()
             self._job_wake.set()
             self._drain_deadline = deadline
@@ -242,6 +290,7 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._releases.wait_idle(), grace)
         await self._releases.aclose()
+        await self._leave()
         self.log.info("worker.stopped")
 
     async def __aenter__(self) -> Worker:
@@ -276,6 +325,7 @@ class Worker:
             finally:
                 self._release_held(chain, taken)
         self._claims_pending = report.claimed_runs >= self.max_claims
+        self._note_claim(report.result("claim"))
         self.last_tick = report
         self.ticks += 1
         await self._refresh_due()
@@ -314,6 +364,7 @@ class Worker:
                 )
                 step = TickStep(result=result, duration=time.monotonic() - started)
                 self._claims_pending = len(result.get("claimed", ())) >= free
+                self._note_claim(result)
             except Exception as exc:
                 self.log.error("worker.claim_failed", error=describe_exception(exc))
                 step = TickStep(error=describe_exception(exc), duration=time.monotonic() - started)
@@ -338,6 +389,7 @@ class Worker:
             try:
                 if full:
                     report: TickReport | None = await self.tick()
+                    await self._beat()
                 elif due:
                     report = await self._due_step(due)
                 elif asked:
@@ -380,6 +432,32 @@ class Worker:
                 await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
             else:
                 await self._sleep_orchestration(next_full)
+
+    async def _beat(self) -> None:
+        """Tell the worker registry this worker is alive and which queues it serves (on
+        every full tick). A failed beat only logs: liveness is for operators, not jobs."""
+        if self.registry is None or self._started_at is None:
+            return
+        info = WorkerInfo(
+            worker_id=self.worker_id,
+            queues=self.queues,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self._started_at,
+            heartbeat_at=self.kernel.deps.clock.now(),
+        )
+        try:
+            await self.registry.beat(info)
+        except Exception as exc:
+            self.log.warning("worker.beat_failed", error=describe_exception(exc))
+
+    async def _leave(self) -> None:
+        if self.registry is None:
+            return
+        try:
+            await self.registry.leave(self.worker_id)
+        except Exception as exc:  # it ages out of the registry instead
+            self.log.warning("worker.leave_failed", error=describe_exception(exc))
 
     async def _sleep_orchestration(self, next_full: float) -> None:
         """Until the next tick (``next_full``, monotonic), a claim is asked, or timed work
@@ -463,7 +541,7 @@ class Worker:
                 continue
             try:
                 jobs = await self.kernel.deps.job_transport.dequeue(
-                    self.worker_id, self.kernel.deps.clock.now(), limit=free
+                    self.worker_id, self.kernel.deps.clock.now(), limit=free, queues=self.queues
                 )
             except Exception as exc:
                 delay = backoff.next()

@@ -307,6 +307,7 @@ class TestEngine:
         run_id: str | None = None,
         search_attributes: Mapping[str, Any] | None = None,
         execution_timeout: timedelta | float | None = None,
+        concurrency_key: str | None = None,
     ) -> RunHandle:
         """Create a run (``run.create``), checking the arguments as ``Engine.start`` does:
         a bad one is the same ``TreadleValidationError`` naming it, and nothing is written."""
@@ -320,6 +321,7 @@ class TestEngine:
             run_id=run_id,
             search_attributes=search_attributes,
             execution_timeout=execution_timeout,
+            concurrency_key=concurrency_key,
         )
         result = await self.kernel.dispatch(command)
         return RunHandle(self, result.workflow_run_id)

@@ -110,6 +110,14 @@ def worker(
     stale_lease_threshold: Annotated[
         float, seconds_option(_help("stale_lease_threshold"), at_least=0.01)
     ] = _default("stale_lease_threshold"),
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            "-q",
+            help="A named queue to serve (repeat for several); default: the 'default' queue.",
+        ),
+    ] = None,
     db: DbOption = None,
     app: AppOption = None,
 ) -> None:
@@ -123,7 +131,7 @@ def worker(
     except ImportError as exc:
         typer.echo(f"error: the worker host is not available: {exc}", err=True)
         raise typer.Exit(EXIT_FAILURE) from None
-    options = {
+    options: dict[str, Any] = {
         "worker_id": worker_id,
         "concurrency": concurrency,
         "drain_timeout": drain_timeout,
@@ -131,6 +139,8 @@ def worker(
         "job_poll_interval": job_poll_interval,
         "stale_lease_threshold": stale_lease_threshold,
     }
+    if queue:
+        options["queues"] = queue
     code = run_guarded(lambda: worker_main(app=cli.app, db=cli.db, options=options), db=cli.db)
     raise typer.Exit(code)
 
@@ -242,6 +252,10 @@ def start(
         str | None, typer.Option(help="Starting again with this key returns the same run.")
     ] = None,
     priority: Annotated[int, typer.Option(min=0, max=100, help="Higher runs first.")] = 5,
+    concurrency_key: Annotated[
+        str | None,
+        typer.Option(help="Share the workflow's per-key concurrency and rate limits."),
+    ] = None,
     wait: Annotated[
         bool, typer.Option(help="Show live stage progress until the run ends.")
     ] = False,
@@ -270,6 +284,7 @@ def start(
                 idempotency_key=idempotency_key,
                 priority=priority,
                 config=stage_config,
+                concurrency_key=concurrency_key,
             )
             if not wait:
                 return handle.run_id, None

@@ -315,6 +315,8 @@ def run_detail(
     header.add_row("duration", fmt_duration(elapsed(run.started_at, run.completed_at)))
     if run.idempotency_key:
         header.add_row("idempotency key", run.idempotency_key)
+    if run.concurrency_key:
+        header.add_row("concurrency key", run.concurrency_key)
     header.add_row("input", truncate(run.input, width * 2))
     if run.output is not None:
         header.add_row("output", truncate(run.output, width * 2))

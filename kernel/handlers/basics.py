@@ -39,13 +39,15 @@ def new_jobs(
     *,
     lease_to: str | None = None,
 ) -> list[Job]:
-    """One QUEUED job per stage; with ``lease_to``, the first is created already leased
-    to that worker (its first attempt counted), as ``dequeue`` would have leased it.
+    """One QUEUED job per stage, on the stage's queue; with ``lease_to``, the first is
+    created already leased to that worker (its first attempt counted), as ``dequeue``
+    would have leased it, when that worker serves its queue.
     Built with ``construct``: every value is the kernel's own (a new id, the run's fields,
     the clock's reading), and a job per stage is on every stage's path."""
     jobs: list[Job] = []
     for stage_id in stage_ids:
-        values = {
+        queue = wf.queue_of(stage_id)
+        values: dict[str, object] = {
             "id": deps.ids.new_id(),
             "workflow_run_id": run.id,
             "workflow_id": run.workflow_id,
@@ -54,8 +56,9 @@ def new_jobs(
             "max_attempts": wf.stages[stage_id].retry.max_attempts,
             "next_poll_at": now,
             "enqueued_at": now,
+            "queue": queue,
         }
-        if lease_to is not None and not jobs:
+        if lease_to is not None and not jobs and deps.chains.serves(lease_to, queue):
             values["status"] = _JOB_LEASED
             values["attempts"] = 1
             values["worker_id"] = lease_to

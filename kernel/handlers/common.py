@@ -19,6 +19,7 @@ from treadle.kernel.events import (
 from treadle.kernel.handlers.basics import enqueue_stages
 from treadle.kernel.model import (
     Job,
+    JobStatus,
     JsonValue,
     MissingPayload,
     Run,
@@ -189,7 +190,7 @@ async def apply_transition(
             evolve(run, {"current_group": next_group, "updated_at": now, "status": _RUN_RUNNING})
         )
         jobs = await enqueue_stages(deps, tx, run, wf, group, now, lease_to=lease_to)
-        if lease_to is not None and jobs:
+        if lease_to is not None and jobs and jobs[0].status is JobStatus.LEASED:
             decision = Decision("advanced", next_group=next_group, leased=jobs[0])
     elif decision.action == "completed":
         output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import treadle.kernel.commands as c
+import treadle.kernel.flow_control as flow
 from treadle.kernel.context import artifact_prefix
 from treadle.kernel.errors import (
     DuplicateError,
@@ -18,6 +19,7 @@ from treadle.kernel.errors import (
     describe_exception,
 )
 from treadle.kernel.events import EventBase, WorkflowCancelled, WorkflowCreated, WorkflowStarted
+from treadle.kernel.handlers.admission import admit_runs, any_limited
 from treadle.kernel.handlers.basics import enqueue_stages, load_run
 from treadle.kernel.handlers.common import apply_transition, fail_run, run_ended
 from treadle.kernel.handlers.jobs import start_leased
@@ -25,6 +27,7 @@ from treadle.kernel.handlers.workflows import code_workflow, deliver, validate_s
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
+    JobStatus,
     JsonValue,
     MissingPayload,
     Run,
@@ -78,6 +81,7 @@ def _new_run(
         idempotency_key=spec.idempotency_key,
         parent_run_id=spec.parent_run_id if isinstance(spec, c.RunCreate) else None,
         search_attributes=dict(spec.search_attributes),
+        concurrency_key=spec.concurrency_key,
         created_at=now,
         updated_at=now,
     )
@@ -152,8 +156,15 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         stages = _new_stages(wf, run)
         created = _created(run, scope.causation_id, now)
         claim_for = cmd.claim_for if cmd.signal is None else None
-        if claim_for is not None and not deps.chains.allows(claim_for):
-            claim_for = None  # that worker is stopping: the run waits for a claim
+        if claim_for is not None and not (
+            deps.chains.allows(claim_for)
+            and deps.chains.serves(claim_for, wf.queue_of(wf.groups[0][0].id))
+            and not flow.limited(wf)
+        ):
+            # That worker is stopping, or does not serve the first stage's queue, or the
+            # workflow's limits decide when it starts: the run waits PENDING for a claim
+            # (``run.claimPending`` admits it and queues the stage for its workers).
+            claim_for = None
         started: list[Any] = []
         if claim_for is not None and cmd.execution_timeout is None:
             started = await _insert_claimed(deps, tx, scope, run, stages, claim_for, created, now)
@@ -434,6 +445,10 @@ async def claim_pending(
         if cached is not None:
             return cast("c.RunClaimPendingResult", cached)
         runs = await tx.claim_pending_runs(cmd.max_claims)
+        admission = None
+        if runs and any_limited(deps, runs):
+            admission = await admit_runs(deps, tx, runs, cmd.max_claims, now)
+            runs = admission.admitted
         if any(type(run.input) is MissingPayload for run in runs):
             runs = await _fail_lost_inputs(deps, tx, runs, now, scope.causation_id)
         claimed: list[c.ClaimedRun] | None = None
@@ -459,7 +474,12 @@ async def claim_pending(
                 await buffer.flush(deps.job_transport)
         if claimed is None:
             claimed, started = await _claim_runs(deps, tx, cmd.worker_id, scope, runs, budget, now)
-        result = c.RunClaimPendingResult(claimed=claimed, chained_jobs=[s.job for s in started])
+        result = c.RunClaimPendingResult(
+            claimed=claimed,
+            chained_jobs=[s.job for s in started],
+            deferred=admission.deferred if admission is not None else 0,
+            retry_at=admission.retry_at if admission is not None else None,
+        )
         await scope.complete(tx, result)
     for s in started:  # only once their start has committed
         deps.chains.keep(s.job.id, cmd.worker_id, s)
@@ -538,7 +558,7 @@ async def _claim_runs(
         )
         events: list[EventBase] = [*(prior_events or ()), run_started]
         prior_events = None
-        if lease_to is not None:
+        if lease_to is not None and jobs[0].status is JobStatus.LEASED:
             budget -= 1
             started.append(
                 await start_leased(

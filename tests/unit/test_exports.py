@@ -61,6 +61,7 @@ EXPECTED: dict[str, set[str]] = {
         "Persistence",
         "Scheduler",
         "Transaction",
+        "WorkerRegistry",
         "WorkflowRegistry",
     },
     "treadle.testing": {
@@ -86,6 +87,7 @@ EXPECTED: dict[str, set[str]] = {
         "InMemoryPersistence",
         "InMemoryScheduler",
         "InMemoryTransaction",
+        "InMemoryWorkerRegistry",
     },
 }
 

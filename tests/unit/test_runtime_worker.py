@@ -46,7 +46,9 @@ class FlakyTransport:
         self.down = False
         self.failed_dequeues = 0
 
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+    async def dequeue(
+        self, worker_id: str, now: datetime, *, limit: int = 1, queues: Any = None
+    ) -> list[Job]:
         if self.down:
             self.failed_dequeues += 1
             raise TransientStorageError("database unreachable")
@@ -241,7 +243,9 @@ class _StoppingTransport:
         self.dequeued = asyncio.Event()
         self.stop_task: asyncio.Task[None] | None = None
 
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+    async def dequeue(
+        self, worker_id: str, now: datetime, *, limit: int = 1, queues: Any = None
+    ) -> list[Job]:
         jobs: list[Job] = await self.inner.dequeue(worker_id, now, limit=limit)
         if jobs and self.worker is not None and self.stop_task is None:
             self.stop_task = asyncio.create_task(self.worker.aclose(drain_timeout=1.0))
