@@ -76,6 +76,7 @@ if TYPE_CHECKING:
         WorkflowError,
         WorkflowNotFoundError,
     )
+    from treadle.runtime.options import InvalidWorkerOptionsError, WorkerOptions
 
 __version__ = "0.1.0"
 
@@ -94,6 +95,7 @@ __all__ = [
     "InvalidInputError",
     "InvalidPayloadError",
     "InvalidStateError",
+    "InvalidWorkerOptionsError",
     "JobNotFoundError",
     "Kernel",
     "NonDeterminismError",
@@ -128,6 +130,7 @@ __all__ = [
     "UnknownCommandError",
     "VersionMismatchError",
     "WaitTimeoutError",
+    "WorkerOptions",
     "WorkflowBuilder",
     "WorkflowContext",
     "WorkflowDefinition",
@@ -192,6 +195,8 @@ def __getattr__(name: str) -> Any:
         module = "treadle.engine"
     elif name == "migrate":  # ``treadle.migrate(url)``: SQLAlchemy loaded on use
         module = "treadle.adapters.sql.migrate"
+    elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
+        module = "treadle.runtime.options"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:

@@ -31,6 +31,7 @@ from treadle.kernel.arguments import non_empty as _non_empty
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import (
     InvalidStateError,
+    NotSupportedError,
     RunCancelledError,
     RunFailedError,
     TreadleError,
@@ -43,12 +44,14 @@ from treadle.kernel.model import (
     JsonValue,
     LogRecord,
     MissingPayload,
+    QueueInfo,
     Run,
     RunFilter,
     RunStatus,
 )
 from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
+from treadle.runtime.options import WorkerOptions
 from treadle.runtime.run_waiters import RunWaiters
 from treadle.runtime.worker import SlotLoan, Worker
 
@@ -309,24 +312,30 @@ class Engine:
                 logger=logger,
             )
         except BaseException:
-            await backend.close()
+            await backend.aclose()
             raise
         return cls(kernel, backend)
 
     # -- lifecycle ----------------------------------------------------------------------
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop in-process workers (draining their jobs), drop the code-workflow bodies
         the kernel keeps parked (``Kernel.close``) and release the backend. Idempotent;
-        an ``Engine(kernel)`` built by hand leaves the ports to its caller."""
+        an ``Engine(kernel)`` built by hand leaves the ports to its caller. Leaving
+        ``async with engine:`` calls it."""
         if self._closed:
             return
         self._closed = True
         workers = builtins.list(self._workers)
-        await asyncio.gather(*(w.stop() for w in workers))
-        self.run_waiters.close()
+        await asyncio.gather(*(w.aclose() for w in workers))
+        await self.run_waiters.aclose()
         self.kernel.close()
         if self.backend is not None:
-            await self.backend.close()
+            await self.backend.aclose()
+
+    async def close(self) -> None:
+        """``aclose()`` under the name DESIGN.md §3.3 gives it; kept as an alias: every
+        other closable object in Treadle says ``aclose``."""
+        await self.aclose()
 
     async def __aenter__(self) -> Engine:
         return self
@@ -337,24 +346,33 @@ class Engine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
     def _check_open(self) -> None:
         if self._closed:
             raise TreadleError("this Engine is closed")
 
-    def worker(self, concurrency: int = 8, **options: Any) -> Worker:
+    def worker(
+        self, options: WorkerOptions | Mapping[str, Any] | None = None, /, **overrides: Any
+    ) -> Worker:
         """An in-process ``Worker`` on this engine's kernel, for small apps and tests:
         ``async with engine.worker(concurrency=4): ...``. Runs started through this
-        engine wake it at once. ``options`` are ``Worker``'s (``worker_id``,
-        ``orchestration_interval``, ``job_poll_interval``, ``stale_lease_threshold``, ...).
+        engine wake it at once. ``options`` (a ``WorkerOptions``) and ``overrides`` are
+        the worker's options (``worker_id``, ``concurrency``, ``orchestration_interval``,
+        ``job_poll_interval``, ``stale_lease_threshold``, ``queues``: the named queues
+        it serves, ``("default",)`` unless given, ...), checked once by
+        ``WorkerOptions``; ``logger``, ``wake_source`` and ``registry`` may be given too.
         """
         self._check_open()
-        _count(concurrency, "concurrency", minimum=1, maximum=10_000)
+        extra = {
+            k: overrides.pop(k) for k in ("logger", "wake_source", "registry") if k in overrides
+        }
         if self.backend is not None and self.backend.wake_source is not None:
             # PostgreSQL: LISTEN/NOTIFY wakes it for jobs enqueued by other processes too.
-            options.setdefault("wake_source", self.backend.wake_source)
-        worker = Worker(self.kernel, concurrency=concurrency, **options)
+            extra.setdefault("wake_source", self.backend.wake_source)
+        if self.backend is not None and self.backend.workers is not None:
+            extra.setdefault("registry", self.backend.workers)
+        worker = Worker(self.kernel, WorkerOptions.build(options, overrides), **extra)
         self._workers.add(worker)
         return worker
 
@@ -375,12 +393,14 @@ class Engine:
         run_id: str | None = None,
         search_attributes: Mapping[str, Any] | None = None,
         execution_timeout: timedelta | float | None = None,
+        concurrency_key: str | None = None,
     ) -> RunHandle:
         """Create a run (PENDING); a worker claims it. With ``idempotency_key``, starting
         again returns the first run instead of creating another. Invalid input or config
         raises a ``TreadleValidationError`` naming the field, and nothing is written.
         ``execution_timeout`` (code workflows) caps this run's wall-clock time from its
-        start, overriding the workflow's."""
+        start, overriding the workflow's. ``concurrency_key`` groups runs under the
+        workflow's per-key concurrency and rate limits (docs/flow-control.md)."""
         self._check_open()
         command = arguments.start_command(
             "Engine",
@@ -392,6 +412,7 @@ class Engine:
             run_id=run_id,
             search_attributes=search_attributes,
             execution_timeout=execution_timeout,
+            concurrency_key=concurrency_key,
         )
         loan = self._lend_slot()
         if loan is None:
@@ -740,6 +761,30 @@ class Engine:
             counts = await tx.count_runs(by, query)
         return dict(sorted(counts.items()))
 
+    async def queues(self, *, live_within: timedelta | float = 60.0) -> builtins.list[QueueInfo]:
+        """Every named queue with jobs, a live worker or a registered workflow routing to
+        it, by name: its due, scheduled and leased jobs, the workers that serve it (those
+        that beat within ``live_within``; a worker beats on every full tick, by default
+        every 10 s) and ``unserved`` when jobs wait and no live worker serves it."""
+        self._check_open()
+        registry = self.backend.workers if self.backend is not None else None
+        if registry is None:
+            raise NotSupportedError("this engine has no worker registry (open it from a URL)")
+        window = arguments.duration(live_within, "live_within")
+        now = self.kernel.deps.clock.now()
+        depths = {depth.queue: depth for depth in await registry.queue_depths(now)}
+        live = [w for w in await registry.list_workers() if w.heartbeat_at >= now - window]
+        declared = {queue for wf in _registered(self.kernel.deps.registry) for queue in wf.queues}
+        names = sorted({*depths, *declared, *(q for w in live for q in w.queues)})
+        return [
+            QueueInfo(
+                **(depths[name].model_dump() if name in depths else {"queue": name}),
+                workers=tuple(w.worker_id for w in live if name in w.queues),
+                declared=name in declared,
+            )
+            for name in names
+        ]
+
     async def events(
         self,
         run_id: str,
@@ -788,6 +833,14 @@ class Engine:
         self._check_open()
         async with self.kernel.deps.persistence.transaction() as tx:
             return await tx.get_logs(_non_empty(run_id, "run_id"))
+
+
+def _registered(registry: Any) -> builtins.list[WorkflowDefinition]:
+    """The definitions a registry holds, when it can list them (``Registry`` can; a
+    hand-written registry with only ``get_workflow`` lists none)."""
+    if not isinstance(registry, Iterable):
+        return []
+    return [wf for wf in registry if isinstance(wf, WorkflowDefinition)]
 
 
 def _definitions(workflows: Any) -> builtins.list[WorkflowDefinition]:

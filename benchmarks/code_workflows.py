@@ -87,7 +87,7 @@ async def _check_completed(url: str, runs: int) -> None:
         async with engine.backend.persistence.engine.connect() as conn:  # type: ignore[attr-defined]
             rows = (await conn.execute(sa.select(t.runs.c.status))).all()
     finally:
-        await engine.close()
+        await engine.aclose()
     done = sum(1 for r in rows if r.status == "COMPLETED")
     if done != runs or len(rows) != runs:
         raise SystemExit(f"only {done} of {len(rows)} runs completed (expected {runs})")
@@ -113,7 +113,7 @@ async def sequential(url: str, runs: int, concurrency: int, pg: bool) -> dict[st
             elapsed = time.perf_counter() - started
             own = commits[0]
     finally:
-        await engine.close()
+        await engine.aclose()
     DONE["target"] = -1
     server = xact_commit(url) - before - 2 if pg else 0  # minus the first probe's own two
     await _check_completed(url, runs)
@@ -126,7 +126,7 @@ async def concurrent(url: str, runs: int, concurrency: int, pg: bool) -> dict[st
         for i in range(runs):
             await producer.start("three-noop-steps", {"n": i})
     finally:
-        await producer.close()  # its server processes exit and flush their statistics
+        await producer.aclose()  # its server processes exit and flush their statistics
     engine = await Engine.open(url, workflows=[three_steps])
     commits, _ = count_sql(engine)
     event = _expect(runs)
@@ -142,7 +142,7 @@ async def concurrent(url: str, runs: int, concurrency: int, pg: bool) -> dict[st
             elapsed = time.perf_counter() - started
             own = commits[0]
     finally:
-        await engine.close()
+        await engine.aclose()
     DONE["target"] = -1
     server = xact_commit(url) - before - 2 if pg else 0
     await _check_completed(url, runs)

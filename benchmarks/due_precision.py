@@ -274,8 +274,8 @@ async def scenario(url: str, kind: str, origin_kind: str, samples: int, warmup: 
                         extra.append(second)
     finally:
         if origin is not worker_engine:
-            await origin.close()
-        await worker_engine.close()
+            await origin.aclose()
+        await worker_engine.aclose()
     label = {"claim": "from start called", "scheduled": "its run's body"}.get(kind, "")
     return Figures(
         name=f"{kind} ({origin_kind})",

@@ -116,7 +116,7 @@ async def measure(url: str, wakeups: int, sticky: bool) -> list[Sample]:
         if run.output != wakeups * (wakeups + 1) // 2:
             raise SystemExit(f"wrong output {run.output!r} ({run.status.value})")
     finally:
-        await engine.close()
+        await engine.aclose()
     return samples
 
 

@@ -217,7 +217,7 @@ async def bench(url: str, reps: int, sizes: list[int]) -> None:
             wall, cpu = await time_op(persistence, reps, ids_batches.pop, complete)
             print(f"{'complete_many':<26}{size:>4}{wall:>10.0f}{wall / size:>9.1f}{cpu:>13.0f}")
     finally:
-        await persistence.close()
+        await persistence.aclose()
 
 
 def main() -> None:

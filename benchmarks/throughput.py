@@ -126,7 +126,7 @@ async def _read_runs(url: str, run_ids: set[str] | None = None) -> list[Any]:
                 )
             ).all()
     finally:
-        await engine.close()
+        await engine.aclose()
     return [r for r in rows if run_ids is None or r.id in run_ids]
 
 
@@ -169,7 +169,7 @@ async def burst(
         run_ids = {(await producer.start("noop-3", {"n": i})).run_id for i in range(runs)}
         start_rate = runs / (time.perf_counter() - t0)
     finally:
-        await producer.close()  # its server processes exit and flush their statistics
+        await producer.aclose()  # its server processes exit and flush their statistics
     engine = await Engine.open(url, workflows=[pipeline])
     DONE.expect(runs)
     own_commits, statements = count_sql(engine)
@@ -193,7 +193,7 @@ async def burst(
                 cpu = time.process_time() - cpu_started
                 server_now = server_cpu_seconds() if pg else None
     finally:
-        await engine.close()  # flushes the worker's statistics too
+        await engine.aclose()  # flushes the worker's statistics too
     DONE.target = -1
     # The first probe's own two autocommit statements are counted; the second's are not.
     commits = xact_commit(url) - before - 2 if pg else 0
@@ -236,7 +236,7 @@ async def unloaded_latency(url: str, samples: int, concurrency: int) -> dict[str
                 await handle.result(timeout=30)
                 run_ids.add(handle.run_id)
     finally:
-        await engine.close()
+        await engine.aclose()
     rows = await _read_runs(url, run_ids)
     latencies = [(r.completed_at - r.created_at).total_seconds() for r in rows]
     return {"p50": pct(latencies, 0.5), "p99": pct(latencies, 0.99)}
@@ -261,8 +261,8 @@ async def pickup_latency(url: str, trials: int) -> list[float]:
                 await asyncio.wait_for(event.wait(), 10)
                 samples.append(stamp[0] - committed)
     finally:
-        await client.close()
-        await worker_engine.close()
+        await client.aclose()
+        await worker_engine.aclose()
     return samples
 
 

@@ -189,7 +189,7 @@ async def treadle_session(url: str, **worker_options: Any) -> AsyncIterator[Engi
         else:
             yield engine
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 @contextlib.asynccontextmanager

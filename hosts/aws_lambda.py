@@ -57,10 +57,11 @@ from typing import Any
 from treadle.adapters.aws.sqs import SqsClient, SqsWakeups
 from treadle.adapters.logging import structlog_logger
 from treadle.hosts.app import load_workflows
-from treadle.hosts.serverless import ServerlessHost
+from treadle.hosts.serverless import SERVERLESS_DEFAULTS, ServerlessHost
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
 from treadle.runtime.backends import open_backend
+from treadle.runtime.options import WorkerOptions
 from treadle.runtime.threads import StageThreadPool
 from treadle.runtime.tick import TickReport
 
@@ -81,10 +82,11 @@ def make_handler(
     *,
     app: str | None = None,
     db: str | None = None,
+    options: WorkerOptions | Mapping[str, Any] | None = None,
     worker_id: str | None = None,
-    concurrency: int = 1,
+    concurrency: int | None = None,
     safety_buffer_ms: int = DEFAULT_SAFETY_BUFFER_MS,
-    stale_lease_threshold: float = 60.0,
+    stale_lease_threshold: float | None = None,
     process_on_schedule: bool = True,
     process_on_message: bool = True,
     wakeup_queue_url: str | None = None,
@@ -94,21 +96,31 @@ def make_handler(
 
     ``workflows`` (``make_handler(workflows)``) or ``app`` (``"module:attr"``, default
     ``$TREADLE_APP``) name the workflows; ``db`` defaults to ``$TREADLE_DATABASE_URL``.
-    ``concurrency`` bounds the jobs one ``process`` call runs at once (SQS records are
-    handled one after another; scale with the batch size and the function's concurrency).
+    ``options`` (a ``WorkerOptions``), ``worker_id``, ``concurrency`` (default 1) and
+    ``stale_lease_threshold`` are the serverless host's options, checked here, before the
+    first invocation. ``concurrency`` bounds the jobs one ``process`` call runs at once
+    (SQS records are handled one after another; scale with the batch size and the
+    function's concurrency).
     ``process_on_message``: after an SQS batch, keep running due jobs until the queue is
     idle or the budget is spent (``False``: each message runs its one job only).
     """
     if safety_buffer_ms < 0:
         raise ValueError(f"safety_buffer_ms must be >= 0, got {safety_buffer_ms!r}")
+    given = {
+        "worker_id": worker_id,
+        "concurrency": concurrency,
+        "stale_lease_threshold": stale_lease_threshold,
+    }
     return LambdaHandler(
         app=app,
         db=db,
         workflows=list(workflows) if workflows is not None else None,
-        worker_id=worker_id,
-        concurrency=concurrency,
+        options=WorkerOptions.build(
+            options,
+            {k: v for k, v in given.items() if v is not None},
+            defaults=SERVERLESS_DEFAULTS,
+        ),
         safety_buffer_ms=safety_buffer_ms,
-        stale_lease_threshold=stale_lease_threshold,
         process_on_schedule=process_on_schedule,
         process_on_message=process_on_message,
         wakeup_queue_url=wakeup_queue_url,
@@ -126,10 +138,8 @@ class LambdaHandler:
         app: str | None,
         db: str | None,
         workflows: list[WorkflowDefinition] | None,
-        worker_id: str | None,
-        concurrency: int,
+        options: WorkerOptions,
         safety_buffer_ms: int,
-        stale_lease_threshold: float,
         process_on_schedule: bool,
         wakeup_queue_url: str | None,
         sqs_client: SqsClient | Callable[[], SqsClient] | None,
@@ -138,10 +148,8 @@ class LambdaHandler:
         self._app = app
         self._db = db
         self._workflows = workflows
-        self._worker_id = worker_id
-        self._concurrency = concurrency
+        self.options = options
         self.safety_buffer_ms = safety_buffer_ms
-        self._stale = stale_lease_threshold
         self.process_on_schedule = process_on_schedule
         self.process_on_message = process_on_message
         self._queue_url = wakeup_queue_url
@@ -157,7 +165,7 @@ class LambdaHandler:
             self._loop = asyncio.new_event_loop()
             # Sync stages run in daemon threads: one cut off at the deadline cannot pin
             # the container's shutdown.
-            self._loop.set_default_executor(StageThreadPool(self._concurrency + 4))
+            self._loop.set_default_executor(StageThreadPool(self.options.concurrency + 4))
         return self._loop.run_until_complete(self.handle(event, context))
 
     def close(self) -> None:
@@ -285,9 +293,7 @@ class LambdaHandler:
             db,
             workflows,
             backend=backend,
-            worker_id=self._worker_id,
-            concurrency=self._concurrency,
-            stale_lease_threshold=self._stale,
+            options=self.options,
         )
         self.log.info(
             "lambda.ready",

@@ -43,8 +43,8 @@ from treadle.kernel.errors import TreadleError, describe_exception
 from treadle.kernel.model import JobStatus
 from treadle.runtime.backends import Backend, open_backend
 from treadle.runtime.jobs import execute_job
+from treadle.runtime.options import WorkerOptions
 from treadle.runtime.tick import TickReport, claim_step, maintenance_tick
-from treadle.runtime.worker import default_worker_id
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Kernel
@@ -160,6 +160,11 @@ def parse_message(message: Any) -> str | None:
     return job_id
 
 
+SERVERLESS_DEFAULTS: Mapping[str, Any] = {"concurrency": 1}
+"""Where a serverless host's options differ from a worker's: one job at a time unless
+told otherwise (scale with the function's own concurrency)."""
+
+
 class ServerlessHost:
     """Serverless entry points over one kernel (see the module docstring).
 
@@ -171,31 +176,26 @@ class ServerlessHost:
     def __init__(
         self,
         kernel: Kernel,
+        options: WorkerOptions | Mapping[str, Any] | None = None,
         *,
-        worker_id: str | None = None,
-        concurrency: int = 1,
-        stale_lease_threshold: timedelta | float = 60.0,
-        stuck_threshold: timedelta | float = timedelta(minutes=30),
-        heartbeat_interval: float | None = None,
-        max_claims: int = 10,
         backend: Backend | None = None,
         logger: Any = None,
+        **overrides: Any,
     ) -> None:
-        given: object = concurrency
-        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
-            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+        """``options`` and ``overrides``: see ``WorkerOptions`` (here ``concurrency``
+        defaults to 1, and the loop intervals do not apply)."""
+        self.options = opts = WorkerOptions.build(options, overrides, defaults=SERVERLESS_DEFAULTS)
         self.kernel = kernel
         self.backend = backend
-        self.worker_id = worker_id or default_worker_id()
-        self.concurrency = concurrency
-        self.stale_lease_threshold = (
-            stale_lease_threshold.total_seconds()
-            if isinstance(stale_lease_threshold, timedelta)
-            else float(stale_lease_threshold)
-        )
-        self.stuck_threshold = stuck_threshold
-        self.heartbeat_interval = heartbeat_interval or self.stale_lease_threshold / 4
-        self.max_claims = max_claims
+        self.worker_id = opts.worker_id
+        self.concurrency = opts.concurrency
+        self.stale_lease_threshold = opts.stale_lease_threshold
+        self.stuck_threshold = opts.stuck_threshold
+        self.heartbeat_interval = opts.heartbeat
+        self.max_claims = opts.max_claims
+        self.queues = opts.queues
+        """The named queues whose jobs this host takes (``kernel/queues.py``)."""
+        kernel.deps.chains.serve(self.worker_id, self.queues)
         self.log = (logger or structlog_logger("treadle.hosts.serverless")).bind(
             worker_id=self.worker_id
         )
@@ -207,27 +207,28 @@ class ServerlessHost:
         workflows: Iterable[WorkflowDefinition] = (),
         *,
         backend: Backend | None = None,
-        **options: Any,
+        options: WorkerOptions | Mapping[str, Any] | None = None,
+        **overrides: Any,
     ) -> ServerlessHost:
         """A host on the backend ``db`` names (``open_backend``), or on ``backend`` when
         given (e.g. one wrapped with SQS wake-ups); it closes the backend on ``aclose``."""
         opened = backend if backend is not None else await open_backend(db)
         try:
-            worker_id = options.get("worker_id") or default_worker_id()
-            options["worker_id"] = worker_id
+            logger = overrides.pop("logger", None)
+            opts = WorkerOptions.build(options, overrides, defaults=SERVERLESS_DEFAULTS)
             kernel = opened.kernel(
-                list(workflows), logger=structlog_logger("treadle", worker_id=worker_id)
+                list(workflows), logger=structlog_logger("treadle", worker_id=opts.worker_id)
             )
-            return cls(kernel, backend=opened, **options)
+            return cls(kernel, opts, backend=opened, logger=logger)
         except BaseException:
-            await opened.close()
+            await opened.aclose()
             raise
 
     async def aclose(self) -> None:
         self.kernel.close()
         if self.backend is not None:
             backend, self.backend = self.backend, None
-            await backend.close()
+            await backend.aclose()
 
     async def __aenter__(self) -> ServerlessHost:
         return self
@@ -258,7 +259,9 @@ class ServerlessHost:
                     return JobOutcome(status="skipped", requested_job_id=requested, reason=skip)
             else:
                 await claim_step(self.kernel, worker_id=self.worker_id, max_claims=self.max_claims)
-            jobs = await deps.job_transport.dequeue(self.worker_id, deps.clock.now(), limit=1)
+            jobs = await deps.job_transport.dequeue(
+                self.worker_id, deps.clock.now(), limit=1, queues=self.queues
+            )
         except Exception as exc:
             self.log.error("serverless.dequeue_failed", error=describe_exception(exc))
             return JobOutcome(
@@ -305,7 +308,7 @@ class ServerlessHost:
             if free > 0:
                 try:
                     jobs = await deps.job_transport.dequeue(
-                        self.worker_id, deps.clock.now(), limit=free
+                        self.worker_id, deps.clock.now(), limit=free, queues=self.queues
                     )
                 except Exception as exc:
                     error = describe_exception(exc)

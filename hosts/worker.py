@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +38,18 @@ from treadle.hosts.app import load_workflows
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
 from treadle.runtime.backends import open_backend
+from treadle.runtime.options import MAX_SECONDS, WorkerOptions
 from treadle.runtime.threads import StageThreadPool
-from treadle.runtime.worker import Worker, default_worker_id
+from treadle.runtime.worker import Worker
 
-__all__ = ["EXIT_BAD_CONFIG", "EXIT_OK", "EXIT_STARTUP_FAILED", "WorkerHost", "main"]
+__all__ = [
+    "EXIT_BAD_CONFIG",
+    "EXIT_OK",
+    "EXIT_STARTUP_FAILED",
+    "MAX_SECONDS",
+    "WorkerHost",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
@@ -50,11 +58,6 @@ EXIT_BAD_CONFIG = 2
 FORCED_EXIT_GRACE = 2.0
 """Seconds a forced exit (second signal) spends releasing cancelled jobs and closing the
 backend before giving up; whatever is left is recovered by lease expiry."""
-
-MAX_SECONDS = 1e9
-"""The longest duration option (about 31 years; ``treadle worker``'s options have the
-same bound): a longer one, or ``inf``, would overflow the ``timedelta`` that the
-maintenance tick takes from today's date, and crash every tick."""
 
 EXTRA_THREADS = 4
 """Threads beyond ``concurrency`` in the stage pool, for blob-store file I/O and the
@@ -67,12 +70,8 @@ def main(
     *,
     app: str | None,
     db: str,
-    worker_id: str | None = None,
-    concurrency: int = 8,
-    drain_timeout: float = 30.0,
-    orchestration_interval: float = 10.0,
-    job_poll_interval: float = 1.0,
-    stale_lease_threshold: float = 60.0,
+    options: WorkerOptions | Mapping[str, Any] | None = None,
+    **overrides: Any,
 ) -> int:
     """Run a worker on ``db`` for the workflows ``app`` names until signalled; returns
     the process exit code (see the module docstring). Blocks; owns its event loop."""
@@ -83,12 +82,7 @@ def main(
             host = WorkerHost(
                 workflows,
                 db=db,
-                worker_id=worker_id,
-                concurrency=concurrency,
-                drain_timeout=drain_timeout,
-                orchestration_interval=orchestration_interval,
-                job_poll_interval=job_poll_interval,
-                stale_lease_threshold=stale_lease_threshold,
+                options=WorkerOptions.build(options, overrides),
             )
         except (TreadleError, ValueError) as exc:
             _error_line(exc, db)
@@ -119,34 +113,20 @@ class WorkerHost:
         workflows: list[WorkflowDefinition],
         *,
         db: str,
-        worker_id: str | None = None,
-        concurrency: int = 8,
-        drain_timeout: float = 30.0,
-        orchestration_interval: float = 10.0,
-        job_poll_interval: float = 1.0,
-        stale_lease_threshold: float = 60.0,
+        options: WorkerOptions | Mapping[str, Any] | None = None,
+        **overrides: Any,
     ) -> None:
-        given: object = concurrency
-        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
-            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
-        for name, value in (
-            ("orchestration_interval", orchestration_interval),
-            ("job_poll_interval", job_poll_interval),
-            ("stale_lease_threshold", stale_lease_threshold),
-        ):
-            _check_seconds(name, value, positive=True)
-        _check_seconds("drain_timeout", drain_timeout, positive=False)
+        """``options`` and ``overrides`` (``concurrency=8``, ``drain_timeout=30``, ...): see
+        ``WorkerOptions``, which refuses a bad one (a ``ValueError`` naming it)."""
+        self.options = opts = WorkerOptions.build(options, overrides)
         given_db: object = db
         if not isinstance(given_db, str) or not given_db:
             raise ValueError(f"db must be a database URL, got {db!r}")
         self.workflows = workflows
         self.db = db
-        self.worker_id = worker_id or default_worker_id()
-        self.concurrency = concurrency
-        self.drain_timeout = float(drain_timeout)
-        self.orchestration_interval = float(orchestration_interval)
-        self.job_poll_interval = float(job_poll_interval)
-        self.stale_lease_threshold = float(stale_lease_threshold)
+        self.worker_id = opts.worker_id
+        self.concurrency = opts.concurrency
+        self.drain_timeout = opts.drain_timeout
         self.log = structlog_logger("treadle.hosts.worker", worker_id=self.worker_id)
         self.worker: Worker | None = None
         self._signals: _Signals | None = None
@@ -209,14 +189,7 @@ class WorkerHost:
             if wake_source is not None:  # PostgreSQL LISTEN/NOTIFY
                 options["wake_source"] = wake_source
             worker = Worker(
-                kernel,
-                worker_id=self.worker_id,
-                concurrency=self.concurrency,
-                orchestration_interval=self.orchestration_interval,
-                job_poll_interval=self.job_poll_interval,
-                stale_lease_threshold=self.stale_lease_threshold,
-                logger=self.log,
-                **options,
+                kernel, self.options, logger=self.log, registry=backend.workers, **options
             )
             self.worker = worker
             if signals.first.is_set():  # signalled while the backend was opening
@@ -227,6 +200,7 @@ class WorkerHost:
                 db=redact_url(self.db),
                 backend=backend.kind,
                 workflows=sorted(wf.id for wf in self.workflows),
+                queues=list(self.options.queues),
                 pid=os.getpid(),
             )
             await signals.first.wait()
@@ -238,7 +212,7 @@ class WorkerHost:
             await self._close(backend)
 
     async def _drain(self, worker: Worker, signals: _Signals) -> None:
-        graceful = asyncio.ensure_future(worker.stop(self.drain_timeout))
+        graceful = asyncio.ensure_future(worker.aclose(self.drain_timeout))
         forced = asyncio.ensure_future(signals.second.wait())
         await asyncio.wait([graceful, forced], return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
@@ -247,7 +221,7 @@ class WorkerHost:
             return
         # Second signal: cancel what runs now and release it, but do not wait long.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(worker.stop(0), FORCED_EXIT_GRACE)
+            await asyncio.wait_for(worker.aclose(0), FORCED_EXIT_GRACE)
         graceful.cancel()  # the stop itself is shielded; this only drops our wait
         with contextlib.suppress(asyncio.CancelledError):
             await graceful
@@ -261,21 +235,10 @@ class WorkerHost:
     async def _close(self, backend: Any) -> None:
         forced = self._signals is not None and self._signals.second.is_set()
         try:
-            await asyncio.wait_for(backend.close(), FORCED_EXIT_GRACE if forced else 30.0)
+            await asyncio.wait_for(backend.aclose(), FORCED_EXIT_GRACE if forced else 30.0)
         except Exception as exc:  # closing is best effort on the way out
             self.log.warning("worker.close_failed", error=describe_exception(exc))
         self.log.info("worker.exited", code=self._exit_code())
-
-
-def _check_seconds(name: str, value: object, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or value > MAX_SECONDS:
-        raise ValueError(
-            f"{name} must be a finite number of seconds up to {MAX_SECONDS:g}, got {value!r}"
-        )
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} seconds, got {value!r}")
 
 
 def _error_line(exc: BaseException, db: str) -> None:

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from treadle.kernel.events import AnnotationCreated
-from treadle.kernel.handlers.common import load_run
+from treadle.kernel.handlers.basics import load_run
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import Annotation, JsonValue, evolve
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.ports import Transaction
 
 

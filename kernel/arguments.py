@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError as PydanticValidationError
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.errors import TreadleValidationError
 from treadle.kernel.limits import to_duration
 
@@ -82,6 +82,7 @@ def start_command(
     run_id: str | None,
     search_attributes: Mapping[str, Any] | None,
     execution_timeout: timedelta | float | None,
+    concurrency_key: str | None = None,
 ) -> c.RunCreate:
     """``run.create`` for ``{facade}.start(...)``, its arguments checked."""
     return build_command(
@@ -98,6 +99,7 @@ def start_command(
         execution_timeout=(
             None if execution_timeout is None else duration(execution_timeout, "execution_timeout")
         ),
+        concurrency_key=concurrency_key,
     )
 
 

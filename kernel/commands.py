@@ -47,6 +47,9 @@ class RunCreate(CommandBase):
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
     signal: SignalSpec | None = None
     parent_run_id: Text | None = None
+    concurrency_key: Text | None = Field(default=None, min_length=1, max_length=255)
+    """Runs sharing a key share the workflow's ``concurrency_per_key`` slots and, with
+    ``RateLimit(per_key=True)``, its rate (``kernel/flow_control.py``)."""
     execution_timeout: Duration | None = Field(default=None, gt=timedelta(0))
     """Code workflows: this run's cap on wall-clock time from its start, overriding the
     workflow's ``execution_timeout``."""
@@ -85,6 +88,7 @@ class RunCreateItem(BaseModel):
     an earlier item of the batch) returns that run with ``created=False``."""
     run_id: Text | None = Field(default=None, min_length=1, max_length=128)
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
+    concurrency_key: Text | None = Field(default=None, min_length=1, max_length=255)
 
 
 class RunCreateMany(CommandBase):
@@ -120,6 +124,12 @@ class RunClaimPendingResult(ResultBase):
     chained_jobs: list[Job] = Field(default_factory=list)
     """With ``chain``: the jobs leased to ``worker_id`` whose stages already started
     (stage RUNNING, ``stage:started`` committed); execute each with ``job.execute``."""
+    deferred: int = 0
+    """PENDING runs passed over because a concurrency or rate limit was full: they wait
+    for a run of theirs to end (or ``retry_at``), in their place in the order."""
+    retry_at: datetime | None = None
+    """The earliest time a rate limit frees a start for a passed-over run (``None``:
+    only a run's end frees a slot)."""
 
 
 # -- run.transition ---------------------------------------------------------

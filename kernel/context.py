@@ -19,10 +19,23 @@ from treadle.kernel.model import JsonValue, MissingPayload
 from treadle.kernel.text import safe_text
 
 if TYPE_CHECKING:
-    from treadle.kernel.definitions import WorkflowDefinition
+    from pydantic import TypeAdapter
 
 InT = TypeVar("InT")
 ConfigT = TypeVar("ConfigT")
+
+
+class _StageOutput(Protocol):
+    @property
+    def output_adapter(self) -> TypeAdapter[Any]: ...
+
+
+class StageLookup(Protocol):
+    """What a ``StageContext`` needs of its workflow definition: an earlier stage's
+    output model, to parse its output. (A protocol, so this module stays below
+    ``definitions``, which names ``StageContext`` in its body types.)"""
+
+    def stage(self, stage_id: str, /) -> _StageOutput | None: ...
 
 
 class MissingOutputError(TreadleError):
@@ -204,7 +217,7 @@ class StageContext(Generic[InT, ConfigT]):
         attempt: int,
         idempotency_key: str,
         outputs: Mapping[str, JsonValue],
-        workflow: WorkflowDefinition,
+        workflow: StageLookup,
         runtime: StageRuntime,
         now: Callable[[], datetime],
         resume_state: JsonValue = None,

@@ -7,6 +7,7 @@ mistakes surface at import time with the stage named, not hours into a run.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +18,10 @@ from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
+from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to_json
 from treadle.kernel.model import JsonValue
+from treadle.kernel.queues import DEFAULT_QUEUE, check_queue
 from treadle.kernel.retry import DEFAULT_RETRY, RetryPolicy
 from treadle.kernel.text import safe_text
 
@@ -140,6 +143,9 @@ class StageDefinition:
     retry: RetryPolicy = DEFAULT_RETRY
     timeout: timedelta | None = None
     requires: tuple[str, ...] = ()
+    queue: str | None = None
+    """The queue its jobs go to; ``None``: the workflow's queue (``WorkflowBuilder(queue=)``),
+    else ``DEFAULT_QUEUE``. Only workers serving that queue run it."""
     is_async: bool = True
     input_adapter: TypeAdapter[Any] | None = field(default=None, repr=False)
     output_adapter: TypeAdapter[Any] = field(default=TypeAdapter(Any), repr=False)
@@ -169,8 +175,6 @@ class StageDefinition:
 
     def with_fn(self, fn: StageFn) -> StageDefinition:
         """A copy running ``fn`` instead (used by ``TestEngine.mock_stage``)."""
-        import dataclasses
-
         return dataclasses.replace(self, fn=fn, is_async=_is_async(fn))
 
 
@@ -196,12 +200,18 @@ class BatchStageDefinition(StageDefinition):
         return fn
 
     def with_fn(self, fn: StageFn) -> StageDefinition:
-        import dataclasses
-
         return dataclasses.replace(self, fn=fn, is_async=_is_async(fn), checks=self.checks)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _check_stage_queue(stage_id: str, queue: str | None) -> None:
+    if queue is not None:
+        try:
+            check_queue(queue, f"stage {stage_id!r}")
+        except ValueError as exc:
+            raise DefinitionError(str(exc)) from None
 
 
 def _stage_kwargs(
@@ -214,9 +224,11 @@ def _stage_kwargs(
     retry: RetryPolicy | None,
     timeout: timedelta | float | None,
     requires: Iterable[str],
+    queue: str | None = None,
 ) -> dict[str, Any]:
     if not id or not isinstance(id, str):
         raise DefinitionError("define_stage: id must be a non-empty string")
+    _check_stage_queue(id, queue)
     if output is None:
         raise DefinitionError(f"stage {id!r}: output model is required")
     if timeout is not None:
@@ -234,6 +246,7 @@ def _stage_kwargs(
         "retry": retry or DEFAULT_RETRY,
         "timeout": timeout,
         "requires": tuple(requires),
+        "queue": queue,
         "is_async": _is_async(fn),
         "input_adapter": _adapter(input),
         "output_adapter": TypeAdapter(output),
@@ -250,13 +263,16 @@ def define_stage(
     retry: RetryPolicy | None = None,
     timeout: timedelta | float | None = None,
     requires: Iterable[str] = (),
+    queue: str | None = None,
 ) -> Callable[[StageFn], StageDefinition]:
     """Decorate a sync or async ``fn(ctx)`` as a stage. ``input="none"`` reads only
-    earlier outputs through ``ctx.require``."""
+    earlier outputs through ``ctx.require``. ``queue``: only workers serving that queue
+    run it (see ``kernel/queues.py``)."""
+    _check_stage_queue(id, queue)
 
     def wrap(fn: StageFn) -> StageDefinition:
         return StageDefinition(
-            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires)
+            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires, queue)
         )
 
     return wrap
@@ -273,11 +289,13 @@ def define_batch_stage(
     timeout: timedelta | float | None = None,
     requires: Iterable[str] = (),
     max_check_failures: int = DEFAULT_MAX_CHECK_FAILURES,
+    queue: str | None = None,
 ) -> Callable[[StageFn], BatchStageDefinition]:
     """Like ``define_stage``; the body may return ``Suspend(...)`` and the stage's
     ``.check_completion`` decorator registers the poll function. A check that raises is
     tried again at the next poll; after ``max_check_failures`` such checks in a row (a
     ``NotReady`` resets the count) the stage fails with the last error."""
+    _check_stage_queue(id, queue)
     if isinstance(max_check_failures, bool) or not isinstance(max_check_failures, int):
         raise DefinitionError(f"stage {id!r}: max_check_failures must be an integer")
     if max_check_failures < 1:
@@ -285,7 +303,7 @@ def define_batch_stage(
 
     def wrap(fn: StageFn) -> BatchStageDefinition:
         return BatchStageDefinition(
-            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires),
+            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires, queue),
             max_check_failures=max_check_failures,
         )
 
@@ -305,9 +323,28 @@ class WorkflowDefinition:
     input_adapter: TypeAdapter[Any] = field(default=TypeAdapter(Any), repr=False)
     stages: dict[str, StageDefinition] = field(default_factory=dict, repr=False)
     group_of: dict[str, int] = field(default_factory=dict, repr=False)
+    queue: str = DEFAULT_QUEUE
+    """The queue of the stages that name none (``WorkflowBuilder(queue=)``,
+    ``@workflow(queue=)``)."""
+    concurrency: int | None = None
+    """At most this many runs of the workflow hold a slot at once (``kernel/flow_control.py``)."""
+    concurrency_per_key: int | None = None
+    """At most this many runs sharing a ``concurrency_key`` hold a slot at once."""
+    rate_limit: RateLimit | None = None
+    """At most ``starts`` runs started per ``per`` (per workflow, or per key)."""
 
     def stage(self, stage_id: str) -> StageDefinition | None:
         return self.stages.get(stage_id)
+
+    def queue_of(self, stage_id: str) -> str:
+        """The queue of ``stage_id``'s jobs: its own, else the workflow's."""
+        stage = self.stages.get(stage_id)
+        return (stage.queue if stage is not None else None) or self.queue
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every queue this workflow's jobs go to, in stage order, without repeats."""
+        return tuple(dict.fromkeys(self.queue_of(stage_id) for stage_id in self.stages))
 
     def validate_input(self, data: Any) -> JsonValue:
         """Validate run input; returns its JSON form, storable on every backend
@@ -416,11 +453,24 @@ class WorkflowBuilder:
         input: Any,
         description: str | None = None,
         version: str = "1",
+        queue: str = DEFAULT_QUEUE,
+        concurrency: int | None = None,
+        concurrency_per_key: int | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
+        try:
+            check_queue(queue, f"workflow {id!r}")
+            check_limits(f"workflow {id!r}", concurrency, concurrency_per_key, rate_limit)
+        except ValueError as exc:
+            raise DefinitionError(str(exc)) from None
+        self._concurrency = concurrency
+        self._concurrency_per_key = concurrency_per_key
+        self._rate_limit = rate_limit
         self._id = id
         self._input = input
         self._description = description
         self._version = str(version)
+        self._queue = queue
         self._groups: list[tuple[StageDefinition, ...]] = []
 
     def pipe(self, stage: StageDefinition) -> WorkflowBuilder:
@@ -478,6 +528,10 @@ class WorkflowBuilder:
             input_adapter=TypeAdapter(self._input),
             stages=stages,
             group_of=group_of,
+            queue=self._queue,
+            concurrency=self._concurrency,
+            concurrency_per_key=self._concurrency_per_key,
+            rate_limit=self._rate_limit,
         )
 
     def _check_schemas(self) -> None:

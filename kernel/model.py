@@ -150,6 +150,8 @@ class Run(_Frozen):
     idempotency_key: str | None = None
     parent_run_id: str | None = None
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
+    concurrency_key: str | None = None
+    """Runs sharing it share their workflow's per-key concurrency and rate limits."""
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None
@@ -201,6 +203,51 @@ class Job(_Frozen):
     last_error: str | None = None
     sequence: int = 0
     """Monotonic enqueue order; FIFO tie-break after priority."""
+    queue: str = "default"
+    """The named queue it waits on (its stage's, ``kernel/queues.py``); only a worker
+    serving that queue leases it."""
+
+
+class WorkerInfo(_Frozen):
+    """A live worker process as it announces itself (``WorkerRegistry.beat``): which
+    queues it serves and when it was last seen, so ``doctor`` and ``engine.queues()`` can
+    tell a queue that waits for a worker from one that is merely busy."""
+
+    worker_id: str
+    queues: tuple[str, ...]
+    host: str = ""
+    pid: int = 0
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+class QueueDepth(_Frozen):
+    """The jobs of one named queue by state, as ``WorkerRegistry.queue_depths`` counts them."""
+
+    queue: str
+    queued: int = 0
+    """QUEUED and due now: waiting for a free worker of this queue."""
+    scheduled: int = 0
+    """QUEUED but due later (retry backoff, delayed activations)."""
+    leased: int = 0
+    """Held by a worker right now."""
+    oldest_due_at: datetime | None = None
+    """When the longest-waiting due job became available (its wait is now minus this)."""
+
+
+class QueueInfo(QueueDepth):
+    """One named queue as ``engine.queues()`` reports it: its jobs, the live workers that
+    serve it, and whether this app's workflows send work to it."""
+
+    workers: tuple[str, ...] = ()
+    """Ids of the workers that beat within the liveness window and serve this queue."""
+    declared: bool = False
+    """A registered workflow (of the engine asking) routes stages to this queue."""
+
+    @property
+    def unserved(self) -> bool:
+        """Jobs are due on it and no live worker serves it: they wait until one starts."""
+        return self.queued > 0 and not self.workers
 
 
 class LogRecord(_Frozen):

@@ -9,6 +9,7 @@ from treadle.ports.persistence import Persistence, Transaction
 from treadle.ports.plugin import KernelPlugin
 from treadle.ports.registry import WorkflowRegistry
 from treadle.ports.scheduler import Scheduler
+from treadle.ports.workers import WorkerRegistry
 
 __all__ = [
     "BlobStore",
@@ -20,5 +21,6 @@ __all__ = [
     "Persistence",
     "Scheduler",
     "Transaction",
+    "WorkerRegistry",
     "WorkflowRegistry",
 ]

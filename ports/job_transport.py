@@ -23,9 +23,17 @@ class JobTransport(Protocol):
         worker instead, as ``dequeue`` would have left it: the enqueuing worker runs it
         itself, so no other worker is woken for it. Any other status is stored QUEUED."""
 
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+    async def dequeue(
+        self,
+        worker_id: str,
+        now: datetime,
+        *,
+        limit: int = 1,
+        queues: Sequence[str] | None = None,
+    ) -> list[Job]:
         """Lease up to ``limit`` QUEUED jobs due at ``now``: priority desc, then FIFO.
-        Each leased job has ``attempts`` incremented, ``worker_id`` and ``heartbeat_at`` set."""
+        Each leased job has ``attempts`` incremented, ``worker_id`` and ``heartbeat_at`` set.
+        With ``queues``, only jobs on those named queues (``Job.queue``); ``None``: any."""
 
     async def get(self, tx: Transaction, job_id: str) -> Job | None: ...
 

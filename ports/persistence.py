@@ -24,10 +24,15 @@ from treadle.kernel.model import (
     StageRun,
 )
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
+from treadle.ports.flow_control import FlowControl
 
 
 class Transaction(Protocol):
     """Operations visible only to this unit of work until it commits."""
+
+    @property
+    def flow(self) -> FlowControl:
+        """Concurrency and rate-limit accounting (``ports.flow_control``)."""
 
     # -- runs -------------------------------------------------------------
     async def insert_run(self, run: Run) -> None:
@@ -49,8 +54,16 @@ class Transaction(Protocol):
     async def count_runs(self, group_by: str, filter: RunFilter) -> dict[str, int]:
         """Counts per ``status`` or ``workflow_id`` over the filtered runs."""
 
-    async def claim_pending_runs(self, limit: int) -> list[Run]:
-        """Lock and return up to ``limit`` PENDING runs, priority desc then FIFO."""
+    async def claim_pending_runs(
+        self,
+        limit: int,
+        *,
+        exclude_ids: Sequence[str] = (),
+        exclude_keys: Sequence[tuple[str, str | None]] = (),
+    ) -> list[Run]:
+        """Lock and return up to ``limit`` PENDING runs, priority desc then FIFO, past
+        the runs of ``exclude_ids`` and of the flow-control keys ``exclude_keys``
+        (``(workflow_id, concurrency_key)``; a ``None`` key excludes the whole workflow)."""
 
     async def runs_inactive_since(
         self, status: RunStatus, cutoff: datetime, limit: int
@@ -230,4 +243,4 @@ class Persistence(Protocol):
         """``async with persistence.transaction() as tx:`` commits on exit, rolls back on error."""
         ...
 
-    async def close(self) -> None: ...
+    async def aclose(self) -> None: ...

@@ -9,16 +9,19 @@ are imported only when a SQL URL is opened.
 from treadle.runtime.backends import Backend, backend_kind, open_backend
 from treadle.runtime.backoff import Backoff
 from treadle.runtime.jobs import execute_job, job_idempotency_key
+from treadle.runtime.options import InvalidWorkerOptionsError, WorkerOptions, default_worker_id
 from treadle.runtime.tick import STEP_ORDER, TickReport, TickStep, maintenance_tick
-from treadle.runtime.worker import Worker, default_worker_id
+from treadle.runtime.worker import Worker
 
 __all__ = [
     "STEP_ORDER",
     "Backend",
     "Backoff",
+    "InvalidWorkerOptionsError",
     "TickReport",
     "TickStep",
     "Worker",
+    "WorkerOptions",
     "backend_kind",
     "default_worker_id",
     "execute_job",

@@ -28,6 +28,7 @@ from treadle.adapters.memory import (
     InMemoryJobTransport,
     InMemoryPersistence,
     InMemoryScheduler,
+    InMemoryWorkerRegistry,
 )
 from treadle.adapters.urls import redact_url, scrub
 from treadle.kernel.errors import StorageError, TreadleError
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
         JobTransport,
         Persistence,
         Scheduler,
+        WorkerRegistry,
     )
     from treadle.ports.wake_source import WakeSource
 
@@ -69,6 +71,8 @@ class Backend:
     clock: Clock
     wake_source: WakeSource | None = None
     """Pushes "jobs may be queued" to workers (PostgreSQL LISTEN/NOTIFY); None: poll only."""
+    workers: WorkerRegistry | None = None
+    """Which workers are alive and the queues they serve (``doctor``, ``engine.queues()``)."""
 
     def kernel(self, registry: Any, **options: Any) -> Kernel:
         """``create_kernel`` on these ports, with ``registry`` (a registry or an iterable
@@ -85,10 +89,17 @@ class Backend:
             **options,
         )
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
+        """Close the wake source, then the storage. ``async with backend:`` does it too."""
         if self.wake_source is not None:
             await self.wake_source.aclose()
-        await self.persistence.close()
+        await self.persistence.aclose()
+
+    async def __aenter__(self) -> Backend:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 def backend_kind(url: str) -> BackendKind:
@@ -148,15 +159,17 @@ async def open_backend(
         if engine_options:
             raise TreadleError(f"memory:// takes no engine options, got {sorted(engine_options)}")
         persistence = InMemoryPersistence()
+        job_transport = InMemoryJobTransport(persistence)
         return Backend(
             url=url,
             kind=kind,
             persistence=persistence,
-            job_transport=InMemoryJobTransport(persistence),
+            job_transport=job_transport,
             blob_store=FileSystemBlobStore(blob_root) if blob_root else InMemoryBlobStore(),
             event_sink=event_sink if event_sink is not None else CollectingEventSink(),
             scheduler=InMemoryScheduler(),
             clock=clock,
+            workers=InMemoryWorkerRegistry(job_transport),
         )
     return await _open_sql(
         url,
@@ -257,6 +270,7 @@ async def _open_sql(
             if kind == "postgresql"
             else None
         ),
+        workers=sql.SqlWorkerRegistry(persistence),
     )
 
 

@@ -50,11 +50,18 @@ class _Held:
     """The job whose lease a chain's one heartbeat task extends: the one executing now
     (a chained stage takes over from the stage before it in the same call)."""
 
-    __slots__ = ("job", "log")
+    __slots__ = ("base", "job", "worker_id")
 
-    def __init__(self, job: Job, log: Any) -> None:
+    def __init__(self, job: Job, base: Any, worker_id: str) -> None:
         self.job = job
-        self.log = log
+        self.base = base
+        self.worker_id = worker_id
+
+    @property
+    def log(self) -> Any:
+        """The job's logger, bound when something is logged: binding one per stage would
+        cost a few microseconds on a path that logs nothing when all goes well."""
+        return _job_log(self.base, self.job, self.worker_id)
 
 
 async def _heartbeat(kernel: Kernel, held: _Held, worker_id: str, interval: float) -> None:
@@ -90,6 +97,7 @@ async def execute_job(
     retries: ReleaseRetries | None = None,
     on_due: Callable[[datetime], None] | None = None,
     on_queued: Callable[[], None] | None = None,
+    on_error: Callable[[Exception, str], None] | None = None,
 ) -> c.JobExecuteResult | None:
     """Run ``job.execute`` for a job this worker leased, heartbeating meanwhile.
 
@@ -109,7 +117,10 @@ async def execute_job(
     that fail (storage down) go to be retried with backoff. ``on_due``: told the time
     a result's retry or suspension falls due (``next_poll_at``), so the host wakes then;
     ``on_queued``: called when a commit queued jobs for any worker (``queued_jobs``), so
-    a host with free slots dequeues them now rather than at its next poll.
+    a host with free slots dequeues them now rather than at its next poll. ``on_error``:
+    told each exception the path logs and swallows, with where it was raised
+    (``"execute"``, or ``"transition"`` for the safety net), so a harness can count
+    transient failures and re-raise programming errors (``TestEngine``).
 
     ``chain``: while it returns true, each execution asks the kernel to lease the run's
     next stage to this worker in its result's commit (``JobExecute.chain``), and the
@@ -124,21 +135,21 @@ async def execute_job(
     current: Job | None = job
     # One heartbeat task for the whole chain, following the job that is executing: a
     # task per stage would cost more than a no-op stage's own commit share.
-    held = _Held(job, base)
+    held = _Held(job, base, worker_id)
     beat = asyncio.create_task(_heartbeat(kernel, held, worker_id, heartbeat_interval))
     try:
         while current is not None:
             held.job = current
-            held.log = log = _job_log(base, current, worker_id)
             result = await _execute_one(
                 kernel,
                 current,
                 worker_id,
-                log,
+                held,
                 release_on_cancel=release_on_cancel,
                 chain=chain is not None and chain(),
                 stopping=stopping,
                 retries=retries,
+                on_error=on_error,
             )
             if result is not None:
                 if on_due is not None and result.next_poll_at is not None:
@@ -174,12 +185,13 @@ async def _execute_one(
     kernel: Kernel,
     job: Job,
     worker_id: str,
-    log: Any,
+    held: _Held,
     *,
     release_on_cancel: bool,
     chain: bool,
     stopping: Callable[[], bool] | None,
     retries: ReleaseRetries | None,
+    on_error: Callable[[Exception, str], None] | None = None,
 ) -> c.JobExecuteResult | None:
     result: c.JobExecuteResult | None = None
     try:
@@ -192,6 +204,7 @@ async def _execute_one(
             )
         )
     except asyncio.CancelledError:
+        log = held.log
         if release_on_cancel:
             if stopping is not None and stopping():
                 await _release_cancelled(kernel, job, worker_id, log, retries=retries)
@@ -209,7 +222,10 @@ async def _execute_one(
                 )
         raise
     except Exception as exc:
+        log = held.log
         log.error("job.execute_failed", error=describe_exception(exc), exc_info=True)
+        if on_error is not None:
+            on_error(exc, "execute")
         # The kernel released the job in its own error path, unless storage failed
         # there too: this release is a no-op after the first, and retried if it fails.
         await _release(
@@ -222,9 +238,10 @@ async def _execute_one(
         try:
             await kernel.dispatch(c.RunTransition(workflow_run_id=job.workflow_run_id))
         except Exception as exc:
-            log.error("job.transition_failed", error=describe_exception(exc))
-    else:
-        log.debug("job.executed", outcome=result.outcome, ghost=result.ghost)
+            held.log.error("job.transition_failed", error=describe_exception(exc))
+            if on_error is not None:
+                on_error(exc, "transition")
+    # A success logs nothing here: the kernel logs each stage's outcome (``stage.*``).
     return result
 
 

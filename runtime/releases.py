@@ -78,6 +78,12 @@ class ReleaseRetries:
         if self._pending:
             self._log.warning("job.releases_abandoned", jobs=sorted(self._pending))
 
+    async def __aenter__(self) -> ReleaseRetries:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def _retry(self) -> None:
         while self._pending:
             await asyncio.sleep(self._backoff.next())

@@ -92,13 +92,19 @@ class RunWaiters:
                 if not future.done():
                     future.set_result(None)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         """Stop listening; wake every waiter so it re-reads (and sees the engine closed)."""
         for stop in self._stops or ():
             stop()
         self._stops = []
         self._expected.clear()
         self.ended(list(self._futures))
+
+    async def __aenter__(self) -> RunWaiters:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def _attach(self) -> None:
         """Subscribe on first use: an engine that never waits opens no listener."""

@@ -119,7 +119,12 @@ class TickReport(BaseModel):
 StepFn = Callable[[], Awaitable[dict[str, Any]]]
 
 
-async def _run_step(name: str, fn: StepFn, log: Any) -> TickStep:
+ErrorHook = Callable[[Exception, str], None]
+"""Told each exception a tick logs and reports instead of raising, with its step's name
+(``on_error``)."""
+
+
+async def _run_step(name: str, fn: StepFn, log: Any, on_error: ErrorHook | None) -> TickStep:
     started = time.monotonic()
     try:
         result = await fn()
@@ -129,6 +134,8 @@ async def _run_step(name: str, fn: StepFn, log: Any) -> TickStep:
     except Exception as exc:
         error = describe_exception(exc)
         log.error("tick.step_failed", step=name, error=error)
+        if on_error is not None:
+            on_error(exc, name)
         return TickStep(error=error, duration=time.monotonic() - started)
     return TickStep(result=result, duration=time.monotonic() - started)
 
@@ -160,7 +167,11 @@ async def claim_step(
 
 
 async def _poll_step(
-    kernel: Kernel, max_checks: int, log: Any, on_resumed: Callable[[], None] | None = None
+    kernel: Kernel,
+    max_checks: int,
+    log: Any,
+    on_resumed: Callable[[], None] | None = None,
+    on_error: ErrorHook | None = None,
 ) -> dict[str, Any]:
     """Poll due suspended stages, then transition each resumed run. One transition failing
     does not stop the others; the step reports the failures as its error. ``on_resumed``
@@ -179,6 +190,8 @@ async def _poll_step(
             transitioned += 1
         except Exception as exc:
             log.error("tick.transition_failed", run_id=run_id, error=describe_exception(exc))
+            if on_error is not None:
+                on_error(exc, "poll_suspended")
             failures.append(f"{run_id}: {describe_exception(exc)}")
     result["transitioned"] = transitioned
     if failures:
@@ -198,7 +211,9 @@ class _PartialStepError(Exception):
         self.result = result
 
 
-async def _scheduled_step(kernel: Kernel, limit: int, log: Any) -> dict[str, Any]:
+async def _scheduled_step(
+    kernel: Kernel, limit: int, log: Any, on_error: ErrorHook | None = None
+) -> dict[str, Any]:
     """Dispatch due scheduled commands (timers). A command that fails is logged; the
     Scheduler has already handed it over, so it is reported rather than retried here."""
     due = await kernel.deps.scheduler.due(kernel.deps.clock.now(), limit=limit)
@@ -211,6 +226,8 @@ async def _scheduled_step(kernel: Kernel, limit: int, log: Any) -> dict[str, Any
         except Exception as exc:
             kind = command.get("type")
             log.error("tick.scheduled_failed", command=kind, error=describe_exception(exc))
+            if on_error is not None:
+                on_error(exc, "scheduled")
             failures.append(f"{kind}: {describe_exception(exc)}")
     if failures:
         raise _PartialStepError(
@@ -239,11 +256,11 @@ async def due_steps(
     steps: dict[str, TickStep] = {}
     if poll:
         steps["poll_suspended"] = await _run_step(
-            "poll_suspended", lambda: _poll_step(kernel, max_checks, log, on_resumed), log
+            "poll_suspended", lambda: _poll_step(kernel, max_checks, log, on_resumed), log, None
         )
     if scheduled:
         steps["scheduled"] = await _run_step(
-            "scheduled", lambda: _scheduled_step(kernel, max_scheduled, log), log
+            "scheduled", lambda: _scheduled_step(kernel, max_scheduled, log), log, None
         )
     return steps
 
@@ -261,12 +278,14 @@ async def maintenance_tick(
     logger: Any = None,
     chain: int = 0,
     take: Callable[[list[Job]], None] | None = None,
+    on_error: ErrorHook | None = None,
 ) -> TickReport:
     """Run the steps of one tick in ``STEP_ORDER`` and report what each did.
 
     Never raises for a failing step (see ``TickReport.ok``); a number for a threshold
     means seconds, as in the kernel's commands. ``chain`` and ``take``: as for
-    ``claim_step``, for the claim step.
+    ``claim_step``, for the claim step. ``on_error`` is told each exception a step
+    swallowed (a harness re-raises programming errors: ``TestEngine``).
     """
     log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=worker_id)
     stale = (
@@ -296,14 +315,14 @@ async def maintenance_tick(
         "claim": lambda: claim_step(
             kernel, worker_id=worker_id, max_claims=max_claims, chain=chain, take=take
         ),
-        "poll_suspended": lambda: _poll_step(kernel, max_checks, log),
-        "scheduled": lambda: _scheduled_step(kernel, max_scheduled, log),
+        "poll_suspended": lambda: _poll_step(kernel, max_checks, log, on_error=on_error),
+        "scheduled": lambda: _scheduled_step(kernel, max_scheduled, log, on_error),
         "reap_stale": reap_stale,
         "flush_outbox": flush,
         "reap_stuck": reap_stuck,
     }
     started_at = kernel.deps.clock.now()
-    outcomes = {name: await _run_step(name, steps[name], log) for name in STEP_ORDER}
+    outcomes = {name: await _run_step(name, steps[name], log, on_error) for name in STEP_ORDER}
     report = TickReport(worker_id=worker_id, started_at=started_at, steps=outcomes)
     if report.ok:
         log.debug("tick.done", claimed=report.claimed_runs)

@@ -26,8 +26,7 @@ import contextlib
 import os
 import socket
 import time
-import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -35,18 +34,21 @@ from treadle.adapters.due_times import DueKind, DueTimes, parse_due
 from treadle.adapters.logging import structlog_logger
 from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.kernel.errors import describe_exception
+from treadle.kernel.model import WorkerInfo
 from treadle.runtime.backoff import Backoff
 from treadle.runtime.due import DueSchedule, next_due_times
 from treadle.runtime.jobs import execute_job, release_command, release_job
+from treadle.runtime.options import WorkerOptions
 from treadle.runtime.releases import ReleaseRetries
 from treadle.runtime.tick import TickReport, TickStep, claim_step, due_steps, maintenance_tick
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
     from treadle.kernel.kernel import Kernel
     from treadle.kernel.model import Job
     from treadle.ports.wake_source import WakeSource
+    from treadle.ports.workers import WorkerRegistry
 
 
 _TICK_KINDS: tuple[DueKind, ...] = ("poll", "command")
@@ -56,18 +58,6 @@ _ANY_KIND: tuple[DueKind, ...] = ("job", "poll")
 """What an execution's ``next_poll_at`` may be: a job's backoff or a stage's next poll."""
 
 
-def default_worker_id() -> str:
-    """``host:pid:random``: unique per Worker, readable in logs and in ``runs.worker_id``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _seconds(value: timedelta | float, name: str) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return seconds
-
-
 RELEASE_GRACE = 2.0
 """Seconds a stopping worker keeps retrying failed releases past its drain deadline."""
 
@@ -75,43 +65,35 @@ RELEASE_GRACE = 2.0
 class Worker:
     """Executes jobs and runs maintenance against ``kernel`` until stopped.
 
-    ``async with Worker(kernel):`` or ``await worker.start()`` / ``await worker.stop()``.
+    ``async with Worker(kernel):`` or ``await worker.start()`` / ``await worker.aclose()``.
     """
 
     def __init__(
         self,
         kernel: Kernel,
+        options: WorkerOptions | Mapping[str, Any] | None = None,
         *,
-        worker_id: str | None = None,
-        concurrency: int = 8,
-        orchestration_interval: timedelta | float = 10.0,
-        job_poll_interval: timedelta | float = 1.0,
-        stale_lease_threshold: timedelta | float = 60.0,
-        stuck_threshold: timedelta | float = timedelta(minutes=30),
-        heartbeat_interval: timedelta | float | None = None,
-        max_claims: int = 10,
-        max_backoff: float = 30.0,
         logger: Any = None,
         wake_source: WakeSource | None = None,
+        registry: WorkerRegistry | None = None,
+        **overrides: Any,
     ) -> None:
-        given: object = concurrency  # checked at runtime: callers pass CLI or config values
-        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
-            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+        """``options`` and ``overrides`` (``concurrency=8``, ...): see ``WorkerOptions``,
+        which checks them and names a bad one (``InvalidWorkerOptionsError``)."""
+        self.options = opts = WorkerOptions.build(options, overrides)
         self.kernel = kernel
-        self.worker_id = worker_id or default_worker_id()
-        self.concurrency = concurrency
-        self.orchestration_interval = _seconds(orchestration_interval, "orchestration_interval")
-        self.job_poll_interval = _seconds(job_poll_interval, "job_poll_interval")
-        self.stale_lease_threshold = _seconds(stale_lease_threshold, "stale_lease_threshold")
-        self.stuck_threshold = _seconds(stuck_threshold, "stuck_threshold")
-        # Several beats fit in one threshold, so a slow beat or two never loses the lease.
-        self.heartbeat_interval = (
-            _seconds(heartbeat_interval, "heartbeat_interval")
-            if heartbeat_interval is not None
-            else self.stale_lease_threshold / 4
-        )
-        self.max_claims = max_claims
-        self.max_backoff = _seconds(max_backoff, "max_backoff")
+        self.worker_id = opts.worker_id
+        self.concurrency = opts.concurrency
+        self.orchestration_interval = opts.orchestration_interval
+        self.job_poll_interval = opts.job_poll_interval
+        self.stale_lease_threshold = opts.stale_lease_threshold
+        self.stuck_threshold = opts.stuck_threshold
+        self.heartbeat_interval = opts.heartbeat
+        self.max_claims = opts.max_claims
+        self.max_backoff = opts.max_backoff
+        self.queues = opts.queues
+        self.registry = registry
+        self._started_at: datetime | None = None
         self.log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=self.worker_id)
         self.last_tick: TickReport | None = None
         self.ticks = 0
@@ -145,6 +127,11 @@ class Worker:
         # Due times of timed work this worker knows (kernel clock), see ``runtime/due.py``.
         self._due = DueSchedule()
         self._unwatch_due: Callable[[], None] | None = None
+        self._unwatch_ends: Callable[[], None] | None = None
+        # Flow control: the last claim passed runs over (a limit was full). A run's end
+        # may free a slot, so it asks for a claim; a rate window frees one at a known time.
+        self._limits_full = False
+        self._limits_timer: asyncio.TimerHandle | None = None
         self._saturated = False  # the job loop waits for a slot to free
 
     # -- public surface ---------------------------------------------------------------
@@ -170,6 +157,27 @@ class Worker:
         self._claim_asked = True
         self._claim_wake.set()
 
+    def _on_run_end(self) -> None:
+        """A run ended (here or, through NOTIFY, elsewhere): when the last claim passed
+        runs over for a full concurrency limit, the slot it freed may admit one."""
+        if self._limits_full and not self._stop_event.is_set():
+            self._ask_claim()
+
+    def _note_claim(self, claim: Mapping[str, Any] | None) -> None:
+        """Remember whether a claim passed runs over for a limit, and ask for a claim
+        when a rate window frees a start (``retry_at``)."""
+        if claim is None or "claimed" not in claim:
+            return  # the step failed: keep what the last claim said
+        self._limits_full = bool(claim.get("deferred"))
+        retry_at = claim.get("retry_at")
+        if retry_at is None or self._stop_event.is_set():
+            return
+        when = datetime.fromisoformat(retry_at) if isinstance(retry_at, str) else retry_at
+        delay = max(0.0, (when - self.kernel.deps.clock.now()).total_seconds())
+        if self._limits_timer is not None:
+            self._limits_timer.cancel()
+        self._limits_timer = asyncio.get_running_loop().call_later(delay, self._ask_claim)
+
     def _ask_jobs(self) -> None:
         """The job loop should dequeue now (if it has a free slot)."""
         self._job_asked = True
@@ -188,7 +196,9 @@ class Worker:
             self._ask_claim()
         elif (due := parse_due(kind)) is not None:
             self._note_times(due)
-        elif not kind.startswith(RUN_END_PREFIX):  # a finished run is for result waiters
+        elif kind.startswith(RUN_END_PREFIX):  # for result waiters, and freed slots
+            self._on_run_end()
+        else:
             self.notify()
 
     async def start(self) -> None:
@@ -196,7 +206,11 @@ class Worker:
         if self._started:
             raise RuntimeError(f"worker {self.worker_id!r} was already started")
         self._started = True
-        self.log.info("worker.started", concurrency=self.concurrency)
+        self._started_at = self.kernel.deps.clock.now()
+        # Commits of this worker lease it only jobs of its queues (``Chains.serves``).
+        self.kernel.deps.chains.serve(self.worker_id, self.queues)
+        await self._beat()  # registered before it takes work: doctor never sees it unlisted
+        self.log.info("worker.started", concurrency=self.concurrency, queues=list(self.queues))
         self._loops = [
             asyncio.create_task(self._orchestration_loop(), name=f"{self.worker_id}:orchestration"),
             asyncio.create_task(self._job_loop(), name=f"{self.worker_id}:jobs"),
@@ -206,15 +220,21 @@ class Worker:
         watch = getattr(self.kernel.deps.persistence, "watch_due", None)
         if watch is not None:  # this process's commits tell it of the timed work they write
             self._unwatch_due = watch(self._note_times)
+        watch_ends = getattr(self.kernel.deps.persistence, "watch_run_ends", None)
+        if watch_ends is not None:  # this process's commits that end runs
+            self._unwatch_ends = watch_ends(lambda _ids, _outcomes: self._on_run_end())
 
-    async def stop(self, drain_timeout: float = 30.0) -> None:
+    async def aclose(self, drain_timeout: float | None = None) -> None:
         """Stop claiming and dequeuing, and return once in-flight work is over: running
         jobs get up to ``drain_timeout`` seconds to finish, the rest are cancelled and
         released (``release_job``) so another worker takes them at once, not after the
         stale-lease threshold. A call while a stop is in progress waits for that stop and
-        can only shorten its deadline (``stop(0)`` after a second SIGTERM). Idempotent."""
+        can only shorten its deadline (``aclose(0)`` after a second SIGTERM). Idempotent.
+        ``drain_timeout`` defaults to the worker's ``WorkerOptions.drain_timeout``."""
         if not self._started:
             return
+        if drain_timeout is None:
+            drain_timeout = self.options.drain_timeout
         deadline = time.monotonic() + max(drain_timeout, 0.0)
         if self._stopping is None:
             self._stop_event.set()
@@ -226,6 +246,11 @@ class Worker:
             if self._unwatch_due is not None:
                 self._unwatch_due()
                 self._unwatch_due = None
+            if self._unwatch_ends is not None:
+                self._unwatch_ends()
+                self._unwatch_ends = None
+            if self._limits_timer is not None:
+                self._limits_timer.cancel()
             self._claim_wake.set()
             self._job_wake.set()
             self._drain_deadline = deadline
@@ -237,7 +262,7 @@ class Worker:
         await asyncio.shield(self._stopping)
 
     async def _shutdown(self) -> None:
-        """Drain against ``_drain_deadline`` (which ``stop`` may move earlier), then
+        """Drain against ``_drain_deadline`` (which ``aclose`` may move earlier), then
         cancel what is left. The loops exit at their next wake-up, a tick in progress
         finishes first; in-flight jobs run meanwhile, against the same deadline."""
         if self._in_flight:
@@ -265,6 +290,7 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._releases.wait_idle(), grace)
         await self._releases.aclose()
+        await self._leave()
         self.log.info("worker.stopped")
 
     async def __aenter__(self) -> Worker:
@@ -277,7 +303,7 @@ class Worker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.stop()
+        await self.aclose()
 
     async def tick(self) -> TickReport:
         """Run one full maintenance tick now (serialized with the loop's ticks)."""
@@ -299,6 +325,7 @@ class Worker:
             finally:
                 self._release_held(chain, taken)
         self._claims_pending = report.claimed_runs >= self.max_claims
+        self._note_claim(report.result("claim"))
         self.last_tick = report
         self.ticks += 1
         await self._refresh_due()
@@ -337,6 +364,7 @@ class Worker:
                 )
                 step = TickStep(result=result, duration=time.monotonic() - started)
                 self._claims_pending = len(result.get("claimed", ())) >= free
+                self._note_claim(result)
             except Exception as exc:
                 self.log.error("worker.claim_failed", error=describe_exception(exc))
                 step = TickStep(error=describe_exception(exc), duration=time.monotonic() - started)
@@ -361,6 +389,7 @@ class Worker:
             try:
                 if full:
                     report: TickReport | None = await self.tick()
+                    await self._beat()
                 elif due:
                     report = await self._due_step(due)
                 elif asked:
@@ -403,6 +432,32 @@ class Worker:
                 await _wait(self._stop_event, delay)  # notify() cannot cut a backoff short
             else:
                 await self._sleep_orchestration(next_full)
+
+    async def _beat(self) -> None:
+        """Tell the worker registry this worker is alive and which queues it serves (on
+        every full tick). A failed beat only logs: liveness is for operators, not jobs."""
+        if self.registry is None or self._started_at is None:
+            return
+        info = WorkerInfo(
+            worker_id=self.worker_id,
+            queues=self.queues,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self._started_at,
+            heartbeat_at=self.kernel.deps.clock.now(),
+        )
+        try:
+            await self.registry.beat(info)
+        except Exception as exc:
+            self.log.warning("worker.beat_failed", error=describe_exception(exc))
+
+    async def _leave(self) -> None:
+        if self.registry is None:
+            return
+        try:
+            await self.registry.leave(self.worker_id)
+        except Exception as exc:  # it ages out of the registry instead
+            self.log.warning("worker.leave_failed", error=describe_exception(exc))
 
     async def _sleep_orchestration(self, next_full: float) -> None:
         """Until the next tick (``next_full``, monotonic), a claim is asked, or timed work
@@ -486,7 +541,7 @@ class Worker:
                 continue
             try:
                 jobs = await self.kernel.deps.job_transport.dequeue(
-                    self.worker_id, self.kernel.deps.clock.now(), limit=free
+                    self.worker_id, self.kernel.deps.clock.now(), limit=free, queues=self.queues
                 )
             except Exception as exc:
                 delay = backoff.next()

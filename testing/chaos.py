@@ -56,8 +56,8 @@ class ChaosPersistence:
             if self.chaos.roll():
                 raise TransientStorageError("chaos: commit failed (injected)")
 
-    async def close(self) -> None:
-        await self.inner.close()
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

@@ -1,9 +1,10 @@
 """``TestEngine``: the real kernel on in-memory adapters with a virtual clock.
 
-It drives the same commands a worker would (claim, execute, transition, poll
-suspended, flush the outbox) until nothing is left to do at the current virtual
-time; ``advance_time`` then jumps the clock from one due moment to the next, so
-a pipeline that backs off for an hour or waits a day finishes in milliseconds.
+It drives the worker's own code, ``runtime.maintenance_tick`` and
+``runtime.execute_job``, round after round until nothing is left to do at the current
+virtual time; ``advance_time`` then jumps the clock from one due moment to the next, so
+a pipeline that backs off for an hour or waits a day finishes in milliseconds. Only the
+loop differs from the worker's: rounds instead of timers and wake-ups.
 """
 
 from __future__ import annotations
@@ -36,12 +37,43 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import EventBase
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
-from treadle.kernel.model import LogRecord, Run, RunStatus, construct
+from treadle.kernel.model import LogRecord, Run, RunStatus
 from treadle.kernel.registry import Registry
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
 from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
+from treadle.runtime.jobs import execute_job
+from treadle.runtime.tick import TickReport, maintenance_tick
 from treadle.testing.chaos import Chaos
 from treadle.testing.clock import DEFAULT_START, FakeClock
+
+_REAP_ALL = timedelta(seconds=-1)
+"""The tick's stale-lease threshold: between two rounds no job is executing, so every
+lease left is one that lost its commit and its release to a failure."""
+
+
+def _always() -> bool:
+    return True
+
+
+def _tick_moved(report: TickReport) -> bool:
+    """Whether a tick did anything (a failed step counts: the next round retries it)."""
+    if not report.ok:
+        return True
+    claim, poll = report.result("claim"), report.result("poll_suspended")
+    stale, flush = report.result("reap_stale"), report.result("flush_outbox")
+    stuck = report.result("reap_stuck")
+    return bool(
+        claim.get("claimed")
+        or poll.get("checked")
+        or poll.get("timed_out_workflow_run_ids")
+        or report.result("scheduled").get("due")
+        or stale.get("released")
+        or stale.get("failed")
+        or flush.get("published")
+        or flush.get("failed")
+        or stuck.get("transitioned")
+        or stuck.get("failed")
+    )
 
 
 class StageMock:
@@ -227,6 +259,8 @@ class TestEngine:
         # every stage wait for the next round's dequeue (strict priority order).
         self.chain = chain
         self.transient_failures = 0
+        self._errors: list[Exception] = []
+        self._log = structlog_logger("treadle.runtime", worker_id=worker_id)
         self.kernel: Kernel = create_kernel(
             persistence=chaos.wrap(self.persistence) if chaos else self.persistence,
             job_transport=self.job_transport,
@@ -276,6 +310,7 @@ class TestEngine:
         run_id: str | None = None,
         search_attributes: Mapping[str, Any] | None = None,
         execution_timeout: timedelta | float | None = None,
+        concurrency_key: str | None = None,
     ) -> RunHandle:
         """Create a run (``run.create``), checking the arguments as ``Engine.start`` does:
         a bad one is the same ``TreadleValidationError`` naming it, and nothing is written."""
@@ -289,6 +324,7 @@ class TestEngine:
             run_id=run_id,
             search_attributes=search_attributes,
             execution_timeout=execution_timeout,
+            concurrency_key=concurrency_key,
         )
         result = await self.kernel.dispatch(command)
         return RunHandle(self, result.workflow_run_id)
@@ -344,97 +380,62 @@ class TestEngine:
             return await tx.get_logs(run_id)
 
     # -- driving ----------------------------------------------------------------------
-    async def _try(self, command: c.CommandBase) -> Any:
-        """Dispatch; a transient storage failure (chaos) counts and yields ``None``."""
-        try:
-            return await self.kernel.dispatch(command)
-        except TransientStorageError:
+    def _on_error(self, exc: Exception, where: str) -> None:
+        """What the runtime swallowed (it logs, reports and retries): a transient storage
+        failure (chaos) is counted, and the next round retries it; an execution that
+        raised a ``TreadleError`` is the kernel's business (the runtime released the job
+        and ran the transition safety net); anything else is re-raised at the end of the
+        round, so a bug or a missing workflow surfaces in the test."""
+        if isinstance(exc, TransientStorageError):
             self.transient_failures += 1
-            return None
+        elif not (where == "execute" and isinstance(exc, TreadleError)):
+            self._errors.append(exc)
 
-    async def _execute(self, job_id: str, attempts: int) -> bool | None:
-        """``job.execute`` of one leased job, keyed per attempt as the worker host does,
-        then of every job its commits chain (``chain``), as ``execute_job`` does in the
-        worker, which sends those without a key: a job handed over by a chained commit
-        (``kernel.deps.chains`` holds it) reaches no other caller, so nothing can deliver
-        it twice and its result needs no idempotency record. ``None`` after a transient
-        failure of any of them (the run then gets the ``run.transition`` safety net, and
-        a chained job left leased is released at the end of the round). The commands are
-        built when the task runs and no result is kept, so neither outlives its own
-        execution while a round of a thousand jobs is gathered."""
-        chains = self.kernel.deps.chains
-        while True:
-            # ``construct``, not validation per stage: the job ids are the transport's, and
-            # each round's ``run.claimPending`` validated the worker id (same constraint).
-            result = await self._try(
-                construct(
-                    c.JobExecute,
-                    {
-                        "job_id": job_id,
-                        "worker_id": self.worker_id,
-                        "idempotency_key": (
-                            None if job_id in chains else f"job:{job_id}:{attempts}"
-                        ),
-                        "chain": self.chain,
-                    },
-                )
-            )
-            if result is None:
-                return None
-            chained = result.chained_job
-            if chained is None:
-                return True
-            job_id, attempts = chained.id, chained.attempts
+    def _raise_errors(self) -> None:
+        errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
 
     async def _step(self) -> bool:
-        """One round of everything a worker and a maintenance tick do; True if it moved."""
-        moved = False
-        claim = await self._try(c.RunClaimPending(worker_id=self.worker_id, max_claims=1000))
-        moved |= claim is None or bool(claim.claimed)
-        # Only what the round needs of each leased job: the Job models themselves are
-        # replaced in the transport as the executions commit.
-        leased = [
-            (job.id, job.attempts, job.workflow_run_id)
-            for job in await self.job_transport.dequeue(
-                self.worker_id, self.clock.now(), limit=1000
-            )
-        ]
+        """One round of what a worker does, through ``runtime``'s own code: one
+        ``maintenance_tick`` (claim, poll suspended, due scheduled commands, reap stale
+        leases, flush the outbox, reap stuck runs), then every due job leased and run
+        through ``execute_job`` (the worker's job path: per-attempt keys, chaining, the
+        ``run.transition`` safety net). True if anything moved. Nothing is in flight
+        while the tick runs, so any lease it finds lost its commit and its release to a
+        failure: the tick releases it at once (a stale threshold below zero)."""
+        kernel = self.kernel
+        report = await maintenance_tick(
+            kernel,
+            worker_id=self.worker_id,
+            stale_threshold=_REAP_ALL,
+            max_claims=1000,
+            max_checks=1000,
+            max_events=10_000,
+            max_scheduled=10_000,
+            logger=self._log,
+            on_error=self._on_error,
+        )
+        self._raise_errors()
+        moved = _tick_moved(report)
+        leased = await self.job_transport.dequeue(self.worker_id, self.clock.now(), limit=1000)
         if leased:
             moved = True
-            results = await asyncio.gather(
-                *(self._execute(job_id, attempts) for job_id, attempts, _ in leased),
-                return_exceptions=True,
+            chain = _always if self.chain else None
+            await asyncio.gather(
+                *(
+                    execute_job(
+                        kernel,
+                        job,
+                        worker_id=self.worker_id,
+                        logger=self._log,
+                        chain=chain,
+                        on_error=self._on_error,
+                    )
+                    for job in leased
+                )
             )
-            unsettled: set[str] = set()
-            for (_, _, run_id), outcome in zip(leased, results, strict=True):
-                if isinstance(outcome, BaseException) and not isinstance(outcome, TreadleError):
-                    raise outcome
-                if outcome is None or isinstance(outcome, BaseException):
-                    unsettled.add(run_id)
-            # job.execute applies the transition in its commit; only an execution that
-            # raised needs the run.transition safety net, as in the worker host.
-            for run_id in sorted(unsettled):
-                await self._try(c.RunTransition(workflow_run_id=run_id))
-        # Every execution has returned, so anything still leased lost its commit (and
-        # its release) to a failure: release it now, as lease.reapStale would once the
-        # lease expired. This runs every round, not only after a dequeue, so a reap
-        # that itself failed is retried instead of stranding the job LEASED forever.
-        if self.job_transport.has_leased():
-            reaped = await self._try(c.LeaseReapStale(stale_threshold=timedelta(seconds=-1)))
-            moved |= reaped is None or bool(reaped.released or reaped.failed)
-        polled = await self._try(c.StagePollSuspended(max_checks=1000))
-        if polled is None or polled.checked or polled.timed_out_workflow_run_ids:
-            moved = True
-            for run_id in polled.resumed_workflow_run_ids if polled else ():
-                await self._try(c.RunTransition(workflow_run_id=run_id))
-        for command in await self.scheduler.due(self.clock.now()):
-            moved = True
-            try:
-                await self.kernel.dispatch(command)
-            except TransientStorageError:
-                self.transient_failures += 1
-        flushed = await self._try(c.OutboxFlush(max_events=10_000))
-        moved |= flushed is None or bool(flushed.published or flushed.failed)
+            self._raise_errors()
         return moved
 
     async def run_until_idle(self, *, max_rounds: int = 10_000) -> None:

@@ -124,8 +124,8 @@ class _Persistence:
         if pending:
             await self._wakeups.publish(pending)
 
-    async def close(self) -> None:
-        await self._inner.close()
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
     def __getattr__(self, name: str) -> Any:  # adapter extras (e.g. SQL ``engine``)
         return getattr(self._inner, name)
@@ -157,8 +157,15 @@ class _JobTransport:
         _note([(job_id, available_at)])
 
     # -- plain delegation ---------------------------------------------------------------
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
-        return await self._inner.dequeue(worker_id, now, limit=limit)
+    async def dequeue(
+        self,
+        worker_id: str,
+        now: datetime,
+        *,
+        limit: int = 1,
+        queues: Sequence[str] | None = None,
+    ) -> list[Job]:
+        return await self._inner.dequeue(worker_id, now, limit=limit, queues=queues)
 
     async def get(self, tx: Transaction, job_id: str) -> Job | None:
         return await self._inner.get(tx, job_id)

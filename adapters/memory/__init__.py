@@ -6,6 +6,7 @@ from treadle.adapters.memory.event_sink import CollectingEventSink
 from treadle.adapters.memory.job_transport import InMemoryJobTransport
 from treadle.adapters.memory.persistence import InMemoryPersistence, InMemoryTransaction
 from treadle.adapters.memory.scheduler import InMemoryScheduler
+from treadle.adapters.memory.workers import InMemoryWorkerRegistry
 
 __all__ = [
     "CollectingEventSink",
@@ -14,4 +15,5 @@ __all__ = [
     "InMemoryPersistence",
     "InMemoryScheduler",
     "InMemoryTransaction",
+    "InMemoryWorkerRegistry",
 ]

@@ -225,7 +225,15 @@ class InMemoryJobTransport:
         return stale[:limit]
 
     # -- own-transaction operations -------------------------------------------------------
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+    async def dequeue(
+        self,
+        worker_id: str,
+        now: datetime,
+        *,
+        limit: int = 1,
+        queues: Sequence[str] | None = None,
+    ) -> list[Job]:
+        served = None if queues is None else frozenset(queues)
         async with self._lock:
             if self._dirty:
                 self._rebuild()
@@ -242,8 +250,8 @@ class InMemoryJobTransport:
                     or job.sequence != seq
                 ):
                     continue  # stale entry
-                if available_at > now:
-                    deferred.append(entry)
+                if available_at > now or (served is not None and job.queue not in served):
+                    deferred.append(entry)  # not yet, or another queue's
                     continue
                 job = evolve(
                     job,

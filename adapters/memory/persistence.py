@@ -19,6 +19,7 @@ from itertools import islice
 from operator import attrgetter
 from typing import Any
 
+from treadle.adapters.memory.flow_control import InMemoryFlowControl
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
 from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord
@@ -78,6 +79,11 @@ class InMemoryTransaction:
         """Runs this transaction finished: told to ``run_ends`` once it commits."""
         self.final_runs: dict[str, Run] | None = None
         """The terminal runs this transaction wrote, told along with ``ended_runs``."""
+
+    @property
+    def flow(self) -> InMemoryFlowControl:
+        """The FlowControl concern (``ports.flow_control``) on this transaction."""
+        return InMemoryFlowControl(self._s.runs.values())
 
     # -- undo bookkeeping ------------------------------------------------------
     def on_rollback(self, fn: Callable[[], None]) -> None:
@@ -244,8 +250,23 @@ class InMemoryTransaction:
                 counts[key] = counts.get(key, 0) + 1
         return counts
 
-    async def claim_pending_runs(self, limit: int) -> list[Run]:
+    async def claim_pending_runs(
+        self,
+        limit: int,
+        *,
+        exclude_ids: Sequence[str] = (),
+        exclude_keys: Sequence[tuple[str, str | None]] = (),
+    ) -> list[Run]:
         pending = [r for r in self._s.runs.values() if r.status is RunStatus.PENDING]
+        if exclude_ids or exclude_keys:
+            ids, keys = set(exclude_ids), set(exclude_keys)
+            pending = [
+                r
+                for r in pending
+                if r.id not in ids
+                and (r.workflow_id, None) not in keys
+                and (r.workflow_id, r.concurrency_key) not in keys
+            ]
         pending.sort(key=lambda r: (-r.priority, r.created_at, r.id))
         return pending[:limit]
 
@@ -921,7 +942,7 @@ class InMemoryPersistence:
         ``adapters.run_ends``); returns the function that stops it."""
         return self.run_ends.watch(callback)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         return None
 
     def outbox_record(self, outbox_id: int) -> OutboxRecord:

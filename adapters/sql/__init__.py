@@ -21,6 +21,7 @@ from treadle.adapters.sql.migrate import (
 )
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
 from treadle.adapters.sql.scheduler import SqlScheduler
+from treadle.adapters.sql.workers import SqlWorkerRegistry
 
 __all__ = [
     "PgJobListener",
@@ -29,6 +30,7 @@ __all__ = [
     "SqlPersistence",
     "SqlScheduler",
     "SqlTransaction",
+    "SqlWorkerRegistry",
     "async_url",
     "backend_pids",
     "create_engine",

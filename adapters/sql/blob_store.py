@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from treadle.adapters.sql import schema as t
+import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.persistence import SqlPersistence
 
 

@@ -28,9 +28,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+import treadle.adapters.sql.pg_bulk as pg_bulk
+import treadle.adapters.sql.schema as t
 from treadle.adapters.due_times import as_utc
-from treadle.adapters.sql import pg_bulk
-from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
@@ -101,6 +101,7 @@ _JOB_FIELDS = (
     "worker_id",
     "heartbeat_at",
     "last_error",
+    "queue",
 )
 _PG_JOB_ROWS = pg_bulk.RecordSet(t.jobs, {name: name for name in _JOB_FIELDS}, {"i": "INTEGER"})
 _PG_ENQUEUE = pg_bulk.insert_select(
@@ -187,15 +188,17 @@ def _job_from_row(row: Any) -> Job:
         heartbeat_at=row.heartbeat_at,
         last_error=row.last_error,
         sequence=int(row.seq),
+        queue=row.queue,
     )
 
 
-_DEQUEUE: dict[bool, Any] = {}
+_DEQUEUE: dict[tuple[bool, bool], Any] = {}
 
 
-def _dequeue_statement(postgres: bool) -> Any:
-    """The lease statement, built once per dialect (parameters: now, lim, worker_id)."""
-    stmt = _DEQUEUE.get(postgres)
+def _dequeue_statement(postgres: bool, by_queue: bool) -> Any:
+    """The lease statement, built once per dialect and kind (parameters: now, lim,
+    worker_id, and with ``by_queue`` the list ``queues``)."""
+    stmt = _DEQUEUE.get((postgres, by_queue))
     if stmt is not None:
         return stmt
     c = t.jobs.c
@@ -206,9 +209,11 @@ def _dequeue_statement(postgres: bool) -> Any:
         .order_by(c.priority.desc(), c.next_poll_at, c.seq)
         .limit(sa.bindparam("lim", type_=sa.Integer()))
     )
+    if by_queue:
+        candidates = candidates.where(c.queue.in_(sa.bindparam("queues", expanding=True)))
     if postgres:
         candidates = candidates.with_for_update(skip_locked=True)
-    stmt = _DEQUEUE[postgres] = (
+    stmt = _DEQUEUE[postgres, by_queue] = (
         sa.update(t.jobs)
         .where(c.seq.in_(candidates.scalar_subquery()))
         .values(
@@ -255,6 +260,7 @@ class SqlJobTransport:
                 "worker_id": job.worker_id,
                 "heartbeat_at": job.heartbeat_at,
                 "last_error": job.last_error,
+                "queue": job.queue,
             }
             for job in jobs
         ]
@@ -466,11 +472,20 @@ class SqlJobTransport:
         return [_job_from_row(row) for row in await _tx(tx).execute(query, "stale leases")]
 
     # -- own-transaction operations -------------------------------------------------
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+    async def dequeue(
+        self,
+        worker_id: str,
+        now: datetime,
+        *,
+        limit: int = 1,
+        queues: Sequence[str] | None = None,
+    ) -> list[Job]:
         if limit <= 0:
             return []
-        stmt = _dequeue_statement(self.persistence.is_postgres)
-        params = {"now": now, "lim": limit, "worker_id": worker_id}
+        stmt = _dequeue_statement(self.persistence.is_postgres, queues is not None)
+        params: dict[str, Any] = {"now": now, "lim": limit, "worker_id": worker_id}
+        if queues is not None:
+            params["queues"] = list(queues)
         async with self.persistence.connect() as conn:
             try:
                 rows = (await conn.execute(stmt, params)).all()

@@ -149,6 +149,12 @@ class PgJobListener:
         if self._stopping:
             await asyncio.wait(list(self._stopping))
 
+    async def __aenter__(self) -> PgJobListener:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     # -- observability ------------------------------------------------------------------
     @property
     def listening(self) -> bool:

@@ -54,17 +54,31 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import sqlalchemy as sa
 
-from treadle.adapters.sql import schema as t
+import treadle.adapters.sql.schema as t
 from treadle.kernel.errors import PayloadMissingError
 from treadle.kernel.model import MissingPayload
 
 if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence import SqlTransaction
     from treadle.ports import BlobStore
+
+
+class BlobRows(Protocol):
+    """What offloading needs of a ``SqlTransaction``: its INSERT construct, ``execute``
+    and the blobs it created (discarded on rollback). A protocol, so this module stays
+    below ``persistence``, which imports it."""
+
+    created_blobs: list[str]
+
+    def insert(self, table: sa.Table) -> Any: ...
+
+    async def execute(
+        self, statement: sa.Executable, what: str = "query", parameters: Any = None
+    ) -> sa.CursorResult[*tuple[Any, ...]]: ...
+
 
 PAYLOAD_REF = "__treadle_blob__"
 """The key of a reference, ``{PAYLOAD_REF: key, "size": n}``."""
@@ -159,7 +173,7 @@ class PayloadOffload:
             return False
         return len(encode(value)) > self.max_bytes
 
-    async def store_value(self, tx: SqlTransaction, scope: str | None, value: Any) -> Any:
+    async def store_value(self, tx: BlobRows, scope: str | None, value: Any) -> Any:
         """What the column stores for ``value``: the value itself or a reference."""
         if self.max_bytes is None or value is None or isinstance(value, _SCALARS):
             return value
@@ -179,7 +193,7 @@ class PayloadOffload:
             tx.created_blobs.append(key)
         return {PAYLOAD_REF: key, "size": len(data)}
 
-    async def load_value(self, tx: SqlTransaction, ref: dict[str, Any], run_id: str | None) -> Any:
+    async def load_value(self, tx: BlobRows, ref: dict[str, Any], run_id: str | None) -> Any:
         """The stored value a reference of ``run_id``'s points to (still escaped, as it was
         offloaded); ``PayloadMissingError`` when its blob is gone. Other failures of the
         store (a connection, a permission) propagate: waiting may heal those."""

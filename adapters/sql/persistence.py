@@ -33,6 +33,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+import treadle.adapters.sql.pg_bulk as pg_bulk
+import treadle.adapters.sql.schema as t
 from treadle.adapters.due_times import (
     DueCallback,
     DueKind,
@@ -41,8 +43,6 @@ from treadle.adapters.due_times import (
     earliest,
 )
 from treadle.adapters.run_ends import RUN_END_PREFIX, RunEndCallback, RunEndWatchers
-from treadle.adapters.sql import pg_bulk
-from treadle.adapters.sql import schema as t
 from treadle.adapters.sql.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
     NOTIFY_CHANNEL,
@@ -51,6 +51,7 @@ from treadle.adapters.sql.engine import (
     create_engine,
 )
 from treadle.adapters.sql.errors import translate
+from treadle.adapters.sql.flow_control import SqlFlowControl
 from treadle.adapters.sql.payloads import (
     PayloadOffload,
     escape,
@@ -424,6 +425,11 @@ class SqlTransaction:
         self.due: dict[DueKind, datetime] | None = None
         """The earliest due time per kind this transaction wrote (``note_due``): sent as
         one NOTIFY before it commits, told to the due watchers after."""
+
+    @property
+    def flow(self) -> SqlFlowControl:
+        """The FlowControl concern (``ports.flow_control``) on this transaction."""
+        return SqlFlowControl(self)
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -857,7 +863,16 @@ class SqlTransaction:
         )
         return {str(row[0]): int(row[1]) for row in await self.execute(query, "count runs")}
 
-    async def claim_pending_runs(self, limit: int) -> list[Run]:
+    async def claim_pending_runs(
+        self,
+        limit: int,
+        *,
+        exclude_ids: Sequence[str] = (),
+        exclude_keys: Sequence[tuple[str, str | None]] = (),
+    ) -> list[Run]:
+        if exclude_ids or exclude_keys:
+            return await self._claim_pending_excluding(limit, exclude_ids, exclude_keys)
+
         def build(tx: SqlTransaction) -> Any:
             query = (
                 sa.select(t.runs)
@@ -870,6 +885,33 @@ class SqlTransaction:
         # Built once: a worker whose slots free one by one claims once per freed slot.
         query = self.prepared("claim_pending_runs", build)
         rows = await self.execute(query, "claim pending runs", {"limit": limit})
+        return [await self._run_from(row) for row in rows]
+
+    async def _claim_pending_excluding(
+        self,
+        limit: int,
+        exclude_ids: Sequence[str],
+        exclude_keys: Sequence[tuple[str, str | None]],
+    ) -> list[Run]:
+        """A claim's later pass, past the runs it already holds and the flow-control
+        keys it found full (``None`` key: the whole workflow). Rare: not prepared."""
+        c = t.runs.c
+        conditions: list[Any] = [c.status == RunStatus.PENDING.value]
+        if exclude_ids:
+            conditions.append(c.id.not_in(list(exclude_ids)))
+        whole = sorted({wf for wf, key in exclude_keys if key is None})
+        if whole:
+            conditions.append(c.workflow_id.not_in(whole))
+        for wf, key in exclude_keys:
+            if key is not None:
+                conditions.append(sa.not_(sa.and_(c.workflow_id == wf, c.concurrency_key == key)))
+        query = (
+            sa.select(t.runs)
+            .where(*conditions)
+            .order_by(c.priority.desc(), c.created_at, c.id)
+            .limit(limit)
+        )
+        rows = await self.execute(self._lock(query, skip_locked=True), "claim pending runs")
         return [await self._run_from(row) for row in rows]
 
     async def runs_inactive_since(
@@ -1880,9 +1922,9 @@ class SqlPersistence:
     def offload_payloads(self, store: BlobStore, *, max_bytes: int | None) -> None:
         """Store JSON payloads larger than ``max_bytes`` in ``store`` (``None``: never, but
         still read references written before). See ``payloads.py``."""
-        from treadle.adapters.sql.blob_store import SqlBlobStore
-
-        same_database = isinstance(store, SqlBlobStore) and store.persistence is self
+        # A ``SqlBlobStore`` on this persistence (``blob_store.py``, which imports this
+        # module): its blob rows are written in the transaction that refers to them.
+        same_database = getattr(store, "persistence", None) is self
         self.payloads = PayloadOffload(store, max_bytes, same_database=same_database)
 
     @asynccontextmanager
@@ -1995,6 +2037,6 @@ class SqlPersistence:
             value: datetime | None = (await tx.execute(query, "next poll")).scalar_one_or_none()
         return value
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._owns_engine:
             await self.engine.dispose()

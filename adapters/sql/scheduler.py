@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from treadle.adapters.sql import schema as t
+import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.persistence import SqlPersistence
 
 

@@ -51,6 +51,7 @@ runs = sa.Table(
     sa.Column("worker_id", sa.String(), nullable=True),
     sa.Column("current_group", sa.Integer(), nullable=False),
     sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("concurrency_key", key_type(), nullable=True),
     # One idempotent start per (workflow, key); NULL keys never collide on either dialect.
     sa.UniqueConstraint("workflow_id", "idempotency_key"),
     # claim_pending_runs: PENDING, priority desc, FIFO.
@@ -61,6 +62,10 @@ runs = sa.Table(
     sa.Index("ix_runs_created_at", "created_at", "id"),
     sa.Index("ix_runs_workflow_id_created_at", "workflow_id", "created_at"),
     sa.Index("ix_runs_parent_run_id", "parent_run_id"),
+    # Flow control (kernel/flow_control.py): runs holding a slot per workflow and key, and
+    # the starts within a rate window.
+    sa.Index("ix_runs_flow", "workflow_id", "status", "concurrency_key"),
+    sa.Index("ix_runs_workflow_id_started_at", "workflow_id", "started_at"),
     # list_runs(attributes=...) on PostgreSQL: ``search_attributes @> '{...}'``. Migration
     # 0003 creates it on PostgreSQL only (SQLite has no GIN; it scans the filtered rows).
     sa.Index(
@@ -131,8 +136,9 @@ jobs = sa.Table(
     sa.Column("worker_id", sa.String(), nullable=True),
     sa.Column("heartbeat_at", UtcDateTime(), nullable=True),
     sa.Column("last_error", sa.Text(), nullable=True),
-    # dequeue: QUEUED, priority desc, due first, FIFO.
-    sa.Index("ix_jobs_dequeue", "status", sa.desc("priority"), "next_poll_at", "seq"),
+    sa.Column("queue", sa.String(64), nullable=False, server_default="default"),
+    # dequeue: QUEUED on the worker's queue, priority desc, due first, FIFO.
+    sa.Index("ix_jobs_dequeue", "status", "queue", sa.desc("priority"), "next_poll_at", "seq"),
     # stale_leases: LEASED by heartbeat.
     sa.Index("ix_jobs_status_heartbeat_at", "status", "heartbeat_at"),
     sa.Index("ix_jobs_run_id", "run_id"),
@@ -311,6 +317,21 @@ scheduled_commands = sa.Table(
     sa.Index("ix_scheduled_commands_run_at_key", "run_at", "key"),
 )
 
+# -- workers ---------------------------------------------------------------------------
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    # The WorkerRegistry port: one row per worker process, refreshed on every
+    # orchestration tick; doctor and engine.queues() read which queues have a live worker.
+    sa.Column("worker_id", key_type(), primary_key=True),
+    sa.Column("queues", json_type(), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer(), nullable=False),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("heartbeat_at", UtcDateTime(), nullable=False),
+)
+
 __all__ = [
     "VERSION_TABLE",
     "annotations",
@@ -327,4 +348,5 @@ __all__ = [
     "signal_inbox",
     "stages",
     "timers",
+    "workers",
 ]

@@ -29,6 +29,7 @@ from treadle.hosts.cli.common import (
 )
 from treadle.kernel.errors import NotSupportedError, StorageError
 from treadle.kernel.model import RunStatus
+from treadle.runtime.options import MAX_CONCURRENCY, WorkerOptions, default_worker_id
 
 if TYPE_CHECKING:
     from treadle.engine import Engine
@@ -81,24 +82,42 @@ EXIT_BAD_CONFIG = 2
 """``treadle worker``'s code for a missing or bad app, as ``hosts.worker`` returns it."""
 
 
+def _help(option: str) -> str:
+    """A worker option's help text: its ``WorkerOptions`` description."""
+    return WorkerOptions.model_fields[option].description or ""
+
+
+def _default(option: str) -> Any:
+    """A worker option's default, as ``WorkerOptions`` states it."""
+    return WorkerOptions.model_fields[option].default
+
+
 def worker(
     ctx: typer.Context,
-    worker_id: Annotated[
-        str | None, typer.Option(help="Name in logs and leases (default host:pid:random).")
-    ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Stages executing at once.")] = 8,
-    drain_timeout: Annotated[
-        float, seconds_option("Seconds in-flight stages get to finish on SIGTERM.")
-    ] = 30.0,
+    worker_id: Annotated[str | None, typer.Option(help=_help("worker_id"))] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=MAX_CONCURRENCY, help=_help("concurrency"))
+    ] = _default("concurrency"),
+    drain_timeout: Annotated[float, seconds_option(_help("drain_timeout"))] = _default(
+        "drain_timeout"
+    ),
     orchestration_interval: Annotated[
-        float, seconds_option("Seconds between maintenance ticks.", at_least=0.01)
-    ] = 10.0,
+        float, seconds_option(_help("orchestration_interval"), at_least=0.01)
+    ] = _default("orchestration_interval"),
     job_poll_interval: Annotated[
-        float, seconds_option("Seconds between job queue polls when idle.", at_least=0.01)
-    ] = 1.0,
+        float, seconds_option(_help("job_poll_interval"), at_least=0.01)
+    ] = _default("job_poll_interval"),
     stale_lease_threshold: Annotated[
-        float, seconds_option("Seconds without heartbeat before a job is reaped.", at_least=0.01)
-    ] = 60.0,
+        float, seconds_option(_help("stale_lease_threshold"), at_least=0.01)
+    ] = _default("stale_lease_threshold"),
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            "-q",
+            help="A named queue to serve (repeat for several); default: the 'default' queue.",
+        ),
+    ] = None,
     db: DbOption = None,
     app: AppOption = None,
 ) -> None:
@@ -112,19 +131,17 @@ def worker(
     except ImportError as exc:
         typer.echo(f"error: the worker host is not available: {exc}", err=True)
         raise typer.Exit(EXIT_FAILURE) from None
-    code = run_guarded(
-        lambda: worker_main(
-            app=cli.app,
-            db=cli.db,
-            worker_id=worker_id,
-            concurrency=concurrency,
-            drain_timeout=drain_timeout,
-            orchestration_interval=orchestration_interval,
-            job_poll_interval=job_poll_interval,
-            stale_lease_threshold=stale_lease_threshold,
-        ),
-        db=cli.db,
-    )
+    options: dict[str, Any] = {
+        "worker_id": worker_id,
+        "concurrency": concurrency,
+        "drain_timeout": drain_timeout,
+        "orchestration_interval": orchestration_interval,
+        "job_poll_interval": job_poll_interval,
+        "stale_lease_threshold": stale_lease_threshold,
+    }
+    if queue:
+        options["queues"] = queue
+    code = run_guarded(lambda: worker_main(app=cli.app, db=cli.db, options=options), db=cli.db)
     raise typer.Exit(code)
 
 
@@ -178,11 +195,11 @@ def tick(
     ] = False,
     worker_id: Annotated[str | None, typer.Option(help="Worker id that claims runs.")] = None,
     stale_lease_threshold: Annotated[
-        float, seconds_option("Seconds without heartbeat before a lease is reaped.", at_least=0.01)
-    ] = 60.0,
+        float, seconds_option(_help("stale_lease_threshold"), at_least=0.01)
+    ] = _default("stale_lease_threshold"),
     stuck_threshold: Annotated[
-        float, seconds_option("Seconds without activity before a run is stuck.", at_least=0.01)
-    ] = 1800.0,
+        float, seconds_option(_help("stuck_threshold"), at_least=0.01)
+    ] = _default("stuck_threshold"),
     db: DbOption = None,
     app: AppOption = None,
 ) -> None:
@@ -191,7 +208,6 @@ def tick(
 
     async def go() -> TickReport:
         from treadle.runtime.tick import maintenance_tick
-        from treadle.runtime.worker import default_worker_id
 
         async with open_engine(cli) as engine:
             return await maintenance_tick(
@@ -236,6 +252,10 @@ def start(
         str | None, typer.Option(help="Starting again with this key returns the same run.")
     ] = None,
     priority: Annotated[int, typer.Option(min=0, max=100, help="Higher runs first.")] = 5,
+    concurrency_key: Annotated[
+        str | None,
+        typer.Option(help="Share the workflow's per-key concurrency and rate limits."),
+    ] = None,
     wait: Annotated[
         bool, typer.Option(help="Show live stage progress until the run ends.")
     ] = False,
@@ -264,6 +284,7 @@ def start(
                 idempotency_key=idempotency_key,
                 priority=priority,
                 config=stage_config,
+                concurrency_key=concurrency_key,
             )
             if not wait:
                 return handle.run_id, None

@@ -29,6 +29,7 @@ import typer
 
 from treadle.adapters.urls import scrub
 from treadle.kernel.errors import TreadleError
+from treadle.runtime.options import MAX_SECONDS  # the bound of every duration option
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -44,9 +45,6 @@ APP_ENV = "TREADLE_APP"
 DEBUG_ENV = "TREADLE_DEBUG"
 """Set to 1 to let unexpected exceptions show their traceback (for bug reports)."""
 
-MAX_SECONDS = 1e9
-"""The most seconds any duration option takes (about 31 years): every threshold, interval
-and timeout stays a finite ``timedelta`` that can be taken from today's date."""
 
 EXIT_FAILURE = 1
 """A command that ran but failed: a run failed, a check failed, a tick step failed, an error."""
@@ -286,7 +284,7 @@ async def open_engine(
     try:
         yield engine
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 def console(*, stderr: bool = False, min_width: int = 160) -> Console:

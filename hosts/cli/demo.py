@@ -35,14 +35,14 @@ from treadle.hosts.cli.common import (
 from treadle.hosts.cli.render import elapsed, fmt_duration, status_text, truncate
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import Run, RunStatus
+from treadle.runtime.options import WorkerOptions
 
 EXAMPLE_MODULE = "treadle.examples.document_pipeline"
-WORKER_OPTIONS: dict[str, Any] = {
-    "concurrency": 8,
-    "orchestration_interval": 0.2,  # how often suspended stages are checked
-    "job_poll_interval": 0.05,
-    "stale_lease_threshold": 30.0,
-}
+WORKER_OPTIONS = WorkerOptions(
+    orchestration_interval=0.2,  # how often suspended stages are checked
+    job_poll_interval=0.05,
+    stale_lease_threshold=30.0,
+)
 """Short intervals so the demo's real time stays small; production uses DESIGN's defaults."""
 
 
@@ -131,7 +131,7 @@ async def run_demo(url: str, out: Console, *, max_wait: float) -> tuple[list[Run
     example = _example()
     logger = quiet_logger()
     async with await Engine.open(url, workflows=[example.pipeline], logger=logger) as engine:
-        async with engine.worker(logger=logger, **WORKER_OPTIONS):
+        async with engine.worker(WORKER_OPTIONS, logger=logger):
             handles = [
                 await engine.start("document-processor", {"url": doc}) for doc in example.DOCUMENTS
             ]

@@ -9,6 +9,8 @@ Checks, in order, each ``ok``, ``warn`` or ``FAIL``:
 - ``stuck runs``: RUNNING runs with no activity past the stuck threshold;
 - ``stale leases``: jobs whose worker stopped heartbeating (SQL only);
 - ``pending runs`` / ``overdue polls``: work no worker or tick is picking up;
+- ``queues``: named queues whose jobs are due while no live worker serves them
+  (workers beat into the registry on every tick; see docs/queues.md);
 - ``dead letters``: outbox events that exhausted their retries (the DLQ).
 
 A check that cannot run because an earlier one failed is ``skip``. Any ``FAIL``
@@ -39,7 +41,7 @@ from treadle.hosts.cli.common import (
     seconds_option,
     state,
 )
-from treadle.kernel.model import RunStatus
+from treadle.kernel.model import QueueInfo, RunStatus
 
 Level = Literal["ok", "warn", "FAIL", "skip"]
 _STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "skip": "dim"}
@@ -61,6 +63,7 @@ class Thresholds:
     stale_lease: float
     pending: float
     overdue: float
+    worker_ttl: float = 60.0
 
 
 def _why(exc: BaseException, db: str) -> str:
@@ -167,6 +170,7 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
                 now - timedelta(seconds=limits.overdue), _SCAN_LIMIT
             )
             dead = await tx.dead_lettered_events(_SCAN_LIMIT)
+        queues = await engine.queues(live_within=limits.worker_ttl)
     if stuck:
         ids = [r.id for r in stuck]
         checks.append(
@@ -204,6 +208,7 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
             + (": is a worker or `treadle tick` running?" if overdue else ""),
         )
     )
+    checks.append(_queues_check(queues, limits.worker_ttl))
     runs = sorted({record.event.workflow_run_id for record in dead})
     checks.append(
         Check(
@@ -214,6 +219,24 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
         )
     )
     return checks
+
+
+def _queues_check(queues: list[QueueInfo], worker_ttl: float) -> Check:
+    unserved = [q for q in queues if q.unserved]
+    if unserved:
+        shown = ", ".join(f"{q.queue} ({q.queued} due)" for q in unserved)
+        return Check(
+            "queues",
+            "warn",
+            f"no live worker for {shown}: start one with `treadle worker --queue NAME`",
+        )
+    served = sorted({w for q in queues for w in q.workers})
+    names = ", ".join(q.queue for q in queues) or "none in use"
+    return Check(
+        "queues",
+        "ok",
+        f"{names}; {len(served)} live worker(s) seen in the last {worker_ttl:g}s",
+    )
 
 
 async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
@@ -272,6 +295,9 @@ def doctor(
     overdue_threshold: Annotated[
         float, seconds_option("Seconds a suspended stage's poll may be late.")
     ] = 300.0,
+    worker_ttl: Annotated[
+        float, seconds_option("Seconds since its last beat for a worker to count as live.")
+    ] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON.")] = False,
     db: DbOption = None,
     app: AppOption = None,
@@ -284,6 +310,7 @@ def doctor(
         stale_lease=stale_lease_threshold,
         pending=pending_threshold,
         overdue=overdue_threshold,
+        worker_ttl=worker_ttl,
     )
 
     async def go() -> list[Check]:
@@ -297,12 +324,16 @@ def doctor(
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=f"treadle doctor: {redact_url(cli.db)}", title_justify="left")
+        table = Table()
         for column in ("check", "result", "detail"):
             table.add_column(column)
         for check in checks:
             table.add_row(check.name, Text(check.level, style=_STYLE[check.level]), check.detail)
-        console().print(table)
+        out = console()
+        # The URL on a line of its own, never wrapped or cut to the table's width: it is
+        # what an operator copies to check which database was diagnosed.
+        out.print(f"treadle doctor: {redact_url(cli.db)}", soft_wrap=True)
+        out.print(table)
     if failed:
         typer.echo(f"doctor: failed check(s): {', '.join(failed)}", err=True)
         raise typer.Exit(EXIT_FAILURE)

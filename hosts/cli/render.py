@@ -319,6 +319,8 @@ def run_detail(
         header.add_row("continued from", run.continued_from)
     if run.continued_as:  # COMPLETED without an output of its own: where the chain goes on
         header.add_row("continued as", f"{run.continued_as} (ctx.continue_as_new)")
+    if run.concurrency_key:
+        header.add_row("concurrency key", run.concurrency_key)
     header.add_row("input", truncate(run.input, width * 2))
     if run.output is not None:
         header.add_row("output", truncate(run.output, width * 2))

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 from treadle.kernel.definitions import WorkflowDefinition
-from treadle.kernel.errors import PayloadMissingError, RunNotFoundError
+from treadle.kernel.errors import PayloadMissingError
 from treadle.kernel.events import (
     EventBase,
     StageFailed,
@@ -16,6 +16,7 @@ from treadle.kernel.events import (
     WorkflowFailed,
     WorkflowSuspended,
 )
+from treadle.kernel.handlers.basics import enqueue_stages
 from treadle.kernel.model import (
     Job,
     JobStatus,
@@ -25,12 +26,12 @@ from treadle.kernel.model import (
     RunStatus,
     StageRun,
     StageStatus,
-    construct,
     evolve,
 )
+from treadle.kernel.workflows.children import run_ended as children_run_ended
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.ports import Transaction
 
 # Enum members read on every stage's path, bound once: ``StageStatus.COMPLETED`` is an
@@ -38,14 +39,6 @@ if TYPE_CHECKING:
 _STAGE_COMPLETED = StageStatus.COMPLETED
 _STAGE_SUSPENDED = StageStatus.SUSPENDED
 _RUN_RUNNING = RunStatus.RUNNING
-_JOB_LEASED = JobStatus.LEASED
-
-
-async def load_run(tx: Transaction, run_id: str, *, for_update: bool = True) -> Run:
-    run = await tx.get_run(run_id, for_update=for_update)
-    if run is None:
-        raise RunNotFoundError(f"no run with id {run_id!r}")
-    return run
 
 
 def outputs_of(stages: Sequence[StageRun]) -> dict[str, JsonValue]:
@@ -111,57 +104,6 @@ def lost_input(run: Run, stages: Sequence[StageRun], stage: StageRun) -> Payload
         if other.execution_group == group - 1 and type(other.output) is MissingPayload:
             return other.output.error()
     return None
-
-
-def new_jobs(
-    deps: Deps,
-    run: Run,
-    wf: WorkflowDefinition,
-    stage_ids: Sequence[str],
-    now: datetime,
-    *,
-    lease_to: str | None = None,
-) -> list[Job]:
-    """One QUEUED job per stage; with ``lease_to``, the first is created already leased
-    to that worker (its first attempt counted), as ``dequeue`` would have leased it.
-    Built with ``construct``: every value is the kernel's own (a new id, the run's fields,
-    the clock's reading), and a job per stage is on every stage's path."""
-    jobs: list[Job] = []
-    for stage_id in stage_ids:
-        values = {
-            "id": deps.ids.new_id(),
-            "workflow_run_id": run.id,
-            "workflow_id": run.workflow_id,
-            "stage_id": stage_id,
-            "priority": run.priority,
-            "max_attempts": wf.stages[stage_id].retry.max_attempts,
-            "next_poll_at": now,
-            "enqueued_at": now,
-        }
-        if lease_to is not None and not jobs:
-            values["status"] = _JOB_LEASED
-            values["attempts"] = 1
-            values["worker_id"] = lease_to
-            values["heartbeat_at"] = now
-        jobs.append(construct(Job, values))
-    return jobs
-
-
-async def enqueue_stages(
-    deps: Deps,
-    tx: Transaction,
-    run: Run,
-    wf: WorkflowDefinition,
-    stages: Sequence[StageRun],
-    now: datetime,
-    *,
-    lease_to: str | None = None,
-) -> list[Job]:
-    """Create one job per stage in the same transaction as the caller's state change.
-    (The stage learns its job id when the job starts executing.) Returns the jobs."""
-    jobs = new_jobs(deps, run, wf, [s.stage_id for s in stages], now, lease_to=lease_to)
-    await deps.job_transport.enqueue(tx, jobs)
-    return jobs
 
 
 @dataclass(frozen=True)
@@ -248,7 +190,7 @@ async def apply_transition(
             evolve(run, {"current_group": next_group, "updated_at": now, "status": _RUN_RUNNING})
         )
         jobs = await enqueue_stages(deps, tx, run, wf, group, now, lease_to=lease_to)
-        if lease_to is not None and jobs:
+        if lease_to is not None and jobs and jobs[0].status is JobStatus.LEASED:
             decision = Decision("advanced", next_group=next_group, leased=jobs[0])
     elif decision.action == "completed":
         output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))
@@ -360,8 +302,6 @@ async def run_ended(
     """Hook for every transaction that makes a run terminal: a child run reports to its
     parent, a parent's live children are cancelled (``kernel.workflows.children``); a
     body this kernel keeps parked for the run is dropped (sticky execution)."""
-    from treadle.kernel.workflows.children import run_ended as children_run_ended
-
     deps.sticky.evict(run.id)
     await children_run_ended(deps, tx, run, now, causation_id)
 

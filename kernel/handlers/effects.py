@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from treadle.kernel.annotations import attach_in_tx
 from treadle.kernel.context import StageContext
 from treadle.kernel.model import LogRecord
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.ports import Transaction
 
 
@@ -41,8 +42,6 @@ async def commit_stage_extras(
                 log, entry.level if entry.level in ("debug", "info", "warning", "error") else "info"
             )(entry.message, **entry.fields)
     if ctx.annotations:
-        from treadle.kernel.annotations import attach_in_tx
-
         for attributes, actor, scope in ctx.annotations:
             await attach_in_tx(
                 deps,

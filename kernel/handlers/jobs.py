@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError as PydanticValidationError
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.context import CancellationToken, StageContext
 from treadle.kernel.definitions import StageDefinition, Suspend, WorkflowDefinition
 from treadle.kernel.errors import (
@@ -30,6 +30,7 @@ from treadle.kernel.errors import (
     JobNotFoundError,
     NonRetryableError,
     OutputValidationError,
+    StageNotFoundError,
     StageTimeoutError,
     as_body_failure,
     describe_exception,
@@ -43,19 +44,19 @@ from treadle.kernel.events import (
     StageStarted,
     StageSuspended,
 )
+from treadle.kernel.handlers.basics import load_run
 from treadle.kernel.handlers.common import (
     LazyOutputs,
     apply_transition,
     decide,
     fail_stage_for_good,
     group_input,
-    load_run,
     lost_input,
 )
 from treadle.kernel.handlers.effects import commit_stage_extras
+from treadle.kernel.handlers.execution import Started, is_current, validate_output
 from treadle.kernel.handlers.leases import settle_lease
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
-from treadle.kernel.limits import dump_json, precheck
 from treadle.kernel.model import (
     Job,
     JobStatus,
@@ -67,10 +68,11 @@ from treadle.kernel.model import (
     construct,
     evolve,
 )
+from treadle.kernel.workflows.executor import execute_activation
 from treadle.kernel.workflows.saga import is_compensating
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
     from treadle.ports import Transaction
 
 
@@ -79,19 +81,6 @@ if TYPE_CHECKING:
 _STAGE_RUNNING = StageStatus.RUNNING
 _STAGE_COMPLETED = StageStatus.COMPLETED
 _JOB_LEASED = JobStatus.LEASED
-
-
-@dataclass
-class _Started:
-    job: Job
-    run: Run
-    stage: StageRun
-    wf: WorkflowDefinition
-    definition: StageDefinition
-    stages: list[StageRun]
-    fresh: bool = False
-    """Started in the transaction that created the run: nothing of it was written
-    before (a code workflow's journal is empty, with no read)."""
 
 
 @dataclass
@@ -105,7 +94,7 @@ class _Outcome:
 class _Runtime:
     """Progress and heartbeats from a running stage, flushed off the body's path."""
 
-    def __init__(self, deps: Deps, started: _Started, worker_id: str) -> None:
+    def __init__(self, deps: Deps, started: Started, worker_id: str) -> None:
         self._deps = deps
         self._started = started
         self._worker_id = worker_id
@@ -191,7 +180,7 @@ class _Runtime:
 
 async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteResult:
     # The hand-off a chained commit left for this job, if any (see the note below).
-    started_or_result: _Started | c.JobExecuteResult | None = deps.chains.take(
+    started_or_result: Started | c.JobExecuteResult | None = deps.chains.take(
         cmd.job_id, cmd.worker_id
     )
     if started_or_result is None:
@@ -206,8 +195,6 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
         return started_or_result
     started = started_or_result
     if started.wf.kind == "code":
-        from treadle.kernel.workflows.executor import execute_activation
-
         try:
             return await execute_activation(deps, cmd, scope, started)
         except Exception as exc:
@@ -230,7 +217,7 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     return result
 
 
-def _log_outcome(deps: Deps, cmd: c.JobExecute, s: _Started, result: c.JobExecuteResult) -> None:
+def _log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteResult) -> None:
     # The fields go with the call rather than through ``bind``: binding builds a new
     # logger per stage even when the level filters the line out.
     stage = s.stage
@@ -277,9 +264,7 @@ def _started_by_chain(job: Job, stage: StageRun) -> bool:
     return stage.status is _STAGE_RUNNING and stage.job_id == job.id
 
 
-async def _phase_start(
-    deps: Deps, cmd: c.JobExecute, scope: Scope
-) -> _Started | c.JobExecuteResult:
+async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started | c.JobExecuteResult:
     now = deps.clock.now()
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)
@@ -324,8 +309,6 @@ async def _phase_start(
         wf = deps.workflow(run.workflow_id, run.workflow_version)
         definition = wf.stage(stage.stage_id)
         if definition is None:
-            from treadle.kernel.errors import StageNotFoundError
-
             raise StageNotFoundError(
                 f"workflow {wf.id!r} version {wf.version} has no stage {stage.stage_id!r}"
             )
@@ -337,7 +320,7 @@ async def _phase_start(
                 )
             await tx.append_events([_started_event(stage, cmd.worker_id, now, scope)])
             stages = _replaced(stages, index, stage)
-    return _Started(job, run, stage, wf, definition, stages)
+    return Started(job, run, stage, wf, definition, stages)
 
 
 def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
@@ -388,7 +371,7 @@ def _replaced(stages: list[StageRun], index: int, stage: StageRun) -> list[Stage
 
 
 def _build_context(
-    deps: Deps, s: _Started, runtime: _Runtime, token: CancellationToken
+    deps: Deps, s: Started, runtime: _Runtime, token: CancellationToken
 ) -> tuple[StageContext[Any, Any], _Outcome | None]:
     """The stage's validated input and config; a bad input is a non-retryable failure."""
     group = s.stage.execution_group
@@ -477,42 +460,6 @@ async def _run_body(definition: StageDefinition, ctx: StageContext[Any, Any]) ->
         return _Outcome("failed", error=exc)
 
 
-def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
-    """Check a stage's return value against its output model; returns its JSON form,
-    storable on every backend (``kernel.limits``)."""
-    adapter = definition.output_adapter
-    what = f"stage {definition.id!r} returned output that cannot be stored"
-    precheck(value, "output", OutputValidationError, what=what)
-    try:
-        model = adapter.validator.validate_python(value)  # as in ``_build_context``
-    except PydanticValidationError as exc:
-        raise OutputValidationError.from_pydantic(
-            f"stage {definition.id!r} returned output that does not match its model",
-            exc,
-            prefix="output",
-        ) from None
-    # The serializer itself: ``dump_python``'s keyword handling costs as much as the dump.
-    return dump_json(adapter.serializer, model, "output", OutputValidationError, what=what)
-
-
-def _is_current(
-    job: Job | None, stage: StageRun | None, run: Run | None, s: _Started, worker_id: str
-) -> bool:
-    """Whether this execution still owns the stage (the duplicate-completion guard). A
-    cancelled run is owned only by the activation running its compensations."""
-    return (
-        job is not None
-        and stage is not None
-        and run is not None
-        and (not run.status.terminal or is_compensating(run, stage))
-        and job.status is _JOB_LEASED
-        and job.worker_id == worker_id
-        and job.attempts == s.job.attempts
-        and stage.status is _STAGE_RUNNING
-        and stage.attempt == s.stage.attempt
-    )
-
-
 @dataclass(slots=True)
 class _Commit:
     """One finished execution waiting for its phase-3 commit."""
@@ -520,7 +467,7 @@ class _Commit:
     deps: Deps
     cmd: c.JobExecute
     scope: Scope
-    started: _Started
+    started: Started
     ctx: StageContext[Any, Any]
     outcome: _Outcome
 
@@ -529,7 +476,7 @@ async def _phase_commit(
     deps: Deps,
     cmd: c.JobExecute,
     scope: Scope,
-    s: _Started,
+    s: Started,
     ctx: StageContext[Any, Any],
     outcome: _Outcome,
 ) -> c.JobExecuteResult:
@@ -570,7 +517,7 @@ async def _commit_alone(item: _Commit) -> c.JobExecuteResult:
 
 async def _commit_trusted(deps: Deps, item: _Commit, now: datetime) -> c.JobExecuteResult:
     """Phase 3 of a completed stage without reading anything back: the job, run and
-    stages are taken as this execution last committed (or read) them, in ``_Started``,
+    stages are taken as this execution last committed (or read) them, in ``Started``,
     and every write is guarded by what it expects to replace.
 
     The run is written first (``WriteBuffer.flush``): its update takes the run's row lock,
@@ -626,7 +573,7 @@ async def _commit_together(deps: Deps, group: Sequence[_Commit]) -> list[c.JobEx
     run_ids = sorted({item.started.run.id for item in group})
     job_ids = [item.started.job.id for item in group]
     results: list[c.JobExecuteResult] = []
-    chained: list[_Started | None] = []
+    chained: list[Started | None] = []
     async with deps.persistence.transaction() as tx:
         found_jobs = await deps.job_transport.get_many(tx, job_ids)
         runs = await tx.get_runs(run_ids, for_update=True)
@@ -650,12 +597,12 @@ async def _commit_together(deps: Deps, group: Sequence[_Commit]) -> list[c.JobEx
 
 async def _commit_in(
     deps: Deps, tx: Transaction, item: _Commit, now: datetime
-) -> tuple[c.JobExecuteResult, _Started | None]:
+) -> tuple[c.JobExecuteResult, Started | None]:
     """Phase 3 inside ``tx``: the outcome, the transition, and (chaining) the start of
     the next stage. Returns the result and the chained start, to hand off after commit."""
     cmd, scope, s, ctx, outcome = item.cmd, item.scope, item.started, item.ctx, item.outcome
     run_id, stage_id = s.run.id, s.stage.stage_id
-    chained: _Started | None = None
+    chained: Started | None = None
     job = await deps.job_transport.get(tx, s.job.id)
     run = await tx.get_run(run_id, for_update=True)
     # One read of all stages, under the run's lock: ours for the ownership check, the
@@ -663,7 +610,7 @@ async def _commit_in(
     stages = await tx.get_stages(run_id) if run is not None else []
     index = _index_of(stages, stage_id)
     stage = stages[index] if index >= 0 else None
-    if not _is_current(job, stage, run, s, cmd.worker_id):
+    if not is_current(job, stage, run, s, cmd.worker_id):
         ghost = c.JobExecuteResult(
             outcome=cast("Any", outcome.kind),
             workflow_run_id=run_id,
@@ -746,7 +693,7 @@ async def start_leased(
     pending: Sequence[EventBase],
     *,
     fresh: bool = False,
-) -> _Started:
+) -> Started:
     """Phase 1 of ``job``'s stage, in the transaction that enqueued the job leased to its
     worker (a chained commit, or a chained ``run.claimPending``): what ``_phase_start``
     would commit after a dequeue, without either round trip. Its ``stage:started`` is
@@ -759,14 +706,14 @@ async def start_leased(
     stage = await tx.update_stage(_running(stages[index], job, now))
     await tx.append_events([*pending, _started_event(stage, job.worker_id, now, scope)])
     stages = _replaced(stages, index, stage)
-    return _Started(job, run, stage, wf, definition, stages, fresh)
+    return Started(job, run, stage, wf, definition, stages, fresh)
 
 
 async def _commit_completed(
     deps: Deps,
     tx: Transaction,
     scope: Scope,
-    s: _Started,
+    s: Started,
     stage: StageRun,
     output: JsonValue,
     now: datetime,
@@ -810,7 +757,7 @@ async def _commit_suspended(
     deps: Deps,
     tx: Transaction,
     scope: Scope,
-    s: _Started,
+    s: Started,
     stage: StageRun,
     suspend: Suspend,
     now: datetime,
@@ -853,7 +800,7 @@ async def _commit_failed(
     deps: Deps,
     tx: Transaction,
     scope: Scope,
-    s: _Started,
+    s: Started,
     stage: StageRun,
     error: BaseException,
     now: datetime,

@@ -24,14 +24,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, cast
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.events import StageFailed
 from treadle.kernel.handlers.common import apply_transition
 from treadle.kernel.model import Job, JobStatus, StageStatus, evolve
 from treadle.kernel.retry import DEFAULT_RETRY
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
     from treadle.ports import Transaction
 
 LeaseEnd = Literal["interrupted", "expired", "errored"]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from treadle.kernel import commands as c
-from treadle.kernel.handlers.common import apply_transition, enqueue_stages, fail_run
+import treadle.kernel.commands as c
+from treadle.kernel.handlers.basics import enqueue_stages
+from treadle.kernel.handlers.common import apply_transition, fail_run
 from treadle.kernel.handlers.leases import settle_lease
 from treadle.kernel.model import RunStatus, StageStatus, evolve
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
 
 
 async def reap_stale(deps: Deps, cmd: c.LeaseReapStale, scope: Scope) -> c.LeaseReapStaleResult:

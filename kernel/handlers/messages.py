@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.errors import InvalidStateError, NotSupportedError
-from treadle.kernel.handlers.common import load_run
+from treadle.kernel.handlers import workflows
+from treadle.kernel.handlers.basics import load_run
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
 
 
 async def _target(deps: Deps, run_id: str, what: str) -> None:
@@ -30,19 +31,13 @@ async def _target(deps: Deps, run_id: str, what: str) -> None:
 
 
 async def signal(deps: Deps, cmd: c.RunSignal, scope: Scope) -> c.RunSignalResult:
-    from treadle.kernel.handlers import workflows
-
     return await workflows.signal(deps, cmd, scope)
 
 
 async def update(deps: Deps, cmd: c.RunUpdate, scope: Scope) -> c.RunUpdateResult:
-    from treadle.kernel.handlers import workflows
-
     return await workflows.update(deps, cmd, scope)
 
 
 async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.ReviewDecideResult:
     await _target(deps, cmd.workflow_run_id, f"review decision for {cmd.review_id!r}")
-    from treadle.kernel.handlers import workflows
-
     return await workflows.decide_review(deps, cmd, scope)

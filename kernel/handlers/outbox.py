@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.errors import describe_exception
 from treadle.kernel.events import EventBase, OutboxRecord
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
 
 
 async def _publish(deps: Deps, event: EventBase) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
+import treadle.kernel.flow_control as flow
 from treadle.kernel.context import artifact_prefix
 from treadle.kernel.errors import (
     DuplicateError,
@@ -18,17 +19,16 @@ from treadle.kernel.errors import (
     describe_exception,
 )
 from treadle.kernel.events import EventBase, WorkflowCancelled, WorkflowCreated, WorkflowStarted
-from treadle.kernel.handlers.common import (
-    apply_transition,
-    enqueue_stages,
-    fail_run,
-    load_run,
-    run_ended,
-)
+from treadle.kernel.handlers.admission import admit_runs, any_limited
+from treadle.kernel.handlers.basics import enqueue_stages, load_run
+from treadle.kernel.handlers.common import apply_transition, fail_run, run_ended
+from treadle.kernel.handlers.jobs import start_leased
+from treadle.kernel.handlers.workflows import code_workflow, deliver, validate_signal
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
     RESERVED_ATTRIBUTES,
+    JobStatus,
     JsonValue,
     MissingPayload,
     Run,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
     from treadle.ports import Transaction
 
 
@@ -89,6 +89,7 @@ def _new_run(
         idempotency_key=spec.idempotency_key,
         parent_run_id=spec.parent_run_id if isinstance(spec, c.RunCreate) else None,
         search_attributes=dict(spec.search_attributes),
+        concurrency_key=spec.concurrency_key,
         created_at=now,
         updated_at=now,
     )
@@ -128,8 +129,6 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             raise NotSupportedError(
                 f"signal-with-start is not supported for stage pipeline {wf.id!r}"
             )
-        from treadle.kernel.handlers.workflows import code_workflow, validate_signal
-
         signal_payload = validate_signal(
             code_workflow(wf, "signal-with-start"), cmd.signal.name, cmd.signal.payload
         )
@@ -166,8 +165,15 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         stages = _new_stages(wf, run)
         created = _created(run, scope.causation_id, now)
         claim_for = cmd.claim_for if cmd.signal is None else None
-        if claim_for is not None and not deps.chains.allows(claim_for):
-            claim_for = None  # that worker is stopping: the run waits for a claim
+        if claim_for is not None and not (
+            deps.chains.allows(claim_for)
+            and deps.chains.serves(claim_for, wf.queue_of(wf.groups[0][0].id))
+            and not flow.limited(wf)
+        ):
+            # That worker is stopping, or does not serve the first stage's queue, or the
+            # workflow's limits decide when it starts: the run waits PENDING for a claim
+            # (``run.claimPending`` admits it and queues the stage for its workers).
+            claim_for = None
         started: list[Any] = []
         if claim_for is not None and cmd.execution_timeout is None:
             started = await _insert_claimed(deps, tx, scope, run, stages, claim_for, created, now)
@@ -411,8 +417,6 @@ async def _deliver(
     deps: Deps, tx: Transaction, run: Run, cmd: c.RunCreate, payload: Any, now: datetime
 ) -> None:
     """Signal-with-start: the signal joins the run's inbox in the same transaction."""
-    from treadle.kernel.handlers.workflows import deliver
-
     assert cmd.signal is not None
     await deliver(
         deps,
@@ -453,6 +457,10 @@ async def claim_pending(
         if cached is not None:
             return cast("c.RunClaimPendingResult", cached)
         runs = await tx.claim_pending_runs(cmd.max_claims)
+        admission = None
+        if runs and any_limited(deps, runs):
+            admission = await admit_runs(deps, tx, runs, cmd.max_claims, now)
+            runs = admission.admitted
         if any(type(run.input) is MissingPayload for run in runs):
             runs = await _fail_lost_inputs(deps, tx, runs, now, scope.causation_id)
         claimed: list[c.ClaimedRun] | None = None
@@ -478,7 +486,12 @@ async def claim_pending(
                 await buffer.flush(deps.job_transport)
         if claimed is None:
             claimed, started = await _claim_runs(deps, tx, cmd.worker_id, scope, runs, budget, now)
-        result = c.RunClaimPendingResult(claimed=claimed, chained_jobs=[s.job for s in started])
+        result = c.RunClaimPendingResult(
+            claimed=claimed,
+            chained_jobs=[s.job for s in started],
+            deferred=admission.deferred if admission is not None else 0,
+            retry_at=admission.retry_at if admission is not None else None,
+        )
         await scope.complete(tx, result)
     for s in started:  # only once their start has committed
         deps.chains.keep(s.job.id, cmd.worker_id, s)
@@ -521,8 +534,6 @@ async def _claim_runs(
     run it just created commits one ``append_events``). ``fresh``: the stages of the one
     run, created by this transaction with no timers, so nothing of it needs reading (and
     its first activation, for a code workflow, knows its journal is empty)."""
-    from treadle.kernel.handlers.jobs import start_leased
-
     claimed: list[c.ClaimedRun] = []
     started: list[Any] = []
     for run in runs:
@@ -559,7 +570,7 @@ async def _claim_runs(
         )
         events: list[EventBase] = [*(prior_events or ()), run_started]
         prior_events = None
-        if lease_to is not None:
+        if lease_to is not None and jobs[0].status is JobStatus.LEASED:
             budget -= 1
             started.append(
                 await start_leased(

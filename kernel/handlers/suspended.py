@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.context import StageContext
 from treadle.kernel.definitions import (
     DEFAULT_MAX_CHECK_FAILURES,
@@ -26,8 +26,10 @@ from treadle.kernel.definitions import (
     StageDefinition,
     WorkflowDefinition,
 )
+from treadle.kernel.deps import Scope
 from treadle.kernel.errors import (
     NonRetryableError,
+    NotFoundError,
     OutputValidationError,
     SuspendTimeoutError,
     describe_exception,
@@ -35,12 +37,17 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, outputs_of
-from treadle.kernel.handlers.jobs import validate_output
+from treadle.kernel.handlers.execution import validate_output
+from treadle.kernel.handlers.runs import cancel
+from treadle.kernel.handlers.workflows import fire_timers
 from treadle.kernel.model import MissingPayload, Run, RunStatus, StageRun, StageStatus, evolve
 from treadle.kernel.workflows import deadline
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps, Scope
+    from collections.abc import Sequence
+
+    from treadle.kernel.deps import Deps
+    from treadle.kernel.workflows.model import Timer
 
 
 class _NoRuntime:
@@ -88,7 +95,7 @@ async def poll_suspended(
                     stages_of[run.id] = await tx.get_stages(run.id)
     # Execution timeouts first: a timed-out run is cancelled, not woken (its due stage,
     # if any, is then skipped as terminal).
-    timed_out = await deadline.fire(deps, timeouts, now) if timeouts else []
+    timed_out = await _fire_execution_timeouts(deps, timeouts, now) if timeouts else []
     checked = resumed = failed = 0
     resumed_ids: list[str] = []
     for stage in due:
@@ -98,8 +105,6 @@ async def poll_suspended(
             continue
         checked += 1
         if wf.kind == "code":  # a suspended code workflow waits on timers, not a check
-            from treadle.kernel.handlers.workflows import fire_timers
-
             outcome = await fire_timers(deps, scope, wf, stage, now)
         else:
             verdict = await _check(deps, wf, run, stage, stages_of[run.id], now)
@@ -332,3 +337,23 @@ async def _commit(
             deps, tx, run, await tx.get_stages(run.id), wf, now, scope.causation_id
         )
     return outcome
+
+
+async def _fire_execution_timeouts(deps: Deps, due: Sequence[Timer], now: datetime) -> list[str]:
+    """Cancel the runs of these due execution timeouts; returns the runs cancelled.
+    The cancel commits before the timer is marked fired, so a crash in between only
+    repeats a cancel, which a terminal run answers with ``cancelled=False``. (Here, not in
+    ``workflows/deadline``: it dispatches ``run.cancel``, a handler above that module.)"""
+    cancelled: list[str] = []
+    for timer in due:
+        cmd = c.RunCancel(workflow_run_id=timer.workflow_run_id, reason=deadline.REASON)
+        try:
+            result = await cancel(deps, cmd, Scope(deps, cmd, phased=False))
+        except NotFoundError:  # the run is gone: only the timer is left to discard
+            result = c.RunCancelResult(cancelled=False)
+        if result.cancelled:
+            cancelled.append(timer.workflow_run_id)
+            deps.logger.info("run.execution_timeout", run_id=timer.workflow_run_id)
+        async with deps.persistence.transaction() as tx:
+            await tx.fire_timer(timer.workflow_run_id, timer.name, timer.occurrence, now)
+    return cancelled

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import ValidationError as PydanticValidationError
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.errors import (
     InvalidPayloadError,
     InvalidStateError,
@@ -29,20 +29,20 @@ from treadle.kernel.events import (
     TimerFired,
     UpdateReceived,
 )
-from treadle.kernel.handlers.common import load_run
+from treadle.kernel.handlers.basics import load_run
 from treadle.kernel.limits import dump_json, precheck, to_json
 from treadle.kernel.model import CONTINUED_AS, JsonValue, Run, StageStatus
+from treadle.kernel.workflows.activation import wake, write_entries
 from treadle.kernel.workflows.context import message_result
 from treadle.kernel.workflows.continuation import MAX_FOLLOW, current_run
 from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
-from treadle.kernel.workflows.executor import wake, write_entries
 from treadle.kernel.workflows.model import InboxMessage, JournalStatus, journal_key
 from treadle.kernel.workflows.versions import block, is_blocked, version_mismatch
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
     from treadle.kernel.model import StageRun
     from treadle.ports import Transaction
 

@@ -24,7 +24,7 @@ from treadle.kernel.events import EventBase
 from treadle.kernel.model import IdempotencyRecord, Job, JobStatus, Run, StageRun, evolve
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.ports import JobTransport, Transaction
 
 

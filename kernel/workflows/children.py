@@ -29,15 +29,15 @@ from treadle.kernel.events import (
     WorkflowCreated,
     WorkflowStarted,
 )
-from treadle.kernel.handlers.common import enqueue_stages
+from treadle.kernel.handlers.basics import enqueue_stages
 from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.workflows.activation import wake, write_entries
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID
-from treadle.kernel.workflows.executor import wake, write_entries
 from treadle.kernel.workflows.model import ChildStart, JournalStatus
 from treadle.kernel.workflows.saga import compensate_on_cancel
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.ports import Transaction
 
 

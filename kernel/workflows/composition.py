@@ -31,7 +31,7 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -39,19 +39,73 @@ from pydantic import ValidationError as PydanticValidationError
 from treadle.kernel.errors import ChildWorkflowFailedError, OutputValidationError
 from treadle.kernel.events import ChildStarted
 from treadle.kernel.model import JsonValue
-from treadle.kernel.workflows.context import (
+from treadle.kernel.workflows.model import ChildStart, JournalEntry, JournalStatus
+from treadle.kernel.workflows.waits import (
     CURRENT_BRANCH,
     Branch,
     Interrupt,
     SkippedBranch,
     Wait,
-    _check_name,
+    check_name,
 )
-from treadle.kernel.workflows.model import ChildStart, JournalEntry, JournalStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime
+
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.workflows.context import WorkflowContext
+    from treadle.kernel.events import EventBase
+
+
+class _ChildLookup(Protocol):
+    def child_workflow(self, workflow_id: str) -> WorkflowDefinition: ...
+
+
+class Composed(Protocol):
+    """What the combinators need of the ``WorkflowContext`` running them: its journal
+    position bookkeeping and commits. (A protocol, so this module stays below
+    ``context``, whose ``ctx.all`` / ``ctx.race`` / ``ctx.child`` call it; mypy checks
+    that ``WorkflowContext`` conforms where it passes itself.)"""
+
+    @property
+    def run_id(self) -> str: ...
+    @property
+    def workflow_id(self) -> str: ...
+    @property
+    def interrupt(self) -> Interrupt | None: ...
+    @property
+    def _writer(self) -> _ChildLookup: ...
+    @property
+    def _now(self) -> Callable[[], datetime]: ...
+    @property
+    def _by_position(self) -> Mapping[int, JournalEntry]: ...
+    @property
+    def _commit_lock(self) -> asyncio.Lock: ...
+    def _stop(self, interrupt: Interrupt) -> Interrupt: ...
+    def _suspend(self, wait: Wait) -> Interrupt: ...
+    def _reserve(self, kind: str, name: str) -> tuple[int, str, int, JournalEntry | None]: ...
+    def _entry(
+        self, position: int, key: str, occurrence: int, kind: str, **fields: Any
+    ) -> JournalEntry: ...
+    async def _commit(
+        self,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase] = (),
+        *,
+        consume: Sequence[tuple[int, str]] = (),
+        replies: Sequence[tuple[int, JsonValue]] = (),
+        start_children: Sequence[ChildStart] = (),
+    ) -> None: ...
+    async def commit_locked(
+        self,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase] = (),
+        *,
+        consume: Sequence[tuple[int, str]] = (),
+        replies: Sequence[tuple[int, JsonValue]] = (),
+        start_children: Sequence[ChildStart] = (),
+        cancel_children: Sequence[str] = (),
+    ) -> None: ...
 
 
 @dataclass
@@ -65,7 +119,7 @@ class _Outcome:
         return self.kind in ("value", "error")
 
 
-def _check_branches(ctx: WorkflowContext, what: str, awaitables: Sequence[Any]) -> None:
+def _check_branches(ctx: Composed, what: str, awaitables: Sequence[Any]) -> None:
     """Refuse (closing every coroutine, so none is left never awaited) what cannot be
     replayed deterministically: a non-coroutine argument, or nesting."""
     problem = None
@@ -85,7 +139,7 @@ def _check_branches(ctx: WorkflowContext, what: str, awaitables: Sequence[Any]) 
     raise TypeError(f"workflow {ctx.workflow_id!r}: {problem}")
 
 
-async def _run_branch(ctx: WorkflowContext, branch: Branch, awaitable: Awaitable[Any]) -> _Outcome:
+async def _run_branch(ctx: Composed, branch: Branch, awaitable: Awaitable[Any]) -> _Outcome:
     CURRENT_BRANCH.set(branch)  # this task's own context: siblings never see it
     try:
         value = await awaitable
@@ -108,7 +162,7 @@ async def _run_branch(ctx: WorkflowContext, branch: Branch, awaitable: Awaitable
 
 
 def _start(
-    ctx: WorkflowContext, awaitables: Sequence[Any], skip: int | None = None
+    ctx: Composed, awaitables: Sequence[Any], skip: int | None = None
 ) -> tuple[list[Branch], list[asyncio.Task[_Outcome]]]:
     """One task per argument, created in argument order (so positions are reserved in
     that order); with ``skip``, every argument but that one only reserves its position."""
@@ -135,18 +189,18 @@ def _outcomes(tasks: Sequence[asyncio.Future[_Outcome]]) -> list[_Outcome]:
     return [_Outcome("stopped") if t.cancelled() else t.result() for t in tasks]
 
 
-def _unwind_if_stopped(ctx: WorkflowContext) -> None:
+def _unwind_if_stopped(ctx: Composed) -> None:
     if ctx.interrupt is not None:
         raise ctx.interrupt
 
 
-def _unwind_if_waiting(ctx: WorkflowContext, branches: Sequence[Branch]) -> None:
+def _unwind_if_waiting(ctx: Composed, branches: Sequence[Branch]) -> None:
     waits = [wait for branch in branches for wait in branch.waits]
     if waits:
         raise ctx._stop(Interrupt("suspend", waits=waits))
 
 
-async def gather_all(ctx: WorkflowContext, awaitables: Sequence[Any]) -> list[Any]:
+async def gather_all(ctx: Composed, awaitables: Sequence[Any]) -> list[Any]:
     """``ctx.all`` (module docstring)."""
     _check_branches(ctx, "all", awaitables)
     if not awaitables:
@@ -169,7 +223,7 @@ async def gather_all(ctx: WorkflowContext, awaitables: Sequence[Any]) -> list[An
     return [outcome.value for outcome in outcomes]
 
 
-async def race_first(ctx: WorkflowContext, awaitables: Sequence[Any], name: str) -> tuple[int, Any]:
+async def race_first(ctx: Composed, awaitables: Sequence[Any], name: str) -> tuple[int, Any]:
     """``ctx.race`` (module docstring): ``(index, value)`` of the first branch to settle."""
     _check_branches(ctx, "race", awaitables)
     if not awaitables:
@@ -216,7 +270,7 @@ async def race_first(ctx: WorkflowContext, awaitables: Sequence[Any], name: str)
 
 
 async def _decide(
-    ctx: WorkflowContext,
+    ctx: Composed,
     branches: Sequence[Branch],
     winner: int,
     position: int,
@@ -270,14 +324,14 @@ def _output_adapter(wf: WorkflowDefinition) -> TypeAdapter[Any] | None:
 
 
 async def await_child(
-    ctx: WorkflowContext,
+    ctx: Composed,
     workflow_id: str,
     input: Any,
     config: Mapping[str, Any] | None,
 ) -> Any:
     """``ctx.child`` (module docstring)."""
     position, key, occurrence, entry = ctx._reserve(
-        "child", _check_name(workflow_id, "child workflow")
+        "child", check_name(workflow_id, "child workflow")
     )
     wf = ctx._writer.child_workflow(workflow_id)  # WorkflowNotFoundError, naming it
     if entry is None:

@@ -65,6 +65,8 @@ from treadle.kernel.limits import (
 from treadle.kernel.model import RESERVED_ATTRIBUTES, JsonValue, evolve
 from treadle.kernel.retry import RetryPolicy
 from treadle.kernel.text import text_problem
+from treadle.kernel.workflows.compensation import Compensation, Saga
+from treadle.kernel.workflows.composition import await_child, gather_all, race_first
 from treadle.kernel.workflows.model import (
     ChildStart,
     InboxMessage,
@@ -72,6 +74,14 @@ from treadle.kernel.workflows.model import (
     JournalStatus,
     describe_call,
     journal_key,
+)
+from treadle.kernel.workflows.waits import (
+    CURRENT_BRANCH,
+    PARKED,
+    Interrupt,
+    SkippedBranch,
+    Wait,
+    check_name,
 )
 
 _LOCAL_KINDS = frozenset({"now", "uuid", "publish", "compensation", "compensate"})
@@ -82,58 +92,6 @@ DEFAULT_STEP_RETRY = RetryPolicy()
 """A step without ``retry=``: three attempts, 1 s then 2 s apart."""
 
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Why a body unwound to suspend: what it waits for, and until when."""
-
-    kind: Literal["sleep", "signal", "update", "review", "retry", "child"]
-    position: int
-    name: str
-    occurrence: int
-    until: datetime | None
-    signal: str | None = None
-    details: dict[str, JsonValue] | None = None
-    """Extra wait bookkeeping journaled with it (a review's id, type and reviewers; a
-    child's run id, which is not journaled)."""
-
-    def describe(self) -> str:
-        """This wait in words, for ``workflow:suspended``'s ``waiting_for`` and the CLI's
-        progress line: ``sleep until T``, ``signal NAME (timeout at T)``, ``child RUN``."""
-        until = self.until.isoformat(timespec="seconds") if self.until is not None else None
-        if self.kind == "sleep":
-            return f"sleep until {until}"
-        if self.kind == "retry":
-            return f"retry of step {self.name} at {until}"
-        if self.kind == "child":
-            child = (self.details or {}).get("child_run_id")
-            return f"child {child}" if child else f"child {self.name}"
-        text = f"{self.kind} {self.signal}" if self.kind in ("signal", "update") else "review"
-        return f"{text} (timeout at {until})" if until is not None else text
-
-
-def describe_waits(waits: Sequence[Wait]) -> str | None:
-    """Every wait of a suspension in words, joined by ``; `` (``ctx.all`` / ``ctx.race``
-    suspend on several at once); ``None`` for none."""
-    return "; ".join(wait.describe() for wait in waits) or None
-
-
-@dataclass(eq=False)
-class Interrupt(BaseException):
-    """Unwinds a body at a durable boundary. ``suspend``: wait for ``waits``; ``ghost``:
-    this execution lost the run (cancelled, lease taken over); ``fatal``: the run must
-    fail with ``error`` (non-determinism); ``crash``: storage failed, retry the activation;
-    ``cancelled``: the run was cancelled and the body replays only to re-register its
-    compensations (``kernel.workflows.saga``); ``continue``: the body called
-    ``ctx.continue_as_new``, the run ends and a new run goes on with ``input`` (the JSON
-    form, validated against ``version``, the workflow's version for new runs)."""
-
-    reason: Literal["suspend", "ghost", "fatal", "crash", "cancelled", "continue"]
-    waits: list[Wait] = field(default_factory=list)
-    error: BaseException | None = None
-    input: JsonValue = None
-    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,32 +112,6 @@ _CURRENT_STEP: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
     "treadle_current_step", default=None
 )
 """Task-local (not global) state: set around each step function call."""
-
-
-@dataclass
-class Branch:
-    """One argument of ``ctx.all`` / ``ctx.race`` while it runs as its own task: the one
-    journal position it reserved, and the waits it unwound with (kept here rather than on
-    the context, so a sibling may still reach its own boundary and a race winner may let
-    the body carry on)."""
-
-    index: int
-    skip: bool = False
-    """A race replayed after its decision: reserve the loser's position, never run it."""
-    position: int | None = None
-    key: str | None = None
-    occurrence: int | None = None
-    waits: list[Wait] = field(default_factory=list)
-
-
-class SkippedBranch(BaseException):
-    """Unwinds a race loser right after it reserved its position on replay."""
-
-
-CURRENT_BRANCH: contextvars.ContextVar[Branch | None] = contextvars.ContextVar(
-    "treadle_current_branch", default=None
-)
-"""Task-local: set by ``ctx.all`` / ``ctx.race`` inside the task running one argument."""
 
 
 class JournalWriter(Protocol):
@@ -225,15 +157,6 @@ def _seconds(value: timedelta | float | None, what: str) -> float | None:
     if value is None:
         return None
     return to_duration(value, what).total_seconds()
-
-
-def _check_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} name must be a non-empty string, got {name!r}")
-    problem = text_problem(name)
-    if problem is not None:  # journaled: it must store on every backend
-        raise ValueError(f"{what} name {name!r} {problem}")
-    return name
 
 
 def _check_attribute(key: Any, value: Any) -> None:
@@ -319,11 +242,6 @@ async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo)
         raise failure from None
     finally:
         _CURRENT_STEP.reset(token)
-
-
-PARKED = object()
-"""What a parked body yields (``_Park``): ``kernel.workflows.sticky.Body``, the only driver
-of a body that may park, stops the activation there instead of handing it to the loop."""
 
 
 class _Park:
@@ -678,7 +596,7 @@ class WorkflowContext:
         idempotency_key: str | None = None,
     ) -> Any:
         """``step`` for a journal ``kind``: ``compensate`` runs a saga's compensation."""
-        _check_name(name, kind)
+        check_name(name, kind)
         seconds = _seconds(timeout, "timeout")
         if self._cancelled:  # a lost run starts no new step
             raise self._stop(Interrupt("ghost"))
@@ -808,7 +726,7 @@ class WorkflowContext:
     def register_compensation(self, compensation: Compensation) -> None:
         """``saga.add``: journal the registration (replay checks its order) and keep the
         function for ``run_compensations``; functions are never stored."""
-        name = _check_name(compensation.name, "compensation")
+        name = check_name(compensation.name, "compensation")
         position, key, occurrence, entry = self._reserve("compensation", name)
         if entry is None:
             self._pending.append(
@@ -838,17 +756,13 @@ class WorkflowContext:
         signal wait, ...) concurrently; their results in argument order. Each is journaled
         on its own. When all have settled, the first failure in argument order is raised;
         while any still waits, the run suspends on all their waits together."""
-        from treadle.kernel.workflows.composition import gather_all
-
         return await gather_all(self, calls)
 
     async def race(self, *calls: Awaitable[Any], name: str = "race") -> tuple[int, Any]:
         """Run ``ctx`` calls concurrently; ``(index, value)`` of the first to finish (its
         error is raised if it failed). The others are cancelled and never journaled as
         completed; the winner is journaled, so a replay returns the same one."""
-        from treadle.kernel.workflows.composition import race_first
-
-        return await race_first(self, calls, _check_name(name, "race"))
+        return await race_first(self, calls, check_name(name, "race"))
 
     @_resumable
     async def child(
@@ -858,8 +772,6 @@ class WorkflowContext:
         record with ``parent_run_id`` set) and return its validated output; the run waits
         without holding a worker until the child ends. ``ChildWorkflowFailedError`` if the
         child failed or was cancelled. Cancelling this run cancels its children."""
-        from treadle.kernel.workflows.composition import await_child
-
         return await await_child(self, workflow_id, input, config)
 
     # -- time -----------------------------------------------------------------------------
@@ -868,7 +780,7 @@ class WorkflowContext:
         """Suspend the run for ``duration`` (a number means seconds) without holding a
         worker; a timer fired by the maintenance tick resumes it."""
         seconds = to_duration(duration, "sleep duration", least="any").total_seconds()
-        position, key, occurrence, entry = self._reserve("sleep", _check_name(name, "sleep"))
+        position, key, occurrence, entry = self._reserve("sleep", check_name(name, "sleep"))
         until = entry.until if entry is not None else self._now() + timedelta(seconds=seconds)
         await self._sleep_to(position, key, occurrence, entry, until)
 
@@ -877,7 +789,7 @@ class WorkflowContext:
         """Suspend the run until ``when`` (timezone-aware); returns at once if it passed."""
         if when.tzinfo is None or when.utcoffset() is None:
             raise ValueError("sleep_until needs a timezone-aware datetime")
-        position, key, occurrence, entry = self._reserve("sleep", _check_name(name, "sleep"))
+        position, key, occurrence, entry = self._reserve("sleep", check_name(name, "sleep"))
         until = entry.until if entry is not None else when
         await self._sleep_to(position, key, occurrence, entry, until)
 
@@ -949,7 +861,7 @@ class WorkflowContext:
     def publish(self, key: str, value: Any) -> None:
         """Make ``value`` readable by ``engine.query(run_id, key)``. Journaled, and
         committed with the body's next durable boundary (before any later step runs)."""
-        position, jkey, occurrence, entry = self._reserve("publish", _check_name(key, "publish"))
+        position, jkey, occurrence, entry = self._reserve("publish", check_name(key, "publish"))
         if entry is not None:
             return
         encoded = to_json(value, "value", what=f"publish {key!r}")
@@ -1054,7 +966,7 @@ class WorkflowContext:
     ) -> JournalEntry:
         """The journal entry of this wait, completed with a consumed message or a timeout;
         unwinds the body (suspend) while neither has happened."""
-        _check_name(name, kind)
+        check_name(name, kind)
         seconds = _seconds(limit, "timeout")
         position, key, occurrence, entry = self._reserve(kind, name)
         if entry is not None and entry.status is JournalStatus.COMPLETED:
@@ -1114,7 +1026,7 @@ class WorkflowContext:
         ``engine.decide_review``, or a ``timed_out`` one once ``timeout`` passes."""
         seconds = _seconds(timeout, "timeout")
         position, key, occurrence, entry = self._reserve(
-            "review", _check_name(review_type, "review")
+            "review", check_name(review_type, "review")
         )
         if entry is not None and entry.status is JournalStatus.COMPLETED:
             return _decision(entry)
@@ -1235,6 +1147,3 @@ def _message_value(
             f"{kind} {name!r} payload does not match its model", exc, prefix="payload"
         )
         raise error from None
-
-
-from treadle.kernel.workflows.saga import Compensation, Saga  # noqa: E402 - saga builds on the context

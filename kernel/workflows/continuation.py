@@ -29,14 +29,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.events import (
     StageCompleted,
     WorkflowContinuedAsNew,
     WorkflowCreated,
     WorkflowStarted,
 )
-from treadle.kernel.handlers.common import enqueue_stages, run_ended
+from treadle.kernel.handlers.basics import enqueue_stages
+from treadle.kernel.handlers.common import run_ended
 from treadle.kernel.model import (
     CONTINUED_AS,
     CONTINUED_FROM,
@@ -52,8 +53,8 @@ from treadle.kernel.workflows.model import JournalStatus
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.kernel import Deps
-    from treadle.kernel.workflows.context import Interrupt
+    from treadle.kernel.deps import Deps
+    from treadle.kernel.workflows.waits import Interrupt
     from treadle.ports import Transaction
 
 MAX_FOLLOW = 10_000

@@ -16,13 +16,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from treadle.kernel import commands as c
-from treadle.kernel.errors import NotFoundError
 from treadle.kernel.workflows.model import Timer
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.kernel import Deps
     from treadle.kernel.model import Run
     from treadle.ports import Transaction
 
@@ -103,25 +100,3 @@ async def arm(
 async def due(tx: Transaction, now: datetime, limit: int) -> list[Timer]:
     """The execution timeouts due at ``now`` (read in the poller's own transaction)."""
     return await tx.due_timers(now, limit, purpose=EXECUTION_TIMEOUT)
-
-
-async def fire(deps: Deps, due: Sequence[Timer], now: datetime) -> list[str]:
-    """Cancel the runs of these due execution timeouts; returns the runs cancelled.
-    The cancel commits before the timer is marked fired, so a crash in between only
-    repeats a cancel, which a terminal run answers with ``cancelled=False``."""
-    from treadle.kernel.handlers.runs import cancel
-    from treadle.kernel.kernel import Scope
-
-    cancelled: list[str] = []
-    for timer in due:
-        cmd = c.RunCancel(workflow_run_id=timer.workflow_run_id, reason=REASON)
-        try:
-            result = await cancel(deps, cmd, Scope(deps, cmd, phased=False))
-        except NotFoundError:  # the run is gone: only the timer is left to discard
-            result = c.RunCancelResult(cancelled=False)
-        if result.cancelled:
-            cancelled.append(timer.workflow_run_id)
-            deps.logger.info("run.execution_timeout", run_id=timer.workflow_run_id)
-        async with deps.persistence.transaction() as tx:
-            await tx.fire_timer(timer.workflow_run_id, timer.name, timer.occurrence, now)
-    return cancelled

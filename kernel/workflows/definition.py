@@ -20,7 +20,9 @@ from pydantic import TypeAdapter
 
 from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
 from treadle.kernel.errors import DefinitionError, NotSupportedError
+from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import to_duration
+from treadle.kernel.queues import DEFAULT_QUEUE, check_queue
 from treadle.kernel.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -78,15 +80,27 @@ def workflow(
     signals: Mapping[str, Any] | None = None,
     updates: Mapping[str, Any] | None = None,
     execution_timeout: timedelta | float | None = None,
+    queue: str = DEFAULT_QUEUE,
+    concurrency: int | None = None,
+    concurrency_per_key: int | None = None,
+    rate_limit: RateLimit | None = None,
 ) -> Callable[[WorkflowFn], CodeWorkflowDefinition]:
     """Decorate ``async def body(ctx: WorkflowContext, input) -> output`` as a code
     workflow. ``signals`` optionally maps signal names to payload models, so that
     ``engine.signal`` rejects a bad payload (naming the field) before it is stored;
     ``updates`` does the same for ``engine.update``. ``execution_timeout`` (a number
     means seconds) caps each run's wall-clock time from its start: past it the run is
-    cancelled with the reason ``execution timeout``."""
+    cancelled with the reason ``execution timeout``. ``queue``: only workers serving
+    that queue run the workflow's body and steps (``treadle worker --queue``).
+    ``concurrency``, ``concurrency_per_key`` and ``rate_limit`` cap the runs that start
+    (see ``kernel/flow_control.py``)."""
     if not id or not isinstance(id, str):
         raise DefinitionError("workflow: id must be a non-empty string")
+    try:
+        check_queue(queue, f"workflow {id!r}")
+        check_limits(f"workflow {id!r}", concurrency, concurrency_per_key, rate_limit)
+    except ValueError as exc:
+        raise DefinitionError(str(exc)) from None
     deadline = _positive_timedelta(id, "execution_timeout", execution_timeout)
 
     def wrap(fn: WorkflowFn) -> CodeWorkflowDefinition:
@@ -119,6 +133,10 @@ def workflow(
             signals={name: TypeAdapter(model) for name, model in (signals or {}).items()},
             updates={name: TypeAdapter(model) for name, model in (updates or {}).items()},
             execution_timeout=deadline,
+            queue=queue,
+            concurrency=concurrency,
+            concurrency_per_key=concurrency_per_key,
+            rate_limit=rate_limit,
         )
 
     return wrap

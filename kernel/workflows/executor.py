@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import ValidationError as PydanticValidationError
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.errors import (
     InvalidInputError,
@@ -48,9 +48,8 @@ from treadle.kernel.handlers.common import (
     apply_transition,
     fail_run,
     fail_stage_for_good,
-    new_jobs,
 )
-from treadle.kernel.handlers.jobs import _is_current, _Started, validate_output
+from treadle.kernel.handlers.execution import Started, is_current, validate_output
 from treadle.kernel.model import (
     JsonValue,
     MissingPayload,
@@ -60,13 +59,9 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
-from treadle.kernel.workflows.context import (
-    Interrupt,
-    Wait,
-    WorkflowContext,
-    describe_waits,
-    message_result,
-)
+from treadle.kernel.workflows.activation import apply_attributes, enqueue_activation, write_entries
+from treadle.kernel.workflows.children import cancel_run, start_child
+from treadle.kernel.workflows.context import WorkflowContext, message_result
 from treadle.kernel.workflows.continuation import continue_run
 from treadle.kernel.workflows.deadline import forward_timers
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID, CodeWorkflowDefinition
@@ -80,78 +75,19 @@ from treadle.kernel.workflows.model import (
 from treadle.kernel.workflows.saga import SagaOutcome, adopt_registrations, run_compensations
 from treadle.kernel.workflows.sticky import Body, Parked, reusable
 from treadle.kernel.workflows.versions import block, mismatch_event, version_mismatch
+from treadle.kernel.workflows.waits import Interrupt, Wait, describe_waits
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.kernel import Deps, Scope
+    from treadle.kernel.deps import Deps, Scope
     from treadle.ports import Transaction
-
-
-# -- storage helpers shared with the message and timer handlers ------------------------------
-async def write_entries(
-    tx: Transaction, entries: Sequence[JournalEntry], now: datetime
-) -> list[JournalEntry]:
-    """Insert new entries, update stored ones; an entry that stopped waiting disarms its
-    timer, so a timer never wakes a run for a wait that is over."""
-    stored: list[JournalEntry] = []
-    for entry in entries:
-        if entry.id is None:
-            stored.append(await tx.insert_journal_entry(entry))
-            continue
-        stored.append(await tx.update_journal_entry(entry))
-        if entry.status in (JournalStatus.COMPLETED, JournalStatus.FAILED, JournalStatus.CANCELLED):
-            await tx.fire_timer(entry.workflow_run_id, entry.name, entry.occurrence, now)
-    return stored
-
-
-async def apply_attributes(
-    tx: Transaction, run: Run, entries: Sequence[JournalEntry], now: datetime
-) -> Run:
-    """Merge the search attributes that new ``set_attribute`` entries record into the run,
-    in the transaction that journals them; returns the run as stored."""
-    attributes = {
-        entry.name.split(":", 1)[1]: entry.result
-        for entry in sorted(entries, key=lambda e: e.position)
-        if entry.kind == "attribute" and entry.id is None
-    }
-    if not attributes:
-        return run
-    merged = {**run.search_attributes, **attributes}
-    return await tx.update_run(evolve(run, {"search_attributes": merged, "updated_at": now}))
-
-
-async def enqueue_activation(
-    deps: Deps, tx: Transaction, run: Run, wf: WorkflowDefinition, at: datetime, now: datetime
-) -> str:
-    """A new job for the next activation of the body, available from ``at``."""
-    job = evolve(new_jobs(deps, run, wf, [WORKFLOW_STAGE_ID], now)[0], {"next_poll_at": at})
-    await deps.job_transport.enqueue(tx, [job])
-    return job.id
-
-
-async def wake(
-    deps: Deps, tx: Transaction, run: Run, stage: StageRun, wf: WorkflowDefinition, now: datetime
-) -> None:
-    """Resume a suspended body: the stage is PENDING with a new job, the run RUNNING."""
-    await tx.update_stage(
-        evolve(
-            stage,
-            {"status": StageStatus.PENDING, "next_poll_at": None, "job_id": None, "error": None},
-        )
-    )
-    await enqueue_activation(deps, tx, run, wf, now, now)
-    if run.status is RunStatus.SUSPENDED:
-        # ``error`` of a live run is a version mismatch it was blocked by (versions.py).
-        await tx.update_run(
-            evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
-        )
 
 
 # -- the activation -----------------------------------------------------------------------
 class _Writer:
     """The ``JournalWriter`` of one activation: every commit re-checks ownership."""
 
-    def __init__(self, deps: Deps, scope: Scope, started: _Started, worker_id: str) -> None:
+    def __init__(self, deps: Deps, scope: Scope, started: Started, worker_id: str) -> None:
         self._deps = deps
         self._scope = scope
         self._s = started
@@ -167,7 +103,7 @@ class _Writer:
             run = await tx.get_run(self._s.run.id, for_update=True)
             job = await self._deps.job_transport.get(tx, self._s.job.id)
             stage = await tx.get_stage(self._s.run.id, WORKFLOW_STAGE_ID)
-        if not _is_current(job, stage, run, self._s, self._worker_id):
+        if not is_current(job, stage, run, self._s, self._worker_id):
             return None
         assert run is not None
         assert stage is not None
@@ -197,12 +133,10 @@ class _Writer:
                 await tx.set_reply(message_id, reply)
             if events:
                 await tx.append_events([evolve(e, {"causation_id": causation}) for e in events])
-            if start_children or cancel_children:
-                from treadle.kernel.workflows import children  # imports this module
             for spec in start_children:
-                await children.start_child(self._deps, tx, owned[0], spec, now, causation)
+                await start_child(self._deps, tx, owned[0], spec, now, causation)
             for run_id in cancel_children:
-                await children.cancel_run(
+                await cancel_run(
                     self._deps, tx, run_id, "lost a race of its parent", now, causation
                 )
         return stored
@@ -220,7 +154,7 @@ _Ended = tuple[JsonValue, BaseException | None, SagaOutcome | None]
 
 
 async def execute_activation(
-    deps: Deps, cmd: c.JobExecute, scope: Scope, s: _Started
+    deps: Deps, cmd: c.JobExecute, scope: Scope, s: Started
 ) -> c.JobExecuteResult:
     """Run the body once over the journal and commit how it ended (module docstring).
     A cancelled run's activation (``saga.is_compensating``) only runs its compensations.
@@ -256,7 +190,7 @@ async def execute_activation(
             deps.sticky.drop(held)
 
 
-def _take_parked(deps: Deps, s: _Started, wf: CodeWorkflowDefinition) -> Parked | None:
+def _take_parked(deps: Deps, s: Started, wf: CodeWorkflowDefinition) -> Parked | None:
     """The body this kernel parked for the run, if it still describes the run
     (``sticky.reusable``); a stale one is dropped and counted as a miss."""
     held = deps.sticky.take(s.run.id)
@@ -273,7 +207,7 @@ def _take_parked(deps: Deps, s: _Started, wf: CodeWorkflowDefinition) -> Parked 
 
 async def _open(
     deps: Deps,
-    s: _Started,
+    s: Started,
     wf: CodeWorkflowDefinition,
     writer: _Writer,
     token: CancellationToken,
@@ -321,7 +255,7 @@ async def _open(
 
 async def _drive(
     deps: Deps,
-    s: _Started,
+    s: Started,
     wf: CodeWorkflowDefinition,
     ctx: WorkflowContext,
     held: Parked | None,
@@ -345,7 +279,7 @@ async def _drive(
         ctx.driver = None
 
 
-async def _run(ctx: WorkflowContext, wf: CodeWorkflowDefinition, s: _Started) -> _Ended:
+async def _run(ctx: WorkflowContext, wf: CodeWorkflowDefinition, s: Started) -> _Ended:
     """The body over the journal; then, if it raised out (or the run was cancelled), its
     compensations. Returns the output, the error and the saga outcome (``None`` while
     compensations are unfinished or none ran)."""
@@ -392,7 +326,7 @@ async def _run(ctx: WorkflowContext, wf: CodeWorkflowDefinition, s: _Started) ->
 
 
 async def _commit_blocked(
-    deps: Deps, scope: Scope, s: _Started, writer: _Writer, error: VersionMismatchError
+    deps: Deps, scope: Scope, s: Started, writer: _Writer, error: VersionMismatchError
 ) -> c.JobExecuteResult:
     """The pinned version is not registered here: the body does not run; the run is
     blocked, not failed, until a worker with that version resumes it (versions.py)."""
@@ -419,7 +353,7 @@ async def _defer_compensations(
     deps: Deps,
     tx: Transaction,
     scope: Scope,
-    s: _Started,
+    s: Started,
     run: Run,
     stage: StageRun,
     error: VersionMismatchError,
@@ -440,7 +374,7 @@ async def _defer_compensations(
 async def _finish(
     deps: Deps,
     scope: Scope,
-    s: _Started,
+    s: Started,
     writer: _Writer,
     ctx: WorkflowContext,
     output: JsonValue,
@@ -479,7 +413,7 @@ def _suspended(interrupt: Interrupt | None) -> bool:
     return interrupt is not None and interrupt.reason == "suspend"
 
 
-def _ghost(s: _Started) -> c.JobExecuteResult:
+def _ghost(s: Started) -> c.JobExecuteResult:
     return c.JobExecuteResult(
         outcome="failed",
         workflow_run_id=s.run.id,
@@ -507,7 +441,7 @@ async def _commit_pending(
 async def _finish_compensating(
     deps: Deps,
     scope: Scope,
-    s: _Started,
+    s: Started,
     writer: _Writer,
     ctx: WorkflowContext,
     outcome: SagaOutcome | None,
@@ -557,7 +491,7 @@ async def _commit_completed(
     deps: Deps,
     tx: Transaction,
     scope: Scope,
-    s: _Started,
+    s: Started,
     run: Run,
     stage: StageRun,
     output: JsonValue,
@@ -594,7 +528,7 @@ async def _commit_failed(
     deps: Deps,
     tx: Transaction,
     scope: Scope,
-    s: _Started,
+    s: Started,
     run: Run,
     stage: StageRun,
     error: BaseException,
@@ -628,7 +562,7 @@ async def _commit_waits(
     deps: Deps,
     tx: Transaction,
     scope: Scope,
-    s: _Started,
+    s: Started,
     run: Run,
     stage: StageRun,
     waits: Sequence[Wait],
@@ -666,7 +600,7 @@ async def _commit_waits(
 async def _requeue(
     deps: Deps,
     tx: Transaction,
-    s: _Started,
+    s: Started,
     run: Run,
     stage: StageRun,
     at: datetime,

@@ -29,8 +29,6 @@ import copy
 import re
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
-
 from treadle.kernel.errors import (
     InvalidStateError,
     NotSupportedError,
@@ -38,20 +36,19 @@ from treadle.kernel.errors import (
     TreadleValidationError,
 )
 from treadle.kernel.events import WorkflowCreated
-from treadle.kernel.handlers.common import load_run
+from treadle.kernel.handlers.basics import load_run
 from treadle.kernel.model import (
     RESERVED_ATTRIBUTES,
     IdempotencyRecord,
     IdempotencyState,
     Run,
-    RunStatus,
     StageRun,
     evolve,
 )
-from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus
+from treadle.kernel.workflows.model import ForkResult, InboxMessage, JournalEntry, JournalStatus
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.ports import Transaction
 
 FORKED_FROM = "forked_from"
@@ -66,24 +63,6 @@ kernel operation, not one of the binding commands)."""
 _OCCURRENCE = re.compile(r"^(?P<name>.+)#(?P<occurrence>[1-9][0-9]*)$")
 _REUSABLE = (JournalStatus.COMPLETED, JournalStatus.FAILED, JournalStatus.CANCELLED)
 """Finished entries; ``CANCELLED`` is a ``ctx.race`` loser, which a replay skips."""
-
-
-class ForkResult(BaseModel):
-    """What ``fork`` created."""
-
-    model_config = ConfigDict(frozen=True)
-
-    workflow_run_id: str
-    """The new run (PENDING; a worker claims it like any started run)."""
-    forked_from: str
-    """The source run."""
-    from_step: str
-    """The step the fork runs afresh from."""
-    occurrence: int
-    """Which occurrence of that step (1 for the first ``ctx.step(name, ...)``)."""
-    copied_entries: int
-    """Journal entries reused from the source."""
-    status: RunStatus = RunStatus.PENDING
 
 
 def _check_step(from_step: object) -> str:

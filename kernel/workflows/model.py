@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from treadle.kernel.model import JsonValue
+from treadle.kernel.model import JsonValue, RunStatus
 
 
 class _Frozen(BaseModel):
@@ -143,3 +143,21 @@ class ChildStart:
 def entry_values(entry: JournalEntry) -> dict[str, Any]:
     """Field values of an entry (for adapters that store columns)."""
     return dict(entry.__dict__)
+
+
+class ForkResult(BaseModel):
+    """What ``fork`` created."""
+
+    model_config = ConfigDict(frozen=True)
+
+    workflow_run_id: str
+    """The new run (PENDING; a worker claims it like any started run)."""
+    forked_from: str
+    """The source run."""
+    from_step: str
+    """The step the fork runs afresh from."""
+    occurrence: int
+    """Which occurrence of that step (1 for the first ``ctx.step(name, ...)``)."""
+    copied_entries: int
+    """Journal entries reused from the source."""
+    status: RunStatus = RunStatus.PENDING

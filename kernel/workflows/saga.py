@@ -27,67 +27,24 @@ recorded as a ``saga:compensated`` event.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
 
 from treadle.kernel.errors import StepFailedError
 from treadle.kernel.events import SagaCompensated
-from treadle.kernel.limits import to_duration
 from treadle.kernel.model import RunStatus, StageStatus, evolve
-from treadle.kernel.retry import RetryPolicy
+from treadle.kernel.workflows.activation import enqueue_activation
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID
 from treadle.kernel.workflows.model import JournalStatus
 
 if TYPE_CHECKING:
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.kernel.model import Run, StageRun
     from treadle.kernel.workflows.context import WorkflowContext
     from treadle.kernel.workflows.model import JournalEntry
     from treadle.ports import Transaction
-
-
-@dataclass(frozen=True)
-class Compensation:
-    """One registered compensation: call ``fn(*args)`` to undo a step that succeeded."""
-
-    name: str
-    fn: Callable[..., Any] = field(repr=False)
-    args: tuple[Any, ...] = field(default=(), repr=False)
-    retry: RetryPolicy | None = None
-    timeout: timedelta | float | None = None
-
-
-class Saga:
-    """Returned by ``ctx.saga()``. Every saga of a run adds to the run's one stack of
-    compensations, which runs newest first if the run fails or is cancelled."""
-
-    def __init__(self, ctx: WorkflowContext) -> None:
-        self._ctx = ctx
-
-    def add(
-        self,
-        name: str,
-        fn: Callable[..., Any],
-        *args: Any,
-        retry: RetryPolicy | None = None,
-        timeout: timedelta | float | None = None,
-    ) -> None:
-        """Register ``fn(*args)`` (sync or async) as the compensation ``name``; call it
-        right after the step it undoes succeeded. Journaled (kind ``compensation``), and
-        committed with the body's next durable boundary. ``retry`` and ``timeout`` work as
-        for ``ctx.step`` (default: the step retry policy)."""
-        if not callable(fn):
-            raise TypeError(f"saga.add({name!r}): fn must be callable, got {fn!r}")
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise TypeError(f"saga.add({name!r}): retry must be a RetryPolicy, got {retry!r}")
-        if timeout is not None:
-            try:
-                to_duration(timeout, "timeout")
-            except ValueError as exc:
-                raise ValueError(f"saga.add({name!r}): {exc}") from None
-        self._ctx.register_compensation(Compensation(name, fn, tuple(args), retry, timeout))
 
 
 @dataclass
@@ -215,8 +172,6 @@ async def compensate_on_cancel(deps: Deps, tx: Transaction, run: Run, now: datet
     stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
     if stage is None:
         return False
-    from treadle.kernel.workflows.executor import enqueue_activation
-
     await tx.update_stage(
         evolve(
             stage,

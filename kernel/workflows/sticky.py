@@ -40,11 +40,12 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from treadle.kernel.errors import describe_exception
 from treadle.kernel.model import RunStatus
-from treadle.kernel.workflows.context import PARKED, WorkflowContext
+from treadle.kernel.workflows.waits import PARKED
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
     from treadle.kernel.model import Run, StageRun
+    from treadle.kernel.workflows.context import WorkflowContext
 
 T = TypeVar("T")
 

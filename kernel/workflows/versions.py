@@ -25,7 +25,7 @@ from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
 
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
-    from treadle.kernel.kernel import Deps
+    from treadle.kernel.deps import Deps
     from treadle.ports import Transaction
 
 _PREFIX = VersionMismatchError.__name__

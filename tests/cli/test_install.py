@@ -32,7 +32,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built from a copy of the source: pip builds a local directory in place,
     and a ``build/`` tree inside the checkout would be a second ``treadle`` to mypy."""
     source = tmp_path_factory.mktemp("source") / "treadle"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*COPY_IGNORE))
+    # symlinks=True: the checkout's .typing/treadle link (to the root) is copied as a link.
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(*COPY_IGNORE))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(source)],

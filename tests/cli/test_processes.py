@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from treadle.tests.cli.cliapp import APP
 from treadle.tests.cli.helpers import Invoke, started, wait_terminal
@@ -127,3 +128,69 @@ def test_worker_without_an_app_exits_with_the_config_code(invoke: Invoke) -> Non
     result = invoke("worker", app=None)
     assert result.exit_code == 2
     assert "--app" in result.stderr
+
+
+def test_worker_serves_only_its_queues_and_doctor_names_the_unserved_one(
+    db_url: str, invoke: Invoke
+) -> None:
+    """`treadle worker --queue other` claims a run started by `treadle start` but does not
+    run its stage (on the default queue): doctor warns that `default` has a due job and no
+    live worker, and names the worker seen; a default worker then finishes the run."""
+    import time
+
+    assert invoke("migrate", app=None).exit_code == 0
+    cmd = [
+        TREADLE, "--db", db_url, "--app", APP, "worker",
+        "--orchestration-interval", "0.05", "--job-poll-interval", "0.02",
+        "--drain-timeout", "5",
+    ]  # fmt: skip
+    other = subprocess.Popen(
+        [*cmd, "--queue", "other", "--worker-id", "other-1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        run_id = started(invoke("start", "greeter", '{"name": "q"}'))
+        deadline = time.monotonic() + 20
+        while True:  # polls what the worker stores (its claim queues the stage)
+            checks = {
+                c["name"]: c
+                for c in json.loads(invoke("doctor", "--json", app=None).stdout)["checks"]
+            }
+            if checks["queues"]["level"] == "warn" or time.monotonic() > deadline:
+                break
+        assert checks["queues"]["level"] == "warn", checks["queues"]
+        assert "default (1 due)" in checks["queues"]["detail"]
+        default = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_terminal(db_url, run_id)["text"].startswith("HELLO Q!")
+        finally:
+            default.send_signal(signal.SIGTERM)
+            default.communicate(timeout=30)
+    finally:
+        other.send_signal(signal.SIGTERM)
+        _, stderr = other.communicate(timeout=30)
+    assert other.returncode == 0, stderr
+    starters = [e.worker_id for e in _events(db_url, run_id) if e.type == "stage:started"]
+    assert starters  # every stage started by the default worker, none by other-1
+    assert "other-1" not in starters
+
+
+def _events(db_url: str, run_id: str) -> list[Any]:
+    import asyncio
+
+    from treadle.engine import Engine
+
+    async def go() -> list[Any]:
+        async with await Engine.open(db_url) as engine:
+            return [event async for event in engine.events(run_id)]
+
+    return asyncio.run(go())
+
+
+def test_worker_rejects_a_bad_queue_name(invoke: Invoke) -> None:
+    """A queue name with a space is a configuration error (exit 2) naming the problem."""
+    result = invoke("worker", "--queue", "not ok")
+    assert result.exit_code == 2
+    assert "queue must be" in result.stderr

@@ -53,6 +53,16 @@ def test_start_with_an_idempotency_key_returns_the_same_run(invoke: Invoke) -> N
     assert first == second
 
 
+def test_start_with_a_concurrency_key_stores_it_and_runs_show_says_so(invoke: Invoke) -> None:
+    """--concurrency-key reaches the run (its per-key limits group by it)."""
+    run_id = started(invoke("start", "greeter", '{"name": "k"}', "--concurrency-key", "t-1"))
+    assert show_json(invoke, run_id)["concurrency_key"] == "t-1"
+    shown = invoke("runs", "show", run_id, app=None)
+    assert shown.exit_code == 0, shown.output
+    assert "concurrency key" in shown.stdout
+    assert "t-1" in shown.stdout
+
+
 def test_start_reads_input_from_a_file(tmp_path: Path, invoke: Invoke) -> None:
     """INPUT may be @file.json."""
     source = tmp_path / "input.json"

@@ -25,7 +25,7 @@ class Backend:
     blob_store: Any
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for close in reversed(self.closers):
             await close()
 
@@ -47,7 +47,7 @@ async def sqlite_backend(request: pytest.FixtureRequest) -> Backend:
     persistence = await SqlPersistence.open(request.getfixturevalue("treadle_sqlite_url"))
     blobs = FileSystemBlobStore(Path(request.getfixturevalue("tmp_path")) / "blobs")
     backend = Backend("sqlite", persistence, SqlJobTransport(persistence), blobs)
-    backend.closers.append(persistence.close)
+    backend.closers.append(persistence.aclose)
     return backend
 
 
@@ -58,7 +58,7 @@ async def postgres_backend(request: pytest.FixtureRequest) -> Backend:
     backend = Backend(
         "postgres", persistence, SqlJobTransport(persistence), SqlBlobStore(persistence)
     )
-    backend.closers.append(persistence.close)
+    backend.closers.append(persistence.aclose)
     return backend
 
 
@@ -75,7 +75,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     try:
         yield made
     finally:
-        await made.close()
+        await made.aclose()
 
 
 # -- blob stores ---------------------------------------------------------------------
@@ -113,4 +113,4 @@ async def blob_store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     try:
         yield made.blob_store
     finally:
-        await made.close()
+        await made.aclose()

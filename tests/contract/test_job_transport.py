@@ -534,3 +534,33 @@ async def test_get_owned_agrees_with_the_three_reads(backend: Any) -> None:
         assert await owned(tx, "j1", "r1", "other") == (expected[0], None, expected[2])
         assert await owned(tx, "gone", "r1", "workflow") == (*expected[:2], None)
         assert await owned(tx, "j1", "gone", "workflow") == (None, None, expected[2])
+
+
+async def test_a_job_keeps_its_queue_and_dequeue_takes_only_the_queues_named(
+    backend: Any,
+) -> None:
+    """Named queues: a job reads back on its queue; ``dequeue(queues=[...])`` leases only
+    jobs of those queues, in the usual priority-then-FIFO order, and leaves the others
+    queued for their own workers; ``queues=None`` takes any."""
+    await enqueue(
+        backend,
+        make_job("cpu-1"),
+        make_job("gpu-1", queue="gpu"),
+        make_job("gpu-2", queue="gpu", priority=9),
+        make_job("io-1", queue="io"),
+    )
+    got = await get(backend, "gpu-1")
+    assert got is not None
+    assert got.queue == "gpu"
+    default = await get(backend, "cpu-1")
+    assert default is not None
+    assert default.queue == "default"
+
+    leased = await backend.job_transport.dequeue("w-gpu", at(1), limit=10, queues=["gpu"])
+    assert [j.id for j in leased] == ["gpu-2", "gpu-1"]
+    assert {j.queue for j in leased} == {"gpu"}
+    assert await backend.job_transport.dequeue("w-gpu", at(1), limit=10, queues=["gpu"]) == []
+    several = await backend.job_transport.dequeue("w-2", at(1), limit=10, queues=["io", "default"])
+    assert [j.id for j in several] == ["cpu-1", "io-1"]  # FIFO across both queues
+    await enqueue(backend, make_job("late", queue="other"))
+    assert await dequeue_ids(backend, at(1)) == ["late"]  # no queues named: any queue

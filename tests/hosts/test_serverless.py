@@ -64,7 +64,7 @@ async def backend() -> AsyncIterator[Backend]:
     GATE.update(entered=asyncio.Event(), open=asyncio.Event())
     opened = await open_backend("memory://", clock=FakeClock())
     yield opened
-    await opened.close()
+    await opened.aclose()
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ async def main(url: str, runs: int, out: str, concurrency: int, deadline: float)
     finally:
         lines = "".join(json.dumps(record) + "\n" for record in RECORDS)
         await asyncio.to_thread(Path(out).write_text, lines)
-        await engine.close()
+        await engine.aclose()
     return 0
 
 

@@ -84,7 +84,7 @@ async def _run_scenario(url: str, runs: int, tmp_path: Path) -> dict[str, Any]:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        await engine.close()
+        await engine.aclose()
     records = [json.loads(line) for out in outs for line in out.read_text().splitlines()]
     facts["records"] = records
     facts["elapsed"] = elapsed

@@ -71,7 +71,7 @@ async def test_commits_tell_this_processs_watchers_of_the_timed_work_they_wrote(
         await scheduler.schedule("k2", {"type": "run.cancel"}, NOW)
         assert len(heard) == 3
     finally:
-        await persistence.close()
+        await persistence.aclose()
 
 
 @pytest.mark.postgres
@@ -107,4 +107,4 @@ async def test_other_processes_hear_one_due_notify_per_transaction(postgres_url:
         }
     finally:
         await listening.close()
-        await persistence.close()
+        await persistence.aclose()

@@ -28,7 +28,7 @@ async def test_a_transaction_costs_one_server_commit(postgres_url: str) -> None:
     """No pre-ping transaction per checkout: 50 units of work are 50 server commits (the
     liveness check on checkout needs no round trip)."""
     persistence = await SqlPersistence.open(postgres_url, migrate=True)
-    await persistence.close()
+    await persistence.aclose()
     persistence = await SqlPersistence.open(postgres_url)
     before = _xact_commit(postgres_url)
     try:
@@ -36,7 +36,7 @@ async def test_a_transaction_costs_one_server_commit(postgres_url: str) -> None:
             async with persistence.transaction() as tx:
                 await tx.execute(sa.text("SELECT 1"))
     finally:
-        await persistence.close()  # server processes exit and flush their statistics
+        await persistence.aclose()  # server processes exit and flush their statistics
     # A few more than 50: the probe's own statement and late-flushed statistics of the
     # migration's connections. A pre-ping per checkout would make it about 100.
     assert 50 <= _xact_commit(postgres_url) - before <= 56
@@ -62,4 +62,4 @@ async def test_a_pooled_connection_idle_past_the_threshold_is_pinged(
             other = (await tx.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
         assert other != pid
     finally:
-        await persistence.close()
+        await persistence.aclose()

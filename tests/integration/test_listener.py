@@ -125,8 +125,8 @@ async def test_idle_worker_picks_up_run_started_by_another_engine(postgres_url: 
                 assert await handle.result(timeout=10) == {"n": n}
         assert listener.notifications >= 5
     finally:
-        await client.close()
-        await worker_engine.close()
+        await client.aclose()
+        await worker_engine.aclose()
     # Far below the 30 s poll: only the notification can explain it.
     assert sorted(latencies)[len(latencies) // 2] < 1.0, latencies
 
@@ -157,8 +157,8 @@ async def test_notifications_from_the_listeners_own_pool_are_dropped(postgres_ur
         assert listener.ignored >= 1
         assert kinds.count("run") == 1
     finally:
-        await other.close()
-        await engine.close()
+        await other.aclose()
+        await engine.aclose()
 
 
 async def test_one_notify_per_transaction_and_none_for_a_job_taken_by_its_enqueuer(
@@ -213,11 +213,11 @@ async def test_one_notify_per_transaction_and_none_for_a_job_taken_by_its_enqueu
         assert [n async for n in listening.notifies(timeout=0.5)] == []
     finally:
         await listening.close()
-        await persistence.close()
+        await persistence.aclose()
 
 
 async def test_no_session_outlives_engine_close(postgres_url: str) -> None:
-    """After ``Engine.close()`` returns, the listener's connection is closed too, even
+    """After ``Engine.aclose()`` returns, the listener's connection is closed too, even
     when its last subscriber (the worker, a result waiter) left before the engine closed:
     a caller that then blocks the loop (a sync check, a benchmark's reading) must not
     find a session still on the database."""
@@ -230,7 +230,7 @@ async def test_no_session_outlives_engine_close(postgres_url: str) -> None:
         ENTERED[7] = asyncio.Event()
         handle = await engine.start("listen-wf", {"n": 7})
         assert await handle.result(timeout=10) == {"n": 7}  # a run-end watcher too
-    await engine.close()
+    await engine.aclose()
     # No await between the close and the check: the loop gets no chance to finish it.
     with psycopg.connect(_libpq(postgres_url), autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))

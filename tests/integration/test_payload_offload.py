@@ -106,7 +106,7 @@ async def test_large_outputs_round_trip_and_rows_hold_references(database_url: s
         assert stage_done[0].output == output  # type: ignore[attr-defined]
         assert await _payload_blobs(engine)  # the blobs really are in the store
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_raising_the_threshold_still_reads_old_references(database_url: str) -> None:
@@ -119,12 +119,12 @@ async def test_raising_the_threshold_still_reads_old_references(database_url: st
             handle = await engine.start("offload-big-out", {"text": "xyz"})
             output = await handle.result(timeout=20)
     finally:
-        await engine.close()
+        await engine.aclose()
     reopened = await Engine.open(database_url, workflows=[BIG_OUT], payload_max_bytes=None)
     try:
         assert (await reopened.get_run(handle.run_id)).output == output
     finally:
-        await reopened.close()
+        await reopened.aclose()
 
 
 async def test_rollback_leaves_no_row_and_no_blob(database_url: str) -> None:
@@ -167,7 +167,7 @@ async def test_rollback_leaves_no_row_and_no_blob(database_url: str) -> None:
         assert stored.input == run.input
         assert len(await engine.backend.blob_store.list("payloads/")) == 1
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_invalid_threshold_is_refused(sqlite_url: str) -> None:
@@ -195,7 +195,7 @@ async def test_code_workflow_journal_and_signal_payloads_are_offloaded(database_
         (payload,) = await _raw(engine, sa.select(t.signal_inbox.c.payload))
         assert PAYLOAD_REF in payload[0]
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_set_oriented_reads_and_updates_offload_like_the_single_row_ones(
@@ -252,7 +252,7 @@ async def test_set_oriented_reads_and_updates_offload_like_the_single_row_ones(
         async with persistence.transaction() as tx:
             assert (await tx.get_stages_of(["r0"]))["r0"] == [new_stages[0]]
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 # -- user values shaped like references; blobs that went missing --------------------------
@@ -359,7 +359,7 @@ async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     try:
         yield Harness(request.param, engine)
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_the_issue_dict_round_trips_as_input_output_signal_and_step_result(
@@ -543,7 +543,7 @@ async def test_a_missing_step_result_fails_its_code_workflow_run(database_url: s
         run = await engine.get_run(handle.run_id)
         assert run.stages[0].attempt == 2  # the first activation and the failed one
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_a_parked_body_does_not_read_a_lost_step_result_again(database_url: str) -> None:
@@ -567,7 +567,7 @@ async def test_a_parked_body_does_not_read_a_lost_step_result_again(database_url
             assert await handle.result(timeout=SETTLE) == BIG + 1
         assert engine.kernel.deps.sticky.hits == 1
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_a_missing_signal_payload_fails_the_run_that_waits_for_it(
@@ -602,7 +602,7 @@ async def test_a_missing_signal_payload_fails_the_run_that_waits_for_it(
         assert [kind for kind, _ in rows] == ["signal:received"]
         assert rows[0][1].startswith("PayloadMissingError:")
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_a_lost_blob_reads_as_missing_payload_and_is_written_back_unchanged(
@@ -700,7 +700,7 @@ async def test_a_lost_blob_reads_as_missing_payload_and_is_written_back_unchange
         assert [stages[r][0].attempt for r in ids] == [3, 3, 3]
         assert again["lost-a"].status is RunStatus.CANCELLED
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_a_lost_suspended_state_fails_the_batch_stage_at_its_next_poll() -> None:
@@ -767,7 +767,7 @@ async def test_result_of_a_run_whose_output_blob_is_lost_raises_the_named_error(
             key=output[PAYLOAD_REF], size=output["size"], run_id=handle.run_id
         )
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_an_unescaped_row_naming_a_key_outside_payloads_is_not_a_reference(
@@ -798,7 +798,7 @@ async def test_an_unescaped_row_naming_a_key_outside_payloads_is_not_a_reference
             got = await tx.get_runs([f"old{i}" for i in range(len(legacy))])
         assert [got[f"old{i}"].input for i in range(len(legacy))] == legacy
     finally:
-        await engine.close()
+        await engine.aclose()
 
 
 async def test_every_payload_blob_is_referenced_by_a_row(database_url: str) -> None:
@@ -826,4 +826,4 @@ async def test_every_payload_blob_is_referenced_by_a_row(database_url: str) -> N
         assert referenced
         assert set(await _payload_blobs(engine)) == referenced
     finally:
-        await engine.close()
+        await engine.aclose()

@@ -56,7 +56,7 @@ async def persistence(postgres_url: str) -> AsyncIterator[SqlPersistence]:
     try:
         yield made
     finally:
-        await made.close()
+        await made.aclose()
 
 
 async def raw(persistence: SqlPersistence, table: sa.Table, drop: tuple[str, ...]) -> list[Any]:

@@ -65,4 +65,4 @@ async def test_search_attributes_gin_index_exists_and_serves_list_filters(
             plan = "\n".join(row[0] for row in await cursor.fetchall())
         assert "ix_runs_search_attributes" in plan, plan
     finally:
-        await persistence.close()
+        await persistence.aclose()

@@ -100,7 +100,7 @@ async def test_open_with_migrate_creates_a_usable_database(database_url: str) ->
         assert run.created_at == T0
         assert run.created_at.tzinfo is not None
     finally:
-        await persistence.close()
+        await persistence.aclose()
 
 
 # -- error translation ---------------------------------------------------------------
@@ -130,7 +130,7 @@ async def test_unique_violation_is_duplicate_error(database_url: str) -> None:
             await raw_insert()
         assert isinstance(caught.value.__cause__, sa_exc.IntegrityError)
     finally:
-        await persistence.close()
+        await persistence.aclose()
 
 
 async def test_a_caught_duplicate_does_not_spoil_the_transaction(database_url: str) -> None:
@@ -151,7 +151,7 @@ async def test_a_caught_duplicate_does_not_spoil_the_transaction(database_url: s
         async with persistence.transaction() as tx:
             assert await tx.get_run("r2") is not None
     finally:
-        await persistence.close()
+        await persistence.aclose()
 
 
 # -- SQLite ------------------------------------------------------------------------------
@@ -195,8 +195,8 @@ async def test_two_sqlite_persistences_write_concurrently(sqlite_url: str) -> No
         assert [e.sequence for e in events] == list(range(1, 151))
         assert counts == {"PENDING": 151}
     finally:
-        await first.close()
-        await second.close()
+        await first.aclose()
+        await second.aclose()
 
 
 def _all() -> Any:
@@ -214,7 +214,7 @@ async def test_sqlite_runs_in_wal_mode(sqlite_url: str) -> None:
         assert str(mode).lower() == "wal"
         assert int(timeout) >= 5000
     finally:
-        await persistence.close()
+        await persistence.aclose()
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------
@@ -249,8 +249,8 @@ async def test_concurrent_dequeues_never_lease_a_job_twice(postgres_url: str) ->
         assert len(leased) == 150
         assert len(set(leased)) == 150
     finally:
-        await one.close()
-        await two.close()
+        await one.aclose()
+        await two.aclose()
 
 
 @pytest.mark.postgres
@@ -277,8 +277,8 @@ async def test_concurrent_appends_keep_sequences_gap_free(postgres_url: str) -> 
             events = await tx.events_for_run("r")
         assert [e.sequence for e in events] == list(range(1, 161))
     finally:
-        await one.close()
-        await two.close()
+        await one.aclose()
+        await two.aclose()
 
 
 @pytest.mark.postgres
@@ -325,7 +325,7 @@ async def test_terminated_backend_fails_only_the_operation_in_flight(
         async with persistence.transaction() as tx:
             assert await tx.get_run("kept") is not None
     finally:
-        await persistence.close()
+        await persistence.aclose()
 
 
 @pytest.mark.postgres
@@ -345,8 +345,8 @@ async def test_claim_pending_runs_skips_rows_locked_by_another_claimer(postgres_
         assert [r.id for r in second] == ["r1", "r0"]
         assert all(r.status is RunStatus.PENDING for r in first + second)
     finally:
-        await one.close()
-        await two.close()
+        await one.aclose()
+        await two.aclose()
 
 
 # -- URLs and the filesystem blob store ---------------------------------------------------
@@ -409,7 +409,7 @@ async def test_sqlite_readers_do_not_wait_for_a_writer(sqlite_url: str) -> None:
         async with persistence.transaction(read_only=True) as reader:
             assert await reader.get_run("uncommitted") is not None
     finally:
-        await persistence.close()
+        await persistence.aclose()
 
 
 def test_json_columns_decode_null_text_and_bytes_alike() -> None:
@@ -443,4 +443,4 @@ async def test_a_stored_stage_with_an_unknown_status_is_refused(database_url: st
             with pytest.raises(ValueError, match="EXPLODED"):
                 await tx.get_stages("r1")
     finally:
-        await persistence.close()
+        await persistence.aclose()

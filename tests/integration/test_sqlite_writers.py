@@ -41,7 +41,7 @@ async def test_concurrent_writers_in_one_process_all_commit(sqlite_url: str) -> 
         async with persistence.transaction(read_only=True) as tx:
             assert len(await tx.list_runs(RunFilter(limit=50))) == 20
     finally:
-        await persistence.close()
+        await persistence.aclose()
     assert most == 1
 
 
@@ -67,7 +67,7 @@ async def test_a_writer_cancelled_while_queued_for_the_write_gate_stops(sqlite_u
             _, pending = await asyncio.wait(tasks, timeout=5)
             assert not pending, "a cancelled writer kept running"
     finally:
-        await persistence.close()
+        await persistence.aclose()
         running = await _join_connection_threads(before)
     assert not running, f"aiosqlite threads outlived the engine: {running}"
 

@@ -162,7 +162,7 @@ class Backend:
         return self.runner.run(coro)
 
     def close(self) -> None:
-        self.run(self.engine.close())
+        self.run(self.engine.aclose())
         self.runner.close()
 
     def check(self, prop: Callable[[Any], Any]) -> None:

@@ -75,7 +75,7 @@ async def test_failed_checks_are_counted_in_storage_and_fail_the_run_at_the_boun
         events = await run_events(restarted, handle.run_id)
     finally:
         if restarted is not engine:
-            await restarted.close()
+            await restarted.aclose()
     stage = run.stages[0]
     assert (run.status, stage.status, stage.check_failures) == (
         RunStatus.FAILED,

@@ -162,7 +162,7 @@ async def test_only_the_workers_shutdown_releases_without_counting_the_attempt(
     first = worker(engine)
     await first.start()
     await asyncio.wait_for(gate["entered"].wait(), 20)
-    await first.stop(drain_timeout=0)
+    await first.aclose(drain_timeout=0)
     stage, job = await _job_of(engine, handle.run_id, "blocks-once")
     assert (job.status, job.attempts) == (JobStatus.QUEUED, 0)
     assert (stage.status, stage.attempt) == (StageStatus.PENDING, 0)

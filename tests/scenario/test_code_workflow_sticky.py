@@ -269,7 +269,7 @@ async def test_the_least_recently_parked_body_is_evicted_and_its_run_replays() -
 
 
 async def test_kernel_close_drops_every_parked_body() -> None:
-    """``Kernel.close`` (``Engine.close``) closes the parked bodies; their runs are
+    """``Kernel.close`` (``Engine.aclose``) closes the parked bodies; their runs are
     untouched in storage and replay wherever they resume next."""
     ENTERED["probe-finally"] = 1
     te = TestEngine([ticks])

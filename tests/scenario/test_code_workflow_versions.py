@@ -77,9 +77,9 @@ class Deployments:
         )
         return Engine(kernel)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._base is not None:
-            await self._base.close()
+            await self._base.aclose()
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ async def deployments(url: str) -> AsyncIterator[Deployments]:
     try:
         yield opened
     finally:
-        await opened.close()
+        await opened.aclose()
 
 
 async def _until(engine: Engine, run_id: str, check: Any) -> None:
@@ -118,7 +118,7 @@ async def test_resuming_under_another_version_blocks_the_run_until_the_pinned_on
         handle = await v1.start("deploy", {"n": 1})
         await _until(v1, handle.run_id, lambda run, _: run.status is RunStatus.SUSPENDED)
     assert (await v1.get_run(handle.run_id)).workflow_version == "1"
-    await v1.close()
+    await v1.aclose()
 
     v2 = await deployments.open([deploy_v2])
     async with worker(v2):
@@ -147,7 +147,7 @@ async def test_resuming_under_another_version_blocks_the_run_until_the_pinned_on
         )
     assert len(_mismatches(await run_events(v2, handle.run_id))) == 1
     assert (await v2.get_run(handle.run_id)).status is RunStatus.SUSPENDED
-    await v2.close()
+    await v2.aclose()
 
     both = await deployments.open([deploy_v1, deploy_v2])
     async with worker(both):
@@ -165,7 +165,7 @@ async def test_resuming_under_another_version_blocks_the_run_until_the_pinned_on
     assert RAN == ["v1:a", "v1:b", "v2:a2"]
     done = await both.get_run(handle.run_id)
     assert (done.status, done.error, done.workflow_version) == (RunStatus.COMPLETED, None, "1")
-    await both.close()
+    await both.aclose()
 
 
 @workflow(id="napper", input=Order, output=str, version="1")
@@ -190,7 +190,7 @@ async def test_a_due_timer_under_another_version_is_not_fired(
     async with worker(v1):
         handle = await v1.start("napper", {"n": 1})
         await _until(v1, handle.run_id, lambda run, _: run.status is RunStatus.SUSPENDED)
-    await v1.close()
+    await v1.aclose()
 
     v2 = await deployments.open([napper_v2])
     async with worker(v2):
@@ -205,14 +205,14 @@ async def test_a_due_timer_under_another_version_is_not_fired(
     journal = await v2.journal(handle.run_id)
     assert [(e.kind, e.status.value) for e in journal] == [("sleep", "WAITING")]
     assert RAN == []
-    await v2.close()
+    await v2.aclose()
 
     again = await deployments.open([napper_v1])
     async with worker(again):
         clock.advance(timedelta(seconds=61))
         assert await again.handle(handle.run_id).result(timeout=WAIT) == "v1:after"
     assert RAN == ["v1:after"]
-    await again.close()
+    await again.aclose()
 
 
 def test_registry_holds_several_versions_and_starts_the_newest() -> None:

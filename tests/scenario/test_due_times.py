@@ -250,8 +250,8 @@ async def test_timed_work_another_process_committed_runs_when_due(
     try:
         await _runs_in_time(worker_engine, origin, kind)
     finally:
-        await origin.close()
-        await worker_engine.close()
+        await origin.aclose()
+        await worker_engine.aclose()
 
 
 async def test_a_command_scheduled_in_process_runs_when_due(url: str) -> None:

@@ -320,8 +320,8 @@ async def test_code_workflow_commands_are_not_supported_for_pipelines(engine: En
 async def test_closed_engine_refuses_work(url: str) -> None:
     """After close() (idempotent), the engine raises instead of silently reconnecting."""
     engine = await Engine.open(url, workflows=WORKFLOWS)
-    await engine.close()
-    await engine.close()
+    await engine.aclose()
+    await engine.aclose()
     with pytest.raises(TreadleError, match="closed"):
         await engine.start("calc", {"n": 1})
 

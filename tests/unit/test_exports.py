@@ -27,6 +27,7 @@ EXPECTED: dict[str, set[str]] = {
     "treadle": {
         "Engine",
         "Failed",
+        "InvalidWorkerOptionsError",
         "Kernel",
         "NotReady",
         "PayloadMissingError",
@@ -41,6 +42,7 @@ EXPECTED: dict[str, set[str]] = {
         "WorkflowBuilder",
         "WorkflowContext",
         "WorkflowDefinition",
+        "WorkerOptions",
         "__version__",
         "create_kernel",
         "define_batch_stage",
@@ -59,6 +61,7 @@ EXPECTED: dict[str, set[str]] = {
         "Persistence",
         "Scheduler",
         "Transaction",
+        "WorkerRegistry",
         "WorkflowRegistry",
     },
     "treadle.testing": {
@@ -84,6 +87,7 @@ EXPECTED: dict[str, set[str]] = {
         "InMemoryPersistence",
         "InMemoryScheduler",
         "InMemoryTransaction",
+        "InMemoryWorkerRegistry",
     },
 }
 

@@ -128,7 +128,7 @@ async def test_settle_lease(case: Case) -> None:
         will_retry, due = case.event
         assert event.will_retry is will_retry
         assert event.retry_at == {"now": now, "backoff": backoff, "-": None}[due]
-    await backend.close()
+    await backend.aclose()
 
 
 async def test_release_changes_nothing_unless_this_worker_holds_this_attempt() -> None:
@@ -142,7 +142,7 @@ async def test_release_changes_nothing_unless_this_worker_holds_this_attempt() -
         assert result.released is False
     stored = backend.job_transport.jobs[job.id]  # type: ignore[attr-defined]
     assert (stored.status, stored.attempts) == (JobStatus.LEASED, 2)
-    await backend.close()
+    await backend.aclose()
 
 
 async def test_backoff_follows_the_runs_pinned_version() -> None:
@@ -161,4 +161,4 @@ async def test_backoff_follows_the_runs_pinned_version() -> None:
     await _end(kernel, job, "errored")
     stored = backend.job_transport.jobs[job.id]  # type: ignore[attr-defined]
     assert stored.next_poll_at == now + POLICY.delay_for(1, seed=f"{run_id}:s")
-    await backend.close()
+    await backend.aclose()

@@ -99,7 +99,7 @@ async def test_a_release_that_failed_during_an_outage_goes_through_when_storage_
     run = await kernel.get_run(created.workflow_run_id)
     assert run.stages[0].status is StageStatus.PENDING
     await retries.aclose()
-    await backend.close()
+    await backend.aclose()
 
 
 async def test_retries_stop_once_the_lease_is_no_longer_ours() -> None:
@@ -119,4 +119,4 @@ async def test_retries_stop_once_the_lease_is_no_longer_ours() -> None:
     transport: Any = backend.job_transport
     assert transport.jobs[job.id].status is JobStatus.LEASED  # untouched
     await retries.aclose()
-    await backend.close()
+    await backend.aclose()

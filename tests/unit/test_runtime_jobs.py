@@ -47,7 +47,7 @@ async def test_release_only_acts_on_a_lease_the_worker_still_holds() -> None:
     await kernel.dispatch(c.JobExecute(job_id=again.id, worker_id="w1"))
     assert not await release_job(kernel, again, worker_id="w1")  # committed meanwhile
     assert transport.jobs[job.id].status is JobStatus.COMPLETED  # type: ignore[attr-defined]
-    await backend.close()
+    await backend.aclose()
 
 
 async def test_heartbeat_tells_a_running_step_its_run_was_cancelled_elsewhere() -> None:
@@ -96,7 +96,7 @@ async def test_heartbeat_tells_a_running_step_its_run_was_cancelled_elsewhere() 
     assert result is not None
     assert result.ghost
     assert (await here.get_run(created.workflow_run_id)).status.value == "CANCELLED"
-    await backend.close()
+    await backend.aclose()
 
 
 async def test_a_dequeued_attempt_is_keyed_and_a_chained_one_is_not() -> None:
@@ -126,4 +126,4 @@ async def test_a_dequeued_attempt_is_keyed_and_a_chained_one_is_not() -> None:
     assert second is None
     run = await kernel.get_run(job.workflow_run_id)
     assert run.status.value == "COMPLETED"
-    await backend.close()
+    await backend.aclose()

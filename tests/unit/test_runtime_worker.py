@@ -46,7 +46,9 @@ class FlakyTransport:
         self.down = False
         self.failed_dequeues = 0
 
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+    async def dequeue(
+        self, worker_id: str, now: datetime, *, limit: int = 1, queues: Any = None
+    ) -> list[Job]:
         if self.down:
             self.failed_dequeues += 1
             raise TransientStorageError("database unreachable")
@@ -63,7 +65,7 @@ async def backend() -> AsyncIterator[Backend]:
     GATE.update(entered=[], changed=asyncio.Event(), open=asyncio.Event())
     opened = await open_backend("memory://")
     yield opened
-    await opened.close()
+    await opened.aclose()
 
 
 def _kernel(backend: Backend, transport: Any = None) -> Kernel:
@@ -156,7 +158,7 @@ async def test_stop_drains_in_flight_jobs(backend: Backend) -> None:
     await worker.start()
     await _until_entered(1)
     later = await _start(kernel)
-    stopping = asyncio.create_task(worker.stop(drain_timeout=1.0))
+    stopping = asyncio.create_task(worker.aclose(drain_timeout=1.0))
     await asyncio.sleep(0.02)
     assert not stopping.done()
     GATE["open"].set()
@@ -175,7 +177,7 @@ async def test_stop_releases_jobs_past_the_drain_timeout(backend: Backend) -> No
     worker = Worker(kernel, job_poll_interval=0.01, stale_lease_threshold=3600)
     await worker.start()
     await _until_entered(1)
-    await asyncio.wait_for(worker.stop(drain_timeout=0.05), 1.0)
+    await asyncio.wait_for(worker.aclose(drain_timeout=0.05), 1.0)
     assert worker.in_flight == 0
     assert await _status(kernel, run_id) is RunStatus.RUNNING
     jobs = list(backend.job_transport.jobs.values())  # type: ignore[attr-defined]
@@ -203,9 +205,9 @@ async def test_second_stop_shortens_the_drain(backend: Backend) -> None:
     worker = Worker(kernel, job_poll_interval=0.01)
     await worker.start()
     await _until_entered(1)
-    patient = asyncio.create_task(worker.stop(drain_timeout=30))
+    patient = asyncio.create_task(worker.aclose(drain_timeout=30))
     await asyncio.sleep(0)  # let the first stop begin draining
-    await asyncio.wait_for(worker.stop(drain_timeout=0), 1.0)
+    await asyncio.wait_for(worker.aclose(drain_timeout=0), 1.0)
     await asyncio.wait_for(patient, 1.0)
     jobs = list(backend.job_transport.jobs.values())  # type: ignore[attr-defined]
     assert [j.status for j in jobs] == [JobStatus.QUEUED]
@@ -224,7 +226,7 @@ async def test_jobs_dequeued_while_stopping_are_released_not_run(backend: Backen
     transport.worker = worker
     await worker.start()
     await asyncio.wait_for(transport.dequeued.wait(), 1.5)
-    await asyncio.wait_for(worker.stop(drain_timeout=1.0), 1.5)
+    await asyncio.wait_for(worker.aclose(drain_timeout=1.0), 1.5)
     assert GATE["entered"] == []
     jobs = list(backend.job_transport.jobs.values())  # type: ignore[attr-defined]
     assert [j.status for j in jobs] == [JobStatus.QUEUED]
@@ -241,10 +243,12 @@ class _StoppingTransport:
         self.dequeued = asyncio.Event()
         self.stop_task: asyncio.Task[None] | None = None
 
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+    async def dequeue(
+        self, worker_id: str, now: datetime, *, limit: int = 1, queues: Any = None
+    ) -> list[Job]:
         jobs: list[Job] = await self.inner.dequeue(worker_id, now, limit=limit)
         if jobs and self.worker is not None and self.stop_task is None:
-            self.stop_task = asyncio.create_task(self.worker.stop(drain_timeout=1.0))
+            self.stop_task = asyncio.create_task(self.worker.aclose(drain_timeout=1.0))
             await asyncio.sleep(0)  # the stop sets its flag before we return
             self.dequeued.set()
         return jobs
