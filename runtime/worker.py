@@ -62,6 +62,11 @@ RELEASE_GRACE = 2.0
 """Seconds a stopping worker keeps retrying failed releases past its drain deadline."""
 
 
+BEAT_INTERVAL = 10.0
+"""Seconds between a worker's beats into the worker registry at most (its liveness
+window, ``engine.queues(live_within=60)``, spans several)."""
+
+
 class Worker:
     """Executes jobs and runs maintenance against ``kernel`` until stopped.
 
@@ -94,6 +99,7 @@ class Worker:
         self.queues = opts.queues
         self.registry = registry
         self._started_at: datetime | None = None
+        self._next_beat = 0.0
         self.log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=self.worker_id)
         self.last_tick: TickReport | None = None
         self.ticks = 0
@@ -389,7 +395,8 @@ class Worker:
             try:
                 if full:
                     report: TickReport | None = await self.tick()
-                    await self._beat()
+                    if time.monotonic() >= self._next_beat:
+                        await self._beat()
                 elif due:
                     report = await self._due_step(due)
                 elif asked:
@@ -434,10 +441,13 @@ class Worker:
                 await self._sleep_orchestration(next_full)
 
     async def _beat(self) -> None:
-        """Tell the worker registry this worker is alive and which queues it serves (on
-        every full tick). A failed beat only logs: liveness is for operators, not jobs."""
+        """Tell the worker registry this worker is alive and which queues it serves (at
+        its start, then on full ticks at most every ``BEAT_INTERVAL``: a worker ticking
+        every 50 ms must not add a write per tick, which on SQLite every other writer
+        waits for). A failed beat only logs: liveness is for operators, not jobs."""
         if self.registry is None or self._started_at is None:
             return
+        self._next_beat = time.monotonic() + BEAT_INTERVAL
         info = WorkerInfo(
             worker_id=self.worker_id,
             queues=self.queues,
