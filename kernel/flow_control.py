@@ -110,6 +110,23 @@ def keys_of_run(workflow_id: str, concurrency_key: str | None) -> list[FlowKey]:
     return [(workflow_id, None), (workflow_id, concurrency_key)]
 
 
+def tally(
+    keys: Sequence[FlowKey],
+    active: Mapping[FlowKey, int],
+    starts: Mapping[FlowKey, Sequence[datetime]],
+) -> dict[FlowKey, Usage]:
+    """The ``Usage`` of each key from what storage counted: runs holding a slot, and the
+    start times inside its rate window."""
+    return {
+        key: Usage(
+            active=active.get(key, 0),
+            started=len(starts.get(key, ())),
+            oldest_start=min(starts[key]) if starts.get(key) else None,
+        )
+        for key in keys
+    }
+
+
 def limited(wf: LimitedWorkflow) -> bool:
     return (
         wf.concurrency is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
-from treadle.kernel.flow_control import FlowKey, Usage, keys_of_run
+from treadle.kernel.flow_control import FlowKey, Usage, keys_of_run, tally
 from treadle.kernel.model import Run, RunStatus
 
 _HOLDING = (RunStatus.RUNNING, RunStatus.SUSPENDED)
@@ -34,11 +34,4 @@ class InMemoryFlowControl:
                 since = windows.get(key)
                 if since is not None and run.started_at is not None and run.started_at > since:
                     starts.setdefault(key, []).append(run.started_at)
-        return {
-            key: Usage(
-                active=active.get(key, 0),
-                started=len(starts.get(key, ())),
-                oldest_start=min(starts[key]) if key in starts else None,
-            )
-            for key in keys
-        }
+        return tally(keys, active, starts)

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 import treadle.adapters.sql.schema as t
-from treadle.kernel.flow_control import FlowKey, Usage, keys_of_run
+from treadle.kernel.flow_control import FlowKey, Usage, keys_of_run, tally
 from treadle.kernel.model import RunStatus
 
 
@@ -75,11 +75,4 @@ class SqlFlowControl:
                     cutoff = windows.get(key)
                     if cutoff is not None and row.started_at > cutoff:
                         starts.setdefault(key, []).append(row.started_at)
-        return {
-            key: Usage(
-                active=active.get(key, 0),
-                started=len(starts.get(key, ())),
-                oldest_start=min(starts[key]) if key in starts else None,
-            )
-            for key in keys
-        }
+        return tally(keys, active, starts)
