@@ -49,6 +49,8 @@ from treadle.kernel.model import (
     RunFilter,
     RunStatus,
 )
+from treadle.kernel.schedule_client import Schedules, declared_schedules
+from treadle.kernel.schedules import ScheduleDefinition
 from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.options import WorkerOptions
@@ -258,6 +260,11 @@ class Engine:
         self.backend = backend
         self._workers: weakref.WeakSet[Worker] = weakref.WeakSet()
         self._closed = False
+        self.schedules: Schedules = Schedules(
+            kernel.dispatch, kernel.deps.persistence, on_due=self._note_fire_time
+        )
+        """Cron schedules: ``create``, ``update``, ``pause``, ``resume``, ``delete``,
+        ``trigger``, ``get``, ``list`` (docs/schedules.md)."""
         self.run_waiters = RunWaiters(
             kernel.deps.persistence, backend.wake_source if backend is not None else None
         )
@@ -278,6 +285,7 @@ class Engine:
         settings: KernelSettings | None = None,
         logger: Any = None,
         payload_max_bytes: int | None = DEFAULT_PAYLOAD_MAX_BYTES,
+        schedules: Iterable[ScheduleDefinition] = (),
         **engine_options: Any,
     ) -> Engine:
         """Open the backend ``url`` names (``memory://``, ``sqlite:///file.db``,
@@ -286,7 +294,9 @@ class Engine:
         A SQLite file is created and migrated; a PostgreSQL schema must already be at
         head (``treadle migrate``) unless ``auto_migrate=True``. JSON payloads larger
         than ``payload_max_bytes`` are kept in the blob store, the row holding a
-        reference (``None``: always inline); see docs/storage.md.
+        reference (``None``: always inline); see docs/storage.md. The cron schedules
+        the workflows declare (``@workflow(schedule=...)``) and ``schedules``
+        (``define_schedule(...)``) are created, or brought in line with the code.
         """
         _non_empty(url, "url")
         definitions = _definitions(workflows)
@@ -311,6 +321,9 @@ class Engine:
                 settings=settings,
                 logger=logger,
             )
+            declared = [*declared_schedules(definitions), *schedules]
+            if declared:
+                await kernel.schedules.sync(declared)
         except BaseException:
             await backend.aclose()
             raise
@@ -375,6 +388,13 @@ class Engine:
         worker = Worker(self.kernel, WorkerOptions.build(options, overrides), **extra)
         self._workers.add(worker)
         return worker
+
+    def _note_fire_time(self, when: datetime) -> None:
+        """A schedule changed here fires next at ``when``: this engine's workers sleep
+        until then (on memory nothing else would tell them before their next tick)."""
+        for worker in builtins.list(self._workers):
+            if worker.running:
+                worker.note_due(when, "schedule")
 
     def _notify(self) -> None:
         for worker in builtins.list(self._workers):

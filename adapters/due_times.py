@@ -23,10 +23,11 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Literal, get_args
 
-DueKind = Literal["job", "poll", "command"]
+DueKind = Literal["job", "poll", "command", "schedule"]
 """What falls due: ``job`` a queued job's ``next_poll_at`` (taken by a dequeue), ``poll``
 a suspended stage's ``next_poll_at`` (taken by ``stage.pollSuspended``), ``command`` a
-scheduled command's ``run_at`` (taken by the tick's ``scheduled`` step)."""
+scheduled command's ``run_at`` (taken by the tick's ``scheduled`` step), ``schedule`` a
+cron schedule's ``next_fire_at`` (taken by the tick's ``schedules`` step)."""
 
 DUE_KINDS: tuple[DueKind, ...] = get_args(DueKind)
 

@@ -41,6 +41,7 @@ from treadle.adapters.logging import structlog_logger
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
 from treadle.kernel.model import JobStatus
+from treadle.kernel.schedule_client import declared_schedules
 from treadle.runtime.backends import Backend, open_backend
 from treadle.runtime.jobs import execute_job
 from treadle.runtime.options import WorkerOptions
@@ -216,9 +217,13 @@ class ServerlessHost:
         try:
             logger = overrides.pop("logger", None)
             opts = WorkerOptions.build(options, overrides, defaults=SERVERLESS_DEFAULTS)
+            definitions = list(workflows)
             kernel = opened.kernel(
-                list(workflows), logger=structlog_logger("treadle", worker_id=opts.worker_id)
+                definitions, logger=structlog_logger("treadle", worker_id=opts.worker_id)
             )
+            declared = declared_schedules(definitions)
+            if declared:  # @workflow(schedule=...): created, or kept in step with the code
+                await kernel.schedules.sync(declared)
             return cls(kernel, opts, backend=opened, logger=logger)
         except BaseException:
             await opened.aclose()

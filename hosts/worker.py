@@ -37,6 +37,7 @@ from treadle.adapters.urls import redact_url, scrub
 from treadle.hosts.app import load_workflows
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
+from treadle.kernel.schedule_client import declared_schedules
 from treadle.runtime.backends import open_backend
 from treadle.runtime.options import MAX_SECONDS, WorkerOptions
 from treadle.runtime.threads import StageThreadPool
@@ -184,6 +185,9 @@ class WorkerHost:
             kernel = backend.kernel(
                 self.workflows, logger=structlog_logger("treadle", worker_id=self.worker_id)
             )
+            declared = declared_schedules(self.workflows)
+            if declared:  # @workflow(schedule=...): created, or kept in step with the code
+                await kernel.schedules.sync(declared)
             options: dict[str, Any] = {}
             wake_source = getattr(backend, "wake_source", None)
             if wake_source is not None:  # PostgreSQL LISTEN/NOTIFY

@@ -33,6 +33,7 @@ from treadle.kernel.model import (
 )
 from treadle.kernel.registry import Registry
 from treadle.kernel.retry import RetryPolicy
+from treadle.kernel.schedules import Schedule, ScheduleDefinition, define_schedule
 from treadle.kernel.workflows import (
     CodeWorkflowDefinition,
     JournalEntry,
@@ -66,6 +67,8 @@ __all__ = [
     "Run",
     "RunFilter",
     "RunStatus",
+    "Schedule",
+    "ScheduleDefinition",
     "SequentialIds",
     "StageContext",
     "StageDefinition",
@@ -79,6 +82,7 @@ __all__ = [
     "WorkflowDefinition",
     "create_kernel",
     "define_batch_stage",
+    "define_schedule",
     "define_stage",
     "parse_event",
     "workflow",

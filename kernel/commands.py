@@ -18,6 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from treadle.kernel.limits import Duration, Text
 from treadle.kernel.model import Job, JsonValue, RunStatus
+from treadle.kernel.schedules import (
+    MAX_CATCHUP_LIMIT,
+    CatchupPolicy,
+    OverlapPolicy,
+    Schedule,
+    ScheduleSpec,
+)
 
 
 class CommandBase(BaseModel):
@@ -317,6 +324,90 @@ class ReviewDecideResult(ResultBase):
     recorded: bool
 
 
+# -- schedules (cron) ---------------------------------------------------------
+class ScheduleCreate(CommandBase, ScheduleSpec):
+    """Create a cron schedule (``kernel/schedules.py``); its first fire time is the first
+    after now. ``if_exists="update"``: an existing schedule of that id takes this spec
+    instead (its pause state kept): how declared schedules are kept in step with code."""
+
+    type: Literal["schedule.create"] = "schedule.create"
+    schedule_id: Text = Field(min_length=1, max_length=128)
+    paused: bool = False
+    declared: bool = False
+    if_exists: Literal["error", "update"] = "error"
+
+
+class ScheduleCreateResult(ResultBase):
+    schedule: Schedule
+    created: bool = False
+    """False with ``if_exists="update"`` when the schedule existed (it was updated)."""
+
+
+class ScheduleUpdateResult(ResultBase):
+    schedule: Schedule
+
+
+class ScheduleUpdate(CommandBase):
+    """Change a schedule: each field given replaces the stored one (``None``: unchanged,
+    so ``input`` cannot be set to ``null`` here; delete and create instead). A new
+    ``cron`` or ``timezone``, and ``paused=False``, set the next fire time to the first
+    after now (fire times missed while paused are not caught up)."""
+
+    type: Literal["schedule.update"] = "schedule.update"
+    schedule_id: Text = Field(min_length=1, max_length=128)
+    cron: Text | None = Field(default=None, min_length=1, max_length=200)
+    timezone: Text | None = Field(default=None, min_length=1, max_length=64)
+    input: JsonValue = None
+    config: dict[str, JsonValue] | None = None
+    priority: int | None = Field(default=None, ge=0, le=100)
+    catchup: CatchupPolicy | None = None
+    max_catchup: int | None = Field(default=None, ge=1, le=MAX_CATCHUP_LIMIT)
+    misfire_grace: Duration | None = Field(default=None, ge=timedelta(0))
+    overlap: OverlapPolicy | None = None
+    paused: bool | None = None
+
+
+class ScheduleDelete(CommandBase):
+    type: Literal["schedule.delete"] = "schedule.delete"
+    schedule_id: Text = Field(min_length=1, max_length=128)
+
+
+class ScheduleDeleteResult(ResultBase):
+    deleted: bool
+
+
+class ScheduleTrigger(CommandBase):
+    """Start a run of the schedule now, paused or not, under its overlap policy; its
+    next fire time is unchanged. With ``idempotency_key``, a repeated trigger returns
+    the first one's run."""
+
+    type: Literal["schedule.trigger"] = "schedule.trigger"
+    schedule_id: Text = Field(min_length=1, max_length=128)
+
+
+class ScheduleTriggerResult(ResultBase):
+    workflow_run_id: str | None
+    """``None`` when the overlap policy ``skip`` left the previous run alone."""
+    skipped: bool = False
+
+
+class ScheduleFireDue(CommandBase):
+    """Fire every due schedule (up to ``max_schedules``): the maintenance tick's step."""
+
+    type: Literal["schedule.fireDue"] = "schedule.fireDue"
+    max_schedules: int = Field(default=50, ge=1, le=10_000)
+
+
+class ScheduleFireDueResult(ResultBase):
+    schedules: int
+    """Due schedules handled."""
+    fired: int
+    skipped: int
+    """Fire times skipped (missed under the catch-up policy, or by overlap)."""
+    workflow_run_ids: list[str]
+    """The runs started, oldest fire time first per schedule."""
+
+
 @dataclass(frozen=True, slots=True)
 class CommandSpec:
     """One row of the command registry: a command model and the result model it returns.
@@ -352,6 +443,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(RunSignal, RunSignalResult),
     CommandSpec(RunUpdate, RunUpdateResult),
     CommandSpec(ReviewDecide, ReviewDecideResult),
+    CommandSpec(ScheduleCreate, ScheduleCreateResult),
+    CommandSpec(ScheduleUpdate, ScheduleUpdateResult),
+    CommandSpec(ScheduleDelete, ScheduleDeleteResult),
+    CommandSpec(ScheduleTrigger, ScheduleTriggerResult),
+    CommandSpec(ScheduleFireDue, ScheduleFireDueResult),
 )
 """The command registry, in the order the reference lists the commands."""
 

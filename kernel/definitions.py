@@ -23,6 +23,7 @@ from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to
 from treadle.kernel.model import JsonValue
 from treadle.kernel.queues import DEFAULT_QUEUE, check_queue
 from treadle.kernel.retry import DEFAULT_RETRY, RetryPolicy
+from treadle.kernel.schedules import ScheduleDefinition, define_schedule
 from treadle.kernel.text import safe_text
 
 if TYPE_CHECKING:
@@ -332,6 +333,9 @@ class WorkflowDefinition:
     """At most this many runs sharing a ``concurrency_key`` hold a slot at once."""
     rate_limit: RateLimit | None = None
     """At most ``starts`` runs started per ``per`` (per workflow, or per key)."""
+    schedules: tuple[ScheduleDefinition, ...] = ()
+    """Cron schedules declared with the workflow (``schedule="*/5 * * * *"``): an engine
+    opening with it creates them (``kernel/schedules.py``)."""
 
     def stage(self, stage_id: str) -> StageDefinition | None:
         return self.stages.get(stage_id)
@@ -443,6 +447,18 @@ def _dumped_keys(model: Any) -> set[str] | None:
     return keys
 
 
+def declared_schedule(workflow_id: str, cron: str | None) -> tuple[ScheduleDefinition, ...]:
+    """The schedule ``schedule="<cron>"`` declares: id = the workflow's, UTC, no input
+    (``define_schedule`` says more: timezone, input, policies)."""
+    if cron is None:
+        return ()
+    if not isinstance(cron, str):
+        raise DefinitionError(
+            f"workflow {workflow_id!r}: schedule must be a cron expression string, got {cron!r}"
+        )
+    return (define_schedule(workflow_id, cron=cron),)
+
+
 class WorkflowBuilder:
     """Fluent builder: ``WorkflowBuilder(id, input=Model).pipe(a).parallel([b, c]).build()``."""
 
@@ -457,6 +473,7 @@ class WorkflowBuilder:
         concurrency: int | None = None,
         concurrency_per_key: int | None = None,
         rate_limit: RateLimit | None = None,
+        schedule: str | None = None,
     ) -> None:
         try:
             check_queue(queue, f"workflow {id!r}")
@@ -471,6 +488,7 @@ class WorkflowBuilder:
         self._description = description
         self._version = str(version)
         self._queue = queue
+        self._schedule = schedule
         self._groups: list[tuple[StageDefinition, ...]] = []
 
     def pipe(self, stage: StageDefinition) -> WorkflowBuilder:
@@ -532,6 +550,7 @@ class WorkflowBuilder:
             concurrency=self._concurrency,
             concurrency_per_key=self._concurrency_per_key,
             rate_limit=self._rate_limit,
+            schedules=declared_schedule(self._id, self._schedule),
         )
 
     def _check_schemas(self) -> None:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from treadle.ports import (
         BlobStore,
         Clock,
+        CronCalendar,
         EventSink,
         IdGenerator,
         JobTransport,
@@ -89,6 +90,9 @@ class Deps:
     """Where concurrent ``job.execute`` phase-3 commits of this kernel meet (one group)."""
     sticky: StickyCache = field(default_factory=StickyCache)
     """Code-workflow bodies parked between activations (sticky execution)."""
+    cron: CronCalendar | None = None
+    """Cron arithmetic for schedules (``ports/cron.py``); without it the ``schedule.*``
+    commands raise ``NotSupportedError``."""
 
     def workflow(self, workflow_id: str, version: str | None = None) -> WorkflowDefinition:
         """The definition for ``workflow_id``: ``version`` if the registry holds it (a run

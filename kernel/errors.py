@@ -20,7 +20,8 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── RunNotFoundError
     │   ├── StageNotFoundError
     │   ├── StepNotFoundError             a code-workflow run's journal has no such step
-    │   └── JobNotFoundError
+    │   ├── JobNotFoundError
+    │   └── ScheduleNotFoundError         no cron schedule with this id
     ├── ConflictError
     │   ├── DuplicateError                a unique key already exists (both SQL dialects)
     │   ├── ConcurrencyError              an optimistic ``version`` check lost a race (retryable)
@@ -150,6 +151,10 @@ class StepNotFoundError(NotFoundError):
 
 class JobNotFoundError(NotFoundError):
     """No job with this id in the transport."""
+
+
+class ScheduleNotFoundError(NotFoundError):
+    """No cron schedule with this id."""
 
 
 class ConflictError(TreadleError):

@@ -260,6 +260,44 @@ class AnnotationCreated(EventBase):
     stage_id: str | None = None
 
 
+class ScheduleFired(EventBase):
+    """A schedule started a run (stream ``schedule:<id>``, see ``kernel/schedules.py``)."""
+
+    type: Literal["schedule:fired"] = "schedule:fired"
+    schedule_id: str
+    fire_time: datetime
+    run_id: str
+    workflow_id: str
+    manual: bool = False
+    """Started by ``schedule.trigger`` (``fire_time`` is then the trigger's time)."""
+
+
+class ScheduleSkipped(EventBase):
+    """A fire time passed without a run: ``missed`` (catch-up policy after downtime) or
+    ``overlap`` (the previous run was still going and the overlap policy is ``skip``)."""
+
+    type: Literal["schedule:skipped"] = "schedule:skipped"
+    schedule_id: str
+    fire_time: datetime
+    """The (newest) fire time skipped."""
+    reason: Literal["missed", "overlap"]
+    missed_since: datetime | None = None
+    """``missed``: the oldest fire time skipped."""
+    missed_count: int | None = None
+    """``missed``: how many were skipped (``None``: more than the catch-up bound counted)."""
+    run_id: str | None = None
+    """``overlap``: the run still going."""
+
+
+class ScheduleChanged(EventBase):
+    """A schedule was created, updated, paused, resumed or deleted."""
+
+    type: Literal["schedule:changed"] = "schedule:changed"
+    schedule_id: str
+    change: Literal["created", "updated", "paused", "resumed", "deleted"]
+    next_fire_at: datetime | None = None
+
+
 Event = Annotated[
     WorkflowCreated
     | WorkflowStarted
@@ -286,7 +324,10 @@ Event = Annotated[
     | ReviewDecided
     | ChildStarted
     | ChildFinished
-    | AnnotationCreated,
+    | AnnotationCreated
+    | ScheduleFired
+    | ScheduleSkipped
+    | ScheduleChanged,
     Field(discriminator="type"),
 ]
 

@@ -31,6 +31,7 @@ from treadle.kernel.handlers import (
     messages,
     outbox,
     runs,
+    schedules,
     suspended,
 )
 from treadle.kernel.handlers.workflows import query, update_reply_in
@@ -38,6 +39,7 @@ from treadle.kernel.ids import Uuid7Ids
 from treadle.kernel.logging import KernelLogger, StdlibLogger
 from treadle.kernel.model import JsonValue, Run, RunFilter, evolve
 from treadle.kernel.registry import Registry
+from treadle.kernel.schedule_client import Schedules
 from treadle.kernel.workflows.fork import fork_run
 from treadle.kernel.workflows.model import ForkResult, InboxMessage, JournalEntry
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from treadle.ports import (
         BlobStore,
         Clock,
+        CronCalendar,
         EventSink,
         IdGenerator,
         JobTransport,
@@ -78,6 +81,11 @@ def _handlers() -> dict[str, tuple[Handler, bool]]:
         "run.signal": (messages.signal, False),
         "run.update": (messages.update, False),
         "review.decide": (messages.decide_review, False),
+        "schedule.create": (schedules.create, False),
+        "schedule.update": (schedules.update, False),
+        "schedule.delete": (schedules.delete, False),
+        "schedule.trigger": (schedules.trigger, False),
+        "schedule.fireDue": (schedules.fire_due, True),
     }
     _check_handlers(table)
     return table
@@ -102,6 +110,8 @@ class Kernel:
         self.deps = deps
         self.handlers = _handlers()
         self.annotations: Annotations = Annotations(deps)
+        self.schedules: Schedules = Schedules(self.dispatch, deps.persistence)
+        """Manage cron schedules (``kernel/schedule_client.py``)."""
 
     # Typed overloads so callers get the precise result model back.
     @overload
@@ -136,6 +146,16 @@ class Kernel:
     async def dispatch(self, command: c.RunUpdate) -> c.RunUpdateResult: ...
     @overload
     async def dispatch(self, command: c.ReviewDecide) -> c.ReviewDecideResult: ...
+    @overload
+    async def dispatch(self, command: c.ScheduleCreate) -> c.ScheduleCreateResult: ...
+    @overload
+    async def dispatch(self, command: c.ScheduleUpdate) -> c.ScheduleUpdateResult: ...
+    @overload
+    async def dispatch(self, command: c.ScheduleDelete) -> c.ScheduleDeleteResult: ...
+    @overload
+    async def dispatch(self, command: c.ScheduleTrigger) -> c.ScheduleTriggerResult: ...
+    @overload
+    async def dispatch(self, command: c.ScheduleFireDue) -> c.ScheduleFireDueResult: ...
     @overload
     async def dispatch(self, command: c.CommandBase | Mapping[str, Any]) -> c.ResultBase: ...
 
@@ -253,9 +273,12 @@ def create_kernel(
     plugins: Iterable[KernelPlugin] = (),
     settings: KernelSettings | None = None,
     logger: KernelLogger | None = None,
+    cron: CronCalendar | None = None,
 ) -> Kernel:
     """Wire a kernel to its ports. ``registry`` may be a registry or an iterable of
-    definitions; ``ids`` defaults to uuid7 stamped by ``clock``."""
+    definitions; ``ids`` defaults to uuid7 stamped by ``clock``; ``cron`` (the calendar
+    of cron schedules, ``adapters.cron.CroniterCalendar`` in every host) is needed only
+    by the ``schedule.*`` commands."""
     if not hasattr(registry, "get_workflow"):
         registry = Registry(registry)
     deps = Deps(
@@ -270,5 +293,6 @@ def create_kernel(
         plugins=tuple(plugins),
         settings=settings or KernelSettings(),
         logger=logger or StdlibLogger(),
+        cron=cron,
     )
     return Kernel(deps)

@@ -2,6 +2,7 @@
 
 from treadle.ports.blob_store import BlobStore
 from treadle.ports.clock import Clock
+from treadle.ports.cron import CronCalendar
 from treadle.ports.event_sink import EventSink
 from treadle.ports.ids import IdGenerator
 from treadle.ports.job_transport import JobTransport
@@ -9,16 +10,19 @@ from treadle.ports.persistence import Persistence, Transaction
 from treadle.ports.plugin import KernelPlugin
 from treadle.ports.registry import WorkflowRegistry
 from treadle.ports.scheduler import Scheduler
+from treadle.ports.schedules import ScheduleStore
 from treadle.ports.workers import WorkerRegistry
 
 __all__ = [
     "BlobStore",
     "Clock",
+    "CronCalendar",
     "EventSink",
     "IdGenerator",
     "JobTransport",
     "KernelPlugin",
     "Persistence",
+    "ScheduleStore",
     "Scheduler",
     "Transaction",
     "WorkerRegistry",

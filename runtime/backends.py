@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from treadle.adapters.clock import SystemClock
+from treadle.adapters.cron import CroniterCalendar
 from treadle.adapters.event_sinks import LogEventSink
 from treadle.adapters.filesystem import FileSystemBlobStore
 from treadle.adapters.memory import (
@@ -77,7 +78,8 @@ class Backend:
     def kernel(self, registry: Any, **options: Any) -> Kernel:
         """``create_kernel`` on these ports, with ``registry`` (a registry or an iterable
         of definitions) and any other ``create_kernel`` option (``logger``, ``ids``,
-        ``plugins``, ``settings``)."""
+        ``plugins``, ``settings``); cron schedules use croniter unless ``cron`` says."""
+        options.setdefault("cron", CroniterCalendar())
         return create_kernel(
             persistence=self.persistence,
             job_transport=self.job_transport,

@@ -1,9 +1,10 @@
 """When the next piece of timed work falls due, so a worker can sleep until then.
 
-Three kinds of work become due at a time rather than on an event (``DueKind``): a
+Four kinds of work become due at a time rather than on an event (``DueKind``): a
 queued job's retry backoff (``Job.next_poll_at``, kind ``job``), a suspended stage's
-next check or a code workflow's timer (``StageRun.next_poll_at``, kind ``poll``), and a
-command the Scheduler holds (kind ``command``). A worker that only looked at them on
+next check or a code workflow's timer (``StageRun.next_poll_at``, kind ``poll``), a
+command the Scheduler holds (kind ``command``) and a cron schedule's next fire time
+(kind ``schedule``). A worker that only looked at them on
 its maintenance tick (every 10 s by default) would run a 2 s retry up to 10 s late.
 
 A worker keeps the due times it knows in a ``DueSchedule`` and sleeps until the
@@ -77,8 +78,9 @@ class DueSchedule:
 
 
 async def next_due_times(kernel: Kernel) -> dict[DueKind, datetime]:
-    """The earliest due time of each kind among queued jobs, suspended stages and
-    scheduled commands, as storage has them (a port without the query is skipped)."""
+    """The earliest due time of each kind among queued jobs, suspended stages,
+    scheduled commands and cron schedules, as storage has them (a port without the
+    query is skipped)."""
     deps = kernel.deps
     found: dict[DueKind, datetime] = {}
     sources: tuple[tuple[DueKind, Any], ...] = (
@@ -94,4 +96,13 @@ async def next_due_times(kernel: Kernel) -> dict[DueKind, datetime]:
             value = await value
         if value is not None:
             found[kind] = value
+    if deps.cron is not None:  # a kernel without a calendar fires no schedules
+        try:  # the SQL adapters read without SQLite's write lock; others take no option
+            scope: Any = deps.persistence.transaction(read_only=True)  # type: ignore[call-arg]
+        except TypeError:
+            scope = deps.persistence.transaction()
+        async with scope as tx:
+            fire_at = await tx.schedules.next_fire_at()
+        if fire_at is not None:
+            found["schedule"] = fire_at
     return found

@@ -4,14 +4,16 @@ The worker's orchestration loop, the serverless ``run_maintenance_tick``, the
 Lambda schedule handler and ``treadle tick`` all call ``maintenance_tick``, so
 they do the same steps in the same order:
 
-1. ``claim``: claim PENDING runs (enqueues their first jobs);
-2. ``poll_suspended``: check due suspended stages, then transition the resumed runs;
-3. ``scheduled``: dispatch commands the Scheduler holds that are now due;
-4. ``reap_stale``: release leases of workers that stopped heartbeating;
-5. ``flush_outbox``: publish committed events to the EventSink;
-6. ``reap_stuck``: repair or fail RUNNING runs with no activity.
+1. ``schedules``: fire the cron schedules that are due (``schedule.fireDue``);
+2. ``claim``: claim PENDING runs (enqueues their first jobs);
+3. ``poll_suspended``: check due suspended stages, then transition the resumed runs;
+4. ``scheduled``: dispatch commands the Scheduler holds that are now due;
+5. ``reap_stale``: release leases of workers that stopped heartbeating;
+6. ``flush_outbox``: publish committed events to the EventSink;
+7. ``reap_stuck``: repair or fail RUNNING runs with no activity.
 
-Claiming first lets the same tick's flush publish ``workflow:started``; reaping
+Firing schedules first lets the same tick claim the runs they start; claiming before
+the flush lets the same tick's flush publish ``workflow:started``; reaping
 stuck runs last gives every earlier step the chance to move a run before it is
 judged stuck. Each step is isolated: a failing step is recorded in the report
 and the next one still runs, so a broken event sink cannot stop claims.
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from treadle.kernel.model import Job
 
 STEP_ORDER = (
+    "schedules",
     "claim",
     "poll_suspended",
     "scheduled",
@@ -113,6 +116,7 @@ class TickReport(BaseModel):
             or self.result("reap_stale").get("released")
             or self.result("reap_stuck").get("transitioned")
             or self.result("scheduled").get("dispatched")
+            or self.result("schedules").get("fired")
         )
 
 
@@ -237,6 +241,12 @@ async def _scheduled_step(
     return {"due": len(due), "dispatched": dispatched}
 
 
+async def schedules_step(kernel: Kernel, max_schedules: int = 50) -> dict[str, Any]:
+    """``schedule.fireDue``: start the runs of the cron schedules that are due."""
+    result = await kernel.dispatch(c.ScheduleFireDue(max_schedules=max_schedules))
+    return result.model_dump(mode="json")
+
+
 async def due_steps(
     kernel: Kernel,
     *,
@@ -246,14 +256,18 @@ async def due_steps(
     logger: Any = None,
     poll: bool = True,
     scheduled: bool = True,
+    schedules: bool = False,
     on_resumed: Callable[[], None] | None = None,
 ) -> dict[str, TickStep]:
-    """The tick's time-driven steps alone (``poll_suspended``, ``scheduled``), for a
-    worker woken because timed work fell due between two full ticks; ``poll`` and
-    ``scheduled`` say which fell due (a step with nothing due is one query for nothing).
-    ``on_resumed``: as for the poll step (see ``_poll_step``)."""
+    """The tick's time-driven steps alone (``schedules``, ``poll_suspended``,
+    ``scheduled``), for a worker woken because timed work fell due between two full
+    ticks; ``schedules``, ``poll`` and ``scheduled`` say which fell due (a step with
+    nothing due is one query for nothing). ``on_resumed``: as for the poll step (see
+    ``_poll_step``)."""
     log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=worker_id)
     steps: dict[str, TickStep] = {}
+    if schedules:
+        steps["schedules"] = await _run_step("schedules", lambda: schedules_step(kernel), log, None)
     if poll:
         steps["poll_suspended"] = await _run_step(
             "poll_suspended", lambda: _poll_step(kernel, max_checks, log, on_resumed), log, None
@@ -312,6 +326,7 @@ async def maintenance_tick(
         return result.model_dump(mode="json")
 
     steps: dict[str, StepFn] = {
+        "schedules": lambda: schedules_step(kernel),
         "claim": lambda: claim_step(
             kernel, worker_id=worker_id, max_claims=max_claims, chain=chain, take=take
         ),

@@ -51,9 +51,9 @@ if TYPE_CHECKING:
     from treadle.ports.workers import WorkerRegistry
 
 
-_TICK_KINDS: tuple[DueKind, ...] = ("poll", "command")
-"""Timed work the orchestration loop takes (the tick's ``poll_suspended`` and
-``scheduled`` steps); ``job`` is the job loop's."""
+_TICK_KINDS: tuple[DueKind, ...] = ("poll", "command", "schedule")
+"""Timed work the orchestration loop takes (the tick's ``poll_suspended``,
+``scheduled`` and ``schedules`` steps); ``job`` is the job loop's."""
 _ANY_KIND: tuple[DueKind, ...] = ("job", "poll")
 """What an execution's ``next_poll_at`` may be: a job's backoff or a stage's next poll."""
 
@@ -426,9 +426,11 @@ class Worker:
                 if report is not None and (
                     report.result("scheduled").get("dispatched")
                     or report.result("poll_suspended").get("timed_out_workflow_run_ids")
+                    or (not full and report.result("schedules").get("fired"))
                 ):
-                    # A scheduled command (a run.create, a signal) or a timed-out run may
-                    # have left a PENDING run or queued jobs: claim and dequeue now.
+                    # A scheduled command (a run.create, a signal), a cron schedule's fire
+                    # or a timed-out run may have left a PENDING run or queued jobs:
+                    # claim and dequeue now.
                     self._ask_claim()
                     self._ask_jobs()
                 if self._claims_pending and self._free_slots() > 0:
@@ -516,8 +518,9 @@ class Worker:
 
     async def _due_step(self, due: set[DueKind]) -> TickReport:
         """What fell due: suspended stages (batch checks, code-workflow timers) for
-        ``poll``, scheduled commands for ``command``. A resumed run's job is dequeued as
-        soon as the poll returns (``on_resumed``), while its transition runs."""
+        ``poll``, scheduled commands for ``command``, cron schedules for ``schedule``. A
+        resumed run's job is dequeued as soon as the poll returns (``on_resumed``), while
+        its transition runs."""
         started = self.kernel.deps.clock.now()
         async with self._tick_lock:
             steps = await due_steps(
@@ -526,6 +529,7 @@ class Worker:
                 logger=self.log,
                 poll="poll" in due,
                 scheduled="command" in due,
+                schedules="schedule" in due,
                 on_resumed=self._jobs_queued,
             )
         if self._unwatch_due is None:

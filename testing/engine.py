@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from treadle.adapters.cron import CroniterCalendar
 from treadle.adapters.logging import structlog_logger
 from treadle.adapters.memory import (
     CollectingEventSink,
@@ -39,6 +40,8 @@ from treadle.kernel.events import EventBase
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
 from treadle.kernel.model import LogRecord, Run, RunStatus
 from treadle.kernel.registry import Registry
+from treadle.kernel.schedule_client import Schedules, declared_schedules
+from treadle.kernel.schedules import ScheduleDefinition
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
 from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
 from treadle.runtime.jobs import execute_job
@@ -67,6 +70,7 @@ def _tick_moved(report: TickReport) -> bool:
         or poll.get("checked")
         or poll.get("timed_out_workflow_run_ids")
         or report.result("scheduled").get("due")
+        or report.result("schedules").get("schedules")
         or stale.get("released")
         or stale.get("failed")
         or flush.get("published")
@@ -238,6 +242,7 @@ class TestEngine:
         plugins: Iterable[Any] = (),
         ids: Any = None,
         chain: bool = True,
+        schedules: Iterable[ScheduleDefinition] = (),
     ) -> None:
         # ``clock`` lets a caller share one FakeClock with the engine (the pytest plugin's
         # ``fake_clock`` is ``treadle_engine.clock``): a second clock would be a second
@@ -250,6 +255,7 @@ class TestEngine:
         self.blob_store = InMemoryBlobStore()
         self.event_sink = CollectingEventSink()
         self.scheduler = InMemoryScheduler()
+        workflows = list(workflows)
         self.registry = _MockingRegistry(workflows)
         self.chaos = chaos
         self.worker_id = worker_id
@@ -273,11 +279,25 @@ class TestEngine:
             plugins=plugins,
             settings=settings,
             logger=structlog_logger(worker_id=worker_id),
+            cron=CroniterCalendar(),
         )
+        self._unsynced: list[ScheduleDefinition] = [
+            *declared_schedules(workflows),
+            *schedules,
+        ]
+        """Declared schedules not created yet: the first round (``run_until_idle``,
+        ``advance_time``) creates them, at the virtual time it runs at."""
 
     # -- authoring helpers --------------------------------------------------------
     def register(self, workflow: WorkflowDefinition) -> None:
         self.registry.register(workflow)
+        self._unsynced.extend(workflow.schedules)
+
+    @property
+    def schedules(self) -> Schedules:
+        """Manage cron schedules, as ``engine.schedules`` (declared ones exist once the
+        engine has run a round: ``run_until_idle`` or ``advance_time``)."""
+        return self.kernel.schedules
 
     def mock_stage(self, stage_id: str, fn: Callable[..., Any] | Any) -> StageMock:
         """Replace a stage's body (a function of ``ctx``, or a constant output)."""
@@ -405,6 +425,9 @@ class TestEngine:
         while the tick runs, so any lease it finds lost its commit and its release to a
         failure: the tick releases it at once (a stale threshold below zero)."""
         kernel = self.kernel
+        if self._unsynced:  # declared schedules, created at the virtual time of this round
+            pending, self._unsynced = self._unsynced, []
+            await kernel.schedules.sync(pending)
         report = await maintenance_tick(
             kernel,
             worker_id=self.worker_id,
@@ -451,8 +474,23 @@ class TestEngine:
             self.persistence.next_suspended_poll_at(),
             self.persistence.next_timer_at(EXECUTION_TIMEOUT),
             await self.scheduler.next_due_at(),
+            await self._next_fire_at(),
         ]
         return min((t for t in candidates if t is not None), default=None)
+
+    async def _next_fire_at(self) -> datetime | None:
+        """The next fire time still ahead: one already past did not fire in the round
+        just run (its workflow is not registered here, its input no longer validates),
+        and stopping at it again would loop."""
+        now = self.clock.now()
+        return min(
+            (
+                s.next_fire_at
+                for s in self.persistence.schedules.values()
+                if not s.paused and s.next_fire_at is not None and s.next_fire_at > now
+            ),
+            default=None,
+        )
 
     async def advance_time(self, delta: timedelta | float) -> None:
         """Move the virtual clock forward, stopping at every due retry, poll and timer

@@ -20,6 +20,7 @@ from operator import attrgetter
 from typing import Any
 
 from treadle.adapters.memory.flow_control import InMemoryFlowControl
+from treadle.adapters.memory.schedules import InMemoryScheduleStore
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
 from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord
@@ -36,6 +37,7 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
+from treadle.kernel.schedules import Schedule
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 
 _MISSING = object()
@@ -79,6 +81,14 @@ class InMemoryTransaction:
         """Runs this transaction finished: told to ``run_ends`` once it commits."""
         self.final_runs: dict[str, Run] | None = None
         """The terminal runs this transaction wrote, told along with ``ended_runs``."""
+        self._schedules: InMemoryScheduleStore | None = None
+
+    @property
+    def schedules(self) -> InMemoryScheduleStore:
+        """Cron schedules in this unit of work (``adapters/memory/schedules.py``)."""
+        if self._schedules is None:
+            self._schedules = InMemoryScheduleStore(self, self._s.schedules)
+        return self._schedules
 
     @property
     def flow(self) -> InMemoryFlowControl:
@@ -933,6 +943,8 @@ class InMemoryPersistence:
         """run id -> keys of its timers not fired yet (``pending_timers`` reads only those)."""
         self.next_timer_id = 0
         self.run_ends = RunEndWatchers()
+        self.schedules: dict[str, Schedule] = {}
+        """Cron schedules by id (``adapters/memory/schedules.py``)."""
 
     def transaction(self) -> _TransactionScope:
         return _TransactionScope(self)

@@ -61,6 +61,7 @@ from treadle.adapters.sql.payloads import (
     reference_of,
     unescape,
 )
+from treadle.adapters.sql.schedules import SqlScheduleStore
 from treadle.kernel.errors import (
     ConcurrencyError,
     DuplicateError,
@@ -425,6 +426,14 @@ class SqlTransaction:
         self.due: dict[DueKind, datetime] | None = None
         """The earliest due time per kind this transaction wrote (``note_due``): sent as
         one NOTIFY before it commits, told to the due watchers after."""
+        self._schedules: SqlScheduleStore | None = None
+
+    @property
+    def schedules(self) -> SqlScheduleStore:
+        """Cron schedules in this unit of work (``adapters/sql/schedules.py``)."""
+        if self._schedules is None:
+            self._schedules = SqlScheduleStore(self)
+        return self._schedules
 
     @property
     def flow(self) -> SqlFlowControl:

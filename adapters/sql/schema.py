@@ -332,6 +332,20 @@ workers = sa.Table(
     sa.Column("heartbeat_at", UtcDateTime(), nullable=False),
 )
 
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    # Durable cron schedules (adapters/sql/schedules.py): the whole schedule in ``data``,
+    # the columns the tick's due query reads beside it.
+    sa.Column("id", key_type(), primary_key=True),
+    sa.Column("workflow_id", key_type(), nullable=False),
+    sa.Column("paused", sa.Boolean(), nullable=False),
+    sa.Column("next_fire_at", UtcDateTime(), nullable=True),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("data", json_type(), nullable=False),
+    sa.Index("ix_schedules_due", "paused", "next_fire_at"),
+)
+
 __all__ = [
     "VERSION_TABLE",
     "annotations",
@@ -345,6 +359,7 @@ __all__ = [
     "run_event_seq",
     "runs",
     "scheduled_commands",
+    "schedules",
     "signal_inbox",
     "stages",
     "timers",

@@ -3,7 +3,7 @@
 ``--app module:attr`` names the workflows (``TREADLE_APP``), ``--db`` the database
 (``TREADLE_DATABASE_URL``, default ``sqlite:///treadle.db``); each command takes them
 too (``common.DbOption``). Commands live in ``commands``, ``steer``, ``runs``,
-``doctor`` and ``demo``; this module only wires them.
+``schedules``, ``doctor`` and ``demo``; this module only wires them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from treadle.hosts.cli.common import APP_ENV, DB_ENV, DEFAULT_DB, CliState
 from treadle.hosts.cli.demo import demo
 from treadle.hosts.cli.doctor import doctor
 from treadle.hosts.cli.runs import runs_app
+from treadle.hosts.cli.schedules import schedules_app
 
 
 def _version(value: bool) -> None:
@@ -75,6 +76,7 @@ def build_app() -> typer.Typer:
     for fn in (steer.query, steer.update, steer.review):
         app.command()(fn)
     app.add_typer(runs_app, name="runs")
+    app.add_typer(schedules_app, name="schedules")
     app.command()(doctor)
     app.command()(demo)
     return app

@@ -170,6 +170,10 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
                 now - timedelta(seconds=limits.overdue), _SCAN_LIMIT
             )
             dead = await tx.dead_lettered_events(_SCAN_LIMIT)
+            late_schedules = await tx.schedules.due(
+                now - timedelta(seconds=limits.overdue), _SCAN_LIMIT
+            )
+            paused_schedules = await tx.schedules.list(paused=True, limit=_SCAN_LIMIT)
         queues = await engine.queues(live_within=limits.worker_ttl)
     if stuck:
         ids = [r.id for r in stuck]
@@ -209,6 +213,21 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
         )
     )
     checks.append(_queues_check(queues, limits.worker_ttl))
+    late_ids = [s.id for s in late_schedules]
+    paused_ids = [s.id for s in paused_schedules]
+    checks.append(
+        Check(
+            "schedules",
+            "warn" if late_ids else "ok",
+            (
+                f"{_count(len(late_ids))} overdue by {limits.overdue:g}s: {_sample(late_ids)}: "
+                "is a worker or `treadle tick` running?"
+                if late_ids
+                else "none overdue"
+            )
+            + (f"; {_count(len(paused_ids))} paused: {_sample(paused_ids)}" if paused_ids else ""),
+        )
+    )
     runs = sorted({record.event.workflow_run_id for record in dead})
     checks.append(
         Check(

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import Run, RunStatus, StageStatus
+from treadle.kernel.schedules import FIRE_TIME_ATTRIBUTE, SCHEDULE_ATTRIBUTE
 from treadle.kernel.workflows.model import JournalEntry, JournalStatus, Timer
 
 STATUS_STYLES = {
@@ -321,6 +322,10 @@ def run_detail(
         header.add_row("continued as", f"{run.continued_as} (ctx.continue_as_new)")
     if run.concurrency_key:
         header.add_row("concurrency key", run.concurrency_key)
+    scheduled = run.search_attributes.get(SCHEDULE_ATTRIBUTE)
+    if scheduled is not None:
+        fired = run.search_attributes.get(FIRE_TIME_ATTRIBUTE)
+        header.add_row("schedule", f"schedule {scheduled}, fire time {fired}")
     header.add_row("input", truncate(run.input, width * 2))
     if run.output is not None:
         header.add_row("output", truncate(run.output, width * 2))

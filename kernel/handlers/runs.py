@@ -620,41 +620,72 @@ async def cancel(deps: Deps, cmd: c.RunCancel, scope: Scope) -> c.RunCancelResul
         if run.status.terminal:
             result = c.RunCancelResult(cancelled=False)
         else:
-            for stage in await tx.get_stages(run.id):
-                if not stage.status.terminal:
-                    await tx.update_stage(
-                        evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
-                    )
-            await deps.job_transport.cancel_by_run(tx, run.id)
-            # Sagas: a code workflow with compensations to run gets a compensating job.
-            await compensate_on_cancel(deps, tx, run, now)
-            await tx.update_run(
-                evolve(
-                    run,
-                    {
-                        "status": RunStatus.CANCELLED,
-                        "completed_at": now,
-                        "updated_at": now,
-                        "error": cmd.reason,
-                    },
-                )
-            )
-            await tx.append_events(
-                [
-                    WorkflowCancelled(
-                        workflow_run_id=run.id,
-                        timestamp=now,
-                        causation_id=scope.causation_id,
-                        reason=cmd.reason,
-                    )
-                ]
-            )
-            await run_ended(deps, tx, await load_run(tx, run.id), now, scope.causation_id)
+            await cancel_in(deps, tx, run, cmd.reason, scope.causation_id, now)
             result = c.RunCancelResult(cancelled=True)
         await scope.complete(tx, result)
     if result.cancelled:  # executions in this process see ctx.cancelled at once
         deps.inflight.cancel_run(run.id, cmd.reason or "cancelled")
     return result
+
+
+async def cancel_in(
+    deps: Deps,
+    tx: Transaction,
+    run: Run,
+    reason: str | None,
+    causation_id: str | None,
+    now: datetime,
+) -> None:
+    """Cancel the non-terminal ``run`` (loaded ``for_update``) inside ``tx``: what
+    ``run.cancel`` writes, for handlers that cancel a run as part of their own change (a
+    schedule's ``cancel_previous``). The caller tells ``deps.inflight`` once committed."""
+    for stage in await tx.get_stages(run.id):
+        if not stage.status.terminal:
+            await tx.update_stage(
+                evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
+            )
+    await deps.job_transport.cancel_by_run(tx, run.id)
+    # Sagas: a code workflow with compensations to run gets a compensating job.
+    await compensate_on_cancel(deps, tx, run, now)
+    await tx.update_run(
+        evolve(
+            run,
+            {
+                "status": RunStatus.CANCELLED,
+                "completed_at": now,
+                "updated_at": now,
+                "error": reason,
+            },
+        )
+    )
+    await tx.append_events(
+        [
+            WorkflowCancelled(
+                workflow_run_id=run.id, timestamp=now, causation_id=causation_id, reason=reason
+            )
+        ]
+    )
+    await run_ended(deps, tx, await load_run(tx, run.id), now, causation_id)
+
+
+async def start_in(
+    deps: Deps,
+    tx: Transaction,
+    wf: WorkflowDefinition,
+    spec: c.RunCreate,
+    input_json: JsonValue,
+    config_json: dict[str, JsonValue],
+    causation_id: str | None,
+    now: datetime,
+) -> Run:
+    """Insert a new PENDING run of ``wf`` (``spec`` validated by the caller with
+    ``validate_run``), its stages and ``workflow:created`` inside ``tx``: what
+    ``run.create`` writes, for handlers that start a run as part of their own change (a
+    schedule's fire commits the run with the schedule's next fire time)."""
+    run = _new_run(deps, wf, spec, input_json, config_json, now)
+    await _insert_new(tx, run, _new_stages(wf, run), spec, now)
+    await tx.append_events([_created(run, causation_id, now)])
+    return run
 
 
 def _rerun_config(

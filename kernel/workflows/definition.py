@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
 
-from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
+from treadle.kernel.definitions import StageDefinition, WorkflowDefinition, declared_schedule
 from treadle.kernel.errors import DefinitionError, NotSupportedError
 from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import to_duration
@@ -84,6 +84,7 @@ def workflow(
     concurrency: int | None = None,
     concurrency_per_key: int | None = None,
     rate_limit: RateLimit | None = None,
+    schedule: str | None = None,
 ) -> Callable[[WorkflowFn], CodeWorkflowDefinition]:
     """Decorate ``async def body(ctx: WorkflowContext, input) -> output`` as a code
     workflow. ``signals`` optionally maps signal names to payload models, so that
@@ -93,7 +94,9 @@ def workflow(
     cancelled with the reason ``execution timeout``. ``queue``: only workers serving
     that queue run the workflow's body and steps (``treadle worker --queue``).
     ``concurrency``, ``concurrency_per_key`` and ``rate_limit`` cap the runs that start
-    (see ``kernel/flow_control.py``)."""
+    (see ``kernel/flow_control.py``). ``schedule`` (a cron expression, UTC) declares a
+    schedule of the same id that starts a run with no input at each fire time
+    (``define_schedule`` for a timezone, an input or other policies)."""
     if not id or not isinstance(id, str):
         raise DefinitionError("workflow: id must be a non-empty string")
     try:
@@ -102,6 +105,7 @@ def workflow(
     except ValueError as exc:
         raise DefinitionError(str(exc)) from None
     deadline = _positive_timedelta(id, "execution_timeout", execution_timeout)
+    schedules = declared_schedule(id, schedule)
 
     def wrap(fn: WorkflowFn) -> CodeWorkflowDefinition:
         if not inspect.iscoroutinefunction(fn):
@@ -137,6 +141,7 @@ def workflow(
             concurrency=concurrency,
             concurrency_per_key=concurrency_per_key,
             rate_limit=rate_limit,
+            schedules=schedules,
         )
 
     return wrap

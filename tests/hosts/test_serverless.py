@@ -300,3 +300,12 @@ def test_concurrency_must_be_positive() -> None:
     """A bad concurrency fails at construction with the value named."""
     with pytest.raises(ValueError, match="concurrency must be a positive integer, got 0"):
         ServerlessHost(object(), concurrency=0)  # type: ignore[arg-type]
+
+
+async def test_opening_creates_the_schedules_workflows_declare(backend: Backend) -> None:
+    """A serverless host (the Lambda handler's) creates ``schedule=`` schedules when it
+    opens, so a deployment without any long-running worker still fires them."""
+    nightly = WorkflowBuilder("nightly", input=None, schedule="0 3 * * *").pipe(inc).build()
+    host = await ServerlessHost.open("memory://", [nightly], backend=backend)
+    (schedule,) = await host.kernel.schedules.list()
+    assert (schedule.id, schedule.cron, schedule.declared) == ("nightly", "0 3 * * *", True)

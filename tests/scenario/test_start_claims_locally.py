@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from treadle import Engine, RunStatus, StageContext, StageStatus, WorkflowBuilder, define_stage
-from treadle.tests.scenario.helpers import WAIT, run_events, worker
+from treadle.tests.scenario.helpers import WAIT, run_events, until, worker
 
 
 class N(BaseModel):
@@ -85,7 +85,11 @@ async def test_without_a_free_slot_the_run_waits_for_a_claim(engine: Engine) -> 
     it), and is claimed and completed once the slot frees."""
     GATE["gate"] = gate = asyncio.Event()
     try:
-        async with worker(engine, concurrency=1):
+        # No full tick while the runs start: a tick claims PENDING runs whatever the free
+        # slots, so the worker's boot tick must be over and the next one far away.
+        w = engine.worker(concurrency=1, orchestration_interval=60, job_poll_interval=60)
+        async with w:
+            await until(lambda: w.ticks >= 1)
             busy = await engine.start("wf", {"n": 1})
             waiting = await engine.start("wf", {"n": 2})
             assert (await engine.get_run(waiting.run_id)).status is RunStatus.PENDING

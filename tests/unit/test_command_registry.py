@@ -35,6 +35,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "run.signal": {"workflow_run_id": "r", "name": "go"},
     "run.update": {"workflow_run_id": "r", "name": "go"},
     "review.decide": {"workflow_run_id": "r", "review_id": "v", "decision": "approved"},
+    "schedule.create": {"schedule_id": "s", "workflow_id": "wf", "cron": "* * * * *"},
+    "schedule.update": {"schedule_id": "s", "paused": True},
+    "schedule.delete": {"schedule_id": "s"},
+    "schedule.trigger": {"schedule_id": "s"},
+    "schedule.fireDue": {},
 }
 
 

@@ -26,6 +26,10 @@ def _public_errors() -> set[str]:
 EXPECTED: dict[str, set[str]] = {
     "treadle": {
         "Engine",
+        "Schedule",
+        "ScheduleDefinition",
+        "ScheduleNotFoundError",
+        "define_schedule",
         "Failed",
         "InvalidWorkerOptionsError",
         "Kernel",
@@ -54,6 +58,8 @@ EXPECTED: dict[str, set[str]] = {
     "treadle.ports": {
         "BlobStore",
         "Clock",
+        "CronCalendar",
+        "ScheduleStore",
         "EventSink",
         "IdGenerator",
         "JobTransport",

@@ -49,6 +49,7 @@ WF = WorkflowBuilder("wf", input=In).pipe(double).build()
 BATCH_WF = WorkflowBuilder("batch-wf", input=In).pipe(batch).pipe(double).build()
 
 COMMAND_OF_STEP = {
+    "schedules": "schedule.fireDue",
     "claim": "run.claimPending",
     "poll_suspended": "stage.pollSuspended",
     "reap_stale": "lease.reapStale",
@@ -102,8 +103,8 @@ class Harness:
 
 
 async def test_steps_run_in_fixed_order() -> None:
-    """A tick dispatches claim, poll, stale-lease release, outbox flush, stuck reaping, in
-    that order, and the report lists the steps in the same order."""
+    """A tick dispatches schedule fires, claim, poll, stale-lease release, outbox flush,
+    stuck reaping, in that order, and the report lists the steps in the same order."""
     h = Harness()
     await h.start()
     report = await h.tick()
