@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import builtins
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from treadle.kernel.errors import ConcurrencyError, DuplicateError
 from treadle.kernel.model import evolve
 from treadle.kernel.schedules import Schedule
 
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence import InMemoryTransaction
+
+class UndoLog(Protocol):
+    """What the store needs of ``InMemoryTransaction``: writes it can roll back (named
+    by this Protocol, so the transaction's module and this one do not import each other)."""
+
+    def set_item(self, mapping: dict[Any, Any], key: Any, value: Any) -> None: ...
+
+    def del_item(self, mapping: dict[Any, Any], key: Any) -> None: ...
 
 
 class InMemoryScheduleStore:
-    def __init__(self, tx: InMemoryTransaction, rows: dict[str, Schedule]) -> None:
+    def __init__(self, tx: UndoLog, rows: dict[str, Schedule]) -> None:
         self._tx = tx
         self._rows = rows
 

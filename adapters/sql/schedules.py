@@ -11,18 +11,29 @@ from __future__ import annotations
 
 import builtins
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from treadle.adapters.due_times import as_utc
+from treadle.adapters.due_times import DueKind, as_utc
 from treadle.adapters.sql import schema as t
 from treadle.kernel.errors import ConcurrencyError
 from treadle.kernel.model import evolve
 from treadle.kernel.schedules import Schedule
 
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence import SqlTransaction
+
+class SqlUnitOfWork(Protocol):
+    """What the store needs of ``SqlTransaction`` (named by this Protocol, so the
+    transaction's module and this one do not import each other)."""
+
+    @property
+    def is_postgres(self) -> bool: ...
+
+    async def execute(
+        self, statement: sa.Executable, what: str = ..., parameters: Any = ...
+    ) -> Any: ...
+
+    def note_due(self, kind: DueKind, when: datetime) -> None: ...
 
 
 def _row(schedule: Schedule) -> dict[str, Any]:
@@ -41,7 +52,7 @@ def _schedule(row: Any) -> Schedule:
 
 
 class SqlScheduleStore:
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnitOfWork) -> None:
         self._tx = tx
 
     def _note(self, schedule: Schedule) -> None:
