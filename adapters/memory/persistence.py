@@ -946,6 +946,15 @@ class InMemoryPersistence:
         self.schedules: dict[str, Schedule] = {}
         """Cron schedules by id (``adapters/memory/schedules.py``)."""
 
+    def next_schedule_fire_at(self) -> datetime | None:
+        """The earliest fire time of the unpaused schedules, read without a transaction:
+        ``schedule.fireDue`` asks it first, so a tick without due schedules costs nothing
+        here (and a chaos-wrapped harness rolls no dice for it)."""
+        return min(
+            (s.next_fire_at for s in self.schedules.values() if not s.paused and s.next_fire_at),
+            default=None,
+        )
+
     def transaction(self) -> _TransactionScope:
         return _TransactionScope(self)
 

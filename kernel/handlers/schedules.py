@@ -239,6 +239,13 @@ async def fire_due(deps: Deps, cmd: c.ScheduleFireDue, scope: Scope) -> c.Schedu
     kernel lacks (a rolling deploy) or whose input no longer validates is logged and left
     due for a kernel that can fire it, without holding up the others."""
     now = deps.clock.now()
+    peek = getattr(deps.persistence, "next_schedule_fire_at", None)
+    if peek is not None and scope.key is None:
+        # An adapter that knows its next fire time without a transaction (the in-memory
+        # one): nothing due, nothing opened.
+        upcoming = peek()
+        if upcoming is None or upcoming > now:
+            return c.ScheduleFireDueResult(schedules=0, fired=0, skipped=0, workflow_run_ids=[])
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)  # phased: a keyed fire is marked in progress here
         if cached is not None:
