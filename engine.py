@@ -758,7 +758,7 @@ class Engine:
             attributes=attributes,
         )
         async with self.kernel.deps.persistence.transaction() as tx:
-            counts = await tx.count_runs(by, query)
+            counts = await tx.runs.count(by, query)
         return dict(sorted(counts.items()))
 
     async def queues(self, *, live_within: timedelta | float = 60.0) -> builtins.list[QueueInfo]:
@@ -832,7 +832,7 @@ class Engine:
         """Log lines stages wrote with ``ctx.log``, in order."""
         self._check_open()
         async with self.kernel.deps.persistence.transaction() as tx:
-            return await tx.get_logs(_non_empty(run_id, "run_id"))
+            return await tx.logs.for_run(_non_empty(run_id, "run_id"))
 
 
 def _registered(registry: Any) -> builtins.list[WorkflowDefinition]:

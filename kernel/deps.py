@@ -134,7 +134,7 @@ class Scope:
         phased commands, marks the key in progress)."""
         if self.key is None:
             return None
-        record = await tx.get_idempotency(self.key, self.command_type)
+        record = await tx.idempotency.get(self.key, self.command_type)
         now = self._deps.clock.now()
         if record is not None:
             if record.state is IdempotencyState.COMPLETED:
@@ -144,7 +144,7 @@ class Scope:
                     f"{self.command_type} with idempotency key {self.key!r} is still executing"
                 )
         if self._phased:
-            await tx.put_idempotency(
+            await tx.idempotency.put(
                 IdempotencyRecord(
                     key=self.key,
                     command_type=self.command_type,
@@ -159,7 +159,7 @@ class Scope:
         if self.key is None:
             return
         # ``model_dump(mode="json")`` without its keyword handling: this runs per stage.
-        await tx.put_idempotency(
+        await tx.idempotency.put(
             IdempotencyRecord(
                 key=self.key,
                 command_type=self.command_type,
@@ -175,9 +175,9 @@ class Scope:
         if self.key is None or not self.claimed:
             return
         async with self._deps.persistence.transaction() as tx:
-            record = await tx.get_idempotency(self.key, self.command_type)
+            record = await tx.idempotency.get(self.key, self.command_type)
             if record is not None and record.state is IdempotencyState.IN_PROGRESS:
-                await tx.delete_idempotency(self.key, self.command_type)
+                await tx.idempotency.delete(self.key, self.command_type)
 
 
 Handler = Callable[[Deps, Any, Scope], Awaitable[Any]]

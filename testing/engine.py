@@ -377,7 +377,7 @@ class TestEngine:
 
     async def logs(self, run_id: str) -> list[LogRecord]:
         async with self.persistence.transaction() as tx:
-            return await tx.get_logs(run_id)
+            return await tx.logs.for_run(run_id)
 
     # -- driving ----------------------------------------------------------------------
     def _on_error(self, exc: Exception, where: str) -> None:

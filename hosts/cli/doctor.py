@@ -160,16 +160,16 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
         persistence = engine.kernel.deps.persistence
         now = datetime.now(UTC)
         async with persistence.transaction() as tx:
-            stuck = await tx.runs_inactive_since(
+            stuck = await tx.runs.inactive_since(
                 RunStatus.RUNNING, now - timedelta(seconds=limits.stuck), _SCAN_LIMIT
             )
-            pending = await tx.runs_inactive_since(
+            pending = await tx.runs.inactive_since(
                 RunStatus.PENDING, now - timedelta(seconds=limits.pending), _SCAN_LIMIT
             )
-            overdue = await tx.due_suspended_stages(
+            overdue = await tx.stages.due_suspended(
                 now - timedelta(seconds=limits.overdue), _SCAN_LIMIT
             )
-            dead = await tx.dead_lettered_events(_SCAN_LIMIT)
+            dead = await tx.outbox.dead_lettered(_SCAN_LIMIT)
         queues = await engine.queues(live_within=limits.worker_ttl)
     if stuck:
         ids = [r.id for r in stuck]

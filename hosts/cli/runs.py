@@ -219,5 +219,5 @@ async def read_run(engine: Engine, run_id: str) -> Shown:
         shown.code = True
         shown.journal = await engine.journal(run_id)
         async with engine.kernel.deps.persistence.transaction() as tx:
-            shown.timers = await tx.pending_timers(run_id)
+            shown.timers = await tx.timers.pending(run_id)
     return shown

@@ -132,7 +132,7 @@ class _Runtime:
         s = self._started
         try:
             async with self._deps.persistence.transaction() as tx:
-                await tx.append_events(
+                await tx.outbox.append(
                     [
                         StageProgress(
                             workflow_run_id=s.run.id,
@@ -283,9 +283,9 @@ async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started |
             )
             await scope.complete(tx, result)
             return result
-        run = await tx.get_run(job.workflow_run_id, for_update=True)
+        run = await tx.runs.get(job.workflow_run_id, for_update=True)
         # All of the run's stages in one read (the context needs them), ours among them.
-        stages = await tx.get_stages(job.workflow_run_id) if run is not None else []
+        stages = await tx.stages.for_run(job.workflow_run_id) if run is not None else []
         index = _index_of(stages, job.stage_id)
         stage = stages[index] if index >= 0 else None
         if (
@@ -313,12 +313,12 @@ async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started |
                 f"workflow {wf.id!r} version {wf.version} has no stage {stage.stage_id!r}"
             )
         if not _started_by_chain(job, stage):
-            stage = await tx.update_stage(_running(stage, job, now))
+            stage = await tx.stages.update(_running(stage, job, now))
             if run.status is RunStatus.SUSPENDED:
-                run = await tx.update_run(
+                run = await tx.runs.update(
                     evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
                 )
-            await tx.append_events([_started_event(stage, cmd.worker_id, now, scope)])
+            await tx.outbox.append([_started_event(stage, cmd.worker_id, now, scope)])
             stages = _replaced(stages, index, stage)
     return Started(job, run, stage, wf, definition, stages)
 
@@ -576,8 +576,8 @@ async def _commit_together(deps: Deps, group: Sequence[_Commit]) -> list[c.JobEx
     chained: list[Started | None] = []
     async with deps.persistence.transaction() as tx:
         found_jobs = await deps.job_transport.get_many(tx, job_ids)
-        runs = await tx.get_runs(run_ids, for_update=True)
-        stages = await tx.get_stages_of(run_ids)
+        runs = await tx.runs.get_many(run_ids, for_update=True)
+        stages = await tx.stages.for_runs(run_ids)
         # The group's rows are read and its runs locked: the next group may start its
         # reads while this one writes and commits (it waits on the locks of any run the
         # two share, taken in id order by both, so they cannot deadlock).
@@ -604,10 +604,10 @@ async def _commit_in(
     run_id, stage_id = s.run.id, s.stage.stage_id
     chained: Started | None = None
     job = await deps.job_transport.get(tx, s.job.id)
-    run = await tx.get_run(run_id, for_update=True)
+    run = await tx.runs.get(run_id, for_update=True)
     # One read of all stages, under the run's lock: ours for the ownership check, the
     # rest for the transition (only this transaction changes ours from here on).
-    stages = await tx.get_stages(run_id) if run is not None else []
+    stages = await tx.stages.for_run(run_id) if run is not None else []
     index = _index_of(stages, stage_id)
     stage = stages[index] if index >= 0 else None
     if not is_current(job, stage, run, s, cmd.worker_id):
@@ -635,7 +635,7 @@ async def _commit_in(
     stages = _replaced(stages, index, stage)
     if ctx.logs or ctx.annotations:
         if pending:  # their events follow the outcome's
-            await tx.append_events(pending)
+            await tx.outbox.append(pending)
             pending = []
         await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
     if ctx.annotations:  # annotations merged search attributes: the run has moved on
@@ -703,8 +703,8 @@ async def start_leased(
     assert index >= 0  # the transition enqueued a stage of this run
     definition = wf.stage(job.stage_id)
     assert definition is not None  # the transition enqueued a stage of this workflow
-    stage = await tx.update_stage(_running(stages[index], job, now))
-    await tx.append_events([*pending, _started_event(stage, job.worker_id, now, scope)])
+    stage = await tx.stages.update(_running(stages[index], job, now))
+    await tx.outbox.append([*pending, _started_event(stage, job.worker_id, now, scope)])
     stages = _replaced(stages, index, stage)
     return Started(job, run, stage, wf, definition, stages, fresh)
 
@@ -722,7 +722,7 @@ async def _commit_completed(
     """The stage COMPLETED and its job done; ``stage:completed`` goes to ``pending``, for
     the caller to append with whatever the transition adds. The caller builds the result
     once it knows the chained job, so the result is made once, not made and copied."""
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(
             stage,
             {
@@ -763,7 +763,7 @@ async def _commit_suspended(
     now: datetime,
 ) -> tuple[c.JobExecuteResult, StageRun]:
     next_poll = now + suspend.poll_interval
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(
             stage,
             {
@@ -776,7 +776,7 @@ async def _commit_suspended(
         )
     )
     await deps.job_transport.suspend(tx, s.job.id, next_poll)
-    await tx.append_events(
+    await tx.outbox.append(
         [
             StageSuspended(
                 workflow_run_id=stage.workflow_run_id,
@@ -813,7 +813,7 @@ async def _commit_failed(
         stage.attempt, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
     )
     if retry:
-        stage = await tx.update_stage(
+        stage = await tx.stages.update(
             evolve(
                 stage,
                 {
@@ -825,7 +825,7 @@ async def _commit_failed(
             )
         )
         await deps.job_transport.requeue(tx, s.job.id, retry_at, error=message)
-        await tx.append_events(
+        await tx.outbox.append(
             [
                 StageFailed(
                     workflow_run_id=stage.workflow_run_id,

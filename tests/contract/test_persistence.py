@@ -108,9 +108,9 @@ async def fail_after(backend: Any, writes: Callable[[Any], Awaitable[object]]) -
 async def seed(backend: Any, *runs: Run, stages: tuple[StageRun, ...] = ()) -> None:
     async with backend.persistence.transaction() as tx:
         for run in runs:
-            await tx.insert_run(run)
+            await tx.runs.insert(run)
         if stages:
-            await tx.insert_stages(list(stages))
+            await tx.stages.insert_many(list(stages))
 
 
 # -- runs ---------------------------------------------------------------------------
@@ -140,7 +140,7 @@ async def test_inserted_run_reads_back_equal(backend: Any) -> None:
     )
     await seed(backend, run)
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_run("r1")
+        got = await tx.runs.get("r1")
     assert got == run
     for moment in (got.created_at, got.started_at, got.completed_at, got.updated_at):
         assert_utc(moment)
@@ -159,12 +159,12 @@ async def test_timestamps_keep_their_instant_across_zones_and_extremes(backend: 
     await seed(backend, *(make_run(k, created_at=v) for k, v in times.items()))
     async with backend.persistence.transaction() as tx:
         for run_id, moment in times.items():
-            got = await tx.get_run(run_id)
+            got = await tx.runs.get(run_id)
             assert got is not None
             assert got.created_at == moment
-        ordered = [r.id for r in await tx.list_runs(RunFilter())]
-        after = [r.id for r in await tx.list_runs(RunFilter(created_after=plus_two))]
-        before = [r.id for r in await tx.list_runs(RunFilter(created_before=plus_two))]
+        ordered = [r.id for r in await tx.runs.query(RunFilter())]
+        after = [r.id for r in await tx.runs.query(RunFilter(created_after=plus_two))]
+        before = [r.id for r in await tx.runs.query(RunFilter(created_before=plus_two))]
     assert ordered == ["far", "utc-later", "zoned", "ancient"]
     assert after == ["far", "utc-later", "zoned"]
     assert before == ["ancient"]
@@ -174,8 +174,8 @@ async def test_get_run_returns_the_run_without_stages(backend: Any) -> None:
     """Stages live in their own table: a run read back has an empty ``stages`` list."""
     await seed(backend, make_run("r1"), stages=(make_stage("r1", "a"),))
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_run("r1")
-        locked = await tx.get_run("r1", for_update=True)
+        got = await tx.runs.get("r1")
+        locked = await tx.runs.get("r1", for_update=True)
     assert got is not None
     assert got.stages == []
     assert locked == got
@@ -184,9 +184,9 @@ async def test_get_run_returns_the_run_without_stages(backend: Any) -> None:
 async def test_missing_run_reads_as_none(backend: Any) -> None:
     """Reading an unknown run id or idempotency key gives ``None``, not an error."""
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_run("nope") is None
-        assert await tx.get_run("nope", for_update=True) is None
-        assert await tx.find_run_by_key("wf", "nope") is None
+        assert await tx.runs.get("nope") is None
+        assert await tx.runs.get("nope", for_update=True) is None
+        assert await tx.runs.find_by_key("wf", "nope") is None
 
 
 async def test_duplicate_run_id_raises_duplicate_error(backend: Any) -> None:
@@ -194,9 +194,9 @@ async def test_duplicate_run_id_raises_duplicate_error(backend: Any) -> None:
     await seed(backend, make_run("r1", priority=1))
     with pytest.raises(DuplicateError, match="r1"):
         async with backend.persistence.transaction() as tx:
-            await tx.insert_run(make_run("r1", priority=2))
+            await tx.runs.insert(make_run("r1", priority=2))
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_run("r1")
+        got = await tx.runs.get("r1")
     assert got is not None
     assert got.priority == 1
 
@@ -206,10 +206,10 @@ async def test_duplicate_idempotency_key_raises_duplicate_error(backend: Any) ->
     await seed(backend, make_run("r1", idempotency_key="k"))
     with pytest.raises(DuplicateError, match="'k'"):
         async with backend.persistence.transaction() as tx:
-            await tx.insert_run(make_run("r2", idempotency_key="k"))
+            await tx.runs.insert(make_run("r2", idempotency_key="k"))
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_run("r2") is None
-        found = await tx.find_run_by_key("wf", "k")
+        assert await tx.runs.get("r2") is None
+        found = await tx.runs.find_by_key("wf", "k")
     assert found is not None
     assert found.id == "r1"
 
@@ -226,8 +226,8 @@ async def test_idempotency_keys_are_scoped_per_workflow_and_none_never_collides(
         make_run("r4"),
     )
     async with backend.persistence.transaction() as tx:
-        one = await tx.find_run_by_key("wf", "k")
-        other = await tx.find_run_by_key("other", "k")
+        one = await tx.runs.find_by_key("wf", "k")
+        other = await tx.runs.find_by_key("other", "k")
     assert one is not None
     assert one.id == "r1"
     assert other is not None
@@ -239,10 +239,10 @@ async def test_a_caught_duplicate_leaves_the_transaction_usable(backend: Any) ->
     await seed(backend, make_run("r1"))
     async with backend.persistence.transaction() as tx:
         with pytest.raises(DuplicateError):
-            await tx.insert_run(make_run("r1"))
-        await tx.insert_run(make_run("r2"))
+            await tx.runs.insert(make_run("r1"))
+        await tx.runs.insert(make_run("r2"))
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_run("r2") is not None
+        assert await tx.runs.get("r2") is not None
 
 
 async def test_insert_runs_stores_each_and_finds_them_by_key(backend: Any) -> None:
@@ -262,17 +262,17 @@ async def test_insert_runs_stores_each_and_finds_them_by_key(backend: Any) -> No
         for i in range(6)
     ]
     async with backend.persistence.transaction() as tx:
-        await tx.insert_runs(runs)
+        await tx.runs.insert_many(runs)
         # Seen inside the transaction already, as later statements of run.createMany need.
-        inside = await tx.find_runs_by_keys([("wf", "k0")])
+        inside = await tx.runs.find_by_keys([("wf", "k0")])
     assert inside == {("wf", "k0"): runs[1]}
     async with backend.persistence.transaction() as tx:
-        got = [await tx.get_run(run.id) for run in runs]
-        found = await tx.find_runs_by_keys(
+        got = [await tx.runs.get(run.id) for run in runs]
+        found = await tx.runs.find_by_keys(
             [("other", "k0"), ("wf", "k2"), ("wf", "k1"), ("other", "k1"), ("nope", "k0")]
         )
-        assert await tx.find_runs_by_keys([]) == {}
-        assert [r.id for r in await tx.claim_pending_runs(10)] == [
+        assert await tx.runs.find_by_keys([]) == {}
+        assert [r.id for r in await tx.runs.claim_pending(10)] == [
             f"r{i}" for i in range(5, -1, -1)
         ]
     assert got == runs
@@ -298,13 +298,13 @@ async def test_insert_runs_with_a_duplicate_raises_naming_it_and_rolls_back(
     batch = [make_run("r2", idempotency_key="k2", priority=7), make_run("r3"), clash]
     with pytest.raises(DuplicateError, match=repr(clash.id)):
         async with backend.persistence.transaction() as tx:
-            await tx.insert_runs(batch)
+            await tx.runs.insert_many(batch)
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_run("r2") is None
-        assert await tx.get_run("r3") is None
-        assert await tx.find_runs_by_keys([("wf", "k2"), ("wf", "fresh")]) == {}
-        stored = await tx.get_run("r1")
-        assert [r.id for r in await tx.claim_pending_runs(10)] == ["r1"]
+        assert await tx.runs.get("r2") is None
+        assert await tx.runs.get("r3") is None
+        assert await tx.runs.find_by_keys([("wf", "k2"), ("wf", "fresh")]) == {}
+        stored = await tx.runs.get("r1")
+        assert [r.id for r in await tx.runs.claim_pending(10)] == ["r1"]
     assert stored is not None
     assert stored.idempotency_key == "k"
 
@@ -313,39 +313,39 @@ async def test_stages_of_runs_inserted_in_the_same_transaction(backend: Any) -> 
     """Stages added to runs the same transaction inserted (as ``run.create`` does) keep
     their order across calls, and a repeated stage id is still a duplicate."""
     async with backend.persistence.transaction() as tx:
-        await tx.insert_runs([make_run("r1"), make_run("r2")])
-        await tx.insert_run(make_run("r3"))
-        await tx.insert_stages(
+        await tx.runs.insert_many([make_run("r1"), make_run("r2")])
+        await tx.runs.insert(make_run("r3"))
+        await tx.stages.insert_many(
             [make_stage("r1", "b", 1), make_stage("r2", "a"), make_stage("r1", "a")]
         )
-        await tx.insert_stages([make_stage("r1", "c", 1), make_stage("r3", "a")])
+        await tx.stages.insert_many([make_stage("r1", "c", 1), make_stage("r3", "a")])
         with pytest.raises(DuplicateError, match="'b'"):
-            await tx.insert_stages([make_stage("r1", "b", 2)])
+            await tx.stages.insert_many([make_stage("r1", "b", 2)])
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_stages("r1") == [
+        assert await tx.stages.for_run("r1") == [
             make_stage("r1", "a"),
             make_stage("r1", "b", 1),
             make_stage("r1", "c", 1),
         ]
-        assert [s.stage_id for s in await tx.get_stages("r2")] == ["a"]
-        assert [s.stage_id for s in await tx.get_stages("r3")] == ["a"]
-        await tx.insert_stages([make_stage("r1", "d", 1)])
+        assert [s.stage_id for s in await tx.stages.for_run("r2")] == ["a"]
+        assert [s.stage_id for s in await tx.stages.for_run("r3")] == ["a"]
+        await tx.stages.insert_many([make_stage("r1", "d", 1)])
     async with backend.persistence.transaction() as tx:
-        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b", "c", "d"]
+        assert [s.stage_id for s in await tx.stages.for_run("r1")] == ["a", "b", "c", "d"]
 
 
 async def test_update_run_bumps_the_version(backend: Any) -> None:
     """``update_run`` stores the change and returns the run with ``version + 1``."""
     await seed(backend, make_run("r1"))
     async with backend.persistence.transaction() as tx:
-        run = await tx.get_run("r1", for_update=True)
+        run = await tx.runs.get("r1", for_update=True)
         assert run is not None
-        new = await tx.update_run(
+        new = await tx.runs.update(
             evolve(run, {"status": RunStatus.RUNNING, "started_at": at(5), "updated_at": at(5)})
         )
     assert new.version == run.version + 1
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_run("r1")
+        got = await tx.runs.get("r1")
     assert got == new
     assert got.status is RunStatus.RUNNING
 
@@ -354,14 +354,14 @@ async def test_update_run_with_a_stale_version_raises_concurrency_error(backend:
     """A writer holding an old version loses: ``ConcurrencyError``, and the winner's data stays."""
     await seed(backend, make_run("r1"))
     async with backend.persistence.transaction() as tx:
-        stale = await tx.get_run("r1")
+        stale = await tx.runs.get("r1")
         assert stale is not None
-        await tx.update_run(evolve(stale, {"priority": 8}))
+        await tx.runs.update(evolve(stale, {"priority": 8}))
     with pytest.raises(ConcurrencyError, match="r1"):
         async with backend.persistence.transaction() as tx:
-            await tx.update_run(evolve(stale, {"priority": 1}))
+            await tx.runs.update(evolve(stale, {"priority": 1}))
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_run("r1")
+        got = await tx.runs.get("r1")
     assert got is not None
     assert (got.priority, got.version) == (8, 1)
 
@@ -370,12 +370,12 @@ async def test_update_of_a_missing_run_raises_concurrency_error(backend: Any) ->
     """Updating a run that does not exist is a ``ConcurrencyError`` (it was deleted)."""
     with pytest.raises(ConcurrencyError, match="ghost"):
         async with backend.persistence.transaction() as tx:
-            await tx.update_run(make_run("ghost"))
+            await tx.runs.update(make_run("ghost"))
 
 
 async def _list_ids(backend: Any, **filter_fields: Any) -> list[str]:
     async with backend.persistence.transaction() as tx:
-        return [r.id for r in await tx.list_runs(RunFilter(**filter_fields))]
+        return [r.id for r in await tx.runs.query(RunFilter(**filter_fields))]
 
 
 async def test_list_runs_filters_and_orders_newest_first(backend: Any) -> None:
@@ -446,7 +446,7 @@ async def test_list_runs_attribute_filters_combine_keys_and_odd_names(backend: A
     assert await _list_ids(backend, attributes={"k": {"x": "1"}, "qé t": 2}) == []
     assert await _list_ids(backend, attributes={"k": {"x": "1"}}) == ["c"]
     async with backend.persistence.transaction() as tx:
-        counts = await tx.count_runs("status", RunFilter(attributes={"k.x": "1", "qé t": 2.0}))
+        counts = await tx.runs.count("status", RunFilter(attributes={"k.x": "1", "qé t": 2.0}))
     assert counts == {"PENDING": 2}
 
 
@@ -467,15 +467,15 @@ async def test_count_runs_groups_by_status_or_workflow(backend: Any) -> None:
         make_run("d", created_at=at(10)),
     )
     async with backend.persistence.transaction() as tx:
-        by_status = await tx.count_runs("status", RunFilter())
-        by_workflow = await tx.count_runs("workflow_id", RunFilter())
-        recent = await tx.count_runs("status", RunFilter(created_after=at(10)))
-        empty = await tx.count_runs("status", RunFilter(workflow_id="none"))
-        settled = await tx.count_runs(
+        by_status = await tx.runs.count("status", RunFilter())
+        by_workflow = await tx.runs.count("workflow_id", RunFilter())
+        recent = await tx.runs.count("status", RunFilter(created_after=at(10)))
+        empty = await tx.runs.count("status", RunFilter(workflow_id="none"))
+        settled = await tx.runs.count(
             "status", RunFilter(statuses=frozenset({RunStatus.COMPLETED, RunStatus.FAILED}))
         )
         with pytest.raises(ValueError, match="priority"):
-            await tx.count_runs("priority", RunFilter())
+            await tx.runs.count("priority", RunFilter())
     assert by_status == {"COMPLETED": 2, "FAILED": 1, "PENDING": 1}
     assert by_workflow == {"wf": 3, "other": 1}
     assert recent == {"FAILED": 1, "PENDING": 1}
@@ -495,8 +495,8 @@ async def test_claim_pending_runs_orders_by_priority_then_fifo(backend: Any) -> 
         make_run("done", priority=10, status=RunStatus.COMPLETED),
     )
     async with backend.persistence.transaction() as tx:
-        claimed = [r.id for r in await tx.claim_pending_runs(10)]
-        first_two = [r.id for r in await tx.claim_pending_runs(2)]
+        claimed = [r.id for r in await tx.runs.claim_pending(10)]
+        first_two = [r.id for r in await tx.runs.claim_pending(2)]
     assert claimed == ["high-early", "high-late", "mid", "low"]
     assert first_two == ["high-early", "high-late"]
 
@@ -512,8 +512,8 @@ async def test_runs_inactive_since_selects_by_status_and_updated_at(backend: Any
         make_run("other-status", status=RunStatus.SUSPENDED, updated_at=at(0)),
     )
     async with backend.persistence.transaction() as tx:
-        stuck = [r.id for r in await tx.runs_inactive_since(RunStatus.RUNNING, at(30), 10)]
-        one = [r.id for r in await tx.runs_inactive_since(RunStatus.RUNNING, at(30), 1)]
+        stuck = [r.id for r in await tx.runs.inactive_since(RunStatus.RUNNING, at(30), 10)]
+        one = [r.id for r in await tx.runs.inactive_since(RunStatus.RUNNING, at(30), 1)]
     assert stuck == ["older", "old"]
     assert one == ["older"]
 
@@ -545,9 +545,9 @@ async def test_stage_reads_back_equal(backend: Any) -> None:
     )
     await seed(backend, make_run("r1"), stages=(stage,))
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_stage("r1", "poll")
-        assert await tx.get_stage("r1", "nope") is None
-        assert await tx.get_stages("nope") == []
+        got = await tx.stages.get("r1", "poll")
+        assert await tx.stages.get("r1", "nope") is None
+        assert await tx.stages.for_run("nope") == []
     assert got == stage
     for moment in (got.started_at, got.completed_at, got.next_poll_at, got.suspend_deadline):
         assert_utc(moment)
@@ -559,19 +559,19 @@ async def test_stage_traceback_is_stored_and_cleared_by_update(backend: Any) -> 
     await seed(backend, make_run("r1"), stages=(make_stage("r1", "s"),))
     long = TRACEBACK + "x" * (MAX_TRACEBACK_CHARS - len(TRACEBACK))
     async with backend.persistence.transaction() as tx:
-        stage = await tx.get_stage("r1", "s")
-        failed = await tx.update_stage(
+        stage = await tx.stages.get("r1", "s")
+        failed = await tx.stages.update(
             stage.model_copy(
                 update={"status": StageStatus.FAILED, "error": "E", "error_traceback": long}
             )
         )
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_stage("r1", "s")
+        got = await tx.stages.get("r1", "s")
         assert got == failed
         assert got.error_traceback == long
-        await tx.update_stage(got.model_copy(update={"error_traceback": None}))
+        await tx.stages.update(got.model_copy(update={"error_traceback": None}))
     async with backend.persistence.transaction() as tx:
-        assert (await tx.get_stage("r1", "s")).error_traceback is None
+        assert (await tx.stages.get("r1", "s")).error_traceback is None
 
 
 async def test_get_stages_orders_by_group_then_definition_order(backend: Any) -> None:
@@ -587,9 +587,9 @@ async def test_get_stages_orders_by_group_then_definition_order(backend: Any) ->
         ),
     )
     async with backend.persistence.transaction() as tx:
-        await tx.insert_stages([make_stage("r1", "c-par", 1)])
+        await tx.stages.insert_many([make_stage("r1", "c-par", 1)])
     async with backend.persistence.transaction() as tx:
-        order = [s.stage_id for s in await tx.get_stages("r1")]
+        order = [s.stage_id for s in await tx.stages.for_run("r1")]
     assert order == ["m-first", "b-par", "a-par", "c-par", "z-late"]
 
 
@@ -598,37 +598,37 @@ async def test_duplicate_stage_raises_duplicate_error(backend: Any) -> None:
     await seed(backend, make_run("r1"), make_run("r2"), stages=(make_stage("r1", "a"),))
     with pytest.raises(DuplicateError, match="'a'"):
         async with backend.persistence.transaction() as tx:
-            await tx.insert_stages([make_stage("r1", "a")])
+            await tx.stages.insert_many([make_stage("r1", "a")])
     async with backend.persistence.transaction() as tx:
-        await tx.insert_stages([make_stage("r2", "a")])
-        assert len(await tx.get_stages("r2")) == 1
+        await tx.stages.insert_many([make_stage("r2", "a")])
+        assert len(await tx.stages.for_run("r2")) == 1
 
 
 async def test_stages_need_their_run(backend: Any) -> None:
     """Inserting stages for a run that does not exist is a conflict naming the run."""
     with pytest.raises(ConflictError, match="no-run"):
         async with backend.persistence.transaction() as tx:
-            await tx.insert_stages([make_stage("no-run", "a")])
+            await tx.stages.insert_many([make_stage("no-run", "a")])
 
 
 async def test_update_stage_is_optimistic(backend: Any) -> None:
     """``update_stage`` bumps the version; a stale or missing stage raises ``ConcurrencyError``."""
     await seed(backend, make_run("r1"), stages=(make_stage("r1", "a"),))
     async with backend.persistence.transaction() as tx:
-        stale = await tx.get_stage("r1", "a")
+        stale = await tx.stages.get("r1", "a")
         assert stale is not None
-        new = await tx.update_stage(
+        new = await tx.stages.update(
             evolve(stale, {"status": StageStatus.RUNNING, "attempt": 1, "started_at": at(1)})
         )
     assert new.version == 1
     with pytest.raises(ConcurrencyError, match="'a'"):
         async with backend.persistence.transaction() as tx:
-            await tx.update_stage(evolve(stale, {"status": StageStatus.FAILED}))
+            await tx.stages.update(evolve(stale, {"status": StageStatus.FAILED}))
     with pytest.raises(ConcurrencyError):
         async with backend.persistence.transaction() as tx:
-            await tx.update_stage(make_stage("r1", "missing"))
+            await tx.stages.update(make_stage("r1", "missing"))
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_stage("r1", "a") == new
+        assert await tx.stages.get("r1", "a") == new
 
 
 async def test_due_suspended_stages(backend: Any) -> None:
@@ -648,15 +648,15 @@ async def test_due_suspended_stages(backend: Any) -> None:
         ),
     )
     async with backend.persistence.transaction() as tx:
-        due = [(s.workflow_run_id, s.stage_id) for s in await tx.due_suspended_stages(at(10), 10)]
-        first = [s.stage_id for s in await tx.due_suspended_stages(at(10), 1)]
-        early = await tx.get_stage("r2", "early")
+        due = [(s.workflow_run_id, s.stage_id) for s in await tx.stages.due_suspended(at(10), 10)]
+        first = [s.stage_id for s in await tx.stages.due_suspended(at(10), 1)]
+        early = await tx.stages.get("r2", "early")
         assert early is not None
-        await tx.update_stage(evolve(early, {"status": StageStatus.COMPLETED}))
+        await tx.stages.update(evolve(early, {"status": StageStatus.COMPLETED}))
     assert due == [("r2", "early"), ("r1", "due-now")]
     assert first == ["early"]
     async with backend.persistence.transaction() as tx:
-        after = [s.stage_id for s in await tx.due_suspended_stages(at(100), 10)]
+        after = [s.stage_id for s in await tx.stages.due_suspended(at(100), 10)]
     assert after == ["due-now", "future", "late"]
 
 
@@ -678,14 +678,14 @@ async def test_due_timers_of_one_purpose_across_runs(backend: Any) -> None:
         )
 
     async with backend.persistence.transaction() as tx:
-        await tx.schedule_timer(timer("r1", "deadline", 10, "execution_timeout"))
-        await tx.schedule_timer(timer("r2", "deadline", 5, "execution_timeout"))
-        await tx.schedule_timer(timer("r2", "later", 50, "execution_timeout"))
-        await tx.schedule_timer(timer("r1", "nap", 1, "sleep"))
+        await tx.timers.schedule(timer("r1", "deadline", 10, "execution_timeout"))
+        await tx.timers.schedule(timer("r2", "deadline", 5, "execution_timeout"))
+        await tx.timers.schedule(timer("r2", "later", 50, "execution_timeout"))
+        await tx.timers.schedule(timer("r1", "nap", 1, "sleep"))
     async with backend.persistence.transaction() as tx:
-        due = await tx.due_timers(at(10), 10, purpose="execution_timeout")
-        first = await tx.due_timers(at(10), 1, purpose="execution_timeout")
-        assert await tx.fire_timer("r2", "deadline", 0, at(11))
+        due = await tx.timers.due(at(10), 10, purpose="execution_timeout")
+        first = await tx.timers.due(at(10), 1, purpose="execution_timeout")
+        assert await tx.timers.fire("r2", "deadline", 0, at(11))
     assert [(t.workflow_run_id, t.name, t.fire_at) for t in due] == [
         ("r2", "deadline", at(5)),
         ("r1", "deadline", at(10)),
@@ -693,7 +693,7 @@ async def test_due_timers_of_one_purpose_across_runs(backend: Any) -> None:
     assert [t.workflow_run_id for t in first] == ["r2"]
     assert_utc(due[0].fire_at)
     async with backend.persistence.transaction() as tx:
-        after = await tx.due_timers(at(100), 10, purpose="execution_timeout")
+        after = await tx.timers.due(at(100), 10, purpose="execution_timeout")
     assert [(t.workflow_run_id, t.name) for t in after] == [("r1", "deadline"), ("r2", "later")]
 
 
@@ -777,12 +777,12 @@ async def test_events_read_back_as_the_same_typed_models(backend: Any) -> None:
     await seed(backend, make_run("r1"))
     written = every_event("r1")
     async with backend.persistence.transaction() as tx:
-        stored = await tx.append_events(written)
+        stored = await tx.outbox.append(written)
     assert [e.sequence for e in stored] == list(range(1, len(written) + 1))
     assert stored == [e.model_copy(update={"sequence": i + 1}) for i, e in enumerate(written)]
     async with backend.persistence.transaction() as tx:
-        read = await tx.events_for_run("r1")
-        later = await tx.events_for_run("r1", after_sequence=13)
+        read = await tx.outbox.events_for_run("r1")
+        later = await tx.outbox.events_for_run("r1", after_sequence=13)
     assert read == stored
     assert [type(e) for e in read] == [type(e) for e in written]
     for event in read:
@@ -794,11 +794,11 @@ async def test_event_sequences_are_gap_free_per_run(backend: Any) -> None:
     """Each run numbers its events 1, 2, 3... across transactions, interleaved with other
     runs, and a rolled-back append gives its numbers back."""
     async with backend.persistence.transaction() as tx:
-        first = await tx.append_events([created("a"), created("b"), created("a")])
+        first = await tx.outbox.append([created("a"), created("b"), created("a")])
     with pytest.raises(BoomError):
-        await fail_after(backend, lambda tx: tx.append_events([created("a"), created("b")]))
+        await fail_after(backend, lambda tx: tx.outbox.append([created("a"), created("b")]))
     async with backend.persistence.transaction() as tx:
-        second = await tx.append_events([created("b"), created("a"), created("c")])
+        second = await tx.outbox.append([created("b"), created("a"), created("c")])
     assert [(e.workflow_run_id, e.sequence) for e in first + second] == [
         ("a", 1),
         ("b", 1),
@@ -808,20 +808,20 @@ async def test_event_sequences_are_gap_free_per_run(backend: Any) -> None:
         ("c", 1),
     ]
     async with backend.persistence.transaction() as tx:
-        assert [e.sequence for e in await tx.events_for_run("a")] == [1, 2, 3]
-        assert [e.sequence for e in await tx.events_for_run("b")] == [1, 2]
-        assert await tx.append_events([]) == []
+        assert [e.sequence for e in await tx.outbox.events_for_run("a")] == [1, 2, 3]
+        assert [e.sequence for e in await tx.outbox.events_for_run("b")] == [1, 2]
+        assert await tx.outbox.append([]) == []
 
 
 async def test_unpublished_events_come_oldest_first(backend: Any) -> None:
     """The unpublished outbox is returned in append order (per-run order kept), up to limit."""
     async with backend.persistence.transaction() as tx:
-        await tx.append_events([created("a", 0), created("b", 1), created("a", 2)])
+        await tx.outbox.append([created("a", 0), created("b", 1), created("a", 2)])
     async with backend.persistence.transaction() as tx:
-        await tx.append_events([created("b", 3)])
+        await tx.outbox.append([created("b", 3)])
     async with backend.persistence.transaction() as tx:
-        records = await tx.unpublished_events(10)
-        two = await tx.unpublished_events(2)
+        records = await tx.outbox.unpublished(10)
+        two = await tx.outbox.unpublished(2)
     assert [(r.event.workflow_run_id, r.event.sequence) for r in records] == [
         ("a", 1),
         ("b", 1),
@@ -845,14 +845,14 @@ async def test_unpublished_events_come_oldest_first(backend: Any) -> None:
 async def test_mark_published_removes_events_from_the_outbox_only(backend: Any) -> None:
     """Published rows leave the unpublished list, but the run's event history keeps them."""
     async with backend.persistence.transaction() as tx:
-        await tx.append_events([created("a"), created("a"), created("a")])
+        await tx.outbox.append([created("a"), created("a"), created("a")])
     async with backend.persistence.transaction() as tx:
-        records = await tx.unpublished_events(10)
-        await tx.mark_published([records[0].id, records[1].id])
-        await tx.mark_published([])
+        records = await tx.outbox.unpublished(10)
+        await tx.outbox.mark_published([records[0].id, records[1].id])
+        await tx.outbox.mark_published([])
     async with backend.persistence.transaction() as tx:
-        left = await tx.unpublished_events(10)
-        history = await tx.events_for_run("a")
+        left = await tx.outbox.unpublished(10)
+        history = await tx.outbox.events_for_run("a")
     assert [r.id for r in left] == [records[2].id]
     assert [e.sequence for e in history] == [1, 2, 3]
 
@@ -861,32 +861,32 @@ async def test_mark_published_is_idempotent(backend: Any) -> None:
     """Marking rows published again, or ids that do not exist, is a no-op: two flushers that
     race, or a replay of an already published event, do not fail."""
     async with backend.persistence.transaction() as tx:
-        await tx.append_events([created("a"), created("a")])
+        await tx.outbox.append([created("a"), created("a")])
     async with backend.persistence.transaction() as tx:
-        first, second = await tx.unpublished_events(10)
-        await tx.mark_published([first.id])
+        first, second = await tx.outbox.unpublished(10)
+        await tx.outbox.mark_published([first.id])
     async with backend.persistence.transaction() as tx:
-        await tx.mark_published([first.id, 999_999])
+        await tx.outbox.mark_published([first.id, 999_999])
     async with backend.persistence.transaction() as tx:
-        assert [r.id for r in await tx.unpublished_events(10)] == [second.id]
-        assert [e.sequence for e in await tx.events_for_run("a")] == [1, 2]
+        assert [r.id for r in await tx.outbox.unpublished(10)] == [second.id]
+        assert [e.sequence for e in await tx.outbox.events_for_run("a")] == [1, 2]
 
 
 async def test_publish_failures_count_then_dead_letter(backend: Any) -> None:
     """A failure bumps attempts and keeps the row unpublished; a dead-lettered row leaves the
     outbox for the DLQ, and publishing it (replay) takes it out of the DLQ."""
     async with backend.persistence.transaction() as tx:
-        await tx.append_events([created("a"), created("b"), created("c")])
+        await tx.outbox.append([created("a"), created("b"), created("c")])
     async with backend.persistence.transaction() as tx:
-        a, b, c = await tx.unpublished_events(10)
-        await tx.record_publish_failure(a.id, "sink down", dead_letter=False)
-        await tx.record_publish_failure(b.id, "first", dead_letter=False)
-        await tx.record_publish_failure(b.id, "gave up", dead_letter=True)
-        await tx.record_publish_failure(c.id, "gave up too", dead_letter=True)
+        a, b, c = await tx.outbox.unpublished(10)
+        await tx.outbox.record_failure(a.id, "sink down", dead_letter=False)
+        await tx.outbox.record_failure(b.id, "first", dead_letter=False)
+        await tx.outbox.record_failure(b.id, "gave up", dead_letter=True)
+        await tx.outbox.record_failure(c.id, "gave up too", dead_letter=True)
     async with backend.persistence.transaction() as tx:
-        pending = await tx.unpublished_events(10)
-        dead = await tx.dead_lettered_events(10)
-        dead_one = await tx.dead_lettered_events(1)
+        pending = await tx.outbox.unpublished(10)
+        dead = await tx.outbox.dead_lettered(10)
+        dead_one = await tx.outbox.dead_lettered(1)
     assert [(r.id, r.attempts, r.last_error, r.dead_lettered) for r in pending] == [
         (a.id, 1, "sink down", False)
     ]
@@ -897,10 +897,10 @@ async def test_publish_failures_count_then_dead_letter(backend: Any) -> None:
     assert dead[0].event == b.event
     assert [r.id for r in dead_one] == [b.id]
     async with backend.persistence.transaction() as tx:
-        await tx.mark_published([b.id])
+        await tx.outbox.mark_published([b.id])
     async with backend.persistence.transaction() as tx:
-        assert [r.id for r in await tx.dead_lettered_events(10)] == [c.id]
-        assert [r.id for r in await tx.unpublished_events(10)] == [a.id]
+        assert [r.id for r in await tx.outbox.dead_lettered(10)] == [c.id]
+        assert [r.id for r in await tx.outbox.unpublished(10)] == [a.id]
 
 
 async def test_requeued_dead_letters_are_pending_again_in_outbox_order(backend: Any) -> None:
@@ -909,30 +909,30 @@ async def test_requeued_dead_letters_are_pending_again_in_outbox_order(backend: 
     still waiting there. Rows not dead-lettered are skipped and not counted; a rollback
     leaves them dead."""
     async with backend.persistence.transaction() as tx:
-        await tx.append_events([created("a"), created("a"), created("b"), created("a")])
+        await tx.outbox.append([created("a"), created("a"), created("b"), created("a")])
     async with backend.persistence.transaction() as tx:
-        a1, a2, b1, a3 = await tx.unpublished_events(10)
-        await tx.mark_published([a1.id])
+        a1, a2, b1, a3 = await tx.outbox.unpublished(10)
+        await tx.outbox.mark_published([a1.id])
         for _ in range(3):
-            await tx.record_publish_failure(a2.id, "sink down", dead_letter=False)
-        await tx.record_publish_failure(a2.id, "gave up", dead_letter=True)
-        await tx.record_publish_failure(b1.id, "gave up", dead_letter=True)
+            await tx.outbox.record_failure(a2.id, "sink down", dead_letter=False)
+        await tx.outbox.record_failure(a2.id, "gave up", dead_letter=True)
+        await tx.outbox.record_failure(b1.id, "gave up", dead_letter=True)
 
     async def requeue_a2(tx: Any) -> None:
-        assert await tx.requeue_dead_letters([a2.id]) == 1
+        assert await tx.outbox.requeue_dead_letters([a2.id]) == 1
 
     with pytest.raises(BoomError):
         await fail_after(backend, requeue_a2)
     async with backend.persistence.transaction() as tx:
-        assert [r.id for r in await tx.dead_lettered_events(10)] == [a2.id, b1.id]
-        assert [r.id for r in await tx.unpublished_events(10)] == [a3.id]
-        assert await tx.requeue_dead_letters([]) == 0
+        assert [r.id for r in await tx.outbox.dead_lettered(10)] == [a2.id, b1.id]
+        assert [r.id for r in await tx.outbox.unpublished(10)] == [a3.id]
+        assert await tx.outbox.requeue_dead_letters([]) == 0
         # a1 is published, a3 pending, 999_999 unknown: only the dead rows count.
-        assert await tx.requeue_dead_letters([b1.id, a1.id, a3.id, a2.id, 999_999]) == 2
+        assert await tx.outbox.requeue_dead_letters([b1.id, a1.id, a3.id, a2.id, 999_999]) == 2
     async with backend.persistence.transaction() as tx:
-        pending = await tx.unpublished_events(10)
-        assert await tx.dead_lettered_events(10) == []
-        assert await tx.requeue_dead_letters([a2.id]) == 0  # pending again, not dead
+        pending = await tx.outbox.unpublished(10)
+        assert await tx.outbox.dead_lettered(10) == []
+        assert await tx.outbox.requeue_dead_letters([a2.id]) == 0  # pending again, not dead
     assert [(r.id, r.attempts, r.dead_lettered, r.published) for r in pending] == [
         (a2.id, 0, False, False),
         (b1.id, 0, False, False),
@@ -954,8 +954,8 @@ async def test_idempotency_records_put_get_replace_delete(backend: Any) -> None:
         key="k", command_type="run.create", state=IdempotencyState.IN_PROGRESS, started_at=at(1)
     )
     async with backend.persistence.transaction() as tx:
-        await tx.put_idempotency(started)
-        assert await tx.get_idempotency("k", "run.create") == started
+        await tx.idempotency.put(started)
+        assert await tx.idempotency.get("k", "run.create") == started
     done = started.model_copy(
         update={
             "state": IdempotencyState.COMPLETED,
@@ -965,19 +965,19 @@ async def test_idempotency_records_put_get_replace_delete(backend: Any) -> None:
     )
     other = started.model_copy(update={"command_type": "run.cancel"})
     async with backend.persistence.transaction() as tx:
-        await tx.put_idempotency(done)
-        await tx.put_idempotency(other)
+        await tx.idempotency.put(done)
+        await tx.idempotency.put(other)
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_idempotency("k", "run.create")
+        got = await tx.idempotency.get("k", "run.create")
         assert got == done
         assert_utc(got.started_at if got else None)
-        assert await tx.get_idempotency("k", "run.cancel") == other
-        assert await tx.get_idempotency("k", "run.transition") is None
-        await tx.delete_idempotency("k", "run.create")
-        await tx.delete_idempotency("k", "never-there")
+        assert await tx.idempotency.get("k", "run.cancel") == other
+        assert await tx.idempotency.get("k", "run.transition") is None
+        await tx.idempotency.delete("k", "run.create")
+        await tx.idempotency.delete("k", "never-there")
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_idempotency("k", "run.create") is None
-        assert await tx.get_idempotency("k", "run.cancel") == other
+        assert await tx.idempotency.get("k", "run.create") is None
+        assert await tx.idempotency.get("k", "run.cancel") == other
 
 
 # -- logs and annotations -------------------------------------------------------------------
@@ -1002,14 +1002,14 @@ async def test_logs_append_and_read_in_order(backend: Any) -> None:
         ),
     ]
     async with backend.persistence.transaction() as tx:
-        await tx.append_logs(logs[:2])
-        await tx.append_logs([])
+        await tx.logs.append(logs[:2])
+        await tx.logs.append([])
     async with backend.persistence.transaction() as tx:
-        await tx.append_logs(logs[2:])
+        await tx.logs.append(logs[2:])
     async with backend.persistence.transaction() as tx:
-        r1 = await tx.get_logs("r1")
-        assert await tx.get_logs("r2") == [logs[1]]
-        assert await tx.get_logs("none") == []
+        r1 = await tx.logs.for_run("r1")
+        assert await tx.logs.for_run("r2") == [logs[1]]
+        assert await tx.logs.for_run("none") == []
     assert r1 == [logs[0], logs[2]]
     assert_utc(r1[0].timestamp)
 
@@ -1029,19 +1029,19 @@ async def test_annotations_round_trip_and_list_filters(backend: Any) -> None:
         annotation("b1", run_id="r2", attributes={"owner": "z"}),
     ]
     async with backend.persistence.transaction() as tx:
-        await tx.insert_annotations(items[:2])
-        await tx.insert_annotations([])
+        await tx.annotations.insert_many(items[:2])
+        await tx.annotations.insert_many([])
     async with backend.persistence.transaction() as tx:
-        await tx.insert_annotations(items[2:])
+        await tx.annotations.insert_many(items[2:])
 
     async def ids(**kw: Any) -> list[str]:
         async with backend.persistence.transaction() as tx:
-            return [a.id for a in await tx.list_annotations("r1", **kw)]
+            return [a.id for a in await tx.annotations.for_run("r1", **kw)]
 
     async with backend.persistence.transaction() as tx:
-        assert await tx.list_annotations("r1") == items[:4]
-        assert await tx.find_annotation("r1", "once") == items[2]
-        assert await tx.find_annotation("r2", "once") is None
+        assert await tx.annotations.for_run("r1") == items[:4]
+        assert await tx.annotations.find("r1", "once") == items[2]
+        assert await tx.annotations.find("r2", "once") is None
     assert await ids(key="owner") == ["a1", "a3"]
     assert await ids(key_prefix="env.") == ["a1", "a4"]
     assert await ids(key_prefix="Env.") == ["a2"]
@@ -1056,13 +1056,13 @@ async def test_annotation_idempotency_key_is_unique_per_run(backend: Any) -> Non
     """A second annotation with a used key on the same run raises ``DuplicateError``; another
     run may use the key."""
     async with backend.persistence.transaction() as tx:
-        await tx.insert_annotations([annotation("a1", idempotency_key="k")])
+        await tx.annotations.insert_many([annotation("a1", idempotency_key="k")])
     with pytest.raises(DuplicateError, match="'k'"):
         async with backend.persistence.transaction() as tx:
-            await tx.insert_annotations([annotation("a2", idempotency_key="k")])
+            await tx.annotations.insert_many([annotation("a2", idempotency_key="k")])
     async with backend.persistence.transaction() as tx:
-        await tx.insert_annotations([annotation("b1", run_id="r2", idempotency_key="k")])
-        assert [a.id for a in await tx.list_annotations("r1")] == ["a1"]
+        await tx.annotations.insert_many([annotation("b1", run_id="r2", idempotency_key="k")])
+        assert [a.id for a in await tx.annotations.for_run("r1")] == ["a1"]
 
 
 # -- set-oriented forms (group commit) -------------------------------------------------
@@ -1076,11 +1076,11 @@ async def test_get_runs_returns_the_found_runs_by_id(backend: Any) -> None:
     or not."""
     await seed(backend, make_run("r1", priority=3), make_run("r2", input={"n": [1, 2]}))
     async with backend.persistence.transaction() as tx:
-        single = {run_id: await tx.get_run(run_id) for run_id in ("r1", "r2")}
-        found = await tx.get_runs(["r2", "missing", "r1", "r2"])
-        locked = await tx.get_runs(["r1", "r2"], for_update=True)
-        assert await tx.get_runs([]) == {}
-        assert await tx.get_runs(["missing"], for_update=True) == {}
+        single = {run_id: await tx.runs.get(run_id) for run_id in ("r1", "r2")}
+        found = await tx.runs.get_many(["r2", "missing", "r1", "r2"])
+        locked = await tx.runs.get_many(["r1", "r2"], for_update=True)
+        assert await tx.runs.get_many([]) == {}
+        assert await tx.runs.get_many(["missing"], for_update=True) == {}
     assert found == single
     assert locked == single
     assert all(run.stages == [] for run in found.values())
@@ -1093,30 +1093,30 @@ async def test_get_runs_for_update_serialises_read_modify_write(backend: Any) ->
 
     async def bump(order: list[str]) -> None:
         async with backend.persistence.transaction() as tx:
-            runs = await tx.get_runs(order, for_update=True)
-            await tx.update_runs(
+            runs = await tx.runs.get_many(order, for_update=True)
+            await tx.runs.update_many(
                 [evolve(runs[i], {"priority": runs[i].priority + 1}) for i in order]
             )
 
     await asyncio.gather(*(bump(["a", "b"] if n % 2 else ["b", "a"]) for n in range(6)))
     async with backend.persistence.transaction() as tx:
-        final = await tx.get_runs(["a", "b"])
+        final = await tx.runs.get_many(["a", "b"])
     assert [(r.priority, r.version) for r in (final["a"], final["b"])] == [(6, 6), (6, 6)]
 
 
 async def test_update_runs_stores_each_and_bumps_versions_in_order(backend: Any) -> None:
     await seed(backend, make_run("r1"), make_run("r2"))
     async with backend.persistence.transaction() as tx:
-        runs = await tx.get_runs(["r1", "r2"])
+        runs = await tx.runs.get_many(["r1", "r2"])
         changed = [
             evolve(runs["r2"], {"status": RunStatus.RUNNING, "updated_at": at(2)}),
             evolve(runs["r1"], {"output": {"done": [1, None]}, "current_group": 3}),
         ]
-        new = await tx.update_runs(changed)
-        assert await tx.update_runs([]) == []
+        new = await tx.runs.update_many(changed)
+        assert await tx.runs.update_many([]) == []
     assert new == [evolve(r, {"version": 1, "stages": []}) for r in changed]
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_runs(["r1", "r2"]) == {"r1": new[1], "r2": new[0]}
+        assert await tx.runs.get_many(["r1", "r2"]) == {"r1": new[1], "r2": new[0]}
 
 
 async def test_update_runs_with_a_stale_or_missing_run_applies_nothing(backend: Any) -> None:
@@ -1124,8 +1124,8 @@ async def test_update_runs_with_a_stale_or_missing_run_applies_nothing(backend: 
     after the rollback none of the call's runs is changed; a run twice is a ``ValueError``."""
     await seed(backend, make_run("r1"), make_run("r2"))
     async with backend.persistence.transaction() as tx:
-        old = await tx.get_runs(["r1", "r2"])
-        winner = await tx.update_run(evolve(old["r2"], {"priority": 9, "updated_at": at(1)}))
+        old = await tx.runs.get_many(["r1", "r2"])
+        winner = await tx.runs.update(evolve(old["r2"], {"priority": 9, "updated_at": at(1)}))
     fresh = old["r1"]
     # The run the call could write carries every kind of value, so telling it apart from
     # the stale one holds on every column type.
@@ -1142,13 +1142,13 @@ async def test_update_runs_with_a_stale_or_missing_run_applies_nothing(backend: 
     for runs, named in attempts:
         with pytest.raises(ConcurrencyError, match=named) as raised:
             async with backend.persistence.transaction() as tx:
-                await tx.update_runs(runs)
+                await tx.runs.update_many(runs)
         assert "'r1'" not in str(raised.value)
     with pytest.raises(ValueError, match="r1"):
         async with backend.persistence.transaction() as tx:
-            await tx.update_runs([fresh, evolve(fresh, {"priority": 2})])
+            await tx.runs.update_many([fresh, evolve(fresh, {"priority": 2})])
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_runs(["r1", "r2", "ghost"]) == {"r1": fresh, "r2": winner}
+        assert await tx.runs.get_many(["r1", "r2", "ghost"]) == {"r1": fresh, "r2": winner}
 
 
 async def test_get_stages_of_maps_every_run_to_its_ordered_stages(backend: Any) -> None:
@@ -1168,11 +1168,11 @@ async def test_get_stages_of_maps_every_run_to_its_ordered_stages(backend: Any) 
         ),
     )
     async with backend.persistence.transaction() as tx:
-        await tx.insert_stages([make_stage("r1", "c-par", 1)])
+        await tx.stages.insert_many([make_stage("r1", "c-par", 1)])
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_stages_of(["r2", "bare", "r1", "missing"])
-        expected = {run_id: await tx.get_stages(run_id) for run_id in got}
-        assert await tx.get_stages_of([]) == {}
+        got = await tx.stages.for_runs(["r2", "bare", "r1", "missing"])
+        expected = {run_id: await tx.stages.for_run(run_id) for run_id in got}
+        assert await tx.stages.for_runs([]) == {}
     assert got == expected
     assert list(got) == ["r2", "bare", "r1", "missing"]
     assert [s.stage_id for s in got["r1"]] == ["m-first", "b-par", "a-par", "c-par", "z-late"]
@@ -1187,17 +1187,17 @@ async def test_update_stages_stores_each_and_bumps_versions_in_order(backend: An
         stages=(make_stage("r1", "a"), make_stage("r1", "b"), make_stage("r2", "a")),
     )
     async with backend.persistence.transaction() as tx:
-        stages = await tx.get_stages_of(["r1", "r2"])
+        stages = await tx.stages.for_runs(["r1", "r2"])
         changed = [
             evolve(stages["r2"][0], {"status": StageStatus.RUNNING, "started_at": at(1)}),
             evolve(stages["r1"][1], {"status": StageStatus.COMPLETED, "output": {"k": [1]}}),
             evolve(stages["r1"][0], {"attempt": 2, "poll_interval": timedelta(seconds=5)}),
         ]
-        new = await tx.update_stages(changed)
-        assert await tx.update_stages([]) == []
+        new = await tx.stages.update_many(changed)
+        assert await tx.stages.update_many([]) == []
     assert new == [evolve(s, {"version": 1}) for s in changed]
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_stages_of(["r1", "r2"])
+        got = await tx.stages.for_runs(["r1", "r2"])
     assert got == {"r1": [new[2], new[1]], "r2": [new[0]]}
 
 
@@ -1207,8 +1207,8 @@ async def test_update_stages_with_a_stale_or_missing_stage_applies_nothing(backe
     ``ValueError``."""
     await seed(backend, make_run("r1"), stages=(make_stage("r1", "a"), make_stage("r1", "b")))
     async with backend.persistence.transaction() as tx:
-        old = {s.stage_id: s for s in await tx.get_stages("r1")}
-        winner = await tx.update_stage(evolve(old["b"], {"status": StageStatus.RUNNING}))
+        old = {s.stage_id: s for s in await tx.stages.for_run("r1")}
+        winner = await tx.stages.update(evolve(old["b"], {"status": StageStatus.RUNNING}))
     fresh = old["a"]
     changed = evolve(  # every kind of value: see the update_runs test
         fresh,
@@ -1229,13 +1229,13 @@ async def test_update_stages_with_a_stale_or_missing_stage_applies_nothing(backe
     for stages, named in attempts:
         with pytest.raises(ConcurrencyError, match=named) as raised:
             async with backend.persistence.transaction() as tx:
-                await tx.update_stages(stages)
+                await tx.stages.update_many(stages)
         assert "'a' of run 'r1'" not in str(raised.value)
     with pytest.raises(ValueError, match="'a'"):
         async with backend.persistence.transaction() as tx:
-            await tx.update_stages([fresh, evolve(fresh, {"attempt": 5})])
+            await tx.stages.update_many([fresh, evolve(fresh, {"attempt": 5})])
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_stages("r1") == [fresh, winner]
+        assert await tx.stages.for_run("r1") == [fresh, winner]
 
 
 async def test_put_idempotency_many_upserts_every_record(backend: Any) -> None:
@@ -1245,7 +1245,7 @@ async def test_put_idempotency_many_upserts_every_record(backend: Any) -> None:
         key="k1", command_type="job.execute", state=IdempotencyState.IN_PROGRESS, started_at=T0
     )
     async with backend.persistence.transaction() as tx:
-        await tx.put_idempotency(base)
+        await tx.idempotency.put(base)
     done = base.model_copy(
         update={"state": IdempotencyState.COMPLETED, "result": {"r": [1]}, "started_at": at(1)}
     )
@@ -1253,10 +1253,10 @@ async def test_put_idempotency_many_upserts_every_record(backend: Any) -> None:
     first = base.model_copy(update={"key": "k3"})
     last = first.model_copy(update={"state": IdempotencyState.COMPLETED, "result": 3})
     async with backend.persistence.transaction() as tx:
-        await tx.put_idempotency_many([done, other, first, last])
-        await tx.put_idempotency_many([])
+        await tx.idempotency.put_many([done, other, first, last])
+        await tx.idempotency.put_many([])
     async with backend.persistence.transaction() as tx:
-        got = [await tx.get_idempotency(k, "job.execute") for k in ("k1", "k2", "k3")]
+        got = [await tx.idempotency.get(k, "job.execute") for k in ("k1", "k2", "k3")]
     assert got == [done, other, last]
 
 
@@ -1266,12 +1266,12 @@ async def test_concurrent_appends_for_overlapping_runs_stay_gap_free(backend: An
 
     async def append(run_ids: list[str]) -> None:
         async with backend.persistence.transaction() as tx:
-            await tx.append_events([created(run_id) for run_id in run_ids + run_ids[:1]])
+            await tx.outbox.append([created(run_id) for run_id in run_ids + run_ids[:1]])
 
     orders = [["a", "b", "c"], ["c", "b", "a"], ["b", "c"], ["c", "a"]] * 2
     await asyncio.gather(*(append(order) for order in orders))
     async with backend.persistence.transaction() as tx:
-        counts = {r: [e.sequence for e in await tx.events_for_run(r)] for r in "abc"}
+        counts = {r: [e.sequence for e in await tx.outbox.events_for_run(r)] for r in "abc"}
     for run_id, sequences in counts.items():
         assert sequences == list(range(1, len(sequences) + 1)), run_id
     appended = [r for order in orders for r in order + order[:1]]
@@ -1299,78 +1299,78 @@ async def test_a_failed_transaction_leaves_nothing_behind(backend: Any) -> None:
         key="kept", command_type="run.create", state=IdempotencyState.COMPLETED, started_at=T0
     )
     async with backend.persistence.transaction() as tx:
-        await tx.insert_run(make_run("r1"))
-        await tx.insert_stages([make_stage("r1", "a")])
-        await tx.append_events([created("r1")])
-        await tx.put_idempotency(record)
+        await tx.runs.insert(make_run("r1"))
+        await tx.stages.insert_many([make_stage("r1", "a")])
+        await tx.outbox.append([created("r1")])
+        await tx.idempotency.put(record)
     p = backend.persistence
 
     async def writes(tx: Any) -> None:
-        run = await tx.get_run("r1")
-        stage = await tx.get_stage("r1", "a")
+        run = await tx.runs.get("r1")
+        stage = await tx.stages.get("r1", "a")
         assert run is not None
         assert stage is not None
-        await tx.update_run(evolve(run, {"status": RunStatus.RUNNING}))
-        await tx.update_stage(evolve(stage, {"status": StageStatus.RUNNING}))
-        await tx.insert_run(make_run("r2", idempotency_key="new"))
-        await tx.insert_runs([make_run("r3", idempotency_key="many"), make_run("r4")])
-        await tx.insert_stages([make_stage("r2", "a"), make_stage("r2", "b", 1)])
-        await tx.insert_stages([make_stage("r3", "a"), make_stage("r4", "a")])
+        await tx.runs.update(evolve(run, {"status": RunStatus.RUNNING}))
+        await tx.stages.update(evolve(stage, {"status": StageStatus.RUNNING}))
+        await tx.runs.insert(make_run("r2", idempotency_key="new"))
+        await tx.runs.insert_many([make_run("r3", idempotency_key="many"), make_run("r4")])
+        await tx.stages.insert_many([make_stage("r2", "a"), make_stage("r2", "b", 1)])
+        await tx.stages.insert_many([make_stage("r3", "a"), make_stage("r4", "a")])
         await backend.job_transport.enqueue(tx, [make_job("j2", "r2")])
-        await tx.append_events([created("r1"), created("r2"), created("r3")])
-        await tx.put_idempotency(
+        await tx.outbox.append([created("r1"), created("r2"), created("r3")])
+        await tx.idempotency.put(
             IdempotencyRecord(
                 key="new", command_type="run.create", state="IN_PROGRESS", started_at=T0
             )
         )
-        await tx.delete_idempotency("kept", "run.create")
-        await tx.append_logs(
+        await tx.idempotency.delete("kept", "run.create")
+        await tx.logs.append(
             [
                 LogRecord(
                     workflow_run_id="r2", stage_id=None, level="info", message="m", timestamp=T0
                 )
             ]
         )
-        await tx.insert_annotations([annotation("an", run_id="r2", idempotency_key="x")])
+        await tx.annotations.insert_many([annotation("an", run_id="r2", idempotency_key="x")])
         # Everything is visible inside the transaction before it fails.
-        assert await tx.get_run("r2") is not None
+        assert await tx.runs.get("r2") is not None
         assert await backend.job_transport.get(tx, "j2") is not None
 
     with pytest.raises(BoomError):
         await fail_after(backend, writes)
     async with p.transaction() as tx:
-        assert await tx.get_run("r2") is None
-        assert await tx.find_run_by_key("wf", "new") is None
-        assert await tx.get_stages("r2") == []
-        assert await tx.get_runs(["r3", "r4"]) == {}
-        assert await tx.find_runs_by_keys([("wf", "many")]) == {}
-        assert await tx.get_stages_of(["r3", "r4"]) == {"r3": [], "r4": []}
-        assert await tx.events_for_run("r3") == []
+        assert await tx.runs.get("r2") is None
+        assert await tx.runs.find_by_key("wf", "new") is None
+        assert await tx.stages.for_run("r2") == []
+        assert await tx.runs.get_many(["r3", "r4"]) == {}
+        assert await tx.runs.find_by_keys([("wf", "many")]) == {}
+        assert await tx.stages.for_runs(["r3", "r4"]) == {"r3": [], "r4": []}
+        assert await tx.outbox.events_for_run("r3") == []
         assert await backend.job_transport.get(tx, "j2") is None
         assert await backend.job_transport.live_jobs(tx, "r2") == []
-        assert await tx.events_for_run("r2") == []
-        assert [e.sequence for e in await tx.events_for_run("r1")] == [1]
-        assert len(await tx.unpublished_events(10)) == 1
-        assert await tx.get_idempotency("new", "run.create") is None
-        assert await tx.get_idempotency("kept", "run.create") == record
-        assert await tx.get_logs("r2") == []
-        assert await tx.list_annotations("r2") == []
-        run = await tx.get_run("r1")
-        stage = await tx.get_stage("r1", "a")
+        assert await tx.outbox.events_for_run("r2") == []
+        assert [e.sequence for e in await tx.outbox.events_for_run("r1")] == [1]
+        assert len(await tx.outbox.unpublished(10)) == 1
+        assert await tx.idempotency.get("new", "run.create") is None
+        assert await tx.idempotency.get("kept", "run.create") == record
+        assert await tx.logs.for_run("r2") == []
+        assert await tx.annotations.for_run("r2") == []
+        run = await tx.runs.get("r1")
+        stage = await tx.stages.get("r1", "a")
         assert run is not None
         assert (run.status, run.version) == (RunStatus.PENDING, 0)
         assert stage is not None
         assert (stage.status, stage.version) == (StageStatus.PENDING, 0)
-        assert await tx.claim_pending_runs(10) == [run]
+        assert await tx.runs.claim_pending(10) == [run]
     assert await backend.job_transport.dequeue("w", at(1)) == []
     assert await backend.job_transport.next_due_at() is None
     async with p.transaction() as tx:
         # The rolled-back ids and keys are free again.
-        await tx.insert_run(make_run("r2", idempotency_key="new"))
-        await tx.insert_runs([make_run("r3", idempotency_key="many"), make_run("r4")])
-        await tx.insert_stages([make_stage("r2", "a")])
+        await tx.runs.insert(make_run("r2", idempotency_key="new"))
+        await tx.runs.insert_many([make_run("r3", idempotency_key="many"), make_run("r4")])
+        await tx.stages.insert_many([make_stage("r2", "a")])
         await backend.job_transport.enqueue(tx, [make_job("j2", "r2")])
-        assert [e.sequence for e in await tx.append_events([created("r2")])] == [1]
+        assert [e.sequence for e in await tx.outbox.append([created("r2")])] == [1]
 
 
 async def test_an_uncaught_duplicate_rolls_back_the_whole_transaction(backend: Any) -> None:
@@ -1378,16 +1378,16 @@ async def test_an_uncaught_duplicate_rolls_back_the_whole_transaction(backend: A
     await seed(backend, make_run("r1"))
 
     async def writes(tx: Any) -> None:
-        await tx.insert_run(make_run("r2"))
-        await tx.append_events([created("r2")])
-        await tx.insert_run(make_run("r1"))
+        await tx.runs.insert(make_run("r2"))
+        await tx.outbox.append([created("r2")])
+        await tx.runs.insert(make_run("r1"))
 
     with pytest.raises(DuplicateError):
         async with backend.persistence.transaction() as tx:
             await writes(tx)
     async with backend.persistence.transaction() as tx:
-        assert await tx.get_run("r2") is None
-        assert await tx.events_for_run("r2") == []
+        assert await tx.runs.get("r2") is None
+        assert await tx.outbox.events_for_run("r2") == []
 
 
 async def test_a_transaction_cannot_be_written_after_it_ended(backend: Any) -> None:
@@ -1395,6 +1395,6 @@ async def test_a_transaction_cannot_be_written_after_it_ended(backend: Any) -> N
     async with backend.persistence.transaction() as tx:
         pass
     with pytest.raises(TreadleError):
-        await tx.insert_run(make_run("late"))
+        await tx.runs.insert(make_run("late"))
     async with backend.persistence.transaction() as fresh:
-        assert await fresh.get_run("late") is None
+        assert await fresh.runs.get("late") is None
