@@ -33,7 +33,7 @@ class SqlBlobStore:
         }
         async with self.persistence.transaction() as tx:
             stmt = (
-                tx.insert(t.blobs)
+                tx.dialect.insert(t.blobs)
                 .values(values)
                 .on_conflict_do_update(
                     index_elements=["key"],

@@ -277,7 +277,9 @@ class SqlJobTransport:
             params = rows
             stmt = sql.prepared(
                 "enqueue_jobs",
-                lambda tx: tx.insert(t.jobs).on_conflict_do_nothing().returning(t.jobs.c.id),
+                lambda tx: (
+                    tx.dialect.insert(t.jobs).on_conflict_do_nothing().returning(t.jobs.c.id)
+                ),
             )
         inserted = (await sql.execute(stmt, "enqueue jobs", params)).all()
         if len(inserted) != len(rows):
@@ -332,7 +334,8 @@ class SqlJobTransport:
             return {}
         params = {"job_ids": list(dict.fromkeys(job_ids))}
         query = sql.prepared(
-            "get_jobs", lambda tx: sa.select(t.jobs).where(tx.any_of(t.jobs.c.id, "job_ids"))
+            "get_jobs",
+            lambda tx: sa.select(t.jobs).where(tx.dialect.any_of(t.jobs.c.id, "job_ids")),
         )
         rows = await sql.execute(query, "get jobs", params)
         return {row.id: _job_from_row(row) for row in rows}

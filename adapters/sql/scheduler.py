@@ -33,7 +33,7 @@ class SqlScheduler:
         values = {"key": key, "command": dict(command), "run_at": run_at}
         async with self.persistence.transaction() as tx:
             stmt = (
-                tx.insert(t.scheduled_commands)
+                tx.dialect.insert(t.scheduled_commands)
                 .values(values)
                 .on_conflict_do_update(
                     index_elements=["key"],

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -40,6 +39,7 @@ from treadle.adapters.due_times import (
     earliest,
 )
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
+from treadle.adapters.sql.dialect import SqlDialect, dialect_for
 from treadle.adapters.sql.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
     READ_ONLY_OPTION,
@@ -80,9 +80,6 @@ from treadle.adapters.sql.persistence.logs import SqlLogs
 from treadle.adapters.sql.persistence.outbox import SqlOutbox
 from treadle.adapters.sql.persistence.runs import SqlRuns
 from treadle.adapters.sql.persistence.shared import (
-    _NOTIFY,
-    _PG_NOTIFY_DUE,
-    _PREPARED,
     _RUN_PAYLOADS,
     _STAGE_PAYLOADS,
     _stage_from_columns,
@@ -97,11 +94,13 @@ class SqlTransaction:
     def __init__(
         self,
         connection: AsyncConnection,
-        dialect_name: str,
+        dialect: SqlDialect,
         payloads: PayloadOffload | None = None,
     ) -> None:
         self.connection = connection
-        self.dialect_name = dialect_name
+        self.dialect = dialect
+        """Where PostgreSQL and SQLite differ (``adapters/sql/dialect.py``)."""
+        self.dialect_name = dialect.name
         self.active = True
         self.payloads = payloads
         self.created_blobs: list[str] = []
@@ -140,7 +139,7 @@ class SqlTransaction:
     # -- plumbing ----------------------------------------------------------------
     @property
     def is_postgres(self) -> bool:
-        return self.dialect_name == "postgresql"
+        return self.dialect.is_postgres
 
     def _check(self) -> None:
         if not self.active:
@@ -161,10 +160,11 @@ class SqlTransaction:
         """``NOTIFY treadle_jobs, payload`` on PostgreSQL (delivered on commit), at most
         once per payload and transaction: PostgreSQL would fold duplicates anyway, but
         each statement is a round trip. A no-op on SQLite, whose workers poll."""
-        if not self.is_postgres or payload in self._notified:
+        statement = self.dialect.notify_statement(payload)
+        if statement is None or payload in self._notified:
             return
         self._notified.add(payload)
-        await self.execute(_NOTIFY[payload], "notify")
+        await self.execute(statement, "notify")
 
     def note_due(self, kind: DueKind, when: datetime) -> None:
         """This transaction writes timed work of ``kind`` due at ``when`` (see
@@ -175,17 +175,9 @@ class SqlTransaction:
         earliest(self.due, kind, when)
 
     def prepared(self, name: str, build: Callable[[SqlTransaction], Any]) -> Any:
-        """The statement ``build(self)`` makes, built once per dialect and reused.
-
-        A statement object built per call costs SQLAlchemy a cache-key walk (about
-        100 us for a wide table) before its compiled form is found; the hot-path
-        statements are therefore built once with ``bindparam``s and executed with
-        parameters. ``build`` must depend on nothing but the dialect."""
-        key = (self.dialect_name, name)
-        statement = _PREPARED.get(key)
-        if statement is None:
-            statement = _PREPARED[key] = build(self)
-        return statement
+        """The statement ``build(self)`` makes, built once per persistence (its dialect
+        object keeps it; see ``SqlDialect.prepared``) and reused."""
+        return self.dialect.prepared(self, name, build)
 
     # -- payload offload (payloads.py): large JSON values live in the BlobStore, and user
     # values shaped like a reference are escaped, whether or not offload is configured.
@@ -255,46 +247,6 @@ class SqlTransaction:
         self._remember(stage, refs, _STAGE_PAYLOADS)
         return stage
 
-    def insert(self, table: sa.Table) -> Any:
-        """The dialect's INSERT construct (it has ``on_conflict_do_*``)."""
-        if self.is_postgres:
-            return postgresql.insert(table)
-        return sqlite.insert(table)
-
-    def any_of(self, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
-        """``column`` is one of the list bound as ``name``. On PostgreSQL one array
-        parameter (``= ANY(:name)``): the statement's text is the same for every length,
-        so psycopg converts it once and the server keeps one prepared statement, where an
-        expanding ``IN`` list makes a new statement of every length. SQLite has no
-        arrays: an expanding ``IN``."""
-        if self.is_postgres:
-            array = postgresql.ARRAY(column.type)
-            return column == sa.any_(sa.bindparam(name, type_=array))
-        return column.in_(sa.bindparam(name, expanding=True))
-
-    def _lock(self, query: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
-        # SQLite has no row locks: BEGIN IMMEDIATE already holds the database write lock.
-        if self.is_postgres:
-            return query.with_for_update(skip_locked=skip_locked)
-        return query
-
-    # -- runs -------------------------------------------------------------------
-
-    # -- set-oriented forms (see the port): one round trip each in the normal case.
-
-    # -- stages -----------------------------------------------------------------
-
-    # -- outbox -----------------------------------------------------------------
-
-    # -- idempotency ------------------------------------------------------------
-
-    # -- logs and annotations -----------------------------------------------------
-
-    # -- code workflows: journal, signal inbox, timers ------------------------------------
-    # Inserts use ON CONFLICT DO NOTHING ... RETURNING (both dialects), so a duplicate is a
-    # DuplicateError that does not poison a PostgreSQL transaction; consuming a signal and
-    # firing a timer are conditional UPDATEs, so neither can happen twice.
-
 
 class SqlPersistence:
     """The Persistence port on a SQL database (PostgreSQL or SQLite).
@@ -305,7 +257,8 @@ class SqlPersistence:
 
     def __init__(self, engine: AsyncEngine, *, owns_engine: bool = False) -> None:
         self.engine = engine
-        self.dialect_name = engine.dialect.name
+        self.dialect = dialect_for(engine.dialect.name)  # ValueError if unsupported
+        self.dialect_name = self.dialect.name
         self._owns_engine = owns_engine
         self.payloads: PayloadOffload | None = None
         self._write_gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
@@ -313,8 +266,6 @@ class SqlPersistence:
         self.due_watchers = DueWatchers()
         if self.dialect_name == "sqlite":
             configure_sqlite(engine)
-        elif self.dialect_name != "postgresql":
-            raise ValueError(f"unsupported SQL dialect {self.dialect_name!r}")
 
     @classmethod
     async def open(
@@ -338,7 +289,7 @@ class SqlPersistence:
 
     @property
     def is_postgres(self) -> bool:
-        return self.dialect_name == "postgresql"
+        return self.dialect.is_postgres
 
     def offload_payloads(self, store: BlobStore, *, max_bytes: int | None) -> None:
         """Store JSON payloads larger than ``max_bytes`` in ``store`` (``None``: never, but
@@ -355,13 +306,14 @@ class SqlPersistence:
         tx: SqlTransaction | None = None
         try:
             async with self.connect(read_only=read_only) as conn:
-                tx = SqlTransaction(conn, self.dialect_name, self.payloads)
+                tx = SqlTransaction(conn, self.dialect, self.payloads)
                 try:
                     yield tx
-                    if tx.due is not None and tx.is_postgres:
+                    notify = self.dialect.payload_notify
+                    if tx.due is not None and notify is not None:
                         # Other processes' workers hear of it on commit (``due_times.py``).
                         payload = {"payload": due_payload(tx.due)}
-                        await tx.execute(_PG_NOTIFY_DUE, "notify due times", payload)
+                        await tx.execute(notify, "notify due times", payload)
                 finally:
                     tx.active = False
         except BaseException:

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
+from treadle.adapters.sql.dialect import SetWrite
 from treadle.kernel.model import (
     IdempotencyRecord,
     IdempotencyState,
@@ -44,11 +45,25 @@ _GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
 
 
 def _put_idempotency_statement(tx: SqlTransaction) -> Any:
-    ins = tx.insert(t.idempotency_keys)
+    ins = tx.dialect.insert(t.idempotency_keys)
     return ins.on_conflict_do_update(
         index_elements=["key", "command_type"],
         set_={k: ins.excluded[k] for k in ("state", "result", "started_at")},
     )
+
+
+def _by_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    # Key order: two transactions upserting the same keys lock them alike.
+    return (row["key"], row["command_type"])
+
+
+_PUT_MANY = SetWrite(
+    "put_idempotency",
+    _PG_PUT_IDEMPOTENCY,
+    _PG_IDEMPOTENCY_ROWS,
+    order=_by_key,
+    sqlite_build=_put_idempotency_statement,
+)
 
 
 class SqlIdempotency:
@@ -100,14 +115,7 @@ class SqlIdempotency:
             }
             for record in latest.values()
         ]
-        if self._tx.is_postgres:
-            # In key order: two transactions upserting the same keys lock them alike.
-            rows.sort(key=lambda row: (row["key"], row["command_type"]))
-            params = _PG_IDEMPOTENCY_ROWS.encode(rows)
-            await self._tx.execute(_PG_PUT_IDEMPOTENCY, "put idempotency", params)
-            return
-        stmt = self._tx.prepared("put_idempotency", _put_idempotency_statement)
-        await self._tx.execute(stmt, "put idempotency", rows)
+        await self._tx.dialect.write_many(self._tx, _PUT_MANY, rows, "put idempotency")
 
     async def delete(self, key: str, command_type: str) -> None:
         c = t.idempotency_keys.c

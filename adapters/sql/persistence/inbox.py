@@ -63,7 +63,7 @@ class SqlInbox:
 
     async def insert(self, message: InboxMessage) -> InboxMessage:
         stmt = (
-            self._tx.insert(t.signal_inbox)
+            self._tx.dialect.insert(t.signal_inbox)
             .values(
                 run_id=message.workflow_run_id,
                 kind=message.kind,

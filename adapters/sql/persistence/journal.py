@@ -128,7 +128,7 @@ class SqlJournal:
         values = await self._journal_row(entry)
         values["version"] = 0
         stmt = (
-            self._tx.insert(t.journal)
+            self._tx.dialect.insert(t.journal)
             .values(values)
             .on_conflict_do_nothing()
             .returning(t.journal.c.id)

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
 from treadle.adapters.run_ends import RUN_END_PREFIX
+from treadle.adapters.sql.dialect import SetWrite
 from treadle.adapters.sql.engine import (
     NOTIFY_CHANNEL,
 )
@@ -20,7 +21,6 @@ from treadle.adapters.sql.payloads import (
     escape,
     is_encoded,
 )
-from treadle.adapters.sql.persistence.shared import _PG_NOTIFY_ENDED
 from treadle.kernel.errors import (
     PayloadMissingError,
     StorageError,
@@ -46,13 +46,15 @@ def _outbox_record(row: sa.Row[Any]) -> OutboxRecord:
     )
 
 
-_PG_SEQ_ROWS = pg_bulk.RecordSet(t.run_event_seq, {"run_id": "run_id", "n": "last_sequence"})
+_PG_SEQ_ROWS = pg_bulk.RecordSet(
+    t.run_event_seq, {"run_id": "run_id", "last_sequence": "last_sequence"}
+)
 
 
 _PG_ALLOCATE_SEQUENCES = pg_bulk.insert_select(
     t.run_event_seq,
     _PG_SEQ_ROWS,
-    {"run_id": _PG_SEQ_ROWS.value("run_id"), "last_sequence": _PG_SEQ_ROWS.value("n")},
+    {"run_id": _PG_SEQ_ROWS.value("run_id"), "last_sequence": _PG_SEQ_ROWS.value("last_sequence")},
     order_by="run_id",  # locks the counters in run-id order: deadlock-free
     suffix="ON CONFLICT (run_id) DO UPDATE SET last_sequence = "
     "run_event_seq.last_sequence + excluded.last_sequence RETURNING run_id, last_sequence",
@@ -119,6 +121,26 @@ _PG_APPEND_EVENTS_ENDED = _pg_append_events(notify=True)
 _INSERT_OUTBOX = sa.insert(t.outbox)
 
 
+def _allocate_statement(tx: SqlTransaction) -> Any:
+    seq = t.run_event_seq
+    ins = tx.dialect.insert(seq)
+    return ins.on_conflict_do_update(
+        index_elements=[seq.c.run_id],
+        set_={"last_sequence": seq.c.last_sequence + ins.excluded.last_sequence},
+    ).returning(seq.c.run_id, seq.c.last_sequence)
+
+
+_ALLOCATE = SetWrite(
+    "allocate_sequences_many",
+    _PG_ALLOCATE_SEQUENCES,
+    _PG_SEQ_ROWS,
+    sqlite_build=_allocate_statement,
+)
+_APPEND = SetWrite(
+    "append_events", _PG_INSERT_OUTBOX, _PG_OUTBOX_ROWS, numbered=True, sqlite=_INSERT_OUTBOX
+)
+
+
 class SqlOutbox:
     """The outbox on this transaction's connection (``tx.outbox``, the ``OutboxStore`` port)."""
 
@@ -147,23 +169,10 @@ class SqlOutbox:
         one INSERT ... VALUES (...), (...) ... ON CONFLICT DO UPDATE ... RETURNING). Its
         rows are in run-id order, so two transactions appending for the same runs lock
         their counters in the same order and cannot deadlock on PostgreSQL."""
-        seq = t.run_event_seq
-
-        def build(tx: SqlTransaction) -> Any:
-            ins = tx.insert(seq)
-            return ins.on_conflict_do_update(
-                index_elements=[seq.c.run_id],
-                set_={"last_sequence": seq.c.last_sequence + ins.excluded.last_sequence},
-            ).returning(seq.c.run_id, seq.c.last_sequence)
-
-        ordered = sorted(counts)
-        if self._tx.is_postgres:
-            params: Any = _PG_SEQ_ROWS.encode({"run_id": r, "n": counts[r]} for r in ordered)
-            stmt = _PG_ALLOCATE_SEQUENCES
-        else:
-            params = [{"run_id": r, "last_sequence": counts[r]} for r in ordered]
-            stmt = self._tx.prepared("allocate_sequences_many", build)
-        rows = await self._tx.execute(stmt, "allocate event sequence", params)
+        params = [{"run_id": r, "last_sequence": counts[r]} for r in sorted(counts)]
+        rows = await self._tx.dialect.write_many(
+            self._tx, _ALLOCATE, params, "allocate event sequence"
+        )
         first = {str(run_id): int(last) - counts[run_id] + 1 for run_id, last in rows}
         if first.keys() != counts.keys():
             raise StorageError("allocating event sequences returned other runs than asked")
@@ -176,7 +185,7 @@ class SqlOutbox:
         counts: dict[str, int] = {}
         for event in events:
             counts[event.workflow_run_id] = counts.get(event.workflow_run_id, 0) + 1
-        if self._tx.is_postgres:
+        if self._tx.dialect.set_statements:
             appended = await self._append_numbering_on_server(events, counts)
             if appended is not None:
                 return appended
@@ -203,17 +212,14 @@ class SqlOutbox:
                 }
             )
         ended = self._note_ended(rows)
-        if self._tx.is_postgres:
-            for i, row in enumerate(rows):
-                row["i"] = i
-            await self._tx.execute(_PG_INSERT_OUTBOX, "append events", _PG_OUTBOX_ROWS.encode(rows))
-            if ended:
-                # Waiters in other processes (``RunHandle.result``) hear of it on commit.
-                payload = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
-                await self._tx.execute(_PG_NOTIFY_ENDED, "notify run end", {"payload": payload})
-        else:
-            # A list of parameter sets: one cached statement, batched into one round trip.
-            await self._tx.execute(_INSERT_OUTBOX, "append events", rows)
+        # PostgreSQL: one statement of one parameter; SQLite: a list of parameter sets,
+        # one cached statement batched into one round trip.
+        await self._tx.dialect.write_many(self._tx, _APPEND, rows, "append events")
+        notify = self._tx.dialect.payload_notify
+        if ended and notify is not None:
+            # Waiters in other processes (``RunHandle.result``) hear of it on commit.
+            payload = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
+            await self._tx.execute(notify, "notify run end", {"payload": payload})
         return stored
 
     def _note_ended(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
+from treadle.adapters.sql.dialect import SetWrite
 from treadle.adapters.sql.engine import (
     NOTIFY_CHANNEL,
 )
@@ -43,35 +42,6 @@ _RUN_COLUMNS = tuple(c.name for c in t.runs.columns)
 def _run_values(run: Run) -> dict[str, Any]:
     values = run.__dict__
     return {name: _plain(values[name]) for name in _RUN_COLUMNS}
-
-
-def _sqlite_json_equals(column: sa.ColumnElement[Any], path: str, value: Any) -> Any:
-    """``column`` at JSON ``path`` equals ``value`` with JSONB's semantics on SQLite: types
-    must agree (``json_extract`` alone makes ``true`` equal ``1``) and objects compare by
-    content, not by the key order of their text."""
-    kind = sa.func.json_type(column, path)
-    if value is None:
-        return kind == "null"
-    if isinstance(value, bool):
-        return kind == ("true" if value else "false")
-    if isinstance(value, int | float):
-        return sa.and_(kind.in_(("integer", "real")), sa.func.json_extract(column, path) == value)
-    if isinstance(value, str):
-        return sa.and_(kind == "text", sa.func.json_extract(column, path) == value)
-    if isinstance(value, list | tuple):
-        items = [_sqlite_json_equals(column, f"{path}[{i}]", v) for i, v in enumerate(value)]
-        return sa.and_(
-            kind == "array", sa.func.json_array_length(column, path) == len(value), *items
-        )
-    if isinstance(value, dict):
-        members = sa.func.json_each(column, path).table_valued("key")
-        count = sa.select(sa.func.count()).select_from(members).scalar_subquery()
-        fields = [
-            _sqlite_json_equals(column, path + '."' + k.replace('"', '\\"') + '"', v)
-            for k, v in value.items()
-        ]
-        return sa.and_(kind == "object", count == len(value), *fields)
-    raise TypeError(f"cannot filter on a {type(value).__name__} attribute value")
 
 
 _GET_RUN = sa.select(t.runs).where(t.runs.c.id == sa.bindparam("run_id"))
@@ -133,7 +103,9 @@ claimable work for other workers."""
 def _insert_run_statement(tx: SqlTransaction) -> Any:
     # ON CONFLICT DO NOTHING: a duplicate does not poison a PostgreSQL transaction; the
     # caller reads the rowcount (which an INSERT reports only when asked to).
-    return tx.insert(t.runs).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+    return (
+        tx.dialect.insert(t.runs).on_conflict_do_nothing().execution_options(preserve_rowcount=True)
+    )
 
 
 def _new_run_order(row: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -141,8 +113,31 @@ def _new_run_order(row: Mapping[str, Any]) -> tuple[str, str, str]:
     return (row["workflow_id"], row["idempotency_key"] or "", row["id"])
 
 
+_INSERT_RUNS = SetWrite(
+    "insert_run",
+    _PG_INSERT_RUNS,
+    _PG_NEW_RUN_ROWS,
+    order=_new_run_order,
+    numbered=True,
+    sqlite_build=_insert_run_statement,
+)
+_INSERT_CLAIMED_RUNS = SetWrite(
+    "insert_run",
+    _PG_INSERT_CLAIMED_RUNS,
+    _PG_NEW_RUN_ROWS,
+    order=_new_run_order,
+    numbered=True,
+    sqlite_build=_insert_run_statement,
+)
+
+
 def _by_run_key(row: Mapping[str, Any]) -> str:
     return str(row["w_id"])
+
+
+_UPDATE_RUNS = SetWrite(
+    "update_runs", _PG_UPDATE_RUNS, _PG_RUN_ROWS, order=_by_run_key, sqlite=_UPDATE_RUN
+)
 
 
 class SqlRuns:
@@ -161,15 +156,6 @@ class SqlRuns:
         for column in _RUN_PAYLOADS:
             values[column] = await self._tx._put_payload(run.id, values[column])
         return values
-
-    def _attribute_equals(self, column: sa.ColumnElement[Any], key: str, value: Any) -> Any:
-        """``column[key] == value`` for a JSON object column, with the key required."""
-        encoded = json.dumps(value)
-        if self._tx.is_postgres:
-            return column.op("->")(sa.literal(key, sa.String())) == sa.cast(
-                sa.literal(encoded, sa.String()), postgresql.JSONB()
-            )
-        return _sqlite_json_equals(column, '$."' + key.replace('"', '\\"') + '"', value)
 
     async def insert(self, run: Run) -> None:
         written, _ = await self._write_runs([run], "insert run")
@@ -205,18 +191,12 @@ class SqlRuns:
         in the same order, so one waits for the other instead of deadlocking. SQLite:
         the prebuilt insert, executed many times for many rows; its workers poll."""
         rows = [await self._run_row(run) for run in runs]
-        if self._tx.is_postgres:
-            for i, row in enumerate(sorted(rows, key=_new_run_order)):
-                row["i"] = i
-            if any(run.status is RunStatus.PENDING for run in runs):
-                statement = _PG_INSERT_RUNS
-                self._tx._notified.add("run")
-            else:
-                statement = _PG_INSERT_CLAIMED_RUNS
-            result = await self._tx.execute(statement, what, _PG_NEW_RUN_ROWS.encode(rows))
+        if any(run.status is RunStatus.PENDING for run in runs):
+            write = _INSERT_RUNS
+            self._tx._notified.add("run")  # sent by the PostgreSQL statement itself
         else:
-            stmt = self._tx.prepared("insert_run", _insert_run_statement)
-            result = await self._tx.execute(stmt, what, rows[0] if len(rows) == 1 else rows)
+            write = _INSERT_CLAIMED_RUNS
+        result = await self._tx.dialect.write_many(self._tx, write, rows, what)
         if result.rowcount == len(runs):
             for run in runs:
                 self._tx._fresh[run.id] = set()
@@ -247,7 +227,8 @@ class SqlRuns:
             c = t.runs.c
             # Both columns of the unique index: a superset of the pairs, filtered below.
             return sa.select(t.runs).where(
-                tx.any_of(c.workflow_id, "workflow_ids"), tx.any_of(c.idempotency_key, "keys")
+                tx.dialect.any_of(c.workflow_id, "workflow_ids"),
+                tx.dialect.any_of(c.idempotency_key, "keys"),
             )
 
         params = {
@@ -267,7 +248,7 @@ class SqlRuns:
     async def get(self, run_id: str, *, for_update: bool = False) -> Run | None:
         query = _GET_RUN
         if for_update:
-            query = self._tx.prepared("get_run_for_update", lambda tx: tx._lock(_GET_RUN))
+            query = self._tx.prepared("get_run_for_update", lambda tx: tx.dialect.lock(_GET_RUN))
         row = (await self._tx.execute(query, "get run", {"run_id": run_id})).first()
         return await self._run_from(row) if row is not None else None
 
@@ -306,10 +287,10 @@ class SqlRuns:
         def build(tx: SqlTransaction) -> Any:
             query = (
                 sa.select(t.runs)
-                .where(tx.any_of(t.runs.c.id, "run_ids"))
+                .where(tx.dialect.any_of(t.runs.c.id, "run_ids"))
                 .order_by(t.runs.c.id)  # with FOR UPDATE: locks taken in id order
             )
-            return tx._lock(query) if for_update else query
+            return tx.dialect.lock(query) if for_update else query
 
         query = self._tx.prepared(f"get_runs:{for_update}", build)
         params = {"run_ids": list(dict.fromkeys(run_ids))}
@@ -330,14 +311,12 @@ class SqlRuns:
             rows.append(values)
         # One statement on PostgreSQL (UPDATE ... FROM: its rowcount counts the rows it
         # updated); one executemany on SQLite (the summed rowcount, which SQLAlchemy's
-        # supports_sane_multi_rowcount vouches for). A short count means a stale or
-        # missing run.
-        if self._tx.is_postgres:
-            encoded: dict[str, Any] = _PG_RUN_ROWS.encode(sorted(rows, key=_by_run_key))
-            encoded["keys"] = sorted(run.id for run in runs)
-            result = await self._tx.execute(_PG_UPDATE_RUNS, "update runs", encoded)
-        else:
-            result = await self._tx.execute(_UPDATE_RUN, "update runs", rows)
+        # supports_sane_multi_rowcount vouches for): ``SqlDialect.write_many``. A short
+        # count means a stale or missing run.
+        keys = sorted(run.id for run in runs)
+        result = await self._tx.dialect.write_many(
+            self._tx, _UPDATE_RUNS, rows, "update runs", keys=keys
+        )
         if result.rowcount != len(rows):
             params = {"run_ids": [r.id for r in runs]}
             stored = {
@@ -378,29 +357,8 @@ class SqlRuns:
             conditions.append(c.created_at < f.created_before)
         if f.parent_run_id is not None:
             conditions.append(c.parent_run_id == f.parent_run_id)
-        conditions.extend(self._attribute_filter(c.search_attributes, f.attributes))
+        conditions.extend(self._tx.dialect.attributes_match(c.search_attributes, f.attributes))
         return conditions
-
-    def _attribute_filter(
-        self, column: sa.ColumnElement[Any], attributes: Mapping[str, Any]
-    ) -> list[Any]:
-        """Every ``column[key] == value``. On PostgreSQL one containment test
-        (``search_attributes @> '{...}'``) that the GIN index ``ix_runs_search_attributes``
-        serves; containment equals equality for scalars, and is implied by it for objects
-        and arrays, which therefore also get an exact comparison."""
-        if not attributes:
-            return []
-        if not self._tx.is_postgres:
-            return [self._attribute_equals(column, k, v) for k, v in attributes.items()]
-        contains = column.op("@>")(
-            sa.cast(sa.literal(json.dumps(dict(attributes)), sa.String()), postgresql.JSONB())
-        )
-        exact = [
-            self._attribute_equals(column, k, v)
-            for k, v in attributes.items()
-            if isinstance(v, list | tuple | dict)
-        ]
-        return [contains, *exact]
 
     async def query(self, filter: RunFilter) -> list[Run]:
         query = (
@@ -438,7 +396,7 @@ class SqlRuns:
                 .order_by(t.runs.c.priority.desc(), t.runs.c.created_at, t.runs.c.id)
                 .limit(sa.bindparam("limit", type_=sa.Integer()))
             )
-            return tx._lock(query, skip_locked=True)
+            return tx.dialect.lock(query, skip_locked=True)
 
         # Built once: a worker whose slots free one by one claims once per freed slot.
         query = self._tx.prepared("claim_pending_runs", build)

@@ -8,18 +8,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from treadle.adapters.sql.engine import (
-    NOTIFY_CHANNEL,
-)
 from treadle.kernel.model import (
     Run,
     StageRun,
     StageStatus,
     construct,
 )
-
-_PREPARED: dict[tuple[str, str], Any] = {}
-
 
 """Hot-path statements per (dialect, name): see ``SqlTransaction.prepared``."""
 
@@ -55,15 +49,6 @@ def _stage_from_columns(data: dict[str, Any]) -> StageRun:
 
 def _stage_from_row(row: sa.Row[Any]) -> StageRun:
     return _stage_from_columns(dict(row._mapping))
-
-
-_NOTIFY = {kind: sa.text(f"NOTIFY {NOTIFY_CHANNEL}, '{kind}'") for kind in ("run", "jobs")}
-
-
-_PG_NOTIFY_ENDED = sa.text(f"SELECT pg_notify('{NOTIFY_CHANNEL}', :payload)")
-
-
-_PG_NOTIFY_DUE = _PG_NOTIFY_ENDED  # the same statement, with a ``due:`` payload
 
 
 def _reject_duplicates(keys: Sequence[Any], what: str) -> None:

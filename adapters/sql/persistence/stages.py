@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
+from treadle.adapters.sql.dialect import SetWrite
 from treadle.adapters.sql.persistence.shared import (
     _STAGE_PAYLOADS,
     _not_written,
@@ -182,6 +183,11 @@ def _by_stage_key(row: Mapping[str, Any]) -> tuple[str, str]:
     return (row["w_run_id"], row["w_stage_id"])
 
 
+_UPDATE_STAGES = SetWrite(
+    "update_stages", _PG_UPDATE_STAGES, _PG_STAGE_ROWS, order=_by_stage_key, sqlite=_UPDATE_STAGE
+)
+
+
 class SqlStages:
     """Stage rows on this transaction's connection (``tx.stages``, the ``StageStore`` port)."""
 
@@ -204,7 +210,7 @@ class SqlStages:
         if not stages:
             return
         ordinals = await self._ordinals_of_new(stages)
-        if self._tx.is_postgres:
+        if self._tx.dialect.set_statements:
             await self._insert_stages_pg(stages, ordinals)
         else:
             rows = []
@@ -325,7 +331,7 @@ class SqlStages:
             "get_stages_of",
             lambda tx: (
                 sa.select(t.stages)
-                .where(tx.any_of(t.stages.c.run_id, "run_ids"))
+                .where(tx.dialect.any_of(t.stages.c.run_id, "run_ids"))
                 .order_by(t.stages.c.run_id, t.stages.c.execution_group, t.stages.c.ordinal)
             ),
         )
@@ -348,12 +354,10 @@ class SqlStages:
             values["w_version"] = stage.version
             rows.append(values)
         # One statement on PostgreSQL, one executemany on SQLite (see update_runs).
-        if self._tx.is_postgres:
-            encoded: dict[str, Any] = _PG_STAGE_ROWS.encode(sorted(rows, key=_by_stage_key))
-            encoded["keys"] = sorted({stage.workflow_run_id for stage in stages})
-            result = await self._tx.execute(_PG_UPDATE_STAGES, "update stages", encoded)
-        else:
-            result = await self._tx.execute(_UPDATE_STAGE, "update stages", rows)
+        keys = sorted({stage.workflow_run_id for stage in stages})
+        result = await self._tx.dialect.write_many(
+            self._tx, _UPDATE_STAGES, rows, "update stages", keys=keys
+        )
         if result.rowcount != len(rows):
             params = {
                 "run_ids": list({s.workflow_run_id for s in stages}),

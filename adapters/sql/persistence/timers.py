@@ -54,7 +54,7 @@ class SqlTimers:
         }
         replace = {k: values[k] for k in ("kind", "fire_at", "payload", "created_at", "fired_at")}
         stmt = (
-            self._tx.insert(t.timers)
+            self._tx.dialect.insert(t.timers)
             .values(values)
             .on_conflict_do_update(
                 index_elements=[c.run_id, c.step_name, c.occurrence], set_=replace
