@@ -16,9 +16,10 @@ the real transaction, so nothing changes meaning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from treadle.kernel.events import EventBase
 from treadle.kernel.handlers.buffered_stores import (
@@ -91,7 +92,7 @@ class WriteBuffer:
         allocates no ``Deps`` copy and no reference cycle for the collector."""
         stand_in = deps.__dict__.get("_buffered_deps")
         if stand_in is None:
-            stand_in = replace(deps, job_transport=cast("JobTransport", BUFFERED_JOBS))
+            stand_in = replace(deps, job_transport=BUFFERED_JOBS)
             deps.__dict__["_buffered_deps"] = stand_in
         return stand_in, self
 
@@ -179,8 +180,57 @@ class BufferedJobs:
         for job in jobs:
             buffer.job_rows[job.id] = job
 
-    def __getattr__(self, name: str) -> NoReturn:
-        raise NotBatchableError(f"JobTransport.{name} is not carried by a group commit")
+    # -- the rest of the port refuses the item (it commits alone) -------------------
+    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+        raise _refused_job("dequeue")
+
+    async def get_many(self, tx: Any, job_ids: Sequence[str]) -> dict[str, Job]:
+        raise _refused_job("get_many")
+
+    async def complete_many(
+        self,
+        tx: Any,
+        job_ids: Sequence[str],
+        *,
+        leases: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
+        raise _refused_job("complete_many")
+
+    async def suspend(self, tx: Any, job_id: str, next_poll_at: datetime) -> None:
+        raise _refused_job("suspend")
+
+    async def requeue(
+        self,
+        tx: Any,
+        job_id: str,
+        available_at: datetime,
+        *,
+        error: str | None = None,
+        refund_attempt: bool = False,
+    ) -> None:
+        raise _refused_job("requeue")
+
+    async def fail(self, tx: Any, job_id: str, error: str) -> None:
+        raise _refused_job("fail")
+
+    async def cancel_by_run(self, tx: Any, run_id: str) -> int:
+        raise _refused_job("cancel_by_run")
+
+    async def live_jobs(self, tx: Any, run_id: str) -> list[Job]:
+        raise _refused_job("live_jobs")
+
+    async def extend_lease(self, job_id: str, worker_id: str, now: datetime) -> bool:
+        raise _refused_job("extend_lease")
+
+    async def stale_leases(self, tx: Any, older_than: datetime, *, limit: int = 100) -> list[Job]:
+        raise _refused_job("stale_leases")
+
+    async def next_due_at(self) -> datetime | None:
+        raise _refused_job("next_due_at")
+
+
+def _refused_job(name: str) -> NotBatchableError:
+    return NotBatchableError(f"JobTransport.{name} is not carried by a group commit")
 
 
 def _not_carried(concern: str) -> NotBatchableError:

@@ -1,4 +1,5 @@
-"""Persistence contract for the reads a code-workflow wake-up makes (issue 11): the
+"""Persistence contract, code workflows (``tx.journal``, ``tx.inbox``, ``tx.timers``): the
+reads a code-workflow wake-up makes (issue 11): the
 journal from a position on, the entries in one status, the next unconsumed message, the
 live timers. Every adapter answers them the same way, through rollbacks too, whatever
 order the rows were written in; the SQL adapters serve them from indexes and the memory
@@ -14,6 +15,8 @@ import pytest
 
 from treadle.kernel.model import Run
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
+from treadle.tests.contract.persistence.helpers import assert_utc, at, make_run
+from treadle.tests.contract.persistence.helpers import seed as seed_runs
 
 T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 RUN = "run-1"
@@ -180,3 +183,40 @@ async def test_pending_timers_are_the_run_s_unfired_ones(backend: Any) -> None:
     async with backend.persistence.transaction() as tx:
         await tx.timers.schedule(timer("a", 3))  # a retry scheduled again under its key
     assert await pending() == ["b", "a"]
+
+
+async def test_due_timers_of_one_purpose_across_runs(backend: Any) -> None:
+    """Unfired timers of the asked purpose due at ``now`` come back across runs, earliest
+    first and up to ``limit``; a fired timer or another purpose is never due."""
+    from treadle.kernel.workflows.model import Timer
+
+    await seed_runs(backend, make_run("r1"), make_run("r2"))
+
+    def timer(run_id: str, name: str, seconds: float, purpose: str) -> Timer:
+        return Timer(
+            workflow_run_id=run_id,
+            name=name,
+            occurrence=0,
+            purpose=purpose,
+            fire_at=at(seconds),
+            created_at=T0,
+        )
+
+    async with backend.persistence.transaction() as tx:
+        await tx.timers.schedule(timer("r1", "deadline", 10, "execution_timeout"))
+        await tx.timers.schedule(timer("r2", "deadline", 5, "execution_timeout"))
+        await tx.timers.schedule(timer("r2", "later", 50, "execution_timeout"))
+        await tx.timers.schedule(timer("r1", "nap", 1, "sleep"))
+    async with backend.persistence.transaction() as tx:
+        due = await tx.timers.due(at(10), 10, purpose="execution_timeout")
+        first = await tx.timers.due(at(10), 1, purpose="execution_timeout")
+        assert await tx.timers.fire("r2", "deadline", 0, at(11))
+    assert [(t.workflow_run_id, t.name, t.fire_at) for t in due] == [
+        ("r2", "deadline", at(5)),
+        ("r1", "deadline", at(10)),
+    ]
+    assert [t.workflow_run_id for t in first] == ["r2"]
+    assert_utc(due[0].fire_at)
+    async with backend.persistence.transaction() as tx:
+        after = await tx.timers.due(at(100), 10, purpose="execution_timeout")
+    assert [(t.workflow_run_id, t.name) for t in after] == [("r1", "deadline"), ("r2", "later")]
