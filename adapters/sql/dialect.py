@@ -17,9 +17,10 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
-from treadle.adapters.sql.engine import NOTIFY_CHANNEL
+from treadle.adapters.sql.engine import NOTIFY_CHANNEL, READ_ONLY_OPTION, configure_sqlite
 
 
 class Executes(Protocol):
@@ -65,9 +66,25 @@ class SqlDialect:
     payload_notify: sa.TextClause | None = None
     """``pg_notify(channel, :payload)`` where the database delivers notifications (run
     ends, due times); ``None`` where workers poll."""
+    single_writer: bool = False
+    """Whether the database admits one writer at a time (SQLite): this process's write
+    transactions then queue on an asyncio lock instead of in the busy handler."""
+    read_only_options: Mapping[str, Any] = {}
+    """Connection execution options of a read-only transaction (SQLite: skip the write
+    lock, ``engine.READ_ONLY_OPTION``)."""
+
+    def configure(self, engine: AsyncEngine) -> None:
+        """Per-engine setup when a persistence is built on ``engine`` (SQLite pragmas)."""
 
     def __init__(self) -> None:
         self._prepared: dict[str, Any] = {}
+
+    def cached(self, name: str, build: Callable[[], Any]) -> Any:
+        """The statement ``build()`` makes, built once per persistence and reused."""
+        statement = self._prepared.get(name)
+        if statement is None:
+            statement = self._prepared[name] = build()
+        return statement
 
     def prepared(self, tx: Any, name: str, build: Build) -> Any:
         """The statement ``build(tx)`` makes, built once per persistence and reused.
@@ -89,8 +106,11 @@ class SqlDialect:
         """``column`` is one of the list bound as ``name``."""
         raise NotImplementedError
 
-    def lock(self, query: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
-        """``query`` locking the rows it reads until commit, where the database can."""
+    def lock(
+        self, query: sa.Select[Any], *, skip_locked: bool = False, of: sa.Table | None = None
+    ) -> sa.Select[Any]:
+        """``query`` locking the rows it reads (of ``of`` only, if given) until commit,
+        where the database can; ``skip_locked``: passing over rows others hold."""
         raise NotImplementedError
 
     def json_equals(self, column: sa.ColumnElement[Any], key: str, value: Any) -> Any:
@@ -140,8 +160,10 @@ class PostgresDialect(SqlDialect):
         array = postgresql.ARRAY(column.type)
         return column == sa.any_(sa.bindparam(name, type_=array))
 
-    def lock(self, query: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
-        return query.with_for_update(skip_locked=skip_locked)
+    def lock(
+        self, query: sa.Select[Any], *, skip_locked: bool = False, of: sa.Table | None = None
+    ) -> sa.Select[Any]:
+        return query.with_for_update(skip_locked=skip_locked, of=of)
 
     def json_equals(self, column: sa.ColumnElement[Any], key: str, value: Any) -> Any:
         return column.op("->")(sa.literal(key, sa.String())) == sa.cast(
@@ -193,6 +215,11 @@ class SqliteDialect(SqlDialect):
     executemany for set writes."""
 
     name = "sqlite"
+    single_writer = True
+    read_only_options: Mapping[str, Any] = {READ_ONLY_OPTION: True}
+
+    def configure(self, engine: AsyncEngine) -> None:
+        configure_sqlite(engine)
 
     def insert(self, table: sa.Table) -> Any:
         return sqlite.insert(table)
@@ -200,7 +227,9 @@ class SqliteDialect(SqlDialect):
     def any_of(self, column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[bool]:
         return column.in_(sa.bindparam(name, expanding=True))  # no arrays: expanding IN
 
-    def lock(self, query: sa.Select[Any], *, skip_locked: bool = False) -> sa.Select[Any]:
+    def lock(
+        self, query: sa.Select[Any], *, skip_locked: bool = False, of: sa.Table | None = None
+    ) -> sa.Select[Any]:
         return query  # BEGIN IMMEDIATE already holds the database write lock
 
     def json_equals(self, column: sa.ColumnElement[Any], key: str, value: Any) -> Any:

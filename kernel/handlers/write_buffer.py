@@ -181,7 +181,14 @@ class BufferedJobs:
             buffer.job_rows[job.id] = job
 
     # -- the rest of the port refuses the item (it commits alone) -------------------
-    async def dequeue(self, worker_id: str, now: datetime, *, limit: int = 1) -> list[Job]:
+    async def dequeue(
+        self,
+        worker_id: str,
+        now: datetime,
+        *,
+        limit: int = 1,
+        queues: Sequence[str] | None = None,
+    ) -> list[Job]:
         raise _refused_job("dequeue")
 
     async def get_many(self, tx: Any, job_ids: Sequence[str]) -> dict[str, Job]:

@@ -42,8 +42,6 @@ from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
 from treadle.adapters.sql.dialect import SqlDialect, dialect_for
 from treadle.adapters.sql.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
-    READ_ONLY_OPTION,
-    configure_sqlite,
     create_engine,
 )
 from treadle.adapters.sql.errors import translate
@@ -264,8 +262,7 @@ class SqlPersistence:
         self._write_gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self.run_ends = RunEndWatchers()
         self.due_watchers = DueWatchers()
-        if self.dialect_name == "sqlite":
-            configure_sqlite(engine)
+        self.dialect.configure(engine)
 
     @classmethod
     async def open(
@@ -345,7 +342,7 @@ class SqlPersistence:
         a waiting writer sleep (1, 2, 5, ... up to 100 ms per retry), which with eight
         concurrent jobs in one worker costs more than the work. Other processes still
         wait in the busy handler; the queue gives up after the same busy timeout."""
-        if read_only or self.dialect_name != "sqlite":
+        if read_only or not self.dialect.single_writer:
             async with self._connect(read_only=read_only) as conn:
                 yield conn
             return
@@ -381,8 +378,8 @@ class SqlPersistence:
             raise translate(exc, "connect") from exc
         try:
             try:
-                if read_only and self.dialect_name == "sqlite":
-                    await conn.execution_options(**{READ_ONLY_OPTION: True})
+                if read_only and self.dialect.read_only_options:
+                    await conn.execution_options(**self.dialect.read_only_options)
                 await conn.begin()
             except sa_exc.SQLAlchemyError as exc:
                 raise translate(exc, "begin transaction") from exc

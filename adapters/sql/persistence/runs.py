@@ -427,7 +427,7 @@ class SqlRuns:
             .order_by(c.priority.desc(), c.created_at, c.id)
             .limit(limit)
         )
-        locked = self._tx._lock(query, skip_locked=True)
+        locked = self._tx.dialect.lock(query, skip_locked=True)
         rows = await self._tx.execute(locked, "claim pending runs")
         return [await self._run_from(row) for row in rows]
 
