@@ -94,8 +94,6 @@ _PG_INSERT_CLAIMED_RUNS = pg_bulk.insert_select(
     order_by="i",
     suffix="ON CONFLICT DO NOTHING",
 ).execution_options(preserve_rowcount=True)
-
-
 """``_PG_INSERT_RUNS`` without the NOTIFY: runs inserted already claimed are no
 claimable work for other workers."""
 

@@ -1,4 +1,6 @@
-"""Row conversions, statements and helpers that several concern modules of the SQL adapter share."""
+"""Row conversions and helpers that several concern modules of the SQL adapter share
+(runs and stages are read by the job transport's joined reads too, through
+``SqlTransaction.run_from_columns`` / ``stage_from_columns``)."""
 
 from __future__ import annotations
 
@@ -14,9 +16,6 @@ from treadle.kernel.model import (
     StageStatus,
     construct,
 )
-
-"""Hot-path statements per (dialect, name): see ``SqlTransaction.prepared``."""
-
 
 _RUN_PAYLOADS = ("input", "output")
 

@@ -136,8 +136,6 @@ _STAGE_KEYS = ("run_id", "stage_id", "ordinal", "execution_group")
 
 
 _BLANK_STAGE = _stage_values(StageRun(workflow_run_id="", stage_id="", execution_group=0))
-
-
 """A stage as ``run.create`` makes it: what every column but its keys holds."""
 
 
@@ -158,8 +156,6 @@ _PG_INSERT_BLANK_STAGES = pg_bulk.insert_select(
 
 
 _CACHED_CHECKS_FROM = 64
-
-
 """Stages from which ``insert_stages`` lets the server reuse its foreign key checks' plan."""
 
 
