@@ -12,17 +12,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from treadle.kernel.events import EventBase, OutboxRecord
 from treadle.kernel.model import IdempotencyRecord, Run, RunFilter, RunStatus, StageRun, evolve
 
-if TYPE_CHECKING:
-    from treadle.kernel.handlers.write_buffer import WriteBuffer
-
 
 class NotBatchableError(Exception):
     """The item needs an operation the buffer does not carry; commit it alone."""
+
+
+class WriteBuffer(Protocol):
+    """What the stores use of ``write_buffer.WriteBuffer`` (stated here, so this module
+    imports nothing of the module that imports it)."""
+
+    prefetched_runs: dict[str, Run]
+    prefetched_stages: dict[str, list[StageRun]]
+    run_writes: dict[str, Run]
+    stage_writes: dict[tuple[str, str], StageRun]
+    events: list[EventBase]
+    idempotency_writes: list[IdempotencyRecord]
 
 
 def _refuse(what: str) -> NotBatchableError:
