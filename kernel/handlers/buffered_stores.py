@@ -41,25 +41,26 @@ def _refuse(what: str) -> NotBatchableError:
 class BufferedRuns:
     """``tx.runs`` of a group commit: ``get`` from the prefetch, ``update`` collected."""
 
-    __slots__ = ("_b",)
+    __slots__ = ("_runs", "_stages", "_writes")
 
     def __init__(self, buffer: WriteBuffer) -> None:
-        self._b = buffer
+        # The buffer's containers, not the buffer: no reference cycle for the collector.
+        self._runs = buffer.prefetched_runs
+        self._stages = buffer.prefetched_stages
+        self._writes = buffer.run_writes
 
     async def get(self, run_id: str, *, for_update: bool = False) -> Run | None:
-        b = self._b
-        if run_id not in b.prefetched_stages:  # not among the group's prefetched runs
+        if run_id not in self._stages:  # not among the group's prefetched runs
             raise NotBatchableError(f"run {run_id!r} was not prefetched")
-        return b.prefetched_runs.get(run_id)
+        return self._runs.get(run_id)
 
     async def update(self, run: Run) -> Run:
-        b = self._b
-        stored = b.prefetched_runs.get(run.id)
-        if run.id in b.run_writes or stored is None or stored.version != run.version:
+        stored = self._runs.get(run.id)
+        if run.id in self._writes or stored is None or stored.version != run.version:
             raise NotBatchableError(f"run {run.id!r} written twice or concurrently")
-        b.run_writes[run.id] = run
+        self._writes[run.id] = run
         new = evolve(run, {"version": run.version + 1, "stages": []})
-        b.prefetched_runs[run.id] = new
+        self._runs[run.id] = new
         return new
 
     async def insert(self, run: Run) -> None:
@@ -102,27 +103,27 @@ class BufferedRuns:
 class BufferedStages:
     """``tx.stages`` of a group commit: ``for_run`` from the prefetch, ``update`` collected."""
 
-    __slots__ = ("_b",)
+    __slots__ = ("_stages", "_writes")
 
     def __init__(self, buffer: WriteBuffer) -> None:
-        self._b = buffer
+        self._stages = buffer.prefetched_stages
+        self._writes = buffer.stage_writes
 
     async def for_run(self, run_id: str) -> list[StageRun]:
-        stages = self._b.prefetched_stages.get(run_id)
+        stages = self._stages.get(run_id)
         if stages is None:
             raise NotBatchableError(f"stages of run {run_id!r} were not prefetched")
         return list(stages)
 
     async def update(self, stage: StageRun) -> StageRun:
-        b = self._b
         key = (stage.workflow_run_id, stage.stage_id)
-        stages = b.prefetched_stages.get(stage.workflow_run_id)
+        stages = self._stages.get(stage.workflow_run_id)
         index = next((i for i, st in enumerate(stages or ()) if st.stage_id == stage.stage_id), -1)
-        if key in b.stage_writes or stages is None or index < 0:
+        if key in self._writes or stages is None or index < 0:
             raise NotBatchableError(f"stage {key!r} written twice or not prefetched")
         if stages[index].version != stage.version:
             raise NotBatchableError(f"stage {key!r} was updated concurrently")
-        b.stage_writes[key] = stage
+        self._writes[key] = stage
         new = evolve(stage, {"version": stage.version + 1})
         stages[index] = new
         return new
@@ -147,13 +148,13 @@ class BufferedOutbox:
     """``tx.outbox`` of a group commit: ``append`` collected (sequences are assigned by
     the flush's one append; no caller reads them here)."""
 
-    __slots__ = ("_b",)
+    __slots__ = ("_events",)
 
     def __init__(self, buffer: WriteBuffer) -> None:
-        self._b = buffer
+        self._events = buffer.events
 
     async def append(self, events: Sequence[EventBase]) -> list[EventBase]:
-        self._b.events.extend(events)
+        self._events.extend(events)
         return list(events)
 
     async def unpublished(self, limit: int) -> list[OutboxRecord]:
@@ -178,13 +179,13 @@ class BufferedOutbox:
 class BufferedIdempotency:
     """``tx.idempotency`` of a group commit: ``put`` collected."""
 
-    __slots__ = ("_b",)
+    __slots__ = ("_records",)
 
     def __init__(self, buffer: WriteBuffer) -> None:
-        self._b = buffer
+        self._records = buffer.idempotency_writes
 
     async def put(self, record: IdempotencyRecord) -> None:
-        self._b.idempotency_writes.append(record)
+        self._records.append(record)
 
     async def get(self, key: str, command_type: str) -> IdempotencyRecord | None:
         raise _refuse("idempotency.get")

@@ -69,6 +69,23 @@ class InMemoryTransaction:
         """The FlowControl concern (``ports.flow_control``) on this transaction."""
         return InMemoryFlowControl(self._s.runs.values())
 
+    def end(self) -> None:
+        """Mark the transaction ended and point its stores at the store's ended
+        transaction (``InMemoryPersistence.ended``): a store kept past the end still
+        refuses writes, and the transaction and its stores, which refer to each other,
+        are freed by reference counting instead of by the cyclic garbage collector."""
+        self.active = False
+        ended = self._s.ended
+        self.runs._tx = ended
+        self.stages._tx = ended
+        self.outbox._tx = ended
+        self.idempotency._tx = ended
+        self.annotations._tx = ended
+        self.logs._tx = ended
+        self.journal._tx = ended
+        self.inbox._tx = ended
+        self.timers._tx = ended
+
     # -- undo bookkeeping ------------------------------------------------------
     def on_rollback(self, fn: Callable[[], None]) -> None:
         self._undo.append((None, fn, None))
@@ -144,7 +161,7 @@ class _TransactionScope:
         store, tx = self._store, self._tx
         assert tx is not None
         try:
-            tx.active = False
+            tx.end()
             if exc_type is None:
                 store.commits += 1
             else:
@@ -209,6 +226,9 @@ class InMemoryPersistence:
         """run id -> keys of its timers not fired yet (``pending_timers`` reads only those)."""
         self.next_timer_id = 0
         self.run_ends = RunEndWatchers()
+        self.ended = InMemoryTransaction(self)
+        """The stores of an ended transaction point here (``InMemoryTransaction.end``)."""
+        self.ended.active = False
 
     def transaction(self) -> _TransactionScope:
         return _TransactionScope(self)

@@ -23,7 +23,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -133,6 +133,22 @@ class SqlTransaction:
     def flow(self) -> SqlFlowControl:
         """The FlowControl concern (``ports.flow_control``) on this transaction."""
         return SqlFlowControl(self)
+
+    def end(self, ended: SqlTransaction) -> None:
+        """Mark the transaction ended and point its stores at ``ended`` (an inactive
+        transaction): a store kept past the end still refuses use, and the transaction
+        and its stores, which refer to each other, are freed by reference counting
+        instead of by the cyclic garbage collector."""
+        self.active = False
+        self.runs._tx = ended
+        self.stages._tx = ended
+        self.outbox._tx = ended
+        self.idempotency._tx = ended
+        self.annotations._tx = ended
+        self.logs._tx = ended
+        self.journal._tx = ended
+        self.inbox._tx = ended
+        self.timers._tx = ended
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -262,6 +278,7 @@ class SqlPersistence:
         self._write_gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self.run_ends = RunEndWatchers()
         self.due_watchers = DueWatchers()
+        self._ended: SqlTransaction | None = None
         self.dialect.configure(engine)
 
     @classmethod
@@ -288,6 +305,13 @@ class SqlPersistence:
     def is_postgres(self) -> bool:
         return self.dialect.is_postgres
 
+    def _ended_transaction(self) -> SqlTransaction:
+        """The inactive transaction the stores of ended ones point to (built once)."""
+        if self._ended is None:
+            self._ended = SqlTransaction(cast(AsyncConnection, None), self.dialect)
+            self._ended.active = False
+        return self._ended
+
     def offload_payloads(self, store: BlobStore, *, max_bytes: int | None) -> None:
         """Store JSON payloads larger than ``max_bytes`` in ``store`` (``None``: never, but
         still read references written before). See ``payloads.py``."""
@@ -312,7 +336,7 @@ class SqlPersistence:
                         payload = {"payload": due_payload(tx.due)}
                         await tx.execute(notify, "notify due times", payload)
                 finally:
-                    tx.active = False
+                    tx.end(self._ended_transaction())
         except BaseException:
             if tx is not None and tx.created_blobs and self.payloads is not None:
                 await self.payloads.discard(tx.created_blobs)  # rolled back: nothing refers
