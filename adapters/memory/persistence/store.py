@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from treadle.adapters.memory.flow_control import InMemoryFlowControl
 from treadle.adapters.memory.persistence.annotations import MemoryAnnotations
@@ -38,6 +38,38 @@ from treadle.kernel.model import (
 )
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 
+_S = TypeVar("_S")
+
+
+class _LazyStore(Generic[_S]):
+    """A concern store built on its first use in a transaction, then kept in the
+    transaction's ``__dict__`` (this non-data descriptor then steps aside: later reads
+    are plain attribute reads). Most transactions never touch these concerns, so they
+    pay nothing for them."""
+
+    __slots__ = ("_build", "_name")
+
+    def __init__(self, build: Callable[[InMemoryTransaction], _S]) -> None:
+        self._build = build
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, tx: None, owner: type | None = None) -> _LazyStore[_S]: ...
+
+    @overload
+    def __get__(self, tx: InMemoryTransaction, owner: type | None = None) -> _S: ...
+
+    def __get__(
+        self, tx: InMemoryTransaction | None, owner: type | None = None
+    ) -> _S | _LazyStore[_S]:
+        if tx is None:
+            return self
+        store = tx.__dict__[self._name] = self._build(tx)
+        return store
+
 
 class InMemoryTransaction:
     """A unit of work over ``InMemoryPersistence``; see the module docstring."""
@@ -53,16 +85,18 @@ class InMemoryTransaction:
         self.final_runs: dict[str, Run] | None = None
         """The terminal runs this transaction wrote, told along with ``ended_runs``."""
         # One store per concern (the ``Transaction`` port's attributes), sharing this
-        # unit of work's undo log.
+        # unit of work's undo log. The concerns every command touches are built here;
+        # the others (``_LazyStore`` below) on first use.
         self.runs = MemoryRuns(self)
         self.stages = MemoryStages(self)
         self.outbox = MemoryOutbox(self)
         self.idempotency = MemoryIdempotency(self)
-        self.annotations = MemoryAnnotations(self)
-        self.logs = MemoryLogs(self)
-        self.journal = MemoryJournal(self)
-        self.inbox = MemoryInbox(self)
-        self.timers = MemoryTimers(self)
+
+    annotations = _LazyStore(MemoryAnnotations)
+    logs = _LazyStore(MemoryLogs)
+    journal = _LazyStore(MemoryJournal)
+    inbox = _LazyStore(MemoryInbox)
+    timers = _LazyStore(MemoryTimers)
 
     @property
     def flow(self) -> InMemoryFlowControl:
@@ -80,11 +114,11 @@ class InMemoryTransaction:
         self.stages._tx = ended
         self.outbox._tx = ended
         self.idempotency._tx = ended
-        self.annotations._tx = ended
-        self.logs._tx = ended
-        self.journal._tx = ended
-        self.inbox._tx = ended
-        self.timers._tx = ended
+        built = self.__dict__
+        for name in _LAZY:  # the lazily built stores this transaction used
+            store = built.get(name)
+            if store is not None:
+                store._tx = ended
 
     # -- undo bookkeeping ------------------------------------------------------
     def on_rollback(self, fn: Callable[[], None]) -> None:
@@ -137,6 +171,9 @@ class InMemoryTransaction:
     # -- code workflows: journal, signal inbox, timers ------------------------------------
     # Same undo log as everything above, so a rolled-back transaction leaves no entry,
     # message, consumption or timer behind.
+
+
+_LAZY = ("annotations", "logs", "journal", "inbox", "timers")
 
 
 class _TransactionScope:
