@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from treadle.adapters.memory.persistence.shared import _drop_last
+from treadle.adapters.memory.persistence.shared import MemoryUnit, _drop_last
 from treadle.kernel.errors import DuplicateError
 from treadle.kernel.model import (
     Annotation,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryTransaction
 
 
 class MemoryAnnotations:
@@ -22,7 +18,7 @@ class MemoryAnnotations:
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo
@@ -42,10 +38,8 @@ class MemoryAnnotations:
             self._tx.on_rollback(functools.partial(_drop_last, bucket))
 
     async def find(self, run_id: str, idempotency_key: str) -> Annotation | None:
-        for annotation in self._s.annotations.get(run_id, []):
-            if annotation.idempotency_key == idempotency_key:
-                return annotation
-        return None
+        stored: list[Annotation] = self._s.annotations.get(run_id, [])
+        return next((a for a in stored if a.idempotency_key == idempotency_key), None)
 
     async def for_run(
         self,

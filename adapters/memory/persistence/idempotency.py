@@ -6,17 +6,12 @@ from __future__ import annotations
 import marshal
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
 
-from treadle.adapters.memory.persistence.shared import _MISSING, _idempotency_record
+from treadle.adapters.memory.persistence.shared import _MISSING, MemoryUnit, _idempotency_record
 from treadle.kernel.model import (
     IdempotencyRecord,
     IdempotencyState,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryTransaction
-
 
 _IDEMPOTENCY_COMPLETED = IdempotencyState.COMPLETED
 
@@ -26,7 +21,7 @@ class MemoryIdempotency:
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo

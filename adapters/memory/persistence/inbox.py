@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime
-from typing import TYPE_CHECKING
 
-from treadle.adapters.memory.persistence.shared import _drop_last
+from treadle.adapters.memory.persistence.shared import MemoryUnit, _drop_last
 from treadle.kernel.errors import ConcurrencyError, DuplicateError
 from treadle.kernel.model import (
     JsonValue,
@@ -16,16 +15,13 @@ from treadle.kernel.model import (
 )
 from treadle.kernel.workflows.model import InboxMessage
 
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryTransaction
-
 
 class MemoryInbox:
     """Signals and updates on this transaction's store (``tx.inbox``)."""
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo
@@ -82,7 +78,7 @@ class MemoryInbox:
 
     async def find_update(self, run_id: str, update_id: str) -> InboxMessage | None:
         for message_id in self._s.inbox_by_run.get(run_id, []):
-            message = self._s.inbox[message_id]
+            message: InboxMessage = self._s.inbox[message_id]
             if message.kind == "update" and message.update_id == update_id:
                 return message
         return None

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import bisect
 import functools
-from typing import TYPE_CHECKING
 
+from treadle.adapters.memory.persistence.shared import MemoryUnit
 from treadle.kernel.errors import ConcurrencyError, DuplicateError
 from treadle.kernel.model import (
     evolve,
 )
 from treadle.kernel.workflows.model import JournalEntry, JournalStatus
-
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryTransaction
 
 
 class MemoryJournal:
@@ -22,7 +19,7 @@ class MemoryJournal:
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from treadle.adapters.memory.persistence.shared import _drop_last
+from treadle.adapters.memory.persistence.shared import MemoryUnit, _drop_last
 from treadle.kernel.model import (
     LogRecord,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryTransaction
 
 
 class MemoryLogs:
@@ -21,7 +17,7 @@ class MemoryLogs:
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo

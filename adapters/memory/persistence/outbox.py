@@ -6,20 +6,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from treadle.adapters.memory.persistence.shared import _MISSING, _in_id_order
+from treadle.adapters.memory.persistence.shared import _MISSING, MemoryUnit, _in_id_order
 from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord
 from treadle.kernel.model import (
     evolve,
 )
 
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryPersistence, InMemoryTransaction
-
 
 def _unappend_events(
-    store: InMemoryPersistence,
+    store: Any,
     first_id: int,
     buckets: list[list[Any]],
     previous: dict[str, int | None],
@@ -36,9 +33,7 @@ def _unappend_events(
             store.event_seq[run_id] = seq
 
 
-def _unpublish(
-    store: InMemoryPersistence, removed: list[tuple[int, OutboxRecord | EventBase, bool, bool]]
-) -> None:
+def _unpublish(store: Any, removed: list[tuple[int, OutboxRecord | EventBase, bool, bool]]) -> None:
     """Undo of ``mark_published``: the rows return, and each index is put back in outbox id
     order (the order rows were appended in), so a run's events still publish in order."""
     for outbox_id, record, was_unpublished, was_dead in removed:
@@ -57,7 +52,7 @@ class MemoryOutbox:
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo

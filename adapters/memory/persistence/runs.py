@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
 
-from treadle.adapters.memory.persistence.shared import _json_equal, _reject_duplicates
+from treadle.adapters.memory.persistence.shared import MemoryUnit, _json_equal, _reject_duplicates
 from treadle.kernel.errors import ConcurrencyError, DuplicateError
 from treadle.kernel.model import (
     Run,
@@ -15,9 +14,6 @@ from treadle.kernel.model import (
     RunStatus,
     evolve,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryTransaction
 
 
 def _matches(run: Run, f: RunFilter) -> bool:
@@ -44,7 +40,7 @@ class MemoryRuns:
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo
@@ -66,7 +62,8 @@ class MemoryRuns:
         self._tx.set_item(s.event_seq, run.id, 0)
 
     async def get(self, run_id: str, *, for_update: bool = False) -> Run | None:
-        return self._s.runs.get(run_id)
+        found: Run | None = self._s.runs.get(run_id)
+        return found
 
     def _rekey(self, stored: Run, run: Run) -> None:
         """An update that changes the run's idempotency key (continue-as-new hands it to

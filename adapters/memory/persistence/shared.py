@@ -5,13 +5,14 @@ adapter share.
 from __future__ import annotations
 
 import marshal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from treadle.kernel.model import (
     IdempotencyRecord,
     IdempotencyState,
+    Run,
 )
 
 _MISSING = object()
@@ -71,3 +72,23 @@ def _json_equal(stored: Any, wanted: Any) -> bool:
     if isinstance(stored, list | tuple) and isinstance(wanted, list | tuple):
         return len(stored) == len(wanted) and all(map(_json_equal, stored, wanted))
     return bool(stored == wanted)
+
+
+class MemoryUnit(Protocol):
+    """What the concern stores use of the ``InMemoryTransaction`` they belong to: stated
+    here, so the concern modules import nothing of ``store``, which imports them."""
+
+    _s: Any
+    """The ``InMemoryPersistence`` (its state)."""
+    _undo: list[tuple[Any, Any, Any]]
+    active: bool
+    ended_runs: list[str] | None
+    final_runs: dict[str, Run] | None
+
+    def _check(self) -> None: ...
+
+    def set_item(self, mapping: dict[Any, Any], key: Any, value: Any) -> None: ...
+
+    def del_item(self, mapping: dict[Any, Any], key: Any) -> None: ...
+
+    def on_rollback(self, fn: Callable[[], None]) -> None: ...

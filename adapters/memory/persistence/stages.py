@@ -6,19 +6,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from operator import attrgetter
-from typing import TYPE_CHECKING
 
-from treadle.adapters.memory.persistence.shared import _reject_duplicates
+from treadle.adapters.memory.persistence.shared import MemoryUnit, _reject_duplicates
 from treadle.kernel.errors import ConcurrencyError, DuplicateError
 from treadle.kernel.model import (
     StageRun,
     StageStatus,
     evolve,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryTransaction
-
 
 # Bound once: an enum member read through its class costs several global reads.
 _SUSPENDED = StageStatus.SUSPENDED
@@ -32,7 +27,7 @@ class MemoryStages:
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo
@@ -69,7 +64,8 @@ class MemoryStages:
         return list(per_run.values()) if per_run else []
 
     async def get(self, run_id: str, stage_id: str) -> StageRun | None:
-        return self._s.stages.get(run_id, {}).get(stage_id)
+        found: StageRun | None = self._s.stages.get(run_id, {}).get(stage_id)
+        return found
 
     async def update(self, stage: StageRun) -> StageRun:
         if not self._tx.active:

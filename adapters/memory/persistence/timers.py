@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING
 
+from treadle.adapters.memory.persistence.shared import MemoryUnit
 from treadle.kernel.model import (
     evolve,
 )
 from treadle.kernel.workflows.model import Timer
-
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.store import InMemoryTransaction
 
 
 class MemoryTimers:
@@ -20,7 +17,7 @@ class MemoryTimers:
 
     __slots__ = ("_s", "_tx", "_undo")
 
-    def __init__(self, tx: InMemoryTransaction) -> None:
+    def __init__(self, tx: MemoryUnit) -> None:
         self._tx = tx
         self._s = tx._s
         self._undo = tx._undo

@@ -4,20 +4,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 import treadle.adapters.sql.schema as t
+from treadle.adapters.sql.persistence.shared import SqlUnit
 from treadle.kernel.errors import (
     DuplicateError,
 )
 from treadle.kernel.model import (
     Annotation,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
 
 
 def _annotation_from_row(row: sa.Row[Any]) -> Annotation:
@@ -38,7 +36,7 @@ class SqlAnnotations:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def insert_many(self, annotations: Sequence[Annotation]) -> None:

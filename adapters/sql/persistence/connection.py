@@ -39,7 +39,7 @@ from treadle.adapters.due_times import (
     earliest,
 )
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
-from treadle.adapters.sql.dialect import SqlDialect, dialect_for
+from treadle.adapters.sql.dialect import Build, SqlDialect, dialect_for
 from treadle.adapters.sql.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
     create_engine,
@@ -188,7 +188,7 @@ class SqlTransaction:
             self.due = {}
         earliest(self.due, kind, when)
 
-    def prepared(self, name: str, build: Callable[[SqlTransaction], Any]) -> Any:
+    def prepared(self, name: str, build: Build) -> Any:
         """The statement ``build(self)`` makes, built once per persistence (its dialect
         object keeps it; see ``SqlDialect.prepared``) and reused."""
         return self.dialect.prepared(self, name, build)

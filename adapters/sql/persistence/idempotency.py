@@ -4,21 +4,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.dialect import SetWrite
+from treadle.adapters.sql.persistence.shared import SqlUnit
 from treadle.kernel.model import (
     IdempotencyRecord,
     IdempotencyState,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
-
 
 _IDEMPOTENCY_FIELDS = ("key", "command_type", "state", "result", "started_at")
 
@@ -44,7 +41,7 @@ _GET_IDEMPOTENCY = sa.select(t.idempotency_keys).where(
 )
 
 
-def _put_idempotency_statement(tx: SqlTransaction) -> Any:
+def _put_idempotency_statement(tx: SqlUnit) -> Any:
     ins = tx.dialect.insert(t.idempotency_keys)
     return ins.on_conflict_do_update(
         index_elements=["key", "command_type"],
@@ -71,7 +68,7 @@ class SqlIdempotency:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def get(self, key: str, command_type: str) -> IdempotencyRecord | None:

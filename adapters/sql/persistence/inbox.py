@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -12,6 +12,7 @@ import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.payloads import (
     is_encoded,
 )
+from treadle.adapters.sql.persistence.shared import SqlUnit
 from treadle.kernel.errors import (
     ConcurrencyError,
     DuplicateError,
@@ -21,9 +22,6 @@ from treadle.kernel.model import (
     evolve,
 )
 from treadle.kernel.workflows.model import InboxMessage
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
 
 
 def _inbox_from_row(row: sa.Row[Any]) -> InboxMessage:
@@ -47,7 +45,7 @@ class SqlInbox:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def _inbox_from(self, row: sa.Row[Any]) -> InboxMessage:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -11,6 +11,7 @@ import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.payloads import (
     is_encoded,
 )
+from treadle.adapters.sql.persistence.shared import SqlUnit
 from treadle.kernel.errors import (
     ConcurrencyError,
     DuplicateError,
@@ -19,9 +20,6 @@ from treadle.kernel.model import (
     evolve,
 )
 from treadle.kernel.workflows.model import JournalEntry, JournalStatus
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
 
 
 def _journal_values(entry: JournalEntry) -> dict[str, Any]:
@@ -67,7 +65,7 @@ class SqlJournal:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def entries(

@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
 import treadle.adapters.sql.schema as t
+from treadle.adapters.sql.persistence.shared import SqlUnit
 from treadle.kernel.model import (
     LogRecord,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
 
 
 class SqlLogs:
@@ -22,7 +19,7 @@ class SqlLogs:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def append(self, logs: Sequence[LogRecord]) -> None:

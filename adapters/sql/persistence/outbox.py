@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import sqlalchemy as sa
 
@@ -21,6 +21,7 @@ from treadle.adapters.sql.payloads import (
     escape,
     is_encoded,
 )
+from treadle.adapters.sql.persistence.shared import SqlUnit
 from treadle.kernel.errors import (
     PayloadMissingError,
     StorageError,
@@ -30,9 +31,6 @@ from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord, parse
 from treadle.kernel.model import (
     evolve,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
 
 
 def _outbox_record(row: sa.Row[Any]) -> OutboxRecord:
@@ -121,7 +119,7 @@ _PG_APPEND_EVENTS_ENDED = _pg_append_events(notify=True)
 _INSERT_OUTBOX = sa.insert(t.outbox)
 
 
-def _allocate_statement(tx: SqlTransaction) -> Any:
+def _allocate_statement(tx: SqlUnit) -> Any:
     seq = t.run_event_seq
     ins = tx.dialect.insert(seq)
     return ins.on_conflict_do_update(
@@ -146,7 +144,7 @@ class SqlOutbox:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def _outbox_from(self, row: sa.Row[Any]) -> OutboxRecord:

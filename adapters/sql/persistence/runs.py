@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -17,6 +17,7 @@ from treadle.adapters.sql.engine import (
 )
 from treadle.adapters.sql.persistence.shared import (
     _RUN_PAYLOADS,
+    SqlUnit,
     _not_written,
     _plain,
     _reject_duplicates,
@@ -31,10 +32,6 @@ from treadle.kernel.model import (
     RunStatus,
     evolve,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
-
 
 _RUN_COLUMNS = tuple(c.name for c in t.runs.columns)
 
@@ -98,7 +95,7 @@ _PG_INSERT_CLAIMED_RUNS = pg_bulk.insert_select(
 claimable work for other workers."""
 
 
-def _insert_run_statement(tx: SqlTransaction) -> Any:
+def _insert_run_statement(tx: SqlUnit) -> Any:
     # ON CONFLICT DO NOTHING: a duplicate does not poison a PostgreSQL transaction; the
     # caller reads the rowcount (which an INSERT reports only when asked to).
     return (
@@ -143,7 +140,7 @@ class SqlRuns:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def _run_from(self, row: sa.Row[Any]) -> Run:
@@ -221,7 +218,7 @@ class SqlRuns:
         if not wanted:
             return {}
 
-        def build(tx: SqlTransaction) -> Any:
+        def build(tx: SqlUnit) -> Any:
             c = t.runs.c
             # Both columns of the unique index: a superset of the pairs, filtered below.
             return sa.select(t.runs).where(
@@ -282,7 +279,7 @@ class SqlRuns:
         if not run_ids:
             return {}
 
-        def build(tx: SqlTransaction) -> Any:
+        def build(tx: SqlUnit) -> Any:
             query = (
                 sa.select(t.runs)
                 .where(tx.dialect.any_of(t.runs.c.id, "run_ids"))
@@ -387,7 +384,7 @@ class SqlRuns:
         if exclude_ids or exclude_keys:
             return await self._claim_pending_excluding(limit, exclude_ids, exclude_keys)
 
-        def build(tx: SqlTransaction) -> Any:
+        def build(tx: SqlUnit) -> Any:
             query = (
                 sa.select(t.runs)
                 .where(t.runs.c.status == RunStatus.PENDING.value)

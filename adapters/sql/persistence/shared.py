@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
+from treadle.adapters.due_times import DueKind
+from treadle.adapters.sql.dialect import Build, SqlDialect
+from treadle.adapters.sql.payloads import PayloadOffload
 from treadle.kernel.model import (
     Run,
     StageRun,
@@ -80,3 +84,34 @@ def _not_written(
         )
     ]
     return stale or [name for name, _, _ in items]
+
+
+class SqlUnit(Protocol):
+    """What the concern stores use of the ``SqlTransaction`` they belong to: stated
+    here, so the concern modules import nothing of ``connection``, which imports them."""
+
+    active: bool
+    ended_runs: list[str] | None
+    final_runs: dict[str, Run] | None
+    payloads: PayloadOffload | None
+    dialect: SqlDialect
+    _fresh: dict[str, set[str]]
+    _notified: set[str]
+
+    def _check(self) -> None: ...
+
+    async def execute(
+        self, statement: sa.Executable, what: str = "query", parameters: Any = None
+    ) -> sa.CursorResult[*tuple[Any, ...]]: ...
+
+    def note_due(self, kind: DueKind, when: datetime) -> None: ...
+
+    def prepared(self, name: str, build: Build) -> Any: ...
+
+    async def _put_payload(self, scope: str | None, value: Any) -> Any: ...
+
+    async def _get_payload(self, value: Any, run_id: str | None) -> Any: ...
+
+    async def run_from_columns(self, data: dict[str, Any]) -> Run: ...
+
+    async def stage_from_columns(self, data: dict[str, Any]) -> StageRun: ...

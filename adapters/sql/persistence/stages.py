@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -14,6 +14,7 @@ import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.dialect import SetWrite
 from treadle.adapters.sql.persistence.shared import (
     _STAGE_PAYLOADS,
+    SqlUnit,
     _not_written,
     _plain,
     _reject_duplicates,
@@ -27,10 +28,6 @@ from treadle.kernel.model import (
     StageStatus,
     evolve,
 )
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
-
 
 _STAGE_FIELDS = tuple(name for name in StageRun.model_fields if name != "workflow_run_id")
 
@@ -189,7 +186,7 @@ class SqlStages:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def _stage_from(self, row: sa.Row[Any]) -> StageRun:

@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 import treadle.adapters.sql.schema as t
+from treadle.adapters.sql.persistence.shared import SqlUnit
 from treadle.kernel.model import (
     evolve,
 )
 from treadle.kernel.workflows.model import Timer
-
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
 
 
 def _timer_from_row(row: sa.Row[Any]) -> Timer:
@@ -37,7 +35,7 @@ class SqlTimers:
 
     __slots__ = ("_tx",)
 
-    def __init__(self, tx: SqlTransaction) -> None:
+    def __init__(self, tx: SqlUnit) -> None:
         self._tx = tx
 
     async def schedule(self, timer: Timer) -> Timer:
