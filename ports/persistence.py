@@ -25,6 +25,7 @@ from treadle.kernel.model import (
 )
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
 from treadle.ports.flow_control import FlowControl
+from treadle.ports.retention import RetentionStore
 
 
 class Transaction(Protocol):
@@ -33,6 +34,12 @@ class Transaction(Protocol):
     @property
     def flow(self) -> FlowControl:
         """Concurrency and rate-limit accounting (``ports.flow_control``)."""
+        ...
+
+    @property
+    def retention(self) -> RetentionStore:
+        """Purging expired runs (``ports/retention.py``), in this unit of work."""
+        ...
 
     # -- runs -------------------------------------------------------------
     async def insert_run(self, run: Run) -> None:

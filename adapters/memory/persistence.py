@@ -20,6 +20,7 @@ from operator import attrgetter
 from typing import Any
 
 from treadle.adapters.memory.flow_control import InMemoryFlowControl
+from treadle.adapters.memory.retention import InMemoryRetention
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
 from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
 from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord
@@ -84,6 +85,11 @@ class InMemoryTransaction:
     def flow(self) -> InMemoryFlowControl:
         """The FlowControl concern (``ports.flow_control``) on this transaction."""
         return InMemoryFlowControl(self._s.runs.values())
+
+    @property
+    def retention(self) -> InMemoryRetention:
+        """Purging expired runs in this transaction (``adapters/memory/retention.py``)."""
+        return InMemoryRetention(self, self._s)
 
     # -- undo bookkeeping ------------------------------------------------------
     def on_rollback(self, fn: Callable[[], None]) -> None:
@@ -257,7 +263,9 @@ class InMemoryTransaction:
         exclude_ids: Sequence[str] = (),
         exclude_keys: Sequence[tuple[str, str | None]] = (),
     ) -> list[Run]:
-        pending = [r for r in self._s.runs.values() if r.status is RunStatus.PENDING]
+        pending = [
+            r for r in self._s.runs.values() if r.status is RunStatus.PENDING and not r.paused
+        ]
         if exclude_ids or exclude_keys:
             ids, keys = set(exclude_ids), set(exclude_keys)
             pending = [
@@ -273,7 +281,11 @@ class InMemoryTransaction:
     async def runs_inactive_since(
         self, status: RunStatus, cutoff: datetime, limit: int
     ) -> list[Run]:
-        found = [r for r in self._s.runs.values() if r.status is status and r.updated_at < cutoff]
+        found = [
+            r
+            for r in self._s.runs.values()
+            if r.status is status and r.updated_at < cutoff and not r.paused  # paused: on purpose
+        ]
         found.sort(key=lambda r: (r.updated_at, r.id))
         return found[:limit]
 
@@ -860,6 +872,8 @@ def _matches(run: Run, f: RunFilter) -> bool:
     if f.created_before is not None and run.created_at >= f.created_before:
         return False
     if f.parent_run_id is not None and run.parent_run_id != f.parent_run_id:
+        return False
+    if f.paused is not None and (run.paused and not run.status.terminal) is not f.paused:
         return False
     return all(
         k in run.search_attributes and _json_equal(run.search_attributes[k], v)
