@@ -332,6 +332,9 @@ class WorkflowDefinition:
     """At most this many runs sharing a ``concurrency_key`` hold a slot at once."""
     rate_limit: RateLimit | None = None
     """At most ``starts`` runs started per ``per`` (per workflow, or per key)."""
+    retention: timedelta | None = None
+    """How long this workflow's terminal runs are kept before the maintenance tick purges
+    them (``run.purge``); ``None``: the engine's default (``KernelSettings``)."""
 
     def stage(self, stage_id: str) -> StageDefinition | None:
         return self.stages.get(stage_id)
@@ -443,6 +446,17 @@ def _dumped_keys(model: Any) -> set[str] | None:
     return keys
 
 
+def retention_of(workflow_id: str, value: timedelta | float | None) -> timedelta | None:
+    """A workflow's ``retention``: a positive duration (a number means seconds) or ``None``;
+    ``DefinitionError`` naming the workflow otherwise."""
+    if value is None:
+        return None
+    try:
+        return to_duration(value, "retention")
+    except ValueError as exc:
+        raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None
+
+
 class WorkflowBuilder:
     """Fluent builder: ``WorkflowBuilder(id, input=Model).pipe(a).parallel([b, c]).build()``."""
 
@@ -457,6 +471,7 @@ class WorkflowBuilder:
         concurrency: int | None = None,
         concurrency_per_key: int | None = None,
         rate_limit: RateLimit | None = None,
+        retention: timedelta | float | None = None,
     ) -> None:
         try:
             check_queue(queue, f"workflow {id!r}")
@@ -467,6 +482,7 @@ class WorkflowBuilder:
         self._concurrency_per_key = concurrency_per_key
         self._rate_limit = rate_limit
         self._id = id
+        self._retention = retention_of(id, retention)
         self._input = input
         self._description = description
         self._version = str(version)
@@ -532,6 +548,7 @@ class WorkflowBuilder:
             concurrency=self._concurrency,
             concurrency_per_key=self._concurrency_per_key,
             rate_limit=self._rate_limit,
+            retention=self._retention,
         )
 
     def _check_schemas(self) -> None:

@@ -64,6 +64,9 @@ class KernelSettings:
     sticky_cache_size: int = 1000
     """How many parked bodies this kernel keeps (least recently parked dropped first;
     a dropped run replays on its next activation). 0 turns sticky execution off."""
+    default_retention: timedelta | None = None
+    """How long terminal runs of a workflow without its own ``retention`` are kept before
+    the maintenance tick's ``run.purge`` deletes them; ``None``: forever."""
 
 
 @dataclass
@@ -168,6 +171,13 @@ class Scope:
                 started_at=self._deps.clock.now(),
             )
         )
+
+    async def forget(self, tx: Transaction) -> None:
+        """The command changed nothing a replay must be answered from: drop the in-progress
+        mark in ``tx`` (a job a pause holds runs later under the same per-attempt key)."""
+        if self.key is not None and self.claimed:
+            await tx.idempotency.delete(self.key, self.command_type)
+            self.claimed = False
 
     async def abandon(self) -> None:
         """The handler raised after an in-progress mark was committed: drop the mark so

@@ -27,9 +27,11 @@ from treadle.kernel.events import EventBase
 from treadle.kernel.handlers import (
     jobs,
     leases,
+    lifecycle,
     maintenance,
     messages,
     outbox,
+    retention,
     runs,
     suspended,
 )
@@ -68,6 +70,10 @@ def _handlers() -> dict[str, tuple[Handler, bool]]:
         "run.transition": (runs.transition, False),
         "run.cancel": (runs.cancel, False),
         "run.rerunFrom": (runs.rerun_from, False),
+        "run.pause": (lifecycle.pause, False),
+        "run.resume": (lifecycle.resume, False),
+        "run.terminate": (lifecycle.terminate, False),
+        "run.purge": (retention.purge, True),
         "job.execute": (jobs.execute, True),
         "job.release": (leases.release, False),
         "stage.pollSuspended": (suspended.poll_suspended, True),
@@ -116,6 +122,14 @@ class Kernel:
     async def dispatch(self, command: c.RunCancel) -> c.RunCancelResult: ...
     @overload
     async def dispatch(self, command: c.RunRerunFrom) -> c.RunRerunFromResult: ...
+    @overload
+    async def dispatch(self, command: c.RunPause) -> c.RunPauseResult: ...
+    @overload
+    async def dispatch(self, command: c.RunResume) -> c.RunResumeResult: ...
+    @overload
+    async def dispatch(self, command: c.RunTerminate) -> c.RunTerminateResult: ...
+    @overload
+    async def dispatch(self, command: c.RunPurge) -> c.RunPurgeResult: ...
     @overload
     async def dispatch(self, command: c.JobExecute) -> c.JobExecuteResult: ...
     @overload

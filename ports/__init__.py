@@ -8,17 +8,21 @@ from treadle.ports.job_transport import JobTransport
 from treadle.ports.persistence import Persistence, Transaction
 from treadle.ports.plugin import KernelPlugin
 from treadle.ports.registry import WorkflowRegistry
+from treadle.ports.retention import BlobRetention, JobRetention, RetentionStore
 from treadle.ports.scheduler import Scheduler
 from treadle.ports.workers import WorkerRegistry
 
 __all__ = [
+    "BlobRetention",
     "BlobStore",
     "Clock",
     "EventSink",
     "IdGenerator",
+    "JobRetention",
     "JobTransport",
     "KernelPlugin",
     "Persistence",
+    "RetentionStore",
     "Scheduler",
     "Transaction",
     "WorkerRegistry",

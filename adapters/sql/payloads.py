@@ -165,6 +165,11 @@ class PayloadOffload:
         self.max_bytes = check_threshold(max_bytes)
         self.same_database = same_database
 
+    @staticmethod
+    def run_prefix(run_id: str) -> str:
+        """The key prefix of every value offloaded for ``run_id`` (retention deletes it)."""
+        return f"{_KEY_PREFIX}{run_id}/"
+
     def key_for(self, scope: str | None, data: bytes) -> str:
         return f"{_KEY_PREFIX}{scope or '-'}/{hashlib.sha256(data).hexdigest()}"
 

@@ -41,7 +41,7 @@ from treadle.hosts.cli.common import (
     seconds_option,
     state,
 )
-from treadle.kernel.model import QueueInfo, RunStatus
+from treadle.kernel.model import QueueInfo, RunFilter, RunStatus
 
 Level = Literal["ok", "warn", "FAIL", "skip"]
 _STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "skip": "dim"}
@@ -170,6 +170,7 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
                 now - timedelta(seconds=limits.overdue), _SCAN_LIMIT
             )
             dead = await tx.outbox.dead_lettered(_SCAN_LIMIT)
+            paused = await tx.runs.query(RunFilter(paused=True, limit=_SCAN_LIMIT))
         queues = await engine.queues(live_within=limits.worker_ttl)
     if stuck:
         ids = [r.id for r in stuck]
@@ -209,6 +210,15 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
         )
     )
     checks.append(_queues_check(queues, limits.worker_ttl))
+    held = [r.id for r in paused]
+    checks.append(
+        Check(
+            "paused runs",
+            "ok",
+            f"{_count(len(held))} paused"
+            + (f": {_sample(held)} (`treadle resume RUN_ID` lets one go on)" if held else ""),
+        )
+    )
     runs = sorted({record.event.workflow_run_id for record in dead})
     checks.append(
         Check(

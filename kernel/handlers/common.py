@@ -148,6 +148,8 @@ def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Deci
     if all_succeeded:
         if current_group >= len(wf.groups) - 1:
             return _COMPLETED
+        if run.paused:  # the next group waits for run.resume (handlers/lifecycle.py)
+            return _NOOP
         next_group = current_group + 1
         if next_group < len(_ADVANCE_TO):
             return _ADVANCE_TO[next_group]

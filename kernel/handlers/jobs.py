@@ -56,6 +56,7 @@ from treadle.kernel.handlers.common import (
 from treadle.kernel.handlers.effects import commit_stage_extras
 from treadle.kernel.handlers.execution import Started, is_current, validate_output
 from treadle.kernel.handlers.leases import settle_lease
+from treadle.kernel.handlers.lifecycle import hold_job
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.model import (
     Job,
@@ -306,6 +307,8 @@ async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started |
             )
             await scope.complete(tx, result)
             return result
+        if run.paused and not _started_by_chain(job, stage) and not run.status.terminal:
+            return await _hold(deps, tx, scope, job, now)
         wf = deps.workflow(run.workflow_id, run.workflow_version)
         definition = wf.stage(stage.stage_id)
         if definition is None:
@@ -321,6 +324,22 @@ async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started |
             await tx.outbox.append([_started_event(stage, cmd.worker_id, now, scope)])
             stages = _replaced(stages, index, stage)
     return Started(job, run, stage, wf, definition, stages)
+
+
+async def _hold(
+    deps: Deps, tx: Transaction, scope: Scope, job: Job, now: datetime
+) -> c.JobExecuteResult:
+    """The run is paused (``handlers/lifecycle.py``): the stage does not start; the job
+    is held, its attempt given back, until ``run.resume`` queues it again. Nothing is
+    cached under the key: the job runs later under the same per-attempt key."""
+    await hold_job(deps, tx, job, now)
+    await scope.forget(tx)
+    return c.JobExecuteResult(
+        outcome="suspended",
+        workflow_run_id=job.workflow_run_id,
+        stage_id=job.stage_id,
+        error="run is paused; stage not started",
+    )
 
 
 def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:

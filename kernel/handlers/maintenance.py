@@ -61,6 +61,8 @@ async def reap_stuck(deps: Deps, cmd: c.RunReapStuck, scope: Scope) -> c.RunReap
             RunStatus.RUNNING, now - cmd.stuck_threshold, cmd.max_runs
         )
         for run in idle:
+            if run.paused:  # idle on purpose until run.resume
+                continue
             wf = deps.find_workflow(run.workflow_id, run.workflow_version)
             if wf is None:
                 continue

@@ -731,6 +731,8 @@ async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunReru
                     "current_group": group,
                     "started_at": now,
                     "config": config,
+                    "paused": False,  # a pause or terminate of its last life is over
+                    "terminated": False,
                 },
             )
         )

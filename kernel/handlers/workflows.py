@@ -366,6 +366,9 @@ async def fire_timers(
             or stage.version != seen.version
         ):
             return "skipped"  # another poller, a signal or a cancel got there first
+        if run.paused:  # fire nothing until run.resume, which polls the stage again
+            await tx.stages.update(stage.model_copy(update={"next_poll_at": None}))
+            return "waiting"
         mismatch = version_mismatch(run, wf)
         if mismatch is not None:  # fire nothing: the journal stays as the pinned code left it
             await block(deps, tx, run, stage, wf, mismatch, now, scope.causation_id)

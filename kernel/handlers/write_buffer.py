@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         LogStore,
         TimerStore,
     )
+    from treadle.ports.retention import RetentionStore
 
 __all__ = ["BUFFERED_JOBS", "BufferedJobs", "NotBatchableError", "WriteBuffer"]
 
@@ -123,6 +124,10 @@ class WriteBuffer:
     @property
     def flow(self) -> FlowControl:
         raise _not_carried("flow")
+
+    @property
+    def retention(self) -> RetentionStore:
+        raise _not_carried("retention")
 
     def written_state(self, run_id: str) -> tuple[Run, list[StageRun]]:
         """The run and its stages as the collected writes leave them (for rows not

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
 
-from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
+from treadle.kernel.definitions import StageDefinition, WorkflowDefinition, retention_of
 from treadle.kernel.errors import DefinitionError, NotSupportedError
 from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import to_duration
@@ -84,6 +84,7 @@ def workflow(
     concurrency: int | None = None,
     concurrency_per_key: int | None = None,
     rate_limit: RateLimit | None = None,
+    retention: timedelta | float | None = None,
 ) -> Callable[[WorkflowFn], CodeWorkflowDefinition]:
     """Decorate ``async def body(ctx: WorkflowContext, input) -> output`` as a code
     workflow. ``signals`` optionally maps signal names to payload models, so that
@@ -93,7 +94,8 @@ def workflow(
     cancelled with the reason ``execution timeout``. ``queue``: only workers serving
     that queue run the workflow's body and steps (``treadle worker --queue``).
     ``concurrency``, ``concurrency_per_key`` and ``rate_limit`` cap the runs that start
-    (see ``kernel/flow_control.py``)."""
+    (see ``kernel/flow_control.py``). ``retention`` keeps the workflow's terminal runs
+    that long before the maintenance tick purges them (docs/lifecycle.md)."""
     if not id or not isinstance(id, str):
         raise DefinitionError("workflow: id must be a non-empty string")
     try:
@@ -102,6 +104,7 @@ def workflow(
     except ValueError as exc:
         raise DefinitionError(str(exc)) from None
     deadline = _positive_timedelta(id, "execution_timeout", execution_timeout)
+    keep = retention_of(id, retention)
 
     def wrap(fn: WorkflowFn) -> CodeWorkflowDefinition:
         if not inspect.iscoroutinefunction(fn):
@@ -137,6 +140,7 @@ def workflow(
             concurrency=concurrency,
             concurrency_per_key=concurrency_per_key,
             rate_limit=rate_limit,
+            retention=keep,
         )
 
     return wrap

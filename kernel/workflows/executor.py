@@ -92,6 +92,7 @@ class _Writer:
         self._scope = scope
         self._s = started
         self._worker_id = worker_id
+        self.paused = False
 
     async def owner(self, tx: Transaction) -> tuple[Run, StageRun] | None:
         """The run (locked) and stage if this execution still owns them, else ``None``.
@@ -125,6 +126,7 @@ class _Writer:
             owned = await self.owner(tx)
             if owned is None:
                 raise Interrupt("ghost")
+            self.paused = owned[0].paused
             await apply_attributes(tx, owned[0], entries, now)
             stored = await write_entries(tx, entries, now)
             for message_id, consumer in consume:
@@ -591,8 +593,9 @@ async def _commit_waits(
             },
         )
     )
+    waiting_for = describe_waits(waits) if waits else ("paused" if run.paused else None)
     await apply_transition(
-        deps, tx, run, [stage], s.wf, now, scope.causation_id, waiting_for=describe_waits(waits)
+        deps, tx, run, [stage], s.wf, now, scope.causation_id, waiting_for=waiting_for
     )
     return _suspended_result(run, stage, next_poll)
 

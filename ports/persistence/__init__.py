@@ -32,6 +32,7 @@ from treadle.ports.persistence.outbox import OutboxStore
 from treadle.ports.persistence.runs import RunStore
 from treadle.ports.persistence.stages import StageStore
 from treadle.ports.persistence.timers import TimerStore
+from treadle.ports.retention import RetentionStore
 
 __all__ = [
     "AnnotationStore",
@@ -94,6 +95,10 @@ class Transaction(Protocol):
     @property
     def flow(self) -> FlowControl:
         """Concurrency and rate-limit accounting (``ports.flow_control``)."""
+
+    @property
+    def retention(self) -> RetentionStore:
+        """Purging expired runs (``ports/retention.py``), in this unit of work."""
 
 
 class Persistence(Protocol):

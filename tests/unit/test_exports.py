@@ -52,13 +52,16 @@ EXPECTED: dict[str, set[str]] = {
     }
     | _public_errors(),
     "treadle.ports": {
+        "BlobRetention",
         "BlobStore",
         "Clock",
         "EventSink",
         "IdGenerator",
+        "JobRetention",
         "JobTransport",
         "KernelPlugin",
         "Persistence",
+        "RetentionStore",
         "Scheduler",
         "Transaction",
         "WorkerRegistry",

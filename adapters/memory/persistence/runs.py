@@ -29,6 +29,8 @@ def _matches(run: Run, f: RunFilter) -> bool:
         return False
     if f.parent_run_id is not None and run.parent_run_id != f.parent_run_id:
         return False
+    if f.paused is not None and (run.paused and not run.status.terminal) is not f.paused:
+        return False
     return all(
         k in run.search_attributes and _json_equal(run.search_attributes[k], v)
         for k, v in f.attributes.items()
@@ -178,7 +180,9 @@ class MemoryRuns:
         exclude_ids: Sequence[str] = (),
         exclude_keys: Sequence[tuple[str, str | None]] = (),
     ) -> list[Run]:
-        pending = [r for r in self._s.runs.values() if r.status is RunStatus.PENDING]
+        pending = [
+            r for r in self._s.runs.values() if r.status is RunStatus.PENDING and not r.paused
+        ]
         if exclude_ids or exclude_keys:
             ids, keys = set(exclude_ids), set(exclude_keys)
             pending = [
@@ -192,6 +196,10 @@ class MemoryRuns:
         return pending[:limit]
 
     async def inactive_since(self, status: RunStatus, cutoff: datetime, limit: int) -> list[Run]:
-        found = [r for r in self._s.runs.values() if r.status is status and r.updated_at < cutoff]
+        found = [
+            r
+            for r in self._s.runs.values()
+            if r.status is status and r.updated_at < cutoff and not r.paused  # paused: on purpose
+        ]
         found.sort(key=lambda r: (r.updated_at, r.id))
         return found[:limit]

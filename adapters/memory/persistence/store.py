@@ -25,6 +25,7 @@ from treadle.adapters.memory.persistence.runs import MemoryRuns
 from treadle.adapters.memory.persistence.shared import _MISSING, _idempotency_record
 from treadle.adapters.memory.persistence.stages import MemoryStages
 from treadle.adapters.memory.persistence.timers import MemoryTimers
+from treadle.adapters.memory.retention import InMemoryRetention
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
 from treadle.kernel.errors import TreadleError
 from treadle.kernel.events import EventBase, OutboxRecord
@@ -102,6 +103,11 @@ class InMemoryTransaction:
     def flow(self) -> InMemoryFlowControl:
         """The FlowControl concern (``ports.flow_control``) on this transaction."""
         return InMemoryFlowControl(self._s.runs.values())
+
+    @property
+    def retention(self) -> InMemoryRetention:
+        """Purging expired runs in this transaction (``adapters/memory/retention.py``)."""
+        return InMemoryRetention(self, self._s)
 
     def end(self) -> None:
         """Mark the transaction ended and point its stores at the store's ended

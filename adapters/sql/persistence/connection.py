@@ -55,6 +55,7 @@ from treadle.adapters.sql.payloads import (
     reference_of,
     unescape,
 )
+from treadle.adapters.sql.retention import SqlRetention
 from treadle.kernel.errors import (
     PayloadMissingError,
     StorageError,
@@ -133,6 +134,11 @@ class SqlTransaction:
     def flow(self) -> SqlFlowControl:
         """The FlowControl concern (``ports.flow_control``) on this transaction."""
         return SqlFlowControl(self)
+
+    @property
+    def retention(self) -> SqlRetention:
+        """Purging expired runs in this transaction (``adapters/sql/retention.py``)."""
+        return SqlRetention(self)
 
     def end(self, ended: SqlTransaction) -> None:
         """Mark the transaction ended and point its stores at ``ended`` (an inactive

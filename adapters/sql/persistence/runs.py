@@ -352,6 +352,10 @@ class SqlRuns:
             conditions.append(c.created_at < f.created_before)
         if f.parent_run_id is not None:
             conditions.append(c.parent_run_id == f.parent_run_id)
+        if f.paused is not None:
+            live = c.status.in_([s.value for s in RunStatus if not s.terminal])
+            paused = sa.and_(c.paused.is_(True), live)
+            conditions.append(paused if f.paused else sa.not_(paused))
         conditions.extend(self._tx.dialect.attributes_match(c.search_attributes, f.attributes))
         return conditions
 
@@ -387,7 +391,7 @@ class SqlRuns:
         def build(tx: SqlUnit) -> Any:
             query = (
                 sa.select(t.runs)
-                .where(t.runs.c.status == RunStatus.PENDING.value)
+                .where(t.runs.c.status == RunStatus.PENDING.value, t.runs.c.paused.is_(False))
                 .order_by(t.runs.c.priority.desc(), t.runs.c.created_at, t.runs.c.id)
                 .limit(sa.bindparam("limit", type_=sa.Integer()))
             )
@@ -407,7 +411,7 @@ class SqlRuns:
         """A claim's later pass, past the runs it already holds and the flow-control
         keys it found full (``None`` key: the whole workflow). Rare: not prepared."""
         c = t.runs.c
-        conditions: list[Any] = [c.status == RunStatus.PENDING.value]
+        conditions: list[Any] = [c.status == RunStatus.PENDING.value, c.paused.is_(False)]
         if exclude_ids:
             conditions.append(c.id.not_in(list(exclude_ids)))
         whole = sorted({wf for wf, key in exclude_keys if key is None})
@@ -429,7 +433,11 @@ class SqlRuns:
     async def inactive_since(self, status: RunStatus, cutoff: datetime, limit: int) -> list[Run]:
         query = (
             sa.select(t.runs)
-            .where(t.runs.c.status == status.value, t.runs.c.updated_at < cutoff)
+            .where(
+                t.runs.c.status == status.value,
+                t.runs.c.updated_at < cutoff,
+                t.runs.c.paused.is_(False),  # idle on purpose
+            )
             .order_by(t.runs.c.updated_at, t.runs.c.id)
             .limit(limit)
         )
