@@ -31,7 +31,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.errors import InvalidStateError
 from treadle.kernel.events import WorkflowPaused, WorkflowResumed, WorkflowTerminated
 from treadle.kernel.handlers.basics import load_run

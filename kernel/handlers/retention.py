@@ -19,7 +19,7 @@ import asyncio
 from datetime import datetime
 from typing import TYPE_CHECKING, cast
 
-from treadle.kernel import commands as c
+import treadle.kernel.commands as c
 from treadle.kernel.model import RunStatus
 
 if TYPE_CHECKING:
