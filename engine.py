@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import math
 import os
 import time
@@ -38,7 +39,7 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.handlers.runs import validate_items
 from treadle.kernel.kernel import Kernel, KernelSettings
-from treadle.kernel.limits import validate_attributes
+from treadle.kernel.limits import to_duration, validate_attributes
 from treadle.kernel.model import (
     Annotation,
     JsonValue,
@@ -85,6 +86,13 @@ def _seconds(value: Any, argument: str, *, allow_zero: bool = True) -> float:
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise _invalid(argument, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
     return seconds
+
+
+def _retention(value: Any) -> timedelta:
+    try:
+        return to_duration(value, "retention")
+    except ValueError as exc:
+        raise _invalid("retention", str(exc).removeprefix("retention ")) from None
 
 
 def _status(value: Any) -> RunStatus | None:
@@ -286,6 +294,7 @@ class Engine:
         logger: Any = None,
         payload_max_bytes: int | None = DEFAULT_PAYLOAD_MAX_BYTES,
         schedules: Iterable[ScheduleDefinition] = (),
+        retention: timedelta | float | None = None,
         **engine_options: Any,
     ) -> Engine:
         """Open the backend ``url`` names (``memory://``, ``sqlite:///file.db``,
@@ -297,8 +306,15 @@ class Engine:
         reference (``None``: always inline); see docs/storage.md. The cron schedules
         the workflows declare (``@workflow(schedule=...)``) and ``schedules``
         (``define_schedule(...)``) are created, or brought in line with the code.
+        ``retention`` (a number means seconds) is how long terminal runs of workflows
+        without their own are kept before the maintenance tick purges them
+        (docs/lifecycle.md; default: forever).
         """
         _non_empty(url, "url")
+        if retention is not None:
+            settings = dataclasses.replace(
+                settings or KernelSettings(), default_retention=_retention(retention)
+            )
         definitions = _definitions(workflows)
         backend = await open_backend(
             url,
@@ -549,6 +565,72 @@ class Engine:
         command = _build(c.RunCancel, "cancel", workflow_run_id=run_id, reason=reason)
         return (await self.kernel.dispatch(command)).cancelled
 
+    async def pause(self, run_id: str, reason: str | None = None) -> bool:
+        """Start no new stage or step of the run until ``resume``; the one in flight
+        finishes. ``False`` if it was paused already; ``InvalidStateError`` naming the run
+        and its status if it has ended (docs/lifecycle.md)."""
+        self._check_open()
+        command = _build(c.RunPause, "pause", workflow_run_id=run_id, reason=reason)
+        return (await self.kernel.dispatch(command)).paused
+
+    async def resume(self, run_id: str, reason: str | None = None) -> bool:
+        """Go on with a paused run from where it stopped; ``False`` if it was not paused."""
+        self._check_open()
+        command = _build(c.RunResume, "resume", workflow_run_id=run_id, reason=reason)
+        result = (await self.kernel.dispatch(command)).resumed
+        if result:
+            self._notify()  # its held jobs are queued again: wake the in-process worker
+        return result
+
+    async def terminate(self, run_id: str, reason: str | None = None) -> bool:
+        """End the run at once (CANCELLED) without running its saga compensations, unlike
+        ``cancel``; ``False`` if it had already finished."""
+        self._check_open()
+        command = _build(c.RunTerminate, "terminate", workflow_run_id=run_id, reason=reason)
+        return (await self.kernel.dispatch(command)).terminated
+
+    async def purge(
+        self,
+        older_than: timedelta | float | None = None,
+        *,
+        status: Any = None,
+        workflow_id: str | None = None,
+        dry_run: bool = False,
+        batch_size: int = 100,
+    ) -> c.RunPurgeResult:
+        """Delete terminal runs that ended more than ``older_than`` ago (``None``: each
+        past its workflow's ``retention`` or the engine's), with everything stored for
+        them, in batches of ``batch_size`` runs; ``status`` narrows to COMPLETED, FAILED
+        or CANCELLED (one or several). ``dry_run`` deletes nothing and reports the first
+        ``MAX_PURGE_BATCH`` runs it would. Returns the totals of every batch."""
+        self._check_open()
+        one, several = _statuses(status) if status is not None else (None, frozenset())
+        statuses = sorted({one} if one is not None else several) or None
+        size = c.MAX_PURGE_BATCH if dry_run else batch_size
+        ids: builtins.list[str] = []
+        blobs = 0
+        while True:
+            command = _build(
+                c.RunPurge,
+                "purge",
+                older_than=older_than,
+                statuses=statuses,
+                workflow_id=workflow_id,
+                dry_run=dry_run,
+                max_runs=size,
+            )
+            result = await self.kernel.dispatch(command)
+            ids.extend(result.workflow_run_ids)
+            blobs += result.blobs_deleted
+            if dry_run or not result.more or not result.workflow_run_ids:
+                return c.RunPurgeResult(
+                    purged=len(ids),
+                    workflow_run_ids=ids,
+                    blobs_deleted=blobs,
+                    more=result.more,
+                    dry_run=dry_run,
+                )
+
     async def rerun_from(
         self, run_id: str, stage_id: str, *, config: Mapping[str, Any] | None = None
     ) -> c.RunRerunFromResult:
@@ -734,11 +816,13 @@ class Engine:
         offset: int = 0,
         *,
         parent_run_id: str | None = None,
+        paused: bool | None = None,
     ) -> builtins.list[Run]:
         """Runs matching every given filter, newest first (without stages).
         ``status`` is one status or a list of them (any one matches);
         ``created_after`` is inclusive, ``created_before`` exclusive; ``parent_run_id``
-        selects the children a code workflow started with ``ctx.child``."""
+        selects the children a code workflow started with ``ctx.child``; ``paused=True``
+        the runs ``pause`` holds (``False``: the others)."""
         self._check_open()
         query = _filter(
             status=status,
@@ -753,6 +837,10 @@ class Engine:
             query = query.model_copy(
                 update={"parent_run_id": _non_empty(parent_run_id, "parent_run_id")}
             )
+        if paused is not None:
+            if not isinstance(paused, bool):
+                raise _invalid("paused", f"must be True, False or None, got {paused!r}")
+            query = query.model_copy(update={"paused": paused})
         return await self.kernel.list_runs(query)
 
     async def aggregate(
@@ -778,7 +866,7 @@ class Engine:
             attributes=attributes,
         )
         async with self.kernel.deps.persistence.transaction() as tx:
-            counts = await tx.count_runs(by, query)
+            counts = await tx.runs.count(by, query)
         return dict(sorted(counts.items()))
 
     async def queues(self, *, live_within: timedelta | float = 60.0) -> builtins.list[QueueInfo]:
@@ -852,7 +940,7 @@ class Engine:
         """Log lines stages wrote with ``ctx.log``, in order."""
         self._check_open()
         async with self.kernel.deps.persistence.transaction() as tx:
-            return await tx.get_logs(_non_empty(run_id, "run_id"))
+            return await tx.logs.for_run(_non_empty(run_id, "run_id"))
 
 
 def _registered(registry: Any) -> builtins.list[WorkflowDefinition]:

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -136,3 +137,15 @@ class FileSystemBlobStore:
 
     async def list(self, prefix: str = "") -> list[str]:
         return await asyncio.to_thread(self._list, prefix)
+
+    async def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+        """Delete every blob under any of ``prefixes`` with one walk of the directory
+        (``BlobRetention``: ``list`` walks it once per prefix); returns how many."""
+        wanted = tuple(prefix for prefix in prefixes if prefix)
+        if not wanted:
+            return 0
+
+        def sweep() -> int:
+            return sum(self._delete(key) for key in self._list("") if key.startswith(wanted))
+
+        return await asyncio.to_thread(sweep)

@@ -161,7 +161,7 @@ def workflows() -> list[Any]:
 # -- creating timed work -------------------------------------------------------------------
 async def _events(engine: Engine, run_id: str) -> list[Any]:
     async with engine.kernel.deps.persistence.transaction(read_only=True) as tx:
-        return list(await tx.events_for_run(run_id))
+        return list(await tx.outbox.events_for_run(run_id))
 
 
 async def _start_remote(origin: Engine, workflow_id: str, n: int) -> str:

@@ -162,8 +162,8 @@ async def bench(url: str, reps: int, sizes: list[int]) -> None:
             fx = Fixture(size)
             async with persistence.transaction() as tx:
                 for run in fx.runs:
-                    await tx.insert_run(run)
-                await tx.insert_stages(fx.stages)
+                    await tx.runs.insert(run)
+                await tx.stages.insert_many(fx.stages)
 
             def keep_stages(result: Any, fx: Fixture = fx) -> None:
                 fx.stages = list(result)
@@ -172,13 +172,13 @@ async def bench(url: str, reps: int, sizes: list[int]) -> None:
                 fx.runs = list(result)
 
             async def one_stage(tx: SqlTransaction, stages: list[StageRun]) -> list[StageRun]:
-                return [await tx.update_stage(stages[0])]
+                return [await tx.stages.update(stages[0])]
 
             async def one_run(tx: SqlTransaction, runs: list[Run]) -> list[Run]:
-                return [await tx.update_run(runs[0])]
+                return [await tx.runs.update(runs[0])]
 
             async def one_record(tx: SqlTransaction, records: list[IdempotencyRecord]) -> None:
-                await tx.put_idempotency(records[0])
+                await tx.idempotency.put(records[0])
 
             async def enqueue(tx: SqlTransaction, jobs: list[Job]) -> None:
                 await transport.enqueue(tx, jobs)
@@ -187,14 +187,19 @@ async def bench(url: str, reps: int, sizes: list[int]) -> None:
                 await transport.complete_many(tx, job_ids)
 
             cases: list[tuple[str, Callable[[], Any], Any, Callable[[Any], None]]] = [
-                ("update_stages", fx.next_stages, lambda tx, a: tx.update_stages(a), keep_stages),
-                ("update_runs", fx.next_runs, lambda tx, a: tx.update_runs(a), keep_runs),
-                ("append_events", fx.events, lambda tx, a: tx.append_events(a), lambda r: None),
+                (
+                    "update_stages",
+                    fx.next_stages,
+                    lambda tx, a: tx.stages.update_many(a),
+                    keep_stages,
+                ),
+                ("update_runs", fx.next_runs, lambda tx, a: tx.runs.update_many(a), keep_runs),
+                ("append_events", fx.events, lambda tx, a: tx.outbox.append(a), lambda r: None),
                 ("enqueue", fx.jobs, enqueue, lambda r: None),
                 (
                     "put_idempotency_many",
                     fx.records,
-                    lambda tx, a: tx.put_idempotency_many(a),
+                    lambda tx, a: tx.idempotency.put_many(a),
                     lambda r: None,
                 ),
             ]

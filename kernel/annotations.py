@@ -30,7 +30,7 @@ async def attach_in_tx(
 ) -> Annotation:
     validate_attributes(attributes)
     if idempotency_key is not None:
-        existing = await tx.find_annotation(run_id, idempotency_key)
+        existing = await tx.annotations.find(run_id, idempotency_key)
         if existing is not None:
             return existing
     run = await load_run(tx, run_id)
@@ -45,11 +45,11 @@ async def attach_in_tx(
         idempotency_key=idempotency_key,
         created_at=now,
     )
-    await tx.insert_annotations([annotation])
-    await tx.update_run(
+    await tx.annotations.insert_many([annotation])
+    await tx.runs.update(
         evolve(run, {"search_attributes": {**run.search_attributes, **annotation.attributes}})
     )
-    await tx.append_events(
+    await tx.outbox.append(
         [
             AnnotationCreated(
                 workflow_run_id=run_id,
@@ -104,6 +104,6 @@ class Annotations:
         limit: int = 100,
     ) -> list[Annotation]:
         async with self._deps.persistence.transaction() as tx:
-            return await tx.list_annotations(
+            return await tx.annotations.for_run(
                 run_id, key=key, key_prefix=key_prefix, scope=scope, limit=limit
             )

@@ -16,7 +16,12 @@ from treadle.kernel.limits import to_duration
 
 C = TypeVar("C", bound=c.CommandBase)
 
-ARGUMENT_NAMES = {"workflow_run_id": "run_id", "from_stage_id": "stage_id"}
+ARGUMENT_NAMES = {
+    "workflow_run_id": "run_id",
+    "from_stage_id": "stage_id",
+    "statuses": "status",
+    "max_runs": "batch_size",
+}
 """Command fields whose facade argument has another name, so errors name the argument."""
 
 

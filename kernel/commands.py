@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from treadle.kernel.limits import Duration, Text
 from treadle.kernel.model import Job, JsonValue, RunStatus
@@ -159,6 +159,91 @@ class RunCancel(CommandBase):
 
 class RunCancelResult(ResultBase):
     cancelled: bool
+
+
+# -- run.pause / run.resume / run.terminate (docs/lifecycle.md) -------------
+class RunPause(CommandBase):
+    """Start no new stage or step of the run; the one in flight finishes and commits."""
+
+    type: Literal["run.pause"] = "run.pause"
+    workflow_run_id: Text = Field(min_length=1)
+    reason: Text | None = None
+
+
+class RunPauseResult(ResultBase):
+    paused: bool
+    """False when the run was paused already (nothing changed)."""
+
+
+class RunResume(CommandBase):
+    """Go on with a paused run from where it stopped."""
+
+    type: Literal["run.resume"] = "run.resume"
+    workflow_run_id: Text = Field(min_length=1)
+    reason: Text | None = None
+
+
+class RunResumeResult(ResultBase):
+    resumed: bool
+    """False when the run was not paused (nothing changed)."""
+    requeued_jobs: int = 0
+    """Jobs held while paused that are queued again."""
+
+
+class RunTerminate(CommandBase):
+    """End the run at once (CANCELLED), without running its compensations."""
+
+    type: Literal["run.terminate"] = "run.terminate"
+    workflow_run_id: Text = Field(min_length=1)
+    reason: Text | None = None
+
+
+class RunTerminateResult(ResultBase):
+    terminated: bool
+    """False when the run had already ended (nothing changed)."""
+
+
+# -- run.purge (retention) ----------------------------------------------------
+MAX_PURGE_BATCH = 1000
+"""The most runs one ``run.purge`` deletes (one transaction; the tick takes 100)."""
+
+
+class RunPurge(CommandBase):
+    """Delete terminal runs that ended before a cutoff, with everything stored for them.
+
+    ``older_than`` given: runs that ended more than that long ago. ``None``: each run's
+    workflow ``retention`` (or the engine's default), the maintenance tick's form; runs
+    whose workflow keeps them forever are never selected. Non-terminal runs are never
+    purged, whatever the arguments."""
+
+    type: Literal["run.purge"] = "run.purge"
+    older_than: Duration | None = Field(default=None, ge=timedelta(0))
+    statuses: list[RunStatus] | None = None
+    """Only runs in these (terminal) statuses; ``None``: every terminal status."""
+    workflow_id: Text | None = None
+    max_runs: int = Field(default=100, ge=1, le=MAX_PURGE_BATCH)
+    dry_run: bool = False
+    """Select and count, delete nothing."""
+
+    @field_validator("statuses")
+    @classmethod
+    def _terminal_only(cls, value: list[RunStatus] | None) -> list[RunStatus] | None:
+        live = sorted(s.value for s in value or () if not s.terminal)
+        if live:
+            raise ValueError(
+                f"only terminal runs can be purged (COMPLETED, FAILED, CANCELLED), not {live}"
+            )
+        return value
+
+
+class RunPurgeResult(ResultBase):
+    purged: int
+    """Runs deleted (with ``dry_run``: runs that would be)."""
+    workflow_run_ids: list[str]
+    blobs_deleted: int = 0
+    more: bool = False
+    """The batch was full: more expired runs may be waiting."""
+    dry_run: bool = False
 
 
 # -- run.rerunFrom ----------------------------------------------------------
@@ -433,6 +518,10 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(RunTransition, RunTransitionResult),
     CommandSpec(RunCancel, RunCancelResult),
     CommandSpec(RunRerunFrom, RunRerunFromResult),
+    CommandSpec(RunPause, RunPauseResult),
+    CommandSpec(RunResume, RunResumeResult),
+    CommandSpec(RunTerminate, RunTerminateResult),
+    CommandSpec(RunPurge, RunPurgeResult),
     CommandSpec(JobExecute, JobExecuteResult),
     CommandSpec(JobRelease, JobReleaseResult),
     CommandSpec(StagePollSuspended, StagePollSuspendedResult),

@@ -336,6 +336,9 @@ class WorkflowDefinition:
     schedules: tuple[ScheduleDefinition, ...] = ()
     """Cron schedules declared with the workflow (``schedule="*/5 * * * *"``): an engine
     opening with it creates them (``kernel/schedules.py``)."""
+    retention: timedelta | None = None
+    """How long this workflow's terminal runs are kept before the maintenance tick purges
+    them (``run.purge``); ``None``: the engine's default (``KernelSettings``)."""
 
     def stage(self, stage_id: str) -> StageDefinition | None:
         return self.stages.get(stage_id)
@@ -459,6 +462,17 @@ def declared_schedule(workflow_id: str, cron: str | None) -> tuple[ScheduleDefin
     return (define_schedule(workflow_id, cron=cron),)
 
 
+def retention_of(workflow_id: str, value: timedelta | float | None) -> timedelta | None:
+    """A workflow's ``retention``: a positive duration (a number means seconds) or ``None``;
+    ``DefinitionError`` naming the workflow otherwise."""
+    if value is None:
+        return None
+    try:
+        return to_duration(value, "retention")
+    except ValueError as exc:
+        raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None
+
+
 class WorkflowBuilder:
     """Fluent builder: ``WorkflowBuilder(id, input=Model).pipe(a).parallel([b, c]).build()``."""
 
@@ -474,6 +488,7 @@ class WorkflowBuilder:
         concurrency_per_key: int | None = None,
         rate_limit: RateLimit | None = None,
         schedule: str | None = None,
+        retention: timedelta | float | None = None,
     ) -> None:
         try:
             check_queue(queue, f"workflow {id!r}")
@@ -484,6 +499,7 @@ class WorkflowBuilder:
         self._concurrency_per_key = concurrency_per_key
         self._rate_limit = rate_limit
         self._id = id
+        self._retention = retention_of(id, retention)
         self._input = input
         self._description = description
         self._version = str(version)
@@ -551,6 +567,7 @@ class WorkflowBuilder:
             concurrency_per_key=self._concurrency_per_key,
             rate_limit=self._rate_limit,
             schedules=declared_schedule(self._id, self._schedule),
+            retention=self._retention,
         )
 
     def _check_schemas(self) -> None:

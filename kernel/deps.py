@@ -65,6 +65,9 @@ class KernelSettings:
     sticky_cache_size: int = 1000
     """How many parked bodies this kernel keeps (least recently parked dropped first;
     a dropped run replays on its next activation). 0 turns sticky execution off."""
+    default_retention: timedelta | None = None
+    """How long terminal runs of a workflow without its own ``retention`` are kept before
+    the maintenance tick's ``run.purge`` deletes them; ``None``: forever."""
 
 
 @dataclass
@@ -138,7 +141,7 @@ class Scope:
         phased commands, marks the key in progress)."""
         if self.key is None:
             return None
-        record = await tx.get_idempotency(self.key, self.command_type)
+        record = await tx.idempotency.get(self.key, self.command_type)
         now = self._deps.clock.now()
         if record is not None:
             if record.state is IdempotencyState.COMPLETED:
@@ -148,7 +151,7 @@ class Scope:
                     f"{self.command_type} with idempotency key {self.key!r} is still executing"
                 )
         if self._phased:
-            await tx.put_idempotency(
+            await tx.idempotency.put(
                 IdempotencyRecord(
                     key=self.key,
                     command_type=self.command_type,
@@ -163,7 +166,7 @@ class Scope:
         if self.key is None:
             return
         # ``model_dump(mode="json")`` without its keyword handling: this runs per stage.
-        await tx.put_idempotency(
+        await tx.idempotency.put(
             IdempotencyRecord(
                 key=self.key,
                 command_type=self.command_type,
@@ -173,15 +176,22 @@ class Scope:
             )
         )
 
+    async def forget(self, tx: Transaction) -> None:
+        """The command changed nothing a replay must be answered from: drop the in-progress
+        mark in ``tx`` (a job a pause holds runs later under the same per-attempt key)."""
+        if self.key is not None and self.claimed:
+            await tx.idempotency.delete(self.key, self.command_type)
+            self.claimed = False
+
     async def abandon(self) -> None:
         """The handler raised after an in-progress mark was committed: drop the mark so
         a retry with the same key is not refused for ten minutes."""
         if self.key is None or not self.claimed:
             return
         async with self._deps.persistence.transaction() as tx:
-            record = await tx.get_idempotency(self.key, self.command_type)
+            record = await tx.idempotency.get(self.key, self.command_type)
             if record is not None and record.state is IdempotencyState.IN_PROGRESS:
-                await tx.delete_idempotency(self.key, self.command_type)
+                await tx.idempotency.delete(self.key, self.command_type)
 
 
 Handler = Callable[[Deps, Any, Scope], Awaitable[Any]]

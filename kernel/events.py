@@ -84,6 +84,27 @@ class WorkflowCancelled(EventBase):
     reason: str | None = None
 
 
+class WorkflowPaused(EventBase):
+    """``run.pause``: no new stage or step of the run starts until it is resumed."""
+
+    type: Literal["workflow:paused"] = "workflow:paused"
+    reason: str | None = None
+
+
+class WorkflowResumed(EventBase):
+    """``run.resume``: the paused run goes on from where it stopped."""
+
+    type: Literal["workflow:resumed"] = "workflow:resumed"
+    reason: str | None = None
+
+
+class WorkflowTerminated(EventBase):
+    """``run.terminate``: the run ended at once (status CANCELLED) without compensations."""
+
+    type: Literal["workflow:terminated"] = "workflow:terminated"
+    reason: str | None = None
+
+
 class StageStarted(EventBase):
     type: Literal["stage:started"] = "stage:started"
     stage_id: str
@@ -306,6 +327,9 @@ Event = Annotated[
     | WorkflowContinuedAsNew
     | WorkflowFailed
     | WorkflowCancelled
+    | WorkflowPaused
+    | WorkflowResumed
+    | WorkflowTerminated
     | StageStarted
     | StageProgress
     | StageSuspended
@@ -340,6 +364,7 @@ RUN_END_EVENTS = frozenset(
         "workflow:continuedAsNew",
         "workflow:failed",
         "workflow:cancelled",
+        "workflow:terminated",
         "saga:compensated",
     }
 )

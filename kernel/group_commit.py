@@ -4,7 +4,7 @@ A worker with K slots finishes stage bodies at nearly the same moment, and each 
 stage then needs a short transaction of a dozen statements (``job.execute`` phase 3). On
 PostgreSQL the worker's client-side cost per statement, not the server, bounds
 throughput. ``GroupCommit`` lets those commits share one transaction whose reads and
-writes are set-oriented (``Transaction.get_runs``, ``update_stages``, ...): one statement
+writes are set-oriented (``Transaction.runs.get_many``, ``update_stages``, ...): one statement
 for the whole group where there were one per stage.
 
 There is no timer and no background task. The first submitter becomes the *leader*: it

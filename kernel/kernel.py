@@ -27,9 +27,11 @@ from treadle.kernel.events import EventBase
 from treadle.kernel.handlers import (
     jobs,
     leases,
+    lifecycle,
     maintenance,
     messages,
     outbox,
+    retention,
     runs,
     schedules,
     suspended,
@@ -71,6 +73,10 @@ def _handlers() -> dict[str, tuple[Handler, bool]]:
         "run.transition": (runs.transition, False),
         "run.cancel": (runs.cancel, False),
         "run.rerunFrom": (runs.rerun_from, False),
+        "run.pause": (lifecycle.pause, False),
+        "run.resume": (lifecycle.resume, False),
+        "run.terminate": (lifecycle.terminate, False),
+        "run.purge": (retention.purge, True),
         "job.execute": (jobs.execute, True),
         "job.release": (leases.release, False),
         "stage.pollSuspended": (suspended.poll_suspended, True),
@@ -126,6 +132,14 @@ class Kernel:
     async def dispatch(self, command: c.RunCancel) -> c.RunCancelResult: ...
     @overload
     async def dispatch(self, command: c.RunRerunFrom) -> c.RunRerunFromResult: ...
+    @overload
+    async def dispatch(self, command: c.RunPause) -> c.RunPauseResult: ...
+    @overload
+    async def dispatch(self, command: c.RunResume) -> c.RunResumeResult: ...
+    @overload
+    async def dispatch(self, command: c.RunTerminate) -> c.RunTerminateResult: ...
+    @overload
+    async def dispatch(self, command: c.RunPurge) -> c.RunPurgeResult: ...
     @overload
     async def dispatch(self, command: c.JobExecute) -> c.JobExecuteResult: ...
     @overload
@@ -205,20 +219,20 @@ class Kernel:
     async def get_run(self, run_id: str, *, with_stages: bool = True) -> Run:
         """The run with its stages; ``RunNotFoundError`` if there is none."""
         async with self.deps.persistence.transaction() as tx:
-            run = await tx.get_run(run_id)
+            run = await tx.runs.get(run_id)
             if run is None:
                 raise RunNotFoundError(f"no run with id {run_id!r}")
             if with_stages:
-                run = evolve(run, {"stages": await tx.get_stages(run_id)})
+                run = evolve(run, {"stages": await tx.stages.for_run(run_id)})
         return run
 
     async def list_runs(self, filter: RunFilter | None = None) -> list[Run]:
         async with self.deps.persistence.transaction() as tx:
-            return await tx.list_runs(filter or RunFilter())
+            return await tx.runs.query(filter or RunFilter())
 
     async def events(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         async with self.deps.persistence.transaction() as tx:
-            return await tx.events_for_run(run_id, after_sequence)
+            return await tx.outbox.events_for_run(run_id, after_sequence)
 
     # -- read side of code workflows ------------------------------------------------------
     async def query(self, run_id: str, key: str) -> JsonValue:
@@ -236,7 +250,7 @@ class Kernel:
         """A code workflow run's journal, in the order its body reached each call."""
         async with self.deps.persistence.transaction() as tx:
             await self._existing(tx, run_id)
-            return await tx.get_journal(run_id)
+            return await tx.journal.entries(run_id)
 
     async def fork(
         self, run_id: str, from_step: str, *, idempotency_key: str | None = None
@@ -252,11 +266,11 @@ class Kernel:
         """The signals delivered to a run, in arrival order, consumed or not."""
         async with self.deps.persistence.transaction() as tx:
             await self._existing(tx, run_id)
-            return await tx.list_signals(run_id)
+            return await tx.inbox.for_run(run_id)
 
     @staticmethod
     async def _existing(tx: Transaction, run_id: str) -> None:
-        if await tx.get_run(run_id) is None:
+        if await tx.runs.get(run_id) is None:
             raise RunNotFoundError(f"no run with id {run_id!r}")
 
 

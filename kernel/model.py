@@ -159,6 +159,11 @@ class Run(_Frozen):
     worker_id: str | None = None
     current_group: int = -1
     """Highest execution group whose jobs have been enqueued (-1: none yet)."""
+    paused: bool = False
+    """``run.pause``: no new stage or step starts until ``run.resume`` (the status stays
+    what it was; see docs/lifecycle.md). Meaningless once the run is terminal."""
+    terminated: bool = False
+    """A CANCELLED run that ``run.terminate`` ended: it runs no compensations."""
     version: int = 0
     stages: list[StageRun] = Field(default_factory=list)
 
@@ -296,6 +301,8 @@ class RunFilter(_Frozen):
     created_before: datetime | None = None
     attributes: dict[str, JsonValue] = Field(default_factory=dict)
     parent_run_id: str | None = None
+    paused: bool | None = None
+    """True: only paused runs that have not ended (``run.pause``); False: only the others."""
     limit: int = 50
     offset: int = 0
 

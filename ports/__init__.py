@@ -9,19 +9,23 @@ from treadle.ports.job_transport import JobTransport
 from treadle.ports.persistence import Persistence, Transaction
 from treadle.ports.plugin import KernelPlugin
 from treadle.ports.registry import WorkflowRegistry
+from treadle.ports.retention import BlobRetention, JobRetention, RetentionStore
 from treadle.ports.scheduler import Scheduler
 from treadle.ports.schedules import ScheduleStore
 from treadle.ports.workers import WorkerRegistry
 
 __all__ = [
+    "BlobRetention",
     "BlobStore",
     "Clock",
     "CronCalendar",
     "EventSink",
     "IdGenerator",
+    "JobRetention",
     "JobTransport",
     "KernelPlugin",
     "Persistence",
+    "RetentionStore",
     "ScheduleStore",
     "Scheduler",
     "Transaction",

@@ -10,13 +10,16 @@ they do the same steps in the same order:
 4. ``scheduled``: dispatch commands the Scheduler holds that are now due;
 5. ``reap_stale``: release leases of workers that stopped heartbeating;
 6. ``flush_outbox``: publish committed events to the EventSink;
-7. ``reap_stuck``: repair or fail RUNNING runs with no activity.
+7. ``reap_stuck``: repair or fail RUNNING runs with no activity;
+8. ``purge``: delete one batch of terminal runs past their retention (``run.purge``),
+   when a workflow or the engine sets one (docs/lifecycle.md).
 
 Firing schedules first lets the same tick claim the runs they start; claiming before
-the flush lets the same tick's flush publish ``workflow:started``; reaping
-stuck runs last gives every earlier step the chance to move a run before it is
-judged stuck. Each step is isolated: a failing step is recorded in the report
-and the next one still runs, so a broken event sink cannot stop claims.
+the flush lets the same tick's flush publish ``workflow:started``; reaping stuck runs
+late gives every earlier step the chance to move a run before it is judged stuck;
+purging goes last, as the least urgent. Each step is isolated: a failing step is
+recorded in the report and the next one still runs, so a broken event sink cannot
+stop claims.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from treadle.adapters.logging import structlog_logger
 from treadle.kernel import commands as c
 from treadle.kernel.errors import describe_exception
+from treadle.kernel.handlers.retention import retains
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Kernel
@@ -45,6 +49,7 @@ STEP_ORDER = (
     "reap_stale",
     "flush_outbox",
     "reap_stuck",
+    "purge",
 )
 """The fixed order of a tick's steps (see the module docstring for why)."""
 
@@ -88,11 +93,13 @@ class TickReport(BaseModel):
     def all_failed(self) -> bool:
         """Every step that reached storage failed: the backend is most likely unreachable,
         and a worker should back off. A ``scheduled`` step with nothing due does not count:
-        the in-memory scheduler answers even when the database is down."""
+        the in-memory scheduler answers even when the database is down; nor does a
+        ``purge`` skipped because nothing can expire (it asked storage nothing)."""
         relevant = [
             step
             for name, step in self.steps.items()
             if not (name == "scheduled" and step.ok and not (step.result or {}).get("due"))
+            and not (step.ok and (step.result or {}).get("skipped"))
         ]
         return bool(relevant) and not any(step.ok for step in relevant)
 
@@ -289,6 +296,7 @@ async def maintenance_tick(
     max_checks: int = 50,
     max_events: int = 100,
     max_scheduled: int = 100,
+    max_purged: int = 100,
     logger: Any = None,
     chain: int = 0,
     take: Callable[[list[Job]], None] | None = None,
@@ -325,6 +333,12 @@ async def maintenance_tick(
         result = await kernel.dispatch(c.RunReapStuck(stuck_threshold=stuck))
         return result.model_dump(mode="json")
 
+    async def purge() -> dict[str, Any]:
+        if not retains(kernel.deps):
+            return {"purged": 0, "skipped": True}  # nothing ever expires: no query
+        result = await kernel.dispatch(c.RunPurge(max_runs=max_purged))
+        return {"purged": result.purged, "blobs_deleted": result.blobs_deleted}
+
     steps: dict[str, StepFn] = {
         "schedules": lambda: schedules_step(kernel),
         "claim": lambda: claim_step(
@@ -335,6 +349,7 @@ async def maintenance_tick(
         "reap_stale": reap_stale,
         "flush_outbox": flush,
         "reap_stuck": reap_stuck,
+        "purge": purge,
     }
     started_at = kernel.deps.clock.now()
     outcomes = {name: await _run_step(name, steps[name], log, on_error) for name in STEP_ORDER}

@@ -77,6 +77,7 @@ def _tick_moved(report: TickReport) -> bool:
         or flush.get("failed")
         or stuck.get("transitioned")
         or stuck.get("failed")
+        or report.result("purge").get("purged")
     )
 
 
@@ -151,6 +152,9 @@ class _MockingRegistry:
         self.mocks: dict[str, StageMock] = {}
         self.step_mocks: dict[str, StepMock] = {}
         self._cache: dict[tuple[str, str], WorkflowDefinition] = {}
+
+    def ids(self) -> list[str]:
+        return self.inner.ids()
 
     def register(self, workflow: WorkflowDefinition) -> None:
         self.inner.register(workflow)
@@ -356,6 +360,20 @@ class TestEngine:
         result = await self.kernel.dispatch(c.RunCancel(workflow_run_id=run_id, reason=reason))
         return result.cancelled
 
+    async def pause(self, run_id: str, reason: str | None = None) -> bool:
+        """``Engine.pause``: no new stage or step of the run starts until ``resume``."""
+        result = await self.kernel.dispatch(c.RunPause(workflow_run_id=run_id, reason=reason))
+        return result.paused
+
+    async def resume(self, run_id: str, reason: str | None = None) -> bool:
+        result = await self.kernel.dispatch(c.RunResume(workflow_run_id=run_id, reason=reason))
+        return result.resumed
+
+    async def terminate(self, run_id: str, reason: str | None = None) -> bool:
+        """``Engine.terminate``: the run ends now, without compensations."""
+        command = c.RunTerminate(workflow_run_id=run_id, reason=reason)
+        return (await self.kernel.dispatch(command)).terminated
+
     async def fork(
         self, run_id: str, from_step: str, *, idempotency_key: str | None = None
     ) -> RunHandle:
@@ -397,7 +415,7 @@ class TestEngine:
 
     async def logs(self, run_id: str) -> list[LogRecord]:
         async with self.persistence.transaction() as tx:
-            return await tx.get_logs(run_id)
+            return await tx.logs.for_run(run_id)
 
     # -- driving ----------------------------------------------------------------------
     def _on_error(self, exc: Exception, where: str) -> None:
@@ -436,6 +454,7 @@ class TestEngine:
             max_checks=1000,
             max_events=10_000,
             max_scheduled=10_000,
+            max_purged=1000,
             logger=self._log,
             on_error=self._on_error,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class InMemoryBlobStore:
     def __init__(self) -> None:
@@ -23,6 +25,14 @@ class InMemoryBlobStore:
 
     async def delete(self, key: str) -> bool:
         return self.blobs.pop(key, None) is not None
+
+    async def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+        """Delete every blob under any of ``prefixes`` (``BlobRetention``)."""
+        wanted = tuple(prefix for prefix in prefixes if prefix)
+        gone = [key for key in self.blobs if wanted and key.startswith(wanted)]
+        for key in gone:
+            del self.blobs[key]
+        return len(gone)
 
     async def list(self, prefix: str = "") -> list[str]:
         return sorted(k for k in self.blobs if k.startswith(prefix))

@@ -206,6 +206,22 @@ class InMemoryJobTransport:
                 count += 1
         return count
 
+    async def forget_runs(self, tx: Any, run_ids: Sequence[str]) -> int:
+        """Delete the jobs of ``run_ids`` that are no longer live (retention's purge; on
+        SQL the retention adapter deletes the ``jobs`` rows itself). Returns how many."""
+        t = _tx(tx)
+        self._fresh()
+        gone = 0
+        for run_id in run_ids:
+            for job_id in sorted(self._by_run.get(run_id, ())):
+                if not self.jobs[job_id].status.live:
+                    t.del_item(self.jobs, job_id)
+                    gone += 1
+        if gone:
+            self._dirty = True  # indexes rebuilt before next use, and after a rollback
+            t.on_rollback_once(self._on_rollback)
+        return gone
+
     async def live_jobs(self, tx: Any, run_id: str) -> list[Job]:
         _tx(tx)
         self._fresh()

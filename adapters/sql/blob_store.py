@@ -7,12 +7,14 @@ before the state change that references them, and an orphan blob is harmless.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
 import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.persistence import SqlPersistence
+from treadle.adapters.sql.retention import under_prefix
 
 
 class SqlBlobStore:
@@ -33,7 +35,7 @@ class SqlBlobStore:
         }
         async with self.persistence.transaction() as tx:
             stmt = (
-                tx.insert(t.blobs)
+                tx.dialect.insert(t.blobs)
                 .values(values)
                 .on_conflict_do_update(
                     index_elements=["key"],
@@ -63,6 +65,17 @@ class SqlBlobStore:
                 sa.delete(t.blobs).where(t.blobs.c.key == key), f"delete blob {key!r}"
             )
             return bool(result.rowcount)
+
+    async def delete_prefixes(self, prefixes: Sequence[str]) -> int:
+        """Delete every blob under any of ``prefixes`` in one statement (``BlobRetention``:
+        retention deletes a batch of runs' artifacts so); returns how many."""
+        wanted = [prefix for prefix in prefixes if prefix]
+        if not wanted:
+            return 0
+        condition = sa.or_(*(under_prefix(t.blobs.c.key, prefix) for prefix in wanted))
+        async with self.persistence.transaction() as tx:
+            result = await tx.execute(sa.delete(t.blobs).where(condition), "delete blobs")
+            return int(result.rowcount)
 
     async def list(self, prefix: str = "") -> list[str]:
         query = sa.select(t.blobs.c.key)

@@ -31,6 +31,7 @@ from sqlalchemy import exc as sa_exc
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
 from treadle.adapters.due_times import as_utc
+from treadle.adapters.sql.dialect import SetWrite, SqlDialect
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
@@ -155,7 +156,7 @@ def _owner_read(tx: SqlTransaction) -> Any:
         )
         .where(t.runs.c.id == sa.bindparam("run_id"))
     )
-    return query.with_for_update(of=t.runs) if tx.is_postgres else query
+    return tx.dialect.lock(query, of=t.runs)
 
 
 def _part(row: sa.Row[Any], prefix: str) -> dict[str, Any] | None:
@@ -192,15 +193,10 @@ def _job_from_row(row: Any) -> Job:
     )
 
 
-_DEQUEUE: dict[tuple[bool, bool], Any] = {}
-
-
-def _dequeue_statement(postgres: bool, by_queue: bool) -> Any:
-    """The lease statement, built once per dialect and kind (parameters: now, lim,
-    worker_id, and with ``by_queue`` the list ``queues``)."""
-    stmt = _DEQUEUE.get((postgres, by_queue))
-    if stmt is not None:
-        return stmt
+def _dequeue_statement(dialect: SqlDialect, by_queue: bool) -> Any:
+    """The lease statement (parameters: now, lim, worker_id, and with ``by_queue`` the
+    list ``queues``): PostgreSQL's candidates skip rows other workers hold; SQLite's
+    single writer needs no row lock."""
     c = t.jobs.c
     now = sa.bindparam("now", type_=t.jobs.c.next_poll_at.type)
     candidates = (
@@ -211,9 +207,8 @@ def _dequeue_statement(postgres: bool, by_queue: bool) -> Any:
     )
     if by_queue:
         candidates = candidates.where(c.queue.in_(sa.bindparam("queues", expanding=True)))
-    if postgres:
-        candidates = candidates.with_for_update(skip_locked=True)
-    stmt = _DEQUEUE[postgres, by_queue] = (
+    candidates = dialect.lock(candidates, skip_locked=True)
+    return (
         sa.update(t.jobs)
         .where(c.seq.in_(candidates.scalar_subquery()))
         .values(
@@ -224,7 +219,15 @@ def _dequeue_statement(postgres: bool, by_queue: bool) -> Any:
         )
         .returning(*t.jobs.columns)
     )
-    return stmt
+
+
+def _enqueue_statement(tx: SqlTransaction) -> Any:
+    return tx.dialect.insert(t.jobs).on_conflict_do_nothing().returning(t.jobs.c.id)
+
+
+_ENQUEUE = SetWrite(
+    "enqueue_jobs", _PG_ENQUEUE, _PG_JOB_ROWS, numbered=True, sqlite_build=_enqueue_statement
+)
 
 
 class SqlJobTransport:
@@ -268,18 +271,7 @@ class SqlJobTransport:
         # transaction the caller may want to continue. A list of parameter sets keeps the
         # statement cacheable; SQLAlchemy batches it into one INSERT ... RETURNING.
         # On PostgreSQL one INSERT ... SELECT of one JSON parameter instead (pg_bulk.py).
-        if sql.is_postgres:
-            for i, row in enumerate(rows):
-                row["i"] = i
-            params: Any = _PG_JOB_ROWS.encode(rows)
-            stmt = _PG_ENQUEUE
-        else:
-            params = rows
-            stmt = sql.prepared(
-                "enqueue_jobs",
-                lambda tx: tx.insert(t.jobs).on_conflict_do_nothing().returning(t.jobs.c.id),
-            )
-        inserted = (await sql.execute(stmt, "enqueue jobs", params)).all()
+        inserted = (await sql.dialect.write_many(sql, _ENQUEUE, rows, "enqueue jobs")).all()
         if len(inserted) != len(rows):
             # The statement inserted some rows; the caller's rollback removes them.
             taken = await sql.execute(sa.select(t.jobs.c.id).where(t.jobs.c.id.in_(ids)))
@@ -332,7 +324,8 @@ class SqlJobTransport:
             return {}
         params = {"job_ids": list(dict.fromkeys(job_ids))}
         query = sql.prepared(
-            "get_jobs", lambda tx: sa.select(t.jobs).where(tx.any_of(t.jobs.c.id, "job_ids"))
+            "get_jobs",
+            lambda tx: sa.select(t.jobs).where(tx.dialect.any_of(t.jobs.c.id, "job_ids")),
         )
         rows = await sql.execute(query, "get jobs", params)
         return {row.id: _job_from_row(row) for row in rows}
@@ -482,7 +475,11 @@ class SqlJobTransport:
     ) -> list[Job]:
         if limit <= 0:
             return []
-        stmt = _dequeue_statement(self.persistence.is_postgres, queues is not None)
+        dialect = self.persistence.dialect
+        by_queue = queues is not None
+        stmt = dialect.cached(
+            f"dequeue_by_queue={by_queue}", lambda: _dequeue_statement(dialect, by_queue)
+        )
         params: dict[str, Any] = {"now": now, "lim": limit, "worker_id": worker_id}
         if queues is not None:
             params["queues"] = list(queues)

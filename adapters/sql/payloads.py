@@ -63,17 +63,19 @@ from treadle.kernel.errors import PayloadMissingError
 from treadle.kernel.model import MissingPayload
 
 if TYPE_CHECKING:
+    from treadle.adapters.sql.dialect import SqlDialect
     from treadle.ports import BlobStore
 
 
 class BlobRows(Protocol):
-    """What offloading needs of a ``SqlTransaction``: its INSERT construct, ``execute``
-    and the blobs it created (discarded on rollback). A protocol, so this module stays
-    below ``persistence``, which imports it."""
+    """What offloading needs of a ``SqlTransaction``: its dialect (the INSERT construct),
+    ``execute`` and the blobs it created (discarded on rollback). A protocol, so this
+    module stays below ``persistence``, which imports it."""
 
     created_blobs: list[str]
 
-    def insert(self, table: sa.Table) -> Any: ...
+    @property
+    def dialect(self) -> SqlDialect: ...
 
     async def execute(
         self, statement: sa.Executable, what: str = "query", parameters: Any = None
@@ -163,6 +165,11 @@ class PayloadOffload:
         self.max_bytes = check_threshold(max_bytes)
         self.same_database = same_database
 
+    @staticmethod
+    def run_prefix(run_id: str) -> str:
+        """The key prefix of every value offloaded for ``run_id`` (retention deletes it)."""
+        return f"{_KEY_PREFIX}{run_id}/"
+
     def key_for(self, scope: str | None, data: bytes) -> str:
         return f"{_KEY_PREFIX}{scope or '-'}/{hashlib.sha256(data).hexdigest()}"
 
@@ -183,7 +190,7 @@ class PayloadOffload:
         key = self.key_for(scope, data)
         if self.same_database:
             stmt = (
-                tx.insert(t.blobs)
+                tx.dialect.insert(t.blobs)
                 .values(key=key, data=data, size=len(data), updated_at=datetime.now(UTC))
                 .on_conflict_do_nothing()
             )

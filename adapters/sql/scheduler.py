@@ -33,7 +33,7 @@ class SqlScheduler:
         values = {"key": key, "command": dict(command), "run_at": run_at}
         async with self.persistence.transaction() as tx:
             stmt = (
-                tx.insert(t.scheduled_commands)
+                tx.dialect.insert(t.scheduled_commands)
                 .values(values)
                 .on_conflict_do_update(
                     index_elements=["key"],
@@ -60,8 +60,7 @@ class SqlScheduler:
             .limit(limit)
         )
         async with self.persistence.transaction() as tx:
-            if tx.is_postgres:
-                query = query.with_for_update(skip_locked=True)
+            query = tx.dialect.lock(query, skip_locked=True)
             rows = (await tx.execute(query, "due scheduled commands")).all()
             if rows:
                 keys = [row.key for row in rows]

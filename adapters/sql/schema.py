@@ -50,6 +50,9 @@ runs = sa.Table(
     sa.Column("updated_at", UtcDateTime(), nullable=False),
     sa.Column("worker_id", sa.String(), nullable=True),
     sa.Column("current_group", sa.Integer(), nullable=False),
+    # run.pause / run.terminate (migration 0008).
+    sa.Column("paused", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("terminated", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("version", sa.Integer(), nullable=False),
     sa.Column("concurrency_key", key_type(), nullable=True),
     # One idempotent start per (workflow, key); NULL keys never collide on either dialect.
@@ -58,6 +61,8 @@ runs = sa.Table(
     sa.Index("ix_runs_claim", "status", sa.desc("priority"), "created_at", "id"),
     # runs_inactive_since (reapStuck).
     sa.Index("ix_runs_status_updated_at", "status", "updated_at"),
+    # run.purge: terminal runs by the time they ended (0008).
+    sa.Index("ix_runs_status_completed_at", "status", "completed_at"),
     # list_runs: newest first.
     sa.Index("ix_runs_created_at", "created_at", "id"),
     sa.Index("ix_runs_workflow_id_created_at", "workflow_id", "created_at"),

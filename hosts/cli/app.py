@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from treadle.hosts.cli import commands, steer
+from treadle.hosts.cli import commands, lifecycle, steer
 from treadle.hosts.cli.common import APP_ENV, DB_ENV, DEFAULT_DB, CliState
 from treadle.hosts.cli.demo import demo
 from treadle.hosts.cli.doctor import doctor
@@ -73,6 +73,7 @@ def build_app() -> typer.Typer:
     )
     app.callback()(_root)
     commands.register(app)
+    lifecycle.register(app)
     for fn in (steer.query, steer.update, steer.review):
         app.command()(fn)
     app.add_typer(runs_app, name="runs")

@@ -41,7 +41,7 @@ from treadle.hosts.cli.common import (
     seconds_option,
     state,
 )
-from treadle.kernel.model import QueueInfo, RunStatus
+from treadle.kernel.model import QueueInfo, RunFilter, RunStatus
 
 Level = Literal["ok", "warn", "FAIL", "skip"]
 _STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red", "skip": "dim"}
@@ -160,16 +160,17 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
         persistence = engine.kernel.deps.persistence
         now = datetime.now(UTC)
         async with persistence.transaction() as tx:
-            stuck = await tx.runs_inactive_since(
+            stuck = await tx.runs.inactive_since(
                 RunStatus.RUNNING, now - timedelta(seconds=limits.stuck), _SCAN_LIMIT
             )
-            pending = await tx.runs_inactive_since(
+            pending = await tx.runs.inactive_since(
                 RunStatus.PENDING, now - timedelta(seconds=limits.pending), _SCAN_LIMIT
             )
-            overdue = await tx.due_suspended_stages(
+            overdue = await tx.stages.due_suspended(
                 now - timedelta(seconds=limits.overdue), _SCAN_LIMIT
             )
-            dead = await tx.dead_lettered_events(_SCAN_LIMIT)
+            dead = await tx.outbox.dead_lettered(_SCAN_LIMIT)
+            paused = await tx.runs.query(RunFilter(paused=True, limit=_SCAN_LIMIT))
             late_schedules = await tx.schedules.due(
                 now - timedelta(seconds=limits.overdue), _SCAN_LIMIT
             )
@@ -226,6 +227,15 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
                 else "none overdue"
             )
             + (f"; {_count(len(paused_ids))} paused: {_sample(paused_ids)}" if paused_ids else ""),
+        )
+    )
+    held = [r.id for r in paused]
+    checks.append(
+        Check(
+            "paused runs",
+            "ok",
+            f"{_count(len(held))} paused"
+            + (f": {_sample(held)} (`treadle resume RUN_ID` lets one go on)" if held else ""),
         )
     )
     runs = sorted({record.event.workflow_run_id for record in dead})

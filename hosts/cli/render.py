@@ -52,6 +52,17 @@ def status_text(status: RunStatus | StageStatus | str) -> Text:
     return Text(name, style=STATUS_STYLES.get(name, ""))
 
 
+def run_status_text(run: Run) -> Text:
+    """A run's status, with ``(paused)`` while ``run.pause`` holds it and
+    ``(terminated)`` for a run ``run.terminate`` ended."""
+    text = status_text(run.status)
+    if run.paused and not run.status.terminal:
+        text.append(" (paused)", style="yellow")
+    elif run.terminated:
+        text.append(" (terminated)")
+    return text
+
+
 def fmt_time(value: datetime | None) -> str:
     """UTC ``YYYY-MM-DD HH:MM:SS`` (stored times are UTC-aware)."""
     return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
@@ -88,7 +99,7 @@ def runs_table(runs: Sequence[Run]) -> Table:
         table.add_row(
             run.id,
             run.workflow_id,
-            status_text(run.status),
+            run_status_text(run),
             str(run.priority),
             fmt_time(run.created_at),
             fmt_duration(elapsed(run.started_at, run.completed_at)),
@@ -308,7 +319,7 @@ def run_detail(
     header.add_column()
     header.add_row("run", run.id)
     header.add_row("workflow", f"{run.workflow_id} (version {run.workflow_version})")
-    header.add_row("status", status_text(run.status))
+    header.add_row("status", run_status_text(run))
     header.add_row("priority", str(run.priority))
     header.add_row("created", fmt_time(run.created_at))
     header.add_row("started", fmt_time(run.started_at))

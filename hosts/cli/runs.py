@@ -116,6 +116,9 @@ def list_runs(
     created_before: Annotated[
         str | None, typer.Option(help="Created before: ISO time or age (2h, 7d).")
     ] = None,
+    paused: Annotated[
+        bool, typer.Option("--paused", help="Only runs held by `treadle pause`.")
+    ] = False,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many runs.")] = 50,
     offset: Annotated[int, typer.Option(min=0, help="Skip this many (paging).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the runs as JSON.")] = False,
@@ -136,7 +139,9 @@ def list_runs(
             "attributes": parse_attributes(attr),
         }
         async with open_engine(cli) as engine:
-            runs = await engine.list(limit=limit, offset=offset, **filters)
+            runs = await engine.list(
+                limit=limit, offset=offset, paused=True if paused else None, **filters
+            )
             counts = await engine.aggregate("status", **filters)
         return runs, counts
 
@@ -147,8 +152,9 @@ def list_runs(
     from treadle.hosts.cli.render import runs_table
 
     table = runs_table(runs)
-    total = sum(counts.values())
-    table.caption = f"{total} matching: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    if not paused:  # the counts do not know the paused filter
+        total = sum(counts.values())
+        table.caption = f"{total} matching: " + ", ".join(f"{k} {v}" for k, v in counts.items())
     console().print(table)
 
 
@@ -219,5 +225,5 @@ async def read_run(engine: Engine, run_id: str) -> Shown:
         shown.code = True
         shown.journal = await engine.journal(run_id)
         async with engine.kernel.deps.persistence.transaction() as tx:
-            shown.timers = await tx.pending_timers(run_id)
+            shown.timers = await tx.timers.pending(run_id)
     return shown

@@ -57,7 +57,7 @@ async def admit_runs(
         verdict.blocked |= step.blocked
         if not step.blocked or len(verdict.admitted) >= room:
             break
-        runs = await tx.claim_pending_runs(
+        runs = await tx.runs.claim_pending(
             room - len(verdict.admitted),
             exclude_ids=seen,
             exclude_keys=sorted(verdict.blocked, key=_order),

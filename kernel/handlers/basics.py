@@ -24,7 +24,7 @@ _JOB_LEASED = JobStatus.LEASED
 
 
 async def load_run(tx: Transaction, run_id: str, *, for_update: bool = True) -> Run:
-    run = await tx.get_run(run_id, for_update=for_update)
+    run = await tx.runs.get(run_id, for_update=for_update)
     if run is None:
         raise RunNotFoundError(f"no run with id {run_id!r}")
     return run

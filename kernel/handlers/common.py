@@ -148,6 +148,8 @@ def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Deci
     if all_succeeded:
         if current_group >= len(wf.groups) - 1:
             return _COMPLETED
+        if run.paused:  # the next group waits for run.resume (handlers/lifecycle.py)
+            return _NOOP
         next_group = current_group + 1
         if next_group < len(_ADVANCE_TO):
             return _ADVANCE_TO[next_group]
@@ -186,7 +188,7 @@ async def apply_transition(
         next_group = decision.next_group
         assert next_group is not None
         group = [s for s in stages if s.execution_group == next_group]
-        run = await tx.update_run(
+        run = await tx.runs.update(
             evolve(run, {"current_group": next_group, "updated_at": now, "status": _RUN_RUNNING})
         )
         jobs = await enqueue_stages(deps, tx, run, wf, group, now, lease_to=lease_to)
@@ -194,7 +196,7 @@ async def apply_transition(
             decision = Decision("advanced", next_group=next_group, leased=jobs[0])
     elif decision.action == "completed":
         output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))
-        run = await tx.update_run(
+        run = await tx.runs.update(
             evolve(
                 run,
                 {
@@ -220,13 +222,13 @@ async def apply_transition(
         assert failed is not None
         error = f"stage {failed.stage_id!r} {failed.status.value.lower()}: {failed.error or ''}"
         if events:  # fail_run appends its own events after the caller's
-            await tx.append_events(events)
+            await tx.outbox.append(events)
             events = []
         run = await fail_run(
             deps, tx, run, stages, error.rstrip(": "), now, causation_id, stage_id=failed.stage_id
         )
     elif decision.action == "suspend":
-        run = await tx.update_run(evolve(run, {"status": RunStatus.SUSPENDED, "updated_at": now}))
+        run = await tx.runs.update(evolve(run, {"status": RunStatus.SUSPENDED, "updated_at": now}))
         events.append(
             WorkflowSuspended(
                 workflow_run_id=run.id,
@@ -236,7 +238,7 @@ async def apply_transition(
             )
         )
     if events:
-        await tx.append_events(events)
+        await tx.outbox.append(events)
     return decision, run
 
 
@@ -265,11 +267,11 @@ async def fail_run(
     """Terminal failure: record the error on the run, cancel whatever is still live."""
     for stage in stages:
         if not stage.status.terminal:
-            await tx.update_stage(
+            await tx.stages.update(
                 evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
             )
     await deps.job_transport.cancel_by_run(tx, run.id)
-    run = await tx.update_run(
+    run = await tx.runs.update(
         evolve(
             run,
             {
@@ -280,7 +282,7 @@ async def fail_run(
             },
         )
     )
-    await tx.append_events(
+    await tx.outbox.append(
         [
             WorkflowFailed(
                 workflow_run_id=run.id,
@@ -320,7 +322,7 @@ async def fail_stage_for_good(
     """A stage that will not be retried: FAILED with its error (and ``traceback``, where
     the body raised it), its job failed, and a ``stage:failed`` event. Pipelines and code
     workflows share this one path."""
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(
             stage,
             {
@@ -333,7 +335,7 @@ async def fail_stage_for_good(
         )
     )
     await deps.job_transport.fail(tx, job_id, message)
-    await tx.append_events(
+    await tx.outbox.append(
         [
             StageFailed(
                 workflow_run_id=stage.workflow_run_id,

@@ -23,7 +23,7 @@ async def commit_stage_extras(
     causation_id: str | None,
 ) -> None:
     if ctx.logs:
-        await tx.append_logs(
+        await tx.logs.append(
             [
                 LogRecord(
                     workflow_run_id=run_id,

@@ -56,6 +56,7 @@ from treadle.kernel.handlers.common import (
 from treadle.kernel.handlers.effects import commit_stage_extras
 from treadle.kernel.handlers.execution import Started, is_current, validate_output
 from treadle.kernel.handlers.leases import settle_lease
+from treadle.kernel.handlers.lifecycle import hold_job
 from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.model import (
     Job,
@@ -132,7 +133,7 @@ class _Runtime:
         s = self._started
         try:
             async with self._deps.persistence.transaction() as tx:
-                await tx.append_events(
+                await tx.outbox.append(
                     [
                         StageProgress(
                             workflow_run_id=s.run.id,
@@ -283,9 +284,9 @@ async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started |
             )
             await scope.complete(tx, result)
             return result
-        run = await tx.get_run(job.workflow_run_id, for_update=True)
+        run = await tx.runs.get(job.workflow_run_id, for_update=True)
         # All of the run's stages in one read (the context needs them), ours among them.
-        stages = await tx.get_stages(job.workflow_run_id) if run is not None else []
+        stages = await tx.stages.for_run(job.workflow_run_id) if run is not None else []
         index = _index_of(stages, job.stage_id)
         stage = stages[index] if index >= 0 else None
         if (
@@ -306,6 +307,8 @@ async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started |
             )
             await scope.complete(tx, result)
             return result
+        if run.paused and not _started_by_chain(job, stage) and not run.status.terminal:
+            return await _hold(deps, tx, scope, job, now)
         wf = deps.workflow(run.workflow_id, run.workflow_version)
         definition = wf.stage(stage.stage_id)
         if definition is None:
@@ -313,14 +316,30 @@ async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started |
                 f"workflow {wf.id!r} version {wf.version} has no stage {stage.stage_id!r}"
             )
         if not _started_by_chain(job, stage):
-            stage = await tx.update_stage(_running(stage, job, now))
+            stage = await tx.stages.update(_running(stage, job, now))
             if run.status is RunStatus.SUSPENDED:
-                run = await tx.update_run(
+                run = await tx.runs.update(
                     evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
                 )
-            await tx.append_events([_started_event(stage, cmd.worker_id, now, scope)])
+            await tx.outbox.append([_started_event(stage, cmd.worker_id, now, scope)])
             stages = _replaced(stages, index, stage)
     return Started(job, run, stage, wf, definition, stages)
+
+
+async def _hold(
+    deps: Deps, tx: Transaction, scope: Scope, job: Job, now: datetime
+) -> c.JobExecuteResult:
+    """The run is paused (``handlers/lifecycle.py``): the stage does not start; the job
+    is held, its attempt given back, until ``run.resume`` queues it again. Nothing is
+    cached under the key: the job runs later under the same per-attempt key."""
+    await hold_job(deps, tx, job, now)
+    await scope.forget(tx)
+    return c.JobExecuteResult(
+        outcome="suspended",
+        workflow_run_id=job.workflow_run_id,
+        stage_id=job.stage_id,
+        error="run is paused; stage not started",
+    )
 
 
 def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
@@ -576,8 +595,8 @@ async def _commit_together(deps: Deps, group: Sequence[_Commit]) -> list[c.JobEx
     chained: list[Started | None] = []
     async with deps.persistence.transaction() as tx:
         found_jobs = await deps.job_transport.get_many(tx, job_ids)
-        runs = await tx.get_runs(run_ids, for_update=True)
-        stages = await tx.get_stages_of(run_ids)
+        runs = await tx.runs.get_many(run_ids, for_update=True)
+        stages = await tx.stages.for_runs(run_ids)
         # The group's rows are read and its runs locked: the next group may start its
         # reads while this one writes and commits (it waits on the locks of any run the
         # two share, taken in id order by both, so they cannot deadlock).
@@ -604,10 +623,10 @@ async def _commit_in(
     run_id, stage_id = s.run.id, s.stage.stage_id
     chained: Started | None = None
     job = await deps.job_transport.get(tx, s.job.id)
-    run = await tx.get_run(run_id, for_update=True)
+    run = await tx.runs.get(run_id, for_update=True)
     # One read of all stages, under the run's lock: ours for the ownership check, the
     # rest for the transition (only this transaction changes ours from here on).
-    stages = await tx.get_stages(run_id) if run is not None else []
+    stages = await tx.stages.for_run(run_id) if run is not None else []
     index = _index_of(stages, stage_id)
     stage = stages[index] if index >= 0 else None
     if not is_current(job, stage, run, s, cmd.worker_id):
@@ -635,7 +654,7 @@ async def _commit_in(
     stages = _replaced(stages, index, stage)
     if ctx.logs or ctx.annotations:
         if pending:  # their events follow the outcome's
-            await tx.append_events(pending)
+            await tx.outbox.append(pending)
             pending = []
         await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
     if ctx.annotations:  # annotations merged search attributes: the run has moved on
@@ -703,8 +722,8 @@ async def start_leased(
     assert index >= 0  # the transition enqueued a stage of this run
     definition = wf.stage(job.stage_id)
     assert definition is not None  # the transition enqueued a stage of this workflow
-    stage = await tx.update_stage(_running(stages[index], job, now))
-    await tx.append_events([*pending, _started_event(stage, job.worker_id, now, scope)])
+    stage = await tx.stages.update(_running(stages[index], job, now))
+    await tx.outbox.append([*pending, _started_event(stage, job.worker_id, now, scope)])
     stages = _replaced(stages, index, stage)
     return Started(job, run, stage, wf, definition, stages, fresh)
 
@@ -722,7 +741,7 @@ async def _commit_completed(
     """The stage COMPLETED and its job done; ``stage:completed`` goes to ``pending``, for
     the caller to append with whatever the transition adds. The caller builds the result
     once it knows the chained job, so the result is made once, not made and copied."""
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(
             stage,
             {
@@ -763,7 +782,7 @@ async def _commit_suspended(
     now: datetime,
 ) -> tuple[c.JobExecuteResult, StageRun]:
     next_poll = now + suspend.poll_interval
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(
             stage,
             {
@@ -776,7 +795,7 @@ async def _commit_suspended(
         )
     )
     await deps.job_transport.suspend(tx, s.job.id, next_poll)
-    await tx.append_events(
+    await tx.outbox.append(
         [
             StageSuspended(
                 workflow_run_id=stage.workflow_run_id,
@@ -813,7 +832,7 @@ async def _commit_failed(
         stage.attempt, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
     )
     if retry:
-        stage = await tx.update_stage(
+        stage = await tx.stages.update(
             evolve(
                 stage,
                 {
@@ -825,7 +844,7 @@ async def _commit_failed(
             )
         )
         await deps.job_transport.requeue(tx, s.job.id, retry_at, error=message)
-        await tx.append_events(
+        await tx.outbox.append(
             [
                 StageFailed(
                     workflow_run_id=stage.workflow_run_id,

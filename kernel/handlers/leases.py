@@ -54,7 +54,7 @@ async def settle_lease(
     job is exhausted) with a ``stage:failed`` event; a stage whose attempt never started
     (still PENDING) is failed too once its job is exhausted, else the run would wait on
     a stage with no live job. A terminal stage is left alone."""
-    run = await tx.get_run(job.workflow_run_id, for_update=True)
+    run = await tx.runs.get(job.workflow_run_id, for_update=True)
     wf = deps.find_workflow(run.workflow_id, run.workflow_version) if run is not None else None
     definition = wf.stage(job.stage_id) if wf is not None else None
     policy = definition.retry if definition is not None else DEFAULT_RETRY
@@ -73,7 +73,7 @@ async def settle_lease(
             tx, job.id, retry_at, error=message, refund_attempt=not counted
         )
     settled: Settled = "failed" if exhausted else "requeued"
-    stage = await tx.get_stage(job.workflow_run_id, job.stage_id)
+    stage = await tx.stages.get(job.workflow_run_id, job.stage_id)
     if stage is None or stage.status.terminal:
         return settled
     running = stage.status is StageStatus.RUNNING
@@ -87,8 +87,8 @@ async def settle_lease(
     }
     if not counted and running and stage.job_id == job.id and stage.attempt > 0:
         changes["attempt"] = stage.attempt - 1  # the next start counts this attempt again
-    await tx.update_stage(evolve(stage, changes))
-    await tx.append_events(
+    await tx.stages.update(evolve(stage, changes))
+    await tx.outbox.append(
         [
             StageFailed(
                 workflow_run_id=job.workflow_run_id,
@@ -103,7 +103,7 @@ async def settle_lease(
         ]
     )
     if exhausted and run is not None and wf is not None:
-        stages = await tx.get_stages(run.id)
+        stages = await tx.stages.for_run(run.id)
         await apply_transition(deps, tx, run, stages, wf, now, causation_id)
     return settled
 

@@ -57,14 +57,16 @@ async def reap_stuck(deps: Deps, cmd: c.RunReapStuck, scope: Scope) -> c.RunReap
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.RunReapStuckResult", cached)
-        idle = await tx.runs_inactive_since(
+        idle = await tx.runs.inactive_since(
             RunStatus.RUNNING, now - cmd.stuck_threshold, cmd.max_runs
         )
         for run in idle:
+            if run.paused:  # idle on purpose until run.resume
+                continue
             wf = deps.find_workflow(run.workflow_id, run.workflow_version)
             if wf is None:
                 continue
-            stages = await tx.get_stages(run.id)
+            stages = await tx.stages.for_run(run.id)
             decision, updated = await apply_transition(
                 deps, tx, run, stages, wf, now, scope.causation_id
             )
@@ -81,11 +83,11 @@ async def reap_stuck(deps: Deps, cmd: c.RunReapStuck, scope: Scope) -> c.RunReap
             ]
             if orphans:
                 reset = [
-                    await tx.update_stage(evolve(s, {"status": StageStatus.PENDING}))
+                    await tx.stages.update(evolve(s, {"status": StageStatus.PENDING}))
                     for s in orphans
                 ]
                 await enqueue_stages(deps, tx, updated, wf, reset, now)
-                await tx.update_run(evolve(updated, {"updated_at": now}))
+                await tx.runs.update(evolve(updated, {"updated_at": now}))
                 transitioned += 1
             elif not live:
                 await fail_run(
@@ -99,7 +101,7 @@ async def reap_stuck(deps: Deps, cmd: c.RunReapStuck, scope: Scope) -> c.RunReap
                 )
                 failed += 1
             else:
-                await tx.update_run(evolve(updated, {"updated_at": now}))
+                await tx.runs.update(evolve(updated, {"updated_at": now}))
         result = c.RunReapStuckResult(transitioned=transitioned, failed=failed)
         await scope.complete(tx, result)
     return result

@@ -31,7 +31,7 @@ async def flush(deps: Deps, cmd: c.OutboxFlush, scope: Scope) -> c.OutboxFlushRe
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.OutboxFlushResult", cached)
-        batch = await tx.unpublished_events(cmd.max_events)
+        batch = await tx.outbox.unpublished(cmd.max_events)
     published: list[int] = []
     failures: list[tuple[OutboxRecord, str, bool]] = []
     blocked: set[str] = set()
@@ -67,9 +67,9 @@ async def flush(deps: Deps, cmd: c.OutboxFlush, scope: Scope) -> c.OutboxFlushRe
     )
     async with deps.persistence.transaction() as tx:
         if published:
-            await tx.mark_published(published)
+            await tx.outbox.mark_published(published)
         for record, error, dead in failures:
-            await tx.record_publish_failure(record.id, error, dead_letter=dead)
+            await tx.outbox.record_failure(record.id, error, dead_letter=dead)
         await scope.complete(tx, result)
     return result
 
@@ -82,8 +82,8 @@ async def replay_dlq(deps: Deps, cmd: c.PluginReplayDLQ, scope: Scope) -> c.Plug
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.PluginReplayDLQResult", cached)
-        batch = await tx.dead_lettered_events(cmd.max_events)
-        replayed = await tx.requeue_dead_letters([record.id for record in batch])
+        batch = await tx.outbox.dead_lettered(cmd.max_events)
+        replayed = await tx.outbox.requeue_dead_letters([record.id for record in batch])
         result = c.PluginReplayDLQResult(replayed=replayed)
         await scope.complete(tx, result)
     if replayed:

@@ -140,17 +140,17 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         if cached is not None:
             first = cast("c.RunCreateResult", cached)
             if cmd.idempotency_key is not None:
-                found = await tx.get_run(first.workflow_run_id, for_update=False)
+                found = await tx.runs.get(first.workflow_run_id, for_update=False)
                 if found is not None:
                     _warn_if_reused(deps, cmd.idempotency_key, found, input_json, config_json)
             return first
         existing = None
         if cmd.idempotency_key is not None:
-            existing = await tx.find_run_by_key(wf.id, cmd.idempotency_key)
+            existing = await tx.runs.find_by_key(wf.id, cmd.idempotency_key)
             if existing is not None:
                 _warn_if_reused(deps, cmd.idempotency_key, existing, input_json, config_json)
         if existing is None and cmd.signal is not None and cmd.run_id is not None:
-            existing = await tx.get_run(cmd.run_id)
+            existing = await tx.runs.get(cmd.run_id)
         if existing is not None:
             if cmd.signal is not None:  # to the chain's newest run (continue-as-new)
                 existing = await current_run(tx, await load_run(tx, existing.id), for_update=True)
@@ -189,7 +189,7 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             )
         else:
             await _insert_new(tx, run, stages, cmd, now)
-            await tx.append_events([created])
+            await tx.outbox.append([created])
         if cmd.signal is not None:
             await _deliver(deps, tx, run, cmd, signal_payload, now)
         status = RunStatus.RUNNING if claim_for is not None else run.status
@@ -241,10 +241,10 @@ async def _insert_new(
     tx: Transaction, run: Run, stages: list[StageRun], cmd: c.RunCreate, now: datetime
 ) -> None:
     """The new run PENDING and its stages, as any ``run.create`` writes them."""
-    await tx.insert_run(run)
+    await tx.runs.insert(run)
     if cmd.execution_timeout is not None:
         await request_execution_timeout(tx, run, cmd.execution_timeout, now)
-    await tx.insert_stages(stages)
+    await tx.stages.insert_many(stages)
 
 
 async def _insert_claimed(
@@ -282,10 +282,10 @@ async def _insert_claimed(
     except NotBatchableError:
         return []
     claimed_run, claimed_stages = buffer.written_state(run.id)
-    await tx.insert_run(claimed_run)
+    await tx.runs.insert(claimed_run)
     await deps.job_transport.enqueue(tx, buffer.new_jobs)
-    await tx.insert_stages(claimed_stages)
-    await tx.append_events(buffer.events)
+    await tx.stages.insert_many(claimed_stages)
+    await tx.outbox.append(buffer.events)
     return started
 
 
@@ -363,12 +363,14 @@ async def _create_batch(
             for item, (wf, _, _) in zip(cmd.items, checked, strict=True)
             if item.idempotency_key is not None
         ]
-        known = await tx.find_runs_by_keys(keys) if keys else {}
+        known = await tx.runs.find_by_keys(keys) if keys else {}
         results, new = _plan(deps, cmd.items, checked, known, now)
         if new:
-            await tx.insert_runs([run for run, _ in new])
-            await tx.insert_stages([stage for run, wf in new for stage in _new_stages(wf, run)])
-            await tx.append_events([_created(run, scope.causation_id, now) for run, _ in new])
+            await tx.runs.insert_many([run for run, _ in new])
+            await tx.stages.insert_many(
+                [stage for run, wf in new for stage in _new_stages(wf, run)]
+            )
+            await tx.outbox.append([_created(run, scope.causation_id, now) for run, _ in new])
         result = c.RunCreateManyResult(runs=results)
         await scope.complete(tx, result)
     return result
@@ -456,7 +458,7 @@ async def claim_pending(
         cached = await scope.claim(tx)
         if cached is not None:
             return cast("c.RunClaimPendingResult", cached)
-        runs = await tx.claim_pending_runs(cmd.max_claims)
+        runs = await tx.runs.claim_pending(cmd.max_claims)
         admission = None
         if runs and any_limited(deps, runs):
             admission = await admit_runs(deps, tx, runs, cmd.max_claims, now)
@@ -472,7 +474,7 @@ async def claim_pending(
             buffer = WriteBuffer(
                 tx,
                 {run.id: run for run in runs},
-                await tx.get_stages_of([run.id for run in runs]),
+                await tx.stages.for_runs([run.id for run in runs]),
                 {},
             )
             buffered, buffered_tx = buffer.stand_in(deps)
@@ -511,7 +513,7 @@ async def _fail_lost_inputs(
             continue
         error = describe_exception(run.input.error())
         deps.logger.warning("claim.payload_missing", run_id=run.id, error=error)
-        await fail_run(deps, tx, run, await tx.get_stages(run.id), error, now, causation_id)
+        await fail_run(deps, tx, run, await tx.stages.for_run(run.id), error, now, causation_id)
     return kept
 
 
@@ -544,7 +546,7 @@ async def _claim_runs(
                 "claim.skipped_unknown_workflow", run_id=run.id, workflow_id=run.workflow_id
             )
             continue
-        run = await tx.update_run(
+        run = await tx.runs.update(
             evolve(
                 run,
                 {
@@ -557,7 +559,7 @@ async def _claim_runs(
             )
         )
         await arm_execution_timeout(tx, run, wf, now, pending=None if fresh is None else [])
-        stages = await tx.get_stages(run.id) if fresh is None else fresh
+        stages = await tx.stages.for_run(run.id) if fresh is None else fresh
         group0 = [s for s in stages if s.execution_group == 0]
         lease_to = worker_id if budget > 0 and group0 else None
         jobs = await enqueue_stages(deps, tx, run, wf, group0, now, lease_to=lease_to)
@@ -578,7 +580,7 @@ async def _claim_runs(
                 )
             )
         else:
-            await tx.append_events(events)
+            await tx.outbox.append(events)
         claimed.append(
             c.ClaimedRun(
                 workflow_run_id=run.id,
@@ -599,7 +601,7 @@ async def transition(deps: Deps, cmd: c.RunTransition, scope: Scope) -> c.RunTra
             return cast("c.RunTransitionResult", cached)
         run = await load_run(tx, cmd.workflow_run_id)
         wf = deps.workflow(run.workflow_id, run.workflow_version)
-        stages = await tx.get_stages(run.id)
+        stages = await tx.stages.for_run(run.id)
         decision, _ = await apply_transition(deps, tx, run, stages, wf, now, scope.causation_id)
         action = "noop" if decision.action == "suspend" else decision.action
         result = c.RunTransitionResult(action=action, next_group=decision.next_group)
@@ -639,15 +641,15 @@ async def cancel_in(
     """Cancel the non-terminal ``run`` (loaded ``for_update``) inside ``tx``: what
     ``run.cancel`` writes, for handlers that cancel a run as part of their own change (a
     schedule's ``cancel_previous``). The caller tells ``deps.inflight`` once committed."""
-    for stage in await tx.get_stages(run.id):
+    for stage in await tx.stages.for_run(run.id):
         if not stage.status.terminal:
-            await tx.update_stage(
+            await tx.stages.update(
                 evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
             )
     await deps.job_transport.cancel_by_run(tx, run.id)
     # Sagas: a code workflow with compensations to run gets a compensating job.
     await compensate_on_cancel(deps, tx, run, now)
-    await tx.update_run(
+    await tx.runs.update(
         evolve(
             run,
             {
@@ -658,7 +660,7 @@ async def cancel_in(
             },
         )
     )
-    await tx.append_events(
+    await tx.outbox.append(
         [
             WorkflowCancelled(
                 workflow_run_id=run.id, timestamp=now, causation_id=causation_id, reason=reason
@@ -684,7 +686,7 @@ async def start_in(
     schedule's fire commits the run with the schedule's next fire time)."""
     run = _new_run(deps, wf, spec, input_json, config_json, now)
     await _insert_new(tx, run, _new_stages(wf, run), spec, now)
-    await tx.append_events([_created(run, causation_id, now)])
+    await tx.outbox.append([_created(run, causation_id, now)])
     return run
 
 
@@ -730,7 +732,7 @@ async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunReru
         group = wf.group_of[cmd.from_stage_id]
         to_reset = [
             stage
-            for stage in await tx.get_stages(run.id)
+            for stage in await tx.stages.for_run(run.id)
             if stage.execution_group > group
             or (
                 stage.execution_group == group
@@ -746,9 +748,9 @@ async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunReru
                 execution_group=stage.execution_group,
                 version=stage.version,
             )
-            reset.append(await tx.update_stage(fresh))
+            reset.append(await tx.stages.update(fresh))
         await deps.job_transport.cancel_by_run(tx, run.id)
-        run = await tx.update_run(
+        run = await tx.runs.update(
             evolve(
                 run,
                 {
@@ -760,13 +762,15 @@ async def rerun_from(deps: Deps, cmd: c.RunRerunFrom, scope: Scope) -> c.RunReru
                     "current_group": group,
                     "started_at": now,
                     "config": config,
+                    "paused": False,  # a pause or terminate of its last life is over
+                    "terminated": False,
                 },
             )
         )
         await enqueue_stages(
             deps, tx, run, wf, [s for s in reset if s.execution_group == group], now
         )
-        await tx.append_events(
+        await tx.outbox.append(
             [
                 WorkflowStarted(
                     workflow_run_id=run.id,

@@ -104,7 +104,7 @@ async def create(deps: Deps, cmd: c.ScheduleCreate, scope: Scope) -> c.ScheduleC
                 **spec,
             )
             await tx.schedules.insert(schedule)
-            await tx.append_events([_changed(schedule.id, "created", now, scope.causation_id, nxt)])
+            await tx.outbox.append([_changed(schedule.id, "created", now, scope.causation_id, nxt)])
             result = c.ScheduleCreateResult(schedule=schedule, created=True)
         await scope.complete(tx, result)
     return result
@@ -142,7 +142,7 @@ async def _respec(
     if pause_change:
         change = "paused" if is_paused else "resumed"
         events.append(_changed(stored.id, change, now, scope.causation_id, stored.next_fire_at))
-    await tx.append_events(events)
+    await tx.outbox.append(events)
     return stored
 
 
@@ -192,7 +192,7 @@ async def delete(deps: Deps, cmd: c.ScheduleDelete, scope: Scope) -> c.ScheduleD
             return cast("c.ScheduleDeleteResult", cached)
         deleted = await tx.schedules.delete(cmd.schedule_id)
         if deleted:
-            await tx.append_events(
+            await tx.outbox.append(
                 [_changed(cmd.schedule_id, "deleted", now, scope.causation_id, None)]
             )
         result = c.ScheduleDeleteResult(deleted=deleted)
@@ -225,7 +225,7 @@ async def trigger(deps: Deps, cmd: c.ScheduleTrigger, scope: Scope) -> c.Schedul
             await tx.schedules.update(
                 evolve(schedule, {"last_run_id": out.run_ids[-1], "updated_at": now})
             )
-        await tx.append_events(out.events)
+        await tx.outbox.append(out.events)
         result = c.ScheduleTriggerResult(
             workflow_run_id=out.run_ids[-1] if out.run_ids else None, skipped=not out.run_ids
         )
@@ -327,7 +327,7 @@ async def _fire_one(
                 },
             )
         )
-        await tx.append_events(out.events)
+        await tx.outbox.append(out.events)
     return out
 
 
@@ -347,7 +347,7 @@ async def _fire(
     """Start the run of one fire time under the overlap policy, recording into ``out``."""
     stream = stream_id(schedule.id)
     if schedule.last_run_id is not None and schedule.overlap != "allow":
-        previous = await tx.get_run(schedule.last_run_id, for_update=True)
+        previous = await tx.runs.get(schedule.last_run_id, for_update=True)
         if previous is not None and not previous.status.terminal:
             if schedule.overlap == "skip":
                 out.skipped += 1
@@ -366,7 +366,7 @@ async def _fire(
             reason = f"schedule {schedule.id!r}: superseded by its run for {fire_time.isoformat()}"
             await cancel_in(deps, tx, previous, reason, causation, now)
             out.cancelled.append(previous.id)
-    existing = await tx.find_run_by_key(wf.id, key)
+    existing = await tx.runs.find_by_key(wf.id, key)
     if existing is not None:  # a schedule deleted and made again under the same id
         out.run_ids.append(existing.id)
         return

@@ -84,15 +84,15 @@ async def poll_suspended(
         if cached is not None:
             return cast("c.StagePollSuspendedResult", cached)
         timeouts = await deadline.due(tx, now, cmd.max_checks)
-        due = await tx.due_suspended_stages(now, cmd.max_checks)
+        due = await tx.stages.due_suspended(now, cmd.max_checks)
         runs: dict[str, Run] = {}
         stages_of: dict[str, list[StageRun]] = {}
         for stage in due:
             if stage.workflow_run_id not in runs:
-                run = await tx.get_run(stage.workflow_run_id)
+                run = await tx.runs.get(stage.workflow_run_id)
                 if run is not None:
                     runs[run.id] = run
-                    stages_of[run.id] = await tx.get_stages(run.id)
+                    stages_of[run.id] = await tx.stages.for_run(run.id)
     # Execution timeouts first: a timed-out run is cancelled, not woken (its due stage,
     # if any, is then skipped as terminal).
     timed_out = await _fire_execution_timeouts(deps, timeouts, now) if timeouts else []
@@ -226,8 +226,8 @@ async def _commit(
     now: datetime,
 ) -> str:
     async with deps.persistence.transaction() as tx:
-        stage = await tx.get_stage(seen.workflow_run_id, seen.stage_id)
-        run = await tx.get_run(seen.workflow_run_id, for_update=True)
+        stage = await tx.stages.get(seen.workflow_run_id, seen.stage_id)
+        run = await tx.runs.get(seen.workflow_run_id, for_update=True)
         if (
             stage is None
             or run is None
@@ -254,7 +254,7 @@ async def _commit(
                 verdict.poll_interval if isinstance(verdict, NotReady) else None
             ) or stage.poll_interval
             next_poll = now + interval if interval is not None else now
-            await tx.update_stage(
+            await tx.stages.update(
                 evolve(stage, {"next_poll_at": next_poll, "check_failures": failures})
             )
             if stage.job_id:
@@ -262,7 +262,7 @@ async def _commit(
             return "waiting"
         if isinstance(verdict, Failed):
             outcome = "failed"
-            await tx.update_stage(
+            await tx.stages.update(
                 evolve(
                     stage,
                     {
@@ -290,7 +290,7 @@ async def _commit(
                 )
             )
         elif verdict.output is not None:
-            await tx.update_stage(
+            await tx.stages.update(
                 evolve(
                     stage,
                     {
@@ -317,7 +317,7 @@ async def _commit(
             )
         else:
             # Ready without output: run the body again; it reads ctx.resume_state.
-            await tx.update_stage(
+            await tx.stages.update(
                 evolve(
                     stage,
                     {
@@ -331,10 +331,12 @@ async def _commit(
             if stage.job_id:
                 await transport.requeue(tx, stage.job_id, now)
         if run.status is RunStatus.SUSPENDED:
-            run = await tx.update_run(evolve(run, {"status": RunStatus.RUNNING, "updated_at": now}))
-        await tx.append_events(events)
+            run = await tx.runs.update(
+                evolve(run, {"status": RunStatus.RUNNING, "updated_at": now})
+            )
+        await tx.outbox.append(events)
         await apply_transition(
-            deps, tx, run, await tx.get_stages(run.id), wf, now, scope.causation_id
+            deps, tx, run, await tx.stages.for_run(run.id), wf, now, scope.causation_id
         )
     return outcome
 
@@ -355,5 +357,5 @@ async def _fire_execution_timeouts(deps: Deps, due: Sequence[Timer], now: dateti
             cancelled.append(timer.workflow_run_id)
             deps.logger.info("run.execution_timeout", run_id=timer.workflow_run_id)
         async with deps.persistence.transaction() as tx:
-            await tx.fire_timer(timer.workflow_run_id, timer.name, timer.occurrence, now)
+            await tx.timers.fire(timer.workflow_run_id, timer.name, timer.occurrence, now)
     return cancelled

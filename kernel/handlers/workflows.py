@@ -148,7 +148,7 @@ async def deliver(
     inbox, record ``signal:received`` (or ``update:received``), and hand it to the body if it is
     waiting for it (``run.signal``, signal-with-start and ``run.update`` share this)."""
     _check_live(run, name, kind)
-    message = await tx.insert_signal(
+    message = await tx.inbox.insert(
         InboxMessage(
             workflow_run_id=run.id,
             kind=kind,
@@ -178,8 +178,8 @@ async def deliver(
             update_id=update_id,
             payload=payload,
         )
-    await tx.append_events([received])
-    stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
+    await tx.outbox.append([received])
+    stage = await tx.stages.get(run.id, WORKFLOW_STAGE_ID)
     if stage is not None and stage.status is StageStatus.SUSPENDED:
         await _hand_over(deps, tx, run.id, stage, message, wf, now)
     return message
@@ -198,13 +198,13 @@ async def _hand_over(
     key = journal_key(message.kind, message.name)
     waiting = [
         e
-        for e in await tx.get_journal(run_id, status=JournalStatus.WAITING)
+        for e in await tx.journal.entries(run_id, status=JournalStatus.WAITING)
         if e.kind == message.kind and e.name == key
     ]
     if not waiting:
         return
     entry = waiting[0]
-    oldest = await tx.next_signal(run_id, message.name, kind=message.kind)
+    oldest = await tx.inbox.next_message(run_id, message.name, kind=message.kind)
     assert oldest is not None
     assert oldest.id is not None
     done = entry.model_copy(
@@ -215,7 +215,7 @@ async def _hand_over(
         }
     )
     await write_entries(tx, [done], now)
-    await tx.consume_signal(oldest.id, now, f"{entry.name}#{entry.occurrence}")
+    await tx.inbox.consume(oldest.id, now, f"{entry.name}#{entry.occurrence}")
     await wake(deps, tx, await load_run(tx, run_id), stage, wf, now)
 
 
@@ -282,7 +282,7 @@ async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.Revi
         )
         reviews = [
             e
-            for e in await tx.get_journal(run.id)
+            for e in await tx.journal.entries(run.id)
             if e.kind == "review" and (e.input or {}).get("review_id") == cmd.review_id
         ]
         if not reviews:
@@ -308,7 +308,7 @@ async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.Revi
             }
         )
         await write_entries(tx, [done], now)
-        await tx.append_events(
+        await tx.outbox.append(
             [
                 ReviewDecided(
                     workflow_run_id=run.id,
@@ -320,7 +320,7 @@ async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.Revi
                 )
             ]
         )
-        stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
+        stage = await tx.stages.get(run.id, WORKFLOW_STAGE_ID)
         if stage is not None and stage.status is StageStatus.SUSPENDED:
             await wake(deps, tx, run, stage, wf, now)
         result = c.ReviewDecideResult(recorded=True)
@@ -330,15 +330,15 @@ async def decide_review(deps: Deps, cmd: c.ReviewDecide, scope: Scope) -> c.Revi
 
 async def update_reply_in(tx: Transaction, run_id: str, update_id: str) -> tuple[bool, JsonValue]:
     """``(answered, reply)`` of an update."""
-    message = await tx.find_update(run_id, update_id)
+    message = await tx.inbox.find_update(run_id, update_id)
     hops, at = 0, run_id
     while message is None or (message.consumed_by or "").startswith(f"{CONTINUED_AS}:"):
         # Forwarded to, or moved to, a later run of the chain (continue-as-new).
-        run = await tx.get_run(at)
+        run = await tx.runs.get(at)
         if run is None or run.continued_as is None or hops >= MAX_FOLLOW:
             break
         at, hops = run.continued_as, hops + 1
-        message = await tx.find_update(at, update_id) or message
+        message = await tx.inbox.find_update(at, update_id) or message
     if message is None:
         raise NotFoundError(f"run {run_id!r} has no update {update_id!r}")
     reply = message.reply if isinstance(message.reply, dict) else None
@@ -356,8 +356,8 @@ async def fire_timers(
     later; a blocked run this worker can serve is woken. Returns ``resumed``, ``waiting``
     (nothing due after all, or still blocked) or ``skipped``."""
     async with deps.persistence.transaction() as tx:
-        run = await tx.get_run(seen.workflow_run_id, for_update=True)
-        stage = await tx.get_stage(seen.workflow_run_id, seen.stage_id)
+        run = await tx.runs.get(seen.workflow_run_id, for_update=True)
+        stage = await tx.stages.get(seen.workflow_run_id, seen.stage_id)
         if (
             run is None
             or stage is None
@@ -366,6 +366,9 @@ async def fire_timers(
             or stage.version != seen.version
         ):
             return "skipped"  # another poller, a signal or a cancel got there first
+        if run.paused:  # fire nothing until run.resume, which polls the stage again
+            await tx.stages.update(stage.model_copy(update={"next_poll_at": None}))
+            return "waiting"
         mismatch = version_mismatch(run, wf)
         if mismatch is not None:  # fire nothing: the journal stays as the pinned code left it
             await block(deps, tx, run, stage, wf, mismatch, now, scope.causation_id)
@@ -373,16 +376,16 @@ async def fire_timers(
         if is_blocked(stage):  # this worker has the pinned version: resume the body
             await wake(deps, tx, run, stage, wf, now)
             return "resumed"
-        timers = forward_timers(await tx.pending_timers(run.id))
+        timers = forward_timers(await tx.timers.pending(run.id))
         due = [t for t in timers if t.fire_at <= now]
         if not due:
             later = timers[0].fire_at if timers else None
-            await tx.update_stage(stage.model_copy(update={"next_poll_at": later}))
+            await tx.stages.update(stage.model_copy(update={"next_poll_at": later}))
             return "waiting"
         events: list[EventBase] = []
         for timer in due:
-            await tx.fire_timer(run.id, timer.name, timer.occurrence, now)
-            entry = await tx.get_journal_entry(run.id, timer.name, timer.occurrence)
+            await tx.timers.fire(run.id, timer.name, timer.occurrence, now)
+            entry = await tx.journal.get(run.id, timer.name, timer.occurrence)
             if entry is not None and entry.status is JournalStatus.WAITING:
                 result = {"timed_out": True} if timer.purpose.endswith("_timeout") else None
                 done = entry.model_copy(
@@ -404,7 +407,7 @@ async def fire_timers(
                     fire_at=timer.fire_at,
                 )
             )
-        await tx.append_events(events)
+        await tx.outbox.append(events)
         await wake(deps, tx, run, stage, wf, now)
     return "resumed"
 
@@ -415,5 +418,5 @@ async def query(deps: Deps, run_id: str, key: str) -> JsonValue:
     async with deps.persistence.transaction() as tx:
         run = await load_run(tx, run_id, for_update=False)
         code_workflow(deps.workflow(run.workflow_id, run.workflow_version), f"query {key!r}")
-        entry = await tx.latest_journal_entry(run.id, journal_key("publish", key))
+        entry = await tx.journal.latest(run.id, journal_key("publish", key))
     return entry.result if entry is not None else None

@@ -4,8 +4,8 @@ A group commit (``kernel/group_commit.py``) runs the ordinary per-stage commit l
 ``job.execute`` once per item, against this buffer instead of the real transaction. The
 reads that logic makes (job, run, stages) were fetched for the whole group up front with
 one statement each; the writes it makes are collected and then flushed with one
-set-oriented statement per kind (``update_stages``, ``update_runs``, ``complete_many``,
-``enqueue``, ``append_events``, ``put_idempotency_many``). Items see each other's writes,
+set-oriented statement per kind (``stages.update_many``, ``runs.update_many``, ``complete_many``,
+``enqueue``, ``outbox.append``, ``idempotency.put_many``). Items see each other's writes,
 as consecutive statements of one transaction would.
 
 The buffer carries only what the hot path does. Anything else (a failure with retry, a
@@ -16,24 +16,42 @@ the real transaction, so nothing changes meaning.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from treadle.kernel.events import EventBase
+from treadle.kernel.handlers.buffered_stores import (
+    BufferedIdempotency,
+    BufferedOutbox,
+    BufferedRuns,
+    BufferedStages,
+    NotBatchableError,
+)
 from treadle.kernel.model import IdempotencyRecord, Job, JobStatus, Run, StageRun, evolve
 
 if TYPE_CHECKING:
     from treadle.kernel.deps import Deps
     from treadle.ports import JobTransport, Transaction
+    from treadle.ports.flow_control import FlowControl
+    from treadle.ports.persistence import (
+        AnnotationStore,
+        InboxStore,
+        JournalStore,
+        LogStore,
+        TimerStore,
+    )
+    from treadle.ports.retention import RetentionStore
+    from treadle.ports.schedules import ScheduleStore
 
-
-class NotBatchableError(Exception):
-    """The item needs an operation the buffer does not carry; commit it alone."""
+__all__ = ["BUFFERED_JOBS", "BufferedJobs", "NotBatchableError", "WriteBuffer"]
 
 
 class WriteBuffer:
-    """Stands in for ``Transaction`` (and, through ``BUFFERED_JOBS``, the ``JobTransport``)."""
+    """A ``Transaction`` whose runs, stages, outbox and idempotency stores serve the
+    prefetch and collect the writes (``buffered_stores``); its other concerns refuse the
+    item. Through ``BUFFERED_JOBS`` it also stands in for the ``JobTransport``."""
 
     def __init__(
         self,
@@ -45,26 +63,30 @@ class WriteBuffer:
         """``runs``/``stages``/``jobs``: the prefetch, by id; every id the group asked
         for is a key of ``stages`` and ``jobs`` (``[]``/``None`` when not found)."""
         self.tx = tx
-        self._runs = runs
-        self._stages = stages
+        self.prefetched_runs = runs
+        self.prefetched_stages = stages
         self.job_rows = jobs
         self.run_writes: dict[str, Run] = {}
         """Run id -> the run as written, with the version it expects to replace."""
         self.stage_writes: dict[tuple[str, str], StageRun] = {}
         self.events: list[EventBase] = []
-        self.idempotency: list[IdempotencyRecord] = []
+        self.idempotency_writes: list[IdempotencyRecord] = []
         self.completed_jobs: list[str] = []
         self.leases: dict[str, tuple[str, int]] | None = None
         """With ``guard_jobs``: each completed job's lease as prefetched (worker,
         attempts), which the flush's completion requires still to hold."""
         self.new_jobs: list[Job] = []
+        self.runs = BufferedRuns(self)
+        self.stages = BufferedStages(self)
+        self.outbox = BufferedOutbox(self)
+        self.idempotency = BufferedIdempotency(self)
 
     def guard_jobs(self) -> None:
         """Complete jobs only if still leased as prefetched (a commit that takes its
         prefetch from memory instead of reading it in this transaction)."""
         self.leases = {}
 
-    def stand_in(self, deps: Deps) -> tuple[Deps, Transaction]:
+    def stand_in(self, deps: Deps) -> tuple[Deps, WriteBuffer]:
         """``deps`` with the buffered job transport, and this buffer as the transaction:
         what the per-item commit logic runs against instead of the real ones. The job
         transport finds the buffer in the transaction it is handed, so one stand-in
@@ -72,61 +94,51 @@ class WriteBuffer:
         allocates no ``Deps`` copy and no reference cycle for the collector."""
         stand_in = deps.__dict__.get("_buffered_deps")
         if stand_in is None:
-            stand_in = replace(deps, job_transport=cast("JobTransport", BUFFERED_JOBS))
+            stand_in = replace(deps, job_transport=BUFFERED_JOBS)
             deps.__dict__["_buffered_deps"] = stand_in
-        return stand_in, cast("Transaction", self)
+        return stand_in, self
 
-    # -- reads: from the prefetch ---------------------------------------------
-    async def get_run(self, run_id: str, *, for_update: bool = False) -> Run | None:
-        if run_id not in self._stages:  # not among the group's prefetched runs
-            raise NotBatchableError(f"run {run_id!r} was not prefetched")
-        return self._runs.get(run_id)
+    # -- the concerns a group commit does not carry -----------------------------------
+    # Reading one refuses the item (``NotBatchableError``): it commits alone, through the
+    # real transaction. Each is typed as its port, so callers type-check as against a
+    # ``Transaction``; nothing is forwarded by name.
+    @property
+    def annotations(self) -> AnnotationStore:
+        raise _not_carried("annotations")
 
-    async def get_stages(self, run_id: str) -> list[StageRun]:
-        stages = self._stages.get(run_id)
-        if stages is None:
-            raise NotBatchableError(f"stages of run {run_id!r} were not prefetched")
-        return list(stages)
+    @property
+    def logs(self) -> LogStore:
+        raise _not_carried("logs")
 
-    # -- writes: collected ----------------------------------------------------
-    async def update_run(self, run: Run) -> Run:
-        stored = self._runs.get(run.id)
-        if run.id in self.run_writes or stored is None or stored.version != run.version:
-            raise NotBatchableError(f"run {run.id!r} written twice or concurrently")
-        self.run_writes[run.id] = run
-        new = evolve(run, {"version": run.version + 1, "stages": []})
-        self._runs[run.id] = new
-        return new
+    @property
+    def journal(self) -> JournalStore:
+        raise _not_carried("journal")
 
-    async def update_stage(self, stage: StageRun) -> StageRun:
-        key = (stage.workflow_run_id, stage.stage_id)
-        stages = self._stages.get(stage.workflow_run_id)
-        index = next((i for i, st in enumerate(stages or ()) if st.stage_id == stage.stage_id), -1)
-        if key in self.stage_writes or stages is None or index < 0:
-            raise NotBatchableError(f"stage {key!r} written twice or not prefetched")
-        if stages[index].version != stage.version:
-            raise NotBatchableError(f"stage {key!r} was updated concurrently")
-        self.stage_writes[key] = stage
-        new = evolve(stage, {"version": stage.version + 1})
-        stages[index] = new
-        return new
+    @property
+    def inbox(self) -> InboxStore:
+        raise _not_carried("inbox")
 
-    async def append_events(self, events: Sequence[EventBase]) -> list[EventBase]:
-        # Sequences are assigned by the flush's one append; no caller reads them here.
-        self.events.extend(events)
-        return list(events)
+    @property
+    def timers(self) -> TimerStore:
+        raise _not_carried("timers")
 
-    async def put_idempotency(self, record: IdempotencyRecord) -> None:
-        self.idempotency.append(record)
+    @property
+    def flow(self) -> FlowControl:
+        raise _not_carried("flow")
 
-    def __getattr__(self, name: str) -> NoReturn:
-        raise NotBatchableError(f"Transaction.{name} is not carried by a group commit")
+    @property
+    def retention(self) -> RetentionStore:
+        raise _not_carried("retention")
+
+    @property
+    def schedules(self) -> ScheduleStore:
+        raise _not_carried("schedules")
 
     def written_state(self, run_id: str) -> tuple[Run, list[StageRun]]:
         """The run and its stages as the collected writes leave them (for rows not
         stored yet, which the caller inserts in that state instead of updating)."""
-        run = self._runs[run_id]
-        stages = self._stages[run_id]
+        run = self.prefetched_runs[run_id]
+        stages = self.prefetched_stages[run_id]
         return run, list(stages)
 
     # -- the flush ----------------------------------------------------------------
@@ -137,17 +149,17 @@ class WriteBuffer:
         jobs and stages. New jobs go before the stages (a stage row names its job)."""
         tx = self.tx
         if self.run_writes:
-            await tx.update_runs(list(self.run_writes.values()))
+            await tx.runs.update_many(list(self.run_writes.values()))
         if self.new_jobs:
             await transport.enqueue(tx, self.new_jobs)
         if self.completed_jobs:
             await transport.complete_many(tx, self.completed_jobs, leases=self.leases)
         if self.stage_writes:
-            await tx.update_stages(list(self.stage_writes.values()))
+            await tx.stages.update_many(list(self.stage_writes.values()))
         if self.events:
-            await tx.append_events(self.events)
-        if self.idempotency:
-            await tx.put_idempotency_many(self.idempotency)
+            await tx.outbox.append(self.events)
+        if self.idempotency_writes:
+            await tx.idempotency.put_many(self.idempotency_writes)
 
 
 class BufferedJobs:
@@ -178,8 +190,68 @@ class BufferedJobs:
         for job in jobs:
             buffer.job_rows[job.id] = job
 
-    def __getattr__(self, name: str) -> NoReturn:
-        raise NotBatchableError(f"JobTransport.{name} is not carried by a group commit")
+    # -- the rest of the port refuses the item (it commits alone) -------------------
+    async def dequeue(
+        self,
+        worker_id: str,
+        now: datetime,
+        *,
+        limit: int = 1,
+        queues: Sequence[str] | None = None,
+    ) -> list[Job]:
+        raise _refused_job("dequeue")
+
+    async def get_many(self, tx: Any, job_ids: Sequence[str]) -> dict[str, Job]:
+        raise _refused_job("get_many")
+
+    async def complete_many(
+        self,
+        tx: Any,
+        job_ids: Sequence[str],
+        *,
+        leases: Mapping[str, tuple[str, int]] | None = None,
+    ) -> None:
+        raise _refused_job("complete_many")
+
+    async def suspend(self, tx: Any, job_id: str, next_poll_at: datetime) -> None:
+        raise _refused_job("suspend")
+
+    async def requeue(
+        self,
+        tx: Any,
+        job_id: str,
+        available_at: datetime,
+        *,
+        error: str | None = None,
+        refund_attempt: bool = False,
+    ) -> None:
+        raise _refused_job("requeue")
+
+    async def fail(self, tx: Any, job_id: str, error: str) -> None:
+        raise _refused_job("fail")
+
+    async def cancel_by_run(self, tx: Any, run_id: str) -> int:
+        raise _refused_job("cancel_by_run")
+
+    async def live_jobs(self, tx: Any, run_id: str) -> list[Job]:
+        raise _refused_job("live_jobs")
+
+    async def extend_lease(self, job_id: str, worker_id: str, now: datetime) -> bool:
+        raise _refused_job("extend_lease")
+
+    async def stale_leases(self, tx: Any, older_than: datetime, *, limit: int = 100) -> list[Job]:
+        raise _refused_job("stale_leases")
+
+    async def next_due_at(self) -> datetime | None:
+        raise _refused_job("next_due_at")
+
+
+def _refused_job(name: str) -> NotBatchableError:
+    return NotBatchableError(f"JobTransport.{name} is not carried by a group commit")
+
+
+def _not_carried(concern: str) -> NotBatchableError:
+    return NotBatchableError(f"Transaction.{concern} is not carried by a group commit")
 
 
 def _buffer(tx: Any) -> WriteBuffer:

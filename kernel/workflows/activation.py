@@ -31,11 +31,11 @@ async def write_entries(
     stored: list[JournalEntry] = []
     for entry in entries:
         if entry.id is None:
-            stored.append(await tx.insert_journal_entry(entry))
+            stored.append(await tx.journal.insert(entry))
             continue
-        stored.append(await tx.update_journal_entry(entry))
+        stored.append(await tx.journal.update(entry))
         if entry.status in (JournalStatus.COMPLETED, JournalStatus.FAILED, JournalStatus.CANCELLED):
-            await tx.fire_timer(entry.workflow_run_id, entry.name, entry.occurrence, now)
+            await tx.timers.fire(entry.workflow_run_id, entry.name, entry.occurrence, now)
     return stored
 
 
@@ -52,7 +52,7 @@ async def apply_attributes(
     if not attributes:
         return run
     merged = {**run.search_attributes, **attributes}
-    return await tx.update_run(evolve(run, {"search_attributes": merged, "updated_at": now}))
+    return await tx.runs.update(evolve(run, {"search_attributes": merged, "updated_at": now}))
 
 
 async def enqueue_activation(
@@ -68,7 +68,7 @@ async def wake(
     deps: Deps, tx: Transaction, run: Run, stage: StageRun, wf: WorkflowDefinition, now: datetime
 ) -> None:
     """Resume a suspended body: the stage is PENDING with a new job, the run RUNNING."""
-    await tx.update_stage(
+    await tx.stages.update(
         evolve(
             stage,
             {"status": StageStatus.PENDING, "next_poll_at": None, "job_id": None, "error": None},
@@ -77,6 +77,6 @@ async def wake(
     await enqueue_activation(deps, tx, run, wf, now, now)
     if run.status is RunStatus.SUSPENDED:
         # ``error`` of a live run is a version mismatch it was blocked by (versions.py).
-        await tx.update_run(
+        await tx.runs.update(
             evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
         )

@@ -73,10 +73,10 @@ async def start_child(
         for index, group in enumerate(wf.groups)
         for stage in group
     ]
-    await tx.insert_run(run)
-    await tx.insert_stages(stages)
+    await tx.runs.insert(run)
+    await tx.stages.insert_many(stages)
     await enqueue_stages(deps, tx, run, wf, [s for s in stages if s.execution_group == 0], now)
-    await tx.append_events(
+    await tx.outbox.append(
         [
             WorkflowCreated(
                 workflow_run_id=run.id,
@@ -103,7 +103,7 @@ async def run_ended(
     wf = deps.find_workflow(run.workflow_id, run.workflow_version)
     if wf is not None and wf.kind == "code":
         reason = f"parent run {run.id!r} ended {run.status.value}"
-        for entry in await tx.get_journal(run.id, status=JournalStatus.WAITING):
+        for entry in await tx.journal.entries(run.id, status=JournalStatus.WAITING):
             if entry.kind == "child":
                 child_id = str((entry.input or {}).get("child_run_id"))
                 await cancel_run(deps, tx, child_id, reason, now, causation_id)
@@ -124,17 +124,17 @@ async def cancel_run(
     compensations queued. ``False`` if it had already ended. (An execution of it running
     in this process is not signalled through ``ctx.cancelled``; its next commit finds the
     run cancelled and is discarded as a ghost.)"""
-    run = await tx.get_run(run_id, for_update=True)
+    run = await tx.runs.get(run_id, for_update=True)
     if run is None or run.status.terminal:
         return False
-    for stage in await tx.get_stages(run.id):
+    for stage in await tx.stages.for_run(run.id):
         if not stage.status.terminal:
-            await tx.update_stage(
+            await tx.stages.update(
                 evolve(stage, {"status": StageStatus.CANCELLED, "completed_at": now})
             )
     await deps.job_transport.cancel_by_run(tx, run.id)
     await compensate_on_cancel(deps, tx, run, now)  # a saga's compensations still run
-    run = await tx.update_run(
+    run = await tx.runs.update(
         evolve(
             run,
             {
@@ -145,7 +145,7 @@ async def cancel_run(
             },
         )
     )
-    await tx.append_events(
+    await tx.outbox.append(
         [
             WorkflowCancelled(
                 workflow_run_id=run.id, timestamp=now, causation_id=causation_id, reason=reason
@@ -160,12 +160,12 @@ async def _report_to_parent(
     deps: Deps, tx: Transaction, child: Run, now: datetime, causation_id: str | None
 ) -> None:
     assert child.parent_run_id is not None
-    parent = await tx.get_run(child.parent_run_id, for_update=True)
+    parent = await tx.runs.get(child.parent_run_id, for_update=True)
     if parent is None:
         return
     waiting = [
         e
-        for e in await tx.get_journal(parent.id, status=JournalStatus.WAITING)
+        for e in await tx.journal.entries(parent.id, status=JournalStatus.WAITING)
         if e.kind == "child" and (e.input or {}).get("child_run_id") == child.id
     ]
     if not waiting:
@@ -182,7 +182,7 @@ async def _report_to_parent(
     await write_entries(tx, [done], now)
     if parent.status.terminal:
         return  # the parent is ending and cancelling its children: nothing to wake
-    await tx.append_events(
+    await tx.outbox.append(
         [
             ChildFinished(
                 workflow_run_id=parent.id,
@@ -195,7 +195,7 @@ async def _report_to_parent(
             )
         ]
     )
-    stage = await tx.get_stage(parent.id, WORKFLOW_STAGE_ID)
+    stage = await tx.stages.get(parent.id, WORKFLOW_STAGE_ID)
     if stage is not None and stage.status is StageStatus.SUSPENDED:
         wf = deps.workflow(parent.workflow_id, parent.workflow_version)
         await wake(deps, tx, parent, stage, wf, now)

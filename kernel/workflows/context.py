@@ -118,6 +118,9 @@ class JournalWriter(Protocol):
     """How the context reaches storage; implemented by the executor, which checks on
     every commit that this execution still owns the run."""
 
+    paused: bool
+    """The run was paused when a commit last looked (``run.pause``): start no new step."""
+
     async def commit(
         self,
         entries: Sequence[JournalEntry],
@@ -138,6 +141,8 @@ class JournalWriter(Protocol):
 
 class _ClosedWriter:
     """The writer of a dropped parked body (``WorkflowContext.close``): refuses all."""
+
+    paused = False
 
     async def commit(self, *args: Any, **kwargs: Any) -> list[JournalEntry]:
         raise Interrupt("ghost")
@@ -622,6 +627,11 @@ class WorkflowContext:
             attempt = attempts + 1
             if self._pending:
                 await self._commit([])  # a step's side effects never precede what it saw
+            if self._writer.paused and kind == "step" and CURRENT_BRANCH.get() is None:
+                # Paused (handlers/lifecycle.py): the step in flight committed; this one
+                # does not start. The activation suspends; run.resume replays to here.
+                # (The arguments of one ctx.all / ctx.race start together.)
+                raise self._stop(Interrupt("suspend"))
             started = self._now()
             info = StepInfo(key, occurrence, attempt, ikey, self._cancelled)
             try:

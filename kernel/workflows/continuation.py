@@ -76,11 +76,11 @@ async def continue_run(
     ``tx`` (module docstring). Returns the activation's result: ``completed``, no output."""
     wf = _definition(deps, run.workflow_id, interrupt.version)
     new_id = deps.ids.new_id()
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(stage, {"status": StageStatus.COMPLETED, "output": None, "completed_at": now})
     )
     await deps.job_transport.complete(tx, job_id)
-    ended = await tx.update_run(
+    ended = await tx.runs.update(
         evolve(
             run,
             {
@@ -115,12 +115,12 @@ async def continue_run(
         for index, group in enumerate(wf.groups)
         for definition in group
     ]
-    await tx.insert_run(new)
-    await tx.insert_stages(stages)
+    await tx.runs.insert(new)
+    await tx.stages.insert_many(stages)
     await enqueue_stages(deps, tx, new, wf, [s for s in stages if s.execution_group == 0], now)
     await _move_messages(tx, run.id, new.id, now)
     await _carry_deadline(tx, run.id, new.id, now)
-    await tx.append_events(
+    await tx.outbox.append(
         [
             StageCompleted(
                 workflow_run_id=run.id,
@@ -172,20 +172,20 @@ def _definition(deps: Deps, workflow_id: str, version: str | None) -> WorkflowDe
 
 async def _move_messages(tx: Transaction, old_id: str, new_id: str, now: datetime) -> None:
     """Signals and updates the old run never consumed go to the new run, in order."""
-    for message in await tx.list_signals(old_id):
+    for message in await tx.inbox.for_run(old_id):
         if message.consumed_at is not None or message.id is None:
             continue
-        await tx.insert_signal(evolve(message, {"workflow_run_id": new_id, "id": None}))
-        await tx.consume_signal(message.id, now, f"{CONTINUED_AS}:{new_id}")
+        await tx.inbox.insert(evolve(message, {"workflow_run_id": new_id, "id": None}))
+        await tx.inbox.consume(message.id, now, f"{CONTINUED_AS}:{new_id}")
 
 
 async def _carry_deadline(tx: Transaction, old_id: str, new_id: str, now: datetime) -> None:
     """An execution timeout caps the logical workflow, not one run of it: the new run
     gets the old run's deadline (the old run's own timer is discarded when it falls due,
     as for any run that ended first)."""
-    for timer in await tx.pending_timers(old_id):
+    for timer in await tx.timers.pending(old_id):
         if timer.purpose == EXECUTION_TIMEOUT:
-            await tx.schedule_timer(
+            await tx.timers.schedule(
                 evolve(timer, {"workflow_run_id": new_id, "created_at": now, "id": None})
             )
 
@@ -193,10 +193,10 @@ async def _carry_deadline(tx: Transaction, old_id: str, new_id: str, now: dateti
 async def _repoint_parent(tx: Transaction, parent_id: str, old_id: str, new_id: str) -> None:
     """The parent waits for the logical child: its ``child`` entry now names the new run,
     whose end reports to it (the old run's end reports nothing)."""
-    await tx.get_run(parent_id, for_update=True)  # the lock order of a child's report
-    for entry in await tx.get_journal(parent_id, status=JournalStatus.WAITING):
+    await tx.runs.get(parent_id, for_update=True)  # the lock order of a child's report
+    for entry in await tx.journal.entries(parent_id, status=JournalStatus.WAITING):
         if entry.kind == "child" and (entry.input or {}).get("child_run_id") == old_id:
-            await tx.update_journal_entry(
+            await tx.journal.update(
                 evolve(entry, {"input": {**(entry.input or {}), "child_run_id": new_id}})
             )
 
@@ -207,7 +207,7 @@ async def current_run(tx: Transaction, run: Run, *, for_update: bool = False) ->
     read). Signals and updates sent to an old run id go there."""
     hops = 0
     while run.continued_as is not None and hops < MAX_FOLLOW:
-        nxt = await tx.get_run(run.continued_as, for_update=for_update)
+        nxt = await tx.runs.get(run.continued_as, for_update=for_update)
         if nxt is None:
             return run  # the continuation was purged: the old run answers as it is
         run, hops = nxt, hops + 1

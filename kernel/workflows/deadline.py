@@ -50,7 +50,7 @@ def forward_timers(timers: Sequence[Timer]) -> list[Timer]:
 
 async def request(tx: Transaction, run: Run, cap: timedelta, now: datetime) -> None:
     """At ``run.create``: remember this run's own execution timeout until it starts."""
-    await tx.schedule_timer(
+    await tx.timers.schedule(
         Timer(
             workflow_run_id=run.id,
             name=TIMER_NAME,
@@ -78,14 +78,14 @@ async def arm(
     if wf.kind != "code":
         return
     timeout = execution_timeout_of(wf)
-    for timer in await tx.pending_timers(run.id) if pending is None else pending:
+    for timer in await tx.timers.pending(run.id) if pending is None else pending:
         if timer.purpose == REQUESTED and isinstance(timer.payload, dict):
             seconds = timer.payload.get("seconds")
             if isinstance(seconds, int | float):
                 timeout = timedelta(seconds=seconds)
     if timeout is None:
         return
-    await tx.schedule_timer(
+    await tx.timers.schedule(
         Timer(
             workflow_run_id=run.id,
             name=TIMER_NAME,
@@ -99,4 +99,4 @@ async def arm(
 
 async def due(tx: Transaction, now: datetime, limit: int) -> list[Timer]:
     """The execution timeouts due at ``now`` (read in the poller's own transaction)."""
-    return await tx.due_timers(now, limit, purpose=EXECUTION_TIMEOUT)
+    return await tx.timers.due(now, limit, purpose=EXECUTION_TIMEOUT)

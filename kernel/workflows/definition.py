@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
 
-from treadle.kernel.definitions import StageDefinition, WorkflowDefinition, declared_schedule
+from treadle.kernel.definitions import (
+    StageDefinition,
+    WorkflowDefinition,
+    declared_schedule,
+    retention_of,
+)
 from treadle.kernel.errors import DefinitionError, NotSupportedError
 from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import to_duration
@@ -85,6 +90,7 @@ def workflow(
     concurrency_per_key: int | None = None,
     rate_limit: RateLimit | None = None,
     schedule: str | None = None,
+    retention: timedelta | float | None = None,
 ) -> Callable[[WorkflowFn], CodeWorkflowDefinition]:
     """Decorate ``async def body(ctx: WorkflowContext, input) -> output`` as a code
     workflow. ``signals`` optionally maps signal names to payload models, so that
@@ -96,7 +102,9 @@ def workflow(
     ``concurrency``, ``concurrency_per_key`` and ``rate_limit`` cap the runs that start
     (see ``kernel/flow_control.py``). ``schedule`` (a cron expression, UTC) declares a
     schedule of the same id that starts a run with no input at each fire time
-    (``define_schedule`` for a timezone, an input or other policies)."""
+    (``define_schedule`` for a timezone, an input or other policies). ``retention``
+    keeps the workflow's terminal runs that long before the maintenance tick purges them
+    (docs/lifecycle.md)."""
     if not id or not isinstance(id, str):
         raise DefinitionError("workflow: id must be a non-empty string")
     try:
@@ -106,6 +114,7 @@ def workflow(
         raise DefinitionError(str(exc)) from None
     deadline = _positive_timedelta(id, "execution_timeout", execution_timeout)
     schedules = declared_schedule(id, schedule)
+    keep = retention_of(id, retention)
 
     def wrap(fn: WorkflowFn) -> CodeWorkflowDefinition:
         if not inspect.iscoroutinefunction(fn):
@@ -142,6 +151,7 @@ def workflow(
             concurrency_per_key=concurrency_per_key,
             rate_limit=rate_limit,
             schedules=schedules,
+            retention=keep,
         )
 
     return wrap

@@ -92,6 +92,7 @@ class _Writer:
         self._scope = scope
         self._s = started
         self._worker_id = worker_id
+        self.paused = False
 
     async def owner(self, tx: Transaction) -> tuple[Run, StageRun] | None:
         """The run (locked) and stage if this execution still owns them, else ``None``.
@@ -100,9 +101,9 @@ class _Writer:
         if owned is not None:  # the three reads below in one round trip (SQL)
             run, stage, job = await owned(tx, self._s.job.id, self._s.run.id, WORKFLOW_STAGE_ID)
         else:
-            run = await tx.get_run(self._s.run.id, for_update=True)
+            run = await tx.runs.get(self._s.run.id, for_update=True)
             job = await self._deps.job_transport.get(tx, self._s.job.id)
-            stage = await tx.get_stage(self._s.run.id, WORKFLOW_STAGE_ID)
+            stage = await tx.stages.get(self._s.run.id, WORKFLOW_STAGE_ID)
         if not is_current(job, stage, run, self._s, self._worker_id):
             return None
         assert run is not None
@@ -125,14 +126,15 @@ class _Writer:
             owned = await self.owner(tx)
             if owned is None:
                 raise Interrupt("ghost")
+            self.paused = owned[0].paused
             await apply_attributes(tx, owned[0], entries, now)
             stored = await write_entries(tx, entries, now)
             for message_id, consumer in consume:
-                await tx.consume_signal(message_id, now, consumer)
+                await tx.inbox.consume(message_id, now, consumer)
             for message_id, reply in replies:
-                await tx.set_reply(message_id, reply)
+                await tx.inbox.set_reply(message_id, reply)
             if events:
-                await tx.append_events([evolve(e, {"causation_id": causation}) for e in events])
+                await tx.outbox.append([evolve(e, {"causation_id": causation}) for e in events])
             for spec in start_children:
                 await start_child(self._deps, tx, owned[0], spec, now, causation)
             for run_id in cancel_children:
@@ -146,7 +148,7 @@ class _Writer:
 
     async def peek_message(self, kind: str, name: str) -> InboxMessage | None:
         async with self._deps.persistence.transaction() as tx:
-            return await tx.next_signal(self._s.run.id, name, kind=kind)
+            return await tx.inbox.next_message(self._s.run.id, name, kind=kind)
 
 
 _Ended = tuple[JsonValue, BaseException | None, SagaOutcome | None]
@@ -221,7 +223,7 @@ async def _open(
     if held is not None:
         async with deps.persistence.transaction() as tx:
             try:
-                fresh = await tx.get_journal(s.run.id, from_position=held.ctx.parked_at)
+                fresh = await tx.journal.entries(s.run.id, from_position=held.ctx.parked_at)
             except PayloadMissingError as exc:  # as below: the run fails with it
                 fresh, lost = [], exc
         held.ctx.resume(writer, token, wf.step_overrides, fresh)
@@ -232,7 +234,7 @@ async def _open(
     else:
         async with deps.persistence.transaction() as tx:
             try:
-                journal = await tx.get_journal(s.run.id)
+                journal = await tx.journal.entries(s.run.id)
             except PayloadMissingError as exc:  # a recorded value's blob is gone
                 journal, lost = [], exc
     ctx = WorkflowContext(
@@ -366,8 +368,8 @@ async def _defer_compensations(
     result = await _requeue(deps, tx, s, run, stage, at, now, error=message)
     if message not in (run.error or ""):
         note = f"{run.error}; {message}" if run.error else message
-        await tx.update_run(evolve(run, {"error": note, "updated_at": now}))
-        await tx.append_events([mismatch_event(run, s.wf, message, now, scope.causation_id)])
+        await tx.runs.update(evolve(run, {"error": note, "updated_at": now}))
+        await tx.outbox.append([mismatch_event(run, s.wf, message, now, scope.causation_id)])
     return result
 
 
@@ -431,7 +433,7 @@ async def _commit_pending(
     run = await apply_attributes(tx, run, ctx.pending, now)
     stored = await write_entries(tx, ctx.pending, now)
     if ctx.pending_events:
-        await tx.append_events(
+        await tx.outbox.append(
             [evolve(e, {"causation_id": scope.causation_id}) for e in ctx.pending_events]
         )
     ctx.committed(stored)  # a parked body goes on from here (sticky execution)
@@ -469,17 +471,17 @@ async def _finish_compensating(
         else:
             if outcome is not None:
                 note = outcome.describe()
-                await tx.append_events([outcome.event(run.id, now, scope.causation_id)])
+                await tx.outbox.append([outcome.event(run.id, now, scope.causation_id)])
             else:  # the replay itself failed (non-determinism): nothing can be undone
                 note = "not compensated: " + describe_exception(error or Exception("unknown"))
-            await tx.update_stage(
+            await tx.stages.update(
                 evolve(
                     stage,
                     {"status": StageStatus.CANCELLED, "completed_at": now, "job_id": None},
                 )
             )
             reason = f"{run.error}; {note}" if run.error else note
-            await tx.update_run(evolve(run, {"error": reason, "updated_at": now}))
+            await tx.runs.update(evolve(run, {"error": reason, "updated_at": now}))
             result = c.JobExecuteResult(
                 outcome="failed", workflow_run_id=run.id, stage_id=stage.stage_id, error=reason
             )
@@ -497,7 +499,7 @@ async def _commit_completed(
     output: JsonValue,
     now: datetime,
 ) -> c.JobExecuteResult:
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(
             stage,
             {"status": StageStatus.COMPLETED, "output": output, "completed_at": now},
@@ -541,7 +543,7 @@ async def _commit_failed(
     message = describe_exception(error)
     if outcome is not None:
         message = f"{message}; {outcome.describe()}"
-        await tx.append_events([outcome.event(run.id, now, scope.causation_id)])
+        await tx.outbox.append([outcome.event(run.id, now, scope.causation_id)])
     stage = await fail_stage_for_good(
         deps,
         tx,
@@ -578,9 +580,9 @@ async def _commit_waits(
     await deps.job_transport.complete(tx, s.job.id)
     if resume_at is not None:
         return await _requeue(deps, tx, s, run, stage, resume_at, now)
-    timers = forward_timers(await tx.pending_timers(run.id))
+    timers = forward_timers(await tx.timers.pending(run.id))
     next_poll = timers[0].fire_at if timers else None
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(
             stage,
             {
@@ -591,8 +593,9 @@ async def _commit_waits(
             },
         )
     )
+    waiting_for = describe_waits(waits) if waits else ("paused" if run.paused else None)
     await apply_transition(
-        deps, tx, run, [stage], s.wf, now, scope.causation_id, waiting_for=describe_waits(waits)
+        deps, tx, run, [stage], s.wf, now, scope.causation_id, waiting_for=waiting_for
     )
     return _suspended_result(run, stage, next_poll)
 
@@ -610,7 +613,7 @@ async def _requeue(
     """Hand the body to a new activation job available from ``at`` instead of timers: the
     stage waits PENDING for it (a short backoff, a message that came while the body
     unwound, a cancelled run's compensations to retry)."""
-    await tx.update_stage(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
+    await tx.stages.update(evolve(stage, {"status": StageStatus.PENDING, "job_id": None}))
     await enqueue_activation(deps, tx, run, s.wf, at, now)
     return _suspended_result(run, stage, at, error)
 
@@ -638,7 +641,7 @@ async def _record_wait(
     causation_id: str | None = None,
 ) -> datetime | None:
     """Journal one wait; returns when to run again without a timer, if so."""
-    entry = await tx.get_journal_entry(run_id, wait.name, wait.occurrence)
+    entry = await tx.journal.get(run_id, wait.name, wait.occurrence)
     if wait.kind == "child":  # the child's end completes the entry and wakes the run
         ended = entry is not None and entry.status is not JournalStatus.WAITING
         return now if ended else None  # ... unless it ended while the body was unwinding
@@ -650,13 +653,13 @@ async def _record_wait(
         return None
     if wait.kind in ("signal", "update"):
         assert wait.signal is not None
-        message = await tx.next_signal(run_id, wait.signal, kind=wait.kind)
+        message = await tx.inbox.next_message(run_id, wait.signal, kind=wait.kind)
         if message is not None:  # arrived while the body was unwinding: take it now
             assert message.id is not None
             done = _waiting(run_id, wait, now, entry, JournalStatus.COMPLETED)
             done = evolve(done, {"result": message_result(message), "completed_at": now})
             await write_entries(tx, [done], now)
-            await tx.consume_signal(message.id, now, f"{wait.name}#{wait.occurrence}")
+            await tx.inbox.consume(message.id, now, f"{wait.name}#{wait.occurrence}")
             return now
     if entry is None:
         await write_entries(tx, [_waiting(run_id, wait, now, None, JournalStatus.WAITING)], now)
@@ -665,7 +668,7 @@ async def _record_wait(
             await _schedule(tx, run_id, wait, purpose, now)
         if wait.kind == "review":
             details = wait.details or {}
-            await tx.append_events(
+            await tx.outbox.append(
                 [
                     ReviewRequested(
                         workflow_run_id=run_id,
@@ -705,7 +708,7 @@ def _waiting(
 
 async def _schedule(tx: Transaction, run_id: str, wait: Wait, purpose: str, now: datetime) -> None:
     assert wait.until is not None
-    await tx.schedule_timer(
+    await tx.timers.schedule(
         Timer(
             workflow_run_id=run_id,
             name=wait.name,

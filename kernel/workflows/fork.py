@@ -107,7 +107,7 @@ async def fork_run(
         # miss the other's record.
         source = await load_run(tx, run_id)
         if idempotency_key is not None:
-            record = await tx.get_idempotency(idempotency_key, FORK_OPERATION)
+            record = await tx.idempotency.get(idempotency_key, FORK_OPERATION)
             if record is not None and record.state is IdempotencyState.COMPLETED:
                 return ForkResult.model_validate(record.result)
         wf = deps.workflow(source.workflow_id)
@@ -116,7 +116,7 @@ async def fork_run(
                 f"fork applies to code workflows; run {source.id!r} is a stage pipeline "
                 f"({wf.id!r}): use rerun_from(run_id, stage_id) instead"
             )
-        journal = await tx.get_journal(source.id)
+        journal = await tx.journal.entries(source.id)
         cut = _cut(journal, source, from_step)
         reused = [e for e in journal if e.position < cut.position]
         for entry in reused:
@@ -147,8 +147,8 @@ async def fork_run(
             created_at=now,
             updated_at=now,
         )
-        await tx.insert_run(run)
-        await tx.insert_stages(
+        await tx.runs.insert(run)
+        await tx.stages.insert_many(
             [
                 StageRun(workflow_run_id=run.id, stage_id=stage.id, execution_group=index)
                 for index, group in enumerate(wf.groups)
@@ -156,7 +156,7 @@ async def fork_run(
             ]
         )
         await _copy_entries(tx, source.id, run.id, reused)
-        await tx.append_events(
+        await tx.outbox.append(
             [
                 WorkflowCreated(
                     workflow_run_id=run.id,
@@ -176,7 +176,7 @@ async def fork_run(
             copied_entries=len(reused),
         )
         if idempotency_key is not None:
-            await tx.put_idempotency(
+            await tx.idempotency.put(
                 IdempotencyRecord(
                     key=idempotency_key,
                     command_type=FORK_OPERATION,
@@ -193,7 +193,7 @@ async def _copy_entries(
 ) -> None:
     """Insert ``entries`` into the fork's journal, with the inbox messages they consumed
     copied into its inbox and their ``message_id`` pointing at the copies."""
-    inbox: dict[int | None, InboxMessage] = {m.id: m for m in await tx.list_signals(source_id)}
+    inbox: dict[int | None, InboxMessage] = {m.id: m for m in await tx.inbox.for_run(source_id)}
     answered = {
         e.result.get("update_id")
         for e in entries
@@ -204,7 +204,7 @@ async def _copy_entries(
         if isinstance(result, dict) and isinstance(result.get("message_id"), int):
             message = inbox.get(result["message_id"])
             if message is not None:
-                stored = await tx.insert_signal(
+                stored = await tx.inbox.insert(
                     evolve(
                         message,
                         {
@@ -219,7 +219,7 @@ async def _copy_entries(
                     )
                 )
                 result["message_id"] = stored.id
-        await tx.insert_journal_entry(
+        await tx.journal.insert(
             evolve(
                 entry,
                 {

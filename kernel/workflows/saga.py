@@ -147,16 +147,16 @@ async def adopt_registrations(
     journal lacks the registrations."""
     if not any(e.kind == "compensation" for e in pending):
         return False
-    run = await tx.get_run(run_id, for_update=True)
-    stage = await tx.get_stage(run_id, WORKFLOW_STAGE_ID)
+    run = await tx.runs.get(run_id, for_update=True)
+    stage = await tx.stages.get(run_id, WORKFLOW_STAGE_ID)
     if run is None or stage is None or run.status is not RunStatus.CANCELLED:
         return False
     if stage.status is not StageStatus.CANCELLED:
         return False
-    taken = {e.position for e in await tx.get_journal(run_id)}
+    taken = {e.position for e in await tx.journal.entries(run_id)}
     for entry in pending:
         if entry.id is None and entry.position not in taken:
-            await tx.insert_journal_entry(entry)
+            await tx.journal.insert(entry)
     return await compensate_on_cancel(deps, tx, run, now)
 
 
@@ -167,12 +167,12 @@ async def compensate_on_cancel(deps: Deps, tx: Transaction, run: Run, now: datet
     wf = deps.find_workflow(run.workflow_id, run.workflow_version)
     if wf is None or wf.kind != "code":
         return False
-    if not has_pending_compensations(await tx.get_journal(run.id)):
+    if not has_pending_compensations(await tx.journal.entries(run.id)):
         return False
-    stage = await tx.get_stage(run.id, WORKFLOW_STAGE_ID)
+    stage = await tx.stages.get(run.id, WORKFLOW_STAGE_ID)
     if stage is None:
         return False
-    await tx.update_stage(
+    await tx.stages.update(
         evolve(
             stage,
             {

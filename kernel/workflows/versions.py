@@ -76,7 +76,7 @@ async def block(
     recorded when the run becomes blocked, not on every re-check."""
     message = describe_exception(error)
     first = stage.error != message or run.error != message
-    stage = await tx.update_stage(
+    stage = await tx.stages.update(
         evolve(
             stage,
             {
@@ -100,10 +100,10 @@ async def block(
                 waiting_for=f"a worker with version {run.workflow_version!r}",
             )
         )
-    await tx.update_run(
+    await tx.runs.update(
         evolve(run, {"status": RunStatus.SUSPENDED, "error": message, "updated_at": now})
     )
-    await tx.append_events(events)
+    await tx.outbox.append(events)
     deps.logger.warning(
         "workflow.version_mismatch",
         run_id=run.id,

@@ -16,6 +16,7 @@ def test_help_lists_every_command(invoke: Invoke) -> None:
     for name in (
         "migrate", "worker", "tick", "start", "signal", "cancel", "rerun", "fork",
         "runs", "events", "doctor", "demo", "query", "update", "review",
+        "pause", "resume", "terminate", "purge",
     ):  # fmt: skip
         assert name in result.stdout
 

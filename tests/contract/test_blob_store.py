@@ -113,3 +113,16 @@ async def test_unusual_keys_are_plain_strings(blob_store: Any) -> None:
         assert await blob_store.get(key) == str(i).encode()
     assert await blob_store.list() == sorted(keys)
     assert await blob_store.list("a") == ["a.b", "a//b"]
+
+
+async def test_delete_prefixes_deletes_exactly_the_keys_under_them(blob_store: Any) -> None:
+    """``delete_prefixes`` (``BlobRetention``, retention's bulk delete) removes the keys
+    that start with a prefix, case-sensitively, and no key that merely shares its
+    beginning (``runs/r1/`` is not ``runs/r10/``); it counts what it deleted."""
+    for key in [*KEYS, "RUNS/r1/upper", "runs/r1_x/input", "runs/r1%/input"]:
+        await blob_store.put(key, b"x")
+    assert await blob_store.delete_prefixes(["runs/r1/", "payloads/"]) == 3
+    assert await blob_store.delete_prefixes([]) == 0
+    assert await blob_store.list() == sorted(
+        ["RUNS/r1/upper", "runs/r1%/input", "runs/r10/input", "runs/r1_x/input", "runs/r2/input"]
+    )

@@ -106,8 +106,8 @@ async def seed_runs(backend: Any, count: int) -> list[Run]:
     ]
     async with backend.persistence.transaction() as tx:
         for run in runs:
-            await tx.insert_run(run)
-        await tx.insert_stages(
+            await tx.runs.insert(run)
+        await tx.stages.insert_many(
             [StageRun(workflow_run_id=run.id, stage_id="s", execution_group=0) for run in runs]
         )
     return runs
@@ -116,12 +116,12 @@ async def seed_runs(backend: Any, count: int) -> list[Run]:
 async def test_update_stages_of_many_rows_keeps_every_value(backend: Any) -> None:
     runs = await seed_runs(backend, MANY)
     async with backend.persistence.transaction() as tx:
-        stages = await tx.get_stages_of([run.id for run in runs])
+        stages = await tx.stages.for_runs([run.id for run in runs])
         changed = [evolve(stages[run.id][0], edge_stage(run.id, i)) for i, run in enumerate(runs)]
-        new = await tx.update_stages(changed[::-1])  # not in key order
+        new = await tx.stages.update_many(changed[::-1])  # not in key order
     assert new == [evolve(s, {"version": 1}) for s in changed[::-1]]
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_stages_of([run.id for run in runs])
+        got = await tx.stages.for_runs([run.id for run in runs])
     assert [got[run.id] for run in runs] == [[stored_stage(s)] for s in new[::-1]]
 
 
@@ -130,15 +130,15 @@ async def test_update_stages_of_many_rows_with_one_stale_names_it_and_writes_non
 ) -> None:
     runs = await seed_runs(backend, MANY)
     async with backend.persistence.transaction() as tx:
-        stages = [group[0] for group in (await tx.get_stages_of([r.id for r in runs])).values()]
-        await tx.update_stage(evolve(stages[137], {"attempt": 9}))
+        stages = [group[0] for group in (await tx.stages.for_runs([r.id for r in runs])).values()]
+        await tx.stages.update(evolve(stages[137], {"attempt": 9}))
     changed = [evolve(s, edge_stage(s.workflow_run_id, i + 1)) for i, s in enumerate(stages)]
     with pytest.raises(ConcurrencyError, match="'r0137'") as raised:
         async with backend.persistence.transaction() as tx:
-            await tx.update_stages(changed)
+            await tx.stages.update_many(changed)
     assert "'r0136'" not in str(raised.value)
     async with backend.persistence.transaction() as tx:
-        after = await tx.get_stages_of([r.id for r in runs])
+        after = await tx.stages.for_runs([r.id for r in runs])
     assert [group[0].version for group in after.values()].count(0) == MANY - 1
 
 
@@ -168,10 +168,10 @@ async def test_update_runs_of_many_rows_keeps_every_value(backend: Any) -> None:
         for i, run in enumerate(runs)
     ]
     async with backend.persistence.transaction() as tx:
-        new = await tx.update_runs(changed)
+        new = await tx.runs.update_many(changed)
     assert [r.version for r in new] == [1] * MANY
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_runs([run.id for run in runs])
+        got = await tx.runs.get_many([run.id for run in runs])
     times = ("created_at", "started_at", "completed_at", "updated_at")
     expected = [evolve(r, {k: as_utc(getattr(r, k)) for k in times}) for r in new]
     assert [got[run.id] for run in runs] == expected
@@ -191,10 +191,10 @@ async def test_append_events_of_many_rows_numbers_and_keeps_them(backend: Any) -
         for i in range(MANY)
     ]
     async with backend.persistence.transaction() as tx:
-        stored = await tx.append_events(events)
+        stored = await tx.outbox.append(events)
     async with backend.persistence.transaction() as tx:
-        by_run = {f"r{k}": await tx.events_for_run(f"r{k}") for k in range(7)}
-        pending = await tx.unpublished_events(limit=MANY + 1)
+        by_run = {f"r{k}": await tx.outbox.events_for_run(f"r{k}") for k in range(7)}
+        pending = await tx.outbox.unpublished(limit=MANY + 1)
     for run_id, got in by_run.items():
         assert [e.sequence for e in got] == list(range(1, len(got) + 1))
         assert got == [e for e in stored if e.workflow_run_id == run_id]
@@ -245,9 +245,9 @@ async def test_put_idempotency_many_of_many_records_keeps_every_value(backend: A
         for i in range(MANY)
     ]
     async with backend.persistence.transaction() as tx:
-        await tx.put_idempotency_many(records[::-1])
+        await tx.idempotency.put_many(records[::-1])
     async with backend.persistence.transaction() as tx:
-        got = [await tx.get_idempotency(r.key, r.command_type) for r in records]
+        got = [await tx.idempotency.get(r.key, r.command_type) for r in records]
     assert got == [r.model_copy(update={"started_at": as_utc(r.started_at)}) for r in records]
 
 
@@ -272,13 +272,13 @@ def edge_run(i: int) -> Run:
 async def test_insert_runs_of_many_rows_keeps_every_value(backend: Any) -> None:
     runs = [edge_run(i) for i in range(MANY)]
     async with backend.persistence.transaction() as tx:
-        await tx.insert_runs(runs)
+        await tx.runs.insert_many(runs)
     times = ("created_at", "started_at", "completed_at", "updated_at")
     expected = [evolve(r, {k: as_utc(getattr(r, k)) for k in times}) for r in runs]
     keyed = [r for r in expected if r.idempotency_key is not None]
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_runs([run.id for run in runs])
-        by_key = await tx.find_runs_by_keys([(r.workflow_id, r.idempotency_key) for r in keyed])
+        got = await tx.runs.get_many([run.id for run in runs])
+        by_key = await tx.runs.find_by_keys([(r.workflow_id, r.idempotency_key) for r in keyed])
     assert [got[run.id] for run in runs] == expected
     assert by_key == {(r.workflow_id, r.idempotency_key): r for r in keyed}
 
@@ -300,13 +300,13 @@ async def test_insert_stages_of_many_rows_keeps_every_value(backend: Any, fresh:
         for i in range(MANY)
     ]
     async with backend.persistence.transaction() as tx:
-        await tx.insert_runs(runs)
+        await tx.runs.insert_many(runs)
         if fresh:
-            await tx.insert_stages(stages)
+            await tx.stages.insert_many(stages)
     if not fresh:
         async with backend.persistence.transaction() as tx:
-            await tx.insert_stages(stages)
+            await tx.stages.insert_many(stages)
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_stages_of([run.id for run in runs])
+        got = await tx.stages.for_runs([run.id for run in runs])
     for run in runs:
         assert got[run.id] == [stored_stage(s) for s in stages if s.workflow_run_id == run.id]

@@ -69,7 +69,7 @@ async def test_enqueue_joins_the_callers_transaction(backend: Any) -> None:
     async def enqueue_then_fail() -> None:
         async with p.transaction() as tx:
             await backend.job_transport.enqueue(tx, [make_job("j1")])
-            await tx.insert_run(Run(id="r1", workflow_id="wf", created_at=T0, updated_at=T0))
+            await tx.runs.insert(Run(id="r1", workflow_id="wf", created_at=T0, updated_at=T0))
             assert await backend.job_transport.get(tx, "j1") is not None
             raise BoomError
 
@@ -518,16 +518,16 @@ async def test_get_owned_agrees_with_the_three_reads(backend: Any) -> None:
     )
     stage = StageRun(workflow_run_id="r1", stage_id="workflow", execution_group=0)
     async with backend.persistence.transaction() as tx:
-        await tx.insert_run(run)
-        await tx.insert_stages([stage])
-        stored = await tx.get_stage("r1", "workflow")
-        await tx.update_stage(stored.model_copy(update={"output": {"n": [1, 2]}}))
+        await tx.runs.insert(run)
+        await tx.stages.insert_many([stage])
+        stored = await tx.stages.get("r1", "workflow")
+        await tx.stages.update(stored.model_copy(update={"output": {"n": [1, 2]}}))
     await enqueue(backend, make_job("j1"))
     await backend.job_transport.dequeue("w1", T0)
     async with backend.persistence.transaction() as tx:
         expected = (
-            await tx.get_run("r1"),
-            await tx.get_stage("r1", "workflow"),
+            await tx.runs.get("r1"),
+            await tx.stages.get("r1", "workflow"),
             await backend.job_transport.get(tx, "j1"),
         )
         assert await owned(tx, "j1", "r1", "workflow") == expected

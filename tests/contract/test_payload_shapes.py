@@ -85,9 +85,9 @@ def _stage(i: int, shape: Any) -> StageRun:
 async def _seed(backend: Any, *, stages: bool = False) -> None:
     async with backend.persistence.transaction() as tx:
         for i, shape in enumerate(SHAPES):
-            await tx.insert_run(_run(i, shape))
+            await tx.runs.insert(_run(i, shape))
         if stages:
-            await tx.insert_stages([_stage(i, shape) for i, shape in enumerate(SHAPES)])
+            await tx.stages.insert_many([_stage(i, shape) for i, shape in enumerate(SHAPES)])
 
 
 def _by_id(runs: Any) -> dict[str, Any]:
@@ -101,12 +101,12 @@ async def test_run_input_and_output_shaped_like_references_round_trip(offloading
     await _seed(backend)
     ids = [f"r{i}" for i in range(len(SHAPES))]
     async with backend.persistence.transaction() as tx:
-        single = [await tx.get_run(run_id) for run_id in ids]
-        keyed = [await tx.find_run_by_key("wf", f"key-{i}") for i in range(len(SHAPES))]
-        many = await tx.get_runs(ids)
-        listed = _by_id(await tx.list_runs(RunFilter(limit=100)))
-        inactive = _by_id(await tx.runs_inactive_since(RunStatus.PENDING, T0 + timedelta(1), 99))
-        claimed = _by_id(await tx.claim_pending_runs(100))
+        single = [await tx.runs.get(run_id) for run_id in ids]
+        keyed = [await tx.runs.find_by_key("wf", f"key-{i}") for i in range(len(SHAPES))]
+        many = await tx.runs.get_many(ids)
+        listed = _by_id(await tx.runs.query(RunFilter(limit=100)))
+        inactive = _by_id(await tx.runs.inactive_since(RunStatus.PENDING, T0 + timedelta(1), 99))
+        claimed = _by_id(await tx.runs.claim_pending(100))
     for i, shape in enumerate(SHAPES):
         for got in (single[i], keyed[i], many[f"r{i}"], listed[f"r{i}"]):
             assert got is not None
@@ -115,17 +115,17 @@ async def test_run_input_and_output_shaped_like_references_round_trip(offloading
             assert (got.input, got.output) == (shape, shape), got.id
 
     async with backend.persistence.transaction() as tx:  # written back as read
-        runs = await tx.get_runs(ids, for_update=True)
+        runs = await tx.runs.get_many(ids, for_update=True)
         first, *rest = (runs[run_id] for run_id in ids)
-        await tx.update_run(evolve(first, {"status": RunStatus.RUNNING}))
+        await tx.runs.update(evolve(first, {"status": RunStatus.RUNNING}))
         # Outputs rotated: each run's output now holds another shape.
         rotated = [
             evolve(run, {"output": SHAPES[(i + 2) % len(SHAPES)]})
             for i, run in enumerate(rest, start=1)
         ]
-        await tx.update_runs(rotated)
+        await tx.runs.update_many(rotated)
     async with backend.persistence.transaction() as tx:
-        again = await tx.get_runs(ids)
+        again = await tx.runs.get_many(ids)
     assert again["r0"].status is RunStatus.RUNNING
     assert (again["r0"].input, again["r0"].output) == (SHAPES[0], SHAPES[0])
     for i in range(1, len(SHAPES)):
@@ -140,26 +140,26 @@ async def test_stage_payloads_shaped_like_references_round_trip(offloading: Any)
     await _seed(backend, stages=True)
     ids = [f"r{i}" for i in range(len(SHAPES))]
     async with backend.persistence.transaction() as tx:
-        single = [await tx.get_stage(run_id, "s") for run_id in ids]
-        per_run = [(await tx.get_stages(run_id))[0] for run_id in ids]
-        many = await tx.get_stages_of(ids)
-        due = {s.workflow_run_id: s for s in await tx.due_suspended_stages(T0, 100)}
+        single = [await tx.stages.get(run_id, "s") for run_id in ids]
+        per_run = [(await tx.stages.for_run(run_id))[0] for run_id in ids]
+        many = await tx.stages.for_runs(ids)
+        due = {s.workflow_run_id: s for s in await tx.stages.due_suspended(T0, 100)}
     for i, shape in enumerate(SHAPES):
         for got in (single[i], per_run[i], many[f"r{i}"][0], due[f"r{i}"]):
             assert got is not None
             assert (got.output, got.suspended_state, got.resume_state) == (shape, shape, shape)
 
     async with backend.persistence.transaction() as tx:
-        stages = [s[0] for s in (await tx.get_stages_of(ids)).values()]
-        await tx.update_stage(evolve(stages[0], {"attempt": 1}))
-        await tx.update_stages(
+        stages = [s[0] for s in (await tx.stages.for_runs(ids)).values()]
+        await tx.stages.update(evolve(stages[0], {"attempt": 1}))
+        await tx.stages.update_many(
             [
                 evolve(stage, {"output": SHAPES[(i + 3) % len(SHAPES)], "attempt": 2})
                 for i, stage in enumerate(stages[1:], start=1)
             ]
         )
     async with backend.persistence.transaction() as tx:
-        again = {run_id: s[0] for run_id, s in (await tx.get_stages_of(ids)).items()}
+        again = {run_id: s[0] for run_id, s in (await tx.stages.for_runs(ids)).items()}
     assert (again["r0"].attempt, again["r0"].output) == (1, SHAPES[0])
     for i in range(1, len(SHAPES)):
         stage = again[f"r{i}"]
@@ -187,11 +187,11 @@ async def test_journal_and_inbox_values_shaped_like_references_round_trip(
                 result=shape,
                 created_at=T0,
             )
-            await tx.insert_journal_entry(entry)
-            await tx.insert_signal(
+            await tx.journal.insert(entry)
+            await tx.inbox.insert(
                 InboxMessage(workflow_run_id=f"r{i}", name="sig", payload=shape, created_at=T0)
             )
-            update = await tx.insert_signal(
+            update = await tx.inbox.insert(
                 InboxMessage(
                     workflow_run_id=f"r{i}",
                     kind="update",
@@ -202,22 +202,22 @@ async def test_journal_and_inbox_values_shaped_like_references_round_trip(
                 )
             )
             assert update.id is not None
-            await tx.set_reply(update.id, shape)
+            await tx.inbox.set_reply(update.id, shape)
     for i, shape in enumerate(SHAPES):
         run_id = f"r{i}"
         async with backend.persistence.transaction() as tx:
-            (entry,) = await tx.get_journal(run_id)
+            (entry,) = await tx.journal.entries(run_id)
             assert entry.result == shape
             assert entry.input == (shape if isinstance(shape, dict) else None)
-            one = await tx.get_journal_entry(run_id, "step", 1)
+            one = await tx.journal.get(run_id, "step", 1)
             assert one is not None
-            await tx.update_journal_entry(
+            await tx.journal.update(
                 evolve(one, {"status": JournalStatus.COMPLETED, "result": SHAPES[-1 - i]})
             )
-            latest = await tx.latest_journal_entry(run_id, "step")
-            signal = await tx.next_signal(run_id, "sig")
-            answered = await tx.find_update(run_id, f"u{i}")
-            inbox = await tx.list_signals(run_id)
+            latest = await tx.journal.latest(run_id, "step")
+            signal = await tx.inbox.next_message(run_id, "sig")
+            answered = await tx.inbox.find_update(run_id, f"u{i}")
+            inbox = await tx.inbox.for_run(run_id)
         assert latest is not None
         assert latest.result == SHAPES[-1 - i]
         assert signal is not None
@@ -244,9 +244,9 @@ async def test_idempotency_results_and_events_shaped_like_references_round_trip(
         for i, shape in enumerate(SHAPES)
     ]
     async with backend.persistence.transaction() as tx:
-        await tx.put_idempotency(records[0])
-        await tx.put_idempotency_many(records[1:])
-        await tx.append_events(
+        await tx.idempotency.put(records[0])
+        await tx.idempotency.put_many(records[1:])
+        await tx.outbox.append(
             [
                 event
                 for i, shape in enumerate(SHAPES)
@@ -260,9 +260,9 @@ async def test_idempotency_results_and_events_shaped_like_references_round_trip(
             ]
         )
     async with backend.persistence.transaction() as tx:
-        results = [(await tx.get_idempotency(f"k{i}", "run.update")) for i in range(len(SHAPES))]
-        per_run = [await tx.events_for_run(f"r{i}") for i in range(len(SHAPES))]
-        outbox = await tx.unpublished_events(1_000)
+        results = [(await tx.idempotency.get(f"k{i}", "run.update")) for i in range(len(SHAPES))]
+        per_run = [await tx.outbox.events_for_run(f"r{i}") for i in range(len(SHAPES))]
+        outbox = await tx.outbox.unpublished(1_000)
     assert results == records
     for i, shape in enumerate(SHAPES):
         signal, replied, completed = per_run[i]
@@ -282,7 +282,7 @@ async def test_a_forged_reference_to_another_runs_data_reads_back_verbatim(
     artifact = f"runs/victim/stages/s/artifacts/{'a' * 8}"
     await backend.blob_store.put(artifact, json.dumps(secret).encode())
     async with backend.persistence.transaction() as tx:
-        await tx.insert_run(
+        await tx.runs.insert(
             Run(id="victim", workflow_id="wf", input=secret, created_at=T0, updated_at=T0)
         )
     keys = await backend.blob_store.list("payloads/")
@@ -293,22 +293,22 @@ async def test_a_forged_reference_to_another_runs_data_reads_back_verbatim(
     ]
     async with backend.persistence.transaction() as tx:
         for i, value in enumerate(forged):
-            await tx.insert_run(
+            await tx.runs.insert(
                 Run(id=f"thief{i}", workflow_id="wf", input=value, created_at=T0, updated_at=T0)
             )
-            await tx.insert_stages(
+            await tx.stages.insert_many(
                 [StageRun(workflow_run_id=f"thief{i}", stage_id="s", execution_group=0)]
             )
-            await tx.update_stages(
+            await tx.stages.update_many(
                 [
                     evolve(s, {"output": value, "status": StageStatus.COMPLETED})
-                    for s in await tx.get_stages(f"thief{i}")
+                    for s in await tx.stages.for_run(f"thief{i}")
                 ]
             )
     async with backend.persistence.transaction() as tx:
-        got = await tx.get_runs(["thief0", "thief1"])
-        stages = await tx.get_stages_of(["thief0", "thief1"])
-        victim = await tx.get_run("victim")
+        got = await tx.runs.get_many(["thief0", "thief1"])
+        stages = await tx.stages.for_runs(["thief0", "thief1"])
+        victim = await tx.runs.get("victim")
     assert [got[f"thief{i}"].input for i in range(2)] == forged
     assert [stages[f"thief{i}"][0].output for i in range(2)] == forged
     assert victim is not None

@@ -171,7 +171,7 @@ def _event_types(db: str, run_id: str) -> list[str]:
         async with await Engine.open(db, workflows=WORKFLOWS) as engine:
             assert engine.backend is not None
             async with engine.backend.persistence.transaction() as tx:
-                return [e.type for e in await tx.events_for_run(run_id)]
+                return [e.type for e in await tx.outbox.events_for_run(run_id)]
 
     return asyncio.run(go())
 
@@ -184,7 +184,7 @@ def _jobs(handler: LambdaHandler) -> list[Job]:
     async def go() -> list[Job]:
         jobs = []
         async with persistence.transaction() as tx:
-            for run in await tx.list_runs(_all_runs()):
+            for run in await tx.runs.query(_all_runs()):
                 jobs.extend(await transport.live_jobs(tx, run.id))
         return jobs
 

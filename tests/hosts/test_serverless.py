@@ -89,7 +89,7 @@ def _jobs(backend: Backend) -> dict[str, Any]:
 
 async def _events(backend: Backend, run_id: str) -> list[str]:
     async with backend.persistence.transaction() as tx:
-        return [e.type for e in await tx.events_for_run(run_id)]
+        return [e.type for e in await tx.outbox.events_for_run(run_id)]
 
 
 def test_parse_message_accepts_the_documented_forms() -> None:

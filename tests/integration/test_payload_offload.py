@@ -148,8 +148,8 @@ async def test_rollback_leaves_no_row_and_no_blob(database_url: str) -> None:
 
     async def insert_then_fail() -> None:
         async with persistence.transaction() as tx:
-            await tx.insert_run(run)
-            assert await tx.get_run(run.id) is not None  # visible inside, offloaded
+            await tx.runs.insert(run)
+            assert await tx.runs.get(run.id) is not None  # visible inside, offloaded
             raise RuntimeError("abort")
 
     try:
@@ -160,9 +160,9 @@ async def test_rollback_leaves_no_row_and_no_blob(database_url: str) -> None:
         assert await _raw(engine, sa.select(t.blobs.c.key)) == []
 
         async with persistence.transaction() as tx:  # the same write, committed, works
-            await tx.insert_run(run)
+            await tx.runs.insert(run)
         async with persistence.transaction() as tx:
-            stored = await tx.get_run(run.id)
+            stored = await tx.runs.get(run.id)
         assert stored is not None
         assert stored.input == run.input
         assert len(await engine.backend.blob_store.list("payloads/")) == 1
@@ -221,36 +221,36 @@ async def test_set_oriented_reads_and_updates_offload_like_the_single_row_ones(
     try:
         async with persistence.transaction() as tx:
             for run in runs:
-                await tx.insert_run(run)
-            await tx.insert_stages(
+                await tx.runs.insert(run)
+            await tx.stages.insert_many(
                 [StageRun(workflow_run_id=r.id, stage_id="s", execution_group=0) for r in runs]
             )
         async with persistence.transaction() as tx:
-            got = await tx.get_runs(["r0", "r1"], for_update=True)
-            stages = await tx.get_stages_of(["r0", "r1"])
+            got = await tx.runs.get_many(["r0", "r1"], for_update=True)
+            stages = await tx.stages.for_runs(["r0", "r1"])
             assert got["r0"].input == big
-            new_runs = await tx.update_runs([evolve(r, {"output": big}) for r in got.values()])
-            new_stages = await tx.update_stages(
+            new_runs = await tx.runs.update_many([evolve(r, {"output": big}) for r in got.values()])
+            new_stages = await tx.stages.update_many(
                 [
                     evolve(s[0], {"status": StageStatus.COMPLETED, "output": big})
                     for s in stages.values()
                 ]
             )
         async with persistence.transaction() as tx:
-            assert list((await tx.get_runs(["r0", "r1"])).values()) == new_runs
-            assert [s[0] for s in (await tx.get_stages_of(["r0", "r1"])).values()] == new_stages
+            assert list((await tx.runs.get_many(["r0", "r1"])).values()) == new_runs
+            assert [s[0] for s in (await tx.stages.for_runs(["r0", "r1"])).values()] == new_stages
         outputs = await _raw(engine, sa.select(t.stages.c.output).order_by(t.stages.c.run_id))
         outputs += await _raw(engine, sa.select(t.runs.c.output))
         assert all(PAYLOAD_REF in output[0] for output in outputs)
 
         async with persistence.transaction() as tx:  # r1's stage moves on under the caller
-            await tx.update_stage(evolve(new_stages[1], {"attempt": 2}))
+            await tx.stages.update(evolve(new_stages[1], {"attempt": 2}))
         with pytest.raises(ConcurrencyError, match="'s' of run 'r1'") as raised:
             async with persistence.transaction() as tx:
-                await tx.update_stages([evolve(s, {"error": "late"}) for s in new_stages])
+                await tx.stages.update_many([evolve(s, {"error": "late"}) for s in new_stages])
         assert "run 'r0'" not in str(raised.value)
         async with persistence.transaction() as tx:
-            assert (await tx.get_stages_of(["r0"]))["r0"] == [new_stages[0]]
+            assert (await tx.stages.for_runs(["r0"]))["r0"] == [new_stages[0]]
     finally:
         await engine.aclose()
 
@@ -437,9 +437,9 @@ async def _lose_payloads(harness: Harness, run_id: str) -> None:
 
     persistence = harness.engine.persistence
     async with persistence.transaction() as tx:
-        run = await tx.get_run(run_id, for_update=True)
+        run = await tx.runs.get(run_id, for_update=True)
         missing = MissingPayload(key=f"payloads/{run_id}/gone", size=1, run_id=run_id)
-        await tx.update_run(evolve(run, {"input": missing}))
+        await tx.runs.update(evolve(run, {"input": missing}))
 
 
 async def test_a_missing_input_blob_fails_only_its_run_with_a_named_error(
@@ -481,9 +481,9 @@ async def _lose_stage_output(harness: Harness, run_id: str, stage_id: str) -> No
     from treadle.kernel.model import MissingPayload
 
     async with harness.engine.persistence.transaction() as tx:
-        stage = await tx.get_stage(run_id, stage_id)
+        stage = await tx.stages.get(run_id, stage_id)
         missing = MissingPayload(key=f"payloads/{run_id}/gone", size=1, run_id=run_id)
-        await tx.update_stage(evolve(stage, {"output": missing}))
+        await tx.stages.update(evolve(stage, {"output": missing}))
 
 
 @pytest.mark.parametrize(
@@ -590,9 +590,9 @@ async def test_a_missing_signal_payload_fails_the_run_that_waits_for_it(
             with pytest.raises(RunFailedError, match="PayloadMissingError"):
                 await handle.result(timeout=SETTLE)
         async with engine.backend.persistence.transaction() as tx:  # as outbox.flush reads
-            pending = await tx.unpublished_events(100)
+            pending = await tx.outbox.unpublished(100)
         async with engine.backend.persistence.transaction() as tx:
-            dead = await tx.dead_lettered_events(100)
+            dead = await tx.outbox.dead_lettered(100)
         assert all(r.event.type != "signal:received" for r in pending)
         assert dead == []  # its event cannot be read back: not replayed either
         query = sa.select(t.outbox.c.event_type, t.outbox.c.last_error).where(
@@ -624,7 +624,7 @@ async def test_a_lost_blob_reads_as_missing_payload_and_is_written_back_unchange
     try:
         async with persistence.transaction() as tx:
             for run_id in ids:
-                await tx.insert_run(
+                await tx.runs.insert(
                     Run(
                         id=run_id,
                         workflow_id="offload-wf",
@@ -633,7 +633,7 @@ async def test_a_lost_blob_reads_as_missing_payload_and_is_written_back_unchange
                         updated_at=now,
                     )
                 )
-            await tx.insert_stages(
+            await tx.stages.insert_many(
                 [
                     StageRun(
                         workflow_run_id=run_id,
@@ -655,14 +655,14 @@ async def test_a_lost_blob_reads_as_missing_payload_and_is_written_back_unchange
 
         async with persistence.transaction() as tx:
             reads = [
-                await tx.get_runs(ids),
-                {r.id: r for r in await tx.list_runs(RunFilter())},
-                {r.id: r for r in await tx.claim_pending_runs(10)},
-                {run_id: await tx.get_run(run_id) for run_id in ids},
+                await tx.runs.get_many(ids),
+                {r.id: r for r in await tx.runs.query(RunFilter())},
+                {r.id: r for r in await tx.runs.claim_pending(10)},
+                {run_id: await tx.runs.get(run_id) for run_id in ids},
             ]
             stage_reads = [
-                {k: v[0] for k, v in (await tx.get_stages_of(ids)).items()},
-                {s.workflow_run_id: s for s in await tx.due_suspended_stages(now, 10)},
+                {k: v[0] for k, v in (await tx.stages.for_runs(ids)).items()},
+                {s.workflow_run_id: s for s in await tx.stages.due_suspended(now, 10)},
             ]
         for got in reads:
             assert got["kept"].input == big
@@ -677,14 +677,16 @@ async def test_a_lost_blob_reads_as_missing_payload_and_is_written_back_unchange
             assert type(stages["lost-a"].output) is MissingPayload
 
         async with persistence.transaction() as tx:
-            runs = await tx.get_runs(ids, for_update=True)
-            await tx.update_run(evolve(runs["lost-a"], {"status": RunStatus.CANCELLED}))
-            await tx.update_runs([evolve(runs[r], {"priority": 9}) for r in ("lost-b", "kept")])
-            stages = await tx.get_stages_of(ids)
-            await tx.update_stages([evolve(s[0], {"attempt": 3}) for s in stages.values()])
+            runs = await tx.runs.get_many(ids, for_update=True)
+            await tx.runs.update(evolve(runs["lost-a"], {"status": RunStatus.CANCELLED}))
+            await tx.runs.update_many(
+                [evolve(runs[r], {"priority": 9}) for r in ("lost-b", "kept")]
+            )
+            stages = await tx.stages.for_runs(ids)
+            await tx.stages.update_many([evolve(s[0], {"attempt": 3}) for s in stages.values()])
         async with persistence.transaction() as tx:  # another transaction: no identity map
-            runs = await tx.get_runs(ids)
-            await tx.update_runs([evolve(run, {"priority": 7}) for run in runs.values()])
+            runs = await tx.runs.get_many(ids)
+            await tx.runs.update_many([evolve(run, {"priority": 7}) for run in runs.values()])
         assert (
             await _raw(engine, sa.select(t.runs.c.id, t.runs.c.input).order_by(t.runs.c.id))
             == stored
@@ -693,8 +695,8 @@ async def test_a_lost_blob_reads_as_missing_payload_and_is_written_back_unchange
         for key, data in saved.items():
             await blobs.put(key, data)
         async with persistence.transaction() as tx:
-            again = await tx.get_runs(ids)
-            stages = await tx.get_stages_of(ids)
+            again = await tx.runs.get_many(ids)
+            stages = await tx.stages.for_runs(ids)
         assert [again[r].input for r in ids] == [big, big, big]
         assert [stages[r][0].output for r in ids] == [big, big, big]
         assert [stages[r][0].attempt for r in ids] == [3, 3, 3]
@@ -726,10 +728,10 @@ async def test_a_lost_suspended_state_fails_the_batch_stage_at_its_next_poll() -
     kept = await te.start("batch-wf", {"text": "b"})
     await te.run_until_idle()
     async with te.persistence.transaction() as tx:
-        stage = await tx.get_stage(lost.run_id, "batch")
+        stage = await tx.stages.get(lost.run_id, "batch")
         assert stage is not None
         gone = MissingPayload(key=f"payloads/{lost.run_id}/gone", size=3, run_id=lost.run_id)
-        await tx.update_stage(evolve(stage, {"suspended_state": gone}))
+        await tx.stages.update(evolve(stage, {"suspended_state": gone}))
     await te.advance_time(timedelta(minutes=1))
     run = await te.get_run(lost.run_id)
     assert run.status is RunStatus.FAILED
@@ -787,7 +789,7 @@ async def test_an_unescaped_row_naming_a_key_outside_payloads_is_not_a_reference
     try:
         async with persistence.transaction() as tx:
             for i in range(len(legacy)):
-                await tx.insert_run(
+                await tx.runs.insert(
                     Run(id=f"old{i}", workflow_id="offload-wf", created_at=now, updated_at=now)
                 )
         async with persistence.engine.begin() as conn:  # as an older Treadle stored them
@@ -795,7 +797,7 @@ async def test_an_unescaped_row_naming_a_key_outside_payloads_is_not_a_reference
                 stmt = sa.update(t.runs).where(t.runs.c.id == f"old{i}").values(input=value)
                 await conn.execute(stmt)
         async with persistence.transaction() as tx:
-            got = await tx.get_runs([f"old{i}" for i in range(len(legacy))])
+            got = await tx.runs.get_many([f"old{i}" for i in range(len(legacy))])
         assert [got[f"old{i}"].input for i in range(len(legacy))] == legacy
     finally:
         await engine.aclose()

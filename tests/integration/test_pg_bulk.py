@@ -96,8 +96,8 @@ async def test_update_stages_stores_what_update_stage_stores(persistence: SqlPer
     count = len(JSON_VALUES) * 3
     async with persistence.transaction() as tx:
         for i in range(count):
-            await tx.insert_run(Run(id=f"r{i:03}", workflow_id="wf", created_at=T0, updated_at=T0))
-        await tx.insert_stages(
+            await tx.runs.insert(Run(id=f"r{i:03}", workflow_id="wf", created_at=T0, updated_at=T0))
+        await tx.stages.insert_many(
             [
                 StageRun(workflow_run_id=f"r{i:03}", stage_id=s, execution_group=0)
                 for i in range(count)
@@ -105,11 +105,11 @@ async def test_update_stages_stores_what_update_stage_stores(persistence: SqlPer
             ]
         )
     async with persistence.transaction() as tx:
-        stages = await tx.get_stages_of([f"r{i:03}" for i in range(count)])
+        stages = await tx.stages.for_runs([f"r{i:03}" for i in range(count)])
         bulk = [evolve(stages[f"r{i:03}"][0], stage_values(i)) for i in range(count)]
-        await tx.update_stages(bulk)
+        await tx.stages.update_many(bulk)
         for i in range(count):
-            await tx.update_stage(evolve(stages[f"r{i:03}"][1], stage_values(i)))
+            await tx.stages.update(evolve(stages[f"r{i:03}"][1], stage_values(i)))
     rows = await raw(persistence, t.stages, ("stage_id", "ordinal"))
     assert rows[0::2] == rows[1::2]  # ordered by (run_id, stage_id): bulk, single
     assert any(row[1:] == (False, False, False) for row in rows)  # None is JSON null
@@ -119,9 +119,9 @@ async def test_update_runs_stores_what_update_run_stores(persistence: SqlPersist
     n = len(JSON_VALUES)
     async with persistence.transaction() as tx:
         for i in range(2 * n):
-            await tx.insert_run(Run(id=f"r{i:03}", workflow_id="wf", created_at=T0, updated_at=T0))
+            await tx.runs.insert(Run(id=f"r{i:03}", workflow_id="wf", created_at=T0, updated_at=T0))
     async with persistence.transaction() as tx:
-        runs = await tx.get_runs([f"r{i:03}" for i in range(2 * n)])
+        runs = await tx.runs.get_many([f"r{i:03}" for i in range(2 * n)])
         changes = [
             {
                 "status": RunStatus.RUNNING,
@@ -136,9 +136,9 @@ async def test_update_runs_stores_what_update_run_stores(persistence: SqlPersist
             }
             for i in range(n)
         ]
-        await tx.update_runs([evolve(runs[f"r{i:03}"], changes[i]) for i in range(n)])
+        await tx.runs.update_many([evolve(runs[f"r{i:03}"], changes[i]) for i in range(n)])
         for i in range(n):
-            await tx.update_run(evolve(runs[f"r{n + i:03}"], changes[i]))
+            await tx.runs.update(evolve(runs[f"r{n + i:03}"], changes[i]))
     rows = await raw(persistence, t.runs, ("id",))
     assert rows[:n] == rows[n:]
 
@@ -157,9 +157,9 @@ async def test_put_idempotency_many_stores_what_put_idempotency_stores(
 
     n = len(JSON_VALUES)
     async with persistence.transaction() as tx:
-        await tx.put_idempotency_many([record(f"a{i:02}", i) for i in range(n)])
+        await tx.idempotency.put_many([record(f"a{i:02}", i) for i in range(n)])
         for i in range(n):
-            await tx.put_idempotency(record(f"b{i:02}", i))
+            await tx.idempotency.put(record(f"b{i:02}", i))
     rows = await raw(persistence, t.idempotency_keys, ("key",))
     assert rows[:n] == rows[n:]
 
@@ -188,7 +188,7 @@ async def test_append_events_and_enqueue_store_what_a_per_row_insert_stores(
         last_error="ë",
     )
     async with persistence.transaction() as tx:
-        stored = await tx.append_events(events)
+        stored = await tx.outbox.append(events)
         await SqlJobTransport(persistence).enqueue(tx, [job])
         for event in stored:  # the same rows again, one SQLAlchemy INSERT each
             values = {
@@ -214,26 +214,28 @@ async def test_append_events_and_enqueue_store_what_a_per_row_insert_stores(
 async def write(persistence: SqlPersistence, stage: StageRun, *, bulk: bool) -> None:
     async with persistence.transaction() as tx:
         if bulk:
-            await tx.update_stages([stage])
+            await tx.stages.update_many([stage])
         else:
-            await tx.update_stage(stage)
+            await tx.stages.update(stage)
 
 
 async def test_a_nul_character_fails_the_write_as_before(persistence: SqlPersistence) -> None:
     """PostgreSQL text and JSONB cannot hold U+0000: the per-row statement and the
     set-oriented one both fail with a ``StorageError`` (and write nothing)."""
     async with persistence.transaction() as tx:
-        await tx.insert_run(Run(id="r1", workflow_id="wf", created_at=T0, updated_at=T0))
-        await tx.insert_stages([StageRun(workflow_run_id="r1", stage_id="s", execution_group=0)])
+        await tx.runs.insert(Run(id="r1", workflow_id="wf", created_at=T0, updated_at=T0))
+        await tx.stages.insert_many(
+            [StageRun(workflow_run_id="r1", stage_id="s", execution_group=0)]
+        )
     async with persistence.transaction() as tx:
-        stage = await tx.get_stage("r1", "s")
+        stage = await tx.stages.get("r1", "s")
     assert stage is not None
     for change in ({"error": "a\x00b"}, {"output": {"k": "a\x00b"}}):
         for bulk in (False, True):
             with pytest.raises(StorageError):
                 await write(persistence, evolve(stage, change), bulk=bulk)
     async with persistence.transaction() as tx:
-        assert await tx.get_stage("r1", "s") == stage
+        assert await tx.stages.get("r1", "s") == stage
 
 
 async def test_every_connection_plans_for_its_parameters_in_utc(

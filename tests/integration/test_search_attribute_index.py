@@ -37,10 +37,10 @@ async def test_search_attributes_gin_index_exists_and_serves_list_filters(
     try:
         async with persistence.transaction() as tx:
             for i in range(200):
-                await tx.insert_run(_run(i, customer=f"c{i % 20}", tier=i % 3))
+                await tx.runs.insert(_run(i, customer=f"c{i % 20}", tier=i % 3))
         sa.event.listen(persistence.engine.sync_engine, "before_cursor_execute", capture)
         async with persistence.transaction() as tx:
-            found = await tx.list_runs(RunFilter(attributes={"customer": "c7", "tier": 1}))
+            found = await tx.runs.query(RunFilter(attributes={"customer": "c7", "tier": 1}))
         sa.event.remove(persistence.engine.sync_engine, "before_cursor_execute", capture)
         assert sorted(r.id for r in found) == ["r0007", "r0067", "r0127", "r0187"]
         assert len(statements) == 1, statements

@@ -93,9 +93,9 @@ async def test_open_with_migrate_creates_a_usable_database(database_url: str) ->
     persistence = await open_migrated(database_url)
     try:
         async with persistence.transaction() as tx:
-            await tx.insert_run(make_run("r1"))
+            await tx.runs.insert(make_run("r1"))
         async with persistence.transaction() as tx:
-            run = await tx.get_run("r1")
+            run = await tx.runs.get("r1")
         assert run is not None
         assert run.created_at == T0
         assert run.created_at.tzinfo is not None
@@ -112,13 +112,13 @@ async def test_unique_violation_is_duplicate_error(database_url: str) -> None:
     persistence = await open_migrated(database_url)
     try:
         async with persistence.transaction() as tx:
-            await tx.insert_run(make_run("r1", idempotency_key="k"))
+            await tx.runs.insert(make_run("r1", idempotency_key="k"))
         with pytest.raises(DuplicateError):
             async with persistence.transaction() as tx:
-                await tx.insert_run(make_run("r1"))
+                await tx.runs.insert(make_run("r1"))
         with pytest.raises(DuplicateError):
             async with persistence.transaction() as tx:
-                await tx.insert_run(make_run("r2", idempotency_key="k"))
+                await tx.runs.insert(make_run("r2", idempotency_key="k"))
         row = {c.name: getattr(make_run("r1"), c.name) for c in t.runs.columns}
         row["status"] = row["status"].value
 
@@ -140,16 +140,16 @@ async def test_a_caught_duplicate_does_not_spoil_the_transaction(database_url: s
     transport = SqlJobTransport(persistence)
     try:
         async with persistence.transaction() as tx:
-            await tx.insert_run(make_run("r1"))
+            await tx.runs.insert(make_run("r1"))
             await transport.enqueue(tx, [make_job("j1")])
         async with persistence.transaction() as tx:
             with pytest.raises(DuplicateError):
-                await tx.insert_run(make_run("r1"))
+                await tx.runs.insert(make_run("r1"))
             with pytest.raises(DuplicateError):
                 await transport.enqueue(tx, [make_job("j1")])
-            await tx.insert_run(make_run("r2"))
+            await tx.runs.insert(make_run("r2"))
         async with persistence.transaction() as tx:
-            assert await tx.get_run("r2") is not None
+            assert await tx.runs.get("r2") is not None
     finally:
         await persistence.aclose()
 
@@ -165,16 +165,16 @@ async def test_two_sqlite_persistences_write_concurrently(sqlite_url: str) -> No
     second = await SqlPersistence.open(sqlite_url)
     try:
         async with first.transaction() as tx:
-            await tx.insert_run(make_run("shared"))
+            await tx.runs.insert(make_run("shared"))
 
         async def writer(persistence: SqlPersistence, prefix: str) -> None:
             for i in range(25):
                 async with persistence.transaction() as tx:
                     # Read first, then write: the pattern BEGIN IMMEDIATE protects.
-                    run = await tx.get_run("shared")
+                    run = await tx.runs.get("shared")
                     assert run is not None
-                    await tx.insert_run(make_run(f"{prefix}-{i}"))
-                    await tx.append_events(
+                    await tx.runs.insert(make_run(f"{prefix}-{i}"))
+                    await tx.outbox.append(
                         [
                             WorkflowCreated(
                                 workflow_run_id="shared", timestamp=T0, workflow_id="wf", priority=5
@@ -190,8 +190,8 @@ async def test_two_sqlite_persistences_write_concurrently(sqlite_url: str) -> No
             )
         )
         async with second.transaction() as tx:
-            events = await tx.events_for_run("shared")
-            counts = await tx.count_runs("status", _all())
+            events = await tx.outbox.events_for_run("shared")
+            counts = await tx.runs.count("status", _all())
         assert [e.sequence for e in events] == list(range(1, 151))
         assert counts == {"PENDING": 151}
     finally:
@@ -263,7 +263,7 @@ async def test_concurrent_appends_keep_sequences_gap_free(postgres_url: str) -> 
         async def append(persistence: SqlPersistence) -> None:
             for _ in range(20):
                 async with persistence.transaction() as tx:
-                    await tx.append_events(
+                    await tx.outbox.append(
                         [
                             WorkflowCreated(
                                 workflow_run_id="r", timestamp=T0, workflow_id="wf", priority=5
@@ -274,7 +274,7 @@ async def test_concurrent_appends_keep_sequences_gap_free(postgres_url: str) -> 
 
         await asyncio.gather(*(append(p) for p in (one, two, one, two)))
         async with one.transaction() as tx:
-            events = await tx.events_for_run("r")
+            events = await tx.outbox.events_for_run("r")
         assert [e.sequence for e in events] == list(range(1, 161))
     finally:
         await one.aclose()
@@ -290,14 +290,14 @@ async def test_terminated_backend_fails_only_the_operation_in_flight(
     persistence = await open_migrated(postgres_url)
     try:
         async with persistence.transaction() as tx:
-            await tx.insert_run(make_run("kept"))
+            await tx.runs.insert(make_run("kept"))
         running = asyncio.Event()
         pids: list[int] = []
 
         async def victim() -> None:
             async with persistence.transaction() as tx:
                 pids.append((await tx.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one())
-                await tx.insert_run(make_run("lost"))
+                await tx.runs.insert(make_run("lost"))
                 running.set()
                 await tx.execute(sa.text("SELECT pg_sleep(20)"))
 
@@ -311,8 +311,8 @@ async def test_terminated_backend_fails_only_the_operation_in_flight(
         assert isinstance(caught.value.__cause__, sa_exc.DBAPIError)
 
         async with persistence.transaction() as tx:
-            assert await tx.get_run("kept") is not None
-            assert await tx.get_run("lost") is None  # the victim's transaction rolled back
+            assert await tx.runs.get("kept") is not None
+            assert await tx.runs.get("lost") is None  # the victim's transaction rolled back
 
         # An idle pooled connection killed behind the pool's back is replaced on checkout.
         # The timeout makes pg_terminate_backend wait until the backend has exited (its
@@ -323,7 +323,7 @@ async def test_terminated_backend_fails_only_the_operation_in_flight(
                 (sa.make_url(postgres_url).database,),
             )
         async with persistence.transaction() as tx:
-            assert await tx.get_run("kept") is not None
+            assert await tx.runs.get("kept") is not None
     finally:
         await persistence.aclose()
 
@@ -336,11 +336,11 @@ async def test_claim_pending_runs_skips_rows_locked_by_another_claimer(postgres_
     try:
         async with one.transaction() as tx:
             for i in range(4):
-                await tx.insert_run(make_run(f"r{i}", priority=i))
+                await tx.runs.insert(make_run(f"r{i}", priority=i))
         async with one.transaction() as tx1:
-            first = await tx1.claim_pending_runs(2)
+            first = await tx1.runs.claim_pending(2)
             async with two.transaction() as tx2:
-                second = await tx2.claim_pending_runs(10)
+                second = await tx2.runs.claim_pending(10)
         assert [r.id for r in first] == ["r3", "r2"]
         assert [r.id for r in second] == ["r1", "r0"]
         assert all(r.status is RunStatus.PENDING for r in first + second)
@@ -403,11 +403,11 @@ async def test_sqlite_readers_do_not_wait_for_a_writer(sqlite_url: str) -> None:
     persistence = await open_migrated(sqlite_url)
     try:
         async with persistence.transaction() as writer:
-            await writer.insert_run(make_run("uncommitted"))
+            await writer.runs.insert(make_run("uncommitted"))
             async with persistence.transaction(read_only=True) as reader:
-                assert await reader.get_run("uncommitted") is None
+                assert await reader.runs.get("uncommitted") is None
         async with persistence.transaction(read_only=True) as reader:
-            assert await reader.get_run("uncommitted") is not None
+            assert await reader.runs.get("uncommitted") is not None
     finally:
         await persistence.aclose()
 
@@ -434,13 +434,13 @@ async def test_a_stored_stage_with_an_unknown_status_is_refused(database_url: st
     persistence = await SqlPersistence.open(database_url, migrate=True)
     try:
         async with persistence.transaction() as tx:
-            await tx.insert_run(make_run("r1"))
-            await tx.insert_stages(
+            await tx.runs.insert(make_run("r1"))
+            await tx.stages.insert_many(
                 [StageRun(workflow_run_id="r1", stage_id="s", execution_group=0)]
             )
             await tx.execute(sa.update(t.stages).values(status="EXPLODED"))
         async with persistence.transaction() as tx:
             with pytest.raises(ValueError, match="EXPLODED"):
-                await tx.get_stages("r1")
+                await tx.stages.for_run("r1")
     finally:
         await persistence.aclose()

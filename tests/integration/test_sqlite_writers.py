@@ -25,7 +25,7 @@ async def test_concurrent_writers_in_one_process_all_commit(sqlite_url: str) -> 
             inside += 1
             most = max(most, inside)
             await asyncio.sleep(0)  # let every other writer try to get in
-            await tx.insert_run(
+            await tx.runs.insert(
                 Run(
                     id=f"r{i}",
                     workflow_id="wf",
@@ -39,7 +39,7 @@ async def test_concurrent_writers_in_one_process_all_commit(sqlite_url: str) -> 
     try:
         await asyncio.gather(*(writer(i) for i in range(20)))
         async with persistence.transaction(read_only=True) as tx:
-            assert len(await tx.list_runs(RunFilter(limit=50))) == 20
+            assert len(await tx.runs.query(RunFilter(limit=50))) == 20
     finally:
         await persistence.aclose()
     assert most == 1

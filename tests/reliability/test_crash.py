@@ -60,7 +60,7 @@ def _finished_run(db: str, run_id: str) -> tuple[Any, list[Any]]:
             await RunHandle(engine, run_id).result(timeout=WAIT)
             assert engine.backend is not None
             async with engine.backend.persistence.transaction() as tx:
-                events = list(await tx.events_for_run(run_id))
+                events = list(await tx.outbox.events_for_run(run_id))
             return await engine.get_run(run_id), events
 
     return asyncio.run(go())

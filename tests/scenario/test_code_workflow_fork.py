@@ -256,7 +256,7 @@ async def test_fork_past_an_unfinished_wait_is_refused() -> None:
     (_, wait) = await te.journal(source.run_id)
     assert wait.status is JournalStatus.WAITING
     async with te.persistence.transaction() as tx:
-        await tx.insert_journal_entry(
+        await tx.journal.insert(
             wait.model_copy(
                 update={
                     "id": None,

@@ -70,7 +70,7 @@ def _kinds(journal: list[Any]) -> list[tuple[int, str, str, JournalStatus]]:
 
 async def _live_timers(te: TestEngine, run_id: str) -> list[Any]:
     async with te.persistence.transaction() as tx:
-        return await tx.pending_timers(run_id)
+        return await tx.timers.pending(run_id)
 
 
 # -- ctx.all -------------------------------------------------------------------------------------

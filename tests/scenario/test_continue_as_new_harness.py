@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from treadle import RunStatus, WorkflowContext, workflow
-from treadle.adapters.memory.persistence import InMemoryTransaction
+from treadle.adapters.memory.persistence.runs import MemoryRuns
 from treadle.kernel.errors import RunCancelledError, TransientStorageError
 from treadle.kernel.model import Run
 from treadle.testing import TestEngine
@@ -149,15 +149,15 @@ async def test_a_failed_hand_over_leaves_the_old_run_and_no_new_one(
     neither is written (the old run is still live, alone); the activation is retried and
     the chain goes on with exactly one continuation."""
     failures: list[str] = []
-    insert_run = InMemoryTransaction.insert_run
+    insert_run = MemoryRuns.insert
 
-    async def failing_once(self: InMemoryTransaction, run: Run) -> None:
+    async def failing_once(self: MemoryRuns, run: Run) -> None:
         if "continued_from" in run.search_attributes and not failures:
             failures.append(run.id)
             raise TransientStorageError("connection lost during the hand-over")
         await insert_run(self, run)
 
-    monkeypatch.setattr(InMemoryTransaction, "insert_run", failing_once)
+    monkeypatch.setattr(MemoryRuns, "insert", failing_once)
     te = TestEngine(workflows=[daily_v1])
     handle = await te.start("daily", {"left": 2})
     await te.run_until_idle()

@@ -17,7 +17,8 @@ from pydantic import BaseModel
 
 from treadle import Engine, WorkflowBuilder, define_stage, workflow
 from treadle.kernel import commands as c
-from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
+from treadle.kernel.handlers.buffered_stores import BufferedRuns
+from treadle.kernel.handlers.write_buffer import NotBatchableError
 from treadle.kernel.model import Job, JobStatus, RunStatus, StageStatus
 from treadle.runtime.jobs import job_idempotency_key
 from treadle.testing import FakeClock
@@ -289,10 +290,10 @@ async def test_a_group_the_buffer_cannot_carry_commits_each_item_alone(
     """Whatever stops a group (here: the buffer refusing a run update), every item still
     commits, alone, with the outcome it would have had."""
 
-    async def refuse(self: WriteBuffer, run: Any) -> Any:
+    async def refuse(self: BufferedRuns, run: Any) -> Any:
         raise NotBatchableError("refused by the test")
 
-    monkeypatch.setattr(WriteBuffer, "update_run", refuse)
+    monkeypatch.setattr(BufferedRuns, "update", refuse)
     jobs = await _queued_first_jobs(engine, 3)
     groups, items = _group_counts(engine)
     results = await _execute_together(engine, jobs, "a")

@@ -111,7 +111,7 @@ async def test_failing_run_blocks_only_itself_then_dead_letters_after_three_atte
 
 async def _dead(te: TestEngine) -> list[Any]:
     async with te.persistence.transaction() as tx:
-        return await tx.dead_lettered_events(100)
+        return await tx.outbox.dead_lettered(100)
 
 
 async def test_a_replayed_event_that_fails_again_gets_a_fresh_retry_budget() -> None:
@@ -193,7 +193,7 @@ async def test_the_flush_after_a_replay_publishes_the_replayed_events_in_run_ord
             await kernel.dispatch(c.OutboxFlush())
         assert _seqs(sink.events, bad.run_id) == _seqs(sink.events, other.run_id) == [1]
         async with engine.backend.persistence.transaction() as tx:  # type: ignore[union-attr]
-            assert len(await tx.dead_lettered_events(10)) == 2
+            assert len(await tx.outbox.dead_lettered(10)) == 2
         sink.fail_when = None
 
         replay = await kernel.dispatch(c.PluginReplayDLQ())
@@ -204,4 +204,4 @@ async def test_the_flush_after_a_replay_publishes_the_replayed_events_in_run_ord
         assert _seqs(sink.events, bad.run_id) == _seqs(sink.events, other.run_id) == [1, 2, 3]
         assert (await kernel.dispatch(c.OutboxFlush())).published == 0
         async with engine.backend.persistence.transaction() as tx:  # type: ignore[union-attr]
-            assert await tx.dead_lettered_events(10) == []
+            assert await tx.outbox.dead_lettered(10) == []

@@ -56,15 +56,18 @@ EXPECTED: dict[str, set[str]] = {
     }
     | _public_errors(),
     "treadle.ports": {
+        "BlobRetention",
         "BlobStore",
         "Clock",
         "CronCalendar",
         "ScheduleStore",
         "EventSink",
         "IdGenerator",
+        "JobRetention",
         "JobTransport",
         "KernelPlugin",
         "Persistence",
+        "RetentionStore",
         "Scheduler",
         "Transaction",
         "WorkerRegistry",

@@ -253,11 +253,11 @@ async def test_job_of_terminal_run_is_completed_without_running() -> None:
     handle = await te.start("wf", {"n": 1})
     job = await _lease(te)
     async with te.persistence.transaction() as tx:  # cancelled without touching the job
-        run = await tx.get_run(handle.run_id)
+        run = await tx.runs.get(handle.run_id)
         assert run is not None
         from treadle.kernel.model import evolve
 
-        await tx.update_run(evolve(run, {"status": RunStatus.CANCELLED}))
+        await tx.runs.update(evolve(run, {"status": RunStatus.CANCELLED}))
     result = await te.dispatch(c.JobExecute(job_id=job.id, worker_id="w"))
     assert result.ghost is True
     assert "CANCELLED" in (result.error or "")

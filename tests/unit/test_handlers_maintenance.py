@@ -36,9 +36,9 @@ async def _start_job(te: TestEngine, run_id: str, stage_id: str, worker: str = "
     """Lease the stage's job and mark the stage RUNNING, as a worker that then dies."""
     [job] = await te.job_transport.dequeue(worker, te.clock.now())
     async with te.persistence.transaction() as tx:
-        stage = await tx.get_stage(run_id, stage_id)
+        stage = await tx.stages.get(run_id, stage_id)
         assert stage is not None
-        await tx.update_stage(
+        await tx.stages.update(
             evolve(stage, {"status": StageStatus.RUNNING, "attempt": stage.attempt + 1})
         )
     return job
@@ -155,9 +155,9 @@ async def test_reap_stuck_applies_missed_transition() -> None:
     handle = await te.start("wf", {"n": 2})
     await te.dispatch(c.RunClaimPending(worker_id="w"))
     async with te.persistence.transaction() as tx:
-        stage = await tx.get_stage(handle.run_id, "a")
+        stage = await tx.stages.get(handle.run_id, "a")
         assert stage is not None
-        await tx.update_stage(evolve(stage, {"status": StageStatus.COMPLETED, "output": {"n": 2}}))
+        await tx.stages.update(evolve(stage, {"status": StageStatus.COMPLETED, "output": {"n": 2}}))
         await te.job_transport.cancel_by_run(tx, handle.run_id)
     te.clock.advance(timedelta(hours=1))
     result = await te.dispatch(c.RunReapStuck())
@@ -186,9 +186,9 @@ async def test_reap_stuck_fails_run_with_nothing_live() -> None:
     await te.dispatch(c.RunClaimPending(worker_id="w"))
     async with te.persistence.transaction() as tx:
         await te.job_transport.cancel_by_run(tx, handle.run_id)
-        run = await tx.get_run(handle.run_id)
+        run = await tx.runs.get(handle.run_id)
         assert run is not None
-        await tx.update_run(evolve(run, {"current_group": -1}))
+        await tx.runs.update(evolve(run, {"current_group": -1}))
     te.clock.advance(timedelta(hours=1))
     result = await te.dispatch(c.RunReapStuck())
     assert (result.transitioned, result.failed) == (0, 1)

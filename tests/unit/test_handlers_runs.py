@@ -294,9 +294,9 @@ async def test_transition_command_advances_completes_and_fails() -> None:
 
     async def set_stage(stage_id: str, **changes: object) -> None:
         async with te.persistence.transaction() as tx:
-            stage = await tx.get_stage(handle.run_id, stage_id)
+            stage = await tx.stages.get(handle.run_id, stage_id)
             assert stage is not None
-            await tx.update_stage(evolve(stage, changes))
+            await tx.stages.update(evolve(stage, changes))
 
     await set_stage("a", status=StageStatus.COMPLETED, output={"n": 2})
     result = await te.dispatch(c.RunTransition(workflow_run_id=handle.run_id))
@@ -314,9 +314,9 @@ async def test_transition_command_advances_completes_and_fails() -> None:
     other = await te.start("linear", {"n": 1})
     await te.dispatch(c.RunClaimPending(worker_id="w"))
     async with te.persistence.transaction() as tx:
-        stage = await tx.get_stage(other.run_id, "a")
+        stage = await tx.stages.get(other.run_id, "a")
         assert stage is not None
-        await tx.update_stage(evolve(stage, {"status": StageStatus.FAILED, "error": "bad"}))
+        await tx.stages.update(evolve(stage, {"status": StageStatus.FAILED, "error": "bad"}))
     result = await te.dispatch(c.RunTransition(workflow_run_id=other.run_id))
     assert result.action == "failed"
     run = await te.get_run(other.run_id)

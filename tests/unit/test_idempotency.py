@@ -164,7 +164,7 @@ async def test_in_progress_key_refused_then_reclaimed_after_ten_minutes() -> Non
     te = TestEngine([WF])
     await te.start("echo-wf", {"n": 1})
     async with te.persistence.transaction() as tx:
-        await tx.put_idempotency(
+        await tx.idempotency.put(
             IdempotencyRecord(
                 key="busy",
                 command_type="stage.pollSuspended",

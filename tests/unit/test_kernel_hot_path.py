@@ -68,7 +68,7 @@ async def test_transaction_rolls_back_on_cancellation_and_releases_the_lock() ->
 
     async def writer() -> None:
         async with p.transaction() as tx:
-            await tx.insert_run(Run(id="r1", workflow_id="wf", created_at=NOW, updated_at=NOW))
+            await tx.runs.insert(Run(id="r1", workflow_id="wf", created_at=NOW, updated_at=NOW))
             entered.set()
             await asyncio.Event().wait()  # cancelled here, mid-transaction
 
@@ -80,8 +80,8 @@ async def test_transaction_rolls_back_on_cancellation_and_releases_the_lock() ->
     assert (p.runs, p.rollbacks, p.commits) == ({}, 1, 0)
     assert not p.lock.locked()
     async with p.transaction() as tx:
-        await tx.insert_run(Run(id="r2", workflow_id="wf", created_at=NOW, updated_at=NOW))
-        [stored] = await tx.append_events(
+        await tx.runs.insert(Run(id="r2", workflow_id="wf", created_at=NOW, updated_at=NOW))
+        [stored] = await tx.outbox.append(
             [WorkflowCreated(workflow_run_id="r2", timestamp=NOW, workflow_id="wf", priority=5)]
         )
     assert stored.sequence == 1
@@ -94,27 +94,27 @@ async def test_stages_inserted_out_of_group_order_roll_back_to_the_old_order() -
     re-ordered them leaves the previous stages, in their previous order."""
     p = InMemoryPersistence()
     async with p.transaction() as tx:
-        await tx.insert_run(Run(id="r1", workflow_id="wf", created_at=NOW, updated_at=NOW))
-        await tx.insert_stages(
+        await tx.runs.insert(Run(id="r1", workflow_id="wf", created_at=NOW, updated_at=NOW))
+        await tx.stages.insert_many(
             [
                 StageRun(workflow_run_id="r1", stage_id="b", execution_group=2),
                 StageRun(workflow_run_id="r1", stage_id="a", execution_group=0),
             ]
         )
-        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b"]
+        assert [s.stage_id for s in await tx.stages.for_run("r1")] == ["a", "b"]
 
     async def insert_then_fail() -> None:
         async with p.transaction() as tx:
-            await tx.insert_stages(
+            await tx.stages.insert_many(
                 [StageRun(workflow_run_id="r1", stage_id="m", execution_group=1)]
             )
-            assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "m", "b"]
+            assert [s.stage_id for s in await tx.stages.for_run("r1")] == ["a", "m", "b"]
             raise RuntimeError
 
     with pytest.raises(RuntimeError):
         await insert_then_fail()
     async with p.transaction() as tx:
-        assert [s.stage_id for s in await tx.get_stages("r1")] == ["a", "b"]
+        assert [s.stage_id for s in await tx.stages.for_run("r1")] == ["a", "b"]
     assert list(p.stages["r1"]) == ["a", "b"]
 
 

@@ -86,9 +86,9 @@ async def _leased(attempts: int, stage_running: bool, workflows: list[Any] | Non
     job = transport.jobs[job.id] = evolve(job, {"attempts": attempts})
     if stage_running:
         async with backend.persistence.transaction() as tx:
-            stage = await tx.get_stage(created.workflow_run_id, "s")
+            stage = await tx.stages.get(created.workflow_run_id, "s")
             changes = {"status": StageStatus.RUNNING, "attempt": attempts, "job_id": job.id}
-            await tx.update_stage(evolve(stage, changes))
+            await tx.stages.update(evolve(stage, changes))
     return backend, kernel, job, created.workflow_run_id
 
 
@@ -120,7 +120,7 @@ async def test_settle_lease(case: Case) -> None:
     assert (stage.status, stage.attempt) == (case.stage, case.stage_attempt)
     assert run.status is case.run
     async with backend.persistence.transaction() as tx:
-        failed = [e for e in await tx.events_for_run(run_id) if e.type == "stage:failed"]
+        failed = [e for e in await tx.outbox.events_for_run(run_id) if e.type == "stage:failed"]
     if case.event is None:
         assert failed == []
     else:

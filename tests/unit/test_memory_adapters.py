@@ -65,21 +65,23 @@ async def test_transaction_rolls_back_every_write() -> None:
     p = InMemoryPersistence()
     jobs = InMemoryJobTransport(p)
     async with p.transaction() as tx:
-        await tx.insert_run(_run())
-        await tx.insert_stages([StageRun(workflow_run_id="r1", stage_id="s", execution_group=0)])
+        await tx.runs.insert(_run())
+        await tx.stages.insert_many(
+            [StageRun(workflow_run_id="r1", stage_id="s", execution_group=0)]
+        )
 
     async def writes(tx: Any) -> None:
-        run = await tx.get_run("r1")
+        run = await tx.runs.get("r1")
         assert run is not None
-        await tx.update_run(evolve(run, {"priority": 9}))
-        stage = await tx.get_stage("r1", "s")
+        await tx.runs.update(evolve(run, {"priority": 9}))
+        stage = await tx.stages.get("r1", "s")
         assert stage is not None
-        await tx.update_stage(evolve(stage, {"attempt": 3}))
-        await tx.insert_run(_run("r2", idempotency_key="k"))
-        await tx.append_events(
+        await tx.stages.update(evolve(stage, {"attempt": 3}))
+        await tx.runs.insert(_run("r2", idempotency_key="k"))
+        await tx.outbox.append(
             [WorkflowCreated(workflow_run_id="r1", timestamp=NOW, workflow_id="wf", priority=5)]
         )
-        await tx.put_idempotency(
+        await tx.idempotency.put(
             IdempotencyRecord(
                 key="k",
                 command_type="run.create",
@@ -88,14 +90,14 @@ async def test_transaction_rolls_back_every_write() -> None:
             )
         )
         await jobs.enqueue(tx, [_job("j1")])
-        await tx.append_logs(
+        await tx.logs.append(
             [
                 LogRecord(
                     workflow_run_id="r1", stage_id="s", level="info", message="m", timestamp=NOW
                 )
             ]
         )
-        await tx.insert_annotations(
+        await tx.annotations.insert_many(
             [Annotation(id="a1", workflow_run_id="r1", attributes={"k": 1}, created_at=NOW)]
         )
 
@@ -127,9 +129,9 @@ async def test_rolled_back_publication_keeps_the_outbox_in_order() -> None:
     two runs leaves both runs' sequences as they were."""
     p = InMemoryPersistence()
     async with p.transaction() as tx:
-        await tx.insert_run(_run())
-        await tx.insert_run(_run("r2"))
-        await tx.append_events(
+        await tx.runs.insert(_run())
+        await tx.runs.insert(_run("r2"))
+        await tx.outbox.append(
             [
                 WorkflowCreated(workflow_run_id=run_id, timestamp=NOW, workflow_id="wf", priority=5)
                 for run_id in ("r1", "r1", "r2", "r1")
@@ -137,25 +139,25 @@ async def test_rolled_back_publication_keeps_the_outbox_in_order() -> None:
         )
         before = [
             (r.id, r.event.workflow_run_id, r.event.sequence)
-            for r in await tx.unpublished_events(10)
+            for r in await tx.outbox.unpublished(10)
         ]
     assert [seq for _, _, seq in before] == [1, 2, 1, 3]
 
     async def publish_some(tx: Any) -> None:
-        await tx.mark_published([before[0][0], before[1][0], before[3][0]])
-        assert [r.id for r in await tx.unpublished_events(10)] == [before[2][0]]
+        await tx.outbox.mark_published([before[0][0], before[1][0], before[3][0]])
+        assert [r.id for r in await tx.outbox.unpublished(10)] == [before[2][0]]
 
     with pytest.raises(BoomError):
         await _fail_after(p, publish_some)
     async with p.transaction() as tx:
         again = [
             (r.id, r.event.workflow_run_id, r.event.sequence)
-            for r in await tx.unpublished_events(10)
+            for r in await tx.outbox.unpublished(10)
         ]
     assert again == before
 
     async def append_more(tx: Any) -> None:
-        stored = await tx.append_events(
+        stored = await tx.outbox.append(
             [
                 WorkflowCreated(workflow_run_id=run_id, timestamp=NOW, workflow_id="wf", priority=5)
                 for run_id in ("r2", "r1", "r2")
@@ -168,11 +170,11 @@ async def test_rolled_back_publication_keeps_the_outbox_in_order() -> None:
     async with p.transaction() as tx:
         assert [
             (r.id, r.event.workflow_run_id, r.event.sequence)
-            for r in await tx.unpublished_events(10)
+            for r in await tx.outbox.unpublished(10)
         ] == before
-        assert [e.sequence for e in await tx.events_for_run("r1")] == [1, 2, 3]
-        assert [e.sequence for e in await tx.events_for_run("r2")] == [1]
-        stored = await tx.append_events(
+        assert [e.sequence for e in await tx.outbox.events_for_run("r1")] == [1, 2, 3]
+        assert [e.sequence for e in await tx.outbox.events_for_run("r2")] == [1]
+        stored = await tx.outbox.append(
             [WorkflowCreated(workflow_run_id="r2", timestamp=NOW, workflow_id="wf", priority=5)]
         )
     assert [e.sequence for e in stored] == [2]
@@ -203,31 +205,31 @@ async def test_transaction_cannot_be_used_after_it_ends() -> None:
     async with p.transaction() as tx:
         pass
     with pytest.raises(TreadleError, match="after it ended"):
-        await tx.insert_run(_run())
+        await tx.runs.insert(_run())
 
 
 async def test_duplicates_and_version_conflicts() -> None:
     """Duplicate ids and keys raise DuplicateError; a stale version raises ConcurrencyError."""
     p = InMemoryPersistence()
     async with p.transaction() as tx:
-        await tx.insert_run(_run(idempotency_key="k"))
+        await tx.runs.insert(_run(idempotency_key="k"))
         with pytest.raises(DuplicateError):
-            await tx.insert_run(_run())
+            await tx.runs.insert(_run())
         with pytest.raises(DuplicateError):
-            await tx.insert_run(_run("r9", idempotency_key="k"))
-        run = await tx.get_run("r1")
+            await tx.runs.insert(_run("r9", idempotency_key="k"))
+        run = await tx.runs.get("r1")
         assert run is not None
-        await tx.update_run(run)
+        await tx.runs.update(run)
         with pytest.raises(ConcurrencyError):
-            await tx.update_run(run)
+            await tx.runs.update(run)
 
 
 async def test_events_read_back_are_typed_models() -> None:
     """Events read back from storage (and parsed from JSON) are the typed event models."""
     p = InMemoryPersistence()
     async with p.transaction() as tx:
-        await tx.insert_run(_run())
-        await tx.append_events(
+        await tx.runs.insert(_run())
+        await tx.outbox.append(
             [
                 WorkflowCreated(workflow_run_id="r1", timestamp=NOW, workflow_id="wf", priority=5),
                 StageCompleted(
@@ -241,9 +243,9 @@ async def test_events_read_back_are_typed_models() -> None:
             ]
         )
     async with p.transaction() as tx:
-        events = await tx.events_for_run("r1")
-        after_first = await tx.events_for_run("r1", after_sequence=1)
-        outbox = await tx.unpublished_events(10)
+        events = await tx.outbox.events_for_run("r1")
+        after_first = await tx.outbox.events_for_run("r1", after_sequence=1)
+        outbox = await tx.outbox.unpublished(10)
     assert [type(e) for e in events] == [WorkflowCreated, StageCompleted]
     assert [e.sequence for e in events] == [1, 2]
     assert after_first == events[1:]

@@ -41,7 +41,7 @@ async def test_release_only_acts_on_a_lease_the_worker_still_holds() -> None:
     assert transport.jobs[job.id].status is JobStatus.QUEUED  # type: ignore[attr-defined]
     assert not await release_job(kernel, job, worker_id="w1")  # no longer leased
     async with backend.persistence.transaction() as tx:
-        events = [e.type for e in await tx.events_for_run(created.workflow_run_id)]
+        events = [e.type for e in await tx.outbox.events_for_run(created.workflow_run_id)]
     assert "stage:failed" not in events
     (again,) = await transport.dequeue("w1", backend.clock.now())
     await kernel.dispatch(c.JobExecute(job_id=again.id, worker_id="w1"))
@@ -120,8 +120,8 @@ async def test_a_dequeued_attempt_is_keyed_and_a_chained_one_is_not() -> None:
     chained = result.chained_job
     assert chained is not None  # stage "t" ran in the same call, handed over in memory
     async with backend.persistence.transaction() as tx:
-        first = await tx.get_idempotency(job_idempotency_key(job), "job.execute")
-        second = await tx.get_idempotency(job_idempotency_key(chained), "job.execute")
+        first = await tx.idempotency.get(job_idempotency_key(job), "job.execute")
+        second = await tx.idempotency.get(job_idempotency_key(chained), "job.execute")
     assert first is not None
     assert second is None
     run = await kernel.get_run(job.workflow_run_id)

@@ -161,7 +161,7 @@ async def test_poll_resumes_suspended_stage_and_transitions_its_run() -> None:
     await h.tick()
     await h.execute_all()
     async with h.persistence.transaction() as tx:
-        assert (await tx.get_run(run_id)).status is RunStatus.SUSPENDED  # type: ignore[union-attr]
+        assert (await tx.runs.get(run_id)).status is RunStatus.SUSPENDED  # type: ignore[union-attr]
     early = await h.tick()
     assert early.result("poll_suspended")["checked"] == 0
     h.clock.advance(timedelta(minutes=5))
@@ -173,7 +173,7 @@ async def test_poll_resumes_suspended_stage_and_transitions_its_run() -> None:
     assert h.dispatched.index("stage.pollSuspended") < h.dispatched.index("lease.reapStale")
     await h.execute_all()
     async with h.persistence.transaction() as tx:
-        run = await tx.get_run(run_id)
+        run = await tx.runs.get(run_id)
     assert run is not None
     assert run.status is RunStatus.COMPLETED
     assert run.output == {"n": 8}
@@ -209,7 +209,7 @@ async def test_due_scheduled_commands_are_dispatched() -> None:
     report = await h.tick()
     assert report.result("scheduled") == {"due": 1, "dispatched": 1}
     async with h.persistence.transaction() as tx:
-        run = await tx.get_run(run_id)
+        run = await tx.runs.get(run_id)
     assert run is not None
     assert run.status is RunStatus.CANCELLED
 

@@ -259,7 +259,7 @@ class _StoppingTransport:
 
 async def _events(backend: Backend, run_id: str) -> list[Any]:
     async with backend.persistence.transaction() as tx:
-        return list(await tx.events_for_run(run_id))
+        return list(await tx.outbox.events_for_run(run_id))
 
 
 async def test_job_loop_backs_off_while_dequeue_fails_and_recovers(backend: Backend) -> None:

@@ -5,7 +5,7 @@ the optimistic ``version``, and the whole schedule as JSON in ``data``. Types ar
 spelled out here (not imported from ``schema``), as in 0001.
 
 Revision ID: 0007
-Revises: 0011
+Revises: 0008
 Create Date: 2026-12-07
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0007"
-down_revision: str | None = "0011"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,349 @@
+"""The outbox in the SQL adapter: the ``Outbox`` concern of one
+``SqlTransaction``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import sqlalchemy as sa
+
+import treadle.adapters.sql.pg_bulk as pg_bulk
+import treadle.adapters.sql.schema as t
+from treadle.adapters.run_ends import RUN_END_PREFIX
+from treadle.adapters.sql.dialect import SetWrite
+from treadle.adapters.sql.engine import (
+    NOTIFY_CHANNEL,
+)
+from treadle.adapters.sql.payloads import (
+    escape,
+    is_encoded,
+)
+from treadle.adapters.sql.persistence.shared import SqlUnit
+from treadle.kernel.errors import (
+    PayloadMissingError,
+    StorageError,
+    describe_exception,
+)
+from treadle.kernel.events import RUN_END_EVENTS, EventBase, OutboxRecord, parse_event
+from treadle.kernel.model import (
+    evolve,
+)
+
+
+def _outbox_record(row: sa.Row[Any]) -> OutboxRecord:
+    return OutboxRecord.model_construct(
+        id=int(row.id),
+        event=cast(Any, parse_event(row.event)),
+        attempts=int(row.attempts),
+        published=bool(row.published),
+        dead_lettered=bool(row.dead_lettered),
+        last_error=row.last_error,
+    )
+
+
+_PG_SEQ_ROWS = pg_bulk.RecordSet(
+    t.run_event_seq, {"run_id": "run_id", "last_sequence": "last_sequence"}
+)
+
+
+_PG_ALLOCATE_SEQUENCES = pg_bulk.insert_select(
+    t.run_event_seq,
+    _PG_SEQ_ROWS,
+    {"run_id": _PG_SEQ_ROWS.value("run_id"), "last_sequence": _PG_SEQ_ROWS.value("last_sequence")},
+    order_by="run_id",  # locks the counters in run-id order: deadlock-free
+    suffix="ON CONFLICT (run_id) DO UPDATE SET last_sequence = "
+    "run_event_seq.last_sequence + excluded.last_sequence RETURNING run_id, last_sequence",
+)
+
+
+_OUTBOX_FIELDS = ("run_id", "sequence", "event_type", "event", "created_at")
+
+
+_PG_OUTBOX_ROWS = pg_bulk.RecordSet(
+    t.outbox, {name: name for name in _OUTBOX_FIELDS}, extra={"i": "INTEGER"}
+)
+
+
+_PG_INSERT_OUTBOX = pg_bulk.insert_select(
+    t.outbox,
+    _PG_OUTBOX_ROWS,
+    {name: _PG_OUTBOX_ROWS.value(name) for name in _OUTBOX_FIELDS}
+    | {"published": "false", "dead_lettered": "false", "attempts": "0"},
+    order_by="i",  # outbox ids in the order of the events
+)
+
+
+def _pg_append_events(notify: bool) -> sa.TextClause:
+    """``append_events`` on PostgreSQL in ONE statement: reserve each run's sequence
+    numbers (the counters locked in run-id order, as ``_PG_ALLOCATE_SEQUENCES`` does),
+    number the events of each run in their order, write each number into its event's
+    JSON (``jsonb_set``) and insert the rows; with ``notify``, the run-end NOTIFY too.
+    RETURNING gives each inserted row's run and sequence, from which the caller derives
+    every event's number (consecutive per run, in the events' order). Not for events
+    offloaded to the blob store: their JSON is a reference, so the caller allocates
+    first and writes the numbers into the events itself (two statements)."""
+    rows = _PG_OUTBOX_ROWS
+    once = "(SELECT pg_notify(:channel, :payload)) AS once, " if notify else ""
+    sql = (
+        f"WITH v AS (SELECT * FROM {rows.source}), "
+        "n AS (SELECT v.run_id, count(*) AS n FROM v GROUP BY v.run_id), "
+        "s AS (INSERT INTO run_event_seq (run_id, last_sequence) "
+        "SELECT n.run_id, n.n FROM n ORDER BY n.run_id "
+        "ON CONFLICT (run_id) DO UPDATE SET last_sequence = "
+        "run_event_seq.last_sequence + excluded.last_sequence "
+        "RETURNING run_id, last_sequence), "
+        "q AS (SELECT v.i, v.run_id, v.event_type, v.event, v.created_at, "
+        "s.last_sequence - n.n + row_number() OVER (PARTITION BY v.run_id ORDER BY v.i) "
+        "AS sequence FROM v JOIN n ON n.run_id = v.run_id JOIN s ON s.run_id = v.run_id) "
+        "INSERT INTO outbox (run_id, sequence, event_type, event, created_at, published, "
+        "dead_lettered, attempts) "
+        "SELECT q.run_id, q.sequence, q.event_type, "
+        "jsonb_set(q.event -> 0, '{sequence}', to_jsonb(q.sequence)), q.created_at, "
+        f"false, false, 0 FROM {once}q ORDER BY q.i RETURNING run_id, sequence"
+    )
+    statement = sa.text(sql).bindparams(sa.bindparam("rows", type_=sa.Text()))
+    if notify:
+        statement = statement.bindparams(sa.bindparam("channel", value=NOTIFY_CHANNEL))
+    return statement
+
+
+_PG_APPEND_EVENTS = _pg_append_events(notify=False)
+
+
+_PG_APPEND_EVENTS_ENDED = _pg_append_events(notify=True)
+
+
+_INSERT_OUTBOX = sa.insert(t.outbox)
+
+
+def _allocate_statement(tx: SqlUnit) -> Any:
+    seq = t.run_event_seq
+    ins = tx.dialect.insert(seq)
+    return ins.on_conflict_do_update(
+        index_elements=[seq.c.run_id],
+        set_={"last_sequence": seq.c.last_sequence + ins.excluded.last_sequence},
+    ).returning(seq.c.run_id, seq.c.last_sequence)
+
+
+_ALLOCATE = SetWrite(
+    "allocate_sequences_many",
+    _PG_ALLOCATE_SEQUENCES,
+    _PG_SEQ_ROWS,
+    sqlite_build=_allocate_statement,
+)
+_APPEND = SetWrite(
+    "append_events", _PG_INSERT_OUTBOX, _PG_OUTBOX_ROWS, numbered=True, sqlite=_INSERT_OUTBOX
+)
+
+
+class SqlOutbox:
+    """The outbox on this transaction's connection (``tx.outbox``, the ``OutboxStore`` port)."""
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: SqlUnit) -> None:
+        self._tx = tx
+
+    async def _outbox_from(self, row: sa.Row[Any]) -> OutboxRecord:
+        """The record of an outbox row; ``PayloadMissingError`` if its event's blob is gone."""
+        if not is_encoded(row.event):
+            return _outbox_record(row)
+        return OutboxRecord.model_construct(
+            id=int(row.id),
+            event=cast(Any, parse_event(await self._tx._get_payload(row.event, row.run_id))),
+            attempts=int(row.attempts),
+            published=bool(row.published),
+            dead_lettered=bool(row.dead_lettered),
+            last_error=row.last_error,
+        )
+
+    async def _allocate_sequences(self, counts: Mapping[str, int]) -> dict[str, int]:
+        """Reserve ``counts[run_id]`` sequence numbers per run; returns each run's first.
+
+        One multi-row upsert (an executemany with RETURNING, which SQLAlchemy sends as
+        one INSERT ... VALUES (...), (...) ... ON CONFLICT DO UPDATE ... RETURNING). Its
+        rows are in run-id order, so two transactions appending for the same runs lock
+        their counters in the same order and cannot deadlock on PostgreSQL."""
+        params = [{"run_id": r, "last_sequence": counts[r]} for r in sorted(counts)]
+        rows = await self._tx.dialect.write_many(
+            self._tx, _ALLOCATE, params, "allocate event sequence"
+        )
+        first = {str(run_id): int(last) - counts[run_id] + 1 for run_id, last in rows}
+        if first.keys() != counts.keys():
+            raise StorageError("allocating event sequences returned other runs than asked")
+        return first
+
+    async def append(self, events: Sequence[EventBase]) -> list[EventBase]:
+        self._tx._check()
+        if not events:
+            return []
+        counts: dict[str, int] = {}
+        for event in events:
+            counts[event.workflow_run_id] = counts.get(event.workflow_run_id, 0) + 1
+        if self._tx.dialect.set_statements:
+            appended = await self._append_numbering_on_server(events, counts)
+            if appended is not None:
+                return appended
+        next_seq = await self._allocate_sequences(counts)
+        stored: list[EventBase] = []
+        rows: list[dict[str, Any]] = []
+        for event in events:
+            seq = next_seq[event.workflow_run_id]
+            next_seq[event.workflow_run_id] = seq + 1
+            event = evolve(event, {"sequence": seq})
+            stored.append(event)
+            rows.append(
+                {
+                    "run_id": event.workflow_run_id,
+                    "sequence": seq,
+                    "event_type": str(getattr(event, "type", type(event).__name__)),
+                    "event": await self._tx._put_payload(
+                        event.workflow_run_id, event.model_dump(mode="json")
+                    ),
+                    "created_at": event.timestamp,
+                    "published": False,
+                    "dead_lettered": False,
+                    "attempts": 0,
+                }
+            )
+        ended = self._note_ended(rows)
+        # PostgreSQL: one statement of one parameter; SQLite: a list of parameter sets,
+        # one cached statement batched into one round trip.
+        await self._tx.dialect.write_many(self._tx, _APPEND, rows, "append events")
+        notify = self._tx.dialect.payload_notify
+        if ended and notify is not None:
+            # Waiters in other processes (``RunHandle.result``) hear of it on commit.
+            payload = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
+            await self._tx.execute(notify, "notify run end", {"payload": payload})
+        return stored
+
+    def _note_ended(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The runs whose end ``rows`` (outbox rows) record, noted for the run-end
+        watchers, who are told only once the transaction commits (``ended_runs``)."""
+        ended = [row["run_id"] for row in rows if row["event_type"] in RUN_END_EVENTS]
+        if ended:
+            if self._tx.ended_runs is None:
+                self._tx.ended_runs = []
+            self._tx.ended_runs.extend(ended)
+        return ended
+
+    async def _append_numbering_on_server(
+        self, events: Sequence[EventBase], counts: Mapping[str, int]
+    ) -> list[EventBase] | None:
+        """``append_events`` in one statement (``_pg_append_events``), or ``None`` when
+        an event's JSON went to the blob store (the caller's two statements do it)."""
+        rows: list[dict[str, Any]] = []
+        for i, event in enumerate(events):
+            # Asked before anything is stored: an event for the blob store sends the whole
+            # append down the two-statement path, which stores it (once) with its number.
+            stored = escape(event.model_dump(mode="json"))
+            if self._tx.payloads is not None and self._tx.payloads.offloads(stored):
+                return None
+            rows.append(
+                {
+                    "i": i,
+                    "run_id": event.workflow_run_id,
+                    "sequence": 0,  # numbered by the statement
+                    "event_type": str(getattr(event, "type", type(event).__name__)),
+                    "event": stored,
+                    "created_at": event.timestamp,
+                }
+            )
+        params: dict[str, Any] = _PG_OUTBOX_ROWS.encode(rows)
+        ended = self._note_ended(rows)  # told to the watchers only once this commits
+        statement = _PG_APPEND_EVENTS
+        if ended:
+            # Waiters in other processes (``RunHandle.result``) hear of it on commit.
+            params["payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
+            statement = _PG_APPEND_EVENTS_ENDED
+        first: dict[str, int] = {}
+        for run_id, sequence in await self._tx.execute(statement, "append events", params):
+            if run_id not in first or sequence < first[run_id]:
+                first[run_id] = int(sequence)
+        if first.keys() != counts.keys():
+            raise StorageError("appending events returned other runs than asked")
+        stored_events: list[EventBase] = []
+        for event in events:
+            seq = first[event.workflow_run_id]
+            first[event.workflow_run_id] = seq + 1
+            stored_events.append(evolve(event, {"sequence": seq}))
+        return stored_events
+
+    async def unpublished(self, limit: int) -> list[OutboxRecord]:
+        query = (
+            sa.select(t.outbox)
+            .where(t.outbox.c.published.is_(False), t.outbox.c.dead_lettered.is_(False))
+            .order_by(t.outbox.c.id)
+            .limit(limit)
+        )
+        records: list[OutboxRecord] = []
+        for row in await self._tx.execute(query, "unpublished events"):
+            try:
+                records.append(await self._outbox_from(row))
+            except PayloadMissingError as exc:
+                # An event whose blob is gone can never be published: dead-lettered now,
+                # with the reason, so it neither fails every run's flush nor comes back.
+                error = describe_exception(exc)
+                await self.record_failure(row.id, error, dead_letter=True)
+        return records
+
+    async def mark_published(self, outbox_ids: Sequence[int]) -> None:
+        self._tx._check()
+        if not outbox_ids:
+            return
+        stmt = (
+            sa.update(t.outbox)
+            .where(t.outbox.c.id.in_(list(outbox_ids)))
+            .values(published=True, dead_lettered=False, published_at=datetime.now(UTC))
+        )
+        await self._tx.execute(stmt, "mark published")
+
+    async def record_failure(self, outbox_id: int, error: str, *, dead_letter: bool) -> None:
+        values: dict[str, Any] = {"attempts": t.outbox.c.attempts + 1, "last_error": error}
+        if dead_letter:
+            values["dead_lettered"] = True
+        stmt = sa.update(t.outbox).where(t.outbox.c.id == outbox_id).values(values)
+        await self._tx.execute(stmt, "record publish failure")
+
+    async def dead_lettered(self, limit: int) -> list[OutboxRecord]:
+        query = (
+            sa.select(t.outbox)
+            .where(t.outbox.c.published.is_(False), t.outbox.c.dead_lettered.is_(True))
+            .order_by(t.outbox.c.id)
+            .limit(limit)
+        )
+        records: list[OutboxRecord] = []
+        for row in await self._tx.execute(query, "dead letters"):
+            # One whose event's blob is gone cannot be replayed; its row keeps the reason.
+            with suppress(PayloadMissingError):
+                records.append(await self._outbox_from(row))
+        return records
+
+    async def requeue_dead_letters(self, outbox_ids: Sequence[int]) -> int:
+        self._tx._check()
+        if not outbox_ids:
+            return 0
+        stmt = (
+            sa.update(t.outbox)
+            .where(
+                t.outbox.c.id.in_(list(outbox_ids)),
+                t.outbox.c.published.is_(False),
+                t.outbox.c.dead_lettered.is_(True),
+            )
+            .values(dead_lettered=False, attempts=0)
+        )
+        # The condition is re-checked under the row lock: of two concurrent replays of a
+        # row, one counts it.
+        return int((await self._tx.execute(stmt, "requeue dead letters")).rowcount)
+
+    async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
+        query = (
+            sa.select(t.outbox.c.event)
+            .where(t.outbox.c.run_id == run_id, t.outbox.c.sequence > after_sequence)
+            .order_by(t.outbox.c.sequence)
+        )
+        rows = await self._tx.execute(query, "events for run")
+        return [parse_event(await self._tx._get_payload(data, run_id)) for (data,) in rows]
