@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -33,6 +33,29 @@ def parse_age(text: str, option: str) -> timedelta:
         fail(f"{option}: {text!r} is too long")
 
 
+def _steer(
+    ctx: typer.Context,
+    action: Literal["pause", "resume", "terminate"],
+    run_id: str,
+    reason: str | None,
+    db: str | None,
+    app: str | None,
+    *,
+    done: str,
+    noop: str,
+) -> None:
+    """Call ``engine.<action>(run_id, reason=)`` and say ``done`` when it changed the run,
+    ``noop`` when the run was already so (the commands differ only in these)."""
+    cli = state(ctx, db=db, app=app)
+
+    async def go() -> bool:
+        async with open_engine(cli) as engine:
+            steer = getattr(engine, action)
+            return bool(await steer(run_id, reason=reason))
+
+    typer.echo(done if run_async(go, db=cli.db) else noop)
+
+
 def pause(
     ctx: typer.Context,
     run_id: RunArgument,
@@ -42,16 +65,10 @@ def pause(
 ) -> None:
     """Pause a run: no new stage or step starts until `treadle resume` (the one in flight
     finishes). A run that has ended cannot be paused."""
-    cli = state(ctx, db=db, app=app)
-
-    async def go() -> bool:
-        async with open_engine(cli) as engine:
-            return await engine.pause(run_id, reason=reason)
-
-    if run_async(go, db=cli.db):
-        typer.echo(f"paused {run_id}")
-    else:
-        typer.echo(f"{run_id} was paused already")
+    _steer(
+        ctx, "pause", run_id, reason, db, app,
+        done=f"paused {run_id}", noop=f"{run_id} was paused already",
+    )  # fmt: skip
 
 
 def resume(
@@ -62,16 +79,10 @@ def resume(
     app: AppOption = None,
 ) -> None:
     """Resume a paused run from where it stopped."""
-    cli = state(ctx, db=db, app=app)
-
-    async def go() -> bool:
-        async with open_engine(cli) as engine:
-            return await engine.resume(run_id, reason=reason)
-
-    if run_async(go, db=cli.db):
-        typer.echo(f"resumed {run_id}")
-    else:
-        typer.echo(f"{run_id} was not paused; nothing to resume")
+    _steer(
+        ctx, "resume", run_id, reason, db, app,
+        done=f"resumed {run_id}", noop=f"{run_id} was not paused; nothing to resume",
+    )  # fmt: skip
 
 
 def terminate(
@@ -82,16 +93,10 @@ def terminate(
     app: AppOption = None,
 ) -> None:
     """End a run at once (CANCELLED) without running its compensations, unlike cancel."""
-    cli = state(ctx, db=db, app=app)
-
-    async def go() -> bool:
-        async with open_engine(cli) as engine:
-            return await engine.terminate(run_id, reason=reason)
-
-    if run_async(go, db=cli.db):
-        typer.echo(f"terminated {run_id}")
-    else:
-        typer.echo(f"{run_id} had already finished; nothing to terminate")
+    _steer(
+        ctx, "terminate", run_id, reason, db, app,
+        done=f"terminated {run_id}", noop=f"{run_id} had already finished; nothing to terminate",
+    )  # fmt: skip
 
 
 def purge(
