@@ -82,3 +82,19 @@ async def enqueue_stages(
     jobs = new_jobs(deps, run, wf, [s.stage_id for s in stages], now, lease_to=lease_to)
     await deps.job_transport.enqueue(tx, jobs)
     return jobs
+
+
+async def insert_started(
+    deps: Deps, tx: Transaction, run: Run, wf: WorkflowDefinition, now: datetime
+) -> None:
+    """Insert ``run`` (already RUNNING at group 0) with its stages, PENDING in group then
+    definition order, and queue group 0's jobs: a run started in the transaction that
+    creates it (a child, a continue-as-new successor)."""
+    stages = [
+        StageRun(workflow_run_id=run.id, stage_id=stage.id, execution_group=index)
+        for index, group in enumerate(wf.groups)
+        for stage in group
+    ]
+    await tx.runs.insert(run)
+    await tx.stages.insert_many(stages)
+    await enqueue_stages(deps, tx, run, wf, [s for s in stages if s.execution_group == 0], now)

@@ -29,8 +29,8 @@ from treadle.kernel.events import (
     WorkflowCreated,
     WorkflowStarted,
 )
-from treadle.kernel.handlers.basics import enqueue_stages
-from treadle.kernel.model import Run, RunStatus, StageRun, StageStatus, evolve
+from treadle.kernel.handlers.basics import insert_started
+from treadle.kernel.model import Run, RunStatus, StageStatus, evolve
 from treadle.kernel.workflows.activation import wake, write_entries
 from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID
 from treadle.kernel.workflows.model import ChildStart, JournalStatus
@@ -68,14 +68,7 @@ async def start_child(
         started_at=now,
         updated_at=now,
     )
-    stages = [
-        StageRun(workflow_run_id=run.id, stage_id=stage.id, execution_group=index)
-        for index, group in enumerate(wf.groups)
-        for stage in group
-    ]
-    await tx.runs.insert(run)
-    await tx.stages.insert_many(stages)
-    await enqueue_stages(deps, tx, run, wf, [s for s in stages if s.execution_group == 0], now)
+    await insert_started(deps, tx, run, wf, now)
     await tx.outbox.append(
         [
             WorkflowCreated(

@@ -36,7 +36,7 @@ from treadle.kernel.events import (
     WorkflowCreated,
     WorkflowStarted,
 )
-from treadle.kernel.handlers.basics import enqueue_stages
+from treadle.kernel.handlers.basics import insert_started
 from treadle.kernel.handlers.common import run_ended
 from treadle.kernel.model import (
     CONTINUED_AS,
@@ -110,14 +110,7 @@ async def continue_run(
         started_at=now,
         updated_at=now,
     )
-    stages = [
-        StageRun(workflow_run_id=new.id, stage_id=definition.id, execution_group=index)
-        for index, group in enumerate(wf.groups)
-        for definition in group
-    ]
-    await tx.runs.insert(new)
-    await tx.stages.insert_many(stages)
-    await enqueue_stages(deps, tx, new, wf, [s for s in stages if s.execution_group == 0], now)
+    await insert_started(deps, tx, new, wf, now)
     await _move_messages(tx, run.id, new.id, now)
     await _carry_deadline(tx, run.id, new.id, now)
     await tx.outbox.append(
