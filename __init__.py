@@ -14,7 +14,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from treadle.adapters.aws.s3 import S3BlobStore
     from treadle.adapters.sql.migrate import migrate
+    from treadle.adapters.webhook import WebhookEventSink, verify_webhook
     from treadle.engine import Engine
     from treadle.kernel import (
         Failed,
@@ -77,6 +79,10 @@ if TYPE_CHECKING:
         UnknownCommandError,
         VersionMismatchError,
         WaitTimeoutError,
+        WebhookDeliveryError,
+        WebhookDestinationError,
+        WebhookError,
+        WebhookVerificationError,
         WorkflowError,
         WorkflowNotFoundError,
     )
@@ -116,6 +122,7 @@ __all__ = [
     "RunFailedError",
     "RunNotFoundError",
     "RunStatus",
+    "S3BlobStore",
     "Schedule",
     "ScheduleDefinition",
     "ScheduleNotFoundError",
@@ -137,6 +144,11 @@ __all__ = [
     "UnknownCommandError",
     "VersionMismatchError",
     "WaitTimeoutError",
+    "WebhookDeliveryError",
+    "WebhookDestinationError",
+    "WebhookError",
+    "WebhookEventSink",
+    "WebhookVerificationError",
     "WorkerOptions",
     "WorkflowBuilder",
     "WorkflowContext",
@@ -149,6 +161,7 @@ __all__ = [
     "define_schedule",
     "define_stage",
     "migrate",
+    "verify_webhook",
     "workflow",
 ]
 
@@ -191,6 +204,10 @@ _ERRORS = frozenset(
         "UnknownCommandError",
         "VersionMismatchError",
         "WaitTimeoutError",
+        "WebhookDeliveryError",
+        "WebhookDestinationError",
+        "WebhookError",
+        "WebhookVerificationError",
         "WorkflowError",
         "WorkflowNotFoundError",
     }
@@ -204,6 +221,10 @@ def __getattr__(name: str) -> Any:
         module = "treadle.engine"
     elif name == "migrate":  # ``treadle.migrate(url)``: SQLAlchemy loaded on use
         module = "treadle.adapters.sql.migrate"
+    elif name == "S3BlobStore":  # boto3 is imported when a store is built, not here
+        module = "treadle.adapters.aws.s3"
+    elif name in ("WebhookEventSink", "verify_webhook"):
+        module = "treadle.adapters.webhook"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
     elif name in _ERRORS:

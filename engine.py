@@ -60,7 +60,7 @@ from treadle.runtime.worker import SlotLoan, Worker
 
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase
-    from treadle.ports import Clock, EventSink, IdGenerator, KernelPlugin
+    from treadle.ports import BlobStore, Clock, EventSink, IdGenerator, KernelPlugin
 
 __all__ = ["Engine", "RunHandle", "StartItem"]
 
@@ -285,6 +285,7 @@ class Engine:
         workflows: Iterable[WorkflowDefinition] = (),
         *,
         auto_migrate: bool = False,
+        blobs: str | os.PathLike[str] | BlobStore | None = None,
         blob_root: str | os.PathLike[str] | None = None,
         clock: Clock | None = None,
         event_sink: EventSink | None = None,
@@ -303,7 +304,11 @@ class Engine:
         A SQLite file is created and migrated; a PostgreSQL schema must already be at
         head (``treadle migrate``) unless ``auto_migrate=True``. JSON payloads larger
         than ``payload_max_bytes`` are kept in the blob store, the row holding a
-        reference (``None``: always inline); see docs/storage.md. The cron schedules
+        reference (``None``: always inline); see docs/storage.md. ``blobs`` is where
+        blobs go: a ``BlobStore``, ``s3://bucket/prefix`` or a directory (default
+        ``$TREADLE_BLOBS_URL``, else beside the SQLite file, in PostgreSQL, or in memory);
+        ``event_sink`` where events are published (default: the webhook
+        ``$TREADLE_WEBHOOK_URL`` names, else the log). The cron schedules
         the workflows declare (``@workflow(schedule=...)``) and ``schedules``
         (``define_schedule(...)``) are created, or brought in line with the code.
         ``retention`` (a number means seconds) is how long terminal runs of workflows
@@ -318,6 +323,7 @@ class Engine:
         definitions = _definitions(workflows)
         backend = await open_backend(
             url,
+            blobs=blobs,
             blob_root=blob_root,
             auto_migrate=auto_migrate,
             clock=clock,

@@ -72,6 +72,7 @@ def main(
     app: str | None,
     db: str,
     options: WorkerOptions | Mapping[str, Any] | None = None,
+    blobs: str | None = None,
     **overrides: Any,
 ) -> int:
     """Run a worker on ``db`` for the workflows ``app`` names until signalled; returns
@@ -84,6 +85,7 @@ def main(
                 workflows,
                 db=db,
                 options=WorkerOptions.build(options, overrides),
+                blobs=blobs,
             )
         except (TreadleError, ValueError) as exc:
             _error_line(exc, db)
@@ -115,16 +117,20 @@ class WorkerHost:
         *,
         db: str,
         options: WorkerOptions | Mapping[str, Any] | None = None,
+        blobs: str | None = None,
         **overrides: Any,
     ) -> None:
         """``options`` and ``overrides`` (``concurrency=8``, ``drain_timeout=30``, ...): see
-        ``WorkerOptions``, which refuses a bad one (a ``ValueError`` naming it)."""
+        ``WorkerOptions``, which refuses a bad one (a ``ValueError`` naming it). ``blobs``:
+        where blobs go (``s3://bucket/prefix``, a directory; default
+        ``$TREADLE_BLOBS_URL`` or the backend's own)."""
         self.options = opts = WorkerOptions.build(options, overrides)
         given_db: object = db
         if not isinstance(given_db, str) or not given_db:
             raise ValueError(f"db must be a database URL, got {db!r}")
         self.workflows = workflows
         self.db = db
+        self.blobs = blobs
         self.worker_id = opts.worker_id
         self.concurrency = opts.concurrency
         self.drain_timeout = opts.drain_timeout
@@ -176,7 +182,7 @@ class WorkerHost:
         assert self._signals is not None
         signals = self._signals
         try:
-            backend = await open_backend(self.db)
+            backend = await open_backend(self.db, blobs=self.blobs)
         except TreadleError as exc:
             _error_line(exc, self.db)
             return EXIT_STARTUP_FAILED

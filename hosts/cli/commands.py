@@ -15,6 +15,7 @@ import typer
 from treadle.hosts.cli.common import (
     EXIT_FAILURE,
     AppOption,
+    BlobsOption,
     DbOption,
     console,
     echo_json,
@@ -120,9 +121,10 @@ def worker(
     ] = None,
     db: DbOption = None,
     app: AppOption = None,
+    blobs: BlobsOption = None,
 ) -> None:
     """Run a long-lived worker until SIGTERM/SIGINT (graceful drain)."""
-    cli = state(ctx, db=db, app=app)
+    cli = state(ctx, db=db, app=app, blobs=blobs)
     if cli.app is None:
         typer.echo("error: the worker needs the app: pass --app module:attr", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG)
@@ -141,7 +143,9 @@ def worker(
     }
     if queue:
         options["queues"] = queue
-    code = run_guarded(lambda: worker_main(app=cli.app, db=cli.db, options=options), db=cli.db)
+    code = run_guarded(
+        lambda: worker_main(app=cli.app, db=cli.db, options=options, blobs=cli.blobs), db=cli.db
+    )
     raise typer.Exit(code)
 
 

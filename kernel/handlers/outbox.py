@@ -26,14 +26,27 @@ async def _publish(deps: Deps, event: EventBase) -> None:
         await plugin.on_event(event)
 
 
-async def flush(deps: Deps, cmd: c.OutboxFlush, scope: Scope) -> c.OutboxFlushResult:
-    async with deps.persistence.transaction() as tx:
-        cached = await scope.claim(tx)
-        if cached is not None:
-            return cast("c.OutboxFlushResult", cached)
-        batch = await tx.outbox.unpublished(cmd.max_events)
-    published: list[int] = []
-    failures: list[tuple[OutboxRecord, str, bool]] = []
+def _failed(
+    deps: Deps, record: OutboxRecord, exc: Exception, failures: list[tuple[OutboxRecord, str, bool]]
+) -> None:
+    dead = record.attempts + 1 >= deps.settings.outbox_max_attempts
+    failures.append((record, describe_exception(exc), dead))
+    deps.logger.warning(
+        "outbox.publish_failed",
+        run_id=record.event.workflow_run_id,
+        sequence=record.event.sequence,
+        attempts=record.attempts + 1,
+        dead_lettered=dead,
+        error=describe_exception(exc),
+    )
+
+
+async def _publish_each(
+    deps: Deps,
+    batch: list[OutboxRecord],
+    published: list[int],
+    failures: list[tuple[OutboxRecord, str, bool]],
+) -> None:
     blocked: set[str] = set()
     sink, plugins = deps.event_sink, deps.plugins
     for record in batch:
@@ -47,19 +60,52 @@ async def flush(deps: Deps, cmd: c.OutboxFlush, scope: Scope) -> c.OutboxFlushRe
             else:  # the common case, without a coroutine per event for the plugin loop
                 await sink.publish(event)
         except Exception as exc:
-            dead = record.attempts + 1 >= deps.settings.outbox_max_attempts
-            failures.append((record, describe_exception(exc), dead))
+            _failed(deps, record, exc, failures)
             blocked.add(run_id)
-            deps.logger.warning(
-                "outbox.publish_failed",
-                run_id=run_id,
-                sequence=record.event.sequence,
-                attempts=record.attempts + 1,
-                dead_lettered=dead,
-                error=describe_exception(exc),
-            )
         else:
             published.append(record.id)
+
+
+async def _publish_batched(
+    deps: Deps,
+    batch: list[OutboxRecord],
+    published: list[int],
+    failures: list[tuple[OutboxRecord, str, bool]],
+) -> None:
+    """A sink that takes batches (``batches`` is true, ``publish_batch(events)``): the
+    whole batch in one call, which is in per-run order already. If it fails, nothing of
+    it counts as published and each run's first event records the failure, as if that
+    event had failed alone (its run's later events wait, other runs' too this time)."""
+    events = [record.event for record in batch]
+    if not events:
+        return
+    try:
+        await deps.event_sink.publish_batch(events)  # type: ignore[attr-defined]
+        for plugin in deps.plugins:
+            for event in events:
+                await plugin.on_event(event)
+    except Exception as exc:
+        seen: set[str] = set()
+        for record in batch:
+            if record.event.workflow_run_id not in seen:
+                seen.add(record.event.workflow_run_id)
+                _failed(deps, record, exc, failures)
+    else:
+        published.extend(record.id for record in batch)
+
+
+async def flush(deps: Deps, cmd: c.OutboxFlush, scope: Scope) -> c.OutboxFlushResult:
+    async with deps.persistence.transaction() as tx:
+        cached = await scope.claim(tx)
+        if cached is not None:
+            return cast("c.OutboxFlushResult", cached)
+        batch = await tx.outbox.unpublished(cmd.max_events)
+    published: list[int] = []
+    failures: list[tuple[OutboxRecord, str, bool]] = []
+    if getattr(deps.event_sink, "batches", False):
+        await _publish_batched(deps, batch, published, failures)
+    else:
+        await _publish_each(deps, batch, published, failures)
     result = c.OutboxFlushResult(
         published=len(published),
         failed=len(failures),
