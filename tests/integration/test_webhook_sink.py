@@ -58,7 +58,7 @@ def receiver() -> Iterator[Receiver]:
     state = Receiver()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["content-length"]))
             state.paths.append(self.path)
             if state.mode == "hang":
@@ -131,7 +131,7 @@ def test_verify_webhook_accepts_a_signed_request_and_rejects_tampering() -> None
     with pytest.raises(WebhookVerificationError, match="webhook-signature"):
         verify_webhook(body, {**headers, "webhook-signature": ""} | {}, SECRET, now=now)
     missing = {k: v for k, v in headers.items() if k != "webhook-id"}
-    with pytest.raises(WebhookVerificationError, match="missing header.*webhook-id"):
+    with pytest.raises(WebhookVerificationError, match=r"missing header.*webhook-id"):
         verify_webhook(body, missing, SECRET, now=now)
     with pytest.raises(WebhookVerificationError, match="not an integer"):
         verify_webhook(body, {**headers, "webhook-timestamp": "soon"}, SECRET, now=now)
@@ -264,7 +264,7 @@ async def test_a_failing_receiver_gets_the_events_once_it_recovers(
         receiver.mode = "fail"
         run_ids = await _run_all(engine, 2)  # the worker's own flushes fail too
         result = await _flush(engine)
-        assert result.published == 0 and result.failed == 2 and result.dead_lettered == 0
+        assert (result.published, result.failed, result.dead_lettered) == (0, 2, 0)
         pending = await _pending(engine)
         failing = {r.event.workflow_run_id: r.event.sequence for r in pending if r.attempts}
         assert failing == dict.fromkeys(run_ids, 1)
@@ -299,7 +299,8 @@ async def test_retries_exhausted_go_to_the_dlq_and_replay_redelivers(
         while (await _flush(engine)).published:
             pass
         delivered = _received(receiver)[run_id]
-        assert delivered == sorted(delivered) and 1 not in delivered
+        assert delivered == sorted(delivered)
+        assert 1 not in delivered
         replay = await engine.kernel.dispatch({"type": "plugin.replayDLQ"})
         assert replay.replayed == 1
         assert (await _flush(engine)).published == 1
@@ -312,7 +313,7 @@ async def test_a_receiver_that_does_not_answer_times_out(receiver: Receiver) -> 
     error saying so (the outbox then retries it)."""
     receiver.mode = "hang"
     sink = _sink(receiver, timeout=0.3)
-    with pytest.raises(WebhookDeliveryError, match="timed out after 0.3s"):
+    with pytest.raises(WebhookDeliveryError, match=r"timed out after 0.3s"):
         await sink.publish(_event())
     await sink.aclose()
 
@@ -321,7 +322,7 @@ async def test_a_redirect_is_a_failure_and_is_not_followed(receiver: Receiver) -
     """A 302 answer fails the delivery, naming the Location; no request goes there."""
     receiver.mode = "redirect"
     sink = _sink(receiver)
-    with pytest.raises(WebhookDeliveryError, match="302.*/elsewhere.*not followed"):
+    with pytest.raises(WebhookDeliveryError, match=r"302.*/elsewhere.*not followed"):
         await sink.publish(_event())
     await sink.aclose()
     assert receiver.paths == ["/hooks/treadle"]
@@ -336,14 +337,14 @@ async def test_internal_destinations_are_refused_unless_allowed(receiver: Receiv
     """Loopback, private and link-local (cloud metadata) addresses are refused with an
     error naming the address, at construction for a literal, at delivery after DNS; the
     allow-list lets a named host or network through."""
-    with pytest.raises(WebhookDestinationError, match="127.0.0.1.*allow="):
+    with pytest.raises(WebhookDestinationError, match=r"127.0.0.1.*allow="):
         WebhookEventSink(receiver.url, SECRET)
-    with pytest.raises(WebhookDestinationError, match="169.254.169.254"):
+    with pytest.raises(WebhookDestinationError, match=r"169.254.169.254"):
         WebhookEventSink("http://169.254.169.254/latest/meta-data", SECRET)
     internal = WebhookEventSink(
         "https://hooks.internal.test/x", SECRET, resolver=_resolving_to("10.1.2.3")
     )
-    with pytest.raises(WebhookDestinationError, match="resolves to 10.1.2.3"):
+    with pytest.raises(WebhookDestinationError, match=r"resolves to 10.1.2.3"):
         await internal.publish(_event())
     allowed = WebhookEventSink(
         "https://hooks.internal.test/x",
@@ -400,7 +401,8 @@ async def test_a_refused_destination_fails_the_flush_with_its_reason(
             await _flush(engine)
         async with engine.kernel.deps.persistence.transaction() as tx:
             dead = await tx.outbox.dead_lettered(10)
-    assert dead and "WebhookDestinationError" in (dead[0].last_error or "")
+    assert dead
+    assert "WebhookDestinationError" in (dead[0].last_error or "")
     assert "169.254.169.254" in (dead[0].last_error or "")
 
 
