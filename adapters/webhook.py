@@ -312,13 +312,13 @@ class WebhookEventSink:
         if self._restricted:
             raise WebhookDestinationError(
                 f"webhook host {self.host!r} ({address}) is not on the allow-list: add the host "
-                "or a network holding the address to allow="
+                "or a network holding the address to allow= (TREADLE_WEBHOOK_ALLOW)"
             )
         if not _public(address):
             raise WebhookDestinationError(
                 f"webhook host {self.host!r} resolves to {address}, a private, loopback, "
-                "link-local or reserved address: refused unless allow= names the host or "
-                "a network holding it"
+                "link-local or reserved address: refused unless allow= (TREADLE_WEBHOOK_ALLOW) "
+                "names the host or a network holding it"
             )
 
     async def resolve(self) -> str:
