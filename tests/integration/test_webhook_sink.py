@@ -10,7 +10,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -30,6 +30,10 @@ from treadle.kernel.events import WorkflowCreated
 pytest.importorskip("httpx")
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+EVERY_FLUSH = KernelSettings(outbox_retry_delay=timedelta(0))
+"""No backoff between attempts, so a test's consecutive flushes each retry (the outbox's
+backoff is tested in tests/scenario/test_outbox.py)."""
 
 
 @dataclass
@@ -257,7 +261,7 @@ async def test_a_failing_receiver_gets_the_events_once_it_recovers(
     records the failure and its later events wait. Once the receiver answers again,
     every event arrives, in order."""
     sink = _sink(receiver)
-    settings = KernelSettings(outbox_max_attempts=20)
+    settings = KernelSettings(outbox_max_attempts=20, outbox_retry_delay=timedelta(0))
     async with await Engine.open(
         treadle_database_url, workflows=[WF], event_sink=sink, settings=settings
     ) as engine:
@@ -285,7 +289,9 @@ async def test_retries_exhausted_go_to_the_dlq_and_replay_redelivers(
     later events then flow once the receiver is back); ``plugin.replayDLQ`` puts it back
     and the next flush delivers it."""
     sink = _sink(receiver)
-    async with await Engine.open(treadle_database_url, workflows=[WF], event_sink=sink) as engine:
+    async with await Engine.open(
+        treadle_database_url, workflows=[WF], event_sink=sink, settings=EVERY_FLUSH
+    ) as engine:
         receiver.mode = "fail"
         (run_id,) = await _run_all(engine, 1)
         for _ in range(3):
@@ -395,7 +401,9 @@ async def test_a_refused_destination_fails_the_flush_with_its_reason(
     sink = WebhookEventSink(
         "http://metadata.internal.test/hook", SECRET, resolver=_resolving_to("169.254.169.254")
     )
-    async with await Engine.open(treadle_sqlite_url, workflows=[WF], event_sink=sink) as engine:
+    async with await Engine.open(
+        treadle_sqlite_url, workflows=[WF], event_sink=sink, settings=EVERY_FLUSH
+    ) as engine:
         await _run_all(engine, 1)
         for _ in range(3):
             await _flush(engine)

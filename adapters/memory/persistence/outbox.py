@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from datetime import datetime
 from itertools import islice
 from typing import Any
 
@@ -132,7 +133,9 @@ class MemoryOutbox:
         if removed:
             self._undo.append((None, functools.partial(_unpublish, s, removed), None))
 
-    async def record_failure(self, outbox_id: int, error: str, *, dead_letter: bool) -> None:
+    async def record_failure(
+        self, outbox_id: int, error: str, *, dead_letter: bool, retry_at: datetime | None = None
+    ) -> None:
         self._tx._check()
         record = self._s.outbox_record(outbox_id)
         self._tx.set_item(
@@ -144,6 +147,7 @@ class MemoryOutbox:
                     "attempts": record.attempts + 1,
                     "last_error": error,
                     "dead_lettered": dead_letter,
+                    "retry_at": retry_at,
                 },
             ),
         )
@@ -161,7 +165,9 @@ class MemoryOutbox:
         for outbox_id in revived:
             record = s.outbox_record(outbox_id)
             self._tx.set_item(
-                s.outbox, outbox_id, evolve(record, {"attempts": 0, "dead_lettered": False})
+                s.outbox,
+                outbox_id,
+                evolve(record, {"attempts": 0, "dead_lettered": False, "retry_at": None}),
             )
             self._tx.del_item(s.dead, outbox_id)
             self._tx.set_item(s.unpublished, outbox_id, None)
