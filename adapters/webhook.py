@@ -322,15 +322,20 @@ class WebhookEventSink:
             )
 
     async def resolve(self) -> str:
-        """The checked address the next request goes to (``WebhookDestinationError``
-        when the host does not resolve or an address is refused)."""
+        """The checked address the next request goes to first (see ``addresses``)."""
+        return (await self.addresses())[0]
+
+    async def addresses(self) -> list[str]:
+        """The host's addresses, each checked against the allow-list, in the resolver's
+        order: ``WebhookDestinationError`` when the host does not resolve or any
+        address is refused (the system would connect to any of them)."""
         try:
             literal = ipaddress.ip_address(self.host)
         except ValueError:
             pass
         else:
             self._check_address(literal)
-            return str(literal)
+            return [str(literal)]
         resolver = self._resolver or _system_resolver
         try:
             found = await asyncio.to_thread(resolver, self.host, self.port)
@@ -341,9 +346,9 @@ class WebhookEventSink:
         if not found:
             raise WebhookDestinationError(f"webhook host {self.host!r} does not resolve")
         addresses = [ipaddress.ip_address(one) for one in found]
-        for address in addresses:  # every answer must pass: the OS may pick any of them
+        for address in addresses:  # every answer must pass: a retry may use any of them
             self._check_address(address)
-        return str(addresses[0])
+        return [str(address) for address in addresses]
 
     # -- delivery -------------------------------------------------------------------
     def _client(self) -> Any:
@@ -378,8 +383,17 @@ class WebhookEventSink:
             return ids[0]
         return "batch_" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:32]
 
+    def _target(self, address: str) -> str:
+        """The URL with its host replaced by ``address`` (the one that was checked)."""
+        netloc = f"[{address}]" if ":" in address else address
+        if self._parts.port:
+            netloc += f":{self._parts.port}"
+        return urlunsplit(
+            (self._parts.scheme, netloc, self._parts.path or "/", self._parts.query, "")
+        )
+
     async def _post(self, events: Sequence[EventBase]) -> None:
-        address = await self.resolve()
+        addresses = await self.addresses()
         body = self._body(events)
         msg_id = self.message_id(events)
         headers = {
@@ -389,20 +403,20 @@ class WebhookEventSink:
             "user-agent": "treadle-webhook",
             "host": self._parts.netloc.rpartition("@")[2],
         }
-        netloc = f"[{address}]" if ":" in address else address
-        if self._parts.port:
-            netloc += f":{self._parts.port}"
-        target = urlunsplit(
-            (self._parts.scheme, netloc, self._parts.path or "/", self._parts.query, "")
-        )
         extensions = {"sni_hostname": self.host} if self._parts.scheme == "https" else {}
         import httpx
 
         client = self._client()
         try:
-            response = await client.post(
-                target, content=body, headers=headers, extensions=extensions
-            )
+            for index, address in enumerate(addresses):
+                try:
+                    response = await client.post(
+                        self._target(address), content=body, headers=headers, extensions=extensions
+                    )
+                    break
+                except httpx.ConnectError:
+                    if index == len(addresses) - 1:
+                        raise  # nothing sent yet: the next address may answer (IPv6 vs 4)
         except httpx.TimeoutException as exc:
             raise WebhookDeliveryError(
                 f"POST {self._shown_url()} timed out after {self.timeout:g}s"
@@ -447,16 +461,19 @@ class WebhookEventSink:
         address passes the allow-list, and a TCP connection opens within ``timeout``
         (``treadle doctor``). Raises ``WebhookDestinationError`` or
         ``WebhookDeliveryError``."""
-        address = await self.resolve()
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(address, self.port), self.timeout
-            )
-        except (OSError, TimeoutError) as exc:
-            raise WebhookDeliveryError(
-                f"cannot connect to {self.host}:{self.port} ({address}): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        addresses = await self.addresses()
+        for index, address in enumerate(addresses):
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(address, self.port), self.timeout
+                )
+                break
+            except (OSError, TimeoutError) as exc:
+                if index == len(addresses) - 1:
+                    raise WebhookDeliveryError(
+                        f"cannot connect to {self.host}:{self.port} ({address}): "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()

@@ -434,3 +434,21 @@ async def test_the_environment_configures_the_webhook(
         expected = await _expected(engine, [run_id])
     assert _received(receiver) == expected
     assert json.loads(receiver.requests[-1]["body"])["type"] == "workflow:completed"
+
+
+async def test_a_named_host_is_reached_at_its_checked_address(receiver: Receiver) -> None:
+    """A host name is resolved once per delivery and the request goes to a checked
+    address, with the Host header of the URL; an address that refuses the connection is
+    skipped for the next one."""
+    port = receiver.url.split(":")[2].split("/")[0]
+    sink = WebhookEventSink(
+        f"http://receiver.test:{port}/hooks/treadle",
+        SECRET,
+        allow=["127.0.0.0/8"],
+        resolver=_resolving_to("127.0.0.2", "127.0.0.1"),  # nothing listens on .2
+    )
+    await sink.publish(_event("run-b", 1))
+    await sink.aclose()
+    (request,) = receiver.requests
+    assert {k.lower(): v for k, v in request["headers"].items()}["host"] == f"receiver.test:{port}"
+    assert request["json"]["workflow_run_id"] == "run-b"
