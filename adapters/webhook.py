@@ -45,6 +45,7 @@ import ipaddress
 import json
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -210,6 +211,12 @@ class WebhookEventSink:
     - ``include_payloads``: send ``output``, ``payload`` and ``attributes`` fields
       (default True; False sends the events without user data).
     - ``headers``: extra headers on every request (an ``Authorization`` for a gateway).
+    - ``verify``: TLS verification as httpx takes it: True (the system's CAs), a CA
+      bundle's path or an ``ssl.SSLContext`` (a private CA). The certificate is checked
+      against the URL's host name, though the connection goes to the checked address.
+
+    Proxies (``HTTPS_PROXY``) are not used: the request must reach the address that
+    passed the allow-list.
     """
 
     def __init__(
@@ -222,6 +229,7 @@ class WebhookEventSink:
         batch: bool = False,
         include_payloads: bool = True,
         headers: Mapping[str, str] | None = None,
+        verify: ssl.SSLContext | str | bool = True,
         resolver: Resolver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -250,6 +258,7 @@ class WebhookEventSink:
         self.batch = batch
         self.include_payloads = include_payloads
         self.headers = dict(headers or {})
+        self.verify = verify
         self._resolver = resolver
         self._clock = clock
         self._clients: dict[int, Any] = {}
@@ -363,7 +372,10 @@ class WebhookEventSink:
         if client is None:
             # One client per event loop (an AsyncClient is bound to the loop it ran on).
             client = httpx.AsyncClient(
-                follow_redirects=False, timeout=httpx.Timeout(self.timeout), trust_env=False
+                follow_redirects=False,
+                timeout=httpx.Timeout(self.timeout),
+                trust_env=False,
+                verify=self.verify,
             )
             self._clients[loop_id] = client
         return client

@@ -452,3 +452,92 @@ async def test_a_named_host_is_reached_at_its_checked_address(receiver: Receiver
     (request,) = receiver.requests
     assert {k.lower(): v for k, v in request["headers"].items()}["host"] == f"receiver.test:{port}"
     assert request["json"]["workflow_run_id"] == "run-b"
+
+
+def _self_signed(tmp_path: Any, host: str) -> tuple[str, str]:
+    """A certificate for ``host`` (its own CA) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+async def test_https_checks_the_certificate_against_the_url_host(
+    receiver: Receiver, tmp_path: Any
+) -> None:
+    """Over HTTPS the connection goes to the checked address, and the certificate is
+    verified for the URL's host name (TLS SNI): a certificate for that name is accepted,
+    the same server under another name is refused."""
+    pytest.importorskip("cryptography")
+    import ssl
+
+    cert, key = _self_signed(tmp_path, "hooks.test")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            receiver.requests.append({"json": verify_webhook(body, dict(self.headers), SECRET)})
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = server_ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    client_ctx = ssl.create_default_context(cafile=cert)
+    try:
+        good = WebhookEventSink(
+            f"https://hooks.test:{port}/in",
+            SECRET,
+            allow="127.0.0.1/32",
+            verify=client_ctx,
+            resolver=_resolving_to("127.0.0.1"),
+        )
+        await good.publish(_event("run-tls", 1))
+        await good.aclose()
+        assert [r["json"]["workflow_run_id"] for r in receiver.requests] == ["run-tls"]
+        wrong = WebhookEventSink(
+            f"https://other.test:{port}/in",
+            SECRET,
+            allow="127.0.0.1/32",
+            verify=client_ctx,
+            resolver=_resolving_to("127.0.0.1"),
+        )
+        with pytest.raises(WebhookDeliveryError, match=r"(?i)certificate|hostname"):
+            await wrong.publish(_event("run-tls", 2))
+        await wrong.aclose()
+    finally:
+        server.shutdown()
+        server.server_close()
