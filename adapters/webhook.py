@@ -360,13 +360,18 @@ class WebhookEventSink:
         return [str(address) for address in addresses]
 
     # -- delivery -------------------------------------------------------------------
-    def _client(self) -> Any:
+    @staticmethod
+    def _httpx() -> Any:
         try:
             import httpx
         except ImportError as exc:
             raise WebhookDeliveryError(
                 "the webhook sink needs httpx: pip install 'treadle[webhook]'"
             ) from exc
+        return httpx
+
+    def _client(self) -> Any:
+        httpx = self._httpx()
         loop_id = id(asyncio.get_running_loop())
         client = self._clients.get(loop_id)
         if client is None:
@@ -416,8 +421,7 @@ class WebhookEventSink:
             "host": self._parts.netloc.rpartition("@")[2],
         }
         extensions = {"sni_hostname": self.host} if self._parts.scheme == "https" else {}
-        import httpx
-
+        httpx = self._httpx()
         client = self._client()
         try:
             for index, address in enumerate(addresses):
