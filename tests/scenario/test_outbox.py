@@ -12,7 +12,7 @@ from treadle import Engine, WorkflowBuilder, define_stage
 from treadle.kernel import commands as c
 from treadle.kernel.deps import KernelSettings
 from treadle.kernel.events import EventBase
-from treadle.testing import CollectingEventSink, TestEngine
+from treadle.testing import CollectingEventSink, FakeClock, TestEngine
 
 
 class In(BaseModel):
@@ -275,3 +275,52 @@ async def test_the_backoff_is_capped_and_replay_makes_an_event_due_at_once() -> 
 async def _pending(te: TestEngine) -> list[Any]:
     async with te.persistence.transaction() as tx:
         return await tx.outbox.unpublished(100)
+
+
+class BatchSink:
+    """A sink that takes a flush's events in one call (as the webhook with batch=True)."""
+
+    batches = True
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[str, int]]] = []
+        self.down = False
+
+    async def publish(self, event: EventBase) -> None:  # pragma: no cover - unused
+        raise AssertionError("a batching sink gets publish_batch")
+
+    async def publish_batch(self, events: list[EventBase]) -> None:
+        if self.down:
+            raise ConnectionError("receiver down")
+        self.calls.append([(e.workflow_run_id, e.sequence) for e in events])
+
+
+async def test_a_batching_sink_gets_each_flush_in_one_call_and_fails_per_run() -> None:
+    """A sink with ``batches`` gets the flush's events in one call, each run's in order;
+    when the call fails nothing is published and each run's first event records the
+    failure (and backs off), so the next call after the backoff sends them all again."""
+    sink = BatchSink()
+    clock = FakeClock()
+    async with await Engine.open(
+        "memory://", workflows=[WF], event_sink=sink, clock=clock
+    ) as engine:
+        kernel = engine.kernel
+        first = await engine.start("wf", {"n": 1})
+        second = await engine.start("wf", {"n": 2})
+        await kernel.dispatch(c.RunClaimPending(worker_id="w"))
+        sink.down = True
+        failed = await kernel.dispatch(c.OutboxFlush())
+        assert (failed.published, failed.failed) == (0, 2)
+        async with kernel.deps.persistence.transaction() as tx:
+            pending = await tx.outbox.unpublished(100)
+        attempts = {
+            r.event.workflow_run_id: (r.event.sequence, r.attempts) for r in pending if r.attempts
+        }
+        assert attempts == {first.run_id: (1, 1), second.run_id: (1, 1)}
+        sink.down = False
+        assert (await kernel.dispatch(c.OutboxFlush())).published == 0  # both back off
+        clock.advance(timedelta(seconds=1))
+        assert (await kernel.dispatch(c.OutboxFlush())).published == 4
+    (call,) = sink.calls
+    for run_id in (first.run_id, second.run_id):
+        assert [seq for rid, seq in call if rid == run_id] == [1, 2]
