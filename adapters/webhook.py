@@ -60,7 +60,9 @@ from treadle.kernel.events import EventBase
 
 __all__ = [
     "WEBHOOK_ALLOW_ENV",
+    "WEBHOOK_BATCH_ENV",
     "WEBHOOK_SECRET_ENV",
+    "WEBHOOK_TIMEOUT_ENV",
     "WEBHOOK_URL_ENV",
     "WebhookEventSink",
     "sign_webhook",
@@ -71,6 +73,8 @@ WEBHOOK_URL_ENV = "TREADLE_WEBHOOK_URL"
 WEBHOOK_SECRET_ENV = "TREADLE_WEBHOOK_SECRET"
 WEBHOOK_ALLOW_ENV = "TREADLE_WEBHOOK_ALLOW"
 """Comma-separated hosts and networks the webhook may reach (see ``allow``)."""
+WEBHOOK_TIMEOUT_ENV = "TREADLE_WEBHOOK_TIMEOUT"
+WEBHOOK_BATCH_ENV = "TREADLE_WEBHOOK_BATCH"
 
 DEFAULT_TOLERANCE = 300.0
 """``verify_webhook``: a request older or newer than 5 minutes is refused."""
@@ -268,8 +272,10 @@ class WebhookEventSink:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookEventSink | None:
-        """The sink ``TREADLE_WEBHOOK_URL``, ``TREADLE_WEBHOOK_SECRET`` and
-        ``TREADLE_WEBHOOK_ALLOW`` describe, or None when no URL is set."""
+        """The sink ``TREADLE_WEBHOOK_URL``, ``TREADLE_WEBHOOK_SECRET`` (several
+        comma-separated while rotating), ``TREADLE_WEBHOOK_ALLOW``,
+        ``TREADLE_WEBHOOK_TIMEOUT`` (seconds) and ``TREADLE_WEBHOOK_BATCH`` (``1``)
+        describe, or None when no URL is set."""
         env = os.environ if environ is None else environ
         url = env.get(WEBHOOK_URL_ENV, "").strip()
         if not url:
@@ -280,7 +286,24 @@ class WebhookEventSink:
                 f"{WEBHOOK_URL_ENV} is set but {WEBHOOK_SECRET_ENV} is not: webhooks are "
                 "always signed"
             )
-        return cls(url, secret, allow=env.get(WEBHOOK_ALLOW_ENV, ""))
+        secrets = [part.strip() for part in secret.split(",") if part.strip()]
+        timeout_text = env.get(WEBHOOK_TIMEOUT_ENV, "").strip() or "10"
+        try:
+            timeout = float(timeout_text)
+        except ValueError:
+            raise ValueError(
+                f"{WEBHOOK_TIMEOUT_ENV} must be a number of seconds, got {timeout_text!r}"
+            ) from None
+        batch_text = env.get(WEBHOOK_BATCH_ENV, "").strip().lower()
+        if batch_text not in ("", "0", "1", "false", "true", "no", "yes"):
+            raise ValueError(f"{WEBHOOK_BATCH_ENV} must be 1 or 0, got {batch_text!r}")
+        return cls(
+            url,
+            secrets if len(secrets) > 1 else secrets[0],
+            allow=env.get(WEBHOOK_ALLOW_ENV, ""),
+            timeout=timeout,
+            batch=batch_text in ("1", "true", "yes"),
+        )
 
     def __repr__(self) -> str:
         return f"WebhookEventSink({self._shown_url()})"

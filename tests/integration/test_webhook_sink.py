@@ -541,3 +541,28 @@ async def test_https_checks_the_certificate_against_the_url_host(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_from_env_reads_every_setting_and_refuses_bad_ones() -> None:
+    """``from_env``: no URL means no sink; the secret (two while rotating), allow-list,
+    timeout and batch switch are read; a bad timeout or batch value names the variable."""
+    assert WebhookEventSink.from_env({}) is None
+    env = {
+        "TREADLE_WEBHOOK_URL": "https://hooks.example.com/x",
+        "TREADLE_WEBHOOK_SECRET": f"{SECRET}, whsec_b2xkIHNlY3JldA==",
+        "TREADLE_WEBHOOK_ALLOW": "hooks.example.com, 10.0.0.0/8",
+        "TREADLE_WEBHOOK_TIMEOUT": "2.5",
+        "TREADLE_WEBHOOK_BATCH": "1",
+    }
+    sink = WebhookEventSink.from_env(env)
+    assert sink is not None
+    assert (sink.timeout, sink.batch) == (2.5, True)
+    assert sink.allowed_hosts == {"hooks.example.com"}
+    assert [str(n) for n in sink.allowed_networks] == ["10.0.0.0/8"]
+    signed = sign_webhook([SECRET, "whsec_b2xkIHNlY3JldA=="], "m", 1, b"{}")
+    assert verify_webhook(b"{}", signed, "whsec_b2xkIHNlY3JldA==", now=1) == {}
+    assert sink.message_id([_event("r", 2)]) == "evt_r_2"
+    with pytest.raises(ValueError, match="TREADLE_WEBHOOK_TIMEOUT"):
+        WebhookEventSink.from_env({**env, "TREADLE_WEBHOOK_TIMEOUT": "soon"})
+    with pytest.raises(ValueError, match="TREADLE_WEBHOOK_BATCH"):
+        WebhookEventSink.from_env({**env, "TREADLE_WEBHOOK_BATCH": "maybe"})
