@@ -280,13 +280,13 @@ class WebhookEventSink:
         url = env.get(WEBHOOK_URL_ENV, "").strip()
         if not url:
             return None
-        secret = env.get(WEBHOOK_SECRET_ENV, "")
-        if not secret:
+        secrets = [part.strip() for part in env.get(WEBHOOK_SECRET_ENV, "").split(",")]
+        secrets = [part for part in secrets if part]
+        if not secrets:
             raise WebhookDestinationError(
                 f"{WEBHOOK_URL_ENV} is set but {WEBHOOK_SECRET_ENV} is not: webhooks are "
                 "always signed"
             )
-        secrets = [part.strip() for part in secret.split(",") if part.strip()]
         timeout_text = env.get(WEBHOOK_TIMEOUT_ENV, "").strip() or "10"
         try:
             timeout = float(timeout_text)
