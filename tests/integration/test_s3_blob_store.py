@@ -5,6 +5,7 @@ PostgreSQL). The port's contract suite runs on S3 too (tests/contract)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import Callable
@@ -240,7 +241,7 @@ async def test_a_run_offloads_its_large_payloads_to_s3(
     try:
         async with engine.worker(concurrency=2):
             handle = await engine.start("s3-offload", {"text": "ab"})
-            assert await handle.result(timeout=30) == {"text": "100000"}
+            assert await handle.result(timeout=30) == {"text": "400000"}
         run = await engine.get_run(handle.run_id)
         assert run.stages[0].output == {"text": "ab" * 50_000}
         assert engine.backend is not None
@@ -263,3 +264,44 @@ async def test_a_run_offloads_its_large_payloads_to_s3(
         assert set(objects) == {*payloads, artifact}
     finally:
         await engine.aclose()
+
+
+async def test_a_worker_host_given_blobs_offloads_to_s3(
+    treadle_sqlite_url: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    s3_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``WorkerHost(..., blobs="s3://...")`` (what ``treadle worker --blobs`` builds)
+    runs stages whose large outputs and artifacts go to the bucket; an engine opened on
+    the same database and bucket reads them back."""
+    from treadle.hosts.worker import WorkerHost
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    blobs = f"s3://{s3_bucket}/worker?endpoint_url={s3_endpoint}"
+    async with await Engine.open(
+        treadle_sqlite_url, workflows=[WF], blobs=blobs, payload_max_bytes=4096
+    ) as engine:
+        # 400 KB of output: past the worker's default threshold (256 KiB) as well.
+        handle = await engine.start("s3-offload", {"text": "abcdefgh"})
+        host = WorkerHost(
+            [WF], db=treadle_sqlite_url, blobs=blobs, orchestration_interval=0.05,
+            job_poll_interval=0.02,
+        )  # fmt: skip
+        serving = asyncio.create_task(host.serve())
+        try:
+            assert await handle.result(timeout=30) == {"text": "400000"}
+        finally:
+            host.request_stop()
+            assert await asyncio.wait_for(serving, 30) == 0
+        run = await engine.get_run(handle.run_id)
+        assert run.stages[0].output == {"text": "abcdefgh" * 50_000}
+    objects = _objects(s3_client, s3_bucket)
+    assert f"worker/runs/{handle.run_id}/stages/grow/artifacts/report.txt" in objects
+    assert any(key.startswith("worker/payloads/") for key in objects)
