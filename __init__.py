@@ -41,8 +41,14 @@ if TYPE_CHECKING:
         define_stage,
         workflow,
     )
+    from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
     from treadle.kernel.errors import (
+        AIError,
+        AIExtraMissingError,
+        AIRateLimitedError,
+        AIRecordError,
         BodyInterruptedError,
+        BudgetExceededError,
         ChildWorkflowFailedError,
         ConcurrencyError,
         ConflictError,
@@ -91,7 +97,16 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AICall",
+    "AICostRow",
+    "AIError",
+    "AIExtraMissingError",
+    "AIRateLimitedError",
+    "AIRecordError",
+    "AIRecording",
+    "AITotals",
     "BodyInterruptedError",
+    "BudgetExceededError",
     "ChildWorkflowFailedError",
     "ConcurrencyError",
     "ConflictError",
@@ -167,6 +182,11 @@ __all__ = [
 
 _ERRORS = frozenset(
     {
+        "AIError",
+        "AIExtraMissingError",
+        "AIRateLimitedError",
+        "AIRecordError",
+        "BudgetExceededError",
         "BodyInterruptedError",
         "ChildWorkflowFailedError",
         "ConcurrencyError",
@@ -213,6 +233,8 @@ _ERRORS = frozenset(
     }
 )
 
+_AI = frozenset({"AICall", "AICostRow", "AIRecording", "AITotals"})
+
 
 def __getattr__(name: str) -> Any:
     if name not in __all__:
@@ -227,6 +249,8 @@ def __getattr__(name: str) -> Any:
         module = "treadle.adapters.webhook"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
+    elif name in _AI:
+        module = "treadle.kernel.ai"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:

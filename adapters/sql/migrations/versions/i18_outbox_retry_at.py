@@ -7,7 +7,7 @@ The revision id is not a number: it was written alongside other branches' migrat
 (issue 18), and the chain is put in order when they are merged.
 
 Revision ID: i18_outbox_retry_at
-Revises: 0007
+Revises: 0013_ai_calls
 Create Date: 2026-12-07
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "i18_outbox_retry_at"
-down_revision: str | None = "0007"
+down_revision: str | None = "0013_ai_calls"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
