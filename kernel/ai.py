@@ -140,6 +140,20 @@ def budget(value: object, what: str = "max_cost") -> Decimal:
     return amount
 
 
+COST_QUANTUM = Decimal("1e-9")
+"""Costs are kept to 1e-9 of their currency (the SQL adapter stores whole units of it)."""
+
+
+def stored_cost(cost: Decimal | None) -> Decimal | None:
+    """``cost`` as storage keeps it: rounded to ``COST_QUANTUM``, trailing zeros dropped."""
+    if cost is None:
+        return None
+    try:
+        return cost.quantize(COST_QUANTUM).normalize()
+    except ArithmeticError:  # beyond the context's precision: keep it as given
+        return cost
+
+
 class AITotals(BaseModel):
     """What a run's AI calls added up to so far, and its budget."""
 
@@ -158,7 +172,9 @@ class AITotals(BaseModel):
 
     def add(self, calls: Sequence[AICall]) -> AITotals:
         """These totals with ``calls`` added (what the adapters store)."""
-        cost = self.total_cost + sum((c.cost or Decimal(0) for c in calls), Decimal(0))
+        cost = (
+            self.total_cost + sum((c.cost or Decimal(0) for c in calls), Decimal(0))
+        ).normalize()
         return evolve(
             self,
             {
@@ -264,6 +280,7 @@ class AICallBuffer:
         stamped = evolve(
             call,
             {
+                "cost": stored_cost(call.cost),
                 "id": None,
                 "workflow_run_id": self._run_id,
                 "workflow_id": self._workflow_id,
