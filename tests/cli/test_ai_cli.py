@@ -25,14 +25,14 @@ def _run_documents(db_url: str) -> list[str]:
     example.reset_fake_model()
 
     async def go() -> list[str]:
-        async with await Engine.open(db_url, workflows=[example.pipeline]) as engine:
-            async with engine.worker(orchestration_interval=0.05, job_poll_interval=0.02):
-                handles = [
-                    await engine.start("ai-documents", {"name": name, "text": text})
-                    for name, text in example.DOCUMENTS.items()
-                ]
-                for handle in handles:
-                    await handle.result(timeout=20)
+        engine = await Engine.open(db_url, workflows=[example.pipeline])
+        async with engine, engine.worker(orchestration_interval=0.05, job_poll_interval=0.02):
+            handles = [
+                await engine.start("ai-documents", {"name": name, "text": text})
+                for name, text in example.DOCUMENTS.items()
+            ]
+            for handle in handles:
+                await handle.result(timeout=20)
         return [h.run_id for h in handles]
 
     return asyncio.run(go())
