@@ -102,3 +102,41 @@ def test_stage_ids_is_a_str_enum_of_the_pipelines_stages() -> None:
     assert ids["EXTRACT_TEXT"] == "extract-text"
     with pytest.raises(DefinitionError):
         stage_ids("not a workflow")  # type: ignore[arg-type]
+
+
+def test_the_ai_libraries_load_only_on_a_call() -> None:
+    """``import treadle``, opening an engine, the test harness, the CLI app and the
+    pydantic-ai client adapter import neither pydantic-ai nor genai-prices: a plain
+    install (no ``ai`` extra) runs everything else."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, sys\n"
+        "import treadle, treadle.testing, treadle.adapters.ai, treadle.examples.ai_pipeline\n"
+        "from treadle.hosts.cli import build_app; build_app()\n"
+        "async def main():\n"
+        "    async with await treadle.Engine.open('memory://') as engine:\n"
+        "        treadle.testing.TestEngine([])\n"
+        "asyncio.run(main())\n"
+        "ai = ('pydantic_ai', 'genai_prices')\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ai)\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_start_many_gets_the_workflow_budget() -> None:
+    """Runs created by start_many carry their workflow's max_cost, as start's do."""
+    from decimal import Decimal
+
+    wf = WorkflowBuilder("budgeted", input=Doc, max_cost="0.5").pipe(extract).build()
+    te = TestEngine([wf])
+    handle = await te.start("budgeted", {"text": "x"})
+    from treadle.kernel import commands as c
+
+    many = await te.kernel.dispatch(
+        c.RunCreateMany(items=[c.RunCreateItem(workflow_id="budgeted", input={"text": "y"})])
+    )
+    for run_id in (handle.run_id, many.runs[0].workflow_run_id):
+        assert (await te.get_run(run_id)).max_cost == Decimal("0.5")
