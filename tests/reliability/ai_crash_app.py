@@ -51,10 +51,10 @@ class Job(BaseModel):
 @workflow(id="ai-three", input=Job, output=list[str])
 async def ai_three(ctx: WorkflowContext, job: Job) -> list[str]:
     model = _model()
-    answers = []
-    for prompt in ("one", "two", "three"):
-        answers.append((await ctx.ai.generate_text(model, prompt, name=prompt)).output)
-    return answers
+    return [
+        (await ctx.ai.generate_text(model, prompt, name=prompt)).output
+        for prompt in ("one", "two", "three")
+    ]
 
 
 workflows = [ai_three]
