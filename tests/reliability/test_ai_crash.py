@@ -72,14 +72,17 @@ def test_sigkill_during_a_model_call_keeps_totals_exact(
     assert run.status is RunStatus.COMPLETED
     assert run.output == ["answer to one", "answer to two", "answer to three"]
     requests = [line.split() for line in (crash_dir / "requests.log").read_text().splitlines()]
-    assert [prompt for _, prompt in requests] == ["one", "two", "two", "three"]
+    prompts = [prompt for _, prompt in requests]
+    # Exactly this on a quiet machine: one, two (killed), two, three. A worker starved of
+    # CPU for longer than its 1 s lease threshold may have an execution reaped and run
+    # again (at least once): the duplicate's calls are then recorded as a failed attempt.
+    assert prompts[:3] == ["one", "two", "two"]
+    assert prompts.count("one") == 1  # committed before the kill: never asked again
     assert int(requests[0][0]) == int(requests[1][0]) == first.proc.pid
-    assert int(requests[2][0]) == int(requests[3][0]) == second.proc.pid
-    assert [(c.step, c.failed_attempt) for c in calls] == [
-        ("one#1", False),
-        ("two#1", False),
-        ("three#1", False),
-    ]
+    assert int(requests[2][0]) == second.proc.pid
+    kept = [(c.step, c.failed_attempt) for c in calls if not c.failed_attempt]
+    assert kept == [("one#1", False), ("two#1", False), ("three#1", False)]
+    assert len(calls) == len(prompts) - 1  # every request but the killed one is recorded
     assert all(c.cost is not None and c.cost > 0 for c in calls)
     assert run.total_cost == sum((c.cost or Decimal(0) for c in calls), Decimal(0))
     assert run.total_tokens == sum(c.input_tokens + c.output_tokens for c in calls)
