@@ -33,7 +33,9 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── BodyInterruptedError          a stage or step body raised a BaseException that is
     │   │                                 no Exception (KeyboardInterrupt, SystemExit, its own
     │   │                                 CancelledError): a failed attempt (retryable)
-    │   └── SuspendTimeoutError           a suspended stage waited past ``max_wait``
+    │   ├── SuspendTimeoutError           a suspended stage waited past ``max_wait``
+    │   └── RemoteStageError              a remote worker reported its execution failed
+    │                                     (``job.fail``; retryable unless it says not)
     ├── RunFailedError                    awaited a run's result; the run FAILED
     ├── RunCancelledError                 awaited a run's result; the run was CANCELLED
     ├── WorkflowError                     code workflows: replay problems, and errors raised
@@ -230,6 +232,13 @@ def as_body_failure(exc: BaseException, where: str) -> BodyInterruptedError | No
     )
     failure.__cause__ = exc  # its traceback (``short_traceback``) shows where it came from
     return failure
+
+
+class RemoteStageError(StageError):
+    """A remote worker reported that its execution of a stage failed (``job.fail``). The
+    message is the worker's; ``retryable`` follows what it said (``docs/remote-workers.md``)."""
+
+    retryable = True
 
 
 class SuspendTimeoutError(StageError):
