@@ -11,6 +11,8 @@ Checks, in order, each ``ok``, ``warn`` or ``FAIL``:
 - ``pending runs`` / ``overdue polls``: work no worker or tick is picking up;
 - ``queues``: named queues whose jobs are due while no live worker serves them
   (workers beat into the registry on every tick; see docs/queues.md);
+- ``remote workers``: with ``--app``, queues of the app's remote stages that no live
+  remote worker serves (they beat on every lease and heartbeat; docs/remote-workers.md);
 - ``dead letters``: outbox events that exhausted their retries (the DLQ).
 
 A check that cannot run because an earlier one failed is ``skip``. Any ``FAIL``
@@ -37,6 +39,7 @@ from treadle.hosts.cli.common import (
     console,
     echo_json,
     error_line,
+    load_app,
     run_async,
     seconds_option,
     state,
@@ -214,6 +217,7 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
         )
     )
     checks.append(_queues_check(queues, limits.worker_ttl))
+    checks.append(_remote_check(cli, queues, limits.worker_ttl))
     late_ids = [s.id for s in late_schedules]
     paused_ids = [s.id for s in paused_schedules]
     checks.append(
@@ -265,6 +269,38 @@ def _queues_check(queues: list[QueueInfo], worker_ttl: float) -> Check:
         "queues",
         "ok",
         f"{names}; {len(served)} live worker(s) seen in the last {worker_ttl:g}s",
+    )
+
+
+def _remote_check(cli: CliState, queues: list[QueueInfo], worker_ttl: float) -> Check:
+    """Queues of the app's remote stages (``define_stage(remote=True)``) that no live
+    remote worker serves: their jobs wait for ever, since in-process workers refuse them."""
+    from treadle.kernel.registry import Registry, remote_stages
+
+    if cli.app is None:
+        return Check("remote workers", "skip", "pass --app to check the app's remote stages")
+    remote = remote_stages(Registry(load_app(cli.app, required=True)))
+    if not remote:
+        return Check("remote workers", "ok", "the app has no remote stages")
+    by_queue = {q.queue: q for q in queues}
+    missing = [queue for queue in remote if not (q := by_queue.get(queue)) or not q.workers]
+    if missing:
+        shown = "; ".join(
+            f"{queue} (stages {', '.join(remote[queue])}; "
+            f"{by_queue[queue].queued if queue in by_queue else 0} due)"
+            for queue in missing
+        )
+        return Check(
+            "remote workers",
+            "warn",
+            f"no live remote worker in the last {worker_ttl:g}s for {shown}: start one "
+            "against `treadle serve` (docs/remote-workers.md)",
+        )
+    live = sorted({w for queue in remote for w in by_queue[queue].workers})
+    return Check(
+        "remote workers",
+        "ok",
+        f"{', '.join(remote)} served by {len(live)} live remote worker(s): {_sample(live)}",
     )
 
 

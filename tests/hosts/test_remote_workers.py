@@ -4,6 +4,7 @@ in-process worker for the local stages, and remote workers in Node.js and Python
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -363,3 +364,31 @@ def test_the_node_example_is_short_and_dependency_free() -> None:
     assert "import " not in text
     assert "require(" not in text
     assert sys.version_info >= (3, 11)
+
+
+async def test_doctor_warns_about_a_remote_queue_without_a_live_remote_worker(
+    served: Served,
+) -> None:
+    """``treadle doctor --app``: a queue of remote stages with no live remote worker is a
+    warning naming the queue and its stages; once a remote worker has leased (and so
+    beaten into the worker registry), the check is ok."""
+    from typer.testing import CliRunner
+
+    from treadle.hosts.cli import build_app
+
+    db = served.engine.backend.url
+    argv = ["doctor", "--json", "--db", db, "--app", f"{__name__}:WF"]
+
+    def remote_check() -> dict[str, Any]:
+        result = CliRunner().invoke(build_app(), argv)
+        checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+        return checks["remote workers"]  # type: ignore[no-any-return]
+
+    before = await asyncio.to_thread(remote_check)
+    assert before["level"] == "warn", before
+    assert "remote (stages shout; 0 due)" in before["detail"]
+    async with served.client() as client:
+        await client.post("/api/v1/workers/node-7/lease", json={"wait": 0})
+    after = await asyncio.to_thread(remote_check)
+    assert after["level"] == "ok", after
+    assert "node-7" in after["detail"]
