@@ -113,10 +113,11 @@ class Served:
 
 
 @pytest.fixture
-async def served(treadle_sqlite_url: str) -> AsyncIterator[Served]:
-    """``treadle serve`` in miniature: the worker protocol on uvicorn (a free port) and an
-    in-process worker for the local stages that reaps leases silent for 1 s."""
-    engine = await Engine.open(treadle_sqlite_url, workflows=[WF])
+async def served(treadle_database_url: str) -> AsyncIterator[Served]:
+    """``treadle serve`` in miniature, on SQLite and on PostgreSQL: the worker protocol on
+    uvicorn (a free port) and an in-process worker for the local stages that reaps leases
+    silent for 1 s."""
+    engine = await Engine.open(treadle_database_url, workflows=[WF])
     protocol = RemoteWorkerProtocol(engine, poll_interval=0.05, heartbeat_interval=0.25)
     app = FastAPI()
     app.include_router(workers_router(protocol, _caller))
