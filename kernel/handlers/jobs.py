@@ -694,6 +694,10 @@ async def _commit_in(
         chained = await start_leased(
             deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
         )
+    elif chain and pending:
+        # Nothing was chained after all (the next stage is on a queue this worker does not
+        # serve, or remote): the outcome's events were held back for the chained start.
+        await tx.outbox.append(pending)
     queued = 0
     if decision.action == "advanced" and decision.next_group is not None:
         queued = len(s.wf.groups[decision.next_group]) - (decision.leased is not None)

@@ -342,3 +342,11 @@ async def test_remote_stage_on_sql(treadle_database_url: str) -> None:
         assert not done.ghost
         assert await handle.result(timeout=20) == {"text": "en:u"}
         await until_status(engine, ghost_run.run_id, RunStatus.CANCELLED)
+        # The worker's commit of "split" asked to chain the next stage, which is remote:
+        # nothing was chained, and its own events are recorded all the same.
+        kinds = [(e.type, getattr(e, "stage_id", None)) async for e in engine.events(handle.run_id)]
+        assert [k for k in kinds if k[0] == "stage:completed"] == [
+            ("stage:completed", "split"),
+            ("stage:completed", "translate"),
+            ("stage:completed", "join"),
+        ]
