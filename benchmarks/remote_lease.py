@@ -68,8 +68,8 @@ async def main(db: str, samples: int) -> None:
     stages: list[float] = []
     runs: list[float] = []
     async with engine, engine.worker(), httpx.AsyncClient(base_url=url, timeout=60) as client:
-        while not server.started:  # uvicorn offers no event for it
-            await asyncio.sleep(0.01)  # noqa: ASYNC110
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for it
+            await asyncio.sleep(0.01)
         for _ in range(samples):
             lease = asyncio.create_task(
                 client.post("/api/v1/workers/bench/lease", json={"wait": 30})
