@@ -282,6 +282,9 @@ class SqlJobTransport:
             raise DuplicateError(f"job {dup!r} already exists")
         if any(row["status"] == JobStatus.QUEUED.value for row in rows):
             await sql.notify("jobs")  # none for a job its enqueuing worker took itself
+            for row in rows:
+                if row["status"] == JobStatus.QUEUED.value:
+                    sql.note_queued(str(row["queue"]))
         for job in jobs:
             if _available_later(job):
                 sql.note_due("job", job.next_poll_at)  # a delayed activation

@@ -21,9 +21,11 @@ server's lease secret, and every call about that job must present it. A caller w
 another token, another worker id or a stale attempt gets 403; without the ``worker``
 scope, 403 as well.
 
-Wake-ups: a waiting lease is woken by the backend's wake source (PostgreSQL
-``LISTEN/NOTIFY``) and by due times this process commits; otherwise it polls storage
-every ``poll_interval`` (SQLite, the in-memory backend).
+Wake-ups: a waiting lease is woken when a commit of this process queues a job on a
+remote queue (``adapters/queued_jobs.py``) or makes one due (a retry, a resumed
+suspension: the persistence's due watchers), and by the backend's wake source for
+commits of other processes (PostgreSQL ``LISTEN/NOTIFY``); besides, it polls storage
+every ``poll_interval`` (other SQLite processes, the in-memory backend).
 """
 
 from __future__ import annotations
@@ -166,9 +168,19 @@ class RemoteWorkerProtocol:
         source = getattr(backend, "wake_source", None)
         if source is not None:
             self._unsubscribe.append(source.subscribe(lambda _kind: self._notify()))
-        watch = getattr(self.engine.kernel.deps.persistence, "watch_due", None)
+        persistence = self.engine.kernel.deps.persistence
+        watch = getattr(persistence, "watch_due", None)
         if watch is not None:
             self._unsubscribe.append(watch(self._on_due))
+        watch_queued = getattr(persistence, "watch_queued", None)
+        if watch_queued is not None:
+            remote = frozenset(remote_stages(self.engine.kernel.deps.registry))
+
+            def on_queued(queues: frozenset[str]) -> None:
+                if queues & remote:
+                    self._notify()
+
+            self._unsubscribe.append(watch_queued(on_queued))
 
     def _on_due(self, due: Any) -> None:
         when = getattr(due, "job", None)

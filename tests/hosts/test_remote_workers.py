@@ -105,6 +105,7 @@ def _caller(request: Request) -> _Who:
 class Served:
     engine: Engine
     url: str
+    protocol: RemoteWorkerProtocol
 
     def client(self, token: str = TOKEN) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -137,7 +138,7 @@ async def served(treadle_database_url: str) -> AsyncIterator[Served]:
     ):
         await until(lambda: server.started)
         try:
-            yield Served(engine, f"http://127.0.0.1:{port}")
+            yield Served(engine, f"http://127.0.0.1:{port}", protocol)
         finally:
             server.should_exit = True
             await serving
@@ -346,7 +347,9 @@ async def test_scopes_fields_and_schemas(served: Served) -> None:
 
 
 async def test_a_waiting_lease_answers_as_soon_as_a_job_is_queued(served: Served) -> None:
-    """A long-poll started before the run exists returns its job well within its wait."""
+    """A long-poll started before the run exists is woken by the commit that queues the
+    remote job (no polling: the poll interval is longer than the test may take)."""
+    served.protocol.poll_interval = 60.0
     async with served.client() as client:
         waiting = asyncio.create_task(client.post("/api/v1/workers/w1/lease", json={"wait": 20}))
         await asyncio.sleep(0)  # let the request go out first
