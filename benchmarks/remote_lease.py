@@ -1,7 +1,7 @@
 """Remote workers (issue 18, item 3): how soon a waiting lease gets a job, and the cost
 of one remote stage over HTTP.
 
-A server (``RemoteWorkerProtocol`` on uvicorn, loopback) and an in-process worker for
+A server (``create_app`` on uvicorn, loopback) and an in-process worker for
 the local stages share an engine; a remote worker long-polls ``/lease`` and completes
 each job at once. For ``--samples`` runs of ``split`` (local) -> ``shout`` (remote) ->
 ``join`` (local), one at a time:
@@ -28,22 +28,10 @@ from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI, Request
 
 from treadle import Engine
-from treadle.hosts.http.workers import RemoteWorkerProtocol, workers_router
+from treadle.hosts.http import create_app
 from treadle.tests.hosts.test_remote_workers import WF
-
-
-class _Open:
-    name = "bench"
-
-    def has(self, scope: str) -> bool:
-        return True
-
-
-def _caller(request: Request) -> _Open:
-    return _Open()
 
 
 def _summary(name: str, values: list[float]) -> str:
@@ -56,13 +44,11 @@ def _summary(name: str, values: list[float]) -> str:
 
 async def main(db: str, samples: int) -> None:
     engine = await Engine.open(db, workflows=[WF])
-    protocol = RemoteWorkerProtocol(engine)
-    app = FastAPI()
-    app.include_router(workers_router(protocol, _caller))
+    app = create_app(engine)  # open access, on loopback
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     waits: list[float] = []
     stages: list[float] = []
@@ -102,7 +88,6 @@ async def main(db: str, samples: int) -> None:
             runs.append(ended - began)
     server.should_exit = True
     await serving
-    protocol.close()
     print(f"{db.split(':')[0]}, {samples} samples")
     print(_summary("lease wait", waits))
     print(_summary("remote stage", stages))

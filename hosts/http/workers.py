@@ -41,13 +41,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from treadle.adapters.logging import structlog_logger
+from treadle.hosts.http.auth import Principal
+from treadle.hosts.http.deps import ApiError, require_scope
+from treadle.hosts.http.state import HttpState, http_state
 from treadle.kernel import commands as c
-from treadle.kernel.errors import TreadleError, TreadleValidationError, describe_exception
+from treadle.kernel.errors import TreadleError, describe_exception
 from treadle.kernel.model import JsonValue, WorkerInfo
 from treadle.kernel.registry import remote_stages
 from treadle.runtime.jobs import DEFAULT_HEARTBEAT_INTERVAL
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LEASE_SECRET_ENV",
     "RemoteWorkerProtocol",
+    "mount",
     "workers_router",
 ]
 
@@ -88,6 +91,11 @@ class ProtocolError(TreadleError):
         super().__init__(message)
         self.status = status
         self.field = field
+
+    @property
+    def http_code(self) -> str:
+        """The answer's ``code``: ``Forbidden``, ``NotFound`` or ``InvalidWorkerRequest``."""
+        return {403: "Forbidden", 404: "NotFound"}.get(self.status, "InvalidWorkerRequest")
 
 
 # -- request bodies ---------------------------------------------------------------------
@@ -463,34 +471,39 @@ def _describe(stage: StageDefinition, queue: str) -> dict[str, Any]:
 
 
 # -- the FastAPI router -------------------------------------------------------------------
-def workers_router(
-    protocol: RemoteWorkerProtocol,
-    caller: Callable[..., Any],
-) -> APIRouter:
-    """The ``/api/v1/workers`` routes over ``protocol``. ``caller`` is the FastAPI
-    dependency that authenticates a request and returns its ``Caller``; every route
-    requires the ``worker`` scope."""
-    router = APIRouter(prefix="/api/v1/workers", tags=["workers"])
+def mount(app: FastAPI, state: HttpState) -> None:
+    """``create_app``'s hook (``app.OPTIONAL_MODULES``): the worker routes on ``app``, their
+    ``RemoteWorkerProtocol`` kept as ``state.extras["workers"]``. Every route needs a
+    token with the ``worker`` scope; a read-only app refuses them (403 ``ReadOnly``)."""
+    protocol = RemoteWorkerProtocol(state.engine)
+    state.extras["workers"] = protocol
+    worker = require_scope("worker")
 
-    def worker_scope(who: Any = Depends(caller)) -> Caller:
-        if not who.has("worker"):
-            raise HTTPException(403, "this token lacks the 'worker' scope")
-        return who  # type: ignore[no-any-return]
+    async def caller(request: Request) -> Principal:
+        principal = await worker(request)
+        if http_state(request).read_only:
+            raise ApiError(403, "ReadOnly", "this server is read-only: workers cannot lease")
+        return principal
+
+    app.include_router(workers_router(protocol, caller))
+
+
+def workers_router(protocol: RemoteWorkerProtocol, caller: Callable[..., Any]) -> APIRouter:
+    """The ``/api/v1/workers`` routes over ``protocol``. ``caller`` is the FastAPI
+    dependency that authenticates a request (and checks its ``worker`` scope) and returns
+    its ``Caller``. Refusals are ``{"error": {code, message, field}}`` answers (403 a job
+    not leased by this worker with this token, 422 a bad queue, stage or worker id);
+    kernel errors go to the app's error handlers."""
+    router = APIRouter(prefix="/api/v1/workers", tags=["workers"])
 
     async def guarded(call: Awaitable[dict[str, Any]]) -> Any:
         try:
             return await call
         except ProtocolError as exc:
-            return _error(exc.status, exc, exc.field)
-        except TreadleValidationError as exc:
-            fields = getattr(exc, "fields", None) or []
-            return _error(422, exc, fields[0][0] if fields else None)
-        except TreadleError as exc:
-            status = 404 if exc.code.endswith("NotFoundError") else 409
-            return _error(status, exc, None)
+            raise ApiError(exc.status, exc.http_code, str(exc), field=exc.field) from None
 
     @router.get("/stages")
-    async def stages(who: Caller = Depends(worker_scope)) -> Any:
+    async def stages(who: Caller = Depends(caller)) -> Any:
         return {"stages": protocol.stages()}
 
     @router.post("/{worker_id}/lease")
@@ -498,7 +511,7 @@ def workers_router(
         worker_id: str,
         body: LeaseRequest,
         request: Request,
-        who: Caller = Depends(worker_scope),
+        who: Caller = Depends(caller),
     ) -> Any:
         host = request.client.host if request.client is not None else ""
         return await guarded(
@@ -510,44 +523,25 @@ def workers_router(
         worker_id: str,
         body: HeartbeatRequest,
         request: Request,
-        who: Caller = Depends(worker_scope),
+        who: Caller = Depends(caller),
     ) -> Any:
         host = request.client.host if request.client is not None else ""
         return await guarded(protocol.heartbeat(worker_id, body, who, host=host))
 
     @router.post("/{worker_id}/complete")
-    async def complete(
-        worker_id: str,
-        body: CompleteRequest,
-        who: Caller = Depends(worker_scope),
-    ) -> Any:
+    async def complete(worker_id: str, body: CompleteRequest, who: Caller = Depends(caller)) -> Any:
         return await guarded(protocol.complete(worker_id, body, who))
 
     @router.post("/{worker_id}/fail")
-    async def fail(
-        worker_id: str,
-        body: FailRequest,
-        who: Caller = Depends(worker_scope),
-    ) -> Any:
+    async def fail(worker_id: str, body: FailRequest, who: Caller = Depends(caller)) -> Any:
         return await guarded(protocol.fail(worker_id, body, who))
 
     @router.post("/{worker_id}/suspend")
-    async def suspend(
-        worker_id: str,
-        body: SuspendRequest,
-        who: Caller = Depends(worker_scope),
-    ) -> Any:
+    async def suspend(worker_id: str, body: SuspendRequest, who: Caller = Depends(caller)) -> Any:
         return await guarded(protocol.suspend(worker_id, body, who))
 
     @router.post("/{worker_id}/leave")
-    async def leave(worker_id: str, who: Caller = Depends(worker_scope)) -> Any:
+    async def leave(worker_id: str, who: Caller = Depends(caller)) -> Any:
         return await guarded(protocol.leave(worker_id))
 
     return router
-
-
-def _error(status: int, exc: TreadleError, field: str | None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"code": exc.code, "message": str(exc), "field": field}},
-    )

@@ -24,10 +24,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
 
 from treadle import Engine, RunStatus, StageContext, WorkflowBuilder, define_stage
-from treadle.hosts.http.workers import RemoteWorkerProtocol, workers_router
+from treadle.hosts.http import TokenAuth, create_app
+from treadle.hosts.http.workers import RemoteWorkerProtocol
 from treadle.kernel.retry import RetryPolicy
 from treadle.remote import RemoteFailure, RemoteJob, RemoteWorker
 from treadle.tests.scenario.helpers import until, until_status
@@ -78,30 +78,6 @@ WF = WorkflowBuilder("shouter", input=Text).pipe(split).pipe(shout).pipe(join).b
 
 
 @dataclass
-class _Who:
-    name: str
-    scopes: frozenset[str]
-
-    def has(self, scope: str) -> bool:
-        return scope in self.scopes
-
-
-_TOKENS = {
-    TOKEN: _Who("token:a", frozenset({"worker"})),
-    OTHER: _Who("token:b", frozenset({"worker"})),
-    READER: _Who("token:r", frozenset({"read"})),
-}
-
-
-def _caller(request: Request) -> _Who:
-    header = request.headers.get("authorization", "")
-    who = _TOKENS.get(header.removeprefix("Bearer "))
-    if who is None:
-        raise HTTPException(401, "authentication required")
-    return who
-
-
-@dataclass
 class Served:
     engine: Engine
     url: str
@@ -115,17 +91,19 @@ class Served:
 
 @pytest.fixture
 async def served(treadle_database_url: str) -> AsyncIterator[Served]:
-    """``treadle serve`` in miniature, on SQLite and on PostgreSQL: the worker protocol on
-    uvicorn (a free port) and an in-process worker for the local stages that reaps leases
-    silent for 1 s."""
+    """``treadle serve`` in miniature, on SQLite and on PostgreSQL: ``create_app`` with
+    bearer tokens on uvicorn (a free port) and an in-process worker for the local stages
+    that reaps leases silent for 1 s."""
     engine = await Engine.open(treadle_database_url, workflows=[WF])
-    protocol = RemoteWorkerProtocol(engine, poll_interval=0.05, heartbeat_interval=0.25)
-    app = FastAPI()
-    app.include_router(workers_router(protocol, _caller))
+    auth = TokenAuth({TOKEN: {"worker"}, OTHER: {"worker"}, READER: {"read"}})
+    app = create_app(engine, auth=auth)
+    protocol: RemoteWorkerProtocol = app.state.treadle.extras["workers"]
+    protocol.poll_interval = 0.05
+    protocol.heartbeat_interval = 0.25
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     async with (
         engine,
@@ -396,3 +374,19 @@ async def test_doctor_warns_about_a_remote_queue_without_a_live_remote_worker(
     after = await asyncio.to_thread(remote_check)
     assert after["level"] == "ok", after
     assert "node-7" in after["detail"]
+
+
+async def test_a_read_only_app_refuses_workers() -> None:
+    """``create_app(..., read_only=True)`` answers every worker call 403 ``ReadOnly``,
+    whatever the token's scopes."""
+    async with await Engine.open("memory://", workflows=[WF]) as engine:
+        app = create_app(engine, auth=TokenAuth({TOKEN: {"worker"}}), read_only=True)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://test",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as client:
+            response = await client.post("/api/v1/workers/w1/lease", json={"wait": 0})
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "ReadOnly"
