@@ -390,3 +390,92 @@ async def test_a_read_only_app_refuses_workers() -> None:
             response = await client.post("/api/v1/workers/w1/lease", json={"wait": 0})
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "ReadOnly"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_node_worker_against_a_real_treadle_serve_process(
+    treadle_sqlite_url: str, tmp_path: Path
+) -> None:
+    """``treadle serve --worker`` as its own process with a token file: a run started over
+    the HTTP API has its middle stage done by the Node worker and completes."""
+    node_bin = shutil.which("node")
+    if node_bin is None:
+        pytest.skip("node is not installed")
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"worker:{TOKEN}\nact:{OTHER}\n")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    treadle = Path(sys.executable).with_name("treadle")
+    serve = subprocess.Popen(
+        [
+            str(treadle),
+            "serve",
+            "--db",
+            treadle_sqlite_url,
+            "--app",
+            f"{__name__}:WF",
+            "--port",
+            str(port),
+            "--token-file",
+            str(tokens),
+            "--worker",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    node = None
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+            async def healthy() -> bool:
+                try:
+                    return (await client.get("/healthz")).status_code == 200
+                except httpx.HTTPError:
+                    return serve.poll() is not None  # stop waiting if it died
+
+            await until(healthy)
+            assert serve.poll() is None, serve.communicate()[0]
+            node = subprocess.Popen(
+                [node_bin, str(NODE_WORKER)],
+                env={
+                    **os.environ,
+                    "TREADLE_URL": url,
+                    "TREADLE_TOKEN": TOKEN,
+                    "STAGE_ID": "shout",
+                    "MAX_JOBS": "1",
+                    "WORKER_ID": "node-serve",
+                },
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            act = {"Authorization": f"Bearer {OTHER}"}
+            started = await client.post(
+                "/api/v1/runs",
+                json={"workflow_id": "shouter", "input": {"text": "over http"}},
+                headers=act,
+            )
+            assert started.status_code == 201, started.text
+            run_id = started.json()["run_id"]
+
+            async def completed() -> bool:
+                run = await client.get(f"/api/v1/runs/{run_id}", headers=act)
+                return run.json().get("status") == "COMPLETED"
+
+            await until(completed)
+            run = (await client.get(f"/api/v1/runs/{run_id}", headers=act)).json()
+            assert run["output"] == {"text": "OVER! HTTP!"}
+            out, _ = await asyncio.to_thread(node.communicate, timeout=20)
+            assert node.returncode == 0, out
+    finally:
+        for proc in (node, serve):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                await asyncio.to_thread(proc.communicate, timeout=20)
