@@ -392,6 +392,12 @@ async def test_a_read_only_app_refuses_workers() -> None:
     assert response.json()["error"]["code"] == "ReadOnly"
 
 
+def _spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -412,7 +418,7 @@ async def test_node_worker_against_a_real_treadle_serve_process(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     treadle = Path(sys.executable).with_name("treadle")
-    serve = subprocess.Popen(
+    serve = _spawn(
         [
             str(treadle),
             "serve",
@@ -425,10 +431,7 @@ async def test_node_worker_against_a_real_treadle_serve_process(
             "--token-file",
             str(tokens),
             "--worker",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        ]
     )
     node = None
     try:
@@ -442,9 +445,9 @@ async def test_node_worker_against_a_real_treadle_serve_process(
 
             await until(healthy)
             assert serve.poll() is None, serve.communicate()[0]
-            node = subprocess.Popen(
+            node = _spawn(
                 [node_bin, str(NODE_WORKER)],
-                env={
+                {
                     **os.environ,
                     "TREADLE_URL": url,
                     "TREADLE_TOKEN": TOKEN,
@@ -452,9 +455,6 @@ async def test_node_worker_against_a_real_treadle_serve_process(
                     "MAX_JOBS": "1",
                     "WORKER_ID": "node-serve",
                 },
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
             )
             act = {"Authorization": f"Bearer {OTHER}"}
             started = await client.post(
