@@ -479,3 +479,17 @@ async def test_node_worker_against_a_real_treadle_serve_process(
             if proc is not None and proc.poll() is None:
                 proc.terminate()
                 await asyncio.to_thread(proc.communicate, timeout=20)
+
+
+def test_treadle_worker_refuses_to_serve_a_remote_queue(tmp_path: Path) -> None:
+    """``treadle worker --queue remote`` exits 1 with one line naming the queue and its
+    remote stages, instead of leasing jobs it must not run."""
+    from typer.testing import CliRunner
+
+    from treadle.hosts.cli import build_app
+
+    db = f"sqlite:///{tmp_path / 'w.db'}"
+    argv = ["worker", "--db", db, "--app", f"{__name__}:WF", "--queue", "remote"]
+    result = CliRunner().invoke(build_app(), argv)
+    assert result.exit_code == 1
+    assert "queue 'remote' holds remote stages (shout)" in result.stderr
