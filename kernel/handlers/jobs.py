@@ -654,7 +654,7 @@ async def _commit_in(
     index = _index_of(stages, stage_id)
     stage = stages[index] if index >= 0 else None
     if not is_current(job, stage, run, s, cmd.worker_id):
-        if ctx.ai_calls is not None and ctx.ai_calls.calls:  # spent, though discarded
+        if ctx is not None and ctx.ai_calls is not None and ctx.ai_calls.calls:  # spent
             await tx.ai_calls.record(ctx.ai_calls.drain(failed=True))
         ghost = c.JobExecuteResult(
             outcome=cast("Any", outcome.kind),
