@@ -5,6 +5,7 @@ in-process worker's own."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -350,3 +351,62 @@ async def test_remote_stage_on_sql(treadle_database_url: str) -> None:
             ("stage:completed", "translate"),
             ("stage:completed", "join"),
         ]
+
+
+@define_stage(id="left", input=Words, output=Words, remote=True)
+def left(ctx: StageContext[Words, None]) -> Words:
+    raise AssertionError
+
+
+@define_stage(id="right", input=Words, output=Words, remote=True)
+def right(ctx: StageContext[Words, None]) -> Words:
+    raise AssertionError
+
+
+@define_stage(id="merge", input="none", output=Text)
+async def merge(ctx: StageContext[None, None]) -> Text:
+    both = ctx.require("left").words + ctx.require("right").words
+    return Text(text=" ".join(both))
+
+
+FORK = WorkflowBuilder("remote-fork", input=Text).pipe(split).parallel([left, right]).pipe(merge)
+
+
+async def test_a_parallel_group_of_remote_stages_completed_at_once(
+    treadle_database_url: str,
+) -> None:
+    """Two remote stages of one parallel group completed concurrently (a group commit, or
+    two commits racing for the run): exactly one of them advances the run, which ends
+    with both outputs."""
+    wf = FORK.build()
+    engine = await Engine.open(treadle_database_url, workflows=[wf])
+    async with engine, worker(engine):
+        handle = await engine.start("remote-fork", {"text": "p q"})
+        kernel = engine.kernel
+        jobs: list[Job] = []
+
+        async def both_queued() -> bool:
+            jobs.extend(
+                await kernel.deps.job_transport.dequeue(
+                    W, kernel.deps.clock.now(), limit=2, stage_ids=["left", "right"]
+                )
+            )
+            return len(jobs) == 2
+
+        await until(both_queued)
+        begun = [await kernel.dispatch(c.JobBegin(job_id=j.id, worker_id=W)) for j in jobs]
+        results = await asyncio.gather(
+            *(
+                kernel.dispatch(
+                    c.JobComplete(
+                        job_id=b.job_id,
+                        worker_id=W,
+                        attempt=b.attempt,
+                        output={"words": [f"{b.stage_id}!"]},
+                    )
+                )
+                for b in begun
+            )
+        )
+        assert [r.ghost for r in results] == [False, False]
+        assert await handle.result(timeout=20) == {"text": "left! right!"}
