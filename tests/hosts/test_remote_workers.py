@@ -4,6 +4,7 @@ in-process worker for the local stages, and remote workers in Node.js and Python
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -493,3 +494,29 @@ def test_treadle_worker_refuses_to_serve_a_remote_queue(tmp_path: Path) -> None:
     result = CliRunner().invoke(build_app(), argv)
     assert result.exit_code == 1
     assert "queue 'remote' holds remote stages (shout)" in result.stderr
+
+
+async def test_a_lease_call_dropped_by_its_client_does_not_keep_a_job(served: Served) -> None:
+    """A worker that stops while its lease call waits (``RemoteWorker.stop``) drops the
+    call; the job queued afterwards goes to the next lease as attempt 1, not to the
+    departed worker (nothing leased for it, or handed back with the attempt refunded)."""
+    async with served.client() as gone, served.client() as client:
+        dropped = asyncio.create_task(gone.post("/api/v1/workers/gone-1/lease", json={"wait": 20}))
+
+        async def waiting() -> bool:
+            queues = {q.queue: q for q in await served.engine.queues()}
+            return "remote" in queues and "gone-1" in queues["remote"].workers
+
+        await until(waiting)
+        dropped.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dropped
+        handle = await served.engine.start("shouter", {"text": "kept"})
+        job = await _lease(client, "w-next", wait=20)
+        assert job["attempt"] == 1
+        ref = {"job_id": job["job_id"], "lease_token": job["lease_token"]}
+        done = await client.post(
+            "/api/v1/workers/w-next/complete", json={**ref, "output": {"words": ["K"]}}
+        )
+        assert done.json()["outcome"] == "completed"
+    assert await handle.result(timeout=20) == {"text": "K"}
