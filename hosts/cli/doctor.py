@@ -216,8 +216,9 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
             + (": is a worker or `treadle tick` running?" if overdue else ""),
         )
     )
-    checks.append(_queues_check(queues, limits.worker_ttl))
-    checks.append(_remote_check(cli, queues, limits.worker_ttl))
+    remote = _remote_queues(cli)
+    checks.append(_queues_check(queues, limits.worker_ttl, remote or {}))
+    checks.append(_remote_check(remote, queues, limits.worker_ttl))
     late_ids = [s.id for s in late_schedules]
     paused_ids = [s.id for s in paused_schedules]
     checks.append(
@@ -254,8 +255,12 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
     return checks
 
 
-def _queues_check(queues: list[QueueInfo], worker_ttl: float) -> Check:
-    unserved = [q for q in queues if q.unserved]
+def _queues_check(
+    queues: list[QueueInfo], worker_ttl: float, remote: dict[str, tuple[str, ...]]
+) -> Check:
+    """Queues with due jobs and no live worker; a queue of remote stages is the
+    ``remote workers`` check's (``treadle worker`` cannot serve it)."""
+    unserved = [q for q in queues if q.unserved and q.queue not in remote]
     if unserved:
         shown = ", ".join(f"{q.queue} ({q.queued} due)" for q in unserved)
         return Check(
@@ -272,14 +277,22 @@ def _queues_check(queues: list[QueueInfo], worker_ttl: float) -> Check:
     )
 
 
-def _remote_check(cli: CliState, queues: list[QueueInfo], worker_ttl: float) -> Check:
-    """Queues of the app's remote stages (``define_stage(remote=True)``) that no live
-    remote worker serves: their jobs wait for ever, since in-process workers refuse them."""
+def _remote_queues(cli: CliState) -> dict[str, tuple[str, ...]] | None:
+    """Queue -> remote stage ids of the ``--app`` workflows; ``None`` without ``--app``."""
     from treadle.kernel.registry import Registry, remote_stages
 
     if cli.app is None:
+        return None
+    return remote_stages(Registry(load_app(cli.app, required=True)))
+
+
+def _remote_check(
+    remote: dict[str, tuple[str, ...]] | None, queues: list[QueueInfo], worker_ttl: float
+) -> Check:
+    """Queues of the app's remote stages (``define_stage(remote=True)``) that no live
+    remote worker serves: their jobs wait for ever, since in-process workers refuse them."""
+    if remote is None:
         return Check("remote workers", "skip", "pass --app to check the app's remote stages")
-    remote = remote_stages(Registry(load_app(cli.app, required=True)))
     if not remote:
         return Check("remote workers", "ok", "the app has no remote stages")
     by_queue = {q.queue: q for q in queues}

@@ -362,14 +362,27 @@ async def test_doctor_warns_about_a_remote_queue_without_a_live_remote_worker(
     db = served.engine.backend.url
     argv = ["doctor", "--json", "--db", db, "--app", f"{__name__}:WF"]
 
-    def remote_check() -> dict[str, Any]:
+    def doctor() -> dict[str, Any]:
         result = CliRunner().invoke(build_app(), argv)
-        checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
-        return checks["remote workers"]  # type: ignore[no-any-return]
+        return {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+
+    def remote_check() -> dict[str, Any]:
+        return doctor()["remote workers"]  # type: ignore[no-any-return]
 
     before = await asyncio.to_thread(remote_check)
     assert before["level"] == "warn", before
     assert "remote (stages shout; 0 due)" in before["detail"]
+    await served.engine.start("shouter", {"text": "waiting"})
+
+    async def remote_job_due() -> bool:
+        queues = {q.queue: q for q in await served.engine.queues()}
+        return "remote" in queues and queues["remote"].queued == 1
+
+    await until(remote_job_due)
+    checks = await asyncio.to_thread(doctor)
+    assert "remote (stages shout; 1 due)" in checks["remote workers"]["detail"]
+    # The generic queues check does not send the operator to `treadle worker --queue`.
+    assert checks["queues"]["level"] == "ok", checks["queues"]
     async with served.client() as client:
         await client.post("/api/v1/workers/node-7/lease", json={"wait": 0})
     after = await asyncio.to_thread(remote_check)
