@@ -410,3 +410,25 @@ async def test_a_parallel_group_of_remote_stages_completed_at_once(
         )
         assert [r.ghost for r in results] == [False, False]
         assert await handle.result(timeout=20) == {"text": "left! right!"}
+
+
+async def test_a_paused_run_holds_its_remote_stage_until_resumed() -> None:
+    """Pausing a run holds its queued remote job (nothing to lease); a job leased just
+    before the pause is not started by ``job.begin`` (``started=False``, held with its
+    attempt given back); after ``resume`` it is leased and started as attempt 1."""
+    te = TestEngine([WF])
+    handle = await te.start("remote-pipeline", {"text": "a"})
+    await te.run_until_idle()
+    await te.kernel.dispatch(c.RunPause(workflow_run_id=handle.run_id))
+    assert await lease(te.kernel) is None
+    await te.kernel.dispatch(c.RunResume(workflow_run_id=handle.run_id))
+    job = await lease(te.kernel)
+    assert job is not None
+    await te.kernel.dispatch(c.RunPause(workflow_run_id=handle.run_id))
+    held = await te.kernel.dispatch(c.JobBegin(job_id=job.id, worker_id=W))
+    assert not held.started
+    assert "paused" in (held.reason or "")
+    await te.kernel.dispatch(c.RunResume(workflow_run_id=handle.run_id))
+    again = await begin(te.kernel)
+    assert again.started
+    assert again.attempt == 1
