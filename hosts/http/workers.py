@@ -49,7 +49,7 @@ from treadle.hosts.http.auth import Principal
 from treadle.hosts.http.deps import ApiError, require_scope
 from treadle.hosts.http.state import HttpState, http_state
 from treadle.kernel import commands as c
-from treadle.kernel.errors import TreadleError, describe_exception
+from treadle.kernel.errors import describe_exception
 from treadle.kernel.model import JsonValue, WorkerInfo
 from treadle.kernel.registry import remote_stages
 from treadle.runtime.jobs import DEFAULT_HEARTBEAT_INTERVAL
@@ -84,8 +84,9 @@ class Caller(Protocol):
     def has(self, scope: str) -> bool: ...
 
 
-class ProtocolError(TreadleError):
-    """A refused worker call; ``status`` is the HTTP status it maps to."""
+class ProtocolError(Exception):
+    """A refused worker call (never leaves this module: the router answers it as
+    ``ApiError``); ``status`` is the HTTP status it maps to."""
 
     def __init__(self, status: int, message: str, field: str | None = None) -> None:
         super().__init__(message)
