@@ -43,6 +43,7 @@ EXPECTED: dict[str, set[str]] = {
         "Kernel",
         "NotReady",
         "PayloadMissingError",
+        "RemoteStageError",
         "Ready",
         "RetryPolicy",
         "Run",
