@@ -39,15 +39,8 @@ if TYPE_CHECKING:
         define_stage,
         workflow,
     )
-    from treadle.kernel.ai import (
-        AICall,
-        AIConfig,
-        AICostRow,
-        AIRecording,
-        AIResult,
-        AITotals,
-        with_ai_config,
-    )
+    from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
+    from treadle.kernel.ai_helper import AIConfig, AIResult, with_ai_config
     from treadle.kernel.definitions import stage_ids
     from treadle.kernel.errors import (
         AIError,
@@ -232,9 +225,8 @@ _ERRORS = frozenset(
     }
 )
 
-_AI = frozenset(
-    {"AICall", "AIConfig", "AICostRow", "AIRecording", "AIResult", "AITotals", "with_ai_config"}
-)
+_AI = frozenset({"AICall", "AICostRow", "AIRecording", "AITotals"})
+_AI_HELPER = frozenset({"AIConfig", "AIResult", "with_ai_config"})
 
 
 def __getattr__(name: str) -> Any:
@@ -248,6 +240,8 @@ def __getattr__(name: str) -> Any:
         module = "treadle.runtime.options"
     elif name in _AI:
         module = "treadle.kernel.ai"
+    elif name in _AI_HELPER:
+        module = "treadle.kernel.ai_helper"
     elif name == "stage_ids":
         module = "treadle.kernel.definitions"
     elif name in _ERRORS:

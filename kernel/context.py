@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from treadle.kernel.ai import DEFAULT_AI, AICallBuffer, AIServices, AITotals, StageAI
+from treadle.kernel.ai import DEFAULT_AI, AICallBuffer, AIServices, AITotals
+from treadle.kernel.ai_helper import StageAI
 from treadle.kernel.errors import TreadleError
 from treadle.kernel.limits import to_json, validate_attributes
 from treadle.kernel.model import JsonValue, MissingPayload

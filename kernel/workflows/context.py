@@ -40,8 +40,8 @@ from treadle.kernel.ai import (
     AIServices,
     AITotals,
     TotalsReader,
-    WorkflowAI,
 )
+from treadle.kernel.ai_helper import WorkflowAI
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.definitions import WorkflowDefinition, _is_async
 from treadle.kernel.errors import (
