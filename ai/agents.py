@@ -172,6 +172,17 @@ class TreadleDurability(BaseDurabilityCapability[AgentDepsT]):
         await ctx.sleep(max(seconds, 0.001), name=f"{self.name}__sleep")
 
 
+def current_workflow() -> WorkflowContext:
+    """The workflow context of the ``TreadleAgent.run`` in progress: what a tool declared
+    ``durable=False`` calls ``review``, ``wait_for_signal`` or ``step`` on."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise AgentOutsideWorkflowError(
+            "current_workflow() is only available while TreadleAgent.run(ctx, ...) runs"
+        )
+    return ctx
+
+
 @contextmanager
 def running_in(ctx: WorkflowContext) -> Iterator[None]:
     """Run the agents of this block (with a ``TreadleDurability``) in workflow ``ctx``."""

@@ -1,0 +1,222 @@
+"""Durable pydantic-ai agents (``treadle.ai.agents``) on memory, SQLite and PostgreSQL:
+each model request and tool call is a journaled step, so an agent run that dies between
+two tool calls resumes without asking the model again, and a tool can wait durably for a
+signal or a person. The model is pydantic-ai's ``FunctionModel`` (no network); it counts
+its invocations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from pydantic_ai import Agent
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from treadle import Engine, RunStatus, WorkflowContext, workflow
+from treadle.ai.agents import TreadleAgent, current_workflow
+from treadle.kernel import commands as c
+from treadle.testing import FakeClock, SimulatedCrash
+from treadle.testing.databases import sqlite_database
+from treadle.tests.scenario.helpers import WAIT, until_status, worker
+
+MODEL_CALLS: list[int] = []
+"""One entry per invocation of the model function (the number of messages it was sent)."""
+TOOL_RUNS: list[str] = []
+CRASH_ON: set[str] = set()
+"""Tools that raise ``SimulatedCrash`` on their next run (as a SIGKILL would stop them)."""
+
+
+def _plan(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    """lookup -> charge -> (ask_human | ask_reviewer, if the agent has it) -> answer."""
+    MODEL_CALLS.append(len(messages))
+    returns = [p for p in messages[-1].parts if isinstance(p, ToolReturnPart)]
+    tools = {t.name for t in info.function_tools}
+    if not returns:
+        return ModelResponse(parts=[ToolCallPart("lookup", {"sku": "A-1"})])
+    done = returns[0]
+    if done.tool_name == "lookup":
+        return ModelResponse(parts=[ToolCallPart("charge", {"amount": done.content})])
+    waiting = tools & {"ask_human", "ask_reviewer"}
+    if done.tool_name == "charge" and waiting:
+        return ModelResponse(parts=[ToolCallPart(waiting.pop(), {"question": "ship it?"})])
+    return ModelResponse(parts=[TextPart(f"done: {done.content}")])
+
+
+def _agent(name: str) -> Agent[None, str]:
+    agent: Agent[None, str] = Agent(FunctionModel(_plan), name=name)
+
+    @agent.tool_plain
+    def lookup(sku: str) -> int:
+        TOOL_RUNS.append("lookup")
+        return 42
+
+    @agent.tool_plain
+    def charge(amount: int) -> str:
+        TOOL_RUNS.append("charge")
+        if "charge" in CRASH_ON:
+            CRASH_ON.discard("charge")
+            raise SimulatedCrash
+        return f"charged {amount}"
+
+    return agent
+
+
+shop = _agent("shop")
+
+signalled = _agent("signalled")
+
+
+@signalled.tool_plain(durable=False)
+async def ask_human(question: str) -> str:
+    """Runs in the workflow body (not a step): its wait is the durable boundary."""
+    answer: str = await current_workflow().wait_for_signal("answer", str)
+    return answer
+
+
+reviewed = _agent("reviewed")
+
+
+@reviewed.tool_plain(durable=False)
+async def ask_reviewer(question: str) -> str:
+    decision = await current_workflow().review({"question": question}, reviewers=["ops"])
+    return f"{decision.decision} by {decision.reviewer}"
+
+
+class Ask(BaseModel):
+    prompt: str
+
+
+@workflow(id="shop-agent", input=Ask, output=str)
+async def shop_agent(ctx: WorkflowContext, ask: Ask) -> str:
+    result = await TreadleAgent(shop).run(ctx, ask.prompt)
+    return str(result.output)
+
+
+@workflow(id="signal-agent", input=Ask, output=str)
+async def signal_agent(ctx: WorkflowContext, ask: Ask) -> str:
+    result = await TreadleAgent(signalled).run(ctx, ask.prompt)
+    return str(result.output)
+
+
+@workflow(id="review-agent", input=Ask, output=str)
+async def review_agent(ctx: WorkflowContext, ask: Ask) -> str:
+    result = await TreadleAgent(reviewed).run(ctx, ask.prompt)
+    return str(result.output)
+
+
+WORKFLOWS = [shop_agent, signal_agent, review_agent]
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    MODEL_CALLS.clear()
+    TOOL_RUNS.clear()
+    CRASH_ON.clear()
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return sqlite_database(tmp_path)
+    return str(request.getfixturevalue("treadle_postgres_url"))
+
+
+@pytest.fixture
+async def engine(url: str, fake_clock: FakeClock) -> AsyncIterator[Engine]:
+    async with await Engine.open(url, workflows=WORKFLOWS, clock=fake_clock) as opened:
+        yield opened
+
+
+async def _steps(engine: Engine, run_id: str) -> list[tuple[str, int, int]]:
+    return [(e.name, e.occurrence, e.attempts) for e in await engine.journal(run_id)]
+
+
+async def test_agent_resumes_after_a_crash_between_tool_calls_without_asking_the_model_again(
+    engine: Engine, url: str, fake_clock: FakeClock
+) -> None:
+    """The worker dies while the second tool runs (after the first tool and two model
+    requests committed): once its lease is reaped, another execution (a fresh engine on
+    the same database, for SQLite and PostgreSQL) finishes the agent run; the model is
+    called three times in all, the first tool once."""
+    kernel = engine.kernel
+    handle = await engine.start("shop-agent", {"prompt": "buy A-1"})
+    CRASH_ON.add("charge")
+    await kernel.dispatch(c.RunClaimPending(worker_id="w1"))
+    (job,) = await kernel.deps.job_transport.dequeue("w1", fake_clock.now())
+    with pytest.raises(SimulatedCrash):
+        await kernel.dispatch(c.JobExecute(job_id=job.id, worker_id="w1"))
+    assert await _steps(engine, handle.run_id) == [
+        ("shop__model.request", 1, 1),
+        ("shop__function_toolset__<agent>.call_tool:lookup", 1, 1),
+        ("shop__model.request", 2, 1),
+    ]
+    assert (len(MODEL_CALLS), TOOL_RUNS) == (2, ["lookup", "charge"])
+
+    fake_clock.advance(timedelta(minutes=5))
+    resumer = engine
+    if url != "memory://":  # the dead worker's engine is gone; another process resumes
+        await engine.aclose()
+        resumer = await Engine.open(url, workflows=WORKFLOWS, clock=fake_clock)
+    try:
+        kernel = resumer.kernel
+        reaped = await kernel.dispatch(c.LeaseReapStale(stale_threshold=timedelta(seconds=60)))
+        assert reaped.released == 1
+        fake_clock.advance(timedelta(minutes=5))  # past the release backoff
+        (again,) = await kernel.deps.job_transport.dequeue("w2", fake_clock.now())
+        result = await kernel.dispatch(c.JobExecute(job_id=again.id, worker_id="w2"))
+        assert result.outcome == "completed"
+        assert result.output == "done: charged 42"
+        assert len(MODEL_CALLS) == 3  # requests 1 and 2 came from the journal
+        assert TOOL_RUNS == ["lookup", "charge", "charge"]  # the step in flight ran again
+        assert await _steps(resumer, handle.run_id) == [
+            ("shop__model.request", 1, 1),
+            ("shop__function_toolset__<agent>.call_tool:lookup", 1, 1),
+            ("shop__model.request", 2, 1),
+            ("shop__function_toolset__<agent>.call_tool:charge", 1, 1),
+            ("shop__model.request", 3, 1),
+        ]
+        assert (await resumer.get_run(handle.run_id)).status is RunStatus.COMPLETED
+    finally:
+        if resumer is not engine:
+            await resumer.aclose()
+
+
+async def test_a_tool_waits_durably_for_a_signal(engine: Engine) -> None:
+    """A tool declared durable=False waits for a signal: the run suspends holding no
+    worker; the signal resumes it, and the replay answers the earlier model requests
+    and tool calls from the journal."""
+    async with worker(engine, concurrency=2):
+        handle = await engine.start("signal-agent", {"prompt": "buy A-1"})
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        assert (len(MODEL_CALLS), TOOL_RUNS) == (3, ["lookup", "charge"])
+        await engine.signal(handle.run_id, "answer", "yes, ship it")
+        assert await handle.result(timeout=WAIT) == "done: yes, ship it"
+    assert len(MODEL_CALLS) == 4
+    assert TOOL_RUNS == ["lookup", "charge"]
+
+
+async def test_a_tool_waits_durably_for_a_human_review(engine: Engine) -> None:
+    """A tool asks for a review (ctx.review): the run suspends with review:requested;
+    engine.decide_review resumes it with the reviewer's decision."""
+    async with worker(engine, concurrency=2):
+        handle = await engine.start("review-agent", {"prompt": "buy A-1"})
+        await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
+        requested: list[Any] = [
+            e
+            async for e in engine.events(handle.run_id)
+            if e.type == "review:requested"  # type: ignore[attr-defined]
+        ]
+        assert requested[0].reviewers == ["ops"]
+        await engine.decide_review(
+            handle.run_id, requested[0].review_id, "approved", reviewer="ana"
+        )
+        assert await handle.result(timeout=WAIT) == "done: approved by ana"
+    assert len(MODEL_CALLS) == 4
+    assert TOOL_RUNS == ["lookup", "charge"]
