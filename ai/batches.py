@@ -40,6 +40,9 @@ Provider = Literal["openai", "anthropic"]
 
 PROVIDERS: tuple[str, ...] = ("openai", "anthropic")
 
+SUBMITTED_ARTIFACT = "ai-batch.json"
+"""The stage's artifact holding the submitted batch (provider, model, count, batch id)."""
+
 
 class AIBatchItem(BaseModel):
     """One prompt's result, at the prompt's index."""
@@ -327,13 +330,19 @@ def define_ai_batch_stage(
         queue=queue,
     )
     async def stage(ctx: Any) -> Suspend:
-        asked = _as_prompts(prompts(ctx), system)
-        submitted = await submit(make_client(), model_name, asked, max_tokens, ctx.idempotency_key)
-        return Suspend(
-            state={"provider": provider, "model": model_name, "count": len(asked), **submitted},
-            poll_interval=poll_interval,
-            max_wait=max_wait,
-        )
+        # The batch id goes to an artifact (a blob, written at once) before the stage
+        # suspends: an attempt that dies between the provider's answer and the suspension's
+        # commit is retried, and the retry polls that batch instead of paying for another.
+        if await ctx.artifacts.has(SUBMITTED_ARTIFACT):
+            state = json.loads(await ctx.artifacts.get(SUBMITTED_ARTIFACT))
+        else:
+            asked = _as_prompts(prompts(ctx), system)
+            submitted = await submit(
+                make_client(), model_name, asked, max_tokens, ctx.idempotency_key
+            )
+            state = {"provider": provider, "model": model_name, "count": len(asked), **submitted}
+            await ctx.artifacts.put(SUBMITTED_ARTIFACT, json.dumps(state))
+        return Suspend(state=state, poll_interval=poll_interval, max_wait=max_wait)
 
     @stage.check_completion
     async def completion(state: dict[str, Any], ctx: Any) -> Ready | NotReady | Failed:

@@ -166,6 +166,39 @@ async def test_a_batch_the_provider_failed_fails_the_stage() -> None:
     assert "ended failed" in str(run.error)
 
 
+async def test_a_retried_submission_polls_the_batch_already_submitted() -> None:
+    """An attempt that dies after the provider accepted the batch (before the suspension
+    committed) is retried; the retry finds the batch id the first attempt stored and
+    polls that batch: the prompts are submitted once."""
+    from treadle.testing import SimulatedCrash
+
+    fake = FakeOpenAI(polls_until_done=0)
+    wf = _workflow(fake, "openai:gpt-4o-mini")
+    stage = wf.stages["summaries"]
+    inner = stage.fn
+    crashed: list[bool] = []
+
+    async def dies_after_submitting(ctx: Any) -> Any:
+        suspended = await inner(ctx)
+        if not crashed:
+            crashed.append(True)
+            raise SimulatedCrash
+        return suspended
+
+    te = TestEngine([wf])
+    te.mock_stage("summaries", dies_after_submitting)
+    handle = await te.start("summarise", DOCS)
+    with pytest.raises(SimulatedCrash):
+        await te.run_until_idle()
+    assert fake.batches_created == 1
+    await te.advance_time(timedelta(minutes=5))  # the lease is reaped, the stage retried
+    await te.advance_time(POLL)
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.COMPLETED, run.error
+    assert fake.batches_created == 1
+    _check_output(run.output, "openai:gpt-4o-mini")
+
+
 def test_batch_price_is_half_the_standard_price() -> None:
     """genai-prices' batch variant: 50% of the standard rate for OpenAI and Anthropic."""
     from genai_prices import Usage, calc_price
