@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from treadle.adapters.sql.migrate import migrate
+    from treadle.ai.agents import TreadleAgent, TreadleDurability
+    from treadle.ai.batches import AIBatchOutput, define_ai_batch_stage
     from treadle.engine import Engine
     from treadle.kernel import (
         Failed,
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AIBatchOutput",
     "BodyInterruptedError",
     "ChildWorkflowFailedError",
     "ConcurrencyError",
@@ -132,6 +135,8 @@ __all__ = [
     "Suspend",
     "SuspendTimeoutError",
     "TransientStorageError",
+    "TreadleAgent",
+    "TreadleDurability",
     "TreadleError",
     "TreadleValidationError",
     "UnknownCommandError",
@@ -145,12 +150,15 @@ __all__ = [
     "WorkflowNotFoundError",
     "__version__",
     "create_kernel",
+    "define_ai_batch_stage",
     "define_batch_stage",
     "define_schedule",
     "define_stage",
     "migrate",
     "workflow",
 ]
+
+_AI = frozenset({"AIBatchOutput", "TreadleAgent", "TreadleDurability", "define_ai_batch_stage"})
 
 _ERRORS = frozenset(
     {
@@ -206,6 +214,8 @@ def __getattr__(name: str) -> Any:
         module = "treadle.adapters.sql.migrate"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
+    elif name in _AI:  # the ``ai`` extra: pydantic-ai and the providers' SDKs
+        module = "treadle.ai"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:
