@@ -32,7 +32,16 @@ _MODULES = {
     "define_ai_batch_stage": "treadle.ai.batches",
 }
 
-__all__ = sorted(_MODULES)
+__all__ = [
+    "AIBatchItem",
+    "AIBatchOutput",
+    "AIBatchPrompt",
+    "TreadleAgent",
+    "TreadleDurability",
+    "batch_price",
+    "current_workflow",
+    "define_ai_batch_stage",
+]
 
 
 def __getattr__(name: str) -> Any:
