@@ -220,3 +220,55 @@ async def test_a_tool_waits_durably_for_a_human_review(engine: Engine) -> None:
         assert await handle.result(timeout=WAIT) == "done: approved by ana"
     assert len(MODEL_CALLS) == 4
     assert TOOL_RUNS == ["lookup", "charge"]
+
+
+def _flaky_plan(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    MODEL_CALLS.append(len(messages))
+    if len(MODEL_CALLS) < 3:
+        raise ConnectionError("provider unreachable")
+    return ModelResponse(parts=[TextPart("recovered")])
+
+
+def _broken_plan(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    MODEL_CALLS.append(len(messages))
+    raise ConnectionError("provider unreachable")
+
+
+flaky = Agent(FunctionModel(_flaky_plan), name="flaky")
+broken = Agent(FunctionModel(_broken_plan), name="broken")
+
+
+@workflow(id="flaky-agent", input=Ask, output=str)
+async def flaky_agent(ctx: WorkflowContext, ask: Ask) -> str:
+    result = await TreadleAgent(flaky).run(ctx, ask.prompt)
+    return str(result.output)
+
+
+@workflow(id="broken-agent", input=Ask, output=str)
+async def broken_agent(ctx: WorkflowContext, ask: Ask) -> str:
+    result = await TreadleAgent(broken).run(ctx, ask.prompt)
+    return str(result.output)
+
+
+async def test_a_failing_model_request_retries_durably_then_fails_the_run() -> None:
+    """A model request that raises is a step attempt that failed: it retries after a
+    durable backoff (the virtual clock must pass it), and once the step's policy is
+    exhausted the run fails naming the step."""
+    from treadle.testing import TestEngine
+
+    te = TestEngine([flaky_agent, broken_agent])
+    handle = await te.start("flaky-agent", {"prompt": "hi"})
+    await te.run_until_idle()
+    assert len(MODEL_CALLS) == 1  # the second attempt waits for its backoff
+    await te.advance_time(timedelta(minutes=1))
+    assert await handle.result() == "recovered"
+    assert len(MODEL_CALLS) == 3
+
+    MODEL_CALLS.clear()
+    handle = await te.start("broken-agent", {"prompt": "hi"})
+    await te.advance_time(timedelta(minutes=1))
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.FAILED
+    assert "broken__model.request" in str(run.error)
+    assert "provider unreachable" in str(run.error)
+    assert len(MODEL_CALLS) == 3
