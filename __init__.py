@@ -41,8 +41,14 @@ if TYPE_CHECKING:
         define_stage,
         workflow,
     )
+    from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
     from treadle.kernel.errors import (
+        AIError,
+        AIExtraMissingError,
+        AIRateLimitedError,
+        AIRecordError,
         BodyInterruptedError,
+        BudgetExceededError,
         ChildWorkflowFailedError,
         ConcurrencyError,
         ConflictError,
@@ -88,7 +94,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AIBatchOutput",
+    "AICall",
+    "AICostRow",
+    "AIError",
+    "AIExtraMissingError",
+    "AIRateLimitedError",
+    "AIRecordError",
+    "AIRecording",
+    "AITotals",
     "BodyInterruptedError",
+    "BudgetExceededError",
     "ChildWorkflowFailedError",
     "ConcurrencyError",
     "ConflictError",
@@ -158,10 +173,17 @@ __all__ = [
     "workflow",
 ]
 
-_AI = frozenset({"AIBatchOutput", "TreadleAgent", "TreadleDurability", "define_ai_batch_stage"})
+_AI_EXTRA = frozenset(
+    {"AIBatchOutput", "TreadleAgent", "TreadleDurability", "define_ai_batch_stage"}
+)
 
 _ERRORS = frozenset(
     {
+        "AIError",
+        "AIExtraMissingError",
+        "AIRateLimitedError",
+        "AIRecordError",
+        "BudgetExceededError",
         "BodyInterruptedError",
         "ChildWorkflowFailedError",
         "ConcurrencyError",
@@ -204,6 +226,8 @@ _ERRORS = frozenset(
     }
 )
 
+_AI = frozenset({"AICall", "AICostRow", "AIRecording", "AITotals"})
+
 
 def __getattr__(name: str) -> Any:
     if name not in __all__:
@@ -214,8 +238,10 @@ def __getattr__(name: str) -> Any:
         module = "treadle.adapters.sql.migrate"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
-    elif name in _AI:  # the ``ai`` extra: pydantic-ai and the providers' SDKs
+    elif name in _AI_EXTRA:  # the ``ai`` extra: pydantic-ai and the providers' SDKs
         module = "treadle.ai"
+    elif name in _AI:
+        module = "treadle.kernel.ai"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:

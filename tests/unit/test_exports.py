@@ -26,6 +26,10 @@ def _public_errors() -> set[str]:
 EXPECTED: dict[str, set[str]] = {
     "treadle": {
         "AIBatchOutput",
+        "AICall",
+        "AICostRow",
+        "AIRecording",
+        "AITotals",
         "Engine",
         "Schedule",
         "ScheduleDefinition",
@@ -70,6 +74,7 @@ EXPECTED: dict[str, set[str]] = {
         "define_ai_batch_stage",
     },
     "treadle.ports": {
+        "AICallLogger",
         "BlobRetention",
         "BlobStore",
         "Clock",
