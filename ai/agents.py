@@ -28,8 +28,11 @@ import contextvars
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Generic
 
+from pydantic import TypeAdapter
 from pydantic_ai.durable_exec import (
     JSON_CODEC,
     BaseDurabilityCapability,
@@ -40,9 +43,12 @@ from pydantic_ai.durable_exec import (
     ModelRequestId,
     RoleBasedOperationConfig,
 )
+from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelResponse
 from pydantic_ai.tools import AgentDepsT
 
-from treadle.kernel.errors import NonDeterminismError, TreadleError
+from treadle.kernel.ai import AICall
+from treadle.kernel.errors import NonDeterminismError, TreadleError, describe_exception
+from treadle.kernel.model import JsonValue
 from treadle.kernel.retry import RetryPolicy
 from treadle.kernel.workflows.waits import Interrupt
 
@@ -67,6 +73,69 @@ def _serialization_failure(exc: Exception) -> BaseException:
     return OutputValidationError(f"an agent step returned a value that is not JSON: {exc}")
 
 
+_RESPONSE: TypeAdapter[ModelResponse] = TypeAdapter(ModelResponse)
+
+
+def _new_messages(messages: object) -> JsonValue:
+    """The request's new messages (those after the model's last answer) as JSON: what
+    this request added to the conversation, not the whole history again."""
+    if not isinstance(messages, list) or not messages:
+        return None
+    start = 0
+    for i, message in enumerate(messages):
+        if isinstance(message, ModelResponse):
+            start = i + 1
+    dumped: JsonValue = ModelMessagesTypeAdapter.dump_python(messages[start:], mode="json")
+    return dumped
+
+
+def _cost(response: ModelResponse) -> Decimal | None:
+    """genai-prices' price of the response (``None`` for a model it does not price)."""
+    try:
+        return Decimal(str(response.cost().total_price))
+    except (LookupError, ValueError):
+        return None
+
+
+def _request_call(payload: object, messages: object, started: float, topic: str) -> AICall:
+    """The AI call of one model request that answered."""
+    response = _RESPONSE.validate_python(payload)
+    model = response.model_name or "unknown"
+    return AICall(
+        topic=topic,
+        call_type="agent-request",
+        provider=response.provider_name or _provider_of(model),
+        model=model,
+        prompt=_new_messages(messages),
+        response=payload,  # the JSON codec's output
+        input_tokens=response.usage.input_tokens,
+        output_tokens=response.usage.output_tokens,
+        cost=_cost(response),
+        latency=timedelta(seconds=time.monotonic() - started),
+    )
+
+
+def _failed_request(
+    operation_id: ModelRequestId, messages: object, exc: Exception, started: float, topic: str
+) -> AICall:
+    """The AI call of one model request that raised (no answer, nothing priced)."""
+    model = operation_id.model_name or operation_id.model_id or "unknown"
+    return AICall(
+        topic=topic,
+        call_type="agent-request",
+        provider=_provider_of(model),
+        model=model,
+        prompt=_new_messages(messages),
+        error=describe_exception(exc),
+        latency=timedelta(seconds=time.monotonic() - started),
+    )
+
+
+def _provider_of(model: str) -> str | None:
+    provider, sep, _ = model.partition(":")
+    return provider if sep else None
+
+
 class TreadleOperationBackend(JournalCallableOperationBackend[RetryPolicy | None]):
     """Runs each durable operation as one ``ctx.step`` of the current workflow; its
     journal name is pydantic-ai's stable journal name (``<agent>__model.request``,
@@ -79,7 +148,6 @@ class TreadleOperationBackend(JournalCallableOperationBackend[RetryPolicy | None
         default_model_id: str | None,
         model_retry: RetryPolicy | None,
         tool_retry: RetryPolicy | None,
-        on_model_response: Callable[[Any, float], None] | None,
     ) -> None:
         super().__init__(
             agent_name=agent_name,
@@ -88,7 +156,7 @@ class TreadleOperationBackend(JournalCallableOperationBackend[RetryPolicy | None
                 model=model_retry, event=None, capability=None, tool=tool_retry
             ),
         )
-        self._on_model_response = on_model_response
+        self._topic = agent_name
 
     async def execute(
         self,
@@ -104,14 +172,19 @@ class TreadleOperationBackend(JournalCallableOperationBackend[RetryPolicy | None
             raise AgentOutsideWorkflowError(
                 f"durable agent operation {name!r} ran outside TreadleAgent.run(ctx, ...)"
             )
-        is_model = isinstance(operation_id, ModelRequestId)
-        on_response = self._on_model_response
+        if not isinstance(operation_id, ModelRequestId):
+            return await ctx.step(name, body, retry=config)
+        messages = cache_key[1] if len(cache_key) > 1 else None
+        topic = self._topic
 
         async def step():  # type: ignore[no-untyped-def]  # no annotation: journaled as JSON
             started = time.monotonic()
-            payload = await body()
-            if is_model and on_response is not None:
-                on_response(payload, time.monotonic() - started)
+            try:
+                payload = await body()
+            except Exception as exc:
+                ctx.ai.record(_failed_request(operation_id, messages, exc, started, topic))
+                raise
+            ctx.ai.record(_request_call(payload, messages, started, topic))
             return payload
 
         return await ctx.step(name, step, retry=config)
@@ -163,7 +236,6 @@ class TreadleDurability(BaseDurabilityCapability[AgentDepsT]):
             default_model_id=self.default_model_id,
             model_retry=self._model_retry,
             tool_retry=self._tool_retry,
-            on_model_response=None,
         )
 
     async def durable_sleep(self, seconds: float) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from treadle.kernel.ai import AICall
 from treadle.kernel.definitions import (
     BatchStageDefinition,
     Failed,
@@ -304,7 +305,6 @@ def define_ai_batch_stage(
     retry: RetryPolicy | None = None,
     requires: Sequence[str] = (),
     queue: str | None = None,
-    record: Callable[[Any, list[dict[str, Any]], Provider, str], None] | None = None,
 ) -> BatchStageDefinition:
     """A batch stage that sends ``prompts(ctx)`` (strings or ``AIBatchPrompt``s) to
     ``model`` (``"openai:<model>"`` or ``"anthropic:<model>"``) through the provider's
@@ -312,7 +312,8 @@ def define_ai_batch_stage(
     after ``max_wait``), and completes with an ``AIBatchOutput``: the answers in the order
     of the prompts, each priced at the batch rate and recorded as an AI call.
     ``client``: a factory for the SDK's async client (``AsyncOpenAI`` /
-    ``AsyncAnthropic``; default: built from the environment's API key)."""
+    ``AsyncAnthropic``; default: built from the environment's API key). ``topic``: the
+    AI calls' topic (default: the stage id)."""
     provider, model_name = parse_model(model)
     if max_tokens < 1:
         raise DefinitionError(f"stage {id!r}: max_tokens must be at least 1")
@@ -333,15 +334,19 @@ def define_ai_batch_stage(
         # The batch id goes to an artifact (a blob, written at once) before the stage
         # suspends: an attempt that dies between the provider's answer and the suspension's
         # commit is retried, and the retry polls that batch instead of paying for another.
+        # The artifact also keeps the prompts, for the AI calls recorded at completion (the
+        # suspension's state stays small: it is stored with the stage).
         if await ctx.artifacts.has(SUBMITTED_ARTIFACT):
             state = json.loads(await ctx.artifacts.get(SUBMITTED_ARTIFACT))
+            state.pop("prompts", None)
         else:
             asked = _as_prompts(prompts(ctx), system)
             submitted = await submit(
                 make_client(), model_name, asked, max_tokens, ctx.idempotency_key
             )
             state = {"provider": provider, "model": model_name, "count": len(asked), **submitted}
-            await ctx.artifacts.put(SUBMITTED_ARTIFACT, json.dumps(state))
+            kept = {**state, "prompts": [p.model_dump(mode="json") for p in asked]}
+            await ctx.artifacts.put(SUBMITTED_ARTIFACT, json.dumps(kept))
         return Suspend(state=state, poll_interval=poll_interval, max_wait=max_wait)
 
     @stage.check_completion
@@ -352,8 +357,7 @@ def define_ai_batch_stage(
         if status == "failed":
             return Failed(message or "batch failed")
         items = _in_order(raw, int(state["count"]), provider, model_name)
-        if record is not None:
-            record(ctx, raw, provider, model_name)
+        await _record(ctx, items, raw, provider, model_name, topic or id)
         costs = [i.cost for i in items if i.cost is not None]
         total = sum(costs, Decimal(0)) if len(costs) == len(items) else None
         return Ready(
@@ -367,6 +371,38 @@ def define_ai_batch_stage(
         )
 
     return stage
+
+
+async def _record(
+    ctx: Any,
+    items: list[AIBatchItem],
+    raw: list[dict[str, Any]],
+    provider: str,
+    model: str,
+    topic: str,
+) -> None:
+    """Each item as an AI call of this completion check (``call_type="batch-item"``),
+    committed with the stage's completion: prompt (from the submission artifact),
+    response, tokens and batch-price cost. Latency is not known per item (zero)."""
+    asked: list[Any] = []
+    if await ctx.artifacts.has(SUBMITTED_ARTIFACT):
+        asked = json.loads(await ctx.artifacts.get(SUBMITTED_ARTIFACT)).get("prompts") or []
+    responses = {str(r["custom_id"]): r.get("response") for r in raw}
+    for item in items:
+        ctx.ai.record(
+            AICall(
+                topic=topic,
+                call_type="batch-item",
+                provider=provider,
+                model=model,
+                prompt=asked[item.index] if item.index < len(asked) else None,
+                response=responses.get(item.custom_id),
+                input_tokens=item.input_tokens,
+                output_tokens=item.output_tokens,
+                cost=item.cost,
+                error=item.error,
+            )
+        )
 
 
 def _in_order(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from treadle import Engine, RunStatus, WorkflowContext, workflow
 from treadle.ai.agents import TreadleAgent, current_workflow
 from treadle.kernel import commands as c
+from treadle.kernel.ai import AICall, AITotals
 from treadle.testing import FakeClock, SimulatedCrash
 from treadle.testing.databases import sqlite_database
 from treadle.tests.scenario.helpers import WAIT, until_status, worker
@@ -48,7 +50,7 @@ def _plan(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
 
 
 def _agent(name: str) -> Agent[None, str]:
-    agent: Agent[None, str] = Agent(FunctionModel(_plan), name=name)
+    agent: Agent[None, str] = Agent(FunctionModel(_plan, model_name="gpt-4o-mini"), name=name)
 
     @agent.tool_plain
     def lookup(sku: str) -> int:
@@ -134,6 +136,16 @@ async def engine(url: str, fake_clock: FakeClock) -> AsyncIterator[Engine]:
         yield opened
 
 
+async def _ai_calls(engine: Engine, run_id: str) -> list[AICall]:
+    async with engine.kernel.deps.persistence.transaction() as tx:
+        return await tx.ai_calls.for_run(run_id)
+
+
+async def _ai_totals(engine: Engine, run_id: str) -> AITotals:
+    async with engine.kernel.deps.persistence.transaction() as tx:
+        return (await tx.ai_calls.totals([run_id]))[run_id]
+
+
 async def _steps(engine: Engine, run_id: str) -> list[tuple[str, int, int]]:
     return [(e.name, e.occurrence, e.attempts) for e in await engine.journal(run_id)]
 
@@ -183,6 +195,20 @@ async def test_agent_resumes_after_a_crash_between_tool_calls_without_asking_the
             ("shop__model.request", 3, 1),
         ]
         assert (await resumer.get_run(handle.run_id)).status is RunStatus.COMPLETED
+        # every model request recorded once, with the step that made it: the two the
+        # dead worker made committed with their steps, the replay recorded nothing again
+        calls = await _ai_calls(resumer, handle.run_id)
+        assert [(a.call_type, a.step, a.model) for a in calls] == [
+            ("agent-request", "shop__model.request#1", "gpt-4o-mini"),
+            ("agent-request", "shop__model.request#2", "gpt-4o-mini"),
+            ("agent-request", "shop__model.request#3", "gpt-4o-mini"),
+        ]
+        assert all(a.cost is not None and a.cost > 0 for a in calls)
+        assert all(a.input_tokens > 0 and a.output_tokens > 0 for a in calls)
+        totals = await _ai_totals(resumer, handle.run_id)
+        assert totals.calls == 3
+        assert totals.total_cost == sum((a.cost or Decimal(0) for a in calls), Decimal(0))
+        assert totals.total_tokens == sum(a.input_tokens + a.output_tokens for a in calls)
     finally:
         if resumer is not engine:
             await resumer.aclose()
@@ -272,3 +298,12 @@ async def test_a_failing_model_request_retries_durably_then_fails_the_run() -> N
     assert "broken__model.request" in str(run.error)
     assert "provider unreachable" in str(run.error)
     assert len(MODEL_CALLS) == 3
+    async with te.persistence.transaction() as tx:
+        calls = await tx.ai_calls.for_run(handle.run_id)
+    # each failed request is an AI call of a failed attempt, with its error, costing nothing
+    assert [(a.attempt, a.failed_attempt, a.cost) for a in calls] == [
+        (1, True, None),
+        (2, True, None),
+        (3, True, None),
+    ]
+    assert all("provider unreachable" in str(a.error) for a in calls)

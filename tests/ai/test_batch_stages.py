@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from treadle import Engine, RunStatus, WorkflowBuilder
 from treadle.ai.batches import AIBatchOutput, batch_price, define_ai_batch_stage
 from treadle.kernel import commands as c
+from treadle.kernel.ai import AICall
 from treadle.kernel.errors import DefinitionError
 from treadle.kernel.model import StageStatus
 from treadle.testing import FakeClock, TestEngine
@@ -54,6 +55,22 @@ PROVIDERS = [
     pytest.param(FakeAnthropic, "anthropic:claude-haiku-4-5", id="anthropic"),
 ]
 DOCS = {"docs": ["alpha", "beta", "gamma"]}
+
+
+def _check_calls(calls: list[AICall], model: str) -> None:
+    """One batch-item AI call per prompt, with its prompt, tokens and batch-price cost."""
+    provider, _, name = model.partition(":")
+    each = batch_price(provider, name, INPUT_TOKENS, OUTPUT_TOKENS)
+    assert [(a.call_type, a.provider, a.model, a.cost) for a in calls] == [
+        ("batch-item", provider, name, each)
+    ] * 3
+    assert [a.prompt for a in calls] == [
+        {"prompt": f"summarise {d}", "system": "Be brief."} for d in DOCS["docs"]
+    ]
+    assert [(a.input_tokens, a.output_tokens, a.stage_id) for a in calls] == [
+        (INPUT_TOKENS, OUTPUT_TOKENS, "summaries")
+    ] * 3
+    assert all(a.response is not None for a in calls)
 
 
 def _check_output(output: Any, model: str) -> None:
@@ -92,6 +109,10 @@ async def test_batch_stage_suspends_polls_not_ready_then_ready_in_memory(
     assert run.status is RunStatus.COMPLETED, run.error
     assert fake.batches_created == 1  # (the Anthropic SDK retrieves again to read results)
     _check_output(run.output, model)
+    async with te.persistence.transaction() as tx:
+        _check_calls(await tx.ai_calls.for_run(handle.run_id), model)
+        totals = (await tx.ai_calls.totals([handle.run_id]))[handle.run_id]
+    assert totals.total_cost == AIBatchOutput.model_validate(run.output).total_cost
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -138,6 +159,10 @@ async def test_batch_stage_suspends_polls_not_ready_then_ready_on_sql(
         assert run.status is RunStatus.COMPLETED, run.error
         _check_output(run.output, model)
         assert fake.batches_created == 1
+        async with engine.kernel.deps.persistence.transaction() as tx:
+            _check_calls(await tx.ai_calls.for_run(handle.run_id), model)
+            totals = (await tx.ai_calls.totals([handle.run_id]))[handle.run_id]
+        assert totals.total_cost == AIBatchOutput.model_validate(run.output).total_cost
 
 
 async def test_items_come_back_in_prompt_order_and_a_failed_item_keeps_its_place() -> None:

@@ -68,6 +68,7 @@ async def test_rollback_leaves_no_call_and_no_cost(backend: Backend) -> None:
     """A rolled-back transaction leaves neither the calls nor their cost in the totals."""
     async with backend.persistence.transaction() as tx:
         await tx.ai_calls.record([_call("r1", cost="1")])
+
     async def rolled_back() -> None:
         async with backend.persistence.transaction() as tx:
             await tx.ai_calls.record([_call("r1", cost="2")])
