@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     )
     from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
     from treadle.kernel.errors import (
+        AgentOutsideWorkflowError,
         AIError,
         AIExtraMissingError,
         AIRateLimitedError,
@@ -102,6 +103,7 @@ __all__ = [
     "AIRecordError",
     "AIRecording",
     "AITotals",
+    "AgentOutsideWorkflowError",
     "BodyInterruptedError",
     "BudgetExceededError",
     "ChildWorkflowFailedError",
@@ -183,6 +185,7 @@ _ERRORS = frozenset(
         "AIExtraMissingError",
         "AIRateLimitedError",
         "AIRecordError",
+        "AgentOutsideWorkflowError",
         "BudgetExceededError",
         "BodyInterruptedError",
         "ChildWorkflowFailedError",

@@ -47,7 +47,11 @@ from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelResponse
 from pydantic_ai.tools import AgentDepsT
 
 from treadle.kernel.ai import AICall
-from treadle.kernel.errors import NonDeterminismError, TreadleError, describe_exception
+from treadle.kernel.errors import (
+    AgentOutsideWorkflowError,
+    NonDeterminismError,
+    describe_exception,
+)
 from treadle.kernel.model import JsonValue
 from treadle.kernel.retry import RetryPolicy
 from treadle.kernel.workflows.waits import Interrupt
@@ -61,10 +65,6 @@ _CURRENT: contextvars.ContextVar[WorkflowContext | None] = contextvars.ContextVa
     "treadle_agent_workflow", default=None
 )
 """The workflow context of the agent run in progress in this task (``TreadleAgent.run``)."""
-
-
-class AgentOutsideWorkflowError(TreadleError):
-    """A durable operation of a ``TreadleAgent`` was reached outside ``TreadleAgent.run``."""
 
 
 def _serialization_failure(exc: Exception) -> BaseException:

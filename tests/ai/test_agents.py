@@ -307,3 +307,21 @@ async def test_a_failing_model_request_retries_durably_then_fails_the_run() -> N
         (3, True, None),
     ]
     assert all("provider unreachable" in str(a.error) for a in calls)
+
+
+def test_current_workflow_outside_an_agent_run_is_a_named_error() -> None:
+    """current_workflow() outside TreadleAgent.run raises AgentOutsideWorkflowError."""
+    from treadle import AgentOutsideWorkflowError
+
+    with pytest.raises(AgentOutsideWorkflowError, match="TreadleAgent.run"):
+        current_workflow()
+
+
+async def test_the_durability_capability_passes_through_outside_a_workflow() -> None:
+    """The same agent, run with TreadleDurability but outside a workflow, runs as it
+    would without Treadle (no step, no error)."""
+    from treadle.ai import TreadleDurability
+
+    result = await shop.run("buy A-1", capabilities=[TreadleDurability()])
+    assert result.output == "done: charged 42"
+    assert len(MODEL_CALLS) == 3
