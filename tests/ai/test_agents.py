@@ -313,7 +313,7 @@ def test_current_workflow_outside_an_agent_run_is_a_named_error() -> None:
     """current_workflow() outside TreadleAgent.run raises AgentOutsideWorkflowError."""
     from treadle import AgentOutsideWorkflowError
 
-    with pytest.raises(AgentOutsideWorkflowError, match="TreadleAgent.run"):
+    with pytest.raises(AgentOutsideWorkflowError, match=r"TreadleAgent\.run"):
         current_workflow()
 
 
