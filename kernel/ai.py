@@ -53,14 +53,23 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from treadle.kernel.errors import AIRecordError, TreadleValidationError
+from treadle.kernel.errors import (
+    AIExtraMissingError,
+    AIRecordError,
+    BudgetExceededError,
+    StepFailedError,
+    TreadleValidationError,
+    describe_exception,
+)
 from treadle.kernel.model import JsonValue, evolve
 
 if TYPE_CHECKING:
+    from treadle.kernel.model import Run
+    from treadle.ports import Transaction
     from treadle.ports.ai_models import AIModelClient
 
 AICallType = Literal["text", "object", "agent-request", "tool", "batch-item", "embedding", "other"]
@@ -114,6 +123,20 @@ class AICall(BaseModel):
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+def budget(value: object, what: str = "max_cost") -> Decimal:
+    """A budget as ``Decimal``: a ``Decimal``, an int or float, or numeric text, finite and
+    not negative; ``ValueError`` naming ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int | float | str):
+        raise ValueError(f"{what} must be an amount (Decimal, number or text), got {value!r}")
+    try:
+        amount = Decimal(str(value)) if not isinstance(value, Decimal) else value
+    except ArithmeticError:
+        raise ValueError(f"{what} must be an amount, got {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{what} must be a finite amount of at least 0, got {value!r}")
+    return amount
 
 
 class AITotals(BaseModel):
@@ -322,14 +345,185 @@ CURRENT_AI_CALLS: contextvars.ContextVar[AICallBuffer | None] = contextvars.Cont
 body or the step function; ``asyncio.to_thread`` copies it into sync bodies)."""
 
 
-class StageAI:
-    """``ctx.ai`` in a pipeline stage: records this attempt's AI calls, committed with
-    the attempt's outcome (``kernel/ai.py`` module docstring)."""
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
-    def __init__(self, buffer: AICallBuffer, services: AIServices, totals: TotalsReader) -> None:
+
+@dataclass(frozen=True, slots=True)
+class AIResult(Generic[T]):
+    """What ``ctx.ai.generate_text`` / ``generate_object`` return: the output (text, or an
+    instance of the schema), the tokens it used and what it cost."""
+
+    output: T
+    model: str
+    provider: str | None
+    input_tokens: int
+    output_tokens: int
+    cost: Decimal | None
+    """``None``: genai-prices knows no price for the model."""
+    currency: str = "USD"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def to_json(self, output: JsonValue) -> dict[str, JsonValue]:
+        """The journaled form (a code workflow's step result), ``output`` already JSON."""
+        return {
+            "output": output,
+            "model": self.model,
+            "provider": self.provider,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost": None if self.cost is None else str(self.cost),
+            "currency": self.currency,
+        }
+
+    @staticmethod
+    def from_json(raw: dict[str, Any], output: Any) -> AIResult[Any]:
+        cost = raw.get("cost")
+        return AIResult(
+            output=output,
+            model=str(raw["model"]),
+            provider=raw.get("provider"),
+            input_tokens=int(raw["input_tokens"]),
+            output_tokens=int(raw["output_tokens"]),
+            cost=None if cost is None else Decimal(str(cost)),
+            currency=str(raw.get("currency") or "USD"),
+        )
+
+
+def model_label(model: object) -> str:
+    """The name a model is recorded under: the string given, or a model object's
+    ``model_name`` (pydantic-ai models have one)."""
+    if isinstance(model, str):
+        return model
+    name = getattr(model, "model_name", None)
+    return name if isinstance(name, str) and name else type(model).__name__
+
+
+async def check_budget(totals: TotalsReader, pending: Decimal = Decimal(0)) -> None:
+    """``BudgetExceededError`` if the run's committed AI cost plus ``pending`` (this
+    attempt's calls, not committed yet) has reached its ``max_cost``."""
+    found = await totals()
+    if found is None or found.max_cost is None:
+        return
+    spent = found.total_cost + pending
+    if spent >= found.max_cost:
+        raise BudgetExceededError(
+            f"run {found.workflow_run_id!r} has spent {spent} on AI calls, reaching its "
+            f"max_cost of {found.max_cost}: the next call was not made",
+            spent=spent,
+            max_cost=found.max_cost,
+        )
+
+
+async def generate(
+    services: AIServices,
+    buffer: AICallBuffer,
+    totals: TotalsReader,
+    request: AIModelRequest,
+    *,
+    call_type: AICallType,
+    topic: str | None,
+    now: Callable[[], datetime],
+) -> AIResult[Any]:
+    """One model call: the budget checked first, the call made through the client, and
+    recorded in ``buffer`` whether it answered or raised."""
+    await check_budget(totals, buffer.spent)
+    client = services.client
+    if client is None:
+        raise AIExtraMissingError(
+            "ctx.ai.generate_* has no model client: install the ai extra "
+            "(pip install 'treadle[ai]') and open the engine again, or pass "
+            "create_kernel(ai=AIServices(client=...))"
+        )
+    prompt: JsonValue = request.prompt
+    if request.system is not None:
+        prompt = [
+            {"role": "system", "content": request.system},
+            {"role": "user", "content": request.prompt},
+        ]
+    started = now()
+    try:
+        response = await client.generate(request)
+    except Exception as exc:
+        buffer.record(
+            AICall(
+                call_type=call_type,
+                topic=topic,
+                model=model_label(request.model),
+                prompt=prompt,
+                error=describe_exception(exc),
+                latency=max(now() - started, timedelta(0)),
+            )
+        )
+        raise
+    buffer.record(
+        AICall(
+            call_type=call_type,
+            topic=topic,
+            provider=response.provider,
+            model=response.model,
+            prompt=prompt,
+            response=response.response,
+            input_tokens=response.input_tokens,
+            output_tokens=response.output_tokens,
+            cost=response.cost,
+            currency=response.currency,
+            latency=max(now() - started, timedelta(0)),
+        )
+    )
+    return AIResult(
+        output=response.output,
+        model=response.model,
+        provider=response.provider,
+        input_tokens=response.input_tokens,
+        output_tokens=response.output_tokens,
+        cost=response.cost,
+        currency=response.currency,
+    )
+
+
+def _request(
+    model: object,
+    prompt: object,
+    schema: type | None,
+    system: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+) -> AIModelRequest:
+    if not isinstance(prompt, str) or not prompt:
+        raise TreadleValidationError(
+            f"prompt must be a non-empty string, got {prompt!r}", [("prompt", "empty")]
+        )
+    if model is None or model == "":
+        raise TreadleValidationError("model is required", [("model", "missing")])
+    return AIModelRequest(
+        model=model,
+        prompt=prompt,
+        system=system,
+        schema=schema,
+        temperature=temperature,
+        max_tokens=max_tokens,
+    )
+
+
+class StageAI:
+    """``ctx.ai`` in a pipeline stage: makes and records this attempt's AI calls, which
+    commit with the attempt's outcome (``kernel/ai.py`` module docstring)."""
+
+    def __init__(
+        self,
+        buffer: AICallBuffer,
+        services: AIServices,
+        totals: TotalsReader,
+        now: Callable[[], datetime],
+    ) -> None:
         self._buffer = buffer
         self._services = services
         self._totals = totals
+        self._now = now
 
     @property
     def calls(self) -> list[AICall]:
@@ -340,22 +534,197 @@ class StageAI:
         """Record ``call``, made by this stage attempt; returns it as it will be stored."""
         return self._buffer.record(call)
 
+    async def check_budget(self) -> None:
+        """``BudgetExceededError`` if the run's AI cost (committed, plus this attempt's
+        calls so far) has reached its ``max_cost``: call it before a model call made
+        without ``generate_*`` (an agent's request)."""
+        await check_budget(self._totals, self._buffer.spent)
+
+    async def generate_text(
+        self,
+        model: object,
+        prompt: str,
+        *,
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        topic: str | None = None,
+    ) -> AIResult[str]:
+        """Ask ``model`` (``"openai:gpt-4o"`` or a pydantic-ai ``Model``) for text. The
+        budget is checked first; the call is recorded (cost by genai-prices) and returned
+        with its usage and cost. Provider errors raise (429 / overloaded as the retryable
+        ``AIRateLimitedError``): the stage's retry policy decides what happens next."""
+        request = _request(model, prompt, None, system, temperature, max_tokens)
+        return await generate(
+            self._services,
+            self._buffer,
+            self._totals,
+            request,
+            call_type="text",
+            topic=topic,
+            now=self._now,
+        )
+
+    async def generate_object(
+        self,
+        model: object,
+        prompt: str,
+        *,
+        schema: type[M],
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        topic: str | None = None,
+    ) -> AIResult[M]:
+        """As ``generate_text``, the answer validated as ``schema`` (a pydantic model)."""
+        request = _request(model, prompt, schema, system, temperature, max_tokens)
+        return await generate(
+            self._services,
+            self._buffer,
+            self._totals,
+            request,
+            call_type="object",
+            topic=topic,
+            now=self._now,
+        )
+
+
+StepRunner = Callable[..., Awaitable[Any]]
+"""``WorkflowContext.step``: ``await step(name, fn, retry=..., timeout=...)``."""
+
 
 class WorkflowAI:
     """``ctx.ai`` in a code workflow: ``record`` belongs to the step running in this task,
-    committed with its journal entry (``kernel/ai.py`` module docstring)."""
+    committed with its journal entry; ``generate_*`` are journaled steps of their own
+    (``kernel/ai.py`` module docstring)."""
 
-    def __init__(self, services: AIServices, totals: TotalsReader) -> None:
+    def __init__(
+        self,
+        services: AIServices,
+        totals: TotalsReader,
+        step: StepRunner,
+        now: Callable[[], datetime],
+    ) -> None:
         self._services = services
         self._totals = totals
+        self._step = step
+        self._now = now
 
     def record(self, call: AICall) -> AICall:
         """Record ``call``, made by the step running now; ``AIRecordError`` outside a step."""
-        buffer = CURRENT_AI_CALLS.get()
-        if buffer is None:
-            raise AIRecordError(
-                "ctx.ai.record must be called while a step runs (inside the function given "
-                "to ctx.step): a call recorded by the workflow body itself would be recorded "
-                "again by every replay"
+        return _current_buffer().record(call)
+
+    async def check_budget(self) -> None:
+        """Inside a step: ``BudgetExceededError`` if the run's AI cost (committed, plus
+        this step attempt's calls) has reached its ``max_cost``."""
+        await check_budget(self._totals, _current_buffer().spent)
+
+    async def generate_text(
+        self,
+        model: object,
+        prompt: str,
+        *,
+        name: str = "ai.generate_text",
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        topic: str | None = None,
+        retry: Any = None,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - mirrors ctx.step
+    ) -> AIResult[str]:
+        """A journaled step ``name`` that asks ``model`` for text: a replay returns the
+        journaled answer without calling the model. Retries follow ``retry`` (the step's
+        ``RetryPolicy``); a 429 waits at least the provider's retry-after, durably. Past
+        the run's budget it raises ``BudgetExceededError`` before calling."""
+        request = _request(model, prompt, None, system, temperature, max_tokens)
+        raw = await self._journaled(name, request, "text", topic, retry, timeout)
+        return AIResult.from_json(raw, str(raw["output"]))
+
+    async def generate_object(
+        self,
+        model: object,
+        prompt: str,
+        *,
+        schema: type[M],
+        name: str = "ai.generate_object",
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        topic: str | None = None,
+        retry: Any = None,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - mirrors ctx.step
+    ) -> AIResult[M]:
+        """As ``generate_text``, the answer validated as ``schema`` (also on replay)."""
+        request = _request(model, prompt, schema, system, temperature, max_tokens)
+        raw = await self._journaled(name, request, "object", topic, retry, timeout)
+        return AIResult.from_json(raw, schema.model_validate(raw["output"]))
+
+    async def _journaled(
+        self,
+        name: str,
+        request: AIModelRequest,
+        call_type: AICallType,
+        topic: str | None,
+        retry: Any,
+        timeout: timedelta | float | None,  # noqa: ASYNC109 - mirrors ctx.step
+    ) -> dict[str, Any]:
+        services, totals, now = self._services, self._totals, self._now
+
+        async def call() -> dict[str, Any]:
+            result = await generate(
+                services,
+                _current_buffer(),
+                totals,
+                request,
+                call_type=call_type,
+                topic=topic,
+                now=now,
             )
-        return buffer.record(call)
+            output = result.output
+            if isinstance(output, BaseModel):
+                output = output.model_dump(mode="json")
+            return result.to_json(output)
+
+        try:
+            raw: dict[str, Any] = await self._step(name, call, retry=retry, timeout=timeout)
+        except StepFailedError as exc:
+            prefix = f"{BudgetExceededError.__name__}: "
+            if (exc.error or "").startswith(prefix):  # also when replayed from the journal
+                raise BudgetExceededError((exc.error or "")[len(prefix) :]) from exc
+            raise
+        return raw
+
+
+def _current_buffer() -> AICallBuffer:
+    buffer = CURRENT_AI_CALLS.get()
+    if buffer is None:
+        raise AIRecordError(
+            "ctx.ai.record must be called while a step runs (inside the function given "
+            "to ctx.step): a call recorded by the workflow body itself would be recorded "
+            "again by every replay"
+        )
+    return buffer
+
+
+async def with_ai_totals(tx: Transaction, runs: list[Run]) -> list[Run]:
+    """``runs`` with ``total_cost``, ``total_tokens`` and ``max_cost`` filled in from the
+    ``AICallLogger`` (one query for all of them)."""
+    if not runs:
+        return runs
+    found = await tx.ai_calls.totals([run.id for run in runs])
+    if not found:
+        return runs
+    filled = []
+    for run in runs:
+        totals = found.get(run.id)
+        if totals is not None:
+            run = evolve(
+                run,
+                {
+                    "total_cost": totals.total_cost,
+                    "total_tokens": totals.total_tokens,
+                    "max_cost": totals.max_cost,
+                },
+            )
+        filled.append(run)
+    return filled

@@ -266,7 +266,9 @@ class StageContext(Generic[InT, ConfigT]):
                 recording=self._ai_services.recording,
             )
             runtime, run_id = self._runtime, self.run_id
-            self._ai = StageAI(self.ai_calls, self._ai_services, lambda: runtime.ai_totals(run_id))
+            self._ai = StageAI(
+                self.ai_calls, self._ai_services, lambda: runtime.ai_totals(run_id), self._now
+            )
         return self._ai
 
     @property

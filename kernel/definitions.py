@@ -12,11 +12,13 @@ import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from treadle.kernel.ai import budget
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
 from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to_json
@@ -339,6 +341,9 @@ class WorkflowDefinition:
     retention: timedelta | None = None
     """How long this workflow's terminal runs are kept before the maintenance tick purges
     them (``run.purge``); ``None``: the engine's default (``KernelSettings``)."""
+    max_cost: Decimal | None = None
+    """Each run's AI budget, unless its start gives one (``kernel/ai.py``): once the run's
+    AI calls cost this much, the next call fails the run with ``BudgetExceededError``."""
 
     def stage(self, stage_id: str) -> StageDefinition | None:
         return self.stages.get(stage_id)
@@ -473,6 +478,17 @@ def retention_of(workflow_id: str, value: timedelta | float | None) -> timedelta
         raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None
 
 
+def max_cost_of(workflow_id: str, value: Decimal | float | str | None) -> Decimal | None:
+    """A workflow's ``max_cost``: a non-negative amount (``Decimal``, number or numeric
+    text) or ``None``; ``DefinitionError`` naming the workflow otherwise."""
+    if value is None:
+        return None
+    try:
+        return budget(value, "max_cost")
+    except ValueError as exc:
+        raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None
+
+
 class WorkflowBuilder:
     """Fluent builder: ``WorkflowBuilder(id, input=Model).pipe(a).parallel([b, c]).build()``."""
 
@@ -489,6 +505,7 @@ class WorkflowBuilder:
         rate_limit: RateLimit | None = None,
         schedule: str | None = None,
         retention: timedelta | float | None = None,
+        max_cost: Decimal | float | str | None = None,
     ) -> None:
         try:
             check_queue(queue, f"workflow {id!r}")
@@ -500,6 +517,7 @@ class WorkflowBuilder:
         self._rate_limit = rate_limit
         self._id = id
         self._retention = retention_of(id, retention)
+        self._max_cost = max_cost_of(id, max_cost)
         self._input = input
         self._description = description
         self._version = str(version)
@@ -568,6 +586,7 @@ class WorkflowBuilder:
             rate_limit=self._rate_limit,
             schedules=declared_schedule(self._id, self._schedule),
             retention=self._retention,
+            max_cost=self._max_cost,
         )
 
     def _check_schemas(self) -> None:

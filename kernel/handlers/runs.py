@@ -190,6 +190,9 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         else:
             await _insert_new(tx, run, stages, cmd, now)
             await tx.outbox.append([created])
+        budget = cmd.max_cost if cmd.max_cost is not None else wf.max_cost
+        if budget is not None:
+            await tx.ai_calls.set_budget(run.id, budget)
         if cmd.signal is not None:
             await _deliver(deps, tx, run, cmd, signal_payload, now)
         status = RunStatus.RUNNING if claim_for is not None else run.status
