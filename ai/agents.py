@@ -49,6 +49,7 @@ from pydantic_ai.tools import AgentDepsT
 from treadle.kernel.ai import AICall
 from treadle.kernel.errors import (
     AgentOutsideWorkflowError,
+    AIRateLimitedError,
     NonDeterminismError,
     describe_exception,
 )
@@ -131,6 +132,24 @@ def _failed_request(
     )
 
 
+_BUSY_STATUSES = frozenset({429, 503, 529})
+"""HTTP statuses that mean "try again later": rate limited, unavailable, overloaded."""
+
+
+def _rate_limited(exc: Exception) -> AIRateLimitedError | None:
+    """A provider's 429 / overloaded as ``AIRateLimitedError``, whose ``retry_after`` (the
+    provider's ``Retry-After``) the step's retry waits at least, durably."""
+    from pydantic_ai.exceptions import ModelAPIError, ModelHTTPError
+
+    if not isinstance(exc, ModelAPIError):
+        return None
+    status = exc.status_code if isinstance(exc, ModelHTTPError) else None
+    busy = type(exc).__name__ in ("ModelRateLimitError", "ModelOverloadedError")
+    if status not in _BUSY_STATUSES and not busy:
+        return None
+    return AIRateLimitedError(f"{exc}", retry_after=exc.retry_after)
+
+
 def _provider_of(model: str) -> str | None:
     provider, sep, _ = model.partition(":")
     return provider if sep else None
@@ -178,11 +197,15 @@ class TreadleOperationBackend(JournalCallableOperationBackend[RetryPolicy | None
         topic = self._topic
 
         async def step():  # type: ignore[no-untyped-def]  # no annotation: journaled as JSON
+            await ctx.ai.check_budget()  # BudgetExceededError: this request is not made
             started = time.monotonic()
             try:
                 payload = await body()
             except Exception as exc:
                 ctx.ai.record(_failed_request(operation_id, messages, exc, started, topic))
+                limited = _rate_limited(exc)
+                if limited is not None:
+                    raise limited from exc
                 raise
             ctx.ai.record(_request_call(payload, messages, started, topic))
             return payload

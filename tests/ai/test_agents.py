@@ -113,12 +113,34 @@ async def review_agent(ctx: WorkflowContext, ask: Ask) -> str:
 
 WORKFLOWS = [shop_agent, signal_agent, review_agent]
 
+BUSY: list[float] = []
+"""Retry-After seconds of the 429s the rate-limited model answers before it works."""
+
+
+def _busy_plan(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    from pydantic_ai.exceptions import ModelHTTPError
+
+    MODEL_CALLS.append(len(messages))
+    if BUSY:
+        raise ModelHTTPError(429, "gpt-4o-mini", {"error": "rate limited"}, retry_after=BUSY.pop())
+    return ModelResponse(parts=[TextPart("served")])
+
+
+busy = Agent(FunctionModel(_busy_plan, model_name="gpt-4o-mini"), name="busy")
+
+
+@workflow(id="busy-agent", input=Ask, output=str)
+async def busy_agent(ctx: WorkflowContext, ask: Ask) -> str:
+    result = await TreadleAgent(busy).run(ctx, ask.prompt)
+    return str(result.output)
+
 
 @pytest.fixture(autouse=True)
 def _reset() -> None:
     MODEL_CALLS.clear()
     TOOL_RUNS.clear()
     CRASH_ON.clear()
+    BUSY.clear()
 
 
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -325,3 +347,41 @@ async def test_the_durability_capability_passes_through_outside_a_workflow() -> 
     result = await shop.run("buy A-1", capabilities=[TreadleDurability()])
     assert result.output == "done: charged 42"
     assert len(MODEL_CALLS) == 3
+
+
+async def test_the_run_budget_stops_the_agent_before_its_next_model_request(
+    engine: Engine,
+) -> None:
+    """With max_cost below what the first model request cost, the second request is not
+    made: the run fails with BudgetExceededError, its cost is the first request's."""
+    from treadle import RunFailedError
+
+    async with worker(engine, concurrency=2):
+        handle = await engine.start("shop-agent", {"prompt": "buy A-1"}, max_cost="0.000001")
+        with pytest.raises(RunFailedError, match="BudgetExceededError"):
+            await handle.result(timeout=WAIT)
+    assert (len(MODEL_CALLS), TOOL_RUNS) == (1, ["lookup"])
+    calls = await _ai_calls(engine, handle.run_id)
+    assert [a.step for a in calls] == ["shop__model.request#1"]
+    totals = await _ai_totals(engine, handle.run_id)
+    assert totals.total_cost == calls[0].cost
+    assert totals.max_cost == Decimal("0.000001")
+
+
+async def test_a_rate_limited_model_request_waits_for_the_providers_retry_after() -> None:
+    """A 429 with Retry-After: 600 s is an AIRateLimitedError; the step's next attempt
+    waits the ten minutes the provider asked (not the policy's 1 s), durably."""
+    from treadle.testing import TestEngine
+
+    BUSY.append(600.0)
+    te = TestEngine([busy_agent])
+    handle = await te.start("busy-agent", {"prompt": "hi"})
+    await te.advance_time(timedelta(minutes=9))
+    assert len(MODEL_CALLS) == 1
+    await te.advance_time(timedelta(minutes=2))
+    assert await handle.result() == "served"
+    assert len(MODEL_CALLS) == 2
+    async with te.persistence.transaction() as tx:
+        calls = await tx.ai_calls.for_run(handle.run_id)
+    assert [(a.attempt, a.failed_attempt) for a in calls] == [(1, True), (2, False)]
+    assert "429" in str(calls[0].error)
