@@ -34,7 +34,7 @@ from treadle.kernel.definitions import (
     Suspend,
     define_batch_stage,
 )
-from treadle.kernel.errors import DefinitionError, NonRetryableError
+from treadle.kernel.errors import AIRateLimitedError, DefinitionError, NonRetryableError
 from treadle.kernel.retry import RetryPolicy
 
 Provider = Literal["openai", "anthropic"]
@@ -279,6 +279,24 @@ async def _anthropic_check(
     return "done", None, items
 
 
+_BUSY_STATUSES = frozenset({429, 503, 529})
+
+
+def _rate_limited(exc: Exception) -> AIRateLimitedError | None:
+    """The SDK's 429 / overloaded answer as ``AIRateLimitedError``: the stage's retry waits
+    at least the provider's ``Retry-After``."""
+    status = getattr(exc, "status_code", None)
+    if status not in _BUSY_STATUSES:
+        return None
+    response = getattr(exc, "response", None)
+    header = response.headers.get("retry-after") if response is not None else None
+    try:
+        retry_after = float(header) if header is not None else None
+    except ValueError:
+        retry_after = None
+    return AIRateLimitedError(f"{type(exc).__name__}: {exc}", retry_after=retry_after)
+
+
 def _default_client(provider: Provider) -> Any:
     if provider == "openai":
         from openai import AsyncOpenAI
@@ -341,9 +359,16 @@ def define_ai_batch_stage(
             state.pop("prompts", None)
         else:
             asked = _as_prompts(prompts(ctx), system)
-            submitted = await submit(
-                make_client(), model_name, asked, max_tokens, ctx.idempotency_key
-            )
+            await ctx.ai.check_budget()  # a run already past its max_cost submits nothing
+            try:
+                submitted = await submit(
+                    make_client(), model_name, asked, max_tokens, ctx.idempotency_key
+                )
+            except Exception as exc:
+                limited = _rate_limited(exc)
+                if limited is not None:
+                    raise limited from exc
+                raise
             state = {"provider": provider, "model": model_name, "count": len(asked), **submitted}
             kept = {**state, "prompts": [p.model_dump(mode="json") for p in asked]}
             await ctx.artifacts.put(SUBMITTED_ARTIFACT, json.dumps(kept))

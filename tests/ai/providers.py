@@ -28,6 +28,8 @@ class FakeOpenAI:
     polls_until_done: int = 1
     fail_index: int | None = None
     final_status: str = "completed"
+    busy_uploads: int = 0
+    """File uploads answered 429 (Retry-After: 300) before one is accepted."""
     requests: list[tuple[str, str]] = field(default_factory=list)
     uploaded: list[dict[str, Any]] = field(default_factory=list)
     retrievals: int = 0
@@ -124,6 +126,13 @@ class FakeOpenAI:
     def handle(self, request: httpx2.Request) -> httpx2.Response:
         path = request.url.path
         self.requests.append((request.method, path))
+        if request.method == "POST" and path == "/v1/files" and self.busy_uploads:
+            self.busy_uploads -= 1
+            return httpx2.Response(
+                429,
+                json={"error": {"message": "Rate limit reached", "type": "requests"}},
+                headers={"retry-after": "300"},
+            )
         if request.method == "POST" and path == "/v1/files":
             body = request.read()
             start = body.index(b'{"custom_id"')

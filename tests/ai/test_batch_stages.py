@@ -224,6 +224,21 @@ async def test_a_retried_submission_polls_the_batch_already_submitted() -> None:
     _check_output(run.output, "openai:gpt-4o-mini")
 
 
+async def test_a_rate_limited_submission_waits_for_the_providers_retry_after() -> None:
+    """The provider answers the upload 429 with Retry-After: 300; the stage's next attempt
+    waits those five minutes (not the policy's first backoff), then submits."""
+    fake = FakeOpenAI(polls_until_done=0, busy_uploads=1)
+    te = TestEngine([_workflow(fake, "openai:gpt-4o-mini")])
+    handle = await te.start("summarise", DOCS)
+    await te.advance_time(timedelta(minutes=4))
+    assert (fake.batches_created, fake.requests) == (0, [("POST", "/v1/files")])
+    await te.advance_time(timedelta(minutes=2))
+    assert fake.batches_created == 1
+    await te.advance_time(POLL)
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.COMPLETED, run.error
+
+
 def test_batch_price_is_half_the_standard_price() -> None:
     """genai-prices' batch variant: 50% of the standard rate for OpenAI and Anthropic."""
     from genai_prices import Usage, calc_price
