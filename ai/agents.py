@@ -275,6 +275,15 @@ def current_workflow() -> WorkflowContext:
         raise AgentOutsideWorkflowError(
             "current_workflow() is only available while TreadleAgent.run(ctx, ...) runs"
         )
+    step = ctx.current_step()
+    if step is not None:
+        # A durable tool runs inside a step, whose function may make no ctx call: the
+        # call would be journaled inside the step and break the next replay.
+        raise AgentOutsideWorkflowError(
+            f"current_workflow() was called inside step {step.name!r}: a tool that waits "
+            "or makes ctx calls must be declared durable=False "
+            "(@agent.tool_plain(durable=False))"
+        )
     return ctx
 
 

@@ -17,8 +17,9 @@ the standard price is what it returns; ``cost`` is ``None`` for a model it does 
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any, Literal
@@ -87,7 +88,9 @@ class AIBatchPrompt(BaseModel):
     system: str | None = None
 
 
-PromptsFn = Callable[[Any], Sequence["str | AIBatchPrompt"]]
+PromptsFn = Callable[
+    [Any], Sequence["str | AIBatchPrompt"] | Awaitable[Sequence["str | AIBatchPrompt"]]
+]
 ClientFactory = Callable[[], Any]
 
 
@@ -329,8 +332,9 @@ def define_ai_batch_stage(
     batch API, suspends until the batch ends (polling every ``poll_interval``, failing
     after ``max_wait``), and completes with an ``AIBatchOutput``: the answers in the order
     of the prompts, each priced at the batch rate and recorded as an AI call.
-    ``client``: a factory for the SDK's async client (``AsyncOpenAI`` /
-    ``AsyncAnthropic``; default: built from the environment's API key). ``topic``: the
+    ``prompts`` may be async. ``client``: a factory for the SDK's async client
+    (``AsyncOpenAI`` / ``AsyncAnthropic``; default: built from the environment's API
+    key); each submission and each poll makes one and closes it. ``topic``: the
     AI calls' topic (default: the stage id)."""
     provider, model_name = parse_model(model)
     if max_tokens < 1:
@@ -358,12 +362,16 @@ def define_ai_batch_stage(
             state = json.loads(await ctx.artifacts.get(SUBMITTED_ARTIFACT))
             state.pop("prompts", None)
         else:
-            asked = _as_prompts(prompts(ctx), system)
+            raw_prompts = prompts(ctx)
+            if inspect.isawaitable(raw_prompts):
+                raw_prompts = await raw_prompts
+            asked = _as_prompts(raw_prompts, system)
             await ctx.ai.check_budget()  # a run already past its max_cost submits nothing
             try:
-                submitted = await submit(
-                    make_client(), model_name, asked, max_tokens, ctx.idempotency_key
-                )
+                async with make_client() as sdk:
+                    submitted = await submit(
+                        sdk, model_name, asked, max_tokens, ctx.idempotency_key
+                    )
             except Exception as exc:
                 limited = _rate_limited(exc)
                 if limited is not None:
@@ -376,7 +384,8 @@ def define_ai_batch_stage(
 
     @stage.check_completion
     async def completion(state: dict[str, Any], ctx: Any) -> Ready | NotReady | Failed:
-        status, message, raw = await check(make_client(), state)
+        async with make_client() as sdk:
+            status, message, raw = await check(sdk, state)
         if status == "running":
             return NotReady()
         if status == "failed":

@@ -113,6 +113,21 @@ async def review_agent(ctx: WorkflowContext, ask: Ask) -> str:
 
 WORKFLOWS = [shop_agent, signal_agent, review_agent]
 
+misdeclared = _agent("misdeclared")
+
+
+@misdeclared.tool_plain(name="ask_human")  # durable: inside a step, no ctx call allowed
+async def ask_human_in_a_step(question: str) -> str:
+    answer: str = await current_workflow().wait_for_signal("answer", str)
+    return answer
+
+
+@workflow(id="misdeclared-agent", input=Ask, output=str)
+async def misdeclared_agent(ctx: WorkflowContext, ask: Ask) -> str:
+    result = await TreadleAgent(misdeclared).run(ctx, ask.prompt)
+    return str(result.output)
+
+
 BUSY: list[float] = []
 """Retry-After seconds of the 429s the rate-limited model answers before it works."""
 
@@ -385,3 +400,18 @@ async def test_a_rate_limited_model_request_waits_for_the_providers_retry_after(
         calls = await tx.ai_calls.for_run(handle.run_id)
     assert [(a.attempt, a.failed_attempt) for a in calls] == [(1, True), (2, False)]
     assert "429" in str(calls[0].error)
+
+
+async def test_a_waiting_tool_not_declared_durable_false_fails_with_a_clear_error() -> None:
+    """A tool that calls current_workflow() from inside its step fails the run with an
+    AgentOutsideWorkflowError that says to declare it durable=False (no retry, no
+    corrupted journal)."""
+    from treadle.testing import TestEngine
+
+    te = TestEngine([misdeclared_agent])
+    handle = await te.start("misdeclared-agent", {"prompt": "buy A-1"})
+    await te.advance_time(timedelta(minutes=1))
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.FAILED
+    assert "durable=False" in str(run.error)
+    assert "AgentOutsideWorkflowError" in str(run.error)

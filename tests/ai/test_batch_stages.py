@@ -239,6 +239,30 @@ async def test_a_rate_limited_submission_waits_for_the_providers_retry_after() -
     assert run.status is RunStatus.COMPLETED, run.error
 
 
+async def test_prompts_may_be_async_and_carry_their_own_system_prompt() -> None:
+    """``prompts`` may be a coroutine function; an ``AIBatchPrompt`` keeps its own system
+    prompt, a plain string gets the stage's."""
+    from treadle.ai import AIBatchPrompt
+
+    async def prompts(ctx: Any) -> list[Any]:
+        return [AIBatchPrompt(prompt="first", system="Be formal."), "second"]
+
+    fake = FakeAnthropic(polls_until_done=0)
+    stage = define_ai_batch_stage(
+        id="two",
+        input=Docs,
+        model="anthropic:claude-haiku-4-5",
+        prompts=prompts,
+        system="Be brief.",
+        client=fake.client,
+    )
+    te = TestEngine([WorkflowBuilder("two-wf", input=Docs).pipe(stage).build()])
+    handle = await te.start("two-wf", DOCS)
+    await te.advance_time(timedelta(minutes=5))
+    assert (await te.get_run(handle.run_id)).status is RunStatus.COMPLETED
+    assert [r["params"]["system"] for r in fake.submitted] == ["Be formal.", "Be brief."]
+
+
 def test_batch_price_is_half_the_standard_price() -> None:
     """genai-prices' batch variant: 50% of the standard rate for OpenAI and Anthropic."""
     from genai_prices import Usage, calc_price
