@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from treadle.ai.agents import TreadleAgent, TreadleDurability, current_workflow
+    from treadle.ai.agents import TreadleAgent, TreadleDurability, current_workflow, running_in
     from treadle.ai.batches import (
         AIBatchItem,
         AIBatchOutput,
@@ -25,6 +25,7 @@ _MODULES = {
     "TreadleAgent": "treadle.ai.agents",
     "TreadleDurability": "treadle.ai.agents",
     "current_workflow": "treadle.ai.agents",
+    "running_in": "treadle.ai.agents",
     "AIBatchItem": "treadle.ai.batches",
     "AIBatchOutput": "treadle.ai.batches",
     "AIBatchPrompt": "treadle.ai.batches",
@@ -41,6 +42,7 @@ __all__ = [
     "batch_price",
     "current_workflow",
     "define_ai_batch_stage",
+    "running_in",
 ]
 
 

@@ -43,6 +43,7 @@ from pydantic_ai.durable_exec import (
     ModelRequestId,
     RoleBasedOperationConfig,
 )
+from pydantic_ai.exceptions import ModelAPIError, ModelHTTPError
 from pydantic_ai.messages import ModelMessagesTypeAdapter, ModelResponse
 from pydantic_ai.tools import AgentDepsT
 
@@ -51,6 +52,7 @@ from treadle.kernel.errors import (
     AgentOutsideWorkflowError,
     AIRateLimitedError,
     NonDeterminismError,
+    OutputValidationError,
     describe_exception,
 )
 from treadle.kernel.model import JsonValue
@@ -69,8 +71,7 @@ _CURRENT: contextvars.ContextVar[WorkflowContext | None] = contextvars.ContextVa
 
 
 def _serialization_failure(exc: Exception) -> BaseException:
-    from treadle.kernel.errors import OutputValidationError
-
+    """A value pydantic-ai cannot reduce to JSON fails its step for good (never retried)."""
     return OutputValidationError(f"an agent step returned a value that is not JSON: {exc}")
 
 
@@ -139,8 +140,6 @@ _BUSY_STATUSES = frozenset({429, 503, 529})
 def _rate_limited(exc: Exception) -> AIRateLimitedError | None:
     """A provider's 429 / overloaded as ``AIRateLimitedError``, whose ``retry_after`` (the
     provider's ``Retry-After``) the step's retry waits at least, durably."""
-    from pydantic_ai.exceptions import ModelAPIError, ModelHTTPError
-
     if not isinstance(exc, ModelAPIError):
         return None
     status = exc.status_code if isinstance(exc, ModelHTTPError) else None

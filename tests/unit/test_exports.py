@@ -72,6 +72,7 @@ EXPECTED: dict[str, set[str]] = {
         "batch_price",
         "current_workflow",
         "define_ai_batch_stage",
+        "running_in",
     },
     "treadle.ports": {
         "AICallLogger",
