@@ -41,7 +41,16 @@ if TYPE_CHECKING:
         define_stage,
         workflow,
     )
-    from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
+    from treadle.kernel.ai import (
+        AICall,
+        AIConfig,
+        AICostRow,
+        AIRecording,
+        AIResult,
+        AITotals,
+        with_ai_config,
+    )
+    from treadle.kernel.definitions import stage_ids
     from treadle.kernel.errors import (
         AgentOutsideWorkflowError,
         AIError,
@@ -96,12 +105,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AIBatchOutput",
     "AICall",
+    "AIConfig",
     "AICostRow",
     "AIError",
     "AIExtraMissingError",
     "AIRateLimitedError",
     "AIRecordError",
     "AIRecording",
+    "AIResult",
     "AITotals",
     "AgentOutsideWorkflowError",
     "BodyInterruptedError",
@@ -172,6 +183,8 @@ __all__ = [
     "define_schedule",
     "define_stage",
     "migrate",
+    "stage_ids",
+    "with_ai_config",
     "workflow",
 ]
 
@@ -229,7 +242,9 @@ _ERRORS = frozenset(
     }
 )
 
-_AI = frozenset({"AICall", "AICostRow", "AIRecording", "AITotals"})
+_AI = frozenset(
+    {"AICall", "AIConfig", "AICostRow", "AIRecording", "AIResult", "AITotals", "with_ai_config"}
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -245,6 +260,8 @@ def __getattr__(name: str) -> Any:
         module = "treadle.ai"
     elif name in _AI:
         module = "treadle.kernel.ai"
+    elif name == "stage_ids":
+        module = "treadle.kernel.definitions"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:

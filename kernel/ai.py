@@ -53,14 +53,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from treadle.kernel.errors import (
     AIExtraMissingError,
     AIRecordError,
     BudgetExceededError,
+    DefinitionError,
     StepFailedError,
     TreadleValidationError,
     describe_exception,
@@ -139,6 +140,20 @@ def budget(value: object, what: str = "max_cost") -> Decimal:
     return amount
 
 
+COST_QUANTUM = Decimal("1e-9")
+"""Costs are kept to 1e-9 of their currency (the SQL adapter stores whole units of it)."""
+
+
+def stored_cost(cost: Decimal | None) -> Decimal | None:
+    """``cost`` as storage keeps it: rounded to ``COST_QUANTUM``, trailing zeros dropped."""
+    if cost is None:
+        return None
+    try:
+        return cost.quantize(COST_QUANTUM).normalize()
+    except ArithmeticError:  # beyond the context's precision: keep it as given
+        return cost
+
+
 class AITotals(BaseModel):
     """What a run's AI calls added up to so far, and its budget."""
 
@@ -157,7 +172,9 @@ class AITotals(BaseModel):
 
     def add(self, calls: Sequence[AICall]) -> AITotals:
         """These totals with ``calls`` added (what the adapters store)."""
-        cost = self.total_cost + sum((c.cost or Decimal(0) for c in calls), Decimal(0))
+        cost = (
+            self.total_cost + sum((c.cost or Decimal(0) for c in calls), Decimal(0))
+        ).normalize()
         return evolve(
             self,
             {
@@ -263,6 +280,7 @@ class AICallBuffer:
         stamped = evolve(
             call,
             {
+                "cost": stored_cost(call.cost),
                 "id": None,
                 "workflow_run_id": self._run_id,
                 "workflow_id": self._workflow_id,
@@ -485,6 +503,62 @@ async def generate(
     )
 
 
+class AIConfig(BaseModel):
+    """The AI fields ``with_ai_config`` adds to a stage's config: which model, how
+    creative, how long an answer. Pass the config itself as the model
+    (``ctx.ai.generate_text(ctx.config, prompt)``) to use all three."""
+
+    model: str = Field(default="openai:gpt-4o-mini", min_length=1)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)
+    max_tokens: int = Field(default=1024, ge=1)
+
+
+def with_ai_config(
+    config: type[BaseModel] | None = None,
+    *,
+    model: str = "openai:gpt-4o-mini",
+    temperature: float = 0.7,
+    max_tokens: int = 1024,
+) -> type[AIConfig]:
+    """``config`` (a pydantic model; none: an empty one) with ``model``, ``temperature``
+    and ``max_tokens`` fields added, their defaults the values given here. A run's config
+    for the stage is validated against it at ``run.create`` (a bad temperature names the
+    field). ``DefinitionError`` if ``config`` already has one of the three fields, or a
+    default is out of range."""
+    base: Any = config if config is not None else BaseModel
+    if not (isinstance(base, type) and issubclass(base, BaseModel)):  # called untyped
+        raise DefinitionError(f"with_ai_config takes a pydantic model class, got {config!r}")
+    clash = sorted(set(AIConfig.model_fields) & set(base.model_fields))
+    if clash and not issubclass(base, AIConfig):
+        raise DefinitionError(
+            f"with_ai_config({base.__name__}): {base.__name__} already has field {clash[0]!r}"
+        )
+    try:
+        defaults = AIConfig(model=model, temperature=temperature, max_tokens=max_tokens)
+    except ValueError as exc:
+        raise DefinitionError(f"with_ai_config: bad default: {exc}") from None
+    fields: dict[str, Any] = {
+        name: (info.annotation, Field(default=getattr(defaults, name), **_bounds(name)))
+        for name, info in AIConfig.model_fields.items()
+    }
+    name = f"{base.__name__}WithAI" if config is not None else "AIStageConfig"
+    bases: tuple[type[Any], ...] = (base, AIConfig) if base is not BaseModel else (AIConfig,)
+    made: Any = create_model(name, __base__=bases, **fields)
+    made.__module__ = base.__module__ if config is not None else __name__
+    return cast("type[AIConfig]", made)
+
+
+_BOUNDS: dict[str, dict[str, Any]] = {
+    "model": {"min_length": 1},
+    "temperature": {"ge": 0.0, "le": 2.0, "allow_inf_nan": False},
+    "max_tokens": {"ge": 1},
+}
+
+
+def _bounds(name: str) -> dict[str, Any]:
+    return _BOUNDS[name]
+
+
 def _request(
     model: object,
     prompt: object,
@@ -493,6 +567,10 @@ def _request(
     temperature: float | None,
     max_tokens: int | None,
 ) -> AIModelRequest:
+    if isinstance(model, AIConfig):  # a with_ai_config stage config: its three fields
+        temperature = model.temperature if temperature is None else temperature
+        max_tokens = model.max_tokens if max_tokens is None else max_tokens
+        model = model.model
     if not isinstance(prompt, str) or not prompt:
         raise TreadleValidationError(
             f"prompt must be a non-empty string, got {prompt!r}", [("prompt", "empty")]

@@ -8,7 +8,9 @@ mistakes surface at import time with the stage named, not hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -628,3 +630,26 @@ class WorkflowBuilder:
                         f"workflow {self._id!r}: stage {stage.id!r} needs input field(s) "
                         f"{missing} that {source} does not produce{hint}"
                     )
+
+
+def stage_ids(workflow: WorkflowDefinition) -> type[enum.StrEnum]:
+    """The stage ids of a built pipeline as a ``StrEnum`` (the seed's ``createStageIds``):
+    ``Ids = stage_ids(pipeline)``, then ``ctx.require(Ids.EXTRACT_TEXT)``. Member names
+    are the ids upper-cased with every other character than a letter or digit made
+    ``_`` (``extract-text`` is ``EXTRACT_TEXT``); values are the ids, so a member is the
+    id wherever a string is expected. ``DefinitionError`` if two ids make one name."""
+    if not isinstance(workflow, WorkflowDefinition):
+        raise DefinitionError(f"stage_ids takes a built workflow, got {workflow!r}")
+    members: dict[str, str] = {}
+    for stage_id in workflow.stages:
+        name = re.sub(r"[^0-9A-Za-z]", "_", stage_id).upper()
+        if not name or name[0].isdigit() or name.startswith("_"):
+            name = f"STAGE_{name}"
+        if name in members:
+            raise DefinitionError(
+                f"workflow {workflow.id!r}: stage ids {members[name]!r} and {stage_id!r} "
+                f"both make the enum member {name}"
+            )
+        members[name] = stage_id
+    title = "".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", workflow.id))
+    return enum.StrEnum(f"{title or 'Workflow'}StageIds", members)  # type: ignore[return-value]

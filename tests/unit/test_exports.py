@@ -27,9 +27,13 @@ EXPECTED: dict[str, set[str]] = {
     "treadle": {
         "AIBatchOutput",
         "AICall",
+        "AIConfig",
         "AICostRow",
         "AIRecording",
+        "AIResult",
         "AITotals",
+        "with_ai_config",
+        "stage_ids",
         "Engine",
         "Schedule",
         "ScheduleDefinition",
