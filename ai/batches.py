@@ -42,6 +42,13 @@ Provider = Literal["openai", "anthropic"]
 
 PROVIDERS: tuple[str, ...] = ("openai", "anthropic")
 
+MAX_REQUESTS: dict[str, int] = {"openai": 50_000, "anthropic": 100_000}
+"""Requests one batch may hold (the providers' documented limits)."""
+
+NO_RESULT = "no result"
+"""The error of an item the provider returned nothing for (an OpenAI batch that expired
+before reaching it)."""
+
 SUBMITTED_ARTIFACT = "ai-batch.json"
 """The stage's artifact holding the submitted batch (provider, model, count, batch id)."""
 
@@ -190,15 +197,21 @@ async def _openai_check(
     status = batch.status
     if status in _OPENAI_RUNNING:
         return "running", None, []
-    if status != "completed":
-        errors = getattr(batch, "errors", None)
-        detail = f": {errors.model_dump_json()}" if errors is not None else ""
-        return "failed", f"OpenAI batch {batch.id} ended {status}{detail}", []
     lines: list[dict[str, Any]] = []
     for file_id in (batch.output_file_id, batch.error_file_id):
         if file_id:
             content = await client.files.content(file_id)
             lines.extend(json.loads(line) for line in content.text.splitlines() if line.strip())
+    items = _openai_items(lines)
+    if status in ("completed", "expired"):  # expired: the prompts not reached have no result
+        return "done", None, items
+    errors = getattr(batch, "errors", None)
+    detail = f": {errors.model_dump_json()}" if errors is not None else ""
+    return "failed", f"OpenAI batch {batch.id} ended {status}{detail}", items
+
+
+def _openai_items(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The output and error files' lines as items (``custom_id``, text or error, usage)."""
     items = []
     for line in lines:
         response = line.get("response") or {}
@@ -221,7 +234,7 @@ async def _openai_check(
                 "response": body or None,
             }
         )
-    return "done", None, items
+    return items
 
 
 # -- Anthropic ------------------------------------------------------------------------------
@@ -366,6 +379,11 @@ def define_ai_batch_stage(
             if inspect.isawaitable(raw_prompts):
                 raw_prompts = await raw_prompts
             asked = _as_prompts(raw_prompts, system)
+            if len(asked) > MAX_REQUESTS[provider]:
+                raise NonRetryableError(
+                    f"prompts: {len(asked)} prompts, but one {provider} batch takes at most "
+                    f"{MAX_REQUESTS[provider]}; split them over several stages"
+                )
             await ctx.ai.check_budget()  # a run already past its max_cost submits nothing
             try:
                 async with make_client() as sdk:
@@ -388,12 +406,15 @@ def define_ai_batch_stage(
             status, message, raw = await check(sdk, state)
         if status == "running":
             return NotReady()
+        items = _in_order(raw, int(state["count"]), provider, model_name)
+        # Every prompt the provider answered (or refused) is an AI call, also when the
+        # batch failed: a cancelled batch's answered prompts were paid for.
+        answered = [i for i in items if i.error != NO_RESULT]
+        await _record(ctx, answered, raw, provider, model_name, topic or id)
         if status == "failed":
             return Failed(message or "batch failed")
-        items = _in_order(raw, int(state["count"]), provider, model_name)
-        await _record(ctx, items, raw, provider, model_name, topic or id)
-        costs = [i.cost for i in items if i.cost is not None]
-        total = sum(costs, Decimal(0)) if len(costs) == len(items) else None
+        costs = [i.cost for i in answered if i.cost is not None]
+        total = sum(costs, Decimal(0)) if len(costs) == len(answered) else None
         return Ready(
             AIBatchOutput(
                 provider=provider,
@@ -453,7 +474,7 @@ def _in_order(
     for i in range(count):
         got = by_index.get(i)
         if got is None:
-            items.append(AIBatchItem(index=i, custom_id=_custom_id(i), error="no result"))
+            items.append(AIBatchItem(index=i, custom_id=_custom_id(i), error=NO_RESULT))
             continue
         items.append(
             AIBatchItem(

@@ -28,6 +28,9 @@ class FakeOpenAI:
     polls_until_done: int = 1
     fail_index: int | None = None
     final_status: str = "completed"
+    answered: int | None = None
+    """How many prompts the output file answers (``None``: all), for a batch that
+    expired or was cancelled part way."""
     busy_uploads: int = 0
     """File uploads answered 429 (Retry-After: 300) before one is accepted."""
     requests: list[tuple[str, str]] = field(default_factory=list)
@@ -45,7 +48,7 @@ class FakeOpenAI:
         )
 
     def _batch(self, status: str) -> dict[str, Any]:
-        done = status == "completed"
+        done = status in ("completed", "expired", "cancelled")
         return {
             "id": "batch_abc123",
             "object": "batch",
@@ -71,7 +74,7 @@ class FakeOpenAI:
 
     def _output(self) -> str:
         lines = []
-        for i, line in enumerate(self.uploaded):
+        for i, line in enumerate(self.uploaded[: self.answered]):
             prompt = line["body"]["messages"][-1]["content"]
             if i == self.fail_index:
                 lines.append(

@@ -263,6 +263,63 @@ async def test_prompts_may_be_async_and_carry_their_own_system_prompt() -> None:
     assert [r["params"]["system"] for r in fake.submitted] == ["Be formal.", "Be brief."]
 
 
+async def test_an_expired_batch_completes_with_the_prompts_it_reached() -> None:
+    """An OpenAI batch that expired after answering two of three prompts completes the
+    stage: the third item has no text and the error "no result"; the two answered items
+    are the run's AI calls and cost."""
+    fake = FakeOpenAI(polls_until_done=0, final_status="expired", answered=2)
+    te = TestEngine([_workflow(fake, "openai:gpt-4o-mini")])
+    handle = await te.start("summarise", DOCS)
+    await te.advance_time(POLL)
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.COMPLETED, run.error
+    out = AIBatchOutput.model_validate(run.output)
+    assert out.texts == ["answer to: summarise alpha", "answer to: summarise beta", None]
+    assert out.items[2].error == "no result"
+    async with te.persistence.transaction() as tx:
+        calls = await tx.ai_calls.for_run(handle.run_id)
+    assert len(calls) == 2
+    assert (
+        run.total_cost == out.total_cost == sum((a.cost or Decimal(0) for a in calls), Decimal(0))
+    )
+
+
+async def test_a_cancelled_batch_fails_the_stage_but_its_answered_prompts_are_costed() -> None:
+    """A batch cancelled after answering one prompt fails the stage; that prompt was paid
+    for, so it is recorded as an AI call and counted in the run's cost."""
+    fake = FakeOpenAI(polls_until_done=0, final_status="cancelled", answered=1)
+    te = TestEngine([_workflow(fake, "openai:gpt-4o-mini")])
+    handle = await te.start("summarise", DOCS)
+    await te.advance_time(POLL)
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.FAILED
+    assert "ended cancelled" in str(run.error)
+    async with te.persistence.transaction() as tx:
+        calls = await tx.ai_calls.for_run(handle.run_id)
+    assert [a.prompt["prompt"] for a in calls] == ["summarise alpha"]  # type: ignore[index]
+    assert run.total_cost == calls[0].cost
+
+
+async def test_more_prompts_than_one_batch_takes_fail_the_stage_before_submitting() -> None:
+    """Past the provider's limit (50,000 requests for OpenAI) the stage fails without a
+    retry, naming the limit, and nothing is uploaded."""
+    fake = FakeOpenAI()
+    stage = define_ai_batch_stage(
+        id="huge",
+        input=Docs,
+        model="openai:gpt-4o-mini",
+        prompts=lambda ctx: ["x"] * 50_001,
+        client=fake.client,
+    )
+    te = TestEngine([WorkflowBuilder("huge-wf", input=Docs).pipe(stage).build()])
+    handle = await te.start("huge-wf", DOCS)
+    await te.run_until_idle()
+    run = await te.get_run(handle.run_id)
+    assert run.status is RunStatus.FAILED
+    assert "at most 50000" in str(run.error)
+    assert fake.requests == []
+
+
 def test_batch_price_is_half_the_standard_price() -> None:
     """genai-prices' batch variant: 50% of the standard rate for OpenAI and Anthropic."""
     from genai_prices import Usage, calc_price
