@@ -8,7 +8,6 @@ database, the clock moved by hand, ``stage.pollSuspended`` dispatched)."""
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -25,9 +24,7 @@ from treadle.kernel.errors import DefinitionError
 from treadle.kernel.model import StageStatus
 from treadle.testing import FakeClock, TestEngine
 from treadle.testing.databases import sqlite_database
-
-sys.path.insert(0, str(Path(__file__).parent))
-from providers import INPUT_TOKENS, OUTPUT_TOKENS, FakeAnthropic, FakeOpenAI
+from treadle.tests.ai.providers import INPUT_TOKENS, OUTPUT_TOKENS, FakeAnthropic, FakeOpenAI
 
 POLL = timedelta(minutes=10)
 
