@@ -3,9 +3,9 @@ workflow, each model request and each tool call a journaled step.
 
 Built on pydantic-ai's durable-execution extension point (``pydantic_ai.durable_exec``),
 the one its Temporal, DBOS and Prefect integrations use: ``TreadleDurability`` is a
-``BaseDurabilityCapability`` whose ``CallableOperationBackend`` runs each of the agent's
-durable operations (model request, tool call, tool-argument validation, toolset
-discovery) as ``ctx.step`` of the workflow the agent runs in. Values cross the journal as
+``BaseDurabilityCapability`` whose ``CallableOperationBackend`` runs each durable
+operation pydantic-ai hands it (each model request, each tool call, and for MCP and
+dynamic toolsets their tool discovery) as ``ctx.step`` of the workflow the agent runs in. Values cross the journal as
 JSON (``JSON_CODEC``: pydantic-ai's own ``TypeAdapter`` of ``ModelResponse`` and of tool
 results), so a replay of the body, on any worker, gets the recorded response back
 without calling the model again.
