@@ -415,3 +415,43 @@ async def test_a_waiting_tool_not_declared_durable_false_fails_with_a_clear_erro
     assert run.status is RunStatus.FAILED
     assert "durable=False" in str(run.error)
     assert "AgentOutsideWorkflowError" in str(run.error)
+
+
+class Verdict(BaseModel):
+    approved: bool
+    reason: str
+
+
+def _structured_plan(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    MODEL_CALLS.append(len(messages))
+    output_tool = info.output_tools[0].name
+    return ModelResponse(
+        parts=[ToolCallPart(output_tool, {"approved": True, "reason": "within policy"})]
+    )
+
+
+judge = Agent(
+    FunctionModel(_structured_plan, model_name="gpt-4o-mini"), name="judge", output_type=Verdict
+)
+
+
+@workflow(id="judge-then-wait", input=Ask, output=Verdict)
+async def judge_then_wait(ctx: WorkflowContext, ask: Ask) -> Verdict:
+    verdict: Verdict = (await TreadleAgent(judge).run(ctx, ask.prompt)).output
+    await ctx.sleep(timedelta(hours=2))
+    return verdict
+
+
+async def test_structured_output_survives_the_replay_without_a_new_model_request() -> None:
+    """An agent with a pydantic output type: after a durable sleep the body replays, the
+    agent's request comes from the journal, and the run returns the same typed output."""
+    from treadle.testing import TestEngine
+
+    te = TestEngine([judge_then_wait])
+    handle = await te.start("judge-then-wait", {"prompt": "refund 20 EUR?"})
+    await te.run_until_idle()
+    assert len(MODEL_CALLS) == 1
+    te.kernel.close()  # drop the parked body (sticky execution): the next activation replays
+    await te.advance_time(timedelta(hours=2))
+    assert await handle.result() == {"approved": True, "reason": "within policy"}
+    assert len(MODEL_CALLS) == 1
