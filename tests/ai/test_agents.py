@@ -253,8 +253,8 @@ async def test_agent_resumes_after_a_crash_between_tool_calls_without_asking_the
 
 async def test_a_tool_waits_durably_for_a_signal(engine: Engine) -> None:
     """A tool declared durable=False waits for a signal: the run suspends holding no
-    worker; the signal resumes it, and the replay answers the earlier model requests
-    and tool calls from the journal."""
+    worker; the signal resumes it, and no earlier model request or tool call is made
+    again (a replay takes them from the journal)."""
     async with worker(engine, concurrency=2):
         handle = await engine.start("signal-agent", {"prompt": "buy A-1"})
         await until_status(engine, handle.run_id, RunStatus.SUSPENDED)
