@@ -5,10 +5,10 @@ Built on pydantic-ai's durable-execution extension point (``pydantic_ai.durable_
 the one its Temporal, DBOS and Prefect integrations use: ``TreadleDurability`` is a
 ``BaseDurabilityCapability`` whose ``CallableOperationBackend`` runs each durable
 operation pydantic-ai hands it (each model request, each tool call, and for MCP and
-dynamic toolsets their tool discovery) as ``ctx.step`` of the workflow the agent runs in. Values cross the journal as
-JSON (``JSON_CODEC``: pydantic-ai's own ``TypeAdapter`` of ``ModelResponse`` and of tool
-results), so a replay of the body, on any worker, gets the recorded response back
-without calling the model again.
+dynamic toolsets their tool discovery) as ``ctx.step`` of the workflow the agent runs
+in. Values cross the journal as JSON (``JSON_CODEC``: pydantic-ai's own ``TypeAdapter``
+of ``ModelResponse`` and of tool results), so a replay of the body, on any worker, gets
+the recorded response back without calling the model again.
 
 Replay determinism: the journal keys steps by (name, occurrence) in the order the body
 reaches them, so tool calls run one at a time inside a workflow
