@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from treadle.adapters.aws.s3 import S3BlobStore
     from treadle.adapters.sql.migrate import migrate
     from treadle.adapters.webhook import WebhookEventSink, verify_webhook
+    from treadle.ai.agents import TreadleAgent, TreadleDurability
+    from treadle.ai.batches import AIBatchOutput, define_ai_batch_stage
     from treadle.engine import Engine
     from treadle.kernel import (
         Failed,
@@ -42,7 +44,10 @@ if TYPE_CHECKING:
         workflow,
     )
     from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
+    from treadle.kernel.ai_helper import AIConfig, AIResult, with_ai_config
+    from treadle.kernel.definitions import stage_ids
     from treadle.kernel.errors import (
+        AgentOutsideWorkflowError,
         AIError,
         AIExtraMissingError,
         AIRateLimitedError,
@@ -67,6 +72,7 @@ if TYPE_CHECKING:
         NotSupportedError,
         OutputValidationError,
         PayloadMissingError,
+        RemoteStageError,
         RunCancelledError,
         RunFailedError,
         RunNotFoundError,
@@ -97,14 +103,18 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AIBatchOutput",
     "AICall",
+    "AIConfig",
     "AICostRow",
     "AIError",
     "AIExtraMissingError",
     "AIRateLimitedError",
     "AIRecordError",
     "AIRecording",
+    "AIResult",
     "AITotals",
+    "AgentOutsideWorkflowError",
     "BodyInterruptedError",
     "BudgetExceededError",
     "ChildWorkflowFailedError",
@@ -131,6 +141,7 @@ __all__ = [
     "OutputValidationError",
     "PayloadMissingError",
     "Ready",
+    "RemoteStageError",
     "RetryPolicy",
     "Run",
     "RunCancelledError",
@@ -154,6 +165,8 @@ __all__ = [
     "Suspend",
     "SuspendTimeoutError",
     "TransientStorageError",
+    "TreadleAgent",
+    "TreadleDurability",
     "TreadleError",
     "TreadleValidationError",
     "UnknownCommandError",
@@ -172,13 +185,20 @@ __all__ = [
     "WorkflowNotFoundError",
     "__version__",
     "create_kernel",
+    "define_ai_batch_stage",
     "define_batch_stage",
     "define_schedule",
     "define_stage",
     "migrate",
+    "stage_ids",
     "verify_webhook",
+    "with_ai_config",
     "workflow",
 ]
+
+_AI_EXTRA = frozenset(
+    {"AIBatchOutput", "TreadleAgent", "TreadleDurability", "define_ai_batch_stage"}
+)
 
 _ERRORS = frozenset(
     {
@@ -186,6 +206,7 @@ _ERRORS = frozenset(
         "AIExtraMissingError",
         "AIRateLimitedError",
         "AIRecordError",
+        "AgentOutsideWorkflowError",
         "BudgetExceededError",
         "BodyInterruptedError",
         "ChildWorkflowFailedError",
@@ -206,6 +227,7 @@ _ERRORS = frozenset(
         "NotSupportedError",
         "OutputValidationError",
         "PayloadMissingError",
+        "RemoteStageError",
         "RunCancelledError",
         "RunFailedError",
         "RunNotFoundError",
@@ -234,6 +256,7 @@ _ERRORS = frozenset(
 )
 
 _AI = frozenset({"AICall", "AICostRow", "AIRecording", "AITotals"})
+_AI_HELPER = frozenset({"AIConfig", "AIResult", "with_ai_config"})
 
 
 def __getattr__(name: str) -> Any:
@@ -249,8 +272,14 @@ def __getattr__(name: str) -> Any:
         module = "treadle.adapters.webhook"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
+    elif name in _AI_EXTRA:  # the ``ai`` extra: pydantic-ai and the providers' SDKs
+        module = "treadle.ai"
     elif name in _AI:
         module = "treadle.kernel.ai"
+    elif name in _AI_HELPER:
+        module = "treadle.kernel.ai_helper"
+    elif name == "stage_ids":
+        module = "treadle.kernel.definitions"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:
