@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from treadle.kernel.limits import Duration, Text
+from treadle.kernel.limits import Duration, Text, TraceParent
 from treadle.kernel.model import Job, JsonValue, RunStatus
 from treadle.kernel.schedules import (
     MAX_CATCHUP_LIMIT,
@@ -60,6 +60,9 @@ class RunCreate(CommandBase):
     execution_timeout: Duration | None = Field(default=None, gt=timedelta(0))
     """Code workflows: this run's cap on wall-clock time from its start, overriding the
     workflow's ``execution_timeout``."""
+    trace_context: TraceParent | None = None
+    """The caller's W3C ``traceparent`` (``00-<trace id>-<span id>-<flags>``), stored with
+    the run so its stage spans join the caller's trace (docs/observability.md)."""
     claim_for: str | None = Field(default=None, min_length=1)
     """A worker (in the caller's process) with a free slot: the new run is claimed for it
     in the same transaction, its first stage leased to it and started, and returned as
@@ -96,6 +99,7 @@ class RunCreateItem(BaseModel):
     run_id: Text | None = Field(default=None, min_length=1, max_length=128)
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
     concurrency_key: Text | None = Field(default=None, min_length=1, max_length=255)
+    trace_context: TraceParent | None = None
 
 
 class RunCreateMany(CommandBase):

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         KernelPlugin,
         Persistence,
         Scheduler,
+        Telemetry,
         Transaction,
         WorkflowRegistry,
     )
@@ -93,6 +94,9 @@ class Deps:
     """Where concurrent ``job.execute`` phase-3 commits of this kernel meet (one group)."""
     sticky: StickyCache = field(default_factory=StickyCache)
     """Code-workflow bodies parked between activations (sticky execution)."""
+    telemetry: Telemetry | None = None
+    """Spans of stage, activation and step attempts (``ports/telemetry.py``); ``None``
+    (the default) when tracing is off: the kernel then calls nothing."""
     cron: CronCalendar | None = None
     """Cron arithmetic for schedules (``ports/cron.py``); without it the ``schedule.*``
     commands raise ``NotSupportedError``."""

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         KernelPlugin,
         Persistence,
         Scheduler,
+        Telemetry,
         Transaction,
         WorkflowRegistry,
     )
@@ -288,11 +289,13 @@ def create_kernel(
     settings: KernelSettings | None = None,
     logger: KernelLogger | None = None,
     cron: CronCalendar | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Kernel:
     """Wire a kernel to its ports. ``registry`` may be a registry or an iterable of
     definitions; ``ids`` defaults to uuid7 stamped by ``clock``; ``cron`` (the calendar
     of cron schedules, ``adapters.cron.CroniterCalendar`` in every host) is needed only
-    by the ``schedule.*`` commands."""
+    by the ``schedule.*`` commands. ``telemetry``: spans of the work it runs
+    (``ports/telemetry.py``; ``adapters.otel.OtelTelemetry``), none when omitted."""
     if not hasattr(registry, "get_workflow"):
         registry = Registry(registry)
     deps = Deps(
@@ -308,5 +311,6 @@ def create_kernel(
         settings=settings or KernelSettings(),
         logger=logger or StdlibLogger(),
         cron=cron,
+        telemetry=telemetry,
     )
     return Kernel(deps)

@@ -12,9 +12,11 @@ from treadle.ports.registry import WorkflowRegistry
 from treadle.ports.retention import BlobRetention, JobRetention, RetentionStore
 from treadle.ports.scheduler import Scheduler
 from treadle.ports.schedules import ScheduleStore
+from treadle.ports.telemetry import AttemptSpan, Telemetry
 from treadle.ports.workers import WorkerRegistry
 
 __all__ = [
+    "AttemptSpan",
     "BlobRetention",
     "BlobStore",
     "Clock",
@@ -28,6 +30,7 @@ __all__ = [
     "RetentionStore",
     "ScheduleStore",
     "Scheduler",
+    "Telemetry",
     "Transaction",
     "WorkerRegistry",
     "WorkflowRegistry",

@@ -138,8 +138,11 @@ async def execute_job(
     held = _Held(job, base, worker_id)
     beat = asyncio.create_task(_heartbeat(kernel, held, worker_id, heartbeat_interval))
     try:
+        telemetry = kernel.deps.telemetry
         while current is not None:
             held.job = current
+            if telemetry is not None:
+                telemetry.job_claimed(current, kernel.deps.clock.now())
             result = await _execute_one(
                 kernel,
                 current,

@@ -74,7 +74,7 @@ from treadle.kernel.workflows.saga import is_compensating
 
 if TYPE_CHECKING:
     from treadle.kernel.deps import Deps, Scope
-    from treadle.ports import Transaction
+    from treadle.ports import AttemptSpan, Telemetry, Transaction
 
 
 # Bound once: reading a member through its Enum class goes through the metaclass on
@@ -195,9 +195,41 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     if isinstance(started_or_result, c.JobExecuteResult):
         return started_or_result
     started = started_or_result
+    if deps.telemetry is not None:
+        return await _execute_traced(deps, cmd, scope, started, deps.telemetry)
+    return await _execute_started(deps, cmd, scope, started, None)
+
+
+async def _execute_traced(
+    deps: Deps, cmd: c.JobExecute, scope: Scope, started: Started, telemetry: Telemetry
+) -> c.JobExecuteResult:
+    """``_execute_started`` inside the attempt's span: current while the body runs and
+    its outcome commits (user spans and the kernel's log lines of it nest under it)."""
+    kind = "activation" if started.wf.kind == "code" else "stage"
+    span = telemetry.stage_attempt(
+        started.run, started.stage.stage_id, started.stage.attempt, cmd.worker_id, kind=kind
+    )
+    try:
+        with span.active():
+            result = await _execute_started(deps, cmd, scope, started, span)
+    except BaseException as exc:
+        span.end("errored", error=exc)
+        raise
+    span.end(
+        "ghost" if result.ghost else result.outcome,
+        error=result.error,
+        retrying=result.outcome == "failed" and result.retryable,
+    )
+    return result
+
+
+async def _execute_started(
+    deps: Deps, cmd: c.JobExecute, scope: Scope, started: Started, span: AttemptSpan | None
+) -> c.JobExecuteResult:
+    """Phases 2 and 3 of a started stage (or a code workflow's activation)."""
     if started.wf.kind == "code":
         try:
-            return await execute_activation(deps, cmd, scope, started)
+            return await execute_activation(deps, cmd, scope, started, span)
         except Exception as exc:
             await _release_after_error(deps, cmd, exc)
             raise
