@@ -31,18 +31,9 @@ from opentelemetry import trace
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from treadle.adapters.otel.tracing import OtelTelemetry
+from treadle.adapters.otel_env import tracing_asked
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 _OTLP_METRIC_ENDPOINTS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-
-
-def enabled_in(environ: Mapping[str, str]) -> bool:
-    """Whether the environment asks for tracing: ``TREADLE_OTEL`` true, or an OTLP
-    endpoint set."""
-    if environ.get("TREADLE_OTEL", "").strip().lower() in _TRUE:
-        return True
-    return any(environ.get(name) for name in _OTLP_ENDPOINTS)
 
 
 @dataclass
@@ -81,7 +72,7 @@ def configure_from_env(
 
 def _tracing(env: Mapping[str, str], shutdowns: list[Callable[[], Any]]) -> Any:
     current = trace.get_tracer_provider()
-    if not isinstance(current, trace.ProxyTracerProvider) or not enabled_in(env):
+    if not isinstance(current, trace.ProxyTracerProvider) or not tracing_asked(env):
         return None  # the process has a provider (or tracing is off): use the global one
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter

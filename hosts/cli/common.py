@@ -308,12 +308,15 @@ def quiet_logger() -> Any:
 
     import structlog
 
+    from treadle.adapters.logging import add_trace_ids, renderer
+
     return structlog.wrap_logger(
         structlog.PrintLogger(file=sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"]),
+            add_trace_ids,
+            renderer(),
         ],
     )
 

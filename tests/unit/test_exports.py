@@ -56,6 +56,7 @@ EXPECTED: dict[str, set[str]] = {
     }
     | _public_errors(),
     "treadle.ports": {
+        "AttemptSpan",
         "BlobRetention",
         "BlobStore",
         "Clock",
@@ -69,6 +70,7 @@ EXPECTED: dict[str, set[str]] = {
         "Persistence",
         "RetentionStore",
         "Scheduler",
+        "Telemetry",
         "Transaction",
         "WorkerRegistry",
         "WorkflowRegistry",
