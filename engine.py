@@ -56,6 +56,7 @@ from treadle.kernel.workflows.model import JournalEntry
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.options import WorkerOptions
 from treadle.runtime.run_waiters import RunWaiters
+from treadle.runtime.starts import start_traced
 from treadle.runtime.worker import SlotLoan, Worker
 
 if TYPE_CHECKING:
@@ -466,12 +467,10 @@ class Engine:
         telemetry = self.kernel.deps.telemetry
         if telemetry is None:
             return (await self._start(command))[0]
-        with telemetry.starting(command.workflow_id) as span:
-            if span.trace_context is not None:
-                command = command.model_copy(update={"trace_context": span.trace_context})
-            handle, created = await self._start(command)
-            span.started(handle.run_id, command.workflow_id, created)
-        return handle
+        started = await start_traced(
+            telemetry, command, self._start, lambda hc: (hc[0].run_id, hc[1])
+        )
+        return started[0]
 
     async def _start(self, command: c.RunCreate) -> tuple[RunHandle, bool]:
         """``start``'s command dispatched: the handle, and whether a run was created."""
@@ -600,11 +599,7 @@ class Engine:
         if telemetry is None:
             result = await self.kernel.dispatch(command)
         else:
-            with telemetry.starting(command.workflow_id) as span:
-                if span.trace_context is not None:
-                    command = command.model_copy(update={"trace_context": span.trace_context})
-                result = await self.kernel.dispatch(command)
-                span.started(result.workflow_run_id, command.workflow_id, result.created)
+            result = await start_traced(telemetry, command, self.kernel.dispatch, _run_created)
         self._notify()
         return RunHandle(self, result.workflow_run_id)
 
@@ -1017,6 +1012,10 @@ def _definitions(workflows: Any) -> builtins.list[WorkflowDefinition]:
                 f"must be a built workflow (WorkflowBuilder(...).build()), got {wf!r}",
             )
     return out
+
+
+def _run_created(result: c.RunCreateResult) -> tuple[str, bool]:
+    return result.workflow_run_id, result.created
 
 
 def _telemetry(telemetry: Telemetry | bool | None) -> Telemetry | None:

@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from treadle.adapters.cron import CroniterCalendar
 from treadle.adapters.logging import structlog_logger
@@ -45,9 +45,13 @@ from treadle.kernel.schedules import ScheduleDefinition
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
 from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
 from treadle.runtime.jobs import execute_job
+from treadle.runtime.starts import start_traced
 from treadle.runtime.tick import TickReport, maintenance_tick
 from treadle.testing.chaos import Chaos
 from treadle.testing.clock import DEFAULT_START, FakeClock
+
+if TYPE_CHECKING:
+    from treadle.ports import Telemetry
 
 _REAP_ALL = timedelta(seconds=-1)
 """The tick's stale-lease threshold: between two rounds no job is executing, so every
@@ -247,6 +251,7 @@ class TestEngine:
         ids: Any = None,
         chain: bool = True,
         schedules: Iterable[ScheduleDefinition] = (),
+        telemetry: Telemetry | None = None,
     ) -> None:
         # ``clock`` lets a caller share one FakeClock with the engine (the pytest plugin's
         # ``fake_clock`` is ``treadle_engine.clock``): a second clock would be a second
@@ -284,6 +289,7 @@ class TestEngine:
             settings=settings,
             logger=structlog_logger(worker_id=worker_id),
             cron=CroniterCalendar(),
+            telemetry=telemetry,
         )
         self._unsynced: list[ScheduleDefinition] = [
             *declared_schedules(workflows),
@@ -350,7 +356,16 @@ class TestEngine:
             execution_timeout=execution_timeout,
             concurrency_key=concurrency_key,
         )
-        result = await self.kernel.dispatch(command)
+        telemetry = self.kernel.deps.telemetry
+        if telemetry is None:
+            result = await self.kernel.dispatch(command)
+        else:  # as Engine.start: the caller's trace context goes with the run
+            result = await start_traced(
+                telemetry,
+                command,
+                self.kernel.dispatch,
+                lambda r: (r.workflow_run_id, r.created),
+            )
         return RunHandle(self, result.workflow_run_id)
 
     async def get_run(self, run_id: str) -> Run:
