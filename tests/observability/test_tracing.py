@@ -95,9 +95,8 @@ async def test_a_code_workflow_with_a_retry_a_sleep_and_a_signal_produces_the_sp
         for s in activations
     ]
     assert waits == [["retry"], ["sleep"], ["signal"], []]
-    assert [e.attributes for e in activations[2].events if e.name == "treadle.wait"][0][
-        "treadle.wait.signal"
-    ] == "approval"
+    (signal_wait,) = [e for e in activations[2].events if e.name == "treadle.wait"]
+    assert dict(signal_wait.attributes or {})["treadle.wait.signal"] == "approval"
     steps = sorted(otel.named("treadle.step charge"), key=lambda s: s.start_time or 0)
     assert [s.attributes["treadle.attempt"] for s in steps] == [1, 2]
     assert [s.attributes["treadle.outcome"] for s in steps] == ["failed", "completed"]
