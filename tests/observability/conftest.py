@@ -43,9 +43,10 @@ class Otel:
                     if metric.name != name:
                         continue
                     for point in metric.data.data_points:
-                        key = tuple(sorted((k, str(v)) for k, v in point.attributes.items()))
-                        value = getattr(point, "value", None)
-                        found[key] = float(point.count if value is None else value)
+                        attributes = point.attributes or {}
+                        key = tuple(sorted((k, str(v)) for k, v in attributes.items()))
+                        value: float = getattr(point, "value", None) or 0
+                        found[key] = float(getattr(point, "count", value))
         return found
 
 
