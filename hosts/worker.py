@@ -290,6 +290,7 @@ class WorkerHost:
             gauges = setup.telemetry.storage_gauges(
                 backend.persistence, backend.clock, backend.workers
             )
+            gauges.queues.update(self.options.queues)
             routes.setdefault(self.metrics_port, {})["/metrics"] = metrics_route(
                 setup.metrics_text, gauges.refresh
             )

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from treadle.kernel.model import Job, Run, RunStatus
+from treadle.kernel.model import Job, QueueDepth, Run, RunStatus
 
 if TYPE_CHECKING:
     from treadle.ports import Clock, Persistence, WorkerRegistry
@@ -168,8 +168,7 @@ class TreadleMetrics:
         self.claim_latency.record(max(0.0, (leased - due).total_seconds()), {"queue": job.queue})
 
     def leases_expired(self, count: int) -> None:
-        if count:
-            self.lease_expiries.add(count)
+        self.lease_expiries.add(count)  # 0 too: the series exists from the first tick
 
     # -- worker slots ---------------------------------------------------------------------
     def watch_worker(self, worker: SlotHolder) -> None:
@@ -207,8 +206,11 @@ class StorageGauges:
         persistence: Persistence,
         clock: Clock,
         workers: WorkerRegistry | None = None,
+        queues: Iterable[str] = ("default",),
     ) -> None:
         self._persistence = persistence
+        self.queues = set(queues)
+        """Queues reported even when empty (a worker adds those it serves)."""
         self._clock = clock
         self._workers = workers
         self._last = _Snapshot()
@@ -243,7 +245,10 @@ class StorageGauges:
         now = self._clock.now()
         snap = _Snapshot()
         if self._workers is not None:
-            for depth in await self._workers.queue_depths(now):
+            depths = {d.queue: d for d in await self._workers.queue_depths(now)}
+            for queue in self.queues:  # served queues report 0 rather than nothing
+                depths.setdefault(queue, QueueDepth(queue=queue))
+            for depth in depths.values():
                 snap.depths.extend(
                     [
                         (depth.queue, "queued", depth.queued),

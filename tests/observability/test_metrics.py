@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from tests.observability.conftest import Otel
 from treadle import (
     Engine,
     RetryPolicy,
@@ -17,6 +16,7 @@ from treadle import (
     workflow,
 )
 from treadle.kernel import commands as c
+from treadle.tests.observability.conftest import Otel
 
 
 class Num(BaseModel):

@@ -12,7 +12,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 from pydantic import BaseModel
 
-from tests.observability.conftest import Otel
 from treadle import (
     Engine,
     RetryPolicy,
@@ -25,6 +24,7 @@ from treadle import (
 from treadle.adapters.otel import derived_trace_context
 from treadle.kernel import commands as c
 from treadle.testing import TestEngine
+from treadle.tests.observability.conftest import Otel
 
 
 class Num(BaseModel):
