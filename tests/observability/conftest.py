@@ -10,11 +10,13 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
 
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 
 from treadle.adapters.otel import OtelTelemetry
 
@@ -25,6 +27,8 @@ class Otel:
     spans: InMemorySpanExporter
     metrics: InMemoryMetricReader
     tracer_provider: TracerProvider
+    registry: CollectorRegistry
+    """Where a ``PrometheusMetricReader`` of the same provider exposes the metrics."""
 
     def finished(self) -> list[ReadableSpan]:
         return list(self.spans.get_finished_spans())
@@ -56,8 +60,10 @@ def otel() -> Iterator[Otel]:
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
+    registry = CollectorRegistry()
+    prometheus = PrometheusMetricReader(disable_target_info=True, registry=registry)
+    meter_provider = MeterProvider(metric_readers=[reader, prometheus])
     telemetry = OtelTelemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
-    yield Otel(telemetry, spans, reader, tracer_provider)
+    yield Otel(telemetry, spans, reader, tracer_provider, registry)
     tracer_provider.shutdown()
     meter_provider.shutdown()

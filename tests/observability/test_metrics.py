@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from treadle import (
@@ -15,12 +18,17 @@ from treadle import (
     define_stage,
     workflow,
 )
+from treadle.adapters.otel import METRIC_NAMES, prometheus_text
 from treadle.kernel import commands as c
 from treadle.tests.observability.conftest import Otel
 
 
 class Num(BaseModel):
     n: int
+
+
+async def _prepare(n: int) -> int:
+    return n
 
 
 def _workflows(failures: dict[str, int]) -> list[object]:
@@ -43,6 +51,7 @@ def _workflows(failures: dict[str, int]) -> list[object]:
 
     @workflow(id="waiter", input=Num, output=Num)
     async def waiter(ctx: WorkflowContext, inp: Num) -> Num:
+        await ctx.step("prepare", _prepare, inp.n)
         await ctx.wait_for_signal("go", Num)
         return inp
 
@@ -109,6 +118,16 @@ async def test_metrics_after_a_known_workload(otel: Otel) -> None:
     assert otel.points("treadle.outbox.dead_letters") == {(): 0.0}
     (lag,) = otel.points("treadle.outbox.lag").values()
     assert lag >= 0
+    steps = otel.points("treadle.step.duration")
+    assert steps == {(("outcome", "completed"), ("step", "prepare"), ("workflow", "waiter")): 1}
+    # The Prometheus exposition has every series METRIC_NAMES (and the docs) promise.
+    text = prometheus_text(otel.registry).decode()
+    names = {
+        re.sub(r"_(bucket|sum|count|created)$", "", sample.name)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert set(METRIC_NAMES) <= names, set(METRIC_NAMES) - names
 
 
 async def _event(engine: Engine, run_id: str, event_type: str) -> None:
