@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -195,59 +196,59 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     if isinstance(started_or_result, c.JobExecuteResult):
         return started_or_result
     started = started_or_result
+    # Tracing (``ports/telemetry.py``): the attempt's span is current while the body runs
+    # and its outcome commits, so user spans and the kernel's log lines nest under it.
+    # Off (``None``), this costs two tests: no call, no frame.
+    span: AttemptSpan | None = None
+    active: AbstractContextManager[None] | None = None
     if deps.telemetry is not None:
-        return await _execute_traced(deps, cmd, scope, started, deps.telemetry)
-    return await _execute_started(deps, cmd, scope, started, None)
-
-
-async def _execute_traced(
-    deps: Deps, cmd: c.JobExecute, scope: Scope, started: Started, telemetry: Telemetry
-) -> c.JobExecuteResult:
-    """``_execute_started`` inside the attempt's span: current while the body runs and
-    its outcome commits (user spans and the kernel's log lines of it nest under it)."""
-    kind = "activation" if started.wf.kind == "code" else "stage"
-    span = telemetry.stage_attempt(
-        started.run, started.stage.stage_id, started.stage.attempt, cmd.worker_id, kind=kind
-    )
+        span = _attempt_span(deps.telemetry, cmd, started)
+        active = span.active()
+        active.__enter__()
     try:
-        with span.active():
-            result = await _execute_started(deps, cmd, scope, started, span)
+        if started.wf.kind == "code":
+            try:
+                result = await execute_activation(deps, cmd, scope, started, span)
+            except Exception as exc:
+                await _release_after_error(deps, cmd, exc)
+                raise
+        else:
+            token = CancellationToken()
+            runtime = _Runtime(deps, started, cmd.worker_id)
+            ctx, outcome = _build_context(deps, started, runtime, token)
+            if outcome is None:
+                with deps.inflight.track(started.job.id, started.run.id, token):
+                    outcome = await _run_body(started.definition, ctx)
+            if runtime.busy:
+                await runtime.drain()
+            try:
+                result = await _phase_commit(deps, cmd, scope, started, ctx, outcome)
+            except Exception as exc:
+                await _release_after_error(deps, cmd, exc)
+                raise
+            _log_outcome(deps, cmd, started, result)
     except BaseException as exc:
-        span.end("errored", error=exc)
+        if span is not None:
+            span.end("errored", error=exc)
         raise
-    span.end(
-        "ghost" if result.ghost else result.outcome,
-        error=result.error,
-        retrying=result.outcome == "failed" and result.retryable,
+    finally:
+        if active is not None:
+            active.__exit__(None, None, None)
+    if span is not None:
+        span.end(
+            "ghost" if result.ghost else result.outcome,
+            error=result.error,
+            retrying=result.outcome == "failed" and result.retryable,
+        )
+    return result
+
+
+def _attempt_span(telemetry: Telemetry, cmd: c.JobExecute, started: Started) -> AttemptSpan:
+    kind = "activation" if started.wf.kind == "code" else "stage"
+    stage = started.stage
+    return telemetry.stage_attempt(
+        started.run, stage.stage_id, stage.attempt, cmd.worker_id, kind=kind
     )
-    return result
-
-
-async def _execute_started(
-    deps: Deps, cmd: c.JobExecute, scope: Scope, started: Started, span: AttemptSpan | None
-) -> c.JobExecuteResult:
-    """Phases 2 and 3 of a started stage (or a code workflow's activation)."""
-    if started.wf.kind == "code":
-        try:
-            return await execute_activation(deps, cmd, scope, started, span)
-        except Exception as exc:
-            await _release_after_error(deps, cmd, exc)
-            raise
-    token = CancellationToken()
-    runtime = _Runtime(deps, started, cmd.worker_id)
-    ctx, outcome = _build_context(deps, started, runtime, token)
-    if outcome is None:
-        with deps.inflight.track(started.job.id, started.run.id, token):
-            outcome = await _run_body(started.definition, ctx)
-    if runtime.busy:
-        await runtime.drain()
-    try:
-        result = await _phase_commit(deps, cmd, scope, started, ctx, outcome)
-    except Exception as exc:
-        await _release_after_error(deps, cmd, exc)
-        raise
-    _log_outcome(deps, cmd, started, result)
-    return result
 
 
 def _log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteResult) -> None:
