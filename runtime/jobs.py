@@ -141,7 +141,9 @@ async def execute_job(
         telemetry = kernel.deps.telemetry
         while current is not None:
             held.job = current
-            if telemetry is not None:
+            if telemetry is not None and current.id not in kernel.deps.chains:
+                # A dequeued job (a chained one was leased by the commit that made it
+                # due: it waited for nothing).
                 telemetry.job_claimed(current, kernel.deps.clock.now())
             result = await _execute_one(
                 kernel,

@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -51,9 +52,9 @@ def derived_trace_context(run_id: str) -> str:
     return f"00-{digest[:16].hex()}-{digest[16:24].hex()}-01"
 
 
-def _parent(trace_context: str | None, run_id: str) -> Context:
-    carrier = {"traceparent": trace_context or derived_trace_context(run_id)}
-    return _PROPAGATOR.extract(carrier)
+PARENTS_CACHED = 4096
+"""Runs whose parsed parent context an ``OtelTelemetry`` keeps (a run's stages come one
+after another; a miss only re-parses one header)."""
 
 
 class _Attempt:
@@ -74,7 +75,7 @@ class _Attempt:
         return self._span
 
     def active(self) -> AbstractContextManager[None]:
-        return _use(self._span)
+        return _Active(self._span)
 
     def step(self, name: str, attempt: int, *, kind: str = "step") -> AttemptSpan:
         parent = trace.set_span_in_context(self._span)
@@ -124,12 +125,23 @@ class _Attempt:
         )
 
 
-@contextmanager
-def _use(span: Span) -> Iterator[None]:
-    """``trace.use_span`` without its exception recording: the attempt records its
-    outcome itself (a failed stage is a value, not an exception, to the kernel)."""
-    with trace.use_span(span, end_on_exit=False, record_exception=False):
-        yield
+class _Active:
+    """Makes a span current in this task (``context.attach``) and restores the previous
+    context on exit. Unlike ``trace.use_span`` it records nothing on an exception: the
+    attempt reports its outcome itself (a failed stage is a value, not an exception,
+    to the kernel)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
+        self._token: object = None
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+
+    def __exit__(self, *exc_info: object) -> None:
+        otel_context.detach(self._token)  # type: ignore[arg-type]
 
 
 class OtelTelemetry:
@@ -149,6 +161,20 @@ class OtelTelemetry:
         self.meter = meter
         self.metrics = TreadleMetrics(meter)
         self._gauges: StorageGauges | None = None
+        self._parents: dict[str, Context] = {}
+
+    def _parent(self, run: Run) -> Context:
+        """The context ``run``'s spans are children of: its stored ``traceparent``, or
+        the one derived from its id."""
+        key = run.trace_context or run.id
+        found = self._parents.get(key)
+        if found is None:
+            header = run.trace_context or derived_trace_context(run.id)
+            found = _PROPAGATOR.extract({"traceparent": header})
+            if len(self._parents) >= PARENTS_CACHED:
+                self._parents.clear()  # cheaper than an LRU on every hit
+            self._parents[key] = found
+        return found
 
     # -- the kernel's port -----------------------------------------------------------------
     def stage_attempt(
@@ -168,7 +194,7 @@ class OtelTelemetry:
             name = f"treadle.stage {stage_id}"
         span = self.tracer.start_span(
             name,
-            context=_parent(run.trace_context, run.id),
+            context=self._parent(run),
             kind=SpanKind.CONSUMER,
             attributes=attributes,
         )

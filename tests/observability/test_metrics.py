@@ -107,9 +107,10 @@ async def test_metrics_after_a_known_workload(otel: Otel) -> None:
     assert stages[key("etl", "store", "failed")] == 1
     assert stages[key("broken", "explode", "failed")] == 1
     assert otel.points("treadle.retries") == {(("kind", "stage"), ("workflow", "etl")): 1.0}
-    # Every execution's lease is measured: 3 x 2 stages + 1 retry + 1 + the waiter's.
+    # Dequeued jobs are measured (here at least the retry, due after its backoff); a
+    # stage chained by the commit before it, or leased by the start, waited for nothing.
     (claims,) = otel.points("treadle.claim.latency").values()
-    assert claims >= 9
+    assert claims >= 1
     depth = otel.points("treadle.queue.depth")
     assert depth[(("queue", "default"), ("status", "queued"))] == 2
     assert depth[(("queue", "default"), ("status", "leased"))] == 0
