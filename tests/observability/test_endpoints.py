@@ -112,14 +112,12 @@ async def test_worker_endpoints(treadle_sqlite_url: str, monkeypatch: pytest.Mon
 
             # An old schema: the probe names the revision and the fix.
             path = treadle_sqlite_url.removeprefix("sqlite:///")
-            with sqlite3.connect(path) as conn:
-                (head,) = conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone()
-                conn.execute(f"UPDATE {VERSION_TABLE} SET version_num = '0007'")
+            # In a thread: the worker shares this event loop and may hold the write lock.
+            head = await asyncio.to_thread(_set_revision, path, "0007")
             old = await client.get(f"{base}/readyz")
             assert old.status_code == 503
             assert "treadle migrate" in old.json()["reason"]
-            with sqlite3.connect(path) as conn:
-                conn.execute(f"UPDATE {VERSION_TABLE} SET version_num = ?", (head,))
+            await asyncio.to_thread(_set_revision, path, head)
             assert (await client.get(f"{base}/readyz")).status_code == 200
             # The database gone.
             os.rename(path, path + ".away")
@@ -130,6 +128,14 @@ async def test_worker_endpoints(treadle_sqlite_url: str, monkeypatch: pytest.Mon
     finally:
         host.request_stop()
         assert await asyncio.wait_for(task, 30) == 0
+
+
+def _set_revision(path: str, revision: str) -> str:
+    """Set the schema revision the database claims; returns the one it had."""
+    with sqlite3.connect(path, timeout=30) as conn:
+        (before,) = conn.execute(f"SELECT version_num FROM {VERSION_TABLE}").fetchone()
+        conn.execute(f"UPDATE {VERSION_TABLE} SET version_num = ?", (revision,))
+    return str(before)
 
 
 class _Stub:
