@@ -235,12 +235,22 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
         if active is not None:
             active.__exit__(None, None, None)
     if span is not None:
-        span.end(
-            "ghost" if result.ghost else result.outcome,
-            error=result.error,
-            retrying=result.outcome == "failed" and result.retryable,
-        )
+        _end_span(span, started, result)
     return result
+
+
+def _end_span(span: AttemptSpan, started: Started, result: c.JobExecuteResult) -> None:
+    """How the attempt ended; a batch stage that suspended notes when it is polled next
+    (an activation notes its own waits as the body reaches them)."""
+    polled = result.next_poll_at
+    if result.outcome == "suspended" and polled is not None and started.wf.kind != "code":
+        until = polled.isoformat()
+        span.event("treadle.wait", {"treadle.wait.kind": "poll", "treadle.wait.until": until})
+    span.end(
+        "ghost" if result.ghost else result.outcome,
+        error=result.error,
+        retrying=result.outcome == "failed" and result.retryable,
+    )
 
 
 def _attempt_span(telemetry: Telemetry, cmd: c.JobExecute, started: Started) -> AttemptSpan:

@@ -14,10 +14,13 @@ from pydantic import BaseModel
 
 from treadle import (
     Engine,
+    Ready,
     RetryPolicy,
+    Suspend,
     TreadleValidationError,
     WorkflowBuilder,
     WorkflowContext,
+    define_batch_stage,
     define_stage,
     workflow,
 )
@@ -264,3 +267,28 @@ def test_tracing_off_imports_no_opentelemetry() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+async def test_a_batch_stage_that_suspends_records_its_next_poll(otel: Otel) -> None:
+    """The suspended attempt's span notes when it is polled next; no span stays open."""
+
+    @define_batch_stage(id="render", input=Num, output=Num)
+    async def render(ctx: object) -> object:
+        return Suspend(state={"job": 1}, poll_interval=timedelta(minutes=5))
+
+    @render.check_completion
+    async def render_done(state: object, ctx: object) -> object:
+        return Ready(Num(n=7))
+
+    te = TestEngine(
+        [WorkflowBuilder("batch", input=Num).pipe(render).build()], telemetry=otel.telemetry
+    )
+    handle = await te.start("batch", {"n": 1})
+    await te.run_until_idle()
+    await te.advance_time(timedelta(minutes=6))
+    assert (await te.get_run(handle.run_id)).output == {"n": 7}
+    (span,) = otel.named("treadle.stage render")
+    assert span.attributes["treadle.outcome"] == "suspended"
+    (wait,) = [dict(e.attributes or {}) for e in span.events if e.name == "treadle.wait"]
+    assert wait["treadle.wait.kind"] == "poll"
+    assert wait["treadle.wait.until"].startswith(str(te.clock.now().year))
