@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from pydantic import ValidationError as PydanticValidationError
 
 import treadle.kernel.commands as c
+from treadle.kernel.ai import AIServices
 from treadle.kernel.annotations import Annotations
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.deps import Deps, Handler, KernelSettings, Scope
@@ -290,12 +291,14 @@ def create_kernel(
     logger: KernelLogger | None = None,
     cron: CronCalendar | None = None,
     telemetry: Telemetry | None = None,
+    ai: AIServices | None = None,
 ) -> Kernel:
     """Wire a kernel to its ports. ``registry`` may be a registry or an iterable of
     definitions; ``ids`` defaults to uuid7 stamped by ``clock``; ``cron`` (the calendar
     of cron schedules, ``adapters.cron.CroniterCalendar`` in every host) is needed only
-    by the ``schedule.*`` commands. ``telemetry``: spans of the work it runs
-    (``ports/telemetry.py``; ``adapters.otel.OtelTelemetry``), none when omitted."""
+    by the ``schedule.*`` commands. ``ai`` sets what of each AI call is stored and the
+    client ``ctx.ai.generate_*`` uses (``kernel/ai.py``). ``telemetry``: spans of the work
+    it runs (``ports/telemetry.py``; ``adapters.otel.OtelTelemetry``), none when omitted."""
     if not hasattr(registry, "get_workflow"):
         registry = Registry(registry)
     deps = Deps(
@@ -312,5 +315,6 @@ def create_kernel(
         logger=logger or StdlibLogger(),
         cron=cron,
         telemetry=telemetry,
+        ai=ai or AIServices(),
     )
     return Kernel(deps)

@@ -1,5 +1,6 @@
 """Ports: one ``typing.Protocol`` per dependency the kernel has on the outside world."""
 
+from treadle.ports.ai_calls import AICallLogger
 from treadle.ports.blob_store import BlobStore
 from treadle.ports.clock import Clock
 from treadle.ports.cron import CronCalendar
@@ -16,6 +17,7 @@ from treadle.ports.telemetry import AttemptSpan, Telemetry
 from treadle.ports.workers import WorkerRegistry
 
 __all__ = [
+    "AICallLogger",
     "AttemptSpan",
     "BlobRetention",
     "BlobStore",

@@ -7,10 +7,11 @@ fake is for tests and small apps, not for millions of runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from treadle.adapters.memory.ai_calls import AICallRows
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import IdempotencyRecord, Run, RunStatus
 
@@ -19,6 +20,8 @@ class Undo(Protocol):
     """What retention uses of an ``InMemoryTransaction`` (which imports this module)."""
 
     def del_item(self, mapping: dict[Any, Any], key: Any) -> None: ...
+
+    def on_rollback(self, fn: Callable[[], None]) -> None: ...
 
 
 class Store(Protocol):
@@ -30,6 +33,7 @@ class Store(Protocol):
     suspended: dict[tuple[str, str], None]
     event_seq: dict[str, int]
     events_by_run: dict[str, Any]
+    feed: list[Any]
     logs: dict[str, Any]
     annotations: dict[str, Any]
     outbox: dict[int, Any]
@@ -46,6 +50,7 @@ class Store(Protocol):
     unconsumed: dict[tuple[str, str, str], Any]
     timers: dict[tuple[str, str, int], Any]
     live_timers: dict[str, Any]
+    ai_calls: AICallRows
 
     def idempotency_record(self, key: str, command_type: str) -> IdempotencyRecord | None: ...
 
@@ -93,8 +98,18 @@ class InMemoryRetention:
             for mapping in (s.stages, s.event_seq, s.events_by_run, s.logs, s.annotations):
                 tx.del_item(mapping, run_id)
             self._purge_journal(run_id)
+            for call_id in s.ai_calls.by_run.get(run_id, ()):
+                tx.del_item(s.ai_calls.calls, call_id)
+            tx.del_item(s.ai_calls.by_run, run_id)
+            tx.del_item(s.ai_calls.totals, run_id)
             tx.del_item(s.runs, run_id)
         self._purge_keyed(gone)
+        if gone and s.feed:
+            kept = [row for row in s.feed if row[1].workflow_run_id not in gone]
+            if len(kept) != len(s.feed):
+                before = list(s.feed)
+                s.feed[:] = kept
+                tx.on_rollback(lambda: s.feed.__setitem__(slice(None), before))
         return ids
 
     def _purge_journal(self, run_id: str) -> None:

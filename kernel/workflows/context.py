@@ -41,6 +41,16 @@ from typing import (
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
+from treadle.kernel.ai import (
+    CURRENT_AI_CALLS,
+    DEFAULT_AI,
+    AICall,
+    AICallBuffer,
+    AIServices,
+    AITotals,
+    TotalsReader,
+    WorkflowAI,
+)
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.definitions import WorkflowDefinition, _is_async
 from treadle.kernel.errors import (
@@ -120,6 +130,10 @@ class StepInfo:
     runs: a long step should poll it and stop; its result would be discarded anyway."""
 
 
+async def _no_totals() -> AITotals | None:
+    return None
+
+
 _CURRENT_STEP: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
     "treadle_current_step", default=None
 )
@@ -144,6 +158,7 @@ class JournalWriter(Protocol):
         replies: Sequence[tuple[int, JsonValue]] = (),
         start_children: Sequence[ChildStart] = (),
         cancel_children: Sequence[str] = (),
+        ai_calls: Sequence[AICall] = (),
     ) -> list[JournalEntry]: ...
 
     async def peek_message(self, kind: str, name: str) -> InboxMessage | None: ...
@@ -245,12 +260,13 @@ async def _attempt(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     info: StepInfo,
+    calls: AICallBuffer,
     seconds: float | None,
     limit: timedelta | float | None,
     name: str,
 ) -> Any:
     """One attempt of a step function, under its timeout if it has one."""
-    pending = _invoke(fn, args, info)
+    pending = _invoke(fn, args, info, calls)
     if seconds is None:
         return await pending
     # In this task (not wait_for's own): see ``_invoke``.
@@ -266,13 +282,16 @@ async def _attempt(
         ) from None
 
 
-async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo) -> Any:
+async def _invoke(
+    fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo, calls: AICallBuffer
+) -> Any:
     """Call the step function. A ``BaseException`` it raises that is no ``Exception``
     (``KeyboardInterrupt``, ``SystemExit``, a ``CancelledError`` of its own) becomes a
     ``BodyInterruptedError``: a failed attempt under the step's retry policy, which can
     neither kill the worker nor send the activation round forever. A cancellation of
     this task (the host stopping) and the body's own ``Interrupt`` go on up."""
     token = _CURRENT_STEP.set(info)
+    calls_token = CURRENT_AI_CALLS.set(calls)
     try:
         if _is_async(fn):
             return await fn(*args)
@@ -286,6 +305,7 @@ async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo)
             raise
         raise failure from None
     finally:
+        CURRENT_AI_CALLS.reset(calls_token)
         _CURRENT_STEP.reset(token)
 
 
@@ -349,6 +369,8 @@ class WorkflowContext:
         cancelled: CancellationToken | None = None,
         compensating: bool = False,
         sticky: bool = False,
+        ai: AIServices = DEFAULT_AI,
+        ai_totals: TotalsReader | None = None,
     ) -> None:
         self.run_id = run_id
         self.workflow_id = workflow_id
@@ -371,6 +393,9 @@ class WorkflowContext:
         whose outcome is not journaled unwinds the body (``Interrupt("cancelled")``)."""
         self.compensations: list[Compensation] = []
         """Compensations registered by ``saga.add`` so far in this activation, in order."""
+        self._ai_services = ai
+        self._ai_totals = ai_totals or _no_totals
+        self._ai: WorkflowAI | None = None
         self._commit_lock = asyncio.Lock()
         """Branches of ``ctx.all`` commit one at a time, each in its own transaction."""
         self.sticky = sticky and not compensating
@@ -396,6 +421,14 @@ class WorkflowContext:
     def current_step() -> StepInfo | None:
         """Inside a step function: its name, occurrence, attempt and idempotency key."""
         return _CURRENT_STEP.get()
+
+    @property
+    def ai(self) -> WorkflowAI:
+        """AI calls: ``record`` inside a step (committed with the step's journal entry),
+        ``generate_text`` / ``generate_object`` as journaled steps (``kernel/ai.py``)."""
+        if self._ai is None:
+            self._ai = WorkflowAI(self._ai_services, self._ai_totals)
+        return self._ai
 
     @property
     def cancelled(self) -> CancellationToken:
@@ -507,13 +540,19 @@ class WorkflowContext:
         consume: Sequence[tuple[int, str]] = (),
         replies: Sequence[tuple[int, JsonValue]] = (),
         start_children: Sequence[ChildStart] = (),
+        ai_calls: Sequence[AICall] = (),
     ) -> None:
         """Commit ``entries`` with the pending ones; a storage failure unwinds the body
         (``crash``) instead of surfacing inside it, so a body cannot carry on past a step
         whose result was not recorded."""
         async with self._commit_lock:
             await self.commit_locked(
-                entries, events, consume=consume, replies=replies, start_children=start_children
+                entries,
+                events,
+                consume=consume,
+                replies=replies,
+                start_children=start_children,
+                ai_calls=ai_calls,
             )
 
     async def commit_locked(
@@ -525,6 +564,7 @@ class WorkflowContext:
         replies: Sequence[tuple[int, JsonValue]] = (),
         start_children: Sequence[ChildStart] = (),
         cancel_children: Sequence[str] = (),
+        ai_calls: Sequence[AICall] = (),
     ) -> None:
         """``_commit`` for a caller already holding ``commit_lock`` (a race deciding)."""
         batch = [*self._pending, *entries]
@@ -536,6 +576,7 @@ class WorkflowContext:
                 replies=replies,
                 start_children=start_children,
                 cancel_children=cancel_children,
+                ai_calls=ai_calls,
             )
         except Interrupt as interrupt:
             raise self._stop(interrupt) from None
@@ -685,18 +726,35 @@ class WorkflowContext:
                 raise self._stop(Interrupt("suspend"))
             started = self._now()
             info = StepInfo(key, occurrence, attempt, ikey, self._cancelled)
+            calls = AICallBuffer(
+                run_id=self.run_id,
+                workflow_id=self.workflow_id,
+                stage_id=None,
+                step=f"{key}#{occurrence}",
+                attempt=attempt,
+                now=self._now,
+                recording=self._ai_services.recording,
+            )
             parent = self._writer.span
             span = parent.step(key, attempt, kind=kind) if parent is not None else None
             try:
                 if span is None:
-                    value = await _attempt(call, args, info, seconds, timeout, name)
+                    value = await _attempt(call, args, info, calls, seconds, timeout, name)
                 else:
                     with span.active():  # the step's own spans nest under it
-                        value = await _attempt(call, args, info, seconds, timeout, name)
+                        value = await _attempt(call, args, info, calls, seconds, timeout, name)
                 result = _encode(adapter, value, name)
             except Exception as exc:
                 retry_at = await self._record_failure(
-                    exc, policy, position, key, occurrence, attempt, ikey, kind
+                    exc,
+                    policy,
+                    position,
+                    key,
+                    occurrence,
+                    attempt,
+                    ikey,
+                    kind,
+                    ai_calls=calls.drain(failed=True),
                 )
                 if span is not None:
                     span.end("failed", error=exc, retrying=retry_at is not None)
@@ -737,7 +795,7 @@ class WorkflowContext:
                 output=result,
                 duration=now - started,
             )
-            await self._commit([done], [event])
+            await self._commit([done], [event], ai_calls=calls.drain(failed=False))
             return _decode(adapter, result)
 
     async def _record_failure(
@@ -750,6 +808,8 @@ class WorkflowContext:
         attempt: int,
         ikey: str,
         kind: str = "step",
+        *,
+        ai_calls: Sequence[AICall] = (),
     ) -> datetime | None:
         """Journal a failed attempt; returns when the next attempt is due, or ``None``
         when the step failed for good."""
@@ -780,7 +840,7 @@ class WorkflowContext:
             retry_at=retry_at,
             traceback=short_traceback(exc),
         )
-        await self._commit([entry], [event])
+        await self._commit([entry], [event], ai_calls=ai_calls)
         return retry_at
 
     # -- sagas ----------------------------------------------------------------------------

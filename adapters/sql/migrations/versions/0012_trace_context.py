@@ -4,7 +4,7 @@ Nullable, no default: a run from before it (or started with tracing off) has non
 its spans form a trace derived from its id (docs/observability.md).
 
 Revision ID: 0012_trace_context
-Revises: 0007
+Revises: 0013_ai_calls
 Create Date: 2026-12-07
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0012_trace_context"
-down_revision: str | None = "0007"
+down_revision: str | None = "0013_ai_calls"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
