@@ -67,6 +67,7 @@ def configure_from_env(
     tracer_provider = _tracing(env, shutdowns)
     meter_provider, registry = _metrics(env, prometheus, shutdowns)
     telemetry = OtelTelemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    telemetry.prometheus_registry = registry
     return OtelSetup(telemetry, registry, shutdowns)
 
 

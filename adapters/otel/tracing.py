@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
 
     from treadle.ports import Clock, Persistence, WorkerRegistry
     from treadle.ports.telemetry import AttemptSpan, AttributeValue
@@ -162,6 +163,9 @@ class OtelTelemetry:
         self.metrics = TreadleMetrics(meter)
         self._gauges: StorageGauges | None = None
         self._parents: dict[str, Context] = {}
+        self.prometheus_registry: CollectorRegistry | None = None
+        """Where a Prometheus reader of ``meter_provider`` registered (``None``: the
+        default registry); what ``/metrics`` renders."""
 
     def _parent(self, run: Run) -> Context:
         """The context ``run``'s spans are children of: its stored ``traceparent``, or
