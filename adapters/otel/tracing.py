@@ -157,6 +157,7 @@ class OtelTelemetry:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
+        self._providers: tuple[Any, Any] = (tracer_provider, meter_provider)
         self.tracer = trace.get_tracer(INSTRUMENTATION_NAME, tracer_provider=tracer_provider)
         meter = otel_metrics.get_meter(INSTRUMENTATION_NAME, meter_provider=meter_provider)
         self.meter = meter
@@ -223,6 +224,19 @@ class OtelTelemetry:
 
     def watch_worker(self, worker: Any) -> None:
         self.metrics.watch_worker(worker)
+
+    def force_flush(self, timeout_millis: int = 5_000) -> None:
+        """Export buffered spans and metrics now (the Lambda handler, after each
+        invocation). Providers without ``force_flush`` (OpenTelemetry's no-op defaults)
+        are skipped."""
+        tracer_provider, meter_provider = self._providers
+        for provider in (
+            tracer_provider or trace.get_tracer_provider(),
+            meter_provider or otel_metrics.get_meter_provider(),
+        ):
+            flush = getattr(provider, "force_flush", None)
+            if flush is not None:
+                flush(timeout_millis)
 
     def job_claimed(self, job: Job, now: datetime) -> None:
         self.metrics.job_claimed(job, now)
