@@ -182,7 +182,8 @@ class TreadleMetrics:
         return [Observation(sum(w.in_flight for w in list(self._workers)))]
 
     def _observe_slots(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(sum(w.concurrency for w in list(self._workers)))]
+        running = [w for w in list(self._workers) if getattr(w, "running", True)]
+        return [Observation(sum(w.concurrency for w in running))]
 
 
 @dataclass
