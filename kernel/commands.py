@@ -328,6 +328,9 @@ class JobBeginResult(ResultBase):
     """The stage's config with defaults applied, or ``None``."""
     resume_state: JsonValue = None
     """What the last ``job.suspend`` of this stage saved, when it is resumed."""
+    trace_context: str | None = None
+    """The run's W3C ``traceparent`` (``Run.trace_context``), when its start stored one:
+    the remote body's spans join the run's trace as children of it."""
     reason: str | None = None
 
 

@@ -292,3 +292,28 @@ async def test_a_batch_stage_that_suspends_records_its_next_poll(otel: Otel) -> 
     (wait,) = [dict(e.attributes or {}) for e in span.events if e.name == "treadle.wait"]
     assert wait["treadle.wait.kind"] == "poll"
     assert wait["treadle.wait.until"].startswith(str(te.clock.now().year))
+
+
+async def test_a_remote_stage_is_handed_the_runs_trace_context(otel: Otel) -> None:
+    """``job.begin`` gives a remote worker the run's ``traceparent`` to parent its spans."""
+
+    @define_stage(id="outside", input=Num, output=Num, remote=True)
+    def outside(ctx: object) -> Num:
+        raise AssertionError("runs on a remote worker")
+
+    te = TestEngine(
+        [WorkflowBuilder("far", input=Num).pipe(outside).build()], telemetry=otel.telemetry
+    )
+    with otel.tracer_provider.get_tracer("app").start_as_current_span("caller"):
+        handle = await te.start("far", {"n": 1})
+    await te.run_until_idle()
+    (job,) = await te.kernel.deps.job_transport.dequeue(
+        "remote:1", te.clock.now(), limit=1, stage_ids=["outside"]
+    )
+    begun = await te.kernel.dispatch(c.JobBegin(job_id=job.id, worker_id="remote:1"))
+    run = await te.get_run(handle.run_id)
+    assert begun.started
+    assert begun.trace_context is not None
+    assert begun.trace_context == run.trace_context
+    (start,) = otel.named("treadle.start far")
+    assert begun.trace_context.split("-")[2] == f"{start.context.span_id:016x}"
