@@ -88,6 +88,7 @@ class EventHub:
         self.cursor = 0
         """The highest outbox id handed to subscribers (or skipped as a gap)."""
         self._subscribers: set[Subscription] = set()
+        self._subscribed = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
@@ -108,7 +109,14 @@ class EventHub:
         await self._ensure_started()
         subscription = Subscription(wants, needs_workflow=needs_workflow)
         self._subscribers.add(subscription)  # no await between these two lines
+        self._subscribed.set()
         return subscription, self.cursor
+
+    async def wait_for_subscriber(self) -> None:
+        """Return once a stream subscribes (tests and benchmarks: "the client listens")."""
+        while not self._subscribers:
+            self._subscribed.clear()
+            await self._subscribed.wait()
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
