@@ -118,7 +118,6 @@ async def run_backend(name: str, args: argparse.Namespace) -> None:
             print(f"{name}: inserted {args.runs:,} runs in {took:.1f}s")
             if name == "postgres":
                 import psycopg
-
                 from _common import libpq_url
 
                 with psycopg.connect(libpq_url(url), autocommit=True) as conn:
@@ -128,7 +127,7 @@ async def run_backend(name: str, args: argparse.Namespace) -> None:
             config = uvicorn.Config(app, port=port, log_level="warning", lifespan="on")
             server = uvicorn.Server(config)
             serving = asyncio.create_task(server.serve())
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
                 await asyncio.sleep(0.01)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 page = (await client.get("/api/v1/runs?limit=50", headers=HEADERS)).json()
