@@ -107,6 +107,9 @@ class EventHub:
         every wanted event with an outbox id above it; read older ones from the
         database (``Engine.event_feed`` / ``Engine.events``)."""
         await self._ensure_started()
+        if not self._subscribers:
+            # The hub reads nothing while nobody listens: catch its cursor up first.
+            self.cursor = max(self.cursor, await self.engine.last_event_id())
         subscription = Subscription(wants, needs_workflow=needs_workflow)
         self._subscribers.add(subscription)  # no await between these two lines
         self._subscribed.set()
@@ -191,6 +194,12 @@ class EventHub:
     async def _run(self) -> None:
         failures = 0
         while True:
+            if not self._subscribers:
+                # Nobody listens: no reads and no polling until a stream subscribes.
+                self._gap_since = None
+                self._subscribed.clear()
+                await self._subscribed.wait()
+                continue
             timeout = self.poll_interval
             if self._gap_since is not None:
                 left = self.gap_wait - (time.monotonic() - self._gap_since)
@@ -202,12 +211,6 @@ class EventHub:
                     await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
             if not self._subscribers:
-                # Nobody listens: move the cursor without reading the events.
-                self._gap_since = None
-                try:
-                    self.cursor = max(self.cursor, await self.engine.last_event_id())
-                except Exception as exc:  # keep the hub alive through a database blip
-                    self.log.warning("events.read_failed", error=repr(exc))
                 continue
             try:
                 await self._read()
@@ -223,6 +226,8 @@ class EventHub:
     async def _read(self) -> None:
         while True:
             rows = await self.engine.event_feed(self.cursor, limit=READ_BATCH)
+            if not self._subscribers:
+                return
             if not rows:
                 self._gap_since = None
                 return
@@ -230,6 +235,8 @@ class EventHub:
                 for run_id in {event.workflow_run_id for _, event in rows}:
                     await self.workflow_of(run_id)
             for outbox_id, event in rows:
+                if outbox_id <= self.cursor:
+                    continue  # a subscribe caught the cursor up meanwhile
                 if outbox_id != self.cursor + 1 and not self._gap_expired():
                     return  # hold back until the gap fills or expires (see the docstring)
                 self._gap_since = None

@@ -171,3 +171,38 @@ async def test_act_token_reads_streams_too(client: httpx.AsyncClient, engine: En
         f"{API}/runs/{run_id}/events", headers={"Accept": "text/event-stream"}
     )
     assert denied.status_code == 401
+
+
+async def test_many_streams_share_one_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five clients streaming all events cost one feed read per commit, not one per
+    client per commit, and an idle hub (no client) reads nothing."""
+    async with await Engine.open("memory://", workflows=WORKFLOWS) as engine:
+        reads: list[int] = []
+        real = engine.event_feed
+
+        async def counting(after_id: int = 0, *, limit: int = 500) -> Any:
+            reads.append(after_id)
+            return await real(after_id, limit=limit)
+
+        monkeypatch.setattr(engine, "event_feed", counting)
+        app = create_app(engine, auth=TokenAuth(TOKENS))
+        hub = EventHub(engine)
+        app.state.treadle.hub = hub
+        async with client_for(app) as client:
+            readers = [
+                asyncio.create_task(stream(client, f"{API}/events?max_events=3")) for _ in range(5)
+            ]
+            while hub.subscribers < 5:
+                await hub.wait_for_subscriber()
+                await asyncio.sleep(0)
+            for n in range(3):
+                await engine.start("shout", {"item": str(n)})  # no worker: one event each
+            results = await asyncio.wait_for(asyncio.gather(*readers), 10)
+        assert all(len(r) == 3 for r in results)
+        assert len({tuple(m["id"] for m in r) for r in results}) == 1
+        assert len(reads) <= 3 + 1  # one read per commit (and one that found nothing)
+        before = len(reads)
+        await engine.start("shout", {"item": "nobody listens"})
+        await asyncio.sleep(0.05)
+        assert len(reads) == before
+        await hub.aclose()
