@@ -206,3 +206,28 @@ async def test_many_streams_share_one_reader(monkeypatch: pytest.MonkeyPatch) ->
         await asyncio.sleep(0.05)
         assert len(reads) == before
         await hub.aclose()
+
+
+async def test_postgres_writer_can_turn_the_event_notify_off(treadle_postgres_url: str) -> None:
+    """A writer with ``persistence.notify_events = False`` sends no NOTIFY: its event
+    reaches the stream only at the hub's next read (here forced by ``poke``). No worker
+    runs, so no other commit can wake the hub."""
+    server = await Engine.open(treadle_postgres_url, workflows=WORKFLOWS)
+    other = await Engine.open(treadle_postgres_url, workflows=WORKFLOWS)
+    app = create_app(server, auth=TokenAuth(TOKENS))
+    hub = EventHub(server, poll_interval=3600)
+    app.state.treadle.hub = hub
+    await hub.wait_listening()
+    async with server, other, client_for(app) as client:
+        assert other.backend is not None
+        other.backend.persistence.notify_events = False  # type: ignore[attr-defined]
+        path = f"{API}/events?type=workflow:created&max_events=1"
+        reader = asyncio.create_task(stream(client, path))
+        await asyncio.wait_for(hub.wait_for_subscriber(), 10)
+        run_id = (await other.start("checkout", {"item": "quiet"})).run_id
+        done, _ = await asyncio.wait({reader}, timeout=0.5)
+        assert not done  # no notification came
+        hub.poke()
+        received = await asyncio.wait_for(reader, 10)
+        await hub.aclose()
+    assert received[0]["data"]["workflow_run_id"] == run_id
