@@ -266,3 +266,29 @@ def test_importing_treadle_does_not_import_fastapi() -> None:
     code_ = "import sys, treadle, treadle.hosts.cli; print('fastapi' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code_], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class BrokenSink:
+    """An event sink that is down: every publish fails."""
+
+    async def publish(self, event: object) -> None:
+        raise ConnectionError("sink down")
+
+
+async def test_dead_letters_listed_and_replayed() -> None:
+    """Events the outbox gave up on are listed by GET /dlq with their last error, and
+    POST /dlq/replay puts them back (read tokens may list, not replay)."""
+    async with await Engine.open(
+        "memory://", workflows=WORKFLOWS, event_sink=BrokenSink()
+    ) as engine:
+        await engine.start("shout", {"item": "x"})
+        for _ in range(5):  # past the outbox's retries: dead-lettered
+            await engine.kernel.dispatch({"type": "outbox.flush"})
+        async with client_for(create_app(engine, auth=TokenAuth(TOKENS))) as client:
+            dead = (await client.get(f"{API}/dlq", headers=AS_READ)).json()
+            assert [d["event"]["type"] for d in dead] == ["workflow:created"]
+            assert "sink down" in dead[0]["last_error"]
+            assert (await client.post(f"{API}/dlq/replay", headers=AS_READ)).status_code == 403
+            replay = await client.post(f"{API}/dlq/replay", json={"max_events": 10}, headers=AS_ACT)
+            assert replay.json() == {"replayed": 1}
+            assert (await client.get(f"{API}/dlq", headers=AS_READ)).json() == []
