@@ -23,14 +23,15 @@ START = {"workflow_id": "shout", "input": {"item": "x"}}
 
 
 @pytest.fixture
-async def memory_engine() -> AsyncIterator[Engine]:
-    async with await Engine.open("memory://", workflows=WORKFLOWS) as engine:
+async def store_engine(storage_url: str) -> AsyncIterator[Engine]:
+    """An engine (no worker) on memory, SQLite and PostgreSQL in turn (``storage_url``)."""
+    async with await Engine.open(storage_url, workflows=WORKFLOWS) as engine:
         yield engine
 
 
 @pytest.fixture
-async def client(memory_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(create_app(memory_engine, auth=TokenAuth(TOKENS))) as c:
+async def client(store_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(create_app(store_engine, auth=TokenAuth(TOKENS))) as c:
         yield c
 
 
@@ -67,9 +68,9 @@ async def test_read_token_reads_but_cannot_act(client: httpx.AsyncClient) -> Non
     assert (await client.post(f"{API}/runs", json=START, headers=AS_ACT)).status_code == 201
 
 
-async def test_read_only_server_refuses_act_tokens(memory_engine: Engine) -> None:
+async def test_read_only_server_refuses_act_tokens(store_engine: Engine) -> None:
     """``create_app(read_only=True)``: even an ``act`` token gets 403 ``ReadOnly``."""
-    app = create_app(memory_engine, auth=TokenAuth(TOKENS), read_only=True)
+    app = create_app(store_engine, auth=TokenAuth(TOKENS), read_only=True)
     async with client_for(app) as client:
         refused = await client.post(f"{API}/runs", json=START, headers=AS_ACT)
         assert refused.status_code == 403
@@ -77,10 +78,10 @@ async def test_read_only_server_refuses_act_tokens(memory_engine: Engine) -> Non
         assert (await client.get(f"{API}/runs", headers=AS_ACT)).status_code == 200
 
 
-async def test_worker_scope_does_not_read_runs(memory_engine: Engine) -> None:
+async def test_worker_scope_does_not_read_runs(store_engine: Engine) -> None:
     """A ``worker``-only token is not a reader of runs."""
     worker = "worker-token-0123456789"
-    app = create_app(memory_engine, auth=TokenAuth({worker: {"worker"}}))
+    app = create_app(store_engine, auth=TokenAuth({worker: {"worker"}}))
     async with client_for(app) as client:
         response = await client.get(f"{API}/runs", headers={"Authorization": f"Bearer {worker}"})
         assert response.status_code == 403
@@ -172,9 +173,9 @@ async def test_browser_session_cookie_and_csrf(client: httpx.AsyncClient) -> Non
     assert ok.status_code == 201, ok.text
 
 
-async def test_csrf_token_is_bound_to_the_browser(memory_engine: Engine) -> None:
+async def test_csrf_token_is_bound_to_the_browser(store_engine: Engine) -> None:
     """A CSRF token taken from one browser does not work with another browser's cookies."""
-    app = create_app(memory_engine, auth=TokenAuth(TOKENS))
+    app = create_app(store_engine, auth=TokenAuth(TOKENS))
     async with client_for(app) as attacker, client_for(app) as victim:
         await _login(attacker, ACT)
         page = await attacker.get("/login")
@@ -206,10 +207,10 @@ async def test_login_refuses_a_bad_token_and_open_redirects(client: httpx.AsyncC
     assert no_csrf.status_code == 403
 
 
-async def test_open_access_refuses_forms_without_csrf_but_takes_json(memory_engine: Engine) -> None:
+async def test_open_access_refuses_forms_without_csrf_but_takes_json(store_engine: Engine) -> None:
     """With ``auth=None`` a form post (which any web page can send) needs the CSRF token;
     a JSON request (which needs a CORS preflight this app never grants) does not."""
-    async with client_for(create_app(memory_engine)) as client:
+    async with client_for(create_app(store_engine)) as client:
         form = await client.post(f"{API}/runs/x/cancel", data={"reason": "csrf"})
         assert form.status_code == 403
         assert code(form) == "CsrfFailed"
@@ -223,10 +224,10 @@ async def test_open_access_refuses_forms_without_csrf_but_takes_json(memory_engi
         assert started.status_code == 201
 
 
-async def test_request_body_limit(memory_engine: Engine) -> None:
+async def test_request_body_limit(store_engine: Engine) -> None:
     """Bodies over ``max_body_bytes`` get 413 ``PayloadTooLarge``, whether declared by
     Content-Length or streamed in chunks; nothing is started."""
-    app = create_app(memory_engine, auth=TokenAuth(TOKENS), max_body_bytes=1_000)
+    app = create_app(store_engine, auth=TokenAuth(TOKENS), max_body_bytes=1_000)
     async with client_for(app) as client:
         big = {"workflow_id": "shout", "input": {"item": "x" * 2_000}}
         declared = await client.post(f"{API}/runs", json=big, headers=AS_ACT)
@@ -248,14 +249,14 @@ async def test_request_body_limit(memory_engine: Engine) -> None:
         assert small.status_code == 201
 
 
-def test_create_app_checks_its_arguments(memory_engine: Engine) -> None:
+def test_create_app_checks_its_arguments(store_engine: Engine) -> None:
     """Bad arguments to ``create_app`` raise naming the argument."""
     with pytest.raises(TreadleValidationError, match="engine"):
         create_app("not an engine")  # type: ignore[arg-type]
     with pytest.raises(TreadleValidationError, match="auth"):
-        create_app(memory_engine, auth={"t": "act"})  # type: ignore[arg-type]
+        create_app(store_engine, auth={"t": "act"})  # type: ignore[arg-type]
     with pytest.raises(TreadleValidationError, match="max_body_bytes"):
-        create_app(memory_engine, max_body_bytes=0)
+        create_app(store_engine, max_body_bytes=0)
 
 
 def test_importing_treadle_does_not_import_fastapi() -> None:
