@@ -287,3 +287,51 @@ async def test_concurrent_starts_with_one_key_make_one_run(client: httpx.AsyncCl
     assert {a.json()["run_id"] for a in ok}
     assert len({a.json()["run_id"] for a in ok}) == 1
     assert all(a.status_code in (200, 201, 409) for a in answers)
+
+
+async def test_start_or_signal_starts_once_and_signals(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    """The first start-or-signal starts the run (201) with the signal in its inbox; the
+    second, with the same key, signals the same run (200, ``created: false``); once the
+    run has ended, signalling it is a 409."""
+    body = {
+        "workflow_id": "checkout",
+        "input": {"item": "s"},
+        "signal": "approval",
+        "payload": "first",
+        "idempotency_key": "tenant-1",
+    }
+    first = await client.post(f"{API}/runs/start-or-signal", json=body, headers=AS_ACT)
+    assert first.status_code == 201, first.text
+    assert first.json()["created"] is True
+    run_id = first.json()["run_id"]
+    again = await client.post(
+        f"{API}/runs/start-or-signal", json={**body, "payload": "second"}, headers=AS_ACT
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["run_id"] == run_id
+    assert again.json()["created"] is False
+    update = {"name": "ping", "payload": 1, "timeout": 10}
+    await client.post(f"{API}/runs/{run_id}/update", json=update, headers=AS_ACT)
+    result = await engine.handle(run_id).result(timeout=10)
+    assert result == {"item": "s", "approval": "first"}
+    ended = await client.post(f"{API}/runs/start-or-signal", json=body, headers=AS_ACT)
+    assert ended.status_code == 409
+
+
+async def test_pause_and_resume_a_waiting_run(client: httpx.AsyncClient, engine: Engine) -> None:
+    """Pause and resume answer ``changed: true`` once each; the paused run shows it."""
+    run_id = await start(client, "checkout", "pen")
+    paused = await client.post(
+        f"{API}/runs/{run_id}/pause", json={"reason": "look"}, headers=AS_ACT
+    )
+    assert paused.json()["changed"] is True
+    detail = (await client.get(f"{API}/runs/{run_id}", headers=AS_READ)).json()
+    assert detail["paused"] is True
+    listed = (await client.get(f"{API}/runs", params={"paused": "true"}, headers=AS_READ)).json()
+    assert [r["id"] for r in listed["runs"]] == [run_id]
+    resumed = await client.post(f"{API}/runs/{run_id}/resume", headers=AS_ACT)
+    assert resumed.json()["changed"] is True
+    again = await client.post(f"{API}/runs/{run_id}/resume", headers=AS_ACT)
+    assert again.json()["changed"] is False
