@@ -293,3 +293,23 @@ async def test_dead_letters_listed_and_replayed() -> None:
             replay = await client.post(f"{API}/dlq/replay", json={"max_events": 10}, headers=AS_ACT)
             assert replay.json() == {"replayed": 1}
             assert (await client.get(f"{API}/dlq", headers=AS_READ)).json() == []
+
+
+async def test_unexpected_errors_are_json_without_internals(store_engine: Engine) -> None:
+    """A route that fails unexpectedly answers 500 in the error shape, without the
+    exception's text."""
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    app = create_app(store_engine, routers=[router])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.get("/boom")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "InternalError"
+    assert "secret" not in response.text
