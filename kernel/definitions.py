@@ -21,7 +21,7 @@ from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidIn
 from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to_json
 from treadle.kernel.model import JsonValue
-from treadle.kernel.queues import DEFAULT_QUEUE, check_queue
+from treadle.kernel.queues import DEFAULT_QUEUE, REMOTE_QUEUE, check_queue
 from treadle.kernel.retry import DEFAULT_RETRY, RetryPolicy
 from treadle.kernel.schedules import ScheduleDefinition, define_schedule
 from treadle.kernel.text import safe_text
@@ -147,6 +147,9 @@ class StageDefinition:
     queue: str | None = None
     """The queue its jobs go to; ``None``: the workflow's queue (``WorkflowBuilder(queue=)``),
     else ``DEFAULT_QUEUE``. Only workers serving that queue run it."""
+    remote: bool = False
+    """Executed only by remote workers over HTTP (``docs/remote-workers.md``), never by an
+    in-process worker; its function is not called. Its queue defaults to ``REMOTE_QUEUE``."""
     is_async: bool = True
     input_adapter: TypeAdapter[Any] | None = field(default=None, repr=False)
     output_adapter: TypeAdapter[Any] = field(default=TypeAdapter(Any), repr=False)
@@ -175,8 +178,9 @@ class StageDefinition:
             ) from None
 
     def with_fn(self, fn: StageFn) -> StageDefinition:
-        """A copy running ``fn`` instead (used by ``TestEngine.mock_stage``)."""
-        return dataclasses.replace(self, fn=fn, is_async=_is_async(fn))
+        """A copy running ``fn`` instead (used by ``TestEngine.mock_stage``); a remote
+        stage's copy runs in-process, so a test can stand in for the remote worker."""
+        return dataclasses.replace(self, fn=fn, is_async=_is_async(fn), remote=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,7 +205,9 @@ class BatchStageDefinition(StageDefinition):
         return fn
 
     def with_fn(self, fn: StageFn) -> StageDefinition:
-        return dataclasses.replace(self, fn=fn, is_async=_is_async(fn), checks=self.checks)
+        return dataclasses.replace(
+            self, fn=fn, is_async=_is_async(fn), checks=self.checks, remote=False
+        )
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -265,15 +271,23 @@ def define_stage(
     timeout: timedelta | float | None = None,
     requires: Iterable[str] = (),
     queue: str | None = None,
+    remote: bool = False,
 ) -> Callable[[StageFn], StageDefinition]:
     """Decorate a sync or async ``fn(ctx)`` as a stage. ``input="none"`` reads only
     earlier outputs through ``ctx.require``. ``queue``: only workers serving that queue
-    run it (see ``kernel/queues.py``)."""
+    run it (see ``kernel/queues.py``). ``remote=True``: only remote workers run it, over
+    HTTP (``docs/remote-workers.md``); the function is never called, and the queue
+    defaults to ``REMOTE_QUEUE``, which in-process workers refuse to serve."""
     _check_stage_queue(id, queue)
+    if not isinstance(remote, bool):
+        raise DefinitionError(f"stage {id!r}: remote must be True or False, got {remote!r}")
+    if remote and queue is None:
+        queue = REMOTE_QUEUE
 
     def wrap(fn: StageFn) -> StageDefinition:
         return StageDefinition(
-            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires, queue)
+            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires, queue),
+            remote=remote,
         )
 
     return wrap
@@ -352,6 +366,14 @@ class WorkflowDefinition:
     def queues(self) -> tuple[str, ...]:
         """Every queue this workflow's jobs go to, in stage order, without repeats."""
         return tuple(dict.fromkeys(self.queue_of(stage_id) for stage_id in self.stages))
+
+    @property
+    def remote_queues(self) -> tuple[str, ...]:
+        """The queues of this workflow's remote stages (``define_stage(remote=True)``),
+        which only remote workers serve."""
+        return tuple(
+            dict.fromkeys(self.queue_of(sid) for sid, st in self.stages.items() if st.remote)
+        )
 
     def validate_input(self, data: Any) -> JsonValue:
         """Validate run input; returns its JSON form, storable on every backend
@@ -553,6 +575,7 @@ class WorkflowBuilder:
                         f"in group {group_of[dep]}, not before group {group_of[stage_id]}"
                     )
         self._check_schemas()
+        self._check_remote_queues(stages)
         return WorkflowDefinition(
             id=self._id,
             version=self._version,
@@ -569,6 +592,21 @@ class WorkflowBuilder:
             schedules=declared_schedule(self._id, self._schedule),
             retention=self._retention,
         )
+
+    def _check_remote_queues(self, stages: Mapping[str, StageDefinition]) -> None:
+        """A queue holds remote stages only or local stages only: an in-process worker
+        serving it would otherwise lease remote jobs, and a remote worker local ones."""
+        kinds: dict[str, dict[bool, str]] = {}
+        for stage_id, stage in stages.items():
+            queue = stage.queue or self._queue
+            kinds.setdefault(queue, {}).setdefault(stage.remote, stage_id)
+        for queue, by_kind in kinds.items():
+            if len(by_kind) > 1:
+                raise DefinitionError(
+                    f"workflow {self._id!r}: queue {queue!r} holds remote stage "
+                    f"{by_kind[True]!r} and in-process stage {by_kind[False]!r}; "
+                    "give the remote stage a queue of its own"
+                )
 
     def _check_schemas(self) -> None:
         """Where both sides are pydantic models, each required input field of the next

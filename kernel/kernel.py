@@ -32,6 +32,7 @@ from treadle.kernel.handlers import (
     maintenance,
     messages,
     outbox,
+    remote,
     retention,
     runs,
     schedules,
@@ -80,6 +81,11 @@ def _handlers() -> dict[str, tuple[Handler, bool]]:
         "run.purge": (retention.purge, True),
         "job.execute": (jobs.execute, True),
         "job.release": (leases.release, False),
+        "job.begin": (remote.begin, True),
+        "job.complete": (remote.complete, True),
+        "job.fail": (remote.fail, True),
+        "job.suspend": (remote.suspend, True),
+        "job.heartbeat": (remote.heartbeat, False),
         "stage.pollSuspended": (suspended.poll_suspended, True),
         "lease.reapStale": (maintenance.reap_stale, False),
         "run.reapStuck": (maintenance.reap_stuck, False),
@@ -145,6 +151,21 @@ class Kernel:
     async def dispatch(self, command: c.JobExecute) -> c.JobExecuteResult: ...
     @overload
     async def dispatch(self, command: c.JobRelease) -> c.JobReleaseResult: ...
+    @overload
+    async def dispatch(self, command: c.JobBegin) -> c.JobBeginResult: ...
+
+    @overload
+    async def dispatch(self, command: c.JobComplete) -> c.JobCompleteResult: ...
+
+    @overload
+    async def dispatch(self, command: c.JobFail) -> c.JobFailResult: ...
+
+    @overload
+    async def dispatch(self, command: c.JobSuspend) -> c.JobSuspendResult: ...
+
+    @overload
+    async def dispatch(self, command: c.JobHeartbeat) -> c.JobHeartbeatResult: ...
+
     @overload
     async def dispatch(self, command: c.StagePollSuspended) -> c.StagePollSuspendedResult: ...
     @overload

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -38,8 +38,8 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import EventBase
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
-from treadle.kernel.model import LogRecord, Run, RunStatus
-from treadle.kernel.registry import Registry
+from treadle.kernel.model import JobStatus, LogRecord, Run, RunStatus
+from treadle.kernel.registry import Registry, remote_stages
 from treadle.kernel.schedule_client import Schedules, declared_schedules
 from treadle.kernel.schedules import ScheduleDefinition
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
@@ -155,6 +155,23 @@ class _MockingRegistry:
 
     def ids(self) -> list[str]:
         return self.inner.ids()
+
+    def __iter__(self) -> Iterator[WorkflowDefinition]:
+        """Every registered definition (as ``Registry``), for checks over all of them."""
+        return iter(self.inner)
+
+    def local_queues(self) -> list[str] | None:
+        """The queues the harness runs: all (``None``) unless some hold remote stages
+        that no mock stands in for, which wait for a remote worker (``job.begin``)."""
+        waiting = {
+            queue
+            for queue, ids in remote_stages(self.inner).items()
+            if any(stage_id not in self.mocks for stage_id in ids)
+        }
+        if not waiting:
+            return None
+        every = {queue for wf in self.inner for queue in wf.queues}
+        return sorted(every - waiting)
 
     def register(self, workflow: WorkflowDefinition) -> None:
         self.inner.register(workflow)
@@ -460,7 +477,9 @@ class TestEngine:
         )
         self._raise_errors()
         moved = _tick_moved(report)
-        leased = await self.job_transport.dequeue(self.worker_id, self.clock.now(), limit=1000)
+        leased = await self.job_transport.dequeue(
+            self.worker_id, self.clock.now(), limit=1000, queues=self.registry.local_queues()
+        )
         if leased:
             moved = True
             chain = _always if self.chain else None
@@ -489,13 +508,28 @@ class TestEngine:
 
     async def next_due_at(self) -> datetime | None:
         candidates = [
-            await self.job_transport.next_due_at(),
+            await self._next_job_at(),
             self.persistence.next_suspended_poll_at(),
             self.persistence.next_timer_at(EXECUTION_TIMEOUT),
             await self.scheduler.next_due_at(),
             await self._next_fire_at(),
         ]
         return min((t for t in candidates if t is not None), default=None)
+
+    async def _next_job_at(self) -> datetime | None:
+        """The next due job the harness runs: jobs on queues of remote stages wait for
+        a remote worker (``job.begin``), so their due times are not the harness's."""
+        served = self.registry.local_queues()
+        if served is None:
+            return await self.job_transport.next_due_at()
+        return min(
+            (
+                job.next_poll_at
+                for job in self.job_transport.jobs.values()
+                if job.status is JobStatus.QUEUED and job.queue in served
+            ),
+            default=None,
+        )
 
     async def _next_fire_at(self) -> datetime | None:
         """The next fire time still ahead: one already past did not fire in the round

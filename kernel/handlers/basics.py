@@ -41,7 +41,7 @@ def new_jobs(
 ) -> list[Job]:
     """One QUEUED job per stage, on the stage's queue; with ``lease_to``, the first is
     created already leased to that worker (its first attempt counted), as ``dequeue``
-    would have leased it, when that worker serves its queue.
+    would have leased it, when that worker serves its queue (never a remote stage).
     Built with ``construct``: every value is the kernel's own (a new id, the run's fields,
     the clock's reading), and a job per stage is on every stage's path."""
     jobs: list[Job] = []
@@ -58,7 +58,12 @@ def new_jobs(
             "enqueued_at": now,
             "queue": queue,
         }
-        if lease_to is not None and not jobs and deps.chains.serves(lease_to, queue):
+        if (
+            lease_to is not None
+            and not jobs
+            and deps.chains.serves(lease_to, queue)
+            and not wf.stages[stage_id].remote  # only a remote worker's lease runs it
+        ):
             values["status"] = _JOB_LEASED
             values["attempts"] = 1
             values["worker_id"] = lease_to

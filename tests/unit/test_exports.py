@@ -39,6 +39,7 @@ EXPECTED: dict[str, set[str]] = {
         "Kernel",
         "NotReady",
         "PayloadMissingError",
+        "RemoteStageError",
         "Ready",
         "RetryPolicy",
         "Run",
