@@ -313,3 +313,20 @@ async def test_unexpected_errors_are_json_without_internals(store_engine: Engine
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "InternalError"
     assert "secret" not in response.text
+
+
+async def test_app_mounted_inside_another_app(store_engine: Engine) -> None:
+    """``outer.mount("/treadle", create_app(...))`` serves the API under the prefix with
+    its own auth, and the login form posts back under the prefix."""
+    from fastapi import FastAPI
+
+    outer = FastAPI()
+    outer.mount("/treadle", create_app(store_engine, auth=TokenAuth(TOKENS)))
+    async with client_for(outer) as client:
+        assert (await client.get("/treadle/api/v1/runs")).status_code == 401
+        listed = await client.get("/treadle/api/v1/runs", headers=AS_READ)
+        assert listed.status_code == 200
+        assert listed.json() == {"runs": [], "next_cursor": None}
+        page = await client.get("/treadle/login")
+        assert 'action="/treadle/login"' in page.text
+        assert (await client.get("/treadle/healthz")).json() == {"status": "ok"}
