@@ -231,3 +231,43 @@ async def test_postgres_writer_can_turn_the_event_notify_off(treadle_postgres_ur
         received = await asyncio.wait_for(reader, 10)
         await hub.aclose()
     assert received[0]["data"]["workflow_run_id"] == run_id
+
+
+async def test_hub_holds_back_rows_after_a_gap_until_it_fills_or_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As on PostgreSQL, where row 2 can commit after row 3: the hub hands out row 1,
+    holds row 3 while row 2 is missing, and delivers 2 then 3 once 2 appears; a gap that
+    never fills (a rolled-back id) is skipped after ``gap_wait``."""
+    async with await Engine.open("memory://", workflows=WORKFLOWS) as engine:
+        for n in range(4):
+            await engine.start("shout", {"item": str(n)})  # outbox rows 1-4
+        rows = await engine.event_feed(0)
+        hidden = {2, 4}
+
+        async def feed(after_id: int = 0, *, limit: int = 500) -> Any:
+            return [r for r in rows if r[0] > after_id and r[0] not in hidden][:limit]
+
+        async def last() -> int:
+            return 0
+
+        monkeypatch.setattr(engine, "event_feed", feed)
+        monkeypatch.setattr(engine, "last_event_id", last)
+        hub = EventHub(engine, gap_wait=0.3)
+        subscription, horizon = await hub.subscribe(lambda *_: True)
+        assert horizon == 0
+        hub.poke()
+        first = await asyncio.wait_for(subscription.queue.get(), 5)
+        assert first is not None
+        assert first[0] == 1
+        hidden.discard(2)  # the late commit lands
+        hub.poke()
+        got = [await asyncio.wait_for(subscription.queue.get(), 5) for _ in range(2)]
+        assert [item[0] for item in got if item is not None] == [2, 3]
+        hidden.clear()
+        rows.append((6, rows[3][1]))  # row 5 never commits: a permanent gap
+        hidden.add(5)
+        hub.poke()
+        got = [await asyncio.wait_for(subscription.queue.get(), 5) for _ in range(2)]
+        assert [item[0] for item in got if item is not None] == [4, 6]
+        await hub.aclose()
