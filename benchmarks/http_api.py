@@ -153,7 +153,7 @@ async def run_backend(name: str, args: argparse.Namespace) -> None:
                     remote = await sse_latency(client, other, args.sse_samples)
                 local = await sse_latency(client, engine, args.sse_samples)
                 print(f"{name}: SSE, commit to event read by one client")
-                print(line("run started by another engine (NOTIFY)", remote))
+                print(line("run started by another engine", remote))
                 print(line("run started by the server's engine", local))
             await app.state.treadle.aclose()
             server.should_exit = True
