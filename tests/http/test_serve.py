@@ -125,3 +125,35 @@ def test_loopback_addresses() -> None:
     """Only loopback addresses count as private."""
     assert all(map(is_loopback, ["127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "example.com", ""]))
+
+
+def test_serve_streams_events_and_stops_with_a_stream_open(tmp_path: Path) -> None:
+    """Over a real socket an SSE client receives a run's events as they commit, and
+    SIGTERM with that stream still open ends it and exits 0 promptly (no hang on the
+    open connection)."""
+    port = free_port()
+    db = f"sqlite:///{tmp_path / 'sse.db'}"
+    process = treadle("serve", "--db", db, "--app", APP, "--worker", "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, process)
+        with httpx.Client(base_url=base, timeout=30) as client:
+            sse = {"Accept": "text/event-stream"}
+            with client.stream(
+                "GET", "/api/v1/events?type=workflow:created", headers=sse
+            ) as stream:
+                started = client.post(
+                    "/api/v1/runs", json={"workflow_id": "shout", "input": {"item": "x"}}
+                )
+                run_id = started.json()["run_id"]
+                data = next(line for line in stream.iter_lines() if line.startswith("data: "))
+                assert run_id in data
+                process.send_signal(signal.SIGTERM)
+                stopped = time.monotonic()
+                out, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, out
+        assert time.monotonic() - stopped < 20
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
