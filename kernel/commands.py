@@ -12,6 +12,7 @@ import functools
 import operator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
@@ -60,6 +61,8 @@ class RunCreate(CommandBase):
     execution_timeout: Duration | None = Field(default=None, gt=timedelta(0))
     """Code workflows: this run's cap on wall-clock time from its start, overriding the
     workflow's ``execution_timeout``."""
+    max_cost: Decimal | None = Field(default=None, ge=0, allow_inf_nan=False)
+    """This run's AI budget, overriding the workflow's ``max_cost`` (``kernel/ai.py``)."""
     claim_for: str | None = Field(default=None, min_length=1)
     """A worker (in the caller's process) with a free slot: the new run is claimed for it
     in the same transaction, its first stage leased to it and started, and returned as

@@ -8,15 +8,19 @@ mistakes surface at import time with the stage named, not hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from treadle.kernel.ai import budget
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
 from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to_json
@@ -353,6 +357,9 @@ class WorkflowDefinition:
     retention: timedelta | None = None
     """How long this workflow's terminal runs are kept before the maintenance tick purges
     them (``run.purge``); ``None``: the engine's default (``KernelSettings``)."""
+    max_cost: Decimal | None = None
+    """Each run's AI budget, unless its start gives one (``kernel/ai.py``): once the run's
+    AI calls cost this much, the next call fails the run with ``BudgetExceededError``."""
 
     def stage(self, stage_id: str) -> StageDefinition | None:
         return self.stages.get(stage_id)
@@ -495,6 +502,17 @@ def retention_of(workflow_id: str, value: timedelta | float | None) -> timedelta
         raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None
 
 
+def max_cost_of(workflow_id: str, value: Decimal | float | str | None) -> Decimal | None:
+    """A workflow's ``max_cost``: a non-negative amount (``Decimal``, number or numeric
+    text) or ``None``; ``DefinitionError`` naming the workflow otherwise."""
+    if value is None:
+        return None
+    try:
+        return budget(value, "max_cost")
+    except ValueError as exc:
+        raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None
+
+
 class WorkflowBuilder:
     """Fluent builder: ``WorkflowBuilder(id, input=Model).pipe(a).parallel([b, c]).build()``."""
 
@@ -511,6 +529,7 @@ class WorkflowBuilder:
         rate_limit: RateLimit | None = None,
         schedule: str | None = None,
         retention: timedelta | float | None = None,
+        max_cost: Decimal | float | str | None = None,
     ) -> None:
         try:
             check_queue(queue, f"workflow {id!r}")
@@ -522,6 +541,7 @@ class WorkflowBuilder:
         self._rate_limit = rate_limit
         self._id = id
         self._retention = retention_of(id, retention)
+        self._max_cost = max_cost_of(id, max_cost)
         self._input = input
         self._description = description
         self._version = str(version)
@@ -591,6 +611,7 @@ class WorkflowBuilder:
             rate_limit=self._rate_limit,
             schedules=declared_schedule(self._id, self._schedule),
             retention=self._retention,
+            max_cost=self._max_cost,
         )
 
     def _check_remote_queues(self, stages: Mapping[str, StageDefinition]) -> None:
@@ -647,3 +668,26 @@ class WorkflowBuilder:
                         f"workflow {self._id!r}: stage {stage.id!r} needs input field(s) "
                         f"{missing} that {source} does not produce{hint}"
                     )
+
+
+def stage_ids(workflow: WorkflowDefinition) -> type[enum.StrEnum]:
+    """The stage ids of a built pipeline as a ``StrEnum`` (the seed's ``createStageIds``):
+    ``Ids = stage_ids(pipeline)``, then ``ctx.require(Ids.EXTRACT_TEXT)``. Member names
+    are the ids upper-cased with every other character than a letter or digit made
+    ``_`` (``extract-text`` is ``EXTRACT_TEXT``); values are the ids, so a member is the
+    id wherever a string is expected. ``DefinitionError`` if two ids make one name."""
+    if not isinstance(workflow, WorkflowDefinition):
+        raise DefinitionError(f"stage_ids takes a built workflow, got {workflow!r}")
+    members: dict[str, str] = {}
+    for stage_id in workflow.stages:
+        name = re.sub(r"[^0-9A-Za-z]", "_", stage_id).upper()
+        if not name or name[0].isdigit() or name.startswith("_"):
+            name = f"STAGE_{name}"
+        if name in members:
+            raise DefinitionError(
+                f"workflow {workflow.id!r}: stage ids {members[name]!r} and {stage_id!r} "
+                f"both make the enum member {name}"
+            )
+        members[name] = stage_id
+    title = "".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", workflow.id))
+    return enum.StrEnum(f"{title or 'Workflow'}StageIds", members)  # type: ignore[return-value]

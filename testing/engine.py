@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from treadle.adapters.cron import CroniterCalendar
@@ -26,6 +27,7 @@ from treadle.adapters.memory import (
     InMemoryScheduler,
 )
 from treadle.kernel import commands as c
+from treadle.kernel.ai import AICall, AIRecording, AIServices
 from treadle.kernel.arguments import start_command
 from treadle.kernel.context import StageContext
 from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
@@ -44,6 +46,7 @@ from treadle.kernel.schedule_client import Schedules, declared_schedules
 from treadle.kernel.schedules import ScheduleDefinition
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
 from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
+from treadle.runtime.backends import ai_services
 from treadle.runtime.jobs import execute_job
 from treadle.runtime.tick import TickReport, maintenance_tick
 from treadle.testing.chaos import Chaos
@@ -264,6 +267,7 @@ class TestEngine:
         ids: Any = None,
         chain: bool = True,
         schedules: Iterable[ScheduleDefinition] = (),
+        ai: AIServices | AIRecording | None = None,
     ) -> None:
         # ``clock`` lets a caller share one FakeClock with the engine (the pytest plugin's
         # ``fake_clock`` is ``treadle_engine.clock``): a second clock would be a second
@@ -301,6 +305,7 @@ class TestEngine:
             settings=settings,
             logger=structlog_logger(worker_id=worker_id),
             cron=CroniterCalendar(),
+            ai=ai_services(ai),
         )
         self._unsynced: list[ScheduleDefinition] = [
             *declared_schedules(workflows),
@@ -352,6 +357,7 @@ class TestEngine:
         search_attributes: Mapping[str, Any] | None = None,
         execution_timeout: timedelta | float | None = None,
         concurrency_key: str | None = None,
+        max_cost: Decimal | float | str | None = None,
     ) -> RunHandle:
         """Create a run (``run.create``), checking the arguments as ``Engine.start`` does:
         a bad one is the same ``TreadleValidationError`` naming it, and nothing is written."""
@@ -366,12 +372,17 @@ class TestEngine:
             search_attributes=search_attributes,
             execution_timeout=execution_timeout,
             concurrency_key=concurrency_key,
+            max_cost=max_cost,
         )
         result = await self.kernel.dispatch(command)
         return RunHandle(self, result.workflow_run_id)
 
     async def get_run(self, run_id: str) -> Run:
         return await self.kernel.get_run(run_id)
+
+    async def ai_calls(self, run_id: str) -> list[AICall]:
+        """``Engine.ai_calls``: the run's recorded AI calls, in order."""
+        return await self.kernel.ai_calls(run_id)
 
     async def cancel(self, run_id: str, reason: str | None = None) -> bool:
         result = await self.kernel.dispatch(c.RunCancel(workflow_run_id=run_id, reason=reason))

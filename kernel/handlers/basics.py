@@ -102,4 +102,6 @@ async def insert_started(
     ]
     await tx.runs.insert(run)
     await tx.stages.insert_many(stages)
+    if wf.max_cost is not None:  # the workflow's AI budget, as run.create sets it
+        await tx.ai_calls.set_budget(run.id, wf.max_cost)
     await enqueue_stages(deps, tx, run, wf, [s for s in stages if s.execution_group == 0], now)

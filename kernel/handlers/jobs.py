@@ -860,8 +860,8 @@ async def _commit_failed(
     message = describe_exception(error)
     trace = short_traceback(error)
     retry = policy.allows_another(stage.attempt, error)
-    retry_at = now + policy.delay_for(
-        stage.attempt, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
+    retry_at = now + policy.delay_after(
+        stage.attempt, error, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
     )
     if retry:
         stage = await tx.stages.update(
