@@ -153,6 +153,10 @@ class Run(_Frozen):
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
     concurrency_key: str | None = None
     """Runs sharing it share their workflow's per-key concurrency and rate limits."""
+    trace_context: str | None = None
+    """The W3C ``traceparent`` of the trace this run belongs to (captured at its start
+    when tracing is on, handed to its children and continue-as-new successors): every
+    span of its stages, on any worker, joins that trace."""
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None
@@ -317,6 +321,9 @@ class RunFilter(_Frozen):
     after: tuple[datetime, str] | None = None
     """Keyset pagination: only runs that come after ``(created_at, id)`` in the list's
     newest-first order, i.e. strictly older (``Engine.list(after=...)``)."""
+    payloads: bool = True
+    """False: the runs come without ``input`` and ``output`` (``None``), which a listing
+    does not show, so no offloaded payload is fetched from the blob store for them."""
     paused: bool | None = None
     """True: only paused runs that have not ended (``run.pause``); False: only the others."""
     limit: int = 50

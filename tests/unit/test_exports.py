@@ -84,6 +84,7 @@ EXPECTED: dict[str, set[str]] = {
     },
     "treadle.ports": {
         "AICallLogger",
+        "AttemptSpan",
         "BlobRetention",
         "BlobStore",
         "Clock",
@@ -97,6 +98,7 @@ EXPECTED: dict[str, set[str]] = {
         "Persistence",
         "RetentionStore",
         "Scheduler",
+        "Telemetry",
         "Transaction",
         "WorkerRegistry",
         "WorkflowRegistry",

@@ -7,7 +7,7 @@ The revision id is not a number: it was written alongside other branches' migrat
 (issue 18), and the chain is put in order when they are merged.
 
 Revision ID: i18_outbox_retry_at
-Revises: 0013_ai_calls
+Revises: 0012_trace_context
 Create Date: 2026-12-07
 """
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "i18_outbox_retry_at"
-down_revision: str | None = "0013_ai_calls"
+down_revision: str | None = "0012_trace_context"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
