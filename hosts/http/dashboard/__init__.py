@@ -1,0 +1,42 @@
+"""The web dashboard of ``treadle serve`` (issue 15, item 4), served at ``/``.
+
+Server-rendered pages (Jinja2 with autoescape, htmx for the live parts, no JavaScript
+build step): the runs table with counts by status, the run page (an SVG Gantt chart of
+its stages or journal, input / output / error with traceback, live events, actions with
+a confirmation), the review inbox, queues and workers, and the throughput of the last
+hour. ``create_app`` mounts it through ``mount`` (see ``treadle.hosts.http.app``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from treadle.hosts.http.dashboard.charts import (
+    journal_rows,
+    render_gantt,
+    render_throughput,
+    stage_rows,
+    throughput_buckets,
+)
+from treadle.hosts.http.dashboard.routes import dashboard_router
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from treadle.hosts.http.state import HttpState
+
+__all__ = [
+    "dashboard_router",
+    "journal_rows",
+    "mount",
+    "render_gantt",
+    "render_throughput",
+    "stage_rows",
+    "throughput_buckets",
+]
+
+
+def mount(app: FastAPI, state: HttpState) -> None:
+    """Include the dashboard in ``app`` (called by ``create_app``, after the API)."""
+    del state  # the routes read the app's HttpState per request
+    app.include_router(dashboard_router())
