@@ -5,6 +5,7 @@ build step): the runs table with counts by status, the run page (an SVG Gantt ch
 its stages or journal, input / output / error with traceback, live events, actions with
 a confirmation), the review inbox, queues and workers, and the throughput of the last
 hour. ``create_app`` mounts it through ``mount`` (see ``treadle.hosts.http.app``).
+The charts are pure functions importable without FastAPI; the routes load on ``mount``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from treadle.hosts.http.dashboard.charts import (
     stage_rows,
     throughput_buckets,
 )
-from treadle.hosts.http.dashboard.routes import dashboard_router
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
+    from fastapi import APIRouter, FastAPI
 
     from treadle.hosts.http.state import HttpState
 
@@ -34,6 +34,13 @@ __all__ = [
     "stage_rows",
     "throughput_buckets",
 ]
+
+
+def dashboard_router() -> APIRouter:
+    """The dashboard's routes as a FastAPI ``APIRouter`` (it owns ``/``)."""
+    from treadle.hosts.http.dashboard.routes import dashboard_router as build
+
+    return build()
 
 
 def mount(app: FastAPI, state: HttpState) -> None:

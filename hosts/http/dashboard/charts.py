@@ -78,8 +78,11 @@ def _stage_segments(events: Iterable[EventBase], now: datetime) -> dict[str, lis
             open_[event.stage_id] = (event.timestamp, "running", event.attempt)
         elif isinstance(event, StageCompleted | StageFailed):
             stage = event.stage_id
-            start, _, _ = open_.pop(stage, (event.timestamp, "running", None))
+            start, was, _ = open_.pop(stage, (event.timestamp, "running", None))
             kind: SegmentKind = "completed" if isinstance(event, StageCompleted) else "failed"
+            if was == "suspended":  # a poll found it done: the wait, then the outcome mark
+                out.setdefault(stage, []).append(Segment(start, event.timestamp, was))
+                start = event.timestamp
             out.setdefault(stage, []).append(Segment(start, event.timestamp, kind, event.attempt))
             if isinstance(event, StageFailed) and event.will_retry:
                 open_[stage] = (event.timestamp, "retry-wait", None)
