@@ -817,14 +817,12 @@ class Engine:
         *,
         parent_run_id: str | None = None,
         paused: bool | None = None,
-        completed_after: datetime | None = None,
     ) -> builtins.list[Run]:
         """Runs matching every given filter, newest first (without stages).
         ``status`` is one status or a list of them (any one matches);
         ``created_after`` is inclusive, ``created_before`` exclusive; ``parent_run_id``
         selects the children a code workflow started with ``ctx.child``; ``paused=True``
-        the runs ``pause`` holds (``False``: the others); ``completed_after`` (inclusive)
-        the runs that ended since then (the dashboard's throughput chart)."""
+        the runs ``pause`` holds (``False``: the others)."""
         self._check_open()
         query = _filter(
             status=status,
@@ -843,9 +841,6 @@ class Engine:
             if not isinstance(paused, bool):
                 raise _invalid("paused", f"must be True, False or None, got {paused!r}")
             query = query.model_copy(update={"paused": paused})
-        if completed_after is not None:
-            ended = _aware(completed_after, "completed_after")
-            query = query.model_copy(update={"completed_after": ended})
         return await self.kernel.list_runs(query)
 
     async def aggregate(

@@ -299,8 +299,6 @@ class RunFilter(_Frozen):
     workflow_id: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
-    completed_after: datetime | None = None
-    """Only runs that ended at or after this time (``completed_at``, inclusive)."""
     attributes: dict[str, JsonValue] = Field(default_factory=dict)
     parent_run_id: str | None = None
     paused: bool | None = None

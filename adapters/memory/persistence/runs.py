@@ -27,10 +27,6 @@ def _matches(run: Run, f: RunFilter) -> bool:
         return False
     if f.created_before is not None and run.created_at >= f.created_before:
         return False
-    if f.completed_after is not None and (
-        run.completed_at is None or run.completed_at < f.completed_after
-    ):
-        return False
     if f.parent_run_id is not None and run.parent_run_id != f.parent_run_id:
         return False
     if f.paused is not None and (run.paused and not run.status.terminal) is not f.paused:

@@ -350,8 +350,6 @@ class SqlRuns:
             conditions.append(c.created_at >= f.created_after)
         if f.created_before is not None:
             conditions.append(c.created_at < f.created_before)
-        if f.completed_after is not None:
-            conditions.append(c.completed_at >= f.completed_after)
         if f.parent_run_id is not None:
             conditions.append(c.parent_run_id == f.parent_run_id)
         if f.paused is not None:

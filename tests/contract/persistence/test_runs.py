@@ -357,23 +357,6 @@ async def test_list_runs_attribute_filters_combine_keys_and_odd_names(backend: A
     assert counts == {"PENDING": 2}
 
 
-async def test_list_runs_filters_by_end_time(backend: Any) -> None:
-    """``completed_after`` keeps runs that ended at or after it (inclusive); runs that
-    have not ended never match. The dashboard's throughput chart reads the last hour so."""
-    await seed(
-        backend,
-        make_run("early", created_at=at(0), completed_at=at(5), status=RunStatus.COMPLETED),
-        make_run("edge", created_at=at(1), completed_at=at(10), status=RunStatus.FAILED),
-        make_run("late", created_at=at(2), completed_at=at(20), status=RunStatus.COMPLETED),
-        make_run("going", created_at=at(3), status=RunStatus.RUNNING),
-    )
-    assert await _list_ids(backend, completed_after=at(10)) == ["late", "edge"]
-    assert await _list_ids(backend, completed_after=at(10), status=RunStatus.FAILED) == ["edge"]
-    async with backend.persistence.transaction() as tx:
-        counts = await tx.runs.count("status", RunFilter(completed_after=at(6)))
-    assert counts == {"COMPLETED": 1, "FAILED": 1}
-
-
 async def test_list_runs_paginates_with_limit_and_offset(backend: Any) -> None:
     """``limit``/``offset`` walk the newest-first list in pages without overlap or gaps."""
     await seed(backend, *(make_run(f"r{i}", created_at=at(i)) for i in range(7)))
