@@ -1,0 +1,282 @@
+"""The dashboard's pages and actions through httpx's ASGI transport (no browser): what
+each page shows, that payloads are escaped, and who may act."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the dashboard needs the server extra")
+
+import httpx
+
+from treadle import Engine
+from treadle.hosts.http import create_app
+from treadle.hosts.http.auth import TokenAuth
+from treadle.kernel.model import RunStatus
+from treadle.tests.hosts.dashboard_app import WORKFLOWS, XSS
+
+ACT = "act-token-0123456789abcdef"
+READ = "read-token-0123456789abcdef"
+TOKENS = TokenAuth.parse(f"act:{ACT}\nread:{READ}")
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def url(request: pytest.FixtureRequest) -> str:
+    """Every storage the dashboard reads from: memory, a SQLite file, PostgreSQL."""
+    if request.param == "memory":
+        return "memory://"
+    return str(request.getfixturevalue(f"treadle_{request.param}_url"))
+
+
+@pytest.fixture
+async def engine(url: str) -> AsyncIterator[Engine]:
+    async with await Engine.open(url, workflows=WORKFLOWS) as opened:
+        yield opened
+
+
+def _client(engine: Engine, *, read_only: bool = False) -> httpx.AsyncClient:
+    app = create_app(engine, auth=TOKENS, read_only=read_only)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html) or re.search(
+        r'data-csrf="([^"]+)"', html
+    )
+    assert found, "the page embeds no CSRF token"
+    return found.group(1)
+
+
+async def _login(client: httpx.AsyncClient, token: str) -> None:
+    form = await client.get("/login")
+    response = await client.post(
+        "/login", data={"token": token, "next": "/", "csrf_token": _csrf(form.text)}
+    )
+    assert response.status_code == 303, response.text
+
+
+async def _finish(engine: Engine, *run_ids: str) -> None:
+    """Let an in-process worker run until every run has stopped moving."""
+    async with engine.worker(concurrency=4, job_poll_interval=0.02, orchestration_interval=0.05):
+        for run_id in run_ids:
+            for _ in range(500):
+                run = await engine.get_run(run_id, with_stages=False)
+                if run.status.terminal or run.status is RunStatus.SUSPENDED:
+                    break
+                await asyncio.sleep(0.01)
+
+
+async def test_runs_page_lists_runs_with_counts_by_status_and_filters(engine: Engine) -> None:
+    """The runs page shows each run with its status, the counts by status, and narrows
+    to the statuses and workflow asked for."""
+    done = await engine.start("report", {"title": "hello"})
+    waiting = await engine.start("gated", {"title": "wait"})
+    await _finish(engine, done.run_id, waiting.run_id)
+    async with _client(engine) as client:
+        await _login(client, READ)
+        page = await client.get("/")
+        assert page.status_code == 200
+        assert done.run_id in page.text
+        assert waiting.run_id in page.text
+        assert re.search(r'data-status="COMPLETED">1<', page.text)
+        assert re.search(r'data-status="SUSPENDED">1<', page.text)
+        only = await client.get("/ui/runs-table", params={"status": "COMPLETED"})
+        assert done.run_id in only.text
+        assert waiting.run_id not in only.text
+        by_workflow = await client.get("/", params={"workflow_id": "gated"})
+        assert waiting.run_id in by_workflow.text
+        assert done.run_id not in by_workflow.text
+
+
+async def test_run_page_draws_the_stage_timeline_and_payloads(engine: Engine) -> None:
+    """A pipeline's run page has the SVG Gantt chart with the retried stage's failed
+    attempt, the input and the output."""
+    handle = await engine.start("report", {"title": "hello"})
+    await _finish(engine, handle.run_id)
+    async with _client(engine) as client:
+        await _login(client, READ)
+        page = await client.get(f"/runs/{handle.run_id}")
+    assert page.status_code == 200
+    assert '<svg xmlns="http://www.w3.org/2000/svg" class="gantt"' in page.text
+    assert page.text.count('class="seg seg-failed"') == 1  # fetch's first attempt
+    assert 'data-label="publish"' in page.text
+    assert "&#34;score&#34;: 5" in page.text or '"score": 5' in page.text
+    assert "stage:completed" in page.text
+
+
+async def test_code_workflow_page_shows_its_journal(engine: Engine) -> None:
+    """A code workflow's run page lists its journal and draws its waits."""
+    handle = await engine.start("gated", {"title": "wait"})
+    await _finish(engine, handle.run_id)
+    async with _client(engine) as client:
+        await _login(client, READ)
+        page = await client.get(f"/runs/{handle.run_id}")
+    assert 'id="journal"' in page.text
+    assert "signal &#39;go&#39; #1" in page.text
+    assert 'class="seg seg-waiting"' in page.text
+
+
+async def test_no_page_renders_a_payload_as_html(engine: Engine) -> None:
+    """A ``<script>`` in a run's input, search attribute or review artifact is shown as
+    text on the runs page, the run page and the review inbox."""
+    handle = await engine.start("approval", {"title": XSS})
+    await engine.annotate(handle.run_id, {"note": XSS})
+    await _finish(engine, handle.run_id)
+    async with _client(engine) as client:
+        await _login(client, READ)
+        pages = [
+            await client.get("/"),
+            await client.get(f"/runs/{handle.run_id}"),
+            await client.get("/reviews"),
+        ]
+    for page in pages:
+        assert page.status_code == 200
+        assert "<script>document.title" not in page.text
+        assert "<img src=x" not in page.text
+        assert "&lt;script&gt;document.title" in page.text
+
+
+async def test_pages_send_a_browser_without_a_session_to_login(engine: Engine) -> None:
+    """Without credentials a page redirects to ``/login?next=...``; an htmx request
+    gets ``HX-Redirect`` instead."""
+    async with _client(engine) as client:
+        page = await client.get("/queues")
+        assert page.status_code == 303
+        assert page.headers["location"] == "/login?next=/queues"
+        partial = await client.get("/ui/runs-table", headers={"HX-Request": "true"})
+        assert partial.status_code == 401
+        assert partial.headers["HX-Redirect"].startswith("/login?next=")
+
+
+async def test_cancel_from_the_dashboard_needs_the_csrf_token(engine: Engine) -> None:
+    """An act session cancels a run with the page's CSRF token; the same form without
+    it (a forged cross-site post) is refused with 403 and the run goes on."""
+    handle = await engine.start("gated", {"title": "wait"})
+    await _finish(engine, handle.run_id)
+    async with _client(engine) as client:
+        await _login(client, ACT)
+        page = await client.get(f"/runs/{handle.run_id}")
+        assert 'id="cancel-run"' in page.text
+        forged = await client.post(f"/runs/{handle.run_id}/cancel", data={"reason": "x"})
+        assert forged.status_code == 403
+        assert (await engine.get_run(handle.run_id)).status is RunStatus.SUSPENDED
+        ok = await client.post(
+            f"/runs/{handle.run_id}/cancel",
+            data={"reason": "test", "csrf_token": _csrf(page.text)},
+        )
+        assert ok.status_code == 303
+        assert ok.headers["location"].startswith(f"/runs/{handle.run_id}?done=")
+    assert (await engine.get_run(handle.run_id)).status is RunStatus.CANCELLED
+
+
+async def test_read_only_tokens_see_no_actions_and_cannot_forge_one(engine: Engine) -> None:
+    """A read token's pages have no action buttons, and a form posted with a valid CSRF
+    token still gets 403; so does an act token on a read-only app."""
+    handle = await engine.start("gated", {"title": "wait"})
+    await _finish(engine, handle.run_id)
+    async with _client(engine) as client:
+        await _login(client, READ)
+        page = await client.get(f"/runs/{handle.run_id}")
+        assert 'id="actions"' not in page.text
+        assert "Start a run" not in (await client.get("/")).text
+        forged = await client.post(
+            f"/runs/{handle.run_id}/cancel", data={"csrf_token": _csrf(page.text)}
+        )
+        assert forged.status_code == 403
+    async with _client(engine, read_only=True) as client:
+        await _login(client, ACT)
+        page = await client.get(f"/runs/{handle.run_id}")
+        assert 'id="actions"' not in page.text
+        refused = await client.post(
+            f"/runs/{handle.run_id}/cancel", data={"csrf_token": _csrf(page.text)}
+        )
+        assert refused.status_code == 403
+    assert (await engine.get_run(handle.run_id)).status is RunStatus.SUSPENDED
+
+
+async def test_review_inbox_lists_waiting_reviews_and_decides_them(engine: Engine) -> None:
+    """The inbox shows a waiting ``ctx.review`` with its artifact; approving it from
+    there resumes the run with the decision."""
+    handle = await engine.start("approval", {"title": "launch"})
+    await _finish(engine, handle.run_id)
+    async with _client(engine) as client:
+        await _login(client, ACT)
+        inbox = await client.get("/reviews")
+        found = re.search(r'data-review-id="([^"]+)"', inbox.text)
+        assert found, inbox.text
+        assert handle.run_id in inbox.text
+        assert "launch" in inbox.text
+        decided = await client.post(
+            f"/runs/{handle.run_id}/review",
+            data={
+                "review_id": found.group(1),
+                "decision": "approved",
+                "back": "reviews",
+                "csrf_token": _csrf(inbox.text),
+            },
+        )
+        assert decided.status_code == 303
+        assert decided.headers["location"] == "/reviews?done=approved"
+        await _finish(engine, handle.run_id)
+        assert "Nothing waits for a decision" in (await client.get("/reviews")).text
+    assert await handle.result(timeout=5) == "approved"
+
+
+async def test_start_signal_and_bad_input_from_the_dashboard(engine: Engine) -> None:
+    """The start form starts a run and opens its page; a signal form wakes it; bad JSON
+    answers 422 naming the field, and nothing is started."""
+    async with _client(engine) as client:
+        await _login(client, ACT)
+        token = _csrf((await client.get("/")).text)
+        bad = await client.post(
+            "/ui/start", data={"workflow_id": "gated", "input": "{oops", "csrf_token": token}
+        )
+        assert bad.status_code == 422
+        assert "input" in bad.text
+        assert await engine.list() == []
+        started = await client.post(
+            "/ui/start",
+            data={"workflow_id": "gated", "input": '{"title": "t"}', "csrf_token": token},
+        )
+        assert started.status_code == 303
+        run_id = started.headers["location"].split("/runs/", 1)[1].split("?", 1)[0]
+        await _finish(engine, run_id)
+        sent = await client.post(
+            f"/runs/{run_id}/signal",
+            data={"name": "go", "payload": '{"n": 1}', "csrf_token": token},
+        )
+        assert sent.status_code == 303
+        await _finish(engine, run_id)
+    assert await engine.handle(run_id).result(timeout=5) == {"title": "t", "go": {"n": 1}}
+
+
+async def test_queues_and_throughput_pages(engine: Engine) -> None:
+    """The queues page lists the default queue with its depths and the DLQ section; the
+    throughput page counts the runs that ended in the last hour."""
+    handle = await engine.start("report", {"title": "hello"})
+    await _finish(engine, handle.run_id)
+    await engine.start("report", {"title": "queued"})  # waits: no worker runs now
+    async with _client(engine) as client:
+        await _login(client, READ)
+        queues = await client.get("/queues")
+        assert queues.status_code == 200
+        assert 'data-queue="default"' in queues.text
+        assert 'id="dlq"' in queues.text
+        chart = await client.get("/throughput")
+    assert chart.status_code == 200
+    assert '<b class="good">1 completed</b>' in chart.text
+    assert chart.text.count('class="minute"') == 60
+
+
+async def test_static_files_are_served_from_the_package(engine: Engine) -> None:
+    """htmx, its SSE extension, the script and the stylesheet come from the wheel."""
+    async with _client(engine) as client:
+        for name in ("htmx.min.js", "htmx-ext-sse.min.js", "dashboard.js", "dashboard.css"):
+            response = await client.get(f"/static/{name}")
+            assert response.status_code == 200, name
+            assert len(response.content) > 100
+        assert (await client.get("/static/../app.py")).status_code == 404
