@@ -4,6 +4,7 @@ its timeline, decide a review, cancel a run, and refuse forged requests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from typing import Any
 
@@ -93,10 +94,11 @@ def test_decide_a_review_and_no_payload_runs_as_script(
     page, dialogs = page_factory()
     page.goto("/reviews")
     review = page.locator(f"article.review:has(a[href='/runs/{run_id}'])")
-    assert XSS in review.locator("pre.artifact").inner_text()
+    shown = json.dumps(XSS)  # the payload as the page shows it: JSON text
+    assert shown in review.locator("pre.artifact").inner_text()
     screenshot(page, "reviews")
     page.goto(f"/runs/{run_id}")
-    assert XSS in page.inner_text("#run-input")
+    assert shown in page.inner_text("#run-input")
     page.goto("/")
     page.goto("/reviews")
     review.locator("button.approve").click()

@@ -34,6 +34,7 @@ from treadle.kernel.model import RunStatus
 
 if TYPE_CHECKING:
     from treadle.engine import Engine
+    from treadle.hosts.http.events import EventHub
     from treadle.kernel.events import EventBase
 
 __all__ = ["STATIC_FILES", "dashboard_router", "templates"]
@@ -46,9 +47,8 @@ STATIC_FILES: Final = {
 }
 """The files under ``/static/`` (shipped in the wheel as package data)."""
 
-_STREAM_POLL: Final = 0.25
-"""Seconds between reads of a run's new events (and of the runs' fingerprint) while a
-dashboard stream is open, when the app has no push-driven event hub."""
+_COALESCE: Final = 0.25
+"""Seconds the runs table's stream waits after an event, so a burst is one refresh."""
 _KEEPALIVE: Final = 15.0
 
 Actor = Annotated[Principal, Depends(require_act)]
@@ -165,8 +165,7 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
         who = guard(request)
         if isinstance(who, Response):
             return who
-        engine = http_state(request).engine
-        return _sse(request, _runs_changes(engine))
+        return _sse(request, _runs_changes(_hub(request)))
 
     # -- one run --------------------------------------------------------------------
     @router.get("/runs/{run_id}", response_class=HTMLResponse)
@@ -217,7 +216,7 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
         def fragment(event: EventBase) -> str:
             return event_row.render(row=_event_row(event), root=_root(request))
 
-        return _sse(request, _run_events(engine, run_id, after, fragment))
+        return _sse(request, _run_events(_hub(request), engine, run_id, after, fragment))
 
     # -- actions --------------------------------------------------------------------
     async def act(
@@ -538,37 +537,71 @@ def _sse(request: Request, source: AsyncIterator[tuple[str, str, str | None]]) -
     )
 
 
+def _hub(request: Request) -> EventHub:
+    """The app's shared event reader (the one the JSON API's SSE streams use): pushed on
+    PostgreSQL (LISTEN/NOTIFY) and by this process's commits, one shared poll for other
+    processes' commits on SQLite. The dashboard's streams add no polling loop of their own."""
+    from treadle.hosts.http.api.stream import hub_of
+
+    return hub_of(http_state(request))
+
+
 async def _run_events(
-    engine: Engine, run_id: str, after: int, fragment: Any
+    hub: EventHub, engine: Engine, run_id: str, after: int, fragment: Any
 ) -> AsyncIterator[tuple[str, str, str | None]]:
-    """A run's new events as table rows (``event: run-event``), each followed by a
+    """A run's events after sequence ``after`` as table rows (``event: run-event``, the
+    sequence as the SSE id, so a reconnect resumes), each batch followed by a
     ``changed`` notice that makes the page refresh its status, timeline and payloads."""
-    seen = after
-    while True:
-        fresh = [e async for e in engine.events(run_id, after_sequence=seen)]
-        for event in fresh:
-            seen = max(seen, event.sequence)
-            yield "run-event", fragment(event), str(event.sequence)
-        if fresh:
-            yield "changed", str(seen), None
-        await asyncio.sleep(_STREAM_POLL)
+    subscription, _ = await hub.subscribe(lambda _id, e, _wf: e.workflow_run_id == run_id)
+    try:
+        seen = after
+        # Stored events first (subscribed before reading: nothing falls in between).
+        backlog = [e async for e in engine.events(run_id, after_sequence=seen)]
+        while True:
+            batch = [e for e in backlog if e.sequence > seen]
+            for event in sorted(batch, key=lambda e: e.sequence):
+                seen = event.sequence
+                yield "run-event", fragment(event), str(event.sequence)
+            if batch:
+                yield "changed", str(seen), None
+            item = await subscription.queue.get()
+            if item is None:  # the hub dropped this stream: the browser reconnects
+                return
+            fresh = sorted(
+                (e for e in [item[1], *_drain(subscription)] if e.sequence > seen),
+                key=lambda e: e.sequence,
+            )
+            if [e.sequence for e in fresh] != list(range(seen + 1, seen + 1 + len(fresh))):
+                # A gap (committed before the hub's cursor, after the backlog read): the
+                # run's sequence is gap-free in storage, so read them from there.
+                fresh = [e async for e in engine.events(run_id, after_sequence=seen)]
+            backlog = fresh
+    finally:
+        hub.unsubscribe(subscription)
 
 
-async def _runs_changes(engine: Engine) -> AsyncIterator[tuple[str, str, str | None]]:
-    """A ``changed`` notice whenever the newest runs or the counts by status change;
-    the runs table then fetches itself again (throttled on the page)."""
-    previous: object = None
-    while True:
-        recent = await engine.list(limit=PAGE_SIZE)
-        counts = await engine.aggregate("status")
-        mark = (
-            tuple((r.id, r.status.value, r.updated_at) for r in recent),
-            tuple(sorted(counts.items())),
-        )
-        if previous is not None and mark != previous:
+def _drain(subscription: Any) -> list[EventBase]:
+    out = []
+    while not subscription.queue.empty():
+        item = subscription.queue.get_nowait()
+        if item is not None:
+            out.append(item[1])
+    return out
+
+
+async def _runs_changes(hub: EventHub) -> AsyncIterator[tuple[str, str, str | None]]:
+    """A ``changed`` notice after any run's events, at most every ``_COALESCE`` seconds
+    (the ones in between fold into the next); the runs table then fetches itself again."""
+    subscription, _ = await hub.subscribe(lambda _id, _e, _wf: True)
+    try:
+        while True:
+            if await subscription.queue.get() is None:
+                return
+            await asyncio.sleep(_COALESCE)  # fold a burst of events into one refresh
+            _drain(subscription)
             yield "changed", "runs", None
-        previous = mark
-        await asyncio.sleep(_STREAM_POLL)
+    finally:
+        hub.unsubscribe(subscription)
 
 
 def _event_row(event: EventBase) -> dict[str, Any]:
