@@ -63,7 +63,6 @@ def test_runs_table_updates_live(page_factory: Any, live_server: LiveServer) -> 
     run_id = _start(live_server, "report", "from elsewhere", until=RunStatus.COMPLETED)
     page.wait_for_selector(f"tr[data-run-id='{run_id}'][data-status=COMPLETED]")
     assert page.evaluate("window.__same_page") is True
-    screenshot(page, "runs")
 
 
 def test_open_a_runs_timeline(page_factory: Any, live_server: LiveServer) -> None:
@@ -161,7 +160,12 @@ def test_queues_and_throughput_pages(page_factory: Any, live_server: LiveServer)
     """The queues page lists the default queue and the live worker; the throughput chart
     has a bar group per minute and counts the runs that completed."""
     _start(live_server, "report", "for the chart", until=RunStatus.COMPLETED)
+    failed = _start(live_server, "report", "fail: missing", until=RunStatus.FAILED)
     page, _ = page_factory()
+    page.goto(f"/runs/{failed}")
+    assert "no such document" in page.inner_text("#run-error")
+    assert "ValueError" in page.inner_text(".traceback")
+    screenshot(page, "run-failed")
     page.goto("/queues")
     page.wait_for_selector("#queues tr[data-queue=default]")
     assert page.locator("#workers tbody tr").count() >= 1
@@ -170,5 +174,8 @@ def test_queues_and_throughput_pages(page_factory: Any, live_server: LiveServer)
     assert page.locator("#throughput svg g.minute").count() == 60
     assert page.locator("#throughput rect.bar-completed").count() >= 1
     screenshot(page, "throughput")
+    page.goto("/")
+    page.wait_for_selector("#runs-table tr[data-status=FAILED]")
+    screenshot(page, "runs")
     page.goto("/login")
     screenshot(page, "login")

@@ -39,6 +39,8 @@ class Scored(BaseModel):
     retry=RetryPolicy(max_attempts=3, initial_delay=0.05, backoff=1.0),
 )
 async def fetch(ctx: StageContext[Doc, Any]) -> Doc:
+    if ctx.input.title.startswith("fail"):
+        raise ValueError(f"cannot fetch {ctx.input.title!r}: no such document")
     if ctx.attempt == 1:
         raise RuntimeError("upstream timed out (first attempt fails on purpose)")
     return ctx.input

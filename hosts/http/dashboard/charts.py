@@ -110,11 +110,12 @@ def stage_rows(run: Run, events: Iterable[EventBase], now: datetime) -> list[Gan
         segments = by_stage.get(stage.stage_id, [])
         if not segments and stage.started_at is not None:
             end = stage.completed_at or now
-            kind: SegmentKind = {
+            kinds: dict[StageStatus, SegmentKind] = {
                 StageStatus.COMPLETED: "completed",
                 StageStatus.FAILED: "failed",
                 StageStatus.SUSPENDED: "suspended",
-            }.get(stage.status, "running")
+            }
+            kind = kinds.get(stage.status, "running")
             segments = [Segment(stage.started_at, end, kind, stage.attempt or None)]
         if stage.status in (StageStatus.CANCELLED, StageStatus.SKIPPED) or run.status.terminal:
             # A terminal stage has nothing in flight: cut an open bar where the run ended.
@@ -133,6 +134,12 @@ def stage_rows(run: Run, events: Iterable[EventBase], now: datetime) -> list[Gan
     return rows
 
 
+_STEP_KINDS: dict[JournalStatus, SegmentKind] = {
+    JournalStatus.COMPLETED: "completed",
+    JournalStatus.FAILED: "failed",
+    JournalStatus.RETRYING: "retry-wait",
+    JournalStatus.CANCELLED: "failed",
+}
 _WAIT_KINDS = frozenset({"sleep", "signal", "update", "review", "child", "sleep_until"})
 
 
@@ -145,12 +152,7 @@ def journal_rows(entries: Sequence[JournalEntry], now: datetime) -> list[GanttRo
     rows = []
     for entry in sorted(entries, key=lambda e: e.position):
         if entry.kind == "step":
-            kind: SegmentKind = {
-                JournalStatus.COMPLETED: "completed",
-                JournalStatus.FAILED: "failed",
-                JournalStatus.RETRYING: "retry-wait",
-                JournalStatus.CANCELLED: "failed",
-            }.get(entry.status, "running")
+            kind = _STEP_KINDS.get(entry.status, "running")
         elif entry.kind in _WAIT_KINDS:
             kind = "waiting" if entry.status is JournalStatus.WAITING else "completed"
         else:

@@ -136,7 +136,8 @@ async def run_page(engine: Engine, run_id: str, *, now: datetime) -> RunPage:
     for event in events:
         trace = getattr(event, "traceback", None)
         if isinstance(trace, str) and trace:
-            tracebacks[str(getattr(event, "stage_id", "") or event.type)] = trace
+            where = getattr(event, "stage_id", None) or getattr(event, "type", "run")
+            tracebacks[str(where)] = trace
     if code:
         rerunnable = [
             entry.name if entry.occurrence == 1 else f"{entry.name}#{entry.occurrence}"

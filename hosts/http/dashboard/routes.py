@@ -23,6 +23,7 @@ import jinja2
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from markupsafe import Markup
+from starlette.datastructures import QueryParams
 
 from treadle.hosts.http.auth import Principal
 from treadle.hosts.http.csrf import CSRF_FIELD, csrf_token
@@ -413,7 +414,7 @@ def _json_field(text: str, field: str) -> Any:
 PAGE_SIZE: Final = 50
 
 
-def _filters(params: Mapping[str, str] | Any) -> tuple[dict[str, Any], list[str]]:
+def _filters(params: QueryParams) -> tuple[dict[str, Any], list[str]]:
     """The runs page's filters from the query string: ``status`` (repeated),
     ``workflow_id``, ``attr`` (``key=value``, the value JSON or text), ``page``."""
     problems: list[str] = []
