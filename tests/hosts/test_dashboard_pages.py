@@ -280,3 +280,38 @@ async def test_static_files_are_served_from_the_package(engine: Engine) -> None:
             assert response.status_code == 200, name
             assert len(response.content) > 100
         assert (await client.get("/static/../app.py")).status_code == 404
+
+
+async def test_run_stream_resumes_after_the_last_event_and_pushes_new_ones(engine: Engine) -> None:
+    """The run page's stream starts after the sequence the page (or ``Last-Event-ID``)
+    names, without gaps or repeats, then delivers the run's next events as they commit,
+    each batch followed by a ``changed`` notice."""
+    from treadle.hosts.http.api.stream import hub_of
+    from treadle.hosts.http.dashboard.routes import run_event_stream
+
+    handle = await engine.start("gated", {"title": "t"})
+    await _finish(engine, handle.run_id)
+    stored = [e.sequence async for e in engine.events(handle.run_id)]
+    app = create_app(engine, auth=TOKENS)
+    hub = hub_of(app.state.treadle)
+    stream = run_event_stream(hub, engine, handle.run_id, 2, lambda e: f"<tr>{e.type}</tr>")
+    try:
+        got: list[tuple[str, str | None]] = []
+        while not got or got[-1][0] != "changed":
+            name, _, ident = await asyncio.wait_for(anext(stream), 5)
+            got.append((name, ident))
+        assert [int(i) for n, i in got if n == "run-event" and i] == stored[2:]
+        await engine.signal(handle.run_id, "go", 1)
+        await _finish(engine, handle.run_id)
+        pushed: list[int] = []
+        while True:
+            name, data, ident = await asyncio.wait_for(anext(stream), 5)
+            if name == "run-event":
+                assert ident is not None
+                pushed.append(int(ident))
+                if "workflow:completed" in data:
+                    break
+        assert pushed == list(range(stored[-1] + 1, stored[-1] + 1 + len(pushed)))
+    finally:
+        await stream.aclose()
+        await app.state.treadle.aclose()

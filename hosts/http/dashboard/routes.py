@@ -38,7 +38,13 @@ if TYPE_CHECKING:
     from treadle.hosts.http.events import EventHub
     from treadle.kernel.events import EventBase
 
-__all__ = ["STATIC_FILES", "dashboard_router", "templates"]
+__all__ = [
+    "STATIC_FILES",
+    "dashboard_router",
+    "run_event_stream",
+    "runs_change_stream",
+    "templates",
+]
 
 STATIC_FILES: Final = {
     "htmx.min.js": "text/javascript",
@@ -166,7 +172,7 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
         who = guard(request)
         if isinstance(who, Response):
             return who
-        return _sse(request, _runs_changes(_hub(request)))
+        return _sse(request, runs_change_stream(_hub(request)))
 
     # -- one run --------------------------------------------------------------------
     @router.get("/runs/{run_id}", response_class=HTMLResponse)
@@ -217,7 +223,7 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
         def fragment(event: EventBase) -> str:
             return event_row.render(row=_event_row(event), root=_root(request))
 
-        return _sse(request, _run_events(_hub(request), engine, run_id, after, fragment))
+        return _sse(request, run_event_stream(_hub(request), engine, run_id, after, fragment))
 
     # -- actions --------------------------------------------------------------------
     async def act(
@@ -547,7 +553,7 @@ def _hub(request: Request) -> EventHub:
     return hub_of(http_state(request))
 
 
-async def _run_events(
+async def run_event_stream(
     hub: EventHub, engine: Engine, run_id: str, after: int, fragment: Any
 ) -> AsyncIterator[tuple[str, str, str | None]]:
     """A run's events after sequence ``after`` as table rows (``event: run-event``, the
@@ -590,7 +596,7 @@ def _drain(subscription: Any) -> list[EventBase]:
     return out
 
 
-async def _runs_changes(hub: EventHub) -> AsyncIterator[tuple[str, str, str | None]]:
+async def runs_change_stream(hub: EventHub) -> AsyncIterator[tuple[str, str, str | None]]:
     """A ``changed`` notice after any run's events, at most every ``_COALESCE`` seconds
     (the ones in between fold into the next); the runs table then fetches itself again."""
     subscription, _ = await hub.subscribe(lambda _id, _e, _wf: True)
