@@ -87,6 +87,10 @@ async def test_runs_page_lists_runs_with_counts_by_status_and_filters(engine: En
         only = await client.get("/ui/runs-table", params={"status": "COMPLETED"})
         assert done.run_id in only.text
         assert waiting.run_id not in only.text
+        recent = await client.get("/ui/runs-table", params={"since": "1h"})
+        assert done.run_id in recent.text
+        bad = await client.get("/ui/runs-table", params={"since": "forever"})
+        assert "since: must be one of 1h, 24h, 7d, 30d" in bad.text
         by_workflow = await client.get("/", params={"workflow_id": "gated"})
         assert waiting.run_id in by_workflow.text
         assert done.run_id not in by_workflow.text
@@ -116,6 +120,7 @@ async def test_code_workflow_page_shows_its_journal(engine: Engine) -> None:
         await _login(client, READ)
         page = await client.get(f"/runs/{handle.run_id}")
     assert 'id="journal"' in page.text
+    assert '<dd id="waiting-for">signal go</dd>' in page.text
     assert "signal &#39;go&#39; #1" in page.text
     assert 'class="seg seg-waiting"' in page.text
 
@@ -315,3 +320,29 @@ async def test_run_stream_resumes_after_the_last_event_and_pushes_new_ones(engin
     finally:
         await stream.aclose()
         await app.state.treadle.aclose()
+
+
+async def test_queues_page_lists_the_dlq_and_replays_it(url: str) -> None:
+    """Events the outbox gave up publishing appear on the queues page with their error;
+    an act session replays them from there (after which the DLQ is empty)."""
+    from treadle.kernel import commands as c
+    from treadle.testing import CollectingEventSink
+
+    sink = CollectingEventSink()
+    sink.fail_when = lambda event: True
+    async with await Engine.open(url, workflows=WORKFLOWS, event_sink=sink) as engine:
+        handle = await engine.start("gated", {"title": "t"})
+        for _ in range(3):  # three failed attempts dead-letter the event
+            await engine.kernel.dispatch(c.OutboxFlush())
+        [dead] = await engine.dead_letters()
+        async with _client(engine) as client:
+            await _login(client, ACT)
+            page = await client.get("/queues")
+            assert handle.run_id in page.text
+            assert "ConnectionError" in page.text or (dead.last_error or "") in page.text
+            assert 'id="replay-dlq"' in page.text
+            sink.fail_when = None
+            replayed = await client.post("/ui/dlq/replay", data={"csrf_token": _csrf(page.text)})
+            assert replayed.status_code == 303
+            assert replayed.headers["location"].startswith("/queues?done=1%20events")
+        assert await engine.dead_letters() == []

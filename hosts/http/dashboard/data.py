@@ -20,6 +20,7 @@ from treadle.hosts.http.dashboard.charts import (
     throughput_buckets,
 )
 from treadle.kernel.errors import NotSupportedError
+from treadle.kernel.events import WorkflowSuspended
 from treadle.kernel.model import Run, RunStatus, StageStatus
 from treadle.kernel.workflows.model import JournalEntry, JournalStatus
 
@@ -118,6 +119,8 @@ class RunPage:
     """Stage id (or step) to the traceback of its last failure."""
     rerunnable: list[str]
     """Stages ``rerun_from`` may start from (pipelines) or steps ``fork`` may (code)."""
+    waiting_for: str | None = None
+    """What a suspended run waits for, in words (its last ``workflow:suspended``)."""
 
 
 async def run_page(engine: Engine, run_id: str, *, now: datetime) -> RunPage:
@@ -160,7 +163,17 @@ async def run_page(engine: Engine, run_id: str, *, now: datetime) -> RunPage:
         reviews=_reviews_of(run, journal) if code else [],
         tracebacks=tracebacks,
         rerunnable=rerunnable,
+        waiting_for=_waiting_for(run, events),
     )
+
+
+def _waiting_for(run: Run, events: list[EventBase]) -> str | None:
+    if run.status is not RunStatus.SUSPENDED:
+        return None
+    for event in reversed(events):
+        if isinstance(event, WorkflowSuspended):
+            return event.waiting_for
+    return None
 
 
 async def throughput(

@@ -15,7 +15,7 @@ import asyncio
 import json
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
@@ -339,6 +339,18 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
             return RedirectResponse(f"{_root(request)}/reviews?done={decision}", status_code=303)
         return response
 
+    @router.post("/ui/dlq/replay")
+    async def replay_dlq(request: Request, principal: Actor) -> Response:
+        engine = http_state(request).engine
+        try:
+            replayed = await engine.replay_dead_letters(max_events=1_000)
+        except TreadleError as exc:
+            from treadle.hosts.http.errors import status_for
+
+            return render(request, "error.html", principal, status=status_for(exc), error=exc)
+        done = urllib.parse.quote(f"{replayed} events put back in the outbox")
+        return RedirectResponse(f"{_root(request)}/queues?done={done}", status_code=303)
+
     # -- other pages ----------------------------------------------------------------
     @router.get("/reviews", response_class=HTMLResponse)
     async def reviews(request: Request) -> Response:
@@ -362,7 +374,14 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
         if isinstance(who, Response):
             return who
         page = await data.queues_page(http_state(request).engine)
-        return render(request, "queues.html", who, active="queues", page=page)
+        return render(
+            request,
+            "queues.html",
+            who,
+            active="queues",
+            page=page,
+            message=request.query_params.get("done", ""),
+        )
 
     @router.get("/throughput", response_class=HTMLResponse)
     async def throughput(request: Request) -> Response:
@@ -418,6 +437,13 @@ def _json_field(text: str, field: str) -> Any:
 
 # -- the runs table -------------------------------------------------------------------
 PAGE_SIZE: Final = 50
+SINCE: Final = {
+    "1h": timedelta(hours=1),
+    "24h": timedelta(days=1),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+}
+"""The runs page's ``since`` choices: runs created within that long."""
 
 
 def _filters(params: QueryParams) -> tuple[dict[str, Any], list[str]]:
@@ -441,6 +467,10 @@ def _filters(params: QueryParams) -> tuple[dict[str, Any], list[str]]:
                 attributes[key.strip()] = json.loads(value)
             except json.JSONDecodeError:
                 attributes[key.strip()] = value
+    since = params.get("since", "") or ""
+    if since and since not in SINCE:
+        problems.append(f"since: must be one of {', '.join(SINCE)}")
+        since = ""
     try:
         page = max(int(params.get("page", "0") or 0), 0)
     except ValueError:
@@ -451,6 +481,7 @@ def _filters(params: QueryParams) -> tuple[dict[str, Any], list[str]]:
         "workflow_id": (params.get("workflow_id") or "").strip() or None,
         "attr": raw_attr.strip(),
         "attributes": attributes,
+        "since": since,
         "page": page,
     }, problems
 
@@ -461,15 +492,19 @@ def _query_string(filters: Mapping[str, Any]) -> str:
         pairs.append(("workflow_id", filters["workflow_id"]))
     if filters["attr"]:
         pairs.append(("attr", filters["attr"]))
+    if filters["since"]:
+        pairs.append(("since", filters["since"]))
     return urllib.parse.urlencode(pairs)
 
 
 async def _runs_table(
     engine: Engine, filters: Mapping[str, Any], problems: list[str]
 ) -> dict[str, Any]:
+    since = SINCE.get(filters["since"])
     common = {
         "workflow_id": filters["workflow_id"],
         "attributes": filters["attributes"] or None,
+        "created_after": datetime.now(UTC) - since if since is not None else None,
     }
     try:
         runs = await engine.list(
