@@ -12,6 +12,7 @@ error's HTTP status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -551,15 +552,20 @@ def _sse(request: Request, source: AsyncIterator[tuple[str, str, str | None]]) -
 
     async def body() -> AsyncIterator[bytes]:
         iterator = source.__aiter__()
+        pending: asyncio.Future[tuple[str, str, str | None]] | None = None
         try:
             while not await request.is_disconnected():
-                try:
-                    name, payload, ident = await asyncio.wait_for(
-                        anext(iterator), timeout=_KEEPALIVE
-                    )
-                except TimeoutError:
+                # One read stays pending across keep-alives: cancelling it would end
+                # the source (an async generator does not survive a cancelled step).
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait({pending}, timeout=_KEEPALIVE)
+                if not done:
                     yield b": keep-alive\n\n"
                     continue
+                item, pending = pending, None
+                try:
+                    name, payload, ident = item.result()
                 except StopAsyncIteration:
                     return
                 lines = [f"event: {name}"]
@@ -568,6 +574,10 @@ def _sse(request: Request, source: AsyncIterator[tuple[str, str, str | None]]) -
                 lines.extend(f"data: {line}" for line in payload.splitlines() or [""])
                 yield ("\n".join(lines) + "\n\n").encode()
         finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
             close = getattr(iterator, "aclose", None)
             if close is not None:
                 await close()
