@@ -174,7 +174,11 @@ async def test_cancel_from_the_dashboard_needs_the_csrf_token(engine: Engine) ->
             data={"reason": "test", "csrf_token": _csrf(page.text)},
         )
         assert ok.status_code == 303
-        assert ok.headers["location"].startswith(f"/runs/{handle.run_id}?done=")
+        assert ok.headers["location"] == f"/runs/{handle.run_id}?done=cancelled"
+        again = await client.post(
+            f"/runs/{handle.run_id}/cancel", data={"csrf_token": _csrf(page.text)}
+        )
+        assert "already%20ended" in again.headers["location"]
     assert (await engine.get_run(handle.run_id)).status is RunStatus.CANCELLED
 
 

@@ -271,7 +271,12 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
     ) -> Response:
         engine = http_state(request).engine
         reason = reason or f"cancelled from the dashboard by {principal.name}"
-        return await act(request, principal, run_id, "cancelled", engine.cancel(run_id, reason))
+        try:
+            cancelled = await engine.cancel(run_id, reason)
+        except TreadleError as exc:
+            return await act(request, principal, run_id, "", _raise(exc))
+        done = "cancelled" if cancelled else "nothing to cancel: the run had already ended"
+        return await act(request, principal, run_id, done, _noop())
 
     @router.post("/runs/{run_id}/signal")
     async def signal(
@@ -412,6 +417,14 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
         return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
 
     return router
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+async def _noop() -> None:
+    return None
 
 
 def _login_url(request: Request) -> str:
