@@ -70,9 +70,14 @@ report = (
 )
 
 
+async def prepare(title: str) -> str:
+    return title.upper()
+
+
 @workflow(id="gated", input=Doc)
 async def gated(ctx: WorkflowContext, doc: Doc) -> dict[str, Any]:
-    """Waits for the signal ``go``, then ends with what it carried."""
+    """Prepares, waits for the signal ``go``, then ends with what it carried."""
+    await ctx.step("prepare", prepare, doc.title)
     go = await ctx.wait_for_signal("go")
     return {"title": doc.title, "go": go}
 

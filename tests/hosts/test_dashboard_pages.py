@@ -350,3 +350,38 @@ async def test_queues_page_lists_the_dlq_and_replays_it(url: str) -> None:
             assert replayed.status_code == 303
             assert replayed.headers["location"].startswith("/queues?done=1%20events")
         assert await engine.dead_letters() == []
+
+
+async def test_fork_and_rerun_from_the_dashboard(engine: Engine) -> None:
+    """Fork opens the new run of a code workflow made from the chosen step; re-run
+    resets a finished pipeline from a stage and runs it again."""
+    code = await engine.start("gated", {"title": "t"})
+    pipeline = await engine.start("report", {"title": "p"})
+    await _finish(engine, code.run_id, pipeline.run_id)
+    async with _client(engine) as client:
+        await _login(client, ACT)
+        page = await client.get(f"/runs/{code.run_id}")
+        assert 'id="fork-run"' in page.text
+        forked = await client.post(
+            f"/runs/{code.run_id}/fork",
+            data={"from_step": "prepare", "csrf_token": _csrf(page.text)},
+        )
+        assert forked.status_code == 303
+        new_id = forked.headers["location"].split("/runs/", 1)[1].split("?", 1)[0]
+        assert new_id != code.run_id
+        page = await client.get(f"/runs/{pipeline.run_id}")
+        assert 'id="rerun-from"' in page.text
+        rerun = await client.post(
+            f"/runs/{pipeline.run_id}/rerun",
+            data={"stage_id": "publish", "csrf_token": _csrf(page.text)},
+        )
+        assert rerun.status_code == 303
+        unknown = await client.post(
+            f"/runs/{pipeline.run_id}/rerun",
+            data={"stage_id": "nope", "csrf_token": _csrf(page.text)},
+        )
+        assert unknown.status_code >= 400
+        assert "nope" in unknown.text
+    await _finish(engine, new_id, pipeline.run_id)
+    assert (await engine.get_run(new_id)).status is RunStatus.SUSPENDED
+    assert await pipeline.result(timeout=5) == {"title": "p", "score": 1}

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any, Final
@@ -228,20 +228,26 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
 
     # -- actions --------------------------------------------------------------------
     async def act(
-        request: Request, principal: Principal, run_id: str, done: str, call: Any
+        request: Request,
+        principal: Principal,
+        run_id: str,
+        call: Callable[[], Awaitable[tuple[str, str]]],
+        *,
+        back: str = "",
     ) -> Response:
+        """Run ``call`` (which returns the page to go to and what was done) and redirect
+        there (303); a Treadle error renders the error page with its HTTP status."""
         try:
-            target = await call
+            where, done = await call()
         except TreadleError as exc:
             from treadle.hosts.http.errors import status_for
 
             return render(
                 request, "error.html", principal, status=status_for(exc), error=exc, run_id=run_id
             )
-        where = target if isinstance(target, str) else run_id
+        page = back or f"/runs/{urllib.parse.quote(where)}"
         return RedirectResponse(
-            f"{_root(request)}/runs/{urllib.parse.quote(where)}?done={urllib.parse.quote(done)}",
-            status_code=303,
+            f"{_root(request)}{page}?done={urllib.parse.quote(done)}", status_code=303
         )
 
     @router.post("/ui/start")
@@ -254,13 +260,13 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
     ) -> Response:
         engine = http_state(request).engine
 
-        async def go() -> str:
+        async def go() -> tuple[str, str]:
             handle = await engine.start(
                 workflow_id, _json_field(input, "input"), idempotency_key=idempotency_key or None
             )
-            return handle.run_id
+            return handle.run_id, "started"
 
-        return await act(request, principal, "", "started", go())
+        return await act(request, principal, "", go)
 
     @router.post("/runs/{run_id}/cancel")
     async def cancel(
@@ -270,13 +276,14 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
         reason: Annotated[str, Form()] = "",
     ) -> Response:
         engine = http_state(request).engine
-        reason = reason or f"cancelled from the dashboard by {principal.name}"
-        try:
-            cancelled = await engine.cancel(run_id, reason)
-        except TreadleError as exc:
-            return await act(request, principal, run_id, "", _raise(exc))
-        done = "cancelled" if cancelled else "nothing to cancel: the run had already ended"
-        return await act(request, principal, run_id, done, _noop())
+
+        async def go() -> tuple[str, str]:
+            why = reason or f"cancelled from the dashboard by {principal.name}"
+            if await engine.cancel(run_id, why):
+                return run_id, "cancelled"
+            return run_id, "nothing to cancel: the run had already ended"
+
+        return await act(request, principal, run_id, go)
 
     @router.post("/runs/{run_id}/signal")
     async def signal(
@@ -288,10 +295,11 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
     ) -> Response:
         engine = http_state(request).engine
 
-        async def go() -> None:
+        async def go() -> tuple[str, str]:
             await engine.signal(run_id, name, _json_field(payload, "payload"))
+            return run_id, f"signal {name} sent"
 
-        return await act(request, principal, run_id, f"signal {name} sent", go())
+        return await act(request, principal, run_id, go)
 
     @router.post("/runs/{run_id}/rerun")
     async def rerun(
@@ -299,10 +307,11 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
     ) -> Response:
         engine = http_state(request).engine
 
-        async def go() -> None:
+        async def go() -> tuple[str, str]:
             await engine.rerun_from(run_id, stage_id)
+            return run_id, f"re-running from {stage_id}"
 
-        return await act(request, principal, run_id, f"re-running from {stage_id}", go())
+        return await act(request, principal, run_id, go)
 
     @router.post("/runs/{run_id}/fork")
     async def fork(
@@ -310,10 +319,11 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
     ) -> Response:
         engine = http_state(request).engine
 
-        async def go() -> str:
-            return (await engine.fork(run_id, from_step)).run_id
+        async def go() -> tuple[str, str]:
+            forked = await engine.fork(run_id, from_step)
+            return forked.run_id, f"forked from {run_id} at {from_step}"
 
-        return await act(request, principal, run_id, f"forked from {from_step}", go())
+        return await act(request, principal, run_id, go)
 
     @router.post("/runs/{run_id}/review")
     async def decide(
@@ -327,23 +337,23 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
     ) -> Response:
         engine = http_state(request).engine
 
-        async def go() -> None:
+        async def go() -> tuple[str, str]:
             if decision not in ("approved", "rejected"):
                 from treadle.kernel.arguments import invalid
 
                 raise invalid("decision", f"must be 'approved' or 'rejected', got {decision!r}")
-            await engine.decide_review(
+            recorded = await engine.decide_review(
                 run_id,
                 review_id,
                 "approved" if decision == "approved" else "rejected",
                 reviewer=principal.name,
                 comment=comment or None,
             )
+            return run_id, decision if recorded else "nothing: the review was already decided"
 
-        response = await act(request, principal, run_id, f"review {decision}", go())
-        if back == "reviews" and response.status_code == 303:
-            return RedirectResponse(f"{_root(request)}/reviews?done={decision}", status_code=303)
-        return response
+        return await act(
+            request, principal, run_id, go, back="/reviews" if back == "reviews" else ""
+        )
 
     @router.post("/ui/dlq/replay")
     async def replay_dlq(request: Request, principal: Actor) -> Response:
@@ -417,14 +427,6 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
         return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
 
     return router
-
-
-async def _raise(exc: BaseException) -> None:
-    raise exc
-
-
-async def _noop() -> None:
-    return None
 
 
 def _login_url(request: Request) -> str:
