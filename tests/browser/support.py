@@ -49,6 +49,7 @@ class LiveServer:
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.engine: Any = None
+        self.app: Any = None
 
     def start(self) -> None:
         self._thread.start()
@@ -74,6 +75,7 @@ class LiveServer:
         async with await Engine.open(self.database_url, workflows=WORKFLOWS) as engine:
             self.engine = engine
             app = create_app(engine, auth=TokenAuth.parse(f"act:{ACT}\nread:{READ}"))
+            self.app = app
             config = uvicorn.Config(
                 app,
                 log_level="warning",
@@ -96,6 +98,9 @@ class LiveServer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def stop(self) -> None:
+        state = self.app.state.treadle if self.app is not None else None
+        if state is not None and state.hub is not None and self._thread.is_alive():
+            self.call(state.hub.aclose())  # ends the open event streams, as `treadle serve` does
         if self._server is not None:
             self._server.should_exit = True
         self._thread.join(15)

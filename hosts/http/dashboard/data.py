@@ -125,8 +125,11 @@ class RunPage:
 
 async def run_page(engine: Engine, run_id: str, *, now: datetime) -> RunPage:
     """Everything the run page shows, in one pass over the engine."""
-    run = await engine.get_run(run_id)
+    # Events before the run: the page's live stream starts after the last event shown,
+    # so the run read must be at least as new as those events (read the other way, a
+    # run could show RUNNING beside its own workflow:suspended and never refresh).
     events = [event async for event in engine.events(run_id)]
+    run = await engine.get_run(run_id)
     code = is_code_workflow(engine, run)
     journal: list[JournalEntry] = []
     if code:
