@@ -657,10 +657,14 @@ def _drain(subscription: Any) -> list[EventBase]:
 
 
 async def runs_change_stream(hub: EventHub) -> AsyncIterator[tuple[str, str, str | None]]:
-    """A ``changed`` notice after any run's events, at most every ``_COALESCE`` seconds
-    (the ones in between fold into the next); the runs table then fetches itself again."""
+    """A ``changed`` notice on connecting, then after any run's events, at most every
+    ``_COALESCE`` seconds (the ones in between fold into the next); the runs table then
+    fetches itself again."""
     subscription, _ = await hub.subscribe(lambda _id, _e, _wf: True)
     try:
+        # Runs may have changed between the page's render and this subscription: one
+        # refresh now closes that window.
+        yield "changed", "runs", None
         while True:
             if await subscription.queue.get() is None:
                 return
