@@ -52,14 +52,14 @@ from treadle.kernel.model import (
 )
 from treadle.kernel.schedule_client import Schedules, declared_schedules
 from treadle.kernel.schedules import ScheduleDefinition
-from treadle.kernel.workflows.model import JournalEntry
+from treadle.kernel.workflows.model import JournalEntry, Timer
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.options import WorkerOptions
 from treadle.runtime.run_waiters import RunWaiters
 from treadle.runtime.worker import SlotLoan, Worker
 
 if TYPE_CHECKING:
-    from treadle.kernel.events import EventBase
+    from treadle.kernel.events import EventBase, OutboxRecord
     from treadle.ports import Clock, EventSink, IdGenerator, KernelPlugin
 
 __all__ = ["Engine", "RunHandle", "StartItem"]
@@ -141,6 +141,8 @@ def _filter(
     attributes: Any,
     limit: int = 50,
     offset: int = 0,
+    updated_after: Any = None,
+    updated_before: Any = None,
 ) -> RunFilter:
     if workflow_id is not None:
         _non_empty(workflow_id, "workflow_id")
@@ -154,6 +156,8 @@ def _filter(
         workflow_id=workflow_id,
         created_after=_aware(created_after, "created_after"),
         created_before=_aware(created_before, "created_before"),
+        updated_after=_aware(updated_after, "updated_after"),
+        updated_before=_aware(updated_before, "updated_before"),
         attributes=attrs or {},
         limit=_count(limit, "limit", minimum=1, maximum=10_000),
         offset=_count(offset, "offset", minimum=0, maximum=2**62),
@@ -169,9 +173,14 @@ class RunHandle:
     returned.
     """
 
-    def __init__(self, engine: Engine, run_id: str, *, local: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, run_id: str, *, local: bool = False, created: bool | None = None
+    ) -> None:
         self.engine = engine
         self.run_id = run_id
+        self.created = created
+        """From ``start`` / ``start_or_signal``: whether this call created the run
+        (``False``: its idempotency key named an existing one); ``None`` otherwise."""
         self._local = local
         """The start handed the run to a worker of this engine: its end is heard here, so
         ``result`` polls only as a slow fallback (the worker may stop and another process
@@ -454,7 +463,7 @@ class Engine:
         if loan is None:
             result = await self.kernel.dispatch(command)
             self._notify()
-            return RunHandle(self, result.workflow_run_id)
+            return RunHandle(self, result.workflow_run_id, created=result.created)
         # A worker of this engine has a free slot: the run is claimed for it in the start's
         # own commit and its first stage runs there at once (no claim, no wake-up).
         job = None
@@ -469,7 +478,9 @@ class Engine:
             loan.settle(job)
         if job is None:
             self._notify()  # not claimed here (an existing run, a stopping worker)
-        return RunHandle(self, result.workflow_run_id, local=job is not None)
+        return RunHandle(
+            self, result.workflow_run_id, local=job is not None, created=result.created
+        )
 
     def _lend_slot(self) -> SlotLoan | None:
         for worker in builtins.list(self._workers):
@@ -553,7 +564,7 @@ class Engine:
         )
         result = await self.kernel.dispatch(command)
         self._notify()
-        return RunHandle(self, result.workflow_run_id)
+        return RunHandle(self, result.workflow_run_id, created=result.created)
 
     def handle(self, run_id: str) -> RunHandle:
         """A handle for an existing run (checked when used, not here)."""
@@ -817,12 +828,18 @@ class Engine:
         *,
         parent_run_id: str | None = None,
         paused: bool | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
+        after: Run | tuple[datetime, str] | None = None,
     ) -> builtins.list[Run]:
         """Runs matching every given filter, newest first (without stages).
         ``status`` is one status or a list of them (any one matches);
-        ``created_after`` is inclusive, ``created_before`` exclusive; ``parent_run_id``
-        selects the children a code workflow started with ``ctx.child``; ``paused=True``
-        the runs ``pause`` holds (``False``: the others)."""
+        ``created_after`` and ``updated_after`` are inclusive, ``created_before`` and
+        ``updated_before`` exclusive; ``parent_run_id`` selects the children a code
+        workflow started with ``ctx.child``; ``paused=True`` the runs ``pause`` holds
+        (``False``: the others). ``after`` pages by key instead of ``offset``: pass the
+        last run of the previous page (or its ``(created_at, id)``) to get the runs
+        that follow it, which stays fast and skips nothing however deep the page."""
         self._check_open()
         query = _filter(
             status=status,
@@ -832,7 +849,11 @@ class Engine:
             attributes=attributes,
             limit=limit,
             offset=offset,
+            updated_after=updated_after,
+            updated_before=updated_before,
         )
+        if after is not None:
+            query = query.model_copy(update={"after": _after(after)})
         if parent_run_id is not None:
             query = query.model_copy(
                 update={"parent_run_id": _non_empty(parent_run_id, "parent_run_id")}
@@ -852,9 +873,11 @@ class Engine:
         created_after: datetime | None = None,
         created_before: datetime | None = None,
         attributes: Mapping[str, JsonValue] | None = None,
+        updated_after: datetime | None = None,
+        updated_before: datetime | None = None,
     ) -> dict[str, int]:
-        """Run counts per status or per workflow id over the filtered runs; groups
-        with no runs are absent."""
+        """Run counts per status or per workflow id over the filtered runs (the filters
+        of ``list``); groups with no runs are absent."""
         self._check_open()
         if by not in ("status", "workflow_id"):
             raise _invalid("by", f"must be 'status' or 'workflow_id', got {by!r}")
@@ -864,6 +887,8 @@ class Engine:
             created_after=created_after,
             created_before=created_before,
             attributes=attributes,
+            updated_after=updated_after,
+            updated_before=updated_before,
         )
         async with self.kernel.deps.persistence.transaction() as tx:
             counts = await tx.runs.count(by, query)
@@ -936,11 +961,72 @@ class Engine:
             _non_empty(run_id, "run_id"), key=key, key_prefix=key_prefix, scope=scope, limit=limit
         )
 
+    async def timers(self, run_id: str) -> builtins.list[Timer]:
+        """A code workflow run's timers that have not fired (sleeps, signal timeouts,
+        retry back-offs), soonest first; ``RunNotFoundError`` if there is no such run."""
+        self._check_open()
+        await self.get_run(run_id, with_stages=False)
+        async with self.kernel.deps.persistence.transaction() as tx:
+            timers = await tx.timers.pending(run_id)
+        return sorted(timers, key=lambda timer: timer.fire_at)
+
+    def workflows(self) -> builtins.list[WorkflowDefinition]:
+        """The workflow definitions this engine has registered, by id then version."""
+        return sorted(
+            _registered(self.kernel.deps.registry), key=lambda wf: (wf.id, str(wf.version))
+        )
+
+    async def dead_letters(self, limit: int = 100) -> builtins.list[OutboxRecord]:
+        """Events the outbox gave up publishing to the event sink (the DLQ), oldest first,
+        each with its attempts and last error. ``replay_dead_letters`` retries them."""
+        self._check_open()
+        count = _count(limit, "limit", minimum=1, maximum=10_000)
+        async with self.kernel.deps.persistence.transaction() as tx:
+            return await tx.outbox.dead_lettered(count)
+
+    async def replay_dead_letters(self, max_events: int = 100) -> int:
+        """Put up to ``max_events`` dead-lettered events back in the outbox
+        (``plugin.replayDLQ``); the next ``outbox.flush`` publishes them. How many."""
+        self._check_open()
+        command = _build(c.PluginReplayDLQ, "replay_dead_letters", max_events=max_events)
+        return (await self.kernel.dispatch(command)).replayed
+
+    async def event_feed(
+        self, after_id: int = 0, *, limit: int = 500
+    ) -> builtins.list[tuple[int, EventBase]]:
+        """Events of every run appended after outbox row ``after_id``, each with its row
+        id, in row order: the all-runs feed behind the HTTP server's ``/api/v1/events``
+        (``adapters/event_feed.py``). On PostgreSQL ids are handed out before commit,
+        so a row may appear after a higher one: readers that must not miss one wait a
+        moment at a gap (the HTTP ``EventHub`` does)."""
+        self._check_open()
+        after = _count(after_id, "after_id", minimum=0, maximum=2**62)
+        count = _count(limit, "limit", minimum=1, maximum=10_000)
+        async with self.kernel.deps.persistence.transaction() as tx:
+            return await tx.outbox.events_after(after, count)
+
+    async def last_event_id(self) -> int:
+        """The id of the newest outbox row (0 when none): where a live feed starts."""
+        self._check_open()
+        async with self.kernel.deps.persistence.transaction() as tx:
+            return await tx.outbox.last_event_id()
+
     async def logs(self, run_id: str) -> builtins.list[LogRecord]:
         """Log lines stages wrote with ``ctx.log``, in order."""
         self._check_open()
         async with self.kernel.deps.persistence.transaction() as tx:
             return await tx.logs.for_run(_non_empty(run_id, "run_id"))
+
+
+def _after(value: Any) -> tuple[datetime, str]:
+    """``Engine.list(after=...)``: a ``Run``, or its ``(created_at, id)``."""
+    if isinstance(value, Run):
+        return value.created_at, value.id
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
+        when = _aware(value[0], "after")
+        if when is not None and value[1]:
+            return when, value[1]
+    raise _invalid("after", f"must be a Run or a (created_at, run_id) pair, got {value!r}")
 
 
 def _registered(registry: Any) -> builtins.list[WorkflowDefinition]:

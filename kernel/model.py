@@ -299,8 +299,15 @@ class RunFilter(_Frozen):
     workflow_id: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    updated_after: datetime | None = None
+    """Inclusive, like ``created_after``."""
+    updated_before: datetime | None = None
+    """Exclusive, like ``created_before``."""
     attributes: dict[str, JsonValue] = Field(default_factory=dict)
     parent_run_id: str | None = None
+    after: tuple[datetime, str] | None = None
+    """Keyset pagination: only runs that come after ``(created_at, id)`` in the list's
+    newest-first order, i.e. strictly older (``Engine.list(after=...)``)."""
     paused: bool | None = None
     """True: only paused runs that have not ended (``run.pause``); False: only the others."""
     limit: int = 50

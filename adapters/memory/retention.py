@@ -7,7 +7,7 @@ fake is for tests and small apps, not for millions of runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -20,6 +20,8 @@ class Undo(Protocol):
 
     def del_item(self, mapping: dict[Any, Any], key: Any) -> None: ...
 
+    def on_rollback(self, fn: Callable[[], None]) -> None: ...
+
 
 class Store(Protocol):
     """The ``InMemoryPersistence`` dictionaries a purge deletes from."""
@@ -30,6 +32,7 @@ class Store(Protocol):
     suspended: dict[tuple[str, str], None]
     event_seq: dict[str, int]
     events_by_run: dict[str, Any]
+    feed: list[Any]
     logs: dict[str, Any]
     annotations: dict[str, Any]
     outbox: dict[int, Any]
@@ -95,6 +98,12 @@ class InMemoryRetention:
             self._purge_journal(run_id)
             tx.del_item(s.runs, run_id)
         self._purge_keyed(gone)
+        if gone and s.feed:
+            kept = [row for row in s.feed if row[1].workflow_run_id not in gone]
+            if len(kept) != len(s.feed):
+                before = list(s.feed)
+                s.feed[:] = kept
+                tx.on_rollback(lambda: s.feed.__setitem__(slice(None), before))
         return ids
 
     def _purge_journal(self, run_id: str) -> None:

@@ -3,7 +3,7 @@
 ``--app module:attr`` names the workflows (``TREADLE_APP``), ``--db`` the database
 (``TREADLE_DATABASE_URL``, default ``sqlite:///treadle.db``); each command takes them
 too (``common.DbOption``). Commands live in ``commands``, ``steer``, ``runs``,
-``schedules``, ``doctor`` and ``demo``; this module only wires them.
+``schedules``, ``serve``, ``doctor`` and ``demo``; this module only wires them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from treadle.hosts.cli.demo import demo
 from treadle.hosts.cli.doctor import doctor
 from treadle.hosts.cli.runs import runs_app
 from treadle.hosts.cli.schedules import schedules_app
+from treadle.hosts.cli.serve import serve
 
 
 def _version(value: bool) -> None:
@@ -76,6 +77,7 @@ def build_app() -> typer.Typer:
     lifecycle.register(app)
     for fn in (steer.query, steer.update, steer.review):
         app.command()(fn)
+    app.command()(serve)
     app.add_typer(runs_app, name="runs")
     app.add_typer(schedules_app, name="schedules")
     app.command()(doctor)

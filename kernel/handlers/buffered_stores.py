@@ -175,6 +175,12 @@ class BufferedOutbox:
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         raise _refuse("outbox.events_for_run")
 
+    async def events_after(self, after_id: int, limit: int) -> list[tuple[int, EventBase]]:
+        raise _refuse("outbox.events_after")
+
+    async def last_event_id(self) -> int:
+        raise _refuse("outbox.last_event_id")
+
 
 class BufferedIdempotency:
     """``tx.idempotency`` of a group commit: ``put`` collected."""

@@ -34,3 +34,10 @@ class OutboxStore(Protocol):
 
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         """The run's events in sequence order, as typed models."""
+
+    async def events_after(self, after_id: int, limit: int) -> list[tuple[int, EventBase]]:
+        """Up to ``limit`` events of every run appended after outbox row ``after_id``,
+        each with its row id, in row id order (the all-runs feed; published or not)."""
+
+    async def last_event_id(self) -> int:
+        """The highest outbox row id (0 when the outbox is empty)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Sequence
 from itertools import islice
@@ -26,6 +27,7 @@ def _unappend_events(
         store.unpublished.pop(outbox_id, None)
     for bucket in reversed(buckets):
         bucket.pop()
+    del store.feed[len(store.feed) - len(buckets) :]
     for run_id, seq in previous.items():
         if seq is None:
             store.event_seq.pop(run_id, None)
@@ -87,7 +89,9 @@ class MemoryOutbox:
             bucket.append(event)
             buckets.append(bucket)
             stored.append(event)
+            s.feed.append((outbox_id, event))
         s.next_outbox_id = outbox_id
+        self._tx.appended_events = True
         ended = [e.workflow_run_id for e in stored if e.type in RUN_END_EVENTS]  # type: ignore[attr-defined]
         if ended:
             if self._tx.ended_runs is None:
@@ -174,3 +178,11 @@ class MemoryOutbox:
 
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         return [e for e in self._s.events_by_run.get(run_id, []) if e.sequence > after_sequence]
+
+    async def events_after(self, after_id: int, limit: int) -> list[tuple[int, EventBase]]:
+        feed: list[tuple[int, EventBase]] = self._s.feed
+        start = bisect.bisect_right(feed, after_id, key=lambda row: row[0])
+        return feed[start : start + max(limit, 0)]
+
+    async def last_event_id(self) -> int:
+        return self._s.feed[-1][0] if self._s.feed else 0

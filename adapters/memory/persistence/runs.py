@@ -27,6 +27,12 @@ def _matches(run: Run, f: RunFilter) -> bool:
         return False
     if f.created_before is not None and run.created_at >= f.created_before:
         return False
+    if f.updated_after is not None and run.updated_at < f.updated_after:
+        return False
+    if f.updated_before is not None and run.updated_at >= f.updated_before:
+        return False
+    if f.after is not None and (run.created_at, run.id) >= f.after:
+        return False
     if f.parent_run_id is not None and run.parent_run_id != f.parent_run_id:
         return False
     if f.paused is not None and (run.paused and not run.status.terminal) is not f.paused:

@@ -83,6 +83,7 @@ class MemoryUnit(Protocol):
     _undo: list[tuple[Any, Any, Any]]
     active: bool
     ended_runs: list[str] | None
+    appended_events: bool
     final_runs: dict[str, Run] | None
 
     def _check(self) -> None: ...

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Generic, TypeVar, overload
 
+from treadle.adapters.event_feed import EventCallback, EventWatchers
 from treadle.adapters.memory.flow_control import InMemoryFlowControl
 from treadle.adapters.memory.persistence.annotations import MemoryAnnotations
 from treadle.adapters.memory.persistence.idempotency import MemoryIdempotency
@@ -87,6 +88,8 @@ class InMemoryTransaction:
         """Runs this transaction finished: told to ``run_ends`` once it commits."""
         self.final_runs: dict[str, Run] | None = None
         """The terminal runs this transaction wrote, told along with ``ended_runs``."""
+        self.appended_events = False
+        """Whether it appended events: ``event_watchers`` are told once it commits."""
         # One store per concern (the ``Transaction`` port's attributes), sharing this
         # unit of work's undo log. The concerns every command touches are built here;
         # the others (``_LazyStore`` below) on first use.
@@ -222,6 +225,8 @@ class _TransactionScope:
             store.lock.release()
         if exc_type is None and tx.ended_runs is not None:
             store.run_ends.tell(tx.ended_runs, tx.final_runs)
+        if exc_type is None and tx.appended_events and store.event_watchers:
+            store.event_watchers.tell()
 
 
 class InMemoryPersistence:
@@ -245,6 +250,8 @@ class InMemoryPersistence:
         self.unpublished: dict[int, None] = {}
         self.dead: dict[int, None] = {}
         self.events_by_run: dict[str, list[EventBase]] = {}
+        self.feed: list[tuple[int, EventBase]] = []
+        """Every event with its outbox id, in id order (``events_after``)."""
         self.next_outbox_id = 0
         # Completed records compacted (see ``_idempotency_record``); read them through
         # ``idempotency_record``.
@@ -276,6 +283,7 @@ class InMemoryPersistence:
         """run id -> keys of its timers not fired yet (``pending_timers`` reads only those)."""
         self.next_timer_id = 0
         self.run_ends = RunEndWatchers()
+        self.event_watchers = EventWatchers()
         self.schedules: dict[str, Schedule] = {}
         """Cron schedules by id (``adapters/memory/schedules.py``)."""
         self.ended = InMemoryTransaction(self)
@@ -298,6 +306,11 @@ class InMemoryPersistence:
         """Call ``callback(run_ids, outcomes)`` after each commit that finished runs (see
         ``adapters.run_ends``); returns the function that stops it."""
         return self.run_ends.watch(callback)
+
+    def watch_events(self, callback: EventCallback) -> Callable[[], None]:
+        """Call ``callback()`` after each commit that appended events (see
+        ``adapters.event_feed``); returns the function that stops it."""
+        return self.event_watchers.watch(callback)
 
     async def aclose(self) -> None:
         return None

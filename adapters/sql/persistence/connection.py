@@ -38,6 +38,7 @@ from treadle.adapters.due_times import (
     due_payload,
     earliest,
 )
+from treadle.adapters.event_feed import EventCallback, EventWatchers
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
 from treadle.adapters.sql.dialect import Build, SqlDialect, dialect_for
 from treadle.adapters.sql.engine import (
@@ -113,6 +114,9 @@ class SqlTransaction:
         self.ended_runs: list[str] | None = None
         """Runs this transaction finished (``RUN_END_EVENTS``): told to the persistence's
         run-end watchers once it commits."""
+        self.appended_events = False
+        """Whether it appended events: the persistence's event watchers are told once it
+        commits (``adapters/event_feed.py``)."""
         self.final_runs: dict[str, Run] | None = None
         """The terminal runs this transaction wrote, as written: told along with
         ``ended_runs``, so a waiter in this process needs no read for the outcome."""
@@ -290,6 +294,7 @@ class SqlPersistence:
         self._write_gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self.run_ends = RunEndWatchers()
         self.due_watchers = DueWatchers()
+        self.event_watchers = EventWatchers()
         self._ended: SqlTransaction | None = None
         self.dialect.configure(engine)
 
@@ -355,6 +360,8 @@ class SqlPersistence:
             raise
         if tx.ended_runs is not None:
             self.run_ends.tell(tx.ended_runs, tx.final_runs)
+        if tx.appended_events and self.event_watchers:
+            self.event_watchers.tell()
         if tx.due is not None:
             self.due_watchers.tell(tx.due)
 
@@ -362,6 +369,11 @@ class SqlPersistence:
         """Call ``callback(due)`` after each commit of this process that wrote timed work
         (see ``DueWatchers``); returns the function that stops it."""
         return self.due_watchers.watch(callback)
+
+    def watch_events(self, callback: EventCallback) -> Callable[[], None]:
+        """Call ``callback()`` after each commit of this process that appended events
+        (see ``adapters.event_feed``); returns the function that stops it."""
+        return self.event_watchers.watch(callback)
 
     def watch_run_ends(self, callback: RunEndCallback) -> Callable[[], None]:
         """Call ``callback(run_ids, outcomes)`` after each commit that finished runs in

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
+from treadle.adapters.event_feed import EVENTS_CHANNEL
 from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.adapters.sql.dialect import SetWrite
 from treadle.adapters.sql.engine import (
@@ -80,13 +81,17 @@ def _pg_append_events(notify: bool) -> sa.TextClause:
     """``append_events`` on PostgreSQL in ONE statement: reserve each run's sequence
     numbers (the counters locked in run-id order, as ``_PG_ALLOCATE_SEQUENCES`` does),
     number the events of each run in their order, write each number into its event's
-    JSON (``jsonb_set``) and insert the rows; with ``notify``, the run-end NOTIFY too.
+    JSON (``jsonb_set``) and insert the rows, with the event feed's NOTIFY; with
+    ``notify``, the run-end NOTIFY too.
     RETURNING gives each inserted row's run and sequence, from which the caller derives
     every event's number (consecutive per run, in the events' order). Not for events
     offloaded to the blob store: their JSON is a reference, so the caller allocates
     first and writes the numbers into the events itself (two statements)."""
     rows = _PG_OUTBOX_ROWS
-    once = "(SELECT pg_notify(:channel, :payload)) AS once, " if notify else ""
+    # Every append tells live event readers (``adapters/event_feed.py``) on commit.
+    once = f"(SELECT pg_notify('{EVENTS_CHANNEL}', '')) AS feed, "
+    if notify:
+        once += "(SELECT pg_notify(:channel, :payload)) AS once, "
     sql = (
         f"WITH v AS (SELECT * FROM {rows.source}), "
         "n AS (SELECT v.run_id, count(*) AS n FROM v GROUP BY v.run_id), "
@@ -117,6 +122,8 @@ _PG_APPEND_EVENTS_ENDED = _pg_append_events(notify=True)
 
 
 _INSERT_OUTBOX = sa.insert(t.outbox)
+
+_PG_NOTIFY_FEED = sa.text(f"SELECT pg_notify('{EVENTS_CHANNEL}', '')")
 
 
 def _allocate_statement(tx: SqlUnit) -> Any:
@@ -180,6 +187,7 @@ class SqlOutbox:
         self._tx._check()
         if not events:
             return []
+        self._tx.appended_events = True
         counts: dict[str, int] = {}
         for event in events:
             counts[event.workflow_run_id] = counts.get(event.workflow_run_id, 0) + 1
@@ -213,6 +221,8 @@ class SqlOutbox:
         # PostgreSQL: one statement of one parameter; SQLite: a list of parameter sets,
         # one cached statement batched into one round trip.
         await self._tx.dialect.write_many(self._tx, _APPEND, rows, "append events")
+        if self._tx.dialect.is_postgres:  # the one-statement path sends it within its statement
+            await self._tx.execute(_PG_NOTIFY_FEED, "notify event feed")
         notify = self._tx.dialect.payload_notify
         if ended and notify is not None:
             # Waiters in other processes (``RunHandle.result``) hear of it on commit.
@@ -271,6 +281,20 @@ class SqlOutbox:
             first[event.workflow_run_id] = seq + 1
             stored_events.append(evolve(event, {"sequence": seq}))
         return stored_events
+
+    async def events_after(self, after_id: int, limit: int) -> list[tuple[int, EventBase]]:
+        o = t.outbox.c
+        query = sa.select(o.id, o.run_id, o.event).where(o.id > after_id).order_by(o.id)
+        rows = await self._tx.execute(query.limit(max(limit, 0)), "event feed")
+        return [
+            (int(outbox_id), parse_event(await self._tx._get_payload(data, run_id)))
+            for outbox_id, run_id, data in rows
+        ]
+
+    async def last_event_id(self) -> int:
+        query = sa.select(sa.func.max(t.outbox.c.id))
+        found = (await self._tx.execute(query, "last event id")).scalar()
+        return int(found or 0)
 
     async def unpublished(self, limit: int) -> list[OutboxRecord]:
         query = (

@@ -350,6 +350,20 @@ class SqlRuns:
             conditions.append(c.created_at >= f.created_after)
         if f.created_before is not None:
             conditions.append(c.created_at < f.created_before)
+        if f.updated_after is not None:
+            conditions.append(c.updated_at >= f.updated_after)
+        if f.updated_before is not None:
+            conditions.append(c.updated_at < f.updated_before)
+        if f.after is not None:
+            # Row-value comparison: one range on the (created_at, id) index.
+            created_at, run_id = f.after
+            conditions.append(
+                sa.tuple_(c.created_at, c.id)
+                < sa.tuple_(
+                    sa.literal(created_at, type_=c.created_at.type),
+                    sa.literal(run_id, type_=c.id.type),
+                )
+            )
         if f.parent_run_id is not None:
             conditions.append(c.parent_run_id == f.parent_run_id)
         if f.paused is not None:
