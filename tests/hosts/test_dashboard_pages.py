@@ -385,3 +385,23 @@ async def test_fork_and_rerun_from_the_dashboard(engine: Engine) -> None:
     await _finish(engine, new_id, pipeline.run_id)
     assert (await engine.get_run(new_id)).status is RunStatus.SUSPENDED
     assert await pipeline.result(timeout=5) == {"title": "p", "score": 1}
+
+
+async def test_run_page_lists_only_the_newest_events_of_a_long_run(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with more events than the page lists shows the newest ones and says how
+    many older ones it left out (the timeline still uses them all)."""
+    from treadle.hosts.http.dashboard import routes
+
+    monkeypatch.setattr(routes, "EVENTS_SHOWN", 3)
+    handle = await engine.start("report", {"title": "long"})
+    await _finish(engine, handle.run_id)
+    total = len([e async for e in engine.events(handle.run_id)])
+    async with _client(engine) as client:
+        await _login(client, READ)
+        page = await client.get(f"/runs/{handle.run_id}")
+    assert f"{total - 3} older events not shown" in page.text
+    assert page.text.count('<tr class="event') == 3
+    assert 'data-type="workflow:completed"' in page.text
+    assert page.text.count('class="seg seg-completed"') == 4

@@ -193,7 +193,8 @@ def dashboard_router(env: jinja2.Environment | None = None) -> APIRouter:
             page=page,
             gantt=Markup(page.gantt),  # SVG from charts.py: its texts are escaped there
             last_sequence=max((e.sequence for e in page.events), default=0),
-            event_rows=[_event_row(e) for e in page.events],
+            event_rows=[_event_row(e) for e in page.events[-EVENTS_SHOWN:]],
+            events_hidden=max(len(page.events) - EVENTS_SHOWN, 0),
             message=request.query_params.get("done", ""),
         )
 
@@ -453,6 +454,8 @@ def _json_field(text: str, field: str) -> Any:
 
 # -- the runs table -------------------------------------------------------------------
 PAGE_SIZE: Final = 50
+EVENTS_SHOWN: Final = 500
+"""The run page lists a run's newest events up to this many (the timeline uses all)."""
 SINCE: Final = {
     "1h": timedelta(hours=1),
     "24h": timedelta(days=1),
