@@ -405,3 +405,25 @@ async def test_run_page_lists_only_the_newest_events_of_a_long_run(
     assert page.text.count('<tr class="event') == 3
     assert 'data-type="workflow:completed"' in page.text
     assert page.text.count('class="seg seg-completed"') == 4
+
+
+async def test_dashboard_mounted_under_a_path_links_within_it(engine: Engine) -> None:
+    """Mounted inside another app at ``/treadle``, every link, script and redirect of the
+    dashboard stays under that path; an API client may read pages with its bearer token."""
+    from fastapi import FastAPI
+
+    handle = await engine.start("report", {"title": "mounted"})
+    site = FastAPI()
+    site.mount("/treadle", create_app(engine, auth=TOKENS))
+    transport = httpx.ASGITransport(app=site)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        page = await client.get("/treadle/", headers={"Authorization": f"Bearer {READ}"})
+        assert page.status_code == 200
+        assert 'src="/treadle/static/htmx.min.js"' in page.text
+        assert f'href="/treadle/runs/{handle.run_id}"' in page.text
+        assert 'sse-connect="/treadle/ui/stream"' in page.text
+        away = await client.get("/treadle/reviews")
+        assert away.status_code == 303
+        assert away.headers["location"] == "/treadle/login?next=/treadle/reviews"
+        script = await client.get("/treadle/static/dashboard.js")
+        assert script.status_code == 200
