@@ -679,10 +679,12 @@ async def runs_change_stream(hub: EventHub) -> AsyncIterator[tuple[str, str, str
 
 
 def _event_row(event: EventBase) -> dict[str, Any]:
-    """How the events table shows one event: its fields other than the common ones,
-    as text (escaped by the template)."""
+    """How the events table shows one event: its fields other than the common ones and
+    a traceback (the run page shows that in the error box), as text (escaped by the
+    template)."""
     fields = event.model_dump(
-        mode="json", exclude={"type", "workflow_run_id", "sequence", "causation_id", "timestamp"}
+        mode="json",
+        exclude={"type", "workflow_run_id", "sequence", "causation_id", "timestamp", "traceback"},
     )
     detail = ", ".join(
         f"{k}={json.dumps(v, ensure_ascii=False)}"
