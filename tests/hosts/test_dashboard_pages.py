@@ -296,7 +296,7 @@ async def test_run_stream_resumes_after_the_last_event_and_pushes_new_ones(engin
     names, without gaps or repeats, then delivers the run's next events as they commit,
     each batch followed by a ``changed`` notice."""
     from treadle.hosts.http.api.stream import hub_of
-    from treadle.hosts.http.dashboard.routes import run_event_stream
+    from treadle.hosts.http.dashboard.streams import run_event_stream
 
     handle = await engine.start("gated", {"title": "t"})
     await _finish(engine, handle.run_id)
@@ -392,9 +392,9 @@ async def test_run_page_lists_only_the_newest_events_of_a_long_run(
 ) -> None:
     """A run with more events than the page lists shows the newest ones and says how
     many older ones it left out (the timeline still uses them all)."""
-    from treadle.hosts.http.dashboard import routes
+    from treadle.hosts.http.dashboard import pages
 
-    monkeypatch.setattr(routes, "EVENTS_SHOWN", 3)
+    monkeypatch.setattr(pages, "EVENTS_SHOWN", 3)
     handle = await engine.start("report", {"title": "long"})
     await _finish(engine, handle.run_id)
     total = len([e async for e in engine.events(handle.run_id)])

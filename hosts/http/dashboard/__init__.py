@@ -37,10 +37,17 @@ __all__ = [
 
 
 def dashboard_router() -> APIRouter:
-    """The dashboard's routes as a FastAPI ``APIRouter`` (it owns ``/``)."""
-    from treadle.hosts.http.dashboard.routes import dashboard_router as build
+    """The dashboard's routes as a FastAPI ``APIRouter`` (it owns ``/``): the pages,
+    their live streams and static files (``pages``), and the actions (``actions``).
+    They read the engine and auth of the app that includes them (``HttpState``)."""
+    from fastapi import APIRouter
 
-    return build()
+    from treadle.hosts.http.dashboard import actions, pages
+
+    router = APIRouter(include_in_schema=False)
+    router.include_router(pages.router)
+    router.include_router(actions.router)
+    return router
 
 
 def mount(app: FastAPI, state: HttpState) -> None:
