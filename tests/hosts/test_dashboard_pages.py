@@ -294,7 +294,7 @@ async def test_static_files_are_served_from_the_package(engine: Engine) -> None:
 async def test_run_stream_resumes_after_the_last_event_and_pushes_new_ones(engine: Engine) -> None:
     """The run page's stream starts after the sequence the page (or ``Last-Event-ID``)
     names, without gaps or repeats, then delivers the run's next events as they commit,
-    each batch followed by a ``changed`` notice."""
+    each batch followed by a ``changed`` notice; it ends when the app's hub closes."""
     from treadle.hosts.http.api.stream import hub_of
     from treadle.hosts.http.dashboard.streams import run_event_stream
 
@@ -321,6 +321,10 @@ async def test_run_stream_resumes_after_the_last_event_and_pushes_new_ones(engin
                 if "workflow:completed" in data:
                     break
         assert pushed == list(range(stored[-1] + 1, stored[-1] + 1 + len(pushed)))
+        await app.state.treadle.aclose()  # what `treadle serve` does on SIGTERM
+        with pytest.raises(StopAsyncIteration):
+            while True:  # the rest of the batch, then the end
+                await asyncio.wait_for(anext(stream), 5)
     finally:
         await stream.aclose()
         await app.state.treadle.aclose()
