@@ -39,8 +39,14 @@ if TYPE_CHECKING:
         define_stage,
         workflow,
     )
+    from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
     from treadle.kernel.errors import (
+        AIError,
+        AIExtraMissingError,
+        AIRateLimitedError,
+        AIRecordError,
         BodyInterruptedError,
+        BudgetExceededError,
         ChildWorkflowFailedError,
         ConcurrencyError,
         ConflictError,
@@ -85,7 +91,16 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AICall",
+    "AICostRow",
+    "AIError",
+    "AIExtraMissingError",
+    "AIRateLimitedError",
+    "AIRecordError",
+    "AIRecording",
+    "AITotals",
     "BodyInterruptedError",
+    "BudgetExceededError",
     "ChildWorkflowFailedError",
     "ConcurrencyError",
     "ConflictError",
@@ -154,6 +169,11 @@ __all__ = [
 
 _ERRORS = frozenset(
     {
+        "AIError",
+        "AIExtraMissingError",
+        "AIRateLimitedError",
+        "AIRecordError",
+        "BudgetExceededError",
         "BodyInterruptedError",
         "ChildWorkflowFailedError",
         "ConcurrencyError",
@@ -196,6 +216,8 @@ _ERRORS = frozenset(
     }
 )
 
+_AI = frozenset({"AICall", "AICostRow", "AIRecording", "AITotals"})
+
 
 def __getattr__(name: str) -> Any:
     if name not in __all__:
@@ -206,6 +228,8 @@ def __getattr__(name: str) -> Any:
         module = "treadle.adapters.sql.migrate"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
+    elif name in _AI:
+        module = "treadle.kernel.ai"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:

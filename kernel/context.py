@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from treadle.kernel.ai import DEFAULT_AI, AICallBuffer, AIServices, AITotals, StageAI
 from treadle.kernel.errors import TreadleError
 from treadle.kernel.limits import to_json, validate_attributes
 from treadle.kernel.model import JsonValue, MissingPayload
@@ -56,6 +57,10 @@ class StageRuntime(Protocol):
     async def has_blob(self, key: str) -> bool: ...
 
     async def list_blobs(self, prefix: str) -> list[str]: ...
+
+    async def ai_totals(self, run_id: str) -> AITotals | None:
+        """The run's committed AI totals and budget (``None``: nothing spent, no budget)."""
+        ...
 
 
 class CancellationToken:
@@ -222,6 +227,7 @@ class StageContext(Generic[InT, ConfigT]):
         now: Callable[[], datetime],
         resume_state: JsonValue = None,
         cancelled: CancellationToken | None = None,
+        ai: AIServices = DEFAULT_AI,
     ) -> None:
         self.input = input
         self.config = config
@@ -240,6 +246,33 @@ class StageContext(Generic[InT, ConfigT]):
         self._now = now
         self.logs: list[BufferedLog] = []
         self.annotations: list[tuple[dict[str, JsonValue], str | None, str | None]] = []
+        self._ai_services = ai
+        self.ai_calls: AICallBuffer | None = None
+        """This attempt's recorded AI calls (``ctx.ai``), made on first use."""
+        self._ai: StageAI | None = None
+
+    @property
+    def ai(self) -> StageAI:
+        """AI calls of this attempt: ``record`` (and ``generate_text`` /
+        ``generate_object``), committed with the attempt's outcome (``kernel/ai.py``)."""
+        if self._ai is None:
+            self.ai_calls = AICallBuffer(
+                run_id=self.run_id,
+                workflow_id=self.workflow_id,
+                stage_id=self.stage_id,
+                step=None,
+                attempt=self.attempt,
+                now=self._now,
+                recording=self._ai_services.recording,
+            )
+            runtime, run_id = self._runtime, self.run_id
+            self._ai = StageAI(self.ai_calls, self._ai_services, lambda: runtime.ai_totals(run_id))
+        return self._ai
+
+    @property
+    def recorded_ai_calls(self) -> bool:
+        """Whether this attempt recorded any AI call (its commit must store them)."""
+        return self.ai_calls is not None and bool(self.ai_calls.calls)
 
     @property
     def artifacts(self) -> Artifacts:

@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import treadle.kernel.commands as c
+from treadle.kernel.ai import AIServices
 from treadle.kernel.chains import Chains
 from treadle.kernel.context import InFlight
 from treadle.kernel.errors import IdempotencyInProgressError, WorkflowNotFoundError
@@ -93,6 +94,8 @@ class Deps:
     """Where concurrent ``job.execute`` phase-3 commits of this kernel meet (one group)."""
     sticky: StickyCache = field(default_factory=StickyCache)
     """Code-workflow bodies parked between activations (sticky execution)."""
+    ai: AIServices = field(default_factory=AIServices)
+    """What of each AI call is stored, and the client ``ctx.ai.generate_*`` uses."""
     cron: CronCalendar | None = None
     """Cron arithmetic for schedules (``ports/cron.py``); without it the ``schedule.*``
     commands raise ``NotSupportedError``."""

@@ -34,6 +34,13 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   │                                 no Exception (KeyboardInterrupt, SystemExit, its own
     │   │                                 CancelledError): a failed attempt (retryable)
     │   └── SuspendTimeoutError           a suspended stage waited past ``max_wait``
+    ├── AIError                           AI calls and costs (``ctx.ai``, the ``ai`` extra)
+    │   ├── BudgetExceededError           a run's AI cost reached its ``max_cost``: no further call
+    │   │                                 is made, the run fails (never retried)
+    │   ├── AIRateLimitedError            the provider said 429 / overloaded (retryable; the
+    │   │                                 retry waits at least its ``retry_after``)
+    │   ├── AIRecordError                 ``ctx.ai.record`` called where no attempt can own the call
+    │   └── AIExtraMissingError           ``ctx.ai.generate_*`` without the ``ai`` extra installed
     ├── RunFailedError                    awaited a run's result; the run FAILED
     ├── RunCancelledError                 awaited a run's result; the run was CANCELLED
     ├── WorkflowError                     code workflows: replay problems, and errors raised
@@ -202,6 +209,41 @@ class BodyInterruptedError(StageError):
     retry policy, so it can neither kill the worker nor loop forever."""
 
     retryable = True
+
+
+class AIError(TreadleError):
+    """AI calls and their costs (``ctx.ai``, ``kernel/ai.py``)."""
+
+
+class BudgetExceededError(AIError):
+    """The run's AI calls cost ``spent``, which reached its ``max_cost``: the call about to
+    be made is not made and the run fails. Never retried (retrying would only spend more)."""
+
+    def __init__(self, message: str, *, spent: Any = None, max_cost: Any = None) -> None:
+        super().__init__(message)
+        self.spent = spent
+        self.max_cost = max_cost
+
+
+class AIRateLimitedError(AIError):
+    """The provider refused the call for now (HTTP 429, overloaded). Retryable; the next
+    attempt waits at least ``retry_after`` seconds (the provider's ``Retry-After``),
+    durably: a stage retries after its backoff, a step suspends on a timer."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AIRecordError(AIError):
+    """``ctx.ai.record`` was called where no stage or step attempt can own the call (the
+    body of a code workflow, outside any step)."""
+
+
+class AIExtraMissingError(AIError):
+    """``ctx.ai.generate_*`` needs the ``ai`` extra: ``pip install 'treadle[ai]'``."""
 
 
 class SimulatedCrash(BaseException):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from pydantic import ValidationError as PydanticValidationError
 
 import treadle.kernel.commands as c
+from treadle.kernel.ai import AIServices
 from treadle.kernel.annotations import Annotations
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.deps import Deps, Handler, KernelSettings, Scope
@@ -288,11 +289,13 @@ def create_kernel(
     settings: KernelSettings | None = None,
     logger: KernelLogger | None = None,
     cron: CronCalendar | None = None,
+    ai: AIServices | None = None,
 ) -> Kernel:
     """Wire a kernel to its ports. ``registry`` may be a registry or an iterable of
     definitions; ``ids`` defaults to uuid7 stamped by ``clock``; ``cron`` (the calendar
     of cron schedules, ``adapters.cron.CroniterCalendar`` in every host) is needed only
-    by the ``schedule.*`` commands."""
+    by the ``schedule.*`` commands. ``ai`` sets what of each AI call is stored and the
+    client ``ctx.ai.generate_*`` uses (``kernel/ai.py``)."""
     if not hasattr(registry, "get_workflow"):
         registry = Registry(registry)
     deps = Deps(
@@ -308,5 +311,6 @@ def create_kernel(
         settings=settings or KernelSettings(),
         logger=logger or StdlibLogger(),
         cron=cron,
+        ai=ai or AIServices(),
     )
     return Kernel(deps)

@@ -1,5 +1,6 @@
 """Ports: one ``typing.Protocol`` per dependency the kernel has on the outside world."""
 
+from treadle.ports.ai_calls import AICallLogger
 from treadle.ports.blob_store import BlobStore
 from treadle.ports.clock import Clock
 from treadle.ports.cron import CronCalendar
@@ -15,6 +16,7 @@ from treadle.ports.schedules import ScheduleStore
 from treadle.ports.workers import WorkerRegistry
 
 __all__ = [
+    "AICallLogger",
     "BlobRetention",
     "BlobStore",
     "Clock",

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from treadle.adapters.memory.ai_calls import AICallRows
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import IdempotencyRecord, Run, RunStatus
 
@@ -49,6 +50,7 @@ class Store(Protocol):
     unconsumed: dict[tuple[str, str, str], Any]
     timers: dict[tuple[str, str, int], Any]
     live_timers: dict[str, Any]
+    ai_calls: AICallRows
 
     def idempotency_record(self, key: str, command_type: str) -> IdempotencyRecord | None: ...
 
@@ -96,6 +98,10 @@ class InMemoryRetention:
             for mapping in (s.stages, s.event_seq, s.events_by_run, s.logs, s.annotations):
                 tx.del_item(mapping, run_id)
             self._purge_journal(run_id)
+            for call_id in s.ai_calls.by_run.get(run_id, ()):
+                tx.del_item(s.ai_calls.calls, call_id)
+            tx.del_item(s.ai_calls.by_run, run_id)
+            tx.del_item(s.ai_calls.totals, run_id)
             tx.del_item(s.runs, run_id)
         self._purge_keyed(gone)
         if gone and s.feed:

@@ -48,6 +48,8 @@ _PER_RUN = (
     t.logs,
     t.annotations,
     t.run_event_seq,
+    t.ai_calls,
+    t.ai_run_totals,
 )
 """Every table with a ``run_id`` column, each deleted by it."""
 

@@ -351,8 +351,53 @@ schedules = sa.Table(
     sa.Index("ix_schedules_due", "paused", "next_fire_at"),
 )
 
+ai_calls = sa.Table(
+    "ai_calls",
+    metadata,
+    # Recorded AI calls (adapters/sql/ai_calls.py). ``cost_nanos``: the cost in units of
+    # 1e-9 of ``currency``, an integer so sums are exact on both dialects. ``prompt`` and
+    # ``response`` are payload columns (offloaded past the threshold, escaped).
+    sa.Column("id", big_id_type(), primary_key=True, autoincrement=True),
+    sa.Column("run_id", key_type(), nullable=False),
+    sa.Column("workflow_id", key_type(), nullable=False),
+    sa.Column("stage_id", key_type(), nullable=True),
+    sa.Column("step", key_type(), nullable=True),
+    sa.Column("attempt", sa.Integer(), nullable=False),
+    sa.Column("topic", sa.String(), nullable=True),
+    sa.Column("call_type", sa.String(32), nullable=False),
+    sa.Column("provider", sa.String(), nullable=True),
+    sa.Column("model", key_type(), nullable=False),
+    sa.Column("prompt", json_type(), nullable=True),
+    sa.Column("response", json_type(), nullable=True),
+    sa.Column("input_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("output_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("cost_nanos", sa.BigInteger(), nullable=True),
+    sa.Column("currency", sa.String(8), nullable=False),
+    sa.Column("latency", Duration(), nullable=False),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("failed_attempt", sa.Boolean(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Index("ix_ai_calls_run_id_id", "run_id", "id"),
+    sa.Index("ix_ai_calls_created_at", "created_at"),
+)
+
+ai_run_totals = sa.Table(
+    "ai_run_totals",
+    metadata,
+    # Each run's AI totals and budget, updated in the transaction that records its calls.
+    sa.Column("run_id", key_type(), primary_key=True),
+    sa.Column("total_cost_nanos", sa.BigInteger(), nullable=False),
+    sa.Column("input_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("output_tokens", sa.BigInteger(), nullable=False),
+    sa.Column("calls", sa.Integer(), nullable=False),
+    sa.Column("failed_calls", sa.Integer(), nullable=False),
+    sa.Column("max_cost_nanos", sa.BigInteger(), nullable=True),
+)
+
 __all__ = [
     "VERSION_TABLE",
+    "ai_calls",
+    "ai_run_totals",
     "annotations",
     "blobs",
     "idempotency_keys",

@@ -1,10 +1,12 @@
-"""Side records a stage produces while running (logs, annotations), committed with
-its outcome so a discarded attempt leaves none behind."""
+"""Side records a stage produces while running (logs, annotations, AI calls), committed
+with its outcome so a discarded attempt leaves no log or annotation behind (its AI calls
+are kept, marked as a failed attempt's: they were paid for)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from treadle.kernel.ai import AITotals
 from treadle.kernel.annotations import attach_in_tx
 from treadle.kernel.context import StageContext
 from treadle.kernel.model import LogRecord
@@ -21,7 +23,13 @@ async def commit_stage_extras(
     stage_id: str,
     ctx: StageContext[Any, Any],
     causation_id: str | None,
+    *,
+    failed: bool = False,
 ) -> None:
+    """Write what ``ctx`` buffered; ``failed``: the attempt failed, so its AI calls are
+    marked ``failed_attempt``."""
+    if ctx.ai_calls is not None and ctx.ai_calls.calls:
+        await tx.ai_calls.record(ctx.ai_calls.drain(failed=failed))
     if ctx.logs:
         await tx.logs.append(
             [
@@ -53,3 +61,10 @@ async def commit_stage_extras(
                 stage_id=stage_id,
                 causation_id=causation_id,
             )
+
+
+async def read_ai_totals(deps: Deps, run_id: str) -> AITotals | None:
+    """The run's committed AI totals and budget, in a short transaction of its own (a
+    budget check before a call)."""
+    async with deps.persistence.transaction() as tx:
+        return (await tx.ai_calls.totals([run_id])).get(run_id)

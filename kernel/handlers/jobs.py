@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import ValidationError as PydanticValidationError
 
 import treadle.kernel.commands as c
+from treadle.kernel.ai import AITotals
 from treadle.kernel.context import CancellationToken, StageContext
 from treadle.kernel.definitions import StageDefinition, Suspend, WorkflowDefinition
 from treadle.kernel.errors import (
@@ -53,7 +54,7 @@ from treadle.kernel.handlers.common import (
     group_input,
     lost_input,
 )
-from treadle.kernel.handlers.effects import commit_stage_extras
+from treadle.kernel.handlers.effects import commit_stage_extras, read_ai_totals
 from treadle.kernel.handlers.execution import Started, is_current, validate_output
 from treadle.kernel.handlers.leases import settle_lease
 from treadle.kernel.handlers.lifecycle import hold_job
@@ -177,6 +178,9 @@ class _Runtime:
 
     async def list_blobs(self, prefix: str) -> list[str]:
         return await self._deps.blob_store.list(prefix)
+
+    async def ai_totals(self, run_id: str) -> AITotals | None:
+        return await read_ai_totals(self._deps, run_id)
 
 
 async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteResult:
@@ -428,6 +432,7 @@ def _build_context(
         now=deps.clock.now,
         resume_state=s.stage.resume_state,
         cancelled=token,
+        ai=deps.ai,
     )
     return ctx, failure
 
@@ -515,7 +520,13 @@ def _commit_items(group: Sequence[_Commit]) -> Awaitable[list[c.JobExecuteResult
 def _groupable(item: _Commit) -> bool:
     """Whether a group commit carries this outcome (``write_buffer``): a completed stage
     with no buffered logs or annotations, the hot path. Everything else commits alone."""
-    return item.outcome.kind == "completed" and not item.ctx.logs and not item.ctx.annotations
+    ctx = item.ctx
+    return (
+        item.outcome.kind == "completed"
+        and not ctx.logs
+        and not ctx.annotations
+        and not ctx.recorded_ai_calls
+    )
 
 
 async def _commit_alone(item: _Commit) -> c.JobExecuteResult:
@@ -630,6 +641,8 @@ async def _commit_in(
     index = _index_of(stages, stage_id)
     stage = stages[index] if index >= 0 else None
     if not is_current(job, stage, run, s, cmd.worker_id):
+        if ctx.ai_calls is not None and ctx.ai_calls.calls:  # spent, though discarded
+            await tx.ai_calls.record(ctx.ai_calls.drain(failed=True))
         ghost = c.JobExecuteResult(
             outcome=cast("Any", outcome.kind),
             workflow_run_id=run_id,
@@ -652,11 +665,13 @@ async def _commit_in(
         assert outcome.error is not None
         result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
     stages = _replaced(stages, index, stage)
-    if ctx.logs or ctx.annotations:
+    if ctx.logs or ctx.annotations or ctx.recorded_ai_calls:
         if pending:  # their events follow the outcome's
             await tx.outbox.append(pending)
             pending = []
-        await commit_stage_extras(deps, tx, run_id, stage_id, ctx, scope.causation_id)
+        await commit_stage_extras(
+            deps, tx, run_id, stage_id, ctx, scope.causation_id, failed=outcome.kind == "failed"
+        )
     if ctx.annotations:  # annotations merged search attributes: the run has moved on
         run = await load_run(tx, run_id)
     decided = decide(s.wf, run, stages)  # once: apply_transition takes it

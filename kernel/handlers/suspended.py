@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import treadle.kernel.commands as c
+from treadle.kernel.ai import AICall, AITotals, marked_failed
 from treadle.kernel.context import StageContext
 from treadle.kernel.definitions import (
     DEFAULT_MAX_CHECK_FAILURES,
@@ -37,6 +38,7 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import EventBase, StageCompleted, StageFailed
 from treadle.kernel.handlers.common import apply_transition, outputs_of
+from treadle.kernel.handlers.effects import read_ai_totals
 from treadle.kernel.handlers.execution import validate_output
 from treadle.kernel.handlers.runs import cancel
 from treadle.kernel.handlers.workflows import fire_timers
@@ -74,6 +76,9 @@ class _NoRuntime:
     async def list_blobs(self, prefix: str) -> list[str]:
         return await self._deps.blob_store.list(prefix)
 
+    async def ai_totals(self, run_id: str) -> AITotals | None:
+        return await read_ai_totals(self._deps, run_id)
+
 
 async def poll_suspended(
     deps: Deps, cmd: c.StagePollSuspended, scope: Scope
@@ -107,8 +112,9 @@ async def poll_suspended(
         if wf.kind == "code":  # a suspended code workflow waits on timers, not a check
             outcome = await fire_timers(deps, scope, wf, stage, now)
         else:
-            verdict = await _check(deps, wf, run, stage, stages_of[run.id], now)
-            outcome = await _commit(deps, scope, wf, stage, verdict, now)
+            calls: list[AICall] = []
+            verdict = await _check(deps, wf, run, stage, stages_of[run.id], now, calls)
+            outcome = await _commit(deps, scope, wf, stage, verdict, now, calls)
         if outcome == "resumed":
             resumed += 1
             if run.id not in resumed_ids:
@@ -154,7 +160,9 @@ async def _check(
     stage: StageRun,
     stages: list[StageRun],
     now: datetime,
+    calls: list[AICall],
 ) -> _Verdict:
+    """The check's verdict; the AI calls it recorded (``ctx.ai``) are put in ``calls``."""
     if stage.suspend_deadline is not None and now >= stage.suspend_deadline:
         err = SuspendTimeoutError(
             f"stage {stage.stage_id!r} was not ready within its max_wait "
@@ -183,6 +191,7 @@ async def _check(
         runtime=_NoRuntime(deps),
         now=deps.clock.now,
         resume_state=stage.suspended_state,
+        ai=deps.ai,
     )
     try:
         # A copy: the check must not mutate stored state outside a transaction.
@@ -190,6 +199,7 @@ async def _check(
         if inspect.isawaitable(verdict):
             verdict = await verdict
     except NonRetryableError as exc:
+        calls.extend(ctx.ai.calls if ctx.ai_calls is not None else ())
         return Failed(describe_exception(exc))
     except Exception as exc:
         # A flaky status endpoint is not a failed batch: try again next interval, up to
@@ -203,7 +213,10 @@ async def _check(
             failures=stage.check_failures + 1,
             max_check_failures=limit,
         )
+        calls.extend(ctx.ai.calls if ctx.ai_calls is not None else ())
         return _Raised(describe_exception(exc), limit, short_traceback(exc))
+    if ctx.ai_calls is not None:
+        calls.extend(ctx.ai_calls.calls)
     if not isinstance(verdict, Ready | NotReady | Failed):
         return Failed(
             message=f"check_completion of {stage.stage_id!r} returned {verdict!r}, "
@@ -224,18 +237,25 @@ async def _commit(
     seen: StageRun,
     verdict: _Verdict,
     now: datetime,
+    calls: Sequence[AICall] = (),
 ) -> str:
     async with deps.persistence.transaction() as tx:
         stage = await tx.stages.get(seen.workflow_run_id, seen.stage_id)
         run = await tx.runs.get(seen.workflow_run_id, for_update=True)
-        if (
+        skipped = (
             stage is None
             or run is None
             or run.status.terminal
             or stage.status is not StageStatus.SUSPENDED
             or stage.version != seen.version
-        ):
+        )
+        if calls:  # the check's AI calls were paid for, whatever its verdict
+            lost = skipped or isinstance(verdict, Failed | _Raised)
+            await tx.ai_calls.record(marked_failed(calls) if lost else calls)
+        if skipped:
             return "skipped"  # another poller or a cancel got there first
+        assert stage is not None
+        assert run is not None
         events: list[EventBase] = []
         outcome = "resumed"
         transport = deps.job_transport

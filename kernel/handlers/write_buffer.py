@@ -34,6 +34,7 @@ from treadle.kernel.model import IdempotencyRecord, Job, JobStatus, Run, StageRu
 if TYPE_CHECKING:
     from treadle.kernel.deps import Deps
     from treadle.ports import JobTransport, Transaction
+    from treadle.ports.ai_calls import AICallLogger
     from treadle.ports.flow_control import FlowControl
     from treadle.ports.persistence import (
         AnnotationStore,
@@ -133,6 +134,10 @@ class WriteBuffer:
     @property
     def schedules(self) -> ScheduleStore:
         raise _not_carried("schedules")
+
+    @property
+    def ai_calls(self) -> AICallLogger:
+        raise _not_carried("ai_calls")
 
     def written_state(self, run_id: str) -> tuple[Run, list[StageRun]]:
         """The run and its stages as the collected writes leave them (for rows not

@@ -32,6 +32,16 @@ from typing import Any, Concatenate, Literal, NoReturn, ParamSpec, Protocol, Typ
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
+from treadle.kernel.ai import (
+    CURRENT_AI_CALLS,
+    DEFAULT_AI,
+    AICall,
+    AICallBuffer,
+    AIServices,
+    AITotals,
+    TotalsReader,
+    WorkflowAI,
+)
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.definitions import WorkflowDefinition, _is_async
 from treadle.kernel.errors import (
@@ -108,6 +118,10 @@ class StepInfo:
     runs: a long step should poll it and stop; its result would be discarded anyway."""
 
 
+async def _no_totals() -> AITotals | None:
+    return None
+
+
 _CURRENT_STEP: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
     "treadle_current_step", default=None
 )
@@ -130,6 +144,7 @@ class JournalWriter(Protocol):
         replies: Sequence[tuple[int, JsonValue]] = (),
         start_children: Sequence[ChildStart] = (),
         cancel_children: Sequence[str] = (),
+        ai_calls: Sequence[AICall] = (),
     ) -> list[JournalEntry]: ...
 
     async def peek_message(self, kind: str, name: str) -> InboxMessage | None: ...
@@ -226,13 +241,16 @@ def _decode(adapter: TypeAdapter[Any] | None, raw: JsonValue) -> Any:
     return adapter.validate_python(raw) if adapter is not None else raw
 
 
-async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo) -> Any:
+async def _invoke(
+    fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo, calls: AICallBuffer
+) -> Any:
     """Call the step function. A ``BaseException`` it raises that is no ``Exception``
     (``KeyboardInterrupt``, ``SystemExit``, a ``CancelledError`` of its own) becomes a
     ``BodyInterruptedError``: a failed attempt under the step's retry policy, which can
     neither kill the worker nor send the activation round forever. A cancellation of
     this task (the host stopping) and the body's own ``Interrupt`` go on up."""
     token = _CURRENT_STEP.set(info)
+    calls_token = CURRENT_AI_CALLS.set(calls)
     try:
         if _is_async(fn):
             return await fn(*args)
@@ -246,6 +264,7 @@ async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], info: StepInfo)
             raise
         raise failure from None
     finally:
+        CURRENT_AI_CALLS.reset(calls_token)
         _CURRENT_STEP.reset(token)
 
 
@@ -309,6 +328,8 @@ class WorkflowContext:
         cancelled: CancellationToken | None = None,
         compensating: bool = False,
         sticky: bool = False,
+        ai: AIServices = DEFAULT_AI,
+        ai_totals: TotalsReader | None = None,
     ) -> None:
         self.run_id = run_id
         self.workflow_id = workflow_id
@@ -331,6 +352,9 @@ class WorkflowContext:
         whose outcome is not journaled unwinds the body (``Interrupt("cancelled")``)."""
         self.compensations: list[Compensation] = []
         """Compensations registered by ``saga.add`` so far in this activation, in order."""
+        self._ai_services = ai
+        self._ai_totals = ai_totals or _no_totals
+        self._ai: WorkflowAI | None = None
         self._commit_lock = asyncio.Lock()
         """Branches of ``ctx.all`` commit one at a time, each in its own transaction."""
         self.sticky = sticky and not compensating
@@ -356,6 +380,14 @@ class WorkflowContext:
     def current_step() -> StepInfo | None:
         """Inside a step function: its name, occurrence, attempt and idempotency key."""
         return _CURRENT_STEP.get()
+
+    @property
+    def ai(self) -> WorkflowAI:
+        """AI calls: ``record`` inside a step (committed with the step's journal entry),
+        ``generate_text`` / ``generate_object`` as journaled steps (``kernel/ai.py``)."""
+        if self._ai is None:
+            self._ai = WorkflowAI(self._ai_services, self._ai_totals)
+        return self._ai
 
     @property
     def cancelled(self) -> CancellationToken:
@@ -467,13 +499,19 @@ class WorkflowContext:
         consume: Sequence[tuple[int, str]] = (),
         replies: Sequence[tuple[int, JsonValue]] = (),
         start_children: Sequence[ChildStart] = (),
+        ai_calls: Sequence[AICall] = (),
     ) -> None:
         """Commit ``entries`` with the pending ones; a storage failure unwinds the body
         (``crash``) instead of surfacing inside it, so a body cannot carry on past a step
         whose result was not recorded."""
         async with self._commit_lock:
             await self.commit_locked(
-                entries, events, consume=consume, replies=replies, start_children=start_children
+                entries,
+                events,
+                consume=consume,
+                replies=replies,
+                start_children=start_children,
+                ai_calls=ai_calls,
             )
 
     async def commit_locked(
@@ -485,6 +523,7 @@ class WorkflowContext:
         replies: Sequence[tuple[int, JsonValue]] = (),
         start_children: Sequence[ChildStart] = (),
         cancel_children: Sequence[str] = (),
+        ai_calls: Sequence[AICall] = (),
     ) -> None:
         """``_commit`` for a caller already holding ``commit_lock`` (a race deciding)."""
         batch = [*self._pending, *entries]
@@ -496,6 +535,7 @@ class WorkflowContext:
                 replies=replies,
                 start_children=start_children,
                 cancel_children=cancel_children,
+                ai_calls=ai_calls,
             )
         except Interrupt as interrupt:
             raise self._stop(interrupt) from None
@@ -634,8 +674,17 @@ class WorkflowContext:
                 raise self._stop(Interrupt("suspend"))
             started = self._now()
             info = StepInfo(key, occurrence, attempt, ikey, self._cancelled)
+            calls = AICallBuffer(
+                run_id=self.run_id,
+                workflow_id=self.workflow_id,
+                stage_id=None,
+                step=f"{key}#{occurrence}",
+                attempt=attempt,
+                now=self._now,
+                recording=self._ai_services.recording,
+            )
             try:
-                pending = _invoke(call, args, info)
+                pending = _invoke(call, args, info, calls)
                 if seconds is not None:
                     # In this task (not wait_for's own): see ``_invoke``.
                     deadline = asyncio.timeout(seconds)
@@ -653,7 +702,15 @@ class WorkflowContext:
                 result = _encode(adapter, value, name)
             except Exception as exc:
                 retry_at = await self._record_failure(
-                    exc, policy, position, key, occurrence, attempt, ikey, kind
+                    exc,
+                    policy,
+                    position,
+                    key,
+                    occurrence,
+                    attempt,
+                    ikey,
+                    kind,
+                    ai_calls=calls.drain(failed=True),
                 )
                 if retry_at is None:
                     raise StepFailedError(
@@ -686,7 +743,7 @@ class WorkflowContext:
                 output=result,
                 duration=now - started,
             )
-            await self._commit([done], [event])
+            await self._commit([done], [event], ai_calls=calls.drain(failed=False))
             return _decode(adapter, result)
 
     async def _record_failure(
@@ -699,6 +756,8 @@ class WorkflowContext:
         attempt: int,
         ikey: str,
         kind: str = "step",
+        *,
+        ai_calls: Sequence[AICall] = (),
     ) -> datetime | None:
         """Journal a failed attempt; returns when the next attempt is due, or ``None``
         when the step failed for good."""
@@ -729,7 +788,7 @@ class WorkflowContext:
             retry_at=retry_at,
             traceback=short_traceback(exc),
         )
-        await self._commit([entry], [event])
+        await self._commit([entry], [event], ai_calls=ai_calls)
         return retry_at
 
     # -- sagas ----------------------------------------------------------------------------

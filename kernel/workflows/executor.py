@@ -26,6 +26,7 @@ re-register its compensations and runs them (``_finish_compensating``).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import ValidationError as PydanticValidationError
 
 import treadle.kernel.commands as c
+from treadle.kernel.ai import AICall
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.errors import (
     InvalidInputError,
@@ -49,6 +51,7 @@ from treadle.kernel.handlers.common import (
     fail_run,
     fail_stage_for_good,
 )
+from treadle.kernel.handlers.effects import read_ai_totals
 from treadle.kernel.handlers.execution import Started, is_current, validate_output
 from treadle.kernel.model import (
     JsonValue,
@@ -119,6 +122,7 @@ class _Writer:
         replies: Sequence[tuple[int, JsonValue]] = (),
         start_children: Sequence[ChildStart] = (),
         cancel_children: Sequence[str] = (),
+        ai_calls: Sequence[AICall] = (),
     ) -> list[JournalEntry]:
         now = self._deps.clock.now()
         causation = self._scope.causation_id
@@ -129,6 +133,8 @@ class _Writer:
             self.paused = owned[0].paused
             await apply_attributes(tx, owned[0], entries, now)
             stored = await write_entries(tx, entries, now)
+            if ai_calls:
+                await tx.ai_calls.record(ai_calls)
             for message_id, consumer in consume:
                 await tx.inbox.consume(message_id, now, consumer)
             for message_id, reply in replies:
@@ -249,6 +255,8 @@ async def _open(
         cancelled=token,
         compensating=s.run.status is RunStatus.CANCELLED,
         sticky=deps.settings.sticky_execution and deps.settings.sticky_cache_size > 0,
+        ai=deps.ai,
+        ai_totals=functools.partial(read_ai_totals, deps, s.run.id),
     )
     if ctx.sticky and lost is None:
         held = Parked(Body(_run(ctx, wf, s)), ctx, wf, s.stage.attempt)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+from treadle.ports.ai_calls import AICallLogger
 from treadle.ports.flow_control import FlowControl
 from treadle.ports.persistence.annotations import AnnotationStore
 from treadle.ports.persistence.idempotency import IdempotencyStore
@@ -104,6 +105,10 @@ class Transaction(Protocol):
     @property
     def schedules(self) -> ScheduleStore:
         """Cron schedules (``ports/schedules.py``), in this unit of work."""
+
+    @property
+    def ai_calls(self) -> AICallLogger:
+        """Recorded AI calls and run totals (``ports/ai_calls.py``), in this unit of work."""
 
 
 class Persistence(Protocol):

@@ -25,6 +25,10 @@ def _public_errors() -> set[str]:
 
 EXPECTED: dict[str, set[str]] = {
     "treadle": {
+        "AICall",
+        "AICostRow",
+        "AIRecording",
+        "AITotals",
         "Engine",
         "Schedule",
         "ScheduleDefinition",
@@ -56,6 +60,7 @@ EXPECTED: dict[str, set[str]] = {
     }
     | _public_errors(),
     "treadle.ports": {
+        "AICallLogger",
         "BlobRetention",
         "BlobStore",
         "Clock",

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar, overload
 
 from treadle.adapters.event_feed import EventCallback, EventWatchers
+from treadle.adapters.memory.ai_calls import AICallRows, InMemoryAICallLogger
 from treadle.adapters.memory.flow_control import InMemoryFlowControl
 from treadle.adapters.memory.persistence.annotations import MemoryAnnotations
 from treadle.adapters.memory.persistence.idempotency import MemoryIdempotency
@@ -113,6 +114,12 @@ class InMemoryTransaction:
     def schedules(self) -> InMemoryScheduleStore:
         """Cron schedules in this unit of work (``adapters/memory/schedules.py``)."""
         return InMemoryScheduleStore(self, self._s.schedules)
+
+    @property
+    def ai_calls(self) -> InMemoryAICallLogger:
+        """Recorded AI calls and run totals in this unit of work
+        (``adapters/memory/ai_calls.py``)."""
+        return InMemoryAICallLogger(self, self._s.ai_calls)
 
     @property
     def retention(self) -> InMemoryRetention:
@@ -286,6 +293,8 @@ class InMemoryPersistence:
         self.event_watchers = EventWatchers()
         self.schedules: dict[str, Schedule] = {}
         """Cron schedules by id (``adapters/memory/schedules.py``)."""
+        self.ai_calls = AICallRows()
+        """Recorded AI calls and run totals (``adapters/memory/ai_calls.py``)."""
         self.ended = InMemoryTransaction(self)
         """The stores of an ended transaction point here (``InMemoryTransaction.end``)."""
         self.ended.active = False

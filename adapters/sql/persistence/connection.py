@@ -40,6 +40,7 @@ from treadle.adapters.due_times import (
 )
 from treadle.adapters.event_feed import EventCallback, EventWatchers
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
+from treadle.adapters.sql.ai_calls import SqlAICallLogger
 from treadle.adapters.sql.dialect import Build, SqlDialect, dialect_for
 from treadle.adapters.sql.engine import (
     DEFAULT_BUSY_TIMEOUT_MS,
@@ -144,6 +145,12 @@ class SqlTransaction:
     def schedules(self) -> SqlScheduleStore:
         """Cron schedules in this unit of work (``adapters/sql/schedules.py``)."""
         return SqlScheduleStore(self)
+
+    @property
+    def ai_calls(self) -> SqlAICallLogger:
+        """Recorded AI calls and run totals in this unit of work
+        (``adapters/sql/ai_calls.py``)."""
+        return SqlAICallLogger(self)
 
     @property
     def retention(self) -> SqlRetention:
