@@ -3,6 +3,7 @@ payload that must never execute."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,6 +16,7 @@ from treadle import (
     define_stage,
     workflow,
 )
+from treadle.kernel.ai import AICall
 
 XSS = (
     '<script>document.title="pwned";window.__pwned=1;alert("xss")</script>'
@@ -48,6 +50,10 @@ async def fetch(ctx: StageContext[Doc, Any]) -> Doc:
 
 @define_stage(id="score", input=Doc, output=Scored)
 async def score(ctx: StageContext[Doc, Any]) -> Scored:
+    """Records what a model call cost (the dashboard shows the run's AI cost)."""
+    ctx.ai.record(
+        AICall(model="test-model", cost=Decimal("0.0125"), input_tokens=100, output_tokens=20)
+    )
     return Scored(title=ctx.input.title, score=len(ctx.input.title))
 
 

@@ -110,6 +110,21 @@ async def test_run_page_draws_the_stage_timeline_and_payloads(engine: Engine) ->
     assert 'data-label="publish"' in page.text
     assert "&#34;score&#34;: 5" in page.text or '"score": 5' in page.text
     assert "stage:completed" in page.text
+    assert "$0.0125 · 120 tokens (100 in, 20 out) · 1 calls" in page.text
+
+
+async def test_runs_table_shows_each_runs_ai_cost(engine: Engine) -> None:
+    """A cost column appears once a listed run has recorded AI calls."""
+    quiet = await engine.start("gated", {"title": "no ai"})
+    await _finish(engine, quiet.run_id)
+    async with _client(engine) as client:
+        await _login(client, READ)
+        assert "AI cost" not in (await client.get("/")).text
+        handle = await engine.start("report", {"title": "ai"})
+        await _finish(engine, handle.run_id)
+        table = (await client.get("/ui/runs-table")).text
+    assert "<th>AI cost</th>" in table
+    assert '<td class="cost">$0.0125</td>' in table
 
 
 async def test_code_workflow_page_shows_its_journal(engine: Engine) -> None:

@@ -24,6 +24,7 @@ from treadle.kernel.model import RunStatus
 
 if TYPE_CHECKING:
     from treadle.hosts.http.auth import Principal
+    from treadle.kernel.ai import AITotals
     from treadle.kernel.events import EventBase
 
 __all__ = ["event_row", "login_url", "render", "root", "templates", "viewer"]
@@ -42,6 +43,7 @@ def templates() -> jinja2.Environment:
     env.filters["pretty"] = pretty
     env.filters["when"] = _when
     env.filters["ago"] = _ago
+    env.filters["cost"] = _cost
     return env
 
 
@@ -65,6 +67,11 @@ def _ago(value: datetime | None, now: datetime | None = None) -> str:
     if seconds < 0:
         return f"in {_span(-seconds)}"
     return f"{_span(seconds)} ago"
+
+
+def _cost(totals: AITotals) -> str:
+    """``$0.0123`` (four decimals; exact figures are in ``treadle costs`` and the API)."""
+    return f"${totals.total_cost:.4f}"
 
 
 def _span(seconds: float) -> str:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from starlette.datastructures import QueryParams
 
+from treadle.hosts.http.dashboard.data import ai_totals
 from treadle.kernel.errors import TreadleError
 from treadle.kernel.model import RunStatus
 
@@ -96,14 +97,16 @@ async def runs_table(
             **common,
         )
         counts = await engine.aggregate("status", **common)
+        costs = await ai_totals(engine, [run.id for run in runs[:PAGE_SIZE]])
     except TreadleError as exc:
         problems = [*problems, str(exc)]
-        runs, counts = [], {}
+        runs, counts, costs = [], {}, {}
     return {
         "runs": runs[:PAGE_SIZE],
         "more": len(runs) > PAGE_SIZE,
         "page": filters["page"],
         "counts": counts,
+        "costs": costs,
         "total": sum(counts.values()),
         "filters": filters,
         "problems": problems,
