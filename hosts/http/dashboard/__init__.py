@@ -51,6 +51,9 @@ def dashboard_router() -> APIRouter:
 
 
 def mount(app: FastAPI, state: HttpState) -> None:
-    """Include the dashboard in ``app`` (called by ``create_app``, after the API)."""
-    del state  # the routes read the app's HttpState per request
+    """Include the dashboard in ``app`` (called by ``create_app``, after the API), with
+    its templates loaded once for this app."""
+    from treadle.hosts.http.dashboard.render import keep_templates
+
+    keep_templates(state)
     app.include_router(dashboard_router())

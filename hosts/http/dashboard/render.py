@@ -24,10 +24,20 @@ from treadle.kernel.model import RunStatus
 
 if TYPE_CHECKING:
     from treadle.hosts.http.auth import Principal
+    from treadle.hosts.http.state import HttpState
     from treadle.kernel.ai import AITotals
     from treadle.kernel.events import EventBase
 
-__all__ = ["event_row", "login_url", "render", "root", "templates", "viewer"]
+__all__ = [
+    "environment",
+    "event_row",
+    "keep_templates",
+    "login_url",
+    "render",
+    "root",
+    "templates",
+    "viewer",
+]
 
 _ENV_KEY: Final = "dashboard.templates"
 
@@ -47,13 +57,17 @@ def templates() -> jinja2.Environment:
     return env
 
 
-def environment(request: Request) -> jinja2.Environment:
-    """The app's environment, made on first use."""
-    extras = http_state(request).extras
-    env = extras.get(_ENV_KEY)
+def keep_templates(state: HttpState) -> jinja2.Environment:
+    """The app's environment, kept in its ``HttpState`` (made on first use)."""
+    env = state.extras.get(_ENV_KEY)
     if not isinstance(env, jinja2.Environment):
-        env = extras[_ENV_KEY] = templates()
+        env = state.extras[_ENV_KEY] = templates()
     return env
+
+
+def environment(request: Request) -> jinja2.Environment:
+    """The environment of the app serving ``request``."""
+    return keep_templates(http_state(request))
 
 
 def _when(value: datetime | None) -> str:
