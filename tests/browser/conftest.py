@@ -40,10 +40,11 @@ def live_server(
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Debian's Chromium, headless; skipped (or failed under TREADLE_REQUIRE_BROWSER=1)
-    when it is not installed."""
+    when it is not installed. Module-scoped: Playwright's sync API keeps an event loop
+    running while it is open, which the async tests that come after must not see."""
     if not Path(CHROMIUM).exists():
         reason = f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)"
         if os.environ.get("TREADLE_REQUIRE_BROWSER") == "1":
