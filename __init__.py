@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from treadle.adapters.sql.migrate import migrate
+    from treadle.ai.agents import TreadleAgent, TreadleDurability
+    from treadle.ai.batches import AIBatchOutput, define_ai_batch_stage
     from treadle.engine import Engine
     from treadle.kernel import (
         Failed,
@@ -40,7 +42,10 @@ if TYPE_CHECKING:
         workflow,
     )
     from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
+    from treadle.kernel.ai_helper import AIConfig, AIResult, with_ai_config
+    from treadle.kernel.definitions import stage_ids
     from treadle.kernel.errors import (
+        AgentOutsideWorkflowError,
         AIError,
         AIExtraMissingError,
         AIRateLimitedError,
@@ -65,6 +70,7 @@ if TYPE_CHECKING:
         NotSupportedError,
         OutputValidationError,
         PayloadMissingError,
+        RemoteStageError,
         RunCancelledError,
         RunFailedError,
         RunNotFoundError,
@@ -91,14 +97,18 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AIBatchOutput",
     "AICall",
+    "AIConfig",
     "AICostRow",
     "AIError",
     "AIExtraMissingError",
     "AIRateLimitedError",
     "AIRecordError",
     "AIRecording",
+    "AIResult",
     "AITotals",
+    "AgentOutsideWorkflowError",
     "BodyInterruptedError",
     "BudgetExceededError",
     "ChildWorkflowFailedError",
@@ -125,6 +135,7 @@ __all__ = [
     "OutputValidationError",
     "PayloadMissingError",
     "Ready",
+    "RemoteStageError",
     "RetryPolicy",
     "Run",
     "RunCancelledError",
@@ -147,6 +158,8 @@ __all__ = [
     "Suspend",
     "SuspendTimeoutError",
     "TransientStorageError",
+    "TreadleAgent",
+    "TreadleDurability",
     "TreadleError",
     "TreadleValidationError",
     "UnknownCommandError",
@@ -160,12 +173,19 @@ __all__ = [
     "WorkflowNotFoundError",
     "__version__",
     "create_kernel",
+    "define_ai_batch_stage",
     "define_batch_stage",
     "define_schedule",
     "define_stage",
     "migrate",
+    "stage_ids",
+    "with_ai_config",
     "workflow",
 ]
+
+_AI_EXTRA = frozenset(
+    {"AIBatchOutput", "TreadleAgent", "TreadleDurability", "define_ai_batch_stage"}
+)
 
 _ERRORS = frozenset(
     {
@@ -173,6 +193,7 @@ _ERRORS = frozenset(
         "AIExtraMissingError",
         "AIRateLimitedError",
         "AIRecordError",
+        "AgentOutsideWorkflowError",
         "BudgetExceededError",
         "BodyInterruptedError",
         "ChildWorkflowFailedError",
@@ -193,6 +214,7 @@ _ERRORS = frozenset(
         "NotSupportedError",
         "OutputValidationError",
         "PayloadMissingError",
+        "RemoteStageError",
         "RunCancelledError",
         "RunFailedError",
         "RunNotFoundError",
@@ -217,6 +239,7 @@ _ERRORS = frozenset(
 )
 
 _AI = frozenset({"AICall", "AICostRow", "AIRecording", "AITotals"})
+_AI_HELPER = frozenset({"AIConfig", "AIResult", "with_ai_config"})
 
 
 def __getattr__(name: str) -> Any:
@@ -228,8 +251,14 @@ def __getattr__(name: str) -> Any:
         module = "treadle.adapters.sql.migrate"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
+    elif name in _AI_EXTRA:  # the ``ai`` extra: pydantic-ai and the providers' SDKs
+        module = "treadle.ai"
     elif name in _AI:
         module = "treadle.kernel.ai"
+    elif name in _AI_HELPER:
+        module = "treadle.kernel.ai_helper"
+    elif name == "stage_ids":
+        module = "treadle.kernel.definitions"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:

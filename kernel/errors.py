@@ -33,14 +33,18 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── BodyInterruptedError          a stage or step body raised a BaseException that is
     │   │                                 no Exception (KeyboardInterrupt, SystemExit, its own
     │   │                                 CancelledError): a failed attempt (retryable)
-    │   └── SuspendTimeoutError           a suspended stage waited past ``max_wait``
+    │   ├── SuspendTimeoutError           a suspended stage waited past ``max_wait``
+    │   └── RemoteStageError              a remote worker reported its execution failed
+    │                                     (``job.fail``; retryable unless it says not)
     ├── AIError                           AI calls and costs (``ctx.ai``, the ``ai`` extra)
     │   ├── BudgetExceededError           a run's AI cost reached its ``max_cost``: no further call
     │   │                                 is made, the run fails (never retried)
     │   ├── AIRateLimitedError            the provider said 429 / overloaded (retryable; the
     │   │                                 retry waits at least its ``retry_after``)
     │   ├── AIRecordError                 ``ctx.ai.record`` called where no attempt can own the call
-    │   └── AIExtraMissingError           ``ctx.ai.generate_*`` without the ``ai`` extra installed
+    │   ├── AIExtraMissingError           ``ctx.ai.generate_*`` without the ``ai`` extra installed
+    │   └── AgentOutsideWorkflowError     a ``TreadleAgent`` step or ``current_workflow()`` outside
+    │                                     ``TreadleAgent.run(ctx, ...)``
     ├── RunFailedError                    awaited a run's result; the run FAILED
     ├── RunCancelledError                 awaited a run's result; the run was CANCELLED
     ├── WorkflowError                     code workflows: replay problems, and errors raised
@@ -246,6 +250,11 @@ class AIExtraMissingError(AIError):
     """``ctx.ai.generate_*`` needs the ``ai`` extra: ``pip install 'treadle[ai]'``."""
 
 
+class AgentOutsideWorkflowError(AIError):
+    """A durable operation of a ``TreadleAgent`` (``treadle.ai.agents``), or
+    ``current_workflow()``, was reached outside ``TreadleAgent.run(ctx, ...)``."""
+
+
 class SimulatedCrash(BaseException):
     """Not an error: raise it from a stage or step (``treadle.testing`` exports it) to
     stop the execution as a SIGKILL of the worker would, leaving its lease held and
@@ -272,6 +281,13 @@ def as_body_failure(exc: BaseException, where: str) -> BodyInterruptedError | No
     )
     failure.__cause__ = exc  # its traceback (``short_traceback``) shows where it came from
     return failure
+
+
+class RemoteStageError(StageError):
+    """A remote worker reported that its execution of a stage failed (``job.fail``). The
+    message is the worker's; ``retryable`` follows what it said (``docs/remote-workers.md``)."""
+
+    retryable = True
 
 
 class SuspendTimeoutError(StageError):
