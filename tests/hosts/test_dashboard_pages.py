@@ -110,7 +110,7 @@ async def test_run_page_draws_the_stage_timeline_and_payloads(engine: Engine) ->
     assert 'data-label="publish"' in page.text
     assert "&#34;score&#34;: 5" in page.text or '"score": 5' in page.text
     assert "stage:completed" in page.text
-    assert "$0.0125 · 120 tokens (100 in, 20 out) · 1 calls" in page.text
+    assert '<dd id="run-ai">$0.0125 · 120 tokens</dd>' in page.text
 
 
 async def test_runs_table_shows_each_runs_ai_cost(engine: Engine) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,6 @@ from treadle.hosts.http.dashboard.charts import (
     stage_rows,
     throughput_buckets,
 )
-from treadle.kernel.ai import AITotals
 from treadle.kernel.errors import NotSupportedError
 from treadle.kernel.events import WorkflowSuspended
 from treadle.kernel.model import Run, RunStatus, StageStatus
@@ -34,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = [
     "PendingReview",
     "RunPage",
-    "ai_totals",
     "is_code_workflow",
     "pending_reviews",
     "pretty",
@@ -62,15 +59,6 @@ def is_code_workflow(engine: Engine, run: Run) -> bool:
     get = getattr(registry, "get_workflow", None)
     definition = get(run.workflow_id) if callable(get) else None
     return definition is not None and getattr(definition, "kind", "pipeline") == "code"
-
-
-async def ai_totals(engine: Engine, run_ids: Sequence[str]) -> dict[str, AITotals]:
-    """What each run's AI calls cost so far (``ctx.ai``), for the runs among ``run_ids``
-    that made one or have a budget; one read for the whole page."""
-    if not run_ids:
-        return {}
-    async with engine.kernel.deps.persistence.transaction() as tx:
-        return await tx.ai_calls.totals(list(run_ids))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +121,6 @@ class RunPage:
     """Stages ``rerun_from`` may start from (pipelines) or steps ``fork`` may (code)."""
     waiting_for: str | None = None
     """What a suspended run waits for, in words (its last ``workflow:suspended``)."""
-    ai: AITotals | None = None
-    """What the run's AI calls cost so far (``None``: it made none and has no budget)."""
 
 
 async def run_page(engine: Engine, run_id: str, *, now: datetime) -> RunPage:
@@ -181,7 +167,6 @@ async def run_page(engine: Engine, run_id: str, *, now: datetime) -> RunPage:
         tracebacks=tracebacks,
         rerunnable=rerunnable,
         waiting_for=_waiting_for(run, events),
-        ai=(await ai_totals(engine, [run.id])).get(run.id),
     )
 
 

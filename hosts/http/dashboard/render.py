@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import urllib.parse
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final
 
 import jinja2
@@ -25,7 +26,6 @@ from treadle.kernel.model import RunStatus
 if TYPE_CHECKING:
     from treadle.hosts.http.auth import Principal
     from treadle.hosts.http.state import HttpState
-    from treadle.kernel.ai import AITotals
     from treadle.kernel.events import EventBase
 
 __all__ = [
@@ -83,9 +83,9 @@ def _ago(value: datetime | None, now: datetime | None = None) -> str:
     return f"{_span(seconds)} ago"
 
 
-def _cost(totals: AITotals) -> str:
+def _cost(amount: Decimal) -> str:
     """``$0.0123`` (four decimals; exact figures are in ``treadle costs`` and the API)."""
-    return f"${totals.total_cost:.4f}"
+    return f"${amount:.4f}"
 
 
 def _span(seconds: float) -> str:

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from starlette.datastructures import QueryParams
 
-from treadle.hosts.http.dashboard.data import ai_totals
 from treadle.kernel.errors import TreadleError
 from treadle.kernel.model import RunStatus
 
@@ -97,16 +96,15 @@ async def runs_table(
             **common,
         )
         counts = await engine.aggregate("status", **common)
-        costs = await ai_totals(engine, [run.id for run in runs[:PAGE_SIZE]])
     except TreadleError as exc:
         problems = [*problems, str(exc)]
-        runs, counts, costs = [], {}, {}
+        runs, counts = [], {}
     return {
         "runs": runs[:PAGE_SIZE],
         "more": len(runs) > PAGE_SIZE,
         "page": filters["page"],
         "counts": counts,
-        "costs": costs,
+        "costs": any(r.total_cost or r.total_tokens for r in runs[:PAGE_SIZE]),
         "total": sum(counts.values()),
         "filters": filters,
         "problems": problems,
