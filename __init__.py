@@ -14,7 +14,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from treadle.adapters.aws.s3 import S3BlobStore
     from treadle.adapters.sql.migrate import migrate
+    from treadle.adapters.webhook import WebhookEventSink, verify_webhook
     from treadle.ai.agents import TreadleAgent, TreadleDurability
     from treadle.ai.batches import AIBatchOutput, define_ai_batch_stage
     from treadle.engine import Engine
@@ -89,6 +91,10 @@ if TYPE_CHECKING:
         UnknownCommandError,
         VersionMismatchError,
         WaitTimeoutError,
+        WebhookDeliveryError,
+        WebhookDestinationError,
+        WebhookError,
+        WebhookVerificationError,
         WorkflowError,
         WorkflowNotFoundError,
     )
@@ -142,6 +148,7 @@ __all__ = [
     "RunFailedError",
     "RunNotFoundError",
     "RunStatus",
+    "S3BlobStore",
     "Schedule",
     "ScheduleDefinition",
     "ScheduleNotFoundError",
@@ -165,6 +172,11 @@ __all__ = [
     "UnknownCommandError",
     "VersionMismatchError",
     "WaitTimeoutError",
+    "WebhookDeliveryError",
+    "WebhookDestinationError",
+    "WebhookError",
+    "WebhookEventSink",
+    "WebhookVerificationError",
     "WorkerOptions",
     "WorkflowBuilder",
     "WorkflowContext",
@@ -179,6 +191,7 @@ __all__ = [
     "define_stage",
     "migrate",
     "stage_ids",
+    "verify_webhook",
     "with_ai_config",
     "workflow",
 ]
@@ -233,6 +246,10 @@ _ERRORS = frozenset(
         "UnknownCommandError",
         "VersionMismatchError",
         "WaitTimeoutError",
+        "WebhookDeliveryError",
+        "WebhookDestinationError",
+        "WebhookError",
+        "WebhookVerificationError",
         "WorkflowError",
         "WorkflowNotFoundError",
     }
@@ -249,6 +266,10 @@ def __getattr__(name: str) -> Any:
         module = "treadle.engine"
     elif name == "migrate":  # ``treadle.migrate(url)``: SQLAlchemy loaded on use
         module = "treadle.adapters.sql.migrate"
+    elif name == "S3BlobStore":  # boto3 is imported when a store is built, not here
+        module = "treadle.adapters.aws.s3"
+    elif name in ("WebhookEventSink", "verify_webhook"):
+        module = "treadle.adapters.webhook"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
     elif name in _AI_EXTRA:  # the ``ai`` extra: pydantic-ai and the providers' SDKs

@@ -63,7 +63,7 @@ from treadle.runtime.worker import SlotLoan, Worker
 
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase, OutboxRecord
-    from treadle.ports import Clock, EventSink, IdGenerator, KernelPlugin, Telemetry
+    from treadle.ports import BlobStore, Clock, EventSink, IdGenerator, KernelPlugin, Telemetry
 
 __all__ = ["Engine", "RunHandle", "StartItem"]
 
@@ -302,6 +302,7 @@ class Engine:
         workflows: Iterable[WorkflowDefinition] = (),
         *,
         auto_migrate: bool = False,
+        blobs: str | os.PathLike[str] | BlobStore | None = None,
         blob_root: str | os.PathLike[str] | None = None,
         clock: Clock | None = None,
         event_sink: EventSink | None = None,
@@ -322,7 +323,11 @@ class Engine:
         A SQLite file is created and migrated; a PostgreSQL schema must already be at
         head (``treadle migrate``) unless ``auto_migrate=True``. JSON payloads larger
         than ``payload_max_bytes`` are kept in the blob store, the row holding a
-        reference (``None``: always inline); see docs/storage.md. The cron schedules
+        reference (``None``: always inline); see docs/storage.md. ``blobs`` is where
+        blobs go: a ``BlobStore``, ``s3://bucket/prefix`` or a directory (default
+        ``$TREADLE_BLOBS_URL``, else beside the SQLite file, in PostgreSQL, or in memory);
+        ``event_sink`` where events are published (default: the webhook
+        ``$TREADLE_WEBHOOK_URL`` names, else the log). The cron schedules
         the workflows declare (``@workflow(schedule=...)``) and ``schedules``
         (``define_schedule(...)``) are created, or brought in line with the code.
         ``retention`` (a number means seconds) is how long terminal runs of workflows
@@ -343,6 +348,7 @@ class Engine:
         definitions = _definitions(workflows)
         backend = await open_backend(
             url,
+            blobs=blobs,
             blob_root=blob_root,
             auto_migrate=auto_migrate,
             clock=clock,

@@ -76,6 +76,7 @@ def main(
     options: WorkerOptions | Mapping[str, Any] | None = None,
     metrics_port: int | None = None,
     health_port: int | None = None,
+    blobs: str | None = None,
     **overrides: Any,
 ) -> int:
     """Run a worker on ``db`` for the workflows ``app`` names until signalled; returns
@@ -93,6 +94,7 @@ def main(
                 options=WorkerOptions.build(options, overrides),
                 metrics_port=metrics_port,
                 health_port=health_port,
+                blobs=blobs,
             )
             host.telemetry_setup()
         except (TreadleError, ValueError) as exc:
@@ -127,18 +129,21 @@ class WorkerHost:
         options: WorkerOptions | Mapping[str, Any] | None = None,
         metrics_port: int | None = None,
         health_port: int | None = None,
+        blobs: str | None = None,
         **overrides: Any,
     ) -> None:
         """``options`` and ``overrides`` (``concurrency=8``, ``drain_timeout=30``, ...): see
         ``WorkerOptions``, which refuses a bad one (a ``ValueError`` naming it).
         ``metrics_port`` / ``health_port`` (0: any free port; see ``ports_bound``): the
-        endpoints of ``hosts/probes.py``."""
+        endpoints of ``hosts/probes.py``. ``blobs``: where blobs go (``s3://bucket/prefix``,
+        a directory; default ``$TREADLE_BLOBS_URL`` or the backend's own)."""
         self.options = opts = WorkerOptions.build(options, overrides)
         given_db: object = db
         if not isinstance(given_db, str) or not given_db:
             raise ValueError(f"db must be a database URL, got {db!r}")
         self.workflows = workflows
         self.db = db
+        self.blobs = blobs
         self.worker_id = opts.worker_id
         self.concurrency = opts.concurrency
         self.drain_timeout = opts.drain_timeout
@@ -219,7 +224,7 @@ class WorkerHost:
         assert self._signals is not None
         signals = self._signals
         try:
-            backend = await open_backend(self.db)
+            backend = await open_backend(self.db, blobs=self.blobs)
         except TreadleError as exc:
             _error_line(exc, self.db)
             return EXIT_STARTUP_FAILED

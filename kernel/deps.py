@@ -48,6 +48,11 @@ class KernelSettings:
     idempotency_reclaim_after: timedelta = timedelta(minutes=10)
     outbox_max_attempts: int = 3
     """Publication attempts before an event goes to the dead-letter queue."""
+    outbox_retry_delay: timedelta = timedelta(seconds=1)
+    """How long after a failed publication the event is tried again; doubled after each
+    further failure (``outbox_retry_max_delay`` at most). Its run's later events wait."""
+    outbox_retry_max_delay: timedelta = timedelta(minutes=5)
+    """The longest wait between two publication attempts of one event."""
     step_backoff_suspend_after: timedelta = timedelta(seconds=30)
     """A code-workflow step whose retry delay is longer than this suspends the run on a
     durable timer; a shorter delay re-queues the activation to start after it. Neither

@@ -55,9 +55,14 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── StepTimeoutError              one attempt of a step ran past its timeout (retryable)
     │   ├── WaitTimeoutError              a signal wait reached its timeout
     │   └── ChildWorkflowFailedError      a child run (``ctx.child``) failed or was cancelled
-    └── StorageError                      a driver failure, translated at the adapter boundary
-        ├── TransientStorageError         connection lost, serialization failure (retryable)
-        └── PayloadMissingError           an offloaded value's blob is gone (fails its run only)
+    ├── StorageError                      a driver failure, translated at the adapter boundary
+    │   ├── TransientStorageError         connection lost, serialization failure (retryable)
+    │   └── PayloadMissingError           an offloaded value's blob is gone (fails its run only)
+    └── WebhookError                      the webhook event sink and its receivers
+        ├── WebhookDestinationError       the URL or an address it resolves to is not allowed
+        ├── WebhookDeliveryError          a POST failed: timeout, refused, non-2xx, redirect
+        │                                 (retryable: the outbox retries, then dead-letters)
+        └── WebhookVerificationError      a received request's signature or timestamp is wrong
 """
 
 from __future__ import annotations
@@ -386,6 +391,27 @@ class PayloadMissingError(StorageError):
         super().__init__(f"offloaded payload {key!r}{of_run} is missing from the blob store")
         self.run_id = run_id
         self.key = key
+
+
+class WebhookError(TreadleError):
+    """The webhook event sink (``adapters.webhook``) or ``verify_webhook`` refused."""
+
+
+class WebhookDestinationError(WebhookError):
+    """The webhook URL, or an address its host resolves to, is not allowed (a private or
+    loopback address not on the allow-list, a host off it, a URL that is no http(s))."""
+
+
+class WebhookDeliveryError(WebhookError):
+    """A webhook POST failed: it timed out, the connection failed, or the receiver
+    answered other than 2xx (a 3xx too: redirects are not followed)."""
+
+    retryable = True
+
+
+class WebhookVerificationError(WebhookError):
+    """A received webhook request is missing a header, is outside the timestamp
+    tolerance (a replay) or carries no valid signature: reject it."""
 
 
 def describe_exception(exc: BaseException) -> str:

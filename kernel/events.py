@@ -396,3 +396,6 @@ class OutboxRecord(BaseModel):
     published: bool = False
     dead_lettered: bool = False
     last_error: str | None = None
+    retry_at: datetime | None = None
+    """After a failed publish: not retried before this time (``outbox.flush`` skips the
+    run until then, keeping its order)."""

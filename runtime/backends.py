@@ -95,9 +95,13 @@ class Backend:
         )
 
     async def aclose(self) -> None:
-        """Close the wake source, then the storage. ``async with backend:`` does it too."""
+        """Close the wake source, the event sink's connections (a webhook's), then the
+        storage. ``async with backend:`` does it too."""
         if self.wake_source is not None:
             await self.wake_source.aclose()
+        close_sink = getattr(self.event_sink, "aclose", None)
+        if close_sink is not None:
+            await close_sink()
         await self.persistence.aclose()
 
     async def __aenter__(self) -> Backend:
@@ -129,9 +133,66 @@ def backend_kind(url: str) -> BackendKind:
     )
 
 
+BLOBS_ENV = "TREADLE_BLOBS_URL"
+"""Where blobs go when ``blobs`` is not given: ``s3://bucket/prefix`` or a directory."""
+
+
+def open_blob_store(blobs: str | os.PathLike[str]) -> BlobStore:
+    """The blob store a location names: ``s3://bucket/prefix?...`` (``S3BlobStore``,
+    the ``aws`` extra), ``memory://``, or a directory (``file:///path`` or a plain path:
+    ``FileSystemBlobStore``)."""
+    text: object = os.fspath(blobs)
+    if not isinstance(text, str) or not text.strip():
+        raise TreadleError(f"blobs must be s3://bucket/prefix or a directory, got {blobs!r}")
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme == "s3":
+        from treadle.adapters.aws.s3 import S3BlobStore
+
+        try:
+            return S3BlobStore.from_url(text)
+        except ValueError as exc:
+            raise TreadleError(f"blobs: {exc}") from exc
+    if scheme == "memory":
+        return InMemoryBlobStore()
+    if scheme == "file":
+        return FileSystemBlobStore(text.split("://", 1)[1])
+    if scheme:
+        raise TreadleError(
+            f"unsupported blobs location {redact_url(text)!r}: use s3://bucket/prefix, "
+            "file:///path or a directory"
+        )
+    return FileSystemBlobStore(text)
+
+
+def _chosen_blob_store(
+    blobs: str | os.PathLike[str] | BlobStore | None, blob_root: str | os.PathLike[str] | None
+) -> BlobStore | None:
+    """``blobs`` (a store or a location), else ``blob_root``, else ``$TREADLE_BLOBS_URL``;
+    None: the backend's default."""
+    if blobs is not None and blob_root is not None:
+        raise TreadleError("pass blobs= or blob_root=, not both")
+    if blobs is None:
+        blobs = blob_root if blob_root is not None else (os.environ.get(BLOBS_ENV) or None)
+    if blobs is None:
+        return None
+    if isinstance(blobs, str | os.PathLike):
+        return open_blob_store(blobs)
+    return blobs
+
+
+def _chosen_event_sink(event_sink: EventSink | None) -> EventSink | None:
+    """``event_sink``, else the webhook ``$TREADLE_WEBHOOK_URL`` names (None: default)."""
+    if event_sink is not None or not os.environ.get("TREADLE_WEBHOOK_URL"):
+        return event_sink
+    from treadle.adapters.webhook import WebhookEventSink
+
+    return WebhookEventSink.from_env()
+
+
 async def open_backend(
     url: str,
     *,
+    blobs: str | os.PathLike[str] | BlobStore | None = None,
     blob_root: str | os.PathLike[str] | None = None,
     auto_migrate: bool = False,
     clock: Clock | None = None,
@@ -148,9 +209,12 @@ async def open_backend(
       database; the schema must be at head (``treadle migrate``) unless
       ``auto_migrate=True``.
 
-    ``blob_root`` puts blobs in that directory instead; ``clock`` and ``event_sink``
+    ``blobs`` puts blobs elsewhere: a ``BlobStore``, ``s3://bucket/prefix`` (S3, the
+    ``aws`` extra) or a directory; without it, ``$TREADLE_BLOBS_URL`` when set.
+    ``blob_root`` (a directory) is the older spelling. ``clock`` and ``event_sink``
     replace the defaults (``SystemClock``; a ``CollectingEventSink`` in memory, a
-    ``LogEventSink`` on SQL). ``engine_options`` go to SQLAlchemy's engine.
+    ``LogEventSink`` on SQL, or the webhook ``$TREADLE_WEBHOOK_URL`` names when set).
+    ``engine_options`` go to SQLAlchemy's engine.
 
     On SQL backends, JSON payloads (run input and output, stage output and state,
     events) larger than ``payload_max_bytes`` bytes are stored in the blob store and
@@ -160,6 +224,8 @@ async def open_backend(
     kind = backend_kind(url)
     payload_max_bytes = _payload_threshold(payload_max_bytes)
     clock = clock if clock is not None else SystemClock()
+    blob_store = _chosen_blob_store(blobs, blob_root)
+    event_sink = _chosen_event_sink(event_sink)
     if kind == "memory":
         if engine_options:
             raise TreadleError(f"memory:// takes no engine options, got {sorted(engine_options)}")
@@ -170,7 +236,7 @@ async def open_backend(
             kind=kind,
             persistence=persistence,
             job_transport=job_transport,
-            blob_store=FileSystemBlobStore(blob_root) if blob_root else InMemoryBlobStore(),
+            blob_store=blob_store if blob_store is not None else InMemoryBlobStore(),
             event_sink=event_sink if event_sink is not None else CollectingEventSink(),
             scheduler=InMemoryScheduler(),
             clock=clock,
@@ -179,7 +245,7 @@ async def open_backend(
     return await _open_sql(
         url,
         kind,
-        blob_root=blob_root,
+        blob_store=blob_store,
         auto_migrate=auto_migrate,
         clock=clock,
         event_sink=event_sink,
@@ -230,7 +296,7 @@ async def _open_sql(
     url: str,
     kind: BackendKind,
     *,
-    blob_root: str | os.PathLike[str] | None,
+    blob_store: BlobStore | None,
     auto_migrate: bool,
     clock: Clock,
     event_sink: EventSink | None,
@@ -251,9 +317,8 @@ async def _open_sql(
         raise StorageError(
             f"could not open {redact_url(url)!r}: {type(exc).__name__}: {scrub(str(exc), url)}"
         ) from exc
-    blob_store: BlobStore
-    if blob_root is not None:
-        blob_store = FileSystemBlobStore(blob_root)
+    if blob_store is not None:
+        pass
     elif db_path is not None:
         blob_store = FileSystemBlobStore(db_path.with_name(db_path.name + ".blobs"))
     else:

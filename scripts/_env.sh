@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     say "installing Treadle and its dependencies into .venv (about a minute the first time; log: $log) ..."
   fi
   started=$SECONDS
-  .venv/bin/python -m pip install -e ".[dev,sql,postgres,cli,server,otel,ai,aws]" >"$log" 2>&1 &
+  .venv/bin/python -m pip install -e ".[dev,sql,postgres,cli,server,otel,ai,aws,webhook]" >"$log" 2>&1 &
   pip_pid=$!
   # A line every 10 s so a slow first install is visibly alive.
   every="${TREADLE_INSTALL_PROGRESS_SECONDS:-10}"

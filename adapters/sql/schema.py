@@ -167,6 +167,8 @@ outbox = sa.Table(
     sa.Column("attempts", sa.Integer(), nullable=False),
     sa.Column("last_error", sa.Text(), nullable=True),
     sa.Column("published_at", UtcDateTime(), nullable=True),
+    # After a failed publish: not tried again before this time (outbox.flush's backoff).
+    sa.Column("retry_at", UtcDateTime(), nullable=True),
     # Per-run, gap-free order: also the read path of events_for_run.
     sa.UniqueConstraint("run_id", "sequence"),
     # unpublished_events / dead_lettered_events.

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from treadle.hosts.cli import commands, lifecycle, steer
-from treadle.hosts.cli.common import APP_ENV, DB_ENV, DEFAULT_DB, CliState
+from treadle.hosts.cli.common import APP_ENV, BLOBS_ENV, DB_ENV, DEFAULT_DB, CliState
 from treadle.hosts.cli.costs import costs
 from treadle.hosts.cli.demo import demo
 from treadle.hosts.cli.doctor import doctor
@@ -50,6 +50,17 @@ def _root(
             help="Database URL: sqlite:///file.db, postgresql+psycopg://..., memory://.",
         ),
     ] = DEFAULT_DB,
+    blobs: Annotated[
+        str | None,
+        typer.Option(
+            "--blobs",
+            envvar=BLOBS_ENV,
+            metavar="URL",
+            show_default=False,
+            help="Blob store for artifacts and large payloads: s3://bucket/prefix or a "
+            "directory (default: beside the SQLite file, or in PostgreSQL).",
+        ),
+    ] = None,
     version: Annotated[
         bool,
         typer.Option(
@@ -61,7 +72,7 @@ def _root(
     ] = False,
 ) -> None:
     """Treadle: run, watch and repair durable workflows."""
-    ctx.obj = CliState(db=db, app=app)
+    ctx.obj = CliState(db=db, app=app, blobs=blobs or None)
 
 
 def build_app() -> typer.Typer:

@@ -15,6 +15,7 @@ import typer
 from treadle.hosts.cli.common import (
     EXIT_FAILURE,
     AppOption,
+    BlobsOption,
     DbOption,
     console,
     echo_json,
@@ -136,9 +137,10 @@ def worker(
     ] = None,
     db: DbOption = None,
     app: AppOption = None,
+    blobs: BlobsOption = None,
 ) -> None:
     """Run a long-lived worker until SIGTERM/SIGINT (graceful drain)."""
-    cli = state(ctx, db=db, app=app)
+    cli = state(ctx, db=db, app=app, blobs=blobs)
     if cli.app is None:
         typer.echo("error: the worker needs the app: pass --app module:attr", err=True)
         raise typer.Exit(EXIT_BAD_CONFIG)
@@ -164,6 +166,7 @@ def worker(
             options=options,
             metrics_port=metrics_port,
             health_port=health_port,
+            blobs=cli.blobs,
         ),
         db=cli.db,
     )

@@ -56,6 +56,8 @@ class CliState:
 
     db: str = DEFAULT_DB
     app: str | None = None
+    blobs: str | None = None
+    """Where blobs go (``--blobs`` / ``$TREADLE_BLOBS_URL``); None: the backend's default."""
 
 
 class CliError(Exception):
@@ -78,6 +80,19 @@ DbOption = Annotated[
 ]
 """A command's own ``--db``: given after the command name, it wins over the root's."""
 
+BLOBS_ENV = "TREADLE_BLOBS_URL"
+
+BlobsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--blobs",
+        metavar="URL",
+        show_default=False,
+        help=f"Blob store (as the global --blobs; default ${BLOBS_ENV}).",
+    ),
+]
+"""A command's own ``--blobs``: given after the command name, it wins over the root's."""
+
 AppOption = Annotated[
     str | None,
     typer.Option(
@@ -90,7 +105,13 @@ AppOption = Annotated[
 """A command's own ``--app``: given after the command name, it wins over the root's."""
 
 
-def state(ctx: typer.Context, *, db: str | None = None, app: str | None = None) -> CliState:
+def state(
+    ctx: typer.Context,
+    *,
+    db: str | None = None,
+    app: str | None = None,
+    blobs: str | None = None,
+) -> CliState:
     """The global options of this invocation (defaults when a test calls a command alone),
     with the command's own ``--db`` / ``--app`` (``db``, ``app``) in place of the root's."""
     root = ctx.find_root()
@@ -100,6 +121,8 @@ def state(ctx: typer.Context, *, db: str | None = None, app: str | None = None) 
         cli = replace(cli, db=db)
     if app is not None:
         cli = replace(cli, app=app)
+    if blobs is not None:
+        cli = replace(cli, blobs=blobs)
     return cli
 
 
@@ -282,7 +305,11 @@ async def open_engine(
         require_database(cli.db)
     workflows = load_app(cli.app, required=need_app)
     engine = await Engine.open(
-        cli.db, workflows=workflows, logger=quiet_logger(), telemetry=telemetry
+        cli.db,
+        workflows=workflows,
+        logger=quiet_logger(),
+        telemetry=telemetry,
+        blobs=cli.blobs,
     )
     try:
         yield engine

@@ -13,7 +13,10 @@ Checks, in order, each ``ok``, ``warn`` or ``FAIL``:
   (workers beat into the registry on every tick; see docs/queues.md);
 - ``remote workers``: with ``--app``, queues of the app's remote stages that no live
   remote worker serves (they beat on every lease and heartbeat; docs/remote-workers.md);
-- ``dead letters``: outbox events that exhausted their retries (the DLQ).
+- ``dead letters``: outbox events that exhausted their retries (the DLQ);
+- ``blobs``: the blob store answers (an S3 bucket exists and these credentials reach it);
+- ``webhook``: with a webhook event sink, its destination passes the allow-list and
+  accepts a connection, and no event is failing delivery right now.
 
 A check that cannot run because an earlier one failed is ``skip``. Any ``FAIL``
 makes the exit code 1, so it can gate a deploy or back a health probe.
@@ -159,7 +162,7 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
     from treadle.engine import Engine
 
     checks: list[Check] = []
-    async with await Engine.open(cli.db) as engine:
+    async with await Engine.open(cli.db, blobs=cli.blobs) as engine:
         persistence = engine.kernel.deps.persistence
         now = datetime.now(UTC)
         async with persistence.transaction() as tx:
@@ -178,7 +181,10 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
                 now - timedelta(seconds=limits.overdue), _SCAN_LIMIT
             )
             paused_schedules = await tx.schedules.list(paused=True, limit=_SCAN_LIMIT)
+            failing = [r for r in await tx.outbox.unpublished(_SCAN_LIMIT) if r.attempts]
         queues = await engine.queues(live_within=limits.worker_ttl)
+        blobs_check = await _blobs_check(engine.kernel.deps.blob_store)
+        webhook_check = await _webhook_check(engine.kernel.deps.event_sink, failing)
     if stuck:
         ids = [r.id for r in stuck]
         checks.append(
@@ -252,7 +258,43 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
             + (f" from run(s) {_sample(runs)}: fix the sink, then replay" if dead else ""),
         )
     )
+    checks.append(blobs_check)
+    if webhook_check is not None:
+        checks.append(webhook_check)
     return checks
+
+
+async def _blobs_check(blob_store: Any) -> Check:
+    """A store with a ``check()`` (S3: HeadBucket) is asked; the others are local."""
+    probe = getattr(blob_store, "check", None)
+    if probe is None:
+        return Check("blobs", "ok", type(blob_store).__name__)
+    try:
+        await probe()
+    except Exception as exc:
+        return Check("blobs", "FAIL", f"{blob_store!r}: {error_line(exc).removeprefix('error: ')}")
+    return Check("blobs", "ok", f"{blob_store!r} reachable")
+
+
+async def _webhook_check(sink: Any, failing: list[Any]) -> Check | None:
+    """None for sinks that are not webhooks (nothing to probe)."""
+    probe = getattr(sink, "probe", None)
+    if probe is None:
+        return None
+    try:
+        await probe()
+    except Exception as exc:
+        return Check("webhook", "FAIL", f"{sink!r}: {error_line(exc).removeprefix('error: ')}")
+    if failing:
+        runs = sorted({record.event.workflow_run_id for record in failing})
+        last = failing[-1].last_error or "?"
+        return Check(
+            "webhook",
+            "FAIL",
+            f"{sink!r}: {_count(len(failing))} event(s) failing delivery, from run(s) "
+            f"{_sample(runs)}; last error: {last}",
+        )
+    return Check("webhook", "ok", f"{sink!r} accepts connections; no delivery failing")
 
 
 def _queues_check(

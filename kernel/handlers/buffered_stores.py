@@ -163,7 +163,9 @@ class BufferedOutbox:
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
         raise _refuse("outbox.mark_published")
 
-    async def record_failure(self, outbox_id: int, error: str, *, dead_letter: bool) -> None:
+    async def record_failure(
+        self, outbox_id: int, error: str, *, dead_letter: bool, retry_at: datetime | None = None
+    ) -> None:
         raise _refuse("outbox.record_failure")
 
     async def dead_lettered(self, limit: int) -> list[OutboxRecord]:

@@ -4,6 +4,7 @@ describe, published later in per-run order (``outbox.flush``), dead-lettered on 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Protocol
 
 from treadle.kernel.events import EventBase, OutboxRecord
@@ -21,8 +22,11 @@ class OutboxStore(Protocol):
     async def mark_published(self, outbox_ids: Sequence[int]) -> None:
         """Mark the rows published (``unpublished`` no longer returns them)."""
 
-    async def record_failure(self, outbox_id: int, error: str, *, dead_letter: bool) -> None:
-        """Count a failed publish of the row; ``dead_letter`` moves it to the DLQ."""
+    async def record_failure(
+        self, outbox_id: int, error: str, *, dead_letter: bool, retry_at: datetime | None = None
+    ) -> None:
+        """Count a failed publish of the row; ``dead_letter`` moves it to the DLQ;
+        ``retry_at``: not before then (``OutboxRecord.retry_at``)."""
 
     async def dead_lettered(self, limit: int) -> list[OutboxRecord]:
         """Dead-lettered rows, oldest first."""
@@ -30,7 +34,8 @@ class OutboxStore(Protocol):
     async def requeue_dead_letters(self, outbox_ids: Sequence[int]) -> int:
         """Put the dead-lettered rows among ``outbox_ids`` back in the outbox with a
         fresh retry budget (``attempts`` 0), so the next ``unpublished`` returns
-        them in outbox order; returns how many were dead-lettered (others are skipped)."""
+        them in outbox order, due at once (no ``retry_at``); returns how many were
+        dead-lettered (others are skipped)."""
 
     async def events_for_run(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         """The run's events in sequence order, as typed models."""

@@ -25,7 +25,15 @@ def db_url(tmp_path: Path) -> str:
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own TREADLE_* settings must not leak into the tests."""
-    for name in ("TREADLE_DATABASE_URL", "TREADLE_APP", "TREADLE_DEBUG"):
+    for name in (
+        "TREADLE_DATABASE_URL",
+        "TREADLE_APP",
+        "TREADLE_DEBUG",
+        "TREADLE_BLOBS_URL",
+        "TREADLE_WEBHOOK_URL",
+        "TREADLE_WEBHOOK_SECRET",
+        "TREADLE_WEBHOOK_ALLOW",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

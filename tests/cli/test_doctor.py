@@ -108,7 +108,7 @@ def test_doctor_reports_overdue_polls(db_url: str, invoke: Invoke) -> None:
 
 
 def test_doctor_fails_when_the_dlq_holds_events(
-    monkeypatch: pytest.MonkeyPatch, invoke: Invoke
+    monkeypatch: pytest.MonkeyPatch, invoke: Invoke, db_url: str
 ) -> None:
     """Events that exhausted their publish retries are in the DLQ: doctor fails, naming
     the run."""
@@ -120,6 +120,8 @@ def test_doctor_fails_when_the_dlq_holds_events(
     run_id = started(invoke("start", "greeter", '{"name": "d"}'))
     for _ in range(3):  # outbox retries 3 times before the DLQ (DESIGN §4)
         assert invoke("tick").exit_code == 1
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+            conn.execute("UPDATE outbox SET retry_at = NULL")  # its backoff has passed
     result = invoke("doctor", "--json", app=None)
     assert result.exit_code == 1
     dead = _checks(result)["dead letters"]

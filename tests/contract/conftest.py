@@ -80,7 +80,8 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
 
 # -- blob stores ---------------------------------------------------------------------
 # The ``backend`` pairing covers memory, filesystem (beside SQLite) and the SQL table on
-# PostgreSQL; ``blob_store`` runs every BlobStore adapter, the SQL table on both dialects.
+# PostgreSQL; ``blob_store`` runs every BlobStore adapter, the SQL table on both dialects,
+# and S3 on a moto server.
 
 
 async def _filesystem_blobs(request: pytest.FixtureRequest) -> Backend:
@@ -99,11 +100,19 @@ async def _sql_sqlite_blobs(request: pytest.FixtureRequest) -> Backend:
     return made
 
 
+async def _s3_blobs(request: pytest.FixtureRequest) -> Backend:
+    """``S3BlobStore`` on a fresh bucket of the moto server (real HTTP, 127.0.0.1)."""
+    made = await memory_backend(request)
+    made.blob_store = request.getfixturevalue("s3_store")()
+    return made
+
+
 BLOB_STORES: dict[str, Callable[[pytest.FixtureRequest], Awaitable[Backend]]] = {
     "memory": memory_backend,
     "filesystem": _filesystem_blobs,
     "sql-sqlite": _sql_sqlite_blobs,
     "sql-postgres": postgres_backend,
+    "s3": _s3_blobs,
 }
 
 

@@ -125,6 +125,19 @@ async def test_claim_precedes_flush_so_one_tick_publishes_the_start() -> None:
     assert [j.status for j in h.transport.jobs.values()] == [JobStatus.QUEUED]
 
 
+async def test_the_flush_step_flushes_again_while_batches_come_back_full() -> None:
+    """With more events waiting than ``max_events``, one tick's flush step sends
+    ``outbox.flush`` again while a batch comes back full, so the outbox keeps up with a
+    busy worker (here 25 runs' 2 events each in batches of 10: all 50 in one tick)."""
+    h = Harness()
+    for _ in range(25):
+        await h.start()
+    report = await h.tick(max_events=10, max_claims=100)
+    assert report.result("flush_outbox") == {"published": 50, "failed": 0, "dead_lettered": 0}
+    assert h.dispatched.count("outbox.flush") == 6  # five full batches, then an empty one
+    assert len(h.sink.events) == 50
+
+
 @pytest.mark.parametrize("failing", sorted(COMMAND_OF_STEP))
 async def test_a_failing_step_does_not_stop_the_others(failing: str) -> None:
     """Whichever step raises, it is reported with its error and every other step still runs."""

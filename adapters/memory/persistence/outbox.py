@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Sequence
+from datetime import datetime
 from itertools import islice
 from typing import Any
 
@@ -136,7 +137,9 @@ class MemoryOutbox:
         if removed:
             self._undo.append((None, functools.partial(_unpublish, s, removed), None))
 
-    async def record_failure(self, outbox_id: int, error: str, *, dead_letter: bool) -> None:
+    async def record_failure(
+        self, outbox_id: int, error: str, *, dead_letter: bool, retry_at: datetime | None = None
+    ) -> None:
         self._tx._check()
         record = self._s.outbox_record(outbox_id)
         self._tx.set_item(
@@ -148,6 +151,7 @@ class MemoryOutbox:
                     "attempts": record.attempts + 1,
                     "last_error": error,
                     "dead_lettered": dead_letter,
+                    "retry_at": retry_at,
                 },
             ),
         )
@@ -165,7 +169,9 @@ class MemoryOutbox:
         for outbox_id in revived:
             record = s.outbox_record(outbox_id)
             self._tx.set_item(
-                s.outbox, outbox_id, evolve(record, {"attempts": 0, "dead_lettered": False})
+                s.outbox,
+                outbox_id,
+                evolve(record, {"attempts": 0, "dead_lettered": False, "retry_at": None}),
             )
             self._tx.del_item(s.dead, outbox_id)
             self._tx.set_item(s.unpublished, outbox_id, None)

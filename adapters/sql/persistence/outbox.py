@@ -42,6 +42,7 @@ def _outbox_record(row: sa.Row[Any]) -> OutboxRecord:
         published=bool(row.published),
         dead_lettered=bool(row.dead_lettered),
         last_error=row.last_error,
+        retry_at=row.retry_at,
     )
 
 
@@ -172,6 +173,7 @@ class SqlOutbox:
             published=bool(row.published),
             dead_lettered=bool(row.dead_lettered),
             last_error=row.last_error,
+            retry_at=row.retry_at,
         )
 
     async def _allocate_sequences(self, counts: Mapping[str, int]) -> dict[str, int]:
@@ -335,8 +337,14 @@ class SqlOutbox:
         )
         await self._tx.execute(stmt, "mark published")
 
-    async def record_failure(self, outbox_id: int, error: str, *, dead_letter: bool) -> None:
-        values: dict[str, Any] = {"attempts": t.outbox.c.attempts + 1, "last_error": error}
+    async def record_failure(
+        self, outbox_id: int, error: str, *, dead_letter: bool, retry_at: datetime | None = None
+    ) -> None:
+        values: dict[str, Any] = {
+            "attempts": t.outbox.c.attempts + 1,
+            "last_error": error,
+            "retry_at": retry_at,
+        }
         if dead_letter:
             values["dead_lettered"] = True
         stmt = sa.update(t.outbox).where(t.outbox.c.id == outbox_id).values(values)
@@ -367,7 +375,7 @@ class SqlOutbox:
                 t.outbox.c.published.is_(False),
                 t.outbox.c.dead_lettered.is_(True),
             )
-            .values(dead_lettered=False, attempts=0)
+            .values(dead_lettered=False, attempts=0, retry_at=None)
         )
         # The condition is re-checked under the row lock: of two concurrent replays of a
         # row, one counts it.

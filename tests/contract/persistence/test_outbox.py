@@ -5,7 +5,7 @@ publication, dead letters.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -244,6 +244,35 @@ async def test_publish_failures_count_then_dead_letter(backend: Any) -> None:
     async with backend.persistence.transaction() as tx:
         assert [r.id for r in await tx.outbox.dead_lettered(10)] == [c.id]
         assert [r.id for r in await tx.outbox.unpublished(10)] == [a.id]
+
+
+async def test_a_failure_keeps_its_retry_time_until_replayed(backend: Any) -> None:
+    """``record_failure(..., retry_at=...)`` is read back as the record's ``retry_at``
+    (timezone-aware, UTC); a later failure replaces it; a dead letter put back by
+    ``requeue_dead_letters`` is due at once (no ``retry_at``)."""
+    due = datetime(2026, 3, 1, 12, 0, 5, tzinfo=UTC)
+    async with backend.persistence.transaction() as tx:
+        await tx.outbox.append([created("a")])
+    async with backend.persistence.transaction() as tx:
+        (a,) = await tx.outbox.unpublished(10)
+        assert a.retry_at is None
+        await tx.outbox.record_failure(a.id, "down", dead_letter=False, retry_at=due)
+    async with backend.persistence.transaction() as tx:
+        (a,) = await tx.outbox.unpublished(10)
+        assert a.retry_at == due
+        later = due + timedelta(seconds=2)
+        await tx.outbox.record_failure(a.id, "down", dead_letter=False, retry_at=later)
+    async with backend.persistence.transaction() as tx:
+        (a,) = await tx.outbox.unpublished(10)
+        assert (a.attempts, a.retry_at) == (2, later)
+        await tx.outbox.record_failure(a.id, "gave up", dead_letter=True)
+    async with backend.persistence.transaction() as tx:
+        (dead,) = await tx.outbox.dead_lettered(10)
+        assert dead.retry_at is None
+        assert await tx.outbox.requeue_dead_letters([a.id]) == 1
+    async with backend.persistence.transaction() as tx:
+        (a,) = await tx.outbox.unpublished(10)
+        assert (a.attempts, a.retry_at) == (0, None)
 
 
 async def test_requeued_dead_letters_are_pending_again_in_outbox_order(backend: Any) -> None:
