@@ -6,7 +6,7 @@ Nullable, no default: rows from before it are due at once, as they were.
 The revision id is not a number: it was written alongside other branches' migrations
 (issue 18), and the chain is put in order when they are merged.
 
-Revision ID: i18_outbox_retry_at
+Revision ID: 0014_outbox_retry_at
 Revises: 0012_trace_context
 Create Date: 2026-12-07
 """
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "i18_outbox_retry_at"
+revision: str = "0014_outbox_retry_at"
 down_revision: str | None = "0012_trace_context"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
