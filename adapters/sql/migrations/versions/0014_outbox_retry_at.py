@@ -3,8 +3,6 @@ time (``outbox.flush`` backs off exponentially, ``KernelSettings.outbox_retry_de
 and its run's later events wait with it.
 
 Nullable, no default: rows from before it are due at once, as they were.
-The revision id is not a number: it was written alongside other branches' migrations
-(issue 18), and the chain is put in order when they are merged.
 
 Revision ID: 0014_outbox_retry_at
 Revises: 0012_trace_context
