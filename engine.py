@@ -793,15 +793,15 @@ class Engine:
         deadline = None if limit is None else time.monotonic() + limit
         delay = _RESULT_FIRST_POLL
         while True:
-            answered, reply = await self.kernel.update_reply(run_id, result.update_id)
+            answered, reply = await self.kernel.reads.update_reply(run_id, result.update_id)
             if answered:
                 return reply
-            run = await self.kernel.get_run(run_id, with_stages=False)
+            run = await self.kernel.reads.get_run(run_id, with_stages=False)
             while run.continued_as is not None:  # forwarded along its chain: the newest
-                run = await self.kernel.get_run(run.continued_as, with_stages=False)
+                run = await self.kernel.reads.get_run(run.continued_as, with_stages=False)
             if run.status.terminal:
                 # The reply commits before the run ends: re-read it once the run has ended.
-                answered, reply = await self.kernel.update_reply(run_id, result.update_id)
+                answered, reply = await self.kernel.reads.update_reply(run_id, result.update_id)
                 if answered:
                     return reply
                 raise InvalidStateError(
@@ -849,13 +849,13 @@ class Engine:
         woken. Stage pipelines publish no state (``NotSupportedError``)."""
         self._check_open()
         _non_empty(name, "name")
-        return await self.kernel.query(_non_empty(run_id, "run_id"), name)
+        return await self.kernel.reads.query(_non_empty(run_id, "run_id"), name)
 
     async def journal(self, run_id: str) -> builtins.list[JournalEntry]:
         """A code workflow run's journal: each durable ``ctx`` call in the order the body
         reached it, with its status, attempts and recorded result."""
         self._check_open()
-        return await self.kernel.journal(_non_empty(run_id, "run_id"))
+        return await self.kernel.reads.journal(_non_empty(run_id, "run_id"))
 
     async def annotate(
         self,
@@ -878,7 +878,9 @@ class Engine:
     async def get_run(self, run_id: str, *, with_stages: bool = True) -> Run:
         """The run with its stages; ``RunNotFoundError`` if there is none."""
         self._check_open()
-        return await self.kernel.get_run(_non_empty(run_id, "run_id"), with_stages=with_stages)
+        return await self.kernel.reads.get_run(
+            _non_empty(run_id, "run_id"), with_stages=with_stages
+        )
 
     async def list(
         self,
@@ -933,14 +935,14 @@ class Engine:
             if not isinstance(paused, bool):
                 raise _invalid("paused", f"must be True, False or None, got {paused!r}")
             query = query.model_copy(update={"paused": paused})
-        return await self.kernel.list_runs(query)
+        return await self.kernel.reads.list_runs(query)
 
     async def ai_calls(self, run_id: str, *, limit: int = 1000) -> builtins.list[AICall]:
         """The run's recorded AI calls in recording order, prompts and responses included
         (unless the engine's ``ai_recording`` dropped them); ``RunNotFoundError`` if no
         such run. Failed attempts' calls are there too, ``failed_attempt=True``."""
         self._check_open()
-        return await self.kernel.ai_calls(
+        return await self.kernel.reads.ai_calls(
             _non_empty(run_id, "run_id"), limit=_count(limit, "limit", minimum=1, maximum=100_000)
         )
 
@@ -967,7 +969,7 @@ class Engine:
                 start = self.kernel.deps.clock.now() - to_duration(since, "since")
             except ValueError as exc:
                 raise _invalid("since", str(exc)) from None
-        return await self.kernel.ai_costs(
+        return await self.kernel.reads.ai_costs(
             by,
             since=start,
             until=until,
@@ -1050,8 +1052,8 @@ class Engine:
         while True:
             # Status first: a terminal status read before the events guarantees that the
             # read below sees every event committed up to and with that status.
-            run = await self.kernel.get_run(run_id, with_stages=False) if follow else None
-            for event in await self.kernel.events(run_id, seen):
+            run = await self.kernel.reads.get_run(run_id, with_stages=False) if follow else None
+            for event in await self.kernel.reads.events(run_id, seen):
                 seen = max(seen, event.sequence)
                 yield event
             if run is None or run.status.terminal:

@@ -14,17 +14,15 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from pydantic import ValidationError as PydanticValidationError
 
 import treadle.kernel.commands as c
-from treadle.kernel.ai import AICall, AICostRow, AIGroupBy, AIServices, with_ai_totals
+from treadle.kernel.ai import AIServices
 from treadle.kernel.annotations import Annotations
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.deps import Deps, Handler, KernelSettings, Scope
 from treadle.kernel.errors import (
     DuplicateError,
     InvalidCommandError,
-    RunNotFoundError,
     UnknownCommandError,
 )
-from treadle.kernel.events import EventBase
 from treadle.kernel.handlers import (
     jobs,
     leases,
@@ -38,18 +36,15 @@ from treadle.kernel.handlers import (
     schedules,
     suspended,
 )
-from treadle.kernel.handlers.workflows import query, update_reply_in
 from treadle.kernel.ids import Uuid7Ids
 from treadle.kernel.logging import KernelLogger, StdlibLogger
-from treadle.kernel.model import JsonValue, Run, RunFilter, evolve
+from treadle.kernel.reads import Reads
 from treadle.kernel.registry import Registry
 from treadle.kernel.schedule_client import Schedules
 from treadle.kernel.workflows.fork import fork_run
-from treadle.kernel.workflows.model import ForkResult, InboxMessage, JournalEntry
+from treadle.kernel.workflows.model import ForkResult
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from treadle.ports import (
         BlobStore,
         Clock,
@@ -61,7 +56,6 @@ if TYPE_CHECKING:
         Persistence,
         Scheduler,
         Telemetry,
-        Transaction,
         WorkflowRegistry,
     )
 
@@ -127,6 +121,8 @@ class Kernel:
         self.handlers = _handlers()
         self.annotations: Annotations = Annotations(deps)
         self.schedules: Schedules = Schedules(self.dispatch, deps.persistence)
+        self.reads: Reads = Reads(deps)
+        """Runs, events, journals and AI costs as stored (``kernel/reads.py``)."""
         """Manage cron schedules (``kernel/schedule_client.py``)."""
 
     # Typed overloads so callers get the precise result model back.
@@ -240,65 +236,6 @@ class Kernel:
         except PydanticValidationError as exc:
             raise InvalidCommandError.from_pydantic(f"invalid {kind} command", exc) from None
 
-    # -- read side ----------------------------------------------------------
-    async def get_run(self, run_id: str, *, with_stages: bool = True) -> Run:
-        """The run with its stages; ``RunNotFoundError`` if there is none."""
-        async with self.deps.persistence.transaction() as tx:
-            run = await tx.runs.get(run_id)
-            if run is None:
-                raise RunNotFoundError(f"no run with id {run_id!r}")
-            if with_stages:
-                run = evolve(run, {"stages": await tx.stages.for_run(run_id)})
-            [run] = await with_ai_totals(tx, [run])
-        return run
-
-    async def list_runs(self, filter: RunFilter | None = None) -> list[Run]:
-        async with self.deps.persistence.transaction() as tx:
-            return await with_ai_totals(tx, await tx.runs.query(filter or RunFilter()))
-
-    async def ai_calls(self, run_id: str, *, limit: int = 1000) -> list[AICall]:
-        """The run's recorded AI calls, in the order they were recorded (``kernel/ai.py``)."""
-        async with self.deps.persistence.transaction() as tx:
-            await self._existing(tx, run_id)
-            return await tx.ai_calls.for_run(run_id, limit=limit)
-
-    async def ai_costs(
-        self,
-        by: AIGroupBy,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        workflow_id: str | None = None,
-        limit: int = 1000,
-    ) -> list[AICostRow]:
-        """AI calls made in ``[since, until)`` grouped by workflow, model, UTC day or run."""
-        async with self.deps.persistence.transaction() as tx:
-            return await tx.ai_calls.aggregate(
-                by, since=since, until=until, workflow_id=workflow_id, limit=limit
-            )
-
-    async def events(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
-        async with self.deps.persistence.transaction() as tx:
-            return await tx.outbox.events_for_run(run_id, after_sequence)
-
-    # -- read side of code workflows ------------------------------------------------------
-    async def query(self, run_id: str, key: str) -> JsonValue:
-        """What a code workflow last published under ``key`` (``None`` if nothing yet).
-        Read-only: it never wakes or changes the run."""
-        return await query(self.deps, run_id, key)
-
-    async def update_reply(self, run_id: str, update_id: str) -> tuple[bool, JsonValue]:
-        """``(answered, reply)`` of an update sent with ``run.update``."""
-        async with self.deps.persistence.transaction() as tx:
-            await self._existing(tx, run_id)
-            return await update_reply_in(tx, run_id, update_id)
-
-    async def journal(self, run_id: str) -> list[JournalEntry]:
-        """A code workflow run's journal, in the order its body reached each call."""
-        async with self.deps.persistence.transaction() as tx:
-            await self._existing(tx, run_id)
-            return await tx.journal.entries(run_id)
-
     async def fork(
         self, run_id: str, from_step: str, *, idempotency_key: str | None = None
     ) -> ForkResult:
@@ -308,17 +245,6 @@ class Kernel:
         code-workflow counterpart of ``run.rerunFrom``, it writes in one transaction;
         with ``idempotency_key`` a repeated call returns the first call's fork."""
         return await fork_run(self.deps, run_id, from_step, idempotency_key=idempotency_key)
-
-    async def inbox(self, run_id: str) -> list[InboxMessage]:
-        """The signals delivered to a run, in arrival order, consumed or not."""
-        async with self.deps.persistence.transaction() as tx:
-            await self._existing(tx, run_id)
-            return await tx.inbox.for_run(run_id)
-
-    @staticmethod
-    async def _existing(tx: Transaction, run_id: str) -> None:
-        if await tx.runs.get(run_id) is None:
-            raise RunNotFoundError(f"no run with id {run_id!r}")
 
 
 def create_kernel(

@@ -393,11 +393,11 @@ class TestEngine:
         return RunHandle(self, result.workflow_run_id)
 
     async def get_run(self, run_id: str) -> Run:
-        return await self.kernel.get_run(run_id)
+        return await self.kernel.reads.get_run(run_id)
 
     async def ai_calls(self, run_id: str) -> list[AICall]:
         """``Engine.ai_calls``: the run's recorded AI calls, in order."""
-        return await self.kernel.ai_calls(run_id)
+        return await self.kernel.reads.ai_calls(run_id)
 
     async def cancel(self, run_id: str, reason: str | None = None) -> bool:
         result = await self.kernel.dispatch(c.RunCancel(workflow_run_id=run_id, reason=reason))
@@ -440,7 +440,7 @@ class TestEngine:
             c.RunUpdate(workflow_run_id=run_id, name=name, payload=payload)
         )
         await self.run_until_idle()
-        answered, reply = await self.kernel.update_reply(run_id, result.update_id)
+        answered, reply = await self.kernel.reads.update_reply(run_id, result.update_id)
         if not answered:
             raise TreadleError(
                 f"update {name!r} of run {run_id!r} is unanswered at virtual time "
@@ -450,11 +450,11 @@ class TestEngine:
 
     async def query(self, run_id: str, key: str) -> Any:
         """What the run last published with ``ctx.publish(key, ...)``."""
-        return await self.kernel.query(run_id, key)
+        return await self.kernel.reads.query(run_id, key)
 
     async def journal(self, run_id: str) -> list[JournalEntry]:
         """The run's journal, in the order its body reached each call."""
-        return await self.kernel.journal(run_id)
+        return await self.kernel.reads.journal(run_id)
 
     async def logs(self, run_id: str) -> list[LogRecord]:
         async with self.persistence.transaction() as tx:

@@ -139,7 +139,7 @@ async def run_demo(url: str, out: Console, *, max_wait: float) -> tuple[list[Run
             runs = await watch_runs(
                 engine, [h.run_id for h in handles], out, labels=labels, max_wait=max_wait
             )
-        events = {run.id: await engine.kernel.events(run.id) for run in runs}
+        events = {run.id: await engine.kernel.reads.events(run.id) for run in runs}
     return runs, events
 
 

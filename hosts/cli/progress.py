@@ -106,7 +106,7 @@ def _completed(run: Run, fractions: Mapping[str, float]) -> float:
 
 async def _refresh(engine: Engine, watch: _Watch, progress: Progress) -> Run:
     run = await engine.get_run(watch.run_id)
-    for event in await engine.kernel.events(watch.run_id, watch.seen):
+    for event in await engine.kernel.reads.events(watch.run_id, watch.seen):
         watch.seen = max(watch.seen, event.sequence)
         kind = getattr(event, "type", "")
         stage_id = str(getattr(event, "stage_id", ""))

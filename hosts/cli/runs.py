@@ -224,7 +224,7 @@ def is_code_run(run: Run) -> bool:
 
 async def read_run(engine: Engine, run_id: str) -> Shown:
     run = await engine.get_run(run_id)
-    shown = Shown(run=run, events=list(await engine.kernel.events(run_id)))
+    shown = Shown(run=run, events=list(await engine.kernel.reads.events(run_id)))
     shown.ai_calls = await engine.ai_calls(run_id)
     if is_code_run(run):
         shown.code = True

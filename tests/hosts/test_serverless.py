@@ -237,7 +237,7 @@ async def test_process_available_jobs_runs_whole_runs(
     assert report.claimed_runs == 2
     assert report.stopped == "idle"
     for run_id in runs:
-        run = await host.kernel.get_run(run_id, with_stages=False)
+        run = await host.kernel.reads.get_run(run_id, with_stages=False)
         assert run.status is RunStatus.COMPLETED
         assert run.output == {"n": 3}
 

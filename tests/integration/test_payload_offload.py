@@ -333,7 +333,7 @@ class Harness:
 
     async def list_runs(self) -> list[Run]:
         if self.kind == "memory":
-            return await self.engine.kernel.list_runs(RunFilter(limit=100))  # type: ignore[no-any-return]
+            return await self.engine.kernel.reads.list_runs(RunFilter(limit=100))  # type: ignore[no-any-return]
         return await self.engine.list(limit=100)  # type: ignore[no-any-return]
 
     async def journal(self, run_id: str) -> list[Any]:

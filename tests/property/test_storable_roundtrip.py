@@ -248,7 +248,7 @@ def test_signal_payload_round_trips_or_is_refused(backend: Backend) -> None:
             with pytest.raises(TreadleValidationError) as info:
                 await backend.engine.signal(handle.run_id, "data", value)
             refused(info.value, "payload")
-            assert await backend.engine.kernel.inbox(handle.run_id) == []
+            assert await backend.engine.kernel.reads.inbox(handle.run_id) == []
             events = [e.type async for e in backend.engine.events(handle.run_id)]  # type: ignore[attr-defined]
             assert "signal:received" not in events
             await backend.engine.cancel(handle.run_id)

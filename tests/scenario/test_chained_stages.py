@@ -114,7 +114,7 @@ async def _stages(engine: Engine, run_id: str) -> dict[str, Any]:
 
 
 async def _events(engine: Engine, run_id: str) -> list[Any]:
-    return await engine.kernel.events(run_id)
+    return await engine.kernel.reads.events(run_id)
 
 
 # -- tests --------------------------------------------------------------------------------

@@ -73,11 +73,11 @@ async def test_chaos_every_run_completes_exactly_once(seed: int) -> None:
         assert run.status is RunStatus.COMPLETED, (run.status, run.error)
         assert run.output == {"value": (n + 1) * 5}
         assert run.search_attributes == {"seen": True}
-        stored = Counter(e.type for e in await te.kernel.events(handle.run_id))  # type: ignore[attr-defined]
+        stored = Counter(e.type for e in await te.kernel.reads.events(handle.run_id))  # type: ignore[attr-defined]
         assert stored["workflow:completed"] == 1
         assert stored["stage:completed"] == 4
         assert stored["annotation:created"] == 1
-        seqs = [e.sequence for e in await te.kernel.events(handle.run_id)]
+        seqs = [e.sequence for e in await te.kernel.reads.events(handle.run_id)]
         assert seqs == list(range(1, len(seqs) + 1))
         published = Counter(e.type for e in te.event_sink.of_run(handle.run_id))  # type: ignore[attr-defined]
         assert published["workflow:completed"] >= 1

@@ -200,7 +200,7 @@ async def test_fork_reuses_a_consumed_signal_and_waits_afresh_when_cut_before_it
 
     after = await te.fork(source.run_id, "transform")
     assert await after.result() == "10 approved by ann"
-    (copied,) = await te.kernel.inbox(after.run_id)
+    (copied,) = await te.kernel.reads.inbox(after.run_id)
     assert (copied.payload, copied.consumed_at is not None) == ({"by": "ann"}, True)
     (wait,) = [e for e in await te.journal(after.run_id) if e.kind == "signal"]
     assert isinstance(wait.result, dict)
@@ -209,7 +209,7 @@ async def test_fork_reuses_a_consumed_signal_and_waits_afresh_when_cut_before_it
     before = await te.fork(source.run_id, "fetch")
     await te.run_until_idle()
     assert (await te.get_run(before.run_id)).status is RunStatus.SUSPENDED
-    assert await te.kernel.inbox(before.run_id) == []
+    assert await te.kernel.reads.inbox(before.run_id) == []
     await te.signal(before.run_id, "approve", {"by": "bob"})
     assert await before.result() == "10 approved by bob"
     assert CALLS == {"fetch": 2, "transform": 3}
@@ -224,12 +224,12 @@ async def test_an_update_answered_after_the_cut_is_answered_on_the_forks_copy() 
     OFFSET["value"] = 1
     fork = await te.fork(source.run_id, "transform")
     assert await fork.result() == 4
-    (copy,) = await te.kernel.inbox(fork.run_id)
-    (original,) = await te.kernel.inbox(source.run_id)
+    (copy,) = await te.kernel.reads.inbox(fork.run_id)
+    (original,) = await te.kernel.reads.inbox(source.run_id)
     assert copy.update_id is not None
-    assert await te.kernel.update_reply(fork.run_id, copy.update_id) == (True, 4)
+    assert await te.kernel.reads.update_reply(fork.run_id, copy.update_id) == (True, 4)
     assert original.update_id is not None
-    assert await te.kernel.update_reply(source.run_id, original.update_id) == (True, 3)
+    assert await te.kernel.reads.update_reply(source.run_id, original.update_id) == (True, 3)
 
 
 async def test_fork_of_a_failed_run_reruns_the_failing_step() -> None:
@@ -267,10 +267,10 @@ async def test_fork_past_an_unfinished_wait_is_refused() -> None:
                 }
             )
         )
-    runs = len(await te.kernel.list_runs())
+    runs = len(await te.kernel.reads.list_runs())
     with pytest.raises(InvalidStateError, match="signal 'approve' #1 before it is still WAITING"):
         await te.fork(source.run_id, "transform")
-    assert len(await te.kernel.list_runs()) == runs
+    assert len(await te.kernel.reads.list_runs()) == runs
 
 
 async def test_fork_from_a_middle_step_on_every_backend(engine: Engine) -> None:

@@ -242,7 +242,7 @@ async def test_set_attribute_rejects_bad_keys_and_values(
     assert caught[0].errors[0][0] == field
     run = await te.get_run(handle.run_id)
     assert run.search_attributes == {"fine": None}
-    found = await te.kernel.list_runs(RunFilter(attributes={"fine": None}))
+    found = await te.kernel.reads.list_runs(RunFilter(attributes={"fine": None}))
     assert [r.id for r in found] == [handle.run_id]
     assert [e.kind for e in await te.journal(handle.run_id)] == ["attribute"]
 

@@ -85,7 +85,7 @@ async def test_workflow_decorator_registers_a_code_workflow_started_like_a_pipel
     assert run.status is RunStatus.COMPLETED
     assert run.workflow_version == "2"
     assert [s.stage_id for s in run.stages] == [WORKFLOW_STAGE_ID]
-    listed = await te.kernel.list_runs()
+    listed = await te.kernel.reads.list_runs()
     assert [r.id for r in listed] == [handle.run_id]
 
 
@@ -424,9 +424,9 @@ async def test_signal_wakes_a_waiting_run_and_query_reads_published_state() -> N
     await te.run_until_idle()
     assert await te.query(handle.run_id, "status") == "waiting"
     assert await te.query(handle.run_id, "never-published") is None
-    before = len(await te.kernel.events(handle.run_id))
+    before = len(await te.kernel.reads.events(handle.run_id))
     await te.run_until_idle()
-    assert len(await te.kernel.events(handle.run_id)) == before  # the query changed nothing
+    assert len(await te.kernel.reads.events(handle.run_id)) == before  # the query changed nothing
     assert await te.signal(handle.run_id, "approve", {"approved": True, "by": "ann"})
     assert await handle.result() == ["ann:True"]
     assert await te.query(handle.run_id, "status") == "got 1"
@@ -445,7 +445,7 @@ async def test_signals_before_the_wait_are_kept_in_order_none_lost_or_doubled() 
     await te.signal(handle.run_id, "approve", {"approved": False, "by": "c"})
     await te.signal(handle.run_id, "approve", {"approved": False, "by": "extra"})
     assert await handle.result() == ["a:True", "b:True", "c:False"]
-    inbox = await te.kernel.inbox(handle.run_id)
+    inbox = await te.kernel.reads.inbox(handle.run_id)
     assert [m.payload["by"] for m in inbox] == ["a", "b", "c", "extra"]
     assert [m.consumed_at is not None for m in inbox] == [True, True, True, False]
     assert len({m.consumed_by for m in inbox if m.consumed_by}) == 3
@@ -460,7 +460,7 @@ async def test_signal_payload_is_validated_naming_the_field_and_nothing_is_writt
         await te.signal(handle.run_id, "approve", {"approved": "perhaps"})
     with pytest.raises(InvalidPayloadError, match="no signal 'reject'"):
         await te.signal(handle.run_id, "reject", {})
-    assert await te.kernel.inbox(handle.run_id) == []
+    assert await te.kernel.reads.inbox(handle.run_id) == []
 
 
 async def test_wait_for_signal_timeout_raises_inside_the_workflow() -> None:
@@ -704,7 +704,7 @@ async def test_update_through_the_engine_facade_waits_for_the_reply() -> None:
     assert reply == {"total": 3}
     again = await engine.update(handle.run_id, "bump", {"by": 3}, idempotency_key="u1")
     assert again == {"total": 3}
-    inbox = await te.kernel.inbox(handle.run_id)
+    inbox = await te.kernel.reads.inbox(handle.run_id)
     assert [m.kind for m in inbox] == ["update"]
 
 
@@ -717,7 +717,7 @@ async def test_update_payload_is_validated_and_pipelines_refuse_updates() -> Non
     handle = await te.start("counter", {"n": 0})
     with pytest.raises(InvalidPayloadError, match=r"payload\.by"):
         await te.update(handle.run_id, "bump", {"by": "lots"})
-    assert await te.kernel.inbox(handle.run_id) == []
+    assert await te.kernel.reads.inbox(handle.run_id) == []
     with pytest.raises(TimeoutError):
         await Engine(te.kernel).update(handle.run_id, "bump", {"by": 1}, timeout=0.01)
 

@@ -178,7 +178,7 @@ async def test_signals_are_kept_in_order_and_delivered_once_on_every_backend(
         assert await engine.query(handle.run_id, "count") == 2
         await engine.signal(handle.run_id, "approve", {"approved": False, "by": "cy"})
         assert await handle.result(timeout=WAIT) == ["ann", "bob", "cy"]
-    inbox = await engine.kernel.inbox(handle.run_id)
+    inbox = await engine.kernel.reads.inbox(handle.run_id)
     assert [m.payload["by"] for m in inbox] == ["ann", "bob", "cy"]
     assert all(m.consumed_at is not None for m in inbox)
 
@@ -264,7 +264,7 @@ async def test_update_returns_the_bodys_reply_on_every_backend(engine: Engine) -
         )
         assert await engine.update(handle.run_id, "bump", {"by": 5}, idempotency_key="second") == 10
         assert await handle.result(timeout=WAIT) == 10
-    assert len(await engine.kernel.inbox(handle.run_id)) == 2
+    assert len(await engine.kernel.reads.inbox(handle.run_id)) == 2
 
 
 async def test_review_decision_resumes_the_run_on_every_backend(engine: Engine) -> None:

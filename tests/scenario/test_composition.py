@@ -395,7 +395,7 @@ async def test_child_runs_as_its_own_linked_run_and_returns_its_typed_output() -
     te = TestEngine([shop, quote])
     handle = await te.start("shop", {"n": 2})
     await te.run_until_idle()
-    (child,) = await te.kernel.list_runs(RunFilter(parent_run_id=handle.run_id))
+    (child,) = await te.kernel.reads.list_runs(RunFilter(parent_run_id=handle.run_id))
     assert child.workflow_id == "quote"
     assert child.status is RunStatus.SUSPENDED
     assert (await te.get_run(handle.run_id)).status is RunStatus.SUSPENDED
@@ -483,7 +483,7 @@ async def test_a_failed_or_cancelled_child_raises_a_typed_error_the_parent_catch
     )
     cancelled = await te.start("careful", {"n": 0})
     await te.run_until_idle()
-    (child,) = await te.kernel.list_runs(RunFilter(parent_run_id=cancelled.run_id))
+    (child,) = await te.kernel.reads.list_runs(RunFilter(parent_run_id=cancelled.run_id))
     assert await te.cancel(child.id, reason="not needed")
     assert await cancelled.result() == "CANCELLED: not needed"
 
@@ -519,7 +519,11 @@ async def test_an_unknown_child_workflow_or_bad_input_fails_the_parent_and_creat
         await second.result()
     third = await te.start("catches", {"n": 1})
     assert await third.result() == "input.n"
-    assert {r.workflow_id for r in await te.kernel.list_runs()} == {"typo", "bad-input", "catches"}
+    assert {r.workflow_id for r in await te.kernel.reads.list_runs()} == {
+        "typo",
+        "bad-input",
+        "catches",
+    }
     assert WorkflowNotFoundError.__name__ in (await te.get_run(first.run_id)).error  # type: ignore[operator]
 
 
@@ -531,7 +535,7 @@ async def test_a_crash_after_the_child_was_created_never_creates_a_second_child(
     async def boom(n: int) -> int:
         if not crashes:
             for _ in range(100):  # let the sibling branch commit the child first
-                if await te.kernel.list_runs(RunFilter(parent_run_id=handle.run_id)):
+                if await te.kernel.reads.list_runs(RunFilter(parent_run_id=handle.run_id)):
                     break
                 await asyncio.sleep(0)
             else:
@@ -551,7 +555,7 @@ async def test_a_crash_after_the_child_was_created_never_creates_a_second_child(
         await te.run_until_idle()
     await te.advance_time(timedelta(minutes=31))  # lease reaped, child's sleep over
     assert await handle.result() == [12, 1]
-    children = await te.kernel.list_runs(RunFilter(parent_run_id=handle.run_id))
+    children = await te.kernel.reads.list_runs(RunFilter(parent_run_id=handle.run_id))
     assert len(children) == 1
     assert CALLS == {"triple": 1}
 
@@ -578,11 +582,11 @@ async def test_cancelling_the_parent_cancels_children_and_grandchildren() -> Non
     te = TestEngine([top, middle, grandchild])
     handle = await te.start("top", {"n": 1})
     await te.run_until_idle()
-    runs = await te.kernel.list_runs()
+    runs = await te.kernel.reads.list_runs()
     assert len(runs) == 4
     assert all(r.status is RunStatus.SUSPENDED for r in runs)
     assert await te.cancel(handle.run_id, reason="customer left")
-    runs = await te.kernel.list_runs()
+    runs = await te.kernel.reads.list_runs()
     assert {r.status for r in runs} == {RunStatus.CANCELLED}
     (mid,) = [r for r in runs if r.workflow_id == "middle"]
     assert mid.error == f"parent run {handle.run_id!r} ended CANCELLED"
@@ -609,7 +613,7 @@ async def test_a_child_that_loses_a_race_is_cancelled() -> None:
     handle = await te.start("deadline-child", {"n": 1})
     await te.advance_time(timedelta(hours=1))
     assert await handle.result() == 1
-    (child,) = await te.kernel.list_runs(RunFilter(parent_run_id=handle.run_id))
+    (child,) = await te.kernel.reads.list_runs(RunFilter(parent_run_id=handle.run_id))
     assert child.status is RunStatus.CANCELLED
     await te.advance_time(timedelta(days=2))
     assert "double" not in CALLS
@@ -666,7 +670,7 @@ async def test_chaos_commit_failures_never_duplicate_children_or_branch_results(
     assert te.chaos.injected > 0
     te.chaos.fail_rate = 0.0  # the checks below read through the kernel
     assert await handle.result() == [5 * i for i in range(4)] + [0]
-    children = await te.kernel.list_runs(RunFilter(parent_run_id=handle.run_id))
+    children = await te.kernel.reads.list_runs(RunFilter(parent_run_id=handle.run_id))
     assert len(children) == 4
     journal = await te.journal(handle.run_id)
     keys = [(e.name, e.occurrence) for e in journal]
@@ -692,7 +696,7 @@ async def test_a_run_with_a_decided_race_and_a_child_can_be_forked_after_them() 
     fork = await te.fork(source.run_id, "triple")
     assert await fork.result() == [1, 9]
     assert CALLS == {"double": 1, "triple": 3}  # the child's price step, then two "triple"
-    assert await te.kernel.list_runs(RunFilter(parent_run_id=fork.run_id)) == []
+    assert await te.kernel.reads.list_runs(RunFilter(parent_run_id=fork.run_id)) == []
 
 
 async def test_a_child_cancelled_with_its_parent_runs_its_saga_compensations() -> None:
@@ -716,7 +720,7 @@ async def test_a_child_cancelled_with_its_parent_runs_its_saga_compensations() -
     te = TestEngine([trip, booking])
     handle = await te.start("trip", {"n": 1})
     await te.run_until_idle()
-    (child,) = await te.kernel.list_runs(RunFilter(parent_run_id=handle.run_id))
+    (child,) = await te.kernel.reads.list_runs(RunFilter(parent_run_id=handle.run_id))
     assert await te.cancel(handle.run_id, reason="trip called off")
     await te.run_until_idle()
     assert (await te.get_run(child.id)).status is RunStatus.CANCELLED

@@ -85,7 +85,7 @@ async def test_a_chain_of_timers_runs_on_the_virtual_clock() -> None:
         {"left": 2, "slept": 1},
         {"left": 1, "slept": 2},
     ]
-    assert [len(await te.kernel.journal(r.id)) for r in runs] == [1, 1, 1]  # a sleep each
+    assert [len(await te.kernel.reads.journal(r.id)) for r in runs] == [1, 1, 1]  # a sleep each
     types = [e.type for e in te.events if e.workflow_run_id == runs[0].id]  # type: ignore[attr-defined]
     assert types[-2:] == ["stage:completed", "workflow:continuedAsNew"]
 
@@ -126,7 +126,7 @@ async def test_a_parent_awaits_its_child_to_the_end_of_the_chain() -> None:
     await te.run_until_idle()
     await te.advance_time(timedelta(days=2))
     assert await handle.result() == 2
-    children = [r for r in await te.kernel.list_runs() if r.workflow_id == "daily"]
+    children = [r for r in await te.kernel.reads.list_runs() if r.workflow_id == "daily"]
     assert {r.parent_run_id for r in children} == {handle.run_id}
     assert len(children) == 2
 
@@ -168,5 +168,5 @@ async def test_a_failed_hand_over_leaves_the_old_run_and_no_new_one(
     chain = await _chain(te, handle.run_id)
     assert len(chain) == 2
     assert chain[0].continued_as != failures[0]  # the rolled-back link was never stored
-    runs: list[Any] = await te.kernel.list_runs()
+    runs: list[Any] = await te.kernel.reads.list_runs()
     assert sorted(r.id for r in runs) == sorted(r.id for r in chain)

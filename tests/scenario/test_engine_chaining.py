@@ -124,7 +124,7 @@ async def test_chained_stages_under_chaos_complete_exactly_once() -> None:
     for handle in handles:
         run = await te.get_run(handle.run_id)
         assert run.status is RunStatus.COMPLETED, (run.status, run.error)
-        stored = [e.type for e in await te.kernel.events(handle.run_id)]  # type: ignore[attr-defined]
+        stored = [e.type for e in await te.kernel.reads.events(handle.run_id)]  # type: ignore[attr-defined]
         assert stored.count("stage:completed") == 2
         assert stored.count("workflow:completed") == 1
     assert all(j.status is JobStatus.COMPLETED for j in te.job_transport.jobs.values())

@@ -208,7 +208,7 @@ async def test_stages_finishing_together_commit_as_one_group(engine: Engine) -> 
         assert (stages["a"].status, stages["a"].attempt) == (StageStatus.COMPLETED, 1)
         assert (stages["b"].status, stages["b"].job_id) == (StageStatus.RUNNING, chained.id)
         assert run.current_group == 1
-        events = await engine.kernel.events(job.workflow_run_id)
+        events = await engine.kernel.reads.events(job.workflow_run_id)
         assert [(e.type, getattr(e, "stage_id", None)) for e in events] == [
             ("workflow:created", None),
             ("workflow:started", None),
@@ -264,7 +264,7 @@ async def test_two_stages_of_one_run_in_one_group_see_each_other(engine: Engine)
     run = await engine.get_run(first.workflow_run_id)
     assert run.status is RunStatus.COMPLETED
     assert run.output == {"n": 4}
-    events = await engine.kernel.events(first.workflow_run_id)
+    events = await engine.kernel.reads.events(first.workflow_run_id)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
 
 
@@ -341,7 +341,7 @@ async def test_a_claim_of_several_runs_is_set_oriented_and_chains(engine: Engine
     for claimed in result.claimed:
         run = await engine.get_run(claimed.workflow_run_id)
         assert run.status is RunStatus.RUNNING
-        events = await engine.kernel.events(run.id)
+        events = await engine.kernel.reads.events(run.id)
         assert [e.sequence for e in events] == list(range(1, len(events) + 1))
     chained_runs = {j.workflow_run_id for j in result.chained_jobs}
     for claimed in result.claimed:

@@ -59,7 +59,7 @@ async def test_events_published_in_per_run_order_with_gap_free_sequences() -> No
     for handle in (h1, h2):
         assert te.event_sink.types(handle.run_id) == EXPECTED
         assert _seqs(te.events, handle.run_id) == list(range(1, len(EXPECTED) + 1))
-        stored = await te.kernel.events(handle.run_id)
+        stored = await te.kernel.reads.events(handle.run_id)
         assert [e.sequence for e in stored] == _seqs(te.events, handle.run_id)
     started = [e for e in te.events if e.type == "stage:started"]  # type: ignore[attr-defined]
     assert all((e.causation_id or "").startswith("job:") for e in started)

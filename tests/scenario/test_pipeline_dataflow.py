@@ -182,7 +182,7 @@ async def test_priority_orders_execution() -> None:
         await te.start("prio", {"n": n}, priority=priority)
     await te.run_until_idle()
     assert order == [3, 2, 4, 1, 5]
-    runs = await te.kernel.list_runs()
+    runs = await te.kernel.reads.list_runs()
     assert {r.status for r in runs} == {RunStatus.COMPLETED}
 
 

@@ -119,7 +119,7 @@ async def test_two_engines_racing_on_one_database_start_one_run_per_fire_time(
         assert len(times) == len(set(times)) == 21
         fired = [
             e
-            for e in await first.kernel.events("schedule:every-minute")
+            for e in await first.kernel.reads.events("schedule:every-minute")
             if e.type == "schedule:fired"
         ]
         assert len(fired) == 21
@@ -156,7 +156,7 @@ async def test_catch_up_after_downtime(
             assert times[-1] == "2026-01-01T01:00:00+00:00"
         (skipped,) = [
             e
-            for e in await engine.kernel.events("schedule:hourly-report")
+            for e in await engine.kernel.reads.events("schedule:hourly-report")
             if e.type == "schedule:skipped"
         ]
         assert skipped.reason == "missed"  # type: ignore[attr-defined]
@@ -193,7 +193,7 @@ async def test_overlap_policy(url: str, clock: FakeClock, overlap: str) -> None:
         runs = {r.id: r for r in await engine.list(workflow_id="waiter")}
         if overlap == "skip":
             assert (result.fired, result.skipped, list(runs)) == (0, 1, [first.id])
-            events = await engine.kernel.events("schedule:w")
+            events = await engine.kernel.reads.events("schedule:w")
             skipped = [e for e in events if e.type == "schedule:skipped"]
             assert skipped[0].run_id == first.id  # type: ignore[attr-defined]
         else:
@@ -231,7 +231,7 @@ async def test_manage_pause_resume_trigger_update_delete(url: str, clock: FakeCl
         assert len(await engine.list(workflow_id="report")) == 1
         changes = [
             e.change  # type: ignore[attr-defined]
-            for e in await engine.kernel.events("schedule:s")
+            for e in await engine.kernel.reads.events("schedule:s")
             if e.type == "schedule:changed"
         ]
         assert changes == ["created", "paused", "resumed", "updated", "deleted"]

@@ -152,7 +152,7 @@ async def test_signal_and_update_refuse_unstorable_payloads_on_every_backend(
     with pytest.raises(TreadleValidationError, match="name"):
         await engine.signal(handle.run_id, "go\x00", {})
     assert len(await run_events(engine, handle.run_id)) == before
-    assert await engine.kernel.inbox(handle.run_id) == []
+    assert await engine.kernel.reads.inbox(handle.run_id) == []
     signal = {"deep": nested(MAX_DEPTH - 2), "n": -(2**63), "f": 0.1}  # 128 in the output
     async with worker(engine):
         await engine.signal(handle.run_id, "go", signal)

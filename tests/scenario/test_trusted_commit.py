@@ -86,7 +86,7 @@ async def test_a_lease_reaped_while_the_body_ran_makes_the_result_a_ghost(
     assert run.status is RunStatus.RUNNING
     b = next(s for s in run.stages if s.stage_id == "b")
     assert (b.status, b.output) == (StageStatus.PENDING, None)
-    events = await engine.kernel.events(run_id)
+    events = await engine.kernel.reads.events(run_id)
     assert [e.stage_id for e in events if e.type == "stage:completed"] == ["a"]
     async with engine.kernel.deps.persistence.transaction() as tx:
         job = await engine.kernel.deps.job_transport.get(tx, chained.id)
@@ -118,7 +118,7 @@ async def test_a_run_changed_while_the_body_ran_still_commits_the_result(
     run = await engine.get_run(run_id)
     assert (run.status, run.output) == (RunStatus.COMPLETED, {"n": 4})
     assert run.search_attributes.get("reviewer") == "ada"
-    sequences = [e.sequence for e in await engine.kernel.events(run_id)]
+    sequences = [e.sequence for e in await engine.kernel.reads.events(run_id)]
     assert sequences == list(range(1, len(sequences) + 1))  # gap-free, nothing twice
 
 

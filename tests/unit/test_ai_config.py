@@ -81,7 +81,7 @@ async def test_run_config_is_validated_at_create() -> None:
     te = TestEngine([PIPELINE])
     with pytest.raises(InvalidConfigError, match=r"summarise\.temperature"):
         await te.start("doc-pipeline", {"text": "x"}, config={"summarise": {"temperature": 5}})
-    assert await te.kernel.list_runs() == []
+    assert await te.kernel.reads.list_runs() == []
     handle = await te.start(
         "doc-pipeline", {"text": "x"}, config={"summarise": {"model": "anthropic:claude"}}
     )

@@ -51,9 +51,11 @@ async def test_attach_and_list() -> None:
     assert len(await ann.list(handle.run_id, key_prefix="review.")) == 2
     assert [a.id for a in await ann.list(handle.run_id, scope="qa")] == [first.id]
     assert len(await ann.list(handle.run_id, limit=1)) == 1
-    events = [e for e in await te.kernel.events(handle.run_id) if isinstance(e, AnnotationCreated)]
+    events = [
+        e for e in await te.kernel.reads.events(handle.run_id) if isinstance(e, AnnotationCreated)
+    ]
     assert events[0].annotation_id == first.id
-    found = await te.kernel.list_runs(RunFilter(attributes={"region": "eu"}))
+    found = await te.kernel.reads.list_runs(RunFilter(attributes={"region": "eu"}))
     assert [r.id for r in found] == [handle.run_id]
 
 

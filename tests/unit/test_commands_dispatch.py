@@ -179,7 +179,7 @@ async def test_create_stores_run_stages_and_created_event() -> None:
     assert [(s.stage_id, s.status.value, s.execution_group) for s in run.stages] == [
         ("double", "PENDING", 0)
     ]
-    events = await te.kernel.events("run-1")
+    events = await te.kernel.reads.events("run-1")
     assert len(events) == 1
     assert isinstance(events[0], WorkflowCreated)
     assert events[0].priority == 7

@@ -180,7 +180,7 @@ async def test_cancel_during_execute_makes_result_a_ghost() -> None:
     assert run.search_attributes == {}
     assert await te.logs(handle.run_id) == []
     assert te.job_transport.jobs[job.id].status is JobStatus.CANCELLED
-    types = [e.type for e in await te.kernel.events(handle.run_id)]  # type: ignore[attr-defined]
+    types = [e.type for e in await te.kernel.reads.events(handle.run_id)]  # type: ignore[attr-defined]
     assert "stage:completed" not in types
     assert types[-1] == "workflow:cancelled"
 

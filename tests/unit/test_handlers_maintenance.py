@@ -84,7 +84,9 @@ async def test_reap_stale_releases_with_backoff_then_fails_when_exhausted() -> N
     assert run.status is RunStatus.FAILED
     assert "'a'" in (run.error or "")
     assert "lease expired" in (run.error or "")
-    failures = [e for e in await te.kernel.events(handle.run_id) if isinstance(e, StageFailed)]
+    failures = [
+        e for e in await te.kernel.reads.events(handle.run_id) if isinstance(e, StageFailed)
+    ]
     assert [f.will_retry for f in failures] == [True, False]
     assert failures[0].retry_at == failures[0].timestamp + timedelta(seconds=3)
 
@@ -100,7 +102,9 @@ async def test_reap_stale_ignores_fresh_leases_and_non_running_stages() -> None:
     assert result.released == 1
     assert te.job_transport.jobs[job.id].status is JobStatus.QUEUED
     assert (await _stage(te, handle.run_id, "a")).status is StageStatus.PENDING
-    assert not [e for e in await te.kernel.events(handle.run_id) if isinstance(e, StageFailed)]
+    assert not [
+        e for e in await te.kernel.reads.events(handle.run_id) if isinstance(e, StageFailed)
+    ]
 
 
 async def test_reaped_run_completes_after_release() -> None:
@@ -196,7 +200,9 @@ async def test_reap_stuck_fails_run_with_nothing_live() -> None:
     assert run.status is RunStatus.FAILED
     assert "run stuck" in (run.error or "")
     assert {s.status for s in run.stages} == {StageStatus.CANCELLED}
-    [failed] = [e for e in await te.kernel.events(handle.run_id) if isinstance(e, WorkflowFailed)]
+    [failed] = [
+        e for e in await te.kernel.reads.events(handle.run_id) if isinstance(e, WorkflowFailed)
+    ]
     assert failed.error == run.error
 
 

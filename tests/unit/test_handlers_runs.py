@@ -107,7 +107,7 @@ async def test_failed_claim_commit_leaves_neither_running_run_nor_job() -> None:
     assert run.status is RunStatus.PENDING
     assert run.started_at is None
     assert te.job_transport.jobs == {}
-    assert [e.type for e in await te.kernel.events(handle.run_id)] == ["workflow:created"]
+    assert [e.type for e in await te.kernel.reads.events(handle.run_id)] == ["workflow:created"]
     # The rolled-back enqueue left no phantom job for the sweep or for cancel to trip on.
     reaped = await te.dispatch(c.RunReapStuck(stuck_threshold=timedelta(0)))
     assert (reaped.transitioned, reaped.failed) == (0, 0)

@@ -54,10 +54,10 @@ async def test_create_kernel_with_iterable_registry_and_default_ids() -> None:
         registry=[WF],
     )
     result = await kernel.dispatch(c.RunCreate(workflow_id="wf", input={"n": 1}))
-    run = await kernel.get_run(result.workflow_run_id, with_stages=False)
+    run = await kernel.reads.get_run(result.workflow_run_id, with_stages=False)
     assert run.stages == []
     assert run.id[14] == "7"  # uuid version nibble
-    assert [r.id for r in await kernel.list_runs()] == [run.id]
+    assert [r.id for r in await kernel.reads.list_runs()] == [run.id]
 
 
 async def test_deterministic_ids_through_test_engine() -> None:

@@ -115,7 +115,7 @@ async def test_settle_lease(case: Case) -> None:
     assert (stored.status, stored.attempts) == (case.job, case.job_attempts)
     if case.due != "-":
         assert stored.next_poll_at == (now if case.due == "now" else backoff)
-    run = await kernel.get_run(run_id)
+    run = await kernel.reads.get_run(run_id)
     [stage] = run.stages
     assert (stage.status, stage.attempt) == (case.stage, case.stage_attempt)
     assert run.status is case.run

@@ -96,7 +96,7 @@ async def test_a_release_that_failed_during_an_outage_goes_through_when_storage_
     assert stored.next_poll_at == clock.now() + POLICY.delay_for(
         1, seed=f"{created.workflow_run_id}:s"
     )
-    run = await kernel.get_run(created.workflow_run_id)
+    run = await kernel.reads.get_run(created.workflow_run_id)
     assert run.stages[0].status is StageStatus.PENDING
     await retries.aclose()
     await backend.aclose()

@@ -95,7 +95,7 @@ async def test_heartbeat_tells_a_running_step_its_run_was_cancelled_elsewhere() 
         result = await running
     assert result is not None
     assert result.ghost
-    assert (await here.get_run(created.workflow_run_id)).status.value == "CANCELLED"
+    assert (await here.reads.get_run(created.workflow_run_id)).status.value == "CANCELLED"
     await backend.aclose()
 
 
@@ -124,6 +124,6 @@ async def test_a_dequeued_attempt_is_keyed_and_a_chained_one_is_not() -> None:
         second = await tx.idempotency.get(job_idempotency_key(chained), "job.execute")
     assert first is not None
     assert second is None
-    run = await kernel.get_run(job.workflow_run_id)
+    run = await kernel.reads.get_run(job.workflow_run_id)
     assert run.status.value == "COMPLETED"
     await backend.aclose()

@@ -95,7 +95,7 @@ async def _until_entered(count: int) -> None:
 
 
 async def _status(kernel: Kernel, run_id: str) -> RunStatus:
-    return (await kernel.get_run(run_id, with_stages=False)).status
+    return (await kernel.reads.get_run(run_id, with_stages=False)).status
 
 
 def test_backoff_doubles_up_to_the_cap_and_resets() -> None:
@@ -182,7 +182,7 @@ async def test_stop_releases_jobs_past_the_drain_timeout(backend: Backend) -> No
     assert await _status(kernel, run_id) is RunStatus.RUNNING
     jobs = list(backend.job_transport.jobs.values())  # type: ignore[attr-defined]
     assert [j.status for j in jobs] == [JobStatus.QUEUED]
-    run = await kernel.get_run(run_id)
+    run = await kernel.reads.get_run(run_id)
     assert [s.status.value for s in run.stages] == ["PENDING"]
     events = await _events(backend, run_id)
     failed = [e for e in events if e.type == "stage:failed"]

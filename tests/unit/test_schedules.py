@@ -93,7 +93,7 @@ async def test_advance_time_fires_a_day_of_runs() -> None:
     pipeline = WorkflowBuilder("sweep", input=None, schedule="0 */6 * * *").pipe(noop).build()
     te = TestEngine([hourly, pipeline], start=datetime(2026, 1, 1, tzinfo=UTC))
     await te.advance_time(timedelta(days=1))
-    runs = await te.kernel.list_runs()
+    runs = await te.kernel.reads.list_runs()
     by_workflow = {wf: [r for r in runs if r.workflow_id == wf] for wf in ("hourly", "sweep")}
     assert len(by_workflow["hourly"]) == 24
     assert len(by_workflow["sweep"]) == 4
@@ -109,5 +109,5 @@ async def test_advance_time_passes_a_schedule_that_cannot_fire() -> None:
     await te.run_until_idle()
     te.registry.unregister("hourly")
     await te.advance_time(timedelta(hours=3))
-    assert await te.kernel.list_runs() == []
+    assert await te.kernel.reads.list_runs() == []
     assert (await te.schedules.get("hourly")).next_fire_at == datetime(2026, 1, 1, 1, tzinfo=UTC)
