@@ -114,6 +114,29 @@ _PG_ENQUEUE = pg_bulk.insert_select(
 )
 
 
+def job_rows(jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """The ``jobs`` rows ``enqueue`` inserts (also ``write_set.py``'s)."""
+    return [
+        {
+            "id": job.id,
+            "run_id": job.workflow_run_id,
+            "workflow_id": job.workflow_id,
+            "stage_id": job.stage_id,
+            "status": _enqueued_status(job),
+            "priority": job.priority,
+            "attempts": job.attempts,
+            "max_attempts": job.max_attempts,
+            "next_poll_at": job.next_poll_at,
+            "enqueued_at": job.enqueued_at,
+            "worker_id": job.worker_id,
+            "heartbeat_at": job.heartbeat_at,
+            "last_error": job.last_error,
+            "queue": job.queue,
+        }
+        for job in jobs
+    ]
+
+
 def _tx(tx: Transaction) -> SqlTransaction:
     if not isinstance(tx, SqlTransaction):
         raise TreadleError(
@@ -248,25 +271,7 @@ class SqlJobTransport:
             if job_id in seen:
                 raise DuplicateError(f"job {job_id!r} already exists")
             seen.add(job_id)
-        rows = [
-            {
-                "id": job.id,
-                "run_id": job.workflow_run_id,
-                "workflow_id": job.workflow_id,
-                "stage_id": job.stage_id,
-                "status": _enqueued_status(job),
-                "priority": job.priority,
-                "attempts": job.attempts,
-                "max_attempts": job.max_attempts,
-                "next_poll_at": job.next_poll_at,
-                "enqueued_at": job.enqueued_at,
-                "worker_id": job.worker_id,
-                "heartbeat_at": job.heartbeat_at,
-                "last_error": job.last_error,
-                "queue": job.queue,
-            }
-            for job in jobs
-        ]
+        rows = job_rows(jobs)
         # ON CONFLICT DO NOTHING + a count, so a duplicate does not abort a PostgreSQL
         # transaction the caller may want to continue. A list of parameter sets keeps the
         # statement cacheable; SQLAlchemy batches it into one INSERT ... RETURNING.
