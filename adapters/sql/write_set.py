@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -218,6 +219,7 @@ async def write_set(
     leases: Mapping[str, tuple[str, int]] | None,
     stages: Sequence[StageRun],
     events: Sequence[EventBase],
+    last: bool = False,
 ) -> bool:
     """``WriteSetStore.write_set`` on a ``SqlTransaction`` (see the module docstring)."""
     tx._check()
@@ -319,24 +321,58 @@ async def write_set(
     shape = (bool(rows), bool(done), leases is not None, bool(stage_rows), bool(event_rows))
     statement = _statement(tx, shape)
     tx._check()
+    # Noted before it runs: a due time makes the transaction's end send a NOTIFY, so a
+    # set that writes one is not the whole transaction.
+    for job in new_jobs:
+        if _available_later(job):
+            tx.note_due("job", job.next_poll_at)  # a delayed activation
+    for stage in new_stages:
+        tx.stages._note_suspended(stage)
+    driver = await _alone(tx) if last and tx.due is None and not tx.created_blobs else None
     try:
         await tx.connection.execute(statement, params)
     except sa_exc.DBAPIError as exc:
         raise _guard_error(exc) from exc
+    finally:
+        if driver is not None:
+            await _transactional_again(tx, driver)
+    if driver is not None:
+        tx.active = False  # committed: a further statement could not join it
     # What the per-kind calls note for after the commit.
     if event_rows:
         tx.appended_events = True
     if params["notify_jobs"]:
         tx._notified.add("jobs")
-    for job in new_jobs:
-        if _available_later(job):
-            tx.note_due("job", job.next_poll_at)  # a delayed activation
     for run in new_runs:
         if run.status.terminal:
             tx.runs._note_final(run)
-    for stage in new_stages:
-        tx.stages._note_suspended(stage)
     return True
+
+
+async def _alone(tx: SqlTransaction) -> Any | None:
+    """When nothing has been sent in ``tx`` yet (psycopg has not begun a transaction on
+    the connection): the driver connection, switched to autocommit, so the one statement
+    is sent without ``BEGIN`` and ``COMMIT`` (a single statement is atomic by itself);
+    else ``None`` (it runs inside the transaction begun already)."""
+    from psycopg.pq import TransactionStatus  # PostgreSQL only: the driver is psycopg
+
+    raw = await tx.connection.get_raw_connection()
+    driver = raw.driver_connection
+    if driver is None or driver.info.transaction_status != TransactionStatus.IDLE:
+        return None
+    await driver.set_autocommit(True)
+    return driver
+
+
+async def _transactional_again(tx: SqlTransaction, driver: Any) -> None:
+    """Switch ``driver`` back out of autocommit before the connection goes back to the
+    pool; a connection that cannot be switched back is discarded, never reused."""
+    try:
+        await driver.set_autocommit(False)
+    except BaseException:
+        with suppress(Exception):
+            await tx.connection.invalidate()
+        raise
 
 
 def _guard_error(exc: sa_exc.DBAPIError) -> Exception:

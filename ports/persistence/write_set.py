@@ -36,6 +36,7 @@ class WriteSetStore(Protocol):
         leases: Mapping[str, tuple[str, int]] | None,
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
+        last: bool = False,
     ) -> bool:
         """Write all of these in this transaction with exactly the effects and guards of
         the per-kind calls, in their order (runs, new jobs, completed jobs, stages,
@@ -46,5 +47,10 @@ class WriteSetStore(Protocol):
         would (``ConcurrencyError``; ``DuplicateError`` for a job id taken;
         ``JobNotFoundError`` may read as ``ConcurrencyError``) and the caller rolls
         back. Returns ``False``, having written nothing, when it cannot take this set
-        in one unit (the caller then makes the per-kind calls)."""
+        in one unit (the caller then makes the per-kind calls).
+
+        ``last``: the caller writes nothing else in this transaction. An adapter may then
+        commit the set by itself when it is the whole transaction (PostgreSQL: the one
+        statement without ``BEGIN``/``COMMIT``); the transaction then refuses further
+        use, as one that has ended."""
         ...

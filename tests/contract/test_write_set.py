@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from treadle.kernel.errors import ConcurrencyError, DuplicateError
+from treadle.kernel.errors import ConcurrencyError, DuplicateError, TreadleError
 from treadle.kernel.events import StageCompleted, StageStarted, WorkflowCompleted
 from treadle.kernel.model import (
     Job,
@@ -35,9 +35,7 @@ T0 = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
 async def _seed(backend: Any) -> tuple[Run, list[StageRun], Job]:
     """A RUNNING run whose stage ``a`` runs as job ``j1`` (leased to w1, attempt 1) and
     whose stage ``b`` waits, with two events already appended."""
-    run = Run(
-        id="r1", workflow_id="wf", status=RunStatus.RUNNING, created_at=T0, updated_at=T0
-    )
+    run = Run(id="r1", workflow_id="wf", status=RunStatus.RUNNING, created_at=T0, updated_at=T0)
     job = Job(
         id="j1",
         workflow_run_id="r1",
@@ -71,7 +69,8 @@ async def _seed(backend: Any) -> tuple[Run, list[StageRun], Job]:
         stored = await tx.runs.get("r1")
         stages = (await tx.stages.for_runs(["r1"]))["r1"]
         leased = await backend.job_transport.get(tx, "j1")
-    assert stored is not None and leased is not None
+    assert stored is not None
+    assert leased is not None
     return stored, stages, leased
 
 
@@ -99,9 +98,9 @@ def _writes(run: Run, stages: list[StageRun], job: Job, *, output: Any = 1) -> d
     }
 
 
-async def _write(backend: Any, tx: Any, writes: dict[str, Any]) -> bool:
+async def _write(backend: Any, tx: Any, writes: dict[str, Any], *, last: bool = False) -> bool:
     """``write_set``, or the per-kind calls where it declines (as ``WriteBuffer.flush``)."""
-    if await tx.write_set(backend.job_transport, **writes):
+    if await tx.write_set(backend.job_transport, **writes, last=last):
         return True
     await tx.runs.update_many(writes["runs"])
     await backend.job_transport.enqueue(tx, writes["new_jobs"])
@@ -121,11 +120,12 @@ async def _state(backend: Any) -> tuple[Run, list[StageRun], dict[str, Job], lis
     return run, stages, jobs, [e.sequence for e in events]
 
 
-async def test_write_set_writes_what_the_per_kind_calls_write(backend: Any) -> None:
+@pytest.mark.parametrize("last", [False, True], ids=["in-transaction", "last"])
+async def test_write_set_writes_what_the_per_kind_calls_write(backend: Any, last: bool) -> None:
     run, stages, job = await _seed(backend)
     writes = _writes(run, stages, job)
     async with backend.persistence.transaction() as tx:
-        one_unit = await _write(backend, tx, writes)
+        one_unit = await _write(backend, tx, writes, last=last)
     assert one_unit is (backend.name != "sqlite")  # SQLite declines: the caller's calls
     got_run, got_stages, jobs, sequences = await _state(backend)
     assert (got_run.version, got_run.current_group) == (run.version + 1, 1)
@@ -133,10 +133,46 @@ async def test_write_set_writes_what_the_per_kind_calls_write(backend: Any) -> N
         (StageStatus.COMPLETED, stages[0].version + 1),
         (StageStatus.RUNNING, stages[1].version + 1),
     ]
-    assert got_stages[0].output == 1 and got_stages[1].job_id == "j2"
+    assert got_stages[0].output == 1
+    assert got_stages[1].job_id == "j2"
     assert (jobs["j1"].status, jobs["j1"].worker_id) == (JobStatus.COMPLETED, None)
     assert (jobs["j2"].status, jobs["j2"].worker_id) == (JobStatus.LEASED, "w1")
     assert sequences == [1, 2, 3, 4, 5]  # numbered on from the events already there
+
+
+async def test_a_last_write_set_ends_its_transaction(backend: Any) -> None:
+    """Sent as the whole transaction (PostgreSQL: committed as it runs), a further use of
+    the transaction is refused rather than written outside it; the connection goes back
+    to the pool transactional again."""
+    if backend.name != "postgres":
+        return  # memory and SQLite keep their transaction open to the end
+    run, stages, job = await _seed(backend)
+    writes = _writes(run, stages, job)
+
+    async def write_then_read() -> None:
+        async with backend.persistence.transaction() as tx:
+            assert await tx.write_set(backend.job_transport, **writes, last=True)
+            await tx.runs.get("r1")
+
+    with pytest.raises(TreadleError, match="ended"):
+        await write_then_read()
+    got_run, _, _, sequences = await _state(backend)
+    assert got_run.version == run.version + 1  # committed with its statement
+    assert sequences == [1, 2, 3, 4, 5]
+
+    async def update_then_fail() -> None:
+        async with backend.persistence.transaction() as tx:
+            await tx.runs.update(got_run)
+            raise _BoomError
+
+    for _ in range(3):  # whichever pooled connection it gets, the update rolls back
+        with pytest.raises(_BoomError):
+            await update_then_fail()
+    assert (await _state(backend))[0].version == got_run.version
+
+
+class _BoomError(Exception):
+    pass
 
 
 async def test_write_set_of_a_finished_run_tells_the_run_end_watchers(backend: Any) -> None:
@@ -159,8 +195,13 @@ async def test_write_set_of_a_finished_run_tells_the_run_end_watchers(backend: A
     assert sequences == [1, 2, 3]
 
 
+@pytest.mark.parametrize("last", [False, True], ids=["in-transaction", "last"])
 @pytest.mark.parametrize("moved", ["run", "lease", "stage", "job id"])
-async def test_a_failed_guard_writes_nothing_of_the_set(backend: Any, moved: str) -> None:
+async def test_a_failed_guard_writes_nothing_of_the_set(
+    backend: Any, moved: str, last: bool
+) -> None:
+    """``last``: the set is the whole transaction (on PostgreSQL its statement is sent
+    without BEGIN/COMMIT, so only the statement's own atomicity undoes the rows)."""
     run, stages, job = await _seed(backend)
     writes = _writes(run, stages, job)
     async with backend.persistence.transaction() as tx:
@@ -177,7 +218,7 @@ async def test_a_failed_guard_writes_nothing_of_the_set(backend: Any, moved: str
     error = DuplicateError if moved == "job id" else ConcurrencyError
     with pytest.raises(error) as raised:
         async with backend.persistence.transaction() as tx:
-            await _write(backend, tx, writes)
+            await _write(backend, tx, writes, last=last)
     if backend.name == "postgres":  # refused by the one statement's guard check
         assert "nothing written" in str(raised.value)
     assert await _state(backend) == before  # nothing written

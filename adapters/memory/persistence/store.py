@@ -113,6 +113,7 @@ class InMemoryTransaction:
         leases: Mapping[str, tuple[str, int]] | None,
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
+        last: bool = False,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``) by the
         per-kind calls, in their order: memory has no round trips to save, and this

@@ -185,6 +185,7 @@ class SqlTransaction:
         leases: Mapping[str, tuple[str, int]] | None,
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
+        last: bool = False,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
         PostgreSQL one statement (``adapters/sql/write_set.py``), else ``False``."""
@@ -202,6 +203,7 @@ class SqlTransaction:
             leases=leases,
             stages=stages,
             events=events,
+            last=last,
         )
 
     # -- plumbing ----------------------------------------------------------------
