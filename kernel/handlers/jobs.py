@@ -575,7 +575,7 @@ async def _commit_trusted(deps: Deps, item: _Commit, now: datetime) -> c.JobExec
         if not buffer.run_writes:  # nothing would lock the run or check its version
             raise NotBatchableError("the commit does not write the run")
         # The flush is all this transaction writes: on PostgreSQL its one statement is
-        # sent without BEGIN/COMMIT (``adapters/sql/write_set.py``).
+        # sent without BEGIN/COMMIT (``adapters/sql/persistence/write_set.py``).
         await buffer.flush(deps.job_transport, last=True)
     if chained is not None:
         deps.chains.keep(chained.job.id, item.cmd.worker_id, chained)

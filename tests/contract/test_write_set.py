@@ -1,7 +1,7 @@
 """``tx.write_set`` (ports/persistence/write_set.py): a hot-path commit's writes as one
 unit, with exactly the effects and guards of the per-kind calls.
 
-On PostgreSQL it is one statement (adapters/sql/write_set.py), so what these tests pin
+On PostgreSQL it is one statement (adapters/sql/persistence/write_set.py), so what these tests pin
 matters there most: a guard that fails (the run's version moved, the job's lease moved,
 a stage's version moved, a job id already taken) raises the per-kind call's error and
 NOTHING of the set is written, not even the event counters (the next events are

@@ -90,6 +90,7 @@ from treadle.adapters.sql.persistence.shared import (
 )
 from treadle.adapters.sql.persistence.stages import SqlStages
 from treadle.adapters.sql.persistence.timers import SqlTimers
+from treadle.adapters.sql.persistence.write_set import write_set
 
 
 class SqlTransaction:
@@ -188,12 +189,9 @@ class SqlTransaction:
         last: bool = False,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
-        PostgreSQL one statement (``adapters/sql/write_set.py``), else ``False``."""
+        PostgreSQL one statement (``adapters/sql/persistence/write_set.py``), else ``False``."""
         if not self.dialect.set_statements:
             return False
-        # Imported here: that module builds on the job transport, which imports this one.
-        from treadle.adapters.sql.write_set import write_set
-
         return await write_set(
             self,
             transport,

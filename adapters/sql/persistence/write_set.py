@@ -44,7 +44,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -54,31 +54,45 @@ import treadle.adapters.sql.schema as t
 from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
-from treadle.adapters.sql.job_transport import (
-    _JOB_FIELDS,
-    _PG_JOB_ROWS,
-    SqlJobTransport,
-    _available_later,
-    job_rows,
-)
+from treadle.adapters.sql.job_rows import _JOB_FIELDS, _PG_JOB_ROWS, _available_later, job_rows
 from treadle.adapters.sql.payloads import escape
 from treadle.adapters.sql.persistence.outbox import (
     _PG_OUTBOX_ROWS,
     FEED_NOTIFY,
+    SqlOutbox,
     pg_append_events_ctes,
 )
-from treadle.adapters.sql.persistence.runs import _PG_RUN_ROWS, _RUN_SET
-from treadle.adapters.sql.persistence.shared import _reject_duplicates
-from treadle.adapters.sql.persistence.stages import _PG_STAGE_ROWS, _STAGE_SET
+from treadle.adapters.sql.persistence.runs import _PG_RUN_ROWS, _RUN_SET, SqlRuns
+from treadle.adapters.sql.persistence.shared import SqlUnit, _reject_duplicates
+from treadle.adapters.sql.persistence.stages import _PG_STAGE_ROWS, _STAGE_SET, SqlStages
 from treadle.kernel.errors import ConcurrencyError, DuplicateError
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import Job, JobStatus, Run, StageRun, evolve
 
 if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.connection import SqlTransaction
+    from datetime import datetime
+
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from treadle.adapters.due_times import DueKind
     from treadle.ports.job_transport import JobTransport
 
-__all__ = ["GUARD_MARK", "write_set"]
+
+class SqlTransactionUnit(SqlUnit, Protocol):
+    """What ``write_set`` uses of a ``SqlTransaction`` (a protocol: this module is
+    below ``connection``, which calls it)."""
+
+    connection: AsyncConnection
+    created_blobs: list[str]
+    due: dict[DueKind, datetime] | None
+    active: bool
+    _notified: set[str]
+    runs: SqlRuns
+    stages: SqlStages
+    outbox: SqlOutbox
+
+
+__all__ = ["GUARD_MARK", "SqlTransactionUnit", "write_set"]
 
 GUARD_MARK = "treadle write_set guard"
 """The text of the error the statement raises when a guard fails."""
@@ -189,7 +203,7 @@ def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool)
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
 
 
-def _statement(tx: SqlTransaction, shape: tuple[bool, bool, bool, bool, bool]) -> sa.TextClause:
+def _statement(tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool, bool]) -> sa.TextClause:
     name = "write_set:" + "".join("1" if part else "0" for part in shape)
 
     def build() -> sa.TextClause:
@@ -210,7 +224,7 @@ def _statement(tx: SqlTransaction, shape: tuple[bool, bool, bool, bool, bool]) -
 
 
 async def write_set(
-    tx: SqlTransaction,
+    tx: SqlTransactionUnit,
     transport: JobTransport,
     *,
     runs: Sequence[Run],
@@ -223,11 +237,13 @@ async def write_set(
 ) -> bool:
     """``WriteSetStore.write_set`` on a ``SqlTransaction`` (see the module docstring)."""
     tx._check()
+    persistence = getattr(transport, "persistence", None)
     if (
         not tx.dialect.set_statements
         or not runs
-        or not isinstance(transport, SqlJobTransport)
-        or transport.persistence.dialect is not tx.dialect
+        # The SQL job transport on this persistence (whose dialect object is its own):
+        # another transport's jobs are not rows of this database.
+        or getattr(persistence, "dialect", None) is not tx.dialect
     ):
         return False
     # Events first: one whose JSON goes to the blob store sends the whole set down the
@@ -349,7 +365,7 @@ async def write_set(
     return True
 
 
-async def _alone(tx: SqlTransaction) -> Any | None:
+async def _alone(tx: SqlTransactionUnit) -> Any | None:
     """When nothing has been sent in ``tx`` yet (psycopg has not begun a transaction on
     the connection): the driver connection, switched to autocommit, so the one statement
     is sent without ``BEGIN`` and ``COMMIT`` (a single statement is atomic by itself);
@@ -364,7 +380,7 @@ async def _alone(tx: SqlTransaction) -> Any | None:
     return driver
 
 
-async def _transactional_again(tx: SqlTransaction, driver: Any) -> None:
+async def _transactional_again(tx: SqlTransactionUnit, driver: Any) -> None:
     """Switch ``driver`` back out of autocommit before the connection goes back to the
     pool; a connection that cannot be switched back is discarded, never reused."""
     try:
