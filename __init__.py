@@ -40,6 +40,8 @@ if TYPE_CHECKING:
         workflow,
     )
     from treadle.kernel.ai import AICall, AICostRow, AIRecording, AITotals
+    from treadle.kernel.ai_helper import AIConfig, AIResult, with_ai_config
+    from treadle.kernel.definitions import stage_ids
     from treadle.kernel.errors import (
         AIError,
         AIExtraMissingError,
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
         NotSupportedError,
         OutputValidationError,
         PayloadMissingError,
+        RemoteStageError,
         RunCancelledError,
         RunFailedError,
         RunNotFoundError,
@@ -92,12 +95,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AICall",
+    "AIConfig",
     "AICostRow",
     "AIError",
     "AIExtraMissingError",
     "AIRateLimitedError",
     "AIRecordError",
     "AIRecording",
+    "AIResult",
     "AITotals",
     "BodyInterruptedError",
     "BudgetExceededError",
@@ -125,6 +130,7 @@ __all__ = [
     "OutputValidationError",
     "PayloadMissingError",
     "Ready",
+    "RemoteStageError",
     "RetryPolicy",
     "Run",
     "RunCancelledError",
@@ -164,6 +170,8 @@ __all__ = [
     "define_schedule",
     "define_stage",
     "migrate",
+    "stage_ids",
+    "with_ai_config",
     "workflow",
 ]
 
@@ -193,6 +201,7 @@ _ERRORS = frozenset(
         "NotSupportedError",
         "OutputValidationError",
         "PayloadMissingError",
+        "RemoteStageError",
         "RunCancelledError",
         "RunFailedError",
         "RunNotFoundError",
@@ -217,6 +226,7 @@ _ERRORS = frozenset(
 )
 
 _AI = frozenset({"AICall", "AICostRow", "AIRecording", "AITotals"})
+_AI_HELPER = frozenset({"AIConfig", "AIResult", "with_ai_config"})
 
 
 def __getattr__(name: str) -> Any:
@@ -230,6 +240,10 @@ def __getattr__(name: str) -> Any:
         module = "treadle.runtime.options"
     elif name in _AI:
         module = "treadle.kernel.ai"
+    elif name in _AI_HELPER:
+        module = "treadle.kernel.ai_helper"
+    elif name == "stage_ids":
+        module = "treadle.kernel.definitions"
     elif name in _ERRORS:
         module = "treadle.kernel.errors"
     else:

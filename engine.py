@@ -19,11 +19,13 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import datetime, timedelta
+from decimal import Decimal
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from treadle.kernel import arguments
 from treadle.kernel import commands as c
+from treadle.kernel.ai import AICall, AICostRow, AIRecording
 from treadle.kernel.arguments import build_command as _build
 from treadle.kernel.arguments import count as _count
 from treadle.kernel.arguments import invalid as _invalid
@@ -304,6 +306,7 @@ class Engine:
         payload_max_bytes: int | None = DEFAULT_PAYLOAD_MAX_BYTES,
         schedules: Iterable[ScheduleDefinition] = (),
         retention: timedelta | float | None = None,
+        ai_recording: AIRecording | None = None,
         **engine_options: Any,
     ) -> Engine:
         """Open the backend ``url`` names (``memory://``, ``sqlite:///file.db``,
@@ -317,7 +320,9 @@ class Engine:
         (``define_schedule(...)``) are created, or brought in line with the code.
         ``retention`` (a number means seconds) is how long terminal runs of workflows
         without their own are kept before the maintenance tick purges them
-        (docs/lifecycle.md; default: forever).
+        (docs/lifecycle.md; default: forever). ``ai_recording`` says what of each AI
+        call is stored (``AIRecording(record_prompts=False)``, a ``redact`` callable;
+        docs/ai.md).
         """
         _non_empty(url, "url")
         if retention is not None:
@@ -345,6 +350,7 @@ class Engine:
                 plugins=plugins,
                 settings=settings,
                 logger=logger,
+                ai=ai_recording,
             )
             declared = [*declared_schedules(definitions), *schedules]
             if declared:
@@ -439,13 +445,15 @@ class Engine:
         search_attributes: Mapping[str, Any] | None = None,
         execution_timeout: timedelta | float | None = None,
         concurrency_key: str | None = None,
+        max_cost: Decimal | float | str | None = None,
     ) -> RunHandle:
         """Create a run (PENDING); a worker claims it. With ``idempotency_key``, starting
         again returns the first run instead of creating another. Invalid input or config
         raises a ``TreadleValidationError`` naming the field, and nothing is written.
         ``execution_timeout`` (code workflows) caps this run's wall-clock time from its
         start, overriding the workflow's. ``concurrency_key`` groups runs under the
-        workflow's per-key concurrency and rate limits (docs/flow-control.md)."""
+        workflow's per-key concurrency and rate limits (docs/flow-control.md). ``max_cost``
+        is the run's AI budget, overriding the workflow's (docs/ai.md)."""
         self._check_open()
         command = arguments.start_command(
             "Engine",
@@ -458,6 +466,7 @@ class Engine:
             search_attributes=search_attributes,
             execution_timeout=execution_timeout,
             concurrency_key=concurrency_key,
+            max_cost=max_cost,
         )
         loan = self._lend_slot()
         if loan is None:
@@ -863,6 +872,46 @@ class Engine:
                 raise _invalid("paused", f"must be True, False or None, got {paused!r}")
             query = query.model_copy(update={"paused": paused})
         return await self.kernel.list_runs(query)
+
+    async def ai_calls(self, run_id: str, *, limit: int = 1000) -> builtins.list[AICall]:
+        """The run's recorded AI calls in recording order, prompts and responses included
+        (unless the engine's ``ai_recording`` dropped them); ``RunNotFoundError`` if no
+        such run. Failed attempts' calls are there too, ``failed_attempt=True``."""
+        self._check_open()
+        return await self.kernel.ai_calls(
+            _non_empty(run_id, "run_id"), limit=_count(limit, "limit", minimum=1, maximum=100_000)
+        )
+
+    async def ai_costs(
+        self,
+        by: Literal["workflow", "model", "day", "run"] = "model",
+        *,
+        since: datetime | timedelta | float | None = None,
+        until: datetime | None = None,
+        workflow_id: str | None = None,
+        limit: int = 1000,
+    ) -> builtins.list[AICostRow]:
+        """What AI calls cost, grouped ``by`` workflow, model, UTC day or run, most
+        expensive first: calls, failed calls, tokens and cost per group. ``since`` is a
+        moment or a look-back (``timedelta(days=7)``, a number of seconds) from now."""
+        self._check_open()
+        if by not in ("workflow", "model", "day", "run"):
+            raise _invalid("by", f"must be 'workflow', 'model', 'day' or 'run', got {by!r}")
+        start: datetime | None
+        if since is None or isinstance(since, datetime):
+            start = since
+        else:
+            try:
+                start = self.kernel.deps.clock.now() - to_duration(since, "since")
+            except ValueError as exc:
+                raise _invalid("since", str(exc)) from None
+        return await self.kernel.ai_costs(
+            by,
+            since=start,
+            until=until,
+            workflow_id=workflow_id,
+            limit=_count(limit, "limit", minimum=1, maximum=100_000),
+        )
 
     async def aggregate(
         self,

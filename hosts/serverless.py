@@ -41,6 +41,7 @@ from treadle.adapters.logging import structlog_logger
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
 from treadle.kernel.model import JobStatus
+from treadle.kernel.registry import refuse_remote_queues
 from treadle.kernel.schedule_client import declared_schedules
 from treadle.runtime.backends import Backend, open_backend
 from treadle.runtime.jobs import execute_job
@@ -196,6 +197,7 @@ class ServerlessHost:
         self.max_claims = opts.max_claims
         self.queues = opts.queues
         """The named queues whose jobs this host takes (``kernel/queues.py``)."""
+        refuse_remote_queues(kernel.deps.registry, self.queues, f"host {self.worker_id!r}")
         kernel.deps.chains.serve(self.worker_id, self.queues)
         self.log = (logger or structlog_logger("treadle.hosts.serverless")).bind(
             worker_id=self.worker_id

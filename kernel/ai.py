@@ -57,10 +57,16 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from treadle.kernel.errors import AIRecordError, TreadleValidationError
+from treadle.kernel.errors import (
+    AIRecordError,
+    BudgetExceededError,
+    TreadleValidationError,
+)
 from treadle.kernel.model import JsonValue, evolve
 
 if TYPE_CHECKING:
+    from treadle.kernel.model import Run
+    from treadle.ports import Transaction
     from treadle.ports.ai_models import AIModelClient
 
 AICallType = Literal["text", "object", "agent-request", "tool", "batch-item", "embedding", "other"]
@@ -116,6 +122,34 @@ class AICall(BaseModel):
         return self.input_tokens + self.output_tokens
 
 
+def budget(value: object, what: str = "max_cost") -> Decimal:
+    """A budget as ``Decimal``: a ``Decimal``, an int or float, or numeric text, finite and
+    not negative; ``ValueError`` naming ``what`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | int | float | str):
+        raise ValueError(f"{what} must be an amount (Decimal, number or text), got {value!r}")
+    try:
+        amount = Decimal(str(value)) if not isinstance(value, Decimal) else value
+    except ArithmeticError:
+        raise ValueError(f"{what} must be an amount, got {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{what} must be a finite amount of at least 0, got {value!r}")
+    return amount
+
+
+COST_QUANTUM = Decimal("1e-9")
+"""Costs are kept to 1e-9 of their currency (the SQL adapter stores whole units of it)."""
+
+
+def stored_cost(cost: Decimal | None) -> Decimal | None:
+    """``cost`` as storage keeps it: rounded to ``COST_QUANTUM``, trailing zeros dropped."""
+    if cost is None:
+        return None
+    try:
+        return cost.quantize(COST_QUANTUM).normalize()
+    except ArithmeticError:  # beyond the context's precision: keep it as given
+        return cost
+
+
 class AITotals(BaseModel):
     """What a run's AI calls added up to so far, and its budget."""
 
@@ -134,7 +168,9 @@ class AITotals(BaseModel):
 
     def add(self, calls: Sequence[AICall]) -> AITotals:
         """These totals with ``calls`` added (what the adapters store)."""
-        cost = self.total_cost + sum((c.cost or Decimal(0) for c in calls), Decimal(0))
+        cost = (
+            self.total_cost + sum((c.cost or Decimal(0) for c in calls), Decimal(0))
+        ).normalize()
         return evolve(
             self,
             {
@@ -240,6 +276,7 @@ class AICallBuffer:
         stamped = evolve(
             call,
             {
+                "cost": stored_cost(call.cost),
                 "id": None,
                 "workflow_run_id": self._run_id,
                 "workflow_id": self._workflow_id,
@@ -322,40 +359,61 @@ CURRENT_AI_CALLS: contextvars.ContextVar[AICallBuffer | None] = contextvars.Cont
 body or the step function; ``asyncio.to_thread`` copies it into sync bodies)."""
 
 
-class StageAI:
-    """``ctx.ai`` in a pipeline stage: records this attempt's AI calls, committed with
-    the attempt's outcome (``kernel/ai.py`` module docstring)."""
-
-    def __init__(self, buffer: AICallBuffer, services: AIServices, totals: TotalsReader) -> None:
-        self._buffer = buffer
-        self._services = services
-        self._totals = totals
-
-    @property
-    def calls(self) -> list[AICall]:
-        """The calls this attempt recorded so far (not committed yet)."""
-        return list(self._buffer.calls)
-
-    def record(self, call: AICall) -> AICall:
-        """Record ``call``, made by this stage attempt; returns it as it will be stored."""
-        return self._buffer.record(call)
+def model_label(model: object) -> str:
+    """The name a model is recorded under: the string given, or a model object's
+    ``model_name`` (pydantic-ai models have one)."""
+    if isinstance(model, str):
+        return model
+    name = getattr(model, "model_name", None)
+    return name if isinstance(name, str) and name else type(model).__name__
 
 
-class WorkflowAI:
-    """``ctx.ai`` in a code workflow: ``record`` belongs to the step running in this task,
-    committed with its journal entry (``kernel/ai.py`` module docstring)."""
+async def check_budget(totals: TotalsReader, pending: Decimal = Decimal(0)) -> None:
+    """``BudgetExceededError`` if the run's committed AI cost plus ``pending`` (this
+    attempt's calls, not committed yet) has reached its ``max_cost``."""
+    found = await totals()
+    if found is None or found.max_cost is None:
+        return
+    spent = found.total_cost + pending
+    if spent >= found.max_cost:
+        raise BudgetExceededError(
+            f"run {found.workflow_run_id!r} has spent {spent} on AI calls, reaching its "
+            f"max_cost of {found.max_cost}: the next call was not made",
+            spent=spent,
+            max_cost=found.max_cost,
+        )
 
-    def __init__(self, services: AIServices, totals: TotalsReader) -> None:
-        self._services = services
-        self._totals = totals
 
-    def record(self, call: AICall) -> AICall:
-        """Record ``call``, made by the step running now; ``AIRecordError`` outside a step."""
-        buffer = CURRENT_AI_CALLS.get()
-        if buffer is None:
-            raise AIRecordError(
-                "ctx.ai.record must be called while a step runs (inside the function given "
-                "to ctx.step): a call recorded by the workflow body itself would be recorded "
-                "again by every replay"
+def current_buffer() -> AICallBuffer:
+    buffer = CURRENT_AI_CALLS.get()
+    if buffer is None:
+        raise AIRecordError(
+            "ctx.ai.record must be called while a step runs (inside the function given "
+            "to ctx.step): a call recorded by the workflow body itself would be recorded "
+            "again by every replay"
+        )
+    return buffer
+
+
+async def with_ai_totals(tx: Transaction, runs: list[Run]) -> list[Run]:
+    """``runs`` with ``total_cost``, ``total_tokens`` and ``max_cost`` filled in from the
+    ``AICallLogger`` (one query for all of them)."""
+    if not runs:
+        return runs
+    found = await tx.ai_calls.totals([run.id for run in runs])
+    if not found:
+        return runs
+    filled = []
+    for run in runs:
+        totals = found.get(run.id)
+        if totals is not None:
+            run = evolve(
+                run,
+                {
+                    "total_cost": totals.total_cost,
+                    "total_tokens": totals.total_tokens,
+                    "max_cost": totals.max_cost,
+                },
             )
-        return buffer.record(call)
+        filled.append(run)
+    return filled

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from pydantic import ValidationError as PydanticValidationError
 
 import treadle.kernel.commands as c
+from treadle.kernel.ai import budget
 from treadle.kernel.errors import TreadleValidationError
 from treadle.kernel.limits import to_duration
 
@@ -88,6 +90,7 @@ def start_command(
     search_attributes: Mapping[str, Any] | None,
     execution_timeout: timedelta | float | None,
     concurrency_key: str | None = None,
+    max_cost: Any = None,
 ) -> c.RunCreate:
     """``run.create`` for ``{facade}.start(...)``, its arguments checked."""
     return build_command(
@@ -105,7 +108,16 @@ def start_command(
             None if execution_timeout is None else duration(execution_timeout, "execution_timeout")
         ),
         concurrency_key=concurrency_key,
+        max_cost=None if max_cost is None else amount(max_cost, "max_cost"),
     )
+
+
+def amount(value: Any, argument: str) -> Decimal:
+    """A money amount (``max_cost``): Decimal, number or numeric text, at least 0."""
+    try:
+        return budget(value, argument)
+    except ValueError as exc:
+        raise invalid(argument, str(exc)) from None
 
 
 def start_items(facade: str, items: Any) -> list[c.RunCreateItem]:

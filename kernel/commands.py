@@ -12,6 +12,7 @@ import functools
 import operator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
@@ -60,6 +61,8 @@ class RunCreate(CommandBase):
     execution_timeout: Duration | None = Field(default=None, gt=timedelta(0))
     """Code workflows: this run's cap on wall-clock time from its start, overriding the
     workflow's ``execution_timeout``."""
+    max_cost: Decimal | None = Field(default=None, ge=0, allow_inf_nan=False)
+    """This run's AI budget, overriding the workflow's ``max_cost`` (``kernel/ai.py``)."""
     claim_for: str | None = Field(default=None, min_length=1)
     """A worker (in the caller's process) with a free slot: the new run is claimed for it
     in the same transaction, its first stage leased to it and started, and returned as
@@ -288,6 +291,108 @@ class JobExecuteResult(ResultBase):
     queued_jobs: int = 0
     """Jobs this commit queued for any worker to take now (a parallel group's stages
     beyond the chained one): a host with free slots should dequeue at once."""
+
+
+# -- remote execution: job.begin, job.complete, job.fail, job.suspend, job.heartbeat --
+class JobBegin(CommandBase):
+    """Phase 1 of ``job.execute`` for an executor outside the kernel's process (a remote
+    worker, ``docs/remote-workers.md``): the job, already leased to ``worker_id`` by
+    ``JobTransport.dequeue``, has its stage started (RUNNING, attempt counted,
+    ``stage:started``) exactly as ``job.execute`` starts it; the result carries what the
+    body needs. The outcome is committed later by ``job.complete``, ``job.fail`` or
+    ``job.suspend`` through ``job.execute``'s own phase 3. Only remote stages."""
+
+    type: Literal["job.begin"] = "job.begin"
+    job_id: str = Field(min_length=1)
+    worker_id: str = Field(min_length=1)
+
+
+class JobBeginResult(ResultBase):
+    started: bool
+    """False when the stage was not started (``reason`` says why: the run was cancelled
+    or paused meanwhile, the lease is not this worker's); nothing is left to do."""
+    job_id: str
+    workflow_run_id: str | None = None
+    workflow_id: str | None = None
+    stage_id: str | None = None
+    attempt: int = 0
+    """The lease's ``Job.attempts``: name it in ``job.complete`` / ``fail`` / ``suspend``."""
+    stage_attempt: int = 0
+    """The stage's attempt number, as ``ctx.attempt`` gives it to a local body."""
+    idempotency_key: str | None = None
+    """``ctx.idempotency_key``: stable across retries of this stage in this run."""
+    input: JsonValue = None
+    """The stage's input, validated against its input model (``None`` for ``input="none"``)."""
+    config: JsonValue = None
+    """The stage's config with defaults applied, or ``None``."""
+    resume_state: JsonValue = None
+    """What the last ``job.suspend`` of this stage saved, when it is resumed."""
+    reason: str | None = None
+
+
+class _RemoteOutcome(CommandBase):
+    job_id: str = Field(min_length=1)
+    worker_id: str = Field(min_length=1)
+    attempt: int = Field(ge=1)
+    """The lease's ``Job.attempts`` from ``job.begin``: an outcome meant for an earlier
+    lease (reaped and leased again) is a ghost."""
+
+
+class JobComplete(_RemoteOutcome):
+    """Commit a remote execution's output, validated against the stage's output model
+    (a wrong shape fails the stage without retry, as in-process)."""
+
+    type: Literal["job.complete"] = "job.complete"
+    output: JsonValue = None
+
+
+class JobFail(_RemoteOutcome):
+    """Commit a remote execution's failure under the stage's retry policy."""
+
+    type: Literal["job.fail"] = "job.fail"
+    error: str = Field(min_length=1, max_length=10_000)
+    error_type: str | None = Field(default=None, max_length=200)
+    """The remote error's class name, shown before the message."""
+    retryable: bool = True
+    """False: fail the stage for good, as ``NonRetryableError`` does."""
+
+
+class JobSuspend(_RemoteOutcome):
+    """Park the stage as a batch stage's ``Suspend`` does: at ``poll_interval`` its job is
+    leased again with ``resume_state`` = ``state``; past ``max_wait`` the stage fails."""
+
+    type: Literal["job.suspend"] = "job.suspend"
+    state: JsonValue = None
+    poll_interval: Duration = Field(gt=timedelta(0))
+    max_wait: Duration = Field(default=timedelta(hours=24), gt=timedelta(0))
+
+
+class JobCompleteResult(JobExecuteResult):
+    """``job.execute``'s result, for ``job.complete``: ``ghost=True`` when the output was
+    discarded (run cancelled, lease reaped and taken by another attempt)."""
+
+
+class JobFailResult(JobExecuteResult):
+    """``job.execute``'s result, for ``job.fail``: ``retryable`` and ``next_poll_at`` say
+    whether and when the stage is tried again."""
+
+
+class JobSuspendResult(JobExecuteResult):
+    """``job.execute``'s result, for ``job.suspend``: ``next_poll_at`` is when the stage is
+    leased again."""
+
+
+class JobHeartbeat(_RemoteOutcome):
+    """Extend the lease of a job this worker holds at ``attempt``."""
+
+    type: Literal["job.heartbeat"] = "job.heartbeat"
+
+
+class JobHeartbeatResult(ResultBase):
+    held: bool
+    """False: the lease is no longer this worker's (run cancelled, lease reaped): stop."""
+    cancelled: bool = False
+    """The run was cancelled (or ended): the body should stop; its result would be a ghost."""
 
 
 # -- job.release ------------------------------------------------------------
@@ -524,6 +629,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(RunPurge, RunPurgeResult),
     CommandSpec(JobExecute, JobExecuteResult),
     CommandSpec(JobRelease, JobReleaseResult),
+    CommandSpec(JobBegin, JobBeginResult),
+    CommandSpec(JobComplete, JobCompleteResult),
+    CommandSpec(JobFail, JobFailResult),
+    CommandSpec(JobSuspend, JobSuspendResult),
+    CommandSpec(JobHeartbeat, JobHeartbeatResult),
     CommandSpec(StagePollSuspended, StagePollSuspendedResult),
     CommandSpec(LeaseReapStale, LeaseReapStaleResult),
     CommandSpec(RunReapStuck, RunReapStuckResult),

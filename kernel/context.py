@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from treadle.kernel.ai import DEFAULT_AI, AICallBuffer, AIServices, AITotals, StageAI
+from treadle.kernel.ai import DEFAULT_AI, AICallBuffer, AIServices, AITotals
+from treadle.kernel.ai_helper import StageAI
 from treadle.kernel.errors import TreadleError
 from treadle.kernel.limits import to_json, validate_attributes
 from treadle.kernel.model import JsonValue, MissingPayload
@@ -266,7 +267,9 @@ class StageContext(Generic[InT, ConfigT]):
                 recording=self._ai_services.recording,
             )
             runtime, run_id = self._runtime, self.run_id
-            self._ai = StageAI(self.ai_calls, self._ai_services, lambda: runtime.ai_totals(run_id))
+            self._ai = StageAI(
+                self.ai_calls, self._ai_services, lambda: runtime.ai_totals(run_id), self._now
+            )
         return self._ai
 
     @property

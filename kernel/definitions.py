@@ -8,20 +8,24 @@ mistakes surface at import time with the stage named, not hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from treadle.kernel.ai import budget
 from treadle.kernel.errors import DefinitionError, InvalidConfigError, InvalidInputError
 from treadle.kernel.flow_control import RateLimit, check_limits
 from treadle.kernel.limits import Duration, dump_json, precheck, to_duration, to_json
 from treadle.kernel.model import JsonValue
-from treadle.kernel.queues import DEFAULT_QUEUE, check_queue
+from treadle.kernel.queues import DEFAULT_QUEUE, REMOTE_QUEUE, check_queue
 from treadle.kernel.retry import DEFAULT_RETRY, RetryPolicy
 from treadle.kernel.schedules import ScheduleDefinition, define_schedule
 from treadle.kernel.text import safe_text
@@ -147,6 +151,9 @@ class StageDefinition:
     queue: str | None = None
     """The queue its jobs go to; ``None``: the workflow's queue (``WorkflowBuilder(queue=)``),
     else ``DEFAULT_QUEUE``. Only workers serving that queue run it."""
+    remote: bool = False
+    """Executed only by remote workers over HTTP (``docs/remote-workers.md``), never by an
+    in-process worker; its function is not called. Its queue defaults to ``REMOTE_QUEUE``."""
     is_async: bool = True
     input_adapter: TypeAdapter[Any] | None = field(default=None, repr=False)
     output_adapter: TypeAdapter[Any] = field(default=TypeAdapter(Any), repr=False)
@@ -175,8 +182,9 @@ class StageDefinition:
             ) from None
 
     def with_fn(self, fn: StageFn) -> StageDefinition:
-        """A copy running ``fn`` instead (used by ``TestEngine.mock_stage``)."""
-        return dataclasses.replace(self, fn=fn, is_async=_is_async(fn))
+        """A copy running ``fn`` instead (used by ``TestEngine.mock_stage``); a remote
+        stage's copy runs in-process, so a test can stand in for the remote worker."""
+        return dataclasses.replace(self, fn=fn, is_async=_is_async(fn), remote=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,7 +209,9 @@ class BatchStageDefinition(StageDefinition):
         return fn
 
     def with_fn(self, fn: StageFn) -> StageDefinition:
-        return dataclasses.replace(self, fn=fn, is_async=_is_async(fn), checks=self.checks)
+        return dataclasses.replace(
+            self, fn=fn, is_async=_is_async(fn), checks=self.checks, remote=False
+        )
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -265,15 +275,23 @@ def define_stage(
     timeout: timedelta | float | None = None,
     requires: Iterable[str] = (),
     queue: str | None = None,
+    remote: bool = False,
 ) -> Callable[[StageFn], StageDefinition]:
     """Decorate a sync or async ``fn(ctx)`` as a stage. ``input="none"`` reads only
     earlier outputs through ``ctx.require``. ``queue``: only workers serving that queue
-    run it (see ``kernel/queues.py``)."""
+    run it (see ``kernel/queues.py``). ``remote=True``: only remote workers run it, over
+    HTTP (``docs/remote-workers.md``); the function is never called, and the queue
+    defaults to ``REMOTE_QUEUE``, which in-process workers refuse to serve."""
     _check_stage_queue(id, queue)
+    if not isinstance(remote, bool):
+        raise DefinitionError(f"stage {id!r}: remote must be True or False, got {remote!r}")
+    if remote and queue is None:
+        queue = REMOTE_QUEUE
 
     def wrap(fn: StageFn) -> StageDefinition:
         return StageDefinition(
-            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires, queue)
+            **_stage_kwargs(fn, id, input, output, config, name, retry, timeout, requires, queue),
+            remote=remote,
         )
 
     return wrap
@@ -339,6 +357,9 @@ class WorkflowDefinition:
     retention: timedelta | None = None
     """How long this workflow's terminal runs are kept before the maintenance tick purges
     them (``run.purge``); ``None``: the engine's default (``KernelSettings``)."""
+    max_cost: Decimal | None = None
+    """Each run's AI budget, unless its start gives one (``kernel/ai.py``): once the run's
+    AI calls cost this much, the next call fails the run with ``BudgetExceededError``."""
 
     def stage(self, stage_id: str) -> StageDefinition | None:
         return self.stages.get(stage_id)
@@ -352,6 +373,14 @@ class WorkflowDefinition:
     def queues(self) -> tuple[str, ...]:
         """Every queue this workflow's jobs go to, in stage order, without repeats."""
         return tuple(dict.fromkeys(self.queue_of(stage_id) for stage_id in self.stages))
+
+    @property
+    def remote_queues(self) -> tuple[str, ...]:
+        """The queues of this workflow's remote stages (``define_stage(remote=True)``),
+        which only remote workers serve."""
+        return tuple(
+            dict.fromkeys(self.queue_of(sid) for sid, st in self.stages.items() if st.remote)
+        )
 
     def validate_input(self, data: Any) -> JsonValue:
         """Validate run input; returns its JSON form, storable on every backend
@@ -473,6 +502,17 @@ def retention_of(workflow_id: str, value: timedelta | float | None) -> timedelta
         raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None
 
 
+def max_cost_of(workflow_id: str, value: Decimal | float | str | None) -> Decimal | None:
+    """A workflow's ``max_cost``: a non-negative amount (``Decimal``, number or numeric
+    text) or ``None``; ``DefinitionError`` naming the workflow otherwise."""
+    if value is None:
+        return None
+    try:
+        return budget(value, "max_cost")
+    except ValueError as exc:
+        raise DefinitionError(f"workflow {workflow_id!r}: {exc}") from None
+
+
 class WorkflowBuilder:
     """Fluent builder: ``WorkflowBuilder(id, input=Model).pipe(a).parallel([b, c]).build()``."""
 
@@ -489,6 +529,7 @@ class WorkflowBuilder:
         rate_limit: RateLimit | None = None,
         schedule: str | None = None,
         retention: timedelta | float | None = None,
+        max_cost: Decimal | float | str | None = None,
     ) -> None:
         try:
             check_queue(queue, f"workflow {id!r}")
@@ -500,6 +541,7 @@ class WorkflowBuilder:
         self._rate_limit = rate_limit
         self._id = id
         self._retention = retention_of(id, retention)
+        self._max_cost = max_cost_of(id, max_cost)
         self._input = input
         self._description = description
         self._version = str(version)
@@ -553,6 +595,7 @@ class WorkflowBuilder:
                         f"in group {group_of[dep]}, not before group {group_of[stage_id]}"
                     )
         self._check_schemas()
+        self._check_remote_queues(stages)
         return WorkflowDefinition(
             id=self._id,
             version=self._version,
@@ -568,7 +611,23 @@ class WorkflowBuilder:
             rate_limit=self._rate_limit,
             schedules=declared_schedule(self._id, self._schedule),
             retention=self._retention,
+            max_cost=self._max_cost,
         )
+
+    def _check_remote_queues(self, stages: Mapping[str, StageDefinition]) -> None:
+        """A queue holds remote stages only or local stages only: an in-process worker
+        serving it would otherwise lease remote jobs, and a remote worker local ones."""
+        kinds: dict[str, dict[bool, str]] = {}
+        for stage_id, stage in stages.items():
+            queue = stage.queue or self._queue
+            kinds.setdefault(queue, {}).setdefault(stage.remote, stage_id)
+        for queue, by_kind in kinds.items():
+            if len(by_kind) > 1:
+                raise DefinitionError(
+                    f"workflow {self._id!r}: queue {queue!r} holds remote stage "
+                    f"{by_kind[True]!r} and in-process stage {by_kind[False]!r}; "
+                    "give the remote stage a queue of its own"
+                )
 
     def _check_schemas(self) -> None:
         """Where both sides are pydantic models, each required input field of the next
@@ -609,3 +668,26 @@ class WorkflowBuilder:
                         f"workflow {self._id!r}: stage {stage.id!r} needs input field(s) "
                         f"{missing} that {source} does not produce{hint}"
                     )
+
+
+def stage_ids(workflow: WorkflowDefinition) -> type[enum.StrEnum]:
+    """The stage ids of a built pipeline as a ``StrEnum`` (the seed's ``createStageIds``):
+    ``Ids = stage_ids(pipeline)``, then ``ctx.require(Ids.EXTRACT_TEXT)``. Member names
+    are the ids upper-cased with every other character than a letter or digit made
+    ``_`` (``extract-text`` is ``EXTRACT_TEXT``); values are the ids, so a member is the
+    id wherever a string is expected. ``DefinitionError`` if two ids make one name."""
+    if not isinstance(workflow, WorkflowDefinition):
+        raise DefinitionError(f"stage_ids takes a built workflow, got {workflow!r}")
+    members: dict[str, str] = {}
+    for stage_id in workflow.stages:
+        name = re.sub(r"[^0-9A-Za-z]", "_", stage_id).upper()
+        if not name or name[0].isdigit() or name.startswith("_"):
+            name = f"STAGE_{name}"
+        if name in members:
+            raise DefinitionError(
+                f"workflow {workflow.id!r}: stage ids {members[name]!r} and {stage_id!r} "
+                f"both make the enum member {name}"
+            )
+        members[name] = stage_id
+    title = "".join(part.capitalize() for part in re.split(r"[^0-9A-Za-z]+", workflow.id))
+    return enum.StrEnum(f"{title or 'Workflow'}StageIds", members)  # type: ignore[return-value]

@@ -33,7 +33,9 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── BodyInterruptedError          a stage or step body raised a BaseException that is
     │   │                                 no Exception (KeyboardInterrupt, SystemExit, its own
     │   │                                 CancelledError): a failed attempt (retryable)
-    │   └── SuspendTimeoutError           a suspended stage waited past ``max_wait``
+    │   ├── SuspendTimeoutError           a suspended stage waited past ``max_wait``
+    │   └── RemoteStageError              a remote worker reported its execution failed
+    │                                     (``job.fail``; retryable unless it says not)
     ├── AIError                           AI calls and costs (``ctx.ai``, the ``ai`` extra)
     │   ├── BudgetExceededError           a run's AI cost reached its ``max_cost``: no further call
     │   │                                 is made, the run fails (never retried)
@@ -272,6 +274,13 @@ def as_body_failure(exc: BaseException, where: str) -> BodyInterruptedError | No
     )
     failure.__cause__ = exc  # its traceback (``short_traceback``) shows where it came from
     return failure
+
+
+class RemoteStageError(StageError):
+    """A remote worker reported that its execution of a stage failed (``job.fail``). The
+    message is the worker's; ``retryable`` follows what it said (``docs/remote-workers.md``)."""
+
+    retryable = True
 
 
 class SuspendTimeoutError(StageError):

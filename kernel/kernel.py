@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast, overload
 from pydantic import ValidationError as PydanticValidationError
 
 import treadle.kernel.commands as c
-from treadle.kernel.ai import AIServices
+from treadle.kernel.ai import AICall, AICostRow, AIGroupBy, AIServices, with_ai_totals
 from treadle.kernel.annotations import Annotations
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.deps import Deps, Handler, KernelSettings, Scope
@@ -32,6 +32,7 @@ from treadle.kernel.handlers import (
     maintenance,
     messages,
     outbox,
+    remote,
     retention,
     runs,
     schedules,
@@ -47,6 +48,8 @@ from treadle.kernel.workflows.fork import fork_run
 from treadle.kernel.workflows.model import ForkResult, InboxMessage, JournalEntry
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from treadle.ports import (
         BlobStore,
         Clock,
@@ -80,6 +83,11 @@ def _handlers() -> dict[str, tuple[Handler, bool]]:
         "run.purge": (retention.purge, True),
         "job.execute": (jobs.execute, True),
         "job.release": (leases.release, False),
+        "job.begin": (remote.begin, True),
+        "job.complete": (remote.complete, True),
+        "job.fail": (remote.fail, True),
+        "job.suspend": (remote.suspend, True),
+        "job.heartbeat": (remote.heartbeat, False),
         "stage.pollSuspended": (suspended.poll_suspended, True),
         "lease.reapStale": (maintenance.reap_stale, False),
         "run.reapStuck": (maintenance.reap_stuck, False),
@@ -145,6 +153,21 @@ class Kernel:
     async def dispatch(self, command: c.JobExecute) -> c.JobExecuteResult: ...
     @overload
     async def dispatch(self, command: c.JobRelease) -> c.JobReleaseResult: ...
+    @overload
+    async def dispatch(self, command: c.JobBegin) -> c.JobBeginResult: ...
+
+    @overload
+    async def dispatch(self, command: c.JobComplete) -> c.JobCompleteResult: ...
+
+    @overload
+    async def dispatch(self, command: c.JobFail) -> c.JobFailResult: ...
+
+    @overload
+    async def dispatch(self, command: c.JobSuspend) -> c.JobSuspendResult: ...
+
+    @overload
+    async def dispatch(self, command: c.JobHeartbeat) -> c.JobHeartbeatResult: ...
+
     @overload
     async def dispatch(self, command: c.StagePollSuspended) -> c.StagePollSuspendedResult: ...
     @overload
@@ -225,11 +248,33 @@ class Kernel:
                 raise RunNotFoundError(f"no run with id {run_id!r}")
             if with_stages:
                 run = evolve(run, {"stages": await tx.stages.for_run(run_id)})
+            [run] = await with_ai_totals(tx, [run])
         return run
 
     async def list_runs(self, filter: RunFilter | None = None) -> list[Run]:
         async with self.deps.persistence.transaction() as tx:
-            return await tx.runs.query(filter or RunFilter())
+            return await with_ai_totals(tx, await tx.runs.query(filter or RunFilter()))
+
+    async def ai_calls(self, run_id: str, *, limit: int = 1000) -> list[AICall]:
+        """The run's recorded AI calls, in the order they were recorded (``kernel/ai.py``)."""
+        async with self.deps.persistence.transaction() as tx:
+            await self._existing(tx, run_id)
+            return await tx.ai_calls.for_run(run_id, limit=limit)
+
+    async def ai_costs(
+        self,
+        by: AIGroupBy,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        workflow_id: str | None = None,
+        limit: int = 1000,
+    ) -> list[AICostRow]:
+        """AI calls made in ``[since, until)`` grouped by workflow, model, UTC day or run."""
+        async with self.deps.persistence.transaction() as tx:
+            return await tx.ai_calls.aggregate(
+                by, since=since, until=until, workflow_id=workflow_id, limit=limit
+            )
 
     async def events(self, run_id: str, after_sequence: int = 0) -> list[EventBase]:
         async with self.deps.persistence.transaction() as tx:

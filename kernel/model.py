@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -166,6 +167,14 @@ class Run(_Frozen):
     """A CANCELLED run that ``run.terminate`` ended: it runs no compensations."""
     version: int = 0
     stages: list[StageRun] = Field(default_factory=list)
+    total_cost: Decimal = Decimal(0)
+    """What the run's AI calls cost so far, failed attempts included (``kernel/ai.py``).
+    Kept by the ``AICallLogger`` port, not in the run's row: readers that show runs
+    (``Engine.get_run``, ``Engine.list``) fill it in; inside the kernel it reads 0."""
+    total_tokens: int = 0
+    """Input plus output tokens of the run's AI calls so far (filled in like ``total_cost``)."""
+    max_cost: Decimal | None = None
+    """The run's AI budget, if it has one (filled in like ``total_cost``)."""
 
     @property
     def continued_from(self) -> str | None:

@@ -15,6 +15,10 @@ from collections.abc import Iterable
 DEFAULT_QUEUE = "default"
 """The queue of a stage or workflow that names none, and the one a worker serves by default."""
 
+REMOTE_QUEUE = "remote"
+"""The queue of a remote stage (``define_stage(..., remote=True)``) that names none. Remote
+workers lease its jobs over HTTP; in-process workers refuse a queue that holds remote stages."""
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 

@@ -77,3 +77,31 @@ class Registry:
 
     def ids(self) -> list[str]:
         return sorted(self._versions)
+
+
+def remote_stages(registry: object) -> dict[str, tuple[str, ...]]:
+    """Queue -> the remote stages (``define_stage(remote=True)``) on it, over every
+    definition of ``registry`` (anything iterable over definitions; others: none known)."""
+    if not isinstance(registry, Iterable):
+        return {}
+    found: dict[str, dict[str, None]] = {}
+    for wf in registry:
+        if not isinstance(wf, WorkflowDefinition):
+            continue
+        for stage_id, stage in wf.stages.items():
+            if stage.remote:
+                found.setdefault(wf.queue_of(stage_id), {})[stage_id] = None
+    return {queue: tuple(ids) for queue, ids in found.items()}
+
+
+def refuse_remote_queues(registry: object, queues: Iterable[str], where: str) -> None:
+    """``DefinitionError`` when an in-process worker would serve a queue of remote stages:
+    it would lease jobs it must not run (``job.execute`` refuses remote stages)."""
+    remote = remote_stages(registry)
+    for queue in queues:
+        if queue in remote:
+            raise DefinitionError(
+                f"{where}: queue {queue!r} holds remote stages ({', '.join(remote[queue])}), "
+                "which only remote workers run over HTTP (docs/remote-workers.md); "
+                "serve other queues"
+            )

@@ -55,6 +55,15 @@ class RetryPolicy(BaseModel):
         # Validation, definition and state errors do not heal by waiting.
         return not (isinstance(exc, TreadleError) and not exc.retryable)
 
+    def delay_after(self, failed_attempt: int, exc: BaseException, seed: str = "") -> timedelta:
+        """``delay_for``, but at least the ``retry_after`` seconds the error asks for (a
+        provider's 429 with ``Retry-After``: ``AIRateLimitedError``)."""
+        delay = self.delay_for(failed_attempt, seed)
+        asked = getattr(exc, "retry_after", None)
+        if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > 0:
+            delay = max(delay, timedelta(seconds=min(float(asked), 7 * 86_400)))
+        return delay
+
     def allows_another(self, failed_attempt: int, exc: BaseException) -> bool:
         return failed_attempt < self.max_attempts and self.is_retryable(exc)
 

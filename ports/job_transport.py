@@ -30,10 +30,13 @@ class JobTransport(Protocol):
         *,
         limit: int = 1,
         queues: Sequence[str] | None = None,
+        stage_ids: Sequence[str] | None = None,
     ) -> list[Job]:
         """Lease up to ``limit`` QUEUED jobs due at ``now``: priority desc, then FIFO.
         Each leased job has ``attempts`` incremented, ``worker_id`` and ``heartbeat_at`` set.
-        With ``queues``, only jobs on those named queues (``Job.queue``); ``None``: any."""
+        With ``queues``, only jobs on those named queues (``Job.queue``); ``None``: any.
+        With ``stage_ids``, only jobs of those stages (a remote worker serving some stages
+        of a queue, ``docs/remote-workers.md``); ``None``: any."""
 
     async def get(self, tx: Transaction, job_id: str) -> Job | None: ...
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from treadle.adapters.ai import PydanticAIClient
 from treadle.adapters.clock import SystemClock
 from treadle.adapters.cron import CroniterCalendar
 from treadle.adapters.event_sinks import LogEventSink
@@ -32,6 +33,7 @@ from treadle.adapters.memory import (
     InMemoryWorkerRegistry,
 )
 from treadle.adapters.urls import redact_url, scrub
+from treadle.kernel.ai import AIRecording, AIServices
 from treadle.kernel.errors import StorageError, TreadleError
 from treadle.kernel.kernel import Kernel, create_kernel
 
@@ -80,6 +82,7 @@ class Backend:
         of definitions) and any other ``create_kernel`` option (``logger``, ``ids``,
         ``plugins``, ``settings``); cron schedules use croniter unless ``cron`` says."""
         options.setdefault("cron", CroniterCalendar())
+        options["ai"] = ai_services(options.get("ai"))
         return create_kernel(
             persistence=self.persistence,
             job_transport=self.job_transport,
@@ -295,3 +298,12 @@ async def _check_schema(sql: Any, url: str) -> None:
         f"database {redact_url(url)!r} has {found}, but this version of Treadle needs "
         f"revision {head!r}: run `treadle migrate --db <url>` (or pass auto_migrate=True)"
     )
+
+
+def ai_services(given: AIServices | AIRecording | None) -> AIServices:
+    """The kernel's AI set-up: ``given`` (an ``AIServices``, or an ``AIRecording`` policy)
+    with the pydantic-ai client unless it names another (``adapters/ai.py``: it imports
+    pydantic-ai only on the first call, so this costs a plain install nothing)."""
+    if isinstance(given, AIServices):
+        return given if given.client is not None else replace(given, client=PydanticAIClient())
+    return AIServices(recording=given or AIRecording(), client=PydanticAIClient())

@@ -35,6 +35,7 @@ from treadle.adapters.logging import structlog_logger
 from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.kernel.errors import describe_exception
 from treadle.kernel.model import WorkerInfo
+from treadle.kernel.registry import refuse_remote_queues
 from treadle.runtime.backoff import Backoff
 from treadle.runtime.due import DueSchedule, next_due_times
 from treadle.runtime.jobs import execute_job, release_command, release_job
@@ -97,6 +98,7 @@ class Worker:
         self.max_claims = opts.max_claims
         self.max_backoff = opts.max_backoff
         self.queues = opts.queues
+        refuse_remote_queues(kernel.deps.registry, self.queues, f"worker {self.worker_id!r}")
         self.registry = registry
         self._started_at: datetime | None = None
         self._next_beat = 0.0

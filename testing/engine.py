@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from treadle.adapters.cron import CroniterCalendar
@@ -26,6 +27,7 @@ from treadle.adapters.memory import (
     InMemoryScheduler,
 )
 from treadle.kernel import commands as c
+from treadle.kernel.ai import AICall, AIRecording, AIServices
 from treadle.kernel.arguments import start_command
 from treadle.kernel.context import StageContext
 from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
@@ -38,12 +40,13 @@ from treadle.kernel.errors import (
 )
 from treadle.kernel.events import EventBase
 from treadle.kernel.kernel import Kernel, KernelSettings, create_kernel
-from treadle.kernel.model import LogRecord, Run, RunStatus
-from treadle.kernel.registry import Registry
+from treadle.kernel.model import JobStatus, LogRecord, Run, RunStatus
+from treadle.kernel.registry import Registry, remote_stages
 from treadle.kernel.schedule_client import Schedules, declared_schedules
 from treadle.kernel.schedules import ScheduleDefinition
 from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, WorkflowContext
 from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
+from treadle.runtime.backends import ai_services
 from treadle.runtime.jobs import execute_job
 from treadle.runtime.tick import TickReport, maintenance_tick
 from treadle.testing.chaos import Chaos
@@ -156,6 +159,23 @@ class _MockingRegistry:
     def ids(self) -> list[str]:
         return self.inner.ids()
 
+    def __iter__(self) -> Iterator[WorkflowDefinition]:
+        """Every registered definition (as ``Registry``), for checks over all of them."""
+        return iter(self.inner)
+
+    def local_queues(self) -> list[str] | None:
+        """The queues the harness runs: all (``None``) unless some hold remote stages
+        that no mock stands in for, which wait for a remote worker (``job.begin``)."""
+        waiting = {
+            queue
+            for queue, ids in remote_stages(self.inner).items()
+            if any(stage_id not in self.mocks for stage_id in ids)
+        }
+        if not waiting:
+            return None
+        every = {queue for wf in self.inner for queue in wf.queues}
+        return sorted(every - waiting)
+
     def register(self, workflow: WorkflowDefinition) -> None:
         self.inner.register(workflow)
         self._cache.clear()
@@ -247,6 +267,7 @@ class TestEngine:
         ids: Any = None,
         chain: bool = True,
         schedules: Iterable[ScheduleDefinition] = (),
+        ai: AIServices | AIRecording | None = None,
     ) -> None:
         # ``clock`` lets a caller share one FakeClock with the engine (the pytest plugin's
         # ``fake_clock`` is ``treadle_engine.clock``): a second clock would be a second
@@ -284,6 +305,7 @@ class TestEngine:
             settings=settings,
             logger=structlog_logger(worker_id=worker_id),
             cron=CroniterCalendar(),
+            ai=ai_services(ai),
         )
         self._unsynced: list[ScheduleDefinition] = [
             *declared_schedules(workflows),
@@ -335,6 +357,7 @@ class TestEngine:
         search_attributes: Mapping[str, Any] | None = None,
         execution_timeout: timedelta | float | None = None,
         concurrency_key: str | None = None,
+        max_cost: Decimal | float | str | None = None,
     ) -> RunHandle:
         """Create a run (``run.create``), checking the arguments as ``Engine.start`` does:
         a bad one is the same ``TreadleValidationError`` naming it, and nothing is written."""
@@ -349,12 +372,17 @@ class TestEngine:
             search_attributes=search_attributes,
             execution_timeout=execution_timeout,
             concurrency_key=concurrency_key,
+            max_cost=max_cost,
         )
         result = await self.kernel.dispatch(command)
         return RunHandle(self, result.workflow_run_id)
 
     async def get_run(self, run_id: str) -> Run:
         return await self.kernel.get_run(run_id)
+
+    async def ai_calls(self, run_id: str) -> list[AICall]:
+        """``Engine.ai_calls``: the run's recorded AI calls, in order."""
+        return await self.kernel.ai_calls(run_id)
 
     async def cancel(self, run_id: str, reason: str | None = None) -> bool:
         result = await self.kernel.dispatch(c.RunCancel(workflow_run_id=run_id, reason=reason))
@@ -460,7 +488,9 @@ class TestEngine:
         )
         self._raise_errors()
         moved = _tick_moved(report)
-        leased = await self.job_transport.dequeue(self.worker_id, self.clock.now(), limit=1000)
+        leased = await self.job_transport.dequeue(
+            self.worker_id, self.clock.now(), limit=1000, queues=self.registry.local_queues()
+        )
         if leased:
             moved = True
             chain = _always if self.chain else None
@@ -489,13 +519,28 @@ class TestEngine:
 
     async def next_due_at(self) -> datetime | None:
         candidates = [
-            await self.job_transport.next_due_at(),
+            await self._next_job_at(),
             self.persistence.next_suspended_poll_at(),
             self.persistence.next_timer_at(EXECUTION_TIMEOUT),
             await self.scheduler.next_due_at(),
             await self._next_fire_at(),
         ]
         return min((t for t in candidates if t is not None), default=None)
+
+    async def _next_job_at(self) -> datetime | None:
+        """The next due job the harness runs: jobs on queues of remote stages wait for
+        a remote worker (``job.begin``), so their due times are not the harness's."""
+        served = self.registry.local_queues()
+        if served is None:
+            return await self.job_transport.next_due_at()
+        return min(
+            (
+                job.next_poll_at
+                for job in self.job_transport.jobs.values()
+                if job.status is JobStatus.QUEUED and job.queue in served
+            ),
+            default=None,
+        )
 
     async def _next_fire_at(self) -> datetime | None:
         """The next fire time still ahead: one already past did not fire in the round

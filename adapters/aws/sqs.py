@@ -164,8 +164,11 @@ class _JobTransport:
         *,
         limit: int = 1,
         queues: Sequence[str] | None = None,
+        stage_ids: Sequence[str] | None = None,
     ) -> list[Job]:
-        return await self._inner.dequeue(worker_id, now, limit=limit, queues=queues)
+        return await self._inner.dequeue(
+            worker_id, now, limit=limit, queues=queues, stage_ids=stage_ids
+        )
 
     async def get(self, tx: Transaction, job_id: str) -> Job | None:
         return await self._inner.get(tx, job_id)

@@ -248,8 +248,10 @@ class InMemoryJobTransport:
         *,
         limit: int = 1,
         queues: Sequence[str] | None = None,
+        stage_ids: Sequence[str] | None = None,
     ) -> list[Job]:
         served = None if queues is None else frozenset(queues)
+        stages = None if stage_ids is None else frozenset(stage_ids)
         async with self._lock:
             if self._dirty:
                 self._rebuild()
@@ -266,7 +268,11 @@ class InMemoryJobTransport:
                     or job.sequence != seq
                 ):
                     continue  # stale entry
-                if available_at > now or (served is not None and job.queue not in served):
+                if (
+                    available_at > now
+                    or (served is not None and job.queue not in served)
+                    or (stages is not None and job.stage_id not in stages)
+                ):
                     deferred.append(entry)  # not yet, or another queue's
                     continue
                 job = evolve(

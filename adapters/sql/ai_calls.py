@@ -69,43 +69,50 @@ class SqlAICallLogger:
     async def record(self, calls: Sequence[AICall]) -> builtins.list[AICall]:
         if not calls:
             return []
-        stored: list[AICall] = []
+        rows: list[dict[str, Any]] = []
         added: dict[str, dict[str, int]] = {}
         for call in calls:
             if not call.workflow_run_id:
                 raise ValueError("an AICall to store needs its workflow_run_id")
             run_id = call.workflow_run_id
-            row = {
-                "run_id": run_id,
-                "workflow_id": call.workflow_id,
-                "stage_id": call.stage_id,
-                "step": call.step,
-                "attempt": call.attempt,
-                "topic": call.topic,
-                "call_type": call.call_type,
-                "provider": call.provider,
-                "model": call.model,
-                "prompt": await self._tx._put_payload(run_id, call.prompt),
-                "response": await self._tx._put_payload(run_id, call.response),
-                "input_tokens": call.input_tokens,
-                "output_tokens": call.output_tokens,
-                "cost_nanos": to_nanos(call.cost),
-                "currency": call.currency,
-                "latency": call.latency,
-                "error": call.error,
-                "failed_attempt": call.failed_attempt,
-                "created_at": call.created_at,
-            }
-            result = await self._tx.execute(
-                sa.insert(t.ai_calls).values(row).returning(t.ai_calls.c.id), "record AI call"
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "workflow_id": call.workflow_id,
+                    "stage_id": call.stage_id,
+                    "step": call.step,
+                    "attempt": call.attempt,
+                    "topic": call.topic,
+                    "call_type": call.call_type,
+                    "provider": call.provider,
+                    "model": call.model,
+                    "prompt": await self._tx._put_payload(run_id, call.prompt),
+                    "response": await self._tx._put_payload(run_id, call.response),
+                    "input_tokens": call.input_tokens,
+                    "output_tokens": call.output_tokens,
+                    "cost_nanos": to_nanos(call.cost),
+                    "currency": call.currency,
+                    "latency": call.latency,
+                    "error": call.error,
+                    "failed_attempt": call.failed_attempt,
+                    "created_at": call.created_at,
+                }
             )
-            stored.append(evolve(call, {"id": int(result.scalar_one())}))
             sums = added.setdefault(run_id, dict.fromkeys(_COUNTERS, 0))
             sums["total_cost_nanos"] += to_nanos(call.cost) or 0
             sums["input_tokens"] += call.input_tokens
             sums["output_tokens"] += call.output_tokens
             sums["calls"] += 1
             sums["failed_calls"] += int(call.failed_attempt)
+        # One statement for all of them (a batch stage records hundreds), the ids back in
+        # the order of the rows (SQLAlchemy's insertmanyvalues, ``sort_by_parameter_order``).
+        result = await self._tx.execute(
+            sa.insert(t.ai_calls).returning(t.ai_calls.c.id, sort_by_parameter_order=True),
+            "record AI calls",
+            rows,
+        )
+        ids = [int(row[0]) for row in result]
+        stored = [evolve(call, {"id": i}) for call, i in zip(calls, ids, strict=True)]
         for run_id, sums in added.items():
             await self._add(run_id, sums)
         return stored

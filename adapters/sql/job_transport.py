@@ -168,10 +168,10 @@ def _job_from_row(row: Any) -> Job:
     )
 
 
-def _dequeue_statement(dialect: SqlDialect, by_queue: bool) -> Any:
-    """The lease statement (parameters: now, lim, worker_id, and with ``by_queue`` the
-    list ``queues``): PostgreSQL's candidates skip rows other workers hold; SQLite's
-    single writer needs no row lock."""
+def _dequeue_statement(dialect: SqlDialect, by_queue: bool, by_stage: bool = False) -> Any:
+    """The lease statement (parameters: now, lim, worker_id, with ``by_queue`` the list
+    ``queues``, with ``by_stage`` the list ``stage_ids``): PostgreSQL's candidates skip
+    rows other workers hold; SQLite's single writer needs no row lock."""
     c = t.jobs.c
     now = sa.bindparam("now", type_=t.jobs.c.next_poll_at.type)
     candidates = (
@@ -182,6 +182,8 @@ def _dequeue_statement(dialect: SqlDialect, by_queue: bool) -> Any:
     )
     if by_queue:
         candidates = candidates.where(c.queue.in_(sa.bindparam("queues", expanding=True)))
+    if by_stage:
+        candidates = candidates.where(c.stage_id.in_(sa.bindparam("stage_ids", expanding=True)))
     candidates = dialect.lock(candidates, skip_locked=True)
     return (
         sa.update(t.jobs)
@@ -237,6 +239,9 @@ class SqlJobTransport:
             raise DuplicateError(f"job {dup!r} already exists")
         if any(row["status"] == JobStatus.QUEUED.value for row in rows):
             await sql.notify("jobs")  # none for a job its enqueuing worker took itself
+            for row in rows:
+                if row["status"] == JobStatus.QUEUED.value:
+                    sql.note_queued(str(row["queue"]))
         for job in jobs:
             if _available_later(job):
                 sql.note_due("job", job.next_poll_at)  # a delayed activation
@@ -429,17 +434,22 @@ class SqlJobTransport:
         *,
         limit: int = 1,
         queues: Sequence[str] | None = None,
+        stage_ids: Sequence[str] | None = None,
     ) -> list[Job]:
         if limit <= 0:
             return []
         dialect = self.persistence.dialect
         by_queue = queues is not None
+        by_stage = stage_ids is not None
         stmt = dialect.cached(
-            f"dequeue_by_queue={by_queue}", lambda: _dequeue_statement(dialect, by_queue)
+            f"dequeue_by_queue={by_queue},stage={by_stage}",
+            lambda: _dequeue_statement(dialect, by_queue, by_stage),
         )
         params: dict[str, Any] = {"now": now, "lim": limit, "worker_id": worker_id}
         if queues is not None:
             params["queues"] = list(queues)
+        if stage_ids is not None:
+            params["stage_ids"] = list(stage_ids)
         async with self.persistence.connect() as conn:
             try:
                 rows = (await conn.execute(stmt, params)).all()

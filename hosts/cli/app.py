@@ -3,7 +3,7 @@
 ``--app module:attr`` names the workflows (``TREADLE_APP``), ``--db`` the database
 (``TREADLE_DATABASE_URL``, default ``sqlite:///treadle.db``); each command takes them
 too (``common.DbOption``). Commands live in ``commands``, ``steer``, ``runs``,
-``schedules``, ``serve``, ``doctor`` and ``demo``; this module only wires them.
+``schedules``, ``costs``, ``serve``, ``doctor`` and ``demo``; this module only wires them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import typer
 
 from treadle.hosts.cli import commands, lifecycle, steer
 from treadle.hosts.cli.common import APP_ENV, DB_ENV, DEFAULT_DB, CliState
+from treadle.hosts.cli.costs import costs
 from treadle.hosts.cli.demo import demo
 from treadle.hosts.cli.doctor import doctor
 from treadle.hosts.cli.runs import runs_app
@@ -80,6 +81,7 @@ def build_app() -> typer.Typer:
     app.command()(serve)
     app.add_typer(runs_app, name="runs")
     app.add_typer(schedules_app, name="schedules")
+    app.command()(costs)
     app.command()(doctor)
     app.command()(demo)
     return app

@@ -256,6 +256,10 @@ def start(
         str | None,
         typer.Option(help="Share the workflow's per-key concurrency and rate limits."),
     ] = None,
+    max_cost: Annotated[
+        str | None,
+        typer.Option(help="AI budget of the run (e.g. 0.50): past it the run fails."),
+    ] = None,
     wait: Annotated[
         bool, typer.Option(help="Show live stage progress until the run ends.")
     ] = False,
@@ -285,6 +289,7 @@ def start(
                 priority=priority,
                 config=stage_config,
                 concurrency_key=concurrency_key,
+                max_cost=max_cost,
             )
             if not wait:
                 return handle.run_id, None

@@ -153,9 +153,21 @@ def demo(
     timeout: Annotated[
         float, seconds_option("Give up after this many seconds.", at_least=1)
     ] = 25.0,
+    ai: Annotated[
+        bool,
+        typer.Option(
+            "--ai",
+            help="Run the AI example instead (a fake model, real prices): every call's "
+            "tokens and cost, a retried rate limit, a budget stop. Needs the ai extra.",
+        ),
+    ] = False,
 ) -> None:
-    """Run the example document pipeline on SQLite with live progress, then show results."""
+    """Run the example document pipeline on SQLite with live progress, then show results
+    (--ai: the AI pipeline, with its calls and costs)."""
     out = console()
+    if ai:
+        _ai_demo(out, db_file, timeout)
+        return
     with tempfile.TemporaryDirectory(prefix="treadle-demo-") as tmp:
         path = db_file if db_file is not None else Path(tmp) / "treadle-demo.db"
         url = f"sqlite:///{path.resolve()}"
@@ -186,4 +198,29 @@ def demo(
     if db_file is not None:
         out.print(f"the runs are kept in {path}; inspect them: treadle runs list --db {url}")
     if done != len(runs):
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _ai_demo(out: Console, db_file: Path | None, timeout: float) -> None:
+    from treadle.hosts.cli.ai_demo import run_ai_demo, show
+
+    with tempfile.TemporaryDirectory(prefix="treadle-demo-") as tmp:
+        path = db_file if db_file is not None else Path(tmp) / "treadle-ai-demo.db"
+        url = f"sqlite:///{path.resolve()}"
+        out.print(
+            Text.assemble(
+                ("Treadle AI demo", "bold"),
+                ": summarise → classify on a fake gpt-4o-mini (real prices, no network)",
+            )
+        )
+        out.print("every model call is recorded with its tokens and cost; one run has a budget\n")
+
+        async def go() -> Any:
+            return await run_ai_demo(url, out, max_wait=timeout)
+
+        runs, calls, by_model = run_async(go)
+        ok = show(out, runs, calls, by_model)
+    if db_file is not None:
+        out.print(f"the runs are kept in {path}: treadle costs --db {url}")
+    if not ok:
         raise typer.Exit(EXIT_FAILURE)

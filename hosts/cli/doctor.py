@@ -11,6 +11,8 @@ Checks, in order, each ``ok``, ``warn`` or ``FAIL``:
 - ``pending runs`` / ``overdue polls``: work no worker or tick is picking up;
 - ``queues``: named queues whose jobs are due while no live worker serves them
   (workers beat into the registry on every tick; see docs/queues.md);
+- ``remote workers``: with ``--app``, queues of the app's remote stages that no live
+  remote worker serves (they beat on every lease and heartbeat; docs/remote-workers.md);
 - ``dead letters``: outbox events that exhausted their retries (the DLQ).
 
 A check that cannot run because an earlier one failed is ``skip``. Any ``FAIL``
@@ -37,6 +39,7 @@ from treadle.hosts.cli.common import (
     console,
     echo_json,
     error_line,
+    load_app,
     run_async,
     seconds_option,
     state,
@@ -213,7 +216,9 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
             + (": is a worker or `treadle tick` running?" if overdue else ""),
         )
     )
-    checks.append(_queues_check(queues, limits.worker_ttl))
+    remote = _remote_queues(cli)
+    checks.append(_queues_check(queues, limits.worker_ttl, remote or {}))
+    checks.append(_remote_check(remote, queues, limits.worker_ttl))
     late_ids = [s.id for s in late_schedules]
     paused_ids = [s.id for s in paused_schedules]
     checks.append(
@@ -250,8 +255,12 @@ async def _storage_checks(cli: CliState, kind: str, limits: Thresholds) -> list[
     return checks
 
 
-def _queues_check(queues: list[QueueInfo], worker_ttl: float) -> Check:
-    unserved = [q for q in queues if q.unserved]
+def _queues_check(
+    queues: list[QueueInfo], worker_ttl: float, remote: dict[str, tuple[str, ...]]
+) -> Check:
+    """Queues with due jobs and no live worker; a queue of remote stages is the
+    ``remote workers`` check's (``treadle worker`` cannot serve it)."""
+    unserved = [q for q in queues if q.unserved and q.queue not in remote]
     if unserved:
         shown = ", ".join(f"{q.queue} ({q.queued} due)" for q in unserved)
         return Check(
@@ -265,6 +274,46 @@ def _queues_check(queues: list[QueueInfo], worker_ttl: float) -> Check:
         "queues",
         "ok",
         f"{names}; {len(served)} live worker(s) seen in the last {worker_ttl:g}s",
+    )
+
+
+def _remote_queues(cli: CliState) -> dict[str, tuple[str, ...]] | None:
+    """Queue -> remote stage ids of the ``--app`` workflows; ``None`` without ``--app``."""
+    from treadle.kernel.registry import Registry, remote_stages
+
+    if cli.app is None:
+        return None
+    return remote_stages(Registry(load_app(cli.app, required=True)))
+
+
+def _remote_check(
+    remote: dict[str, tuple[str, ...]] | None, queues: list[QueueInfo], worker_ttl: float
+) -> Check:
+    """Queues of the app's remote stages (``define_stage(remote=True)``) that no live
+    remote worker serves: their jobs wait for ever, since in-process workers refuse them."""
+    if remote is None:
+        return Check("remote workers", "skip", "pass --app to check the app's remote stages")
+    if not remote:
+        return Check("remote workers", "ok", "the app has no remote stages")
+    by_queue = {q.queue: q for q in queues}
+    missing = [queue for queue in remote if not (q := by_queue.get(queue)) or not q.workers]
+    if missing:
+        shown = "; ".join(
+            f"{queue} (stages {', '.join(remote[queue])}; "
+            f"{by_queue[queue].queued if queue in by_queue else 0} due)"
+            for queue in missing
+        )
+        return Check(
+            "remote workers",
+            "warn",
+            f"no live remote worker in the last {worker_ttl:g}s for {shown}: start one "
+            "against `treadle serve` (docs/remote-workers.md)",
+        )
+    live = sorted({w for queue in remote for w in by_queue[queue].workers})
+    return Check(
+        "remote workers",
+        "ok",
+        f"{', '.join(remote)} served by {len(live)} live remote worker(s): {_sample(live)}",
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from textwrap import indent
 from typing import Any
 
@@ -18,6 +19,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from treadle.kernel.ai import AICall, AICostRow
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import Run, RunStatus, StageStatus
 from treadle.kernel.schedules import FIRE_TIME_ATTRIBUTE, SCHEDULE_ATTRIBUTE
@@ -94,6 +96,8 @@ def runs_table(runs: Sequence[Run]) -> Table:
     table.add_column("prio", justify="right", no_wrap=True)
     table.add_column("created (UTC)", no_wrap=True, min_width=19)
     table.add_column("took", justify="right", no_wrap=True)
+    table.add_column("AI cost", justify="right", no_wrap=True)
+    table.add_column("tokens", justify="right", no_wrap=True)
     table.add_column("error", overflow="fold", min_width=20)
     for run in runs:
         table.add_row(
@@ -103,8 +107,76 @@ def runs_table(runs: Sequence[Run]) -> Table:
             str(run.priority),
             fmt_time(run.created_at),
             fmt_duration(elapsed(run.started_at, run.completed_at)),
+            fmt_cost(run.total_cost) if run.total_tokens or run.total_cost else "-",
+            str(run.total_tokens) if run.total_tokens else "-",
             truncate(run.error, 60),
         )
+    return table
+
+
+def fmt_cost(value: Decimal | None, currency: str = "USD") -> str:
+    """``$0.000123`` (six decimals under a cent, else four); ``-`` for no price."""
+    if value is None:
+        return "-"
+    sign = "$" if currency == "USD" else f"{currency} "
+    places = 6 if abs(value) < Decimal("0.01") else 4
+    return f"{sign}{value:.{places}f}"
+
+
+def ai_summary(run: Run) -> str:
+    """``runs show``'s AI line: cost, tokens and the budget, if any."""
+    text = f"{fmt_cost(run.total_cost)}, {run.total_tokens} tokens"
+    if run.max_cost is not None:
+        text += f" (budget {fmt_cost(run.max_cost)})"
+    return text
+
+
+def ai_calls_table(calls: Sequence[AICall]) -> Table:
+    """One row per recorded AI call, in order; never the prompt or the response."""
+    table = Table(title="AI calls", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("#", "stage / step", "try", "type", "model", "in", "out", "cost", "latency"):
+        right = column in ("#", "try", "in", "out", "cost", "latency")
+        table.add_column(column, no_wrap=True, justify="right" if right else "left")
+    table.add_column("outcome", overflow="fold")
+    for number, call in enumerate(calls, start=1):
+        if call.error:
+            outcome = Text(truncate(call.error, 60), style="red")
+        elif call.failed_attempt:
+            outcome = Text("attempt failed", style="yellow")
+        else:
+            outcome = Text("ok", style="green")
+        table.add_row(
+            str(number),
+            call.step or call.stage_id or "-",
+            str(call.attempt),
+            call.call_type,
+            call.model,
+            str(call.input_tokens),
+            str(call.output_tokens),
+            fmt_cost(call.cost, call.currency),
+            fmt_duration(call.latency),
+            outcome,
+        )
+    return table
+
+
+def costs_table(rows: Sequence[AICostRow], by: str) -> Table:
+    """``treadle costs``: one row per group, most expensive first."""
+    table = Table(title=f"AI costs by {by}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column(by, overflow="fold")
+    for column in ("calls", "failed", "in tokens", "out tokens", "cost"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            row.key,
+            str(row.calls),
+            str(row.failed_calls),
+            str(row.input_tokens),
+            str(row.output_tokens),
+            fmt_cost(row.total_cost, row.currency),
+        )
+    total = sum((row.total_cost for row in rows), Decimal(0))
+    table.caption = f"{sum(r.calls for r in rows)} calls, {fmt_cost(total)} in all"
     return table
 
 
@@ -311,9 +383,10 @@ def run_detail(
     width: int = 60,
     journal: Sequence[JournalEntry] | None = None,
     timers: Sequence[Timer] = (),
+    ai_calls: Sequence[AICall] = (),
 ) -> RenderableType:
     """``runs show``: a header, the stage timeline (with ``journal``, a code workflow's:
-    its steps and live timers instead), failed attempts and the output."""
+    its steps and live timers instead), failed attempts, AI calls and the output."""
     header = Table.grid(padding=(0, 2))
     header.add_column(style="bold")
     header.add_column()
@@ -342,6 +415,8 @@ def run_detail(
         header.add_row("output", truncate(run.output, width * 2))
     if run.error:
         header.add_row("error", Text(truncate(run.error, width * 2), style="red"))
+    if ai_calls or run.max_cost is not None:
+        header.add_row("AI", ai_summary(run))
     parts: list[RenderableType] = [header]
     if journal is None:
         parts.append(stage_timeline(run, width=width))
@@ -356,6 +431,8 @@ def run_detail(
     failed = attempts_table(events)
     if failed is not None:
         parts.append(failed)
+    if ai_calls:
+        parts.append(ai_calls_table(ai_calls))
     parts.extend(stage_tracebacks(run))
     return Group(*parts)
 

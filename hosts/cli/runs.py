@@ -25,6 +25,7 @@ from treadle.kernel.workflows.definition import WORKFLOW_STAGE_ID
 
 if TYPE_CHECKING:
     from treadle.engine import Engine
+    from treadle.kernel.ai import AICall
     from treadle.kernel.workflows.model import JournalEntry, Timer
 
 runs_app = typer.Typer(help="List runs and show one run's stage timeline.", no_args_is_help=True)
@@ -180,6 +181,7 @@ def show_run(
     shown = run_async(go, db=cli.db)
     if as_json:
         data = shown.run.model_dump(mode="json")
+        data["ai_calls"] = [call.model_dump(mode="json") for call in shown.ai_calls]
         data["continued_from"] = shown.run.continued_from
         data["continued_as"] = shown.run.continued_as
         if shown.code:
@@ -196,6 +198,7 @@ def show_run(
             width=width,
             journal=shown.journal if shown.code else None,
             timers=shown.timers,
+            ai_calls=shown.ai_calls,
         )
     )
 
@@ -210,6 +213,7 @@ class Shown:
     """A code workflow run: its body is the one ``workflow`` stage, its steps the journal."""
     journal: list[JournalEntry] = field(default_factory=list)
     timers: list[Timer] = field(default_factory=list)
+    ai_calls: list[AICall] = field(default_factory=list)
 
 
 def is_code_run(run: Run) -> bool:
@@ -221,6 +225,7 @@ def is_code_run(run: Run) -> bool:
 async def read_run(engine: Engine, run_id: str) -> Shown:
     run = await engine.get_run(run_id)
     shown = Shown(run=run, events=list(await engine.kernel.events(run_id)))
+    shown.ai_calls = await engine.ai_calls(run_id)
     if is_code_run(run):
         shown.code = True
         shown.journal = await engine.journal(run_id)

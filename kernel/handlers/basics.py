@@ -41,7 +41,7 @@ def new_jobs(
 ) -> list[Job]:
     """One QUEUED job per stage, on the stage's queue; with ``lease_to``, the first is
     created already leased to that worker (its first attempt counted), as ``dequeue``
-    would have leased it, when that worker serves its queue.
+    would have leased it, when that worker serves its queue (never a remote stage).
     Built with ``construct``: every value is the kernel's own (a new id, the run's fields,
     the clock's reading), and a job per stage is on every stage's path."""
     jobs: list[Job] = []
@@ -58,7 +58,12 @@ def new_jobs(
             "enqueued_at": now,
             "queue": queue,
         }
-        if lease_to is not None and not jobs and deps.chains.serves(lease_to, queue):
+        if (
+            lease_to is not None
+            and not jobs
+            and deps.chains.serves(lease_to, queue)
+            and not wf.stages[stage_id].remote  # only a remote worker's lease runs it
+        ):
             values["status"] = _JOB_LEASED
             values["attempts"] = 1
             values["worker_id"] = lease_to
@@ -97,4 +102,6 @@ async def insert_started(
     ]
     await tx.runs.insert(run)
     await tx.stages.insert_many(stages)
+    if wf.max_cost is not None:  # the workflow's AI budget, as run.create sets it
+        await tx.ai_calls.set_budget(run.id, wf.max_cost)
     await enqueue_stages(deps, tx, run, wf, [s for s in stages if s.execution_group == 0], now)

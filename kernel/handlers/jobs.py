@@ -30,6 +30,7 @@ from treadle.kernel.errors import (
     InvalidInputError,
     JobNotFoundError,
     NonRetryableError,
+    NotSupportedError,
     OutputValidationError,
     StageNotFoundError,
     StageTimeoutError,
@@ -86,14 +87,14 @@ _JOB_LEASED = JobStatus.LEASED
 
 
 @dataclass
-class _Outcome:
+class Outcome:
     kind: str  # "completed" | "suspended" | "failed"
     output: JsonValue = None
     suspend: Suspend | None = None
     error: BaseException | None = None
 
 
-class _Runtime:
+class StageRuntime:
     """Progress and heartbeats from a running stage, flushed off the body's path."""
 
     def __init__(self, deps: Deps, started: Started, worker_id: str) -> None:
@@ -190,11 +191,11 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     )
     if started_or_result is None:
         try:
-            started_or_result = await _phase_start(deps, cmd, scope)
+            started_or_result = await phase_start(deps, cmd, scope)
         except JobNotFoundError:
             raise
         except Exception as exc:
-            await _release_after_error(deps, cmd, exc)
+            await release_after_error(deps, cmd, exc)
             raise
     if isinstance(started_or_result, c.JobExecuteResult):
         return started_or_result
@@ -203,26 +204,26 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
         try:
             return await execute_activation(deps, cmd, scope, started)
         except Exception as exc:
-            await _release_after_error(deps, cmd, exc)
+            await release_after_error(deps, cmd, exc)
             raise
     token = CancellationToken()
-    runtime = _Runtime(deps, started, cmd.worker_id)
-    ctx, outcome = _build_context(deps, started, runtime, token)
+    runtime = StageRuntime(deps, started, cmd.worker_id)
+    ctx, outcome = build_context(deps, started, runtime, token)
     if outcome is None:
         with deps.inflight.track(started.job.id, started.run.id, token):
             outcome = await _run_body(started.definition, ctx)
     if runtime.busy:
         await runtime.drain()
     try:
-        result = await _phase_commit(deps, cmd, scope, started, ctx, outcome)
+        result = await phase_commit(deps, cmd, scope, started, ctx, outcome)
     except Exception as exc:
-        await _release_after_error(deps, cmd, exc)
+        await release_after_error(deps, cmd, exc)
         raise
-    _log_outcome(deps, cmd, started, result)
+    log_outcome(deps, cmd, started, result)
     return result
 
 
-def _log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteResult) -> None:
+def log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteResult) -> None:
     # The fields go with the call rather than through ``bind``: binding builds a new
     # logger per stage even when the level filters the line out.
     stage = s.stage
@@ -269,7 +270,12 @@ def _started_by_chain(job: Job, stage: StageRun) -> bool:
     return stage.status is _STAGE_RUNNING and stage.job_id == job.id
 
 
-async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started | c.JobExecuteResult:
+async def phase_start(
+    deps: Deps, cmd: c.JobExecute | c.JobBegin, scope: Scope
+) -> Started | c.JobExecuteResult:
+    """Phase 1: the stage RUNNING, its attempt counted, ``stage:started``; or a ghost
+    result when the run or lease moved on. ``job.begin`` (``handlers/remote.py``) is this
+    phase alone, for a remote stage; ``job.execute`` refuses remote stages."""
     now = deps.clock.now()
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)
@@ -318,6 +324,14 @@ async def _phase_start(deps: Deps, cmd: c.JobExecute, scope: Scope) -> Started |
         if definition is None:
             raise StageNotFoundError(
                 f"workflow {wf.id!r} version {wf.version} has no stage {stage.stage_id!r}"
+            )
+        if definition.remote is not isinstance(cmd, c.JobBegin):
+            raise NotSupportedError(
+                f"stage {stage.stage_id!r} of workflow {wf.id!r} is remote: only remote "
+                "workers execute it (job.begin)"
+                if definition.remote
+                else f"stage {stage.stage_id!r} of workflow {wf.id!r} is not remote: "
+                "job.begin serves only stages defined with remote=True"
             )
         if not _started_by_chain(job, stage):
             stage = await tx.stages.update(_running(stage, job, now))
@@ -393,18 +407,18 @@ def _replaced(stages: list[StageRun], index: int, stage: StageRun) -> list[Stage
     return copy
 
 
-def _build_context(
-    deps: Deps, s: Started, runtime: _Runtime, token: CancellationToken
-) -> tuple[StageContext[Any, Any], _Outcome | None]:
+def build_context(
+    deps: Deps, s: Started, runtime: StageRuntime, token: CancellationToken
+) -> tuple[StageContext[Any, Any], Outcome | None]:
     """The stage's validated input and config; a bad input is a non-retryable failure."""
     group = s.stage.execution_group
     raw_input = s.run.input if group == 0 else group_input(s.wf, s.stages, group)
-    failure: _Outcome | None = None
+    failure: Outcome | None = None
     value: Any = None
     adapter = s.definition.input_adapter
     lost = lost_input(s.run, s.stages, s.stage)  # an offloaded input whose blob is gone
     if lost is not None:
-        failure = _Outcome("failed", error=lost)
+        failure = Outcome("failed", error=lost)
     elif adapter is not None:
         try:
             # The adapter's validator itself, as ``validate_output`` uses its serializer:
@@ -414,7 +428,7 @@ def _build_context(
             err = InvalidInputError.from_pydantic(
                 f"stage {s.stage.stage_id!r} input does not match its model", exc, prefix="input"
             )
-            failure = _Outcome("failed", error=err)
+            failure = Outcome("failed", error=err)
     config = None
     if s.definition.config_model is not None:
         config = s.definition.config_model.model_validate(s.run.config.get(s.stage.stage_id, {}))
@@ -437,8 +451,8 @@ def _build_context(
     return ctx, failure
 
 
-async def _run_body(definition: StageDefinition, ctx: StageContext[Any, Any]) -> _Outcome:
-    """Run the body; business failures become an ``_Outcome``, never an exception.
+async def _run_body(definition: StageDefinition, ctx: StageContext[Any, Any]) -> Outcome:
+    """Run the body; business failures become an ``Outcome``, never an exception.
 
     The body runs in this very task (``asyncio.timeout``, not ``wait_for``'s inner task),
     so a ``KeyboardInterrupt`` or ``SystemExit`` it raises reaches the handler below
@@ -464,24 +478,24 @@ async def _run_body(definition: StageDefinition, ctx: StageContext[Any, Any]) ->
         else:
             value = await pending
     except Exception as exc:
-        return _Outcome("failed", error=exc)
+        return Outcome("failed", error=exc)
     except BaseException as exc:
         failure = as_body_failure(exc, f"stage {definition.id!r}")
         if failure is None:
             raise
-        return _Outcome("failed", error=failure)
+        return Outcome("failed", error=failure)
     if isinstance(value, Suspend):
         if not definition.is_batch:
             err = NonRetryableError(
                 f"stage {definition.id!r} returned Suspend but is not a batch stage "
                 "(use define_batch_stage)"
             )
-            return _Outcome("failed", error=err)
-        return _Outcome("suspended", suspend=value)
+            return Outcome("failed", error=err)
+        return Outcome("suspended", suspend=value)
     try:
-        return _Outcome("completed", output=validate_output(definition, value))
+        return Outcome("completed", output=validate_output(definition, value))
     except OutputValidationError as exc:
-        return _Outcome("failed", error=exc)
+        return Outcome("failed", error=exc)
 
 
 @dataclass(slots=True)
@@ -492,18 +506,20 @@ class _Commit:
     cmd: c.JobExecute
     scope: Scope
     started: Started
-    ctx: StageContext[Any, Any]
-    outcome: _Outcome
+    ctx: StageContext[Any, Any] | None
+    """``None`` for a remote execution (``handlers/remote.py``): no logs, no annotations."""
+    outcome: Outcome
 
 
-async def _phase_commit(
+async def phase_commit(
     deps: Deps,
     cmd: c.JobExecute,
     scope: Scope,
     s: Started,
-    ctx: StageContext[Any, Any],
-    outcome: _Outcome,
+    ctx: StageContext[Any, Any] | None,
+    outcome: Outcome,
 ) -> c.JobExecuteResult:
+    """Phase 3: commit ``outcome`` (group commit when it can), ghost check included."""
     item = _Commit(deps, cmd, scope, s, ctx, outcome)
     if deps.settings.group_commit and _groupable(item):
         result = await deps.commits.submit(item, _commit_items, _commit_alone)
@@ -521,11 +537,8 @@ def _groupable(item: _Commit) -> bool:
     """Whether a group commit carries this outcome (``write_buffer``): a completed stage
     with no buffered logs or annotations, the hot path. Everything else commits alone."""
     ctx = item.ctx
-    return (
-        item.outcome.kind == "completed"
-        and not ctx.logs
-        and not ctx.annotations
-        and not ctx.recorded_ai_calls
+    return item.outcome.kind == "completed" and (
+        ctx is None or not (ctx.logs or ctx.annotations or ctx.recorded_ai_calls)
     )
 
 
@@ -645,7 +658,7 @@ async def _commit_in(
     index = _index_of(stages, stage_id)
     stage = stages[index] if index >= 0 else None
     if not is_current(job, stage, run, s, cmd.worker_id):
-        if ctx.ai_calls is not None and ctx.ai_calls.calls:  # spent, though discarded
+        if ctx is not None and ctx.ai_calls is not None and ctx.ai_calls.calls:  # spent
             await tx.ai_calls.record(ctx.ai_calls.drain(failed=True))
         ghost = c.JobExecuteResult(
             outcome=cast("Any", outcome.kind),
@@ -669,14 +682,14 @@ async def _commit_in(
         assert outcome.error is not None
         result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
     stages = _replaced(stages, index, stage)
-    if ctx.logs or ctx.annotations or ctx.recorded_ai_calls:
+    if ctx is not None and (ctx.logs or ctx.annotations or ctx.recorded_ai_calls):
         if pending:  # their events follow the outcome's
             await tx.outbox.append(pending)
             pending = []
         await commit_stage_extras(
             deps, tx, run_id, stage_id, ctx, scope.causation_id, failed=outcome.kind == "failed"
         )
-    if ctx.annotations:  # annotations merged search attributes: the run has moved on
+    if ctx is not None and ctx.annotations:  # merged search attributes: the run moved on
         run = await load_run(tx, run_id)
     decided = decide(s.wf, run, stages)  # once: apply_transition takes it
     chain = cmd.chain and deps.chains.allows(cmd.worker_id) and decided.action == "advanced"
@@ -696,6 +709,10 @@ async def _commit_in(
         chained = await start_leased(
             deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
         )
+    elif chain and pending:
+        # Nothing was chained after all (the next stage is on a queue this worker does not
+        # serve, or remote): the outcome's events were held back for the chained start.
+        await tx.outbox.append(pending)
     queued = 0
     if decision.action == "advanced" and decision.next_group is not None:
         queued = len(s.wf.groups[decision.next_group]) - (decision.leased is not None)
@@ -733,7 +750,7 @@ async def start_leased(
     fresh: bool = False,
 ) -> Started:
     """Phase 1 of ``job``'s stage, in the transaction that enqueued the job leased to its
-    worker (a chained commit, or a chained ``run.claimPending``): what ``_phase_start``
+    worker (a chained commit, or a chained ``run.claimPending``): what ``phase_start``
     would commit after a dequeue, without either round trip. Its ``stage:started`` is
     appended in one go after the caller's ``pending`` events."""
     assert job.worker_id is not None
@@ -847,8 +864,8 @@ async def _commit_failed(
     message = describe_exception(error)
     trace = short_traceback(error)
     retry = policy.allows_another(stage.attempt, error)
-    retry_at = now + policy.delay_for(
-        stage.attempt, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
+    retry_at = now + policy.delay_after(
+        stage.attempt, error, seed=f"{stage.workflow_run_id}:{stage.stage_id}"
     )
     if retry:
         stage = await tx.stages.update(
@@ -893,7 +910,7 @@ async def _commit_failed(
     return result, stage
 
 
-async def _release_after_error(deps: Deps, cmd: c.JobExecute, exc: BaseException) -> None:
+async def release_after_error(deps: Deps, cmd: c.JobExecute, exc: BaseException) -> None:
     """Best effort after an unexpected error: ``settle_lease`` requeues the job with
     backoff, or fails it (and its stage) when attempts are exhausted. If storage is down
     too, the host's ``job.release`` (retried until storage answers) or, failing that,

@@ -190,6 +190,9 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         else:
             await _insert_new(tx, run, stages, cmd, now)
             await tx.outbox.append([created])
+        budget = cmd.max_cost if cmd.max_cost is not None else wf.max_cost
+        if budget is not None:
+            await tx.ai_calls.set_budget(run.id, budget)
         if cmd.signal is not None:
             await _deliver(deps, tx, run, cmd, signal_payload, now)
         status = RunStatus.RUNNING if claim_for is not None else run.status
@@ -371,6 +374,9 @@ async def _create_batch(
                 [stage for run, wf in new for stage in _new_stages(wf, run)]
             )
             await tx.outbox.append([_created(run, scope.causation_id, now) for run, _ in new])
+            for run, wf in new:  # the workflow's AI budget (a batch item has none of its own)
+                if wf.max_cost is not None:
+                    await tx.ai_calls.set_budget(run.id, wf.max_cost)
         result = c.RunCreateManyResult(runs=results)
         await scope.complete(tx, result)
     return result

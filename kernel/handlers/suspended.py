@@ -170,6 +170,10 @@ async def _check(
         )
         return Failed(message=describe_exception(err))
     definition = wf.stage(stage.stage_id)
+    if definition is not None and definition.remote:
+        # A remote stage suspended by ``job.suspend``: its check is the remote body itself,
+        # leased again with ``resume_state`` (``docs/remote-workers.md``).
+        return Ready()
     check = getattr(definition, "check_fn", None)
     if definition is None or check is None:
         return Failed(message=f"stage {stage.stage_id!r} has no check_completion function")

@@ -223,6 +223,7 @@ class BufferedJobs:
         *,
         limit: int = 1,
         queues: Sequence[str] | None = None,
+        stage_ids: Sequence[str] | None = None,
     ) -> list[Job]:
         raise _refused_job("dequeue")
 

@@ -40,8 +40,8 @@ from treadle.kernel.ai import (
     AIServices,
     AITotals,
     TotalsReader,
-    WorkflowAI,
 )
+from treadle.kernel.ai_helper import WorkflowAI
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.definitions import WorkflowDefinition, _is_async
 from treadle.kernel.errors import (
@@ -386,7 +386,7 @@ class WorkflowContext:
         """AI calls: ``record`` inside a step (committed with the step's journal entry),
         ``generate_text`` / ``generate_object`` as journaled steps (``kernel/ai.py``)."""
         if self._ai is None:
-            self._ai = WorkflowAI(self._ai_services, self._ai_totals)
+            self._ai = WorkflowAI(self._ai_services, self._ai_totals, self.step, self._now)
         return self._ai
 
     @property
@@ -764,7 +764,7 @@ class WorkflowContext:
         now = self._now()
         message = describe_exception(exc)
         again = policy.allows_another(attempt, exc)
-        retry_at = now + policy.delay_for(attempt, seed=ikey) if again else None
+        retry_at = now + policy.delay_after(attempt, exc, seed=ikey) if again else None
         entry = self._entry(
             position,
             key,

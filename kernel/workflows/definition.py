@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import TypeAdapter
@@ -22,6 +23,7 @@ from treadle.kernel.definitions import (
     StageDefinition,
     WorkflowDefinition,
     declared_schedule,
+    max_cost_of,
     retention_of,
 )
 from treadle.kernel.errors import DefinitionError, NotSupportedError
@@ -91,6 +93,7 @@ def workflow(
     rate_limit: RateLimit | None = None,
     schedule: str | None = None,
     retention: timedelta | float | None = None,
+    max_cost: Decimal | float | str | None = None,
 ) -> Callable[[WorkflowFn], CodeWorkflowDefinition]:
     """Decorate ``async def body(ctx: WorkflowContext, input) -> output`` as a code
     workflow. ``signals`` optionally maps signal names to payload models, so that
@@ -104,7 +107,8 @@ def workflow(
     schedule of the same id that starts a run with no input at each fire time
     (``define_schedule`` for a timezone, an input or other policies). ``retention``
     keeps the workflow's terminal runs that long before the maintenance tick purges them
-    (docs/lifecycle.md)."""
+    (docs/lifecycle.md). ``max_cost`` is each run's AI budget unless its start gives one
+    (docs/ai.md)."""
     if not id or not isinstance(id, str):
         raise DefinitionError("workflow: id must be a non-empty string")
     try:
@@ -115,6 +119,7 @@ def workflow(
     deadline = _positive_timedelta(id, "execution_timeout", execution_timeout)
     schedules = declared_schedule(id, schedule)
     keep = retention_of(id, retention)
+    budget = max_cost_of(id, max_cost)
 
     def wrap(fn: WorkflowFn) -> CodeWorkflowDefinition:
         if not inspect.iscoroutinefunction(fn):
@@ -152,6 +157,7 @@ def workflow(
             rate_limit=rate_limit,
             schedules=schedules,
             retention=keep,
+            max_cost=budget,
         )
 
     return wrap

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import ValidationError as PydanticValidationError
 
 import treadle.kernel.commands as c
-from treadle.kernel.ai import AICall
+from treadle.kernel.ai import AICall, marked_failed
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.errors import (
     InvalidInputError,
@@ -126,27 +126,35 @@ class _Writer:
     ) -> list[JournalEntry]:
         now = self._deps.clock.now()
         causation = self._scope.causation_id
+        stored: list[JournalEntry] | None = None
         async with self._deps.persistence.transaction() as tx:
             owned = await self.owner(tx)
             if owned is None:
-                raise Interrupt("ghost")
-            self.paused = owned[0].paused
-            await apply_attributes(tx, owned[0], entries, now)
-            stored = await write_entries(tx, entries, now)
-            if ai_calls:
-                await tx.ai_calls.record(ai_calls)
-            for message_id, consumer in consume:
-                await tx.inbox.consume(message_id, now, consumer)
-            for message_id, reply in replies:
-                await tx.inbox.set_reply(message_id, reply)
-            if events:
-                await tx.outbox.append([evolve(e, {"causation_id": causation}) for e in events])
-            for spec in start_children:
-                await start_child(self._deps, tx, owned[0], spec, now, causation)
-            for run_id in cancel_children:
-                await cancel_run(
-                    self._deps, tx, run_id, "lost a race of its parent", now, causation
-                )
+                # Another execution owns the run now: this one's entries are discarded,
+                # but the model calls it made were paid for (kernel/ai.py).
+                if ai_calls:
+                    await tx.ai_calls.record(marked_failed(ai_calls))
+            else:
+                run = owned[0]
+                self.paused = run.paused
+                await apply_attributes(tx, run, entries, now)
+                stored = await write_entries(tx, entries, now)
+                if ai_calls:
+                    await tx.ai_calls.record(ai_calls)
+                for message_id, consumer in consume:
+                    await tx.inbox.consume(message_id, now, consumer)
+                for message_id, reply in replies:
+                    await tx.inbox.set_reply(message_id, reply)
+                if events:
+                    await tx.outbox.append([evolve(e, {"causation_id": causation}) for e in events])
+                for spec in start_children:
+                    await start_child(self._deps, tx, run, spec, now, causation)
+                for run_id in cancel_children:
+                    await cancel_run(
+                        self._deps, tx, run_id, "lost a race of its parent", now, causation
+                    )
+        if stored is None:
+            raise Interrupt("ghost")
         return stored
 
     def child_workflow(self, workflow_id: str) -> WorkflowDefinition:

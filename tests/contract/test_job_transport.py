@@ -564,3 +564,20 @@ async def test_a_job_keeps_its_queue_and_dequeue_takes_only_the_queues_named(
     assert [j.id for j in several] == ["cpu-1", "io-1"]  # FIFO across both queues
     await enqueue(backend, make_job("late", queue="other"))
     assert await dequeue_ids(backend, at(1)) == ["late"]  # no queues named: any queue
+
+
+async def test_dequeue_by_stage_ids_leases_only_those_stages(backend: Any) -> None:
+    """With ``stage_ids`` a dequeue leases only jobs of those stages (a remote worker
+    serving some stages of a queue); with ``queues`` too, both must match."""
+    await enqueue(
+        backend,
+        make_job("a", queue="remote"),
+        make_job("b", queue="remote"),
+        make_job("c", queue="default"),
+    )
+    transport = backend.job_transport
+    got = await transport.dequeue("w1", at(1), limit=10, queues=["remote"], stage_ids=["b", "c"])
+    assert [j.id for j in got] == ["b"]
+    assert [j.id for j in await transport.dequeue("w1", at(1), limit=10, stage_ids=["c"])] == ["c"]
+    assert await transport.dequeue("w1", at(1), limit=10, stage_ids=[]) == []
+    assert [j.id for j in await transport.dequeue("w1", at(1), limit=10)] == ["a"]

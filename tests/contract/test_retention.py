@@ -5,10 +5,12 @@ transaction (a rollback restores all), and never deletes a run that is not termi
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
+from treadle.kernel.ai import AICall
 from treadle.kernel.events import SignalReceived, WorkflowCreated
 from treadle.kernel.model import (
     Annotation,
@@ -113,6 +115,19 @@ async def seed(backend: Any, item: Run) -> None:
                 created_at=T0,
             )
         )
+        await tx.ai_calls.record(
+            [
+                AICall(
+                    workflow_run_id=run_id,
+                    workflow_id="wf",
+                    model="m",
+                    prompt="p" * 64,
+                    cost=Decimal("0.01"),
+                    created_at=T0,
+                )
+            ]
+        )
+        await tx.ai_calls.set_budget(run_id, Decimal("1"))
         await tx.idempotency.put(
             IdempotencyRecord(
                 key=f"job:{run_id}:1",
@@ -150,6 +165,8 @@ async def stored(backend: Any, run_id: str) -> dict[str, Any]:
             "next_signal": await tx.inbox.next_message(run_id, "go"),
             "timers": await tx.timers.pending(run_id),
             "idempotency": await tx.idempotency.get(f"job:{run_id}:1", "job.execute"),
+            "ai_calls": await tx.ai_calls.for_run(run_id),
+            "ai_totals": await tx.ai_calls.totals([run_id]),
         }
 
 
@@ -158,7 +175,7 @@ def gone(found: dict[str, Any]) -> bool:
 
 
 def whole(found: dict[str, Any]) -> bool:
-    return all(value not in (None, []) for value in found.values())
+    return all(value not in (None, [], {}) for value in found.values())
 
 
 async def test_purge_deletes_every_row_of_a_terminal_run_and_nothing_else(backend: Any) -> None:

@@ -129,3 +129,34 @@ async def test_recording_from_a_workflow_body_is_refused() -> None:
     assert len(seen) == 1
     assert "while a step runs" in str(seen[0])
     assert await _calls(te, handle.run_id) == []
+
+
+async def test_calls_of_a_discarded_result_are_kept_as_failed() -> None:
+    """A run cancelled while a stage or a step runs discards its result (a ghost), but the
+    calls the stage or step made were paid for: they are recorded, marked failed."""
+    engines: list[TestEngine] = []
+
+    @define_stage(id="ask", input=In, output=In)
+    async def ask(ctx):  # type: ignore[no-untyped-def]
+        ctx.ai.record(AICall(model="m", cost=Decimal("0.3")))
+        await engines[0].cancel(ctx.run_id, reason="user")
+        return ctx.input
+
+    @workflow(id="cw", input=In, output=In)
+    async def cw(ctx: WorkflowContext, data: In) -> In:
+        async def step() -> int:
+            ctx.ai.record(AICall(model="m", cost=Decimal("0.2")))
+            await engines[0].cancel(ctx.run_id, reason="user")
+            return 1
+
+        await ctx.step("ask", step)
+        return data
+
+    te = TestEngine([WorkflowBuilder("wf", input=In).pipe(ask).build(), cw])
+    engines.append(te)
+    for workflow_id, cost in (("wf", Decimal("0.3")), ("cw", Decimal("0.2"))):
+        handle = await te.start(workflow_id, {"n": 1})
+        await te.run_until_idle()
+        [call] = await _calls(te, handle.run_id)
+        assert call.failed_attempt
+        assert (await _totals(te, handle.run_id)).total_cost == cost

@@ -109,6 +109,14 @@ async def test_a_stage_on_a_named_queue_waits_for_a_worker_of_that_queue(engine:
         "render": "gpu-worker",
         "publish": "cpu-worker",
     }
+    # A commit that asked to chain but could not (the next stage's queue is not the
+    # worker's) still records its own events: every stage completed, in order.
+    completed = [
+        e.stage_id  # type: ignore[attr-defined]
+        for e in await run_events(engine, handle.run_id)
+        if e.type == "stage:completed"  # type: ignore[attr-defined]
+    ]
+    assert completed == ["prepare", "render", "publish"]
 
 
 async def test_a_code_workflow_runs_on_its_queue(engine: Engine) -> None:

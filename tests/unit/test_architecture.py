@@ -20,6 +20,8 @@ ALLOWED: dict[str, set[str]] = {
     # TestEngine drives the worker's own tick and job path (``runtime``), not a copy.
     "testing": {"kernel", "ports", "adapters", "runtime", "testing"},
     "runtime": {"kernel", "ports", "adapters", "runtime"},
+    # The remote worker client runs where there is no database: httpx and itself only.
+    "remote": {"remote"},
 }
 THIRD_PARTY_ALLOWED_IN_KERNEL = {"pydantic", "pydantic_core", "typing_extensions"}
 

@@ -26,9 +26,13 @@ def _public_errors() -> set[str]:
 EXPECTED: dict[str, set[str]] = {
     "treadle": {
         "AICall",
+        "AIConfig",
         "AICostRow",
         "AIRecording",
+        "AIResult",
         "AITotals",
+        "with_ai_config",
+        "stage_ids",
         "Engine",
         "Schedule",
         "ScheduleDefinition",
@@ -39,6 +43,7 @@ EXPECTED: dict[str, set[str]] = {
         "Kernel",
         "NotReady",
         "PayloadMissingError",
+        "RemoteStageError",
         "Ready",
         "RetryPolicy",
         "Run",

@@ -39,6 +39,7 @@ from treadle.adapters.due_times import (
     earliest,
 )
 from treadle.adapters.event_feed import EventCallback, EventWatchers
+from treadle.adapters.queued_jobs import QueuedCallback, QueuedJobWatchers
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
 from treadle.adapters.sql.ai_calls import SqlAICallLogger
 from treadle.adapters.sql.dialect import Build, SqlDialect, dialect_for
@@ -127,6 +128,9 @@ class SqlTransaction:
         self.due: dict[DueKind, datetime] | None = None
         """The earliest due time per kind this transaction wrote (``note_due``): sent as
         one NOTIFY before it commits, told to the due watchers after."""
+        self.queued: set[str] | None = None
+        """Queues this transaction queued jobs on (``note_queued``): told to the
+        persistence's queued-job watchers once it commits."""
         # One store per concern (the ``Transaction`` port's attributes), all on this
         # transaction's connection.
         self.runs = SqlRuns(self)
@@ -234,6 +238,12 @@ class SqlTransaction:
         self._notified.add(payload)
         await self.execute(statement, "notify")
 
+    def note_queued(self, queue: str) -> None:
+        """This transaction queued a job on ``queue`` (``adapters/queued_jobs.py``)."""
+        if self.queued is None:
+            self.queued = set()
+        self.queued.add(queue)
+
     def note_due(self, kind: DueKind, when: datetime) -> None:
         """This transaction writes timed work of ``kind`` due at ``when`` (see
         ``adapters/due_times.py``). Only the earliest per kind is kept, so a transaction
@@ -332,6 +342,7 @@ class SqlPersistence:
         self._write_gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self.run_ends = RunEndWatchers()
         self.due_watchers = DueWatchers()
+        self.queued_watchers = QueuedJobWatchers()
         self.event_watchers = EventWatchers()
         self._ended: SqlTransaction | None = None
         self.dialect.configure(engine)
@@ -402,11 +413,18 @@ class SqlPersistence:
             self.event_watchers.tell()
         if tx.due is not None:
             self.due_watchers.tell(tx.due)
+        if tx.queued is not None and self.queued_watchers:
+            self.queued_watchers.tell(frozenset(tx.queued))
 
     def watch_due(self, callback: DueCallback) -> Callable[[], None]:
         """Call ``callback(due)`` after each commit of this process that wrote timed work
         (see ``DueWatchers``); returns the function that stops it."""
         return self.due_watchers.watch(callback)
+
+    def watch_queued(self, callback: QueuedCallback) -> Callable[[], None]:
+        """Call ``callback(queues)`` after each commit of this process that queued jobs
+        (``QueuedJobWatchers``); returns the function that stops it."""
+        return self.queued_watchers.watch(callback)
 
     def watch_events(self, callback: EventCallback) -> Callable[[], None]:
         """Call ``callback()`` after each commit of this process that appended events
