@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from treadle.adapters.sql.migrate import migrate
+    from treadle.ai.agents import TreadleAgent, TreadleDurability
+    from treadle.ai.batches import AIBatchOutput, define_ai_batch_stage
     from treadle.engine import Engine
     from treadle.kernel import (
         Failed,
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from treadle.kernel.ai_helper import AIConfig, AIResult, with_ai_config
     from treadle.kernel.definitions import stage_ids
     from treadle.kernel.errors import (
+        AgentOutsideWorkflowError,
         AIError,
         AIExtraMissingError,
         AIRateLimitedError,
@@ -94,6 +97,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AIBatchOutput",
     "AICall",
     "AIConfig",
     "AICostRow",
@@ -104,6 +108,7 @@ __all__ = [
     "AIRecording",
     "AIResult",
     "AITotals",
+    "AgentOutsideWorkflowError",
     "BodyInterruptedError",
     "BudgetExceededError",
     "ChildWorkflowFailedError",
@@ -153,6 +158,8 @@ __all__ = [
     "Suspend",
     "SuspendTimeoutError",
     "TransientStorageError",
+    "TreadleAgent",
+    "TreadleDurability",
     "TreadleError",
     "TreadleValidationError",
     "UnknownCommandError",
@@ -166,6 +173,7 @@ __all__ = [
     "WorkflowNotFoundError",
     "__version__",
     "create_kernel",
+    "define_ai_batch_stage",
     "define_batch_stage",
     "define_schedule",
     "define_stage",
@@ -175,12 +183,17 @@ __all__ = [
     "workflow",
 ]
 
+_AI_EXTRA = frozenset(
+    {"AIBatchOutput", "TreadleAgent", "TreadleDurability", "define_ai_batch_stage"}
+)
+
 _ERRORS = frozenset(
     {
         "AIError",
         "AIExtraMissingError",
         "AIRateLimitedError",
         "AIRecordError",
+        "AgentOutsideWorkflowError",
         "BudgetExceededError",
         "BodyInterruptedError",
         "ChildWorkflowFailedError",
@@ -238,6 +251,8 @@ def __getattr__(name: str) -> Any:
         module = "treadle.adapters.sql.migrate"
     elif name in ("WorkerOptions", "InvalidWorkerOptionsError"):
         module = "treadle.runtime.options"
+    elif name in _AI_EXTRA:  # the ``ai`` extra: pydantic-ai and the providers' SDKs
+        module = "treadle.ai"
     elif name in _AI:
         module = "treadle.kernel.ai"
     elif name in _AI_HELPER:

@@ -840,6 +840,7 @@ class Engine:
         updated_after: datetime | None = None,
         updated_before: datetime | None = None,
         after: Run | tuple[datetime, str] | None = None,
+        payloads: bool = True,
     ) -> builtins.list[Run]:
         """Runs matching every given filter, newest first (without stages).
         ``status`` is one status or a list of them (any one matches);
@@ -848,7 +849,9 @@ class Engine:
         workflow started with ``ctx.child``; ``paused=True`` the runs ``pause`` holds
         (``False``: the others). ``after`` pages by key instead of ``offset``: pass the
         last run of the previous page (or its ``(created_at, id)``) to get the runs
-        that follow it, which stays fast and skips nothing however deep the page."""
+        that follow it, which stays fast and skips nothing however deep the page.
+        ``payloads=False`` leaves ``input`` and ``output`` out (``None``): what a listing
+        needs, without fetching offloaded payloads from the blob store."""
         self._check_open()
         query = _filter(
             status=status,
@@ -863,6 +866,10 @@ class Engine:
         )
         if after is not None:
             query = query.model_copy(update={"after": _after(after)})
+        if payloads is not True:
+            if payloads is not False:
+                raise _invalid("payloads", f"must be True or False, got {payloads!r}")
+            query = query.model_copy(update={"payloads": False})
         if parent_run_id is not None:
             query = query.model_copy(
                 update={"parent_run_id": _non_empty(parent_run_id, "parent_run_id")}

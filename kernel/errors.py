@@ -42,7 +42,9 @@ Callers catch by family, not by message. Each class carries a stable ``code``
     │   ├── AIRateLimitedError            the provider said 429 / overloaded (retryable; the
     │   │                                 retry waits at least its ``retry_after``)
     │   ├── AIRecordError                 ``ctx.ai.record`` called where no attempt can own the call
-    │   └── AIExtraMissingError           ``ctx.ai.generate_*`` without the ``ai`` extra installed
+    │   ├── AIExtraMissingError           ``ctx.ai.generate_*`` without the ``ai`` extra installed
+    │   └── AgentOutsideWorkflowError     a ``TreadleAgent`` step or ``current_workflow()`` outside
+    │                                     ``TreadleAgent.run(ctx, ...)``
     ├── RunFailedError                    awaited a run's result; the run FAILED
     ├── RunCancelledError                 awaited a run's result; the run was CANCELLED
     ├── WorkflowError                     code workflows: replay problems, and errors raised
@@ -246,6 +248,11 @@ class AIRecordError(AIError):
 
 class AIExtraMissingError(AIError):
     """``ctx.ai.generate_*`` needs the ``ai`` extra: ``pip install 'treadle[ai]'``."""
+
+
+class AgentOutsideWorkflowError(AIError):
+    """A durable operation of a ``TreadleAgent`` (``treadle.ai.agents``), or
+    ``current_workflow()``, was reached outside ``TreadleAgent.run(ctx, ...)``."""
 
 
 class SimulatedCrash(BaseException):

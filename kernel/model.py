@@ -317,6 +317,9 @@ class RunFilter(_Frozen):
     after: tuple[datetime, str] | None = None
     """Keyset pagination: only runs that come after ``(created_at, id)`` in the list's
     newest-first order, i.e. strictly older (``Engine.list(after=...)``)."""
+    payloads: bool = True
+    """False: the runs come without ``input`` and ``output`` (``None``), which a listing
+    does not show, so no offloaded payload is fetched from the blob store for them."""
     paused: bool | None = None
     """True: only paused runs that have not ended (``run.pause``); False: only the others."""
     limit: int = 50

@@ -6,8 +6,9 @@ A FastAPI app that serves one ``Engine``. Mount it inside your own app
 
 What the app holds, in the order requests meet it:
 
-1. ``BodyLimitMiddleware`` (413 past ``max_body_bytes``), then
-   ``CsrfCookieMiddleware`` (the browser's CSRF cookie; see ``csrf``);
+1. ``BodyLimitMiddleware`` (413 past ``max_body_bytes``), ``SecurityHeadersMiddleware``
+   (``nosniff``, no framing), then ``CsrfCookieMiddleware`` (the browser's CSRF
+   cookie; see ``csrf``);
 2. routers: ``health`` (``/healthz``, ``/readyz``), ``session`` (``/login``,
    ``/logout``), ``api`` (the JSON API under ``/api/v1``, SSE included), the
    ``routers=`` you pass, then the optional modules of ``OPTIONAL_MODULES``;
@@ -37,6 +38,7 @@ from treadle.hosts.http import api, health, session
 from treadle.hosts.http.auth import TokenAuth
 from treadle.hosts.http.csrf import CsrfCookieMiddleware
 from treadle.hosts.http.errors import install_error_handlers
+from treadle.hosts.http.headers import SecurityHeadersMiddleware
 from treadle.hosts.http.limits import BodyLimitMiddleware
 from treadle.hosts.http.state import HttpState
 from treadle.kernel.arguments import count as _count
@@ -101,6 +103,7 @@ def create_app(
     app.state.treadle = state
     install_error_handlers(app)
     app.add_middleware(CsrfCookieMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limit)
 
     app.include_router(health.router)

@@ -93,7 +93,8 @@ async def verify_csrf(request: Request) -> None:
 
 
 class CsrfCookieMiddleware:
-    """Sets the ``treadle_csrf`` cookie on the response to a request that has none."""
+    """Sets the ``treadle_csrf`` cookie on the response to a request that has none (API
+    clients ignore it; a page served to a bearer request can still embed a token)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

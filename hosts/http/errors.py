@@ -5,7 +5,8 @@
 ``PayloadTooLarge``, ``RequestValidationError``); ``field`` names the first offending
 field, ``errors`` lists every ``{field, message}``. Status codes: 404 not found, 409
 conflict, 422 validation, 400 an action that does not apply to the workflow, 503 a
-transient storage failure, 504 an update that got no reply in time.
+transient storage failure, 504 an update that got no reply in time, 500
+``InternalError`` for anything unexpected (its details stay in the server's log).
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), field=field, headers=headers)
 
 
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug or an unexpected failure: 500 in the usual shape, without internals (the
+    server logs the traceback)."""
+    return error_response(500, "InternalError", "internal server error")
+
+
 async def _timeout(request: Request, exc: Exception) -> JSONResponse:
     return error_response(504, "Timeout", str(exc) or "timed out")
 
@@ -132,6 +139,7 @@ def install_error_handlers(app: FastAPI) -> None:
         RequestValidationError: _validation_error,
         StarletteHTTPException: _http_error,
         TimeoutError: _timeout,
+        Exception: _unexpected,
     }
     for exc_type, handler in handlers.items():
         app.add_exception_handler(exc_type, handler)

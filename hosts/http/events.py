@@ -88,6 +88,7 @@ class EventHub:
         self.cursor = 0
         """The highest outbox id handed to subscribers (or skipped as a gap)."""
         self._subscribers: set[Subscription] = set()
+        self._subscribed = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
@@ -106,9 +107,19 @@ class EventHub:
         every wanted event with an outbox id above it; read older ones from the
         database (``Engine.event_feed`` / ``Engine.events``)."""
         await self._ensure_started()
+        if not self._subscribers:
+            # The hub reads nothing while nobody listens: catch its cursor up first.
+            self.cursor = max(self.cursor, await self.engine.last_event_id())
         subscription = Subscription(wants, needs_workflow=needs_workflow)
         self._subscribers.add(subscription)  # no await between these two lines
+        self._subscribed.set()
         return subscription, self.cursor
+
+    async def wait_for_subscriber(self) -> None:
+        """Return once a stream subscribes (tests and benchmarks: "the client listens")."""
+        while not self._subscribers:
+            self._subscribed.clear()
+            await self._subscribed.wait()
 
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscribers.discard(subscription)
@@ -183,6 +194,12 @@ class EventHub:
     async def _run(self) -> None:
         failures = 0
         while True:
+            if not self._subscribers:
+                # Nobody listens: no reads and no polling until a stream subscribes.
+                self._gap_since = None
+                self._subscribed.clear()
+                await self._subscribed.wait()
+                continue
             timeout = self.poll_interval
             if self._gap_since is not None:
                 left = self.gap_wait - (time.monotonic() - self._gap_since)
@@ -194,12 +211,6 @@ class EventHub:
                     await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
             if not self._subscribers:
-                # Nobody listens: move the cursor without reading the events.
-                self._gap_since = None
-                try:
-                    self.cursor = max(self.cursor, await self.engine.last_event_id())
-                except Exception as exc:  # keep the hub alive through a database blip
-                    self.log.warning("events.read_failed", error=repr(exc))
                 continue
             try:
                 await self._read()
@@ -215,6 +226,8 @@ class EventHub:
     async def _read(self) -> None:
         while True:
             rows = await self.engine.event_feed(self.cursor, limit=READ_BATCH)
+            if not self._subscribers:
+                return
             if not rows:
                 self._gap_since = None
                 return
@@ -222,6 +235,8 @@ class EventHub:
                 for run_id in {event.workflow_run_id for _, event in rows}:
                     await self.workflow_of(run_id)
             for outbox_id, event in rows:
+                if outbox_id <= self.cursor:
+                    continue  # a subscribe caught the cursor up meanwhile
                 if outbox_id != self.cursor + 1 and not self._gap_expired():
                     return  # hold back until the gap fills or expires (see the docstring)
                 self._gap_since = None

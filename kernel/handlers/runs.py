@@ -143,7 +143,8 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
                 found = await tx.runs.get(first.workflow_run_id, for_update=False)
                 if found is not None:
                     _warn_if_reused(deps, cmd.idempotency_key, found, input_json, config_json)
-            return first
+            # A replay created nothing: the cached result says what the first call did.
+            return first.model_copy(update={"created": False}) if first.created else first
         existing = None
         if cmd.idempotency_key is not None:
             existing = await tx.runs.find_by_key(wf.id, cmd.idempotency_key)

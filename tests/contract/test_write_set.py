@@ -264,3 +264,28 @@ async def test_a_large_stage_output_with_small_events_is_still_one_unit(backend:
     _, got_stages, _, sequences = await _state(backend)
     assert got_stages[0].output == big
     assert sequences == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("feed", [True, False], ids=["feed", "quiet"])
+async def test_the_set_sends_the_event_feed_notify_unless_turned_off(
+    backend: Any, feed: bool
+) -> None:
+    """As ``outbox.append``: the event feed's NOTIFY with the events, none when the
+    persistence's ``notify_events`` is off (PostgreSQL: a column of the one statement)."""
+    if backend.name != "postgres":
+        return
+    import psycopg
+
+    from treadle.adapters.event_feed import EVENTS_CHANNEL
+
+    run, stages, job = await _seed(backend)
+    backend.persistence.notify_events = feed
+    dsn = backend.persistence.engine.url.set(drivername="postgresql").render_as_string(
+        hide_password=False
+    )
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener:
+        await listener.execute(f"LISTEN {EVENTS_CHANNEL}")
+        async with backend.persistence.transaction() as tx:
+            assert await tx.write_set(backend.job_transport, **_writes(run, stages, job), last=True)
+        heard = [n.channel async for n in listener.notifies(timeout=0.5)]
+    assert heard == ([EVENTS_CHANNEL] if feed else [])

@@ -22,6 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": {"kernel", "ports", "adapters", "runtime"},
     # The remote worker client runs where there is no database: httpx and itself only.
     "remote": {"remote"},
+    # The AI layer (the ``ai`` extra): agents and batch stages on the kernel's authoring API.
+    "ai": {"kernel", "ports", "adapters", "ai"},
 }
 THIRD_PARTY_ALLOWED_IN_KERNEL = {"pydantic", "pydantic_core", "typing_extensions"}
 

@@ -25,6 +25,7 @@ def _public_errors() -> set[str]:
 
 EXPECTED: dict[str, set[str]] = {
     "treadle": {
+        "AIBatchOutput",
         "AICall",
         "AIConfig",
         "AICostRow",
@@ -58,12 +59,26 @@ EXPECTED: dict[str, set[str]] = {
         "WorkerOptions",
         "__version__",
         "create_kernel",
+        "define_ai_batch_stage",
         "define_batch_stage",
         "define_stage",
         "migrate",
+        "TreadleAgent",
+        "TreadleDurability",
         "workflow",
     }
     | _public_errors(),
+    "treadle.ai": {
+        "AIBatchItem",
+        "AIBatchOutput",
+        "AIBatchPrompt",
+        "TreadleAgent",
+        "TreadleDurability",
+        "batch_price",
+        "current_workflow",
+        "define_ai_batch_stage",
+        "running_in",
+    },
     "treadle.ports": {
         "AICallLogger",
         "BlobRetention",

@@ -38,7 +38,8 @@ WF = WorkflowBuilder("echo-wf", input=In).pipe(echo).build()
 
 
 async def test_run_create_replay_returns_cached_result() -> None:
-    """The same run.create key returns the first result and creates one run only."""
+    """The same run.create key returns the first result and creates one run only; the
+    replay says ``created=False`` (it created nothing), as it does when the cache is gone."""
     te = TestEngine([WF])
     first = await te.dispatch(
         c.RunCreate(workflow_id="echo-wf", input={"n": 1}, idempotency_key="k")
@@ -46,7 +47,8 @@ async def test_run_create_replay_returns_cached_result() -> None:
     again = await te.dispatch(
         c.RunCreate(workflow_id="echo-wf", input={"n": 2}, idempotency_key="k")
     )
-    assert again == first
+    assert first.created is True
+    assert again == first.model_copy(update={"created": False})
     assert len(te.persistence.runs) == 1
 
 

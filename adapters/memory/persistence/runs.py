@@ -167,7 +167,10 @@ class MemoryRuns:
     async def query(self, filter: RunFilter) -> list[Run]:
         runs = [r for r in self._s.runs.values() if _matches(r, filter)]
         runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)
-        return runs[filter.offset : filter.offset + filter.limit]
+        page = runs[filter.offset : filter.offset + filter.limit]
+        if not filter.payloads:
+            page = [evolve(r, {"input": None, "output": None}) for r in page]
+        return page
 
     async def count(self, group_by: str, filter: RunFilter) -> dict[str, int]:
         if group_by not in ("status", "workflow_id"):

@@ -122,6 +122,9 @@ class SqlTransaction:
         self.appended_events = False
         """Whether it appended events: the persistence's event watchers are told once it
         commits (``adapters/event_feed.py``)."""
+        self.notify_events = True
+        """PostgreSQL: send ``NOTIFY treadle_events`` with appended events (the
+        persistence's ``notify_events``)."""
         self.final_runs: dict[str, Run] | None = None
         """The terminal runs this transaction wrote, as written: told along with
         ``ended_runs``, so a waiter in this process needs no read for the outcome."""
@@ -344,6 +347,13 @@ class SqlPersistence:
         self.due_watchers = DueWatchers()
         self.queued_watchers = QueuedJobWatchers()
         self.event_watchers = EventWatchers()
+        self.notify_events = True
+        """PostgreSQL: every commit that appends events sends ``NOTIFY treadle_events``,
+        which live readers in other processes (``treadle serve``) wait on. Each such
+        commit also wakes every LISTENing backend of the database (PostgreSQL signals
+        listeners whatever their channel), which costs the workers' listeners a
+        transaction; set ``False`` in processes whose events no live reader needs to see
+        at once (readers then find them by their fallback read)."""
         self._ended: SqlTransaction | None = None
         self.dialect.configure(engine)
 
@@ -394,6 +404,8 @@ class SqlPersistence:
         try:
             async with self.connect(read_only=read_only) as conn:
                 tx = SqlTransaction(conn, self.dialect, self.payloads)
+                if not self.notify_events:
+                    tx.notify_events = False
                 try:
                     yield tx
                     notify = self.dialect.payload_notify

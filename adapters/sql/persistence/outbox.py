@@ -116,7 +116,7 @@ FEED_NOTIFY = f"pg_notify('{EVENTS_CHANNEL}', '')"
 """Tells live event readers (``adapters/event_feed.py``) on commit."""
 
 
-def _pg_append_events(notify: bool) -> sa.TextClause:
+def _pg_append_events(notify: bool, feed: bool = True) -> sa.TextClause:
     """``append_events`` on PostgreSQL in ONE statement: reserve each run's sequence
     numbers (the counters locked in run-id order, as ``_PG_ALLOCATE_SEQUENCES`` does),
     number the events of each run in their order, write each number into its event's
@@ -127,7 +127,7 @@ def _pg_append_events(notify: bool) -> sa.TextClause:
     offloaded to the blob store: their JSON is a reference, so the caller allocates
     first and writes the numbers into the events itself (two statements)."""
     # Every append tells live event readers (``adapters/event_feed.py``) on commit.
-    once = f"(SELECT {FEED_NOTIFY}) AS feed, "
+    once = f"(SELECT {FEED_NOTIFY}) AS feed, " if feed else ""
     if notify:
         once += "(SELECT pg_notify(:channel, :payload)) AS once, "
     ctes, insert = pg_append_events_ctes(once=once)
@@ -142,6 +142,13 @@ _PG_APPEND_EVENTS = _pg_append_events(notify=False)
 
 
 _PG_APPEND_EVENTS_ENDED = _pg_append_events(notify=True)
+
+
+_PG_APPEND_EVENTS_QUIET = _pg_append_events(notify=False, feed=False)
+"""``_PG_APPEND_EVENTS`` without the event feed's NOTIFY (``notify_events=False``)."""
+
+
+_PG_APPEND_EVENTS_ENDED_QUIET = _pg_append_events(notify=True, feed=False)
 
 
 _INSERT_OUTBOX = sa.insert(t.outbox)
@@ -244,7 +251,9 @@ class SqlOutbox:
         # PostgreSQL: one statement of one parameter; SQLite: a list of parameter sets,
         # one cached statement batched into one round trip.
         await self._tx.dialect.write_many(self._tx, _APPEND, rows, "append events")
-        if self._tx.dialect.is_postgres:  # the one-statement path sends it within its statement
+        if (
+            self._tx.dialect.is_postgres and self._tx.notify_events
+        ):  # the one-statement path sends it within its statement
             await self._tx.execute(_PG_NOTIFY_FEED, "notify event feed")
         notify = self._tx.dialect.payload_notify
         if ended and notify is not None:
@@ -287,11 +296,12 @@ class SqlOutbox:
             )
         params: dict[str, Any] = _PG_OUTBOX_ROWS.encode(rows)
         ended = self._note_ended(rows)  # told to the watchers only once this commits
-        statement = _PG_APPEND_EVENTS
+        feed = self._tx.notify_events
+        statement = _PG_APPEND_EVENTS if feed else _PG_APPEND_EVENTS_QUIET
         if ended:
             # Waiters in other processes (``RunHandle.result``) hear of it on commit.
             params["payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
-            statement = _PG_APPEND_EVENTS_ENDED
+            statement = _PG_APPEND_EVENTS_ENDED if feed else _PG_APPEND_EVENTS_ENDED_QUIET
         first: dict[str, int] = {}
         for run_id, sequence in await self._tx.execute(statement, "append events", params):
             if run_id not in first or sequence < first[run_id]:

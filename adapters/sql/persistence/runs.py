@@ -374,8 +374,11 @@ class SqlRuns:
         return conditions
 
     async def query(self, filter: RunFilter) -> list[Run]:
+        columns: list[Any] = [t.runs]
+        if not filter.payloads:  # the other columns, and NULL for the payload ones
+            columns = [sa.null().label(c.name) if c.name in _RUN_PAYLOADS else c for c in t.runs.c]
         query = (
-            sa.select(t.runs)
+            sa.select(*columns)
             .where(*self._run_conditions(filter))
             .order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc())
             .offset(filter.offset)

@@ -93,6 +93,7 @@ class SqlUnit(Protocol):
     active: bool
     ended_runs: list[str] | None
     appended_events: bool
+    notify_events: bool
     final_runs: dict[str, Run] | None
     payloads: PayloadOffload | None
     dialect: SqlDialect

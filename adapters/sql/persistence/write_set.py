@@ -28,10 +28,10 @@ written, and ``write_set`` raises what the per-kind call would have
 (``ConcurrencyError``, ``DuplicateError``). The CAST's text depends on the counts, so
 the planner cannot fold it into a constant error.
 
-The NOTIFYs the per-kind calls send (the event feed's, a run end's ``end:<ids>``, new
-QUEUED jobs' ``jobs``) are columns of the final SELECT: sent on commit, dropped with a
-rollback. The due-time NOTIFY stays with the transaction's end (``SqlPersistence.
-transaction``), as for every transaction.
+The NOTIFYs the per-kind calls send (the event feed's unless ``notify_events`` is off, a
+run end's ``end:<ids>``, new QUEUED jobs' ``jobs``) are columns of the final SELECT:
+sent on commit, dropped with a rollback. The due-time NOTIFY stays with the
+transaction's end (``SqlPersistence.transaction``), as for every transaction.
 
 Not taken here (``write_set`` returns ``False`` and the caller makes the per-kind
 calls): SQLite (several statements anyway), a job transport other than this
@@ -115,7 +115,7 @@ _PG_DONE_ROWS = pg_bulk.RecordSet(
 """A completed job: its id, the lease it must still have (``w_*``), what it becomes."""
 
 
-def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool) -> str:
+def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool, feed: bool) -> str:
     ctes = [
         "w_r AS ("
         + pg_bulk.update_from_sql(
@@ -194,7 +194,7 @@ def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool)
     columns.append(
         f"CASE WHEN {ok} THEN 0 ELSE CAST('{GUARD_MARK}:' || {report} AS INTEGER) END AS ok"
     )
-    if events:
+    if events and feed:
         columns.append(f"{FEED_NOTIFY} AS feed")
     columns.append(
         "CASE WHEN :end_payload = '' THEN NULL ELSE pg_notify(:channel, :end_payload) END AS ended"
@@ -203,7 +203,9 @@ def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool)
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
 
 
-def _statement(tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool, bool]) -> sa.TextClause:
+def _statement(
+    tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool, bool, bool]
+) -> sa.TextClause:
     name = "write_set:" + "".join("1" if part else "0" for part in shape)
 
     def build() -> sa.TextClause:
@@ -213,7 +215,7 @@ def _statement(tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool, bool
             *(sa.bindparam(f"{k}_n", type_=sa.Integer()) for k in ("r", "j", "d", "s", "e")),
             *(
                 sa.bindparam(f"{k}_rows", type_=sa.Text())
-                for k, present in zip(("j", "d", "s", "e"), shape[:2] + shape[3:], strict=True)
+                for k, present in zip(("j", "d", "s", "e"), shape[:2] + shape[3:5], strict=True)
                 if present
             ),
             sa.bindparam("r_rows", type_=sa.Text()),
@@ -334,7 +336,10 @@ async def write_set(
     ended = tx.outbox._note_ended(event_rows) if event_rows else []
     params["end_payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended)) if ended else ""
     params["notify_jobs"] = notify_jobs and "jobs" not in tx._notified
-    shape = (bool(rows), bool(done), leases is not None, bool(stage_rows), bool(event_rows))
+    # The event feed's NOTIFY unless this transaction's persistence sends none
+    # (``notify_events``), as ``outbox.append``.
+    feed = tx.notify_events
+    shape = (bool(rows), bool(done), leases is not None, bool(stage_rows), bool(event_rows), feed)
     statement = _statement(tx, shape)
     tx._check()
     # Noted before it runs: a due time makes the transaction's end send a NOTIFY, so a

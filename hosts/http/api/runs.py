@@ -123,6 +123,7 @@ async def list_runs(
         parent_run_id=parent_run_id,
         paused=paused,
         after=after,
+        payloads=False,  # a summary shows neither: no blob fetch per listed run
     )
     more = len(runs) > limit
     runs = runs[:limit]

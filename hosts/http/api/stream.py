@@ -33,7 +33,7 @@ from treadle.hosts.http.state import HttpState, http_state
 from treadle.kernel.arguments import invalid
 from treadle.kernel.events import EventBase
 
-__all__ = ["KEEPALIVE", "router"]
+__all__ = ["KEEPALIVE", "hub_of", "router"]
 
 KEEPALIVE: Final = 15.0
 RETRY_MS: Final = 2_000

@@ -304,3 +304,55 @@ async def test_concurrent_appends_for_overlapping_runs_stay_gap_free(backend: An
         assert sequences == list(range(1, len(sequences) + 1)), run_id
     appended = [r for order in orders for r in order + order[:1]]
     assert [len(counts[r]) for r in "abc"] == [appended.count(r) for r in "abc"]
+
+
+async def test_event_feed_reads_every_run_in_outbox_order(backend: Any) -> None:
+    """``events_after`` returns every run's events with their row ids, ascending, from a
+    cursor and up to a limit, published or not; ``last_event_id`` is the newest id."""
+    await seed(backend, make_run("r1"), make_run("r2"))
+    async with backend.persistence.transaction() as tx:
+        assert await tx.outbox.last_event_id() == 0
+        assert await tx.outbox.events_after(0, 10) == []
+    async with backend.persistence.transaction() as tx:
+        first = await tx.outbox.append(every_event("r1")[:2])
+    async with backend.persistence.transaction() as tx:
+        second = await tx.outbox.append([every_event("r2")[0], every_event("r1")[6]])
+    async with backend.persistence.transaction() as tx:
+        feed = await tx.outbox.events_after(0, 100)
+        last = await tx.outbox.last_event_id()
+    assert [event for _, event in feed] == [*first, *second]
+    ids = [outbox_id for outbox_id, _ in feed]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 4
+    assert last == ids[-1]
+    async with backend.persistence.transaction() as tx:
+        await tx.outbox.mark_published([ids[0]])
+        assert await tx.outbox.events_after(ids[1], 1) == [feed[2]]
+        assert await tx.outbox.events_after(0, 100) == feed  # published rows stay in the feed
+
+
+async def test_event_watchers_hear_of_commits_not_rollbacks(backend: Any) -> None:
+    """``watch_events`` callbacks run after a commit that appended events, and not for a
+    rolled-back append or a transaction without events."""
+    await seed(backend, make_run("r1"))
+    told: list[int] = []
+    stop = backend.persistence.watch_events(lambda: told.append(1))
+    try:
+        async with backend.persistence.transaction() as tx:
+            await tx.outbox.append(every_event("r1")[:1])
+        assert told == [1]
+
+        async def append_then_fail() -> None:
+            async with backend.persistence.transaction() as tx:
+                await tx.outbox.append(every_event("r1")[1:2])
+                raise BoomError
+
+        with pytest.raises(BoomError):
+            await append_then_fail()
+        async with backend.persistence.transaction() as tx:
+            await tx.outbox.events_for_run("r1")
+        assert told == [1]
+        async with backend.persistence.transaction() as tx:
+            assert [e.sequence for _, e in await tx.outbox.events_after(0, 10)] == [1]
+    finally:
+        stop()

@@ -503,3 +503,27 @@ async def test_update_runs_with_a_stale_or_missing_run_applies_nothing(backend: 
             await tx.runs.update_many([fresh, evolve(fresh, {"priority": 2})])
     async with backend.persistence.transaction() as tx:
         assert await tx.runs.get_many(["r1", "r2", "ghost"]) == {"r1": fresh, "r2": winner}
+
+
+async def test_list_runs_keyset_pages_updated_ranges_and_summaries(backend: Any) -> None:
+    """``after`` returns the runs strictly after ``(created_at, id)`` in the newest-first
+    order (ties broken by id); ``updated_after``/``updated_before`` bound ``updated_at``;
+    ``payloads=False`` leaves input and output out and keeps every other field."""
+    await seed(
+        backend,
+        make_run("a", created_at=at(0), updated_at=at(50), input={"big": "x" * 10}),
+        make_run("b", created_at=at(10), updated_at=at(40)),
+        make_run("c", created_at=at(10), updated_at=at(30), output=[1, 2]),
+        make_run("d", created_at=at(20), updated_at=at(20)),
+    )
+    assert await _list_ids(backend, after=(at(10), "c")) == ["b", "a"]
+    assert await _list_ids(backend, after=(at(10), "b")) == ["a"]
+    assert await _list_ids(backend, after=(at(20), "d"), limit=1) == ["c"]
+    assert await _list_ids(backend, updated_after=at(30)) == ["c", "b", "a"]
+    assert await _list_ids(backend, updated_before=at(30)) == ["d"]
+    async with backend.persistence.transaction() as tx:
+        full = await tx.runs.query(RunFilter())
+        light = await tx.runs.query(RunFilter(payloads=False))
+    assert [r.input for r in light] == [None] * 4
+    assert [r.output for r in light] == [None] * 4
+    assert [r.model_copy(update={"input": None, "output": None}) for r in full] == light
