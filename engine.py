@@ -17,7 +17,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
 from types import TracebackType
@@ -58,11 +58,12 @@ from treadle.kernel.workflows.model import JournalEntry, Timer
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.options import WorkerOptions
 from treadle.runtime.run_waiters import RunWaiters
+from treadle.runtime.starts import start_traced
 from treadle.runtime.worker import SlotLoan, Worker
 
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase, OutboxRecord
-    from treadle.ports import Clock, EventSink, IdGenerator, KernelPlugin
+    from treadle.ports import Clock, EventSink, IdGenerator, KernelPlugin, Telemetry
 
 __all__ = ["Engine", "RunHandle", "StartItem"]
 
@@ -288,6 +289,11 @@ class Engine:
             kernel.deps.persistence, backend.wake_source if backend is not None else None
         )
         """Where ``RunHandle.result`` waits for its run to end (see ``runtime.run_waiters``)."""
+        self._unwatch_ends: Callable[[], None] | None = None
+        telemetry = kernel.deps.telemetry
+        watch = getattr(kernel.deps.persistence, "watch_run_ends", None)
+        if telemetry is not None and watch is not None:  # runs ended by this process, counted
+            self._unwatch_ends = watch(telemetry.runs_ended)
 
     @classmethod
     async def open(
@@ -306,6 +312,7 @@ class Engine:
         payload_max_bytes: int | None = DEFAULT_PAYLOAD_MAX_BYTES,
         schedules: Iterable[ScheduleDefinition] = (),
         retention: timedelta | float | None = None,
+        telemetry: Telemetry | bool | None = None,
         ai_recording: AIRecording | None = None,
         **engine_options: Any,
     ) -> Engine:
@@ -322,9 +329,13 @@ class Engine:
         without their own are kept before the maintenance tick purges them
         (docs/lifecycle.md; default: forever). ``ai_recording`` says what of each AI
         call is stored (``AIRecording(record_prompts=False)``, a ``redact`` callable;
-        docs/ai.md).
+        docs/ai.md). ``telemetry=True`` traces and measures the work on OpenTelemetry's
+        global providers (the ``otel`` extra; or pass an ``OtelTelemetry`` to choose the
+        providers); off by default, and then no OpenTelemetry code runs at all
+        (docs/observability.md).
         """
         _non_empty(url, "url")
+        tel = _telemetry(telemetry)
         if retention is not None:
             settings = dataclasses.replace(
                 settings or KernelSettings(), default_retention=_retention(retention)
@@ -350,6 +361,7 @@ class Engine:
                 plugins=plugins,
                 settings=settings,
                 logger=logger,
+                telemetry=tel,
                 ai=ai_recording,
             )
             declared = [*declared_schedules(definitions), *schedules]
@@ -369,6 +381,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        if self._unwatch_ends is not None:
+            self._unwatch_ends()
         workers = builtins.list(self._workers)
         await asyncio.gather(*(w.aclose() for w in workers))
         await self.run_waiters.aclose()
@@ -468,11 +482,21 @@ class Engine:
             concurrency_key=concurrency_key,
             max_cost=max_cost,
         )
+        telemetry = self.kernel.deps.telemetry
+        if telemetry is None:
+            return (await self._start(command))[0]
+        started = await start_traced(
+            telemetry, command, self._start, lambda hc: (hc[0].run_id, hc[1])
+        )
+        return started[0]
+
+    async def _start(self, command: c.RunCreate) -> tuple[RunHandle, bool]:
+        """``start``'s command dispatched: the handle, and whether a run was created."""
         loan = self._lend_slot()
         if loan is None:
             result = await self.kernel.dispatch(command)
             self._notify()
-            return RunHandle(self, result.workflow_run_id, created=result.created)
+            return RunHandle(self, result.workflow_run_id, created=result.created), result.created
         # A worker of this engine has a free slot: the run is claimed for it in the start's
         # own commit and its first stage runs there at once (no claim, no wake-up).
         job = None
@@ -487,8 +511,9 @@ class Engine:
             loan.settle(job)
         if job is None:
             self._notify()  # not claimed here (an existing run, a stopping worker)
-        return RunHandle(
-            self, result.workflow_run_id, local=job is not None, created=result.created
+        return (
+            RunHandle(self, result.workflow_run_id, local=job is not None, created=result.created),
+            result.created,
         )
 
     def _lend_slot(self) -> SlotLoan | None:
@@ -526,7 +551,26 @@ class Engine:
             # Before the first batch commits: input and config of them all (the kernel
             # checks each batch again, as it checks every command).
             validate_items(self.kernel.deps, parsed)
+        telemetry = self.kernel.deps.telemetry
+        if telemetry is None or not parsed:
+            return (await self._start_many(parsed, size))[0]
+        workflows = sorted({item.workflow_id for item in parsed})
+        with telemetry.starting(",".join(workflows), len(parsed)) as span:
+            if span.trace_context is not None:
+                parsed = [
+                    item.model_copy(update={"trace_context": span.trace_context}) for item in parsed
+                ]
+            handles, created = await self._start_many(parsed, size)
+            for item, handle, new in zip(parsed, handles, created, strict=True):
+                span.started(handle.run_id, item.workflow_id, new)
+        return handles
+
+    async def _start_many(
+        self, parsed: builtins.list[c.RunCreateItem], size: int
+    ) -> tuple[builtins.list[RunHandle], builtins.list[bool]]:
+        """``start_many``'s batches dispatched: the handles, and which runs are new."""
         handles: builtins.list[RunHandle] = []
+        created: builtins.list[bool] = []
         for offset in range(0, len(parsed), size):
             batch = parsed[offset : offset + size]
             try:
@@ -541,7 +585,8 @@ class Engine:
                 raise
             self._notify()
             handles.extend(RunHandle(self, run.workflow_run_id) for run in result.runs)
-        return handles
+            created.extend(run.created for run in result.runs)
+        return handles, created
 
     async def start_or_signal(
         self,
@@ -571,7 +616,11 @@ class Engine:
             search_attributes=_mapping(search_attributes, "search_attributes"),
             signal=c.SignalSpec(name=_non_empty(signal, "signal"), payload=payload),
         )
-        result = await self.kernel.dispatch(command)
+        telemetry = self.kernel.deps.telemetry
+        if telemetry is None:
+            result = await self.kernel.dispatch(command)
+        else:
+            result = await start_traced(telemetry, command, self.kernel.dispatch, _run_created)
         self._notify()
         return RunHandle(self, result.workflow_run_id, created=result.created)
 
@@ -1106,3 +1155,23 @@ def _definitions(workflows: Any) -> builtins.list[WorkflowDefinition]:
                 f"must be a built workflow (WorkflowBuilder(...).build()), got {wf!r}",
             )
     return out
+
+
+def _run_created(result: c.RunCreateResult) -> tuple[str, bool]:
+    return result.workflow_run_id, result.created
+
+
+def _telemetry(telemetry: Telemetry | bool | None) -> Telemetry | None:
+    """``Engine.open``'s ``telemetry``: ``True`` builds an ``OtelTelemetry`` on the global
+    providers (imported only then: the ``otel`` extra may be absent)."""
+    if telemetry is None or telemetry is False:
+        return None
+    if telemetry is True:
+        try:
+            from treadle.adapters.otel import OtelTelemetry
+        except ImportError as exc:
+            raise NotSupportedError(
+                "telemetry=True needs the otel extra: pip install 'treadle[otel]'"
+            ) from exc
+        return OtelTelemetry()
+    return telemetry

@@ -10,6 +10,10 @@ almost nothing on the hot path), and hands the rendered line to
 from __future__ import annotations
 
 import logging
+import os
+import sys
+from collections.abc import Mapping
+from datetime import date, datetime
 from typing import Any
 
 import structlog
@@ -62,7 +66,55 @@ def structlog_logger(name: str = "treadle", **bound: Any) -> Any:
             structlog.stdlib.filter_by_level,
             structlog.processors.add_log_level,
             _stamp_unless_given,
+            add_trace_ids,
             structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"]),
+            renderer(),
         ],
     ).bind(**bound)
+
+
+LOG_FORMAT_ENV = "TREADLE_LOG_FORMAT"
+"""``console`` (the default: ``key=value`` lines) or ``json`` (one JSON object a line)."""
+
+LOG_FORMATS = ("console", "json")
+
+
+def log_format(environ: Mapping[str, str] | None = None) -> str:
+    """The log format ``TREADLE_LOG_FORMAT`` asks for; ``ValueError`` naming the variable
+    for anything but ``console`` or ``json``."""
+    env = os.environ if environ is None else environ
+    value = env.get(LOG_FORMAT_ENV, "").strip().lower() or "console"
+    if value not in LOG_FORMATS:
+        raise ValueError(
+            f"{LOG_FORMAT_ENV} must be one of {', '.join(LOG_FORMATS)}, got {env[LOG_FORMAT_ENV]!r}"
+        )
+    return value
+
+
+def renderer(fmt: str | None = None) -> Any:
+    """The last processor of Treadle's loggers for ``fmt`` (``log_format()`` if omitted):
+    ``KeyValueRenderer`` with the event and ids first, or ``JSONRenderer``."""
+    if (fmt or log_format()) == "json":
+        return structlog.processors.JSONRenderer(default=_json_default)
+    return structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    return str(value)
+
+
+def add_trace_ids(logger: Any, method_name: str, event_dict: Any) -> Any:
+    """Add ``trace_id`` and ``span_id`` of the current OpenTelemetry span, if there is
+    one: inside a stage, step or activation with tracing on, every line carries them.
+    Looks OpenTelemetry up among the loaded modules only, so a process without it (or
+    that never loaded it) pays one dictionary lookup per line it writes."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return event_dict
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event_dict.setdefault("trace_id", f"{ctx.trace_id:032x}")
+        event_dict.setdefault("span_id", f"{ctx.span_id:016x}")
+    return event_dict

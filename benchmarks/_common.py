@@ -176,3 +176,36 @@ def counting_pipeline(workflow_id: str, stages: int, finished: Finished) -> Any:
     for i in range(stages):
         builder = builder.pipe(stage(i))
     return builder.build()
+
+
+def sdk_telemetry() -> Any:
+    """``--tracing sdk``: an ``OtelTelemetry`` on the OpenTelemetry SDK, as a deployment
+    with tracing and metrics on has it: a ``BatchSpanProcessor`` feeding an exporter that
+    drops the spans (so the figure is Treadle's and the SDK's cost, not a collector's),
+    and a ``MeterProvider`` with an in-memory reader (every counter and histogram
+    recorded; nothing scrapes it during the run)."""
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    from treadle.adapters.otel import OtelTelemetry
+
+    class Dropping(SpanExporter):
+        def __init__(self) -> None:
+            self.exported = 0
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            self.exported += len(spans)
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return OtelTelemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)

@@ -13,6 +13,7 @@ store's growing heap), and the Python function calls per stage counted by the
 profiler, which are the same on every run.
 
     .venv/bin/python benchmarks/kernel_overhead.py [--runs 1000] [--reps 5] [--no-chain]
+        [--tracing off|sdk]
 
 ``TestEngine`` chains stages as the worker does (``--no-chain`` dequeues every stage).
 
@@ -89,10 +90,11 @@ async def one_rep(
     profiler: cProfile.Profile | None = None,
     *,
     chain: bool = True,
+    telemetry: object = None,
 ) -> tuple[float, float, float]:
     """(wall, CPU, GC) microseconds per stage of one repetition; ``profiler`` (if given)
     covers the measured part only, not the set-up's ``run.create`` calls."""
-    engine = TestEngine([build_pipeline()], chain=chain)
+    engine = TestEngine([build_pipeline()], chain=chain, telemetry=telemetry)
     for i in range(runs):
         await engine.start("noop-10", {"n": i})
     if gc_timer is not None:
@@ -128,8 +130,19 @@ def main() -> None:
         action="store_true",
         help="TestEngine(chain=False): every stage dequeued, as before chained stages",
     )
+    parser.add_argument(
+        "--tracing",
+        choices=["off", "sdk"],
+        default="off",
+        help="sdk: TestEngine(telemetry=) the OpenTelemetry SDK set-up of _common.sdk_telemetry",
+    )
     args = parser.parse_args()
     chain = not args.no_chain
+    telemetry = None
+    if args.tracing == "sdk":
+        from _common import sdk_telemetry
+
+        telemetry = sdk_telemetry()
 
     print(f"machine: {platform.machine()} cpus={os.cpu_count()} python={platform.python_version()}")
     print(
@@ -139,7 +152,10 @@ def main() -> None:
     load_before = os.getloadavg()
     gc_timer = _GcTimer()
     gc.callbacks.append(gc_timer)
-    samples = [asyncio.run(one_rep(args.runs, gc_timer, chain=chain)) for _ in range(args.reps)]
+    samples = [
+        asyncio.run(one_rep(args.runs, gc_timer, chain=chain, telemetry=telemetry))
+        for _ in range(args.reps)
+    ]
     gc.callbacks.remove(gc_timer)
     load_after = os.getloadavg()
     wall = [w for w, _, _ in samples]
@@ -157,7 +173,7 @@ def main() -> None:
     if args.no_profile:
         return
     profiler = cProfile.Profile()
-    asyncio.run(one_rep(args.runs, profiler=profiler, chain=chain))
+    asyncio.run(one_rep(args.runs, profiler=profiler, chain=chain, telemetry=telemetry))
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     per_stage = stats.total_calls / (args.runs * STAGES)  # type: ignore[attr-defined]

@@ -23,7 +23,11 @@ the raw statistics to ``$TREADLE_PROFILE_OUT`` if that is set).
 
     .venv/bin/python benchmarks/throughput.py [--runs 1000] [--concurrency 8]
         [--backend both|sqlite|postgres] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
-        [--profile] [--job-poll-interval 0.05]
+        [--profile] [--job-poll-interval 0.05] [--tracing off|sdk]
+
+``--tracing sdk`` runs the worker's engine with ``telemetry=`` an OpenTelemetry SDK set-up
+(batch span processor, an exporter that drops the spans, in-memory metric reader:
+``_common.sdk_telemetry``); ``off`` (the default) passes none.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from _common import (
     counting_pipeline,
     fresh_database,
     pct,
+    sdk_telemetry,
     server_cpu_seconds,
     xact_commit,
 )
@@ -66,6 +71,7 @@ class Payload(BaseModel):
 
 
 DONE = Finished()
+TELEMETRY: Any = lambda: None  # noqa: E731 - ``--tracing`` replaces it
 
 
 def build_pipeline() -> Any:
@@ -170,7 +176,7 @@ async def burst(
         start_rate = runs / (time.perf_counter() - t0)
     finally:
         await producer.aclose()  # its server processes exit and flush their statistics
-    engine = await Engine.open(url, workflows=[pipeline])
+    engine = await Engine.open(url, workflows=[pipeline], telemetry=TELEMETRY())
     DONE.expect(runs)
     own_commits, statements = count_sql(engine)
     try:
@@ -339,7 +345,8 @@ async def run_backend(name: str, url: str, args: argparse.Namespace) -> None:
 async def amain(args: argparse.Namespace) -> None:
     print(
         f"machine: {platform.machine()} cpus={os.cpu_count()} "
-        f"python={platform.python_version()} sqlalchemy={sa.__version__}"
+        f"python={platform.python_version()} sqlalchemy={sa.__version__} "
+        f"tracing={args.tracing}"
     )
     for name in ("sqlite", "postgres"):
         if args.backend in ("both", name):
@@ -360,7 +367,11 @@ def main() -> None:
         "--job-poll-interval", type=float, default=0.05, help="the burst worker's, in seconds"
     )
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--tracing", choices=["off", "sdk"], default="off")
     args = parser.parse_args()
+    if args.tracing == "sdk":
+        global TELEMETRY
+        TELEMETRY = sdk_telemetry
     asyncio.run(amain(args))
     sys.stdout.flush()
 

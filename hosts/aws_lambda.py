@@ -91,6 +91,7 @@ def make_handler(
     process_on_message: bool = True,
     wakeup_queue_url: str | None = None,
     sqs_client: SqsClient | Callable[[], SqsClient] | None = None,
+    telemetry: Any = None,
 ) -> LambdaHandler:
     """The Lambda handler (see the module docstring). Builds nothing until invoked.
 
@@ -103,6 +104,9 @@ def make_handler(
     function's concurrency).
     ``process_on_message``: after an SQS batch, keep running due jobs until the queue is
     idle or the budget is spent (``False``: each message runs its one job only).
+    ``telemetry`` (an ``OtelTelemetry``; the ``otel`` extra): spans and metrics of the
+    stages it runs, flushed at the end of every invocation (a frozen container exports
+    nothing).
     """
     if safety_buffer_ms < 0:
         raise ValueError(f"safety_buffer_ms must be >= 0, got {safety_buffer_ms!r}")
@@ -125,6 +129,7 @@ def make_handler(
         process_on_message=process_on_message,
         wakeup_queue_url=wakeup_queue_url,
         sqs_client=sqs_client,
+        telemetry=telemetry,
     )
 
 
@@ -144,6 +149,7 @@ class LambdaHandler:
         wakeup_queue_url: str | None,
         sqs_client: SqsClient | Callable[[], SqsClient] | None,
         process_on_message: bool = True,
+        telemetry: Any = None,
     ) -> None:
         self._app = app
         self._db = db
@@ -154,6 +160,7 @@ class LambdaHandler:
         self.process_on_message = process_on_message
         self._queue_url = wakeup_queue_url
         self._sqs_client = sqs_client
+        self.telemetry = telemetry
         self.host: ServerlessHost | None = None
         self.wakeups: SqsWakeups | None = None
         self.builds = 0
@@ -166,7 +173,12 @@ class LambdaHandler:
             # Sync stages run in daemon threads: one cut off at the deadline cannot pin
             # the container's shutdown.
             self._loop.set_default_executor(StageThreadPool(self.options.concurrency + 4))
-        return self._loop.run_until_complete(self.handle(event, context))
+        try:
+            return self._loop.run_until_complete(self.handle(event, context))
+        finally:
+            flush = getattr(self.telemetry, "force_flush", None)
+            if flush is not None:  # before the container freezes
+                flush()
 
     def close(self) -> None:
         """Release the backend and the loop (a container never needs this; tests do)."""
@@ -294,6 +306,7 @@ class LambdaHandler:
             workflows,
             backend=backend,
             options=self.options,
+            telemetry=self.telemetry,
         )
         self.log.info(
             "lambda.ready",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -202,6 +202,10 @@ class ServerlessHost:
         self.log = (logger or structlog_logger("treadle.hosts.serverless")).bind(
             worker_id=self.worker_id
         )
+        self._unwatch_ends: Callable[[], None] | None = None
+        watch = getattr(kernel.deps.persistence, "watch_run_ends", None)
+        if kernel.deps.telemetry is not None and watch is not None:  # runs it ends, counted
+            self._unwatch_ends = watch(kernel.deps.telemetry.runs_ended)
 
     @classmethod
     async def open(
@@ -214,14 +218,19 @@ class ServerlessHost:
         **overrides: Any,
     ) -> ServerlessHost:
         """A host on the backend ``db`` names (``open_backend``), or on ``backend`` when
-        given (e.g. one wrapped with SQS wake-ups); it closes the backend on ``aclose``."""
+        given (e.g. one wrapped with SQS wake-ups); it closes the backend on ``aclose``.
+        ``telemetry=`` (an ``OtelTelemetry``; the ``otel`` extra): spans of the stages
+        it runs, joined to each run's trace, and Treadle's metrics."""
         opened = backend if backend is not None else await open_backend(db)
         try:
             logger = overrides.pop("logger", None)
+            telemetry = overrides.pop("telemetry", None)
             opts = WorkerOptions.build(options, overrides, defaults=SERVERLESS_DEFAULTS)
             definitions = list(workflows)
             kernel = opened.kernel(
-                definitions, logger=structlog_logger("treadle", worker_id=opts.worker_id)
+                definitions,
+                logger=structlog_logger("treadle", worker_id=opts.worker_id),
+                telemetry=telemetry,
             )
             declared = declared_schedules(definitions)
             if declared:  # @workflow(schedule=...): created, or kept in step with the code
@@ -232,6 +241,8 @@ class ServerlessHost:
             raise
 
     async def aclose(self) -> None:
+        if self._unwatch_ends is not None:
+            self._unwatch_ends()
         self.kernel.close()
         if self.backend is not None:
             backend, self.backend = self.backend, None

@@ -32,9 +32,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from treadle.adapters.logging import structlog_logger
+from treadle.adapters.logging import log_format, structlog_logger
+from treadle.adapters.otel_env import tracing_asked
 from treadle.adapters.urls import redact_url, scrub
 from treadle.hosts.app import load_workflows
+from treadle.hosts.probes import ProbeServer, Route, healthz_route, metrics_route, readyz_route
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import TreadleError, describe_exception
 from treadle.kernel.schedule_client import declared_schedules
@@ -72,19 +74,27 @@ def main(
     app: str | None,
     db: str,
     options: WorkerOptions | Mapping[str, Any] | None = None,
+    metrics_port: int | None = None,
+    health_port: int | None = None,
     **overrides: Any,
 ) -> int:
     """Run a worker on ``db`` for the workflows ``app`` names until signalled; returns
-    the process exit code (see the module docstring). Blocks; owns its event loop."""
+    the process exit code (see the module docstring). Blocks; owns its event loop.
+    ``metrics_port`` / ``health_port``: serve ``/metrics`` / ``/healthz`` and ``/readyz``
+    (``hosts/probes.py``)."""
     restore_logging = _configure_logging()
     try:
         try:
+            log_format()  # a bad TREADLE_LOG_FORMAT is a bad option, named
             workflows = load_workflows(app)
             host = WorkerHost(
                 workflows,
                 db=db,
                 options=WorkerOptions.build(options, overrides),
+                metrics_port=metrics_port,
+                health_port=health_port,
             )
+            host.telemetry_setup()
         except (TreadleError, ValueError) as exc:
             _error_line(exc, db)
             return EXIT_BAD_CONFIG
@@ -115,10 +125,14 @@ class WorkerHost:
         *,
         db: str,
         options: WorkerOptions | Mapping[str, Any] | None = None,
+        metrics_port: int | None = None,
+        health_port: int | None = None,
         **overrides: Any,
     ) -> None:
         """``options`` and ``overrides`` (``concurrency=8``, ``drain_timeout=30``, ...): see
-        ``WorkerOptions``, which refuses a bad one (a ``ValueError`` naming it)."""
+        ``WorkerOptions``, which refuses a bad one (a ``ValueError`` naming it).
+        ``metrics_port`` / ``health_port`` (0: any free port; see ``ports_bound``): the
+        endpoints of ``hosts/probes.py``."""
         self.options = opts = WorkerOptions.build(options, overrides)
         given_db: object = db
         if not isinstance(given_db, str) or not given_db:
@@ -131,6 +145,35 @@ class WorkerHost:
         self.log = structlog_logger("treadle.hosts.worker", worker_id=self.worker_id)
         self.worker: Worker | None = None
         self._signals: _Signals | None = None
+        for name, port in (("metrics_port", metrics_port), ("health_port", health_port)):
+            given: object = port
+            if given is not None and not (isinstance(given, int) and 0 <= given <= 65535):
+                raise ValueError(f"{name} must be a port number (0 to 65535), got {port!r}")
+        self.metrics_port = metrics_port
+        self.health_port = health_port
+        self.ports_bound: dict[str, int] = {}
+        """``{"metrics": port, "health": port}`` once the endpoints listen."""
+        self._otel: Any = None
+        self._otel_ready = False
+
+    def telemetry_setup(self) -> Any:
+        """OpenTelemetry for this process, made once (``adapters/otel/setup.py``): when
+        ``metrics_port`` is set or the environment asks for tracing (``TREADLE_OTEL=1``,
+        an OTLP endpoint). ``None`` when neither; ``ValueError`` when it is asked for and
+        the ``otel`` extra is not installed."""
+        if self._otel_ready:
+            return self._otel
+        wanted = self.metrics_port is not None or tracing_asked()
+        if wanted:
+            try:
+                from treadle.adapters.otel.setup import configure_from_env
+            except ImportError as exc:
+                raise ValueError(
+                    f"metrics and tracing need the otel extra: pip install 'treadle[otel]' ({exc})"
+                ) from None
+            self._otel = configure_from_env(prometheus=self.metrics_port is not None)
+        self._otel_ready = True
+        return self._otel
 
     # -- entry points -------------------------------------------------------------------
     def run(self) -> int:
@@ -181,10 +224,19 @@ class WorkerHost:
             _error_line(exc, self.db)
             return EXIT_STARTUP_FAILED
         kernel = None
+        setup = self.telemetry_setup()
+        telemetry = setup.telemetry if setup is not None else None
+        servers: list[Any] = []
+        unwatch: Any = None
         try:
             kernel = backend.kernel(
-                self.workflows, logger=structlog_logger("treadle", worker_id=self.worker_id)
+                self.workflows,
+                logger=structlog_logger("treadle", worker_id=self.worker_id),
+                telemetry=telemetry,
             )
+            watch = getattr(backend.persistence, "watch_run_ends", None)
+            if telemetry is not None and watch is not None:
+                unwatch = watch(telemetry.runs_ended)
             declared = declared_schedules(self.workflows)
             if declared:  # @workflow(schedule=...): created, or kept in step with the code
                 await kernel.schedules.sync(declared)
@@ -199,6 +251,7 @@ class WorkerHost:
             if signals.first.is_set():  # signalled while the backend was opening
                 return self._exit_code()
             await worker.start()
+            servers = await self._serve_endpoints(backend, setup)
             self.log.info(
                 "worker.ready",
                 db=redact_url(self.db),
@@ -211,9 +264,48 @@ class WorkerHost:
             await self._drain(worker, signals)
             return self._exit_code()
         finally:
+            for server in servers:
+                await server.aclose()
+            if unwatch is not None:
+                unwatch()
             if kernel is not None:
                 kernel.close()  # parked code-workflow bodies: closed before their storage
             await self._close(backend)
+            if setup is not None:
+                setup.shutdown()  # flush spans and metrics still buffered
+
+    async def _serve_endpoints(self, backend: Any, setup: Any) -> list[ProbeServer]:
+        """Start the metrics and health endpoints asked for (one server when the ports
+        are the same); their bound ports go to ``ports_bound``."""
+        routes: dict[int, dict[str, Route]] = {}
+        if self.health_port is not None:
+            timeout = max(3 * self.options.orchestration_interval, 30.0)
+            routes.setdefault(self.health_port, {}).update(
+                {
+                    "/healthz": healthz_route(lambda: self.worker, timeout),
+                    "/readyz": readyz_route(self.db),
+                }
+            )
+        if self.metrics_port is not None and setup is not None:
+            gauges = setup.telemetry.storage_gauges(
+                backend.persistence, backend.clock, backend.workers
+            )
+            gauges.queues.update(self.options.queues)
+            routes.setdefault(self.metrics_port, {})["/metrics"] = metrics_route(
+                setup.metrics_text, gauges.refresh
+            )
+        servers: list[ProbeServer] = []
+        for port, table in routes.items():
+            server = ProbeServer(table)
+            bound = await server.start(port)
+            servers.append(server)
+            if "/metrics" in table:
+                self.ports_bound["metrics"] = bound
+            if "/healthz" in table:
+                self.ports_bound["health"] = bound
+        if servers:
+            self.log.info("worker.endpoints", **self.ports_bound)
+        return servers
 
     async def _drain(self, worker: Worker, signals: _Signals) -> None:
         graceful = asyncio.ensure_future(worker.aclose(self.drain_timeout))

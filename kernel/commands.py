@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from treadle.kernel.limits import Duration, Text
+from treadle.kernel.limits import Duration, Text, TraceParent
 from treadle.kernel.model import Job, JsonValue, RunStatus
 from treadle.kernel.schedules import (
     MAX_CATCHUP_LIMIT,
@@ -63,6 +63,9 @@ class RunCreate(CommandBase):
     workflow's ``execution_timeout``."""
     max_cost: Decimal | None = Field(default=None, ge=0, allow_inf_nan=False)
     """This run's AI budget, overriding the workflow's ``max_cost`` (``kernel/ai.py``)."""
+    trace_context: TraceParent | None = None
+    """The caller's W3C ``traceparent`` (``00-<trace id>-<span id>-<flags>``), stored with
+    the run so its stage spans join the caller's trace (docs/observability.md)."""
     claim_for: str | None = Field(default=None, min_length=1)
     """A worker (in the caller's process) with a free slot: the new run is claimed for it
     in the same transaction, its first stage leased to it and started, and returned as
@@ -99,6 +102,7 @@ class RunCreateItem(BaseModel):
     run_id: Text | None = Field(default=None, min_length=1, max_length=128)
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
     concurrency_key: Text | None = Field(default=None, min_length=1, max_length=255)
+    trace_context: TraceParent | None = None
 
 
 class RunCreateMany(CommandBase):
@@ -327,6 +331,9 @@ class JobBeginResult(ResultBase):
     """The stage's config with defaults applied, or ``None``."""
     resume_state: JsonValue = None
     """What the last ``job.suspend`` of this stage saved, when it is resumed."""
+    trace_context: str | None = None
+    """The run's W3C ``traceparent`` (``Run.trace_context``), when its start stored one:
+    the remote body's spans join the run's trace as children of it."""
     reason: str | None = None
 
 

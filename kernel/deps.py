@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         KernelPlugin,
         Persistence,
         Scheduler,
+        Telemetry,
         Transaction,
         WorkflowRegistry,
     )
@@ -94,6 +95,9 @@ class Deps:
     """Where concurrent ``job.execute`` phase-3 commits of this kernel meet (one group)."""
     sticky: StickyCache = field(default_factory=StickyCache)
     """Code-workflow bodies parked between activations (sticky execution)."""
+    telemetry: Telemetry | None = None
+    """Spans of stage, activation and step attempts (``ports/telemetry.py``); ``None``
+    (the default) when tracing is off: the kernel then calls nothing."""
     ai: AIServices = field(default_factory=AIServices)
     """What of each AI call is stored, and the client ``ctx.ai.generate_*`` uses."""
     cron: CronCalendar | None = None

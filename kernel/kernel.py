@@ -60,6 +60,7 @@ if TYPE_CHECKING:
         KernelPlugin,
         Persistence,
         Scheduler,
+        Telemetry,
         Transaction,
         WorkflowRegistry,
     )
@@ -334,13 +335,15 @@ def create_kernel(
     settings: KernelSettings | None = None,
     logger: KernelLogger | None = None,
     cron: CronCalendar | None = None,
+    telemetry: Telemetry | None = None,
     ai: AIServices | None = None,
 ) -> Kernel:
     """Wire a kernel to its ports. ``registry`` may be a registry or an iterable of
     definitions; ``ids`` defaults to uuid7 stamped by ``clock``; ``cron`` (the calendar
     of cron schedules, ``adapters.cron.CroniterCalendar`` in every host) is needed only
     by the ``schedule.*`` commands. ``ai`` sets what of each AI call is stored and the
-    client ``ctx.ai.generate_*`` uses (``kernel/ai.py``)."""
+    client ``ctx.ai.generate_*`` uses (``kernel/ai.py``). ``telemetry``: spans of the work
+    it runs (``ports/telemetry.py``; ``adapters.otel.OtelTelemetry``), none when omitted."""
     if not hasattr(registry, "get_workflow"):
         registry = Registry(registry)
     deps = Deps(
@@ -356,6 +359,7 @@ def create_kernel(
         settings=settings or KernelSettings(),
         logger=logger or StdlibLogger(),
         cron=cron,
+        telemetry=telemetry,
         ai=ai or AIServices(),
     )
     return Kernel(deps)

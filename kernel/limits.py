@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, TypeAdapter
+from pydantic import AfterValidator, StringConstraints, TypeAdapter
 from pydantic_core import PydanticSerializationError
 
 from treadle.kernel.errors import TreadleValidationError
@@ -262,6 +262,13 @@ def _storable_text(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_storable_text)]
 """A string field of a command: refused (naming the field) if no backend could store it."""
+
+
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+"""A W3C ``traceparent`` header value: version, trace id, parent span id, flags."""
+
+TraceParent = Annotated[str, StringConstraints(pattern=TRACEPARENT_PATTERN)]
+"""A run's stored trace context (``run.create``'s ``trace_context``)."""
 
 
 # -- search attributes ----------------------------------------------------------------

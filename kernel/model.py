@@ -153,6 +153,10 @@ class Run(_Frozen):
     search_attributes: dict[str, JsonValue] = Field(default_factory=dict)
     concurrency_key: str | None = None
     """Runs sharing it share their workflow's per-key concurrency and rate limits."""
+    trace_context: str | None = None
+    """The W3C ``traceparent`` of the trace this run belongs to (captured at its start
+    when tracing is on, handed to its children and continue-as-new successors): every
+    span of its stages, on any worker, joins that trace."""
     created_at: datetime
     started_at: datetime | None = None
     completed_at: datetime | None = None

@@ -13,10 +13,12 @@ from treadle.ports.registry import WorkflowRegistry
 from treadle.ports.retention import BlobRetention, JobRetention, RetentionStore
 from treadle.ports.scheduler import Scheduler
 from treadle.ports.schedules import ScheduleStore
+from treadle.ports.telemetry import AttemptSpan, Telemetry
 from treadle.ports.workers import WorkerRegistry
 
 __all__ = [
     "AICallLogger",
+    "AttemptSpan",
     "BlobRetention",
     "BlobStore",
     "Clock",
@@ -30,6 +32,7 @@ __all__ = [
     "RetentionStore",
     "ScheduleStore",
     "Scheduler",
+    "Telemetry",
     "Transaction",
     "WorkerRegistry",
     "WorkflowRegistry",

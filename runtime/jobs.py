@@ -138,8 +138,13 @@ async def execute_job(
     held = _Held(job, base, worker_id)
     beat = asyncio.create_task(_heartbeat(kernel, held, worker_id, heartbeat_interval))
     try:
+        telemetry = kernel.deps.telemetry
         while current is not None:
             held.job = current
+            if telemetry is not None and current.id not in kernel.deps.chains:
+                # A dequeued job (a chained one was leased by the commit that made it
+                # due: it waited for nothing).
+                telemetry.job_claimed(current, kernel.deps.clock.now())
             result = await _execute_one(
                 kernel,
                 current,

@@ -323,6 +323,9 @@ async def maintenance_tick(
 
     async def reap_stale() -> dict[str, Any]:
         result = await kernel.dispatch(c.LeaseReapStale(stale_threshold=stale))
+        telemetry = kernel.deps.telemetry
+        if telemetry is not None:
+            telemetry.leases_expired(result.released)
         return result.model_dump(mode="json")
 
     async def flush() -> dict[str, Any]:

@@ -104,6 +104,8 @@ class Worker:
         self._next_beat = 0.0
         self.log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=self.worker_id)
         self.last_tick: TickReport | None = None
+        self.last_tick_at: float | None = None
+        """``time.monotonic()`` when the last full maintenance tick ended (health checks)."""
         self.ticks = 0
         self._tick_lock = asyncio.Lock()
         # Each loop sleeps on one event; a flag says whether it was set for work (a claim,
@@ -146,6 +148,11 @@ class Worker:
     @property
     def running(self) -> bool:
         return self._started and not self._stop_event.is_set()
+
+    @property
+    def loops_alive(self) -> bool:
+        """Both loops are running (started, not stopped, neither task ended)."""
+        return self.running and len(self._loops) == 2 and not any(t.done() for t in self._loops)
 
     @property
     def in_flight(self) -> int:
@@ -218,6 +225,8 @@ class Worker:
         # Commits of this worker lease it only jobs of its queues (``Chains.serves``).
         self.kernel.deps.chains.serve(self.worker_id, self.queues)
         await self._beat()  # registered before it takes work: doctor never sees it unlisted
+        if self.kernel.deps.telemetry is not None:
+            self.kernel.deps.telemetry.watch_worker(self)  # treadle.worker.slots.*
         self.log.info("worker.started", concurrency=self.concurrency, queues=list(self.queues))
         self._loops = [
             asyncio.create_task(self._orchestration_loop(), name=f"{self.worker_id}:orchestration"),
@@ -335,6 +344,7 @@ class Worker:
         self._claims_pending = report.claimed_runs >= self.max_claims
         self._note_claim(report.result("claim"))
         self.last_tick = report
+        self.last_tick_at = time.monotonic()
         self.ticks += 1
         await self._refresh_due()
         return report

@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from treadle.adapters.cron import CroniterCalendar
 from treadle.adapters.logging import structlog_logger
@@ -48,9 +48,13 @@ from treadle.kernel.workflows import CodeWorkflowDefinition, JournalEntry, Workf
 from treadle.kernel.workflows.deadline import EXECUTION_TIMEOUT
 from treadle.runtime.backends import ai_services
 from treadle.runtime.jobs import execute_job
+from treadle.runtime.starts import start_traced
 from treadle.runtime.tick import TickReport, maintenance_tick
 from treadle.testing.chaos import Chaos
 from treadle.testing.clock import DEFAULT_START, FakeClock
+
+if TYPE_CHECKING:
+    from treadle.ports import Telemetry
 
 _REAP_ALL = timedelta(seconds=-1)
 """The tick's stale-lease threshold: between two rounds no job is executing, so every
@@ -267,6 +271,7 @@ class TestEngine:
         ids: Any = None,
         chain: bool = True,
         schedules: Iterable[ScheduleDefinition] = (),
+        telemetry: Telemetry | None = None,
         ai: AIServices | AIRecording | None = None,
     ) -> None:
         # ``clock`` lets a caller share one FakeClock with the engine (the pytest plugin's
@@ -305,6 +310,7 @@ class TestEngine:
             settings=settings,
             logger=structlog_logger(worker_id=worker_id),
             cron=CroniterCalendar(),
+            telemetry=telemetry,
             ai=ai_services(ai),
         )
         self._unsynced: list[ScheduleDefinition] = [
@@ -374,7 +380,16 @@ class TestEngine:
             concurrency_key=concurrency_key,
             max_cost=max_cost,
         )
-        result = await self.kernel.dispatch(command)
+        telemetry = self.kernel.deps.telemetry
+        if telemetry is None:
+            result = await self.kernel.dispatch(command)
+        else:  # as Engine.start: the caller's trace context goes with the run
+            result = await start_traced(
+                telemetry,
+                command,
+                self.kernel.dispatch,
+                lambda r: (r.workflow_run_id, r.created),
+            )
         return RunHandle(self, result.workflow_run_id)
 
     async def get_run(self, run_id: str) -> Run:

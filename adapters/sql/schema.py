@@ -55,6 +55,8 @@ runs = sa.Table(
     sa.Column("terminated", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("version", sa.Integer(), nullable=False),
     sa.Column("concurrency_key", key_type(), nullable=True),
+    # The W3C traceparent the run's spans join (migration 0012).
+    sa.Column("trace_context", sa.String(), nullable=True),
     # One idempotent start per (workflow, key); NULL keys never collide on either dialect.
     sa.UniqueConstraint("workflow_id", "idempotency_key"),
     # claim_pending_runs: PENDING, priority desc, FIFO.

@@ -118,6 +118,22 @@ def worker(
             help="A named queue to serve (repeat for several); default: the 'default' queue.",
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (the otel extra).",
+        ),
+    ] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve /healthz (loops alive, recent tick) and /readyz (database, schema).",
+        ),
+    ] = None,
     db: DbOption = None,
     app: AppOption = None,
 ) -> None:
@@ -141,7 +157,16 @@ def worker(
     }
     if queue:
         options["queues"] = queue
-    code = run_guarded(lambda: worker_main(app=cli.app, db=cli.db, options=options), db=cli.db)
+    code = run_guarded(
+        lambda: worker_main(
+            app=cli.app,
+            db=cli.db,
+            options=options,
+            metrics_port=metrics_port,
+            health_port=health_port,
+        ),
+        db=cli.db,
+    )
     raise typer.Exit(code)
 
 

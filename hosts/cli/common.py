@@ -271,16 +271,19 @@ def require_database(url: str) -> None:
 
 @asynccontextmanager
 async def open_engine(
-    cli: CliState, *, need_app: bool = False, create: bool = False
+    cli: CliState, *, need_app: bool = False, create: bool = False, telemetry: Any = None
 ) -> AsyncIterator[Engine]:
     """An ``Engine`` on ``--db`` with the ``--app`` workflows, closed on exit. Without
-    ``create`` a SQLite file must already exist (``require_database``)."""
+    ``create`` a SQLite file must already exist (``require_database``). ``telemetry``:
+    the engine's (``treadle serve --metrics``)."""
     from treadle.engine import Engine
 
     if not create:
         require_database(cli.db)
     workflows = load_app(cli.app, required=need_app)
-    engine = await Engine.open(cli.db, workflows=workflows, logger=quiet_logger())
+    engine = await Engine.open(
+        cli.db, workflows=workflows, logger=quiet_logger(), telemetry=telemetry
+    )
     try:
         yield engine
     finally:
@@ -308,12 +311,15 @@ def quiet_logger() -> Any:
 
     import structlog
 
+    from treadle.adapters.logging import add_trace_ids, renderer
+
     return structlog.wrap_logger(
         structlog.PrintLogger(file=sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.KeyValueRenderer(key_order=["event", "run_id", "stage_id"]),
+            add_trace_ids,
+            renderer(),
         ],
     )
 

@@ -83,7 +83,7 @@ def _count(n: int) -> str:
 
 
 # -- SQL probes (blocking driver, run in a thread) ------------------------------------
-def _sql_probe(url: str) -> dict[str, Any]:
+def sql_probe(url: str) -> dict[str, Any]:
     """Latency, database time and schema revision through one blocking connection."""
     import sqlalchemy as sa
 
@@ -334,7 +334,7 @@ async def diagnose(cli: CliState, limits: Thresholds) -> list[Check]:
         ]
     else:
         try:
-            probe = await asyncio.to_thread(_sql_probe, cli.db)
+            probe = await asyncio.to_thread(sql_probe, cli.db)
         except Exception as exc:
             return [
                 Check("connectivity", "FAIL", _why(exc, cli.db)),

@@ -92,6 +92,14 @@ def serve(
     max_body_bytes: Annotated[
         int, typer.Option(min=1, help="Largest request body accepted (413 above).")
     ] = 1_048_576,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            help="Serve Prometheus metrics at /metrics (the otel extra; TREADLE_OTEL=1 or "
+            "an OTLP endpoint also turns tracing on).",
+        ),
+    ] = False,
     db: DbOption = None,
     app: AppOption = None,
 ) -> None:
@@ -99,10 +107,13 @@ def serve(
     cli = state(ctx, db=db, app=app)
     auth = run_guarded(lambda: _checked(host, token_file, worker=worker, app=cli.app))
 
+    setup = run_guarded(lambda: _telemetry(metrics))
+
     async def go() -> None:
         from treadle.hosts.http import create_app
 
-        async with open_engine(cli, create=worker) as engine:
+        telemetry = setup.telemetry if setup is not None else None
+        async with open_engine(cli, create=worker, telemetry=telemetry) as engine:
             web = create_app(engine, auth=auth, read_only=read_only, max_body_bytes=max_body_bytes)
             server = _server(web, host, port)
             if worker:
@@ -111,7 +122,25 @@ def serve(
             else:
                 await server.serve()
 
-    run_async(go, db=cli.db)
+    try:
+        run_async(go, db=cli.db)
+    finally:
+        if setup is not None:
+            setup.shutdown()  # flush spans and metrics still buffered
+
+
+def _telemetry(metrics: bool) -> Any:
+    """OpenTelemetry for this process (``adapters/otel/setup.py``) when ``--metrics`` or
+    the environment asks for it; ``None`` otherwise."""
+    from treadle.adapters.otel_env import tracing_asked
+
+    if not (metrics or tracing_asked()):
+        return None
+    try:
+        from treadle.adapters.otel.setup import configure_from_env
+    except ImportError as exc:
+        fail(f"metrics and tracing need the 'otel' extra (pip install 'treadle[otel]'): {exc}")
+    return configure_from_env(prometheus=metrics)
 
 
 def _checked(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -76,7 +77,7 @@ from treadle.kernel.workflows.saga import is_compensating
 
 if TYPE_CHECKING:
     from treadle.kernel.deps import Deps, Scope
-    from treadle.ports import Transaction
+    from treadle.ports import AttemptSpan, Telemetry, Transaction
 
 
 # Bound once: reading a member through its Enum class goes through the metaclass on
@@ -200,27 +201,69 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
     if isinstance(started_or_result, c.JobExecuteResult):
         return started_or_result
     started = started_or_result
-    if started.wf.kind == "code":
-        try:
-            return await execute_activation(deps, cmd, scope, started)
-        except Exception as exc:
-            await release_after_error(deps, cmd, exc)
-            raise
-    token = CancellationToken()
-    runtime = StageRuntime(deps, started, cmd.worker_id)
-    ctx, outcome = build_context(deps, started, runtime, token)
-    if outcome is None:
-        with deps.inflight.track(started.job.id, started.run.id, token):
-            outcome = await _run_body(started.definition, ctx)
-    if runtime.busy:
-        await runtime.drain()
+    # Tracing (``ports/telemetry.py``): the attempt's span is current while the body runs
+    # and its outcome commits, so user spans and the kernel's log lines nest under it.
+    # Off (``None``), this costs two tests: no call, no frame.
+    span: AttemptSpan | None = None
+    active: AbstractContextManager[None] | None = None
+    if deps.telemetry is not None:
+        span = _attempt_span(deps.telemetry, cmd, started)
+        active = span.active()
+        active.__enter__()
     try:
-        result = await phase_commit(deps, cmd, scope, started, ctx, outcome)
-    except Exception as exc:
-        await release_after_error(deps, cmd, exc)
+        if started.wf.kind == "code":
+            try:
+                result = await execute_activation(deps, cmd, scope, started, span)
+            except Exception as exc:
+                await release_after_error(deps, cmd, exc)
+                raise
+        else:
+            token = CancellationToken()
+            runtime = StageRuntime(deps, started, cmd.worker_id)
+            ctx, outcome = build_context(deps, started, runtime, token)
+            if outcome is None:
+                with deps.inflight.track(started.job.id, started.run.id, token):
+                    outcome = await _run_body(started.definition, ctx)
+            if runtime.busy:
+                await runtime.drain()
+            try:
+                result = await phase_commit(deps, cmd, scope, started, ctx, outcome)
+            except Exception as exc:
+                await release_after_error(deps, cmd, exc)
+                raise
+            log_outcome(deps, cmd, started, result)
+    except BaseException as exc:
+        if span is not None:
+            span.end("errored", error=exc)
         raise
-    log_outcome(deps, cmd, started, result)
+    finally:
+        if active is not None:
+            active.__exit__(None, None, None)
+    if span is not None:
+        _end_span(span, started, result)
     return result
+
+
+def _end_span(span: AttemptSpan, started: Started, result: c.JobExecuteResult) -> None:
+    """How the attempt ended; a batch stage that suspended notes when it is polled next
+    (an activation notes its own waits as the body reaches them)."""
+    polled = result.next_poll_at
+    if result.outcome == "suspended" and polled is not None and started.wf.kind != "code":
+        until = polled.isoformat()
+        span.event("treadle.wait", {"treadle.wait.kind": "poll", "treadle.wait.until": until})
+    span.end(
+        "ghost" if result.ghost else result.outcome,
+        error=result.error,
+        retrying=result.outcome == "failed" and result.retryable,
+    )
+
+
+def _attempt_span(telemetry: Telemetry, cmd: c.JobExecute, started: Started) -> AttemptSpan:
+    kind = "activation" if started.wf.kind == "code" else "stage"
+    stage = started.stage
+    return telemetry.stage_attempt(
+        started.run, stage.stage_id, stage.attempt, cmd.worker_id, kind=kind
+    )
 
 
 def log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteResult) -> None:

@@ -86,6 +86,7 @@ async def begin(deps: Deps, cmd: c.JobBegin, scope: Scope) -> c.JobBeginResult:
         input=value,
         config=config,
         resume_state=started.stage.resume_state,
+        trace_context=started.run.trace_context,
     )
     if scope.key is not None:
         async with deps.persistence.transaction() as tx:

@@ -90,6 +90,7 @@ def _new_run(
         parent_run_id=spec.parent_run_id if isinstance(spec, c.RunCreate) else None,
         search_attributes=dict(spec.search_attributes),
         concurrency_key=spec.concurrency_key,
+        trace_context=spec.trace_context,
         created_at=now,
         updated_at=now,
     )

@@ -62,6 +62,7 @@ async def start_child(
         config=spec.config,
         priority=parent.priority,
         parent_run_id=parent.id,
+        trace_context=parent.trace_context,  # a child joins its parent's trace
         status=RunStatus.RUNNING,
         current_group=0,
         created_at=now,

@@ -27,7 +27,16 @@ import typing
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Concatenate, Literal, NoReturn, ParamSpec, Protocol, TypeVar
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Concatenate,
+    Literal,
+    NoReturn,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+)
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -94,6 +103,9 @@ from treadle.kernel.workflows.waits import (
     check_name,
 )
 
+if TYPE_CHECKING:
+    from treadle.ports.telemetry import AttemptSpan, AttributeValue
+
 _LOCAL_KINDS = frozenset({"now", "uuid", "publish", "compensation", "compensate"})
 """Calls a compensating replay still makes: they record local facts (or run the
 compensations themselves) rather than move the cancelled run forward."""
@@ -134,6 +146,8 @@ class JournalWriter(Protocol):
 
     paused: bool
     """The run was paused when a commit last looked (``run.pause``): start no new step."""
+    span: AttemptSpan | None
+    """The activation's span when tracing is on: steps are its children, waits its events."""
 
     async def commit(
         self,
@@ -158,6 +172,7 @@ class _ClosedWriter:
     """The writer of a dropped parked body (``WorkflowContext.close``): refuses all."""
 
     paused = False
+    span: AttemptSpan | None = None
 
     async def commit(self, *args: Any, **kwargs: Any) -> list[JournalEntry]:
         raise Interrupt("ghost")
@@ -239,6 +254,32 @@ def _encode(adapter: TypeAdapter[Any] | None, value: Any, name: str) -> JsonValu
 
 def _decode(adapter: TypeAdapter[Any] | None, raw: JsonValue) -> Any:
     return adapter.validate_python(raw) if adapter is not None else raw
+
+
+async def _attempt(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    info: StepInfo,
+    calls: AICallBuffer,
+    seconds: float | None,
+    limit: timedelta | float | None,
+    name: str,
+) -> Any:
+    """One attempt of a step function, under its timeout if it has one."""
+    pending = _invoke(fn, args, info, calls)
+    if seconds is None:
+        return await pending
+    # In this task (not wait_for's own): see ``_invoke``.
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            return await pending
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise StepTimeoutError(
+            f"step {name!r} attempt {info.attempt} exceeded its timeout of {limit}"
+        ) from None
 
 
 async def _invoke(
@@ -547,6 +588,17 @@ class WorkflowContext:
             self._remember(entry)
 
     def _suspend(self, wait: Wait) -> Interrupt:
+        span = self._writer.span
+        if span is not None:  # a wait is an event of the activation, not a span held open
+            attributes: dict[str, AttributeValue] = {
+                "treadle.wait.kind": wait.kind,
+                "treadle.wait.name": wait.name,
+            }
+            if wait.until is not None:
+                attributes["treadle.wait.until"] = wait.until.isoformat()
+            if wait.signal is not None:
+                attributes["treadle.wait.signal"] = wait.signal
+            span.event("treadle.wait", attributes)
         return self._stop(Interrupt("suspend", waits=[wait]))
 
     # -- sticky execution (``kernel.workflows.sticky``) ------------------------------------
@@ -683,22 +735,14 @@ class WorkflowContext:
                 now=self._now,
                 recording=self._ai_services.recording,
             )
+            parent = self._writer.span
+            span = parent.step(key, attempt, kind=kind) if parent is not None else None
             try:
-                pending = _invoke(call, args, info, calls)
-                if seconds is not None:
-                    # In this task (not wait_for's own): see ``_invoke``.
-                    deadline = asyncio.timeout(seconds)
-                    try:
-                        async with deadline:
-                            value = await pending
-                    except TimeoutError:
-                        if not deadline.expired():
-                            raise
-                        raise StepTimeoutError(
-                            f"step {name!r} attempt {attempt} exceeded its timeout of {timeout}"
-                        ) from None
+                if span is None:
+                    value = await _attempt(call, args, info, calls, seconds, timeout, name)
                 else:
-                    value = await pending
+                    with span.active():  # the step's own spans nest under it
+                        value = await _attempt(call, args, info, calls, seconds, timeout, name)
                 result = _encode(adapter, value, name)
             except Exception as exc:
                 retry_at = await self._record_failure(
@@ -712,6 +756,8 @@ class WorkflowContext:
                     kind,
                     ai_calls=calls.drain(failed=True),
                 )
+                if span is not None:
+                    span.end("failed", error=exc, retrying=retry_at is not None)
                 if retry_at is None:
                     raise StepFailedError(
                         key, occurrence, attempt, describe_exception(exc)
@@ -720,6 +766,12 @@ class WorkflowContext:
                     attempts = attempt
                     continue
                 raise self._suspend(Wait("retry", position, key, occurrence, retry_at)) from None
+            else:
+                if span is not None:
+                    span.end("completed")
+            finally:
+                if span is not None:
+                    span.end("interrupted")  # no-op after an end above
             now = self._now()
             done = self._entry(
                 position,

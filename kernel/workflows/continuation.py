@@ -104,6 +104,7 @@ async def continue_run(
         idempotency_key=run.idempotency_key,
         parent_run_id=run.parent_run_id,
         search_attributes={**kept, CONTINUED_FROM: run.id},
+        trace_context=run.trace_context,
         status=RunStatus.RUNNING,
         current_group=0,
         created_at=now,

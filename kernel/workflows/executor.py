@@ -83,19 +83,27 @@ from treadle.kernel.workflows.waits import Interrupt, Wait, describe_waits
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
     from treadle.kernel.deps import Deps, Scope
-    from treadle.ports import Transaction
+    from treadle.ports import AttemptSpan, Transaction
 
 
 # -- the activation -----------------------------------------------------------------------
 class _Writer:
     """The ``JournalWriter`` of one activation: every commit re-checks ownership."""
 
-    def __init__(self, deps: Deps, scope: Scope, started: Started, worker_id: str) -> None:
+    def __init__(
+        self,
+        deps: Deps,
+        scope: Scope,
+        started: Started,
+        worker_id: str,
+        span: AttemptSpan | None = None,
+    ) -> None:
         self._deps = deps
         self._scope = scope
         self._s = started
         self._worker_id = worker_id
         self.paused = False
+        self.span = span
 
     async def owner(self, tx: Transaction) -> tuple[Run, StageRun] | None:
         """The run (locked) and stage if this execution still owns them, else ``None``.
@@ -170,14 +178,14 @@ _Ended = tuple[JsonValue, BaseException | None, SagaOutcome | None]
 
 
 async def execute_activation(
-    deps: Deps, cmd: c.JobExecute, scope: Scope, s: Started
+    deps: Deps, cmd: c.JobExecute, scope: Scope, s: Started, span: AttemptSpan | None = None
 ) -> c.JobExecuteResult:
     """Run the body once over the journal and commit how it ended (module docstring).
     A cancelled run's activation (``saga.is_compensating``) only runs its compensations.
     With sticky execution the body may instead resume where an earlier activation on
     this kernel parked it, and park again (``kernel.workflows.sticky``)."""
     wf = cast("CodeWorkflowDefinition", s.wf)
-    writer = _Writer(deps, scope, s, cmd.worker_id)
+    writer = _Writer(deps, scope, s, cmd.worker_id, span)
     held = _take_parked(deps, s, wf)  # from here on, put back or dropped
     mismatch = version_mismatch(s.run, wf)
     if mismatch is not None:  # (a parked body would have been of another definition)

@@ -81,6 +81,7 @@ EXPECTED: dict[str, set[str]] = {
     },
     "treadle.ports": {
         "AICallLogger",
+        "AttemptSpan",
         "BlobRetention",
         "BlobStore",
         "Clock",
@@ -94,6 +95,7 @@ EXPECTED: dict[str, set[str]] = {
         "Persistence",
         "RetentionStore",
         "Scheduler",
+        "Telemetry",
         "Transaction",
         "WorkerRegistry",
         "WorkflowRegistry",
