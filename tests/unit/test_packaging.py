@@ -32,3 +32,19 @@ def test_pytest_plugin_entry_point_is_declared() -> None:
     """The pytest11 entry point points at the harness plugin module."""
     entry = CONFIG["project"]["entry-points"]["pytest11"]["treadle"]
     assert entry == "treadle.testing.plugin"
+
+
+def test_dashboard_templates_and_static_files_ship() -> None:
+    """Every template and static file of the dashboard matches a package-data pattern
+    of ``treadle.hosts.http`` (a wheel without them serves broken pages)."""
+    patterns = CONFIG["tool"]["setuptools"]["package-data"]["treadle.hosts.http"]
+    base = ROOT / "hosts" / "http"
+    files = [
+        p.relative_to(base)
+        for folder in ("templates", "static")
+        for p in (base / folder).rglob("*")
+        if p.is_file()
+    ]
+    assert files
+    missing = [str(f) for f in files if not any(f.match(pattern) for pattern in patterns)]
+    assert missing == []
