@@ -30,10 +30,15 @@ from sqlalchemy import exc as sa_exc
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
-from treadle.adapters.due_times import as_utc
 from treadle.adapters.sql.dialect import SetWrite, SqlDialect
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
+from treadle.adapters.sql.job_rows import (
+    _JOB_FIELDS,
+    _PG_JOB_ROWS,
+    _available_later,
+    job_rows,
+)
 from treadle.adapters.sql.persistence import SqlPersistence, SqlTransaction
 from treadle.kernel.errors import (
     ConcurrencyError,
@@ -88,23 +93,6 @@ _COMPLETE_LEASED = (
     .values(status=JobStatus.COMPLETED.value, worker_id=None)
 )
 
-_JOB_FIELDS = (
-    "id",
-    "run_id",
-    "workflow_id",
-    "stage_id",
-    "status",
-    "priority",
-    "attempts",
-    "max_attempts",
-    "next_poll_at",
-    "enqueued_at",
-    "worker_id",
-    "heartbeat_at",
-    "last_error",
-    "queue",
-)
-_PG_JOB_ROWS = pg_bulk.RecordSet(t.jobs, {name: name for name in _JOB_FIELDS}, {"i": "INTEGER"})
 _PG_ENQUEUE = pg_bulk.insert_select(
     t.jobs,
     _PG_JOB_ROWS,
@@ -120,19 +108,6 @@ def _tx(tx: Transaction) -> SqlTransaction:
             f"SqlJobTransport needs a transaction from SqlPersistence, got {type(tx).__name__}"
         )
     return tx
-
-
-def _enqueued_status(job: Job) -> str:
-    """LEASED for a job its enqueuing worker takes itself (see the port), else QUEUED."""
-    return (JobStatus.LEASED if job.status is JobStatus.LEASED else JobStatus.QUEUED).value
-
-
-def _available_later(job: Job) -> bool:
-    """A QUEUED job that becomes available after it was enqueued: timed work. Most jobs
-    are available as enqueued, which one comparison tells."""
-    if job.next_poll_at == job.enqueued_at or job.status is JobStatus.LEASED:
-        return False
-    return as_utc(job.next_poll_at) > as_utc(job.enqueued_at)
 
 
 def _owner_read(tx: SqlTransaction) -> Any:
@@ -250,25 +225,7 @@ class SqlJobTransport:
             if job_id in seen:
                 raise DuplicateError(f"job {job_id!r} already exists")
             seen.add(job_id)
-        rows = [
-            {
-                "id": job.id,
-                "run_id": job.workflow_run_id,
-                "workflow_id": job.workflow_id,
-                "stage_id": job.stage_id,
-                "status": _enqueued_status(job),
-                "priority": job.priority,
-                "attempts": job.attempts,
-                "max_attempts": job.max_attempts,
-                "next_poll_at": job.next_poll_at,
-                "enqueued_at": job.enqueued_at,
-                "worker_id": job.worker_id,
-                "heartbeat_at": job.heartbeat_at,
-                "last_error": job.last_error,
-                "queue": job.queue,
-            }
-            for job in jobs
-        ]
+        rows = job_rows(jobs)
         # ON CONFLICT DO NOTHING + a count, so a duplicate does not abort a PostgreSQL
         # transaction the caller may want to continue. A list of parameter sets keeps the
         # statement cacheable; SQLAlchemy batches it into one INSERT ... RETURNING.

@@ -147,12 +147,32 @@ class WriteBuffer:
         return run, list(stages)
 
     # -- the flush ----------------------------------------------------------------
-    async def flush(self, transport: JobTransport) -> None:
+    async def flush(self, transport: JobTransport, *, last: bool = False) -> None:
         """Write everything collected, one statement per kind. The runs go first: their
         update takes (or, after a prefetch ``for_update``, already holds) each run's row
         lock and checks its version, as every writer of a run does before touching its
-        jobs and stages. New jobs go before the stages (a stage row names its job)."""
+        jobs and stages. New jobs go before the stages (a stage row names its job).
+
+        A transaction with the ``write_set`` capability (``ports/persistence/
+        write_set.py``; PostgreSQL sends it as one statement) takes all but the
+        idempotency records together, in that order and with the same guards.
+        ``last``: the caller writes nothing after this in its transaction (the adapter
+        may then commit the set as it sends it: ``write_set``'s ``last``)."""
         tx = self.tx
+        write_set = getattr(tx, "write_set", None)
+        if write_set is not None and await write_set(
+            transport,
+            runs=list(self.run_writes.values()),
+            new_jobs=self.new_jobs,
+            completed_jobs=self.completed_jobs,
+            leases=self.leases,
+            stages=list(self.stage_writes.values()),
+            events=self.events,
+            last=last and not self.idempotency_writes,
+        ):
+            if self.idempotency_writes:
+                await tx.idempotency.put_many(self.idempotency_writes)
+            return
         if self.run_writes:
             await tx.runs.update_many(list(self.run_writes.values()))
         if self.new_jobs:

@@ -10,9 +10,9 @@ in-memory job transport shares so it never sees uncommitted jobs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from treadle.adapters.event_feed import EventCallback, EventWatchers
 from treadle.adapters.memory.ai_calls import AICallRows, InMemoryAICallLogger
@@ -42,6 +42,10 @@ from treadle.kernel.model import (
 )
 from treadle.kernel.schedules import Schedule
 from treadle.kernel.workflows.model import InboxMessage, JournalEntry, JournalStatus, Timer
+
+if TYPE_CHECKING:
+    from treadle.kernel.model import Job
+    from treadle.ports import JobTransport
 
 _S = TypeVar("_S")
 
@@ -98,6 +102,33 @@ class InMemoryTransaction:
         self.stages = MemoryStages(self)
         self.outbox = MemoryOutbox(self)
         self.idempotency = MemoryIdempotency(self)
+
+    async def write_set(
+        self,
+        transport: JobTransport,
+        *,
+        runs: Sequence[Run],
+        new_jobs: Sequence[Job],
+        completed_jobs: Sequence[str],
+        leases: Mapping[str, tuple[str, int]] | None,
+        stages: Sequence[StageRun],
+        events: Sequence[EventBase],
+        last: bool = False,
+    ) -> bool:
+        """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``) by the
+        per-kind calls, in their order: memory has no round trips to save, and this
+        undo log makes them one unit already."""
+        if runs:
+            await self.runs.update_many(runs)
+        if new_jobs:
+            await transport.enqueue(self, new_jobs)
+        if completed_jobs:
+            await transport.complete_many(self, completed_jobs, leases=leases)
+        if stages:
+            await self.stages.update_many(stages)
+        if events:
+            await self.outbox.append(events)
+        return True
 
     annotations = _LazyStore(MemoryAnnotations)
     logs = _LazyStore(MemoryLogs)

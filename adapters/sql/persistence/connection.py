@@ -20,7 +20,7 @@ reference adapter exactly (the shared contract suites hold both to it):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -74,7 +74,9 @@ from treadle.kernel.model import (
 )
 
 if TYPE_CHECKING:
-    from treadle.ports import BlobStore
+    from treadle.kernel.events import EventBase
+    from treadle.kernel.model import Job
+    from treadle.ports import BlobStore, JobTransport
 from treadle.adapters.sql.persistence.annotations import SqlAnnotations
 from treadle.adapters.sql.persistence.idempotency import SqlIdempotency
 from treadle.adapters.sql.persistence.inbox import SqlInbox
@@ -89,6 +91,7 @@ from treadle.adapters.sql.persistence.shared import (
 )
 from treadle.adapters.sql.persistence.stages import SqlStages
 from treadle.adapters.sql.persistence.timers import SqlTimers
+from treadle.adapters.sql.persistence.write_set import write_set
 
 
 class SqlTransaction:
@@ -179,6 +182,34 @@ class SqlTransaction:
         self.journal._tx = ended
         self.inbox._tx = ended
         self.timers._tx = ended
+
+    async def write_set(
+        self,
+        transport: JobTransport,
+        *,
+        runs: Sequence[Run],
+        new_jobs: Sequence[Job],
+        completed_jobs: Sequence[str],
+        leases: Mapping[str, tuple[str, int]] | None,
+        stages: Sequence[StageRun],
+        events: Sequence[EventBase],
+        last: bool = False,
+    ) -> bool:
+        """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/write_set.py``), else ``False``."""
+        if not self.dialect.set_statements:
+            return False
+        return await write_set(
+            self,
+            transport,
+            runs=runs,
+            new_jobs=new_jobs,
+            completed_jobs=completed_jobs,
+            leases=leases,
+            stages=stages,
+            events=events,
+            last=last,
+        )
 
     # -- plumbing ----------------------------------------------------------------
     @property

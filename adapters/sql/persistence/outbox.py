@@ -78,6 +78,45 @@ _PG_INSERT_OUTBOX = pg_bulk.insert_select(
 )
 
 
+def pg_append_events_ctes(
+    *, rows: str = "rows", prefix: str = "", where: str = "", once: str = ""
+) -> tuple[list[str], str]:
+    """The parts of ``_pg_append_events``: its CTEs (``name AS (...)``, names starting
+    with ``prefix``) and its final INSERT (``... RETURNING run_id, sequence``), for a
+    statement that combines it with other writes (``write_set.py``). ``rows``: the
+    parameter's name; ``where``: a condition without which no counter is taken and no
+    event inserted; ``once``: FROM items evaluated once (``(SELECT pg_notify(...)) AS
+    x, ``)."""
+    v, n, s, q = (prefix + name for name in ("v", "n", "s", "q"))
+    source = _PG_OUTBOX_ROWS.source_for(rows)
+    condition = f" WHERE {where}" if where else ""
+    ctes = [
+        f"{v} AS (SELECT * FROM {source})",
+        f"{n} AS (SELECT {v}.run_id, count(*) AS n FROM {v} GROUP BY {v}.run_id)",
+        f"{s} AS (INSERT INTO run_event_seq (run_id, last_sequence) "
+        f"SELECT {n}.run_id, {n}.n FROM {n}{condition} ORDER BY {n}.run_id "
+        "ON CONFLICT (run_id) DO UPDATE SET last_sequence = "
+        "run_event_seq.last_sequence + excluded.last_sequence "
+        "RETURNING run_id, last_sequence)",
+        f"{q} AS (SELECT {v}.i, {v}.run_id, {v}.event_type, {v}.event, {v}.created_at, "
+        f"{s}.last_sequence - {n}.n + row_number() OVER (PARTITION BY {v}.run_id ORDER BY {v}.i) "
+        f"AS sequence FROM {v} JOIN {n} ON {n}.run_id = {v}.run_id "
+        f"JOIN {s} ON {s}.run_id = {v}.run_id)",
+    ]
+    insert = (
+        "INSERT INTO outbox (run_id, sequence, event_type, event, created_at, published, "
+        "dead_lettered, attempts) "
+        f"SELECT {q}.run_id, {q}.sequence, {q}.event_type, "
+        f"jsonb_set({q}.event -> 0, '{{sequence}}', to_jsonb({q}.sequence)), {q}.created_at, "
+        f"false, false, 0 FROM {once}{q} ORDER BY {q}.i RETURNING run_id, sequence"
+    )
+    return ctes, insert
+
+
+FEED_NOTIFY = f"pg_notify('{EVENTS_CHANNEL}', '')"
+"""Tells live event readers (``adapters/event_feed.py``) on commit."""
+
+
 def _pg_append_events(notify: bool, feed: bool = True) -> sa.TextClause:
     """``append_events`` on PostgreSQL in ONE statement: reserve each run's sequence
     numbers (the counters locked in run-id order, as ``_PG_ALLOCATE_SEQUENCES`` does),
@@ -88,28 +127,12 @@ def _pg_append_events(notify: bool, feed: bool = True) -> sa.TextClause:
     every event's number (consecutive per run, in the events' order). Not for events
     offloaded to the blob store: their JSON is a reference, so the caller allocates
     first and writes the numbers into the events itself (two statements)."""
-    rows = _PG_OUTBOX_ROWS
     # Every append tells live event readers (``adapters/event_feed.py``) on commit.
-    once = f"(SELECT pg_notify('{EVENTS_CHANNEL}', '')) AS feed, " if feed else ""
+    once = f"(SELECT {FEED_NOTIFY}) AS feed, " if feed else ""
     if notify:
         once += "(SELECT pg_notify(:channel, :payload)) AS once, "
-    sql = (
-        f"WITH v AS (SELECT * FROM {rows.source}), "
-        "n AS (SELECT v.run_id, count(*) AS n FROM v GROUP BY v.run_id), "
-        "s AS (INSERT INTO run_event_seq (run_id, last_sequence) "
-        "SELECT n.run_id, n.n FROM n ORDER BY n.run_id "
-        "ON CONFLICT (run_id) DO UPDATE SET last_sequence = "
-        "run_event_seq.last_sequence + excluded.last_sequence "
-        "RETURNING run_id, last_sequence), "
-        "q AS (SELECT v.i, v.run_id, v.event_type, v.event, v.created_at, "
-        "s.last_sequence - n.n + row_number() OVER (PARTITION BY v.run_id ORDER BY v.i) "
-        "AS sequence FROM v JOIN n ON n.run_id = v.run_id JOIN s ON s.run_id = v.run_id) "
-        "INSERT INTO outbox (run_id, sequence, event_type, event, created_at, published, "
-        "dead_lettered, attempts) "
-        "SELECT q.run_id, q.sequence, q.event_type, "
-        "jsonb_set(q.event -> 0, '{sequence}', to_jsonb(q.sequence)), q.created_at, "
-        f"false, false, 0 FROM {once}q ORDER BY q.i RETURNING run_id, sequence"
-    )
+    ctes, insert = pg_append_events_ctes(once=once)
+    sql = f"WITH {', '.join(ctes)} {insert}"
     statement = sa.text(sql).bindparams(sa.bindparam("rows", type_=sa.Text()))
     if notify:
         statement = statement.bindparams(sa.bindparam("channel", value=NOTIFY_CHANNEL))

@@ -1,0 +1,419 @@
+"""``tx.write_set`` on PostgreSQL: a hot-path commit's writes in ONE statement.
+
+A chained stage's result commit (``WriteBuffer.flush``) writes the run, the next
+stage's job, the finished job, the stages and the events. Per kind that is one
+statement each (five round trips inside BEGIN ... COMMIT); here they are the
+data-modifying CTEs of one ``WITH ... SELECT``, built from the same pieces as the
+per-kind statements (``pg_bulk.update_from_sql``/``insert_select_sql``,
+``outbox.pg_append_events_ctes``), each with its own parameters (``r_rows``,
+``j_rows``, ...)::
+
+    WITH w_r AS (UPDATE runs ... WHERE version = expected RETURNING t.id),
+         w_j AS (INSERT INTO jobs ... WHERE <gate> ... RETURNING id),
+         w_d AS (UPDATE jobs ... WHERE still leased as expected AND <gate> RETURNING t.id),
+         w_s AS (UPDATE stages ... WHERE version = expected AND <gate> RETURNING t.run_id),
+         e_v, e_n, e_s AS (INSERT INTO run_event_seq ... WHERE <gate> ...), e_q,
+         w_e AS (INSERT INTO outbox ... RETURNING run_id, sequence)
+    SELECT <rows written per CTE>, CASE WHEN <every count as expected> THEN 0
+           ELSE CAST('treadle write_set guard: ...' AS INTEGER) END, pg_notify(...)
+
+The guards. ``<gate>`` is ``(SELECT count(*) FROM w_r) = :r_n``: every later CTE
+waits for the run update to finish (so the runs' row locks are taken first, in id
+order, as every writer of a run takes them) and writes nothing unless every run still
+had its version. Sibling CTEs share one snapshot and cannot see each other's rows, so
+the other guards (a job's lease, a stage's version, a job id already taken) are checked
+on the counts: any count short of what was sent makes the final column's CAST fail,
+which aborts the whole statement (and the transaction it is in), so NOTHING is
+written, and ``write_set`` raises what the per-kind call would have
+(``ConcurrencyError``, ``DuplicateError``). The CAST's text depends on the counts, so
+the planner cannot fold it into a constant error.
+
+The NOTIFYs the per-kind calls send (the event feed's unless ``notify_events`` is off, a
+run end's ``end:<ids>``, new QUEUED jobs' ``jobs``) are columns of the final SELECT:
+sent on commit, dropped with a rollback. The due-time NOTIFY stays with the
+transaction's end (``SqlPersistence.transaction``), as for every transaction.
+
+Not taken here (``write_set`` returns ``False`` and the caller makes the per-kind
+calls): SQLite (several statements anyway), a job transport other than this
+persistence's, a set without a run to update, and events whose JSON goes to the blob
+store (their number must be known before the reference is written).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+
+import treadle.adapters.sql.pg_bulk as pg_bulk
+import treadle.adapters.sql.schema as t
+from treadle.adapters.run_ends import RUN_END_PREFIX
+from treadle.adapters.sql.engine import NOTIFY_CHANNEL
+from treadle.adapters.sql.errors import translate
+from treadle.adapters.sql.job_rows import _JOB_FIELDS, _PG_JOB_ROWS, _available_later, job_rows
+from treadle.adapters.sql.payloads import escape
+from treadle.adapters.sql.persistence.outbox import (
+    _PG_OUTBOX_ROWS,
+    FEED_NOTIFY,
+    SqlOutbox,
+    pg_append_events_ctes,
+)
+from treadle.adapters.sql.persistence.runs import _PG_RUN_ROWS, _RUN_SET, SqlRuns
+from treadle.adapters.sql.persistence.shared import SqlUnit, _reject_duplicates
+from treadle.adapters.sql.persistence.stages import _PG_STAGE_ROWS, _STAGE_SET, SqlStages
+from treadle.kernel.errors import ConcurrencyError, DuplicateError
+from treadle.kernel.events import EventBase
+from treadle.kernel.model import Job, JobStatus, Run, StageRun, evolve
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from treadle.adapters.due_times import DueKind
+    from treadle.ports.job_transport import JobTransport
+
+
+class SqlTransactionUnit(SqlUnit, Protocol):
+    """What ``write_set`` uses of a ``SqlTransaction`` (a protocol: this module is
+    below ``connection``, which calls it)."""
+
+    connection: AsyncConnection
+    created_blobs: list[str]
+    due: dict[DueKind, datetime] | None
+    active: bool
+    _notified: set[str]
+    runs: SqlRuns
+    stages: SqlStages
+    outbox: SqlOutbox
+
+
+__all__ = ["GUARD_MARK", "SqlTransactionUnit", "write_set"]
+
+GUARD_MARK = "treadle write_set guard"
+"""The text of the error the statement raises when a guard fails."""
+
+_GUARD_RE = re.compile(GUARD_MARK + r": r=(\d+)/(\d+) j=(\d+)/(\d+) d=(\d+)/(\d+) s=(\d+)/(\d+)")
+
+_GATE = "(SELECT count(*) FROM w_r) = :r_n"
+
+_PG_DONE_ROWS = pg_bulk.RecordSet(
+    t.jobs,
+    {
+        "w_id": "id",
+        "w_status": "status",
+        "w_worker_id": "worker_id",
+        "w_attempts": "attempts",
+        "status": "status",
+        "worker_id": "worker_id",
+    },
+)
+"""A completed job: its id, the lease it must still have (``w_*``), what it becomes."""
+
+
+def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool, feed: bool) -> str:
+    ctes = [
+        "w_r AS ("
+        + pg_bulk.update_from_sql(
+            t.runs,
+            _PG_RUN_ROWS,
+            {"id": "w_id"},
+            {"version": "w_version"},
+            _RUN_SET,
+            rows="r_rows",
+            keys_param="r_keys",
+            returning="t.id",
+        )
+        + ")"
+    ]
+    counts = {"r": "(SELECT count(*) FROM w_r)", "j": "0", "d": "0", "s": "0", "e": "0"}
+    if jobs:
+        ctes.append(
+            "w_j AS ("
+            + pg_bulk.insert_select_sql(
+                t.jobs,
+                _PG_JOB_ROWS,
+                {name: _PG_JOB_ROWS.value(name) for name in _JOB_FIELDS},
+                order_by="i",  # seq, the dequeue tie-break, in the order of the jobs given
+                suffix="ON CONFLICT DO NOTHING RETURNING id",
+                rows="j_rows",
+                where=_GATE,
+            )
+            + ")"
+        )
+        counts["j"] = "(SELECT count(*) FROM w_j)"
+    if done:
+        guards = {"status": "w_status", "worker_id": "w_worker_id", "attempts": "w_attempts"}
+        ctes.append(
+            "w_d AS ("
+            + pg_bulk.update_from_sql(
+                t.jobs,
+                _PG_DONE_ROWS,
+                {"id": "w_id"},
+                guards if leased else {},
+                ("status", "worker_id"),
+                rows="d_rows",
+                keys_param="d_keys",
+                where=_GATE,
+                returning="t.id",
+            )
+            + ")"
+        )
+        counts["d"] = "(SELECT count(*) FROM w_d)"
+    if stages:
+        ctes.append(
+            "w_s AS ("
+            + pg_bulk.update_from_sql(
+                t.stages,
+                _PG_STAGE_ROWS,
+                {"run_id": "w_run_id", "stage_id": "w_stage_id"},
+                {"version": "w_version"},
+                _STAGE_SET,
+                rows="s_rows",
+                keys_param="s_keys",
+                where=_GATE,
+                returning="t.run_id",
+            )
+            + ")"
+        )
+        counts["s"] = "(SELECT count(*) FROM w_s)"
+    if events:
+        event_ctes, insert = pg_append_events_ctes(rows="e_rows", prefix="e_", where=_GATE)
+        ctes.extend(event_ctes)
+        ctes.append(f"w_e AS ({insert})")
+        counts["e"] = "(SELECT count(*) FROM w_e)"
+    ok = " AND ".join(f"{counts[k]} = :{k}_n" for k in ("r", "j", "d", "s", "e"))
+    report = " || ".join(
+        f"' {k}=' || {counts[k]} || '/' || :{k}_n" for k in ("r", "j", "d", "s", "e")
+    )
+    columns = [f"{counts[k]} AS {k}" for k in ("r", "j", "d", "s", "e")]
+    columns.append(
+        f"CASE WHEN {ok} THEN 0 ELSE CAST('{GUARD_MARK}:' || {report} AS INTEGER) END AS ok"
+    )
+    if events and feed:
+        columns.append(f"{FEED_NOTIFY} AS feed")
+    columns.append(
+        "CASE WHEN :end_payload = '' THEN NULL ELSE pg_notify(:channel, :end_payload) END AS ended"
+    )
+    columns.append("CASE WHEN :notify_jobs THEN pg_notify(:channel, 'jobs') END AS jobs")
+    return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
+
+
+def _statement(
+    tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool, bool, bool]
+) -> sa.TextClause:
+    name = "write_set:" + "".join("1" if part else "0" for part in shape)
+
+    def build() -> sa.TextClause:
+        return sa.text(_shape_sql(*shape)).bindparams(
+            sa.bindparam("channel", value=NOTIFY_CHANNEL),
+            sa.bindparam("notify_jobs", type_=sa.Boolean()),
+            *(sa.bindparam(f"{k}_n", type_=sa.Integer()) for k in ("r", "j", "d", "s", "e")),
+            *(
+                sa.bindparam(f"{k}_rows", type_=sa.Text())
+                for k, present in zip(("j", "d", "s", "e"), shape[:2] + shape[3:5], strict=True)
+                if present
+            ),
+            sa.bindparam("r_rows", type_=sa.Text()),
+        )
+
+    statement: sa.TextClause = tx.dialect.cached(name, build)
+    return statement
+
+
+async def write_set(
+    tx: SqlTransactionUnit,
+    transport: JobTransport,
+    *,
+    runs: Sequence[Run],
+    new_jobs: Sequence[Job],
+    completed_jobs: Sequence[str],
+    leases: Mapping[str, tuple[str, int]] | None,
+    stages: Sequence[StageRun],
+    events: Sequence[EventBase],
+    last: bool = False,
+) -> bool:
+    """``WriteSetStore.write_set`` on a ``SqlTransaction`` (see the module docstring)."""
+    tx._check()
+    persistence = getattr(transport, "persistence", None)
+    if (
+        not tx.dialect.set_statements
+        or not runs
+        # The SQL job transport on this persistence (whose dialect object is its own):
+        # another transport's jobs are not rows of this database.
+        or getattr(persistence, "dialect", None) is not tx.dialect
+    ):
+        return False
+    # Events first: one whose JSON goes to the blob store sends the whole set down the
+    # per-kind path before anything is stored.
+    event_rows: list[dict[str, Any]] = []
+    for i, event in enumerate(events):
+        stored = escape(event.model_dump(mode="json"))
+        if tx.payloads is not None and tx.payloads.offloads(stored):
+            return False
+        event_rows.append(
+            {
+                "i": i,
+                "run_id": event.workflow_run_id,
+                "sequence": 0,  # numbered by the statement
+                "event_type": str(getattr(event, "type", type(event).__name__)),
+                "event": stored,
+                "created_at": event.timestamp,
+            }
+        )
+    _reject_duplicates([run.id for run in runs], "run")
+    _reject_duplicates([(s.workflow_run_id, s.stage_id) for s in stages], "stage")
+    if len(set(completed_jobs)) != len(completed_jobs) or len({j.id for j in new_jobs}) != len(
+        new_jobs
+    ):
+        return False  # the per-kind calls say which
+    params: dict[str, Any] = {}
+    # Runs, in id order (the order their row locks are taken in, as ``update_many``).
+    new_runs: list[Run] = []
+    run_rows: list[dict[str, Any]] = []
+    for run in sorted(runs, key=lambda r: r.id):
+        updated = evolve(run, {"version": run.version + 1, "stages": []})
+        values = await tx.runs._run_row(updated)
+        del values["id"]
+        values["w_id"], values["w_version"] = run.id, run.version
+        run_rows.append(values)
+        new_runs.append(updated)
+    params |= _PG_RUN_ROWS.encode(run_rows, "r_rows")
+    params["r_keys"], params["r_n"] = [run.id for run in new_runs], len(run_rows)
+    # New jobs, numbered in the order given.
+    rows = job_rows(new_jobs)
+    for i, row in enumerate(rows):
+        row["i"] = i
+    if rows:
+        params |= _PG_JOB_ROWS.encode(rows, "j_rows")
+    params["j_n"] = len(rows)
+    notify_jobs = any(row["status"] == JobStatus.QUEUED.value for row in rows)
+    # Completed jobs, guarded by their leases when given.
+    done: list[dict[str, Any]] = []
+    for job_id in sorted(completed_jobs):
+        worker_id, attempts = None, 0
+        if leases is not None:
+            lease = leases.get(job_id)
+            if lease is None:
+                raise ConcurrencyError(f"job {job_id!r} has no expected lease")
+            worker_id, attempts = lease
+        done.append(
+            {
+                "w_id": job_id,
+                "w_status": JobStatus.LEASED.value,
+                "w_worker_id": worker_id,
+                "w_attempts": attempts,
+                "status": JobStatus.COMPLETED.value,
+                "worker_id": None,
+            }
+        )
+    if done:
+        params |= _PG_DONE_ROWS.encode(done, "d_rows")
+        params["d_keys"] = [row["w_id"] for row in done]
+    params["d_n"] = len(done)
+    # Stages, in (run, stage) order.
+    stage_rows: list[dict[str, Any]] = []
+    new_stages: list[StageRun] = []
+    for stage in sorted(stages, key=lambda s: (s.workflow_run_id, s.stage_id)):
+        updated_stage = evolve(stage, {"version": stage.version + 1})
+        values = await tx.stages._stage_row(updated_stage)
+        del values["run_id"], values["stage_id"]
+        values["w_run_id"], values["w_stage_id"] = stage.workflow_run_id, stage.stage_id
+        values["w_version"] = stage.version
+        stage_rows.append(values)
+        new_stages.append(updated_stage)
+    if stage_rows:
+        params |= _PG_STAGE_ROWS.encode(stage_rows, "s_rows")
+        params["s_keys"] = sorted({s.workflow_run_id for s in new_stages})
+    params["s_n"] = len(stage_rows)
+    if event_rows:
+        params |= _PG_OUTBOX_ROWS.encode(event_rows, "e_rows")
+    params["e_n"] = len(event_rows)
+    ended = tx.outbox._note_ended(event_rows) if event_rows else []
+    params["end_payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended)) if ended else ""
+    params["notify_jobs"] = notify_jobs and "jobs" not in tx._notified
+    # The event feed's NOTIFY unless this transaction's persistence sends none
+    # (``notify_events``), as ``outbox.append``.
+    feed = tx.notify_events
+    shape = (bool(rows), bool(done), leases is not None, bool(stage_rows), bool(event_rows), feed)
+    statement = _statement(tx, shape)
+    tx._check()
+    # Noted before it runs: a due time makes the transaction's end send a NOTIFY, so a
+    # set that writes one is not the whole transaction.
+    for job in new_jobs:
+        if _available_later(job):
+            tx.note_due("job", job.next_poll_at)  # a delayed activation
+    for stage in new_stages:
+        tx.stages._note_suspended(stage)
+    driver = await _alone(tx) if last and tx.due is None and not tx.created_blobs else None
+    try:
+        await tx.connection.execute(statement, params)
+    except sa_exc.DBAPIError as exc:
+        raise _guard_error(exc) from exc
+    finally:
+        if driver is not None:
+            await _transactional_again(tx, driver)
+    if driver is not None:
+        tx.active = False  # committed: a further statement could not join it
+    # What the per-kind calls note for after the commit.
+    if event_rows:
+        tx.appended_events = True
+    if params["notify_jobs"]:
+        tx._notified.add("jobs")
+    for run in new_runs:
+        if run.status.terminal:
+            tx.runs._note_final(run)
+    return True
+
+
+async def _alone(tx: SqlTransactionUnit) -> Any | None:
+    """When nothing has been sent in ``tx`` yet (psycopg has not begun a transaction on
+    the connection): the driver connection, switched to autocommit, so the one statement
+    is sent without ``BEGIN`` and ``COMMIT`` (a single statement is atomic by itself);
+    else ``None`` (it runs inside the transaction begun already)."""
+    from psycopg.pq import TransactionStatus  # PostgreSQL only: the driver is psycopg
+
+    raw = await tx.connection.get_raw_connection()
+    driver = raw.driver_connection
+    if driver is None or driver.info.transaction_status != TransactionStatus.IDLE:
+        return None
+    await driver.set_autocommit(True)
+    return driver
+
+
+async def _transactional_again(tx: SqlTransactionUnit, driver: Any) -> None:
+    """Switch ``driver`` back out of autocommit before the connection goes back to the
+    pool; a connection that cannot be switched back is discarded, never reused."""
+    try:
+        await driver.set_autocommit(False)
+    except BaseException:
+        with suppress(Exception):
+            await tx.connection.invalidate()
+        raise
+
+
+def _guard_error(exc: sa_exc.DBAPIError) -> Exception:
+    """The error of a failed statement: the per-kind call's for a failed guard."""
+    found = _GUARD_RE.search(str(exc.orig))
+    if found is None:
+        return translate(exc, "write set")
+    r, r_n, j, j_n, d, d_n, s, s_n = (int(x) for x in found.groups())
+    if r != r_n:
+        return ConcurrencyError(
+            f"{r_n - r} run(s) were updated concurrently or do not exist (nothing written)"
+        )
+    if j != j_n:
+        return DuplicateError("a job with one of these ids already exists (nothing written)")
+    if d != d_n:
+        return ConcurrencyError(
+            f"{d_n - d} job(s) are no longer leased as expected or do not exist (nothing written)"
+        )
+    if s != s_n:
+        return ConcurrencyError(
+            f"{s_n - s} stage(s) were updated concurrently or do not exist (nothing written)"
+        )
+    return ConcurrencyError(f"the write set's events were not all appended: {exc.orig}")

@@ -1,0 +1,151 @@
+"""Statements and round trips per stage on PostgreSQL, counted on the wire (issue 11).
+
+``--runs`` runs of a 3-stage no-op pipeline, one at a time (start, then result), by the
+in-process worker, after a few unmeasured ones. libpq's protocol trace of every pooled
+connection (``PGconn.trace``) records what the client sent and received; counted over
+the measured runs and divided by their stages:
+
+* *statements*: ``Query`` (simple protocol: psycopg's BEGIN and COMMIT) and ``Bind``
+  (extended protocol: every executed statement) messages sent;
+* *round trips*: ``ReadyForQuery`` messages received (one per request the client
+  waits for);
+* *BEGIN* and *COMMIT*: those sent as their own requests.
+
+The LISTEN connection (``adapters/sql/listener.py``) is not pooled and not counted.
+Wall times are not the point (see ``versus_dbos.py``); these counts are the same on a
+loaded machine. Needs a PostgreSQL server (``--pg-url``); it creates and drops its own
+database.
+
+    .venv/bin/python benchmarks/round_trips.py [--runs 100] [--pg-url postgresql://...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import uuid
+from collections import Counter
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
+
+from treadle import Engine, WorkflowBuilder, define_stage
+
+WARMUP = 5
+
+
+class Payload(BaseModel):
+    n: int
+
+
+@define_stage(id="a", input=Payload, output=Payload)
+async def stage_a(ctx: Any) -> Payload:
+    return Payload(n=ctx.input.n)
+
+
+@define_stage(id="b", input=Payload, output=Payload)
+async def stage_b(ctx: Any) -> Payload:
+    return Payload(n=ctx.input.n)
+
+
+@define_stage(id="c", input=Payload, output=Payload)
+async def stage_c(ctx: Any) -> Payload:
+    return Payload(n=ctx.input.n)
+
+
+PIPELINE = WorkflowBuilder("rt", input=Payload).pipe(stage_a).pipe(stage_b).pipe(stage_c).build()
+
+
+class Wire:
+    """libpq traces of every pooled connection, into one file each."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.files: list[Any] = []
+        event.listen(Pool, "connect", self._on_connect)
+
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        from psycopg import pq
+
+        pgconn = dbapi_connection.driver_connection.pgconn
+        trace = open(  # noqa: SIM115 - kept open while the connection lives
+            os.path.join(self.directory, f"{len(self.files)}.trace"), "w"
+        )
+        self.files.append(trace)
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+
+    def count(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for trace in self.files:
+            trace.flush()
+            with open(trace.name) as fh:
+                for line in fh:
+                    parts = line.split("\t")
+                    if len(parts) < 3:
+                        continue
+                    direction, message = parts[0], parts[2].split(" ")[0].strip()
+                    if direction == "F" and message in ("Query", "Bind"):
+                        counts["statements"] += 1
+                        if message == "Query" and '"BEGIN' in line:
+                            counts["begin"] += 1
+                        if message == "Query" and '"COMMIT' in line:
+                            counts["commit"] += 1
+                    elif direction == "B" and message == "ReadyForQuery":
+                        counts["round trips"] += 1
+        return counts
+
+    def close(self) -> None:
+        event.remove(Pool, "connect", self._on_connect)
+        for trace in self.files:
+            trace.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = parser.parse_args()
+    server = sa.make_url(args.pg_url)
+    name = f"treadle_rt_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(
+        server.set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = server.set(drivername="postgresql+psycopg", database=name).render_as_string(
+        hide_password=False
+    )
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            wire = Wire(directory)
+            engine = await Engine.open(url, workflows=[PIPELINE], auto_migrate=True)
+            try:
+                async with engine.worker(concurrency=8):
+                    for i in range(WARMUP):
+                        await (await engine.start("rt", {"n": -1 - i})).result(timeout=30)
+                    before = wire.count()
+                    for i in range(args.runs):
+                        await (await engine.start("rt", {"n": i})).result(timeout=30)
+                    after = wire.count()
+            finally:
+                await engine.aclose()
+                wire.close()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+    stages = 3 * args.runs
+    print(f"{args.runs} runs of a 3-stage no-op pipeline, one at a time, PostgreSQL")
+    print("| per stage | count |\n|---|---|")
+    for key in ("statements", "round trips", "begin", "commit"):
+        print(f"| {key} | {(after[key] - before[key]) / stages:.2f} |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
