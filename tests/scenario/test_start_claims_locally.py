@@ -22,6 +22,9 @@ GATE: dict[str, asyncio.Event] = {}
 
 @define_stage(id="first", input=N, output=N)
 async def first(ctx: StageContext[N, None]) -> N:
+    entered = GATE.get("entered")
+    if entered is not None:
+        entered.set()
     gate = GATE.get("gate")
     if gate is not None:
         await gate.wait()
@@ -84,6 +87,7 @@ async def test_without_a_free_slot_the_run_waits_for_a_claim(engine: Engine) -> 
     """With the worker's only slot busy the new run stays PENDING (nothing is held for
     it), and is claimed and completed once the slot frees."""
     GATE["gate"] = gate = asyncio.Event()
+    GATE["entered"] = entered = asyncio.Event()
     try:
         # No full tick while the runs start: a tick claims PENDING runs whatever the free
         # slots, so the worker's boot tick must be over and the next one far away.
@@ -91,6 +95,10 @@ async def test_without_a_free_slot_the_run_waits_for_a_claim(engine: Engine) -> 
         async with w:
             await until(lambda: w.ticks >= 1)
             busy = await engine.start("wf", {"n": 1})
+            # The slot is busy once the first run's body runs. (The start itself may find
+            # the slot held by a claim the worker's wake-ups run meanwhile, and leave the
+            # run PENDING for that claim: either way the body takes the only slot.)
+            await asyncio.wait_for(entered.wait(), WAIT)
             waiting = await engine.start("wf", {"n": 2})
             assert (await engine.get_run(waiting.run_id)).status is RunStatus.PENDING
             gate.set()
