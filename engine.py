@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -57,12 +58,13 @@ from treadle.kernel.schedules import ScheduleDefinition
 from treadle.kernel.workflows.model import JournalEntry, Timer
 from treadle.runtime.backends import DEFAULT_PAYLOAD_MAX_BYTES, Backend, open_backend
 from treadle.runtime.options import WorkerOptions
+from treadle.runtime.outbox_view import OutboxView
 from treadle.runtime.run_waiters import RunWaiters
 from treadle.runtime.starts import start_traced
 from treadle.runtime.worker import SlotLoan, Worker
 
 if TYPE_CHECKING:
-    from treadle.kernel.events import EventBase, OutboxRecord
+    from treadle.kernel.events import EventBase
     from treadle.ports import BlobStore, Clock, EventSink, IdGenerator, KernelPlugin, Telemetry
 
 __all__ = ["Engine", "RunHandle", "StartItem"]
@@ -281,10 +283,15 @@ class Engine:
         self._workers: weakref.WeakSet[Worker] = weakref.WeakSet()
         self._closed = False
         self.schedules: Schedules = Schedules(
-            kernel.dispatch, kernel.deps.persistence, on_due=self._note_fire_time
+            kernel.dispatch,
+            kernel.deps.persistence,
+            on_due=functools.partial(_note_fire_time, self._workers),
         )
         """Cron schedules: ``create``, ``update``, ``pause``, ``resume``, ``delete``,
         ``trigger``, ``get``, ``list`` (docs/schedules.md)."""
+        self.outbox = OutboxView(kernel, self._check_open)
+        """The outbox beyond one run: ``dead_letters``, ``replay_dead_letters`` (the DLQ),
+        ``feed`` and ``last_id`` (the all-runs event feed; ``runtime/outbox_view.py``)."""
         self.run_waiters = RunWaiters(
             kernel.deps.persistence, backend.wake_source if backend is not None else None
         )
@@ -439,13 +446,6 @@ class Engine:
         worker = Worker(self.kernel, WorkerOptions.build(options, overrides), **extra)
         self._workers.add(worker)
         return worker
-
-    def _note_fire_time(self, when: datetime) -> None:
-        """A schedule changed here fires next at ``when``: this engine's workers sleep
-        until then (on memory nothing else would tell them before their next tick)."""
-        for worker in builtins.list(self._workers):
-            if worker.running:
-                worker.note_due(when, "schedule")
 
     def _notify(self) -> None:
         for worker in builtins.list(self._workers):
@@ -1089,41 +1089,6 @@ class Engine:
             _registered(self.kernel.deps.registry), key=lambda wf: (wf.id, str(wf.version))
         )
 
-    async def dead_letters(self, limit: int = 100) -> builtins.list[OutboxRecord]:
-        """Events the outbox gave up publishing to the event sink (the DLQ), oldest first,
-        each with its attempts and last error. ``replay_dead_letters`` retries them."""
-        self._check_open()
-        count = _count(limit, "limit", minimum=1, maximum=10_000)
-        async with self.kernel.deps.persistence.transaction() as tx:
-            return await tx.outbox.dead_lettered(count)
-
-    async def replay_dead_letters(self, max_events: int = 100) -> int:
-        """Put up to ``max_events`` dead-lettered events back in the outbox
-        (``plugin.replayDLQ``); the next ``outbox.flush`` publishes them. How many."""
-        self._check_open()
-        command = _build(c.PluginReplayDLQ, "replay_dead_letters", max_events=max_events)
-        return (await self.kernel.dispatch(command)).replayed
-
-    async def event_feed(
-        self, after_id: int = 0, *, limit: int = 500
-    ) -> builtins.list[tuple[int, EventBase]]:
-        """Events of every run appended after outbox row ``after_id``, each with its row
-        id, in row order: the all-runs feed behind the HTTP server's ``/api/v1/events``
-        (``adapters/event_feed.py``). On PostgreSQL ids are handed out before commit,
-        so a row may appear after a higher one: readers that must not miss one wait a
-        moment at a gap (the HTTP ``EventHub`` does)."""
-        self._check_open()
-        after = _count(after_id, "after_id", minimum=0, maximum=2**62)
-        count = _count(limit, "limit", minimum=1, maximum=10_000)
-        async with self.kernel.deps.persistence.transaction() as tx:
-            return await tx.outbox.events_after(after, count)
-
-    async def last_event_id(self) -> int:
-        """The id of the newest outbox row (0 when none): where a live feed starts."""
-        self._check_open()
-        async with self.kernel.deps.persistence.transaction() as tx:
-            return await tx.outbox.last_event_id()
-
     async def logs(self, run_id: str) -> builtins.list[LogRecord]:
         """Log lines stages wrote with ``ctx.log``, in order."""
         self._check_open()
@@ -1183,3 +1148,11 @@ def _telemetry(telemetry: Telemetry | bool | None) -> Telemetry | None:
             ) from exc
         return OtelTelemetry()
     return telemetry
+
+
+def _note_fire_time(workers: Iterable[Worker], when: datetime) -> None:
+    """A schedule changed by this engine fires next at ``when``: its workers sleep until
+    then (on memory nothing else would tell them before their next tick)."""
+    for worker in builtins.list(workers):
+        if worker.running:
+            worker.note_due(when, "schedule")

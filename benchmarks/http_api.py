@@ -65,7 +65,7 @@ async def sse_latency(client: httpx.AsyncClient, starter: Engine, samples: int) 
     start's commit to the SSE client reading its ``workflow:created``."""
     seen: asyncio.Queue[tuple[float, str]] = asyncio.Queue()
     # From a known point: whenever the stream subscribes, it misses nothing after it.
-    after = await starter.last_event_id()
+    after = await starter.outbox.last_id()
 
     async def read() -> None:
         async with client.stream(

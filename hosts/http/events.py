@@ -109,7 +109,7 @@ class EventHub:
         await self._ensure_started()
         if not self._subscribers:
             # The hub reads nothing while nobody listens: catch its cursor up first.
-            self.cursor = max(self.cursor, await self.engine.last_event_id())
+            self.cursor = max(self.cursor, await self.engine.outbox.last_id())
         subscription = Subscription(wants, needs_workflow=needs_workflow)
         self._subscribers.add(subscription)  # no await between these two lines
         self._subscribed.set()
@@ -153,7 +153,7 @@ class EventHub:
             if self._is_started():  # another stream started it while this one waited
                 return
             self._loop = asyncio.get_running_loop()
-            self.cursor = await self.engine.last_event_id()
+            self.cursor = await self.engine.outbox.last_id()
             persistence = self.engine.kernel.deps.persistence
             watch = getattr(persistence, "watch_events", None)
             if callable(watch):
@@ -225,7 +225,7 @@ class EventHub:
 
     async def _read(self) -> None:
         while True:
-            rows = await self.engine.event_feed(self.cursor, limit=READ_BATCH)
+            rows = await self.engine.outbox.feed(self.cursor, limit=READ_BATCH)
             if not self._subscribers:
                 return
             if not rows:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 
@@ -16,6 +17,7 @@ import httpx
 from treadle import Engine
 from treadle.hosts.http import create_app
 from treadle.hosts.http.auth import TokenAuth
+from treadle.kernel.deps import KernelSettings
 from treadle.kernel.model import RunStatus
 from treadle.tests.hosts.dashboard_app import WORKFLOWS, XSS
 
@@ -352,11 +354,15 @@ async def test_queues_page_lists_the_dlq_and_replays_it(url: str) -> None:
 
     sink = CollectingEventSink()
     sink.fail_when = lambda event: True
-    async with await Engine.open(url, workflows=WORKFLOWS, event_sink=sink) as engine:
+    # Every flush retries at once (the outbox backs off 1 s after a failure by default).
+    settings = KernelSettings(outbox_retry_delay=timedelta(0))
+    async with await Engine.open(
+        url, workflows=WORKFLOWS, event_sink=sink, settings=settings
+    ) as engine:
         handle = await engine.start("gated", {"title": "t"})
         for _ in range(3):  # three failed attempts dead-letter the event
             await engine.kernel.dispatch(c.OutboxFlush())
-        [dead] = await engine.dead_letters()
+        [dead] = await engine.outbox.dead_letters()
         async with _client(engine) as client:
             await _login(client, ACT)
             page = await client.get("/queues")
@@ -367,7 +373,7 @@ async def test_queues_page_lists_the_dlq_and_replays_it(url: str) -> None:
             replayed = await client.post("/ui/dlq/replay", data={"csrf_token": _csrf(page.text)})
             assert replayed.status_code == 303
             assert replayed.headers["location"].startswith("/queues?done=1%20events")
-        assert await engine.dead_letters() == []
+        assert await engine.outbox.dead_letters() == []
 
 
 async def test_fork_and_rerun_from_the_dashboard(engine: Engine) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from treadle.engine import Engine
 from treadle.hosts.http import TokenAuth, create_app
 from treadle.hosts.http.auth import SESSION_COOKIE
+from treadle.kernel.deps import KernelSettings
 from treadle.kernel.errors import TreadleValidationError
 from treadle.tests.http.conftest import ACT, AS_ACT, AS_READ, READ, TOKENS, client_for
 from treadle.tests.http.workflows import WORKFLOWS
@@ -280,7 +282,11 @@ async def test_dead_letters_listed_and_replayed() -> None:
     """Events the outbox gave up on are listed by GET /dlq with their last error, and
     POST /dlq/replay puts them back (read tokens may list, not replay)."""
     async with await Engine.open(
-        "memory://", workflows=WORKFLOWS, event_sink=BrokenSink()
+        "memory://",
+        workflows=WORKFLOWS,
+        event_sink=BrokenSink(),
+        # Every flush retries at once (the outbox backs off 1 s after a failure by default).
+        settings=KernelSettings(outbox_retry_delay=timedelta(0)),
     ) as engine:
         await engine.start("shout", {"item": "x"})
         for _ in range(5):  # past the outbox's retries: dead-lettered

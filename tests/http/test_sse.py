@@ -178,13 +178,13 @@ async def test_many_streams_share_one_reader(monkeypatch: pytest.MonkeyPatch) ->
     client per commit, and an idle hub (no client) reads nothing."""
     async with await Engine.open("memory://", workflows=WORKFLOWS) as engine:
         reads: list[int] = []
-        real = engine.event_feed
+        real = engine.outbox.feed
 
         async def counting(after_id: int = 0, *, limit: int = 500) -> Any:
             reads.append(after_id)
             return await real(after_id, limit=limit)
 
-        monkeypatch.setattr(engine, "event_feed", counting)
+        monkeypatch.setattr(engine.outbox, "feed", counting)
         app = create_app(engine, auth=TokenAuth(TOKENS))
         hub = EventHub(engine)
         app.state.treadle.hub = hub
@@ -242,7 +242,7 @@ async def test_hub_holds_back_rows_after_a_gap_until_it_fills_or_expires(
     async with await Engine.open("memory://", workflows=WORKFLOWS) as engine:
         for n in range(4):
             await engine.start("shout", {"item": str(n)})  # outbox rows 1-4
-        rows = await engine.event_feed(0)
+        rows = await engine.outbox.feed(0)
         hidden = {2, 4}
 
         async def feed(after_id: int = 0, *, limit: int = 500) -> Any:
@@ -251,8 +251,8 @@ async def test_hub_holds_back_rows_after_a_gap_until_it_fills_or_expires(
         async def last() -> int:
             return 0
 
-        monkeypatch.setattr(engine, "event_feed", feed)
-        monkeypatch.setattr(engine, "last_event_id", last)
+        monkeypatch.setattr(engine.outbox, "feed", feed)
+        monkeypatch.setattr(engine.outbox, "last_id", last)
         hub = EventHub(engine, gap_wait=0.3)
         subscription, horizon = await hub.subscribe(lambda *_: True)
         assert horizon == 0

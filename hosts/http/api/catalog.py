@@ -80,7 +80,7 @@ async def list_dead_letters(
         DeadLetterOut(
             id=record.id, attempts=record.attempts, last_error=record.last_error, event=record.event
         )
-        for record in await engine.dead_letters(limit)
+        for record in await engine.outbox.dead_letters(limit)
     ]
 
 
@@ -93,7 +93,7 @@ async def list_dead_letters(
 async def replay_dead_letters(engine: EngineDep, body: ReplayIn | None = None) -> ReplayOut:
     """Put dead-lettered events back in the outbox; the next flush publishes them."""
     count = body.max_events if body is not None else 100
-    return ReplayOut(replayed=await engine.replay_dead_letters(count))
+    return ReplayOut(replayed=await engine.outbox.replay_dead_letters(count))
 
 
 @router.get(

@@ -201,7 +201,7 @@ async def all_events(
         # Stored events in (start, horizon]; the hub hands over everything after horizon.
         cursor = start if start is not None else horizon
         while cursor < horizon:
-            rows = await engine.event_feed(cursor, limit=1_000)
+            rows = await engine.outbox.feed(cursor, limit=1_000)
             for outbox_id, event in rows:
                 if outbox_id > horizon:
                     return

@@ -178,7 +178,7 @@ async def replay_dlq(request: Request, principal: Actor) -> Response:
     engine = http_state(request).engine
 
     async def go() -> tuple[str, str]:
-        replayed = await engine.replay_dead_letters(max_events=1_000)
+        replayed = await engine.outbox.replay_dead_letters(max_events=1_000)
         return "", f"{replayed} events put back in the outbox"
 
     return await _act(request, principal, "", go, back="/queues")

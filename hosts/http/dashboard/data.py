@@ -212,5 +212,5 @@ async def queues_page(engine: Engine, *, dlq_limit: int = 100) -> QueuesPage:
     queues = await engine.queues(live_within=window)
     registry = engine.backend.workers if engine.backend is not None else None
     workers = list(await registry.list_workers()) if registry is not None else []
-    dead = await engine.dead_letters(dlq_limit)
+    dead = await engine.outbox.dead_letters(dlq_limit)
     return QueuesPage(queues=queues, workers=workers, dead_letters=dead, live_within=window)
