@@ -52,7 +52,13 @@ async def fetch(ctx: StageContext[Doc, Any]) -> Doc:
 async def score(ctx: StageContext[Doc, Any]) -> Scored:
     """Records what a model call cost (the dashboard shows the run's AI cost)."""
     ctx.ai.record(
-        AICall(model="test-model", cost=Decimal("0.0125"), input_tokens=100, output_tokens=20)
+        AICall(
+            model="test-model",
+            prompt="SECRET-PROMPT: score this",
+            cost=Decimal("0.0125"),
+            input_tokens=100,
+            output_tokens=20,
+        )
     )
     return Scored(title=ctx.input.title, score=len(ctx.input.title))
 

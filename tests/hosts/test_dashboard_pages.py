@@ -113,6 +113,14 @@ async def test_run_page_draws_the_stage_timeline_and_payloads(engine: Engine) ->
     assert "&#34;score&#34;: 5" in page.text or '"score": 5' in page.text
     assert "stage:completed" in page.text
     assert '<dd id="run-ai">$0.0125 · 120 tokens</dd>' in page.text
+    # The run's AI calls, one row each: where, model, tokens and cost, never the prompt.
+    calls = page.text.split('<section id="ai-calls">', 1)[1].split("</section>", 1)[0]
+    assert calls.split("<tbody>", 1)[1].count("<tr>") == 1
+    assert "<code>score</code>" in calls
+    assert "test-model" in calls
+    assert "100 / 20" in calls
+    assert "$0.0125" in calls
+    assert "SECRET-PROMPT" not in page.text
 
 
 async def test_runs_table_shows_each_runs_ai_cost(engine: Engine) -> None:

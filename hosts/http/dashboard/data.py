@@ -19,6 +19,7 @@ from treadle.hosts.http.dashboard.charts import (
     stage_rows,
     throughput_buckets,
 )
+from treadle.kernel.ai import AICall
 from treadle.kernel.errors import NotSupportedError
 from treadle.kernel.events import WorkflowSuspended
 from treadle.kernel.model import Run, RunStatus, StageStatus
@@ -121,6 +122,12 @@ class RunPage:
     """Stages ``rerun_from`` may start from (pipelines) or steps ``fork`` may (code)."""
     waiting_for: str | None = None
     """What a suspended run waits for, in words (its last ``workflow:suspended``)."""
+    ai_calls: list[AICall] = dataclasses.field(default_factory=list)
+    """The run's recorded AI calls (issue 17): model, tokens, cost; prompts are not shown."""
+
+
+AI_CALLS_SHOWN = 200
+"""The run page lists at most this many AI calls (the run's totals count them all)."""
 
 
 async def run_page(engine: Engine, run_id: str, *, now: datetime) -> RunPage:
@@ -167,6 +174,7 @@ async def run_page(engine: Engine, run_id: str, *, now: datetime) -> RunPage:
         tracebacks=tracebacks,
         rerunnable=rerunnable,
         waiting_for=_waiting_for(run, events),
+        ai_calls=await engine.ai_calls(run_id, limit=AI_CALLS_SHOWN) if run.total_tokens else [],
     )
 
 
