@@ -91,6 +91,8 @@ class SqlTransactionUnit(SqlUnit, Protocol):
     stages: SqlStages
     outbox: SqlOutbox
 
+    def note_queued(self, queue: str) -> None: ...
+
 
 __all__ = ["GUARD_MARK", "SqlTransactionUnit", "write_set"]
 
@@ -364,6 +366,9 @@ async def write_set(
         tx.appended_events = True
     if params["notify_jobs"]:
         tx._notified.add("jobs")
+    for row in rows:
+        if row["status"] == JobStatus.QUEUED.value:
+            tx.note_queued(str(row["queue"]))  # this process's queued-job watchers
     for run in new_runs:
         if run.status.terminal:
             tx.runs._note_final(run)
