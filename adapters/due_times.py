@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Literal, get_args
 
+from treadle.adapters.watchers import Watchers
+
 DueKind = Literal["job", "poll", "command", "schedule"]
 """What falls due: ``job`` a queued job's ``next_poll_at`` (taken by a dequeue), ``poll``
 a suspended stage's ``next_poll_at`` (taken by ``stage.pollSuspended``), ``command`` a
@@ -77,30 +79,7 @@ def as_utc(when: datetime) -> datetime:
 DueCallback = Callable[[DueTimes], None]
 
 
-class DueWatchers:
-    """The callbacks to tell of due times after a commit. Cheap when nobody watches."""
+class DueWatchers(Watchers[[DueTimes]]):
+    """Told ``callback(due)`` after each commit that created due times."""
 
-    __slots__ = ("_callbacks",)
-
-    def __init__(self) -> None:
-        self._callbacks: list[DueCallback] = []
-
-    def watch(self, callback: DueCallback) -> Callable[[], None]:
-        """Call ``callback(due)`` after each commit that created due times; returns the
-        function that stops it (idempotent)."""
-        self._callbacks.append(callback)
-
-        def stop() -> None:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
-
-        return stop
-
-    def tell(self, due: DueTimes) -> None:
-        """Called by the adapter after a commit; a failing callback does not stop the
-        others (and never fails the commit that already happened)."""
-        for callback in tuple(self._callbacks):
-            try:
-                callback(due)
-            except Exception:  # a worker's bug must not surface in the committer
-                continue
+    __slots__ = ()

@@ -19,39 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
+from treadle.adapters.watchers import Watchers
+
 EVENTS_CHANNEL: Final = "treadle_events"
 """The PostgreSQL NOTIFY channel of appended events (payload empty)."""
 
 EventCallback = Callable[[], None]
 
 
-class EventWatchers:
-    """Callbacks told after each commit that appended events. Cheap when nobody watches."""
+class EventWatchers(Watchers[[]]):
+    """Told ``callback()`` after each commit that appended events."""
 
-    __slots__ = ("_callbacks",)
-
-    def __init__(self) -> None:
-        self._callbacks: list[EventCallback] = []
-
-    def watch(self, callback: EventCallback) -> Callable[[], None]:
-        """Call ``callback()`` after each commit that appended events; returns the
-        function that stops it (idempotent)."""
-        self._callbacks.append(callback)
-
-        def stop() -> None:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
-
-        return stop
-
-    def tell(self) -> None:
-        """Called by the adapter after the commit; a failing callback is skipped (the
-        commit already happened)."""
-        for callback in tuple(self._callbacks):
-            try:
-                callback()
-            except Exception:  # a watcher's bug must not surface in the committer
-                continue
-
-    def __bool__(self) -> bool:
-        return bool(self._callbacks)
+    __slots__ = ()

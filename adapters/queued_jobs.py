@@ -11,36 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from treadle.adapters.watchers import Watchers
+
 QueuedCallback = Callable[[frozenset[str]], None]
 
 
-class QueuedJobWatchers:
-    """The callbacks to tell, after a commit, which queues got new QUEUED jobs."""
+class QueuedJobWatchers(Watchers[[frozenset[str]]]):
+    """Told ``callback(queues)``, after a commit, of the queues that got new QUEUED jobs."""
 
-    __slots__ = ("_callbacks",)
-
-    def __init__(self) -> None:
-        self._callbacks: list[QueuedCallback] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._callbacks)
-
-    def watch(self, callback: QueuedCallback) -> Callable[[], None]:
-        """Call ``callback(queues)`` after each commit that queued jobs; returns the
-        function that stops it (idempotent)."""
-        self._callbacks.append(callback)
-
-        def stop() -> None:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
-
-        return stop
-
-    def tell(self, queues: frozenset[str]) -> None:
-        """Called by the adapter after a commit; a failing callback does not stop the
-        others (and never fails the commit that already happened)."""
-        for callback in tuple(self._callbacks):
-            try:
-                callback(queues)
-            except Exception:  # a consumer's bug must not surface in the committer
-                continue
+    __slots__ = ()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from treadle.adapters.watchers import Watchers
 from treadle.kernel.model import Run
 
 RUN_END_PREFIX = "end:"
@@ -23,34 +24,14 @@ RunEndCallback = Callable[[Sequence[str], Mapping[str, Run]], None]
 commit wrote them (without stages), for the runs whose final write the transaction saw."""
 
 
-class RunEndWatchers:
-    """The callbacks to tell of runs that finished. Cheap when nobody watches."""
+class RunEndWatchers(Watchers[[Sequence[str], Mapping[str, Run]]]):
+    """Told ``callback(run_ids, outcomes)`` after each commit that ended runs (the
+    outcomes the commit wrote, by run id, where it knows them)."""
 
-    __slots__ = ("_callbacks",)
-
-    def __init__(self) -> None:
-        self._callbacks: list[RunEndCallback] = []
-
-    def watch(self, callback: RunEndCallback) -> Callable[[], None]:
-        """Call ``callback(run_ids, outcomes)`` after each commit that ended runs;
-        returns the function that stops it (idempotent)."""
-        self._callbacks.append(callback)
-
-        def stop() -> None:
-            if callback in self._callbacks:
-                self._callbacks.remove(callback)
-
-        return stop
+    __slots__ = ()
 
     def tell(self, run_ids: Sequence[str], outcomes: Mapping[str, Run] | None = None) -> None:
-        """Called by the adapter after a commit; a failing callback does not stop the
-        others (and never fails the commit that already happened)."""
-        known: Mapping[str, Run] = outcomes or {}
-        for callback in tuple(self._callbacks):
-            try:
-                callback(run_ids, known)
-            except Exception:  # a waiter's bug must not surface in the committer
-                continue
+        super().tell(run_ids, outcomes or {})
 
 
 def ended_run_ids(payload: str) -> list[str] | None:
