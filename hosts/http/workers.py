@@ -381,50 +381,58 @@ class RemoteWorkerProtocol:
     async def complete(
         self, worker_id: str, body: CompleteRequest, caller: Caller
     ) -> dict[str, Any]:
-        _check_worker(worker_id)
-        attempt = self._attempt(body, worker_id, caller)
-        result = await self.engine.kernel.dispatch(
-            c.JobComplete(
-                job_id=body.job_id,
-                worker_id=worker_id,
-                attempt=attempt,
-                output=body.output,
-                idempotency_key=f"remote:{body.job_id}:{attempt}:complete",
-            )
+        return await self._report(
+            c.JobComplete, "complete", worker_id, body, caller, output=body.output
         )
-        return _outcome(result)
 
     async def fail(self, worker_id: str, body: FailRequest, caller: Caller) -> dict[str, Any]:
-        _check_worker(worker_id)
-        attempt = self._attempt(body, worker_id, caller)
-        result = await self.engine.kernel.dispatch(
-            c.JobFail(
-                job_id=body.job_id,
-                worker_id=worker_id,
-                attempt=attempt,
-                error=body.error,
-                error_type=body.error_type,
-                retryable=body.retryable,
-                idempotency_key=f"remote:{body.job_id}:{attempt}:fail",
-            )
+        return await self._report(
+            c.JobFail,
+            "fail",
+            worker_id,
+            body,
+            caller,
+            error=body.error,
+            error_type=body.error_type,
+            retryable=body.retryable,
         )
-        return _outcome(result)
 
     async def suspend(self, worker_id: str, body: SuspendRequest, caller: Caller) -> dict[str, Any]:
+        return await self._report(
+            c.JobSuspend,
+            "suspend",
+            worker_id,
+            body,
+            caller,
+            state=body.state,
+            poll_interval=timedelta(seconds=body.poll_interval),
+            max_wait=timedelta(seconds=body.max_wait),
+        )
+
+    async def _report(
+        self,
+        command: type[c.JobComplete | c.JobFail | c.JobSuspend],
+        outcome: str,
+        worker_id: str,
+        ref: LeaseRef,
+        caller: Caller,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """An outcome of a leased job, as its kernel command: the caller must hold the
+        lease's token; a repeated report of the same attempt's outcome replays the first
+        answer (the command's idempotency key)."""
         _check_worker(worker_id)
-        attempt = self._attempt(body, worker_id, caller)
-        result = await self.engine.kernel.dispatch(
-            c.JobSuspend(
-                job_id=body.job_id,
+        attempt = self._attempt(ref, worker_id, caller)
+        result: Any = await self.engine.kernel.dispatch(
+            command(
+                job_id=ref.job_id,
                 worker_id=worker_id,
                 attempt=attempt,
-                state=body.state,
-                poll_interval=timedelta(seconds=body.poll_interval),
-                max_wait=timedelta(seconds=body.max_wait),
-                idempotency_key=f"remote:{body.job_id}:{attempt}:suspend",
+                idempotency_key=f"remote:{ref.job_id}:{attempt}:{outcome}",
+                **fields,
             )
         )
-        return _outcome(result)
+        return _outcome(result)  # a JobExecuteResult: the three results extend it
 
     async def leave(self, worker_id: str) -> dict[str, Any]:
         _check_worker(worker_id)
