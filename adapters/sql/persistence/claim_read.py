@@ -50,9 +50,7 @@ def _candidates_sql(tx: Any) -> Any:
     c = tx.dialect.lock(pending, skip_locked=True).cte("c")
     stages = t.stages
     timed = (
-        sa.exists()
-        .where(t.timers.c.run_id == c.c.id, t.timers.c.fired_at.is_(None))
-        .label("timed")
+        sa.exists().where(t.timers.c.run_id == c.c.id, t.timers.c.fired_at.is_(None)).label("timed")
     )
     return (
         sa.select(
