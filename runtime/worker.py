@@ -532,18 +532,31 @@ class Worker:
         """What fell due: suspended stages (batch checks, code-workflow timers) for
         ``poll``, scheduled commands for ``command``, cron schedules for ``schedule``. A
         resumed run's job is dequeued as soon as the poll returns (``on_resumed``), while
-        its transition runs."""
+        its transition runs. A code workflow woken by its timer is leased to this worker
+        in the firing commit and started there, up to the free slots, which the step
+        holds meanwhile (``_take_chained``): no dequeue, no phase-1 transaction."""
         started = self.kernel.deps.clock.now()
         async with self._tick_lock:
-            steps = await due_steps(
-                self.kernel,
-                worker_id=self.worker_id,
-                logger=self.log,
-                poll="poll" in due,
-                scheduled="command" in due,
-                schedules="schedule" in due,
-                on_resumed=self._jobs_queued,
-            )
+            free = self._free_slots() if "poll" in due else 0
+            self._reserved += free
+            try:
+                steps = await due_steps(
+                    self.kernel,
+                    worker_id=self.worker_id,
+                    logger=self.log,
+                    poll="poll" in due,
+                    scheduled="command" in due,
+                    schedules="schedule" in due,
+                    on_resumed=self._jobs_queued,
+                    chain=free,
+                    take=self._take_chained if free else None,
+                )
+            finally:
+                # Slots the step did not fill are free again; a job loop that found none
+                # free meanwhile is woken (a queued job's dequeue is asked by on_resumed).
+                self._reserved -= free
+                if free and self._saturated:
+                    self._ask_jobs()
         if self._unwatch_due is None:
             # No commit tells this worker of the timed work the step wrote (a check not
             # ready yet, a timer rescheduled): ask storage.
