@@ -98,7 +98,9 @@ async def poll_suspended(
                 run = await tx.runs.get(stage.workflow_run_id)
                 if run is not None:
                     runs[run.id] = run
-                    stages_of[run.id] = await tx.stages.for_run(run.id)
+                    found = deps.find_workflow(run.workflow_id, run.workflow_version)
+                    if found is None or found.kind != "code":  # a check's context needs them
+                        stages_of[run.id] = await tx.stages.for_run(run.id)
     # Execution timeouts first: a timed-out run is cancelled, not woken (its due stage,
     # if any, is then skipped as terminal).
     timed_out = await _fire_execution_timeouts(deps, timeouts, now) if timeouts else []

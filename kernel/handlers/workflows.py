@@ -31,6 +31,7 @@ from treadle.kernel.events import (
 )
 from treadle.kernel.handlers.basics import load_run, new_jobs
 from treadle.kernel.handlers.jobs import start_leased
+from treadle.kernel.handlers.write_buffer import WriteBuffer
 from treadle.kernel.limits import dump_json, precheck, to_json
 from treadle.kernel.model import CONTINUED_AS, JsonValue, Run, RunStatus, StageStatus, evolve
 from treadle.kernel.workflows.activation import wake, write_entries
@@ -446,18 +447,26 @@ async def _wake_leased(
     """``wake`` with the new activation's job leased to ``worker_id`` and started in the
     same transaction (``start_leased``: stage RUNNING, ``stage:started`` appended after
     ``events``): the stage goes from SUSPENDED to RUNNING in one write, the job is
-    never QUEUED (no ``NOTIFY``, no dequeue). A code workflow's only stage is the body's."""
-    (job,) = new_jobs(deps, run, wf, [WORKFLOW_STAGE_ID], now, lease_to=worker_id)
-    await deps.job_transport.enqueue(tx, [job])
-    if run.status is RunStatus.SUSPENDED:
-        # ``error`` of a live run is a version mismatch it was blocked by (versions.py).
-        run = await tx.runs.update(
-            evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
-        )
+    never QUEUED (no ``NOTIFY``, no dequeue). A code workflow's only stage is the body's.
+
+    The writes (job, run, stage, events) are collected in a ``WriteBuffer`` over the
+    run and stage read under the run's lock, and flushed together: on PostgreSQL one
+    statement (``tx.write_set``), elsewhere one per kind."""
     woken = evolve(
         stage, {"status": StageStatus.PENDING, "next_poll_at": None, "job_id": None, "error": None}
     )
-    return await start_leased(deps, tx, scope, wf, run, [woken], job, now, events)
+    buffer = WriteBuffer(tx, {run.id: run}, {run.id: [woken]}, {})
+    buffered, buffered_tx = buffer.stand_in(deps)
+    (job,) = new_jobs(deps, run, wf, [WORKFLOW_STAGE_ID], now, lease_to=worker_id)
+    await buffered.job_transport.enqueue(buffered_tx, [job])
+    if run.status is RunStatus.SUSPENDED:
+        # ``error`` of a live run is a version mismatch it was blocked by (versions.py).
+        run = await buffered_tx.runs.update(
+            evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
+        )
+    started = await start_leased(buffered, buffered_tx, scope, wf, run, [woken], job, now, events)
+    await buffer.flush(deps.job_transport)
+    return started
 
 
 async def query(deps: Deps, run_id: str, key: str) -> JsonValue:
