@@ -161,3 +161,41 @@ async def test_a_worker_runs_the_woken_activation_without_a_dequeue(
     run = await engine.get_run(run_id)
     assert (run.status, run.output) == (RunStatus.COMPLETED, {"n": 2})
     assert dequeued == []
+
+
+async def test_the_firing_commit_is_two_transactions_with_one_write_of_the_wake(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """On PostgreSQL the poll that fires the timer and leases the activation is two
+    transactions: its read, and the firing, whose wake-up writes (job, run, stage,
+    events) are one ``write_set`` statement; no job is QUEUED, so no ``NOTIFY``; the
+    timer is fired once."""
+    if engine.backend is None or engine.backend.kind != "postgresql":
+        return
+    from psycopg.pq import TransactionStatus
+    from sqlalchemy import event
+
+    await _sleeping(engine, clock)
+    sync_engine = engine.backend.persistence.engine.sync_engine  # type: ignore[attr-defined]
+    statements: list[str] = []
+    begins: list[bool] = []
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        driver = conn.connection.driver_connection
+        statements.append(" ".join(statement.split()).upper())
+        begins.append(
+            not driver.autocommit and driver.info.transaction_status == TransactionStatus.IDLE
+        )
+
+    event.listen(sync_engine, "before_cursor_execute", on_execute)
+    try:
+        polled = await engine.kernel.dispatch(c.StagePollSuspended(worker_id="w1", chain=1))
+    finally:
+        event.remove(sync_engine, "before_cursor_execute", on_execute)
+    assert len(polled.chained_jobs) == 1
+    assert sum(begins) == 2, statements
+    assert [s for s in statements if s.startswith("WITH W_R AS (UPDATE")] != []
+    assert len([s for s in statements if s.startswith("WITH W_R AS")]) == 1
+    assert not [s for s in statements if "NOTIFY" in s and "WITH W_R" not in s], statements
+    assert not [s for s in statements if s.startswith('INSERT INTO "JOBS"')], statements
+    assert len([s for s in statements if s.startswith("UPDATE TIMERS")]) == 1, statements
