@@ -199,3 +199,29 @@ async def test_the_firing_commit_is_two_transactions_with_one_write_of_the_wake(
     assert not [s for s in statements if "NOTIFY" in s and "WITH W_R" not in s], statements
     assert not [s for s in statements if s.startswith('INSERT INTO "JOBS"')], statements
     assert len([s for s in statements if s.startswith("UPDATE TIMERS")]) == 1, statements
+
+
+async def test_a_woken_activation_with_no_free_slot_is_handed_back(
+    engine: Engine, clock: FakeClock
+) -> None:
+    """The due step holds no slots while it runs (a batch check may be slow); an
+    activation its firing leased to the worker that finds every slot taken by then is
+    released for any worker (stage PENDING, job queued, the hand-off dropped), never
+    run past ``concurrency``; another worker resumes the run."""
+    from treadle.runtime.worker import Worker
+
+    run_id = await _sleeping(engine, clock)
+    worker = Worker(engine.kernel, concurrency=1, worker_id="w1")
+    engine.kernel.deps.chains.serve("w1", worker.queues)
+    polled = await engine.kernel.dispatch(c.StagePollSuspended(worker_id="w1", chain=1))
+    (job,) = polled.chained_jobs
+    worker._reserved = 1  # the one slot was taken while the step ran
+    worker._take_woken(polled.chained_jobs)
+    await asyncio.gather(*worker._in_flight)
+    assert job.id not in engine.kernel.deps.chains
+    (stage,) = (await engine.get_run(run_id)).stages
+    assert stage.status is StageStatus.PENDING
+    (again,) = await _dequeue(engine, "w2")
+    assert again.id == job.id
+    await execute_job(engine.kernel, again, worker_id="w2")
+    assert (await engine.get_run(run_id)).status is RunStatus.COMPLETED
