@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from treadle.kernel.model import Job
     from treadle.ports import BlobStore, JobTransport
 from treadle.adapters.sql.persistence.annotations import SqlAnnotations
+from treadle.adapters.sql.persistence.claim_read import claim_candidates
 from treadle.adapters.sql.persistence.idempotency import SqlIdempotency
 from treadle.adapters.sql.persistence.inbox import SqlInbox
 from treadle.adapters.sql.persistence.journal import SqlJournal
@@ -210,6 +211,14 @@ class SqlTransaction:
             events=events,
             last=last,
         )
+
+    async def claim_candidates(
+        self, limit: int
+    ) -> tuple[list[Run], dict[str, list[StageRun]], set[str]] | None:
+        """The ``ClaimReadStore`` capability (``ports/persistence/claim_read.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/claim_read.py``), else
+        ``None``."""
+        return await claim_candidates(self, limit)
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -355,6 +364,9 @@ class SqlPersistence:
         transaction; set ``False`` in processes whose events no live reader needs to see
         at once (readers then find them by their fallback read)."""
         self._ended: SqlTransaction | None = None
+        self.claim_reads = self.dialect.set_statements
+        """PostgreSQL: transactions offer ``claim_candidates`` (``ports/persistence/
+        claim_read.py``), a claim's reads in one statement without ``BEGIN``."""
         self.dialect.configure(engine)
 
     @classmethod
