@@ -104,12 +104,12 @@ class InMemoryRetention:
             tx.del_item(s.ai_calls.totals, run_id)
             tx.del_item(s.runs, run_id)
         self._purge_keyed(gone)
-        if gone and s.feed:
-            kept = [row for row in s.feed if row[1].workflow_run_id not in gone]
-            if len(kept) != len(s.feed):
-                before = list(s.feed)
-                s.feed[:] = kept
-                tx.on_rollback(lambda: s.feed.__setitem__(slice(None), before))
+        if gone and len(s.feed):
+            before = s.feed.rows()
+            kept = [row for row in before if row[1].workflow_run_id not in gone]
+            if len(kept) != len(before):
+                s.feed.replace(kept)
+                tx.on_rollback(lambda: s.feed.replace(before))
         return ids
 
     def _purge_journal(self, run_id: str) -> None:

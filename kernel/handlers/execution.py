@@ -38,6 +38,9 @@ class Started:
     fresh: bool = False
     """Started in the transaction that created the run: nothing of it was written
     before (a code workflow's journal is empty, with no read)."""
+    index: int = -1
+    """Where ``stage`` is in ``stages`` (-1: not noted): a hint for finding the stage in a
+    later read of the run's stages, which come in the same (group) order."""
 
 
 def validate_output(definition: StageDefinition, value: Any) -> JsonValue:

@@ -33,6 +33,7 @@ from treadle.kernel.errors import (
     NonRetryableError,
     NotSupportedError,
     OutputValidationError,
+    PayloadMissingError,
     StageNotFoundError,
     StageTimeoutError,
     as_body_failure,
@@ -65,6 +66,7 @@ from treadle.kernel.model import (
     Job,
     JobStatus,
     JsonValue,
+    MissingPayload,
     Run,
     RunStatus,
     StageRun,
@@ -384,7 +386,7 @@ async def phase_start(
                 )
             await tx.outbox.append([_started_event(stage, cmd.worker_id, now, scope)])
             stages = _replaced(stages, index, stage)
-    return Started(job, run, stage, wf, definition, stages)
+    return Started(job, run, stage, wf, definition, stages, index=index)
 
 
 async def _hold(
@@ -434,9 +436,13 @@ def _started_event(stage: StageRun, worker_id: str, now: datetime, scope: Scope)
     )
 
 
-def _index_of(stages: Sequence[StageRun], stage_id: str) -> int:
-    """Position of ``stage_id`` in ``stages``, or -1 (a loop: ``next()`` over a generator
-    costs a generator object and a frame per stage)."""
+def _index_of(stages: Sequence[StageRun], stage_id: str, hint: int = -1) -> int:
+    """Position of ``stage_id`` in ``stages``, or -1. ``hint``: where it probably is (as
+    ``Started.index`` noted it, or the stage after the one that just completed), checked
+    first: one field read instead of one per stage before it. Otherwise a loop (``next()``
+    over a generator costs a generator object and a frame per stage)."""
+    if 0 <= hint < len(stages) and stages[hint].stage_id == stage_id:
+        return hint
     for i, st in enumerate(stages):
         if st.stage_id == stage_id:
             return i
@@ -450,16 +456,36 @@ def _replaced(stages: list[StageRun], index: int, stage: StageRun) -> list[Stage
     return copy
 
 
+def _stage_input(s: Started) -> tuple[JsonValue, PayloadMissingError | None]:
+    """The stage's raw input (the run's, or the previous group's output) and the error
+    for an offloaded input or resume state whose blob is gone (``lost_input``). The stage
+    after a group of one stage (a sequence), located by ``Started.index``, is read
+    directly: a handful of field reads where ``group_input`` and ``lost_input`` walk the
+    run's stages (each field read of a model goes through pydantic's ``__getattr__``)."""
+    stage, index = s.stage, s.index
+    group = stage.execution_group
+    if group > 0 and index > 0:
+        previous = s.wf.groups[group - 1]
+        before = s.stages[index - 1]
+        if len(previous) == 1 and before.stage_id == previous[0].id:
+            resume, output = stage.resume_state, before.output
+            if type(resume) is MissingPayload:
+                return None, resume.error()
+            if type(output) is MissingPayload:
+                return None, output.error()
+            return (output if before.status is _STAGE_COMPLETED else None), None
+    raw = s.run.input if group == 0 else group_input(s.wf, s.stages, group)
+    return raw, lost_input(s.run, s.stages, stage)
+
+
 def build_context(
     deps: Deps, s: Started, runtime: StageRuntime, token: CancellationToken
 ) -> tuple[StageContext[Any, Any], Outcome | None]:
     """The stage's validated input and config; a bad input is a non-retryable failure."""
-    group = s.stage.execution_group
-    raw_input = s.run.input if group == 0 else group_input(s.wf, s.stages, group)
+    raw_input, lost = _stage_input(s)  # lost: an offloaded input whose blob is gone
     failure: Outcome | None = None
     value: Any = None
     adapter = s.definition.input_adapter
-    lost = lost_input(s.run, s.stages, s.stage)  # an offloaded input whose blob is gone
     if lost is not None:
         failure = Outcome("failed", error=lost)
     elif adapter is not None:
@@ -552,6 +578,8 @@ class _Commit:
     ctx: StageContext[Any, Any] | None
     """``None`` for a remote execution (``handlers/remote.py``): no logs, no annotations."""
     outcome: Outcome
+    groupable: bool = False
+    """``_groupable(item)``, decided once by ``phase_commit``."""
 
 
 async def phase_commit(
@@ -564,9 +592,10 @@ async def phase_commit(
 ) -> c.JobExecuteResult:
     """Phase 3: commit ``outcome`` (group commit when it can), ghost check included."""
     item = _Commit(deps, cmd, scope, s, ctx, outcome)
-    if deps.settings.group_commit and _groupable(item):
-        result = await deps.commits.submit(item, _commit_items, _commit_alone)
-        return cast("c.JobExecuteResult", result)
+    item.groupable = groupable = _groupable(item)
+    if groupable and deps.settings.group_commit:
+        result: c.JobExecuteResult = await deps.commits.submit(item, _commit_items, _commit_alone)
+        return result
     return await _commit_alone(item)
 
 
@@ -589,7 +618,7 @@ async def _commit_alone(item: _Commit) -> c.JobExecuteResult:
     """Phase 3 in a transaction of its own (also ``GroupCommit``'s ``commit_one``)."""
     deps = item.deps
     now = deps.clock.now()
-    if _groupable(item) and not getattr(deps.persistence, "local_reads", False):
+    if item.groupable and not getattr(deps.persistence, "local_reads", False):
         try:
             return await _commit_trusted(deps, item, now)
         except (NotBatchableError, ConcurrencyError) as exc:  # rolled back: read and retry
@@ -698,7 +727,7 @@ async def _commit_in(
     # One read of all stages, under the run's lock: ours for the ownership check, the
     # rest for the transition (only this transaction changes ours from here on).
     stages = await tx.stages.for_run(run_id) if run is not None else []
-    index = _index_of(stages, stage_id)
+    index = _index_of(stages, stage_id, s.index)
     stage = stages[index] if index >= 0 else None
     if not is_current(job, stage, run, s, cmd.worker_id):
         if ctx is not None and ctx.ai_calls is not None and ctx.ai_calls.calls:  # spent
@@ -750,7 +779,7 @@ async def _commit_in(
     )
     if decision.leased is not None:
         chained = await start_leased(
-            deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
+            deps, tx, scope, s.wf, run, stages, decision.leased, now, pending, hint=index + 1
         )
     elif chain and pending:
         # Nothing was chained after all (the next stage is on a queue this worker does not
@@ -791,20 +820,21 @@ async def start_leased(
     pending: Sequence[EventBase],
     *,
     fresh: bool = False,
+    hint: int = -1,
 ) -> Started:
     """Phase 1 of ``job``'s stage, in the transaction that enqueued the job leased to its
     worker (a chained commit, or a chained ``run.claimPending``): what ``phase_start``
     would commit after a dequeue, without either round trip. Its ``stage:started`` is
     appended in one go after the caller's ``pending`` events."""
     assert job.worker_id is not None
-    index = _index_of(stages, job.stage_id)
+    index = _index_of(stages, job.stage_id, hint)  # hint: the next stage of a sequence
     assert index >= 0  # the transition enqueued a stage of this run
     definition = wf.stage(job.stage_id)
     assert definition is not None  # the transition enqueued a stage of this workflow
     stage = await tx.stages.update(_running(stages[index], job, now))
     await tx.outbox.append([*pending, _started_event(stage, job.worker_id, now, scope)])
     stages = _replaced(stages, index, stage)
-    return Started(job, run, stage, wf, definition, stages, fresh)
+    return Started(job, run, stage, wf, definition, stages, fresh, index)
 
 
 async def _commit_completed(

@@ -24,7 +24,7 @@ from treadle.adapters.memory.persistence.journal import MemoryJournal
 from treadle.adapters.memory.persistence.logs import MemoryLogs
 from treadle.adapters.memory.persistence.outbox import MemoryOutbox
 from treadle.adapters.memory.persistence.runs import MemoryRuns
-from treadle.adapters.memory.persistence.shared import _MISSING, _idempotency_record
+from treadle.adapters.memory.persistence.shared import _MISSING, EventFeed, _idempotency_record
 from treadle.adapters.memory.persistence.stages import MemoryStages
 from treadle.adapters.memory.persistence.timers import MemoryTimers
 from treadle.adapters.memory.retention import InMemoryRetention
@@ -288,7 +288,7 @@ class InMemoryPersistence:
         self.unpublished: dict[int, None] = {}
         self.dead: dict[int, None] = {}
         self.events_by_run: dict[str, list[EventBase]] = {}
-        self.feed: list[tuple[int, EventBase]] = []
+        self.feed = EventFeed()
         """Every event with its outbox id, in id order (``events_after``)."""
         self.next_outbox_id = 0
         # Completed records compacted (see ``_idempotency_record``); read them through
