@@ -66,7 +66,7 @@ class MemoryOutbox:
             return []
         s = self._s
         seqs, outbox, unpublished, by_run = s.event_seq, s.outbox, s.unpublished, s.events_by_run
-        feed = s.feed
+        feed_ids, feed_events = s.feed.ids, s.feed.events
         first_id = s.next_outbox_id + 1
         outbox_id = s.next_outbox_id
         # The sequences before this call, per run, for the undo entry.
@@ -94,7 +94,8 @@ class MemoryOutbox:
             bucket.append(event)
             buckets.append(bucket)
             stored.append(event)
-            feed.append(outbox_id, event)
+            feed_ids.append(outbox_id)
+            feed_events.append(event)
             if fields.get("type") in RUN_END_EVENTS:
                 if ended is None:
                     ended = []
