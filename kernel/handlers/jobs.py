@@ -224,9 +224,13 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
             runtime = StageRuntime(deps, started, cmd.worker_id)
             ctx, outcome = build_context(deps, started, runtime, token)
             if outcome is None:
-                with deps.inflight.track(started.job.id, started.run.id, token):
+                inflight, job_id = deps.inflight, started.job.id
+                inflight.add(job_id, ctx.run_id, token)
+                try:
                     outcome = await _run_body(started.definition, ctx)
-            if runtime.busy:
+                finally:
+                    inflight.remove(job_id, token)
+            if runtime._tasks:  # progress or heartbeat writes still in flight (``busy``)
                 await runtime.drain()
             try:
                 result = await phase_commit(deps, cmd, scope, started, ctx, outcome)
@@ -754,15 +758,17 @@ async def _commit_in(
         assert outcome.error is not None
         result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
     stages = _replaced(stages, index, stage)
-    if ctx is not None and (ctx.logs or ctx.annotations or ctx.recorded_ai_calls):
-        if pending:  # their events follow the outcome's
-            await tx.outbox.append(pending)
-            pending = []
-        await commit_stage_extras(
-            deps, tx, run_id, stage_id, ctx, scope.causation_id, failed=outcome.kind == "failed"
-        )
-    if ctx is not None and ctx.annotations:  # merged search attributes: the run moved on
-        run = await load_run(tx, run_id)
+    # A groupable item has nothing else to write (``_groupable``): no second look at ctx.
+    if not item.groupable and ctx is not None:
+        if ctx.logs or ctx.annotations or ctx.recorded_ai_calls:
+            if pending:  # their events follow the outcome's
+                await tx.outbox.append(pending)
+                pending = []
+            await commit_stage_extras(
+                deps, tx, run_id, stage_id, ctx, scope.causation_id, failed=outcome.kind == "failed"
+            )
+        if ctx.annotations:  # merged search attributes: the run moved on
+            run = await load_run(tx, run_id)
     decided = decide(s.wf, run, stages)  # once: apply_transition takes it
     chain = cmd.chain and deps.chains.allows(cmd.worker_id) and decided.action == "advanced"
     decision, run = await apply_transition(
