@@ -411,12 +411,13 @@ async def _hold(
 
 def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
     """The stage as phase 1 commits it: RUNNING, its attempt counted, tied to ``job``."""
+    fields = stage.__dict__  # one read through pydantic's ``__getattr__`` hook
     return evolve(
         stage,
         {
             "status": _STAGE_RUNNING,
-            "attempt": stage.attempt + 1,
-            "started_at": stage.started_at or now,
+            "attempt": fields["attempt"] + 1,
+            "started_at": fields["started_at"] or now,
             "error": None,
             "error_traceback": None,
             "retryable": None,
@@ -427,14 +428,15 @@ def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
 
 def _started_event(stage: StageRun, worker_id: str, now: datetime, scope: Scope) -> StageStarted:
     # ``construct``: every value is the kernel's own (a stored stage's, the clock's).
+    fields = stage.__dict__  # one read through pydantic's ``__getattr__`` hook
     return construct(
         StageStarted,
         {
-            "workflow_run_id": stage.workflow_run_id,
+            "workflow_run_id": fields["workflow_run_id"],
             "timestamp": now,
             "causation_id": scope.causation_id,
-            "stage_id": stage.stage_id,
-            "attempt": stage.attempt,
+            "stage_id": fields["stage_id"],
+            "attempt": fields["attempt"],
             "worker_id": worker_id,
         },
     )
@@ -502,22 +504,26 @@ def build_context(
                 f"stage {s.stage.stage_id!r} input does not match its model", exc, prefix="input"
             )
             failure = Outcome("failed", error=err)
+    # The run's and the stage's fields through one ``__dict__`` read each: every field
+    # read of a model goes through pydantic's ``__getattr__`` hook.
+    run, stage = s.run.__dict__, s.stage.__dict__
+    run_id, stage_id = run["id"], stage["stage_id"]
     config = None
     if s.definition.config_model is not None:
-        config = s.definition.config_model.model_validate(s.run.config.get(s.stage.stage_id, {}))
+        config = s.definition.config_model.model_validate(run["config"].get(stage_id, {}))
     ctx: StageContext[Any, Any] = StageContext(
         input=value,
         config=config,
-        run_id=s.run.id,
-        workflow_id=s.run.workflow_id,
-        stage_id=s.stage.stage_id,
-        attempt=s.stage.attempt,
-        idempotency_key=f"{s.run.id}:{s.stage.stage_id}",
+        run_id=run_id,
+        workflow_id=run["workflow_id"],
+        stage_id=stage_id,
+        attempt=stage["attempt"],
+        idempotency_key=f"{run_id}:{stage_id}",
         outputs=LazyOutputs(s.stages),
         workflow=s.wf,
         runtime=runtime,
         now=deps.clock.now,
-        resume_state=s.stage.resume_state,
+        resume_state=stage["resume_state"],
         cancelled=token,
         ai=deps.ai,
     )
@@ -869,16 +875,17 @@ async def _commit_completed(
         )
     )
     await deps.job_transport.complete(tx, s.job.id)
-    started_at = stage.started_at
+    fields = stage.__dict__  # one read through pydantic's ``__getattr__`` hook
+    started_at = fields["started_at"]
     pending.append(
         construct(  # the kernel's own values, as in ``_started_event``
             StageCompleted,
             {
-                "workflow_run_id": stage.workflow_run_id,
+                "workflow_run_id": fields["workflow_run_id"],
                 "timestamp": now,
                 "causation_id": scope.causation_id,
-                "stage_id": stage.stage_id,
-                "attempt": stage.attempt,
+                "stage_id": fields["stage_id"],
+                "attempt": fields["attempt"],
                 "output": output,
                 "duration": now - started_at if started_at else None,
             },
