@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from itertools import compress
+from operator import attrgetter
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import PayloadMissingError
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
 _STAGE_COMPLETED = StageStatus.COMPLETED
 _STAGE_SUSPENDED = StageStatus.SUSPENDED
 _RUN_RUNNING = RunStatus.RUNNING
+_JOB_LEASED = JobStatus.LEASED
+_status_of = attrgetter("status")
+_group_of = attrgetter("execution_group")
 
 
 def outputs_of(stages: Sequence[StageRun]) -> dict[str, JsonValue]:
@@ -106,8 +111,11 @@ def lost_input(run: Run, stages: Sequence[StageRun], stage: StageRun) -> Payload
     return None
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What ``decide`` chose. A named tuple rather than a frozen dataclass: just as
+    immutable, and a chained commit builds one per stage (``leased``), which a frozen
+    dataclass does with an ``object.__setattr__`` per field."""
+
     action: Literal["advanced", "completed", "failed", "noop", "suspend"]
     next_group: int | None = None
     failed_stage: StageRun | None = None
@@ -122,39 +130,43 @@ _NOOP = Decision("noop")
 _COMPLETED = Decision("completed")
 _SUSPEND = Decision("suspend")
 _ADVANCE_TO = tuple(Decision("advanced", next_group=group) for group in range(64))
-"""Shared ``advanced`` decisions by next group (a frozen dataclass costs an
-``object.__setattr__`` per field to build, and every stage's commit decides)."""
+"""Shared ``advanced`` decisions by next group: every stage's commit decides."""
 
 
 def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Decision:
     """The transition table. Only a stage FAILED *for good* fails the run: a stage
     waiting to retry is PENDING, so a parallel sibling's retry is never cut short."""
-    if run.status not in _LIVE_RUN or run.current_group < 0:
+    fields = run.__dict__  # one read through pydantic's ``__getattr__`` hook
+    current_group = fields["current_group"]
+    if fields["status"] not in _LIVE_RUN or current_group < 0:
         return _NOOP
-    # One pass (this runs in every stage's commit): a failed stage anywhere wins; else
-    # note whether every stage up to the current group succeeded, or all that have not
+    # This runs in every stage's commit: the stages' fields are gathered by ``map`` and
+    # checked by set operations, in C, rather than by a loop of bytecode per stage.
+    statuses = list(map(_status_of, stages))
+    if not _FAILED.isdisjoint(statuses):  # a failed stage anywhere wins: the first one
+        for stage, status in zip(stages, statuses, strict=True):
+            if status in _FAILED:
+                return Decision("failed", failed_stage=stage)
+    groups = list(map(_group_of, stages))
+    if groups == sorted(groups):  # group order, as the stores return them
+        reached = statuses[: bisect_right(groups, current_group)]
+    else:
+        reached = [st for g, st in zip(groups, statuses, strict=True) if g <= current_group]
+    # Every stage up to the current group succeeded; else, whether all that have not
     # are suspended.
-    current_group = run.current_group
-    all_succeeded = True
-    waiting_all_suspended = True
-    for stage in stages:
-        status = stage.status
-        if status in _FAILED:
-            return Decision("failed", failed_stage=stage)
-        if stage.execution_group <= current_group and status not in _SUCCEEDED:
-            all_succeeded = False
-            if status is not _STAGE_SUSPENDED:
-                waiting_all_suspended = False
+    all_succeeded = _SUCCEEDED.issuperset(reached)
     if all_succeeded:
         if current_group >= len(wf.groups) - 1:
             return _COMPLETED
-        if run.paused:  # the next group waits for run.resume (handlers/lifecycle.py)
+        if fields["paused"]:  # the next group waits for run.resume (handlers/lifecycle.py)
             return _NOOP
         next_group = current_group + 1
         if next_group < len(_ADVANCE_TO):
             return _ADVANCE_TO[next_group]
         return Decision("advanced", next_group=next_group)
-    if run.status is _RUN_RUNNING and waiting_all_suspended:
+    if fields["status"] is _RUN_RUNNING and all(
+        status in _SUCCEEDED or status is _STAGE_SUSPENDED for status in reached
+    ):
         return _SUSPEND
     return _NOOP
 
@@ -187,12 +199,13 @@ async def apply_transition(
     if decision.action == "advanced":
         next_group = decision.next_group
         assert next_group is not None
-        group = [s for s in stages if s.execution_group == next_group]
+        # The group's stages, picked in C (``compress``): this runs in every stage's commit.
+        group = list(compress(stages, map(next_group.__eq__, map(_group_of, stages))))
         run = await tx.runs.update(
             evolve(run, {"current_group": next_group, "updated_at": now, "status": _RUN_RUNNING})
         )
         jobs = await enqueue_stages(deps, tx, run, wf, group, now, lease_to=lease_to)
-        if lease_to is not None and jobs and jobs[0].status is JobStatus.LEASED:
+        if lease_to is not None and jobs and jobs[0].status is _JOB_LEASED:
             decision = Decision("advanced", next_group=next_group, leased=jobs[0])
     elif decision.action == "completed":
         output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))

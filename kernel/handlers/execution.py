@@ -48,7 +48,7 @@ def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
     """Check a stage's return value against its output model; returns its JSON form,
     storable on every backend (``kernel.limits``)."""
     adapter = definition.output_adapter
-    what = f"stage {definition.id!r} returned output that cannot be stored"
+    what = definition.unstorable_output
     precheck(value, "output", OutputValidationError, what=what)
     try:
         model = adapter.validator.validate_python(value)  # as in ``jobs._build_context``

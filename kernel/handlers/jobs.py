@@ -276,7 +276,8 @@ def log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteR
     # The fields go with the call rather than through ``bind``: binding builds a new
     # logger per stage even when the level filters the line out.
     stage = s.stage
-    if result.ghost or result.outcome == "failed":
+    outcome = result.__dict__  # one read through pydantic's ``__getattr__`` hook
+    if outcome["ghost"] or outcome["outcome"] == "failed":
         fields = {
             "run_id": s.run.id,
             "stage_id": stage.stage_id,
@@ -292,13 +293,14 @@ def log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteR
             )
         return
     # Every stage's line: keywords straight into the call, not a dict unpacked into it.
+    ours, command = stage.__dict__, cmd.__dict__
     deps.logger.info(
-        _OUTCOME_EVENT[result.outcome],
-        run_id=s.run.id,
-        stage_id=stage.stage_id,
-        worker_id=cmd.worker_id,
-        job_id=cmd.job_id,
-        attempt=stage.attempt,
+        _OUTCOME_EVENT[outcome["outcome"]],
+        run_id=ours["workflow_run_id"],
+        stage_id=ours["stage_id"],
+        worker_id=command["worker_id"],
+        job_id=command["job_id"],
+        attempt=ours["attempt"],
     )
 
 
