@@ -19,20 +19,24 @@ from treadle.kernel.model import (
 def _unappend_events(
     store: Any,
     first_id: int,
-    buckets: list[list[Any]],
+    count: int,
     previous: dict[str, int | None],
 ) -> None:
-    for outbox_id in range(first_id, first_id + len(buckets)):
+    """Undo of ``append``: its ``count`` rows from ``first_id`` on leave every index, and
+    each run's sequence goes back to ``previous`` (the run got the numbers in between, so
+    that many events come off the end of its list)."""
+    for outbox_id in range(first_id, first_id + count):
         store.outbox.pop(outbox_id, None)
         store.unpublished.pop(outbox_id, None)
-    for bucket in reversed(buckets):
-        bucket.pop()
-    store.feed.drop_last(len(buckets))
+    store.feed.drop_last(count)
+    seqs, by_run = store.event_seq, store.events_by_run
     for run_id, seq in previous.items():
+        appended = seqs[run_id] - (seq or 0)
+        del by_run[run_id][len(by_run[run_id]) - appended :]
         if seq is None:
-            store.event_seq.pop(run_id, None)
+            seqs.pop(run_id, None)
         else:
-            store.event_seq[run_id] = seq
+            seqs[run_id] = seq
 
 
 def _unpublish(store: Any, removed: list[tuple[int, OutboxRecord | EventBase, bool, bool]]) -> None:
@@ -71,7 +75,6 @@ class MemoryOutbox:
         outbox_id = s.next_outbox_id
         # The sequences before this call, per run, for the undo entry.
         previous: dict[str, int | None] = {}
-        buckets: list[list[EventBase]] = []
         stored: list[EventBase] = []
         ended: list[str] | None = None
         for event in events:
@@ -92,7 +95,6 @@ class MemoryOutbox:
             if bucket is None:
                 bucket = by_run[run_id] = []
             bucket.append(event)
-            buckets.append(bucket)
             stored.append(event)
             feed_ids.append(outbox_id)
             feed_events.append(event)
@@ -109,7 +111,7 @@ class MemoryOutbox:
         # One undo entry for the whole call: its outbox ids are fresh and consecutive, so
         # undoing is removing them again and restoring each run's sequence.
         self._undo.append(
-            (None, functools.partial(_unappend_events, s, first_id, buckets, previous), None)
+            (None, functools.partial(_unappend_events, s, first_id, len(stored), previous), None)
         )
         return stored
 
