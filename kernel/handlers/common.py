@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
-from itertools import compress
-from operator import attrgetter
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from treadle.kernel.definitions import WorkflowDefinition
@@ -42,8 +39,6 @@ _STAGE_COMPLETED = StageStatus.COMPLETED
 _STAGE_SUSPENDED = StageStatus.SUSPENDED
 _RUN_RUNNING = RunStatus.RUNNING
 _JOB_LEASED = JobStatus.LEASED
-_status_of = attrgetter("status")
-_group_of = attrgetter("execution_group")
 
 
 def outputs_of(stages: Sequence[StageRun]) -> dict[str, JsonValue]:
@@ -136,37 +131,32 @@ _ADVANCE_TO = tuple(Decision("advanced", next_group=group) for group in range(64
 def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Decision:
     """The transition table. Only a stage FAILED *for good* fails the run: a stage
     waiting to retry is PENDING, so a parallel sibling's retry is never cut short."""
-    fields = run.__dict__  # one read through pydantic's ``__getattr__`` hook
-    current_group = fields["current_group"]
-    if fields["status"] not in _LIVE_RUN or current_group < 0:
+    if run.status not in _LIVE_RUN or run.current_group < 0:
         return _NOOP
-    # This runs in every stage's commit: the stages' fields are gathered by ``map`` and
-    # checked by set operations, in C, rather than by a loop of bytecode per stage.
-    statuses = list(map(_status_of, stages))
-    if not _FAILED.isdisjoint(statuses):  # a failed stage anywhere wins: the first one
-        for stage, status in zip(stages, statuses, strict=True):
-            if status in _FAILED:
-                return Decision("failed", failed_stage=stage)
-    groups = list(map(_group_of, stages))
-    if groups == sorted(groups):  # group order, as the stores return them
-        reached = statuses[: bisect_right(groups, current_group)]
-    else:
-        reached = [st for g, st in zip(groups, statuses, strict=True) if g <= current_group]
-    # Every stage up to the current group succeeded; else, whether all that have not
+    # One pass (this runs in every stage's commit): a failed stage anywhere wins; else
+    # note whether every stage up to the current group succeeded, or all that have not
     # are suspended.
-    all_succeeded = _SUCCEEDED.issuperset(reached)
+    current_group = run.current_group
+    all_succeeded = True
+    waiting_all_suspended = True
+    for stage in stages:
+        status = stage.status
+        if status in _FAILED:
+            return Decision("failed", failed_stage=stage)
+        if stage.execution_group <= current_group and status not in _SUCCEEDED:
+            all_succeeded = False
+            if status is not _STAGE_SUSPENDED:
+                waiting_all_suspended = False
     if all_succeeded:
         if current_group >= len(wf.groups) - 1:
             return _COMPLETED
-        if fields["paused"]:  # the next group waits for run.resume (handlers/lifecycle.py)
+        if run.paused:  # the next group waits for run.resume (handlers/lifecycle.py)
             return _NOOP
         next_group = current_group + 1
         if next_group < len(_ADVANCE_TO):
             return _ADVANCE_TO[next_group]
         return Decision("advanced", next_group=next_group)
-    if fields["status"] is _RUN_RUNNING and all(
-        status in _SUCCEEDED or status is _STAGE_SUSPENDED for status in reached
-    ):
+    if run.status is _RUN_RUNNING and waiting_all_suspended:
         return _SUSPEND
     return _NOOP
 
@@ -199,8 +189,7 @@ async def apply_transition(
     if decision.action == "advanced":
         next_group = decision.next_group
         assert next_group is not None
-        # The group's stages, picked in C (``compress``): this runs in every stage's commit.
-        group = list(compress(stages, map(next_group.__eq__, map(_group_of, stages))))
+        group = [s for s in stages if s.execution_group == next_group]
         run = await tx.runs.update(
             evolve(run, {"current_group": next_group, "updated_at": now, "status": _RUN_RUNNING})
         )

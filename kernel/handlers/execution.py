@@ -73,10 +73,10 @@ def is_current(
     # through pydantic's ``__getattr__`` hook, and this runs in every stage's commit.
     held, ours = job.__dict__, stage.__dict__
     return (
-        (run.__dict__["status"] not in _TERMINAL_RUN or is_compensating(run, stage))
+        (run.status not in _TERMINAL_RUN or is_compensating(run, stage))
         and held["status"] is _JOB_LEASED
         and held["worker_id"] == worker_id
-        and held["attempts"] == s.job.__dict__["attempts"]
+        and held["attempts"] == s.job.attempts
         and ours["status"] is _STAGE_RUNNING
-        and ours["attempt"] == s.stage.__dict__["attempt"]
+        and ours["attempt"] == s.stage.attempt
     )
