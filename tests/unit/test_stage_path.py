@@ -90,10 +90,14 @@ async def test_event_feed_keeps_ids_and_events_and_rolls_back() -> None:
         first = await tx.outbox.append([created("a"), created("b"), created("a")])
     assert p.feed.ids == [1, 2, 3]
     assert all(type(i) is int for i in p.feed.ids)
-    with pytest.raises(RuntimeError):
+
+    async def append_then_fail() -> None:
         async with p.transaction() as tx:
             await tx.outbox.append([created("a"), created("c"), created("a")])
             raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await append_then_fail()
     async with p.transaction() as tx:
         assert await tx.outbox.events_after(0, 10) == list(zip([1, 2, 3], first, strict=True))
         assert await tx.outbox.events_after(1, 1) == [(2, first[1])]
