@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from treadle.adapters.memory.ai_calls import AICallRows
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import IdempotencyRecord, Run, RunStatus
+
+if TYPE_CHECKING:
+    from treadle.adapters.memory.persistence.shared import EventFeed
 
 
 class Undo(Protocol):
@@ -33,7 +36,7 @@ class Store(Protocol):
     suspended: dict[tuple[str, str], None]
     event_seq: dict[str, int]
     events_by_run: dict[str, Any]
-    feed: list[Any]
+    feed: EventFeed
     logs: dict[str, Any]
     annotations: dict[str, Any]
     outbox: dict[int, Any]
