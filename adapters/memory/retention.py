@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from treadle.adapters.memory.ai_calls import AICallRows
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import IdempotencyRecord, Run, RunStatus
-
-if TYPE_CHECKING:
-    from treadle.adapters.memory.persistence.shared import EventFeed
 
 
 class Undo(Protocol):
@@ -25,6 +22,16 @@ class Undo(Protocol):
     def del_item(self, mapping: dict[Any, Any], key: Any) -> None: ...
 
     def on_rollback(self, fn: Callable[[], None]) -> None: ...
+
+
+class _Feed(Protocol):
+    """What a purge uses of the store's event feed (``persistence.shared.EventFeed``)."""
+
+    def rows(self) -> list[tuple[int, EventBase]]: ...
+
+    def replace(self, rows: Sequence[tuple[int, EventBase]]) -> None: ...
+
+    def __len__(self) -> int: ...
 
 
 class Store(Protocol):
@@ -36,13 +43,16 @@ class Store(Protocol):
     suspended: dict[tuple[str, str], None]
     event_seq: dict[str, int]
     events_by_run: dict[str, Any]
-    feed: EventFeed
     logs: dict[str, Any]
     annotations: dict[str, Any]
     outbox: dict[int, Any]
     unpublished: dict[int, None]
     dead: dict[int, None]
     idempotency: dict[tuple[str, str], Any]
+
+    @property
+    def feed(self) -> _Feed: ...
+
     journal: dict[str, Any]
     journal_keys: dict[tuple[str, str, int], int]
     journal_order: dict[str, Any]
