@@ -1,0 +1,298 @@
+"""SQLite on the event loop's thread: an asyncio driver for SQLAlchemy without a thread
+hop per statement (URL scheme ``sqlite+treadle``, what ``sqlite:///`` URLs now use).
+
+aiosqlite runs each call on its connection's own thread: opening a cursor, executing,
+fetching and closing are four hand-offs per statement, each a queue put, a wake-up of
+the event loop through its self-pipe and two GIL hand-overs. SQLite itself executes a
+Treadle statement in microseconds (WAL, ``synchronous = NORMAL``: a commit writes the
+WAL and does not wait for the disk), so a one-run-at-a-time pipeline spent most of its
+CPU on the hand-offs. Here every statement runs synchronously where it is called, on
+the loop's thread; SQLAlchemy's async layer still wraps it (``greenlet_spawn``) but
+never has to wait.
+
+The one thing that could block the loop is a lock another connection holds: another
+process's write transaction (``BEGIN IMMEDIATE`` waits for it) or, rarely, a WAL
+recovery. So SQLite's own busy timeout stays at zero on these connections: a statement
+that finds the database locked fails at once with ``SQLITE_BUSY`` having done nothing,
+and is tried again after an ``asyncio.sleep`` (the busy handler's own schedule, 1, 2,
+5 ... 100 ms) until the configured busy timeout has passed; the loop runs every other
+task meanwhile. A retry is only made where SQLite's busy handler would have retried:
+for a statement that starts a transaction (``BEGIN``), one run outside a transaction,
+the first statement of a deferred transaction (it takes the read snapshot) and
+``COMMIT``. A ``SQLITE_BUSY`` anywhere else (a deadlock the busy handler would not wait
+on either, or a stale snapshot) is raised at once, as SQLite raises it.
+
+Rows are fetched when the statement runs (as SQLAlchemy's aiosqlite adapter does), so
+no statement stays open to hold a read snapshot past its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import pool
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine.url import URL
+from sqlalchemy.util.concurrency import await_, in_greenlet
+
+DRIVER = "treadle"
+"""The driver's name in URLs: ``sqlite+treadle:///path.db``."""
+
+SQLITE_BUSY = 5
+SQLITE_BUSY_SNAPSHOT = 517
+"""A read transaction's snapshot is too old to write: retrying cannot help."""
+
+BUSY_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
+"""Seconds between attempts on a locked database: SQLite's busy handler's schedule."""
+
+DEFAULT_BUSY_TIMEOUT = 5.0
+"""Seconds, as ``sqlite3.connect``'s ``timeout`` default (``create_engine`` sets 10)."""
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``SQLITE_BUSY`` that waiting may cure."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # sqlite3 before Python 3.11 gave no code: the message says it
+        return isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc)
+    return isinstance(code, int) and code & 0xFF == SQLITE_BUSY and code != SQLITE_BUSY_SNAPSHOT
+
+
+def _opens_or_ends(operation: str) -> bool:
+    """``BEGIN ...`` or ``COMMIT``/``END``: statements SQLite's busy handler retries."""
+    head = operation.lstrip()[:6].upper()
+    return head.startswith(("BEGIN", "COMMIT", "END"))
+
+
+class InlineCursor:
+    """A DBAPI cursor whose statements run on the calling thread, rows fetched at once."""
+
+    __slots__ = ("_connection", "_cursor", "_rows", "description", "lastrowid", "rowcount")
+
+    arraysize = 1
+    server_side = False
+
+    def __init__(self, connection: InlineConnection) -> None:
+        self._connection = connection
+        self._cursor = connection.driver_connection.cursor()
+        self._rows: collections.deque[Any] = collections.deque()
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+
+    def execute(self, operation: str, parameters: Any = None) -> InlineCursor:
+        cursor = self._cursor
+        if parameters is None:
+            self._connection.run(operation, cursor.execute, operation)
+        else:
+            self._connection.run(operation, cursor.execute, operation, parameters)
+        self._settle(cursor)
+        return self
+
+    def executemany(self, operation: str, seq_of_parameters: Any) -> InlineCursor:
+        cursor = self._cursor
+        self._connection.run(operation, cursor.executemany, operation, seq_of_parameters)
+        self._settle(cursor)
+        return self
+
+    def _settle(self, cursor: sqlite3.Cursor) -> None:
+        self.description = cursor.description
+        self.lastrowid = cursor.lastrowid
+        if self.description is not None:
+            self._rows = collections.deque(cursor.fetchall())
+        self.rowcount = cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self._rows.popleft() if self._rows else None
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        rows = self._rows
+        return [rows.popleft() for _ in range(min(size or self.arraysize, len(rows)))]
+
+    def fetchall(self) -> list[Any]:
+        rows = list(self._rows)
+        self._rows.clear()
+        return rows
+
+    def __iter__(self) -> Any:
+        while self._rows:
+            yield self._rows.popleft()
+
+    def setinputsizes(self, *sizes: Any) -> None:
+        pass
+
+    def setoutputsize(self, size: Any, column: Any = None) -> None:
+        pass
+
+    async def _async_soft_close(self) -> None:
+        """What SQLAlchemy's async layer calls after a buffered execute: the rows are
+        fetched already, so nothing is left to release."""
+
+    def close(self) -> None:
+        self._rows.clear()
+        self._cursor.close()
+
+
+class InlineConnection:
+    """A ``sqlite3`` connection whose statements run on the calling (loop) thread, with
+    waits for a locked database done as asyncio sleeps (see the module docstring)."""
+
+    __slots__ = ("_connection", "_fresh", "busy_timeout")
+
+    def __init__(self, connection: sqlite3.Connection, busy_timeout: float) -> None:
+        self._connection = connection
+        self.busy_timeout = busy_timeout
+        """Seconds a statement may wait for a lock held by another connection."""
+        self._fresh = False
+        """A deferred transaction was begun and has run no statement yet."""
+
+    @property
+    def driver_connection(self) -> sqlite3.Connection:
+        """The ``sqlite3`` connection itself."""
+        return self._connection
+
+    def run(self, operation: str, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)``, executing ``operation``, now; retried while the database is
+        locked where SQLite's busy handler would retry it.
+
+        SQLAlchemy's async engine requires a driver to await something (else it raises
+        ``AwaitRequired``): the statement runs inside the awaited coroutine, which
+        suspends only to sleep on a locked database. Outside a greenlet (a pool
+        finaliser's rollback, say) the call is made directly, without retries."""
+        if not in_greenlet():
+            return call(*args)
+        return await_(self._run(operation, call, args))
+
+    async def _run(self, operation: str, call: Callable[..., Any], args: Sequence[Any]) -> Any:
+        connection = self._connection
+        retry = self._fresh or not connection.in_transaction or _opens_or_ends(operation)
+        self._fresh = False
+        try:
+            result = call(*args)
+        except sqlite3.OperationalError as exc:
+            if not (retry and is_busy(exc)):
+                raise
+            result = await self._wait_and_retry(exc, call, args)
+        if connection.in_transaction and operation.lstrip()[:5].upper() == "BEGIN":
+            # BEGIN (DEFERRED) takes no lock: its first statement may still meet one.
+            upper = operation.upper()
+            self._fresh = "IMMEDIATE" not in upper and "EXCLUSIVE" not in upper
+        return result
+
+    async def _wait_and_retry(
+        self, busy: sqlite3.OperationalError, call: Callable[..., Any], args: Sequence[Any]
+    ) -> Any:
+        """Try ``call`` again after each of SQLite's busy delays until the busy timeout
+        has passed; then raise the last ``SQLITE_BUSY`` error."""
+        deadline = time.monotonic() + self.busy_timeout
+        attempt = 0
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(BUSY_DELAYS[min(attempt, len(BUSY_DELAYS) - 1)], left))
+            attempt += 1
+            try:
+                return call(*args)
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                busy = exc
+        raise busy
+
+    def cursor(self, server_side: bool = False) -> InlineCursor:
+        return InlineCursor(self)
+
+    def execute(self, operation: str, parameters: Any = None) -> InlineCursor:
+        return self.cursor().execute(operation, parameters)
+
+    def commit(self) -> None:
+        self.run("COMMIT", self._connection.commit)
+
+    def rollback(self) -> None:
+        self._fresh = False
+        self._connection.rollback()
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def create_function(self, *args: Any, **kwargs: Any) -> None:
+        self._connection.create_function(*args, **kwargs)
+
+    @property
+    def isolation_level(self) -> str | None:
+        return self._connection.isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: Any) -> None:
+        self._connection.isolation_level = value
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self._connection.in_transaction)
+
+
+class InlineDbapi:
+    """The DBAPI module SQLAlchemy sees: ``sqlite3``'s names, and a ``connect`` that
+    takes SQLite's busy timeout for itself and gives the connection a zero one."""
+
+    paramstyle = "qmark"
+
+    def __init__(self) -> None:
+        self.sqlite = sqlite3
+        for name in (
+            "DatabaseError",
+            "Error",
+            "IntegrityError",
+            "InterfaceError",
+            "InternalError",
+            "DataError",
+            "NotSupportedError",
+            "OperationalError",
+            "ProgrammingError",
+            "Warning",
+            "sqlite_version",
+            "sqlite_version_info",
+            "PARSE_COLNAMES",
+            "PARSE_DECLTYPES",
+            "Binary",
+        ):
+            setattr(self, name, getattr(sqlite3, name))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sqlite3, name)
+
+    def connect(self, *args: Any, **kwargs: Any) -> InlineConnection:
+        busy_timeout = float(kwargs.pop("timeout", DEFAULT_BUSY_TIMEOUT))
+        kwargs["timeout"] = 0
+        # Pool finalisers may close a connection from another thread; statements only
+        # ever run on the thread of the loop that uses the engine.
+        kwargs.setdefault("check_same_thread", False)
+        return InlineConnection(sqlite3.connect(*args, **kwargs), busy_timeout)
+
+
+class InlineSqliteDialect(SQLiteDialect_pysqlite):
+    """The pysqlite dialect, asynchronous (for ``create_async_engine``) over
+    ``InlineConnection``."""
+
+    driver = DRIVER
+    is_async = True
+    supports_statement_cache = True
+    supports_server_side_cursors = False
+
+    @classmethod
+    def import_dbapi(cls) -> Any:
+        return InlineDbapi()
+
+    @classmethod
+    def get_pool_class(cls, url: URL) -> type[pool.Pool]:
+        if cls._is_url_file_db(url):
+            return pool.AsyncAdaptedQueuePool
+        return pool.StaticPool
+
+    def get_driver_connection(self, connection: Any) -> Any:
+        return connection.driver_connection
+
+
+dialect = InlineSqliteDialect
