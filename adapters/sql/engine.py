@@ -245,10 +245,12 @@ def configure_sqlite(
             cursor.close()
 
     def on_begin(conn: sa.Connection) -> None:
-        if conn.get_execution_options().get(READ_ONLY_OPTION):
-            conn.exec_driver_sql("BEGIN DEFERRED")
+        mode = "DEFERRED" if conn.get_execution_options().get(READ_ONLY_OPTION) else "IMMEDIATE"
+        dbapi_connection: Any = conn.connection.dbapi_connection
+        if isinstance(dbapi_connection, InlineConnection):
+            dbapi_connection.begin_with = mode  # sent by the dialect's do_begin, next
         else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
     event.listen(sync_engine, "connect", on_connect)
     event.listen(sync_engine, "begin", on_begin)

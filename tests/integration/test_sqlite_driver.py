@@ -67,11 +67,10 @@ async def test_a_writer_waits_for_another_connections_lock_without_blocking_the_
     persistence = await SqlPersistence.open(sqlite_url, migrate=True)
     tried = asyncio.Event()
 
-    def on_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("BEGIN IMMEDIATE"):
-            tried.set()
+    def on_begin(conn: Any) -> None:
+        tried.set()
 
-    event.listen(persistence.engine.sync_engine, "before_cursor_execute", on_execute)
+    event.listen(persistence.engine.sync_engine, "begin", on_begin)
     holder = sqlite3.connect(_file(sqlite_url), isolation_level=None)
     try:
         holder.execute("BEGIN IMMEDIATE")
@@ -81,7 +80,7 @@ async def test_a_writer_waits_for_another_connections_lock_without_blocking_the_
                 await tx.runs.insert(_run("after-the-lock"))
 
         writer = asyncio.create_task(write())
-        await tried.wait()  # the loop runs: the writer met the lock and did not block it
+        await tried.wait()  # the writer is beginning; the loop runs while it waits
         for _ in range(10):
             await asyncio.sleep(0)
         assert not writer.done()
@@ -124,6 +123,31 @@ async def test_readers_keep_reading_while_another_connection_writes(sqlite_url: 
     finally:
         holder.close()
         await persistence.aclose()
+
+
+async def test_each_transaction_gives_other_ready_tasks_a_turn(sqlite_url: str) -> None:
+    """Statements never wait, yet a transaction starts with one turn of the event loop:
+    a task running transactions back to back cannot starve a job's heartbeat (a worker
+    whose loop is held past the stale-lease threshold has its own jobs reaped)."""
+    persistence = await SqlPersistence.open(sqlite_url, migrate=True)
+    order: list[str] = []
+
+    async def writer() -> None:
+        for i in range(3):
+            async with persistence.transaction() as tx:
+                await tx.runs.insert(_run(f"r{i}"))
+            order.append(f"commit {i}")
+
+    async def other() -> None:
+        order.append("other")
+
+    try:
+        first = asyncio.create_task(writer())
+        second = asyncio.create_task(other())
+        await asyncio.gather(first, second)
+    finally:
+        await persistence.aclose()
+    assert order.index("other") < order.index("commit 0")
 
 
 def test_only_a_busy_error_that_waiting_can_cure_is_retried() -> None:
