@@ -23,6 +23,12 @@ Wall-clock latency (p50) is printed too, but only a quiet machine makes it meani
 (``versus_dbos.py --backends sqlite`` compares with DBOS).
 
     .venv/bin/python benchmarks/sqlite_latency.py [--runs 200] [--workload pipeline|code|both]
+        [--driver treadle|aiosqlite|both]
+
+Instructions per stage, which load does not change: the difference of two process
+totals under ``valgrind --tool=cachegrind --cache-sim=no`` (every thread counted),
+``--runs 20`` and ``--runs 70`` with one ``--workload`` and one ``--driver``, divided by
+150 stages.
 """
 
 from __future__ import annotations
@@ -161,6 +167,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--workload", choices=("pipeline", "code", "both"), default="both")
+    parser.add_argument("--driver", choices=(*DRIVERS, "both"), default="both")
     args = parser.parse_args()
     counts = Counts()
     counts.patch(asyncio.get_running_loop())
@@ -173,7 +180,7 @@ async def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for workflow_id in workloads:
-            for driver in DRIVERS:
+            for driver in DRIVERS if args.driver == "both" else [args.driver]:
                 f = await measure(driver, workflow_id, args.runs, counts)
                 print(
                     f"| {'pipeline' if workflow_id == 'pipe' else 'code'} | {driver} "
