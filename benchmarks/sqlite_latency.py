@@ -16,8 +16,9 @@ Printed per stage (per step for the code workflow), over the measured runs:
 * *statements* and *commits*: what SQLAlchemy sent (``before_cursor_execute``, and
   ``commit``), the same with either driver;
 * *hops*: calls handed to aiosqlite's connection thread (its ``_execute``);
-* *wake-ups*: the event loop's waits in ``select`` (each hop costs one, as the thread's
-  answer wakes the loop through its self-pipe).
+* *loop turns*: iterations of the event loop (each calls ``select``); *waits*: those
+  that had nothing ready to run and slept in ``select`` until woken (each hop costs
+  one: the thread's answer wakes the loop through its self-pipe).
 
 Wall-clock latency (p50) is printed too, but only a quiet machine makes it meaningful
 (``versus_dbos.py --backends sqlite`` compares with DBOS).
@@ -121,7 +122,9 @@ class Counts:
 
         def select(timeout: float | None = None) -> Any:
             if self.on:
-                self.counts["wake-ups"] += 1
+                self.counts["loop turns"] += 1
+                if timeout is None or timeout > 0:
+                    self.counts["waits"] += 1
             return original_select(timeout)
 
         selector.select = select
@@ -186,7 +189,8 @@ async def main() -> None:
                     f"| {'pipeline' if workflow_id == 'pipe' else 'code'} | {driver} "
                     f"| {f['cpu_ms']:.2f} | {f['cpu_run_ms']:.2f} "
                     f"| {f.get('statements', 0):.2f} | {f.get('commits', 0):.2f} "
-                    f"| {f.get('hops', 0):.2f} | {f.get('wake-ups', 0):.2f} "
+                    f"| {f.get('hops', 0):.2f} | {f.get('loop turns', 0):.2f} "
+                    f"| {f.get('waits', 0):.2f} "
                     f"| {f['p50_ms']:.2f} |"
                 )
     finally:

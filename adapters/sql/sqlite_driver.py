@@ -16,11 +16,16 @@ recovery. So SQLite's own busy timeout stays at zero on these connections: a sta
 that finds the database locked fails at once with ``SQLITE_BUSY`` having done nothing,
 and is tried again after an ``asyncio.sleep`` (the busy handler's own schedule, 1, 2,
 5 ... 100 ms) until the configured busy timeout has passed; the loop runs every other
-task meanwhile. A retry is only made where SQLite's busy handler would have retried:
-for a statement that starts a transaction (``BEGIN``), one run outside a transaction,
-the first statement of a deferred transaction (it takes the read snapshot) and
-``COMMIT``. A ``SQLITE_BUSY`` anywhere else (a deadlock the busy handler would not wait
-on either, or a stale snapshot) is raised at once, as SQLite raises it.
+task meanwhile. The waits happen where a transaction takes its locks: ``BEGIN
+IMMEDIATE`` (the write lock), a deferred transaction's first read, made at once after
+its ``BEGIN`` (the read snapshot), ``COMMIT``, and statements outside a transaction. In
+WAL mode nothing else waits for another connection; a ``SQLITE_BUSY`` anywhere else (a
+stale snapshot, which only a new transaction cures) is raised at once, as SQLite
+raises it.
+
+Inside a transaction SQLAlchemy's async layer is skipped too: ``SqlTransaction.execute``
+calls the sync connection (``SqlDialect.inline``), which saves a greenlet, a coroutine
+and their switches per statement, more than SQLAlchemy's own work for the statement.
 
 Rows are fetched when the statement runs (as SQLAlchemy's aiosqlite adapter does), so
 no statement stays open to hold a read snapshot past its result.
@@ -49,6 +54,9 @@ SQLITE_BUSY_SNAPSHOT = 517
 
 BUSY_DELAYS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
 """Seconds between attempts on a locked database: SQLite's busy handler's schedule."""
+
+SNAPSHOT = "SELECT 1 FROM sqlite_master LIMIT 1"
+"""A read of the database file: a deferred transaction's first, which takes its snapshot."""
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds, as ``sqlite3.connect``'s ``timeout`` default (``create_engine`` sets 10)."""
@@ -141,14 +149,12 @@ class InlineConnection:
     """A ``sqlite3`` connection whose statements run on the calling (loop) thread, with
     waits for a locked database done as asyncio sleeps (see the module docstring)."""
 
-    __slots__ = ("_connection", "_fresh", "begin_with", "busy_timeout")
+    __slots__ = ("_connection", "begin_with", "busy_timeout")
 
     def __init__(self, connection: sqlite3.Connection, busy_timeout: float) -> None:
         self._connection = connection
         self.busy_timeout = busy_timeout
         """Seconds a statement may wait for a lock held by another connection."""
-        self._fresh = False
-        """A deferred transaction was begun and has run no statement yet."""
         self.begin_with: str | None = None
         """``DEFERRED``, ``IMMEDIATE`` or ``EXCLUSIVE``: how the next transaction SQLAlchemy
         begins starts (set by a ``begin`` event listener, ``engine.configure_sqlite``)."""
@@ -160,20 +166,23 @@ class InlineConnection:
 
     def run(self, operation: str, call: Callable[..., Any], *args: Any) -> Any:
         """``call(*args)``, executing ``operation``, now; retried while the database is
-        locked where SQLite's busy handler would retry it.
+        locked where SQLite's busy handler would retry it: a statement outside a
+        transaction, ``BEGIN``, ``COMMIT``.
 
         SQLAlchemy's async engine requires a driver to await something (else it raises
-        ``AwaitRequired``): the statement runs inside the awaited coroutine, which
-        suspends only to sleep on a locked database. Outside a greenlet (a pool
-        finaliser's rollback, say) the call is made directly, without retries."""
+        ``AwaitRequired``): under ``greenlet_spawn`` the statement runs inside an awaited
+        coroutine, which suspends only to sleep on a locked database. Outside a greenlet
+        (``SqlTransaction.execute`` calls the sync connection for a statement inside a
+        transaction: ``begin`` took the lock or snapshot already, and in WAL mode nothing
+        after that waits for another connection) the call is made directly."""
         if not in_greenlet():
             return call(*args)
-        return await_(self._run(operation, call, args))
+        retry = not self._connection.in_transaction or _opens_or_ends(operation)
+        return await_(self._run(operation, call, args, retry))
 
-    async def _run(self, operation: str, call: Callable[..., Any], args: Sequence[Any]) -> Any:
-        connection = self._connection
-        retry = self._fresh or not connection.in_transaction or _opens_or_ends(operation)
-        self._fresh = False
+    async def _run(
+        self, operation: str, call: Callable[..., Any], args: Sequence[Any], retry: bool
+    ) -> Any:
         if operation.startswith("BEGIN"):
             # One turn of the event loop per transaction: other ready tasks (a job's
             # heartbeat, the maintenance tick) run between transactions, as they did
@@ -181,16 +190,11 @@ class InlineConnection:
             # back, none of which waits for anything, would hold the loop for all of them.
             await asyncio.sleep(0)
         try:
-            result = call(*args)
+            return call(*args)
         except sqlite3.OperationalError as exc:
             if not (retry and is_busy(exc)):
                 raise
-            result = await self._wait_and_retry(exc, call, args)
-        if connection.in_transaction and operation.lstrip()[:5].upper() == "BEGIN":
-            # BEGIN (DEFERRED) takes no lock: its first statement may still meet one.
-            upper = operation.upper()
-            self._fresh = "IMMEDIATE" not in upper and "EXCLUSIVE" not in upper
-        return result
+            return await self._wait_and_retry(exc, call, args)
 
     async def _wait_and_retry(
         self, busy: sqlite3.OperationalError, call: Callable[..., Any], args: Sequence[Any]
@@ -212,11 +216,20 @@ class InlineConnection:
 
     def begin(self) -> None:
         """``BEGIN <begin_with>`` if the ``begin`` event asked for one (see
-        ``InlineSqliteDialect.do_begin``)."""
+        ``InlineSqliteDialect.do_begin``). A deferred transaction takes its read snapshot
+        here too, where waiting for a lock is possible (SQLite's WAL recovery by another
+        connection), so none of its statements has to."""
         mode, self.begin_with = self.begin_with, None
-        if mode is not None:
-            operation = f"BEGIN {mode}"
-            self.run(operation, self._connection.execute, operation)
+        if mode is None:
+            return
+        execute = self._connection.execute
+        operation = f"BEGIN {mode}"
+        if not in_greenlet():
+            execute(operation)
+            return
+        await_(self._run(operation, execute, (operation,), True))
+        if mode == "DEFERRED":
+            await_(self._run(SNAPSHOT, execute, (SNAPSHOT,), True))
 
     def cursor(self, server_side: bool = False) -> InlineCursor:
         return InlineCursor(self)
@@ -228,7 +241,6 @@ class InlineConnection:
         self.run("COMMIT", self._connection.commit)
 
     def rollback(self) -> None:
-        self._fresh = False
         self._connection.rollback()
 
     def close(self) -> None:
