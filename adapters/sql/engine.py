@@ -27,15 +27,13 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from treadle.adapters.sql.sqlite_driver import DRIVER as SQLITE_DRIVER
-from treadle.adapters.sql.sqlite_driver import InlineConnection
+from treadle.adapters.sql.sqlite_driver import READ_ONLY_OPTION, InlineConnection
 from treadle.adapters.urls import redact_url
 from treadle.kernel.limits import MAX_INT, MIN_INT
 
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
 NOTIFY_CHANNEL = "treadle_jobs"
 """PostgreSQL channel notified (on commit) when a run is created or jobs are enqueued."""
-READ_ONLY_OPTION = "treadle_read_only"
-"""Execution option: begin this SQLite transaction DEFERRED (no write lock)."""
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+treadle", "postgresql": "postgresql+psycopg"}
 _SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
@@ -236,6 +234,8 @@ def configure_sqlite(
                 # Its statements run on the loop's thread: SQLite's busy handler would
                 # sleep there, so the driver waits for locks itself (asyncio sleeps).
                 dbapi_connection.busy_timeout = busy_timeout_ms / 1000
+                # Its dialect sends BEGIN itself: no ``begin`` listener (see do_begin).
+                dbapi_connection.begin_default = "IMMEDIATE"
             else:
                 cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             cursor.execute("PRAGMA journal_mode = WAL")
@@ -246,12 +246,9 @@ def configure_sqlite(
 
     def on_begin(conn: sa.Connection) -> None:
         mode = "DEFERRED" if conn.get_execution_options().get(READ_ONLY_OPTION) else "IMMEDIATE"
-        dbapi_connection: Any = conn.connection.dbapi_connection
-        if isinstance(dbapi_connection, InlineConnection):
-            dbapi_connection.begin_with = mode  # sent by the dialect's do_begin, next
-        else:
-            conn.exec_driver_sql(f"BEGIN {mode}")
+        conn.exec_driver_sql(f"BEGIN {mode}")
 
     event.listen(sync_engine, "connect", on_connect)
-    event.listen(sync_engine, "begin", on_begin)
+    if sync_engine.dialect.driver != SQLITE_DRIVER:
+        event.listen(sync_engine, "begin", on_begin)
     sync_engine._treadle_sqlite_configured = True  # type: ignore[attr-defined]

@@ -47,6 +47,8 @@ from sqlalchemy.util.concurrency import await_, in_greenlet
 
 DRIVER = "treadle"
 """The driver's name in URLs: ``sqlite+treadle:///path.db``."""
+READ_ONLY_OPTION = "treadle_read_only"
+"""Execution option: begin this SQLite transaction DEFERRED (no write lock)."""
 
 SQLITE_BUSY = 5
 SQLITE_BUSY_SNAPSHOT = 517
@@ -149,15 +151,19 @@ class InlineConnection:
     """A ``sqlite3`` connection whose statements run on the calling (loop) thread, with
     waits for a locked database done as asyncio sleeps (see the module docstring)."""
 
-    __slots__ = ("_connection", "begin_with", "busy_timeout")
+    __slots__ = ("_connection", "begin_default", "begin_with", "busy_timeout")
 
     def __init__(self, connection: sqlite3.Connection, busy_timeout: float) -> None:
         self._connection = connection
         self.busy_timeout = busy_timeout
         """Seconds a statement may wait for a lock held by another connection."""
+        self.begin_default: str | None = None
+        """How a transaction SQLAlchemy begins starts: ``BEGIN IMMEDIATE`` once
+        ``engine.configure_sqlite`` set ``IMMEDIATE``; ``None``, nothing is sent (the
+        ``sqlite3`` module's own implicit ``BEGIN``, pysqlite's behaviour)."""
         self.begin_with: str | None = None
-        """``DEFERRED``, ``IMMEDIATE`` or ``EXCLUSIVE``: how the next transaction SQLAlchemy
-        begins starts (set by a ``begin`` event listener, ``engine.configure_sqlite``)."""
+        """How the next transaction starts instead of ``begin_default``, once (``DEFERRED``
+        for a connection given the ``READ_ONLY_OPTION`` execution option)."""
 
     @property
     def driver_connection(self) -> sqlite3.Connection:
@@ -215,11 +221,11 @@ class InlineConnection:
         raise busy
 
     def begin(self) -> None:
-        """``BEGIN <begin_with>`` if the ``begin`` event asked for one (see
+        """``BEGIN <begin_with or begin_default>``, if either is set (see
         ``InlineSqliteDialect.do_begin``). A deferred transaction takes its read snapshot
         here too, where waiting for a lock is possible (SQLite's WAL recovery by another
         connection), so none of its statements has to."""
-        mode, self.begin_with = self.begin_with, None
+        mode, self.begin_with = self.begin_with or self.begin_default, None
         if mode is None:
             return
         execute = self._connection.execute
@@ -241,6 +247,7 @@ class InlineConnection:
         self.run("COMMIT", self._connection.commit)
 
     def rollback(self) -> None:
+        self.begin_with = None  # a read-only request never outlives its transaction
         self._connection.rollback()
 
     def close(self) -> None:
@@ -324,10 +331,18 @@ class InlineSqliteDialect(SQLiteDialect_pysqlite):
         return connection.driver_connection
 
     def do_begin(self, dbapi_connection: Any) -> None:
-        """Send the ``BEGIN`` a ``begin`` listener chose straight to the driver: through
-        ``exec_driver_sql`` it would cost a statement's trip through SQLAlchemy (about a
-        third of a small transaction's overhead)."""
+        """Send the transaction's ``BEGIN`` straight to the driver. A ``begin`` event
+        listener sending it with ``exec_driver_sql`` (as for aiosqlite) would cost a
+        statement's trip through SQLAlchemy, and having a listener at all makes
+        SQLAlchemy dispatch its connection events around every statement."""
         dbapi_connection.begin()
+
+    def set_connection_execution_options(self, connection: Any, opts: Any) -> None:
+        """``READ_ONLY_OPTION`` on a connection: its next transaction begins
+        ``DEFERRED`` (no write lock)."""
+        super().set_connection_execution_options(connection, opts)
+        if opts.get(READ_ONLY_OPTION):
+            connection.connection.dbapi_connection.begin_with = "DEFERRED"
 
 
 dialect = InlineSqliteDialect

@@ -63,8 +63,12 @@ async def test_a_writer_waits_for_another_connections_lock_without_blocking_the_
 ) -> None:
     """Another connection (another process, as far as SQLite knows) holds the write lock:
     a write transaction waits for it while the event loop runs other tasks (this test's
-    own coroutine releases the lock), then commits."""
+    own coroutine releases the lock), then commits. A read-only transaction on the same
+    pooled connection before it leaves no trace: the write still begins IMMEDIATE (a
+    DEFERRED one would fail on its first write instead of waiting)."""
     persistence = await SqlPersistence.open(sqlite_url, migrate=True)
+    async with persistence.transaction(read_only=True) as tx:
+        assert await tx.runs.get("after-the-lock") is None
     tried = asyncio.Event()
 
     def on_begin(conn: Any) -> None:
