@@ -236,6 +236,8 @@ class SqlTransaction:
         ``parameters``: a dict, or a list of dicts for an executemany (batched INSERT)."""
         self._check()
         try:
+            if self.dialect.inline:  # nothing to await (SQLite's inline driver)
+                return self.connection.sync_connection.execute(statement, parameters)  # type: ignore[union-attr]
             return await self.connection.execute(statement, parameters)
         except sa_exc.SQLAlchemyError as exc:
             raise translate(exc, what) from exc
