@@ -40,11 +40,16 @@ from treadle.adapters.event_feed import EVENTS_CHANNEL
 __all__ = [
     "ANY_RUN",
     "FEED_NOTIFY",
+    "RUN_END_MARK_TTL",
     "announce_reader",
     "mark_any_run_end",
     "mark_run_end",
     "withdraw_reader",
 ]
+
+RUN_END_MARK_TTL: Final = 3600.0
+"""How long a result waiter's mark lasts unless the run's end removes it first (a waiter
+still waiting marks again)."""
 
 ANY_RUN: Final = "*"
 """The ``run_end_waiters`` mark that asks for the end of every run."""
@@ -57,12 +62,17 @@ FEED_NOTIFY: Final = (
 is announced (``NULL`` either way)."""
 
 _MARK_RUN_END = sa.text(
-    "WITH mark AS (INSERT INTO run_end_waiters (run_id, expires_at) "
-    "VALUES (:run_id, now() + make_interval(secs => :ttl)) "
+    # The run's row, locked FOR SHARE first (it waits for an uncommitted end, then reads
+    # the ended row); a run already ended gets no mark (nothing would remove it).
+    "WITH run AS (SELECT status FROM runs WHERE id = :run_id FOR SHARE), "
+    "mark AS (INSERT INTO run_end_waiters (run_id, expires_at) "
+    "SELECT :run_id, now() + make_interval(secs => :ttl) WHERE NOT EXISTS "
+    "(SELECT FROM run WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED')) "
     "ON CONFLICT (run_id) DO UPDATE SET expires_at = "
-    "greatest(run_end_waiters.expires_at, excluded.expires_at) RETURNING 1) "
-    "SELECT (SELECT count(*) FROM mark) AS marked, "
-    "(SELECT status FROM runs WHERE id = :run_id FOR SHARE) AS status"
+    "greatest(run_end_waiters.expires_at, excluded.expires_at) RETURNING 1), "
+    # Marks of runs that never ended (their waiters gave up) go once they expire.
+    "gone AS (DELETE FROM run_end_waiters WHERE expires_at < now() AND run_id <> :run_id) "
+    "SELECT (SELECT count(*) FROM mark) AS marked, (SELECT status FROM run) AS status"
 ).bindparams(sa.bindparam("ttl", type_=sa.Float()))
 
 _ANNOUNCE = sa.text(

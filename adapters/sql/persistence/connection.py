@@ -451,14 +451,18 @@ class SqlPersistence:
 
     # -- wake-up interest (``adapters/sql/wake_interest.py``): PostgreSQL sends a run's
     # ``end:`` NOTIFY and the event feed's only to those who asked; no-ops on SQLite.
-    async def mark_run_end(self, run_id: str, ttl: float = wake_interest.RUN_END_MARK_TTL) -> None:
+    async def mark_run_end(
+        self, run_id: str, ttl: float = wake_interest.RUN_END_MARK_TTL
+    ) -> str | None:
         """Ask for ``run_id``'s ``end:<id>`` NOTIFY, for a waiter in this process that
         must hear of an end committed by another one. Call it before reading the run:
         it commits the mark under a share lock of the run's row, so an end committed
-        after the read notifies."""
-        if self.dialect.is_postgres:
-            async with self.connect() as conn:
-                await wake_interest.mark_run_end(conn, run_id, ttl)
+        after the read notifies. Returns the run's status under that lock (``None``:
+        no such run, or not PostgreSQL)."""
+        if not self.dialect.is_postgres:
+            return None
+        async with self.connect() as conn:
+            return await wake_interest.mark_run_end(conn, run_id, ttl)
 
     async def mark_any_run_end(self, ttl: float) -> None:
         """Ask for every run's ``end:<id>`` NOTIFY for ``ttl`` seconds (a worker waiting
