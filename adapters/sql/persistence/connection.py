@@ -349,12 +349,13 @@ class SqlPersistence:
         self.queued_watchers = QueuedJobWatchers()
         self.event_watchers = EventWatchers()
         self.notify_events = True
-        """PostgreSQL: every commit that appends events sends ``NOTIFY treadle_events``,
-        which live readers in other processes (``treadle serve``) wait on. Each such
-        commit also wakes every LISTENing backend of the database (PostgreSQL signals
-        listeners whatever their channel), which costs the workers' listeners a
-        transaction; set ``False`` in processes whose events no live reader needs to see
-        at once (readers then find them by their fallback read)."""
+        """PostgreSQL: while a live reader is announced (``announce_event_reader``, the
+        SSE hub of ``treadle serve``), every commit that appends events sends ``NOTIFY
+        treadle_events``, which that reader waits on. Each such commit also wakes every
+        LISTENing backend of the database (PostgreSQL signals listeners whatever their
+        channel), which costs the workers' listeners a transaction; set ``False`` in
+        processes whose events no live reader needs to see at once, even while one is
+        announced (readers then find them by their fallback read)."""
         self._ended: SqlTransaction | None = None
         self.dialect.configure(engine)
 
