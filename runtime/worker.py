@@ -68,6 +68,11 @@ BEAT_INTERVAL = 10.0
 window, ``engine.queues(live_within=60)``, spans several)."""
 
 
+ANY_END_TTL = 60.0
+"""Seconds a worker whose claim found a concurrency limit full asks PostgreSQL to NOTIFY
+every run's end (``adapters/sql/wake_interest.py``); renewed while the limit stays full."""
+
+
 class Worker:
     """Executes jobs and runs maintenance against ``kernel`` until stopped.
 
@@ -142,6 +147,10 @@ class Worker:
         # may free a slot, so it asks for a claim; a rate window frees one at a known time.
         self._limits_full = False
         self._limits_timer: asyncio.TimerHandle | None = None
+        # PostgreSQL NOTIFYs a run's end only to those who asked (``wake_interest``): a
+        # worker waiting for a slot asks for every end, for ``ANY_END_TTL`` seconds.
+        self._any_end_marked = -ANY_END_TTL
+        self._marking: asyncio.Task[None] | None = None
         self._saturated = False  # the job loop waits for a slot to free
 
     # -- public surface ---------------------------------------------------------------
@@ -184,6 +193,8 @@ class Worker:
         if claim is None or "claimed" not in claim:
             return  # the step failed: keep what the last claim said
         self._limits_full = bool(claim.get("deferred"))
+        if self._limits_full:
+            self._ask_for_run_ends()
         retry_at = claim.get("retry_at")
         if retry_at is None or self._stop_event.is_set():
             return
@@ -192,6 +203,31 @@ class Worker:
         if self._limits_timer is not None:
             self._limits_timer.cancel()
         self._limits_timer = asyncio.get_running_loop().call_later(delay, self._ask_claim)
+
+    def _ask_for_run_ends(self) -> None:
+        """A limit is full: on PostgreSQL, mark ``*`` so that every run's end is
+        NOTIFYed (a run of another process may free the slot), then claim once more (a
+        run that ended before the mark committed sent no NOTIFY). Renewed at most every
+        half ``ANY_END_TTL``, while claims keep finding the limit full."""
+        mark = getattr(self.kernel.deps.persistence, "mark_any_run_end", None)
+        if mark is None or self.wake_source is None or self._stop_event.is_set():
+            return
+        if self._marking is not None or time.monotonic() - self._any_end_marked < ANY_END_TTL / 2:
+            return
+
+        async def marking() -> None:
+            try:
+                await mark(ANY_END_TTL)
+                self._any_end_marked = time.monotonic()
+                self._ask_claim()
+            except Exception as exc:  # the full tick's claim still finds the free slot
+                self.log.warning("worker.mark_run_ends_failed", error=describe_exception(exc))
+            finally:
+                self._marking = None
+
+        self._marking = asyncio.get_running_loop().create_task(
+            marking(), name=f"{self.worker_id}:mark-run-ends"
+        )
 
     def _ask_jobs(self) -> None:
         """The job loop should dequeue now (if it has a free slot)."""
