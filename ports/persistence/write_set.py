@@ -37,6 +37,7 @@ class WriteSetStore(Protocol):
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        prior: Mapping[str, Run] | None = None,
     ) -> bool:
         """Write all of these in this transaction with exactly the effects and guards of
         the per-kind calls, in their order (runs, new jobs, completed jobs, stages,
@@ -52,5 +53,9 @@ class WriteSetStore(Protocol):
         ``last``: the caller writes nothing else in this transaction. An adapter may then
         commit the set by itself when it is the whole transaction (PostgreSQL: the one
         statement without ``BEGIN``/``COMMIT``); the transaction then refuses further
-        use, as one that has ended."""
+        use, as one that has ended.
+
+        ``prior``: run id -> the run as stored, the version each of ``runs`` replaces
+        (which the version check proves is what the row holds). An adapter may then
+        write only the columns that differ; without it, every column."""
         ...

@@ -289,3 +289,68 @@ async def test_the_set_sends_the_event_feed_notify_unless_turned_off(
             assert await tx.write_set(backend.job_transport, **_writes(run, stages, job), last=True)
         heard = [n.channel async for n in listener.notifies(timeout=0.5)]
     assert heard == ([EVENTS_CHANNEL] if feed else [])
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["prior", "stale-prior"])
+async def test_with_the_prior_run_the_set_stores_the_run_as_written(
+    backend: Any, stale: bool
+) -> None:
+    """``prior`` (the run as stored) lets PostgreSQL write only the run's columns that
+    changed: what is stored is still exactly the run as written, whichever columns
+    changed, large payloads included; a prior of another version is not trusted."""
+    if backend.name != "memory":
+        backend.persistence.offload_payloads(backend.blob_store, max_bytes=256)
+    run, stages, job = await _seed(backend)
+    async with backend.persistence.transaction() as tx:
+        run = await tx.runs.update(evolve(run, {"input": {"big": "z" * 2000}, "config": {"c": 1}}))
+    writes = _writes(run, stages, job)
+    written = evolve(
+        run,
+        {
+            "status": RunStatus.COMPLETED,
+            "output": {"big": "o" * 2000},
+            "search_attributes": {"k": True},
+            "completed_at": T0,
+            "current_group": 1,
+        },
+    )
+    writes["runs"] = [written]
+    prior = evolve(run, {"version": run.version - 1}) if stale else run
+    async with backend.persistence.transaction() as tx:
+        await tx.write_set(backend.job_transport, **writes, prior={"r1": prior}) or await _write(
+            backend, tx, writes
+        )
+    got_run, got_stages, _, sequences = await _state(backend)
+    assert got_run == evolve(written, {"version": run.version + 1, "stages": got_run.stages})
+    assert got_run.input == {"big": "z" * 2000}
+    assert got_run.search_attributes == {"k": True}
+    assert got_stages[1].job_id == "j2"
+    assert sequences == [1, 2, 3, 4, 5]
+
+
+async def test_a_set_of_two_runs_writes_both(backend: Any) -> None:
+    """More than one run's set (a group commit) takes the general statement on
+    PostgreSQL: each run updated, each one's events numbered on its own."""
+    run, stages, job = await _seed(backend)
+    other = Run(id="r2", workflow_id="wf", status=RunStatus.RUNNING, created_at=T0, updated_at=T0)
+    async with backend.persistence.transaction() as tx:
+        await tx.runs.insert(other)
+        stored = await tx.runs.get("r2")
+    assert stored is not None
+    writes = _writes(run, stages, job)
+    writes["runs"].append(evolve(stored, {"current_group": 3, "updated_at": T0}))
+    writes["events"].append(
+        StageStarted(workflow_run_id="r2", stage_id="x", attempt=1, timestamp=T0)
+    )
+    async with backend.persistence.transaction() as tx:
+        assert await _write(backend, tx, writes) is (backend.name != "sqlite")
+    got_run, _, jobs, sequences = await _state(backend)
+    assert (got_run.version, got_run.current_group) == (run.version + 1, 1)
+    assert sequences == [1, 2, 3, 4, 5]
+    assert jobs["j2"].status is JobStatus.LEASED
+    async with backend.persistence.transaction() as tx:
+        got_other = await tx.runs.get("r2")
+        other_events = await tx.outbox.events_for_run("r2")
+    assert got_other is not None
+    assert (got_other.version, got_other.current_group) == (stored.version + 1, 3)
+    assert [e.sequence for e in other_events] == [1]

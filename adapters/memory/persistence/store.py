@@ -114,6 +114,7 @@ class InMemoryTransaction:
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        prior: Mapping[str, Run] | None = None,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``) by the
         per-kind calls, in their order: memory has no round trips to save, and this

@@ -194,6 +194,7 @@ class SqlTransaction:
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        prior: Mapping[str, Run] | None = None,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
         PostgreSQL one statement (``adapters/sql/persistence/write_set.py``), else ``False``."""
@@ -209,6 +210,7 @@ class SqlTransaction:
             stages=stages,
             events=events,
             last=last,
+            prior=prior,
         )
 
     # -- plumbing ----------------------------------------------------------------
