@@ -177,10 +177,15 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             # (``run.claimPending`` admits it and queues the stage for its workers).
             claim_for = None
         started: list[Any] = []
+        budget = cmd.max_cost if cmd.max_cost is not None else wf.max_cost
         if claim_for is not None and cmd.execution_timeout is None:
-            started = await _insert_claimed(deps, tx, scope, run, stages, claim_for, created, now)
+            # Nothing follows the inserts without a budget to set or a result to cache.
+            last = budget is None and scope.key is None
+            started = await _insert_claimed(
+                deps, tx, scope, run, stages, claim_for, created, now, last=last
+            )
         if started:
-            pass  # inserted as claimed and started, in four statements
+            pass  # inserted as claimed and started (PostgreSQL: one statement, insert_set)
         elif claim_for is not None:
             # In-process start: claim the run for the caller's worker in this same
             # commit and start its first stage there (no claim transaction, no wake-up).
@@ -192,7 +197,6 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
         else:
             await _insert_new(tx, run, stages, cmd, now)
             await tx.outbox.append([created])
-        budget = cmd.max_cost if cmd.max_cost is not None else wf.max_cost
         if budget is not None:
             await tx.ai_calls.set_budget(run.id, budget)
         if cmd.signal is not None:
@@ -261,6 +265,8 @@ async def _insert_claimed(
     worker_id: str,
     created: EventBase,
     now: datetime,
+    *,
+    last: bool = False,
 ) -> list[Any]:
     """An in-process start (``claim_for``) of a run without timers, written as the claim
     leaves it: the claim runs against a ``WriteBuffer`` holding the new run and stages
@@ -269,7 +275,8 @@ async def _insert_claimed(
     insert and the claim's updates (and no ``NOTIFY`` of a claimable run, which no other
     worker could take). Returns the started stage to hand off, or ``[]`` when the claim
     needs more than the buffer carries (a workflow's execution timeout: a timer): then
-    the caller inserts and claims as usual, nothing having been written."""
+    the caller inserts and claims as usual, nothing having been written. ``last``: the
+    caller writes nothing after it in this transaction (``insert_set``'s ``last``)."""
     buffer = WriteBuffer(tx, {run.id: run}, {run.id: list(stages)}, {})
     buffered, buffered_tx = buffer.stand_in(deps)
     try:
@@ -287,6 +294,18 @@ async def _insert_claimed(
     except NotBatchableError:
         return []
     claimed_run, claimed_stages = buffer.written_state(run.id)
+    # One unit where the adapter can (PostgreSQL: one statement, with ``last`` the
+    # whole transaction in one round trip): ``ports/persistence/write_set.py``.
+    insert_set = getattr(tx, "insert_set", None)
+    if insert_set is not None and await insert_set(
+        deps.job_transport,
+        runs=[claimed_run],
+        new_jobs=buffer.new_jobs,
+        stages=claimed_stages,
+        events=buffer.events,
+        last=last,
+    ):
+        return started
     await tx.runs.insert(claimed_run)
     await deps.job_transport.enqueue(tx, buffer.new_jobs)
     await tx.stages.insert_many(claimed_stages)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from treadle.kernel.model import Job, Run, StageRun
     from treadle.ports.job_transport import JobTransport
 
-__all__ = ["WriteSetStore"]
+__all__ = ["InsertSetStore", "WriteSetStore"]
 
 
 class WriteSetStore(Protocol):
@@ -58,4 +58,27 @@ class WriteSetStore(Protocol):
         ``prior``: run id -> the run as stored, the version each of ``runs`` replaces
         (which the version check proves is what the row holds). An adapter may then
         write only the columns that differ; without it, every column."""
+        ...
+
+
+class InsertSetStore(Protocol):
+    """``tx.insert_set(...)``: the adapter's one-unit form of a start's inserts."""
+
+    async def insert_set(
+        self,
+        transport: JobTransport,
+        *,
+        runs: Sequence[Run],
+        new_jobs: Sequence[Job],
+        stages: Sequence[StageRun],
+        events: Sequence[EventBase],
+        last: bool = False,
+    ) -> bool:
+        """Insert all of these in this transaction with exactly the effects of the
+        per-kind calls in their order (``runs.insert_many``, ``transport.enqueue``,
+        ``stages.insert_many``, ``outbox.append``); ``stages`` only of these ``runs``.
+        A run whose id or idempotency key is taken raises ``DuplicateError`` (as does a
+        job id taken) and the caller rolls back. Returns ``False``, having written
+        nothing, when it cannot take this set in one unit (the caller then makes the
+        per-kind calls). ``last``: as ``WriteSetStore.write_set``'s."""
         ...

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 from treadle.adapters.sql.persistence.annotations import SqlAnnotations
 from treadle.adapters.sql.persistence.idempotency import SqlIdempotency
 from treadle.adapters.sql.persistence.inbox import SqlInbox
+from treadle.adapters.sql.persistence.insert_set import insert_set
 from treadle.adapters.sql.persistence.journal import SqlJournal
 from treadle.adapters.sql.persistence.logs import SqlLogs
 from treadle.adapters.sql.persistence.outbox import SqlOutbox
@@ -211,6 +212,25 @@ class SqlTransaction:
             events=events,
             last=last,
             prior=prior,
+        )
+
+    async def insert_set(
+        self,
+        transport: JobTransport,
+        *,
+        runs: Sequence[Run],
+        new_jobs: Sequence[Job],
+        stages: Sequence[StageRun],
+        events: Sequence[EventBase],
+        last: bool = False,
+    ) -> bool:
+        """The ``InsertSetStore`` capability (``ports/persistence/write_set.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/insert_set.py``), else
+        ``False``."""
+        if not self.dialect.set_statements:
+            return False
+        return await insert_set(
+            self, transport, runs=runs, new_jobs=new_jobs, stages=stages, events=events, last=last
         )
 
     # -- plumbing ----------------------------------------------------------------

@@ -88,6 +88,7 @@ class SqlTransactionUnit(SqlUnit, Protocol):
     due: dict[DueKind, datetime] | None
     active: bool
     _notified: set[str]
+    _fresh: dict[str, set[str]]
     runs: SqlRuns
     stages: SqlStages
     outbox: SqlOutbox
