@@ -28,6 +28,7 @@ from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
     RESERVED_ATTRIBUTES,
+    Job,
     JobStatus,
     JsonValue,
     MissingPayload,
@@ -194,7 +195,15 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             _, started = await _claim_runs(
                 deps, tx, claim_for, scope, [run], 1, now, prior_events=[created], fresh=fresh
             )
-        else:
+        elif cmd.execution_timeout is not None or not await _insert_set(
+            deps,
+            tx,
+            [run],
+            [],
+            stages,
+            [created],
+            last=budget is None and scope.key is None and cmd.signal is None,
+        ):
             await _insert_new(tx, run, stages, cmd, now)
             await tx.outbox.append([created])
         if budget is not None:
@@ -256,6 +265,28 @@ async def _insert_new(
     await tx.stages.insert_many(stages)
 
 
+async def _insert_set(
+    deps: Deps,
+    tx: Transaction,
+    runs: Sequence[Run],
+    jobs: Sequence[Job],
+    stages: Sequence[StageRun],
+    events: Sequence[EventBase],
+    *,
+    last: bool,
+) -> bool:
+    """New runs with their jobs, stages and events as one unit where the adapter can
+    (``tx.insert_set``, ``ports/persistence/write_set.py``; PostgreSQL: one statement,
+    with ``last`` the whole transaction in one round trip). ``False``: nothing written,
+    the caller makes the per-kind inserts."""
+    insert_set = getattr(tx, "insert_set", None)
+    return insert_set is not None and bool(
+        await insert_set(
+            deps.job_transport, runs=runs, new_jobs=jobs, stages=stages, events=events, last=last
+        )
+    )
+
+
 async def _insert_claimed(
     deps: Deps,
     tx: Transaction,
@@ -296,14 +327,8 @@ async def _insert_claimed(
     claimed_run, claimed_stages = buffer.written_state(run.id)
     # One unit where the adapter can (PostgreSQL: one statement, with ``last`` the
     # whole transaction in one round trip): ``ports/persistence/write_set.py``.
-    insert_set = getattr(tx, "insert_set", None)
-    if insert_set is not None and await insert_set(
-        deps.job_transport,
-        runs=[claimed_run],
-        new_jobs=buffer.new_jobs,
-        stages=claimed_stages,
-        events=buffer.events,
-        last=last,
+    if await _insert_set(
+        deps, tx, [claimed_run], buffer.new_jobs, claimed_stages, buffer.events, last=last
     ):
         return started
     await tx.runs.insert(claimed_run)
@@ -390,11 +415,16 @@ async def _create_batch(
         known = await tx.runs.find_by_keys(keys) if keys else {}
         results, new = _plan(deps, cmd.items, checked, known, now)
         if new:
-            await tx.runs.insert_many([run for run, _ in new])
-            await tx.stages.insert_many(
-                [stage for run, wf in new for stage in _new_stages(wf, run)]
-            )
-            await tx.outbox.append([_created(run, scope.causation_id, now) for run, _ in new])
+            runs = [run for run, _ in new]
+            stages = [stage for run, wf in new for stage in _new_stages(wf, run)]
+            events = [_created(run, scope.causation_id, now) for run, _ in new]
+            budgets = any(wf.max_cost is not None for _, wf in new)
+            if not await _insert_set(
+                deps, tx, runs, [], stages, events, last=not budgets and scope.key is None
+            ):
+                await tx.runs.insert_many(runs)
+                await tx.stages.insert_many(stages)
+                await tx.outbox.append(events)
             for run, wf in new:  # the workflow's AI budget (a batch item has none of its own)
                 if wf.max_cost is not None:
                     await tx.ai_calls.set_budget(run.id, wf.max_cost)

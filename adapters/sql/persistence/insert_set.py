@@ -51,7 +51,13 @@ from treadle.adapters.sql.persistence.outbox import (
 )
 from treadle.adapters.sql.persistence.runs import _PG_NEW_RUN_ROWS, _RUN_COLUMNS
 from treadle.adapters.sql.persistence.shared import _reject_duplicates
-from treadle.adapters.sql.persistence.stages import _PG_NEW_STAGE_ROWS, _STAGE_COLUMNS
+from treadle.adapters.sql.persistence.stages import (
+    _CACHED_CHECKS_FROM,
+    _PG_NEW_STAGE_ROWS,
+    _PLAN_CACHE_AUTO,
+    _PLAN_CACHE_DEFAULT,
+    _STAGE_COLUMNS,
+)
 from treadle.adapters.sql.persistence.write_set import (
     SqlTransactionUnit,
     _alone,
@@ -137,7 +143,7 @@ def _shape_sql(jobs: bool, stages: bool, events: bool, feed: bool) -> str:
         "CASE WHEN :end_payload = '' THEN NULL ELSE pg_notify(:channel, :end_payload) END AS ended"
     )
     columns.append("CASE WHEN :notify_jobs THEN pg_notify(:channel, 'jobs') END AS jobs")
-    columns.append("CASE WHEN :notify_run THEN pg_notify(:channel, 'run') END AS run")
+    columns.append(f"CASE WHEN :notify_run THEN pg_notify('{NOTIFY_CHANNEL}', 'run') END AS run")
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM c"
 
 
@@ -245,11 +251,19 @@ async def insert_set(
     for job in new_jobs:
         if _available_later(job):
             tx.note_due("job", job.next_poll_at)
-    driver = await _alone(tx) if last and tx.due is None and not tx.created_blobs else None
+    # Many stages: their foreign key checks' query planned once, not once per row
+    # (``SqlStages._insert_stages_pg``), around the statement, in the transaction.
+    many = len(stage_rows) >= _CACHED_CHECKS_FROM
+    alone = last and not many and tx.due is None and not tx.created_blobs
+    driver = await _alone(tx) if alone else None
     try:
+        if many:
+            await tx.execute(_PLAN_CACHE_AUTO, "insert set")
         await tx.connection.execute(statement, params)
+        if many:
+            await tx.execute(_PLAN_CACHE_DEFAULT, "insert set")
     except sa_exc.DBAPIError as exc:
-        raise _guard_error(exc) from exc
+        raise _guard_error(exc, runs) from exc
     finally:
         if driver is not None:
             await _transactional_again(tx, driver)
@@ -277,16 +291,23 @@ async def insert_set(
     return True
 
 
-def _guard_error(exc: sa_exc.DBAPIError) -> Exception:
+def _guard_error(exc: sa_exc.DBAPIError, runs: Sequence[Run]) -> Exception:
     """The error of a failed statement: the per-kind call's for a failed guard."""
     found = _GUARD_RE.search(str(exc.orig))
     if found is None:
         return translate(exc, "insert set")
     r, r_n, j, j_n, s, s_n = (int(x) for x in found.groups())
     if r != r_n:
+        if len(runs) == 1:
+            (run,) = runs
+            return DuplicateError(
+                f"run {run.id!r} already exists, or a {run.workflow_id!r} run with key "
+                f"{run.idempotency_key!r} (nothing written)"
+            )
+        named = ", ".join(repr(run.id) for run in runs[:20])
         return DuplicateError(
-            f"{r_n - r} run(s) already exist (the same id, or the same workflow and "
-            "idempotency key; nothing written)"
+            f"{r_n - r} of run(s) {named} already exist (the same id, or the same workflow "
+            "and idempotency key; nothing written)"
         )
     if j != j_n:
         return DuplicateError("a job with one of these ids already exists (nothing written)")
