@@ -38,6 +38,7 @@ class WriteSetStore(Protocol):
         events: Sequence[EventBase],
         last: bool = False,
         prior: Mapping[str, Run] | None = None,
+        prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
     ) -> bool:
         """Write all of these in this transaction with exactly the effects and guards of
         the per-kind calls, in their order (runs, new jobs, completed jobs, stages,
@@ -57,7 +58,8 @@ class WriteSetStore(Protocol):
 
         ``prior``: run id -> the run as stored, the version each of ``runs`` replaces
         (which the version check proves is what the row holds). An adapter may then
-        write only the columns that differ; without it, every column."""
+        write only the columns that differ; without it, every column. ``prior_stages``:
+        the same for ``stages``, by (run id, stage id)."""
         ...
 
 

@@ -196,6 +196,7 @@ class SqlTransaction:
         events: Sequence[EventBase],
         last: bool = False,
         prior: Mapping[str, Run] | None = None,
+        prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
         PostgreSQL one statement (``adapters/sql/persistence/write_set.py``), else ``False``."""
@@ -212,6 +213,7 @@ class SqlTransaction:
             events=events,
             last=last,
             prior=prior,
+            prior_stages=prior_stages,
         )
 
     async def insert_set(

@@ -64,8 +64,13 @@ from treadle.adapters.sql.persistence.outbox import (
     pg_append_events_ctes,
 )
 from treadle.adapters.sql.persistence.runs import _PG_RUN_ROWS, _RUN_SET, SqlRuns
-from treadle.adapters.sql.persistence.shared import SqlUnit, _reject_duplicates
-from treadle.adapters.sql.persistence.stages import _PG_STAGE_ROWS, _STAGE_SET, SqlStages
+from treadle.adapters.sql.persistence.shared import _STAGE_PAYLOADS, SqlUnit, _reject_duplicates
+from treadle.adapters.sql.persistence.stages import (
+    _PG_STAGE_ROWS,
+    _STAGE_SET,
+    SqlStages,
+    _stage_values,
+)
 from treadle.kernel.errors import ConcurrencyError, DuplicateError
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import Job, JobStatus, Run, StageRun, evolve
@@ -241,6 +246,7 @@ async def write_set(
     events: Sequence[EventBase],
     last: bool = False,
     prior: Mapping[str, Run] | None = None,
+    prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
 ) -> bool:
     """``WriteSetStore.write_set`` on a ``SqlTransaction`` (see the module docstring;
     one run's set: ``write_set_one.py``)."""
@@ -330,9 +336,14 @@ async def write_set(
     # Stages, in (run, stage) order.
     stage_rows: list[dict[str, Any]] = []
     new_stages: list[StageRun] = []
+    stage_sets: list[tuple[str, ...]] = []
     for stage in sorted(stages, key=lambda s: (s.workflow_run_id, s.stage_id)):
         updated_stage = evolve(stage, {"version": stage.version + 1})
-        values = await tx.stages._stage_row(updated_stage)
+        if one:
+            values, written = await _one_stage_row(tx, updated_stage, stage, prior_stages)
+            stage_sets.append(written)
+        else:
+            values = await tx.stages._stage_row(updated_stage)
         del values["run_id"], values["stage_id"]
         values["w_run_id"], values["w_stage_id"] = stage.workflow_run_id, stage.stage_id
         values["w_version"] = stage.version
@@ -349,13 +360,19 @@ async def write_set(
             len(rows),
             len(done),
             leases is not None,
-            len(stage_rows),
+            tuple(stage_sets),
             len(event_rows),
             feed,
         )
         statement = write_set_one.statement(tx, one_shape)
-        params = write_set_one.params(runs[0], run_rows[0], rows, done, stage_rows, event_rows)
-        params["r_n"] = 1
+        params = write_set_one.params(
+            runs[0],
+            run_rows[0],
+            rows,
+            done,
+            list(zip(stage_rows, stage_sets, strict=True)),
+            event_rows,
+        )
     else:
         params = dict(_PG_RUN_ROWS.encode(run_rows, "r_rows"))
         params["r_keys"], params["r_n"] = [run.id for run in new_runs], len(run_rows)
@@ -373,11 +390,15 @@ async def write_set(
             tx,
             (bool(rows), bool(done), leases is not None, bool(stage_rows), bool(event_rows), feed),
         )
-    params["j_n"], params["d_n"] = len(rows), len(done)
-    params["s_n"], params["e_n"] = len(stage_rows), len(event_rows)
+        params["j_n"], params["d_n"] = len(rows), len(done)
+        params["s_n"], params["e_n"] = len(stage_rows), len(event_rows)
     ended = tx.outbox._note_ended(event_rows) if event_rows else []
-    params["end_payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended)) if ended else ""
-    params["notify_jobs"] = notify_jobs and "jobs" not in tx._notified
+    end_payload = RUN_END_PREFIX + ",".join(dict.fromkeys(ended)) if ended else ""
+    notify_jobs = notify_jobs and "jobs" not in tx._notified
+    if one:
+        params["ep"], params["nj"] = end_payload, notify_jobs
+    else:
+        params["end_payload"], params["notify_jobs"] = end_payload, notify_jobs
     tx._check()
     # Noted before it runs: a due time makes the transaction's end send a NOTIFY, so a
     # set that writes one is not the whole transaction.
@@ -399,7 +420,7 @@ async def write_set(
     # What the per-kind calls note for after the commit.
     if event_rows:
         tx.appended_events = True
-    if params["notify_jobs"]:
+    if notify_jobs:
         tx._notified.add("jobs")
     for row in rows:
         if row["status"] == JobStatus.QUEUED.value:
@@ -408,6 +429,30 @@ async def write_set(
         if run.status.terminal:
             tx.runs._note_final(run)
     return True
+
+
+async def _one_stage_row(
+    tx: SqlTransactionUnit,
+    updated: StageRun,
+    stage: StageRun,
+    prior_stages: Mapping[tuple[str, str], StageRun] | None,
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A stage's row for ``write_set_one`` and the columns it writes: those that differ
+    from the stage as stored (``prior_stages``, when of the version ``stage`` replaces),
+    payloads offloaded only for those."""
+    values = _stage_values(updated)
+    key = (stage.workflow_run_id, stage.stage_id)
+    stored = prior_stages.get(key) if prior_stages is not None else None
+    if stored is not None and stored.version != stage.version:
+        stored = None
+    written = write_set_one.stage_columns(
+        values, _stage_values(stored) if stored is not None else None
+    )
+    for name in _STAGE_PAYLOADS:
+        if name in written:
+            values[name] = await tx._put_payload(stage.workflow_run_id, values[name])
+    values["run_id"] = stage.workflow_run_id
+    return values, written
 
 
 async def _alone(tx: SqlTransactionUnit) -> Any | None:

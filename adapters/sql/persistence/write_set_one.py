@@ -60,14 +60,24 @@ from treadle.kernel.model import JobStatus, Run
 if TYPE_CHECKING:
     from treadle.adapters.sql.persistence.write_set import SqlTransactionUnit
 
-__all__ = ["MAX_EVENTS", "MAX_ROWS", "Shape", "fits", "run_columns", "statement"]
+__all__ = [
+    "MAX_EVENTS",
+    "MAX_ROWS",
+    "Shape",
+    "fits",
+    "params",
+    "run_columns",
+    "stage_columns",
+    "statement",
+]
 
 MAX_ROWS = 4
 """At most this many new jobs, completed jobs and stages each (a chained stage: 1, 1, 2)."""
 MAX_EVENTS = 8
 
-Shape = tuple[tuple[str, ...], int, int, bool, int, int, bool]
-"""(run columns written, new jobs, completed jobs, leased, stages, events, feed)."""
+Shape = tuple[tuple[str, ...], int, int, bool, tuple[tuple[str, ...], ...], int, bool]
+"""(run columns written, new jobs, completed jobs, leased, each stage's columns
+written, events, feed)."""
 
 
 def fits(run_id: str, n_jobs: int, n_done: int, n_stages: int, event_runs: Sequence[str]) -> bool:
@@ -106,67 +116,85 @@ def _same(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and not isinstance(a, dict | list) and a == b)
 
 
+def stage_columns(values: Mapping[str, Any], prior: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The stage columns to write: those whose stored values (``SqlStages._stage_row``)
+    differ from ``prior``'s (the stage as stored); all without it."""
+    if prior is None:
+        return _STAGE_SET
+    return tuple(name for name in _STAGE_SET if not _same(values[name], prior[name]))
+
+
 def _p(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=column.type)
 
 
+_RUN_INDEX = {name: i for i, name in enumerate(_RUN_SET)}
+_STAGE_INDEX = {name: i for i, name in enumerate(_STAGE_SET)}
+
+
 def _shape_sql(shape: Shape) -> tuple[str, list[sa.BindParameter[Any]]]:
-    columns, n_jobs, n_done, leased, n_stages, n_events, feed = shape
-    binds: list[sa.BindParameter[Any]] = [
-        _p("r_w_id", t.runs.c.id),
-        sa.bindparam("r_w_version", type_=sa.Integer()),
-    ]
+    """The statement of ``shape`` and its parameters. Parameters have short names and
+    the expected counts are literals: psycopg caches its conversion of a statement to
+    the server's placeholders only up to 4 KiB of text and 50 parameters, and converts
+    a longer one again on every execution (about 0.3 ms of client CPU here)."""
+    columns, n_jobs, n_done, leased, stage_sets, n_events, feed = shape
+    binds: list[sa.BindParameter[Any]] = [_p("rk", t.runs.c.id), _p("rv", t.runs.c.version)]
     assignments = []
     for name in columns:
-        assignments.append(f'"{name}" = :r_{name}')
-        binds.append(_p(f"r_{name}", t.runs.c[name]))
+        param = f"r{_RUN_INDEX[name]}"
+        assignments.append(f"{name} = :{param}")
+        binds.append(_p(param, t.runs.c[name]))
     ctes = [
         f"w_r AS (UPDATE runs SET {', '.join(assignments)} "
-        "WHERE id = :r_w_id AND version = :r_w_version RETURNING id)"
+        "WHERE id = :rk AND version = :rv RETURNING id)"
     ]
     counts = {"r": "(SELECT count(*) FROM w_r)", "j": "0", "d": "0", "s": "0", "e": "0"}
+    expected = {"r": 1, "j": n_jobs, "d": n_done, "s": len(stage_sets), "e": n_events}
     if n_jobs:
-        names = ", ".join(f'"{f}"' for f in _JOB_FIELDS)
+        names = ", ".join(_JOB_FIELDS)
+        picked = ", ".join(f"v.{f}" for f in _JOB_FIELDS)
         rows = []
         for i in range(n_jobs):
-            rows.append(f"({i}, " + ", ".join(f":j{i}_{f}" for f in _JOB_FIELDS) + ")")
-            binds.extend(_p(f"j{i}_{f}", t.jobs.c[f]) for f in _JOB_FIELDS)
-        picked = ", ".join(f'v."{f}"' for f in _JOB_FIELDS)
+            rows.append(f"({i}, " + ", ".join(f":j{i}_{k}" for k in range(len(_JOB_FIELDS))) + ")")
+            binds.extend(_p(f"j{i}_{k}", t.jobs.c[f]) for k, f in enumerate(_JOB_FIELDS))
         ctes.append(
             f"w_j AS (INSERT INTO jobs ({names}) SELECT {picked} FROM w_r, "
             f"(VALUES {', '.join(rows)}) AS v(k, {names}) ORDER BY v.k "
-            "ON CONFLICT DO NOTHING RETURNING id)"
+            "ON CONFLICT DO NOTHING RETURNING 1)"
         )
         counts["j"] = "(SELECT count(*) FROM w_j)"
     done = []
     for i in range(n_done):
         guard = ""
-        binds.append(_p(f"d{i}_w_id", t.jobs.c.id))
+        binds.append(_p(f"d{i}", t.jobs.c.id))
         if leased:
             guard = (
                 f" AND t.status = '{JobStatus.LEASED.value}'"
-                f" AND t.worker_id = :d{i}_w_worker_id AND t.attempts = :d{i}_w_attempts"
+                f" AND t.worker_id = :d{i}w AND t.attempts = :d{i}a"
             )
-            binds.append(_p(f"d{i}_w_worker_id", t.jobs.c.worker_id))
-            binds.append(_p(f"d{i}_w_attempts", t.jobs.c.attempts))
+            binds.append(_p(f"d{i}w", t.jobs.c.worker_id))
+            binds.append(_p(f"d{i}a", t.jobs.c.attempts))
         ctes.append(
             f"w_d{i} AS (UPDATE jobs AS t SET status = '{JobStatus.COMPLETED.value}', "
-            f"worker_id = NULL FROM w_r WHERE t.id = :d{i}_w_id{guard} RETURNING t.id)"
+            f"worker_id = NULL FROM w_r WHERE t.id = :d{i}{guard} RETURNING 1)"
         )
         done.append(f"(SELECT count(*) FROM w_d{i})")
     if done:
         counts["d"] = " + ".join(done)
     stages = []
-    for i in range(n_stages):
-        sets = ", ".join(f'"{name}" = :s{i}_{name}' for name in _STAGE_SET)
-        binds.extend(_p(f"s{i}_{name}", t.stages.c[name]) for name in _STAGE_SET)
-        binds.append(_p(f"s{i}_w_run_id", t.stages.c.run_id))
-        binds.append(_p(f"s{i}_w_stage_id", t.stages.c.stage_id))
-        binds.append(sa.bindparam(f"s{i}_w_version", type_=sa.Integer()))
+    for i, stage_columns_written in enumerate(stage_sets):
+        sets = []
+        for name in stage_columns_written:
+            param = f"s{i}_{_STAGE_INDEX[name]}"
+            sets.append(f"{name} = :{param}")
+            binds.append(_p(param, t.stages.c[name]))
+        binds.append(_p(f"s{i}r", t.stages.c.run_id))
+        binds.append(_p(f"s{i}s", t.stages.c.stage_id))
+        binds.append(_p(f"s{i}v", t.stages.c.version))
         ctes.append(
-            f"w_s{i} AS (UPDATE stages AS t SET {sets} FROM w_r WHERE t.run_id = :s{i}_w_run_id "
-            f"AND t.stage_id = :s{i}_w_stage_id AND t.version = :s{i}_w_version "
-            "RETURNING t.run_id)"
+            f"w_s{i} AS (UPDATE stages AS t SET {', '.join(sets)} FROM w_r "
+            f"WHERE t.run_id = :s{i}r AND t.stage_id = :s{i}s AND t.version = :s{i}v "
+            "RETURNING 1)"
         )
         stages.append(f"(SELECT count(*) FROM w_s{i})")
     if stages:
@@ -174,10 +202,10 @@ def _shape_sql(shape: Shape) -> tuple[str, list[sa.BindParameter[Any]]]:
     if n_events:
         rows = []
         for i in range(n_events):
-            rows.append(f"({i + 1}, :e{i}_type, :e{i}_event, :e{i}_at)")
-            binds.append(_p(f"e{i}_type", t.outbox.c.event_type))
-            binds.append(_p(f"e{i}_event", t.outbox.c.event))
-            binds.append(_p(f"e{i}_at", t.outbox.c.created_at))
+            rows.append(f"({i + 1}, :e{i}t, :e{i}e, :e{i}c)")
+            binds.append(_p(f"e{i}t", t.outbox.c.event_type))
+            binds.append(_p(f"e{i}e", t.outbox.c.event))
+            binds.append(_p(f"e{i}c", t.outbox.c.created_at))
         sequence = f"e_s.last_sequence - {n_events} + v.k"
         ctes.append(
             "e_s AS (INSERT INTO run_event_seq (run_id, last_sequence) "
@@ -187,10 +215,10 @@ def _shape_sql(shape: Shape) -> tuple[str, list[sa.BindParameter[Any]]]:
         )
         ctes.append(
             "w_e AS (INSERT INTO outbox (run_id, sequence, event_type, event, created_at, "
-            f"published, dead_lettered, attempts) SELECT :r_w_id, {sequence}, v.t, "
+            f"published, dead_lettered, attempts) SELECT :rk, {sequence}, v.t, "
             f"jsonb_set(v.e, '{{sequence}}', to_jsonb({sequence})), v.c, false, false, 0 "
             f"FROM e_s, (VALUES {', '.join(rows)}) AS v(k, t, e, c) ORDER BY v.k "
-            "RETURNING sequence)"
+            "RETURNING 1)"
         )
         counts["e"] = "(SELECT count(*) FROM w_e)"
     from treadle.adapters.sql.persistence.write_set import GUARD_MARK
@@ -199,29 +227,26 @@ def _shape_sql(shape: Shape) -> tuple[str, list[sa.BindParameter[Any]]]:
     ctes.append(
         "c AS MATERIALIZED (SELECT " + ", ".join(f"{counts[k]} AS {k}" for k in kinds) + ")"
     )
-    binds.extend(sa.bindparam(f"{k}_n", type_=sa.Integer()) for k in kinds)
-    ok = " AND ".join(f"c.{k} = :{k}_n" for k in kinds)
-    report = " || ".join(f"' {k}=' || c.{k} || '/' || :{k}_n" for k in kinds)
+    ok = " AND ".join(f"c.{k} = {expected[k]}" for k in kinds)
+    report = " || ".join(f"' {k}=' || c.{k} || '/{expected[k]}'" for k in kinds)
     columns_out = [f"c.{k}" for k in kinds]
-    columns_out.append(
-        f"CASE WHEN {ok} THEN 0 ELSE CAST('{GUARD_MARK}:' || {report} AS INTEGER) END AS ok"
-    )
+    columns_out.append(f"CASE WHEN {ok} THEN 0 ELSE CAST('{GUARD_MARK}:' || {report} AS INT) END")
     if n_events and feed:
-        columns_out.append(f"{FEED_NOTIFY} AS feed")
-    columns_out.append(
-        "CASE WHEN :end_payload = '' THEN NULL ELSE pg_notify(:channel, :end_payload) END AS ended"
-    )
-    columns_out.append("CASE WHEN :notify_jobs THEN pg_notify(:channel, 'jobs') END AS jobs")
-    binds.append(sa.bindparam("channel", value=NOTIFY_CHANNEL, type_=sa.String()))
-    binds.append(sa.bindparam("end_payload", type_=sa.String()))
-    binds.append(sa.bindparam("notify_jobs", type_=sa.Boolean()))
+        columns_out.append(FEED_NOTIFY)
+    columns_out.append(f"CASE WHEN :ep = '' THEN NULL ELSE pg_notify('{NOTIFY_CHANNEL}', :ep) END")
+    columns_out.append(f"CASE WHEN :nj THEN pg_notify('{NOTIFY_CHANNEL}', 'jobs') END")
+    binds.append(sa.bindparam("ep", type_=sa.String()))
+    binds.append(sa.bindparam("nj", type_=sa.Boolean()))
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns_out)} FROM c", binds
 
 
 def statement(tx: SqlTransactionUnit, shape: Shape) -> sa.TextClause:
     """The statement of ``shape``, built once per persistence."""
-    columns, *counts = shape
-    name = "write_set1:" + ",".join(columns) + ":" + ",".join(str(int(c)) for c in counts)
+    columns, n_jobs, n_done, leased, stage_sets, n_events, feed = shape
+    name = (
+        f"write_set1:{','.join(columns)}:{n_jobs}:{n_done}:{int(leased)}:"
+        f"{'/'.join(','.join(s) for s in stage_sets)}:{n_events}:{int(feed)}"
+    )
 
     def build() -> sa.TextClause:
         sql, binds = _shape_sql(shape)
@@ -236,30 +261,31 @@ def params(
     values: Mapping[str, Any],
     jobs: Sequence[Mapping[str, Any]],
     done: Sequence[Mapping[str, Any]],
-    stages: Sequence[Mapping[str, Any]],
+    stages: Sequence[tuple[Mapping[str, Any], tuple[str, ...]]],
     events: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
     """The statement's parameters: ``run`` as stored (its id and version, which the
-    update expects), ``values`` its written columns, and the rows of each kind as
-    ``write_set`` builds them for the general statement."""
-    out: dict[str, Any] = {"r_w_id": run.id, "r_w_version": run.version}
+    update expects), ``values`` its written columns, the rows of the other kinds as
+    ``write_set`` builds them for the general statement (each stage with the columns
+    it writes)."""
+    out: dict[str, Any] = {"rk": run.id, "rv": run.version}
     for name, value in values.items():
-        out[f"r_{name}"] = value
+        out[f"r{_RUN_INDEX[name]}"] = value
     for i, row in enumerate(jobs):
-        for f in _JOB_FIELDS:
-            out[f"j{i}_{f}"] = row[f]
+        for k, f in enumerate(_JOB_FIELDS):
+            out[f"j{i}_{k}"] = row[f]
     for i, row in enumerate(done):
-        out[f"d{i}_w_id"] = row["w_id"]
-        out[f"d{i}_w_worker_id"] = row["w_worker_id"]
-        out[f"d{i}_w_attempts"] = row["w_attempts"]
-    for i, row in enumerate(stages):
-        for name in _STAGE_SET:
-            out[f"s{i}_{name}"] = row[name]
-        out[f"s{i}_w_run_id"] = row["w_run_id"]
-        out[f"s{i}_w_stage_id"] = row["w_stage_id"]
-        out[f"s{i}_w_version"] = row["w_version"]
+        out[f"d{i}"] = row["w_id"]
+        out[f"d{i}w"] = row["w_worker_id"]
+        out[f"d{i}a"] = row["w_attempts"]
+    for i, (row, columns) in enumerate(stages):
+        for name in columns:
+            out[f"s{i}_{_STAGE_INDEX[name]}"] = row[name]
+        out[f"s{i}r"] = row["w_run_id"]
+        out[f"s{i}s"] = row["w_stage_id"]
+        out[f"s{i}v"] = row["w_version"]
     for i, row in enumerate(events):
-        out[f"e{i}_type"] = row["event_type"]
-        out[f"e{i}_event"] = row["event"]
-        out[f"e{i}_at"] = row["created_at"]
+        out[f"e{i}t"] = row["event_type"]
+        out[f"e{i}e"] = row["event"]
+        out[f"e{i}c"] = row["created_at"]
     return out
