@@ -110,11 +110,6 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     # SQLAlchemy's pre-ping would add a query, and a server transaction, per checkout.
     checked = "pool_pre_ping" not in kwargs
     options["pool_pre_ping"] = False
-    # The connection used last is taken first (LIFO): the hot path keeps reusing the
-    # same one or two connections, whose prepared statements (psycopg prepares a
-    # statement on its fifth use on a connection) and server backend caches are warm;
-    # with the default FIFO every pooled connection has to see each statement five times.
-    options["pool_use_lifo"] = True
     connect_args = dict(kwargs.pop("connect_args", {}))
     connect_args["options"] = f"{connect_args.get('options', '')} {SESSION_OPTIONS}".strip()
     options["connect_args"] = connect_args

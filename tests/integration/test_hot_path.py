@@ -63,25 +63,3 @@ async def test_a_pooled_connection_idle_past_the_threshold_is_pinged(
         assert other != pid
     finally:
         await persistence.aclose()
-
-
-async def test_the_connection_returned_last_is_taken_first(postgres_url: str) -> None:
-    """The pool is LIFO: after two transactions at once, the next one gets the
-    connection returned last, so the hot path keeps reusing a connection whose
-    statements psycopg has prepared (on a statement's fifth use per connection)."""
-    from treadle.adapters.sql import create_engine
-
-    persistence = SqlPersistence(create_engine(postgres_url), owns_engine=True)
-    pid = sa.text("SELECT pg_backend_pid()")
-    try:
-        async with persistence.transaction() as first:
-            first_pid = (await first.execute(pid)).scalar_one()
-            async with persistence.transaction() as second:
-                second_pid = (await second.execute(pid)).scalar_one()
-        # ``second`` went back to the pool before ``first``.
-        assert first_pid != second_pid
-        for _ in range(3):
-            async with persistence.transaction() as tx:
-                assert (await tx.execute(pid)).scalar_one() == first_pid
-    finally:
-        await persistence.aclose()
