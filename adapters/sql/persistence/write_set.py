@@ -103,7 +103,7 @@ class SqlTransactionUnit(SqlUnit, Protocol):
 
 __all__ = ["GUARD_MARK", "SqlTransactionUnit", "write_set"]
 
-GUARD_MARK = "treadle write_set guard"
+GUARD_MARK = write_set_one.GUARD_MARK
 """The text of the error the statement raises when a guard fails."""
 
 _GUARD_RE = re.compile(GUARD_MARK + r": r=(\d+)/(\d+) j=(\d+)/(\d+) d=(\d+)/(\d+) s=(\d+)/(\d+)")

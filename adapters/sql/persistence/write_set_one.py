@@ -44,7 +44,7 @@ any other set takes the general statement.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
@@ -57,10 +57,22 @@ from treadle.adapters.sql.persistence.shared import _RUN_PAYLOADS
 from treadle.adapters.sql.persistence.stages import _STAGE_SET
 from treadle.kernel.model import JobStatus, Run
 
-if TYPE_CHECKING:
-    from treadle.adapters.sql.persistence.write_set import SqlTransactionUnit
+
+class _Unit(Protocol):
+    """What this module uses of a ``SqlTransaction`` (``write_set.py`` imports this
+    module, so it names none of that one's types)."""
+
+    dialect: Any
+
+    async def _put_payload(self, scope: str | None, value: Any) -> Any: ...
+
+
+GUARD_MARK = "treadle write_set guard"
+"""The text of the error the statement raises when a guard fails (``write_set.py``'s
+statement raises the same)."""
 
 __all__ = [
+    "GUARD_MARK",
     "MAX_EVENTS",
     "MAX_ROWS",
     "Shape",
@@ -92,7 +104,7 @@ def fits(run_id: str, n_jobs: int, n_done: int, n_stages: int, event_runs: Seque
 
 
 async def run_columns(
-    tx: SqlTransactionUnit, updated: Run, prior: Run | None
+    tx: _Unit, updated: Run, prior: Run | None
 ) -> tuple[tuple[str, ...], dict[str, Any]]:
     """The run columns to write (those that differ from ``prior``; all without it) and
     their stored values (payloads offloaded as ``SqlRuns._run_row`` does)."""
@@ -221,8 +233,6 @@ def _shape_sql(shape: Shape) -> tuple[str, list[sa.BindParameter[Any]]]:
             "RETURNING 1)"
         )
         counts["e"] = "(SELECT count(*) FROM w_e)"
-    from treadle.adapters.sql.persistence.write_set import GUARD_MARK
-
     kinds = ("r", "j", "d", "s", "e")
     ctes.append(
         "c AS MATERIALIZED (SELECT " + ", ".join(f"{counts[k]} AS {k}" for k in kinds) + ")"
@@ -240,7 +250,7 @@ def _shape_sql(shape: Shape) -> tuple[str, list[sa.BindParameter[Any]]]:
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns_out)} FROM c", binds
 
 
-def statement(tx: SqlTransactionUnit, shape: Shape) -> sa.TextClause:
+def statement(tx: _Unit, shape: Shape) -> sa.TextClause:
     """The statement of ``shape``, built once per persistence."""
     columns, n_jobs, n_done, leased, stage_sets, n_events, feed = shape
     name = (
