@@ -52,11 +52,15 @@ from treadle.adapters.sql.persistence.outbox import (
 from treadle.adapters.sql.persistence.runs import _PG_NEW_RUN_ROWS, _RUN_COLUMNS
 from treadle.adapters.sql.persistence.shared import _reject_duplicates
 from treadle.adapters.sql.persistence.stages import (
+    _BLANK_STAGE,
     _CACHED_CHECKS_FROM,
+    _PG_BLANK_STAGE_ROWS,
     _PG_NEW_STAGE_ROWS,
     _PLAN_CACHE_AUTO,
     _PLAN_CACHE_DEFAULT,
     _STAGE_COLUMNS,
+    _STAGE_KEYS,
+    _is_blank,
 )
 from treadle.adapters.sql.persistence.write_set import (
     SqlTransactionUnit,
@@ -79,7 +83,21 @@ _GATE = "(SELECT count(*) FROM w_r) = :r_n"
 _KINDS = ("r", "j", "s", "e")
 
 
-def _shape_sql(jobs: bool, stages: bool, events: bool, feed: bool) -> str:
+def _stage_columns(blank: bool) -> tuple[pg_bulk.RecordSet, dict[str, str]]:
+    """The stages' record set and column expressions: blank stages (PENDING, nothing
+    else set: what ``run.create`` makes) send only their keys, as ``insert_stages``."""
+    if blank:
+        return _PG_BLANK_STAGE_ROWS, {
+            name: _PG_BLANK_STAGE_ROWS.value(name) for name in _STAGE_KEYS
+        } | {
+            name: pg_bulk.literal(t.stages.c[name], _BLANK_STAGE[name])
+            for name in _STAGE_COLUMNS
+            if name not in _STAGE_KEYS
+        }
+    return _PG_NEW_STAGE_ROWS, {name: _PG_NEW_STAGE_ROWS.value(name) for name in _STAGE_COLUMNS}
+
+
+def _shape_sql(jobs: bool, stages: bool, events: bool, feed: bool, blank: bool) -> str:
     ctes = [
         "w_r AS ("
         + pg_bulk.insert_select_sql(
@@ -113,8 +131,7 @@ def _shape_sql(jobs: bool, stages: bool, events: bool, feed: bool) -> str:
             "w_s AS ("
             + pg_bulk.insert_select_sql(
                 t.stages,
-                _PG_NEW_STAGE_ROWS,
-                {name: _PG_NEW_STAGE_ROWS.value(name) for name in _STAGE_COLUMNS},
+                *_stage_columns(blank),
                 order_by="ordinal",
                 suffix="RETURNING run_id",
                 rows="s_rows",
@@ -147,11 +164,11 @@ def _shape_sql(jobs: bool, stages: bool, events: bool, feed: bool) -> str:
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM c"
 
 
-def _statement(tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool]) -> sa.TextClause:
+def _statement(tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool, bool]) -> sa.TextClause:
     name = "insert_set:" + "".join("1" if part else "0" for part in shape)
 
     def build() -> sa.TextClause:
-        jobs, stages, events, _ = shape
+        jobs, stages, events, _, _ = shape
         present = {"j": jobs, "s": stages, "e": events}
         return sa.text(_shape_sql(*shape)).bindparams(
             sa.bindparam("channel", value=NOTIFY_CHANNEL),
@@ -226,14 +243,26 @@ async def insert_set(
     # Stages: each run's next ordinal, from 0 (its runs are new).
     next_ordinal: dict[str, int] = {}
     stage_rows: list[dict[str, Any]] = []
+    blank = all(_is_blank(stage) for stage in stages)
     for stage in stages:
-        values = await tx.stages._stage_row(stage)
         ordinal = next_ordinal.get(stage.workflow_run_id, 0)
         next_ordinal[stage.workflow_run_id] = ordinal + 1
-        values["ordinal"] = ordinal
-        stage_rows.append(values)
+        if blank:
+            stage_rows.append(
+                {
+                    "run_id": stage.workflow_run_id,
+                    "stage_id": stage.stage_id,
+                    "ordinal": ordinal,
+                    "execution_group": stage.execution_group,
+                }
+            )
+        else:
+            values = await tx.stages._stage_row(stage)
+            values["ordinal"] = ordinal
+            stage_rows.append(values)
     if stage_rows:
-        params |= _PG_NEW_STAGE_ROWS.encode(stage_rows, "s_rows")
+        records = _PG_BLANK_STAGE_ROWS if blank else _PG_NEW_STAGE_ROWS
+        params |= records.encode(stage_rows, "s_rows")
     params["s_n"] = len(stage_rows)
     if event_rows:
         params |= _PG_OUTBOX_ROWS.encode(event_rows, "e_rows")
@@ -245,7 +274,7 @@ async def insert_set(
     params["notify_run"] = any(run.status is RunStatus.PENDING for run in runs) and (
         "run" not in tx._notified
     )
-    shape = (bool(rows), bool(stage_rows), bool(event_rows), tx.notify_events)
+    shape = (bool(rows), bool(stage_rows), bool(event_rows), tx.notify_events, blank)
     statement = _statement(tx, shape)
     tx._check()
     for job in new_jobs:
