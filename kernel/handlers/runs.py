@@ -29,6 +29,7 @@ from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
     RESERVED_ATTRIBUTES,
+    Job,
     JobStatus,
     JsonValue,
     MissingPayload,
@@ -178,10 +179,15 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             # (``run.claimPending`` admits it and queues the stage for its workers).
             claim_for = None
         started: list[Any] = []
+        budget = cmd.max_cost if cmd.max_cost is not None else wf.max_cost
         if claim_for is not None and cmd.execution_timeout is None:
-            started = await _insert_claimed(deps, tx, scope, run, stages, claim_for, created, now)
+            # Nothing follows the inserts without a budget to set or a result to cache.
+            last = budget is None and scope.key is None
+            started = await _insert_claimed(
+                deps, tx, scope, run, stages, claim_for, created, now, last=last
+            )
         if started:
-            pass  # inserted as claimed and started, in four statements
+            pass  # inserted as claimed and started (PostgreSQL: one statement, insert_set)
         elif claim_for is not None:
             # In-process start: claim the run for the caller's worker in this same
             # commit and start its first stage there (no claim transaction, no wake-up).
@@ -190,10 +196,17 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             _, started = await _claim_runs(
                 deps, tx, claim_for, scope, [run], 1, now, prior_events=[created], fresh=fresh
             )
-        else:
+        elif cmd.execution_timeout is not None or not await _insert_set(
+            deps,
+            tx,
+            [run],
+            [],
+            stages,
+            [created],
+            last=budget is None and scope.key is None and cmd.signal is None,
+        ):
             await _insert_new(tx, run, stages, cmd, now)
             await tx.outbox.append([created])
-        budget = cmd.max_cost if cmd.max_cost is not None else wf.max_cost
         if budget is not None:
             await tx.ai_calls.set_budget(run.id, budget)
         if cmd.signal is not None:
@@ -253,6 +266,28 @@ async def _insert_new(
     await tx.stages.insert_many(stages)
 
 
+async def _insert_set(
+    deps: Deps,
+    tx: Transaction,
+    runs: Sequence[Run],
+    jobs: Sequence[Job],
+    stages: Sequence[StageRun],
+    events: Sequence[EventBase],
+    *,
+    last: bool,
+) -> bool:
+    """New runs with their jobs, stages and events as one unit where the adapter can
+    (``tx.insert_set``, ``ports/persistence/write_set.py``; PostgreSQL: one statement,
+    with ``last`` the whole transaction in one round trip). ``False``: nothing written,
+    the caller makes the per-kind inserts."""
+    insert_set = getattr(tx, "insert_set", None)
+    return insert_set is not None and bool(
+        await insert_set(
+            deps.job_transport, runs=runs, new_jobs=jobs, stages=stages, events=events, last=last
+        )
+    )
+
+
 async def _insert_claimed(
     deps: Deps,
     tx: Transaction,
@@ -262,6 +297,8 @@ async def _insert_claimed(
     worker_id: str,
     created: EventBase,
     now: datetime,
+    *,
+    last: bool = False,
 ) -> list[Any]:
     """An in-process start (``claim_for``) of a run without timers, written as the claim
     leaves it: the claim runs against a ``WriteBuffer`` holding the new run and stages
@@ -270,7 +307,8 @@ async def _insert_claimed(
     insert and the claim's updates (and no ``NOTIFY`` of a claimable run, which no other
     worker could take). Returns the started stage to hand off, or ``[]`` when the claim
     needs more than the buffer carries (a workflow's execution timeout: a timer): then
-    the caller inserts and claims as usual, nothing having been written."""
+    the caller inserts and claims as usual, nothing having been written. ``last``: the
+    caller writes nothing after it in this transaction (``insert_set``'s ``last``)."""
     buffer = WriteBuffer(tx, {run.id: run}, {run.id: list(stages)}, {})
     buffered, buffered_tx = buffer.stand_in(deps)
     try:
@@ -288,6 +326,12 @@ async def _insert_claimed(
     except NotBatchableError:
         return []
     claimed_run, claimed_stages = buffer.written_state(run.id)
+    # One unit where the adapter can (PostgreSQL: one statement, with ``last`` the
+    # whole transaction in one round trip): ``ports/persistence/write_set.py``.
+    if await _insert_set(
+        deps, tx, [claimed_run], buffer.new_jobs, claimed_stages, buffer.events, last=last
+    ):
+        return started
     await tx.runs.insert(claimed_run)
     await deps.job_transport.enqueue(tx, buffer.new_jobs)
     await tx.stages.insert_many(claimed_stages)
@@ -372,11 +416,16 @@ async def _create_batch(
         known = await tx.runs.find_by_keys(keys) if keys else {}
         results, new = _plan(deps, cmd.items, checked, known, now)
         if new:
-            await tx.runs.insert_many([run for run, _ in new])
-            await tx.stages.insert_many(
-                [stage for run, wf in new for stage in _new_stages(wf, run)]
-            )
-            await tx.outbox.append([_created(run, scope.causation_id, now) for run, _ in new])
+            runs = [run for run, _ in new]
+            stages = [stage for run, wf in new for stage in _new_stages(wf, run)]
+            events = [_created(run, scope.causation_id, now) for run, _ in new]
+            budgets = any(wf.max_cost is not None for _, wf in new)
+            if not await _insert_set(
+                deps, tx, runs, [], stages, events, last=not budgets and scope.key is None
+            ):
+                await tx.runs.insert_many(runs)
+                await tx.stages.insert_many(stages)
+                await tx.outbox.append(events)
             for run, wf in new:  # the workflow's AI budget (a batch item has none of its own)
                 if wf.max_cost is not None:
                     await tx.ai_calls.set_budget(run.id, wf.max_cost)

@@ -82,6 +82,7 @@ from treadle.adapters.sql.persistence.annotations import SqlAnnotations
 from treadle.adapters.sql.persistence.claim_read import claim_candidates
 from treadle.adapters.sql.persistence.idempotency import SqlIdempotency
 from treadle.adapters.sql.persistence.inbox import SqlInbox
+from treadle.adapters.sql.persistence.insert_set import insert_set
 from treadle.adapters.sql.persistence.journal import SqlJournal
 from treadle.adapters.sql.persistence.logs import SqlLogs
 from treadle.adapters.sql.persistence.outbox import SqlOutbox
@@ -196,6 +197,8 @@ class SqlTransaction:
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        prior: Mapping[str, Run] | None = None,
+        prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
         PostgreSQL one statement (``adapters/sql/persistence/write_set.py``), else ``False``."""
@@ -211,6 +214,27 @@ class SqlTransaction:
             stages=stages,
             events=events,
             last=last,
+            prior=prior,
+            prior_stages=prior_stages,
+        )
+
+    async def insert_set(
+        self,
+        transport: JobTransport,
+        *,
+        runs: Sequence[Run],
+        new_jobs: Sequence[Job],
+        stages: Sequence[StageRun],
+        events: Sequence[EventBase],
+        last: bool = False,
+    ) -> bool:
+        """The ``InsertSetStore`` capability (``ports/persistence/write_set.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/insert_set.py``), else
+        ``False``."""
+        if not self.dialect.set_statements:
+            return False
+        return await insert_set(
+            self, transport, runs=runs, new_jobs=new_jobs, stages=stages, events=events, last=last
         )
 
     async def claim_candidates(
