@@ -568,9 +568,13 @@ class Worker:
         """What fell due: suspended stages (batch checks, code-workflow timers) for
         ``poll``, scheduled commands for ``command``, cron schedules for ``schedule``. A
         resumed run's job is dequeued as soon as the poll returns (``on_resumed``), while
-        its transition runs."""
+        its transition runs. A code workflow woken by its timer is leased to this worker
+        in the firing commit and started there, up to the slots free when the step began
+        (``_take_woken``): no dequeue, no phase-1 transaction. The slots are not held
+        while the step runs (a batch check may call a slow external system meanwhile)."""
         started = self.kernel.deps.clock.now()
         async with self._tick_lock:
+            free = self._free_slots() if "poll" in due else 0
             steps = await due_steps(
                 self.kernel,
                 worker_id=self.worker_id,
@@ -579,6 +583,8 @@ class Worker:
                 scheduled="command" in due,
                 schedules="schedule" in due,
                 on_resumed=self._jobs_queued,
+                chain=free,
+                take=self._take_woken if free else None,
             )
         if self._unwatch_due is None:
             # No commit tells this worker of the timed work the step wrote (a check not
@@ -682,6 +688,21 @@ class Worker:
             else:
                 self._spawn(job)
 
+    def _take_woken(self, jobs: list[Job]) -> None:
+        """The activations a due step's timer firing leased to this worker and started:
+        each takes a free slot now. The step held no slots, so one that finds none free
+        (filled meanwhile by a dequeue or an in-process start: rare) is handed back for
+        any worker (``job.release``: its stage PENDING, its job queued), never run past
+        ``concurrency``."""
+        room = self._free_slots()
+        self._take_chained(jobs[:room])
+        for job in jobs[room:]:
+            self.kernel.deps.chains.forget(job.id)
+            release = self._release_unstarted(job, "woken with no free slot")
+            task = asyncio.create_task(release, name=f"release:{job.id}")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
     def lend_slot(self) -> SlotLoan | None:
         """Hold a free slot for a run started in this process (``run.create`` with
         ``claim_for``), or ``None`` when none is free (or the worker is not running).
@@ -702,8 +723,7 @@ class Worker:
         result's commit, no dequeue round trip) until the worker stops."""
         return not self._stop_event.is_set()
 
-    async def _release_unstarted(self, job: Job) -> None:
-        reason = "dequeued on stop"
+    async def _release_unstarted(self, job: Job, reason: str = "dequeued on stop") -> None:
         try:
             await release_job(self.kernel, job, worker_id=self.worker_id, reason=reason)
         except Exception as exc:  # storage down: retried until it answers (or we exit)

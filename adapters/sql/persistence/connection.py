@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from treadle.kernel.model import Job
     from treadle.ports import BlobStore, JobTransport
 from treadle.adapters.sql.persistence.annotations import SqlAnnotations
+from treadle.adapters.sql.persistence.claim_read import claim_candidates
 from treadle.adapters.sql.persistence.idempotency import SqlIdempotency
 from treadle.adapters.sql.persistence.inbox import SqlInbox
 from treadle.adapters.sql.persistence.journal import SqlJournal
@@ -212,6 +213,14 @@ class SqlTransaction:
             last=last,
         )
 
+    async def claim_candidates(
+        self, limit: int
+    ) -> tuple[list[Run], dict[str, list[StageRun]], set[str]] | None:
+        """The ``ClaimReadStore`` capability (``ports/persistence/claim_read.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/claim_read.py``), else
+        ``None``."""
+        return await claim_candidates(self, limit)
+
     # -- plumbing ----------------------------------------------------------------
     @property
     def is_postgres(self) -> bool:
@@ -228,6 +237,8 @@ class SqlTransaction:
         ``parameters``: a dict, or a list of dicts for an executemany (batched INSERT)."""
         self._check()
         try:
+            if self.dialect.inline:  # nothing to await (SQLite's inline driver)
+                return self.connection.sync_connection.execute(statement, parameters)  # type: ignore[union-attr]
             return await self.connection.execute(statement, parameters)
         except sa_exc.SQLAlchemyError as exc:
             raise translate(exc, what) from exc
@@ -357,6 +368,9 @@ class SqlPersistence:
         processes whose events no live reader needs to see at once, even while one is
         announced (readers then find them by their fallback read)."""
         self._ended: SqlTransaction | None = None
+        self.claim_reads = self.dialect.set_statements
+        """PostgreSQL: transactions offer ``claim_candidates`` (``ports/persistence/
+        claim_read.py``), a claim's reads in one statement without ``BEGIN``."""
         self.dialect.configure(engine)
 
     @classmethod
