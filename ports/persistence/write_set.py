@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase
     from treadle.kernel.model import Job, Run, StageRun
+    from treadle.kernel.workflows.model import JournalEntry
     from treadle.ports.job_transport import JobTransport
 
 __all__ = ["WriteSetStore"]
@@ -37,6 +38,7 @@ class WriteSetStore(Protocol):
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        journal: Sequence[JournalEntry] = (),
     ) -> bool:
         """Write all of these in this transaction with exactly the effects and guards of
         the per-kind calls, in their order (runs, new jobs, completed jobs, stages,
@@ -52,5 +54,9 @@ class WriteSetStore(Protocol):
         ``last``: the caller writes nothing else in this transaction. An adapter may then
         commit the set by itself when it is the whole transaction (PostgreSQL: the one
         statement without ``BEGIN``/``COMMIT``); the transaction then refuses further
-        use, as one that has ended."""
+        use, as one that has ended.
+
+        ``journal``: new code-workflow journal entries, inserted as ``journal.insert``
+        does, under the same guards (an entry already recorded raises
+        ``DuplicateError``)."""
         ...

@@ -76,11 +76,13 @@ from treadle.kernel.model import (
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase
     from treadle.kernel.model import Job
+    from treadle.kernel.workflows.model import JournalEntry, JournalOwner
     from treadle.ports import BlobStore, JobTransport
 from treadle.adapters.sql.persistence.annotations import SqlAnnotations
 from treadle.adapters.sql.persistence.idempotency import SqlIdempotency
 from treadle.adapters.sql.persistence.inbox import SqlInbox
 from treadle.adapters.sql.persistence.journal import SqlJournal
+from treadle.adapters.sql.persistence.journal_set import append_journal
 from treadle.adapters.sql.persistence.logs import SqlLogs
 from treadle.adapters.sql.persistence.outbox import SqlOutbox
 from treadle.adapters.sql.persistence.runs import SqlRuns
@@ -194,6 +196,7 @@ class SqlTransaction:
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        journal: Sequence[JournalEntry] = (),
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
         PostgreSQL one statement (``adapters/sql/persistence/write_set.py``), else ``False``."""
@@ -209,7 +212,22 @@ class SqlTransaction:
             stages=stages,
             events=events,
             last=last,
+            journal=journal,
         )
+
+    async def append_journal(
+        self,
+        transport: JobTransport,
+        owner: JournalOwner,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase],
+    ) -> list[JournalEntry] | None:
+        """The ``JournalAppendStore`` capability (``ports/persistence/journal.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/journal_set.py``), else
+        ``None``."""
+        if not self.dialect.set_statements:
+            return None
+        return await append_journal(self, transport, owner, entries, events)
 
     # -- plumbing ----------------------------------------------------------------
     @property
