@@ -114,6 +114,7 @@ class InMemoryTransaction:
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        journal: Sequence[JournalEntry] = (),
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``) by the
         per-kind calls, in their order: memory has no round trips to save, and this
@@ -126,6 +127,8 @@ class InMemoryTransaction:
             await transport.complete_many(self, completed_jobs, leases=leases)
         if stages:
             await self.stages.update_many(stages)
+        for entry in journal:
+            await self.journal.insert(entry)
         if events:
             await self.outbox.append(events)
         return True
