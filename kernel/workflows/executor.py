@@ -91,6 +91,10 @@ if TYPE_CHECKING:
 
 
 # -- the activation -----------------------------------------------------------------------
+class _GuardFailedError(Exception):
+    """A commit without reads found the run, stage or job moved on; nothing was written."""
+
+
 class _Writer:
     """The ``JournalWriter`` of one activation: every commit re-checks ownership."""
 
@@ -138,71 +142,109 @@ class _Writer:
     ) -> list[JournalEntry]:
         now = self._deps.clock.now()
         causation = self._scope.causation_id
-        if entries and not (consume or replies or start_children or cancel_children or ai_calls):
-            appended = await self._append(entries, events, causation)
-            if appended is not None:
-                return appended
-        stored: list[JournalEntry] | None = None
-        async with self._deps.persistence.transaction() as tx:
-            owned = await self.owner(tx)
-            if owned is None:
-                # Another execution owns the run now: this one's entries are discarded,
-                # but the model calls it made were paid for (kernel/ai.py).
-                if ai_calls:
-                    await tx.ai_calls.record(marked_failed(ai_calls))
+        plain = not (consume or replies or start_children or cancel_children or ai_calls)
+        if plain and entries and all(e.id is None and e.kind != "attribute" for e in entries):
+            # New entries only, nothing that changes the run: the commit without reads.
+            try:
+                async with self._deps.persistence.transaction() as tx:
+                    appended = await self._append(tx, entries, events, causation)
+                    if appended is not None:
+                        return appended
+                    stored = await self._commit_in(tx, now, entries, events)  # not offered
+            except _GuardFailedError as failed:  # nothing written: read and decide
+                self._deps.logger.debug(
+                    "workflow.append_fallback", run_id=self._s.run.id, reason=failed.__cause__
+                )
             else:
-                run, stage = owned
-                self.paused = run.paused
-                run = await apply_attributes(tx, run, entries, now)
-                # What a later commit without reads (``_append``) expects to find.
-                self._s.run, self._s.stage = run, stage
-                self._s.stages = [
-                    stage if st.stage_id == stage.stage_id else st for st in self._s.stages
-                ]
-                stored = await write_entries(tx, entries, now)
-                if ai_calls:
-                    await tx.ai_calls.record(ai_calls)
-                for message_id, consumer in consume:
-                    await tx.inbox.consume(message_id, now, consumer)
-                for message_id, reply in replies:
-                    await tx.inbox.set_reply(message_id, reply)
-                if events:
-                    await tx.outbox.append([evolve(e, {"causation_id": causation}) for e in events])
-                for spec in start_children:
-                    await start_child(self._deps, tx, run, spec, now, causation)
-                for run_id in cancel_children:
-                    await cancel_run(
-                        self._deps, tx, run_id, "lost a race of its parent", now, causation
-                    )
+                if stored is None:
+                    raise Interrupt("ghost")
+                return stored
+        async with self._deps.persistence.transaction() as tx:
+            stored = await self._commit_in(
+                tx,
+                now,
+                entries,
+                events,
+                consume=consume,
+                replies=replies,
+                start_children=start_children,
+                cancel_children=cancel_children,
+                ai_calls=ai_calls,
+            )
         if stored is None:
             raise Interrupt("ghost")
         return stored
 
-    async def _append(
-        self, entries: Sequence[JournalEntry], events: Sequence[EventBase], causation: str | None
+    async def _commit_in(
+        self,
+        tx: Transaction,
+        now: datetime,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase],
+        *,
+        consume: Sequence[tuple[int, str]] = (),
+        replies: Sequence[tuple[int, JsonValue]] = (),
+        start_children: Sequence[ChildStart] = (),
+        cancel_children: Sequence[str] = (),
+        ai_calls: Sequence[AICall] = (),
     ) -> list[JournalEntry] | None:
-        """The commit without reads, where the transaction offers it (``append_journal``,
-        ``ports/persistence/journal.py``): new entries and their events, written only
+        """The reading commit inside ``tx``: check ownership, then write. ``None`` when
+        another execution owns the run now (a ghost: nothing of this one is recorded)."""
+        causation = self._scope.causation_id
+        owned = await self.owner(tx)
+        if owned is None:
+            # Another execution owns the run now: this one's entries are discarded,
+            # but the model calls it made were paid for (kernel/ai.py).
+            if ai_calls:
+                await tx.ai_calls.record(marked_failed(ai_calls))
+            return None
+        run, stage = owned
+        self.paused = run.paused
+        run = await apply_attributes(tx, run, entries, now)
+        # What a later commit without reads (``_append``) expects to find.
+        self._s.run, self._s.stage = run, stage
+        self._s.stages = [stage if st.stage_id == stage.stage_id else st for st in self._s.stages]
+        stored = await write_entries(tx, entries, now)
+        if ai_calls:
+            await tx.ai_calls.record(ai_calls)
+        for message_id, consumer in consume:
+            await tx.inbox.consume(message_id, now, consumer)
+        for message_id, reply in replies:
+            await tx.inbox.set_reply(message_id, reply)
+        if events:
+            await tx.outbox.append([evolve(e, {"causation_id": causation}) for e in events])
+        for spec in start_children:
+            await start_child(self._deps, tx, run, spec, now, causation)
+        for run_id in cancel_children:
+            await cancel_run(self._deps, tx, run_id, "lost a race of its parent", now, causation)
+        return stored
+
+    async def _append(
+        self,
+        tx: Transaction,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase],
+        causation: str | None,
+    ) -> list[JournalEntry] | None:
+        """The commit without reads, where ``tx`` offers it (``append_journal``,
+        ``ports/persistence/journal.py``): the new entries and their events, written only
         while the run, its stage and the job are as this execution last committed or read
-        them (``owner_of``). ``None`` when it is not offered, does not apply (search
-        attributes change the run) or a guard failed: nothing was written, and the caller
-        commits through the reads, which decide as before."""
-        if any(e.id is not None or e.kind == "attribute" for e in entries):
+        them (``owner_of``); then ``tx`` has ended. ``None`` when it is not offered
+        (nothing was sent: the caller goes on in ``tx``); ``_GuardFailedError`` when a guard
+        failed (nothing was written: the caller commits through the reads, which decide
+        as before)."""
+        append = getattr(tx, "append_journal", None)
+        if append is None:
             return None
         try:
-            async with self._deps.persistence.transaction() as tx:
-                append = getattr(tx, "append_journal", None)
-                if append is None:
-                    return None
-                stored: list[JournalEntry] | None = await append(
-                    self._deps.job_transport,
-                    owner_of(self._s, self._worker_id),
-                    entries,
-                    [evolve(e, {"causation_id": causation}) for e in events],
-                )
-        except (ConcurrencyError, DuplicateError) as exc:  # rolled back: read and retry
-            self._deps.logger.debug("workflow.append_fallback", run_id=self._s.run.id, reason=exc)
-            return None
+            stored: list[JournalEntry] | None = await append(
+                self._deps.job_transport,
+                owner_of(self._s, self._worker_id),
+                entries,
+                [evolve(e, {"causation_id": causation}) for e in events],
+            )
+        except (ConcurrencyError, DuplicateError) as exc:
+            raise _GuardFailedError from exc
         if stored is not None:
             self.paused = self._s.run.paused  # the run is as it was known
         return stored
