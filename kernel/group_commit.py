@@ -71,7 +71,23 @@ class GroupCommit(Generic[Item, Result]):
         would do, without the list of one in and the list of one out, for the caller
         that is alone (every stage of a sequential worker)."""
         if not self._leading and not self._queue:
-            return await self._alone(item, commit_group, commit_one)
+            if commit_one is None:
+                return await self._alone(item, commit_group, commit_one)
+            # ``_alone`` with ``commit_one``, inlined (every stage of a worker that is not
+            # busy passes here): alone to the end, so no entry, no future, no leader
+            # registration (``release`` is for groups: a no-op inside ``commit_one``).
+            self._leading = True
+            try:
+                result = await commit_one(item)
+            except Exception:
+                self.groups += 1
+                self.items += 1
+                raise
+            finally:
+                self._pass_lead()
+            self.groups += 1
+            self.items += 1
+            return result
         entry: _Entry[Item] = _Entry(item, asyncio.get_running_loop().create_future())
         self._queue.append(entry)
         if self._leading:

@@ -9,6 +9,7 @@ import treadle.kernel.commands as c
 import treadle.kernel.flow_control as flow
 from treadle.kernel.context import artifact_prefix
 from treadle.kernel.errors import (
+    ConcurrencyError,
     DuplicateError,
     InvalidConfigError,
     InvalidStateError,
@@ -462,6 +463,14 @@ async def claim_pending(
     no lease and no phase-1 transaction (the started state waits in ``deps.chains``)."""
     now = deps.clock.now()
     budget = cmd.chain if deps.chains.allows(cmd.worker_id) else 0
+    if scope.key is None and getattr(deps.persistence, "claim_reads", False):
+        try:
+            unlocked = await _claim_unlocked(deps, cmd, scope, budget, now)
+        except ConcurrencyError as exc:  # a run moved on after the read: nothing written
+            deps.logger.debug("claim.unlocked_fallback", reason=str(exc))
+        else:
+            if unlocked is not None:
+                return unlocked
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)
         if cached is not None:
@@ -508,6 +517,47 @@ async def claim_pending(
     return result
 
 
+async def _claim_unlocked(
+    deps: Deps, cmd: c.RunClaimPending, scope: Scope, budget: int, now: datetime
+) -> c.RunClaimPendingResult | None:
+    """The claim in two statements without ``BEGIN``/``COMMIT`` (PostgreSQL): one read of
+    the candidates with their stages (``tx.claim_candidates``, no lock held past it),
+    then every write at once (``WriteBuffer.flush``: ``tx.write_set``), guarded by the
+    run and stage versions read. A run claimed, cancelled or paused in between fails
+    the write as a whole (``ConcurrencyError``, nothing written): the caller claims
+    again under locks. ``None``, having written nothing, when this claim needs what
+    the buffer does not carry (a concurrency or rate limit to admit under its keys'
+    locks, a lost input to fail, a timer to read): the caller claims under locks.
+    Nothing to claim costs the one read."""
+    async with deps.persistence.transaction() as tx:
+        read = getattr(tx, "claim_candidates", None)
+        found = await read(cmd.max_claims) if read is not None else None
+        if found is None:
+            return None
+        runs, stages, timed = found
+        if runs and (
+            any_limited(deps, runs)
+            or any(type(run.input) is MissingPayload for run in runs)
+            or (len(runs) > 1 and not deps.settings.group_commit)
+        ):
+            return None
+        buffer = WriteBuffer(tx, {run.id: run for run in runs}, stages, {})
+        buffered, buffered_tx = buffer.stand_in(deps)
+        try:
+            claimed, started = await _claim_runs(
+                buffered, buffered_tx, cmd.worker_id, scope, runs, budget, now, timed=timed
+            )
+        except NotBatchableError:
+            return None
+        if buffer.run_writes:
+            # The flush is all this claim writes: one statement, sent without BEGIN/COMMIT.
+            await buffer.flush(deps.job_transport, last=True)
+        result = c.RunClaimPendingResult(claimed=claimed, chained_jobs=[s.job for s in started])
+    for s in started:  # only once their start has committed
+        deps.chains.keep(s.job.id, cmd.worker_id, s)
+    return result
+
+
 async def _fail_lost_inputs(
     deps: Deps, tx: Transaction, runs: list[Run], now: datetime, causation_id: str | None
 ) -> list[Run]:
@@ -536,6 +586,7 @@ async def _claim_runs(
     *,
     prior_events: list[EventBase] | None = None,
     fresh: list[StageRun] | None = None,
+    timed: set[str] | None = None,
 ) -> tuple[list[c.ClaimedRun], list[Any]]:
     """Start each of ``runs`` inside ``tx``: RUNNING, group 0 enqueued (the first job of
     up to ``budget`` runs leased to the claimer, ``worker_id``, and started). Returns the
@@ -543,7 +594,9 @@ async def _claim_runs(
     ``prior_events``: appended with the first run's own (``run.create`` claiming the
     run it just created commits one ``append_events``). ``fresh``: the stages of the one
     run, created by this transaction with no timers, so nothing of it needs reading (and
-    its first activation, for a code workflow, knows its journal is empty)."""
+    its first activation, for a code workflow, knows its journal is empty). ``timed``:
+    the runs known to have timers (read with the runs); a run not in it has none, so
+    arming its execution timeout reads none."""
     claimed: list[c.ClaimedRun] = []
     started: list[Any] = []
     for run in runs:
@@ -566,7 +619,8 @@ async def _claim_runs(
                 },
             )
         )
-        await arm_execution_timeout(tx, run, wf, now, pending=None if fresh is None else [])
+        known = fresh is not None or (timed is not None and run.id not in timed)
+        await arm_execution_timeout(tx, run, wf, now, pending=[] if known else None)
         stages = await tx.stages.for_run(run.id) if fresh is None else fresh
         group0 = [s for s in stages if s.execution_group == 0]
         lease_to = worker_id if budget > 0 and group0 else None

@@ -266,12 +266,17 @@ async def test_a_large_stage_output_with_small_events_is_still_one_unit(backend:
     assert sequences == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("feed", [True, False], ids=["feed", "quiet"])
-async def test_the_set_sends_the_event_feed_notify_unless_turned_off(
-    backend: Any, feed: bool
+@pytest.mark.parametrize(
+    ("feed", "reader"),
+    [(True, True), (True, False), (False, True)],
+    ids=["feed", "no-reader", "quiet"],
+)
+async def test_the_set_sends_the_event_feed_notify_only_to_a_live_reader(
+    backend: Any, feed: bool, reader: bool
 ) -> None:
-    """As ``outbox.append``: the event feed's NOTIFY with the events, none when the
-    persistence's ``notify_events`` is off (PostgreSQL: a column of the one statement)."""
+    """As ``outbox.append``: the event feed's NOTIFY with the events while a live reader
+    is announced, none without one, and none when the persistence's ``notify_events``
+    is off (PostgreSQL: a column of the one statement)."""
     if backend.name != "postgres":
         return
     import psycopg
@@ -280,6 +285,8 @@ async def test_the_set_sends_the_event_feed_notify_unless_turned_off(
 
     run, stages, job = await _seed(backend)
     backend.persistence.notify_events = feed
+    if reader:
+        await backend.persistence.announce_event_reader("test-reader", 60)
     dsn = backend.persistence.engine.url.set(drivername="postgresql").render_as_string(
         hide_password=False
     )
@@ -288,4 +295,4 @@ async def test_the_set_sends_the_event_feed_notify_unless_turned_off(
         async with backend.persistence.transaction() as tx:
             assert await tx.write_set(backend.job_transport, **_writes(run, stages, job), last=True)
         heard = [n.channel async for n in listener.notifies(timeout=0.5)]
-    assert heard == ([EVENTS_CHANNEL] if feed else [])
+    assert heard == ([EVENTS_CHANNEL] if feed and reader else [])

@@ -29,10 +29,12 @@ written, and ``write_set`` raises what the per-kind call would have
 (``ConcurrencyError``, ``DuplicateError``). The CAST's text depends on the counts, so
 the planner cannot fold it into a constant error.
 
-The NOTIFYs the per-kind calls send (the event feed's unless ``notify_events`` is off, a
-run end's ``end:<ids>``, new QUEUED jobs' ``jobs``) are columns of the final SELECT:
-sent on commit, dropped with a rollback. The due-time NOTIFY stays with the
-transaction's end (``SqlPersistence.transaction``), as for every transaction.
+The NOTIFYs the per-kind calls send (the event feed's while a live reader is announced
+and ``notify_events`` is on, new QUEUED jobs' ``jobs``) are columns of the final SELECT:
+sent on commit, dropped with a rollback. A run end's ``end:<id>`` is the ``runs``
+trigger's, for runs someone waits on (``adapters/sql/wake_interest.py``). The due-time
+NOTIFY stays with the transaction's end (``SqlPersistence.transaction``), as for every
+transaction.
 
 Not taken here (``write_set`` returns ``False`` and the caller makes the per-kind
 calls): SQLite (several statements anyway), a job transport other than this
@@ -52,7 +54,6 @@ from sqlalchemy import exc as sa_exc
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
-from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.job_rows import _JOB_FIELDS, _PG_JOB_ROWS, _available_later, job_rows
@@ -218,9 +219,6 @@ def _shape_sql(
     )
     if events and feed:
         columns.append(f"{FEED_NOTIFY} AS feed")
-    columns.append(
-        "CASE WHEN :end_payload = '' THEN NULL ELSE pg_notify(:channel, :end_payload) END AS ended"
-    )
     columns.append("CASE WHEN :notify_jobs THEN pg_notify(:channel, 'jobs') END AS jobs")
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
 
@@ -368,8 +366,8 @@ async def write_set(
     if journal_rows:
         params |= _PG_JOURNAL_ROWS.encode(journal_rows, "l_rows")
     params["l_n"] = len(journal_rows)
-    ended = tx.outbox._note_ended(event_rows) if event_rows else []
-    params["end_payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended)) if ended else ""
+    if event_rows:
+        tx.outbox._note_ended(event_rows)  # the NOTIFY is the runs trigger's (wake_interest)
     params["notify_jobs"] = notify_jobs and "jobs" not in tx._notified
     # The event feed's NOTIFY unless this transaction's persistence sends none
     # (``notify_events``), as ``outbox.append``.
