@@ -1,6 +1,7 @@
 """Statements and round trips per stage on PostgreSQL, counted on the wire (issue 11).
 
-``--runs`` runs of a 3-stage no-op pipeline, one at a time (start, then result), by the
+``--runs`` runs of a 3-stage no-op pipeline (``--workflow code``: a code workflow of 3
+no-op steps; per stage then reads per step), one at a time (start, then result), by the
 in-process worker, after a few unmeasured ones. libpq's protocol trace of every pooled
 connection (``PGconn.trace``) records what the client sent and received; counted over
 the measured runs and divided by their stages:
@@ -34,7 +35,7 @@ from pydantic import BaseModel
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
-from treadle import Engine, WorkflowBuilder, define_stage
+from treadle import Engine, WorkflowBuilder, WorkflowContext, define_stage, workflow
 
 WARMUP = 5
 
@@ -59,6 +60,19 @@ async def stage_c(ctx: Any) -> Payload:
 
 
 PIPELINE = WorkflowBuilder("rt", input=Payload).pipe(stage_a).pipe(stage_b).pipe(stage_c).build()
+
+
+async def noop(n: int) -> int:
+    return n
+
+
+@workflow(id="rt-code", input=Payload, output=Payload)
+async def code_workflow(ctx: WorkflowContext, payload: Payload) -> Payload:
+    """The pipeline's three stages as three steps of one code workflow."""
+    n = await ctx.step("a", noop, payload.n)
+    n = await ctx.step("b", noop, n)
+    n = await ctx.step("c", noop, n)
+    return Payload(n=n)
 
 
 class Wire:
@@ -110,7 +124,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--workflow", choices=("pipeline", "code"), default="pipeline")
     args = parser.parse_args()
+    workflow_id = "rt" if args.workflow == "pipeline" else "rt-code"
     server = sa.make_url(args.pg_url)
     name = f"treadle_rt_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(
@@ -124,14 +140,14 @@ async def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as directory:
             wire = Wire(directory)
-            engine = await Engine.open(url, workflows=[PIPELINE], auto_migrate=True)
+            engine = await Engine.open(url, workflows=[PIPELINE, code_workflow], auto_migrate=True)
             try:
                 async with engine.worker(concurrency=8):
                     for i in range(WARMUP):
-                        await (await engine.start("rt", {"n": -1 - i})).result(timeout=30)
+                        await (await engine.start(workflow_id, {"n": -1 - i})).result(timeout=30)
                     before = wire.count()
                     for i in range(args.runs):
-                        await (await engine.start("rt", {"n": i})).result(timeout=30)
+                        await (await engine.start(workflow_id, {"n": i})).result(timeout=30)
                     after = wire.count()
             finally:
                 await engine.aclose()
@@ -141,8 +157,10 @@ async def main() -> None:
             conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
     stages = 3 * args.runs
-    print(f"{args.runs} runs of a 3-stage no-op pipeline, one at a time, PostgreSQL")
-    print("| per stage | count |\n|---|---|")
+    what = "3-stage no-op pipeline" if args.workflow == "pipeline" else "3-step no-op code workflow"
+    unit = "stage" if args.workflow == "pipeline" else "step"
+    print(f"{args.runs} runs of a {what}, one at a time, PostgreSQL")
+    print(f"| per {unit} | count |\n|---|---|")
     for key in ("statements", "round trips", "begin", "commit"):
         print(f"| {key} | {(after[key] - before[key]) / stages:.2f} |")
 

@@ -30,6 +30,7 @@ from treadle.kernel.handlers.buffered_stores import (
     NotBatchableError,
 )
 from treadle.kernel.model import IdempotencyRecord, Job, JobStatus, Run, StageRun, evolve
+from treadle.kernel.workflows.model import JournalEntry, JournalStatus
 
 if TYPE_CHECKING:
     from treadle.kernel.deps import Deps
@@ -86,6 +87,11 @@ class WriteBuffer:
         """With ``guard_jobs``: each completed job's lease as prefetched (worker,
         attempts), which the flush's completion requires still to hold."""
         self.new_jobs: list[Job] = []
+        self.journal_writes: list[JournalEntry] = []
+        """New code-workflow journal entries (a completing activation's last calls)."""
+        self.nothing_waiting: set[str] = set()
+        """Runs known to have no WAITING journal entry (``journal.entries(run, status=
+        WAITING)`` answers ``[]`` for them; any other journal read refuses the item)."""
         self.runs = BufferedRuns(self)
         self.stages = BufferedStages(self)
         self.outbox = BufferedOutbox(self)
@@ -122,7 +128,7 @@ class WriteBuffer:
 
     @property
     def journal(self) -> JournalStore:
-        raise _not_carried("journal")
+        return BufferedJournal(self)
 
     @property
     def inbox(self) -> InboxStore:
@@ -180,6 +186,7 @@ class WriteBuffer:
             last=last and not self.idempotency_writes,
             prior=self.prior_runs,
             prior_stages=self.prior_stages,
+            journal=self.journal_writes,
         ):
             if self.idempotency_writes:
                 await tx.idempotency.put_many(self.idempotency_writes)
@@ -192,10 +199,51 @@ class WriteBuffer:
             await transport.complete_many(tx, self.completed_jobs, leases=self.leases)
         if self.stage_writes:
             await tx.stages.update_many(list(self.stage_writes.values()))
+        for entry in self.journal_writes:
+            await tx.journal.insert(entry)
         if self.events:
             await tx.outbox.append(self.events)
         if self.idempotency_writes:
             await tx.idempotency.put_many(self.idempotency_writes)
+
+
+class BufferedJournal:
+    """``tx.journal`` of a buffered commit: ``insert`` collected (the flush writes the
+    entries, with their ids; the caller gets them back without), WAITING entries of a run
+    the caller vouched for (``nothing_waiting``) answered as none. Everything else
+    refuses the item (it commits alone, through the reads)."""
+
+    __slots__ = ("_nothing_waiting", "_writes")
+
+    def __init__(self, buffer: WriteBuffer) -> None:
+        self._writes = buffer.journal_writes
+        self._nothing_waiting = buffer.nothing_waiting
+
+    async def entries(
+        self,
+        run_id: str,
+        *,
+        status: JournalStatus | None = None,
+        from_position: int | None = None,
+    ) -> list[JournalEntry]:
+        if status is JournalStatus.WAITING and run_id in self._nothing_waiting:
+            return [e for e in self._writes if e.workflow_run_id == run_id and e.status is status]
+        raise _not_carried("journal.entries")
+
+    async def get(self, run_id: str, name: str, occurrence: int) -> JournalEntry | None:
+        raise _not_carried("journal.get")
+
+    async def latest(self, run_id: str, name: str) -> JournalEntry | None:
+        raise _not_carried("journal.latest")
+
+    async def insert(self, entry: JournalEntry) -> JournalEntry:
+        if entry.id is not None:
+            raise _not_carried("journal.insert of a stored entry")
+        self._writes.append(entry)
+        return entry
+
+    async def update(self, entry: JournalEntry) -> JournalEntry:
+        raise _not_carried("journal.update")
 
 
 class BufferedJobs:

@@ -106,6 +106,8 @@ from treadle.kernel.workflows.waits import (
 if TYPE_CHECKING:
     from treadle.ports.telemetry import AttemptSpan, AttributeValue
 
+_WAITING = JournalStatus.WAITING
+
 _LOCAL_KINDS = frozenset({"now", "uuid", "publish", "compensation", "compensate"})
 """Calls a compensating replay still makes: they record local facts (or run the
 compensations themselves) rather than move the cancelled run forward."""
@@ -381,6 +383,10 @@ class WorkflowContext:
         self._new_id = new_id
         self._overrides = dict(overrides or {})
         self._by_position = {e.position: e for e in journal}
+        self._waiting = {(e.name, e.occurrence) for e in journal if e.status is _WAITING}
+        """Every entry of the run that may be WAITING in storage: those read or committed
+        WAITING, until read or committed otherwise (only this run's activations make an
+        entry WAITING; a signal, a timer or a child's end only move one on)."""
         self._by_key = {(e.name, e.occurrence): e for e in journal}
         self._last_recorded = max(self._by_position, default=-1)
         self._next_position = 0
@@ -447,6 +453,13 @@ class WorkflowContext:
         """Recorded calls (``now``, ``uuid``, ``publish``, ``set_attribute``) not committed
         yet."""
         return self._pending
+
+    @property
+    def nothing_waiting(self) -> bool:
+        """Whether no entry of the run can be WAITING in storage (the journal as this
+        context read and committed it): a commit of the run's end needs no journal read
+        to find waits (children) to settle."""
+        return not self._waiting and not any(e.status is _WAITING for e in self._pending)
 
     @property
     def pending_events(self) -> list[EventBase]:
@@ -527,6 +540,10 @@ class WorkflowContext:
         )
 
     def _remember(self, entry: JournalEntry) -> None:
+        if entry.status is _WAITING:
+            self._waiting.add((entry.name, entry.occurrence))
+        else:
+            self._waiting.discard((entry.name, entry.occurrence))
         if entry.position < self._kept_from:
             return
         self._by_position[entry.position] = entry
@@ -795,7 +812,15 @@ class WorkflowContext:
                 output=result,
                 duration=now - started,
             )
-            await self._commit([done], [event], ai_calls=calls.drain(failed=False))
+            recorded = calls.drain(failed=False)
+            if kind == "step" and not recorded and CURRENT_BRANCH.get() is None:
+                # Committed with the body's next durable boundary: the next step commits
+                # it before it starts (above), and the activation's end commits it with
+                # the run's completion (or its waits), in one commit instead of two.
+                self._pending.append(done)
+                self._pending_events.append(event)
+            else:
+                await self._commit([done], [event], ai_calls=recorded)
             return _decode(adapter, result)
 
     async def _record_failure(

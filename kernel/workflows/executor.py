@@ -37,6 +37,8 @@ import treadle.kernel.commands as c
 from treadle.kernel.ai import AICall, marked_failed
 from treadle.kernel.context import CancellationToken
 from treadle.kernel.errors import (
+    ConcurrencyError,
+    DuplicateError,
     InvalidInputError,
     OutputValidationError,
     PayloadMissingError,
@@ -53,6 +55,7 @@ from treadle.kernel.handlers.common import (
 )
 from treadle.kernel.handlers.effects import read_ai_totals
 from treadle.kernel.handlers.execution import Started, is_current, validate_output
+from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.model import (
     JsonValue,
     MissingPayload,
@@ -72,6 +75,7 @@ from treadle.kernel.workflows.model import (
     ChildStart,
     InboxMessage,
     JournalEntry,
+    JournalOwner,
     JournalStatus,
     Timer,
 )
@@ -87,6 +91,10 @@ if TYPE_CHECKING:
 
 
 # -- the activation -----------------------------------------------------------------------
+class _GuardFailedError(Exception):
+    """A commit without reads found the run, stage or job moved on; nothing was written."""
+
+
 class _Writer:
     """The ``JournalWriter`` of one activation: every commit re-checks ownership."""
 
@@ -134,35 +142,111 @@ class _Writer:
     ) -> list[JournalEntry]:
         now = self._deps.clock.now()
         causation = self._scope.causation_id
-        stored: list[JournalEntry] | None = None
-        async with self._deps.persistence.transaction() as tx:
-            owned = await self.owner(tx)
-            if owned is None:
-                # Another execution owns the run now: this one's entries are discarded,
-                # but the model calls it made were paid for (kernel/ai.py).
-                if ai_calls:
-                    await tx.ai_calls.record(marked_failed(ai_calls))
+        plain = not (consume or replies or start_children or cancel_children or ai_calls)
+        if plain and entries and all(e.id is None and e.kind != "attribute" for e in entries):
+            # New entries only, nothing that changes the run: the commit without reads.
+            try:
+                async with self._deps.persistence.transaction() as tx:
+                    appended = await self._append(tx, entries, events, causation)
+                    if appended is not None:
+                        return appended
+                    stored = await self._commit_in(tx, now, entries, events)  # not offered
+            except _GuardFailedError as failed:  # nothing written: read and decide
+                self._deps.logger.debug(
+                    "workflow.append_fallback", run_id=self._s.run.id, reason=failed.__cause__
+                )
             else:
-                run = owned[0]
-                self.paused = run.paused
-                await apply_attributes(tx, run, entries, now)
-                stored = await write_entries(tx, entries, now)
-                if ai_calls:
-                    await tx.ai_calls.record(ai_calls)
-                for message_id, consumer in consume:
-                    await tx.inbox.consume(message_id, now, consumer)
-                for message_id, reply in replies:
-                    await tx.inbox.set_reply(message_id, reply)
-                if events:
-                    await tx.outbox.append([evolve(e, {"causation_id": causation}) for e in events])
-                for spec in start_children:
-                    await start_child(self._deps, tx, run, spec, now, causation)
-                for run_id in cancel_children:
-                    await cancel_run(
-                        self._deps, tx, run_id, "lost a race of its parent", now, causation
-                    )
+                if stored is None:
+                    raise Interrupt("ghost")
+                return stored
+        async with self._deps.persistence.transaction() as tx:
+            stored = await self._commit_in(
+                tx,
+                now,
+                entries,
+                events,
+                consume=consume,
+                replies=replies,
+                start_children=start_children,
+                cancel_children=cancel_children,
+                ai_calls=ai_calls,
+            )
         if stored is None:
             raise Interrupt("ghost")
+        return stored
+
+    async def _commit_in(
+        self,
+        tx: Transaction,
+        now: datetime,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase],
+        *,
+        consume: Sequence[tuple[int, str]] = (),
+        replies: Sequence[tuple[int, JsonValue]] = (),
+        start_children: Sequence[ChildStart] = (),
+        cancel_children: Sequence[str] = (),
+        ai_calls: Sequence[AICall] = (),
+    ) -> list[JournalEntry] | None:
+        """The reading commit inside ``tx``: check ownership, then write. ``None`` when
+        another execution owns the run now (a ghost: nothing of this one is recorded)."""
+        causation = self._scope.causation_id
+        owned = await self.owner(tx)
+        if owned is None:
+            # Another execution owns the run now: this one's entries are discarded,
+            # but the model calls it made were paid for (kernel/ai.py).
+            if ai_calls:
+                await tx.ai_calls.record(marked_failed(ai_calls))
+            return None
+        run, stage = owned
+        self.paused = run.paused
+        run = await apply_attributes(tx, run, entries, now)
+        # What a later commit without reads (``_append``) expects to find.
+        self._s.run, self._s.stage = run, stage
+        self._s.stages = [stage if st.stage_id == stage.stage_id else st for st in self._s.stages]
+        stored = await write_entries(tx, entries, now)
+        if ai_calls:
+            await tx.ai_calls.record(ai_calls)
+        for message_id, consumer in consume:
+            await tx.inbox.consume(message_id, now, consumer)
+        for message_id, reply in replies:
+            await tx.inbox.set_reply(message_id, reply)
+        if events:
+            await tx.outbox.append([evolve(e, {"causation_id": causation}) for e in events])
+        for spec in start_children:
+            await start_child(self._deps, tx, run, spec, now, causation)
+        for run_id in cancel_children:
+            await cancel_run(self._deps, tx, run_id, "lost a race of its parent", now, causation)
+        return stored
+
+    async def _append(
+        self,
+        tx: Transaction,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase],
+        causation: str | None,
+    ) -> list[JournalEntry] | None:
+        """The commit without reads, where ``tx`` offers it (``append_journal``,
+        ``ports/persistence/journal.py``): the new entries and their events, written only
+        while the run, its stage and the job are as this execution last committed or read
+        them (``owner_of``); then ``tx`` has ended. ``None`` when it is not offered
+        (nothing was sent: the caller goes on in ``tx``); ``_GuardFailedError`` when a guard
+        failed (nothing was written: the caller commits through the reads, which decide
+        as before)."""
+        append = getattr(tx, "append_journal", None)
+        if append is None:
+            return None
+        try:
+            stored: list[JournalEntry] | None = await append(
+                self._deps.job_transport,
+                owner_of(self._s, self._worker_id),
+                entries,
+                [evolve(e, {"causation_id": causation}) for e in events],
+            )
+        except (ConcurrencyError, DuplicateError) as exc:
+            raise _GuardFailedError from exc
+        if stored is not None:
+            self.paused = self._s.run.paused  # the run is as it was known
         return stored
 
     def child_workflow(self, workflow_id: str) -> WorkflowDefinition:
@@ -171,6 +255,19 @@ class _Writer:
     async def peek_message(self, kind: str, name: str) -> InboxMessage | None:
         async with self._deps.persistence.transaction() as tx:
             return await tx.inbox.next_message(self._s.run.id, name, kind=kind)
+
+
+def owner_of(s: Started, worker_id: str) -> JournalOwner:
+    """What the execution ``s`` owns, as it last committed or read it."""
+    return JournalOwner(
+        run_id=s.run.id,
+        run_version=s.run.version,
+        stage_id=s.stage.stage_id,
+        stage_version=s.stage.version,
+        job_id=s.job.id,
+        worker_id=worker_id,
+        job_attempts=s.job.attempts,
+    )
 
 
 _Ended = tuple[JsonValue, BaseException | None, SagaOutcome | None]
@@ -409,6 +506,17 @@ async def _finish(
 ) -> c.JobExecuteResult:
     now = deps.clock.now()
     interrupt = ctx.interrupt
+    if (
+        interrupt is None
+        and error is None
+        and outcome is None
+        and ctx.nothing_waiting
+        and not getattr(deps.persistence, "local_reads", False)
+    ):
+        try:
+            return await _finish_trusted(deps, scope, s, ctx, output, now)
+        except (NotBatchableError, ConcurrencyError, DuplicateError) as exc:  # rolled back
+            deps.logger.debug("workflow.trusted_finish_fallback", run_id=s.run.id, reason=exc)
     async with deps.persistence.transaction() as tx:
         owned = None
         if interrupt is None or interrupt.reason != "ghost":
@@ -432,6 +540,44 @@ async def _finish(
         else:
             result = await _commit_completed(deps, tx, scope, s, run, stage, output, now)
         await scope.complete(tx, result)
+    return result
+
+
+async def _finish_trusted(
+    deps: Deps,
+    scope: Scope,
+    s: Started,
+    ctx: WorkflowContext,
+    output: JsonValue,
+    now: datetime,
+) -> c.JobExecuteResult:
+    """The body returned: commit the calls still pending (its last step, by default),
+    the stage and the run completed and the job done without reading anything back, as
+    a pipeline's chained stage commits (``jobs._commit_trusted``). The run, stage and job
+    are taken as this execution last committed or read them (``Started``) and every
+    write is guarded by what it expects to replace (the run's and the stage's versions,
+    the job's lease): whatever took the run from this activation meanwhile fails a guard,
+    nothing is written, and the caller commits through the reads (a ghost, most likely).
+    The run's end settles no waits (``ctx.nothing_waiting``: no children to cancel). On
+    PostgreSQL the transaction is one statement (``tx.write_set`` with its journal part),
+    sent without BEGIN/COMMIT."""
+    async with deps.persistence.transaction() as tx:
+        buffer = WriteBuffer(tx, {s.run.id: s.run}, {s.run.id: list(s.stages)}, {s.job.id: s.job})
+        buffer.guard_jobs()
+        buffer.nothing_waiting.add(s.run.id)
+        buffered, buffered_tx = buffer.stand_in(deps)
+        run = await apply_attributes(buffered_tx, s.run, ctx.pending, now)
+        stored = await write_entries(buffered_tx, ctx.pending, now)
+        if ctx.pending_events:
+            await buffered_tx.outbox.append(
+                [evolve(e, {"causation_id": scope.causation_id}) for e in ctx.pending_events]
+            )
+        result = await _commit_completed(buffered, buffered_tx, scope, s, run, s.stage, output, now)
+        await scope.complete(buffered_tx, result)
+        if not buffer.run_writes:  # nothing would lock the run or check its version
+            raise NotBatchableError("the commit does not write the run")
+        await buffer.flush(deps.job_transport, last=True)
+    ctx.committed(stored)
     return result
 
 

@@ -53,6 +53,23 @@ JournalKind = Literal[
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class JournalOwner:
+    """What an activation knows it owns, as its first phase committed it: the run at
+    ``run_version``, its orchestrating stage at ``stage_version``, the job leased to
+    ``worker_id`` at ``job_attempts``. A journal commit that takes these from memory
+    instead of reading them (``ports/persistence/journal.py``, ``append_journal``)
+    writes only while all of them still hold."""
+
+    run_id: str
+    run_version: int
+    stage_id: str
+    stage_version: int
+    job_id: str
+    worker_id: str
+    job_attempts: int
+
+
 def journal_key(kind: str, name: str) -> str:
     """The stored name of a call: a step's own name; ``kind:name`` for the other calls, so
     a step named ``status`` and ``publish("status", ...)`` keep separate occurrences."""

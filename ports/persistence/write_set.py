@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase
     from treadle.kernel.model import Job, Run, StageRun
+    from treadle.kernel.workflows.model import JournalEntry
     from treadle.ports.job_transport import JobTransport
 
 __all__ = ["InsertSetStore", "WriteSetStore"]
@@ -39,6 +40,7 @@ class WriteSetStore(Protocol):
         last: bool = False,
         prior: Mapping[str, Run] | None = None,
         prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
+        journal: Sequence[JournalEntry] = (),
     ) -> bool:
         """Write all of these in this transaction with exactly the effects and guards of
         the per-kind calls, in their order (runs, new jobs, completed jobs, stages,
@@ -59,7 +61,11 @@ class WriteSetStore(Protocol):
         ``prior``: run id -> the run as stored, the version each of ``runs`` replaces
         (which the version check proves is what the row holds). An adapter may then
         write only the columns that differ; without it, every column. ``prior_stages``:
-        the same for ``stages``, by (run id, stage id)."""
+        the same for ``stages``, by (run id, stage id).
+
+        ``journal``: new code-workflow journal entries, inserted as ``journal.insert``
+        does, under the same guards (an entry already recorded raises
+        ``DuplicateError``)."""
         ...
 
 

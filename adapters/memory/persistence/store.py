@@ -120,6 +120,7 @@ class InMemoryTransaction:
         last: bool = False,
         prior: Mapping[str, Run] | None = None,
         prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
+        journal: Sequence[JournalEntry] = (),
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``) by the
         per-kind calls, in their order: memory has no round trips to save, and this
@@ -132,6 +133,8 @@ class InMemoryTransaction:
             await transport.complete_many(self, completed_jobs, leases=leases)
         if stages:
             await self.stages.update_many(stages)
+        for entry in journal:
+            await self.journal.insert(entry)
         if events:
             await self.outbox.append(events)
         return True

@@ -77,6 +77,7 @@ from treadle.kernel.model import (
 if TYPE_CHECKING:
     from treadle.kernel.events import EventBase
     from treadle.kernel.model import Job
+    from treadle.kernel.workflows.model import JournalEntry, JournalOwner
     from treadle.ports import BlobStore, JobTransport
 from treadle.adapters.sql.persistence.annotations import SqlAnnotations
 from treadle.adapters.sql.persistence.claim_read import claim_candidates
@@ -84,6 +85,7 @@ from treadle.adapters.sql.persistence.idempotency import SqlIdempotency
 from treadle.adapters.sql.persistence.inbox import SqlInbox
 from treadle.adapters.sql.persistence.insert_set import insert_set
 from treadle.adapters.sql.persistence.journal import SqlJournal
+from treadle.adapters.sql.persistence.journal_set import append_journal
 from treadle.adapters.sql.persistence.logs import SqlLogs
 from treadle.adapters.sql.persistence.outbox import SqlOutbox
 from treadle.adapters.sql.persistence.runs import SqlRuns
@@ -199,6 +201,7 @@ class SqlTransaction:
         last: bool = False,
         prior: Mapping[str, Run] | None = None,
         prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
+        journal: Sequence[JournalEntry] = (),
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
         PostgreSQL one statement (``adapters/sql/persistence/write_set.py``), else ``False``."""
@@ -216,6 +219,7 @@ class SqlTransaction:
             last=last,
             prior=prior,
             prior_stages=prior_stages,
+            journal=journal,
         )
 
     async def insert_set(
@@ -236,6 +240,20 @@ class SqlTransaction:
         return await insert_set(
             self, transport, runs=runs, new_jobs=new_jobs, stages=stages, events=events, last=last
         )
+
+    async def append_journal(
+        self,
+        transport: JobTransport,
+        owner: JournalOwner,
+        entries: Sequence[JournalEntry],
+        events: Sequence[EventBase],
+    ) -> list[JournalEntry] | None:
+        """The ``JournalAppendStore`` capability (``ports/persistence/journal.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/journal_set.py``), else
+        ``None``."""
+        if not self.dialect.set_statements:
+            return None
+        return await append_journal(self, transport, owner, entries, events)
 
     async def claim_candidates(
         self, limit: int

@@ -7,8 +7,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.payloads import (
+    escape,
     is_encoded,
 )
 from treadle.adapters.sql.persistence.shared import SqlUnit
@@ -17,6 +19,7 @@ from treadle.kernel.errors import (
     DuplicateError,
 )
 from treadle.kernel.model import (
+    MissingPayload,
     evolve,
 )
 from treadle.kernel.workflows.model import JournalEntry, JournalStatus
@@ -38,6 +41,69 @@ def _journal_values(entry: JournalEntry) -> dict[str, Any]:
         "created_at": entry.created_at,
         "completed_at": entry.completed_at,
     }
+
+
+_JOURNAL_FIELDS = (
+    "run_id",
+    "position",
+    "step_name",
+    "occurrence",
+    "kind",
+    "status",
+    "attempts",
+    "input",
+    "result",
+    "error",
+    "idempotency_key",
+    "created_at",
+    "completed_at",
+    "version",
+)
+
+_PG_JOURNAL_ROWS = pg_bulk.RecordSet(
+    t.journal, {name: name for name in _JOURNAL_FIELDS}, extra={"i": "INTEGER"}
+)
+"""New journal entries as one JSON parameter (``pg_bulk``), for the one-statement
+commits (``journal_set.py``, ``write_set.py``)."""
+
+
+def pg_insert_journal_sql(rows: str, where: str) -> str:
+    """``INSERT INTO journal ... SELECT`` the entries of parameter ``rows`` (in their
+    order, ``i``) only ``where`` holds; ``RETURNING id, position``. An entry whose
+    (name, occurrence) or position is taken inserts nothing (``ON CONFLICT DO NOTHING``):
+    the caller compares the count with what it sent, as ``insert`` raises
+    ``DuplicateError``."""
+    return pg_bulk.insert_select_sql(
+        t.journal,
+        _PG_JOURNAL_ROWS,
+        {name: _PG_JOURNAL_ROWS.value(name) for name in _JOURNAL_FIELDS},
+        order_by="i",
+        suffix="ON CONFLICT DO NOTHING RETURNING id, position",
+        rows=rows,
+        where=where,
+    )
+
+
+def pg_journal_rows(entries: list[JournalEntry], offloads: Any) -> list[dict[str, Any]] | None:
+    """The rows of new ``entries`` for ``_PG_JOURNAL_ROWS``, or ``None`` when a value
+    would go to the blob store (``offloads(value)``; the per-entry ``insert`` stores it)."""
+    rows: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        values = _journal_values(entry)
+        for column in ("input", "result"):
+            value = values[column]
+            if value is None:
+                continue
+            if type(value) is MissingPayload:
+                return None
+            value = escape(value)
+            if offloads is not None and offloads(value):
+                return None
+            values[column] = value
+        values["version"] = 0
+        values["i"] = i
+        rows.append(values)
+    return rows
 
 
 def _journal_from_row(row: sa.Row[Any]) -> JournalEntry:

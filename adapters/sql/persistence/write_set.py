@@ -13,7 +13,8 @@ per-kind statements (``pg_bulk.update_from_sql``/``insert_select_sql``,
          w_d AS (UPDATE jobs ... WHERE still leased as expected AND <gate> RETURNING t.id),
          w_s AS (UPDATE stages ... WHERE version = expected AND <gate> RETURNING t.run_id),
          e_v, e_n, e_s AS (INSERT INTO run_event_seq ... WHERE <gate> ...), e_q,
-         w_e AS (INSERT INTO outbox ... RETURNING run_id, sequence)
+         w_e AS (INSERT INTO outbox ... RETURNING run_id, sequence),
+         w_l AS (INSERT INTO journal ... WHERE <gate> ...)  -- with journal entries only
     SELECT <rows written per CTE>, CASE WHEN <every count as expected> THEN 0
            ELSE CAST('treadle write_set guard: ...' AS INTEGER) END, pg_notify(...)
 
@@ -58,6 +59,11 @@ from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.job_rows import _JOB_FIELDS, _PG_JOB_ROWS, _available_later, job_rows
 from treadle.adapters.sql.payloads import escape
+from treadle.adapters.sql.persistence.journal import (
+    _PG_JOURNAL_ROWS,
+    pg_insert_journal_sql,
+    pg_journal_rows,
+)
 from treadle.adapters.sql.persistence.outbox import (
     _PG_OUTBOX_ROWS,
     FEED_NOTIFY,
@@ -82,6 +88,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from treadle.adapters.due_times import DueKind
+    from treadle.kernel.workflows.model import JournalEntry
     from treadle.ports.job_transport import JobTransport
 
 
@@ -107,9 +114,18 @@ __all__ = ["GUARD_MARK", "SqlTransactionUnit", "write_set"]
 GUARD_MARK = write_set_one.GUARD_MARK
 """The text of the error the statement raises when a guard fails."""
 
-_GUARD_RE = re.compile(GUARD_MARK + r": r=(\d+)/(\d+) j=(\d+)/(\d+) d=(\d+)/(\d+) s=(\d+)/(\d+)")
+_GUARD_RE = re.compile(
+    GUARD_MARK
+    + r": r=(\d+)/(\d+) j=(\d+)/(\d+) d=(\d+)/(\d+) s=(\d+)/(\d+) e=\d+/\d+(?: l=(\d+)/(\d+))?"
+)
+"""The counts a failed guard reports; ``l`` (journal entries) only from the general
+statement (``write_set_one``'s carries none)."""
 
 _GATE = "(SELECT count(*) FROM w_r) = :r_n"
+
+_COUNTED = ("r", "j", "d", "s", "e", "l")
+"""The parts whose written rows are counted: runs, new jobs, done jobs, stages, events,
+journal entries."""
 
 _PG_DONE_ROWS = pg_bulk.RecordSet(
     t.jobs,
@@ -125,7 +141,9 @@ _PG_DONE_ROWS = pg_bulk.RecordSet(
 """A completed job: its id, the lease it must still have (``w_*``), what it becomes."""
 
 
-def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool, feed: bool) -> str:
+def _shape_sql(
+    jobs: bool, done: bool, leased: bool, stages: bool, events: bool, feed: bool, journal: bool
+) -> str:
     ctes = [
         "w_r AS ("
         + pg_bulk.update_from_sql(
@@ -140,7 +158,7 @@ def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool,
         )
         + ")"
     ]
-    counts = {"r": "(SELECT count(*) FROM w_r)", "j": "0", "d": "0", "s": "0", "e": "0"}
+    counts = {"r": "(SELECT count(*) FROM w_r)", "j": "0", "d": "0", "s": "0", "e": "0", "l": "0"}
     if jobs:
         ctes.append(
             "w_j AS ("
@@ -196,11 +214,15 @@ def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool,
         ctes.extend(event_ctes)
         ctes.append(f"w_e AS ({insert})")
         counts["e"] = "(SELECT count(*) FROM w_e)"
-    ok = " AND ".join(f"{counts[k]} = :{k}_n" for k in ("r", "j", "d", "s", "e"))
-    report = " || ".join(
-        f"' {k}=' || {counts[k]} || '/' || :{k}_n" for k in ("r", "j", "d", "s", "e")
-    )
-    columns = [f"{counts[k]} AS {k}" for k in ("r", "j", "d", "s", "e")]
+    # -- a code workflow's new journal entries (its last step and the calls recorded
+    # since, committed with the run's end: ``kernel/workflows/executor.py``) ---------
+    if journal:
+        ctes.append(f"w_l AS ({pg_insert_journal_sql('l_rows', _GATE)})")
+        counts["l"] = "(SELECT count(*) FROM w_l)"
+    # -- end of the journal part -----------------------------------------------------
+    ok = " AND ".join(f"{counts[k]} = :{k}_n" for k in _COUNTED)
+    report = " || ".join(f"' {k}=' || {counts[k]} || '/' || :{k}_n" for k in _COUNTED)
+    columns = [f"{counts[k]} AS {k}" for k in _COUNTED]
     columns.append(
         f"CASE WHEN {ok} THEN 0 ELSE CAST('{GUARD_MARK}:' || {report} AS INTEGER) END AS ok"
     )
@@ -211,7 +233,7 @@ def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool,
 
 
 def _statement(
-    tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool, bool, bool]
+    tx: SqlTransactionUnit, shape: tuple[bool, bool, bool, bool, bool, bool, bool]
 ) -> sa.TextClause:
     name = "write_set:" + "".join("1" if part else "0" for part in shape)
 
@@ -219,10 +241,12 @@ def _statement(
         return sa.text(_shape_sql(*shape)).bindparams(
             sa.bindparam("channel", value=NOTIFY_CHANNEL),
             sa.bindparam("notify_jobs", type_=sa.Boolean()),
-            *(sa.bindparam(f"{k}_n", type_=sa.Integer()) for k in ("r", "j", "d", "s", "e")),
+            *(sa.bindparam(f"{k}_n", type_=sa.Integer()) for k in _COUNTED),
             *(
                 sa.bindparam(f"{k}_rows", type_=sa.Text())
-                for k, present in zip(("j", "d", "s", "e"), shape[:2] + shape[3:5], strict=True)
+                for k, present in zip(
+                    ("j", "d", "s", "e", "l"), shape[:2] + shape[3:5] + shape[6:], strict=True
+                )
                 if present
             ),
             sa.bindparam("r_rows", type_=sa.Text()),
@@ -245,6 +269,7 @@ async def write_set(
     last: bool = False,
     prior: Mapping[str, Run] | None = None,
     prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
+    journal: Sequence[JournalEntry] = (),
 ) -> bool:
     """``WriteSetStore.write_set`` on a ``SqlTransaction`` (see the module docstring;
     one run's set: ``write_set_one.py``)."""
@@ -275,6 +300,13 @@ async def write_set(
                 "created_at": event.timestamp,
             }
         )
+    journal_rows: list[dict[str, Any]] = []
+    if journal:  # new entries only; a value for the blob store takes the per-kind path
+        offloads = tx.payloads.offloads if tx.payloads is not None else None
+        found = pg_journal_rows(list(journal), offloads)
+        if found is None or any(entry.id is not None for entry in journal):
+            return False
+        journal_rows = found
     _reject_duplicates([run.id for run in runs], "run")
     _reject_duplicates([(s.workflow_run_id, s.stage_id) for s in stages], "stage")
     if len(set(completed_jobs)) != len(completed_jobs) or len({j.id for j in new_jobs}) != len(
@@ -283,12 +315,17 @@ async def write_set(
         return False  # the per-kind calls say which
     # One run's set (a chained stage's commit) takes the statement of scalar
     # parameters, which the server plans in a fraction of the time (write_set_one.py).
-    one = len(runs) == 1 and write_set_one.fits(
-        runs[0].id,
-        len(new_jobs),
-        len(completed_jobs),
-        len(stages),
-        [row["run_id"] for row in event_rows],
+    # (Not a set with journal entries: that part is the general statement's, ``w_l``.)
+    one = (
+        not journal_rows
+        and len(runs) == 1
+        and write_set_one.fits(
+            runs[0].id,
+            len(new_jobs),
+            len(completed_jobs),
+            len(stages),
+            [row["run_id"] for row in event_rows],
+        )
     )
     # Runs, in id order (the order their row locks are taken in, as ``update_many``).
     new_runs: list[Run] = []
@@ -384,12 +421,21 @@ async def write_set(
             params["s_keys"] = sorted({s.workflow_run_id for s in new_stages})
         if event_rows:
             params |= _PG_OUTBOX_ROWS.encode(event_rows, "e_rows")
-        statement = _statement(
-            tx,
-            (bool(rows), bool(done), leases is not None, bool(stage_rows), bool(event_rows), feed),
+        if journal_rows:
+            params |= _PG_JOURNAL_ROWS.encode(journal_rows, "l_rows")
+        shape = (
+            bool(rows),
+            bool(done),
+            leases is not None,
+            bool(stage_rows),
+            bool(event_rows),
+            feed,
+            bool(journal_rows),
         )
+        statement = _statement(tx, shape)
         params["j_n"], params["d_n"] = len(rows), len(done)
         params["s_n"], params["e_n"] = len(stage_rows), len(event_rows)
+        params["l_n"] = len(journal_rows)
     if event_rows:
         tx.outbox._note_ended(event_rows)  # the NOTIFY is the runs trigger's (wake_interest)
     notify_jobs = notify_jobs and "jobs" not in tx._notified
@@ -481,7 +527,7 @@ def _guard_error(exc: sa_exc.DBAPIError) -> Exception:
     found = _GUARD_RE.search(str(exc.orig))
     if found is None:
         return translate(exc, "write set")
-    r, r_n, j, j_n, d, d_n, s, s_n = (int(x) for x in found.groups())
+    r, r_n, j, j_n, d, d_n, s, s_n, lines, lines_n = (int(x or 0) for x in found.groups())
     if r != r_n:
         return ConcurrencyError(
             f"{r_n - r} run(s) were updated concurrently or do not exist (nothing written)"
@@ -496,4 +542,6 @@ def _guard_error(exc: sa_exc.DBAPIError) -> Exception:
         return ConcurrencyError(
             f"{s_n - s} stage(s) were updated concurrently or do not exist (nothing written)"
         )
+    if lines != lines_n:
+        return DuplicateError("a journal entry with this name, occurrence or position exists")
     return ConcurrencyError(f"the write set's events were not all appended: {exc.orig}")
