@@ -140,8 +140,8 @@ async def _execute_together(
     engine: Engine, jobs: list[Job], gated: str, before_release: Any = None, *, keyed: bool = True
 ) -> list[c.JobExecuteResult]:
     """Execute ``jobs`` concurrently with stage ``gated`` held until every body has
-    entered it, then release them at once: the first to finish commits alone, the rest
-    queue behind it and commit as one group."""
+    entered it, then release them at once: finishing in the same turn of the event loop,
+    they commit as one group (a new leader waits that one turn: ``GroupCommit``)."""
     gate = GATES[gated] = asyncio.Event()
     entered = len(ENTERED)
     tasks = [
@@ -189,13 +189,13 @@ async def _run_to_completion(engine: Engine, results: list[c.JobExecuteResult]) 
 
 # -- tests --------------------------------------------------------------------------------
 async def test_stages_finishing_together_commit_as_one_group(engine: Engine) -> None:
-    """Four runs' first stages finish at once: one commits alone, three as a group. Each
-    result, chained next stage, event stream and idempotency record is what a lone
-    commit gives; then the chains carry every run to completion."""
+    """Four runs' first stages finish at once and commit as one group. Each result,
+    chained next stage, event stream and idempotency record is what a lone commit gives;
+    then the chains carry every run to completion."""
     jobs = await _queued_first_jobs(engine, 4)
     groups, items = _group_counts(engine)
     results = await _execute_together(engine, jobs, "a")
-    assert _group_counts(engine) == (groups + 2, items + 4)
+    assert _group_counts(engine) == (groups + 1, items + 4)
     for job, result in zip(jobs, results, strict=True):
         assert (result.outcome, result.ghost, result.stage_id) == ("completed", False, "a")
         assert result.workflow_run_id == job.workflow_run_id
@@ -247,8 +247,8 @@ async def test_two_stages_of_one_run_in_one_group_see_each_other(engine: Engine)
         "w1", engine.kernel.deps.clock.now(), limit=5
     )
     assert sibling.stage_id == "c"
-    # One gate, waited on in this order: the other run's "a" is released first and
-    # commits alone; "b" and "c" of the fan run queue behind it and form one group.
+    # One gate, waited on in this order: the other run's "a", and "b" and "c" of the fan
+    # run, finish in the same turn of the event loop and form one group.
     GATES["a"] = GATES["b"] = GATES["c"] = gate = asyncio.Event()
     groups, items = _group_counts(engine)
     tasks = [
@@ -259,7 +259,7 @@ async def test_two_stages_of_one_run_in_one_group_see_each_other(engine: Engine)
     gate.set()
     done = await asyncio.gather(*tasks)
     GATES.clear()
-    assert _group_counts(engine) == (groups + 2, items + 3)
+    assert _group_counts(engine) == (groups + 1, items + 3)
     fan_results = done[1:]
     joins = [r.chained_job for r in fan_results if r.chained_job is not None]
     assert [j.stage_id for j in joins] == ["d"]
@@ -300,7 +300,7 @@ async def test_a_group_the_buffer_cannot_carry_commits_each_item_alone(
     jobs = await _queued_first_jobs(engine, 3)
     groups, items = _group_counts(engine)
     results = await _execute_together(engine, jobs, "a")
-    assert _group_counts(engine) == (groups + 2, items + 3)  # 1 alone, then 2
+    assert _group_counts(engine) == (groups + 1, items + 3)  # then each alone
     assert all(r.outcome == "completed" and r.chained_job is not None for r in results)
     monkeypatch.undo()
     await _run_to_completion(engine, results)
@@ -329,10 +329,10 @@ async def test_a_group_costs_a_fixed_number_of_statements(engine: Engine) -> Non
     log = StatementLog(engine)  # from the moment the bodies are released: phase 3 only
     await _execute_together(engine, jobs, "a", before_release=log.start)
     work = log.stop()
-    assert _group_counts(engine) == (2, 6)
-    # One commit alone (11 statements today) and a group of five (10: three reads, one
-    # statement per kind of write).
-    assert len(work) <= 22, work
+    assert _group_counts(engine) == (1, 6)
+    # One group of six: at most three reads and one statement per kind of write (on
+    # PostgreSQL two: the writes, the idempotency records).
+    assert len(work) <= 11, work
 
 
 async def test_a_claim_of_several_runs_is_set_oriented_and_chains(engine: Engine) -> None:
@@ -374,8 +374,8 @@ async def test_a_group_of_chained_stages_commits_without_reading(engine: Engine)
     """Chained stages (started by the commit before them, so this worker knows their job,
     run and stages as last written) commit as a group without reading anything back:
     the writes go out guarded by the versions and leases they expect, on PostgreSQL as
-    ONE statement for the whole group. The lone commit ahead of the group costs one
-    statement too; the reading group would cost three reads besides its writes."""
+    ONE statement for the whole group, where the reading group costs three reads
+    besides its writes."""
     jobs = await _queued_first_jobs(engine, 6)
     firsts = await _execute_together(engine, jobs, "a")
     chained = [r.chained_job for r in firsts]
@@ -385,10 +385,10 @@ async def test_a_group_of_chained_stages_commits_without_reading(engine: Engine)
     seconds = [j for j in chained if j is not None]
     await _execute_together(engine, seconds, "b", log.start, keyed=False)
     work = log.stop()
-    assert _group_counts(engine) == (groups + 2, items + 6)  # one alone, then five
+    assert _group_counts(engine) == (groups + 1, items + 6)
     assert not [s for s in work if s.startswith("SELECT")], work
     if getattr(engine.kernel.deps.persistence, "dialect_name", None) == "postgresql":
-        assert len(work) == 2, work  # the lone commit's statement, the group's statement
+        assert len(work) == 1, work  # the group's one statement
     for job in jobs:
         stages = {s.stage_id: s for s in (await engine.get_run(job.workflow_run_id)).stages}
         assert (stages["b"].status, stages["c"].status) == (
