@@ -65,16 +65,22 @@ class GroupCommit(Generic[Item, Result]):
         item: Item,
         commit_group: CommitGroup[Item, Result],
         commit_one: Callable[[Item], Awaitable[Result]] | None = None,
+        *,
+        gather: bool = True,
     ) -> Result:
         """Commit ``item`` in the next group; returns its result or raises its error.
         ``commit_one`` (optional) commits a group of one: what ``commit_group([item])``
         would do, without the list of one in and the list of one out, for the caller
-        that is alone (every stage of a sequential worker)."""
+        that is alone (every stage of a sequential worker). ``gather=False``: a new
+        leader takes its group at once, without waiting a turn (``_gather``), for a
+        store whose commits never wait (in memory), where that turn would only reorder
+        a deterministic harness's steps."""
         if not self._leading:
             self._leading = True
             self._queue[:] = [e for e in self._queue if not e.future.done()]
             try:
-                await self._gather()
+                if gather:
+                    await self._gather()
             except asyncio.CancelledError:
                 self._pass_lead()  # to whoever submitted meanwhile
                 raise
@@ -96,7 +102,8 @@ class GroupCommit(Generic[Item, Result]):
             # The lead passed to us; our entry is still first in the queue.
             self._leading = True
             try:
-                await self._gather()
+                if gather:
+                    await self._gather()
             except asyncio.CancelledError:
                 self._withdraw(entry)
                 raise

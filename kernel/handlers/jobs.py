@@ -565,7 +565,10 @@ async def phase_commit(
     """Phase 3: commit ``outcome`` (group commit when it can), ghost check included."""
     item = _Commit(deps, cmd, scope, s, ctx, outcome)
     if deps.settings.group_commit and _groupable(item):
-        result = await deps.commits.submit(item, _commit_items, _commit_alone)
+        # In memory (``local_reads``) a commit never waits: nothing would join a group in
+        # the turn a leader waits, and that turn would reorder the harness's steps.
+        gather = not getattr(deps.persistence, "local_reads", False)
+        result = await deps.commits.submit(item, _commit_items, _commit_alone, gather=gather)
         return cast("c.JobExecuteResult", result)
     return await _commit_alone(item)
 

@@ -348,3 +348,14 @@ async def test_a_leader_cancelled_while_gathering_hands_the_lead_on() -> None:
         await first
     assert recorder.groups == [["b"]]
     assert await commits.submit("c", recorder) == "done c"
+
+
+async def test_without_gather_a_lone_leader_commits_at_once() -> None:
+    """``gather=False`` (the in-memory store, whose commits never wait): each submission
+    of the turn leads and commits at once, alone (here the commit itself never waits,
+    so nobody queues behind it), where ``gather`` would have made them one group."""
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    tasks = [asyncio.create_task(commits.submit(item, recorder, gather=False)) for item in "abc"]
+    assert await asyncio.gather(*tasks) == ["done a", "done b", "done c"]
+    assert recorder.groups == [["a"], ["b"], ["c"]]
