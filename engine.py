@@ -232,6 +232,7 @@ class RunHandle:
                 # (no read); until then there is nothing to read for.
                 run = waiters.outcome(run_id)
                 if run is None and not waiters.expecting(run_id):
+                    await waiters.before_read(run_id)  # PostgreSQL: ask for its end's NOTIFY
                     run = await self.engine.get_run(run_id, with_stages=False)
                 compensating = False
                 if run is not None:

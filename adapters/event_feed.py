@@ -7,8 +7,9 @@ SSE streams) learn that there is something to read without polling:
 - in this process, the persistence tells its ``EventWatchers`` after each commit that
   appended events (``persistence.watch_events(callback)``), on every adapter;
 - across processes on PostgreSQL, the same commit carries ``NOTIFY treadle_events``
-  (empty payload; PostgreSQL folds the repeats of one transaction), which a listener
-  on that channel hears (``PgJobListener(url, channel=EVENTS_CHANNEL)``).
+  (empty payload; PostgreSQL folds the repeats of one transaction) while a live reader
+  is announced (``adapters/sql/wake_interest.py``), which a listener on that channel
+  hears (``PgJobListener(url, channel=EVENTS_CHANNEL)``).
 
 SQLite has no cross-process push: readers in another process poll (see
 docs/http-api.md).

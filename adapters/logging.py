@@ -44,6 +44,19 @@ class _LevelCheckedLogger(structlog.stdlib.BoundLogger):
             return None
         return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
 
+    # ``info`` and ``debug`` check the level themselves: the kernel logs every stage's
+    # outcome at info, and going through ``_proxy_to_logger`` first would repack its
+    # keywords into a second dict only to drop them.
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return None
+        return structlog.stdlib.BoundLogger._proxy_to_logger(self, "info", event, *args, **kw)
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        if not self._logger.isEnabledFor(logging.DEBUG):
+            return None
+        return structlog.stdlib.BoundLogger._proxy_to_logger(self, "debug", event, *args, **kw)
+
 
 _STAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
 

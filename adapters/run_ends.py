@@ -4,9 +4,11 @@
 Every adapter already sees the events a transaction appends; when one of them ends a
 run (``RUN_END_EVENTS``), the adapter notes the run id on the transaction and, once
 that transaction has committed, tells its ``RunEndWatchers``. A waiter in the same
-process therefore wakes without polling; on PostgreSQL the same commit also carries a
-``NOTIFY`` (payload ``end:<run ids>``) for waiters in other processes, delivered by
-the ``PgJobListener``. Polling stays the fallback everywhere.
+process therefore wakes without polling. On PostgreSQL a waiter in another process
+marks the run first, and the ``runs`` trigger sends ``NOTIFY treadle_jobs,
+'end:<run id>'`` with the commit that ends a marked run, delivered by the
+``PgJobListener`` (``adapters/sql/wake_interest.py``). Polling stays the fallback
+everywhere.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from treadle.adapters.watchers import Watchers
 from treadle.kernel.model import Run
 
 RUN_END_PREFIX = "end:"
-"""The NOTIFY payload prefix of finished runs (``end:<id>,<id>``)."""
+"""The NOTIFY payload prefix of finished runs (``end:<id>``; ``end:<id>,<id>`` parses
+too)."""
 
 RunEndCallback = Callable[[Sequence[str], Mapping[str, Run]], None]
 """``callback(run_ids, outcomes)``: ``outcomes`` holds, by id, the finished runs as the

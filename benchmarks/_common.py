@@ -27,13 +27,16 @@ def pct(values: list[float], q: float) -> float:
 @contextlib.contextmanager
 def fresh_database(backend: str, pg_url: str) -> Iterator[str]:
     """A URL of a new, empty database: a PostgreSQL database created on ``pg_url``'s
-    server (dropped afterwards), or a SQLite file in a temporary directory."""
+    server (dropped afterwards), or a SQLite file in a temporary directory (its scheme
+    ``$TREADLE_BENCH_SQLITE_SCHEME``, default ``sqlite``: ``sqlite+aiosqlite`` measures
+    the aiosqlite driver instead of the inline one)."""
     if backend == "postgres":
         with postgres_database(server_url=pg_url, prefix="treadle_bench") as url:
             yield url
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            yield f"sqlite:///{Path(tmp) / 'bench.db'}"
+            scheme = os.environ.get("TREADLE_BENCH_SQLITE_SCHEME", "sqlite")
+            yield f"{scheme}:///{Path(tmp) / 'bench.db'}"
 
 
 def libpq_url(url: str) -> str:

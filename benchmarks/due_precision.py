@@ -32,6 +32,14 @@ returning (the commit is done) and from ``start`` being called.
 SQLite has no NOTIFY: a due time created by another process is found at the worker's next
 tick there, so only ``local`` is measured on SQLite.
 
+On PostgreSQL each line also counts, on the wire of the worker's engine (its pooled
+connections; not the LISTEN connection, not the second engine), what it sent from the
+sample's start to the work starting: round trips (statements, plus ``BEGIN`` and
+``COMMIT`` sent as their own requests), statements, and transactions (a ``BEGIN``, or a
+statement sent alone in autocommit). For ``remote`` samples that is the worker's whole
+share: the wake-up, the claim or the timer's firing, up to the body; unlike the times,
+these counts do not depend on the machine's load. The median per sample is printed.
+
     .venv/bin/python benchmarks/due_precision.py [--samples 20] [--due 0.3]
         [--backend both|postgres|sqlite] [--kinds batch,sleep,retry,scheduled,claim]
         [--origins local,remote] [--pg-url postgresql://postgres@127.0.0.1:5432/test]
@@ -49,6 +57,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from _common import fresh_database, pct, pg_version
 from pydantic import BaseModel
 
@@ -75,6 +84,9 @@ TIMEOUT = 15.0
 ORIGIN_WORKER = "due-bench-origin"
 """The worker id the second engine leases its runs' first stages to."""
 
+SETTLE = 0.05
+"""Seconds between samples, so one sample's tail is not counted in the next."""
+
 DUE = {"seconds": 0.3}
 """Seconds from creating the timed work to its due time (``--due``)."""
 
@@ -91,14 +103,73 @@ class Sample:
         self.event = asyncio.Event()
         self.wall = 0.0
         self.perf = 0.0
+        wire = WIRE.get("worker")
+        self.wire_from = wire.snapshot() if wire is not None else None
+        self.wire: tuple[int, ...] | None = None
+        """What the worker sent from the sample's start to the hit (``Wire.snapshot``)."""
 
     def hit(self) -> None:
         if not self.event.is_set():
             self.wall, self.perf = time.time(), time.perf_counter()
+            wire = WIRE.get("worker")
+            if wire is not None and self.wire_from is not None:
+                now = wire.snapshot()
+                self.wire = tuple(b - a for a, b in zip(self.wire_from, now, strict=True))
             self.event.set()
 
 
 SAMPLES: dict[int, Sample] = {}
+
+
+class Wire:
+    """What the worker engine's pooled connections sent (PostgreSQL, psycopg): counted
+    from SQLAlchemy's events and the driver's transaction status, so a ``BEGIN`` or
+    ``COMMIT`` psycopg sends by itself is counted, and one it leaves out (a statement
+    sent in autocommit, a commit of a connection that never began) is not."""
+
+    def __init__(self) -> None:
+        self.statements = self.begins = self.commits = self.alone = 0
+
+    def attach(self, engine: Any) -> None:
+        sync_engine = engine.backend.persistence.engine.sync_engine
+        sa.event.listen(sync_engine, "before_cursor_execute", self._on_execute)
+        sa.event.listen(sync_engine, "commit", self._on_end)
+        sa.event.listen(sync_engine, "rollback", self._on_end)
+
+    @staticmethod
+    def _driver(conn: Any) -> Any:
+        return conn.connection.driver_connection
+
+    def _on_execute(self, conn: Any, *args: Any) -> None:
+        from psycopg.pq import TransactionStatus
+
+        driver = self._driver(conn)
+        self.statements += 1
+        if driver.autocommit:
+            self.alone += 1
+        elif driver.info.transaction_status == TransactionStatus.IDLE:
+            self.begins += 1
+
+    def _on_end(self, conn: Any) -> None:
+        from psycopg.pq import TransactionStatus
+
+        driver = self._driver(conn)
+        if not driver.autocommit and driver.info.transaction_status != TransactionStatus.IDLE:
+            self.commits += 1
+
+    def snapshot(self) -> tuple[int, int, int]:
+        """(round trips, statements, transactions) so far."""
+        return (
+            self.statements + self.begins + self.commits,
+            self.statements,
+            self.begins + self.alone,
+        )
+
+
+WIRE: dict[str, Wire] = {}
+"""The worker engine's counter, while a PostgreSQL scenario runs (key ``worker``)."""
+LAST_WIRE: list[tuple[int, ...] | None] = [None]
+"""The last sample's ``Sample.wire``."""
 
 
 def _hit(n: int) -> None:
@@ -207,6 +278,7 @@ async def one_sample(
                 f"due-bench-{n}", {**command, "run_id": run_id}, due
             )
             await asyncio.wait_for(sample.event.wait(), TIMEOUT)
+            LAST_WIRE[:] = [sample.wire]
             run = await worker_engine.get_run(run_id, with_stages=False)
             return (run.created_at - due).total_seconds(), sample.wall - due.timestamp()
         workflow_id = WORKFLOW_OF[kind]
@@ -215,6 +287,7 @@ async def one_sample(
         else:
             run_id = await _start_remote(origin, workflow_id, n)
         await asyncio.wait_for(sample.event.wait(), TIMEOUT)
+        LAST_WIRE[:] = [sample.wire]
         due = await _due_of(worker_engine, kind, run_id)
         return sample.wall - due.timestamp(), None
     finally:
@@ -229,6 +302,7 @@ async def claim_sample(origin: Engine, n: int) -> tuple[float, float]:
         await origin.start("mark", {"n": n})
         returned = time.perf_counter()
         await asyncio.wait_for(sample.event.wait(), TIMEOUT)
+        LAST_WIRE[:] = [sample.wire]
         return sample.perf - returned, sample.perf - called
     finally:
         SAMPLES.pop(n, None)
@@ -243,6 +317,8 @@ class Figures(BaseModel):
     """A second figure per sample: from ``start`` called (idle-to-claim), the body of
     the created run (scheduled)."""
     extra_label: str = ""
+    wire: list[tuple[int, ...]] = []
+    """Per sample: the worker's round trips, statements and transactions (PostgreSQL)."""
 
 
 async def scenario(url: str, kind: str, origin_kind: str, samples: int, warmup: int) -> Figures:
@@ -251,7 +327,11 @@ async def scenario(url: str, kind: str, origin_kind: str, samples: int, warmup: 
     origin = worker_engine if origin_kind == "local" else await Engine.open(url, workflows=defs)
     values: list[float] = []
     extra: list[float] = []
+    wires: list[tuple[int, ...]] = []
     lost = 0
+    if url.startswith("postgresql"):
+        WIRE["worker"] = Wire()
+        WIRE["worker"].attach(worker_engine)
     try:
         async with worker_engine.worker():
             backend = worker_engine.backend
@@ -260,6 +340,9 @@ async def scenario(url: str, kind: str, origin_kind: str, samples: int, warmup: 
                 await listener.wait_listening()
             for n in range(warmup + samples):
                 second: float | None
+                # The previous sample's tail (its stage's commit, a freed slot's dequeue)
+                # is not this sample's: let it finish before the next one starts.
+                await asyncio.sleep(SETTLE)
                 try:
                     if kind == "claim":
                         value, second = await claim_sample(origin, n)
@@ -272,7 +355,10 @@ async def scenario(url: str, kind: str, origin_kind: str, samples: int, warmup: 
                     values.append(value)
                     if second is not None:
                         extra.append(second)
+                    if LAST_WIRE[0] is not None:
+                        wires.append(LAST_WIRE[0])
     finally:
+        WIRE.pop("worker", None)
         if origin is not worker_engine:
             await origin.aclose()
         await worker_engine.aclose()
@@ -283,6 +369,7 @@ async def scenario(url: str, kind: str, origin_kind: str, samples: int, warmup: 
         lost=lost,
         extra=extra,
         extra_label=label,
+        wire=wires,
     )
 
 
@@ -305,6 +392,14 @@ def report(figures: Figures) -> None:
         print(
             f"   {'  ' + figures.extra_label:<22} p50 {_ms(pct(e, 0.5))}  p99 {_ms(pct(e, 0.99))}  "
             f"max {_ms(max(e))}  min {_ms(min(e))}"
+        )
+    if figures.wire:
+        trips, statements, transactions = (
+            pct([float(w[i]) for w in figures.wire], 0.5) for i in range(3)
+        )
+        print(
+            f"   {'  worker, median':<22} {trips:g} round trips, {statements:g} statements, "
+            f"{transactions:g} transactions"
         )
 
 

@@ -13,7 +13,7 @@ store's growing heap), and the Python function calls per stage counted by the
 profiler, which are the same on every run.
 
     .venv/bin/python benchmarks/kernel_overhead.py [--runs 1000] [--reps 5] [--no-chain]
-        [--tracing off|sdk]
+        [--tracing off|sdk] [--gc-census]
 
 ``TestEngine`` chains stages as the worker does (``--no-chain`` dequeues every stage).
 
@@ -84,6 +84,41 @@ class _GcTimer:
             self.collections += 1
 
 
+class _GcCensus:
+    """What the cyclic collector did while ``on``, counted rather than timed (the same on
+    every run): its passes per generation, and the objects those passes examined (the
+    sizes of the generations each pass collected, read as it starts)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.passes = [0, 0, 0]
+        self.examined = 0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if not self.on or phase != "start":
+            return
+        generation = info["generation"]
+        self.passes[generation] += 1
+        self.examined += sum(len(gc.get_objects(g)) for g in range(generation + 1))
+
+
+async def gc_census(runs: int, *, chain: bool = True) -> tuple[_GcCensus, int]:
+    """One repetition under ``_GcCensus``; also returns the tracked objects it left."""
+    census = _GcCensus()
+    engine = TestEngine([build_pipeline()], chain=chain)
+    for i in range(runs):
+        await engine.start("noop-10", {"n": i})
+    gc.collect()
+    before = len(gc.get_objects())
+    gc.callbacks.append(census)
+    census.on = True
+    await engine.run_until_idle()
+    census.on = False
+    gc.callbacks.remove(census)
+    gc.collect()
+    return census, len(gc.get_objects()) - before
+
+
 async def one_rep(
     runs: int,
     gc_timer: _GcTimer | None = None,
@@ -136,6 +171,11 @@ def main() -> None:
         default="off",
         help="sdk: TestEngine(telemetry=) the OpenTelemetry SDK set-up of _common.sdk_telemetry",
     )
+    parser.add_argument(
+        "--gc-census",
+        action="store_true",
+        help="one more repetition counting the collector's passes and the objects they examined",
+    )
     args = parser.parse_args()
     chain = not args.no_chain
     telemetry = None
@@ -170,6 +210,14 @@ def main() -> None:
         f"{load_before[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cpus"
     )
 
+    if args.gc_census:
+        census, left = asyncio.run(gc_census(args.runs, chain=chain))
+        stages = args.runs * STAGES
+        print(
+            f"garbage collector (counted): passes gen0/gen1/gen2 {census.passes[0]}/"
+            f"{census.passes[1]}/{census.passes[2]}, objects examined per stage "
+            f"{census.examined / stages:.0f}, tracked objects left per stage {left / stages:.1f}"
+        )
     if args.no_profile:
         return
     profiler = cProfile.Profile()

@@ -429,6 +429,15 @@ class JobReleaseResult(ResultBase):
 class StagePollSuspended(CommandBase):
     type: Literal["stage.pollSuspended"] = "stage.pollSuspended"
     max_checks: int = Field(default=50, ge=1, le=10_000)
+    worker_id: str | None = Field(default=None, min_length=1)
+    """The worker polling; with ``chain``, the worker a woken code workflow's activation
+    is leased to."""
+    chain: int = Field(default=0, ge=0, le=1000)
+    """Lease the activation of up to this many code workflows whose timers fire to
+    ``worker_id`` and commit its start in the firing transaction; the result returns
+    them as ``chained_jobs``, which the caller must execute with ``job.execute`` (or
+    release). ``0`` (the default), or no ``worker_id``: every woken activation is queued
+    for any worker."""
 
 
 class StagePollSuspendedResult(ResultBase):
@@ -438,6 +447,10 @@ class StagePollSuspendedResult(ResultBase):
     resumed_workflow_run_ids: list[str]
     timed_out_workflow_run_ids: list[str] = Field(default_factory=list)
     """Runs this poll cancelled because their execution timeout passed."""
+    chained_jobs: list[Job] = Field(default_factory=list)
+    """With ``chain``: the woken activations' jobs leased to ``worker_id`` and started
+    (stage RUNNING, ``stage:started`` committed with ``timer:fired``); execute each with
+    ``job.execute``. Their runs are among ``resumed_workflow_run_ids``."""
 
 
 # -- lease.reapStale --------------------------------------------------------

@@ -116,6 +116,17 @@ class InFlight:
         execution that runs a cancelled run's compensations); losing its job still does."""
         return _Tracking(self._tokens, job_id, run_id if by_run else None, token)
 
+    def add(self, job_id: str, run_id: str | None, token: CancellationToken) -> None:
+        """``track`` without the context manager, for the stage path (every stage): the
+        caller ``remove``s it in a ``finally``. ``run_id=None``: as ``by_run=False``."""
+        self._tokens[job_id] = (run_id, token)
+
+    def remove(self, job_id: str, token: CancellationToken) -> None:
+        """Forget ``token`` for ``job_id`` (unless another execution registered since)."""
+        found = self._tokens.get(job_id)
+        if found is not None and found[1] is token:
+            del self._tokens[job_id]
+
     def cancel_run(self, run_id: str, reason: str | None = None) -> int:
         """Set the token of every execution of ``run_id`` here; returns how many."""
         hits = [token for owner, token in self._tokens.values() if owner == run_id]

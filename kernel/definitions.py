@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, TypeAdapter, field_validator
@@ -161,6 +162,12 @@ class StageDefinition:
     @property
     def is_batch(self) -> bool:
         return False
+
+    @cached_property
+    def unstorable_output(self) -> str:
+        """The start of the error for an output that cannot be stored (``kernel.limits``):
+        made once per definition, not on every stage's path."""
+        return f"stage {self.id!r} returned output that cannot be stored"
 
     @property
     def reads_input(self) -> bool:

@@ -137,13 +137,14 @@ class Scope:
     and ``complete`` in their last, so a keyed command costs no extra commit."""
 
     def __init__(self, deps: Deps, command: c.CommandBase, *, phased: bool) -> None:
-        self.key = command.idempotency_key
+        fields = command.__dict__  # one read through pydantic's ``__getattr__`` hook
+        key: str | None = fields["idempotency_key"]
+        self.key = self.causation_id = key
         if self.key is not None and isinstance(command, c.RunCreate):
             # A run's idempotency key is unique per workflow, not globally: the cached
             # result of one workflow's start must not answer another's.
             self.key = f"{command.workflow_id}\x1f{self.key}"
-        self.command_type: str = command.type  # type: ignore[attr-defined]
-        self.causation_id = command.idempotency_key
+        self.command_type: str = fields["type"]
         self._deps = deps
         self._phased = phased
         self.claimed = False

@@ -77,7 +77,8 @@ class GroupCommit(Generic[Item, Result]):
         a deterministic harness's steps."""
         if not self._leading:
             self._leading = True
-            self._queue[:] = [e for e in self._queue if not e.future.done()]
+            if self._queue:  # only entries cancelled before their turn can be left
+                self._queue[:] = [e for e in self._queue if not e.future.done()]
             try:
                 if gather:
                     await self._gather()
@@ -85,7 +86,22 @@ class GroupCommit(Generic[Item, Result]):
                 self._pass_lead()  # to whoever submitted meanwhile
                 raise
             if not self._queue:
-                return await self._alone(item, commit_group, commit_one)
+                if commit_one is None:
+                    return await self._alone(item, commit_group, commit_one)
+                # ``_alone`` with ``commit_one``, inlined (every stage of a worker that is
+                # not busy passes here): alone to the end, so no entry, no future, no
+                # leader registration (``release`` is for groups: a no-op inside it).
+                try:
+                    result = await commit_one(item)
+                except Exception:
+                    self.groups += 1
+                    self.items += 1
+                    raise
+                finally:
+                    self._pass_lead()
+                self.groups += 1
+                self.items += 1
+                return result
             # Others submitted meanwhile: lead them, our item first.
             entry: _Entry[Item] = _Entry(item, asyncio.get_running_loop().create_future())
             self._queue.insert(0, entry)

@@ -31,20 +31,19 @@ class Uuid7Ids:
         self._pool_pid = 0
         self._prefix = ""
 
-    def _random70(self) -> int:
-        pool = self._pool
-        pid = os.getpid()
-        if not pool or pid != self._pool_pid:
-            # A forked child never uses what is left of the parent's block: the parent
-            # goes on using it, and the two would hand out the same bits.
-            block = os.urandom(9 * _POOL_IDS)
-            pool[:] = [int.from_bytes(block[i : i + 9]) & _LOW70 for i in range(0, len(block), 9)]
-            self._pool_pid = pid
-        return pool.pop()
+    def _refill(self, pid: int) -> None:
+        block = os.urandom(9 * _POOL_IDS)
+        self._pool[:] = [int.from_bytes(block[i : i + 9]) & _LOW70 for i in range(0, len(block), 9)]
+        self._pool_pid = pid
 
     def new_id(self) -> str:
         ms = int(self._now().timestamp() * 1000)
-        bits = self._random70()
+        pool, pid = self._pool, os.getpid()
+        if not pool or pid != self._pool_pid:
+            # A forked child never uses what is left of the parent's block: the parent
+            # goes on using it, and the two would hand out the same bits.
+            self._refill(pid)
+        bits = pool.pop()
         if ms <= self._last_ms:
             ms = self._last_ms
             self._counter += 1

@@ -234,6 +234,12 @@ def dump_json(
         prefix = f"{what}: " if what else ""
         problem = f"cannot be serialised as JSON: {safe_text(str(exc))}"
         raise error(f"{prefix}{field}: {problem}", [(field, problem)]) from None
+    if type(dumped) is dict:  # a model's dump (every stage output): straight to its keys
+        try:
+            _mapping(dumped, 1, True)
+        except _Problem:
+            _walk(dumped, field, error, True, what)  # again, for the error naming the path
+        return dumped
     _walk(dumped, field, error, True, what)
     return dumped
 

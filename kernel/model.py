@@ -356,9 +356,6 @@ def _remember_all_fields(cls: type[BaseModel]) -> set[str] | None:
     return shared
 
 
-_UNSET = object()
-
-
 def evolve(model: M, update: dict[str, Any]) -> M:
     """A copy of a frozen model with ``update`` applied, without re-validation.
 
@@ -371,8 +368,9 @@ def evolve(model: M, update: dict[str, Any]) -> M:
     cls = type(model)
     new = _new(cls)
     _set_dict(new, model.__dict__ | update)  # one new dict: the copy and the update at once
-    fields_set = _ALL_FIELDS.get(cls, _UNSET)
-    if fields_set is _UNSET:
+    try:  # (``try`` costs nothing in 3.11 until it catches: fewer steps than ``get``)
+        fields_set = _ALL_FIELDS[cls]
+    except KeyError:
         fields_set = _remember_all_fields(cls)
     if fields_set is None:
         fields_set = model.__pydantic_fields_set__.union(update)
@@ -417,10 +415,10 @@ def construct(cls: type[M], values: dict[str, Any]) -> M:
     Python. Missing fields take their (immutable) defaults; a missing required field or
     an unknown one is still an error, so only types go unchecked, as in ``evolve``. For
     values from outside (user input, stored JSON) call the class."""
-    shape = _SHAPES.get(cls)
-    if shape is None:
-        shape = _remember_shape(cls)
-    template, required, fields_set = shape
+    try:
+        template, required, fields_set = _SHAPES[cls]
+    except KeyError:
+        template, required, fields_set = _remember_shape(cls)
     full = template | values  # declaration order, as validation would produce
     # Key checks only: ``_REQUIRED in full.values()`` would compare the marker with every
     # value (``datetime.__eq__`` and all) on each of the several models built per stage.

@@ -19,7 +19,8 @@ class WakeSource(Protocol):
     def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(kind)`` (on the subscriber's event loop) on each wake-up until
         the returned function is called. ``kind`` is ``"jobs"`` (jobs were queued),
-        ``"run"`` (a run is waiting to be claimed), ``"end:<ids>"`` (runs finished),
+        ``"run"`` (a run is waiting to be claimed), ``"end:<ids>"`` (runs finished that a
+        waiter or a worker asked to hear of),
         ``"due:<kind>=<time>,..."`` (timed work falls due then, see
         ``adapters/due_times.py``) or ``""`` (anything may have changed, e.g. after a
         reconnect). Must be called from a running event loop."""

@@ -55,7 +55,7 @@ DEFAULT_PAYLOAD_MAX_BYTES = 256 * 1024
 """Payloads above 256 KiB of JSON go to the blob store (``adapters.sql.payloads``)."""
 
 
-_SQLITE_SCHEMES = ("sqlite", "sqlite+aiosqlite", "sqlite+pysqlite")
+_SQLITE_SCHEMES = ("sqlite", "sqlite+treadle", "sqlite+aiosqlite", "sqlite+pysqlite")
 _POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from treadle.adapters.logging import structlog_logger
 from treadle.kernel import commands as c
 from treadle.kernel.errors import describe_exception
+from treadle.kernel.model import construct
 
 if TYPE_CHECKING:
     from treadle.kernel.kernel import Kernel
@@ -155,6 +156,7 @@ async def execute_job(
                 stopping=stopping,
                 retries=retries,
                 on_error=on_error,
+                chained=current is not job,
             )
             if result is not None:
                 if on_due is not None and result.next_poll_at is not None:
@@ -197,17 +199,11 @@ async def _execute_one(
     stopping: Callable[[], bool] | None,
     retries: ReleaseRetries | None,
     on_error: Callable[[Exception, str], None] | None = None,
+    chained: bool = False,
 ) -> c.JobExecuteResult | None:
     result: c.JobExecuteResult | None = None
     try:
-        result = await kernel.dispatch(
-            c.JobExecute(
-                job_id=job.id,
-                worker_id=worker_id,
-                idempotency_key=_delivery_key(kernel, job),
-                chain=chain,
-            )
-        )
+        result = await kernel.dispatch(_command(kernel, job, worker_id, chain, chained))
     except asyncio.CancelledError:
         log = held.log
         if release_on_cancel:
@@ -248,6 +244,20 @@ async def _execute_one(
                 on_error(exc, "transition")
     # A success logs nothing here: the kernel logs each stage's outcome (``stage.*``).
     return result
+
+
+def _command(kernel: Kernel, job: Job, worker_id: str, chain: bool, chained: bool) -> c.JobExecute:
+    """The ``job.execute`` of ``job``. A chained job's is built with ``construct``: its id
+    is the kernel's own (the previous commit leased it) and ``worker_id`` passed the
+    validation of the call's first command, so pydantic would check nothing new, on every
+    stage after the first."""
+    values = {
+        "job_id": job.id,
+        "worker_id": worker_id,
+        "idempotency_key": _delivery_key(kernel, job),
+        "chain": chain,
+    }
+    return construct(c.JobExecute, values) if chained else c.JobExecute(**values)
 
 
 def release_command(

@@ -8,11 +8,19 @@ waiter re-reads the run. A run that ended in this process comes with its outcome
 run as the ending commit wrote it, which ``outcome`` hands to the waiter instead of a
 read. Polling with a capped backoff stays as the fallback (a SQLite run finished by
 another process, a lost notification).
+
+On PostgreSQL a run's end is NOTIFYed only for runs somebody marked (every NOTIFY costs
+each LISTENing backend of the database a transaction; see
+``adapters/sql/wake_interest.py``). So a waiter that reads the run, because it may end
+in another process, marks it first (``before_read``): the mark commits under a share
+lock of the run's row, which makes it race-free against the ending commit. A run
+started here for this process's worker needs no mark: its end is told in-process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +28,10 @@ from typing import Any
 from treadle.adapters.run_ends import ended_run_ids
 from treadle.kernel.model import Run
 from treadle.ports.wake_source import WakeSource
+
+MARK_RENEW = 1800.0
+"""Seconds after which a waiter still waiting marks its run again (the mark lasts
+``RUN_END_MARK_TTL``, an hour)."""
 
 EXPECTED_LIMIT = 10_000
 """The most runs started here whose end ``RunWaiters`` keeps an eye on (the oldest are
@@ -37,6 +49,8 @@ class RunWaiters:
         self._expected: OrderedDict[str, Run | None] = OrderedDict()
         """Runs started here for a worker of this process (``expect``): ``None`` until
         they end here, then their outcome, until ``outcome`` takes it."""
+        self._marked: OrderedDict[str, float] = OrderedDict()
+        """Runs this process marked for their end's NOTIFY, with when (monotonic)."""
 
     def expect(self, run_id: str) -> None:
         """Keep the outcome of ``run_id`` when it ends in this process, for ``outcome``:
@@ -64,6 +78,24 @@ class RunWaiters:
             return None
         return self._expected.pop(run_id)
 
+    async def before_read(self, run_id: str) -> None:
+        """Mark ``run_id`` for its end's NOTIFY (PostgreSQL) before a waiter reads it:
+        an end committed by another process after that read then wakes the waiter.
+        Once per run, renewed after ``MARK_RENEW`` seconds or after a wake-up (the end
+        removed the mark; a cancelled run still compensating needs a new one)."""
+        mark = getattr(self._persistence, "mark_run_end", None)
+        if mark is None or self._wake_source is None:
+            return  # no cross-process NOTIFY here: the fallback poll finds other ends
+        marked = self._marked.get(run_id)
+        now = time.monotonic()
+        if marked is not None and now - marked < MARK_RENEW:
+            return
+        await mark(run_id)
+        self._marked[run_id] = now
+        self._marked.move_to_end(run_id)
+        if len(self._marked) > EXPECTED_LIMIT:
+            self._marked.popitem(last=False)
+
     def waiter(self, run_id: str) -> asyncio.Future[None]:
         """A future resolved when ``run_id`` may have ended; ``forget`` it after use."""
         if self._stops is None:
@@ -88,6 +120,7 @@ class RunWaiters:
                 if run_id in expected:
                     expected[run_id] = run
         for run_id in run_ids:
+            self._marked.pop(run_id, None)  # the ending commit's trigger removed the mark
             for future in self._futures.pop(run_id, ()):
                 if not future.done():
                     future.set_result(None)

@@ -189,19 +189,42 @@ async def _poll_step(
     log: Any,
     on_resumed: Callable[[], None] | None = None,
     on_error: ErrorHook | None = None,
+    *,
+    worker_id: str | None = None,
+    chain: int = 0,
+    take: Callable[[list[Job]], None] | None = None,
 ) -> dict[str, Any]:
     """Poll due suspended stages, then transition each resumed run. One transition failing
     does not stop the others; the step reports the failures as its error. ``on_resumed``
     is called as soon as the poll resumed a run, before the transitions: the resuming
     commit already queued its next job (a code workflow's activation, a batch stage's
-    next group), and a job loop can take it while the transitions, a safety net, run."""
-    polled = await kernel.dispatch(c.StagePollSuspended(max_checks=max_checks))
-    if on_resumed is not None and polled.resumed_workflow_run_ids:
+    next group), and a job loop can take it while the transitions, a safety net, run.
+
+    ``chain`` and ``take`` (with ``worker_id``): the activations of up to ``chain`` code
+    workflows whose timers fire are leased to ``worker_id`` and started in the firing
+    commit (``StagePollSuspended.chain``); ``take`` receives those jobs and must execute
+    or release each. Their runs need neither a dequeue (``on_resumed`` is called only
+    for runs whose next job was queued) nor the safety-net transition (their stage is
+    RUNNING, started in that commit)."""
+    polled = await kernel.dispatch(
+        c.StagePollSuspended(
+            max_checks=max_checks,
+            worker_id=worker_id,
+            chain=chain if take is not None and worker_id is not None else 0,
+        )
+    )
+    chained = {job.workflow_run_id for job in polled.chained_jobs}
+    if take is not None and polled.chained_jobs:
+        take(polled.chained_jobs)
+    queued = [r for r in polled.resumed_workflow_run_ids if r not in chained]
+    if on_resumed is not None and queued:
         on_resumed()
+    if chained:
+        await asyncio.sleep(0)  # let the chained activations start before the bookkeeping
     result = polled.model_dump(mode="json")
     failures: list[str] = []
     transitioned = 0
-    for run_id in polled.resumed_workflow_run_ids:
+    for run_id in queued:
         try:
             await kernel.dispatch(c.RunTransition(workflow_run_id=run_id))
             transitioned += 1
@@ -271,19 +294,26 @@ async def due_steps(
     scheduled: bool = True,
     schedules: bool = False,
     on_resumed: Callable[[], None] | None = None,
+    chain: int = 0,
+    take: Callable[[list[Job]], None] | None = None,
 ) -> dict[str, TickStep]:
     """The tick's time-driven steps alone (``schedules``, ``poll_suspended``,
     ``scheduled``), for a worker woken because timed work fell due between two full
     ticks; ``schedules``, ``poll`` and ``scheduled`` say which fell due (a step with
-    nothing due is one query for nothing). ``on_resumed``: as for the poll step (see
-    ``_poll_step``)."""
+    nothing due is one query for nothing). ``on_resumed``, ``chain`` and ``take``: as
+    for the poll step (see ``_poll_step``)."""
     log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=worker_id)
     steps: dict[str, TickStep] = {}
     if schedules:
         steps["schedules"] = await _run_step("schedules", lambda: schedules_step(kernel), log, None)
     if poll:
         steps["poll_suspended"] = await _run_step(
-            "poll_suspended", lambda: _poll_step(kernel, max_checks, log, on_resumed), log, None
+            "poll_suspended",
+            lambda: _poll_step(
+                kernel, max_checks, log, on_resumed, worker_id=worker_id, chain=chain, take=take
+            ),
+            log,
+            None,
         )
     if scheduled:
         steps["scheduled"] = await _run_step(
@@ -318,7 +348,8 @@ async def maintenance_tick(
 
     Never raises for a failing step (see ``TickReport.ok``); a number for a threshold
     means seconds, as in the kernel's commands. ``chain`` and ``take``: as for
-    ``claim_step``, for the claim step. ``on_error`` is told each exception a step
+    ``claim_step``, for the claim step, then for the poll step's woken code workflows
+    (``_poll_step``) up to the slots the claim left. ``on_error`` is told each exception a step
     swallowed (a harness re-raises programming errors: ``TestEngine``). ``claim=False``
     leaves the claim step out (reported as claiming nothing, ``skipped``): a saturated
     worker that claims for its slots as they free (``Worker.tick``).
@@ -365,18 +396,39 @@ async def maintenance_tick(
         result = await kernel.dispatch(c.RunPurge(max_runs=max_purged))
         return {"purged": result.purged, "blobs_deleted": result.blobs_deleted}
 
+    handed: list[Job] = []
+
+    def taking(jobs: list[Job]) -> None:
+        """``take``, counting the slots the claim's and the poll's chained jobs filled."""
+        handed.extend(jobs)
+        assert take is not None
+        take(jobs)
+
     steps: dict[str, StepFn] = {
         "schedules": lambda: schedules_step(kernel),
         "claim": (
             (
                 lambda: claim_step(
-                    kernel, worker_id=worker_id, max_claims=max_claims, chain=chain, take=take
+                    kernel,
+                    worker_id=worker_id,
+                    max_claims=max_claims,
+                    chain=chain,
+                    take=taking if take is not None else None,
                 )
             )
             if claim
             else _no_claim
         ),
-        "poll_suspended": lambda: _poll_step(kernel, max_checks, log, on_error=on_error),
+        # Woken code workflows' activations chained to the slots the claim left.
+        "poll_suspended": lambda: _poll_step(
+            kernel,
+            max_checks,
+            log,
+            on_error=on_error,
+            worker_id=worker_id,
+            chain=max(0, chain - len(handed)),
+            take=taking if take is not None and chain > len(handed) else None,
+        ),
         "scheduled": lambda: _scheduled_step(kernel, max_scheduled, log, on_error),
         "reap_stale": reap_stale,
         "flush_outbox": flush,

@@ -68,6 +68,11 @@ BEAT_INTERVAL = 10.0
 window, ``engine.queues(live_within=60)``, spans several)."""
 
 
+ANY_END_TTL = 60.0
+"""Seconds a worker whose claim found a concurrency limit full asks PostgreSQL to NOTIFY
+every run's end (``adapters/sql/wake_interest.py``); renewed while the limit stays full."""
+
+
 class Worker:
     """Executes jobs and runs maintenance against ``kernel`` until stopped.
 
@@ -144,6 +149,10 @@ class Worker:
         # may free a slot, so it asks for a claim; a rate window frees one at a known time.
         self._limits_full = False
         self._limits_timer: asyncio.TimerHandle | None = None
+        # PostgreSQL NOTIFYs a run's end only to those who asked (``wake_interest``): a
+        # worker waiting for a slot asks for every end, for ``ANY_END_TTL`` seconds.
+        self._any_end_marked = -ANY_END_TTL
+        self._marking: asyncio.Task[None] | None = None
         self._saturated = False  # the job loop waits for a slot to free
 
     # -- public surface ---------------------------------------------------------------
@@ -186,6 +195,8 @@ class Worker:
         if claim is None or "claimed" not in claim:
             return  # the step failed: keep what the last claim said
         self._limits_full = bool(claim.get("deferred"))
+        if self._limits_full:
+            self._ask_for_run_ends()
         retry_at = claim.get("retry_at")
         if retry_at is None or self._stop_event.is_set():
             return
@@ -194,6 +205,31 @@ class Worker:
         if self._limits_timer is not None:
             self._limits_timer.cancel()
         self._limits_timer = asyncio.get_running_loop().call_later(delay, self._ask_claim)
+
+    def _ask_for_run_ends(self) -> None:
+        """A limit is full: on PostgreSQL, mark ``*`` so that every run's end is
+        NOTIFYed (a run of another process may free the slot), then claim once more (a
+        run that ended before the mark committed sent no NOTIFY). Renewed at most every
+        half ``ANY_END_TTL``, while claims keep finding the limit full."""
+        mark = getattr(self.kernel.deps.persistence, "mark_any_run_end", None)
+        if mark is None or self.wake_source is None or self._stop_event.is_set():
+            return
+        if self._marking is not None or time.monotonic() - self._any_end_marked < ANY_END_TTL / 2:
+            return
+
+        async def marking() -> None:
+            try:
+                await mark(ANY_END_TTL)
+                self._any_end_marked = time.monotonic()
+                self._ask_claim()
+            except Exception as exc:  # the full tick's claim still finds the free slot
+                self.log.warning("worker.mark_run_ends_failed", error=describe_exception(exc))
+            finally:
+                self._marking = None
+
+        self._marking = asyncio.get_running_loop().create_task(
+            marking(), name=f"{self.worker_id}:mark-run-ends"
+        )
 
     def _ask_jobs(self) -> None:
         """The job loop should dequeue now (if it has a free slot)."""
@@ -356,9 +392,9 @@ class Worker:
                 )
             finally:
                 self._release_held(chain, taken)
-        if max_claims > 0:
+        if max_claims > 0:  # a tick that left its claim out leaves what the last one said
             self._claims_pending = report.claimed_runs >= max_claims
-        self._note_claim(report.result("claim"))
+            self._note_claim(report.result("claim"))
         self.last_tick = report
         self.last_tick_at = time.monotonic()
         self.ticks += 1
@@ -550,9 +586,13 @@ class Worker:
         """What fell due: suspended stages (batch checks, code-workflow timers) for
         ``poll``, scheduled commands for ``command``, cron schedules for ``schedule``. A
         resumed run's job is dequeued as soon as the poll returns (``on_resumed``), while
-        its transition runs."""
+        its transition runs. A code workflow woken by its timer is leased to this worker
+        in the firing commit and started there, up to the slots free when the step began
+        (``_take_woken``): no dequeue, no phase-1 transaction. The slots are not held
+        while the step runs (a batch check may call a slow external system meanwhile)."""
         started = self.kernel.deps.clock.now()
         async with self._tick_lock:
+            free = self._free_slots() if "poll" in due else 0
             steps = await due_steps(
                 self.kernel,
                 worker_id=self.worker_id,
@@ -561,6 +601,8 @@ class Worker:
                 scheduled="command" in due,
                 schedules="schedule" in due,
                 on_resumed=self._jobs_queued,
+                chain=free,
+                take=self._take_woken if free else None,
             )
         if self._unwatch_due is None:
             # No commit tells this worker of the timed work the step wrote (a check not
@@ -664,6 +706,21 @@ class Worker:
             else:
                 self._spawn(job)
 
+    def _take_woken(self, jobs: list[Job]) -> None:
+        """The activations a due step's timer firing leased to this worker and started:
+        each takes a free slot now. The step held no slots, so one that finds none free
+        (filled meanwhile by a dequeue or an in-process start: rare) is handed back for
+        any worker (``job.release``: its stage PENDING, its job queued), never run past
+        ``concurrency``."""
+        room = self._free_slots()
+        self._take_chained(jobs[:room])
+        for job in jobs[room:]:
+            self.kernel.deps.chains.forget(job.id)
+            release = self._release_unstarted(job, "woken with no free slot")
+            task = asyncio.create_task(release, name=f"release:{job.id}")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
     def lend_slot(self) -> SlotLoan | None:
         """Hold a free slot for a run started in this process (``run.create`` with
         ``claim_for``), or ``None`` when none is free (or the worker is not running).
@@ -684,8 +741,7 @@ class Worker:
         result's commit, no dequeue round trip) until the worker stops."""
         return not self._stop_event.is_set()
 
-    async def _release_unstarted(self, job: Job) -> None:
-        reason = "dequeued on stop"
+    async def _release_unstarted(self, job: Job, reason: str = "dequeued on stop") -> None:
         try:
             await release_job(self.kernel, job, worker_id=self.worker_id, reason=reason)
         except Exception as exc:  # storage down: retried until it answers (or we exit)

@@ -53,7 +53,8 @@ class InMemoryJobTransport:
 
     # -- helpers -------------------------------------------------------------------
     def _store(self, tx: InMemoryTransaction, job: Job) -> None:
-        jobs, job_id, status = self.jobs, job.id, job.status
+        fields = job.__dict__  # one read through pydantic's ``__getattr__`` hook
+        jobs, job_id, status = self.jobs, fields["id"], fields["status"]
         tx._undo.append((jobs, job_id, jobs.get(job_id, _MISSING)))  # set_item, inlined
         jobs[job_id] = job
         if status is _LEASED:
@@ -61,7 +62,8 @@ class InMemoryJobTransport:
         else:
             self._leased.discard(job_id)
             if status is _QUEUED:
-                heapq.heappush(self._heap, (-job.priority, job.next_poll_at, job.sequence, job_id))
+                entry = (-fields["priority"], fields["next_poll_at"], fields["sequence"], job_id)
+                heapq.heappush(self._heap, entry)
         once = tx._once
         if once is None or self._on_rollback not in once:  # on_rollback_once's own test
             tx.on_rollback_once(self._on_rollback)
@@ -96,28 +98,32 @@ class InMemoryJobTransport:
 
     # -- transactional operations -------------------------------------------------------
     async def enqueue(self, tx: Any, jobs: Sequence[Job]) -> None:
-        t = _tx(tx)
+        t = tx if isinstance(tx, InMemoryTransaction) else _tx(tx)
         for job in jobs:
-            if job.id in self.jobs:
-                raise DuplicateError(f"job {job.id!r} already exists")
+            fields = job.__dict__  # one read through pydantic's ``__getattr__`` hook
+            job_id, run_id = fields["id"], fields["workflow_run_id"]
+            if job_id in self.jobs:
+                raise DuplicateError(f"job {job_id!r} already exists")
             self._seq += 1
             # LEASED: a job its enqueuing worker takes itself (a chained stage); else QUEUED.
-            status = _LEASED if job.status is _LEASED else _QUEUED
+            status = _LEASED if fields["status"] is _LEASED else _QUEUED
             job = evolve(job, {"status": status, "sequence": self._seq})
             # Not ``setdefault(..., set())``: that builds (and drops) a set per job.
-            of_run = self._by_run.get(job.workflow_run_id)
+            of_run = self._by_run.get(run_id)
             if of_run is None:
-                of_run = self._by_run[job.workflow_run_id] = set()
-            of_run.add(job.id)
+                of_run = self._by_run[run_id] = set()
+            of_run.add(job_id)
             self._store(t, job)
 
     async def get(self, tx: Any, job_id: str) -> Job | None:
-        _tx(tx)
+        if not isinstance(tx, InMemoryTransaction):  # ``_tx``, inlined: every stage
+            _tx(tx)
         return self.jobs.get(job_id)
 
     async def complete(self, tx: Any, job_id: str) -> None:
         job = self._require(job_id)
-        self._store(_tx(tx), evolve(job, {"status": _COMPLETED, "worker_id": None}))
+        t = tx if isinstance(tx, InMemoryTransaction) else _tx(tx)
+        self._store(t, evolve(job, {"status": _COMPLETED, "worker_id": None}))
 
     async def get_many(self, tx: Any, job_ids: Sequence[str]) -> dict[str, Job]:
         _tx(tx)

@@ -24,6 +24,16 @@ class Undo(Protocol):
     def on_rollback(self, fn: Callable[[], None]) -> None: ...
 
 
+class _Feed(Protocol):
+    """What a purge uses of the store's event feed (``persistence.shared.EventFeed``)."""
+
+    def rows(self) -> list[tuple[int, EventBase]]: ...
+
+    def replace(self, rows: Sequence[tuple[int, EventBase]]) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
 class Store(Protocol):
     """The ``InMemoryPersistence`` dictionaries a purge deletes from."""
 
@@ -33,13 +43,16 @@ class Store(Protocol):
     suspended: dict[tuple[str, str], None]
     event_seq: dict[str, int]
     events_by_run: dict[str, Any]
-    feed: list[Any]
     logs: dict[str, Any]
     annotations: dict[str, Any]
     outbox: dict[int, Any]
     unpublished: dict[int, None]
     dead: dict[int, None]
     idempotency: dict[tuple[str, str], Any]
+
+    @property
+    def feed(self) -> _Feed: ...
+
     journal: dict[str, Any]
     journal_keys: dict[tuple[str, str, int], int]
     journal_order: dict[str, Any]
@@ -104,12 +117,12 @@ class InMemoryRetention:
             tx.del_item(s.ai_calls.totals, run_id)
             tx.del_item(s.runs, run_id)
         self._purge_keyed(gone)
-        if gone and s.feed:
-            kept = [row for row in s.feed if row[1].workflow_run_id not in gone]
-            if len(kept) != len(s.feed):
-                before = list(s.feed)
-                s.feed[:] = kept
-                tx.on_rollback(lambda: s.feed.__setitem__(slice(None), before))
+        if gone and len(s.feed):
+            before = s.feed.rows()
+            kept = [row for row in before if row[1].workflow_run_id not in gone]
+            if len(kept) != len(before):
+                s.feed.replace(kept)
+                tx.on_rollback(lambda: s.feed.replace(before))
         return ids
 
     def _purge_journal(self, run_id: str) -> None:

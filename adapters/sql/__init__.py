@@ -4,7 +4,7 @@
 transaction per unit of work; ``SqlBlobStore`` keeps blobs and ``SqlScheduler``
 scheduled commands in the same database; ``migrate(url)`` applies the shipped
 Alembic migrations. Importing this package needs the ``sql`` extra
-(SQLAlchemy, Alembic, aiosqlite) and opens nothing.
+(SQLAlchemy, Alembic; aiosqlite only for a URL that names it) and opens nothing.
 """
 
 from typing import TYPE_CHECKING

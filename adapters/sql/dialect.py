@@ -20,7 +20,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
-from treadle.adapters.sql.engine import NOTIFY_CHANNEL, READ_ONLY_OPTION, configure_sqlite
+from treadle.adapters.sql.engine import NOTIFY_CHANNEL, configure_sqlite
+from treadle.adapters.sql.sqlite_driver import DRIVER as SQLITE_DRIVER
+from treadle.adapters.sql.sqlite_driver import READ_ONLY_OPTION
 
 
 class Executes(Protocol):
@@ -71,7 +73,11 @@ class SqlDialect:
     transactions then queue on an asyncio lock instead of in the busy handler."""
     read_only_options: Mapping[str, Any] = {}
     """Connection execution options of a read-only transaction (SQLite: skip the write
-    lock, ``engine.READ_ONLY_OPTION``)."""
+    lock, ``sqlite_driver.READ_ONLY_OPTION``)."""
+    inline: bool = False
+    """Whether statements inside a transaction never wait (SQLite's inline driver,
+    ``sqlite_driver.py``): ``SqlTransaction.execute`` then runs them on the sync
+    connection, without SQLAlchemy's greenlet hand-over per statement."""
 
     def configure(self, engine: AsyncEngine) -> None:
         """Per-engine setup when a persistence is built on ``engine`` (SQLite pragmas)."""
@@ -220,6 +226,7 @@ class SqliteDialect(SqlDialect):
 
     def configure(self, engine: AsyncEngine) -> None:
         configure_sqlite(engine)
+        self.inline = engine.dialect.driver == SQLITE_DRIVER
 
     def insert(self, table: sa.Table) -> Any:
         return sqlite.insert(table)

@@ -1,8 +1,9 @@
 """Database URLs and engines: one place that knows the two dialects' quirks.
 
 Users write ``sqlite:///treadle.db`` or ``postgresql://user@host/db``; the async
-adapters need an asyncio driver (aiosqlite, psycopg 3) and Alembic needs a sync
-one, so both are derived here from whatever the user typed.
+adapters need an asyncio driver (Treadle's own inline SQLite driver,
+``sqlite_driver.py``, or psycopg 3) and Alembic needs a sync one, so both are derived
+here from whatever the user typed. ``sqlite+aiosqlite://`` written out keeps aiosqlite.
 
 SQLite gets the settings that let a worker and a CLI process share one file:
 WAL (readers never block the writer), a busy timeout (a second writer waits
@@ -21,20 +22,25 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import registry
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from treadle.adapters.sql.sqlite_driver import DRIVER as SQLITE_DRIVER
+from treadle.adapters.sql.sqlite_driver import READ_ONLY_OPTION, InlineConnection
 from treadle.adapters.urls import redact_url
 from treadle.kernel.limits import MAX_INT, MIN_INT
 
 DEFAULT_BUSY_TIMEOUT_MS = 10_000
 NOTIFY_CHANNEL = "treadle_jobs"
 """PostgreSQL channel notified (on commit) when a run is created or jobs are enqueued."""
-READ_ONLY_OPTION = "treadle_read_only"
-"""Execution option: begin this SQLite transaction DEFERRED (no write lock)."""
 
-_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+_ASYNC_DRIVERS = {"sqlite": "sqlite+treadle", "postgresql": "postgresql+psycopg"}
 _SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
+_KEPT_ASYNC_DRIVERS = frozenset({"sqlite+aiosqlite"})
+"""Asynchronous drivers a URL may name to be used instead of the default one."""
+
+registry.register("sqlite.treadle", "treadle.adapters.sql.sqlite_driver", "InlineSqliteDialect")
 
 
 def _parse(url: str | URL) -> URL:
@@ -52,8 +58,11 @@ def _parse(url: str | URL) -> URL:
 
 
 def async_url(url: str | URL) -> URL:
-    """The URL with the asyncio driver the adapters use (aiosqlite or psycopg 3)."""
+    """The URL with the asyncio driver the adapters use (the inline SQLite driver, or
+    aiosqlite if the URL names it; psycopg 3)."""
     parsed = _parse(url)
+    if parsed.drivername in _KEPT_ASYNC_DRIVERS:
+        return parsed
     return parsed.set(drivername=_ASYNC_DRIVERS[parsed.get_backend_name()])
 
 
@@ -106,6 +115,10 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
         connect_args = dict(kwargs.pop("connect_args", {}))
         connect_args.setdefault("timeout", busy_ms / 1000)
         options["connect_args"] = connect_args
+        if target.get_driver_name() == SQLITE_DRIVER:
+            # A connection to a local file cannot be lost as a network one can; the
+            # pre-ping would run ``SELECT 1`` on every checkout, one per transaction.
+            options["pool_pre_ping"] = False
         options.update(kwargs)
         engine = create_async_engine(target, **options)
         configure_sqlite(engine, busy_timeout_ms=busy_ms)
@@ -221,7 +234,14 @@ def configure_sqlite(
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if isinstance(dbapi_connection, InlineConnection):
+                # Its statements run on the loop's thread: SQLite's busy handler would
+                # sleep there, so the driver waits for locks itself (asyncio sleeps).
+                dbapi_connection.busy_timeout = busy_timeout_ms / 1000
+                # Its dialect sends BEGIN itself: no ``begin`` listener (see do_begin).
+                dbapi_connection.begin_default = "IMMEDIATE"
+            else:
+                cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
@@ -229,11 +249,10 @@ def configure_sqlite(
             cursor.close()
 
     def on_begin(conn: sa.Connection) -> None:
-        if conn.get_execution_options().get(READ_ONLY_OPTION):
-            conn.exec_driver_sql("BEGIN DEFERRED")
-        else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        mode = "DEFERRED" if conn.get_execution_options().get(READ_ONLY_OPTION) else "IMMEDIATE"
+        conn.exec_driver_sql(f"BEGIN {mode}")
 
     event.listen(sync_engine, "connect", on_connect)
-    event.listen(sync_engine, "begin", on_begin)
+    if sync_engine.dialect.driver != SQLITE_DRIVER:
+        event.listen(sync_engine, "begin", on_begin)
     sync_engine._treadle_sqlite_configured = True  # type: ignore[attr-defined]

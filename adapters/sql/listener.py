@@ -19,9 +19,17 @@ The connection is opened lazily, by the first ``subscribe``: a process that
 only starts runs (a CLI, a Lambda) never holds one.
 
 The payload says what happened: ``run`` (a run was created: claim it), ``jobs``
-(jobs were queued: dequeue them), ``end:<ids>`` (runs finished: for result
-waiters) or ``due:<kind>=<time>,...`` (timed work was written that falls due then:
-see ``adapters/due_times.py``); subscribers get it as ``kind``. A notification
+(jobs were queued: dequeue them), ``end:<id>`` (a run finished that someone marked:
+for result waiters and workers waiting for a concurrency slot, see
+``adapters/sql/wake_interest.py``) or ``due:<kind>=<time>,...`` (timed work was
+written that falls due then: see ``adapters/due_times.py``); subscribers get it as
+``kind``.
+
+Every NOTIFY in a database signals every LISTENing backend of it, whatever the channel,
+and each runs a transaction to read the queue: this connection costs one transaction
+per notification sent by anyone, its own pool's echoes included (dropped below, but
+received). That is why the wake-ups that usually have no reader (a run's end, the event
+feed) are sent only to those who asked (``wake_interest``). A notification
 sent by one of ``own_backends`` (the server pids of this process's own connection
 pool, see ``backend_pids``) is dropped: this process's worker was already told
 in-process (a finished job or a claim wakes its job loop, a local ``Engine.start``

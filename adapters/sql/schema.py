@@ -341,6 +341,27 @@ workers = sa.Table(
     sa.Column("heartbeat_at", UtcDateTime(), nullable=False),
 )
 
+# -- wake-up interest (migration 0015, adapters/sql/wake_interest.py) -------------------
+
+run_end_waiters = sa.Table(
+    "run_end_waiters",
+    metadata,
+    # Runs someone in another process waits for (``RunHandle.result``), or ``*`` (any
+    # run: a worker waiting for a concurrency slot). PostgreSQL's trigger on ``runs``
+    # sends a run's ``end:<id>`` NOTIFY only when it finds a mark here.
+    sa.Column("run_id", key_type(), primary_key=True),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+)
+
+event_readers = sa.Table(
+    "event_readers",
+    metadata,
+    # Live event-feed readers (the HTTP server's SSE hub), each for a TTL: commits that
+    # append events send ``NOTIFY treadle_events`` only while one is live.
+    sa.Column("reader_id", key_type(), primary_key=True),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+)
+
 schedules = sa.Table(
     "schedules",
     metadata,

@@ -5,10 +5,16 @@ However many clients stream, the app reads new events once: the hub follows the 
 (``Engine.event_feed``, cursor = outbox row id) and hands each event to the subscribers
 whose filter it passes. What wakes the hub:
 
-- **PostgreSQL**: ``LISTEN treadle_events`` on one dedicated connection (every commit
-  that appends events sends ``NOTIFY treadle_events``; see ``adapters/event_feed.py``),
-  plus this process's own commits told in-process. A slow safety read every
-  ``FALLBACK_POLL_PG`` seconds covers a notification lost while the listener reconnects.
+- **PostgreSQL**: ``LISTEN treadle_events`` on one dedicated connection, plus this
+  process's own commits told in-process. Commits send ``NOTIFY treadle_events`` only
+  while a live reader is announced (each NOTIFY costs every LISTENing backend of the
+  database a transaction; see ``adapters/sql/wake_interest.py``): the hub announces
+  itself before its first stream subscribes, renews the announcement every
+  ``READER_TTL / 3`` seconds while it has streams, and withdraws it when the last one
+  goes. A commit whose statement began before the announcement cannot see it, so the
+  hub reads once more ``ANNOUNCE_SETTLE`` seconds after announcing. A slow safety read
+  every ``FALLBACK_POLL_PG`` seconds covers a notification lost while the listener
+  reconnects.
 - **SQLite**: this process's commits are told in-process; commits of *other* processes
   (a separate ``treadle worker``) are found by one shared read every
   ``POLL_SQLITE`` seconds (SQLite has no cross-process notification).
@@ -31,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -48,6 +55,11 @@ GAP_WAIT: Final = 2.0
 FALLBACK_POLL_PG: Final = 5.0
 POLL_SQLITE: Final = 0.25
 READ_BATCH: Final = 1_000
+READER_TTL: Final = 60.0
+"""Seconds an announcement of this hub as a live reader lasts (renewed every third)."""
+ANNOUNCE_SETTLE: Final = 1.0
+"""Seconds after an announcement when the hub reads once more, for the commits whose
+statement began before it (and so sent no NOTIFY)."""
 
 EventFilter = Callable[[int, "EventBase", "str | None"], bool]
 """``filter(outbox_id, event, workflow_id)``: whether a subscriber wants the event."""
@@ -97,6 +109,11 @@ class EventHub:
         self._workflows: dict[str, str] = {}
         self._gap_since: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.reader_id = f"hub-{uuid.uuid4().hex}"
+        """This hub's row in ``event_readers`` (PostgreSQL)."""
+        self._announced_at: float | None = None
+        """When (monotonic) the hub last announced itself as a live reader."""
+        self._announcing = asyncio.Lock()
         self.log = structlog_logger("treadle.http.events")
 
     # -- subscribing ------------------------------------------------------------------
@@ -107,6 +124,7 @@ class EventHub:
         every wanted event with an outbox id above it; read older ones from the
         database (``Engine.event_feed`` / ``Engine.events``)."""
         await self._ensure_started()
+        await self._announce()  # before the cursor: later commits notify
         if not self._subscribers:
             # The hub reads nothing while nobody listens: catch its cursor up first.
             self.cursor = max(self.cursor, await self.engine.outbox.last_id())
@@ -167,6 +185,51 @@ class EventHub:
                 self._stops.append(self._listener.subscribe(self.poke))
             self._task = asyncio.create_task(self._run(), name="treadle-http-event-hub")
 
+    # -- the announcement (PostgreSQL) -------------------------------------------------
+    def _announces(self) -> bool:
+        return self.kind == "postgresql" and callable(
+            getattr(self.engine.kernel.deps.persistence, "announce_event_reader", None)
+        )
+
+    async def _announce(self, *, renew: bool = False) -> None:
+        """Announce this hub as a live reader for ``READER_TTL`` seconds (with ``renew``,
+        even if it already is). A failure is logged, not raised: the safety poll still
+        delivers, and the reader loop tries again."""
+        if not self._announces():
+            return
+        async with self._announcing:  # announce and withdraw never interleave
+            first = self._announced_at is None
+            if not (first or renew):
+                return
+            try:
+                persistence: Any = self.engine.kernel.deps.persistence
+                await persistence.announce_event_reader(self.reader_id, READER_TTL)
+            except Exception as exc:
+                self.log.warning("events.announce_failed", error=repr(exc))
+                return
+            self._announced_at = time.monotonic()
+        if first and self._loop is not None:
+            self._loop.call_later(ANNOUNCE_SETTLE, self.poke)
+
+    async def _withdraw(self, *, closing: bool = False) -> None:
+        """No stream left (or the hub closes): stop asking writers for NOTIFYs (best
+        effort; the announcement expires after ``READER_TTL`` anyway)."""
+        async with self._announcing:
+            if self._announced_at is None or (self._subscribers and not closing):
+                return
+            self._announced_at = None
+            try:
+                persistence: Any = self.engine.kernel.deps.persistence
+                await persistence.withdraw_event_reader(self.reader_id)
+            except Exception as exc:
+                self.log.warning("events.withdraw_failed", error=repr(exc))
+
+    def _renew_in(self) -> float | None:
+        """Seconds until the announcement needs renewing (``None``: none is held)."""
+        if self._announced_at is None:
+            return None
+        return self._announced_at + READER_TTL / 3 - time.monotonic()
+
     async def wait_listening(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a bounded wait for tests and benchmarks
         """Start the hub and, on PostgreSQL, wait until its LISTEN is in place."""
         await self._ensure_started()
@@ -186,6 +249,7 @@ class EventHub:
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
+        await self._withdraw(closing=True)
         for subscription in list(self._subscribers):
             self._end(subscription)
         self._subscribers.clear()
@@ -197,10 +261,19 @@ class EventHub:
             if not self._subscribers:
                 # Nobody listens: no reads and no polling until a stream subscribes.
                 self._gap_since = None
+                await self._withdraw()
+                if self._subscribers:
+                    continue  # one subscribed meanwhile (and announced again)
                 self._subscribed.clear()
                 await self._subscribed.wait()
                 continue
+            renew_in = self._renew_in()
+            if renew_in is None or renew_in <= 0:  # not announced (or a withdraw raced)
+                await self._announce(renew=True)
+                renew_in = self._renew_in()
             timeout = self.poll_interval
+            if renew_in is not None:
+                timeout = max(0.01, renew_in if timeout is None else min(timeout, renew_in))
             if self._gap_since is not None:
                 left = self.gap_wait - (time.monotonic() - self._gap_since)
                 timeout = max(0.01, min(left, timeout if timeout is not None else left))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from treadle.kernel.definitions import WorkflowDefinition
 from treadle.kernel.errors import PayloadMissingError
@@ -39,6 +38,7 @@ if TYPE_CHECKING:
 _STAGE_COMPLETED = StageStatus.COMPLETED
 _STAGE_SUSPENDED = StageStatus.SUSPENDED
 _RUN_RUNNING = RunStatus.RUNNING
+_JOB_LEASED = JobStatus.LEASED
 
 
 def outputs_of(stages: Sequence[StageRun]) -> dict[str, JsonValue]:
@@ -106,8 +106,11 @@ def lost_input(run: Run, stages: Sequence[StageRun], stage: StageRun) -> Payload
     return None
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What ``decide`` chose. A named tuple rather than a frozen dataclass: just as
+    immutable, and a chained commit builds one per stage (``leased``), which a frozen
+    dataclass does with an ``object.__setattr__`` per field."""
+
     action: Literal["advanced", "completed", "failed", "noop", "suspend"]
     next_group: int | None = None
     failed_stage: StageRun | None = None
@@ -122,8 +125,7 @@ _NOOP = Decision("noop")
 _COMPLETED = Decision("completed")
 _SUSPEND = Decision("suspend")
 _ADVANCE_TO = tuple(Decision("advanced", next_group=group) for group in range(64))
-"""Shared ``advanced`` decisions by next group (a frozen dataclass costs an
-``object.__setattr__`` per field to build, and every stage's commit decides)."""
+"""Shared ``advanced`` decisions by next group: every stage's commit decides."""
 
 
 def decide(wf: WorkflowDefinition, run: Run, stages: Sequence[StageRun]) -> Decision:
@@ -192,7 +194,7 @@ async def apply_transition(
             evolve(run, {"current_group": next_group, "updated_at": now, "status": _RUN_RUNNING})
         )
         jobs = await enqueue_stages(deps, tx, run, wf, group, now, lease_to=lease_to)
-        if lease_to is not None and jobs and jobs[0].status is JobStatus.LEASED:
+        if lease_to is not None and jobs and jobs[0].status is _JOB_LEASED:
             decision = Decision("advanced", next_group=next_group, leased=jobs[0])
     elif decision.action == "completed":
         output = wf.group_output(len(wf.groups) - 1, outputs_of(stages))

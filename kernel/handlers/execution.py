@@ -15,13 +15,14 @@ from pydantic import ValidationError as PydanticValidationError
 from treadle.kernel.definitions import StageDefinition, WorkflowDefinition
 from treadle.kernel.errors import OutputValidationError
 from treadle.kernel.limits import dump_json, precheck
-from treadle.kernel.model import Job, JobStatus, JsonValue, Run, StageRun, StageStatus
+from treadle.kernel.model import Job, JobStatus, JsonValue, Run, RunStatus, StageRun, StageStatus
 from treadle.kernel.workflows.saga import is_compensating
 
 # Bound once: reading a member through its Enum class goes through the metaclass on
 # every stage (about 80 ns each in 3.11).
 _STAGE_RUNNING = StageStatus.RUNNING
 _JOB_LEASED = JobStatus.LEASED
+_TERMINAL_RUN = frozenset(status for status in RunStatus if status.terminal)
 
 
 @dataclass
@@ -38,13 +39,16 @@ class Started:
     fresh: bool = False
     """Started in the transaction that created the run: nothing of it was written
     before (a code workflow's journal is empty, with no read)."""
+    index: int = -1
+    """Where ``stage`` is in ``stages`` (-1: not noted): a hint for finding the stage in a
+    later read of the run's stages, which come in the same (group) order."""
 
 
 def validate_output(definition: StageDefinition, value: Any) -> JsonValue:
     """Check a stage's return value against its output model; returns its JSON form,
     storable on every backend (``kernel.limits``)."""
     adapter = definition.output_adapter
-    what = f"stage {definition.id!r} returned output that cannot be stored"
+    what = definition.unstorable_output
     precheck(value, "output", OutputValidationError, what=what)
     try:
         model = adapter.validator.validate_python(value)  # as in ``jobs._build_context``
@@ -63,14 +67,16 @@ def is_current(
 ) -> bool:
     """Whether this execution still owns the stage (the duplicate-completion guard). A
     cancelled run is owned only by the activation running its compensations."""
+    if job is None or stage is None or run is None:
+        return False
+    # The fields through one ``__dict__`` read per model: each field read of a model goes
+    # through pydantic's ``__getattr__`` hook, and this runs in every stage's commit.
+    held, ours = job.__dict__, stage.__dict__
     return (
-        job is not None
-        and stage is not None
-        and run is not None
-        and (not run.status.terminal or is_compensating(run, stage))
-        and job.status is _JOB_LEASED
-        and job.worker_id == worker_id
-        and job.attempts == s.job.attempts
-        and stage.status is _STAGE_RUNNING
-        and stage.attempt == s.stage.attempt
+        (run.status not in _TERMINAL_RUN or is_compensating(run, stage))
+        and held["status"] is _JOB_LEASED
+        and held["worker_id"] == worker_id
+        and held["attempts"] == s.job.attempts
+        and ours["status"] is _STAGE_RUNNING
+        and ours["attempt"] == s.stage.attempt
     )

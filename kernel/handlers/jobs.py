@@ -33,6 +33,7 @@ from treadle.kernel.errors import (
     NonRetryableError,
     NotSupportedError,
     OutputValidationError,
+    PayloadMissingError,
     StageNotFoundError,
     StageTimeoutError,
     as_body_failure,
@@ -65,6 +66,7 @@ from treadle.kernel.model import (
     Job,
     JobStatus,
     JsonValue,
+    MissingPayload,
     Run,
     RunStatus,
     StageRun,
@@ -222,9 +224,13 @@ async def execute(deps: Deps, cmd: c.JobExecute, scope: Scope) -> c.JobExecuteRe
             runtime = StageRuntime(deps, started, cmd.worker_id)
             ctx, outcome = build_context(deps, started, runtime, token)
             if outcome is None:
-                with deps.inflight.track(started.job.id, started.run.id, token):
+                inflight, job_id = deps.inflight, started.job.id
+                inflight.add(job_id, ctx.run_id, token)
+                try:
                     outcome = await _run_body(started.definition, ctx)
-            if runtime.busy:
+                finally:
+                    inflight.remove(job_id, token)
+            if runtime._tasks:  # progress or heartbeat writes still in flight (``busy``)
                 await runtime.drain()
             try:
                 result = await phase_commit(deps, cmd, scope, started, ctx, outcome)
@@ -270,7 +276,8 @@ def log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteR
     # The fields go with the call rather than through ``bind``: binding builds a new
     # logger per stage even when the level filters the line out.
     stage = s.stage
-    if result.ghost or result.outcome == "failed":
+    outcome = result.__dict__  # one read through pydantic's ``__getattr__`` hook
+    if outcome["ghost"] or outcome["outcome"] == "failed":
         fields = {
             "run_id": s.run.id,
             "stage_id": stage.stage_id,
@@ -286,13 +293,14 @@ def log_outcome(deps: Deps, cmd: c.JobExecute, s: Started, result: c.JobExecuteR
             )
         return
     # Every stage's line: keywords straight into the call, not a dict unpacked into it.
+    ours, command = stage.__dict__, cmd.__dict__
     deps.logger.info(
-        _OUTCOME_EVENT[result.outcome],
-        run_id=s.run.id,
-        stage_id=stage.stage_id,
-        worker_id=cmd.worker_id,
-        job_id=cmd.job_id,
-        attempt=stage.attempt,
+        _OUTCOME_EVENT[outcome["outcome"]],
+        run_id=ours["workflow_run_id"],
+        stage_id=ours["stage_id"],
+        worker_id=command["worker_id"],
+        job_id=command["job_id"],
+        attempt=ours["attempt"],
     )
 
 
@@ -384,7 +392,7 @@ async def phase_start(
                 )
             await tx.outbox.append([_started_event(stage, cmd.worker_id, now, scope)])
             stages = _replaced(stages, index, stage)
-    return Started(job, run, stage, wf, definition, stages)
+    return Started(job, run, stage, wf, definition, stages, index=index)
 
 
 async def _hold(
@@ -405,12 +413,13 @@ async def _hold(
 
 def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
     """The stage as phase 1 commits it: RUNNING, its attempt counted, tied to ``job``."""
+    fields = stage.__dict__  # one read through pydantic's ``__getattr__`` hook
     return evolve(
         stage,
         {
             "status": _STAGE_RUNNING,
-            "attempt": stage.attempt + 1,
-            "started_at": stage.started_at or now,
+            "attempt": fields["attempt"] + 1,
+            "started_at": fields["started_at"] or now,
             "error": None,
             "error_traceback": None,
             "retryable": None,
@@ -421,22 +430,27 @@ def _running(stage: StageRun, job: Job, now: datetime) -> StageRun:
 
 def _started_event(stage: StageRun, worker_id: str, now: datetime, scope: Scope) -> StageStarted:
     # ``construct``: every value is the kernel's own (a stored stage's, the clock's).
+    fields = stage.__dict__  # one read through pydantic's ``__getattr__`` hook
     return construct(
         StageStarted,
         {
-            "workflow_run_id": stage.workflow_run_id,
+            "workflow_run_id": fields["workflow_run_id"],
             "timestamp": now,
             "causation_id": scope.causation_id,
-            "stage_id": stage.stage_id,
-            "attempt": stage.attempt,
+            "stage_id": fields["stage_id"],
+            "attempt": fields["attempt"],
             "worker_id": worker_id,
         },
     )
 
 
-def _index_of(stages: Sequence[StageRun], stage_id: str) -> int:
-    """Position of ``stage_id`` in ``stages``, or -1 (a loop: ``next()`` over a generator
-    costs a generator object and a frame per stage)."""
+def _index_of(stages: Sequence[StageRun], stage_id: str, hint: int = -1) -> int:
+    """Position of ``stage_id`` in ``stages``, or -1. ``hint``: where it probably is (as
+    ``Started.index`` noted it, or the stage after the one that just completed), checked
+    first: one field read instead of one per stage before it. Otherwise a loop (``next()``
+    over a generator costs a generator object and a frame per stage)."""
+    if 0 <= hint < len(stages) and stages[hint].stage_id == stage_id:
+        return hint
     for i, st in enumerate(stages):
         if st.stage_id == stage_id:
             return i
@@ -450,16 +464,36 @@ def _replaced(stages: list[StageRun], index: int, stage: StageRun) -> list[Stage
     return copy
 
 
+def _stage_input(s: Started) -> tuple[JsonValue, PayloadMissingError | None]:
+    """The stage's raw input (the run's, or the previous group's output) and the error
+    for an offloaded input or resume state whose blob is gone (``lost_input``). The stage
+    after a group of one stage (a sequence), located by ``Started.index``, is read
+    directly: a handful of field reads where ``group_input`` and ``lost_input`` walk the
+    run's stages (each field read of a model goes through pydantic's ``__getattr__``)."""
+    stage, index = s.stage, s.index
+    group = stage.execution_group
+    if group > 0 and index > 0:
+        previous = s.wf.groups[group - 1]
+        before = s.stages[index - 1]
+        if len(previous) == 1 and before.stage_id == previous[0].id:
+            resume, output = stage.resume_state, before.output
+            if type(resume) is MissingPayload:
+                return None, resume.error()
+            if type(output) is MissingPayload:
+                return None, output.error()
+            return (output if before.status is _STAGE_COMPLETED else None), None
+    raw = s.run.input if group == 0 else group_input(s.wf, s.stages, group)
+    return raw, lost_input(s.run, s.stages, stage)
+
+
 def build_context(
     deps: Deps, s: Started, runtime: StageRuntime, token: CancellationToken
 ) -> tuple[StageContext[Any, Any], Outcome | None]:
     """The stage's validated input and config; a bad input is a non-retryable failure."""
-    group = s.stage.execution_group
-    raw_input = s.run.input if group == 0 else group_input(s.wf, s.stages, group)
+    raw_input, lost = _stage_input(s)  # lost: an offloaded input whose blob is gone
     failure: Outcome | None = None
     value: Any = None
     adapter = s.definition.input_adapter
-    lost = lost_input(s.run, s.stages, s.stage)  # an offloaded input whose blob is gone
     if lost is not None:
         failure = Outcome("failed", error=lost)
     elif adapter is not None:
@@ -472,22 +506,26 @@ def build_context(
                 f"stage {s.stage.stage_id!r} input does not match its model", exc, prefix="input"
             )
             failure = Outcome("failed", error=err)
+    # The run's and the stage's fields through one ``__dict__`` read each: every field
+    # read of a model goes through pydantic's ``__getattr__`` hook.
+    run, stage = s.run.__dict__, s.stage.__dict__
+    run_id, stage_id = run["id"], stage["stage_id"]
     config = None
     if s.definition.config_model is not None:
-        config = s.definition.config_model.model_validate(s.run.config.get(s.stage.stage_id, {}))
+        config = s.definition.config_model.model_validate(run["config"].get(stage_id, {}))
     ctx: StageContext[Any, Any] = StageContext(
         input=value,
         config=config,
-        run_id=s.run.id,
-        workflow_id=s.run.workflow_id,
-        stage_id=s.stage.stage_id,
-        attempt=s.stage.attempt,
-        idempotency_key=f"{s.run.id}:{s.stage.stage_id}",
+        run_id=run_id,
+        workflow_id=run["workflow_id"],
+        stage_id=stage_id,
+        attempt=stage["attempt"],
+        idempotency_key=f"{run_id}:{stage_id}",
         outputs=LazyOutputs(s.stages),
         workflow=s.wf,
         runtime=runtime,
         now=deps.clock.now,
-        resume_state=s.stage.resume_state,
+        resume_state=stage["resume_state"],
         cancelled=token,
         ai=deps.ai,
     )
@@ -552,6 +590,8 @@ class _Commit:
     ctx: StageContext[Any, Any] | None
     """``None`` for a remote execution (``handlers/remote.py``): no logs, no annotations."""
     outcome: Outcome
+    groupable: bool = False
+    """``_groupable(item)``, decided once by ``phase_commit``."""
 
 
 async def phase_commit(
@@ -564,12 +604,15 @@ async def phase_commit(
 ) -> c.JobExecuteResult:
     """Phase 3: commit ``outcome`` (group commit when it can), ghost check included."""
     item = _Commit(deps, cmd, scope, s, ctx, outcome)
-    if deps.settings.group_commit and _groupable(item):
+    item.groupable = groupable = _groupable(item)
+    if groupable and deps.settings.group_commit:
         # In memory (``local_reads``) a commit never waits: nothing would join a group in
         # the turn a leader waits, and that turn would reorder the harness's steps.
         gather = not getattr(deps.persistence, "local_reads", False)
-        result = await deps.commits.submit(item, _commit_items, _commit_alone, gather=gather)
-        return cast("c.JobExecuteResult", result)
+        result: c.JobExecuteResult = await deps.commits.submit(
+            item, _commit_items, _commit_alone, gather=gather
+        )
+        return result
     return await _commit_alone(item)
 
 
@@ -592,7 +635,7 @@ async def _commit_alone(item: _Commit) -> c.JobExecuteResult:
     """Phase 3 in a transaction of its own (also ``GroupCommit``'s ``commit_one``)."""
     deps = item.deps
     now = deps.clock.now()
-    if _groupable(item) and not getattr(deps.persistence, "local_reads", False):
+    if item.groupable and not getattr(deps.persistence, "local_reads", False):
         try:
             return await _commit_trusted(deps, item, now)
         except (NotBatchableError, ConcurrencyError) as exc:  # rolled back: read and retry
@@ -749,7 +792,7 @@ async def _commit_in(
     # One read of all stages, under the run's lock: ours for the ownership check, the
     # rest for the transition (only this transaction changes ours from here on).
     stages = await tx.stages.for_run(run_id) if run is not None else []
-    index = _index_of(stages, stage_id)
+    index = _index_of(stages, stage_id, s.index)
     stage = stages[index] if index >= 0 else None
     if not is_current(job, stage, run, s, cmd.worker_id):
         if ctx is not None and ctx.ai_calls is not None and ctx.ai_calls.calls:  # spent
@@ -776,15 +819,17 @@ async def _commit_in(
         assert outcome.error is not None
         result, stage = await _commit_failed(deps, tx, scope, s, stage, outcome.error, now)
     stages = _replaced(stages, index, stage)
-    if ctx is not None and (ctx.logs or ctx.annotations or ctx.recorded_ai_calls):
-        if pending:  # their events follow the outcome's
-            await tx.outbox.append(pending)
-            pending = []
-        await commit_stage_extras(
-            deps, tx, run_id, stage_id, ctx, scope.causation_id, failed=outcome.kind == "failed"
-        )
-    if ctx is not None and ctx.annotations:  # merged search attributes: the run moved on
-        run = await load_run(tx, run_id)
+    # A groupable item has nothing else to write (``_groupable``): no second look at ctx.
+    if not item.groupable and ctx is not None:
+        if ctx.logs or ctx.annotations or ctx.recorded_ai_calls:
+            if pending:  # their events follow the outcome's
+                await tx.outbox.append(pending)
+                pending = []
+            await commit_stage_extras(
+                deps, tx, run_id, stage_id, ctx, scope.causation_id, failed=outcome.kind == "failed"
+            )
+        if ctx.annotations:  # merged search attributes: the run moved on
+            run = await load_run(tx, run_id)
     decided = decide(s.wf, run, stages)  # once: apply_transition takes it
     chain = cmd.chain and deps.chains.allows(cmd.worker_id) and decided.action == "advanced"
     decision, run = await apply_transition(
@@ -801,7 +846,7 @@ async def _commit_in(
     )
     if decision.leased is not None:
         chained = await start_leased(
-            deps, tx, scope, s.wf, run, stages, decision.leased, now, pending
+            deps, tx, scope, s.wf, run, stages, decision.leased, now, pending, hint=index + 1
         )
     elif chain and pending:
         # Nothing was chained after all (the next stage is on a queue this worker does not
@@ -842,20 +887,21 @@ async def start_leased(
     pending: Sequence[EventBase],
     *,
     fresh: bool = False,
+    hint: int = -1,
 ) -> Started:
     """Phase 1 of ``job``'s stage, in the transaction that enqueued the job leased to its
     worker (a chained commit, or a chained ``run.claimPending``): what ``phase_start``
     would commit after a dequeue, without either round trip. Its ``stage:started`` is
     appended in one go after the caller's ``pending`` events."""
     assert job.worker_id is not None
-    index = _index_of(stages, job.stage_id)
+    index = _index_of(stages, job.stage_id, hint)  # hint: the next stage of a sequence
     assert index >= 0  # the transition enqueued a stage of this run
     definition = wf.stage(job.stage_id)
     assert definition is not None  # the transition enqueued a stage of this workflow
     stage = await tx.stages.update(_running(stages[index], job, now))
     await tx.outbox.append([*pending, _started_event(stage, job.worker_id, now, scope)])
     stages = _replaced(stages, index, stage)
-    return Started(job, run, stage, wf, definition, stages, fresh)
+    return Started(job, run, stage, wf, definition, stages, fresh, index)
 
 
 async def _commit_completed(
@@ -884,16 +930,17 @@ async def _commit_completed(
         )
     )
     await deps.job_transport.complete(tx, s.job.id)
-    started_at = stage.started_at
+    fields = stage.__dict__  # one read through pydantic's ``__getattr__`` hook
+    started_at = fields["started_at"]
     pending.append(
         construct(  # the kernel's own values, as in ``_started_event``
             StageCompleted,
             {
-                "workflow_run_id": stage.workflow_run_id,
+                "workflow_run_id": fields["workflow_run_id"],
                 "timestamp": now,
                 "causation_id": scope.causation_id,
-                "stage_id": stage.stage_id,
-                "attempt": stage.attempt,
+                "stage_id": fields["stage_id"],
+                "attempt": fields["attempt"],
                 "output": output,
                 "duration": now - started_at if started_at else None,
             },

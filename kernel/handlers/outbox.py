@@ -68,12 +68,15 @@ async def _publish_each(
     blocked: set[str] = set()
     sink, plugins = deps.event_sink, deps.plugins
     for record in batch:
-        event = record.event
-        run_id = event.workflow_run_id
-        if run_id in blocked:
+        # The record's fields through one read of its ``__dict__`` (each attribute read
+        # of a model goes through pydantic's ``__getattr__`` hook): every event of every
+        # stage passes here.
+        fields = record.__dict__
+        event, retry_at = fields["event"], fields["retry_at"]
+        if blocked and event.workflow_run_id in blocked:
             continue
-        if _waiting(record, now):
-            blocked.add(run_id)  # backing off: the run's later events wait behind it
+        if retry_at is not None and retry_at > now:  # ``_waiting``
+            blocked.add(event.workflow_run_id)  # backing off: its later events wait
             continue
         try:
             if plugins:
@@ -82,9 +85,9 @@ async def _publish_each(
                 await sink.publish(event)
         except Exception as exc:
             _failed(deps, record, exc, failures)
-            blocked.add(run_id)
+            blocked.add(event.workflow_run_id)
         else:
-            published.append(record.id)
+            published.append(fields["id"])
 
 
 async def _publish_batched(

@@ -9,6 +9,7 @@ import treadle.kernel.commands as c
 import treadle.kernel.flow_control as flow
 from treadle.kernel.context import artifact_prefix
 from treadle.kernel.errors import (
+    ConcurrencyError,
     DuplicateError,
     InvalidConfigError,
     InvalidStateError,
@@ -28,6 +29,7 @@ from treadle.kernel.handlers.write_buffer import NotBatchableError, WriteBuffer
 from treadle.kernel.limits import validate_attributes
 from treadle.kernel.model import (
     RESERVED_ATTRIBUTES,
+    Job,
     JobStatus,
     JsonValue,
     MissingPayload,
@@ -177,10 +179,15 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             # (``run.claimPending`` admits it and queues the stage for its workers).
             claim_for = None
         started: list[Any] = []
+        budget = cmd.max_cost if cmd.max_cost is not None else wf.max_cost
         if claim_for is not None and cmd.execution_timeout is None:
-            started = await _insert_claimed(deps, tx, scope, run, stages, claim_for, created, now)
+            # Nothing follows the inserts without a budget to set or a result to cache.
+            last = budget is None and scope.key is None
+            started = await _insert_claimed(
+                deps, tx, scope, run, stages, claim_for, created, now, last=last
+            )
         if started:
-            pass  # inserted as claimed and started, in four statements
+            pass  # inserted as claimed and started (PostgreSQL: one statement, insert_set)
         elif claim_for is not None:
             # In-process start: claim the run for the caller's worker in this same
             # commit and start its first stage there (no claim transaction, no wake-up).
@@ -189,10 +196,17 @@ async def create(deps: Deps, cmd: c.RunCreate, scope: Scope) -> c.RunCreateResul
             _, started = await _claim_runs(
                 deps, tx, claim_for, scope, [run], 1, now, prior_events=[created], fresh=fresh
             )
-        else:
+        elif cmd.execution_timeout is not None or not await _insert_set(
+            deps,
+            tx,
+            [run],
+            [],
+            stages,
+            [created],
+            last=budget is None and scope.key is None and cmd.signal is None,
+        ):
             await _insert_new(tx, run, stages, cmd, now)
             await tx.outbox.append([created])
-        budget = cmd.max_cost if cmd.max_cost is not None else wf.max_cost
         if budget is not None:
             await tx.ai_calls.set_budget(run.id, budget)
         if cmd.signal is not None:
@@ -252,6 +266,28 @@ async def _insert_new(
     await tx.stages.insert_many(stages)
 
 
+async def _insert_set(
+    deps: Deps,
+    tx: Transaction,
+    runs: Sequence[Run],
+    jobs: Sequence[Job],
+    stages: Sequence[StageRun],
+    events: Sequence[EventBase],
+    *,
+    last: bool,
+) -> bool:
+    """New runs with their jobs, stages and events as one unit where the adapter can
+    (``tx.insert_set``, ``ports/persistence/write_set.py``; PostgreSQL: one statement,
+    with ``last`` the whole transaction in one round trip). ``False``: nothing written,
+    the caller makes the per-kind inserts."""
+    insert_set = getattr(tx, "insert_set", None)
+    return insert_set is not None and bool(
+        await insert_set(
+            deps.job_transport, runs=runs, new_jobs=jobs, stages=stages, events=events, last=last
+        )
+    )
+
+
 async def _insert_claimed(
     deps: Deps,
     tx: Transaction,
@@ -261,6 +297,8 @@ async def _insert_claimed(
     worker_id: str,
     created: EventBase,
     now: datetime,
+    *,
+    last: bool = False,
 ) -> list[Any]:
     """An in-process start (``claim_for``) of a run without timers, written as the claim
     leaves it: the claim runs against a ``WriteBuffer`` holding the new run and stages
@@ -269,7 +307,8 @@ async def _insert_claimed(
     insert and the claim's updates (and no ``NOTIFY`` of a claimable run, which no other
     worker could take). Returns the started stage to hand off, or ``[]`` when the claim
     needs more than the buffer carries (a workflow's execution timeout: a timer): then
-    the caller inserts and claims as usual, nothing having been written."""
+    the caller inserts and claims as usual, nothing having been written. ``last``: the
+    caller writes nothing after it in this transaction (``insert_set``'s ``last``)."""
     buffer = WriteBuffer(tx, {run.id: run}, {run.id: list(stages)}, {})
     buffered, buffered_tx = buffer.stand_in(deps)
     try:
@@ -287,6 +326,12 @@ async def _insert_claimed(
     except NotBatchableError:
         return []
     claimed_run, claimed_stages = buffer.written_state(run.id)
+    # One unit where the adapter can (PostgreSQL: one statement, with ``last`` the
+    # whole transaction in one round trip): ``ports/persistence/write_set.py``.
+    if await _insert_set(
+        deps, tx, [claimed_run], buffer.new_jobs, claimed_stages, buffer.events, last=last
+    ):
+        return started
     await tx.runs.insert(claimed_run)
     await deps.job_transport.enqueue(tx, buffer.new_jobs)
     await tx.stages.insert_many(claimed_stages)
@@ -371,11 +416,16 @@ async def _create_batch(
         known = await tx.runs.find_by_keys(keys) if keys else {}
         results, new = _plan(deps, cmd.items, checked, known, now)
         if new:
-            await tx.runs.insert_many([run for run, _ in new])
-            await tx.stages.insert_many(
-                [stage for run, wf in new for stage in _new_stages(wf, run)]
-            )
-            await tx.outbox.append([_created(run, scope.causation_id, now) for run, _ in new])
+            runs = [run for run, _ in new]
+            stages = [stage for run, wf in new for stage in _new_stages(wf, run)]
+            events = [_created(run, scope.causation_id, now) for run, _ in new]
+            budgets = any(wf.max_cost is not None for _, wf in new)
+            if not await _insert_set(
+                deps, tx, runs, [], stages, events, last=not budgets and scope.key is None
+            ):
+                await tx.runs.insert_many(runs)
+                await tx.stages.insert_many(stages)
+                await tx.outbox.append(events)
             for run, wf in new:  # the workflow's AI budget (a batch item has none of its own)
                 if wf.max_cost is not None:
                     await tx.ai_calls.set_budget(run.id, wf.max_cost)
@@ -462,6 +512,14 @@ async def claim_pending(
     no lease and no phase-1 transaction (the started state waits in ``deps.chains``)."""
     now = deps.clock.now()
     budget = cmd.chain if deps.chains.allows(cmd.worker_id) else 0
+    if scope.key is None and getattr(deps.persistence, "claim_reads", False):
+        try:
+            unlocked = await _claim_unlocked(deps, cmd, scope, budget, now)
+        except ConcurrencyError as exc:  # a run moved on after the read: nothing written
+            deps.logger.debug("claim.unlocked_fallback", reason=str(exc))
+        else:
+            if unlocked is not None:
+                return unlocked
     async with deps.persistence.transaction() as tx:
         cached = await scope.claim(tx)
         if cached is not None:
@@ -508,6 +566,47 @@ async def claim_pending(
     return result
 
 
+async def _claim_unlocked(
+    deps: Deps, cmd: c.RunClaimPending, scope: Scope, budget: int, now: datetime
+) -> c.RunClaimPendingResult | None:
+    """The claim in two statements without ``BEGIN``/``COMMIT`` (PostgreSQL): one read of
+    the candidates with their stages (``tx.claim_candidates``, no lock held past it),
+    then every write at once (``WriteBuffer.flush``: ``tx.write_set``), guarded by the
+    run and stage versions read. A run claimed, cancelled or paused in between fails
+    the write as a whole (``ConcurrencyError``, nothing written): the caller claims
+    again under locks. ``None``, having written nothing, when this claim needs what
+    the buffer does not carry (a concurrency or rate limit to admit under its keys'
+    locks, a lost input to fail, a timer to read): the caller claims under locks.
+    Nothing to claim costs the one read."""
+    async with deps.persistence.transaction() as tx:
+        read = getattr(tx, "claim_candidates", None)
+        found = await read(cmd.max_claims) if read is not None else None
+        if found is None:
+            return None
+        runs, stages, timed = found
+        if runs and (
+            any_limited(deps, runs)
+            or any(type(run.input) is MissingPayload for run in runs)
+            or (len(runs) > 1 and not deps.settings.group_commit)
+        ):
+            return None
+        buffer = WriteBuffer(tx, {run.id: run for run in runs}, stages, {})
+        buffered, buffered_tx = buffer.stand_in(deps)
+        try:
+            claimed, started = await _claim_runs(
+                buffered, buffered_tx, cmd.worker_id, scope, runs, budget, now, timed=timed
+            )
+        except NotBatchableError:
+            return None
+        if buffer.run_writes:
+            # The flush is all this claim writes: one statement, sent without BEGIN/COMMIT.
+            await buffer.flush(deps.job_transport, last=True)
+        result = c.RunClaimPendingResult(claimed=claimed, chained_jobs=[s.job for s in started])
+    for s in started:  # only once their start has committed
+        deps.chains.keep(s.job.id, cmd.worker_id, s)
+    return result
+
+
 async def _fail_lost_inputs(
     deps: Deps, tx: Transaction, runs: list[Run], now: datetime, causation_id: str | None
 ) -> list[Run]:
@@ -536,6 +635,7 @@ async def _claim_runs(
     *,
     prior_events: list[EventBase] | None = None,
     fresh: list[StageRun] | None = None,
+    timed: set[str] | None = None,
 ) -> tuple[list[c.ClaimedRun], list[Any]]:
     """Start each of ``runs`` inside ``tx``: RUNNING, group 0 enqueued (the first job of
     up to ``budget`` runs leased to the claimer, ``worker_id``, and started). Returns the
@@ -543,7 +643,9 @@ async def _claim_runs(
     ``prior_events``: appended with the first run's own (``run.create`` claiming the
     run it just created commits one ``append_events``). ``fresh``: the stages of the one
     run, created by this transaction with no timers, so nothing of it needs reading (and
-    its first activation, for a code workflow, knows its journal is empty)."""
+    its first activation, for a code workflow, knows its journal is empty). ``timed``:
+    the runs known to have timers (read with the runs); a run not in it has none, so
+    arming its execution timeout reads none."""
     claimed: list[c.ClaimedRun] = []
     started: list[Any] = []
     for run in runs:
@@ -566,7 +668,8 @@ async def _claim_runs(
                 },
             )
         )
-        await arm_execution_timeout(tx, run, wf, now, pending=None if fresh is None else [])
+        known = fresh is not None or (timed is not None and run.id not in timed)
+        await arm_execution_timeout(tx, run, wf, now, pending=[] if known else None)
         stages = await tx.stages.for_run(run.id) if fresh is None else fresh
         group0 = [s for s in stages if s.execution_group == 0]
         lease_to = worker_id if budget > 0 and group0 else None

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from treadle.kernel.deps import Deps
+    from treadle.kernel.handlers.execution import Started
     from treadle.kernel.workflows.model import Timer
 
 
@@ -97,12 +98,17 @@ async def poll_suspended(
                 run = await tx.runs.get(stage.workflow_run_id)
                 if run is not None:
                     runs[run.id] = run
-                    stages_of[run.id] = await tx.stages.for_run(run.id)
+                    found = deps.find_workflow(run.workflow_id, run.workflow_version)
+                    if found is None or found.kind != "code":  # a check's context needs them
+                        stages_of[run.id] = await tx.stages.for_run(run.id)
     # Execution timeouts first: a timed-out run is cancelled, not woken (its due stage,
     # if any, is then skipped as terminal).
     timed_out = await _fire_execution_timeouts(deps, timeouts, now) if timeouts else []
     checked = resumed = failed = 0
     resumed_ids: list[str] = []
+    chained: list[Started] = []
+    worker_id = cmd.worker_id
+    budget = cmd.chain if worker_id is not None and deps.chains.allows(worker_id) else 0
     for stage in due:
         run = runs.get(stage.workflow_run_id)
         wf = deps.find_workflow(run.workflow_id, run.workflow_version) if run is not None else None
@@ -110,7 +116,11 @@ async def poll_suspended(
             continue
         checked += 1
         if wf.kind == "code":  # a suspended code workflow waits on timers, not a check
-            outcome = await fire_timers(deps, scope, wf, stage, now)
+            lease_to = worker_id if budget > len(chained) else None
+            outcome, started = await fire_timers(deps, scope, wf, stage, now, lease_to=lease_to)
+            if started is not None and worker_id is not None:  # committed: hand it over
+                deps.chains.keep(started.job.id, worker_id, started)
+                chained.append(started)
         else:
             calls: list[AICall] = []
             verdict = await _check(deps, wf, run, stage, stages_of[run.id], now, calls)
@@ -127,6 +137,7 @@ async def poll_suspended(
         failed=failed,
         resumed_workflow_run_ids=resumed_ids,
         timed_out_workflow_run_ids=timed_out,
+        chained_jobs=[s.job for s in chained],
     )
     async with deps.persistence.transaction() as tx:
         await scope.complete(tx, result)

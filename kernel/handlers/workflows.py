@@ -29,9 +29,11 @@ from treadle.kernel.events import (
     TimerFired,
     UpdateReceived,
 )
-from treadle.kernel.handlers.basics import load_run
+from treadle.kernel.handlers.basics import load_run, new_jobs
+from treadle.kernel.handlers.jobs import start_leased
+from treadle.kernel.handlers.write_buffer import WriteBuffer
 from treadle.kernel.limits import dump_json, precheck, to_json
-from treadle.kernel.model import CONTINUED_AS, JsonValue, Run, StageStatus
+from treadle.kernel.model import CONTINUED_AS, JsonValue, Run, RunStatus, StageStatus, evolve
 from treadle.kernel.workflows.activation import wake, write_entries
 from treadle.kernel.workflows.context import message_result
 from treadle.kernel.workflows.continuation import MAX_FOLLOW, current_run
@@ -43,6 +45,7 @@ from treadle.kernel.workflows.versions import block, is_blocked, version_mismatc
 if TYPE_CHECKING:
     from treadle.kernel.definitions import WorkflowDefinition
     from treadle.kernel.deps import Deps, Scope
+    from treadle.kernel.handlers.execution import Started
     from treadle.kernel.model import StageRun
     from treadle.ports import Transaction
 
@@ -348,13 +351,27 @@ async def update_reply_in(tx: Transaction, run_id: str, update_id: str) -> tuple
 
 
 async def fire_timers(
-    deps: Deps, scope: Scope, wf: WorkflowDefinition, seen: StageRun, now: datetime
-) -> str:
+    deps: Deps,
+    scope: Scope,
+    wf: WorkflowDefinition,
+    seen: StageRun,
+    now: datetime,
+    *,
+    lease_to: str | None = None,
+) -> tuple[str, Started | None]:
     """For a suspended code-workflow stage whose earliest timer is due: fire every due
     timer (its wait completes in the journal, ``timer:fired`` is recorded) and wake the
     run. A run whose pinned version this worker lacks stays blocked and is re-checked
     later; a blocked run this worker can serve is woken. Returns ``resumed``, ``waiting``
-    (nothing due after all, or still blocked) or ``skipped``."""
+    (nothing due after all, or still blocked) or ``skipped``, and the started activation
+    when one was leased.
+
+    ``lease_to``: the worker firing the timers, which serves the run's queue; the woken
+    activation's job is created leased to it and the activation started in this same
+    commit (``_wake_leased``), as a chained stage is: the caller hands the ``Started``
+    to that worker (``deps.chains``), which executes it with no dequeue and no phase-1
+    transaction. A worker that dies after this commit leaves a lease the reaper
+    releases, as after any chained start."""
     async with deps.persistence.transaction() as tx:
         run = await tx.runs.get(seen.workflow_run_id, for_update=True)
         stage = await tx.stages.get(seen.workflow_run_id, seen.stage_id)
@@ -365,26 +382,25 @@ async def fire_timers(
             or stage.status is not StageStatus.SUSPENDED
             or stage.version != seen.version
         ):
-            return "skipped"  # another poller, a signal or a cancel got there first
+            return "skipped", None  # another poller, a signal or a cancel got there first
         if run.paused:  # fire nothing until run.resume, which polls the stage again
             await tx.stages.update(stage.model_copy(update={"next_poll_at": None}))
-            return "waiting"
+            return "waiting", None
         mismatch = version_mismatch(run, wf)
         if mismatch is not None:  # fire nothing: the journal stays as the pinned code left it
             await block(deps, tx, run, stage, wf, mismatch, now, scope.causation_id)
-            return "waiting"
+            return "waiting", None
         if is_blocked(stage):  # this worker has the pinned version: resume the body
             await wake(deps, tx, run, stage, wf, now)
-            return "resumed"
+            return "resumed", None
         timers = forward_timers(await tx.timers.pending(run.id))
         due = [t for t in timers if t.fire_at <= now]
         if not due:
             later = timers[0].fire_at if timers else None
             await tx.stages.update(stage.model_copy(update={"next_poll_at": later}))
-            return "waiting"
+            return "waiting", None
         events: list[EventBase] = []
         for timer in due:
-            await tx.timers.fire(run.id, timer.name, timer.occurrence, now)
             entry = await tx.journal.get(run.id, timer.name, timer.occurrence)
             if entry is not None and entry.status is JournalStatus.WAITING:
                 result = {"timed_out": True} if timer.purpose.endswith("_timeout") else None
@@ -395,7 +411,9 @@ async def fire_timers(
                         "completed_at": now,
                     }
                 )
-                await write_entries(tx, [done], now)
+                await write_entries(tx, [done], now)  # fires its timer, as below
+            else:
+                await tx.timers.fire(run.id, timer.name, timer.occurrence, now)
             events.append(
                 TimerFired(
                     workflow_run_id=run.id,
@@ -407,9 +425,48 @@ async def fire_timers(
                     fire_at=timer.fire_at,
                 )
             )
+        if lease_to is not None and deps.chains.serves(lease_to, wf.queue_of(WORKFLOW_STAGE_ID)):
+            started = await _wake_leased(deps, tx, scope, run, stage, wf, now, lease_to, events)
+            return "resumed", started
         await tx.outbox.append(events)
         await wake(deps, tx, run, stage, wf, now)
-    return "resumed"
+    return "resumed", None
+
+
+async def _wake_leased(
+    deps: Deps,
+    tx: Transaction,
+    scope: Scope,
+    run: Run,
+    stage: StageRun,
+    wf: WorkflowDefinition,
+    now: datetime,
+    worker_id: str,
+    events: list[EventBase],
+) -> Started:
+    """``wake`` with the new activation's job leased to ``worker_id`` and started in the
+    same transaction (``start_leased``: stage RUNNING, ``stage:started`` appended after
+    ``events``): the stage goes from SUSPENDED to RUNNING in one write, the job is
+    never QUEUED (no ``NOTIFY``, no dequeue). A code workflow's only stage is the body's.
+
+    The writes (job, run, stage, events) are collected in a ``WriteBuffer`` over the
+    run and stage read under the run's lock, and flushed together: on PostgreSQL one
+    statement (``tx.write_set``), elsewhere one per kind."""
+    woken = evolve(
+        stage, {"status": StageStatus.PENDING, "next_poll_at": None, "job_id": None, "error": None}
+    )
+    buffer = WriteBuffer(tx, {run.id: run}, {run.id: [woken]}, {})
+    buffered, buffered_tx = buffer.stand_in(deps)
+    (job,) = new_jobs(deps, run, wf, [WORKFLOW_STAGE_ID], now, lease_to=worker_id)
+    await buffered.job_transport.enqueue(buffered_tx, [job])
+    if run.status is RunStatus.SUSPENDED:
+        # ``error`` of a live run is a version mismatch it was blocked by (versions.py).
+        run = await buffered_tx.runs.update(
+            evolve(run, {"status": RunStatus.RUNNING, "error": None, "updated_at": now})
+        )
+    started = await start_leased(buffered, buffered_tx, scope, wf, run, [woken], job, now, events)
+    await buffer.flush(deps.job_transport)
+    return started
 
 
 async def query(deps: Deps, run_id: str, key: str) -> JsonValue:

@@ -65,6 +65,15 @@ class WriteBuffer:
         for is a key of ``stages`` and ``jobs`` (``[]``/``None`` when not found)."""
         self.tx = tx
         self.prefetched_runs = runs
+        self.prior_runs = dict(runs)
+        """The runs as prefetched (``prefetched_runs`` takes each one's written state):
+        what each write replaces, so the flush may write only what changed."""
+        self.prior_stages = {
+            (stage.workflow_run_id, stage.stage_id): stage
+            for run_stages in stages.values()
+            for stage in run_stages
+        }
+        """The stages as prefetched, by (run id, stage id), as ``prior_runs``."""
         self.prefetched_stages = stages
         self.job_rows = jobs
         self.run_writes: dict[str, Run] = {}
@@ -169,6 +178,8 @@ class WriteBuffer:
             stages=list(self.stage_writes.values()),
             events=self.events,
             last=last and not self.idempotency_writes,
+            prior=self.prior_runs,
+            prior_stages=self.prior_stages,
         ):
             if self.idempotency_writes:
                 await tx.idempotency.put_many(self.idempotency_writes)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from treadle.kernel.model import Job, Run, StageRun
     from treadle.ports.job_transport import JobTransport
 
-__all__ = ["WriteSetStore"]
+__all__ = ["InsertSetStore", "WriteSetStore"]
 
 
 class WriteSetStore(Protocol):
@@ -37,6 +37,8 @@ class WriteSetStore(Protocol):
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        prior: Mapping[str, Run] | None = None,
+        prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
     ) -> bool:
         """Write all of these in this transaction with exactly the effects and guards of
         the per-kind calls, in their order (runs, new jobs, completed jobs, stages,
@@ -52,5 +54,33 @@ class WriteSetStore(Protocol):
         ``last``: the caller writes nothing else in this transaction. An adapter may then
         commit the set by itself when it is the whole transaction (PostgreSQL: the one
         statement without ``BEGIN``/``COMMIT``); the transaction then refuses further
-        use, as one that has ended."""
+        use, as one that has ended.
+
+        ``prior``: run id -> the run as stored, the version each of ``runs`` replaces
+        (which the version check proves is what the row holds). An adapter may then
+        write only the columns that differ; without it, every column. ``prior_stages``:
+        the same for ``stages``, by (run id, stage id)."""
+        ...
+
+
+class InsertSetStore(Protocol):
+    """``tx.insert_set(...)``: the adapter's one-unit form of a start's inserts."""
+
+    async def insert_set(
+        self,
+        transport: JobTransport,
+        *,
+        runs: Sequence[Run],
+        new_jobs: Sequence[Job],
+        stages: Sequence[StageRun],
+        events: Sequence[EventBase],
+        last: bool = False,
+    ) -> bool:
+        """Insert all of these in this transaction with exactly the effects of the
+        per-kind calls in their order (``runs.insert_many``, ``transport.enqueue``,
+        ``stages.insert_many``, ``outbox.append``); ``stages`` only of these ``runs``.
+        A run whose id or idempotency key is taken raises ``DuplicateError`` (as does a
+        job id taken) and the caller rolls back. Returns ``False``, having written
+        nothing, when it cannot take this set in one unit (the caller then makes the
+        per-kind calls). ``last``: as ``WriteSetStore.write_set``'s."""
         ...

@@ -266,12 +266,17 @@ async def test_a_large_stage_output_with_small_events_is_still_one_unit(backend:
     assert sequences == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("feed", [True, False], ids=["feed", "quiet"])
-async def test_the_set_sends_the_event_feed_notify_unless_turned_off(
-    backend: Any, feed: bool
+@pytest.mark.parametrize(
+    ("feed", "reader"),
+    [(True, True), (True, False), (False, True)],
+    ids=["feed", "no-reader", "quiet"],
+)
+async def test_the_set_sends_the_event_feed_notify_only_to_a_live_reader(
+    backend: Any, feed: bool, reader: bool
 ) -> None:
-    """As ``outbox.append``: the event feed's NOTIFY with the events, none when the
-    persistence's ``notify_events`` is off (PostgreSQL: a column of the one statement)."""
+    """As ``outbox.append``: the event feed's NOTIFY with the events while a live reader
+    is announced, none without one, and none when the persistence's ``notify_events``
+    is off (PostgreSQL: a column of the one statement)."""
     if backend.name != "postgres":
         return
     import psycopg
@@ -280,6 +285,8 @@ async def test_the_set_sends_the_event_feed_notify_unless_turned_off(
 
     run, stages, job = await _seed(backend)
     backend.persistence.notify_events = feed
+    if reader:
+        await backend.persistence.announce_event_reader("test-reader", 60)
     dsn = backend.persistence.engine.url.set(drivername="postgresql").render_as_string(
         hide_password=False
     )
@@ -288,4 +295,175 @@ async def test_the_set_sends_the_event_feed_notify_unless_turned_off(
         async with backend.persistence.transaction() as tx:
             assert await tx.write_set(backend.job_transport, **_writes(run, stages, job), last=True)
         heard = [n.channel async for n in listener.notifies(timeout=0.5)]
-    assert heard == ([EVENTS_CHANNEL] if feed else [])
+    assert heard == ([EVENTS_CHANNEL] if feed and reader else [])
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["prior", "stale-prior"])
+async def test_with_the_prior_run_the_set_stores_the_run_as_written(
+    backend: Any, stale: bool
+) -> None:
+    """``prior`` (the run as stored) lets PostgreSQL write only the run's columns that
+    changed: what is stored is still exactly the run as written, whichever columns
+    changed, large payloads included; a prior of another version is not trusted."""
+    if backend.name != "memory":
+        backend.persistence.offload_payloads(backend.blob_store, max_bytes=256)
+    run, stages, job = await _seed(backend)
+    async with backend.persistence.transaction() as tx:
+        run = await tx.runs.update(evolve(run, {"input": {"big": "z" * 2000}, "config": {"c": 1}}))
+    writes = _writes(run, stages, job)
+    written = evolve(
+        run,
+        {
+            "status": RunStatus.COMPLETED,
+            "output": {"big": "o" * 2000},
+            "search_attributes": {"k": True},
+            "completed_at": T0,
+            "current_group": 1,
+        },
+    )
+    writes["runs"] = [written]
+    prior = evolve(run, {"version": run.version - 1}) if stale else run
+    async with backend.persistence.transaction() as tx:
+        await tx.write_set(backend.job_transport, **writes, prior={"r1": prior}) or await _write(
+            backend, tx, writes
+        )
+    got_run, got_stages, _, sequences = await _state(backend)
+    assert got_run == evolve(written, {"version": run.version + 1, "stages": got_run.stages})
+    assert got_run.input == {"big": "z" * 2000}
+    assert got_run.search_attributes == {"k": True}
+    assert got_stages[1].job_id == "j2"
+    assert sequences == [1, 2, 3, 4, 5]
+
+
+async def test_a_set_of_two_runs_writes_both(backend: Any) -> None:
+    """More than one run's set (a group commit) takes the general statement on
+    PostgreSQL: each run updated, each one's events numbered on its own."""
+    run, stages, job = await _seed(backend)
+    other = Run(id="r2", workflow_id="wf", status=RunStatus.RUNNING, created_at=T0, updated_at=T0)
+    async with backend.persistence.transaction() as tx:
+        await tx.runs.insert(other)
+        stored = await tx.runs.get("r2")
+    assert stored is not None
+    writes = _writes(run, stages, job)
+    writes["runs"].append(evolve(stored, {"current_group": 3, "updated_at": T0}))
+    writes["events"].append(
+        StageStarted(workflow_run_id="r2", stage_id="x", attempt=1, timestamp=T0)
+    )
+    async with backend.persistence.transaction() as tx:
+        assert await _write(backend, tx, writes) is (backend.name != "sqlite")
+    got_run, _, jobs, sequences = await _state(backend)
+    assert (got_run.version, got_run.current_group) == (run.version + 1, 1)
+    assert sequences == [1, 2, 3, 4, 5]
+    assert jobs["j2"].status is JobStatus.LEASED
+    async with backend.persistence.transaction() as tx:
+        got_other = await tx.runs.get("r2")
+        other_events = await tx.outbox.events_for_run("r2")
+    assert got_other is not None
+    assert (got_other.version, got_other.current_group) == (stored.version + 1, 3)
+    assert [e.sequence for e in other_events] == [1]
+
+
+@pytest.mark.parametrize("taken", ["run id", "idempotency key"])
+async def test_an_insert_set_whose_run_is_taken_writes_nothing(backend: Any, taken: str) -> None:
+    """``tx.insert_set`` (a start's inserts in one statement on PostgreSQL): a run whose
+    id, or whose workflow's idempotency key, is taken raises ``DuplicateError`` as
+    ``runs.insert`` does, and none of the set's job, stages or events is written."""
+    insert_set = None
+    async with backend.persistence.transaction() as tx:
+        insert_set = getattr(tx, "insert_set", None)
+    if insert_set is None or backend.name != "postgres":
+        return  # the per-kind inserts: runs.insert's own tests
+    keyed = Run(id="k1", workflow_id="wf", idempotency_key="key", created_at=T0, updated_at=T0)
+    async with backend.persistence.transaction() as tx:
+        await tx.runs.insert(keyed)
+    new_id = "k1" if taken == "run id" else "k2"
+    run = Run(
+        id=new_id,
+        workflow_id="wf",
+        status=RunStatus.RUNNING,
+        idempotency_key="key" if taken == "idempotency key" else "other",
+        created_at=T0,
+        updated_at=T0,
+    )
+    job = Job(
+        id="j9",
+        workflow_run_id=new_id,
+        workflow_id="wf",
+        stage_id="a",
+        status=JobStatus.LEASED,
+        attempts=1,
+        worker_id="w1",
+        next_poll_at=T0,
+        enqueued_at=T0,
+    )
+    with pytest.raises(DuplicateError):
+        async with backend.persistence.transaction() as tx:
+            await tx.insert_set(
+                backend.job_transport,
+                runs=[run],
+                new_jobs=[job],
+                stages=[StageRun(workflow_run_id=new_id, stage_id="a", execution_group=0)],
+                events=[
+                    StageStarted(workflow_run_id=new_id, stage_id="a", attempt=1, timestamp=T0)
+                ],
+                last=True,
+            )
+    async with backend.persistence.transaction() as tx:
+        assert await backend.job_transport.get(tx, "j9") is None
+        assert (await tx.stages.for_runs([new_id])).get(new_id, []) == []
+        assert await tx.outbox.events_for_run(new_id) == []
+        stored = await tx.runs.get("k1")
+    assert stored == keyed
+
+
+async def test_an_insert_set_writes_what_the_per_kind_inserts_write(backend: Any) -> None:
+    """A start's inserts as one unit: the run, its leased job, its stages in order (their
+    ordinals from 0) and its events numbered from 1."""
+    async with backend.persistence.transaction() as tx:
+        insert_set = getattr(tx, "insert_set", None)
+    if insert_set is None:
+        return
+    run = Run(id="n1", workflow_id="wf", status=RunStatus.RUNNING, created_at=T0, updated_at=T0)
+    job = Job(
+        id="jn",
+        workflow_run_id="n1",
+        workflow_id="wf",
+        stage_id="a",
+        status=JobStatus.LEASED,
+        attempts=1,
+        worker_id="w1",
+        next_poll_at=T0,
+        enqueued_at=T0,
+    )
+    stages = [
+        StageRun(
+            workflow_run_id="n1",
+            stage_id="a",
+            execution_group=0,
+            status=StageStatus.RUNNING,
+            job_id="jn",
+            attempt=1,
+        ),
+        StageRun(workflow_run_id="n1", stage_id="b", execution_group=1),
+    ]
+    events = [StageStarted(workflow_run_id="n1", stage_id="a", attempt=1, timestamp=T0)] * 2
+    async with backend.persistence.transaction() as tx:
+        one_unit = await tx.insert_set(
+            backend.job_transport, runs=[run], new_jobs=[job], stages=stages, events=events
+        )
+        assert one_unit is (backend.name == "postgres")
+        if not one_unit:
+            return
+    async with backend.persistence.transaction() as tx:
+        stored = await tx.runs.get("n1")
+        got_stages = (await tx.stages.for_runs(["n1"]))["n1"]
+        got_job = await backend.job_transport.get(tx, "jn")
+        got_events = await tx.outbox.events_for_run("n1")
+    assert stored == run
+    assert [(s.stage_id, s.status, s.job_id) for s in got_stages] == [
+        ("a", StageStatus.RUNNING, "jn"),
+        ("b", StageStatus.PENDING, None),
+    ]
+    assert got_job is not None
+    assert (got_job.status, got_job.worker_id) == (JobStatus.LEASED, "w1")
+    assert [e.sequence for e in got_events] == [1, 2]

@@ -271,3 +271,45 @@ async def test_hub_holds_back_rows_after_a_gap_until_it_fills_or_expires(
         got = [await asyncio.wait_for(subscription.queue.get(), 5) for _ in range(2)]
         assert [item[0] for item in got if item is not None] == [4, 6]
         await hub.aclose()
+
+
+async def test_postgres_hub_asks_for_notifications_only_while_it_has_streams(
+    treadle_postgres_url: str,
+) -> None:
+    """Writers send ``NOTIFY treadle_events`` only while a reader is announced
+    (``adapters/sql/wake_interest.py``): the hub announces itself in ``event_readers``
+    before its first stream subscribes, and withdraws once the last one is gone; then
+    another engine's commits send no NOTIFY."""
+    import psycopg
+
+    from treadle.adapters.sql import sync_url
+
+    dsn = sync_url(treadle_postgres_url).set(drivername="postgresql")
+    libpq = dsn.render_as_string(hide_password=False)
+
+    async def readers() -> int:
+        async with await psycopg.AsyncConnection.connect(libpq, autocommit=True) as conn:
+            row = await (await conn.execute("SELECT count(*) FROM event_readers")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async with (
+        await Engine.open(treadle_postgres_url, workflows=WORKFLOWS) as server,
+        await Engine.open(treadle_postgres_url, workflows=WORKFLOWS) as other,
+        await psycopg.AsyncConnection.connect(libpq, autocommit=True) as listener,
+    ):
+        await listener.execute("LISTEN treadle_events")
+        hub = EventHub(server, poll_interval=3600)
+        assert await readers() == 0
+        subscription, _ = await hub.subscribe(lambda *_: True)
+        assert await readers() == 1
+        await other.start("checkout", {"item": "heard"})
+        assert [n.channel async for n in listener.notifies(timeout=2)] == ["treadle_events"]
+        hub.unsubscribe(subscription)
+        hub.poke()  # the reader loop sees no stream left and withdraws
+        deadline = asyncio.get_running_loop().time() + 10
+        while await readers():
+            assert asyncio.get_running_loop().time() < deadline, "the hub never withdrew"
+        await other.start("checkout", {"item": "unheard"})
+        assert [n.channel async for n in listener.notifies(timeout=0.5)] == []
+        await hub.aclose()

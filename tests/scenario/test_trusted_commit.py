@@ -159,6 +159,19 @@ async def test_a_chained_stage_commits_with_writes_only(engine: Engine) -> None:
     if engine.backend.kind == "postgresql":
         assert len(statements) == 1, statements
         assert statements[0].startswith("WITH W_R AS (UPDATE"), statements
+        # One run's set: scalar parameters (cheap for the server to plan, no record
+        # sets to join), and the run's unchanged columns are not rewritten.
+        assert "JSONB_TO_RECORDSET" not in statements[0]
+        run_update, rest = statements[0].split("RETURNING", 1)
+        assert "CURRENT_GROUP =" in run_update
+        assert " STATUS =" not in run_update  # the run stays RUNNING
+        for column in ("INPUT", "CONFIG", "SEARCH_ATTRIBUTES", "WORKFLOW_ID"):
+            assert f" {column} =" not in run_update
+        stage_updates = rest.split("UPDATE STAGES")[1:]
+        assert len(stage_updates) == 2  # b completed, c started
+        for update in stage_updates:
+            assert " STATUS =" in update
+            assert " SUSPENDED_STATE =" not in update  # unchanged, not rewritten
         # The whole transaction is that statement: sent without BEGIN and COMMIT, one
         # round trip (atomic by itself).
         assert autocommit == [True]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import bisect
 import functools
 from collections.abc import Sequence
 from datetime import datetime
@@ -20,20 +19,24 @@ from treadle.kernel.model import (
 def _unappend_events(
     store: Any,
     first_id: int,
-    buckets: list[list[Any]],
+    count: int,
     previous: dict[str, int | None],
 ) -> None:
-    for outbox_id in range(first_id, first_id + len(buckets)):
+    """Undo of ``append``: its ``count`` rows from ``first_id`` on leave every index, and
+    each run's sequence goes back to ``previous`` (the run got the numbers in between, so
+    that many events come off the end of its list)."""
+    for outbox_id in range(first_id, first_id + count):
         store.outbox.pop(outbox_id, None)
         store.unpublished.pop(outbox_id, None)
-    for bucket in reversed(buckets):
-        bucket.pop()
-    del store.feed[len(store.feed) - len(buckets) :]
+    store.feed.drop_last(count)
+    seqs, by_run = store.event_seq, store.events_by_run
     for run_id, seq in previous.items():
+        appended = seqs[run_id] - (seq or 0)
+        del by_run[run_id][len(by_run[run_id]) - appended :]
         if seq is None:
-            store.event_seq.pop(run_id, None)
+            seqs.pop(run_id, None)
         else:
-            store.event_seq[run_id] = seq
+            seqs[run_id] = seq
 
 
 def _unpublish(store: Any, removed: list[tuple[int, OutboxRecord | EventBase, bool, bool]]) -> None:
@@ -67,14 +70,18 @@ class MemoryOutbox:
             return []
         s = self._s
         seqs, outbox, unpublished, by_run = s.event_seq, s.outbox, s.unpublished, s.events_by_run
+        feed_ids, feed_events = s.feed.ids, s.feed.events
         first_id = s.next_outbox_id + 1
         outbox_id = s.next_outbox_id
         # The sequences before this call, per run, for the undo entry.
         previous: dict[str, int | None] = {}
-        buckets: list[list[EventBase]] = []
         stored: list[EventBase] = []
+        ended: list[str] | None = None
         for event in events:
-            run_id = event.workflow_run_id
+            # One read of the event's fields for all the reads below: each attribute read
+            # of a pydantic model goes through its ``__getattr__`` hook.
+            fields = event.__dict__
+            run_id = fields["workflow_run_id"]
             last = seqs.get(run_id)
             if run_id not in previous:
                 previous[run_id] = last
@@ -88,12 +95,15 @@ class MemoryOutbox:
             if bucket is None:
                 bucket = by_run[run_id] = []
             bucket.append(event)
-            buckets.append(bucket)
             stored.append(event)
-            s.feed.append((outbox_id, event))
+            feed_ids.append(outbox_id)
+            feed_events.append(event)
+            if fields.get("type") in RUN_END_EVENTS:
+                if ended is None:
+                    ended = []
+                ended.append(run_id)
         s.next_outbox_id = outbox_id
         self._tx.appended_events = True
-        ended = [e.workflow_run_id for e in stored if e.type in RUN_END_EVENTS]  # type: ignore[attr-defined]
         if ended:
             if self._tx.ended_runs is None:
                 self._tx.ended_runs = []
@@ -101,7 +111,7 @@ class MemoryOutbox:
         # One undo entry for the whole call: its outbox ids are fresh and consecutive, so
         # undoing is removing them again and restoring each run's sequence.
         self._undo.append(
-            (None, functools.partial(_unappend_events, s, first_id, buckets, previous), None)
+            (None, functools.partial(_unappend_events, s, first_id, len(stored), previous), None)
         )
         return stored
 
@@ -186,9 +196,7 @@ class MemoryOutbox:
         return [e for e in self._s.events_by_run.get(run_id, []) if e.sequence > after_sequence]
 
     async def events_after(self, after_id: int, limit: int) -> list[tuple[int, EventBase]]:
-        feed: list[tuple[int, EventBase]] = self._s.feed
-        start = bisect.bisect_right(feed, after_id, key=lambda row: row[0])
-        return feed[start : start + max(limit, 0)]
+        return self._s.feed.after(after_id, limit)  # type: ignore[no-any-return]
 
     async def last_event_id(self) -> int:
-        return self._s.feed[-1][0] if self._s.feed else 0
+        return self._s.feed.last_id()  # type: ignore[no-any-return]

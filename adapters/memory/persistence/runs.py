@@ -15,6 +15,8 @@ from treadle.kernel.model import (
     evolve,
 )
 
+_TERMINAL = frozenset(status for status in RunStatus if status.terminal)
+
 
 def _matches(run: Run, f: RunFilter) -> bool:
     if f.status is not None and run.status is not f.status:
@@ -95,26 +97,31 @@ class MemoryRuns:
     async def update(self, run: Run) -> Run:
         if not self._tx.active:  # _check, inlined here and below: these run on every stage
             self._tx._check()
-        stored = self._s.runs.get(run.id)
+        # The fields through the models' ``__dict__``: one read through pydantic's
+        # ``__getattr__`` hook each rather than one per field.
+        fields = run.__dict__
+        run_id, version = fields["id"], fields["version"]
+        runs = self._s.runs
+        stored = runs.get(run_id)
         if stored is None:
-            raise ConcurrencyError(f"run {run.id!r} does not exist")
-        if stored.version != run.version:
+            raise ConcurrencyError(f"run {run_id!r} does not exist")
+        was = stored.__dict__
+        if was["version"] != version:
             raise ConcurrencyError(
-                f"run {run.id!r} was updated concurrently (version {stored.version}, "
-                f"expected {run.version})"
+                f"run {run_id!r} was updated concurrently (version {was['version']}, "
+                f"expected {version})"
             )
-        if run.idempotency_key != stored.idempotency_key:
+        if fields["idempotency_key"] != was["idempotency_key"]:
             self._rekey(stored, run)
         # A stored run keeps no stages; one read from here has its (empty) list already,
         # and sharing that is what every copy of it does: no new list per update.
-        if run.stages:
-            new = evolve(run, {"version": run.version + 1, "stages": []})
+        if fields["stages"]:
+            new = evolve(run, {"version": version + 1, "stages": []})
         else:
-            new = evolve(run, {"version": run.version + 1})
-        runs = self._s.runs
-        self._undo.append((runs, run.id, stored))  # set_item, inlined: once per stage
-        runs[run.id] = new
-        if new.status.terminal:
+            new = evolve(run, {"version": version + 1})
+        self._undo.append((runs, run_id, stored))  # set_item, inlined: once per stage
+        runs[run_id] = new
+        if fields["status"] in _TERMINAL:
             if self._tx.final_runs is None:
                 self._tx.final_runs = {}
             self._tx.final_runs[run.id] = new

@@ -4,6 +4,7 @@ adapter share.
 
 from __future__ import annotations
 
+import bisect
 import marshal
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -72,6 +73,48 @@ def _json_equal(stored: Any, wanted: Any) -> bool:
     if isinstance(stored, list | tuple) and isinstance(wanted, list | tuple):
         return len(stored) == len(wanted) and all(map(_json_equal, stored, wanted))
     return bool(stored == wanted)
+
+
+class EventFeed:
+    """Every appended event with its outbox id, in id order (``events_after``): two
+    parallel lists rather than one list of ``(id, event)`` pairs, so the store keeps no
+    tuple per event for the cyclic garbage collector to walk (a list of ints holds
+    nothing it tracks). The pairs are built only for the rows a reader asks for."""
+
+    __slots__ = ("events", "ids")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.events: list[Any] = []
+
+    def append(self, outbox_id: int, event: Any) -> None:
+        self.ids.append(outbox_id)
+        self.events.append(event)
+
+    def drop_last(self, count: int) -> None:
+        """Remove the last ``count`` rows (the undo of an append)."""
+        if count:
+            del self.ids[-count:]
+            del self.events[-count:]
+
+    def after(self, after_id: int, limit: int) -> list[tuple[int, Any]]:
+        """Up to ``limit`` rows with an id above ``after_id``, oldest first."""
+        start = bisect.bisect_right(self.ids, after_id)
+        end = start + max(limit, 0)
+        return list(zip(self.ids[start:end], self.events[start:end], strict=True))
+
+    def last_id(self) -> int:
+        return self.ids[-1] if self.ids else 0
+
+    def rows(self) -> list[tuple[int, Any]]:
+        return list(zip(self.ids, self.events, strict=True))
+
+    def replace(self, rows: Sequence[tuple[int, Any]]) -> None:
+        self.ids[:] = [row[0] for row in rows]
+        self.events[:] = [row[1] for row in rows]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class MemoryUnit(Protocol):

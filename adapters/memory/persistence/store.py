@@ -24,7 +24,7 @@ from treadle.adapters.memory.persistence.journal import MemoryJournal
 from treadle.adapters.memory.persistence.logs import MemoryLogs
 from treadle.adapters.memory.persistence.outbox import MemoryOutbox
 from treadle.adapters.memory.persistence.runs import MemoryRuns
-from treadle.adapters.memory.persistence.shared import _MISSING, _idempotency_record
+from treadle.adapters.memory.persistence.shared import _MISSING, EventFeed, _idempotency_record
 from treadle.adapters.memory.persistence.stages import MemoryStages
 from treadle.adapters.memory.persistence.timers import MemoryTimers
 from treadle.adapters.memory.retention import InMemoryRetention
@@ -77,6 +77,9 @@ class _LazyStore(Generic[_S]):
         if tx is None:
             return self
         store = tx.__dict__[self._name] = self._build(tx)
+        if tx.lazy is None:
+            tx.lazy = []
+        tx.lazy.append(store)  # for ``end`` to point at the ended transaction
         return store
 
 
@@ -95,13 +98,14 @@ class InMemoryTransaction:
         """The terminal runs this transaction wrote, told along with ``ended_runs``."""
         self.appended_events = False
         """Whether it appended events: ``event_watchers`` are told once it commits."""
+        self.lazy: list[Any] | None = None
+        """The concern stores built on first use (``_LazyStore``), if any."""
         # One store per concern (the ``Transaction`` port's attributes), sharing this
-        # unit of work's undo log. The concerns every command touches are built here;
-        # the others (``_LazyStore`` below) on first use.
+        # unit of work's undo log. The concerns every stage's commit touches are built
+        # here; the others (``_LazyStore`` below) on first use.
         self.runs = MemoryRuns(self)
         self.stages = MemoryStages(self)
         self.outbox = MemoryOutbox(self)
-        self.idempotency = MemoryIdempotency(self)
 
     async def write_set(
         self,
@@ -114,6 +118,8 @@ class InMemoryTransaction:
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        prior: Mapping[str, Run] | None = None,
+        prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``) by the
         per-kind calls, in their order: memory has no round trips to save, and this
@@ -130,6 +136,7 @@ class InMemoryTransaction:
             await self.outbox.append(events)
         return True
 
+    idempotency = _LazyStore(MemoryIdempotency)  # keyed commands only: not a chained stage
     annotations = _LazyStore(MemoryAnnotations)
     logs = _LazyStore(MemoryLogs)
     journal = _LazyStore(MemoryJournal)
@@ -167,11 +174,8 @@ class InMemoryTransaction:
         self.runs._tx = ended
         self.stages._tx = ended
         self.outbox._tx = ended
-        self.idempotency._tx = ended
-        built = self.__dict__
-        for name in _LAZY:  # the lazily built stores this transaction used
-            store = built.get(name)
-            if store is not None:
+        if self.lazy is not None:  # the lazily built stores this transaction used
+            for store in self.lazy:
                 store._tx = ended
 
     # -- undo bookkeeping ------------------------------------------------------
@@ -225,9 +229,6 @@ class InMemoryTransaction:
     # -- code workflows: journal, signal inbox, timers ------------------------------------
     # Same undo log as everything above, so a rolled-back transaction leaves no entry,
     # message, consumption or timer behind.
-
-
-_LAZY = ("annotations", "logs", "journal", "inbox", "timers")
 
 
 class _TransactionScope:
@@ -288,7 +289,7 @@ class InMemoryPersistence:
         self.unpublished: dict[int, None] = {}
         self.dead: dict[int, None] = {}
         self.events_by_run: dict[str, list[EventBase]] = {}
-        self.feed: list[tuple[int, EventBase]] = []
+        self.feed = EventFeed()
         """Every event with its outbox id, in id order (``events_after``)."""
         self.next_outbox_id = 0
         # Completed records compacted (see ``_idempotency_record``); read them through

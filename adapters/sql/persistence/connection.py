@@ -41,6 +41,7 @@ from treadle.adapters.due_times import (
 from treadle.adapters.event_feed import EventCallback, EventWatchers
 from treadle.adapters.queued_jobs import QueuedCallback, QueuedJobWatchers
 from treadle.adapters.run_ends import RunEndCallback, RunEndWatchers
+from treadle.adapters.sql import wake_interest
 from treadle.adapters.sql.ai_calls import SqlAICallLogger
 from treadle.adapters.sql.dialect import Build, SqlDialect, dialect_for
 from treadle.adapters.sql.engine import (
@@ -78,8 +79,10 @@ if TYPE_CHECKING:
     from treadle.kernel.model import Job
     from treadle.ports import BlobStore, JobTransport
 from treadle.adapters.sql.persistence.annotations import SqlAnnotations
+from treadle.adapters.sql.persistence.claim_read import claim_candidates
 from treadle.adapters.sql.persistence.idempotency import SqlIdempotency
 from treadle.adapters.sql.persistence.inbox import SqlInbox
+from treadle.adapters.sql.persistence.insert_set import insert_set
 from treadle.adapters.sql.persistence.journal import SqlJournal
 from treadle.adapters.sql.persistence.logs import SqlLogs
 from treadle.adapters.sql.persistence.outbox import SqlOutbox
@@ -194,6 +197,8 @@ class SqlTransaction:
         stages: Sequence[StageRun],
         events: Sequence[EventBase],
         last: bool = False,
+        prior: Mapping[str, Run] | None = None,
+        prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
     ) -> bool:
         """The ``WriteSetStore`` capability (``ports/persistence/write_set.py``): on
         PostgreSQL one statement (``adapters/sql/persistence/write_set.py``), else ``False``."""
@@ -209,7 +214,36 @@ class SqlTransaction:
             stages=stages,
             events=events,
             last=last,
+            prior=prior,
+            prior_stages=prior_stages,
         )
+
+    async def insert_set(
+        self,
+        transport: JobTransport,
+        *,
+        runs: Sequence[Run],
+        new_jobs: Sequence[Job],
+        stages: Sequence[StageRun],
+        events: Sequence[EventBase],
+        last: bool = False,
+    ) -> bool:
+        """The ``InsertSetStore`` capability (``ports/persistence/write_set.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/insert_set.py``), else
+        ``False``."""
+        if not self.dialect.set_statements:
+            return False
+        return await insert_set(
+            self, transport, runs=runs, new_jobs=new_jobs, stages=stages, events=events, last=last
+        )
+
+    async def claim_candidates(
+        self, limit: int
+    ) -> tuple[list[Run], dict[str, list[StageRun]], set[str]] | None:
+        """The ``ClaimReadStore`` capability (``ports/persistence/claim_read.py``): on
+        PostgreSQL one statement (``adapters/sql/persistence/claim_read.py``), else
+        ``None``."""
+        return await claim_candidates(self, limit)
 
     # -- plumbing ----------------------------------------------------------------
     @property
@@ -227,6 +261,8 @@ class SqlTransaction:
         ``parameters``: a dict, or a list of dicts for an executemany (batched INSERT)."""
         self._check()
         try:
+            if self.dialect.inline:  # nothing to await (SQLite's inline driver)
+                return self.connection.sync_connection.execute(statement, parameters)  # type: ignore[union-attr]
             return await self.connection.execute(statement, parameters)
         except sa_exc.SQLAlchemyError as exc:
             raise translate(exc, what) from exc
@@ -348,13 +384,17 @@ class SqlPersistence:
         self.queued_watchers = QueuedJobWatchers()
         self.event_watchers = EventWatchers()
         self.notify_events = True
-        """PostgreSQL: every commit that appends events sends ``NOTIFY treadle_events``,
-        which live readers in other processes (``treadle serve``) wait on. Each such
-        commit also wakes every LISTENing backend of the database (PostgreSQL signals
-        listeners whatever their channel), which costs the workers' listeners a
-        transaction; set ``False`` in processes whose events no live reader needs to see
-        at once (readers then find them by their fallback read)."""
+        """PostgreSQL: while a live reader is announced (``announce_event_reader``, the
+        SSE hub of ``treadle serve``), every commit that appends events sends ``NOTIFY
+        treadle_events``, which that reader waits on. Each such commit also wakes every
+        LISTENing backend of the database (PostgreSQL signals listeners whatever their
+        channel), which costs the workers' listeners a transaction; set ``False`` in
+        processes whose events no live reader needs to see at once, even while one is
+        announced (readers then find them by their fallback read)."""
         self._ended: SqlTransaction | None = None
+        self.claim_reads = self.dialect.set_statements
+        """PostgreSQL: transactions offer ``claim_candidates`` (``ports/persistence/
+        claim_read.py``), a claim's reads in one statement without ``BEGIN``."""
         self.dialect.configure(engine)
 
     @classmethod
@@ -447,6 +487,41 @@ class SqlPersistence:
         """Call ``callback(run_ids, outcomes)`` after each commit that finished runs in
         this process (see ``RunEndWatchers``); returns the function that stops it."""
         return self.run_ends.watch(callback)
+
+    # -- wake-up interest (``adapters/sql/wake_interest.py``): PostgreSQL sends a run's
+    # ``end:`` NOTIFY and the event feed's only to those who asked; no-ops on SQLite.
+    async def mark_run_end(
+        self, run_id: str, ttl: float = wake_interest.RUN_END_MARK_TTL
+    ) -> str | None:
+        """Ask for ``run_id``'s ``end:<id>`` NOTIFY, for a waiter in this process that
+        must hear of an end committed by another one. Call it before reading the run:
+        it commits the mark under a share lock of the run's row, so an end committed
+        after the read notifies. Returns the run's status under that lock (``None``:
+        no such run, or not PostgreSQL)."""
+        if not self.dialect.is_postgres:
+            return None
+        async with self.connect() as conn:
+            return await wake_interest.mark_run_end(conn, run_id, ttl)
+
+    async def mark_any_run_end(self, ttl: float) -> None:
+        """Ask for every run's ``end:<id>`` NOTIFY for ``ttl`` seconds (a worker waiting
+        for a concurrency slot another process's run may free)."""
+        if self.dialect.is_postgres:
+            async with self.connect() as conn:
+                await wake_interest.mark_any_run_end(conn, ttl)
+
+    async def announce_event_reader(self, reader_id: str, ttl: float) -> None:
+        """A live event-feed reader: commits that append events send ``NOTIFY
+        treadle_events`` for the next ``ttl`` seconds (renew before they pass)."""
+        if self.dialect.is_postgres:
+            async with self.connect() as conn:
+                await wake_interest.announce_reader(conn, reader_id, ttl)
+
+    async def withdraw_event_reader(self, reader_id: str) -> None:
+        """The reader ``announce_event_reader`` announced has no client any more."""
+        if self.dialect.is_postgres:
+            async with self.connect() as conn:
+                await wake_interest.withdraw_reader(conn, reader_id)
 
     @asynccontextmanager
     async def connect(self, *, read_only: bool = False) -> AsyncIterator[AsyncConnection]:

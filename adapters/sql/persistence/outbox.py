@@ -12,12 +12,8 @@ import sqlalchemy as sa
 
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
-from treadle.adapters.event_feed import EVENTS_CHANNEL
-from treadle.adapters.run_ends import RUN_END_PREFIX
+from treadle.adapters.sql import wake_interest
 from treadle.adapters.sql.dialect import SetWrite
-from treadle.adapters.sql.engine import (
-    NOTIFY_CHANNEL,
-)
 from treadle.adapters.sql.payloads import (
     escape,
     is_encoded,
@@ -113,48 +109,38 @@ def pg_append_events_ctes(
     return ctes, insert
 
 
-FEED_NOTIFY = f"pg_notify('{EVENTS_CHANNEL}', '')"
-"""Tells live event readers (``adapters/event_feed.py``) on commit."""
+FEED_NOTIFY = wake_interest.FEED_NOTIFY
+"""Tells live event readers (``adapters/event_feed.py``) on commit, while one is
+announced (``adapters/sql/wake_interest.py``)."""
 
 
-def _pg_append_events(notify: bool, feed: bool = True) -> sa.TextClause:
+def _pg_append_events(feed: bool = True) -> sa.TextClause:
     """``append_events`` on PostgreSQL in ONE statement: reserve each run's sequence
     numbers (the counters locked in run-id order, as ``_PG_ALLOCATE_SEQUENCES`` does),
     number the events of each run in their order, write each number into its event's
-    JSON (``jsonb_set``) and insert the rows, with the event feed's NOTIFY; with
-    ``notify``, the run-end NOTIFY too.
+    JSON (``jsonb_set``) and insert the rows, with the event feed's NOTIFY (while a live
+    reader is announced). A run end's NOTIFY is the ``runs`` trigger's (for marked runs
+    only, ``adapters/sql/wake_interest.py``).
     RETURNING gives each inserted row's run and sequence, from which the caller derives
     every event's number (consecutive per run, in the events' order). Not for events
     offloaded to the blob store: their JSON is a reference, so the caller allocates
     first and writes the numbers into the events itself (two statements)."""
-    # Every append tells live event readers (``adapters/event_feed.py``) on commit.
     once = f"(SELECT {FEED_NOTIFY}) AS feed, " if feed else ""
-    if notify:
-        once += "(SELECT pg_notify(:channel, :payload)) AS once, "
     ctes, insert = pg_append_events_ctes(once=once)
     sql = f"WITH {', '.join(ctes)} {insert}"
-    statement = sa.text(sql).bindparams(sa.bindparam("rows", type_=sa.Text()))
-    if notify:
-        statement = statement.bindparams(sa.bindparam("channel", value=NOTIFY_CHANNEL))
-    return statement
+    return sa.text(sql).bindparams(sa.bindparam("rows", type_=sa.Text()))
 
 
-_PG_APPEND_EVENTS = _pg_append_events(notify=False)
+_PG_APPEND_EVENTS = _pg_append_events()
 
 
-_PG_APPEND_EVENTS_ENDED = _pg_append_events(notify=True)
-
-
-_PG_APPEND_EVENTS_QUIET = _pg_append_events(notify=False, feed=False)
+_PG_APPEND_EVENTS_QUIET = _pg_append_events(feed=False)
 """``_PG_APPEND_EVENTS`` without the event feed's NOTIFY (``notify_events=False``)."""
-
-
-_PG_APPEND_EVENTS_ENDED_QUIET = _pg_append_events(notify=True, feed=False)
 
 
 _INSERT_OUTBOX = sa.insert(t.outbox)
 
-_PG_NOTIFY_FEED = sa.text(f"SELECT pg_notify('{EVENTS_CHANNEL}', '')")
+_PG_NOTIFY_FEED = sa.text(f"SELECT {FEED_NOTIFY}")
 
 
 def _allocate_statement(tx: SqlUnit) -> Any:
@@ -249,7 +235,7 @@ class SqlOutbox:
                     "attempts": 0,
                 }
             )
-        ended = self._note_ended(rows)
+        self._note_ended(rows)
         # PostgreSQL: one statement of one parameter; SQLite: a list of parameter sets,
         # one cached statement batched into one round trip.
         await self._tx.dialect.write_many(self._tx, _APPEND, rows, "append events")
@@ -257,11 +243,6 @@ class SqlOutbox:
             self._tx.dialect.is_postgres and self._tx.notify_events
         ):  # the one-statement path sends it within its statement
             await self._tx.execute(_PG_NOTIFY_FEED, "notify event feed")
-        notify = self._tx.dialect.payload_notify
-        if ended and notify is not None:
-            # Waiters in other processes (``RunHandle.result``) hear of it on commit.
-            payload = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
-            await self._tx.execute(notify, "notify run end", {"payload": payload})
         return stored
 
     def _note_ended(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -297,13 +278,8 @@ class SqlOutbox:
                 }
             )
         params: dict[str, Any] = _PG_OUTBOX_ROWS.encode(rows)
-        ended = self._note_ended(rows)  # told to the watchers only once this commits
-        feed = self._tx.notify_events
-        statement = _PG_APPEND_EVENTS if feed else _PG_APPEND_EVENTS_QUIET
-        if ended:
-            # Waiters in other processes (``RunHandle.result``) hear of it on commit.
-            params["payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended))
-            statement = _PG_APPEND_EVENTS_ENDED if feed else _PG_APPEND_EVENTS_ENDED_QUIET
+        self._note_ended(rows)  # told to the watchers only once this commits
+        statement = _PG_APPEND_EVENTS if self._tx.notify_events else _PG_APPEND_EVENTS_QUIET
         first: dict[str, int] = {}
         for run_id, sequence in await self._tx.execute(statement, "append events", params):
             if run_id not in first or sequence < first[run_id]:

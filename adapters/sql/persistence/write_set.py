@@ -28,10 +28,12 @@ written, and ``write_set`` raises what the per-kind call would have
 (``ConcurrencyError``, ``DuplicateError``). The CAST's text depends on the counts, so
 the planner cannot fold it into a constant error.
 
-The NOTIFYs the per-kind calls send (the event feed's unless ``notify_events`` is off, a
-run end's ``end:<ids>``, new QUEUED jobs' ``jobs``) are columns of the final SELECT:
-sent on commit, dropped with a rollback. The due-time NOTIFY stays with the
-transaction's end (``SqlPersistence.transaction``), as for every transaction.
+The NOTIFYs the per-kind calls send (the event feed's while a live reader is announced
+and ``notify_events`` is on, new QUEUED jobs' ``jobs``) are columns of the final SELECT:
+sent on commit, dropped with a rollback. A run end's ``end:<id>`` is the ``runs``
+trigger's, for runs someone waits on (``adapters/sql/wake_interest.py``). The due-time
+NOTIFY stays with the transaction's end (``SqlPersistence.transaction``), as for every
+transaction.
 
 Not taken here (``write_set`` returns ``False`` and the caller makes the per-kind
 calls): SQLite (several statements anyway), a job transport other than this
@@ -49,9 +51,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
+import treadle.adapters.sql.persistence.write_set_one as write_set_one
 import treadle.adapters.sql.pg_bulk as pg_bulk
 import treadle.adapters.sql.schema as t
-from treadle.adapters.run_ends import RUN_END_PREFIX
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.job_rows import _JOB_FIELDS, _PG_JOB_ROWS, _available_later, job_rows
@@ -63,8 +65,13 @@ from treadle.adapters.sql.persistence.outbox import (
     pg_append_events_ctes,
 )
 from treadle.adapters.sql.persistence.runs import _PG_RUN_ROWS, _RUN_SET, SqlRuns
-from treadle.adapters.sql.persistence.shared import SqlUnit, _reject_duplicates
-from treadle.adapters.sql.persistence.stages import _PG_STAGE_ROWS, _STAGE_SET, SqlStages
+from treadle.adapters.sql.persistence.shared import _STAGE_PAYLOADS, SqlUnit, _reject_duplicates
+from treadle.adapters.sql.persistence.stages import (
+    _PG_STAGE_ROWS,
+    _STAGE_SET,
+    SqlStages,
+    _stage_values,
+)
 from treadle.kernel.errors import ConcurrencyError, DuplicateError
 from treadle.kernel.events import EventBase
 from treadle.kernel.model import Job, JobStatus, Run, StageRun, evolve
@@ -87,6 +94,7 @@ class SqlTransactionUnit(SqlUnit, Protocol):
     due: dict[DueKind, datetime] | None
     active: bool
     _notified: set[str]
+    _fresh: dict[str, set[str]]
     runs: SqlRuns
     stages: SqlStages
     outbox: SqlOutbox
@@ -96,7 +104,7 @@ class SqlTransactionUnit(SqlUnit, Protocol):
 
 __all__ = ["GUARD_MARK", "SqlTransactionUnit", "write_set"]
 
-GUARD_MARK = "treadle write_set guard"
+GUARD_MARK = write_set_one.GUARD_MARK
 """The text of the error the statement raises when a guard fails."""
 
 _GUARD_RE = re.compile(GUARD_MARK + r": r=(\d+)/(\d+) j=(\d+)/(\d+) d=(\d+)/(\d+) s=(\d+)/(\d+)")
@@ -198,9 +206,6 @@ def _shape_sql(jobs: bool, done: bool, leased: bool, stages: bool, events: bool,
     )
     if events and feed:
         columns.append(f"{FEED_NOTIFY} AS feed")
-    columns.append(
-        "CASE WHEN :end_payload = '' THEN NULL ELSE pg_notify(:channel, :end_payload) END AS ended"
-    )
     columns.append("CASE WHEN :notify_jobs THEN pg_notify(:channel, 'jobs') END AS jobs")
     return f"WITH {', '.join(ctes)} SELECT {', '.join(columns)}"
 
@@ -238,8 +243,11 @@ async def write_set(
     stages: Sequence[StageRun],
     events: Sequence[EventBase],
     last: bool = False,
+    prior: Mapping[str, Run] | None = None,
+    prior_stages: Mapping[tuple[str, str], StageRun] | None = None,
 ) -> bool:
-    """``WriteSetStore.write_set`` on a ``SqlTransaction`` (see the module docstring)."""
+    """``WriteSetStore.write_set`` on a ``SqlTransaction`` (see the module docstring;
+    one run's set: ``write_set_one.py``)."""
     tx._check()
     persistence = getattr(transport, "persistence", None)
     if (
@@ -273,26 +281,36 @@ async def write_set(
         new_jobs
     ):
         return False  # the per-kind calls say which
-    params: dict[str, Any] = {}
+    # One run's set (a chained stage's commit) takes the statement of scalar
+    # parameters, which the server plans in a fraction of the time (write_set_one.py).
+    one = len(runs) == 1 and write_set_one.fits(
+        runs[0].id,
+        len(new_jobs),
+        len(completed_jobs),
+        len(stages),
+        [row["run_id"] for row in event_rows],
+    )
     # Runs, in id order (the order their row locks are taken in, as ``update_many``).
     new_runs: list[Run] = []
     run_rows: list[dict[str, Any]] = []
+    run_columns: tuple[str, ...] = ()
     for run in sorted(runs, key=lambda r: r.id):
         updated = evolve(run, {"version": run.version + 1, "stages": []})
-        values = await tx.runs._run_row(updated)
-        del values["id"]
-        values["w_id"], values["w_version"] = run.id, run.version
-        run_rows.append(values)
         new_runs.append(updated)
-    params |= _PG_RUN_ROWS.encode(run_rows, "r_rows")
-    params["r_keys"], params["r_n"] = [run.id for run in new_runs], len(run_rows)
+        if one:
+            stored = prior.get(run.id) if prior is not None else None
+            if stored is not None and stored.version != run.version:
+                stored = None  # not the version this write replaces: write every column
+            run_columns, values = await write_set_one.run_columns(tx, updated, stored)
+        else:
+            values = await tx.runs._run_row(updated)
+            del values["id"]
+            values["w_id"], values["w_version"] = run.id, run.version
+        run_rows.append(values)
     # New jobs, numbered in the order given.
     rows = job_rows(new_jobs)
     for i, row in enumerate(rows):
         row["i"] = i
-    if rows:
-        params |= _PG_JOB_ROWS.encode(rows, "j_rows")
-    params["j_n"] = len(rows)
     notify_jobs = any(row["status"] == JobStatus.QUEUED.value for row in rows)
     # Completed jobs, guarded by their leases when given.
     done: list[dict[str, Any]] = []
@@ -313,36 +331,69 @@ async def write_set(
                 "worker_id": None,
             }
         )
-    if done:
-        params |= _PG_DONE_ROWS.encode(done, "d_rows")
-        params["d_keys"] = [row["w_id"] for row in done]
-    params["d_n"] = len(done)
     # Stages, in (run, stage) order.
     stage_rows: list[dict[str, Any]] = []
     new_stages: list[StageRun] = []
+    stage_sets: list[tuple[str, ...]] = []
     for stage in sorted(stages, key=lambda s: (s.workflow_run_id, s.stage_id)):
         updated_stage = evolve(stage, {"version": stage.version + 1})
-        values = await tx.stages._stage_row(updated_stage)
+        if one:
+            values, written = await _one_stage_row(tx, updated_stage, stage, prior_stages)
+            stage_sets.append(written)
+        else:
+            values = await tx.stages._stage_row(updated_stage)
         del values["run_id"], values["stage_id"]
         values["w_run_id"], values["w_stage_id"] = stage.workflow_run_id, stage.stage_id
         values["w_version"] = stage.version
         stage_rows.append(values)
         new_stages.append(updated_stage)
-    if stage_rows:
-        params |= _PG_STAGE_ROWS.encode(stage_rows, "s_rows")
-        params["s_keys"] = sorted({s.workflow_run_id for s in new_stages})
-    params["s_n"] = len(stage_rows)
-    if event_rows:
-        params |= _PG_OUTBOX_ROWS.encode(event_rows, "e_rows")
-    params["e_n"] = len(event_rows)
-    ended = tx.outbox._note_ended(event_rows) if event_rows else []
-    params["end_payload"] = RUN_END_PREFIX + ",".join(dict.fromkeys(ended)) if ended else ""
-    params["notify_jobs"] = notify_jobs and "jobs" not in tx._notified
     # The event feed's NOTIFY unless this transaction's persistence sends none
     # (``notify_events``), as ``outbox.append``.
     feed = tx.notify_events
-    shape = (bool(rows), bool(done), leases is not None, bool(stage_rows), bool(event_rows), feed)
-    statement = _statement(tx, shape)
+    statement: sa.TextClause
+    params: dict[str, Any]
+    if one:
+        one_shape: write_set_one.Shape = (
+            run_columns,
+            len(rows),
+            len(done),
+            leases is not None,
+            tuple(stage_sets),
+            len(event_rows),
+            feed,
+        )
+        statement = write_set_one.statement(tx, one_shape)
+        params = write_set_one.params(
+            runs[0],
+            run_rows[0],
+            rows,
+            done,
+            list(zip(stage_rows, stage_sets, strict=True)),
+            event_rows,
+        )
+    else:
+        params = dict(_PG_RUN_ROWS.encode(run_rows, "r_rows"))
+        params["r_keys"], params["r_n"] = [run.id for run in new_runs], len(run_rows)
+        if rows:
+            params |= _PG_JOB_ROWS.encode(rows, "j_rows")
+        if done:
+            params |= _PG_DONE_ROWS.encode(done, "d_rows")
+            params["d_keys"] = [row["w_id"] for row in done]
+        if stage_rows:
+            params |= _PG_STAGE_ROWS.encode(stage_rows, "s_rows")
+            params["s_keys"] = sorted({s.workflow_run_id for s in new_stages})
+        if event_rows:
+            params |= _PG_OUTBOX_ROWS.encode(event_rows, "e_rows")
+        statement = _statement(
+            tx,
+            (bool(rows), bool(done), leases is not None, bool(stage_rows), bool(event_rows), feed),
+        )
+        params["j_n"], params["d_n"] = len(rows), len(done)
+        params["s_n"], params["e_n"] = len(stage_rows), len(event_rows)
+    if event_rows:
+        tx.outbox._note_ended(event_rows)  # the NOTIFY is the runs trigger's (wake_interest)
+    notify_jobs = notify_jobs and "jobs" not in tx._notified
+    params["nj" if one else "notify_jobs"] = notify_jobs
     tx._check()
     # Noted before it runs: a due time makes the transaction's end send a NOTIFY, so a
     # set that writes one is not the whole transaction.
@@ -364,7 +415,7 @@ async def write_set(
     # What the per-kind calls note for after the commit.
     if event_rows:
         tx.appended_events = True
-    if params["notify_jobs"]:
+    if notify_jobs:
         tx._notified.add("jobs")
     for row in rows:
         if row["status"] == JobStatus.QUEUED.value:
@@ -373,6 +424,30 @@ async def write_set(
         if run.status.terminal:
             tx.runs._note_final(run)
     return True
+
+
+async def _one_stage_row(
+    tx: SqlTransactionUnit,
+    updated: StageRun,
+    stage: StageRun,
+    prior_stages: Mapping[tuple[str, str], StageRun] | None,
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A stage's row for ``write_set_one`` and the columns it writes: those that differ
+    from the stage as stored (``prior_stages``, when of the version ``stage`` replaces),
+    payloads offloaded only for those."""
+    values = _stage_values(updated)
+    key = (stage.workflow_run_id, stage.stage_id)
+    stored = prior_stages.get(key) if prior_stages is not None else None
+    if stored is not None and stored.version != stage.version:
+        stored = None
+    written = write_set_one.stage_columns(
+        values, _stage_values(stored) if stored is not None else None
+    )
+    for name in _STAGE_PAYLOADS:
+        if name in written:
+            values[name] = await tx._put_payload(stage.workflow_run_id, values[name])
+    values["run_id"] = stage.workflow_run_id
+    return values, written
 
 
 async def _alone(tx: SqlTransactionUnit) -> Any | None:
