@@ -7,8 +7,9 @@ the event loop through its self-pipe and two GIL hand-overs. SQLite itself execu
 Treadle statement in microseconds (WAL, ``synchronous = NORMAL``: a commit writes the
 WAL and does not wait for the disk), so a one-run-at-a-time pipeline spent most of its
 CPU on the hand-offs. Here every statement runs synchronously where it is called, on
-the loop's thread; SQLAlchemy's async layer still wraps it (``greenlet_spawn``) but
-never has to wait.
+the loop's thread; where SQLAlchemy's async layer still wraps a call (``BEGIN``,
+``COMMIT``, a connection's checkout, statements outside ``SqlTransaction``) it awaits
+a coroutine that suspends only to wait for a lock.
 
 The one thing that could block the loop is a lock another connection holds: another
 process's write transaction (``BEGIN IMMEDIATE`` waits for it) or, rarely, a WAL
