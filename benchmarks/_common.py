@@ -95,27 +95,70 @@ def pg_version(url: str) -> str:
     return str(row[0]) if row else "?"
 
 
-def server_cpu_seconds() -> float | None:
-    """User + system CPU of every ``postgres`` process on this machine so far (the
-    server is local here), from /proc; ``None`` where /proc is not there. Read while
-    the engine's connections are still open, so their backends' time is counted."""
-    proc = Path("/proc")
-    if not (proc / "self" / "stat").exists():
+def _process_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far, from /proc (``None`` if gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
-    ticks = 0
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        name_end = stat.rindex(")")
-        if stat[stat.index("(") + 1 : name_end] != "postgres":
-            continue
-        fields = stat[name_end + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BackendCpu:
+    """CPU of the PostgreSQL backends serving ONE database (``url``'s), over a span: on a
+    machine other people's tests share, every ``postgres`` process would count their
+    work too. ``start()`` notes the CPU of each client backend connected now and starts a
+    thread that samples the backends every ``every`` seconds (a pool may close a
+    connection and open another during the span: an exited backend counts up to its
+    last sample); ``stop()`` samples once more, stops the thread and returns the CPU
+    seconds spent in between (a backend connected since counts in full). Client backends
+    only: an autovacuum worker of the database would count in full if it happened to run
+    during a sample and not at all otherwise, a lottery. The sampler's own backend is
+    left out, and the thread's own CPU (a few milliseconds a second) counts as this
+    process's. The server is local here."""
+
+    def __init__(self, url: str, every: float = 0.25) -> None:
+        self.url = url
+        self.every = every
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop: Any = None
+        self._thread: Any = None
+        self._conn: Any = None
+
+    def _sample(self) -> None:
+        rows = self._conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchall()
+        for (pid,) in rows:
+            cpu = _process_cpu(int(pid))
+            if cpu is not None:
+                self._last[int(pid)] = cpu
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def start(self) -> None:
+        import threading
+
+        import psycopg
+
+        self._conn = psycopg.connect(libpq_url(self.url), autocommit=True)
+        self._sample()
+        self._first = dict(self._last)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self._conn.close()
+        return sum(cpu - self._first.get(pid, 0.0) for pid, cpu in self._last.items())
 
 
 def count_sql(engine: Any) -> tuple[list[int], list[int]]:

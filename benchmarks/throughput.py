@@ -48,13 +48,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from _common import (
+    BackendCpu,
     Finished,
     count_sql,
     counting_pipeline,
     fresh_database,
     pct,
     sdk_telemetry,
-    server_cpu_seconds,
     xact_commit,
 )
 from pydantic import BaseModel
@@ -192,12 +192,14 @@ async def burst(
         )
         async with profiled(profile, top):
             started, cpu_started = time.perf_counter(), time.process_time()
-            server_started = server_cpu_seconds() if pg else None
+            backends = BackendCpu(url) if pg else None
+            if backends is not None:
+                backends.start()
             async with worker:
                 await _wait_for_all(worker)
                 elapsed = time.perf_counter() - started
                 cpu = time.process_time() - cpu_started
-                server_now = server_cpu_seconds() if pg else None
+                server = backends.stop() if backends is not None else None
     finally:
         await engine.aclose()  # flushes the worker's statistics too
     DONE.target = -1
@@ -219,11 +221,7 @@ async def burst(
         "worker_commits": float(own_commits[0]),
         "statements": float(statements[0]),
         "cpu": cpu,
-        "server_cpu": (
-            server_now - server_started
-            if server_now is not None and server_started is not None
-            else None
-        ),
+        "server_cpu": server,
         "counts": counts,
         "groups": engine.kernel.deps.commits.groups - groups_before,
         "grouped": engine.kernel.deps.commits.items - items_before,
@@ -313,7 +311,7 @@ async def run_backend(name: str, url: str, args: argparse.Namespace) -> None:
     if b.get("server_cpu") is not None:
         print(
             f"   server CPU / stage:          {b['server_cpu'] / stages * 1000:8.2f} ms "
-            "(every local postgres process over the drain, from /proc)"
+            "(the backends of the benchmark's database over the drain, from /proc)"
         )
     if b["groups"]:
         print(

@@ -33,11 +33,15 @@ Scenarios (``--scenarios``; ``latency,commits,start,bulk`` by default):
   ``engine.start`` without a worker; DBOS: ``enqueue_async`` on a queue this process
   does not listen to), and DBOS ``start_workflow_async`` (whose workflows run at once,
   meanwhile). ``engine.start_many`` is measured where it exists.
-* ``bulk``: ``--bulk`` runs started as above, then drained by one process at
+* ``bulk``: ``--bulk`` runs started (Treadle's pipeline with ``engine.start_many``, the
+  rest one by one as above), then drained by one process at
   concurrency ``--concurrency`` (Treadle: ``engine.worker`` polling every 50 ms as in
   ``throughput.py``; DBOS: the queue's ``worker_concurrency``, polling every
   ``--dbos-queue-poll`` s); stages (steps) per second over the drain. The drain is
   detected in-process (the last stage or step counts), then the last commits awaited.
+  Per stage (step) also: the CPU time of this process over the drain (steadier than
+  wall time on a shared machine), on PostgreSQL the CPU of the database's own backends
+  (``_common.BackendCpu``) and its commits (``xact_commit`` over the drain's session).
 * ``bulk-code`` (not in the default set: it takes about a minute of its own): the same
   for Treadle's 3-step code workflow.
 
@@ -68,7 +72,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _common import fresh_database, libpq_url, pct, pg_version, settled_xact_commit
+from _common import (
+    BackendCpu,
+    fresh_database,
+    libpq_url,
+    pct,
+    pg_version,
+    settled_xact_commit,
+)
 from pydantic import BaseModel
 
 from treadle import Engine, WorkflowBuilder, WorkflowContext, define_stage, workflow
@@ -312,6 +323,17 @@ async def start_many_treadle(url: str, n: int) -> str:
         return f"{n / (time.perf_counter() - started):,.0f}"
 
 
+async def fill_treadle(url: str, workflow_id: str, n: int) -> None:
+    """Start ``n`` runs for a bulk drain, nothing executing them: ``engine.start_many``
+    in batches of 100 (one by one for a code workflow)."""
+    if workflow_id != PIPELINE_ID:
+        await start_treadle(url, workflow_id, n)
+        return
+    async with treadle_session(url) as engine:
+        items = [{"workflow_id": workflow_id, "input": {"n": i}} for i in range(n)]
+        await engine.start_many(items, batch_size=100)
+
+
 async def enqueue_dbos(url: str, n: int, args: argparse.Namespace) -> float:
     """Workflows/s of ``n`` ``enqueue_async`` calls one by one, nothing dequeuing."""
     async with dbos_session(dbos_url(url), args, queue="enqueue") as queue:
@@ -332,38 +354,80 @@ async def start_dbos(url: str, n: int, args: argparse.Namespace) -> float:
     return rate
 
 
-async def drain_treadle(url: str, workflow_id: str, n: int, args: argparse.Namespace) -> float:
+class Drain(NamedTuple):
+    """A bulk drain's figures: stages (steps) per second, and per stage the drain
+    process's CPU (``time.process_time``: every thread, so DBOS's queue thread too), the
+    CPU of the PostgreSQL backends of the engine's database (``BackendCpu``; ``None`` on
+    SQLite) and the database's commits (``xact_commit`` delta, sessions included)."""
+
+    rate: float
+    cpu: float
+    server_cpu: float | None
+    commits: float | None
+    note: str = ""
+
+
+def _settled(url: str) -> int | None:
+    return settled_xact_commit(url) if url.startswith("postgresql") else None
+
+
+async def drain_treadle(url: str, workflow_id: str, n: int, args: argparse.Namespace) -> Drain:
     """Stages/s of one worker draining the ``n`` runs already started on ``url``."""
     FINISH.arm(n)
+    pg = url.startswith("postgresql")
+    before = _settled(url)
     async with treadle_session(url) as engine:
         worker = engine.worker(
             concurrency=args.concurrency, orchestration_interval=1.0, job_poll_interval=0.05
         )
-        started = time.perf_counter()
+        backends = BackendCpu(url) if pg else None
+        if backends is not None:
+            backends.start()
+        commits = engine.kernel.deps.commits
+        groups, items = commits.groups, commits.items
+        started, cpu_started = time.perf_counter(), time.process_time()
         async with worker:
             await FINISH.wait()
             while worker.in_flight:  # noqa: ASYNC110 - the Worker exposes a count, not an event
                 await asyncio.sleep(0.001)
             elapsed = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
+            server = backends.stop() if backends is not None else None
+        groups, items = commits.groups - groups, commits.items - items
         counts = await engine.aggregate()
     if counts != {"COMPLETED": n}:
         raise SystemExit(f"Treadle {workflow_id}: {counts}, expected {n} COMPLETED")
-    return n * STAGES / elapsed
+    after = _settled(url)
+    stages = n * STAGES
+    return Drain(
+        stages / elapsed,
+        cpu / stages,
+        server / stages if server is not None else None,
+        (after - before) / stages if after is not None and before is not None else None,
+        f"{groups} group commits of {items / max(groups, 1):.1f} stage commits",
+    )
 
 
-async def drain_dbos(url: str, n: int, args: argparse.Namespace) -> float:
+async def drain_dbos(url: str, n: int, args: argparse.Namespace) -> Drain:
     """Steps/s of this process's queue worker draining the ``n`` workflows already
     enqueued on ``url``, timed from the queue's registration (after launch)."""
     FINISH.arm(n)
+    pg = url.startswith("postgresql")
+    before = _settled(url)
     async with dbos_session(dbos_url(url), args, queue="listen"):
+        backends = BackendCpu(url) if pg else None
+        if backends is not None:
+            backends.start()
         early = FINISH.count
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await FINISH.wait()
         while await DBOS.list_workflows_async(  # noqa: ASYNC110 - DBOS has no drain event
             status=["PENDING", "ENQUEUED"], load_input=False, load_output=False, limit=1
         ):
             await asyncio.sleep(0.005)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
+        server = backends.stop() if backends is not None else None
         done = await DBOS.list_workflows_async(
             status="SUCCESS", load_input=False, load_output=False
         )
@@ -371,7 +435,14 @@ async def drain_dbos(url: str, n: int, args: argparse.Namespace) -> float:
         print(f"   note: DBOS finished {early} workflows before the timer started", file=sys.stderr)
     if len(done) != n:
         raise SystemExit(f"DBOS: {len(done)} of {n} workflows succeeded")
-    return n * STAGES / elapsed
+    after = _settled(url)
+    steps = n * STAGES
+    return Drain(
+        steps / elapsed,
+        cpu / steps,
+        server / steps if server is not None else None,
+        (after - before) / steps if after is not None and before is not None else None,
+    )
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -533,29 +604,70 @@ async def run_backend(backend: str, args: argparse.Namespace, table: Table) -> N
     bulk = [w for w, name in ((PIPELINE_ID, "bulk"), (CODE_ID, "bulk-code")) if name in scenarios]
     if bulk:
         n = args.bulk
-        rates: dict[str, float] = {}
+        drains: dict[str, Drain] = {}
         for workflow_id in bulk:
             began = time.perf_counter()
             with fresh_database(backend, args.pg_url) as url:
-                await start_treadle(url, workflow_id, n)
-                rates[workflow_id] = await drain_treadle(url, workflow_id, n, args)
-            progress(f"{db} bulk: {workflow_id} {time.perf_counter() - began:.1f}s")
+                await fill_treadle(url, workflow_id, n)
+                drains[workflow_id] = await drain_treadle(url, workflow_id, n, args)
+            progress(
+                f"{db} bulk: {workflow_id} {time.perf_counter() - began:.1f}s "
+                f"({drains[workflow_id].note})"
+            )
         began = time.perf_counter()
         with fresh_database(backend, args.pg_url) as url:
             await enqueue_dbos(url, n, args)
             theirs = await drain_dbos(url, n, args)
         progress(f"{db} bulk: dbos-queue {time.perf_counter() - began:.1f}s")
         for workflow_id in bulk:
+            mine, label = drains[workflow_id], TREADLE_LABELS[workflow_id]
             table.add(
-                f"bulk {n} runs, stages/s at concurrency {args.concurrency}, "
-                f"{TREADLE_LABELS[workflow_id]}",
+                f"bulk {n} runs, stages/s at concurrency {args.concurrency}, {label}",
                 db,
-                rates[workflow_id],
+                mine.rate,
                 None,
-                theirs,
+                theirs.rate,
                 higher_is_better=True,
                 unit="{:,.0f}",
             )
+            table.add(
+                f"bulk: drain process CPU ms per stage, {label}",
+                db,
+                mine.cpu * 1000,
+                None,
+                theirs.cpu * 1000,
+                higher_is_better=False,
+                unit="{:.3f}",
+            )
+            if mine.server_cpu is not None and theirs.server_cpu is not None:
+                table.add(
+                    f"bulk: server CPU ms per stage (the database's backends), {label}",
+                    db,
+                    mine.server_cpu * 1000,
+                    None,
+                    theirs.server_cpu * 1000,
+                    higher_is_better=False,
+                    unit="{:.3f}",
+                )
+                table.add(
+                    f"bulk: client + server CPU ms per stage, {label}",
+                    db,
+                    (mine.cpu + mine.server_cpu) * 1000,
+                    None,
+                    (theirs.cpu + theirs.server_cpu) * 1000,
+                    higher_is_better=False,
+                    unit="{:.3f}",
+                )
+            if mine.commits is not None and theirs.commits is not None:
+                table.add(
+                    f"bulk: server commits per stage (drain session), {label}",
+                    db,
+                    mine.commits,
+                    None,
+                    theirs.commits,
+                    higher_is_better=False,
+                    unit="{:.3f}",
+                )
 
 
 async def amain(args: argparse.Namespace) -> None:

@@ -65,32 +65,49 @@ class GroupCommit(Generic[Item, Result]):
         item: Item,
         commit_group: CommitGroup[Item, Result],
         commit_one: Callable[[Item], Awaitable[Result]] | None = None,
+        *,
+        gather: bool = True,
     ) -> Result:
         """Commit ``item`` in the next group; returns its result or raises its error.
         ``commit_one`` (optional) commits a group of one: what ``commit_group([item])``
         would do, without the list of one in and the list of one out, for the caller
-        that is alone (every stage of a sequential worker)."""
-        if not self._leading and not self._queue:
-            if commit_one is None:
-                return await self._alone(item, commit_group, commit_one)
-            # ``_alone`` with ``commit_one``, inlined (every stage of a worker that is not
-            # busy passes here): alone to the end, so no entry, no future, no leader
-            # registration (``release`` is for groups: a no-op inside ``commit_one``).
+        that is alone (every stage of a sequential worker). ``gather=False``: a new
+        leader takes its group at once, without waiting a turn (``_gather``), for a
+        store whose commits never wait (in memory), where that turn would only reorder
+        a deterministic harness's steps."""
+        if not self._leading:
             self._leading = True
+            if self._queue:  # only entries cancelled before their turn can be left
+                self._queue[:] = [e for e in self._queue if not e.future.done()]
             try:
-                result = await commit_one(item)
-            except Exception:
+                if gather:
+                    await self._gather()
+            except asyncio.CancelledError:
+                self._pass_lead()  # to whoever submitted meanwhile
+                raise
+            if not self._queue:
+                if commit_one is None:
+                    return await self._alone(item, commit_group, commit_one)
+                # ``_alone`` with ``commit_one``, inlined (every stage of a worker that is
+                # not busy passes here): alone to the end, so no entry, no future, no
+                # leader registration (``release`` is for groups: a no-op inside it).
+                try:
+                    result = await commit_one(item)
+                except Exception:
+                    self.groups += 1
+                    self.items += 1
+                    raise
+                finally:
+                    self._pass_lead()
                 self.groups += 1
                 self.items += 1
-                raise
-            finally:
-                self._pass_lead()
-            self.groups += 1
-            self.items += 1
-            return result
-        entry: _Entry[Item] = _Entry(item, asyncio.get_running_loop().create_future())
-        self._queue.append(entry)
-        if self._leading:
+                return result
+            # Others submitted meanwhile: lead them, our item first.
+            entry: _Entry[Item] = _Entry(item, asyncio.get_running_loop().create_future())
+            self._queue.insert(0, entry)
+        else:
+            entry = _Entry(item, asyncio.get_running_loop().create_future())
+            self._queue.append(entry)
             try:
                 outcome = await entry.future
             except asyncio.CancelledError:
@@ -99,7 +116,13 @@ class GroupCommit(Generic[Item, Result]):
             if outcome is not _LEAD:
                 return self._unwrap(outcome)
             # The lead passed to us; our entry is still first in the queue.
-        self._leading = True
+            self._leading = True
+            try:
+                if gather:
+                    await self._gather()
+            except asyncio.CancelledError:
+                self._withdraw(entry)
+                raise
         batch = self._queue[: self.limit]
         del self._queue[: len(batch)]
         try:
@@ -119,6 +142,16 @@ class GroupCommit(Generic[Item, Result]):
             elif not other.future.done():  # a follower cancelled meanwhile gets nothing
                 other.future.set_result(outcome)
         return self._unwrap(own)
+
+    async def _gather(self) -> None:
+        """One turn of the event loop before a new leader takes its group: the stages
+        made ready in the same turn as the lead (the previous group's items resumed by
+        its results, each running its chained next stage's body at once when that body
+        does not wait) submit meanwhile and join this group instead of forming the next
+        one. A stage alone waits for nothing but that turn; a busy worker's groups
+        become one group per round of its slots instead of several smaller ones, each a
+        statement of its own."""
+        await asyncio.sleep(0)
 
     async def _alone(
         self,

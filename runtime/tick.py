@@ -178,6 +178,11 @@ async def claim_step(
     return result.model_dump(mode="json")
 
 
+async def _no_claim() -> dict[str, Any]:
+    """The claim step of a tick told not to claim (``maintenance_tick(claim=False)``)."""
+    return {"claimed": [], "chained_jobs": [], "skipped": True}
+
+
 async def _poll_step(
     kernel: Kernel,
     max_checks: int,
@@ -337,6 +342,7 @@ async def maintenance_tick(
     chain: int = 0,
     take: Callable[[list[Job]], None] | None = None,
     on_error: ErrorHook | None = None,
+    claim: bool = True,
 ) -> TickReport:
     """Run the steps of one tick in ``STEP_ORDER`` and report what each did.
 
@@ -344,7 +350,9 @@ async def maintenance_tick(
     means seconds, as in the kernel's commands. ``chain`` and ``take``: as for
     ``claim_step``, for the claim step, then for the poll step's woken code workflows
     (``_poll_step``) up to the slots the claim left. ``on_error`` is told each exception a step
-    swallowed (a harness re-raises programming errors: ``TestEngine``).
+    swallowed (a harness re-raises programming errors: ``TestEngine``). ``claim=False``
+    leaves the claim step out (reported as claiming nothing, ``skipped``): a saturated
+    worker that claims for its slots as they free (``Worker.tick``).
     """
     log = (logger or structlog_logger("treadle.runtime")).bind(worker_id=worker_id)
     stale = (
@@ -398,12 +406,18 @@ async def maintenance_tick(
 
     steps: dict[str, StepFn] = {
         "schedules": lambda: schedules_step(kernel),
-        "claim": lambda: claim_step(
-            kernel,
-            worker_id=worker_id,
-            max_claims=max_claims,
-            chain=chain,
-            take=taking if take is not None else None,
+        "claim": (
+            (
+                lambda: claim_step(
+                    kernel,
+                    worker_id=worker_id,
+                    max_claims=max_claims,
+                    chain=chain,
+                    take=taking if take is not None else None,
+                )
+            )
+            if claim
+            else _no_claim
         ),
         # Woken code workflows' activations chained to the slots the claim left.
         "poll_suspended": lambda: _poll_step(

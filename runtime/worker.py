@@ -137,6 +137,8 @@ class Worker:
         # back short and no wake-up announced new jobs since.
         self._queue_empty_until = 0.0
         self._taken = 0  # chained jobs received from claims so far
+        # A claim for free slots (``_claim_only``) took runs since the last full tick.
+        self._claimed_since_tick = False
         # Releases that failed (storage down), retried with backoff until it answers.
         self._releases = ReleaseRetries(kernel, self.log)
         # Due times of timed work this worker knows (kernel clock), see ``runtime/due.py``.
@@ -359,9 +361,21 @@ class Worker:
         await self.aclose()
 
     async def tick(self) -> TickReport:
-        """Run one full maintenance tick now (serialized with the loop's ticks)."""
+        """Run one full maintenance tick now (serialized with the loop's ticks).
+
+        Its claim takes up to ``max_claims`` runs, those beyond the free slots queued
+        for any worker; except while this worker's own claims keep up with its slots
+        (a claim for free slots took runs since the last tick, and more wait): then the
+        tick claims only what its free slots take, chained, and nothing when there are
+        none. A run the tick queued would cost this same worker a dequeue and a
+        phase-1 transaction later, where a chained claim starts it in the claim's
+        commit; and the claims made as slots free take every waiting run in turn."""
         async with self._tick_lock:
-            chain = min(self._free_slots(), self.max_claims)
+            free = self._free_slots()
+            chain = min(free, self.max_claims)
+            keeping_up = self._claimed_since_tick and self._claims_pending
+            self._claimed_since_tick = False
+            max_claims = chain if keeping_up else self.max_claims
             self._reserved += chain
             taken = self._taken
             try:
@@ -370,15 +384,17 @@ class Worker:
                     worker_id=self.worker_id,
                     stale_threshold=self.stale_lease_threshold,
                     stuck_threshold=self.stuck_threshold,
-                    max_claims=self.max_claims,
+                    max_claims=max(max_claims, 1),
                     logger=self.log,
                     chain=chain,
                     take=self._take_chained,
+                    claim=max_claims > 0,
                 )
             finally:
                 self._release_held(chain, taken)
-        self._claims_pending = report.claimed_runs >= self.max_claims
-        self._note_claim(report.result("claim"))
+        if max_claims > 0:  # a tick that left its claim out leaves what the last one said
+            self._claims_pending = report.claimed_runs >= max_claims
+            self._note_claim(report.result("claim"))
         self.last_tick = report
         self.last_tick_at = time.monotonic()
         self.ticks += 1
@@ -417,7 +433,9 @@ class Worker:
                     take=self._take_chained,
                 )
                 step = TickStep(result=result, duration=time.monotonic() - started)
-                self._claims_pending = len(result.get("claimed", ())) >= free
+                claimed = len(result.get("claimed", ()))
+                self._claims_pending = claimed >= free
+                self._claimed_since_tick = self._claimed_since_tick or claimed > 0
                 self._note_claim(result)
             except Exception as exc:
                 self.log.error("worker.claim_failed", error=describe_exception(exc))

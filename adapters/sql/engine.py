@@ -76,7 +76,11 @@ def dump_json(value: Any) -> str:
     """JSON text for JSON columns, non-ASCII characters kept as they are: SQLite's JSON
     paths compare object labels as stored, so ``$."café"`` would not find ``"caf\u00e9"``
     (a search attribute key with an accent would never match)."""
-    return json.dumps(value, ensure_ascii=False)
+    return _JSON.encode(value)
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False)
+"""Made once: ``json.dumps(..., ensure_ascii=False)`` builds an encoder per call."""
 
 
 def _json_int(text: str) -> int | float:

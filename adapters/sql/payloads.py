@@ -138,9 +138,14 @@ def missing(ref: dict[str, Any], run_id: str | None) -> MissingPayload:
     )
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""Made once: ``json.dumps`` with any non-default option builds a new encoder on every
+call, which costs as much as encoding a small value (several calls per stage)."""
+
+
 def encode(value: Any) -> bytes:
     """The compact JSON bytes the threshold is measured on (and the blob holds)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    return _COMPACT.encode(value).encode()
 
 
 def check_threshold(max_bytes: int | None) -> int | None:

@@ -606,7 +606,12 @@ async def phase_commit(
     item = _Commit(deps, cmd, scope, s, ctx, outcome)
     item.groupable = groupable = _groupable(item)
     if groupable and deps.settings.group_commit:
-        result: c.JobExecuteResult = await deps.commits.submit(item, _commit_items, _commit_alone)
+        # In memory (``local_reads``) a commit never waits: nothing would join a group in
+        # the turn a leader waits, and that turn would reorder the harness's steps.
+        gather = not getattr(deps.persistence, "local_reads", False)
+        result: c.JobExecuteResult = await deps.commits.submit(
+            item, _commit_items, _commit_alone, gather=gather
+        )
         return result
     return await _commit_alone(item)
 
@@ -686,6 +691,11 @@ async def _commit_group(
     buffer does not carry, a lost race, a deadlock), commit each item alone, so every
     item ends exactly as it would have without the group."""
     if len(group) > 1:
+        if not getattr(deps.persistence, "local_reads", False):
+            try:
+                return await _commit_together_trusted(deps, group)
+            except Exception as exc:  # rolled back: the group commits again with its reads
+                deps.logger.debug("job.trusted_group_fallback", size=len(group), reason=repr(exc))
         try:
             return list(await _commit_together(deps, group))
         except Exception as exc:
@@ -697,6 +707,49 @@ async def _commit_group(
         except Exception as exc:
             outcomes.append(exc)
     return outcomes
+
+
+async def _commit_together_trusted(
+    deps: Deps, group: Sequence[_Commit]
+) -> list[c.JobExecuteResult | BaseException]:
+    """``_commit_trusted`` for a whole group: every item's phase 3 runs against one
+    ``WriteBuffer`` seeded from the items' own ``Started`` (no reads), and the writes go
+    out together, guarded as ``_commit_trusted`` explains; on PostgreSQL that is ONE
+    statement for the group (``tx.write_set``), where the reading group commit sends
+    BEGIN, three reads, the writes and COMMIT. Any failed guard (a run cancelled, a
+    lease reaped, a stage moved on) or an item the buffer does not carry raises, nothing
+    written: the caller commits the group again with its reads (``_commit_together``),
+    which decides each item as before. Two items of one run (a parallel group's stages)
+    cannot both trust their copy of the run: such a group takes the reading path."""
+    now = deps.clock.now()
+    runs: dict[str, Run] = {}
+    stages: dict[str, list[StageRun]] = {}
+    jobs: dict[str, Job | None] = {}
+    for item in group:
+        s = item.started
+        run_id = s.run.id
+        if run_id in runs:
+            raise NotBatchableError(f"two stages of run {run_id!r} in one group")
+        runs[run_id] = s.run
+        stages[run_id] = list(s.stages)
+        jobs[s.job.id] = s.job
+    results: list[c.JobExecuteResult | BaseException] = []
+    chained: list[Started | None] = []
+    async with deps.persistence.transaction() as tx:
+        buffer = WriteBuffer(tx, runs, stages, jobs)
+        buffer.guard_jobs()
+        buffered, buffered_tx = buffer.stand_in(deps)
+        for item in group:
+            result, started = await _commit_in(buffered, buffered_tx, item, now)
+            results.append(result)
+            chained.append(started)
+        if len(buffer.run_writes) != len(runs):  # a run neither locked nor version-checked
+            raise NotBatchableError("an item of the group does not write its run")
+        await buffer.flush(deps.job_transport, last=True)
+    for item, started in zip(group, chained, strict=True):
+        if started is not None:
+            deps.chains.keep(started.job.id, item.cmd.worker_id, started)
+    return results
 
 
 async def _commit_together(deps: Deps, group: Sequence[_Commit]) -> list[c.JobExecuteResult]:

@@ -301,3 +301,61 @@ async def test_release_inside_commit_one_keeps_the_lead_to_the_end() -> None:
     assert await leader == "alone a"
     assert await follower == "done b"
     assert recorder.groups == [["b"]]
+
+
+async def test_submissions_made_in_the_same_turn_form_one_group() -> None:
+    """Stages that finish in the same turn of the event loop (a previous group's results
+    resuming its items, whose next bodies do not wait) join the first one's group: its
+    leader waits that one turn before taking the queue, so a busy worker's groups are
+    one per round of its slots, not a lone commit followed by the rest."""
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    tasks = [asyncio.create_task(commits.submit(item, recorder)) for item in "abcd"]
+    assert await asyncio.gather(*tasks) == ["done a", "done b", "done c", "done d"]
+    assert recorder.groups == [["a", "b", "c", "d"]]
+
+
+async def test_the_next_leader_gathers_the_items_resumed_by_the_last_group() -> None:
+    """When the lead passes on, the new leader also waits a turn: the items the last
+    group's results resumed, submitting again at once, join its group."""
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+
+    async def twice(item: str) -> list[str]:
+        first = await commits.submit(item, recorder)
+        return [first, await commits.submit(item + "2", recorder)]
+
+    leader, followers, gate = await _submit_while_held(commits, recorder, "a", ["b"])
+    again = asyncio.create_task(twice("c"))  # queues behind the held group
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(leader, *followers, again)
+    assert recorder.groups == [["a"], ["b", "c"], ["c2"]]
+    resumed = [asyncio.create_task(twice(item)) for item in ("x", "y")]
+    await asyncio.gather(*resumed)
+    assert recorder.groups[3:] == [["x", "y"], ["x2", "y2"]]
+
+
+async def test_a_leader_cancelled_while_gathering_hands_the_lead_on() -> None:
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    first = asyncio.create_task(commits.submit("a", recorder))
+    await asyncio.sleep(0)  # "a" leads and waits its turn
+    second = asyncio.create_task(commits.submit("b", recorder))
+    first.cancel()
+    assert await second == "done b"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert recorder.groups == [["b"]]
+    assert await commits.submit("c", recorder) == "done c"
+
+
+async def test_without_gather_a_lone_leader_commits_at_once() -> None:
+    """``gather=False`` (the in-memory store, whose commits never wait): each submission
+    of the turn leads and commits at once, alone (here the commit itself never waits,
+    so nobody queues behind it), where ``gather`` would have made them one group."""
+    commits: GroupCommit[str, str] = GroupCommit()
+    recorder = Recorder()
+    tasks = [asyncio.create_task(commits.submit(item, recorder, gather=False)) for item in "abc"]
+    assert await asyncio.gather(*tasks) == ["done a", "done b", "done c"]
+    assert recorder.groups == [["a"], ["b"], ["c"]]

@@ -337,3 +337,32 @@ async def test_a_woken_worker_claims_as_many_runs_as_it_has_free_slots(backend: 
             await asyncio.sleep(0.005)
     assert 6 in claims  # one claim for all six free slots
     assert [await _status(kernel, r) for r in runs] == [RunStatus.COMPLETED] * 6
+
+
+async def test_a_saturated_worker_keeping_up_leaves_its_full_tick_claim_out(
+    backend: Backend,
+) -> None:
+    """While a worker's claims for freed slots keep taking runs, its full tick claims no
+    run it cannot chain: one it queued would cost this same worker a dequeue and a
+    phase-1 transaction later, where the next freed slot's claim starts it in the claim's
+    commit. A tick with no such claim since the last one claims up to ``max_claims`` as
+    before (a worker whose slots stay busy still moves PENDING runs on)."""
+    kernel = _kernel(backend)
+    async with Worker(
+        kernel, concurrency=2, max_claims=10, orchestration_interval=60, job_poll_interval=60
+    ) as worker:
+        while worker.ticks == 0:  # noqa: ASYNC110 - the first tick exposes no event to await
+            await asyncio.sleep(0.005)
+        runs = [await _start(kernel, n) for n in range(5)]
+        worker.notify()
+        await _until_entered(2)  # both slots taken by the notify's chained claim
+        report = await worker.tick()
+        assert report.result("claim") == {"claimed": [], "chained_jobs": [], "skipped": True}
+        assert [await _status(kernel, r) for r in runs].count(RunStatus.PENDING) == 3
+        report = await worker.tick()  # no claim for freed slots since the last tick
+        assert report.claimed_runs == 3
+        GATE["open"].set()
+        await _until_entered(5)
+        while worker.in_flight:  # noqa: ASYNC110 - the Worker exposes a count, not an event
+            await asyncio.sleep(0.005)
+    assert [await _status(kernel, r) for r in runs] == [RunStatus.COMPLETED] * 5
