@@ -183,7 +183,9 @@ async def main() -> None:
                 else:
                     async with engine.worker(concurrency=8):
                         for i in range(WARMUP):
-                            await (await engine.start(workflow_id, {"n": -1 - i})).result(timeout=30)
+                            await (await engine.start(workflow_id, {"n": -1 - i})).result(
+                                timeout=30
+                            )
                         before = wire.count()
                         for i in range(args.runs):
                             await (await engine.start(workflow_id, {"n": i})).result(timeout=30)
