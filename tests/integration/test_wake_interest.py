@@ -82,9 +82,12 @@ async def test_a_run_nobody_waits_for_elsewhere_ends_without_a_notify(postgres_u
     reader is announced): the database's listeners are not woken at all."""
     async with (
         await Engine.open(postgres_url, workflows=WORKFLOWS, auto_migrate=True) as engine,
-        engine.worker(concurrency=2),
+        engine.worker(concurrency=2) as worker,
     ):
-        # The worker is up and has a free slot: each start hands it the run.
+        # The worker is up and has a free slot: each start hands it the run. Its tick
+        # holds the free slots for a claim while it runs, so the start-up tick is let
+        # finish first (the next is 10 s away): no start below meets one.
+        await worker.tick()
         assert await (await engine.start("wake-wf", {"n": 0})).result(timeout=WAIT) == {"n": 0}
         async with (
             _listening(postgres_url, "treadle_jobs") as jobs,
