@@ -42,10 +42,10 @@ import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.job_rows import _JOB_FIELDS, _PG_JOB_ROWS, _available_later, job_rows
-from treadle.adapters.sql.payloads import escape
 from treadle.adapters.sql.persistence.outbox import (
     _PG_OUTBOX_ROWS,
     FEED_NOTIFY,
+    inline_event_rows,
     pg_append_events_ctes,
 )
 from treadle.adapters.sql.persistence.runs import _PG_NEW_RUN_ROWS, _RUN_COLUMNS
@@ -198,21 +198,10 @@ async def insert_set(
         or getattr(persistence, "dialect", None) is not tx.dialect
     ):
         return False
-    event_rows: list[dict[str, Any]] = []
-    for i, event in enumerate(events):
-        stored = escape(event.model_dump(mode="json"))
-        if tx.payloads is not None and tx.payloads.offloads(stored):
-            return False
-        event_rows.append(
-            {
-                "i": i,
-                "run_id": event.workflow_run_id,
-                "sequence": 0,
-                "event_type": str(getattr(event, "type", type(event).__name__)),
-                "event": stored,
-                "created_at": event.timestamp,
-            }
-        )
+    found_rows = inline_event_rows(tx, events)
+    if found_rows is None:
+        return False
+    event_rows = found_rows
     _reject_duplicates([run.id for run in runs], "run")
     _reject_duplicates([(s.workflow_run_id, s.stage_id) for s in stages], "stage")
     if len({j.id for j in new_jobs}) != len(new_jobs):

@@ -39,7 +39,6 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 
 from treadle.adapters.sql.errors import translate
-from treadle.adapters.sql.payloads import escape
 from treadle.adapters.sql.persistence.journal import (
     _PG_JOURNAL_ROWS,
     pg_insert_journal_sql,
@@ -48,6 +47,7 @@ from treadle.adapters.sql.persistence.journal import (
 from treadle.adapters.sql.persistence.outbox import (
     _PG_OUTBOX_ROWS,
     FEED_NOTIFY,
+    inline_event_rows,
     pg_append_events_ctes,
 )
 from treadle.adapters.sql.persistence.write_set import (
@@ -146,21 +146,10 @@ async def append_journal(
     rows = pg_journal_rows(list(entries), offloads)
     if rows is None:
         return None
-    event_rows: list[dict[str, Any]] = []
-    for i, event in enumerate(events):
-        stored = escape(event.model_dump(mode="json"))
-        if offloads is not None and offloads(stored):
-            return None
-        event_rows.append(
-            {
-                "i": i,
-                "run_id": event.workflow_run_id,
-                "sequence": 0,  # numbered by the statement
-                "event_type": str(getattr(event, "type", type(event).__name__)),
-                "event": stored,
-                "created_at": event.timestamp,
-            }
-        )
+    found_rows = inline_event_rows(tx, events)
+    if found_rows is None:
+        return None
+    event_rows = found_rows
     params: dict[str, Any] = _PG_JOURNAL_ROWS.encode(rows, "l_rows")
     params["l_n"] = len(rows)
     params["e_n"] = len(event_rows)

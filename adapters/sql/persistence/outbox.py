@@ -163,6 +163,31 @@ _APPEND = SetWrite(
 )
 
 
+def inline_event_rows(tx: SqlUnit, events: Sequence[EventBase]) -> list[dict[str, Any]] | None:
+    """The outbox rows of ``events`` for a statement that numbers them on the server
+    (``sequence`` 0, ``i`` their order), or ``None`` when one's JSON goes to the blob
+    store: such a set takes the per-kind path, which stores it once with its number.
+    Shared by the one-statement writes (``append``, ``write_set``, ``insert_set``,
+    ``append_journal``)."""
+    offloads = tx.payloads.offloads if tx.payloads is not None else None
+    rows: list[dict[str, Any]] = []
+    for i, event in enumerate(events):
+        stored = escape(event.model_dump(mode="json"))
+        if offloads is not None and offloads(stored):
+            return None
+        rows.append(
+            {
+                "i": i,
+                "run_id": event.workflow_run_id,
+                "sequence": 0,  # numbered by the statement
+                "event_type": str(getattr(event, "type", type(event).__name__)),
+                "event": stored,
+                "created_at": event.timestamp,
+            }
+        )
+    return rows
+
+
 class SqlOutbox:
     """The outbox on this transaction's connection (``tx.outbox``, the ``OutboxStore`` port)."""
 
@@ -260,23 +285,11 @@ class SqlOutbox:
     ) -> list[EventBase] | None:
         """``append_events`` in one statement (``_pg_append_events``), or ``None`` when
         an event's JSON went to the blob store (the caller's two statements do it)."""
-        rows: list[dict[str, Any]] = []
-        for i, event in enumerate(events):
-            # Asked before anything is stored: an event for the blob store sends the whole
-            # append down the two-statement path, which stores it (once) with its number.
-            stored = escape(event.model_dump(mode="json"))
-            if self._tx.payloads is not None and self._tx.payloads.offloads(stored):
-                return None
-            rows.append(
-                {
-                    "i": i,
-                    "run_id": event.workflow_run_id,
-                    "sequence": 0,  # numbered by the statement
-                    "event_type": str(getattr(event, "type", type(event).__name__)),
-                    "event": stored,
-                    "created_at": event.timestamp,
-                }
-            )
+        # Asked before anything is stored: an event for the blob store sends the whole
+        # append down the two-statement path, which stores it (once) with its number.
+        rows = inline_event_rows(self._tx, events)
+        if rows is None:
+            return None
         params: dict[str, Any] = _PG_OUTBOX_ROWS.encode(rows)
         self._note_ended(rows)  # told to the watchers only once this commits
         statement = _PG_APPEND_EVENTS if self._tx.notify_events else _PG_APPEND_EVENTS_QUIET

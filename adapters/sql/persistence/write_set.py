@@ -58,7 +58,6 @@ import treadle.adapters.sql.schema as t
 from treadle.adapters.sql.engine import NOTIFY_CHANNEL
 from treadle.adapters.sql.errors import translate
 from treadle.adapters.sql.job_rows import _JOB_FIELDS, _PG_JOB_ROWS, _available_later, job_rows
-from treadle.adapters.sql.payloads import escape
 from treadle.adapters.sql.persistence.journal import (
     _PG_JOURNAL_ROWS,
     pg_insert_journal_sql,
@@ -68,6 +67,7 @@ from treadle.adapters.sql.persistence.outbox import (
     _PG_OUTBOX_ROWS,
     FEED_NOTIFY,
     SqlOutbox,
+    inline_event_rows,
     pg_append_events_ctes,
 )
 from treadle.adapters.sql.persistence.runs import _PG_RUN_ROWS, _RUN_SET, SqlRuns
@@ -285,21 +285,10 @@ async def write_set(
         return False
     # Events first: one whose JSON goes to the blob store sends the whole set down the
     # per-kind path before anything is stored.
-    event_rows: list[dict[str, Any]] = []
-    for i, event in enumerate(events):
-        stored = escape(event.model_dump(mode="json"))
-        if tx.payloads is not None and tx.payloads.offloads(stored):
-            return False
-        event_rows.append(
-            {
-                "i": i,
-                "run_id": event.workflow_run_id,
-                "sequence": 0,  # numbered by the statement
-                "event_type": str(getattr(event, "type", type(event).__name__)),
-                "event": stored,
-                "created_at": event.timestamp,
-            }
-        )
+    found_rows = inline_event_rows(tx, events)
+    if found_rows is None:
+        return False
+    event_rows = found_rows
     journal_rows: list[dict[str, Any]] = []
     if journal:  # new entries only; a value for the blob store takes the per-kind path
         offloads = tx.payloads.offloads if tx.payloads is not None else None
