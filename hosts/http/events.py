@@ -57,6 +57,10 @@ POLL_SQLITE: Final = 0.25
 READ_BATCH: Final = 1_000
 READER_TTL: Final = 60.0
 """Seconds an announcement of this hub as a live reader lasts (renewed every third)."""
+
+WITHDRAW_TIMEOUT = 2.0
+"""Seconds ``aclose`` waits for the announcement's withdrawal before leaving it to
+expire."""
 ANNOUNCE_SETTLE: Final = 1.0
 """Seconds after an announcement when the hub reads once more, for the commits whose
 statement began before it (and so sent no NOTIFY)."""
@@ -114,6 +118,9 @@ class EventHub:
         self._announced_at: float | None = None
         """When (monotonic) the hub last announced itself as a live reader."""
         self._announcing = asyncio.Lock()
+        self._joining = 0
+        """Subscriptions in progress (``subscribe`` between its announcement and its
+        subscription's registration)."""
         self.log = structlog_logger("treadle.http.events")
 
     # -- subscribing ------------------------------------------------------------------
@@ -123,14 +130,20 @@ class EventHub:
         """A new subscription and the hub's cursor at that moment: the subscription gets
         every wanted event with an outbox id above it; read older ones from the
         database (``Engine.event_feed`` / ``Engine.events``)."""
-        await self._ensure_started()
-        await self._announce()  # before the cursor: later commits notify
-        if not self._subscribers:
-            # The hub reads nothing while nobody listens: catch its cursor up first.
-            self.cursor = max(self.cursor, await self.engine.outbox.last_id())
-        subscription = Subscription(wants, needs_workflow=needs_workflow)
-        self._subscribers.add(subscription)  # no await between these two lines
-        self._subscribed.set()
+        # Counted from before the announcement until the subscription is in: the reader
+        # loop, seeing no stream yet, must not withdraw the announcement meanwhile.
+        self._joining += 1
+        try:
+            await self._ensure_started()
+            await self._announce()  # before the cursor: later commits notify
+            if not self._subscribers:
+                # The hub reads nothing while nobody listens: catch its cursor up first.
+                self.cursor = max(self.cursor, await self.engine.outbox.last_id())
+            subscription = Subscription(wants, needs_workflow=needs_workflow)
+            self._subscribers.add(subscription)  # no await between these two lines
+            self._subscribed.set()
+        finally:
+            self._joining -= 1
         return subscription, self.cursor
 
     async def wait_for_subscriber(self) -> None:
@@ -215,7 +228,7 @@ class EventHub:
         """No stream left (or the hub closes): stop asking writers for NOTIFYs (best
         effort; the announcement expires after ``READER_TTL`` anyway)."""
         async with self._announcing:
-            if self._announced_at is None or (self._subscribers and not closing):
+            if self._announced_at is None or ((self._subscribers or self._joining) and not closing):
                 return
             self._announced_at = None
             try:
@@ -249,7 +262,10 @@ class EventHub:
         if self._listener is not None:
             await self._listener.aclose()
             self._listener = None
-        await self._withdraw(closing=True)
+        # Best effort and bounded: the announcement expires after ``READER_TTL`` anyway,
+        # and closing must not wait on a database that does not answer.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._withdraw(closing=True), WITHDRAW_TIMEOUT)
         for subscription in list(self._subscribers):
             self._end(subscription)
         self._subscribers.clear()
