@@ -313,3 +313,44 @@ async def test_postgres_hub_asks_for_notifications_only_while_it_has_streams(
         await other.start("checkout", {"item": "unheard"})
         assert [n.channel async for n in listener.notifies(timeout=0.5)] == []
         await hub.aclose()
+
+
+async def test_postgres_hub_stays_announced_when_its_reader_loop_runs_during_a_subscribe(
+    treadle_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first ``subscribe`` starts the hub's reader loop, which (seeing no stream yet)
+    withdraws any announcement; the subscribe announces before registering its stream,
+    with awaits in between. The loop running in that gap must not withdraw the
+    announcement the subscribe just made: writers would send no NOTIFY to a hub with a
+    stream until its next renewal (a bug: the withdrawal won the race about one run in
+    two)."""
+    async with await Engine.open(treadle_postgres_url, workflows=WORKFLOWS) as server:
+        persistence: Any = server.kernel.deps.persistence
+        calls: list[str] = []
+        real_announce = persistence.announce_event_reader
+        real_withdraw = persistence.withdraw_event_reader
+
+        async def announce(reader_id: str, ttl: float) -> None:
+            calls.append("announce")
+            await real_announce(reader_id, ttl)
+
+        async def withdraw(reader_id: str) -> None:
+            calls.append("withdraw")
+            await real_withdraw(reader_id)
+
+        real_last_id = server.outbox.last_id
+
+        async def slow_last_id() -> int:
+            for _ in range(20):  # the reader loop gets every chance to run meanwhile
+                await asyncio.sleep(0.01)
+            return await real_last_id()
+
+        monkeypatch.setattr(persistence, "announce_event_reader", announce)
+        monkeypatch.setattr(persistence, "withdraw_event_reader", withdraw)
+        monkeypatch.setattr(server.outbox, "last_id", slow_last_id)
+        hub = EventHub(server, poll_interval=3600)
+        try:
+            await hub.subscribe(lambda *_: True)
+            assert calls == ["announce"]
+        finally:
+            await hub.aclose()
